@@ -1,0 +1,1 @@
+"""torchgeo-dofa: DOFA on TorchGeo + Lightning."""

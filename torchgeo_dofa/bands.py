@@ -1,0 +1,289 @@
+"""Band registry: Sentinel-2 wavelengths, DOFA normalisation statistics and presets.
+
+Names are accepted in both spellings users meet: Earth Engine's ``B4`` and ESA's / TorchGeo's
+``B04`` (and ``B8A``); they are canonicalised to Earth Engine's spelling, the one DOFA's
+reference pipeline (rs-embed) uses.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DOFA_S2_BANDS",
+    "PRESETS",
+    "SENTINEL1_PLACEHOLDER_UM",
+    "SENTINEL2_BANDS",
+    "Band",
+    "BandError",
+    "BandSet",
+    "canonical_band",
+    "infer_wavelengths",
+    "norm_stats",
+    "resolve_wavelengths",
+    "validate_wavelengths",
+]
+
+
+class BandError(ValueError):
+    """Raised for unknown band names, missing statistics or inconsistent wavelengths."""
+
+
+@dataclass(frozen=True)
+class Band:
+    """One spectral band.
+
+    Attributes:
+        name: canonical name (Earth Engine spelling for Sentinel-2, e.g. ``B4``, ``B8A``).
+        wavelength: centre wavelength in micrometres.
+        mean: DOFA normalisation mean on the 0..255 scale, or None where DOFA has none.
+        std: DOFA normalisation standard deviation on the 0..255 scale, or None.
+    """
+
+    name: str
+    wavelength: float
+    mean: float | None = None
+    std: float | None = None
+
+
+#: Sentinel-2 MSI bands with centre wavelengths (um) and DOFA statistics (0..255 scale).
+SENTINEL2_BANDS: dict[str, Band] = {
+    b.name: b
+    for b in (
+        Band("B1", 0.443),
+        Band("B2", 0.490, 126.63977424, 67.42465279),
+        Band("B3", 0.560, 114.81779093, 69.96844919),
+        Band("B4", 0.665, 114.1099739, 77.84352553),
+        Band("B5", 0.705, 84.33539309, 64.57022983),
+        Band("B6", 0.740, 97.84789168, 61.72545487),
+        Band("B7", 0.783, 103.94461911, 61.34187099),
+        Band("B8", 0.842, 101.435633, 60.29744676),
+        Band("B8A", 0.865),
+        Band("B9", 0.945),
+        Band("B11", 1.610, 72.32804172, 47.88519516),
+        Band("B12", 2.190, 56.66528851, 42.55886798),
+    )
+}
+
+#: DOFA's default Sentinel-2 band order (rs-embed's default for ``S2_SR_HARMONIZED``).
+DOFA_S2_BANDS: tuple[str, ...] = ("B4", "B3", "B2", "B5", "B6", "B7", "B8", "B11", "B12")
+
+#: Placeholder wavelength DOFA v1 weights use for Sentinel-1 VV and VH (not a physical value).
+SENTINEL1_PLACEHOLDER_UM = 3.75
+
+_S2_NAME = re.compile(r"^B0*(\d{1,2}A?)$", re.IGNORECASE)
+
+
+def canonical_band(name: str) -> str:
+    """Return the canonical (Earth Engine) spelling of a Sentinel-2 band name.
+
+    ``B04``, ``b4`` and ``B4`` all give ``B4``; ``B8A`` and ``B08A`` give ``B8A``. Names that
+    are not Sentinel-2 bands are returned unchanged (stripped), so callers can look them up in
+    other registries.
+
+    Args:
+        name: a band name as found in a file or given by a user.
+
+    Returns:
+        The canonical name.
+    """
+    stripped = name.strip()
+    match = _S2_NAME.match(stripped)
+    if match:
+        candidate = "B" + match.group(1).upper()
+        if candidate in SENTINEL2_BANDS:
+            return candidate
+    return stripped
+
+
+_HOW_TO_PASS = (
+    "pass explicit wavelengths in micrometres, one per channel, e.g. "
+    "DOFAPreprocess(bands=[...], wavelengths=[0.665, 0.56, 0.49]) or "
+    "get_embedding(..., sensor=SensorSpec(bands=[...], wavelengths=[...]))"
+)
+
+
+def infer_wavelengths(bands: Sequence[str]) -> list[float]:
+    """Infer centre wavelengths (um) for Sentinel-2 band names, any subset, any order.
+
+    Args:
+        bands: band names (``B4`` or ``B04`` spelling).
+
+    Returns:
+        One wavelength per band, in the given order.
+
+    Raises:
+        BandError: if a name is not a known Sentinel-2 band; the message says how to pass
+            wavelengths explicitly.
+    """
+    unknown = [b for b in bands if canonical_band(b) not in SENTINEL2_BANDS]
+    if unknown:
+        raise BandError(
+            f"cannot infer wavelengths for band(s) {unknown}: only Sentinel-2 bands "
+            f"{list(SENTINEL2_BANDS)} (or their B0x spelling) are known; {_HOW_TO_PASS}"
+        )
+    return [SENTINEL2_BANDS[canonical_band(b)].wavelength for b in bands]
+
+
+def validate_wavelengths(wavelengths: Sequence[float] | Tensor, num_channels: int | None) -> None:
+    """Check a wavelength vector: finite, positive, in micrometres, one per channel.
+
+    Args:
+        wavelengths: the vector to check.
+        num_channels: the channel count it must match, or None to skip that check.
+
+    Raises:
+        BandError: naming the problem and the fix.
+    """
+    values = (
+        wavelengths.detach().flatten().tolist()
+        if isinstance(wavelengths, Tensor)
+        else [float(v) for v in wavelengths]
+    )
+    if num_channels is not None and len(values) != num_channels:
+        raise BandError(
+            f"got {len(values)} wavelengths for {num_channels} channels: give exactly one "
+            "wavelength (um) per input channel, in channel order"
+        )
+    if not values:
+        raise BandError("wavelengths are empty: give one wavelength (um) per input channel")
+    bad = [v for v in values if not math.isfinite(v) or v <= 0]
+    if bad:
+        raise BandError(f"wavelengths must be finite and positive (micrometres); got {bad}")
+    if max(values) > 100:
+        raise BandError(
+            f"wavelengths {values} look like nanometres: DOFA expects micrometres "
+            "(e.g. 0.665 for Sentinel-2 B4, not 665); divide by 1000"
+        )
+
+
+def resolve_wavelengths(
+    bands: Sequence[str] | None,
+    wavelengths: Sequence[float] | Tensor | None = None,
+    num_channels: int | None = None,
+) -> Tensor:
+    """Return the wavelength vector (float32 tensor) for a band list or an explicit vector.
+
+    Explicit wavelengths win; otherwise they are inferred from Sentinel-2 band names.
+
+    Args:
+        bands: band names in channel order, or None.
+        wavelengths: explicit wavelengths (um), or None to infer them from ``bands``.
+        num_channels: channel count the vector must match, or None.
+
+    Returns:
+        A float32 tensor of shape (C,).
+
+    Raises:
+        BandError: if wavelengths cannot be inferred or do not fit.
+    """
+    if wavelengths is None:
+        if bands is None:
+            raise BandError(f"neither band names nor wavelengths were given; {_HOW_TO_PASS}")
+        values: Sequence[float] | Tensor = infer_wavelengths(bands)
+    else:
+        values = wavelengths
+        if bands is not None and len(bands) != len(values):
+            raise BandError(
+                f"{len(bands)} band names but {len(values)} wavelengths: give one per band"
+            )
+    validate_wavelengths(values, num_channels)
+    if isinstance(values, Tensor):
+        return values.detach().to(dtype=torch.float32).flatten().clone()
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
+def norm_stats(bands: Sequence[str]) -> tuple[list[float], list[float]]:
+    """Look up DOFA's per-band mean and std (0..255 scale) by band name.
+
+    Args:
+        bands: band names, any subset and order of the DOFA 9 bands (or preset names).
+
+    Returns:
+        (means, stds), one value per band.
+
+    Raises:
+        BandError: naming every band without statistics.
+    """
+    means: list[float] = []
+    stds: list[float] = []
+    missing: list[str] = []
+    for name in bands:
+        band = _lookup(name)
+        if band is None or band.mean is None or band.std is None:
+            missing.append(name)
+            continue
+        means.append(band.mean)
+        stds.append(band.std)
+    if missing:
+        known = [b.name for b in _ALL_BANDS.values() if b.mean is not None]
+        raise BandError(
+            f"no DOFA normalisation statistics for band(s) {missing}; statistics exist for "
+            f"{sorted(set(known))}: drop those bands or normalise them yourself"
+        )
+    return means, stds
+
+
+@dataclass(frozen=True)
+class BandSet:
+    """A named band preset: band names, wavelengths (um) and a description.
+
+    Attributes:
+        name: preset name.
+        bands: band names in channel order.
+        wavelengths: one wavelength (um) per band.
+        description: what the preset is for.
+    """
+
+    name: str
+    bands: tuple[str, ...]
+    wavelengths: tuple[float, ...]
+    description: str = ""
+
+
+_SAR_BANDS = {
+    "VV": Band("VV", SENTINEL1_PLACEHOLDER_UM),
+    "VH": Band("VH", SENTINEL1_PLACEHOLDER_UM),
+}
+_RGB_BANDS = {
+    "R": Band("R", 0.665, SENTINEL2_BANDS["B4"].mean, SENTINEL2_BANDS["B4"].std),
+    "G": Band("G", 0.560, SENTINEL2_BANDS["B3"].mean, SENTINEL2_BANDS["B3"].std),
+    "B": Band("B", 0.490, SENTINEL2_BANDS["B2"].mean, SENTINEL2_BANDS["B2"].std),
+}
+_ALL_BANDS: dict[str, Band] = {**SENTINEL2_BANDS, **_SAR_BANDS, **_RGB_BANDS}
+
+
+def _lookup(name: str) -> Band | None:
+    canon = canonical_band(name)
+    return _ALL_BANDS.get(canon) or _ALL_BANDS.get(canon.upper())
+
+
+#: Presets. ``sentinel1``: VV/VH with DOFA v1's placeholder wavelength 3.75 um (a modality
+#: token, not the physical C-band wavelength of ~55,500 um, and not 5.405); ``rgb``: plain
+#: red/green/blue with Sentinel-2 B4/B3/B2 wavelengths and statistics.
+PRESETS: dict[str, BandSet] = {
+    "sentinel2": BandSet(
+        "sentinel2",
+        DOFA_S2_BANDS,
+        tuple(SENTINEL2_BANDS[b].wavelength for b in DOFA_S2_BANDS),
+        "Sentinel-2 surface reflectance in DOFA's 9-band order",
+    ),
+    "sentinel1": BandSet(
+        "sentinel1",
+        ("VV", "VH"),
+        (SENTINEL1_PLACEHOLDER_UM, SENTINEL1_PLACEHOLDER_UM),
+        "Sentinel-1 VV/VH; DOFA v1 uses the placeholder wavelength 3.75 um for both",
+    ),
+    "rgb": BandSet(
+        "rgb",
+        ("R", "G", "B"),
+        (0.665, 0.560, 0.490),
+        "plain RGB, with Sentinel-2 B4/B3/B2 wavelengths and statistics",
+    ),
+}
