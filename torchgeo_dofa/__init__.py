@@ -1,1 +1,19 @@
-"""torchgeo-dofa: DOFA on TorchGeo + Lightning."""
+"""torchgeo-dofa: DOFA, the wavelength-conditioned ViT, on TorchGeo + Lightning."""
+
+from .bands import DOFA_S2_BANDS, PRESETS, SENTINEL2_BANDS, BandError
+from .model import DOFAEncoder, DOFAOutput, build_encoder
+from .weights import CheckpointError, load_dofa
+
+__all__ = [
+    "DOFA_S2_BANDS",
+    "PRESETS",
+    "SENTINEL2_BANDS",
+    "BandError",
+    "CheckpointError",
+    "DOFAEncoder",
+    "DOFAOutput",
+    "build_encoder",
+    "load_dofa",
+]
+
+__version__ = "0.1.0"

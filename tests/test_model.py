@@ -1,0 +1,191 @@
+"""The encoder: outputs against TorchGeo's DOFA and independent computations, input checks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchgeo.models import DOFA, dofa_base_patch16_224
+
+from tests.checkpoints import S2_WAVELENGTHS
+from torchgeo_dofa import BandError, DOFAEncoder, build_encoder, load_dofa
+from torchgeo_dofa.model import VARIANTS, canonical_variant, sincos_pos_embed_2d
+
+
+@pytest.fixture(scope="module")
+def encoder(base_checkpoint: Path) -> DOFAEncoder:
+    return load_dofa("base", weights=base_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def torchgeo_dofa(base_state) -> DOFA:
+    """TorchGeo's own DOFA with the same weights (its loader's strict=False rules)."""
+    model = dofa_base_patch16_224()
+    missing, unexpected = model.load_state_dict(base_state, strict=False)
+    assert set(missing) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    assert set(unexpected) == {
+        "mask_token",
+        "norm.weight",
+        "norm.bias",
+        "projector.weight",
+        "projector.bias",
+    }
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def batch() -> torch.Tensor:
+    return torch.randn(2, 9, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+def test_variants_and_aliases() -> None:
+    assert canonical_variant("b") == "base"
+    assert canonical_variant("L") == "large"
+    assert (VARIANTS["base"].embed_dim, VARIANTS["base"].depth, VARIANTS["base"].num_heads) == (
+        768,
+        12,
+        12,
+    )
+    assert (VARIANTS["large"].embed_dim, VARIANTS["large"].depth) == (1024, 24)
+    with pytest.raises(ValueError, match=r"unknown DOFA variant 'huge'.*'base'.*'large'"):
+        load_dofa("huge", weights=None)
+
+
+def test_base_parameter_count() -> None:
+    n = sum(p.numel() for p in build_encoder("b").parameters())
+    assert 105e6 < n < 120e6  # ~112 M
+
+
+def test_plain_pooled_equals_torchgeo_forward_features(encoder, torchgeo_dofa, batch) -> None:
+    with torch.inference_mode():
+        ours = encoder(batch, S2_WAVELENGTHS, pooled_norm="plain")
+        theirs = torchgeo_dofa.forward_features(batch, S2_WAVELENGTHS)
+    assert ours.pooled_norm == "plain"
+    assert ours.pooled.shape == (2, 768)
+    torch.testing.assert_close(ours.pooled, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_grid_equals_last_block_tokens_of_torchgeo(encoder, torchgeo_dofa, batch) -> None:
+    captured: list[torch.Tensor] = []
+    hook = torchgeo_dofa.blocks[-1].register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        with torch.inference_mode():
+            torchgeo_dofa.forward_features(batch, S2_WAVELENGTHS)
+            grid = encoder(batch, S2_WAVELENGTHS).grid
+    finally:
+        hook.remove()
+    tokens = captured[0][:, 1:, :]  # drop CLS
+    assert grid.shape == (2, 768, 14, 14)
+    # row-major from the top-left patch: token r*14 + c is cell (r, c)
+    for r, c in [(0, 0), (0, 13), (5, 7), (13, 0), (13, 13)]:
+        torch.testing.assert_close(grid[:, :, r, c], tokens[:, r * 14 + c, :])
+
+
+def test_trained_pooled_uses_checkpoint_norm(encoder, base_state, batch) -> None:
+    with torch.inference_mode():
+        out = encoder(batch, torch.tensor(S2_WAVELENGTHS))
+    assert out.pooled_norm == "trained"
+    mean = out.grid.flatten(2).mean(-1)
+    expected = F.layer_norm(
+        mean, (768,), weight=base_state["norm.weight"], bias=base_state["norm.bias"], eps=1e-6
+    )
+    torch.testing.assert_close(out.pooled, expected, rtol=1e-5, atol=1e-5)
+    plain = F.layer_norm(mean, (768,), eps=1e-6)
+    assert (out.pooled - plain).abs().max() > 1e-2  # the conventions really differ
+
+
+def test_random_init_has_2d_sincos_pos_embed() -> None:
+    enc = load_dofa("base", weights=None)
+    pos = enc.backbone.pos_embed[0]
+    assert pos.shape == (197, 768)
+    assert torch.count_nonzero(pos[0]) == 0  # class token row
+    # independent formula: first half encodes the column, second half the row (MAE)
+    quarter = 768 // 4
+    for row, col in [(0, 1), (3, 5), (13, 13)]:
+        token = pos[1 + row * 14 + col]
+        for j in [0, 7, quarter - 1]:
+            omega = 1.0 / 10000 ** (j / quarter)
+            assert math.isclose(token[j].item(), math.sin(col * omega), abs_tol=1e-5)
+            assert math.isclose(token[quarter + j].item(), math.cos(col * omega), abs_tol=1e-5)
+            assert math.isclose(token[2 * quarter + j].item(), math.sin(row * omega), abs_tol=1e-5)
+    assert torch.count_nonzero(DOFA(embed_dim=64, depth=1, num_heads=2).pos_embed) == 0
+    torch.testing.assert_close(sincos_pos_embed_2d(768, 14), enc.backbone.pos_embed.detach())
+
+
+@pytest.mark.parametrize(
+    ("shape", "wavelengths", "message"),
+    [
+        ((1, 9, 224, 224), S2_WAVELENGTHS[:4], "got 4 wavelengths for 9 channels"),
+        ((1, 2, 224, 224), [0.665, -0.5], "finite and positive"),
+        ((1, 2, 224, 224), [0.665, float("nan")], "finite and positive"),
+        ((1, 2, 224, 224), [0.0, 0.56], "finite and positive"),
+        ((1, 3, 224, 224), [665.0, 560.0, 490.0], "look like nanometres"),
+        ((1, 9, 100, 100), S2_WAVELENGTHS, "224x224 inputs, got 100x100"),
+        ((9, 224, 224), S2_WAVELENGTHS, "expected input of shape"),
+    ],
+)
+def test_bad_inputs_raise_before_compute(encoder, shape, wavelengths, message) -> None:
+    calls: list[int] = []
+    hook = encoder.backbone.patch_embed.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises((ValueError, BandError), match=message):
+            encoder(torch.zeros(shape), wavelengths)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def test_mixed_wavelength_rows_rejected(encoder) -> None:
+    wl = torch.tensor([S2_WAVELENGTHS[:3], [0.49, 0.56, 0.665]])
+    with pytest.raises(ValueError, match="share one wavelength vector"):
+        encoder(torch.zeros(2, 3, 224, 224), wl)
+
+
+def test_unknown_pooled_norm(encoder, batch) -> None:
+    with pytest.raises(ValueError, match="unknown pooled_norm 'fancy'"):
+        encoder(batch, S2_WAVELENGTHS, pooled_norm="fancy")
+
+
+def test_any_band_count_works(encoder) -> None:
+    x = torch.randn(1, 4, 224, 224)
+    out = encoder(x, [0.665, 0.56, 0.49, 0.842])
+    assert out.grid.shape == (1, 768, 14, 14)
+
+
+def test_interpolated_pos_embed_for_other_sizes(base_checkpoint) -> None:
+    enc = load_dofa("base", weights=base_checkpoint, interpolate_pos_embed=True)
+    out = enc(torch.randn(1, 3, 64, 96), [0.665, 0.56, 0.49])
+    assert out.grid.shape == (1, 768, 4, 6)
+    # at 224 the interpolation is the identity: same as the locked encoder
+    x = torch.randn(1, 3, 224, 224)
+    locked = load_dofa("base", weights=base_checkpoint)
+    with torch.inference_mode():
+        wl = [0.665, 0.56, 0.49]
+        torch.testing.assert_close(enc(x, wl).pooled, locked(x, wl).pooled)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        enc(torch.randn(1, 3, 50, 64), [0.665, 0.56, 0.49])
+
+
+def test_bf16_autocast_stays_close_to_fp32(encoder, batch) -> None:
+    with torch.inference_mode():
+        ref = encoder(batch, S2_WAVELENGTHS).pooled
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = encoder(batch, S2_WAVELENGTHS).pooled
+    cos = F.cosine_similarity(ref, low.float(), dim=-1)
+    assert cos.min() >= 0.999, cos
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(encoder, batch) -> None:
+    gpu = load_dofa("base", weights=None, device="cuda")
+    gpu.load_state_dict(encoder.state_dict())
+    with torch.inference_mode():
+        ref = encoder(batch, S2_WAVELENGTHS).pooled
+        out = gpu(batch.cuda(), S2_WAVELENGTHS).pooled.cpu()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = gpu(batch.cuda(), S2_WAVELENGTHS).pooled.float().cpu()
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    assert F.cosine_similarity(ref, low, dim=-1).min() >= 0.999

@@ -1,0 +1,393 @@
+"""The DOFA encoder: TorchGeo's ``DOFA`` with pooled and grid outputs from one forward pass.
+
+The architecture is :class:`torchgeo.models.DOFA`, reused as is. :class:`DOFAEncoder` wraps it
+and adds what the official checkpoints need and TorchGeo leaves out: the trained final
+``norm`` (rs-embed's pooled convention), the patch-token grid, input checks and a proper
+2-D sin/cos position embedding for randomly initialised models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchgeo.models import DOFA
+
+from .bands import validate_wavelengths
+
+__all__ = [
+    "VARIANTS",
+    "DOFAEncoder",
+    "DOFAOutput",
+    "PooledNorm",
+    "VariantConfig",
+    "build_encoder",
+    "canonical_variant",
+    "dofa_base_patch16_224",
+    "dofa_large_patch16_224",
+    "grid_side",
+    "sincos_pos_embed_2d",
+]
+
+PooledNorm = Literal["trained", "plain"]
+_POOLED_NORMS: tuple[str, ...] = ("trained", "plain")
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """Architecture of one DOFA variant.
+
+    Attributes:
+        name: variant name.
+        embed_dim: transformer width D.
+        depth: number of blocks.
+        num_heads: attention heads.
+        patch_size: patch size in pixels.
+        img_size: input side the position embedding is built for.
+    """
+
+    name: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int = 16
+    img_size: int = 224
+
+    @property
+    def grid_size(self) -> int:
+        """Tokens per side of the patch grid (14 for 224 / 16)."""
+        return self.img_size // self.patch_size
+
+
+VARIANTS: dict[str, VariantConfig] = {
+    "base": VariantConfig("base", embed_dim=768, depth=12, num_heads=12),
+    "large": VariantConfig("large", embed_dim=1024, depth=24, num_heads=16),
+}
+_ALIASES = {"b": "base", "l": "large", "base": "base", "large": "large"}
+
+
+def canonical_variant(variant: str) -> str:
+    """Return ``base`` or ``large`` for a variant name or its alias (``b``, ``l``).
+
+    Args:
+        variant: a variant name, case-insensitive.
+
+    Returns:
+        The canonical variant name.
+
+    Raises:
+        ValueError: for any other name, listing the valid choices.
+    """
+    key = str(variant).strip().lower()
+    if key not in _ALIASES:
+        raise ValueError(
+            f"unknown DOFA variant {variant!r}: choose one of 'base' ('b') or 'large' ('l')"
+        )
+    return _ALIASES[key]
+
+
+@dataclass
+class DOFAOutput:
+    """Outputs of one encoder forward pass.
+
+    Attributes:
+        pooled: (B, D) mean of the patch tokens after the last block, then LayerNorm.
+        grid: (B, D, h, w) patch tokens after the last block, no norm, row-major from the
+            top-left patch (h = w = 14 at 224 x 224).
+        pooled_norm: which LayerNorm affine ``pooled`` used: ``"trained"`` (the checkpoint's
+            ``norm``, rs-embed's convention) or ``"plain"`` (weight 1, bias 0, as TorchGeo's
+            ``forward_features``).
+    """
+
+    pooled: Tensor
+    grid: Tensor
+    pooled_norm: str
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) -> Tensor:
+    """MAE's fixed 2-D sin/cos position embedding (the table the official weights store).
+
+    Args:
+        embed_dim: embedding width D (divisible by 4).
+        grid_size: tokens per side.
+        cls_token: prepend an all-zero row for the class token.
+
+    Returns:
+        A float32 tensor (1, grid_size**2 [+1], D).
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be divisible by 4, got {embed_dim}")
+
+    def one_d(dim: int, pos: np.ndarray) -> np.ndarray:
+        omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    coords = np.arange(grid_size, dtype=np.float32)
+    grid_w, grid_h = np.meshgrid(coords, coords)  # w varies fastest, as in MAE
+    emb = np.concatenate([one_d(embed_dim // 2, grid_w), one_d(embed_dim // 2, grid_h)], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+    return torch.from_numpy(emb).float().unsqueeze(0)
+
+
+class DOFAEncoder(nn.Module):
+    """DOFA encoder returning pooled vectors and patch-token grids.
+
+    ``encoder(x, wavelengths)`` takes ``x`` (B, C, 224, 224), normalised as DOFA expects, and
+    ``wavelengths`` (C values in micrometres) and returns a :class:`DOFAOutput`.
+
+    The wrapped :class:`torchgeo.models.DOFA` is ``self.backbone``; its state-dict keys are
+    those of the official checkpoint, under ``backbone.``, with the trained final LayerNorm
+    as ``norm``.
+    """
+
+    def __init__(
+        self,
+        config: VariantConfig,
+        pooled_norm: PooledNorm = "trained",
+        interpolate_pos_embed: bool = False,
+    ) -> None:
+        """Build an encoder with the fixed 2-D sin/cos position embedding.
+
+        Args:
+            config: the variant's architecture.
+            pooled_norm: default pooled convention, ``"trained"`` (rs-embed) or ``"plain"``
+                (TorchGeo's ``forward_features``).
+            interpolate_pos_embed: accept square-or-not inputs of other sizes (multiples of
+                the patch size) by bicubic interpolation of the position embedding. Off by
+                default: the official weights are trained at 224 x 224.
+        """
+        super().__init__()
+        _check_pooled_norm(pooled_norm)
+        self.config = config
+        self.pooled_norm: str = pooled_norm
+        self.interpolate_pos_embed = interpolate_pos_embed
+        self.backbone = DOFA(
+            img_size=config.img_size,
+            patch_size=config.patch_size,
+            embed_dim=config.embed_dim,
+            depth=config.depth,
+            num_heads=config.num_heads,
+            num_classes=0,
+            global_pool=True,
+        )
+        with torch.no_grad():
+            self.backbone.pos_embed.copy_(sincos_pos_embed_2d(config.embed_dim, config.grid_size))
+        self.norm = nn.LayerNorm(config.embed_dim, eps=1e-6)
+        #: Where the weights came from (set by :func:`torchgeo_dofa.load_dofa`).
+        self.weights_id: str = "random"
+
+    @property
+    def embed_dim(self) -> int:
+        """Embedding width D."""
+        return self.config.embed_dim
+
+    @property
+    def variant(self) -> str:
+        """Variant name (``base`` or ``large``)."""
+        return self.config.name
+
+    def check_inputs(self, x: Tensor, wavelengths: Sequence[float] | Tensor) -> Tensor:
+        """Validate an input batch and its wavelengths before any compute.
+
+        Args:
+            x: input batch (B, C, H, W).
+            wavelengths: C wavelengths in micrometres.
+
+        Returns:
+            The wavelengths as a 1-D tensor on ``x``'s device, in ``x``'s float dtype.
+
+        Raises:
+            ValueError: for a wrong rank, a wrong spatial size or bad wavelengths.
+        """
+        if x.ndim != 4:
+            raise ValueError(
+                f"expected input of shape (B, C, H, W), got rank {x.ndim} {tuple(x.shape)}; "
+                "add a batch dimension with x.unsqueeze(0)"
+            )
+        size = self.config.img_size
+        h, w = x.shape[-2:]
+        if self.interpolate_pos_embed:
+            p = self.config.patch_size
+            if h % p or w % p:
+                raise ValueError(f"input size {h}x{w} must be a multiple of the patch size {p}")
+        elif (h, w) != (size, size):
+            raise ValueError(
+                f"DOFA takes {size}x{size} inputs, got {h}x{w}: resize or tile first "
+                "(torchgeo_dofa.transforms.DOFAPreprocess(input_prep='resize'|'tile')), or "
+                "build the encoder with interpolate_pos_embed=True for fine-tuning"
+            )
+        if isinstance(wavelengths, Tensor) and wavelengths.ndim == 2:
+            if not bool((wavelengths == wavelengths[:1]).all()):
+                raise ValueError(
+                    "all images in a batch must share one wavelength vector; group samples "
+                    "by band set (torchgeo_dofa.datasets.BandSetBatchSampler)"
+                )
+            wavelengths = wavelengths[0]
+        validate_wavelengths(wavelengths, x.shape[1])
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        if isinstance(wavelengths, Tensor):
+            return wavelengths.detach().to(device=x.device, dtype=dtype).flatten()
+        return torch.tensor([float(v) for v in wavelengths], device=x.device, dtype=dtype)
+
+    def _pos_embed(self, h: int, w: int) -> Tensor:
+        pos = self.backbone.pos_embed
+        n = self.config.grid_size
+        if (h, w) == (n, n):
+            return pos
+        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+        patch_pos = patch_pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def forward_tokens(
+        self,
+        x: Tensor,
+        wavelengths: Sequence[float] | Tensor,
+        return_blocks: Sequence[int] = (),
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Run the encoder and return all tokens after the last block (CLS first).
+
+        Args:
+            x: input batch (B, C, H, W).
+            wavelengths: C wavelengths (um).
+            return_blocks: indices of blocks whose patch tokens are also returned, as
+                (B, D, h, w) maps (for segmentation decoders).
+
+        Returns:
+            (tokens (B, 1 + h*w, D), intermediate maps in ``return_blocks`` order).
+        """
+        waves = self.check_inputs(x, wavelengths)
+        bb = self.backbone
+        p = self.config.patch_size
+        h, w = grid_side(x.shape[-2], p), grid_side(x.shape[-1], p)
+        tokens, _ = bb.patch_embed(x, waves)
+        pos = self._pos_embed(h, w)
+        tokens = tokens + pos[:, 1:, :]
+        cls = (bb.cls_token + pos[:, :1, :]).expand(tokens.shape[0], -1, -1)
+        tokens = torch.cat((cls, tokens), dim=1)
+        wanted = {i % len(bb.blocks) for i in return_blocks}
+        maps: dict[int, Tensor] = {}
+        for i, block in enumerate(bb.blocks):
+            tokens = block(tokens)
+            if i in wanted:
+                maps[i] = _tokens_to_grid(tokens, h, w)
+        return tokens, [maps[i % len(bb.blocks)] for i in return_blocks]
+
+    def pool(self, tokens: Tensor, pooled_norm: str | None = None) -> Tensor:
+        """Pool last-block tokens (CLS excluded) and apply the chosen LayerNorm.
+
+        Args:
+            tokens: (B, 1 + N, D) tokens after the last block.
+            pooled_norm: ``"trained"`` or ``"plain"``; default: the encoder's setting.
+
+        Returns:
+            (B, D) pooled embeddings.
+        """
+        norm = pooled_norm or self.pooled_norm
+        _check_pooled_norm(norm)
+        mean = tokens[:, 1:, :].mean(dim=1)
+        if norm == "plain":
+            return F.layer_norm(mean, (mean.shape[-1],), eps=1e-6)
+        return self.norm(mean)
+
+    def forward(
+        self,
+        x: Tensor,
+        wavelengths: Sequence[float] | Tensor,
+        pooled_norm: PooledNorm | None = None,
+    ) -> DOFAOutput:
+        """Encode a batch: pooled vectors and patch-token grids from one pass.
+
+        Args:
+            x: (B, C, 224, 224) normalised input.
+            wavelengths: C wavelengths in micrometres (list, tuple or tensor; a (B, C)
+                tensor whose rows are identical is accepted too).
+            pooled_norm: override the pooled convention for this call.
+
+        Returns:
+            A :class:`DOFAOutput`.
+        """
+        norm = pooled_norm or self.pooled_norm
+        _check_pooled_norm(norm)
+        tokens, _ = self.forward_tokens(x, wavelengths)
+        p = self.config.patch_size
+        h, w = grid_side(x.shape[-2], p), grid_side(x.shape[-1], p)
+        return DOFAOutput(
+            pooled=self.pool(tokens, norm), grid=_tokens_to_grid(tokens, h, w), pooled_norm=norm
+        )
+
+
+def _tokens_to_grid(tokens: Tensor, h: int, w: int) -> Tensor:
+    patches = tokens[:, 1:, :]
+    return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], h, w)
+
+
+def _check_pooled_norm(name: str) -> None:
+    if name not in _POOLED_NORMS:
+        raise ValueError(
+            f"unknown pooled_norm {name!r}: choose 'trained' (rs-embed's convention, the "
+            "checkpoint's final norm) or 'plain' (TorchGeo's forward_features)"
+        )
+
+
+def build_encoder(
+    variant: str = "base", pooled_norm: PooledNorm = "trained", interpolate_pos_embed: bool = False
+) -> DOFAEncoder:
+    """Build a randomly initialised encoder of a variant (no weights loaded).
+
+    Args:
+        variant: ``base``/``b`` or ``large``/``l``.
+        pooled_norm: default pooled convention.
+        interpolate_pos_embed: allow input sizes other than 224 (see :class:`DOFAEncoder`).
+
+    Returns:
+        The encoder.
+    """
+    return DOFAEncoder(VARIANTS[canonical_variant(variant)], pooled_norm, interpolate_pos_embed)
+
+
+def dofa_base_patch16_224(pooled_norm: PooledNorm = "trained") -> DOFAEncoder:
+    """DOFA base (ViT-B/16, D=768), randomly initialised.
+
+    Args:
+        pooled_norm: default pooled convention.
+
+    Returns:
+        The encoder.
+    """
+    return build_encoder("base", pooled_norm)
+
+
+def dofa_large_patch16_224(pooled_norm: PooledNorm = "trained") -> DOFAEncoder:
+    """DOFA large (ViT-L/16, D=1024), randomly initialised.
+
+    Args:
+        pooled_norm: default pooled convention.
+
+    Returns:
+        The encoder.
+    """
+    return build_encoder("large", pooled_norm)
+
+
+def grid_side(size: int, patch_size: int = 16) -> int:
+    """Tokens per side for an input side (224 -> 14): DOFA's stride-16 conv with padding 1.
+
+    Args:
+        size: input side in pixels.
+        patch_size: patch size.
+
+    Returns:
+        Number of tokens per side.
+    """
+    return math.floor((size + 2 - patch_size) / patch_size) + 1
