@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m torchgeo_dofa.demo
+	$(PY) demo/run_demo.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check torchgeo_dofa tests benchmarks

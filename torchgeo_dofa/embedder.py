@@ -1,0 +1,155 @@
+"""``DOFAEmbedder``: the LightningModule that turns preprocessed chips into embeddings.
+
+The module holds the encoder and the prediction step; data (datasets, samplers, the
+preprocessing stack) and outputs (the writers in :mod:`torchgeo_dofa.writers`) stay outside
+it, as Lightning intends. It is configurable from YAML through ``LightningCLI``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model import DOFAEncoder, PooledNorm
+from .transforms import stitch_tiles
+from .weights import load_dofa
+
+__all__ = ["OUTPUT_KINDS", "DOFAEmbedder"]
+
+OutputKind = Literal["pooled", "grid", "both"]
+OUTPUT_KINDS: tuple[str, ...] = ("pooled", "grid", "both")
+
+
+class DOFAEmbedder(pl.LightningModule):
+    """Embed chips with DOFA through ``Trainer.predict``.
+
+    ``predict_step`` takes a batch from :mod:`torchgeo_dofa.datasets` after the
+    :class:`~torchgeo_dofa.transforms.DOFAPreprocess` stack: ``image`` (B, C, 224, 224), or
+    (B, N, C, 224, 224) tiles with ``tile_offsets`` and ``input_size``; ``wavelengths`` (B, C)
+    (always from the batch); optional ``valid``, ``empty``, ``bounds``, ``grid_transform``.
+    It returns a dict of tensors: ``pooled`` (B, D), ``grid`` (B, D, h, w) with NaN in cells
+    whose 16 x 16 patch held no valid pixel, and the batch's georeferencing keys passed
+    through, ready for the writers.
+    """
+
+    def __init__(
+        self,
+        variant: str = "base",
+        weights: str | None = "official",
+        output: OutputKind = "both",
+        input_prep: Literal["resize", "tile"] = "resize",
+        pooled_norm: PooledNorm = "trained",
+    ) -> None:
+        """Build the embedder and load the encoder's weights.
+
+        Args:
+            variant: ``base``/``b`` or ``large``/``l``.
+            weights: ``"official"``, a checkpoint path, or None (random; never chosen
+                silently).
+            output: ``"pooled"``, ``"grid"`` or ``"both"``.
+            input_prep: how the chips were prepared, ``"resize"`` or ``"tile"`` (recorded in
+                outputs; tiled batches are recognised by their shape).
+            pooled_norm: pooled convention, ``"trained"`` (rs-embed) or ``"plain"`` (TorchGeo).
+
+        Raises:
+            ValueError: for an unknown variant, output kind or input preparation.
+        """
+        super().__init__()
+        if output not in OUTPUT_KINDS:
+            raise ValueError(f"unknown output {output!r}: choose one of {list(OUTPUT_KINDS)}")
+        if input_prep not in ("resize", "tile"):
+            raise ValueError(f"unknown input_prep {input_prep!r}: choose 'resize' or 'tile'")
+        self.save_hyperparameters()
+        weights_arg: str | os.PathLike[str] | None = weights
+        self.encoder: DOFAEncoder = load_dofa(variant, weights=weights_arg, pooled_norm=pooled_norm)
+        self.output = output
+        self.input_prep = input_prep
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """What every output records about the model that produced it."""
+        return {
+            "variant": self.encoder.variant,
+            "weights": self.encoder.weights_id,
+            "pooled_norm": self.encoder.pooled_norm,
+            "input_prep": self.input_prep,
+            "embed_dim": str(self.encoder.embed_dim),
+        }
+
+    def forward(self, image: Tensor, wavelengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Encode a batch of 224 x 224 images, or of tiles (B, N, C, 224, 224).
+
+        Args:
+            image: normalised input.
+            wavelengths: (C,) or (B, C) wavelengths in micrometres.
+
+        Returns:
+            (pooled (B, D), grid (B, D, h, w) or, for tiles, (B, N, D, h, w)).
+        """
+        if image.ndim == 5:
+            b, n = image.shape[:2]
+            out = self.encoder(image.flatten(0, 1), wavelengths)
+            return out.pooled.unflatten(0, (b, n)), out.grid.unflatten(0, (b, n))
+        out = self.encoder(image, wavelengths)
+        return out.pooled, out.grid
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Embed one batch and keep what the writers need to place the results.
+
+        Args:
+            batch: a collated, preprocessed batch.
+            batch_idx: index of the batch.
+
+        Returns:
+            ``pooled``, ``grid`` (float32, on CPU) and the passed-through metadata keys.
+        """
+        image, wavelengths = batch["image"], batch["wavelengths"]
+        pooled, grid = self(image, wavelengths)
+        patch = self.encoder.config.patch_size
+        valid = batch.get("valid")
+        if image.ndim == 5:
+            sizes = batch["input_size"]
+            grids, pools = [], []
+            for i in range(image.shape[0]):
+                h, w = (int(v) for v in sizes[i])
+                g = stitch_tiles(grid[i].float(), batch["tile_offsets"][i], h, w, patch)
+                tokens = torch.cat([g.new_zeros(1, g.shape[0]), g.flatten(1).T])[None]
+                grids.append(g)
+                pools.append(self.encoder.pool(tokens.to(self.encoder.norm.weight.dtype))[0])
+                if valid is not None:
+                    cells = _cell_valid(valid[i], patch)  # (N, 14, 14)
+                    mask = stitch_tiles(
+                        cells[:, None].float(), batch["tile_offsets"][i], h, w, patch
+                    )[0]
+                    grids[-1] = torch.where(mask > 0, g, torch.nan)
+            grid, pooled = torch.stack(grids), torch.stack(pools)
+        elif valid is not None:
+            cells = _cell_valid(valid, patch)[:, None]
+            grid = torch.where(cells, grid, torch.nan)
+        out: dict[str, Tensor] = {"pooled": pooled.float().cpu(), "grid": grid.float().cpu()}
+        if self.output == "pooled":
+            del out["grid"]
+        elif self.output == "grid":
+            del out["pooled"]
+        for key in ("bounds", "transform", "grid_transform", "empty"):
+            if key in batch:
+                out[key] = batch[key].cpu()
+        return out
+
+
+def _cell_valid(valid: Tensor, patch: int) -> Tensor:
+    """(…, H, W) pixel validity -> (…, H/p, W/p): a cell is valid if any of its pixels is."""
+    v = valid.float()
+    shape = v.shape
+    pooled = F.max_pool2d(v.reshape(-1, 1, *shape[-2:]), patch, ceil_mode=True)
+    return (pooled.reshape(*shape[:-2], *pooled.shape[-2:]) > 0).to(torch.bool)
+
+
+def batch_kind(batch: dict[str, Any]) -> str:
+    """``"tile"`` for a tiled batch, else ``"resize"``."""
+    return "tile" if batch["image"].ndim == 5 else "resize"

@@ -1,0 +1,131 @@
+"""Preview of a grid embedding: its first three principal components as RGB, beside the input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from PIL import Image
+from rasterio.enums import Resampling
+from rasterio.windows import from_bounds
+
+from .bands import canonical_band
+
+__all__ = ["pca_rgb", "render_preview", "rgb_of_raster"]
+
+
+def pca_rgb(embedding: np.ndarray) -> np.ndarray:
+    """Project a (D, H, W) embedding onto its first three principal components, as uint8 RGB.
+
+    NaN cells (no data) become black. Each component is stretched between its 2nd and 98th
+    percentiles.
+
+    Args:
+        embedding: (D, H, W) array.
+
+    Returns:
+        (H, W, 3) uint8 image.
+    """
+    d, h, w = embedding.shape
+    flat = embedding.reshape(d, -1).T.astype(np.float64)
+    ok = np.isfinite(flat).all(axis=1)
+    rgb = np.zeros((h * w, 3), np.uint8)
+    if ok.sum() >= 2:
+        x = flat[ok] - flat[ok].mean(axis=0)
+        _, _, vt = np.linalg.svd(x, full_matrices=False)
+        comps = x @ vt[: min(3, vt.shape[0])].T
+        if comps.shape[1] < 3:
+            comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
+        rgb[ok] = _stretch(comps)
+    return rgb.reshape(h, w, 3)
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(values, [2, 98], axis=0)
+    scaled = (values - lo) / np.where(hi > lo, hi - lo, 1.0)
+    return np.asarray(np.clip(scaled * 255, 0, 255).astype(np.uint8))
+
+
+def rgb_of_raster(
+    path: str | Path,
+    height: int,
+    width: int,
+    bounds: tuple[float, float, float, float] | None = None,
+) -> np.ndarray:
+    """An RGB rendering of a reflectance raster (B4, B3, B2 by description, else bands 1-3).
+
+    Args:
+        path: the input raster.
+        height: output height in pixels.
+        width: output width in pixels.
+        bounds: (left, bottom, right, top) extent to render, in the raster's CRS (default:
+            the whole raster); outside the raster is black.
+
+    Returns:
+        (height, width, 3) uint8 image, percentile-stretched.
+    """
+    with rasterio.open(path) as src:
+        names = [canonical_band(d) if d else "" for d in src.descriptions]
+        if all(b in names for b in ("B4", "B3", "B2")):
+            idx = [names.index(b) + 1 for b in ("B4", "B3", "B2")]
+        else:
+            idx = [1, 2, 3] if src.count >= 3 else [1, 1, 1]
+        window = from_bounds(*bounds, transform=src.transform) if bounds else None
+        data = src.read(
+            idx,
+            out_shape=(3, height, width),
+            window=window,
+            boundless=window is not None,
+            fill_value=0,
+            resampling=Resampling.average,
+        )
+        data = data.astype(np.float64)
+        if src.nodata is not None:
+            data[data == src.nodata] = np.nan
+    flat = data.reshape(3, -1).T
+    ok = np.isfinite(flat).all(axis=1) & (flat > 0).any(axis=1)
+    rgb = np.zeros_like(flat, dtype=np.uint8)
+    if ok.any():
+        rgb[ok] = _stretch(flat[ok])
+    return rgb.reshape(height, width, 3)
+
+
+def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int = 8) -> Path:
+    """Write a PNG: the input's RGB (left) beside the embedding's PCA colours (right).
+
+    The input is found through the ``source`` tag the grid writer stores; when it is missing
+    or unreadable, only the PCA panel is drawn.
+
+    Args:
+        embedding_tif: a grid embedding GeoTIFF written by
+            :class:`~torchgeo_dofa.writers.GridWriter`.
+        out_png: output PNG path.
+        cell_px: screen pixels per embedding cell.
+
+    Returns:
+        The PNG path.
+    """
+    with rasterio.open(embedding_tif) as src:
+        emb = src.read()
+        tags = src.tags()
+        bounds = tuple(src.bounds)
+    h, w = emb.shape[1:]
+    panels = [
+        Image.fromarray(pca_rgb(emb)).resize((w * cell_px, h * cell_px), Image.Resampling.NEAREST)
+    ]
+    sources = json.loads(tags["sources"]) if "sources" in tags else []
+    if sources and Path(sources[0]).is_file():
+        rgb = rgb_of_raster(sources[0], h * cell_px, w * cell_px, bounds)
+        panels.insert(0, Image.fromarray(rgb))
+    gap = 8
+    canvas = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), h * cell_px))
+    x = 0
+    for panel in panels:
+        canvas.paste(panel, (x, 0))
+        x += panel.width + gap
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
