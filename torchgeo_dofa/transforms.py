@@ -1,0 +1,797 @@
+"""DOFA input preprocessing as composable sample-dict transforms.
+
+Every step is a :class:`torch.nn.Module` that takes a sample dict and returns it. A sample is
+either single (``image`` of shape (C, H, W)) or a batch (``image`` of shape (B, C, H, W)); keys a
+step does not own are left untouched, so the steps compose with :class:`torch.nn.Sequential`,
+kornia's ``AugmentationSequential(data_keys=None)`` (it passes unknown keys through) and a
+TorchGeo dataset's ``transforms=`` argument. Every value a step writes is a tensor, so
+:func:`torchgeo.datasets.utils.stack_samples` can collate the result; band names live on the
+transform, never in the sample. Steps run on whichever device the image is on.
+
+The standard stack (:class:`DOFAPreprocess`) follows DOFA's reference pipeline for raw surface
+reflectance (0..10000):
+
+1. :class:`AttachWavelengths` writes ``wavelengths`` (um, one per channel);
+2. :class:`CheckReflectance` fills NaN / non-finite / nodata pixels with ``fill_value``, records
+   them in ``valid`` and ``empty``, and rejects input already scaled to [0, 1] (or [0, 2]);
+3. :class:`NormalizeReflectance` clips to [0, 10000], maps to 0..255 and standardises per band
+   with DOFA's statistics (looked up by band name);
+4. :class:`ResizeTo` (centre mirror-pad to a square, then bilinear resize to 224) or
+   :class:`TileTo` (cut into 224 x 224 tiles; see :func:`stitch_tiles`).
+
+Sample keys:
+
+============== ============================ ===========================================
+key            single / batch shape         written by
+============== ============================ ===========================================
+image          (C,H,W) / (B,C,H,W)          read by all; CheckReflectance (fill),
+                                            NormalizeReflectance, ResizeTo, TileTo
+wavelengths    (C,) / (B,C) float32         AttachWavelengths
+valid          (H,W) / (B,H,W) bool         CheckReflectance (AND-ed with an existing
+                                            one); ResizeTo and TileTo follow the image
+empty          () / (B,) bool               CheckReflectance
+transform      (9,) / (B,9)                 read (TorchGeo's pixel-grid affine)
+grid_transform (9,) / (B,9)                 ResizeTo, TileTo (affine of the 16 x 16
+                                            patch-grid cells)
+tile_offsets   (N,2) / (B,N,2) long         TileTo ((row, col) pixel offsets)
+============== ============================ ===========================================
+
+Notes:
+    - Labels (``mask``, ``label``, ...) and ``bounds`` are never touched: the size steps only
+      reshape ``image`` and ``valid``. Run geometric augmentations (kornia) before the stack or
+      accept that ``valid`` / ``grid_transform`` describe the un-augmented geometry; kornia's
+      ``AugmentationSequential(data_keys=None)`` passes ``wavelengths``, ``valid``, ``empty``,
+      ``transform``, ``grid_transform`` and ``tile_offsets`` through unchanged (it adds a batch
+      axis to a single (C,H,W) image unless ``keepdim=True``).
+    - A non-square input is always padded, never stretched, whatever its aspect ratio (rs-embed
+      falls back to a plain stretch from an aspect ratio of 2 on; this package follows DOFA's
+      documented contract instead).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from affine import Affine
+from torch import Tensor, nn
+
+from torchgeo_dofa.bands import (
+    PRESETS,
+    BandError,
+    canonical_band,
+    norm_stats,
+    resolve_wavelengths,
+)
+
+__all__ = [
+    "INPUT_PREPS",
+    "AttachWavelengths",
+    "CheckReflectance",
+    "DOFAPreprocess",
+    "NormalizeReflectance",
+    "ReflectanceError",
+    "ResizeTo",
+    "TileTo",
+    "grid_affine",
+    "pad_to_square",
+    "preprocess_array",
+    "stitch_tiles",
+]
+
+#: Valid values of ``input_prep``.
+INPUT_PREPS: tuple[str, ...] = ("resize", "tile")
+
+#: Upper end of the raw surface-reflectance scale DOFA's pipeline expects.
+REFLECTANCE_MAX = 10000.0
+
+#: Input whose valid values all lie in [0, this] is taken to be already scaled (an error).
+SCALED_MAX = 2.0
+
+Sample = dict[str, Any]
+
+
+class ReflectanceError(ValueError):
+    """Raised when the input is not raw surface reflectance on the 0..10000 scale."""
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _image(sample: Sample, step: str) -> Tensor:
+    """Return ``sample["image"]``, checking it is a (C,H,W) or (B,C,H,W) tensor."""
+    if not isinstance(sample, dict) or "image" not in sample:
+        raise KeyError(f"{step} expects a sample dict with an 'image' key")
+    image = sample["image"]
+    if not isinstance(image, Tensor):
+        raise TypeError(f"{step}: sample['image'] must be a torch.Tensor, got {type(image)}")
+    if image.ndim not in (3, 4):
+        raise ValueError(
+            f"{step}: sample['image'] must be (C, H, W) or (B, C, H, W), got {tuple(image.shape)}"
+        )
+    return image
+
+
+def _as_float(image: Tensor) -> Tensor:
+    """Return ``image`` as a floating tensor (integer input becomes float32)."""
+    return image if image.is_floating_point() else image.to(torch.float32)
+
+
+def _square_padding(height: int, width: int) -> tuple[int, int, int, int]:
+    """Centre padding (top, bottom, left, right) that makes an H x W image square.
+
+    The smaller half goes on the top / left (``pad // 2``), the larger on the bottom / right.
+    """
+    side = max(height, width)
+    pad_h, pad_w = side - height, side - width
+    top, left = pad_h // 2, pad_w // 2
+    return top, pad_h - top, left, pad_w - left
+
+
+def _mirror_pad(x: Tensor, top: int, bottom: int, left: int, right: int) -> Tensor:
+    """Mirror-pad the last two axes of a 4-D tensor.
+
+    Each axis is reflected (edge pixel not repeated, numpy's ``reflect``) when its total pad is
+    smaller than its length, and edge-replicated (numpy's ``edge``) otherwise, the rule of
+    DOFA's reference pipeline.
+    """
+    height, width = x.shape[-2:]
+    if top or bottom:
+        mode = "reflect" if top + bottom < height else "replicate"
+        x = F.pad(x, (0, 0, top, bottom), mode=mode)
+    if left or right:
+        mode = "reflect" if left + right < width else "replicate"
+        x = F.pad(x, (left, right, 0, 0), mode=mode)
+    return x
+
+
+def pad_to_square(image: Tensor) -> Tensor:
+    """Centre-pad an image to a square by mirroring its edges; never stretch.
+
+    The short axis is padded to the long side, ``pad // 2`` before and the rest after, by
+    reflection (numpy ``mode="reflect"``) or, where the pad is not smaller than the short side,
+    by edge replication (numpy ``mode="edge"``).
+
+    Args:
+        image: (..., H, W) floating tensor (any number of leading axes).
+
+    Returns:
+        (..., S, S) tensor with ``S = max(H, W)``; the input itself when already square.
+    """
+    height, width = image.shape[-2:]
+    if height == width:
+        return image
+    lead = image.shape[:-2]
+    flat = image.reshape(-1, 1, height, width)
+    out = _mirror_pad(flat, *_square_padding(height, width))
+    return out.reshape(*lead, *out.shape[-2:])
+
+
+def grid_affine(
+    transform: Affine,
+    height: int,
+    width: int,
+    input_prep: Literal["resize", "tile"] | str = "resize",
+    size: int = 224,
+    patch_size: int = 16,
+) -> Affine:
+    """Affine of the output patch grid, in map coordinates, for an input pixel-grid affine.
+
+    ``resize``: the H x W input is centre-padded to an S x S square (``S = max(H, W)``) and
+    resized to ``size``; grid cell (i, j) of the ``size / patch_size`` grid (14 x 14 for 224)
+    covers ``patch_size * S / size`` input pixels per side, starting at the padded square's
+    origin, so the grid covers the padded square (mirrored border included), not just the input.
+    ``tile``: one cell is ``patch_size`` input pixels, origin at the input's origin; this is the
+    affine of the map :func:`stitch_tiles` returns.
+
+    Args:
+        transform: affine of the input pixel grid (e.g. a rasterio dataset's ``transform``).
+        height: input height in pixels.
+        width: input width in pixels.
+        input_prep: ``"resize"`` or ``"tile"``.
+        size: model input side (224 for DOFA).
+        patch_size: model patch size (16 for DOFA).
+
+    Returns:
+        The affine mapping (col, row) of grid cells to map (x, y).
+
+    Raises:
+        ValueError: for an unknown ``input_prep``.
+    """
+    if input_prep == "tile":
+        top, left, cell = 0, 0, float(patch_size)
+    elif input_prep == "resize":
+        top, _, left, _ = _square_padding(height, width)
+        cell = patch_size * max(height, width) / size
+    else:
+        raise ValueError(f"unknown input_prep {input_prep!r}; choose one of {list(INPUT_PREPS)}")
+    # transform * translation(-left, -top) * scale(cell), spelled out (affine < 3 has no `@`)
+    a, b, c, d, e, f = (float(v) for v in tuple(transform)[:6])
+    return Affine(
+        a * cell, b * cell, c - a * left - b * top, d * cell, e * cell, f - d * left - e * top
+    )
+
+
+def _grid_transform(
+    transform: Tensor, height: int, width: int, input_prep: str, size: int, patch_size: int
+) -> Tensor:
+    """Apply :func:`grid_affine` to a (9,) or (B, 9) transform tensor, keeping dtype/device.
+
+    The tensor is laid out as ``torch.tensor(affine.Affine)``: (a, b, c, d, e, f, 0, 0, 1).
+    """
+    if transform.shape[-1] != 9:
+        raise ValueError(
+            f"sample['transform'] must hold 9 affine elements per sample (as produced by "
+            f"torch.tensor(affine.Affine)), got shape {tuple(transform.shape)}"
+        )
+    dtype = transform.dtype if transform.is_floating_point() else torch.float64
+    rows = transform.detach().to("cpu", torch.float64).reshape(-1, 9).tolist()
+    out = [
+        list(grid_affine(Affine(*row[:6]), height, width, input_prep, size, patch_size))
+        for row in rows
+    ]
+    result = torch.tensor(out, dtype=dtype, device=transform.device)
+    return result.reshape(transform.shape)
+
+
+def _check_size(size: int, patch_size: int) -> None:
+    if size <= 0 or patch_size <= 0 or size % patch_size:
+        raise ValueError(f"size ({size}) must be a positive multiple of patch_size ({patch_size})")
+
+
+# ----------------------------------------------------------------------------------------------
+# steps
+# ----------------------------------------------------------------------------------------------
+
+
+class AttachWavelengths(nn.Module):
+    """Write the wavelength vector (um) DOFA's patch embedding needs into the sample.
+
+    Reads ``image``; writes ``wavelengths``: float32 (C,) for a single sample, (B, C) for a
+    batch, on the image's device.
+    """
+
+    def __init__(
+        self,
+        bands: Sequence[str] | None = None,
+        wavelengths: Sequence[float] | Tensor | None = None,
+    ) -> None:
+        """Resolve the wavelengths once, at construction.
+
+        Args:
+            bands: band names in channel order (Sentinel-2 ``B4``/``B04`` spelling), used to
+                infer wavelengths when ``wavelengths`` is None.
+            wavelengths: explicit wavelengths in micrometres, one per channel.
+
+        Raises:
+            BandError: if the wavelengths cannot be inferred (the message says how to pass
+                them) or are invalid.
+        """
+        super().__init__()
+        self.bands: tuple[str, ...] | None = (
+            tuple(canonical_band(b) for b in bands) if bands is not None else None
+        )
+        self.wavelengths: Tensor = resolve_wavelengths(bands, wavelengths)
+
+    def forward(self, sample: Sample) -> Sample:
+        """Attach ``wavelengths`` to the sample.
+
+        Args:
+            sample: dict with ``image`` (C,H,W) or (B,C,H,W).
+
+        Returns:
+            The same dict with ``wavelengths`` set.
+
+        Raises:
+            BandError: if the channel count differs from the number of wavelengths.
+        """
+        image = _image(sample, "AttachWavelengths")
+        channels = image.shape[-3]
+        count = self.wavelengths.numel()
+        if channels != count:
+            raise BandError(
+                f"image has {channels} channels but {count} wavelengths/bands were configured "
+                f"(bands={list(self.bands) if self.bands else None}, "
+                f"wavelengths={self.wavelengths.tolist()}): give exactly one per channel"
+            )
+        wl = self.wavelengths.to(image.device)
+        if image.ndim == 4:
+            wl = wl.expand(image.shape[0], count).contiguous()
+        sample["wavelengths"] = wl
+        return sample
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"bands={self.bands}, wavelengths={[round(v, 4) for v in self.wavelengths.tolist()]}"
+
+
+class CheckReflectance(nn.Module):
+    """Mask missing data and enforce the raw-reflectance (0..10000) input contract.
+
+    A pixel is invalid when any of its bands is NaN or infinite, or equals ``nodata``, or when
+    an existing ``valid`` key (bool (H,W) / (B,H,W), e.g. from a dataset) marks it invalid.
+    Invalid pixels are set to ``fill_value`` in every band; their positions are kept in
+    ``valid``. Then, over valid pixels only and per sample, input whose values all lie within
+    [0, 2] is rejected: the stack expects raw surface reflectance, not values already scaled to
+    [0, 1]. A chip without any valid pixel is not an error: its ``empty`` flag is set.
+
+    Reads ``image``, ``valid`` (optional); writes ``image`` (float; integer input becomes
+    float32), ``valid`` (bool (H,W) / (B,H,W)) and ``empty`` (bool () / (B,), always set so
+    batches collate).
+    """
+
+    def __init__(self, nodata: float | None = None, fill_value: float = 0.0) -> None:
+        """Configure the missing-data handling.
+
+        Args:
+            nodata: the no-data value of the input, or None when only NaN marks missing data.
+            fill_value: value (raw-reflectance scale) written into invalid pixels; 0 matches
+                DOFA's reference fetch, which fills missing data with 0.
+        """
+        super().__init__()
+        self.nodata = None if nodata is None else float(nodata)
+        self.fill_value = float(fill_value)
+
+    def forward(self, sample: Sample) -> Sample:
+        """Fill invalid pixels, record ``valid`` / ``empty`` and check the value range.
+
+        Args:
+            sample: dict with ``image`` (C,H,W) or (B,C,H,W) and optionally ``valid``.
+
+        Returns:
+            The same dict with ``image`` filled and ``valid`` and ``empty`` set.
+
+        Raises:
+            ReflectanceError: if a sample's valid values all lie within [0, 2].
+            ValueError: if an existing ``valid`` does not match the image's shape.
+        """
+        image = _as_float(_image(sample, "CheckReflectance"))
+        bad = ~torch.isfinite(image)
+        if self.nodata is not None:
+            bad |= image == self.nodata
+        valid = ~bad.any(dim=-3)
+        if "valid" in sample and sample["valid"] is not None:
+            given = torch.as_tensor(sample["valid"], device=image.device)
+            if given.shape != valid.shape:
+                if given.numel() != valid.numel():
+                    raise ValueError(
+                        f"sample['valid'] has shape {tuple(given.shape)}, expected "
+                        f"{tuple(valid.shape)} for an image of shape {tuple(image.shape)}"
+                    )
+                given = given.reshape(valid.shape)
+            valid = valid & given.to(torch.bool)
+        image = torch.where(valid.unsqueeze(-3), image, image.new_tensor(self.fill_value))
+        empty = ~valid.flatten(-2).any(dim=-1)
+
+        mask = valid.unsqueeze(-3)
+        dims = (-3, -2, -1)
+        vmin = torch.where(mask, image, image.new_tensor(math.inf)).amin(dim=dims)
+        vmax = torch.where(mask, image, image.new_tensor(-math.inf)).amax(dim=dims)
+        scaled = (vmin >= 0) & (vmax <= SCALED_MAX) & ~empty
+        if bool(scaled.any()):
+            where = (
+                ""
+                if scaled.ndim == 0
+                else f" (batch item(s) {torch.nonzero(scaled).flatten().tolist()})"
+            )
+            lo = float(vmin[scaled].min()) if scaled.ndim else float(vmin)
+            hi = float(vmax[scaled].max()) if scaled.ndim else float(vmax)
+            raise ReflectanceError(
+                f"input looks already scaled: all valid values lie in [{lo:.4g}, {hi:.4g}] "
+                f"within [0, {SCALED_MAX:g}]{where}. The DOFA stack expects raw surface "
+                f"reflectance 0..{REFLECTANCE_MAX:.0f} (e.g. Sentinel-2 L2A digital numbers), "
+                "not values already scaled to [0, 1]: multiply by 10000 (or pass the raw "
+                "product). If these are fill pixels, pass nodata=<their value>."
+            )
+        sample["image"] = image
+        sample["valid"] = valid
+        sample["empty"] = empty
+        return sample
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"nodata={self.nodata}, fill_value={self.fill_value}"
+
+
+class NormalizeReflectance(nn.Module):
+    """Normalise raw reflectance the DOFA way: clip, 0..255 scale, per-band standardisation.
+
+    ``x -> (clip(x, 0, 10000) / 10000 * 255 - mean[band]) / std[band]`` with DOFA's
+    pre-training statistics, looked up by band name (any subset of the 9 DOFA Sentinel-2 bands,
+    in any order, ``B4`` or ``B04`` spelling). Pixels :class:`CheckReflectance` marked invalid
+    hold ``fill_value`` and are normalised like any other pixel (with the default fill 0 they
+    become ``-mean/std``, as in DOFA's reference pipeline); use ``valid`` to ignore them.
+
+    Reads and writes ``image`` (floating; integer input becomes float32).
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, bands: Sequence[str]) -> None:
+        """Look up the statistics once, at construction.
+
+        Args:
+            bands: band names in channel order.
+
+        Raises:
+            BandError: naming every band without DOFA statistics.
+        """
+        super().__init__()
+        self.bands: tuple[str, ...] = tuple(canonical_band(b) for b in bands)
+        means, stds = norm_stats(list(bands))
+        self.register_buffer("mean", torch.tensor(means, dtype=torch.float64), persistent=False)
+        self.register_buffer("std", torch.tensor(stds, dtype=torch.float64), persistent=False)
+
+    def forward(self, sample: Sample) -> Sample:
+        """Normalise ``image`` in the sample.
+
+        Args:
+            sample: dict with ``image`` (C,H,W) or (B,C,H,W) of raw reflectance.
+
+        Returns:
+            The same dict with ``image`` normalised.
+
+        Raises:
+            BandError: if the channel count differs from the number of bands.
+        """
+        image = _as_float(_image(sample, "NormalizeReflectance"))
+        channels = image.shape[-3]
+        if channels != len(self.bands):
+            raise BandError(
+                f"image has {channels} channels but NormalizeReflectance was built for "
+                f"{len(self.bands)} bands {list(self.bands)}: give one band name per channel"
+            )
+        mean = self.mean.to(image.device, image.dtype)[:, None, None]
+        std = self.std.to(image.device, image.dtype)[:, None, None]
+        scaled = image.clamp(0.0, REFLECTANCE_MAX) / REFLECTANCE_MAX * 255.0
+        sample["image"] = (scaled - mean) / std
+        return sample
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"bands={self.bands}"
+
+
+def _resize_valid(valid: Tensor, padding: tuple[int, int, int, int], size: int) -> Tensor:
+    """Pad (with False) and nearest-resize a (H,W) / (B,H,W) mask."""
+    height, width = valid.shape[-2:]
+    lead = valid.shape[:-2]
+    x = valid.reshape(-1, 1, height, width).to(torch.float32)
+    top, bottom, left, right = padding
+    x = F.pad(x, (left, right, top, bottom), value=0.0)
+    x = F.interpolate(x, size=(size, size), mode="nearest-exact")
+    return (x > 0.5).reshape(*lead, size, size)
+
+
+class ResizeTo(nn.Module):
+    """Make the image ``size`` x ``size``: centre mirror-pad to a square, then bilinear resize.
+
+    A non-square input is centre-padded to a square by reflection (edge replication where the
+    pad is not smaller than the short side; see :func:`pad_to_square`), never stretched, and
+    resized with bilinear interpolation (``align_corners=False``, no antialiasing). The model's
+    14 x 14 grid then covers the padded square, mirrored border included.
+
+    Reads ``image``, ``valid`` and ``transform`` (all optional but ``image``); writes ``image``
+    ((C,S,S) / (B,C,S,S)), ``valid`` (padded pixels are False; nearest resize) when present,
+    and ``grid_transform`` (the affine of the patch-grid cells, see :func:`grid_affine`) when
+    ``transform`` is present. Other keys (labels such as ``mask``, ``bounds``) are untouched.
+    """
+
+    def __init__(self, size: int = 224, patch_size: int = 16) -> None:
+        """Configure the output size.
+
+        Args:
+            size: output side in pixels (224 for DOFA).
+            patch_size: model patch size, used for ``grid_transform`` (16 for DOFA).
+        """
+        super().__init__()
+        _check_size(size, patch_size)
+        self.size = size
+        self.patch_size = patch_size
+
+    def forward(self, sample: Sample) -> Sample:
+        """Pad and resize the sample's image.
+
+        Args:
+            sample: dict with ``image`` (C,H,W) or (B,C,H,W).
+
+        Returns:
+            The same dict, resized.
+        """
+        image = _as_float(_image(sample, "ResizeTo"))
+        height, width = image.shape[-2:]
+        padding = _square_padding(height, width)
+        x = image if image.ndim == 4 else image[None]
+        if height != width:
+            x = _mirror_pad(x, *padding)
+        if x.shape[-1] != self.size:
+            x = F.interpolate(
+                x,
+                size=(self.size, self.size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=False,
+            )
+        sample["image"] = x if image.ndim == 4 else x[0]
+        if isinstance(sample.get("valid"), Tensor):
+            sample["valid"] = _resize_valid(sample["valid"], padding, self.size)
+        if isinstance(sample.get("transform"), Tensor):
+            sample["grid_transform"] = _grid_transform(
+                sample["transform"], height, width, "resize", self.size, self.patch_size
+            )
+        return sample
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"size={self.size}, patch_size={self.patch_size}"
+
+
+def _tile(x: Tensor, size: int) -> tuple[Tensor, int, int]:
+    """Cut the last two axes of a (M, K, H, W) tensor into (M, N, K, size, size) tiles."""
+    height, width = x.shape[-2:]
+    rows, cols = math.ceil(height / size), math.ceil(width / size)
+    x = _mirror_pad(x, 0, rows * size - height, 0, cols * size - width)
+    m, k = x.shape[:2]
+    tiles = x.reshape(m, k, rows, size, cols, size).permute(0, 2, 4, 1, 3, 5)
+    return tiles.reshape(m, rows * cols, k, size, size), rows, cols
+
+
+class TileTo(nn.Module):
+    """Cut the image into ``size`` x ``size`` tiles so large areas keep their detail.
+
+    The right and bottom edges are padded (mirrored, as in :func:`pad_to_square`) up to a
+    multiple of ``size``; tiles are ordered row-major from the top-left. A single sample's
+    image becomes (N, C, S, S) (one model batch) and a batch's (B, N, C, S, S). Run the model on
+    the tiles and reassemble its grid outputs with :func:`stitch_tiles`. Apply it last.
+
+    Reads ``image``, ``valid`` and ``transform`` (optional but ``image``); writes ``image``,
+    ``tile_offsets`` (long (N, 2) / (B, N, 2), the (row, col) pixel offset of each tile in the
+    input), ``valid`` ((N,S,S) / (B,N,S,S), padding False) when present and ``grid_transform``
+    (affine of the stitched 16-pixel grid, origin at the input origin) when ``transform`` is
+    present.
+    """
+
+    def __init__(self, size: int = 224, patch_size: int = 16) -> None:
+        """Configure the tile size.
+
+        Args:
+            size: tile side in pixels (224 for DOFA).
+            patch_size: model patch size, used for ``grid_transform`` (16 for DOFA).
+        """
+        super().__init__()
+        _check_size(size, patch_size)
+        self.size = size
+        self.patch_size = patch_size
+
+    def forward(self, sample: Sample) -> Sample:
+        """Tile the sample's image.
+
+        Args:
+            sample: dict with ``image`` (C,H,W) or (B,C,H,W).
+
+        Returns:
+            The same dict, tiled.
+        """
+        image = _as_float(_image(sample, "TileTo"))
+        height, width = image.shape[-2:]
+        single = image.ndim == 3
+        tiles, rows, cols = _tile(image[None] if single else image, self.size)
+        sample["image"] = tiles[0] if single else tiles
+        r, c = torch.meshgrid(
+            torch.arange(rows, device=image.device) * self.size,
+            torch.arange(cols, device=image.device) * self.size,
+            indexing="ij",
+        )
+        offsets = torch.stack([r.flatten(), c.flatten()], dim=-1).to(torch.long)
+        if not single:
+            offsets = offsets.expand(image.shape[0], *offsets.shape).contiguous()
+        sample["tile_offsets"] = offsets
+        valid = sample.get("valid")
+        if isinstance(valid, Tensor):
+            v = valid.to(torch.bool)
+            v = v[None, None] if v.ndim == 2 else v[:, None]
+            # pad with False (not mirrored): padded pixels are not data
+            v = F.pad(
+                v.to(torch.float32), (0, cols * self.size - width, 0, rows * self.size - height)
+            )
+            vt, _, _ = _tile(v, self.size)
+            vt = vt[:, :, 0] > 0.5
+            sample["valid"] = vt[0] if single else vt
+        if isinstance(sample.get("transform"), Tensor):
+            sample["grid_transform"] = _grid_transform(
+                sample["transform"], height, width, "tile", self.size, self.patch_size
+            )
+        return sample
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"size={self.size}, patch_size={self.patch_size}"
+
+
+def stitch_tiles(
+    grids: Tensor,
+    offsets: Tensor | Sequence[Sequence[int]],
+    height: int,
+    width: int,
+    patch_size: int = 16,
+) -> Tensor:
+    """Reassemble per-tile grid outputs into one map over the input extent.
+
+    Args:
+        grids: (N, D, h, w) per-tile model grids (14 x 14 for 224 tiles), in the order of
+            ``offsets``.
+        offsets: (N, 2) (row, col) pixel offsets of the tiles (``sample["tile_offsets"]``);
+            multiples of ``patch_size``.
+        height: input height in pixels (before tiling).
+        width: input width in pixels (before tiling).
+        patch_size: pixels per grid cell.
+
+    Returns:
+        (D, ceil(H / patch_size), ceil(W / patch_size)) map, cropped to the input extent; its
+        georeferencing is ``grid_affine(transform, H, W, "tile")`` (``sample["grid_transform"]``).
+
+    Raises:
+        ValueError: on inconsistent shapes or offsets that are not multiples of ``patch_size``.
+    """
+    offs = torch.as_tensor(offsets, dtype=torch.long).to("cpu")
+    if grids.ndim != 4:
+        raise ValueError(f"grids must be (N, D, h, w), got {tuple(grids.shape)}")
+    if offs.ndim != 2 or offs.shape != (grids.shape[0], 2):
+        raise ValueError(
+            f"offsets must be (N, 2) with N={grids.shape[0]} tiles, got {tuple(offs.shape)}"
+        )
+    if bool((offs % patch_size != 0).any()) or bool((offs < 0).any()):
+        raise ValueError(f"tile offsets must be non-negative multiples of patch_size={patch_size}")
+    _, depth, gh, gw = grids.shape
+    out_h, out_w = math.ceil(height / patch_size), math.ceil(width / patch_size)
+    cells = (offs // patch_size).tolist()
+    canvas_h = max([out_h] + [r + gh for r, _ in cells])
+    canvas_w = max([out_w] + [c + gw for _, c in cells])
+    canvas = grids.new_zeros((depth, canvas_h, canvas_w))
+    for grid, (r, c) in zip(grids, cells, strict=True):
+        canvas[:, r : r + gh, c : c + gw] = grid
+    return canvas[:, :out_h, :out_w]
+
+
+# ----------------------------------------------------------------------------------------------
+# the standard stack
+# ----------------------------------------------------------------------------------------------
+
+
+class DOFAPreprocess(nn.Sequential):
+    """DOFA's standard preprocessing stack for raw surface reflectance (0..10000).
+
+    ``AttachWavelengths -> CheckReflectance -> NormalizeReflectance -> ResizeTo | TileTo``.
+    Use it as a TorchGeo dataset's ``transforms=``, in a DataLoader worker, or on a batch on
+    the GPU. Sentinel-1 has no DOFA statistics and is not supported by this stack (normalise it
+    yourself and use :class:`AttachWavelengths` with the 3.75 um placeholder).
+
+    Attributes:
+        bands: canonical band names, in channel order.
+        wavelengths: float32 (C,) wavelengths in micrometres.
+        input_prep: ``"resize"`` or ``"tile"``.
+    """
+
+    def __init__(
+        self,
+        bands: Sequence[str],
+        wavelengths: Sequence[float] | Tensor | None = None,
+        input_prep: Literal["resize", "tile"] | str = "resize",
+        nodata: float | None = None,
+        fill_value: float = 0.0,
+        size: int = 224,
+        patch_size: int = 16,
+    ) -> None:
+        """Build the stack; all configuration errors are raised here, not per sample.
+
+        Args:
+            bands: band names in channel order (``B4`` or ``B04`` spelling).
+            wavelengths: explicit wavelengths (um), one per band; inferred for Sentinel-2
+                names when None.
+            input_prep: ``"resize"`` (pad to square + resize to ``size``) or ``"tile"``.
+            nodata: the input's no-data value, if any (NaN is always treated as missing).
+            fill_value: raw-reflectance value written into missing pixels.
+            size: model input side (224 for DOFA).
+            patch_size: model patch size (16 for DOFA).
+
+        Raises:
+            ValueError: for an unknown ``input_prep``.
+            BandError: for unknown bands without wavelengths, a wavelength count that differs
+                from the band count, or bands without DOFA statistics.
+        """
+        if input_prep not in INPUT_PREPS:
+            raise ValueError(
+                f"unknown input_prep {input_prep!r}; choose one of {list(INPUT_PREPS)}"
+            )
+        attach = AttachWavelengths(bands, wavelengths)
+        check = CheckReflectance(nodata=nodata, fill_value=fill_value)
+        normalize = NormalizeReflectance(bands)
+        size_step: nn.Module = (
+            ResizeTo(size, patch_size) if input_prep == "resize" else TileTo(size, patch_size)
+        )
+        super().__init__(attach, check, normalize, size_step)
+        self.bands: tuple[str, ...] = normalize.bands
+        self.wavelengths: Tensor = attach.wavelengths
+        self.input_prep: str = input_prep
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs: Any) -> DOFAPreprocess:
+        """Build the stack for a named band preset (``sentinel2`` or ``rgb``).
+
+        ``rgb`` uses Sentinel-2 B4/B3/B2 wavelengths and statistics, so its input must also be
+        reflectance on the 0..10000 scale (not 0..255 pixel values).
+
+        Args:
+            name: preset name from :data:`torchgeo_dofa.bands.PRESETS`.
+            **kwargs: further :class:`DOFAPreprocess` arguments (``input_prep``, ``nodata``...).
+
+        Returns:
+            The stack.
+
+        Raises:
+            BandError: for an unknown preset, or ``sentinel1``, which has no DOFA
+                normalisation statistics.
+        """
+        if name not in PRESETS:
+            raise BandError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        preset = PRESETS[name]
+        if name == "sentinel1":
+            raise BandError(
+                "preset 'sentinel1' has no DOFA normalisation statistics and is not raw "
+                "reflectance, so DOFAPreprocess cannot normalise it: scale VV/VH yourself and "
+                "use AttachWavelengths(wavelengths=PRESETS['sentinel1'].wavelengths) (3.75 um "
+                "placeholder) with ResizeTo/TileTo"
+            )
+        return cls(bands=preset.bands, wavelengths=preset.wavelengths, **kwargs)
+
+
+def preprocess_array(
+    array_chw: np.ndarray | Tensor,
+    bands: Sequence[str],
+    wavelengths: Sequence[float] | Tensor | None = None,
+    input_prep: Literal["resize", "tile"] | str = "resize",
+    nodata: float | None = None,
+    fill_value: float = 0.0,
+    transform: Affine | None = None,
+    size: int = 224,
+) -> Sample:
+    """Run the standard stack on one raw (C, H, W) array of surface reflectance.
+
+    Args:
+        array_chw: raw reflectance (0..10000), numpy array or tensor (kept on its device).
+        bands: band names in channel order.
+        wavelengths: explicit wavelengths (um), or None to infer them from ``bands``.
+        input_prep: ``"resize"`` or ``"tile"``.
+        nodata: no-data value, if any.
+        fill_value: value for missing pixels (raw scale).
+        transform: affine of the array's pixel grid; when given, the result has
+            ``grid_transform``.
+        size: model input side.
+
+    Returns:
+        The sample dict: ``image``, ``wavelengths``, ``valid``, ``empty`` (+ ``tile_offsets``
+        for tiling, ``transform``/``grid_transform`` when ``transform`` was given).
+    """
+    if isinstance(array_chw, np.ndarray):
+        if not np.issubdtype(array_chw.dtype, np.floating):
+            array_chw = array_chw.astype(np.float32)
+        image = torch.from_numpy(np.ascontiguousarray(array_chw))
+    else:
+        image = array_chw
+    if image.ndim != 3:
+        raise ValueError(f"preprocess_array expects a (C, H, W) array, got {tuple(image.shape)}")
+    sample: Sample = {"image": image}
+    if transform is not None:
+        sample["transform"] = torch.tensor(list(transform), dtype=torch.float64)
+    stack = DOFAPreprocess(
+        bands,
+        wavelengths,
+        input_prep=input_prep,
+        nodata=nodata,
+        fill_value=fill_value,
+        size=size,
+    )
+    out: Sample = stack(sample)
+    return out
