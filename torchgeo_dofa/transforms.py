@@ -549,7 +549,8 @@ class TileTo(nn.Module):
 
     Reads ``image``, ``valid`` and ``transform`` (optional but ``image``); writes ``image``,
     ``tile_offsets`` (long (N, 2) / (B, N, 2), the (row, col) pixel offset of each tile in the
-    input), ``valid`` ((N,S,S) / (B,N,S,S), padding False) when present and ``grid_transform``
+    input), ``input_size`` (long (2,) / (B, 2), the input's (H, W) for :func:`stitch_tiles`),
+    ``valid`` ((N,S,S) / (B,N,S,S), padding False) when present and ``grid_transform``
     (affine of the stitched 16-pixel grid, origin at the input origin) when ``transform`` is
     present.
     """
@@ -589,6 +590,8 @@ class TileTo(nn.Module):
         if not single:
             offsets = offsets.expand(image.shape[0], *offsets.shape).contiguous()
         sample["tile_offsets"] = offsets
+        size = torch.tensor([height, width], dtype=torch.long, device=image.device)
+        sample["input_size"] = size if single else size.expand(image.shape[0], 2).contiguous()
         valid = sample.get("valid")
         if isinstance(valid, Tensor):
             v = valid.to(torch.bool)

@@ -1,0 +1,229 @@
+"""The embed job end to end: CLI, georeferencing, values against the encoder, resume, DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.windows import from_bounds
+
+from torchgeo_dofa import load_dofa
+from torchgeo_dofa.cli import embed, main
+from torchgeo_dofa.transforms import DOFAPreprocess
+
+SCENE = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, base_checkpoint) -> Path:
+    out = tmp_path_factory.mktemp("ref")
+    code = main(
+        [
+            "embed",
+            str(SCENE),
+            "-o",
+            str(out),
+            "--weights",
+            str(base_checkpoint),
+            "--output",
+            "both",
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    return out
+
+
+def test_grid_geotiff_georeferencing(reference_run: Path) -> None:
+    with (
+        rasterio.open(SCENE) as src,
+        rasterio.open(reference_run / "ftw_s2_l2a_33N_grid.tif") as emb,
+    ):
+        assert emb.crs == src.crs
+        assert emb.count == 768
+        assert emb.res == (160.0, 160.0)  # one cell per 16 x 16 pixels at 10 m
+        # anchored at the scene's lower-left corner; covers the scene
+        assert emb.bounds.left == src.bounds.left
+        assert emb.bounds.bottom == src.bounds.bottom
+        assert emb.bounds.right >= src.bounds.right and emb.bounds.top >= src.bounds.top
+        assert (emb.width, emb.height) == (int(np.ceil(578 / 16)), int(np.ceil(379 / 16)))
+        assert emb.descriptions[0] == "dofa_0000"
+        assert emb.tags()["variant"] == "base"
+        assert emb.tags()["weights"] == "file:DOFA_ViT_base_e100.pth"
+        assert emb.nodata is not None and np.isnan(emb.nodata)
+
+
+def test_cell_vectors_equal_encoder_grid(reference_run: Path, base_checkpoint) -> None:
+    """Independent path: rasterio window -> DOFAPreprocess -> encoder, vs the written cells."""
+    with rasterio.open(SCENE) as src:
+        left, bottom = src.bounds.left, src.bounds.bottom
+        # second chip of the first (bottom) row: x from left + 2240 m, y from bottom
+        window = from_bounds(left + 2240, bottom, left + 4480, bottom + 2240, src.transform)
+        raw = src.read(window=window, boundless=True, fill_value=0).astype(np.float32)
+        names = list(src.descriptions)
+    pre = DOFAPreprocess(bands=names)
+    sample = pre({"image": torch.from_numpy(raw)})
+    enc = load_dofa("base", weights=base_checkpoint)
+    with torch.inference_mode():
+        grid = enc(sample["image"][None], sample["wavelengths"]).grid[0].numpy()
+    with rasterio.open(reference_run / "ftw_s2_l2a_33N_grid.tif") as emb:
+        top = bottom + 2240
+        row, col = emb.index(left + 2240 + 80, top - 80)  # centre of the chip's top-left cell
+        cells = emb.read(window=((row, row + 14), (col, col + 14)))
+    # cells inside this chip and no other chip (no overlap at stride 224)
+    np.testing.assert_allclose(cells, grid, rtol=1e-4, atol=1e-4)
+
+
+def test_pooled_table(reference_run: Path, base_checkpoint) -> None:
+    frame = gpd.read_parquet(reference_run / "ftw_s2_l2a_33N_pooled.parquet")
+    assert len(frame) == 6  # 2 rows x 3 columns of 224-px chips
+    assert frame.crs.to_epsg() == 32633
+    assert frame.chip_id.is_unique
+    assert set(frame.columns) >= {"geometry", "embedding", "variant", "weights", "time_start"}
+    assert frame.geometry.iloc[0].area == pytest.approx(2240.0**2)
+    assert len(frame.embedding.iloc[0]) == 768
+
+
+class _CrashAfterFirstBatch(pl.Callback):
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        raise RuntimeError("simulated crash")
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path, reference_run, base_checkpoint) -> None:
+    kwargs: dict[str, Any] = dict(
+        output="both", weights=str(base_checkpoint), batch_size=4, progress=False
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        embed([SCENE], tmp_path, callbacks=[_CrashAfterFirstBatch()], **kwargs)
+    assert not (tmp_path / "ftw_s2_l2a_33N_grid.tif").exists()  # nothing half-written
+    assert not (tmp_path / "ftw_s2_l2a_33N_pooled.parquet").exists()
+    summary = embed([SCENE], tmp_path, **kwargs)
+    assert summary.skipped == 4 and summary.chips == 2
+    with (
+        rasterio.open(tmp_path / "ftw_s2_l2a_33N_grid.tif") as a,
+        rasterio.open(reference_run / "ftw_s2_l2a_33N_grid.tif") as b,
+    ):
+        np.testing.assert_array_equal(a.read(), b.read())
+    got = gpd.read_parquet(tmp_path / "ftw_s2_l2a_33N_pooled.parquet")
+    ref = gpd.read_parquet(reference_run / "ftw_s2_l2a_33N_pooled.parquet")
+    assert list(got.chip_id) == list(ref.chip_id)
+    np.testing.assert_array_equal(np.stack(got.embedding), np.stack(ref.embedding))
+    # a third run finds everything done
+    assert embed([SCENE], tmp_path, **kwargs).chips == 0
+
+
+def test_ddp_two_cpu_processes_write_every_chip_once(
+    tmp_path, reference_run, base_checkpoint
+) -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(SCENE), "-o", str(tmp_path),
+        "--weights", str(base_checkpoint), "--output", "both", "--batch-size", "2",
+        "--strategy", "ddp", "--devices", "2", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frame = gpd.read_parquet(tmp_path / "ftw_s2_l2a_33N_pooled.parquet")
+    ref = gpd.read_parquet(reference_run / "ftw_s2_l2a_33N_pooled.parquet")
+    assert sorted(frame.chip_id) == sorted(ref.chip_id)  # no loss, no duplicates
+    np.testing.assert_allclose(np.stack(frame.embedding), np.stack(ref.embedding), atol=1e-4)
+    with (
+        rasterio.open(tmp_path / "ftw_s2_l2a_33N_grid.tif") as a,
+        rasterio.open(reference_run / "ftw_s2_l2a_33N_grid.tif") as b,
+    ):
+        np.testing.assert_allclose(a.read(), b.read(), atol=1e-4)
+    assert not list(tmp_path.glob("*.parts"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--variant", "huge"], "unknown DOFA variant 'huge'"),
+        (["--output", "cube"], "unknown --output 'cube'"),
+        (["--bands", "B4", "B3", "B99"], "B99"),
+        (["--weights", "/no/such.pth"], "does not exist"),
+        (["--stride", "100"], "multiple of 16"),
+    ],
+)
+def test_bad_input_is_one_line_error(tmp_path, capsys, args, message) -> None:
+    code = main(["embed", str(SCENE), "-o", str(tmp_path / "out"), *args, "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("torchgeo-dofa: error:") and message in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_unreadable_and_normalised_inputs(tmp_path, capsys) -> None:
+    bad = tmp_path / "broken.tif"
+    bad.write_bytes(b"not a tiff")
+    assert main(["embed", str(bad), "-o", str(tmp_path / "o")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    scaled = tmp_path / "scaled.tif"
+    with rasterio.open(SCENE) as src:
+        profile = src.profile | {"dtype": "float32", "nodata": None}
+        data = src.read().astype(np.float32) / 10000
+        names = src.descriptions
+    with rasterio.open(scaled, "w", **profile) as dst:
+        dst.write(data)
+        dst.descriptions = names
+    assert main(["embed", str(scaled), "-o", str(tmp_path / "o"), "--weights", "none"]) == 2
+    assert "raw surface reflectance 0..10000" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_mixed_crs_region_is_an_error(tmp_path, capsys) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    with rasterio.open(SCENE) as src:
+        profile, data, names = src.profile, src.read(), src.descriptions
+    for name, crs in (
+        ("a-0000000000-0000000000.tif", "EPSG:32633"),
+        ("a-0000000000-0000000256.tif", "EPSG:32632"),
+    ):
+        with rasterio.open(folder / name, "w", **(profile | {"crs": crs})) as dst:
+            dst.write(data)
+            dst.descriptions = names
+    assert main(["embed", str(folder), "-o", str(tmp_path / "o")]) == 2
+    assert "mixed CRS" in capsys.readouterr().err
+
+
+def test_preview_png(tmp_path, reference_run) -> None:
+    out = tmp_path / "p.png"
+    assert main(["preview", str(reference_run / "ftw_s2_l2a_33N_grid.tif"), "-o", str(out)]) == 0
+    from PIL import Image
+
+    img = np.asarray(Image.open(out))
+    assert img.shape[0] == 24 * 8 and img.shape[1] == 2 * 37 * 8 + 8  # input RGB | PCA
+    assert img[:, : 37 * 8].std() > 5 and img[:, -37 * 8 :].std() > 5
+
+
+def test_tile_mode_matches_resize_on_224_chips(tmp_path, reference_run, base_checkpoint) -> None:
+    # a 224-px chip is one tile at offset 0, and resizing 224 -> 224 is the identity
+    summary = embed(
+        [SCENE],
+        tmp_path,
+        output="grid",
+        input_prep="tile",
+        weights=str(base_checkpoint),
+        batch_size=6,
+        progress=False,
+    )
+    assert summary.chips == 6
+    with (
+        rasterio.open(tmp_path / "ftw_s2_l2a_33N_grid.tif") as a,
+        rasterio.open(reference_run / "ftw_s2_l2a_33N_grid.tif") as b,
+    ):
+        assert a.tags()["input_prep"] == "tile"
+        np.testing.assert_allclose(a.read(), b.read(), atol=1e-4)
