@@ -1,0 +1,808 @@
+"""Sentinel2SR / EarthEngineS2 on synthetic fixtures and (when present) real Sentinel-2 files.
+
+Expected pixels are computed independently: each raster is read with plain rasterio at integer
+windows (coarser bands upsampled by repeating pixels), no-data and out-of-raster pixels are
+masked by hand, and overlapping scenes are mosaicked first-valid-wins.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import pickle
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import torch
+from rasterio.transform import Affine, from_origin
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torchgeo.datasets import stack_samples
+from torchgeo.samplers import (
+    GriddedPatchSampler,
+    GridGeoSampler,
+    RandomGeoSampler,
+    RandomPatchSampler,
+)
+
+from torchgeo_dofa.bands import DOFA_S2_BANDS, SENTINEL2_BANDS, BandError
+from torchgeo_dofa.datasets import (
+    BandSetBatchSampler,
+    DatasetCollection,
+    EarthEngineS2,
+    MixedBandSetError,
+    Sentinel2Base,
+    Sentinel2SR,
+    read_product_metadata,
+    stack_dofa_samples,
+)
+
+DATA = Path(__file__).resolve().parent / "data" / "sentinel2"
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sentinel2"
+
+
+def _load_recipe() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("s2_fixture_recipe", DATA / "data.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fx = _load_recipe()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def esa(band: str) -> str:
+    """ESA spelling of a canonical band name (B4 -> B04)."""
+    return band if band == "B8A" or len(band) == 3 else f"B0{band[1:]}"
+
+
+@functools.lru_cache(maxsize=256)
+def read_band(path: str, bidx: int) -> tuple[np.ndarray, Affine, frozenset[float]]:
+    """A whole band read with plain rasterio, its transform and its no-data values."""
+    with rasterio.open(path) as src:
+        nodata = {0.0} | ({float(src.nodata)} if src.nodata is not None else set())
+        return src.read(bidx).astype(np.float64), src.transform, frozenset(nodata)
+
+
+def read_window(
+    path: str | Path, bidx: int, x0: float, y1: float, res: tuple[float, float], h: int, w: int
+) -> tuple[np.ndarray, frozenset[float]]:
+    """Raw pixels of one band on a chip grid (NaN outside the raster) and its nodata values.
+
+    Coarser rasters are upsampled by repeating pixels (nearest), so the chip grid must be
+    aligned with the raster grid and its pixel size an integer fraction of the raster's.
+    """
+    data, t, nodata = read_band(str(path), bidx)
+    kx, ky = t.a / res[0], -t.e / res[1]
+    assert abs(kx - round(kx)) < 1e-6 and abs(ky - round(ky)) < 1e-6, "grids do not nest"
+    kx, ky = round(kx), round(ky)
+    col, row = (x0 - t.c) / res[0], (t.f - y1) / res[1]
+    assert abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6, "chip off grid"
+    cols = (round(col) + np.arange(w)) // kx
+    rows = (round(row) + np.arange(h)) // ky
+    ci = np.flatnonzero((cols >= 0) & (cols < data.shape[1]))
+    ri = np.flatnonzero((rows >= 0) & (rows < data.shape[0]))
+    out = np.full((h, w), np.nan)
+    out[np.ix_(ri, ci)] = data[np.ix_(rows[ri], cols[ci])]
+    return out, nodata
+
+
+@dataclass
+class SceneSpec:
+    """Where each channel of one scene lives, and its offset."""
+
+    sources: Sequence[tuple[str | Path, int]]
+    offset: float = 0.0
+
+
+def expected_chip(
+    scenes: Sequence[SceneSpec],
+    bounds: Sequence[float],
+    nodata: Sequence[float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Expected (image, valid) of a chip from its ``bounds`` sample entry."""
+    x0, x1, xres, y0, y1, yres = (float(v) for v in bounds[:6])
+    w, h = round((x1 - x0) / xres), round((y1 - y0) / yres)
+    channels = len(scenes[0].sources)
+    image = np.zeros((channels, h, w))
+    valid = np.zeros((h, w), dtype=bool)
+    for scene in scenes:
+        data = np.empty((channels, h, w))
+        for c, (path, bidx) in enumerate(scene.sources):
+            layer, file_nodata = read_window(path, bidx, x0, y1, (xres, yres), h, w)
+            for value in file_nodata if nodata is None else nodata:
+                layer[layer == value] = np.nan
+            data[c] = layer
+        ok = ~np.isnan(data).any(axis=0)
+        take = ok & ~valid
+        image[:, take] = data[:, take] + scene.offset
+        valid |= take
+    return image, valid
+
+
+def check_sample(
+    image: torch.Tensor,
+    valid: torch.Tensor,
+    bounds: torch.Tensor,
+    scenes: Sequence[SceneSpec],
+    nodata: Sequence[float] | None = None,
+) -> None:
+    exp_image, exp_valid = expected_chip(scenes, bounds.tolist(), nodata)
+    np.testing.assert_array_equal(valid.numpy(), exp_valid)
+    np.testing.assert_array_equal(image.numpy(), exp_image.astype(np.float32))
+
+
+@dataclass
+class Layout:
+    """A fixture layout: how to open it and where its expected pixels come from."""
+
+    make: Callable[[], Sentinel2Base]
+    bands: tuple[str, ...]
+    scenes: list[SceneSpec]
+    patch: int = 16
+
+
+def _esa_scene(date: str, offset: float) -> SceneSpec:
+    sources: list[tuple[str | Path, int]] = []
+    for band in DOFA_S2_BANDS:
+        res = "10m" if esa(band) in fx.ESA_10M else "20m"
+        sources.append((DATA / "esa" / f"T31UFQ_{date}_{esa(band)}_{res}.tif", 1))
+    return SceneSpec(sources, offset)
+
+
+def _safe_scene() -> SceneSpec:
+    img = DATA / "esa_safe" / fx.SAFE_PRODUCT / fx.SAFE_GRANULE
+    bands = ("B2", "B3", "B4", "B5", "B8", "B11", "B12")
+    sources: list[tuple[str | Path, int]] = []
+    for band in bands:
+        res = "10m" if esa(band) in fx.ESA_10M else "20m"
+        sources.append((img / f"R{res}" / f"{fx.SAFE_SCENE}_{esa(band)}_{res}.jp2", 1))
+    return SceneSpec(sources, -1000.0)
+
+
+LAYOUTS: dict[str, Layout] = {
+    "multiband": Layout(
+        lambda: Sentinel2SR(DATA / "multiband"),
+        DOFA_S2_BANDS,
+        [
+            SceneSpec(
+                [
+                    (
+                        DATA / "multiband" / "S2_20220614_multiband.tif",
+                        fx.MULTIBAND_DESCRIPTIONS.index(esa(b)) + 1,
+                    )
+                    for b in DOFA_S2_BANDS
+                ]
+            )
+        ],
+    ),
+    "nodesc": Layout(
+        lambda: Sentinel2SR(DATA / "nodesc", bands=list(fx.NODESC_BANDS)),
+        ("B4", "B3", "B2", "B8"),
+        [SceneSpec([(DATA / "nodesc" / "S2_20220614_nodesc.tif", i) for i in range(1, 5)])],
+    ),
+    "esa_per_band": Layout(
+        lambda: Sentinel2SR(DATA / "esa"),
+        DOFA_S2_BANDS,
+        [_esa_scene(fx.ESA_DATES[0], 0.0), _esa_scene(fx.ESA_DATES[1], -1000.0)],
+    ),
+    "esa_safe_jp2": Layout(
+        lambda: Sentinel2SR(DATA / "esa_safe"),
+        ("B2", "B3", "B4", "B5", "B8", "B11", "B12"),
+        [_safe_scene()],
+    ),
+    "ee_tiles": Layout(
+        lambda: EarthEngineS2(DATA / "ee"),
+        DOFA_S2_BANDS,
+        [
+            SceneSpec(
+                [
+                    (
+                        DATA / "ee" / f"{fx.EE_PREFIX}-0000000000-{col:010d}.tif",
+                        fx.EE_DESCRIPTIONS.index(b) + 1,
+                    )
+                    for b in DOFA_S2_BANDS
+                ]
+            )
+            for col, _ in fx.EE_TILES
+        ],
+    ),
+    "nodata_swath": Layout(
+        lambda: Sentinel2SR(DATA / "nodata" / "swath_undeclared.tif"),
+        ("B2", "B3", "B4", "B8", "B11", "B12"),
+        [
+            SceneSpec(
+                [(DATA / "nodata" / "swath_undeclared.tif", i) for i in range(1, 7)],
+            )
+        ],
+    ),
+    "nodata_declared": Layout(
+        lambda: Sentinel2SR(DATA / "nodata" / "declared_65535.tif"),
+        ("B2", "B3", "B4", "B8"),
+        [
+            SceneSpec(
+                [
+                    (DATA / "nodata" / "declared_65535.tif", fx.NODESC_BANDS.index(b) + 1)
+                    for b in ("B2", "B3", "B4", "B8")
+                ]
+            )
+        ],
+    ),
+}
+
+
+def make_sampler(kind: str, ds: Sentinel2Base, patch: int):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if kind == "random_patch":
+            return RandomPatchSampler(ds, size=patch, length=6, generator=0)
+        if kind == "gridded_patch":
+            return GriddedPatchSampler(ds, size=patch, stride=patch - 4)
+        if kind == "random_geo":
+            return RandomGeoSampler(
+                ds, size=patch, length=6, generator=torch.Generator().manual_seed(0)
+            )
+        return GridGeoSampler(ds, size=patch, stride=patch - 4)
+
+
+def chip(ds: Sentinel2Base, col: int, row: int, w: int, h: int, t: slice | None = None):
+    """Index ``ds`` with a chip given in pixels from the dataset's top-left corner."""
+    x, y, _ = ds.bounds
+    xres, yres = ds.res
+    xs = slice(x.start + col * xres, x.start + (col + w) * xres)
+    ys = slice(y.stop - (row + h) * yres, y.stop - row * yres)
+    return ds[xs, ys] if t is None else ds[xs, ys, t]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def test_recipe_reproduces_committed_fixtures(tmp_path: Path) -> None:
+    """data.py is the recipe of the committed files: regenerating gives the same pixels."""
+    fx.generate(tmp_path)
+    committed = sorted(p.relative_to(DATA) for p in DATA.rglob("*") if p.suffix in {".tif", ".jp2"})
+    regenerated = sorted(
+        p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.suffix in {".tif", ".jp2"}
+    )
+    assert committed == regenerated
+    for rel in committed:
+        assert (DATA / rel).stat().st_size < 200_000
+        with rasterio.open(DATA / rel) as a, rasterio.open(tmp_path / rel) as b:
+            assert a.descriptions == b.descriptions and a.transform == b.transform
+            np.testing.assert_array_equal(a.read(), b.read())
+    total = sum(p.stat().st_size for p in DATA.rglob("*") if p.is_file())
+    assert total < 2_000_000
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize(
+    "sampler_kind", ["random_patch", "gridded_patch", "random_geo", "grid_geo"]
+)
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_loads_through_dataloader(name: str, sampler_kind: str) -> None:
+    layout = LAYOUTS[name]
+    ds = layout.make()
+    assert ds.bands == layout.bands
+    assert ds.crs.to_epsg() == (4326 if name == "ee_tiles" else 32631)
+    sampler = make_sampler(sampler_kind, ds, layout.patch)
+    loader = DataLoader(ds, sampler=sampler, batch_size=4, collate_fn=stack_samples)
+    seen = 0
+    for batch in loader:
+        b = batch["image"].shape[0]
+        assert batch["image"].shape[1:] == (len(layout.bands), layout.patch, layout.patch)
+        assert batch["image"].dtype == torch.float32
+        assert batch["valid"].shape == (b, layout.patch, layout.patch)
+        assert batch["valid"].dtype == torch.bool
+        assert batch["wavelengths"].shape == (b, len(layout.bands))
+        assert batch["bounds"].shape == (b, 9) and batch["transform"].shape == (b, 9)
+        for i in range(b):
+            torch.testing.assert_close(batch["wavelengths"][i], ds.wavelengths)
+            check_sample(batch["image"][i], batch["valid"][i], batch["bounds"][i], layout.scenes)
+            t = batch["transform"][i]
+            assert t[0] == ds.res[0] and t[4] == -ds.res[1]
+            assert t[2] == batch["bounds"][i][0] and t[5] == batch["bounds"][i][4]
+        seen += b
+    assert seen == len(sampler) > 0
+
+
+def test_dofa_collate_and_workers() -> None:
+    ds = LAYOUTS["esa_per_band"].make()
+    sampler = GriddedPatchSampler(ds, size=16)
+    loader = DataLoader(
+        ds, sampler=sampler, batch_size=8, collate_fn=stack_dofa_samples, num_workers=2
+    )
+    batches = list(loader)
+    assert sum(b["image"].shape[0] for b in batches) == len(sampler) == 16
+    for batch in batches:
+        for i in range(batch["image"].shape[0]):
+            check_sample(
+                batch["image"][i],
+                batch["valid"][i],
+                batch["bounds"][i],
+                LAYOUTS["esa_per_band"].scenes,
+            )
+    # file handles are dropped when pickling
+    chip(ds, 0, 0, 4, 4)
+    assert ds._handles
+    clone = pickle.loads(pickle.dumps(ds))
+    assert not clone._handles
+    torch.testing.assert_close(chip(clone, 3, 5, 8, 8)["image"], chip(ds, 3, 5, 8, 8)["image"])
+
+
+def test_sample_holds_only_tensors_and_wavelengths() -> None:
+    ds = LAYOUTS["multiband"].make()
+    sample = chip(ds, 0, 0, 10, 12)
+    assert set(sample) == {"image", "wavelengths", "valid", "bounds", "transform"}
+    assert all(isinstance(v, torch.Tensor) for v in sample.values())
+    assert sample["image"].shape == (9, 12, 10)
+    expected = [SENTINEL2_BANDS[b].wavelength for b in DOFA_S2_BANDS]
+    torch.testing.assert_close(sample["wavelengths"], torch.tensor(expected))
+    assert ds.res == (10.0, 10.0)
+    assert ds.band_set == tuple(round(w, 6) for w in expected)
+
+
+def test_transforms_are_applied() -> None:
+    calls: list[tuple[str, ...]] = []
+
+    def transform(sample):
+        calls.append(tuple(sample))
+        sample["image"] = sample["image"] * 2
+        return sample
+
+    plain = Sentinel2SR(DATA / "multiband")
+    ds = Sentinel2SR(DATA / "multiband", transforms=transform)
+    a, b = chip(plain, 5, 5, 8, 8), chip(ds, 5, 5, 8, 8)
+    torch.testing.assert_close(b["image"], 2 * a["image"])
+    assert calls and {"image", "wavelengths", "valid", "transform"} <= set(calls[0])
+
+
+# ----------------------------------------------------------------------------- bands
+
+
+def test_band_selection_reorders_and_accepts_both_spellings() -> None:
+    ds = Sentinel2SR(DATA / "multiband", bands=["B08", "b2", "B4"])
+    assert ds.bands == ("B8", "B2", "B4")
+    torch.testing.assert_close(ds.wavelengths, torch.tensor([0.842, 0.490, 0.665]))
+    path = DATA / "multiband" / "S2_20220614_multiband.tif"
+    sources = [(path, fx.MULTIBAND_DESCRIPTIONS.index(b) + 1) for b in ("B08", "B02", "B04")]
+    sample = chip(ds, 7, 3, 20, 16)
+    check_sample(sample["image"], sample["valid"], sample["bounds"], [SceneSpec(sources)])
+
+
+def test_default_bands_fall_back_to_present_s2_bands() -> None:
+    ds = Sentinel2SR(DATA / "nodata" / "swath_undeclared.tif")
+    assert ds.bands == ("B2", "B3", "B4", "B8", "B11", "B12")
+
+
+def test_missing_band_is_an_error() -> None:
+    with pytest.raises(BandError, match=r"B5.*not found"):
+        Sentinel2SR(DATA / "nodata" / "swath_undeclared.tif", bands=["B4", "B5"])
+
+
+def test_file_without_descriptions_needs_bands() -> None:
+    with pytest.raises(BandError, match=r"no band descriptions.*bands=\[") as err:
+        Sentinel2SR(DATA / "nodesc")
+    assert "4 bands" in str(err.value)
+    with pytest.raises(BandError, match="file_bands"):
+        Sentinel2SR(DATA / "nodesc", bands=["B4", "B3"])
+
+
+def test_file_bands_name_and_bands_select() -> None:
+    path = DATA / "nodesc" / "S2_20220614_nodesc.tif"
+    ds = Sentinel2SR(path, file_bands=list(fx.NODESC_BANDS), bands=["B8", "B4"])
+    assert ds.bands == ("B8", "B4")
+    sample = chip(ds, 2, 2, 12, 12)
+    check_sample(
+        sample["image"], sample["valid"], sample["bounds"], [SceneSpec([(path, 4), (path, 1)])]
+    )
+    # without bands=, the default picks the Sentinel-2 bands present, in S2 order
+    assert Sentinel2SR(path, file_bands=list(fx.NODESC_BANDS)).bands == ("B2", "B3", "B4", "B8")
+
+
+def test_earth_engine_skips_non_spectral_bands_by_default() -> None:
+    ds = EarthEngineS2(DATA / "ee")
+    assert not {"QA60", "VV", "temperature_2m", "B4_1"} & set(ds.bands)
+    everything = EarthEngineS2(
+        DATA / "ee", bands=[b for b in fx.EE_DESCRIPTIONS if b.startswith("B") and "_" not in b]
+    )
+    assert everything.bands == tuple(fx.EE_DESCRIPTIONS[:12])
+
+
+def test_earth_engine_suffixed_and_non_spectral_bands_are_selectable() -> None:
+    tile = DATA / "ee" / f"{fx.EE_PREFIX}-0000000000-0000000000.tif"
+    ds = EarthEngineS2(DATA / "ee", bands=["B4_1", "B04"])
+    assert ds.bands == ("B4_1", "B4")
+    torch.testing.assert_close(ds.wavelengths, torch.tensor([0.665, 0.665]))
+    sample = chip(ds, 10, 4, 16, 16)
+    sources = [(tile, fx.EE_DESCRIPTIONS.index("B4_1") + 1), (tile, 4)]
+    check_sample(sample["image"], sample["valid"], sample["bounds"], [SceneSpec(sources)])
+
+    with pytest.raises(BandError, match=r"wavelengths=\["):
+        EarthEngineS2(DATA / "ee", bands=["VV", "B4"])
+    sar = EarthEngineS2(DATA / "ee", bands=["VV", "B4"], wavelengths=[3.75, 0.665])
+    sample = chip(sar, 10, 4, 16, 16)
+    vv = [(tile, fx.EE_DESCRIPTIONS.index("VV") + 1), (tile, 4)]
+    check_sample(sample["image"], sample["valid"], sample["bounds"], [SceneSpec(vv)])
+    assert sample["image"][0].max() < 0  # dB values pass through untouched
+
+
+def test_earth_engine_tiles_form_one_mosaic() -> None:
+    ds = EarthEngineS2(DATA / "ee", bands=["B2"])
+    assert len(ds) == 2
+    across = chip(ds, 240, 0, 32, 32)  # 16 columns from each tile
+    assert bool(across["valid"].all())
+    left, right = (
+        rasterio.open(DATA / "ee" / f"{fx.EE_PREFIX}-0000000000-{c:010d}.tif") for c in (0, 256)
+    )
+    with left, right:
+        expected = np.concatenate([left.read(2)[:32, 240:], right.read(2)[:32, :16]], axis=1)
+    np.testing.assert_array_equal(across["image"][0].numpy(), expected.astype(np.float32))
+
+
+# ----------------------------------------------------------------------------- per-band files
+
+
+def test_per_band_files_are_read_onto_the_finest_grid() -> None:
+    ds = Sentinel2SR(DATA / "esa", bands=["B4", "B5", "B11"])
+    assert ds.res == (10.0, 10.0)
+    sample = chip(ds, 0, 0, 64, 64, t=slice(pd.Timestamp("2021-10-15"), pd.Timestamp("2021-10-16")))
+    assert sample["image"].shape == (3, 64, 64)
+    with rasterio.open(DATA / "esa" / f"T31UFQ_{fx.ESA_DATES[0]}_B05_20m.tif") as src:
+        b5 = src.read(1).astype(np.float32)
+    np.testing.assert_array_equal(sample["image"][1].numpy(), b5.repeat(2, 0).repeat(2, 1))
+    coarse = Sentinel2SR(DATA / "esa", bands=["B4", "B5"], res=20)
+    assert chip(coarse, 0, 0, 32, 32)["image"].shape == (2, 32, 32)
+
+
+def test_safe_tree_uses_finest_band_and_skips_ancillary_files() -> None:
+    ds = Sentinel2SR(DATA / "esa_safe", bands=["B2"])
+    source = ds.index["sources"].iloc[0][0][0]
+    assert "R10m" in source and source.endswith("_B02_10m.jp2")
+    all_bands = Sentinel2SR(DATA / "esa_safe")
+    assert "SCL" not in all_bands.bands
+
+
+def test_dates_select_scenes_by_time() -> None:
+    ds = Sentinel2SR(DATA / "esa", bands=["B4", "B8"], offset=0)
+    assert len(ds) == 2
+    assert list(ds.index.index.left.date.astype(str)) == ["2021-10-15", "2022-06-14"]
+    old = chip(ds, 3, 3, 16, 16, t=slice(pd.Timestamp("2021-01-01"), pd.Timestamp("2021-12-31")))
+    new = chip(ds, 3, 3, 16, 16, t=slice(pd.Timestamp("2022-06-01"), pd.Timestamp("2022-06-30")))
+    torch.testing.assert_close(new["image"], old["image"] + 1000)
+    # without a time slice both dates overlap: the first scene (by path) wins the mosaic
+    torch.testing.assert_close(chip(ds, 3, 3, 16, 16)["image"], old["image"])
+    series = Sentinel2SR(DATA / "esa", bands=["B4", "B8"], offset=0, time_series=True)
+    stacked = chip(series, 3, 3, 16, 16)
+    assert stacked["image"].shape == (2, 2, 16, 16) and stacked["valid"].shape == (2, 16, 16)
+    torch.testing.assert_close(stacked["image"][0], old["image"])
+    torch.testing.assert_close(stacked["image"][1], new["image"])
+
+
+# ----------------------------------------------------------------------------- offsets
+
+
+def test_offset_inferred_from_esa_file_date() -> None:
+    ds = Sentinel2SR(DATA / "esa")
+    assert [o[0] for o in ds.index["offset"]] == [0.0, -1000.0]
+    assert [s.split(" dated ")[-1] for s in ds.index["offset_source"]] == [
+        "2021-10-15",
+        "2022-06-14",
+    ]
+    # both dates hold the same reflectance once the offset is removed
+    old = chip(ds, 0, 0, 32, 32, t=slice(pd.Timestamp("2021-10-15"), pd.Timestamp("2021-10-16")))
+    new = chip(ds, 0, 0, 32, 32, t=slice(pd.Timestamp("2022-06-14"), pd.Timestamp("2022-06-15")))
+    torch.testing.assert_close(new["image"], old["image"])
+
+
+def test_offset_read_from_product_metadata() -> None:
+    xml = DATA / "esa_safe" / fx.SAFE_PRODUCT / "MTD_MSIL2A.xml"
+    meta = read_product_metadata(xml)
+    assert meta.baseline == "05.00" and str(meta.sensing_date) == "2018-07-04"
+    assert meta.offsets["B4"] == -1000 and meta.offsets["B8A"] == -1000
+    ds = Sentinel2SR(DATA / "esa_safe")
+    # a 2018 acquisition: the date rule would say 0, the reprocessed product's metadata -1000
+    assert ds.index["offset"].iloc[0] == (-1000.0,) * len(ds.bands)
+    assert ds.index["offset_source"].iloc[0] == f"metadata {xml}"
+    raw = Sentinel2SR(DATA / "esa_safe", offset=0)
+    a, b = chip(ds, 4, 4, 8, 8), chip(raw, 4, 4, 8, 8)
+    torch.testing.assert_close(a["image"], b["image"] - 1000)
+    assert float(a["image"].min()) > 0
+
+
+def test_explicit_offset_and_earth_engine_offsets() -> None:
+    ds = Sentinel2SR(DATA / "esa", offset=-500)
+    assert set(ds.index["offset_source"]) == {"explicit"}
+    assert all(o == (-500.0,) * 9 for o in ds.index["offset"])
+    assert set(EarthEngineS2(DATA / "ee").index["offset"].iloc[0]) == {0.0}
+    legacy = EarthEngineS2(DATA / "ee", collection="COPERNICUS/S2_SR")
+    assert set(legacy.index["offset"].iloc[0]) == {-1000.0}  # dated 2022-06-14 in the prefix
+    with pytest.raises(ValueError, match="offset"):
+        Sentinel2SR(DATA / "esa", offset="yes")  # type: ignore[arg-type]
+
+
+def test_offset_never_applies_to_nodata() -> None:
+    ds = Sentinel2SR(DATA / "nodata" / "swath_undeclared.tif", offset=-1000)
+    sample = chip(ds, 0, 0, 64, 64)
+    assert not bool(sample["valid"].all())
+    assert bool((sample["image"][:, ~sample["valid"]] == 0).all())
+    path = DATA / "nodata" / "swath_undeclared.tif"
+    scene = SceneSpec([(path, i) for i in range(1, 7)], -1000.0)
+    check_sample(sample["image"], sample["valid"], sample["bounds"], [scene])
+
+
+# ----------------------------------------------------------------------------- nodata and edges
+
+
+def test_chip_past_the_raster_edge_is_invalid() -> None:
+    ds = Sentinel2SR(DATA / "multiband")
+    x, y, _ = ds.bounds
+    sample = ds[x.stop - 8 * 10 : x.stop + 8 * 10, y.stop - 16 * 10 : y.stop]
+    assert sample["image"].shape == (9, 16, 16)
+    assert bool(sample["valid"][:, :8].all()) and not bool(sample["valid"][:, 8:].any())
+    assert bool((sample["image"][:, :, 8:] == 0).all())
+    assert bool((sample["image"][:, :, :8] > 0).all())
+
+
+def test_undeclared_zero_nodata_is_invalid() -> None:
+    ds = LAYOUTS["nodata_swath"].make()
+    sample = chip(ds, 0, 0, 64, 64)
+    rows, cols = np.mgrid[0:64, 0:64]
+    np.testing.assert_array_equal(sample["valid"].numpy(), ~(rows > cols + 20))
+
+
+def test_declared_and_explicit_nodata() -> None:
+    path = DATA / "nodata" / "declared_65535.tif"
+    ds = Sentinel2SR(path)
+    sample = chip(ds, 0, 0, 64, 64)
+    expected = np.ones((64, 64), dtype=bool)
+    expected[10:20, 10:30] = False  # declared 65535
+    expected[40:50, 0:10] = False  # undeclared 0
+    np.testing.assert_array_equal(sample["valid"].numpy(), expected)
+    assert float(sample["image"].max()) < 10000
+    # an explicit nodata replaces the declared one (0 stays no data)
+    override = Sentinel2SR(path, nodata=1)
+    sample = chip(override, 0, 0, 64, 64)
+    expected[10:20, 10:30] = True
+    np.testing.assert_array_equal(sample["valid"].numpy(), expected)
+    assert float(sample["image"][:, 15, 15].min()) == 65535
+
+
+def test_nan_is_invalid(tmp_path: Path) -> None:
+    data = np.full((2, 8, 8), 1500.0, dtype=np.float32)
+    data[:, 2, 3] = np.nan
+    data[1, 5, 5] = np.nan
+    path = tmp_path / "float_export.tif"
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=8,
+        height=8,
+        count=2,
+        dtype="float32",
+        crs="EPSG:32631",
+        transform=from_origin(500000, 5600000, 10, 10),
+    ) as dst:
+        dst.write(data)
+        dst.descriptions = ("B4", "B8")
+    sample = chip(Sentinel2SR(path), 0, 0, 8, 8)
+    expected = np.ones((8, 8), dtype=bool)
+    expected[2, 3] = expected[5, 5] = False
+    np.testing.assert_array_equal(sample["valid"].numpy(), expected)
+    assert not torch.isnan(sample["image"]).any()
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def test_mixed_wavelengths_in_a_batch_are_a_clear_error() -> None:
+    a = chip(Sentinel2SR(DATA / "multiband"), 0, 0, 8, 8)
+    b = chip(Sentinel2SR(DATA / "multiband", bands=["B4", "B3", "B2"]), 0, 0, 8, 8)
+    with pytest.raises(MixedBandSetError, match="BandSetBatchSampler") as err:
+        stack_dofa_samples([a, a, b])
+    assert "sample 2" in str(err.value) and "one band set per dataset" in str(err.value)
+    c = chip(Sentinel2SR(DATA / "multiband", bands=["B4", "B3", "B8"]), 0, 0, 8, 8)
+    with pytest.raises(MixedBandSetError):
+        stack_dofa_samples([b, c])  # same length, other wavelengths
+    with pytest.raises(ValueError, match="differ in size"):
+        stack_dofa_samples([a, chip(Sentinel2SR(DATA / "multiband"), 0, 0, 8, 4)])
+    batch = stack_dofa_samples([a, a])
+    assert batch["image"].shape == (2, 9, 8, 8) and batch["wavelengths"].shape == (2, 9)
+
+
+def test_band_set_batch_sampler_over_geodatasets() -> None:
+    datasets = [
+        Sentinel2SR(DATA / "multiband"),  # DOFA 9
+        Sentinel2SR(DATA / "nodesc", bands=list(fx.NODESC_BANDS)),  # 4 bands
+        Sentinel2SR(DATA / "esa", offset=0),  # DOFA 9 again: shares batches with the first
+    ]
+    samplers = [GriddedPatchSampler(d, size=16, stride=16) for d in datasets]
+    naive = DataLoader(
+        DatasetCollection(datasets),
+        batch_sampler=[[(0, next(iter(samplers[0]))), (1, next(iter(samplers[1])))]],
+        collate_fn=stack_dofa_samples,
+    )
+    with pytest.raises(MixedBandSetError):
+        next(iter(naive))
+    for shuffle in (False, True):
+        batch_sampler = BandSetBatchSampler(
+            datasets, 5, samplers=samplers, shuffle=shuffle, generator=1
+        )
+        assert len(batch_sampler.groups) == 2
+        indices = [i for batch in batch_sampler for i in batch]
+        assert sorted(n for n, _ in indices) == sorted(
+            n for n, s in enumerate(samplers) for _ in range(len(s))
+        )
+        for batch in batch_sampler:
+            assert len({datasets[n].band_set for n, _ in batch}) == 1
+        loader = DataLoader(
+            DatasetCollection(datasets), batch_sampler=batch_sampler, collate_fn=stack_dofa_samples
+        )
+        total = 0
+        for batch in loader:
+            assert (batch["wavelengths"] == batch["wavelengths"][0]).all()
+            total += batch["image"].shape[0]
+        assert total == sum(len(s) for s in samplers)
+        assert len(batch_sampler) == math.ceil(
+            (len(samplers[0]) + len(samplers[2])) / 5
+        ) + math.ceil(len(samplers[1]) / 5)
+    with pytest.raises(TypeError, match="GeoSampler"):
+        BandSetBatchSampler(datasets, 4)
+
+
+class ChipList(Dataset):
+    """A pre-chipped, int-indexed dataset with one band set."""
+
+    def __init__(self, samples: list[dict[str, torch.Tensor]], wavelengths: torch.Tensor) -> None:
+        self.samples = samples
+        self.wavelengths = wavelengths
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.samples[index]
+
+
+def test_band_set_batch_sampler_over_concat_dataset() -> None:
+    parts = []
+    for ds in (
+        Sentinel2SR(DATA / "multiband"),
+        Sentinel2SR(DATA / "multiband", bands=["B4", "B8"]),
+    ):
+        samples = [ds[idx] for idx in GriddedPatchSampler(ds, size=32, stride=32)]
+        parts.append(ChipList(samples, ds.wavelengths))
+    concat: ConcatDataset[dict[str, torch.Tensor]] = ConcatDataset(parts)
+    sampler = BandSetBatchSampler(concat, 4, drop_last=True)
+    loader = DataLoader(concat, batch_sampler=sampler, collate_fn=stack_dofa_samples)
+    batches = list(loader)
+    assert len(batches) == len(sampler) == 2 * (len(parts[0]) // 4)
+    assert {b["image"].shape[1] for b in batches} == {9, 2}
+    with pytest.raises(MixedBandSetError):
+        list(DataLoader(concat, batch_size=len(concat), collate_fn=stack_dofa_samples))
+
+
+# ----------------------------------------------------------------------------- real files
+
+
+def real(*parts: str) -> Path:
+    if not REAL.is_dir():
+        pytest.skip(f"real Sentinel-2 files not present at {REAL}")
+    return REAL.joinpath(*parts)
+
+
+def check_real(ds: Sentinel2Base, scenes_by_path: Callable[[str], SceneSpec], patch: int) -> None:
+    """Random and gridded loaders; each chip checked against rasterio reads of its scene."""
+    for sampler in (
+        RandomPatchSampler(ds, size=patch, length=3, generator=0),
+        GriddedPatchSampler(ds, size=patch, stride=patch),
+    ):
+        loader = DataLoader(ds, sampler=sampler, batch_size=3, collate_fn=stack_samples)
+        batch = next(iter(loader))
+        assert batch["image"].shape[1:] == (len(ds.bands), patch, patch)
+        for i in range(batch["image"].shape[0]):
+            scenes = [scenes_by_path(p) for p in ds.index["filepath"]]
+            check_sample(batch["image"][i], batch["valid"][i], batch["bounds"][i], scenes)
+
+
+def test_real_bigearthnet_per_band_files() -> None:
+    folder = real("bigearthnet", "S2B_MSIL2A_20170914T093029_32_39")
+    ds = Sentinel2SR(folder)
+    assert ds.bands == DOFA_S2_BANDS and ds.res == (10.0, 10.0) and ds.crs.to_epsg() == 32634
+    assert ds.index["offset"].iloc[0] == (0.0,) * 9  # 2017: no offset
+    stem = folder.name
+
+    def scene(_: str) -> SceneSpec:
+        return SceneSpec([(folder / f"{stem}_{esa(b)}.tif", 1) for b in DOFA_S2_BANDS])
+
+    check_real(ds, scene, 32)
+    both = Sentinel2SR(real("bigearthnet"))
+    assert len(both) == 2 and both.crs.to_epsg() == 32634  # second patch warped from 32635
+    x0, _, _, y1 = both.index.geometry.iloc[1].bounds
+    warped = both[x0 : x0 + 320, y1 - 320 : y1]
+    assert warped["valid"].float().mean() > 0.5 and warped["image"].max() > 100
+
+
+def test_real_ftw_without_descriptions() -> None:
+    path = real("ftw", "inference-img.tif")
+    names = ["B4", "B3", "B2", "B8", "B4_1", "B3_1", "B2_1", "B8_1"]
+    with pytest.raises(BandError, match="no band descriptions"):
+        Sentinel2SR(path)
+    ds = Sentinel2SR(path, bands=names)
+    assert ds.bands == tuple(names)
+    check_real(ds, lambda p: SceneSpec([(p, i) for i in range(1, 9)]), 64)
+    second = Sentinel2SR(path, file_bands=names, bands=["B8_1", "B4_1"])
+    sample = second[second.bounds[0], second.bounds[1]]
+    check_sample(
+        sample["image"], sample["valid"], sample["bounds"], [SceneSpec([(path, 8), (path, 5)])]
+    )
+    assert float(sample["image"].max()) > 10000  # clouds stay as they are
+
+
+def test_real_ukis_n0400_offset_from_metadata() -> None:
+    names = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
+    new = real("ukis-pysat", "S2B_MSIL1C_20220615T101559_N0400_R065_T32UPC_20220615T122549.tif")
+    ds = Sentinel2SR(new, file_bands=names)
+    assert ds.bands == DOFA_S2_BANDS
+    assert ds.index["offset"].iloc[0] == (-1000.0,) * 9
+    assert ds.index["offset_source"].iloc[0].endswith("_MTD.xml")
+    idx = [names.index(b) + 1 for b in DOFA_S2_BANDS]
+    check_real(ds, lambda p: SceneSpec([(p, i) for i in idx], -1000.0), 4)
+    sample = ds[ds.bounds[0], ds.bounds[1]]
+    assert float(sample["image"][:, sample["valid"]].min()) >= 9  # stored values >= 1009
+    with pytest.raises(BandError, match="wavelengths="):
+        Sentinel2SR(new, bands=names)  # B10 has no known wavelength
+    old = real("ukis-pysat", "S2B_MSIL1C_20200406T101559_N0209_R065_T32UPC_20200406T130159.tif")
+    ds_old = Sentinel2SR(old, file_bands=names)
+    assert ds_old.index["offset"].iloc[0] == (0.0,) * 9
+    assert "N0209" in ds_old.index["offset_source"].iloc[0]
+    both = Sentinel2SR(real("ukis-pysat"), file_bands=names)
+    assert both.res == (10.0, 10.0) and len(both) == 2
+
+
+def test_real_stactools_jp2_with_boa_offset_and_undeclared_nodata() -> None:
+    folder = real("stactools_l2a_N0400")
+    ds = Sentinel2SR(folder)
+    assert ds.bands == ("B2", "B4") and ds.res == (60.0, 60.0)
+    assert ds.index["offset"].iloc[0] == (-1000.0, -1000.0)
+    assert ds.index["offset_source"].iloc[0].endswith("MTD_MSIL2A.xml")
+
+    def scene(_: str) -> SceneSpec:
+        return SceneSpec(
+            [(folder / f"T29UNU_20221005T115411_{b}_60m.jp2", 1) for b in ("B02", "B04")],
+            -1000.0,
+        )
+
+    check_real(ds, scene, 48)
+    whole = ds[ds.bounds[0], ds.bounds[1]]
+    invalid = 1 - float(whole["valid"].float().mean())
+    assert 0.3 < invalid < 0.5  # about 40 % no data, declared nowhere
+    assert bool((whole["image"][:, ~whole["valid"]] == 0).all())
+
+
+def test_real_earth_engine_export_in_epsg4326() -> None:
+    path = real("gee_cropharvest", "98-togo_2019-02-06_2020-02-01.tif")
+    ds = EarthEngineS2(path)
+    assert ds.crs.to_epsg() == 4326 and ds.bands == DOFA_S2_BANDS
+    assert ds.index["offset"].iloc[0] == (0.0,) * 9
+    with rasterio.open(path) as src:
+        descriptions = list(src.descriptions)
+    idx = [descriptions.index(b) + 1 for b in DOFA_S2_BANDS]
+    check_real(ds, lambda p: SceneSpec([(p, i) for i in idx]), 8)
+    monthly = EarthEngineS2(path, bands=["B4_3", "B8_3"])
+    sample = monthly[ds.bounds[0], ds.bounds[1]]
+    sources = [(path, descriptions.index(b) + 1) for b in ("B4_3", "B8_3")]
+    check_sample(sample["image"], sample["valid"], sample["bounds"], [SceneSpec(sources)])

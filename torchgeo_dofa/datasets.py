@@ -1,0 +1,1318 @@
+"""Sentinel-2 surface reflectance as TorchGeo datasets, ready for DOFA.
+
+Two :class:`~torchgeo.datasets.RasterDataset` subclasses read the files users actually have:
+
+* :class:`Sentinel2SR`: GeoTIFFs / JPEG2000 made locally, either one multi-band file per scene
+  (band names from the band descriptions, or given with ``bands=``) or one file per band in
+  ESA's naming (``T31UFQ_20220614T103629_B04_10m.tif``, also inside a ``.SAFE`` tree and
+  BigEarthNet's ``..._B04.tif``); coarser bands (20 m, 60 m) are read onto the finest grid.
+* :class:`EarthEngineS2`: GeoTIFFs exported from Google Earth Engine
+  (``COPERNICUS/S2_SR_HARMONIZED``): band names from the band descriptions, non-spectral bands
+  (``VV``, ``temperature_2m``, ``elevation``, ``QA60``...) and ``_1``-suffixed copies of
+  multi-date stacks skipped unless asked for, and the tiles of a large export
+  (``<prefix>-0000000000-0000000000.tif``, ``<prefix>-0000000000-0000023296.tif``, ...) read as
+  one mosaic.
+
+Both use TorchGeo 0.10's slice indexing (``ds[xmin:xmax, ymin:ymax, tmin:tmax]``) and work with
+its samplers (:class:`~torchgeo.samplers.RandomPatchSampler`,
+:class:`~torchgeo.samplers.GriddedPatchSampler` and the older ``RandomGeoSampler`` /
+``GridGeoSampler``). Every sample holds tensors only, so
+:func:`~torchgeo.datasets.stack_samples` collates it:
+
+=========== =================== =========================================================
+key         shape / dtype        meaning
+=========== =================== =========================================================
+image       (C, H, W) float32    surface reflectance x 10000 (offset removed); fill value
+                                 (0) where ``valid`` is False
+wavelengths (C,) float32         centre wavelength of each channel, micrometres
+valid       (H, W) bool          True where every channel holds a real measurement
+bounds      (9,) float64         TorchGeo's ``[x.start, x.stop, x.step, y..., t...]``
+transform   (9,) float64         affine of the chip's pixel grid (``Affine`` order)
+=========== =================== =========================================================
+
+With ``time_series=True`` the image is (T, C, H, W) and ``valid`` (T, H, W).
+
+Radiometric offset (processing baseline 04.00, from 2022-01-25): ESA's L2A products store
+``reflectance x 10000 + 1000`` and declare ``BOA_ADD_OFFSET = -1000`` in ``MTD_MSIL2A.xml``
+(L1C: ``RADIO_ADD_OFFSET``). The datasets add the offset to the digital numbers, so the model
+always sees reflectance x 10000. ``offset="auto"`` (the default) looks, in order, for the
+product metadata (``MTD_MSIL2A.xml`` / ``MTD_MSIL1C.xml`` in the file's folder or up to four
+folders above it, or ``<file stem>_MTD.xml`` beside it), then a processing baseline in an ESA
+product name (``_N0400_``), then the acquisition date of an ESA-named file (on or after
+2022-01-25: -1000); files named otherwise are taken as already corrected (offset 0). Earth
+Engine's harmonized collections already removed the offset (0). A number applies to every
+file. ``ds.index`` records each scene's ``offset`` and ``offset_source``.
+
+No-data: a pixel is invalid (``valid`` False, image set to the fill value 0) where any channel
+holds the file's declared nodata value, an explicit ``nodata=``, 0 (Sentinel-2's no-data
+value; files often leave it undeclared) or NaN, and wherever the chip reaches past the raster.
+Offsets apply only to valid pixels, so no-data never becomes a reflectance of -1000.
+
+Where several scenes overlap a chip they are mosaicked, the first scene (sorted by path) that
+has a valid pixel wins; index with a time slice to pick one date.
+
+Mixed band sets: DOFA takes one wavelength vector per forward pass, so every sample of a batch
+must share it. :func:`stack_dofa_samples` collates and says so clearly when they differ;
+:class:`BandSetBatchSampler` (with :class:`DatasetCollection` or a ``ConcatDataset``) builds
+batches from one band set at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import warnings
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence, Sized
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, ClassVar, Literal, cast
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import rasterio
+import rasterio.merge
+import shapely
+import torch
+from geopandas import GeoDataFrame
+from pyproj import CRS
+from rasterio.crs import CRS as RIO_CRS
+from rasterio.enums import Resampling
+from rasterio.io import DatasetReader
+from rasterio.transform import Affine, array_bounds
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import calculate_default_transform
+from torch import Tensor
+from torch.utils.data import ConcatDataset, Dataset, Sampler
+from torchgeo.datasets import GeoDataset, RasterDataset, stack_samples
+from torchgeo.datasets.errors import DatasetNotFoundError
+from torchgeo.datasets.utils import GeoSlice, Path, Sample, disambiguate_timestamp
+
+from torchgeo_dofa.bands import (
+    DOFA_S2_BANDS,
+    SENTINEL2_BANDS,
+    BandError,
+    canonical_band,
+    resolve_wavelengths,
+)
+
+__all__ = [
+    "BandSetBatchSampler",
+    "DatasetCollection",
+    "EarthEngineS2",
+    "MixedBandSetError",
+    "ProductMetadata",
+    "Sentinel2Base",
+    "Sentinel2SR",
+    "band_set_key",
+    "read_product_metadata",
+    "stack_dofa_samples",
+]
+
+#: First acquisition date processed with baseline 04.00 (reflectance stored with +1000).
+OFFSET_START = date(2022, 1, 25)
+
+#: The offset ESA declares for baseline 04.00 and later.
+BASELINE_OFFSET = -1000.0
+
+_SUFFIX = re.compile(r"^(?P<base>.+?)_(?P<n>\d+)$")
+_DATE_FORMATS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^\d{8}T\d{6}$"), "%Y%m%dT%H%M%S"),
+    (re.compile(r"^\d{8}$"), "%Y%m%d"),
+    (re.compile(r"^\d{4}-\d{2}-\d{2}$"), "%Y-%m-%d"),
+)
+_ESA_NAME = re.compile(
+    r"(?:^|_)(?:T\d{2}[A-Z]{3}_(?P<tdate>\d{8})T\d{6}|S2[A-D]_MSI(?:L1C|L2A)_(?P<pdate>\d{8})T\d{6})"
+)
+_BASELINE = re.compile(r"^S2[A-D]_MSI(?:L1C|L2A)_\d{8}T\d{6}_N(?P<baseline>\d{4})(?:_|\.|$)")
+_RES_DIR = re.compile(r"^R\d{2,3}m$")
+
+
+def _spectral_base(name: str) -> str:
+    """Canonical Sentinel-2 name behind a possibly ``_N``-suffixed band name (``B4_1`` -> B4)."""
+    canon = canonical_band(name)
+    if canon in SENTINEL2_BANDS:
+        return canon
+    match = _SUFFIX.match(name.strip())
+    if match:
+        base = canonical_band(match.group("base"))
+        if base in SENTINEL2_BANDS:
+            return base
+    return canon
+
+
+def _canonical_name(name: str) -> str:
+    """Canonical spelling of a band name, keeping an ``_N`` suffix (``B04_1`` -> ``B4_1``)."""
+    canon = canonical_band(name)
+    if canon in SENTINEL2_BANDS:
+        return canon
+    match = _SUFFIX.match(name.strip())
+    if match:
+        base = canonical_band(match.group("base"))
+        if base in SENTINEL2_BANDS:
+            return f"{base}_{match.group('n')}"
+    return canon
+
+
+@dataclass(frozen=True)
+class ProductMetadata:
+    """What a Sentinel-2 product metadata file says about the radiometric offset.
+
+    Attributes:
+        path: the XML file.
+        offsets: additive offset per band (canonical name), empty before baseline 04.00.
+        baseline: processing baseline, e.g. ``"04.00"``, or None.
+        sensing_date: acquisition date, or None.
+    """
+
+    path: str
+    offsets: dict[str, float]
+    baseline: str | None
+    sensing_date: date | None
+
+    def offset_for(self, band: str) -> float:
+        """Offset of one band (0 where the product declares none).
+
+        Args:
+            band: band name (any spelling, ``_N`` suffix allowed).
+
+        Returns:
+            The additive offset.
+        """
+        if not self.offsets:
+            return 0.0
+        base = _spectral_base(band)
+        if base in self.offsets:
+            return self.offsets[base]
+        values = list(self.offsets.values())
+        return max(set(values), key=values.count)
+
+
+def read_product_metadata(path: Path) -> ProductMetadata:
+    """Read ``BOA_ADD_OFFSET`` / ``RADIO_ADD_OFFSET`` from a product metadata XML.
+
+    Args:
+        path: ``MTD_MSIL2A.xml``, ``MTD_MSIL1C.xml`` or an equivalent file.
+
+    Returns:
+        The offsets (by band name), processing baseline and sensing date.
+    """
+    root = ET.parse(path).getroot()
+    band_ids: dict[str, str] = {}
+    raw: dict[str, float] = {}
+    baseline: str | None = None
+    sensing: date | None = None
+    for element in root.iter():
+        tag = element.tag.rsplit("}", 1)[-1]
+        if tag == "Spectral_Information":
+            band_id, physical = element.get("bandId"), element.get("physicalBand")
+            if band_id is not None and physical:
+                band_ids[band_id] = physical
+        elif tag in ("BOA_ADD_OFFSET", "RADIO_ADD_OFFSET") and element.text:
+            raw[element.get("band_id", str(len(raw)))] = float(element.text)
+        elif tag == "PROCESSING_BASELINE" and element.text:
+            baseline = element.text.strip()
+        elif tag in ("PRODUCT_START_TIME", "DATATAKE_SENSING_START") and element.text:
+            if sensing is None:
+                try:
+                    sensing = datetime.fromisoformat(element.text.strip()[:10]).date()
+                except ValueError:
+                    pass
+    offsets = {canonical_band(band_ids.get(k, f"B{int(k) + 1}")): v for k, v in raw.items()}
+    return ProductMetadata(os.fspath(path), offsets, baseline, sensing)
+
+
+@dataclass
+class _FileInfo:
+    """What the index needs from one raster file."""
+
+    path: str
+    count: int
+    width: int
+    height: int
+    crs: RIO_CRS | None
+    transform: Affine
+    nodata: float | None
+    descriptions: tuple[str | None, ...]
+
+    @property
+    def res(self) -> float:
+        return abs(self.transform.a)
+
+
+@dataclass
+class _Scene:
+    """One scene: a multi-band file or a group of per-band files."""
+
+    key: str
+    layout: Literal["multiband", "per_band"]
+    names: list[str]
+    sources: list[tuple[str, int]]
+    named_by_bands: bool = False
+    date_hint: str = ""
+    offsets: list[float] = field(default_factory=list)
+    offset_source: str = ""
+    selected: list[tuple[str, int]] = field(default_factory=list)
+
+
+class Sentinel2Base(RasterDataset):
+    """Common machinery of :class:`Sentinel2SR` and :class:`EarthEngineS2`.
+
+    Class attributes configure the file layout, as in TorchGeo; subclass to change them.
+    """
+
+    #: Glob of candidate files (filtered further by :attr:`extensions`).
+    filename_glob = "*"
+
+    #: Regular expression a file name must match; its ``date`` group (or ``start``) gives the
+    #: acquisition time, parsed with :attr:`date_format` or, failing that, any of
+    #: ``%Y%m%dT%H%M%S``, ``%Y%m%d``, ``%Y-%m-%d``. Files without a date span all time.
+    filename_regex = r"^(?:.*?(?<![0-9])(?P<date>\d{8}T\d{6}|\d{8}|\d{4}-\d{2}-\d{2})(?![0-9]))?"
+
+    #: Preferred format of the ``date`` group.
+    date_format = "%Y%m%dT%H%M%S"
+
+    #: File extensions read (lower case).
+    extensions: ClassVar[tuple[str, ...]] = (".tif", ".tiff", ".jp2")
+
+    #: Pattern (searched in the file stem) marking a one-band-per-file layout, with ``band``
+    #: and optional ``resolution`` groups; None disables that layout.
+    band_file_regex: ClassVar[str | None] = (
+        r"(?:^|[_.-])(?P<band>B(?:0?[1-9]|1[0-2]|0?8A))(?:_(?P<resolution>\d{2,3})m)?$"
+    )
+
+    #: Per-band products that are not spectral bands (skipped).
+    ancillary_regex: ClassVar[str] = (
+        r"(?:^|[_.-])(?:SCL|AOT|WVP|TCI|CLD|SNW|CLDPRB|SNWPRB|PVI|QA\d*|MSK\w*)(?:_\d{2,3}m)?$"
+    )
+
+    #: Default band order when every scene has all of these bands.
+    default_bands: ClassVar[tuple[str, ...]] = DOFA_S2_BANDS
+
+    #: Default of the ``offset`` argument.
+    default_offset: ClassVar[float | Literal["auto"]] = "auto"
+
+    #: Value written into invalid pixels.
+    fill_value: ClassVar[float] = 0.0
+
+    #: Treat 0 as no data (Sentinel-2's convention, often undeclared in the files).
+    zero_is_nodata: ClassVar[bool] = True
+
+    rgb_bands = ("B4", "B3", "B2")
+
+    def __init__(
+        self,
+        paths: Path | Iterable[Path] = "data",
+        crs: CRS | str | int | None = None,
+        res: float | tuple[float, float] | None = None,
+        bands: Sequence[str] | None = None,
+        transforms: Callable[[Sample], Sample] | None = None,
+        *,
+        wavelengths: Sequence[float] | Tensor | None = None,
+        file_bands: Sequence[str] | None = None,
+        offset: float | Literal["auto"] | None = None,
+        nodata: float | None = None,
+        resampling: Resampling | str = "nearest",
+        cache: bool = True,
+        time_series: bool = False,
+    ) -> None:
+        """Index the files.
+
+        Args:
+            paths: one or more folders to search (recursively) or files to load.
+            crs: CRS to warp to (defaults to the CRS of the first scene).
+            res: resolution in CRS units (defaults to the finest resolution among the selected
+                bands of all scenes: per-band 20 m files are read onto the 10 m grid).
+            bands: bands to return, in this order (``B04`` or ``B4`` spelling; Earth Engine's
+                ``B4_1`` multi-date copies and non-spectral bands by name). Defaults to DOFA's
+                9 bands (B4, B3, B2, B5, B6, B7, B8, B11, B12) when every scene has them, else
+                every Sentinel-2 band all scenes share. For multi-band files without band
+                descriptions, a list as long as the file's band count names the file's bands
+                in order (and selects all of them).
+            transforms: a function/transform applied to each sample dict
+                (e.g. :class:`torchgeo_dofa.transforms.DOFAPreprocess`).
+            wavelengths: explicit centre wavelengths (um), one per selected band; required for
+                bands that are not Sentinel-2 (``VV``, ``B10``...).
+            file_bands: names of the bands stored in files without band descriptions, in file
+                order; ``bands`` then selects among them.
+            offset: additive radiometric offset (``"auto"``, see the module docs, or a
+                number such as -1000 applied to every file); None uses the class default.
+            nodata: no-data value overriding the files' declared one (0 and NaN are always
+                no data for Sentinel-2 reflectance, see :attr:`zero_is_nodata`).
+            resampling: resampling for bands read at another resolution or CRS (default
+                nearest, which keeps raw values, as Earth Engine does).
+            cache: keep file handles open between samples.
+            time_series: stack overlapping scenes along a time dimension instead of
+                mosaicking them.
+
+        Raises:
+            DatasetNotFoundError: if no readable raster is found.
+            BandError: if band names cannot be determined or selected, or wavelengths
+                cannot be inferred.
+        """
+        self.paths = paths
+        self.transforms = transforms
+        self.cache = cache
+        self.time_series = time_series
+        self.nodata = nodata
+        self.offset: float | Literal["auto"] = self.default_offset if offset is None else offset
+        if self.offset != "auto" and not isinstance(self.offset, int | float):
+            raise ValueError(f"offset must be a number or 'auto', got {self.offset!r}")
+        self._resampling = (
+            Resampling[resampling] if isinstance(resampling, str) else Resampling(resampling)
+        )
+        self._handles: dict[tuple[str, str], tuple[DatasetReader, DatasetReader | WarpedVRT]] = {}
+        self._handles_pid = os.getpid()
+        self._metadata_cache: dict[str, ProductMetadata | None] = {}
+
+        infos = self._scan()
+        if not infos:
+            raise DatasetNotFoundError(self)
+        scenes = self._group(infos, bands, file_bands)
+        if not scenes:
+            raise DatasetNotFoundError(self)
+        self.bands: tuple[str, ...] = self._select(scenes, bands)
+        self.all_bands = self.bands
+        base_names = [_spectral_base(b) for b in self.bands]
+        try:
+            self.wavelengths: Tensor = resolve_wavelengths(
+                base_names if wavelengths is None else self.bands,
+                wavelengths,
+                num_channels=len(self.bands),
+            )
+        except BandError as err:
+            raise BandError(
+                f"{err}; for {self.__class__.__name__}, pass wavelengths=[...] (um, one per "
+                f"band of bands={list(self.bands)})"
+            ) from err
+
+        # CRS and grid
+        first = infos[scenes[0].selected[0][0]]
+        if crs is None:
+            if first.crs is None:
+                raise ValueError(f"{first.path} has no CRS: pass crs=")
+            epsg = first.crs.to_epsg()
+            crs = CRS.from_epsg(epsg) if epsg else CRS.from_user_input(first.crs.to_wkt())
+        dst_crs = CRS.from_user_input(crs)
+        epsg = dst_crs.to_epsg()
+        self._dst_rio_crs = RIO_CRS.from_epsg(epsg) if epsg else RIO_CRS.from_wkt(dst_crs.to_wkt())
+        grids = {
+            path: self._grid(infos[path], self._dst_rio_crs)
+            for scene in scenes
+            for path in {p for p, _ in scene.selected}
+        }
+        if res is None:
+            finest = min((abs(t.a), abs(t.e)) for t, _, _ in grids.values())  # min by x, then y
+            res = finest
+        if isinstance(res, int | float):
+            res = (float(res), float(res))
+        self._res = (float(res[0]), float(res[1]))
+
+        rows: dict[str, list[Any]] = {
+            "filepath": [],
+            "sources": [],
+            "offset": [],
+            "offset_source": [],
+        }
+        geometries = []
+        datetimes = []
+        for scene in scenes:
+            self._resolve_offset(scene, infos)
+            boxes = [
+                shapely.box(*self._grid_bounds(grids[p])) for p in {p for p, _ in scene.selected}
+            ]
+            footprint = shapely.intersection_all(boxes) if len(boxes) > 1 else boxes[0]
+            if footprint.is_empty:
+                footprint = shapely.union_all(boxes)
+            geometries.append(shapely.box(*footprint.bounds))
+            datetimes.append(self._filepath_to_timestamp(scene.date_hint))
+            rows["filepath"].append(scene.selected[0][0])
+            rows["sources"].append(tuple(scene.selected))
+            rows["offset"].append(tuple(scene.offsets))
+            rows["offset_source"].append(scene.offset_source)
+        index = pd.IntervalIndex.from_tuples(datetimes, closed="both", name="datetime")
+        self.index = GeoDataFrame(rows, index=index, geometry=geometries, crs=dst_crs)
+        self._infos = infos
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def resampling(self) -> Resampling:
+        """Resampling used for bands read at another resolution or CRS.
+
+        Returns:
+            The resampling method.
+        """
+        return self._resampling
+
+    @property
+    def band_set(self) -> tuple[float, ...]:
+        """The wavelength vector as a hashable key (used to group samples into batches).
+
+        Returns:
+            Wavelengths rounded to 1e-6 um.
+        """
+        return tuple(round(float(w), 6) for w in self.wavelengths)
+
+    # ------------------------------------------------------------------ indexing
+
+    def _scan(self) -> dict[str, _FileInfo]:
+        """Open every candidate file once and record what the index needs."""
+        regex = re.compile(self.filename_regex, re.VERBOSE)
+        infos: dict[str, _FileInfo] = {}
+        for path in self.files:
+            name = os.path.basename(path)
+            if not os.path.isfile(path) or os.path.splitext(name)[1].lower() not in self.extensions:
+                continue
+            if re.match(regex, name) is None:
+                continue
+            try:
+                with rasterio.open(path) as src:
+                    infos[path] = _FileInfo(
+                        path=path,
+                        count=src.count,
+                        width=src.width,
+                        height=src.height,
+                        crs=src.crs,
+                        transform=src.transform,
+                        nodata=src.nodata,
+                        descriptions=tuple(src.descriptions),
+                    )
+            except rasterio.errors.RasterioIOError:
+                continue
+        return infos
+
+    def _group(
+        self,
+        infos: dict[str, _FileInfo],
+        bands: Sequence[str] | None,
+        file_bands: Sequence[str] | None,
+    ) -> list[_Scene]:
+        """Group files into scenes and name their bands."""
+        band_re = re.compile(self.band_file_regex, re.IGNORECASE) if self.band_file_regex else None
+        ancillary_re = re.compile(self.ancillary_regex, re.IGNORECASE)
+        per_band: dict[tuple[str, str], dict[str, list[tuple[float, str]]]] = {}
+        scenes: list[_Scene] = []
+        for path, info in infos.items():
+            stem = os.path.splitext(os.path.basename(path))[0]
+            match = band_re.search(stem) if band_re else None
+            if match is not None and info.count == 1:
+                folder = os.path.dirname(path)
+                if _RES_DIR.match(os.path.basename(folder)):
+                    folder = os.path.dirname(folder)
+                prefix = stem[: match.start()]
+                band = canonical_band(match.group("band"))
+                res_token = match.group("resolution")
+                res = float(res_token) if res_token else info.res
+                per_band.setdefault((folder, prefix), {}).setdefault(band, []).append((res, path))
+                continue
+            if band_re is not None and info.count == 1 and ancillary_re.search(stem):
+                continue
+            scenes.append(self._multiband_scene(info, bands, file_bands))
+        for (folder, prefix), by_band in per_band.items():
+            names = [b for b in _s2_order(by_band)]
+            sources = [(min(by_band[b])[1], 1) for b in names]
+            scenes.append(
+                _Scene(
+                    key=os.path.join(folder, prefix),
+                    layout="per_band",
+                    names=names,
+                    sources=sources,
+                    date_hint=os.path.join(folder, prefix),
+                )
+            )
+        scenes.sort(key=lambda s: s.sources[0][0])
+        return scenes
+
+    def _multiband_scene(
+        self, info: _FileInfo, bands: Sequence[str] | None, file_bands: Sequence[str] | None
+    ) -> _Scene:
+        """Name the bands of one multi-band file."""
+        described = [d for d in info.descriptions if d and d.strip()]
+        named_by_bands = False
+        if described:
+            names = [
+                _canonical_name(d) if d and d.strip() else f"band{i + 1}"
+                for i, d in enumerate(info.descriptions)
+            ]
+        elif file_bands is not None:
+            if len(file_bands) != info.count:
+                raise BandError(
+                    f"{info.path} has {info.count} bands but file_bands names {len(file_bands)}: "
+                    "give one name per band of the file, in file order"
+                )
+            names = [_canonical_name(b) for b in file_bands]
+        elif bands is not None and len(bands) == info.count:
+            names = [_canonical_name(b) for b in bands]
+            named_by_bands = True
+        else:
+            example = ", ".join(f"'B{i + 1}'" for i in range(min(info.count, 3)))
+            given = (
+                f" (bands= has {len(bands)} names, the file has {info.count} bands)"
+                if bands is not None
+                else ""
+            )
+            raise BandError(
+                f"{info.path} has {info.count} bands and no band descriptions, so its band "
+                f"names are unknown{given}: pass bands=[...] naming all {info.count} bands in "
+                f"file order (e.g. bands=[{example}, ...]), or file_bands=[...] to name them "
+                "and bands=[...] to select among them"
+            )
+        return _Scene(
+            key=info.path,
+            layout="multiband",
+            names=names,
+            sources=[(info.path, i + 1) for i in range(info.count)],
+            named_by_bands=named_by_bands,
+            date_hint=info.path,
+        )
+
+    def _select(self, scenes: list[_Scene], bands: Sequence[str] | None) -> tuple[str, ...]:
+        """Choose the output bands and each scene's (file, band index) per channel."""
+        if bands is None:
+            common = set(scenes[0].names)
+            for scene in scenes[1:]:
+                common &= set(scene.names)
+            if all(b in common for b in self.default_bands):
+                chosen = list(self.default_bands)
+            else:
+                chosen = [b for b in SENTINEL2_BANDS if b in common]
+            if not chosen:
+                raise BandError(
+                    f"no Sentinel-2 band is present in every scene (found {sorted(common)}): "
+                    "pass bands=[...] (and wavelengths=[...] for non-Sentinel-2 bands)"
+                )
+        else:
+            if not bands:
+                raise BandError("bands= is empty: name at least one band")
+            chosen = [_canonical_name(b) for b in bands]
+        for scene in scenes:
+            if scene.named_by_bands and len(chosen) == len(scene.sources):
+                scene.selected = list(scene.sources)
+                continue
+            lookup: dict[str, tuple[str, int]] = {}
+            folded: dict[str, tuple[str, int]] = {}
+            for name, source in zip(scene.names, scene.sources, strict=True):
+                lookup.setdefault(name, source)
+                folded.setdefault(name.casefold(), source)
+            missing = [b for b in chosen if b not in lookup and b.casefold() not in folded]
+            if missing:
+                raise BandError(
+                    f"band(s) {missing} not found in {scene.key} (it has {scene.names}); "
+                    "choose bands= among those, or check the band descriptions"
+                )
+            scene.selected = [lookup.get(b) or folded[b.casefold()] for b in chosen]
+        return tuple(chosen)
+
+    def _grid(self, info: _FileInfo, dst_crs: RIO_CRS) -> tuple[Affine, int, int]:
+        """Pixel grid of a file in the dataset CRS (its own grid when no warp is needed)."""
+        if info.crs is None or info.crs == dst_crs:
+            return info.transform, info.width, info.height
+        west, south, east, north = array_bounds(info.height, info.width, info.transform)
+        transform, width, height = calculate_default_transform(
+            info.crs,
+            dst_crs,
+            info.width,
+            info.height,
+            min(west, east),
+            min(south, north),
+            max(west, east),
+            max(south, north),
+        )
+        assert width is not None and height is not None
+        return transform, int(width), int(height)
+
+    @staticmethod
+    def _grid_bounds(grid: tuple[Affine, int, int]) -> tuple[float, float, float, float]:
+        transform, width, height = grid
+        west, south, east, north = array_bounds(height, width, transform)
+        return min(west, east), min(south, north), max(west, east), max(south, north)
+
+    def _filepath_to_timestamp(self, filepath: Path) -> tuple[datetime, datetime]:
+        """Acquisition time span from a file name (the whole time axis if it has no date).
+
+        Args:
+            filepath: file (or scene) path.
+
+        Returns:
+            ``(mint, maxt)``.
+        """
+        name = os.path.basename(os.fspath(filepath))
+        match = re.match(self.filename_regex, name, re.VERBOSE)
+        groups = match.groupdict() if match else {}
+        text = groups.get("date") or groups.get("start")
+        if not text:
+            return self.mint, self.maxt
+        formats = [self.date_format] + [f for _, f in _DATE_FORMATS if f != self.date_format]
+        for fmt in formats:
+            try:
+                mint, maxt = disambiguate_timestamp(text, fmt)
+            except ValueError:
+                continue
+            if groups.get("stop"):
+                with_stop = groups["stop"]
+                for stop_fmt in formats:
+                    try:
+                        _, maxt = disambiguate_timestamp(with_stop, stop_fmt)
+                        break
+                    except ValueError:
+                        continue
+            return mint, maxt
+        return self.mint, self.maxt
+
+    # ------------------------------------------------------------------ offsets
+
+    def _resolve_offset(self, scene: _Scene, infos: dict[str, _FileInfo]) -> None:
+        """Set ``scene.offsets`` (one per selected channel) and ``scene.offset_source``."""
+        n = len(scene.selected)
+        if self.offset != "auto":
+            scene.offsets = [float(self.offset)] * n
+            scene.offset_source = "explicit"
+            return
+        value, source = self._auto_offset(scene)
+        if isinstance(value, ProductMetadata):
+            scene.offsets = [value.offset_for(b) for b in self.bands]
+        else:
+            scene.offsets = [value] * n
+        scene.offset_source = source
+
+    def _auto_offset(self, scene: _Scene) -> tuple[float | ProductMetadata, str]:
+        """Offset of one scene from metadata, product name or date (``offset="auto"``)."""
+        metadata = self._find_metadata(scene)
+        if metadata is not None:
+            return metadata, f"metadata {metadata.path}"
+        baseline = self._baseline_from_names(scene)
+        if baseline is not None:
+            value = BASELINE_OFFSET if baseline >= 400 else 0.0
+            return value, f"baseline N{baseline:04d} in product name"
+        acquired = self._esa_date(scene)
+        if acquired is not None:
+            value = BASELINE_OFFSET if acquired >= OFFSET_START else 0.0
+            return value, f"ESA file name dated {acquired.isoformat()}"
+        return 0.0, "none (not an ESA product name, no metadata found)"
+
+    def _find_metadata(self, scene: _Scene) -> ProductMetadata | None:
+        """Product metadata XML next to (or a few folders above) the scene's files."""
+        first = scene.selected[0][0]
+        folder = os.path.dirname(first)
+        stem = os.path.basename(scene.key) if scene.layout == "per_band" else None
+        if stem is None:
+            stem = os.path.splitext(os.path.basename(first))[0]
+        candidates = [
+            os.path.join(folder, f"{stem.rstrip('_')}{suffix}")
+            for suffix in ("_MTD.xml", ".xml", "_MTD_MSIL2A.xml", "_MTD_MSIL1C.xml")
+        ]
+        current = folder
+        for _ in range(5):
+            candidates += [os.path.join(current, n) for n in ("MTD_MSIL2A.xml", "MTD_MSIL1C.xml")]
+            parent = os.path.dirname(current)
+            if parent == current:
+                break
+            current = parent
+        scene_date = self._scene_date(scene)
+        for candidate in candidates:
+            if not os.path.isfile(candidate):
+                continue
+            if candidate not in self._metadata_cache:
+                try:
+                    self._metadata_cache[candidate] = read_product_metadata(candidate)
+                except (ET.ParseError, OSError, ValueError):
+                    self._metadata_cache[candidate] = None
+            metadata = self._metadata_cache[candidate]
+            if metadata is None:
+                continue
+            if (
+                scene_date is not None
+                and metadata.sensing_date is not None
+                and abs((metadata.sensing_date - scene_date).days) > 1
+            ):
+                continue  # metadata of another product in the same folder
+            return metadata
+        return None
+
+    def _scene_date(self, scene: _Scene) -> date | None:
+        mint, _ = self._filepath_to_timestamp(scene.date_hint)
+        if mint == self.mint:
+            return None
+        return pd.Timestamp(mint).date()
+
+    def _baseline_from_names(self, scene: _Scene) -> int | None:
+        """Processing baseline from an ESA product name (the file's or a parent folder's)."""
+        path = scene.selected[0][0]
+        names = [os.path.basename(scene.key), os.path.splitext(os.path.basename(path))[0]]
+        current = os.path.dirname(path)
+        for _ in range(5):
+            names.append(os.path.basename(current))
+            parent = os.path.dirname(current)
+            if parent == current:
+                break
+            current = parent
+        for name in names:
+            match = _BASELINE.match(name)
+            if match:
+                return int(match.group("baseline"))
+        return None
+
+    def _esa_date(self, scene: _Scene) -> date | None:
+        """Acquisition date of an ESA-named file (tile/date or product name), else None."""
+        for name in (os.path.basename(scene.key), os.path.basename(scene.selected[0][0])):
+            match = _ESA_NAME.search(name)
+            if match:
+                text = match.group("tdate") or match.group("pdate")
+                return datetime.strptime(text, "%Y%m%d").date()
+        return None
+
+    # ------------------------------------------------------------------ reading
+
+    def __getitem__(self, index: GeoSlice) -> Sample:
+        """Read the chip at ``[xmin:xmax:xres, ymin:ymax:yres, tmin:tmax:tres]``.
+
+        Args:
+            index: a TorchGeo GeoSlice (a time slice is optional).
+
+        Returns:
+            The sample dict (see the module docs), after ``transforms``.
+
+        Raises:
+            IndexError: if the chip does not intersect any scene.
+        """
+        sample = self.read_chip(index)
+        if self.transforms is not None:
+            sample = self.transforms(sample)
+        return sample
+
+    def read_chip(self, index: GeoSlice) -> Sample:
+        """Read a chip without applying ``transforms``.
+
+        Args:
+            index: a TorchGeo GeoSlice.
+
+        Returns:
+            The raw sample dict.
+
+        Raises:
+            IndexError: if the chip does not intersect any scene.
+        """
+        x, y, t = self._disambiguate_slice(index)
+        interval = pd.Interval(t.start, t.stop)
+        df = self.index.iloc[self.index.index.overlaps(interval)]
+        df = df.iloc[:: t.step]
+        df = df.cx[x.start : x.stop, y.start : y.stop]
+        if df.empty:
+            raise IndexError(f"index: {index} not found in dataset with bounds: {self.bounds}")
+        xres, yres = float(x.step), float(y.step)
+        width = max(1, round((x.stop - x.start) / xres))
+        height = max(1, round((y.stop - y.start) / yres))
+        top = float(y.stop)
+        bounds = (float(x.start), top - height * yres, float(x.start) + width * xres, top)
+        grid = (bounds, (xres, yres), height, width)
+
+        if self.time_series:
+            layers = [
+                self._read_scene(sources, offsets, *grid)
+                for sources, offsets in zip(df["sources"], df["offset"], strict=True)
+            ]
+            image_np = np.stack([d for d, _ in layers])
+            valid_np = np.stack([v for _, v in layers])
+        else:
+            image_np = np.full((len(self.bands), height, width), self.fill_value, dtype=np.float64)
+            valid_np = np.zeros((height, width), dtype=bool)
+            for sources, offsets in zip(df["sources"], df["offset"], strict=True):
+                data, valid = self._read_scene(sources, offsets, *grid)
+                take = valid & ~valid_np
+                image_np[:, take] = data[:, take]
+                valid_np |= take
+                if valid_np.all():
+                    break
+
+        transform = Affine(xres, 0.0, float(x.start), 0.0, -yres, float(y.stop))
+        return {
+            "image": torch.from_numpy(image_np.astype(np.float32)),
+            "wavelengths": self.wavelengths.clone(),
+            "valid": torch.from_numpy(valid_np),
+            "bounds": torch.tensor(
+                [
+                    x.start,
+                    x.stop,
+                    x.step,
+                    y.start,
+                    y.stop,
+                    y.step,
+                    pd.Timestamp(t.start).timestamp(),
+                    pd.Timestamp(t.stop).timestamp(),
+                    t.step,
+                ],
+                dtype=torch.float64,
+            ),
+            "transform": torch.tensor(list(transform), dtype=torch.float64),
+        }
+
+    def _read_scene(
+        self,
+        sources: Sequence[tuple[str, int]],
+        offsets: Sequence[float],
+        bounds: tuple[float, float, float, float],
+        res: tuple[float, float],
+        height: int,
+        width: int,
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+        """Read one scene's channels onto the chip grid: (C, H, W) data and (H, W) validity."""
+        data = np.full((len(sources), height, width), np.nan, dtype=np.float64)
+        by_path: dict[str, list[tuple[int, int]]] = {}
+        for channel, (path, band_index) in enumerate(sources):
+            by_path.setdefault(path, []).append((channel, band_index))
+        for path, pairs in by_path.items():
+            handle = self._open(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                array, _ = rasterio.merge.merge(
+                    [handle],
+                    bounds=bounds,
+                    res=res,
+                    indexes=[b for _, b in pairs],
+                    resampling=self.resampling,
+                    nodata=np.nan,
+                    dtype="float64",
+                )
+            if not self.cache:
+                self._close(path)
+            array = array[:, :height, :width]
+            for value in self._extra_nodata(self._infos[path]):
+                array[array == value] = np.nan
+            for k, (channel, _) in enumerate(pairs):
+                data[channel, : array.shape[1], : array.shape[2]] = array[k]
+        valid = ~np.isnan(data).any(axis=0)
+        data += np.asarray(offsets, dtype=np.float64)[:, None, None]
+        data[:, ~valid] = self.fill_value
+        return data, valid
+
+    def _primary_nodata(self, info: _FileInfo) -> float | None:
+        """The no-data value GDAL masks while reading (and resampling) a file."""
+        if self.nodata is not None:
+            return float(self.nodata)
+        if info.nodata is not None:
+            return float(info.nodata)
+        return 0.0 if self.zero_is_nodata else None
+
+    def _needs_vrt(self, info: _FileInfo) -> bool:
+        """Whether a file must be read through a WarpedVRT (warp, or no-data GDAL must know).
+
+        Without warping, reading the file directly and masking no-data afterwards gives the
+        same pixels, except when a no-data value the file does not declare must be kept out
+        of a non-nearest resampling.
+        """
+        if info.crs is not None and info.crs != self._dst_rio_crs:
+            return True
+        if self.nodata is not None and self.nodata != info.nodata:
+            return True
+        primary = self._primary_nodata(info)
+        return self.resampling != Resampling.nearest and primary != info.nodata
+
+    def _extra_nodata(self, info: _FileInfo) -> list[float]:
+        """No-data values masked after reading (those GDAL did not mask already)."""
+        masked = self._primary_nodata(info) if self._needs_vrt(info) else info.nodata
+        values = {self._primary_nodata(info)}
+        if self.zero_is_nodata:
+            values.add(0.0)
+        return [v for v in values if v is not None and not math.isnan(v) and v != masked]
+
+    def _open(self, path: str) -> DatasetReader | WarpedVRT:
+        """Open a file (as a VRT in the dataset CRS where needed); cached if ``cache``."""
+        if self._handles_pid != os.getpid():
+            self._handles = {}
+            self._handles_pid = os.getpid()
+        key = (path, self._dst_rio_crs.to_wkt())
+        if key in self._handles:
+            return self._handles[key][1]
+        info = self._infos[path]
+        src = rasterio.open(path)
+        if not self._needs_vrt(info):
+            self._handles[key] = (src, src)
+            return src
+        transform, width, height = self._grid(info, self._dst_rio_crs)
+        nodata = self._primary_nodata(info)
+        kwargs: dict[str, Any] = (
+            {"add_alpha": True} if nodata is None else {"src_nodata": nodata, "nodata": nodata}
+        )
+        vrt = WarpedVRT(
+            src,
+            crs=self._dst_rio_crs,
+            transform=transform,
+            width=width,
+            height=height,
+            resampling=self.resampling,
+            **kwargs,
+        )
+        self._handles[key] = (src, vrt)
+        return vrt
+
+    def _close(self, path: str | None = None) -> None:
+        for key in [k for k in self._handles if path is None or k[0] == path]:
+            src, vrt = self._handles.pop(key)
+            if vrt is not src:
+                vrt.close()
+            src.close()
+
+    def close(self) -> None:
+        """Close every cached file handle."""
+        self._close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without open file handles (DataLoader workers reopen them)."""
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def __str__(self) -> str:
+        """Summary: class, band order, CRS, resolution, scene count.
+
+        Returns:
+            A short description.
+        """
+        return (
+            f"{self.__class__.__name__}(bands={list(self.bands)}, crs={self.crs.to_string()}, "
+            f"res={self.res}, scenes={len(self)})"
+        )
+
+
+class Sentinel2SR(Sentinel2Base):
+    """Sentinel-2 surface reflectance from local GeoTIFF / JPEG2000 files.
+
+    Layouts (detected per file; several may be mixed under one folder):
+
+    * one multi-band file per scene; band names come from the band descriptions
+      (``B04`` and ``B4`` both work), or from ``bands=`` / ``file_bands=`` when the file has
+      none;
+    * one file per band named like ESA's products, ``<scene>_B04[_10m].tif|jp2``
+      (``T31UFQ_20220614T103629_B04_10m.jp2``, BigEarthNet's ``..._B04.tif``, ``.SAFE``
+      ``IMG_DATA/R10m``, ``R20m``...): files sharing ``<scene>`` form one scene, the finest
+      resolution of a band is used, and coarser bands are read onto the dataset grid (10 m
+      by default) with ``resampling`` (nearest by default). SCL, AOT, WVP, TCI... are skipped.
+
+    The acquisition time comes from the first date in the file name (``20220614T103629``,
+    ``20220614`` or ``2022-06-14``), so ``ds[x, y, t0:t1]`` and TorchGeo's temporal samplers
+    select dates. ``offset="auto"`` removes ESA's +1000 of baseline 04.00 (see the module docs).
+
+    Example:
+        >>> ds = Sentinel2SR("S2A_MSIL2A_..._N0400_....SAFE")  # doctest: +SKIP
+        >>> sample = ds[x0 : x0 + 2240, y0 : y0 + 2240]  # doctest: +SKIP
+        >>> sample["image"].shape, ds.bands  # doctest: +SKIP
+        (torch.Size([9, 224, 224]), ('B4', 'B3', 'B2', 'B5', 'B6', 'B7', 'B8', 'B11', 'B12'))
+    """
+
+
+class EarthEngineS2(Sentinel2Base):
+    """Sentinel-2 GeoTIFFs exported from Google Earth Engine.
+
+    Band names come from the band descriptions Earth Engine writes (``B1`` ... ``B12``,
+    ``B8A``); non-spectral bands (``QA60``, ``SCL``, ``VV``, ``temperature_2m``,
+    ``elevation``...) and the ``_1``, ``_2``... copies of multi-date stacks are skipped unless
+    named in ``bands=`` (with ``wavelengths=`` for non-Sentinel-2 bands). The tiles of one
+    large export (``<prefix>-0000000000-0000000000.tif``, ``<prefix>-0000000000-0000023296.tif``)
+    are read as one mosaic. Exports in EPSG:4326 stay in EPSG:4326 unless ``crs=`` is given.
+
+    Offset: ``COPERNICUS/S2_SR_HARMONIZED`` and ``COPERNICUS/S2_HARMONIZED`` already removed
+    the baseline-04.00 offset (0). For the deprecated non-harmonized collections
+    (``COPERNICUS/S2_SR``, ``COPERNICUS/S2``) pass ``collection=``: the offset is then -1000 for
+    files whose name carries a date on or after 2022-01-25.
+    """
+
+    extensions: ClassVar[tuple[str, ...]] = (".tif", ".tiff")
+    band_file_regex: ClassVar[str | None] = None
+
+    #: Collections whose values still carry the baseline-04.00 offset.
+    unharmonized: ClassVar[tuple[str, ...]] = ("COPERNICUS/S2_SR", "COPERNICUS/S2")
+
+    def __init__(
+        self,
+        paths: Path | Iterable[Path] = "data",
+        crs: CRS | str | int | None = None,
+        res: float | tuple[float, float] | None = None,
+        bands: Sequence[str] | None = None,
+        transforms: Callable[[Sample], Sample] | None = None,
+        *,
+        collection: str = "COPERNICUS/S2_SR_HARMONIZED",
+        **kwargs: Any,
+    ) -> None:
+        """Index the exported files.
+
+        Args:
+            paths: one or more folders to search (recursively) or files to load.
+            crs: CRS to warp to (defaults to the CRS of the first file).
+            res: resolution in CRS units (defaults to the finest of the files).
+            bands: bands to return, in this order (see :class:`Sentinel2Base`).
+            transforms: a function/transform applied to each sample dict.
+            collection: the Earth Engine collection the export came from.
+            **kwargs: further arguments of :class:`Sentinel2Base` (``wavelengths``,
+                ``file_bands``, ``offset``, ``nodata``, ``resampling``, ``cache``,
+                ``time_series``).
+        """
+        self.collection = collection
+        super().__init__(paths, crs, res, bands, transforms, **kwargs)
+
+    def _auto_offset(self, scene: _Scene) -> tuple[float | ProductMetadata, str]:
+        """Earth Engine: 0 for harmonized collections, by date for the others."""
+        if self.collection not in self.unharmonized:
+            return 0.0, f"Earth Engine {self.collection} (harmonized)"
+        acquired = self._scene_date(scene)
+        if acquired is None:
+            warnings.warn(
+                f"{scene.key}: no date in the file name, cannot tell whether {self.collection} "
+                "values carry the +1000 offset of baseline 04.00; assuming they do not "
+                "(pass offset=-1000 if they do)",
+                UserWarning,
+                stacklevel=3,
+            )
+            return 0.0, f"Earth Engine {self.collection}, undated (assumed none)"
+        value = BASELINE_OFFSET if acquired >= OFFSET_START else 0.0
+        return value, f"Earth Engine {self.collection} dated {acquired.isoformat()}"
+
+
+def _s2_order(names: Iterable[str]) -> list[str]:
+    """Sort band names in Sentinel-2 order, unknown names last (alphabetically)."""
+    order: dict[str, float] = {b: float(i) for i, b in enumerate(SENTINEL2_BANDS)}
+    order["B10"] = order["B9"] + 0.5
+    return sorted(names, key=lambda b: (order.get(b, len(order)), b))
+
+
+# ---------------------------------------------------------------------- batching
+
+
+class MixedBandSetError(BandError):
+    """Raised when one batch would mix samples with different wavelength vectors."""
+
+
+def stack_dofa_samples(samples: Iterable[Sample]) -> Sample:
+    """Collate samples like :func:`torchgeo.datasets.stack_samples`, checking band sets.
+
+    Args:
+        samples: sample dicts of one batch.
+
+    Returns:
+        The batch: every key stacked along a new first dimension (``wavelengths`` becomes
+        (B, C), all rows equal).
+
+    Raises:
+        MixedBandSetError: if samples carry different wavelength vectors (DOFA takes one
+            per forward pass); the message says how to batch them.
+        ValueError: if images differ in size.
+    """
+    batch = list(samples)
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    reference = batch[0].get("wavelengths")
+    for i, sample in enumerate(batch[1:], start=1):
+        other = sample.get("wavelengths")
+        same = (reference is None and other is None) or (
+            isinstance(reference, Tensor)
+            and isinstance(other, Tensor)
+            and reference.shape == other.shape
+            and bool(torch.equal(reference, other))
+        )
+        if not same:
+            raise MixedBandSetError(
+                "samples in one batch have different wavelength vectors: sample 0 has "
+                f"{_describe(reference)}, sample {i} has {_describe(other)}. DOFA takes one "
+                "wavelength vector per forward pass, so a batch must not mix band sets: batch "
+                "with torchgeo_dofa.datasets.BandSetBatchSampler (it groups samples by band "
+                "set), or use one band set per dataset and DataLoader (the same bands= for "
+                "every dataset)"
+            )
+    shapes = {tuple(s["image"].shape) for s in batch if isinstance(s.get("image"), Tensor)}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"images in one batch differ in size {sorted(shapes)}: resize every chip to one "
+            "size in the dataset's transforms (e.g. DOFAPreprocess, which resizes to 224), "
+            "use one patch size / buffer for all chips, or batch_size=1"
+        )
+    return stack_samples(batch)
+
+
+def _describe(wavelengths: Tensor | None) -> str:
+    if wavelengths is None:
+        return "no wavelengths"
+    values = [round(float(w), 4) for w in wavelengths.flatten()]
+    return f"{len(values)} wavelengths {values}"
+
+
+def band_set_key(dataset: Any) -> Hashable:
+    """The band-set key of a dataset: its wavelength vector (or band names).
+
+    Args:
+        dataset: a dataset with ``wavelengths`` (tensor or sequence, um) or ``bands``.
+
+    Returns:
+        A hashable key equal for datasets that may share a batch.
+
+    Raises:
+        BandError: if the dataset exposes neither.
+    """
+    wavelengths = getattr(dataset, "wavelengths", None)
+    if wavelengths is not None:
+        values = wavelengths.tolist() if isinstance(wavelengths, Tensor) else list(wavelengths)
+        return tuple(round(float(w), 6) for w in values)
+    bands = getattr(dataset, "bands", None)
+    if bands is not None:
+        return tuple(str(b) for b in bands)
+    raise BandError(
+        f"{type(dataset).__name__} exposes neither `wavelengths` nor `bands`: pass "
+        "band_sets=[...] (one key per dataset) to BandSetBatchSampler"
+    )
+
+
+class DatasetCollection(Dataset[Sample]):
+    """Several datasets indexed by ``(dataset_number, index)`` pairs.
+
+    Use it with :class:`BandSetBatchSampler` for a list of GeoDatasets with different band
+    sets (a ``ConcatDataset`` cannot hold GeoDatasets, which are indexed by slices).
+    """
+
+    def __init__(self, datasets: Sequence[Dataset[Sample]]) -> None:
+        """Wrap the datasets.
+
+        Args:
+            datasets: the datasets, in the order their numbers refer to.
+        """
+        self.datasets = list(datasets)
+
+    def __getitem__(self, index: tuple[int, Any]) -> Sample:
+        """Get one sample.
+
+        Args:
+            index: ``(dataset_number, index_into_that_dataset)``.
+
+        Returns:
+            The sample.
+        """
+        number, inner = index
+        return self.datasets[number][inner]
+
+    def __len__(self) -> int:
+        """Number of datasets.
+
+        Returns:
+            The number of wrapped datasets.
+        """
+        return len(self.datasets)
+
+
+class BandSetBatchSampler(Sampler[list[Any]]):
+    """Batches that never mix band sets.
+
+    Given several datasets with different bands (a ``ConcatDataset`` or a list), it groups
+    the datasets by band set (their wavelength vectors), draws each dataset's indices from its
+    sampler and yields batches drawn from one group at a time.
+
+    * ``ConcatDataset`` of int-indexed datasets: yields lists of global int indices; use it
+      as ``DataLoader(concat, batch_sampler=..., collate_fn=stack_dofa_samples)``.
+    * list of datasets (e.g. GeoDatasets with GeoSamplers): yields lists of
+      ``(dataset_number, index)`` pairs; use it with :class:`DatasetCollection`.
+
+    Example:
+        >>> s2 = Sentinel2SR("s2/")  # doctest: +SKIP
+        >>> rgb = Sentinel2SR("rgb/", bands=["B4", "B3", "B2"])  # doctest: +SKIP
+        >>> samplers = [GriddedPatchSampler(d, size=224) for d in (s2, rgb)]  # doctest: +SKIP
+        >>> loader = DataLoader(  # doctest: +SKIP
+        ...     DatasetCollection([s2, rgb]),
+        ...     batch_sampler=BandSetBatchSampler([s2, rgb], 8, samplers=samplers),
+        ...     collate_fn=stack_dofa_samples,
+        ... )
+    """
+
+    def __init__(
+        self,
+        datasets: ConcatDataset[Any] | Sequence[Any],
+        batch_size: int,
+        *,
+        samplers: Sequence[Iterable[Any]] | None = None,
+        band_sets: Sequence[Hashable] | None = None,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        generator: random.Random | int | None = None,
+    ) -> None:
+        """Group the datasets by band set.
+
+        Args:
+            datasets: a ``ConcatDataset`` or a sequence of datasets.
+            batch_size: samples per batch.
+            samplers: one index sampler per dataset (default: ``range(len(dataset))``; a
+                GeoDataset needs a GeoSampler here).
+            band_sets: one key per dataset (default: :func:`band_set_key`).
+            shuffle: shuffle indices within each band set and the order of batches.
+            drop_last: drop each band set's last incomplete batch.
+            generator: seed or ``random.Random`` used when shuffling.
+
+        Raises:
+            ValueError: on a bad batch size, or lengths that do not match.
+            TypeError: if a GeoDataset comes without a sampler.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.concat = isinstance(datasets, ConcatDataset)
+        children: list[Any] = (
+            list(datasets.datasets) if isinstance(datasets, ConcatDataset) else list(datasets)
+        )
+        self.offsets = [0]
+        if isinstance(datasets, ConcatDataset):
+            self.offsets = [0, *datasets.cumulative_sizes[:-1]]
+        if samplers is None:
+            geo = [i for i, d in enumerate(children) if isinstance(d, GeoDataset)]
+            if geo:
+                raise TypeError(
+                    f"dataset(s) {geo} are GeoDatasets, indexed by slices: pass samplers=[...] "
+                    "with one GeoSampler (e.g. GriddedPatchSampler) per dataset"
+                )
+            samplers = [range(len(d)) for d in children]
+        if len(samplers) != len(children):
+            raise ValueError(f"got {len(samplers)} samplers for {len(children)} datasets")
+        keys = list(band_sets) if band_sets is not None else [band_set_key(d) for d in children]
+        if len(keys) != len(children):
+            raise ValueError(f"got {len(keys)} band_sets for {len(children)} datasets")
+        self.samplers = list(samplers)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.rng = generator if isinstance(generator, random.Random) else random.Random(generator)
+        self.groups: dict[Hashable, list[int]] = {}
+        for number, key in enumerate(keys):
+            self.groups.setdefault(key, []).append(number)
+
+    def _indices(self, number: int) -> list[Any]:
+        if self.concat:
+            return [self.offsets[number] + int(i) for i in self.samplers[number]]
+        return [(number, i) for i in self.samplers[number]]
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        """Yield batches, each from one band set.
+
+        Yields:
+            Lists of indices (ints for a ConcatDataset, ``(number, index)`` pairs otherwise).
+        """
+        batches: list[list[Any]] = []
+        for numbers in self.groups.values():
+            indices = [i for n in numbers for i in self._indices(n)]
+            if self.shuffle:
+                self.rng.shuffle(indices)
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                if len(chunk) < self.batch_size and self.drop_last:
+                    continue
+                batches.append(chunk)
+        if self.shuffle:
+            self.rng.shuffle(batches)
+        yield from batches
+
+    def __len__(self) -> int:
+        """Number of batches per epoch.
+
+        Returns:
+            The batch count.
+        """
+        total = 0
+        for numbers in self.groups.values():
+            n = sum(len(cast(Sized, self.samplers[k])) for k in numbers)
+            total += n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return total

@@ -1,0 +1,253 @@
+"""Regions of interest (rs-embed style) and their conversion onto a raster's pixel grid.
+
+Regions are given in EPSG:4326 longitude/latitude, as rs-embed does:
+
+* :class:`PointBuffer` ``(lon, lat, buffer_m)``: the square of side ``2 * buffer_m`` metres
+  centred on the point (rs-embed's ``Point.buffer(buffer_m).bounds()``);
+* :class:`BBox` ``(minlon, minlat, maxlon, maxlat)``;
+* any shapely geometry, in EPSG:4326 or in a CRS you name.
+
+:func:`region_window` turns a region into a chip on a dataset's pixel grid: the slices
+``[xmin:xmax, ymin:ymax]`` a TorchGeo dataset is indexed with, snapped to whole pixels so that
+pixels are read, never resampled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pyproj
+import shapely
+import shapely.ops
+from pyproj import CRS
+from shapely.geometry.base import BaseGeometry
+
+__all__ = [
+    "BBox",
+    "PointBuffer",
+    "Region",
+    "region_to_crs",
+    "region_window",
+]
+
+WGS84 = CRS.from_epsg(4326)
+
+
+@dataclass(frozen=True)
+class PointBuffer:
+    """A point with a buffer in metres: the square of side ``2 * buffer_m`` centred on it.
+
+    Attributes:
+        lon: longitude in degrees (EPSG:4326).
+        lat: latitude in degrees (EPSG:4326).
+        buffer_m: half the side of the square, in metres.
+    """
+
+    lon: float
+    lat: float
+    buffer_m: float
+
+    def __post_init__(self) -> None:
+        """Validate the coordinates and the buffer.
+
+        Raises:
+            ValueError: if a coordinate is out of range or the buffer is not positive.
+        """
+        if not (math.isfinite(self.lon) and -180.0 <= self.lon <= 180.0):
+            raise ValueError(f"lon must be in [-180, 180] degrees, got {self.lon}")
+        if not (math.isfinite(self.lat) and -90.0 <= self.lat <= 90.0):
+            raise ValueError(f"lat must be in [-90, 90] degrees, got {self.lat}")
+        if not (math.isfinite(self.buffer_m) and self.buffer_m > 0):
+            raise ValueError(f"buffer_m must be a positive number of metres, got {self.buffer_m}")
+
+    def extent(self, crs: CRS | str | int) -> tuple[float, float, float, float]:
+        """Centre and size of the buffered square in another CRS.
+
+        In a projected CRS the square is ``2 * buffer_m`` metres (converted to the CRS's
+        units) on each side, centred on the projected point. In a geographic CRS it is the
+        bounding box of the metric square (built in an azimuthal equidistant projection
+        centred on the point), so a "10 m" pixel grid in degrees still gets about
+        ``2 * buffer_m / 10`` pixels per side.
+
+        Args:
+            crs: the target CRS.
+
+        Returns:
+            ``(cx, cy, width, height)`` in the target CRS's units.
+        """
+        target = CRS.from_user_input(crs)
+        to_target = pyproj.Transformer.from_crs(WGS84, target, always_xy=True)
+        cx, cy = to_target.transform(self.lon, self.lat)
+        unit = _metres_per_unit(target)
+        if unit is not None:
+            side = 2.0 * self.buffer_m / unit
+            return float(cx), float(cy), side, side
+        xmin, ymin, xmax, ymax = self.to_geometry(target).bounds
+        return float(cx), float(cy), xmax - xmin, ymax - ymin
+
+    def to_geometry(self, crs: CRS | str | int = WGS84) -> BaseGeometry:
+        """The buffered square as a polygon in ``crs`` (EPSG:4326 by default).
+
+        Args:
+            crs: the target CRS.
+
+        Returns:
+            A shapely polygon.
+        """
+        local = CRS.from_proj4(
+            f"+proj=aeqd +lat_0={self.lat} +lon_0={self.lon} +datum=WGS84 +units=m +no_defs"
+        )
+        b = self.buffer_m
+        square = shapely.segmentize(shapely.box(-b, -b, b, b), max_segment_length=b / 8)
+        to_target = pyproj.Transformer.from_crs(local, CRS.from_user_input(crs), always_xy=True)
+        return shapely.ops.transform(to_target.transform, square)
+
+
+@dataclass(frozen=True)
+class BBox:
+    """A longitude/latitude bounding box in EPSG:4326.
+
+    Attributes:
+        minlon: western edge (degrees).
+        minlat: southern edge (degrees).
+        maxlon: eastern edge (degrees).
+        maxlat: northern edge (degrees).
+    """
+
+    minlon: float
+    minlat: float
+    maxlon: float
+    maxlat: float
+
+    def __post_init__(self) -> None:
+        """Validate the box.
+
+        Raises:
+            ValueError: if an edge is out of range or the box is empty (boxes crossing the
+                antimeridian are not supported: split them in two).
+        """
+        for name in ("minlon", "maxlon"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -180.0 <= value <= 180.0):
+                raise ValueError(f"{name} must be in [-180, 180] degrees, got {value}")
+        for name in ("minlat", "maxlat"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -90.0 <= value <= 90.0):
+                raise ValueError(f"{name} must be in [-90, 90] degrees, got {value}")
+        if not (self.minlon < self.maxlon and self.minlat < self.maxlat):
+            raise ValueError(
+                f"empty BBox {self}: need minlon < maxlon and minlat < maxlat "
+                "(a box crossing the antimeridian must be split in two)"
+            )
+
+    def to_geometry(self, crs: CRS | str | int = WGS84) -> BaseGeometry:
+        """The box as a polygon in ``crs`` (edges densified before reprojection).
+
+        Args:
+            crs: the target CRS (EPSG:4326 by default).
+
+        Returns:
+            A shapely polygon.
+        """
+        box = shapely.box(self.minlon, self.minlat, self.maxlon, self.maxlat)
+        return _reproject(box, WGS84, CRS.from_user_input(crs))
+
+
+#: Anything :func:`region_window` accepts.
+type Region = PointBuffer | BBox | BaseGeometry
+
+
+def region_to_crs(
+    region: Region, crs: CRS | str | int, region_crs: CRS | str | int = WGS84
+) -> BaseGeometry:
+    """Convert a region to a geometry in ``crs``.
+
+    Args:
+        region: a :class:`PointBuffer`, a :class:`BBox` or a shapely geometry.
+        crs: the target CRS (usually the dataset's).
+        region_crs: CRS of a shapely geometry (ignored for PointBuffer/BBox, which are
+            always EPSG:4326).
+
+    Returns:
+        The region's geometry in ``crs``.
+
+    Raises:
+        TypeError: if ``region`` is none of the accepted types.
+    """
+    target = CRS.from_user_input(crs)
+    if isinstance(region, PointBuffer | BBox):
+        return region.to_geometry(target)
+    if isinstance(region, BaseGeometry):
+        return _reproject(region, CRS.from_user_input(region_crs), target)
+    raise TypeError(f"expected a PointBuffer, BBox or shapely geometry, got {type(region)}")
+
+
+def region_window(
+    region: Region,
+    crs: CRS | str | int,
+    res: tuple[float, float],
+    origin: tuple[float, float],
+    region_crs: CRS | str | int = WGS84,
+) -> tuple[slice, slice]:
+    """Chip bounds for a region, snapped to a pixel grid.
+
+    Convention: a :class:`PointBuffer` gives a chip of ``round(2 * buffer_m / res)`` pixels
+    per side (at least 1) whose centre is the grid node nearest the point (so the point is
+    within half a pixel of the chip centre); a :class:`BBox` or geometry gives the smallest
+    grid-aligned box covering the region's bounding box.
+
+    Args:
+        region: the region.
+        crs: the grid's CRS.
+        res: ``(xres, yres)`` pixel size in CRS units.
+        origin: any grid corner ``(x, y)`` (e.g. the dataset bounds' ``(xmin, ymax)``).
+        region_crs: CRS of a shapely geometry region.
+
+    Returns:
+        ``(slice(xmin, xmax), slice(ymin, ymax))`` in CRS units.
+    """
+    xres, yres = res
+    x0, y0 = origin
+    if isinstance(region, PointBuffer):
+        cx, cy, width, height = region.extent(crs)
+        nx = max(1, round(width / xres))
+        ny = max(1, round(height / yres))
+        col = round((cx - x0) / xres - nx / 2)
+        row = round((cy - y0) / yres - ny / 2)
+        xmin = x0 + col * xres
+        ymin = y0 + row * yres
+        return slice(xmin, xmin + nx * xres), slice(ymin, ymin + ny * yres)
+    geometry = region_to_crs(region, crs, region_crs)
+    gxmin, gymin, gxmax, gymax = geometry.bounds
+    eps = 1e-6
+    col0 = math.floor((gxmin - x0) / xres + eps)
+    col1 = max(col0 + 1, math.ceil((gxmax - x0) / xres - eps))
+    row0 = math.floor((gymin - y0) / yres + eps)
+    row1 = max(row0 + 1, math.ceil((gymax - y0) / yres - eps))
+    return (
+        slice(x0 + col0 * xres, x0 + col1 * xres),
+        slice(y0 + row0 * yres, y0 + row1 * yres),
+    )
+
+
+def _metres_per_unit(crs: CRS) -> float | None:
+    """Metres per CRS unit for a projected CRS with linear units, else None."""
+    if not crs.is_projected:
+        return None
+    axis = crs.axis_info[0] if crs.axis_info else None
+    if axis is None or axis.unit_name in ("degree", "radian"):
+        return None
+    return float(axis.unit_conversion_factor)
+
+
+def _reproject(geometry: BaseGeometry, src: CRS, dst: CRS) -> BaseGeometry:
+    """Reproject a geometry, densifying its edges first so curved edges are followed."""
+    if src == dst:
+        return geometry
+    xmin, ymin, xmax, ymax = geometry.bounds
+    span = max(xmax - xmin, ymax - ymin)
+    if span > 0:
+        geometry = shapely.segmentize(geometry, max_segment_length=span / 32)
+    transformer = pyproj.Transformer.from_crs(src, dst, always_xy=True)
+    return shapely.ops.transform(transformer.transform, geometry)
