@@ -1,0 +1,259 @@
+"""DOFAPredictDataModule (grid / roi / points), RegionSampler, read_roi and spatial helpers."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import rasterio
+import shapely
+import torch
+import torch.nn.functional as F
+from pyproj import Geod, Transformer
+from torchgeo.datamodules.utils import MisconfigurationException
+from torchgeo.samplers import GriddedPatchSampler
+
+from tests.test_datasets import DATA, LAYOUTS, SceneSpec, check_sample, fx
+from torchgeo_dofa.bands import DOFA_S2_BANDS
+from torchgeo_dofa.datamodules import DOFAPredictDataModule, RegionSampler, read_roi
+from torchgeo_dofa.datasets import EarthEngineS2, Sentinel2SR
+from torchgeo_dofa.spatial import BBox, PointBuffer, region_to_crs
+
+MULTIBAND = LAYOUTS["multiband"].scenes
+TO_LONLAT = Transformer.from_crs("EPSG:32631", "EPSG:4326", always_xy=True)
+
+
+def lonlat(x: float, y: float) -> tuple[float, float]:
+    lon, lat = TO_LONLAT.transform(x, y)
+    return float(lon), float(lat)
+
+
+def batches(dm: DOFAPredictDataModule) -> list[dict[str, torch.Tensor]]:
+    dm.setup("predict")
+    return list(dm.predict_dataloader())
+
+
+# ----------------------------------------------------------------------------- grid
+
+
+def test_grid_mode_covers_the_raster() -> None:
+    dm = DOFAPredictDataModule(DATA / "multiband", patch_size=32, stride=24, batch_size=4)
+    assert dm.mode == "grid"
+    out = batches(dm)
+    ds = dm.predict_dataset
+    assert isinstance(ds, Sentinel2SR)
+    expected = len(GriddedPatchSampler(ds, size=32, stride=24))
+    assert sum(b["image"].shape[0] for b in out) == expected == 20
+    for batch in out:
+        assert batch["image"].shape[1:] == (9, 32, 32)
+        for i in range(batch["image"].shape[0]):
+            check_sample(batch["image"][i], batch["valid"][i], batch["bounds"][i], MULTIBAND)
+
+
+def test_default_patch_is_224_and_reaches_past_small_rasters() -> None:
+    dm = DOFAPredictDataModule(DATA / "multiband")
+    (batch,) = batches(dm)
+    assert batch["image"].shape == (1, 9, 224, 224)
+    assert int(batch["valid"].sum()) == 96 * 128  # the raster; the rest is padding
+    check_sample(batch["image"][0], batch["valid"][0], batch["bounds"][0], MULTIBAND)
+
+
+def test_only_predict_stage() -> None:
+    dm = DOFAPredictDataModule(DATA / "multiband")
+    with pytest.raises(MisconfigurationException, match="prediction"):
+        dm.setup("fit")
+    with pytest.raises(ValueError, match="not both"):
+        DOFAPredictDataModule(DATA / "multiband", points=[], roi=BBox(0, 0, 1, 1))
+
+
+def test_grid_with_time_range_and_dataset_kwargs() -> None:
+    dm = DOFAPredictDataModule(
+        DATA / "esa",
+        patch_size=32,
+        time=("2022-06-01", "2022-06-30"),
+        bands=["B4", "B8"],
+        offset=0,
+    )
+    out = batches(dm)
+    assert sum(b["image"].shape[0] for b in out) == 4
+    scene = SceneSpec(
+        [(DATA / "esa" / f"T31UFQ_{fx.ESA_DATES[1]}_{b}_10m.tif", 1) for b in ("B04", "B08")]
+    )
+    for batch in out:
+        check_sample(batch["image"][0], batch["valid"][0], batch["bounds"][0], [scene])
+
+
+# ----------------------------------------------------------------------------- points
+
+
+def test_points_give_centred_chips_in_order() -> None:
+    x0, y1 = 620000.0, 5702000.0  # top-left corner of the multiband fixture
+    targets = [(x0 + 403.0, y1 - 302.0), (x0 + 905.0, y1 - 500.0)]
+    points = [
+        PointBuffer(*lonlat(*targets[0]), buffer_m=160),
+        PointBuffer(*lonlat(*targets[1]), buffer_m=100),
+    ]
+    dm = DOFAPredictDataModule(DATA / "multiband", points=points)
+    assert dm.mode == "points"
+    out = batches(dm)
+    assert [tuple(b["image"].shape[-2:]) for b in out] == [(32, 32), (20, 20)]
+    for batch, (x, y) in zip(out, targets, strict=True):
+        b = batch["bounds"][0].tolist()
+        assert abs((b[0] + b[1]) / 2 - x) <= 5.0 + 1e-6 and abs((b[3] + b[4]) / 2 - y) <= 5.0
+        assert (b[1] - b[0]) % 10 == 0 and (b[0] - x0) % 10 == 0  # on the pixel grid
+        check_sample(batch["image"][0], batch["valid"][0], batch["bounds"][0], MULTIBAND)
+
+
+def test_points_of_different_sizes_need_a_resize_or_batch_size_one() -> None:
+    x0, y1 = 620000.0, 5702000.0
+    points = [
+        PointBuffer(*lonlat(x0 + 400, y1 - 300), buffer_m=160),
+        PointBuffer(*lonlat(x0 + 900, y1 - 500), buffer_m=100),
+    ]
+    dm = DOFAPredictDataModule(DATA / "multiband", points=points, batch_size=2)
+    with pytest.raises(ValueError, match="differ in size"):
+        batches(dm)
+
+    def resize(sample):
+        sample["image"] = F.interpolate(sample["image"][None], size=(24, 24), mode="bilinear")[0]
+        sample["valid"] = torch.ones(24, 24, dtype=torch.bool)
+        return sample
+
+    dm = DOFAPredictDataModule(DATA / "multiband", points=points, batch_size=2, transforms=resize)
+    (batch,) = batches(dm)
+    assert batch["image"].shape == (2, 9, 24, 24)
+
+
+def test_points_on_an_earth_engine_grid_in_degrees() -> None:
+    lon, lat = 4.5 + 100 * fx.EE_RES, 51.0 - 16 * fx.EE_RES
+    dm = DOFAPredictDataModule(
+        DATA / "ee", dataset_class=EarthEngineS2, points=[PointBuffer(lon, lat, 50)]
+    )
+    (batch,) = batches(dm)
+    geod = Geod(ellps="WGS84")
+    east, _, _ = geod.fwd(lon, lat, 90, 50)
+    _, north, _ = geod.fwd(lon, lat, 0, 50)
+    width = round(2 * (east - lon) / fx.EE_RES)
+    height = round(2 * (north - lat) / fx.EE_RES)
+    h, w = batch["image"].shape[-2:]
+    assert abs(w - width) <= 1 and abs(h - height) <= 1 and w > h  # degrees: wider than tall
+    check_sample(
+        batch["image"][0], batch["valid"][0], batch["bounds"][0], LAYOUTS["ee_tiles"].scenes
+    )
+
+
+def test_points_outside_the_rasters_are_named() -> None:
+    ds = Sentinel2SR(DATA / "multiband")
+    inside = PointBuffer(*lonlat(620500, 5701500), 100)
+    with pytest.raises(ValueError, match=r"1 region\(s\).*#1"):
+        RegionSampler(ds, [inside, PointBuffer(10.0, 45.0, 100)])
+
+
+# ----------------------------------------------------------------------------- roi
+
+
+def _bbox_of(xmin: float, ymin: float, xmax: float, ymax: float) -> BBox:
+    lon0, lat0 = lonlat(xmin, ymin)
+    lon1, lat1 = lonlat(xmax, ymax)
+    return BBox(lon0, lat0, lon1, lat1)
+
+
+def test_bbox_roi_restricts_the_grid() -> None:
+    bbox = _bbox_of(620200, 5701300, 620700, 5701800)
+    dm = DOFAPredictDataModule(DATA / "multiband", roi=bbox, patch_size=16)
+    assert dm.mode == "roi"
+    out = batches(dm)
+    ds = dm.predict_dataset
+    assert isinstance(ds, Sentinel2SR)
+    polygon = bbox.to_geometry(ds.crs)
+    total = len(GriddedPatchSampler(ds, size=16))
+    chips = [b["bounds"][0].tolist() for b in out]
+    assert 0 < len(chips) < total
+    for b in chips:
+        box = shapely.box(b[0], b[3], b[1], b[4])
+        assert box.intersects(polygon) and not box.touches(polygon)
+    covered = shapely.union_all([shapely.box(b[0], b[3], b[1], b[4]) for b in chips])
+    assert covered.buffer(1e-6).contains(polygon.intersection(ds.index.geometry.iloc[0]))
+    for batch in out:
+        check_sample(batch["image"][0], batch["valid"][0], batch["bounds"][0], MULTIBAND)
+
+
+def test_whole_roi_is_one_chip() -> None:
+    bbox = _bbox_of(620200, 5701300, 620700, 5701800)
+    dm = DOFAPredictDataModule(DATA / "multiband", roi=bbox, roi_sampling="whole")
+    (batch,) = batches(dm)
+    b = batch["bounds"][0].tolist()
+    xmin, ymin, xmax, ymax = region_to_crs(bbox, "EPSG:32631").bounds
+    assert b[0] <= xmin < b[0] + 10 and b[1] - 10 < xmax <= b[1]
+    assert b[3] <= ymin < b[3] + 10 and b[4] - 10 < ymax <= b[4]
+    check_sample(batch["image"][0], batch["valid"][0], batch["bounds"][0], MULTIBAND)
+
+
+def test_polygon_roi_in_the_dataset_crs() -> None:
+    triangle = shapely.Polygon([(620050, 5701950), (620900, 5701950), (620050, 5701100)])
+    dm = DOFAPredictDataModule(
+        DATA / "multiband", roi=triangle, roi_crs="EPSG:32631", patch_size=16
+    )
+    out = batches(dm)
+    assert out
+    for batch in out:
+        b = batch["bounds"][0].tolist()
+        assert shapely.box(b[0], b[3], b[1], b[4]).intersects(triangle)
+    with pytest.raises(ValueError, match="does not overlap"):
+        batches(DOFAPredictDataModule(DATA / "multiband", roi=BBox(10, 45, 10.1, 45.1)))
+
+
+# ----------------------------------------------------------------------------- read_roi
+
+
+def test_read_roi_returns_raw_array_and_affine() -> None:
+    point = PointBuffer(*lonlat(620400, 5701700), 200)
+    roi = read_roi(DATA / "multiband", point)
+    assert roi.image.shape == (9, 40, 40) and roi.image.dtype == np.float32
+    assert roi.bands == DOFA_S2_BANDS and roi.crs.to_epsg() == 32631
+    assert roi.valid.all() and roi.wavelengths.shape == (9,)
+    path = DATA / "multiband" / "S2_20220614_multiband.tif"
+    with rasterio.open(path) as src:
+        row, col = src.index(roi.transform.c + 5, roi.transform.f - 5)  # first pixel centre
+        window = rasterio.windows.Window(col, row, 40, 40)
+        for c, band in enumerate(DOFA_S2_BANDS):
+            idx = fx.MULTIBAND_DESCRIPTIONS.index(
+                band if band == "B8A" or len(band) == 3 else f"B0{band[1:]}"
+            )
+            np.testing.assert_array_equal(roi.image[c], src.read(idx + 1, window=window))
+    assert roi.transform.a == 10 and roi.transform.e == -10
+    assert abs(roi.transform.c + 200 - 620400) <= 5 and abs(roi.transform.f - 200 - 5701700) <= 5
+
+    ds = Sentinel2SR(DATA / "esa", bands=["B8"])
+    box = read_roi(ds, _bbox_of(600100, 5699500, 600300, 5699700))
+    assert box.bands == ("B8",) and box.image.shape[0] == 1
+    assert box.image.shape[1] >= 20 and box.image.shape[2] >= 20
+    with pytest.raises(ValueError, match="outside"):
+        read_roi(ds, PointBuffer(10.0, 45.0, 100))
+
+
+# ----------------------------------------------------------------------------- Lightning
+
+
+class MeanPerChip(pl.LightningModule):
+    def predict_step(self, batch, batch_idx):
+        valid = batch["valid"][:, None].float()
+        return (batch["image"] * valid).sum(dim=(2, 3)) / valid.sum(dim=(2, 3))
+
+
+def test_trainer_predict_uses_raw_batches() -> None:
+    points = [
+        PointBuffer(*lonlat(620400, 5701700), 100),
+        PointBuffer(*lonlat(620800, 5701300), 100),
+    ]
+    dm = DOFAPredictDataModule(DATA / "multiband", points=points, batch_size=2)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    outputs = trainer.predict(MeanPerChip(), datamodule=dm)
+    assert outputs is not None and len(outputs) == 1
+    means = outputs[0]
+    assert isinstance(means, torch.Tensor)
+    for i, point in enumerate(points):
+        expected = read_roi(DATA / "multiband", point)
+        torch.testing.assert_close(means[i], torch.from_numpy(expected.image.mean(axis=(1, 2))))
