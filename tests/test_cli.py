@@ -227,3 +227,35 @@ def test_tile_mode_matches_resize_on_224_chips(tmp_path, reference_run, base_che
     ):
         assert a.tags()["input_prep"] == "tile"
         np.testing.assert_allclose(a.read(), b.read(), atol=1e-4)
+
+
+def test_lightning_cli_predict_config(tmp_path, base_checkpoint) -> None:
+    import yaml
+
+    cfg_path = (
+        Path(__file__).resolve().parents[1] / "torchgeo_dofa" / "configs" / "predict_grid.yaml"
+    )
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["model"]["init_args"]["weights"] = str(base_checkpoint)
+    cfg["data"]["init_args"]["paths"] = str(SCENE)
+    cfg["trainer"]["callbacks"][0]["init_args"]["path"] = str(tmp_path / "g.tif")
+    cfg["trainer"]["callbacks"][1]["init_args"]["path"] = str(tmp_path / "p.parquet")
+    cfg["trainer"]["enable_progress_bar"] = False
+    cfg["trainer"]["default_root_dir"] = str(tmp_path)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 0
+    frame = gpd.read_parquet(tmp_path / "p.parquet")
+    with rasterio.open(tmp_path / "g.tif") as emb, rasterio.open(SCENE) as src:
+        assert emb.crs == src.crs and emb.res == (160.0, 160.0) and emb.count == 768
+        assert emb.tags()["weights"] == "file:DOFA_ViT_base_e100.pth"
+        data = emb.read(1)
+    # TorchGeo's GriddedPatchSampler centres 2 x 3 chips of 224 px on the scene
+    assert len(frame) == 6 and frame.crs == src.crs
+    assert (emb.width, emb.height) == (3 * 14, 2 * 14)
+    # cells overlapping the scene hold data; cells of chip parts beyond the scene are nodata
+    b, left, top = src.bounds, emb.bounds.left, emb.bounds.top
+    cols = range(int((b.left - left) // 160), int(np.ceil((b.right - left) / 160)))
+    rows = range(int((top - b.top) // 160), int(np.ceil((top - b.bottom) / 160)))
+    expected = np.zeros_like(data, dtype=bool)
+    expected[rows.start : rows.stop, cols.start : cols.stop] = True
+    np.testing.assert_array_equal(np.isfinite(data), expected)

@@ -53,6 +53,7 @@ class Band:
 
 
 #: Sentinel-2 MSI bands with centre wavelengths (um) and DOFA statistics (0..255 scale).
+#: B1, B8A, B9 and B10 (cirrus, L1C only) have wavelengths but no DOFA statistics.
 SENTINEL2_BANDS: dict[str, Band] = {
     b.name: b
     for b in (
@@ -66,6 +67,7 @@ SENTINEL2_BANDS: dict[str, Band] = {
         Band("B8", 0.842, 101.435633, 60.29744676),
         Band("B8A", 0.865),
         Band("B9", 0.945),
+        Band("B10", 1.375),
         Band("B11", 1.610, 72.32804172, 47.88519516),
         Band("B12", 2.190, 56.66528851, 42.55886798),
     )

@@ -438,17 +438,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _lightning_cli(args: Sequence[str]) -> None:
+def _lightning_cli(args: Sequence[str] | None) -> None:
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
+    cli = LightningCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=list(args),
+        args=None if args is None else list(args),
         save_config_kwargs={"overwrite": True},
     )
+    # close cached raster handles now, not during interpreter shutdown
+    for name in ("train_dataset", "val_dataset", "test_dataset", "predict_dataset"):
+        close = getattr(getattr(cli.datamodule, name, None), "close", None)
+        if callable(close):
+            close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -462,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in ("fit", "validate", "test", "predict"):
-        _lightning_cli(args_list)
+        _lightning_cli(None if argv is None else args_list)
         return 0
     args = _parser().parse_args(args_list)
     try:

@@ -161,7 +161,7 @@ class DOFAPredictDataModule(GeoDataModule):
         dataset_class: type[Sentinel2Base] = Sentinel2SR,
         points: Sequence[PointBuffer] | None = None,
         roi: BBox | BaseGeometry | None = None,
-        roi_crs: CRS | str | int = WGS84,
+        roi_crs: CRS | str | int = "EPSG:4326",
         roi_sampling: Literal["grid", "whole"] = "grid",
         patch_size: int = 224,
         stride: int | None = None,
@@ -169,6 +169,8 @@ class DOFAPredictDataModule(GeoDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         transforms: Callable[[Sample], Sample] | None = None,
+        preprocess: bool = False,
+        input_prep: Literal["resize", "tile"] = "resize",
         **kwargs: Any,
     ) -> None:
         """Configure the data module (datasets are opened in :meth:`setup`).
@@ -188,6 +190,10 @@ class DOFAPredictDataModule(GeoDataModule):
             batch_size: chips per batch.
             num_workers: DataLoader workers.
             transforms: per-sample transforms given to the dataset (e.g. ``DOFAPreprocess``).
+            preprocess: when ``transforms`` is None, give the dataset DOFA's standard
+                :class:`~torchgeo_dofa.transforms.DOFAPreprocess` for its own bands and
+                wavelengths (so a YAML config need not repeat the band list).
+            input_prep: ``"resize"`` or ``"tile"``, for that automatic stack.
             **kwargs: further dataset arguments (``bands``, ``wavelengths``, ``offset``,
                 ``nodata``, ``crs``, ``res``...).
 
@@ -217,6 +223,8 @@ class DOFAPredictDataModule(GeoDataModule):
         self.time = time
         self.collate_fn = stack_dofa_samples
         self.aug = _passthrough
+        self.preprocess = preprocess and transforms is None
+        self.input_prep = input_prep
 
     @property
     def mode(self) -> Literal["grid", "roi", "points"]:
@@ -250,6 +258,12 @@ class DOFAPredictDataModule(GeoDataModule):
             return
         dataset = self.dataset_class(**self.kwargs)
         assert isinstance(dataset, Sentinel2Base)
+        if self.preprocess:
+            from torchgeo_dofa.transforms import DOFAPreprocess
+
+            dataset.transforms = DOFAPreprocess(
+                dataset.bands, dataset.wavelengths, input_prep=self.input_prep
+            )
         self.predict_dataset = dataset
         self.predict_sampler = self._make_sampler(dataset)
 

@@ -95,6 +95,32 @@ class GridGeometry:
         height = max(1, math.ceil((ymax - ymin) / cell - 1e-6))
         return cls(crs, xmin, ymin, cell, width, height)
 
+    @classmethod
+    def for_chips(
+        cls, crs: CRS, chips: Sequence[tuple[slice, ...]], res: float, patch_px: float = 16.0
+    ) -> GridGeometry:
+        """Grid covering the union of a sampler's chips (e.g. TorchGeo's gridded samplers).
+
+        Args:
+            crs: the chips' CRS.
+            chips: ``(x, y, ...)`` slices in map units.
+            res: input pixel size in map units.
+            patch_px: input pixels per cell side.
+
+        Returns:
+            The geometry.
+
+        Raises:
+            ValueError: if there are no chips.
+        """
+        if not chips:
+            raise ValueError("the sampler yields no chip: nothing to write")
+        xmin = min(float(c[0].start) for c in chips)
+        ymin = min(float(c[1].start) for c in chips)
+        xmax = max(float(c[0].stop) for c in chips)
+        ymax = max(float(c[1].stop) for c in chips)
+        return cls.for_region(crs, (xmin, ymin, xmax, ymax), res, patch_px)
+
     @property
     def transform(self) -> Affine:
         """The output raster's affine transform (north-up)."""
@@ -183,7 +209,7 @@ class GridWriter(_PartsWriter):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        geometry: GridGeometry,
+        geometry: GridGeometry | None = None,
         metadata: Mapping[str, Any] | None = None,
         window: int = 64,
     ) -> None:
@@ -191,13 +217,42 @@ class GridWriter(_PartsWriter):
 
         Args:
             path: output GeoTIFF.
-            geometry: the output grid (see :meth:`GridGeometry.for_region`).
+            geometry: the output grid (see :meth:`GridGeometry.for_region`); None derives it
+                at setup from the trainer's datamodule (its ``predict_dataset`` CRS and
+                resolution, and the chips of its ``predict_sampler``), as in a
+                ``torchgeo-dofa predict --config`` run.
             metadata: tags stored in the GeoTIFF (variant, weights, bands ...).
             window: cells per side of the assembly window.
         """
         super().__init__(path, metadata)
-        self.geometry = geometry
+        self._geometry = geometry
         self.window = window
+
+    @property
+    def geometry(self) -> GridGeometry:
+        """The output grid."""
+        if self._geometry is None:
+            raise RuntimeError("GridWriter has no geometry yet: it is derived at setup")
+        return self._geometry
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Create the parts folder; derive the geometry from the datamodule if needed."""
+        super().setup(trainer, pl_module, stage)
+        if self._geometry is None:
+            dm = getattr(trainer, "datamodule", None)
+            dataset = getattr(dm, "predict_dataset", None)
+            sampler = getattr(dm, "predict_sampler", None)
+            if dataset is None or sampler is None:
+                raise RuntimeError(
+                    "GridWriter(geometry=None) needs a datamodule with predict_dataset and "
+                    "predict_sampler (e.g. torchgeo_dofa.datamodules.DOFAPredictDataModule)"
+                )
+            crs = CRS.from_user_input(dataset.crs.to_wkt())
+            patch_px = float(getattr(dm, "patch_size", 224)) / 224 * 16
+            self._geometry = GridGeometry.for_chips(
+                crs, list(sampler), float(dataset.res[0]), patch_px
+            )
+        self.metadata.update(getattr(pl_module, "metadata", {}))
 
     @staticmethod
     def key_for(geometry: GridGeometry, grid_transform: Sequence[float]) -> str:
@@ -304,7 +359,7 @@ class PooledWriter(_PartsWriter):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        crs: CRS,
+        crs: CRS | None = None,
         metadata: Mapping[str, Any] | None = None,
         source: str = "",
     ) -> None:
@@ -312,7 +367,8 @@ class PooledWriter(_PartsWriter):
 
         Args:
             path: output ``.parquet`` file.
-            crs: CRS of the chips' coordinates.
+            crs: CRS of the chips' coordinates; None takes the datamodule's
+                ``predict_dataset`` CRS at setup.
             metadata: values stored in every row (``variant``, ``weights``, ``pooled_norm``)
                 and in the file's metadata.
             source: name of the input (file or region) stored in every row.
@@ -320,6 +376,16 @@ class PooledWriter(_PartsWriter):
         super().__init__(path, metadata)
         self.crs = crs
         self.source = source
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Create the parts folder; take the CRS from the datamodule if needed."""
+        super().setup(trainer, pl_module, stage)
+        if self.crs is None:
+            dataset = getattr(getattr(trainer, "datamodule", None), "predict_dataset", None)
+            if dataset is None:
+                raise RuntimeError("PooledWriter(crs=None) needs a datamodule's predict_dataset")
+            self.crs = CRS.from_user_input(dataset.crs.to_wkt())
+        self.metadata.update(getattr(pl_module, "metadata", {}))
 
     @staticmethod
     def chip_key(bounds: Sequence[float]) -> str:
