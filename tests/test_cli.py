@@ -259,3 +259,55 @@ def test_lightning_cli_predict_config(tmp_path, base_checkpoint) -> None:
     expected = np.zeros_like(data, dtype=bool)
     expected[rows.start : rows.stop, cols.start : cols.stop] = True
     np.testing.assert_array_equal(np.isfinite(data), expected)
+
+
+def _scene_lonlat(x: float, y: float) -> tuple[float, float]:
+    from pyproj import Transformer
+
+    lon, lat = Transformer.from_crs(32633, 4326, always_xy=True).transform(x, y)
+    return float(lon), float(lat)
+
+
+def test_points_csv_and_geojson(tmp_path, base_checkpoint) -> None:
+    with rasterio.open(SCENE) as src:
+        b = src.bounds
+    pts = [
+        _scene_lonlat(b.left + 1500, b.bottom + 1500),
+        _scene_lonlat(b.left + 4000, b.top - 1200),
+    ]
+    csv_path = tmp_path / "pts.csv"
+    csv_path.write_text(
+        "id,lon,lat\n" + "".join(f"{i},{lo},{la}\n" for i, (lo, la) in enumerate(pts))
+    )
+    common = ["--weights", str(base_checkpoint), "--output", "pooled", "--no-progress"]
+    args = ["embed", str(SCENE), "--points", str(csv_path), "--buffer-m", "1120"]
+    assert main([*args, "-o", str(tmp_path / "a"), *common]) == 0
+    frame = gpd.read_parquet(tmp_path / "a" / "ftw_s2_l2a_33N_pooled.parquet")
+    assert len(frame) == 2
+    centres = frame.geometry.centroid
+    for x, y in [(b.left + 1500, b.bottom + 1500), (b.left + 4000, b.top - 1200)]:
+        d = np.hypot(centres.x - x, centres.y - y).min()
+        assert d <= 10  # centred within a pixel
+    assert frame.geometry.area.round().tolist() == [2240.0**2] * 2  # 2 x 1120 m = 224 px
+    gj = gpd.GeoDataFrame(geometry=gpd.points_from_xy(*zip(*pts, strict=True)), crs=4326)
+    gj.to_file(tmp_path / "pts.geojson", driver="GeoJSON")
+    args[3] = str(tmp_path / "pts.geojson")
+    assert main([*args, "-o", str(tmp_path / "b"), *common]) == 0
+    other = gpd.read_parquet(tmp_path / "b" / "ftw_s2_l2a_33N_pooled.parquet")
+    np.testing.assert_array_equal(np.stack(other.embedding), np.stack(frame.embedding))
+
+
+def test_bbox_restricts_the_region(tmp_path, base_checkpoint) -> None:
+    with rasterio.open(SCENE) as src:
+        b = src.bounds
+    lo0, la0 = _scene_lonlat(b.left + 100, b.bottom + 100)
+    lo1, la1 = _scene_lonlat(b.left + 2000, b.bottom + 2000)
+    code = main(
+        ["embed", str(SCENE), "-o", str(tmp_path), "--bbox", str(lo0), str(la0), str(lo1), str(la1),
+         "--weights", str(base_checkpoint), "--output", "both", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    assert len(gpd.read_parquet(tmp_path / "ftw_s2_l2a_33N_pooled.parquet")) == 1
+    with rasterio.open(tmp_path / "ftw_s2_l2a_33N_grid.tif") as emb:
+        assert emb.width <= 14 and emb.height <= 14
+        assert emb.bounds.left == pytest.approx(b.left + 100, abs=60)
