@@ -17,3 +17,34 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# rs-embed style API (issue 6): get_embedding("dofa", spatial=..., temporal=..., ...)
+from .api import (
+    BBox,
+    Embedding,
+    ExportModelRequest,
+    ModelError,
+    OutputSpec,
+    PointBuffer,
+    SensorSpec,
+    TemporalSpec,
+    export_batch,
+    get_embedding,
+    get_embeddings_batch,
+    get_embeddings_batch_from_inputs,
+)
+
+__all__ += [
+    "BBox",
+    "Embedding",
+    "ExportModelRequest",
+    "ModelError",
+    "OutputSpec",
+    "PointBuffer",
+    "SensorSpec",
+    "TemporalSpec",
+    "export_batch",
+    "get_embedding",
+    "get_embeddings_batch",
+    "get_embeddings_batch_from_inputs",
+]

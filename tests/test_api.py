@@ -1,0 +1,609 @@
+"""rs-embed style API: equal to the embed job's outputs, batching, local/gee backends, errors.
+
+Every forward pass of base costs ~1.5 s on a small CPU, so reference embeddings are computed
+once per module (fixtures) and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pyproj
+import pytest
+import rasterio
+import shapely.geometry
+from rasterio.windows import from_bounds
+
+from torchgeo_dofa import api, gee
+from torchgeo_dofa.api import (
+    ExportModelRequest,
+    ModelError,
+    OutputSpec,
+    SensorSpec,
+    TemporalSpec,
+    export_batch,
+    get_embedding,
+    get_embeddings_batch,
+    get_embeddings_batch_from_inputs,
+)
+from torchgeo_dofa.bands import BandError
+from torchgeo_dofa.cli import embed
+from torchgeo_dofa.gee import GEEUnavailableError, build_gee_request, decode_pixels, utm_epsg
+from torchgeo_dofa.spatial import BBox, PointBuffer
+from torchgeo_dofa.transforms import ReflectanceError
+
+SCENE = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
+CHIP_M = 2240.0  # 224 px at 10 m
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _scene_window(dx: float, dy: float, w: float = CHIP_M, h: float = CHIP_M):
+    """Raw pixels, band names and profile of the window ``dx, dy`` metres from lower-left."""
+    with rasterio.open(SCENE) as src:
+        left, bottom = src.bounds.left, src.bounds.bottom
+        bounds = (left + dx, bottom + dy, left + dx + w, bottom + dy + h)
+        window = from_bounds(*bounds, src.transform)
+        raw = src.read(window=window)
+        profile = src.profile | {
+            "width": raw.shape[2],
+            "height": raw.shape[1],
+            "transform": src.window_transform(window),
+        }
+        return raw, list(src.descriptions), profile, bounds
+
+
+def _centre_point(bounds, buffer_m: float = CHIP_M / 2) -> PointBuffer:
+    to_wgs84 = pyproj.Transformer.from_crs("EPSG:32633", "EPSG:4326", always_xy=True)
+    lon, lat = to_wgs84.transform((bounds[0] + bounds[2]) / 2, (bounds[1] + bounds[3]) / 2)
+    return PointBuffer(lon=lon, lat=lat, buffer_m=buffer_m)
+
+
+def _write(path: Path, raw: np.ndarray, profile: dict, names) -> Path:
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(raw)
+        dst.descriptions = tuple(names)
+    return path
+
+
+def _close(a, b, tol: float = 1e-4) -> None:
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def weights(base_checkpoint) -> str:
+    return str(base_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def chip_a():
+    """Second chip of the bottom row of the demo scene (as located in tests/test_cli.py)."""
+    return _scene_window(CHIP_M, 0.0)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, chip_a, weights):
+    """The embed job's outputs for chip A's pixels (a GeoTIFF holding exactly that chip)."""
+    raw, names, profile, _ = chip_a
+    root = tmp_path_factory.mktemp("pipeline")
+    crop = _write(root / "chip_a.tif", raw, profile, names)
+    embed([crop], root / "out", output="both", weights=weights, batch_size=1, progress=False)
+    with rasterio.open(root / "out" / "chip_a_grid.tif") as src:
+        grid, grid_transform = src.read(), src.transform
+    pooled = gpd.read_parquet(root / "out" / "chip_a_pooled.parquet")
+    return SimpleNamespace(grid=grid, transform=grid_transform, pooled=pooled)
+
+
+@pytest.fixture(scope="module")
+def tensor_a(chip_a, weights):
+    """get_embedding(backend='tensor') of chip A: pooled and grid."""
+    raw, names, _, _ = chip_a
+    sensor = SensorSpec(bands=tuple(names))
+    pooled = get_embedding(
+        "dofa", input_chw=raw, sensor=sensor, backend="tensor", weights=weights, device="cpu"
+    )
+    grid = get_embedding(
+        "dofa",
+        input_chw=raw,
+        sensor=sensor,
+        output=OutputSpec.grid(),
+        backend="tensor",
+        weights=weights,
+        device="cpu",
+    )
+    return SimpleNamespace(pooled=pooled, grid=grid)
+
+
+# ------------------------------------------------------------------------------ tensor backend
+
+
+def test_tensor_pooled_equals_pipeline_pooled(tensor_a, pipeline) -> None:
+    assert len(pipeline.pooled) == 1
+    row = pipeline.pooled.iloc[0]
+    assert tensor_a.pooled.data.shape == (768,)
+    assert tensor_a.pooled.data.dtype == np.float32
+    _close(tensor_a.pooled.data, np.asarray(row.embedding))
+    assert tensor_a.pooled.meta["pooled_norm"] == row.pooled_norm == "trained"
+    assert tensor_a.pooled.meta["weights"] == row.weights == "file:DOFA_ViT_base_e100.pth"
+
+
+def test_tensor_grid_equals_pipeline_grid_cells(tensor_a, pipeline) -> None:
+    assert tensor_a.grid.data.shape == (768, 14, 14)
+    assert pipeline.grid.shape == (768, 14, 14)
+    _close(tensor_a.grid.data, pipeline.grid)
+    # the pooled vector is not the grid's plain mean (LayerNorm with the trained affine)
+    assert not np.allclose(tensor_a.grid.data.mean(axis=(1, 2)), tensor_a.pooled.data)
+
+
+def test_meta_records_provenance(tensor_a) -> None:
+    meta = tensor_a.grid.meta
+    assert meta["model"] == "dofa" and meta["backend"] == "tensor"
+    assert meta["variant"] == "base" and meta["embed_dim"] == 768
+    assert meta["bands"] == ["B4", "B3", "B2", "B8"]
+    assert meta["wavelengths_um"] == [0.665, 0.56, 0.49, 0.842]
+    assert meta["input_size_hw"] == [224, 224] and meta["model_input_hw"] == [224, 224]
+    assert meta["input_prep"] == "resize" and meta["output"] == "grid"
+    assert meta["preprocessing"]["size"]["padding_tblr"] == [0, 0, 0, 0]
+    assert meta["grid_shape"] == [768, 14, 14]
+    json.dumps(meta)  # plain, serialisable values
+
+
+def test_pooled_norm_conventions(chip_a, weights, tensor_a) -> None:
+    """'trained' = checkpoint norm on the token mean (rs-embed); 'plain' = no affine."""
+    import torch
+    import torch.nn.functional as F
+
+    raw, names, _, _ = chip_a
+    tokens_mean = torch.from_numpy(tensor_a.grid.data).flatten(1).mean(dim=1)
+    module = api._module("base", weights, "cpu")
+    with torch.inference_mode():
+        _close(tensor_a.pooled.data, module.encoder.norm(tokens_mean).numpy())
+    plain = get_embedding(
+        "dofa", input_chw=raw, sensor=SensorSpec(bands=tuple(names)), pooled_norm="plain",
+        weights=weights, device="cpu",
+    )  # fmt: skip
+    assert plain.meta["pooled_norm"] == "plain"
+    _close(plain.data, F.layer_norm(tokens_mean, (768,), eps=1e-6).numpy())
+    assert not np.allclose(plain.data, tensor_a.pooled.data, atol=1e-3)
+
+
+def test_encoders_are_cached(tensor_a, weights) -> None:
+    first = api._module("base", weights, "cpu")
+    assert api._module("base", weights, "cpu") is first
+    assert len([k for k in api._CACHE if k[0] == "base" and k[2] == "cpu"]) == 1
+    common: dict[str, Any] = dict(
+        weights=weights, pooled_norm="trained", input_prep="resize", output="pooled",
+        device="cpu", model_config=None,
+    )  # fmt: skip
+    assert api._config("dofa", variant="b", **common).variant == "base"
+    assert api._config("DOFA", variant="l", **common).variant == "large"
+
+
+def test_nodata_and_padding_cells_are_nan(chip_a, weights, tensor_a) -> None:
+    """NaN pixels are filled and masked by the stack; cells without valid pixels are NaN."""
+    raw, names, _, _ = chip_a
+    data = raw.astype(np.float32)
+    data[:, :16, :16] = np.nan  # exactly grid cell (0, 0)
+    emb = get_embedding(
+        "dofa",
+        input_chw=data,
+        sensor=SensorSpec(bands=tuple(names)),
+        output="grid",
+        weights=weights,
+        device="cpu",
+    )
+    assert np.isnan(emb.data[:, 0, 0]).all()
+    assert np.isfinite(emb.data[:, 1:, :]).all() and np.isfinite(emb.data[:, 0, 1:]).all()
+    assert emb.meta["valid_fraction"] == pytest.approx(1 - 256 / 224**2)
+    # filled with 0, so the other cells differ from the unmasked input's
+    assert not np.allclose(emb.data[:, 5, 5], tensor_a.grid.data[:, 5, 5], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ batching
+
+
+def test_batch_from_inputs_equals_one_by_one(chip_a, weights, tensor_a, monkeypatch) -> None:
+    raw, names, _, _ = chip_a
+    small = raw[:, 10:110, 30:180]  # 100 x 150: padded to a square, then resized
+    sensor = SensorSpec(bands=tuple(names))
+    single = get_embedding("dofa", input_chw=small, sensor=sensor, weights=weights, device="cpu")
+    assert single.meta["preprocessing"]["size"]["padding_tblr"] == [25, 25, 0, 0]
+
+    module = api._module("base", weights, "cpu")
+    calls: list[int] = []
+    hook = module.encoder.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    monkeypatch.setenv("TORCHGEO_DOFA_BATCH_SIZE", "8")
+    try:
+        batch = get_embeddings_batch_from_inputs(
+            "dofa", input_chws=[raw, small], sensor=sensor, weights=weights, device="cpu"
+        )
+    finally:
+        hook.remove()
+    assert calls == [2]  # one forward pass for both inputs
+    _close(batch[0].data, tensor_a.pooled.data)
+    _close(batch[1].data, single.data)
+    assert batch[1].meta["input_size_hw"] == [100, 150]
+
+
+def test_tile_grid_stitches_tiles(chip_a, weights, tensor_a) -> None:
+    """A 224 x 448 input tiles into the first chip (left) and chip A (right), stitched."""
+    raw_a, names, _, _ = chip_a
+    raw_ab, _, _, _ = _scene_window(0.0, 0.0, w=2 * CHIP_M)
+    assert np.array_equal(raw_ab[:, :, 224:], raw_a)
+    sensor = SensorSpec(bands=tuple(names))
+    tiled = get_embedding(
+        "dofa", input_chw=raw_ab, sensor=sensor, output=OutputSpec.grid(), input_prep="tile",
+        weights=weights, device="cpu",
+    )  # fmt: skip
+    assert tiled.data.shape == (768, 14, 28)
+    assert tiled.meta["n_tiles"] == 2
+    _close(tiled.data[:, :, 14:], tensor_a.grid.data)
+    # pooled over the stitched grid (the embed job's convention for tiles)
+    module = api._module("base", weights, "cpu")
+    import torch
+
+    grid = torch.from_numpy(tiled.data)
+    tokens = torch.cat([grid.new_zeros(1, 768), grid.flatten(1).T])[None]
+    pooled = get_embedding(
+        "dofa", input_chw=raw_ab, sensor=sensor, input_prep="tile", weights=weights,
+        device="cpu",
+    )  # fmt: skip
+    with torch.inference_mode():
+        _close(pooled.data, module.encoder.pool(tokens)[0].numpy())
+
+
+# ------------------------------------------------------------------------------ local backend
+
+
+def test_local_equals_tensor_on_same_window(chip_a, weights, tensor_a, pipeline) -> None:
+    _, _, _, bounds = chip_a
+    point = _centre_point(bounds)
+    [emb] = get_embeddings_batch(
+        "dofa", spatials=[point], paths=[SCENE], output=OutputSpec.grid(), weights=weights,
+        device="cpu",
+    )  # fmt: skip
+    assert emb.meta["backend"] == "local" and emb.meta["crs"] == "EPSG:32633"
+    assert emb.meta["bounds"] == pytest.approx(list(bounds))
+    _close(emb.data, tensor_a.grid.data)
+    # georeferenced like the embed job's GeoTIFF: 160 m cells from the chip's top-left corner
+    assert emb.meta["grid_transform"] == pytest.approx(list(pipeline.transform)[:6])
+
+
+def test_local_temporal_selects_scene_by_date(tmp_path, chip_a, weights, tensor_a) -> None:
+    raw, names, profile, bounds = chip_a
+    folder = tmp_path / "dated"
+    folder.mkdir()
+    _write(folder / "S2_20220614.tif", raw, profile, names)
+    other = (raw.astype(np.float64) * 0.5 + 300).astype(raw.dtype)
+    _write(folder / "S2_20211015.tif", other, profile, names)
+    point = _centre_point(bounds)
+    emb = get_embedding(
+        "dofa", spatial=point, temporal=TemporalSpec.range("2022-06-01", "2022-07-01"),
+        paths=folder, weights=weights, device="cpu",
+    )  # fmt: skip
+    assert emb.meta["backend"] == "local"  # "auto" with paths
+    assert emb.meta["temporal"] == ["2022-06-01", "2022-07-01"]
+    _close(emb.data, tensor_a.pooled.data)
+    with pytest.raises(LookupError, match="no scene of the local data overlaps"):
+        get_embedding(
+            "dofa", spatial=point, temporal=TemporalSpec.year(2020), paths=folder,
+            weights=weights, device="cpu",
+        )  # fmt: skip
+    far = PointBuffer(lon=0.0, lat=0.0, buffer_m=500)
+    with pytest.raises(LookupError, match="no scene"):
+        get_embedding("dofa", spatial=far, paths=folder, weights=weights, device="cpu")
+
+
+# ------------------------------------------------------------------------------ gee backend
+
+
+def test_gee_request_for_rs_embed_example() -> None:
+    point = PointBuffer(lon=121.5, lat=31.2, buffer_m=2048)
+    req = build_gee_request(point, "2022-06-01", "2022-09-01", bands=["B04", "B3", "B8"])
+    assert req.collection == "COPERNICUS/S2_SR_HARMONIZED"
+    assert req.crs == "EPSG:32651" == f"EPSG:{utm_epsg(121.5, 31.2)}"
+    assert req.bands == ("B4", "B3", "B8")
+    assert (req.cloud_property, req.cloudy_pct, req.composite) == (
+        "CLOUDY_PIXEL_PERCENTAGE",
+        30.0,
+        "median",
+    )
+    assert (req.width, req.height) == (410, 410)  # round(4096 m / 10 m)
+    a, b, c, d, e, f = req.transform
+    assert (a, b, d, e) == (10.0, 0.0, 0.0, -10.0)
+    assert c % 10 == 0 and f % 10 == 0  # on Sentinel-2's native 10 m UTM grid
+    x, y = pyproj.Transformer.from_crs(4326, 32651, always_xy=True).transform(121.5, 31.2)
+    assert abs((c + 2050) - x) <= 5 and abs((f - 2050) - y) <= 5  # centred within half a pixel
+    region = shapely.geometry.shape(req.region)
+    assert region.contains(shapely.geometry.Point(121.5, 31.2))
+    _, minlat, _, maxlat = region.bounds
+    assert maxlat - minlat == pytest.approx(4100 / 111_000, rel=0.02)
+    plain = json.loads(json.dumps(req.as_dict()))
+    assert plain["grid"] == {
+        "dimensions": {"width": 410, "height": 410},
+        "affineTransform": {
+            "scaleX": 10.0, "shearX": 0.0, "translateX": c,
+            "shearY": 0.0, "scaleY": -10.0, "translateY": f,
+        },
+        "crsCode": "EPSG:32651",
+    }  # fmt: skip
+    assert plain["start"] == "2022-06-01" and plain["end"] == "2022-09-01"
+
+
+def test_gee_request_variants_and_limits() -> None:
+    south = build_gee_request(
+        BBox(-58.5, -34.7, -58.45, -34.65), "2022-01-01", "2023-01-01", bands=["B4"],
+        scale_m=20, composite="mosaic", cloudy_pct=10,
+    )  # fmt: skip
+    assert south.crs == "EPSG:32721" and south.composite == "mosaic"
+    assert south.cloudy_pct == 10.0 and south.scale_m == 20.0
+    poly = shapely.geometry.shape(south.region)
+    assert poly.buffer(1e-6).covers(shapely.geometry.box(-58.5, -34.7, -58.45, -34.65))
+    other = build_gee_request(
+        PointBuffer(10, 50, 100), "2022-01-01", "2022-02-01", bands=["VV"],
+        collection="COPERNICUS/S1_GRD",
+    )  # fmt: skip
+    assert other.cloud_property is None and other.bands == ("VV",)
+    with pytest.raises(ValueError, match="unknown composite"):
+        build_gee_request(PointBuffer(10, 50, 100), "2022-01-01", "2022-02-01", bands=["B4"],
+                          composite="mean")  # fmt: skip
+    with pytest.raises(ValueError, match="computePixels"):
+        build_gee_request(PointBuffer(10, 50, 30_000), "2022-01-01", "2022-02-01",
+                          bands=list("123456789"))  # fmt: skip
+
+
+def test_decode_pixels_structured_answer() -> None:
+    dtype = [("B4", "<f4"), ("B3", "<f4"), (gee.VALID_BAND, "<f4")]
+    answer = np.zeros((2, 3), dtype=dtype)
+    answer["B4"] = [[1, 2, 3], [4, 5, 6]]
+    answer["B3"] = [[7, 8, np.nan], [10, 11, 12]]
+    answer[gee.VALID_BAND] = [[1, 0, 1], [1, 1, 1]]
+    image, valid = decode_pixels(answer, ["B3", "B4"], fill_value=-1)
+    assert image.shape == (2, 2, 3)
+    assert valid.tolist() == [[True, False, False], [True, True, True]]
+    assert image[:, 0, 1].tolist() == [-1, -1] and image[:, 0, 2].tolist() == [-1, -1]
+    assert image[0, 1].tolist() == [10, 11, 12] and image[1, 1].tolist() == [4, 5, 6]
+    with pytest.raises(ValueError, match="lacks band"):
+        decode_pixels(answer, ["B8"])
+
+
+def test_gee_without_client_says_how_to_install(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "ee", None)  # import ee -> ImportError
+    with pytest.raises(GEEUnavailableError) as err:
+        get_embedding(
+            "dofa", spatial=PointBuffer(lon=121.5, lat=31.2, buffer_m=2048),
+            temporal=TemporalSpec.range("2022-06-01", "2022-09-01"), backend="gee",
+            variant="large",
+        )  # fmt: skip
+    message = str(err.value)
+    assert 'pip install "torchgeo-dofa[gee]"' in message
+    assert "earthengine authenticate" in message
+
+
+class _FakeEE:
+    """A stand-in for the ``ee`` module that records the request and answers with pixels."""
+
+    def __init__(self, pixels: np.ndarray, valid: np.ndarray, bands, fail_init: bool = False):
+        self.calls: list[tuple[Any, ...]] = []
+        self.pixels, self.valid, self.bands, self.fail_init = pixels, valid, bands, fail_init
+        fake = self
+
+        class Chain:
+            def __init__(self, *op: Any) -> None:
+                fake.calls.append(op)
+
+            def __getattr__(self, name: str):
+                return lambda *args: Chain(name, *args)
+
+            def getInfo(self) -> int:
+                return 3
+
+        self.Geometry = lambda g: ("geometry", g)
+        self.ImageCollection = lambda cid: Chain("ImageCollection", cid)
+        self.Filter = SimpleNamespace(lt=lambda p, v: ("lt", p, v))
+        self.Reducer = SimpleNamespace(min=lambda: "min")
+        self.data = SimpleNamespace(computePixels=self._compute)
+
+    def Initialize(self, **kwargs: Any) -> None:
+        if self.fail_init:
+            raise RuntimeError("Please authorize access to your Earth Engine account")
+        self.calls.append(("Initialize", kwargs))
+
+    def _compute(self, params: dict) -> np.ndarray:
+        self.calls.append(("computePixels", params["fileFormat"], params["grid"]))
+        grid = params["grid"]["dimensions"]
+        assert (grid["height"], grid["width"]) == self.pixels.shape[1:]
+        out = np.zeros(self.pixels.shape[1:], [(b, "<f4") for b in (*self.bands, gee.VALID_BAND)])
+        for b, band in zip(self.bands, self.pixels, strict=True):
+            out[b] = band
+        out[gee.VALID_BAND] = self.valid
+        return out
+
+
+def test_gee_backend_end_to_end_with_recorded_request(monkeypatch, chip_a, weights) -> None:
+    raw, names, _, bounds = chip_a
+    bands = ("B4", "B3", "B2", "B8")
+    valid = np.ones(raw.shape[1:], bool)
+    valid[:16, :16] = False  # masked in the composite: EE fills it with fill_value
+    pixels = raw.astype(np.float32).copy()
+    pixels[:, ~valid] = 0.0
+    fake = _FakeEE(pixels, valid, bands)
+    monkeypatch.setitem(sys.modules, "ee", fake)
+    monkeypatch.setattr(gee, "_initialized", set())
+    monkeypatch.setenv("EE_PROJECT", "my-project")
+    temporal = TemporalSpec.range("2022-06-01", "2022-09-01")
+    sensor = SensorSpec(bands=bands, composite="mosaic", cloudy_pct=20)
+    emb = get_embedding(
+        "dofa", spatial=_centre_point(bounds), temporal=temporal, sensor=sensor,
+        output="grid", backend="gee", weights=weights, device="cpu",
+    )  # fmt: skip
+    ops = [c[0] for c in fake.calls]
+    assert fake.calls[0] == ("Initialize", {"project": "my-project"})
+    assert fake.calls[1] == ("ImageCollection", "COPERNICUS/S2_SR_HARMONIZED")
+    assert ("filterDate", "2022-06-01", "2022-09-01") in fake.calls
+    assert ("filter", ("lt", "CLOUDY_PIXEL_PERCENTAGE", 20.0)) in fake.calls
+    assert ("sort", "CLOUDY_PIXEL_PERCENTAGE", False) in fake.calls and "mosaic" in ops
+    assert ("select", ["B4", "B3", "B2", "B8"]) in fake.calls
+    assert ("unmask", 0.0, False) in fake.calls
+    _, fmt, grid = fake.calls[-1]
+    assert fmt == "NUMPY_NDARRAY" and grid["crsCode"] == "EPSG:32633"
+    assert grid["affineTransform"]["translateX"] == pytest.approx(bounds[0])
+    assert grid["affineTransform"]["translateY"] == pytest.approx(bounds[3])
+    assert emb.meta["provider"]["n_images"] == 3
+    assert emb.meta["provider"]["composite"] == "mosaic"
+    # equals the tensor backend on the same pixels with the same pixels missing
+    nan_input = raw.astype(np.float32)
+    nan_input[:, ~valid] = np.nan
+    ref = get_embedding(
+        "dofa", input_chw=nan_input, sensor=SensorSpec(bands=tuple(names)), output="grid",
+        weights=weights, device="cpu",
+    )  # fmt: skip
+    _close(emb.data, ref.data)
+    assert np.isnan(emb.data[:, 0, 0]).all()
+    assert emb.meta["grid_transform"][0] == pytest.approx(160.0)
+
+
+def test_gee_init_failure_says_authenticate(monkeypatch) -> None:
+    fake = _FakeEE(np.zeros((1, 2, 2)), np.ones((2, 2), bool), ("B4",), fail_init=True)
+    monkeypatch.setitem(sys.modules, "ee", fake)
+    monkeypatch.setattr(gee, "_initialized", set())
+    request = build_gee_request(PointBuffer(10, 50, 10), "2022-01-01", "2022-02-01", bands=["B4"])
+    with pytest.raises(GEEUnavailableError, match="earthengine authenticate"):
+        gee.fetch_gee_pixels(request)
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def test_export_is_resumable_and_atomic(tmp_path, chip_a, weights, tensor_a) -> None:
+    _, _, _, bounds = chip_a
+    p_a = _centre_point(bounds)
+    p_b = _centre_point((bounds[0] - CHIP_M, *bounds[1:3], bounds[3]))  # the chip to the left
+    bad = PointBuffer(lon=0.0, lat=0.0, buffer_m=1120)
+    out = tmp_path / "emb.parquet"
+    model = ExportModelRequest.configure("dofa", variant="b", weights=weights)
+    kwargs: dict[str, Any] = dict(
+        temporal=None, models=[model], out_path=out, paths=[SCENE], device="cpu", chunk_size=1
+    )
+    with pytest.raises(LookupError):  # crashes on the second point
+        export_batch(spatials=[p_a, bad], names=["a", "bad"], **kwargs)
+    assert not out.exists()  # the final file is never half-written
+    first = export_batch(spatials=[p_a, p_b], names=["a", "b"], **kwargs)
+    assert (first.computed, first.skipped, first.rows) == (1, 1, 2)  # "a" survived the crash
+    again = export_batch(spatials=[p_a, p_b], names=["a", "b"], **kwargs)
+    assert (again.computed, again.skipped, again.rows) == (0, 2, 2)
+    with_fail = export_batch(
+        spatials=[p_a, p_b, bad], names=["a", "b", "bad"], continue_on_error=True, **kwargs
+    )
+    assert with_fail.computed == 0 and list(with_fail.failed) == ["bad/dofa:base"]
+    assert not out.with_name(out.name + ".parts").exists()
+
+    frame = gpd.read_parquet(out)
+    assert frame.crs.to_epsg() == 4326
+    assert list(frame.item_id) == ["a", "b"]
+    assert set(frame.model) == {"dofa"} and set(frame.variant) == {"base"}
+    assert frame.geometry.iloc[0].equals(shapely.geometry.Point(p_a.lon, p_a.lat))
+    assert json.loads(frame.bands.iloc[0]) == ["B2", "B3", "B4", "B8"]  # the dataset's order
+    assert list(frame.embedding_shape.iloc[0]) == [768]
+    _close(np.asarray(frame.embedding.iloc[0]), tensor_a.pooled.data)
+    assert not np.allclose(frame.embedding.iloc[1], frame.embedding.iloc[0])
+
+
+# ------------------------------------------------------------------------------ knobs, errors
+
+
+def test_knobs(monkeypatch) -> None:
+    for name in ("TORCHGEO_DOFA_BATCH_SIZE", "RS_EMBED_DOFA_BATCH_SIZE",
+                 "TORCHGEO_DOFA_FETCH_WORKERS", "RS_EMBED_DOFA_FETCH_WORKERS"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    assert api.infer_batch_size("cpu") == 8 and api.infer_batch_size("cuda:0") == 64
+    assert api.fetch_workers() == 8
+    monkeypatch.setenv("RS_EMBED_DOFA_BATCH_SIZE", "3")
+    monkeypatch.setenv("RS_EMBED_DOFA_FETCH_WORKERS", "2")
+    assert api.infer_batch_size("cpu") == 3 and api.fetch_workers() == 2
+    monkeypatch.setenv("TORCHGEO_DOFA_BATCH_SIZE", "5")
+    assert api.infer_batch_size("cuda") == 5
+    monkeypatch.setenv("TORCHGEO_DOFA_FETCH_WORKERS", "zero")
+    with pytest.raises(ModelError, match="positive integer"):
+        api.fetch_workers()
+
+
+def test_specs() -> None:
+    assert TemporalSpec.range("2022-06-01", "2022-09-01").time_slice().start.year == 2022
+    assert TemporalSpec.year(2021) == TemporalSpec("year", "2021-01-01", "2022-01-01")
+    with pytest.raises(ModelError, match="start < end"):
+        TemporalSpec.range("2022-09-01", "2022-06-01")
+    with pytest.raises(ModelError, match="ISO date"):
+        TemporalSpec.range("June 2022", "2022-09-01")
+    sensor = SensorSpec()
+    assert sensor.collection == "COPERNICUS/S2_SR_HARMONIZED"
+    assert sensor.bands == ("B4", "B3", "B2", "B5", "B6", "B7", "B8", "B11", "B12")
+    assert (sensor.scale_m, sensor.cloudy_pct, sensor.composite, sensor.fill_value) == (
+        10, 30, "median", 0.0,
+    )  # fmt: skip
+    assert sensor.wavelengths is None
+    assert OutputSpec.pooled().mode == "pooled" and OutputSpec.grid().mode == "grid"
+    req = ExportModelRequest.configure("dofa", variant="large")
+    assert req.model_config == {"variant": "large"}
+    with pytest.raises(ModelError, match="unknown DOFA setting"):
+        ExportModelRequest.configure("dofa", colour="blue")
+
+
+RAW = np.full((4, 32, 32), 1500.0, dtype=np.float32)
+S4 = SensorSpec(bands=("B4", "B3", "B2", "B8"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(model="prithvi"), ModelError, "unknown model 'prithvi'"),
+        (dict(input_chw=RAW[0]), ModelError, r"\(C, H, W\) array, got rank 2"),
+        (dict(input_chw=RAW[None]), ModelError, "got rank 4"),
+        (dict(input_chw=RAW[:3]), ModelError, "C=3 channels but sensor.bands names 4"),
+        (dict(input_chw=RAW / 10000), ReflectanceError, r"\[0, 2\]"),
+        (
+            dict(sensor=SensorSpec(bands=("X1", "X2", "X3", "X4"))),
+            BandError,
+            "cannot infer wavelengths",
+        ),
+        (dict(variant="huge"), ValueError, "unknown DOFA variant 'huge'"),
+        (dict(output="cube"), ModelError, "unknown output mode 'cube'"),
+        (dict(backend="s3"), ModelError, "unknown backend 's3'"),
+        (dict(sensor=None), ModelError, "needs sensor=SensorSpec"),
+        (dict(input_prep="crop"), ModelError, "unknown input_prep 'crop'"),
+        (dict(model_config={"variant": "large"}, variant="base"), ModelError, "conflicts"),
+    ],
+)
+def test_errors(kwargs, error, message, weights) -> None:
+    args: dict[str, Any] = dict(
+        model="dofa", input_chw=RAW, sensor=S4, backend="tensor", weights=weights, device="cpu"
+    )
+    args.update(kwargs)
+    model = args.pop("model")
+    with pytest.raises(error, match=message):
+        get_embedding(model, **args)
+
+
+def test_provider_errors(weights) -> None:
+    with pytest.raises(ModelError, match="unknown output mode"):
+        OutputSpec("cube")  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match="needs temporal=TemporalSpec"):
+        get_embedding("dofa", spatial=PointBuffer(121.5, 31.2, 2048), backend="gee")
+    with pytest.raises(ModelError, match="needs paths"):
+        get_embeddings_batch("dofa", spatials=[PointBuffer(1, 1, 10)], backend="local")
+    with pytest.raises(ModelError, match="needs spatial"):
+        get_embedding("dofa", paths=[SCENE], weights=weights)
+    with pytest.raises(ModelError, match="does not exist"):
+        get_embedding("dofa", spatial=PointBuffer(1, 1, 10), paths="/no/such/dir")
+    with pytest.raises(ModelError, match="list of"):
+        get_embeddings_batch_from_inputs("dofa", input_chws=RAW, sensor=S4)  # type: ignore[arg-type]

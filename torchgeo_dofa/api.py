@@ -1,0 +1,1412 @@
+"""rs-embed's calling style for DOFA: ``get_embedding("dofa", spatial=..., temporal=..., ...)``.
+
+A thin layer over this package's pieces: the regions of :mod:`torchgeo_dofa.spatial`, the
+datasets of :mod:`torchgeo_dofa.datasets` (``backend="local"``), the Earth Engine request of
+:mod:`torchgeo_dofa.gee` (``backend="gee"``), the preprocessing stack
+:class:`~torchgeo_dofa.transforms.DOFAPreprocess` and the prediction step of
+:class:`~torchgeo_dofa.embedder.DOFAEmbedder` (tile stitching, pooled vectors, no-data cells),
+so an embedding from here equals the one the ``torchgeo-dofa embed`` job writes for the same
+pixels.
+
+Code written for rs-embed works unchanged except for the import::
+
+    from torchgeo_dofa import PointBuffer, TemporalSpec, OutputSpec, get_embedding
+
+    emb = get_embedding(
+        "dofa",
+        spatial=PointBuffer(lon=121.5, lat=31.2, buffer_m=2048),
+        temporal=TemporalSpec.range("2022-06-01", "2022-09-01"),
+        output=OutputSpec.pooled(),
+        backend="gee",
+        variant="large",
+    )
+    emb.data.shape  # (1024,)
+
+Backends:
+
+* ``"tensor"``: your raw (C, H, W) surface reflectance (0..10000) in ``input_chw``, band names
+  in ``sensor.bands``; ``spatial`` and ``temporal`` are ignored.
+* ``"local"``: GeoTIFF / JPEG2000 files (local Sentinel-2 or Earth Engine exports), given as
+  ``paths=`` (files, folders, or a ready :class:`~torchgeo_dofa.datasets.Sentinel2Base`
+  dataset). The ROI becomes a chip on the files' own pixel grid (never resampled);
+  ``temporal`` selects scenes by acquisition date (None: every date; overlapping scenes are
+  mosaicked, first by path wins). ``sensor=None`` reads the dataset's default bands (DOFA's 9
+  when present, else every Sentinel-2 band the files share).
+* ``"gee"``: Earth Engine (optional extra ``torchgeo-dofa[gee]``); ``temporal`` is required.
+* ``"auto"`` (default): ``tensor`` if ``input_chw`` is given, ``local`` if ``paths`` is, else
+  ``gee``. ``"provider"`` is accepted as rs-embed's name for ``gee``.
+
+Knobs (rs-embed's ``RS_EMBED_DOFA_*`` names work too): ``TORCHGEO_DOFA_BATCH_SIZE`` (images
+per forward pass; default 8 on CPU, 64 on CUDA), ``TORCHGEO_DOFA_FETCH_WORKERS`` (parallel
+Earth Engine fetches for many ROIs; default 8). Local files are read one ROI after another.
+
+Outputs: ``Embedding.data`` is a numpy array, (D,) for pooled and (D, h, w) for grid output:
+14 x 14 with ``input_prep="resize"``, ``ceil(H/16) x ceil(W/16)`` with ``"tile"``. Grid cells
+whose 16 x 16 patch held no valid pixel (no data, or the mirrored padding of a non-square
+input) are NaN, as in the embed job's GeoTIFFs. ``Embedding.meta`` records the model,
+variant, weights, pooled convention, bands, wavelengths, preprocessing and input size, and for
+georeferenced backends the CRS and the affine of the grid cells (``grid_transform``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import threading
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from affine import Affine
+from pyproj import CRS
+from torch import Tensor
+
+from .bands import DOFA_S2_BANDS, BandError
+from .datasets import EarthEngineS2, Sentinel2Base, Sentinel2SR, stack_dofa_samples
+from .embedder import DOFAEmbedder
+from .gee import DEFAULT_COLLECTION, GEEUnavailableError, build_gee_request, fetch_gee_pixels
+from .model import PooledNorm, canonical_variant
+from .spatial import BBox, PointBuffer, Region, region_window
+from .transforms import INPUT_PREPS, DOFAPreprocess
+from .weights import env_setting
+
+__all__ = [
+    "BACKENDS",
+    "BBox",
+    "Embedding",
+    "ExportModelRequest",
+    "ExportSummary",
+    "ModelError",
+    "OutputSpec",
+    "PointBuffer",
+    "SensorSpec",
+    "TemporalSpec",
+    "clear_model_cache",
+    "export_batch",
+    "fetch_workers",
+    "get_embedding",
+    "get_embeddings_batch",
+    "get_embeddings_batch_from_inputs",
+    "infer_batch_size",
+    "open_local",
+]
+
+#: Backends accepted by :func:`get_embedding`.
+BACKENDS: tuple[str, ...] = ("auto", "tensor", "local", "gee", "provider")
+
+#: Model names accepted (this package serves DOFA only).
+MODEL_NAMES: tuple[str, ...] = ("dofa",)
+
+#: Default parallel fetches and batch sizes (rs-embed's).
+DEFAULT_FETCH_WORKERS = 8
+DEFAULT_BATCH_CPU = 8
+DEFAULT_BATCH_CUDA = 64
+
+PathsLike = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Sentinel2Base
+
+
+class ModelError(ValueError):
+    """A request the API cannot serve (bad model name, input, backend, output mode ...)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# specs
+# ----------------------------------------------------------------------------------------------
+
+
+def _iso(value: str | date) -> str:
+    if isinstance(value, date):
+        return value.isoformat()
+    try:
+        return date.fromisoformat(str(value)).isoformat()
+    except ValueError as err:
+        raise ModelError(f"expected an ISO date 'YYYY-MM-DD', got {value!r}") from err
+
+
+@dataclass(frozen=True)
+class TemporalSpec:
+    """A date range ``[start, end)`` (end exclusive, like Earth Engine's ``filterDate``).
+
+    Build it with :meth:`range` or :meth:`year`, as in rs-embed.
+
+    Attributes:
+        mode: ``"range"`` or ``"year"``.
+        start: first date, ISO ``YYYY-MM-DD``.
+        end: end date (exclusive), ISO.
+    """
+
+    mode: Literal["range", "year"]
+    start: str
+    end: str
+
+    def __post_init__(self) -> None:
+        """Validate the dates.
+
+        Raises:
+            ModelError: for a bad mode, a non-ISO date or ``start >= end``.
+        """
+        if self.mode not in ("range", "year"):
+            raise ModelError(f"unknown TemporalSpec mode {self.mode!r}: use 'range' or 'year'")
+        start, end = _iso(self.start), _iso(self.end)
+        if start >= end:
+            raise ModelError(f"TemporalSpec needs start < end, got {start} .. {end}")
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "end", end)
+
+    @staticmethod
+    def range(start: str | date, end: str | date) -> TemporalSpec:
+        """Dates from ``start`` (inclusive) to ``end`` (exclusive).
+
+        Args:
+            start: ISO date ``YYYY-MM-DD``.
+            end: ISO date.
+
+        Returns:
+            The spec.
+        """
+        return TemporalSpec("range", _iso(start), _iso(end))
+
+    @staticmethod
+    def year(year: int) -> TemporalSpec:
+        """One calendar year.
+
+        Args:
+            year: e.g. 2022.
+
+        Returns:
+            The spec (``year-01-01`` to ``year+1-01-01``).
+        """
+        y = int(year)
+        if not 1 <= y <= 9998:
+            raise ModelError(f"year must be in [1, 9998], got {year}")
+        return TemporalSpec("year", f"{y:04d}-01-01", f"{y + 1:04d}-01-01")
+
+    def time_slice(self) -> slice:
+        """The range as a TorchGeo time slice ``[start, end - 1 us]``.
+
+        Returns:
+            A slice of pandas Timestamps.
+        """
+        return slice(
+            pd.Timestamp(self.start), pd.Timestamp(self.end) - pd.Timedelta(microseconds=1)
+        )
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What to return: a pooled vector (D,) or the patch-token grid (D, h, w).
+
+    Attributes:
+        mode: ``"pooled"`` or ``"grid"``.
+    """
+
+    mode: Literal["pooled", "grid"]
+
+    def __post_init__(self) -> None:
+        """Validate the mode.
+
+        Raises:
+            ModelError: for an unknown mode.
+        """
+        if self.mode not in ("pooled", "grid"):
+            raise ModelError(f"unknown output mode {self.mode!r}: use 'pooled' or 'grid'")
+
+    @staticmethod
+    def pooled() -> OutputSpec:
+        """Pooled output: mean of the patch tokens, then LayerNorm; shape (D,).
+
+        Returns:
+            The spec.
+        """
+        return OutputSpec("pooled")
+
+    @staticmethod
+    def grid() -> OutputSpec:
+        """Grid output: patch tokens as (D, h, w), north-up, row-major from the top-left.
+
+        Returns:
+            The spec.
+        """
+        return OutputSpec("grid")
+
+
+@dataclass(frozen=True)
+class SensorSpec:
+    """Input bands and fetch settings (rs-embed's defaults for DOFA).
+
+    Attributes:
+        collection: Earth Engine collection (``backend="gee"``).
+        bands: band names in channel order (``B4`` or ``B04``); for ``tensor`` they name the
+            channels of ``input_chw``.
+        scale_m: pixel size in metres (``gee``).
+        cloudy_pct: maximum ``CLOUDY_PIXEL_PERCENTAGE`` of the images composited (``gee``).
+        composite: ``"median"`` or ``"mosaic"`` (``gee``).
+        fill_value: raw value written into missing pixels.
+        wavelengths: one wavelength (um) per band; None infers them from Sentinel-2 names.
+    """
+
+    collection: str = DEFAULT_COLLECTION
+    bands: tuple[str, ...] = DOFA_S2_BANDS
+    scale_m: float = 10
+    cloudy_pct: float = 30
+    composite: Literal["median", "mosaic"] = "median"
+    fill_value: float = 0.0
+    wavelengths: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        """Store bands and wavelengths as tuples.
+
+        Raises:
+            ModelError: if bands is empty or a plain string.
+        """
+        if isinstance(self.bands, str) or not self.bands:
+            raise ModelError(f"SensorSpec.bands must be a non-empty list of names: {self.bands}")
+        object.__setattr__(self, "bands", tuple(str(b) for b in self.bands))
+        if self.wavelengths is not None:
+            object.__setattr__(self, "wavelengths", tuple(float(w) for w in self.wavelengths))
+
+
+@dataclass
+class Embedding:
+    """One embedding and what produced it.
+
+    Attributes:
+        data: (D,) pooled or (D, h, w) grid, float32.
+        meta: provenance (model, variant, weights, pooled_norm, bands, wavelengths,
+            preprocessing, input size, backend, and georeferencing where known).
+    """
+
+    data: np.ndarray
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ExportModelRequest:
+    """One model of an :func:`export_batch` run (rs-embed's export request).
+
+    Attributes:
+        name: model name (``"dofa"``).
+        sensor: bands and fetch settings for this model (None: the call's ``sensor``).
+        model_config: model settings: ``variant``, ``weights``, ``pooled_norm``,
+            ``input_prep``.
+    """
+
+    name: str
+    sensor: SensorSpec | None = None
+    model_config: dict[str, Any] | None = None
+
+    @classmethod
+    def configure(
+        cls, name: str, *, sensor: SensorSpec | None = None, **model_kwargs: Any
+    ) -> ExportModelRequest:
+        """Build a request with model settings as keyword arguments.
+
+        Args:
+            name: model name (``"dofa"``).
+            sensor: optional per-model sensor.
+            **model_kwargs: ``variant``, ``weights``, ``pooled_norm``, ``input_prep``.
+
+        Returns:
+            The request.
+
+        Raises:
+            ModelError: for an unknown model name or setting.
+        """
+        _check_model(name)
+        unknown = sorted(set(model_kwargs) - set(_MODEL_KEYS))
+        if unknown:
+            raise ModelError(
+                f"unknown DOFA setting(s) {unknown}: choose among {sorted(_MODEL_KEYS)}"
+            )
+        if "variant" in model_kwargs:
+            canonical_variant(str(model_kwargs["variant"]))
+        return cls(name=name, sensor=sensor, model_config=dict(model_kwargs) or None)
+
+
+_MODEL_KEYS = ("variant", "weights", "pooled_norm", "input_prep")
+
+
+# ----------------------------------------------------------------------------------------------
+# knobs and the model cache
+# ----------------------------------------------------------------------------------------------
+
+
+def _positive_int_setting(suffix: str, default: int) -> int:
+    value = env_setting(suffix)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ModelError(
+            f"TORCHGEO_DOFA_{suffix} (or RS_EMBED_DOFA_{suffix}) must be a positive integer, "
+            f"got {value!r}"
+        )
+    return number
+
+
+def fetch_workers() -> int:
+    """Parallel Earth Engine fetches for many ROIs (``TORCHGEO_DOFA_FETCH_WORKERS``, 8).
+
+    Returns:
+        The worker count.
+    """
+    return _positive_int_setting("FETCH_WORKERS", DEFAULT_FETCH_WORKERS)
+
+
+def infer_batch_size(device: str | torch.device) -> int:
+    """Images per forward pass (``TORCHGEO_DOFA_BATCH_SIZE``; 8 on CPU, 64 on CUDA).
+
+    Args:
+        device: the inference device.
+
+    Returns:
+        The batch size.
+    """
+    default = DEFAULT_BATCH_CUDA if torch.device(device).type == "cuda" else DEFAULT_BATCH_CPU
+    return _positive_int_setting("BATCH_SIZE", default)
+
+
+def _resolve_device(device: str | torch.device | None) -> str:
+    if device is None or str(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return str(torch.device(device))
+    except RuntimeError as err:
+        raise ModelError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'") from err
+
+
+_CACHE: dict[tuple[str, str, str], DOFAEmbedder] = {}
+_CACHE_LOCK = threading.RLock()
+
+
+def _weights_key(weights: str | os.PathLike[str] | None) -> str:
+    if weights is None:
+        return "random"
+    if str(weights) == "official":
+        suffixes = ("BASE_WEIGHTS", "LARGE_WEIGHTS", "WEIGHTS_DIR", "HF_REPO_ID", "HF_REVISION")
+        return "official|" + "|".join(str(env_setting(s)) for s in suffixes)
+    return "file|" + str(Path(weights).expanduser().resolve())
+
+
+def _module(variant: str, weights: str | os.PathLike[str] | None, device: str) -> DOFAEmbedder:
+    """The cached embedder for (variant, weights, device); loaded on first use."""
+    key = (variant, _weights_key(weights), device)
+    with _CACHE_LOCK:
+        module = _CACHE.get(key)
+        if module is None:
+            weights_arg = None if weights is None else str(weights)
+            module = DOFAEmbedder(variant=variant, weights=weights_arg, output="both")
+            module.to(device)
+            module.eval()
+            _CACHE[key] = module
+        return module
+
+
+def clear_model_cache() -> None:
+    """Forget every cached encoder (frees their memory on the next garbage collection)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# argument normalisation
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_model(model: str) -> None:
+    if str(model).strip().lower() not in MODEL_NAMES:
+        raise ModelError(
+            f"unknown model {model!r}: torchgeo-dofa serves only 'dofa' (for other models "
+            "use rs-embed itself)"
+        )
+
+
+@dataclass(frozen=True)
+class _Config:
+    variant: str
+    weights: str | os.PathLike[str] | None
+    pooled_norm: PooledNorm
+    input_prep: str
+    output: OutputSpec
+    device: str
+
+
+def _config(
+    model: str,
+    *,
+    variant: str | None,
+    weights: str | os.PathLike[str] | None,
+    pooled_norm: str,
+    input_prep: str,
+    output: OutputSpec | str,
+    device: str | torch.device | None,
+    model_config: dict[str, Any] | None,
+) -> _Config:
+    _check_model(model)
+    settings = dict(model_config or {})
+    unknown = sorted(set(settings) - set(_MODEL_KEYS))
+    if unknown:
+        raise ModelError(f"unknown model_config key(s) {unknown}: choose among {_MODEL_KEYS}")
+    if variant is not None and "variant" in settings:
+        if canonical_variant(variant) != canonical_variant(str(settings["variant"])):
+            raise ModelError(
+                f"variant={variant!r} conflicts with model_config variant "
+                f"{settings['variant']!r}: give it once"
+            )
+    variant_name = canonical_variant(str(settings.get("variant", variant or "base")))
+    norm = str(settings.get("pooled_norm", pooled_norm))
+    if norm not in ("trained", "plain"):
+        raise ModelError(
+            f"unknown pooled_norm {norm!r}: 'trained' (rs-embed's, default) or 'plain'"
+        )
+    prep = str(settings.get("input_prep", input_prep))
+    if prep not in INPUT_PREPS:
+        raise ModelError(f"unknown input_prep {prep!r}: choose one of {list(INPUT_PREPS)}")
+    if isinstance(output, str):
+        output = OutputSpec(output)  # type: ignore[arg-type]
+    elif not isinstance(output, OutputSpec):
+        raise ModelError(f"output must be OutputSpec.pooled() or OutputSpec.grid(), got {output}")
+    return _Config(
+        variant=variant_name,
+        weights=settings.get("weights", weights),
+        pooled_norm=norm,  # type: ignore[arg-type]
+        input_prep=prep,
+        output=output,
+        device=_resolve_device(device),
+    )
+
+
+def _backend(backend: str, input_given: bool, paths_given: bool) -> str:
+    name = str(backend).strip().lower()
+    if name not in BACKENDS:
+        raise ModelError(f"unknown backend {backend!r}: choose one of {list(BACKENDS)}")
+    if name == "provider":
+        return "gee"
+    if name == "auto":
+        return "tensor" if input_given else "local" if paths_given else "gee"
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs: raw pixels -> preprocessed sample + provenance
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    sample: dict[str, Tensor]
+    meta: dict[str, Any]
+
+
+def _normalisation_meta() -> dict[str, Any]:
+    return {
+        "check": "input whose valid values all lie in [0, 2] is rejected (raw 0..10000 expected)",
+        "clip": [0.0, 10000.0],
+        "scale": "x / 10000 * 255",
+        "standardise": "DOFA per-band mean/std (0..255 scale), looked up by band name",
+    }
+
+
+def _size_meta(height: int, width: int, input_prep: str, size: int = 224) -> dict[str, Any]:
+    if input_prep == "resize":
+        side = max(height, width)
+        pad_h, pad_w = side - height, side - width
+        top, left = pad_h // 2, pad_w // 2
+        return {
+            "method": "centre mirror-pad to a square, then bilinear resize",
+            "padding_tblr": [top, pad_h - top, left, pad_w - left],
+            "square_side": side,
+            "resize": {"to": [size, size], "align_corners": False, "antialias": False},
+        }
+    rows, cols = math.ceil(height / size), math.ceil(width / size)
+    return {
+        "method": "224 x 224 tiles (bottom/right mirror-padded), grids stitched",
+        "tile_grid": [rows, cols],
+        "tiles": rows * cols,
+        "padding_bottom_right": [rows * size - height, cols * size - width],
+    }
+
+
+def _prepare(
+    image: Tensor,
+    bands: Sequence[str],
+    wavelengths: Sequence[float] | Tensor | None,
+    input_prep: str,
+    *,
+    nodata: float | None = None,
+    fill_value: float = 0.0,
+    valid: Tensor | None = None,
+    transform: Tensor | None = None,
+) -> _Prepared:
+    """Run the standard stack on one raw (C, H, W) image; record what was done."""
+    height, width = int(image.shape[-2]), int(image.shape[-1])
+    stack = DOFAPreprocess(
+        bands, wavelengths, input_prep=input_prep, nodata=nodata, fill_value=fill_value
+    )
+    sample: dict[str, Tensor] = {"image": image}
+    if valid is not None:
+        sample["valid"] = valid
+    if transform is not None:
+        sample["transform"] = transform
+    ok = torch.isfinite(image).all(dim=0)
+    if nodata is not None:
+        ok &= (image != nodata).all(dim=0)
+    if valid is not None:
+        ok &= valid.to(torch.bool)
+    fraction = float(ok.float().mean())
+    out = stack(sample)
+    meta: dict[str, Any] = {
+        "bands": list(stack.bands),
+        "wavelengths_um": [round(float(w), 6) for w in stack.wavelengths],
+        "input_prep": input_prep,
+        "input_size_hw": [height, width],
+        "model_input_hw": [224, 224],
+        "preprocessing": {
+            "normalization": _normalisation_meta(),
+            "size": _size_meta(height, width, input_prep),
+            "fill_value": fill_value,
+            "nodata": nodata,
+        },
+        "valid_fraction": round(fraction, 6),
+        "empty": bool(out["empty"]),
+    }
+    if "grid_transform" in out:
+        meta["grid_transform"] = [float(v) for v in out["grid_transform"][:6]]
+    if input_prep == "tile":
+        meta["n_tiles"] = int(out["image"].shape[0])
+    return _Prepared(out, meta)
+
+
+def _as_chw(array: Any, name: str = "input_chw") -> Tensor:
+    if isinstance(array, Tensor):
+        tensor = array.detach()
+    else:
+        try:
+            data = np.asarray(array)
+        except Exception as err:  # pragma: no cover - exotic inputs
+            raise ModelError(f"{name} must be a numpy array or tensor: {err}") from err
+        if data.dtype == object or not np.issubdtype(data.dtype, np.number):
+            raise ModelError(f"{name} must hold numbers, got dtype {data.dtype}")
+        if not np.issubdtype(data.dtype, np.floating):
+            data = data.astype(np.float32)
+        tensor = torch.from_numpy(np.ascontiguousarray(data))
+    if tensor.ndim != 3:
+        raise ModelError(
+            f"{name} must be a (C, H, W) array, got rank {tensor.ndim} shape "
+            f"{tuple(tensor.shape)}; for several images use "
+            "get_embeddings_batch_from_inputs(input_chws=[...])"
+        )
+    if min(tensor.shape) < 1:
+        raise ModelError(f"{name} is empty: shape {tuple(tensor.shape)}")
+    return tensor if tensor.is_floating_point() else tensor.to(torch.float32)
+
+
+def _prepare_tensor(
+    input_chw: Any, sensor: SensorSpec | None, input_prep: str, nodata: float | None
+) -> _Prepared:
+    if sensor is None:
+        raise ModelError(
+            "backend='tensor' needs sensor=SensorSpec(bands=[...]) naming the channels of "
+            "input_chw, so DOFA's normalisation and wavelengths can be applied"
+        )
+    image = _as_chw(input_chw)
+    if image.shape[0] != len(sensor.bands):
+        raise ModelError(
+            f"input_chw has C={image.shape[0]} channels but sensor.bands names "
+            f"{len(sensor.bands)} bands {list(sensor.bands)}: give one band name per channel"
+        )
+    prepared = _prepare(
+        image,
+        sensor.bands,
+        sensor.wavelengths,
+        input_prep,
+        nodata=nodata,
+        fill_value=sensor.fill_value,
+    )
+    prepared.meta["source"] = "input_chw"
+    return prepared
+
+
+def _is_ee_export(path: Path) -> bool:
+    import re
+
+    return re.match(r"^.+-\d{10}-\d{10}\.tiff?$", path.name) is not None
+
+
+def open_local(paths: PathsLike, sensor: SensorSpec | None = None) -> Sentinel2Base:
+    """Open local rasters as this package's dataset, as ``backend="local"`` does.
+
+    Earth Engine export tiles (``<prefix>-0000000000-0000000000.tif``) are read with
+    :class:`~torchgeo_dofa.datasets.EarthEngineS2`, anything else with
+    :class:`~torchgeo_dofa.datasets.Sentinel2SR`; pass a dataset yourself to choose.
+
+    Args:
+        paths: a file, a folder, a list of them, or a dataset (returned as is).
+        sensor: bands / wavelengths to read (None: the dataset's default bands).
+
+    Returns:
+        The dataset.
+
+    Raises:
+        ModelError: if a path does not exist.
+    """
+    if isinstance(paths, Sentinel2Base):
+        return paths
+    items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if not path.exists():
+            raise ModelError(f"local input {str(path)!r} does not exist")
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    rasters = [p for p in files if p.suffix.lower() in (".tif", ".tiff", ".jp2")]
+    if not rasters:
+        raise ModelError(f"no GeoTIFF / JPEG2000 file in {[str(i) for i in items]}")
+    cls: type[Sentinel2Base] = (
+        EarthEngineS2 if all(_is_ee_export(p) for p in rasters) else Sentinel2SR
+    )
+    kwargs: dict[str, Any] = {}
+    if sensor is not None:
+        kwargs["bands"] = list(sensor.bands)
+        if sensor.wavelengths is not None:
+            kwargs["wavelengths"] = list(sensor.wavelengths)
+    return cls(paths=[str(p) for p in rasters], **kwargs)
+
+
+def _crs_name(crs: CRS) -> str:
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else crs.to_wkt()
+
+
+def _prepare_local(
+    ds: Sentinel2Base,
+    spatial: Region,
+    temporal: TemporalSpec | None,
+    input_prep: str,
+    fill_value: float,
+) -> _Prepared:
+    if spatial is None:
+        raise ModelError("backend='local' needs spatial=PointBuffer(...) or BBox(...)")
+    crs = CRS.from_user_input(ds.crs)
+    bounds = ds.index.total_bounds
+    xs, ys = region_window(
+        spatial, crs, (float(ds.res[0]), float(ds.res[1])), (float(bounds[0]), float(bounds[3]))
+    )
+    if temporal is None:
+        ts = slice(ds.index.index.left.min(), ds.index.index.right.max())
+    else:
+        ts = temporal.time_slice()
+    try:
+        raw = ds.read_chip((xs, ys, ts))
+    except IndexError as err:
+        when = f" between {temporal.start} and {temporal.end}" if temporal else ""
+        raise LookupError(
+            f"no scene of the local data overlaps {spatial}{when} (data bounds "
+            f"{[round(float(b), 3) for b in bounds]} in {_crs_name(crs)})"
+        ) from err
+    prepared = _prepare(
+        raw["image"],
+        ds.bands,
+        ds.wavelengths,
+        input_prep,
+        fill_value=fill_value,
+        valid=raw["valid"],
+        transform=raw["transform"],
+    )
+    prepared.meta.update(
+        {
+            "source": sorted({str(p) for p in ds.index.filepath}),
+            "dataset": type(ds).__name__,
+            "crs": _crs_name(crs),
+            "transform": [float(v) for v in raw["transform"][:6]],
+            "bounds": [float(xs.start), float(ys.start), float(xs.stop), float(ys.stop)],
+            "temporal": None if temporal is None else [temporal.start, temporal.end],
+        }
+    )
+    return prepared
+
+
+def _prepare_gee(
+    spatial: Region,
+    temporal: TemporalSpec | None,
+    sensor: SensorSpec,
+    input_prep: str,
+    project: str | None,
+) -> _Prepared:
+    if spatial is None:
+        raise ModelError("backend='gee' needs spatial=PointBuffer(...) or BBox(...)")
+    if temporal is None:
+        raise ModelError(
+            "backend='gee' needs temporal=TemporalSpec.range('YYYY-MM-DD', 'YYYY-MM-DD') (or "
+            "TemporalSpec.year(YYYY)): the composite is built from the images in that range"
+        )
+    request = build_gee_request(
+        spatial,
+        temporal.start,
+        temporal.end,
+        collection=sensor.collection,
+        bands=sensor.bands,
+        scale_m=float(sensor.scale_m),
+        cloudy_pct=sensor.cloudy_pct,
+        composite=sensor.composite,
+        fill_value=sensor.fill_value,
+    )
+    image, valid, fetch_meta = fetch_gee_pixels(request, project=project)
+    transform = torch.tensor(list(Affine(*request.transform)), dtype=torch.float64)
+    prepared = _prepare(
+        torch.from_numpy(image),
+        sensor.bands,
+        sensor.wavelengths,
+        input_prep,
+        fill_value=sensor.fill_value,
+        valid=torch.from_numpy(valid),
+        transform=transform,
+    )
+    a, _, c, _, e, f = request.transform
+    prepared.meta.update(
+        {
+            "source": request.collection,
+            "crs": request.crs,
+            "transform": list(request.transform),
+            "bounds": [c, f + e * request.height, c + a * request.width, f],
+            "temporal": [temporal.start, temporal.end],
+            "provider": {
+                "collection": request.collection,
+                "scale_m": request.scale_m,
+                "cloudy_pct": request.cloudy_pct,
+                "composite": request.composite,
+                "fill_value": request.fill_value,
+                **fetch_meta,
+            },
+            "gee_request": {k: v for k, v in request.as_dict().items() if k != "region"},
+        }
+    )
+    return prepared
+
+
+# ----------------------------------------------------------------------------------------------
+# inference
+# ----------------------------------------------------------------------------------------------
+
+_BATCH_KEYS = ("image", "wavelengths", "valid", "empty", "tile_offsets", "input_size")
+_INFER_LOCK = threading.Lock()
+
+
+def _embed(prepared: Sequence[_Prepared], cfg: _Config, backend: str) -> list[Embedding]:
+    """Batched inference through ``DOFAEmbedder.predict_step`` (the embed job's step)."""
+    module = _module(cfg.variant, cfg.weights, cfg.device)
+    batch_size = infer_batch_size(cfg.device)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, item in enumerate(prepared):
+        s = item.sample
+        key = (tuple(s["image"].shape), tuple(s["wavelengths"].tolist()))
+        groups.setdefault(key, []).append(i)
+    results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(prepared)
+    with _INFER_LOCK, torch.inference_mode():
+        module.encoder.pooled_norm = cfg.pooled_norm
+        for (shape, _), indices in groups.items():
+            tiles = shape[0] if len(shape) == 4 else 1
+            per_batch = max(1, batch_size // tiles)
+            for start in range(0, len(indices), per_batch):
+                chunk = indices[start : start + per_batch]
+                batch = stack_dofa_samples(
+                    {k: prepared[i].sample[k] for k in _BATCH_KEYS if k in prepared[i].sample}
+                    for i in chunk
+                )
+                batch = {k: v.to(cfg.device) for k, v in batch.items()}
+                out = module.predict_step(batch, 0)
+                pooled, grid = out["pooled"].numpy(), out["grid"].numpy()
+                for j, i in enumerate(chunk):
+                    results[i] = (pooled[j], grid[j])
+    embeddings = []
+    for item, result in zip(prepared, results, strict=True):
+        assert result is not None
+        pooled, grid = result
+        data = pooled if cfg.output.mode == "pooled" else grid
+        meta = {
+            "model": "dofa",
+            "backend": backend,
+            "variant": module.encoder.variant,
+            "weights": module.encoder.weights_id,
+            "pooled_norm": cfg.pooled_norm,
+            "embed_dim": module.encoder.embed_dim,
+            "device": cfg.device,
+            "output": cfg.output.mode,
+            **item.meta,
+        }
+        if cfg.output.mode == "grid":
+            meta["grid_shape"] = list(grid.shape)
+            meta["patch_size"] = module.encoder.config.patch_size
+        else:
+            meta.pop("grid_transform", None)
+        if item.meta.get("empty"):
+            warnings.warn(
+                f"input ({meta.get('source')}) holds no valid pixel: the embedding describes "
+                "fill values only",
+                UserWarning,
+                stacklevel=3,
+            )
+        embeddings.append(Embedding(np.ascontiguousarray(data, dtype=np.float32), meta))
+    return embeddings
+
+
+def _parallel[T, R](fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def _fetch_many(
+    spatials: Sequence[Region],
+    temporal: TemporalSpec | None,
+    sensor: SensorSpec | None,
+    cfg: _Config,
+    backend: str,
+    paths: PathsLike | None,
+    project: str | None,
+    dataset: Sentinel2Base | None = None,
+) -> list[_Prepared]:
+    """Fetch and preprocess ROIs: Earth Engine in parallel, local files one after another."""
+    if backend == "local":
+        if paths is None and dataset is None:
+            raise ModelError(
+                "backend='local' needs paths=... (GeoTIFF/JP2 files, folders, or a dataset)"
+            )
+        ds = dataset if dataset is not None else open_local(paths, sensor)  # type: ignore[arg-type]
+        fill = sensor.fill_value if sensor is not None else 0.0
+        return [_prepare_local(ds, s, temporal, cfg.input_prep, fill) for s in spatials]
+    if backend == "gee":
+        eff = sensor or SensorSpec()
+        for s in spatials:
+            if s is None:
+                raise ModelError("backend='gee' needs spatial=PointBuffer(...) or BBox(...)")
+        return _parallel(
+            lambda s: _prepare_gee(s, temporal, eff, cfg.input_prep, project),
+            list(spatials),
+            fetch_workers(),
+        )
+    raise ModelError(
+        "backend='tensor' takes pixels, not regions: pass input_chw=... to get_embedding or "
+        "input_chws=[...] to get_embeddings_batch_from_inputs"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# public entry points
+# ----------------------------------------------------------------------------------------------
+
+
+def get_embedding(
+    model: str,
+    *,
+    spatial: Region | None = None,
+    temporal: TemporalSpec | None = None,
+    sensor: SensorSpec | None = None,
+    output: OutputSpec | str = OutputSpec.pooled(),  # noqa: B008 - frozen, immutable
+    backend: str = "auto",
+    device: str | torch.device | None = "auto",
+    input_chw: np.ndarray | Tensor | None = None,
+    variant: str | None = None,
+    weights: str | os.PathLike[str] | None = "official",
+    input_prep: str = "resize",
+    pooled_norm: str = "trained",
+    paths: PathsLike | None = None,
+    nodata: float | None = None,
+    model_config: dict[str, Any] | None = None,
+    project: str | None = None,
+) -> Embedding:
+    """Embed one region (or one raw array) with DOFA.
+
+    Args:
+        model: ``"dofa"`` (any other name is an error).
+        spatial: the region (``local``/``gee``): a :class:`PointBuffer`, a :class:`BBox` or a
+            shapely geometry in EPSG:4326; recorded only for ``tensor``.
+        temporal: date range; required for ``gee``, optional for ``local`` (None: every
+            date), ignored for ``tensor``.
+        sensor: bands (channel names for ``tensor``, bands to read for ``local``/``gee``),
+            explicit wavelengths and fetch settings. Default for ``gee``: ``SensorSpec()``
+            (DOFA's 9 bands from ``COPERNICUS/S2_SR_HARMONIZED``); for ``local``: the
+            dataset's default bands; required for ``tensor``.
+        output: ``OutputSpec.pooled()`` (default) or ``OutputSpec.grid()``.
+        backend: ``"auto"``, ``"tensor"``, ``"local"`` or ``"gee"`` (see the module docs).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
+        input_chw: raw (C, H, W) surface reflectance 0..10000 (``tensor``); NaN and
+            ``nodata`` pixels are missing data.
+        variant: ``"base"`` (default) / ``"large"`` (or ``"b"`` / ``"l"``).
+        weights: ``"official"`` (see :mod:`torchgeo_dofa.weights`), a checkpoint path, or None
+            (random weights).
+        input_prep: ``"resize"`` (pad to a square, resize to 224) or ``"tile"`` (224 tiles,
+            grids stitched; grid output keeps the input's detail).
+        pooled_norm: ``"trained"`` (rs-embed's convention, default) or ``"plain"``.
+        paths: local rasters for ``backend="local"`` (files, folders or a dataset).
+        nodata: no-data value of ``input_chw``.
+        model_config: rs-embed style settings (``{"variant": "large"}``), merged with the
+            keyword arguments.
+        project: Earth Engine Cloud project (``gee``).
+
+    Returns:
+        The :class:`Embedding`.
+
+    Raises:
+        ModelError: unknown model / variant / output mode / backend, wrong ``input_chw`` rank,
+            channel count different from ``sensor.bands``, missing inputs.
+        BandError: wavelengths that cannot be inferred (or bands without DOFA statistics).
+        ReflectanceError: input already scaled to [0, 1] (valid values all within [0, 2]).
+        LookupError: no data for the region and dates.
+        GEEUnavailableError: Earth Engine client missing, not authenticated or unreachable.
+    """
+    cfg = _config(
+        model,
+        variant=variant,
+        weights=weights,
+        pooled_norm=pooled_norm,
+        input_prep=input_prep,
+        output=output,
+        device=device,
+        model_config=model_config,
+    )
+    which = _backend(backend, input_chw is not None, paths is not None)
+    if which == "tensor":
+        if input_chw is None:
+            raise ModelError("backend='tensor' needs input_chw=<(C, H, W) array>")
+        prepared = [_prepare_tensor(input_chw, sensor, cfg.input_prep, nodata)]
+        if spatial is not None:
+            prepared[0].meta["spatial"] = _spatial_key(spatial)
+    else:
+        if input_chw is not None:
+            raise ModelError(
+                f"input_chw is only used by backend='tensor' (got backend={backend!r})"
+            )
+        if spatial is None:
+            raise ModelError(f"backend={which!r} needs spatial=PointBuffer(...) or BBox(...)")
+        prepared = _fetch_many([spatial], temporal, sensor, cfg, which, paths, project)
+        prepared[0].meta["spatial"] = _spatial_key(spatial)
+    return _embed(prepared, cfg, which)[0]
+
+
+def get_embeddings_batch_from_inputs(
+    model: str,
+    *,
+    input_chws: Sequence[np.ndarray | Tensor],
+    sensor: SensorSpec | None = None,
+    output: OutputSpec | str = OutputSpec.pooled(),  # noqa: B008
+    device: str | torch.device | None = "auto",
+    variant: str | None = None,
+    weights: str | os.PathLike[str] | None = "official",
+    input_prep: str = "resize",
+    pooled_norm: str = "trained",
+    nodata: float | None = None,
+    model_config: dict[str, Any] | None = None,
+) -> list[Embedding]:
+    """Embed many raw (C, H, W) arrays in batched forward passes.
+
+    Inputs that share a preprocessed shape are stacked and run ``TORCHGEO_DOFA_BATCH_SIZE``
+    images at a time (tiled inputs count their tiles); results equal one-by-one calls.
+
+    Args:
+        model: ``"dofa"``.
+        input_chws: raw reflectance arrays, channels named by ``sensor.bands``.
+        sensor: band names (required) and optional wavelengths.
+        output: pooled or grid.
+        device: inference device.
+        variant: ``base`` / ``large``.
+        weights: ``"official"``, a path, or None.
+        input_prep: ``"resize"`` or ``"tile"``.
+        pooled_norm: ``"trained"`` or ``"plain"``.
+        nodata: no-data value of the arrays.
+        model_config: rs-embed style settings.
+
+    Returns:
+        One :class:`Embedding` per input, in order.
+    """
+    cfg = _config(
+        model,
+        variant=variant,
+        weights=weights,
+        pooled_norm=pooled_norm,
+        input_prep=input_prep,
+        output=output,
+        device=device,
+        model_config=model_config,
+    )
+    if isinstance(input_chws, np.ndarray | Tensor):
+        raise ModelError(
+            "input_chws must be a list of (C, H, W) arrays (for one array use get_embedding)"
+        )
+    prepared = []
+    for i, chw in enumerate(input_chws):
+        try:
+            prepared.append(_prepare_tensor(chw, sensor, cfg.input_prep, nodata))
+        except (ModelError, BandError) as err:
+            raise type(err)(f"input_chws[{i}]: {err}") from err
+        prepared[-1].meta["index"] = i
+    if not prepared:
+        return []
+    return _embed(prepared, cfg, "tensor")
+
+
+def get_embeddings_batch(
+    model: str,
+    *,
+    spatials: Sequence[Region],
+    temporal: TemporalSpec | None = None,
+    sensor: SensorSpec | None = None,
+    output: OutputSpec | str = OutputSpec.pooled(),  # noqa: B008
+    backend: str = "auto",
+    device: str | torch.device | None = "auto",
+    variant: str | None = None,
+    weights: str | os.PathLike[str] | None = "official",
+    input_prep: str = "resize",
+    pooled_norm: str = "trained",
+    paths: PathsLike | None = None,
+    model_config: dict[str, Any] | None = None,
+    project: str | None = None,
+) -> list[Embedding]:
+    """Embed many regions: fetched in parallel (Earth Engine), inferred in batches.
+
+    Args:
+        model: ``"dofa"``.
+        spatials: the regions.
+        temporal: date range (required for ``gee``; None = every date for ``local``).
+        sensor: bands and fetch settings (see :func:`get_embedding`).
+        output: pooled or grid.
+        backend: ``"auto"`` (``local`` with ``paths``, else ``gee``), ``"local"``, ``"gee"``.
+        device: inference device.
+        variant: ``base`` / ``large``.
+        weights: ``"official"``, a path, or None.
+        input_prep: ``"resize"`` or ``"tile"``.
+        pooled_norm: ``"trained"`` or ``"plain"``.
+        paths: local rasters (``local``).
+        model_config: rs-embed style settings.
+        project: Earth Engine Cloud project.
+
+    Returns:
+        One :class:`Embedding` per region, in order.
+    """
+    cfg = _config(
+        model,
+        variant=variant,
+        weights=weights,
+        pooled_norm=pooled_norm,
+        input_prep=input_prep,
+        output=output,
+        device=device,
+        model_config=model_config,
+    )
+    which = _backend(backend, False, paths is not None)
+    spatial_list = list(spatials)
+    if not spatial_list:
+        return []
+    prepared = _fetch_many(spatial_list, temporal, sensor, cfg, which, paths, project)
+    for spatial, item in zip(spatial_list, prepared, strict=True):
+        item.meta["spatial"] = _spatial_key(spatial)
+    return _embed(prepared, cfg, which)
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportSummary:
+    """What :func:`export_batch` did.
+
+    Attributes:
+        path: the GeoParquet file.
+        rows: rows in the file.
+        computed: (item, model) pairs embedded in this run.
+        skipped: pairs already present (from an earlier, possibly interrupted, run).
+        failed: ``{item_id/model: error}`` for pairs that failed (``continue_on_error``).
+    """
+
+    path: Path
+    rows: int = 0
+    computed: int = 0
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def _spatial_geometry(spatial: Region) -> Any:
+    import shapely.geometry
+
+    if isinstance(spatial, PointBuffer):
+        return shapely.geometry.Point(spatial.lon, spatial.lat)
+    if isinstance(spatial, BBox):
+        return shapely.geometry.box(spatial.minlon, spatial.minlat, spatial.maxlon, spatial.maxlat)
+    return spatial
+
+
+def _spatial_key(spatial: Region) -> str:
+    """A stable, complete text for a region (shapely's repr truncates long geometries)."""
+    if isinstance(spatial, PointBuffer | BBox):
+        return repr(spatial)
+    return str(spatial.wkt)
+
+
+def _digest(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _chunks[T](items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def export_batch(
+    *,
+    spatials: Sequence[Region],
+    temporal: TemporalSpec | None = None,
+    models: Sequence[ExportModelRequest | str],
+    out_path: str | os.PathLike[str],
+    backend: str = "auto",
+    sensor: SensorSpec | None = None,
+    output: OutputSpec | str = OutputSpec.pooled(),  # noqa: B008
+    names: Sequence[str] | None = None,
+    paths: PathsLike | None = None,
+    device: str | torch.device | None = "auto",
+    weights: str | os.PathLike[str] | None = "official",
+    input_prep: str = "resize",
+    pooled_norm: str = "trained",
+    continue_on_error: bool = False,
+    chunk_size: int = 256,
+    project: str | None = None,
+) -> ExportSummary:
+    """Embed many regions with one or more DOFA configurations into one GeoParquet file.
+
+    One row per (region, model request): ``item_id``, ``model``, ``variant``, ``weights``,
+    ``pooled_norm``, ``input_prep``, ``backend``, ``output``, ``embedding`` (float32 list,
+    a grid flattened in C order), ``embedding_shape``, ``bands``, ``wavelengths_um``,
+    ``time_start`` / ``time_end``, ``buffer_m``, ``config_id``, and ``geometry`` in EPSG:4326
+    (the point of a :class:`PointBuffer`, the box of a :class:`BBox`, or the geometry given);
+    ``chip_bounds`` / ``chip_crs`` give the pixels actually read.
+
+    Resumable: each finished row is saved at once under ``<out_path>.parts/`` and the final
+    file is written atomically (temporary name, then rename), then the parts are removed. A
+    rerun (same regions and settings) skips rows already in the parts or in an existing final
+    file, and rewrites the file with old and new rows.
+
+    Args:
+        spatials: the regions.
+        temporal: date range (required for ``gee``).
+        models: ``ExportModelRequest.configure("dofa", variant=...)`` entries (or ``"dofa"``).
+        out_path: the ``.parquet`` file.
+        backend: ``"auto"`` (``local`` with ``paths``, else ``gee``), ``"local"``, ``"gee"``.
+        sensor: default bands / fetch settings (a request's ``sensor`` wins).
+        output: pooled (default) or grid.
+        names: one id per region (default ``p00000``, ``p00001``...).
+        paths: local rasters (``local``).
+        device: inference device.
+        weights: default weights (a request's ``weights`` wins).
+        input_prep: default input preparation.
+        pooled_norm: default pooled convention.
+        continue_on_error: record a failing region in ``failed`` and go on (the rerun retries
+            it) instead of raising.
+        chunk_size: regions fetched and embedded per round (bounds memory).
+        project: Earth Engine Cloud project.
+
+    Returns:
+        An :class:`ExportSummary`.
+
+    Raises:
+        ModelError: for bad arguments (before anything is fetched).
+    """
+    import geopandas as gpd
+    import shapely
+
+    spatial_list = list(spatials)
+    if names is None:
+        ids = [f"p{i:05d}" for i in range(len(spatial_list))]
+    else:
+        ids = [str(n) for n in names]
+        if len(ids) != len(spatial_list):
+            raise ModelError(f"names has {len(ids)} entries for {len(spatial_list)} spatials")
+        if len(set(ids)) != len(ids):
+            raise ModelError("names must be unique")
+    if not models:
+        raise ModelError("models is empty: e.g. models=[ExportModelRequest.configure('dofa')]")
+    requests = [m if isinstance(m, ExportModelRequest) else ExportModelRequest(m) for m in models]
+    which = _backend(backend, False, paths is not None)
+    if which == "tensor":
+        raise ModelError("export_batch reads regions: use backend='local' or 'gee'")
+    if which == "gee" and temporal is None:
+        raise ModelError("backend='gee' needs temporal=TemporalSpec.range(...)")
+    jobs = []
+    for req in requests:
+        conf = dict(req.model_config or {})
+        cfg = _config(
+            req.name,
+            variant=None,
+            weights=weights,
+            pooled_norm=pooled_norm,
+            input_prep=input_prep,
+            output=output,
+            device=device,
+            model_config=conf,
+        )
+        eff_sensor = req.sensor or sensor
+        config_id = _digest(
+            cfg.variant,
+            _weights_key(cfg.weights),
+            cfg.pooled_norm,
+            cfg.input_prep,
+            cfg.output.mode,
+            which,
+            None if eff_sensor is None else eff_sensor.__dict__,
+            None if temporal is None else [temporal.start, temporal.end],
+        )
+        jobs.append((req, cfg, eff_sensor, config_id))
+
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = out.with_name(out.name + ".parts")
+    summary = ExportSummary(out)
+    existing = gpd.read_parquet(out) if out.exists() else None
+    done: set[str] = set(existing["row_key"]) if existing is not None else set()
+    parts.mkdir(exist_ok=True)
+    done |= {p.stem for p in parts.glob("*.npz")}
+    dataset = (
+        open_local(paths, sensor) if which == "local" and paths is not None else None
+    )  # shared when no request overrides the sensor
+
+    for req, cfg, eff_sensor, config_id in jobs:
+        keys = [
+            _digest(item_id, _spatial_key(spatial), config_id)
+            for item_id, spatial in zip(ids, spatial_list, strict=True)
+        ]
+        todo = [i for i, k in enumerate(keys) if k not in done]
+        summary.skipped += len(keys) - len(todo)
+        ds = dataset if req.sensor is None else None
+        if which == "local" and ds is None:
+            ds = open_local(paths, eff_sensor)  # type: ignore[arg-type]
+        workers = fetch_workers() if which == "gee" else 1
+        for chunk in _chunks(todo, max(1, chunk_size)):
+
+            def fetch(
+                i: int,
+                c: _Config = cfg,
+                sn: SensorSpec | None = eff_sensor,
+                d: Sentinel2Base | None = ds,
+            ) -> Any:
+                try:
+                    got = _fetch_many([spatial_list[i]], temporal, sn, c, which, paths, project, d)
+                    return got[0]
+                except GEEUnavailableError:
+                    raise
+                except (LookupError, RuntimeError, ValueError) as err:
+                    if not continue_on_error:
+                        raise
+                    return err
+
+            fetched = _parallel(fetch, list(chunk), workers)
+            prepared: list[_Prepared] = []
+            kept: list[int] = []
+            for i, result in zip(chunk, fetched, strict=True):
+                if isinstance(result, _Prepared):
+                    prepared.append(result)
+                    kept.append(i)
+                else:
+                    summary.failed[f"{ids[i]}/{req.name}:{cfg.variant}"] = str(result)
+            if not prepared:
+                continue
+            embeddings = _embed(prepared, cfg, which)
+            for i, emb in zip(kept, embeddings, strict=True):
+                spatial = spatial_list[i]
+                row = {
+                    "row_key": keys[i],
+                    "item_id": ids[i],
+                    "model": req.name,
+                    "variant": emb.meta["variant"],
+                    "weights": emb.meta["weights"],
+                    "pooled_norm": emb.meta["pooled_norm"],
+                    "input_prep": emb.meta["input_prep"],
+                    "backend": which,
+                    "output": cfg.output.mode,
+                    "config_id": config_id,
+                    "bands": json.dumps(emb.meta["bands"]),
+                    "wavelengths_um": json.dumps(emb.meta["wavelengths_um"]),
+                    "time_start": None if temporal is None else temporal.start,
+                    "time_end": None if temporal is None else temporal.end,
+                    "buffer_m": spatial.buffer_m if isinstance(spatial, PointBuffer) else math.nan,
+                    "chip_bounds": json.dumps(emb.meta.get("bounds")),
+                    "chip_crs": emb.meta.get("crs", ""),
+                    "geometry_wkb": shapely.to_wkb(_spatial_geometry(spatial)),
+                }
+                _atomic_write(
+                    parts / f"{keys[i]}.npz",
+                    lambda p, e=emb, r=row: _save_part(p, e.data, r),  # type: ignore[misc]
+                )
+                done.add(keys[i])
+                summary.computed += 1
+
+    rows = [_load_part(p) for p in sorted(parts.glob("*.npz"))]
+    frames = []
+    if existing is not None:
+        existing = existing[~existing["row_key"].isin({r["row_key"] for r in rows})]
+        frames.append(existing)
+    if rows:
+        frames.append(
+            gpd.GeoDataFrame(
+                [{k: v for k, v in r.items() if k != "geometry_wkb"} for r in rows],
+                geometry=[shapely.from_wkb(r["geometry_wkb"]) for r in rows],
+                crs="EPSG:4326",
+            )
+        )
+    if rows:
+        frame = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs="EPSG:4326")
+        order = {k: n for n, k in enumerate(ids)}
+        frame["_order"] = frame["item_id"].map(order).fillna(len(order))
+        frame = frame.sort_values(["_order", "config_id"], kind="stable")
+        frame = frame.drop(columns="_order").reset_index(drop=True)
+        _atomic_write(out, frame.to_parquet)
+        summary.rows = len(frame)
+    elif existing is not None:
+        summary.rows = len(existing)
+    shutil.rmtree(parts, ignore_errors=True)
+    return summary
+
+
+def _save_part(path: Path, data: np.ndarray, row: dict[str, Any]) -> None:
+    meta = {k: v for k, v in row.items() if k != "geometry_wkb"}
+    with open(path, "wb") as f:
+        np.savez(
+            f,
+            embedding=np.asarray(data, np.float32),
+            geometry_wkb=np.frombuffer(row["geometry_wkb"], dtype=np.uint8),
+            meta=np.array(json.dumps(meta)),
+        )
+
+
+def _load_part(path: Path) -> dict[str, Any]:
+    with np.load(path) as part:
+        row: dict[str, Any] = json.loads(str(part["meta"]))
+        data = part["embedding"]
+        row["embedding"] = data.ravel().astype(np.float32)
+        row["embedding_shape"] = list(data.shape)
+        row["geometry_wkb"] = part["geometry_wkb"].tobytes()
+    return row
