@@ -1,0 +1,635 @@
+"""Fine-tuning tasks: real Lightning training on synthetic spectral data (CPU, no mocks).
+
+Speed: a random DOFA base with small inputs (32 x 32 via ``interpolate_pos_embed``), few
+chips, few epochs. A random frozen encoder still separates spectrally distinct chips for a
+linear probe. For segmentation, patch tokens of a random encoder carry almost no input signal
+(the patch embedding scales its generated weights by 0.01, so the fixed position embedding
+dominates), so the segmentation runs use a random checkpoint whose weight generator is scaled
+up 10x, so that tokens carry the input, as a trained encoder's do; that also exercises
+``weights=PATH``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.cli import LightningCLI
+from rasterio.transform import from_origin
+from torch.utils.data import DataLoader
+from torchgeo.datamodules import NonGeoDataModule
+from torchgeo.datasets import IntersectionDataset, RasterDataset, stack_samples
+from torchgeo.samplers import GriddedPatchSampler, RandomPatchSampler
+
+from tests.checkpoints import official_state_dict, random_encoder, write_checkpoint
+from torchgeo_dofa.bands import DOFA_S2_BANDS, BandError
+from torchgeo_dofa.synthetic import (
+    EUROSAT_BANDS,
+    SpectralChips,
+    SpectralDataModule,
+    class_spectra,
+    normalise_reflectance,
+)
+from torchgeo_dofa.tasks import (
+    DOFAClassificationTask,
+    DOFASegmentationTask,
+    UPerNetDecoder,
+    layer_id,
+    wavelengths_for_bands,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "torchgeo_dofa" / "configs"
+RGBN = ["B4", "B3", "B2", "B8"]
+
+
+class Recorder(Callback):
+    """Training losses per batch, and the encoder's / head's mode during each batch."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.encoder_training: list[bool] = []
+        self.trainable_training: list[bool] = []
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.encoder_training.append(pl_module.encoder.training)
+        head = getattr(pl_module, "head", None) or pl_module.decoder
+        self.trainable_training.append(head.training)
+
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def make_trainer(root: Path, epochs: int, callbacks: list[Callback], **kwargs: Any) -> Trainer:
+    return Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def encoder_state(task: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in task.encoder.state_dict().items()}
+
+
+def changed_keys(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+def metric(trainer: Trainer, name: str) -> float:
+    return float(trainer.callback_metrics[name])
+
+
+# ------------------------------------------------------------------------------------------
+# classification: one linear-probe run on 13-band EuroSAT-style chips, shared by several tests
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("probe")
+    seed_everything(0)
+    dm = SpectralDataModule(batch_size=16, num_classes=4, size=32, num_samples=64)
+    task = DOFAClassificationTask(
+        num_classes=4, weights=None, interpolate_pos_embed=True, lr=1e-3, patience=None
+    )
+    before = encoder_state(task)
+    recorder = Recorder()
+    trainer = make_trainer(root, 4, [recorder])
+    start = time.perf_counter()
+    trainer.fit(task, dm)
+    seconds = time.perf_counter() - start
+    path = root / "probe.ckpt"
+    trainer.save_checkpoint(path)
+    return {
+        "task": task,
+        "dm": dm,
+        "trainer": trainer,
+        "recorder": recorder,
+        "before": before,
+        "path": path,
+        "seconds": seconds,
+    }
+
+
+def test_linear_probe_learns_13_bands(probe: dict[str, Any]) -> None:
+    losses = probe["recorder"].losses
+    assert len(losses) == 4 * 4
+    assert probe["dm"].bands == EUROSAT_BANDS  # 13 bands, B10 included
+    assert losses[0] > 0.8 * math.log(4)  # starts near chance
+    last_epoch = float(np.mean(losses[-4:]))
+    assert last_epoch < 0.5 * losses[0], losses
+    assert metric(probe["trainer"], "val_OverallAccuracy") >= 0.75  # chance: 0.25
+    print(
+        f"probe: loss {losses[0]:.3f} -> {last_epoch:.3f}, val acc "
+        f"{metric(probe['trainer'], 'val_OverallAccuracy'):.3f}, {probe['seconds']:.1f} s"
+    )
+
+
+def test_linear_probe_freezes_encoder(probe: dict[str, Any]) -> None:
+    task = probe["task"]
+    assert not changed_keys(probe["before"], encoder_state(task))
+    assert not any(p.requires_grad for p in task.encoder.parameters())
+    assert all(p.requires_grad for p in task.head.parameters())
+    rec = probe["recorder"]
+    assert rec.encoder_training and not any(rec.encoder_training)  # eval during training
+    assert all(rec.trainable_training)
+    task.train()
+    assert not task.encoder.training and task.head.training
+
+
+def test_checkpoint_reload_predicts_identically(probe: dict[str, Any]) -> None:
+    task = probe["task"].eval()
+    batch = next(iter(probe["dm"].val_dataloader()))
+    with torch.no_grad():
+        expected = task(batch["image"], batch["wavelengths"])
+    loaded = DOFAClassificationTask.load_from_checkpoint(probe["path"])
+    assert not loaded.training
+    assert loaded.hparams["num_classes"] == 4 and loaded.hparams["weights"] is None
+    with torch.no_grad():
+        got = loaded(batch["image"], batch["wavelengths"])
+    assert torch.equal(got, expected)
+    assert expected.argmax(1).eq(batch["label"]).float().mean() >= 0.75
+
+
+# ------------------------------------------------------------------------------------------
+# classification: bands, wavelengths, multilabel, full fine-tuning, layer decay
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_task() -> DOFAClassificationTask:
+    torch.manual_seed(0)
+    return DOFAClassificationTask(
+        num_classes=3, weights=None, interpolate_pos_embed=True, bands=list(DOFA_S2_BANDS)
+    ).eval()
+
+
+@pytest.mark.parametrize("bands", [RGBN, list(DOFA_S2_BANDS), list(EUROSAT_BANDS)])
+def test_same_task_takes_4_9_13_bands(small_task: DOFAClassificationTask, bands: list[str]) -> None:
+    ds = SpectralChips(num_classes=3, bands=bands, size=32, num_samples=2)
+    image = torch.stack([ds[0]["image"], ds[1]["image"]])
+    waves = ds.wavelengths
+    with torch.no_grad():
+        per_batch = small_task(image, waves.expand(2, -1))
+        shared = small_task(image, waves)
+    assert per_batch.shape == (2, 3)
+    assert torch.allclose(per_batch, shared)
+    if len(bands) != len(DOFA_S2_BANDS):  # hparam bands (9) do not fit this input
+        with pytest.raises(BandError, match="wavelengths"):
+            small_task(image)
+
+
+def test_fixed_wavelengths_and_their_errors(small_task: DOFAClassificationTask) -> None:
+    ds = SpectralChips(num_classes=3, bands=DOFA_S2_BANDS, size=32, num_samples=2)
+    image = ds[0]["image"][None]
+    with torch.no_grad():
+        assert torch.allclose(small_task(image), small_task(image, ds.wavelengths))
+    task = DOFAClassificationTask(num_classes=3, weights=None, interpolate_pos_embed=True)
+    with pytest.raises(BandError, match="no wavelengths"):
+        task(image)
+    with pytest.raises(ValueError, match="224x224"):
+        DOFAClassificationTask(num_classes=3, weights=None)(image, ds.wavelengths)
+    with pytest.raises(ValueError, match="mode"):
+        DOFAClassificationTask(num_classes=3, weights=None, mode="frozen")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="variant"):
+        DOFAClassificationTask(num_classes=3, variant="huge", weights=None)
+    assert wavelengths_for_bands(["B10", "B04", "B8A"]) == [1.375, 0.665, 0.865]
+
+
+class BandlessChips(SpectralChips):
+    """EuroSAT-like: samples without ``wavelengths`` (TorchGeo's datasets never add them)."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = super().__getitem__(index)
+        del sample["wavelengths"]
+        return sample
+
+
+class BandlessDataModule(NonGeoDataModule):
+    """Like TorchGeo's EuroSATDataModule: ``bands`` only as a dataset argument."""
+
+    def __init__(self, bands: list[str]) -> None:
+        super().__init__(BandlessChips, 4, 0, bands=bands, size=32, num_samples=8)
+        self.aug = lambda batch: batch
+
+
+def test_wavelengths_from_datamodule_bands(tmp_path: Path) -> None:
+    task = DOFAClassificationTask(num_classes=4, weights=None, interpolate_pos_embed=True)
+    trainer = make_trainer(tmp_path, 1, [], limit_val_batches=1)
+    dm = BandlessDataModule(RGBN)
+    trainer.validate(task, dm, verbose=False)
+    assert "val_loss" in trainer.callback_metrics
+    assert torch.allclose(task._default_wavelengths(), torch.tensor([0.665, 0.56, 0.49, 0.842]))
+
+
+def test_multilabel_learns(tmp_path: Path) -> None:
+    seed_everything(0)
+    dm = SpectralDataModule(
+        batch_size=16,
+        task="multilabel",
+        num_classes=4,
+        size=32,
+        num_samples=48,
+        bands=list(DOFA_S2_BANDS),
+    )
+    task = DOFAClassificationTask(
+        num_classes=4,
+        task="multilabel",
+        weights=None,
+        interpolate_pos_embed=True,
+        lr=1e-3,
+        patience=None,
+    )
+    recorder = Recorder()
+    trainer = make_trainer(tmp_path, 3, [recorder])
+    trainer.fit(task, dm)
+    losses = recorder.losses
+    assert isinstance(task.criterion, torch.nn.BCEWithLogitsLoss)
+    assert float(np.mean(losses[-3:])) < 0.85 * losses[0], losses
+    val_set = dm.val_dataset
+    assert isinstance(val_set, SpectralChips)
+    labels = torch.stack([val_set[i]["label"] for i in range(len(val_set))])
+    prior = float(labels.float().mean())  # mAP of an uninformed ranking
+    assert metric(trainer, "val_MicroAP") > prior + 0.15
+    probs = task.predict_step(next(iter(dm.val_dataloader())), 0)
+    assert probs.shape == (len(val_set), 4) and bool(((probs >= 0) & (probs <= 1)).all())
+
+
+def test_full_mode_changes_encoder(tmp_path: Path) -> None:
+    seed_everything(0)
+    dm = SpectralDataModule(batch_size=4, num_classes=3, size=32, num_samples=8, bands=RGBN)
+    task = DOFAClassificationTask(
+        num_classes=3,
+        weights=None,
+        mode="full",
+        interpolate_pos_embed=True,
+        layer_decay=0.75,
+        lr=1e-3,
+        patience=None,
+    )
+    before = encoder_state(task)
+    recorder = Recorder()
+    trainer = make_trainer(tmp_path, 1, [recorder], limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(task, dm)
+    changed = changed_keys(before, encoder_state(task))
+    assert any(k.startswith("backbone.blocks.0.") for k in changed)
+    assert any(k.startswith("backbone.blocks.11.") for k in changed)
+    assert any(k.startswith("backbone.patch_embed.") for k in changed)
+    assert "norm.weight" in changed
+    assert "backbone.pos_embed" not in changed  # fixed sin/cos table
+    assert not any(k.startswith("backbone.fc_norm.") for k in changed)  # unused, frozen
+    assert recorder.encoder_training == [True]
+
+
+def test_layer_decay_param_groups() -> None:
+    lr, decay, depth = 1e-3, 0.75, 12
+    task = DOFAClassificationTask(
+        num_classes=3,
+        weights=None,
+        mode="full",
+        layer_decay=decay,
+        lr=lr,
+        weight_decay=0.05,
+        patience=None,
+    )
+    groups = task.parameter_groups()
+    lr_of: dict[str, float] = {}
+    wd_of: dict[str, float] = {}
+    names = {id(p): n for n, p in task.named_parameters()}
+    for group in groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            assert name not in lr_of, f"{name} in two groups"
+            lr_of[name] = group["lr"]
+            wd_of[name] = group["weight_decay"]
+    trainable = {n for n, p in task.named_parameters() if p.requires_grad}
+    assert set(lr_of) == trainable
+    emb = "encoder.backbone.patch_embed.weight_generator.fc_weight.weight"
+    assert lr_of[emb] == pytest.approx(lr * decay ** (depth + 1))
+    assert lr_of["encoder.backbone.cls_token"] == pytest.approx(lr * decay ** (depth + 1))
+    for i in (0, 5, 11):
+        assert lr_of[f"encoder.backbone.blocks.{i}.attn.qkv.weight"] == pytest.approx(
+            lr * decay ** (depth - i)
+        )
+        assert layer_id(f"encoder.backbone.blocks.{i}.mlp.fc1.bias", depth) == i + 1
+    assert lr_of["head.weight"] == pytest.approx(lr)
+    assert lr_of["encoder.norm.weight"] == pytest.approx(lr)
+    assert wd_of["head.weight"] == 0.05 and wd_of["head.bias"] == 0.0
+    assert wd_of["encoder.backbone.blocks.3.norm1.weight"] == 0.0
+    assert wd_of["encoder.backbone.cls_token"] == 0.0
+    optimizer = task.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert sorted(g["lr"] for g in optimizer.param_groups) == sorted(g["lr"] for g in groups)
+    assert len({round(g["lr"], 12) for g in groups}) == depth + 2
+
+    probe = DOFAClassificationTask(num_classes=3, weights=None, layer_decay=decay, patience=3)
+    params = [p for g in probe.parameter_groups() for p in g["params"]]
+    assert {id(p) for p in params} == {id(p) for p in probe.head.parameters()}
+    config: Any = probe.configure_optimizers()
+    assert isinstance(config, dict) and config["lr_scheduler"]["monitor"] == "val_loss"
+
+
+# ------------------------------------------------------------------------------------------
+# segmentation
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def seg_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random base checkpoint whose patch-embedding weight generator is scaled up 10x."""
+    encoder = random_encoder("base", seed=0)
+    gen = encoder.backbone.patch_embed.weight_generator
+    with torch.no_grad():
+        for layer in (gen.fc_weight, gen.fc_bias):
+            layer.weight.mul_(10.0)
+            layer.bias.mul_(10.0)
+    root = tmp_path_factory.mktemp("seg_weights")
+    return write_checkpoint(root / "dofa_base_scaled.pth", official_state_dict(encoder))
+
+
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory: pytest.TempPathFactory, seg_checkpoint: Path) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("seg")
+    seed_everything(0)
+    dm = SpectralDataModule(
+        batch_size=8, task="segmentation", num_classes=3, size=32, num_samples=64, bands=RGBN
+    )
+    task = DOFASegmentationTask(
+        num_classes=3,
+        weights=str(seg_checkpoint),
+        interpolate_pos_embed=True,
+        decoder_channels=64,
+        lr=1e-3,
+        patience=None,
+    )
+    before = encoder_state(task)
+    decoder_before = {k: v.clone() for k, v in task.decoder.state_dict().items()}
+    recorder = Recorder()
+    trainer = make_trainer(root, 4, [recorder])
+    start = time.perf_counter()
+    trainer.fit(task, dm)
+    seconds = time.perf_counter() - start
+    path = root / "seg.ckpt"
+    trainer.save_checkpoint(path)
+    return {
+        "task": task,
+        "dm": dm,
+        "trainer": trainer,
+        "recorder": recorder,
+        "before": before,
+        "decoder_before": decoder_before,
+        "path": path,
+        "seconds": seconds,
+    }
+
+
+def test_segmentation_linear_probe_learns_4_bands(seg_run: dict[str, Any]) -> None:
+    losses = seg_run["recorder"].losses
+    assert len(losses) == 4 * 8
+    first, last = float(np.mean(losses[:2])), float(np.mean(losses[-8:]))
+    assert first > 0.9 and last < 0.8 * first, losses
+    acc = metric(seg_run["trainer"], "val_OverallAccuracy")
+    miou = metric(seg_run["trainer"], "val_AverageJaccardIndex")
+    assert acc > 0.55 and miou > 0.35  # chance: 0.33 and ~0.2
+    print(
+        f"segmentation: loss {first:.3f} -> {last:.3f}, val acc {acc:.3f}, mIoU {miou:.3f}, "
+        f"{seg_run['seconds']:.1f} s"
+    )
+
+
+def test_segmentation_frozen_encoder_trainable_decoder(seg_run: dict[str, Any]) -> None:
+    task = seg_run["task"]
+    assert not changed_keys(seg_run["before"], encoder_state(task))
+    after = task.decoder.state_dict()
+    assert any(not torch.equal(v, after[k]) for k, v in seg_run["decoder_before"].items())
+    assert not any(seg_run["recorder"].encoder_training)
+    assert all(seg_run["recorder"].trainable_training)
+
+
+def test_segmentation_output_size_and_reload(seg_run: dict[str, Any]) -> None:
+    task = seg_run["task"].eval()
+    batch = next(iter(seg_run["dm"].val_dataloader()))
+    with torch.no_grad():
+        logits = task(batch["image"], batch["wavelengths"])
+        assert logits.shape == (8, 3, 32, 32)
+        wide = task(torch.randn(2, 4, 48, 64), batch["wavelengths"][0])
+        assert wide.shape == (2, 3, 48, 64)
+    loaded = DOFASegmentationTask.load_from_checkpoint(seg_run["path"])
+    with torch.no_grad():
+        assert torch.equal(loaded(batch["image"], batch["wavelengths"]), logits)
+    probs = loaded.predict_step(batch, 0)
+    assert probs.shape == (8, 3, 32, 32)
+    assert torch.allclose(probs.sum(1), torch.ones(8, 32, 32), atol=1e-5)
+
+
+def test_segmentation_options() -> None:
+    with pytest.raises(ValueError, match="block_indices"):
+        DOFASegmentationTask(num_classes=2, weights=None, block_indices=[3, 5, 7])
+    with pytest.raises(ValueError, match="block_indices"):
+        DOFASegmentationTask(num_classes=2, weights=None, block_indices=[3, 5, 7, 12])
+    task = DOFASegmentationTask(
+        num_classes=2, weights=None, mode="full", block_indices=[0, 1, 2, -4]
+    )
+    assert task.block_indices == (0, 1, 2, 8)
+    frozen = {n for n, p in task.encoder.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("backbone.blocks.9.") for n in frozen)  # unused blocks
+    assert not any(n.startswith("backbone.blocks.8.") for n in frozen)
+    assert "norm.weight" in frozen
+    decoder = UPerNetDecoder(16, 5, channels=8, norm="batch")
+    maps = [torch.randn(2, 16, 3, 5) for _ in range(4)]
+    assert decoder(maps, (48, 80)).shape == (2, 5, 48, 80)
+    with pytest.raises(ValueError, match="four|4"):
+        decoder(maps[:3], (48, 80))
+
+
+# ------------------------------------------------------------------------------------------
+# segmentation on TorchGeo raster datasets (a generated image raster + mask raster)
+# ------------------------------------------------------------------------------------------
+
+
+class TinyS2(RasterDataset):
+    """A 4-band raster whose samples look like Sentinel2SR's: image (raw x 10000),
+    wavelengths, valid, bounds, transform."""
+
+    filename_glob = "image.tif"
+    is_image = True
+    all_bands = tuple(RGBN)
+
+    def __getitem__(self, index: Any) -> dict[str, Any]:
+        sample = super().__getitem__(index)
+        image = sample["image"]
+        sample["valid"] = (image > 0).all(dim=0)
+        sample["wavelengths"] = torch.tensor(wavelengths_for_bands(RGBN))
+        sample["image"] = normalise_reflectance(image, RGBN)
+        return sample
+
+
+class TinyMask(RasterDataset):
+    filename_glob = "mask.tif"
+    is_image = False
+
+
+def write_rasters(root: Path, side: int = 128, cell: int = 16) -> None:
+    rng = np.random.default_rng(0)
+    cells = rng.integers(0, 3, size=(side // cell, side // cell))
+    mask = np.kron(cells, np.ones((cell, cell), dtype=np.int64)).astype(np.uint8)
+    spectra = class_spectra(3, wavelengths_for_bands(RGBN)).numpy()
+    image = spectra[mask].transpose(2, 0, 1) + rng.normal(0, 300, (4, side, side))
+    image = np.clip(image, 1, 10000).astype(np.float32)
+    image[:, :, :8] = 0  # a no-data strip on the left: valid False there
+    profile = {
+        "driver": "GTiff",
+        "height": side,
+        "width": side,
+        "crs": "EPSG:32631",
+        "transform": from_origin(500000, 5000000, 10, 10),
+    }
+    with rasterio.open(root / "image.tif", "w", count=4, dtype="float32", **profile) as dst:
+        dst.write(image)
+    with rasterio.open(root / "mask.tif", "w", count=1, dtype="uint8", **profile) as dst:
+        dst.write(mask[None])
+
+
+def test_segmentation_trains_on_raster_dataset_batches(
+    tmp_path: Path, seg_checkpoint: Path
+) -> None:
+    write_rasters(tmp_path)
+    dataset = IntersectionDataset(TinyS2(tmp_path), TinyMask(tmp_path))
+    sampler = RandomPatchSampler(dataset, size=32, length=32, generator=0)
+    train = DataLoader(dataset, batch_size=8, sampler=sampler, collate_fn=stack_samples)
+    val = DataLoader(
+        dataset,
+        batch_size=8,
+        sampler=GriddedPatchSampler(dataset, size=32, stride=32),
+        collate_fn=stack_samples,
+    )
+    batch = next(iter(train))
+    assert {"image", "mask", "wavelengths", "valid", "bounds", "transform"} <= set(batch)
+    assert batch["image"].shape == (8, 4, 32, 32) and batch["mask"].shape == (8, 32, 32)
+    assert batch["wavelengths"].shape == (8, 4)
+    seed_everything(0)
+    task = DOFASegmentationTask(
+        num_classes=3,
+        weights=str(seg_checkpoint),
+        interpolate_pos_embed=True,
+        decoder_channels=64,
+        ignore_index=255,
+        lr=1e-3,
+        patience=None,
+    )
+    target = task._target(batch)
+    assert bool((target[~batch["valid"]] == 255).all())  # no-data pixels are ignored
+    assert bool((target[batch["valid"]] < 3).all())
+    recorder = Recorder()
+    trainer = make_trainer(tmp_path, 4, [recorder])
+    trainer.fit(task, train, val)
+    losses = recorder.losses
+    assert len(losses) == 4 * 4
+    first, last = float(np.mean(losses[:4])), float(np.mean(losses[-4:]))
+    assert last < 0.92 * first, losses
+    assert metric(trainer, "val_OverallAccuracy") > 0.5  # chance: 0.33
+    print(f"raster segmentation: loss {first:.3f} -> {last:.3f}")
+
+
+# ------------------------------------------------------------------------------------------
+# LightningCLI
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LightningCLI reads sys.argv too; give it a clean one (pytest's are not for it)."""
+    monkeypatch.setattr(sys, "argv", ["torchgeo-dofa"])
+
+
+@pytest.mark.usefixtures("cli_argv")
+def test_cli_parses_task_init_args() -> None:
+    cli = LightningCLI(
+        DOFAClassificationTask,
+        SpectralDataModule,
+        run=False,
+        save_config_callback=None,
+        args=[
+            "--model.num_classes=5",
+            "--model.weights=null",
+            "--model.mode=full",
+            "--model.task=multilabel",
+            "--model.layer_decay=0.65",
+            "--model.bands=[B4,B3,B2,B8]",
+            "--model.interpolate_pos_embed=true",
+            "--model.patience=null",
+            "--data.bands=[B4,B3,B2,B8]",
+            "--data.size=32",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+        ],
+    )
+    model = cli.model
+    assert isinstance(model, DOFAClassificationTask)
+    assert model.hparams["num_classes"] == 5 and model.hparams["mode"] == "full"
+    assert model.hparams["task"] == "multilabel" and model.hparams["layer_decay"] == 0.65
+    assert model.hparams["weights"] is None and model.hparams["patience"] is None
+    assert model.hparams["bands"] == RGBN and model.encoder.interpolate_pos_embed
+    assert isinstance(cli.datamodule, SpectralDataModule) and cli.datamodule.bands == tuple(RGBN)
+    with pytest.raises(SystemExit):
+        LightningCLI(
+            DOFAClassificationTask,
+            SpectralDataModule,
+            run=False,
+            save_config_callback=None,
+            args=["--model.num_classes=5", "--model.mode=frozen"],
+        )
+
+
+@pytest.mark.usefixtures("cli_argv")
+def test_example_classification_config_runs(tmp_path: Path) -> None:
+    config = CONFIGS / "finetune_classification.yaml"
+    cli = LightningCLI(
+        save_config_callback=None,
+        args=[
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.fast_dev_run=true",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+    )
+    assert isinstance(cli.model, DOFAClassificationTask)
+    assert cli.model.hparams["weights"] is None
+    assert cli.trainer.state.finished
+    assert "train_loss" in cli.trainer.callback_metrics
+
+
+@pytest.mark.usefixtures("cli_argv")
+def test_example_segmentation_config_parses() -> None:
+    config = CONFIGS / "finetune_segmentation.yaml"
+    cli = LightningCLI(run=False, save_config_callback=None, args=["--config", str(config)])
+    assert isinstance(cli.model, DOFASegmentationTask)
+    assert isinstance(cli.datamodule, SpectralDataModule)
+    assert cli.datamodule.kwargs["task"] == "segmentation"
+    assert cli.model.hparams["num_classes"] == cli.datamodule.kwargs["num_classes"]

@@ -1,0 +1,891 @@
+"""Fine-tuning DOFA on your own labels: Lightning tasks in TorchGeo's style.
+
+Two tasks, both :class:`torchgeo.tasks.BaseTask` subclasses (``save_hyperparameters``,
+train/val/test :class:`~torchmetrics.MetricCollection`, ``configure_optimizers``), configurable
+from a LightningCLI YAML file:
+
+* :class:`DOFAClassificationTask`: a head on the pooled embedding, multiclass or multilabel.
+* :class:`DOFASegmentationTask`: a compact UPerNet (:class:`UPerNetDecoder`) on the patch maps
+  of several encoder blocks, logits at input resolution.
+
+Both follow the paper's GEO-Bench protocol by default (``mode="linear-probe"``: frozen encoder;
+for segmentation a frozen encoder with a trainable decoder) and offer ``mode="full"``
+fine-tuning with optional layer-wise learning-rate decay (``layer_decay``).
+
+Wavelengths: a batch is a dict with ``image`` (B, C, H, W), ``label`` (classification) or
+``mask`` (segmentation) and, usually, ``wavelengths`` ((B, C) as collated, or (C,)). Batches
+without ``wavelengths`` (TorchGeo's own datasets never add them) use, in order: the task's
+``wavelengths`` or ``bands`` hyperparameter, then the datamodule's ``wavelengths`` or ``bands``
+attribute, its ``bands`` dataset argument, or its datasets' ``bands``. So one task trains on 4,
+9 or 13 bands alike. Inputs other than 224 x 224 need ``interpolate_pos_embed=True``.
+
+Checkpoints hold every weight, so :meth:`~DOFAClassificationTask.load_from_checkpoint` rebuilds
+the encoder without its original weights (``weights=None`` unless you pass one) and loads the
+stored state: reloading never downloads anything.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, Literal, Self
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
+from torch import Tensor, nn
+from torch.optim import AdamW
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torchgeo.tasks import BaseTask
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassJaccardIndex,
+    MultilabelAccuracy,
+    MultilabelAveragePrecision,
+    MultilabelF1Score,
+)
+
+from .bands import BandError, canonical_band, infer_wavelengths, resolve_wavelengths
+from .model import DOFAEncoder, canonical_variant
+from .weights import load_dofa
+
+__all__ = [
+    "DEFAULT_BLOCK_INDICES",
+    "EXTRA_WAVELENGTHS",
+    "MODES",
+    "DOFAClassificationTask",
+    "DOFASegmentationTask",
+    "DecoderNorm",
+    "Mode",
+    "UPerNetDecoder",
+    "layer_id",
+    "wavelengths_for_bands",
+]
+
+Mode = Literal["linear-probe", "full"]
+
+#: Valid values of ``mode``: ``linear-probe`` (frozen encoder) or ``full`` fine-tuning.
+MODES: tuple[str, ...] = ("linear-probe", "full")
+
+#: Encoder blocks whose patch maps feed the segmentation decoder, per variant (0-based; the
+#: ViT-UPerNet recipe's choice: blocks 4, 6, 8, 12 of 12 and 8, 12, 16, 24 of 24).
+DEFAULT_BLOCK_INDICES: dict[str, tuple[int, ...]] = {
+    "base": (3, 5, 7, 11),
+    "large": (7, 11, 15, 23),
+}
+
+#: Sentinel-2 bands missing from :data:`torchgeo_dofa.bands.SENTINEL2_BANDS` (they have no
+#: DOFA statistics) but present in datasets such as EuroSAT: B10 (cirrus), 1.375 um.
+EXTRA_WAVELENGTHS: dict[str, float] = {"B10": 1.375}
+
+_ENCODER = "encoder."
+_EMBED_PREFIXES = (
+    "encoder.backbone.patch_embed.",
+    "encoder.backbone.cls_token",
+    "encoder.backbone.pos_embed",
+)
+_BLOCK_PREFIX = "encoder.backbone.blocks."
+
+
+def wavelengths_for_bands(bands: Sequence[str]) -> list[float]:
+    """Centre wavelengths (um) for Sentinel-2 band names, including B10 (1.375 um).
+
+    Like :func:`torchgeo_dofa.bands.infer_wavelengths` (``B4`` / ``B04`` spellings, any order),
+    plus :data:`EXTRA_WAVELENGTHS`, so all 13 EuroSAT bands resolve.
+
+    Args:
+        bands: band names in channel order.
+
+    Returns:
+        One wavelength per band.
+
+    Raises:
+        BandError: for a name that is not a Sentinel-2 band.
+    """
+    out: list[float] = []
+    for name in bands:
+        canon = canonical_band(name)
+        if canon in EXTRA_WAVELENGTHS:
+            out.append(EXTRA_WAVELENGTHS[canon])
+        else:
+            out.extend(infer_wavelengths([name]))
+    return out
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Layer index of a task parameter for layer-wise learning-rate decay (BEiT / MAE rule).
+
+    Patch embedding, class token and position embedding are layer 0, encoder block ``i`` is
+    layer ``i + 1`` and everything else (final norms, head, decoder) is layer ``depth + 1``.
+    A parameter of layer ``l`` gets ``lr * layer_decay ** (depth + 1 - l)``: block ``i`` is
+    scaled by ``layer_decay ** (depth - i)``, the embedding by ``layer_decay ** (depth + 1)``
+    and the head keeps the full learning rate.
+
+    Args:
+        name: parameter name as in ``task.named_parameters()`` (``encoder.backbone....``).
+        depth: number of encoder blocks.
+
+    Returns:
+        The layer index, 0 .. depth + 1.
+    """
+    if name.startswith(_EMBED_PREFIXES):
+        return 0
+    if name.startswith(_BLOCK_PREFIX):
+        return int(name[len(_BLOCK_PREFIX) :].split(".", 1)[0]) + 1
+    return depth + 1
+
+
+def _no_weight_decay(name: str, param: Tensor) -> bool:
+    """Biases, norm weights and the class / position tokens get no weight decay."""
+    return param.ndim <= 1 or name.endswith(("cls_token", "pos_embed"))
+
+
+class _DOFATask(BaseTask):
+    """Shared machinery: encoder, freezing, wavelengths, optimiser, metric logging."""
+
+    #: Keep every init argument (``weights`` too) in the hyperparameters.
+    ignore = None
+
+    encoder: DOFAEncoder
+    train_metrics: MetricCollection
+    val_metrics: MetricCollection
+    test_metrics: MetricCollection
+
+    # -- construction ------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_common(
+        mode: str,
+        num_classes: int,
+        layer_decay: float | None,
+        wavelengths: Sequence[float] | None,
+        bands: Sequence[str] | None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: choose one of {list(MODES)}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
+        if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1] or None, got {layer_decay}")
+        if wavelengths is not None and bands is not None and len(wavelengths) != len(bands):
+            raise BandError(
+                f"{len(bands)} bands but {len(wavelengths)} wavelengths: give one per band"
+            )
+
+    def _build_encoder(self) -> None:
+        """Build ``self.encoder`` from the hyperparameters and resolve fixed wavelengths."""
+        hp = self.hparams
+        weights = hp["weights"]
+        self.encoder = load_dofa(
+            hp["variant"],
+            weights=os.fspath(weights) if weights is not None else None,
+            pooled_norm=hp.get("pooled_norm", "trained"),
+            interpolate_pos_embed=hp["interpolate_pos_embed"],
+        )
+        self._fixed_wavelengths: Tensor | None = None
+        if hp["wavelengths"] is not None:
+            self._fixed_wavelengths = resolve_wavelengths(hp["bands"], hp["wavelengths"])
+        elif hp["bands"] is not None:
+            self._fixed_wavelengths = torch.tensor(wavelengths_for_bands(hp["bands"]))
+        # fc_norm / head of TorchGeo's DOFA are never used here: keep them out of training
+        for name, param in self.encoder.named_parameters():
+            if name.startswith(("backbone.fc_norm.", "backbone.head.")):
+                param.requires_grad_(False)
+        if self.frozen:
+            self.encoder.requires_grad_(False)
+        # load_dofa returns an eval-mode encoder; Lightning keeps modules' modes at fit start
+        self.encoder.train(not self.frozen)
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the encoder is frozen (``mode="linear-probe"``)."""
+        return bool(self.hparams.get("mode") == "linear-probe")
+
+    def train(self, mode: bool = True) -> Self:
+        """Set training mode; a frozen encoder always stays in eval mode.
+
+        Args:
+            mode: training (True) or evaluation (False) mode.
+
+        Returns:
+            The task.
+        """
+        super().train(mode)
+        if self.frozen and hasattr(self, "encoder"):
+            self.encoder.eval()
+        return self
+
+    def on_train_start(self) -> None:
+        """Put the task in training mode (a frozen encoder stays in eval mode).
+
+        Lightning keeps each module's mode at the start of training, so a task that was put
+        in eval mode (e.g. by :meth:`load_from_checkpoint`) would otherwise train in it.
+        """
+        self.train()
+
+    # -- wavelengths -------------------------------------------------------------------------
+
+    def _default_wavelengths(self) -> Tensor:
+        if self._fixed_wavelengths is not None:
+            return self._fixed_wavelengths
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if dm is not None:
+            waves = getattr(dm, "wavelengths", None)
+            if waves is not None:
+                return torch.as_tensor(waves, dtype=torch.float32).flatten()
+            bands = getattr(dm, "bands", None)
+            kwargs = getattr(dm, "kwargs", None)
+            if bands is None and isinstance(kwargs, Mapping):
+                bands = kwargs.get("bands")
+            for attr in ("train_dataset", "val_dataset", "test_dataset", "dataset"):
+                if bands is None:
+                    bands = getattr(getattr(dm, attr, None), "bands", None)
+            if bands is not None:
+                return torch.tensor(wavelengths_for_bands(list(bands)))
+        raise BandError(
+            "no wavelengths: the batch has no 'wavelengths' key and none are configured; add "
+            "them to the samples (torchgeo_dofa.transforms.AttachWavelengths) or set the task's "
+            "wavelengths=[...] (um) or bands=[...] (Sentinel-2 names)"
+        )
+
+    def _wavelengths(self, image: Tensor, wavelengths: Tensor | Sequence[float] | None) -> Tensor:
+        if wavelengths is None:
+            wavelengths = self._default_wavelengths()
+        if not isinstance(wavelengths, Tensor):
+            wavelengths = torch.tensor([float(v) for v in wavelengths])
+        return wavelengths.to(image.device)
+
+    @staticmethod
+    def _batch_wavelengths(batch: Mapping[str, Any]) -> Tensor | None:
+        waves = batch.get("wavelengths")
+        return waves if isinstance(waves, Tensor) else None
+
+    # -- optimisation ------------------------------------------------------------------------
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups: trainable parameters only, layer-wise lr decay if set.
+
+        Without ``layer_decay`` there are two groups (with / without weight decay) at ``lr``.
+        With it, one group per (layer, weight decay) pair, at ``lr * layer_decay ** (depth + 1 -
+        layer)`` (see :func:`layer_id`). Biases, norms and the class token never get weight
+        decay. Each group carries ``name``, ``layer`` and ``lr_scale`` for inspection.
+
+        Returns:
+            The groups, ready for :class:`torch.optim.AdamW`.
+        """
+        lr: float = self.hparams["lr"]
+        wd: float = self.hparams["weight_decay"]
+        decay: float | None = self.hparams["layer_decay"]
+        depth = self.encoder.config.depth
+        groups: dict[tuple[int, bool], dict[str, Any]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            layer = layer_id(name, depth) if decay is not None else depth + 1
+            no_wd = _no_weight_decay(name, param)
+            key = (layer, no_wd)
+            if key not in groups:
+                scale = 1.0 if decay is None else decay ** (depth + 1 - layer)
+                groups[key] = {
+                    "name": f"layer{layer}_{'no_decay' if no_wd else 'decay'}",
+                    "layer": layer,
+                    "lr_scale": scale,
+                    "lr": lr * scale,
+                    "weight_decay": 0.0 if no_wd else wd,
+                    "params": [],
+                }
+            groups[key]["params"].append(param)
+        return [groups[k] for k in sorted(groups)]
+
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        """AdamW over :meth:`parameter_groups`; ReduceLROnPlateau on ``val_loss`` if ``patience``.
+
+        Returns:
+            The optimizer, and the scheduler when ``patience`` is not None.
+        """
+        optimizer = AdamW(self.parameter_groups(), lr=self.hparams["lr"])
+        patience = self.hparams["patience"]
+        if patience is None:
+            return optimizer
+        scheduler = ReduceLROnPlateau(optimizer, patience=patience)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor},
+        }
+
+    # -- steps -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def _loss_and_logits(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """Return (loss, logits, target) for a batch."""
+
+    def _step(self, batch: Mapping[str, Any], split: str, metrics: MetricCollection) -> Tensor:
+        loss, logits, target = self._loss_and_logits(batch)
+        metrics.update(*self._metric_inputs(logits, target))
+        self.log(f"{split}_loss", loss, batch_size=logits.shape[0])
+        return loss
+
+    def _metric_inputs(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        return logits, target
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        """Compute the training loss and update the train metrics.
+
+        Args:
+            batch: the batch dict.
+            batch_idx: index of the batch.
+
+        Returns:
+            The loss.
+        """
+        return self._step(batch, "train", self.train_metrics)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """Compute the validation loss and update the validation metrics.
+
+        Args:
+            batch: the batch dict.
+            batch_idx: index of the batch.
+        """
+        self._step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """Compute the test loss and update the test metrics.
+
+        Args:
+            batch: the batch dict.
+            batch_idx: index of the batch.
+        """
+        self._step(batch, "test", self.test_metrics)
+
+    def on_train_epoch_end(self) -> None:
+        """Log the train metrics."""
+        self.log_dict(self.train_metrics.compute())
+        self.train_metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation metrics."""
+        self.log_dict(self.val_metrics.compute())
+        self.val_metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        """Log the test metrics."""
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    def _set_metrics(self, metrics: MetricCollection) -> None:
+        self.train_metrics = metrics.clone(prefix="train_")
+        self.val_metrics = metrics.clone(prefix="val_")
+        self.test_metrics = metrics.clone(prefix="test_")
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | Path | IO[Any],
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Load a task from a Lightning checkpoint, without fetching the original weights.
+
+        The checkpoint holds the whole state dict, so the encoder is built with
+        ``weights=None`` (unless ``weights`` is passed) and then filled from the checkpoint.
+
+        Args:
+            checkpoint_path: path or file object of the checkpoint.
+            map_location: as :meth:`lightning.pytorch.LightningModule.load_from_checkpoint`.
+            hparams_file: optional YAML file of hyperparameters.
+            strict: whether the state dict must match exactly.
+            weights_only: passed on to ``torch.load``.
+            **kwargs: hyperparameters that override the stored ones.
+
+        Returns:
+            The task, in eval mode.
+        """
+        kwargs.setdefault("weights", None)
+        task = super().load_from_checkpoint(
+            checkpoint_path,
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            weights_only=weights_only,
+            **kwargs,
+        )
+        task.eval()
+        return task
+
+
+class DOFAClassificationTask(_DOFATask):
+    """Image classification with DOFA: linear probing or full fine-tuning.
+
+    The head sits on the pooled embedding (mean of the patch tokens after the last block, then
+    the encoder's final LayerNorm). ``task(image, wavelengths)`` returns logits (B, num_classes).
+
+    Modes:
+
+    * ``linear-probe`` (GEO-Bench protocol): the encoder is frozen (``requires_grad=False``)
+      and kept in eval mode throughout training; only the head trains. With ``head_norm``
+      (the default here) the head is MAE's linear-probe head: a ``BatchNorm1d`` without affine
+      parameters, then a linear layer.
+    * ``full``: everything trains; ``layer_decay`` scales block ``i``'s learning rate by
+      ``layer_decay ** (depth - i)`` and the patch embedding's by ``layer_decay ** (depth + 1)``.
+
+    Metrics (``train_`` / ``val_`` / ``test_`` prefixes): multiclass ``OverallAccuracy``,
+    ``AverageAccuracy``, ``AverageF1Score``; multilabel ``OverallAccuracy``,
+    ``AverageF1Score`` and ``MicroAP`` (micro-averaged mAP, GEO-Bench's BigEarthNet metric).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        variant: str = "base",
+        weights: str | None = "official",
+        mode: Mode = "linear-probe",
+        task: Literal["multiclass", "multilabel"] = "multiclass",
+        wavelengths: list[float] | None = None,
+        bands: list[str] | None = None,
+        interpolate_pos_embed: bool = False,
+        pooled_norm: Literal["trained", "plain"] = "trained",
+        head_norm: bool | None = None,
+        layer_decay: float | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        patience: int | None = 10,
+    ) -> None:
+        """Build the task.
+
+        Args:
+            num_classes: number of classes (multiclass) or labels (multilabel).
+            variant: ``base`` or ``large``.
+            weights: as :func:`torchgeo_dofa.load_dofa`: ``"official"``, a checkpoint path or
+                None for a random encoder.
+            mode: ``"linear-probe"`` (frozen encoder) or ``"full"`` fine-tuning.
+            task: ``"multiclass"`` (cross-entropy; ``label`` (B,) class indices) or
+                ``"multilabel"`` (binary cross-entropy; ``label`` (B, num_classes) 0/1).
+            wavelengths: fixed wavelengths (um) for batches without ``wavelengths``.
+            bands: Sentinel-2 band names to infer those wavelengths from.
+            interpolate_pos_embed: accept inputs other than 224 x 224 (multiples of 16).
+            pooled_norm: the pooled embedding's LayerNorm convention (``"trained"`` or
+                ``"plain"``, see :class:`torchgeo_dofa.DOFAEncoder`).
+            head_norm: put an affine-free ``BatchNorm1d`` before the linear head (MAE's
+                linear-probe head); None: on for ``linear-probe``, off for ``full``.
+            layer_decay: layer-wise learning-rate decay factor in (0, 1] (``full`` mode), or
+                None for one learning rate.
+            lr: learning rate (AdamW).
+            weight_decay: AdamW weight decay (not applied to biases, norms and tokens).
+            patience: ReduceLROnPlateau patience on ``val_loss``; None for a constant rate.
+
+        Raises:
+            ValueError: for an unknown mode or task, or a bad ``num_classes`` /
+                ``layer_decay``.
+            BandError: for inconsistent ``bands`` / ``wavelengths``.
+        """
+        canonical_variant(variant)
+        self._check_common(mode, num_classes, layer_decay, wavelengths, bands)
+        if task not in ("multiclass", "multilabel"):
+            raise ValueError(f"unknown task {task!r}: choose 'multiclass' or 'multilabel'")
+        if task == "multiclass" and num_classes < 2:
+            raise ValueError(f"multiclass needs num_classes >= 2, got {num_classes}")
+        super().__init__()
+
+    def configure_models(self) -> None:
+        """Build the encoder and the head."""
+        self._build_encoder()
+        dim = self.encoder.embed_dim
+        use_norm = self.hparams["head_norm"]
+        if use_norm is None:
+            use_norm = self.frozen
+        linear = nn.Linear(dim, self.hparams["num_classes"])
+        nn.init.trunc_normal_(linear.weight, std=0.01)
+        nn.init.zeros_(linear.bias)
+        self.head: nn.Module = (
+            nn.Sequential(nn.BatchNorm1d(dim, eps=1e-6, momentum=None, affine=False), linear)
+            if use_norm
+            else linear
+        )
+
+    def configure_losses(self) -> None:
+        """Cross-entropy (multiclass) or binary cross-entropy with logits (multilabel)."""
+        self.criterion: nn.Module = (
+            nn.CrossEntropyLoss()
+            if self.hparams["task"] == "multiclass"
+            else nn.BCEWithLogitsLoss()
+        )
+
+    def configure_metrics(self) -> None:
+        """Build the train / val / test metric collections."""
+        k = self.hparams["num_classes"]
+        metrics: dict[str, Metric | MetricCollection]
+        if self.hparams["task"] == "multiclass":
+            metrics = {
+                "OverallAccuracy": MulticlassAccuracy(k, average="micro"),
+                "AverageAccuracy": MulticlassAccuracy(k, average="macro"),
+                "AverageF1Score": MulticlassF1Score(k, average="macro"),
+            }
+        else:
+            metrics = {
+                "OverallAccuracy": MultilabelAccuracy(k, average="micro"),
+                "AverageF1Score": MultilabelF1Score(k, average="macro"),
+                "MicroAP": MultilabelAveragePrecision(k, average="micro"),
+            }
+        self._set_metrics(MetricCollection(metrics))
+
+    def embed(self, image: Tensor, wavelengths: Tensor | Sequence[float] | None = None) -> Tensor:
+        """Pooled embeddings the head sees (no gradient through a frozen encoder).
+
+        Args:
+            image: (B, C, H, W) normalised input.
+            wavelengths: C wavelengths (um), a (B, C) tensor of identical rows, or None for
+                the configured ones.
+
+        Returns:
+            (B, D) pooled embeddings.
+        """
+        waves = self._wavelengths(image, wavelengths)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self.encoder(image, waves).pooled
+
+    def forward(self, image: Tensor, wavelengths: Tensor | Sequence[float] | None = None) -> Tensor:
+        """Classify a batch.
+
+        Args:
+            image: (B, C, H, W) normalised input.
+            wavelengths: C wavelengths (um), a (B, C) tensor of identical rows, or None for
+                the configured ones.
+
+        Returns:
+            Logits (B, num_classes).
+        """
+        logits: Tensor = self.head(self.embed(image, wavelengths))
+        return logits
+
+    def _loss_and_logits(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        logits = self(batch["image"], self._batch_wavelengths(batch))
+        target: Tensor = batch["label"]
+        if self.hparams["task"] == "multiclass":
+            target = target.long().reshape(-1)
+            loss = self.criterion(logits, target)
+        else:
+            target = target.long()
+            loss = self.criterion(logits, target.float())
+        return loss, logits, target
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        """Class probabilities (softmax) or label probabilities (sigmoid).
+
+        Args:
+            batch: the batch dict (``image``, optionally ``wavelengths``).
+            batch_idx: index of the batch.
+
+        Returns:
+            (B, num_classes) probabilities.
+        """
+        logits = self(batch["image"], self._batch_wavelengths(batch))
+        if self.hparams["task"] == "multiclass":
+            return logits.softmax(dim=1)
+        return logits.sigmoid()
+
+
+DecoderNorm = Literal["group", "batch"]
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    groups = max(g for g in range(1, 33) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+def _conv_norm_act(cin: int, cout: int, kernel: int, norm: str) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+        _norm(norm, cout),
+        nn.GELU(),
+    )
+
+
+class UPerNetDecoder(nn.Module):
+    """A compact UPerNet for ViT features (the BEiT / MAE ViT-UPerNet recipe, slimmed).
+
+    Input: four (B, D, h, w) maps at 1/16 of the image (from four encoder blocks, shallow to
+    deep). Each is first projected to ``channels`` (1x1 conv + norm + GELU; the recipe
+    deconvolves at width D, projecting first keeps the neck small) and resampled to a pyramid:
+    x4 (two 2x2 transposed convs) -> 1/4, x2 -> 1/8, kept -> 1/16, 2x2 max-pool -> 1/32.
+    A pyramid pooling module (PPM, bins ``pool_scales``) runs on the 1/32 level, an FPN adds
+    each level to the upsampled coarser one and smooths it (3x3 conv), all levels are
+    upsampled to 1/4 and fused (3x3 conv), and a 1x1 conv gives the class logits, upsampled
+    bilinearly to the requested size.
+
+    Normalisation: GroupNorm by default (up to 32 groups). It behaves the same in training
+    and evaluation and at any batch size, which suits short runs with small batches;
+    ``norm="batch"`` gives mmsegmentation's BatchNorm, whose running statistics need many
+    steps to settle.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_classes: int,
+        channels: int = 256,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+        norm: DecoderNorm = "group",
+    ) -> None:
+        """Build the decoder.
+
+        Args:
+            embed_dim: width D of the encoder maps.
+            num_classes: number of output classes.
+            channels: decoder width (mmsegmentation's ViT-UPerNet uses 512).
+            pool_scales: output sizes of the PPM's adaptive average pools.
+            dropout: dropout before the classifier.
+            norm: ``"group"`` (GroupNorm) or ``"batch"`` (BatchNorm).
+
+        Raises:
+            ValueError: for an unknown ``norm``.
+        """
+        super().__init__()
+        if norm not in ("group", "batch"):
+            raise ValueError(f"unknown norm {norm!r}: choose 'group' or 'batch'")
+        c = channels
+
+        def cna(cin: int, cout: int, kernel: int) -> nn.Sequential:
+            return _conv_norm_act(cin, cout, kernel, norm)
+
+        def up2() -> nn.ConvTranspose2d:
+            return nn.ConvTranspose2d(c, c, kernel_size=2, stride=2)
+
+        self.neck = nn.ModuleList(
+            [
+                nn.Sequential(cna(embed_dim, c, 1), up2(), _norm(norm, c), nn.GELU(), up2()),
+                nn.Sequential(cna(embed_dim, c, 1), up2()),
+                cna(embed_dim, c, 1),
+                nn.Sequential(cna(embed_dim, c, 1), nn.MaxPool2d(2, stride=2, ceil_mode=True)),
+            ]
+        )
+        self.ppm = nn.ModuleList(
+            [nn.Sequential(nn.AdaptiveAvgPool2d(s), cna(c, c, 1)) for s in pool_scales]
+        )
+        self.bottleneck = cna(c * (1 + len(pool_scales)), c, 3)
+        self.fpn_convs = nn.ModuleList([cna(c, c, 3) for _ in range(3)])
+        self.fuse = cna(4 * c, c, 3)
+        self.classifier = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(c, num_classes, 1))
+
+    def forward(self, maps: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+        """Decode four encoder maps into logits.
+
+        Args:
+            maps: four (B, D, h, w) maps, shallow to deep.
+            size: output (H, W), normally the input image's.
+
+        Returns:
+            (B, num_classes, H, W) logits.
+        """
+        if len(maps) != len(self.neck):
+            raise ValueError(f"UPerNetDecoder takes {len(self.neck)} maps, got {len(maps)}")
+        feats = [neck(m) for neck, m in zip(self.neck, maps, strict=True)]
+        top = feats[-1]
+        pooled = [_resize(ppm(top), top.shape[-2:]) for ppm in self.ppm]
+        feats[-1] = self.bottleneck(torch.cat([top, *pooled], dim=1))
+        for i in range(len(feats) - 1, 0, -1):
+            feats[i - 1] = feats[i - 1] + _resize(feats[i], feats[i - 1].shape[-2:])
+        outs = [conv(f) for conv, f in zip(self.fpn_convs, feats[:-1], strict=True)]
+        outs.append(feats[-1])
+        fine = outs[0].shape[-2:]
+        fused = self.fuse(torch.cat([outs[0]] + [_resize(o, fine) for o in outs[1:]], dim=1))
+        return _resize(self.classifier(fused), size)
+
+
+def _resize(x: Tensor, size: tuple[int, ...] | torch.Size) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class DOFASegmentationTask(_DOFATask):
+    """Semantic segmentation with DOFA and a UPerNet decoder.
+
+    Patch maps of ``block_indices`` (default: the ViT-UPerNet choice, (3, 5, 7, 11) for base)
+    feed a :class:`UPerNetDecoder`; ``task(image, wavelengths)`` returns logits
+    (B, num_classes, H, W) at input resolution.
+
+    Modes: ``linear-probe`` (the GEO-Bench protocol: frozen encoder, kept in eval mode, and a
+    trainable decoder) or ``full`` (encoder trains too; ``layer_decay`` as in
+    :class:`DOFAClassificationTask`). Encoder parameters the decoder never uses (blocks after
+    the last of ``block_indices``, the final norm) are frozen in both modes.
+
+    Loss: cross-entropy, ignoring ``ignore_index``; where the batch has a ``valid`` (B, H, W)
+    mask (:class:`torchgeo_dofa.datasets.Sentinel2SR` samples) and ``ignore_index`` is set,
+    invalid pixels are ignored too. Metrics: ``OverallAccuracy`` (pixels), ``AverageAccuracy``
+    and ``AverageJaccardIndex`` (mIoU).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        variant: str = "base",
+        weights: str | None = "official",
+        mode: Mode = "linear-probe",
+        block_indices: list[int] | None = None,
+        decoder_channels: int = 256,
+        decoder_norm: DecoderNorm = "group",
+        ignore_index: int | None = None,
+        wavelengths: list[float] | None = None,
+        bands: list[str] | None = None,
+        interpolate_pos_embed: bool = False,
+        layer_decay: float | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        patience: int | None = 10,
+    ) -> None:
+        """Build the task.
+
+        Args:
+            num_classes: number of classes.
+            variant: ``base`` or ``large``.
+            weights: as :func:`torchgeo_dofa.load_dofa`: ``"official"``, a checkpoint path or
+                None for a random encoder.
+            mode: ``"linear-probe"`` (frozen encoder, trainable decoder) or ``"full"``.
+            block_indices: four encoder blocks (0-based, negative counts from the end) whose
+                patch maps feed the decoder, shallow to deep; None: the variant's default
+                (:data:`DEFAULT_BLOCK_INDICES`).
+            decoder_channels: UPerNet width.
+            decoder_norm: the decoder's normalisation, ``"group"`` (GroupNorm) or ``"batch"``
+                (BatchNorm, mmsegmentation's choice); see :class:`UPerNetDecoder`.
+            ignore_index: mask value left out of loss and metrics, or None.
+            wavelengths: fixed wavelengths (um) for batches without ``wavelengths``.
+            bands: Sentinel-2 band names to infer those wavelengths from.
+            interpolate_pos_embed: accept inputs other than 224 x 224 (multiples of 16).
+            layer_decay: layer-wise learning-rate decay factor (``full`` mode), or None.
+            lr: learning rate (AdamW).
+            weight_decay: AdamW weight decay (not applied to biases, norms and tokens).
+            patience: ReduceLROnPlateau patience on ``val_loss``; None for a constant rate.
+
+        Raises:
+            ValueError: for an unknown mode, bad ``block_indices`` or other bad values.
+            BandError: for inconsistent ``bands`` / ``wavelengths``.
+        """
+        name = canonical_variant(variant)
+        self._check_common(mode, num_classes, layer_decay, wavelengths, bands)
+        depth = 12 if name == "base" else 24
+        indices = DEFAULT_BLOCK_INDICES[name] if block_indices is None else tuple(block_indices)
+        if len(indices) != 4 or any(not -depth <= i < depth for i in indices):
+            raise ValueError(
+                f"block_indices must be four block indices in [-{depth}, {depth}) for DOFA "
+                f"{name}, got {block_indices}"
+            )
+        self.block_indices: tuple[int, ...] = tuple(i % depth for i in indices)
+        if decoder_channels < 1:
+            raise ValueError(f"decoder_channels must be positive, got {decoder_channels}")
+        if decoder_norm not in ("group", "batch"):
+            raise ValueError(f"unknown decoder_norm {decoder_norm!r}: choose 'group' or 'batch'")
+        super().__init__()
+
+    def configure_models(self) -> None:
+        """Build the encoder and the decoder."""
+        self._build_encoder()
+        last = max(self.block_indices)
+        for name, param in self.encoder.named_parameters():
+            unused_block = name.startswith("backbone.blocks.") and int(name.split(".")[2]) > last
+            if unused_block or name.startswith("norm."):
+                param.requires_grad_(False)
+        self.decoder = UPerNetDecoder(
+            self.encoder.embed_dim,
+            self.hparams["num_classes"],
+            channels=self.hparams["decoder_channels"],
+            norm=self.hparams["decoder_norm"],
+        )
+
+    def configure_losses(self) -> None:
+        """Cross-entropy with the optional ``ignore_index``."""
+        ignore = self.hparams["ignore_index"]
+        self.criterion: nn.Module = nn.CrossEntropyLoss(
+            ignore_index=-100 if ignore is None else ignore
+        )
+
+    def configure_metrics(self) -> None:
+        """Build the train / val / test metric collections."""
+        k = self.hparams["num_classes"]
+        ignore = self.hparams["ignore_index"]
+        metrics = MetricCollection(
+            {
+                "OverallAccuracy": MulticlassAccuracy(k, average="micro", ignore_index=ignore),
+                "AverageAccuracy": MulticlassAccuracy(k, average="macro", ignore_index=ignore),
+                "AverageJaccardIndex": MulticlassJaccardIndex(
+                    k, average="macro", ignore_index=ignore
+                ),
+            }
+        )
+        self._set_metrics(metrics)
+
+    def features(
+        self, image: Tensor, wavelengths: Tensor | Sequence[float] | None = None
+    ) -> list[Tensor]:
+        """Encoder maps the decoder sees (no gradient through a frozen encoder).
+
+        Args:
+            image: (B, C, H, W) normalised input.
+            wavelengths: C wavelengths (um), (B, C) identical rows, or None for the configured.
+
+        Returns:
+            Four (B, D, H/16, W/16) maps, in ``block_indices`` order.
+        """
+        waves = self._wavelengths(image, wavelengths)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            _, maps = self.encoder.forward_tokens(image, waves, self.block_indices)
+        return maps
+
+    def forward(self, image: Tensor, wavelengths: Tensor | Sequence[float] | None = None) -> Tensor:
+        """Segment a batch.
+
+        Args:
+            image: (B, C, H, W) normalised input.
+            wavelengths: C wavelengths (um), (B, C) identical rows, or None for the configured.
+
+        Returns:
+            Logits (B, num_classes, H, W).
+        """
+        h, w = image.shape[-2:]
+        logits: Tensor = self.decoder(self.features(image, wavelengths), (h, w))
+        return logits
+
+    def _target(self, batch: Mapping[str, Any]) -> Tensor:
+        mask: Tensor = batch["mask"]
+        if mask.ndim == 4:
+            mask = mask.squeeze(1)
+        mask = mask.long()
+        ignore = self.hparams["ignore_index"]
+        valid = batch.get("valid")
+        if ignore is not None and isinstance(valid, Tensor):
+            valid = valid.reshape(mask.shape).to(torch.bool)
+            mask = mask.masked_fill(~valid, ignore)
+        return mask
+
+    def _loss_and_logits(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        logits = self(batch["image"], self._batch_wavelengths(batch))
+        target = self._target(batch)
+        return self.criterion(logits, target), logits, target
+
+    def _metric_inputs(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        return logits.argmax(dim=1), target
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        """Per-pixel class probabilities.
+
+        Args:
+            batch: the batch dict (``image``, optionally ``wavelengths``).
+            batch_idx: index of the batch.
+
+        Returns:
+            (B, num_classes, H, W) softmax probabilities.
+        """
+        return self(batch["image"], self._batch_wavelengths(batch)).softmax(dim=1)
