@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,14 @@ import torch
 
 from tests.checkpoints import S2_WAVELENGTHS, write_checkpoint
 from torchgeo_dofa import CheckpointError, load_dofa
-from torchgeo_dofa.weights import PRETRAINED, read_state_dict, resolve_weights, sha256_file
+from torchgeo_dofa.weights import (
+    DEFAULT_HF_REPO_ID,
+    DEFAULT_HF_REVISION,
+    PRETRAINED,
+    read_state_dict,
+    resolve_weights,
+    sha256_file,
+)
 
 ENV_VARS = [
     f"{p}{s}"
@@ -134,26 +142,29 @@ def test_rs_embed_variable_names(monkeypatch, base_checkpoint, x, reference) -> 
     torch.testing.assert_close(out, reference)
 
 
-def _run_offline(code: str, cache: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
-    env |= {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(cache)}
-    return subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
+_OFFLINE_SCRIPT = """
+import json, os
+from torchgeo_dofa.weights import CheckpointError, load_dofa
+results = {}
+for name, env in [
+    ("missing", {"TORCHGEO_DOFA_HF_REVISION": "v9"}),
+    ("mismatch", {}),
+    ("other_repo", {"TORCHGEO_DOFA_HF_REPO_ID": "me/dofa-ft"}),
+]:
+    for key in ("TORCHGEO_DOFA_HF_REVISION", "TORCHGEO_DOFA_HF_REPO_ID"):
+        os.environ.pop(key, None)
+    os.environ.update(env)
+    try:
+        results[name] = "ok " + load_dofa("base").weights_id
+    except CheckpointError as err:
+        results[name] = "error " + str(err)
+print(json.dumps(results))
+"""
 
 
-def test_download_failure_names_file_repo_revision_and_variable(tmp_path) -> None:
-    proc = _run_offline("from torchgeo_dofa import load_dofa; load_dofa('base')", tmp_path)
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "DOFA_ViT_base_e100.pth" in last
-    assert "'earthflow/DOFA'" in last and "'main'" in last
-    assert "TORCHGEO_DOFA_BASE_WEIGHTS" in last
-
-
-def _fake_hub_cache(cache: Path, checkpoint: Path) -> None:
+def _fake_hub_cache(cache: Path, repo_id: str, checkpoint: Path) -> None:
     """Lay out a file in the hub cache as huggingface_hub would after a download."""
-    repo = cache / "models--earthflow--DOFA"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
     commit = "0" * 40
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
@@ -162,21 +173,43 @@ def _fake_hub_cache(cache: Path, checkpoint: Path) -> None:
     (snap / PRETRAINED["base"].filename).symlink_to(checkpoint)
 
 
-def test_official_sha256_mismatch_is_an_error(tmp_path, base_checkpoint) -> None:
-    _fake_hub_cache(tmp_path, base_checkpoint)
-    proc = _run_offline("from torchgeo_dofa import load_dofa; load_dofa('base')", tmp_path)
-    assert proc.returncode != 0
-    assert f"has sha256 {sha256_file(base_checkpoint)}" in proc.stderr
-    assert PRETRAINED["base"].sha256 in proc.stderr
-
-
-def test_other_repo_is_not_hash_checked(tmp_path, base_checkpoint) -> None:
-    _fake_hub_cache(tmp_path, base_checkpoint)
-    (tmp_path / "models--earthflow--DOFA").rename(tmp_path / "models--me--dofa-ft")
-    code = (
-        "import os; os.environ['TORCHGEO_DOFA_HF_REPO_ID']='me/dofa-ft';"
-        "from torchgeo_dofa import load_dofa; e=load_dofa('base'); print(e.weights_id)"
+@pytest.fixture(scope="module")
+def offline_hub(tmp_path_factory, base_checkpoint) -> dict[str, str]:
+    """One offline process (real huggingface_hub, HF_HUB_OFFLINE=1) trying three situations."""
+    cache = tmp_path_factory.mktemp("hub")
+    _fake_hub_cache(cache, "earthflow/DOFA", base_checkpoint)
+    _fake_hub_cache(cache, "me/dofa-ft", base_checkpoint)
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(cache)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _OFFLINE_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    proc = _run_offline(code, tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "official:DOFA_ViT_base_e100.pth" in proc.stdout
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results: dict[str, str] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
+def test_download_failure_names_file_repo_revision_and_variable(offline_hub) -> None:
+    message = offline_hub["missing"]
+    assert message.startswith("error could not download DOFA_ViT_base_e100.pth")
+    assert "'earthflow/DOFA'" in message and "'v9'" in message
+    assert "TORCHGEO_DOFA_BASE_WEIGHTS" in message and "TORCHGEO_DOFA_WEIGHTS_DIR" in message
+
+
+def test_official_sha256_mismatch_is_an_error(offline_hub, base_checkpoint) -> None:
+    message = offline_hub["mismatch"]
+    assert message.startswith("error ")
+    assert f"has sha256 {sha256_file(base_checkpoint)}" in message
+    assert PRETRAINED["base"].sha256 in message
+
+
+def test_other_repo_is_not_hash_checked(offline_hub) -> None:
+    assert offline_hub["other_repo"] == "ok official:DOFA_ViT_base_e100.pth"
+
+
+def test_default_repo_and_revision() -> None:
+    assert (DEFAULT_HF_REPO_ID, DEFAULT_HF_REVISION) == ("earthflow/DOFA", "main")
