@@ -311,3 +311,10 @@ def test_bbox_restricts_the_region(tmp_path, base_checkpoint) -> None:
     with rasterio.open(tmp_path / "ftw_s2_l2a_33N_grid.tif") as emb:
         assert emb.width <= 14 and emb.height <= 14
         assert emb.bounds.left == pytest.approx(b.left + 100, abs=60)
+
+
+def test_fit_through_the_console_script(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the example config logs to ./logs
+    cfg = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs/finetune_classification.yaml"
+    args = ["fit", "--config", str(cfg), "--trainer.fast_dev_run=true"]
+    assert main([*args, "--trainer.enable_progress_bar=false"]) == 0
