@@ -56,7 +56,6 @@ import math
 import os
 import shutil
 import threading
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +79,7 @@ from .model import PooledNorm, canonical_variant
 from .spatial import BBox, PointBuffer, Region, region_window
 from .transforms import INPUT_PREPS, DOFAPreprocess
 from .weights import env_setting
+from .writers import atomic_write
 
 __all__ = [
     "BACKENDS",
@@ -1164,15 +1164,6 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _chunks[T](items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -1357,7 +1348,7 @@ def export_batch(
                     "chip_crs": emb.meta.get("crs", ""),
                     "geometry_wkb": shapely.to_wkb(_spatial_geometry(spatial)),
                 }
-                _atomic_write(
+                atomic_write(
                     parts / f"{keys[i]}.npz",
                     lambda p, e=emb, r=row: _save_part(p, e.data, r),  # type: ignore[misc]
                 )
@@ -1383,7 +1374,7 @@ def export_batch(
         frame["_order"] = frame["item_id"].map(order).fillna(len(order))
         frame = frame.sort_values(["_order", "config_id"], kind="stable")
         frame = frame.drop(columns="_order").reset_index(drop=True)
-        _atomic_write(out, frame.to_parquet)
+        atomic_write(out, frame.to_parquet)
         summary.rows = len(frame)
     elif existing is not None:
         summary.rows = len(existing)

@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-__all__ = ["GridGeometry", "GridWriter", "PooledWriter", "parts_dir"]
+__all__ = ["GridGeometry", "GridWriter", "PooledWriter", "atomic_write", "parts_dir"]
 
 
 def parts_dir(path: Path) -> Path:
@@ -41,8 +41,13 @@ def parts_dir(path: Path) -> Path:
     return path.with_name(path.name + ".parts")
 
 
-def _atomic_save(path: Path, write: Any) -> None:
-    """Write through a temporary name in the same folder, then rename onto ``path``."""
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write through a temporary name in the same folder, then rename onto ``path``.
+
+    Args:
+        path: the final file.
+        write: a function writing the content to the path it is given.
+    """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
@@ -192,6 +197,28 @@ class _PartsWriter(BasePredictionWriter):
             self.finalize()
         trainer.strategy.barrier("torchgeo_dofa_writer_done")
 
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        """Save every non-empty chip of a batch as its own part file."""
+        empty = prediction.get("empty")
+        for i in range(len(prediction["grid" if "grid" in prediction else "pooled"])):
+            if empty is not None and bool(empty[i]):
+                continue
+            self.write_chip(prediction, i)
+            self.written += 1
+
+    def write_chip(self, prediction: Mapping[str, Any], i: int) -> None:  # pragma: no cover
+        """Save chip ``i`` of a prediction as a part file."""
+        raise NotImplementedError
+
     def finalize(self) -> None:  # pragma: no cover - abstract
         """Assemble the parts into the final output."""
         raise NotImplementedError
@@ -264,26 +291,16 @@ class GridWriter(_PartsWriter):
         """Part-file key of a chip: its top-left cell."""
         return self.key_for(self.geometry, grid_transform)
 
-    def write_on_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        prediction: Any,
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        """Save each chip's grid as a part file (skipping empty chips)."""
-        grids = prediction["grid"].float().cpu().numpy()
-        transforms = prediction["grid_transform"].double().cpu().numpy()
-        empty = prediction.get("empty")
-        for i in range(grids.shape[0]):
-            if empty is not None and bool(empty[i]):
-                continue
-            key = self.chip_key(transforms[i])
-            self.written += 1
-            _atomic_save(self.parts / f"{key}.npy", lambda p, g=grids[i]: np.save(open(p, "wb"), g))
+    def write_chip(self, prediction: Mapping[str, Any], i: int) -> None:
+        """Save chip ``i``'s grid as a part file keyed by its top-left cell."""
+        grid = prediction["grid"][i].float().cpu().numpy()
+        key = self.chip_key(prediction["grid_transform"][i].double().cpu().numpy())
+
+        def save(path: Path) -> None:
+            with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a name
+                np.save(f, grid, allow_pickle=False)
+
+        atomic_write(self.parts / f"{key}.npy", save)
 
     def _chips(self) -> Iterator[tuple[int, int, Path]]:
         for p in sorted(self.parts.glob("*.npy")):
@@ -342,7 +359,7 @@ class GridWriter(_PartsWriter):
                         out = np.where(count > 0, total / np.maximum(count, 1), np.nan)
                     dst.write(out.astype(np.float32), window=win)
 
-        _atomic_save(self.path, write)
+        atomic_write(self.path, write)
         shutil.rmtree(self.parts, ignore_errors=True)
 
 
@@ -389,39 +406,22 @@ class PooledWriter(_PartsWriter):
 
     @staticmethod
     def chip_key(bounds: Sequence[float]) -> str:
-        """Part-file key of a chip: its footprint, rounded to 1 mm (or 1e-8 degree)."""
+        """Part-file key of a chip: its footprint to 10 significant digits (mm in UTM)."""
         xmin, xmax, _, ymin, ymax = (float(v) for v in list(bounds)[:5])
-        return "_".join(f"{v:.8g}".replace("-", "m") for v in (xmin, ymin, xmax, ymax))
+        return "_".join(f"{v:.10g}".replace("-", "m") for v in (xmin, ymin, xmax, ymax))
 
-    def write_on_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        prediction: Any,
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        """Save each chip's row as a small JSON part (skipping empty chips)."""
-        pooled = prediction["pooled"].float().cpu().numpy()
-        bounds = prediction["bounds"].double().cpu().numpy()
-        empty = prediction.get("empty")
-        for i in range(pooled.shape[0]):
-            if empty is not None and bool(empty[i]):
-                continue
-            b = bounds[i]
-            key = self.chip_key(b)
-            row = {
-                "chip_id": key,
-                "bounds": [float(b[0]), float(b[3]), float(b[1]), float(b[4])],
-                "time": [float(b[6]), float(b[7])] if len(b) >= 8 else [math.nan, math.nan],
-                "embedding": pooled[i].tolist(),
-            }
-            self.written += 1
-            _atomic_save(
-                self.parts / f"{key}.json", lambda p, r=row: Path(p).write_text(json.dumps(r))
-            )
+    def write_chip(self, prediction: Mapping[str, Any], i: int) -> None:
+        """Save chip ``i``'s row as a small JSON part keyed by its footprint."""
+        b = prediction["bounds"][i].double().cpu().numpy()
+        key = self.chip_key(b)
+        row = {
+            "chip_id": key,
+            "bounds": [float(b[0]), float(b[3]), float(b[1]), float(b[4])],
+            "time": [float(b[6]), float(b[7])] if len(b) >= 8 else [math.nan, math.nan],
+            "embedding": prediction["pooled"][i].float().cpu().numpy().tolist(),
+        }
+        text = json.dumps(row)
+        atomic_write(self.parts / f"{key}.json", lambda p: Path(p).write_text(text))
 
     def finalize(self) -> None:
         """Assemble the rows into the final GeoParquet, sorted north-west first."""
@@ -449,7 +449,7 @@ class PooledWriter(_PartsWriter):
             crs=self.crs,
         )
         frame.attrs.update(meta)
-        _atomic_save(self.path, lambda p: frame.to_parquet(p))
+        atomic_write(self.path, lambda p: frame.to_parquet(p))
         shutil.rmtree(self.parts, ignore_errors=True)
 
 
