@@ -318,3 +318,27 @@ def test_fit_through_the_console_script(tmp_path, monkeypatch) -> None:
     cfg = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs/finetune_classification.yaml"
     args = ["fit", "--config", str(cfg), "--trainer.fast_dev_run=true"]
     assert main([*args, "--trainer.enable_progress_bar=false"]) == 0
+
+
+def test_bf16_mixed_precision_matches_fp32(tmp_path, base_checkpoint) -> None:
+    with rasterio.open(SCENE) as src:
+        b = src.bounds
+    lo0, la0 = _scene_lonlat(b.left + 100, b.bottom + 100)
+    lo1, la1 = _scene_lonlat(b.left + 2000, b.bottom + 2000)
+    frames = {}
+    for precision in ("32", "bf16"):
+        summary = embed(
+            [SCENE],
+            tmp_path / precision,
+            output="pooled",
+            weights=str(base_checkpoint),
+            precision=precision,
+            bbox=(lo0, la0, lo1, la1),
+            progress=False,
+        )
+        assert summary.chips == 1
+        frames[precision] = gpd.read_parquet(tmp_path / precision / "ftw_s2_l2a_33N_pooled.parquet")
+    ref, low = (np.stack(frames[p].embedding) for p in ("32", "bf16"))
+    cos = (ref * low).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(low, axis=1)
+    assert cos.min() >= 0.999
+    assert not np.array_equal(ref, low)  # bf16 really ran
