@@ -8,16 +8,20 @@ and adds what the official checkpoints need and TorchGeo leaves out: the trained
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchgeo.models import DOFA
+from torchgeo.models.dofa import position_embedding
 
 from .bands import validate_wavelengths
 
@@ -29,6 +33,7 @@ __all__ = [
     "VariantConfig",
     "build_encoder",
     "canonical_variant",
+    "cpu_has_fast_bf16",
     "dofa_base_patch16_224",
     "dofa_large_patch16_224",
     "grid_side",
@@ -37,6 +42,26 @@ __all__ = [
 
 PooledNorm = Literal["trained", "plain"]
 _POOLED_NORMS: tuple[str, ...] = ("trained", "plain")
+#: Wavelength sets whose generated patch-embedding weights an encoder keeps (inference only).
+PATCH_WEIGHT_CACHE_SIZE = 8
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """Whether PyTorch has fast bfloat16 matrix-multiply kernels on this CPU.
+
+    True where oneDNN's bf16 kernels run (x86 with AVX-512 BW/VL/DQ, avx512_bf16 or AMX, or
+    ARM with BF16). On an AVX2-only x86 CPU (e.g. AMD Zen 2/3) there are none: bf16 matmuls
+    fall back to reference kernels that run several times slower than fp32.
+
+    Returns:
+        The answer PyTorch gives (``torch.ops.mkldnn._is_mkldnn_bf16_supported``); True if
+        this build cannot tell, so nothing changes where the question has no answer.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return True
 
 
 @dataclass(frozen=True)
@@ -103,6 +128,9 @@ class DOFAOutput:
         pooled_norm: which LayerNorm affine ``pooled`` used: ``"trained"`` (the checkpoint's
             ``norm``, rs-embed's convention) or ``"plain"`` (weight 1, bias 0, as TorchGeo's
             ``forward_features``).
+
+    ``pooled`` and ``grid`` are float32, or bfloat16 when computed under bf16 autocast with
+    gradients off.
     """
 
     pooled: Tensor
@@ -147,6 +175,17 @@ class DOFAEncoder(nn.Module):
     The wrapped :class:`torchgeo.models.DOFA` is ``self.backbone``; its state-dict keys are
     those of the official checkpoint, under ``backbone.``, with the trained final LayerNorm
     as ``norm``.
+
+    Inference (measured by ``benchmarks/run.py``):
+
+    - the patch-embedding weights generated from the wavelengths are cached per band set
+      (``cache_patch_weights``, on) in eval mode when no gradient is needed, so the
+      weight-generator transformer runs once per band set instead of once per batch (about
+      +10 % images/s at batch 1 on a 2-core CPU; within noise at batch 8 and 32);
+    - under bf16 autocast with gradients off, the residual token stream stays in bf16 and
+      ``pooled``/``grid`` come out in bf16 (pooled cosine to fp32 >= 0.99999);
+    - ``cpu_bf16_fallback`` (opt-in) runs fp32 when bf16 autocast is asked for on a CPU
+      without fast bf16 kernels (AVX2-only x86), where bf16 is emulated and about 7x slower.
     """
 
     def __init__(
@@ -184,6 +223,16 @@ class DOFAEncoder(nn.Module):
         self.norm = nn.LayerNorm(config.embed_dim, eps=1e-6)
         #: Where the weights came from (set by :func:`torchgeo_dofa.load_dofa`).
         self.weights_id: str = "random"
+        #: Keep the wavelength-generated patch-embedding weights per band set at inference
+        #: (eval mode, no gradient needed). They depend only on the wavelengths and the
+        #: weights, so a job whose band set repeats generates them once.
+        self.cache_patch_weights: bool = True
+        #: Opt-in: under CPU bf16 autocast on a CPU without fast bf16 kernels (see
+        #: :func:`cpu_has_fast_bf16`), run the encoder in fp32 instead, since there bf16 is
+        #: emulated and measured about 7x slower than fp32 (``benchmarks/run.py``). Outputs
+        #: are then the fp32 ones. Off by default: bf16 autocast means bf16 compute.
+        self.cpu_bf16_fallback: bool = False
+        self._patch_weights: OrderedDict[tuple[object, ...], tuple[Tensor, Tensor]] = OrderedDict()
 
     @property
     def embed_dim(self) -> int:
@@ -249,6 +298,116 @@ class DOFAEncoder(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)
         return torch.cat([cls_pos, patch_pos], dim=1)
 
+    def train(self, mode: bool = True) -> Self:
+        """Set training mode; entering it drops the cached patch-embedding weights.
+
+        Args:
+            mode: training (True) or evaluation (False).
+
+        Returns:
+            The encoder.
+        """
+        if mode:
+            self._patch_weights.clear()
+        return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Self:
+        # .to() / .cuda() / .half() make new parameters: drop weights cached for the old ones
+        self._patch_weights.clear()
+        return super()._apply(fn, recurse)
+
+    def uses_fp32_for_bf16(self, x: Tensor) -> bool:
+        """Whether this call would run fp32 although CPU autocast asks for bf16.
+
+        Args:
+            x: the input batch (only its device matters).
+
+        Returns:
+            True when ``cpu_bf16_fallback`` is on, ``x`` is on the CPU, CPU autocast is
+            enabled with bfloat16 and :func:`cpu_has_fast_bf16` is False.
+        """
+        return (
+            self.cpu_bf16_fallback
+            and x.device.type == "cpu"
+            and _autocast_dtype(x) == torch.bfloat16
+            and not cpu_has_fast_bf16()
+        )
+
+    def patch_embedding_weights(self, waves: Tensor) -> tuple[Tensor, Tensor]:
+        """Generate the patch-embedding conv weight and bias for a wavelength vector.
+
+        The same computation as :class:`torchgeo.models.dofa.DOFAEmbedding` (sin/cos
+        encoding of ``1000 * waves``, residual MLP, weight-generator transformer, reshape to
+        ``(D, C, k, k)``, both scaled by 0.01).
+
+        Args:
+            waves: (C,) wavelengths in micrometres.
+
+        Returns:
+            (weight (D, C, k, k), bias (D,)).
+        """
+        pe = self.backbone.patch_embed
+        k = pe.kernel_size
+        enc = position_embedding(pe.dynamic_embed_dim, waves * 1000)
+        weight, bias = pe.weight_generator(pe.fclayer(enc))
+        weight = weight.view(waves.shape[0], k, k, pe.embed_dim).permute(3, 0, 1, 2)
+        return weight * pe.scaler, bias.view(pe.embed_dim) * pe.scaler
+
+    def _cached_patch_weights(self, waves: Tensor) -> tuple[Tensor, Tensor]:
+        """Patch-embedding weights for ``waves``, generated once per band set and weights.
+
+        Generated in the weights' dtype with autocast off (as fp32 as the model is), as
+        ordinary tensors (not inference tensors), so the entry can serve later calls in and
+        out of ``torch.inference_mode``. The key holds the parameters' version counters and
+        storage, so loading or editing the weights invalidates it.
+        """
+        params = list(self.backbone.patch_embed.parameters())
+        dtype = params[0].dtype
+        key = (
+            tuple(float(v) for v in waves.detach().float().cpu().tolist()),
+            str(waves.device),
+            dtype,
+            tuple((p.data_ptr(), p._version) for p in params),
+        )
+        hit = self._patch_weights.get(key)
+        if hit is not None:
+            self._patch_weights.move_to_end(key)
+            return hit
+        with (
+            torch.inference_mode(False),
+            torch.no_grad(),
+            torch.autocast(waves.device.type, enabled=False),
+        ):
+            fresh = torch.tensor(key[0], device=waves.device, dtype=dtype)
+            weight, bias = self.patch_embedding_weights(fresh)
+            entry = (weight.contiguous(), bias.contiguous())
+        self._patch_weights[key] = entry
+        while len(self._patch_weights) > PATCH_WEIGHT_CACHE_SIZE:
+            self._patch_weights.popitem(last=False)
+        return entry
+
+    def embed_patches(self, x: Tensor, waves: Tensor) -> Tensor:
+        """Wavelength-conditioned patch embedding: (B, C, H, W) -> (B, h*w, D) tokens.
+
+        Args:
+            x: input batch.
+            waves: (C,) wavelengths (um) on ``x``'s device.
+
+        Returns:
+            The patch tokens, row-major from the top-left patch.
+        """
+        pe = self.backbone.patch_embed
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in pe.parameters())
+        cacheable = self.cache_patch_weights and not self.training and not needs_grad
+        if not cacheable or any(p.is_inference() for p in pe.parameters()):
+            tokens, _ = pe(x, waves)
+            return tokens
+        weight, bias = self._cached_patch_weights(waves)
+        if not torch.is_autocast_enabled(x.device.type):
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        out = F.conv2d(x, weight, bias, stride=pe.kernel_size, padding=1)
+        return out.flatten(2).transpose(1, 2)
+
     def forward_tokens(
         self,
         x: Tensor,
@@ -267,14 +426,32 @@ class DOFAEncoder(nn.Module):
             (tokens (B, 1 + h*w, D), intermediate maps in ``return_blocks`` order).
         """
         waves = self.check_inputs(x, wavelengths)
+        if self.uses_fp32_for_bf16(x):
+            with torch.autocast("cpu", enabled=False):
+                return self._forward_tokens(x.float(), waves.float(), return_blocks)
+        if (
+            x.device.type == "cpu"
+            and _autocast_dtype(x) == torch.bfloat16
+            and not cpu_has_fast_bf16()
+        ):
+            _warn_slow_cpu_bf16()
+        return self._forward_tokens(x, waves, return_blocks)
+
+    def _forward_tokens(
+        self, x: Tensor, waves: Tensor, return_blocks: Sequence[int]
+    ) -> tuple[Tensor, list[Tensor]]:
         bb = self.backbone
         p = self.config.patch_size
         h, w = grid_side(x.shape[-2], p), grid_side(x.shape[-1], p)
-        tokens, _ = bb.patch_embed(x, waves)
+        tokens = self.embed_patches(x, waves)
         pos = self._pos_embed(h, w)
         tokens = tokens + pos[:, 1:, :]
         cls = (bb.cls_token + pos[:, :1, :]).expand(tokens.shape[0], -1, -1)
         tokens = torch.cat((cls, tokens), dim=1)
+        if not torch.is_grad_enabled() and _autocast_dtype(x) == torch.bfloat16:
+            # inference under bf16 autocast: keep the residual stream in bf16 too (the
+            # position embedding would otherwise promote it to fp32 for every block)
+            tokens = tokens.to(torch.bfloat16)
         wanted = {i % len(bb.blocks) for i in return_blocks}
         maps: dict[int, Tensor] = {}
         for i, block in enumerate(bb.blocks):
@@ -325,6 +502,26 @@ class DOFAEncoder(nn.Module):
         return DOFAOutput(
             pooled=self.pool(tokens, norm), grid=_tokens_to_grid(tokens, h, w), pooled_norm=norm
         )
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The autocast dtype in force for ``x``'s device, or None."""
+    try:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+    except (RuntimeError, ValueError):  # a device type autocast does not know
+        pass
+    return None
+
+
+@functools.cache
+def _warn_slow_cpu_bf16() -> None:
+    warnings.warn(
+        "bf16 autocast on a CPU without fast bf16 kernels (no AVX-512/AMX): bf16 is emulated "
+        "here and runs several times slower than fp32; use fp32, or set "
+        "encoder.cpu_bf16_fallback = True to run fp32 whenever bf16 is asked for",
+        stacklevel=3,
+    )
 
 
 def _tokens_to_grid(tokens: Tensor, h: int, w: int) -> Tensor:

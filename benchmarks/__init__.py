@@ -1,0 +1,1 @@
+"""Benchmarks for torchgeo-dofa: ``python benchmarks/run.py`` (``make bench``)."""

@@ -1,0 +1,179 @@
+"""Helpers for ``benchmarks/run.py``: the machine, matmul peaks, model FLOPs, timing, scenes."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from torchgeo_dofa.model import DOFAEncoder, cpu_has_fast_bf16
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_SCENE = REPO / "demo" / "data" / "ftw_s2_l2a_33N.tif"
+#: The demo scene's bands (B04, B03, B02, B08) as wavelengths in micrometres.
+DEMO_WAVELENGTHS = [0.665, 0.56, 0.49, 0.842]
+_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+@dataclass
+class Machine:
+    """What the numbers were measured on."""
+
+    cpu: str
+    flags: dict[str, bool]
+    logical_cpus: int
+    torch_threads: int
+    torch_version: str
+    torchgeo_version: str
+    fast_bf16: bool
+    loadavg: tuple[float, float, float]
+
+    def lines(self) -> list[str]:
+        """Human-readable description."""
+        flags = " ".join(f"{k}{'+' if v else '-'}" for k, v in self.flags.items())
+        return [
+            f"CPU: {self.cpu} ({self.logical_cpus} logical CPUs, torch threads "
+            f"{self.torch_threads}); flags: {flags}",
+            f"torch {self.torch_version}, torchgeo {self.torchgeo_version}, python "
+            f"{platform.python_version()}; fast bf16 kernels (oneDNN): {self.fast_bf16}",
+            "load average at start: " + ", ".join(f"{v:.2f}" for v in self.loadavg),
+        ]
+
+
+def machine() -> Machine:
+    """Describe this machine from /proc/cpuinfo and torch."""
+    import torchgeo
+
+    cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine()):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return Machine(
+        cpu=cpu,
+        flags={f: f in flags for f in _FLAGS},
+        logical_cpus=os.cpu_count() or 1,
+        torch_threads=torch.get_num_threads(),
+        torch_version=torch.__version__,
+        torchgeo_version=torchgeo.__version__,
+        fast_bf16=cpu_has_fast_bf16(),
+        loadavg=os.getloadavg(),
+    )
+
+
+def matmul_peak(dtype: torch.dtype, n: int, repeats: int, max_s: float = 4.0) -> tuple[float, str]:
+    """Best matrix-multiply rate (GFLOP/s) for square ``n`` x ``n`` operands.
+
+    Both layouts are timed, ``a @ b`` and ``a @ b.T`` (the one ``nn.Linear`` uses), since
+    some bf16 CPU kernels differ by 10x between them; best-of-``repeats`` each, a layout
+    stopping early once it has used ``max_s`` seconds.
+
+    Returns:
+        (GFLOP/s, the layout that gave it).
+    """
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
+    flops = 2.0 * n**3
+    best: tuple[float, str] = (0.0, "")
+    for name, fn in (("a@b", lambda: a @ b), ("a@b.T", lambda: a @ b.T)):
+        spent, times = 0.0, []
+        with torch.inference_mode():
+            fn()  # warm-up
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+                spent += times[-1]
+                if spent > max_s:
+                    break
+        rate = flops / min(times) / 1e9
+        if rate > best[0]:
+            best = (rate, name)
+    return best
+
+
+def attention_flops(tokens: int, dim: int, depth: int) -> float:
+    """FLOPs of the attention products (QK^T and AV) per image, which FlopCounterMode misses.
+
+    ``torch.utils.flop_counter`` has no formula for the CPU flash-attention kernel, so these
+    2 x (2 N^2 D) FLOPs per block are added analytically.
+    """
+    return depth * 2 * (2.0 * tokens * tokens * dim)
+
+
+def model_flops(
+    encoder: DOFAEncoder, channels: int, wavelengths: Sequence[float]
+) -> tuple[float, float]:
+    """Model FLOPs of one encoder forward: (per image, per forward independent of batch).
+
+    Counted with ``FlopCounterMode`` at batch 1 and 2 (linears, the patch conv, the
+    wavelength weight generator), with the patch-weight cache off so the weight generator
+    counts as model work, plus the attention products analytically.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    cache = encoder.cache_patch_weights
+    encoder.cache_patch_weights = False
+    try:
+        for b in (1, 2):
+            x = torch.randn(b, channels, 224, 224)
+            with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+                encoder(x, wavelengths)
+            counts.append(float(counter.get_total_flops()))
+    finally:
+        encoder.cache_patch_weights = cache
+    cfg = encoder.config
+    per_image = counts[1] - counts[0]
+    fixed = counts[0] - per_image
+    per_image += attention_flops(cfg.grid_size**2 + 1, cfg.embed_dim, cfg.depth)
+    return per_image, fixed
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call."""
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def write_scene(path: Path, tiles: tuple[int, int], crop: tuple[int, int] | None = None) -> Path:
+    """Write a larger synthetic scene by mirror-tiling the demo scene.
+
+    The demo array (optionally cropped to ``crop`` = (rows, cols) first) is reflected
+    (``np.pad`` "symmetric") to ``tiles`` = (rows, cols) times its size, so the scene stays
+    real-looking reflectance without seams. Georeferencing, band descriptions, nodata and the
+    GeoTIFF layout (tiled, deflate) are kept.
+    """
+    import rasterio
+
+    with rasterio.open(DEMO_SCENE) as src:
+        data = src.read()
+        profile = src.profile
+        descriptions = src.descriptions
+        tags = src.tags()
+    if crop is not None:
+        data = data[:, : crop[0], : crop[1]]
+    _, h, w = data.shape
+    big = np.pad(data, ((0, 0), (0, h * (tiles[0] - 1)), (0, w * (tiles[1] - 1))), "symmetric")
+    profile.update(height=big.shape[1], width=big.shape[2])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(big)
+        for i, name in enumerate(descriptions, start=1):
+            if name:
+                dst.set_band_description(i, name)
+        dst.update_tags(**tags, benchmark=f"demo scene mirror-tiled {tiles[0]}x{tiles[1]}")
+    return path
