@@ -194,3 +194,29 @@ def test_cuda_matches_cpu(encoder, batch) -> None:
             low = gpu(batch.cuda(), S2_WAVELENGTHS).pooled.float().cpu()
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
     assert F.cosine_similarity(ref, low, dim=-1).min() >= 0.999
+
+
+def test_patch_weight_cache_is_exact_and_invalidated(encoder, base_state) -> None:
+    x = torch.randn(1, 4, 224, 224)
+    wl = [0.665, 0.56, 0.49, 0.842]
+    with torch.inference_mode():
+        cached = encoder(x, wl).pooled
+        encoder.cache_patch_weights = False
+        try:
+            uncached = encoder(x, wl).pooled
+        finally:
+            encoder.cache_patch_weights = True
+        torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
+    # editing the weights must not serve stale generated weights
+    gen = encoder.backbone.patch_embed.fclayer.w1.weight
+    with torch.no_grad():
+        gen.mul_(1.5)
+    try:
+        with torch.inference_mode():
+            changed = encoder(x, wl).pooled
+        assert (changed - cached).abs().max() > 1e-4
+    finally:
+        with torch.no_grad():
+            gen.copy_(base_state["patch_embed.fclayer.w1.weight"])
+    with torch.inference_mode():
+        torch.testing.assert_close(encoder(x, wl).pooled, cached)
