@@ -73,7 +73,7 @@ def test_grid_blending_nodata_and_georeferencing(tmp_path: Path) -> None:
         assert (src.count, src.height, src.width) == (4, 25, 38)
         assert src.descriptions[0] == "dofa_0000"
         assert src.tags()["variant"] == "base"
-        assert src.profile["tiled"] and src.profile["compress"] == "deflate"
+        assert src.profile["tiled"] and src.profile["compress"] == "zstd"
         data = src.read()
     # independent expectation
     expected = np.full((4, 25, 38), np.nan, np.float32)

@@ -39,6 +39,8 @@ __all__ = ["EmbedSummary", "InputError", "embed", "main"]
 
 GeoSlice = tuple[slice, slice, slice]
 CHIP = 224
+#: GDAL block cache for the embed job, in MB (GDAL's default is 5 % of RAM).
+GDAL_CACHE_MB = 256
 _EE_TILE = re.compile(r"^(?P<prefix>.+)-\d{10}-\d{10}\.tiff?$")
 _PRECISIONS = {
     "32": "32-true",
@@ -383,11 +385,13 @@ def embed(
             enable_progress_bar=progress,
             enable_model_summary=False,
         )
-        if todo:
-            trainer.predict(module, dataloaders=loader, return_predictions=False)
-        else:
-            for w in pending:
-                w.finalize()
+        # bounded GDAL block cache: memory must not grow with the region (benchmarks/run.py)
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+            if todo:
+                trainer.predict(module, dataloaders=loader, return_predictions=False)
+            else:
+                for w in pending:
+                    w.finalize()
         summary.chips += sum(w.written for w in pending[:1])
         summary.outputs += [w.path for w in writers]
     summary.seconds = time.perf_counter() - start

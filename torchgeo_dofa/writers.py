@@ -249,9 +249,12 @@ class GridWriter(_PartsWriter):
                 resolution, and the chips of its ``predict_sampler``), as in a
                 ``torchgeo-dofa predict --config`` run.
             metadata: tags stored in the GeoTIFF (variant, weights, bands ...).
-            window: cells per side of the assembly window.
+            window: cells per side of the assembly window and of the GeoTIFF's blocks (a
+                multiple of 16), so every block is compressed and written exactly once.
         """
         super().__init__(path, metadata)
+        if window <= 0 or window % 16:
+            raise ValueError(f"window must be a positive multiple of 16, got {window}")
         self._geometry = geometry
         self.window = window
 
@@ -325,10 +328,12 @@ class GridWriter(_PartsWriter):
             "transform": geom.transform,
             "nodata": float("nan"),
             "tiled": True,
-            "blockxsize": 256,
-            "blockysize": 256,
-            "compress": "deflate",
+            "blockxsize": self.window,
+            "blockysize": self.window,
+            "compress": "zstd",
+            "zstd_level": 1,
             "predictor": 3,
+            "num_threads": "ALL_CPUS",
             "interleave": "band",
             "BIGTIFF": "IF_SAFER",
         }
