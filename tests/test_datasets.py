@@ -763,8 +763,9 @@ def test_real_ukis_n0400_offset_from_metadata() -> None:
     check_real(ds, lambda p: SceneSpec([(p, i) for i in idx], -1000.0), 4)
     sample = ds[ds.bounds[0], ds.bounds[1]]
     assert float(sample["image"][:, sample["valid"]].min()) >= 9  # stored values >= 1009
-    with pytest.raises(BandError, match="wavelengths="):
-        Sentinel2SR(new, bands=names)  # B10 has no known wavelength
+    all13 = Sentinel2SR(new, bands=names)  # B10 (cirrus, L1C) has a wavelength, no DOFA stats
+    assert all13.bands == tuple(names)
+    assert float(all13.wavelengths[names.index("B10")]) == pytest.approx(1.375)
     old = real("ukis-pysat", "S2B_MSIL1C_20200406T101559_N0209_R065_T32UPC_20200406T130159.tif")
     ds_old = Sentinel2SR(old, file_bands=names)
     assert ds_old.index["offset"].iloc[0] == (0.0,) * 9
