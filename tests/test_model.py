@@ -129,7 +129,8 @@ def test_random_init_has_2d_sincos_pos_embed() -> None:
 )
 def test_bad_inputs_raise_before_compute(encoder, shape, wavelengths, message) -> None:
     calls: list[int] = []
-    hook = encoder.backbone.patch_embed.register_forward_pre_hook(lambda m, a: calls.append(1))
+    # the first block runs on every path (the patch-weight cache bypasses patch_embed)
+    hook = encoder.backbone.blocks[0].register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
         with pytest.raises((ValueError, BandError), match=message):
             encoder(torch.zeros(shape), wavelengths)
@@ -151,7 +152,13 @@ def test_unknown_pooled_norm(encoder, batch) -> None:
 
 def test_any_band_count_works(encoder) -> None:
     x = torch.randn(1, 4, 224, 224)
-    out = encoder(x, [0.665, 0.56, 0.49, 0.842])
+    calls: list[int] = []  # the hook used to prove "no compute" above does fire on valid input
+    hook = encoder.backbone.blocks[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        out = encoder(x, [0.665, 0.56, 0.49, 0.842])
+    finally:
+        hook.remove()
+    assert calls == [1]
     assert out.grid.shape == (1, 768, 14, 14)
 
 
