@@ -131,30 +131,32 @@ _BASELINE = re.compile(r"^S2[A-D]_MSI(?:L1C|L2A)_\d{8}T\d{6}_N(?P<baseline>\d{4}
 _RES_DIR = re.compile(r"^R\d{2,3}m$")
 
 
-def _spectral_base(name: str) -> str:
-    """Canonical Sentinel-2 name behind a possibly ``_N``-suffixed band name (``B4_1`` -> B4)."""
+def _split_band(name: str) -> tuple[str, str | None]:
+    """Canonical band name and ``_N`` suffix (``B04_1`` -> (B4, "1"); ``B04`` -> (B4, None)).
+
+    Names that are not Sentinel-2 bands, with or without a suffix, come back canonicalised
+    whole, with no suffix.
+    """
     canon = canonical_band(name)
     if canon in SENTINEL2_BANDS:
-        return canon
+        return canon, None
     match = _SUFFIX.match(name.strip())
     if match:
         base = canonical_band(match.group("base"))
         if base in SENTINEL2_BANDS:
-            return base
-    return canon
+            return base, match.group("n")
+    return canon, None
+
+
+def _spectral_base(name: str) -> str:
+    """Canonical Sentinel-2 name behind a possibly ``_N``-suffixed band name (``B4_1`` -> B4)."""
+    return _split_band(name)[0]
 
 
 def _canonical_name(name: str) -> str:
     """Canonical spelling of a band name, keeping an ``_N`` suffix (``B04_1`` -> ``B4_1``)."""
-    canon = canonical_band(name)
-    if canon in SENTINEL2_BANDS:
-        return canon
-    match = _SUFFIX.match(name.strip())
-    if match:
-        base = canonical_band(match.group("base"))
-        if base in SENTINEL2_BANDS:
-            return f"{base}_{match.group('n')}"
-    return canon
+    base, n = _split_band(name)
+    return base if n is None else f"{base}_{n}"
 
 
 @dataclass(frozen=True)
