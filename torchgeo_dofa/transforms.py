@@ -467,7 +467,26 @@ def _resize_valid(valid: Tensor, padding: tuple[int, int, int, int], size: int) 
     return (x > 0.5).reshape(*lead, size, size)
 
 
-class ResizeTo(nn.Module):
+class _SizeStep(nn.Module):
+    """Shared configuration of :class:`ResizeTo` and :class:`TileTo`."""
+
+    def __init__(self, size: int = 224, patch_size: int = 16) -> None:
+        """Configure the model input side.
+
+        Args:
+            size: output / tile side in pixels (224 for DOFA).
+            patch_size: model patch size, used for ``grid_transform`` (16 for DOFA).
+        """
+        super().__init__()
+        _check_size(size, patch_size)
+        self.size = size
+        self.patch_size = patch_size
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, patch_size={self.patch_size}"
+
+
+class ResizeTo(_SizeStep):
     """Make the image ``size`` x ``size``: centre mirror-pad to a square, then bilinear resize.
 
     A non-square input is centre-padded to a square by reflection (edge replication where the
@@ -480,18 +499,6 @@ class ResizeTo(nn.Module):
     and ``grid_transform`` (the affine of the patch-grid cells, see :func:`grid_affine`) when
     ``transform`` is present. Other keys (labels such as ``mask``, ``bounds``) are untouched.
     """
-
-    def __init__(self, size: int = 224, patch_size: int = 16) -> None:
-        """Configure the output size.
-
-        Args:
-            size: output side in pixels (224 for DOFA).
-            patch_size: model patch size, used for ``grid_transform`` (16 for DOFA).
-        """
-        super().__init__()
-        _check_size(size, patch_size)
-        self.size = size
-        self.patch_size = patch_size
 
     def forward(self, sample: Sample) -> Sample:
         """Pad and resize the sample's image.
@@ -525,9 +532,6 @@ class ResizeTo(nn.Module):
             )
         return sample
 
-    def extra_repr(self) -> str:  # noqa: D102
-        return f"size={self.size}, patch_size={self.patch_size}"
-
 
 def _tile(x: Tensor, size: int) -> tuple[Tensor, int, int]:
     """Cut the last two axes of a (M, K, H, W) tensor into (M, N, K, size, size) tiles."""
@@ -539,7 +543,7 @@ def _tile(x: Tensor, size: int) -> tuple[Tensor, int, int]:
     return tiles.reshape(m, rows * cols, k, size, size), rows, cols
 
 
-class TileTo(nn.Module):
+class TileTo(_SizeStep):
     """Cut the image into ``size`` x ``size`` tiles so large areas keep their detail.
 
     The right and bottom edges are padded (mirrored, as in :func:`pad_to_square`) up to a
@@ -554,18 +558,6 @@ class TileTo(nn.Module):
     (affine of the stitched 16-pixel grid, origin at the input origin) when ``transform`` is
     present.
     """
-
-    def __init__(self, size: int = 224, patch_size: int = 16) -> None:
-        """Configure the tile size.
-
-        Args:
-            size: tile side in pixels (224 for DOFA).
-            patch_size: model patch size, used for ``grid_transform`` (16 for DOFA).
-        """
-        super().__init__()
-        _check_size(size, patch_size)
-        self.size = size
-        self.patch_size = patch_size
 
     def forward(self, sample: Sample) -> Sample:
         """Tile the sample's image.
@@ -608,9 +600,6 @@ class TileTo(nn.Module):
                 sample["transform"], height, width, "tile", self.size, self.patch_size
             )
         return sample
-
-    def extra_repr(self) -> str:  # noqa: D102
-        return f"size={self.size}, patch_size={self.patch_size}"
 
 
 def stitch_tiles(
