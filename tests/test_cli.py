@@ -16,6 +16,7 @@ import rasterio
 import torch
 from rasterio.windows import from_bounds
 
+from tests.precision import assert_as_exact_as_torchgeo, cosine_error, torchgeo_bf16_error
 from torchgeo_dofa import load_dofa
 from torchgeo_dofa.cli import embed, main
 from torchgeo_dofa.transforms import DOFAPreprocess
@@ -320,12 +321,22 @@ def test_fit_through_the_console_script(tmp_path, monkeypatch) -> None:
     assert main([*args, "--trainer.enable_progress_bar=false"]) == 0
 
 
-def test_bf16_mixed_precision_matches_fp32(tmp_path, base_checkpoint) -> None:
+class _KeepBatch(pl.Callback):
+    """Keeps the preprocessed input of the first prediction batch."""
+
+    batch: dict[str, Any] | None = None
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if self.batch is None:
+            self.batch = {k: v.detach().float().cpu().clone() for k, v in batch.items()}
+
+
+def test_bf16_mixed_precision_is_as_exact_as_torchgeo(tmp_path, base_checkpoint, base_state):
     with rasterio.open(SCENE) as src:
         b = src.bounds
     lo0, la0 = _scene_lonlat(b.left + 100, b.bottom + 100)
     lo1, la1 = _scene_lonlat(b.left + 2000, b.bottom + 2000)
-    frames = {}
+    frames, kept = {}, _KeepBatch()
     for precision in ("32", "bf16"):
         summary = embed(
             [SCENE],
@@ -335,10 +346,14 @@ def test_bf16_mixed_precision_matches_fp32(tmp_path, base_checkpoint) -> None:
             precision=precision,
             bbox=(lo0, la0, lo1, la1),
             progress=False,
+            callbacks=[kept],
         )
         assert summary.chips == 1
         frames[precision] = gpd.read_parquet(tmp_path / precision / "ftw_s2_l2a_33N_pooled.parquet")
-    ref, low = (np.stack(frames[p].embedding) for p in ("32", "bf16"))
-    cos = (ref * low).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(low, axis=1)
-    assert cos.min() >= 0.999
-    assert not np.array_equal(ref, low)  # bf16 really ran
+    ref, low = (torch.from_numpy(np.stack(frames[p].embedding)) for p in ("32", "bf16"))
+    assert not torch.equal(ref, low)  # bf16 really ran
+    # judged against TorchGeo's DOFA under the same autocast on the same chip and weights
+    assert kept.batch is not None
+    image, wavelengths = kept.batch["image"], kept.batch["wavelengths"][0].tolist()
+    reference = torchgeo_bf16_error(base_state, image, wavelengths)
+    assert_as_exact_as_torchgeo(cosine_error(ref, low), reference)

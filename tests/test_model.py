@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torchgeo.models import DOFA, dofa_base_patch16_224
 
 from tests.checkpoints import S2_WAVELENGTHS
+from tests.precision import assert_as_exact_as_torchgeo, bf16_error, torchgeo_bf16_error
 from torchgeo_dofa import BandError, DOFAEncoder, build_encoder, load_dofa
 from torchgeo_dofa.model import VARIANTS, canonical_variant, sincos_pos_embed_2d
 
@@ -179,15 +180,15 @@ def test_interpolated_pos_embed_for_other_sizes(encoder) -> None:
     assert out.grid.shape == (1, 768, 4, 6)
 
 
-def test_bf16_autocast_stays_close_to_fp32(encoder, batch) -> None:
-    with torch.inference_mode():
-        ref = encoder(batch, S2_WAVELENGTHS).pooled
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = encoder(batch, S2_WAVELENGTHS)
+def test_bf16_autocast_is_as_exact_as_torchgeo(encoder, batch, base_state) -> None:
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = encoder(batch, S2_WAVELENGTHS)
     assert out.grid.dtype == torch.bfloat16  # autocast really ran the blocks in bf16
-    low = out.pooled
-    cos = F.cosine_similarity(ref, low.float(), dim=-1)
-    assert cos.min() >= 0.999, cos
+    reference = torchgeo_bf16_error(base_state, batch, S2_WAVELENGTHS)
+    for norm in ("trained", "plain"):
+        ours = bf16_error(lambda: encoder(batch, S2_WAVELENGTHS, pooled_norm=norm).pooled)  # noqa: B023
+        assert ours > 0  # bf16 really ran
+        assert_as_exact_as_torchgeo(ours, reference)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
