@@ -57,7 +57,13 @@ def main() -> int:
             file=sys.stderr,
         )
     summary = embed(
-        [SCENE], OUT, variant="base", output="both", weights=weights, metadata=extra, stride=224
+        [SCENE],
+        OUT,
+        variant="base",
+        output="both",
+        weights=weights,
+        seed=None if weights else 0,
+        metadata=extra,
     )
     grid = next(p for p in summary.outputs if p.suffix == ".tif")
     png = render_preview(grid, OUT / f"{grid.stem}_preview.png")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -154,7 +155,13 @@ def test_ddp_two_cpu_processes_write_every_chip_once(
         (["--output", "cube"], "unknown --output 'cube'"),
         (["--bands", "B4", "B3", "B99"], "B99"),
         (["--weights", "/no/such.pth"], "does not exist"),
-        (["--stride", "100"], "multiple of 16"),
+        (["--stride", "100"], "not a multiple of the output cell (16 px"),
+        (["--chip-size", "448", "--stride", "16"], "output cell (32 px for 448-px chips"),
+        (["--chip-size", "100"], "--chip-size must be a multiple of 16"),
+        (["--device", "gpu"], "no CUDA GPU is visible"),
+        (["--devices", "0"], "--devices must be >= 1"),
+        (["--seed", "3"], "--seed applies to random weights only: add --weights none"),
+        (["--output", "grid", "--points", "p.csv"], "use --output pooled"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, args, message) -> None:
@@ -230,7 +237,7 @@ def test_tile_mode_matches_resize_on_224_chips(tmp_path, reference_run, base_che
         np.testing.assert_allclose(a.read(), b.read(), atol=1e-4)
 
 
-def test_lightning_cli_predict_config(tmp_path, base_checkpoint) -> None:
+def test_predict_config_writes_the_same_files_as_embed(tmp_path, reference_run, base_checkpoint):
     import yaml
 
     cfg_path = (
@@ -245,21 +252,30 @@ def test_lightning_cli_predict_config(tmp_path, base_checkpoint) -> None:
     cfg["trainer"]["default_root_dir"] = str(tmp_path)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 0
+    # the same grid GeoTIFF as `torchgeo-dofa embed` on the same scene and settings
+    with (
+        rasterio.open(tmp_path / "g.tif") as got,
+        rasterio.open(reference_run / "ftw_s2_l2a_33N_grid.tif") as ref,
+    ):
+        assert (got.crs, got.transform, got.shape, got.count) == (
+            ref.crs,
+            ref.transform,
+            ref.shape,
+            ref.count,
+        )
+        assert got.tags() == ref.tags()
+        assert json.loads(got.tags()["bands"]) == ["B2", "B3", "B4", "B8"]
+        np.testing.assert_allclose(got.read(), ref.read(), rtol=0, atol=1e-6, equal_nan=True)
     frame = gpd.read_parquet(tmp_path / "p.parquet")
-    with rasterio.open(tmp_path / "g.tif") as emb, rasterio.open(SCENE) as src:
-        assert emb.crs == src.crs and emb.res == (160.0, 160.0) and emb.count == 768
-        assert emb.tags()["weights"] == "file:DOFA_ViT_base_e100.pth"
-        data = emb.read(1)
-    # TorchGeo's GriddedPatchSampler centres 2 x 3 chips of 224 px on the scene
-    assert len(frame) == 6 and frame.crs == src.crs
-    assert (emb.width, emb.height) == (3 * 14, 2 * 14)
-    # cells overlapping the scene hold data; cells of chip parts beyond the scene are nodata
-    b, left, top = src.bounds, emb.bounds.left, emb.bounds.top
-    cols = range(int((b.left - left) // 160), int(np.ceil((b.right - left) / 160)))
-    rows = range(int((top - b.top) // 160), int(np.ceil((top - b.bottom) / 160)))
-    expected = np.zeros_like(data, dtype=bool)
-    expected[rows.start : rows.stop, cols.start : cols.stop] = True
-    np.testing.assert_array_equal(np.isfinite(data), expected)
+    ref_frame = gpd.read_parquet(reference_run / "ftw_s2_l2a_33N_pooled.parquet")
+    assert list(frame.columns) == list(ref_frame.columns)
+    assert list(frame.chip_id) == list(ref_frame.chip_id)
+    assert frame.geometry.equals(ref_frame.geometry) and frame.crs == ref_frame.crs
+    assert (frame.source == ref_frame.source).all()
+    np.testing.assert_allclose(
+        np.stack(frame.embedding), np.stack(ref_frame.embedding), rtol=0, atol=1e-6
+    )
+    assert frame.attrs == ref_frame.attrs
 
 
 def _scene_lonlat(x: float, y: float) -> tuple[float, float]:
@@ -357,3 +373,127 @@ def test_bf16_mixed_precision_is_as_exact_as_torchgeo(tmp_path, base_checkpoint,
     image, wavelengths = kept.batch["image"], kept.batch["wavelengths"][0].tolist()
     reference = torchgeo_bf16_error(base_state, image, wavelengths)
     assert_as_exact_as_torchgeo(cosine_error(ref, low), reference)
+
+
+def _one_chip_bbox(path: Path) -> list[str]:
+    """A --bbox covering about one 224-px chip at the lower-left of a raster in EPSG:32633."""
+    with rasterio.open(path) as src:
+        b = src.bounds
+    lo0, la0 = _scene_lonlat(b.left + 100, b.bottom + 100)
+    lo1, la1 = _scene_lonlat(b.left + 2000, b.bottom + 2000)
+    return ["--bbox", str(lo0), str(la0), str(lo1), str(la1)]
+
+
+FTW_DATES = ["B4", "B3", "B2", "B8", "B4_1", "B3_1", "B2_1", "B8_1"]
+
+
+def test_multidate_stack_without_descriptions_embeds_one_date(
+    tmp_path, capsys, shared_s2, base_checkpoint
+) -> None:
+    ftw = shared_s2 / "ftw" / "inference-img.tif"
+    common = [*_one_chip_bbox(ftw), "--weights", str(base_checkpoint), "--no-progress"]
+    # without names the error names the CLI's own option
+    assert main(["embed", str(ftw), "-o", str(tmp_path / "x"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "--file-bands B1 B2 B3" in err and "file_bands=" not in err
+    # naming both dates and selecting all of them is refused: one date at a time
+    args = ["embed", str(ftw), "--file-bands", *FTW_DATES]
+    assert main([*args, "--bands", *FTW_DATES, "-o", str(tmp_path / "y"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "Select one date, e.g. --bands B4 B3 B2 B8 or --bands B4_1 B3_1 B2_1 B8_1" in err
+    assert not (tmp_path / "y").exists()
+    # the second date, selected by its Earth Engine style names
+    second = FTW_DATES[4:]
+    assert main([*args, "--bands", *second, "-o", str(tmp_path / "d2.tif"), *common]) == 0
+    assert main([*args, "--bands", *FTW_DATES[:4], "-o", str(tmp_path / "d1.tif"), *common]) == 0
+    with rasterio.open(tmp_path / "d2.tif") as d2, rasterio.open(tmp_path / "d1.tif") as d1:
+        assert json.loads(d2.tags()["bands"]) == second
+        assert json.loads(d2.tags()["wavelengths"]) == [0.665, 0.56, 0.49, 0.842]
+        assert json.loads(d1.tags()["wavelengths"]) == [0.665, 0.56, 0.49, 0.842]
+        assert not np.allclose(d1.read(), d2.read(), equal_nan=True)  # two dates differ
+    assert (tmp_path / "d2.parquet").is_file()  # --output both: the sibling table
+
+
+def test_13_band_stack_without_descriptions(tmp_path, base_checkpoint) -> None:
+    from rasterio.transform import from_origin
+
+    names = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
+    rng = np.random.default_rng(0)
+    data = rng.integers(300, 4000, (13, 224, 224), dtype=np.uint16)
+    path = tmp_path / "l1c_stack.tif"
+    with rasterio.open(
+        path, "w", driver="GTiff", width=224, height=224, count=13, dtype="uint16",
+        crs="EPSG:32633", transform=from_origin(500000, 5000000, 10, 10),
+    ) as dst:  # fmt: skip
+        dst.write(data)
+    out = tmp_path / "out.tif"
+    code = main(
+        ["embed", str(path), "--file-bands", *names, "-o", str(out), "--output", "grid",
+         "--weights", str(base_checkpoint), "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    with rasterio.open(out) as emb:
+        # DOFA's 9 bands selected by default among the 13 named ones
+        assert json.loads(emb.tags()["bands"]) == [
+            "B4", "B3", "B2", "B5", "B6", "B7", "B8", "B11", "B12"
+        ]  # fmt: skip
+        grid = emb.read()
+    # against the encoder on the same 9 channels, preprocessed independently of the job
+    picks = [names.index(b) for b in ["B4", "B3", "B2", "B5", "B6", "B7", "B8", "B11", "B12"]]
+    stack = DOFAPreprocess(["B4", "B3", "B2", "B5", "B6", "B7", "B8", "B11", "B12"])
+    sample = stack({"image": torch.from_numpy(data[picks].astype(np.float32))})
+    encoder = load_dofa("base", weights=base_checkpoint)
+    with torch.inference_mode():
+        ref = encoder(sample["image"][None], sample["wavelengths"]).grid[0].numpy()
+    np.testing.assert_allclose(grid, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_output_file_names_and_seeded_random_weights(tmp_path, capsys) -> None:
+    common = [*_one_chip_bbox(SCENE), "--weights", "none", "--no-progress"]
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    assert (
+        main(["embed", str(SCENE), "-o", str(a), "--output", "pooled", "--seed", "7", *common]) == 0
+    )
+    assert (
+        main(["embed", str(SCENE), "-o", str(b), "--output", "pooled", "--seed", "7", *common]) == 0
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "b.parquet"]
+    fa, fb = gpd.read_parquet(a), gpd.read_parquet(b)
+    np.testing.assert_array_equal(np.stack(fa.embedding), np.stack(fb.embedding))
+    assert set(fa.weights) == {"random (seed 7)"}
+    # a file name for two regions, or of the wrong kind, is a one-line error
+    assert (
+        main(["embed", str(SCENE), str(SCENE.parent), "-o", str(tmp_path / "c.tif"), *common]) == 2
+    )
+    assert "names one file but the job has 2 regions" in capsys.readouterr().err
+    assert (
+        main(["embed", str(SCENE), "-o", str(tmp_path / "d.parquet"), "--output", "grid", *common])
+        == 2
+    )
+    assert "use -o" in capsys.readouterr().err
+    assert not (tmp_path / "c.tif").exists() and not (tmp_path / "d.parquet").exists()
+
+
+def test_local_backend_equals_embed_on_a_point(tmp_path, base_checkpoint) -> None:
+    from torchgeo_dofa import OutputSpec, PointBuffer, get_embedding
+
+    with rasterio.open(SCENE) as src:
+        b = src.bounds
+    lon, lat = _scene_lonlat(b.left + 3000, b.bottom + 1800)
+    (tmp_path / "p.csv").write_text(f"lon,lat\n{lon},{lat}\n")
+    code = main(
+        ["embed", str(SCENE), "--points", str(tmp_path / "p.csv"), "--buffer-m", "1120",
+         "-o", str(tmp_path / "p.parquet"), "--output", "pooled",
+         "--weights", str(base_checkpoint), "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    row = np.asarray(gpd.read_parquet(tmp_path / "p.parquet").embedding.iloc[0])
+    emb = get_embedding(
+        "dofa",
+        spatial=PointBuffer(lon, lat, 1120),
+        output=OutputSpec.pooled(),
+        backend="local",
+        paths=SCENE,
+        weights=str(base_checkpoint),
+    )
+    np.testing.assert_allclose(emb.data, row, rtol=0, atol=1e-6)

@@ -72,11 +72,19 @@ from pyproj import CRS
 from torch import Tensor
 
 from .bands import DOFA_S2_BANDS, BandError
-from .datasets import EarthEngineS2, Sentinel2Base, Sentinel2SR, stack_dofa_samples
+from .datamodules import RegionSampler
+from .datasets import (
+    EarthEngineS2,
+    InputError,
+    Sentinel2Base,
+    Sentinel2SR,
+    find_raster_inputs,
+    stack_dofa_samples,
+)
 from .embedder import DOFAEmbedder
 from .gee import DEFAULT_COLLECTION, GEEUnavailableError, build_gee_request, fetch_gee_pixels
 from .model import PooledNorm, canonical_variant
-from .spatial import BBox, PointBuffer, Region, region_window
+from .spatial import BBox, PointBuffer, Region
 from .transforms import INPUT_PREPS, DOFAPreprocess
 from .weights import env_setting
 from .writers import atomic_write
@@ -641,16 +649,12 @@ def _prepare_tensor(
     return prepared
 
 
-def _is_ee_export(path: Path) -> bool:
-    import re
-
-    return re.match(r"^.+-\d{10}-\d{10}\.tiff?$", path.name) is not None
-
-
 def open_local(paths: PathsLike, sensor: SensorSpec | None = None) -> Sentinel2Base:
     """Open local rasters as this package's dataset, as ``backend="local"`` does.
 
-    Earth Engine export tiles (``<prefix>-0000000000-0000000000.tif``) are read with
+    Files and folders are found and grouped as the embed job does
+    (:func:`~torchgeo_dofa.datasets.find_raster_inputs`); Earth Engine export tiles
+    (``<prefix>-0000000000-0000000000.tif``) are read with
     :class:`~torchgeo_dofa.datasets.EarthEngineS2`, anything else with
     :class:`~torchgeo_dofa.datasets.Sentinel2SR`; pass a dataset yourself to choose.
 
@@ -662,29 +666,23 @@ def open_local(paths: PathsLike, sensor: SensorSpec | None = None) -> Sentinel2B
         The dataset.
 
     Raises:
-        ModelError: if a path does not exist.
+        ModelError: if a path does not exist or holds no raster.
     """
     if isinstance(paths, Sentinel2Base):
         return paths
     items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
-    files: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if not path.exists():
-            raise ModelError(f"local input {str(path)!r} does not exist")
-        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    rasters = [p for p in files if p.suffix.lower() in (".tif", ".tiff", ".jp2")]
-    if not rasters:
-        raise ModelError(f"no GeoTIFF / JPEG2000 file in {[str(i) for i in items]}")
-    cls: type[Sentinel2Base] = (
-        EarthEngineS2 if all(_is_ee_export(p) for p in rasters) else Sentinel2SR
-    )
+    try:
+        regions = find_raster_inputs(items)
+    except InputError as err:
+        raise ModelError(f"local input: {err}") from None
     kwargs: dict[str, Any] = {}
     if sensor is not None:
         kwargs["bands"] = list(sensor.bands)
         if sensor.wavelengths is not None:
             kwargs["wavelengths"] = list(sensor.wavelengths)
-    return cls(paths=[str(p) for p in rasters], **kwargs)
+    files = [p for r in regions for p in r.paths]
+    cls = EarthEngineS2 if all(r.earth_engine for r in regions) else Sentinel2SR
+    return cls(paths=files, **kwargs)
 
 
 def _crs_name(crs: CRS) -> str:
@@ -703,9 +701,8 @@ def _prepare_local(
         raise ModelError("backend='local' needs spatial=PointBuffer(...) or BBox(...)")
     crs = CRS.from_user_input(ds.crs)
     bounds = ds.index.total_bounds
-    xs, ys = region_window(
-        spatial, crs, (float(ds.res[0]), float(ds.res[1])), (float(bounds[0]), float(bounds[3]))
-    )
+    # the chip the embed job's data module reads for this region (RegionSampler)
+    xs, ys = RegionSampler(ds, [spatial], check_footprint=False).chips[0]
     if temporal is None:
         ts = slice(ds.index.index.left.min(), ds.index.index.right.max())
     else:

@@ -201,11 +201,27 @@ def resolve_wavelengths(
     return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
 
+def date_copy_base(name: str) -> str:
+    """The Sentinel-2 band behind Earth Engine's name for another date (``B4_1`` -> ``B4``).
+
+    Args:
+        name: a band name.
+
+    Returns:
+        The canonical band for ``<S2 band>_<N>``; otherwise ``name`` unchanged.
+    """
+    base, sep, suffix = name.strip().rpartition("_")
+    if sep and suffix.isdigit() and canonical_band(base) in SENTINEL2_BANDS:
+        return canonical_band(base)
+    return name
+
+
 def norm_stats(bands: Sequence[str]) -> tuple[list[float], list[float]]:
     """Look up DOFA's per-band mean and std (0..255 scale) by band name.
 
     Args:
-        bands: band names, any subset and order of the DOFA 9 bands (or preset names).
+        bands: band names, any subset and order of the DOFA 9 bands (or preset names); a
+            band of another date (``B4_1``) takes its band's statistics.
 
     Returns:
         (means, stds), one value per band.
@@ -217,7 +233,7 @@ def norm_stats(bands: Sequence[str]) -> tuple[list[float], list[float]]:
     stds: list[float] = []
     missing: list[str] = []
     for name in bands:
-        band = _lookup(name)
+        band = _lookup(name) or _lookup(date_copy_base(name))
         if band is None or band.mean is None or band.std is None:
             missing.append(name)
             continue

@@ -8,50 +8,38 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import math
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import rasterio
-import rasterio.errors
-from pyproj import CRS
-from rasterio.crs import CRS as RioCRS
-from torch.utils.data import DataLoader, Sampler
 
 from .bands import BandError
-from .datasets import EarthEngineS2, Sentinel2Base, Sentinel2SR, stack_dofa_samples
+from .datamodules import DOFAPredictDataModule
+from .datasets import InputError, RasterInput, find_raster_inputs
 from .embedder import OUTPUT_KINDS, DOFAEmbedder
 from .model import canonical_variant
-from .spatial import BBox, PointBuffer, region_to_crs, region_window
-from .transforms import DOFAPreprocess
+from .spatial import BBox, PointBuffer
 from .weights import CheckpointError
-from .writers import GridGeometry, GridWriter, PooledWriter
+from .writers import GridWriter, PooledWriter
 
 __all__ = ["EmbedSummary", "InputError", "embed", "main"]
 
-GeoSlice = tuple[slice, slice, slice]
 CHIP = 224
-#: GDAL block cache for the embed job, in MB (GDAL's default is 5 % of RAM).
-GDAL_CACHE_MB = 256
-_EE_TILE = re.compile(r"^(?P<prefix>.+)-\d{10}-\d{10}\.tiff?$")
+#: GDAL block cache of the embed job, in bytes (rasterio passes an integer to GDAL as
+#: bytes; GDAL's default is 5 % of RAM).
+GDAL_CACHE_BYTES = 256 * 2**20
 _PRECISIONS = {
     "32": "32-true",
     "bf16": "bf16-mixed",
     "32-true": "32-true",
     "bf16-mixed": "bf16-mixed",
 }
-
-
-class InputError(ValueError):
-    """A bad input to the embed job (reported as a one-line error by the CLI)."""
 
 
 @dataclass
@@ -81,128 +69,6 @@ class EmbedSummary:
         )
 
 
-@dataclass
-class _Region:
-    name: str
-    paths: list[Path]
-    ee: bool
-
-
-class ChipSampler(Sampler[GeoSlice]):
-    """A fixed list of chips (TorchGeo ``GeoSlice``s), in order."""
-
-    def __init__(self, chips: Sequence[GeoSlice]) -> None:
-        """Wrap a chip list.
-
-        Args:
-            chips: ``(x, y, t)`` slices.
-        """
-        self.chips = list(chips)
-
-    def __iter__(self) -> Iterator[GeoSlice]:
-        """Yield the chips."""
-        return iter(self.chips)
-
-    def __len__(self) -> int:
-        """Number of chips."""
-        return len(self.chips)
-
-
-def _group_inputs(inputs: Sequence[str | Path]) -> list[_Region]:
-    """One region per input file or folder; the tiles of one Earth Engine export merge."""
-    regions: dict[str, _Region] = {}
-    for raw in inputs:
-        path = Path(raw)
-        if not path.exists():
-            raise InputError(f"input {str(path)!r} does not exist")
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        rasters = [p for p in files if p.suffix.lower() in (".tif", ".tiff", ".jp2")]
-        if not rasters:
-            raise InputError(f"input {str(path)!r} holds no GeoTIFF or JPEG2000 file")
-        for p in rasters:
-            try:
-                with rasterio.open(p):
-                    pass
-            except rasterio.errors.RasterioIOError as err:
-                raise InputError(f"cannot read {p}: {err}") from err
-        match = _EE_TILE.match(path.name)
-        if path.is_dir():
-            ee = all(_EE_TILE.match(p.name) for p in rasters)
-            regions[str(path)] = _Region(path.name, rasters, ee)
-        elif match:
-            key = str(path.with_name(match["prefix"]))
-            regions.setdefault(key, _Region(match["prefix"], [], True)).paths.append(path)
-        else:
-            regions[str(path)] = _Region(path.stem, [path], False)
-    for region in regions.values():
-        crss = {}
-        for p in region.paths:
-            with rasterio.open(p) as src:
-                crss[str(p)] = src.crs
-        if len({c.to_string() if c else None for c in crss.values()}) > 1:
-            listing = ", ".join(f"{Path(k).name}: {v}" for k, v in crss.items())
-            raise InputError(
-                f"mixed CRS in region {region.name!r} ({listing}): reproject them to one CRS "
-                "(gdalwarp -t_srs) or pass them as separate inputs"
-            )
-    return list(regions.values())
-
-
-def _open(region: _Region, bands: Sequence[str] | None) -> Sentinel2Base:
-    cls: type[Sentinel2Base] = EarthEngineS2 if region.ee else Sentinel2SR
-    return cls(paths=region.paths, bands=bands)
-
-
-def _check_reflectance(ds: Sentinel2Base) -> None:
-    """Reject inputs already scaled to [0, 1] before anything is written (decimated read)."""
-    for path in {Path(p) for p in ds.index.filepath}:
-        with rasterio.open(path) as src:
-            scale = max(1, math.ceil(max(src.width, src.height) / 256))
-            data = src.read(
-                out_shape=(src.count, max(1, src.height // scale), max(1, src.width // scale))
-            ).astype(np.float64)
-            ok = np.isfinite(data) & (data != 0)
-            if src.nodata is not None:
-                ok &= data != src.nodata
-            if ok.any() and data[ok].min() >= 0 and data[ok].max() <= 2:
-                raise InputError(
-                    f"{path.name}: all values lie in [0, 2], which looks already normalised; "
-                    "DOFA's pipeline expects raw surface reflectance 0..10000 (multiply by "
-                    "10000 if the file holds reflectance in [0, 1])"
-                )
-
-
-def _region_chips(
-    ds: Sentinel2Base, bounds: tuple[float, float, float, float], stride_px: int
-) -> list[GeoSlice]:
-    """224-px chips covering ``bounds`` from the lower-left corner (TorchGeo's grid order)."""
-    xres, yres = ds.res
-    xmin, ymin, xmax, ymax = bounds
-    size_x, size_y = CHIP * xres, CHIP * yres
-    step_x, step_y = stride_px * xres, stride_px * yres
-    cols = max(1, math.ceil((xmax - xmin - size_x) / step_x - 1e-9) + 1)
-    rows = max(1, math.ceil((ymax - ymin - size_y) / step_y - 1e-9) + 1)
-    tmin, tmax = ds.index.index.left.min(), ds.index.index.right.max()
-    return [
-        (
-            slice(xmin + j * step_x, xmin + j * step_x + size_x),
-            slice(ymin + i * step_y, ymin + i * step_y + size_y),
-            slice(tmin, tmax),
-        )
-        for i in range(rows)
-        for j in range(cols)
-    ]
-
-
-def _grid_key_of(geometry: GridGeometry, chip: GeoSlice) -> str:
-    cell = geometry.cell
-    return GridWriter.key_for(geometry, [cell, 0.0, chip[0].start, 0.0, -cell, chip[1].stop])
-
-
-def _pooled_key_of(chip: GeoSlice) -> str:
-    return PooledWriter.chip_key([chip[0].start, chip[0].stop, 0.0, chip[1].start, chip[1].stop])
-
-
 def _read_points(path: Path, buffer_m: float) -> list[PointBuffer]:
     if not path.is_file():
         raise InputError(f"points file {str(path)!r} does not exist")
@@ -229,6 +95,50 @@ def _read_points(path: Path, buffer_m: float) -> list[PointBuffer]:
     return points
 
 
+def _output_paths(
+    output_dir: Path, regions: Sequence[RasterInput], output: str, points: bool
+) -> list[dict[str, Path]]:
+    """Per region, the grid / pooled files to write (``-o DIR`` or ``-o NAME.tif``)."""
+    kinds = ["pooled"] if points or output == "pooled" else ["grid"]
+    if output == "both" and not points:
+        kinds = ["grid", "pooled"]
+    suffix = output_dir.suffix.lower()
+    if suffix in (".tif", ".tiff", ".parquet"):
+        if len(regions) != 1:
+            raise InputError(
+                f"-o {output_dir} names one file but the job has {len(regions)} regions "
+                f"({', '.join(r.name for r in regions)}): give a folder with -o DIR"
+            )
+        wanted = "pooled" if suffix == ".parquet" else "grid"
+        if wanted not in kinds:
+            raise InputError(
+                f"-o {output_dir} is a {'GeoParquet' if wanted == 'pooled' else 'GeoTIFF'} "
+                f"name but the job writes {' and '.join(kinds)} output: use "
+                f"-o {output_dir.with_suffix('.parquet' if wanted == 'grid' else '.tif')} "
+                "or a folder"
+            )
+        ext = {"grid": ".tif" if suffix != ".tiff" else ".tiff", "pooled": ".parquet"}
+        return [{k: output_dir.with_suffix(ext[k]) for k in kinds}]
+    if output_dir.is_file():
+        raise InputError(f"-o {output_dir} is an existing file: give a folder or a .tif name")
+    ext = {"grid": "_grid.tif", "pooled": "_pooled.parquet"}
+    return [{k: output_dir / f"{r.name}{ext[k]}" for k in kinds} for r in regions]
+
+
+def _check_device(device: str, devices: int | str) -> None:
+    import torch
+
+    if isinstance(devices, int) and devices < 1:
+        raise InputError(f"--devices must be >= 1, got {devices}")
+    if device in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise InputError(
+            f"--device {device} but no CUDA GPU is visible to PyTorch "
+            f"(torch {torch.__version__}): use --device cpu or --device auto"
+        )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise InputError("--device mps but MPS is not available: use --device cpu")
+
+
 def embed(
     inputs: Sequence[str | Path],
     output_dir: str | Path,
@@ -237,6 +147,7 @@ def embed(
     output: str = "both",
     input_prep: str = "resize",
     weights: str | None = "official",
+    seed: int | None = None,
     batch_size: int = 8,
     num_workers: int = 0,
     device: str = "auto",
@@ -244,7 +155,12 @@ def embed(
     strategy: str = "auto",
     precision: str = "32",
     bands: Sequence[str] | None = None,
-    stride: int = CHIP,
+    file_bands: Sequence[str] | None = None,
+    wavelengths: Sequence[float] | None = None,
+    nodata: float | None = None,
+    crs: str | None = None,
+    chip_size: int = CHIP,
+    stride: int | None = None,
     points: str | Path | None = None,
     buffer_m: float = 2048.0,
     bbox: Sequence[float] | None = None,
@@ -254,27 +170,44 @@ def embed(
 ) -> EmbedSummary:
     """Embed rasters with DOFA and write georeferenced outputs, resumably.
 
-    Every input is validated (files, bands, reflectance scale, variant, weights) before any
-    output is written. Per region (an input file, a folder, or the tiles of one Earth Engine
-    export) it writes ``<name>_grid.tif`` (grid embedding map) and/or ``<name>_pooled.parquet``
-    (one row per chip) into ``output_dir``. Running the same job again skips chips already
-    written and regions already complete.
+    Each region (an input file, a folder, or the tiles of one Earth Engine export, see
+    :func:`~torchgeo_dofa.datasets.find_raster_inputs`) is read by a
+    :class:`~torchgeo_dofa.datamodules.DOFAPredictDataModule`, embedded by
+    :class:`~torchgeo_dofa.embedder.DOFAEmbedder` through ``Trainer.predict`` and written by
+    the :mod:`~torchgeo_dofa.writers`: the same pipeline as ``torchgeo-dofa predict --config``.
+    Every region is opened and checked (files, bands, scale, chips) and the model loaded
+    before any output is written. ``output_dir`` is a folder (``<name>_grid.tif`` and/or
+    ``<name>_pooled.parquet`` per region) or, for one region, a file name ``NAME.tif`` /
+    ``NAME.parquet`` (with its sibling ``NAME.parquet`` / ``NAME.tif`` for ``both``). Running
+    the same job again skips chips already written.
 
     Args:
         inputs: GeoTIFF/JP2 files or folders.
-        output_dir: folder for the outputs.
+        output_dir: folder for the outputs, or one output file name (see above).
         variant: ``base``/``large``.
         output: ``grid``, ``pooled`` or ``both``.
-        input_prep: ``resize`` or ``tile`` (how chips become 224 x 224 model inputs).
+        input_prep: ``resize`` or ``tile``: how a chip of ``chip_size`` pixels becomes
+            224 x 224 model inputs (no effect for 224-px chips).
         weights: ``official``, a checkpoint path, or None (random weights).
+        seed: seed of the random weights (``weights=None``), for repeatable runs.
         batch_size: chips per batch.
         num_workers: DataLoader workers.
         device: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
         devices: number of devices (e.g. 2 with ``strategy="ddp"``).
         strategy: Lightning strategy.
         precision: ``32`` or ``bf16``.
-        bands: bands to read (default: DOFA's 9 bands, or every S2 band present).
-        stride: chip stride in pixels (a multiple of 16; 224 = no overlap).
+        bands: bands to embed, in this order (default: DOFA's 9 bands, or every S2 band
+            present); with ``file_bands``, a selection among them.
+        file_bands: names of the bands of files without band descriptions, in file order
+            (a second date as ``B4_1``...).
+        wavelengths: centre wavelengths (um), one per band, for bands that are not
+            Sentinel-2's.
+        nodata: no-data value overriding the files' own.
+        crs: CRS to read the inputs in (default: the first file's).
+        chip_size: chip side in pixels (224: one model input per chip, one grid cell per
+            16 x 16 pixels; larger chips are resized (cells of ``chip_size / 14`` pixels) or
+            tiled (cells of 16 pixels) to 224).
+        stride: chip stride in pixels (default ``chip_size``), a multiple of the cell.
         points: CSV (lon, lat) or GeoJSON of points; one chip per point (pooled only).
         buffer_m: half-side of each point's chip, metres.
         bbox: ``(minlon, minlat, maxlon, maxlat)`` region of interest.
@@ -296,85 +229,60 @@ def embed(
         raise InputError(f"unknown --input-prep {input_prep!r}: choose 'resize' or 'tile'")
     if precision not in _PRECISIONS:
         raise InputError(f"unknown --precision {precision!r}: choose '32' or 'bf16'")
-    if stride <= 0 or stride % 16:
-        raise InputError(f"--stride must be a positive multiple of 16 pixels, got {stride}")
-    if points is not None and output != "pooled":
-        raise InputError("--points gives one chip per point: use --output pooled")
+    if chip_size < 16 or chip_size % 16:
+        raise InputError(f"--chip-size must be a multiple of 16 pixels >= 16, got {chip_size}")
+    if points is not None and output == "grid":
+        raise InputError("--points gives one pooled row per point: use --output pooled")
+    if seed is not None and weights is not None:
+        raise InputError("--seed applies to random weights only: add --weights none")
+    _check_device(device, devices)
     point_list = _read_points(Path(points), buffer_m) if points is not None else None
-
-    regions = _group_inputs(inputs)
-    datasets = [(region, _open(region, bands)) for region in regions]
-    for _, ds in datasets:
-        _check_reflectance(ds)
-    module = DOFAEmbedder(variant=variant, weights=weights, output=output, input_prep=input_prep)  # type: ignore[arg-type]
-    meta = module.metadata | (metadata or {})
-
-    out_dir = Path(output_dir)
-    summary = EmbedSummary()
-    for region, ds in datasets:
-        crs = RioCRS.from_user_input(ds.crs.to_wkt() if hasattr(ds.crs, "to_wkt") else ds.crs)
-        xres = float(ds.res[0])
-        total = tuple(float(v) for v in ds.index.total_bounds)
-        if bbox is not None:
-            roi = region_to_crs(BBox(*bbox), CRS.from_user_input(crs.to_wkt()))
-            total = tuple(float(v) for v in roi.intersection(_box(total)).bounds)
-            if not total or total[2] <= total[0]:
-                raise InputError(f"--bbox {list(bbox)} does not overlap {region.name}")
-        if point_list is not None:
-            origin = (float(ds.index.total_bounds[0]), float(ds.index.total_bounds[3]))
-            tmin, tmax = ds.index.index.left.min(), ds.index.index.right.max()
-            chips = [
-                (
-                    *region_window(
-                        p, CRS.from_user_input(crs.to_wkt()), (xres, float(ds.res[1])), origin
-                    ),
-                    slice(tmin, tmax),
-                )
-                for p in point_list
-            ]
-        else:
-            chips = _region_chips(ds, total, stride)  # type: ignore[arg-type]
-        region_meta = meta | {
-            "bands": json.dumps(list(ds.bands)),
-            "wavelengths": json.dumps([round(float(w), 4) for w in ds.wavelengths]),
-            "sources": json.dumps([str(p.resolve()) for p in region.paths]),
-        }
-        writers: list[GridWriter | PooledWriter] = []
-        if output in ("grid", "both") and point_list is None:
-            geometry = GridGeometry.for_region(crs, total, xres)
-            writers.append(GridWriter(out_dir / f"{region.name}_grid.tif", geometry, region_meta))
-        if output in ("pooled", "both"):
-            writers.append(
-                PooledWriter(
-                    out_dir / f"{region.name}_pooled.parquet", crs, region_meta, region.name
-                )
-            )
-        pending = [w for w in writers if not w.path.exists()]
-        if not pending:
-            summary.skipped += len(chips)
-            summary.outputs += [w.path for w in writers]
-            continue
-        done = [w.done_keys() for w in pending]
-        todo = []
-        for chip in chips:
-            keys = [
-                _grid_key_of(w.geometry, chip)
-                if isinstance(w, GridWriter)
-                else _pooled_key_of(chip)
-                for w in pending
-            ]
-            if all(k in d for k, d in zip(keys, done, strict=True)):
-                summary.skipped += 1
-            else:
-                todo.append(chip)
-        ds.transforms = DOFAPreprocess(ds.bands, ds.wavelengths, input_prep=input_prep)
-        loader = DataLoader(
-            ds,
-            sampler=ChipSampler(todo),
+    regions = find_raster_inputs(inputs)
+    out_paths = _output_paths(Path(output_dir), regions, output, point_list is not None)
+    dataset_kwargs: dict[str, Any] = {
+        "bands": bands,
+        "file_bands": file_bands,
+        "wavelengths": wavelengths,
+        "nodata": nodata,
+        "crs": crs,
+    }
+    modules = []
+    for region in regions:
+        dm = DOFAPredictDataModule(
+            paths=list(region.paths),
+            dataset_class=region.dataset_class,
+            points=point_list,
+            roi=BBox(*bbox) if bbox is not None else None,
+            patch_size=chip_size,
+            stride=stride,
             batch_size=batch_size,
             num_workers=num_workers,
-            collate_fn=stack_dofa_samples,
+            input_prep=input_prep,  # type: ignore[arg-type]
+            preprocess=True,
+            **{k: v for k, v in dataset_kwargs.items() if v is not None},
         )
+        dm.setup("predict")
+        modules.append(dm)
+    module = DOFAEmbedder(
+        variant=variant,
+        weights=weights,
+        output="pooled" if point_list is not None else output,  # type: ignore[arg-type]
+        input_prep=input_prep,  # type: ignore[arg-type]
+        seed=seed,
+    )
+    extra = dict(metadata or {})
+    summary = EmbedSummary()
+    for region, dm, paths in zip(regions, modules, out_paths, strict=True):
+        writers: list[GridWriter | PooledWriter] = []
+        if "grid" in paths:
+            writers.append(GridWriter(paths["grid"], metadata=extra))
+        if "pooled" in paths:
+            writers.append(PooledWriter(paths["pooled"], metadata=extra, source=region.name))
+        pending = [w for w in writers if not w.path.exists()]
+        summary.outputs += [w.path for w in writers]
+        if not pending:
+            summary.skipped += len(dm.predict_sampler or [])
+            continue
         trainer = pl.Trainer(
             accelerator=device,
             devices=devices,
@@ -385,23 +293,15 @@ def embed(
             enable_progress_bar=progress,
             enable_model_summary=False,
         )
-        # bounded GDAL block cache: memory must not grow with the region (benchmarks/run.py)
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-            if todo:
-                trainer.predict(module, dataloaders=loader, return_predictions=False)
-            else:
-                for w in pending:
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+            trainer.predict(module, datamodule=dm, return_predictions=False)
+            for w in pending:  # every chip was done by an earlier run: only assembly is left
+                if not w.path.exists() and trainer.is_global_zero:
                     w.finalize()
-        summary.chips += sum(w.written for w in pending[:1])
-        summary.outputs += [w.path for w in writers]
+        summary.chips += pending[0].written
+        summary.skipped += dm.skipped
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _box(bounds: Sequence[float]) -> Any:
-    from shapely.geometry import box
-
-    return box(*bounds)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -409,21 +309,71 @@ def _parser() -> argparse.ArgumentParser:
         prog="torchgeo-dofa", description="DOFA embeddings for Earth observation rasters."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("embed", help="embed GeoTIFFs into a grid GeoTIFF / pooled GeoParquet")
+    e = sub.add_parser(
+        "embed",
+        help="embed GeoTIFFs into a grid GeoTIFF / pooled GeoParquet",
+        description="Embed rasters with DOFA: a grid GeoTIFF and/or a pooled GeoParquet per "
+        "region (an input file, folder, or the tiles of one Earth Engine export).",
+    )
     e.add_argument("inputs", nargs="+", help="GeoTIFF/JP2 files or folders")
-    e.add_argument("-o", "--output-dir", required=True, help="folder for the outputs")
+    e.add_argument(
+        "-o",
+        "--output-dir",
+        required=True,
+        metavar="OUT",
+        help="folder for the outputs, or with one region a file name NAME.tif / "
+        "NAME.parquet (--output both writes NAME.tif and NAME.parquet)",
+    )
     e.add_argument("--variant", default="base", help="base | large (b | l)")
-    e.add_argument("--output", default="grid", help="grid | pooled | both")
-    e.add_argument("--input-prep", default="resize", help="resize | tile")
+    e.add_argument("--output", default="both", help="grid | pooled | both (default both)")
+    e.add_argument(
+        "--chip-size",
+        type=int,
+        default=CHIP,
+        help="chip side in pixels (default 224 = one model input per chip, one grid cell "
+        "per 16 x 16 pixels); larger chips are brought to 224 by --input-prep",
+    )
+    e.add_argument(
+        "--input-prep",
+        default="resize",
+        help="resize | tile: how a chip larger than 224 px becomes model input; resize: one "
+        "224 px input, grid cells of chip-size/14 px; tile: 224 px tiles, cells of 16 px "
+        "(no effect with --chip-size 224)",
+    )
     e.add_argument("--weights", default="official", help="official | none | PATH")
+    e.add_argument("--seed", type=int, default=None, help="seed for --weights none")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--num-workers", type=int, default=0)
     e.add_argument("--device", default="auto", help="auto | cpu | gpu")
     e.add_argument("--devices", default="1", help="number of devices (with --strategy ddp)")
     e.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     e.add_argument("--precision", default="32", help="32 | bf16")
-    e.add_argument("--bands", nargs="+", default=None, help="bands to read, e.g. B4 B3 B2 B8")
-    e.add_argument("--stride", type=int, default=CHIP, help="chip stride in pixels (x16)")
+    e.add_argument(
+        "--file-bands",
+        nargs="+",
+        default=None,
+        metavar="BAND",
+        help="names of the bands of files without band descriptions, in file order; a "
+        "second date as B4_1 (e.g. B4 B3 B2 B8 B4_1 B3_1 B2_1 B8_1)",
+    )
+    e.add_argument(
+        "--bands", nargs="+", default=None, metavar="BAND", help="bands to embed, in order"
+    )
+    e.add_argument(
+        "--wavelengths",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="UM",
+        help="centre wavelength (um) of each band, for bands that are not Sentinel-2's",
+    )
+    e.add_argument("--nodata", type=float, default=None, help="no-data value of the inputs")
+    e.add_argument(
+        "--crs", default=None, help="CRS to read the inputs in (e.g. EPSG:32633; default: theirs)"
+    )
+    e.add_argument(
+        "--stride", type=int, default=None, help="chip stride in pixels (default: chip size)"
+    )
     e.add_argument("--points", default=None, help="CSV (lon,lat) or GeoJSON points")
     e.add_argument("--buffer-m", type=float, default=2048.0, help="point buffer in metres")
     e.add_argument(
@@ -482,7 +432,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {out}")
             return 0
         weights = None if str(args.weights).lower() == "none" else args.weights
-        devices: int | str = int(args.devices) if str(args.devices).isdigit() else args.devices
+        devices: int | str = (
+            int(args.devices) if str(args.devices).lstrip("-").isdigit() else args.devices
+        )
         summary = embed(
             args.inputs,
             args.output_dir,
@@ -490,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             output=args.output,
             input_prep=args.input_prep,
             weights=weights,
+            seed=args.seed,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             device=args.device,
@@ -497,6 +450,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             strategy=args.strategy,
             precision=args.precision,
             bands=args.bands,
+            file_bands=args.file_bands,
+            wavelengths=args.wavelengths,
+            nodata=args.nodata,
+            crs=args.crs,
+            chip_size=args.chip_size,
             stride=args.stride,
             points=args.points,
             buffer_m=args.buffer_m,
@@ -504,11 +462,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
         )
     except (InputError, BandError, CheckpointError, ValueError, OSError) as err:
-        print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
+        print(f"torchgeo-dofa: error: {cli_hints(str(err))}", file=sys.stderr)
         return 2
     if _is_rank_zero():
         print(summary.line())
     return 0
+
+
+_KWARG_HINT = re.compile(
+    r"\b(file_bands|bands|wavelengths|crs|nodata)=(\[[^\]]*\]|<[^>]*>|[^\s,;)]*)"
+)
+
+
+def cli_hints(message: str) -> str:
+    """Rewrite the Python keyword hints of an error (``bands=[...]``) as CLI options.
+
+    Args:
+        message: an error message from the datasets, transforms or data module.
+
+    Returns:
+        The message naming ``--bands B4 B3``, ``--file-bands ...``, ``--wavelengths ...``,
+        ``--nodata ...`` instead.
+    """
+
+    def option(match: re.Match[str]) -> str:
+        value = match[2].strip("[]").replace(",", " ").replace("'", "").replace('"', "")
+        value = " ".join(value.split())
+        flag = "--" + match[1].replace("_", "-")
+        return f"{flag} {value}" if value else flag
+
+    return _KWARG_HINT.sub(option, message)
 
 
 def _is_rank_zero() -> bool:

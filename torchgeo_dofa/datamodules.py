@@ -25,6 +25,9 @@ rs-embed-style ``get_embedding``).
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,19 +36,31 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+import rasterio
 import shapely
+import torch
 from pyproj import CRS
+from rasterio.crs import CRS as RioCRS
 from rasterio.transform import Affine
 from shapely.geometry.base import BaseGeometry
+from torch.utils.data import DataLoader
 from torchgeo.datamodules import GeoDataModule
 from torchgeo.datamodules.utils import MisconfigurationException
 from torchgeo.datasets.utils import GeoSlice, Path, Sample
-from torchgeo.samplers import GeoSampler, GriddedPatchSampler
+from torchgeo.samplers import GeoSampler
 
-from torchgeo_dofa.datasets import Sentinel2Base, Sentinel2SR, stack_dofa_samples
+from torchgeo_dofa.datasets import (
+    Sentinel2Base,
+    Sentinel2SR,
+    find_raster_inputs,
+    stack_dofa_samples,
+)
 from torchgeo_dofa.spatial import WGS84, BBox, PointBuffer, Region, region_to_crs, region_window
+from torchgeo_dofa.transforms import INPUT_PREPS
+from torchgeo_dofa.writers import GridGeometry
 
 __all__ = [
+    "ChipGridSampler",
     "DOFAPredictDataModule",
     "RegionSampler",
     "RoiArray",
@@ -77,6 +92,7 @@ class RegionSampler(GeoSampler):
         *,
         region_crs: CRS | str | int = WGS84,
         time: TimeRange | None = None,
+        check_footprint: bool = True,
     ) -> None:
         """Compute every chip now.
 
@@ -85,6 +101,7 @@ class RegionSampler(GeoSampler):
             regions: the regions.
             region_crs: CRS of shapely geometries among ``regions``.
             time: optional ``(start, stop)`` of the scenes to read.
+            check_footprint: raise for regions whose chip misses every raster.
 
         Raises:
             ValueError: naming every region whose chip misses all rasters.
@@ -100,7 +117,8 @@ class RegionSampler(GeoSampler):
             xs, ys = region_window(
                 region, dataset.crs, dataset.res, (float(x.start), float(y.stop)), region_crs
             )
-            if not footprint.intersects(shapely.box(xs.start, ys.start, xs.stop, ys.stop)):
+            box = shapely.box(xs.start, ys.start, xs.stop, ys.stop)
+            if check_footprint and not footprint.intersects(box):
                 outside.append(f"#{number} {region}")
             self.chips.append((xs, ys))
         if outside:
@@ -120,21 +138,105 @@ class RegionSampler(GeoSampler):
             yield (xs, ys) if self.time is None else (xs, ys, self.time)
 
 
-class _TimedSampler(GeoSampler):
-    """Adds a time slice to the spatial slices of another sampler."""
+class ChipGridSampler(GeoSampler):
+    """Chips on one grid over a region, anchored at its lower-left pixel corner.
 
-    def __init__(self, sampler: GeoSampler, time: slice) -> None:
-        self.sampler = sampler
-        self.time = time
+    The region (the dataset's bounds, or a region of interest clipped to them) is first
+    snapped outward to the dataset's pixel grid, so chips read whole pixels and never
+    resample. Chips of ``size`` pixels are placed every ``stride`` pixels from the region's
+    lower-left corner; the last row and column reach past the region's top/right edge where
+    the sizes do not divide (those pixels are read as no data). Chips that do not touch the
+    rasters' footprint are skipped. Unlike TorchGeo's
+    :class:`~torchgeo.samplers.GriddedPatchSampler`, which centres its grid on the region, the
+    grid is anchored at the region's corner, so the embedding map's left and bottom edges are
+    the raster's and every chip falls on whole output cells whenever ``stride`` is a multiple
+    of the output cell.
+
+    Attributes:
+        region_bounds: ``(xmin, ymin, xmax, ymax)`` of the snapped region, map units.
+        chips: ``(x, y, t)`` slices, bottom row first, west to east.
+    """
+
+    def __init__(
+        self,
+        dataset: Sentinel2Base,
+        size: int,
+        stride: int | None = None,
+        *,
+        roi: BaseGeometry | None = None,
+        time: TimeRange | None = None,
+    ) -> None:
+        """Compute every chip now.
+
+        Args:
+            dataset: the dataset to cut (its CRS, resolution, bounds and footprint are used).
+            size: chip side in pixels.
+            stride: distance between chips in pixels (default ``size``).
+            roi: region of interest in the dataset's CRS (default: the whole dataset).
+            time: optional ``(start, stop)`` of the scenes to read.
+
+        Raises:
+            ValueError: if the region of interest does not overlap the rasters.
+        """
+        if size < 1 or (stride is not None and stride < 1):
+            raise ValueError(f"chip size and stride must be >= 1 pixel, got {size}, {stride}")
+        xres, yres = (float(r) for r in dataset.res)
+        x0, y0, x1, y1 = (float(v) for v in dataset.index.total_bounds)
+        footprint = dataset.index.geometry.union_all()
+        if roi is not None:
+            if not roi.intersects(footprint):
+                raise ValueError(
+                    f"the region of interest {roi.bounds} does not overlap the rasters "
+                    f"(CRS {dataset.crs.to_string()}, bounds {(x0, y0, x1, y1)})"
+                )
+            footprint = footprint.intersection(roi)
+        bx0, by0, bx1, by1 = (float(v) for v in footprint.bounds)
+        # snap outward to the pixel grid whose origin is the dataset's top-left corner
+        xmin = x0 + math.floor((bx0 - x0) / xres + 1e-6) * xres
+        xmax = x0 + math.ceil((bx1 - x0) / xres - 1e-6) * xres
+        ymax = y1 - math.floor((y1 - by1) / yres + 1e-6) * yres
+        ymin = y1 - math.ceil((y1 - by0) / yres - 1e-6) * yres
+        self.region_bounds = (xmin, ymin, xmax, ymax)
+        step = stride or size
+        cols = max(1, math.ceil((xmax - xmin - size * xres) / (step * xres) - 1e-9) + 1)
+        rows = max(1, math.ceil((ymax - ymin - size * yres) / (step * yres) - 1e-9) + 1)
+        tslice = _time_slice(time) or slice(
+            dataset.index.index.left.min(), dataset.index.index.right.max()
+        )
+        self.chips: list[tuple[slice, slice, slice]] = []
+        for i in range(rows):
+            for j in range(cols):
+                cx, cy = xmin + j * step * xres, ymin + i * step * yres
+                box = shapely.box(cx, cy, cx + size * xres, cy + size * yres)
+                if box.intersects(footprint) and not box.touches(footprint):
+                    self.chips.append(
+                        (slice(cx, cx + size * xres), slice(cy, cy + size * yres), tslice)
+                    )
 
     def __iter__(self) -> Iterator[GeoSlice]:
-        for index in self.sampler:
-            assert isinstance(index, tuple)
-            spatial: tuple[slice, ...] = index
-            yield spatial[0], spatial[1], self.time
+        """Yield the chips.
+
+        Yields:
+            ``(x, y, t)`` slices.
+        """
+        yield from self.chips
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        """Number of chips."""
+        return len(self.chips)
+
+
+class _ChipList(GeoSampler):
+    """A fixed list of chips (what is left of a sampler's chips on resume)."""
+
+    def __init__(self, chips: Sequence[GeoSlice]) -> None:
+        self.chips = list(chips)
+
+    def __iter__(self) -> Iterator[GeoSlice]:
+        yield from self.chips
+
+    def __len__(self) -> int:
+        return len(self.chips)
 
 
 def _passthrough(batch: Sample) -> Sample:
@@ -145,13 +247,18 @@ def _passthrough(batch: Sample) -> Sample:
 class DOFAPredictDataModule(GeoDataModule):
     """Prediction chips from Sentinel-2 rasters: grid, region of interest or points.
 
+    The one prediction pipeline of this package: ``torchgeo-dofa embed``, a LightningCLI
+    ``torchgeo-dofa predict --config`` run and the API's ``backend="local"`` all read their
+    chips through it, so the same inputs and settings give the same chips, values and tags.
+
     Example:
         >>> dm = DOFAPredictDataModule(  # doctest: +SKIP
         ...     "scenes/",
-        ...     points=[PointBuffer(4.35, 50.85, 1120)],
-        ...     transforms=DOFAPreprocess(bands=...),
+        ...     file_bands=["B4", "B3", "B2", "B8", "B4_1", "B3_1", "B2_1", "B8_1"],
+        ...     bands=["B4", "B3", "B2", "B8"],
         ... )
-        >>> trainer.predict(model, datamodule=dm)  # doctest: +SKIP
+        >>> trainer = Trainer(callbacks=[GridWriter("out.tif")])  # doctest: +SKIP
+        >>> trainer.predict(DOFAEmbedder(), datamodule=dm)  # doctest: +SKIP
     """
 
     def __init__(
@@ -171,6 +278,7 @@ class DOFAPredictDataModule(GeoDataModule):
         transforms: Callable[[Sample], Sample] | None = None,
         preprocess: bool = False,
         input_prep: Literal["resize", "tile"] = "resize",
+        check_scale: bool = True,
         **kwargs: Any,
     ) -> None:
         """Configure the data module (datasets are opened in :meth:`setup`).
@@ -184,8 +292,11 @@ class DOFAPredictDataModule(GeoDataModule):
             roi_crs: CRS of a shapely ``roi`` (a BBox is always EPSG:4326).
             roi_sampling: ``"grid"`` (chips of ``patch_size`` over the ROI) or ``"whole"``
                 (one chip: the ROI's bounding box).
-            patch_size: chip size in pixels for grid sampling.
-            stride: distance between grid chips in pixels (default ``patch_size``).
+            patch_size: chip side in pixels for grid sampling (224: one model input per
+                chip; larger chips are resized or tiled to 224 by ``input_prep``).
+            stride: distance between grid chips in pixels (default ``patch_size``); with
+                ``preprocess``, a multiple of the output cell (:attr:`cell_px`) so chips land
+                on whole cells of the embedding map.
             time: optional ``(start, stop)`` limiting the scenes read.
             batch_size: chips per batch.
             num_workers: DataLoader workers.
@@ -194,8 +305,10 @@ class DOFAPredictDataModule(GeoDataModule):
                 :class:`~torchgeo_dofa.transforms.DOFAPreprocess` for its own bands and
                 wavelengths (so a YAML config need not repeat the band list).
             input_prep: ``"resize"`` or ``"tile"``, for that automatic stack.
-            **kwargs: further dataset arguments (``bands``, ``wavelengths``, ``offset``,
-                ``nodata``, ``crs``, ``res``...).
+            check_scale: reject rasters whose values all lie in [0, 2] (already scaled to
+                reflectance) at setup, before any chip is computed.
+            **kwargs: further dataset arguments (``bands``, ``file_bands``, ``wavelengths``,
+                ``offset``, ``nodata``, ``crs``, ``res``...).
 
         Raises:
             ValueError: if both ``points`` and ``roi`` are given, or sizes are invalid.
@@ -206,6 +319,8 @@ class DOFAPredictDataModule(GeoDataModule):
             raise ValueError(f"patch_size and stride must be >= 1, got {patch_size}, {stride}")
         if roi_sampling not in ("grid", "whole"):
             raise ValueError(f"roi_sampling must be 'grid' or 'whole', got {roi_sampling!r}")
+        if input_prep not in INPUT_PREPS:
+            raise ValueError(f"input_prep must be one of {list(INPUT_PREPS)}, got {input_prep!r}")
         super().__init__(
             dataset_class,
             batch_size=batch_size,
@@ -225,6 +340,19 @@ class DOFAPredictDataModule(GeoDataModule):
         self.aug = _passthrough
         self.preprocess = preprocess and transforms is None
         self.input_prep = input_prep
+        self.check_scale = check_scale
+        self.chip_size = patch_size
+        #: chips left out of the last loader because the trainer's writers had them.
+        self.skipped = 0
+        if self.preprocess and (self.mode == "grid" or roi_sampling == "grid"):
+            cell = self.cell_px
+            step = stride or patch_size
+            if abs(step / cell - round(step / cell)) > 1e-6:
+                raise ValueError(
+                    f"stride {step} px is not a multiple of the output cell ({cell:g} px for "
+                    f"{patch_size}-px chips with input_prep={input_prep!r}): chips would not "
+                    "land on whole cells of the embedding map"
+                )
 
     @property
     def mode(self) -> Literal["grid", "roi", "points"]:
@@ -239,8 +367,34 @@ class DOFAPredictDataModule(GeoDataModule):
             return "roi"
         return "grid"
 
+    @property
+    def region_name(self) -> str:
+        """Name of the region read, as the embed job names its outputs.
+
+        Returns:
+            The file stem, folder name or Earth Engine export prefix of ``paths``
+            (several regions joined by ``+``).
+        """
+        paths = self.kwargs["paths"]
+        items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+        return "+".join(r.name for r in find_raster_inputs(items))
+
+    @property
+    def cell_px(self) -> float:
+        """Input pixels per side of one grid-output cell.
+
+        16 with ``input_prep="tile"`` (tiles keep the pixels) and for 224-px chips;
+        ``patch_size / 14`` with ``"resize"`` (a chip becomes 14 x 14 cells).
+
+        Returns:
+            The cell side in input pixels.
+        """
+        if self.input_prep == "tile":
+            return 16.0
+        return float(self.chip_size) / 224 * 16
+
     def setup(self, stage: str) -> None:
-        """Open the dataset and build the prediction sampler.
+        """Open the dataset, check its scale and build the prediction sampler.
 
         Args:
             stage: must be ``"predict"``.
@@ -248,6 +402,7 @@ class DOFAPredictDataModule(GeoDataModule):
         Raises:
             MisconfigurationException: for any other stage.
             ValueError: if the ROI or points miss the rasters.
+            ReflectanceError: if the rasters look already scaled to [0, 1].
         """
         if stage != "predict":
             raise MisconfigurationException(
@@ -262,10 +417,15 @@ class DOFAPredictDataModule(GeoDataModule):
             from torchgeo_dofa.transforms import DOFAPreprocess
 
             dataset.transforms = DOFAPreprocess(
-                dataset.bands, dataset.wavelengths, input_prep=self.input_prep
+                dataset.bands,
+                dataset.wavelengths,
+                input_prep=self.input_prep,
+                nodata=self.kwargs.get("nodata"),
             )
-        self.predict_dataset = dataset
+        if self.check_scale:
+            check_raw_reflectance(dataset)
         self.predict_sampler = self._make_sampler(dataset)
+        self.predict_dataset = dataset
 
     def _make_sampler(self, dataset: Sentinel2Base) -> GeoSampler:
         if self.points is not None:
@@ -275,16 +435,113 @@ class DOFAPredictDataModule(GeoDataModule):
         roi = None
         if self.roi is not None:
             roi = region_to_crs(self.roi, dataset.crs, self.roi_crs)
-            if not roi.intersects(dataset.index.geometry.union_all()):
-                raise ValueError(
-                    f"the region of interest {self.roi} does not overlap the rasters "
-                    f"(CRS {dataset.crs.to_string()}, bounds {dataset.index.total_bounds})"
-                )
-        sampler: GeoSampler = GriddedPatchSampler(
-            dataset, size=self.patch_size, stride=self.stride or self.patch_size, roi=roi
+        return ChipGridSampler(
+            dataset, self.chip_size, self.stride or self.chip_size, roi=roi, time=self.time
         )
-        time = _time_slice(self.time)
-        return sampler if time is None else _TimedSampler(sampler, time)
+
+    def grid_geometry(self) -> GridGeometry:
+        """The embedding map's grid: the sampled region at :attr:`cell_px` pixels a cell.
+
+        Returns:
+            The geometry (CRS, lower-left corner, cell size, width and height in cells).
+
+        Raises:
+            RuntimeError: before :meth:`setup`, or for points (no map, one row per point).
+        """
+        dataset, sampler = self._dataset(), self.predict_sampler
+        if sampler is None:
+            raise RuntimeError("call setup('predict') before grid_geometry()")
+        crs = RioCRS.from_user_input(dataset.crs.to_wkt())
+        res = float(dataset.res[0])
+        if isinstance(sampler, ChipGridSampler):
+            return GridGeometry.for_region(crs, sampler.region_bounds, res, self.cell_px)
+        if self.mode == "points":
+            raise RuntimeError("points give one pooled row per point, not an embedding map")
+        chips: list[Any] = list(sampler)
+        return GridGeometry.for_chips(crs, chips, res, self.cell_px)
+
+    def output_tags(self) -> dict[str, str]:
+        """What every output records about its inputs: bands, wavelengths, source files.
+
+        Returns:
+            JSON-encoded ``bands``, ``wavelengths`` (um) and ``sources`` (absolute paths).
+
+        Raises:
+            RuntimeError: before :meth:`setup`.
+        """
+        dataset = self._dataset()
+        sources = sorted({os.path.abspath(p) for s in dataset.index["sources"] for p, _ in s})
+        return {
+            "bands": json.dumps(list(dataset.bands)),
+            "wavelengths": json.dumps([round(float(w), 4) for w in dataset.wavelengths]),
+            "sources": json.dumps(sources),
+        }
+
+    def _dataset(self) -> Sentinel2Base:
+        dataset = self.predict_dataset
+        if not isinstance(dataset, Sentinel2Base):
+            raise RuntimeError(f"call {type(self).__name__}.setup('predict') first")
+        return dataset
+
+    def predict_dataloader(self) -> DataLoader[Sample]:
+        """The prediction loader, without the chips the trainer's writers already hold.
+
+        Writers (callbacks with an ``is_done(chip)`` method, e.g.
+        :class:`~torchgeo_dofa.writers.GridWriter`) report the chips an earlier run wrote;
+        a chip is left out when every writer has it, so a rerun resumes. The count left
+        out is :attr:`skipped`.
+
+        Returns:
+            The DataLoader.
+        """
+        sampler = self.predict_sampler
+        trainer = getattr(self, "trainer", None)
+        writers = [c for c in getattr(trainer, "callbacks", []) if hasattr(c, "is_done")]
+        if writers and sampler is not None:
+            chips = list(sampler)
+            todo = [c for c in chips if not all(w.is_done(c) for w in writers)]
+            self.skipped = len(chips) - len(todo)
+            sampler = _ChipList(todo)
+        return DataLoader(
+            self._dataset(),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            persistent_workers=False,
+        )
+
+
+def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
+    """Reject rasters already scaled to reflectance in [0, 1], before any chip is computed.
+
+    Each file is read decimated (about ``max_side`` pixels a side) and checked with
+    :class:`~torchgeo_dofa.transforms.CheckReflectance`, the check every chip also passes.
+
+    Args:
+        dataset: the dataset whose files to check.
+        max_side: side of the decimated read, pixels.
+
+    Raises:
+        ReflectanceError: naming the file whose valid values all lie in [0, 2].
+    """
+    from torchgeo_dofa.transforms import CheckReflectance, ReflectanceError
+
+    paths = sorted({p for sources in dataset.index["sources"] for p, _ in sources})
+    for path in paths:
+        with rasterio.open(path) as src:
+            scale = max(1, math.ceil(max(src.width, src.height) / max_side))
+            shape = (src.count, max(1, src.height // scale), max(1, src.width // scale))
+            data = torch.from_numpy(src.read(out_shape=shape).astype(np.float32))
+            nodata = dataset.nodata if dataset.nodata is not None else src.nodata
+        valid = (data != 0).all(dim=0) if dataset.zero_is_nodata else None
+        sample: Sample = {"image": data}
+        if valid is not None:
+            sample["valid"] = valid
+        try:
+            CheckReflectance(nodata=nodata)(sample)
+        except ReflectanceError as err:
+            raise ReflectanceError(f"{os.path.basename(path)}: {err}") from None
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import math
 import os
+import pathlib
 import random
 import re
 import warnings
@@ -100,14 +101,18 @@ from torchgeo_dofa.bands import (
 )
 
 __all__ = [
+    "EE_TILE_PATTERN",
     "BandSetBatchSampler",
     "DatasetCollection",
     "EarthEngineS2",
+    "InputError",
     "MixedBandSetError",
     "ProductMetadata",
+    "RasterInput",
     "Sentinel2Base",
     "Sentinel2SR",
     "band_set_key",
+    "find_raster_inputs",
     "read_product_metadata",
     "stack_dofa_samples",
 ]
@@ -390,6 +395,7 @@ class Sentinel2Base(RasterDataset):
                 f"{err}; for {self.__class__.__name__}, pass wavelengths=[...] (um, one per "
                 f"band of bands={list(self.bands)})"
             ) from err
+        _refuse_repeated_bands(self.bands, base_names)
 
         # CRS and grid
         first = infos[scenes[0].selected[0][0]]
@@ -551,7 +557,7 @@ class Sentinel2Base(RasterDataset):
             names = [_canonical_name(b) for b in bands]
             named_by_bands = True
         else:
-            example = ", ".join(f"'B{i + 1}'" for i in range(min(info.count, 3)))
+            example = ", ".join(f"B{i + 1}" for i in range(min(info.count, 3)))
             given = (
                 f" (bands= has {len(bands)} names, the file has {info.count} bands)"
                 if bands is not None
@@ -559,9 +565,9 @@ class Sentinel2Base(RasterDataset):
             )
             raise BandError(
                 f"{info.path} has {info.count} bands and no band descriptions, so its band "
-                f"names are unknown{given}: pass bands=[...] naming all {info.count} bands in "
-                f"file order (e.g. bands=[{example}, ...]), or file_bands=[...] to name them "
-                "and bands=[...] to select among them"
+                f"names are unknown{given}: name all {info.count} bands in file order with "
+                f"file_bands=[{example}, ...] (a second date of a band as B4_1, a third as "
+                "B4_2, as Earth Engine does) and select the ones to embed with bands=[...]"
             )
         return _Scene(
             key=info.path,
@@ -1318,3 +1324,147 @@ class BandSetBatchSampler(Sampler[list[Any]]):
             n = sum(len(cast(Sized, self.samplers[k])) for k in numbers)
             total += n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
         return total
+
+
+def _refuse_repeated_bands(bands: Sequence[str], base_names: Sequence[str]) -> None:
+    """Refuse a band set holding two dates of one band (``B4`` and ``B4_1``).
+
+    DOFA embeds one image: two dates of a band would be two channels with one wavelength.
+
+    Raises:
+        BandError: naming the repeated bands and how to select one date.
+    """
+    seen: dict[str, list[str]] = {}
+    for band, base in zip(bands, base_names, strict=True):
+        seen.setdefault(base, []).append(band)
+    repeated = {base: names for base, names in seen.items() if len(names) > 1}
+    if not repeated:
+        return
+    listing = "; ".join(f"{base}: {', '.join(names)}" for base, names in repeated.items())
+    first = [names[0] for names in seen.values()]
+    later = [names[1] if len(names) > 1 else names[0] for names in seen.values()]
+    raise BandError(
+        f"bands={list(bands)} repeat the wavelength of a band ({listing}): these are "
+        "several dates of one band (Earth Engine's B4, B4_1, ...), and DOFA embeds one date "
+        f"at a time. Select one date, e.g. bands=[{', '.join(first)}] or "
+        f"bands=[{', '.join(later)}]"
+    )
+
+
+class InputError(ValueError):
+    """A bad raster input (missing path, no raster, unreadable file, mixed CRS)."""
+
+
+#: File names of the tiles of one large Earth Engine export.
+EE_TILE_PATTERN = re.compile(r"^(?P<prefix>.+)-\d{10}-\d{10}\.tiff?$")
+
+
+@dataclass(frozen=True)
+class RasterInput:
+    """One region of an embed job: the rasters read as one dataset.
+
+    Attributes:
+        name: output name of the region (file stem, folder name or export prefix), unique
+            within one :func:`find_raster_inputs` call.
+        paths: the raster files.
+        earth_engine: True when every file is an Earth Engine export tile
+            (read with :class:`EarthEngineS2`, else :class:`Sentinel2SR`).
+    """
+
+    name: str
+    paths: tuple[str, ...]
+    earth_engine: bool
+
+    @property
+    def dataset_class(self) -> type[Sentinel2Base]:
+        """:class:`EarthEngineS2` for Earth Engine exports, else :class:`Sentinel2SR`."""
+        return EarthEngineS2 if self.earth_engine else Sentinel2SR
+
+    def open(self, **kwargs: Any) -> Sentinel2Base:
+        """Open the region as a dataset.
+
+        Args:
+            **kwargs: dataset arguments (``bands``, ``file_bands``, ``wavelengths``,
+                ``nodata``, ``crs``, ``transforms``...).
+
+        Returns:
+            The dataset.
+        """
+        return self.dataset_class(paths=list(self.paths), **kwargs)
+
+
+def find_raster_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[RasterInput]:
+    """Group input files and folders into regions, as the embed job and the API read them.
+
+    One region per input file or folder (its rasters, found recursively, read as one mosaic);
+    the tiles of one Earth Engine export (``<prefix>-0000000000-0000000000.tif``) given as
+    files merge into one region. Region names are unique: where file names collide
+    (``a/scene.tif``, ``b/scene.tif``) the parent folders are prefixed (``a_scene``,
+    ``b_scene``).
+
+    Args:
+        inputs: GeoTIFF / JPEG2000 files or folders.
+
+    Returns:
+        The regions, in input order.
+
+    Raises:
+        InputError: for a missing path, an input without raster, an unreadable file, or a
+            region mixing CRSs.
+    """
+    regions: dict[str, tuple[list[str], bool, pathlib.Path]] = {}
+    for raw in inputs:
+        path = pathlib.Path(raw)
+        if not path.exists():
+            raise InputError(f"input {str(path)!r} does not exist")
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        rasters = [p for p in files if p.suffix.lower() in Sentinel2Base.extensions]
+        if not rasters:
+            raise InputError(f"input {str(path)!r} holds no GeoTIFF or JPEG2000 file")
+        match = EE_TILE_PATTERN.match(path.name)
+        if path.is_dir():
+            ee = all(EE_TILE_PATTERN.match(p.name) for p in rasters)
+            regions[str(path.resolve())] = ([str(p) for p in rasters], ee, path)
+        elif match:
+            key = str(path.resolve().with_name(match["prefix"]))
+            regions.setdefault(key, ([], True, path.with_name(match["prefix"])))[0].append(
+                str(path)
+            )
+        else:
+            regions[str(path.resolve())] = ([str(path)], False, path.with_suffix(""))
+    out = []
+    names = _unique_names([anchor for _, _, anchor in regions.values()])
+    for name, (paths, ee, _) in zip(names, regions.values(), strict=True):
+        _check_readable_one_crs(name, paths)
+        out.append(RasterInput(name, tuple(paths), ee))
+    return out
+
+
+def _unique_names(anchors: Sequence[pathlib.Path]) -> list[str]:
+    """Shortest unique names: the stem, then parent folders prefixed where stems collide."""
+    parts = [list(p.resolve().parts) for p in anchors]
+    depth = [1] * len(anchors)
+    while True:
+        names = ["_".join(pp[-d:]).lstrip("/_") or "root" for pp, d in zip(parts, depth)]
+        clashes = {n for n in names if names.count(n) > 1}
+        grow = [i for i, n in enumerate(names) if n in clashes and depth[i] < len(parts[i])]
+        if not grow:
+            return names
+        for i in grow:
+            depth[i] += 1
+
+
+def _check_readable_one_crs(name: str, paths: Sequence[str]) -> None:
+    crss: dict[str, str | None] = {}
+    for p in paths:
+        try:
+            with rasterio.open(p) as src:
+                crss[p] = src.crs.to_string() if src.crs else None
+        except rasterio.errors.RasterioIOError as err:
+            raise InputError(f"cannot read {p}: {err}") from err
+    if len(set(crss.values())) > 1:
+        listing = ", ".join(f"{os.path.basename(k)}: {v}" for k, v in crss.items())
+        raise InputError(
+            f"mixed CRS in region {name!r} ({listing}): reproject them to one CRS "
+            "(gdalwarp -t_srs) or pass them as separate inputs"
+        )

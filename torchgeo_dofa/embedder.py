@@ -44,6 +44,7 @@ class DOFAEmbedder(pl.LightningModule):
         output: OutputKind = "both",
         input_prep: Literal["resize", "tile"] = "resize",
         pooled_norm: PooledNorm = "trained",
+        seed: int | None = None,
     ) -> None:
         """Build the embedder and load the encoder's weights.
 
@@ -55,18 +56,31 @@ class DOFAEmbedder(pl.LightningModule):
             input_prep: how the chips were prepared, ``"resize"`` or ``"tile"`` (recorded in
                 outputs; tiled batches are recognised by their shape).
             pooled_norm: pooled convention, ``"trained"`` (rs-embed) or ``"plain"`` (TorchGeo).
+            seed: with ``weights=None``, the seed of the random initialisation (the same
+                seed gives the same model; the global RNG is left untouched); recorded in
+                the outputs' ``weights`` tag as ``random (seed N)``.
 
         Raises:
-            ValueError: for an unknown variant, output kind or input preparation.
+            ValueError: for an unknown variant, output kind or input preparation, or a seed
+                given with weights.
         """
         super().__init__()
         if output not in OUTPUT_KINDS:
             raise ValueError(f"unknown output {output!r}: choose one of {list(OUTPUT_KINDS)}")
         if input_prep not in ("resize", "tile"):
             raise ValueError(f"unknown input_prep {input_prep!r}: choose 'resize' or 'tile'")
+        if seed is not None and weights is not None:
+            raise ValueError("seed= applies to random weights only: pass weights=None")
         self.save_hyperparameters()
         weights_arg: str | os.PathLike[str] | None = weights
-        self.encoder: DOFAEncoder = load_dofa(variant, weights=weights_arg, pooled_norm=pooled_norm)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.encoder: DOFAEncoder = load_dofa(
+                variant, weights=weights_arg, pooled_norm=pooled_norm
+            )
+        if seed is not None:
+            self.encoder.weights_id = f"random (seed {seed})"
         self.output = output
         self.input_prep = input_prep
 

@@ -186,9 +186,24 @@ class _PartsWriter(BasePredictionWriter):
         return {p.name.removesuffix(self.suffix) for p in self.parts.glob(f"*{self.suffix}")}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Create the parts folder (every rank; idempotent)."""
+        """Create the parts folder (every rank; idempotent); gather the outputs' tags.
+
+        Tags: the module's ``metadata`` (variant, weights ...), the datamodule's
+        ``output_tags()`` (bands, wavelengths, sources), then those given to the writer.
+        """
         self.parts.mkdir(parents=True, exist_ok=True)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        output_tags = getattr(getattr(trainer, "datamodule", None), "output_tags", None)
+        given = self.metadata
+        self.metadata = dict(getattr(pl_module, "metadata", {}))
+        if callable(output_tags):
+            self.metadata.update(output_tags())
+        self.metadata.update(given)
+        self._done: set[str] = set()
+
+    def is_done(self, chip: Sequence[slice]) -> bool:  # pragma: no cover - abstract
+        """Whether an earlier run already wrote this chip."""
+        raise NotImplementedError
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Wait for every rank, then assemble the final file on rank 0."""
@@ -268,21 +283,38 @@ class GridWriter(_PartsWriter):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Create the parts folder; derive the geometry from the datamodule if needed."""
         super().setup(trainer, pl_module, stage)
+        dm = getattr(trainer, "datamodule", None)
         if self._geometry is None:
-            dm = getattr(trainer, "datamodule", None)
-            dataset = getattr(dm, "predict_dataset", None)
-            sampler = getattr(dm, "predict_sampler", None)
-            if dataset is None or sampler is None:
-                raise RuntimeError(
-                    "GridWriter(geometry=None) needs a datamodule with predict_dataset and "
-                    "predict_sampler (e.g. torchgeo_dofa.datamodules.DOFAPredictDataModule)"
+            grid_geometry = getattr(dm, "grid_geometry", None)
+            if callable(grid_geometry):
+                self._geometry = grid_geometry()
+            else:
+                dataset = getattr(dm, "predict_dataset", None)
+                sampler = getattr(dm, "predict_sampler", None)
+                if dataset is None or sampler is None:
+                    raise RuntimeError(
+                        "GridWriter(geometry=None) needs a datamodule with predict_dataset "
+                        "and predict_sampler (e.g. DOFAPredictDataModule)"
+                    )
+                crs = CRS.from_user_input(dataset.crs.to_wkt())
+                patch_px = float(getattr(dm, "patch_size", 224)) / 224 * 16
+                self._geometry = GridGeometry.for_chips(
+                    crs, list(sampler), float(dataset.res[0]), patch_px
                 )
-            crs = CRS.from_user_input(dataset.crs.to_wkt())
-            patch_px = float(getattr(dm, "patch_size", 224)) / 224 * 16
-            self._geometry = GridGeometry.for_chips(
-                crs, list(sampler), float(dataset.res[0]), patch_px
-            )
-        self.metadata.update(getattr(pl_module, "metadata", {}))
+        self._done = self.done_keys()
+
+    def is_done(self, chip: Sequence[slice]) -> bool:
+        """Whether an earlier run already wrote this chip (``(x, y, ...)`` slices).
+
+        Args:
+            chip: the chip's slices in map units.
+
+        Returns:
+            True when its part file exists.
+        """
+        cell = self.geometry.cell
+        key = self.chip_key([cell, 0.0, float(chip[0].start), 0.0, -cell, float(chip[1].stop)])
+        return key in self._done
 
     @staticmethod
     def key_for(geometry: GridGeometry, grid_transform: Sequence[float]) -> str:
@@ -393,7 +425,8 @@ class PooledWriter(_PartsWriter):
                 ``predict_dataset`` CRS at setup.
             metadata: values stored in every row (``variant``, ``weights``, ``pooled_norm``)
                 and in the file's metadata.
-            source: name of the input (file or region) stored in every row.
+            source: name of the input (file or region) stored in every row; empty takes
+                the datamodule's ``region_name`` at setup.
         """
         super().__init__(path, metadata)
         self.crs = crs
@@ -407,7 +440,21 @@ class PooledWriter(_PartsWriter):
             if dataset is None:
                 raise RuntimeError("PooledWriter(crs=None) needs a datamodule's predict_dataset")
             self.crs = CRS.from_user_input(dataset.crs.to_wkt())
-        self.metadata.update(getattr(pl_module, "metadata", {}))
+        if not self.source:
+            self.source = str(getattr(getattr(trainer, "datamodule", None), "region_name", ""))
+        self._done = self.done_keys()
+
+    def is_done(self, chip: Sequence[slice]) -> bool:
+        """Whether an earlier run already wrote this chip (``(x, y, ...)`` slices).
+
+        Args:
+            chip: the chip's slices in map units.
+
+        Returns:
+            True when its part file exists.
+        """
+        x, y = chip[0], chip[1]
+        return self.chip_key([x.start, x.stop, 0.0, y.start, y.stop]) in self._done
 
     @staticmethod
     def chip_key(bounds: Sequence[float]) -> str:
