@@ -44,9 +44,25 @@ Engine's harmonized collections already removed the offset (0). A number applies
 file. ``ds.index`` records each scene's ``offset`` and ``offset_source``.
 
 No-data: a pixel is invalid (``valid`` False, image set to the fill value 0) where any channel
-holds the file's declared nodata value, an explicit ``nodata=``, 0 (Sentinel-2's no-data
-value; files often leave it undeclared) or NaN, and wherever the chip reaches past the raster.
-Offsets apply only to valid pixels, so no-data never becomes a reflectance of -1000.
+holds the file's declared nodata value or an explicit ``nodata=`` (when neither exists: the
+conventional fills -9999, -32768 and 65535), 0 (Sentinel-2's no-data value; files often leave
+it undeclared), NaN, or, after the offset, a value at or below -1000
+(:data:`torchgeo_dofa.transforms.NODATA_FLOOR`: the darkest real pixel of baseline 04.00 is DN
+1 -> -999, so dark pixels between -999 and 0 stay valid), and wherever the chip reaches past
+the raster. Offsets apply only to valid pixels, so no-data never becomes a reflectance of -1000.
+
+Item folders (Earth Search / STAC downloads such as ``S2B_52SFA_20220126_0_L2A/B04.tif`` or
+``.../red.tif``, asset names from :data:`torchgeo_dofa.bands.STAC_ASSET_BANDS`) are scenes
+named by their folder. A scene's time comes from a STAC item JSON beside its files
+(``properties.datetime``), else the first date in its file name or item prefix, else its
+folder's name. With ``offset="auto"`` such an item JSON is the first source of the offset:
+``earthsearch:boa_offset_applied: true`` -> 0, else a processing baseline
+(``s2:processing_baseline`` / ``processing:version``) >= 04.00 -> -1000, else its date; an
+Earth Search item name without its JSON falls back to the date rule, with one warning.
+
+Composition: ``ds1 & ds2`` gives a :class:`DOFAIntersectionDataset` (channels and wavelengths
+stacked, ``valid`` the AND of the members'), ``ds1 | ds2`` a :class:`DOFAUnionDataset` (same
+bands in the same order required; first member's valid pixel wins).
 
 Where several scenes overlap a chip they are mosaicked, the first scene (sorted by path) that
 has a valid pixel wins; index with a time slice to pick one date.
