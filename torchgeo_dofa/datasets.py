@@ -741,8 +741,8 @@ class Sentinel2Base(RasterDataset):
                 res = float(res_token) if res_token else info.res
                 per_band.setdefault((folder, prefix), {}).setdefault(band, []).append((res, path))
                 continue
-            if band_re is not None and ancillary_re.search(stem):
-                continue  # SCL, visual (3-band true colour)...: not spectral bands
+            if band_re is not None and info.count <= 3 and ancillary_re.search(stem):
+                continue  # SCL, AOT, visual / TCI (3-band true colour): not spectral bands
             scenes.append(self._multiband_scene(info, bands, file_bands))
         for (folder, prefix), by_band in per_band.items():
             names = [b for b in _s2_order(by_band)]
@@ -1338,10 +1338,15 @@ class Sentinel2SR(Sentinel2Base):
       ``IMG_DATA/R10m``, ``R20m``...): files sharing ``<scene>`` form one scene, the finest
       resolution of a band is used, and coarser bands are read onto the dataset grid (10 m
       by default) with ``resampling`` (nearest by default). SCL, AOT, WVP, TCI... are skipped.
+    * item folders of Earth Search / STAC downloads, ``S2B_52SFA_20220126_0_L2A/B04.tif`` or
+      with asset names (``red.tif``, ``nir08.tif``, ``swir16.tif``...; ``scl``, ``wvp``,
+      ``visual`` skipped): one scene per folder, dated by a STAC item JSON beside the files
+      or by the folder name.
 
-    The acquisition time comes from the first date in the file name (``20220614T103629``,
-    ``20220614`` or ``2022-06-14``), so ``ds[x, y, t0:t1]`` and TorchGeo's temporal samplers
-    select dates. ``offset="auto"`` removes ESA's +1000 of baseline 04.00 (see the module docs).
+    The acquisition time comes from a STAC item JSON beside the files, else the first date in
+    the file name (``20220614T103629``, ``20220614`` or ``2022-06-14``) or its folder's, so
+    ``ds[x, y, t0:t1]`` and TorchGeo's temporal samplers select dates. ``offset="auto"``
+    removes ESA's +1000 of baseline 04.00 (see the module docs).
 
     Example:
         >>> ds = Sentinel2SR("S2A_MSIL2A_..._N0400_....SAFE")  # doctest: +SKIP
