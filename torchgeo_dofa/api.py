@@ -71,7 +71,7 @@ from affine import Affine
 from pyproj import CRS
 from torch import Tensor
 
-from .bands import DOFA_S2_BANDS, BandError
+from .bands import DOFA_S2_BANDS, BandError, check_unique_bands
 from .datamodules import RegionSampler
 from .datasets import (
     EarthEngineS2,
@@ -85,7 +85,7 @@ from .embedder import DOFAEmbedder
 from .gee import DEFAULT_COLLECTION, GEEUnavailableError, build_gee_request, fetch_gee_pixels
 from .model import PooledNorm, canonical_variant
 from .spatial import BBox, PointBuffer, Region
-from .transforms import INPUT_PREPS, DOFAPreprocess
+from .transforms import INPUT_PREPS, DOFAPreprocess, nodata_mask
 from .weights import env_setting
 from .writers import atomic_write
 
@@ -276,11 +276,16 @@ class SensorSpec:
         """Store bands and wavelengths as tuples.
 
         Raises:
-            ModelError: if bands is empty or a plain string.
+            ModelError: if bands is empty, a plain string, or names one band twice
+                (``B4`` and ``B04`` are one band).
         """
         if isinstance(self.bands, str) or not self.bands:
             raise ModelError(f"SensorSpec.bands must be a non-empty list of names: {self.bands}")
         object.__setattr__(self, "bands", tuple(str(b) for b in self.bands))
+        try:
+            check_unique_bands(self.bands, "SensorSpec.bands")
+        except BandError as err:
+            raise ModelError(str(err)) from err
         if self.wavelengths is not None:
             object.__setattr__(self, "wavelengths", tuple(float(w) for w in self.wavelengths))
 
@@ -570,9 +575,7 @@ def _prepare(
         sample["valid"] = valid
     if transform is not None:
         sample["transform"] = transform
-    ok = torch.isfinite(image).all(dim=0)
-    if nodata is not None:
-        ok &= (image != nodata).all(dim=0)
+    ok = ~nodata_mask(image if image.is_floating_point() else image.float(), nodata, fill_value)
     if valid is not None:
         ok &= valid.to(torch.bool)
     fraction = float(ok.float().mean())
@@ -588,6 +591,10 @@ def _prepare(
             "size": _size_meta(height, width, input_prep),
             "fill_value": fill_value,
             "nodata": nodata,
+            "no_data_rule": (
+                "NaN/inf, the nodata value (if none: -9999, -32768, 65535), values <= -1000, "
+                "or fill_value in every band"
+            ),
         },
         "valid_fraction": round(fraction, 6),
         "empty": bool(out["empty"]),
@@ -803,8 +810,14 @@ _BATCH_KEYS = ("image", "wavelengths", "valid", "empty", "tile_offsets", "input_
 _INFER_LOCK = threading.Lock()
 
 
-def _embed(prepared: Sequence[_Prepared], cfg: _Config, backend: str) -> list[Embedding]:
-    """Batched inference through ``DOFAEmbedder.predict_step`` (the embed job's step)."""
+def _embed(
+    prepared: Sequence[_Prepared], cfg: _Config, backend: str, *, warn_empty: bool = True
+) -> list[Embedding]:
+    """Batched inference through ``DOFAEmbedder.predict_step`` (the embed job's step).
+
+    Inputs without any valid pixel get NaN embeddings (``meta["empty"]``); ``warn_empty``
+    issues one warning for all of them (callers that embed in chunks warn once themselves).
+    """
     module = _module(cfg.variant, cfg.weights, cfg.device)
     batch_size = infer_batch_size(cfg.device)
     groups: dict[tuple[Any, ...], list[int]] = {}
@@ -850,15 +863,28 @@ def _embed(prepared: Sequence[_Prepared], cfg: _Config, backend: str) -> list[Em
             meta["patch_size"] = module.encoder.config.patch_size
         else:
             meta.pop("grid_transform", None)
+        array = np.ascontiguousarray(data, dtype=np.float32)
         if item.meta.get("empty"):
-            warnings.warn(
-                f"input ({meta.get('source')}) holds no valid pixel: the embedding describes "
-                "fill values only",
-                UserWarning,
-                stacklevel=3,
-            )
-        embeddings.append(Embedding(np.ascontiguousarray(data, dtype=np.float32), meta))
+            array = np.full_like(array, np.nan)  # no valid pixel: nothing to describe
+        embeddings.append(Embedding(array, meta))
+    if warn_empty:
+        _warn_empty([e for e in embeddings if e.meta.get("empty")], len(embeddings))
     return embeddings
+
+
+def _warn_empty(empty: Sequence[Embedding], total: int, stacklevel: int = 4) -> None:
+    """One warning for the embeddings of a call whose input held no valid pixel."""
+    if not empty:
+        return
+    sources = sorted({str(e.meta.get("source")) for e in empty})
+    shown = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
+    warnings.warn(
+        f"{len(empty)} of {total} input(s) hold no valid pixel (every pixel NaN, "
+        "a nodata / fill value, or at or below -1000): their embeddings are NaN and "
+        f"meta['empty'] is True (inputs: {shown})",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def _parallel[T, R](fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
@@ -1274,6 +1300,8 @@ def export_batch(
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = out.with_name(out.name + ".parts")
     summary = ExportSummary(out)
+    all_empty: list[Embedding] = []
+    n_embedded = 0
     existing = gpd.read_parquet(out) if out.exists() else None
     done: set[str] = set(existing["row_key"]) if existing is not None else set()
     parts.mkdir(exist_ok=True)
@@ -1322,7 +1350,9 @@ def export_batch(
                     summary.failed[f"{ids[i]}/{req.name}:{cfg.variant}"] = str(result)
             if not prepared:
                 continue
-            embeddings = _embed(prepared, cfg, which)
+            embeddings = _embed(prepared, cfg, which, warn_empty=False)
+            all_empty += [e for e in embeddings if e.meta.get("empty")]
+            n_embedded += len(embeddings)
             for i, emb in zip(kept, embeddings, strict=True):
                 spatial = spatial_list[i]
                 row = {
@@ -1376,6 +1406,7 @@ def export_batch(
     elif existing is not None:
         summary.rows = len(existing)
     shutil.rmtree(parts, ignore_errors=True)
+    _warn_empty(all_empty, n_embedded, stacklevel=3)
     return summary
 
 

@@ -20,13 +20,17 @@ __all__ = [
     "PRESETS",
     "SENTINEL1_PLACEHOLDER_UM",
     "SENTINEL2_BANDS",
+    "STAC_ANCILLARY_ASSETS",
+    "STAC_ASSET_BANDS",
     "Band",
     "BandError",
     "BandSet",
     "canonical_band",
+    "check_unique_bands",
     "infer_wavelengths",
     "norm_stats",
     "resolve_wavelengths",
+    "stac_asset_band",
     "validate_wavelengths",
 ]
 
@@ -102,6 +106,104 @@ def canonical_band(name: str) -> str:
         if candidate in SENTINEL2_BANDS:
             return candidate
     return stripped
+
+
+#: Sentinel-2 band behind each asset key of Earth Search v1's ``sentinel-2-l2a`` /
+#: ``sentinel-2-l1c`` STAC collections (Element 84, https://earth-search.aws.element84.com/v1;
+#: the keys follow the STAC ``eo`` common names, as ``red.tif``, ``nir08.tif`` in item
+#: downloads). The ``-jp2`` variants of those collections (``red-jp2``) name the same bands.
+#: Earth Search v0 (``sentinel-s2-l2a-cogs``) used ``B01`` ... ``B12`` directly.
+STAC_ASSET_BANDS: dict[str, str] = {
+    "coastal": "B1",
+    "blue": "B2",
+    "green": "B3",
+    "red": "B4",
+    "rededge1": "B5",
+    "rededge2": "B6",
+    "rededge3": "B7",
+    "nir": "B8",
+    "nir08": "B8A",
+    "nir09": "B9",
+    "cirrus": "B10",
+    "swir16": "B11",
+    "swir22": "B12",
+}
+
+#: Asset keys of the same collections that are not spectral bands (skipped when reading item
+#: folders): scene classification, aerosol optical thickness, water vapour, true-colour
+#: previews and metadata.
+STAC_ANCILLARY_ASSETS: tuple[str, ...] = (
+    "scl",
+    "aot",
+    "wvp",
+    "visual",
+    "thumbnail",
+    "preview",
+    "granule_metadata",
+    "tileinfo_metadata",
+    "product_metadata",
+)
+
+
+def stac_asset_band(name: str) -> str | None:
+    """Sentinel-2 band of an Earth Search asset key (``red`` -> ``B4``, ``nir08-jp2`` -> ``B8A``).
+
+    Args:
+        name: an asset key or file stem, any case.
+
+    Returns:
+        The canonical band name, or None when ``name`` is not a spectral asset key.
+    """
+    key = name.strip().lower()
+    key = key.removesuffix("-jp2")
+    return STAC_ASSET_BANDS.get(key)
+
+
+_SUFFIXED = re.compile(r"^(?P<base>.+?)_(?P<n>\d+)$")
+
+
+def _band_key(name: str) -> str:
+    """Identity of a band name for duplicate checks: canonical spelling, ``_N`` kept apart.
+
+    ``B04`` and ``b4`` are the same band; ``B4_1`` (Earth Engine's copy of B4 from the next
+    date of a multi-date stack) is another one; other names compare case-insensitively.
+    """
+    canon = canonical_band(name)
+    if canon in SENTINEL2_BANDS:
+        return canon
+    match = _SUFFIXED.match(name.strip())
+    if match:
+        base = canonical_band(match.group("base"))
+        if base in SENTINEL2_BANDS:
+            return f"{base}_{match.group('n')}"
+    return canon.casefold()
+
+
+def check_unique_bands(bands: Sequence[str], what: str = "bands") -> None:
+    """Reject a band list naming one band twice (after canonicalisation: ``B4`` == ``B04``).
+
+    Two channels with one name would get one wavelength and one set of statistics for two
+    different things, and a lookup by name would silently drop one of them. Earth Engine's
+    multi-date copies (``B4`` and ``B4_1``) are different bands and pass.
+
+    Args:
+        bands: band names in channel order.
+        what: what the list is (used in the message, e.g. ``"bands="``).
+
+    Raises:
+        BandError: naming every duplicated band and the positions it occupies.
+    """
+    positions: dict[str, list[int]] = {}
+    for i, name in enumerate(bands):
+        positions.setdefault(_band_key(str(name)), []).append(i)
+    repeated = {k: v for k, v in positions.items() if len(v) > 1}
+    if repeated:
+        listing = ", ".join(f"{bands[v[0]]!s} at positions {v}" for v in repeated.values())
+        raise BandError(
+            f"{what} {list(bands)} name the same band more than once ({listing}; B4 and B04 "
+            "are the same band): give each channel its own band name (drop the repeated "
+            "channel, or name the bands of a multi-date stack B4, B4_1, B4_2)"
+        )
 
 
 _HOW_TO_PASS = (

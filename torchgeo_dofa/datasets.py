@@ -44,9 +44,25 @@ Engine's harmonized collections already removed the offset (0). A number applies
 file. ``ds.index`` records each scene's ``offset`` and ``offset_source``.
 
 No-data: a pixel is invalid (``valid`` False, image set to the fill value 0) where any channel
-holds the file's declared nodata value, an explicit ``nodata=``, 0 (Sentinel-2's no-data
-value; files often leave it undeclared) or NaN, and wherever the chip reaches past the raster.
-Offsets apply only to valid pixels, so no-data never becomes a reflectance of -1000.
+holds the file's declared nodata value or an explicit ``nodata=`` (when neither exists: the
+conventional fills -9999, -32768 and 65535), 0 (Sentinel-2's no-data value; files often leave
+it undeclared), NaN, or, after the offset, a value at or below -1000
+(:data:`torchgeo_dofa.transforms.NODATA_FLOOR`: the darkest real pixel of baseline 04.00 is DN
+1 -> -999, so dark pixels between -999 and 0 stay valid), and wherever the chip reaches past
+the raster. Offsets apply only to valid pixels, so no-data never becomes a reflectance of -1000.
+
+Item folders (Earth Search / STAC downloads such as ``S2B_52SFA_20220126_0_L2A/B04.tif`` or
+``.../red.tif``, asset names from :data:`torchgeo_dofa.bands.STAC_ASSET_BANDS`) are scenes
+named by their folder. A scene's time comes from a STAC item JSON beside its files
+(``properties.datetime``), else the first date in its file name or item prefix, else its
+folder's name. With ``offset="auto"`` such an item JSON is the first source of the offset:
+``earthsearch:boa_offset_applied: true`` -> 0, else a processing baseline
+(``s2:processing_baseline`` / ``processing:version``) >= 04.00 -> -1000, else its date; an
+Earth Search item name without its JSON falls back to the date rule, with one warning.
+
+Composition: ``ds1 & ds2`` gives a :class:`DOFAIntersectionDataset` (channels and wavelengths
+stacked, ``valid`` the AND of the members'), ``ds1 | ds2`` a :class:`DOFAUnionDataset` (same
+bands in the same order required; first member's valid pixel wins).
 
 Where several scenes overlap a chip they are mosaicked, the first scene (sorted by path) that
 has a valid pixel wins; index with a time slice to pick one date.
@@ -59,6 +75,7 @@ batches from one band set at a time.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pathlib
@@ -68,7 +85,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
@@ -88,21 +105,34 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, Sampler
-from torchgeo.datasets import GeoDataset, RasterDataset, stack_samples
+from torchgeo.datasets import (
+    GeoDataset,
+    IntersectionDataset,
+    RasterDataset,
+    UnionDataset,
+    stack_samples,
+)
 from torchgeo.datasets.errors import DatasetNotFoundError
 from torchgeo.datasets.utils import GeoSlice, Path, Sample, disambiguate_timestamp
 
 from torchgeo_dofa.bands import (
     DOFA_S2_BANDS,
     SENTINEL2_BANDS,
+    STAC_ANCILLARY_ASSETS,
+    STAC_ASSET_BANDS,
     BandError,
     canonical_band,
+    check_unique_bands,
     resolve_wavelengths,
+    stac_asset_band,
 )
+from torchgeo_dofa.transforms import CONVENTIONAL_FILLS, NODATA_FLOOR
 
 __all__ = [
     "EE_TILE_PATTERN",
     "BandSetBatchSampler",
+    "DOFAIntersectionDataset",
+    "DOFAUnionDataset",
     "DatasetCollection",
     "EarthEngineS2",
     "InputError",
@@ -111,9 +141,13 @@ __all__ = [
     "RasterInput",
     "Sentinel2Base",
     "Sentinel2SR",
+    "StacItemInfo",
     "band_set_key",
+    "concat_dofa_samples",
     "find_raster_inputs",
+    "merge_dofa_samples",
     "read_product_metadata",
+    "read_stac_item",
     "stack_dofa_samples",
 ]
 
@@ -134,6 +168,12 @@ _ESA_NAME = re.compile(
 )
 _BASELINE = re.compile(r"^S2[A-D]_MSI(?:L1C|L2A)_\d{8}T\d{6}_N(?P<baseline>\d{4})(?:_|\.|$)")
 _RES_DIR = re.compile(r"^R\d{2,3}m$")
+#: Earth Search item ids (``S2B_52SFA_20220126_0_L2A``): satellite, MGRS tile, date, sequence.
+_EARTH_SEARCH_ID = re.compile(
+    r"(?:^|_)(?P<id>S2[A-D]_\d{1,2}[A-Z]{3}_(?P<date>\d{8})_\d+_L(?:1C|2A))(?:_|$)"
+)
+_ASSET_ALTERNATIVES = "|".join(sorted(STAC_ASSET_BANDS, key=len, reverse=True))
+_ANCILLARY_ALTERNATIVES = "|".join(sorted(STAC_ANCILLARY_ASSETS, key=len, reverse=True))
 
 
 def _split_band(name: str) -> tuple[str, str | None]:
@@ -162,6 +202,41 @@ def _canonical_name(name: str) -> str:
     """Canonical spelling of a band name, keeping an ``_N`` suffix (``B04_1`` -> ``B4_1``)."""
     base, n = _split_band(name)
     return base if n is None else f"{base}_{n}"
+
+
+def _unique(names: Sequence[str]) -> bool:
+    try:
+        check_unique_bands(names)
+    except BandError:
+        return False
+    return True
+
+
+def _scene_folder(path: str) -> str:
+    """Folder of a scene's file, skipping ESA's ``R10m`` / ``R20m`` resolution folders."""
+    folder = os.path.dirname(path)
+    if _RES_DIR.match(os.path.basename(folder)):
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def _stac_offset(item: StacItemInfo) -> tuple[float, str] | None:
+    """Offset rule of a STAC item: Earth Search's flag, else the baseline, else the date."""
+    where = f"STAC item {item.path}"
+    if item.offset_applied is True:
+        return 0.0, f"{where}: earthsearch:boa_offset_applied is true (already removed)"
+    if item.baseline is not None:
+        try:
+            baseline = float(item.baseline)
+        except ValueError:
+            baseline = None
+        if baseline is not None:
+            value = BASELINE_OFFSET if baseline >= 4.0 else 0.0
+            return value, f"{where}: processing baseline {item.baseline}"
+    if item.start is not None:
+        value = BASELINE_OFFSET if item.start.date() >= OFFSET_START else 0.0
+        return value, f"{where} dated {item.start.date().isoformat()}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -250,6 +325,85 @@ class _FileInfo:
         return abs(self.transform.a)
 
 
+@dataclass(frozen=True)
+class StacItemInfo:
+    """What a STAC item JSON beside a scene's files says about its time and offset.
+
+    Attributes:
+        path: the JSON file.
+        id: the item id (e.g. ``S2B_52SFA_20220126_0_L2A``).
+        start: acquisition time (``properties.datetime``, or ``start_datetime``), naive UTC.
+        end: end of the acquisition (``end_datetime``), else ``start``.
+        baseline: processing baseline (``s2:processing_baseline``, else
+            ``processing:version``), e.g. ``"04.00"``, or None.
+        offset_applied: ``earthsearch:boa_offset_applied`` (True: Earth Search already
+            removed the +1000 of baseline 04.00 from the pixels), or None if absent.
+        asset_files: base names of the files the item's asset hrefs point to.
+    """
+
+    path: str
+    id: str
+    start: datetime | None
+    end: datetime | None
+    baseline: str | None
+    offset_applied: bool | None
+    asset_files: frozenset[str]
+
+
+def _naive_utc(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        stamp = pd.Timestamp(value.strip())
+    except ValueError:
+        return None
+    if stamp.tzinfo is not None:
+        stamp = stamp.tz_convert("UTC").tz_localize(None)
+    return cast(datetime, stamp.to_pydatetime())
+
+
+def read_stac_item(path: Path) -> StacItemInfo | None:
+    """Read the time and offset facts of a STAC item JSON (as saved beside downloaded assets).
+
+    Args:
+        path: a ``.json`` file.
+
+    Returns:
+        The facts, or None when the file is not a STAC item (a GeoJSON ``Feature`` with
+        ``properties``) or cannot be read.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("type") != "Feature":
+        return None
+    props = data.get("properties")
+    if not isinstance(props, dict):
+        return None
+    start = _naive_utc(props.get("start_datetime")) or _naive_utc(props.get("datetime"))
+    end = _naive_utc(props.get("end_datetime")) or start
+    baseline = props.get("s2:processing_baseline") or props.get("processing:version")
+    applied = props.get("earthsearch:boa_offset_applied")
+    assets = data.get("assets")
+    files: set[str] = set()
+    if isinstance(assets, dict):
+        for asset in assets.values():
+            href = asset.get("href") if isinstance(asset, dict) else None
+            if isinstance(href, str) and href:
+                files.add(os.path.basename(href.split("?", 1)[0]))
+    return StacItemInfo(
+        path=os.fspath(path),
+        id=str(data.get("id", "")),
+        start=start,
+        end=end,
+        baseline=None if baseline is None else str(baseline),
+        offset_applied=applied if isinstance(applied, bool) else None,
+        asset_files=frozenset(files),
+    )
+
+
 @dataclass
 class _Scene:
     """One scene: a multi-band file or a group of per-band files."""
@@ -260,9 +414,12 @@ class _Scene:
     sources: list[tuple[str, int]]
     named_by_bands: bool = False
     date_hint: str = ""
+    item_names: tuple[str, ...] = ()
     offsets: list[float] = field(default_factory=list)
     offset_source: str = ""
     selected: list[tuple[str, int]] = field(default_factory=list)
+    span: tuple[datetime, datetime] | None = None
+    stac: StacItemInfo | None = None
 
 
 class Sentinel2Base(RasterDataset):
@@ -286,14 +443,21 @@ class Sentinel2Base(RasterDataset):
     extensions: ClassVar[tuple[str, ...]] = (".tif", ".tiff", ".jp2")
 
     #: Pattern (searched in the file stem) marking a one-band-per-file layout, with ``band``
-    #: and optional ``resolution`` groups; None disables that layout.
+    #: and optional ``resolution`` groups; None disables that layout. ``band`` is an ESA band
+    #: name (``B04``, ``B4``, ``B8A``) or an Earth Search asset key (``red``, ``nir08``,
+    #: ``swir16``..., see :data:`torchgeo_dofa.bands.STAC_ASSET_BANDS`).
     band_file_regex: ClassVar[str | None] = (
-        r"(?:^|[_.-])(?P<band>B(?:0?[1-9]|1[0-2]|0?8A))(?:_(?P<resolution>\d{2,3})m)?$"
+        r"(?:^|[_.-])(?P<band>B(?:0?[1-9]|1[0-2]|0?8A)|"
+        + _ASSET_ALTERNATIVES
+        + r")(?:-jp2)?(?:_(?P<resolution>\d{2,3})m)?$"
     )
 
-    #: Per-band products that are not spectral bands (skipped).
+    #: Per-band products that are not spectral bands (skipped): ESA's SCL, AOT, WVP, TCI...
+    #: and Earth Search's ``scl``, ``aot``, ``wvp``, ``visual``, ``thumbnail``... assets.
     ancillary_regex: ClassVar[str] = (
-        r"(?:^|[_.-])(?:SCL|AOT|WVP|TCI|CLD|SNW|CLDPRB|SNWPRB|PVI|QA\d*|MSK\w*)(?:_\d{2,3}m)?$"
+        r"(?:^|[_.-])(?:SCL|AOT|WVP|TCI|CLD|SNW|CLDPRB|SNWPRB|PVI|QA\d*|MSK\w*|"
+        + _ANCILLARY_ALTERNATIVES
+        + r")(?:-jp2)?(?:_\d{2,3}m)?$"
     )
 
     #: Default band order when every scene has all of these bands.
@@ -427,7 +591,9 @@ class Sentinel2Base(RasterDataset):
         }
         geometries = []
         datetimes = []
+        self._assumed_offsets: list[str] = []
         for scene in scenes:
+            scene.span = self._scene_span(scene)
             self._resolve_offset(scene, infos)
             boxes = [
                 shapely.box(*self._grid_bounds(grids[p])) for p in {p for p, _ in scene.selected}
@@ -436,11 +602,25 @@ class Sentinel2Base(RasterDataset):
             if footprint.is_empty:
                 footprint = shapely.union_all(boxes)
             geometries.append(shapely.box(*footprint.bounds))
-            datetimes.append(self._filepath_to_timestamp(scene.date_hint))
+            datetimes.append(scene.span)
             rows["filepath"].append(scene.selected[0][0])
             rows["sources"].append(tuple(scene.selected))
             rows["offset"].append(tuple(scene.offsets))
             rows["offset_source"].append(scene.offset_source)
+        if self._assumed_offsets:
+            shown = ", ".join(os.path.basename(k) for k in self._assumed_offsets[:3])
+            more = len(self._assumed_offsets) - 3
+            tail = f" and {more} more" if more > 0 else ""
+            warnings.warn(
+                f"{len(self._assumed_offsets)} scene(s) named like Earth Search items dated on "
+                f"or after {OFFSET_START.isoformat()} ({shown}{tail}) "
+                "have no STAC item JSON beside their files: assuming their pixels still carry "
+                "the +1000 of processing baseline 04.00 (offset -1000). Earth Search v1 removed "
+                "it from many items (earthsearch:boa_offset_applied): keep the item JSON beside "
+                "the files to decide per item, or pass offset=0 if it was removed",
+                UserWarning,
+                stacklevel=3,
+            )
         index = pd.IntervalIndex.from_tuples(datetimes, closed="both", name="datetime")
         self.index = GeoDataFrame(rows, index=index, geometry=geometries, crs=dst_crs)
         self._infos = infos
@@ -464,6 +644,57 @@ class Sentinel2Base(RasterDataset):
             Wavelengths rounded to 1e-6 um.
         """
         return tuple(round(float(w), 6) for w in self.wavelengths)
+
+    @property
+    def crs(self) -> CRS:
+        """CRS of the index and of the chips read.
+
+        Returns:
+            The CRS.
+        """
+        return cast(CRS, self.index.crs)
+
+    @crs.setter
+    def crs(self, new_crs: CRS) -> None:
+        """Change the CRS of the index and of the pixels read from then on.
+
+        TorchGeo's ``&`` / ``|`` set the second dataset's CRS to the first's.
+
+        Args:
+            new_crs: the new CRS.
+        """
+        new_crs = CRS.from_user_input(new_crs)
+        if new_crs == self.crs:
+            return
+        self.index.to_crs(new_crs, inplace=True)
+        epsg = new_crs.to_epsg()
+        self._dst_rio_crs = RIO_CRS.from_epsg(epsg) if epsg else RIO_CRS.from_wkt(new_crs.to_wkt())
+        self._close()
+
+    # ------------------------------------------------------------------ composition
+
+    def __and__(self, other: GeoDataset) -> DOFAIntersectionDataset:
+        """Stack this dataset's bands with another's over their common area and time.
+
+        Args:
+            other: another GeoDataset (a :class:`Sentinel2Base`, a composite of them, or a
+                label dataset such as a TorchGeo ``RasterDataset`` with ``is_image=False``).
+
+        Returns:
+            A :class:`DOFAIntersectionDataset`.
+        """
+        return DOFAIntersectionDataset(self, other)
+
+    def __or__(self, other: GeoDataset) -> DOFAUnionDataset:
+        """Mosaic this dataset with another of the same bands (first valid pixel wins).
+
+        Args:
+            other: another dataset with the same bands in the same order.
+
+        Returns:
+            A :class:`DOFAUnionDataset`.
+        """
+        return DOFAUnionDataset(self, other)
 
     # ------------------------------------------------------------------ indexing
 
@@ -508,28 +739,32 @@ class Sentinel2Base(RasterDataset):
             stem = os.path.splitext(os.path.basename(path))[0]
             match = band_re.search(stem) if band_re else None
             if match is not None and info.count == 1:
-                folder = os.path.dirname(path)
-                if _RES_DIR.match(os.path.basename(folder)):
-                    folder = os.path.dirname(folder)
+                folder = _scene_folder(path)
                 prefix = stem[: match.start()]
-                band = canonical_band(match.group("band"))
+                token = match.group("band")
+                band = stac_asset_band(token) or canonical_band(token)
                 res_token = match.group("resolution")
                 res = float(res_token) if res_token else info.res
                 per_band.setdefault((folder, prefix), {}).setdefault(band, []).append((res, path))
                 continue
-            if band_re is not None and info.count == 1 and ancillary_re.search(stem):
-                continue
+            if band_re is not None and info.count <= 3 and ancillary_re.search(stem):
+                continue  # SCL, AOT, visual / TCI (3-band true colour): not spectral bands
             scenes.append(self._multiband_scene(info, bands, file_bands))
         for (folder, prefix), by_band in per_band.items():
             names = [b for b in _s2_order(by_band)]
             sources = [(min(by_band[b])[1], 1) for b in names]
+            # an item folder (``S2B_52SFA_20220126_0_L2A/B04.tif``, ``.../red.tif``) is
+            # named by its folder; ``<scene>_B04.tif`` files by their common prefix
+            key = os.path.join(folder, prefix) if prefix.strip("_.-") else folder
+            item = prefix.strip("_.-") or os.path.basename(folder)
             scenes.append(
                 _Scene(
-                    key=os.path.join(folder, prefix),
+                    key=key,
                     layout="per_band",
                     names=names,
                     sources=sources,
-                    date_hint=os.path.join(folder, prefix),
+                    date_hint=key,
+                    item_names=(item,),
                 )
             )
         scenes.sort(key=lambda s: s.sources[0][0])
@@ -541,19 +776,35 @@ class Sentinel2Base(RasterDataset):
         """Name the bands of one multi-band file."""
         described = [d for d in info.descriptions if d and d.strip()]
         named_by_bands = False
-        if described:
-            names = [
-                _canonical_name(d) if d and d.strip() else f"band{i + 1}"
-                for i, d in enumerate(info.descriptions)
+        from_descriptions = [
+            _canonical_name(d) if d and d.strip() else f"band{i + 1}"
+            for i, d in enumerate(info.descriptions)
+        ]
+        if described and (
+            file_bands is None or len(file_bands) != info.count or _unique(from_descriptions)
+        ):
+            names = from_descriptions
+            raw = [
+                d if d and d.strip() else f"band{i + 1}" for i, d in enumerate(info.descriptions)
             ]
+            try:
+                check_unique_bands(raw, f"the band descriptions of {info.path}")
+            except BandError as err:
+                raise BandError(
+                    f"{err}. Reading them by name would silently drop a channel: fix the "
+                    "descriptions, or name the file's bands yourself with file_bands=[...] "
+                    f"(one name per band, {info.count} in file order)"
+                ) from err
         elif file_bands is not None:
             if len(file_bands) != info.count:
                 raise BandError(
                     f"{info.path} has {info.count} bands but file_bands names {len(file_bands)}: "
                     "give one name per band of the file, in file order"
                 )
+            check_unique_bands(list(file_bands), "file_bands=")
             names = [_canonical_name(b) for b in file_bands]
         elif bands is not None and len(bands) == info.count:
+            check_unique_bands(list(bands), "bands=")
             names = [_canonical_name(b) for b in bands]
             named_by_bands = True
         else:
@@ -569,6 +820,7 @@ class Sentinel2Base(RasterDataset):
                 f"file_bands=[{example}, ...] (a second date of a band as B4_1, a third as "
                 "B4_2, as Earth Engine does) and select the ones to embed with bands=[...]"
             )
+        stem = os.path.splitext(os.path.basename(info.path))[0]
         return _Scene(
             key=info.path,
             layout="multiband",
@@ -576,6 +828,7 @@ class Sentinel2Base(RasterDataset):
             sources=[(info.path, i + 1) for i in range(info.count)],
             named_by_bands=named_by_bands,
             date_hint=info.path,
+            item_names=(stem, os.path.basename(_scene_folder(info.path))),
         )
 
     def _select(self, scenes: list[_Scene], bands: Sequence[str] | None) -> tuple[str, ...]:
@@ -596,6 +849,7 @@ class Sentinel2Base(RasterDataset):
         else:
             if not bands:
                 raise BandError("bands= is empty: name at least one band")
+            check_unique_bands(list(bands), "bands=")
             chosen = [_canonical_name(b) for b in bands]
         for scene in scenes:
             if scene.named_by_bands and len(chosen) == len(scene.sources):
@@ -689,6 +943,10 @@ class Sentinel2Base(RasterDataset):
 
     def _auto_offset(self, scene: _Scene) -> tuple[float | ProductMetadata, str]:
         """Offset of one scene from metadata, product name or date (``offset="auto"``)."""
+        if scene.stac is not None:
+            from_item = _stac_offset(scene.stac)
+            if from_item is not None:
+                return from_item
         metadata = self._find_metadata(scene)
         if metadata is not None:
             return metadata, f"metadata {metadata.path}"
@@ -700,7 +958,33 @@ class Sentinel2Base(RasterDataset):
         if acquired is not None:
             value = BASELINE_OFFSET if acquired >= OFFSET_START else 0.0
             return value, f"ESA file name dated {acquired.isoformat()}"
+        acquired = self._earth_search_date(scene)
+        if acquired is not None:
+            if acquired >= OFFSET_START:
+                self._assumed_offsets.append(scene.key)
+                return BASELINE_OFFSET, (
+                    f"Earth Search item name dated {acquired.isoformat()} (no STAC item JSON; "
+                    "offset assumed still in the pixels)"
+                )
+            return 0.0, f"Earth Search item name dated {acquired.isoformat()}"
         return 0.0, "none (not an ESA product name, no metadata found)"
+
+    def _earth_search_date(self, scene: _Scene) -> date | None:
+        """Date of an Earth Search item id in the scene's name, file name or folder name."""
+        path = scene.sources[0][0]
+        names = [
+            os.path.basename(scene.key),
+            os.path.splitext(os.path.basename(path))[0],
+            os.path.basename(_scene_folder(path)),
+        ]
+        for name in names:
+            match = _EARTH_SEARCH_ID.search(name)
+            if match:
+                try:
+                    return datetime.strptime(match.group("date"), "%Y%m%d").date()
+                except ValueError:
+                    continue
+        return None
 
     def _find_metadata(self, scene: _Scene) -> ProductMetadata | None:
         """Product metadata XML next to (or a few folders above) the scene's files."""
@@ -742,10 +1026,68 @@ class Sentinel2Base(RasterDataset):
         return None
 
     def _scene_date(self, scene: _Scene) -> date | None:
-        mint, _ = self._filepath_to_timestamp(scene.date_hint)
+        mint, _ = scene.span if scene.span is not None else self._scene_span(scene)
         if mint == self.mint:
             return None
         return pd.Timestamp(mint).date()
+
+    def _scene_span(self, scene: _Scene) -> tuple[datetime, datetime]:
+        """Acquisition time of a scene: STAC item JSON, else its name, else its folder's name.
+
+        Sets ``scene.stac``. A STAC ``datetime`` spans its second (``start_datetime`` /
+        ``end_datetime`` their range); a date in a name spans that day (or second); a scene
+        with no date anywhere spans all time.
+        """
+        if scene.stac is None:
+            scene.stac = self._find_stac_item(scene)
+        if scene.stac is not None and scene.stac.start is not None:
+            start = scene.stac.start
+            end = scene.stac.end if scene.stac.end is not None else start
+            # an instant spans its second, as TorchGeo dates ``%Y%m%dT%H%M%S`` names
+            return start, max(end, start + timedelta(seconds=1) - timedelta(microseconds=1))
+        everything = (self.mint, self.maxt)
+        for name in (scene.date_hint, _scene_folder(scene.sources[0][0])):
+            span = self._filepath_to_timestamp(name)
+            if span != everything:
+                return span
+        return everything
+
+    def _find_stac_item(self, scene: _Scene) -> StacItemInfo | None:
+        """The STAC item JSON in the scene's folder that describes it, if any.
+
+        An item matches by id (the item folder's or file prefix's name), by an asset href
+        naming one of the scene's files, or, for an item folder, by being its only item.
+        """
+        folder = _scene_folder(scene.sources[0][0])
+        items = self._stac_items(folder)
+        if not items:
+            return None
+        for item in items:
+            if item.id and item.id in scene.item_names:
+                return item
+        files = {os.path.basename(p) for p, _ in scene.sources}
+        for item in items:
+            if item.asset_files & files:
+                return item
+        if len(items) == 1 and scene.key == folder:
+            return items[0]
+        return None
+
+    def _stac_items(self, folder: str) -> list[StacItemInfo]:
+        cache: dict[str, list[StacItemInfo]] = self.__dict__.setdefault("_stac_cache", {})
+        if folder not in cache:
+            found: list[StacItemInfo] = []
+            try:
+                names = sorted(os.listdir(folder))
+            except OSError:
+                names = []
+            for name in names:
+                if name.lower().endswith(".json"):
+                    item = read_stac_item(os.path.join(folder, name))
+                    if item is not None:
+                        found.append(item)
+            cache[folder] = found
+        return cache[folder]
 
     def _baseline_from_names(self, scene: _Scene) -> int | None:
         """Processing baseline from an ESA product name (the file's or a parent folder's)."""
@@ -892,8 +1234,9 @@ class Sentinel2Base(RasterDataset):
                 array[array == value] = np.nan
             for k, (channel, _) in enumerate(pairs):
                 data[channel, : array.shape[1], : array.shape[2]] = array[k]
-        valid = ~np.isnan(data).any(axis=0)
         data += np.asarray(offsets, dtype=np.float64)[:, None, None]
+        with np.errstate(invalid="ignore"):
+            valid = ~(np.isnan(data) | (data <= NODATA_FLOOR)).any(axis=0)
         data[:, ~valid] = self.fill_value
         return data, valid
 
@@ -925,6 +1268,8 @@ class Sentinel2Base(RasterDataset):
         values = {self._primary_nodata(info)}
         if self.zero_is_nodata:
             values.add(0.0)
+        if self.nodata is None and info.nodata is None:
+            values.update(CONVENTIONAL_FILLS)
         return [v for v in values if v is not None and not math.isnan(v) and v != masked]
 
     def _open(self, path: str) -> DatasetReader | WarpedVRT:
@@ -999,10 +1344,15 @@ class Sentinel2SR(Sentinel2Base):
       ``IMG_DATA/R10m``, ``R20m``...): files sharing ``<scene>`` form one scene, the finest
       resolution of a band is used, and coarser bands are read onto the dataset grid (10 m
       by default) with ``resampling`` (nearest by default). SCL, AOT, WVP, TCI... are skipped.
+    * item folders of Earth Search / STAC downloads, ``S2B_52SFA_20220126_0_L2A/B04.tif`` or
+      with asset names (``red.tif``, ``nir08.tif``, ``swir16.tif``...; ``scl``, ``wvp``,
+      ``visual`` skipped): one scene per folder, dated by a STAC item JSON beside the files
+      or by the folder name.
 
-    The acquisition time comes from the first date in the file name (``20220614T103629``,
-    ``20220614`` or ``2022-06-14``), so ``ds[x, y, t0:t1]`` and TorchGeo's temporal samplers
-    select dates. ``offset="auto"`` removes ESA's +1000 of baseline 04.00 (see the module docs).
+    The acquisition time comes from a STAC item JSON beside the files, else the first date in
+    the file name (``20220614T103629``, ``20220614`` or ``2022-06-14``) or its folder's, so
+    ``ds[x, y, t0:t1]`` and TorchGeo's temporal samplers select dates. ``offset="auto"``
+    removes ESA's +1000 of baseline 04.00 (see the module docs).
 
     Example:
         >>> ds = Sentinel2SR("S2A_MSIL2A_..._N0400_....SAFE")  # doctest: +SKIP
@@ -1084,6 +1434,337 @@ def _s2_order(names: Iterable[str]) -> list[str]:
     order: dict[str, float] = {b: float(i) for i, b in enumerate(SENTINEL2_BANDS)}
     order["B10"] = order["B9"] + 0.5
     return sorted(names, key=lambda b: (order.get(b, len(order)), b))
+
+
+# ---------------------------------------------------------------------- composition
+
+
+def _member_bands(dataset: GeoDataset) -> tuple[tuple[str, ...], Tensor] | None:
+    """(bands, wavelengths) of a member that carries them, None for a label dataset.
+
+    Raises:
+        BandError: for an image dataset without band names or wavelengths.
+    """
+    bands = getattr(dataset, "bands", None)
+    wavelengths = getattr(dataset, "wavelengths", None)
+    if isinstance(wavelengths, Tensor) and bands is not None:
+        return tuple(str(b) for b in bands), wavelengths
+    if not getattr(dataset, "is_image", True):
+        return None
+    raise BandError(
+        f"{type(dataset).__name__} carries no band names and wavelengths, so DOFA cannot "
+        "tell what its channels are: combine Sentinel2SR / EarthEngineS2 datasets (or "
+        "DOFAIntersectionDataset / DOFAUnionDataset of them), or label datasets "
+        "(is_image=False) with `&`"
+    )
+
+
+def _time_series_of(dataset: GeoDataset) -> bool | None:
+    if isinstance(dataset, DOFAIntersectionDataset | DOFAUnionDataset):
+        kinds = {_time_series_of(d) for d in dataset.datasets} - {None}
+        return kinds.pop() if len(kinds) == 1 else None
+    return cast(bool | None, getattr(dataset, "time_series", None))
+
+
+def _check_same_geometry(values: Sequence[Tensor], key: str, how: str) -> None:
+    shapes = {tuple(v.shape[-2:]) for v in values}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"cannot {how} samples whose '{key}' differ in size {sorted(shapes)}: the member "
+            "datasets read different grids; give them the same res= and crs=, and put "
+            "resizing transforms on the combined dataset (transforms=...), not on its members"
+        )
+
+
+def concat_dofa_samples(samples: Iterable[Sample]) -> Sample:
+    """Join samples of one place from several datasets channel-wise (the ``&`` collate).
+
+    Unlike TorchGeo's :func:`~torchgeo.datasets.utils.concat_samples`, which concatenates
+    every key along its first axis (giving ``valid`` of shape (2H, W) and an 18-element
+    ``bounds``), each key is joined by what it means:
+
+    * ``image``: concatenated along the channel axis ((C1 + C2, H, W), or (T, C1 + C2, H, W));
+    * ``wavelengths``: concatenated, in the same channel order;
+    * ``valid``: a pixel is valid where every member holds data (logical AND), as within
+      one dataset, where a pixel is valid when every channel is;
+    * ``bounds``, ``transform``: the query's, identical in every member: the first one;
+    * any other key held by several members (e.g. ``mask``): concatenated along its first
+      axis, as TorchGeo does; a key held by one member passes through.
+
+    Args:
+        samples: one sample per member dataset, read at the same GeoSlice.
+
+    Returns:
+        The joined sample.
+
+    Raises:
+        ValueError: if the members' images differ in size or rank.
+    """
+    batch = list(samples)
+    keys = list(dict.fromkeys(k for s in batch for k in s))
+    out: Sample = {}
+    for key in keys:
+        values = [s[key] for s in batch if key in s]
+        if len(values) == 1 or not all(isinstance(v, Tensor) for v in values):
+            out[key] = values[0]
+        elif key == "image":
+            if len({v.ndim for v in values}) > 1:
+                raise ValueError(
+                    "cannot stack a time series (T, C, H, W) with a single image (C, H, W): "
+                    "use the same time_series= for every dataset combined with `&`"
+                )
+            _check_same_geometry(values, key, "stack")
+            out[key] = torch.cat(values, dim=-3)
+        elif key == "wavelengths":
+            out[key] = torch.cat(values, dim=-1)
+        elif key == "valid":
+            _check_same_geometry(values, key, "stack")
+            valid = values[0].to(torch.bool)
+            for v in values[1:]:
+                valid = valid & v.to(torch.bool)
+            out[key] = valid
+        elif key in ("bounds", "transform"):
+            out[key] = values[0]
+        else:
+            out[key] = torch.cat(values)
+    return out
+
+
+def merge_dofa_samples(samples: Iterable[Sample]) -> Sample:
+    """Mosaic samples of one place from datasets with the same bands (the ``|`` collate).
+
+    Unlike TorchGeo's :func:`~torchgeo.datasets.utils.merge_samples`, which takes the
+    per-value maximum of every key (mixing channels of different bands, and bands of
+    different dates), pixels are taken whole from the first member that holds valid data
+    there, as :class:`Sentinel2Base` mosaics its own scenes; ``valid`` is their union.
+    Keys without a ``valid`` mask to guide them (e.g. ``mask``) keep TorchGeo's maximum.
+
+    Args:
+        samples: one sample per member dataset that covers the query, in member order.
+
+    Returns:
+        The merged sample.
+
+    Raises:
+        MixedBandSetError: if the members' wavelength vectors differ.
+    """
+    batch = list(samples)
+    keys = list(dict.fromkeys(k for s in batch for k in s))
+    guided = all(isinstance(s.get("valid"), Tensor) for s in batch)
+    out: Sample = {}
+    for key in keys:
+        values = [s[key] for s in batch if key in s]
+        if len(values) == 1 or not all(isinstance(v, Tensor) for v in values):
+            out[key] = values[0]
+        elif key == "wavelengths":
+            if any(v.shape != values[0].shape or not torch.equal(v, values[0]) for v in values):
+                raise MixedBandSetError(
+                    "cannot merge samples with different wavelength vectors "
+                    f"{[_describe(v) for v in values]}: give every dataset combined with `|` "
+                    "the same bands=[...] in the same order"
+                )
+            out[key] = values[0]
+        elif key in ("bounds", "transform"):
+            out[key] = values[0]
+        elif key in ("image", "valid") and guided:
+            continue  # below
+        else:
+            merged = values[0]
+            for v in values[1:]:
+                merged = torch.maximum(merged, v)
+            out[key] = merged
+    if guided and any("image" in s for s in batch):
+        images = [s for s in batch if "image" in s]
+        _check_same_geometry([s["image"] for s in images], "image", "merge")
+        image = images[0]["image"].clone()
+        valid = images[0]["valid"].to(torch.bool).clone()
+        for sample in images[1:]:
+            take = sample["valid"].to(torch.bool) & ~valid
+            image = torch.where(take.unsqueeze(-3), sample["image"], image)
+            valid |= take
+        out["image"], out["valid"] = image, valid
+    return out
+
+
+class DOFAIntersectionDataset(IntersectionDataset):
+    """TorchGeo's ``&`` for DOFA datasets: bands of both members stacked, masks merged.
+
+    ``Sentinel2SR(...) & Sentinel2SR(...)`` builds one; samples are joined with
+    :func:`concat_dofa_samples` (image channels and wavelengths concatenated, ``valid`` the
+    AND of the members'). Use it to stack bands that live in different datasets (e.g. 10 m
+    bands from one folder, 20 m bands from another), or to pair images with labels (a
+    TorchGeo ``RasterDataset`` with ``is_image=False``: its ``mask`` passes through).
+
+    Attributes:
+        bands: the image members' bands, in channel order.
+        wavelengths: their wavelengths (um), float32 (C,).
+    """
+
+    def __init__(
+        self,
+        dataset1: GeoDataset,
+        dataset2: GeoDataset,
+        spatial_only: bool = False,
+        collate_fn: Callable[[Sequence[Sample]], Sample] = concat_dofa_samples,
+        transforms: Callable[[Sample], Sample] | None = None,
+    ) -> None:
+        """Check the band sets, then intersect as TorchGeo does.
+
+        Args:
+            dataset1: the first dataset (its CRS and resolution are used).
+            dataset2: the second dataset.
+            spatial_only: ignore time when intersecting.
+            collate_fn: how samples are joined (default :func:`concat_dofa_samples`).
+            transforms: applied to the joined sample (e.g. ``DOFAPreprocess(bands=ds.bands)``).
+
+        Raises:
+            BandError: if the members share a band (it would appear twice), or an image
+                member has no band names.
+            ValueError: if one member is a time series and the other is not.
+            RuntimeError: (TorchGeo) if the datasets do not intersect.
+        """
+        members = [_member_bands(d) for d in (dataset1, dataset2)]
+        images = [m for m in members if m is not None]
+        bands = tuple(b for m in images for b in m[0])
+        try:
+            check_unique_bands(bands, "the bands of the datasets combined with `&`")
+        except BandError as err:
+            raise BandError(
+                f"{err}. `&` stacks the members' channels side by side. Give each dataset its "
+                "own bands=[...]; to stack several dates of the same bands use "
+                "time_series=True on one dataset, and to mosaic datasets use `|`"
+            ) from err
+        kinds = {_time_series_of(d) for d in (dataset1, dataset2)} - {None}
+        if len(kinds) > 1 and len(images) > 1:
+            raise ValueError(
+                "cannot stack a time-series dataset (time_series=True) with a single-date one "
+                "using `&`: give both the same time_series="
+            )
+        super().__init__(dataset1, dataset2, spatial_only, collate_fn, transforms)
+        self.bands: tuple[str, ...] = bands
+        self.wavelengths: Tensor = torch.cat([m[1] for m in images]) if images else torch.empty(0)
+
+    @property
+    def band_set(self) -> tuple[float, ...]:
+        """The wavelength vector as a hashable key.
+
+        Returns:
+            Wavelengths rounded to 1e-6 um.
+        """
+        return tuple(round(float(w), 6) for w in self.wavelengths)
+
+    def __and__(self, other: GeoDataset) -> DOFAIntersectionDataset:
+        """Stack a further dataset (see :meth:`Sentinel2Base.__and__`).
+
+        Args:
+            other: another GeoDataset.
+
+        Returns:
+            A :class:`DOFAIntersectionDataset`.
+        """
+        return DOFAIntersectionDataset(self, other)
+
+    def __or__(self, other: GeoDataset) -> DOFAUnionDataset:
+        """Mosaic with a dataset of the same bands (see :meth:`Sentinel2Base.__or__`).
+
+        Args:
+            other: another dataset with the same bands in the same order.
+
+        Returns:
+            A :class:`DOFAUnionDataset`.
+        """
+        return DOFAUnionDataset(self, other)
+
+
+class DOFAUnionDataset(UnionDataset):
+    """TorchGeo's ``|`` for DOFA datasets: one band set, mosaicked first-valid-wins.
+
+    ``Sentinel2SR(...) | Sentinel2SR(...)`` builds one. Both members must read the same bands
+    in the same order (checked here, so channels are never mixed); where both cover a pixel,
+    the first member's valid pixel wins (:func:`merge_dofa_samples`).
+
+    Attributes:
+        bands: the common bands, in channel order.
+        wavelengths: their wavelengths (um), float32 (C,).
+    """
+
+    def __init__(
+        self,
+        dataset1: GeoDataset,
+        dataset2: GeoDataset,
+        collate_fn: Callable[[Sequence[Sample]], Sample] = merge_dofa_samples,
+        transforms: Callable[[Sample], Sample] | None = None,
+    ) -> None:
+        """Check the band sets, then unite as TorchGeo does.
+
+        Args:
+            dataset1: the first dataset (its CRS and resolution are used; its pixels win).
+            dataset2: the second dataset.
+            collate_fn: how samples are merged (default :func:`merge_dofa_samples`).
+            transforms: applied to the merged sample.
+
+        Raises:
+            BandError: if the members' bands (or wavelengths) differ, or a member has no
+                band names; the message gives the ``bands=`` that fixes it.
+        """
+        first, second = (_member_bands(d) for d in (dataset1, dataset2))
+        if first is None or second is None:
+            raise BandError(
+                "`|` mosaics image datasets of the same bands; to pair images with labels "
+                "(is_image=False) use `&`"
+            )
+        same_names = [_canonical_name(b) for b in first[0]] == [
+            _canonical_name(b) for b in second[0]
+        ]
+        same_wavelengths = first[1].shape == second[1].shape and bool(
+            torch.allclose(first[1], second[1])
+        )
+        if not (same_names and same_wavelengths):
+            how = (
+                "the same bands in a different order"
+                if sorted(first[0]) == sorted(second[0])
+                else "different bands"
+            )
+            raise BandError(
+                f"datasets combined with `|` read {how}: {list(first[0])} "
+                f"(wavelengths {first[1].tolist()}) and {list(second[0])} (wavelengths "
+                f"{second[1].tolist()}). Merging them would put one band's pixels into "
+                f"another's channel: open both with bands={list(first[0])}"
+            )
+        super().__init__(dataset1, dataset2, collate_fn, transforms)
+        self.bands: tuple[str, ...] = first[0]
+        self.wavelengths: Tensor = first[1].clone()
+
+    @property
+    def band_set(self) -> tuple[float, ...]:
+        """The wavelength vector as a hashable key.
+
+        Returns:
+            Wavelengths rounded to 1e-6 um.
+        """
+        return tuple(round(float(w), 6) for w in self.wavelengths)
+
+    def __and__(self, other: GeoDataset) -> DOFAIntersectionDataset:
+        """Stack a further dataset (see :meth:`Sentinel2Base.__and__`).
+
+        Args:
+            other: another GeoDataset.
+
+        Returns:
+            A :class:`DOFAIntersectionDataset`.
+        """
+        return DOFAIntersectionDataset(self, other)
+
+    def __or__(self, other: GeoDataset) -> DOFAUnionDataset:
+        """Mosaic with a further dataset of the same bands.
+
+        Args:
+            other: another dataset with the same bands in the same order.
+
+        Returns:
+            A :class:`DOFAUnionDataset`.
+        """
+        return DOFAUnionDataset(self, other)
 
 
 # ---------------------------------------------------------------------- batching

@@ -64,12 +64,15 @@ from torchgeo_dofa.bands import (
     PRESETS,
     BandError,
     canonical_band,
+    check_unique_bands,
     norm_stats,
     resolve_wavelengths,
 )
 
 __all__ = [
+    "CONVENTIONAL_FILLS",
     "INPUT_PREPS",
+    "NODATA_FLOOR",
     "AttachWavelengths",
     "CheckReflectance",
     "DOFAPreprocess",
@@ -78,6 +81,7 @@ __all__ = [
     "ResizeTo",
     "TileTo",
     "grid_affine",
+    "nodata_mask",
     "pad_to_square",
     "preprocess_array",
     "stitch_tiles",
@@ -91,6 +95,20 @@ REFLECTANCE_MAX = 10000.0
 
 #: Input whose valid values all lie in [0, this] is taken to be already scaled (an error).
 SCALED_MAX = 2.0
+
+#: Values at or below this (on the reflectance x 10000 scale) are no data. Surface reflectance
+#: is not below -0.1: Sentinel-2 products from processing baseline 04.00 on store
+#: ``reflectance x 10000 + 1000`` in digital numbers 1..65535 (0 is no data), so after the
+#: offset the darkest real pixel is 1 - 1000 = -999, and legitimately dark pixels (water,
+#: shadow) between -999 and 0 stay valid (the normalisation clips them to 0). -1000 is what a
+#: no-data 0 becomes when the offset is applied blindly; -9999, -32768 and float32's lowest
+#: value (common GeoTIFF fills) lie below it as well.
+NODATA_FLOOR = -1000.0
+
+#: Conventional fill values taken as no data when the input declares no nodata value:
+#: -9999 (GDAL / HLS / many processing chains), -32768 (int16 minimum) and 65535 (uint16
+#: maximum; also Sentinel-2's saturated-pixel value). Raw reflectance never takes them.
+CONVENTIONAL_FILLS: tuple[float, ...] = (-9999.0, -32768.0, 65535.0)
 
 Sample = dict[str, Any]
 
@@ -121,6 +139,43 @@ def _image(sample: Sample, step: str) -> Tensor:
 def _as_float(image: Tensor) -> Tensor:
     """Return ``image`` as a floating tensor (integer input becomes float32)."""
     return image if image.is_floating_point() else image.to(torch.float32)
+
+
+def nodata_mask(
+    image: Tensor, nodata: float | None = None, fill_value: float | None = None
+) -> Tensor:
+    """Pixels that hold no measurement, by the package's one no-data rule.
+
+    A pixel (all its channels) is no data when any channel is NaN or infinite, equals the
+    declared ``nodata`` (or, when none is declared, one of :data:`CONVENTIONAL_FILLS`), or lies
+    at or below :data:`NODATA_FLOOR`; and when every channel equals ``fill_value`` (the value
+    missing pixels were filled with, 0 in DOFA's reference fetch).
+
+    Args:
+        image: (..., C, H, W) raw reflectance (reflectance x 10000, offset removed).
+        nodata: the declared no-data value, or None.
+        fill_value: the fill value of missing pixels, or None to skip that rule.
+
+    Returns:
+        A bool tensor (..., H, W), True where the pixel is no data.
+    """
+    bad = ~torch.isfinite(image) | (image <= NODATA_FLOOR)
+    fills = CONVENTIONAL_FILLS if nodata is None else (float(nodata),)
+    for value in fills:
+        if math.isnan(value):
+            continue
+        bad |= image == value
+    invalid = bad.any(dim=-3)
+    if fill_value is not None and image.shape[-3] > 0:
+        invalid |= (image == fill_value).all(dim=-3)
+    return invalid
+
+
+def _where(flags: Tensor) -> str:
+    """`` (batch item(s) [i, ...])`` for a batched flag vector, empty for a single sample."""
+    if flags.ndim == 0:
+        return ""
+    return f" (batch item(s) {torch.nonzero(flags).flatten().tolist()})"
 
 
 def _square_padding(height: int, width: int) -> tuple[int, int, int, int]:
@@ -271,9 +326,11 @@ class AttachWavelengths(nn.Module):
 
         Raises:
             BandError: if the wavelengths cannot be inferred (the message says how to pass
-                them) or are invalid.
+                them) or are invalid, or if ``bands`` names one band twice.
         """
         super().__init__()
+        if bands is not None:
+            check_unique_bands(list(bands), "bands")
         self.bands: tuple[str, ...] | None = (
             tuple(canonical_band(b) for b in bands) if bands is not None else None
         )
@@ -313,12 +370,19 @@ class AttachWavelengths(nn.Module):
 class CheckReflectance(nn.Module):
     """Mask missing data and enforce the raw-reflectance (0..10000) input contract.
 
-    A pixel is invalid when any of its bands is NaN or infinite, or equals ``nodata``, or when
-    an existing ``valid`` key (bool (H,W) / (B,H,W), e.g. from a dataset) marks it invalid.
-    Invalid pixels are set to ``fill_value`` in every band; their positions are kept in
-    ``valid``. Then, over valid pixels only and per sample, input whose values all lie within
-    [0, 2] is rejected: the stack expects raw surface reflectance, not values already scaled to
-    [0, 1]. A chip without any valid pixel is not an error: its ``empty`` flag is set.
+    A pixel is invalid (see :func:`nodata_mask`) when any of its bands is NaN or infinite,
+    equals ``nodata`` (when None: one of the conventional fills -9999, -32768, 65535), or lies
+    at or below :data:`NODATA_FLOOR` (-1000); when every band equals ``fill_value`` (0 by
+    default: DOFA's reference fetch fills missing pixels with 0); or when an existing ``valid``
+    key (bool (H,W) / (B,H,W), e.g. from a dataset) marks it invalid. Negative values above
+    the floor are real (dark) reflectance and stay valid. Invalid pixels are set to
+    ``fill_value`` in every band; their positions are kept in ``valid``.
+
+    Then, over valid pixels only and per sample, input whose values all lie within [0, 2] is
+    rejected (the stack expects raw surface reflectance, not values already scaled to [0, 1]),
+    and so is input whose values are all negative (no surface is darker than 0 in every band:
+    an offset applied twice, or dB values). A chip without any valid pixel is not an error:
+    its ``empty`` flag is set.
 
     Reads ``image``, ``valid`` (optional); writes ``image`` (float; integer input becomes
     float32), ``valid`` (bool (H,W) / (B,H,W)) and ``empty`` (bool () / (B,), always set so
@@ -329,7 +393,9 @@ class CheckReflectance(nn.Module):
         """Configure the missing-data handling.
 
         Args:
-            nodata: the no-data value of the input, or None when only NaN marks missing data.
+            nodata: the no-data value of the input, or None (then the conventional fills
+                -9999, -32768 and 65535 are no data). NaN, values at or below -1000 and
+                pixels equal to ``fill_value`` in every band are no data either way.
             fill_value: value (raw-reflectance scale) written into invalid pixels; 0 matches
                 DOFA's reference fetch, which fills missing data with 0.
         """
@@ -347,23 +413,26 @@ class CheckReflectance(nn.Module):
             The same dict with ``image`` filled and ``valid`` and ``empty`` set.
 
         Raises:
-            ReflectanceError: if a sample's valid values all lie within [0, 2].
+            ReflectanceError: if a sample's valid values all lie within [0, 2], or are all
+                negative.
             ValueError: if an existing ``valid`` does not match the image's shape.
         """
         image = _as_float(_image(sample, "CheckReflectance"))
-        bad = ~torch.isfinite(image)
-        if self.nodata is not None:
-            bad |= image == self.nodata
-        valid = ~bad.any(dim=-3)
+        valid = ~nodata_mask(image, self.nodata, self.fill_value)
         if "valid" in sample and sample["valid"] is not None:
             given = torch.as_tensor(sample["valid"], device=image.device)
+            if given.shape != valid.shape and (
+                given.numel() == valid.numel() and given.shape[-2:] == valid.shape[-2:]
+            ):
+                given = given.reshape(valid.shape)  # e.g. (1, H, W) for (H, W)
             if given.shape != valid.shape:
-                if given.numel() != valid.numel():
-                    raise ValueError(
-                        f"sample['valid'] has shape {tuple(given.shape)}, expected "
-                        f"{tuple(valid.shape)} for an image of shape {tuple(image.shape)}"
-                    )
-                given = given.reshape(valid.shape)
+                raise ValueError(
+                    f"sample['valid'] has shape {tuple(given.shape)}, expected "
+                    f"{tuple(valid.shape)} for an image of shape {tuple(image.shape)} (one "
+                    "flag per pixel). Samples merged by TorchGeo's `&` / `|` need "
+                    "torchgeo_dofa.datasets.concat_dofa_samples / merge_dofa_samples as "
+                    "collate_fn (Sentinel2SR's own `&` and `|` use them)"
+                )
             valid = valid & given.to(torch.bool)
         image = torch.where(valid.unsqueeze(-3), image, image.new_tensor(self.fill_value))
         empty = ~valid.flatten(-2).any(dim=-1)
@@ -374,19 +443,26 @@ class CheckReflectance(nn.Module):
         vmax = torch.where(mask, image, image.new_tensor(-math.inf)).amax(dim=dims)
         scaled = (vmin >= 0) & (vmax <= SCALED_MAX) & ~empty
         if bool(scaled.any()):
-            where = (
-                ""
-                if scaled.ndim == 0
-                else f" (batch item(s) {torch.nonzero(scaled).flatten().tolist()})"
-            )
             lo = float(vmin[scaled].min()) if scaled.ndim else float(vmin)
             hi = float(vmax[scaled].max()) if scaled.ndim else float(vmax)
             raise ReflectanceError(
                 f"input looks already scaled: all valid values lie in [{lo:.4g}, {hi:.4g}] "
-                f"within [0, {SCALED_MAX:g}]{where}. The DOFA stack expects raw surface "
-                f"reflectance 0..{REFLECTANCE_MAX:.0f} (e.g. Sentinel-2 L2A digital numbers), "
-                "not values already scaled to [0, 1]: multiply by 10000 (or pass the raw "
-                "product). If these are fill pixels, pass nodata=<their value>."
+                f"within [0, {SCALED_MAX:g}]{_where(scaled)}. The DOFA stack expects raw "
+                f"surface reflectance 0..{REFLECTANCE_MAX:.0f} (e.g. Sentinel-2 L2A digital "
+                "numbers), not values already scaled to [0, 1]: multiply by 10000 (or pass the "
+                "raw product). If these are fill pixels, pass nodata=<their value>."
+            )
+        negative = (vmax < 0) & ~empty
+        if bool(negative.any()):
+            lo = float(vmin[negative].min()) if negative.ndim else float(vmin)
+            hi = float(vmax[negative].max()) if negative.ndim else float(vmax)
+            raise ReflectanceError(
+                f"every valid value is negative (in [{lo:.4g}, {hi:.4g}]){_where(negative)}: "
+                f"that is not surface reflectance 0..{REFLECTANCE_MAX:.0f}, where even dark "
+                "water is positive in some band. Was the -1000 offset of processing baseline "
+                "04.00 applied to data already corrected (offset=0), or are these dB / "
+                f"log values? Values at or below {NODATA_FLOOR:g} count as no data; pass "
+                "nodata=<value> for another fill value."
             )
         sample["image"] = image
         sample["valid"] = valid
@@ -419,9 +495,10 @@ class NormalizeReflectance(nn.Module):
             bands: band names in channel order.
 
         Raises:
-            BandError: naming every band without DOFA statistics.
+            BandError: naming every band without DOFA statistics, or a band named twice.
         """
         super().__init__()
+        check_unique_bands(list(bands), "bands")
         self.bands: tuple[str, ...] = tuple(canonical_band(b) for b in bands)
         means, stds = norm_stats(list(bands))
         self.register_buffer("mean", torch.tensor(means, dtype=torch.float64), persistent=False)
