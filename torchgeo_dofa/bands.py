@@ -20,6 +20,7 @@ __all__ = [
     "PRESETS",
     "SENTINEL1_PLACEHOLDER_UM",
     "SENTINEL2_BANDS",
+    "STAC_ASSET_BANDS",
     "Band",
     "BandError",
     "BandSet",
@@ -75,6 +76,30 @@ SENTINEL2_BANDS: dict[str, Band] = {
 
 #: DOFA's default Sentinel-2 band order (rs-embed's default for ``S2_SR_HARMONIZED``).
 DOFA_S2_BANDS: tuple[str, ...] = ("B4", "B3", "B2", "B5", "B6", "B7", "B8", "B11", "B12")
+
+#: STAC asset keys of Sentinel-2 L2A items mapped to canonical band names: Element 84's Earth
+#: Search v1 (``sentinel-2-l2a``: common names ``red``, ``nir08``, ``swir16`` ..., ``scl``) and
+#: Microsoft Planetary Computer (ESA names ``B04``, ``B8A`` ..., ``SCL``). ``SCL`` is the
+#: scene classification layer (not spectral: no wavelength).
+STAC_ASSET_BANDS: dict[str, str] = {
+    "coastal": "B1",
+    "blue": "B2",
+    "green": "B3",
+    "red": "B4",
+    "rededge1": "B5",
+    "rededge2": "B6",
+    "rededge3": "B7",
+    "nir": "B8",
+    "nir08": "B8A",
+    "nir09": "B9",
+    "cirrus": "B10",
+    "swir16": "B11",
+    "swir22": "B12",
+    "scl": "SCL",
+    **{f"B{n:02d}": f"B{n}" for n in range(1, 13)},
+    "B8A": "B8A",
+    "SCL": "SCL",
+}
 
 #: Placeholder wavelength DOFA v1 weights use for Sentinel-1 VV and VH (not a physical value).
 SENTINEL1_PLACEHOLDER_UM = 3.75
