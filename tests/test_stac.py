@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
 import pyproj
 import pytest
@@ -34,8 +35,15 @@ pytest.importorskip("odc.stac")
 rio_stac = pytest.importorskip("rio_stac")
 
 from torchgeo_dofa import stac  # noqa: E402
-from torchgeo_dofa.api import SensorSpec, TemporalSpec, get_embedding  # noqa: E402
-from torchgeo_dofa.spatial import BBox  # noqa: E402
+from torchgeo_dofa.api import (  # noqa: E402
+    ModelError,
+    SensorSpec,
+    TemporalSpec,
+    export_batch,
+    get_embedding,
+    get_embeddings_batch,
+)
+from torchgeo_dofa.spatial import BBox, PointBuffer  # noqa: E402
 
 FTW = (
     Path(
@@ -450,37 +458,84 @@ def test_offset_rule_per_item(scenes, tmp_path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_stac_backend_equals_numpy_composite(scenes, server, tmp_path, monkeypatch) -> None:
+def _regions(scenes: dict[str, Any]) -> list[Any]:
+    lon0, lat0, lon1, lat1 = scenes["bbox"]
+    return [
+        BBox(*scenes["bbox"]),
+        PointBuffer(lon=(lon0 + lon1) / 2, lat=(lat0 + lat1) / 2, buffer_m=400),
+    ]
+
+
+def _numpy_embedding(scenes, spatial, sensor, output: str) -> np.ndarray:
+    """The embedding of the numpy composite (no STAC, no GeoTIFF) through backend='tensor'."""
+    pixels = _reference(scenes, stac.stac_grid(spatial), ["d1", "d2", "d3"], "median")
+    return get_embedding(
+        "dofa",
+        input_chw=pixels.astype(np.float32),
+        sensor=sensor,
+        backend="tensor",
+        weights=None,
+        device="cpu",
+        output=output,
+    ).data
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["bbox", "point"])
+def test_stac_backend_equals_numpy_composite(scenes, server, tmp_path, monkeypatch, which) -> None:
     monkeypatch.setenv("TORCHGEO_DOFA_STAC_CACHE", str(tmp_path))
-    spatial = BBox(*scenes["bbox"])
+    spatial = _regions(scenes)[which]
     sensor = SensorSpec(bands=BANDS, cloudy_pct=50)
-    temporal = TemporalSpec.range("2021-06-01", "2023-01-01")
-    common: dict[str, Any] = {"weights": None, "device": "cpu", "output": "grid"}
     got = get_embedding(
         "dofa",
         spatial=spatial,
-        temporal=temporal,
+        temporal=TemporalSpec.range("2021-06-01", "2023-01-01"),
         sensor=sensor,
         backend="stac",
         stac_url=server,
         collection=COLLECTION,
-        **common,
+        weights=None,
+        device="cpu",
+        output="grid",
     )
-    expected_pixels = _reference(scenes, stac.stac_grid(spatial), ["d1", "d2", "d3"], "median")
-    want = get_embedding(
-        "dofa",
-        input_chw=expected_pixels.astype(np.float32),
-        sensor=sensor,
-        backend="tensor",
-        **common,
-    )
-    assert got.data.shape == want.data.shape == (768, 14, 14)
-    np.testing.assert_array_equal(np.isnan(got.data), np.isnan(want.data))
-    np.testing.assert_allclose(got.data, want.data, rtol=0, atol=1e-5, equal_nan=True)
+    want = _numpy_embedding(scenes, spatial, sensor, "grid")
+    assert got.data.shape == want.shape == (768, 14, 14)
+    np.testing.assert_array_equal(np.isnan(got.data), np.isnan(want))
+    np.testing.assert_allclose(got.data, want, rtol=0, atol=1e-5, equal_nan=True)
     assert got.meta["backend"] == "stac"
     assert got.meta["stac"]["item_ids"] == EXPECTED
+    assert got.meta["stac"]["item_offsets"] == [0.0, 0.0, -1000.0]
     assert got.meta["stac"]["composite"].startswith("median")
     assert got.meta["crs"] == "EPSG:32633"
+    if which == 1:
+        assert got.meta["input_size_hw"] == [80, 80]  # 2 x 400 m at 10 m
+
+
+def test_stac_batch_and_export(scenes, server, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCHGEO_DOFA_STAC_CACHE", str(tmp_path / "cache"))
+    regions = _regions(scenes)
+    sensor = SensorSpec(bands=BANDS, cloudy_pct=50)
+    temporal = TemporalSpec.range("2021-06-01", "2023-01-01")
+    common: dict[str, Any] = {"weights": None, "device": "cpu", "sensor": sensor}
+    batch = get_embeddings_batch(
+        "dofa", spatials=regions, temporal=temporal, stac_url=server, **common
+    )  # backend "auto" picks stac from stac_url
+    assert [e.meta["backend"] for e in batch] == ["stac", "stac"]
+    for emb, region in zip(batch, regions, strict=True):
+        want = _numpy_embedding(scenes, region, sensor, "pooled")
+        np.testing.assert_allclose(emb.data, want, rtol=0, atol=1e-5)
+    summary = export_batch(
+        spatials=regions[:1],
+        temporal=temporal,
+        models=["dofa"],
+        out_path=tmp_path / "emb.parquet",
+        backend="stac",
+        stac_url=server,
+        **common,
+    )
+    assert summary.rows == 1 and not summary.failed
+    table = gpd.read_parquet(tmp_path / "emb.parquet")
+    assert table["backend"].tolist() == ["stac"]
+    np.testing.assert_allclose(np.asarray(table["embedding"][0]), batch[0].data, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,4 +578,27 @@ def test_unreachable_api_is_one_line(scenes, tmp_path) -> None:
 def test_no_items_is_lookup_error(scenes, server, tmp_path) -> None:
     with pytest.raises(LookupError, match="widen the dates or raise max_cloud"):
         stac.materialise(scenes["bbox"], "2019-01-01/2019-02-01", server, out_dir=tmp_path)
+    assert not list(tmp_path.glob("*.tif"))
+
+
+def test_missing_extra_is_one_line(scenes, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "pystac_client", None)  # as if not installed
+    with pytest.raises(stac.StacUnavailableError) as info:
+        stac.search_items("http://127.0.0.1:9", COLLECTION, scenes["bbox"], WINDOW)
+    assert 'pip install "torchgeo-dofa[stac]"' in _one_line(info.value)
+    assert "'pystac_client'" in str(info.value)
+
+
+def test_bad_arguments(scenes, tmp_path) -> None:
+    items = [scenes["syn_items"]["syn_b0300"]]
+    with pytest.raises(stac.StacError, match="unknown composite 'mean'"):
+        stac.composite_to_geotiff(items, SYN_ROI, BANDS, tmp_path / "a.tif", composite="mean")
+    with pytest.raises(stac.StacError, match="unknown SCL classes"):
+        stac.composite_to_geotiff(items, SYN_ROI, BANDS, tmp_path / "a.tif", mask_scl=(12,))
+    with pytest.raises(ValueError, match="not Sentinel-2 bands"):
+        stac.composite_to_geotiff(items, SYN_ROI, ["B4", "NDVI"], tmp_path / "a.tif")
+    with pytest.raises(stac.StacError, match="ends before it starts"):
+        stac.search_items(scenes["items_file"], COLLECTION, None, "2022-01-02/2022-01-01")
+    with pytest.raises(ModelError, match="needs stac_url"):
+        get_embedding("dofa", spatial=BBox(*SYN_ROI), backend="stac", weights=None)
     assert not list(tmp_path.glob("*.tif"))

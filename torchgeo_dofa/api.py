@@ -66,7 +66,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -848,7 +848,7 @@ def _prepare_stac(
             "the composite is built from the items in that range"
         )
     eff = sensor or SensorSpec()
-    last = date.fromisoformat(temporal.end) - pd.Timedelta(days=1)  # STAC ends are inclusive
+    last = date.fromisoformat(temporal.end) - timedelta(days=1)  # STAC ends are inclusive
     path = stac.materialise(
         spatial,
         (temporal.start, last.isoformat()),

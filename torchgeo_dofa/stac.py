@@ -94,6 +94,7 @@ __all__ = [
     "composite_to_geotiff",
     "default_cache_dir",
     "item_offset",
+    "masked_reflectance",
     "materialise",
     "materialise_for_embed",
     "search_items",
@@ -376,7 +377,7 @@ def search_items(
             where it conforms to one, and always checked again on the client.
         limit: at most this many items from the API (None: all).
         sign: sign asset hrefs with ``planetary_computer.sign`` (``"auto"``: when the source
-            is Planetary Computer).
+            is a Planetary Computer URL; ``True`` also signs items from files).
 
     Returns:
         ``pystac.Item`` objects sorted by acquisition time, then id.
@@ -408,7 +409,7 @@ def search_items(
                     "a STAC API URL, an item collection JSON or a catalog.json"
                 )
             items = _read_local_source(path)
-            if _wants_signing(name, sign) or sign is True:
+            if sign is True:
                 items = _sign(items)
     else:
         items = list(source)
