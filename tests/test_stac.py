@@ -197,6 +197,13 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "syn_proc_0509": ("2023-05-01T10:00:00", {"processing:version": "05.09"}, 1000),
         "syn_date_2022": ("2022-05-03T10:00:00", {}, 1000),
         "syn_date_2021": ("2021-05-03T10:00:00", {}, 0),
+        # as Earth Search describes items it did not correct: the asset's raster:bands carry
+        # scale 0.0001 / offset -0.1, which the loader must not apply on top of the DN rule
+        "syn_es_not_applied": (
+            "2022-05-04T10:00:00",
+            {"s2:processing_baseline": "04.00", "earthsearch:boa_offset_applied": False},
+            1000,
+        ),
     }
     syn_items = {}
     for item_id, (when, props, add) in offsets.items():
@@ -211,6 +218,10 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             syn_scl_tf,
             {"eo:cloud_cover": 1.0, **props},
         )
+        if item_id == "syn_es_not_applied":
+            for key in ASSETS.values():
+                for band in syn_items[item_id].assets[key].extra_fields["raster:bands"]:
+                    band.update(scale=0.0001, offset=-0.1)
 
     collection = pystac.Collection(
         id=COLLECTION,

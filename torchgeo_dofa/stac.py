@@ -593,6 +593,16 @@ def _with_resolved_hrefs(item: Any, keys: Sequence[str]) -> Any:
     return clone
 
 
+_CLOUD_CONFIGURED: list[bool] = []
+
+
+def _cloud_defaults(odc_stac: ModuleType) -> None:
+    """Once: odc-stac's GDAL settings for COGs over HTTP (no side-car lookups, retries)."""
+    if not _CLOUD_CONFIGURED:
+        odc_stac.configure_rio(cloud_defaults=True)
+        _CLOUD_CONFIGURED.append(True)
+
+
 def _load_item(
     item: Any, keys: Sequence[str], grid: StacGrid
 ) -> npt.NDArray[np.float64]:  # (len(keys), H, W), raw digital numbers, NaN outside
@@ -600,6 +610,8 @@ def _load_item(
     geobox_mod = _import("odc.geo.geobox")
     geobox = geobox_mod.GeoBox((grid.height, grid.width), Affine(*grid.transform), grid.crs)
     item = _with_resolved_hrefs(item, keys)
+    if any(re.match(r"^(https?|s3|gs|az)://", str(item.assets[k].href)) for k in keys):
+        _cloud_defaults(odc_stac)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
