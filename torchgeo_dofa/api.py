@@ -33,8 +33,14 @@ Backends:
   mosaicked, first by path wins). ``sensor=None`` reads the dataset's default bands (DOFA's 9
   when present, else every Sentinel-2 band the files share).
 * ``"gee"``: Earth Engine (optional extra ``torchgeo-dofa[gee]``); ``temporal`` is required.
-* ``"auto"`` (default): ``tensor`` if ``input_chw`` is given, ``local`` if ``paths`` is, else
-  ``gee``. ``"provider"`` is accepted as rs-embed's name for ``gee``.
+* ``"stac"``: Sentinel-2 L2A from a STAC API or catalog (``stac_url=``, ``collection=``;
+  optional extra ``torchgeo-dofa[stac]``): the items of ``temporal`` with ``eo:cloud_cover <
+  sensor.cloudy_pct`` are SCL-masked and composited onto the ROI's UTM grid by
+  :mod:`torchgeo_dofa.stac`, saved as a local GeoTIFF (``TORCHGEO_DOFA_STAC_CACHE``), then read
+  exactly as ``local`` reads files.
+* ``"auto"`` (default): ``tensor`` if ``input_chw`` is given, ``local`` if ``paths`` is,
+  ``stac`` if ``stac_url`` is, else ``gee``. ``"provider"`` is accepted as rs-embed's name for
+  ``gee``.
 
 Knobs (rs-embed's ``RS_EMBED_DOFA_*`` names work too): ``TORCHGEO_DOFA_BATCH_SIZE`` (images
 per forward pass; default 8 on CPU, 64 on CUDA), ``TORCHGEO_DOFA_FETCH_WORKERS`` (parallel
@@ -60,12 +66,13 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import rasterio
 import torch
 from affine import Affine
 from pyproj import CRS
@@ -85,6 +92,7 @@ from .embedder import DOFAEmbedder
 from .gee import DEFAULT_COLLECTION, GEEUnavailableError, build_gee_request, fetch_gee_pixels
 from .model import PooledNorm, canonical_variant
 from .spatial import BBox, PointBuffer, Region
+from .stac import StacUnavailableError
 from .transforms import INPUT_PREPS, DOFAPreprocess, nodata_mask
 from .weights import env_setting
 from .writers import atomic_write
@@ -111,7 +119,7 @@ __all__ = [
 ]
 
 #: Backends accepted by :func:`get_embedding`.
-BACKENDS: tuple[str, ...] = ("auto", "tensor", "local", "gee", "provider")
+BACKENDS: tuple[str, ...] = ("auto", "tensor", "local", "gee", "stac", "provider")
 
 #: Model names accepted (this package serves DOFA only).
 MODEL_NAMES: tuple[str, ...] = ("dofa",)
@@ -802,6 +810,83 @@ def _prepare_gee(
     return prepared
 
 
+@dataclass(frozen=True)
+class _StacSource:
+    """Where ``backend="stac"`` searches: API URL / item collection / catalog, collection."""
+
+    url: str | os.PathLike[str]
+    collection: str
+
+
+def _stac_source(
+    which: str, stac_url: str | os.PathLike[str] | None, collection: str | None
+) -> _StacSource | None:
+    if which != "stac":
+        return None
+    if stac_url is None:
+        raise ModelError(
+            "backend='stac' needs stac_url=... (a STAC API such as "
+            "https://earth-search.aws.element84.com/v1, an item collection JSON or a "
+            "catalog.json)"
+        )
+    from .stac import DEFAULT_COLLECTION as STAC_COLLECTION
+
+    return _StacSource(stac_url, collection or STAC_COLLECTION)
+
+
+def _prepare_stac(
+    spatial: Region,
+    temporal: TemporalSpec | None,
+    sensor: SensorSpec | None,
+    input_prep: str,
+    source: _StacSource,
+) -> _Prepared:
+    """Composite the STAC items of the ROI into a local GeoTIFF, then read it as ``local``."""
+    from . import stac
+
+    if spatial is None:
+        raise ModelError("backend='stac' needs spatial=PointBuffer(...) or BBox(...)")
+    if temporal is None:
+        raise ModelError(
+            "backend='stac' needs temporal=TemporalSpec.range('YYYY-MM-DD', 'YYYY-MM-DD'): "
+            "the composite is built from the items in that range"
+        )
+    eff = sensor or SensorSpec()
+    last = date.fromisoformat(temporal.end) - timedelta(days=1)  # STAC ends are inclusive
+    path = stac.materialise(
+        spatial,
+        (temporal.start, last.isoformat()),
+        source.url,
+        collection=source.collection,
+        bands=eff.bands,
+        max_cloud=eff.cloudy_pct,
+        composite=eff.composite,
+        resolution=float(eff.scale_m),
+    )
+    ds = open_local(path, SensorSpec(bands=eff.bands, wavelengths=eff.wavelengths))
+    prepared = _prepare_local(ds, spatial, None, input_prep, eff.fill_value)
+    with rasterio.open(path) as src:
+        tags = src.tags()
+    prepared.meta.update(
+        {
+            "temporal": [temporal.start, temporal.end],
+            "stac": {
+                "source": tags.get("STAC_SOURCE"),
+                "collection": tags.get("STAC_COLLECTION"),
+                "datetime": tags.get("STAC_DATETIME"),
+                "max_cloud": eff.cloudy_pct,
+                "composite": tags.get("STAC_COMPOSITE"),
+                "scl_mask": json.loads(tags.get("STAC_SCL_MASK", "[]")),
+                "item_ids": json.loads(tags.get("STAC_ITEM_IDS", "[]")),
+                "item_datetimes": json.loads(tags.get("STAC_ITEM_DATETIMES", "[]")),
+                "item_offsets": json.loads(tags.get("STAC_ITEM_OFFSETS", "[]")),
+                "file": str(path),
+            },
+        }
+    )
+    return prepared
+
+
 # ----------------------------------------------------------------------------------------------
 # inference
 # ----------------------------------------------------------------------------------------------
@@ -903,6 +988,7 @@ def _fetch_many(
     paths: PathsLike | None,
     project: str | None,
     dataset: Sentinel2Base | None = None,
+    stac_source: _StacSource | None = None,
 ) -> list[_Prepared]:
     """Fetch and preprocess ROIs: Earth Engine in parallel, local files one after another."""
     if backend == "local":
@@ -923,6 +1009,10 @@ def _fetch_many(
             list(spatials),
             fetch_workers(),
         )
+    if backend == "stac":
+        if stac_source is None:
+            raise ModelError("backend='stac' needs stac_url=...")
+        return [_prepare_stac(s, temporal, sensor, cfg.input_prep, stac_source) for s in spatials]
     raise ModelError(
         "backend='tensor' takes pixels, not regions: pass input_chw=... to get_embedding or "
         "input_chws=[...] to get_embeddings_batch_from_inputs"
@@ -952,6 +1042,8 @@ def get_embedding(
     nodata: float | None = None,
     model_config: dict[str, Any] | None = None,
     project: str | None = None,
+    stac_url: str | os.PathLike[str] | None = None,
+    collection: str | None = None,
 ) -> Embedding:
     """Embed one region (or one raw array) with DOFA.
 
@@ -981,6 +1073,8 @@ def get_embedding(
         model_config: rs-embed style settings (``{"variant": "large"}``), merged with the
             keyword arguments.
         project: Earth Engine Cloud project (``gee``).
+        stac_url: ``stac``: a STAC API URL, an item collection JSON or a static catalog.
+        collection: ``stac``: the collection id (default ``sentinel-2-l2a``).
 
     Returns:
         The :class:`Embedding`.
@@ -992,6 +1086,8 @@ def get_embedding(
         ReflectanceError: input already scaled to [0, 1] (valid values all within [0, 2]).
         LookupError: no data for the region and dates.
         GEEUnavailableError: Earth Engine client missing, not authenticated or unreachable.
+        StacUnavailableError: STAC extra missing, API or catalog unreachable (``stac``).
+        StacError: an item lacks a band's asset or an asset cannot be read (``stac``).
     """
     cfg = _config(
         model,
@@ -1003,7 +1099,10 @@ def get_embedding(
         device=device,
         model_config=model_config,
     )
+    if str(backend).strip().lower() == "auto" and stac_url is not None and input_chw is None:
+        backend = "stac" if paths is None else backend
     which = _backend(backend, input_chw is not None, paths is not None)
+    stac_source = _stac_source(which, stac_url, collection)
     if which == "tensor":
         if input_chw is None:
             raise ModelError("backend='tensor' needs input_chw=<(C, H, W) array>")
@@ -1017,7 +1116,9 @@ def get_embedding(
             )
         if spatial is None:
             raise ModelError(f"backend={which!r} needs spatial=PointBuffer(...) or BBox(...)")
-        prepared = _fetch_many([spatial], temporal, sensor, cfg, which, paths, project)
+        prepared = _fetch_many(
+            [spatial], temporal, sensor, cfg, which, paths, project, stac_source=stac_source
+        )
         prepared[0].meta["spatial"] = _spatial_key(spatial)
     return _embed(prepared, cfg, which)[0]
 
@@ -1099,6 +1200,8 @@ def get_embeddings_batch(
     paths: PathsLike | None = None,
     model_config: dict[str, Any] | None = None,
     project: str | None = None,
+    stac_url: str | os.PathLike[str] | None = None,
+    collection: str | None = None,
 ) -> list[Embedding]:
     """Embed many regions: fetched in parallel (Earth Engine), inferred in batches.
 
@@ -1117,6 +1220,8 @@ def get_embeddings_batch(
         paths: local rasters (``local``).
         model_config: rs-embed style settings.
         project: Earth Engine Cloud project.
+        stac_url: ``stac``: STAC API URL, item collection JSON or static catalog.
+        collection: ``stac``: collection id (default ``sentinel-2-l2a``).
 
     Returns:
         One :class:`Embedding` per region, in order.
@@ -1131,11 +1236,16 @@ def get_embeddings_batch(
         device=device,
         model_config=model_config,
     )
+    if str(backend).strip().lower() == "auto" and stac_url is not None and paths is None:
+        backend = "stac"
     which = _backend(backend, False, paths is not None)
+    stac_source = _stac_source(which, stac_url, collection)
     spatial_list = list(spatials)
     if not spatial_list:
         return []
-    prepared = _fetch_many(spatial_list, temporal, sensor, cfg, which, paths, project)
+    prepared = _fetch_many(
+        spatial_list, temporal, sensor, cfg, which, paths, project, stac_source=stac_source
+    )
     for spatial, item in zip(spatial_list, prepared, strict=True):
         item.meta["spatial"] = _spatial_key(spatial)
     return _embed(prepared, cfg, which)
@@ -1210,6 +1320,8 @@ def export_batch(
     continue_on_error: bool = False,
     chunk_size: int = 256,
     project: str | None = None,
+    stac_url: str | os.PathLike[str] | None = None,
+    collection: str | None = None,
 ) -> ExportSummary:
     """Embed many regions with one or more DOFA configurations into one GeoParquet file.
 
@@ -1243,6 +1355,8 @@ def export_batch(
             it) instead of raising.
         chunk_size: regions fetched and embedded per round (bounds memory).
         project: Earth Engine Cloud project.
+        stac_url: ``stac``: STAC API URL, item collection JSON or static catalog.
+        collection: ``stac``: collection id (default ``sentinel-2-l2a``).
 
     Returns:
         An :class:`ExportSummary`.
@@ -1265,11 +1379,14 @@ def export_batch(
     if not models:
         raise ModelError("models is empty: e.g. models=[ExportModelRequest.configure('dofa')]")
     requests = [m if isinstance(m, ExportModelRequest) else ExportModelRequest(m) for m in models]
+    if str(backend).strip().lower() == "auto" and stac_url is not None and paths is None:
+        backend = "stac"
     which = _backend(backend, False, paths is not None)
+    stac_source = _stac_source(which, stac_url, collection)
     if which == "tensor":
-        raise ModelError("export_batch reads regions: use backend='local' or 'gee'")
-    if which == "gee" and temporal is None:
-        raise ModelError("backend='gee' needs temporal=TemporalSpec.range(...)")
+        raise ModelError("export_batch reads regions: use backend='local', 'gee' or 'stac'")
+    if which in ("gee", "stac") and temporal is None:
+        raise ModelError(f"backend={which!r} needs temporal=TemporalSpec.range(...)")
     jobs = []
     for req in requests:
         conf = dict(req.model_config or {})
@@ -1293,6 +1410,7 @@ def export_batch(
             which,
             None if eff_sensor is None else eff_sensor.__dict__,
             None if temporal is None else [temporal.start, temporal.end],
+            *([] if stac_source is None else [str(stac_source.url), stac_source.collection]),
         )
         jobs.append((req, cfg, eff_sensor, config_id))
 
@@ -1330,9 +1448,19 @@ def export_batch(
                 d: Sentinel2Base | None = ds,
             ) -> Any:
                 try:
-                    got = _fetch_many([spatial_list[i]], temporal, sn, c, which, paths, project, d)
+                    got = _fetch_many(
+                        [spatial_list[i]],
+                        temporal,
+                        sn,
+                        c,
+                        which,
+                        paths,
+                        project,
+                        d,
+                        stac_source=stac_source,
+                    )
                     return got[0]
-                except GEEUnavailableError:
+                except (GEEUnavailableError, StacUnavailableError):
                     raise
                 except (LookupError, RuntimeError, ValueError) as err:
                     if not continue_on_error:

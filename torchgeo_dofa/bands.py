@@ -22,11 +22,13 @@ __all__ = [
     "SENTINEL2_BANDS",
     "STAC_ANCILLARY_ASSETS",
     "STAC_ASSET_BANDS",
+    "STAC_ITEM_ASSETS",
     "Band",
     "BandError",
     "BandSet",
     "canonical_band",
     "check_unique_bands",
+    "date_copy_base",
     "infer_wavelengths",
     "norm_stats",
     "resolve_wavelengths",
@@ -127,6 +129,18 @@ STAC_ASSET_BANDS: dict[str, str] = {
     "cirrus": "B10",
     "swir16": "B11",
     "swir22": "B12",
+}
+
+#: Every asset key a Sentinel-2 STAC item may carry, mapped to its band: Earth Search v1's
+#: (:data:`STAC_ASSET_BANDS`, plus ``scl``) and Microsoft Planetary Computer's
+#: ``sentinel-2-l2a`` (ESA names ``B01`` ... ``B12``, ``B8A``, ``SCL``). ``SCL`` is the scene
+#: classification layer (not spectral: no wavelength).
+STAC_ITEM_ASSETS: dict[str, str] = {
+    **STAC_ASSET_BANDS,
+    "scl": "SCL",
+    **{f"B{n:02d}": f"B{n}" for n in range(1, 13)},
+    "B8A": "B8A",
+    "SCL": "SCL",
 }
 
 #: Asset keys of the same collections that are not spectral bands (skipped when reading item
