@@ -80,7 +80,7 @@ class OutputWriteError(OSError):
             errno: the OS error number, if known.
         """
         super().__init__(message)
-        self.errno = errno  # type: ignore[assignment]
+        self.errno = errno
 
 
 #: Temporary files of :func:`atomic_write`: ``.<final name>.<32 hex digits>.tmp``.
