@@ -201,14 +201,12 @@ def _describe(err: BaseException, folder: Path) -> str:
     cur: BaseException | None = err
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        text = (
-            os.strerror(cur.errno) + (f": {cur.filename}" if cur.filename else "")
-            if isinstance(cur, OSError) and cur.errno and not isinstance(cur, OutputWriteError)
-            else str(cur)
-        )
+        os_error = isinstance(cur, OSError) and cur.errno and not isinstance(cur, OutputWriteError)
+        text = os.strerror(cur.errno) if os_error else str(cur)  # type: ignore[union-attr,arg-type]
         text = " ".join(text.split())
         if text and "see previous exception" not in text.lower() and text not in messages:
-            messages.append(text if cur is not err else f"{type(cur).__name__}: {text}")
+            named = cur is not err or os_error
+            messages.append(text if named else f"{type(cur).__name__}: {text}")
         cur = cur.__cause__ or cur.__context__
     errno_ = _errno_in(err)
     line = "; ".join(reversed(messages)) or type(err).__name__
@@ -594,14 +592,14 @@ class PooledWriter(_PartsWriter):
 
     Columns: ``geometry`` (chip footprint in the region's CRS), ``chip_id``, ``source``,
     ``time_start``/``time_end`` (UTC), ``embedding`` (list of float32), ``variant``,
-    ``weights``, ``pooled_norm``, ``empty`` (True for a chip without any valid pixel: NaN
-    embedding); with ``properties`` (points), also ``point_index`` and every input property.
+    ``weights``, ``pooled_norm``, ``no_data`` (True for a chip without any valid pixel: NaN
+    embedding; not named ``empty``, which pandas reserves); with ``properties`` (points), also ``point_index`` and every input property.
     The table's CRS is the region's.
 
     Rows: without ``chip_keys``, one per chip that was written, north-west first. With
     ``chip_keys`` (every chip the job sends, e.g. ``[PooledWriter.key_for_chip(c) for c in
     sampler]``), exactly one row per entry, chips that held no valid pixel included (flagged
-    ``empty``). With ``properties`` as well, row ``k`` of ``properties`` describes the chip
+    ``no_data``). With ``properties`` as well, row ``k`` of ``properties`` describes the chip
     ``chip_keys[k]``; its columns are joined into that row and rows keep the points' input
     order (``point_index``). Two points with the same footprint share one part and get
     the same embedding.
@@ -712,7 +710,7 @@ class PooledWriter(_PartsWriter):
                 depth = int(self.metadata.get("embed_dim", 0))
                 warnings.warn(
                     f"no chip of {self.path.name} held a valid pixel: its rows are flagged "
-                    "empty (NaN embeddings)",
+                    "no_data (NaN embeddings)",
                     stacklevel=3,
                 )
             empty = {
@@ -758,7 +756,7 @@ class PooledWriter(_PartsWriter):
             "variant": [meta.get("variant", "")] * len(rows),
             "weights": [meta.get("weights", "")] * len(rows),
             "pooled_norm": [meta.get("pooled_norm", "")] * len(rows),
-            "empty": np.array([bool(r["empty"]) for r in rows], dtype=bool),
+            "no_data": np.array([bool(r["empty"]) for r in rows], dtype=bool),
         }
         frame = gpd.GeoDataFrame(columns, geometry=[box(*r["bounds"]) for r in rows], crs=self.crs)
         if self.properties is not None:
