@@ -593,7 +593,8 @@ class PooledWriter(_PartsWriter):
     Columns: ``geometry`` (chip footprint in the region's CRS), ``chip_id``, ``source``,
     ``time_start``/``time_end`` (UTC), ``embedding`` (list of float32), ``variant``,
     ``weights``, ``pooled_norm``, ``no_data`` (True for a chip without any valid pixel: NaN
-    embedding; not named ``empty``, which pandas reserves); with ``properties`` (points), also ``point_index`` and every input property.
+    embedding; not named ``empty``, which pandas reserves); with ``properties`` (points),
+    also ``point_index`` and every input property.
     The table's CRS is the region's.
 
     Rows: without ``chip_keys``, one per chip that was written, north-west first. With
