@@ -380,15 +380,8 @@ def test_pooled_points_properties_order_and_empty_rows(tmp_path: Path) -> None:
     )
     empty = torch.tensor([False, False, True, False])
     # the batch sends points 0, 1, 2 (3 shares 1's part)
-    writer.write_on_batch_end(
-        None,
-        None,
-        {"pooled": vectors[:3], "bounds": bounds[:3], "empty": empty[:3]},
-        None,
-        None,
-        0,
-        0,
-    )  # type: ignore[arg-type]
+    batch = {"pooled": vectors[:3], "bounds": bounds[:3], "empty": empty[:3]}
+    writer.write_on_batch_end(None, None, batch, None, None, 0, 0)  # type: ignore[arg-type]
     writer.finalize()
     frame = gpd.read_parquet(out)
     assert frame.point_index.tolist() == [0, 1, 2, 3]

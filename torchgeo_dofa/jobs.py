@@ -341,15 +341,16 @@ class JobManifest:
                     for tmp in stale_temps(folder / name):
                         tmp.unlink(missing_ok=True)
                 return
-            name, before, now = diff
             raise JobMismatchError(
-                f"output folder {folder} holds another job's results: {name} was "
-                f"{_short(before)}, now {_short(now)}; rerun with --overwrite to replace them, "
-                "or choose another -o"
+                f"output folder {folder} holds another job's results: {_difference(*diff)}; "
+                "rerun with --overwrite to replace them, or choose another -o"
             )
         else:
             present = [
-                n for n in self.outputs if (folder / n).exists() or parts_dir(folder / n).exists()
+                q.name
+                for n in self.outputs
+                for q in (folder / n, parts_dir(folder / n))
+                if q.exists()
             ]
             if problem or present:
                 what = problem or f"it holds {', '.join(present)} without a job manifest"
@@ -368,6 +369,22 @@ def _first_input_difference(before: list[dict[str, Any]], now: list[dict[str, An
         if old.get(p) != new.get(p):
             return old.get(p, "absent"), new.get(p, "absent")
     return before, now  # pragma: no cover - equal dicts compare equal
+
+
+def _difference(name: str, before: Any, now: Any) -> str:
+    """One clause naming a difference between the stored and the new manifest."""
+    if name != "inputs":
+        return f"{name} was {_short(before)}, now {_short(now)}"
+    if before == "absent":
+        return f"input {now['path']} is new to this job"
+    if now == "absent":
+        return f"input {before['path']} is no longer part of this job"
+    changes = [
+        f"{key} {before[key]} -> {now[key]}"
+        for key in ("size", "mtime_ns")
+        if before.get(key) != now.get(key)
+    ]
+    return f"input {now['path']} changed since ({', '.join(changes)})"
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -472,10 +489,10 @@ def unique_region_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     A region's base name is its file's stem (``a/scene.tif`` -> ``scene``) or its folder's or
     Earth Engine export prefix's name. Names that collide (compared case-insensitively, as on
     macOS and Windows filesystems) get their parent folders' names prepended, one level at a
-    time (``a/scene.tif``, ``b/scene.tif`` -> ``a_scene``, ``b_scene``); names still
-    colliding after that (``x/scene.tif`` and ``x/scene.jp2``) get 8 hex digits of the sha1 of
-    the resolved path. A name depends only on the set of paths, not on their order, so reruns
-    find their outputs again.
+    time (``a/scene.tif``, ``b/scene.tif`` -> ``a_scene``, ``b_scene``); files that differ
+    only by suffix in one folder (``x/scene.tif``, ``x/scene.jp2``) get 8 hex digits of the
+    sha1 of their resolved path instead (``scene_1a2b3c4d``). A name depends only on the set
+    of paths, not on their order, so reruns find their outputs again.
 
     Args:
         paths: one path per region (file, folder or export prefix); duplicates are an error.
@@ -498,17 +515,27 @@ def unique_region_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
         parents = [q.name for q in list(p.parents)[:levels] if q.name][::-1]
         return "_".join([*parents, base(p)])
 
-    names = [base(p) for p in resolved]
+    def short_hash(p: Path) -> str:
+        return hashlib.sha1(str(p).encode()).hexdigest()[:8]
+
+    # same folder, same name, other suffix: parent folders cannot tell these apart
+    keys = [(p.parent, base(p).casefold()) for p in resolved]
+    hashed = {i for i, k in enumerate(keys) if keys.count(k) > 1}
+
+    def name(i: int, levels: int) -> str:
+        text = with_parents(resolved[i], levels)
+        return f"{text}_{short_hash(resolved[i])}" if i in hashed else text
+
+    names = [name(i, 0) for i in range(len(resolved))]
     depth = max((len(p.parents) for p in resolved), default=0)
     for level in range(1, depth + 1):
         groups = _collisions(names)
         if not groups:
             break
         for i in groups:
-            names[i] = with_parents(resolved[i], level)
-    for i in _collisions(names):
-        digest = hashlib.sha1(str(resolved[i]).encode()).hexdigest()[:8]
-        names[i] = f"{names[i]}_{digest}"
+            names[i] = name(i, level)
+    for i in _collisions(names):  # pragma: no cover - distinct paths always separate above
+        names[i] = f"{names[i]}_{short_hash(resolved[i])}"
     return names
 
 

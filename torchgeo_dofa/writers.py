@@ -201,8 +201,9 @@ def _describe(err: BaseException, folder: Path) -> str:
     cur: BaseException | None = err
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        os_error = isinstance(cur, OSError) and cur.errno and not isinstance(cur, OutputWriteError)
-        text = os.strerror(cur.errno) if os_error else str(cur)  # type: ignore[union-attr,arg-type]
+        code = cur.errno if isinstance(cur, OSError) else None
+        os_error = bool(code) and not isinstance(cur, OutputWriteError)
+        text = os.strerror(code) if os_error and code else str(cur)
         text = " ".join(text.split())
         if text and "see previous exception" not in text.lower() and text not in messages:
             named = cur is not err or os_error
