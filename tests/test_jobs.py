@@ -102,8 +102,11 @@ def test_manifest_new_job_resume_and_round_trip(tmp_path: Path, scene: Path) -> 
         assert stored["inputs"][0]["size"] == scene.stat().st_size
         assert JobManifest.from_json(stored) == job
         _fake_outputs(out)
-        job.check_or_write(out)  # the same job resumes: nothing raised, nothing removed
+        job.check_or_write(out)  # the same job resumes: nothing raised, its outputs kept
         assert (out / "scene_grid.tif").read_bytes() == b"grid of job 1"
+        # killed between the verified rename and the parts' removal: the parts go
+        assert not parts_dir(out / "scene_grid.tif").exists()
+        assert (out / "scene_pooled.parquet.parts" / "a.json").exists()  # not complete yet
 
 
 @pytest.mark.parametrize(
@@ -554,3 +557,79 @@ def test_points_properties_round_trip_through_the_pooled_table(tmp_path: Path) -
         table[list(props.columns)].reset_index(drop=True), props, check_dtype=False
     )
     assert table.id.tolist() == ["007", "008", "009"]
+
+
+# --- kill -9 during the final assembly -----------------------------------------------------------
+
+_ASSEMBLE = """
+import sys
+from rasterio.crs import CRS
+from torchgeo_dofa.writers import GridGeometry, GridWriter
+geom = GridGeometry.for_region(CRS.from_epsg(32631), (0, 0, 16000, 16000), 10.0)
+print("ready", flush=True)
+sys.stdin.readline()
+GridWriter(sys.argv[1], geom, metadata={"variant": "base"}).finalize()
+"""
+
+
+def test_kill_9_during_assembly_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
+    """A real SIGKILL while the GeoTIFF is being assembled; the rerun cleans up and finishes."""
+    from rasterio.transform import Affine
+
+    from torchgeo_dofa.writers import GridGeometry, GridWriter, stale_temps
+
+    geom = GridGeometry.for_region(UTM31, (0, 0, 16000, 16000), 10.0)  # 100 x 100 cells
+    gen = torch.Generator().manual_seed(1)
+    grids, transforms = [], []
+    for r in range(0, 98, 14):
+        for c in range(0, 98, 14):
+            grids.append(torch.rand(64, 14, 14, generator=gen))
+            x, y = geom.xmin + c * geom.cell, geom.ymin + (geom.height - r) * geom.cell
+            transforms.append(
+                torch.tensor(list(Affine(160, 0, x, 0, -160, y)), dtype=torch.float64)
+            )
+    prediction = {"grid": torch.stack(grids), "grid_transform": torch.stack(transforms)}
+
+    def run(folder: Path) -> GridWriter:
+        writer = GridWriter(folder / "g_grid.tif", geom, metadata={"variant": "base"})
+        writer.parts.mkdir(parents=True)
+        writer.write_on_batch_end(None, None, prediction, None, None, 0, 0)  # type: ignore[arg-type]
+        return writer
+
+    reference = run(tmp_path / "ref")
+    reference.finalize()
+    out = tmp_path / "out"
+    writer = run(out)
+    parts = sorted(p.name for p in writer.parts.iterdir())
+    child = subprocess.Popen(
+        [sys.executable, "-c", _ASSEMBLE, str(writer.path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_child_env(),
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready"
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        deadline = time.monotonic() + 60
+        while not stale_temps(writer.path) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        child.kill()
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert not writer.path.exists(), "the assembly finished before it could be killed"
+    assert stale_temps(writer.path) and sorted(p.name for p in writer.parts.iterdir()) == parts
+    job = _manifest([tmp_path / "ref" / "g_grid.tif"], outputs=["g_grid.tif"])
+    with OutputLock(out):
+        # a manifest as the first run would have written it, then the rerun's check
+        (out / MANIFEST_NAME).write_text(json.dumps(job.to_json()))
+        job.check_or_write(out)
+        assert stale_temps(writer.path) == []  # the killed assembly's temporary is gone
+        GridWriter(writer.path, geom, metadata={"variant": "base"}).finalize()
+    assert writer.path.read_bytes() == reference.path.read_bytes()
+    assert not writer.parts.exists()

@@ -294,8 +294,8 @@ class JobManifest:
 
         * no manifest and none of this job's outputs or parts in the folder: a new job,
           the manifest is written (atomically);
-        * the same manifest: the job resumes (stale temporary files of killed writes are
-          removed);
+        * the same manifest: the job resumes (temporary files of killed writes are removed,
+          and the parts of outputs that are already complete);
         * another manifest: :class:`JobMismatchError` naming the first setting that
           differs, nothing is touched;
         * outputs or parts of this job's names but no manifest (an older version, or files
@@ -338,8 +338,7 @@ class JobManifest:
             diff = self.first_difference(previous)
             if diff is None:
                 for name in self.outputs:
-                    for tmp in stale_temps(folder / name):
-                        tmp.unlink(missing_ok=True)
+                    _clean_resumed(folder / name)
                 return
             raise JobMismatchError(
                 f"output folder {folder} holds another job's results: {_difference(*diff)}; "
@@ -390,6 +389,18 @@ def _difference(name: str, before: Any, now: Any) -> str:
 def _short(value: Any, limit: int = 120) -> str:
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _clean_resumed(path: Path) -> None:
+    """Before resuming, drop a killed write's temporaries and a complete output's parts.
+
+    A final file exists only once verified, so its parts are leftovers of a job killed
+    between the rename and their removal.
+    """
+    for tmp in stale_temps(path):
+        tmp.unlink(missing_ok=True)
+    if path.exists():
+        shutil.rmtree(parts_dir(path), ignore_errors=True)
 
 
 def _remove_output(path: Path) -> None:
