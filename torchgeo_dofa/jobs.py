@@ -358,7 +358,7 @@ class JobManifest:
                     f"{what}; rerun with --overwrite to replace them, or choose another -o"
                 )
         text = json.dumps(self.to_json(), indent=1)
-        atomic_write(path, lambda p: p.write_text(text + "\n"))
+        atomic_write(path, lambda p: p.write_text(text + "\n"), durable=True)
 
 
 def _first_input_difference(before: list[dict[str, Any]], now: list[dict[str, Any]]) -> tuple:
