@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Self
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
-from pyproj import CRS
+from pyproj import CRS, Transformer
 from shapely.geometry import Point, box
 from shapely.geometry.base import BaseGeometry
 
@@ -734,8 +734,6 @@ def check_points(
     for name, (crs, footprint) in footprints.items():
         geom = footprint if isinstance(footprint, BaseGeometry) else box(*footprint)
         target = CRS.from_user_input(crs)
-        from pyproj import Transformer
-
         to_crs = Transformer.from_crs(WGS84, target, always_xy=True)
         xs, ys = to_crs.transform([p.lon for p in points], [p.lat for p in points])
         hits = [

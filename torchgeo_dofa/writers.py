@@ -70,7 +70,10 @@ class OutputWriteError(OSError):
     Attributes:
         errno: the OS error number found in the cause's chain (e.g. ``errno.ENOSPC``), or
             None.
+        exit_status: the CLI's exit status for it (1: a fault, not bad input).
     """
+
+    exit_status = 1
 
     def __init__(self, message: str, errno: int | None = None) -> None:
         """Create the error.
