@@ -633,3 +633,38 @@ def test_kill_9_during_assembly_then_rerun_equals_uninterrupted(tmp_path: Path) 
         GridWriter(writer.path, geom, metadata={"variant": "base"}).finalize()
     assert writer.path.read_bytes() == reference.path.read_bytes()
     assert not writer.parts.exists()
+
+
+# --- identities ----------------------------------------------------------------------------------
+
+
+def test_weights_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from torchgeo_dofa.jobs import weights_identity
+
+    ckpt = tmp_path / "DOFA_ViT_base_e100.pth"
+    ckpt.write_bytes(b"weights v1")
+    assert weights_identity(ckpt, "base") == "sha256:" + hashlib.sha256(b"weights v1").hexdigest()
+    ckpt.write_bytes(b"weights v2")  # replaced under the same name: another identity
+    assert weights_identity(str(ckpt), "b") == "sha256:" + hashlib.sha256(b"weights v2").hexdigest()
+    monkeypatch.setenv("TORCHGEO_DOFA_WEIGHTS_DIR", str(tmp_path))  # "official" found locally
+    assert weights_identity("official", "base") == weights_identity(ckpt, "base")
+    assert weights_identity(None, "base", seed=3) == "random:seed=3"
+    assert weights_identity(None, "base") != weights_identity(None, "base")  # cannot resume
+
+
+def test_region_identity(tmp_path: Path) -> None:
+    import hashlib
+
+    from torchgeo_dofa.jobs import region_identity
+
+    pts = tmp_path / "p.csv"
+    pts.write_text("lon,lat\n1,2\n")
+    assert region_identity() == {}
+    assert region_identity(bbox=(1, 2, 3, 4)) == {"bbox": [1.0, 2.0, 3.0, 4.0]}
+    assert region_identity(points=pts, buffer_m=1120) == {
+        "points_sha256": hashlib.sha256(b"lon,lat\n1,2\n").hexdigest(),
+        "buffer_m": 1120.0,
+        "skip_outside": False,
+    }

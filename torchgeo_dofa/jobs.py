@@ -32,6 +32,7 @@ import os
 import shutil
 import signal
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from shapely.geometry import Point, box
 from shapely.geometry.base import BaseGeometry
 
 from .spatial import WGS84, PointBuffer
+from .weights import resolve_weights, sha256_file
 from .writers import atomic_write, parts_dir, stale_temps
 
 __all__ = [
@@ -65,8 +67,9 @@ __all__ = [
     "is_launcher",
     "job_size_warning",
     "points_outside_warning",
-    "sha256_of",
+    "region_identity",
     "unique_region_names",
+    "weights_identity",
 ]
 
 MANIFEST_NAME = ".torchgeo-dofa-job.json"
@@ -134,23 +137,6 @@ def is_launcher() -> bool:
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
-def sha256_of(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks.
-
-    Args:
-        path: the file.
-        chunk: bytes per read.
-
-    Returns:
-        The hex digest.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class InputFile:
     """One input file as the manifest identifies it.
@@ -193,8 +179,8 @@ class JobManifest:
         bands: the bands fed to the model, in order.
         wavelengths: their wavelengths (micrometres).
         variant: ``base`` or ``large``.
-        weights: identity of the weights: ``sha256:<hex>`` of a checkpoint file,
-            ``random:seed=<n>``, or ``official:<repo>@<revision>/<filename>``.
+        weights: identity of the weights (:func:`weights_identity`): ``sha256:<hex>`` of a
+            checkpoint file, ``random:seed=<n>``, or ``official:<repo>@<commit>/<file>``.
         pooled_norm: ``trained`` or ``plain``.
         input_prep: ``resize`` or ``tile``.
         chip_size: chip side in input pixels.
@@ -203,9 +189,10 @@ class JobManifest:
         output: ``grid``, ``pooled`` or ``both``.
         outputs: the files the job writes, relative to the output folder (sorted). These, and
             their ``.parts`` folders, are what ``overwrite=True`` deletes.
-        region: the area selection: ``{}`` (whole rasters), ``{"bbox": [...]}``, or
-            ``{"points_sha256": ..., "buffer_m": ..., "skip_outside": ...}``; any other
-            setting that changes the chips may be added as a key.
+        region: the area selection (:func:`region_identity`): ``{}`` (whole rasters),
+            ``{"bbox": [...]}``, or ``{"points_sha256": ..., "buffer_m": ...,
+            "skip_outside": ...}``; any other setting that changes the chips (a time range)
+            may be added as a key.
         version: the torchgeo-dofa version that wrote the outputs.
         format: manifest format version.
     """
@@ -409,6 +396,65 @@ def _remove_output(path: Path) -> None:
         tmp.unlink(missing_ok=True)
     path.unlink(missing_ok=True)
     shutil.rmtree(parts_dir(path), ignore_errors=True)
+
+
+def weights_identity(
+    weights: str | os.PathLike[str] | None, variant: str, seed: int | None = None
+) -> str:
+    """What the manifest records about the weights: equal only for the same model.
+
+    Args:
+        weights: ``"official"``, a checkpoint path, or None (random).
+        variant: ``base`` or ``large``.
+        seed: the seed of random weights (``--seed``).
+
+    Returns:
+        ``random:seed=<n>``; ``random:unseeded:<uuid4>`` for random weights without a seed
+        (never equal: such a job cannot be resumed, rerun it with ``--overwrite`` or set a
+        seed); ``official:<repo>@<commit>/<file>`` for a file from the Hugging Face cache
+        (the snapshot's commit, not a moving branch name); ``sha256:<hex>`` of any other
+        file (an explicit path or one named by ``TORCHGEO_DOFA_*`` variables), so a file
+        replaced under the same name is a different job.
+
+    Raises:
+        CheckpointError: if the weights cannot be found (as when loading them).
+    """
+    if weights is None:
+        return f"random:seed={seed}" if seed is not None else f"random:unseeded:{uuid.uuid4()}"
+    resolution = resolve_weights(variant, weights)
+    if resolution.source.startswith("hub:"):
+        repo = resolution.source.removeprefix("hub:").split("@")[0]
+        commit = resolution.path.parent.name  # <cache>/snapshots/<commit>/<file>
+        return f"official:{repo}@{commit}/{resolution.path.name}"
+    return f"sha256:{sha256_file(resolution.path)}"
+
+
+def region_identity(
+    bbox: Sequence[float] | None = None,
+    points: str | os.PathLike[str] | None = None,
+    buffer_m: float | None = None,
+    skip_outside: bool = False,
+) -> dict[str, Any]:
+    """The manifest's ``region`` field for the CLI's area options.
+
+    Args:
+        bbox: ``--bbox`` (minlon, minlat, maxlon, maxlat), or None.
+        points: ``--points`` file, or None (identified by the sha256 of its content).
+        buffer_m: ``--buffer-m`` (recorded with points only).
+        skip_outside: ``--skip-outside`` (recorded with points only).
+
+    Returns:
+        ``{}`` for whole rasters, ``{"bbox": [...]}``, and/or ``{"points_sha256": ...,
+        "buffer_m": ..., "skip_outside": ...}``.
+    """
+    region: dict[str, Any] = {}
+    if bbox is not None:
+        region["bbox"] = [float(v) for v in bbox]
+    if points is not None:
+        region["points_sha256"] = sha256_file(Path(points))
+        region["buffer_m"] = float(buffer_m) if buffer_m is not None else None
+        region["skip_outside"] = bool(skip_outside)
+    return region
 
 
 class OutputLock:
