@@ -149,3 +149,257 @@ def test_pooled_geoparquet(tmp_path: Path) -> None:
     np.testing.assert_allclose(np.stack(frame.embedding.to_numpy())[1], pooled[0].numpy())
     assert frame.variant.iloc[0] == "base" and frame.weights.iloc[0] == "random"
     assert frame.time_start.iloc[0].timestamp() == t0
+
+
+# --- verified final files: write failures, resume after them, stale temporaries ----------------
+
+import contextlib  # noqa: E402
+import errno  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+from torchgeo_dofa.writers import OutputWriteError, atomic_write, stale_temps  # noqa: E402
+
+BIG_DEPTH = 32
+
+
+def _big_chips(geom: GridGeometry) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Chips of incompressible values: the GeoTIFF is about as large as its parts."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for r, c in [(0, 0), (0, 14), (11, 0), (11, 14), (11, 24)]:
+        _, gt = _chip(geom, r, c, depth=BIG_DEPTH)
+        out.append((torch.rand(BIG_DEPTH, 14, 14, generator=gen), gt))
+    return out
+
+
+def _reference_grid(tmp_path: Path) -> Path:
+    """The same chips assembled without any fault."""
+    ref = GridWriter(tmp_path / "ref" / "g.tif", _geometry(), metadata={"variant": "base"})
+    _write(ref, _big_chips(_geometry()))
+    ref.finalize()
+    return ref.path
+
+
+def _assert_same_grid(a: Path, b: Path) -> None:
+    with rasterio.open(a) as x, rasterio.open(b) as y:
+        np.testing.assert_array_equal(x.read(), y.read())
+        assert x.tags() == y.tags() and np.isnan(x.nodata) and np.isnan(y.nodata)
+        assert {**x.profile, "nodata": 0} == {**y.profile, "nodata": 0}
+        assert x.descriptions == y.descriptions
+    assert a.read_bytes() == b.read_bytes()
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    """Mount a small tmpfs at ``path`` (root only); False where mounting is not permitted."""
+    path.mkdir(parents=True)
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    return done.returncode == 0
+
+
+def test_disk_full_during_assembly_keeps_parts_and_rerun_finishes(tmp_path: Path) -> None:
+    """A real full filesystem (tmpfs): no final file, parts kept, rerun = uninterrupted bytes."""
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "2m"):
+        pytest.skip("cannot mount a tmpfs here (not root or not permitted)")
+    try:
+        geom = _geometry()
+        writer = GridWriter(disk / "g.tif", geom, metadata={"variant": "base"})
+        _write(writer, _big_chips(geom))
+        parts_before = sorted(p.name for p in writer.parts.iterdir())
+        # fill the disk so that the parts fit but the assembled GeoTIFF does not
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        filler = disk / "filler"
+        with open(filler, "wb") as f:
+            f.write(b"\0" * (free - 64 * 1024))
+        with pytest.raises(OutputWriteError) as info:
+            GridWriter(disk / "g.tif", geom, metadata={"variant": "base"}).finalize()
+        message = str(info.value)
+        assert "\n" not in message
+        assert str(disk / "g.tif") in message and "No space left on device" in message
+        assert "rerun the same command" in message
+        assert not (disk / "g.tif").exists()
+        assert sorted(p.name for p in writer.parts.iterdir()) == parts_before  # parts kept
+        assert stale_temps(disk / "g.tif") == []  # the temporary was removed
+        filler.unlink()  # free space, rerun: completes to the uninterrupted bytes
+        GridWriter(disk / "g.tif", geom, metadata={"variant": "base"}).finalize()
+        assert not writer.parts.exists()
+        _assert_same_grid(_reference_grid(tmp_path), disk / "g.tif")
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit: int) -> Iterator[None]:
+    """Make the kernel refuse writes past ``limit`` bytes in any file (EFBIG), then restore.
+
+    RLIMIT_FSIZE is a real failing write (no root needed); SIGXFSZ is ignored so that the
+    write fails with an error instead of killing the process.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_file_size_limit_during_assembly_keeps_parts_and_rerun_finishes(tmp_path: Path) -> None:
+    """A real failing write without root: RLIMIT_FSIZE makes the kernel refuse (EFBIG)."""
+    geom = _geometry()
+    out = tmp_path / "g.tif"
+    writer = GridWriter(out, geom, metadata={"variant": "base"})
+    _write(writer, _big_chips(geom))
+    parts_before = sorted(p.name for p in writer.parts.iterdir())
+    with _file_size_limit(64 * 1024), pytest.raises(OutputWriteError) as info:  # GeoTIFF ~300 KB
+        GridWriter(out, geom, metadata={"variant": "base"}).finalize()
+    message = str(info.value)
+    assert message.startswith(f"could not write {out}: ")
+    assert "\n" not in message and "rerun the same command" in message
+    assert not out.exists() and stale_temps(out) == []
+    assert sorted(p.name for p in writer.parts.iterdir()) == parts_before
+    GridWriter(out, geom, metadata={"variant": "base"}).finalize()
+    _assert_same_grid(_reference_grid(tmp_path), out)
+    assert not writer.parts.exists()
+
+
+def test_pooled_write_failure_keeps_parts(tmp_path: Path) -> None:
+    out = tmp_path / "p.parquet"
+    writer = PooledWriter(out, UTM, metadata={"variant": "base"})
+    writer.parts.mkdir(parents=True)
+    bounds = torch.tensor(
+        [
+            [500_000 + 2240 * i, 502_240 + 2240 * i, 10, 4e6, 4_002_240, 10, 0, 1, 1]
+            for i in range(40)
+        ],
+        dtype=torch.float64,
+    )
+    _write_pooled(writer, {"pooled": torch.rand(40, 768), "bounds": bounds})
+    with _file_size_limit(16 * 1024), pytest.raises(OutputWriteError) as info:  # table ~130 KB
+        PooledWriter(out, UTM, metadata={"variant": "base"}).finalize()
+    assert str(info.value).startswith(f"could not write {out}: ")
+    assert not out.exists() and len(list(writer.parts.glob("*.json"))) == 40
+    writer.finalize()
+    assert len(gpd.read_parquet(out)) == 40 and not writer.parts.exists()
+
+
+def test_atomic_write_enospc_partway(tmp_path: Path) -> None:
+    """A write that fails with ENOSPC after writing some bytes: one line, no file, no temp."""
+    out = tmp_path / "x.bin"
+
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:
+            f.write(b"x" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    with pytest.raises(OutputWriteError) as info:
+        atomic_write(out, write, hint="; keep going")
+    assert info.value.errno == errno.ENOSPC
+    assert str(info.value).startswith(f"could not write {out}: No space left on device")
+    assert str(info.value).endswith("; keep going") and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_verify_failure_leaves_previous_content(tmp_path: Path) -> None:
+    out = tmp_path / "x.txt"
+    out.write_text("old")
+
+    def verify(path: Path) -> None:
+        if path.read_text() != "expected":
+            raise ValueError("read back other content than written")
+
+    with pytest.raises(OutputWriteError, match="read back other content"):
+        atomic_write(out, lambda p: p.write_text("new"), verify=verify)
+    assert out.read_text() == "old" and sorted(tmp_path.iterdir()) == [out]
+    atomic_write(out, lambda p: p.write_text("expected"), verify=verify)
+    assert out.read_text() == "expected"
+
+
+def test_stale_temps_only_this_outputs(tmp_path: Path) -> None:
+    out = tmp_path / "a.tif"
+    mine = tmp_path / f".a.tif.{uuid.uuid4().hex}.tmp"
+    in_parts = tmp_path / "a.tif.parts" / f".r0_c0.npy.{uuid.uuid4().hex}.tmp"
+    in_parts.parent.mkdir()
+    others = [
+        tmp_path / f".b.tif.{uuid.uuid4().hex}.tmp",  # another output's
+        tmp_path / f".a.tif.{uuid.uuid4().hex}.tmp.keep",  # not a temporary
+        tmp_path / ".a.tif.nothex.tmp",  # not one of atomic_write's names
+    ]
+    for p in [mine, in_parts, *others]:
+        p.write_text("x")
+    assert stale_temps(out) == sorted([mine, in_parts])
+
+
+def test_empty_region_gives_all_nan_grid_with_warning(tmp_path: Path) -> None:
+    geom = _geometry()
+    writer = GridWriter(tmp_path / "e.tif", geom, metadata={"embed_dim": "4"})
+    writer.parts.mkdir(parents=True)
+    with pytest.warns(UserWarning, match="no chip of e.tif held a valid pixel"):
+        writer.finalize()
+    with rasterio.open(tmp_path / "e.tif") as src:
+        assert (src.count, src.height, src.width) == (4, geom.height, geom.width)
+        assert np.isnan(src.read()).all()
+
+
+def test_pooled_points_properties_order_and_empty_rows(tmp_path: Path) -> None:
+    """Rows follow point_index with every property; a chip without data is flagged empty."""
+    out = tmp_path / "pts.parquet"
+    chips = [  # x slice, y slice per point; points 1 and 3 share a footprint
+        (slice(502_240.0, 504_480.0), slice(4_000_000.0, 4_002_240.0)),
+        (slice(500_000.0, 502_240.0), slice(4_002_240.0, 4_004_480.0)),
+        (slice(-1_000.0, 1_240.5), slice(4_000_000.0, 4_002_240.0)),  # no valid pixel
+        (slice(500_000.0, 502_240.0), slice(4_002_240.0, 4_004_480.0)),
+    ]
+    keys = [PooledWriter.key_for_chip(c) for c in chips]
+    props = pd.DataFrame(
+        {
+            "point_index": [0, 1, 2, 3],
+            "site": ["007", "b", "c", "d"],
+            "embedding": [1, 2, 3, 4],  # clashes with the table's column
+        }
+    ).iloc[[2, 0, 3, 1]]  # any row order: rows are keyed to chip_keys by position
+    keys = [keys[i] for i in [2, 0, 3, 1]]
+    writer = PooledWriter(out, UTM, {"variant": "base"}, "s", chip_keys=keys, properties=props)
+    writer.parts.mkdir(parents=True)
+    vectors = torch.rand(4, 8)
+    bounds = torch.tensor(
+        [[c[0].start, c[0].stop, 10, c[1].start, c[1].stop, 10, 0, 1, 1] for c in chips],
+        dtype=torch.float64,
+    )
+    empty = torch.tensor([False, False, True, False])
+    # the batch sends points 0, 1, 2 (3 shares 1's part)
+    batch = {"pooled": vectors[:3], "bounds": bounds[:3], "empty": empty[:3]}
+    writer.write_on_batch_end(None, None, batch, None, None, 0, 0)  # type: ignore[arg-type]
+    writer.finalize()
+    frame = gpd.read_parquet(out)
+    assert frame.point_index.tolist() == [0, 1, 2, 3]
+    assert frame.site.tolist() == ["007", "b", "c", "d"]
+    assert frame.input_embedding.tolist() == [1, 2, 3, 4]
+    assert frame.no_data.tolist() == [False, False, True, False]
+    emb = np.stack(frame.embedding.to_numpy())
+    np.testing.assert_array_equal(emb[0], vectors[0].numpy())
+    np.testing.assert_array_equal(emb[1], vectors[1].numpy())
+    np.testing.assert_array_equal(emb[3], vectors[1].numpy())
+    assert np.isnan(emb[2]).all() and emb.shape == (4, 8)
+    assert frame.geometry.iloc[2].bounds == (-1_000.0, 4_000_000.0, 1_240.5, 4_002_240.0)
+    assert frame.geometry.iloc[0].bounds == (502_240.0, 4_000_000.0, 504_480.0, 4_002_240.0)
+
+
+def test_pooled_properties_validation(tmp_path: Path) -> None:
+    props = pd.DataFrame({"point_index": [0, 0]})
+    with pytest.raises(ValueError, match="needs chip_keys"):
+        PooledWriter(tmp_path / "p.parquet", UTM, properties=props)
+    with pytest.raises(ValueError, match="unique integer 'point_index'"):
+        PooledWriter(tmp_path / "p.parquet", UTM, chip_keys=["a", "b"], properties=props)

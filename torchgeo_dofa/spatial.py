@@ -10,13 +10,22 @@ Regions are given in EPSG:4326 longitude/latitude, as rs-embed does:
 :func:`region_window` turns a region into a chip on a dataset's pixel grid: the slices
 ``[xmin:xmax, ymin:ymax]`` a TorchGeo dataset is indexed with, snapped to whole pixels so that
 pixels are read, never resampled.
+
+:func:`read_points` reads a points file (CSV, GeoJSON, GeoPackage ...) into
+:class:`PointBuffer` s and a table of their properties, so embeddings can be joined back to
+their sites.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import pandas as pd
 import pyproj
 import shapely
 import shapely.ops
@@ -27,6 +36,7 @@ __all__ = [
     "BBox",
     "PointBuffer",
     "Region",
+    "read_points",
     "region_to_crs",
     "region_window",
 ]
@@ -251,3 +261,170 @@ def _reproject(geometry: BaseGeometry, src: CRS, dst: CRS) -> BaseGeometry:
         geometry = shapely.segmentize(geometry, max_segment_length=span / 32)
     transformer = pyproj.Transformer.from_crs(src, dst, always_xy=True)
     return shapely.ops.transform(transformer.transform, geometry)
+
+
+#: Coordinate column pairs of a points CSV, in order of preference (matched case-insensitively).
+POINT_COLUMNS = (("lon", "lat"), ("longitude", "latitude"), ("lng", "lat"), ("x", "y"))
+#: Columns :func:`read_points` adds; input properties of these names become ``input_<name>``.
+_RESERVED = ("point_index", "lon", "lat")
+#: coordinates, properties, and how to name row ``i`` in an error message.
+type _PointsRead = tuple[list[tuple[float, float]], pd.DataFrame, Callable[[int], str]]
+_LEADING_ZERO = re.compile(r"^[+-]?0\d")
+
+
+def read_points(
+    path: str | os.PathLike[str], buffer_m: float
+) -> tuple[list[PointBuffer], pd.DataFrame]:
+    """Read points and keep their properties, in input order.
+
+    Formats: ``.csv`` (comma-, semicolon- or tab-separated, with a header) whose coordinate
+    columns are ``lon``/``lat``, ``longitude``/``latitude``, ``lng``/``lat`` or ``x``/``y``
+    (any case; degrees, EPSG:4326); anything else is read as a vector file with geopandas
+    (GeoJSON, GeoPackage, Shapefile ...; Point geometries, reprojected to EPSG:4326; a file
+    without a CRS is taken as EPSG:4326, as GeoJSON specifies).
+
+    Properties: every other CSV column or vector attribute, kept as it is written. CSV cells
+    are read as text; a column becomes numeric only if every non-empty cell is a number and
+    none has a leading zero (so ids like ``007`` stay text); empty cells are missing values.
+
+    Args:
+        path: the points file.
+        buffer_m: half-side of each point's chip, in metres.
+
+    Returns:
+        ``(points, properties)``: one :class:`PointBuffer` per point, and a DataFrame with
+        one row per point in the same order: ``point_index`` (0, 1, ... in input order),
+        ``lon``, ``lat`` (degrees), then every input property (a property named like one
+        of these three is renamed ``input_<name>``).
+
+    Raises:
+        ValueError: one line naming the file and the problem: missing file, unreadable
+            or malformed file, no coordinate columns, a coordinate that is not a number or
+            is out of range (with its line or feature number), a geometry that is not a
+            point, no points at all, or a non-positive ``buffer_m``.
+    """
+    path = Path(path)
+    if not (math.isfinite(buffer_m) and buffer_m > 0):
+        raise ValueError(f"buffer_m must be a positive number of metres, got {buffer_m}")
+    if not path.is_file():
+        raise ValueError(f"points file {str(path)!r} does not exist")
+    if path.suffix.lower() == ".csv":
+        coords, props, where = _read_points_csv(path)
+    else:
+        coords, props, where = _read_points_vector(path)
+    if not coords:
+        raise ValueError(f"points file {path} holds no points")
+    points = []
+    for i, (lon, lat) in enumerate(coords):
+        try:
+            points.append(PointBuffer(lon, lat, buffer_m))
+        except ValueError as err:
+            raise ValueError(f"points file {path}, {where(i)}: {err}") from None
+    props = props.reset_index(drop=True)
+    props = props.rename(columns={c: f"input_{c}" for c in props.columns if c in _RESERVED})
+    head = pd.DataFrame(
+        {
+            "point_index": pd.RangeIndex(len(points)).to_numpy(dtype="int64"),
+            "lon": [p.lon for p in points],
+            "lat": [p.lat for p in points],
+        }
+    )
+    return points, pd.concat([head, props], axis=1)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _read_points_csv(
+    path: Path,
+) -> _PointsRead:
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            header = f.readline()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read points file {path}: {_one_line(err)}") from None
+    sep = ","
+    if "," not in header:
+        sep = ";" if ";" in header else "\t" if "\t" in header else ","
+    try:
+        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read points file {path} as CSV: {_one_line(err)}") from None
+    by_lower: dict[str, list[str]] = {}
+    for col in frame.columns:
+        by_lower.setdefault(str(col).strip().lower(), []).append(str(col))
+    pair = next((p for p in POINT_COLUMNS if p[0] in by_lower and p[1] in by_lower), None)
+    if pair is None:
+        names = " / ".join(f"{a}, {b}" for a, b in POINT_COLUMNS)
+        raise ValueError(
+            f"points file {path} has no coordinate columns (found {list(frame.columns)}): "
+            f"name them {names} (any case; degrees, EPSG:4326)"
+        )
+    for key in pair:
+        if len(by_lower[key]) > 1:
+            raise ValueError(
+                f"points file {path} has several {key!r} columns {by_lower[key]}: keep one"
+            )
+    lon_col, lat_col = by_lower[pair[0]][0], by_lower[pair[1]][0]
+
+    def where(i: int) -> str:
+        return f"line {i + 2}"
+
+    coords = []
+    for i, (lon, lat) in enumerate(zip(frame[lon_col], frame[lat_col], strict=True)):
+        try:
+            coords.append((float(lon), float(lat)))
+        except ValueError:
+            raise ValueError(
+                f"points file {path}, {where(i)}: {lon_col}={lon!r}, {lat_col}={lat!r} is not "
+                "a pair of numbers (decimal degrees with a point, e.g. 4.35)"
+            ) from None
+    props = frame.drop(columns=[lon_col, lat_col])
+    for col in props.columns:
+        props[col] = _typed(props[col])
+    return coords, props, where
+
+
+def _typed(column: pd.Series) -> pd.Series:
+    """A text CSV column as numbers when every non-empty cell is one (no leading zeros)."""
+    text = column.str.strip()
+    present = text != ""
+    if present.any() and not text[present].str.match(_LEADING_ZERO).any():
+        numbers = pd.to_numeric(text.where(present), errors="coerce")
+        if numbers[present].notna().all():
+            return numbers
+    return column.where(present, None)
+
+
+def _read_points_vector(
+    path: Path,
+) -> _PointsRead:
+    import geopandas as gpd
+
+    try:
+        frame = gpd.read_file(path)
+    except Exception as err:  # pyogrio / fiona raise their own types for a malformed file
+        raise ValueError(
+            f"cannot read points file {path} as a vector file (GeoJSON, GeoPackage, ...; "
+            f"use .csv for a CSV): {_one_line(err)}"
+        ) from None
+
+    def where(i: int) -> str:
+        return f"feature {i}"
+
+    geoms = frame.geometry
+    for i, g in enumerate(geoms):
+        if g is None or g.is_empty:
+            raise ValueError(f"points file {path}, {where(i)}: has no geometry")
+        if g.geom_type != "Point":
+            raise ValueError(
+                f"points file {path}, {where(i)}: is a {g.geom_type}; only Point geometries "
+                "are supported (one chip per point)"
+            )
+    if frame.crs is None:
+        frame = frame.set_crs(4326)
+    frame = frame.to_crs(4326)
+    coords = [(float(g.x), float(g.y)) for g in frame.geometry]
+    props = pd.DataFrame(frame.drop(columns=frame.geometry.name))
+    return coords, props, where

@@ -9,31 +9,51 @@ Both are resumable and atomic. Every chip is first written as its own small part
 ``<output>.parts/`` (temporary name, then ``os.replace``), keyed by its position, so a crash
 leaves complete parts only, a rerun skips chips whose part exists, and duplicates (a
 distributed sampler pads ranks with repeated chips) overwrite the same part. When prediction
-ends, rank 0 assembles the parts window by window into a temporary file, renames it onto the
-final name and removes the parts: the final file either does not exist or is complete.
+ends, rank 0 assembles the parts window by window into a temporary file, flushes it to disk,
+reads it back (every block of every band of a GeoTIFF, compared with what was written; every
+row and column of a GeoParquet), renames it onto the final name, flushes the folder and only
+then removes the parts: the final file either does not exist or is complete and readable. Any
+failure (a full disk, a libtiff error) raises :class:`OutputWriteError`, leaves no final file
+and keeps the parts, so rerunning the same job finishes the assembly.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from errno import ENOSPC
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 import rasterio
 from lightning.pytorch.callbacks import BasePredictionWriter
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-__all__ = ["GridGeometry", "GridWriter", "PooledWriter", "atomic_write", "parts_dir"]
+__all__ = [
+    "GridGeometry",
+    "GridWriter",
+    "OutputWriteError",
+    "PooledWriter",
+    "atomic_write",
+    "fsync_dir",
+    "parts_dir",
+    "stale_temps",
+    "temp_path",
+]
 
 
 def parts_dir(path: Path) -> Path:
@@ -41,19 +61,171 @@ def parts_dir(path: Path) -> Path:
     return path.with_name(path.name + ".parts")
 
 
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+class OutputWriteError(OSError):
+    """A final output could not be written, flushed or read back.
+
+    The message is one line naming the file and the cause (the OS error where one is known).
+    Nothing is left at the final path; a writer's parts are kept so a rerun can finish.
+
+    Attributes:
+        errno: the OS error number found in the cause's chain (e.g. ``errno.ENOSPC``), or
+            None.
+        exit_status: the CLI's exit status for it (1: a fault, not bad input).
+    """
+
+    exit_status = 1
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        """Create the error.
+
+        Args:
+            message: the one-line message.
+            errno: the OS error number, if known.
+        """
+        super().__init__(message)
+        self.errno = errno
+
+
+#: Temporary files of :func:`atomic_write`: ``.<final name>.<32 hex digits>.tmp``.
+_TEMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{32}\.tmp$")
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh temporary name beside ``path``: ``.<name>.<32 hex digits>.tmp``."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def stale_temps(path: Path) -> list[Path]:
+    """Temporary files of ``path`` left by an :func:`atomic_write` that was killed.
+
+    Only this output's temporaries (``.<name>.<hex>.tmp`` beside it) and any temporary inside
+    its parts folder are listed. Delete them only while holding the output folder's lock
+    (:class:`torchgeo_dofa.jobs.OutputLock`): a running job's temporaries look the same.
+
+    Args:
+        path: a final output path.
+
+    Returns:
+        The temporary files, sorted.
+    """
+    found = [
+        p
+        for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp")
+        if (m := _TEMP.match(p.name)) and m["name"] == path.name
+    ]
+    parts = parts_dir(path)
+    if parts.is_dir():
+        found += [p for p in parts.glob(".*.tmp") if _TEMP.match(p.name)]
+    return sorted(found)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename inside it) to disk; a no-op where unsupported."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - platforms without directory fds (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(
+    path: str | os.PathLike[str],
+    write: Callable[[Path], Any],
+    *,
+    verify: Callable[[Path], None] | None = None,
+    durable: bool = False,
+    hint: str = "",
+) -> None:
     """Write through a temporary name in the same folder, then rename onto ``path``.
+
+    Steps: ``write(tmp)``; flush the file to disk (``fsync``, if ``durable``); ``verify(tmp)``
+    (read it back); ``os.replace(tmp, path)``; flush the folder (if ``durable``). The
+    temporary file is removed on any failure, so ``path`` is either the previous content, or
+    the new, verified content.
 
     Args:
         path: the final file.
         write: a function writing the content to the path it is given.
+        verify: a function reading the written file back, raising if it is not what was
+            meant to be written (see :class:`GridWriter` and :class:`PooledWriter`).
+        durable: fsync the file and the folder, so the content survives a power loss, not
+            only a crash (final outputs, whose parts are deleted next). Off by default:
+            parts are re-creatable and an fsync costs 8-12 ms per file on our disk.
+        hint: appended to the error message (e.g. what to do to finish the job).
+
+    Raises:
+        OutputWriteError: if writing, flushing, verifying or renaming fails; one line naming
+            ``path`` and the cause (an ``OSError``'s strerror, a GDAL/libtiff message, or "no
+            space left on device" when the folder's filesystem is full).
     """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    path = Path(path)
+    tmp = temp_path(path)
     try:
         write(tmp)
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        if verify is not None:
+            verify(tmp)
         os.replace(tmp, path)
+    except Exception as err:  # any failure is a failed write of this file: say which, why
+        raise OutputWriteError(
+            f"could not write {path}: {_describe(err, path.parent)}{hint}", _errno_in(err)
+        ) from err
     finally:
         tmp.unlink(missing_ok=True)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def _errno_in(err: BaseException) -> int | None:
+    """The first OS error number in an exception's chain, if any."""
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno:
+            return cur.errno
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _describe(err: BaseException, folder: Path) -> str:
+    """One line: the most specific message of an exception chain, plus a full-disk note.
+
+    rasterio reports a libtiff write failure as "Write failed. See previous exception" with
+    the libtiff message chained; the OS error itself (ENOSPC) is only printed by libtiff, so a
+    full filesystem is detected by asking it for its free space.
+    """
+    messages: list[str] = []
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        code = cur.errno if isinstance(cur, OSError) else None
+        os_error = bool(code) and not isinstance(cur, OutputWriteError)
+        text = os.strerror(code) if os_error and code else str(cur)
+        text = " ".join(text.split())
+        if text and "see previous exception" not in text.lower() and text not in messages:
+            named = cur is not err or os_error
+            messages.append(text if named else f"{type(cur).__name__}: {text}")
+        cur = cur.__cause__ or cur.__context__
+    errno_ = _errno_in(err)
+    line = "; ".join(reversed(messages)) or type(err).__name__
+    if errno_ != ENOSPC:
+        try:
+            stats = os.statvfs(folder)
+        except (OSError, AttributeError):  # pragma: no cover - no statvfs (Windows)
+            stats = None
+        if stats is not None and stats.f_bavail * stats.f_frsize < 1 << 20:
+            free = stats.f_bavail * stats.f_frsize
+            line += f" ({os.strerror(ENOSPC)}: {free // 1024} KiB free in {folder})"
+    return line
 
 
 @dataclass(frozen=True)
@@ -238,6 +410,12 @@ class _PartsWriter(BasePredictionWriter):
         """Assemble the parts into the final output."""
         raise NotImplementedError
 
+    def _hint(self) -> str:
+        return (
+            f"; the chips already computed are kept in {self.parts}: fix the cause (e.g. free "
+            "disk space) and rerun the same command to finish"
+        )
+
 
 class GridWriter(_PartsWriter):
     """Write grid embeddings as one georeferenced GeoTIFF for a region.
@@ -343,13 +521,35 @@ class GridWriter(_PartsWriter):
             yield int(r[1:]), int(c[1:]), p
 
     def finalize(self) -> None:
-        """Assemble the chip parts into the final GeoTIFF, window by window."""
+        """Assemble the chip parts into the final GeoTIFF, window by window, verified.
+
+        The GeoTIFF is written to a temporary file, flushed, and read back block by block:
+        every window must decode to exactly the bytes written (a blake2b digest per window,
+        so memory stays bounded), and the shape, CRS, transform, data type and tags must be
+        as written. Only then is it renamed onto :attr:`path` and the parts deleted.
+
+        A region where no chip held a valid pixel has no part: with the embedding width known
+        (``embed_dim`` in the metadata, as :class:`~torchgeo_dofa.embedder.DOFAEmbedder`
+        records it) an all-NaN grid is written with a warning.
+
+        Raises:
+            OutputWriteError: if the file cannot be written or read back (the parts are
+                kept; rerun the job to finish).
+            RuntimeError: if there is no part and the embedding width is unknown.
+        """
         geom = self.geometry
         chips = list(self._chips())
-        if not chips:
-            raise RuntimeError(f"no chip was written for {self.path}: nothing to assemble")
         sizes = {p: np.load(p, mmap_mode="r").shape for _, _, p in chips}
-        depth = next(iter(sizes.values()))[0]
+        if chips:
+            depth = int(next(iter(sizes.values()))[0])
+        elif "embed_dim" in self.metadata:
+            depth = int(self.metadata["embed_dim"])
+            warnings.warn(
+                f"no chip of {self.path.name} held a valid pixel: writing an all-NaN grid",
+                stacklevel=2,
+            )
+        else:
+            raise RuntimeError(f"no chip was written for {self.path}: nothing to assemble")
         profile = {
             "driver": "GTiff",
             "dtype": "float32",
@@ -369,12 +569,16 @@ class GridWriter(_PartsWriter):
             "interleave": "band",
             "BIGTIFF": "IF_SAFER",
         }
+        tags = {k: _tag(v) for k, v in self.metadata.items()}
+        descriptions = tuple(f"dofa_{w:04d}" for w in range(depth))
+        digests: list[bytes] = []
 
         def write(tmp: Path) -> None:
+            digests.clear()
             with rasterio.open(tmp, "w", **profile) as dst:
-                for w in range(depth):
-                    dst.set_band_description(w + 1, f"dofa_{w:04d}")
-                dst.update_tags(**{k: _tag(v) for k, v in self.metadata.items()})
+                for w, name in enumerate(descriptions):
+                    dst.set_band_description(w + 1, name)
+                dst.update_tags(**tags)
                 for win in _windows(geom.height, geom.width, self.window):
                     total = np.zeros((depth, win.height, win.width), np.float64)
                     count = np.zeros((win.height, win.width), np.int32)
@@ -394,9 +598,31 @@ class GridWriter(_PartsWriter):
                         count[wr, wc] += ok
                     with np.errstate(invalid="ignore", divide="ignore"):
                         out = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-                    dst.write(out.astype(np.float32), window=win)
+                    out32 = np.ascontiguousarray(out, dtype=np.float32)
+                    digests.append(_digest(out32))
+                    dst.write(out32, window=win)
 
-        atomic_write(self.path, write)
+        def verify(tmp: Path) -> None:
+            with rasterio.open(tmp) as src:
+                got = (src.count, src.height, src.width, src.dtypes[0], src.crs, src.transform)
+                want = (depth, geom.height, geom.width, "float32", geom.crs, geom.transform)
+                if got != want:
+                    raise ValueError(
+                        f"read back (count, height, width, dtype, crs, transform) "
+                        f"{got}, wrote {want}"
+                    )
+                if src.descriptions != descriptions or any(
+                    src.tags().get(k) != v for k, v in tags.items()
+                ):
+                    raise ValueError("read back other band descriptions or tags than written")
+                wins = list(_windows(geom.height, geom.width, self.window))
+                if len(wins) != len(digests):
+                    raise ValueError(f"wrote {len(digests)} windows, expected {len(wins)}")
+                for win, digest in zip(wins, digests, strict=True):
+                    if _digest(src.read(window=win)) != digest:
+                        raise ValueError(f"window {win} reads back other values than written")
+
+        atomic_write(self.path, write, verify=verify, durable=True, hint=self._hint())
         shutil.rmtree(self.parts, ignore_errors=True)
 
 
@@ -405,7 +631,18 @@ class PooledWriter(_PartsWriter):
 
     Columns: ``geometry`` (chip footprint in the region's CRS), ``chip_id``, ``source``,
     ``time_start``/``time_end`` (UTC), ``embedding`` (list of float32), ``variant``,
-    ``weights``, ``pooled_norm``; the table's CRS is the region's.
+    ``weights``, ``pooled_norm``, ``no_data`` (True for a chip without any valid pixel: NaN
+    embedding; not named ``empty``, which pandas reserves); with ``properties`` (points),
+    also ``point_index`` and every input property.
+    The table's CRS is the region's.
+
+    Rows: without ``chip_keys``, one per chip that was written, north-west first. With
+    ``chip_keys`` (every chip the job sends, e.g. ``[PooledWriter.key_for_chip(c) for c in
+    sampler]``), exactly one row per entry, chips that held no valid pixel included (flagged
+    ``no_data``). With ``properties`` as well, row ``k`` of ``properties`` describes the chip
+    ``chip_keys[k]``; its columns are joined into that row and rows keep the points' input
+    order (``point_index``). Two points with the same footprint share one part and get
+    the same embedding.
     """
 
     suffix = ".json"
@@ -416,6 +653,8 @@ class PooledWriter(_PartsWriter):
         crs: CRS | None = None,
         metadata: Mapping[str, Any] | None = None,
         source: str = "",
+        chip_keys: Sequence[str] | None = None,
+        properties: pd.DataFrame | None = None,
     ) -> None:
         """Create a pooled writer.
 
@@ -427,10 +666,47 @@ class PooledWriter(_PartsWriter):
                 and in the file's metadata.
             source: name of the input (file or region) stored in every row; empty takes
                 the datamodule's ``region_name`` at setup.
+            chip_keys: the key (:meth:`chip_key`) of every chip of the job, in order.
+            properties: one row per ``chip_keys`` entry with a ``point_index`` column (as
+                :func:`torchgeo_dofa.spatial.read_points` returns, restricted to the points
+                of this region); a property whose name is one of the table's own columns is
+                stored as ``input_<name>``.
+
+        Raises:
+            ValueError: if ``properties`` is given without ``chip_keys``, with another
+                number of rows, or without a unique integer ``point_index``.
         """
         super().__init__(path, metadata)
         self.crs = crs
         self.source = source
+        self.chip_keys = list(chip_keys) if chip_keys is not None else None
+        if properties is not None:
+            if self.chip_keys is None or len(properties) != len(self.chip_keys):
+                raise ValueError(
+                    "PooledWriter(properties=...) needs chip_keys with one key per properties "
+                    f"row ({len(properties)} rows, "
+                    f"{'no' if self.chip_keys is None else len(self.chip_keys)} keys)"
+                )
+            index = properties.get("point_index")
+            if index is None or not pd.api.types.is_integer_dtype(index) or not index.is_unique:
+                raise ValueError(
+                    "PooledWriter(properties=...) needs a unique integer 'point_index' column "
+                    "(as torchgeo_dofa.spatial.read_points returns)"
+                )
+            properties = properties.reset_index(drop=True)
+        self.properties = properties
+
+    @staticmethod
+    def key_for_chip(chip: Sequence[slice]) -> str:
+        """Part-file key of a sampler's chip ``(x, y, ...)`` (slices in map units)."""
+        x, y = chip[0], chip[1]
+        return PooledWriter.chip_key([x.start, x.stop, 0.0, y.start, y.stop])
+
+    @staticmethod
+    def bounds_of_key(key: str) -> tuple[float, float, float, float]:
+        """The footprint ``(xmin, ymin, xmax, ymax)`` a :meth:`chip_key` encodes."""
+        xmin, ymin, xmax, ymax = (float(v.replace("m", "-")) for v in key.split("_"))
+        return xmin, ymin, xmax, ymax
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Create the parts folder; take the CRS from the datamodule if needed."""
@@ -475,33 +751,100 @@ class PooledWriter(_PartsWriter):
         text = json.dumps(row)
         atomic_write(self.parts / f"{key}.json", lambda p: Path(p).write_text(text))
 
+    def _rows(self) -> list[dict[str, Any]]:
+        """The table's rows (see the class docstring), before properties are joined."""
+        parts = {
+            p.name.removesuffix(self.suffix): json.loads(p.read_text())
+            for p in sorted(self.parts.glob(f"*{self.suffix}"))
+        }
+        if self.chip_keys is None:
+            rows = [r | {"empty": False} for r in parts.values()]
+        else:
+            depth = next((len(r["embedding"]) for r in parts.values()), None)
+            if depth is None:
+                depth = int(self.metadata.get("embed_dim", 0))
+                warnings.warn(
+                    f"no chip of {self.path.name} held a valid pixel: its rows are flagged "
+                    "no_data (NaN embeddings)",
+                    stacklevel=3,
+                )
+            empty = {
+                "time": [math.nan, math.nan],
+                "embedding": [math.nan] * depth,
+                "empty": True,
+            }
+            rows = [
+                parts[k] | {"empty": False}
+                if k in parts
+                else {"chip_id": k, "bounds": list(self.bounds_of_key(k))} | empty
+                for k in self.chip_keys
+            ]
+        if self.properties is None:
+            rows.sort(key=lambda r: (-r["bounds"][3], r["bounds"][0]))
+        return rows
+
     def finalize(self) -> None:
-        """Assemble the rows into the final GeoParquet, sorted north-west first."""
+        """Assemble the rows into the final GeoParquet, verified (see the class docstring).
+
+        The table is written to a temporary file, flushed and read back (row count, columns,
+        every embedding value) before it is renamed onto :attr:`path` and the parts deleted.
+
+        Raises:
+            OutputWriteError: if the file cannot be written or read back (the parts are
+                kept; rerun the job to finish).
+            RuntimeError: if no chip was written and ``chip_keys`` was not given.
+        """
         import geopandas as gpd
-        import pandas as pd
+        import pyarrow.parquet as pq
         from shapely.geometry import box
 
-        rows = [json.loads(p.read_text()) for p in sorted(self.parts.glob("*.json"))]
-        if not rows:
+        rows = self._rows()
+        if not rows and self.chip_keys is None:
             raise RuntimeError(f"no chip was written for {self.path}: nothing to assemble")
-        rows.sort(key=lambda r: (-r["bounds"][3], r["bounds"][0]))
         meta = {k: _tag(v) for k, v in self.metadata.items()}
-        frame = gpd.GeoDataFrame(
-            {
-                "chip_id": [r["chip_id"] for r in rows],
-                "source": self.source,
-                "time_start": pd.to_datetime([_ts(r["time"][0]) for r in rows], utc=True),
-                "time_end": pd.to_datetime([_ts(r["time"][1]) for r in rows], utc=True),
-                "embedding": [np.asarray(r["embedding"], np.float32) for r in rows],
-                "variant": meta.get("variant", ""),
-                "weights": meta.get("weights", ""),
-                "pooled_norm": meta.get("pooled_norm", ""),
-            },
-            geometry=[box(*r["bounds"]) for r in rows],
-            crs=self.crs,
-        )
+        columns: dict[str, Any] = {
+            "chip_id": [r["chip_id"] for r in rows],
+            "source": [self.source] * len(rows),
+            "time_start": pd.to_datetime([_ts(r["time"][0]) for r in rows], utc=True),
+            "time_end": pd.to_datetime([_ts(r["time"][1]) for r in rows], utc=True),
+            "embedding": [np.asarray(r["embedding"], np.float32) for r in rows],
+            "variant": [meta.get("variant", "")] * len(rows),
+            "weights": [meta.get("weights", "")] * len(rows),
+            "pooled_norm": [meta.get("pooled_norm", "")] * len(rows),
+            "no_data": np.array([bool(r["empty"]) for r in rows], dtype=bool),
+        }
+        frame = gpd.GeoDataFrame(columns, geometry=[box(*r["bounds"]) for r in rows], crs=self.crs)
+        if self.properties is not None:
+            props = self.properties.rename(
+                columns={
+                    c: f"input_{c}"
+                    for c in self.properties.columns
+                    if c in frame.columns and c != "point_index"
+                }
+            )
+            frame = gpd.GeoDataFrame(
+                pd.concat([frame.drop(columns="geometry"), props], axis=1),
+                geometry=frame.geometry,
+                crs=self.crs,
+            )
+            frame = frame.sort_values("point_index", kind="stable").reset_index(drop=True)
         frame.attrs.update(meta)
-        atomic_write(self.path, lambda p: frame.to_parquet(p))
+        expected = np.concatenate([*frame.embedding.to_numpy(), np.empty(0, np.float32)])
+
+        def verify(tmp: Path) -> None:
+            table = pq.read_table(tmp)
+            if table.num_rows != len(frame):
+                raise ValueError(f"read back {table.num_rows} rows, wrote {len(frame)}")
+            missing = [c for c in frame.columns if c not in table.column_names]
+            if missing:
+                raise ValueError(f"read back without the columns {missing}")
+            values = (
+                table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            )
+            if _digest(np.asarray(values, np.float32)) != _digest(expected):
+                raise ValueError("read back other embedding values than written")
+
+        atomic_write(self.path, frame.to_parquet, verify=verify, durable=True, hint=self._hint())
         shutil.rmtree(self.parts, ignore_errors=True)
 
 
@@ -509,6 +852,14 @@ def _ts(value: float) -> float | None:
     if not math.isfinite(value) or abs(value) > 9.2e9:  # TorchGeo's open-ended time bounds
         return None
     return value * 1e9
+
+
+def _digest(array: np.ndarray) -> bytes:
+    """Digest of an array's shape, dtype and bytes (NaN payloads included)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((array.shape, array.dtype.str)).encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+    return h.digest()
 
 
 def _tag(value: Any) -> str:

@@ -1,0 +1,670 @@
+"""The embed job's manifest, output lock, region names, signals and whole-job checks.
+
+Real files, real processes, real signals, a real Lightning Trainer (with a tiny module).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from rasterio.crs import CRS
+from shapely.geometry import Point
+from torch.utils.data import DataLoader
+
+from torchgeo_dofa.jobs import (
+    LOCK_NAME,
+    MANIFEST_NAME,
+    InputFile,
+    JobInterrupted,
+    JobLockedError,
+    JobManifest,
+    JobMismatchError,
+    OutputLock,
+    PointsOutsideError,
+    StopOnSignal,
+    check_points,
+    estimate_seconds,
+    job_size_warning,
+    points_outside_warning,
+    unique_region_names,
+)
+from torchgeo_dofa.spatial import PointBuffer, read_points
+from torchgeo_dofa.writers import PooledWriter, parts_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# --- manifest ------------------------------------------------------------------------------------
+
+
+def _manifest(inputs: list[Path], **changes: Any) -> JobManifest:
+    settings: dict[str, Any] = dict(
+        inputs=[InputFile.of(p) for p in inputs],
+        file_bands=None,
+        bands=["B4", "B3", "B2", "B8"],
+        wavelengths=[0.665, 0.56, 0.49, 0.842],
+        variant="base",
+        weights="sha256:" + "ab" * 32,
+        pooled_norm="trained",
+        input_prep="resize",
+        chip_size=224,
+        stride=224,
+        precision="32-true",
+        output="both",
+        outputs=["scene_grid.tif", "scene_pooled.parquet"],
+        region={},
+    )
+    settings.update(changes)
+    return JobManifest(**settings)
+
+
+@pytest.fixture
+def scene(tmp_path: Path) -> Path:
+    path = tmp_path / "in" / "scene.tif"
+    path.parent.mkdir()
+    path.write_bytes(b"not really a tif, only its identity matters here")
+    return path
+
+
+def _fake_outputs(out: Path) -> dict[Path, bytes]:
+    """Outputs and parts of a previous job, to check they are left untouched / removed."""
+    files = {
+        out / "scene_grid.tif": b"grid of job 1",
+        out / "scene_grid.tif.parts" / "r0_c0.npy": b"part",
+        out / "scene_pooled.parquet.parts" / "a.json": b"{}",
+    }
+    for p, data in files.items():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return files
+
+
+def test_manifest_new_job_resume_and_round_trip(tmp_path: Path, scene: Path) -> None:
+    out = tmp_path / "out"
+    job = _manifest([scene])
+    with OutputLock(out):
+        job.check_or_write(out)
+        stored = json.loads((out / MANIFEST_NAME).read_text())
+        assert stored["variant"] == "base" and stored["inputs"][0]["path"] == str(scene.resolve())
+        assert stored["inputs"][0]["size"] == scene.stat().st_size
+        assert JobManifest.from_json(stored) == job
+        _fake_outputs(out)
+        job.check_or_write(out)  # the same job resumes: nothing raised, its outputs kept
+        assert (out / "scene_grid.tif").read_bytes() == b"grid of job 1"
+        # killed between the verified rename and the parts' removal: the parts go
+        assert not parts_dir(out / "scene_grid.tif").exists()
+        assert (out / "scene_pooled.parquet.parts" / "a.json").exists()  # not complete yet
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "before", "after"),
+    [
+        ({"variant": "large"}, "variant", "'base'", "'large'"),
+        ({"weights": "random:seed=0"}, "weights", "'sha256:abab", "'random:seed=0'"),
+        ({"bands": ["B4", "B3", "B2"]}, "bands", '["B4", "B3", "B2", "B8"]', '["B4", "B3", "B2"]'),
+        ({"stride": 112}, "stride", "224", "112"),
+        ({"region": {"bbox": [1, 2, 3, 4]}}, "region", "{}", '{"bbox": [1, 2, 3, 4]}'),
+    ],
+)
+def test_manifest_changed_setting_is_named_and_outputs_untouched(
+    tmp_path: Path, scene: Path, change: dict[str, Any], field: str, before: str, after: str
+) -> None:
+    out = tmp_path / "out"
+    with OutputLock(out):
+        _manifest([scene]).check_or_write(out)
+        files = _fake_outputs(out)
+        manifest_text = (out / MANIFEST_NAME).read_text()
+        with pytest.raises(JobMismatchError) as info:
+            _manifest([scene], **change).check_or_write(out)
+    message = str(info.value)
+    assert "\n" not in message and f": {field} was {before}" in message
+    assert f"now {after}" in message and "--overwrite" in message
+    assert info.value.exit_status == 2
+    assert all(p.read_bytes() == data for p, data in files.items())  # untouched
+    assert (out / MANIFEST_NAME).read_text() == manifest_text
+
+
+def test_manifest_changed_input_file_is_named(tmp_path: Path, scene: Path) -> None:
+    out = tmp_path / "out"
+    with OutputLock(out):
+        _manifest([scene]).check_or_write(out)
+        size = scene.stat().st_size
+        scene.write_bytes(b"rewritten with other content")
+        with pytest.raises(
+            JobMismatchError, match=f"input {scene} changed since \\(size {size} -> 28"
+        ):
+            _manifest([scene]).check_or_write(out)
+        other = scene.with_name("other.tif")
+        other.write_bytes(b"x")
+        with pytest.raises(JobMismatchError, match=f"input {other} is new to this job"):
+            _manifest([scene, other]).check_or_write(out)
+
+
+def test_manifest_overwrite_replaces_previous_outputs(tmp_path: Path, scene: Path) -> None:
+    out = tmp_path / "out"
+    unrelated = out / "notes.txt"
+    with OutputLock(out):
+        _manifest([scene], outputs=["old_grid.tif", "scene_pooled.parquet"]).check_or_write(out)
+        (out / "old_grid.tif").write_bytes(b"old")
+        parts_dir(out / "old_grid.tif").mkdir()
+        stale = out / f".old_grid.tif.{uuid.uuid4().hex}.tmp"
+        stale.write_bytes(b"killed assembly")
+        files = _fake_outputs(out)
+        unrelated.write_text("mine")
+        new = _manifest([scene], variant="large")
+        new.check_or_write(out, overwrite=True)
+    assert not (out / "old_grid.tif").exists() and not parts_dir(out / "old_grid.tif").exists()
+    assert not stale.exists()
+    assert not any(p.exists() for p in files)  # this job's names are cleared too
+    assert not parts_dir(out / "scene_grid.tif").exists()
+    assert unrelated.read_text() == "mine"  # files the manifest does not list stay
+    assert JobManifest.from_json(json.loads((out / MANIFEST_NAME).read_text())) == new
+
+
+def test_manifest_outputs_without_manifest_or_unreadable(tmp_path: Path, scene: Path) -> None:
+    out = tmp_path / "out"
+    with OutputLock(out):
+        _fake_outputs(out)
+        with pytest.raises(
+            JobMismatchError,
+            match="holds scene_grid.tif, scene_grid.tif.parts, scene_pooled.parquet.parts with",
+        ):
+            _manifest([scene]).check_or_write(out)
+        (out / MANIFEST_NAME).write_text("{not json")
+        with pytest.raises(JobMismatchError, match="manifest .* is unreadable"):
+            _manifest([scene]).check_or_write(out)
+        _manifest([scene]).check_or_write(out, overwrite=True)
+    assert not (out / "scene_grid.tif").exists()
+
+
+def test_manifest_resume_cleans_only_this_jobs_stale_temps(tmp_path: Path, scene: Path) -> None:
+    out = tmp_path / "out"
+    with OutputLock(out):
+        _manifest([scene]).check_or_write(out)
+        ours = [
+            out / f".scene_grid.tif.{uuid.uuid4().hex}.tmp",
+            out / "scene_pooled.parquet.parts" / f".k.json.{uuid.uuid4().hex}.tmp",
+        ]
+        theirs = out / f".other_grid.tif.{uuid.uuid4().hex}.tmp"
+        for p in [*ours, theirs]:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("x")
+        _manifest([scene]).check_or_write(out)
+    assert not any(p.exists() for p in ours) and theirs.exists()
+
+
+def test_manifest_needs_the_lock(tmp_path: Path, scene: Path) -> None:
+    with pytest.raises(RuntimeError, match="inside OutputLock"):
+        _manifest([scene]).check_or_write(tmp_path / "out")
+
+
+# --- lock ----------------------------------------------------------------------------------------
+
+# Another job as the kernel sees it: OutputLock's exact protocol (flock on the lock file,
+# pid written into it) without importing torch, so the child starts in milliseconds.
+_HOLD = f"""
+import fcntl, os, sys, time
+os.makedirs(sys.argv[1], exist_ok=True)
+fd = os.open(os.path.join(sys.argv[1], {LOCK_NAME!r}), os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.ftruncate(fd, 0); os.write(fd, str(os.getpid()).encode())
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def _child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def test_lock_second_job_fails_at_once_and_kill_9_leaves_no_stale_lock(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_child_env(),
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+        start = time.perf_counter()
+        with pytest.raises(JobLockedError) as info:
+            OutputLock(out).acquire()
+        assert time.perf_counter() - start < 1.0  # non-blocking
+        assert str(info.value) == (
+            f"output folder {out} is in use by another torchgeo-dofa job (pid {child.pid}); "
+            "wait for it or use another -o"
+        )
+        child.kill()  # SIGKILL: no cleanup code runs in the child
+        child.wait(timeout=30)
+        with OutputLock(out):  # the kernel released the lock
+            assert (out / LOCK_NAME).read_text().strip() == str(os.getpid())
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_lock_in_one_process_is_exclusive_and_reacquirable(tmp_path: Path) -> None:
+    with OutputLock(tmp_path):
+        with pytest.raises(JobLockedError, match=f"pid {os.getpid()}"):
+            OutputLock(tmp_path).acquire()
+    with OutputLock(tmp_path):
+        pass
+
+
+def test_lock_and_manifest_skip_ddp_workers(
+    tmp_path: Path, scene: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with OutputLock(tmp_path / "out"):
+        monkeypatch.setenv("LOCAL_RANK", "1")  # as in a worker Lightning's DDP launcher starts
+        with OutputLock(tmp_path / "out"):  # no error: the launcher holds it
+            _manifest([scene]).check_or_write(tmp_path / "out")  # a no-op
+        assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+
+
+# --- region names --------------------------------------------------------------------------------
+
+
+def test_unique_region_names_are_stable_and_distinct(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a" / "scene.tif", tmp_path / "b" / "scene.tif", tmp_path / "c" / "x.tif"
+    assert unique_region_names([a, b, c]) == ["a_scene", "b_scene", "x"]
+    assert unique_region_names([c, b, a]) == ["x", "b_scene", "a_scene"]  # order-independent
+    assert unique_region_names([a]) == ["scene"]
+    # same folder name one level up: go one more level
+    d, e = tmp_path / "p" / "x" / "scene.tif", tmp_path / "q" / "x" / "scene.tif"
+    assert unique_region_names([d, e]) == ["p_x_scene", "q_x_scene"]
+    # case-insensitive filesystems: Scene.tif and scene.tif in two folders also collide
+    assert unique_region_names([tmp_path / "a" / "Scene.tif", b]) == ["a_Scene", "b_scene"]
+    # only the suffix differs: a short hash of the path
+    f, g = tmp_path / "x" / "scene.tif", tmp_path / "x" / "scene.jp2"
+    names = unique_region_names([f, g])
+    assert len(set(names)) == 2 and all(n.startswith("scene_") and len(n) == 14 for n in names)
+    assert unique_region_names([f, g, tmp_path / "y" / "scene.tif"])[2] == "scene"
+    assert unique_region_names([g, f]) == names[::-1]
+    # folders and Earth Engine prefixes keep their full name
+    assert unique_region_names([tmp_path / "exports.v2", tmp_path / "s2-export"]) == [
+        "exports.v2",
+        "s2-export",
+    ]
+    with pytest.raises(ValueError, match="given twice"):
+        unique_region_names([a, tmp_path / "a" / ".." / "a" / "scene.tif"])
+
+
+# --- signals -------------------------------------------------------------------------------------
+
+
+class _Tiny(pl.LightningModule):
+    """A real LightningModule: 'pooled' = mean of the chip, sends a signal at one batch."""
+
+    def __init__(self, signal_at: int | None, signum: int) -> None:
+        super().__init__()
+        self.signal_at, self.signum = signal_at, signum
+        self.computed: list[int] = []
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        self.computed.append(batch_idx)
+        if batch_idx == self.signal_at:
+            os.kill(os.getpid(), self.signum)  # a real signal, delivered to this process
+        return {"pooled": batch["image"].mean(dim=(2, 3)), "bounds": batch["bounds"]}
+
+
+def _loader(n: int = 12) -> DataLoader:
+    items = [
+        {
+            "image": torch.full((2, 4, 4), float(i)),
+            "bounds": torch.tensor(
+                [1000.0 * i, 1000.0 * i + 1000, 10, 0, 1000, 10, 0, 1, 1], dtype=torch.float64
+            ),
+        }
+        for i in range(n)
+    ]
+    return DataLoader(items, batch_size=2)  # type: ignore[arg-type]
+
+
+def _predict(module: _Tiny, writer: PooledWriter, stop: StopOnSignal) -> None:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        callbacks=[writer, stop],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.predict(module, dataloaders=_loader(), return_predictions=False)
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_after_the_batch_and_rerun_resumes(
+    tmp_path: Path, signum: int, status: int
+) -> None:
+    before = signal.getsignal(signum)
+    out = tmp_path / "p.parquet"
+    module = _Tiny(signal_at=2, signum=signum)
+    with StopOnSignal() as stop, pytest.raises(JobInterrupted) as info:
+        _predict(module, PooledWriter(out, CRS.from_epsg(32631)), stop)
+    assert info.value.exit_status == status and "rerun the same command" in str(info.value)
+    assert signal.getsignal(signum) == before  # handlers restored
+    assert module.computed == [0, 1, 2]  # stopped within the batch that got the signal
+    assert not out.exists()
+    writer = PooledWriter(out, CRS.from_epsg(32631))
+    assert len(writer.done_keys()) == 6  # batches 0..2 written before stopping
+    # rerun: the remaining chips, then the same table as an uninterrupted run
+    rerun = _Tiny(signal_at=None, signum=signum)
+    with StopOnSignal() as stop:
+        _predict(rerun, writer, stop)
+    full_out = tmp_path / "full.parquet"
+    with StopOnSignal() as stop:
+        _predict(_Tiny(None, signum), PooledWriter(full_out, CRS.from_epsg(32631)), stop)
+    a, b = gpd.read_parquet(out), gpd.read_parquet(full_out)
+    pd.testing.assert_frame_equal(a.drop(columns="embedding"), b.drop(columns="embedding"))
+    np.testing.assert_array_equal(np.stack(a.embedding), np.stack(b.embedding))
+
+
+def test_signal_callback_alone_installs_and_restores(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopOnSignal()
+    with pytest.raises(JobInterrupted):
+        _predict(_Tiny(1, signal.SIGTERM), PooledWriter(tmp_path / "p.parquet", UTM31), stop)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_signal_callback_must_follow_the_writers(tmp_path: Path) -> None:
+    stop = StopOnSignal()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        callbacks=[stop, PooledWriter(tmp_path / "p.parquet", CRS.from_epsg(32631))],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(RuntimeError, match="must come after the prediction writers"):
+        trainer.predict(_Tiny(None, 0), dataloaders=_loader(), return_predictions=False)
+
+
+# --- whole-job checks ----------------------------------------------------------------------------
+
+UTM31 = CRS.from_epsg(32631)
+
+
+def test_check_points_lists_every_outside_point_or_skips_them() -> None:
+    # two rasters in UTM 31N around (3 E, 45 N) and 1 km further east
+    from pyproj import Transformer
+
+    to_utm = Transformer.from_crs(4326, 32631, always_xy=True)
+    x0, y0 = to_utm.transform(3.0, 45.0)
+    footprints = {
+        "west": (UTM31, (x0 - 500, y0 - 500, x0 + 500, y0 + 500)),
+        "east": (UTM31, Point(x0 + 1000, y0).buffer(600)),
+    }
+    to_ll = Transformer.from_crs(32631, 4326, always_xy=True)
+    pts = [
+        PointBuffer(3.0, 45.0, 100),  # west
+        PointBuffer(*to_ll.transform(x0 + 1000, y0), 100),  # east
+        PointBuffer(*to_ll.transform(x0 + 450, y0), 100),  # both (overlap)
+        PointBuffer(10.0, 50.0, 100),  # outside
+        PointBuffer(*to_ll.transform(x0, y0 + 5000), 100),  # outside
+    ]
+    with pytest.raises(PointsOutsideError) as info:
+        check_points(pts, footprints)
+    message = str(info.value)
+    assert message.startswith("2 of 5 points lie outside every input raster: #3 (10, 50), #4 (")
+    assert "--skip-outside" in message and "\n" not in message
+    inside, outside = check_points(pts, footprints, skip_outside=True)
+    assert inside == {"west": [0, 2], "east": [1, 2]} and outside == [3, 4]
+    assert points_outside_warning(pts, outside).startswith("skipping 2 of 5 points")
+
+
+def test_job_size_warning_and_estimate() -> None:
+    assert job_size_warning(5000, 4.2) is None
+    text = job_size_warning(199_809, 4.2)
+    minutes = round(199_809 / 4.2 / 60)  # independent: 793 min
+    assert text is not None and text.startswith(
+        f"199809 chips to compute, about {minutes // 60} h {minutes % 60} min at 4.2 chips/s"
+    )
+    assert "--bbox" in text and "resumes" in text
+    assert estimate_seconds(100, 4.0) == 25.0
+    with pytest.raises(ValueError, match="positive"):
+        estimate_seconds(1, 0.0)
+
+
+# --- points with properties ----------------------------------------------------------------------
+
+
+def test_read_points_csv_keeps_every_column_and_order(tmp_path: Path) -> None:
+    path = tmp_path / "sites.csv"
+    path.write_text(
+        "\ufeffSite_ID,Lat,LON,crop,yield,point_index\n"
+        "007,50.85,4.35,wheat,7.5,a\n"
+        "012,50.80,4.30,,6,b\n"
+        "3,-33.9,18.4,maize,,c\n"
+    )
+    points, props = read_points(path, 1120)
+    assert [(p.lon, p.lat, p.buffer_m) for p in points] == [
+        (4.35, 50.85, 1120),
+        (4.30, 50.80, 1120),
+        (18.4, -33.9, 1120),
+    ]
+    assert list(props.columns) == [
+        "point_index",
+        "lon",
+        "lat",
+        "Site_ID",
+        "crop",
+        "yield",
+        "input_point_index",
+    ]
+    assert props.point_index.tolist() == [0, 1, 2]
+    assert props.Site_ID.tolist() == ["007", "012", "3"]  # ids with leading zeros stay text
+    assert props.crop[[0, 2]].tolist() == ["wheat", "maize"] and pd.isna(props.crop[1])
+    np.testing.assert_array_equal(props["yield"].to_numpy(), [7.5, 6.0, np.nan])
+    assert props.input_point_index.tolist() == ["a", "b", "c"]
+
+
+def test_read_points_other_csv_layouts(tmp_path: Path) -> None:
+    semi = tmp_path / "semi.csv"
+    semi.write_text("name;X;Y\na;4.35;50.85\n")
+    points, props = read_points(semi, 100)
+    assert (points[0].lon, points[0].lat) == (4.35, 50.85) and props.name.tolist() == ["a"]
+    longname = tmp_path / "long.csv"
+    longname.write_text("Longitude,Latitude\n4.35,50.85\n")
+    assert read_points(longname, 100)[0][0].lon == 4.35
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("a,b\n1,2\n", r"has no coordinate columns \(found \['a', 'b'\]\): name them lon, lat"),
+        ("lon,lat\n4.3,50\nfour,50\n", r"line 3: lon='four', lat='50' is not a pair of numbers"),
+        ("lon,lat\n4.3,50\n4.3,95\n", r"line 3: lat must be in \[-90, 90\] degrees, got 95"),
+        ("lon,lat\n", "holds no points"),
+        ("", "cannot read points file .* as CSV"),
+        ('lon,lat\n1,2\n"3,4\n', "cannot read points file .* as CSV"),
+        ("lon,Lon,lat\n1,2,3\n", "has several 'lon' columns"),
+    ],
+)
+def test_read_points_malformed_csv(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match) as info:
+        read_points(path, 100)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_read_points_geojson_and_gpkg_keep_properties(tmp_path: Path) -> None:
+    frame = gpd.GeoDataFrame(
+        {"site": ["b", "a"], "area_ha": [1.5, 2.0]},
+        geometry=[Point(4.35, 50.85), Point(4.30, 50.80)],
+        crs=4326,
+    )
+    gj = tmp_path / "pts.geojson"
+    frame.to_file(gj, driver="GeoJSON")
+    gpkg = tmp_path / "pts.gpkg"
+    frame.to_crs(32631).to_file(gpkg, driver="GPKG")  # projected: read back in degrees
+    for path in (gj, gpkg):
+        points, props = read_points(path, 500)
+        assert props.site.tolist() == ["b", "a"] and props.area_ha.tolist() == [1.5, 2.0]
+        assert props.point_index.tolist() == [0, 1]
+        np.testing.assert_allclose([(p.lon, p.lat) for p in points], [(4.35, 50.85), (4.3, 50.8)])
+
+
+def test_read_points_malformed_vector_files(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.geojson"
+    broken.write_text('{"type": "FeatureCollection", "features": [')
+    with pytest.raises(ValueError, match="cannot read points file .*broken.geojson as a vector"):
+        read_points(broken, 100)
+    poly = tmp_path / "poly.geojson"
+    gpd.GeoDataFrame(geometry=[Point(4, 50).buffer(0.1)], crs=4326).to_file(poly)
+    with pytest.raises(ValueError, match="feature 0: is a Polygon; only Point geometries"):
+        read_points(poly, 100)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_points(tmp_path / "missing.csv", 100)
+    with pytest.raises(ValueError, match="buffer_m must be a positive"):
+        read_points(poly, 0)
+
+
+def test_points_properties_round_trip_through_the_pooled_table(tmp_path: Path) -> None:
+    """read_points -> PooledWriter(chip_keys, properties) -> GeoParquet: every property back."""
+    path = tmp_path / "sites.csv"
+    path.write_text("id,lat,lon,label\n007,0.01,0.02,x\n008,0.0,0.0,y\n009,0.01,0.02,z\n")
+    points, props = read_points(path, 100)
+    chips = [(slice(p.lon, p.lon + 1), slice(p.lat, p.lat + 1)) for p in points]
+    keys = [PooledWriter.key_for_chip(c) for c in chips]
+    out = tmp_path / "pts.parquet"
+    writer = PooledWriter(out, CRS.from_epsg(4326), chip_keys=keys, properties=props)
+    writer.parts.mkdir(parents=True)
+    bounds = torch.tensor(
+        [[c[0].start, c[0].stop, 1, c[1].start, c[1].stop, 1, 0, 1, 1] for c in chips],
+        dtype=torch.float64,
+    )
+    batch = {"pooled": torch.eye(3), "bounds": bounds}
+    writer.write_on_batch_end(None, None, batch, None, None, 0, 0)  # type: ignore[arg-type]
+    writer.finalize()
+    table = gpd.read_parquet(out)
+    pd.testing.assert_frame_equal(
+        table[list(props.columns)].reset_index(drop=True), props, check_dtype=False
+    )
+    assert table.id.tolist() == ["007", "008", "009"]
+
+
+# --- kill -9 during the final assembly -----------------------------------------------------------
+
+_ASSEMBLE = """
+import sys
+from rasterio.crs import CRS
+from torchgeo_dofa.writers import GridGeometry, GridWriter
+geom = GridGeometry.for_region(CRS.from_epsg(32631), (0, 0, 16000, 16000), 10.0)
+print("ready", flush=True)
+sys.stdin.readline()
+GridWriter(sys.argv[1], geom, metadata={"variant": "base"}).finalize()
+"""
+
+
+def test_kill_9_during_assembly_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
+    """A real SIGKILL while the GeoTIFF is being assembled; the rerun cleans up and finishes."""
+    from rasterio.transform import Affine
+
+    from torchgeo_dofa.writers import GridGeometry, GridWriter, stale_temps
+
+    geom = GridGeometry.for_region(UTM31, (0, 0, 16000, 16000), 10.0)  # 100 x 100 cells
+    gen = torch.Generator().manual_seed(1)
+    grids, transforms = [], []
+    for r in range(0, 98, 14):
+        for c in range(0, 98, 14):
+            grids.append(torch.rand(64, 14, 14, generator=gen))
+            x, y = geom.xmin + c * geom.cell, geom.ymin + (geom.height - r) * geom.cell
+            transforms.append(
+                torch.tensor(list(Affine(160, 0, x, 0, -160, y)), dtype=torch.float64)
+            )
+    prediction = {"grid": torch.stack(grids), "grid_transform": torch.stack(transforms)}
+
+    def run(folder: Path) -> GridWriter:
+        writer = GridWriter(folder / "g_grid.tif", geom, metadata={"variant": "base"})
+        writer.parts.mkdir(parents=True)
+        writer.write_on_batch_end(None, None, prediction, None, None, 0, 0)  # type: ignore[arg-type]
+        return writer
+
+    reference = run(tmp_path / "ref")
+    reference.finalize()
+    out = tmp_path / "out"
+    writer = run(out)
+    parts = sorted(p.name for p in writer.parts.iterdir())
+    child = subprocess.Popen(
+        [sys.executable, "-c", _ASSEMBLE, str(writer.path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_child_env(),
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready"
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        deadline = time.monotonic() + 60
+        while not stale_temps(writer.path) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        child.kill()
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert not writer.path.exists(), "the assembly finished before it could be killed"
+    assert stale_temps(writer.path) and sorted(p.name for p in writer.parts.iterdir()) == parts
+    job = _manifest([tmp_path / "ref" / "g_grid.tif"], outputs=["g_grid.tif"])
+    with OutputLock(out):
+        # a manifest as the first run would have written it, then the rerun's check
+        (out / MANIFEST_NAME).write_text(json.dumps(job.to_json()))
+        job.check_or_write(out)
+        assert stale_temps(writer.path) == []  # the killed assembly's temporary is gone
+        GridWriter(writer.path, geom, metadata={"variant": "base"}).finalize()
+    assert writer.path.read_bytes() == reference.path.read_bytes()
+    assert not writer.parts.exists()
+
+
+# --- identities ----------------------------------------------------------------------------------
+
+
+def test_weights_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from torchgeo_dofa.jobs import weights_identity
+
+    ckpt = tmp_path / "DOFA_ViT_base_e100.pth"
+    ckpt.write_bytes(b"weights v1")
+    assert weights_identity(ckpt, "base") == "sha256:" + hashlib.sha256(b"weights v1").hexdigest()
+    ckpt.write_bytes(b"weights v2")  # replaced under the same name: another identity
+    assert weights_identity(str(ckpt), "b") == "sha256:" + hashlib.sha256(b"weights v2").hexdigest()
+    monkeypatch.setenv("TORCHGEO_DOFA_WEIGHTS_DIR", str(tmp_path))  # "official" found locally
+    assert weights_identity("official", "base") == weights_identity(ckpt, "base")
+    assert weights_identity(None, "base", seed=3) == "random:seed=3"
+    assert weights_identity(None, "base") != weights_identity(None, "base")  # cannot resume
+
+
+def test_region_identity(tmp_path: Path) -> None:
+    import hashlib
+
+    from torchgeo_dofa.jobs import region_identity
+
+    pts = tmp_path / "p.csv"
+    pts.write_text("lon,lat\n1,2\n")
+    assert region_identity() == {}
+    assert region_identity(bbox=(1, 2, 3, 4)) == {"bbox": [1.0, 2.0, 3.0, 4.0]}
+    assert region_identity(points=pts, buffer_m=1120) == {
+        "points_sha256": hashlib.sha256(b"lon,lat\n1,2\n").hexdigest(),
+        "buffer_m": 1120.0,
+        "skip_outside": False,
+    }

@@ -1,0 +1,875 @@
+"""The embed job's identity and safety: manifest, output-folder lock, names, signals, checks.
+
+An embed job writes into an output folder. To never mix two jobs' results there:
+
+* :class:`JobManifest` records what defines the job's results (inputs with size and mtime,
+  bands, wavelengths, variant, weights identity, pooled norm, input preparation, chip size,
+  stride, precision, output kinds and files, region / bbox / points, package version) in
+  ``<folder>/.torchgeo-dofa-job.json``. :meth:`JobManifest.check_or_write` lets the same job
+  resume and turns any difference into a one-line :class:`JobMismatchError` naming the first
+  setting that differs; ``overwrite=True`` deletes the previous job's outputs first.
+* :class:`OutputLock` holds an exclusive ``flock`` on ``<folder>/.torchgeo-dofa.lock`` for the
+  job's lifetime: a second job on the same folder fails at once (:class:`JobLockedError`); the
+  kernel drops the lock when the process dies, even on ``kill -9``.
+* :func:`unique_region_names` gives every region a distinct, order-independent output name.
+* :class:`StopOnSignal` turns SIGINT / SIGTERM into a stop after the current batch's parts are
+  written (:class:`JobInterrupted`); a rerun resumes from the parts.
+* :func:`check_points` and :func:`job_size_warning` validate the whole job before the first
+  chip is computed.
+
+Only the launching process takes the lock and checks the manifest: the processes Lightning's
+DDP launcher starts (``LOCAL_RANK``/``NODE_RANK`` set and non-zero) skip both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, ClassVar, Self
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from pyproj import CRS, Transformer
+from shapely.geometry import Point, box
+from shapely.geometry.base import BaseGeometry
+
+from .spatial import WGS84, PointBuffer
+from .weights import resolve_weights, sha256_file
+from .writers import atomic_write, parts_dir, stale_temps
+
+__all__ = [
+    "LARGE_JOB_CHIPS",
+    "LOCK_NAME",
+    "MANIFEST_NAME",
+    "InputFile",
+    "JobError",
+    "JobInterrupted",
+    "JobLockedError",
+    "JobManifest",
+    "JobMismatchError",
+    "OutputLock",
+    "PointsOutsideError",
+    "StopOnSignal",
+    "check_points",
+    "estimate_seconds",
+    "is_launcher",
+    "job_size_warning",
+    "points_outside_warning",
+    "region_identity",
+    "unique_region_names",
+    "weights_identity",
+]
+
+MANIFEST_NAME = ".torchgeo-dofa-job.json"
+LOCK_NAME = ".torchgeo-dofa.lock"
+#: Manifest format version, bumped when its fields change meaning.
+MANIFEST_FORMAT = 1
+#: Above this many chips the job prints its size and a time estimate before starting.
+LARGE_JOB_CHIPS = 5000
+_RASTER_SUFFIXES = (".tif", ".tiff", ".jp2")
+
+
+class JobError(Exception):
+    """Base of the embed job's own errors; ``exit_status`` is the CLI's exit status."""
+
+    exit_status: int = 1
+
+
+class JobMismatchError(JobError, ValueError):
+    """The output folder holds another job's results (a setting differs): exit status 2."""
+
+    exit_status = 2
+
+
+class JobLockedError(JobError, RuntimeError):
+    """Another torchgeo-dofa job holds the output folder's lock: exit status 75 (EX_TEMPFAIL)."""
+
+    exit_status = 75
+
+
+class PointsOutsideError(JobError, ValueError):
+    """Points fall outside every input raster: exit status 2."""
+
+    exit_status = 2
+
+
+class JobInterrupted(JobError):
+    """The job was stopped by a signal after writing its current batch.
+
+    Attributes:
+        signum: the signal number.
+        exit_status: ``128 + signum`` (130 for SIGINT, 143 for SIGTERM), the shell convention.
+    """
+
+    def __init__(self, signum: int) -> None:
+        """Create the exception.
+
+        Args:
+            signum: the signal that stopped the job.
+        """
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped by {name}: the chips written so far are kept; rerun the same command "
+            "to resume"
+        )
+        self.signum = signum
+        self.exit_status = 128 + signum
+
+
+def is_launcher() -> bool:
+    """Whether this is the process that launched the job (not a DDP worker Lightning started).
+
+    Returns:
+        False when ``LOCAL_RANK`` or ``NODE_RANK`` is set and not ``0``.
+    """
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file as the manifest identifies it.
+
+    Attributes:
+        path: resolved absolute path.
+        size: size in bytes.
+        mtime_ns: modification time in nanoseconds (a rewritten file changes it).
+    """
+
+    path: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str]) -> InputFile:
+        """Identify a file on disk.
+
+        Args:
+            path: the file.
+
+        Returns:
+            Its identity.
+        """
+        p = Path(path).resolve()
+        stat = p.stat()
+        return cls(str(p), stat.st_size, stat.st_mtime_ns)
+
+
+@dataclass
+class JobManifest:
+    """What defines an embed job's results; stored beside them as ``.torchgeo-dofa-job.json``.
+
+    Two runs with equal manifests produce the same files, so the second may resume the first.
+    Fields are compared in the order below; the first that differs is named in the error.
+
+    Attributes:
+        inputs: every input file (sorted by path).
+        file_bands: names given to the bands of files without descriptions, or None.
+        bands: the bands fed to the model, in order.
+        wavelengths: their wavelengths (micrometres).
+        variant: ``base`` or ``large``.
+        weights: identity of the weights (:func:`weights_identity`): ``sha256:<hex>`` of a
+            checkpoint file, ``random:seed=<n>``, or ``official:<repo>@<commit>/<file>``.
+        pooled_norm: ``trained`` or ``plain``.
+        input_prep: ``resize`` or ``tile``.
+        chip_size: chip side in input pixels.
+        stride: chip stride in input pixels.
+        precision: ``32`` or ``bf16`` (as given to Lightning).
+        output: ``grid``, ``pooled`` or ``both``.
+        outputs: the files the job writes, relative to the output folder (sorted). These, and
+            their ``.parts`` folders, are what ``overwrite=True`` deletes.
+        region: the area selection (:func:`region_identity`): ``{}`` (whole rasters),
+            ``{"bbox": [...]}``, or ``{"points_sha256": ..., "buffer_m": ...,
+            "skip_outside": ...}``; any other setting that changes the chips (a time range)
+            may be added as a key.
+        version: the torchgeo-dofa version that wrote the outputs.
+        format: manifest format version.
+    """
+
+    inputs: list[InputFile]
+    file_bands: list[str] | None
+    bands: list[str]
+    wavelengths: list[float]
+    variant: str
+    weights: str
+    pooled_norm: str
+    input_prep: str
+    chip_size: int
+    stride: int
+    precision: str
+    output: str
+    outputs: list[str]
+    region: dict[str, Any] = field(default_factory=dict)
+    version: str = ""
+    format: int = MANIFEST_FORMAT
+
+    def __post_init__(self) -> None:
+        """Normalise: inputs and outputs sorted, numbers rounded as stored, version filled."""
+        self.inputs = sorted(
+            (i if isinstance(i, InputFile) else InputFile(**i) for i in self.inputs),
+            key=lambda i: i.path,
+        )
+        self.outputs = sorted(str(o) for o in self.outputs)
+        self.wavelengths = [round(float(w), 6) for w in self.wavelengths]
+        self.bands = [str(b) for b in self.bands]
+        if self.file_bands is not None:
+            self.file_bands = [str(b) for b in self.file_bands]
+        if not self.version:
+            from . import __version__
+
+            self.version = __version__
+        for out in self.outputs:
+            if Path(out).is_absolute() or ".." in Path(out).parts or "/" in out:
+                raise ValueError(f"manifest outputs are file names in the folder, got {out!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as a JSON-ready dict (field order kept)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> JobManifest:
+        """Rebuild a manifest from :meth:`to_json`.
+
+        Args:
+            data: the dict.
+
+        Returns:
+            The manifest.
+
+        Raises:
+            ValueError: if fields are missing or unknown.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown manifest fields {sorted(unknown)}")
+        return cls(**{k: v for k, v in data.items()})
+
+    def first_difference(self, other: JobManifest) -> tuple[str, Any, Any] | None:
+        """The first field (in declaration order) where two manifests differ.
+
+        Args:
+            other: the manifest to compare with (e.g. the stored one).
+
+        Returns:
+            ``(field, other's value, this value)`` or None if equal. For ``inputs`` the
+            value is the first differing file entry.
+        """
+        mine, theirs = self.to_json(), other.to_json()
+        for f in dataclasses.fields(self):
+            a, b = theirs.get(f.name), mine.get(f.name)
+            if a == b:
+                continue
+            if f.name == "inputs":
+                return "inputs", *_first_input_difference(a or [], b or [])
+            return f.name, a, b
+        return None
+
+    def check_or_write(self, folder: str | os.PathLike[str], overwrite: bool = False) -> None:
+        """Start or resume this job in ``folder``; call it while holding :class:`OutputLock`.
+
+        * no manifest and none of this job's outputs or parts in the folder: a new job,
+          the manifest is written (atomically);
+        * the same manifest: the job resumes (temporary files of killed writes are removed,
+          and the parts of outputs that are already complete);
+        * another manifest: :class:`JobMismatchError` naming the first setting that
+          differs, nothing is touched;
+        * outputs or parts of this job's names but no manifest (an older version, or files
+          of unknown origin): :class:`JobMismatchError`, nothing is touched;
+        * ``overwrite=True``: the previous job's outputs (from its manifest) and this job's
+          output names are deleted with their parts and temporaries, then the manifest is
+          written: the job starts afresh.
+
+        Only the launching process acts (:func:`is_launcher`); DDP workers return at once.
+
+        Args:
+            folder: the output folder (created if needed).
+            overwrite: replace the previous job's outputs instead of refusing.
+
+        Raises:
+            JobMismatchError: if the folder holds another job's results and not overwrite.
+            RuntimeError: if the folder's lock is not held by this process.
+        """
+        if not is_launcher():
+            return
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if folder.resolve() not in OutputLock._held:
+            raise RuntimeError(
+                f"JobManifest.check_or_write({str(folder)!r}) must run inside OutputLock(folder)"
+            )
+        path = folder / MANIFEST_NAME
+        previous: JobManifest | None = None
+        problem = ""
+        if path.exists():
+            try:
+                previous = JobManifest.from_json(json.loads(path.read_text()))
+            except (ValueError, TypeError, OSError) as err:
+                problem = f"its job manifest {path} is unreadable ({err})"
+        if overwrite:
+            old = previous.outputs if previous is not None else []
+            for name in sorted(set(old) | set(self.outputs)):
+                _remove_output(folder / name)
+        elif previous is not None:
+            diff = self.first_difference(previous)
+            if diff is None:
+                for name in self.outputs:
+                    _clean_resumed(folder / name)
+                return
+            raise JobMismatchError(
+                f"output folder {folder} holds another job's results: {_difference(*diff)}; "
+                "rerun with --overwrite to replace them, or choose another -o"
+            )
+        else:
+            present = [
+                q.name
+                for n in self.outputs
+                for q in (folder / n, parts_dir(folder / n))
+                if q.exists()
+            ]
+            if problem or present:
+                what = problem or f"it holds {', '.join(present)} without a job manifest"
+                raise JobMismatchError(
+                    f"cannot tell whether output folder {folder} holds this job's results: "
+                    f"{what}; rerun with --overwrite to replace them, or choose another -o"
+                )
+        text = json.dumps(self.to_json(), indent=1)
+        atomic_write(path, lambda p: p.write_text(text + "\n"), durable=True)
+
+
+def _first_input_difference(before: list[dict[str, Any]], now: list[dict[str, Any]]) -> tuple:
+    old = {i["path"]: i for i in before}
+    new = {i["path"]: i for i in now}
+    for p in sorted(set(old) | set(new)):
+        if old.get(p) != new.get(p):
+            return old.get(p, "absent"), new.get(p, "absent")
+    return before, now  # pragma: no cover - equal dicts compare equal
+
+
+def _difference(name: str, before: Any, now: Any) -> str:
+    """One clause naming a difference between the stored and the new manifest."""
+    if name != "inputs":
+        return f"{name} was {_short(before)}, now {_short(now)}"
+    if before == "absent":
+        return f"input {now['path']} is new to this job"
+    if now == "absent":
+        return f"input {before['path']} is no longer part of this job"
+    changes = [
+        f"{key} {before[key]} -> {now[key]}"
+        for key in ("size", "mtime_ns")
+        if before.get(key) != now.get(key)
+    ]
+    return f"input {now['path']} changed since ({', '.join(changes)})"
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _clean_resumed(path: Path) -> None:
+    """Before resuming, drop a killed write's temporaries and a complete output's parts.
+
+    A final file exists only once verified, so its parts are leftovers of a job killed
+    between the rename and their removal.
+    """
+    for tmp in stale_temps(path):
+        tmp.unlink(missing_ok=True)
+    if path.exists():
+        shutil.rmtree(parts_dir(path), ignore_errors=True)
+
+
+def _remove_output(path: Path) -> None:
+    """Delete an output file, its parts folder and its temporaries."""
+    for tmp in stale_temps(path):
+        tmp.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+    shutil.rmtree(parts_dir(path), ignore_errors=True)
+
+
+def weights_identity(
+    weights: str | os.PathLike[str] | None, variant: str, seed: int | None = None
+) -> str:
+    """What the manifest records about the weights: equal only for the same model.
+
+    Args:
+        weights: ``"official"``, a checkpoint path, or None (random).
+        variant: ``base`` or ``large``.
+        seed: the seed of random weights (``--seed``).
+
+    Returns:
+        ``random:seed=<n>``; ``random:unseeded:<uuid4>`` for random weights without a seed
+        (never equal: such a job cannot be resumed, rerun it with ``--overwrite`` or set a
+        seed); ``official:<repo>@<commit>/<file>`` for a file from the Hugging Face cache
+        (the snapshot's commit, not a moving branch name); ``sha256:<hex>`` of any other
+        file (an explicit path or one named by ``TORCHGEO_DOFA_*`` variables), so a file
+        replaced under the same name is a different job.
+
+    Raises:
+        CheckpointError: if the weights cannot be found (as when loading them).
+    """
+    if weights is None:
+        return f"random:seed={seed}" if seed is not None else f"random:unseeded:{uuid.uuid4()}"
+    resolution = resolve_weights(variant, weights)
+    if resolution.source.startswith("hub:"):
+        repo = resolution.source.removeprefix("hub:").split("@")[0]
+        commit = resolution.path.parent.name  # <cache>/snapshots/<commit>/<file>
+        return f"official:{repo}@{commit}/{resolution.path.name}"
+    return f"sha256:{sha256_file(resolution.path)}"
+
+
+def region_identity(
+    bbox: Sequence[float] | None = None,
+    points: str | os.PathLike[str] | None = None,
+    buffer_m: float | None = None,
+    skip_outside: bool = False,
+) -> dict[str, Any]:
+    """The manifest's ``region`` field for the CLI's area options.
+
+    Args:
+        bbox: ``--bbox`` (minlon, minlat, maxlon, maxlat), or None.
+        points: ``--points`` file, or None (identified by the sha256 of its content).
+        buffer_m: ``--buffer-m`` (recorded with points only).
+        skip_outside: ``--skip-outside`` (recorded with points only).
+
+    Returns:
+        ``{}`` for whole rasters, ``{"bbox": [...]}``, and/or ``{"points_sha256": ...,
+        "buffer_m": ..., "skip_outside": ...}``.
+    """
+    region: dict[str, Any] = {}
+    if bbox is not None:
+        region["bbox"] = [float(v) for v in bbox]
+    if points is not None:
+        region["points_sha256"] = sha256_file(Path(points))
+        region["buffer_m"] = float(buffer_m) if buffer_m is not None else None
+        region["skip_outside"] = bool(skip_outside)
+    return region
+
+
+class OutputLock:
+    """Exclusive, non-blocking lock on an output folder for the duration of a job.
+
+    ``flock`` on ``<folder>/.torchgeo-dofa.lock`` (the file stays; only the lock matters):
+    the kernel releases it when the process exits in any way (``kill -9`` included), so there
+    is never a stale lock. The lock file records the holder's pid for the error message. In
+    a DDP worker started by Lightning (:func:`is_launcher` is False) it does nothing.
+
+    Example:
+        >>> with OutputLock("out/"):  # doctest: +SKIP
+        ...     manifest.check_or_write("out/", overwrite=False)
+        ...     trainer.predict(...)
+    """
+
+    _held: ClassVar[set[Path]] = set()
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        """Create the lock (not yet acquired).
+
+        Args:
+            folder: the output folder (created on acquisition if needed).
+        """
+        self.folder = Path(folder)
+        self._fd: int | None = None
+
+    @property
+    def path(self) -> Path:
+        """The lock file."""
+        return self.folder / LOCK_NAME
+
+    def acquire(self) -> None:
+        """Take the lock.
+
+        Raises:
+            JobLockedError: if another job (process or open lock) holds it.
+        """
+        if not is_launcher():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise JobLockedError(
+                f"output folder {self.folder} is in use by another torchgeo-dofa job (pid "
+                f"{holder}); wait for it or use another -o"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        OutputLock._held.add(self.folder.resolve())
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        if self._fd is None:
+            return
+        OutputLock._held.discard(self.folder.resolve())
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Self:
+        """Acquire the lock."""
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Release the lock."""
+        self.release()
+
+
+def unique_region_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Output names for regions, unique even when file names collide; independent of order.
+
+    A region's base name is its file's stem (``a/scene.tif`` -> ``scene``) or its folder's or
+    Earth Engine export prefix's name. Names that collide (compared case-insensitively, as on
+    macOS and Windows filesystems) get their parent folders' names prepended, one level at a
+    time (``a/scene.tif``, ``b/scene.tif`` -> ``a_scene``, ``b_scene``); files that differ
+    only by suffix in one folder (``x/scene.tif``, ``x/scene.jp2``) get 8 hex digits of the
+    sha1 of their resolved path instead (``scene_1a2b3c4d``). A name depends only on the set
+    of paths, not on their order, so reruns find their outputs again.
+
+    Args:
+        paths: one path per region (file, folder or export prefix); duplicates are an error.
+
+    Returns:
+        One name per path, in the same order.
+
+    Raises:
+        ValueError: if the same path is given twice.
+    """
+    resolved = [Path(p).resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        dup = next(str(p) for p in resolved if resolved.count(p) > 1)
+        raise ValueError(f"input {dup!r} is given twice: pass every input once")
+
+    def base(p: Path) -> str:
+        return p.stem if p.suffix.lower() in _RASTER_SUFFIXES else p.name
+
+    def with_parents(p: Path, levels: int) -> str:
+        parents = [q.name for q in list(p.parents)[:levels] if q.name][::-1]
+        return "_".join([*parents, base(p)])
+
+    def short_hash(p: Path) -> str:
+        return hashlib.sha1(str(p).encode()).hexdigest()[:8]
+
+    # same folder, same name, other suffix: parent folders cannot tell these apart
+    keys = [(p.parent, base(p).casefold()) for p in resolved]
+    hashed = {i for i, k in enumerate(keys) if keys.count(k) > 1}
+
+    def name(i: int, levels: int) -> str:
+        text = with_parents(resolved[i], levels)
+        return f"{text}_{short_hash(resolved[i])}" if i in hashed else text
+
+    names = [name(i, 0) for i in range(len(resolved))]
+    depth = max((len(p.parents) for p in resolved), default=0)
+    for level in range(1, depth + 1):
+        groups = _collisions(names)
+        if not groups:
+            break
+        for i in groups:
+            names[i] = name(i, level)
+    for i in _collisions(names):  # pragma: no cover - distinct paths always separate above
+        names[i] = f"{names[i]}_{short_hash(resolved[i])}"
+    return names
+
+
+def _collisions(names: Sequence[str]) -> list[int]:
+    folded = [n.casefold() for n in names]
+    return [i for i, n in enumerate(folded) if folded.count(n) > 1]
+
+
+_SignalHandler = Callable[[int, FrameType | None], Any] | int | None
+
+
+class StopOnSignal(Callback):
+    """Stop an embed job cleanly on SIGINT / SIGTERM, after the current batch is written.
+
+    The handler only records the signal. The job stops at the next batch boundary: after a
+    batch, once every prediction writer has written its parts (this callback must come
+    after the writers in ``Trainer(callbacks=...)``; :meth:`setup` checks), or before the
+    next batch is computed, by raising :class:`JobInterrupted` (Lightning's predict loop has
+    no ``should_stop``). Lightning's own SIGTERM handler, which only records SIGTERM during
+    prediction, still runs (it forwards the signal to DDP workers). A second signal gets the
+    previous handlers' behaviour (Python's ``KeyboardInterrupt`` for SIGINT, termination for
+    SIGTERM): press Ctrl-C twice to stop at once.
+
+    Use it as a context manager around the whole job (several regions, several trainers)
+    and pass it to every trainer; or pass it to a trainer alone, and it installs its handlers
+    for that ``predict`` only. Previous handlers are restored when it exits.
+
+    Attributes:
+        received: the first signal received, or None.
+    """
+
+    signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        """Create the callback (no handler installed yet)."""
+        self.received: int | None = None
+        self._previous: dict[int, _SignalHandler] = {}
+        self._context = False
+
+    # installation ---------------------------------------------------------------------
+    def install(self) -> None:
+        """Install the handlers (main thread only; elsewhere a no-op)."""
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.signals:
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """Put the previous handlers back (idempotent)."""
+        previous, self._previous = self._previous, {}
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+            return
+        # a second signal: stop now, as without this callback
+        previous = self._previous.get(signum)
+        self.restore()
+        if callable(previous) and not _composes(previous):
+            previous(signum, frame)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def raise_if_received(self) -> None:
+        """Raise :class:`JobInterrupted` if a signal was received.
+
+        Raises:
+            JobInterrupted: carrying the signal.
+        """
+        if self.received is not None:
+            raise JobInterrupted(self.received)
+
+    def __enter__(self) -> Self:
+        """Install the handlers for the whole job."""
+        self._context = True
+        self.install()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Restore the previous handlers."""
+        self._context = False
+        self.restore()
+
+    # Lightning hooks ------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check that every prediction writer runs before this callback.
+
+        Raises:
+            RuntimeError: if a ``BasePredictionWriter`` comes after it in the callbacks.
+        """
+        callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+        me = callbacks.index(self)
+        late = [
+            type(c).__name__ for c in callbacks[me + 1 :] if isinstance(c, BasePredictionWriter)
+        ]
+        if late:
+            raise RuntimeError(
+                f"StopOnSignal must come after the prediction writers in Trainer(callbacks=...) "
+                f"so that a batch is written before the job stops; {late} come after it"
+            )
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Install the handlers (unless used as a context manager); stop if already signalled."""
+        if not self._context:
+            self.install()
+        self.raise_if_received()
+
+    def on_predict_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Stop before computing a batch if a signal arrived while it was loaded."""
+        self.raise_if_received()
+
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Stop after the writers saved this batch if a signal arrived meanwhile."""
+        self.raise_if_received()
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Restore the handlers (when not used as a context manager)."""
+        if not self._context:
+            self.restore()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Restore the handlers (when not used as a context manager)."""
+        if not self._context:
+            self.restore()
+
+
+def _composes(handler: Any) -> bool:
+    return type(handler).__name__ == "_HandlersCompose"
+
+
+def check_points(
+    points: Sequence[PointBuffer],
+    footprints: Mapping[str, tuple[CRS | str | int, BaseGeometry | Sequence[float]]],
+    skip_outside: bool = False,
+) -> tuple[dict[str, list[int]], list[int]]:
+    """Assign every point to the regions whose raster footprint holds it, before any compute.
+
+    A point belongs to a region when its centre lies in the region's footprint (boundary
+    included); a point in several overlapping regions belongs to each.
+
+    Args:
+        points: the points (EPSG:4326), in input order.
+        footprints: region name -> (CRS, footprint geometry or ``(xmin, ymin, xmax, ymax)``
+            bounds in that CRS), e.g. a dataset's ``crs`` and ``index.total_bounds``.
+        skip_outside: return the points outside every footprint instead of raising.
+
+    Returns:
+        ``(inside, outside)``: region name -> indices of its points (input order), and the
+        indices of the points in no region.
+
+    Raises:
+        PointsOutsideError: (without ``skip_outside``) one line listing every point outside
+            every raster as ``#index (lon, lat)`` (the first 20, then a count) and the fix.
+    """
+    inside: dict[str, list[int]] = {}
+    covered = [False] * len(points)
+    for name, (crs, footprint) in footprints.items():
+        geom = footprint if isinstance(footprint, BaseGeometry) else box(*footprint)
+        target = CRS.from_user_input(crs)
+        to_crs = Transformer.from_crs(WGS84, target, always_xy=True)
+        xs, ys = to_crs.transform([p.lon for p in points], [p.lat for p in points])
+        hits = [
+            i
+            for i, (x, y) in enumerate(zip(xs, ys, strict=True))
+            if math.isfinite(x) and math.isfinite(y) and geom.covers(Point(x, y))
+        ]
+        inside[name] = hits
+        for i in hits:
+            covered[i] = True
+    outside = [i for i, c in enumerate(covered) if not c]
+    if outside and not skip_outside:
+        raise PointsOutsideError(
+            f"{len(outside)} of {len(points)} points lie outside every input raster: "
+            f"{_list_points(points, outside)}; fix their coordinates (lon, lat in degrees, "
+            "EPSG:4326), add the rasters that cover them, or pass --skip-outside to skip them"
+        )
+    return inside, outside
+
+
+def points_outside_warning(points: Sequence[PointBuffer], outside: Sequence[int]) -> str:
+    """The warning printed for points skipped under ``--skip-outside``.
+
+    Args:
+        points: all points.
+        outside: indices of the skipped ones.
+
+    Returns:
+        One line.
+    """
+    return (
+        f"skipping {len(outside)} of {len(points)} points outside every input raster "
+        f"(--skip-outside): {_list_points(points, outside)}"
+    )
+
+
+def _list_points(points: Sequence[PointBuffer], indices: Iterable[int], limit: int = 20) -> str:
+    idx = list(indices)
+    shown = ", ".join(f"#{i} ({points[i].lon:.6g}, {points[i].lat:.6g})" for i in idx[:limit])
+    return shown + (f" and {len(idx) - limit} more" if len(idx) > limit else "")
+
+
+def estimate_seconds(chips: int, chips_per_second: float) -> float:
+    """Estimated compute time of a job.
+
+    Args:
+        chips: chips to compute.
+        chips_per_second: measured throughput (e.g. 4.2 chips/s for DOFA base fp32 on the
+            README's 2-core CPU; measure yours with ``make bench``).
+
+    Returns:
+        Seconds.
+
+    Raises:
+        ValueError: if the throughput is not positive.
+    """
+    if not (chips_per_second > 0 and math.isfinite(chips_per_second)):
+        raise ValueError(f"chips_per_second must be positive, got {chips_per_second}")
+    return chips / chips_per_second
+
+
+def job_size_warning(
+    chips: int, chips_per_second: float, threshold: int = LARGE_JOB_CHIPS
+) -> str | None:
+    """The line printed before a job of more than ``threshold`` chips, else None.
+
+    Args:
+        chips: chips to compute.
+        chips_per_second: measured throughput (see :func:`estimate_seconds`).
+        threshold: chip count above which to warn.
+
+    Returns:
+        e.g. ``"199809 chips to compute, about 13 h 12 min at 4.2 chips/s: narrow it with
+        --bbox or a larger --stride, or stop with Ctrl-C (the job resumes)"``, or None.
+    """
+    if chips <= threshold:
+        return None
+    return (
+        f"{chips} chips to compute, about {_duration(estimate_seconds(chips, chips_per_second))}"
+        f" at {chips_per_second:.3g} chips/s: narrow it with --bbox or a larger --stride, or "
+        "stop with Ctrl-C (the job resumes)"
+    )
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return f"{seconds:.0f} s"
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days} d {hours} h"
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
