@@ -86,6 +86,7 @@ from .datasets import (
     Sentinel2Base,
     Sentinel2SR,
     find_raster_inputs,
+    refuse_repeated_bands,
     stack_dofa_samples,
 )
 from .embedder import DOFAEmbedder
@@ -697,7 +698,9 @@ def open_local(paths: PathsLike, sensor: SensorSpec | None = None) -> Sentinel2B
             kwargs["wavelengths"] = list(sensor.wavelengths)
     files = [p for r in regions for p in r.paths]
     cls = EarthEngineS2 if all(r.earth_engine for r in regions) else Sentinel2SR
-    return cls(paths=files, **kwargs)
+    dataset = cls(paths=files, **kwargs)
+    refuse_repeated_bands(dataset.bands)
+    return dataset
 
 
 def _crs_name(crs: CRS) -> str:

@@ -53,6 +53,7 @@ from torchgeo_dofa.datasets import (
     Sentinel2Base,
     Sentinel2SR,
     find_raster_inputs,
+    refuse_repeated_bands,
     stack_dofa_samples,
 )
 from torchgeo_dofa.spatial import WGS84, BBox, PointBuffer, Region, region_to_crs, region_window
@@ -402,6 +403,7 @@ class DOFAPredictDataModule(GeoDataModule):
         Raises:
             MisconfigurationException: for any other stage.
             ValueError: if the ROI or points miss the rasters.
+            BandError: for a band set holding two dates of one band.
             ReflectanceError: if the rasters look already scaled to [0, 1].
         """
         if stage != "predict":
@@ -413,6 +415,7 @@ class DOFAPredictDataModule(GeoDataModule):
             return
         dataset = self.dataset_class(**self.kwargs)
         assert isinstance(dataset, Sentinel2Base)
+        refuse_repeated_bands(dataset.bands)
         if self.preprocess:
             from torchgeo_dofa.transforms import DOFAPreprocess
 

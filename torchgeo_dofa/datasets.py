@@ -148,6 +148,7 @@ __all__ = [
     "merge_dofa_samples",
     "read_product_metadata",
     "read_stac_item",
+    "refuse_repeated_bands",
     "stack_dofa_samples",
 ]
 
@@ -559,7 +560,6 @@ class Sentinel2Base(RasterDataset):
                 f"{err}; for {self.__class__.__name__}, pass wavelengths=[...] (um, one per "
                 f"band of bands={list(self.bands)})"
             ) from err
-        _refuse_repeated_bands(self.bands, base_names)
 
         # CRS and grid
         first = infos[scenes[0].selected[0][0]]
@@ -2007,16 +2007,20 @@ class BandSetBatchSampler(Sampler[list[Any]]):
         return total
 
 
-def _refuse_repeated_bands(bands: Sequence[str], base_names: Sequence[str]) -> None:
-    """Refuse a band set holding two dates of one band (``B4`` and ``B4_1``).
+def refuse_repeated_bands(bands: Sequence[str]) -> None:
+    """Refuse a band set holding two dates of one band (``B4`` and ``B4_1``) for DOFA.
 
-    DOFA embeds one image: two dates of a band would be two channels with one wavelength.
+    The datasets read such sets (a time series of your own model); DOFA embeds one image, in
+    which two dates of a band would be two channels of one wavelength.
+
+    Args:
+        bands: band names in channel order.
 
     Raises:
         BandError: naming the repeated bands and how to select one date.
     """
     seen: dict[str, list[str]] = {}
-    for band, base in zip(bands, base_names, strict=True):
+    for band, base in zip(bands, [_spectral_base(b) for b in bands], strict=True):
         seen.setdefault(base, []).append(band)
     repeated = {base: names for base, names in seen.items() if len(names) > 1}
     if not repeated:
