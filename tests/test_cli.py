@@ -497,3 +497,46 @@ def test_local_backend_equals_embed_on_a_point(tmp_path, base_checkpoint) -> Non
         weights=str(base_checkpoint),
     )
     np.testing.assert_allclose(emb.data, row, rtol=0, atol=1e-6)
+
+
+def test_rerun_with_another_setting_is_refused_until_overwrite(tmp_path, capsys, base_checkpoint):
+    out = tmp_path / "out"
+    common = [*_one_chip_bbox(SCENE), "-o", str(out), "--output", "pooled", "--no-progress"]
+    assert main(["embed", str(SCENE), "--weights", str(base_checkpoint), *common]) == 0
+    before = (out / "ftw_s2_l2a_33N_pooled.parquet").read_bytes()
+    # another model in the same folder: refused, naming the setting; outputs untouched
+    assert main(["embed", str(SCENE), "--weights", "none", "--seed", "1", *common]) == 2
+    err = capsys.readouterr().err
+    assert "weights" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert (out / "ftw_s2_l2a_33N_pooled.parquet").read_bytes() == before
+    # the same job resumes (nothing left to do)
+    assert main(["embed", str(SCENE), "--weights", str(base_checkpoint), *common]) == 0
+    assert (out / "ftw_s2_l2a_33N_pooled.parquet").read_bytes() == before
+    # --overwrite replaces the earlier job's outputs
+    args = ["embed", str(SCENE), "--weights", "none", "--seed", "1", "--overwrite", *common]
+    assert main(args) == 0
+    frame = gpd.read_parquet(out / "ftw_s2_l2a_33N_pooled.parquet")
+    assert set(frame.weights) == {"random (seed 1)"}
+
+
+def test_points_keep_their_properties_and_order(tmp_path, base_checkpoint) -> None:
+    with rasterio.open(SCENE) as src:
+        b = src.bounds
+    rows = [("007", b.left + 4000, b.top - 1200), ("site-b", b.left + 1500, b.bottom + 1500)]
+    text = "site,crop,lon,lat\n" + "".join(
+        f"{site},{crop},{lo},{la}\n"
+        for (site, x, y), crop in zip(rows, ["maize", "wheat"], strict=True)
+        for lo, la in [_scene_lonlat(x, y)]
+    )
+    (tmp_path / "sites.csv").write_text(text)
+    code = main(
+        ["embed", str(SCENE), "--points", str(tmp_path / "sites.csv"), "--buffer-m", "1120",
+         "-o", str(tmp_path / "out"), "--output", "pooled", "--weights", str(base_checkpoint),
+         "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    frame = gpd.read_parquet(tmp_path / "out" / "ftw_s2_l2a_33N_pooled.parquet")
+    assert frame.point_index.tolist() == [0, 1]  # input order, not north-west first
+    assert frame.site.tolist() == ["007", "site-b"] and frame.crop.tolist() == ["maize", "wheat"]
+    centres = frame.geometry.centroid
+    assert abs(centres.iloc[0].x - rows[0][1]) <= 10 and abs(centres.iloc[1].y - rows[1][2]) <= 10

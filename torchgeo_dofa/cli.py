@@ -7,7 +7,7 @@ georeferenced embeddings out (a grid GeoTIFF and/or a pooled GeoParquet per regi
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import re
 import sys
 import time
@@ -23,10 +23,19 @@ from .bands import BandError
 from .datamodules import DOFAPredictDataModule
 from .datasets import InputError, RasterInput, find_raster_inputs
 from .embedder import OUTPUT_KINDS, DOFAEmbedder
+from .jobs import (
+    InputFile,
+    JobError,
+    JobManifest,
+    OutputLock,
+    StopOnSignal,
+    region_identity,
+    weights_identity,
+)
 from .model import canonical_variant
-from .spatial import BBox, PointBuffer
+from .spatial import BBox, read_points
 from .weights import CheckpointError
-from .writers import GridWriter, PooledWriter
+from .writers import GridWriter, OutputWriteError, PooledWriter
 
 __all__ = ["EmbedSummary", "InputError", "embed", "main"]
 
@@ -67,32 +76,6 @@ class EmbedSummary:
             f"embedded {self.chips} chips{resumed} in {self.seconds:.1f} s "
             f"({rate:.2f} chips/s) -> {paths}"
         )
-
-
-def _read_points(path: Path, buffer_m: float) -> list[PointBuffer]:
-    if not path.is_file():
-        raise InputError(f"points file {str(path)!r} does not exist")
-    points: list[PointBuffer] = []
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                keys = {k.lower(): v for k, v in row.items() if k}
-                lon = keys.get("lon", keys.get("longitude", keys.get("x")))
-                lat = keys.get("lat", keys.get("latitude", keys.get("y")))
-                if lon is None or lat is None:
-                    raise InputError(f"{path}: CSV needs 'lon' and 'lat' columns")
-                points.append(PointBuffer(float(lon), float(lat), buffer_m))
-    else:
-        import geopandas as gpd
-
-        frame = gpd.read_file(path).to_crs(4326)
-        for geom in frame.geometry:
-            if geom.geom_type != "Point":
-                raise InputError(f"{path}: only Point geometries are supported for --points")
-            points.append(PointBuffer(float(geom.x), float(geom.y), buffer_m))
-    if not points:
-        raise InputError(f"{path} holds no points")
-    return points
 
 
 def _output_paths(
@@ -166,6 +149,7 @@ def embed(
     bbox: Sequence[float] | None = None,
     progress: bool = True,
     metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
     callbacks: Sequence[pl.Callback] = (),
 ) -> EmbedSummary:
     """Embed rasters with DOFA and write georeferenced outputs, resumably.
@@ -213,6 +197,8 @@ def embed(
         bbox: ``(minlon, minlat, maxlon, maxlat)`` region of interest.
         progress: show Lightning's progress bar.
         metadata: extra tags stored in every output.
+        overwrite: replace the outputs of a different earlier job in ``output_dir``
+            (without it, a different job is refused, see :mod:`torchgeo_dofa.jobs`).
         callbacks: extra Lightning callbacks for the prediction trainer.
 
     Returns:
@@ -220,6 +206,10 @@ def embed(
 
     Raises:
         InputError, BandError, CheckpointError, ValueError: for bad input, before writing.
+        JobMismatchError: when ``output_dir`` holds a different job's outputs.
+        JobLockedError: when another job is writing into ``output_dir``.
+        JobInterrupted: after SIGINT / SIGTERM, once the current batch is written.
+        OutputWriteError: when a final file cannot be written and verified (parts kept).
     """
     start = time.perf_counter()
     variant = canonical_variant(variant)
@@ -236,7 +226,12 @@ def embed(
     if seed is not None and weights is not None:
         raise InputError("--seed applies to random weights only: add --weights none")
     _check_device(device, devices)
-    point_list = _read_points(Path(points), buffer_m) if points is not None else None
+    point_list, properties = (None, None)
+    if points is not None:
+        try:
+            point_list, properties = read_points(points, buffer_m)
+        except (OSError, ValueError) as err:
+            raise InputError(str(err)) from None
     regions = find_raster_inputs(inputs)
     out_paths = _output_paths(Path(output_dir), regions, output, point_list is not None)
     dataset_kwargs: dict[str, Any] = {
@@ -272,34 +267,67 @@ def embed(
     )
     extra = dict(metadata or {})
     summary = EmbedSummary()
-    for region, dm, paths in zip(regions, modules, out_paths, strict=True):
-        writers: list[GridWriter | PooledWriter] = []
-        if "grid" in paths:
-            writers.append(GridWriter(paths["grid"], metadata=extra))
-        if "pooled" in paths:
-            writers.append(PooledWriter(paths["pooled"], metadata=extra, source=region.name))
-        pending = [w for w in writers if not w.path.exists()]
-        summary.outputs += [w.path for w in writers]
-        if not pending:
-            summary.skipped += len(dm.predict_sampler or [])
-            continue
-        trainer = pl.Trainer(
-            accelerator=device,
-            devices=devices,
-            strategy=strategy,
-            precision=_PRECISIONS[precision],  # type: ignore[arg-type]
-            callbacks=[*pending, *callbacks],
-            logger=False,
-            enable_progress_bar=progress,
-            enable_model_summary=False,
+    # a folder holds one job (manifest + lock); a file name (-o NAME.tif) is that file alone
+    folder_mode = Path(output_dir).suffix.lower() not in (".tif", ".tiff", ".parquet")
+    guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if folder_mode:
+        first = modules[0]._dataset()
+        manifest = JobManifest(
+            inputs=[InputFile.of(p) for r in regions for p in r.paths],
+            file_bands=list(file_bands) if file_bands is not None else None,
+            bands=list(first.bands),
+            wavelengths=[float(w) for w in first.wavelengths],
+            variant=variant,
+            weights=weights_identity(weights, variant, seed),
+            pooled_norm=module.encoder.pooled_norm,
+            input_prep=input_prep,
+            chip_size=chip_size,
+            stride=stride or chip_size,
+            precision=_PRECISIONS[precision],
+            output=output,
+            outputs=[p.name for paths in out_paths for p in paths.values()],
+            region=region_identity(bbox, points, buffer_m),
         )
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
-            trainer.predict(module, datamodule=dm, return_predictions=False)
-            for w in pending:  # every chip was done by an earlier run: only assembly is left
-                if not w.path.exists() and trainer.is_global_zero:
-                    w.finalize()
-        summary.chips += pending[0].written
-        summary.skipped += dm.skipped
+        guard = OutputLock(output_dir)
+    with guard, StopOnSignal() as stop:
+        if folder_mode:
+            manifest.check_or_write(output_dir, overwrite=overwrite)
+        for region, dm, paths in zip(regions, modules, out_paths, strict=True):
+            stop.raise_if_received()
+            writers: list[GridWriter | PooledWriter] = []
+            if "grid" in paths:
+                writers.append(GridWriter(paths["grid"], metadata=extra))
+            if "pooled" in paths:
+                keys: dict[str, Any] = {}
+                if properties is not None:
+                    chips: list[Any] = list(dm.predict_sampler or [])
+                    keys["chip_keys"] = [PooledWriter.key_for_chip(c) for c in chips]
+                    keys["properties"] = properties
+                writers.append(
+                    PooledWriter(paths["pooled"], metadata=extra, source=region.name, **keys)
+                )
+            pending = [w for w in writers if not w.path.exists()]
+            summary.outputs += [w.path for w in writers]
+            if not pending:
+                summary.skipped += len(dm.predict_sampler or [])
+                continue
+            trainer = pl.Trainer(
+                accelerator=device,
+                devices=devices,
+                strategy=strategy,
+                precision=_PRECISIONS[precision],  # type: ignore[arg-type]
+                callbacks=[*pending, stop, *callbacks],
+                logger=False,
+                enable_progress_bar=progress,
+                enable_model_summary=False,
+            )
+            with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+                trainer.predict(module, datamodule=dm, return_predictions=False)
+                for w in pending:  # every chip was done by an earlier run: assembly is left
+                    if not w.path.exists() and trainer.is_global_zero:
+                        w.finalize()
+            summary.chips += pending[0].written
+            summary.skipped += dm.skipped
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -383,6 +411,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar=("MINLON", "MINLAT", "MAXLON", "MAXLAT"),
     )
+    e.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of a different earlier job in the -o folder",
+    )
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p = sub.add_parser("preview", help="PCA picture of a grid embedding beside the input")
     p.add_argument("embedding")
@@ -460,7 +493,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             buffer_m=args.buffer_m,
             bbox=args.bbox,
             progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
+    except (JobError, OutputWriteError) as err:
+        print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
+        return int(getattr(err, "exit_status", 1))
     except (InputError, BandError, CheckpointError, ValueError, OSError) as err:
         print(f"torchgeo-dofa: error: {cli_hints(str(err))}", file=sys.stderr)
         return 2
