@@ -180,7 +180,10 @@ def test_pooled_norm_conventions(chip_a, weights, tensor_a) -> None:
 def test_encoders_are_cached(tensor_a, weights) -> None:
     first = api._module("base", weights, "cpu")
     assert api._module("base", weights, "cpu") is first
-    assert len([k for k in api._CACHE if k[0] == "base" and k[2] == "cpu"]) == 1
+    wkey = api._weights_key(weights)
+    assert [k for k in api._CACHE if k[0] == "base" and k[2] == "cpu" and k[1] == wkey] == [
+        ("base", wkey, "cpu")
+    ]
     common: dict[str, Any] = dict(
         weights=weights, pooled_norm="trained", input_prep="resize", output="pooled",
         device="cpu", model_config=None,
