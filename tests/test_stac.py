@@ -613,3 +613,37 @@ def test_bad_arguments(scenes, tmp_path) -> None:
     with pytest.raises(ModelError, match="needs stac_url"):
         get_embedding("dofa", spatial=BBox(*SYN_ROI), backend="stac", weights=None)
     assert not list(tmp_path.glob("*.tif"))
+
+
+def test_cli_embeds_a_stac_composite(scenes, server, tmp_path, monkeypatch, capsys) -> None:
+    from torchgeo_dofa.cli import main
+
+    monkeypatch.setenv("TORCHGEO_DOFA_STAC_CACHE", str(tmp_path / "cache"))
+    bbox = [str(v) for v in scenes["bbox"]]
+    args = ["embed", "--stac", server, "--collection", COLLECTION, "--bbox", *bbox,
+            "--bands", *BANDS, "--max-cloud", "50", "--weights", "none", "--seed", "0",
+            "--no-progress"]  # fmt: skip
+    # dates are required: a one-line error, nothing written
+    assert main([*args, "-o", str(tmp_path / "none")]) == 2
+    assert "--stac needs --bbox" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    out = tmp_path / "out"
+    assert main([*args, "--datetime", "2021-06-01/2022-12-31", "-o", str(out)]) == 0
+    grids = list(out.glob("*_grid.tif"))
+    assert len(grids) == 1 and len(list(out.glob("*_pooled.parquet"))) == 1
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert visible == sorted([grids[0].name, grids[0].name.replace("_grid.tif", "_pooled.parquet")])
+    with rasterio.open(grids[0]) as emb:
+        tags = emb.tags()
+        assert emb.crs.to_epsg() == 32633
+    assert json.loads(tags["bands"]) == list(BANDS)
+    assert all(item in tags["stac_item_ids"] for item in EXPECTED)
+    # the grid equals the local pipeline run on the cached composite itself
+    composite = next((tmp_path / "cache").glob("*.tif"))
+    assert main(["embed", str(composite), "-o", str(tmp_path / "local"), "--weights", "none",
+                 "--seed", "0", "--bands", *BANDS, "--no-progress"]) == 0  # fmt: skip
+    with (
+        rasterio.open(grids[0]) as a,
+        rasterio.open(next((tmp_path / "local").glob("*_grid.tif"))) as b,
+    ):
+        np.testing.assert_array_equal(a.read(), b.read())

@@ -108,6 +108,39 @@ def _output_paths(
     return [{k: output_dir / f"{r.name}{ext[k]}" for k in kinds} for r in regions]
 
 
+def _stac_inputs(
+    stac: str,
+    collection: str,
+    bbox: Sequence[float] | None,
+    datetime: str | None,
+    bands: Sequence[str] | None,
+    max_cloud: float | None,
+    composite: str,
+) -> list[Path]:
+    """The composite GeoTIFF of a STAC search, as one more input of the job."""
+    if bbox is None or datetime is None:
+        raise InputError(
+            "--stac needs --bbox MINLON MINLAT MAXLON MAXLAT and --datetime "
+            "YYYY-MM-DD/YYYY-MM-DD (the area and the dates to composite)"
+        )
+    from .bands import DOFA_S2_BANDS
+    from .stac import StacError, materialise_for_embed
+
+    try:
+        return materialise_for_embed(
+            stac,
+            collection,
+            bbox,
+            datetime,
+            out_dir=None,
+            bands=bands or DOFA_S2_BANDS,
+            max_cloud=max_cloud,
+            composite=composite,
+        )
+    except (StacError, LookupError) as err:
+        raise InputError(f"--stac {stac}: {err}") from None
+
+
 def _check_device(device: str, devices: int | str) -> None:
     import torch
 
@@ -150,6 +183,11 @@ def embed(
     progress: bool = True,
     metadata: dict[str, str] | None = None,
     overwrite: bool = False,
+    stac: str | None = None,
+    collection: str = "sentinel-2-l2a",
+    datetime: str | None = None,
+    max_cloud: float | None = 30.0,
+    composite: str = "median",
     callbacks: Sequence[pl.Callback] = (),
 ) -> EmbedSummary:
     """Embed rasters with DOFA and write georeferenced outputs, resumably.
@@ -199,6 +237,15 @@ def embed(
         metadata: extra tags stored in every output.
         overwrite: replace the outputs of a different earlier job in ``output_dir``
             (without it, a different job is refused, see :mod:`torchgeo_dofa.jobs`).
+        stac: a STAC API URL, saved item collection or static catalog: the cloud-masked
+            composite of ``bbox`` over ``datetime`` (:func:`torchgeo_dofa.stac.materialise`,
+            cached outside ``output_dir``) is embedded as one more region. Needs the
+            ``torchgeo-dofa[stac]`` extra.
+        collection: STAC collection id (``sentinel-2-l2a`` on Earth Search and Planetary
+            Computer).
+        datetime: STAC interval ``"YYYY-MM-DD/YYYY-MM-DD"`` (inclusive), with ``stac``.
+        max_cloud: ``eo:cloud_cover`` limit in percent, with ``stac``.
+        composite: ``median`` or ``mosaic`` (first valid date), with ``stac``.
         callbacks: extra Lightning callbacks for the prediction trainer.
 
     Returns:
@@ -232,6 +279,11 @@ def embed(
             point_list, properties = read_points(points, buffer_m)
         except (OSError, ValueError) as err:
             raise InputError(str(err)) from None
+    inputs = list(inputs)
+    if stac is not None:
+        inputs += _stac_inputs(stac, collection, bbox, datetime, bands, max_cloud, composite)
+    if not inputs:
+        raise InputError("no input: give GeoTIFF/JP2 files or folders, or --stac URL")
     regions = find_raster_inputs(inputs)
     out_paths = _output_paths(Path(output_dir), regions, output, point_list is not None)
     dataset_kwargs: dict[str, Any] = {
@@ -343,7 +395,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Embed rasters with DOFA: a grid GeoTIFF and/or a pooled GeoParquet per "
         "region (an input file, folder, or the tiles of one Earth Engine export).",
     )
-    e.add_argument("inputs", nargs="+", help="GeoTIFF/JP2 files or folders")
+    e.add_argument(
+        "inputs", nargs="*", help="GeoTIFF/JP2 files or folders (none with --stac alone)"
+    )
     e.add_argument(
         "-o",
         "--output-dir",
@@ -411,6 +465,19 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar=("MINLON", "MINLAT", "MAXLON", "MAXLAT"),
     )
+    e.add_argument(
+        "--stac",
+        default=None,
+        metavar="URL|FILE",
+        help="STAC API URL (e.g. https://earth-search.aws.element84.com/v1), item collection "
+        "or catalog: embed the cloud-masked composite of --bbox over --datetime",
+    )
+    e.add_argument("--collection", default="sentinel-2-l2a", help="STAC collection id")
+    e.add_argument(
+        "--datetime", default=None, metavar="A/B", help="STAC dates, e.g. 2023-06-01/2023-08-31"
+    )
+    e.add_argument("--max-cloud", type=float, default=30.0, help="eo:cloud_cover limit, %%")
+    e.add_argument("--composite", default="median", help="median | mosaic (first valid date)")
     e.add_argument(
         "--overwrite",
         action="store_true",
@@ -494,6 +561,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             bbox=args.bbox,
             progress=not args.no_progress,
             overwrite=args.overwrite,
+            stac=args.stac,
+            collection=args.collection,
+            datetime=args.datetime,
+            max_cloud=args.max_cloud,
+            composite=args.composite,
         )
     except (JobError, OutputWriteError) as err:
         print(f"torchgeo-dofa: error: {err}", file=sys.stderr)

@@ -467,18 +467,23 @@ class DOFAPredictDataModule(GeoDataModule):
         """What every output records about its inputs: bands, wavelengths, source files.
 
         Returns:
-            JSON-encoded ``bands``, ``wavelengths`` (um) and ``sources`` (absolute paths).
+            JSON-encoded ``bands``, ``wavelengths`` (um) and ``sources`` (absolute paths),
+            and the ``stac_*`` provenance tags of STAC composites among the sources.
 
         Raises:
             RuntimeError: before :meth:`setup`.
         """
         dataset = self._dataset()
         sources = sorted({os.path.abspath(p) for s in dataset.index["sources"] for p, _ in s})
-        return {
+        tags = {
             "bands": json.dumps(list(dataset.bands)),
             "wavelengths": json.dumps([round(float(w), 4) for w in dataset.wavelengths]),
             "sources": json.dumps(sources),
         }
+        for path in sources:  # a STAC composite's provenance (items, dates, rule) travels on
+            with rasterio.open(path) as src:
+                tags |= {k.lower(): v for k, v in src.tags().items() if k.startswith("STAC_")}
+        return tags
 
     def _dataset(self) -> Sentinel2Base:
         dataset = self.predict_dataset

@@ -974,7 +974,7 @@ def materialise_for_embed(
     bbox: Sequence[float],
     datetime: str,
     *,
-    out_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
     bands: Sequence[str] = DOFA_S2_BANDS,
     max_cloud: float | None = 30.0,
     composite: str = "median",
@@ -991,7 +991,7 @@ def materialise_for_embed(
         collection: collection id.
         bbox: ``(minlon, minlat, maxlon, maxlat)`` in degrees.
         datetime: STAC interval ``"A/B"`` (inclusive).
-        out_dir: folder for the composite (e.g. ``<output>/stac``).
+        out_dir: folder for the composite (default :func:`default_cache_dir`).
         bands: Sentinel-2 bands.
         max_cloud: ``eo:cloud_cover`` limit in percent.
         composite: ``"median"`` or ``"mosaic"``.
