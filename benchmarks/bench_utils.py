@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -177,3 +179,74 @@ def write_scene(path: Path, tiles: tuple[int, int], crop: tuple[int, int] | None
                 dst.set_band_description(i, name)
         dst.update_tags(**tags, benchmark=f"demo scene mirror-tiled {tiles[0]}x{tiles[1]}")
     return path
+
+
+def _demo_tiled(tiles: tuple[int, int], crop: tuple[int, int] | None) -> tuple[Any, Any, Any]:
+    """The demo scene mirror-tiled (see :func:`write_scene`): (array, profile, descriptions)."""
+    import rasterio
+
+    with rasterio.open(DEMO_SCENE) as src:
+        data = src.read()
+        profile = src.profile
+        descriptions = src.descriptions
+    if crop is not None:
+        data = data[:, : crop[0], : crop[1]]
+    _, h, w = data.shape
+    big = np.pad(data, ((0, 0), (0, h * (tiles[0] - 1)), (0, w * (tiles[1] - 1))), "symmetric")
+    profile.update(height=big.shape[1], width=big.shape[2])
+    return big, profile, descriptions
+
+
+def write_band_files(
+    folder: Path,
+    size: int,
+    driver: str = "JP2OpenJPEG",
+    block: int = 1024,
+) -> list[Path]:
+    """Write the demo scene as ESA-style per-band files (one file a band), e.g. JPEG2000.
+
+    The scene is mirror-tiled to at least ``size`` x ``size`` pixels and cropped to it, then
+    each band is written as ``T33UXP_20210601T100559_<band>_10m.<ext>``, the layout of a
+    Sentinel-2 ``.SAFE`` product's ``IMG_DATA`` (lossless JPEG2000 in ``block`` x ``block``
+    code-stream tiles, as ESA ships it; or tiled deflate GeoTIFF).
+
+    Returns:
+        The files, in band order.
+    """
+    import rasterio
+
+    with rasterio.open(DEMO_SCENE) as src:
+        unit = (src.height, src.width)
+    tiles = (math.ceil(size / unit[0]), math.ceil(size / unit[1]))
+    big, profile, descriptions = _demo_tiled(tiles, None)
+    big = big[:, :size, :size]
+    folder.mkdir(parents=True, exist_ok=True)
+    ext = "jp2" if driver == "JP2OpenJPEG" else "tif"
+    options: dict[str, Any] = (
+        {"reversible": "YES", "quality": 100, "blockxsize": block, "blockysize": block}
+        if driver == "JP2OpenJPEG"
+        else {"tiled": True, "blockxsize": min(block, 512), "blockysize": min(block, 512)}
+    )
+    out = []
+    for i, name in enumerate(descriptions):
+        band = str(name or f"B{i + 1}").upper()
+        if len(band) == 2:  # ESA spells B4 as B04
+            band = f"B0{band[1]}"
+        path = folder / f"T33UXP_20210601T100559_{band}_10m.{ext}"
+        single = {
+            "driver": driver,
+            "width": size,
+            "height": size,
+            "count": 1,
+            "dtype": profile["dtype"],
+            "crs": profile["crs"],
+            "transform": profile["transform"],
+            "nodata": profile.get("nodata"),
+            **options,
+        }
+        if driver != "JP2OpenJPEG":
+            single["compress"] = "deflate"
+        with rasterio.open(path, "w", **single) as dst:
+            dst.write(big[i], 1)
+        out.append(path)
+    return out

@@ -807,3 +807,54 @@ def test_real_earth_engine_export_in_epsg4326() -> None:
     sample = monthly[ds.bounds[0], ds.bounds[1]]
     sources = [(path, descriptions.index(b) + 1) for b in ("B4_3", "B8_3")]
     check_sample(sample["image"], sample["valid"], sample["bounds"], [SceneSpec(sources)])
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_direct_window_reads_equal_merge_reads(name: str, monkeypatch) -> None:
+    """Chips on a file's grid are read with one windowed read: the same pixels as merge."""
+    import torchgeo_dofa.datasets as datasets_module
+
+    ds = LAYOUTS[name].make()
+    calls = {"direct": 0}
+    real = datasets_module._direct_read
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["direct"] += out is not None
+        return out
+
+    monkeypatch.setattr(datasets_module, "_direct_read", counted)
+    # odd size and stride: offsets vary and the last chips reach past the raster
+    patch = LAYOUTS[name].patch
+    chips = list(GridGeoSampler(ds, size=patch + 3, stride=max(1, patch // 2 + 1)))
+    assert chips
+    for chip in chips:
+        ds.direct_reads = True
+        fast = ds.read_chip(chip)
+        ds.direct_reads = False
+        slow = ds.read_chip(chip)
+        torch.testing.assert_close(fast["image"], slow["image"], rtol=0, atol=0)
+        torch.testing.assert_close(fast["valid"], slow["valid"], rtol=0, atol=0)
+    if name != "ee_tiles":  # ee_tiles are in degrees: chips are not whole pixels there
+        assert calls["direct"] > 0
+
+
+def test_direct_reads_keep_nan_and_masked_pixels(tmp_path: Path) -> None:
+    path = tmp_path / "float.tif"
+    data = np.arange(2 * 40 * 50, dtype=np.float32).reshape(2, 40, 50) + 100
+    data[0, 5, 7] = np.nan
+    data[:, 10:12, 20:22] = -9
+    profile = dict(
+        driver="GTiff", width=50, height=40, count=2, dtype="float32", nodata=-9,
+        crs="EPSG:32631", transform=from_origin(500000, 4000400, 10, 10),
+    )  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    ds = Sentinel2SR(path, bands=["B4", "B8"])
+    for chip in GridGeoSampler(ds, size=17, stride=9):
+        ds.direct_reads = True
+        fast = ds.read_chip(chip)
+        ds.direct_reads = False
+        slow = ds.read_chip(chip)
+        torch.testing.assert_close(fast["image"], slow["image"], rtol=0, atol=0)
+        torch.testing.assert_close(fast["valid"], slow["valid"], rtol=0, atol=0)

@@ -228,3 +228,67 @@ def test_patch_weight_cache_is_exact_and_invalidated(encoder, base_state) -> Non
             gen.copy_(base_state["patch_embed.fclayer.w1.weight"])
     with torch.inference_mode():
         torch.testing.assert_close(encoder(x, wl).pooled, cached)
+
+
+def _bf16_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Worst (1 - cosine similarity) between rows of a bf16 result and its fp32 reference."""
+    return float((1 - F.cosine_similarity(out.float(), ref.float(), dim=-1)).max())
+
+
+@pytest.mark.parametrize("channels", [9, 4])
+def test_bf16_weight_copies_as_exact_as_torchgeo_bf16(encoder, torchgeo_dofa, channels) -> None:
+    """The bf16 weight copies (default under bf16 autocast at inference) are as exact, relative
+    to fp32, as TorchGeo's own DOFA under the same autocast on the same weights and input."""
+    x = torch.randn(2, channels, 224, 224, generator=torch.Generator().manual_seed(3))
+    wl = S2_WAVELENGTHS[:channels]
+    assert encoder.bf16_weights
+    with torch.inference_mode():
+        ref = encoder(x, wl, pooled_norm="plain").pooled
+        tg_ref = torchgeo_dofa.forward_features(x, wl)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = encoder(x, wl, pooled_norm="plain")
+            tg = torchgeo_dofa.forward_features(x, wl)
+            encoder.bf16_weights = False
+            try:
+                per_call = encoder(x, wl, pooled_norm="plain")
+            finally:
+                encoder.bf16_weights = True
+    copy = encoder._block_copy
+    assert copy is not None  # the copies were used ...
+    assert copy[1][0]["mlp.fc1.weight"].dtype == torch.bfloat16
+    assert copy[1][0]["norm1.weight"].dtype == torch.float32  # ... LayerNorm kept as autocast does
+    assert next(encoder.backbone.blocks.parameters()).dtype == torch.float32  # module untouched
+    ours_err, tg_err = _bf16_error(ours.pooled, ref), _bf16_error(tg, tg_ref)
+    assert ours_err <= 2 * tg_err + 1e-4, (ours_err, tg_err)
+    # the copies only skip autocast's per-call casts: the same numbers as plain autocast
+    torch.testing.assert_close(ours.grid, per_call.grid, rtol=0, atol=0)
+    torch.testing.assert_close(ours.pooled, per_call.pooled, rtol=0, atol=0)
+
+
+def test_bf16_weight_copies_follow_weight_edits_and_skip_training(encoder, base_state) -> None:
+    x = torch.randn(1, 4, 224, 224, generator=torch.Generator().manual_seed(4))
+    wl = S2_WAVELENGTHS[:4]
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.inference_mode(), bf16:
+        before = encoder(x, wl).pooled
+    fc = encoder.backbone.blocks[0].mlp.fc1.weight
+    with torch.no_grad():
+        fc.mul_(2.0)
+    try:
+        with torch.inference_mode(), bf16:
+            edited = encoder(x, wl).pooled
+            encoder.bf16_weights = False
+            try:
+                reference = encoder(x, wl).pooled
+            finally:
+                encoder.bf16_weights = True
+        torch.testing.assert_close(edited, reference, rtol=0, atol=0)  # not the stale copy
+        assert (edited.float() - before.float()).abs().max() > 1e-3
+        # with gradients the module's own parameters are used (the copy has no autograd)
+        encoder._block_copy = None
+        with bf16:
+            out = encoder(x, wl).pooled
+        assert out.requires_grad and encoder._block_copy is None
+    finally:
+        with torch.no_grad():
+            fc.copy_(base_state["blocks.0.mlp.fc1.weight"])

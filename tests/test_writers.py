@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import geopandas as gpd
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import rasterio
 import torch
 from rasterio.crs import CRS
 from rasterio.transform import Affine
+from torch.utils.data import DataLoader, TensorDataset
 
 from torchgeo_dofa.writers import GridGeometry, GridWriter, PooledWriter, parts_dir
 
@@ -101,6 +104,7 @@ def test_grid_resume_equals_uninterrupted(tmp_path: Path) -> None:
     full.finalize()
     part = GridWriter(tmp_path / "resumed.tif", geom)
     _write(part, chips[:2])  # "crash" after two chips: no final file yet
+    part.flush()  # (the parts it had written are on disk)
     assert not (tmp_path / "resumed.tif").exists()
     resumed = GridWriter(tmp_path / "resumed.tif", geom)
     assert resumed.done_keys() == {"r0_c0", "r0_c7"}
@@ -403,3 +407,89 @@ def test_pooled_properties_validation(tmp_path: Path) -> None:
         PooledWriter(tmp_path / "p.parquet", UTM, properties=props)
     with pytest.raises(ValueError, match="unique integer 'point_index'"):
         PooledWriter(tmp_path / "p.parquet", UTM, chip_keys=["a", "b"], properties=props)
+
+
+class _ThreadRecordingGridWriter(GridWriter):
+    """A GridWriter noting which thread wrote each part."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.threads: list[str] = []
+
+    def write_chip(self, prediction, i) -> None:
+        self.threads.append(threading.current_thread().name)
+        super().write_chip(prediction, i)
+
+
+class _Replay(pl.LightningModule):
+    """Returns prepared predictions from predict_step (no model: the writers are tested)."""
+
+    def __init__(self, predictions: list[dict[str, torch.Tensor]]) -> None:
+        super().__init__()
+        self.predictions = predictions
+
+    def predict_step(self, batch, batch_idx):
+        return self.predictions[batch_idx]
+
+
+def _predict(writer: GridWriter, predictions: list[dict[str, torch.Tensor]]) -> None:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        callbacks=[writer],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader: DataLoader[tuple[torch.Tensor, ...]] = DataLoader(
+        TensorDataset(torch.arange(len(predictions)))
+    )
+    trainer.predict(_Replay(predictions), dataloaders=loader, return_predictions=False)
+
+
+def _batches(geom: GridGeometry, cells: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for r, c in cells:
+        grid, gt = _chip(geom, r, c, value=r + 2 * c)
+        out.append({"grid": grid[None], "grid_transform": gt[None]})
+    return out
+
+
+def test_parts_are_written_off_the_compute_thread(tmp_path: Path) -> None:
+    geom = _geometry()
+    cells = [(0, 0), (0, 14), (14, 0), (14, 14), (7, 21), (3, 3)]
+    background = _ThreadRecordingGridWriter(tmp_path / "bg.tif", geom)
+    background.max_pending_batches = 2  # exercises the bounded queue too
+    _predict(background, _batches(geom, cells))
+    assert len(background.threads) == len(cells)
+    assert all(name.startswith("dofa-parts") for name in background.threads)
+    assert threading.current_thread().name not in background.threads
+    assert background._pool is None  # threads stopped at teardown
+    # the same file as writing every part in the main thread, one by one
+    reference = GridWriter(tmp_path / "ref.tif", geom)
+    reference.parts.mkdir(parents=True)
+    for batch in _batches(geom, cells):
+        reference.write_chip(batch, 0)
+    reference.finalize()
+    with rasterio.open(tmp_path / "bg.tif") as a, rasterio.open(tmp_path / "ref.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_background_write_errors_reach_the_caller(tmp_path: Path) -> None:
+    geom = _geometry()
+    good = _batches(geom, [(0, 0)])
+    bad_grid, _ = _chip(geom, 1, 1)
+    misplaced = torch.tensor([CELL, 0, geom.xmin + 35.0, 0, -CELL, geom.ymin], dtype=torch.float64)
+    bad = {"grid": bad_grid[None], "grid_transform": misplaced[None]}
+    # directly: the error surfaces at flush (and so at finalize), not silently
+    writer = GridWriter(tmp_path / "direct.tif", geom)
+    writer.parts.mkdir(parents=True)
+    writer.write_on_batch_end(None, None, bad, None, None, 0, 0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="whole output cells"):
+        writer.finalize()
+    assert not (tmp_path / "direct.tif").exists()
+    # through Trainer.predict: the job fails with the write's error and writes no final file
+    out = tmp_path / "job.tif"
+    with pytest.raises(ValueError, match="whole output cells"):
+        _predict(GridWriter(out, geom), [*good, bad, *good])
+    assert not out.exists()
+    assert sorted(p.name for p in parts_dir(out).iterdir()) == ["r0_c0.npy"]  # resumable

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .model import DOFAEncoder, PooledNorm
 from .transforms import stitch_tiles
@@ -83,6 +83,12 @@ class DOFAEmbedder(pl.LightningModule):
             self.encoder.weights_id = f"random (seed {seed})"
         self.output = output
         self.input_prep = input_prep
+        #: Preprocessing applied to each batch once it is on the model's device (see
+        #: :meth:`on_after_batch_transfer`), e.g. a batched
+        #: :class:`~torchgeo_dofa.transforms.DOFAPreprocess` while the DataLoader serves raw
+        #: chips: on a GPU the normalisation and resizing then run there instead of in the
+        #: loader's CPU workers. None (default): the dataset's transforms did it.
+        self.preprocess: nn.Module | None = None
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -111,6 +117,20 @@ class DOFAEmbedder(pl.LightningModule):
             return out.pooled.unflatten(0, (b, n)), out.grid.unflatten(0, (b, n))
         out = self.encoder(image, wavelengths)
         return out.pooled, out.grid
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Apply :attr:`preprocess` to a batch on the model's device, if one is set.
+
+        Args:
+            batch: the collated batch, already on the device.
+            dataloader_idx: index of the dataloader.
+
+        Returns:
+            The preprocessed batch (unchanged when :attr:`preprocess` is None).
+        """
+        if self.preprocess is not None and isinstance(batch, dict) and "image" in batch:
+            batch = self.preprocess(batch)
+        return batch
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Embed one batch and keep what the writers need to place the results.

@@ -28,7 +28,9 @@ import re
 import shutil
 import uuid
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from errno import ENOSPC
 from pathlib import Path
@@ -336,15 +338,79 @@ class GridGeometry:
 
 
 class _PartsWriter(BasePredictionWriter):
-    """Shared part-file bookkeeping for both writers."""
+    """Shared part-file bookkeeping for both writers.
+
+    Part files are written off the compute thread: each batch's chips go to a small thread
+    pool (``write_threads``), so the model does not wait for the disk. At most
+    ``max_pending_batches`` batches wait to be written (memory stays bounded: a slow disk
+    slows the job down instead of queueing predictions). Every pending write is waited for
+    before the parts are assembled (:meth:`flush`, at epoch end and in ``finalize``) and when
+    prediction fails; an error in a background write is raised in the main thread at the
+    next batch or at the latest by :meth:`flush`.
+    """
 
     suffix = ".npy"
+    #: Threads writing part files (file I/O and compression release the GIL).
+    write_threads = 2
+    #: Batches that may wait to be written before the next batch waits for the oldest.
+    max_pending_batches = 4
 
     def __init__(self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None) -> None:
         super().__init__(write_interval="batch")
         self.path = Path(path)
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.written = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[Future[None]] = deque()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle/copy without the thread pool (made again on the first write)."""
+        if self._pending:
+            raise RuntimeError("cannot copy a writer with part files still being written")
+        state = self.__dict__.copy()
+        state["_pool"], state["_pending"] = None, deque()
+        return state
+
+    def _write_chips(self, prediction: Mapping[str, Any], chips: Sequence[int]) -> None:
+        for i in chips:
+            self.write_chip(prediction, i)
+
+    def flush(self) -> None:
+        """Wait for every part file being written; raise the first error among them.
+
+        Raises:
+            Exception: whatever a background write raised (after all writes have ended).
+        """
+        error: BaseException | None = None
+        while self._pending:
+            future = self._pending.popleft()
+            exc = future.exception()
+            if exc is not None and error is None:
+                error = exc
+        if error is not None:
+            raise error
+
+    def _shutdown(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Prediction failed: let the writes under way end, without masking the error.
+
+        Parts written stay valid for a resume; a failed write leaves no part.
+        """
+        for future in self._pending:
+            future.exception()
+        self._pending.clear()
+        self._shutdown()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Stop the writer threads."""
+        self.flush()
+        self._shutdown()
 
     @property
     def parts(self) -> Path:
@@ -353,6 +419,7 @@ class _PartsWriter(BasePredictionWriter):
 
     def done_keys(self) -> set[str]:
         """Keys of chips whose part file exists (for resuming)."""
+        self.flush()
         if not self.parts.is_dir():
             return set()
         return {p.name.removesuffix(self.suffix) for p in self.parts.glob(f"*{self.suffix}")}
@@ -379,6 +446,7 @@ class _PartsWriter(BasePredictionWriter):
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Wait for every rank, then assemble the final file on rank 0."""
+        self.flush()
         trainer.strategy.barrier("torchgeo_dofa_writer")
         if trainer.is_global_zero:
             self.finalize()
@@ -394,13 +462,23 @@ class _PartsWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        """Save every non-empty chip of a batch as its own part file."""
+        """Save every non-empty chip of a batch as its own part file (in the background)."""
+        while self._pending and self._pending[0].done():  # surface a failed write early
+            self._pending.popleft().result()
         empty = prediction.get("empty")
-        for i in range(len(prediction["grid" if "grid" in prediction else "pooled"])):
-            if empty is not None and bool(empty[i]):
-                continue
-            self.write_chip(prediction, i)
-            self.written += 1
+        chips = [
+            i
+            for i in range(len(prediction["grid" if "grid" in prediction else "pooled"]))
+            if empty is None or not bool(empty[i])
+        ]
+        if not chips:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.write_threads, thread_name_prefix="dofa-parts")
+        self._pending.append(self._pool.submit(self._write_chips, prediction, chips))
+        self.written += len(chips)
+        while len(self._pending) > self.max_pending_batches:
+            self._pending.popleft().result()
 
     def write_chip(self, prediction: Mapping[str, Any], i: int) -> None:  # pragma: no cover
         """Save chip ``i`` of a prediction as a part file."""
@@ -537,6 +615,7 @@ class GridWriter(_PartsWriter):
                 kept; rerun the job to finish).
             RuntimeError: if there is no part and the embedding width is unknown.
         """
+        self.flush()
         geom = self.geometry
         chips = list(self._chips())
         sizes = {p: np.load(p, mmap_mode="r").shape for _, _, p in chips}
@@ -794,6 +873,7 @@ class PooledWriter(_PartsWriter):
                 kept; rerun the job to finish).
             RuntimeError: if no chip was written and ``chip_keys`` was not given.
         """
+        self.flush()
         import geopandas as gpd
         import pyarrow.parquet as pq
         from shapely.geometry import box

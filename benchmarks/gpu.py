@@ -1,0 +1,240 @@
+"""GPU benchmark: encoder-only and end-to-end images/s for DOFA base and large, bf16 and fp32.
+
+``python benchmarks/gpu.py`` on a machine with one CUDA GPU (about 3-4 minutes; stops
+starting new measurements after ``--budget-s`` seconds, default 200) prints one table:
+
+- encoder only: images/s of this package's encoder (``DOFAEncoder``, bf16 weight copies under
+  bf16 autocast) beside TorchGeo's ``DOFA.forward_features`` on the same weights and inputs,
+  at batch 32, 64, 128 and 256, fp32 and bf16 autocast, timed with CUDA events after a
+  warm-up (best of ``--reps``);
+- end to end: ``torchgeo_dofa.cli.embed`` (random weights, pooled output, the GPU) on a
+  generated GeoTIFF of ``--chips`` chips (the demo scene mirror-tiled): steady chips/s after
+  the first batch, with :mod:`torchgeo_dofa.runtime`'s default loader workers, and its ratio
+  to encoder-only at the same batch size and precision (target: >= 80 % at the best batch).
+
+Without a GPU it prints ``not run: no GPU`` and exits 0; ``--smoke-cpu`` runs the same code
+on the CPU with tiny settings (base only, batch 2, 4 chips) to check that it works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning.pytorch as pl
+import torch
+
+from benchmarks.bench_utils import DEMO_WAVELENGTHS, write_scene
+from torchgeo_dofa.model import build_encoder
+from torchgeo_dofa.runtime import default_num_workers
+
+BATCHES = (32, 64, 128, 256)
+
+
+def log(msg: str) -> None:
+    """Progress on stderr."""
+    print(f"[gpu-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def best_time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Best-of-``reps`` seconds of ``fn`` after one warm-up call (CUDA events on a GPU)."""
+    fn()
+    best = math.inf
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def encoder_only(
+    variant: str, batches: tuple[int, ...], device: torch.device, reps: int, deadline: float
+) -> dict[tuple[str, int], dict[str, float]]:
+    """img/s of ours and TorchGeo's forward per (precision, batch)."""
+    torch.manual_seed(0)
+    enc = build_encoder(variant).eval().to(device)
+    tg = enc.backbone
+    wl = list(DEMO_WAVELENGTHS)
+    out: dict[tuple[str, int], dict[str, float]] = {}
+    with torch.inference_mode():
+        for prec in ("bf16", "fp32"):
+            for b in batches:
+                if time.perf_counter() > deadline:
+                    log(f"{variant} {prec} batch {b}: skipped (time budget)")
+                    continue
+                x = torch.randn(b, len(wl), 224, 224, device=device)
+                cast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
+
+                def ours(x: torch.Tensor = x, cast: Any = cast) -> object:
+                    with cast:
+                        return enc(x, wl).pooled
+
+                def theirs(x: torch.Tensor = x, cast: Any = cast) -> object:
+                    with cast:
+                        return tg.forward_features(x, wl)
+
+                try:
+                    t_ours = best_time(ours, device, reps)
+                    t_tg = best_time(theirs, device, reps)
+                except torch.OutOfMemoryError:
+                    log(f"{variant} {prec} batch {b}: out of memory")
+                    torch.cuda.empty_cache()
+                    continue
+                out[(prec, b)] = {"ours": b / t_ours, "torchgeo": b / t_tg}
+                log(f"{variant} {prec} batch {b}: ours {b / t_ours:.1f}, TorchGeo {b / t_tg:.1f}")
+    return out
+
+
+class _Clock(pl.Callback):
+    """Batch-end timestamps and sizes of the predict loop."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.sizes: list[int] = []
+
+    def on_predict_batch_end(
+        self, trainer: Any, module: Any, outputs: Any, batch: Any, *a: Any
+    ) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.ends.append(time.perf_counter())
+        self.sizes.append(int(batch["image"].shape[0]))
+
+    def steady(self) -> float:
+        """Chips per second after the first batch (NaN with fewer than two batches)."""
+        if len(self.ends) < 2:
+            return math.nan
+        return sum(self.sizes[1:]) / (self.ends[-1] - self.ends[0])
+
+
+def end_to_end(
+    variant: str,
+    scene: Path,
+    batches: tuple[int, ...],
+    device: str,
+    workers: int,
+    tmp: Path,
+    deadline: float,
+) -> dict[tuple[str, int], float]:
+    """Steady chips/s of ``cli.embed`` per (precision, batch)."""
+    from torchgeo_dofa import cli
+
+    out: dict[tuple[str, int], float] = {}
+    for prec in ("bf16", "fp32"):
+        for b in batches:
+            if time.perf_counter() > deadline:
+                log(f"e2e {variant} {prec} batch {b}: skipped (time budget)")
+                continue
+            clock = _Clock()
+            cli.embed(
+                [scene],
+                tmp / f"e2e_{variant}_{prec}_{b}",
+                variant=variant,
+                output="pooled",
+                weights=None,
+                batch_size=b,
+                num_workers=workers,
+                device=device,
+                precision="bf16" if prec == "bf16" else "32",
+                progress=False,
+                callbacks=[clock],
+            )
+            out[(prec, b)] = clock.steady()
+            log(f"e2e {variant} {prec} batch {b}: {out[(prec, b)]:.1f} chips/s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke-cpu", action="store_true", help="tiny run on the CPU")
+    parser.add_argument("--variants", default="base,large")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--chips", type=int, default=512, help="chips of the e2e scene")
+    parser.add_argument("--num-workers", type=int, default=None, help="default: runtime's")
+    parser.add_argument("--budget-s", type=float, default=200.0)
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available() and not args.smoke_cpu:
+        print("not run: no GPU (torch.cuda.is_available() is False); --smoke-cpu checks the code")
+        return 0
+    smoke = args.smoke_cpu
+    device = torch.device("cpu" if smoke else "cuda")
+    variants = ("base",) if smoke else tuple(v.strip() for v in args.variants.split(","))
+    batches = (2,) if smoke else BATCHES
+    chips = 4 if smoke else args.chips
+    reps = 1 if smoke else args.reps
+    workers = default_num_workers() if args.num_workers is None else args.num_workers
+    start = time.perf_counter()
+    deadline = start + args.budget_s
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
+        name = torch.cuda.get_device_name()
+    else:
+        name = "CPU (smoke run)"
+    lines = [
+        f"# torchgeo-dofa GPU benchmark{' (CPU smoke run)' if smoke else ''}",
+        "",
+        f"- device: {name}; torch {torch.__version__}; {os.cpu_count()} CPUs, "
+        f"{workers} loader worker(s); 4 bands, random weights",
+        "",
+        "| variant | prec | batch | encoder img/s | TorchGeo img/s | ours/TorchGeo | "
+        "e2e chips/s | e2e/encoder |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    side = max(1, round(math.sqrt(chips)))
+    with tempfile.TemporaryDirectory(prefix="dofa-gpu-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        scene = write_scene(tmp / "scene.tif", (side, math.ceil(chips / side)), (224, 224))
+        verdicts = []
+        for variant in variants:
+            log(f"{variant}: encoder only")
+            enc = encoder_only(variant, batches, device, reps, deadline)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the encoder-only model is gone
+            log(f"{variant}: end to end ({chips} chips)")
+            e2e = end_to_end(
+                variant, scene, batches, "cpu" if smoke else "gpu", workers, tmp, deadline
+            )
+            for prec in ("bf16", "fp32"):
+                best_ratio = math.nan
+                for b in batches:
+                    e = enc.get((prec, b), {})
+                    ours, theirs = e.get("ours", math.nan), e.get("torchgeo", math.nan)
+                    chips_s = e2e.get((prec, b), math.nan)
+                    ratio = chips_s / ours if ours == ours else math.nan
+                    if ratio == ratio:
+                        best_ratio = ratio if best_ratio != best_ratio else max(best_ratio, ratio)
+                    lines.append(
+                        f"| {variant} | {prec} | {b} | {ours:.1f} | {theirs:.1f} | "
+                        f"{ours / theirs:.2f} | {chips_s:.1f} | {ratio:.0%} |"
+                    )
+                verdicts.append(
+                    ("MET" if best_ratio >= 0.8 else "NOT MET")
+                    + f": {variant} {prec} end to end >= 80% of encoder-only at the best batch: "
+                    f"{best_ratio:.0%}"
+                )
+    lines += ["", "Targets:", *(f"- {v}" for v in verdicts)]
+    lines.append(f"\ntotal {time.perf_counter() - start:.0f} s")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""DOFAEmbedder: preprocessing on the device after transfer equals preprocessing in the loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+from torchgeo.samplers import GriddedPatchSampler
+
+from torchgeo_dofa.datasets import Sentinel2SR, stack_dofa_samples
+from torchgeo_dofa.embedder import DOFAEmbedder
+from torchgeo_dofa.transforms import DOFAPreprocess
+
+SCENE = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
+
+
+class _SeenBatches(pl.Callback):
+    """Records the image each predict step receives (after on_after_batch_transfer)."""
+
+    def __init__(self) -> None:
+        self.images: list[torch.Tensor] = []
+
+    def on_predict_batch_start(self, trainer: Any, module: Any, batch: Any, *args: Any) -> None:
+        self.images.append(batch["image"].clone())
+
+
+def _predict(module: DOFAEmbedder, dataset: Sentinel2SR) -> tuple[list[Any], list[torch.Tensor]]:
+    chips = list(GriddedPatchSampler(dataset, size=224))[:3]
+    loader = DataLoader(dataset, sampler=chips, batch_size=3, collate_fn=stack_dofa_samples)
+    seen = _SeenBatches()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[seen],
+    )
+    out = trainer.predict(module, dataloaders=loader)
+    assert out is not None
+    return out, seen.images
+
+
+def test_preprocessing_after_transfer_equals_loader_preprocessing() -> None:
+    torch.manual_seed(0)
+    module = DOFAEmbedder(weights=None, output="both")
+    dataset = Sentinel2SR(SCENE)
+    prep = DOFAPreprocess(dataset.bands, dataset.wavelengths)
+
+    dataset.transforms = prep  # the usual way: per sample, in the loader
+    in_loader, loader_images = _predict(module, dataset)
+
+    dataset.transforms = None  # raw chips to the device, the batch preprocessed there
+    module.preprocess = prep
+    raw: list[torch.Tensor] = []
+    prep.register_forward_pre_hook(lambda _, args: raw.append(args[0]["image"].clone()))
+    on_device, device_images = _predict(module, dataset)
+
+    assert len(raw) == 1 and raw[0].shape == (3, 4, 224, 224)  # one batched call
+    assert raw[0].max() > 100  # it received raw reflectance ...
+    torch.testing.assert_close(device_images[0], loader_images[0])  # ... and gave the same
+    for a, b in zip(in_loader, on_device, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, equal_nan=True)

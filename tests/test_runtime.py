@@ -1,0 +1,197 @@
+"""Hardware defaults: precision, batch size, workers, and GDAL's cache in bytes."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import math
+import os
+from pathlib import Path
+
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+from torch.utils.data import DataLoader, Dataset
+
+from torchgeo_dofa import runtime
+from torchgeo_dofa.runtime import (
+    GDAL_CACHE_MIN_BYTES,
+    default_batch_size,
+    default_num_workers,
+    default_precision,
+    gdal_cache_bytes,
+    gdal_env,
+    gdal_worker_init,
+    loader_options,
+    resolve_precision,
+)
+
+MIB = 2**20
+
+
+def _libgdal() -> ctypes.CDLL | None:
+    """The GDAL library rasterio runs on (to read GDALGetCacheMax64 back)."""
+    libs = Path(rasterio.__file__).parent.with_name("rasterio.libs")
+    found = sorted(glob.glob(str(libs / "libgdal*")))
+    name = found[0] if found else ctypes.util.find_library("gdal")
+    if name is None:
+        return None
+    lib = ctypes.CDLL(name)
+    lib.GDALGetCacheMax64.restype = ctypes.c_int64
+    return lib
+
+
+GDAL = _libgdal()
+needs_gdal = pytest.mark.skipif(GDAL is None, reason="cannot locate rasterio's libgdal")
+
+
+@needs_gdal
+def test_rasterio_env_integer_cache_is_bytes_and_gdal_env_sets_bytes() -> None:
+    assert GDAL is not None
+    # the fact the module is built on: an integer is bytes, not MB
+    with rasterio.Env(GDAL_CACHEMAX=256):
+        assert GDAL.GDALGetCacheMax64() == 256
+    with gdal_env(300 * MIB):
+        assert GDAL.GDALGetCacheMax64() == 300 * MIB
+    with pytest.raises(ValueError, match="in bytes"):
+        gdal_env(256)
+
+
+class _CacheProbe(Dataset[int]):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> int:
+        assert GDAL is not None
+        return int(GDAL.GDALGetCacheMax64())
+
+
+@needs_gdal
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork start method")
+def test_gdal_worker_init_sets_the_cache_in_workers() -> None:
+    loader = DataLoader(
+        _CacheProbe(),
+        num_workers=1,
+        worker_init_fn=gdal_worker_init(96 * MIB),
+        multiprocessing_context="fork",
+    )
+    assert [int(v) for v in loader] == [96 * MIB, 96 * MIB]
+
+
+def _sparse_tif(path: Path, width: int, height: int, count: int, dtype: str, block: int) -> Path:
+    """A tiled GeoTIFF whose blocks are never written (SPARSE_OK): instant at any size."""
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=count,
+        dtype=dtype,
+        tiled=True,
+        blockxsize=block,
+        blockysize=block,
+        sparse_ok=True,
+        crs="EPSG:32631",
+        transform=from_origin(500000, 5000000, 10, 10),
+    ):
+        pass
+    return path
+
+
+def test_gdal_cache_holds_a_chip_row_of_blocks(tmp_path: Path) -> None:
+    wide = _sparse_tif(tmp_path / "wide.tif", 12000, 3000, 4, "float64", 512)
+    small = _sparse_tif(tmp_path / "small.tif", 500, 400, 3, "uint16", 256)
+    # one chip row (224 px) straddles at most 2 block rows of 512; 24 blocks across
+    wide_need = 24 * 512 * (2 * 512) * 4 * 8
+    small_need = 2 * 256 * (2 * 256) * 3 * 2
+    ram = 64 * 2**30
+    got = gdal_cache_bytes([wide, small], memory_bytes=ram)
+    assert got == 2 * (wide_need + small_need)
+    assert GDAL_CACHE_MIN_BYTES <= got <= ram // 8
+    # small inputs get the floor; memory caps it, split between the processes reading
+    assert gdal_cache_bytes([small], memory_bytes=ram) == GDAL_CACHE_MIN_BYTES
+    capped = gdal_cache_bytes([wide], memory_bytes=4 * 2**30, processes=2)
+    assert capped == 4 * 2**30 // 8 // 2
+    assert gdal_cache_bytes([], memory_bytes=ram) == runtime.GDAL_CACHE_DEFAULT_BYTES
+
+
+def test_default_workers_leave_a_core_to_the_model() -> None:
+    assert [default_num_workers(n) for n in (1, 2, 3, 8, 64)] == [0, 1, 2, 4, 4]
+    opts = loader_options("cpu", 2)
+    assert opts["num_workers"] == 2 and opts["pin_memory"] is False
+    assert loader_options("cpu", 0) == {"num_workers": 0, "pin_memory": False}
+    with pytest.raises(ValueError, match="num_workers"):
+        loader_options("cpu", -1)
+
+
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs /proc/cpuinfo")
+def test_cpu_default_precision_follows_native_bf16() -> None:
+    flags = _cpu_flags()
+    native = bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+    kernels = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    choice = default_precision("cpu")
+    assert choice.precision == ("bf16" if native and kernels else "32"), choice
+    assert choice.chosen_by == "default" and choice.reason.startswith(
+        "bf16" if choice.precision == "bf16" else "fp32"
+    )
+    assert choice.lightning == ("bf16-mixed" if choice.precision == "bf16" else "32-true")
+
+
+def test_user_precision_wins_and_bad_names_are_refused() -> None:
+    assert resolve_precision("32", "cpu").precision == "32"
+    assert resolve_precision("bf16-mixed", "cpu").chosen_by == "user"
+    assert resolve_precision(None, "cpu") == default_precision("cpu")
+    with pytest.raises(ValueError, match="choose auto, 32 or bf16"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_default_batch_sizes_on_cpu() -> None:
+    assert default_batch_size("cpu", "32") == 8
+    assert default_batch_size("cpu", "bf16") == 32
+    assert default_batch_size("cpu", "bf16", "large") == 16
+    assert default_batch_size("cpu", "32", "l") == 4
+    with pytest.raises(ValueError, match="unknown DOFA variant"):
+        default_batch_size("cpu", "32", "huge")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_gpu_without_one_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="--device cpu"):
+        runtime.resolve_accelerator("gpu")
+    with pytest.raises(ValueError, match="choose auto, cpu or gpu"):
+        runtime.resolve_accelerator("tpu9")
+
+
+def test_cache_formula_for_strip_organised_files(tmp_path: Path) -> None:
+    """Untiled files: a block is a strip across the whole width."""
+    path = tmp_path / "strips.tif"
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=60000,
+        height=2000,
+        count=4,
+        dtype="float64",
+        sparse_ok=True,
+        crs="EPSG:32631",
+        transform=from_origin(500000, 5000000, 10, 10),
+    ):
+        pass
+    with rasterio.open(path) as src:
+        bh, bw = src.block_shapes[0]
+    assert bw == 60000  # strips
+    rows = min((math.ceil(224 / bh) + 1) * bh, 2000 + bh)
+    need = 2 * (60000 * rows * 4 * 8)
+    assert need > GDAL_CACHE_MIN_BYTES
+    assert gdal_cache_bytes([path], memory_bytes=2**35) == need

@@ -1,0 +1,423 @@
+"""Runtime defaults chosen from the hardware: precision, batch size, loader workers, GDAL cache.
+
+Every embed job needs the same handful of decisions, and each has one right answer per kind
+of machine. They live here so that every entry point (``torchgeo-dofa embed``, LightningCLI
+configs, the Python API) takes the same defaults, each of which stays overridable:
+
+* :func:`default_precision`: bf16 where the hardware runs it natively (a CUDA GPU with bf16
+  support; a CPU with AVX-512 BF16 / AMX, see :func:`torchgeo_dofa.model.cpu_has_fast_bf16`),
+  fp32 elsewhere, with a one-line reason to print;
+* :func:`default_batch_size`: chips per batch for the device, precision and variant;
+* :func:`default_num_workers` and :func:`loader_options`: DataLoader workers (reading and
+  preprocessing off the compute thread) and pinned memory for GPU transfers;
+* :func:`gdal_cache_bytes` and :func:`gdal_env`: GDAL's block cache, in **bytes**.
+
+GDAL cache units: ``rasterio.Env(GDAL_CACHEMAX=256)`` sets a cache of 256 *bytes*: rasterio
+hands an integer to ``GDALSetCacheMax64``, which takes bytes (checked with GDAL 3.12 /
+rasterio 1.5 by reading ``GDALGetCacheMax64`` back: 256 -> 256; GDAL's own "values below
+100000 are megabytes" rule applies only to the ``GDAL_CACHEMAX`` *environment variable*
+string). A cache that small makes GDAL decode a compressed block again for every chip that
+touches it, which for JPEG2000 is 50-150x slower than a plain read. The cache here is sized
+from the input files so that one row of compressed blocks across the raster stays decoded
+while the chips of that row are read (the samplers visit chips row by row), and it is capped
+so memory stays bounded whatever the region's size.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+__all__ = [
+    "GDAL_CACHE_DEFAULT_BYTES",
+    "GDAL_CACHE_MAX_BYTES",
+    "GDAL_CACHE_MIN_BYTES",
+    "PrecisionChoice",
+    "cpu_has_native_bf16",
+    "default_batch_size",
+    "default_num_workers",
+    "default_precision",
+    "gdal_cache_bytes",
+    "gdal_env",
+    "gdal_worker_init",
+    "loader_options",
+    "resolve_accelerator",
+    "resolve_precision",
+]
+
+Precision = Literal["32", "bf16"]
+Accelerator = Literal["cpu", "cuda", "mps"]
+
+_MIB = 2**20
+#: Smallest GDAL block cache the embed job uses (bytes): a few rows of 1024 x 1024 blocks.
+GDAL_CACHE_MIN_BYTES = 64 * _MIB
+#: Largest GDAL block cache per process (bytes); also never more than 1/8 of the RAM.
+GDAL_CACHE_MAX_BYTES = 2048 * _MIB
+#: Cache used when the input files are not known (bytes).
+GDAL_CACHE_DEFAULT_BYTES = 512 * _MIB
+
+#: Lightning precision flag for each precision name this package uses.
+LIGHTNING_PRECISION: dict[str, str] = {"32": "32-true", "bf16": "bf16-mixed"}
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """A precision and why it was chosen.
+
+    Attributes:
+        precision: ``"32"`` or ``"bf16"``.
+        reason: one line for the terminal, e.g. ``"bf16: this CPU has native bf16 (AMX)"``.
+        chosen_by: ``"default"`` (picked from the hardware) or ``"user"``.
+    """
+
+    precision: Precision
+    reason: str
+    chosen_by: Literal["default", "user"] = "default"
+
+    @property
+    def lightning(self) -> str:
+        """Lightning's ``Trainer(precision=...)`` value: ``32-true`` or ``bf16-mixed``."""
+        return LIGHTNING_PRECISION[self.precision]
+
+
+def resolve_accelerator(device: str = "auto") -> Accelerator:
+    """The kind of device a Lightning ``accelerator`` name runs on here.
+
+    Args:
+        device: ``auto``, ``cpu``, ``gpu``, ``cuda`` or ``mps`` (Lightning's names).
+
+    Returns:
+        ``"cuda"``, ``"mps"`` or ``"cpu"``. ``auto`` takes CUDA, then MPS, then the CPU.
+
+    Raises:
+        ValueError: for an unknown name, or a GPU asked for on a machine without one (the
+            message says to use ``--device cpu``).
+    """
+    name = str(device).strip().lower()
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if name == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name in ("gpu", "cuda", "mps"):
+        if name != "mps" and cuda:
+            return "cuda"
+        if name != "cuda" and mps:
+            return "mps"
+        raise ValueError(
+            f"--device {device} asked for a GPU, but PyTorch sees none on this machine "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}): use "
+            "--device cpu or --device auto"
+        )
+    raise ValueError(f"unknown device {device!r}: choose auto, cpu or gpu")
+
+
+def _cpu_bf16_flags() -> list[str] | None:
+    """Native bf16 features this CPU reports in /proc/cpuinfo; None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [f for f in ("amx_bf16", "avx512_bf16", "bf16") if f in have]
+    except OSError:
+        pass
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix multiplies natively and PyTorch uses that.
+
+    Both must hold: :func:`torchgeo_dofa.model.cpu_has_fast_bf16` (oneDNN has bf16 kernels
+    here) and, where ``/proc/cpuinfo`` can be read, a native bf16 instruction set
+    (``amx_bf16`` or ``avx512_bf16`` on x86, ``bf16`` on ARM). oneDNN also reports bf16
+    support on AVX-512 CPUs without bf16 instructions (Skylake/Cascade Lake), where it
+    converts in software and gains nothing over fp32.
+
+    Returns:
+        True where bf16 is the faster choice on this CPU.
+    """
+    from .model import cpu_has_fast_bf16
+
+    flags = _cpu_bf16_flags()
+    return cpu_has_fast_bf16() and (flags is None or bool(flags))
+
+
+def default_precision(device: str = "auto") -> PrecisionChoice:
+    """bf16 where the hardware has it, fp32 elsewhere.
+
+    * CUDA: bf16 when ``torch.cuda.is_bf16_supported()`` (Ampere and newer), else fp32;
+    * CPU: bf16 where it is native (:func:`cpu_has_native_bf16`: AVX-512 BF16 / AMX on
+      x86, BF16 on ARM, and PyTorch's oneDNN kernels for it), else fp32, since bf16 is
+      emulated there and about 7x slower (``benchmarks/run.py``);
+    * MPS: fp32 (bf16 autocast support on MPS varies with the macOS version).
+
+    bf16 changes the embeddings slightly (pooled cosine to fp32 about 0.997-0.9999, as
+    TorchGeo's own DOFA under the same autocast; see ``tests/test_model.py``).
+
+    Args:
+        device: Lightning accelerator name (``auto``, ``cpu``, ``gpu``).
+
+    Returns:
+        The choice, with a one-line reason to print.
+
+    Raises:
+        ValueError: as :func:`resolve_accelerator`.
+    """
+    kind = resolve_accelerator(device)
+    if kind == "cuda":
+        name = torch.cuda.get_device_name()
+        if torch.cuda.is_bf16_supported():
+            return PrecisionChoice("bf16", f"bf16: the GPU ({name}) supports bf16")
+        return PrecisionChoice("32", f"fp32: the GPU ({name}) has no bf16 support")
+    if kind == "mps":
+        return PrecisionChoice("32", "fp32: bf16 autocast is not relied on on Apple MPS")
+    if cpu_has_native_bf16():
+        flags = _cpu_bf16_flags()
+        what = f" ({', '.join(flags)})" if flags else ""
+        return PrecisionChoice("bf16", f"bf16: this CPU has native bf16{what}")
+    return PrecisionChoice(
+        "32", "fp32: this CPU has no native bf16 (no AVX-512 BF16 / AMX); bf16 would be emulated"
+    )
+
+
+def resolve_precision(precision: str | None, device: str = "auto") -> PrecisionChoice:
+    """The precision to run: the user's if given, else :func:`default_precision`.
+
+    Args:
+        precision: ``None`` or ``"auto"`` for the default; ``"32"``/``"32-true"`` or
+            ``"bf16"``/``"bf16-mixed"``.
+        device: Lightning accelerator name.
+
+    Returns:
+        The choice and its reason.
+
+    Raises:
+        ValueError: for an unknown precision name (listing the choices).
+    """
+    if precision is None or str(precision).lower() == "auto":
+        return default_precision(device)
+    names = {"32": "32", "32-true": "32", "fp32": "32", "bf16": "bf16", "bf16-mixed": "bf16"}
+    key = str(precision).strip().lower()
+    if key not in names:
+        raise ValueError(f"unknown precision {precision!r}: choose auto, 32 or bf16")
+    value: Precision = "32" if names[key] == "32" else "bf16"
+    label = "fp32" if value == "32" else "bf16"
+    return PrecisionChoice(value, f"{label}: asked for", "user")
+
+
+#: Chips per batch, per (device kind, precision), for DOFA base. On the CPU bf16 keeps
+#: gaining up to batch 32 with AMX (11 img/s at 8, 21 at 32 measured in issue 14) while fp32
+#: is flat from batch 8 (4.24 vs 4.33 img/s, README); on a GPU larger batches fill the device.
+_BATCH: dict[tuple[str, str], int] = {
+    ("cpu", "32"): 8,
+    ("cpu", "bf16"): 32,
+    ("mps", "32"): 16,
+    ("mps", "bf16"): 16,
+    ("cuda", "32"): 64,
+    ("cuda", "bf16"): 128,
+}
+
+
+def default_batch_size(device: str = "auto", precision: str = "32", variant: str = "base") -> int:
+    """Chips per batch for a device, precision and DOFA variant.
+
+    Base: CPU 8 (fp32) / 32 (bf16); CUDA 64 (fp32) / 128 (bf16); MPS 16. Large (about 3x
+    the compute and activations of base) gets half, at least 4. On CUDA the batch is
+    halved again while the activations (about 40 MB an image for base in bf16, 80 in fp32,
+    twice that for large) would exceed a quarter of the GPU's memory.
+
+    Args:
+        device: Lightning accelerator name.
+        precision: ``"32"`` or ``"bf16"`` (Lightning's ``32-true`` / ``bf16-mixed`` too).
+        variant: ``base``/``large`` (or ``b``/``l``).
+
+    Returns:
+        The batch size.
+
+    Raises:
+        ValueError: for an unknown device, precision or variant.
+    """
+    from .model import canonical_variant
+
+    kind = resolve_accelerator(device)
+    prec = resolve_precision(precision, device).precision
+    batch = _BATCH[(kind, prec)]
+    large = canonical_variant(variant) == "large"
+    if large:
+        batch = max(4, batch // 2)
+    if kind == "cuda":
+        per_image = (40 if prec == "bf16" else 80) * (2 if large else 1) * _MIB
+        budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 4
+        while batch > 4 and batch * per_image > budget:
+            batch //= 2
+    return batch
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_num_workers(cpus: int | None = None) -> int:
+    """DataLoader workers that read and preprocess chips beside the model.
+
+    ``min(4, cpus - 1)``: one core stays with the model's threads, and beyond about four
+    workers reading stops being the bottleneck (a 224 x 224 chip reads in a few ms from a
+    GeoTIFF); 0 (read in the main process) only on a single-core machine.
+
+    Args:
+        cpus: usable CPU cores (default: this process's CPU affinity).
+
+    Returns:
+        The number of workers.
+    """
+    n = _usable_cpus() if cpus is None else int(cpus)
+    return max(0, min(4, n - 1))
+
+
+def loader_options(device: str = "auto", num_workers: int | None = None) -> dict[str, Any]:
+    """DataLoader keyword arguments for an embed job on ``device``.
+
+    Args:
+        device: Lightning accelerator name.
+        num_workers: workers (default :func:`default_num_workers`).
+
+    Returns:
+        ``num_workers``, ``pin_memory`` (True on CUDA, so Lightning's transfer to the GPU is
+        asynchronous: it passes ``non_blocking=True``), and with workers
+        ``persistent_workers=False`` and ``prefetch_factor=2`` (batches read ahead per worker).
+    """
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    if workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {workers}")
+    options: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": resolve_accelerator(device) == "cuda",
+    }
+    if workers > 0:
+        options |= {"persistent_workers": False, "prefetch_factor": 2}
+    return options
+
+
+def _physical_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return None
+
+
+def gdal_cache_bytes(
+    paths: Iterable[str | os.PathLike[str]] = (),
+    *,
+    chip_px: int = 224,
+    processes: int = 1,
+    memory_bytes: int | None = None,
+) -> int:
+    """GDAL block-cache size (bytes) that keeps one chip row of decoded blocks per file.
+
+    For every file: the bytes of the block rows a chip row spans, all bands, in the file's
+    data type: ``ceil(width / block_w) * block_w * block_h * ceil(chip_px / block_h + 1)
+    * bands * itemsize`` (a chip row of ``chip_px`` pixels can straddle one more block row
+    than it covers). The sum over the files (all are read in turn for each chip) is doubled
+    for GDAL's own overhead and a warped VRT's block cache on top of the file's, then
+    clamped to ``[GDAL_CACHE_MIN_BYTES, min(GDAL_CACHE_MAX_BYTES, RAM / 8) / processes]``,
+    so memory stays bounded whatever the region's size (each process holding a cache, a
+    DataLoader worker included, counts once in ``processes``).
+
+    Examples: one 10980 x 10980 uint16 JP2 with 1024 x 1024 blocks needs 11 x 2 MB x 2 rows x
+    2 = 88 MB; a 2240 x 2240 9-band GeoTIFF tiled 512 x 512, 18 MB x 2.
+
+    Args:
+        paths: the rasters the job reads (none: :data:`GDAL_CACHE_DEFAULT_BYTES`).
+        chip_px: chip side in the files' pixels.
+        processes: processes reading at once (main process plus DataLoader workers).
+        memory_bytes: RAM to size against (default: this machine's physical memory).
+
+    Returns:
+        The cache size in bytes, for ``rasterio.Env(GDAL_CACHEMAX=...)``.
+
+    Raises:
+        rasterio.errors.RasterioIOError: for a file that cannot be opened.
+    """
+    import rasterio
+
+    ram = _physical_memory() if memory_bytes is None else memory_bytes
+    cap = GDAL_CACHE_MAX_BYTES if ram is None else min(GDAL_CACHE_MAX_BYTES, ram // 8)
+    cap = max(GDAL_CACHE_MIN_BYTES, cap // max(1, processes))
+    need = 0
+    listed = list(paths)
+    if not listed:
+        return min(cap, GDAL_CACHE_DEFAULT_BYTES)
+    for path in listed:
+        with rasterio.open(path) as src:
+            block_h, block_w = src.block_shapes[0] if src.block_shapes else (1, src.width)
+            itemsize = max(_itemsize(d) for d in src.dtypes)
+            across = math.ceil(src.width / block_w) * block_w
+            rows = math.ceil(min(chip_px, src.height) / block_h) + 1
+            need += across * min(rows * block_h, src.height + block_h) * src.count * itemsize
+    return int(min(cap, max(GDAL_CACHE_MIN_BYTES, 2 * need)))
+
+
+def _itemsize(dtype: str) -> int:
+    import numpy as np
+
+    return int(np.dtype(dtype).itemsize)
+
+
+def gdal_env(cache_bytes: int | None = None, **options: Any) -> Any:
+    """A ``rasterio.Env`` with GDAL's block cache set in bytes.
+
+    Args:
+        cache_bytes: cache size in bytes (default :data:`GDAL_CACHE_DEFAULT_BYTES`).
+        **options: further GDAL configuration options.
+
+    Returns:
+        The ``rasterio.Env`` (use it as a context manager around the reads).
+
+    Raises:
+        ValueError: for a cache below 1 MiB (a value in MB by mistake would be that small).
+    """
+    import rasterio
+
+    size = GDAL_CACHE_DEFAULT_BYTES if cache_bytes is None else int(cache_bytes)
+    if size < _MIB:
+        raise ValueError(
+            f"GDAL cache of {size} bytes is too small to hold one block: the size is in bytes "
+            f"(e.g. {256 * _MIB} for 256 MiB), not MB"
+        )
+    return rasterio.Env(GDAL_CACHEMAX=size, **options)
+
+
+def _enter_gdal_env(cache_bytes: int, worker_id: int) -> None:
+    env = gdal_env(cache_bytes)
+    env.__enter__()  # for the worker's lifetime
+    _WORKER_ENVS.append(env)
+
+
+_WORKER_ENVS: list[Any] = []
+
+
+def gdal_worker_init(cache_bytes: int) -> Callable[[int], None]:
+    """A DataLoader ``worker_init_fn`` that sets GDAL's cache in each worker.
+
+    Forked workers inherit the parent's cache size, spawned ones (macOS, Windows) do not;
+    with this every worker has ``cache_bytes`` whatever the start method.
+
+    Args:
+        cache_bytes: cache size in bytes per worker (see :func:`gdal_cache_bytes` with
+            ``processes`` = workers + 1).
+
+    Returns:
+        A picklable function of the worker id.
+    """
+    return functools.partial(_enter_gdal_env, int(cache_bytes))
