@@ -158,7 +158,8 @@ def test_ddp_two_cpu_processes_write_every_chip_once(
         (["--stride", "100"], "not a multiple of the output cell (16 px"),
         (["--chip-size", "448", "--stride", "16"], "output cell (32 px for 448-px chips"),
         (["--chip-size", "100"], "--chip-size must be a multiple of 16"),
-        (["--device", "gpu"], "no CUDA GPU is visible"),
+        (["--device", "gpu"], "asked for a GPU, but PyTorch sees none"),
+        (["--precision", "fp8"], "unknown --precision"),
         (["--devices", "0"], "--devices must be >= 1"),
         (["--seed", "3"], "--seed applies to random weights only: add --weights none"),
         (["--output", "grid", "--points", "p.csv"], "use --output pooled"),
@@ -457,7 +458,8 @@ def test_output_file_names_and_seeded_random_weights(tmp_path, capsys) -> None:
     assert (
         main(["embed", str(SCENE), "-o", str(b), "--output", "pooled", "--seed", "7", *common]) == 0
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "b.parquet"]
+    visible = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert visible == ["a.parquet", "b.parquet"]
     fa, fb = gpd.read_parquet(a), gpd.read_parquet(b)
     np.testing.assert_array_equal(np.stack(fa.embedding), np.stack(fb.embedding))
     assert set(fa.weights) == {"random (seed 7)"}
@@ -540,3 +542,62 @@ def test_points_keep_their_properties_and_order(tmp_path, base_checkpoint) -> No
     assert frame.site.tolist() == ["007", "site-b"] and frame.crop.tolist() == ["maize", "wheat"]
     centres = frame.geometry.centroid
     assert abs(centres.iloc[0].x - rows[0][1]) <= 10 and abs(centres.iloc[1].y - rows[1][2]) <= 10
+
+
+def test_points_outside_every_raster_are_listed_first_or_skipped(tmp_path, capsys, base_checkpoint):
+    with rasterio.open(SCENE) as src:
+        b = src.bounds
+    inside = _scene_lonlat(b.left + 1500, b.bottom + 1500)
+    (tmp_path / "p.csv").write_text(f"id,lon,lat\na,{inside[0]},{inside[1]}\nb,0.5,0.5\n")
+    args = ["embed", str(SCENE), "--points", str(tmp_path / "p.csv"), "--buffer-m", "1120",
+            "--output", "pooled", "--weights", str(base_checkpoint), "--no-progress"]  # fmt: skip
+    assert main([*args, "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "1 of 2 points lie outside every input raster: #1 (0.5" in err and "--skip-outside" in err
+    )
+    assert not (tmp_path / "x").exists()  # reported before anything is written
+    with pytest.warns(UserWarning, match="skipping 1 of 2 points"):
+        assert main([*args, "-o", str(tmp_path / "y"), "--skip-outside"]) == 0
+    frame = gpd.read_parquet(tmp_path / "y" / "ftw_s2_l2a_33N_pooled.parquet")
+    assert frame.id.tolist() == ["a"] and frame.point_index.tolist() == [0]
+
+
+def test_an_all_zero_raster_beside_a_good_one_writes_both(tmp_path, base_checkpoint) -> None:
+    with rasterio.open(SCENE) as src:
+        profile, shape = src.profile, (src.count, src.height, src.width)
+    empty = tmp_path / "empty_scene.tif"
+    with rasterio.open(empty, "w", **profile) as dst:
+        dst.write(np.zeros(shape, dtype=profile["dtype"]))
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="held a valid pixel"):
+        summary = embed(
+            [empty, SCENE], out, weights=str(base_checkpoint), output="both", progress=False
+        )
+    assert summary.chips == 6  # the good scene's chips; the empty one's are empty
+    with (
+        rasterio.open(out / "empty_scene_grid.tif") as e,
+        rasterio.open(out / "ftw_s2_l2a_33N_grid.tif") as g,
+    ):
+        assert e.count == g.count == 768 and e.shape == g.shape
+        assert np.isnan(e.read(1)).all() and np.isfinite(g.read(1)).any()
+    rows = gpd.read_parquet(out / "empty_scene_pooled.parquet")
+    assert len(rows) == 6 and rows.no_data.all()
+    assert not gpd.read_parquet(out / "ftw_s2_l2a_33N_pooled.parquet").no_data.any()
+
+
+def test_a_second_concurrent_job_on_the_folder_fails_at_once(tmp_path, base_checkpoint) -> None:
+    from torchgeo_dofa.jobs import OutputLock
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(SCENE), "-o", str(out),
+           "--weights", str(base_checkpoint), "--no-progress", "--output", "pooled"]  # fmt: skip
+    with OutputLock(out):  # another job holds the folder (this process, via the real lock)
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 75, second.stderr[-2000:]
+    last = second.stderr.strip().splitlines()[-1]
+    assert "is in use by another torchgeo-dofa job" in last and f"pid {os.getpid()}" in last
+    assert not (out / "ftw_s2_l2a_33N_pooled.parquet").exists()
+    # once the other job is gone the same command runs
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    assert len(gpd.read_parquet(out / "ftw_s2_l2a_33N_pooled.parquet")) == 6

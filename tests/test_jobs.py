@@ -594,6 +594,7 @@ def test_kill_9_during_assembly_then_rerun_equals_uninterrupted(tmp_path: Path) 
         writer = GridWriter(folder / "g_grid.tif", geom, metadata={"variant": "base"})
         writer.parts.mkdir(parents=True)
         writer.write_on_batch_end(None, None, prediction, None, None, 0, 0)  # type: ignore[arg-type]
+        writer.flush()  # parts are written off the calling thread
         return writer
 
     reference = run(tmp_path / "ref")

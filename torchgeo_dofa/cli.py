@@ -7,10 +7,10 @@ georeferenced embeddings out (a grid GeoTIFF and/or a pooled GeoParquet per regi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import re
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,21 +18,33 @@ from typing import Any
 
 import lightning.pytorch as pl
 import rasterio
+import torch
 
 from .bands import BandError
 from .datamodules import DOFAPredictDataModule
 from .datasets import InputError, RasterInput, find_raster_inputs
 from .embedder import OUTPUT_KINDS, DOFAEmbedder
 from .jobs import (
+    MANIFEST_NAME,
     InputFile,
     JobError,
     JobManifest,
     OutputLock,
     StopOnSignal,
+    check_points,
+    job_size_warning,
+    points_outside_warning,
     region_identity,
     weights_identity,
 )
 from .model import canonical_variant
+from .runtime import (
+    default_batch_size,
+    default_num_workers,
+    gdal_env,
+    resolve_accelerator,
+    resolve_precision,
+)
 from .spatial import BBox, read_points
 from .weights import CheckpointError
 from .writers import GridWriter, OutputWriteError, PooledWriter
@@ -40,15 +52,6 @@ from .writers import GridWriter, OutputWriteError, PooledWriter
 __all__ = ["EmbedSummary", "InputError", "embed", "main"]
 
 CHIP = 224
-#: GDAL block cache of the embed job, in bytes (rasterio passes an integer to GDAL as
-#: bytes; GDAL's default is 5 % of RAM).
-GDAL_CACHE_BYTES = 256 * 2**20
-_PRECISIONS = {
-    "32": "32-true",
-    "bf16": "bf16-mixed",
-    "32-true": "32-true",
-    "bf16-mixed": "bf16-mixed",
-}
 
 
 @dataclass
@@ -108,6 +111,33 @@ def _output_paths(
     return [{k: output_dir / f"{r.name}{ext[k]}" for k in kinds} for r in regions]
 
 
+def _footprint(region: RasterInput) -> tuple[str, tuple[float, float, float, float]]:
+    """CRS and bounds of a region's rasters (their union), for assigning points."""
+    bounds = []
+    crs = ""
+    for path in region.paths:
+        with rasterio.open(path) as src:
+            crs = src.crs.to_wkt() if src.crs else "EPSG:4326"
+            bounds.append(tuple(src.bounds))
+    return crs, (
+        min(b[0] for b in bounds),
+        min(b[1] for b in bounds),
+        max(b[2] for b in bounds),
+        max(b[3] for b in bounds),
+    )
+
+
+def default_chips_per_second(precision: str, accelerator: str) -> float:
+    """A rough throughput for the job-size estimate, chips/s (DOFA base, measured here).
+
+    CPU (2 cores): fp32 4.2 (README performance section), bf16 with AMX 7.9
+    (``benchmarks/run.py``); CUDA: 200, a conservative figure (not measured here).
+    """
+    if accelerator == "cuda":
+        return 200.0
+    return 7.9 if precision == "bf16" else 4.2
+
+
 def _stac_inputs(
     stac: str,
     collection: str,
@@ -141,20 +171,6 @@ def _stac_inputs(
         raise InputError(f"--stac {stac}: {err}") from None
 
 
-def _check_device(device: str, devices: int | str) -> None:
-    import torch
-
-    if isinstance(devices, int) and devices < 1:
-        raise InputError(f"--devices must be >= 1, got {devices}")
-    if device in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise InputError(
-            f"--device {device} but no CUDA GPU is visible to PyTorch "
-            f"(torch {torch.__version__}): use --device cpu or --device auto"
-        )
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise InputError("--device mps but MPS is not available: use --device cpu")
-
-
 def embed(
     inputs: Sequence[str | Path],
     output_dir: str | Path,
@@ -164,12 +180,12 @@ def embed(
     input_prep: str = "resize",
     weights: str | None = "official",
     seed: int | None = None,
-    batch_size: int = 8,
-    num_workers: int = 0,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
     device: str = "auto",
     devices: int | str = 1,
     strategy: str = "auto",
-    precision: str = "32",
+    precision: str | None = None,
     bands: Sequence[str] | None = None,
     file_bands: Sequence[str] | None = None,
     wavelengths: Sequence[float] | None = None,
@@ -183,6 +199,7 @@ def embed(
     progress: bool = True,
     metadata: dict[str, str] | None = None,
     overwrite: bool = False,
+    skip_outside: bool = False,
     stac: str | None = None,
     collection: str = "sentinel-2-l2a",
     datetime: str | None = None,
@@ -212,12 +229,15 @@ def embed(
             224 x 224 model inputs (no effect for 224-px chips).
         weights: ``official``, a checkpoint path, or None (random weights).
         seed: seed of the random weights (``weights=None``), for repeatable runs.
-        batch_size: chips per batch.
-        num_workers: DataLoader workers.
+        batch_size: chips per batch (default: chosen for the device and precision,
+            :func:`torchgeo_dofa.runtime.default_batch_size`).
+        num_workers: DataLoader workers reading and preprocessing chips beside the model
+            (default :func:`torchgeo_dofa.runtime.default_num_workers`).
         device: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
         devices: number of devices (e.g. 2 with ``strategy="ddp"``).
         strategy: Lightning strategy.
-        precision: ``32`` or ``bf16``.
+        precision: ``32``, ``bf16`` or None / ``auto``: bf16 where the hardware has it
+            (CUDA, a CPU with AMX / AVX-512 BF16), fp32 elsewhere; the choice is printed.
         bands: bands to embed, in this order (default: DOFA's 9 bands, or every S2 band
             present); with ``file_bands``, a selection among them.
         file_bands: names of the bands of files without band descriptions, in file order
@@ -237,6 +257,8 @@ def embed(
         metadata: extra tags stored in every output.
         overwrite: replace the outputs of a different earlier job in ``output_dir``
             (without it, a different job is refused, see :mod:`torchgeo_dofa.jobs`).
+        skip_outside: skip (with a warning) points outside every raster instead of
+            refusing the job.
         stac: a STAC API URL, saved item collection or static catalog: the cloud-masked
             composite of ``bbox`` over ``datetime`` (:func:`torchgeo_dofa.stac.materialise`,
             cached outside ``output_dir``) is embedded as one more region. Needs the
@@ -264,15 +286,23 @@ def embed(
         raise InputError(f"unknown --output {output!r}: choose one of {list(OUTPUT_KINDS)}")
     if input_prep not in ("resize", "tile"):
         raise InputError(f"unknown --input-prep {input_prep!r}: choose 'resize' or 'tile'")
-    if precision not in _PRECISIONS:
-        raise InputError(f"unknown --precision {precision!r}: choose '32' or 'bf16'")
+    try:
+        choice = resolve_precision(precision, device)
+        accelerator = resolve_accelerator(device)
+    except ValueError as err:
+        raise InputError(str(err).replace("unknown precision", "unknown --precision")) from None
+    if isinstance(devices, int) and devices < 1:
+        raise InputError(f"--devices must be >= 1, got {devices}")
+    if batch_size is None:
+        batch_size = default_batch_size(device, choice.precision, variant)
+    if num_workers is None:
+        num_workers = default_num_workers()
     if chip_size < 16 or chip_size % 16:
         raise InputError(f"--chip-size must be a multiple of 16 pixels >= 16, got {chip_size}")
     if points is not None and output == "grid":
         raise InputError("--points gives one pooled row per point: use --output pooled")
     if seed is not None and weights is not None:
         raise InputError("--seed applies to random weights only: add --weights none")
-    _check_device(device, devices)
     point_list, properties = (None, None)
     if points is not None:
         try:
@@ -285,6 +315,16 @@ def embed(
     if not inputs:
         raise InputError("no input: give GeoTIFF/JP2 files or folders, or --stac URL")
     regions = find_raster_inputs(inputs)
+    point_sets: list[list[int] | None] = [None] * len(regions)
+    if point_list is not None:  # each point to the regions holding it; none left out silently
+        inside, outside = check_points(
+            point_list, {r.name: _footprint(r) for r in regions}, skip_outside
+        )
+        if outside:
+            warnings.warn(points_outside_warning(point_list, outside), UserWarning, stacklevel=2)
+        point_sets = [inside[r.name] for r in regions]
+        regions = [r for r, s in zip(regions, point_sets, strict=True) if s]
+        point_sets = [s for s in point_sets if s]
     out_paths = _output_paths(Path(output_dir), regions, output, point_list is not None)
     dataset_kwargs: dict[str, Any] = {
         "bands": bands,
@@ -294,11 +334,12 @@ def embed(
         "crs": crs,
     }
     modules = []
-    for region in regions:
+    for region, subset in zip(regions, point_sets, strict=True):
+        chosen = None if subset is None or point_list is None else [point_list[i] for i in subset]
         dm = DOFAPredictDataModule(
             paths=list(region.paths),
             dataset_class=region.dataset_class,
-            points=point_list,
+            points=chosen,
             roi=BBox(*bbox) if bbox is not None else None,
             patch_size=chip_size,
             stride=stride,
@@ -317,44 +358,53 @@ def embed(
         input_prep=input_prep,  # type: ignore[arg-type]
         seed=seed,
     )
+    if _is_rank_zero():
+        print(
+            f"torchgeo-dofa: precision {choice.reason}; batch size {batch_size}, "
+            f"{num_workers} loader worker(s)",
+            file=sys.stderr,
+        )
     extra = dict(metadata or {})
     summary = EmbedSummary()
-    # a folder holds one job (manifest + lock); a file name (-o NAME.tif) is that file alone
-    folder_mode = Path(output_dir).suffix.lower() not in (".tif", ".tiff", ".parquet")
-    guard: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-    if folder_mode:
-        first = modules[0]._dataset()
-        manifest = JobManifest(
-            inputs=[InputFile.of(p) for r in regions for p in r.paths],
-            file_bands=list(file_bands) if file_bands is not None else None,
-            bands=list(first.bands),
-            wavelengths=[float(w) for w in first.wavelengths],
-            variant=variant,
-            weights=weights_identity(weights, variant, seed),
-            pooled_norm=module.encoder.pooled_norm,
-            input_prep=input_prep,
-            chip_size=chip_size,
-            stride=stride or chip_size,
-            precision=_PRECISIONS[precision],
-            output=output,
-            outputs=[p.name for paths in out_paths for p in paths.values()],
-            region=region_identity(bbox, points, buffer_m),
-        )
-        guard = OutputLock(output_dir)
-    with guard, StopOnSignal() as stop:
-        if folder_mode:
-            manifest.check_or_write(output_dir, overwrite=overwrite)
-        for region, dm, paths in zip(regions, modules, out_paths, strict=True):
+    # a folder holds one job; an output named by the user (-o NAME.tif) is a job of its own
+    out = Path(output_dir)
+    file_mode = out.suffix.lower() in (".tif", ".tiff", ".parquet")
+    folder = out.parent if file_mode else out
+    manifest_name = f".{out.name}{MANIFEST_NAME}" if file_mode else MANIFEST_NAME
+    first = modules[0]._dataset()
+    manifest = JobManifest(
+        inputs=[InputFile.of(p) for r in regions for p in r.paths],
+        file_bands=list(file_bands) if file_bands is not None else None,
+        bands=list(first.bands),
+        wavelengths=[float(w) for w in first.wavelengths],
+        variant=variant,
+        weights=weights_identity(weights, variant, seed),
+        pooled_norm=module.encoder.pooled_norm,
+        input_prep=input_prep,
+        chip_size=chip_size,
+        stride=stride or chip_size,
+        precision=choice.lightning,
+        output=output,
+        outputs=[p.name for paths in out_paths for p in paths.values()],
+        region=region_identity(bbox, points, buffer_m, skip_outside),
+    )
+    with OutputLock(folder), StopOnSignal() as stop:
+        manifest.check_or_write(folder, overwrite=overwrite, name=manifest_name)
+        todo = sum(len(dm.predict_sampler or []) for dm in modules)
+        size = job_size_warning(todo, default_chips_per_second(choice.precision, accelerator))
+        if size and _is_rank_zero():
+            print(f"torchgeo-dofa: {size}", file=sys.stderr)
+        for region, dm, paths, subset in zip(regions, modules, out_paths, point_sets, strict=True):
             stop.raise_if_received()
             writers: list[GridWriter | PooledWriter] = []
             if "grid" in paths:
                 writers.append(GridWriter(paths["grid"], metadata=extra))
             if "pooled" in paths:
                 keys: dict[str, Any] = {}
-                if properties is not None:
+                if properties is not None and subset is not None:
                     chips: list[Any] = list(dm.predict_sampler or [])
                     keys["chip_keys"] = [PooledWriter.key_for_chip(c) for c in chips]
-                    keys["properties"] = properties
+                    keys["properties"] = properties.iloc[subset].reset_index(drop=True)
                 writers.append(
                     PooledWriter(paths["pooled"], metadata=extra, source=region.name, **keys)
                 )
@@ -367,13 +417,17 @@ def embed(
                 accelerator=device,
                 devices=devices,
                 strategy=strategy,
-                precision=_PRECISIONS[precision],  # type: ignore[arg-type]
+                precision=choice.lightning,  # type: ignore[arg-type]
                 callbacks=[*pending, stop, *callbacks],
                 logger=False,
                 enable_progress_bar=progress,
                 enable_model_summary=False,
             )
-            with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+            if accelerator == "cuda":  # preprocess on the GPU after the transfer
+                dataset = dm._dataset()
+                if isinstance(dataset.transforms, torch.nn.Module):
+                    module.preprocess, dataset.transforms = dataset.transforms, None
+            with gdal_env(dm.gdal_cache):
                 trainer.predict(module, datamodule=dm, return_predictions=False)
                 for w in pending:  # every chip was done by an earlier run: assembly is left
                     if not w.path.exists() and trainer.is_global_zero:
@@ -424,12 +478,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--weights", default="official", help="official | none | PATH")
     e.add_argument("--seed", type=int, default=None, help="seed for --weights none")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--num-workers", type=int, default=0)
+    e.add_argument(
+        "--batch-size", type=int, default=None, help="chips per batch (default: for the device)"
+    )
+    e.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader workers reading chips (default: min(4, cores - 1))",
+    )
     e.add_argument("--device", default="auto", help="auto | cpu | gpu")
     e.add_argument("--devices", default="1", help="number of devices (with --strategy ddp)")
     e.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
-    e.add_argument("--precision", default="32", help="32 | bf16")
+    e.add_argument(
+        "--precision",
+        default="auto",
+        help="auto | 32 | bf16 (auto: bf16 on CUDA and on CPUs with AMX / AVX-512 BF16)",
+    )
     e.add_argument(
         "--file-bands",
         nargs="+",
@@ -458,6 +523,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--points", default=None, help="CSV (lon,lat) or GeoJSON points")
     e.add_argument("--buffer-m", type=float, default=2048.0, help="point buffer in metres")
+    e.add_argument(
+        "--skip-outside",
+        action="store_true",
+        help="skip points outside every raster (with a warning) instead of refusing the job",
+    )
     e.add_argument(
         "--bbox",
         type=float,
@@ -561,6 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bbox=args.bbox,
             progress=not args.no_progress,
             overwrite=args.overwrite,
+            skip_outside=args.skip_outside,
             stac=args.stac,
             collection=args.collection,
             datetime=args.datetime,

@@ -56,6 +56,7 @@ from torchgeo_dofa.datasets import (
     refuse_repeated_bands,
     stack_dofa_samples,
 )
+from torchgeo_dofa.runtime import gdal_cache_bytes, gdal_worker_init
 from torchgeo_dofa.spatial import WGS84, BBox, PointBuffer, Region, region_to_crs, region_window
 from torchgeo_dofa.transforms import INPUT_PREPS
 from torchgeo_dofa.writers import GridGeometry
@@ -510,13 +511,33 @@ class DOFAPredictDataModule(GeoDataModule):
             todo = [c for c in chips if not all(w.is_done(c) for w in writers)]
             self.skipped = len(chips) - len(todo)
             sampler = _ChipList(todo)
+        accelerator = getattr(trainer, "accelerator", None)
+        workers = int(self.num_workers)
         return DataLoader(
             self._dataset(),
             batch_size=self.batch_size,
             sampler=sampler,
-            num_workers=self.num_workers,
+            num_workers=workers,
             collate_fn=self.collate_fn,
             persistent_workers=False,
+            pin_memory=type(accelerator).__name__ == "CUDAAccelerator",
+            worker_init_fn=gdal_worker_init(self.gdal_cache) if workers else None,
+        )
+
+    @property
+    def gdal_cache(self) -> int:
+        """GDAL block cache for reading this data module's rasters, in bytes per process.
+
+        Sized by :func:`torchgeo_dofa.runtime.gdal_cache_bytes` so one chip row of decoded
+        blocks of every file stays cached (compressed formats are not decoded again for each
+        chip) while memory stays bounded; set in each DataLoader worker.
+
+        Returns:
+            Bytes.
+        """
+        sources = sorted({p for s in self._dataset().index["sources"] for p, _ in s})
+        return gdal_cache_bytes(
+            sources, chip_px=self.chip_size, processes=int(self.num_workers) + 1
         )
 
 

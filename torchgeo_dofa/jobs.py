@@ -276,7 +276,9 @@ class JobManifest:
             return f.name, a, b
         return None
 
-    def check_or_write(self, folder: str | os.PathLike[str], overwrite: bool = False) -> None:
+    def check_or_write(
+        self, folder: str | os.PathLike[str], overwrite: bool = False, name: str = MANIFEST_NAME
+    ) -> None:
         """Start or resume this job in ``folder``; call it while holding :class:`OutputLock`.
 
         * no manifest and none of this job's outputs or parts in the folder: a new job,
@@ -296,6 +298,8 @@ class JobManifest:
         Args:
             folder: the output folder (created if needed).
             overwrite: replace the previous job's outputs instead of refusing.
+            name: the manifest's file name (one per job: a folder holds one job, an output
+                named by the user, ``-o NAME.tif``, has ``.NAME.tif.torchgeo-dofa-job.json``).
 
         Raises:
             JobMismatchError: if the folder holds another job's results and not overwrite.
@@ -309,7 +313,7 @@ class JobManifest:
             raise RuntimeError(
                 f"JobManifest.check_or_write({str(folder)!r}) must run inside OutputLock(folder)"
             )
-        path = folder / MANIFEST_NAME
+        path = folder / name
         previous: JobManifest | None = None
         problem = ""
         if path.exists():

@@ -717,7 +717,8 @@ class PooledWriter(_PartsWriter):
 
     Rows: without ``chip_keys``, one per chip that was written, north-west first. With
     ``chip_keys`` (every chip the job sends, e.g. ``[PooledWriter.key_for_chip(c) for c in
-    sampler]``), exactly one row per entry, chips that held no valid pixel included (flagged
+    sampler]``; taken from the trainer's datamodule's ``predict_sampler`` at setup when not
+    given), exactly one row per entry, chips that held no valid pixel included (flagged
     ``no_data``). With ``properties`` as well, row ``k`` of ``properties`` describes the chip
     ``chip_keys[k]``; its columns are joined into that row and rows keep the points' input
     order (``point_index``). Two points with the same footprint share one part and get
@@ -795,8 +796,13 @@ class PooledWriter(_PartsWriter):
             if dataset is None:
                 raise RuntimeError("PooledWriter(crs=None) needs a datamodule's predict_dataset")
             self.crs = CRS.from_user_input(dataset.crs.to_wkt())
+        dm = getattr(trainer, "datamodule", None)
         if not self.source:
-            self.source = str(getattr(getattr(trainer, "datamodule", None), "region_name", ""))
+            self.source = str(getattr(dm, "region_name", ""))
+        sampler = getattr(dm, "predict_sampler", None)
+        if self.chip_keys is None and sampler is not None:
+            # every chip of the job gets a row, chips without any valid pixel flagged no_data
+            self.chip_keys = [self.key_for_chip(c) for c in sampler]
         self._done = self.done_keys()
 
     def is_done(self, chip: Sequence[slice]) -> bool:
