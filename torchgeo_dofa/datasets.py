@@ -1601,7 +1601,44 @@ def merge_dofa_samples(samples: Iterable[Sample]) -> Sample:
     return out
 
 
-class DOFAIntersectionDataset(IntersectionDataset):
+class _DOFAComposition:
+    """What DOFA's ``&`` / ``|`` datasets share: the band-set key and further composition."""
+
+    wavelengths: Tensor
+
+    @property
+    def band_set(self) -> tuple[float, ...]:
+        """The wavelength vector as a hashable key.
+
+        Returns:
+            Wavelengths rounded to 1e-6 um.
+        """
+        return tuple(round(float(w), 6) for w in self.wavelengths)
+
+    def __and__(self, other: GeoDataset) -> DOFAIntersectionDataset:
+        """Stack a further dataset (see :meth:`Sentinel2Base.__and__`).
+
+        Args:
+            other: another GeoDataset.
+
+        Returns:
+            A :class:`DOFAIntersectionDataset`.
+        """
+        return DOFAIntersectionDataset(cast(GeoDataset, self), other)
+
+    def __or__(self, other: GeoDataset) -> DOFAUnionDataset:
+        """Mosaic with a further dataset of the same bands (see :meth:`Sentinel2Base.__or__`).
+
+        Args:
+            other: another dataset with the same bands in the same order.
+
+        Returns:
+            A :class:`DOFAUnionDataset`.
+        """
+        return DOFAUnionDataset(cast(GeoDataset, self), other)
+
+
+class DOFAIntersectionDataset(_DOFAComposition, IntersectionDataset):
     """TorchGeo's ``&`` for DOFA datasets: bands of both members stacked, masks merged.
 
     ``Sentinel2SR(...) & Sentinel2SR(...)`` builds one; samples are joined with
@@ -1659,39 +1696,8 @@ class DOFAIntersectionDataset(IntersectionDataset):
         self.bands: tuple[str, ...] = bands
         self.wavelengths: Tensor = torch.cat([m[1] for m in images]) if images else torch.empty(0)
 
-    @property
-    def band_set(self) -> tuple[float, ...]:
-        """The wavelength vector as a hashable key.
 
-        Returns:
-            Wavelengths rounded to 1e-6 um.
-        """
-        return tuple(round(float(w), 6) for w in self.wavelengths)
-
-    def __and__(self, other: GeoDataset) -> DOFAIntersectionDataset:
-        """Stack a further dataset (see :meth:`Sentinel2Base.__and__`).
-
-        Args:
-            other: another GeoDataset.
-
-        Returns:
-            A :class:`DOFAIntersectionDataset`.
-        """
-        return DOFAIntersectionDataset(self, other)
-
-    def __or__(self, other: GeoDataset) -> DOFAUnionDataset:
-        """Mosaic with a dataset of the same bands (see :meth:`Sentinel2Base.__or__`).
-
-        Args:
-            other: another dataset with the same bands in the same order.
-
-        Returns:
-            A :class:`DOFAUnionDataset`.
-        """
-        return DOFAUnionDataset(self, other)
-
-
-class DOFAUnionDataset(UnionDataset):
+class DOFAUnionDataset(_DOFAComposition, UnionDataset):
     """TorchGeo's ``|`` for DOFA datasets: one band set, mosaicked first-valid-wins.
 
     ``Sentinel2SR(...) | Sentinel2SR(...)`` builds one. Both members must read the same bands
@@ -1749,37 +1755,6 @@ class DOFAUnionDataset(UnionDataset):
         super().__init__(dataset1, dataset2, collate_fn, transforms)
         self.bands: tuple[str, ...] = first[0]
         self.wavelengths: Tensor = first[1].clone()
-
-    @property
-    def band_set(self) -> tuple[float, ...]:
-        """The wavelength vector as a hashable key.
-
-        Returns:
-            Wavelengths rounded to 1e-6 um.
-        """
-        return tuple(round(float(w), 6) for w in self.wavelengths)
-
-    def __and__(self, other: GeoDataset) -> DOFAIntersectionDataset:
-        """Stack a further dataset (see :meth:`Sentinel2Base.__and__`).
-
-        Args:
-            other: another GeoDataset.
-
-        Returns:
-            A :class:`DOFAIntersectionDataset`.
-        """
-        return DOFAIntersectionDataset(self, other)
-
-    def __or__(self, other: GeoDataset) -> DOFAUnionDataset:
-        """Mosaic with a further dataset of the same bands.
-
-        Args:
-            other: another dataset with the same bands in the same order.
-
-        Returns:
-            A :class:`DOFAUnionDataset`.
-        """
-        return DOFAUnionDataset(self, other)
 
 
 # ---------------------------------------------------------------------- batching
