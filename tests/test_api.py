@@ -572,6 +572,7 @@ S4 = SensorSpec(bands=("B4", "B3", "B2", "B8"))
         (dict(model="prithvi"), ModelError, "unknown model 'prithvi'"),
         (dict(input_chw=RAW[0]), ModelError, r"\(C, H, W\) array, got rank 2"),
         (dict(input_chw=RAW[None]), ModelError, "got rank 4"),
+        (dict(input_chw=RAW > 0), ModelError, "real numbers.*got numpy dtype bool"),
         (dict(input_chw=RAW[:3]), ModelError, "C=3 channels but sensor.bands names 4"),
         (dict(input_chw=RAW / 10000), ReflectanceError, r"\[0, 2\]"),
         (

@@ -150,7 +150,14 @@ def test_cpu_default_precision_follows_native_bf16() -> None:
 def test_user_precision_wins_and_bad_names_are_refused() -> None:
     assert resolve_precision("32", "cpu").precision == "32"
     assert resolve_precision("bf16-mixed", "cpu").chosen_by == "user"
-    assert resolve_precision(None, "cpu") == default_precision("cpu")
+    assert resolve_precision(None, "cpu").precision == "32"  # TORCHGEO_DOFA_PRECISION=32 here
+    assert "TORCHGEO_DOFA_PRECISION=32" in resolve_precision("auto", "cpu").reason
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TORCHGEO_DOFA_PRECISION", raising=False)
+        assert resolve_precision(None, "cpu") == default_precision("cpu")
+        mp.setenv("TORCHGEO_DOFA_PRECISION", "bf16")
+        assert resolve_precision(None, "cpu").precision == "bf16"
+        assert resolve_precision("32", "cpu").precision == "32"  # an explicit choice wins
     with pytest.raises(ValueError, match="choose auto, 32 or bf16"):
         resolve_precision("fp16", "cpu")
 

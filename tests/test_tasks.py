@@ -633,3 +633,7 @@ def test_example_segmentation_config_parses() -> None:
     assert isinstance(cli.datamodule, SpectralDataModule)
     assert cli.datamodule.kwargs["task"] == "segmentation"
     assert cli.model.hparams["num_classes"] == cli.datamodule.kwargs["num_classes"]
+    # a random encoder (weights: null) passes almost none of the input through its frozen patch
+    # embedding, so the example trains it (a linear probe stays at chance: README, Fine-tuning)
+    assert cli.model.hparams["weights"] is None and cli.model.hparams["mode"] == "full"
+    assert all(p.requires_grad for p in cli.model.encoder.backbone.patch_embed.parameters())

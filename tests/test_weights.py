@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,18 +107,119 @@ def test_base_file_for_large_is_an_error(base_checkpoint) -> None:
         load_dofa("large", weights=base_checkpoint)
 
 
-def test_corrupt_file(tmp_path, base_checkpoint) -> None:
+def _small_state() -> dict[str, torch.Tensor]:
+    return {"x": torch.arange(6.0).reshape(2, 3)}
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize("keep", [100_000, 0.5, 0], ids=["100kB", "half", "empty"])
+def test_corrupt_or_truncated_file(tmp_path, base_checkpoint, legacy, keep) -> None:
+    """A cut-off download (zip or legacy format) is corrupt, never 'executable content'."""
+    whole = tmp_path / "whole.pth"
+    if legacy:
+        torch.save(_small_state(), whole, _use_new_zipfile_serialization=False)
+    else:
+        whole.write_bytes(base_checkpoint.read_bytes())
+    data = whole.read_bytes()
+    size = int(len(data) * keep) if isinstance(keep, float) else min(keep, len(data) // 2)
     path = tmp_path / "DOFA_ViT_base_e100.pth"
-    path.write_bytes(base_checkpoint.read_bytes()[:100_000])
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+    path.write_bytes(data[:size])
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint") as info:
         load_dofa("base", weights=path)
+    message = str(info.value)
+    assert "corrupt or truncated" in message and "download again" in message
+    assert "executable" not in message and "weights_only" not in message
 
 
-def test_checkpoint_never_runs_code(tmp_path) -> None:
+def test_garbage_file_is_corrupt(tmp_path) -> None:
+    path = tmp_path / "noise.pth"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as info:
+        read_state_dict(path)
+    assert "weights_only" not in str(info.value)
+
+
+class _Payload:
+    """Pickles as a call to print: what a hostile checkpoint does with os.system."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("this pickle ran code",))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_pickle_with_code_is_refused_as_such(tmp_path, capsys, legacy) -> None:
+    path = tmp_path / "DOFA_ViT_base_e100.pth"
+    state = {**_small_state(), "payload": _Payload()}
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError) as info:
+        load_dofa("base", weights=path)
+    message = str(info.value)
+    assert "refused: the file contains executable pickle content, not plain tensors" in message
+    assert "builtins.print" in message
+    assert "weights_only" not in message and "will likely succeed" not in message
+    assert "corrupt" not in message
+    assert "this pickle ran code" not in capsys.readouterr().out  # refused, never run
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_bare_pickle_with_code_is_refused(tmp_path) -> None:
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps({"w": [1.0], "payload": _Payload()}, protocol=4))
+    with pytest.raises(CheckpointError, match=r"refused: .*executable pickle.*builtins\.print"):
+        read_state_dict(path)
+
+
+def test_checkpoint_with_arbitrary_objects_never_runs_code(tmp_path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"model": {"x": torch.zeros(1)}, "obj": Path("/")}, path)  # not allowlisted
-    with pytest.raises(CheckpointError, match="not a readable"):
+    with pytest.raises(CheckpointError, match=r"refused: .*executable pickle.*pathlib\."):
         load_dofa("base", weights=path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_an_error_naming_the_tensor(tmp_path, base_state, bad) -> None:
+    state = dict(base_state)
+    weight = state["blocks.3.attn.qkv.weight"].clone()
+    weight[0, :7] = bad
+    state["blocks.3.attn.qkv.weight"] = weight
+    path = write_checkpoint(tmp_path / "c.pth", state)
+    with pytest.raises(CheckpointError, match="non-finite") as info:
+        load_dofa("base", weights=path)
+    message = str(info.value)
+    assert f"blocks.3.attn.qkv.weight (7 of {weight.numel()} values)" in message
+    assert "1 tensor(s)" in message
+
+
+def test_non_finite_in_ignored_pretraining_keys_is_harmless(tmp_path, base_state, x, reference):
+    """``projector.*`` is not loaded, so a NaN there does not reach any output."""
+    state = {**base_state, "projector.bias": torch.full((16,), float("nan"))}
+    path = write_checkpoint(tmp_path / "c.pth", state)
+    torch.testing.assert_close(_pooled(path, x), reference)
+
+
+def test_folder_as_weights_is_looked_into(tmp_path, base_checkpoint, x, reference) -> None:
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / PRETRAINED["base"].filename).symlink_to(base_checkpoint)
+    resolution = resolve_weights("base", folder)
+    assert resolution.path == folder / "DOFA_ViT_base_e100.pth"
+    assert resolution.identity == "file:DOFA_ViT_base_e100.pth"
+    torch.testing.assert_close(_pooled(folder, x), reference)
+
+
+def test_folder_without_the_official_file_names_what_it_looked_for(tmp_path) -> None:
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "other.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError) as info:
+        resolve_weights("large", folder)
+    message = str(info.value)
+    assert "is a folder" in message and "DOFA_ViT_large_e100.pth" in message
+    assert "other.pth" in message and "does not exist" not in message
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match=r"DOFA_ViT_base_e100.pth.*no \.pth"):
+        resolve_weights("base", empty)
 
 
 def test_missing_explicit_file() -> None:
@@ -213,3 +318,66 @@ def test_other_repo_is_not_hash_checked(offline_hub) -> None:
 
 def test_default_repo_and_revision() -> None:
     assert (DEFAULT_HF_REPO_ID, DEFAULT_HF_REVISION) == ("earthflow/DOFA", "main")
+
+
+_UNREACHABLE_SCRIPT = """
+import json, os, time
+from torchgeo_dofa.weights import CheckpointError, resolve_weights
+results = {}
+for name, repo in [("uncached", None), ("cached", "me/dofa-ft")]:
+    os.environ.pop("TORCHGEO_DOFA_HF_REPO_ID", None)
+    if repo:
+        os.environ["TORCHGEO_DOFA_HF_REPO_ID"] = repo
+    start = time.perf_counter()
+    try:
+        results[name] = "ok " + resolve_weights("base").identity
+    except CheckpointError as err:
+        results[name] = "error " + str(err)
+    results[name + "_s"] = time.perf_counter() - start
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def unreachable_hub(tmp_path_factory, base_checkpoint) -> dict[str, Any]:
+    """Real huggingface_hub, not offline, against a hub that accepts connections but never
+    answers (a listening socket nobody reads): the worst case of a firewalled machine."""
+    cache = tmp_path_factory.mktemp("hub_unreachable")
+    _fake_hub_cache(cache, "me/dofa-ft", base_checkpoint)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+        env.pop("HF_HUB_OFFLINE", None)
+        env |= {
+            "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+            "HF_HUB_ETAG_TIMEOUT": "1",
+            "HF_HUB_CACHE": str(cache),
+            "HF_HOME": str(cache),
+        }
+        proc = subprocess.run(
+            [sys.executable, "-c", _UNREACHABLE_SCRIPT],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
+def test_unreachable_hub_fails_in_seconds_with_the_good_message(unreachable_hub) -> None:
+    message = unreachable_hub["uncached"]
+    assert message.startswith("error could not download DOFA_ViT_base_e100.pth")
+    assert "unreachable" in message and "waited at most 1 s" in message
+    assert "TORCHGEO_DOFA_BASE_WEIGHTS" in message and "TORCHGEO_DOFA_WEIGHTS_DIR" in message
+    # huggingface_hub alone retries with back-off (1 + 2 + 4 + 8 + 8 s of sleeps, plus a
+    # timeout per attempt); the probe waits one timeout (1 s here)
+    assert unreachable_hub["uncached_s"] < 8, unreachable_hub
+
+
+def test_unreachable_hub_uses_the_cache(unreachable_hub) -> None:
+    assert unreachable_hub["cached"] == "ok official:DOFA_ViT_base_e100.pth"
+    assert unreachable_hub["cached_s"] < 8, unreachable_hub

@@ -94,7 +94,7 @@ from .gee import DEFAULT_COLLECTION, GEEUnavailableError, build_gee_request, fet
 from .model import PooledNorm, canonical_variant
 from .spatial import BBox, PointBuffer, Region
 from .stac import StacUnavailableError
-from .transforms import INPUT_PREPS, DOFAPreprocess, nodata_mask
+from .transforms import INPUT_PREPS, DOFAPreprocess, as_float32, nodata_mask
 from .weights import env_setting
 from .writers import atomic_write
 
@@ -616,18 +616,11 @@ def _prepare(
 
 
 def _as_chw(array: Any, name: str = "input_chw") -> Tensor:
-    if isinstance(array, Tensor):
-        tensor = array.detach()
-    else:
-        try:
-            data = np.asarray(array)
-        except Exception as err:  # pragma: no cover - exotic inputs
-            raise ModelError(f"{name} must be a numpy array or tensor: {err}") from err
-        if data.dtype == object or not np.issubdtype(data.dtype, np.number):
-            raise ModelError(f"{name} must hold numbers, got dtype {data.dtype}")
-        if not np.issubdtype(data.dtype, np.floating):
-            data = data.astype(np.float32)
-        tensor = torch.from_numpy(np.ascontiguousarray(data))
+    """Check a (C, H, W) input and cast it to float32 (any real numpy / torch dtype)."""
+    try:
+        tensor = as_float32(array.detach() if isinstance(array, Tensor) else array, name)
+    except TypeError as err:
+        raise ModelError(str(err)) from err
     if tensor.ndim != 3:
         raise ModelError(
             f"{name} must be a (C, H, W) array, got rank {tensor.ndim} shape "
@@ -636,7 +629,7 @@ def _as_chw(array: Any, name: str = "input_chw") -> Tensor:
         )
     if min(tensor.shape) < 1:
         raise ModelError(f"{name} is empty: shape {tuple(tensor.shape)}")
-    return tensor if tensor.is_floating_point() else tensor.to(torch.float32)
+    return tensor
 
 
 def _prepare_tensor(

@@ -479,7 +479,14 @@ class DOFAEncoder(nn.Module):
 
         Returns:
             (tokens (B, 1 + h*w, D), intermediate maps in ``return_blocks`` order).
+
+        Note:
+            Outside autocast, input of another dtype (float64, float16, integers) is cast to
+            the weights' dtype first, so it gives exactly its cast's result.
         """
+        weights_dtype = self.backbone.cls_token.dtype
+        if x.dtype != weights_dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weights_dtype)
         waves = self.check_inputs(x, wavelengths)
         if self.uses_fp32_for_bf16(x):
             with torch.autocast("cpu", enabled=False):

@@ -192,8 +192,9 @@ def resolve_precision(precision: str | None, device: str = "auto") -> PrecisionC
     """The precision to run: the user's if given, else :func:`default_precision`.
 
     Args:
-        precision: ``None`` or ``"auto"`` for the default; ``"32"``/``"32-true"`` or
-            ``"bf16"``/``"bf16-mixed"``.
+        precision: ``None`` or ``"auto"`` for the default (``TORCHGEO_DOFA_PRECISION``
+            when set, e.g. ``32`` for results that do not depend on the CPU kind);
+            ``"32"``/``"32-true"`` or ``"bf16"``/``"bf16-mixed"``.
         device: Lightning accelerator name.
 
     Returns:
@@ -203,7 +204,13 @@ def resolve_precision(precision: str | None, device: str = "auto") -> PrecisionC
         ValueError: for an unknown precision name (listing the choices).
     """
     if precision is None or str(precision).lower() == "auto":
-        return default_precision(device)
+        setting = os.environ.get("TORCHGEO_DOFA_PRECISION", "").strip()
+        if not setting or setting.lower() == "auto":
+            return default_precision(device)
+        choice = resolve_precision(setting, device)
+        return PrecisionChoice(
+            choice.precision, f"{choice.reason.split(':')[0]}: TORCHGEO_DOFA_PRECISION={setting}"
+        )
     names = {"32": "32", "32-true": "32", "fp32": "32", "bf16": "bf16", "bf16-mixed": "bf16"}
     key = str(precision).strip().lower()
     if key not in names:

@@ -7,6 +7,9 @@ kornia's ``AugmentationSequential(data_keys=None)`` (it passes unknown keys thro
 TorchGeo dataset's ``transforms=`` argument. Every value a step writes is a tensor, so
 :func:`torchgeo.datasets.utils.stack_samples` can collate the result; band names live on the
 transform, never in the sample. Steps run on whichever device the image is on.
+``image`` may be a numpy array or a tensor of any real dtype (uint8 ... float64): every step
+computes in float32 (:func:`as_float32`), so any dtype gives exactly its float32 cast's result;
+``valid`` and ``transform`` may be numpy arrays too.
 
 The standard stack (:class:`DOFAPreprocess`) follows DOFA's reference pipeline for raw surface
 reflectance (0..10000):
@@ -80,6 +83,7 @@ __all__ = [
     "ReflectanceError",
     "ResizeTo",
     "TileTo",
+    "as_float32",
     "grid_affine",
     "nodata_mask",
     "pad_to_square",
@@ -122,23 +126,80 @@ class ReflectanceError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
+def as_float32(array: Any, name: str = "image") -> Tensor:
+    """Return a numeric array or tensor as a float32 tensor, the dtype the whole stack uses.
+
+    The single cast point of the package's inputs: every integer and floating dtype numpy,
+    rasterio or torch produce (``uint8``/``16``/``32``/``64``, ``int8``/``16``/``32``/``64``,
+    ``float16``/``bfloat16``/``float32``/``float64``, either byte order) becomes float32, so any
+    of them gives exactly the result of its float32 cast. A numpy masked array (rasterio's
+    ``read(masked=True)``) has its masked pixels set to NaN, i.e. missing data. A tensor keeps
+    its device; a float32 tensor is returned as is (no copy).
+
+    Args:
+        array: numpy array (or anything :func:`numpy.asarray` accepts) or tensor.
+        name: what to call the input in error messages.
+
+    Returns:
+        A float32 tensor of the same shape.
+
+    Raises:
+        TypeError: for boolean, complex or non-numeric data (the message names the dtype).
+    """
+    if isinstance(array, Tensor):
+        if array.dtype == torch.bool or array.is_complex():
+            raise TypeError(
+                f"{name} must hold real numbers (raw reflectance), got dtype {array.dtype}; "
+                "cast it to a numeric dtype first"
+            )
+        return array if array.dtype == torch.float32 else array.to(torch.float32)
+    masked = array if isinstance(array, np.ma.MaskedArray) else None
+    try:
+        data = np.asarray(array)
+    except Exception as err:
+        raise TypeError(f"{name} must be a numpy array or a torch.Tensor: {err}") from err
+    if data.dtype == np.bool_ or not (
+        np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)
+    ):
+        raise TypeError(
+            f"{name} must hold real numbers (raw reflectance), got numpy dtype {data.dtype}; "
+            "cast it to a numeric dtype first"
+        )
+    out = data.astype(np.float32, copy=False)  # also makes a big-endian array native
+    if masked is not None and np.ma.getmask(masked) is not np.ma.nomask:
+        out = np.where(np.ma.getmaskarray(masked), np.float32(np.nan), out)
+    return torch.from_numpy(np.ascontiguousarray(out))
+
+
 def _image(sample: Sample, step: str) -> Tensor:
-    """Return ``sample["image"]``, checking it is a (C,H,W) or (B,C,H,W) tensor."""
+    """Return ``sample["image"]`` as a float32 (C,H,W) or (B,C,H,W) tensor.
+
+    A numpy array (or a tensor of another dtype) is converted with :func:`as_float32` and
+    written back into the sample, so every step sees, and leaves, a float32 tensor.
+    """
     if not isinstance(sample, dict) or "image" not in sample:
         raise KeyError(f"{step} expects a sample dict with an 'image' key")
     image = sample["image"]
-    if not isinstance(image, Tensor):
-        raise TypeError(f"{step}: sample['image'] must be a torch.Tensor, got {type(image)}")
+    if not isinstance(image, (Tensor, np.ndarray)):
+        raise TypeError(
+            f"{step}: sample['image'] must be a torch.Tensor or numpy array, got {type(image)}"
+        )
     if image.ndim not in (3, 4):
         raise ValueError(
             f"{step}: sample['image'] must be (C, H, W) or (B, C, H, W), got {tuple(image.shape)}"
         )
+    image = as_float32(image, f"{step}: sample['image']")
+    sample["image"] = image
     return image
 
 
-def _as_float(image: Tensor) -> Tensor:
-    """Return ``image`` as a floating tensor (integer input becomes float32)."""
-    return image if image.is_floating_point() else image.to(torch.float32)
+def _optional_tensor(sample: Sample, key: str) -> Tensor | None:
+    """Return ``sample[key]`` as a tensor (numpy converted and written back), or None."""
+    value = sample.get(key)
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+        sample[key] = value
+    return value if isinstance(value, Tensor) else None
 
 
 def nodata_mask(
@@ -384,9 +445,9 @@ class CheckReflectance(nn.Module):
     an offset applied twice, or dB values). A chip without any valid pixel is not an error:
     its ``empty`` flag is set.
 
-    Reads ``image``, ``valid`` (optional); writes ``image`` (float; integer input becomes
-    float32), ``valid`` (bool (H,W) / (B,H,W)) and ``empty`` (bool () / (B,), always set so
-    batches collate).
+    Reads ``image``, ``valid`` (optional); writes ``image`` (float32, see :func:`as_float32`),
+    ``valid`` (bool (H,W) / (B,H,W)) and ``empty`` (bool () / (B,), always set so batches
+    collate).
     """
 
     def __init__(self, nodata: float | None = None, fill_value: float = 0.0) -> None:
@@ -417,7 +478,7 @@ class CheckReflectance(nn.Module):
                 negative.
             ValueError: if an existing ``valid`` does not match the image's shape.
         """
-        image = _as_float(_image(sample, "CheckReflectance"))
+        image = _image(sample, "CheckReflectance")
         valid = ~nodata_mask(image, self.nodata, self.fill_value)
         if "valid" in sample and sample["valid"] is not None:
             given = torch.as_tensor(sample["valid"], device=image.device)
@@ -482,7 +543,7 @@ class NormalizeReflectance(nn.Module):
     hold ``fill_value`` and are normalised like any other pixel (with the default fill 0 they
     become ``-mean/std``, as in DOFA's reference pipeline); use ``valid`` to ignore them.
 
-    Reads and writes ``image`` (floating; integer input becomes float32).
+    Reads and writes ``image`` (float32, see :func:`as_float32`).
     """
 
     mean: Tensor
@@ -516,7 +577,7 @@ class NormalizeReflectance(nn.Module):
         Raises:
             BandError: if the channel count differs from the number of bands.
         """
-        image = _as_float(_image(sample, "NormalizeReflectance"))
+        image = _image(sample, "NormalizeReflectance")
         channels = image.shape[-3]
         if channels != len(self.bands):
             raise BandError(
@@ -586,7 +647,7 @@ class ResizeTo(_SizeStep):
         Returns:
             The same dict, resized.
         """
-        image = _as_float(_image(sample, "ResizeTo"))
+        image = _image(sample, "ResizeTo")
         height, width = image.shape[-2:]
         padding = _square_padding(height, width)
         x = image if image.ndim == 4 else image[None]
@@ -601,11 +662,13 @@ class ResizeTo(_SizeStep):
                 antialias=False,
             )
         sample["image"] = x if image.ndim == 4 else x[0]
-        if isinstance(sample.get("valid"), Tensor):
-            sample["valid"] = _resize_valid(sample["valid"], padding, self.size)
-        if isinstance(sample.get("transform"), Tensor):
+        valid = _optional_tensor(sample, "valid")
+        if valid is not None:
+            sample["valid"] = _resize_valid(valid, padding, self.size)
+        transform = _optional_tensor(sample, "transform")
+        if transform is not None:
             sample["grid_transform"] = _grid_transform(
-                sample["transform"], height, width, "resize", self.size, self.patch_size
+                transform, height, width, "resize", self.size, self.patch_size
             )
         return sample
 
@@ -645,7 +708,7 @@ class TileTo(_SizeStep):
         Returns:
             The same dict, tiled.
         """
-        image = _as_float(_image(sample, "TileTo"))
+        image = _image(sample, "TileTo")
         height, width = image.shape[-2:]
         single = image.ndim == 3
         tiles, rows, cols = _tile(image[None] if single else image, self.size)
@@ -661,8 +724,8 @@ class TileTo(_SizeStep):
         sample["tile_offsets"] = offsets
         size = torch.tensor([height, width], dtype=torch.long, device=image.device)
         sample["input_size"] = size if single else size.expand(image.shape[0], 2).contiguous()
-        valid = sample.get("valid")
-        if isinstance(valid, Tensor):
+        valid = _optional_tensor(sample, "valid")
+        if valid is not None:
             v = valid.to(torch.bool)
             v = v[None, None] if v.ndim == 2 else v[:, None]
             # pad with False (not mirrored): padded pixels are not data
@@ -672,9 +735,10 @@ class TileTo(_SizeStep):
             vt, _, _ = _tile(v, self.size)
             vt = vt[:, :, 0] > 0.5
             sample["valid"] = vt[0] if single else vt
-        if isinstance(sample.get("transform"), Tensor):
+        transform = _optional_tensor(sample, "transform")
+        if transform is not None:
             sample["grid_transform"] = _grid_transform(
-                sample["transform"], height, width, "tile", self.size, self.patch_size
+                transform, height, width, "tile", self.size, self.patch_size
             )
         return sample
 
@@ -829,7 +893,8 @@ def preprocess_array(
     """Run the standard stack on one raw (C, H, W) array of surface reflectance.
 
     Args:
-        array_chw: raw reflectance (0..10000), numpy array or tensor (kept on its device).
+        array_chw: raw reflectance (0..10000), numpy array or tensor (kept on its device) of
+            any real dtype; the stack computes in float32 (:func:`as_float32`).
         bands: band names in channel order.
         wavelengths: explicit wavelengths (um), or None to infer them from ``bands``.
         input_prep: ``"resize"`` or ``"tile"``.
@@ -842,13 +907,12 @@ def preprocess_array(
     Returns:
         The sample dict: ``image``, ``wavelengths``, ``valid``, ``empty`` (+ ``tile_offsets``
         for tiling, ``transform``/``grid_transform`` when ``transform`` was given).
+
+    Raises:
+        TypeError: for boolean, complex or non-numeric data.
+        ValueError: if the array is not (C, H, W).
     """
-    if isinstance(array_chw, np.ndarray):
-        if not np.issubdtype(array_chw.dtype, np.floating):
-            array_chw = array_chw.astype(np.float32)
-        image = torch.from_numpy(np.ascontiguousarray(array_chw))
-    else:
-        image = array_chw
+    image = as_float32(array_chw, "array_chw")
     if image.ndim != 3:
         raise ValueError(f"preprocess_array expects a (C, H, W) array, got {tuple(image.shape)}")
     sample: Sample = {"image": image}

@@ -7,18 +7,29 @@ Resolution order for ``weights="official"`` (rs-embed's knobs, ``RS_EMBED_DOFA_*
 3. ``TORCHGEO_DOFA_WEIGHTS_DIR`` (a directory holding the official file names);
 4. a download with ``huggingface_hub`` from ``TORCHGEO_DOFA_HF_REPO_ID`` (default
    ``earthflow/DOFA``) at ``TORCHGEO_DOFA_HF_REVISION`` (default ``main``), through the hub's
-   cache and honouring ``HF_HUB_OFFLINE``.
+   cache. ``HF_HUB_OFFLINE=1`` uses the cache only; otherwise the hub is first probed with one
+   request of ``HF_HUB_ETAG_TIMEOUT`` seconds (default :data:`HUB_PROBE_TIMEOUT_S`), and an
+   unreachable hub falls back to the cache at once instead of huggingface_hub's retries.
 
-Checkpoints are read with ``torch.load(weights_only=True)``: a checkpoint never runs code.
+A folder given as ``weights=DIR`` is looked into for the official file name.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: a checkpoint never runs code. A
+file whose pickle would import and call code is refused as such; non-finite weights are an
+error naming the tensor.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
+import io
 import os
+import pickletools
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,6 +39,7 @@ from .model import DOFAEncoder, PooledNorm, build_encoder, canonical_variant
 __all__ = [
     "DEFAULT_HF_REPO_ID",
     "DEFAULT_HF_REVISION",
+    "HUB_PROBE_TIMEOUT_S",
     "IGNORED_KEYS",
     "PRETRAINED",
     "CheckpointError",
@@ -35,6 +47,7 @@ __all__ = [
     "WeightsResolution",
     "download_official",
     "env_setting",
+    "hub_probe_timeout",
     "load_checkpoint",
     "load_dofa",
     "load_state_dict_into",
@@ -48,6 +61,9 @@ DEFAULT_HF_REVISION = "main"
 #: Pre-training leftovers in the official files that the encoder does not use.
 IGNORED_KEYS = ("mask_token",)
 IGNORED_PREFIXES = ("projector.",)
+#: Seconds the hub probe waits for an answer when ``HF_HUB_ETAG_TIMEOUT`` is not set
+#: (huggingface_hub's own default is 10 s per attempt, with retries).
+HUB_PROBE_TIMEOUT_S = 5.0
 
 
 class CheckpointError(RuntimeError):
@@ -123,19 +139,23 @@ def resolve_weights(
 
     Args:
         variant: ``base``/``b`` or ``large``/``l``.
-        weights: ``"official"`` or a path to a checkpoint file.
+        weights: ``"official"``, a path to a checkpoint file, or a folder holding the
+            official file name (``DOFA_ViT_base_e100.pth`` / ``DOFA_ViT_large_e100.pth``).
 
     Returns:
         The resolution.
 
     Raises:
-        CheckpointError: if a given path does not exist or the download fails.
+        CheckpointError: if a given path does not exist, a folder lacks the official file, or
+            the download fails.
     """
     variant = canonical_variant(variant)
     cfg = PRETRAINED[variant]
     if str(weights) != "official":
         path = Path(weights).expanduser()
-        if not path.is_file():
+        if path.is_dir():
+            path = _official_file_in(path, cfg)
+        elif not path.is_file():
             raise CheckpointError(f"weights file {str(path)!r} does not exist")
         return WeightsResolution(path, "argument", None, f"file:{path.name}")
     env_name = f"{variant.upper()}_WEIGHTS"
@@ -159,8 +179,64 @@ def resolve_weights(
     return download_official(variant)
 
 
+def _official_file_in(folder: Path, cfg: PretrainedConfig) -> Path:
+    """The official checkpoint file inside a folder given as ``weights``."""
+    path = folder / cfg.filename
+    if path.is_file():
+        return path
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in (".pth", ".pt", ".ckpt"))
+    holds = f"it holds {found[:5]}{' ...' if len(found) > 5 else ''}" if found else "it holds no "
+    holds += "" if found else ".pth/.pt/.ckpt file"
+    raise CheckpointError(
+        f"weights {str(folder)!r} is a folder, and the DOFA {cfg.variant} checkpoint was looked "
+        f"for in it under its official name {cfg.filename}, which is not there ({holds}); pass "
+        f"the checkpoint file itself (weights=PATH/TO/FILE.pth) or put {cfg.filename} in it"
+    )
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_probe_timeout() -> float:
+    """Seconds to wait for the hub: ``HF_HUB_ETAG_TIMEOUT`` if set, else the probe default."""
+    value = os.environ.get("HF_HUB_ETAG_TIMEOUT", "").strip()
+    try:
+        return float(value) if value else HUB_PROBE_TIMEOUT_S
+    except ValueError:
+        return HUB_PROBE_TIMEOUT_S
+
+
+def _hub_unreachable(repo_id: str, filename: str, revision: str, timeout: float) -> str | None:
+    """Probe the hub with one metadata request; return why it is unreachable, or None.
+
+    A server that answers (even 404 / 401) is reachable: the download then reports the
+    precise problem. Connection, DNS, proxy and timeout errors mean unreachable.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import HfHubHTTPError
+
+    url = hf_hub_url(repo_id=repo_id, filename=filename, revision=revision)
+    kwargs: dict[str, object] = {"timeout": timeout}
+    if "retry_on_errors" in inspect.signature(get_hf_file_metadata).parameters:
+        kwargs["retry_on_errors"] = False
+    try:
+        get_hf_file_metadata(url, **kwargs)  # type: ignore[arg-type]
+    except HfHubHTTPError:
+        return None
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        return f"{type(err).__name__}: {first}"
+    return None
+
+
 def download_official(variant: str) -> WeightsResolution:
     """Download (or find in the Hugging Face cache) the official checkpoint of a variant.
+
+    Offline (``HF_HUB_OFFLINE=1``) only the hub's cache is looked into. Otherwise one probe
+    request of :func:`hub_probe_timeout` seconds checks that the hub answers; if it does not
+    (no network, DNS failure, firewall), the cache is used at once, so an offline machine
+    fails in seconds rather than after huggingface_hub's retries.
 
     Args:
         variant: ``base`` or ``large``.
@@ -169,20 +245,40 @@ def download_official(variant: str) -> WeightsResolution:
         The resolution; the sha256 is checked when the file comes from the default repo.
 
     Raises:
-        CheckpointError: if the download fails; the message names the file, repo and revision
-            and the variables that point to a local copy instead.
+        CheckpointError: if the download fails; the message names the file, repo and revision,
+            why (offline, unreachable, not found) and the variables that point to a local copy.
     """
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
 
     cfg = PRETRAINED[canonical_variant(variant)]
     repo_id = env_setting("HF_REPO_ID") or DEFAULT_HF_REPO_ID
     revision = env_setting("HF_REVISION") or DEFAULT_HF_REVISION
+    timeout = hub_probe_timeout()
+    offline = _env_true("HF_HUB_OFFLINE") or bool(constants.HF_HUB_OFFLINE)
+    unreachable = None if offline else _hub_unreachable(repo_id, cfg.filename, revision, timeout)
     try:
-        local = hf_hub_download(repo_id=repo_id, filename=cfg.filename, revision=revision)
+        local = hf_hub_download(
+            repo_id=repo_id,
+            filename=cfg.filename,
+            revision=revision,
+            local_files_only=offline or unreachable is not None,
+            etag_timeout=timeout,
+        )
     except Exception as err:
+        cache = f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
+        if offline:
+            why = f"HF_HUB_OFFLINE is set and the file is not in {cache}"
+        elif unreachable is not None:
+            why = (
+                f"the Hub is unreachable from this machine ({unreachable}; waited at most "
+                f"{timeout:g} s, set HF_HUB_ETAG_TIMEOUT to wait longer) and the file is not "
+                f"in {cache}"
+            )
+        else:
+            why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         raise CheckpointError(
             f"could not download {cfg.filename} from Hugging Face repo {repo_id!r} at revision "
-            f"{revision!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            f"{revision!r} ({why})"
             f"; to use a local copy set TORCHGEO_DOFA_{cfg.variant.upper()}_WEIGHTS=/path/to/"
             f"{cfg.filename} or TORCHGEO_DOFA_WEIGHTS_DIR=/dir/holding/it, or pass weights=PATH"
         ) from err
@@ -209,6 +305,114 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+#: Globals a plain PyTorch state dict pickle imports besides ``torch``'s own (used when
+#: torch's allowlist cannot be read).
+_PLAIN_GLOBALS = frozenset({"collections.OrderedDict", "builtins.set", "_codecs.encode"})
+
+
+def _plain_global(name: str) -> bool:
+    """Whether ``torch.load(weights_only=True)`` would accept this global (no code runs)."""
+    try:
+        from torch import _weights_only_unpickler as wou
+
+        allowed = set(wou._get_allowed_globals()) | set(wou._get_user_allowed_globals())
+    except Exception:  # pragma: no cover - a torch without the private allowlist
+        return name in _PLAIN_GLOBALS or name.startswith(("torch._utils._rebuild", "torch."))
+    return name in allowed or (name.endswith("Storage") and name.startswith("torch."))
+
+
+_STRING_OPS = frozenset(
+    {
+        "STRING",
+        "BINSTRING",
+        "SHORT_BINSTRING",
+        "UNICODE",
+        "SHORT_BINUNICODE",
+        "BINUNICODE",
+        "BINUNICODE8",
+    }
+)
+
+
+def _pickle_streams(path: Path) -> list[bytes]:
+    """The pickle bytes of a checkpoint file, read without unpickling anything.
+
+    A zip checkpoint (``torch.save``'s default) holds its pickle in ``.../data.pkl``; any other
+    file (the legacy format: several pickles in a row, then raw storage bytes; or a bare
+    pickle) is returned whole.
+    """
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return [archive.read(n) for n in archive.namelist() if n.endswith("data.pkl")]
+    return [path.read_bytes()]
+
+
+def _pickle_globals(stream: io.BytesIO) -> list[str]:
+    """Names (``module.name``) of the globals one pickle imports, found without running it.
+
+    Raises:
+        ValueError: if the stream does not start with a complete pickle (truncated, garbage).
+    """
+    names: list[str] = []
+    strings: list[str | None] = []
+    memo: dict[int, str | None] = {}
+    last: str | None = None
+    for op, raw, _ in pickletools.genops(stream):
+        arg: Any = raw
+        if op.name in _STRING_OPS:
+            last = arg if isinstance(arg, str) else bytes(arg).decode("latin-1")
+            strings.append(last)
+            continue
+        if op.name == "MEMOIZE":
+            memo[len(memo)] = last
+            continue
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[int(arg)] = last
+            continue
+        if op.name in ("GET", "BINGET", "LONG_BINGET"):
+            last = memo.get(int(arg))
+            strings.append(last)
+            continue
+        if op.name in ("GLOBAL", "INST"):
+            names.append(str(arg).replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+            module, attr = (strings[-2], strings[-1]) if len(strings) >= 2 else (None, None)
+            names.append(f"{module}.{attr}")
+        last = None
+    return names
+
+
+def _code_globals(path: Path) -> list[str] | None:
+    """Globals of a checkpoint's pickles that a plain state dict of tensors does not use.
+
+    Returns:
+        The offending names (sorted; empty when every pickle is plain), or None when the file
+        does not start with a complete pickle (truncated or corrupt).
+    """
+    try:
+        streams = _pickle_streams(path)
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if not streams:
+        return None
+    found: set[str] = set()
+    for data in streams:
+        stream = io.BytesIO(data)
+        for count in range(8):  # a legacy file: magic, protocol, sys info, object, keys
+            if stream.tell() >= len(data):
+                break
+            try:
+                names = _pickle_globals(stream)
+            except Exception:
+                if count == 0:
+                    return None
+                break  # the raw storage bytes after a legacy file's pickles
+            # protocol 0-2 pickles spell builtins as Python 2 did
+            found.update(n.replace("__builtin__.", "builtins.") for n in names)
+    found = {n for n in found if not _plain_global(n)}
+    return sorted(found)
+
+
 def read_state_dict(path: Path) -> dict[str, Tensor]:
     """Read a checkpoint safely and return a flat state dict.
 
@@ -222,14 +426,30 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         The state dict with wrappers and prefixes removed.
 
     Raises:
-        CheckpointError: if the file is not a readable checkpoint.
+        CheckpointError: if the file holds executable pickle content (it is refused, never
+            run), or is not a readable checkpoint (corrupt or truncated).
     """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        code = _code_globals(path)
+        if code:
+            shown = ", ".join(code[:5]) + (" ..." if len(code) > 5 else "")
+            raise CheckpointError(
+                f"{path} refused: the file contains executable pickle content, not plain "
+                f"tensors (loading it would import and call {shown}); a DOFA checkpoint is a "
+                "plain state dict of tensors, so this file is not one: get the checkpoint from "
+                "its official source (Hugging Face earthflow/DOFA) or save a plain state dict "
+                "(torch.save(model.state_dict(), path)) where it was trained"
+            ) from err
+        # torch's text may advise disabling weights_only: quote only its first sentence
+        detail = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else ""
+        if "weights_only" in detail or "Weights only" in detail:
+            detail = "not a complete PyTorch checkpoint"
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (corrupt or truncated download?): "
-            f"{type(err).__name__}: {err}; delete it and download again"
+            f"{type(err).__name__}: {detail or 'unexpected end of file'}; delete it and "
+            "download again"
         ) from err
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
@@ -255,7 +475,8 @@ def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], orig
         origin: a name for the source, used in error messages.
 
     Raises:
-        CheckpointError: naming missing, unexpected or mis-shaped keys and the variant.
+        CheckpointError: naming missing, unexpected or mis-shaped keys and the variant, or the
+            tensors holding NaN / infinite values.
     """
     target = encoder.state_dict()
     mapped: dict[str, Tensor] = {}
@@ -290,6 +511,18 @@ def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], orig
             f"{encoder.config.depth} blocks): "
             + "; ".join(problems)
             + " (is it the other variant?)"
+        )
+    bad = [
+        f"{k.removeprefix('backbone.')} ({int((~torch.isfinite(v)).sum())} of {v.numel()} values)"
+        for k, v in mapped.items()
+        if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{origin} holds non-finite weights (NaN or infinity) in {len(bad)} tensor(s): "
+            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; every output of the model "
+            "would be NaN: the file is corrupt or comes from a diverged training run, use "
+            "another checkpoint"
         )
     encoder.load_state_dict(mapped, strict=False)
 

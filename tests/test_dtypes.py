@@ -1,0 +1,287 @@
+"""Every numeric input dtype gives exactly its float32 cast's result, in every door.
+
+The doors: the transform steps and :class:`DOFAPreprocess` (numpy or torch images),
+:func:`preprocess_array`, :func:`get_embedding` (``resize`` and ``tile``),
+:func:`get_embeddings_batch_from_inputs`, the encoder itself and the datasets' raster read path.
+
+The pixel values are integers in [3, 127], exactly representable in every dtype tested
+(int8 ... float64, float16 and bfloat16 included), so every dtype's float32 cast is the same
+array and one reference serves all; a float64 array with non-integer values (numpy's default,
+Earth Engine's exports) is checked against its own float32 cast. Preprocessed samples must be
+bitwise equal; embeddings (a base forward costs seconds on a small CPU, so few are run) equal
+to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+
+from torchgeo_dofa.api import SensorSpec, get_embedding, get_embeddings_batch_from_inputs
+from torchgeo_dofa.bands import norm_stats
+from torchgeo_dofa.datasets import Sentinel2SR
+from torchgeo_dofa.model import build_encoder
+from torchgeo_dofa.transforms import (
+    AttachWavelengths,
+    CheckReflectance,
+    DOFAPreprocess,
+    NormalizeReflectance,
+    ResizeTo,
+    TileTo,
+    as_float32,
+    preprocess_array,
+)
+
+BANDS = ("B4", "B3", "B2", "B8")
+SENSOR = SensorSpec(bands=BANDS)
+#: (C, H, W) integer reflectance in [3, 127]: exact in every dtype below.
+BASE = np.random.default_rng(0).integers(3, 128, size=(4, 40, 56)).astype(np.float64)
+REFERENCE = BASE.astype(np.float32)
+
+NUMPY_DTYPES = [
+    "uint8",
+    "int8",
+    "uint16",
+    "int16",
+    "uint32",
+    "int32",
+    "uint64",
+    "int64",
+    "float16",
+    "float32",
+    "float64",
+    ">u2",  # big-endian, as some readers return
+    ">f8",
+]
+TORCH_DTYPES = [
+    torch.uint8,
+    torch.int8,
+    torch.uint16,
+    torch.int16,
+    torch.uint32,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+]
+ALL_INPUTS = [pytest.param(np.dtype(d), id=f"numpy-{d}") for d in NUMPY_DTYPES] + [
+    pytest.param(d, id=str(d)) for d in TORCH_DTYPES
+]
+
+
+def cast(dtype: np.dtype | torch.dtype, base: np.ndarray = BASE) -> np.ndarray | torch.Tensor:
+    """``base`` in ``dtype``: a numpy array for a numpy dtype, a tensor for a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return torch.from_numpy(base).to(dtype)
+    return base.astype(dtype)
+
+
+def assert_same_sample(out: dict[str, Any], ref: dict[str, Any]) -> None:
+    """Same keys, dtypes and values (a key a step does not own may stay a numpy array)."""
+    assert out.keys() == ref.keys()
+    assert isinstance(out["image"], torch.Tensor)
+    for key, value in ref.items():
+        got, want = torch.as_tensor(out[key]), torch.as_tensor(value)
+        assert got.dtype == want.dtype, key
+        assert torch.equal(got, want), key
+
+
+# ----------------------------------------------------------------------------- cast point
+
+
+@pytest.mark.parametrize("dtype", ALL_INPUTS)
+def test_as_float32_equals_the_float32_cast(dtype: np.dtype | torch.dtype) -> None:
+    out = as_float32(cast(dtype))
+    assert out.dtype == torch.float32
+    assert torch.equal(out, torch.from_numpy(REFERENCE))
+
+
+def test_as_float32_masked_array_is_missing_data() -> None:
+    data = np.ma.masked_equal(BASE.astype(np.int16), int(BASE[0, 0, 0]))
+    out = as_float32(data)
+    expected = np.where(data.mask, np.nan, BASE).astype(np.float32)
+    np.testing.assert_array_equal(out.numpy(), expected)
+    assert bool(out.isnan().any())
+
+
+@pytest.mark.parametrize(
+    "value", [BASE > 50, BASE.astype(np.complex64), np.array([["a"]]), torch.ones(2, 2, 2).bool()]
+)
+def test_as_float32_rejects_non_numbers(value: Any) -> None:
+    with pytest.raises(TypeError, match="real numbers.*got (numpy )?dtype"):
+        as_float32(value, "image")
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+@pytest.fixture(scope="module")
+def stacks() -> dict[str, DOFAPreprocess]:
+    return {prep: DOFAPreprocess(BANDS, input_prep=prep) for prep in ("resize", "tile")}
+
+
+@pytest.mark.parametrize("prep", ["resize", "tile"])
+@pytest.mark.parametrize("dtype", ALL_INPUTS)
+def test_preprocess_any_dtype_equals_float32_cast(
+    stacks: dict[str, DOFAPreprocess], prep: str, dtype: np.dtype | torch.dtype
+) -> None:
+    stack = stacks[prep]
+    ref = stack({"image": torch.from_numpy(REFERENCE)})
+    assert_same_sample(stack({"image": cast(dtype)}), ref)
+    # the batch form too
+    batch_ref = stack({"image": torch.from_numpy(np.stack([REFERENCE, REFERENCE]))})
+    assert_same_sample(stack({"image": cast(dtype, np.stack([BASE, BASE]))}), batch_ref)
+
+
+@pytest.mark.parametrize("dtype", ALL_INPUTS)
+def test_preprocess_array_any_dtype_equals_float32_cast(dtype: np.dtype | torch.dtype) -> None:
+    transform = from_origin(500000.0, 4000000.0, 10.0, 10.0)
+    ref = preprocess_array(REFERENCE, BANDS, transform=transform, nodata=17)
+    out = preprocess_array(cast(dtype), BANDS, transform=transform, nodata=17)
+    assert_same_sample(out, ref)
+    assert not bool(out["valid"].all())  # nodata=17 compared after the cast, in every dtype
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        AttachWavelengths(BANDS),
+        CheckReflectance(),
+        NormalizeReflectance(BANDS),
+        ResizeTo(),
+        TileTo(),
+    ],
+    ids=lambda s: type(s).__name__,
+)
+@pytest.mark.parametrize("dtype", ["float64", "uint16", "int16", "float16"])
+def test_each_step_takes_numpy_of_any_dtype(step: torch.nn.Module, dtype: str) -> None:
+    valid = np.ones(BASE.shape[1:], dtype=bool)
+    valid[:3] = False
+    transform = np.array(list(from_origin(0.0, 100.0, 1.0, 1.0)), dtype=np.float64)
+
+    def sample(image: Any, as_numpy: bool) -> dict[str, Any]:
+        if as_numpy:
+            return {"image": image, "valid": valid.copy(), "transform": transform.copy()}
+        return {
+            "image": torch.from_numpy(REFERENCE),
+            "valid": torch.from_numpy(valid.copy()),
+            "transform": torch.from_numpy(transform.copy()),
+        }
+
+    ref = step(sample(None, as_numpy=False))
+    out = step(sample(BASE.astype(dtype), as_numpy=True))
+    assert_same_sample(out, ref)
+
+
+def test_dofa_preprocess_takes_numpy_as_the_readme_shows() -> None:
+    raw_chw = np.random.default_rng(1).uniform(300, 3000, (4, 100, 150))  # float64
+    prep = DOFAPreprocess(bands=["B04", "B03", "B02", "B08"])
+    sample = prep({"image": raw_chw})
+    assert sample["image"].shape == (4, 224, 224) and sample["image"].dtype == torch.float32
+    assert sample["valid"].shape == (224, 224) and sample["empty"].shape == ()
+    ref = prep({"image": torch.from_numpy(raw_chw.astype(np.float32))})
+    assert_same_sample(sample, ref)
+    # numpy reference of the formula: a square 224 input is only normalised,
+    # (clip(x, 0, 10000) / 10000 * 255 - mean) / std with DOFA's per-band statistics
+    square = np.random.default_rng(2).uniform(300, 3000, (4, 224, 224))
+    out = prep({"image": square})["image"].numpy()
+    mean, std = (np.asarray(v)[:, None, None] for v in norm_stats(list(prep.bands)))
+    x = square.astype(np.float32).astype(np.float64)
+    expected = (np.clip(x, 0, 10000) / 10000 * 255 - mean) / std
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- encoder
+
+
+def test_encoder_casts_input_to_its_weights_dtype() -> None:
+    torch.manual_seed(0)
+    encoder = build_encoder("base", interpolate_pos_embed=True).eval()
+    x = torch.randn(1, 4, 32, 32, dtype=torch.float64)
+    waves = [0.665, 0.56, 0.49, 0.842]
+    with torch.inference_mode():
+        ref = encoder(x.float(), waves)
+        out = encoder(x, waves)
+    assert out.pooled.dtype == torch.float32
+    torch.testing.assert_close(out.pooled, ref.pooled, rtol=0, atol=0)
+    torch.testing.assert_close(out.grid, ref.grid, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- API doors
+
+
+def _embed(**kwargs: Any) -> np.ndarray:
+    return np.asarray(get_embedding("dofa", sensor=SENSOR, weights=None, **kwargs).data)
+
+
+def test_get_embedding_float64_equals_float32_cast_resize_and_tile() -> None:
+    """The reported case: numpy float64 (uniform 300..3000) and a float64 tensor, both preps."""
+    x = np.random.default_rng(3).uniform(300, 3000, (4, 48, 48))
+    ref = _embed(input_chw=x.astype(np.float32))
+    np.testing.assert_allclose(_embed(input_chw=x), ref, rtol=1e-5, atol=1e-5)
+    ref_tile = _embed(input_chw=x.astype(np.float32), input_prep="tile")
+    out_tile = _embed(input_chw=torch.from_numpy(x), input_prep="tile")
+    np.testing.assert_allclose(out_tile, ref_tile, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_function_any_dtype_equals_float32_cast() -> None:
+    dtypes: list[np.dtype | torch.dtype] = [
+        np.dtype("float32"),
+        np.dtype("float64"),
+        np.dtype("float16"),
+        np.dtype("uint16"),
+        np.dtype("uint8"),
+        torch.int16,
+        torch.bfloat16,
+        torch.float64,
+    ]
+    out = get_embeddings_batch_from_inputs(
+        "dofa", input_chws=[cast(d) for d in dtypes], sensor=SENSOR, weights=None
+    )
+    ref = np.asarray(out[0].data)
+    for dtype, emb in zip(dtypes[1:], out[1:], strict=True):
+        np.testing.assert_allclose(emb.data, ref, rtol=1e-5, atol=1e-5, err_msg=str(dtype))
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+RASTER_DTYPES = ["uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"]
+
+
+def _write_raster(path: Path, data: np.ndarray) -> Path:
+    profile = {
+        "driver": "GTiff",
+        "width": data.shape[2],
+        "height": data.shape[1],
+        "count": data.shape[0],
+        "dtype": data.dtype.name,
+        "crs": "EPSG:32633",
+        "transform": from_origin(500000.0, 4000000.0, 10.0, 10.0),
+    }
+    path.parent.mkdir(parents=True)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        dst.descriptions = BANDS
+    return path
+
+
+@pytest.mark.parametrize("dtype", RASTER_DTYPES)
+def test_dataset_read_any_raster_dtype_equals_float32(tmp_path: Path, dtype: str) -> None:
+    ref_ds = Sentinel2SR(_write_raster(tmp_path / "f32" / "scene.tif", REFERENCE), offset=0)
+    ds = Sentinel2SR(_write_raster(tmp_path / dtype / "scene.tif", BASE.astype(dtype)), offset=0)
+    index = ds.bounds
+    ref, out = ref_ds.read_chip(index), ds.read_chip(index)
+    assert out["image"].dtype == torch.float32
+    assert torch.equal(out["image"], ref["image"])
+    assert torch.equal(out["valid"], ref["valid"])
+    order = [BANDS.index(band) for band in ds.bands]  # the dataset's channel order
+    np.testing.assert_array_equal(out["image"].numpy(), REFERENCE[order])
