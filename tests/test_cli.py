@@ -505,6 +505,7 @@ def test_rerun_with_another_setting_is_refused_until_overwrite(tmp_path, capsys,
     out = tmp_path / "out"
     common = [*_one_chip_bbox(SCENE), "-o", str(out), "--output", "pooled", "--no-progress"]
     assert main(["embed", str(SCENE), "--weights", str(base_checkpoint), *common]) == 0
+    capsys.readouterr()
     before = (out / "ftw_s2_l2a_33N_pooled.parquet").read_bytes()
     # another model in the same folder: refused, naming the setting; outputs untouched
     assert main(["embed", str(SCENE), "--weights", "none", "--seed", "1", *common]) == 2
@@ -569,12 +570,13 @@ def test_an_all_zero_raster_beside_a_good_one_writes_both(tmp_path, base_checkpo
     empty = tmp_path / "empty_scene.tif"
     with rasterio.open(empty, "w", **profile) as dst:
         dst.write(np.zeros(shape, dtype=profile["dtype"]))
+        dst.descriptions = ("B04", "B03", "B02", "B08")
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match="held a valid pixel"):
         summary = embed(
             [empty, SCENE], out, weights=str(base_checkpoint), output="both", progress=False
         )
-    assert summary.chips == 6  # the good scene's chips; the empty one's are empty
+    assert summary.chips == 6 and summary.empty == 6  # the empty scene: 6 chips, no pixel
     with (
         rasterio.open(out / "empty_scene_grid.tif") as e,
         rasterio.open(out / "ftw_s2_l2a_33N_grid.tif") as g,

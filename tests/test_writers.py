@@ -55,6 +55,7 @@ def _write(writer: GridWriter, chips: list[tuple[torch.Tensor, torch.Tensor]], e
     if empty is not None:
         pred["empty"] = torch.tensor(empty)
     writer.write_on_batch_end(None, None, pred, None, None, 0, 0)  # type: ignore[arg-type]
+    writer.flush()  # parts are written off the calling thread
 
 
 def test_grid_blending_nodata_and_georeferencing(tmp_path: Path) -> None:
@@ -126,6 +127,7 @@ def test_no_leftover_temp_files_on_failure(tmp_path: Path) -> None:
 
 def _write_pooled(writer: PooledWriter, prediction: dict[str, torch.Tensor]) -> None:
     writer.write_on_batch_end(None, None, prediction, None, None, 0, 0)  # type: ignore[arg-type]
+    writer.flush()  # parts are written off the calling thread
 
 
 def test_pooled_geoparquet(tmp_path: Path) -> None:

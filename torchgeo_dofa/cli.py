@@ -60,12 +60,14 @@ class EmbedSummary:
 
     Attributes:
         chips: chips embedded in this run (resumed chips excluded).
+        empty: chips of this run without any valid pixel (NaN outputs).
         skipped: chips skipped because an earlier run had written them.
         seconds: wall time of the job.
         outputs: files written.
     """
 
     chips: int = 0
+    empty: int = 0
     skipped: int = 0
     seconds: float = 0.0
     outputs: list[Path] = field(default_factory=list)
@@ -358,12 +360,6 @@ def embed(
         input_prep=input_prep,  # type: ignore[arg-type]
         seed=seed,
     )
-    if _is_rank_zero():
-        print(
-            f"torchgeo-dofa: precision {choice.reason}; batch size {batch_size}, "
-            f"{num_workers} loader worker(s)",
-            file=sys.stderr,
-        )
     extra = dict(metadata or {})
     summary = EmbedSummary()
     # a folder holds one job; an output named by the user (-o NAME.tif) is a job of its own
@@ -390,6 +386,12 @@ def embed(
     )
     with OutputLock(folder), StopOnSignal() as stop:
         manifest.check_or_write(folder, overwrite=overwrite, name=manifest_name)
+        if _is_rank_zero():
+            print(
+                f"torchgeo-dofa: precision {choice.reason}; batch size {batch_size}, "
+                f"{num_workers} loader worker(s)",
+                file=sys.stderr,
+            )
         todo = sum(len(dm.predict_sampler or []) for dm in modules)
         size = job_size_warning(todo, default_chips_per_second(choice.precision, accelerator))
         if size and _is_rank_zero():
@@ -433,7 +435,15 @@ def embed(
                     if not w.path.exists() and trainer.is_global_zero:
                         w.finalize()
             summary.chips += pending[0].written
+            summary.empty += pending[0].empty
             summary.skipped += dm.skipped
+    if summary.empty and _is_rank_zero():
+        warnings.warn(
+            f"{summary.empty} chip(s) held no valid pixel (no data, fill values or outside "
+            "the rasters): NaN in the grid, rows flagged no_data in the pooled table",
+            UserWarning,
+            stacklevel=2,
+        )
     summary.seconds = time.perf_counter() - start
     return summary
 

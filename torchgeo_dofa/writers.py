@@ -360,6 +360,8 @@ class _PartsWriter(BasePredictionWriter):
         self.path = Path(path)
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.written = 0
+        #: chips of this run without any valid pixel (no part written: NaN in the outputs)
+        self.empty = 0
         self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[Future[None]] = deque()
 
@@ -471,6 +473,7 @@ class _PartsWriter(BasePredictionWriter):
             for i in range(len(prediction["grid" if "grid" in prediction else "pooled"]))
             if empty is None or not bool(empty[i])
         ]
+        self.empty += len(prediction["grid" if "grid" in prediction else "pooled"]) - len(chips)
         if not chips:
             return
         if self._pool is None:
