@@ -160,6 +160,8 @@ def test_ddp_two_cpu_processes_write_every_chip_once(
         (["--chip-size", "100"], "--chip-size must be a multiple of 16"),
         (["--device", "gpu"], "asked for a GPU, but PyTorch sees none"),
         (["--precision", "fp8"], "unknown --precision"),
+        (["--bbox", "0", "0", "0.1", "0.1"], "does not overlap the rasters, which cover lon 13.1"),
+        (["--file-bands", "B4", "B3", "B2"], "has 4 bands but --file-bands names 3"),
         (["--devices", "0"], "--devices must be >= 1"),
         (["--seed", "3"], "--seed applies to random weights only: add --weights none"),
         (["--output", "grid", "--points", "p.csv"], "use --output pooled"),
@@ -603,3 +605,40 @@ def test_a_second_concurrent_job_on_the_folder_fails_at_once(tmp_path, base_chec
     # once the other job is gone the same command runs
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
     assert len(gpd.read_parquet(out / "ftw_s2_l2a_33N_pooled.parquet")) == 6
+
+
+def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path, capsys) -> None:
+    import shutil
+
+    scene = tmp_path / "scene.tif"
+    shutil.copy(SCENE, scene)
+    before = scene.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        args = ["embed", str(scene), "-o", str(scene), "--output", "grid", "--weights", "none"]
+        assert main([*args, "--no-progress", *extra]) == 2
+        assert "is one of the inputs" in capsys.readouterr().err
+        assert scene.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
+
+
+def test_file_bands_replace_band_descriptions_with_a_warning(tmp_path) -> None:
+    from torchgeo_dofa.datasets import Sentinel2SR
+
+    with pytest.warns(UserWarning, match="replace the file's band descriptions"):
+        ds = Sentinel2SR(SCENE, file_bands=["B8", "B2", "B3", "B4"])
+    assert ds.bands == ("B2", "B3", "B4", "B8")  # default order among the named bands
+    plain = Sentinel2SR(SCENE)
+    box = plain.bounds
+    chip = (slice(box[0].start, box[0].start + 640), slice(box[1].start, box[1].start + 640))
+    # the channel the file describes as B08 (its 4th) is now called B4: a real renaming
+    np.testing.assert_array_equal(ds[chip]["image"][2], plain[chip]["image"][3])
+
+
+def test_embedder_takes_the_cli_spelling_of_random_weights() -> None:
+    from torchgeo_dofa.embedder import DOFAEmbedder
+
+    a = DOFAEmbedder(weights="none", seed=3, output="pooled")
+    b = DOFAEmbedder(weights=None, seed=3, output="pooled")
+    assert a.encoder.weights_id == "random (seed 3)"
+    for x, y in zip(a.encoder.parameters(), b.encoder.parameters(), strict=True):
+        assert torch.equal(x, y)

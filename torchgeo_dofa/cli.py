@@ -7,6 +7,7 @@ georeferenced embeddings out (a grid GeoTIFF and/or a pooled GeoParquet per regi
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 import time
@@ -90,6 +91,7 @@ def _output_paths(
     kinds = ["pooled"] if points or output == "pooled" else ["grid"]
     if output == "both" and not points:
         kinds = ["grid", "pooled"]
+    inputs = {Path(p).resolve() for r in regions for p in r.paths}
     suffix = output_dir.suffix.lower()
     if suffix in (".tif", ".tiff", ".parquet"):
         if len(regions) != 1:
@@ -106,11 +108,25 @@ def _output_paths(
                 "or a folder"
             )
         ext = {"grid": ".tif" if suffix != ".tiff" else ".tiff", "pooled": ".parquet"}
-        return [{k: output_dir.with_suffix(ext[k]) for k in kinds}]
+        return _not_inputs([{k: output_dir.with_suffix(ext[k]) for k in kinds}], inputs)
     if output_dir.is_file():
         raise InputError(f"-o {output_dir} is an existing file: give a folder or a .tif name")
     ext = {"grid": "_grid.tif", "pooled": "_pooled.parquet"}
-    return [{k: output_dir / f"{r.name}{ext[k]}" for k in kinds} for r in regions]
+    return _not_inputs(
+        [{k: output_dir / f"{r.name}{ext[k]}" for k in kinds} for r in regions], inputs
+    )
+
+
+def _not_inputs(paths: list[dict[str, Path]], inputs: set[Path]) -> list[dict[str, Path]]:
+    """Refuse an output that is one of the inputs (it would be replaced, or deleted)."""
+    for per_region in paths:
+        for path in per_region.values():
+            if path.resolve() in inputs:
+                raise InputError(
+                    f"output {path} is one of the inputs: give another -o (a folder or a new "
+                    "file name)"
+                )
+    return paths
 
 
 def _footprint(region: RasterInput) -> tuple[str, tuple[float, float, float, float]]:
@@ -604,6 +620,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _lightning_cli(None if argv is None else args_list)
         return 0
     args = _parser().parse_args(args_list)
+    # GDAL/libtiff report write faults through rasterio's loggers line by line; the job reads
+    # every final file back and reports a fault in one line of its own
+    logging.getLogger("rasterio").setLevel(logging.CRITICAL)
     try:
         if args.command == "preview":
             from .preview import render_preview
@@ -660,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 _KWARG_HINT = re.compile(
-    r"\b(file_bands|bands|wavelengths|crs|nodata)=(\[[^\]]*\]|<[^>]*>|[^\s,;)]*)"
+    r"\b(file_bands|bands|wavelengths|crs|nodata|weights)=(\[[^\]]*\]|<[^>]*>|[^\s,;)]*)"
 )
 
 

@@ -439,9 +439,23 @@ class DOFAPredictDataModule(GeoDataModule):
         roi = None
         if self.roi is not None:
             roi = region_to_crs(self.roi, dataset.crs, self.roi_crs)
-        return ChipGridSampler(
-            dataset, self.chip_size, self.stride or self.chip_size, roi=roi, time=self.time
-        )
+        try:
+            return ChipGridSampler(
+                dataset, self.chip_size, self.stride or self.chip_size, roi=roi, time=self.time
+            )
+        except ValueError as err:
+            if roi is None:
+                raise
+            from pyproj import Transformer
+
+            x0, y0, x1, y1 = (float(v) for v in dataset.index.total_bounds)
+            to_wgs84 = Transformer.from_crs(dataset.crs, WGS84, always_xy=True)
+            lon0, lat0, lon1, lat1 = to_wgs84.transform_bounds(x0, y0, x1, y1)
+            raise ValueError(
+                f"the region of interest {self.roi} does not overlap the rasters, which cover "
+                f"lon {lon0:.5f}..{lon1:.5f}, lat {lat0:.5f}..{lat1:.5f} (EPSG:4326; "
+                f"{dataset.crs.to_string()} bounds {[round(v, 1) for v in (x0, y0, x1, y1)]})"
+            ) from err
 
     def grid_geometry(self) -> GridGeometry:
         """The embedding map's grid: the sampled region at :attr:`cell_px` pixels a cell.

@@ -206,14 +206,6 @@ def _canonical_name(name: str) -> str:
     return base if n is None else f"{base}_{n}"
 
 
-def _unique(names: Sequence[str]) -> bool:
-    try:
-        check_unique_bands(names)
-    except BandError:
-        return False
-    return True
-
-
 def _scene_folder(path: str) -> str:
     """Folder of a scene's file, skipping ESA's ``R10m`` / ``R20m`` resolution folders."""
     folder = os.path.dirname(path)
@@ -781,9 +773,22 @@ class Sentinel2Base(RasterDataset):
             _canonical_name(d) if d and d.strip() else f"band{i + 1}"
             for i, d in enumerate(info.descriptions)
         ]
-        if described and (
-            file_bands is None or len(file_bands) != info.count or _unique(from_descriptions)
-        ):
+        if file_bands is not None:  # the user's names win over the file's descriptions
+            if len(file_bands) != info.count:
+                raise BandError(
+                    f"{info.path} has {info.count} bands but file_bands= names {len(file_bands)}: "
+                    "give one name per band of the file, in file order"
+                )
+            check_unique_bands(list(file_bands), "file_bands=")
+            names = [_canonical_name(b) for b in file_bands]
+            if described and names != from_descriptions:
+                warnings.warn(
+                    f"{info.path}: file_bands={names} replace the file's band descriptions "
+                    f"{from_descriptions}",
+                    UserWarning,
+                    stacklevel=4,
+                )
+        elif described:
             names = from_descriptions
             raw = [
                 d if d and d.strip() else f"band{i + 1}" for i, d in enumerate(info.descriptions)
@@ -796,14 +801,6 @@ class Sentinel2Base(RasterDataset):
                     "descriptions, or name the file's bands yourself with file_bands=[...] "
                     f"(one name per band, {info.count} in file order)"
                 ) from err
-        elif file_bands is not None:
-            if len(file_bands) != info.count:
-                raise BandError(
-                    f"{info.path} has {info.count} bands but file_bands names {len(file_bands)}: "
-                    "give one name per band of the file, in file order"
-                )
-            check_unique_bands(list(file_bands), "file_bands=")
-            names = [_canonical_name(b) for b in file_bands]
         elif bands is not None and len(bands) == info.count:
             check_unique_bands(list(bands), "bands=")
             names = [_canonical_name(b) for b in bands]

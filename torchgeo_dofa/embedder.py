@@ -51,7 +51,7 @@ class DOFAEmbedder(pl.LightningModule):
         Args:
             variant: ``base``/``b`` or ``large``/``l``.
             weights: ``"official"``, a checkpoint path, or None (random; never chosen
-                silently).
+                silently; ``"none"`` is accepted for it, as on the command line).
             output: ``"pooled"``, ``"grid"`` or ``"both"``.
             input_prep: how the chips were prepared, ``"resize"`` or ``"tile"`` (recorded in
                 outputs; tiled batches are recognised by their shape).
@@ -69,6 +69,8 @@ class DOFAEmbedder(pl.LightningModule):
             raise ValueError(f"unknown output {output!r}: choose one of {list(OUTPUT_KINDS)}")
         if input_prep not in ("resize", "tile"):
             raise ValueError(f"unknown input_prep {input_prep!r}: choose 'resize' or 'tile'")
+        if isinstance(weights, str) and weights.strip().lower() in ("none", "random", "null"):
+            weights = None  # the CLI's spelling, also from a YAML config
         if seed is not None and weights is not None:
             raise ValueError("seed= applies to random weights only: pass weights=None")
         self.save_hyperparameters()
