@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -642,3 +643,37 @@ def test_embedder_takes_the_cli_spelling_of_random_weights() -> None:
     assert a.encoder.weights_id == "random (seed 3)"
     for x, y in zip(a.encoder.parameters(), b.encoder.parameters(), strict=True):
         assert torch.equal(x, y)
+
+
+def test_kill_9_during_prediction_then_rerun_equals_uninterrupted(
+    tmp_path, reference_run, base_checkpoint
+) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(SCENE), "-o", str(out),
+           "--weights", str(base_checkpoint), "--output", "both", "--batch-size", "1",
+           "--num-workers", "0", "--no-progress"]  # fmt: skip
+    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = out / "ftw_s2_l2a_33N_grid.tif.parts"
+    try:
+        deadline = time.monotonic() + 240
+        while not list(parts.glob("*.npy")) and job.poll() is None:
+            assert time.monotonic() < deadline, "the job wrote no chip in time"
+            time.sleep(0.05)
+        job.kill()  # SIGKILL: no handler runs
+        job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert not (out / "ftw_s2_l2a_33N_grid.tif").exists(), "finished before it was killed"
+    assert main([*cmd[3:]]) == 0  # the same command resumes
+    with (
+        rasterio.open(out / "ftw_s2_l2a_33N_grid.tif") as a,
+        rasterio.open(reference_run / "ftw_s2_l2a_33N_grid.tif") as b,
+    ):
+        assert a.transform == b.transform and a.shape == b.shape
+        np.testing.assert_allclose(a.read(), b.read(), rtol=0, atol=1e-5, equal_nan=True)
+    got = gpd.read_parquet(out / "ftw_s2_l2a_33N_pooled.parquet")
+    ref = gpd.read_parquet(reference_run / "ftw_s2_l2a_33N_pooled.parquet")
+    assert list(got.chip_id) == list(ref.chip_id)
+    np.testing.assert_allclose(np.stack(got.embedding), np.stack(ref.embedding), atol=1e-5)
+    assert not list(out.glob("*.parts")) and not list(out.glob(".*.tmp"))

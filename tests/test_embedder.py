@@ -65,3 +65,30 @@ def test_preprocessing_after_transfer_equals_loader_preprocessing() -> None:
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_empty_chips_are_not_sent_through_the_encoder() -> None:
+    torch.manual_seed(0)
+    module = DOFAEmbedder(weights=None, seed=0, output="both").eval()
+    dataset = Sentinel2SR(SCENE, transforms=DOFAPreprocess(["B2", "B3", "B4", "B8"]))
+    chips = list(GriddedPatchSampler(dataset, size=224))[:3]
+    batch = stack_dofa_samples([dataset[c] for c in chips])
+    sizes: list[int] = []
+    hook = module.encoder.register_forward_pre_hook(lambda m, a: sizes.append(int(a[0].shape[0])))
+    try:
+        with torch.inference_mode():
+            full = module.predict_step(dict(batch), 0)
+            batch["empty"] = torch.tensor([False, True, False])
+            masked = module.predict_step(dict(batch), 0)
+            batch["empty"] = torch.tensor([True, True, True])
+            none = module.predict_step(dict(batch), 0)
+    finally:
+        hook.remove()
+    assert sizes == [3, 2]  # the empty chip never reached the encoder; all-empty: no call
+    for key in ("pooled", "grid"):
+        assert masked[key].shape == full[key].shape == none[key].shape
+        assert torch.isnan(masked[key][1]).all() and torch.isnan(none[key]).all()
+        torch.testing.assert_close(
+            masked[key][[0, 2]], full[key][[0, 2]], rtol=1e-4, atol=1e-4, equal_nan=True
+        )
+    assert masked["empty"].tolist() == [False, True, False]

@@ -143,7 +143,12 @@ class DOFAEmbedder(pl.LightningModule):
 
         Returns:
             ``pooled``, ``grid`` (float32, on CPU) and the passed-through metadata keys.
+            Chips flagged ``empty`` (no valid pixel) are not sent through the encoder: their
+            ``pooled`` and ``grid`` are NaN.
         """
+        empty = batch.get("empty")
+        if empty is not None and bool(empty.any()):
+            return self._predict_non_empty(batch, ~empty.to(torch.bool), batch_idx)
         image, wavelengths = batch["image"], batch["wavelengths"]
         pooled, grid = self(image, wavelengths)
         patch = self.encoder.config.patch_size
@@ -175,6 +180,39 @@ class DOFAEmbedder(pl.LightningModule):
         for key in ("bounds", "transform", "grid_transform", "empty"):
             if key in batch:
                 out[key] = batch[key].cpu()
+        return out
+
+    def _predict_non_empty(
+        self, batch: dict[str, Tensor], keep: Tensor, batch_idx: int
+    ) -> dict[str, Tensor]:
+        """:meth:`predict_step` on the chips in ``keep`` only; NaN outputs for the others."""
+        n = int(keep.numel())
+        sub = {
+            k: v[keep] if isinstance(v, Tensor) and v.ndim and v.shape[0] == n else v
+            for k, v in batch.items()
+        }
+        shapes: dict[str, tuple[int, ...]]
+        if bool(keep.any()):
+            part = self.predict_step(sub, batch_idx)
+            shapes = {k: tuple(part[k].shape[1:]) for k in ("pooled", "grid") if k in part}
+        else:
+            image, patch, d = batch["image"], self.encoder.config.patch_size, self.encoder.embed_dim
+            if image.ndim == 5:
+                h, w = (int(v) for v in batch["input_size"][0])
+            else:
+                h, w = int(image.shape[-2]), int(image.shape[-1])
+            every = {"pooled": (d,), "grid": (d, -(-h // patch), -(-w // patch))}
+            shapes = {k: v for k, v in every.items() if self.output in (k, "both")}
+            part = {}
+        out: dict[str, Tensor] = {}
+        for key, shape in shapes.items():
+            full = torch.full((n, *shape), torch.nan)
+            if key in part:
+                full[keep.cpu()] = part[key]
+            out[key] = full
+        for name in ("bounds", "transform", "grid_transform", "empty"):
+            if name in batch:
+                out[name] = batch[name].cpu()
         return out
 
 
