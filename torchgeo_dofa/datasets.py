@@ -98,7 +98,7 @@ import torch
 from geopandas import GeoDataFrame
 from pyproj import CRS
 from rasterio.crs import CRS as RIO_CRS
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.io import DatasetReader
 from rasterio.transform import Affine, array_bounds
 from rasterio.vrt import WarpedVRT
@@ -1146,11 +1146,18 @@ class Sentinel2Base(RasterDataset):
         """
         x, y, t = self._disambiguate_slice(index)
         interval = pd.Interval(t.start, t.stop)
-        df = self.index.iloc[self.index.index.overlaps(interval)]
-        df = df.iloc[:: t.step]
-        df = df.cx[x.start : x.stop, y.start : y.stop]
-        if df.empty:
+        rows = np.flatnonzero(self.index.index.overlaps(interval))[:: t.step]
+        # the rows whose footprint box meets the chip (GeoPandas' ``.cx`` on boxes), on arrays
+        # kept per index instead of copying the GeoDataFrame for every chip
+        boxes, sources_of, offsets_of = self._query_arrays()
+        b = boxes[rows]
+        hit = (
+            (b[:, 0] <= x.stop) & (b[:, 2] >= x.start) & (b[:, 1] <= y.stop) & (b[:, 3] >= y.start)
+        )
+        rows = rows[hit]
+        if not len(rows):
             raise IndexError(f"index: {index} not found in dataset with bounds: {self.bounds}")
+        scenes = [(sources_of[i], offsets_of[i]) for i in rows]
         xres, yres = float(x.step), float(y.step)
         width = max(1, round((x.stop - x.start) / xres))
         height = max(1, round((y.stop - y.start) / yres))
@@ -1159,26 +1166,23 @@ class Sentinel2Base(RasterDataset):
         grid = (bounds, (xres, yres), height, width)
 
         if self.time_series:
-            layers = [
-                self._read_scene(sources, offsets, *grid)
-                for sources, offsets in zip(df["sources"], df["offset"], strict=True)
-            ]
+            layers = [self._read_scene(sources, offsets, *grid) for sources, offsets in scenes]
             image_np = np.stack([d for d, _ in layers])
             valid_np = np.stack([v for _, v in layers])
         else:
-            image_np = np.full((len(self.bands), height, width), self.fill_value, dtype=np.float64)
+            image_np = np.full((len(self.bands), height, width), self.fill_value, dtype=np.float32)
             valid_np = np.zeros((height, width), dtype=bool)
-            for sources, offsets in zip(df["sources"], df["offset"], strict=True):
+            for sources, offsets in scenes:  # the first scene with a valid pixel wins
                 data, valid = self._read_scene(sources, offsets, *grid)
                 take = valid & ~valid_np
-                image_np[:, take] = data[:, take]
+                np.copyto(image_np, data, where=take)
                 valid_np |= take
                 if valid_np.all():
                     break
 
         transform = Affine(xres, 0.0, float(x.start), 0.0, -yres, float(y.stop))
         return {
-            "image": torch.from_numpy(image_np.astype(np.float32)),
+            "image": torch.from_numpy(image_np.astype(np.float32, copy=False)),
             "wavelengths": self.wavelengths.clone(),
             "valid": torch.from_numpy(valid_np),
             "bounds": torch.tensor(
@@ -1198,6 +1202,16 @@ class Sentinel2Base(RasterDataset):
             "transform": torch.tensor(list(transform), dtype=torch.float64),
         }
 
+    def _query_arrays(self) -> tuple[npt.NDArray[np.float64], list[Any], list[Any]]:
+        """Footprint boxes (N, 4), sources and offsets of the index rows, cached per index."""
+        key = (id(self.index), len(self.index))
+        cached = getattr(self, "_query_cache", None)
+        if cached is None or cached[0] != key:
+            boxes = np.asarray(self.index.geometry.bounds.to_numpy(), dtype=np.float64)
+            cached = (key, boxes, list(self.index["sources"]), list(self.index["offset"]))
+            self._query_cache = cached
+        return cached[1], cached[2], cached[3]
+
     #: Read chips that lie on a file's own pixel grid (same CRS and resolution, whole-pixel
     #: offsets) with one windowed read instead of ``rasterio.merge`` (same pixels, several
     #: times faster per chip; ``benchmarks/run.py`` read rows). Other chips use ``merge``.
@@ -1211,9 +1225,13 @@ class Sentinel2Base(RasterDataset):
         res: tuple[float, float],
         height: int,
         width: int,
-    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
-        """Read one scene's channels onto the chip grid: (C, H, W) data and (H, W) validity."""
-        data = np.full((len(sources), height, width), np.nan, dtype=np.float64)
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """Read one scene's channels onto the chip grid: (C, H, W) data and (H, W) validity.
+
+        float32 throughout: every raw value of the integer types Sentinel-2 products use
+        (uint16 and smaller, offsets of -1000) is exact in float32.
+        """
+        data = np.full((len(sources), height, width), np.nan, dtype=np.float32)
         by_path: dict[str, list[tuple[int, int]]] = {}
         for channel, (path, band_index) in enumerate(sources):
             by_path.setdefault(path, []).append((channel, band_index))
@@ -1241,12 +1259,13 @@ class Sentinel2Base(RasterDataset):
                     )
             if not self.cache:
                 self._close(path)
-            array = array[:, :height, :width]
-            for value in self._extra_nodata(self._infos[path]):
-                array[array == value] = np.nan
+            array = array[:, :height, :width].astype(np.float32, copy=False)
+            extra = self._extra_nodata(self._infos[path])
+            if extra:
+                array[np.isin(array, np.asarray(extra, dtype=np.float32))] = np.nan
             for k, (channel, _) in enumerate(pairs):
                 data[channel, : array.shape[1], : array.shape[2]] = array[k]
-        data += np.asarray(offsets, dtype=np.float64)[:, None, None]
+        data += np.asarray(offsets, dtype=np.float32)[:, None, None]
         with np.errstate(invalid="ignore"):
             valid = ~(np.isnan(data) | (data <= NODATA_FLOOR)).any(axis=0)
         data[:, ~valid] = self.fill_value
@@ -2149,7 +2168,7 @@ def _direct_read(
     res: tuple[float, float],
     height: int,
     width: int,
-) -> npt.NDArray[np.float64] | None:
+) -> npt.NDArray[np.float32] | None:
     """Read a chip that lies on ``handle``'s pixel grid with one windowed read.
 
     The same pixels as ``rasterio.merge.merge([handle], bounds, res, nodata=nan)`` with
@@ -2157,7 +2176,7 @@ def _direct_read(
     beyond the raster are NaN.
 
     Returns:
-        (len(indexes), height, width) float64, or None when the chip is not on the file's
+        (len(indexes), height, width) float32, or None when the chip is not on the file's
         grid (a VRT, another resolution, a rotated transform or a sub-pixel offset).
     """
     if isinstance(handle, WarpedVRT):
@@ -2173,14 +2192,18 @@ def _direct_read(
     col, row = round(col_f), round(row_f)
     if abs(col_f - col) > 1e-6 or abs(row_f - row) > 1e-6:
         return None
-    out = np.full((len(indexes), height, width), np.nan, dtype=np.float64)
+    out = np.full((len(indexes), height, width), np.nan, dtype=np.float32)
     r0, r1 = max(row, 0), min(row + height, handle.height)
     c0, c1 = max(col, 0), min(col + width, handle.width)
     if r0 >= r1 or c0 >= c1:
         return out
     window = Window(c0, r0, c1 - c0, r1 - r0)
-    data = handle.read(indexes, window=window, masked=True)
     block = out[:, r0 - row : r1 - row, c0 - col : c1 - col]
-    block[...] = np.ma.getdata(data).astype(np.float64, copy=False)
+    flags = [handle.mask_flag_enums[i - 1] for i in indexes]
+    if all(f == [MaskFlags.all_valid] for f in flags):  # no nodata, no mask: a plain read
+        block[...] = handle.read(indexes, window=window)
+        return out
+    data = handle.read(indexes, window=window, masked=True)
+    block[...] = np.ma.getdata(data)
     block[np.ma.getmaskarray(data)] = np.nan
     return out
