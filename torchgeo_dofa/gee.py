@@ -32,14 +32,12 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-import pyproj
 import shapely
 import shapely.geometry
 import shapely.ops
-from pyproj import CRS
 
 from .bands import canonical_band
-from .spatial import WGS84, Region, region_window
+from .spatial import Region, utm_epsg, utm_region_grid
 
 __all__ = [
     "COMPOSITES",
@@ -157,31 +155,6 @@ class GEERequest:
         return c, f + e * self.height, c + a * self.width, f
 
 
-def utm_epsg(lon: float, lat: float) -> int:
-    """EPSG code of the WGS 84 UTM zone holding a point (no Norway/Svalbard exceptions).
-
-    Args:
-        lon: longitude in degrees.
-        lat: latitude in degrees.
-
-    Returns:
-        ``326zz`` north of the equator, ``327zz`` south of it.
-    """
-    zone = math.floor((lon + 180.0) / 6.0) % 60 + 1
-    return (32600 if lat >= 0 else 32700) + zone
-
-
-def _centre(region: Region) -> tuple[float, float]:
-    from .spatial import BBox, PointBuffer
-
-    if isinstance(region, PointBuffer):
-        return region.lon, region.lat
-    if isinstance(region, BBox):
-        return (region.minlon + region.maxlon) / 2, (region.minlat + region.maxlat) / 2
-    point = region.centroid
-    return float(point.x), float(point.y)
-
-
 def build_gee_request(
     region: Region,
     start: str,
@@ -224,13 +197,8 @@ def build_gee_request(
         raise ValueError(f"scale_m must be a positive number of metres, got {scale_m}")
     if not bands:
         raise ValueError("bands is empty: name at least one band to fetch")
-    lon, lat = _centre(region)
-    target = CRS.from_user_input(crs if crs is not None else utm_epsg(lon, lat))
-    epsg = target.to_epsg()
-    crs_code = f"EPSG:{epsg}" if epsg else target.to_wkt()
-    xs, ys = region_window(region, target, (scale_m, scale_m), (0.0, 0.0))
-    width = max(1, round((xs.stop - xs.start) / scale_m))
-    height = max(1, round((ys.stop - ys.start) / scale_m))
+    grid = utm_region_grid(region, scale_m, crs)
+    crs_code, width, height = grid.crs, grid.width, grid.height
     if max(width, height) > COMPUTE_PIXELS_MAX_SIDE:
         raise ValueError(
             f"region is {width} x {height} px at {scale_m} m, more than Earth Engine's "
@@ -244,11 +212,8 @@ def build_gee_request(
             f"({COMPUTE_PIXELS_MAX_BYTES // 2**20} MiB): use a smaller buffer, a coarser "
             "scale_m, or export the area (Export.image.toDrive) and use backend='local'"
         )
-    transform = (float(scale_m), 0.0, float(xs.start), 0.0, -float(scale_m), float(ys.stop))
-    footprint = shapely.geometry.box(xs.start, ys.start, xs.stop, ys.stop)
-    footprint = shapely.segmentize(footprint, max_segment_length=max(width, height) * scale_m / 8)
-    to_wgs84 = pyproj.Transformer.from_crs(target, WGS84, always_xy=True)
-    region_4326 = shapely.ops.transform(to_wgs84.transform, footprint)
+    transform = grid.transform
+    region_4326 = grid.footprint_4326
     is_s2 = collection.upper().startswith("COPERNICUS/S2")
     names = tuple(canonical_band(b) if is_s2 else str(b) for b in bands)
     return GEERequest(

@@ -36,9 +36,12 @@ __all__ = [
     "BBox",
     "PointBuffer",
     "Region",
+    "RegionGrid",
     "read_points",
     "region_to_crs",
     "region_window",
+    "utm_epsg",
+    "utm_region_grid",
 ]
 
 WGS84 = CRS.from_epsg(4326)
@@ -428,3 +431,87 @@ def _read_points_vector(
     coords = [(float(g.x), float(g.y)) for g in frame.geometry]
     props = pd.DataFrame(frame.drop(columns=frame.geometry.name))
     return coords, props, where
+
+
+def utm_epsg(lon: float, lat: float) -> int:
+    """EPSG code of the WGS 84 UTM zone holding a point (no Norway/Svalbard exceptions).
+
+    Args:
+        lon: longitude in degrees.
+        lat: latitude in degrees.
+
+    Returns:
+        ``326zz`` north of the equator, ``327zz`` south of it.
+    """
+    zone = math.floor((lon + 180.0) / 6.0) % 60 + 1
+    return (32600 if lat >= 0 else 32700) + zone
+
+
+@dataclass(frozen=True)
+class RegionGrid:
+    """A region's pixel grid in its UTM zone (or a given CRS), origin (0, 0).
+
+    Attributes:
+        crs: the grid's CRS as ``EPSG:n`` (WKT for CRSs without a code).
+        transform: affine ``(a, b, c, d, e, f)`` of the grid, north-up.
+        width: pixels across.
+        height: pixels down.
+        footprint_4326: the grid's extent in EPSG:4326 (edges densified, so it holds the
+            whole grid after reprojection).
+    """
+
+    crs: str
+    transform: tuple[float, float, float, float, float, float]
+    width: int
+    height: int
+    footprint_4326: BaseGeometry
+
+
+def utm_region_grid(region: Region, resolution: float, crs: str | int | None = None) -> RegionGrid:
+    """The grid Earth Engine and STAC composites of a region are read on.
+
+    The region's UTM zone (from its centre) unless ``crs`` is given, ``resolution`` map
+    units a pixel, origin (0, 0), so at 10 m the pixels are Sentinel-2's own; the window
+    follows :func:`region_window` (a PointBuffer gives ``round(2 * buffer_m / resolution)``
+    pixels a side, a box the smallest covering window).
+
+    Args:
+        region: PointBuffer, BBox or shapely geometry (EPSG:4326).
+        resolution: pixel size in metres (map units of ``crs``).
+        crs: output CRS; default the UTM zone of the region's centre.
+
+    Returns:
+        The grid.
+    """
+    resolution = float(resolution)
+    if isinstance(region, PointBuffer):
+        lon, lat = region.lon, region.lat
+    elif isinstance(region, BBox):
+        lon, lat = (region.minlon + region.maxlon) / 2, (region.minlat + region.maxlat) / 2
+    else:
+        centre = region.centroid
+        lon, lat = float(centre.x), float(centre.y)
+    target = CRS.from_user_input(crs if crs is not None else utm_epsg(lon, lat))
+    epsg = target.to_epsg()
+    xs, ys = region_window(region, target, (resolution, resolution), (0.0, 0.0))
+    width = max(1, round((xs.stop - xs.start) / resolution))
+    height = max(1, round((ys.stop - ys.start) / resolution))
+    footprint = shapely.segmentize(
+        shapely.box(xs.start, ys.start, xs.stop, ys.stop),
+        max_segment_length=max(width, height) * resolution / 8,
+    )
+    to_wgs84 = pyproj.Transformer.from_crs(target, WGS84, always_xy=True)
+    return RegionGrid(
+        crs=f"EPSG:{epsg}" if epsg else target.to_wkt(),
+        transform=(
+            float(resolution),
+            0.0,
+            float(xs.start),
+            0.0,
+            -float(resolution),
+            float(ys.stop),
+        ),
+        width=width,
+        height=height,
+        footprint_4326=shapely.ops.transform(to_wgs84.transform, footprint),
+    )

@@ -65,17 +65,14 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import pyproj
 import rasterio
 import shapely
 import shapely.geometry
 import shapely.ops
 from affine import Affine
-from pyproj import CRS
 
 from .bands import DOFA_S2_BANDS, STAC_ITEM_ASSETS, BandError, canonical_band
-from .gee import utm_epsg
-from .spatial import WGS84, BBox, PointBuffer, Region, region_window
+from .spatial import BBox, PointBuffer, Region, utm_region_grid
 from .writers import atomic_write
 
 __all__ = [
@@ -541,31 +538,13 @@ def stac_grid(
     """
     if not (math.isfinite(resolution) and resolution > 0):
         raise StacError(f"resolution must be a positive number of metres, got {resolution}")
-    reg = _as_region(region)
-    if isinstance(reg, PointBuffer):
-        lon, lat = reg.lon, reg.lat
-    elif isinstance(reg, BBox):
-        lon, lat = (reg.minlon + reg.maxlon) / 2, (reg.minlat + reg.maxlat) / 2
-    else:
-        centre = reg.centroid
-        lon, lat = float(centre.x), float(centre.y)
-    target = CRS.from_user_input(crs if crs is not None else utm_epsg(lon, lat))
-    epsg = target.to_epsg()
-    code = f"EPSG:{epsg}" if epsg else target.to_wkt()
-    xs, ys = region_window(reg, target, (resolution, resolution), (0.0, 0.0))
-    width = max(1, round((xs.stop - xs.start) / resolution))
-    height = max(1, round((ys.stop - ys.start) / resolution))
-    footprint = shapely.segmentize(
-        shapely.geometry.box(xs.start, ys.start, xs.stop, ys.stop),
-        max_segment_length=max(width, height) * resolution / 8,
-    )
-    to_wgs84 = pyproj.Transformer.from_crs(target, WGS84, always_xy=True)
-    bounds = shapely.ops.transform(to_wgs84.transform, footprint).bounds
+    grid = utm_region_grid(_as_region(region), resolution, crs)
+    bounds = grid.footprint_4326.bounds
     return StacGrid(
-        crs=code,
-        transform=(resolution, 0.0, float(xs.start), 0.0, -resolution, float(ys.stop)),
-        width=width,
-        height=height,
+        crs=grid.crs,
+        transform=grid.transform,
+        width=grid.width,
+        height=grid.height,
         bbox_4326=(bounds[0], bounds[1], bounds[2], bounds[3]),
     )
 
