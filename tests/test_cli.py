@@ -565,6 +565,12 @@ def test_points_outside_every_raster_are_listed_first_or_skipped(tmp_path, capsy
         assert main([*args, "-o", str(tmp_path / "y"), "--skip-outside"]) == 0
     frame = gpd.read_parquet(tmp_path / "y" / "ftw_s2_l2a_33N_pooled.parquet")
     assert frame.id.tolist() == ["a"] and frame.point_index.tolist() == [0]
+    (tmp_path / "q.csv").write_text("lon,lat\n0.5,0.5\n")
+    args[3] = str(tmp_path / "q.csv")
+    with pytest.warns(UserWarning, match="skipping 1 of 1 points"):
+        assert main([*args, "-o", str(tmp_path / "z"), "--skip-outside"]) == 2
+    assert "none of the 1 points lies inside an input raster" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
 
 
 def test_an_all_zero_raster_beside_a_good_one_writes_both(tmp_path, base_checkpoint) -> None:

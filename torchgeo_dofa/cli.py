@@ -343,6 +343,11 @@ def embed(
         point_sets = [inside[r.name] for r in regions]
         regions = [r for r, s in zip(regions, point_sets, strict=True) if s]
         point_sets = [s for s in point_sets if s]
+        if not regions:
+            raise InputError(
+                f"none of the {len(point_list)} points lies inside an input raster: nothing "
+                "to embed (check the coordinates: lon, lat in degrees, EPSG:4326)"
+            )
     out_paths = _output_paths(Path(output_dir), regions, output, point_list is not None)
     dataset_kwargs: dict[str, Any] = {
         "bands": bands,
