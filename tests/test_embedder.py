@@ -92,3 +92,25 @@ def test_empty_chips_are_not_sent_through_the_encoder() -> None:
             masked[key][[0, 2]], full[key][[0, 2]], rtol=1e-4, atol=1e-4, equal_nan=True
         )
     assert masked["empty"].tolist() == [False, True, False]
+
+
+def test_device_preprocessing_also_runs_with_the_data_module() -> None:
+    """Lightning calls only the data module's on_after_batch_transfer: it must apply it too."""
+    from torchgeo_dofa.datamodules import DOFAPredictDataModule
+
+    torch.manual_seed(0)
+    module = DOFAEmbedder(weights=None, seed=0, output="pooled")
+    results = []
+    for on_device in (False, True):
+        dm = DOFAPredictDataModule(SCENE, preprocess=True, batch_size=3)
+        dm.setup("predict")
+        if on_device:  # what the embed job does on CUDA
+            dataset = dm._dataset()
+            module.preprocess, dataset.transforms = dataset.transforms, None
+        trainer = pl.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+        )
+        out: Any = trainer.predict(module, datamodule=dm)
+        results.append(torch.cat([o["pooled"] for o in out]))
+    module.preprocess = None
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
