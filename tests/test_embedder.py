@@ -106,6 +106,7 @@ def test_device_preprocessing_also_runs_with_the_data_module() -> None:
         dm.setup("predict")
         if on_device:  # what the embed job does on CUDA
             dataset = dm._dataset()
+            assert isinstance(dataset.transforms, DOFAPreprocess)
             module.preprocess, dataset.transforms = dataset.transforms, None
         trainer = pl.Trainer(
             accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
