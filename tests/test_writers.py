@@ -213,7 +213,7 @@ def _tmpfs(path: Path, size: str) -> bool:
     return done.returncode == 0
 
 
-def test_disk_full_during_assembly_keeps_parts_and_rerun_finishes(tmp_path: Path) -> None:
+def test_disk_full_during_assembly_keeps_parts_and_rerun_finishes(tmp_path: Path, capfd) -> None:
     """A real full filesystem (tmpfs): no final file, parts kept, rerun = uninterrupted bytes."""
     disk = tmp_path / "disk"
     if not _tmpfs(disk, "2m"):
@@ -228,8 +228,10 @@ def test_disk_full_during_assembly_keeps_parts_and_rerun_finishes(tmp_path: Path
         filler = disk / "filler"
         with open(filler, "wb") as f:
             f.write(b"\0" * (free - 64 * 1024))
+        capfd.readouterr()
         with pytest.raises(OutputWriteError) as info:
             GridWriter(disk / "g.tif", geom, metadata={"variant": "base"}).finalize()
+        assert "_tiffWriteProc" not in capfd.readouterr().err  # libtiff's lines held back
         message = str(info.value)
         assert "\n" not in message
         assert str(disk / "g.tif") in message and "No space left on device" in message

@@ -7,7 +7,7 @@ georeferenced embeddings out (a grid GeoTIFF and/or a pooled GeoParquet per regi
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import re
 import sys
 import time
@@ -625,9 +625,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _lightning_cli(None if argv is None else args_list)
         return 0
     args = _parser().parse_args(args_list)
-    # GDAL/libtiff report write faults through rasterio's loggers line by line; the job reads
-    # every final file back and reports a fault in one line of its own
-    logging.getLogger("rasterio").setLevel(logging.CRITICAL)
     try:
         if args.command == "preview":
             from .preview import render_preview
@@ -709,7 +706,6 @@ def cli_hints(message: str) -> str:
 
 
 def _is_rank_zero() -> bool:
-    import os
 
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 

@@ -19,6 +19,7 @@ and keeps the parts, so rerunning the same job finishes the assembly.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -26,6 +27,8 @@ import math
 import os
 import re
 import shutil
+import sys
+import tempfile
 import uuid
 import warnings
 from collections import deque
@@ -704,7 +707,8 @@ class GridWriter(_PartsWriter):
                     if _digest(src.read(window=win)) != digest:
                         raise ValueError(f"window {win} reads back other values than written")
 
-        atomic_write(self.path, write, verify=verify, durable=True, hint=self._hint())
+        with _native_stderr_kept_on_success():
+            atomic_write(self.path, write, verify=verify, durable=True, hint=self._hint())
         shutil.rmtree(self.parts, ignore_errors=True)
 
 
@@ -935,6 +939,39 @@ class PooledWriter(_PartsWriter):
 
         atomic_write(self.path, frame.to_parquet, verify=verify, durable=True, hint=self._hint())
         shutil.rmtree(self.parts, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _native_stderr_kept_on_success() -> Iterator[None]:
+    """Hold back what C libraries print on file descriptor 2 while a GeoTIFF is written.
+
+    libtiff reports a failed write once per block (``_tiffWriteProc: No space left on
+    device.``) straight to the process's stderr, past Python's logging. Those lines are
+    dropped when the write fails (the :class:`OutputWriteError` names the file and the cause
+    in one line) and printed as they were when it succeeds.
+    """
+    fd = 2  # the process's stderr, where C libraries write, whatever sys.stderr is now
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(fd)
+    except OSError:  # no stderr at all
+        yield
+        return
+    ok = False
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), fd)
+        try:
+            yield
+            ok = True
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            if ok:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    os.write(fd, text)
 
 
 def _ts(value: float) -> float | None:
