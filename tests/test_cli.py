@@ -605,6 +605,10 @@ def test_a_second_concurrent_job_on_the_folder_fails_at_once(tmp_path, base_chec
            "--weights", str(base_checkpoint), "--no-progress", "--output", "pooled"]  # fmt: skip
     with OutputLock(out):  # another job holds the folder (this process, via the real lock)
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        # the lock is checked first: before the weights are even looked for
+        bad = [*cmd[:-2], "--weights", str(tmp_path / "missing.pth"), "--output", "pooled"]
+        third = subprocess.run(bad, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 75 and "in use by another" in third.stderr
     assert second.returncode == 75, second.stderr[-2000:]
     last = second.stderr.strip().splitlines()[-1]
     assert "is in use by another torchgeo-dofa job" in last and f"pid {os.getpid()}" in last

@@ -7,6 +7,7 @@ georeferenced embeddings out (a grid GeoTIFF and/or a pooled GeoParquet per regi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -356,115 +357,134 @@ def embed(
         "nodata": nodata,
         "crs": crs,
     }
-    modules = []
-    for region, subset in zip(regions, point_sets, strict=True):
-        chosen = None if subset is None or point_list is None else [point_list[i] for i in subset]
-        dm = DOFAPredictDataModule(
-            paths=list(region.paths),
-            dataset_class=region.dataset_class,
-            points=chosen,
-            roi=BBox(*bbox) if bbox is not None else None,
-            patch_size=chip_size,
-            stride=stride,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            input_prep=input_prep,  # type: ignore[arg-type]
-            preprocess=True,
-            **{k: v for k, v in dataset_kwargs.items() if v is not None},
-        )
-        dm.setup("predict")
-        modules.append(dm)
-    module = DOFAEmbedder(
-        variant=variant,
-        weights=weights,
-        output="pooled" if point_list is not None else output,  # type: ignore[arg-type]
-        input_prep=input_prep,  # type: ignore[arg-type]
-        seed=seed,
-    )
-    extra = dict(metadata or {})
-    summary = EmbedSummary()
     # a folder holds one job; an output named by the user (-o NAME.tif) is a job of its own
     out = Path(output_dir)
     file_mode = out.suffix.lower() in (".tif", ".tiff", ".parquet")
     folder = out.parent if file_mode else out
     manifest_name = f".{out.name}{MANIFEST_NAME}" if file_mode else MANIFEST_NAME
-    first = modules[0]._dataset()
-    manifest = JobManifest(
-        inputs=[InputFile.of(p) for r in regions for p in r.paths],
-        file_bands=list(file_bands) if file_bands is not None else None,
-        bands=list(first.bands),
-        wavelengths=[float(w) for w in first.wavelengths],
-        variant=variant,
-        weights=weights_identity(weights, variant, seed),
-        pooled_norm=module.encoder.pooled_norm,
-        input_prep=input_prep,
-        chip_size=chip_size,
-        stride=stride or chip_size,
-        precision=choice.lightning,
-        output=output,
-        outputs=[p.name for paths in out_paths for p in paths.values()],
-        region=region_identity(bbox, points, buffer_m, skip_outside),
-    )
-    with OutputLock(folder), StopOnSignal() as stop:
-        manifest.check_or_write(folder, overwrite=overwrite, name=manifest_name)
-        if _is_rank_zero():
-            print(
-                f"torchgeo-dofa: precision {choice.reason}; batch size {batch_size}, "
-                f"{num_workers} loader worker(s)",
-                file=sys.stderr,
+    # the lock first, so a second job on the folder fails before loading anything; a job
+    # refused during validation leaves no folder behind
+    created = [d for d in (folder, *folder.parents) if not d.exists()]
+    lock = OutputLock(folder)
+    lock.acquire()
+    started = False
+    try:
+        modules = []
+        for region, subset in zip(regions, point_sets, strict=True):
+            chosen = (
+                None if subset is None or point_list is None else [point_list[i] for i in subset]
             )
-        todo = sum(len(dm.predict_sampler or []) for dm in modules)
-        size = job_size_warning(todo, default_chips_per_second(choice.precision, accelerator))
-        if size and _is_rank_zero():
-            print(f"torchgeo-dofa: {size}", file=sys.stderr)
-        for region, dm, paths, subset in zip(regions, modules, out_paths, point_sets, strict=True):
-            stop.raise_if_received()
-            writers: list[GridWriter | PooledWriter] = []
-            if "grid" in paths:
-                writers.append(GridWriter(paths["grid"], metadata=extra))
-            if "pooled" in paths:
-                keys: dict[str, Any] = {}
-                if properties is not None and subset is not None:
-                    chips: list[Any] = list(dm.predict_sampler or [])
-                    keys["chip_keys"] = [PooledWriter.key_for_chip(c) for c in chips]
-                    keys["properties"] = properties.iloc[subset].reset_index(drop=True)
-                writers.append(
-                    PooledWriter(paths["pooled"], metadata=extra, source=region.name, **keys)
-                )
-            pending = [w for w in writers if not w.path.exists()]
-            summary.outputs += [w.path for w in writers]
-            if not pending:
-                summary.skipped += len(dm.predict_sampler or [])
-                continue
-            trainer = pl.Trainer(
-                accelerator=device,
-                devices=devices,
-                strategy=strategy,
-                precision=choice.lightning,  # type: ignore[arg-type]
-                callbacks=[*pending, stop, *callbacks],
-                logger=False,
-                enable_progress_bar=progress,
-                enable_model_summary=False,
+            dm = DOFAPredictDataModule(
+                paths=list(region.paths),
+                dataset_class=region.dataset_class,
+                points=chosen,
+                roi=BBox(*bbox) if bbox is not None else None,
+                patch_size=chip_size,
+                stride=stride,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                input_prep=input_prep,  # type: ignore[arg-type]
+                preprocess=True,
+                **{k: v for k, v in dataset_kwargs.items() if v is not None},
             )
-            if accelerator == "cuda":  # preprocess on the GPU after the transfer
-                dataset = dm._dataset()
-                if isinstance(dataset.transforms, torch.nn.Module):
-                    module.preprocess, dataset.transforms = dataset.transforms, None
-            with gdal_env(dm.gdal_cache):
-                trainer.predict(module, datamodule=dm, return_predictions=False)
-                for w in pending:  # every chip was done by an earlier run: assembly is left
-                    if not w.path.exists() and trainer.is_global_zero:
-                        w.finalize()
-            summary.chips += pending[0].written
-            summary.empty += pending[0].empty
-            summary.skipped += dm.skipped
-    if summary.empty and _is_rank_zero():
-        warnings.warn(
-            f"{summary.empty} chip(s) held no valid pixel (no data, fill values or outside "
-            "the rasters): NaN in the grid, rows flagged no_data in the pooled table",
-            UserWarning,
-            stacklevel=2,
+            dm.setup("predict")
+            modules.append(dm)
+        module = DOFAEmbedder(
+            variant=variant,
+            weights=weights,
+            output="pooled" if point_list is not None else output,  # type: ignore[arg-type]
+            input_prep=input_prep,  # type: ignore[arg-type]
+            seed=seed,
         )
+        extra = dict(metadata or {})
+        summary = EmbedSummary()
+        first = modules[0]._dataset()
+        manifest = JobManifest(
+            inputs=[InputFile.of(p) for r in regions for p in r.paths],
+            file_bands=list(file_bands) if file_bands is not None else None,
+            bands=list(first.bands),
+            wavelengths=[float(w) for w in first.wavelengths],
+            variant=variant,
+            weights=weights_identity(weights, variant, seed),
+            pooled_norm=module.encoder.pooled_norm,
+            input_prep=input_prep,
+            chip_size=chip_size,
+            stride=stride or chip_size,
+            precision=choice.lightning,
+            output=output,
+            outputs=[p.name for paths in out_paths for p in paths.values()],
+            region=region_identity(bbox, points, buffer_m, skip_outside),
+        )
+        started = True
+        with StopOnSignal() as stop:
+            manifest.check_or_write(folder, overwrite=overwrite, name=manifest_name)
+            if _is_rank_zero():
+                print(
+                    f"torchgeo-dofa: precision {choice.reason}; batch size {batch_size}, "
+                    f"{num_workers} loader worker(s)",
+                    file=sys.stderr,
+                )
+            todo = sum(len(dm.predict_sampler or []) for dm in modules)
+            size = job_size_warning(todo, default_chips_per_second(choice.precision, accelerator))
+            if size and _is_rank_zero():
+                print(f"torchgeo-dofa: {size}", file=sys.stderr)
+            for region, dm, paths, subset in zip(
+                regions, modules, out_paths, point_sets, strict=True
+            ):
+                stop.raise_if_received()
+                writers: list[GridWriter | PooledWriter] = []
+                if "grid" in paths:
+                    writers.append(GridWriter(paths["grid"], metadata=extra))
+                if "pooled" in paths:
+                    keys: dict[str, Any] = {}
+                    if properties is not None and subset is not None:
+                        chips: list[Any] = list(dm.predict_sampler or [])
+                        keys["chip_keys"] = [PooledWriter.key_for_chip(c) for c in chips]
+                        keys["properties"] = properties.iloc[subset].reset_index(drop=True)
+                    writers.append(
+                        PooledWriter(paths["pooled"], metadata=extra, source=region.name, **keys)
+                    )
+                pending = [w for w in writers if not w.path.exists()]
+                summary.outputs += [w.path for w in writers]
+                if not pending:
+                    summary.skipped += len(dm.predict_sampler or [])
+                    continue
+                trainer = pl.Trainer(
+                    accelerator=device,
+                    devices=devices,
+                    strategy=strategy,
+                    precision=choice.lightning,  # type: ignore[arg-type]
+                    callbacks=[*pending, stop, *callbacks],
+                    logger=False,
+                    enable_progress_bar=progress,
+                    enable_model_summary=False,
+                )
+                if accelerator == "cuda":  # preprocess on the GPU after the transfer
+                    dataset = dm._dataset()
+                    if isinstance(dataset.transforms, torch.nn.Module):
+                        module.preprocess, dataset.transforms = dataset.transforms, None
+                with gdal_env(dm.gdal_cache):
+                    trainer.predict(module, datamodule=dm, return_predictions=False)
+                    for w in pending:  # every chip was done by an earlier run: assembly is left
+                        if not w.path.exists() and trainer.is_global_zero:
+                            w.finalize()
+                summary.chips += pending[0].written
+                summary.empty += pending[0].empty
+                summary.skipped += dm.skipped
+        if summary.empty and _is_rank_zero():
+            warnings.warn(
+                f"{summary.empty} chip(s) held no valid pixel (no data, fill values or outside "
+                "the rasters): NaN in the grid, rows flagged no_data in the pooled table",
+                UserWarning,
+                stacklevel=2,
+            )
+    finally:
+        lock.release()
+        if not started:
+            lock.path.unlink(missing_ok=True)
+            for d in created:  # deepest first, only if the refused job left it empty
+                with contextlib.suppress(OSError):
+                    d.rmdir()
     summary.seconds = time.perf_counter() - start
     return summary
 
