@@ -32,6 +32,7 @@ __all__ = [
     "infer_wavelengths",
     "norm_stats",
     "resolve_wavelengths",
+    "split_date_copy",
     "stac_asset_band",
     "validate_wavelengths",
 ]
@@ -176,21 +177,40 @@ def stac_asset_band(name: str) -> str | None:
 _SUFFIXED = re.compile(r"^(?P<base>.+?)_(?P<n>\d+)$")
 
 
+def split_date_copy(name: str) -> tuple[str, str | None]:
+    """Canonical band and Earth Engine's date suffix (``B04_1`` -> ``("B4", "1")``).
+
+    ``B4_1`` is Earth Engine's name for B4 of the second date of a multi-date stack.
+
+    Args:
+        name: a band name.
+
+    Returns:
+        ``(band, suffix)``; ``(band, None)`` for a plain Sentinel-2 name (``B04`` ->
+        ``("B4", None)``), and the whole name canonicalised with no suffix for a name that
+        is not a Sentinel-2 band, with or without a suffix.
+    """
+    canon = canonical_band(name)
+    if canon in SENTINEL2_BANDS:
+        return canon, None
+    match = _SUFFIXED.match(name.strip())
+    if match:
+        base = canonical_band(match.group("base"))
+        if base in SENTINEL2_BANDS:
+            return base, match.group("n")
+    return canon, None
+
+
 def _band_key(name: str) -> str:
     """Identity of a band name for duplicate checks: canonical spelling, ``_N`` kept apart.
 
     ``B04`` and ``b4`` are the same band; ``B4_1`` (Earth Engine's copy of B4 from the next
     date of a multi-date stack) is another one; other names compare case-insensitively.
     """
-    canon = canonical_band(name)
-    if canon in SENTINEL2_BANDS:
-        return canon
-    match = _SUFFIXED.match(name.strip())
-    if match:
-        base = canonical_band(match.group("base"))
-        if base in SENTINEL2_BANDS:
-            return f"{base}_{match.group('n')}"
-    return canon.casefold()
+    band, suffix = split_date_copy(name)
+    if suffix is not None:
+        return f"{band}_{suffix}"
+    return band if band in SENTINEL2_BANDS else band.casefold()
 
 
 def check_unique_bands(bands: Sequence[str], what: str = "bands") -> None:
@@ -324,12 +344,9 @@ def date_copy_base(name: str) -> str:
         name: a band name.
 
     Returns:
-        The canonical band for ``<S2 band>_<N>``; otherwise ``name`` unchanged.
+        The canonical band (see :func:`split_date_copy`).
     """
-    base, sep, suffix = name.strip().rpartition("_")
-    if sep and suffix.isdigit() and canonical_band(base) in SENTINEL2_BANDS:
-        return canonical_band(base)
-    return name
+    return split_date_copy(name)[0]
 
 
 def norm_stats(bands: Sequence[str]) -> tuple[list[float], list[float]]:
