@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import rasterio
 import torch
 
 from .bands import BandError
@@ -132,18 +131,8 @@ def _not_inputs(paths: list[dict[str, Path]], inputs: set[Path]) -> list[dict[st
 
 def _footprint(region: RasterInput) -> tuple[str, tuple[float, float, float, float]]:
     """CRS and bounds of a region's rasters (their union), for assigning points."""
-    bounds = []
-    crs = ""
-    for path in region.paths:
-        with rasterio.open(path) as src:
-            crs = src.crs.to_wkt() if src.crs else "EPSG:4326"
-            bounds.append(tuple(src.bounds))
-    return crs, (
-        min(b[0] for b in bounds),
-        min(b[1] for b in bounds),
-        max(b[2] for b in bounds),
-        max(b[3] for b in bounds),
-    )
+    assert region.bounds is not None  # set by find_raster_inputs
+    return region.crs or "EPSG:4326", region.bounds
 
 
 def default_chips_per_second(precision: str, accelerator: str) -> float:

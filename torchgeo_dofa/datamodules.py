@@ -25,6 +25,7 @@ rs-embed-style ``get_embedding``).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -559,11 +560,12 @@ class DOFAPredictDataModule(GeoDataModule):
             batch = preprocess(batch)
         return batch
 
-    @property
+    @functools.cached_property
     def gdal_cache(self) -> int:
         """GDAL block cache for reading this data module's rasters, in bytes per process.
 
-        Sized by :func:`torchgeo_dofa.runtime.gdal_cache_bytes` so one chip row of decoded
+        Sized once (after :meth:`setup`; it opens every file) by
+        :func:`torchgeo_dofa.runtime.gdal_cache_bytes` so one chip row of decoded
         blocks of every file stays cached (compressed formats are not decoded again for each
         chip) while memory stays bounded; set in each DataLoader worker.
 

@@ -75,6 +75,7 @@ batches from one band set at a time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -124,7 +125,9 @@ from torchgeo_dofa.bands import (
     BandError,
     canonical_band,
     check_unique_bands,
+    date_copy_base,
     resolve_wavelengths,
+    split_date_copy,
     stac_asset_band,
 )
 from torchgeo_dofa.transforms import CONVENTIONAL_FILLS, NODATA_FLOOR
@@ -151,6 +154,7 @@ __all__ = [
     "read_stac_item",
     "refuse_repeated_bands",
     "stack_dofa_samples",
+    "unique_region_names",
 ]
 
 #: First acquisition date processed with baseline 04.00 (reflectance stored with +1000).
@@ -159,7 +163,6 @@ OFFSET_START = date(2022, 1, 25)
 #: The offset ESA declares for baseline 04.00 and later.
 BASELINE_OFFSET = -1000.0
 
-_SUFFIX = re.compile(r"^(?P<base>.+?)_(?P<n>\d+)$")
 _DATE_FORMATS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^\d{8}T\d{6}$"), "%Y%m%dT%H%M%S"),
     (re.compile(r"^\d{8}$"), "%Y%m%d"),
@@ -178,31 +181,9 @@ _ASSET_ALTERNATIVES = "|".join(sorted(STAC_ASSET_BANDS, key=len, reverse=True))
 _ANCILLARY_ALTERNATIVES = "|".join(sorted(STAC_ANCILLARY_ASSETS, key=len, reverse=True))
 
 
-def _split_band(name: str) -> tuple[str, str | None]:
-    """Canonical band name and ``_N`` suffix (``B04_1`` -> (B4, "1"); ``B04`` -> (B4, None)).
-
-    Names that are not Sentinel-2 bands, with or without a suffix, come back canonicalised
-    whole, with no suffix.
-    """
-    canon = canonical_band(name)
-    if canon in SENTINEL2_BANDS:
-        return canon, None
-    match = _SUFFIX.match(name.strip())
-    if match:
-        base = canonical_band(match.group("base"))
-        if base in SENTINEL2_BANDS:
-            return base, match.group("n")
-    return canon, None
-
-
-def _spectral_base(name: str) -> str:
-    """Canonical Sentinel-2 name behind a possibly ``_N``-suffixed band name (``B4_1`` -> B4)."""
-    return _split_band(name)[0]
-
-
 def _canonical_name(name: str) -> str:
     """Canonical spelling of a band name, keeping an ``_N`` suffix (``B04_1`` -> ``B4_1``)."""
-    base, n = _split_band(name)
+    base, n = split_date_copy(name)
     return base if n is None else f"{base}_{n}"
 
 
@@ -260,7 +241,7 @@ class ProductMetadata:
         """
         if not self.offsets:
             return 0.0
-        base = _spectral_base(band)
+        base = date_copy_base(band)
         if base in self.offsets:
             return self.offsets[base]
         values = list(self.offsets.values())
@@ -541,7 +522,7 @@ class Sentinel2Base(RasterDataset):
             raise DatasetNotFoundError(self)
         self.bands: tuple[str, ...] = self._select(scenes, bands)
         self.all_bands = self.bands
-        base_names = [_spectral_base(b) for b in self.bands]
+        base_names = [date_copy_base(b) for b in self.bands]
         try:
             self.wavelengths: Tensor = resolve_wavelengths(
                 base_names if wavelengths is None else self.bands,
@@ -2026,7 +2007,7 @@ def refuse_repeated_bands(bands: Sequence[str]) -> None:
         BandError: naming the repeated bands and how to select one date.
     """
     seen: dict[str, list[str]] = {}
-    for band, base in zip(bands, [_spectral_base(b) for b in bands], strict=True):
+    for band, base in zip(bands, [date_copy_base(b) for b in bands], strict=True):
         seen.setdefault(base, []).append(band)
     repeated = {base: names for base, names in seen.items() if len(names) > 1}
     if not repeated:
@@ -2060,11 +2041,15 @@ class RasterInput:
         paths: the raster files.
         earth_engine: True when every file is an Earth Engine export tile
             (read with :class:`EarthEngineS2`, else :class:`Sentinel2SR`).
+        crs: the files' CRS (WKT), None for files without one.
+        bounds: ``(xmin, ymin, xmax, ymax)`` of the files together, in ``crs``.
     """
 
     name: str
     paths: tuple[str, ...]
     earth_engine: bool
+    crs: str | None = None
+    bounds: tuple[float, float, float, float] | None = None
 
     @property
     def dataset_class(self) -> type[Sentinel2Base]:
@@ -2122,43 +2107,105 @@ def find_raster_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[RasterI
                 str(path)
             )
         else:
-            regions[str(path.resolve())] = ([str(path)], False, path.with_suffix(""))
+            regions[str(path.resolve())] = ([str(path)], False, path)
     out = []
-    names = _unique_names([anchor for _, _, anchor in regions.values()])
+    names = unique_region_names([anchor for _, _, anchor in regions.values()])
     for name, (paths, ee, _) in zip(names, regions.values(), strict=True):
-        _check_readable_one_crs(name, paths)
-        out.append(RasterInput(name, tuple(paths), ee))
+        crs, bounds = _check_readable_one_crs(name, paths)
+        out.append(RasterInput(name, tuple(paths), ee, crs, bounds))
     return out
 
 
-def _unique_names(anchors: Sequence[pathlib.Path]) -> list[str]:
-    """Shortest unique names: the stem, then parent folders prefixed where stems collide."""
-    parts = [list(p.resolve().parts) for p in anchors]
-    depth = [1] * len(anchors)
-    while True:
-        names = ["_".join(pp[-d:]).lstrip("/_") or "root" for pp, d in zip(parts, depth)]
-        clashes = {n for n in names if names.count(n) > 1}
-        grow = [i for i, n in enumerate(names) if n in clashes and depth[i] < len(parts[i])]
-        if not grow:
-            return names
-        for i in grow:
-            depth[i] += 1
+def unique_region_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Output names for regions, unique even when file names collide; independent of order.
+
+    A region's base name is its file's stem (``a/scene.tif`` -> ``scene``) or its folder's or
+    Earth Engine export prefix's name. Names that collide (compared case-insensitively, as on
+    macOS and Windows filesystems) get their parent folders' names prepended, one level at a
+    time (``a/scene.tif``, ``b/scene.tif`` -> ``a_scene``, ``b_scene``); files that differ
+    only by suffix in one folder (``x/scene.tif``, ``x/scene.jp2``) get 8 hex digits of the
+    sha1 of their resolved path instead (``scene_1a2b3c4d``). A name depends only on the set
+    of paths, not on their order, so reruns find their outputs again.
+
+    Args:
+        paths: one path per region (file, folder or export prefix); duplicates are an error.
+
+    Returns:
+        One name per path, in the same order.
+
+    Raises:
+        ValueError: if the same path is given twice.
+    """
+    resolved = [pathlib.Path(p).resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        dup = next(str(p) for p in resolved if resolved.count(p) > 1)
+        raise ValueError(f"input {dup!r} is given twice: pass every input once")
+
+    def base(p: pathlib.Path) -> str:
+        return p.stem if p.suffix.lower() in Sentinel2Base.extensions else p.name
+
+    def with_parents(p: pathlib.Path, levels: int) -> str:
+        parents = [q.name for q in list(p.parents)[:levels] if q.name][::-1]
+        return "_".join([*parents, base(p)])
+
+    def short_hash(p: pathlib.Path) -> str:
+        return hashlib.sha1(str(p).encode()).hexdigest()[:8]
+
+    # same folder, same name, other suffix: parent folders cannot tell these apart
+    keys = [(p.parent, base(p).casefold()) for p in resolved]
+    hashed = {i for i, k in enumerate(keys) if keys.count(k) > 1}
+
+    def name(i: int, levels: int) -> str:
+        text = with_parents(resolved[i], levels)
+        return f"{text}_{short_hash(resolved[i])}" if i in hashed else text
+
+    names = [name(i, 0) for i in range(len(resolved))]
+    depth = max((len(p.parents) for p in resolved), default=0)
+    for level in range(1, depth + 1):
+        groups = _collisions(names)
+        if not groups:
+            break
+        for i in groups:
+            names[i] = name(i, level)
+    for i in _collisions(names):  # pragma: no cover - distinct paths always separate above
+        names[i] = f"{names[i]}_{short_hash(resolved[i])}"
+    return names
 
 
-def _check_readable_one_crs(name: str, paths: Sequence[str]) -> None:
+def _collisions(names: Sequence[str]) -> list[int]:
+    folded = [n.casefold() for n in names]
+    return [i for i, n in enumerate(folded) if folded.count(n) > 1]
+
+
+def _check_readable_one_crs(
+    name: str, paths: Sequence[str]
+) -> tuple[str | None, tuple[float, float, float, float]]:
+    """Open every file once: the region's one CRS (WKT) and the union of the files' bounds."""
     crss: dict[str, str | None] = {}
+    bounds: list[tuple[float, float, float, float]] = []
     for p in paths:
         try:
             with rasterio.open(p) as src:
-                crss[p] = src.crs.to_string() if src.crs else None
+                crss[p] = src.crs.to_wkt() if src.crs else None
+                bounds.append(tuple(float(v) for v in src.bounds))  # type: ignore[arg-type]
         except rasterio.errors.RasterioIOError as err:
             raise InputError(f"cannot read {p}: {err}") from err
     if len(set(crss.values())) > 1:
-        listing = ", ".join(f"{os.path.basename(k)}: {v}" for k, v in crss.items())
+        listing = ", ".join(
+            f"{os.path.basename(k)}: {RIO_CRS.from_wkt(v).to_string() if v else None}"
+            for k, v in crss.items()
+        )
         raise InputError(
             f"mixed CRS in region {name!r} ({listing}): reproject them to one CRS "
             "(gdalwarp -t_srs) or pass them as separate inputs"
         )
+    union = (
+        min(b[0] for b in bounds),
+        min(b[1] for b in bounds),
+        max(b[2] for b in bounds),
+        max(b[3] for b in bounds),
+    )
+    return next(iter(crss.values())), union
 
 
 def _direct_read(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -45,6 +44,7 @@ from pyproj import CRS, Transformer
 from shapely.geometry import Point, box
 from shapely.geometry.base import BaseGeometry
 
+from .datasets import unique_region_names
 from .spatial import WGS84, PointBuffer
 from .weights import resolve_weights, sha256_file
 from .writers import atomic_write, parts_dir, stale_temps
@@ -78,7 +78,6 @@ LOCK_NAME = ".torchgeo-dofa.lock"
 MANIFEST_FORMAT = 1
 #: Above this many chips the job prints its size and a time estimate before starting.
 LARGE_JOB_CHIPS = 5000
-_RASTER_SUFFIXES = (".tif", ".tiff", ".jp2")
 
 
 class JobError(Exception):
@@ -542,67 +541,6 @@ class OutputLock:
     ) -> None:
         """Release the lock."""
         self.release()
-
-
-def unique_region_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
-    """Output names for regions, unique even when file names collide; independent of order.
-
-    A region's base name is its file's stem (``a/scene.tif`` -> ``scene``) or its folder's or
-    Earth Engine export prefix's name. Names that collide (compared case-insensitively, as on
-    macOS and Windows filesystems) get their parent folders' names prepended, one level at a
-    time (``a/scene.tif``, ``b/scene.tif`` -> ``a_scene``, ``b_scene``); files that differ
-    only by suffix in one folder (``x/scene.tif``, ``x/scene.jp2``) get 8 hex digits of the
-    sha1 of their resolved path instead (``scene_1a2b3c4d``). A name depends only on the set
-    of paths, not on their order, so reruns find their outputs again.
-
-    Args:
-        paths: one path per region (file, folder or export prefix); duplicates are an error.
-
-    Returns:
-        One name per path, in the same order.
-
-    Raises:
-        ValueError: if the same path is given twice.
-    """
-    resolved = [Path(p).resolve() for p in paths]
-    if len(set(resolved)) != len(resolved):
-        dup = next(str(p) for p in resolved if resolved.count(p) > 1)
-        raise ValueError(f"input {dup!r} is given twice: pass every input once")
-
-    def base(p: Path) -> str:
-        return p.stem if p.suffix.lower() in _RASTER_SUFFIXES else p.name
-
-    def with_parents(p: Path, levels: int) -> str:
-        parents = [q.name for q in list(p.parents)[:levels] if q.name][::-1]
-        return "_".join([*parents, base(p)])
-
-    def short_hash(p: Path) -> str:
-        return hashlib.sha1(str(p).encode()).hexdigest()[:8]
-
-    # same folder, same name, other suffix: parent folders cannot tell these apart
-    keys = [(p.parent, base(p).casefold()) for p in resolved]
-    hashed = {i for i, k in enumerate(keys) if keys.count(k) > 1}
-
-    def name(i: int, levels: int) -> str:
-        text = with_parents(resolved[i], levels)
-        return f"{text}_{short_hash(resolved[i])}" if i in hashed else text
-
-    names = [name(i, 0) for i in range(len(resolved))]
-    depth = max((len(p.parents) for p in resolved), default=0)
-    for level in range(1, depth + 1):
-        groups = _collisions(names)
-        if not groups:
-            break
-        for i in groups:
-            names[i] = name(i, level)
-    for i in _collisions(names):  # pragma: no cover - distinct paths always separate above
-        names[i] = f"{names[i]}_{short_hash(resolved[i])}"
-    return names
-
-
-def _collisions(names: Sequence[str]) -> list[int]:
-    folded = [n.casefold() for n in names]
-    return [i for i, n in enumerate(folded) if folded.count(n) > 1]
 
 
 _SignalHandler = Callable[[int, FrameType | None], Any] | int | None
