@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,30 +18,21 @@ from torchgeo_dofa.transforms import DOFAPreprocess
 SCENE = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
 
 
-class _SeenBatches(pl.Callback):
-    """Records the image each predict step receives (after on_after_batch_transfer)."""
-
-    def __init__(self) -> None:
-        self.images: list[torch.Tensor] = []
-
-    def on_predict_batch_start(self, trainer: Any, module: Any, batch: Any, *args: Any) -> None:
-        self.images.append(batch["image"].clone())
-
-
 def _predict(module: DOFAEmbedder, dataset: Sentinel2SR) -> tuple[list[Any], list[torch.Tensor]]:
+    """Predict 3 chips; also returns the images the encoder received."""
     chips = list(GriddedPatchSampler(dataset, size=224))[:3]
     loader = DataLoader(dataset, sampler=chips, batch_size=3, collate_fn=stack_dofa_samples)
-    seen = _SeenBatches()
+    seen: list[torch.Tensor] = []
+    hook = module.encoder.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
     trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[seen],
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
     )
-    out = trainer.predict(module, dataloaders=loader)
+    try:
+        out = trainer.predict(module, dataloaders=loader)
+    finally:
+        hook.remove()
     assert out is not None
-    return out, seen.images
+    return out, seen
 
 
 def test_preprocessing_after_transfer_equals_loader_preprocessing() -> None:
@@ -95,7 +87,8 @@ def test_empty_chips_are_not_sent_through_the_encoder() -> None:
 
 
 def test_device_preprocessing_also_runs_with_the_data_module() -> None:
-    """Lightning calls only the data module's on_after_batch_transfer: it must apply it too."""
+    """The model's preprocessing runs with TorchGeo's data module too, without Lightning's
+    warning about both defining ``on_after_batch_transfer`` (it used to print on every job)."""
     from torchgeo_dofa.datamodules import DOFAPredictDataModule
 
     torch.manual_seed(0)
@@ -111,7 +104,10 @@ def test_device_preprocessing_also_runs_with_the_data_module() -> None:
         trainer = pl.Trainer(
             accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
         )
-        out: Any = trainer.predict(module, datamodule=dm)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out: Any = trainer.predict(module, datamodule=dm)
+        assert not [w for w in caught if "on_after_batch_transfer" in str(w.message)]
         results.append(torch.cat([o["pooled"] for o in out]))
     module.preprocess = None
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)

@@ -539,27 +539,6 @@ class DOFAPredictDataModule(GeoDataModule):
             worker_init_fn=gdal_worker_init(self.gdal_cache) if workers else None,
         )
 
-    def on_after_batch_transfer(self, batch: Sample, dataloader_idx: int) -> Sample:
-        """Batch augmentation (none), then the model's on-device preprocessing, if any.
-
-        Lightning calls only the data module's hook when both define one, so the
-        LightningModule's ``preprocess`` (e.g. :attr:`DOFAEmbedder.preprocess`, the
-        preprocessing stack run on the GPU after the transfer) is applied here.
-
-        Args:
-            batch: a batch on the device.
-            dataloader_idx: index of its loader.
-
-        Returns:
-            The batch.
-        """
-        batch = super().on_after_batch_transfer(batch, dataloader_idx)
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer else None
-        preprocess = getattr(module, "preprocess", None)
-        if callable(preprocess) and isinstance(batch, dict) and "image" in batch:
-            batch = preprocess(batch)
-        return batch
-
     @functools.cached_property
     def gdal_cache(self) -> int:
         """GDAL block cache for reading this data module's rasters, in bytes per process.

@@ -85,8 +85,8 @@ class DOFAEmbedder(pl.LightningModule):
             self.encoder.weights_id = f"random (seed {seed})"
         self.output = output
         self.input_prep = input_prep
-        #: Preprocessing applied to each batch once it is on the model's device (see
-        #: :meth:`on_after_batch_transfer`), e.g. a batched
+        #: Preprocessing applied to each batch on the model's device, at the start of
+        #: :meth:`predict_step` (after Lightning's transfer), e.g. a batched
         #: :class:`~torchgeo_dofa.transforms.DOFAPreprocess` while the DataLoader serves raw
         #: chips: on a GPU the normalisation and resizing then run there instead of in the
         #: loader's CPU workers. None (default): the dataset's transforms did it.
@@ -120,25 +120,12 @@ class DOFAEmbedder(pl.LightningModule):
         out = self.encoder(image, wavelengths)
         return out.pooled, out.grid
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Apply :attr:`preprocess` to a batch on the model's device, if one is set.
-
-        Args:
-            batch: the collated batch, already on the device.
-            dataloader_idx: index of the dataloader.
-
-        Returns:
-            The preprocessed batch (unchanged when :attr:`preprocess` is None).
-        """
-        if self.preprocess is not None and isinstance(batch, dict) and "image" in batch:
-            batch = self.preprocess(batch)
-        return batch
-
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Embed one batch and keep what the writers need to place the results.
 
         Args:
-            batch: a collated, preprocessed batch.
+            batch: a collated batch on the model's device: preprocessed by the dataset's
+                transforms, or raw when :attr:`preprocess` is set (it runs here first).
             batch_idx: index of the batch.
 
         Returns:
@@ -146,6 +133,12 @@ class DOFAEmbedder(pl.LightningModule):
             Chips flagged ``empty`` (no valid pixel) are not sent through the encoder: their
             ``pooled`` and ``grid`` are NaN.
         """
+        if self.preprocess is not None:
+            batch = self.preprocess(batch)
+        return self._predict(batch, batch_idx)
+
+    def _predict(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """:meth:`predict_step` on a preprocessed batch."""
         empty = batch.get("empty")
         if empty is not None and bool(empty.any()):
             return self._predict_non_empty(batch, ~empty.to(torch.bool), batch_idx)
@@ -193,7 +186,7 @@ class DOFAEmbedder(pl.LightningModule):
         }
         shapes: dict[str, tuple[int, ...]]
         if bool(keep.any()):
-            part = self.predict_step(sub, batch_idx)
+            part = self._predict(sub, batch_idx)
             shapes = {k: tuple(part[k].shape[1:]) for k in ("pooled", "grid") if k in part}
         else:
             image, patch, d = batch["image"], self.encoder.config.patch_size, self.encoder.embed_dim
