@@ -97,6 +97,35 @@ def test_grid_blending_nodata_and_georeferencing(tmp_path: Path) -> None:
     assert np.isnan(data[:, 0, 25]).all()  # the empty chip left nodata
 
 
+def test_grid_without_overlap_holds_each_chips_values_exactly(tmp_path: Path) -> None:
+    """Chips side by side (stride = chip, the default) across window edges: each cell is the
+    chip's float32 value bit for bit; a cell with one non-finite channel is NaN in all."""
+    geom = _geometry()
+    out = tmp_path / "emb.tif"
+    writer = GridWriter(out, geom, window=16)  # windows cut through the 14-cell chips
+    rng = np.random.default_rng(0)
+    places = [(0, 0), (0, 14), (14, 0), (14, 28)]  # (14, 28) reaches past the right edge
+    chips = []
+    for r, c in places:
+        _, gt = _chip(geom, r, c)
+        grid = torch.from_numpy(rng.standard_normal((4, 14, 14)).astype(np.float32) * 1e3)
+        chips.append((grid, gt))
+    chips[1][0][2, 3, 4] = float("nan")
+    chips[2][0][0, 5, 5] = float("inf")
+    _write(writer, chips)
+    writer.finalize()
+    with rasterio.open(out) as src:
+        data = src.read()
+    expected = np.full((4, 25, 38), np.nan, np.float32)
+    for (grid, _), (r, c) in zip(chips, places, strict=True):
+        h, w = min(14, 25 - r), min(14, 38 - c)
+        expected[:, r : r + h, c : c + w] = grid.numpy()[:, :h, :w]
+    expected[:, 3, 14 + 4] = np.nan
+    expected[:, 14 + 5, 5] = np.nan
+    np.testing.assert_array_equal(data, expected)
+    assert np.isnan(data[:, 3, 18]).all() and np.isfinite(data[:, 3, 17]).all()
+
+
 def test_grid_resume_equals_uninterrupted(tmp_path: Path) -> None:
     geom = _geometry()
     chips = [_chip(geom, r, c, value=r + c) for r, c in [(0, 0), (0, 7), (7, 0), (7, 7)]]

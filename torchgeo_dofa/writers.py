@@ -515,7 +515,7 @@ class GridWriter(_PartsWriter):
         path: str | os.PathLike[str],
         geometry: GridGeometry | None = None,
         metadata: Mapping[str, Any] | None = None,
-        window: int = 64,
+        window: int = 128,
     ) -> None:
         """Create a grid writer.
 
@@ -528,6 +528,9 @@ class GridWriter(_PartsWriter):
             metadata: tags stored in the GeoTIFF (variant, weights, bands ...).
             window: cells per side of the assembly window and of the GeoTIFF's blocks (a
                 multiple of 16), so every block is compressed and written exactly once.
+                128 (a 50 MB float32 window for base's 768 bands): GDAL's cost per block
+                dominates small blocks; a 224 x 224-cell grid was written in 2.8 s with 64,
+                0.7 s with 128 (``benchmarks/run.py`` machine, zstd, one thread).
         """
         super().__init__(path, metadata)
         if window <= 0 or window % 16:
@@ -650,9 +653,10 @@ class GridWriter(_PartsWriter):
             "compress": "zstd",
             "zstd_level": 1,
             "predictor": 3,
-            "num_threads": "ALL_CPUS",
             "interleave": "band",
             "BIGTIFF": "IF_SAFER",
+            # no NUM_THREADS: GDAL's threaded compression wrote 2-3x slower here (2 cores,
+            # one dispatch per block; benchmarks/run.py machine)
         }
         tags = {k: _tag(v) for k, v in self.metadata.items()}
         descriptions = tuple(f"dofa_{w:04d}" for w in range(depth))
@@ -665,25 +669,7 @@ class GridWriter(_PartsWriter):
                     dst.set_band_description(w + 1, name)
                 dst.update_tags(**tags)
                 for win in _windows(geom.height, geom.width, self.window):
-                    total = np.zeros((depth, win.height, win.width), np.float64)
-                    count = np.zeros((win.height, win.width), np.int32)
-                    for r, c, p in chips:
-                        _, h, w = sizes[p]
-                        r0, r1 = max(r, win.row_off), min(r + h, win.row_off + win.height)
-                        c0, c1 = max(c, win.col_off), min(c + w, win.col_off + win.width)
-                        if r0 >= r1 or c0 >= c1:
-                            continue
-                        part = np.load(p, mmap_mode="r")[:, r0 - r : r1 - r, c0 - c : c1 - c]
-                        ok = np.isfinite(part).all(axis=0)
-                        wr, wc = (
-                            slice(r0 - win.row_off, r1 - win.row_off),
-                            slice(c0 - win.col_off, c1 - win.col_off),
-                        )
-                        total[:, wr, wc] += np.where(ok, part, 0.0)
-                        count[wr, wc] += ok
-                    with np.errstate(invalid="ignore", divide="ignore"):
-                        out = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-                    out32 = np.ascontiguousarray(out, dtype=np.float32)
+                    out32 = _assemble_window(win, chips, sizes, depth)
                     digests.append(_digest(out32))
                     dst.write(out32, window=win)
 
@@ -980,11 +966,65 @@ def _ts(value: float) -> float | None:
     return value * 1e9
 
 
+def _assemble_window(
+    win: Window, chips: list[tuple[int, int, Path]], sizes: Mapping[Path, tuple[int, ...]], depth: int
+) -> np.ndarray:
+    """One window of the grid GeoTIFF from the chip parts that intersect it.
+
+    Args:
+        win: the window, in grid cells.
+        chips: (row, col, part file) of every chip, offsets in grid cells.
+        sizes: each part's (D, h, w).
+        depth: D, the embedding width.
+
+    Returns:
+        (D, win.height, win.width) float32, C-contiguous: the mean of the chips' finite
+        values per cell (a cell counts for a chip only when all its D values are finite),
+        NaN where no chip has one. Where no two chips overlap in the window (stride = chip
+        size, the default), the parts are copied in float32; overlaps are averaged in
+        float64. Both give the same values for non-overlapping chips (x / 1 is exact).
+    """
+    pieces = []
+    for r, c, p in chips:
+        _, h, w = sizes[p]
+        r0, r1 = max(r, win.row_off), min(r + h, win.row_off + win.height)
+        c0, c1 = max(c, win.col_off), min(c + w, win.col_off + win.width)
+        if r0 < r1 and c0 < c1:
+            dst = (
+                slice(r0 - win.row_off, r1 - win.row_off),
+                slice(c0 - win.col_off, c1 - win.col_off),
+            )
+            pieces.append((p, (slice(None), slice(r0 - r, r1 - r), slice(c0 - c, c1 - c)), dst))
+    covered = np.zeros((win.height, win.width), np.int32)
+    for _, _, (wr, wc) in pieces:
+        covered[wr, wc] += 1
+    if int(covered.max(initial=0)) <= 1:  # no overlap: copy each chip's cells
+        out = np.full((depth, win.height, win.width), np.nan, np.float32)
+        for p, src, (wr, wc) in pieces:
+            part = np.load(p, mmap_mode="r")[src]
+            block = out[:, wr, wc]
+            block[...] = part
+            bad = ~np.isfinite(part).all(axis=0)
+            if bad.any():
+                block[:, bad] = np.nan
+        return out
+    total = np.zeros((depth, win.height, win.width), np.float64)
+    count = np.zeros((win.height, win.width), np.int32)
+    for p, src, (wr, wc) in pieces:
+        part = np.load(p, mmap_mode="r")[src]
+        ok = np.isfinite(part).all(axis=0)
+        total[:, wr, wc] += np.where(ok, part, 0.0)
+        count[wr, wc] += ok
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return np.ascontiguousarray(mean, dtype=np.float32)
+
+
 def _digest(array: np.ndarray) -> bytes:
     """Digest of an array's shape, dtype and bytes (NaN payloads included)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((array.shape, array.dtype.str)).encode())
-    h.update(np.ascontiguousarray(array).tobytes())
+    h.update(memoryview(np.ascontiguousarray(array)).cast("B"))  # no copy (tobytes was 3x)
     return h.digest()
 
 
