@@ -1,7 +1,7 @@
 """One end-to-end embed job in a fresh process: timings and peak RSS as a JSON line.
 
 ``python benchmarks/e2e_worker.py SCENE OUT_DIR --batch-size 8 --precision 32
---wavelengths 0.665 0.56 0.49 0.842 [--num-workers 0] [--encoder-reps 2]`` runs
+--wavelengths 0.665 0.56 0.49 0.842 [--num-workers N] [--encoder-reps 2]`` runs
 :func:`torchgeo_dofa.cli.embed` (random weights, grid output, CPU) and prints
 ``RESULT {...}`` with:
 
@@ -100,7 +100,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--precision", default="32")
     parser.add_argument("--variant", default="base")
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader workers (default: the embed job's, runtime.default_num_workers())",
+    )
     parser.add_argument("--wavelengths", type=float, nargs="+", required=True)
     parser.add_argument("--encoder-reps", type=int, default=2)
     parser.add_argument(
@@ -172,6 +177,10 @@ def main() -> None:
     before = _encoder_only(module.encoder, args, args.encoder_reps)
     reset = _reset_peak_rss()
 
+    if args.num_workers is None:
+        from torchgeo_dofa.runtime import default_num_workers
+
+        args.num_workers = default_num_workers()
     out_dir = Path(args.out_dir)
     summary = cli.embed(
         [args.scene],

@@ -12,7 +12,9 @@ noisy machine, and prints one table:
   has no fast bf16 kernels, bf16 is emulated and slow: it runs once per batch size and only
   where affordable, and the opt-in ``cpu_bf16_fallback`` (fp32) gets its own row;
 - end to end: GeoTIFF in -> grid GeoTIFF out through :func:`torchgeo_dofa.cli.embed` on a
-  synthetic scene (the demo scene mirror-tiled), in a fresh process: chips/s with the loop
+  synthetic scene (the demo scene mirror-tiled), in a fresh process (fp32 at batch 8 on a
+  4x region; bf16, where native, at its default batch on a region of 8 such batches, so
+  the first batch's fill does not dominate): chips/s with the loop
   split into compute / data loading / writing / finalize, and the ratio to the same
   process's encoder-only throughput at the same batch size and precision;
 - memory: peak RSS (VmHWM) of the embed job for a region and one four times larger, each in
@@ -81,6 +83,13 @@ class Settings:
     old_cache_chips: int  # chips read under the old 256-byte GDAL cache
     cli_chips: int  # N of the CLI marginal row: (t(N chips) - t(1 chip)) / (N - 1)
     cli_reps: int = 2  # CLI runs per (precision, N); the fastest counts
+    # N is at least this many batches of the precision's default batch size, so the
+    # first batch's fill (the loader reads a whole batch before the model starts) and the
+    # grid's assembly are spread as in a real job; 0: cli_chips only
+    cli_batches: int = 0
+    # steady-state bf16 end-to-end row: a region of at least this many batches at bf16's
+    # default batch size (0: the 1x region at e2e_batch, as for emulated bf16)
+    e2e_bf16_batches: int = 0
 
 
 QUICK = Settings(
@@ -112,6 +121,8 @@ FULL = Settings(
     read_px=2240,
     old_cache_chips=10,
     cli_chips=64,
+    cli_batches=8,
+    e2e_bf16_batches=8,
 )
 
 
@@ -380,23 +391,37 @@ def e2e_rows(s: Settings, report: Report, tmp: Path) -> None:
     runs["4x fp32"] = run_worker(four, tmp / "out_4x", b, "32", 2)
     log(f"e2e fp32 1x region, batch {b}")
     runs["1x fp32"] = run_worker(one, tmp / "out_1x", b, "32", 1)
+    bf16_name = ""
     if s.e2e_bf16:
-        # real bf16 can be emulated (slow): the 1x region keeps this affordable
-        log(f"e2e bf16 1x region, batch {b}")
         slow = bool(report.checks.get("slow_cpu_bf16"))
-        runs["1x bf16"] = run_worker(one, tmp / "out_1x_bf16", b, "bf16", 1 if slow else 2)
+        if slow or not s.e2e_bf16_batches:
+            # real bf16 can be emulated (slow): the 1x region keeps this affordable
+            log(f"e2e bf16 1x region, batch {b}")
+            bf16_name = "1x bf16"
+            runs[bf16_name] = run_worker(one, tmp / "out_1x_bf16", b, "bf16", 1 if slow else 2)
+        else:  # native bf16: steady state at its default batch, >= e2e_bf16_batches batches
+            from torchgeo_dofa.runtime import default_batch_size
+
+            bb = default_batch_size("cpu", "bf16")
+            side = math.ceil(math.sqrt(s.e2e_bf16_batches * bb))
+            scene = write_scene(tmp / "region_bf16.tif", (side, side), (224, 224))
+            log(f"e2e bf16 {side * side}-chip region, batch {bb}")
+            bf16_name = f"{side * side}-chip bf16"
+            runs[bf16_name] = run_worker(scene, tmp / "out_bf16", bb, "bf16", 2)
+            scene.unlink()
     report.e2e = runs
     enc = {
         (r.precision, r.batch): r.value
         for r in report.rows
         if r.section == "encoder" and r.what == "base ours"
     }  # best-of, measured earlier in this process
-    for name in ("4x fp32", "1x bf16"):
+    for name in ("4x fp32", bf16_name):
         if name not in runs:
             continue
         r = runs[name]
         region, prec = name.split()
-        table_ref = enc.get((prec, b), math.nan)
+        rb = int(r["batch_size"])
+        table_ref = enc.get((prec, rb), math.nan)
         split = (
             f"{r['chips']} chips; loop {r['loop_s']:.1f} s = compute {r['compute_s']:.1f} + "
             f"load {r['load_s']:.1f} + write {r['write_s']:.1f} + finalize "
@@ -407,7 +432,7 @@ def e2e_rows(s: Settings, report: Report, tmp: Path) -> None:
                 "end-to-end",
                 f"embed {region} region, after 1st batch",
                 prec,
-                b,
+                rb,
                 r["steady_chips_per_s"],
                 "chips/s",
                 "encoder-only img/s, same process",
@@ -420,7 +445,7 @@ def e2e_rows(s: Settings, report: Report, tmp: Path) -> None:
                 "end-to-end",
                 f"embed {region} region, whole loop",
                 prec,
-                b,
+                rb,
                 r["loop_chips_per_s"],
                 "chips/s",
                 "encoder-only img/s, same process",
@@ -555,7 +580,9 @@ def cli_rows(s: Settings, report: Report, tmp: Path) -> None:
     ``torchgeo-dofa embed`` runs in a subprocess (random weights, grid output, CPU) on a
     generated GeoTIFF of 1 chip and on one of N chips (the demo scene mirror-tiled,
     ``sqrt(N)`` x ``sqrt(N)`` chips of 224 px); the marginal cost is
-    ``(t(N) - t(1)) / (N - 1)``: start-up, model building and finalising cancel out. It is set
+    ``(t(N) - t(1)) / (N - 1)``: start-up and model building cancel out (the first batch's
+    fill and the grid's assembly grow with N, as in a real job; N is at least
+    ``cli_batches`` batches of the precision's default batch size). It is set
     beside TorchGeo's fp32 ``forward_features`` img/s measured by :func:`encoder_rows` in
     this run at the same batch size (or the largest measured). Batch size and loader workers
     are :mod:`torchgeo_dofa.runtime`'s defaults for the precision, passed explicitly. Each run
@@ -573,6 +600,11 @@ def cli_rows(s: Settings, report: Report, tmp: Path) -> None:
     workers = default_num_workers()
     for prec in ("32", "bf16"):
         batch = default_batch_size("cpu", prec)
+        if s.cli_batches and not (slow and prec != "32"):
+            side = max(side, math.ceil(math.sqrt(s.cli_batches * batch)))
+            if side * side != big:
+                big = side * side
+                many = write_scene(tmp / f"cli_{big}.tif", (side, side), (224, 224))
         times = {}
         for n, scene in ((1, one), (big, many)):
             out = tmp / f"cli_out_{prec}_{n}"
