@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,7 @@ FULL = Settings(
     read_px=2240,
     old_cache_chips=10,
     cli_chips=64,
+    cli_reps=3,
     cli_batches=8,
     e2e_bf16_batches=8,
 )
@@ -605,7 +607,8 @@ def cli_rows(s: Settings, report: Report, tmp: Path) -> None:
             if side * side != big:
                 big = side * side
                 many = write_scene(tmp / f"cli_{big}.tif", (side, side), (224, 224))
-        times = {}
+        times: dict[int, float] = {}
+        jobs: dict[int, float] = {}
         for n, scene in ((1, one), (big, many)):
             out = tmp / f"cli_out_{prec}_{n}"
             cmd = [
@@ -616,7 +619,7 @@ def cli_rows(s: Settings, report: Report, tmp: Path) -> None:
             ]  # fmt: skip
             log(f"CLI embed, {prec}, {n} chip(s), batch {batch}, {workers} worker(s)")
             env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO_ROOT))
-            times[n] = math.inf
+            times[n] = jobs[n] = math.inf
             for _ in range(s.cli_reps):
                 shutil.rmtree(out, ignore_errors=True)
                 t = time.perf_counter()
@@ -626,17 +629,23 @@ def cli_rows(s: Settings, report: Report, tmp: Path) -> None:
                     raise RuntimeError(
                         f"CLI embed failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
                     )
+                said = re.search(r"embedded \d+ chips.* in ([\d.]+) s", proc.stdout + proc.stderr)
+                jobs[n] = min(jobs[n], float(said.group(1)) if said else math.inf)
         marginal = (times[big] - times[1]) / (big - 1)
+        job_marginal = (jobs[big] - jobs[1]) / (big - 1)
         ref_batch = batch if batch in tg else max(tg) if tg else 0
         label = "fp32" if prec == "32" else "bf16"
         note = (
             f"(t({big}) - t(1)) / {big - 1}: t(1) {times[1]:.1f} s, t({big}) {times[big]:.1f} s "
             f"wall per CLI run (best of {s.cli_reps}); batch {batch}, {workers} loader "
-            f"worker(s); TorchGeo fp32 at batch {ref_batch}"
+            f"worker(s); TorchGeo fp32 at batch {ref_batch}; from the CLI's own 'embedded N "
+            f"chips in X s' (Python's imports left out, their noise too): "
+            f"{1 / job_marginal:.2f} chips/s"
             + ("; bf16 emulated on this CPU" if slow and prec != "32" else "")
         )
         report.checks[f"cli_marginal_{label}_chips_per_s"] = 1 / marginal
         report.checks[f"cli_one_chip_{label}_s"] = times[1]
+        report.checks[f"cli_job_marginal_{label}_chips_per_s"] = 1 / job_marginal
         report.rows.append(
             Row("end-to-end", f"CLI embed marginal per chip, {big} vs 1 chip", label, batch,
                 1 / marginal, "chips/s", "TorchGeo fp32 img/s (same run)",
@@ -699,9 +708,11 @@ def targets(report: Report) -> list[str]:
             verdict = (
                 "MET" if r.ratio >= 4 else "PARTLY MET (>= 2.5x)" if r.ratio >= 2.5 else ("NOT MET")
             )
+            job = report.checks.get(f"cli_job_marginal_{r.precision}_chips_per_s", math.nan)
             out.append(
                 f"{verdict}: CLI end-to-end marginal {r.precision} chips/s >= 4x (at least "
-                f"2.5x) TorchGeo's fp32 img/s: {r.value:.2f} vs {r.ref:.2f} = {r.ratio:.2f}x"
+                f"2.5x) TorchGeo's fp32 img/s: {r.value:.2f} vs {r.ref:.2f} = {r.ratio:.2f}x "
+                f"(wall; the CLI's own job time gives {job:.2f} chips/s = {job / r.ref:.2f}x)"
             )
         if r.section == "read" and "old" not in r.what:
             out.append(
