@@ -967,7 +967,10 @@ def _ts(value: float) -> float | None:
 
 
 def _assemble_window(
-    win: Window, chips: list[tuple[int, int, Path]], sizes: Mapping[Path, tuple[int, ...]], depth: int
+    win: Window,
+    chips: list[tuple[int, int, Path]],
+    sizes: Mapping[Path, tuple[int, ...]],
+    depth: int,
 ) -> np.ndarray:
     """One window of the grid GeoTIFF from the chip parts that intersect it.
 
