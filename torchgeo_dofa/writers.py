@@ -1016,11 +1016,12 @@ def _assemble_window(
     for p, src, (wr, wc) in pieces:
         part = np.load(p, mmap_mode="r")[src]
         ok = np.isfinite(part).all(axis=0)
-        total[:, wr, wc] += np.where(ok, part, 0.0)
+        block = total[:, wr, wc]  # a view: summed in place, no window-sized temporaries
+        np.add(block, part, out=block, where=np.broadcast_to(ok, part.shape))
         count[wr, wc] += ok
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-    return np.ascontiguousarray(mean, dtype=np.float32)
+    total /= np.maximum(count, 1)
+    total[:, count == 0] = np.nan
+    return total.astype(np.float32)
 
 
 def _digest(array: np.ndarray) -> bytes:
