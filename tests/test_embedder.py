@@ -111,3 +111,19 @@ def test_device_preprocessing_also_runs_with_the_data_module() -> None:
         results.append(torch.cat([o["pooled"] for o in out]))
     module.preprocess = None
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+def test_predict_step_with_preprocess_leaves_the_callers_batch_raw() -> None:
+    """Called twice on one dict (outside Lightning), the second result equals the first."""
+    torch.manual_seed(0)
+    dataset = Sentinel2SR(SCENE)
+    chips = list(GriddedPatchSampler(dataset, size=224))[:2]
+    raw = stack_dofa_samples([dataset[c] for c in chips])
+    image = raw["image"].clone()
+    module = DOFAEmbedder(weights=None, seed=0, output="pooled").eval()
+    module.preprocess = DOFAPreprocess(dataset.bands, dataset.wavelengths)
+    with torch.inference_mode():
+        first = module.predict_step(raw, 0)["pooled"]
+        second = module.predict_step(raw, 0)["pooled"]
+    torch.testing.assert_close(raw["image"], image, rtol=0, atol=0)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)

@@ -125,7 +125,8 @@ class DOFAEmbedder(pl.LightningModule):
 
         Args:
             batch: a collated batch on the model's device: preprocessed by the dataset's
-                transforms, or raw when :attr:`preprocess` is set (it runs here first).
+                transforms, or raw when :attr:`preprocess` is set (it runs here first, on a
+                copy of the dict, and sets ``valid`` / ``empty`` from the raw values).
             batch_idx: index of the batch.
 
         Returns:
@@ -133,8 +134,8 @@ class DOFAEmbedder(pl.LightningModule):
             Chips flagged ``empty`` (no valid pixel) are not sent through the encoder: their
             ``pooled`` and ``grid`` are NaN.
         """
-        if self.preprocess is not None:
-            batch = self.preprocess(batch)
+        if self.preprocess is not None:  # on a copy: the caller's dict keeps its raw image
+            batch = self.preprocess(dict(batch))
         return self._predict(batch, batch_idx)
 
     def _predict(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:

@@ -1028,7 +1028,8 @@ def _digest(array: np.ndarray) -> bytes:
     """Digest of an array's shape, dtype and bytes (NaN payloads included)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((array.shape, array.dtype.str)).encode())
-    h.update(memoryview(np.ascontiguousarray(array)).cast("B"))  # no copy (tobytes was 3x)
+    if array.size:
+        h.update(memoryview(np.ascontiguousarray(array)).cast("B"))  # no copy (tobytes was 3x)
     return h.digest()
 
 
