@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import lightning.pytorch as pl
@@ -526,3 +527,36 @@ def test_background_write_errors_reach_the_caller(tmp_path: Path) -> None:
         _predict(GridWriter(out, geom), [*good, bad, *good])
     assert not out.exists()
     assert sorted(p.name for p in parts_dir(out).iterdir()) == ["r0_c0.npy"]  # resumable
+
+
+def test_grid_read_back_catches_a_window_changed_after_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cell that decodes fine but differs from what was assembled fails the verification
+    (windows are read back in parallel threads): no final file, the parts are kept."""
+    from rasterio.windows import Window
+
+    import torchgeo_dofa.writers as writers
+
+    geom = _geometry()
+    out = tmp_path / "emb.tif"
+    writer = GridWriter(out, geom, window=16)  # 2 x 3 windows, checked by two threads
+    _write(writer, [_chip(geom, r, c, value=1.0) for r, c in [(0, 0), (0, 14), (14, 28)]])
+    real = writers.atomic_write
+
+    def tampered(path: Path, write: Any, **kw: Any) -> None:
+        def write_then_change(tmp: Path) -> None:
+            write(tmp)
+            with rasterio.open(tmp, "r+") as dst:  # a valid block with other values
+                dst.write(np.full((4, 1, 1), 7.0, np.float32), window=Window(30, 20, 1, 1))
+
+        real(path, write_then_change, **kw)
+
+    monkeypatch.setattr(writers, "atomic_write", tampered)
+    with pytest.raises(OutputWriteError, match=r"reads back other values than written"):
+        writer.finalize()
+    assert not out.exists() and len(list(parts_dir(out).glob("*.npy"))) == 3
+    monkeypatch.setattr(writers, "atomic_write", real)
+    writer.finalize()  # the parts finish the job
+    with rasterio.open(out) as src:
+        assert src.read(1, window=Window(30, 20, 1, 1))[0, 0] == 1.0

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import sys
 import tempfile
 import uuid
 import warnings
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -668,10 +668,19 @@ class GridWriter(_PartsWriter):
                 for w, name in enumerate(descriptions):
                     dst.set_band_description(w + 1, name)
                 dst.update_tags(**tags)
-                for win in _windows(geom.height, geom.width, self.window):
-                    out32 = _assemble_window(win, chips, sizes, depth)
-                    digests.append(_digest(out32))
-                    dst.write(out32, window=win)
+                # the next window is assembled (numpy) while GDAL compresses this one; both
+                # release the GIL, so assembly mostly overlaps the write
+                wins = list(_windows(geom.height, geom.width, self.window))
+                with ThreadPoolExecutor(1, thread_name_prefix="assemble") as pool:
+                    ahead = pool.submit(_assemble_window, wins[0], chips, sizes, depth)
+                    for i, win in enumerate(wins):
+                        out32 = ahead.result()
+                        if i + 1 < len(wins):
+                            nxt = wins[i + 1]
+                            ahead = pool.submit(_assemble_window, nxt, chips, sizes, depth)
+                        digests.append(_digest(out32))
+                        dst.write(out32, window=win)
+                        del out32
 
         def verify(tmp: Path) -> None:
             with rasterio.open(tmp) as src:
@@ -689,9 +698,20 @@ class GridWriter(_PartsWriter):
                 wins = list(_windows(geom.height, geom.width, self.window))
                 if len(wins) != len(digests):
                     raise ValueError(f"wrote {len(digests)} windows, expected {len(wins)}")
-                for win, digest in zip(wins, digests, strict=True):
-                    if _digest(src.read(window=win)) != digest:
-                        raise ValueError(f"window {win} reads back other values than written")
+            pairs = list(zip(wins, digests, strict=True))
+            threads = max(1, min(2, os.cpu_count() or 1, len(pairs)))
+
+            def check(share: list[tuple[Window, bytes]]) -> None:
+                with rasterio.open(tmp) as own:  # one dataset per thread (GDAL's rule)
+                    for win, digest in share:
+                        if _digest(own.read(window=win)) != digest:
+                            raise ValueError(f"window {win} reads back other values than written")
+
+            # decoding releases the GIL: two threads read back in about half the time
+            # (nothing else runs after the last batch)
+            with ThreadPoolExecutor(threads, thread_name_prefix="verify") as pool:
+                for done in [pool.submit(check, pairs[i::threads]) for i in range(threads)]:
+                    done.result()
 
         with _native_stderr_kept_on_success():
             atomic_write(self.path, write, verify=verify, durable=True, hint=self._hint())
@@ -1025,12 +1045,16 @@ def _assemble_window(
 
 
 def _digest(array: np.ndarray) -> bytes:
-    """Digest of an array's shape, dtype and bytes (NaN payloads included)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr((array.shape, array.dtype.str)).encode())
+    """Checksum of an array's shape, dtype and bytes (NaN payloads included).
+
+    CRC-32 (zlib), which catches what the read-back is for (bytes lost or changed between
+    memory and disk), not tampering: 3.5 ms per 12.6 MB window here against 14 ms for
+    BLAKE2b, and the grid's windows are hashed twice (written, read back).
+    """
+    crc = zlib.crc32(repr((array.shape, array.dtype.str)).encode())
     if array.size:
-        h.update(memoryview(np.ascontiguousarray(array)).cast("B"))  # no copy (tobytes was 3x)
-    return h.digest()
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"), crc)  # no copy
+    return crc.to_bytes(4, "big")
 
 
 def _tag(value: Any) -> str:
