@@ -611,9 +611,10 @@ class GridWriter(_PartsWriter):
         """Assemble the chip parts into the final GeoTIFF, window by window, verified.
 
         The GeoTIFF is written to a temporary file, flushed, and read back block by block:
-        every window must decode to exactly the bytes written (a blake2b digest per window,
-        so memory stays bounded), and the shape, CRS, transform, data type and tags must be
-        as written. Only then is it renamed onto :attr:`path` and the parts deleted.
+        every window must decode to exactly the bytes written (a CRC-32 per window, so
+        memory stays bounded; read back in two threads), and the shape, CRS, transform, data
+        type and tags must be as written. Only then is it renamed onto :attr:`path` and the
+        parts deleted.
 
         A region where no chip held a valid pixel has no part: with the embedding width known
         (``embed_dim`` in the metadata, as :class:`~torchgeo_dofa.embedder.DOFAEmbedder`
