@@ -686,3 +686,31 @@ def test_kill_9_during_prediction_then_rerun_equals_uninterrupted(
     assert list(got.chip_id) == list(ref.chip_id)
     np.testing.assert_allclose(np.stack(got.embedding), np.stack(ref.embedding), atol=1e-5)
     assert not list(out.glob("*.parts")) and not list(out.glob(".*.tmp"))
+
+
+def test_write_error_starts_its_own_line_after_the_progress_bar(tmp_path: Path) -> None:
+    """A full disk with the progress bar on: the bar (stdout) is closed before the one-line
+    error (stderr), which used to be glued to the bar's last refresh."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode:
+        pytest.skip("cannot mount a tmpfs here (not root or not permitted)")
+    try:
+        cmd = [
+            sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(SCENE), "-o",
+            str(disk / "out"), "--weights", "none", "--device", "cpu", "--precision", "32",
+        ]  # fmt: skip
+        proc = subprocess.run(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300
+        )
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    lines = proc.stdout.replace("\r", "\n").splitlines()
+    errors = [i for i, line in enumerate(lines) if "torchgeo-dofa: error:" in line]
+    assert len(errors) == 1 and lines[errors[0]].startswith("torchgeo-dofa: error: could not")
+    bars = [i for i, line in enumerate(lines) if "Predicting DataLoader" in line]
+    assert bars and max(bars) < errors[0]  # the bar was closed before the error

@@ -452,11 +452,15 @@ def embed(
                     dataset = dm._dataset()
                     if isinstance(dataset.transforms, torch.nn.Module):
                         module.preprocess, dataset.transforms = dataset.transforms, None
-                with gdal_env(dm.gdal_cache):
-                    trainer.predict(module, datamodule=dm, return_predictions=False)
-                    for w in pending:  # every chip was done by an earlier run: assembly is left
-                        if not w.path.exists() and trainer.is_global_zero:
-                            w.finalize()
+                try:
+                    with gdal_env(dm.gdal_cache):
+                        trainer.predict(module, datamodule=dm, return_predictions=False)
+                        for w in pending:  # every chip done by an earlier run: assembly is left
+                            if not w.path.exists() and trainer.is_global_zero:
+                                w.finalize()
+                except BaseException:
+                    _close_progress_bar(trainer)
+                    raise
                 summary.chips += pending[0].written
                 summary.empty += pending[0].empty
                 summary.skipped += dm.skipped
@@ -687,6 +691,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if _is_rank_zero():
         print(summary.line())
     return 0
+
+
+def _close_progress_bar(trainer: pl.Trainer) -> None:
+    """Close the predict progress bar after a failure, so the error starts a line of its own.
+
+    Lightning's TQDM bar (on stdout) is closed in ``on_predict_end`` only; after an error it was
+    closed at exit, after the error line, leaving the error glued to the bar's last refresh.
+    """
+    bar = trainer.progress_bar_callback
+    with contextlib.suppress(AttributeError, TypeError):  # no TQDM bar, or not started
+        bar.predict_progress_bar.close()  # type: ignore[union-attr]
+    sys.stdout.flush()
 
 
 _KWARG_HINT = re.compile(
