@@ -661,6 +661,7 @@ class GridWriter(_PartsWriter):
         }
         tags = {k: _tag(v) for k, v in self.metadata.items()}
         descriptions = tuple(f"dofa_{w:04d}" for w in range(depth))
+        wins = list(_windows(geom.height, geom.width, self.window))  # also the file's blocks
         digests: list[bytes] = []
 
         def write(tmp: Path) -> None:
@@ -671,7 +672,6 @@ class GridWriter(_PartsWriter):
                 dst.update_tags(**tags)
                 # the next window is assembled (numpy) while GDAL compresses this one; both
                 # release the GIL, so assembly mostly overlaps the write
-                wins = list(_windows(geom.height, geom.width, self.window))
                 with ThreadPoolExecutor(1, thread_name_prefix="assemble") as pool:
                     ahead = pool.submit(_assemble_window, wins[0], chips, sizes, depth)
                     for i, win in enumerate(wins):
@@ -696,7 +696,6 @@ class GridWriter(_PartsWriter):
                     src.tags().get(k) != v for k, v in tags.items()
                 ):
                     raise ValueError("read back other band descriptions or tags than written")
-                wins = list(_windows(geom.height, geom.width, self.window))
                 if len(wins) != len(digests):
                     raise ValueError(f"wrote {len(digests)} windows, expected {len(wins)}")
             pairs = list(zip(wins, digests, strict=True))
@@ -1006,7 +1005,8 @@ def _assemble_window(
         values per cell (a cell counts for a chip only when all its D values are finite),
         NaN where no chip has one. Where no two chips overlap in the window (stride = chip
         size, the default), the parts are copied in float32; overlaps are averaged in
-        float64. Both give the same values for non-overlapping chips (x / 1 is exact).
+        float64. Both give the same values for non-overlapping chips (x / 1 is exact; only
+        a -0.0 keeps its sign in the copy, where the float64 sum made it +0.0).
     """
     pieces = []
     for r, c, p in chips:
