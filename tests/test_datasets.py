@@ -491,6 +491,24 @@ def test_dates_select_scenes_by_time() -> None:
     torch.testing.assert_close(stacked["image"][1], new["image"])
 
 
+def test_bounds_and_time_queries_follow_the_index() -> None:
+    """Bounds and time-overlap rows are cached per index: a new index or res shows at once."""
+    from torchgeo.datasets import GeoDataset
+
+    ds = Sentinel2SR(DATA / "esa", bands=["B4", "B8"], offset=0)
+    assert ds.bounds == GeoDataset.bounds.fget(ds)  # TorchGeo's own computation
+    first = chip(ds, 3, 3, 16, 16)  # both dates overlap: the first scene wins
+    later = chip(ds, 3, 3, 16, 16, t=slice(pd.Timestamp("2022-06-01"), pd.Timestamp("2022-06-30")))
+    ds.index = ds.index.iloc[1:]  # only the 2022 scene is left
+    assert ds.bounds == GeoDataset.bounds.fget(ds)
+    assert ds.bounds[2].start.date() == pd.Timestamp("2022-06-14").date()
+    torch.testing.assert_close(chip(ds, 3, 3, 16, 16)["image"], later["image"])
+    assert not torch.equal(first["image"], later["image"])
+    ds.res = (20.0, 20.0)
+    assert ds.bounds[0].step == 20.0 and ds.bounds == GeoDataset.bounds.fget(ds)
+    assert chip(ds, 0, 0, 8, 8)["image"].shape == (2, 8, 8)
+
+
 # ----------------------------------------------------------------------------- offsets
 
 

@@ -246,6 +246,82 @@ def test_nan_and_nodata_are_filled_and_recorded() -> None:
     assert_close(full["image"], ref_pipeline(filled[:, :32, :32], ["B4", "B3", "B2"]))
 
 
+def ref_nodata(x: np.ndarray, nodata: float | None, fill: float | None) -> np.ndarray:
+    """The no-data rule in numpy, every rule evaluated on every pixel (no shortcut)."""
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(x) | (x <= -1000.0)
+        for value in (-9999.0, -32768.0, 65535.0) if nodata is None else (nodata,):
+            if not math.isnan(value):
+                bad |= x == value
+        invalid = bad.any(axis=-3)
+        if fill is not None:
+            invalid |= (x == fill).all(axis=-3)
+    return invalid
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "clean",  # positive, finite: the value-range shortcut skips every per-value rule
+        "floor",  # a value exactly at -1000 (no data) and one just above (valid)
+        "fill_at_max",  # 65535 as the largest value
+        "fill_at_min",  # -32768 as the smallest value
+        "declared_inside",  # a declared nodata value inside the value range
+        "nan",
+        "inf",
+        "neg_inf",
+        "fill_pixel",  # all bands == fill_value in one pixel, 0 in one band elsewhere
+        "batch_one_bad",  # a batch whose second chip has a -9999 pixel
+    ],
+)
+def test_nodata_mask_equals_every_rule_evaluated(case: str) -> None:
+    from torchgeo_dofa.transforms import nodata_mask
+
+    x = raw((3, 12, 10), seed=3, lo=1, hi=9000)
+    nodata: float | None = None
+    if case == "floor":
+        x[0, 1, 1], x[1, 2, 2] = -1000.0, -999.5
+    elif case == "fill_at_max":
+        x[2, 5, 5] = 65535.0
+    elif case == "fill_at_min":
+        x[0, 4, 4] = -32768.0
+    elif case == "declared_inside":
+        nodata = float(x[1, 6, 7])
+    elif case == "nan":
+        x[1, 0, 9] = np.nan
+    elif case == "inf":
+        x[0, 11, 0] = np.inf
+    elif case == "neg_inf":
+        x[2, 3, 8] = -np.inf
+    elif case == "fill_pixel":
+        x[:, 7, 3] = 0.0
+        x[1, 8, 8] = 0.0
+    elif case == "batch_one_bad":
+        x = np.stack([x, raw((3, 12, 10), seed=4, lo=1, hi=9000)])
+        x[1, 0, 2, 2] = -9999.0
+    declared = [nodata] if case == "declared_inside" else [None, -9999.0, float("nan")]
+    for nd in declared:
+        for fill in (0.0, None, 500.0):
+            got = nodata_mask(torch.from_numpy(x), nd, fill)
+            want = ref_nodata(x, nd, fill)
+            assert got.dtype == torch.bool and got.shape == want.shape
+            np.testing.assert_array_equal(got.numpy(), want)
+    if case != "clean":
+        assert ref_nodata(x, nodata, 0.0).any()  # each case really holds a no-data pixel
+
+
+def test_normalisation_is_bit_identical_to_the_written_formula() -> None:
+    """The in-place normalisation gives exactly ``(clamp(x) / 10000 * 255 - mean) / std``."""
+    bands = ["B4", "B3", "B2", "B8"]
+    x = torch.from_numpy(raw((2, 4, 64, 64), seed=11))
+    before = x.clone()
+    out = NormalizeReflectance(bands)({"image": x})["image"]
+    mean = torch.tensor([STATS[b][0] for b in bands], dtype=torch.float64).float()[:, None, None]
+    std = torch.tensor([STATS[b][1] for b in bands], dtype=torch.float64).float()[:, None, None]
+    assert torch.equal(out, (x.clamp(0.0, 10000.0) / 10000.0 * 255.0 - mean) / std)
+    assert torch.equal(x, before)  # the caller's image is not changed
+
+
 def test_existing_valid_key_is_anded() -> None:
     x = raw((2, 8, 8), seed=9, lo=100, hi=9000)
     x[0, 0, 0] = np.nan

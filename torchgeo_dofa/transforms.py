@@ -219,15 +219,30 @@ def nodata_mask(
 
     Returns:
         A bool tensor (..., H, W), True where the pixel is no data.
+
+    Note:
+        The value range of ``image`` is looked at first (one fast reduction): a rule no value
+        in that range can meet is skipped. Most chips are finite, above the floor and free
+        of fill values, so they skip the per-value comparisons (torch's elementwise
+        comparisons cost 5-20x a reduction on the CPU). The result is the same either way.
     """
-    bad = ~torch.isfinite(image) | (image <= NODATA_FLOOR)
     fills = CONVENTIONAL_FILLS if nodata is None else (float(nodata),)
-    for value in fills:
-        if math.isnan(value):
-            continue
-        bad |= image == value
-    invalid = bad.any(dim=-3)
-    if fill_value is not None and image.shape[-3] > 0:
+    fills = tuple(v for v in fills if not math.isnan(v))
+    lo = hi = math.nan
+    if image.numel():
+        lo_t, hi_t = torch.aminmax(image)  # NaN anywhere -> NaN: the full rules below
+        lo, hi = float(lo_t), float(hi_t)
+    if lo > NODATA_FLOOR and hi < math.inf and not any(lo <= v <= hi for v in fills):
+        # finite, above the floor, no fill value: only the all-bands-equal-fill rule is left
+        shape = image.shape[:-3] + image.shape[-2:]
+        invalid = torch.zeros(shape, dtype=torch.bool, device=image.device)
+    else:
+        bad = ~torch.isfinite(image) | (image <= NODATA_FLOOR)
+        for value in fills:
+            bad |= image == value
+        invalid = bad.any(dim=-3)
+    if fill_value is not None and image.shape[-3] > 0 and not (lo > fill_value or hi < fill_value):
+        # only a value range holding fill_value can hold it (NaN bounds: checked)
         invalid |= (image == fill_value).all(dim=-3)
     return invalid
 
@@ -495,13 +510,15 @@ class CheckReflectance(nn.Module):
                     "collate_fn (Sentinel2SR's own `&` and `|` use them)"
                 )
             valid = valid & given.to(torch.bool)
-        image = torch.where(valid.unsqueeze(-3), image, image.new_tensor(self.fill_value))
         empty = ~valid.flatten(-2).any(dim=-1)
-
-        mask = valid.unsqueeze(-3)
         dims = (-3, -2, -1)
-        vmin = torch.where(mask, image, image.new_tensor(math.inf)).amin(dim=dims)
-        vmax = torch.where(mask, image, image.new_tensor(-math.inf)).amax(dim=dims)
+        if image.numel() and bool(valid.all()):  # the common case: nothing to fill or mask
+            vmin, vmax = image.amin(dim=dims), image.amax(dim=dims)
+        else:
+            image = torch.where(valid.unsqueeze(-3), image, image.new_tensor(self.fill_value))
+            mask = valid.unsqueeze(-3)
+            vmin = torch.where(mask, image, image.new_tensor(math.inf)).amin(dim=dims)
+            vmax = torch.where(mask, image, image.new_tensor(-math.inf)).amax(dim=dims)
         scaled = (vmin >= 0) & (vmax <= SCALED_MAX) & ~empty
         if bool(scaled.any()):
             lo = float(vmin[scaled].min()) if scaled.ndim else float(vmin)
@@ -586,8 +603,10 @@ class NormalizeReflectance(nn.Module):
             )
         mean = self.mean.to(image.device, image.dtype)[:, None, None]
         std = self.std.to(image.device, image.dtype)[:, None, None]
-        scaled = image.clamp(0.0, REFLECTANCE_MAX) / REFLECTANCE_MAX * 255.0
-        sample["image"] = (scaled - mean) / std
+        # one new tensor, then in place: the same operations in the same order as
+        # ``(clamp(x) / MAX * 255 - mean) / std``, so the same values, bit for bit
+        out = image.clamp(0.0, REFLECTANCE_MAX)
+        sample["image"] = out.div_(REFLECTANCE_MAX).mul_(255.0).sub_(mean).div_(std)
         return sample
 
     def extra_repr(self) -> str:  # noqa: D102
@@ -597,6 +616,8 @@ class NormalizeReflectance(nn.Module):
 def _resize_valid(valid: Tensor, padding: tuple[int, int, int, int], size: int) -> Tensor:
     """Pad (with False) and nearest-resize a (H,W) / (B,H,W) mask."""
     height, width = valid.shape[-2:]
+    if height == width == size and not any(padding):  # already the model's size
+        return valid.to(torch.bool)
     lead = valid.shape[:-2]
     x = valid.reshape(-1, 1, height, width).to(torch.float32)
     top, bottom, left, right = padding
