@@ -122,6 +122,9 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    from torchgeo_dofa.__main__ import apply_openmp_defaults
+
+    apply_openmp_defaults()  # the torchgeo-dofa command's OpenMP settings, before torch loads
     import lightning.pytorch as pl
     import rasterio
     import torch

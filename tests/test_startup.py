@@ -34,3 +34,43 @@ def test_every_public_name_resolves_to_its_module() -> None:
 def test_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no_such_name"):
         torchgeo_dofa.no_such_name  # noqa: B018
+
+
+def _run_launcher(env_value: str | None) -> str:
+    """``torchgeo_dofa.__main__.main(['--help'])`` in a fresh process: OMP_WAIT_POLICY after."""
+    import os
+
+    code = (
+        "import os, sys\n"
+        "from torchgeo_dofa.__main__ import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('OMP_WAIT_POLICY=' + str(os.environ.get('OMP_WAIT_POLICY')))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if env_value is not None:
+        env["OMP_WAIT_POLICY"] = env_value
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_command_line_waits_passively_unless_told_otherwise() -> None:
+    """The console script sets OMP_WAIT_POLICY=PASSIVE before torch loads; a user's value stays."""
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "torchgeo-dofa"]
+    assert script.value == "torchgeo_dofa.__main__:main"  # the installed command is the launcher
+    assert _run_launcher(None) == "OMP_WAIT_POLICY=PASSIVE"
+    assert _run_launcher("ACTIVE") == "OMP_WAIT_POLICY=ACTIVE"
+
+
+def test_openmp_defaults_are_not_applied_once_torch_is_loaded() -> None:
+    """After ``import torch`` a change would not reach OpenMP: nothing is set, nothing claimed."""
+    import torch  # noqa: F401
+
+    from torchgeo_dofa.__main__ import apply_openmp_defaults
+
+    env: dict[str, str] = {}
+    assert apply_openmp_defaults(env) == {} and env == {}
