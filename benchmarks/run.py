@@ -706,14 +706,20 @@ def targets(report: Report) -> list[str]:
         )
     for r in report.rows:
         if r.section == "end-to-end" and r.what.startswith("CLI embed marginal"):
+            job = report.checks.get(f"cli_job_marginal_{r.precision}_chips_per_s", math.nan)
+            numbers = (
+                f"{r.value:.2f} vs {r.ref:.2f} = {r.ratio:.2f}x (wall; the CLI's own job time "
+                f"gives {job:.2f} chips/s = {job / r.ref:.2f}x)"
+            )
+            if r.precision != "bf16":  # the 4x target is bf16's; fp32 is for reference
+                out.append(f"(no target) CLI marginal fp32 / TorchGeo fp32 img/s: {numbers}")
+                continue
             verdict = (
                 "MET" if r.ratio >= 4 else "PARTLY MET (>= 2.5x)" if r.ratio >= 2.5 else ("NOT MET")
             )
-            job = report.checks.get(f"cli_job_marginal_{r.precision}_chips_per_s", math.nan)
             out.append(
-                f"{verdict}: CLI end-to-end marginal {r.precision} chips/s >= 4x (at least "
-                f"2.5x) TorchGeo's fp32 img/s: {r.value:.2f} vs {r.ref:.2f} = {r.ratio:.2f}x "
-                f"(wall; the CLI's own job time gives {job:.2f} chips/s = {job / r.ref:.2f}x)"
+                f"{verdict}: CLI end-to-end marginal bf16 chips/s >= 4x (at least 2.5x) "
+                f"TorchGeo's fp32 img/s: {numbers}"
             )
         if r.section == "read" and "old" not in r.what:
             out.append(
