@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import rasterio
 import torch
+from pyproj import CRS
 from rasterio.transform import Affine, from_origin
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchgeo.datasets import stack_samples
@@ -511,6 +512,25 @@ def test_bounds_and_time_queries_follow_the_index() -> None:
     ds.res = (20.0, 20.0)
     assert ds.bounds[0].step == 20.0 and ds.bounds == torchgeo_bounds(ds)
     assert chip(ds, 0, 0, 8, 8)["image"].shape == (2, 8, 8)
+
+
+def test_caches_follow_a_crs_change_in_place() -> None:
+    """``ds.crs = ...`` reprojects the index in place (as ``&`` / ``|`` do to the second
+    dataset): bounds and footprints read afterwards are the new CRS's (found by review)."""
+    from torchgeo.datasets import GeoDataset
+
+    ds = Sentinel2SR(DATA / "esa", bands=["B4", "B8"], offset=0)
+    before = chip(ds, 3, 3, 16, 16)  # fills the caches in the file's CRS
+    ds.crs = CRS.from_epsg(3857)
+    unused = Sentinel2SR(DATA / "esa", bands=["B4", "B8"], offset=0)
+    unused.crs = CRS.from_epsg(3857)  # reprojected before anything was cached
+    assert ds.bounds == vars(GeoDataset)["bounds"].fget(ds) == unused.bounds
+    x, y, _ = unused.bounds
+    window = (slice(x.start + 50.0, x.start + 210.0), slice(y.stop - 210.0, y.stop - 50.0))
+    got, want = ds[window], unused[window]
+    torch.testing.assert_close(got["image"], want["image"], equal_nan=True)
+    assert torch.equal(got["valid"], want["valid"]) and got["valid"].any()
+    assert before["image"].shape == (2, 16, 16)
 
 
 # ----------------------------------------------------------------------------- offsets

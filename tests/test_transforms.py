@@ -310,6 +310,45 @@ def test_nodata_mask_equals_every_rule_evaluated(case: str) -> None:
         assert ref_nodata(x, nodata, 0.0).any()  # each case really holds a no-data pixel
 
 
+@pytest.mark.parametrize("value", [1e20, 0.3, 16777217.0, 1e30])
+def test_nodata_and_fill_values_compare_in_the_image_dtype(value: float) -> None:
+    """A value float32 cannot hold is compared as ``image == value`` rounds it (found by review)."""
+    from torchgeo_dofa.transforms import nodata_mask
+
+    chip = np.full((3, 4, 4), value, dtype=np.float32)  # every pixel is the declared nodata
+    chip[:, 0, 0] = 500.0
+    np.testing.assert_array_equal(
+        nodata_mask(torch.from_numpy(chip), value, None).numpy(), ref_nodata(chip, value, None)
+    )
+    assert bool(nodata_mask(torch.from_numpy(chip), value, None)[1:, 1:].all())
+    # the same rounding for the fill value (all bands equal to it)
+    np.testing.assert_array_equal(
+        nodata_mask(torch.from_numpy(chip), None, value).numpy(), ref_nodata(chip, None, value)
+    )
+    out = CheckReflectance(nodata=value)({"image": torch.from_numpy(chip[:, 1:, 1:].copy())})
+    assert bool(out["empty"])
+    # bfloat16 rounds 65535 (a conventional fill) to 65536: still no data
+    assert bool(nodata_mask(torch.full((3, 2, 2), 65535.0, dtype=torch.bfloat16)).all())
+
+
+def test_nodata_mask_needs_channels_and_pixels() -> None:
+    from torchgeo_dofa.transforms import nodata_mask
+
+    with pytest.raises(
+        ValueError, match=r"expects \(\.\.\., C, H, W\), got an image of shape \(5, 5\)"
+    ):
+        nodata_mask(torch.zeros(5, 5))
+
+
+def test_resize_keeps_a_non_bool_mask_rule_at_model_size() -> None:
+    """A float / int ``valid`` at 224 px is thresholded (> 0.5) as at any other size."""
+    valid = torch.full((224, 224), 0.3)
+    valid[0, 0] = 1.0
+    out = ResizeTo()({"image": torch.zeros(2, 224, 224), "valid": valid})
+    assert out["valid"].dtype == torch.bool
+    assert int(out["valid"].sum()) == 1 and bool(out["valid"][0, 0])
+
+
 def test_normalisation_is_bit_identical_to_the_written_formula() -> None:
     """The in-place normalisation gives exactly ``(clamp(x) / 10000 * 255 - mean) / std``."""
     bands = ["B4", "B3", "B2", "B8"]

@@ -641,6 +641,7 @@ class Sentinel2Base(RasterDataset):
         if new_crs == self.crs:
             return
         self.index.to_crs(new_crs, inplace=True)
+        self._per_index = None  # new footprints (to_crs's new geometry array says so as well)
         epsg = new_crs.to_epsg()
         self._dst_rio_crs = RIO_CRS.from_epsg(epsg) if epsg else RIO_CRS.from_wkt(new_crs.to_wkt())
         self._close()
@@ -1182,47 +1183,73 @@ class Sentinel2Base(RasterDataset):
             "transform": torch.tensor(list(transform), dtype=torch.float64),
         }
 
+    #: (state, cache) of :meth:`_index_cache`; None until first used.
+    _per_index: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+
+    def _index_state(self) -> tuple[Any, ...]:
+        """What the per-index caches below depend on, compared by identity.
+
+        The GeoDataFrame, its time index (pandas indexes are immutable: changing it means
+        assigning a new one) and its geometry array (a new one after ``to_crs``, also in
+        place, as the ``crs`` setter and TorchGeo's ``&`` / ``|`` do), and the row count.
+        The cache holds these objects, so their ids cannot be reused while it lives. Edits of
+        single cells in place (``index.loc[i, "geometry"] = ...``) are not seen: assign a
+        new index (``ds.index = ...``) to change rows.
+        """
+        index = self.index
+        return (index, index.index, index.geometry.array, len(index))
+
+    def _index_cache(self) -> dict[str, Any]:
+        """The per-index cache, emptied whenever :meth:`_index_state` changes."""
+        state = self._index_state()
+        cached = self._per_index
+        if (
+            cached is None
+            or any(a is not b for a, b in zip(cached[0][:-1], state[:-1]))
+            or (cached[0][-1] != state[-1])
+        ):
+            cached = (state, {"times": {}})
+            self._per_index = cached
+        return cached[1]
+
     def _query_arrays(self) -> tuple[npt.NDArray[np.float64], list[Any], list[Any]]:
         """Footprint boxes (N, 4), sources and offsets of the index rows, cached per index."""
-        key = (id(self.index), len(self.index))
-        cached = getattr(self, "_query_cache", None)
-        if cached is None or cached[0] != key:
+        cache = self._index_cache()
+        if "query" not in cache:
             boxes = np.asarray(self.index.geometry.bounds.to_numpy(), dtype=np.float64)
-            cached = (key, boxes, list(self.index["sources"]), list(self.index["offset"]))
-            self._query_cache = cached
-            self._time_cache: dict[tuple[Any, Any, Any], npt.NDArray[np.intp]] = {}
-        return cached[1], cached[2], cached[3]
+            cache["query"] = (boxes, list(self.index["sources"]), list(self.index["offset"]))
+        return cast(tuple[npt.NDArray[np.float64], list[Any], list[Any]], cache["query"])
 
     def _time_rows(self, t: slice) -> npt.NDArray[np.intp]:
         """Index rows whose time interval overlaps ``t`` (every ``t.step``-th), cached.
 
         A sampler asks for the same time slice (usually the dataset's whole span) for every
         chip; pandas' ``IntervalIndex.overlaps`` costs ~0.4 ms a call, so the answer is kept
-        per index and time slice.
+        per index (see :meth:`_index_state`) and time slice.
         """
-        self._query_arrays()  # (re)sets the cache when the index changed
+        times: dict[tuple[Any, Any, Any], npt.NDArray[np.intp]] = self._index_cache()["times"]
         key = (t.start, t.stop, t.step)
-        rows = self._time_cache.get(key)
+        rows = times.get(key)
         if rows is None:
             interval = pd.Interval(t.start, t.stop)
             rows = np.flatnonzero(self.index.index.overlaps(interval))[:: t.step]
-            if len(self._time_cache) >= 256:
-                self._time_cache.clear()
-            self._time_cache[key] = rows
+            if len(times) >= 256:
+                times.clear()
+            times[key] = rows
         return rows
 
     @property
     def bounds(self) -> tuple[slice, slice, slice]:
         """Bounding x, y and t slices of the index (TorchGeo's), cached per index and res.
 
-        TorchGeo recomputes them from the GeoDataFrame for every chip it reads (~0.4 ms).
+        TorchGeo recomputes them from the GeoDataFrame for every chip it reads (~0.4 ms);
+        here they are kept per index (see :meth:`_index_state`) and resolution.
         """
-        key = (id(self.index), len(self.index), tuple(self.res))
-        cached = getattr(self, "_bounds_cache", None)
-        if cached is None or cached[0] != key:
-            cached = (key, super().bounds)
-            self._bounds_cache = cached
-        return cached[1]
+        cache = self._index_cache()
+        res = tuple(self.res)
+        if cache.get("bounds_res") != res:
+            cache["bounds"], cache["bounds_res"] = super().bounds, res
+        return cast(tuple[slice, slice, slice], cache["bounds"])
 
     #: Read chips that lie on a file's own pixel grid (same CRS and resolution, whole-pixel
     #: offsets) with one windowed read instead of ``rasterio.merge`` (same pixels, several
@@ -1360,6 +1387,7 @@ class Sentinel2Base(RasterDataset):
         """Pickle without open file handles (DataLoader workers reopen them)."""
         state = self.__dict__.copy()
         state["_handles"] = {}
+        state["_per_index"] = None  # rebuilt on first use
         return state
 
     def __str__(self) -> str:

@@ -226,13 +226,21 @@ def nodata_mask(
         of fill values, so they skip the per-value comparisons (torch's elementwise
         comparisons cost 5-20x a reduction on the CPU). The result is the same either way.
     """
+    if image.ndim < 3:
+        raise ValueError(
+            f"nodata_mask expects (..., C, H, W), got an image of shape {tuple(image.shape)}"
+        )
     fills = CONVENTIONAL_FILLS if nodata is None else (float(nodata),)
     fills = tuple(v for v in fills if not math.isnan(v))
     lo = hi = math.nan
-    if image.numel():
+    seen = fills
+    if image.is_floating_point() and image.numel():
         lo_t, hi_t = torch.aminmax(image)  # NaN anywhere -> NaN: the full rules below
         lo, hi = float(lo_t), float(hi_t)
-    if lo > NODATA_FLOOR and hi < math.inf and not any(lo <= v <= hi for v in fills):
+        # ``image == v`` compares with v rounded to the image's dtype (1e20 in float32 is
+        # 100000002004087734272): the range test must use the same rounding
+        seen = tuple(_in_dtype(v, image.dtype) for v in fills)
+    if lo > NODATA_FLOOR and hi < math.inf and not any(lo <= v <= hi for v in seen):
         # finite, above the floor, no fill value: only the all-bands-equal-fill rule is left
         shape = image.shape[:-3] + image.shape[-2:]
         invalid = torch.zeros(shape, dtype=torch.bool, device=image.device)
@@ -241,10 +249,16 @@ def nodata_mask(
         for value in fills:
             bad |= image == value
         invalid = bad.any(dim=-3)
-    if fill_value is not None and image.shape[-3] > 0 and not (lo > fill_value or hi < fill_value):
-        # only a value range holding fill_value can hold it (NaN bounds: checked)
-        invalid |= (image == fill_value).all(dim=-3)
+    if fill_value is not None and image.shape[-3] > 0:
+        fill = _in_dtype(fill_value, image.dtype) if image.is_floating_point() else math.nan
+        if not (lo > fill or hi < fill):  # only a range holding the fill (NaN: checked)
+            invalid |= (image == fill_value).all(dim=-3)
     return invalid
+
+
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to a floating ``dtype``, as a comparison with a tensor rounds it."""
+    return float(torch.tensor(value, dtype=torch.float64).to(dtype))
 
 
 def _where(flags: Tensor) -> str:
@@ -616,8 +630,8 @@ class NormalizeReflectance(nn.Module):
 def _resize_valid(valid: Tensor, padding: tuple[int, int, int, int], size: int) -> Tensor:
     """Pad (with False) and nearest-resize a (H,W) / (B,H,W) mask."""
     height, width = valid.shape[-2:]
-    if height == width == size and not any(padding):  # already the model's size
-        return valid.to(torch.bool)
+    if valid.dtype == torch.bool and height == width == size and not any(padding):
+        return valid  # already the model's size
     lead = valid.shape[:-2]
     x = valid.reshape(-1, 1, height, width).to(torch.float32)
     top, bottom, left, right = padding
