@@ -1192,9 +1192,9 @@ class Sentinel2Base(RasterDataset):
         The GeoDataFrame, its time index (pandas indexes are immutable: changing it means
         assigning a new one) and its geometry array (a new one after ``to_crs``, also in
         place, as the ``crs`` setter and TorchGeo's ``&`` / ``|`` do), and the row count.
-        The cache holds these objects, so their ids cannot be reused while it lives. Edits of
-        single cells in place (``index.loc[i, "geometry"] = ...``) are not seen: assign a
-        new index (``ds.index = ...``) to change rows.
+        The cache holds these objects, so their ids cannot be reused while it lives. Other
+        edits in place (a cell, ``index.loc[i, "geometry"] = ...``, or a whole other column,
+        ``index["sources"] = ...``) are not seen: assign a new index (``ds.index = ...``).
         """
         index = self.index
         return (index, index.index, index.geometry.array, len(index))
