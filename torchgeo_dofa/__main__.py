@@ -55,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status of :func:`torchgeo_dofa.cli.main`.
     """
     apply_openmp_defaults()
+    if sys.argv and os.path.basename(sys.argv[0]) == "__main__.py":
+        sys.argv[0] = "torchgeo-dofa"  # LightningCLI's usage lines name the program by it
     from .cli import main as cli_main
 
     return cli_main(argv)
