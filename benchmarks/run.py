@@ -625,7 +625,8 @@ def cli_rows(s: Settings, report: Report, tmp: Path) -> None:
     fill and the grid's assembly grow with N, as in a real job; N is at least
     ``cli_batches`` batches of the precision's default batch size). It is set
     beside TorchGeo's fp32 ``forward_features`` img/s measured by :func:`encoder_rows` in
-    this run at the same batch size (or the largest measured). Batch size and loader workers
+    this run at its fastest batch size (so the ratio is not flattered by a slow TorchGeo
+    batch). Batch size and loader workers
     are :mod:`torchgeo_dofa.runtime`'s defaults for the precision, passed explicitly. Each run
     is repeated ``cli_reps`` times and the fastest counts: on a loaded machine the start-up
     alone varies by seconds, so a small N can even give a negative difference.

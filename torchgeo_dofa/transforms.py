@@ -529,8 +529,8 @@ class CheckReflectance(nn.Module):
         if image.numel() and bool(valid.all()):  # the common case: nothing to fill or mask
             vmin, vmax = image.amin(dim=dims), image.amax(dim=dims)
         else:
-            image = torch.where(valid.unsqueeze(-3), image, image.new_tensor(self.fill_value))
             mask = valid.unsqueeze(-3)
+            image = torch.where(mask, image, image.new_tensor(self.fill_value))
             vmin = torch.where(mask, image, image.new_tensor(math.inf)).amin(dim=dims)
             vmax = torch.where(mask, image, image.new_tensor(-math.inf)).amax(dim=dims)
         scaled = (vmin >= 0) & (vmax <= SCALED_MAX) & ~empty
