@@ -358,11 +358,14 @@ class DOFAEncoder(nn.Module):
     def compile_blocks(self, **kwargs: Any) -> None:
         """Opt-in: compile every transformer block with ``torch.compile`` (in place).
 
-        Not used by default: on a 2-core Sapphire Rapids CPU (AMX) inductor made DOFA base
-        slower (batch 8, bf16 autocast 4.1 -> 2.5 img/s, fp32 2.6 -> 1.7 img/s, after a 35 s
-        compile; the README's AVX2 CPU measured 0.97-1.07x); GPUs are where it may pay. The
-        bf16 weight copies are turned off (swapping parameters would defeat the compiled
-        graphs' guards); the compiled blocks see the module's own parameters.
+        Not used by default: on a 2-core Sapphire Rapids CPU (AMX, torch 2.14) compiled
+        blocks ran DOFA base under bf16 autocast at 0.80x the eager encoder (batch 8), 0.94x
+        with inductor's ``options={"freezing": True}``; compiling the whole forward with
+        freezing gave 0.98-1.01x in bf16 (batch 8, 32) and 1.16x in fp32 (batch 8), after a
+        ~30 s compile (timed interleaved in one process; the README's AVX2 CPU measured
+        0.97-1.07x for compiled blocks). GPUs are where it may pay. The bf16 weight copies are
+        turned off (swapping parameters would defeat the compiled graphs' guards); the
+        compiled blocks see the module's own parameters.
 
         Args:
             **kwargs: arguments of :func:`torch.compile` (``mode``, ``dynamic`` ...).
