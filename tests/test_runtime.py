@@ -7,8 +7,11 @@ import ctypes.util
 import glob
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import rasterio
 import torch
@@ -202,3 +205,61 @@ def test_cache_formula_for_strip_organised_files(tmp_path: Path) -> None:
     need = 2 * (60000 * rows * 4 * 8)
     assert need > GDAL_CACHE_MIN_BYTES
     assert gdal_cache_bytes([path], memory_bytes=2**35) == need
+
+
+_SCAN_PROBE = """
+import sys
+import rasterio
+from torchgeo_dofa.datamodules import check_raw_reflectance
+from torchgeo_dofa.datasets import Sentinel2SR
+from torchgeo_dofa.preview import rgb_of_raster
+
+
+def peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+
+path, small = sys.argv[1:3]
+check_raw_reflectance(Sentinel2SR(small, bands=("B4", "B3", "B2", "B8")))  # warm up
+rgb_of_raster(small, 64, 8)
+ds = Sentinel2SR(path, bands=("B4", "B3", "B2", "B8"))
+start = peak_mb()
+check_raw_reflectance(ds)
+after_check = peak_mb()
+rgb_of_raster(path, 256, 16)
+print(after_check - start, peak_mb() - start)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM (Linux)")
+def test_whole_file_scans_keep_gdal_cache_to_a_block_row(tmp_path: Path) -> None:
+    """The scale check and the preview read a whole raster decimated: memory must not grow
+    with the raster. A 2048 x 60000 4-band uint16 GeoTIFF decodes to 983 MB; under GDAL's
+    default cache (5 % of the RAM: 1.2 GB on the 24 GB machine this was written on) the
+    decoded blocks stayed cached and the process grew by 921 MB (check) and 699 MB (preview);
+    bounded to a row of blocks (64 MiB floor) by 50 and 55 MB. Blocks are sparse (never written, read as 0 =
+    no data) except the first, so the file is instant to make; it still decodes block by
+    block. On a machine with under ~4 GB of RAM GDAL's default is itself small."""
+    small = tmp_path / "small" / "T33UXP_20210601T100559.tif"
+    small.parent.mkdir()
+    path = tmp_path / "T33UXP_20210601T100559.tif"
+    for file, height in ((small, 1024), (path, 60000)):
+        _sparse_tif(file, 2048, height, 4, "uint16", 512)
+        with rasterio.open(file, "r+") as dst:
+            dst.nodata = 0
+            dst.write(np.full((4, 512, 512), 1500, np.uint16), window=((0, 512), (0, 512)))
+            for i, name in enumerate(("B4", "B3", "B2", "B8"), start=1):
+                dst.set_band_description(i, name)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCAN_PROBE, str(path), str(small)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    check_mb, preview_mb = (float(v) for v in proc.stdout.split())
+    assert check_mb < 200, f"scale check grew the process by {check_mb:.0f} MB"
+    assert preview_mb < 200, f"preview grew the process by {preview_mb:.0f} MB"

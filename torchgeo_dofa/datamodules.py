@@ -57,7 +57,7 @@ from torchgeo_dofa.datasets import (
     refuse_repeated_bands,
     stack_dofa_samples,
 )
-from torchgeo_dofa.runtime import gdal_cache_bytes, gdal_worker_init
+from torchgeo_dofa.runtime import gdal_cache_bytes, gdal_scan_env, gdal_worker_init
 from torchgeo_dofa.spatial import WGS84, BBox, PointBuffer, Region, region_to_crs, region_window
 from torchgeo_dofa.transforms import INPUT_PREPS
 from torchgeo_dofa.writers import GridGeometry
@@ -562,6 +562,8 @@ def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
 
     Each file is read decimated (about ``max_side`` pixels a side) and checked with
     :class:`~torchgeo_dofa.transforms.CheckReflectance`, the check every chip also passes.
+    The read runs under :func:`~torchgeo_dofa.runtime.gdal_scan_env` (a cache of one row
+    of the file's blocks), so the check's memory does not grow with the file.
 
     Args:
         dataset: the dataset whose files to check.
@@ -574,7 +576,7 @@ def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
 
     paths = sorted({p for sources in dataset.index["sources"] for p, _ in sources})
     for path in paths:
-        with rasterio.open(path) as src:
+        with gdal_scan_env(path), rasterio.open(path) as src:
             scale = max(1, math.ceil(max(src.width, src.height) / max_side))
             shape = (src.count, max(1, src.height // scale), max(1, src.width // scale))
             data = torch.from_numpy(src.read(out_shape=shape).astype(np.float32))

@@ -12,6 +12,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import from_bounds
 
 from .bands import canonical_band
+from .runtime import gdal_scan_env
 
 __all__ = ["pca_rgb", "render_preview", "rgb_of_raster"]
 
@@ -66,7 +67,7 @@ def rgb_of_raster(
     Returns:
         (height, width, 3) uint8 image, percentile-stretched.
     """
-    with rasterio.open(path) as src:
+    with gdal_scan_env(path), rasterio.open(path) as src:  # memory bounded: one block row
         names = [canonical_band(d) if d else "" for d in src.descriptions]
         if all(b in names for b in ("B4", "B3", "B2")):
             idx = [names.index(b) + 1 for b in ("B4", "B3", "B2")]
