@@ -238,10 +238,11 @@ def test_whole_file_scans_keep_gdal_cache_to_a_block_row(tmp_path: Path) -> None
     """The scale check and the preview read a whole raster decimated: memory must not grow
     with the raster. A 2048 x 60000 4-band uint16 GeoTIFF decodes to 983 MB; under GDAL's
     default cache (5 % of the RAM: 1.2 GB on the 24 GB machine this was written on) the
-    decoded blocks stayed cached and the process grew by 921 MB (check) and 699 MB (preview);
-    bounded to a row of blocks (64 MiB floor) by 50 and 55 MB. Blocks are sparse (never written, read as 0 =
-    no data) except the first, so the file is instant to make; it still decodes block by
-    block. On a machine with under ~4 GB of RAM GDAL's default is itself small."""
+    decoded blocks stayed cached and the process grew by 921 MB (check) and 699 MB
+    (preview); bounded to a row of blocks (64 MiB floor) by 50 and 55 MB. Blocks are sparse
+    (never written, read as 0 = no data) except the first, so the file is instant to make;
+    it still decodes block by block. On a machine with under ~4 GB of RAM GDAL's default is
+    itself small."""
     small = tmp_path / "small" / "T33UXP_20210601T100559.tif"
     small.parent.mkdir()
     path = tmp_path / "T33UXP_20210601T100559.tif"
@@ -263,3 +264,32 @@ def test_whole_file_scans_keep_gdal_cache_to_a_block_row(tmp_path: Path) -> None
     check_mb, preview_mb = (float(v) for v in proc.stdout.split())
     assert check_mb < 200, f"scale check grew the process by {check_mb:.0f} MB"
     assert preview_mb < 200, f"preview grew the process by {preview_mb:.0f} MB"
+
+
+@needs_gdal
+def test_chips_read_in_the_main_process_use_the_sized_gdal_cache() -> None:
+    """With ``num_workers=0`` (a LightningCLI config may say so) the chips are read in the
+    main process, where no worker_init_fn runs: the data module's sized cache must still
+    hold around every read, whatever the process had set (here 300 MiB)."""
+    from tests.test_datasets import DATA
+    from torchgeo_dofa.datamodules import DOFAPredictDataModule
+    from torchgeo_dofa.datasets import Sentinel2Base
+
+    assert GDAL is not None
+    dm = DOFAPredictDataModule(DATA / "multiband", patch_size=32, batch_size=2, num_workers=0)
+    dm.setup("predict")
+    dataset = dm.predict_dataset
+    assert isinstance(dataset, Sentinel2Base)
+    inner = dataset.transforms
+    seen: list[int] = []
+
+    def probe(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        seen.append(int(GDAL.GDALGetCacheMax64()))
+        return inner(sample) if inner is not None else sample
+
+    dataset.transforms = probe
+    with gdal_env(300 * MIB):
+        batch = next(iter(dm.predict_dataloader()))
+    assert batch["image"].shape[0] == 2
+    assert seen == [dm.gdal_cache] * 2
+    assert dm.gdal_cache != 300 * MIB

@@ -528,8 +528,10 @@ class DOFAPredictDataModule(GeoDataModule):
             sampler = _ChipList(todo)
         accelerator = getattr(trainer, "accelerator", None)
         workers = int(self.num_workers)
+        dataset = self._dataset()
+        dataset.gdal_cache_bytes = self.gdal_cache  # the main process too, with 0 workers
         return DataLoader(
-            self._dataset(),
+            dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=workers,
@@ -546,7 +548,8 @@ class DOFAPredictDataModule(GeoDataModule):
         Sized once (after :meth:`setup`; it opens every file) by
         :func:`torchgeo_dofa.runtime.gdal_cache_bytes` so one chip row of decoded
         blocks of every file stays cached (compressed formats are not decoded again for each
-        chip) while memory stays bounded; set in each DataLoader worker.
+        chip) while memory stays bounded; set in each DataLoader worker and, through the
+        dataset's ``gdal_cache_bytes``, around every chip read in the main process as well.
 
         Returns:
             Bytes.

@@ -130,6 +130,7 @@ from torchgeo_dofa.bands import (
     split_date_copy,
     stac_asset_band,
 )
+from torchgeo_dofa.runtime import gdal_env
 from torchgeo_dofa.transforms import CONVENTIONAL_FILLS, NODATA_FLOOR
 
 __all__ = [
@@ -504,6 +505,12 @@ class Sentinel2Base(RasterDataset):
         self.cache = cache
         self.time_series = time_series
         self.nodata = nodata
+        #: GDAL block cache (bytes) every ``ds[...]`` read runs under, in whatever process
+        #: reads (see :func:`torchgeo_dofa.runtime.gdal_env`); None leaves the process's
+        #: setting, GDAL's default being 5 % of the RAM. :class:`~torchgeo_dofa.datamodules.
+        #: DOFAPredictDataModule` sets its sized cache here, so a job read in the main process
+        #: (``num_workers: 0`` in a LightningCLI config) stays as bounded as one read by workers.
+        self.gdal_cache_bytes: int | None = None
         self.offset: float | Literal["auto"] = self.default_offset if offset is None else offset
         if self.offset != "auto" and not isinstance(self.offset, int | float):
             raise ValueError(f"offset must be a number or 'auto', got {self.offset!r}")
@@ -1109,6 +1116,12 @@ class Sentinel2Base(RasterDataset):
         Raises:
             IndexError: if the chip does not intersect any scene.
         """
+        if self.gdal_cache_bytes is None:
+            return self._read_and_transform(index)
+        with gdal_env(self.gdal_cache_bytes):  # ~40 us a chip
+            return self._read_and_transform(index)
+
+    def _read_and_transform(self, index: GeoSlice) -> Sample:
         sample = self.read_chip(index)
         if self.transforms is not None:
             sample = self.transforms(sample)
