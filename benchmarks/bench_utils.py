@@ -204,12 +204,14 @@ def _demo_tiled(tiles: tuple[int, int], crop: tuple[int, int] | None) -> tuple[A
         data = data[:, : crop[0], : crop[1]]
     _, h, w = data.shape
     big = np.pad(data, ((0, 0), (0, h * (tiles[0] - 1)), (0, w * (tiles[1] - 1))), "symmetric")
-    noisy = np.random.default_rng(0).random(big.shape, dtype=np.float32)  # in place below
-    noisy *= 2 * JITTER
+    shape = tuple(int(n) for n in big.shape)
+    noisy = np.random.default_rng(0).random(shape, dtype=np.float32)
+    noisy *= 2 * JITTER  # in place: a 64x benchmark scene is ~0.9 GB as float32
     noisy += 1 - JITTER
     noisy *= big
-    top = np.iinfo(big.dtype).max if big.dtype.kind in "iu" else np.inf
-    np.clip(np.rint(noisy, out=noisy), 1, top, out=noisy)
+    top = float(np.iinfo(big.dtype).max) if big.dtype.kind in "iu" else math.inf
+    np.rint(noisy, out=noisy)
+    np.clip(noisy, 1.0, top, out=noisy)
     nodata = profile.get("nodata")
     valid = big != nodata if nodata is not None else np.ones(big.shape, bool)
     big[valid] = noisy[valid]
