@@ -21,11 +21,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchgeo_dofa import runtime
 from torchgeo_dofa.runtime import (
     GDAL_CACHE_MIN_BYTES,
+    GDAL_SCAN_MIN_BYTES,
     default_batch_size,
     default_num_workers,
     default_precision,
     gdal_cache_bytes,
     gdal_env,
+    gdal_scan_cache_bytes,
     gdal_worker_init,
     loader_options,
     resolve_precision,
@@ -239,7 +241,7 @@ def test_whole_file_scans_keep_gdal_cache_to_a_block_row(tmp_path: Path) -> None
     with the raster. A 2048 x 60000 4-band uint16 GeoTIFF decodes to 983 MB; under GDAL's
     default cache (5 % of the RAM: 1.2 GB on the 24 GB machine this was written on) the
     decoded blocks stayed cached and the process grew by 921 MB (check) and 699 MB
-    (preview); bounded to a row of blocks (64 MiB floor) by 50 and 55 MB. Blocks are sparse
+    (preview); bounded to a row of blocks (16 MiB floor) by 3 and 8 MB. Blocks are sparse
     (never written, read as 0 = no data) except the first, so the file is instant to make;
     it still decodes block by block. On a machine with under ~4 GB of RAM GDAL's default is
     itself small."""
@@ -293,3 +295,14 @@ def test_chips_read_in_the_main_process_use_the_sized_gdal_cache() -> None:
     assert batch["image"].shape[0] == 2
     assert seen == [dm.gdal_cache] * 2
     assert dm.gdal_cache != 300 * MIB
+
+
+def test_gdal_scan_cache_is_one_block_row_and_never_above_gdals_default(tmp_path: Path) -> None:
+    # a 10980-px, 9-band uint16 stack in 1024-px blocks: 11 blocks across, one row decoded
+    wide = _sparse_tif(tmp_path / "wide.tif", 10980, 10980, 9, "uint16", 1024)
+    row = 11 * 1024 * 1024 * 9 * 2
+    assert gdal_scan_cache_bytes(wide, memory_bytes=64 * 2**30) == math.ceil(1.25 * row)
+    # GDAL's own default is 5 % of the RAM: the scan never asks for more than that
+    assert gdal_scan_cache_bytes(wide, memory_bytes=2 * 2**30) == 2 * 2**30 // 20
+    small = _sparse_tif(tmp_path / "small.tif", 500, 400, 3, "uint16", 256)
+    assert gdal_scan_cache_bytes(small, memory_bytes=64 * 2**30) == GDAL_SCAN_MIN_BYTES

@@ -39,6 +39,7 @@ __all__ = [
     "GDAL_CACHE_DEFAULT_BYTES",
     "GDAL_CACHE_MAX_BYTES",
     "GDAL_CACHE_MIN_BYTES",
+    "GDAL_SCAN_MIN_BYTES",
     "PrecisionChoice",
     "cpu_has_native_bf16",
     "default_batch_size",
@@ -46,6 +47,7 @@ __all__ = [
     "default_precision",
     "gdal_cache_bytes",
     "gdal_env",
+    "gdal_scan_cache_bytes",
     "gdal_scan_env",
     "gdal_worker_init",
     "loader_options",
@@ -63,6 +65,9 @@ GDAL_CACHE_MIN_BYTES = 64 * _MIB
 GDAL_CACHE_MAX_BYTES = 2048 * _MIB
 #: Cache used when the input files are not known (bytes).
 GDAL_CACHE_DEFAULT_BYTES = 512 * _MIB
+#: Smallest cache for a decimated scan of a whole file (bytes), see
+#: :func:`gdal_scan_cache_bytes`.
+GDAL_SCAN_MIN_BYTES = 16 * _MIB
 
 #: Lightning precision flag for each precision name this package uses.
 LIGHTNING_PRECISION: dict[str, str] = {"32": "32-true", "bf16": "bf16-mixed"}
@@ -407,18 +412,49 @@ def gdal_env(cache_bytes: int | None = None, **options: Any) -> Any:
     return rasterio.Env(GDAL_CACHEMAX=size, **options)
 
 
+def gdal_scan_cache_bytes(path: str | os.PathLike[str], memory_bytes: int | None = None) -> int:
+    """GDAL cache (bytes) for a decimated read of a whole file: one row of its blocks.
+
+    A decimated read walks the file from top to bottom; every block of a row serves several
+    output lines, so the row must stay decoded (a smaller cache decodes each block again per
+    line), and nothing above it is needed again. The size is ``ceil(width / block_w) *
+    block_w * block_h * bands * itemsize`` x 1.25 (GDAL's per-block overhead), at least
+    :data:`GDAL_SCAN_MIN_BYTES`, and never more than GDAL's own default (5 % of the RAM),
+    so the scan never holds more than it would have without it.
+
+    Args:
+        path: the raster to scan.
+        memory_bytes: RAM to size against (default: this machine's physical memory).
+
+    Returns:
+        Bytes.
+
+    Raises:
+        rasterio.errors.RasterioIOError: if the file cannot be opened.
+    """
+    import rasterio
+
+    with rasterio.open(path) as src:
+        block_h, block_w = src.block_shapes[0] if src.block_shapes else (1, src.width)
+        itemsize = max(_itemsize(d) for d in src.dtypes)
+        across = math.ceil(src.width / block_w) * block_w
+        row = across * min(block_h, src.height) * src.count * itemsize
+    ram = _physical_memory() if memory_bytes is None else memory_bytes
+    ceiling = GDAL_CACHE_DEFAULT_BYTES if ram is None else max(GDAL_SCAN_MIN_BYTES, ram // 20)
+    return int(min(ceiling, max(GDAL_SCAN_MIN_BYTES, math.ceil(1.25 * row))))
+
+
 def gdal_scan_env(path: str | os.PathLike[str]) -> Any:
     """A ``rasterio.Env`` whose GDAL cache holds one row of ``path``'s blocks, for a scan.
 
     A decimated read of a whole file (``src.read(out_shape=...)`` on a raster without
     overviews) decodes every block once; under GDAL's default cache (5 % of the RAM) the
-    decoded blocks stay cached until it is full, so memory grew with the file: reading a
-    9096 x 13872 4-band uint16 GeoTIFF decimated to 256 px took the process's peak RSS
-    from 0.6 to 1.6 GB (the whole file decoded; 1.2 GB is 5 % of this machine's 24 GB),
-    and the memory stayed with the process for the whole job. With the cache bounded to a
-    row of blocks (:func:`gdal_cache_bytes` with ``chip_px=1``, at least
-    :data:`GDAL_CACHE_MIN_BYTES`) the same read took 0.6 GB, as fast and with the same
-    values: the read walks the file row by row.
+    decoded blocks stay cached until it is full, so the peak memory of the read grew with
+    the file: reading a 9096 x 13872 4-band uint16 GeoTIFF decimated to 256 px took the
+    process's peak RSS from 0.6 to 1.6 GB (1.2 GB is 5 % of this machine's 24 GB). With the
+    cache bounded to a row of blocks (:func:`gdal_scan_cache_bytes`) the same read peaked
+    at 0.6 GB, as fast and with the same values. GDAL's cache size is process-wide: scans
+    in several threads at once leave whichever size was set last.
 
     Args:
         path: the raster to scan.
@@ -429,7 +465,7 @@ def gdal_scan_env(path: str | os.PathLike[str]) -> Any:
     Raises:
         rasterio.errors.RasterioIOError: if the file cannot be opened.
     """
-    return gdal_env(gdal_cache_bytes([path], chip_px=1, processes=1))
+    return gdal_env(gdal_scan_cache_bytes(path))
 
 
 def _enter_gdal_env(cache_bytes: int, worker_id: int) -> None:
