@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -219,6 +220,24 @@ def test_preview_png(tmp_path, reference_run) -> None:
     img = np.asarray(Image.open(out))
     assert img.shape[0] == 24 * 8 and img.shape[1] == 2 * 37 * 8 + 8  # input RGB | PCA
     assert img[:, : 37 * 8].std() > 5 and img[:, -37 * 8 :].std() > 5
+
+
+def test_preview_without_a_readable_input_draws_the_pca_panel_alone(
+    tmp_path, reference_run
+) -> None:
+    # the grid's ``sources`` tag names an input that is now corrupt: the docstring's promise
+    grid = tmp_path / "grid.tif"
+    shutil.copy(reference_run / "ftw_s2_l2a_33N_grid.tif", grid)
+    corrupt = tmp_path / "input.tif"
+    corrupt.write_bytes(b"II*\x00 not a GeoTIFF")
+    with rasterio.open(grid, "r+") as dst:
+        dst.update_tags(sources=json.dumps([str(corrupt)]))
+    out = tmp_path / "p.png"
+    assert main(["preview", str(grid), "-o", str(out)]) == 0
+    from PIL import Image
+
+    img = np.asarray(Image.open(out))
+    assert img.shape[:2] == (24 * 8, 37 * 8)  # the PCA panel only
 
 
 def test_tile_mode_matches_resize_on_224_chips(tmp_path, reference_run, base_checkpoint) -> None:

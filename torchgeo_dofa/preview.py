@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.errors
 from PIL import Image
 from rasterio.enums import Resampling
 from rasterio.windows import from_bounds
@@ -118,8 +119,12 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
     ]
     sources = json.loads(tags["sources"]) if "sources" in tags else []
     if sources and Path(sources[0]).is_file():
-        rgb = rgb_of_raster(sources[0], h * cell_px, w * cell_px, bounds)
-        panels.insert(0, Image.fromarray(rgb))
+        try:
+            rgb = rgb_of_raster(sources[0], h * cell_px, w * cell_px, bounds)
+        except rasterio.errors.RasterioIOError:
+            pass  # unreadable input (moved, corrupt): the PCA panel alone, as documented
+        else:
+            panels.insert(0, Image.fromarray(rgb))
     gap = 8
     canvas = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), h * cell_px))
     x = 0
