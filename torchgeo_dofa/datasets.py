@@ -510,6 +510,8 @@ class Sentinel2Base(RasterDataset):
         #: setting, GDAL's default being 5 % of the RAM. :class:`~torchgeo_dofa.datamodules.
         #: DOFAPredictDataModule` sets its sized cache here, so a job read in the main process
         #: (``num_workers: 0`` in a LightningCLI config) stays as bounded as one read by workers.
+        #: GDAL's cache size is process-wide: reading from several threads at once leaves
+        #: whichever size was set last; None (the default) keeps a cache you set around the reads.
         self.gdal_cache_bytes: int | None = None
         self.offset: float | Literal["auto"] = self.default_offset if offset is None else offset
         if self.offset != "auto" and not isinstance(self.offset, int | float):
