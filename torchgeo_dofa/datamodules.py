@@ -57,7 +57,7 @@ from torchgeo_dofa.datasets import (
     refuse_repeated_bands,
     stack_dofa_samples,
 )
-from torchgeo_dofa.runtime import gdal_cache_bytes, gdal_scan_env, gdal_worker_init
+from torchgeo_dofa.runtime import decimated_read, gdal_cache_bytes, gdal_worker_init
 from torchgeo_dofa.spatial import WGS84, BBox, PointBuffer, Region, region_to_crs, region_window
 from torchgeo_dofa.transforms import INPUT_PREPS
 from torchgeo_dofa.writers import GridGeometry
@@ -565,8 +565,9 @@ def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
 
     Each file is read decimated (about ``max_side`` pixels a side) and checked with
     :class:`~torchgeo_dofa.transforms.CheckReflectance`, the check every chip also passes.
-    The read runs under :func:`~torchgeo_dofa.runtime.gdal_scan_env` (a cache of one row
-    of the file's blocks), so the check's memory does not grow with the file.
+    The read (:func:`~torchgeo_dofa.runtime.decimated_read`) goes one row of the file's
+    blocks at a time under a cache of that row, so the check's memory does not grow with
+    the file.
 
     Args:
         dataset: the dataset whose files to check.
@@ -579,10 +580,8 @@ def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
 
     paths = sorted({p for sources in dataset.index["sources"] for p, _ in sources})
     for path in paths:
-        with gdal_scan_env(path), rasterio.open(path) as src:
-            scale = max(1, math.ceil(max(src.width, src.height) / max_side))
-            shape = (src.count, max(1, src.height // scale), max(1, src.width // scale))
-            data = torch.from_numpy(src.read(out_shape=shape).astype(np.float32))
+        data = torch.from_numpy(decimated_read(path, max_side).astype(np.float32))
+        with rasterio.open(path) as src:
             nodata = dataset.nodata if dataset.nodata is not None else src.nodata
         valid = (data != 0).all(dim=0) if dataset.zero_is_nodata else None
         sample: Sample = {"image": data}

@@ -13,7 +13,6 @@ from rasterio.enums import Resampling
 from rasterio.windows import from_bounds
 
 from .bands import canonical_band
-from .runtime import gdal_scan_env
 
 __all__ = ["pca_rgb", "render_preview", "rgb_of_raster"]
 
@@ -68,7 +67,10 @@ def rgb_of_raster(
     Returns:
         (height, width, 3) uint8 image, percentile-stretched.
     """
-    with gdal_scan_env(path), rasterio.open(path) as src:  # memory bounded: one block row
+    # GDAL's default cache (5 % of the memory), not a one-row scan cache: this read is one
+    # call (window, average resampling), and a pixel-interleaved file read in one call under
+    # a smaller cache decodes every block once per band (6x slower measured)
+    with rasterio.open(path) as src:
         names = [canonical_band(d) if d else "" for d in src.descriptions]
         if all(b in names for b in ("B4", "B3", "B2")):
             idx = [names.index(b) + 1 for b in ("B4", "B3", "B2")]
