@@ -280,19 +280,8 @@ def test_decimated_read_samples_every_block_row_evenly(tmp_path: Path) -> None:
     height, width = 1000, 300
     rows = np.broadcast_to(np.arange(height, dtype=np.uint16)[:, None], (height, width))
     cols = np.broadcast_to(np.arange(width, dtype=np.uint16)[None, :], (height, width))
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=width,
-        height=height,
-        count=2,
-        dtype="uint16",
-        tiled=True,
-        blockxsize=128,
-        blockysize=128,
-        interleave="pixel",
-    ) as dst:
+    _sparse_tif(path, width, height, 2, "uint16", 128)
+    with rasterio.open(path, "r+") as dst:
         dst.write(np.stack([rows, cols]))
     out = decimated_read(path, 100)  # scale 10: 100 x 30
     assert out.shape == (2, 100, 30)
