@@ -529,7 +529,9 @@ class DOFAPredictDataModule(GeoDataModule):
         accelerator = getattr(trainer, "accelerator", None)
         workers = int(self.num_workers)
         dataset = self._dataset()
-        dataset.gdal_cache_bytes = self.gdal_cache  # the main process too, with 0 workers
+        # workers set the sized cache once, at start (worker_init_fn); reading in the main
+        # process (0 workers), every read sets it (a per-chip env is not needed in workers)
+        dataset.gdal_cache_bytes = None if workers else self.gdal_cache
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -548,8 +550,9 @@ class DOFAPredictDataModule(GeoDataModule):
         Sized once (after :meth:`setup`; it opens every file) by
         :func:`torchgeo_dofa.runtime.gdal_cache_bytes` so one chip row of decoded
         blocks of every file stays cached (compressed formats are not decoded again for each
-        chip) while memory stays bounded; set in each DataLoader worker and, through the
-        dataset's ``gdal_cache_bytes``, around every chip read in the main process as well.
+        chip) while memory stays bounded; set in each DataLoader worker, or, with no
+        workers, through the dataset's ``gdal_cache_bytes`` around every chip read in the
+        main process.
 
         Returns:
             Bytes.

@@ -399,18 +399,24 @@ def gdal_cache_bytes(
         return min(cap, GDAL_CACHE_DEFAULT_BYTES)
     for path in listed:
         with rasterio.open(path) as src:
-            block_h, block_w = src.block_shapes[0] if src.block_shapes else (1, src.width)
-            itemsize = max(_itemsize(d) for d in src.dtypes)
-            across = math.ceil(src.width / block_w) * block_w
+            per_line, block_h = _block_row_layout(src)
             rows = math.ceil(min(chip_px, src.height) / block_h) + 1
-            need += across * min(rows * block_h, src.height + block_h) * src.count * itemsize
+            need += per_line * min(rows * block_h, src.height + block_h)
     return int(min(cap, max(GDAL_CACHE_MIN_BYTES, 2 * need)))
 
 
-def _itemsize(dtype: str) -> int:
+def _block_row_layout(src: Any) -> tuple[int, int]:
+    """(decoded bytes of one pixel line across a row of blocks, all bands; block height).
+
+    A block row of an open rasterio dataset ``src`` decodes ``block_h`` such lines: the
+    width rounded up to whole blocks, times the bands and the widest band's item size.
+    """
     import numpy as np
 
-    return int(np.dtype(dtype).itemsize)
+    block_h, block_w = src.block_shapes[0] if src.block_shapes else (1, src.width)
+    itemsize = max(int(np.dtype(d).itemsize) for d in src.dtypes)
+    across = math.ceil(src.width / block_w) * block_w
+    return across * src.count * itemsize, int(block_h)
 
 
 def gdal_env(cache_bytes: int | None = None, **options: Any) -> Any:
@@ -461,10 +467,8 @@ def gdal_scan_cache_bytes(path: str | os.PathLike[str], memory_bytes: int | None
     import rasterio
 
     with rasterio.open(path) as src:
-        block_h, block_w = src.block_shapes[0] if src.block_shapes else (1, src.width)
-        itemsize = max(_itemsize(d) for d in src.dtypes)
-        across = math.ceil(src.width / block_w) * block_w
-        row = across * min(2 * block_h, src.height) * src.count * itemsize
+        per_line, block_h = _block_row_layout(src)
+        row = per_line * min(2 * block_h, src.height)
     ram = _physical_memory() if memory_bytes is None else memory_bytes
     ceiling = GDAL_CACHE_DEFAULT_BYTES if ram is None else max(GDAL_SCAN_MIN_BYTES, ram // 20)
     return int(min(ceiling, max(GDAL_SCAN_MIN_BYTES, math.ceil(1.25 * row))))
@@ -520,7 +524,7 @@ def decimated_read(path: str | os.PathLike[str], max_side: int) -> Any:
     with gdal_scan_env(path), rasterio.open(path) as src:
         scale = max(1, math.ceil(max(src.width, src.height) / max_side))
         cols = max(1, src.width // scale)
-        block_h = src.block_shapes[0][0] if src.block_shapes else src.height
+        _, block_h = _block_row_layout(src)
         # rows of whole blocks, each a multiple of ``scale`` rows so the samples stay evenly
         # spaced across the chunks
         step = max(scale, block_h // scale * scale)
