@@ -64,6 +64,24 @@ def test_official_layout_loads_and_records_identity(base_checkpoint) -> None:
     torch.testing.assert_close(enc.norm.weight, state["norm.weight"])
 
 
+def test_loaded_encoder_equals_one_initialised_then_filled(base_checkpoint, base_state) -> None:
+    """load_dofa skips the random init a checkpoint overwrites: same tensors as init + load."""
+    from torchgeo_dofa import build_encoder
+    from torchgeo_dofa.weights import load_state_dict_into
+
+    loaded = load_dofa("base", weights=base_checkpoint)
+    filled = build_encoder("base")
+    load_state_dict_into(filled, base_state, "state")
+    got, want = loaded.state_dict(), filled.state_dict()
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key].device.type == "cpu" and torch.equal(got[key], value), key
+    # fc_norm is not in official files: it has LayerNorm's default init, not leftover memory
+    assert "fc_norm.weight" not in base_state
+    assert torch.equal(got["backbone.fc_norm.weight"], torch.ones(768))
+    assert torch.equal(got["backbone.fc_norm.bias"], torch.zeros(768))
+
+
 @pytest.mark.parametrize("layout", ["model", "state_dict", "module", "model+module"])
 def test_wrapped_and_prefixed_checkpoints(tmp_path, base_state, x, reference, layout) -> None:
     state = dict(base_state)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import io
+import math
 import os
 import pickletools
 import zipfile
@@ -462,6 +463,23 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
+def _all_finite(tensor: Tensor) -> bool:
+    """Whether every value of a floating-point tensor is finite.
+
+    One float64 sum first (NaN and infinity propagate into it; finite fp32 / bf16 / fp16
+    values cannot overflow it), then the exact element check only where the sum is not
+    finite: 0.2 s instead of 0.4 s for base's 86 M weights on 2 cores.
+    """
+    if math.isfinite(float(tensor.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+#: Encoder keys an official-layout checkpoint may lack (not in the official files: TorchGeo's
+#: ``fc_norm``, unused by the pooled outputs here); they keep their default initialisation.
+OPTIONAL_KEYS: tuple[str, ...] = ("backbone.fc_norm.weight", "backbone.fc_norm.bias")
+
+
 def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], origin: str) -> None:
     """Load an official-layout state dict into an encoder, strictly.
 
@@ -489,8 +507,9 @@ def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], orig
             mapped[name] = value
         else:
             unexpected.append(key)
-    optional = {"backbone.fc_norm.weight", "backbone.fc_norm.bias"}
-    missing = sorted(k.removeprefix("backbone.") for k in set(target) - set(mapped) - optional)
+    missing = sorted(
+        k.removeprefix("backbone.") for k in set(target) - set(mapped) - set(OPTIONAL_KEYS)
+    )
     mismatched = [
         f"{k.removeprefix('backbone.')}: file {tuple(v.shape)} vs model {tuple(target[k].shape)}"
         for k, v in mapped.items()
@@ -515,7 +534,7 @@ def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], orig
     bad = [
         f"{k.removeprefix('backbone.')} ({int((~torch.isfinite(v)).sum())} of {v.numel()} values)"
         for k, v in mapped.items()
-        if v.is_floating_point() and not bool(torch.isfinite(v).all())
+        if v.is_floating_point() and not _all_finite(v)
     ]
     if bad:
         raise CheckpointError(
@@ -577,9 +596,18 @@ def load_dofa(
         ValueError: for an unknown variant.
         CheckpointError: if the weights cannot be found, verified or loaded.
     """
-    encoder = build_encoder(variant, pooled_norm, interpolate_pos_embed)
-    if weights is not None:
-        load_checkpoint(encoder, resolve_weights(variant, weights))
+    if weights is None:
+        encoder = build_encoder(variant, pooled_norm, interpolate_pos_embed)
+    else:
+        resolution = resolve_weights(variant, weights)
+        # built without the random initialisation the checkpoint would overwrite (1.5 s for
+        # base, 2.2 s for large on 2 cores); what a checkpoint may lack gets its usual init
+        with torch.device("meta"):
+            encoder = build_encoder(variant, pooled_norm, interpolate_pos_embed)
+        encoder.to_empty(device="cpu")
+        for name in {k.rpartition(".")[0] for k in OPTIONAL_KEYS}:
+            encoder.get_submodule(name).reset_parameters()  # type: ignore[operator]
+        load_checkpoint(encoder, resolution)
     encoder.eval()
     if device is not None:
         encoder.to(device)
