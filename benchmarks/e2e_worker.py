@@ -109,13 +109,6 @@ def main() -> None:
     parser.add_argument("--wavelengths", type=float, nargs="+", required=True)
     parser.add_argument("--encoder-reps", type=int, default=2)
     parser.add_argument(
-        "--gdal-cache-bytes",
-        type=int,
-        default=None,
-        help="GDAL block cache of the job in bytes (default: what embed sets); replaces "
-        "embed's GDAL_CACHE_MB, which rasterio passes to GDAL as bytes",
-    )
-    parser.add_argument(
         "--stub-encoder",
         action="store_true",
         help="replace the encoder's forward by a cheap stub (data path and writers only)",
@@ -130,6 +123,7 @@ def main() -> None:
     import torch
 
     import torchgeo_dofa.cli as cli
+    import torchgeo_dofa.embedder as embedder_module
     from torchgeo_dofa.embedder import DOFAEmbedder
 
     rss_start = _status_mb("VmRSS")
@@ -142,9 +136,7 @@ def main() -> None:
         assert kwargs.get("weights") is None and kwargs.get("output") == "grid", kwargs
         return module
 
-    cli.DOFAEmbedder = prebuilt  # type: ignore[assignment,misc]
-    if args.gdal_cache_bytes is not None and hasattr(cli, "GDAL_CACHE_MB"):
-        cli.GDAL_CACHE_MB = args.gdal_cache_bytes  # passed to rasterio.Env as an integer
+    embedder_module.DOFAEmbedder = prebuilt  # type: ignore[assignment,misc]  # embed() imports it
 
     stamps: dict[str, Any] = {"steps": [], "batch_start": [], "batch_end": [], "sizes": []}
     original_step = DOFAEmbedder.predict_step
@@ -218,7 +210,6 @@ def main() -> None:
         "precision": args.precision,
         "num_workers": args.num_workers,
         "stub_encoder": args.stub_encoder,
-        "gdal_cache_bytes": args.gdal_cache_bytes,
         "job_s": summary.seconds,
         "loop_s": loop,
         "compute_s": compute,

@@ -631,9 +631,16 @@ def test_a_second_concurrent_job_on_the_folder_fails_at_once(tmp_path, base_chec
     assert "is in use by another torchgeo-dofa job" in last and f"pid {os.getpid()}" in last
     assert not (out / "ftw_s2_l2a_33N_pooled.parquet").exists()
     # once the other job is gone the same command runs
-    done = subprocess.run([*cmd, "--weights", str(base_checkpoint)], capture_output=True)
-    assert done.returncode == 0
+    done = subprocess.run(
+        [*cmd, "--weights", str(base_checkpoint)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
     assert len(gpd.read_parquet(out / "ftw_s2_l2a_33N_pooled.parquet")) == 6
+    # the job's own line says device and precision; Lightning's start-up lines, adverts and
+    # the LeafSpec deprecation it triggers in torch are not shown
+    assert done.stderr.startswith("torchgeo-dofa: device cpu, precision "), done.stderr
+    for noise in ("GPU available", "Tip:", "LeafSpec", "Automatic Mixed Precision"):
+        assert noise not in done.stderr, done.stderr
 
 
 def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path, capsys) -> None:

@@ -23,6 +23,41 @@ def test_import_loads_no_heavy_module() -> None:
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "code", "stream", "text"),
+    [
+        (["--help"], 0, "stdout", "embed"),
+        (["embed", "--help"], 0, "stdout", "--output-dir"),
+        (["preview", "--help"], 0, "stdout", "embedding"),
+        (["embed", "scene.tif"], 2, "stderr", "the following arguments are required: -o"),
+        (["embed", "scene.tif", "-o", "out", "--batch-size", "x"], 2, "stderr", "invalid int"),
+    ],
+)
+def test_help_and_usage_errors_load_no_heavy_module(argv, code, stream, text) -> None:
+    """``torchgeo-dofa --help`` and a usage error answer at once, without importing torch."""
+    script = (
+        "import sys\n"
+        "from torchgeo_dofa.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    status = e.code\n"
+        "heavy = [m for m in ('torch', 'lightning', 'rasterio') if m in sys.modules]\n"
+        "print('HEAVY=' + ','.join(heavy), 'STATUS=' + str(status), file=sys.stderr)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120
+    )
+    assert out.stderr.strip().splitlines()[-1] == f"HEAVY= STATUS={code}", out.stderr
+    assert text in getattr(out, stream)
+
+
+def test_cli_input_error_is_the_datasets_one() -> None:
+    from torchgeo_dofa import cli
+    from torchgeo_dofa.datasets import InputError
+
+    assert cli.InputError is InputError and "InputError" in cli.__all__
+    with pytest.raises(AttributeError, match="no_such_name"):
+        cli.no_such_name  # noqa: B018
+
+
 def test_every_public_name_resolves_to_its_module() -> None:
     assert set(torchgeo_dofa.__all__) == set(torchgeo_dofa._LAZY)
     for name in torchgeo_dofa.__all__:

@@ -8,47 +8,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import re
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
-import torch
+if TYPE_CHECKING:  # the heavy modules load when a job runs, not for --help or a usage error
+    import lightning.pytorch as pl
 
-from .bands import BandError
-from .datamodules import DOFAPredictDataModule
-from .datasets import InputError, RasterInput, find_raster_inputs
-from .embedder import OUTPUT_KINDS, DOFAEmbedder
-from .jobs import (
-    MANIFEST_NAME,
-    InputFile,
-    JobError,
-    JobManifest,
-    OutputLock,
-    StopOnSignal,
-    check_points,
-    job_size_warning,
-    points_outside_warning,
-    region_identity,
-    weights_identity,
-)
-from .model import canonical_variant
-from .runtime import (
-    default_batch_size,
-    default_num_workers,
-    gdal_env,
-    resolve_accelerator,
-    resolve_precision,
-)
-from .spatial import BBox, read_points
-from .weights import CheckpointError
-from .writers import GridWriter, OutputWriteError, PooledWriter
+    from .datasets import InputError, RasterInput
 
 __all__ = ["EmbedSummary", "InputError", "embed", "main"]
 
@@ -88,6 +62,8 @@ def _output_paths(
     output_dir: Path, regions: Sequence[RasterInput], output: str, points: bool
 ) -> list[dict[str, Path]]:
     """Per region, the grid / pooled files to write (``-o DIR`` or ``-o NAME.tif``)."""
+    from .datasets import InputError
+
     kinds = ["pooled"] if points or output == "pooled" else ["grid"]
     if output == "both" and not points:
         kinds = ["grid", "pooled"]
@@ -119,6 +95,8 @@ def _output_paths(
 
 def _not_inputs(paths: list[dict[str, Path]], inputs: set[Path]) -> list[dict[str, Path]]:
     """Refuse an output that is one of the inputs (it would be replaced, or deleted)."""
+    from .datasets import InputError
+
     for per_region in paths:
         for path in per_region.values():
             if path.resolve() in inputs:
@@ -156,6 +134,8 @@ def _stac_inputs(
     composite: str,
 ) -> list[Path]:
     """The composite GeoTIFF of a STAC search, as one more input of the job."""
+    from .datasets import InputError
+
     if bbox is None or datetime is None:
         raise InputError(
             "--stac needs --bbox MINLON MINLAT MAXLON MAXLAT and --datetime "
@@ -288,7 +268,36 @@ def embed(
         JobInterrupted: after SIGINT / SIGTERM, once the current batch is written.
         OutputWriteError: when a final file cannot be written and verified (parts kept).
     """
-    start = time.perf_counter()
+    import lightning.pytorch as pl
+    import torch
+
+    from .datamodules import DOFAPredictDataModule
+    from .datasets import InputError, find_raster_inputs
+    from .embedder import OUTPUT_KINDS, DOFAEmbedder
+    from .jobs import (
+        MANIFEST_NAME,
+        InputFile,
+        JobManifest,
+        OutputLock,
+        StopOnSignal,
+        check_points,
+        job_size_warning,
+        points_outside_warning,
+        region_identity,
+        weights_identity,
+    )
+    from .model import canonical_variant
+    from .runtime import (
+        default_batch_size,
+        default_num_workers,
+        gdal_env,
+        resolve_accelerator,
+        resolve_precision,
+    )
+    from .spatial import BBox, read_points
+    from .writers import GridWriter, PooledWriter
+
+    start = time.perf_counter()  # the job, not the imports (a Python caller pays them once)
     variant = canonical_variant(variant)
     if output not in OUTPUT_KINDS:
         raise InputError(f"unknown --output {output!r}: choose one of {list(OUTPUT_KINDS)}")
@@ -405,12 +414,13 @@ def embed(
             region=region_identity(bbox, points, buffer_m, skip_outside),
         )
         started = True
-        with StopOnSignal() as stop:
+        with StopOnSignal() as stop, quiet_lightning():
             manifest.check_or_write(folder, overwrite=overwrite, name=manifest_name)
             if _is_rank_zero():
+                count = "" if devices == 1 else f" x {devices}"
                 print(
-                    f"torchgeo-dofa: precision {choice.reason}; batch size {batch_size}, "
-                    f"{num_workers} loader worker(s)",
+                    f"torchgeo-dofa: device {accelerator}{count}, precision {choice.reason}; "
+                    f"batch size {batch_size}, {num_workers} loader worker(s)",
                     file=sys.stderr,
                 )
             todo = sum(len(dm.predict_sampler or []) for dm in modules)
@@ -607,6 +617,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _lightning_cli(args: Sequence[str] | None) -> None:
+    import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
 
     cli = LightningCLI(
@@ -637,7 +648,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_list and args_list[0] in ("fit", "validate", "test", "predict"):
         _lightning_cli(None if argv is None else args_list)
         return 0
-    args = _parser().parse_args(args_list)
+    args = _parser().parse_args(args_list)  # --help and usage errors before torch loads
+    from .bands import BandError
+    from .datasets import InputError
+    from .jobs import JobError
+    from .weights import CheckpointError
+    from .writers import OutputWriteError
+
     try:
         if args.command == "preview":
             from .preview import render_preview
@@ -693,6 +710,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+#: Lightning's logger of its start-up lines ("GPU available: ...", "Using bfloat16 Automatic
+#: Mixed Precision", "Tip: ... try installing litlogger"), lightning/pytorch/utilities/rank_zero.py.
+LIGHTNING_INFO_LOGGER = "lightning.pytorch.utilities.rank_zero"
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Hide Lightning's start-up lines and one deprecation warning it triggers, for a job.
+
+    An embed job prints its own line (device, precision and why, batch size, loader workers);
+    Lightning's INFO lines (accelerator found, AMP in use, adverts for its cloud products) say
+    less and would be repeated for every region, and torch 2.10+ warns (``FutureWarning``)
+    about ``LeafSpec``, which Lightning's ``_pytree`` still uses, once per job, a warning the
+    user can do nothing about. Lightning's warnings and errors, and every other warning, are
+    kept. Both settings are restored on exit.
+    """
+    log = logging.getLogger(LIGHTNING_INFO_LOGGER)
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning
+            )
+            yield
+    finally:
+        log.setLevel(level)
+
+
 def _close_progress_bar(trainer: pl.Trainer) -> None:
     """Close the predict progress bar after a failure, so the error starts a line of its own.
 
@@ -728,6 +774,15 @@ def cli_hints(message: str) -> str:
         return f"{flag} {value}" if value else flag
 
     return _KWARG_HINT.sub(option, message)
+
+
+def __getattr__(name: str) -> Any:
+    """``InputError`` (in ``__all__``), imported when asked for: the module loads no torch."""
+    if name == "InputError":
+        from .datasets import InputError
+
+        return InputError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _is_rank_zero() -> bool:
