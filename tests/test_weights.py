@@ -80,6 +80,11 @@ def test_loaded_encoder_equals_one_initialised_then_filled(base_checkpoint, base
     assert "fc_norm.weight" not in base_state
     assert torch.equal(got["backbone.fc_norm.weight"], torch.ones(768))
     assert torch.equal(got["backbone.fc_norm.bias"], torch.zeros(768))
+    x = torch.randn(1, 9, 224, 224, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():  # no tensor outside the state dict was left on the meta device
+        torch.testing.assert_close(
+            loaded(x, S2_WAVELENGTHS).grid, filled.eval()(x, S2_WAVELENGTHS).grid, rtol=0, atol=0
+        )
 
 
 @pytest.mark.parametrize("layout", ["model", "state_dict", "module", "model+module"])
