@@ -176,11 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     smoke = args.smoke_cpu
     device = torch.device("cpu" if smoke else "cuda")
+    if args.num_workers is None:
+        workers = default_num_workers(accelerator=device.type)  # embed's default there
+    else:
+        workers = args.num_workers
     variants = ("base",) if smoke else tuple(v.strip() for v in args.variants.split(","))
     batches = (2,) if smoke else BATCHES
     chips = 4 if smoke else args.chips
     reps = 1 if smoke else args.reps
-    workers = default_num_workers() if args.num_workers is None else args.num_workers
     start = time.perf_counter()
     deadline = start + args.budget_s
     if device.type == "cuda":

@@ -135,6 +135,15 @@ def test_gdal_cache_holds_a_chip_row_of_blocks(tmp_path: Path) -> None:
 
 def test_default_workers_leave_a_core_to_the_model() -> None:
     assert [default_num_workers(n) for n in (1, 2, 3, 8, 64)] == [0, 1, 2, 4, 4]
+    assert default_num_workers(8, "mps") == 4  # shares the cores like a CPU job
+
+
+def test_default_workers_on_cuda_use_the_cores_the_gpu_leaves() -> None:
+    """On CUDA every core but two reads chips, split among the job's processes, at most 8."""
+    cuda = [default_num_workers(n, "cuda") for n in (1, 2, 3, 6, 10, 16, 64)]
+    assert cuda == [0, 1, 1, 4, 8, 8, 8]
+    assert [default_num_workers(16, "cuda", processes=p) for p in (1, 2, 4, 8)] == [8, 7, 3, 1]
+    assert default_num_workers(4, "cuda", processes=8) == 1  # never 0 with cores to spare
     opts = loader_options("cpu", 2)
     assert opts["num_workers"] == 2 and opts["pin_memory"] is False
     assert loader_options("cpu", 0) == {"num_workers": 0, "pin_memory": False}

@@ -220,7 +220,8 @@ def embed(
         batch_size: chips per batch (default: chosen for the device and precision,
             :func:`torchgeo_dofa.runtime.default_batch_size`).
         num_workers: DataLoader workers reading and preprocessing chips beside the model
-            (default :func:`torchgeo_dofa.runtime.default_num_workers`).
+            (default :func:`torchgeo_dofa.runtime.default_num_workers` for the device:
+            ``min(4, cores - 1)`` on a CPU, up to 8 on a CUDA machine).
         device: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
         devices: number of devices (e.g. 2 with ``strategy="ddp"``).
         strategy: Lightning strategy.
@@ -313,7 +314,8 @@ def embed(
     if batch_size is None:
         batch_size = default_batch_size(device, choice.precision, variant)
     if num_workers is None:
-        num_workers = default_num_workers()
+        processes = devices if isinstance(devices, int) else 1
+        num_workers = default_num_workers(accelerator=accelerator, processes=processes)
     if chip_size < 16 or chip_size % 16:
         raise InputError(f"--chip-size must be a multiple of 16 pixels >= 16, got {chip_size}")
     if points is not None and output == "grid":
@@ -539,7 +541,8 @@ def _parser() -> argparse.ArgumentParser:
         "--num-workers",
         type=int,
         default=None,
-        help="DataLoader workers reading chips (default: min(4, cores - 1))",
+        help="DataLoader workers reading chips (default: min(4, cores - 1) on a CPU; on CUDA "
+        "(cores - 2) / GPUs, at most 8)",
     )
     e.add_argument("--device", default="auto", help="auto | cpu | gpu")
     e.add_argument("--devices", default="1", help="number of devices (with --strategy ddp)")

@@ -283,20 +283,42 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def default_num_workers(cpus: int | None = None) -> int:
+#: Most loader workers a CUDA job starts by default (see :func:`default_num_workers`).
+CUDA_MAX_WORKERS = 8
+
+
+def default_num_workers(
+    cpus: int | None = None, accelerator: str = "cpu", processes: int = 1
+) -> int:
     """DataLoader workers that read and preprocess chips beside the model.
 
-    ``min(4, cpus - 1)``: one core stays with the model's threads, and beyond about four
-    workers reading stops being the bottleneck (a 224 x 224 chip reads in a few ms from a
-    GeoTIFF); 0 (read in the main process) only on a single-core machine.
+    CPU: ``min(4, cpus - 1)``: the model's threads need the cores, one stays with them, and
+    beyond about four workers reading stops being the bottleneck (a 224 x 224 chip reads and
+    is preprocessed in ~3 ms in a worker, against ~40-120 ms of model time per chip on a
+    CPU); 0 (read in the main process) only on a single-core machine.
+
+    CUDA: the GPU computes, so every core but two (the main process launching kernels and
+    transferring batches; the writer threads) reads chips, shared among the job's
+    ``processes`` (one per GPU with DDP), at most :data:`CUDA_MAX_WORKERS` each and at least
+    one where there are two cores. Why more than on a CPU: at ~3 ms a chip a worker reads
+    ~300 chips/s, while DOFA base in bf16 on a data-centre GPU runs thousands of images/s;
+    why a cap: each worker holds ``prefetch_factor`` (2) batches ahead, ~0.4 GB at batch 128
+    of 9-band chips. A judgement from those figures, not a GPU measurement (none was
+    available): ``benchmarks/gpu.py`` prints the end-to-end rate with this default.
 
     Args:
         cpus: usable CPU cores (default: this process's CPU affinity).
+        accelerator: ``"cpu"``, ``"cuda"`` or ``"mps"`` (resolved, see
+            :func:`resolve_accelerator`); MPS is treated as a CPU (shared cores).
+        processes: processes of the job on this machine (``devices`` with DDP), CUDA only.
 
     Returns:
-        The number of workers.
+        The number of workers per process.
     """
     n = _usable_cpus() if cpus is None else int(cpus)
+    if accelerator == "cuda":
+        share = (n - 2) // max(1, int(processes))
+        return max(0, min(n - 1, CUDA_MAX_WORKERS, max(1, share)))
     return max(0, min(4, n - 1))
 
 
@@ -305,14 +327,17 @@ def loader_options(device: str = "auto", num_workers: int | None = None) -> dict
 
     Args:
         device: Lightning accelerator name.
-        num_workers: workers (default :func:`default_num_workers`).
+        num_workers: workers (default :func:`default_num_workers` for the device).
 
     Returns:
         ``num_workers``, ``pin_memory`` (True on CUDA, so Lightning's transfer to the GPU is
         asynchronous: it passes ``non_blocking=True``), and with workers
         ``persistent_workers=False`` and ``prefetch_factor=2`` (batches read ahead per worker).
     """
-    workers = default_num_workers() if num_workers is None else int(num_workers)
+    if num_workers is None:
+        workers = default_num_workers(accelerator=resolve_accelerator(device))
+    else:
+        workers = int(num_workers)
     if workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {workers}")
     options: dict[str, Any] = {
