@@ -187,6 +187,44 @@ def test_pooled_geoparquet(tmp_path: Path) -> None:
     assert frame.time_start.iloc[0].timestamp() == t0
 
 
+def test_pooled_parts_keep_every_float32_bit_and_older_list_parts_still_read(
+    tmp_path: Path,
+) -> None:
+    """Embeddings go through the parts bit for bit (-0.0, subnormals, extremes); a part of
+    the older form (``embedding`` as a list of numbers, from an interrupted earlier run) is
+    read as well."""
+    import json
+
+    out = tmp_path / "pooled.parquet"
+    writer = PooledWriter(out, UTM, source="s")
+    writer.parts.mkdir(parents=True)
+    bounds = torch.tensor(
+        [
+            [500_000, 502_240, 10, 4_000_000, 4_002_240, 10, 0, 0, 1],
+            [502_240, 504_480, 10, 4_000_000, 4_002_240, 10, 0, 0, 1],
+        ],
+        dtype=torch.float64,
+    )
+    tiny = np.finfo(np.float32).smallest_subnormal
+    special = [-0.0, float(tiny), float(np.finfo(np.float32).max), 1 / 3, -1e-30]
+    pooled = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    pooled[0, :5] = torch.tensor(special)
+    _write_pooled(writer, {"pooled": pooled[:1], "bounds": bounds[:1]})
+    (part,) = writer.parts.glob("*.json")
+    assert "embedding_f32" in json.loads(part.read_text())
+    legacy = {
+        "chip_id": "legacy",
+        "bounds": [502_240.0, 4_000_000.0, 504_480.0, 4_002_240.0],
+        "time": [0.0, 0.0],
+        "embedding": pooled[1].tolist(),
+    }
+    (writer.parts / "legacy.json").write_text(json.dumps(legacy))
+    writer.finalize()
+    frame = gpd.read_parquet(out).sort_values("chip_id", key=lambda c: c == "legacy")
+    got = np.stack(frame.embedding.to_numpy()).astype(np.float32)
+    assert got.view(np.uint32).tolist() == pooled.numpy().view(np.uint32).tolist()
+
+
 # --- verified final files: write failures, resume after them, stale temporaries ----------------
 
 import contextlib  # noqa: E402

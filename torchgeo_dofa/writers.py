@@ -19,6 +19,7 @@ and keeps the parts, so rerunning the same job finishes the assembly.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import glob
 import json
@@ -837,14 +838,22 @@ class PooledWriter(_PartsWriter):
         return "_".join(f"{v:.10g}".replace("-", "m") for v in (xmin, ymin, xmax, ymax))
 
     def write_chip(self, prediction: Mapping[str, Any], i: int) -> None:
-        """Save chip ``i``'s row as a small JSON part keyed by its footprint."""
+        """Save chip ``i``'s row as a small JSON part keyed by its footprint.
+
+        The embedding is stored as the base64 of its little-endian float32 bytes
+        (``embedding_f32``): exact, and about 40x cheaper to write than a list of 768 numbers
+        in decimal (10 vs 465 us; the decimal form capped one writer thread at ~1,400
+        chips/s, below what a GPU embeds). Parts with an ``embedding`` list (written before)
+        are read too.
+        """
         b = prediction["bounds"][i].double().cpu().numpy()
         key = self.chip_key(b)
+        embedding = prediction["pooled"][i].float().cpu().numpy().astype("<f4", copy=False)
         row = {
             "chip_id": key,
             "bounds": [float(b[0]), float(b[3]), float(b[1]), float(b[4])],
             "time": [float(b[6]), float(b[7])] if len(b) >= 8 else [math.nan, math.nan],
-            "embedding": prediction["pooled"][i].float().cpu().numpy().tolist(),
+            "embedding_f32": base64.b64encode(embedding.tobytes()).decode("ascii"),
         }
         text = json.dumps(row)
         atomic_write(self.parts / f"{key}.json", lambda p: Path(p).write_text(text))
@@ -852,7 +861,7 @@ class PooledWriter(_PartsWriter):
     def _rows(self) -> list[dict[str, Any]]:
         """The table's rows (see the class docstring), before properties are joined."""
         parts = {
-            p.name.removesuffix(self.suffix): json.loads(p.read_text())
+            p.name.removesuffix(self.suffix): _pooled_part(json.loads(p.read_text()))
             for p in sorted(self.parts.glob(f"*{self.suffix}"))
         }
         if self.chip_keys is None:
@@ -945,6 +954,14 @@ class PooledWriter(_PartsWriter):
 
         atomic_write(self.path, frame.to_parquet, verify=verify, durable=True, hint=self._hint())
         shutil.rmtree(self.parts, ignore_errors=True)
+
+
+def _pooled_part(row: dict[str, Any]) -> dict[str, Any]:
+    """A pooled part as read: ``embedding`` as float32 (from ``embedding_f32`` or a list)."""
+    encoded = row.pop("embedding_f32", None)
+    if encoded is not None:
+        row["embedding"] = np.frombuffer(base64.b64decode(encoded), "<f4").astype(np.float32)
+    return row
 
 
 @contextlib.contextmanager
