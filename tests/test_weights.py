@@ -213,6 +213,19 @@ def test_non_finite_weights_are_an_error_naming_the_tensor(tmp_path, base_state,
     assert "1 tensor(s)" in message
 
 
+def test_float64_values_beyond_float32_are_an_error(tmp_path, base_state) -> None:
+    """Judged as the model holds them: 1e300 in a float64 file would load as infinity."""
+    state = {k: v.double() for k, v in base_state.items()}
+    state["blocks.0.mlp.fc1.bias"][:3] = 1e300
+    path = write_checkpoint(tmp_path / "c.pth", state)
+    with pytest.raises(CheckpointError, match=r"beyond the range of the model's float32") as info:
+        load_dofa("base", weights=path)
+    assert "blocks.0.mlp.fc1.bias (3 of 3072 values)" in str(info.value)
+    state["blocks.0.mlp.fc1.bias"][:3] = 1e30  # large, but a float32
+    loaded = load_dofa("base", weights=write_checkpoint(path, state))
+    assert float(loaded.state_dict()["backbone.blocks.0.mlp.fc1.bias"][0]) == pytest.approx(1e30)
+
+
 def test_non_finite_in_ignored_pretraining_keys_is_harmless(tmp_path, base_state, x, reference):
     """``projector.*`` is not loaded, so a NaN there does not reach any output."""
     state = {**base_state, "projector.bias": torch.full((16,), float("nan"))}

@@ -463,6 +463,10 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _all_finite(tensor: Tensor) -> bool:
     """Whether every value of a floating-point tensor is finite.
 
@@ -531,14 +535,20 @@ def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], orig
             + "; ".join(problems)
             + " (is it the other variant?)"
         )
+    # judged as the model will hold them: a float64 value beyond float32's range becomes inf
+    as_loaded = {
+        k: v.to(target[k].dtype) if v.is_floating_point() and v.dtype != target[k].dtype else v
+        for k, v in mapped.items()
+    }
     bad = [
         f"{k.removeprefix('backbone.')} ({int((~torch.isfinite(v)).sum())} of {v.numel()} values)"
-        for k, v in mapped.items()
+        for k, v in as_loaded.items()
         if v.is_floating_point() and not _all_finite(v)
     ]
     if bad:
         raise CheckpointError(
-            f"{origin} holds non-finite weights (NaN or infinity) in {len(bad)} tensor(s): "
+            f"{origin} holds non-finite weights (NaN or infinity, or beyond the range of the "
+            f"model's {_dtype_name(next(iter(target.values())).dtype)}) in {len(bad)} tensor(s): "
             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; every output of the model "
             "would be NaN: the file is corrupt or comes from a diverged training run, use "
             "another checkpoint"
