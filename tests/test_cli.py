@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -147,6 +148,27 @@ def test_ddp_two_cpu_processes_write_every_chip_once(
         rasterio.open(reference_run / "ftw_s2_l2a_33N_grid.tif") as b,
     ):
         np.testing.assert_allclose(a.read(), b.read(), atol=1e-4)
+    assert not list(tmp_path.glob("*.parts"))
+    # the summary counts every process's chips; DDP's set-up lines are not shown
+    assert "embedded 6 chips" in proc.stdout, proc.stdout
+    assert "Initializing distributed" not in proc.stderr, proc.stderr
+    assert "distributed_backend" not in proc.stderr, proc.stderr
+
+
+def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
+    """One chip, two processes: the chip is repeated so each process has one, written once."""
+    cmd = [
+        sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(SCENE), "-o", str(tmp_path),
+        "--weights", str(base_checkpoint), "--output", "both", "--bbox", "13.11", "48.28",
+        "13.111", "48.281", "--strategy", "ddp", "--devices", "2", "--device", "cpu",
+        "--num-workers", "0", "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "embedded 1 chips" in proc.stdout, proc.stdout
+    assert len(gpd.read_parquet(tmp_path / "ftw_s2_l2a_33N_pooled.parquet")) == 1
+    with rasterio.open(tmp_path / "ftw_s2_l2a_33N_grid.tif") as grid:
+        assert np.isfinite(grid.read()).all()  # the chip's cells, written once
     assert not list(tmp_path.glob("*.parts"))
 
 
@@ -641,6 +663,48 @@ def test_a_second_concurrent_job_on_the_folder_fails_at_once(tmp_path, base_chec
     assert done.stderr.startswith("torchgeo-dofa: device cpu, precision "), done.stderr
     for noise in ("GPU available", "Tip:", "LeafSpec", "Automatic Mixed Precision"):
         assert noise not in done.stderr, done.stderr
+
+
+def test_a_second_ctrl_c_stops_at_once_with_the_interrupted_error(tmp_path) -> None:
+    """Ctrl-C twice: Lightning's own shutdown (it exits with 1 and ignores SIGINT after) ends
+    as the job's interrupted error, exit status 130, and Ctrl-C works again afterwards."""
+    import signal
+
+    import lightning.pytorch as pl
+
+    from torchgeo_dofa.jobs import JobInterrupted
+
+    class CtrlCTwice(pl.Callback):
+        def on_predict_batch_start(self, *args: Any, **kwargs: Any) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    class Lines(logging.Handler):  # what Lightning's info logger lets through
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    lines = Lines()
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    log.addHandler(lines)
+    before = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "out"
+    try:
+        with pytest.raises(JobInterrupted) as info:
+            embed([SCENE], out, weights=None, output="pooled", num_workers=0, progress=False,
+                  callbacks=[CtrlCTwice()])  # fmt: skip
+    finally:
+        log.removeHandler(lines)
+    assert info.value.exit_status == 130 and "rerun the same command" in str(info.value)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert not (out / "ftw_s2_l2a_33N_pooled.parquet").exists()
+    # Lightning's reason stays visible; its start-up lines do not
+    assert any("Detected KeyboardInterrupt" in line for line in lines.lines), lines.lines
+    assert not any("available:" in line or "Tip:" in line for line in lines.lines), lines.lines
+    assert not log.filters  # the job's filter is gone
 
 
 def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path, capsys) -> None:

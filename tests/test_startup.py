@@ -49,6 +49,16 @@ def test_help_and_usage_errors_load_no_heavy_module(argv, code, stream, text) ->
     assert text in getattr(out, stream)
 
 
+def test_embed_signature_type_hints_resolve() -> None:
+    """Tools that read type hints (jsonargparse, typer, sphinx) can inspect ``embed``."""
+    import typing
+
+    from torchgeo_dofa import cli
+
+    hints = typing.get_type_hints(cli.embed)
+    assert hints["return"] is cli.EmbedSummary and "callbacks" in hints
+
+
 def test_cli_input_error_is_the_datasets_one() -> None:
     from torchgeo_dofa import cli
     from torchgeo_dofa.datasets import InputError

@@ -193,7 +193,7 @@ def embed(
     datetime: str | None = None,
     max_cloud: float | None = 30.0,
     composite: str = "median",
-    callbacks: Sequence[pl.Callback] = (),
+    callbacks: Sequence[Any] = (),
 ) -> EmbedSummary:
     """Embed rasters with DOFA and write georeferenced outputs, resumably.
 
@@ -257,7 +257,9 @@ def embed(
         datetime: STAC interval ``"YYYY-MM-DD/YYYY-MM-DD"`` (inclusive), with ``stac``.
         max_cloud: ``eo:cloud_cover`` limit in percent, with ``stac``.
         composite: ``median`` or ``mosaic`` (first valid date), with ``stac``.
-        callbacks: extra Lightning callbacks for the prediction trainer.
+        callbacks: extra Lightning callbacks (``lightning.pytorch.Callback``) for the
+            prediction trainer (typed ``Any`` so that the signature's type hints resolve
+            without importing Lightning).
 
     Returns:
         An :class:`EmbedSummary`.
@@ -278,6 +280,7 @@ def embed(
     from .jobs import (
         MANIFEST_NAME,
         InputFile,
+        JobInterrupted,
         JobManifest,
         OutputLock,
         StopOnSignal,
@@ -419,7 +422,7 @@ def embed(
         with StopOnSignal() as stop, quiet_lightning():
             manifest.check_or_write(folder, overwrite=overwrite, name=manifest_name)
             if _is_rank_zero():
-                count = "" if devices == 1 else f" x {devices}"
+                count = f" x {devices}" if isinstance(devices, int) and devices > 1 else ""
                 print(
                     f"torchgeo-dofa: device {accelerator}{count}, precision {choice.reason}; "
                     f"batch size {batch_size}, {num_workers} loader worker(s)",
@@ -470,11 +473,22 @@ def embed(
                         for w in pending:  # every chip done by an earlier run: assembly is left
                             if not w.path.exists() and trainer.is_global_zero:
                                 w.finalize()
+                except (SystemExit, KeyboardInterrupt):  # a second Ctrl-C: Lightning exits (1)
+                    _close_progress_bar(trainer)
+                    if stop.received is None:
+                        raise
+                    raise JobInterrupted(stop.received) from None
                 except BaseException:
                     _close_progress_bar(trainer)
                     raise
-                summary.chips += pending[0].written
-                summary.empty += pending[0].empty
+                # this run's chips, counted over every process (the data module's list is
+                # the whole job's; writers count their own process's chips)
+                empty = torch.tensor([float(pending[0].empty)], device=trainer.strategy.root_device)
+                if trainer.world_size > 1:
+                    empty = trainer.strategy.reduce(empty, reduce_op="sum")
+                done = len(dm.predict_sampler or []) - dm.skipped
+                summary.empty += min(done, int(empty.item()))  # a repeated empty chip, once
+                summary.chips += done - min(done, int(empty.item()))
                 summary.skipped += dm.skipped
         if summary.empty and _is_rank_zero():
             warnings.warn(
@@ -713,9 +727,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-#: Lightning's logger of its start-up lines ("GPU available: ...", "Using bfloat16 Automatic
-#: Mixed Precision", "Tip: ... try installing litlogger"), lightning/pytorch/utilities/rank_zero.py.
-LIGHTNING_INFO_LOGGER = "lightning.pytorch.utilities.rank_zero"
+#: Loggers of Lightning's start-up lines (lightning/pytorch/utilities/rank_zero.py for
+#: ``rank_zero_info``, lightning/fabric/utilities/distributed.py, .../accelerators/cuda.py).
+LIGHTNING_STARTUP_LOGGERS: tuple[str, ...] = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.fabric.utilities.distributed",
+    "lightning.pytorch.accelerators.cuda",
+)
+
+#: The start-up lines an embed job hides (Lightning 2.6's wording): accelerators found,
+#: mixed precision in use, its product adverts, DDP's process-group set-up, CUDA's visible
+#: devices and its TF32 advice (the job prints device and precision itself).
+LIGHTNING_STARTUP_LINE = re.compile(
+    r"\s*(?:[GTHI]PU available:|Using (?:16bit|16-bit|bfloat16) Automatic Mixed Precision"
+    r"|\N{ELECTRIC LIGHT BULB} Tip:|Initializing distributed:|-+\s*distributed_backend="
+    r"|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES:|You are using a CUDA device .* Tensor Cores)"
+)
+
+#: torch 2.10+'s FutureWarning about ``LeafSpec``, raised inside Lightning's ``_pytree``.
+LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)`"
+
+
+class _StartupLineFilter(logging.Filter):
+    """Drop the log records of :data:`LIGHTNING_STARTUP_LINE`; keep every other record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return LIGHTNING_STARTUP_LINE.match(record.getMessage()) is None
 
 
 @contextlib.contextmanager
@@ -723,23 +761,28 @@ def quiet_lightning() -> Iterator[None]:
     """Hide Lightning's start-up lines and one deprecation warning it triggers, for a job.
 
     An embed job prints its own line (device, precision and why, batch size, loader workers);
-    Lightning's INFO lines (accelerator found, AMP in use, adverts for its cloud products) say
-    less and would be repeated for every region, and torch 2.10+ warns (``FutureWarning``)
-    about ``LeafSpec``, which Lightning's ``_pytree`` still uses, once per job, a warning the
-    user can do nothing about. Lightning's warnings and errors, and every other warning, are
-    kept. Both settings are restored on exit.
+    Lightning's start-up lines (:data:`LIGHTNING_STARTUP_LINE`: accelerator found, AMP in use,
+    adverts for its cloud products, DDP set-up) say less and would be repeated for every
+    region, and torch 2.10+ warns (``FutureWarning``) about ``LeafSpec``, which Lightning's
+    ``_pytree`` still uses, a warning the user can do nothing about. Every other record of
+    those loggers (e.g. "Detected KeyboardInterrupt") and every other warning is kept. On exit
+    the log filter and the one warning filter added are removed; filters added meanwhile stay.
+    (Adding a warning filter makes Python forget which "default"/"once" warnings it has
+    shown, as ``warnings.catch_warnings`` does; such a warning may be shown once more.)
     """
-    log = logging.getLogger(LIGHTNING_INFO_LOGGER)
-    level = log.level
-    log.setLevel(max(level, logging.WARNING))
+    line_filter = _StartupLineFilter()
+    loggers = [logging.getLogger(name) for name in LIGHTNING_STARTUP_LOGGERS]
+    for log in loggers:
+        log.addFilter(line_filter)
+    warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
+    added = warnings.filters[0]
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning
-            )
-            yield
+        yield
     finally:
-        log.setLevel(level)
+        with contextlib.suppress(ValueError):  # someone reset the filters meanwhile
+            warnings.filters.remove(added)  # type: ignore[attr-defined]  # a list
+        for log in loggers:
+            log.removeFilter(line_filter)
 
 
 def _close_progress_bar(trainer: pl.Trainer) -> None:

@@ -513,7 +513,8 @@ class DOFAPredictDataModule(GeoDataModule):
         Writers (callbacks with an ``is_done(chip)`` method, e.g.
         :class:`~torchgeo_dofa.writers.GridWriter`) report the chips an earlier run wrote;
         a chip is left out when every writer has it, so a rerun resumes. The count left
-        out is :attr:`skipped`.
+        out is :attr:`skipped`. With fewer chips than processes (DDP), chips are repeated
+        so that every process gets one.
 
         Returns:
             The DataLoader.
@@ -526,6 +527,12 @@ class DOFAPredictDataModule(GeoDataModule):
             todo = [c for c in chips if not all(w.is_done(c) for w in writers)]
             self.skipped = len(chips) - len(todo)
             sampler = _ChipList(todo)
+        world = int(getattr(trainer, "world_size", 1) or 1)
+        if sampler is not None and 0 < len(sampler) < world:
+            # Lightning's distributed predict sampler needs a chip for every process: repeat
+            # chips (a repeated chip is written to the same part, once in the outputs)
+            chips = list(sampler)
+            sampler = _ChipList([chips[i % len(chips)] for i in range(world)])
         accelerator = getattr(trainer, "accelerator", None)
         workers = int(self.num_workers)
         dataset = self._dataset()

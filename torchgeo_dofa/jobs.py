@@ -584,18 +584,27 @@ class StopOnSignal(Callback):
             signal.signal(sig, self._handle)
 
     def restore(self) -> None:
-        """Put the previous handlers back (idempotent)."""
-        previous, self._previous = self._previous, {}
-        for sig, handler in previous.items():
+        """Put the previous handlers back (idempotent).
+
+        Also over a handler set meanwhile by someone else: after a second Ctrl-C, Lightning
+        sets SIGINT to ``SIG_IGN`` for its shutdown, which would otherwise outlive the job
+        (a notebook's kernel could no longer be interrupted).
+        """
+        self._put_back()
+        self._previous = {}
+
+    def _put_back(self) -> None:
+        for sig, handler in self._previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
             return
-        # a second signal: stop now, as without this callback
+        # a second signal: stop now, as without this callback (the handlers are put back
+        # again when the job ends, see restore)
         previous = self._previous.get(signum)
-        self.restore()
+        self._put_back()
         if callable(previous) and not _composes(previous):
             previous(signum, frame)
         elif signum == signal.SIGINT:
