@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from rasterio.windows import from_bounds
+from rasterio.windows import Window, from_bounds
 
 from tests.precision import assert_as_exact_as_torchgeo, cosine_error, torchgeo_bf16_error
 from torchgeo_dofa import load_dofa
@@ -156,20 +156,35 @@ def test_ddp_two_cpu_processes_write_every_chip_once(
 
 
 def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
-    """One chip, two processes: the chip is repeated so each process has one, written once."""
+    """Two chips (the first without data), three processes: a chip is repeated so that every
+    process has one; each chip is written once and counted once in the summary."""
+    scene = tmp_path / "two.tif"
+    with rasterio.open(SCENE) as src:
+        profile = src.profile | {"width": 448, "height": 224}
+        profile["transform"] = src.window_transform(Window(0, 0, 448, 224))
+        data = src.read(window=Window(0, 0, 448, 224))
+        names = src.descriptions
+    data[:, :, :224] = 0  # the left chip holds no valid pixel
+    with rasterio.open(scene, "w", **profile) as dst:
+        dst.write(data)
+        dst.descriptions = names
+    out = tmp_path / "out"
     cmd = [
-        sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(SCENE), "-o", str(tmp_path),
-        "--weights", str(base_checkpoint), "--output", "both", "--bbox", "13.11", "48.28",
-        "13.111", "48.281", "--strategy", "ddp", "--devices", "2", "--device", "cpu",
-        "--num-workers", "0", "--no-progress",
+        sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(scene), "-o", str(out),
+        "--weights", str(base_checkpoint), "--output", "both", "--strategy", "ddp",
+        "--devices", "3", "--device", "cpu", "--num-workers", "0", "--batch-size", "1",
+        "--no-progress",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "embedded 1 chips" in proc.stdout, proc.stdout
-    assert len(gpd.read_parquet(tmp_path / "ftw_s2_l2a_33N_pooled.parquet")) == 1
-    with rasterio.open(tmp_path / "ftw_s2_l2a_33N_grid.tif") as grid:
-        assert np.isfinite(grid.read()).all()  # the chip's cells, written once
-    assert not list(tmp_path.glob("*.parts"))
+    assert "1 chip(s) held no valid pixel" in proc.stderr, proc.stderr
+    frame = gpd.read_parquet(out / "two_pooled.parquet")
+    assert sorted(frame.no_data) == [False, True]
+    with rasterio.open(out / "two_grid.tif") as grid:
+        cells = np.isfinite(grid.read(1))
+    assert cells.shape == (14, 28) and cells[:, 14:].all() and not cells[:, :14].any()
+    assert not list(out.glob("*.parts"))
 
 
 @pytest.mark.parametrize(
@@ -705,6 +720,26 @@ def test_a_second_ctrl_c_stops_at_once_with_the_interrupted_error(tmp_path) -> N
     assert any("Detected KeyboardInterrupt" in line for line in lines.lines), lines.lines
     assert not any("available:" in line or "Tip:" in line for line in lines.lines), lines.lines
     assert not log.filters  # the job's filter is gone
+
+
+def test_quiet_lightning_leaves_the_callers_warning_filters() -> None:
+    """Filters the caller has (even the same one) or adds during the job stay; ours goes."""
+    import warnings
+
+    from torchgeo_dofa.cli import LEAFSPEC_WARNING, quiet_lightning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
+        before = list(warnings.filters)
+        with quiet_lightning():
+            assert warnings.filters == before  # the same filter is not added twice
+        assert warnings.filters == before  # nor removed
+    with warnings.catch_warnings():
+        before = list(warnings.filters)
+        with quiet_lightning():
+            assert len(warnings.filters) == len(before) + 1
+            warnings.filterwarnings("error", message="added during the job")
+        assert warnings.filters[1:] == before and "added during" in str(warnings.filters[0][1])
 
 
 def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path, capsys) -> None:

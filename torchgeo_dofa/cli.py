@@ -317,7 +317,7 @@ def embed(
     if batch_size is None:
         batch_size = default_batch_size(device, choice.precision, variant)
     if num_workers is None:
-        processes = devices if isinstance(devices, int) else 1
+        processes = _device_count(devices, accelerator)
         num_workers = default_num_workers(accelerator=accelerator, processes=processes)
     if chip_size < 16 or chip_size % 16:
         raise InputError(f"--chip-size must be a multiple of 16 pixels >= 16, got {chip_size}")
@@ -470,6 +470,7 @@ def embed(
                 try:
                     with gdal_env(dm.gdal_cache):
                         trainer.predict(module, datamodule=dm, return_predictions=False)
+                        done, empty = _job_counts(trainer, dm, pending[0].empty)
                         for w in pending:  # every chip done by an earlier run: assembly is left
                             if not w.path.exists() and trainer.is_global_zero:
                                 w.finalize()
@@ -481,14 +482,8 @@ def embed(
                 except BaseException:
                     _close_progress_bar(trainer)
                     raise
-                # this run's chips, counted over every process (the data module's list is
-                # the whole job's; writers count their own process's chips)
-                empty = torch.tensor([float(pending[0].empty)], device=trainer.strategy.root_device)
-                if trainer.world_size > 1:
-                    empty = trainer.strategy.reduce(empty, reduce_op="sum")
-                done = len(dm.predict_sampler or []) - dm.skipped
-                summary.empty += min(done, int(empty.item()))  # a repeated empty chip, once
-                summary.chips += done - min(done, int(empty.item()))
+                summary.chips += done - empty
+                summary.empty += empty
                 summary.skipped += dm.skipped
         if summary.empty and _is_rank_zero():
             warnings.warn(
@@ -668,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(args_list)  # --help and usage errors before torch loads
     from .bands import BandError
     from .datasets import InputError
-    from .jobs import JobError
+    from .jobs import JobError, JobInterrupted
     from .weights import CheckpointError
     from .writers import OutputWriteError
 
@@ -717,7 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             composite=args.composite,
         )
     except (JobError, OutputWriteError) as err:
-        print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
+        if _is_rank_zero() or not isinstance(err, JobInterrupted):  # one line per job, not rank
+            print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
         return int(getattr(err, "exit_status", 1))
     except (InputError, BandError, CheckpointError, ValueError, OSError) as err:
         print(f"torchgeo-dofa: error: {cli_hints(str(err))}", file=sys.stderr)
@@ -774,15 +770,57 @@ def quiet_lightning() -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in LIGHTNING_STARTUP_LOGGERS]
     for log in loggers:
         log.addFilter(line_filter)
-    warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
-    added = warnings.filters[0]
+    entry = ("ignore", re.compile(LEAFSPEC_WARNING, re.I), FutureWarning, None, 0)
+    ours = entry not in warnings.filters  # the caller's own identical filter stays theirs
+    if ours:
+        warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
     try:
         yield
     finally:
-        with contextlib.suppress(ValueError):  # someone reset the filters meanwhile
-            warnings.filters.remove(added)  # type: ignore[attr-defined]  # a list
+        if ours:
+            with contextlib.suppress(ValueError):  # someone reset the filters meanwhile
+                warnings.filters.remove(entry)  # type: ignore[attr-defined]  # a list
         for log in loggers:
             log.removeFilter(line_filter)
+
+
+def _job_counts(trainer: pl.Trainer, dm: Any, empty_here: int) -> tuple[int, int]:
+    """This run's chips and, among them, the empty ones, over every process of the job.
+
+    The data module's chip list is the whole job's (less the chips resumed); each process's
+    writers count the empty chips it embedded, summed over the processes (a collective call:
+    every process makes it, right after ``predict``). With fewer chips than processes the data
+    module repeats chips, and Lightning's distributed sampler then gives process ``r`` exactly
+    chip ``r``: the processes from ``len(chips)`` on only hold repeats and count nothing.
+    """
+    import torch
+
+    done = len(dm.predict_sampler or []) - dm.skipped
+    if trainer.world_size == 1:
+        return done, empty_here
+    if done < trainer.world_size and trainer.global_rank >= done:
+        empty_here = 0
+    total = torch.tensor([float(empty_here)], device=trainer.strategy.root_device)
+    total = trainer.strategy.reduce(total, reduce_op="sum")
+    return done, min(done, int(total.item()))
+
+
+def _device_count(devices: int | str, accelerator: str) -> int:
+    """Processes the job runs on this machine.
+
+    ``devices`` as Lightning reads it: a count; ``-1``, ``"-1"`` or ``"auto"`` for every GPU
+    (one process on a CPU); or GPU indices ``"0,1"``.
+    """
+    text = str(devices).strip().lower()
+    if text in ("auto", "-1"):
+        if accelerator != "cuda":
+            return 1
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    if "," in text or "[" in text:
+        return max(1, len([d for d in text.strip("[]").split(",") if d.strip()]))
+    return max(1, int(text)) if text.isdigit() else 1
 
 
 def _close_progress_bar(trainer: pl.Trainer) -> None:
