@@ -316,8 +316,8 @@ def embed(
         raise InputError(f"--devices must be >= 1, got {devices}")
     if batch_size is None:
         batch_size = default_batch_size(device, choice.precision, variant)
+    processes = _device_count(devices, accelerator)
     if num_workers is None:
-        processes = _device_count(devices, accelerator)
         num_workers = default_num_workers(accelerator=accelerator, processes=processes)
     if chip_size < 16 or chip_size % 16:
         raise InputError(f"--chip-size must be a multiple of 16 pixels >= 16, got {chip_size}")
@@ -422,7 +422,7 @@ def embed(
         with StopOnSignal() as stop, quiet_lightning():
             manifest.check_or_write(folder, overwrite=overwrite, name=manifest_name)
             if _is_rank_zero():
-                count = f" x {devices}" if isinstance(devices, int) and devices > 1 else ""
+                count = f" x {processes}" if processes > 1 else ""
                 print(
                     f"torchgeo-dofa: device {accelerator}{count}, precision {choice.reason}; "
                     f"batch size {batch_size}, {num_workers} loader worker(s)",
@@ -474,13 +474,12 @@ def embed(
                         for w in pending:  # every chip done by an earlier run: assembly is left
                             if not w.path.exists() and trainer.is_global_zero:
                                 w.finalize()
-                except (SystemExit, KeyboardInterrupt):  # a second Ctrl-C: Lightning exits (1)
+                except BaseException as err:
                     _close_progress_bar(trainer)
-                    if stop.received is None:
-                        raise
-                    raise JobInterrupted(stop.received) from None
-                except BaseException:
-                    _close_progress_bar(trainer)
+                    # a second Ctrl-C: Lightning exits (1); it is the job's interruption
+                    received = stop.received
+                    if received is not None and isinstance(err, SystemExit | KeyboardInterrupt):
+                        raise JobInterrupted(received) from None
                     raise
                 summary.chips += done - empty
                 summary.empty += empty

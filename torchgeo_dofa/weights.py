@@ -553,7 +553,7 @@ def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], orig
             "would be NaN: the file is corrupt or comes from a diverged training run, use "
             "another checkpoint"
         )
-    encoder.load_state_dict(mapped, strict=False)
+    encoder.load_state_dict(as_loaded, strict=False)  # already in the model's dtypes
 
 
 def load_checkpoint(encoder: DOFAEncoder, resolution: WeightsResolution) -> None:
