@@ -200,20 +200,18 @@ def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--variant", "huge"], "unknown DOFA variant 'huge'"),
-        (["--output", "cube"], "unknown --output 'cube'"),
         (["--bands", "B4", "B3", "B99"], "B99"),
         (["--weights", "/no/such.pth"], "does not exist"),
         (["--stride", "100"], "not a multiple of the output cell (16 px"),
         (["--chip-size", "448", "--stride", "16"], "output cell (32 px for 448-px chips"),
         (["--chip-size", "100"], "--chip-size must be a multiple of 16"),
         (["--device", "gpu"], "asked for a GPU, but PyTorch sees none"),
-        (["--precision", "fp8"], "unknown --precision"),
         (["--bbox", "0", "0", "0.1", "0.1"], "does not overlap the rasters, which cover lon 13.1"),
         (["--file-bands", "B4", "B3", "B2"], "has 4 bands but --file-bands names 3"),
         (["--devices", "0"], "--devices must be >= 1"),
         (["--seed", "3"], "--seed applies to random weights only: add --weights none"),
         (["--output", "grid", "--points", "p.csv"], "use --output pooled"),
+        (["--output", "pooled", "--points", "p.csv"], "points file 'p.csv' does not exist"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, args, message) -> None:
@@ -223,6 +221,56 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, args, message) -> None:
     assert err.startswith("torchgeo-dofa: error:") and message in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "choices"),
+    [
+        ("--variant", "huge", "'base', 'large', 'b', 'l'"),
+        ("--output", "cube", "'grid', 'pooled', 'both'"),
+        ("--input-prep", "crop", "'resize', 'tile'"),
+        ("--precision", "fp8", "'auto', '32', '32-true', 'fp32', 'bf16', 'bf16-mixed'"),
+        ("--device", "tpu", "'auto', 'cpu', 'gpu', 'cuda', 'mps'"),
+        ("--composite", "max", "'median', 'mosaic'"),
+    ],
+)
+def test_unknown_option_value_is_a_usage_error(tmp_path, capsys, option, value, choices) -> None:
+    """A value outside an option's set is argparse's usage error (exit 2), listing the set."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["embed", str(SCENE), "-o", str(tmp_path / "out"), option, value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert f"argument {option}: invalid choice: '{value}' (choose from {choices})" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_option_values_are_case_insensitive_where_the_library_is(tmp_path) -> None:
+    from torchgeo_dofa.cli import _parser
+
+    args = _parser().parse_args(
+        ["embed", "x", "-o", "o", "--variant", "Large", "--precision", "BF16", "--device", "CPU"]
+    )
+    assert (args.variant, args.precision, args.device) == ("large", "bf16", "cpu")
+
+
+def test_option_choices_are_what_the_library_accepts() -> None:
+    """The parser's sets (checked before torch loads) are the library's, no more, no less."""
+    from torchgeo_dofa import cli, model, runtime, stac, transforms
+    from torchgeo_dofa.embedder import OUTPUT_KINDS
+
+    assert set(cli.VARIANT_NAMES) == set(model._ALIASES)
+    assert set(cli.OUTPUT_NAMES) == set(OUTPUT_KINDS)
+    assert set(cli.INPUT_PREP_NAMES) == set(transforms.INPUT_PREPS)
+    assert set(cli.COMPOSITE_NAMES) == set(stac.COMPOSITES)
+    for name in runtime.PRECISION_NAMES:
+        assert runtime.resolve_precision(name.upper()).precision == runtime.PRECISION_NAMES[name]
+    for name in runtime.DEVICE_NAMES:  # known: a kind, or (a GPU asked for here) no GPU
+        try:
+            assert runtime.resolve_accelerator(name.upper()) in ("cpu", "cuda", "mps")
+        except ValueError as err:
+            assert "asked for a GPU, but PyTorch sees none" in str(err)
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        runtime.resolve_accelerator("tpu")
 
 
 def test_unreadable_and_normalised_inputs(tmp_path, capsys) -> None:
@@ -670,9 +718,10 @@ def test_a_second_concurrent_job_on_the_folder_fails_at_once(tmp_path, base_chec
     cmd = [sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(SCENE), "-o", str(out),
            "--no-progress", "--output", "pooled"]  # fmt: skip
     with OutputLock(out):  # another job holds the folder (this process, via the real lock)
-        # the lock is checked first: before the inputs are read or the weights looked for
-        missing = [*cmd, "--weights", str(tmp_path / "missing.pth")]
-        second = subprocess.run(missing, capture_output=True, text=True, timeout=300)
+        # the lock is checked first: before the inputs are read or the weights loaded
+        (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+        corrupt = [*cmd, "--weights", str(tmp_path / "corrupt.pth")]
+        second = subprocess.run(corrupt, capture_output=True, text=True, timeout=300)
     assert second.returncode == 75, second.stderr[-2000:]
     last = second.stderr.strip().splitlines()[-1]
     assert "is in use by another torchgeo-dofa job" in last and f"pid {os.getpid()}" in last
@@ -736,18 +785,19 @@ def test_quiet_lightning_leaves_the_callers_warning_filters() -> None:
     """Filters the caller has (even the same one) or adds during the job stay; ours goes."""
     import warnings
 
-    from torchgeo_dofa.cli import LEAFSPEC_WARNING, quiet_lightning
+    from torchgeo_dofa.cli import JOB_WARNINGS, quiet_lightning
 
+    (leafspec, category), *others = JOB_WARNINGS
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
+        warnings.filterwarnings("ignore", message=leafspec, category=category)
         before = list(warnings.filters)
-        with quiet_lightning():
-            assert warnings.filters == before  # the same filter is not added twice
+        with quiet_lightning():  # the same filter is not added twice
+            assert warnings.filters[len(others) :] == before
         assert warnings.filters == before  # nor removed
     with warnings.catch_warnings():
         before = list(warnings.filters)
         with quiet_lightning():
-            assert len(warnings.filters) == len(before) + 1
+            assert len(warnings.filters) == len(before) + len(JOB_WARNINGS)
             warnings.filterwarnings("error", message="added during the job")
         assert warnings.filters[1:] == before and "added during" in str(warnings.filters[0][1])
 

@@ -23,6 +23,10 @@ def test_import_loads_no_heavy_module() -> None:
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+#: an embed command whose input exists (this file: only existence is checked before torch)
+EMBED = ["embed", __file__, "-o", "out"]
+
+
 @pytest.mark.parametrize(
     ("argv", "code", "stream", "text"),
     [
@@ -31,22 +35,39 @@ def test_import_loads_no_heavy_module() -> None:
         (["preview", "--help"], 0, "stdout", "embedding"),
         (["embed", "scene.tif"], 2, "stderr", "the following arguments are required: -o"),
         (["embed", "scene.tif", "-o", "out", "--batch-size", "x"], 2, "stderr", "invalid int"),
+        (["preview", "missing.tif", "-o", "p.png"], 2, "stderr", "missing.tif"),
+        (["embed", "s.tif", "-o", "o", "--variant", "huge"], 2, "stderr", "invalid choice"),
+        (["embed", "s.tif", "-o", "o", "--precision", "16"], 2, "stderr", "invalid choice"),
+        (["embed", "missing.tif", "-o", "o"], 2, "stderr", "input 'missing.tif' does not exist"),
+        ([*EMBED, "--seed", "1"], 2, "stderr", "--seed applies to random weights only"),
+        ([*EMBED, "--chip-size", "100"], 2, "stderr", "--chip-size must be a multiple of 16"),
+        ([*EMBED, "--devices", "0"], 2, "stderr", "--devices must be >= 1"),
+        ([*EMBED, "--weights", "no.pth"], 2, "stderr", "weights file 'no.pth' does not exist"),
+        ([*EMBED, "--points", "p.csv", "--output", "grid"], 2, "stderr", "--output pooled"),
+        ([*EMBED, "--points", "p.csv"], 2, "stderr", "points file 'p.csv' does not exist"),
     ],
 )
-def test_help_and_usage_errors_load_no_heavy_module(argv, code, stream, text) -> None:
-    """``torchgeo-dofa --help`` and a usage error answer at once, without importing torch."""
+def test_help_and_usage_errors_load_no_heavy_module(argv, code, stream, text, tmp_path) -> None:
+    """``--help``, a usage error, an unknown option value, a missing file or options that do
+    not go together answer at once, without importing torch, and write nothing."""
     script = (
         "import sys\n"
         "from torchgeo_dofa.cli import main\n"
-        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    status = e.code\n"
-        "heavy = [m for m in ('torch', 'lightning', 'rasterio') if m in sys.modules]\n"
+        "try:\n    status = main(sys.argv[1:])\nexcept SystemExit as e:\n    status = e.code\n"
+        "heavy = [m for m in ('torch', 'lightning', 'torchgeo', 'rasterio') if m in sys.modules]\n"
         "print('HEAVY=' + ','.join(heavy), 'STATUS=' + str(status), file=sys.stderr)"
     )
     out = subprocess.run(
-        [sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
-    assert out.stderr.strip().splitlines()[-1] == f"HEAVY= STATUS={code}", out.stderr
+    heavy = "rasterio" if argv[0] == "preview" and argv[1] != "--help" else ""  # reads a file
+    assert out.stderr.strip().splitlines()[-1] == f"HEAVY={heavy} STATUS={code}", out.stderr
     assert text in getattr(out, stream)
+    assert list(tmp_path.iterdir()) == []  # no output folder, lock or manifest
 
 
 def test_embed_signature_type_hints_resolve() -> None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeGuard
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch loads on first use: the preview and the CLI's checks need none
+    from torch import Tensor
+
 
 __all__ = [
     "DOFA_S2_BANDS",
@@ -281,7 +284,7 @@ def validate_wavelengths(wavelengths: Sequence[float] | Tensor, num_channels: in
     """
     values = (
         wavelengths.detach().flatten().tolist()
-        if isinstance(wavelengths, Tensor)
+        if _is_tensor(wavelengths)
         else [float(v) for v in wavelengths]
     )
     if num_channels is not None and len(values) != num_channels:
@@ -332,9 +335,17 @@ def resolve_wavelengths(
                 f"{len(bands)} band names but {len(values)} wavelengths: give one per band"
             )
     validate_wavelengths(values, num_channels)
-    if isinstance(values, Tensor):
+    import torch
+
+    if _is_tensor(values):
         return values.detach().to(dtype=torch.float32).flatten().clone()
     return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
+def _is_tensor(value: Any) -> TypeGuard[Tensor]:
+    """Whether ``value`` is a torch tensor, without importing torch (none exists before)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def date_copy_base(name: str) -> str:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .runtime import DEVICE_NAMES, PRECISION_NAMES
+
 if TYPE_CHECKING:  # the heavy modules load when a job runs, not for --help or a usage error
     import lightning.pytorch as pl
 
@@ -27,6 +29,16 @@ if TYPE_CHECKING:  # the heavy modules load when a job runs, not for --help or a
 __all__ = ["EmbedSummary", "InputError", "embed", "main"]
 
 CHIP = 224
+
+#: ``embed``'s options with a fixed set of values, checked by the parser before PyTorch loads
+#: (a typo answers at once, not after seconds of imports). Each set is the one the library
+#: accepts (``tests/test_cli.py`` keeps them equal): :func:`torchgeo_dofa.model.canonical_variant`
+#: (case-insensitive), :data:`torchgeo_dofa.embedder.OUTPUT_KINDS`,
+#: :data:`torchgeo_dofa.transforms.INPUT_PREPS`, :data:`torchgeo_dofa.stac.COMPOSITES`.
+VARIANT_NAMES: tuple[str, ...] = ("base", "large", "b", "l")
+OUTPUT_NAMES: tuple[str, ...] = ("grid", "pooled", "both")
+INPUT_PREP_NAMES: tuple[str, ...] = ("resize", "tile")
+COMPOSITE_NAMES: tuple[str, ...] = ("median", "mosaic")
 
 
 @dataclass
@@ -122,6 +134,56 @@ def default_chips_per_second(precision: str, accelerator: str) -> float:
     if accelerator == "cuda":
         return 200.0
     return 7.9 if precision == "bf16" else 4.2
+
+
+def option_problem(
+    inputs: Sequence[str | os.PathLike[str]],
+    *,
+    stac: str | None = None,
+    output: str = "both",
+    points: str | os.PathLike[str] | None = None,
+    weights: str | os.PathLike[str] | None = "official",
+    seed: int | None = None,
+    chip_size: int = CHIP,
+    devices: int | str = 1,
+) -> str | None:
+    """The first problem among ``embed``'s arguments that needs no raster read, or None.
+
+    Checked by the command line before PyTorch loads and by :func:`embed`: an input, weights
+    file or points file that does not exist, no input at all, options that do not go
+    together, a chip size off the model's 16-pixel patch grid, a device count below 1.
+
+    Args:
+        inputs: input files or folders (each must exist).
+        stac: STAC URL or file (inputs may then be empty).
+        output: ``grid``, ``pooled`` or ``both``.
+        points: points file (pooled output only).
+        weights: ``None`` for random weights, else a checkpoint or ``official``.
+        seed: seed of random weights (with ``weights=None`` only).
+        chip_size: chip side in pixels (a multiple of 16).
+        devices: Lightning's device count, or a string it reads (``auto``, ``0,1``).
+
+    Returns:
+        One line naming the problem and the fix, or None.
+    """
+    for raw in inputs:
+        if not Path(raw).exists():
+            return f"input {str(raw)!r} does not exist"
+    if not inputs and stac is None:
+        return "no input: give GeoTIFF/JP2 files or folders, or --stac URL"
+    if isinstance(devices, int) and devices < 1:
+        return f"--devices must be >= 1 (or auto for every GPU), got {devices}"
+    if chip_size < 16 or chip_size % 16:
+        return f"--chip-size must be a multiple of 16 pixels >= 16, got {chip_size}"
+    if points is not None and output == "grid":
+        return "--points gives one pooled row per point: use --output pooled"
+    if seed is not None and weights is not None:
+        return "--seed applies to random weights only: add --weights none"
+    if weights is not None and str(weights) != "official" and not Path(weights).exists():
+        return f"weights file {str(weights)!r} does not exist"
+    if points is not None and not Path(points).exists():
+        return f"points file {str(points)!r} does not exist"
+    return None
 
 
 def _stac_inputs(
@@ -312,30 +374,32 @@ def embed(
         accelerator = resolve_accelerator(device)
     except ValueError as err:
         raise InputError(str(err).replace("unknown precision", "unknown --precision")) from None
-    if isinstance(devices, int) and devices < 1:
-        raise InputError(f"--devices must be >= 1, got {devices}")
+    inputs = list(inputs)
+    problem = option_problem(
+        inputs,
+        stac=stac,
+        output=output,
+        points=points,
+        weights=weights,
+        seed=seed,
+        chip_size=chip_size,
+        devices=devices,
+    )
+    if problem is not None:
+        raise InputError(problem)
     if batch_size is None:
         batch_size = default_batch_size(device, choice.precision, variant)
     processes = _device_count(devices, accelerator)
     if num_workers is None:
         num_workers = default_num_workers(accelerator=accelerator, processes=processes)
-    if chip_size < 16 or chip_size % 16:
-        raise InputError(f"--chip-size must be a multiple of 16 pixels >= 16, got {chip_size}")
-    if points is not None and output == "grid":
-        raise InputError("--points gives one pooled row per point: use --output pooled")
-    if seed is not None and weights is not None:
-        raise InputError("--seed applies to random weights only: add --weights none")
     point_list, properties = (None, None)
     if points is not None:
         try:
             point_list, properties = read_points(points, buffer_m)
         except (OSError, ValueError) as err:
             raise InputError(str(err)) from None
-    inputs = list(inputs)
     if stac is not None:
         inputs += _stac_inputs(stac, collection, bbox, datetime, bands, max_cloud, composite)
-    if not inputs:
-        raise InputError("no input: give GeoTIFF/JP2 files or folders, or --stac URL")
     regions = find_raster_inputs(inputs)
     point_sets: list[list[int] | None] = [None] * len(regions)
     if point_list is not None:  # each point to the regions holding it; none left out silently
@@ -524,8 +588,21 @@ def _parser() -> argparse.ArgumentParser:
         help="folder for the outputs, or with one region a file name NAME.tif / "
         "NAME.parquet (--output both writes NAME.tif and NAME.parquet)",
     )
-    e.add_argument("--variant", default="base", help="base | large (b | l)")
-    e.add_argument("--output", default="both", help="grid | pooled | both (default both)")
+    e.add_argument(
+        "--variant",
+        type=_lowercase,
+        choices=VARIANT_NAMES,
+        default="base",
+        metavar="VARIANT",
+        help="base | large (b | l)",
+    )
+    e.add_argument(
+        "--output",
+        choices=OUTPUT_NAMES,
+        default="both",
+        metavar="KIND",
+        help="grid | pooled | both (default both)",
+    )
     e.add_argument(
         "--chip-size",
         type=int,
@@ -535,7 +612,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--input-prep",
+        choices=INPUT_PREP_NAMES,
         default="resize",
+        metavar="HOW",
         help="resize | tile: how a chip larger than 224 px becomes model input; resize: one "
         "224 px input, grid cells of chip-size/14 px; tile: 224 px tiles, cells of 16 px "
         "(no effect with --chip-size 224)",
@@ -552,12 +631,22 @@ def _parser() -> argparse.ArgumentParser:
         help="DataLoader workers reading chips (default: min(4, cores - 1) on a CPU; on CUDA "
         "(cores - 2) / GPUs, at most 8)",
     )
-    e.add_argument("--device", default="auto", help="auto | cpu | gpu")
+    e.add_argument(
+        "--device",
+        type=_lowercase,
+        choices=DEVICE_NAMES,
+        default="auto",
+        metavar="DEVICE",
+        help="auto | cpu | gpu",
+    )
     e.add_argument("--devices", default="1", help="number of devices (with --strategy ddp)")
     e.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     e.add_argument(
         "--precision",
+        type=_lowercase,
+        choices=("auto", *PRECISION_NAMES),
         default="auto",
+        metavar="PRECISION",
         help="auto | 32 | bf16 (auto: bf16 on CUDA and on CPUs with AMX / AVX-512 BF16)",
     )
     e.add_argument(
@@ -612,7 +701,13 @@ def _parser() -> argparse.ArgumentParser:
         "--datetime", default=None, metavar="A/B", help="STAC dates, e.g. 2023-06-01/2023-08-31"
     )
     e.add_argument("--max-cloud", type=float, default=30.0, help="eo:cloud_cover limit, %%")
-    e.add_argument("--composite", default="median", help="median | mosaic (first valid date)")
+    e.add_argument(
+        "--composite",
+        choices=COMPOSITE_NAMES,
+        default="median",
+        metavar="HOW",
+        help="median | mosaic (first valid date)",
+    )
     e.add_argument(
         "--overwrite",
         action="store_true",
@@ -625,6 +720,11 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("fit", "validate", "test", "predict"):
         sub.add_parser(name, help=f"LightningCLI {name} (--config cfg.yaml)", add_help=False)
     return parser
+
+
+def _lowercase(value: str) -> str:
+    """An option value compared case-insensitively (``--variant Base``, ``--precision BF16``)."""
+    return value.strip().lower()
 
 
 def _lightning_cli(args: Sequence[str] | None) -> None:
@@ -659,7 +759,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_list and args_list[0] in ("fit", "validate", "test", "predict"):
         _lightning_cli(None if argv is None else args_list)
         return 0
-    args = _parser().parse_args(args_list)  # --help and usage errors before torch loads
+    parser = _parser()
+    args = parser.parse_args(args_list)  # --help and usage errors before torch loads
+    if args.command == "embed":  # so are the errors that need no raster read
+        args.weights = None if str(args.weights).lower() == "none" else args.weights
+        args.devices = (
+            int(args.devices) if str(args.devices).lstrip("-").isdigit() else args.devices
+        )
+        problem = option_problem(
+            args.inputs,
+            stac=args.stac,
+            output=args.output,
+            points=args.points,
+            weights=args.weights,
+            seed=args.seed,
+            chip_size=args.chip_size,
+            devices=args.devices,
+        )
+        if problem is not None:
+            print(f"torchgeo-dofa: error: {problem}", file=sys.stderr)
+            return 2
+    if args.command == "preview":  # numpy, rasterio and Pillow only
+        from .preview import render_preview
+
+        try:
+            out = render_preview(args.embedding, args.output)
+        except (ValueError, OSError) as err:
+            print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {out}")
+        return 0
     from .bands import BandError
     from .datasets import InputError
     from .jobs import JobError, JobInterrupted
@@ -667,28 +796,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .writers import OutputWriteError
 
     try:
-        if args.command == "preview":
-            from .preview import render_preview
-
-            out = render_preview(args.embedding, args.output)
-            print(f"wrote {out}")
-            return 0
-        weights = None if str(args.weights).lower() == "none" else args.weights
-        devices: int | str = (
-            int(args.devices) if str(args.devices).lstrip("-").isdigit() else args.devices
-        )
         summary = embed(
             args.inputs,
             args.output_dir,
             variant=args.variant,
             output=args.output,
             input_prep=args.input_prep,
-            weights=weights,
+            weights=args.weights,
             seed=args.seed,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             device=args.device,
-            devices=devices,
+            devices=args.devices,
             strategy=args.strategy,
             precision=args.precision,
             bands=args.bands,
@@ -740,8 +859,11 @@ LIGHTNING_STARTUP_LINE = re.compile(
     r"|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES:|You are using a CUDA device .* Tensor Cores)"
 )
 
-#: torch 2.10+'s FutureWarning about ``LeafSpec``, raised inside Lightning's ``_pytree``.
-LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)`"
+#: Warnings an embed job hides, as (message regex, category): torch 2.10+'s FutureWarning
+#: about ``LeafSpec``, raised inside Lightning's ``_pytree``.
+JOB_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    (r"`isinstance\(treespec, LeafSpec\)`", FutureWarning),
+)
 
 
 class _StartupLineFilter(logging.Filter):
@@ -753,15 +875,16 @@ class _StartupLineFilter(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_lightning() -> Iterator[None]:
-    """Hide Lightning's start-up lines and one deprecation warning it triggers, for a job.
+    """Hide Lightning's start-up lines and warnings that mean nothing in a job, for a job.
 
     An embed job prints its own line (device, precision and why, batch size, loader workers);
     Lightning's start-up lines (:data:`LIGHTNING_STARTUP_LINE`: accelerator found, AMP in use,
     adverts for its cloud products, DDP set-up) say less and would be repeated for every
-    region, and torch 2.10+ warns (``FutureWarning``) about ``LeafSpec``, which Lightning's
-    ``_pytree`` still uses, a warning the user can do nothing about. Every other record of
-    those loggers (e.g. "Detected KeyboardInterrupt") and every other warning is kept. On exit
-    the log filter and the one warning filter added are removed; filters added meanwhile stay.
+    region; of :data:`JOB_WARNINGS`, torch 2.10+'s ``FutureWarning`` about ``LeafSpec``, which
+    Lightning's ``_pytree`` still uses, is one the user can do nothing about. Every other
+    record of those loggers (e.g. "Detected KeyboardInterrupt") and every other warning is
+    kept. On exit the log filter and the warning filters added are removed; filters added
+    meanwhile stay.
     (Adding a warning filter makes Python forget which "default"/"once" warnings it has
     shown, as ``warnings.catch_warnings`` does; such a warning may be shown once more.)
     """
@@ -769,14 +892,16 @@ def quiet_lightning() -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in LIGHTNING_STARTUP_LOGGERS]
     for log in loggers:
         log.addFilter(line_filter)
-    entry = ("ignore", re.compile(LEAFSPEC_WARNING, re.I), FutureWarning, None, 0)
-    ours = entry not in warnings.filters  # the caller's own identical filter stays theirs
-    if ours:
-        warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
+    ours = []
+    for message, category in JOB_WARNINGS:
+        entry = ("ignore", re.compile(message, re.I), category, None, 0)
+        if entry not in warnings.filters:  # the caller's own identical filter stays theirs
+            warnings.filterwarnings("ignore", message=message, category=category)
+            ours.append(entry)
     try:
         yield
     finally:
-        if ours:
+        for entry in ours:
             with contextlib.suppress(ValueError):  # someone reset the filters meanwhile
                 warnings.filters.remove(entry)  # type: ignore[attr-defined]  # a list
         for log in loggers:

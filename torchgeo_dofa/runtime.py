@@ -33,13 +33,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
+# torch is imported inside the functions that need it: the CLI checks option values against
+# PRECISION_NAMES and DEVICE_NAMES before PyTorch loads (seconds), so a typo answers at once.
 
 __all__ = [
+    "DEVICE_NAMES",
     "GDAL_CACHE_DEFAULT_BYTES",
     "GDAL_CACHE_MAX_BYTES",
     "GDAL_CACHE_MIN_BYTES",
     "GDAL_SCAN_MIN_BYTES",
+    "PRECISION_NAMES",
     "PrecisionChoice",
     "cpu_has_native_bf16",
     "decimated_read",
@@ -58,6 +61,18 @@ __all__ = [
 
 Precision = Literal["32", "bf16"]
 Accelerator = Literal["cpu", "cuda", "mps"]
+
+#: Precision names :func:`resolve_precision` accepts (case-insensitive; besides ``auto``),
+#: Lightning's own spellings included.
+PRECISION_NAMES: dict[str, Precision] = {
+    "32": "32",
+    "32-true": "32",
+    "fp32": "32",
+    "bf16": "bf16",
+    "bf16-mixed": "bf16",
+}
+#: Lightning accelerator names :func:`resolve_accelerator` accepts (case-insensitive).
+DEVICE_NAMES: tuple[str, ...] = ("auto", "cpu", "gpu", "cuda", "mps")
 
 _MIB = 2**20
 #: Smallest GDAL block cache the embed job uses (bytes): a few rows of 1024 x 1024 blocks.
@@ -108,23 +123,25 @@ def resolve_accelerator(device: str = "auto") -> Accelerator:
             message says to use ``--device cpu``).
     """
     name = str(device).strip().lower()
+    if name not in DEVICE_NAMES:
+        raise ValueError(f"unknown device {device!r}: choose auto, cpu or gpu")
+    if name == "cpu":
+        return "cpu"
+    import torch
+
     cuda = torch.cuda.is_available()
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     if name == "auto":
         return "cuda" if cuda else "mps" if mps else "cpu"
-    if name == "cpu":
-        return "cpu"
-    if name in ("gpu", "cuda", "mps"):
-        if name != "mps" and cuda:
-            return "cuda"
-        if name != "cuda" and mps:
-            return "mps"
-        raise ValueError(
-            f"--device {device} asked for a GPU, but PyTorch sees none on this machine "
-            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}): use "
-            "--device cpu or --device auto"
-        )
-    raise ValueError(f"unknown device {device!r}: choose auto, cpu or gpu")
+    if name != "mps" and cuda:  # gpu, cuda
+        return "cuda"
+    if name != "cuda" and mps:  # gpu, mps
+        return "mps"
+    raise ValueError(
+        f"--device {device} asked for a GPU, but PyTorch sees none on this machine "
+        f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}): use "
+        "--device cpu or --device auto"
+    )
 
 
 def _cpu_bf16_flags() -> list[str] | None:
@@ -181,6 +198,8 @@ def default_precision(device: str = "auto") -> PrecisionChoice:
     """
     kind = resolve_accelerator(device)
     if kind == "cuda":
+        import torch
+
         name = torch.cuda.get_device_name()
         if torch.cuda.is_bf16_supported():
             return PrecisionChoice("bf16", f"bf16: the GPU ({name}) supports bf16")
@@ -219,11 +238,10 @@ def resolve_precision(precision: str | None, device: str = "auto") -> PrecisionC
         return PrecisionChoice(
             choice.precision, f"{choice.reason.split(':')[0]}: TORCHGEO_DOFA_PRECISION={setting}"
         )
-    names = {"32": "32", "32-true": "32", "fp32": "32", "bf16": "bf16", "bf16-mixed": "bf16"}
     key = str(precision).strip().lower()
-    if key not in names:
+    if key not in PRECISION_NAMES:
         raise ValueError(f"unknown precision {precision!r}: choose auto, 32 or bf16")
-    value: Precision = "32" if names[key] == "32" else "bf16"
+    value = PRECISION_NAMES[key]
     label = "fp32" if value == "32" else "bf16"
     return PrecisionChoice(value, f"{label}: asked for", "user")
 
@@ -269,6 +287,8 @@ def default_batch_size(device: str = "auto", precision: str = "32", variant: str
     if large:
         batch = max(4, batch // 2)
     if kind == "cuda":
+        import torch
+
         per_image = (40 if prec == "bf16" else 80) * (2 if large else 1) * _MIB
         budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 4
         while batch > 4 and batch * per_image > budget:
