@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -100,21 +101,38 @@ def test_pooled_table(reference_run: Path, base_checkpoint) -> None:
     assert len(frame.embedding.iloc[0]) == 768
 
 
-class _CrashAfterFirstBatch(pl.Callback):
+class CrashAfterBatch(pl.Callback):
+    """Raise after the first batch, or after the last one (every chip written, not assembled).
+
+    Listed after the writers (as ``embed`` adds extra callbacks), so the batch is written.
+    """
+
+    def __init__(self, last: bool = False) -> None:
+        self.last = last
+
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        raise RuntimeError("simulated crash")
+        if not self.last or batch_idx + 1 == trainer.num_predict_batches[dataloader_idx]:
+            raise RuntimeError("simulated crash")
 
 
-def test_resume_after_crash_equals_uninterrupted(tmp_path, reference_run, base_checkpoint) -> None:
+@pytest.mark.parametrize("last", [False, True], ids=["after-first-batch", "before-assembly"])
+def test_resume_after_crash_equals_uninterrupted(
+    tmp_path, reference_run, base_checkpoint, last
+) -> None:
     kwargs: dict[str, Any] = dict(
         output="both", weights=str(base_checkpoint), batch_size=4, progress=False
     )
     with pytest.raises(RuntimeError, match="simulated crash"):
-        embed([SCENE], tmp_path, callbacks=[_CrashAfterFirstBatch()], **kwargs)
+        embed([SCENE], tmp_path, callbacks=[CrashAfterBatch(last)], **kwargs)
     assert not (tmp_path / "ftw_s2_l2a_33N_grid.tif").exists()  # nothing half-written
     assert not (tmp_path / "ftw_s2_l2a_33N_pooled.parquet").exists()
-    summary = embed([SCENE], tmp_path, **kwargs)
-    assert summary.skipped == 4 and summary.chips == 2
+    assert len(list((tmp_path / "ftw_s2_l2a_33N_grid.tif.parts").iterdir())) == (6 if last else 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = embed([SCENE], tmp_path, **kwargs)
+    # every chip written: Lightning skips the loop and its warning about it is not shown
+    assert (summary.skipped, summary.chips) == ((6, 0) if last else (4, 2))
+    assert not [w for w in caught if "Total length" in str(w.message)], caught
     with (
         rasterio.open(tmp_path / "ftw_s2_l2a_33N_grid.tif") as a,
         rasterio.open(reference_run / "ftw_s2_l2a_33N_grid.tif") as b,
@@ -394,6 +412,41 @@ def test_predict_config_writes_the_same_files_as_embed(tmp_path, reference_run, 
         np.stack(frame.embedding), np.stack(ref_frame.embedding), rtol=0, atol=1e-6
     )
     assert frame.attrs == ref_frame.attrs
+
+
+def test_predict_config_resumed_with_every_chip_written_assembles(
+    tmp_path, reference_run, base_checkpoint
+) -> None:
+    """Interrupted between the last batch and the assembly, a rerun of ``predict --config``
+    writes the outputs (Lightning skips the empty loop and its epoch hooks)."""
+    import yaml
+
+    cfg_path = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs/predict_grid.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["model"]["init_args"]["weights"] = str(base_checkpoint)
+    cfg["data"]["init_args"]["paths"] = str(SCENE)
+    cfg["trainer"]["callbacks"][0]["init_args"]["path"] = str(tmp_path / "g.tif")
+    cfg["trainer"]["callbacks"][1]["init_args"]["path"] = str(tmp_path / "p.parquet")
+    cfg["trainer"] |= {"enable_progress_bar": False, "default_root_dir": str(tmp_path)}
+    crash = {"class_path": f"{__name__}.CrashAfterBatch", "init_args": {"last": True}}
+    (tmp_path / "crash.yaml").write_text(
+        yaml.safe_dump(
+            cfg | {"trainer": cfg["trainer"] | {"callbacks": [*cfg["trainer"]["callbacks"], crash]}}
+        )
+    )
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["predict", "--config", str(tmp_path / "crash.yaml")])
+    assert not (tmp_path / "g.tif").exists() and (tmp_path / "g.tif.parts").is_dir()
+    assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 0
+    assert not list(tmp_path.glob("*.parts"))
+    with (
+        rasterio.open(tmp_path / "g.tif") as got,
+        rasterio.open(reference_run / "ftw_s2_l2a_33N_grid.tif") as ref,
+    ):
+        assert (got.transform, got.shape, got.count) == (ref.transform, ref.shape, ref.count)
+        np.testing.assert_allclose(got.read(), ref.read(), rtol=0, atol=1e-6, equal_nan=True)
+    assert len(gpd.read_parquet(tmp_path / "p.parquet")) == 6
 
 
 def _scene_lonlat(x: float, y: float) -> tuple[float, float]:

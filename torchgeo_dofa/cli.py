@@ -533,11 +533,10 @@ def embed(
                         module.preprocess, dataset.transforms = dataset.transforms, None
                 try:
                     with gdal_env(dm.gdal_cache):
+                        # the writers assemble the outputs, also when an earlier run had
+                        # written every chip (then in their teardown: the loop is skipped)
                         trainer.predict(module, datamodule=dm, return_predictions=False)
                         done, empty = _job_counts(trainer, dm, pending[0].empty)
-                        for w in pending:  # every chip done by an earlier run: assembly is left
-                            if not w.path.exists() and trainer.is_global_zero:
-                                w.finalize()
                 except BaseException as err:
                     _close_progress_bar(trainer)
                     # a second Ctrl-C: Lightning exits (1); it is the job's interruption
@@ -860,9 +859,12 @@ LIGHTNING_STARTUP_LINE = re.compile(
 )
 
 #: Warnings an embed job hides, as (message regex, category): torch 2.10+'s FutureWarning
-#: about ``LeafSpec``, raised inside Lightning's ``_pytree``.
+#: about ``LeafSpec``, raised inside Lightning's ``_pytree``; Lightning's "Total length of
+#: `DataLoader` across ranks is zero" (a ``UserWarning`` subclass), which in an embed job
+#: only means that an earlier run wrote every chip (a region without chips is refused first).
 JOB_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"`isinstance\(treespec, LeafSpec\)`", FutureWarning),
+    (r"Total length of `DataLoader` across ranks is zero", UserWarning),
 )
 
 
@@ -875,13 +877,14 @@ class _StartupLineFilter(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_lightning() -> Iterator[None]:
-    """Hide Lightning's start-up lines and warnings that mean nothing in a job, for a job.
+    """Hide Lightning's start-up lines and two warnings that mean nothing in a job, for a job.
 
     An embed job prints its own line (device, precision and why, batch size, loader workers);
     Lightning's start-up lines (:data:`LIGHTNING_STARTUP_LINE`: accelerator found, AMP in use,
     adverts for its cloud products, DDP set-up) say less and would be repeated for every
     region; of :data:`JOB_WARNINGS`, torch 2.10+'s ``FutureWarning`` about ``LeafSpec``, which
-    Lightning's ``_pytree`` still uses, is one the user can do nothing about. Every other
+    Lightning's ``_pytree`` still uses, is one the user can do nothing about, and Lightning's
+    empty-loader warning only means a resumed region had every chip written. Every other
     record of those loggers (e.g. "Detected KeyboardInterrupt") and every other warning is
     kept. On exit the log filter and the warning filters added are removed; filters added
     meanwhile stay.

@@ -368,6 +368,9 @@ class _PartsWriter(BasePredictionWriter):
         self.empty = 0
         self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[Future[None]] = deque()
+        self._done: set[str] = set()
+        #: this run's state: the output assembled, prediction failed (reset at setup)
+        self._assembled = self._failed = False
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle/copy without the thread pool (made again on the first write)."""
@@ -408,15 +411,33 @@ class _PartsWriter(BasePredictionWriter):
 
         Parts written stay valid for a resume; a failed write leaves no part.
         """
+        self._failed = True
         for future in self._pending:
             future.exception()
         self._pending.clear()
         self._shutdown()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Stop the writer threads."""
+        """Stop the writer threads; assemble the output if an earlier run wrote every chip.
+
+        When every chip is already written (a rerun after an interruption between the last
+        batch and the assembly), the loader is empty and Lightning skips the prediction loop
+        with its epoch hooks, so the output is assembled here, on rank 0: the same file an
+        uninterrupted run writes. Not after a failure, nor with ``limit_predict_batches=0``
+        (the parts need not be complete then).
+        """
         self.flush()
         self._shutdown()
+        if (
+            stage == "predict"
+            and trainer.is_global_zero
+            and not (self._assembled or self._failed or self.path.exists())
+            and self._done  # parts of an earlier run, and ...
+            and trainer.limit_predict_batches != 0
+            and sum(trainer.num_predict_batches) == 0  # ... the loop skipped: nothing left
+        ):
+            self.finalize()
+            self._assembled = True
 
     @property
     def parts(self) -> Path:
@@ -444,7 +465,8 @@ class _PartsWriter(BasePredictionWriter):
         if callable(output_tags):
             self.metadata.update(output_tags())
         self.metadata.update(given)
-        self._done: set[str] = set()
+        self._done = set()
+        self._assembled = self._failed = False
 
     def is_done(self, chip: Sequence[slice]) -> bool:  # pragma: no cover - abstract
         """Whether an earlier run already wrote this chip."""
@@ -457,6 +479,7 @@ class _PartsWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             self.finalize()
         trainer.strategy.barrier("torchgeo_dofa_writer_done")
+        self._assembled = True
 
     def write_on_batch_end(
         self,
