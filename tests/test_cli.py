@@ -25,6 +25,7 @@ from tests.precision import assert_as_exact_as_torchgeo, cosine_error, torchgeo_
 from torchgeo_dofa import load_dofa
 from torchgeo_dofa.cli import embed, main
 from torchgeo_dofa.transforms import DOFAPreprocess
+from torchgeo_dofa.writers import PartsMismatchError
 
 SCENE = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
 
@@ -126,7 +127,14 @@ def test_resume_after_crash_equals_uninterrupted(
         embed([SCENE], tmp_path, callbacks=[CrashAfterBatch(last)], **kwargs)
     assert not (tmp_path / "ftw_s2_l2a_33N_grid.tif").exists()  # nothing half-written
     assert not (tmp_path / "ftw_s2_l2a_33N_pooled.parquet").exists()
-    assert len(list((tmp_path / "ftw_s2_l2a_33N_grid.tif.parts").iterdir())) == (6 if last else 4)
+    assert len(list((tmp_path / "ftw_s2_l2a_33N_grid.tif.parts").glob("*.npy"))) == (
+        6 if last else 4
+    )
+    if last:  # the same checkpoint under another name is the same job (by content)
+        renamed = tmp_path / "copy" / "renamed.pth"
+        renamed.parent.mkdir()
+        shutil.copy(base_checkpoint, renamed)
+        kwargs["weights"] = str(renamed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = embed([SCENE], tmp_path, **kwargs)
@@ -438,6 +446,25 @@ def test_predict_config_resumed_with_every_chip_written_assembles(
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(["predict", "--config", str(tmp_path / "crash.yaml")])
     assert not (tmp_path / "g.tif").exists() and (tmp_path / "g.tif.parts").is_dir()
+    parts = sorted(p.name for p in (tmp_path / "g.tif.parts").iterdir())
+    # a rerun with other weights (same file name, other values) or bands is another job: refused,
+    # naming the setting, before the parts are touched
+    other = tmp_path / "other" / base_checkpoint.name
+    other.parent.mkdir()
+    state = torch.load(base_checkpoint, map_location="cpu", weights_only=True)
+    state["norm.weight"] = state["norm.weight"] + 1
+    torch.save(state, other)
+    for option, match in (
+        (f"--model.init_args.weights={other}", "weights_crc32 was"),
+        (
+            "--data.init_args.bands=[B4,B3,B2]",
+            """bands was '["B2", "B3", "B4", "B8"]', now '["B4", "B3", "B2"]'""",
+        ),
+    ):
+        with pytest.raises(PartsMismatchError) as err:
+            main(["predict", "--config", str(tmp_path / "cfg.yaml"), option])
+        assert f"g.tif.parts holds the chips of another job ({match}" in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "g.tif.parts").iterdir()) == parts
     assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 0
     assert not list(tmp_path.glob("*.parts"))
     with (

@@ -564,7 +564,8 @@ def test_background_write_errors_reach_the_caller(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="whole output cells"):
         _predict(GridWriter(out, geom), [*good, bad, *good])
     assert not out.exists()
-    assert sorted(p.name for p in parts_dir(out).iterdir()) == ["r0_c0.npy"]  # resumable
+    # resumable: the good chip's part, and the job's identity beside it
+    assert sorted(p.name for p in parts_dir(out).iterdir()) == ["job-identity", "r0_c0.npy"]
 
 
 def test_grid_read_back_catches_a_window_changed_after_writing(
@@ -598,3 +599,20 @@ def test_grid_read_back_catches_a_window_changed_after_writing(
     writer.finalize()  # the parts finish the job
     with rasterio.open(out) as src:
         assert src.read(1, window=Window(30, 20, 1, 1))[0, 0] == 1.0
+
+
+def test_module_digest_follows_the_weights_not_the_object() -> None:
+    """Equal for equal weights (another instance, a loaded copy); any changed value differs."""
+    from torchgeo_dofa.writers import module_digest
+
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    b = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    assert module_digest(a) != module_digest(b)  # another random draw
+    b.load_state_dict(a.state_dict())
+    assert module_digest(a) == module_digest(b)
+    with torch.no_grad():
+        b[1].bias[2] = 1e-7  # one value, in the last parameter
+    assert module_digest(a) != module_digest(b)
+    assert module_digest(a.to(torch.bfloat16)) != module_digest(b.to(torch.bfloat16))
+    assert module_digest(None) == "none" and len(module_digest(a)) == 8

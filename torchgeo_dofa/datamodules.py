@@ -282,6 +282,12 @@ class DOFAPredictDataModule(GeoDataModule):
         preprocess: bool = False,
         input_prep: Literal["resize", "tile"] = "resize",
         check_scale: bool = True,
+        bands: Sequence[str] | None = None,
+        file_bands: Sequence[str] | None = None,
+        wavelengths: Sequence[float] | None = None,
+        nodata: float | None = None,
+        crs: str | int | None = None,
+        res: float | None = None,
         **kwargs: Any,
     ) -> None:
         """Configure the data module (datasets are opened in :meth:`setup`).
@@ -310,8 +316,17 @@ class DOFAPredictDataModule(GeoDataModule):
             input_prep: ``"resize"`` or ``"tile"``, for that automatic stack.
             check_scale: reject rasters whose values all lie in [0, 2] (already scaled to
                 reflectance) at setup, before any chip is computed.
-            **kwargs: further dataset arguments (``bands``, ``file_bands``, ``wavelengths``,
-                ``offset``, ``nodata``, ``crs``, ``res``...).
+            bands: bands to read, in order (default: every band of the files); as
+                ``--bands``.
+            file_bands: names of the bands of files without band descriptions, in file
+                order; as ``--file-bands``.
+            wavelengths: centre wavelength (um) of each band, for bands that are not
+                Sentinel-2's; as ``--wavelengths``.
+            nodata: no-data value of the inputs (default: the files'); as ``--nodata``.
+            crs: CRS to read the inputs in (e.g. ``"EPSG:32633"``; default: theirs).
+            res: resolution in CRS units (default: the finest of the selected bands).
+            **kwargs: further dataset arguments (e.g. ``offset``). The dataset arguments above
+                are named parameters so that a LightningCLI config (jsonargparse) accepts them.
 
         Raises:
             ValueError: if both ``points`` and ``roi`` are given, or sizes are invalid.
@@ -324,6 +339,15 @@ class DOFAPredictDataModule(GeoDataModule):
             raise ValueError(f"roi_sampling must be 'grid' or 'whole', got {roi_sampling!r}")
         if input_prep not in INPUT_PREPS:
             raise ValueError(f"input_prep must be one of {list(INPUT_PREPS)}, got {input_prep!r}")
+        named = {
+            "bands": bands,
+            "file_bands": file_bands,
+            "wavelengths": wavelengths,
+            "nodata": nodata,
+            "crs": crs,
+            "res": res,
+        }
+        kwargs |= {k: v for k, v in named.items() if v is not None}
         super().__init__(
             dataset_class,
             batch_size=batch_size,

@@ -44,6 +44,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import rasterio
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from rasterio.crs import CRS
 from rasterio.transform import Affine
@@ -53,6 +54,7 @@ __all__ = [
     "GridGeometry",
     "GridWriter",
     "OutputWriteError",
+    "PartsMismatchError",
     "PooledWriter",
     "atomic_write",
     "fsync_dir",
@@ -60,6 +62,15 @@ __all__ = [
     "stale_temps",
     "temp_path",
 ]
+
+
+#: File in a parts folder naming the job its parts belong to (JSON; not a part: its name ends
+#: in neither part suffix).
+PARTS_IDENTITY = "job-identity"
+
+
+class PartsMismatchError(ValueError):
+    """The parts folder of an output holds chips of another job (other weights, bands ...)."""
 
 
 def parts_dir(path: Path) -> Path:
@@ -459,14 +470,70 @@ class _PartsWriter(BasePredictionWriter):
         """
         self.parts.mkdir(parents=True, exist_ok=True)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        output_tags = getattr(getattr(trainer, "datamodule", None), "output_tags", None)
+        dm = getattr(trainer, "datamodule", None)
+        output_tags = getattr(dm, "output_tags", None)
         given = self.metadata
         self.metadata = dict(getattr(pl_module, "metadata", {}))
         if callable(output_tags):
             self.metadata.update(output_tags())
+        # what the parts depend on: the weights by content (not the file's name), the
+        # sources by resolved path (as the embed job's manifest identifies them)
+        self._job = {k: str(v) for k, v in self.metadata.items() if k != "weights"}
+        if "sources" in self._job:
+            sources = json.loads(self._job["sources"])
+            self._job["sources"] = json.dumps(sorted(str(Path(p).resolve()) for p in sources))
+        self._job["precision"] = str(trainer.precision)
+        self._job["weights_crc32"] = module_digest(pl_module)
+        sampler = getattr(dm, "predict_sampler", None)
+        if sampler is not None:
+            self._job["chips_crc32"] = _text_digest(repr([_chip_bounds(c) for c in sampler]))
         self.metadata.update(given)
         self._done = set()
         self._assembled = self._failed = False
+
+    def check_parts_identity(self, trainer: pl.Trainer, extra: Mapping[str, str]) -> None:
+        """Refuse parts of another job; record this job's identity beside new parts.
+
+        The identity (:data:`PARTS_IDENTITY` in the parts folder): the model's and the data
+        module's tags (variant, pooled norm, input preparation, bands, wavelengths, sources by
+        resolved path), the precision, a CRC-32 of the module's parameters (another
+        checkpoint, a fine-tuned one or another random draw differs; a renamed copy of the
+        same checkpoint does not), a CRC-32 of the chip
+        list (chip size, stride, region, points) and ``extra`` (the output grid or CRS).
+        Settings recorded on one side only (another package version) are not compared.
+        Every process compares; rank 0 writes it when absent (parts of an older version
+        have none, and are taken as this job's). ``torchgeo-dofa embed`` checks its job
+        manifest first, so this guards the other doors (``predict --config``, a Python
+        ``Trainer``), where a rerun with other settings would otherwise mix both jobs' chips.
+
+        Args:
+            trainer: the trainer (its global rank decides who writes).
+            extra: further settings the writer's output depends on.
+
+        Raises:
+            PartsMismatchError: naming the first setting that differs and the fix.
+        """
+        job = self._job | dict(extra)
+        path = self.parts / PARTS_IDENTITY
+        fix = f"delete that folder to start {self.path.name} afresh, or write to another path"
+        if path.is_file():
+            try:
+                stored = json.loads(path.read_text())
+                if not isinstance(stored, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as err:
+                raise PartsMismatchError(
+                    f"{self.parts} has an unreadable {PARTS_IDENTITY} ({err}): {fix}"
+                ) from None
+            for key, value in job.items():  # a setting another version does not record: no
+                if key in stored and stored[key] != value:  # evidence of another job
+                    raise PartsMismatchError(
+                        f"{self.parts} holds the chips of another job ({key} was "
+                        f"{_short(stored[key])}, now {_short(value)}): {fix}"
+                    )
+        elif trainer.is_global_zero:
+            text = json.dumps(job, indent=1)
+            atomic_write(path, lambda tmp: tmp.write_text(text))
 
     def is_done(self, chip: Sequence[slice]) -> bool:  # pragma: no cover - abstract
         """Whether an earlier run already wrote this chip."""
@@ -590,6 +657,15 @@ class GridWriter(_PartsWriter):
                 self._geometry = GridGeometry.for_chips(
                     crs, list(sampler), float(dataset.res[0]), patch_px
                 )
+        geom = self.geometry
+        self.check_parts_identity(
+            trainer,
+            {
+                "grid_crs": geom.crs.to_wkt(),
+                "grid_transform": json.dumps(list(geom.transform)[:6]),
+                "grid_shape": f"{geom.height} x {geom.width}",
+            },
+        )
         self._done = self.done_keys()
 
     def is_done(self, chip: Sequence[slice]) -> bool:
@@ -840,6 +916,7 @@ class PooledWriter(_PartsWriter):
         if self.chip_keys is None and sampler is not None:
             # every chip of the job gets a row, chips without any valid pixel flagged no_data
             self.chip_keys = [self.key_for_chip(c) for c in sampler]
+        self.check_parts_identity(trainer, {"crs": self.crs.to_wkt(), "source": self.source})
         self._done = self.done_keys()
 
     def is_done(self, chip: Sequence[slice]) -> bool:
@@ -1083,6 +1160,46 @@ def _assemble_window(
     total /= np.maximum(count, 1)
     total[:, count == 0] = np.nan
     return total.astype(np.float32)
+
+
+def module_digest(module: Any) -> str:
+    """CRC-32 of a module's parameters (names, shapes, dtypes and bytes), as 8 hex digits.
+
+    Equal for the same weights; another checkpoint, a fine-tuned copy or another random draw
+    gives another value. About 0.1 s for DOFA base on a CPU (344 MB of float32).
+
+    Args:
+        module: a ``torch.nn.Module`` (anything with ``named_parameters``), or None.
+
+    Returns:
+        The digest; ``"none"`` for an object without parameters.
+    """
+    named = getattr(module, "named_parameters", None)
+    if not callable(named):
+        return "none"
+    crc = 0
+    for name, param in named():
+        data = param.detach().cpu().contiguous().reshape(-1)
+        crc = zlib.crc32(repr((name, tuple(param.shape), str(param.dtype))).encode(), crc)
+        if data.numel():
+            crc = zlib.crc32(memoryview(data.view(torch.uint8).numpy()), crc)
+    return f"{crc:08x}"
+
+
+def _text_digest(text: str) -> str:
+    return f"{zlib.crc32(text.encode()):08x}"
+
+
+def _chip_bounds(chip: Any) -> Any:
+    """A chip as plain numbers: TorchGeo's (x, y, t) slices, or whatever the sampler gives."""
+    if isinstance(chip, tuple | list) and all(isinstance(s, slice) for s in chip):
+        return [(s.start, s.stop) for s in chip]
+    return chip
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _digest(array: np.ndarray) -> bytes:
