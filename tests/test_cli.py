@@ -238,6 +238,7 @@ def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
         (["--seed", "3"], "--seed applies to random weights only: add --weights none"),
         (["--output", "grid", "--points", "p.csv"], "use --output pooled"),
         (["--output", "pooled", "--points", "p.csv"], "points file 'p.csv' does not exist"),
+        (["--device", "cpu", "--devices", "0,1"], "names GPUs, but the job runs on the cpu"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, args, message) -> None:
@@ -268,6 +269,55 @@ def test_unknown_option_value_is_a_usage_error(tmp_path, capsys, option, value, 
     assert exit_.value.code == 2
     assert f"argument {option}: invalid choice: '{value}' (choose from {choices})" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_path_with_a_tilde_is_read_as_the_loader_reads_it(tmp_path, monkeypatch) -> None:
+    """``--weights=~/x.pth`` (no shell expansion after ``=``) is checked as expanded."""
+    from torchgeo_dofa.cli import option_problem
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "x.pth").write_bytes(b"")
+    assert option_problem([SCENE], weights="~/x.pth") is None
+    assert option_problem([SCENE], weights="~/y.pth") == "weights file '~/y.pth' does not exist"
+
+
+def test_api_takes_one_input_as_a_string(tmp_path) -> None:
+    from torchgeo_dofa.datasets import InputError
+
+    with pytest.raises(InputError, match="input 'no_such_scene.tif' does not exist"):
+        embed("no_such_scene.tif", tmp_path / "out", weights=None)  # not 'n', 'o', ...
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "output", "message"),
+    [
+        ("scene", "p.png", "is not a grid embedding (its bands are not named dofa_0000"),
+        ("grid", "p", "-o {tmp}/p: give an image file name, e.g. {tmp}/p.png"),
+        ("grid", "p.txt", "give an image file name"),
+    ],
+)
+def test_preview_refuses_what_it_cannot_draw(
+    tmp_path, capsys, reference_run, make, output, message
+) -> None:
+    source = SCENE if make == "scene" else reference_run / "ftw_s2_l2a_33N_grid.tif"
+    assert main(["preview", str(source), "-o", str(tmp_path / output)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("torchgeo-dofa: error:") and len(err.splitlines()) == 1
+    assert message.format(tmp=tmp_path) in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_shows_the_packages_warnings_on_one_line() -> None:
+    import torchgeo_dofa.cli as cli
+
+    inside = cli.__file__
+    with cli._one_line_warnings():
+        ours = warnings.formatwarning("2 chip(s) held no valid pixel", UserWarning, inside, 9)
+        theirs = warnings.formatwarning("other", UserWarning, "/x/lightning/y.py", 3)
+    assert ours == "torchgeo-dofa: warning: 2 chip(s) held no valid pixel\n"
+    assert theirs.startswith("/x/lightning/y.py:3:") and "other" in theirs  # the usual form
+    assert warnings.formatwarning("m", UserWarning, inside, 9).startswith(f"{inside}:9:")
 
 
 def test_option_values_are_case_insensitive_where_the_library_is(tmp_path) -> None:

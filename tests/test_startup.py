@@ -45,6 +45,14 @@ EMBED = ["embed", __file__, "-o", "out"]
         ([*EMBED, "--weights", "no.pth"], 2, "stderr", "weights file 'no.pth' does not exist"),
         ([*EMBED, "--points", "p.csv", "--output", "grid"], 2, "stderr", "--output pooled"),
         ([*EMBED, "--points", "p.csv"], 2, "stderr", "points file 'p.csv' does not exist"),
+        (["embed", "", "-o", "o"], 2, "stderr", "an input is an empty string"),
+        (["embed", __file__, "-o", ""], 2, "stderr", "-o is an empty string"),
+        ([*EMBED, "--weights", ""], 2, "stderr", "--weights is an empty string"),
+        ([*EMBED, "--points", "", "--output", "pooled"], 2, "stderr", "--points is an empty"),
+        ([*EMBED, "--devices", "abc"], 2, "stderr", "--devices 'abc': give a count (2), auto"),
+        ([*EMBED, "--devices", " 0"], 2, "stderr", "--devices must be >= 1"),
+        (["embed", "--stac", "x.json", "-o", "o"], 2, "stderr", "--stac needs --bbox"),
+        (["preview", __file__, "-o", "p"], 2, "stderr", "-o p: give an image file name"),
     ],
 )
 def test_help_and_usage_errors_load_no_heavy_module(argv, code, stream, text, tmp_path) -> None:

@@ -616,3 +616,32 @@ def test_module_digest_follows_the_weights_not_the_object() -> None:
     assert module_digest(a) != module_digest(b)
     assert module_digest(a.to(torch.bfloat16)) != module_digest(b.to(torch.bfloat16))
     assert module_digest(None) == "none" and len(module_digest(a)) == 8
+
+
+def test_an_unreadable_part_is_named_removed_and_recomputed_by_the_rerun(tmp_path: Path) -> None:
+    """A truncated grid part or a garbled pooled part (a disk error, a power cut): the error
+    names it and the fix, the part is removed, and writing that chip again finishes the job
+    with the values of an undisturbed run."""
+    geom = _geometry()
+    chips = [_chip(geom, r, c, value=r + c) for r, c in [(0, 0), (0, 7), (7, 0)]]
+    ref = GridWriter(tmp_path / "ref.tif", geom)
+    _write(ref, chips)
+    ref.finalize()
+    writer = GridWriter(tmp_path / "g.tif", geom)
+    _write(writer, chips)
+    part = writer.parts / "r0_c7.npy"
+    part.write_bytes(part.read_bytes()[:200])  # truncated
+    with pytest.raises(ValueError, match=r"part .*r0_c7.npy was unreadable .* is removed: rerun"):
+        writer.finalize()
+    assert not part.exists() and not (tmp_path / "g.tif").exists()
+    assert GridWriter(tmp_path / "g.tif", geom).done_keys() == {"r0_c0", "r7_c0"}
+    _write(writer, chips[1:2])  # the rerun computes the missing chip
+    writer.finalize()
+    with rasterio.open(tmp_path / "g.tif") as a, rasterio.open(tmp_path / "ref.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+    pooled = PooledWriter(tmp_path / "p.parquet", UTM, metadata={"variant": "base"}, source="s")
+    pooled.parts.mkdir(parents=True)
+    (pooled.parts / "garbled.json").write_text('{"chip_id": "x", "embedding_f32": "not base64!"}')
+    with pytest.raises(ValueError, match=r"part .*garbled.json was unreadable"):
+        pooled.finalize()
+    assert not (pooled.parts / "garbled.json").exists()

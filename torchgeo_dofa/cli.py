@@ -139,7 +139,10 @@ def default_chips_per_second(precision: str, accelerator: str) -> float:
 def option_problem(
     inputs: Sequence[str | os.PathLike[str]],
     *,
+    output_dir: str | os.PathLike[str] | None = None,
     stac: str | None = None,
+    bbox: Sequence[float] | None = None,
+    datetime: str | None = None,
     output: str = "both",
     points: str | os.PathLike[str] | None = None,
     weights: str | os.PathLike[str] | None = "official",
@@ -149,41 +152,69 @@ def option_problem(
 ) -> str | None:
     """The first problem among ``embed``'s arguments that needs no raster read, or None.
 
-    Checked by the command line before PyTorch loads and by :func:`embed`: an input, weights
-    file or points file that does not exist, no input at all, options that do not go
-    together, a chip size off the model's 16-pixel patch grid, a device count below 1.
+    Checked by the command line before PyTorch loads and by :func:`embed`: an empty or missing
+    input, weights file, points file or output name, no input at all, options that do not go
+    together, a chip size off the model's 16-pixel patch grid, a device count below 1 or a
+    ``--devices`` value Lightning would not read.
 
     Args:
         inputs: input files or folders (each must exist).
-        stac: STAC URL or file (inputs may then be empty).
+        output_dir: the ``-o`` folder or file name (not empty).
+        stac: STAC URL or file (inputs may then be empty; needs ``bbox`` and ``datetime``).
+        bbox: the STAC search area.
+        datetime: the STAC search dates.
         output: ``grid``, ``pooled`` or ``both``.
         points: points file (pooled output only).
-        weights: ``None`` for random weights, else a checkpoint or ``official``.
+        weights: ``None`` for random weights, else a checkpoint (``~`` expanded) or
+            ``official``.
         seed: seed of random weights (with ``weights=None`` only).
         chip_size: chip side in pixels (a multiple of 16).
-        devices: Lightning's device count, or a string it reads (``auto``, ``0,1``).
+        devices: a count (``2``), ``auto``, or GPU indices (``"0,1"``).
 
     Returns:
         One line naming the problem and the fix, or None.
     """
     for raw in inputs:
+        if not str(raw).strip():  # Path("") is the working folder
+            return "an input is an empty string: give GeoTIFF/JP2 files or folders"
         if not Path(raw).exists():
             return f"input {str(raw)!r} does not exist"
     if not inputs and stac is None:
         return "no input: give GeoTIFF/JP2 files or folders, or --stac URL"
-    if isinstance(devices, int) and devices < 1:
-        return f"--devices must be >= 1 (or auto for every GPU), got {devices}"
+    if output_dir is not None and not str(output_dir).strip():
+        return "-o is an empty string: give an output folder, or a NAME.tif / NAME.parquet"
+    if stac is not None and (bbox is None or datetime is None):
+        return (
+            "--stac needs --bbox MINLON MINLAT MAXLON MAXLAT and --datetime "
+            "YYYY-MM-DD/YYYY-MM-DD (the area and the dates to composite)"
+        )
+    text = str(devices).strip()
+    if _DEVICE_COUNT.fullmatch(text):
+        if int(text) < 1:
+            return f"--devices must be >= 1 (or auto for every GPU), got {int(text)}"
+    elif text.lower() != "auto" and not _GPU_INDICES.fullmatch(text):
+        return f"--devices {text!r}: give a count (2), auto, or GPU indices (0,1)"
     if chip_size < 16 or chip_size % 16:
         return f"--chip-size must be a multiple of 16 pixels >= 16, got {chip_size}"
     if points is not None and output == "grid":
         return "--points gives one pooled row per point: use --output pooled"
     if seed is not None and weights is not None:
         return "--seed applies to random weights only: add --weights none"
-    if weights is not None and str(weights) != "official" and not Path(weights).exists():
-        return f"weights file {str(weights)!r} does not exist"
+    if weights is not None and not str(weights).strip():
+        return "--weights is an empty string: give official, none or a checkpoint file"
+    if weights is not None and str(weights) != "official":
+        if not Path(weights).expanduser().exists():  # as resolve_weights reads it
+            return f"weights file {str(weights)!r} does not exist"
+    if points is not None and not str(points).strip():
+        return "--points is an empty string: give a CSV or GeoJSON file"
     if points is not None and not Path(points).exists():
         return f"points file {str(points)!r} does not exist"
     return None
+
+
+#: ``--devices`` as a count (Lightning reads ``"2"`` as 2) and as GPU indices (``0,1``, ``[0]``).
+_DEVICE_COUNT = re.compile(r"[+-]?\d+")
+_GPU_INDICES = re.compile(r"\[?\s*\d+\s*(?:,\s*\d+\s*)*,?\s*\]?")
 
 
 def _stac_inputs(
@@ -198,11 +229,7 @@ def _stac_inputs(
     """The composite GeoTIFF of a STAC search, as one more input of the job."""
     from .datasets import InputError
 
-    if bbox is None or datetime is None:
-        raise InputError(
-            "--stac needs --bbox MINLON MINLAT MAXLON MAXLAT and --datetime "
-            "YYYY-MM-DD/YYYY-MM-DD (the area and the dates to composite)"
-        )
+    assert bbox is not None and datetime is not None  # option_problem checked
     from .bands import DOFA_S2_BANDS
     from .stac import StacError, materialise_for_embed
 
@@ -222,7 +249,7 @@ def _stac_inputs(
 
 
 def embed(
-    inputs: Sequence[str | Path],
+    inputs: Sequence[str | Path] | str | Path,
     output_dir: str | Path,
     *,
     variant: str = "base",
@@ -271,7 +298,7 @@ def embed(
     the same job again skips chips already written.
 
     Args:
-        inputs: GeoTIFF/JP2 files or folders.
+        inputs: GeoTIFF/JP2 files or folders (one may be given alone, as a string or path).
         output_dir: folder for the outputs, or one output file name (see above).
         variant: ``base``/``large``.
         output: ``grid``, ``pooled`` or ``both``.
@@ -285,7 +312,8 @@ def embed(
             (default :func:`torchgeo_dofa.runtime.default_num_workers` for the device:
             ``min(4, cores - 1)`` on a CPU, up to 8 on a CUDA machine).
         device: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
-        devices: number of devices (e.g. 2 with ``strategy="ddp"``).
+        devices: number of devices (e.g. 2 with ``strategy="ddp"``), ``"auto"``, or GPU
+            indices (``"0,1"``, with a GPU).
         strategy: Lightning strategy.
         precision: ``32``, ``bf16`` or None / ``auto``: bf16 where the hardware has it
             (CUDA, a CPU with AMX / AVX-512 BF16), fp32 elsewhere; the choice is printed.
@@ -374,10 +402,13 @@ def embed(
         accelerator = resolve_accelerator(device)
     except ValueError as err:
         raise InputError(str(err).replace("unknown precision", "unknown --precision")) from None
-    inputs = list(inputs)
+    inputs = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
     problem = option_problem(
         inputs,
+        output_dir=output_dir,
         stac=stac,
+        bbox=bbox,
+        datetime=datetime,
         output=output,
         points=points,
         weights=weights,
@@ -387,6 +418,13 @@ def embed(
     )
     if problem is not None:
         raise InputError(problem)
+    if _DEVICE_COUNT.fullmatch(str(devices).strip()):
+        devices = int(str(devices).strip())
+    elif accelerator != "cuda" and str(devices).strip().lower() != "auto":
+        raise InputError(
+            f"--devices {devices} names GPUs, but the job runs on the {accelerator}: give a "
+            "number of processes (e.g. --devices 2) or --device gpu"
+        )
     if batch_size is None:
         batch_size = default_batch_size(device, choice.precision, variant)
     processes = _device_count(devices, accelerator)
@@ -762,12 +800,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)  # --help and usage errors before torch loads
     if args.command == "embed":  # so are the errors that need no raster read
         args.weights = None if str(args.weights).lower() == "none" else args.weights
-        args.devices = (
-            int(args.devices) if str(args.devices).lstrip("-").isdigit() else args.devices
-        )
         problem = option_problem(
             args.inputs,
+            output_dir=args.output_dir,
             stac=args.stac,
+            bbox=args.bbox,
+            datetime=args.datetime,
             output=args.output,
             points=args.points,
             weights=args.weights,
@@ -795,39 +833,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .writers import OutputWriteError
 
     try:
-        summary = embed(
-            args.inputs,
-            args.output_dir,
-            variant=args.variant,
-            output=args.output,
-            input_prep=args.input_prep,
-            weights=args.weights,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            device=args.device,
-            devices=args.devices,
-            strategy=args.strategy,
-            precision=args.precision,
-            bands=args.bands,
-            file_bands=args.file_bands,
-            wavelengths=args.wavelengths,
-            nodata=args.nodata,
-            crs=args.crs,
-            chip_size=args.chip_size,
-            stride=args.stride,
-            points=args.points,
-            buffer_m=args.buffer_m,
-            bbox=args.bbox,
-            progress=not args.no_progress,
-            overwrite=args.overwrite,
-            skip_outside=args.skip_outside,
-            stac=args.stac,
-            collection=args.collection,
-            datetime=args.datetime,
-            max_cloud=args.max_cloud,
-            composite=args.composite,
-        )
+        with _one_line_warnings():
+            summary = _embed_args(args)
     except (JobError, OutputWriteError) as err:
         if _is_rank_zero() or not isinstance(err, JobInterrupted):  # one line per job, not rank
             print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
@@ -838,6 +845,71 @@ def main(argv: Sequence[str] | None = None) -> int:
     if _is_rank_zero():
         print(summary.line())
     return 0
+
+
+def _embed_args(args: argparse.Namespace) -> EmbedSummary:
+    """Run :func:`embed` with the parsed command line."""
+    return embed(
+        args.inputs,
+        args.output_dir,
+        variant=args.variant,
+        output=args.output,
+        input_prep=args.input_prep,
+        weights=args.weights,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        devices=args.devices,
+        strategy=args.strategy,
+        precision=args.precision,
+        bands=args.bands,
+        file_bands=args.file_bands,
+        wavelengths=args.wavelengths,
+        nodata=args.nodata,
+        crs=args.crs,
+        chip_size=args.chip_size,
+        stride=args.stride,
+        points=args.points,
+        buffer_m=args.buffer_m,
+        bbox=args.bbox,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        skip_outside=args.skip_outside,
+        stac=args.stac,
+        collection=args.collection,
+        datetime=args.datetime,
+        max_cloud=args.max_cloud,
+        composite=args.composite,
+    )
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Show this package's warnings as one line (``torchgeo-dofa: warning: ...``), no source.
+
+    Python's format adds the file, line and source line that issued the warning, noise on a
+    terminal; warnings from other libraries keep it.
+    """
+    package = str(Path(__file__).resolve().parent)
+    default = warnings.formatwarning
+
+    def one_line(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        line: str | None = None,
+    ) -> str:
+        if filename.startswith(package):
+            return f"torchgeo-dofa: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = default
 
 
 #: Loggers of Lightning's start-up lines (lightning/pytorch/utilities/rank_zero.py for

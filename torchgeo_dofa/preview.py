@@ -110,8 +110,22 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
 
     Returns:
         The PNG path.
+
+    Raises:
+        ValueError: if ``out_png`` is not an image file name Pillow can write (checked first),
+            or ``embedding_tif`` is not a grid embedding (its bands are not named
+            ``dofa_0000``, ``dofa_0001`` ..., as the grid writer names them).
+        rasterio.errors.RasterioIOError: if ``embedding_tif`` cannot be opened.
     """
+    out = Path(out_png)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"-o {out}: give an image file name, e.g. {out.with_suffix('.png')}")
     with rasterio.open(embedding_tif) as src:
+        if src.descriptions != tuple(f"dofa_{i:04d}" for i in range(src.count)):
+            raise ValueError(
+                f"{embedding_tif} is not a grid embedding (its bands are not named dofa_0000 "
+                "...): give a *_grid.tif written by torchgeo-dofa embed --output grid/both"
+            )
         emb = src.read()
         tags = src.tags()
         bounds = tuple(src.bounds)
@@ -133,7 +147,6 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
     for panel in panels:
         canvas.paste(panel, (x, 0))
         x += panel.width + gap
-    out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)
     return out

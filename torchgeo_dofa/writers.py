@@ -728,7 +728,7 @@ class GridWriter(_PartsWriter):
         self.flush()
         geom = self.geometry
         chips = list(self._chips())
-        sizes = {p: np.load(p, mmap_mode="r").shape for _, _, p in chips}
+        sizes = {p: _read_part(p, lambda f: np.load(f, mmap_mode="r").shape) for _, _, p in chips}
         if chips:
             depth = int(next(iter(sizes.values()))[0])
         elif "embed_dim" in self.metadata:
@@ -961,7 +961,9 @@ class PooledWriter(_PartsWriter):
     def _rows(self) -> list[dict[str, Any]]:
         """The table's rows (see the class docstring), before properties are joined."""
         parts = {
-            p.name.removesuffix(self.suffix): _pooled_part(json.loads(p.read_text()))
+            p.name.removesuffix(self.suffix): _read_part(
+                p, lambda f: _pooled_part(json.loads(f.read_text()))
+            )
             for p in sorted(self.parts.glob(f"*{self.suffix}"))
         }
         if self.chip_keys is None:
@@ -1095,6 +1097,26 @@ def _native_stderr_kept_on_success() -> Iterator[None]:
                 text = held.read()
                 if text:
                     os.write(fd, text)
+
+
+def _read_part[T](path: Path, read: Callable[[Path], T]) -> T:
+    """Read a part file; an unreadable one is removed, so the rerun computes its chip again.
+
+    Parts are written through a temporary name, so a killed job leaves none half-written; a
+    truncated or garbled part comes from outside (a disk error, a power cut before the data
+    reached the disk, an edit).
+
+    Raises:
+        ValueError: naming the part, the cause and the fix (rerun the same command).
+    """
+    try:
+        return read(path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        path.unlink(missing_ok=True)
+        raise ValueError(
+            f"part {path} was unreadable ({err}) and is removed: rerun the same command to "
+            "compute that chip again and finish"
+        ) from None
 
 
 def _ts(value: float) -> float | None:
