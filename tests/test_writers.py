@@ -607,12 +607,13 @@ def test_module_digest_follows_the_weights_not_the_object() -> None:
 
     torch.manual_seed(0)
     a = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
-    b = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    norm = torch.nn.LayerNorm(3)
+    b = torch.nn.Sequential(torch.nn.Linear(4, 3), norm)
     assert module_digest(a) != module_digest(b)  # another random draw
     b.load_state_dict(a.state_dict())
     assert module_digest(a) == module_digest(b)
     with torch.no_grad():
-        b[1].bias[2] = 1e-7  # one value, in the last parameter
+        norm.bias[2] = 1e-7  # one value, in the last parameter
     assert module_digest(a) != module_digest(b)
     assert module_digest(a.to(torch.bfloat16)) != module_digest(b.to(torch.bfloat16))
     assert module_digest(None) == "none" and len(module_digest(a)) == 8
