@@ -293,19 +293,32 @@ def test_api_takes_one_input_as_a_string(tmp_path) -> None:
     ("make", "output", "message"),
     [
         ("scene", "p.png", "is not a grid embedding (its bands are not named dofa_0000"),
-        ("grid", "p", "-o {tmp}/p: give an image file name, e.g. {tmp}/p.png"),
-        ("grid", "p.txt", "give an image file name"),
+        (
+            "grid",
+            "p",
+            "-o '{tmp}/p': give an image file name ending in .png / .jpg / .jpeg / .webp, "
+            "e.g. {tmp}/p.png",
+        ),
+        ("grid", "p.tif", "give an image file name ending in .png"),  # not a GeoTIFF
+        ("copy", "e_grid.tif", "give an image file name"),  # never the embedding itself
+        ("copy", "x.png.", "give an image file name"),
     ],
 )
 def test_preview_refuses_what_it_cannot_draw(
     tmp_path, capsys, reference_run, make, output, message
 ) -> None:
     source = SCENE if make == "scene" else reference_run / "ftw_s2_l2a_33N_grid.tif"
+    if make == "copy":
+        source = Path(shutil.copy(source, tmp_path / "e_grid.tif"))
+    before = sorted(tmp_path.iterdir())
     assert main(["preview", str(source), "-o", str(tmp_path / output)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("torchgeo-dofa: error:") and len(err.splitlines()) == 1
     assert message.format(tmp=tmp_path) in err
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(tmp_path.iterdir()) == before
+    if make == "copy":
+        with rasterio.open(source) as src:
+            assert src.count == 768  # untouched
 
 
 def test_cli_shows_the_packages_warnings_on_one_line() -> None:
@@ -510,11 +523,25 @@ def test_predict_config_resumed_with_every_chip_written_assembles(
             "--data.init_args.bands=[B4,B3,B2]",
             """bands was '["B2", "B3", "B4", "B8"]', now '["B4", "B3", "B2"]'""",
         ),
+        ("--data.init_args.file_bands=[B3,B2,B4,B8]", ""),  # same names, other order
+        ("--data.init_args.stride=112", "stride was '224', now '112'"),
     ):
         with pytest.raises(PartsMismatchError) as err:
             main(["predict", "--config", str(tmp_path / "cfg.yaml"), option])
         assert f"g.tif.parts holds the chips of another job ({match}" in str(err.value)
     assert sorted(p.name for p in (tmp_path / "g.tif.parts").iterdir()) == parts
+    # a refused run writes nothing, not even an identity beside a writer it did not refuse
+    shutil.rmtree(tmp_path / "g.tif.parts")
+    with pytest.raises(PartsMismatchError, match="p.parquet.parts holds the chips of another"):
+        main(
+            [
+                "predict",
+                "--config",
+                str(tmp_path / "cfg.yaml"),
+                f"--model.init_args.weights={other}",
+            ]
+        )
+    assert list((tmp_path / "g.tif.parts").iterdir()) == []
     assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 0
     assert not list(tmp_path.glob("*.parts"))
     with (

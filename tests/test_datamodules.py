@@ -257,3 +257,34 @@ def test_trainer_predict_uses_raw_batches() -> None:
     for i, point in enumerate(points):
         expected = read_roi(DATA / "multiband", point)
         torch.testing.assert_close(means[i], torch.from_numpy(expected.image.mean(axis=(1, 2))))
+
+
+def test_job_identity_names_what_the_chips_depend_on(tmp_path) -> None:
+    """Loader settings do not change it; an input rewritten in place, bands or stride do."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    scene = tmp_path / "scene.tif"
+    shutil.copy(Path(__file__).resolve().parents[1] / "demo/data/ftw_s2_l2a_33N.tif", scene)
+
+    def identity(**kwargs: object) -> dict[str, str]:
+        dm = DOFAPredictDataModule(paths=str(scene), preprocess=True, **kwargs)  # type: ignore[arg-type]
+        dm.setup("predict")
+        return dm.job_identity()
+
+    base = identity(batch_size=2)
+    assert identity(batch_size=8, num_workers=1) == base
+    assert json_sources(base) == [
+        [str(scene.resolve()), scene.stat().st_size, scene.stat().st_mtime_ns]
+    ]
+    assert identity(bands=["B4", "B3", "B2"])["data.bands"] == "['B4', 'B3', 'B2']"
+    assert identity(stride=112)["stride"] == "112" and base["stride"] == "224"
+    os.utime(scene, ns=(1, 1))  # the same path, another file
+    assert identity()["sources"] != base["sources"]
+
+
+def json_sources(identity: dict[str, str]) -> list[list[object]]:
+    import json
+
+    return json.loads(identity["sources"])

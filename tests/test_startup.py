@@ -52,7 +52,8 @@ EMBED = ["embed", __file__, "-o", "out"]
         ([*EMBED, "--devices", "abc"], 2, "stderr", "--devices 'abc': give a count (2), auto"),
         ([*EMBED, "--devices", " 0"], 2, "stderr", "--devices must be >= 1"),
         (["embed", "--stac", "x.json", "-o", "o"], 2, "stderr", "--stac needs --bbox"),
-        (["preview", __file__, "-o", "p"], 2, "stderr", "-o p: give an image file name"),
+        (["preview", __file__, "-o", "p"], 2, "stderr", "-o 'p': give an image file name"),
+        (["preview", "", "-o", "p.png"], 2, "stderr", "the embedding is an empty string"),
     ],
 )
 def test_help_and_usage_errors_load_no_heavy_module(argv, code, stream, text, tmp_path) -> None:

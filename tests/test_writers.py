@@ -632,17 +632,20 @@ def test_an_unreadable_part_is_named_removed_and_recomputed_by_the_rerun(tmp_pat
     _write(writer, chips)
     part = writer.parts / "r0_c7.npy"
     part.write_bytes(part.read_bytes()[:200])  # truncated
-    with pytest.raises(ValueError, match=r"part .*r0_c7.npy was unreadable .* is removed: rerun"):
+    (writer.parts / "r7_c0.npy").write_bytes(b"")  # empty: both found by one run
+    with pytest.raises(
+        OutputWriteError, match=r"part .*r0_c7.npy and 1 more \(r7_c0.npy...\) was unreadable"
+    ):
         writer.finalize()
     assert not part.exists() and not (tmp_path / "g.tif").exists()
-    assert GridWriter(tmp_path / "g.tif", geom).done_keys() == {"r0_c0", "r7_c0"}
-    _write(writer, chips[1:2])  # the rerun computes the missing chip
+    assert GridWriter(tmp_path / "g.tif", geom).done_keys() == {"r0_c0"}
+    _write(writer, chips[1:])  # the rerun computes the missing chips
     writer.finalize()
     with rasterio.open(tmp_path / "g.tif") as a, rasterio.open(tmp_path / "ref.tif") as b:
         np.testing.assert_array_equal(a.read(), b.read())
     pooled = PooledWriter(tmp_path / "p.parquet", UTM, metadata={"variant": "base"}, source="s")
     pooled.parts.mkdir(parents=True)
     (pooled.parts / "garbled.json").write_text('{"chip_id": "x", "embedding_f32": "not base64!"}')
-    with pytest.raises(ValueError, match=r"part .*garbled.json was unreadable"):
+    with pytest.raises(OutputWriteError, match=r"part .*garbled.json was unreadable"):
         pooled.finalize()
     assert not (pooled.parts / "garbled.json").exists()

@@ -207,14 +207,15 @@ def option_problem(
             return f"weights file {str(weights)!r} does not exist"
     if points is not None and not str(points).strip():
         return "--points is an empty string: give a CSV or GeoJSON file"
-    if points is not None and not Path(points).exists():
-        return f"points file {str(points)!r} does not exist"
+    if points is not None and not Path(points).is_file():
+        what = "is a folder" if Path(points).is_dir() else "does not exist"
+        return f"points file {str(points)!r} {what}: give a CSV or GeoJSON file"
     return None
 
 
 #: ``--devices`` as a count (Lightning reads ``"2"`` as 2) and as GPU indices (``0,1``, ``[0]``).
-_DEVICE_COUNT = re.compile(r"[+-]?\d+")
-_GPU_INDICES = re.compile(r"\[?\s*\d+\s*(?:,\s*\d+\s*)*,?\s*\]?")
+_DEVICE_COUNT = re.compile(r"[+-]?[0-9]+")
+_GPU_INDICES = re.compile(r"\[?\s*[0-9]+\s*(?:,\s*[0-9]+\s*)*,?\s*\]?")
 
 
 def _stac_inputs(

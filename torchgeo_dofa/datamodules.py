@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import os
+import pathlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -245,6 +246,11 @@ class _ChipList(GeoSampler):
 def _passthrough(batch: Sample) -> Sample:
     """Batch 'augmentation' that leaves the batch unchanged."""
     return batch
+
+
+#: Dataset arguments recorded in :meth:`DOFAPredictDataModule.job_identity` even when not
+#: given (their defaults then), so that giving one on a rerun counts as a difference.
+_DATASET_SETTINGS = ("bands", "file_bands", "wavelengths", "nodata", "offset", "crs", "res")
 
 
 class DOFAPredictDataModule(GeoDataModule):
@@ -524,6 +530,52 @@ class DOFAPredictDataModule(GeoDataModule):
             with rasterio.open(path) as src:
                 tags |= {k.lower(): v for k, v in src.tags().items() if k.startswith("STAC_")}
         return tags
+
+    def job_identity(self) -> dict[str, str]:
+        """What the chips' values depend on besides the model, for resuming only the same job.
+
+        The prediction writers record it beside their parts and refuse a rerun that differs
+        (:meth:`torchgeo_dofa.writers.GridWriter.check_parts_identity`); loader settings
+        (``batch_size``, ``num_workers``) are left out, they do not change a chip.
+
+        Returns:
+            Text values: each source file as its resolved path, size and modification time
+            (a file rewritten in place is another input); every dataset argument as given,
+            but the paths (``data.bands``, ``data.file_bands``, ``data.nodata``,
+            ``data.offset`` ...); the preprocessing (``preprocess``, ``input_prep``, the type
+            of given ``transforms``); and the sampling (``chip_size``, ``stride``, ``roi``,
+            ``points``, ``time``).
+
+        Raises:
+            RuntimeError: before :meth:`setup`.
+        """
+        dataset = self._dataset()
+        sources = sorted({p for s in dataset.index["sources"] for p, _ in s})
+        files: list[tuple[str, int | None, int | None]] = []
+        for path in sources:
+            resolved = pathlib.Path(path).resolve()
+            if resolved.exists():
+                stat = resolved.stat()
+                files.append((str(resolved), stat.st_size, stat.st_mtime_ns))
+            else:  # e.g. a GDAL virtual path
+                files.append((str(path), None, None))
+        identity = {"sources": json.dumps(sorted(files))}
+        # every dataset argument, the usual ones also when not given (a setting recorded on
+        # one side only is not compared: see check_parts_identity)
+        names = {*self.kwargs, *_DATASET_SETTINGS} - {"paths", "transforms"}
+        identity |= {f"data.{k}": repr(self.kwargs.get(k)) for k in sorted(names)}
+        given = self.kwargs.get("transforms")
+        identity |= {
+            "preprocess": repr(self.preprocess),
+            "input_prep": self.input_prep,
+            "transforms": type(given).__name__ if given is not None else "None",
+            "chip_size": repr(self.chip_size),
+            "stride": repr(self.stride or self.chip_size),
+            "roi": repr(self.roi),
+            "points": repr(self.points),
+            "time": repr(self.time),
+        }
+        return identity
 
     def _dataset(self) -> Sentinel2Base:
         dataset = self.predict_dataset

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,11 @@ from rasterio.windows import from_bounds
 
 from .bands import canonical_band
 
-__all__ = ["pca_rgb", "render_preview", "rgb_of_raster"]
+__all__ = ["PREVIEW_FORMATS", "pca_rgb", "render_preview", "rgb_of_raster"]
+
+#: Image files the preview writes, by extension (Pillow writes others too, e.g. a TIFF, which
+#: a user could take for a GeoTIFF: it would have no georeferencing).
+PREVIEW_FORMATS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def pca_rgb(embedding: np.ndarray) -> np.ndarray:
@@ -112,19 +117,34 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
         The PNG path.
 
     Raises:
-        ValueError: if ``out_png`` is not an image file name Pillow can write (checked first),
-            or ``embedding_tif`` is not a grid embedding (its bands are not named
+        ValueError: (checked before anything is read or written) if ``out_png`` is not a
+            PNG, JPEG or WebP file name or is the embedding itself; if ``embedding_tif``
+            cannot be read as a raster or is not a grid embedding (its bands are not named
             ``dofa_0000``, ``dofa_0001`` ..., as the grid writer names them).
-        rasterio.errors.RasterioIOError: if ``embedding_tif`` cannot be opened.
     """
     out = Path(out_png)
-    if out.suffix.lower() not in Image.registered_extensions():
-        raise ValueError(f"-o {out}: give an image file name, e.g. {out.with_suffix('.png')}")
-    with rasterio.open(embedding_tif) as src:
+    if not str(out_png).strip() or out.suffix.lower() not in PREVIEW_FORMATS:
+        example = out.with_suffix(".png") if out.name else Path("preview.png")
+        raise ValueError(
+            f"-o {str(out_png)!r}: give an image file name ending in "
+            f"{' / '.join(PREVIEW_FORMATS)}, e.g. {example}"
+        )
+    if not str(embedding_tif).strip():
+        raise ValueError("the embedding is an empty string: give a *_grid.tif")
+    if Path(embedding_tif).resolve() == out.resolve():
+        raise ValueError(f"-o {out} is the embedding itself: give another file name")
+    hint = "give a *_grid.tif written by torchgeo-dofa embed --output grid or both"
+    try:
+        with warnings.catch_warnings():  # a plain image: refused below, no warning first
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            src = rasterio.open(embedding_tif)
+    except rasterio.errors.RasterioIOError as err:
+        raise ValueError(f"cannot read {embedding_tif} as a raster ({err}): {hint}") from None
+    with src:
         if src.descriptions != tuple(f"dofa_{i:04d}" for i in range(src.count)):
             raise ValueError(
                 f"{embedding_tif} is not a grid embedding (its bands are not named dofa_0000 "
-                "...): give a *_grid.tif written by torchgeo-dofa embed --output grid/both"
+                f"...): {hint}"
             )
         emb = src.read()
         tags = src.tags()

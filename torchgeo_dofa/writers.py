@@ -476,64 +476,79 @@ class _PartsWriter(BasePredictionWriter):
         self.metadata = dict(getattr(pl_module, "metadata", {}))
         if callable(output_tags):
             self.metadata.update(output_tags())
-        # what the parts depend on: the weights by content (not the file's name), the
-        # sources by resolved path (as the embed job's manifest identifies them)
+        # what the parts depend on: the model's tags and its weights by content (not the
+        # file's name), the data module's settings (job_identity: sources by resolved path,
+        # size and mtime as the embed job's manifest identifies them), the chips
         self._job = {k: str(v) for k, v in self.metadata.items() if k != "weights"}
         if "sources" in self._job:
             sources = json.loads(self._job["sources"])
             self._job["sources"] = json.dumps(sorted(str(Path(p).resolve()) for p in sources))
         self._job["precision"] = str(trainer.precision)
         self._job["weights_crc32"] = module_digest(pl_module)
+        job_identity = getattr(dm, "job_identity", None)
+        if callable(job_identity):
+            self._job |= {k: str(v) for k, v in job_identity().items()}
         sampler = getattr(dm, "predict_sampler", None)
-        if sampler is not None:
+        if sampler is not None:  # after the settings, which name a difference better
             self._job["chips_crc32"] = _text_digest(repr([_chip_bounds(c) for c in sampler]))
+        self._identity_written = False
         self.metadata.update(given)
         self._done = set()
         self._assembled = self._failed = False
 
     def check_parts_identity(self, trainer: pl.Trainer, extra: Mapping[str, str]) -> None:
-        """Refuse parts of another job; record this job's identity beside new parts.
+        """Refuse parts of another job (called at setup, before anything is written).
 
-        The identity (:data:`PARTS_IDENTITY` in the parts folder): the model's and the data
-        module's tags (variant, pooled norm, input preparation, bands, wavelengths, sources by
-        resolved path), the precision, a CRC-32 of the module's parameters (another
-        checkpoint, a fine-tuned one or another random draw differs; a renamed copy of the
-        same checkpoint does not), a CRC-32 of the chip
-        list (chip size, stride, region, points) and ``extra`` (the output grid or CRS).
-        Settings recorded on one side only (another package version) are not compared.
-        Every process compares; rank 0 writes it when absent (parts of an older version
-        have none, and are taken as this job's). ``torchgeo-dofa embed`` checks its job
-        manifest first, so this guards the other doors (``predict --config``, a Python
-        ``Trainer``), where a rerun with other settings would otherwise mix both jobs' chips.
+        The identity (:data:`PARTS_IDENTITY` in the parts folder, written with this job's
+        first parts): the model's tags (variant, pooled norm, input preparation, bands,
+        wavelengths), the precision, a CRC-32 of the module's parameters (another checkpoint,
+        a fine-tuned one or another random draw differs; a renamed copy of the same checkpoint
+        does not), the data module's ``job_identity()`` (sources with size and modification
+        time, dataset arguments, preprocessing, chip size, stride, region, points), a CRC-32
+        of the chip list and ``extra`` (the output grid or CRS). Settings recorded on one side
+        only (another package version) are not compared; parts without an identity (an older
+        version) are taken as this job's, and an identity without parts is replaced.
+        ``torchgeo-dofa embed`` checks its job manifest first, so this guards the other doors
+        (``predict --config``, a Python ``Trainer``), where a rerun with other settings would
+        otherwise mix both jobs' chips.
 
         Args:
-            trainer: the trainer (its global rank decides who writes).
+            trainer: the trainer.
             extra: further settings the writer's output depends on.
 
         Raises:
             PartsMismatchError: naming the first setting that differs and the fix.
         """
-        job = self._job | dict(extra)
+        self._job |= dict(extra)
         path = self.parts / PARTS_IDENTITY
-        fix = f"delete that folder to start {self.path.name} afresh, or write to another path"
-        if path.is_file():
-            try:
-                stored = json.loads(path.read_text())
-                if not isinstance(stored, dict):
-                    raise ValueError("not a JSON object")
-            except (OSError, ValueError) as err:
+        if not path.is_file() or not self.done_keys():
+            return
+        try:
+            stored = json.loads(path.read_text())
+            if not isinstance(stored, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            raise PartsMismatchError(
+                f"{path} is unreadable ({err}): if the chips in {self.parts.name} are this "
+                "job's, delete that file to keep them; else delete the folder to start afresh"
+            ) from None
+        for key, value in self._job.items():  # a setting another version does not record
+            if key in stored and stored[key] != value:  # is no evidence of another job
                 raise PartsMismatchError(
-                    f"{self.parts} has an unreadable {PARTS_IDENTITY} ({err}): {fix}"
-                ) from None
-            for key, value in job.items():  # a setting another version does not record: no
-                if key in stored and stored[key] != value:  # evidence of another job
-                    raise PartsMismatchError(
-                        f"{self.parts} holds the chips of another job ({key} was "
-                        f"{_short(stored[key])}, now {_short(value)}): {fix}"
-                    )
-        elif trainer.is_global_zero:
-            text = json.dumps(job, indent=1)
-            atomic_write(path, lambda tmp: tmp.write_text(text))
+                    f"{self.parts} holds the chips of another job ({key} was "
+                    f"{_short(stored[key])}, now {_short(value)}): delete it (and the .parts "
+                    f"folders of the job's other outputs beside it) to start afresh, or write "
+                    "to another path"
+                )
+
+    def _write_identity(self, trainer: pl.Trainer) -> None:
+        """Record the job's identity beside its first parts (rank 0, once per run)."""
+        if self._identity_written or not hasattr(self, "_job"):
+            return
+        self._identity_written = True
+        if trainer.is_global_zero:
+            text = json.dumps(self._job, indent=1)
+            atomic_write(self.parts / PARTS_IDENTITY, lambda tmp: tmp.write_text(text))
 
     def is_done(self, chip: Sequence[slice]) -> bool:  # pragma: no cover - abstract
         """Whether an earlier run already wrote this chip."""
@@ -570,6 +585,8 @@ class _PartsWriter(BasePredictionWriter):
         self.empty += len(prediction["grid" if "grid" in prediction else "pooled"]) - len(chips)
         if not chips:
             return
+        if trainer is not None:
+            self._write_identity(trainer)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.write_threads, thread_name_prefix="dofa-parts")
         self._pending.append(self._pool.submit(self._write_chips, prediction, chips))
@@ -728,7 +745,7 @@ class GridWriter(_PartsWriter):
         self.flush()
         geom = self.geometry
         chips = list(self._chips())
-        sizes = {p: _read_part(p, lambda f: np.load(f, mmap_mode="r").shape) for _, _, p in chips}
+        sizes = _read_parts([p for _, _, p in chips], lambda f: np.load(f, mmap_mode="r").shape)
         if chips:
             depth = int(next(iter(sizes.values()))[0])
         elif "embed_dim" in self.metadata:
@@ -960,12 +977,11 @@ class PooledWriter(_PartsWriter):
 
     def _rows(self) -> list[dict[str, Any]]:
         """The table's rows (see the class docstring), before properties are joined."""
-        parts = {
-            p.name.removesuffix(self.suffix): _read_part(
-                p, lambda f: _pooled_part(json.loads(f.read_text()))
-            )
-            for p in sorted(self.parts.glob(f"*{self.suffix}"))
-        }
+        read = _read_parts(
+            sorted(self.parts.glob(f"*{self.suffix}")),
+            lambda f: _pooled_part(json.loads(f.read_text())),
+        )
+        parts = {p.name.removesuffix(self.suffix): row for p, row in read.items()}
         if self.chip_keys is None:
             rows = [r | {"empty": False} for r in parts.values()]
         else:
@@ -1099,24 +1115,43 @@ def _native_stderr_kept_on_success() -> Iterator[None]:
                     os.write(fd, text)
 
 
-def _read_part[T](path: Path, read: Callable[[Path], T]) -> T:
-    """Read a part file; an unreadable one is removed, so the rerun computes its chip again.
+def _read_parts[T](paths: Sequence[Path], read: Callable[[Path], T]) -> dict[Path, T]:
+    """Read part files; every unreadable one is removed, so the rerun computes its chip again.
 
     Parts are written through a temporary name, so a killed job leaves none half-written; a
     truncated or garbled part comes from outside (a disk error, a power cut before the data
-    reached the disk, an edit).
+    reached the disk, an edit). All parts are read before the error, so one rerun repairs
+    them all.
+
+    Args:
+        paths: the part files.
+        read: reads one (raising ``OSError``, ``EOFError``, ``ValueError``, ``KeyError`` or
+            ``TypeError`` for a damaged one).
+
+    Returns:
+        Each path's value.
 
     Raises:
-        ValueError: naming the part, the cause and the fix (rerun the same command).
+        OutputWriteError: naming the damaged parts (the first three), the cause and the fix
+            (rerun the same command), after removing them.
     """
-    try:
-        return read(path)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    values: dict[Path, T] = {}
+    bad: list[tuple[Path, BaseException]] = []
+    for path in paths:
+        try:
+            values[path] = read(path)
+        except (OSError, EOFError, ValueError, KeyError, TypeError) as err:
+            bad.append((path, err))
+    if not bad:
+        return values
+    for path, _ in bad:
         path.unlink(missing_ok=True)
-        raise ValueError(
-            f"part {path} was unreadable ({err}) and is removed: rerun the same command to "
-            "compute that chip again and finish"
-        ) from None
+    first, cause = bad[0]
+    more = f" and {len(bad) - 1} more ({', '.join(p.name for p, _ in bad[1:4])}...)"
+    raise OutputWriteError(
+        f"part {first}{more if len(bad) > 1 else ''} was unreadable ({cause}) and is removed: "
+        "rerun the same command to compute those chips again and finish"
+    )
 
 
 def _ts(value: float) -> float | None:
