@@ -127,3 +127,51 @@ def test_predict_step_with_preprocess_leaves_the_callers_batch_raw() -> None:
         second = module.predict_step(raw, 0)["pooled"]
     torch.testing.assert_close(raw["image"], image, rtol=0, atol=0)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+def test_a_batch_that_was_not_normalised_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    """A data module without preprocessing hands the model raw reflectance: refused with the
+    fix, before the writers get a chip (it used to embed noise into the pooled part, then
+    fail in the grid writer with KeyError: 'grid_transform')."""
+    import pytest
+
+    from torchgeo_dofa.datamodules import DOFAPredictDataModule
+    from torchgeo_dofa.writers import GridWriter, PooledWriter
+
+    module = DOFAEmbedder(weights=None, seed=0, output="both")
+    dm = DOFAPredictDataModule(SCENE, preprocess=False, batch_size=2)
+    writers: list[pl.Callback] = [
+        GridWriter(tmp_path / "g.tif"),
+        PooledWriter(tmp_path / "p.parquet"),
+    ]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=writers,
+    )
+    with pytest.raises(ValueError, match=r"values up to \d+, raw reflectance .* preprocess=True"):
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+    assert not list(tmp_path.rglob("*.npy")) and not list(tmp_path.rglob("*.json"))
+    with pytest.raises(ValueError, match="torch.uint16, not normalised"):
+        module.predict_step(
+            {
+                "image": torch.zeros(1, 4, 224, 224, dtype=torch.uint16),
+                "wavelengths": torch.ones(4),
+            },
+            0,
+        )
+
+
+def test_a_writer_names_the_prediction_keys_it_lacks(tmp_path: Path) -> None:
+    import pytest
+
+    from torchgeo_dofa.writers import GridWriter
+
+    writer = GridWriter(tmp_path / "g.tif")
+    prediction = {"grid": torch.zeros(1, 8, 14, 14)}
+    with pytest.raises(KeyError, match=r"GridWriter needs \['grid_transform'\] .* preprocess=True"):
+        writer.write_on_batch_end(None, None, prediction, None, None, 0, 0)  # type: ignore[arg-type]

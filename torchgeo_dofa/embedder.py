@@ -144,6 +144,7 @@ class DOFAEmbedder(pl.LightningModule):
         if empty is not None and bool(empty.any()):
             return self._predict_non_empty(batch, ~empty.to(torch.bool), batch_idx)
         image, wavelengths = batch["image"], batch["wavelengths"]
+        _check_normalised(image)
         pooled, grid = self(image, wavelengths)
         patch = self.encoder.config.patch_size
         valid = batch.get("valid")
@@ -221,3 +222,31 @@ def _cell_valid(valid: Tensor, patch: int) -> Tensor:
 def batch_kind(batch: dict[str, Any]) -> str:
     """``"tile"`` for a tiled batch, else ``"resize"``."""
     return "tile" if batch["image"].ndim == 5 else "resize"
+
+
+#: Largest magnitude a normalised input may hold. DOFA's Sentinel-2 statistics
+#: (:data:`torchgeo_dofa.bands.SENTINEL2_BANDS`, on the 0..255 scale of reflectance / 10000 x
+#: 255) turn reflectance 0..10000 into -1.88..4.66 and even a saturated 65535 into < 38; raw
+#: reflectance reaches the thousands wherever there is land or cloud.
+NORMALISED_LIMIT = 1000.0
+
+
+def _check_normalised(image: Tensor) -> None:
+    """Refuse a batch that was not normalised (raw reflectance would embed as noise).
+
+    Raises:
+        ValueError: naming the largest value and the fix.
+    """
+    if not image.is_floating_point():
+        raise ValueError(
+            f"the batch's image is {image.dtype}, not normalised: DOFA takes reflectance "
+            "normalised with DOFA's statistics; give the data module preprocess=True or "
+            "transforms=DOFAPreprocess(...), or set DOFAEmbedder.preprocess"
+        )
+    peak = float(image.detach().abs().nan_to_num(0.0).amax()) if image.numel() else 0.0
+    if peak > NORMALISED_LIMIT:
+        raise ValueError(
+            f"the batch's image holds values up to {peak:g}, raw reflectance rather than "
+            "input normalised with DOFA's statistics: give the data module preprocess=True "
+            "or transforms=DOFAPreprocess(...), or set DOFAEmbedder.preprocess"
+        )

@@ -365,6 +365,8 @@ class _PartsWriter(BasePredictionWriter):
     """
 
     suffix = ".npy"
+    #: Keys of a prediction this writer reads (see :meth:`write_on_batch_end`).
+    needs: tuple[str, ...] = ()
     #: Threads writing part files (file I/O and compression release the GIL).
     write_threads = 2
     #: Batches that may wait to be written before the next batch waits for the oldest.
@@ -573,7 +575,20 @@ class _PartsWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        """Save every non-empty chip of a batch as its own part file (in the background)."""
+        """Save every non-empty chip of a batch as its own part file (in the background).
+
+        Raises:
+            KeyError: when the prediction lacks a key this writer needs (:attr:`needs`),
+                naming it and where it comes from, before anything of the batch is written.
+        """
+        missing = [k for k in self.needs if k not in prediction]
+        if missing:
+            raise KeyError(
+                f"{type(self).__name__} needs {missing} in each prediction, which "
+                "DOFAEmbedder.predict_step passes on from a batch preprocessed by "
+                "DOFAPreprocess: give the data module preprocess=True (or "
+                "transforms=DOFAPreprocess(...))"
+            )
         while self._pending and self._pending[0].done():  # surface a failed write early
             self._pending.popleft().result()
         empty = prediction.get("empty")
@@ -617,6 +632,8 @@ class GridWriter(_PartsWriter):
     covered, or that were entirely no-data, are NaN (the declared nodata). The map is
     assembled in windows of ``window`` x ``window`` cells, so memory stays bounded.
     """
+
+    needs = ("grid", "grid_transform")
 
     def __init__(
         self,
@@ -856,6 +873,7 @@ class PooledWriter(_PartsWriter):
     """
 
     suffix = ".json"
+    needs = ("pooled", "bounds")
 
     def __init__(
         self,
