@@ -280,6 +280,10 @@ def test_job_identity_names_what_the_chips_depend_on(tmp_path) -> None:
     ]
     assert identity(bands=["B4", "B3", "B2"])["data.bands"] == "['B4', 'B3', 'B2']"
     assert identity(stride=112)["stride"] == "112" and base["stride"] == "224"
+    other = identity(dataset_class=EarthEngineS2)  # another offset rule: another job
+    assert base["dataset_class"] == "torchgeo_dofa.datasets.Sentinel2SR"
+    assert other["dataset_class"] == "torchgeo_dofa.datasets.EarthEngineS2"
+    assert identity(offset=-1000)["offsets"] == "[(-1000.0, -1000.0, -1000.0, -1000.0)]"
     os.utime(scene, ns=(1, 1))  # the same path, another file
     assert identity()["sources"] != base["sources"]
 

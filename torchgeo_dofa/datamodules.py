@@ -263,6 +263,7 @@ class DOFAPredictDataModule(GeoDataModule):
     Example:
         >>> dm = DOFAPredictDataModule(  # doctest: +SKIP
         ...     "scenes/",
+        ...     preprocess=True,  # DOFA's normalisation for the bands read
         ...     file_bands=["B4", "B3", "B2", "B8", "B4_1", "B3_1", "B2_1", "B8_1"],
         ...     bands=["B4", "B3", "B2", "B8"],
         ... )
@@ -540,7 +541,8 @@ class DOFAPredictDataModule(GeoDataModule):
 
         Returns:
             Text values: each source file as its resolved path, size and modification time
-            (a file rewritten in place is another input); every dataset argument as given,
+            (a file rewritten in place is another input); the dataset class and the
+            reflectance offsets it applies per scene; every dataset argument as given,
             but the paths (``data.bands``, ``data.file_bands``, ``data.nodata``,
             ``data.offset`` ...); the preprocessing (``preprocess``, ``input_prep``, the type
             of given ``transforms``); and the sampling (``chip_size``, ``stride``, ``roi``,
@@ -559,7 +561,12 @@ class DOFAPredictDataModule(GeoDataModule):
                 files.append((str(resolved), stat.st_size, stat.st_mtime_ns))
             else:  # e.g. a GDAL virtual path
                 files.append((str(path), None, None))
-        identity = {"sources": json.dumps(sorted(files))}
+        cls = type(dataset)
+        identity = {
+            "sources": json.dumps(sorted(files)),
+            "dataset_class": f"{cls.__module__}.{cls.__qualname__}",
+            "offsets": repr([v for v in dataset.index["offset"]]),  # as applied, per scene
+        }
         # every dataset argument, the usual ones also when not given (a setting recorded on
         # one side only is not compared: see check_parts_identity)
         names = {*self.kwargs, *_DATASET_SETTINGS} - {"paths", "transforms"}

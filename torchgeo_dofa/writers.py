@@ -487,6 +487,17 @@ class _PartsWriter(BasePredictionWriter):
             self._job["sources"] = json.dumps(sorted(str(Path(p).resolve()) for p in sources))
         self._job["precision"] = str(trainer.precision)
         self._job["weights_crc32"] = module_digest(pl_module)
+        prep = getattr(pl_module, "preprocess", None)  # preprocessing on the device
+        if prep is not None:
+            waves = getattr(prep, "wavelengths", None)
+            self._job["model_preprocess"] = repr(
+                (
+                    type(prep).__name__,
+                    getattr(prep, "bands", None),
+                    None if waves is None else [round(float(w), 6) for w in waves],
+                    getattr(prep, "input_prep", None),
+                )
+            )
         job_identity = getattr(dm, "job_identity", None)
         if callable(job_identity):
             self._job |= {k: str(v) for k, v in job_identity().items()}
