@@ -25,6 +25,7 @@ rs-embed-style ``get_embedding``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -553,19 +554,19 @@ class DOFAPredictDataModule(GeoDataModule):
         """
         dataset = self._dataset()
         sources = sorted({p for s in dataset.index["sources"] for p, _ in s})
+        from torchgeo_dofa.jobs import InputFile  # the embed manifest's identity of a file
+
         files: list[tuple[str, int | None, int | None]] = []
         for path in sources:
-            resolved = pathlib.Path(path).resolve()
-            if resolved.exists():
-                stat = resolved.stat()
-                files.append((str(resolved), stat.st_size, stat.st_mtime_ns))
+            if pathlib.Path(path).exists():
+                files.append(dataclasses.astuple(InputFile.of(path)))
             else:  # e.g. a GDAL virtual path
                 files.append((str(path), None, None))
         cls = type(dataset)
         identity = {
             "sources": json.dumps(sorted(files)),
             "dataset_class": f"{cls.__module__}.{cls.__qualname__}",
-            "offsets": repr([v for v in dataset.index["offset"]]),  # as applied, per scene
+            "offsets": repr(list(dataset.index["offset"])),  # as applied, per scene
         }
         # every dataset argument, the usual ones also when not given (a setting recorded on
         # one side only is not compared: see check_parts_identity)

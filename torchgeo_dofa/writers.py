@@ -384,6 +384,9 @@ class _PartsWriter(BasePredictionWriter):
         self._done: set[str] = set()
         #: this run's state: the output assembled, prediction failed (reset at setup)
         self._assembled = self._failed = False
+        #: what the parts depend on (gathered at setup) and whether this run recorded it
+        self._job: dict[str, str] = {}
+        self._identity_written = False
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle/copy without the thread pool (made again on the first write)."""
@@ -547,16 +550,16 @@ class _PartsWriter(BasePredictionWriter):
             ) from None
         for key, value in self._job.items():  # a setting another version does not record
             if key in stored and stored[key] != value:  # is no evidence of another job
+                was, now = short_repr(stored[key], 80), short_repr(value, 80)
                 raise PartsMismatchError(
-                    f"{self.parts} holds the chips of another job ({key} was "
-                    f"{_short(stored[key])}, now {_short(value)}): delete it (and the .parts "
-                    f"folders of the job's other outputs beside it) to start afresh, or write "
-                    "to another path"
+                    f"{self.parts} holds the chips of another job ({key} was {was}, now "
+                    f"{now}): delete it (and the .parts folders of the job's other outputs "
+                    "beside it) to start afresh, or write to another path"
                 )
 
     def _write_identity(self, trainer: pl.Trainer) -> None:
         """Record the job's identity beside its first parts (rank 0, once per run)."""
-        if self._identity_written or not hasattr(self, "_job"):
+        if self._identity_written or not self._job:  # recorded, or never set up
             return
         self._identity_written = True
         if trainer.is_global_zero:
@@ -1283,8 +1286,12 @@ def _chip_bounds(chip: Any) -> Any:
     return chip
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+def short_repr(value: Any, limit: int = 120) -> str:
+    """A value for a one-line message: a string quoted, anything else as JSON, cut at ``limit``.
+
+    Used by the job manifest's and the parts identity's "X was A, now B" messages.
+    """
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
