@@ -25,7 +25,6 @@ from tests.precision import assert_as_exact_as_torchgeo, cosine_error, torchgeo_
 from torchgeo_dofa import load_dofa
 from torchgeo_dofa.cli import embed, main
 from torchgeo_dofa.transforms import DOFAPreprocess
-from torchgeo_dofa.writers import PartsMismatchError
 
 SCENE = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
 
@@ -444,19 +443,24 @@ def test_tile_mode_matches_resize_on_224_chips(tmp_path, reference_run, base_che
         np.testing.assert_allclose(a.read(), b.read(), atol=1e-4)
 
 
+def _predict_config(out: Path, checkpoint: Path) -> dict[str, Any]:
+    """The shipped predict_grid.yaml on the bundled scene, writing g.tif / p.parquet in out."""
+    import yaml
+
+    cfg_path = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs/predict_grid.yaml"
+    cfg: dict[str, Any] = yaml.safe_load(cfg_path.read_text())
+    cfg["model"]["init_args"]["weights"] = str(checkpoint)
+    cfg["data"]["init_args"]["paths"] = str(SCENE)
+    cfg["trainer"]["callbacks"][0]["init_args"]["path"] = str(out / "g.tif")
+    cfg["trainer"]["callbacks"][1]["init_args"]["path"] = str(out / "p.parquet")
+    cfg["trainer"] |= {"enable_progress_bar": False, "default_root_dir": str(out)}
+    return cfg
+
+
 def test_predict_config_writes_the_same_files_as_embed(tmp_path, reference_run, base_checkpoint):
     import yaml
 
-    cfg_path = (
-        Path(__file__).resolve().parents[1] / "torchgeo_dofa" / "configs" / "predict_grid.yaml"
-    )
-    cfg = yaml.safe_load(cfg_path.read_text())
-    cfg["model"]["init_args"]["weights"] = str(base_checkpoint)
-    cfg["data"]["init_args"]["paths"] = str(SCENE)
-    cfg["trainer"]["callbacks"][0]["init_args"]["path"] = str(tmp_path / "g.tif")
-    cfg["trainer"]["callbacks"][1]["init_args"]["path"] = str(tmp_path / "p.parquet")
-    cfg["trainer"]["enable_progress_bar"] = False
-    cfg["trainer"]["default_root_dir"] = str(tmp_path)
+    cfg = _predict_config(tmp_path, base_checkpoint)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 0
     # the same grid GeoTIFF as `torchgeo-dofa embed` on the same scene and settings
@@ -486,19 +490,13 @@ def test_predict_config_writes_the_same_files_as_embed(tmp_path, reference_run, 
 
 
 def test_predict_config_resumed_with_every_chip_written_assembles(
-    tmp_path, reference_run, base_checkpoint
+    tmp_path, reference_run, base_checkpoint, capsys
 ) -> None:
     """Interrupted between the last batch and the assembly, a rerun of ``predict --config``
     writes the outputs (Lightning skips the empty loop and its epoch hooks)."""
     import yaml
 
-    cfg_path = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs/predict_grid.yaml"
-    cfg = yaml.safe_load(cfg_path.read_text())
-    cfg["model"]["init_args"]["weights"] = str(base_checkpoint)
-    cfg["data"]["init_args"]["paths"] = str(SCENE)
-    cfg["trainer"]["callbacks"][0]["init_args"]["path"] = str(tmp_path / "g.tif")
-    cfg["trainer"]["callbacks"][1]["init_args"]["path"] = str(tmp_path / "p.parquet")
-    cfg["trainer"] |= {"enable_progress_bar": False, "default_root_dir": str(tmp_path)}
+    cfg = _predict_config(tmp_path, base_checkpoint)
     crash = {"class_path": f"{__name__}.CrashAfterBatch", "init_args": {"last": True}}
     (tmp_path / "crash.yaml").write_text(
         yaml.safe_dump(
@@ -526,22 +524,20 @@ def test_predict_config_resumed_with_every_chip_written_assembles(
         ("--data.init_args.file_bands=[B3,B2,B4,B8]", ""),  # same names, other order
         ("--data.init_args.stride=112", "stride was '224', now '112'"),
     ):
-        with pytest.raises(PartsMismatchError) as err:
-            main(["predict", "--config", str(tmp_path / "cfg.yaml"), option])
-        assert f"g.tif.parts holds the chips of another job ({match}" in str(err.value)
+        capsys.readouterr()
+        assert main(["predict", "--config", str(tmp_path / "cfg.yaml"), option]) == 2
+        err = capsys.readouterr().err  # one line (PartsMismatchError), no traceback
+        assert err.startswith("torchgeo-dofa: error: ") and err.count("\n") == 1, err
+        assert f"g.tif.parts holds the chips of another job ({match}" in err
     assert sorted(p.name for p in (tmp_path / "g.tif.parts").iterdir()) == parts
-    # a refused run writes nothing, not even an identity beside a writer it did not refuse
+    # a refused run writes nothing, not even a parts folder or an identity beside a writer
+    # it did not refuse
     shutil.rmtree(tmp_path / "g.tif.parts")
-    with pytest.raises(PartsMismatchError, match="p.parquet.parts holds the chips of another"):
-        main(
-            [
-                "predict",
-                "--config",
-                str(tmp_path / "cfg.yaml"),
-                f"--model.init_args.weights={other}",
-            ]
-        )
-    assert list((tmp_path / "g.tif.parts").iterdir()) == []
+    capsys.readouterr()
+    rerun = f"predict --config {tmp_path / 'cfg.yaml'} --model.init_args.weights={other}"
+    assert main(rerun.split()) == 2
+    assert "p.parquet.parts holds the chips of another job" in capsys.readouterr().err
+    assert not (tmp_path / "g.tif.parts").exists()
     assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 0
     assert not list(tmp_path.glob("*.parts"))
     with (
@@ -551,6 +547,33 @@ def test_predict_config_resumed_with_every_chip_written_assembles(
         assert (got.transform, got.shape, got.count) == (ref.transform, ref.shape, ref.count)
         np.testing.assert_allclose(got.read(), ref.read(), rtol=0, atol=1e-6, equal_nan=True)
     assert len(gpd.read_parquet(tmp_path / "p.parquet")) == 6
+
+
+def test_predict_config_refusals_are_one_line_and_write_nothing(
+    tmp_path, base_checkpoint, capsys
+) -> None:
+    """Bad input through ``predict --config`` ends as ``embed``'s does: one line naming the
+    fix, exit status 2, no traceback, and no output or empty .parts folders left (only
+    LightningCLI's own config.yaml, in the trainer's default_root_dir)."""
+    import yaml
+
+    out = tmp_path / "out"
+    cfg = _predict_config(out, base_checkpoint)
+    cfg["data"]["init_args"]["preprocess"] = False  # raw reflectance would reach the model
+    (tmp_path / "raw.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["predict", "--config", str(tmp_path / "raw.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchgeo-dofa: error: the batch's image holds values up to ")
+    assert "give the data module preprocess=True" in err and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == ["config.yaml"]
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    cfg = _predict_config(out, broken)
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["predict", "--config", str(tmp_path / "broken.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchgeo-dofa: error: ") and str(broken) in err, err
+    assert "Traceback" not in err and [p.name for p in out.iterdir()] == ["config.yaml"]
 
 
 def _scene_lonlat(x: float, y: float) -> tuple[float, float]:

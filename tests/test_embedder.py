@@ -138,14 +138,13 @@ def test_a_batch_that_was_not_normalised_is_refused_before_anything_is_written(
     import pytest
 
     from torchgeo_dofa.datamodules import DOFAPredictDataModule
+    from torchgeo_dofa.embedder import NotNormalisedError
     from torchgeo_dofa.writers import GridWriter, PooledWriter
 
     module = DOFAEmbedder(weights=None, seed=0, output="both")
     dm = DOFAPredictDataModule(SCENE, preprocess=False, batch_size=2)
-    writers: list[pl.Callback] = [
-        GridWriter(tmp_path / "g.tif"),
-        PooledWriter(tmp_path / "p.parquet"),
-    ]
+    out = tmp_path / "out"
+    writers: list[pl.Callback] = [GridWriter(out / "g.tif"), PooledWriter(out / "p.parquet")]
     trainer = pl.Trainer(
         accelerator="cpu",
         logger=False,
@@ -153,10 +152,12 @@ def test_a_batch_that_was_not_normalised_is_refused_before_anything_is_written(
         enable_model_summary=False,
         callbacks=writers,
     )
-    with pytest.raises(ValueError, match=r"values up to \d+, raw reflectance .* preprocess=True"):
+    with pytest.raises(
+        NotNormalisedError, match=r"values up to \d+, raw reflectance .* preprocess=True"
+    ):
         trainer.predict(module, datamodule=dm, return_predictions=False)
-    assert not list(tmp_path.rglob("*.npy")) and not list(tmp_path.rglob("*.json"))
-    with pytest.raises(ValueError, match="torch.uint16, not normalised"):
+    assert not out.exists()  # no output folder, no empty .parts folders either
+    with pytest.raises(NotNormalisedError, match="torch.uint16, not normalised"):
         module.predict_step(
             {
                 "image": torch.zeros(1, 4, 224, 224, dtype=torch.uint16),
@@ -175,3 +176,51 @@ def test_a_writer_names_the_prediction_keys_it_lacks(tmp_path: Path) -> None:
     prediction = {"grid": torch.zeros(1, 8, 14, 14)}
     with pytest.raises(KeyError, match=r"GridWriter needs \['grid_transform'\] .* preprocess=True"):
         writer.write_on_batch_end(None, None, prediction, None, None, 0, 0)  # type: ignore[arg-type]
+
+
+class _CrashAfterBatch(pl.Callback):
+    """Stop the job after its first batch's parts are written (listed after the writer)."""
+
+    def on_predict_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("simulated crash")
+
+
+def test_a_resume_with_other_preprocessing_on_the_device_is_refused(tmp_path: Path) -> None:
+    """The parts' identity records the preprocessing the model runs on the device: resumed
+    with another one, the job is refused by name and the first run's parts are kept."""
+    import pytest
+
+    from torchgeo_dofa.datamodules import DOFAPredictDataModule
+    from torchgeo_dofa.writers import PartsMismatchError, PooledWriter, parts_dir
+
+    out = tmp_path / "p.parquet"
+
+    def run(input_prep: str, crash: bool) -> None:
+        module = DOFAEmbedder(weights=None, seed=0, output="pooled")
+        dm = DOFAPredictDataModule(SCENE, preprocess=True, batch_size=2)
+        dm.setup("predict")
+        dataset = dm._dataset()
+        module.preprocess = DOFAPreprocess(
+            dataset.bands, dataset.wavelengths, input_prep=input_prep
+        )
+        dataset.transforms = None  # raw chips: the model preprocesses them
+        callbacks: list[pl.Callback] = [PooledWriter(out), *([_CrashAfterBatch()] if crash else [])]
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+        )
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run("resize", crash=True)
+    parts = sorted(p.name for p in parts_dir(out).iterdir())
+    assert "job-identity" in parts and len(parts) == 3  # two chips and the identity
+    refused = r"\(model_preprocess was .*'resize'.*now .*'tile'"  # the difference in view
+    with pytest.raises(PartsMismatchError, match=refused):
+        run("tile", crash=False)
+    assert sorted(p.name for p in parts_dir(out).iterdir()) == parts and not out.exists()
+    run("resize", crash=False)  # the same preprocessing resumes and finishes
+    assert out.exists() and not parts_dir(out).exists()

@@ -649,3 +649,17 @@ def test_an_unreadable_part_is_named_removed_and_recomputed_by_the_rerun(tmp_pat
     with pytest.raises(OutputWriteError, match=r"part .*garbled.json was unreadable"):
         pooled.finalize()
     assert not (pooled.parts / "garbled.json").exists()
+
+
+def test_describe_change_keeps_the_first_difference_in_view() -> None:
+    from torchgeo_dofa.writers import describe_change
+
+    assert describe_change("stride", "224", "112") == "stride was '224', now '112'"
+    assert describe_change("offsets", [0, 1], None) == "offsets was [0, 1], now null"
+    long = "/data/" + "sentinel2/" * 20
+    text = describe_change("sources", [long + "a.tif"], [long + "b.tif"], limit=60)
+    assert text == f'sources was ...{long[-20:]}a.tif"], now ...{long[-20:]}b.tif"]'
+    cut = describe_change("bands", "x" * 100 + "A", "x" * 100 + "B", limit=40)
+    assert cut == f"bands was ...{'x' * 20}A', now ...{'x' * 20}B'"
+    head = describe_change("bands", "A" + "x" * 99, "B" + "x" * 99, limit=40)
+    assert head == f"bands was 'A{'x' * 35}..., now 'B{'x' * 35}..."

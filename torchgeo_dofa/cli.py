@@ -784,6 +784,48 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             close()
 
 
+def _run_lightning_cli(args: Sequence[str] | None) -> int:
+    """Run a LightningCLI subcommand; this package's errors end in one line, not a traceback.
+
+    Bad input (a refused resume, unnormalised input, a corrupt checkpoint, unknown bands,
+    values that are not raw reflectance) exits 2, a failed output write 1, as ``embed``
+    does; any other error keeps Lightning's traceback.
+    """
+    from .bands import BandError
+    from .datasets import InputError
+    from .embedder import NotNormalisedError
+    from .jobs import JobError
+    from .transforms import ReflectanceError
+    from .weights import CheckpointError
+    from .writers import OutputWriteError, PartsMismatchError
+
+    bad_input = (
+        PartsMismatchError,
+        NotNormalisedError,
+        ReflectanceError,
+        InputError,
+        BandError,
+        CheckpointError,
+    )
+    try:
+        _lightning_cli(args)
+    except Exception as raised:
+        # jsonargparse wraps an error of the model's or data module's __init__ in its own
+        # ValueError ("Does not validate against any of the Union subtypes ..."): look for
+        # ours along the chain of causes
+        ours = (JobError, OutputWriteError, *bad_input)
+        err: BaseException | None = raised
+        seen: set[int] = set()
+        while err is not None and not isinstance(err, ours) and id(err) not in seen:
+            seen.add(id(err))
+            err = err.__cause__ or err.__context__
+        if not isinstance(err, ours):
+            raise
+        print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
+        return int(getattr(err, "exit_status", 2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``torchgeo-dofa`` console script.
 
@@ -795,8 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in ("fit", "validate", "test", "predict"):
-        _lightning_cli(None if argv is None else args_list)
-        return 0
+        return _run_lightning_cli(None if argv is None else args_list)
     parser = _parser()
     args = parser.parse_args(args_list)  # --help and usage errors before torch loads
     if args.command == "embed":  # so are the errors that need no raster read

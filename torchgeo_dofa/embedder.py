@@ -19,7 +19,7 @@ from .model import DOFAEncoder, PooledNorm
 from .transforms import stitch_tiles
 from .weights import load_dofa
 
-__all__ = ["OUTPUT_KINDS", "DOFAEmbedder"]
+__all__ = ["OUTPUT_KINDS", "DOFAEmbedder", "NotNormalisedError"]
 
 OutputKind = Literal["pooled", "grid", "both"]
 OUTPUT_KINDS: tuple[str, ...] = ("pooled", "grid", "both")
@@ -133,6 +133,11 @@ class DOFAEmbedder(pl.LightningModule):
             ``pooled``, ``grid`` (float32, on CPU) and the passed-through metadata keys.
             Chips flagged ``empty`` (no valid pixel) are not sent through the encoder: their
             ``pooled`` and ``grid`` are NaN.
+
+        Raises:
+            NotNormalisedError: when the image is an integer tensor or holds values beyond
+                :data:`NORMALISED_LIMIT` (raw reflectance: the data module was given neither
+                ``preprocess=True`` nor ``DOFAPreprocess`` transforms).
         """
         if self.preprocess is not None:  # on a copy: the caller's dict keeps its raw image
             batch = self.preprocess(dict(batch))
@@ -231,21 +236,25 @@ def batch_kind(batch: dict[str, Any]) -> str:
 NORMALISED_LIMIT = 1000.0
 
 
+class NotNormalisedError(ValueError):
+    """A batch reached the encoder without DOFA's normalisation (e.g. raw reflectance)."""
+
+
 def _check_normalised(image: Tensor) -> None:
     """Refuse a batch that was not normalised (raw reflectance would embed as noise).
 
     Raises:
-        ValueError: naming the largest value and the fix.
+        NotNormalisedError: naming the dtype or the largest value, and the fix.
     """
     if not image.is_floating_point():
-        raise ValueError(
+        raise NotNormalisedError(
             f"the batch's image is {image.dtype}, not normalised: DOFA takes reflectance "
             "normalised with DOFA's statistics; give the data module preprocess=True or "
             "transforms=DOFAPreprocess(...), or set DOFAEmbedder.preprocess"
         )
     peak = float(image.detach().abs().nan_to_num(0.0).amax()) if image.numel() else 0.0
     if peak > NORMALISED_LIMIT:
-        raise ValueError(
+        raise NotNormalisedError(
             f"the batch's image holds values up to {peak:g}, raw reflectance rather than "
             "input normalised with DOFA's statistics: give the data module preprocess=True "
             "or transforms=DOFAPreprocess(...), or set DOFAEmbedder.preprocess"

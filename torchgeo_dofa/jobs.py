@@ -47,7 +47,7 @@ from shapely.geometry.base import BaseGeometry
 from .datasets import unique_region_names
 from .spatial import WGS84, PointBuffer
 from .weights import resolve_weights, sha256_file
-from .writers import atomic_write, parts_dir, short_repr, stale_temps
+from .writers import atomic_write, describe_change, parts_dir, stale_temps
 
 __all__ = [
     "LARGE_JOB_CHIPS",
@@ -363,7 +363,7 @@ def _first_input_difference(before: list[dict[str, Any]], now: list[dict[str, An
 def _difference(name: str, before: Any, now: Any) -> str:
     """One clause naming a difference between the stored and the new manifest."""
     if name != "inputs":
-        return f"{name} was {short_repr(before)}, now {short_repr(now)}"
+        return describe_change(name, before, now)
     if before == "absent":
         return f"input {now['path']} is new to this job"
     if now == "absent":

@@ -386,7 +386,7 @@ class _PartsWriter(BasePredictionWriter):
         self._assembled = self._failed = False
         #: what the parts depend on (gathered at setup) and whether this run recorded it
         self._job: dict[str, str] = {}
-        self._identity_written = False
+        self._identity_written = self._parts_made = False
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle/copy without the thread pool (made again on the first write)."""
@@ -468,13 +468,13 @@ class _PartsWriter(BasePredictionWriter):
         return {p.name.removesuffix(self.suffix) for p in self.parts.glob(f"*{self.suffix}")}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Create the parts folder (every rank; idempotent); gather the outputs' tags.
+        """Gather the outputs' tags and what the parts depend on; write nothing yet.
 
         Tags: the module's ``metadata`` (variant, weights ...), the datamodule's
         ``output_tags()`` (bands, wavelengths, sources), then those given to the writer.
+        The parts folder (and the output's folder) is made with the first part, so a job
+        refused or failed before any chip was embedded leaves nothing behind.
         """
-        self.parts.mkdir(parents=True, exist_ok=True)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         dm = getattr(trainer, "datamodule", None)
         output_tags = getattr(dm, "output_tags", None)
         given = self.metadata
@@ -507,7 +507,7 @@ class _PartsWriter(BasePredictionWriter):
         sampler = getattr(dm, "predict_sampler", None)
         if sampler is not None:  # after the settings, which name a difference better
             self._job["chips_crc32"] = _text_digest(repr([_chip_bounds(c) for c in sampler]))
-        self._identity_written = False
+        self._identity_written = self._parts_made = False
         self.metadata.update(given)
         self._done = set()
         self._assembled = self._failed = False
@@ -550,11 +550,11 @@ class _PartsWriter(BasePredictionWriter):
             ) from None
         for key, value in self._job.items():  # a setting another version does not record
             if key in stored and stored[key] != value:  # is no evidence of another job
-                was, now = short_repr(stored[key], 80), short_repr(value, 80)
                 raise PartsMismatchError(
-                    f"{self.parts} holds the chips of another job ({key} was {was}, now "
-                    f"{now}): delete it (and the .parts folders of the job's other outputs "
-                    "beside it) to start afresh, or write to another path"
+                    f"{self.parts} holds the chips of another job "
+                    f"({describe_change(key, stored[key], value, 80)}): delete it (and the "
+                    ".parts folders of the job's other outputs beside it) to start afresh, "
+                    "or write to another path"
                 )
 
     def _write_identity(self, trainer: pl.Trainer) -> None:
@@ -562,9 +562,16 @@ class _PartsWriter(BasePredictionWriter):
         if self._identity_written or not self._job:  # recorded, or never set up
             return
         self._identity_written = True
+        self._make_parts()
         if trainer.is_global_zero:
             text = json.dumps(self._job, indent=1)
             atomic_write(self.parts / PARTS_IDENTITY, lambda tmp: tmp.write_text(text))
+
+    def _make_parts(self) -> None:
+        """Create the parts folder and its parents (every rank, before its first part)."""
+        if not self._parts_made:
+            self.parts.mkdir(parents=True, exist_ok=True)
+            self._parts_made = True
 
     def is_done(self, chip: Sequence[slice]) -> bool:  # pragma: no cover - abstract
         """Whether an earlier run already wrote this chip."""
@@ -616,6 +623,7 @@ class _PartsWriter(BasePredictionWriter):
             return
         if trainer is not None:
             self._write_identity(trainer)
+        self._make_parts()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.write_threads, thread_name_prefix="dofa-parts")
         self._pending.append(self._pool.submit(self._write_chips, prediction, chips))
@@ -861,6 +869,7 @@ class GridWriter(_PartsWriter):
                 for done in [pool.submit(check, pairs[i::threads]) for i in range(threads)]:
                     done.result()
 
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # no part made it (all chips empty)
         with _native_stderr_kept_on_success():
             atomic_write(self.path, write, verify=verify, durable=True, hint=self._hint())
         shutil.rmtree(self.parts, ignore_errors=True)
@@ -1102,6 +1111,7 @@ class PooledWriter(_PartsWriter):
             if _digest(np.asarray(values, np.float32)) != _digest(expected):
                 raise ValueError("read back other embedding values than written")
 
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # no part made it (all chips empty)
         atomic_write(self.path, frame.to_parquet, verify=verify, durable=True, hint=self._hint())
         shutil.rmtree(self.parts, ignore_errors=True)
 
@@ -1286,13 +1296,23 @@ def _chip_bounds(chip: Any) -> Any:
     return chip
 
 
-def short_repr(value: Any, limit: int = 120) -> str:
-    """A value for a one-line message: a string quoted, anything else as JSON, cut at ``limit``.
+def describe_change(name: str, before: Any, now: Any, limit: int = 120) -> str:
+    """``"<name> was A, now B"`` for a one-line message, showing where the values differ.
 
-    Used by the job manifest's and the parts identity's "X was A, now B" messages.
+    A string is quoted, anything else written as JSON. Values longer than ``limit`` lose
+    the start they share (all but 20 characters of context, replaced by ``...``), then are
+    cut at ``limit``, so the first difference stays in view. Used by the job manifest's and
+    the parts identity's refusals.
     """
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    texts = [json.dumps(v) if not isinstance(v, str) else repr(v) for v in (before, now)]
+    if max(map(len, texts)) > limit:
+        a, b = texts
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        shared = (min(len(a), len(b)) if same is None else same) - 20
+        if shared > 3:
+            texts = ["..." + t[shared:] for t in texts]
+        texts = [t if len(t) <= limit else t[: limit - 3] + "..." for t in texts]
+    return f"{name} was {texts[0]}, now {texts[1]}"
 
 
 def _digest(array: np.ndarray) -> bytes:
