@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -113,6 +114,14 @@ class CrashAfterBatch(pl.Callback):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if not self.last or batch_idx + 1 == trainer.num_predict_batches[dataloader_idx]:
             raise RuntimeError("simulated crash")
+
+
+class SigtermAfterFirstBatch(pl.Callback):
+    """Send this process a real SIGTERM after the first batch (as ``kill PID`` would)."""
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.mark.parametrize("last", [False, True], ids=["after-first-batch", "before-assembly"])
@@ -553,27 +562,101 @@ def test_predict_config_refusals_are_one_line_and_write_nothing(
     tmp_path, base_checkpoint, capsys
 ) -> None:
     """Bad input through ``predict --config`` ends as ``embed``'s does: one line naming the
-    fix, exit status 2, no traceback, and no output or empty .parts folders left (only
-    LightningCLI's own config.yaml, in the trainer's default_root_dir)."""
+    fix, exit status 2, no traceback, and no output, part or empty .parts folder left (only
+    the output folder's lock file and LightningCLI's own config.yaml)."""
     import yaml
 
     out = tmp_path / "out"
+
+    def refused(name: str, cfg: dict[str, Any], *overrides: str) -> str:
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        capsys.readouterr()
+        assert main(["predict", "--config", str(tmp_path / f"{name}.yaml"), *overrides]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("torchgeo-dofa: error: ") and err.count("\n") == 1, err
+        assert not list(out.glob("*.parts")) and not list(out.glob("*.tif"))
+        assert not list(out.glob("*.parquet"))
+        return err
+
     cfg = _predict_config(out, base_checkpoint)
-    cfg["data"]["init_args"]["preprocess"] = False  # raw reflectance would reach the model
-    (tmp_path / "raw.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["predict", "--config", str(tmp_path / "raw.yaml")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("torchgeo-dofa: error: the batch's image holds values up to ")
-    assert "give the data module preprocess=True" in err and "Traceback" not in err
-    assert [p.name for p in out.iterdir()] == ["config.yaml"]
+    raw = _predict_config(out, base_checkpoint)
+    raw["data"]["init_args"]["preprocess"] = False  # raw reflectance would reach the model
+    err = refused("raw", raw)
+    assert "the batch's image holds values up to " in err
+    assert "give the data module preprocess=True" in err
+    assert sorted(p.name for p in out.iterdir()) == [".torchgeo-dofa.lock", "config.yaml"]
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
-    cfg = _predict_config(out, broken)
-    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["predict", "--config", str(tmp_path / "broken.yaml")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("torchgeo-dofa: error: ") and str(broken) in err, err
-    assert "Traceback" not in err and [p.name for p in out.iterdir()] == ["config.yaml"]
+    assert str(broken) in refused("broken", _predict_config(out, broken))
+    # a ValueError of this package's, wrapped by jsonargparse, is one line too
+    assert "unknown DOFA variant 'huge'" in refused("cfg", cfg, "--model.init_args.variant=huge")
+    assert "stride 100 px is not a multiple" in refused("cfg", cfg, "--data.init_args.stride=100")
+    # inputs are checked as embed checks them, not TorchGeo's "Dataset not found" traceback
+    missing = refused("cfg", cfg, f"--data.init_args.paths={tmp_path / 'nope.tif'}")
+    assert f"input '{tmp_path / 'nope.tif'}' does not exist" in missing
+    garbage = tmp_path / "garbage.tif"
+    garbage.write_bytes(b"not a GeoTIFF")
+    assert "cannot read" in refused("cfg", cfg, f"--data.init_args.paths={garbage}")
+    # output paths that cannot be the job's, refused before any chip is computed
+    for path, match in (
+        (SCENE, "is one of the job's inputs"),  # embed refuses that too
+        (out, "is a folder"),
+        (broken / "g.tif", f"cannot write in {broken}"),  # a folder that cannot be made
+    ):
+        bad = _predict_config(out, base_checkpoint)
+        bad["trainer"]["callbacks"][0]["init_args"]["path"] = str(path)
+        assert match in refused("bad", bad)
+    assert SCENE.stat().st_size > 1_000_000  # the scene is intact
+
+
+def test_predict_config_locks_its_outputs_and_cleans_up_after_failures(
+    tmp_path, base_checkpoint
+) -> None:
+    """A config run takes the output folder's lock (a second job fails at once, exit 75,
+    instead of mixing both jobs' chips); a failed run prints its error on a line of its own
+    and nothing after it (open raster handles used to print "Error in sys.excepthook" at
+    exit); SIGTERM stops it after the batch (exit 143); the rerun resumes and deletes a
+    killed assembly's temporary file."""
+    import yaml
+
+    from torchgeo_dofa.jobs import OutputLock
+
+    out = tmp_path / "out"
+    cfg = _predict_config(out, base_checkpoint)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "torchgeo_dofa.cli", "predict", "--config"]
+    with OutputLock(out):  # another job holds the folder (this process, via the real lock)
+        second = subprocess.run(
+            [*cmd, str(tmp_path / "cfg.yaml")], capture_output=True, text=True, timeout=300
+        )
+    assert second.returncode == 75, second.stderr[-2000:]
+    last = second.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"torchgeo-dofa: error: output folder {out} is in use by another torchgeo-dofa job "
+        f"(pid {os.getpid()}); wait for it or write to another path"
+    )
+    assert not list(out.glob("*.parts"))
+    cfg["data"]["init_args"]["preprocess"] = False
+    cfg["trainer"]["enable_progress_bar"] = True
+    (tmp_path / "raw.yaml").write_text(yaml.safe_dump(cfg))
+    failed = subprocess.run(
+        [*cmd, str(tmp_path / "raw.yaml")], capture_output=True, text=True, timeout=300
+    )
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    assert failed.stderr.strip().splitlines()[-1].startswith("torchgeo-dofa: error: the batch")
+    assert "Predicting" in failed.stdout and failed.stdout.endswith("\n")  # the bar was closed
+    # SIGTERM stops a config run after the batch, as it stops embed (Lightning alone ran on)
+    term = _predict_config(out, base_checkpoint)
+    term["trainer"]["callbacks"].append({"class_path": f"{__name__}.SigtermAfterFirstBatch"})
+    (tmp_path / "term.yaml").write_text(yaml.safe_dump(term))
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["predict", "--config", str(tmp_path / "term.yaml")]) == 143
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert len(list((out / "g.tif.parts").glob("*.npy"))) == 4  # the first batch, kept
+    killed = out / ".g.tif.0123456789abcdef0123456789abcdef.tmp"
+    killed.write_bytes(b"half an assembly")
+    assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 0
+    assert not killed.exists() and (out / "g.tif").is_file()
 
 
 def _scene_lonlat(x: float, y: float) -> tuple[float, float]:

@@ -156,7 +156,8 @@ def test_a_batch_that_was_not_normalised_is_refused_before_anything_is_written(
         NotNormalisedError, match=r"values up to \d+, raw reflectance .* preprocess=True"
     ):
         trainer.predict(module, datamodule=dm, return_predictions=False)
-    assert not out.exists()  # no output folder, no empty .parts folders either
+    # no output, no part, no empty .parts folder: only the lock the writers took
+    assert [p.name for p in out.iterdir()] == [".torchgeo-dofa.lock"]
     with pytest.raises(NotNormalisedError, match="torch.uint16, not normalised"):
         module.predict_step(
             {

@@ -53,6 +53,7 @@ from torchgeo.datasets.utils import GeoSlice, Path, Sample
 from torchgeo.samplers import GeoSampler
 
 from torchgeo_dofa.datasets import (
+    RasterInput,
     Sentinel2Base,
     Sentinel2SR,
     find_raster_inputs,
@@ -410,9 +411,13 @@ class DOFAPredictDataModule(GeoDataModule):
             The file stem, folder name or Earth Engine export prefix of ``paths``
             (several regions joined by ``+``).
         """
+        return "+".join(r.name for r in self._raster_inputs())
+
+    def _raster_inputs(self) -> list[RasterInput]:
+        """``paths`` grouped into regions (:func:`find_raster_inputs`, which checks them)."""
         paths = self.kwargs["paths"]
         items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
-        return "+".join(r.name for r in find_raster_inputs(items))
+        return find_raster_inputs(items)
 
     @property
     def cell_px(self) -> float:
@@ -436,6 +441,8 @@ class DOFAPredictDataModule(GeoDataModule):
 
         Raises:
             MisconfigurationException: for any other stage.
+            InputError: for a missing input, an input without raster, a file that cannot be
+                read, or a region mixing CRSs (as ``torchgeo-dofa embed`` says it).
             ValueError: if the ROI or points miss the rasters.
             BandError: for a band set holding two dates of one band.
             ReflectanceError: if the rasters look already scaled to [0, 1].
@@ -447,6 +454,7 @@ class DOFAPredictDataModule(GeoDataModule):
             )
         if self.predict_dataset is not None and self.predict_sampler is not None:
             return
+        self._raster_inputs()  # every input exists and holds rasters that open, in one CRS
         dataset = self.dataset_class(**self.kwargs)
         assert isinstance(dataset, Sentinel2Base)
         refuse_repeated_bands(dataset.bands)

@@ -471,13 +471,15 @@ class OutputLock:
 
     _held: ClassVar[set[Path]] = set()
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
+    def __init__(self, folder: str | os.PathLike[str], fix: str = "use another -o") -> None:
         """Create the lock (not yet acquired).
 
         Args:
             folder: the output folder (created on acquisition if needed).
+            fix: what the refusal tells the user to do besides waiting.
         """
         self.folder = Path(folder)
+        self.fix = fix
         self._fd: int | None = None
 
     @property
@@ -502,7 +504,7 @@ class OutputLock:
             os.close(fd)
             raise JobLockedError(
                 f"output folder {self.folder} is in use by another torchgeo-dofa job (pid "
-                f"{holder}); wait for it or use another -o"
+                f"{holder}); wait for it or {self.fix}"
             ) from None
         except BaseException:
             os.close(fd)

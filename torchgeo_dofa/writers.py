@@ -38,7 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from errno import ENOSPC
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import numpy as np
@@ -53,6 +53,7 @@ from rasterio.windows import Window
 __all__ = [
     "GridGeometry",
     "GridWriter",
+    "OutputPathError",
     "OutputWriteError",
     "PartsMismatchError",
     "PooledWriter",
@@ -71,6 +72,10 @@ PARTS_IDENTITY = "job-identity"
 
 class PartsMismatchError(ValueError):
     """The parts folder of an output holds chips of another job (other weights, bands ...)."""
+
+
+class OutputPathError(ValueError):
+    """A writer's output path cannot be this job's (a folder, an input, an unwritable folder)."""
 
 
 def parts_dir(path: Path) -> Path:
@@ -387,13 +392,15 @@ class _PartsWriter(BasePredictionWriter):
         #: what the parts depend on (gathered at setup) and whether this run recorded it
         self._job: dict[str, str] = {}
         self._identity_written = self._parts_made = False
+        #: the output folder's lock, when this writer took it (see :meth:`_claim_output`)
+        self._lock: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle/copy without the thread pool (made again on the first write)."""
         if self._pending:
             raise RuntimeError("cannot copy a writer with part files still being written")
         state = self.__dict__.copy()
-        state["_pool"], state["_pending"] = None, deque()
+        state["_pool"], state["_pending"], state["_lock"] = None, deque(), None
         return state
 
     def _write_chips(self, prediction: Mapping[str, Any], chips: Sequence[int]) -> None:
@@ -432,6 +439,7 @@ class _PartsWriter(BasePredictionWriter):
             future.exception()
         self._pending.clear()
         self._shutdown()
+        self._release_output()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Stop the writer threads; assemble the output if an earlier run wrote every chip.
@@ -442,18 +450,21 @@ class _PartsWriter(BasePredictionWriter):
         uninterrupted run writes. Not after a failure, nor with ``limit_predict_batches=0``
         (the parts need not be complete then).
         """
-        self.flush()
-        self._shutdown()
-        if (
-            stage == "predict"
-            and trainer.is_global_zero
-            and not (self._assembled or self._failed or self.path.exists())
-            and self._done  # parts of an earlier run, and ...
-            and trainer.limit_predict_batches != 0
-            and sum(trainer.num_predict_batches) == 0  # ... the loop skipped: nothing left
-        ):
-            self.finalize()
-            self._assembled = True
+        try:
+            self.flush()
+            self._shutdown()
+            if (
+                stage == "predict"
+                and trainer.is_global_zero
+                and not (self._assembled or self._failed or self.path.exists())
+                and self._done  # parts of an earlier run, and ...
+                and trainer.limit_predict_batches != 0
+                and sum(trainer.num_predict_batches) == 0  # ... the loop skipped: nothing left
+            ):
+                self.finalize()
+                self._assembled = True
+        finally:
+            self._release_output()
 
     @property
     def parts(self) -> Path:
@@ -485,9 +496,10 @@ class _PartsWriter(BasePredictionWriter):
         # file's name), the data module's settings (job_identity: sources by resolved path,
         # size and mtime as the embed job's manifest identifies them), the chips
         self._job = {k: str(v) for k, v in self.metadata.items() if k != "weights"}
+        inputs: list[str] = []
         if "sources" in self._job:
-            sources = json.loads(self._job["sources"])
-            self._job["sources"] = json.dumps(sorted(str(Path(p).resolve()) for p in sources))
+            inputs = sorted(str(Path(p).resolve()) for p in json.loads(self._job["sources"]))
+            self._job["sources"] = json.dumps(inputs)
         self._job["precision"] = str(trainer.precision)
         self._job["weights_crc32"] = module_digest(pl_module)
         prep = getattr(pl_module, "preprocess", None)  # preprocessing on the device
@@ -511,6 +523,72 @@ class _PartsWriter(BasePredictionWriter):
         self.metadata.update(given)
         self._done = set()
         self._assembled = self._failed = False
+        self._claim_output(inputs)
+
+    #: Output folders locked by this process's writers: the lock and how many writers use it
+    #: (a job's grid and table usually share a folder; the last one done releases it).
+    _folder_locks: ClassVar[dict[Path, tuple[Any, int]]] = {}
+
+    def _claim_output(self, inputs: Sequence[str]) -> None:
+        """Refuse an output path that cannot be this job's, lock its folder, drop stale temps.
+
+        Checked before any chip is computed: the path must not be a folder or one of the
+        job's input files. The launching process then takes the output folder's lock
+        (:class:`~torchgeo_dofa.jobs.OutputLock`, the one ``torchgeo-dofa embed`` takes; an
+        embed job already holds it), so two jobs writing the same outputs at once fail at
+        once instead of mixing their chips; holding it, the temporary files of an assembly
+        that was killed are removed.
+
+        Args:
+            inputs: the job's input files, resolved.
+
+        Raises:
+            OutputPathError: for a folder, an input file, or a folder that cannot be made
+                or written.
+            JobLockedError: when another job holds the folder's lock (exit status 75).
+        """
+        from .jobs import OutputLock, is_launcher
+
+        path = self.path
+        if path.is_dir():
+            raise OutputPathError(f"output {path} is a folder: give the writer a file path")
+        if str(path.resolve()) in inputs:
+            raise OutputPathError(
+                f"output {path} is one of the job's inputs: write to another path"
+            )
+        if not is_launcher():  # a DDP worker: the launching process holds the lock
+            return
+        folder = path.parent.resolve()
+        if folder in OutputLock._held and folder not in self._folder_locks:
+            pass  # an embed job's lock, held for its whole run
+        elif folder in self._folder_locks:
+            lock, users = self._folder_locks[folder]
+            self._folder_locks[folder] = (lock, users + 1)
+            self._lock = lock
+        else:
+            lock = OutputLock(folder, fix="write to another path")
+            try:
+                lock.acquire()
+            except OSError as err:
+                raise OutputPathError(
+                    f"cannot write in {path.parent}: {err.strerror or err}"
+                ) from None
+            self._folder_locks[folder] = (lock, 1)
+            self._lock = lock
+        for tmp in stale_temps(path):  # the lock is held: no running job's temporaries
+            tmp.unlink(missing_ok=True)
+
+    def _release_output(self) -> None:
+        """Give up this writer's share of its output folder's lock (idempotent)."""
+        if self._lock is None:
+            return
+        folder = self._lock.folder.resolve()
+        lock, users = self._folder_locks.pop(folder, (self._lock, 1))
+        if users > 1:
+            self._folder_locks[folder] = (lock, users - 1)
+        else:
+            lock.release()
+        self._lock = None
 
     def check_parts_identity(self, trainer: pl.Trainer, extra: Mapping[str, str]) -> None:
         """Refuse parts of another job (called at setup, before anything is written).
@@ -570,7 +648,13 @@ class _PartsWriter(BasePredictionWriter):
     def _make_parts(self) -> None:
         """Create the parts folder and its parents (every rank, before its first part)."""
         if not self._parts_made:
-            self.parts.mkdir(parents=True, exist_ok=True)
+            try:
+                self.parts.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise OutputWriteError(
+                    f"could not write {self.parts}: {_describe(err, self.parts.parent)}",
+                    _errno_in(err),
+                ) from err
             self._parts_made = True
 
     def is_done(self, chip: Sequence[slice]) -> bool:  # pragma: no cover - abstract
