@@ -18,15 +18,24 @@ from torchgeo_dofa.transforms import DOFAPreprocess
 SCENE = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
 
 
+def _cpu_trainer(callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
+    """A quiet CPU trainer."""
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
 def _predict(module: DOFAEmbedder, dataset: Sentinel2SR) -> tuple[list[Any], list[torch.Tensor]]:
     """Predict 3 chips; also returns the images the encoder received."""
     chips = list(GriddedPatchSampler(dataset, size=224))[:3]
     loader = DataLoader(dataset, sampler=chips, batch_size=3, collate_fn=stack_dofa_samples)
     seen: list[torch.Tensor] = []
     hook = module.encoder.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
-    trainer = pl.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
+    trainer = _cpu_trainer()
     try:
         out = trainer.predict(module, dataloaders=loader)
     finally:
@@ -101,9 +110,7 @@ def test_device_preprocessing_also_runs_with_the_data_module() -> None:
             dataset = dm._dataset()
             assert isinstance(dataset.transforms, DOFAPreprocess)
             module.preprocess, dataset.transforms = dataset.transforms, None
-        trainer = pl.Trainer(
-            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
-        )
+        trainer = _cpu_trainer()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out: Any = trainer.predict(module, datamodule=dm)
@@ -145,13 +152,7 @@ def test_a_batch_that_was_not_normalised_is_refused_before_anything_is_written(
     dm = DOFAPredictDataModule(SCENE, preprocess=False, batch_size=2)
     out = tmp_path / "out"
     writers: list[pl.Callback] = [GridWriter(out / "g.tif"), PooledWriter(out / "p.parquet")]
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=writers,
-    )
+    trainer = _cpu_trainer(writers)
     with pytest.raises(
         NotNormalisedError, match=r"values up to \d+, raw reflectance .* preprocess=True"
     ):
@@ -206,14 +207,7 @@ def test_a_resume_with_other_preprocessing_on_the_device_is_refused(tmp_path: Pa
         )
         dataset.transforms = None  # raw chips: the model preprocesses them
         callbacks: list[pl.Callback] = [PooledWriter(out), *([_CrashAfterBatch()] if crash else [])]
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=callbacks,
-        )
-        trainer.predict(module, datamodule=dm, return_predictions=False)
+        _cpu_trainer(callbacks).predict(module, datamodule=dm, return_predictions=False)
 
     with pytest.raises(RuntimeError, match="simulated crash"):
         run("resize", crash=True)
