@@ -117,10 +117,10 @@ class CrashAfterBatch(pl.Callback):
 
 
 class SigtermAfterFirstBatch(pl.Callback):
-    """Send this process a real SIGTERM after the first batch (as ``kill PID`` would)."""
+    """Send rank 0's process a real SIGTERM after its first batch (as ``kill PID`` would)."""
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if batch_idx == 0:
+        if batch_idx == 0 and trainer.global_rank == 0:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -187,6 +187,36 @@ def test_ddp_two_cpu_processes_write_every_chip_once(
     assert "embedded 6 chips" in proc.stdout, proc.stdout
     assert "Initializing distributed" not in proc.stderr, proc.stderr
     assert "distributed_backend" not in proc.stderr, proc.stderr
+
+
+def test_sigterm_to_a_ddp_config_run_stops_every_process(tmp_path, base_checkpoint) -> None:
+    """``kill PID`` of the launching process stops the DDP workers too (Lightning forwards
+    SIGTERM to them; the job's stop-after-the-batch handler used to swallow it, and rank 1
+    embedded its whole share, then died at the barrier with a traceback)."""
+    import yaml
+
+    cfg = _predict_config(tmp_path, base_checkpoint)
+    cfg["data"]["init_args"]["batch_size"] = 1
+    cfg["trainer"] |= {"strategy": "ddp", "devices": 2, "accelerator": "cpu"}
+    cfg["trainer"]["callbacks"].append({"class_path": f"{__name__}.SigtermAfterFirstBatch"})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torchgeo_dofa.cli",
+        "predict",
+        "--config",
+        str(tmp_path / "cfg.yaml"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("torchgeo-dofa: error")]
+    assert errors == [
+        "torchgeo-dofa: error: stopped by SIGTERM: the chips written so far are kept; rerun "
+        "the same command to resume"
+    ]  # once for the job, not once per process
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "g.tif").exists() and (tmp_path / "g.tif.parts").is_dir()
 
 
 def _usable_memory() -> int:
@@ -602,6 +632,7 @@ def test_predict_config_refusals_are_one_line_and_write_nothing(
         (SCENE, "is one of the job's inputs"),  # embed refuses that too
         (out, "is a folder"),
         (broken / "g.tif", f"cannot write in {broken}"),  # a folder that cannot be made
+        (out / "p.parquet", "is also another writer's output"),  # the table's path
     ):
         bad = _predict_config(out, base_checkpoint)
         bad["trainer"]["callbacks"][0]["init_args"]["path"] = str(path)

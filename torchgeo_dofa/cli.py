@@ -774,40 +774,44 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     from .jobs import StopOnSignal
 
     trainers: list[pl.Trainer] = []
+    # Ctrl-C / SIGTERM stop a prediction after the current batch's parts are written (exit
+    # 130 / 143), as in embed; Lightning alone let SIGTERM run to the end. Installed before
+    # the trainer runs, so Lightning's own SIGTERM handler, which forwards the signal to the
+    # DDP workers it started, composes with it and still runs
+    stop = StopOnSignal()
 
     class _CLI(LightningCLI):
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
             trainer = super().instantiate_trainer(**kwargs)
             trainers.append(trainer)  # to clean up after a failure (LightningCLI raises in init)
-            # Ctrl-C / SIGTERM stop a prediction after the current batch's parts are written
-            # (exit 130 / 143), as in embed; Lightning alone let SIGTERM run to the end
-            trainer.callbacks.append(StopOnSignal())  # type: ignore[attr-defined]
+            trainer.callbacks.append(stop)  # type: ignore[attr-defined]
             return trainer
 
-    try:
-        _CLI(
-            pl.LightningModule,
-            pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=None if args is None else list(args),
-            save_config_kwargs={"overwrite": True},
-        )
-    except BaseException:
-        for trainer in trainers:  # the error line starts a line of its own
-            _close_progress_bar(trainer)
-        raise
-    finally:
-        # close cached raster handles now, not during interpreter shutdown (where a failed
-        # job's open handles printed "Error in sys.excepthook" after the error line)
-        for trainer in trainers:
-            dm = getattr(trainer, "datamodule", None)
-            for name in ("train_dataset", "val_dataset", "test_dataset", "predict_dataset"):
-                close = getattr(getattr(dm, name, None), "close", None)
-                if callable(close):
-                    close()
-        trainers.clear()
-        _free_the_job()
+    with stop:
+        try:
+            _CLI(
+                pl.LightningModule,
+                pl.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                args=None if args is None else list(args),
+                save_config_kwargs={"overwrite": True},
+            )
+        except BaseException:
+            for trainer in trainers:  # the error line starts a line of its own
+                _close_progress_bar(trainer)
+            raise
+        finally:
+            # close cached raster handles now, not during interpreter shutdown (where a failed
+            # job's open handles printed "Error in sys.excepthook" after the error line)
+            for trainer in trainers:
+                dm = getattr(trainer, "datamodule", None)
+                for name in ("train_dataset", "val_dataset", "test_dataset", "predict_dataset"):
+                    close = getattr(getattr(dm, name, None), "close", None)
+                    if callable(close):
+                        close()
+            trainers.clear()
+            _free_the_job()
 
 
 def _free_the_job() -> None:
@@ -834,7 +838,7 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
     from .bands import BandError
     from .datasets import InputError
     from .embedder import NotNormalisedError
-    from .jobs import JobError
+    from .jobs import JobError, JobInterrupted
     from .transforms import ReflectanceError
     from .weights import CheckpointError
     from .writers import OutputPathError, OutputWriteError, PartsMismatchError
@@ -867,7 +871,8 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
             err = err.__cause__ or err.__context__
         if err is None or not bad_input(err):
             raise
-        print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
+        if _is_rank_zero() or not isinstance(err, JobInterrupted):  # once per job, not rank
+            print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
         return int(getattr(err, "exit_status", 2))
     return 0
 

@@ -550,8 +550,11 @@ class StopOnSignal(Callback):
     batch, once every prediction writer has written its parts (this callback must come
     after the writers in ``Trainer(callbacks=...)``; :meth:`setup` checks), or before the
     next batch is computed, by raising :class:`JobInterrupted` (Lightning's predict loop has
-    no ``should_stop``). Lightning's own SIGTERM handler, which only records SIGTERM during
-    prediction, still runs (it forwards the signal to DDP workers). A second signal gets the
+    no ``should_stop``). Used as a context manager around the job (as ``embed`` and
+    ``predict --config`` do), it is installed before the trainer runs, so Lightning's own
+    SIGTERM handler, which forwards the signal to the DDP workers it started, composes with
+    it and still runs; passed to a trainer alone, it replaces Lightning's at predict start
+    and DDP workers get no SIGTERM from the launcher. A second signal gets the
     previous handlers' behaviour (Python's ``KeyboardInterrupt`` for SIGINT, termination for
     SIGTERM): press Ctrl-C twice to stop at once.
 

@@ -392,15 +392,18 @@ class _PartsWriter(BasePredictionWriter):
         #: what the parts depend on (gathered at setup) and whether this run recorded it
         self._job: dict[str, str] = {}
         self._identity_written = self._parts_made = False
-        #: the output folder's lock, when this writer took it (see :meth:`_claim_output`)
+        #: the output folder's lock, when this writer took it, and its claimed output path
+        #: (see :meth:`_claim_output`)
         self._lock: Any = None
+        self._claimed: Path | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle/copy without the thread pool (made again on the first write)."""
         if self._pending:
             raise RuntimeError("cannot copy a writer with part files still being written")
         state = self.__dict__.copy()
-        state["_pool"], state["_pending"], state["_lock"] = None, deque(), None
+        state["_pool"], state["_pending"] = None, deque()
+        state["_lock"] = state["_claimed"] = None
         return state
 
     def _write_chips(self, prediction: Mapping[str, Any], chips: Sequence[int]) -> None:
@@ -528,23 +531,25 @@ class _PartsWriter(BasePredictionWriter):
     #: Output folders locked by this process's writers: the lock and how many writers use it
     #: (a job's grid and table usually share a folder; the last one done releases it).
     _folder_locks: ClassVar[dict[Path, tuple[Any, int]]] = {}
+    #: Output paths of this process's writers between setup and teardown.
+    _claimed_paths: ClassVar[set[Path]] = set()
 
     def _claim_output(self, inputs: Sequence[str]) -> None:
         """Refuse an output path that cannot be this job's, lock its folder, drop stale temps.
 
-        Checked before any chip is computed: the path must not be a folder or one of the
-        job's input files. The launching process then takes the output folder's lock
-        (:class:`~torchgeo_dofa.jobs.OutputLock`, the one ``torchgeo-dofa embed`` takes; an
-        embed job already holds it), so two jobs writing the same outputs at once fail at
-        once instead of mixing their chips; holding it, the temporary files of an assembly
-        that was killed are removed.
+        Checked before any chip is computed: the path must not be a folder, one of the
+        job's input files or another writer's output. The launching process then takes the
+        output folder's lock (:class:`~torchgeo_dofa.jobs.OutputLock`, the one
+        ``torchgeo-dofa embed`` takes; an embed job already holds it), so two jobs writing
+        the same outputs at once fail at once instead of mixing their chips; holding it, the
+        temporary files of an assembly that was killed are removed.
 
         Args:
             inputs: the job's input files, resolved.
 
         Raises:
-            OutputPathError: for a folder, an input file, or a folder that cannot be made
-                or written.
+            OutputPathError: for a folder, an input file, another writer's output, or a
+                folder that cannot be made or written.
             JobLockedError: when another job holds the folder's lock (exit status 75).
         """
         from .jobs import OutputLock, is_launcher
@@ -556,6 +561,12 @@ class _PartsWriter(BasePredictionWriter):
             raise OutputPathError(
                 f"output {path} is one of the job's inputs: write to another path"
             )
+        if path.resolve() in self._claimed_paths:
+            raise OutputPathError(
+                f"output {path} is also another writer's output: give each writer its own path"
+            )
+        self._claimed_paths.add(path.resolve())
+        self._claimed = path.resolve()
         if not is_launcher():  # a DDP worker: the launching process holds the lock
             return
         folder = path.parent.resolve()
@@ -579,7 +590,10 @@ class _PartsWriter(BasePredictionWriter):
             tmp.unlink(missing_ok=True)
 
     def _release_output(self) -> None:
-        """Give up this writer's share of its output folder's lock (idempotent)."""
+        """Give up this writer's output path and its share of the folder's lock (idempotent)."""
+        if self._claimed is not None:
+            self._claimed_paths.discard(self._claimed)
+            self._claimed = None
         if self._lock is None:
             return
         folder = self._lock.folder.resolve()
