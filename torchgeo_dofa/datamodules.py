@@ -380,6 +380,7 @@ class DOFAPredictDataModule(GeoDataModule):
         self.chip_size = patch_size
         #: chips left out of the last loader because the trainer's writers had them.
         self.skipped = 0
+        self._regions: list[RasterInput] | None = None
         if self.preprocess and (self.mode == "grid" or roi_sampling == "grid"):
             cell = self.cell_px
             step = stride or patch_size
@@ -414,10 +415,15 @@ class DOFAPredictDataModule(GeoDataModule):
         return "+".join(r.name for r in self._raster_inputs())
 
     def _raster_inputs(self) -> list[RasterInput]:
-        """``paths`` grouped into regions (:func:`find_raster_inputs`, which checks them)."""
-        paths = self.kwargs["paths"]
-        items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
-        return find_raster_inputs(items)
+        """``paths`` grouped into regions (:func:`find_raster_inputs`, which checks them).
+
+        Found once (each file's header is read): setup and :attr:`region_name` share it.
+        """
+        if self._regions is None:
+            paths = self.kwargs["paths"]
+            items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+            self._regions = find_raster_inputs(items)
+        return self._regions
 
     @property
     def cell_px(self) -> float:

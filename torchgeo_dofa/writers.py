@@ -38,7 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from errno import ENOSPC
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning.pytorch as pl
 import numpy as np
@@ -49,6 +49,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window
+
+if TYPE_CHECKING:
+    from .jobs import OutputLock
 
 __all__ = [
     "GridGeometry",
@@ -394,7 +397,7 @@ class _PartsWriter(BasePredictionWriter):
         self._identity_written = self._parts_made = False
         #: the output folder's lock, when this writer took it, and its claimed output path
         #: (see :meth:`_claim_output`)
-        self._lock: Any = None
+        self._lock: OutputLock | None = None
         self._claimed: Path | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -530,7 +533,7 @@ class _PartsWriter(BasePredictionWriter):
 
     #: Output folders locked by this process's writers: the lock and how many writers use it
     #: (a job's grid and table usually share a folder; the last one done releases it).
-    _folder_locks: ClassVar[dict[Path, tuple[Any, int]]] = {}
+    _folder_locks: ClassVar[dict[Path, tuple[OutputLock, int]]] = {}
     #: Output paths of this process's writers between setup and teardown.
     _claimed_paths: ClassVar[set[Path]] = set()
 
@@ -554,29 +557,27 @@ class _PartsWriter(BasePredictionWriter):
         """
         from .jobs import OutputLock, is_launcher
 
-        path = self.path
+        path, resolved = self.path, self.path.resolve()
         if path.is_dir():
             raise OutputPathError(f"output {path} is a folder: give the writer a file path")
-        if str(path.resolve()) in inputs:
+        if str(resolved) in inputs:
             raise OutputPathError(
                 f"output {path} is one of the job's inputs: write to another path"
             )
-        if path.resolve() in self._claimed_paths:
+        if resolved in self._claimed_paths:
             raise OutputPathError(
                 f"output {path} is also another writer's output: give each writer its own path"
             )
-        self._claimed_paths.add(path.resolve())
-        self._claimed = path.resolve()
+        self._claimed_paths.add(resolved)
+        self._claimed = resolved
         if not is_launcher():  # a DDP worker: the launching process holds the lock
             return
-        folder = path.parent.resolve()
-        if folder in OutputLock._held and folder not in self._folder_locks:
-            pass  # an embed job's lock, held for its whole run
-        elif folder in self._folder_locks:
+        folder = path.parent.resolve()  # where the file is written (a symlink is replaced)
+        if folder in self._folder_locks:  # another writer of this job took it
             lock, users = self._folder_locks[folder]
             self._folder_locks[folder] = (lock, users + 1)
             self._lock = lock
-        else:
+        elif folder not in OutputLock._held:  # else an embed job holds it for its whole run
             lock = OutputLock(folder, fix="write to another path")
             try:
                 lock.acquire()
@@ -654,7 +655,6 @@ class _PartsWriter(BasePredictionWriter):
         if self._identity_written or not self._job:  # recorded, or never set up
             return
         self._identity_written = True
-        self._make_parts()
         if trainer.is_global_zero:
             text = json.dumps(self._job, indent=1)
             atomic_write(self.parts / PARTS_IDENTITY, lambda tmp: tmp.write_text(text))
@@ -719,9 +719,9 @@ class _PartsWriter(BasePredictionWriter):
         self.empty += len(prediction["grid" if "grid" in prediction else "pooled"]) - len(chips)
         if not chips:
             return
+        self._make_parts()
         if trainer is not None:
             self._write_identity(trainer)
-        self._make_parts()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.write_threads, thread_name_prefix="dofa-parts")
         self._pending.append(self._pool.submit(self._write_chips, prediction, chips))
