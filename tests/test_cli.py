@@ -638,6 +638,24 @@ def test_predict_config_refusals_are_one_line_and_write_nothing(
         bad["trainer"]["callbacks"][0]["init_args"]["path"] = str(path)
         assert match in refused("bad", bad)
     assert SCENE.stat().st_size > 1_000_000  # the scene is intact
+    # an embed job's result: replacing it would leave that job "done" with this job's file
+    done = tmp_path / "embedded"
+    args = [str(SCENE), "-o", str(done), *_one_chip_bbox(SCENE), "--weights", "none"]
+    assert main(["embed", *args, "--seed", "1", "--no-progress", "--output", "pooled"]) == 0
+    table = done / "ftw_s2_l2a_33N_pooled.parquet"
+    before = table.read_bytes()
+    bad = _predict_config(out, base_checkpoint)
+    bad["trainer"]["callbacks"][1]["init_args"]["path"] = str(table)
+    err = refused("bad", bad)
+    assert f"output {table} is a result of the torchgeo-dofa embed job recorded in " in err
+    assert table.read_bytes() == before
+    # a job refused before its first part leaves no folder it made, nor a lock file there
+    new = tmp_path / "new" / "deep"
+    raw = _predict_config(new, base_checkpoint)
+    raw["data"]["init_args"]["preprocess"] = False
+    raw["trainer"]["default_root_dir"] = str(tmp_path)
+    assert "the batch's image holds values up to " in refused("raw", raw)
+    assert not (tmp_path / "new").exists()
 
 
 def test_predict_config_locks_its_outputs_and_cleans_up_after_failures(
@@ -926,6 +944,15 @@ def test_rerun_with_another_setting_is_refused_until_overwrite(tmp_path, capsys,
     # the same job resumes (nothing left to do)
     assert main(["embed", str(SCENE), "--weights", str(base_checkpoint), *common]) == 0
     assert (out / "ftw_s2_l2a_33N_pooled.parquet").read_bytes() == before
+    # how the pixels are read is part of the job too (these were taken as "already done")
+    for option, clause in (
+        (["--nodata", "3000"], "nodata was None, now 3000.0"),
+        (["--crs", "EPSG:3857"], "crs was None, now 'EPSG:3857'"),
+    ):
+        capsys.readouterr()
+        assert main(["embed", str(SCENE), "--weights", str(base_checkpoint), *common, *option]) == 2
+        assert f"another job's results: {clause}; rerun with --overwrite" in capsys.readouterr().err
+    assert (out / "ftw_s2_l2a_33N_pooled.parquet").read_bytes() == before
     # --overwrite replaces the earlier job's outputs
     args = ["embed", str(SCENE), "--weights", "none", "--seed", "1", "--overwrite", *common]
     assert main(args) == 0
@@ -1108,6 +1135,33 @@ def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path, cap
         assert "is one of the inputs" in capsys.readouterr().err
         assert scene.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path) -> None:
+    """``embed scenes/ -o scenes/out``: the grid written there is not a scene of the rerun
+    (it used to be taken as an input and the rerun refused), nor of a config run."""
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    shutil.copy(SCENE, scenes / SCENE.name)
+    out = scenes / "out"
+    common = [*_one_chip_bbox(SCENE), "--weights", "none", "--seed", "1", "--no-progress"]
+    assert main(["embed", str(scenes), "-o", str(out), *common]) == 0
+    grid = out / "scenes_grid.tif"
+    before = grid.read_bytes()
+    with pytest.warns(UserWarning, match=r"skipped 1 embedding grid\(s\) written by torchgeo-dofa"):
+        bbox = [float(v) for v in _one_chip_bbox(SCENE)[1:]]
+        summary = embed([scenes], out, bbox=bbox, weights=None, seed=1, progress=False)
+    assert (summary.chips, summary.skipped) == (0, 1)  # the same job: nothing left to do
+    assert grid.read_bytes() == before
+    from torchgeo_dofa.datasets import InputError, Sentinel2SR
+
+    with pytest.raises(InputError, match="is an embedding grid written by torchgeo-dofa, not a"):
+        embed([grid], tmp_path / "x", weights=None)
+    with pytest.raises(InputError, match="holds only embedding grids written by torchgeo-dofa"):
+        embed([out], tmp_path / "x", weights=None)
+    assert not (tmp_path / "x").exists()
+    dataset = Sentinel2SR(paths=str(scenes))  # the dataset itself, as a config run reads it
+    assert {p for s in dataset.index["sources"] for p, _ in s} == {str(scenes / SCENE.name)}
 
 
 def test_file_bands_replace_band_descriptions_with_a_warning(tmp_path) -> None:

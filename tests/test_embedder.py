@@ -157,8 +157,8 @@ def test_a_batch_that_was_not_normalised_is_refused_before_anything_is_written(
         NotNormalisedError, match=r"values up to \d+, raw reflectance .* preprocess=True"
     ):
         trainer.predict(module, datamodule=dm, return_predictions=False)
-    # no output, no part, no empty .parts folder: only the lock the writers took
-    assert [p.name for p in out.iterdir()] == [".torchgeo-dofa.lock"]
+    # no output, no part, no empty .parts folder, no lock file: not even the folder
+    assert not out.exists()
     with pytest.raises(NotNormalisedError, match="torch.uint16, not normalised"):
         module.predict_step(
             {
@@ -167,6 +167,36 @@ def test_a_batch_that_was_not_normalised_is_refused_before_anything_is_written(
             },
             0,
         )
+
+
+def test_a_grid_writer_reused_on_another_scene_takes_that_scenes_grid(tmp_path: Path) -> None:
+    """A GridWriter without a given geometry derives it again at every setup (it kept the
+    first scene's, so the second scene's grid was written at the first scene's place)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from torchgeo_dofa.datamodules import DOFAPredictDataModule
+    from torchgeo_dofa.writers import GridWriter
+
+    module = DOFAEmbedder(weights=None, seed=0, output="grid")
+    writer = GridWriter(tmp_path / "g.tif")
+    for i, (row, col) in enumerate([(0, 0), (224, 448)]):  # two one-chip crops of the scene
+        crop = tmp_path / f"crop{i}.tif"
+        with rasterio.open(SCENE) as src:
+            window = Window(col, row, 224, 224)
+            profile = src.profile | {
+                "width": 224,
+                "height": 224,
+                "transform": src.window_transform(window),
+            }
+            with rasterio.open(crop, "w", **profile) as dst:
+                dst.write(src.read(window=window))
+                dst.descriptions = src.descriptions
+        dm = DOFAPredictDataModule(crop, preprocess=True, batch_size=1)
+        _cpu_trainer([writer]).predict(module, datamodule=dm, return_predictions=False)
+        with rasterio.open(tmp_path / "g.tif") as grid, rasterio.open(crop) as scene:
+            assert grid.crs == scene.crs and (grid.width, grid.height) == (14, 14)
+            assert grid.transform == scene.transform * scene.transform.scale(16)
 
 
 def test_a_writer_names_the_prediction_keys_it_lacks(tmp_path: Path) -> None:

@@ -137,6 +137,48 @@ def test_manifest_changed_setting_is_named_and_outputs_untouched(
     assert (out / MANIFEST_NAME).read_text() == manifest_text
 
 
+def _reading(**changes: str) -> dict[str, dict[str, str]]:
+    settings = {
+        "dataset_class": "torchgeo_dofa.datasets.Sentinel2SR",
+        "offsets": "[(0.0, 0.0, 0.0, 0.0)]",
+        "data.nodata": "None",
+        "data.crs": "None",
+    }
+    return {"scene": settings | changes}
+
+
+@pytest.mark.parametrize(
+    ("change", "clause"),
+    [
+        ({"data.nodata": "3000.0"}, "nodata was None, now 3000.0"),
+        ({"data.crs": "'EPSG:3857'"}, "crs was None, now 'EPSG:3857'"),
+        ({"offsets": "[(-1000.0,)]"}, "offsets was [(0.0, 0.0, 0.0, 0.0)], now [(-1000.0,)]"),
+    ],
+)
+def test_manifest_changed_reading_setting_is_named(
+    tmp_path: Path, scene: Path, change: dict[str, str], clause: str
+) -> None:
+    out = tmp_path / "out"
+    with OutputLock(out):
+        _manifest([scene], data=_reading()).check_or_write(out)
+        _manifest([scene], data=_reading()).check_or_write(out)  # the same job resumes
+        with pytest.raises(JobMismatchError) as info:
+            _manifest([scene], data=_reading(**change)).check_or_write(out)
+    assert f"another job's results: {clause}; rerun with --overwrite" in str(info.value)
+
+
+def test_manifest_of_an_older_version_without_reading_settings_resumes(
+    tmp_path: Path, scene: Path
+) -> None:
+    out = tmp_path / "out"
+    with OutputLock(out):
+        _manifest([scene]).check_or_write(out)  # data=None: as written before the field
+        stored = json.loads((out / MANIFEST_NAME).read_text())
+        del stored["data"]
+        (out / MANIFEST_NAME).write_text(json.dumps(stored))
+        _manifest([scene], data=_reading()).check_or_write(out)  # not compared: resumes
+
+
 def test_manifest_changed_input_file_is_named(tmp_path: Path, scene: Path) -> None:
     out = tmp_path / "out"
     with OutputLock(out):
@@ -264,6 +306,47 @@ def test_lock_in_one_process_is_exclusive_and_reacquirable(tmp_path: Path) -> No
             OutputLock(tmp_path).acquire()
     with OutputLock(tmp_path):
         pass
+
+
+def test_lock_file_removed_by_its_holder_lets_in_one_job_at_a_time(tmp_path: Path) -> None:
+    # processes that take the lock, check nobody else is inside, and leave removing the lock
+    # file (as a refused job does): locking a file that was just removed must not count
+    out = tmp_path / "out"
+    script = """
+import os, sys, time
+from pathlib import Path
+from torchgeo_dofa.jobs import JobLockedError, OutputLock
+out, inside = Path(sys.argv[1]), Path(sys.argv[1]) / "inside"
+end, entered = time.monotonic() + 1.5, 0
+while time.monotonic() < end:
+    lock = OutputLock(out)
+    try:
+        lock.acquire()
+    except JobLockedError:
+        continue
+    try:
+        fd = os.open(inside, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # fails if another is in
+        os.close(fd)
+        entered += 1
+        os.unlink(inside)
+    finally:
+        lock.release(remove=True)
+print(entered)
+"""
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_child_env(),
+        )
+        for _ in range(3)
+    ]
+    results = [child.communicate(timeout=120) for child in children]
+    assert all(child.returncode == 0 for child in children), [err for _, err in results]
+    assert sum(int(stdout) for stdout, _ in results) > 0
+    assert not (out / LOCK_NAME).exists() and not (out / "inside").exists()
 
 
 def test_lock_and_manifest_skip_ddp_workers(

@@ -377,6 +377,7 @@ def embed(
         OutputLock,
         StopOnSignal,
         check_points,
+        data_identity,
         job_size_warning,
         points_outside_warning,
         region_identity,
@@ -521,6 +522,10 @@ def embed(
             output=output,
             outputs=[p.name for paths in out_paths for p in paths.values()],
             region=region_identity(bbox, points, buffer_m, skip_outside),
+            data={
+                r.name: data_identity(dm.job_identity())
+                for r, dm in zip(regions, modules, strict=True)
+            },
         )
         started = True
         with StopOnSignal() as stop, quiet_lightning():
@@ -595,9 +600,8 @@ def embed(
                 stacklevel=2,
             )
     finally:
-        lock.release()
+        lock.release(remove=not started)
         if not started:
-            lock.path.unlink(missing_ok=True)
             for d in created:  # deepest first, only if the refused job left it empty
                 with contextlib.suppress(OSError):
                     d.rmdir()

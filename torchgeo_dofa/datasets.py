@@ -84,10 +84,10 @@ import random
 import re
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, Literal, NamedTuple, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -404,7 +404,9 @@ class Sentinel2Base(RasterDataset):
     Class attributes configure the file layout, as in TorchGeo; subclass to change them.
     """
 
-    #: Glob of candidate files (filtered further by :attr:`extensions`).
+    #: Glob of candidate files (filtered further by :attr:`extensions`). Embedding grids
+    #: written by this package (band descriptions ``dofa_0000`` ...) are never read as
+    #: scenes, so an output folder inside an input folder is safe.
     filename_glob = "*"
 
     #: Regular expression a file name must match; its ``date`` group (or ``start``) gives the
@@ -694,6 +696,8 @@ class Sentinel2Base(RasterDataset):
                 continue
             try:
                 with rasterio.open(path) as src:
+                    if _names_embedding_bands(src.descriptions):
+                        continue  # this package's output, e.g. written inside the input folder
                     infos[path] = _FileInfo(
                         path=path,
                         count=src.count,
@@ -2163,19 +2167,42 @@ def find_raster_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[RasterI
             region mixing CRSs.
     """
     regions: dict[str, tuple[list[str], bool, pathlib.Path]] = {}
+    headers: dict[str, _Header] = {}  # every file is opened once
     for raw in inputs:
         path = pathlib.Path(raw)
         if not path.exists():
             raise InputError(f"input {str(path)!r} does not exist")
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        rasters = [p for p in files if p.suffix.lower() in Sentinel2Base.extensions]
+        rasters = [str(p) for p in files if p.suffix.lower() in Sentinel2Base.extensions]
         if not rasters:
             raise InputError(f"input {str(path)!r} holds no GeoTIFF or JPEG2000 file")
+        headers |= {p: _read_header(p) for p in rasters if p not in headers}
         match = EE_TILE_PATTERN.match(path.name)
-        if path.is_dir():
-            ee = all(EE_TILE_PATTERN.match(p.name) for p in rasters)
-            regions[str(path.resolve())] = ([str(p) for p in rasters], ee, path)
-        elif match:
+        if path.is_dir():  # skip this package's outputs (e.g. -o inside the input folder)
+            grids = [p for p in rasters if headers[p].embedding_grid]
+            rasters = [p for p in rasters if not headers[p].embedding_grid]
+            if grids:
+                warnings.warn(
+                    f"input folder {str(path)!r}: skipped {len(grids)} embedding grid(s) "
+                    f"written by torchgeo-dofa ({', '.join(grids[:3])}"
+                    f"{', ...' if len(grids) > 3 else ''})",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            if not rasters:
+                raise InputError(
+                    f"input {str(path)!r} holds only embedding grids written by torchgeo-dofa: "
+                    "give the folder of the scenes"
+                )
+            ee = all(EE_TILE_PATTERN.match(os.path.basename(p)) for p in rasters)
+            regions[str(path.resolve())] = (rasters, ee, path)
+            continue
+        if headers[str(path)].embedding_grid:
+            raise InputError(
+                f"input {str(path)!r} is an embedding grid written by torchgeo-dofa, not a "
+                "scene with spectral bands: give the scene it was made from"
+            )
+        if match:
             key = str(path.resolve().with_name(match["prefix"]))
             regions.setdefault(key, ([], True, path.with_name(match["prefix"])))[0].append(
                 str(path)
@@ -2185,9 +2212,36 @@ def find_raster_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[RasterI
     out = []
     names = unique_region_names([anchor for _, _, anchor in regions.values()])
     for name, (paths, ee, _) in zip(names, regions.values(), strict=True):
-        crs, bounds = _check_readable_one_crs(name, paths)
+        crs, bounds = _one_crs(name, {p: headers[p] for p in paths})
         out.append(RasterInput(name, tuple(paths), ee, crs, bounds))
     return out
+
+
+class _Header(NamedTuple):
+    """What the input search reads of a file: CRS (WKT), bounds, whether it is an output."""
+
+    crs: str | None
+    bounds: tuple[float, float, float, float]
+    #: an embedding grid written by this package (band descriptions ``dofa_0000`` ...,
+    #: see :class:`~torchgeo_dofa.writers.GridWriter`), which no scene has
+    embedding_grid: bool
+
+
+def _read_header(path: str) -> _Header:
+    """Open a file once for the input search.
+
+    Raises:
+        InputError: if the file cannot be read.
+    """
+    try:
+        with rasterio.open(path) as src:
+            return _Header(
+                src.crs.to_wkt() if src.crs else None,
+                tuple(float(v) for v in src.bounds),  # type: ignore[arg-type]
+                _names_embedding_bands(src.descriptions),
+            )
+    except rasterio.errors.RasterioIOError as err:
+        raise InputError(f"cannot read {path}: {err}") from err
 
 
 def unique_region_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -2251,19 +2305,17 @@ def _collisions(names: Sequence[str]) -> list[int]:
     return [i for i, n in enumerate(folded) if folded.count(n) > 1]
 
 
-def _check_readable_one_crs(
-    name: str, paths: Sequence[str]
+def _names_embedding_bands(descriptions: Sequence[str | None]) -> bool:
+    """Whether band descriptions are an embedding grid's (``dofa_0000`` ..., GridWriter's)."""
+    return bool(descriptions) and descriptions[0] == "dofa_0000"
+
+
+def _one_crs(
+    name: str, headers: Mapping[str, _Header]
 ) -> tuple[str | None, tuple[float, float, float, float]]:
-    """Open every file once: the region's one CRS (WKT) and the union of the files' bounds."""
-    crss: dict[str, str | None] = {}
-    bounds: list[tuple[float, float, float, float]] = []
-    for p in paths:
-        try:
-            with rasterio.open(p) as src:
-                crss[p] = src.crs.to_wkt() if src.crs else None
-                bounds.append(tuple(float(v) for v in src.bounds))  # type: ignore[arg-type]
-        except rasterio.errors.RasterioIOError as err:
-            raise InputError(f"cannot read {p}: {err}") from err
+    """The region's one CRS (WKT) and the union of its files' bounds."""
+    crss = {p: h.crs for p, h in headers.items()}
+    bounds = [h.bounds for h in headers.values()]
     if len(set(crss.values())) > 1:
         listing = ", ".join(
             f"{os.path.basename(k)}: {RIO_CRS.from_wkt(v).to_string() if v else None}"

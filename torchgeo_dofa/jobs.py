@@ -63,6 +63,7 @@ __all__ = [
     "PointsOutsideError",
     "StopOnSignal",
     "check_points",
+    "data_identity",
     "estimate_seconds",
     "is_launcher",
     "job_size_warning",
@@ -192,6 +193,11 @@ class JobManifest:
             ``{"bbox": [...]}``, or ``{"points_sha256": ..., "buffer_m": ...,
             "skip_outside": ...}``; any other setting that changes the chips (a time range)
             may be added as a key.
+        data: per region (by output name), how its pixels are read, as text: the dataset
+            class, the reflectance offsets applied per scene and every dataset argument
+            (``data.nodata``, ``data.crs``, ``data.bands`` ...; see
+            :func:`data_identity`). None in a manifest written before this field existed
+            (not compared).
         version: the torchgeo-dofa version that wrote the outputs.
         format: manifest format version.
     """
@@ -210,6 +216,7 @@ class JobManifest:
     output: str
     outputs: list[str]
     region: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, dict[str, str]] | None = None
     version: str = ""
     format: int = MANIFEST_FORMAT
 
@@ -263,7 +270,8 @@ class JobManifest:
 
         Returns:
             ``(field, other's value, this value)`` or None if equal. For ``inputs`` the
-            value is the first differing file entry.
+            value is the first differing file entry; for ``data``, the field is
+            ``data:<setting>`` (e.g. ``data:nodata``) and the values are its text.
         """
         mine, theirs = self.to_json(), other.to_json()
         for f in dataclasses.fields(self):
@@ -272,6 +280,10 @@ class JobManifest:
                 continue
             if f.name == "inputs":
                 return "inputs", *_first_input_difference(a or [], b or [])
+            if f.name == "data":
+                if a is None or b is None:  # recorded on one side only (an older version)
+                    continue
+                return _first_data_difference(a, b)
             return f.name, a, b
         return None
 
@@ -360,8 +372,44 @@ def _first_input_difference(before: list[dict[str, Any]], now: list[dict[str, An
     return before, now  # pragma: no cover - equal dicts compare equal
 
 
+def _first_data_difference(
+    before: dict[str, dict[str, str]], now: dict[str, dict[str, str]]
+) -> tuple[str, Any, Any]:
+    """The first reading setting that differs, as ``(name, before, now)``."""
+    for region in sorted(set(before) | set(now)):
+        old, new = before.get(region, {}), now.get(region, {})
+        for key in sorted(set(old) | set(new)):
+            if old.get(key, "absent") != new.get(key, "absent"):
+                name = key.removeprefix("data.")  # an embed option's name: --nodata
+                if len(before | now) > 1:
+                    name += f" of {region}"
+                return f"data:{name}", old.get(key, "absent"), new.get(key, "absent")
+    return "data", before, now  # pragma: no cover - equal dicts compare equal
+
+
+def data_identity(identity: Mapping[str, str]) -> dict[str, str]:
+    """The reading settings of a data module's ``job_identity()``, as a manifest keeps them.
+
+    The dataset class, the offsets applied per scene and every dataset argument
+    (``data.*``): what changes a chip's pixels and is not already a manifest field (inputs,
+    chip size, stride, input preparation, region).
+
+    Args:
+        identity: :meth:`torchgeo_dofa.datamodules.DOFAPredictDataModule.job_identity`.
+
+    Returns:
+        The settings, as text.
+    """
+    return {k: v for k, v in identity.items() if k.startswith("data.") or k in _DATA_IDENTITY_KEYS}
+
+
+_DATA_IDENTITY_KEYS = ("dataset_class", "offsets")
+
+
 def _difference(name: str, before: Any, now: Any) -> str:
     """One clause naming a difference between the stored and the new manifest."""
+    if name.startswith("data:"):  # a reading setting: its values are already text
+        return describe_change(name.removeprefix("data:"), before, now, verbatim=True)
     if name != "inputs":
         return describe_change(name, before, now)
     if before == "absent":
@@ -458,10 +506,14 @@ def region_identity(
 class OutputLock:
     """Exclusive, non-blocking lock on an output folder for the duration of a job.
 
-    ``flock`` on ``<folder>/.torchgeo-dofa.lock`` (the file stays; only the lock matters):
-    the kernel releases it when the process exits in any way (``kill -9`` included), so there
-    is never a stale lock. The lock file records the holder's pid for the error message. In
-    a DDP worker started by Lightning (:func:`is_launcher` is False) it does nothing.
+    ``flock`` on ``<folder>/.torchgeo-dofa.lock`` (the file stays after a job; only the lock
+    matters): the kernel releases it when the process exits in any way (``kill -9``
+    included), so there is never a stale lock. The lock file records the holder's pid for
+    the error message. A lock is held only on the file the path names when it is taken (the
+    usual ``flock`` protocol: after locking, the open file must still be the one at the
+    path, else it is opened again), so a job that removes its lock file
+    (``release(remove=True)``, a job refused before writing) cannot let two others in. In a
+    DDP worker started by Lightning (:func:`is_launcher` is False) it does nothing.
 
     Example:
         >>> with OutputLock("out/"):  # doctest: +SKIP
@@ -496,30 +548,41 @@ class OutputLock:
         if not is_launcher():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise JobLockedError(
-                f"output folder {self.folder} is in use by another torchgeo-dofa job (pid "
-                f"{holder}); wait for it or {self.fix}"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if _same_file(fd, self.path):
+                    break
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise JobLockedError(
+                    f"output folder {self.folder} is in use by another torchgeo-dofa job (pid "
+                    f"{holder}); wait for it or {self.fix}"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # the file was removed (or replaced) while we locked it: again
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         OutputLock._held.add(self.folder.resolve())
 
-    def release(self) -> None:
-        """Release the lock (idempotent)."""
+    def release(self, remove: bool = False) -> None:
+        """Release the lock (idempotent).
+
+        Args:
+            remove: also delete the lock file, while still holding the lock (for a job that
+                leaves nothing else behind; a job waiting on the old file takes a new one).
+        """
         if self._fd is None:
             return
         OutputLock._held.discard(self.folder.resolve())
         try:
+            if remove:
+                self.path.unlink(missing_ok=True)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             os.close(self._fd)
@@ -538,6 +601,16 @@ class OutputLock:
     ) -> None:
         """Release the lock."""
         self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is the file at ``path`` now (not removed or replaced)."""
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
 
 
 _SignalHandler = Callable[[int, FrameType | None], Any] | int | None

@@ -78,7 +78,11 @@ class PartsMismatchError(ValueError):
 
 
 class OutputPathError(ValueError):
-    """A writer's output path cannot be this job's (a folder, an input, an unwritable folder)."""
+    """A writer's output path cannot be this job's.
+
+    A folder, an input, another writer's output, an ``embed`` job's result, or a path in a
+    folder that cannot be written.
+    """
 
 
 def parts_dir(path: Path) -> Path:
@@ -531,9 +535,10 @@ class _PartsWriter(BasePredictionWriter):
         self._assembled = self._failed = False
         self._claim_output(inputs)
 
-    #: Output folders locked by this process's writers: the lock and how many writers use it
-    #: (a job's grid and table usually share a folder; the last one done releases it).
-    _folder_locks: ClassVar[dict[Path, tuple[OutputLock, int]]] = {}
+    #: Output folders locked by this process's writers: the lock, how many writers use it
+    #: (a job's grid and table usually share a folder; the last one done releases it) and
+    #: the folders that taking it created (removed again if the job leaves them empty).
+    _folder_locks: ClassVar[dict[Path, tuple[OutputLock, int, list[Path]]]] = {}
     #: Output paths of this process's writers between setup and teardown.
     _claimed_paths: ClassVar[set[Path]] = set()
 
@@ -541,7 +546,9 @@ class _PartsWriter(BasePredictionWriter):
         """Refuse an output path that cannot be this job's, lock its folder, drop stale temps.
 
         Checked before any chip is computed: the path must not be a folder, one of the
-        job's input files or another writer's output. The launching process then takes the
+        job's input files, another writer's output or a result of a ``torchgeo-dofa embed``
+        job (listed by the job manifest in its folder: replacing it would leave that job
+        "done" with another job's file). The launching process then takes the
         output folder's lock (:class:`~torchgeo_dofa.jobs.OutputLock`, the one
         ``torchgeo-dofa embed`` takes; an embed job already holds it), so two jobs writing
         the same outputs at once fail at once instead of mixing their chips; holding it, the
@@ -551,8 +558,8 @@ class _PartsWriter(BasePredictionWriter):
             inputs: the job's input files, resolved.
 
         Raises:
-            OutputPathError: for a folder, an input file, another writer's output, or a
-                folder that cannot be made or written.
+            OutputPathError: for a folder, an input file, another writer's output, an
+                embed job's result, or a folder that cannot be made or written.
             JobLockedError: when another job holds the folder's lock (exit status 75).
         """
         from .jobs import OutputLock, is_launcher
@@ -568,42 +575,64 @@ class _PartsWriter(BasePredictionWriter):
             raise OutputPathError(
                 f"output {path} is also another writer's output: give each writer its own path"
             )
+        folder = path.parent.resolve()  # where the file is written (a symlink is replaced)
+        if folder not in OutputLock._held or folder in self._folder_locks:  # not in embed
+            manifest = _embed_manifest_listing(folder, path.name)
+            if manifest is not None:
+                raise OutputPathError(
+                    f"output {path} is a result of the torchgeo-dofa embed job recorded in "
+                    f"{manifest}: write to another path (or delete that job's outputs and "
+                    "manifest first)"
+                )
         self._claimed_paths.add(resolved)
         self._claimed = resolved
         if not is_launcher():  # a DDP worker: the launching process holds the lock
             return
-        folder = path.parent.resolve()  # where the file is written (a symlink is replaced)
         if folder in self._folder_locks:  # another writer of this job took it
-            lock, users = self._folder_locks[folder]
-            self._folder_locks[folder] = (lock, users + 1)
+            lock, users, created = self._folder_locks[folder]
+            self._folder_locks[folder] = (lock, users + 1, created)
             self._lock = lock
         elif folder not in OutputLock._held:  # else an embed job holds it for its whole run
             lock = OutputLock(folder, fix="write to another path")
+            created = [d for d in (folder, *folder.parents) if not d.exists()]
             try:
                 lock.acquire()
             except OSError as err:
                 raise OutputPathError(
                     f"cannot write in {path.parent}: {err.strerror or err}"
                 ) from None
-            self._folder_locks[folder] = (lock, 1)
+            self._folder_locks[folder] = (lock, 1, created)
             self._lock = lock
         for tmp in stale_temps(path):  # the lock is held: no running job's temporaries
             tmp.unlink(missing_ok=True)
 
     def _release_output(self) -> None:
-        """Give up this writer's output path and its share of the folder's lock (idempotent)."""
+        """Give up this writer's output path and its share of the folder's lock (idempotent).
+
+        The last writer to let the lock go deletes the lock file, and the folders taking it
+        created, when the job left nothing else there (refused or failed before its first
+        part), as ``torchgeo-dofa embed`` does.
+        """
         if self._claimed is not None:
             self._claimed_paths.discard(self._claimed)
             self._claimed = None
         if self._lock is None:
             return
         folder = self._lock.folder.resolve()
-        lock, users = self._folder_locks.pop(folder, (self._lock, 1))
-        if users > 1:
-            self._folder_locks[folder] = (lock, users - 1)
-        else:
-            lock.release()
+        lock, users, created = self._folder_locks.pop(folder, (self._lock, 1, []))
         self._lock = None
+        if users > 1:
+            self._folder_locks[folder] = (lock, users - 1, created)
+            return
+        try:
+            unused = [p.name for p in folder.iterdir()] == [lock.path.name]
+        except OSError:
+            unused = False
+        lock.release(remove=unused)
+        if unused:
+            for d in created:  # deepest first, only while empty
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
     def check_parts_identity(self, trainer: pl.Trainer, extra: Mapping[str, str]) -> None:
         """Refuse parts of another job (called at setup, before anything is written).
@@ -744,6 +773,28 @@ class _PartsWriter(BasePredictionWriter):
         )
 
 
+def _embed_manifest_listing(folder: Path, name: str) -> Path | None:
+    """The embed job manifest in ``folder`` that lists the output ``name``, if any.
+
+    A folder job's manifest lists its outputs; a job writing one named file has a manifest
+    of its own (``.NAME.torchgeo-dofa-job.json``). An unreadable folder manifest counts as
+    listing it (the embed job refuses such a folder too).
+    """
+    from .jobs import MANIFEST_NAME
+
+    own = folder / f".{name}{MANIFEST_NAME}"
+    if own.exists():
+        return own
+    shared = folder / MANIFEST_NAME
+    if not shared.exists():
+        return None
+    try:
+        outputs = json.loads(shared.read_text()).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        return shared
+    return shared if name in outputs else None
+
+
 class GridWriter(_PartsWriter):
     """Write grid embeddings as one georeferenced GeoTIFF for a region.
 
@@ -780,7 +831,7 @@ class GridWriter(_PartsWriter):
         super().__init__(path, metadata)
         if window <= 0 or window % 16:
             raise ValueError(f"window must be a positive multiple of 16, got {window}")
-        self._geometry = geometry
+        self._geometry = self._given_geometry = geometry
         self.window = window
 
     @property
@@ -791,9 +842,14 @@ class GridWriter(_PartsWriter):
         return self._geometry
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Create the parts folder; derive the geometry from the datamodule if needed."""
+        """Gather the job's identity; derive the geometry from the datamodule if not given.
+
+        A derived geometry is derived again at every setup, so a writer reused for another
+        datamodule (another scene) places its chips on that scene's grid.
+        """
         super().setup(trainer, pl_module, stage)
         dm = getattr(trainer, "datamodule", None)
+        self._geometry = self._given_geometry
         if self._geometry is None:
             grid_geometry = getattr(dm, "grid_geometry", None)
             if callable(grid_geometry):
@@ -1394,15 +1450,21 @@ def _chip_bounds(chip: Any) -> Any:
     return chip
 
 
-def describe_change(name: str, before: Any, now: Any, limit: int = 120) -> str:
+def describe_change(
+    name: str, before: Any, now: Any, limit: int = 120, verbatim: bool = False
+) -> str:
     """``"<name> was A, now B"`` for a one-line message, showing where the values differ.
 
-    A string is quoted, anything else written as JSON. Values longer than ``limit`` lose
-    the start they share (all but 20 characters of context, replaced by ``...``), then are
-    cut at ``limit``, so the first difference stays in view. Used by the job manifest's and
-    the parts identity's refusals.
+    A string is quoted (unless ``verbatim``: values already written as text, e.g. a
+    ``repr``), anything else written as JSON. Values longer than ``limit`` lose the start
+    they share (all but 20 characters of context, replaced by ``...``), then are cut at
+    ``limit``, so the first difference stays in view. Used by the job manifest's and the
+    parts identity's refusals.
     """
-    texts = [json.dumps(v) if not isinstance(v, str) else repr(v) for v in (before, now)]
+    texts = [
+        str(v) if verbatim else json.dumps(v) if not isinstance(v, str) else repr(v)
+        for v in (before, now)
+    ]
     if max(map(len, texts)) > limit:
         a, b = texts
         same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
