@@ -649,6 +649,12 @@ def test_predict_config_refusals_are_one_line_and_write_nothing(
     err = refused("bad", bad)
     assert f"output {table} is a result of the torchgeo-dofa embed job recorded in " in err
     assert table.read_bytes() == before
+    # -o NAME.tif: that job's manifest is named for the grid and lists the sibling table too
+    named = tmp_path / "named" / "x.tif"
+    args = [str(SCENE), "-o", str(named), *_one_chip_bbox(SCENE), "--weights", "none"]
+    assert main(["embed", *args, "--seed", "1", "--no-progress"]) == 0
+    bad["trainer"]["callbacks"][1]["init_args"]["path"] = str(named.with_suffix(".parquet"))
+    assert f"recorded in {named.parent / '.x.tif.torchgeo-dofa-job.json'}" in refused("bad", bad)
     # a job refused before its first part leaves no folder it made, nor a lock file there
     new = tmp_path / "new" / "deep"
     raw = _predict_config(new, base_checkpoint)

@@ -776,23 +776,21 @@ class _PartsWriter(BasePredictionWriter):
 def _embed_manifest_listing(folder: Path, name: str) -> Path | None:
     """The embed job manifest in ``folder`` that lists the output ``name``, if any.
 
-    A folder job's manifest lists its outputs; a job writing one named file has a manifest
-    of its own (``.NAME.torchgeo-dofa-job.json``). An unreadable folder manifest counts as
-    listing it (the embed job refuses such a folder too).
+    A folder job's manifest (``.torchgeo-dofa-job.json``) and that of a job writing named
+    files (``.NAME.tif.torchgeo-dofa-job.json``, which also lists the sibling
+    ``NAME.parquet``) list their outputs. An unreadable manifest counts as listing it (the
+    embed job refuses such a folder too).
     """
     from .jobs import MANIFEST_NAME
 
-    own = folder / f".{name}{MANIFEST_NAME}"
-    if own.exists():
-        return own
-    shared = folder / MANIFEST_NAME
-    if not shared.exists():
-        return None
-    try:
-        outputs = json.loads(shared.read_text()).get("outputs", [])
-    except (OSError, ValueError, AttributeError):
-        return shared
-    return shared if name in outputs else None
+    for manifest in sorted(folder.glob(f"*{MANIFEST_NAME}")):
+        try:
+            outputs = json.loads(manifest.read_text()).get("outputs", [])
+        except (OSError, ValueError, AttributeError):
+            return manifest
+        if name in outputs:
+            return manifest
+    return None
 
 
 class GridWriter(_PartsWriter):
