@@ -273,6 +273,7 @@ def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
         (["--bbox", "0", "0", "0.1", "0.1"], "does not overlap the rasters, which cover lon 13.1"),
         (["--file-bands", "B4", "B3", "B2"], "has 4 bands but --file-bands names 3"),
         (["--devices", "0"], "--devices must be >= 1"),
+        (["--crs", "EPSG:9999999"], "unknown CRS 'EPSG:9999999' ("),
         (["--seed", "3"], "--seed applies to random weights only: add --weights none"),
         (["--output", "grid", "--points", "p.csv"], "use --output pooled"),
         (["--output", "pooled", "--points", "p.csv"], "points file 'p.csv' does not exist"),
@@ -307,6 +308,38 @@ def test_unknown_option_value_is_a_usage_error(tmp_path, capsys, option, value, 
     assert exit_.value.code == 2
     assert f"argument {option}: invalid choice: '{value}' (choose from {choices})" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "problem"),
+    [
+        ("--batch-size", "0", "must be at least 1, got 0"),
+        ("--num-workers", "-1", "must be at least 0, got -1"),
+        ("--batch-size", "eight", "not an integer: 'eight'"),
+    ],
+)
+def test_counts_out_of_range_are_usage_errors(tmp_path, capsys, option, value, problem) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["embed", str(SCENE), "-o", str(tmp_path / "out"), option, value])
+    assert exit_.value.code == 2
+    assert f"argument {option}: {problem}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_new_job_failing_before_its_first_chip_leaves_nothing(tmp_path, capsys) -> None:
+    """Refused by Lightning after the manifest was written (an unknown strategy), a new job
+    removes its manifest, lock file and the folders it made, so the corrected command is a
+    new job, not 'another job's results'."""
+    out = tmp_path / "a" / "b"
+    common = [str(SCENE), "-o", str(out), *_one_chip_bbox(SCENE), "--weights", "none"]
+    code = main(["embed", *common, "--seed", "1", "--strategy", "foo", "--no-progress"])
+    assert code != 0 and "invalid strategy name" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert main(["embed", *common, "--seed", "2", "--no-progress"]) == 0
+    # a resumed job keeps its manifest and folder whatever happens
+    code = main(["embed", *common, "--seed", "2", "--strategy", "foo", "--no-progress"])
+    assert code == 0  # nothing left to do: no Trainer is made
+    assert (out / ".torchgeo-dofa-job.json").is_file()
 
 
 def test_weights_path_with_a_tilde_is_read_as_the_loader_reads_it(tmp_path, monkeypatch) -> None:
@@ -404,7 +437,8 @@ def test_unreadable_and_normalised_inputs(tmp_path, capsys) -> None:
     bad = tmp_path / "broken.tif"
     bad.write_bytes(b"not a tiff")
     assert main(["embed", str(bad), "-o", str(tmp_path / "o")]) == 2
-    assert "cannot read" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"cannot read {bad}: " in err and "repair or remove it (or give the readable" in err
     scaled = tmp_path / "scaled.tif"
     with rasterio.open(SCENE) as src:
         profile = src.profile | {"dtype": "float32", "nodata": None}
@@ -950,10 +984,20 @@ def test_rerun_with_another_setting_is_refused_until_overwrite(tmp_path, capsys,
     # the same job resumes (nothing left to do)
     assert main(["embed", str(SCENE), "--weights", str(base_checkpoint), *common]) == 0
     assert (out / "ftw_s2_l2a_33N_pooled.parquet").read_bytes() == before
-    # how the pixels are read is part of the job too (these were taken as "already done")
+    # how the pixels are read is part of the job too (these were taken as "already done"),
+    # as read, not as spelled: the scene declares nodata 0, is in EPSG:32633 and stores B4,
+    # B3, B2, B8 (the default order is B2, B3, B4, B8), and the Python door spells them its way
+    for option in (["--nodata", "0"], ["--crs", "EPSG:32633"], ["--bands", "B2", "B3", "B4", "B8"]):
+        assert main(["embed", str(SCENE), "--weights", str(base_checkpoint), *common, *option]) == 0
+    bbox = [float(v) for v in _one_chip_bbox(SCENE)[1:]]
+    again = embed(
+        SCENE, out, weights=str(base_checkpoint), bbox=bbox, output="pooled", progress=False,
+        nodata=0, bands=("B2", "B3", "B4", "B8"),
+    )  # fmt: skip
+    assert again.skipped == 1 and again.chips == 0
     for option, clause in (
-        (["--nodata", "3000"], "nodata was None, now 3000.0"),
-        (["--crs", "EPSG:3857"], "crs was None, now 'EPSG:3857'"),
+        (["--nodata", "3000"], "nodata was 0.0, now 3000.0"),
+        (["--crs", "EPSG:3857"], "crs was EPSG:32633, now EPSG:3857"),
     ):
         capsys.readouterr()
         assert main(["embed", str(SCENE), "--weights", str(base_checkpoint), *common, *option]) == 2

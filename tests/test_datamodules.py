@@ -278,7 +278,15 @@ def test_job_identity_names_what_the_chips_depend_on(tmp_path) -> None:
     assert json_sources(base) == [
         [str(scene.resolve()), scene.stat().st_size, scene.stat().st_mtime_ns]
     ]
-    assert identity(bands=["B4", "B3", "B2"])["data.bands"] == "['B4', 'B3', 'B2']"
+    # how pixels are read, as read: another spelling of the same reading is the same job
+    assert base["nodata"] == "0.0" and base["crs"] == "EPSG:32633"
+    for same in ({"nodata": 0}, {"crs": "EPSG:32633"}, {"bands": ("B2", "B3", "B4", "B8")}):
+        assert identity(**same) == base, same
+    assert identity(nodata=3000)["nodata"] == "3000.0"
+    assert identity(crs="EPSG:3857")["crs"] == "EPSG:3857"
+    assert identity(bands=["B4", "B3", "B2"])["band_indexes"] == "[(1, 2, 3)]"
+    assert base["band_indexes"] == "[(3, 2, 1, 4)]"  # the file stores B4, B3, B2, B8
+    assert identity(time_series=True)["data.time_series"] == "True"  # as given
     assert identity(stride=112)["stride"] == "112" and base["stride"] == "224"
     other = identity(dataset_class=EarthEngineS2)  # another offset rule: another job
     assert base["dataset_class"] == "torchgeo_dofa.datasets.Sentinel2SR"

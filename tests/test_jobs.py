@@ -141,8 +141,9 @@ def _reading(**changes: str) -> dict[str, dict[str, str]]:
     settings = {
         "dataset_class": "torchgeo_dofa.datasets.Sentinel2SR",
         "offsets": "[(0.0, 0.0, 0.0, 0.0)]",
-        "data.nodata": "None",
-        "data.crs": "None",
+        "crs": "EPSG:32633",
+        "nodata": "0.0",
+        "data.time_series": "False",
     }
     return {"scene": settings | changes}
 
@@ -150,8 +151,9 @@ def _reading(**changes: str) -> dict[str, dict[str, str]]:
 @pytest.mark.parametrize(
     ("change", "clause"),
     [
-        ({"data.nodata": "3000.0"}, "nodata was None, now 3000.0"),
-        ({"data.crs": "'EPSG:3857'"}, "crs was None, now 'EPSG:3857'"),
+        ({"nodata": "3000.0"}, "nodata was 0.0, now 3000.0"),
+        ({"crs": "EPSG:3857"}, "crs was EPSG:32633, now EPSG:3857"),
+        ({"data.time_series": "True"}, "time_series was False, now True"),
         ({"offsets": "[(-1000.0,)]"}, "offsets was [(0.0, 0.0, 0.0, 0.0)], now [(-1000.0,)]"),
     ],
 )

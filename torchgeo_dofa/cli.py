@@ -15,7 +15,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -392,7 +392,7 @@ def embed(
         resolve_precision,
     )
     from .spatial import BBox, read_points
-    from .writers import GridWriter, PooledWriter
+    from .writers import GridWriter, PooledWriter, parts_dir
 
     start = time.perf_counter()  # the job, not the imports (a Python caller pays them once)
     variant = canonical_variant(variant)
@@ -475,7 +475,7 @@ def embed(
     created = [d for d in (folder, *folder.parents) if not d.exists()]
     lock = OutputLock(folder)
     lock.acquire()
-    started = False
+    started = fresh = failed = False
     try:
         modules = []
         for region, subset in zip(regions, point_sets, strict=True):
@@ -529,7 +529,7 @@ def embed(
         )
         started = True
         with StopOnSignal() as stop, quiet_lightning():
-            manifest.check_or_write(folder, overwrite=overwrite, name=manifest_name)
+            fresh = manifest.check_or_write(folder, overwrite=overwrite, name=manifest_name)
             if _is_rank_zero():
                 count = f" x {processes}" if processes > 1 else ""
                 print(
@@ -599,9 +599,18 @@ def embed(
                 UserWarning,
                 stacklevel=2,
             )
+    except BaseException:
+        failed = True
+        raise
     finally:
-        lock.release(remove=not started)
-        if not started:
+        # a job refused before its manifest, or a new one that failed before its first part
+        # (a Trainer or loader setting refused), leaves nothing: a corrected rerun is a new job
+        written = [q for p in out_paths for w in p.values() for q in (w, parts_dir(w))]
+        unused = not started or (fresh and failed and not any(q.exists() for q in written))
+        if unused and started:
+            (folder / manifest_name).unlink(missing_ok=True)
+        lock.release(remove=unused)
+        if unused:
             for d in created:  # deepest first, only if the refused job left it empty
                 with contextlib.suppress(OSError):
                     d.rmdir()
@@ -666,11 +675,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", default="official", help="official | none | PATH")
     e.add_argument("--seed", type=int, default=None, help="seed for --weights none")
     e.add_argument(
-        "--batch-size", type=int, default=None, help="chips per batch (default: for the device)"
+        "--batch-size",
+        type=_count(1),
+        default=None,
+        help="chips per batch (default: for the device)",
     )
     e.add_argument(
         "--num-workers",
-        type=int,
+        type=_count(0),
         default=None,
         help="DataLoader workers reading chips (default: min(4, cores - 1) on a CPU; on CUDA "
         "(cores - 2) / GPUs, at most 8)",
@@ -764,6 +776,21 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("fit", "validate", "test", "predict"):
         sub.add_parser(name, help=f"LightningCLI {name} (--config cfg.yaml)", add_help=False)
     return parser
+
+
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``least`` (argparse names the option)."""
+
+    def count(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+        if number < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {number}")
+        return number
+
+    return count
 
 
 def _lowercase(value: str) -> str:

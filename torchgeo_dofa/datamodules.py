@@ -252,7 +252,6 @@ def _passthrough(batch: Sample) -> Sample:
 
 #: Dataset arguments recorded in :meth:`DOFAPredictDataModule.job_identity` even when not
 #: given (their defaults then), so that giving one on a rerun counts as a difference.
-_DATASET_SETTINGS = ("bands", "file_bands", "wavelengths", "nodata", "offset", "crs", "res")
 
 
 class DOFAPredictDataModule(GeoDataModule):
@@ -556,12 +555,14 @@ class DOFAPredictDataModule(GeoDataModule):
 
         Returns:
             Text values: each source file as its resolved path, size and modification time
-            (a file rewritten in place is another input); the dataset class and the
-            reflectance offsets it applies per scene; every dataset argument as given,
-            but the paths (``data.bands``, ``data.file_bands``, ``data.nodata``,
-            ``data.offset`` ...); the preprocessing (``preprocess``, ``input_prep``, the type
-            of given ``transforms``); and the sampling (``chip_size``, ``stride``, ``roi``,
-            ``points``, ``time``).
+            (a file rewritten in place is another input); the dataset class; how the
+            pixels are read, as read rather than as spelled
+            (:meth:`~torchgeo_dofa.datasets.Sentinel2Base.reading_identity`: CRS,
+            resolution, resampling, no-data masking, the file band read for each band, the
+            reflectance offsets applied), then as given every dataset argument whose effect
+            that does not record (``data.time_series`` ...); the preprocessing
+            (``preprocess``, ``input_prep``, the type of given ``transforms``); and the
+            sampling (``chip_size``, ``stride``, ``roi``, ``points``, ``time``).
 
         Raises:
             RuntimeError: before :meth:`setup`.
@@ -580,11 +581,11 @@ class DOFAPredictDataModule(GeoDataModule):
         identity = {
             "sources": json.dumps(sorted(files)),
             "dataset_class": f"{cls.__module__}.{cls.__qualname__}",
-            "offsets": repr(list(dataset.index["offset"])),  # as applied, per scene
         }
-        # every dataset argument, the usual ones also when not given (a setting recorded on
-        # one side only is not compared: see check_parts_identity)
-        names = {*self.kwargs, *_DATASET_SETTINGS} - {"paths", "transforms"}
+        # how the pixels are read, as read (not as spelled: nodata=0 for files declaring 0 is
+        # the same job), then the dataset arguments whose effect that does not record
+        identity |= dataset.reading_identity()
+        names = set(self.kwargs) - dataset.reading_arguments
         identity |= {f"data.{k}": repr(self.kwargs.get(k)) for k in sorted(names)}
         given = self.kwargs.get("transforms")
         identity |= {

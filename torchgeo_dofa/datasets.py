@@ -98,6 +98,7 @@ import shapely
 import torch
 from geopandas import GeoDataFrame
 from pyproj import CRS
+from pyproj.exceptions import CRSError
 from rasterio.crs import CRS as RIO_CRS
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.io import DatasetReader
@@ -501,6 +502,8 @@ class Sentinel2Base(RasterDataset):
             DatasetNotFoundError: if no readable raster is found.
             BandError: if band names cannot be determined or selected, or wavelengths
                 cannot be inferred.
+            ValueError: for a ``crs`` pyproj does not know, or files without a CRS and no
+                ``crs``.
         """
         self.paths = paths
         self.transforms = transforms
@@ -553,7 +556,13 @@ class Sentinel2Base(RasterDataset):
                 raise ValueError(f"{first.path} has no CRS: pass crs=")
             epsg = first.crs.to_epsg()
             crs = CRS.from_epsg(epsg) if epsg else CRS.from_user_input(first.crs.to_wkt())
-        dst_crs = CRS.from_user_input(crs)
+        try:
+            dst_crs = CRS.from_user_input(crs)
+        except CRSError as err:
+            raise ValueError(
+                f"unknown CRS {crs!r} ({err}): give an EPSG code such as EPSG:32633, a PROJ "
+                "string or WKT"
+            ) from None
         epsg = dst_crs.to_epsg()
         self._dst_rio_crs = RIO_CRS.from_epsg(epsg) if epsg else RIO_CRS.from_wkt(dst_crs.to_wkt())
         grids = {
@@ -620,6 +629,47 @@ class Sentinel2Base(RasterDataset):
             The resampling method.
         """
         return self._resampling
+
+    #: Arguments whose effect :meth:`reading_identity` records (or that do not change a
+    #: pixel: ``paths`` is recorded file by file by its users, ``cache``, ``transforms``).
+    reading_arguments: ClassVar[frozenset[str]] = frozenset(
+        {"paths", "crs", "res", "bands", "file_bands", "wavelengths", "offset", "nodata"}
+        | {"resampling", "cache", "transforms"}
+    )
+
+    def reading_identity(self) -> dict[str, str]:
+        """How the files' pixels are read, as text.
+
+        Equal for two datasets reading the same pixels, however their arguments were spelled
+        (``nodata=0`` for files that declare 0, ``crs`` naming the files' own CRS, bands as a
+        tuple or a list, 3000 or 3000.0).
+
+        The wavelengths are not in it (the model's input; see :attr:`wavelengths`).
+
+        Returns:
+            In this order: ``crs`` (the chips' CRS, e.g. ``EPSG:32633``), ``res`` (x, y in
+            CRS units), ``resampling``, ``nodata`` (the value(s) masked per file: the given
+            one, else the declared one, else 0), ``nodata_masking`` (per file: whether it is
+            read through a WarpedVRT and the further values masked after reading),
+            ``band_indexes`` (the file band read for each band, per scene) and ``offsets``
+            (the reflectance offsets applied, per scene).
+        """
+        infos = [self._infos[p] for p in sorted(self._infos)]
+        primaries = sorted({self._primary_nodata(i) for i in infos}, key=repr)
+        masking = sorted(
+            {(self._needs_vrt(i), tuple(sorted(self._extra_nodata(i)))) for i in infos}
+        )
+        return {
+            "crs": self.crs.to_string(),
+            "res": repr(tuple(self._res)),
+            "resampling": self.resampling.name,
+            "nodata": ", ".join(str(v) for v in primaries),
+            "nodata_masking": repr(masking),
+            "band_indexes": repr(
+                sorted({tuple(i for _, i in sources) for sources in self.index["sources"]})
+            ),
+            "offsets": repr(list(self.index["offset"])),
+        }
 
     @property
     def band_set(self) -> tuple[float, ...]:
@@ -2241,7 +2291,9 @@ def _read_header(path: str) -> _Header:
                 _names_embedding_bands(src.descriptions),
             )
     except rasterio.errors.RasterioIOError as err:
-        raise InputError(f"cannot read {path}: {err}") from err
+        raise InputError(
+            f"cannot read {path}: {err}: repair or remove it (or give the readable files as inputs)"
+        ) from err
 
 
 def unique_region_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:

@@ -193,11 +193,11 @@ class JobManifest:
             ``{"bbox": [...]}``, or ``{"points_sha256": ..., "buffer_m": ...,
             "skip_outside": ...}``; any other setting that changes the chips (a time range)
             may be added as a key.
-        data: per region (by output name), how its pixels are read, as text: the dataset
-            class, the reflectance offsets applied per scene and every dataset argument
-            (``data.nodata``, ``data.crs``, ``data.bands`` ...; see
-            :func:`data_identity`). None in a manifest written before this field existed
-            (not compared).
+        data: per region (by output name), how its pixels are read, as text
+            (:func:`data_identity`): the dataset class, the CRS, resolution, no-data masking,
+            band indexes and reflectance offsets as read (``nodata=0`` for a file declaring
+            0 is the same job), and any other dataset argument as given. None in a manifest
+            written before this field existed (not compared).
         version: the torchgeo-dofa version that wrote the outputs.
         format: manifest format version.
     """
@@ -289,7 +289,7 @@ class JobManifest:
 
     def check_or_write(
         self, folder: str | os.PathLike[str], overwrite: bool = False, name: str = MANIFEST_NAME
-    ) -> None:
+    ) -> bool:
         """Start or resume this job in ``folder``; call it while holding :class:`OutputLock`.
 
         * no manifest and none of this job's outputs or parts in the folder: a new job,
@@ -312,12 +312,16 @@ class JobManifest:
             name: the manifest's file name (one per job: a folder holds one job, an output
                 named by the user, ``-o NAME.tif``, has ``.NAME.tif.torchgeo-dofa-job.json``).
 
+        Returns:
+            True when the manifest was written (a new job, or ``overwrite``); False when the
+            job resumes, and in a DDP worker.
+
         Raises:
             JobMismatchError: if the folder holds another job's results and not overwrite.
             RuntimeError: if the folder's lock is not held by this process.
         """
         if not is_launcher():
-            return
+            return False
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if folder.resolve() not in OutputLock._held:
@@ -341,7 +345,7 @@ class JobManifest:
             if diff is None:
                 for name in self.outputs:
                     _clean_resumed(folder / name)
-                return
+                return False
             raise JobMismatchError(
                 f"output folder {folder} holds another job's results: {_difference(*diff)}; "
                 "rerun with --overwrite to replace them, or choose another -o"
@@ -361,6 +365,7 @@ class JobManifest:
                 )
         text = json.dumps(self.to_json(), indent=1)
         atomic_write(path, lambda p: p.write_text(text + "\n"), durable=True)
+        return True
 
 
 def _first_input_difference(before: list[dict[str, Any]], now: list[dict[str, Any]]) -> tuple:
@@ -378,7 +383,7 @@ def _first_data_difference(
     """The first reading setting that differs, as ``(name, before, now)``."""
     for region in sorted(set(before) | set(now)):
         old, new = before.get(region, {}), now.get(region, {})
-        for key in sorted(set(old) | set(new)):
+        for key in [*new, *(k for k in old if k not in new)]:  # the identity's order
             if old.get(key, "absent") != new.get(key, "absent"):
                 name = key.removeprefix("data.")  # an embed option's name: --nodata
                 if len(before | now) > 1:
@@ -390,20 +395,25 @@ def _first_data_difference(
 def data_identity(identity: Mapping[str, str]) -> dict[str, str]:
     """The reading settings of a data module's ``job_identity()``, as a manifest keeps them.
 
-    The dataset class, the offsets applied per scene and every dataset argument
-    (``data.*``): what changes a chip's pixels and is not already a manifest field (inputs,
-    chip size, stride, input preparation, region).
+    Everything but what the manifest records in its own fields (inputs, input preparation,
+    chip size, stride, region) or what a manifest need not compare (the preprocessing, which
+    ``embed`` sets): the dataset class, how the pixels are read (CRS, resolution, no-data
+    masking, band indexes, offsets: as read, not as spelled) and any other dataset argument.
 
     Args:
         identity: :meth:`torchgeo_dofa.datamodules.DOFAPredictDataModule.job_identity`.
 
     Returns:
-        The settings, as text.
+        The settings, as text, in the identity's order.
     """
-    return {k: v for k, v in identity.items() if k.startswith("data.") or k in _DATA_IDENTITY_KEYS}
+    return {k: v for k, v in identity.items() if k not in _MANIFEST_FIELDS_OF_THE_DATA}
 
 
-_DATA_IDENTITY_KEYS = ("dataset_class", "offsets")
+#: ``job_identity()`` keys the manifest has as fields of its own, or that embed fixes.
+_MANIFEST_FIELDS_OF_THE_DATA = frozenset(
+    {"sources", "preprocess", "input_prep", "transforms", "chip_size", "stride"}
+    | {"roi", "points", "time"}
+)
 
 
 def _difference(name: str, before: Any, now: Any) -> str:
@@ -555,11 +565,12 @@ class OutputLock:
                 if _same_file(fd, self.path):
                     break
             except BlockingIOError:
-                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                pid = os.read(fd, 64).decode(errors="replace").strip()
                 os.close(fd)
+                holder = f"pid {pid}" if pid else "starting now"  # the pid follows the lock
                 raise JobLockedError(
-                    f"output folder {self.folder} is in use by another torchgeo-dofa job (pid "
-                    f"{holder}); wait for it or {self.fix}"
+                    f"output folder {self.folder} is in use by another torchgeo-dofa job "
+                    f"({holder}); wait for it or {self.fix}"
                 ) from None
             except BaseException:
                 os.close(fd)

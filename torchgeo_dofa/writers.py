@@ -576,7 +576,10 @@ class _PartsWriter(BasePredictionWriter):
                 f"output {path} is also another writer's output: give each writer its own path"
             )
         folder = path.parent.resolve()  # where the file is written (a symlink is replaced)
-        if folder not in OutputLock._held or folder in self._folder_locks:  # not in embed
+        # the launcher checks (a DDP worker's OutputLock is a no-op: embed's own manifest
+        # would look like another job's); inside embed, its manifest lists this very output
+        inside_embed = folder in OutputLock._held and folder not in self._folder_locks
+        if is_launcher() and not inside_embed:
             manifest = _embed_manifest_listing(folder, path.name)
             if manifest is not None:
                 raise OutputPathError(
