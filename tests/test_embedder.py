@@ -196,7 +196,7 @@ def test_a_grid_writer_reused_on_another_scene_takes_that_scenes_grid(tmp_path: 
         _cpu_trainer([writer]).predict(module, datamodule=dm, return_predictions=False)
         with rasterio.open(tmp_path / "g.tif") as grid, rasterio.open(crop) as scene:
             assert grid.crs == scene.crs and (grid.width, grid.height) == (14, 14)
-            assert grid.transform == scene.transform * scene.transform.scale(16)
+            assert grid.transform == scene.transform @ scene.transform.scale(16)
 
 
 def test_a_writer_names_the_prediction_keys_it_lacks(tmp_path: Path) -> None:

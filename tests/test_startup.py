@@ -34,7 +34,7 @@ EMBED = ["embed", __file__, "-o", "out"]
         (["embed", "--help"], 0, "stdout", "--output-dir"),
         (["preview", "--help"], 0, "stdout", "embedding"),
         (["embed", "scene.tif"], 2, "stderr", "the following arguments are required: -o"),
-        (["embed", "scene.tif", "-o", "out", "--batch-size", "x"], 2, "stderr", "invalid int"),
+        (["embed", "scene.tif", "-o", "out", "--batch-size", "x"], 2, "stderr", "not an integer"),
         (["preview", "missing.tif", "-o", "p.png"], 2, "stderr", "missing.tif"),
         (["embed", "s.tif", "-o", "o", "--variant", "huge"], 2, "stderr", "invalid choice"),
         (["embed", "s.tif", "-o", "o", "--precision", "16"], 2, "stderr", "invalid choice"),

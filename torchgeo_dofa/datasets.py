@@ -2231,6 +2231,11 @@ def find_raster_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[RasterI
         if path.is_dir():  # skip this package's outputs (e.g. -o inside the input folder)
             grids = [p for p in rasters if headers[p].embedding_grid]
             rasters = [p for p in rasters if not headers[p].embedding_grid]
+            if not rasters:
+                raise InputError(
+                    f"input {str(path)!r} holds only embedding grids written by torchgeo-dofa: "
+                    "give the folder of the scenes"
+                )
             if grids:
                 warnings.warn(
                     f"input folder {str(path)!r}: skipped {len(grids)} embedding grid(s) "
@@ -2238,11 +2243,6 @@ def find_raster_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[RasterI
                     f"{', ...' if len(grids) > 3 else ''})",
                     UserWarning,
                     stacklevel=2,
-                )
-            if not rasters:
-                raise InputError(
-                    f"input {str(path)!r} holds only embedding grids written by torchgeo-dofa: "
-                    "give the folder of the scenes"
                 )
             ee = all(EE_TILE_PATTERN.match(os.path.basename(p)) for p in rasters)
             regions[str(path.resolve())] = (rasters, ee, path)
