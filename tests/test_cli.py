@@ -987,7 +987,13 @@ def test_rerun_with_another_setting_is_refused_until_overwrite(tmp_path, capsys,
     # how the pixels are read is part of the job too (these were taken as "already done"),
     # as read, not as spelled: the scene declares nodata 0, is in EPSG:32633 and stores B4,
     # B3, B2, B8 (the default order is B2, B3, B4, B8), and the Python door spells them its way
-    for option in (["--nodata", "0"], ["--crs", "EPSG:32633"], ["--bands", "B2", "B3", "B4", "B8"]):
+    for option in (
+        ["--nodata", "0"],
+        ["--crs", "EPSG:32633"],
+        ["--crs", "+proj=utm +zone=33 +datum=WGS84 +units=m +no_defs"],
+        ["--bands", "B2", "B3", "B4", "B8"],
+        ["--file-bands", "B4", "B3", "B2", "B8"],  # the file's own descriptions
+    ):
         assert main(["embed", str(SCENE), "--weights", str(base_checkpoint), *common, *option]) == 0
     bbox = [float(v) for v in _one_chip_bbox(SCENE)[1:]]
     again = embed(
@@ -1002,6 +1008,14 @@ def test_rerun_with_another_setting_is_refused_until_overwrite(tmp_path, capsys,
         capsys.readouterr()
         assert main(["embed", str(SCENE), "--weights", str(base_checkpoint), *common, *option]) == 2
         assert f"another job's results: {clause}; rerun with --overwrite" in capsys.readouterr().err
+    assert (out / "ftw_s2_l2a_33N_pooled.parquet").read_bytes() == before
+    # a job named by its file beside the folder's job may not take that job's file
+    named = ["embed", str(SCENE), "-o", str(out / "ftw_s2_l2a_33N_pooled.parquet")]
+    for extra in ([], ["--overwrite"]):
+        capsys.readouterr()
+        one_chip = _one_chip_bbox(SCENE)
+        assert main([*named, *one_chip, "--output", "pooled", "--weights", "none", *extra]) == 2
+        assert "is a result of another torchgeo-dofa embed job" in capsys.readouterr().err
     assert (out / "ftw_s2_l2a_33N_pooled.parquet").read_bytes() == before
     # --overwrite replaces the earlier job's outputs
     args = ["embed", str(SCENE), "--weights", "none", "--seed", "1", "--overwrite", *common]

@@ -5,6 +5,7 @@ Real files, real processes, real signals, a real Lightning Trainer (with a tiny 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -43,7 +44,7 @@ from torchgeo_dofa.jobs import (
     unique_region_names,
 )
 from torchgeo_dofa.spatial import PointBuffer, read_points
-from torchgeo_dofa.writers import PooledWriter, parts_dir
+from torchgeo_dofa.writers import PooledWriter, identity_differences, parts_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,6 +67,7 @@ def _manifest(inputs: list[Path], **changes: Any) -> JobManifest:
         output="both",
         outputs=["scene_grid.tif", "scene_pooled.parquet"],
         region={},
+        data=_reading(),
     )
     settings.update(changes)
     return JobManifest(**settings)
@@ -169,16 +171,57 @@ def test_manifest_changed_reading_setting_is_named(
     assert f"another job's results: {clause}; rerun with --overwrite" in str(info.value)
 
 
-def test_manifest_of_an_older_version_without_reading_settings_resumes(
-    tmp_path: Path, scene: Path
-) -> None:
+def test_manifest_of_an_older_version_without_reading_settings(tmp_path: Path, scene: Path) -> None:
+    """Such a manifest cannot show the reading options match: a job giving some is refused;
+    one giving none resumes, with a warning (the old job may have had some)."""
     out = tmp_path / "out"
     with OutputLock(out):
         _manifest([scene]).check_or_write(out)  # data=None: as written before the field
         stored = json.loads((out / MANIFEST_NAME).read_text())
         del stored["data"]
         (out / MANIFEST_NAME).write_text(json.dumps(stored))
-        _manifest([scene], data=_reading()).check_or_write(out)  # not compared: resumes
+        with pytest.raises(JobMismatchError) as info:
+            _manifest([scene], data=_reading()).check_or_write(out, given=["--nodata"])
+        assert "older torchgeo-dofa job, whose manifest does not record how pixels were " + (
+            "read (--nodata cannot be checked): rerun with --overwrite"
+        ) in str(info.value)
+        with pytest.warns(UserWarning, match="if it was run with --nodata or --crs, rerun with"):
+            assert not _manifest([scene], data=_reading()).check_or_write(out)  # resumes
+
+
+def test_manifest_compares_reading_as_read_not_as_spelled(tmp_path: Path, scene: Path) -> None:
+    """Both sides recording how pixels are read: the arguments' spelling (data.nodata ...)
+    and file_bands are not compared; against an identity without that record (an older
+    version's parts), the spelling is all there is, and it is compared."""
+    spelled = {"data.nodata": "0", "data.bands": "('B2', 'B3')", "band_indexes": "[(3, 2)]"}
+    plain = {"data.nodata": "None", "data.bands": "None", "band_indexes": "[(3, 2)]"}
+    assert identity_differences(plain, spelled) == []
+    older = {"data.nodata": "None", "data.bands": "None"}  # no band_indexes: before this record
+    assert identity_differences(older, spelled) == ["data.nodata", "data.bands"]
+    assert identity_differences(older, plain) == []
+    out = tmp_path / "out"
+    with OutputLock(out):
+        _manifest([scene], data=_reading(**plain)).check_or_write(out)
+        again = _manifest([scene], file_bands=["B4", "B3", "B2", "B8"], data=_reading(**spelled))
+        assert not again.check_or_write(out)  # resumed
+
+
+def test_manifest_refuses_another_jobs_output_even_with_overwrite(
+    tmp_path: Path, scene: Path
+) -> None:
+    out = tmp_path / "out"
+    with OutputLock(out):
+        _manifest([scene]).check_or_write(out)  # a folder job: scene_grid.tif, ...
+        named = _manifest([scene], outputs=["scene_grid.tif"])  # -o out/scene_grid.tif
+        for overwrite in (False, True):
+            with pytest.raises(JobMismatchError) as info:
+                own = f".scene_grid.tif{MANIFEST_NAME}"
+                named.check_or_write(out, overwrite=overwrite, name=own)
+            assert str(info.value) == (
+                f"output {out / 'scene_grid.tif'} is a result of another torchgeo-dofa embed "
+                f"job, recorded in {out / MANIFEST_NAME}: choose another -o (--overwrite "
+                "replaces only this job's own results)"
+            )
 
 
 def test_manifest_changed_input_file_is_named(tmp_path: Path, scene: Path) -> None:
@@ -300,6 +343,40 @@ def test_lock_second_job_fails_at_once_and_kill_9_leaves_no_stale_lock(tmp_path:
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+_HOLD_AND_FORK = """
+import os, sys, time
+from torchgeo_dofa.jobs import OutputLock
+OutputLock(sys.argv[1]).acquire()
+if os.fork() == 0:  # a child that outlives its parent, as a DataLoader worker does
+    time.sleep(30)
+    os._exit(0)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_kill_9_leaves_no_lock_in_forked_children(tmp_path: Path) -> None:
+    """A job's forked children (DataLoader workers) share its open lock file; they close it,
+    or a rerun right after a ``kill -9`` of the job was refused as locked while they ran."""
+    out = tmp_path / "out"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_AND_FORK, str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_child_env(),
+        start_new_session=True,  # the forked grandchild too, for the cleanup below
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+        child.kill()
+        child.wait(timeout=30)
+        with OutputLock(out):  # the grandchild still runs, without the lock
+            pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
 
 
 def test_lock_in_one_process_is_exclusive_and_reacquirable(tmp_path: Path) -> None:

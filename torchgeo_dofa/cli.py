@@ -529,7 +529,10 @@ def embed(
         )
         started = True
         with StopOnSignal() as stop, quiet_lightning():
-            fresh = manifest.check_or_write(folder, overwrite=overwrite, name=manifest_name)
+            given = [f"--{k}" for k in ("nodata", "crs") if dataset_kwargs[k] is not None]
+            fresh = manifest.check_or_write(
+                folder, overwrite=overwrite, name=manifest_name, given=given
+            )
             if _is_rank_zero():
                 count = f" x {processes}" if processes > 1 else ""
                 print(

@@ -250,8 +250,10 @@ def _passthrough(batch: Sample) -> Sample:
     return batch
 
 
-#: Dataset arguments recorded in :meth:`DOFAPredictDataModule.job_identity` even when not
-#: given (their defaults then), so that giving one on a rerun counts as a difference.
+#: Dataset arguments recorded as given in :meth:`DOFAPredictDataModule.job_identity` even
+#: when not given (their defaults then), as versions before ``reading_identity`` compared
+#: them: parts of such a version are still compared on them.
+_DATASET_SETTINGS = ("bands", "file_bands", "wavelengths", "nodata", "offset", "crs", "res")
 
 
 class DOFAPredictDataModule(GeoDataModule):
@@ -559,8 +561,9 @@ class DOFAPredictDataModule(GeoDataModule):
             pixels are read, as read rather than as spelled
             (:meth:`~torchgeo_dofa.datasets.Sentinel2Base.reading_identity`: CRS,
             resolution, resampling, no-data masking, the file band read for each band, the
-            reflectance offsets applied), then as given every dataset argument whose effect
-            that does not record (``data.time_series`` ...); the preprocessing
+            reflectance offsets applied), then every dataset argument as given (``data.nodata``,
+            ``data.time_series`` ...: see :func:`~torchgeo_dofa.writers.identity_differences`
+            for which are compared); the preprocessing
             (``preprocess``, ``input_prep``, the type of given ``transforms``); and the
             sampling (``chip_size``, ``stride``, ``roi``, ``points``, ``time``).
 
@@ -583,9 +586,11 @@ class DOFAPredictDataModule(GeoDataModule):
             "dataset_class": f"{cls.__module__}.{cls.__qualname__}",
         }
         # how the pixels are read, as read (not as spelled: nodata=0 for files declaring 0 is
-        # the same job), then the dataset arguments whose effect that does not record
+        # the same job), then every dataset argument as given: those whose effect the
+        # reading identity records are compared only with an identity that lacks it (an
+        # older version's: see PartsIdentity rules in check_parts_identity)
         identity |= dataset.reading_identity()
-        names = set(self.kwargs) - dataset.reading_arguments
+        names = {*self.kwargs, *_DATASET_SETTINGS} - {"paths", "transforms"}
         identity |= {f"data.{k}": repr(self.kwargs.get(k)) for k in sorted(names)}
         given = self.kwargs.get("transforms")
         identity |= {

@@ -647,12 +647,13 @@ class Sentinel2Base(RasterDataset):
         The wavelengths are not in it (the model's input; see :attr:`wavelengths`).
 
         Returns:
-            In this order: ``crs`` (the chips' CRS, e.g. ``EPSG:32633``), ``res`` (x, y in
-            CRS units), ``resampling``, ``nodata`` (the value(s) masked per file: the given
-            one, else the declared one, else 0), ``nodata_masking`` (per file: whether it is
-            read through a WarpedVRT and the further values masked after reading),
-            ``band_indexes`` (the file band read for each band, per scene) and ``offsets``
-            (the reflectance offsets applied, per scene).
+            In this order: ``crs`` (the chips' CRS, e.g. ``EPSG:32633``), ``bands_read``
+            (the band names, in order), ``res`` (x, y in CRS units), ``resampling``,
+            ``nodata`` (the value(s) masked per file: the given one, else the declared one,
+            else 0), ``nodata_masking`` (per file: whether it is read through a WarpedVRT
+            and the further values masked after reading), ``band_indexes`` (the file band
+            read for each band, per scene) and ``offsets`` (the reflectance offsets applied,
+            per scene).
         """
         infos = [self._infos[p] for p in sorted(self._infos)]
         primaries = sorted({self._primary_nodata(i) for i in infos}, key=repr)
@@ -660,7 +661,8 @@ class Sentinel2Base(RasterDataset):
             {(self._needs_vrt(i), tuple(sorted(self._extra_nodata(i)))) for i in infos}
         )
         return {
-            "crs": self.crs.to_string(),
+            "crs": self._dst_rio_crs.to_string(),  # as warped to: EPSG:32633 however given
+            "bands_read": ", ".join(self.bands),
             "res": repr(tuple(self._res)),
             "resampling": self.resampling.name,
             "nodata": ", ".join(str(v) for v in primaries),

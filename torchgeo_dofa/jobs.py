@@ -23,6 +23,7 @@ DDP launcher starts (``LOCAL_RANK``/``NODE_RANK`` set and non-zero) skip both.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -32,6 +33,7 @@ import shutil
 import signal
 import threading
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +49,14 @@ from shapely.geometry.base import BaseGeometry
 from .datasets import unique_region_names
 from .spatial import WGS84, PointBuffer
 from .weights import resolve_weights, sha256_file
-from .writers import atomic_write, describe_change, parts_dir, stale_temps
+from .writers import (
+    atomic_write,
+    describe_change,
+    embed_manifest_listing,
+    identity_differences,
+    parts_dir,
+    stale_temps,
+)
 
 __all__ = [
     "LARGE_JOB_CHIPS",
@@ -283,12 +292,21 @@ class JobManifest:
             if f.name == "data":
                 if a is None or b is None:  # recorded on one side only (an older version)
                     continue
-                return _first_data_difference(a, b)
+                found = _first_data_difference(a, b)
+                if found is None:  # differ only where not compared
+                    continue
+                return found
+            if f.name == "file_bands" and theirs.get("data") and mine.get("data"):
+                continue  # its effect is in data (bands read, band indexes), as read
             return f.name, a, b
         return None
 
     def check_or_write(
-        self, folder: str | os.PathLike[str], overwrite: bool = False, name: str = MANIFEST_NAME
+        self,
+        folder: str | os.PathLike[str],
+        overwrite: bool = False,
+        name: str = MANIFEST_NAME,
+        given: Sequence[str] = (),
     ) -> bool:
         """Start or resume this job in ``folder``; call it while holding :class:`OutputLock`.
 
@@ -302,7 +320,9 @@ class JobManifest:
           of unknown origin): :class:`JobMismatchError`, nothing is touched;
         * ``overwrite=True``: the previous job's outputs (from its manifest) and this job's
           output names are deleted with their parts and temporaries, then the manifest is
-          written: the job starts afresh.
+          written: the job starts afresh;
+        * an output listed by another job's manifest in the folder (``-o DIR`` beside
+          ``-o DIR/NAME.tif``): :class:`JobMismatchError`, also with ``overwrite``.
 
         Only the launching process acts (:func:`is_launcher`); DDP workers return at once.
 
@@ -311,6 +331,9 @@ class JobManifest:
             overwrite: replace the previous job's outputs instead of refusing.
             name: the manifest's file name (one per job: a folder holds one job, an output
                 named by the user, ``-o NAME.tif``, has ``.NAME.tif.torchgeo-dofa-job.json``).
+            given: the reading options this job was given (``--nodata``, ``--crs``): a
+                manifest of an older version, without :attr:`data`, cannot show they are the
+                same, so the job is refused (without any, it resumes with a warning).
 
         Returns:
             True when the manifest was written (a new job, or ``overwrite``); False when the
@@ -329,6 +352,14 @@ class JobManifest:
                 f"JobManifest.check_or_write({str(folder)!r}) must run inside OutputLock(folder)"
             )
         path = folder / name
+        for output in self.outputs:  # another embed job's file (a -o NAME.tif job beside it)
+            owner = embed_manifest_listing(folder, output, skip=name)
+            if owner is not None:
+                raise JobMismatchError(
+                    f"output {folder / output} is a result of another torchgeo-dofa embed "
+                    f"job, recorded in {owner}: choose another -o (--overwrite replaces only "
+                    "this job's own results)"
+                )
         previous: JobManifest | None = None
         problem = ""
         if path.exists():
@@ -342,7 +373,22 @@ class JobManifest:
                 _remove_output(folder / name)
         elif previous is not None:
             diff = self.first_difference(previous)
+            if diff is None and previous.data is None and given:
+                raise JobMismatchError(
+                    f"output folder {folder} holds the results of an older torchgeo-dofa job, "
+                    f"whose manifest does not record how pixels were read ({', '.join(given)}"
+                    " cannot be checked): rerun with --overwrite to compute them with these "
+                    "settings, or choose another -o"
+                )
             if diff is None:
+                if previous.data is None:
+                    warnings.warn(
+                        f"output folder {folder} holds the results of an older torchgeo-dofa "
+                        "job, whose manifest does not record how pixels were read: if it was "
+                        "run with --nodata or --crs, rerun with --overwrite",
+                        UserWarning,
+                        stacklevel=2,
+                    )
                 for name in self.outputs:
                     _clean_resumed(folder / name)
                 return False
@@ -379,17 +425,21 @@ def _first_input_difference(before: list[dict[str, Any]], now: list[dict[str, An
 
 def _first_data_difference(
     before: dict[str, dict[str, str]], now: dict[str, dict[str, str]]
-) -> tuple[str, Any, Any]:
-    """The first reading setting that differs, as ``(name, before, now)``."""
-    for region in sorted(set(before) | set(now)):
-        old, new = before.get(region, {}), now.get(region, {})
-        for key in [*new, *(k for k in old if k not in new)]:  # the identity's order
-            if old.get(key, "absent") != new.get(key, "absent"):
-                name = key.removeprefix("data.")  # an embed option's name: --nodata
-                if len(before | now) > 1:
-                    name += f" of {region}"
-                return f"data:{name}", old.get(key, "absent"), new.get(key, "absent")
-    return "data", before, now  # pragma: no cover - equal dicts compare equal
+) -> tuple[str, Any, Any] | None:
+    """The first reading setting that differs, as ``("data:<name>", before, now)``.
+
+    Compared as the parts identity is (:func:`~torchgeo_dofa.writers.identity_differences`):
+    a setting recorded on one side only is not compared, nor the spelling of an argument
+    whose effect both sides record as read.
+    """
+    for region in sorted(set(before) & set(now)):  # other regions: other outputs, named first
+        old, new = before[region], now[region]
+        for key in identity_differences(old, new)[:1]:
+            name = key.removeprefix("data.")  # an embed option's name: --nodata
+            if len(before | now) > 1:
+                name += f" of {region}"
+            return f"data:{name}", old[key], new[key]
+    return None
 
 
 def data_identity(identity: Mapping[str, str]) -> dict[str, str]:
@@ -532,6 +582,8 @@ class OutputLock:
     """
 
     _held: ClassVar[set[Path]] = set()
+    #: Locks this process holds (for :func:`_forget_locks_in_child`).
+    _holders: ClassVar[set[OutputLock]] = set()
 
     def __init__(self, folder: str | os.PathLike[str], fix: str = "use another -o") -> None:
         """Create the lock (not yet acquired).
@@ -580,6 +632,7 @@ class OutputLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         OutputLock._held.add(self.folder.resolve())
+        OutputLock._holders.add(self)
 
     def release(self, remove: bool = False) -> None:
         """Release the lock (idempotent).
@@ -591,6 +644,7 @@ class OutputLock:
         if self._fd is None:
             return
         OutputLock._held.discard(self.folder.resolve())
+        OutputLock._holders.discard(self)
         try:
             if remove:
                 self.path.unlink(missing_ok=True)
@@ -612,6 +666,25 @@ class OutputLock:
     ) -> None:
         """Release the lock."""
         self.release()
+
+
+def _forget_locks_in_child() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock files.
+
+    ``flock`` belongs to the open file, which a fork shares: a worker keeping it would hold
+    the lock after its job was killed (``kill -9`` leaves the workers running a moment), and
+    the rerun would be refused as locked. The child never held the lock itself.
+    """
+    for lock in OutputLock._holders:
+        if lock._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(lock._fd)
+            lock._fd = None
+    OutputLock._holders.clear()
+    OutputLock._held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 def _same_file(fd: int, path: Path) -> bool:

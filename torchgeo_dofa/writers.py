@@ -61,7 +61,9 @@ __all__ = [
     "PartsMismatchError",
     "PooledWriter",
     "atomic_write",
+    "embed_manifest_listing",
     "fsync_dir",
+    "identity_differences",
     "parts_dir",
     "stale_temps",
     "temp_path",
@@ -580,7 +582,7 @@ class _PartsWriter(BasePredictionWriter):
         # would look like another job's); inside embed, its manifest lists this very output
         inside_embed = folder in OutputLock._held and folder not in self._folder_locks
         if is_launcher() and not inside_embed:
-            manifest = _embed_manifest_listing(folder, path.name)
+            manifest = embed_manifest_listing(folder, path.name)
             if manifest is not None:
                 raise OutputPathError(
                     f"output {path} is a result of the torchgeo-dofa embed job recorded in "
@@ -673,14 +675,13 @@ class _PartsWriter(BasePredictionWriter):
                 f"{path} is unreadable ({err}): if the chips in {self.parts.name} are this "
                 "job's, delete that file to keep them; else delete the folder to start afresh"
             ) from None
-        for key, value in self._job.items():  # a setting another version does not record
-            if key in stored and stored[key] != value:  # is no evidence of another job
-                raise PartsMismatchError(
-                    f"{self.parts} holds the chips of another job "
-                    f"({describe_change(key, stored[key], value, 80)}): delete it (and the "
-                    ".parts folders of the job's other outputs beside it) to start afresh, "
-                    "or write to another path"
-                )
+        for key in identity_differences(stored, self._job)[:1]:
+            raise PartsMismatchError(
+                f"{self.parts} holds the chips of another job "
+                f"({describe_change(key, stored[key], self._job[key], 80)}): delete it (and "
+                "the .parts folders of the job's other outputs beside it) to start afresh, "
+                "or write to another path"
+            )
 
     def _write_identity(self, trainer: pl.Trainer) -> None:
         """Record the job's identity beside its first parts (rank 0, once per run)."""
@@ -776,17 +777,56 @@ class _PartsWriter(BasePredictionWriter):
         )
 
 
-def _embed_manifest_listing(folder: Path, name: str) -> Path | None:
+def identity_differences(stored: Mapping[str, str], now: Mapping[str, str]) -> list[str]:
+    """The settings in which a job's identity differs from a stored one, in ``now``'s order.
+
+    A setting recorded on one side only (another package version) is no evidence of another
+    job and is not compared. Dataset arguments as given (``data.nodata``, ``data.crs`` ...)
+    whose effect the reading identity records as read (``nodata``, ``crs``, ``band_indexes``
+    ...; :meth:`~torchgeo_dofa.datasets.Sentinel2Base.reading_identity`) are compared only
+    when one side lacks that record (an identity written before it existed): then the
+    spelling is all there is to compare, and ``nodata=0`` for a file declaring 0 is refused
+    as the earlier version refused it, rather than a changed nodata being taken as the same.
+
+    Args:
+        stored: the identity recorded beside the parts (or in a manifest).
+        now: this job's identity.
+
+    Returns:
+        The keys of ``now`` whose values differ.
+    """
+    from .datasets import Sentinel2Base
+
+    as_read = "band_indexes" in stored and "band_indexes" in now
+    covered = {f"data.{k}" for k in Sentinel2Base.reading_arguments} if as_read else set()
+    return [
+        key
+        for key, value in now.items()
+        if key in stored and key not in covered and stored[key] != value
+    ]
+
+
+def embed_manifest_listing(folder: Path, name: str, skip: str = "") -> Path | None:
     """The embed job manifest in ``folder`` that lists the output ``name``, if any.
 
     A folder job's manifest (``.torchgeo-dofa-job.json``) and that of a job writing named
     files (``.NAME.tif.torchgeo-dofa-job.json``, which also lists the sibling
     ``NAME.parquet``) list their outputs. An unreadable manifest counts as listing it (the
     embed job refuses such a folder too).
+
+    Args:
+        folder: the output folder.
+        name: the output's file name.
+        skip: a manifest's file name not to look at (the asking job's own).
+
+    Returns:
+        The manifest's path, or None.
     """
     from .jobs import MANIFEST_NAME
 
     for manifest in sorted(folder.glob(f"*{MANIFEST_NAME}")):
+        if manifest.name == skip:
+            continue
         try:
             outputs = json.loads(manifest.read_text()).get("outputs", [])
         except (OSError, ValueError, AttributeError):
