@@ -280,8 +280,13 @@ def test_job_identity_names_what_the_chips_depend_on(tmp_path) -> None:
     ]
     # how pixels are read, as read: another spelling of the same reading is the same job
     assert base["nodata"] == "0.0" and base["crs"] == "EPSG:32633"
+    from torchgeo_dofa.writers import identity_differences
+
     for same in ({"nodata": 0}, {"crs": "EPSG:32633"}, {"bands": ("B2", "B3", "B4", "B8")}):
-        assert identity(**same) == base, same
+        spelled = identity(**same)
+        assert identity_differences(base, spelled) == [], same  # as the writers compare it
+        assert spelled != base  # the spelling is kept, for identities without the record
+    assert identity_differences(base, identity(nodata=3000)) == ["nodata", "nodata_masking"]
     assert identity(nodata=3000)["nodata"] == "3000.0"
     assert identity(crs="EPSG:3857")["crs"] == "EPSG:3857"
     assert identity(bands=["B4", "B3", "B2"])["band_indexes"] == "[(1, 2, 3)]"
