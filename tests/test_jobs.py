@@ -317,16 +317,23 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
-def test_lock_second_job_fails_at_once_and_kill_9_leaves_no_stale_lock(tmp_path: Path) -> None:
-    out = tmp_path / "out"
+def _lock_holder(script: str, out: Path, **popen: Any) -> subprocess.Popen[str]:
+    """Start a process running ``script``, and wait until it says it holds ``out``'s lock."""
     child = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(out)],
+        [sys.executable, "-c", script, str(out)],
         stdout=subprocess.PIPE,
         text=True,
         env=_child_env(),
+        **popen,
     )
+    assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+    return child
+
+
+def test_lock_second_job_fails_at_once_and_kill_9_leaves_no_stale_lock(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    child = _lock_holder(_HOLD, out)
     try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
         start = time.perf_counter()
         with pytest.raises(JobLockedError) as info:
             OutputLock(out).acquire()
@@ -361,15 +368,9 @@ def test_kill_9_leaves_no_lock_in_forked_children(tmp_path: Path) -> None:
     """A job's forked children (DataLoader workers) share its open lock file; they close it,
     or a rerun right after a ``kill -9`` of the job was refused as locked while they ran."""
     out = tmp_path / "out"
-    child = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_AND_FORK, str(out)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=_child_env(),
-        start_new_session=True,  # the forked grandchild too, for the cleanup below
-    )
+    # a session of its own: the forked grandchild is killed with it below
+    child = _lock_holder(_HOLD_AND_FORK, out, start_new_session=True)
     try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
         child.kill()
         child.wait(timeout=30)
         with OutputLock(out):  # the grandchild still runs, without the lock
