@@ -282,11 +282,22 @@ def test_job_identity_names_what_the_chips_depend_on(tmp_path) -> None:
     assert base["nodata"] == "0.0" and base["crs"] == "EPSG:32633"
     from torchgeo_dofa.writers import identity_differences
 
-    for same in ({"nodata": 0}, {"crs": "EPSG:32633"}, {"bands": ("B2", "B3", "B4", "B8")}):
+    utm33 = "+proj=utm +zone=33 +datum=WGS84 +units=m +no_defs"
+    for same in (
+        {"nodata": 0},
+        {"crs": "EPSG:32633"},
+        {"crs": utm33},
+        {"bands": ("B2", "B3", "B4", "B8")},
+    ):
         spelled = identity(**same)
         assert identity_differences(base, spelled) == [], same  # as the writers compare it
         assert spelled != base  # the spelling is kept, for identities without the record
     assert identity_differences(base, identity(nodata=3000)) == ["nodata", "nodata_masking"]
+    # one CRS however spelled, in the output grid too (its WKT is in the parts' identity)
+    dm = DOFAPredictDataModule(paths=str(scene), preprocess=True, crs=utm33)
+    dm.setup("predict")
+    assert dm.grid_geometry().crs.to_epsg() == 32633
+    assert 'AUTHORITY["EPSG","32633"]' in dm.grid_geometry().crs.to_wkt()
     assert identity(nodata=3000)["nodata"] == "3000.0"
     assert identity(crs="EPSG:3857")["crs"] == "EPSG:3857"
     assert identity(bands=["B4", "B3", "B2"])["band_indexes"] == "[(1, 2, 3)]"

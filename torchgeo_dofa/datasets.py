@@ -564,6 +564,8 @@ class Sentinel2Base(RasterDataset):
                 "string or WKT"
             ) from None
         epsg = dst_crs.to_epsg()
+        if epsg:  # one CRS however spelled (a PROJ string of UTM 33N is EPSG:32633): the index,
+            dst_crs = CRS.from_epsg(epsg)  # the chips, the outputs and a resumed job agree
         self._dst_rio_crs = RIO_CRS.from_epsg(epsg) if epsg else RIO_CRS.from_wkt(dst_crs.to_wkt())
         grids = {
             path: self._grid(infos[path], self._dst_rio_crs)
