@@ -388,6 +388,27 @@ def test_lock_in_one_process_is_exclusive_and_reacquirable(tmp_path: Path) -> No
         pass
 
 
+def test_lock_removes_only_the_empty_folders_it_created(tmp_path: Path) -> None:
+    # a refused job leaves no trace: the folders taking the lock created go when left empty,
+    # deepest first; a folder that existed, or that another job wrote into, stays
+    (tmp_path / "a").mkdir()
+    lock = OutputLock(tmp_path / "a" / "b" / "c")
+    lock.acquire()
+    assert lock.created == [tmp_path / "a" / "b" / "c", tmp_path / "a" / "b"]
+    (tmp_path / "a" / "b" / "other.txt").write_text("another job's file")
+    lock.release(remove=True)
+    assert not (tmp_path / "a" / "b" / "c").exists() and (tmp_path / "a" / "b").is_dir()
+    first = OutputLock(tmp_path / "x" / "y")
+    first.acquire()
+    first.release()  # a job that wrote keeps its folders and lock file
+    assert (tmp_path / "x" / "y" / LOCK_NAME).is_file()
+    second = OutputLock(tmp_path / "x" / "y")
+    second.acquire()
+    assert second.created == []
+    second.release(remove=True)  # refused: its lock file goes, the folders it found stay
+    assert (tmp_path / "x" / "y").is_dir() and not (tmp_path / "x" / "y" / LOCK_NAME).exists()
+
+
 def test_lock_file_removed_by_its_holder_lets_in_one_job_at_a_time(tmp_path: Path) -> None:
     # processes that take the lock, check nobody else is inside, and leave removing the lock
     # file (as a refused job does): locking a file that was just removed must not count

@@ -472,7 +472,6 @@ def embed(
     manifest_name = f".{out.name}{MANIFEST_NAME}" if file_mode else MANIFEST_NAME
     # the lock first, so a second job on the folder fails before loading anything; a job
     # refused during validation leaves no folder behind
-    created = [d for d in (folder, *folder.parents) if not d.exists()]
     lock = OutputLock(folder)
     lock.acquire()
     started = fresh = failed = False
@@ -612,11 +611,7 @@ def embed(
         unused = not started or (fresh and failed and not any(q.exists() for q in written))
         if unused and started:
             (folder / manifest_name).unlink(missing_ok=True)
-        lock.release(remove=unused)
-        if unused:
-            for d in created:  # deepest first, only if the refused job left it empty
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+        lock.release(remove=unused)  # with the folders it created, left empty
         _free_the_job()
     summary.seconds = time.perf_counter() - start
     return summary

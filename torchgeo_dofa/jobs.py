@@ -575,6 +575,10 @@ class OutputLock:
     (``release(remove=True)``, a job refused before writing) cannot let two others in. In a
     DDP worker started by Lightning (:func:`is_launcher` is False) it does nothing.
 
+    Taking the lock creates the folder (and missing parents) when needed; those folders are
+    recorded, and ``release(remove=True)`` removes them again, deepest first, where they are
+    left empty, so a job refused before writing anything leaves no trace.
+
     Example:
         >>> with OutputLock("out/"):  # doctest: +SKIP
         ...     manifest.check_or_write("out/", overwrite=False)
@@ -595,6 +599,8 @@ class OutputLock:
         self.folder = Path(folder)
         self.fix = fix
         self._fd: int | None = None
+        #: Folders that acquiring created, deepest first.
+        self.created: list[Path] = []
 
     @property
     def path(self) -> Path:
@@ -609,6 +615,7 @@ class OutputLock:
         """
         if not is_launcher():
             return
+        created = [d for d in (self.folder, *self.folder.parents) if not d.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -631,6 +638,7 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        self.created = created
         OutputLock._held.add(self.folder.resolve())
         OutputLock._holders.add(self)
 
@@ -639,7 +647,8 @@ class OutputLock:
 
         Args:
             remove: also delete the lock file, while still holding the lock (for a job that
-                leaves nothing else behind; a job waiting on the old file takes a new one).
+                leaves nothing else behind; a job waiting on the old file takes a new one),
+                then the folders that acquiring created, deepest first, while empty.
         """
         if self._fd is None:
             return
@@ -652,6 +661,11 @@ class OutputLock:
         finally:
             os.close(self._fd)
             self._fd = None
+        if remove:
+            for d in self.created:  # only while empty: another job may have written there
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        self.created = []
 
     def __enter__(self) -> Self:
         """Acquire the lock."""

@@ -537,10 +537,9 @@ class _PartsWriter(BasePredictionWriter):
         self._assembled = self._failed = False
         self._claim_output(inputs)
 
-    #: Output folders locked by this process's writers: the lock, how many writers use it
-    #: (a job's grid and table usually share a folder; the last one done releases it) and
-    #: the folders that taking it created (removed again if the job leaves them empty).
-    _folder_locks: ClassVar[dict[Path, tuple[OutputLock, int, list[Path]]]] = {}
+    #: Output folders locked by this process's writers: the lock and how many writers use it
+    #: (a job's grid and table usually share a folder; the last one done releases it).
+    _folder_locks: ClassVar[dict[Path, tuple[OutputLock, int]]] = {}
     #: Output paths of this process's writers between setup and teardown.
     _claimed_paths: ClassVar[set[Path]] = set()
 
@@ -594,19 +593,18 @@ class _PartsWriter(BasePredictionWriter):
         if not is_launcher():  # a DDP worker: the launching process holds the lock
             return
         if folder in self._folder_locks:  # another writer of this job took it
-            lock, users, created = self._folder_locks[folder]
-            self._folder_locks[folder] = (lock, users + 1, created)
+            lock, users = self._folder_locks[folder]
+            self._folder_locks[folder] = (lock, users + 1)
             self._lock = lock
         elif folder not in OutputLock._held:  # else an embed job holds it for its whole run
             lock = OutputLock(folder, fix="write to another path")
-            created = [d for d in (folder, *folder.parents) if not d.exists()]
             try:
                 lock.acquire()
             except OSError as err:
                 raise OutputPathError(
                     f"cannot write in {path.parent}: {err.strerror or err}"
                 ) from None
-            self._folder_locks[folder] = (lock, 1, created)
+            self._folder_locks[folder] = (lock, 1)
             self._lock = lock
         for tmp in stale_temps(path):  # the lock is held: no running job's temporaries
             tmp.unlink(missing_ok=True)
@@ -624,20 +622,16 @@ class _PartsWriter(BasePredictionWriter):
         if self._lock is None:
             return
         folder = self._lock.folder.resolve()
-        lock, users, created = self._folder_locks.pop(folder, (self._lock, 1, []))
+        lock, users = self._folder_locks.pop(folder, (self._lock, 1))
         self._lock = None
         if users > 1:
-            self._folder_locks[folder] = (lock, users - 1, created)
+            self._folder_locks[folder] = (lock, users - 1)
             return
         try:
             unused = [p.name for p in folder.iterdir()] == [lock.path.name]
         except OSError:
             unused = False
-        lock.release(remove=unused)
-        if unused:
-            for d in created:  # deepest first, only while empty
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+        lock.release(remove=unused)  # with the folders it created, left empty
 
     def check_parts_identity(self, trainer: pl.Trainer, extra: Mapping[str, str]) -> None:
         """Refuse parts of another job (called at setup, before anything is written).
