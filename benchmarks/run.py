@@ -642,7 +642,16 @@ def cli_rows(s: Settings, report: Report, tmp: Path) -> None:
     workers = default_num_workers()
     for prec in ("32", "bf16"):
         batch = default_batch_size("cpu", prec)
-        if s.cli_batches and not (slow and prec != "32"):
+        if slow and prec != "32":
+            # emulated bf16 runs ~7x slower than fp32 (64 chips: 2.5 min a run on the AVX2
+            # CPU) and is not this CPU's default: the bf16 target is for native bf16
+            report.rows.append(
+                Row("end-to-end", "CLI embed marginal per chip", "bf16", batch, math.nan,
+                    "chips/s", "TorchGeo fp32 img/s (same run)",
+                    note="not run: bf16 is emulated on this CPU (its default precision is fp32)")
+            )  # fmt: skip
+            continue
+        if s.cli_batches:
             side = max(side, math.ceil(math.sqrt(s.cli_batches * batch)))
             if side * side != big:
                 big = side * side
@@ -682,7 +691,6 @@ def cli_rows(s: Settings, report: Report, tmp: Path) -> None:
             f"worker(s); TorchGeo fp32 at its best batch ({ref_batch}); from the CLI's own "
             f"'embedded N chips in X s' (Python's imports left out, their noise too): "
             f"{1 / job_marginal:.2f} chips/s"
-            + ("; bf16 emulated on this CPU" if slow and prec != "32" else "")
         )
         report.checks[f"cli_marginal_{label}_chips_per_s"] = 1 / marginal
         report.checks[f"cli_one_chip_{label}_s"] = times[1]
@@ -727,6 +735,14 @@ def targets(report: Report) -> list[str]:
         r for r in enc if r.what == "base ours" and r.precision == "bf16" and r.value == r.value
     ]
     fallback = [r for r in enc if r.what == "base ours, cpu_bf16_fallback"]
+    if report.checks.get("slow_cpu_bf16"):
+        # the bf16 targets are for CPUs with native bf16; here bf16 is emulated and fp32 is
+        # the default precision (its rows stay in the table for reference)
+        out.append(
+            "(not applicable) bf16 targets (MFU, 2.5x / 4x TorchGeo fp32): bf16 is emulated "
+            "on this CPU, where the default precision is fp32"
+        )
+        real, fallback = [], []
     if real:
         r = real[-1]
         line = (
@@ -754,6 +770,8 @@ def targets(report: Report) -> list[str]:
             if r.precision != "bf16":  # the 4x target is bf16's; fp32 is for reference
                 out.append(f"(no target) CLI marginal fp32 / TorchGeo fp32 img/s: {numbers}")
                 continue
+            if r.value != r.value:  # not run (emulated bf16): said above
+                continue
             verdict = (
                 "MET" if r.ratio >= 4 else "PARTLY MET (>= 2.5x)" if r.ratio >= 2.5 else ("NOT MET")
             )
@@ -773,8 +791,15 @@ def targets(report: Report) -> list[str]:
             # other load than the job; the loop's own compute share cannot, so the verdict
             # takes the lower of the two
             share = run["steady_chips_per_s"] / run["compute_chips_per_s"]
+            emulated = r.precision == "bf16" and report.checks.get("slow_cpu_bf16")
             out.append(
-                ("MET: " if min(r.ratio, share) >= 0.9 else "NOT MET: ")
+                (
+                    "(no target: bf16 emulated) "
+                    if emulated
+                    else "MET: "
+                    if min(r.ratio, share) >= 0.9
+                    else "NOT MET: "
+                )
                 + f"end to end >= 90% of encoder-only ({r.what}, {r.precision}, batch "
                 f"{r.batch}): {r.ratio:.0%} of encoder-only timed around the job; "
                 f"{share:.0%} of the job's own predict_step throughput"
