@@ -616,7 +616,7 @@ def worker_rows(report: Report, paths: list[Path], inside: Callable[[Any], list[
 
 
 def cli_rows(s: Settings, report: Report, tmp: Path) -> None:
-    """End-to-end marginal cost per chip through the CLI, for fp32 and bf16.
+    """End-to-end marginal cost per chip through the CLI, for fp32 and (where native) bf16.
 
     ``torchgeo-dofa embed`` runs in a subprocess (random weights, grid output, CPU) on a
     generated GeoTIFF of 1 chip and on one of N chips (the demo scene mirror-tiled,
