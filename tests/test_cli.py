@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -217,6 +218,74 @@ def test_sigterm_to_a_ddp_config_run_stops_every_process(tmp_path, base_checkpoi
     ]  # once for the job, not once per process
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "g.tif").exists() and (tmp_path / "g.tif.parts").is_dir()
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG, /proc")
+def test_kill_9_of_a_ddp_launcher_ends_its_workers_at_once(tmp_path, base_checkpoint) -> None:
+    """``kill -9`` of the process that launched a DDP job ends its workers with it (a worker
+    used to embed and write parts on for ~10 s, until a collective call timed out, into a
+    folder whose lock had died with the launcher)."""
+    scene = tmp_path / "wide.tif"
+    with rasterio.open(SCENE) as src:
+        data, profile, names = src.read(), src.profile, src.descriptions
+    tiled = np.concatenate([data, data[:, :, ::-1], data], axis=2)  # 18 chips
+    profile |= {"width": tiled.shape[2]}
+    with rasterio.open(scene, "w", **profile) as dst:
+        dst.write(tiled)
+        dst.descriptions = names
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(scene), "-o", str(out),
+        "--weights", str(base_checkpoint), "--output", "grid", "--strategy", "ddp",
+        "--devices", "2", "--device", "cpu", "--num-workers", "0", "--batch-size", "1",
+        "--precision", "32", "--no-progress",
+    ]  # fmt: skip
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = out / "wide_grid.tif.parts"
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and launcher.poll() is None:
+            workers = workers or _children(launcher.pid)
+            if workers and len(list(parts.glob("*.npy"))) >= 2:  # both ranks are embedding
+                break
+            time.sleep(0.05)
+        assert workers and launcher.poll() is None, "the job ended before it was killed"
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 5
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(w) for w in workers), "a DDP worker outlived its launcher"
+        written = sorted(p.name for p in parts.glob("*.npy"))
+        time.sleep(1.0)
+        assert sorted(p.name for p in parts.glob("*.npy")) == written  # nobody writes on
+        assert not (out / "wide_grid.tif").exists()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for w in filter(_alive, workers):
+            with contextlib.suppress(OSError):
+                os.kill(w, signal.SIGKILL)
 
 
 def _usable_memory() -> int:

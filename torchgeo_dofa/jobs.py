@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import uuid
 import warnings
@@ -144,6 +145,32 @@ def is_launcher() -> bool:
         False when ``LOCAL_RANK`` or ``NODE_RANK`` is set and not ``0``.
     """
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def die_with_launcher() -> None:
+    """In a DDP worker Lightning started on this machine: die when the launching process dies.
+
+    Asks Linux (``prctl(PR_SET_PDEATHSIG, SIGKILL)``) to kill this process the moment its
+    parent, the launcher, ends. Without it, a launcher killed with ``kill -9`` left its
+    workers embedding and writing parts for ~10 s, until a collective call timed out, into a
+    folder whose lock had died with the launcher: a rerun started meanwhile (``--overwrite``
+    included) could have found their parts. Parts are written atomically, so a worker killed
+    this way leaves at most a temporary file, which the next run removes. Called at the
+    writers' setup; a no-op in the launcher (``LOCAL_RANK`` unset or ``0``) and off Linux.
+    A launcher that died before this call is not noticed (its worker runs on until the
+    collective timeout, as before).
+    """
+    if os.environ.get("LOCAL_RANK", "0") == "0" or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not allowed here (a seccomp profile): the collective timeout still ends it
+    if os.getppid() != parent:  # the launcher died while the request was made
+        os._exit(1)
 
 
 @dataclass(frozen=True)

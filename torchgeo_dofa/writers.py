@@ -563,7 +563,7 @@ class _PartsWriter(BasePredictionWriter):
                 embed job's result, or a folder that cannot be made or written.
             JobLockedError: when another job holds the folder's lock (exit status 75).
         """
-        from .jobs import OutputLock, is_launcher
+        from .jobs import OutputLock, die_with_launcher, is_launcher
 
         path, resolved = self.path, self.path.resolve()
         if path.is_dir():
@@ -591,6 +591,7 @@ class _PartsWriter(BasePredictionWriter):
         self._claimed_paths.add(resolved)
         self._claimed = resolved
         if not is_launcher():  # a DDP worker: the launching process holds the lock
+            die_with_launcher()  # and a worker must not write on once the lock is gone
             return
         if folder in self._folder_locks:  # another writer of this job took it
             lock, users = self._folder_locks[folder]
