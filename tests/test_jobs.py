@@ -407,6 +407,18 @@ def test_lock_removes_only_the_empty_folders_it_created(tmp_path: Path) -> None:
     assert second.created == []
     second.release(remove=True)  # refused: its lock file goes, the folders it found stay
     assert (tmp_path / "x" / "y").is_dir() and not (tmp_path / "x" / "y" / LOCK_NAME).exists()
+    # two locks in new folders under one new parent, released in either order: all go
+    for order in (1, -1):
+        locks = [OutputLock(tmp_path / "new" / "grid"), OutputLock(tmp_path / "new" / "table")]
+        for lock in locks:
+            lock.acquire()
+        for lock in locks[::order]:
+            lock.release(remove=True)
+        assert not (tmp_path / "new").exists()
+    # a folder that can be made only partly (a name longer than NAME_MAX): nothing is left
+    with pytest.raises(OSError, match="too long"):
+        OutputLock(tmp_path / "p1" / "p2" / ("n" * 300) / "out").acquire()
+    assert not (tmp_path / "p1").exists()
 
 
 def test_lock_file_removed_by_its_holder_lets_in_one_job_at_a_time(tmp_path: Path) -> None:

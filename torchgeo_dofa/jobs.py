@@ -604,7 +604,10 @@ class OutputLock:
 
     Taking the lock creates the folder (and missing parents) when needed; those folders are
     recorded, and ``release(remove=True)`` removes them again, deepest first, where they are
-    left empty, so a job refused before writing anything leaves no trace.
+    left empty, so a job refused before writing anything leaves no trace. A folder that still
+    holds another lock's new folder of the same process (a grid and a table in two new
+    folders under one new parent) goes when that lock is released too, and a failed
+    acquisition (a name too long, a read-only parent) removes what it made.
 
     Example:
         >>> with OutputLock("out/"):  # doctest: +SKIP
@@ -615,6 +618,8 @@ class OutputLock:
     _held: ClassVar[set[Path]] = set()
     #: Locks this process holds (for :func:`_forget_locks_in_child`).
     _holders: ClassVar[set[OutputLock]] = set()
+    #: Folders released locks created and could not remove yet (not empty then).
+    _unremoved: ClassVar[list[Path]] = []
 
     def __init__(self, folder: str | os.PathLike[str], fix: str = "use another -o") -> None:
         """Create the lock (not yet acquired).
@@ -643,13 +648,31 @@ class OutputLock:
         if not is_launcher():
             return
         created = [d for d in (self.folder, *self.folder.parents) if not d.exists()]
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = self._lock_file()
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:  # refused, or a folder only partly made: leave none of it
+            _remove_empty(created)
+            raise
+        self._fd = fd
+        self.created = created
+        OutputLock._held.add(self.folder.resolve())
+        OutputLock._holders.add(self)
+
+    def _lock_file(self) -> int:
+        """Open and ``flock`` the lock file; the locked descriptor."""
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 if _same_file(fd, self.path):
-                    break
+                    return fd
             except BlockingIOError:
                 pid = os.read(fd, 64).decode(errors="replace").strip()
                 os.close(fd)
@@ -662,12 +685,6 @@ class OutputLock:
                 os.close(fd)
                 raise
             os.close(fd)  # the file was removed (or replaced) while we locked it: again
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        self.created = created
-        OutputLock._held.add(self.folder.resolve())
-        OutputLock._holders.add(self)
 
     def release(self, remove: bool = False) -> None:
         """Release the lock (idempotent).
@@ -688,10 +705,14 @@ class OutputLock:
         finally:
             os.close(self._fd)
             self._fd = None
-        if remove:
-            for d in self.created:  # only while empty: another job may have written there
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+        if remove:  # only while empty: another job may have written there
+            # a folder this lock made may still hold another lock's folder of the same job
+            # (a grid and a table in two new folders under one new parent): retried as the
+            # other locks let go, until this process holds none
+            left = OutputLock._unremoved + _remove_empty(self.created)
+            OutputLock._unremoved = _remove_empty(sorted(left, key=lambda d: -len(d.parts)))
+        if not OutputLock._holders:
+            OutputLock._unremoved = []
         self.created = []
 
     def __enter__(self) -> Self:
@@ -723,6 +744,20 @@ def _forget_locks_in_child() -> None:
             lock._fd = None
     OutputLock._holders.clear()
     OutputLock._held.clear()
+    OutputLock._unremoved = []
+
+
+def _remove_empty(folders: Iterable[Path]) -> list[Path]:
+    """Remove each folder, in the order given, if it is empty; those still there."""
+    left = []
+    for d in folders:
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            left.append(d)
+    return left
 
 
 os.register_at_fork(after_in_child=_forget_locks_in_child)
