@@ -415,10 +415,55 @@ def test_lock_removes_only_the_empty_folders_it_created(tmp_path: Path) -> None:
         for lock in locks[::order]:
             lock.release(remove=True)
         assert not (tmp_path / "new").exists()
+    # a folder made again by someone else since (same path, another folder) stays
+    lock = OutputLock(tmp_path / "u" / "v")
+    lock.acquire()
+    (tmp_path / "u").rename(tmp_path / "moved")
+    (tmp_path / "u" / "v").mkdir(parents=True)
+    lock.release(remove=True)
+    assert (tmp_path / "u" / "v").is_dir()  # (the moved one keeps its lock file: not ours)
+    # a relative folder is the one meant when the lock was taken, whatever the cwd since
+    (tmp_path / "w1").mkdir()
+    (tmp_path / "w2" / "R").mkdir(parents=True)
+    with contextlib.chdir(tmp_path / "w1"):
+        lock = OutputLock(Path("R") / "a")
+        lock.acquire()
+    with contextlib.chdir(tmp_path / "w2"):
+        lock.release(remove=True)
+    assert not (tmp_path / "w1" / "R").exists() and (tmp_path / "w2" / "R").is_dir()
     # a folder that can be made only partly (a name longer than NAME_MAX): nothing is left
     with pytest.raises(OSError, match="too long"):
         OutputLock(tmp_path / "p1" / "p2" / ("n" * 300) / "out").acquire()
     assert not (tmp_path / "p1").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG")
+def test_a_ddp_worker_dies_with_its_launcher_only_during_the_job() -> None:
+    # the request is made at the writers' setup and withdrawn at their teardown; a worker
+    # whose recorded launcher is gone when it asks exits at once
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    script = f"""
+import ctypes, os
+from torchgeo_dofa.jobs import LAUNCHER_PID_VARIABLE, die_with_launcher
+libc = ctypes.CDLL(None, use_errno=True)
+def asked():
+    sig = ctypes.c_int(-1)
+    libc.prctl(2, ctypes.byref(sig), 0, 0, 0)  # PR_GET_PDEATHSIG
+    return sig.value
+die_with_launcher()
+print(asked(), end=" ")
+die_with_launcher(enable=False)
+print(asked(), flush=True)
+os.environ[LAUNCHER_PID_VARIABLE] = "{gone.pid}"
+die_with_launcher()
+print("not reached")
+"""
+    env = _child_env() | {"LOCAL_RANK": "1", "TORCHGEO_DOFA_LAUNCHER_PID": str(os.getpid())}
+    child = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert (child.returncode, child.stdout) == (1, f"{int(signal.SIGKILL)} 0\n"), child.stderr
 
 
 def test_lock_file_removed_by_its_holder_lets_in_one_job_at_a_time(tmp_path: Path) -> None:

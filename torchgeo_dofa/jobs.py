@@ -147,7 +147,21 @@ def is_launcher() -> bool:
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
-def die_with_launcher() -> None:
+#: Environment variable holding the launching process's pid, for its DDP workers.
+LAUNCHER_PID_VARIABLE = "TORCHGEO_DOFA_LAUNCHER_PID"
+
+
+def mark_launcher() -> None:
+    """In the launching process: record its pid for the DDP workers it will start.
+
+    Called when a writer is made (before ``Trainer.predict`` starts the workers, which
+    inherit the environment); see :func:`die_with_launcher`. A no-op in a worker.
+    """
+    if is_launcher():
+        os.environ[LAUNCHER_PID_VARIABLE] = str(os.getpid())
+
+
+def die_with_launcher(enable: bool = True) -> None:
     """In a DDP worker Lightning started on this machine: die when the launching process dies.
 
     Asks Linux (``prctl(PR_SET_PDEATHSIG, SIGKILL)``) to kill this process the moment its
@@ -156,21 +170,44 @@ def die_with_launcher() -> None:
     folder whose lock had died with the launcher: a rerun started meanwhile (``--overwrite``
     included) could have found their parts. Parts are written atomically, so a worker killed
     this way leaves at most a temporary file, which the next run removes. Called at the
-    writers' setup; a no-op in the launcher (``LOCAL_RANK`` unset or ``0``) and off Linux.
-    A launcher that died before this call is not noticed (its worker runs on until the
-    collective timeout, as before).
+    writers' setup, and with ``enable=False`` at their teardown (the request would otherwise
+    outlive the job: a user's script that goes on after ``predict`` in its workers). If the
+    launcher recorded by :func:`mark_launcher` is no longer running when this is called, the
+    worker exits at once (status 1). A no-op in the launcher (``LOCAL_RANK`` unset or ``0``)
+    and off Linux.
+
+    Args:
+        enable: False to withdraw the request.
     """
     if os.environ.get("LOCAL_RANK", "0") == "0" or not sys.platform.startswith("linux"):
         return
     import ctypes
 
-    pr_set_pdeathsig = 1  # <linux/prctl.h>
-    parent = os.getppid()
+    pr_set_pdeathsig = ctypes.c_int(1)  # <linux/prctl.h>
+    zero = ctypes.c_ulong(0)
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+    if not enable:
+        libc.prctl(pr_set_pdeathsig, zero, zero, zero, zero)
+        return
+    parent = os.getppid()
+    if libc.prctl(pr_set_pdeathsig, ctypes.c_ulong(signal.SIGKILL), zero, zero, zero) != 0:
         return  # not allowed here (a seccomp profile): the collective timeout still ends it
-    if os.getppid() != parent:  # the launcher died while the request was made
-        os._exit(1)
+    launcher = os.environ.get(LAUNCHER_PID_VARIABLE, "")
+    if os.getppid() != parent or (
+        launcher.isdigit() and int(launcher) != parent and not _running(int(launcher))
+    ):
+        os._exit(1)  # the launcher died before the request (or while it was made)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -619,7 +656,7 @@ class OutputLock:
     #: Locks this process holds (for :func:`_forget_locks_in_child`).
     _holders: ClassVar[set[OutputLock]] = set()
     #: Folders released locks created and could not remove yet (not empty then).
-    _unremoved: ClassVar[list[Path]] = []
+    _unremoved: ClassVar[list[_MadeFolder]] = []
 
     def __init__(self, folder: str | os.PathLike[str], fix: str = "use another -o") -> None:
         """Create the lock (not yet acquired).
@@ -628,11 +665,18 @@ class OutputLock:
             folder: the output folder (created on acquisition if needed).
             fix: what the refusal tells the user to do besides waiting.
         """
-        self.folder = Path(folder)
+        #: the folder as given (for messages) and absolute (fixed at creation: a later
+        #: change of the working directory does not move the lock)
+        self.shown = Path(folder)
+        self.folder = self.shown.absolute()
         self.fix = fix
         self._fd: int | None = None
-        #: Folders that acquiring created, deepest first.
-        self.created: list[Path] = []
+        self._made: list[_MadeFolder] = []
+
+    @property
+    def created(self) -> list[Path]:
+        """Folders that acquiring created (absolute, deepest first)."""
+        return [made.path for made in self._made]
 
     @property
     def path(self) -> Path:
@@ -647,9 +691,11 @@ class OutputLock:
         """
         if not is_launcher():
             return
-        created = [d for d in (self.folder, *self.folder.parents) if not d.exists()]
+        folder = self.folder
+        created = [d for d in (folder, *folder.parents) if not d.exists()]
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            made = _MadeFolder.identify(created)
             fd = self._lock_file()
             try:
                 os.ftruncate(fd, 0)
@@ -658,10 +704,10 @@ class OutputLock:
                 os.close(fd)
                 raise
         except BaseException:  # refused, or a folder only partly made: leave none of it
-            _remove_empty(created)
+            _remove_empty(_MadeFolder.identify(created))
             raise
         self._fd = fd
-        self.created = created
+        self._made = made
         OutputLock._held.add(self.folder.resolve())
         OutputLock._holders.add(self)
 
@@ -678,7 +724,7 @@ class OutputLock:
                 os.close(fd)
                 holder = f"pid {pid}" if pid else "starting now"  # the pid follows the lock
                 raise JobLockedError(
-                    f"output folder {self.folder} is in use by another torchgeo-dofa job "
+                    f"output folder {self.shown} is in use by another torchgeo-dofa job "
                     f"({holder}); wait for it or {self.fix}"
                 ) from None
             except BaseException:
@@ -708,12 +754,12 @@ class OutputLock:
         if remove:  # only while empty: another job may have written there
             # a folder this lock made may still hold another lock's folder of the same job
             # (a grid and a table in two new folders under one new parent): retried as the
-            # other locks let go, until this process holds none
-            left = OutputLock._unremoved + _remove_empty(self.created)
-            OutputLock._unremoved = _remove_empty(sorted(left, key=lambda d: -len(d.parts)))
-        if not OutputLock._holders:
-            OutputLock._unremoved = []
-        self.created = []
+            # other locks let go, while one of them is inside it
+            left = OutputLock._unremoved + _remove_empty(self._made)
+            left = _remove_empty(sorted(left, key=lambda made: -len(made.path.parts)))
+            held = [lock.folder for lock in OutputLock._holders]
+            OutputLock._unremoved = [m for m in left if any(m.path in h.parents for h in held)]
+        self._made = []
 
     def __enter__(self) -> Self:
         """Acquire the lock."""
@@ -747,16 +793,40 @@ def _forget_locks_in_child() -> None:
     OutputLock._unremoved = []
 
 
-def _remove_empty(folders: Iterable[Path]) -> list[Path]:
-    """Remove each folder, in the order given, if it is empty; those still there."""
+@dataclass(frozen=True)
+class _MadeFolder:
+    """A folder a lock created: its absolute path and identity (device, inode)."""
+
+    path: Path
+    ident: tuple[int, int]
+
+    @classmethod
+    def identify(cls, paths: Iterable[Path]) -> list[_MadeFolder]:
+        """Those of ``paths`` that exist now, with their identities."""
+        made = []
+        for path in paths:
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                made.append(cls(path, (st.st_dev, st.st_ino)))
+        return made
+
+
+def _remove_empty(folders: Iterable[_MadeFolder]) -> list[_MadeFolder]:
+    """Remove each folder, in the order given, if it is still the one made and empty.
+
+    Returns:
+        those still there (not empty).
+    """
     left = []
-    for d in folders:
+    for made in folders:
         try:
-            d.rmdir()
+            st = made.path.stat()
+            if (st.st_dev, st.st_ino) == made.ident:  # not a folder made again since
+                made.path.rmdir()
         except FileNotFoundError:
             pass
         except OSError:
-            left.append(d)
+            left.append(made)
     return left
 
 

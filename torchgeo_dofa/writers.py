@@ -405,6 +405,9 @@ class _PartsWriter(BasePredictionWriter):
         #: (see :meth:`_claim_output`)
         self._lock: OutputLock | None = None
         self._claimed: Path | None = None
+        from .jobs import mark_launcher
+
+        mark_launcher()  # for the DDP workers Trainer.predict may start
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle/copy without the thread pool (made again on the first write)."""
@@ -617,9 +620,13 @@ class _PartsWriter(BasePredictionWriter):
         created, when the job left nothing else there (refused or failed before its first
         part), as ``torchgeo-dofa embed`` does.
         """
+        from .jobs import die_with_launcher, is_launcher
+
         if self._claimed is not None:
             self._claimed_paths.discard(self._claimed)
             self._claimed = None
+        if not is_launcher():
+            die_with_launcher(enable=False)  # the job is over: its workers may go on
         if self._lock is None:
             return
         folder = self._lock.folder.resolve()
