@@ -220,6 +220,18 @@ def test_sigterm_to_a_ddp_config_run_stops_every_process(tmp_path, base_checkpoi
     assert not (tmp_path / "g.tif").exists() and (tmp_path / "g.tif.parts").is_dir()
 
 
+def _ddp_embed_command(
+    scene: Path, out: Path, checkpoint: Path, output: str, devices: int
+) -> list[str]:
+    """``torchgeo-dofa embed`` with DDP on CPU processes, one chip per batch, no workers."""
+    return [
+        sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(scene), "-o", str(out),
+        "--weights", str(checkpoint), "--output", output, "--strategy", "ddp",
+        "--devices", str(devices), "--device", "cpu", "--num-workers", "0",
+        "--batch-size", "1", "--precision", "32", "--no-progress",
+    ]  # fmt: skip
+
+
 def _children(pid: int) -> list[int]:
     """Live processes whose parent is ``pid`` (from /proc)."""
     found = []
@@ -253,12 +265,7 @@ def test_kill_9_of_a_ddp_launcher_ends_its_workers_at_once(tmp_path, base_checkp
         dst.write(tiled)
         dst.descriptions = names
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(scene), "-o", str(out),
-        "--weights", str(base_checkpoint), "--output", "grid", "--strategy", "ddp",
-        "--devices", "2", "--device", "cpu", "--num-workers", "0", "--batch-size", "1",
-        "--precision", "32", "--no-progress",
-    ]  # fmt: skip
+    cmd = _ddp_embed_command(scene, out, base_checkpoint, "grid", devices=2)
     launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = out / "wide_grid.tif.parts"
     workers: list[int] = []
@@ -312,12 +319,7 @@ def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
         dst.write(data)
         dst.descriptions = names
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(scene), "-o", str(out),
-        "--weights", str(base_checkpoint), "--output", "both", "--strategy", "ddp",
-        "--devices", "3", "--device", "cpu", "--num-workers", "0", "--batch-size", "1",
-        "--precision", "32", "--no-progress",
-    ]  # fmt: skip
+    cmd = _ddp_embed_command(scene, out, base_checkpoint, "both", devices=3)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "embedded 1 chips" in proc.stdout, proc.stdout
