@@ -691,8 +691,7 @@ class OutputLock:
         """
         if not is_launcher():
             return
-        folder = self.folder
-        created = [d for d in (folder, *folder.parents) if not d.exists()]
+        created = [d for d in (self.folder, *self.folder.parents) if not d.exists()]
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             made = _MadeFolder.identify(created)
@@ -755,8 +754,9 @@ class OutputLock:
             # a folder this lock made may still hold another lock's folder of the same job
             # (a grid and a table in two new folders under one new parent): retried as the
             # other locks let go, while one of them is inside it
-            left = OutputLock._unremoved + _remove_empty(self._made)
-            left = _remove_empty(sorted(left, key=lambda made: -len(made.path.parts)))
+            # (one pass, deepest first: a parent comes after the folders inside it)
+            pending = OutputLock._unremoved + self._made
+            left = _remove_empty(sorted(pending, key=lambda made: -len(made.path.parts)))
             held = [lock.folder for lock in OutputLock._holders]
             OutputLock._unremoved = [m for m in left if any(m.path in h.parents for h in held)]
         self._made = []
