@@ -220,6 +220,17 @@ def test_sigterm_to_a_ddp_config_run_stops_every_process(tmp_path, base_checkpoi
     assert not (tmp_path / "g.tif").exists() and (tmp_path / "g.tif.parts").is_dir()
 
 
+def _write_scene_variant(path: Path, data: np.ndarray, **profile: Any) -> Path:
+    """Write ``data`` as a GeoTIFF with the demo scene's profile (``profile`` overriding it)
+    and band descriptions."""
+    with rasterio.open(SCENE) as src:
+        base, names = src.profile, src.descriptions
+    with rasterio.open(path, "w", **(base | profile)) as dst:
+        dst.write(data)
+        dst.descriptions = names
+    return path
+
+
 def _ddp_embed_command(
     scene: Path, out: Path, checkpoint: Path, output: str, devices: int
 ) -> list[str]:
@@ -232,23 +243,28 @@ def _ddp_embed_command(
     ]  # fmt: skip
 
 
-def _children(pid: int) -> list[int]:
-    """Live processes whose parent is ``pid`` (from /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(stat.parent.name))
-    return found
+def _state_and_parent(pid: int) -> tuple[str, int] | None:
+    """A process's state letter and parent pid from /proc; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    found = _state_and_parent(pid)
+    return found is not None and found[0] != "Z"
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        info = _state_and_parent(int(entry.name)) if entry.name.isdigit() else None
+        if info is not None and info[0] != "Z" and info[1] == pid:
+            found.append(int(entry.name))
+    return found
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG, /proc")
@@ -256,14 +272,10 @@ def test_kill_9_of_a_ddp_launcher_ends_its_workers_at_once(tmp_path, base_checkp
     """``kill -9`` of the process that launched a DDP job ends its workers with it (a worker
     used to embed and write parts on for ~10 s, until a collective call timed out, into a
     folder whose lock had died with the launcher)."""
-    scene = tmp_path / "wide.tif"
     with rasterio.open(SCENE) as src:
-        data, profile, names = src.read(), src.profile, src.descriptions
+        data = src.read()
     tiled = np.concatenate([data, data[:, :, ::-1], data], axis=2)  # 18 chips
-    profile |= {"width": tiled.shape[2]}
-    with rasterio.open(scene, "w", **profile) as dst:
-        dst.write(tiled)
-        dst.descriptions = names
+    scene = _write_scene_variant(tmp_path / "wide.tif", tiled, width=tiled.shape[2])
     out = tmp_path / "out"
     cmd = _ddp_embed_command(scene, out, base_checkpoint, "grid", devices=2)
     launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -308,16 +320,13 @@ def _usable_memory() -> int:
 def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
     """Two chips (the first without data), three processes: a chip is repeated so that every
     process has one; each chip is written once and counted once in the summary."""
-    scene = tmp_path / "two.tif"
     with rasterio.open(SCENE) as src:
-        profile = src.profile | {"width": 448, "height": 224}
-        profile["transform"] = src.window_transform(Window(0, 0, 448, 224))
+        transform = src.window_transform(Window(0, 0, 448, 224))
         data = src.read(window=Window(0, 0, 448, 224))
-        names = src.descriptions
     data[:, :, :224] = 0  # the left chip holds no valid pixel
-    with rasterio.open(scene, "w", **profile) as dst:
-        dst.write(data)
-        dst.descriptions = names
+    scene = _write_scene_variant(
+        tmp_path / "two.tif", data, width=448, height=224, transform=transform
+    )
     out = tmp_path / "out"
     cmd = _ddp_embed_command(scene, out, base_checkpoint, "both", devices=3)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -507,14 +516,9 @@ def test_unreadable_and_normalised_inputs(tmp_path, capsys) -> None:
     assert main(["embed", str(bad), "-o", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"cannot read {bad}: " in err and "repair or remove it (or give the readable" in err
-    scaled = tmp_path / "scaled.tif"
     with rasterio.open(SCENE) as src:
-        profile = src.profile | {"dtype": "float32", "nodata": None}
         data = src.read().astype(np.float32) / 10000
-        names = src.descriptions
-    with rasterio.open(scaled, "w", **profile) as dst:
-        dst.write(data)
-        dst.descriptions = names
+    scaled = _write_scene_variant(tmp_path / "scaled.tif", data, dtype="float32", nodata=None)
     assert main(["embed", str(scaled), "-o", str(tmp_path / "o"), "--weights", "none"]) == 2
     assert "raw surface reflectance 0..10000" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -524,14 +528,12 @@ def test_mixed_crs_region_is_an_error(tmp_path, capsys) -> None:
     folder = tmp_path / "mixed"
     folder.mkdir()
     with rasterio.open(SCENE) as src:
-        profile, data, names = src.profile, src.read(), src.descriptions
+        data = src.read()
     for name, crs in (
         ("a-0000000000-0000000000.tif", "EPSG:32633"),
         ("a-0000000000-0000000256.tif", "EPSG:32632"),
     ):
-        with rasterio.open(folder / name, "w", **(profile | {"crs": crs})) as dst:
-            dst.write(data)
-            dst.descriptions = names
+        _write_scene_variant(folder / name, data, crs=crs)
     assert main(["embed", str(folder), "-o", str(tmp_path / "o")]) == 2
     assert "mixed CRS" in capsys.readouterr().err
 
