@@ -742,6 +742,7 @@ def test_predict_config_refusals_are_one_line_and_write_nothing(
         bad["trainer"]["callbacks"][0]["init_args"]["path"] = str(path)
         assert match in refused("bad", bad)
     assert SCENE.stat().st_size > 1_000_000  # the scene is intact
+    assert not (SCENE.parent / ".torchgeo-dofa.lock").exists()  # and its folder untouched
     # an embed job's result: replacing it would leave that job "done" with this job's file
     done = tmp_path / "embedded"
     args = [str(SCENE), "-o", str(done), *_one_chip_bbox(SCENE), "--weights", "none"]
@@ -766,13 +767,19 @@ def test_predict_config_refusals_are_one_line_and_write_nothing(
     raw["trainer"]["default_root_dir"] = str(tmp_path)
     assert "the batch's image holds values up to " in refused("raw", raw)
     assert not (tmp_path / "new").exists()
+    # also when it failed before its prediction started (the writers lock when made)
+    broken_new = _predict_config(new, broken)
+    broken_new["trainer"]["default_root_dir"] = str(tmp_path)
+    assert str(broken) in refused("broken", broken_new)
+    assert not (tmp_path / "new").exists()
 
 
 def test_predict_config_locks_its_outputs_and_cleans_up_after_failures(
     tmp_path, base_checkpoint
 ) -> None:
     """A config run takes the output folder's lock (a second job fails at once, exit 75,
-    instead of mixing both jobs' chips); a failed run prints its error on a line of its own
+    before its model loads, instead of mixing both jobs' chips); a failed run prints its error
+    on a line of its own
     and nothing after it (open raster handles used to print "Error in sys.excepthook" at
     exit); SIGTERM stops it after the batch (exit 143); the rerun resumes and deletes a
     killed assembly's temporary file."""
@@ -784,9 +791,14 @@ def test_predict_config_locks_its_outputs_and_cleans_up_after_failures(
     cfg = _predict_config(out, base_checkpoint)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "torchgeo_dofa.cli", "predict", "--config"]
+    # the second job's checkpoint is broken: refused as locked, it never loaded it (the
+    # writers are made before the model, and take the lock then)
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    (tmp_path / "second.yaml").write_text(yaml.safe_dump(_predict_config(out, broken)))
     with OutputLock(out):  # another job holds the folder (this process, via the real lock)
         second = subprocess.run(
-            [*cmd, str(tmp_path / "cfg.yaml")], capture_output=True, text=True, timeout=300
+            [*cmd, str(tmp_path / "second.yaml")], capture_output=True, text=True, timeout=300
         )
     assert second.returncode == 75, second.stderr[-2000:]
     last = second.stderr.strip().splitlines()[-1]

@@ -437,6 +437,25 @@ def test_lock_removes_only_the_empty_folders_it_created(tmp_path: Path) -> None:
     assert not (tmp_path / "p1").exists()
 
 
+def test_lock_tells_whether_its_job_added_anything_to_the_folder(tmp_path) -> None:
+    # what decides whether a refused job's writers remove the lock file from a folder
+    # that holds other files (an input's folder, an earlier job's outputs)
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    (folder / "scene.tif").write_bytes(b"x")
+    (folder / LOCK_NAME).write_bytes(b"")  # an earlier job's lock file
+    lock = OutputLock(folder)
+    lock.acquire()
+    (folder / "scene.tif").write_bytes(b"changed")  # changed, not added
+    assert lock.unchanged()
+    (folder / "g.tif.parts").mkdir()
+    assert not lock.unchanged()
+    (folder / "g.tif.parts").rmdir()
+    assert lock.unchanged()
+    lock.release(remove=lock.unchanged())
+    assert sorted(p.name for p in folder.iterdir()) == ["scene.tif"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG")
 def test_a_ddp_worker_dies_with_its_launcher_only_during_the_job() -> None:
     # the request is made at the writers' setup and withdrawn at their teardown; a worker

@@ -801,6 +801,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     from lightning.pytorch.cli import LightningCLI
 
     from .jobs import StopOnSignal
+    from .writers import lock_outputs_when_made
 
     trainers: list[pl.Trainer] = []
     # Ctrl-C / SIGTERM stop a prediction after the current batch's parts are written (exit
@@ -816,7 +817,8 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             trainer.callbacks.append(stop)  # type: ignore[attr-defined]
             return trainer
 
-    with stop:
+    # the writers take their folders' locks when made, before the model loads
+    with stop, lock_outputs_when_made():
         try:
             _CLI(
                 pl.LightningModule,

@@ -672,6 +672,8 @@ class OutputLock:
         self.fix = fix
         self._fd: int | None = None
         self._made: list[_MadeFolder] = []
+        #: the folder's entries when the lock was taken (but the lock file)
+        self._found: frozenset[str] = frozenset()
 
     @property
     def created(self) -> list[Path]:
@@ -695,6 +697,7 @@ class OutputLock:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             made = _MadeFolder.identify(created)
+            found = frozenset(os.listdir(self.folder)) - {LOCK_NAME}
             fd = self._lock_file()
             try:
                 os.ftruncate(fd, 0)
@@ -706,7 +709,7 @@ class OutputLock:
             _remove_empty(_MadeFolder.identify(created))
             raise
         self._fd = fd
-        self._made = made
+        self._made, self._found = made, found
         OutputLock._held.add(self.folder.resolve())
         OutputLock._holders.add(self)
 
@@ -730,6 +733,17 @@ class OutputLock:
                 os.close(fd)
                 raise
             os.close(fd)  # the file was removed (or replaced) while we locked it: again
+
+    def unchanged(self) -> bool:
+        """Whether the folder holds nothing but what it held when the lock was taken.
+
+        The lock file aside: a job whose lock finds this at the end wrote nothing there, and
+        may release with ``remove=True``. False when the folder cannot be listed.
+        """
+        try:
+            return frozenset(os.listdir(self.folder)) - {LOCK_NAME} <= self._found
+        except OSError:
+            return False
 
     def release(self, remove: bool = False) -> None:
         """Release the lock (idempotent).

@@ -408,6 +408,11 @@ class _PartsWriter(BasePredictionWriter):
         from .jobs import mark_launcher
 
         mark_launcher()  # for the DDP workers Trainer.predict may start
+        made = _PartsWriter._locking_when_made
+        if made is not None:  # see lock_outputs_when_made
+            made.append(self)
+            self._refuse_folder_path()
+            self._take_folder_lock()
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle/copy without the thread pool (made again on the first write)."""
@@ -545,6 +550,8 @@ class _PartsWriter(BasePredictionWriter):
     _folder_locks: ClassVar[dict[Path, tuple[OutputLock, int]]] = {}
     #: Output paths of this process's writers between setup and teardown.
     _claimed_paths: ClassVar[set[Path]] = set()
+    #: Writers made inside :func:`lock_outputs_when_made` (None outside it).
+    _locking_when_made: ClassVar[list[_PartsWriter] | None] = None
 
     def _claim_output(self, inputs: Sequence[str]) -> None:
         """Refuse an output path that cannot be this job's, lock its folder, drop stale temps.
@@ -569,8 +576,7 @@ class _PartsWriter(BasePredictionWriter):
         from .jobs import OutputLock, die_with_launcher, is_launcher
 
         path, resolved = self.path, self.path.resolve()
-        if path.is_dir():
-            raise OutputPathError(f"output {path} is a folder: give the writer a file path")
+        self._refuse_folder_path()
         if str(resolved) in inputs:
             raise OutputPathError(
                 f"output {path} is one of the job's inputs: write to another path"
@@ -596,6 +602,30 @@ class _PartsWriter(BasePredictionWriter):
         if not is_launcher():  # a DDP worker: the launching process holds the lock
             die_with_launcher()  # and a worker must not write on once the lock is gone
             return
+        self._take_folder_lock()
+        for tmp in stale_temps(path):  # the lock is held: no running job's temporaries
+            tmp.unlink(missing_ok=True)
+
+    def _refuse_folder_path(self) -> None:
+        """Raise :class:`OutputPathError` when the output path is a folder."""
+        if self.path.is_dir():
+            raise OutputPathError(f"output {self.path} is a folder: give the writer a file path")
+
+    def _take_folder_lock(self) -> None:
+        """Take the output folder's lock, or share it with this job's other writers there.
+
+        In the launching process only (a DDP worker does nothing), and not when this writer
+        holds it already or an embed job of this process holds it for its whole run.
+
+        Raises:
+            OutputPathError: for a folder that cannot be made or written.
+            JobLockedError: when another job holds the folder's lock (exit status 75).
+        """
+        from .jobs import OutputLock, is_launcher
+
+        folder = self.path.parent.resolve()
+        if self._lock is not None or not is_launcher():
+            return
         if folder in self._folder_locks:  # another writer of this job took it
             lock, users = self._folder_locks[folder]
             self._folder_locks[folder] = (lock, users + 1)
@@ -606,18 +636,16 @@ class _PartsWriter(BasePredictionWriter):
                 lock.acquire()
             except OSError as err:
                 raise OutputPathError(
-                    f"cannot write in {path.parent}: {err.strerror or err}"
+                    f"cannot write in {self.path.parent}: {err.strerror or err}"
                 ) from None
             self._folder_locks[folder] = (lock, 1)
             self._lock = lock
-        for tmp in stale_temps(path):  # the lock is held: no running job's temporaries
-            tmp.unlink(missing_ok=True)
 
     def _release_output(self) -> None:
         """Give up this writer's output path and its share of the folder's lock (idempotent).
 
         The last writer to let the lock go deletes the lock file, and the folders taking it
-        created, when the job left nothing else there (refused or failed before its first
+        created, when the job added nothing else there (refused or failed before its first
         part), as ``torchgeo-dofa embed`` does.
         """
         from .jobs import die_with_launcher, is_launcher
@@ -635,11 +663,7 @@ class _PartsWriter(BasePredictionWriter):
         if users > 1:
             self._folder_locks[folder] = (lock, users - 1)
             return
-        try:
-            unused = [p.name for p in folder.iterdir()] == [lock.path.name]
-        except OSError:
-            unused = False
-        lock.release(remove=unused)  # with the folders it created, left empty
+        lock.release(remove=lock.unchanged())  # with the folders it created, left empty
 
     def check_parts_identity(self, trainer: pl.Trainer, extra: Mapping[str, str]) -> None:
         """Refuse parts of another job (called at setup, before anything is written).
@@ -777,6 +801,32 @@ class _PartsWriter(BasePredictionWriter):
             f"; the chips already computed are kept in {self.parts}: fix the cause (e.g. free "
             "disk space) and rerun the same command to finish"
         )
+
+
+@contextlib.contextmanager
+def lock_outputs_when_made() -> Iterator[None]:
+    """Writers made inside take their output folder's lock when made, not at setup.
+
+    For ``torchgeo-dofa predict --config``: jsonargparse makes the trainer's callbacks
+    before the model and the data module, so a job whose output folder another job holds
+    is refused (:class:`~torchgeo_dofa.jobs.JobLockedError`, exit status 75) before the
+    checkpoint loads, as ``embed`` refuses it, instead of after the model build (tens of
+    seconds). An output path that is a folder is refused then too. Leaving the block
+    releases the locks of the writers made inside that their teardown did not release
+    (a job that failed before its prediction started), removing the lock file and the
+    folders taking it created where nothing else was written.
+
+    Yields:
+        Nothing; writers made outside the block take the lock at setup, as before.
+    """
+    made: list[_PartsWriter] = []
+    outer, _PartsWriter._locking_when_made = _PartsWriter._locking_when_made, made
+    try:
+        yield
+    finally:
+        _PartsWriter._locking_when_made = outer
+        for writer in reversed(made):
+            writer._release_output()
 
 
 def identity_differences(stored: Mapping[str, str], now: Mapping[str, str]) -> list[str]:
