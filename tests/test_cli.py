@@ -317,9 +317,50 @@ def _usable_memory() -> int:
     _usable_memory() < 10 * 2**30,
     reason="three DDP processes with DOFA base need ~5 GB beside the test process",
 )
+def _srun(cmd: list[str], ntasks: int, timeout: float = 300) -> list[tuple[int, str, str]]:
+    """Run ``cmd`` as SLURM's ``srun --ntasks-per-node=N`` runs it on one node: N processes
+    started at once, each told its rank in SLURM's variables (no srun here; Lightning's
+    SLURMEnvironment reads these); as ``srun --kill-on-bad-exit=1`` does, a rank that fails
+    ends the others (they would wait for it). Each rank's (exit status, stdout, stderr)."""
+    import socket
+    import tempfile
+
+    with socket.socket() as free:  # a port for the process group's rendezvous
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        procs, logs = [], []
+        for rank in range(ntasks):
+            env = os.environ | {
+                "SLURM_NTASKS": str(ntasks), "SLURM_NTASKS_PER_NODE": str(ntasks),
+                "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_PROCID": str(rank),
+                "SLURM_LOCALID": str(rank), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "embed",
+                "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": str(port),
+            }  # fmt: skip
+            out, err = (stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
+            procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True))
+            logs.append((out, err))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(proc.poll() is None for proc in procs):
+            if any(proc.poll() not in (None, 0) for proc in procs):
+                break
+            time.sleep(0.2)
+        for proc in procs:
+            proc.kill()
+        results = []
+        for proc, (out, err) in zip(procs, logs, strict=True):
+            status = proc.wait()
+            out.seek(0), err.seek(0)
+            results.append((status, out.read(), err.read()))
+    return results
+
+
 def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
     """Two chips (the first without data), three processes: a chip is repeated so that every
-    process has one; each chip is written once and counted once in the summary."""
+    process has one; each chip is written once and counted once in the summary. The three
+    are started as SLURM's srun starts a job's ranks (each on its own, at once): only rank 0
+    takes the output folder's lock and writes the manifest (every rank took them before, so
+    rank 1 was refused as "in use by another job" and rank 0 waited for it)."""
     with rasterio.open(SCENE) as src:
         transform = src.window_transform(Window(0, 0, 448, 224))
         data = src.read(window=Window(0, 0, 448, 224))
@@ -329,10 +370,12 @@ def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
     )
     out = tmp_path / "out"
     cmd = _ddp_embed_command(scene, out, base_checkpoint, "both", devices=3)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "embedded 1 chips" in proc.stdout, proc.stdout
-    assert "1 chip(s) held no valid pixel" in proc.stderr, proc.stderr
+    ranks = _srun(cmd, ntasks=3)
+    assert [status for status, _, _ in ranks] == [0, 0, 0], ranks
+    (_, stdout, stderr), *others = ranks
+    assert "embedded 1 chips" in stdout, stdout
+    assert "1 chip(s) held no valid pixel" in stderr, stderr
+    assert not any("embedded" in out for _, out, _ in others)  # one summary per job
     frame = gpd.read_parquet(out / "two_pooled.parquet")
     assert sorted(frame.no_data) == [False, True]
     with rasterio.open(out / "two_grid.tif") as grid:

@@ -39,6 +39,7 @@ from torchgeo_dofa.jobs import (
     StopOnSignal,
     check_points,
     estimate_seconds,
+    is_launcher,
     job_size_warning,
     points_outside_warning,
     unique_region_names,
@@ -435,6 +436,31 @@ def test_lock_removes_only_the_empty_folders_it_created(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="too long"):
         OutputLock(tmp_path / "p1" / "p2" / ("n" * 300) / "out").acquire()
     assert not (tmp_path / "p1").exists()
+
+
+_SRUN_3 = {"SLURM_NTASKS": "3", "SLURM_JOB_NAME": "embed"}
+
+
+@pytest.mark.parametrize(
+    ("env", "launcher"),
+    [
+        ({}, True),  # a job of one process
+        ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, True),  # Lightning's launcher, rank 0
+        ({"LOCAL_RANK": "1"}, False),  # a process Lightning's DDP launcher started
+        ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False),  # the first process of node 1
+        ({"RANK": "4", "LOCAL_RANK": "0"}, False),  # torchrun, node 1 of 2 with 4 per node
+        (_SRUN_3 | {"SLURM_PROCID": "0"}, True),
+        (_SRUN_3 | {"SLURM_PROCID": "2"}, False),  # srun starts every rank itself
+        # an interactive allocation (srun --pty bash): Lightning does not read SLURM's ranks
+        (_SRUN_3 | {"SLURM_PROCID": "2", "SLURM_JOB_NAME": "bash"}, True),
+    ],
+)
+def test_only_global_rank_0_launches_the_job(monkeypatch, env, launcher) -> None:
+    for name in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert is_launcher() is launcher
 
 
 def test_lock_tells_whether_its_job_added_anything_to_the_folder(tmp_path) -> None:

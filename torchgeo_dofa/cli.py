@@ -1206,8 +1206,9 @@ def __getattr__(name: str) -> Any:
 
 
 def _is_rank_zero() -> bool:
+    from .jobs import is_launcher
 
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    return is_launcher()
 
 
 if __name__ == "__main__":

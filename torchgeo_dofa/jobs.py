@@ -17,8 +17,9 @@ An embed job writes into an output folder. To never mix two jobs' results there:
 * :func:`check_points` and :func:`job_size_warning` validate the whole job before the first
   chip is computed.
 
-Only the launching process takes the lock and checks the manifest: the processes Lightning's
-DDP launcher starts (``LOCAL_RANK``/``NODE_RANK`` set and non-zero) skip both.
+Only the launching process (global rank 0, or the only process) takes the lock and checks the
+manifest; the other processes of a DDP job skip both (:func:`is_launcher`): those Lightning's
+DDP launcher starts, and the other ranks ``torchrun`` or SLURM's ``srun`` start.
 """
 
 from __future__ import annotations
@@ -139,12 +140,25 @@ class JobInterrupted(JobError):
 
 
 def is_launcher() -> bool:
-    """Whether this is the process that launched the job (not a DDP worker Lightning started).
+    """Whether this process launched the job: global rank 0 of a DDP job, or its only process.
+
+    Read from the variables the launchers set, before the process group exists (the lock
+    and the manifest come first), as Lightning's cluster environments read them:
+    ``LOCAL_RANK`` / ``NODE_RANK`` (Lightning's own DDP launcher, ``torchrun``), ``RANK``
+    (``torchrun``, also across nodes) and, where Lightning detects a job launched by
+    SLURM's ``srun`` (:meth:`lightning.fabric.plugins.environments.SLURMEnvironment.detect`),
+    ``SLURM_PROCID``: ``srun`` starts every rank itself, and each ran as a launcher before
+    (rank 1 was refused as "in use by another job" and rank 0 waited for it).
 
     Returns:
-        False when ``LOCAL_RANK`` or ``NODE_RANK`` is set and not ``0``.
+        False when one of those ranks is set and not ``0``.
     """
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    ranks = [os.environ.get(name, "0") for name in ("LOCAL_RANK", "NODE_RANK", "RANK")]
+    if SLURMEnvironment.detect():
+        ranks.append(os.environ.get("SLURM_PROCID", "0"))
+    return all(rank.strip() in ("", "0") for rank in ranks)
 
 
 #: Environment variable holding the launching process's pid, for its DDP workers.
