@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -707,12 +708,21 @@ class OutputLock:
         """
         if not is_launcher():
             return
-        created = [d for d in (self.folder, *self.folder.parents) if not d.exists()]
+        created: list[Path] = []
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            made = _MadeFolder.identify(created)
-            found = frozenset(os.listdir(self.folder)) - {LOCK_NAME}
-            fd = self._lock_file()
+            for attempt in itertools.count(1):
+                created = [d for d in (self.folder, *self.folder.parents) if not d.exists()]
+                self.folder.mkdir(parents=True, exist_ok=True)
+                made = _MadeFolder.identify(created)
+                try:
+                    found = frozenset(os.listdir(self.folder)) - {LOCK_NAME}
+                    fd = self._lock_file()
+                    break
+                except FileNotFoundError:
+                    # another job refused or done removed the empty folder it had made,
+                    # between our mkdir and our lock: make it again (a few times at most)
+                    if self.folder.is_dir() or attempt == 10:
+                        raise
             try:
                 os.ftruncate(fd, 0)
                 os.write(fd, f"{os.getpid()}\n".encode())
