@@ -448,7 +448,9 @@ _SRUN_3 = {"SLURM_NTASKS": "3", "SLURM_JOB_NAME": "embed"}
         ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, True),  # Lightning's launcher, rank 0
         ({"LOCAL_RANK": "1"}, False),  # a process Lightning's DDP launcher started
         ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False),  # the first process of node 1
-        ({"RANK": "4", "LOCAL_RANK": "0"}, False),  # torchrun, node 1 of 2 with 4 per node
+        # torchrun, node 1 of 2 with 4 processes each: its first process
+        ({"RANK": "4", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "none"}, False),
+        ({"RANK": "4"}, True),  # a RANK of some other tool's: not torchrun's
         (_SRUN_3 | {"SLURM_PROCID": "0"}, True),
         (_SRUN_3 | {"SLURM_PROCID": "2"}, False),  # srun starts every rank itself
         # an interactive allocation (srun --pty bash): Lightning does not read SLURM's ranks
@@ -456,7 +458,9 @@ _SRUN_3 = {"SLURM_NTASKS": "3", "SLURM_JOB_NAME": "embed"}
     ],
 )
 def test_only_global_rank_0_launches_the_job(monkeypatch, env, launcher) -> None:
-    for name in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+    for name in ("LOCAL_RANK", "NODE_RANK", "RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_JOB_NAME"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

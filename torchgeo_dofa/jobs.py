@@ -144,19 +144,22 @@ def is_launcher() -> bool:
     """Whether this process launched the job: global rank 0 of a DDP job, or its only process.
 
     Read from the variables the launchers set, before the process group exists (the lock
-    and the manifest come first), as Lightning's cluster environments read them:
+    and the manifest come first), where Lightning's cluster environments read them:
     ``LOCAL_RANK`` / ``NODE_RANK`` (Lightning's own DDP launcher, ``torchrun``), ``RANK``
-    (``torchrun``, also across nodes) and, where Lightning detects a job launched by
-    SLURM's ``srun`` (:meth:`lightning.fabric.plugins.environments.SLURMEnvironment.detect`),
-    ``SLURM_PROCID``: ``srun`` starts every rank itself, and each ran as a launcher before
-    (rank 1 was refused as "in use by another job" and rank 0 waited for it).
+    where Lightning detects ``torchrun`` (``TorchElasticEnvironment.detect()``:
+    ``TORCHELASTIC_RUN_ID`` set; the first process of a second node has ``LOCAL_RANK``
+    0) and ``SLURM_PROCID`` where it detects SLURM's ``srun``
+    (``SLURMEnvironment.detect()``): ``srun`` starts every rank itself, and each ran as a
+    launcher before (rank 1 was refused as "in use by another job" and rank 0 waited).
 
     Returns:
         False when one of those ranks is set and not ``0``.
     """
-    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
-    ranks = [os.environ.get(name, "0") for name in ("LOCAL_RANK", "NODE_RANK", "RANK")]
+    ranks = [os.environ.get(name, "0") for name in ("LOCAL_RANK", "NODE_RANK")]
+    if TorchElasticEnvironment.detect():
+        ranks.append(os.environ.get("RANK", "0"))
     if SLURMEnvironment.detect():
         ranks.append(os.environ.get("SLURM_PROCID", "0"))
     return all(rank.strip() in ("", "0") for rank in ranks)
