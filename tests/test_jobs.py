@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -465,6 +466,20 @@ def test_only_global_rank_0_launches_the_job(monkeypatch, env, launcher) -> None
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert is_launcher() is launcher
+
+
+def test_rank_check_adds_no_warning_where_srun_is_installed(tmp_path, monkeypatch) -> None:
+    # Lightning's SLURM detection warns "srun is available but not used" on a login node:
+    # Lightning's Trainer says it once; the rank check, made several times a job, must not
+    srun = tmp_path / "srun"
+    srun.write_text("#!/bin/sh\n")
+    srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert is_launcher()
+    assert not caught, [str(w.message) for w in caught]
 
 
 def test_lock_tells_whether_its_job_added_anything_to_the_folder(tmp_path) -> None:

@@ -160,7 +160,10 @@ def is_launcher() -> bool:
     ranks = [os.environ.get(name, "0") for name in ("LOCAL_RANK", "NODE_RANK")]
     if TorchElasticEnvironment.detect():
         ranks.append(os.environ.get("RANK", "0"))
-    if SLURMEnvironment.detect():
+    with warnings.catch_warnings():  # its "srun is available but not used": Lightning's own
+        warnings.simplefilter("ignore")  # Trainer warns once; not once per call here
+        srun = SLURMEnvironment.detect()
+    if srun:
         ranks.append(os.environ.get("SLURM_PROCID", "0"))
     return all(rank.strip() in ("", "0") for rank in ranks)
 
@@ -724,7 +727,7 @@ class OutputLock:
                 except FileNotFoundError:
                     # another job refused or done removed the empty folder it had made,
                     # between our mkdir and our lock: make it again (a few times at most)
-                    if self.folder.is_dir() or attempt == 10:
+                    if attempt == 10:
                         raise
             try:
                 os.ftruncate(fd, 0)
