@@ -313,10 +313,6 @@ def _usable_memory() -> int:
     return _physical_memory() or 2**62
 
 
-@pytest.mark.skipif(
-    _usable_memory() < 10 * 2**30,
-    reason="three DDP processes with DOFA base need ~5 GB beside the test process",
-)
 def _srun(cmd: list[str], ntasks: int, timeout: float = 300) -> list[tuple[int, str, str]]:
     """Run ``cmd`` as SLURM's ``srun --ntasks-per-node=N`` runs it on one node: N processes
     started at once, each told its rank in SLURM's variables (no srun here; Lightning's
@@ -355,6 +351,10 @@ def _srun(cmd: list[str], ntasks: int, timeout: float = 300) -> list[tuple[int, 
     return results
 
 
+@pytest.mark.skipif(
+    _usable_memory() < 10 * 2**30,
+    reason="three DDP processes with DOFA base need ~5 GB beside the test process",
+)
 def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
     """Two chips (the first without data), three processes: a chip is repeated so that every
     process has one; each chip is written once and counted once in the summary. The three
@@ -774,14 +774,15 @@ def test_predict_config_refusals_are_one_line_and_write_nothing(
     garbage = tmp_path / "garbage.tif"
     garbage.write_bytes(b"not a GeoTIFF")
     assert "cannot read" in refused("cfg", cfg, f"--data.init_args.paths={garbage}")
-    # output paths that cannot be the job's, refused before any chip is computed
-    for path, match in (
-        (SCENE, "is one of the job's inputs"),  # embed refuses that too
-        (out, "is a folder"),
-        (broken / "g.tif", f"cannot write in {broken}"),  # a folder that cannot be made
-        (out / "p.parquet", "is also another writer's output"),  # the table's path
+    # output paths that cannot be the job's, refused before any chip is computed; all but
+    # the input's path before the model loads (the broken checkpoint is never read)
+    for path, match, checkpoint in (
+        (SCENE, "is one of the job's inputs", base_checkpoint),  # embed refuses that too
+        (out, "is a folder", broken),
+        (broken / "g.tif", f"cannot write in {broken}", broken),  # a folder that cannot be made
+        (out / "p.parquet", "is also another writer's output", broken),  # the table's path
     ):
-        bad = _predict_config(out, base_checkpoint)
+        bad = _predict_config(out, checkpoint)
         bad["trainer"]["callbacks"][0]["init_args"]["path"] = str(path)
         assert match in refused("bad", bad)
     assert SCENE.stat().st_size > 1_000_000  # the scene is intact

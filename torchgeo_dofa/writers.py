@@ -33,7 +33,7 @@ import uuid
 import warnings
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from errno import ENOSPC
@@ -410,6 +410,7 @@ class _PartsWriter(BasePredictionWriter):
         mark_launcher()  # for the DDP workers Trainer.predict may start
         made = _PartsWriter._locking_when_made
         if made is not None:  # see lock_outputs_when_made
+            self._refuse_path_taken({writer.path.resolve() for writer in made})
             made.append(self)
             self._refuse_folder_path()
             self._take_folder_lock()
@@ -581,10 +582,7 @@ class _PartsWriter(BasePredictionWriter):
             raise OutputPathError(
                 f"output {path} is one of the job's inputs: write to another path"
             )
-        if resolved in self._claimed_paths:
-            raise OutputPathError(
-                f"output {path} is also another writer's output: give each writer its own path"
-            )
+        self._refuse_path_taken(self._claimed_paths)
         folder = path.parent.resolve()  # where the file is written (a symlink is replaced)
         # the launcher checks (a DDP worker's OutputLock is a no-op: embed's own manifest
         # would look like another job's); inside embed, its manifest lists this very output
@@ -605,6 +603,13 @@ class _PartsWriter(BasePredictionWriter):
         self._take_folder_lock()
         for tmp in stale_temps(path):  # the lock is held: no running job's temporaries
             tmp.unlink(missing_ok=True)
+
+    def _refuse_path_taken(self, taken: Collection[Path]) -> None:
+        """Raise :class:`OutputPathError` when the output path is among other writers' paths."""
+        if self.path.resolve() in taken:
+            raise OutputPathError(
+                f"output {self.path} is also another writer's output: give each writer its own path"
+            )
 
     def _refuse_folder_path(self) -> None:
         """Raise :class:`OutputPathError` when the output path is a folder."""
