@@ -815,11 +815,11 @@ def lock_outputs_when_made() -> Iterator[None]:
     For ``torchgeo-dofa predict --config``: jsonargparse makes the trainer's callbacks
     before the model and the data module, so a job whose output folder another job holds
     is refused (:class:`~torchgeo_dofa.jobs.JobLockedError`, exit status 75) before the
-    checkpoint loads, as ``embed`` refuses it, instead of after the model build (tens of
-    seconds). An output path that is a folder is refused then too. Leaving the block
-    releases the locks of the writers made inside that their teardown did not release
-    (a job that failed before its prediction started), removing the lock file and the
-    folders taking it created where nothing else was written.
+    checkpoint loads, as ``embed`` refuses it, instead of after the model build (seconds
+    to tens of seconds). An output path that is a folder or another writer's is refused
+    then too. Leaving the block releases the locks of the writers made inside that their
+    teardown did not release (a job that failed before its prediction started), removing
+    the lock file and the folders taking it created where nothing else was written.
 
     Yields:
         Nothing; writers made outside the block take the lock at setup, as before.
