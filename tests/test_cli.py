@@ -823,10 +823,9 @@ def test_predict_config_locks_its_outputs_and_cleans_up_after_failures(
 ) -> None:
     """A config run takes the output folder's lock (a second job fails at once, exit 75,
     before its model loads, instead of mixing both jobs' chips); a failed run prints its error
-    on a line of its own
-    and nothing after it (open raster handles used to print "Error in sys.excepthook" at
-    exit); SIGTERM stops it after the batch (exit 143); the rerun resumes and deletes a
-    killed assembly's temporary file."""
+    on a line of its own and nothing after it (open raster handles used to print "Error in
+    sys.excepthook" at exit); SIGTERM stops it after the batch (exit 143); the rerun resumes
+    and deletes a killed assembly's temporary file."""
     import yaml
 
     from torchgeo_dofa.jobs import OutputLock

@@ -439,7 +439,7 @@ def test_lock_removes_only_the_empty_folders_it_created(tmp_path: Path) -> None:
     assert not (tmp_path / "p1").exists()
 
 
-_SRUN_3 = {"SLURM_NTASKS": "3", "SLURM_JOB_NAME": "embed"}
+_SRUN_3 = {"SLURM_NTASKS": "3", "SLURM_JOB_NAME": "embed", "SLURM_PROCID": "0"}
 
 
 @pytest.mark.parametrize(
@@ -452,16 +452,14 @@ _SRUN_3 = {"SLURM_NTASKS": "3", "SLURM_JOB_NAME": "embed"}
         # torchrun, node 1 of 2 with 4 processes each: its first process
         ({"RANK": "4", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "none"}, False),
         ({"RANK": "4"}, True),  # a RANK of some other tool's: not torchrun's
-        (_SRUN_3 | {"SLURM_PROCID": "0"}, True),
+        (_SRUN_3, True),
         (_SRUN_3 | {"SLURM_PROCID": "2"}, False),  # srun starts every rank itself
         # an interactive allocation (srun --pty bash): Lightning does not read SLURM's ranks
         (_SRUN_3 | {"SLURM_PROCID": "2", "SLURM_JOB_NAME": "bash"}, True),
     ],
 )
 def test_only_global_rank_0_launches_the_job(monkeypatch, env, launcher) -> None:
-    for name in ("LOCAL_RANK", "NODE_RANK", "RANK", "TORCHELASTIC_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
-    for name in ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_JOB_NAME"):
+    for name in ("LOCAL_RANK", "NODE_RANK", "RANK", "TORCHELASTIC_RUN_ID", *_SRUN_3):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

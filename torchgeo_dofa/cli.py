@@ -378,6 +378,7 @@ def embed(
         StopOnSignal,
         check_points,
         data_identity,
+        is_launcher,
         job_size_warning,
         points_outside_warning,
         region_identity,
@@ -532,7 +533,7 @@ def embed(
             fresh = manifest.check_or_write(
                 folder, overwrite=overwrite, name=manifest_name, given=given
             )
-            if _is_rank_zero():
+            if is_launcher():
                 count = f" x {processes}" if processes > 1 else ""
                 print(
                     f"torchgeo-dofa: device {accelerator}{count}, precision {choice.reason}; "
@@ -541,7 +542,7 @@ def embed(
                 )
             todo = sum(len(dm.predict_sampler or []) for dm in modules)
             size = job_size_warning(todo, default_chips_per_second(choice.precision, accelerator))
-            if size and _is_rank_zero():
+            if size and is_launcher():
                 print(f"torchgeo-dofa: {size}", file=sys.stderr)
             for region, dm, paths, subset in zip(
                 regions, modules, out_paths, point_sets, strict=True
@@ -594,7 +595,7 @@ def embed(
                 summary.chips += done - empty
                 summary.empty += empty
                 summary.skipped += dm.skipped
-        if summary.empty and _is_rank_zero():
+        if summary.empty and is_launcher():
             warnings.warn(
                 f"{summary.empty} chip(s) held no valid pixel (no data, fill values or outside "
                 "the rasters): NaN in the grid, rows flagged no_data in the pooled table",
@@ -869,7 +870,7 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
     from .bands import BandError
     from .datasets import InputError
     from .embedder import NotNormalisedError
-    from .jobs import JobError, JobInterrupted
+    from .jobs import JobError, JobInterrupted, is_launcher
     from .transforms import ReflectanceError
     from .weights import CheckpointError
     from .writers import OutputPathError, OutputWriteError, PartsMismatchError
@@ -902,7 +903,7 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
             err = err.__cause__ or err.__context__
         if err is None or not bad_input(err):
             raise
-        if _is_rank_zero() or not isinstance(err, JobInterrupted):  # once per job, not rank
+        if is_launcher() or not isinstance(err, JobInterrupted):  # once per job, not rank
             print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
         return int(getattr(err, "exit_status", 2))
     return 0
@@ -965,7 +966,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from .bands import BandError
     from .datasets import InputError
-    from .jobs import JobError, JobInterrupted
+    from .jobs import JobError, JobInterrupted, is_launcher
     from .weights import CheckpointError
     from .writers import OutputWriteError
 
@@ -973,13 +974,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _one_line_warnings():
             summary = _embed_args(args)
     except (JobError, OutputWriteError) as err:
-        if _is_rank_zero() or not isinstance(err, JobInterrupted):  # one line per job, not rank
+        if is_launcher() or not isinstance(err, JobInterrupted):  # one line per job, not rank
             print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
         return int(getattr(err, "exit_status", 1))
     except (InputError, BandError, CheckpointError, ValueError, OSError) as err:
         print(f"torchgeo-dofa: error: {cli_hints(str(err))}", file=sys.stderr)
         return 2
-    if _is_rank_zero():
+    if is_launcher():
         print(summary.line())
     return 0
 
@@ -1203,12 +1204,6 @@ def __getattr__(name: str) -> Any:
 
         return InputError
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _is_rank_zero() -> bool:
-    from .jobs import is_launcher
-
-    return is_launcher()
 
 
 if __name__ == "__main__":

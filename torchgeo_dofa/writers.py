@@ -628,9 +628,9 @@ class _PartsWriter(BasePredictionWriter):
         """
         from .jobs import OutputLock, is_launcher
 
-        folder = self.path.parent.resolve()
         if self._lock is not None or not is_launcher():
             return
+        folder = self.path.parent.resolve()
         if folder in self._folder_locks:  # another writer of this job took it
             lock, users = self._folder_locks[folder]
             self._folder_locks[folder] = (lock, users + 1)
