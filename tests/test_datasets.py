@@ -433,8 +433,10 @@ def test_earth_engine_suffixed_and_non_spectral_bands_are_selectable() -> None:
     check_sample(sample["image"], sample["valid"], sample["bounds"], [SceneSpec(sources)])
 
     with pytest.raises(BandError, match=r"wavelengths=\["):
-        EarthEngineS2(DATA / "ee", bands=["VV", "B4"])
-    sar = EarthEngineS2(DATA / "ee", bands=["VV", "B4"], wavelengths=[3.75, 0.665])
+        EarthEngineS2(DATA / "ee", bands=["QA60", "B4"])
+    # VV takes DOFA v1's Sentinel-1 placeholder wavelength, as the sentinel1 preset does
+    sar = EarthEngineS2(DATA / "ee", bands=["VV", "B4"])
+    torch.testing.assert_close(sar.wavelengths, torch.tensor([3.75, 0.665]))
     sample = chip(sar, 10, 4, 16, 16)
     vv = [(tile, fx.EE_DESCRIPTIONS.index("VV") + 1), (tile, 4)]
     check_sample(sample["image"], sample["valid"], sample["bounds"], [SceneSpec(vv)])

@@ -453,10 +453,17 @@ def test_presets() -> None:
     rgb = DOFAPreprocess.from_preset("rgb", input_prep="tile")
     assert rgb.input_prep == "tile"
     x = raw((3, 30, 30))
+    rgb_out = rgb({"image": torch.from_numpy(x)})["image"]
     assert_close(
-        rgb({"image": torch.from_numpy(x)})["image"][0, :, :30, :30],
+        rgb_out[0, :, :30, :30],
         ref_normalize(x, ["B4", "B3", "B2"]),
     )
+    # the presets' band names work without the preset, any case
+    by_name = DOFAPreprocess(bands=["r", "G", "B"], input_prep="tile")
+    torch.testing.assert_close(by_name.wavelengths, torch.tensor([0.665, 0.56, 0.49]))
+    torch.testing.assert_close(by_name({"image": torch.from_numpy(x)})["image"], rgb_out)
+    sar = AttachWavelengths(["VV", "VH"])({"image": torch.zeros(2, 4, 4)})
+    torch.testing.assert_close(sar["wavelengths"], torch.tensor([3.75, 3.75]))
     with pytest.raises(BandError, match=r"sentinel1.*no DOFA normalisation statistics"):
         DOFAPreprocess.from_preset("sentinel1")
     with pytest.raises(BandError, match="unknown preset"):

@@ -251,25 +251,32 @@ _HOW_TO_PASS = (
 
 
 def infer_wavelengths(bands: Sequence[str]) -> list[float]:
-    """Infer centre wavelengths (um) for Sentinel-2 band names, any subset, any order.
+    """Infer centre wavelengths (um) from band names, any subset, any order.
+
+    Known names: Sentinel-2's (``B4`` or ``B04`` spelling, :data:`SENTINEL2_BANDS`), Earth
+    Engine's copies of them from other dates (``B4_1``), and the names of the
+    :data:`PRESETS` (``R``, ``G``, ``B`` with B4/B3/B2's wavelengths; ``VV``, ``VH`` with DOFA
+    v1's placeholder :data:`SENTINEL1_PLACEHOLDER_UM`).
 
     Args:
-        bands: band names (``B4`` or ``B04`` spelling).
+        bands: band names.
 
     Returns:
         One wavelength per band, in the given order.
 
     Raises:
-        BandError: if a name is not a known Sentinel-2 band; the message says how to pass
-            wavelengths explicitly.
+        BandError: if a name is not known; the message says how to pass wavelengths
+            explicitly.
     """
-    unknown = [b for b in bands if canonical_band(b) not in SENTINEL2_BANDS]
+    found = [_lookup(b) or _lookup(date_copy_base(b)) for b in bands]
+    unknown = [b for b, band in zip(bands, found, strict=True) if band is None]
     if unknown:
         raise BandError(
             f"cannot infer wavelengths for band(s) {unknown}: only Sentinel-2 bands "
-            f"{list(SENTINEL2_BANDS)} (or their B0x spelling) are known; {_HOW_TO_PASS}"
+            f"{list(SENTINEL2_BANDS)} (or their B0x spelling) and the presets' "
+            f"{[b for b in _ALL_BANDS if b not in SENTINEL2_BANDS]} are known; {_HOW_TO_PASS}"
         )
-    return [SENTINEL2_BANDS[canonical_band(b)].wavelength for b in bands]
+    return [band.wavelength for band in found if band is not None]
 
 
 def validate_wavelengths(wavelengths: Sequence[float] | Tensor, num_channels: int | None) -> None:
