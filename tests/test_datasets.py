@@ -45,6 +45,7 @@ from torchgeo_dofa.datasets import (
     read_product_metadata,
     stack_dofa_samples,
 )
+from torchgeo_dofa.transforms import DOFAPreprocess
 
 DATA = Path(__file__).resolve().parent / "data" / "sentinel2"
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sentinel2"
@@ -647,6 +648,36 @@ def test_nan_is_invalid(tmp_path: Path) -> None:
     expected[2, 3] = expected[5, 5] = False
     np.testing.assert_array_equal(sample["valid"].numpy(), expected)
     assert not torch.isnan(sample["image"]).any()
+
+
+def test_default_bands_leave_out_bands_without_statistics(tmp_path: Path) -> None:
+    """An Earth Search download with ``nir08`` (B8A) but not ``nir`` (B8): the default bands
+    are the shared ones DOFA can normalise, so the default dataset embeds (B8A used to be
+    chosen and then refused by the normalisation)."""
+    path = tmp_path / "b8a.tif"
+    with rasterio.open(
+        path, "w", driver="GTiff", width=8, height=8, count=4, dtype="uint16",
+        crs="EPSG:32631", transform=from_origin(500000, 5600000, 10, 10),
+    ) as dst:  # fmt: skip
+        dst.write(np.full((4, 8, 8), 1500, dtype=np.uint16))
+        dst.descriptions = ("B02", "B03", "B04", "B8A")
+    with pytest.warns(UserWarning, match=r"\['B8A'\] left out of the default bands"):
+        ds = Sentinel2SR(path, transforms=DOFAPreprocess(bands=["B2", "B3", "B4"]))
+    assert ds.bands == ("B2", "B3", "B4")
+    assert chip(ds, 0, 0, 8, 8)["image"].shape == (3, 224, 224)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Sentinel2SR(path, bands=["B8A", "B4"]).bands == ("B8A", "B4")  # asked for
+    only = tmp_path / "only_b8a.tif"
+    with (
+        rasterio.open(path) as src,
+        rasterio.open(only, "w", **(src.profile | {"count": 1})) as dst,
+    ):
+        dst.write(src.read(4), 1)
+        dst.descriptions = ("B8A",)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Sentinel2SR(only).bands == ("B8A",)  # nothing else to read: kept, no warning
 
 
 # ----------------------------------------------------------------------------- batching

@@ -31,6 +31,7 @@ from torchgeo.samplers import GriddedPatchSampler, RandomPatchSampler
 
 from tests.checkpoints import official_state_dict, random_encoder, write_checkpoint
 from torchgeo_dofa.bands import DOFA_S2_BANDS, BandError
+from torchgeo_dofa.embedder import NotNormalisedError
 from torchgeo_dofa.synthetic import (
     EUROSAT_BANDS,
     SpectralChips,
@@ -464,6 +465,41 @@ def test_segmentation_options() -> None:
     assert decoder(maps, (48, 80)).shape == (2, 5, 48, 80)
     with pytest.raises(ValueError, match="four|4"):
         decoder(maps[:3], (48, 80))
+
+
+def test_tasks_refuse_raw_reflectance_and_mismatched_masks(
+    small_task: DOFAClassificationTask,
+) -> None:
+    """Raw reflectance would train on noise silently, as it would embed as noise; a mask at
+    another size than its image (the image alone resized) is named, not a reshape error."""
+    wl = torch.tensor([0.665, 0.56, 0.49, 0.842])
+    raw = torch.full((2, 4, 32, 32), 3000.0)
+    normalised = (raw / 10000 * 255 - 100) / 60
+    seg = DOFASegmentationTask(
+        num_classes=3, weights=None, interpolate_pos_embed=True, ignore_index=255, patience=None
+    )
+    labelled = {"image": raw, "wavelengths": wl, "label": torch.tensor([0, 1])}
+    for run in (
+        lambda: small_task(raw, wl),
+        lambda: small_task.training_step(labelled, 0),
+        lambda: seg(raw, wl),
+        lambda: seg.predict_step({"image": raw, "wavelengths": wl}, 0),
+        lambda: small_task(raw.long(), wl),
+    ):  # fmt: skip
+        with pytest.raises(NotNormalisedError, match=r"NormalizeReflectance.*not DOFA's"):
+            run()
+    with torch.no_grad():
+        assert small_task(normalised, wl).shape == (2, 3)
+    batch = {
+        "image": normalised,
+        "wavelengths": wl.expand(2, 4),
+        "mask": torch.zeros(2, 16, 16, dtype=torch.long),
+        "valid": torch.ones(2, 32, 32, dtype=torch.bool),
+    }
+    with pytest.raises(ValueError, match=r"mask is \(16, 16\) px but its image is \(32, 32\)"):
+        seg.training_step(batch, 0)
+    batch["mask"] = torch.zeros(2, 1, 32, 32, dtype=torch.long)  # (B, 1, H, W) as TorchGeo's
+    assert seg.training_step(batch, 0).ndim == 0
 
 
 # ------------------------------------------------------------------------------------------

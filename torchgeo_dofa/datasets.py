@@ -479,7 +479,9 @@ class Sentinel2Base(RasterDataset):
             bands: bands to return, in this order (``B04`` or ``B4`` spelling; Earth Engine's
                 ``B4_1`` multi-date copies and non-spectral bands by name). Defaults to DOFA's
                 9 bands (B4, B3, B2, B5, B6, B7, B8, B11, B12) when every scene has them, else
-                every Sentinel-2 band all scenes share. For multi-band files without band
+                every Sentinel-2 band all scenes share that has DOFA normalisation statistics
+                (B1, B8A, B9 and B10 have none: left out with a warning, unless no other band
+                is shared). For multi-band files without band
                 descriptions, a list as long as the file's band count names the file's bands
                 in order (and selects all of them).
             transforms: a function/transform applied to each sample dict
@@ -888,6 +890,18 @@ class Sentinel2Base(RasterDataset):
                 chosen = list(self.default_bands)
             else:
                 chosen = [b for b in SENTINEL2_BANDS if b in common]
+                unnormalisable = [b for b in chosen if SENTINEL2_BANDS[b].mean is None]
+                if unnormalisable and len(unnormalisable) < len(chosen):
+                    # DOFA has no statistics for them: the default must stay embeddable
+                    chosen = [b for b in chosen if b not in unnormalisable]
+                    warnings.warn(
+                        f"{self.__class__.__name__}: band(s) {unnormalisable} left out of the "
+                        f"default bands {chosen}: DOFA has no normalisation statistics for "
+                        "them; name them in bands=[...] to read them anyway (and give their "
+                        "statistics, mean=[...] and std=[...], to embed them)",
+                        UserWarning,
+                        stacklevel=3,
+                    )
             if not chosen:
                 raise BandError(
                     f"no Sentinel-2 band is present in every scene (found {sorted(common)}): "

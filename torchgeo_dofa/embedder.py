@@ -19,7 +19,7 @@ from .model import DOFAEncoder, PooledNorm
 from .transforms import stitch_tiles
 from .weights import load_dofa
 
-__all__ = ["OUTPUT_KINDS", "DOFAEmbedder", "NotNormalisedError"]
+__all__ = ["OUTPUT_KINDS", "DOFAEmbedder", "NotNormalisedError", "check_normalised"]
 
 OutputKind = Literal["pooled", "grid", "both"]
 OUTPUT_KINDS: tuple[str, ...] = ("pooled", "grid", "both")
@@ -149,7 +149,7 @@ class DOFAEmbedder(pl.LightningModule):
         if empty is not None and bool(empty.any()):
             return self._predict_non_empty(batch, ~empty.to(torch.bool), batch_idx)
         image, wavelengths = batch["image"], batch["wavelengths"]
-        _check_normalised(image)
+        check_normalised(image)
         pooled, grid = self(image, wavelengths)
         patch = self.encoder.config.patch_size
         valid = batch.get("valid")
@@ -240,22 +240,31 @@ class NotNormalisedError(ValueError):
     """A batch reached the encoder without DOFA's normalisation (e.g. raw reflectance)."""
 
 
-def _check_normalised(image: Tensor) -> None:
+_EMBEDDER_FIX = (
+    "give the data module preprocess=True or transforms=DOFAPreprocess(...), or set "
+    "DOFAEmbedder.preprocess"
+)
+
+
+def check_normalised(image: Tensor, fix: str = _EMBEDDER_FIX) -> None:
     """Refuse a batch that was not normalised (raw reflectance would embed as noise).
 
+    Args:
+        image: the batch's image.
+        fix: how to normalise, for the message.
+
     Raises:
-        NotNormalisedError: naming the dtype or the largest value, and the fix.
+        NotNormalisedError: naming the dtype or the largest value (above
+            :data:`NORMALISED_LIMIT`), and the fix.
     """
     if not image.is_floating_point():
         raise NotNormalisedError(
             f"the batch's image is {image.dtype}, not normalised: DOFA takes reflectance "
-            "normalised with DOFA's statistics; give the data module preprocess=True or "
-            "transforms=DOFAPreprocess(...), or set DOFAEmbedder.preprocess"
+            f"normalised with DOFA's statistics; {fix}"
         )
     peak = float(image.detach().abs().nan_to_num(0.0).amax()) if image.numel() else 0.0
     if peak > NORMALISED_LIMIT:
         raise NotNormalisedError(
             f"the batch's image holds values up to {peak:g}, raw reflectance rather than "
-            "input normalised with DOFA's statistics: give the data module preprocess=True "
-            "or transforms=DOFAPreprocess(...), or set DOFAEmbedder.preprocess"
+            f"input normalised with DOFA's statistics: {fix}"
         )

@@ -50,6 +50,7 @@ from torchmetrics.classification import (
 )
 
 from .bands import BandError, canonical_band, infer_wavelengths, resolve_wavelengths
+from .embedder import check_normalised
 from .model import DOFAEncoder, canonical_variant
 from .weights import load_dofa
 
@@ -89,6 +90,13 @@ _EMBED_PREFIXES = (
     "encoder.backbone.pos_embed",
 )
 _BLOCK_PREFIX = "encoder.backbone.blocks."
+
+#: How to normalise a task's batches (for :func:`~torchgeo_dofa.embedder.check_normalised`).
+_NORMALISE_FIX = (
+    "normalise the samples with DOFA's statistics in the dataset's or data module's "
+    "transforms (torchgeo_dofa.transforms.NormalizeReflectance, or DOFAPreprocess for "
+    "classification chips); a TorchGeo data module's own normalisation is not DOFA's"
+)
 
 
 def wavelengths_for_bands(bands: Sequence[str]) -> list[float]:
@@ -549,7 +557,12 @@ class DOFAClassificationTask(_DOFATask):
 
         Returns:
             (B, D) pooled embeddings.
+
+        Raises:
+            NotNormalisedError: for an integer image or values beyond
+                :data:`~torchgeo_dofa.embedder.NORMALISED_LIMIT` (raw reflectance).
         """
+        check_normalised(image, _NORMALISE_FIX)
         waves = self._wavelengths(image, wavelengths)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             return self.encoder(image, waves).pooled
@@ -564,6 +577,10 @@ class DOFAClassificationTask(_DOFATask):
 
         Returns:
             Logits (B, num_classes).
+
+        Raises:
+            NotNormalisedError: for an integer image or values beyond
+                :data:`~torchgeo_dofa.embedder.NORMALISED_LIMIT` (raw reflectance).
         """
         logits: Tensor = self.head(self.embed(image, wavelengths))
         return logits
@@ -838,7 +855,12 @@ class DOFASegmentationTask(_DOFATask):
 
         Returns:
             Four (B, D, H/16, W/16) maps, in ``block_indices`` order.
+
+        Raises:
+            NotNormalisedError: for an integer image or values beyond
+                :data:`~torchgeo_dofa.embedder.NORMALISED_LIMIT` (raw reflectance).
         """
+        check_normalised(image, _NORMALISE_FIX)
         waves = self._wavelengths(image, wavelengths)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             _, maps = self.encoder.forward_tokens(image, waves, self.block_indices)
@@ -853,6 +875,10 @@ class DOFASegmentationTask(_DOFATask):
 
         Returns:
             Logits (B, num_classes, H, W).
+
+        Raises:
+            NotNormalisedError: for an integer image or values beyond
+                :data:`~torchgeo_dofa.embedder.NORMALISED_LIMIT` (raw reflectance).
         """
         h, w = image.shape[-2:]
         logits: Tensor = self.decoder(self.features(image, wavelengths), (h, w))
@@ -862,6 +888,17 @@ class DOFASegmentationTask(_DOFATask):
         mask: Tensor = batch["mask"]
         if mask.ndim == 4:
             mask = mask.squeeze(1)
+        image_size = tuple(batch["image"].shape[-2:])
+        if tuple(mask.shape[-2:]) != image_size:
+            raise ValueError(
+                f"the batch's mask is {tuple(mask.shape[-2:])} px but its image is "
+                f"{image_size} px: a segmentation target must cover the image pixel for "
+                "pixel. A transform resized the image alone (DOFAPreprocess resizes to 224): "
+                "normalise without resizing (AttachWavelengths, CheckReflectance and "
+                "NormalizeReflectance of torchgeo_dofa.transforms) and sample chips of the "
+                "size to train on (224 px, or any multiple of 16 with "
+                "interpolate_pos_embed=True)"
+            )
         mask = mask.long()
         ignore = self.hparams["ignore_index"]
         valid = batch.get("valid")
