@@ -32,7 +32,7 @@ from torchgeo_dofa.api import (
     get_embeddings_batch,
     get_embeddings_batch_from_inputs,
 )
-from torchgeo_dofa.bands import BandError
+from torchgeo_dofa.bands import BandError, infer_wavelengths, norm_stats
 from torchgeo_dofa.cli import embed
 from torchgeo_dofa.gee import GEEUnavailableError, build_gee_request, decode_pixels, utm_epsg
 from torchgeo_dofa.spatial import BBox, PointBuffer
@@ -175,6 +175,29 @@ def test_pooled_norm_conventions(chip_a, weights, tensor_a) -> None:
     assert plain.meta["pooled_norm"] == "plain"
     _close(plain.data, F.layer_norm(tokens_mean, (768,), eps=1e-6).numpy())
     assert not np.allclose(plain.data, tensor_a.pooled.data, atol=1e-3)
+
+
+def test_another_sensors_bands_with_given_statistics(chip_a, weights) -> None:
+    """SensorSpec(mean=, std=) normalises bands DOFA has no statistics for; the same
+    statistics as DOFA's for B4/B3/B2/B8 under other names give the same embedding."""
+    raw, names, _, _ = chip_a
+    stats = [norm_stats([n]) for n in names]
+    mean, std = tuple(m[0][0] for m in stats), tuple(m[1][0] for m in stats)
+    other = SensorSpec(
+        bands=("red", "green", "blue", "nir"),
+        wavelengths=tuple(infer_wavelengths(names)),
+        mean=mean,
+        std=std,
+    )
+    emb = get_embedding("dofa", input_chw=raw, sensor=other, weights=weights, device="cpu")
+    same = get_embedding(
+        "dofa", input_chw=raw, sensor=SensorSpec(bands=tuple(names)), weights=weights, device="cpu"
+    )
+    np.testing.assert_array_equal(emb.data, same.data)
+    assert emb.meta["preprocessing"]["normalization"]["mean"] == pytest.approx(list(mean))
+    with pytest.raises(BandError, match="no DOFA normalisation statistics.*mean=\\[...\\]"):
+        no_stats = SensorSpec(bands=other.bands, wavelengths=other.wavelengths)
+        get_embedding("dofa", input_chw=raw, sensor=no_stats, weights=weights, device="cpu")
 
 
 def test_encoders_are_cached(tensor_a, weights) -> None:

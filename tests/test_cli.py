@@ -1043,6 +1043,79 @@ def test_13_band_stack_without_descriptions(tmp_path, base_checkpoint) -> None:
     np.testing.assert_allclose(grid, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_another_sensors_bands_with_their_statistics_and_an_offset(
+    tmp_path, base_checkpoint, capsys
+) -> None:
+    """Bands that are not Sentinel-2's embed with their wavelengths and statistics
+    (--wavelengths, --mean, --std on DOFA's 0..255 scale); --offset is added to the digital
+    numbers first. Checked against a numpy normalisation and the encoder."""
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(1)
+    data = rng.integers(1200, 5000, (4, 224, 224), dtype=np.uint16)
+    path = tmp_path / "planet.tif"
+    with rasterio.open(
+        path, "w", driver="GTiff", width=224, height=224, count=4, dtype="uint16",
+        crs="EPSG:32633", transform=from_origin(500000, 5000000, 10, 10),
+    ) as dst:  # fmt: skip
+        dst.write(data)
+        dst.descriptions = ("red", "green", "blue", "nir")
+    waves, mean, std = [0.665, 0.565, 0.49, 0.865], [80.0, 85.0, 90.0, 70.0], [40, 45, 50, 35]
+    common = [
+        "embed", str(path), "--weights", str(base_checkpoint), "--no-progress",
+        "--output", "grid", "--bands", "red", "green", "blue", "nir",
+        "--wavelengths", *map(str, waves),
+    ]  # fmt: skip
+    capsys.readouterr()
+    # without statistics: refused, naming the options (not Python keywords)
+    assert main([*common, "-o", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "no DOFA normalisation statistics" in err and "--mean ... and --std ..." in err
+    for bad, message in [
+        (["--mean", *map(str, mean)], "give both --mean ... and --std ..."),
+        (["--mean", "80", "--std", "40"], "1 means and 1 stds for 4 bands"),
+        (["--mean", "4475", "80", "80", "80", "--std", *map(str, std)], "multiply them by 0.0255"),
+        (["--mean", *map(str, mean), "--std", "40", "0", "1", "1"], "std > 0"),
+    ]:
+        assert main([*common, *bad, "-o", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+    stats = ["--mean", *map(str, mean), "--std", *map(str, std)]
+    out = tmp_path / "out"
+    assert main([*common, *stats, "--offset", "-1000", "-o", str(out)]) == 0
+    with rasterio.open(out / "planet_grid.tif") as emb:
+        grid = emb.read()
+        assert json.loads(emb.tags()["wavelengths"]) == waves
+    raw = np.clip(data.astype(np.float64) - 1000, 0, 10000) / 10000 * 255
+    x = (raw - np.array(mean)[:, None, None]) / np.array(std, dtype=np.float64)[:, None, None]
+    encoder = load_dofa("base", weights=base_checkpoint)
+    with torch.inference_mode():
+        ref = encoder(torch.from_numpy(x).float()[None], waves).grid[0].numpy()
+    np.testing.assert_allclose(grid, ref, rtol=1e-4, atol=1e-4)
+    # other statistics, or another offset, are another job
+    capsys.readouterr()
+    other = ["--mean", "81", *map(str, mean[1:]), "--std", *map(str, std)]
+    assert main([*common, *other, "--offset", "-1000", "-o", str(out)]) == 2
+    assert "mean" in capsys.readouterr().err
+    assert main([*common, *stats, "--offset", "0", "-o", str(out)]) == 2
+    assert "offset" in capsys.readouterr().err
+
+
+def test_cli_hints_keep_python_examples_as_python() -> None:
+    from torchgeo_dofa.cli import cli_hints
+
+    text = (
+        "pass wavelengths, e.g. DOFAPreprocess(bands=[...], wavelengths=[0.665]) or "
+        "get_embedding(..., sensor=SensorSpec(bands=[...])); for Sentinel2SR, pass "
+        "wavelengths=[...] (one per band of bands=['B4', 'x']), or offset=0"
+    )
+    assert cli_hints(text) == (
+        "pass wavelengths, e.g. DOFAPreprocess(bands=[...], wavelengths=[0.665]) or "
+        "get_embedding(..., sensor=SensorSpec(bands=[...])); for Sentinel2SR, pass "
+        "--wavelengths ... (one per band of --bands B4 x), or --offset 0"
+    )
+
+
 def test_output_file_names_and_seeded_random_weights(tmp_path, capsys) -> None:
     common = [*_one_chip_bbox(SCENE), "--weights", "none", "--no-progress"]
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"

@@ -24,6 +24,7 @@ import pytest
 import rasterio
 import torch
 from pyproj import CRS
+from rasterio.crs import CRS as RIO_CRS
 from rasterio.transform import Affine, from_origin
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchgeo.datasets import stack_samples
@@ -39,9 +40,11 @@ from torchgeo_dofa.datasets import (
     BandSetBatchSampler,
     DatasetCollection,
     EarthEngineS2,
+    InputError,
     MixedBandSetError,
     Sentinel2Base,
     Sentinel2SR,
+    find_raster_inputs,
     read_product_metadata,
     stack_dofa_samples,
 )
@@ -678,6 +681,80 @@ def test_default_bands_leave_out_bands_without_statistics(tmp_path: Path) -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert Sentinel2SR(only).bands == ("B8A",)  # nothing else to read: kept, no warning
+
+
+def _write_tif(path: Path, data: np.ndarray, transform: Affine, crs: str | None) -> Path:
+    with rasterio.open(
+        path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1],
+        count=data.shape[0], dtype=data.dtype, crs=crs, transform=transform,
+    ) as dst:  # fmt: skip
+        dst.write(data)
+        dst.descriptions = ("B4", "B8")[: data.shape[0]]
+    return path
+
+
+def test_south_up_and_rotated_rasters_are_placed_on_the_map(tmp_path: Path) -> None:
+    """Files whose geotransform is not north-up are read through GDAL's warper: a south-up
+    copy gives the north-up file's pixels, a rotated one the pixels an inverse-affine lookup
+    gives (they were all no-data, or read as if unrotated)."""
+    rng = np.random.default_rng(0)
+    data = rng.integers(1, 5000, (2, 40, 40)).astype(np.uint16)
+    north = Affine(10, 0, 500000, 0, -10, 5600000)
+    plain = Sentinel2SR(_write_tif(tmp_path / "north.tif", data, north, "EPSG:32631"))
+    south = Affine(10, 0, 500000, 0, 10, 5600000 - 400)  # row 0 is the southern edge
+    flipped = Sentinel2SR(_write_tif(tmp_path / "south.tif", data[:, ::-1], south, "EPSG:32631"))
+    assert flipped.bounds[:2] == plain.bounds[:2]
+    torch.testing.assert_close(chip(flipped, 0, 0, 40, 40), chip(plain, 0, 0, 40, 40))
+
+    rotated_t = north @ Affine.rotation(10)
+    rotated = Sentinel2SR(_write_tif(tmp_path / "rotated.tif", data, rotated_t, "EPSG:32631"))
+    assert rotated.res == pytest.approx((10, 10), rel=1e-6)  # the pixel size, not cos(10) x 10
+    x, y, _ = rotated.bounds
+    w, h = round((x.stop - x.start) / 10), round((y.stop - y.start) / 10)
+    sample = chip(rotated, 0, 0, w, h)
+    t = Affine(*sample["transform"][:6].tolist())
+    rows, cols = np.mgrid[0:h, 0:w]
+    px, py = t @ (cols + 0.5, rows + 0.5)
+    src_col, src_row = ~rotated_t @ (px, py)
+    src_col, src_row = np.floor(src_col).astype(int), np.floor(src_row).astype(int)
+    inside = (src_col >= 0) & (src_col < 40) & (src_row >= 0) & (src_row < 40)
+    expected = np.zeros((2, h, w), dtype=np.float32)
+    expected[:, inside] = data[:, src_row[inside], src_col[inside]]
+    image, valid = sample["image"].numpy(), sample["valid"].numpy()
+    assert abs(int(valid.sum()) - int(inside.sum())) <= 0.02 * inside.sum()
+    both = valid & inside
+    agree = (image[:, both] == expected[:, both]).all(axis=0).mean()
+    assert agree > 0.98, agree  # nearest neighbour: only pixels on a cell edge may differ
+
+
+def test_files_without_georeferencing_are_refused(tmp_path: Path) -> None:
+    data = np.full((2, 8, 8), 1500, dtype=np.uint16)
+    path = _write_tif(tmp_path / "nogeo.tif", data, Affine.identity(), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rasterio's NotGeoreferencedWarning is not shown
+        with pytest.raises(ValueError, match="not georeferenced.*gdal_translate -a_srs"):
+            Sentinel2SR(path, crs="EPSG:32631")
+        with pytest.raises(InputError, match="nogeo.tif is not georeferenced"):
+            find_raster_inputs([path])
+    # a geotransform without CRS is placed by crs=
+    nocrs = _write_tif(tmp_path / "nocrs.tif", data, Affine(10, 0, 500000, 0, -10, 5600000), None)
+    assert Sentinel2SR(nocrs, crs="EPSG:32631").bounds[0].start == 500000
+
+
+def test_a_region_mixing_crss_is_read_in_the_crs_given(tmp_path: Path) -> None:
+    data = np.full((2, 8, 8), 1500, dtype=np.uint16)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    _write_tif(folder / "a.tif", data, Affine(10, 0, 500000, 0, -10, 5600000), "EPSG:32631")
+    _write_tif(folder / "b.tif", data, Affine(10, 0, 300000, 0, -10, 5600000), "EPSG:32632")
+    with pytest.raises(InputError, match="mixed CRS.*crs=EPSG"):
+        find_raster_inputs([folder])
+    (region,) = find_raster_inputs([folder], crs="EPSG:32631")
+    assert RIO_CRS.from_wkt(region.crs) == RIO_CRS.from_epsg(32631)
+    assert region.bounds is not None
+    assert region.bounds[0] == 500000 and region.bounds[2] > 500080  # b.tif lies east of a.tif
+    ds = region.open(crs="EPSG:32631")
+    assert ds.bounds[0].stop == pytest.approx(region.bounds[2], abs=20)
 
 
 # ----------------------------------------------------------------------------- batching

@@ -271,6 +271,10 @@ class SensorSpec:
         composite: ``"median"`` or ``"mosaic"`` (``gee``).
         fill_value: raw value written into missing pixels.
         wavelengths: one wavelength (um) per band; None infers them from Sentinel-2 names.
+        mean: one normalisation mean per band on DOFA's 0..255 scale (reflectance / 10000 x
+            255), for bands without DOFA statistics (another sensor's); given with ``std``.
+            None uses DOFA's Sentinel-2 statistics.
+        std: one standard deviation per band on the same scale.
     """
 
     collection: str = DEFAULT_COLLECTION
@@ -280,6 +284,8 @@ class SensorSpec:
     composite: Literal["median", "mosaic"] = "median"
     fill_value: float = 0.0
     wavelengths: tuple[float, ...] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         """Store bands and wavelengths as tuples.
@@ -295,8 +301,10 @@ class SensorSpec:
             check_unique_bands(self.bands, "SensorSpec.bands")
         except BandError as err:
             raise ModelError(str(err)) from err
-        if self.wavelengths is not None:
-            object.__setattr__(self, "wavelengths", tuple(float(w) for w in self.wavelengths))
+        for name in ("wavelengths", "mean", "std"):
+            values = getattr(self, name)
+            if values is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in values))
 
 
 @dataclass
@@ -534,13 +542,18 @@ class _Prepared:
     meta: dict[str, Any]
 
 
-def _normalisation_meta() -> dict[str, Any]:
-    return {
+def _normalisation_meta(mean: Tensor | None = None, std: Tensor | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
         "check": "input whose valid values all lie in [0, 2] is rejected (raw 0..10000 expected)",
         "clip": [0.0, 10000.0],
         "scale": "x / 10000 * 255",
         "standardise": "DOFA per-band mean/std (0..255 scale), looked up by band name",
     }
+    if mean is not None and std is not None:
+        meta["standardise"] = "per-band mean/std (0..255 scale)"
+        meta["mean"] = [float(v) for v in mean]
+        meta["std"] = [float(v) for v in std]
+    return meta
 
 
 def _size_meta(height: int, width: int, input_prep: str, size: int = 224) -> dict[str, Any]:
@@ -573,11 +586,19 @@ def _prepare(
     fill_value: float = 0.0,
     valid: Tensor | None = None,
     transform: Tensor | None = None,
+    sensor: SensorSpec | None = None,
 ) -> _Prepared:
     """Run the standard stack on one raw (C, H, W) image; record what was done."""
     height, width = int(image.shape[-2]), int(image.shape[-1])
+    mean, std = (sensor.mean, sensor.std) if sensor is not None else (None, None)
     stack = DOFAPreprocess(
-        bands, wavelengths, input_prep=input_prep, nodata=nodata, fill_value=fill_value
+        bands,
+        wavelengths,
+        input_prep=input_prep,
+        nodata=nodata,
+        fill_value=fill_value,
+        mean=mean,
+        std=std,
     )
     sample: dict[str, Tensor] = {"image": image}
     if valid is not None:
@@ -596,7 +617,9 @@ def _prepare(
         "input_size_hw": [height, width],
         "model_input_hw": [224, 224],
         "preprocessing": {
-            "normalization": _normalisation_meta(),
+            "normalization": _normalisation_meta(
+                *(stack[2].mean, stack[2].std) if mean is not None else ()
+            ),
             "size": _size_meta(height, width, input_prep),
             "fill_value": fill_value,
             "nodata": nodata,
@@ -653,6 +676,7 @@ def _prepare_tensor(
         input_prep,
         nodata=nodata,
         fill_value=sensor.fill_value,
+        sensor=sensor,
     )
     prepared.meta["source"] = "input_chw"
     return prepared
@@ -707,6 +731,7 @@ def _prepare_local(
     temporal: TemporalSpec | None,
     input_prep: str,
     fill_value: float,
+    sensor: SensorSpec | None = None,
 ) -> _Prepared:
     if spatial is None:
         raise ModelError("backend='local' needs spatial=PointBuffer(...) or BBox(...)")
@@ -734,6 +759,7 @@ def _prepare_local(
         fill_value=fill_value,
         valid=raw["valid"],
         transform=raw["transform"],
+        sensor=sensor,
     )
     prepared.meta.update(
         {
@@ -783,6 +809,7 @@ def _prepare_gee(
         fill_value=sensor.fill_value,
         valid=torch.from_numpy(valid),
         transform=transform,
+        sensor=sensor,
     )
     a, _, c, _, e, f = request.transform
     prepared.meta.update(
@@ -860,7 +887,7 @@ def _prepare_stac(
         resolution=float(eff.scale_m),
     )
     ds = open_local(path, SensorSpec(bands=eff.bands, wavelengths=eff.wavelengths))
-    prepared = _prepare_local(ds, spatial, None, input_prep, eff.fill_value)
+    prepared = _prepare_local(ds, spatial, None, input_prep, eff.fill_value, eff)
     with rasterio.open(path) as src:
         tags = src.tags()
     prepared.meta.update(
@@ -994,7 +1021,7 @@ def _fetch_many(
             )
         ds = dataset if dataset is not None else open_local(paths, sensor)  # type: ignore[arg-type]
         fill = sensor.fill_value if sensor is not None else 0.0
-        return [_prepare_local(ds, s, temporal, cfg.input_prep, fill) for s in spatials]
+        return [_prepare_local(ds, s, temporal, cfg.input_prep, fill, sensor) for s in spatials]
     if backend == "gee":
         eff = sensor or SensorSpec()
         for s in spatials:

@@ -26,6 +26,7 @@ __all__ = [
     "STAC_ANCILLARY_ASSETS",
     "STAC_ASSET_BANDS",
     "STAC_ITEM_ASSETS",
+    "STATS_SCALE_MAX",
     "Band",
     "BandError",
     "BandSet",
@@ -367,19 +368,39 @@ def date_copy_base(name: str) -> str:
     return split_date_copy(name)[0]
 
 
-def norm_stats(bands: Sequence[str]) -> tuple[list[float], list[float]]:
-    """Look up DOFA's per-band mean and std (0..255 scale) by band name.
+#: Largest value of DOFA's statistics scale (reflectance / 10000 x 255): given statistics above
+#: it were computed on raw reflectance (0..10000) instead.
+STATS_SCALE_MAX = 255.0
+
+
+def norm_stats(
+    bands: Sequence[str],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> tuple[list[float], list[float]]:
+    """DOFA's per-band mean and std (0..255 scale): looked up by band name, or as given.
+
+    DOFA's pre-training statistics exist for Sentinel-2's B2-B8, B11, B12 (and the ``rgb``
+    preset's names): see :data:`SENTINEL2_BANDS`. Bands of other sensors need their own,
+    on the same scale (reflectance x 10000 clipped to 0..10000, / 10000 x 255).
 
     Args:
         bands: band names, any subset and order of the DOFA 9 bands (or preset names); a
             band of another date (``B4_1``) takes its band's statistics.
+        mean: one mean per band on the 0..255 scale, replacing the looked-up ones, or None.
+        std: one standard deviation per band on the same scale (given with ``mean``), or
+            None.
 
     Returns:
         (means, stds), one value per band.
 
     Raises:
-        BandError: naming every band without statistics.
+        BandError: naming every band without statistics when none are given, or what is
+            wrong with the given ones (only one of the two, count, non-finite, std <= 0,
+            values beyond the 0..255 scale).
     """
+    if mean is not None or std is not None:
+        return _given_stats(bands, mean, std)
     means: list[float] = []
     stds: list[float] = []
     missing: list[str] = []
@@ -394,7 +415,31 @@ def norm_stats(bands: Sequence[str]) -> tuple[list[float], list[float]]:
         known = [b.name for b in _ALL_BANDS.values() if b.mean is not None]
         raise BandError(
             f"no DOFA normalisation statistics for band(s) {missing}; statistics exist for "
-            f"{sorted(set(known))}: drop those bands or normalise them yourself"
+            f"{sorted(set(known))}: drop those bands, or give every band's statistics, "
+            "mean=[...] and std=[...] (one per band, in band order, on DOFA's 0..255 scale: "
+            "the raw reflectance statistics x 0.0255)"
+        )
+    return means, stds
+
+
+def _given_stats(
+    bands: Sequence[str], mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[list[float], list[float]]:
+    """Check statistics given for ``bands`` (see :func:`norm_stats`)."""
+    if mean is None or std is None:
+        raise BandError("give both mean=[...] and std=[...] (one per band), or neither")
+    means, stds = [float(v) for v in mean], [float(v) for v in std]
+    if len(means) != len(bands) or len(stds) != len(bands):
+        raise BandError(
+            f"{len(means)} means and {len(stds)} stds for {len(bands)} bands {list(bands)}: "
+            "give one mean and one std per band, in band order"
+        )
+    if not all(math.isfinite(v) for v in means + stds) or min(stds) <= 0:
+        raise BandError(f"statistics must be finite with std > 0; got mean={means}, std={stds}")
+    if max(abs(v) for v in means + stds) > STATS_SCALE_MAX:
+        raise BandError(
+            f"statistics mean={means}, std={stds} exceed DOFA's 0..255 scale: they look "
+            "computed on raw reflectance (0..10000); multiply them by 0.0255 (255 / 10000)"
         )
     return means, stds
 

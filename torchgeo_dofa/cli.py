@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import gc
 import logging
+import math
 import os
 import re
 import sys
@@ -270,6 +271,9 @@ def embed(
     wavelengths: Sequence[float] | None = None,
     nodata: float | None = None,
     crs: str | None = None,
+    offset: float | str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     chip_size: int = CHIP,
     stride: int | None = None,
     points: str | Path | None = None,
@@ -324,9 +328,15 @@ def embed(
         file_bands: names of the bands of files without band descriptions, in file order
             (a second date as ``B4_1``...).
         wavelengths: centre wavelengths (um), one per band, for bands that are not
-            Sentinel-2's.
+            Sentinel-2's (or other ones than Sentinel-2's).
         nodata: no-data value overriding the files' own.
-        crs: CRS to read the inputs in (default: the first file's).
+        crs: CRS to read the inputs in (default: the first file's); also reads a folder of
+            files in several CRSs as one region.
+        offset: radiometric offset added to the digital numbers (``0``, ``-1000``), or
+            ``"auto"`` / None for the datasets' rule (product metadata, name, date).
+        mean: one normalisation mean per band on DOFA's 0..255 scale, for bands without DOFA
+            statistics (another sensor's); given with ``std``.
+        std: one standard deviation per band on that scale.
         chip_size: chip side in pixels (224: one model input per chip, one grid cell per
             16 x 16 pixels; larger chips are resized (cells of ``chip_size / 14`` pixels) or
             tiled (cells of 16 pixels) to 224).
@@ -442,7 +452,7 @@ def embed(
             raise InputError(str(err)) from None
     if stac is not None:
         inputs += _stac_inputs(stac, collection, bbox, datetime, bands, max_cloud, composite)
-    regions = find_raster_inputs(inputs)
+    regions = find_raster_inputs(inputs, crs)
     point_sets: list[list[int] | None] = [None] * len(regions)
     if point_list is not None:  # each point to the regions holding it; none left out silently
         inside, outside = check_points(
@@ -465,6 +475,9 @@ def embed(
         "wavelengths": wavelengths,
         "nodata": nodata,
         "crs": crs,
+        "offset": offset,
+        "mean": mean,
+        "std": std,
     }
     # a folder holds one job; an output named by the user (-o NAME.tif) is a job of its own
     out = Path(output_dir)
@@ -721,9 +734,34 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="UM",
-        help="centre wavelength (um) of each band, for bands that are not Sentinel-2's",
+        help="centre wavelength (um) of each band, for bands that are not Sentinel-2's (their "
+        "statistics: --mean, --std)",
+    )
+    e.add_argument(
+        "--mean",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="M",
+        help="normalisation mean of each band on DOFA's 0..255 scale (reflectance / 10000 x "
+        "255), for bands without DOFA statistics (another sensor's); with --std",
+    )
+    e.add_argument(
+        "--std",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="S",
+        help="normalisation standard deviation of each band, same scale; with --mean",
     )
     e.add_argument("--nodata", type=float, default=None, help="no-data value of the inputs")
+    e.add_argument(
+        "--offset",
+        type=_offset_value,
+        default=None,
+        help="radiometric offset added to the digital numbers, e.g. 0 or -1000 (default: "
+        "auto, from the product metadata, name or date)",
+    )
     e.add_argument(
         "--crs", default=None, help="CRS to read the inputs in (e.g. EPSG:32633; default: theirs)"
     )
@@ -1006,6 +1044,9 @@ def _embed_args(args: argparse.Namespace) -> EmbedSummary:
         wavelengths=args.wavelengths,
         nodata=args.nodata,
         crs=args.crs,
+        offset=args.offset,
+        mean=args.mean,
+        std=args.std,
         chip_size=args.chip_size,
         stride=args.stride,
         points=args.points,
@@ -1173,22 +1214,57 @@ def _close_progress_bar(trainer: pl.Trainer) -> None:
 
 
 _KWARG_HINT = re.compile(
-    r"\b(file_bands|bands|wavelengths|crs|nodata|weights)=(\[[^\]]*\]|<[^>]*>|[^\s,;)]*)"
+    r"\b(file_bands|bands|wavelengths|crs|nodata|offset|mean|std|weights)="
+    r"(\[[^\]]*\]|<[^>]*>|[^\s,;)]*)"
 )
+
+
+def _offset_value(text: str) -> float | str:
+    """``--offset``: a number, or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number or 'auto' (e.g. --offset 0 or --offset -1000)"
+        ) from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"--offset must be finite, got {text!r}")
+    return value
+
+
+def _inside_call(message: str, pos: int) -> bool:
+    """Whether ``pos`` lies inside the parentheses of a call (``SensorSpec(bands=...)``).
+
+    Parentheses right after a name open a call; others are prose.
+    """
+    calls: list[bool] = []
+    for i, char in enumerate(message[:pos]):
+        if char == "(":
+            calls.append(i > 0 and (message[i - 1].isalnum() or message[i - 1] == "_"))
+        elif char == ")" and calls:
+            calls.pop()
+    return any(calls)
 
 
 def cli_hints(message: str) -> str:
     """Rewrite the Python keyword hints of an error (``bands=[...]``) as CLI options.
+
+    Keywords inside a Python call shown as an example (``DOFAPreprocess(bands=[...])``) stay
+    as they are: that is Python code, for Python users.
 
     Args:
         message: an error message from the datasets, transforms or data module.
 
     Returns:
         The message naming ``--bands B4 B3``, ``--file-bands ...``, ``--wavelengths ...``,
-        ``--nodata ...`` instead.
+        ``--nodata ...``, ``--offset ...`` instead.
     """
 
     def option(match: re.Match[str]) -> str:
+        if _inside_call(message, match.start()):
+            return match[0]
         value = match[2].strip("[]").replace(",", " ").replace("'", "").replace('"', "")
         value = " ".join(value.split())
         flag = "--" + match[1].replace("_", "-")

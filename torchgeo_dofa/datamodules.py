@@ -298,6 +298,8 @@ class DOFAPredictDataModule(GeoDataModule):
         nodata: float | None = None,
         crs: str | int | None = None,
         res: float | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         **kwargs: Any,
     ) -> None:
         """Configure the data module (datasets are opened in :meth:`setup`).
@@ -335,6 +337,10 @@ class DOFAPredictDataModule(GeoDataModule):
             nodata: no-data value of the inputs (default: the files'); as ``--nodata``.
             crs: CRS to read the inputs in (e.g. ``"EPSG:32633"``; default: theirs).
             res: resolution in CRS units (default: the finest of the selected bands).
+            mean: with ``preprocess``, one normalisation mean per band on DOFA's 0..255 scale,
+                for bands without DOFA statistics (another sensor's); as ``--mean``.
+            std: with ``preprocess``, one standard deviation per band on that scale; as
+                ``--std``.
             **kwargs: further dataset arguments (e.g. ``offset``). The dataset arguments above
                 are named parameters so that a LightningCLI config (jsonargparse) accepts them.
 
@@ -378,6 +384,10 @@ class DOFAPredictDataModule(GeoDataModule):
         self.preprocess = preprocess and transforms is None
         self.input_prep = input_prep
         self.check_scale = check_scale
+        # (not ``self.mean`` / ``self.std``: TorchGeo's data modules use those for their own
+        # batch normalisation, which this module's ``aug`` skips)
+        self.band_mean = None if mean is None else [float(v) for v in mean]
+        self.band_std = None if std is None else [float(v) for v in std]
         self.chip_size = patch_size
         #: chips left out of the last loader because the trainer's writers had them.
         self.skipped = 0
@@ -423,7 +433,7 @@ class DOFAPredictDataModule(GeoDataModule):
         if self._regions is None:
             paths = self.kwargs["paths"]
             items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
-            self._regions = find_raster_inputs(items)
+            self._regions = find_raster_inputs(items, self.kwargs.get("crs"))
         return self._regions
 
     @property
@@ -473,6 +483,8 @@ class DOFAPredictDataModule(GeoDataModule):
                 dataset.wavelengths,
                 input_prep=self.input_prep,
                 nodata=self.kwargs.get("nodata"),
+                mean=self.band_mean,
+                std=self.band_std,
             )
         if self.check_scale:
             check_raw_reflectance(dataset)
@@ -564,7 +576,8 @@ class DOFAPredictDataModule(GeoDataModule):
             reflectance offsets applied), then every dataset argument as given (``data.nodata``,
             ``data.time_series`` ...: see :func:`~torchgeo_dofa.writers.identity_differences`
             for which are compared); the preprocessing
-            (``preprocess``, ``input_prep``, the type of given ``transforms``); and the
+            (``preprocess``, ``input_prep``, ``mean``, ``std``, the type of given
+            ``transforms``); and the
             sampling (``chip_size``, ``stride``, ``roi``, ``points``, ``time``).
 
         Raises:
@@ -596,6 +609,8 @@ class DOFAPredictDataModule(GeoDataModule):
         identity |= {
             "preprocess": repr(self.preprocess),
             "input_prep": self.input_prep,
+            "mean": repr(self.band_mean),
+            "std": repr(self.band_std),
             "transforms": type(given).__name__ if given is not None else "None",
             "chip_size": repr(self.chip_size),
             "stride": repr(self.stride or self.chip_size),

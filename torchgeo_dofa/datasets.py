@@ -104,7 +104,7 @@ from rasterio.enums import MaskFlags, Resampling
 from rasterio.io import DatasetReader
 from rasterio.transform import Affine, array_bounds
 from rasterio.vrt import WarpedVRT
-from rasterio.warp import calculate_default_transform
+from rasterio.warp import calculate_default_transform, transform_bounds
 from rasterio.windows import Window
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, Sampler
@@ -504,8 +504,9 @@ class Sentinel2Base(RasterDataset):
             DatasetNotFoundError: if no readable raster is found.
             BandError: if band names cannot be determined or selected, or wavelengths
                 cannot be inferred.
-            ValueError: for a ``crs`` pyproj does not know, or files without a CRS and no
-                ``crs``.
+            ValueError: for a ``crs`` pyproj does not know, files without a CRS and no
+                ``crs``, or a file that is not georeferenced (no geotransform and no CRS,
+                or ground control points only).
         """
         self.paths = paths
         self.transforms = transforms
@@ -751,9 +752,15 @@ class Sentinel2Base(RasterDataset):
             if re.match(regex, name) is None:
                 continue
             try:
-                with rasterio.open(path) as src:
+                with warnings.catch_warnings():  # refused below, with the fix
+                    warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                    src = rasterio.open(path)
+                with src:
                     if _names_embedding_bands(src.descriptions):
                         continue  # this package's output, e.g. written inside the input folder
+                    problem = georeference_problem(src)
+                    if problem:
+                        raise ValueError(problem)
                     infos[path] = _FileInfo(
                         path=path,
                         count=src.count,
@@ -931,7 +938,17 @@ class Sentinel2Base(RasterDataset):
         return tuple(chosen)
 
     def _grid(self, info: _FileInfo, dst_crs: RIO_CRS) -> tuple[Affine, int, int]:
-        """Pixel grid of a file in the dataset CRS (its own grid when no warp is needed)."""
+        """Pixel grid of a file in the dataset CRS (its own grid when no warp is needed).
+
+        A rotated or south-up file gets the north-up grid GDAL suggests for warping it (as
+        ``gdalwarp`` would choose), in its own CRS or the dataset's.
+        """
+        if not _north_up(info.transform):
+            with (
+                rasterio.open(info.path) as src,
+                WarpedVRT(src, src_crs=info.crs or dst_crs, crs=dst_crs) as vrt,
+            ):
+                return vrt.transform, vrt.width, vrt.height
         if info.crs is None or info.crs == dst_crs:
             return info.transform, info.width, info.height
         west, south, east, north = array_bounds(info.height, info.width, info.transform)
@@ -1414,6 +1431,8 @@ class Sentinel2Base(RasterDataset):
         """
         if info.crs is not None and info.crs != self._dst_rio_crs:
             return True
+        if not _north_up(info.transform):  # rotated or south-up: GDAL warps it north-up
+            return True
         if self.nodata is not None and self.nodata != info.nodata:
             return True
         primary = self._primary_nodata(info)
@@ -1449,6 +1468,7 @@ class Sentinel2Base(RasterDataset):
         )
         vrt = WarpedVRT(
             src,
+            src_crs=info.crs or self._dst_rio_crs,  # a file without CRS is in the given one
             crs=self._dst_rio_crs,
             transform=transform,
             width=width,
@@ -2215,7 +2235,9 @@ class RasterInput:
         return self.dataset_class(paths=list(self.paths), **kwargs)
 
 
-def find_raster_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[RasterInput]:
+def find_raster_inputs(
+    inputs: Iterable[str | os.PathLike[str]], crs: str | int | None = None
+) -> list[RasterInput]:
     """Group input files and folders into regions, as the embed job and the API read them.
 
     One region per input file or folder (its rasters, found recursively, read as one mosaic);
@@ -2226,13 +2248,15 @@ def find_raster_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[RasterI
 
     Args:
         inputs: GeoTIFF / JPEG2000 files or folders.
+        crs: the CRS the rasters will be read in (the dataset's ``crs=``, ``--crs``), or None
+            for their own; given, a region may mix CRSs and its bounds are in this one.
 
     Returns:
         The regions, in input order.
 
     Raises:
-        InputError: for a missing path, an input without raster, an unreadable file, or a
-            region mixing CRSs.
+        InputError: for a missing path, an input without raster, an unreadable or
+            non-georeferenced file, or a region mixing CRSs without ``crs``.
     """
     regions: dict[str, tuple[list[str], bool, pathlib.Path]] = {}
     headers: dict[str, _Header] = {}  # every file is opened once
@@ -2280,8 +2304,8 @@ def find_raster_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[RasterI
     out = []
     names = unique_region_names([anchor for _, _, anchor in regions.values()])
     for name, (paths, ee, _) in zip(names, regions.values(), strict=True):
-        crs, bounds = _one_crs(name, {p: headers[p] for p in paths})
-        out.append(RasterInput(name, tuple(paths), ee, crs, bounds))
+        region_crs, bounds = _one_crs(name, {p: headers[p] for p in paths}, crs)
+        out.append(RasterInput(name, tuple(paths), ee, region_crs, bounds))
     return out
 
 
@@ -2299,14 +2323,21 @@ def _read_header(path: str) -> _Header:
     """Open a file once for the input search.
 
     Raises:
-        InputError: if the file cannot be read.
+        InputError: if the file cannot be read or is not georeferenced.
     """
     try:
-        with rasterio.open(path) as src:
+        with warnings.catch_warnings():  # refused below, with the fix
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            src = rasterio.open(path)
+        with src:
+            grid = _names_embedding_bands(src.descriptions)
+            problem = None if grid else georeference_problem(src)
+            if problem:
+                raise InputError(problem)
             return _Header(
                 src.crs.to_wkt() if src.crs else None,
-                tuple(float(v) for v in src.bounds),  # type: ignore[arg-type]
-                _names_embedding_bands(src.descriptions),
+                _corner_bounds(src.transform, src.width, src.height),
+                grid,
             )
     except rasterio.errors.RasterioIOError as err:
         raise InputError(
@@ -2375,25 +2406,87 @@ def _collisions(names: Sequence[str]) -> list[int]:
     return [i for i, n in enumerate(folded) if folded.count(n) > 1]
 
 
+def _north_up(t: Affine) -> bool:
+    """Whether a geotransform is north-up and unrotated.
+
+    Windowed reads and :func:`rasterio.merge.merge` assume it; other files are read through
+    GDAL's warper.
+    """
+    return t.b == 0 and t.d == 0 and t.a > 0 and t.e < 0
+
+
+def georeference_problem(src: DatasetReader) -> str | None:
+    """Why an open raster cannot be placed on a map, or None when it can.
+
+    A file without geotransform and CRS (GDAL then reports the identity transform) would
+    give chips and outputs in pixel units, upside down; one georeferenced only by ground
+    control points needs warping first. A file with a geotransform but no CRS is fine here
+    (the dataset's ``crs=`` names its CRS).
+
+    Args:
+        src: the open file.
+
+    Returns:
+        The problem and its fix, or None.
+    """
+    if src.crs is not None or not src.transform.is_identity:
+        return None
+    gcps, _ = src.gcps
+    if gcps:
+        return (
+            f"{src.name} is georeferenced only by ground control points (no geotransform): "
+            "warp it onto a map grid first (gdalwarp -t_srs EPSG:<code> in.tif out.tif)"
+        )
+    return (
+        f"{src.name} is not georeferenced (no geotransform and no CRS): embeddings are "
+        "written as maps, so the file must say where it lies; georeference it (e.g. "
+        "gdal_translate -a_srs EPSG:<code> -a_ullr <ulx> <uly> <lrx> <lry> in.tif out.tif)"
+    )
+
+
+def _corner_bounds(t: Affine, width: int, height: int) -> tuple[float, float, float, float]:
+    """``(xmin, ymin, xmax, ymax)`` of a raster's four corners, for any geotransform."""
+    xs, ys = zip(*(t @ (c, r) for c in (0, width) for r in (0, height)), strict=True)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
 def _names_embedding_bands(descriptions: Sequence[str | None]) -> bool:
     """Whether band descriptions are an embedding grid's (``dofa_0000`` ..., GridWriter's)."""
     return bool(descriptions) and descriptions[0] == "dofa_0000"
 
 
 def _one_crs(
-    name: str, headers: Mapping[str, _Header]
+    name: str, headers: Mapping[str, _Header], crs: str | int | None = None
 ) -> tuple[str | None, tuple[float, float, float, float]]:
-    """The region's one CRS (WKT) and the union of its files' bounds."""
+    """The region's one CRS (WKT) and the union of its files' bounds.
+
+    With ``crs`` given, the files are read in it whatever their own CRSs: the bounds are in
+    it.
+    """
     crss = {p: h.crs for p, h in headers.items()}
     bounds = [h.bounds for h in headers.values()]
+    if crs is not None:
+        try:
+            target = RIO_CRS.from_user_input(crs)
+        except rasterio.errors.CRSError as err:
+            raise InputError(
+                f"unknown CRS {crs!r} ({err}): give an EPSG code such as EPSG:32633, a PROJ "
+                "string or WKT"
+            ) from None
+        bounds = [
+            b if c is None else transform_bounds(RIO_CRS.from_wkt(c), target, *b)
+            for c, b in zip(crss.values(), bounds, strict=True)
+        ]
+        crss = dict.fromkeys(crss, target.to_wkt())
     if len(set(crss.values())) > 1:
         listing = ", ".join(
             f"{os.path.basename(k)}: {RIO_CRS.from_wkt(v).to_string() if v else None}"
             for k, v in crss.items()
         )
         raise InputError(
-            f"mixed CRS in region {name!r} ({listing}): reproject them to one CRS "
-            "(gdalwarp -t_srs) or pass them as separate inputs"
+            f"mixed CRS in region {name!r} ({listing}): read them in one CRS, "
+            "crs=EPSG:<code>, or reproject them (gdalwarp -t_srs), or pass them as separate "
+            "inputs"
         )
     union = (
         min(b[0] for b in bounds),

@@ -570,7 +570,8 @@ class NormalizeReflectance(nn.Module):
 
     ``x -> (clip(x, 0, 10000) / 10000 * 255 - mean[band]) / std[band]`` with DOFA's
     pre-training statistics, looked up by band name (any subset of the 9 DOFA Sentinel-2 bands,
-    in any order, ``B4`` or ``B04`` spelling). Pixels :class:`CheckReflectance` marked invalid
+    in any order, ``B4`` or ``B04`` spelling), or the statistics given for another sensor's
+    bands (``mean``, ``std``: DOFA's 0..255 scale). Pixels :class:`CheckReflectance` marked invalid
     hold ``fill_value`` and are normalised like any other pixel (with the default fill 0 they
     become ``-mean/std``, as in DOFA's reference pipeline); use ``valid`` to ignore them.
 
@@ -580,19 +581,28 @@ class NormalizeReflectance(nn.Module):
     mean: Tensor
     std: Tensor
 
-    def __init__(self, bands: Sequence[str]) -> None:
-        """Look up the statistics once, at construction.
+    def __init__(
+        self,
+        bands: Sequence[str],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        """Look up (or check) the statistics once, at construction.
 
         Args:
             bands: band names in channel order.
+            mean: per-band means on DOFA's 0..255 scale for bands without DOFA statistics
+                (another sensor's), replacing the looked-up ones; given with ``std``.
+            std: per-band standard deviations on the same scale.
 
         Raises:
-            BandError: naming every band without DOFA statistics, or a band named twice.
+            BandError: naming every band without DOFA statistics (when none are given), a
+                band named twice, or what is wrong with the given statistics.
         """
         super().__init__()
         check_unique_bands(list(bands), "bands")
         self.bands: tuple[str, ...] = tuple(canonical_band(b) for b in bands)
-        means, stds = norm_stats(list(bands))
+        means, stds = norm_stats(list(bands), mean, std)
         self.register_buffer("mean", torch.tensor(means, dtype=torch.float64), persistent=False)
         self.register_buffer("std", torch.tensor(stds, dtype=torch.float64), persistent=False)
 
@@ -851,6 +861,8 @@ class DOFAPreprocess(nn.Sequential):
         fill_value: float = 0.0,
         size: int = 224,
         patch_size: int = 16,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         """Build the stack; all configuration errors are raised here, not per sample.
 
@@ -863,11 +875,15 @@ class DOFAPreprocess(nn.Sequential):
             fill_value: raw-reflectance value written into missing pixels.
             size: model input side (224 for DOFA).
             patch_size: model patch size (16 for DOFA).
+            mean: per-band means (DOFA's 0..255 scale) for bands without DOFA statistics:
+                see :class:`NormalizeReflectance`.
+            std: per-band standard deviations on the same scale.
 
         Raises:
             ValueError: for an unknown ``input_prep``.
             BandError: for unknown bands without wavelengths, a wavelength count that differs
-                from the band count, or bands without DOFA statistics.
+                from the band count, bands without DOFA statistics and none given, or given
+                statistics that do not fit.
         """
         if input_prep not in INPUT_PREPS:
             raise ValueError(
@@ -875,7 +891,7 @@ class DOFAPreprocess(nn.Sequential):
             )
         attach = AttachWavelengths(bands, wavelengths)
         check = CheckReflectance(nodata=nodata, fill_value=fill_value)
-        normalize = NormalizeReflectance(bands)
+        normalize = NormalizeReflectance(bands, mean, std)
         size_step: nn.Module = (
             ResizeTo(size, patch_size) if input_prep == "resize" else TileTo(size, patch_size)
         )
@@ -924,6 +940,8 @@ def preprocess_array(
     fill_value: float = 0.0,
     transform: Affine | None = None,
     size: int = 224,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> Sample:
     """Run the standard stack on one raw (C, H, W) array of surface reflectance.
 
@@ -938,6 +956,8 @@ def preprocess_array(
         transform: affine of the array's pixel grid; when given, the result has
             ``grid_transform``.
         size: model input side.
+        mean: per-band means (DOFA's 0..255 scale) for bands without DOFA statistics.
+        std: per-band standard deviations on the same scale.
 
     Returns:
         The sample dict: ``image``, ``wavelengths``, ``valid``, ``empty`` (+ ``tile_offsets``
@@ -960,6 +980,8 @@ def preprocess_array(
         nodata=nodata,
         fill_value=fill_value,
         size=size,
+        mean=mean,
+        std=std,
     )
     out: Sample = stack(sample)
     return out
