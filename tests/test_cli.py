@@ -1101,6 +1101,18 @@ def test_another_sensors_bands_with_their_statistics_and_an_offset(
     assert "offset" in capsys.readouterr().err
 
 
+def test_a_refused_job_leaves_no_lock_file_in_a_folder_it_did_not_change(tmp_path, capsys) -> None:
+    """A folder holding a file of the job's output name without a manifest is refused; the
+    folder is left as it was (the lock file the job took was left behind)."""
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "ftw_s2_l2a_33N_pooled.parquet").write_text("notes\n")
+    args = ["embed", str(SCENE), "-o", str(out), "--weights", "none", "--no-progress"]
+    assert main([*args, *_one_chip_bbox(SCENE)]) == 2
+    assert "cannot tell whether output folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["ftw_s2_l2a_33N_pooled.parquet"]
+
+
 def test_cli_hints_keep_python_examples_as_python() -> None:
     from torchgeo_dofa.cli import cli_hints
 
@@ -1481,6 +1493,33 @@ def test_kill_9_during_prediction_then_rerun_equals_uninterrupted(
     assert list(got.chip_id) == list(ref.chip_id)
     np.testing.assert_allclose(np.stack(got.embedding), np.stack(ref.embedding), atol=1e-5)
     assert not list(out.glob("*.parts")) and not list(out.glob(".*.tmp"))
+
+
+def test_sigterm_to_the_process_group_stops_after_the_batch(tmp_path, base_checkpoint) -> None:
+    """``scancel`` / systemd send SIGTERM to every process of the job: the loader worker
+    used to die first and the job ended with a traceback and exit 1."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(SCENE), "-o", str(out),
+           "--weights", str(base_checkpoint), "--output", "grid", "--batch-size", "1",
+           "--num-workers", "1", "--no-progress"]  # fmt: skip
+    job = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    parts = out / "ftw_s2_l2a_33N_grid.tif.parts"
+    try:
+        deadline = time.monotonic() + 240
+        while not list(parts.glob("*.npy")) and job.poll() is None:
+            assert time.monotonic() < deadline, "the job wrote no chip in time"
+            time.sleep(0.05)
+        os.killpg(job.pid, signal.SIGTERM)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "stopped by SIGTERM" in err
+    assert not (out / "ftw_s2_l2a_33N_grid.tif").exists() and list(parts.glob("*.npy"))
 
 
 def test_write_error_starts_its_own_line_after_the_progress_bar(tmp_path: Path) -> None:

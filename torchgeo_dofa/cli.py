@@ -625,7 +625,9 @@ def embed(
         unused = not started or (fresh and failed and not any(q.exists() for q in written))
         if unused and started:
             (folder / manifest_name).unlink(missing_ok=True)
-        lock.release(remove=unused)  # with the folders it created, left empty
+        # a failed job that changed nothing in the folder (refused by the manifest check:
+        # another job's results, files it cannot tell apart) leaves no lock file there either
+        lock.release(remove=unused or (failed and lock.unchanged()))
         _free_the_job()
     summary.seconds = time.perf_counter() - start
     return summary

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -583,6 +584,12 @@ def decimated_read(path: str | os.PathLike[str], max_side: int) -> Any:
 
 
 def _enter_gdal_env(cache_bytes: int, worker_id: int) -> None:
+    # SIGTERM sent to the whole process group (scancel, a SLURM time limit, systemd) is the
+    # main process's to handle: it stops the job after the batch and ends the workers (which
+    # otherwise died first, and the loader raised "worker killed by signal" with a
+    # traceback). PyTorch's workers already ignore SIGINT; an orphaned worker still exits
+    # when it sees its parent gone.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     env = gdal_env(cache_bytes)
     env.__enter__()  # for the worker's lifetime
     _WORKER_ENVS.append(env)
@@ -595,7 +602,10 @@ def gdal_worker_init(cache_bytes: int) -> Callable[[int], None]:
     """A DataLoader ``worker_init_fn`` that sets GDAL's cache in each worker.
 
     Forked workers inherit the parent's cache size, spawned ones (macOS, Windows) do not;
-    with this every worker has ``cache_bytes`` whatever the start method.
+    with this every worker has ``cache_bytes`` whatever the start method. Workers also ignore
+    SIGTERM, as PyTorch's ignore SIGINT: a signal sent to the whole process group is the main
+    process's to act on (:class:`~torchgeo_dofa.jobs.StopOnSignal` stops after the batch and
+    the loader ends its workers).
 
     Args:
         cache_bytes: cache size in bytes per worker (see :func:`gdal_cache_bytes` with
