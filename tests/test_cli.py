@@ -1113,6 +1113,45 @@ def test_a_refused_job_leaves_no_lock_file_in_a_folder_it_did_not_change(tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["ftw_s2_l2a_33N_pooled.parquet"]
 
 
+def _with_a_damaged_block(path: Path) -> Path:
+    """A copy of the demo scene with one compressed block of band 1 overwritten at its start
+    (the deflate stream's header: GDAL's decoder fails on it)."""
+    shutil.copy(SCENE, path)
+    with rasterio.open(path) as src:
+        offset = int(src.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(200))
+    return path
+
+
+def test_a_damaged_raster_is_named_in_one_line(tmp_path, capsys) -> None:
+    """rasterio's "Read failed. See previous exception for details." named neither the file
+    nor a fix; read in a loader worker, the error came with the worker's traceback."""
+    from torch.utils.data import DataLoader
+    from torchgeo.samplers import GridGeoSampler
+
+    from torchgeo_dofa.cli import error_line
+    from torchgeo_dofa.datasets import InputError, Sentinel2SR, stack_dofa_samples
+
+    bad = _with_a_damaged_block(tmp_path / "damaged.tif")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["embed", str(bad), "-o", str(out), "--weights", "none", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"torchgeo-dofa: error: cannot read the pixels of {bad}: ")
+    assert "damaged" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+    ds = Sentinel2SR(bad)  # the chips themselves, read in a DataLoader worker
+    loader = DataLoader(
+        ds, sampler=GridGeoSampler(ds, 256, 256), num_workers=1, collate_fn=stack_dofa_samples
+    )
+    with pytest.raises(InputError) as raised:
+        list(loader)
+    assert error_line(raised.value).startswith(f"cannot read the pixels of {bad}: ")
+    assert "\n" not in error_line(raised.value)
+
+
 def test_cli_hints_keep_python_examples_as_python() -> None:
     from torchgeo_dofa.cli import cli_hints
 

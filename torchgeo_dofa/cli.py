@@ -944,7 +944,7 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
         if err is None or not bad_input(err):
             raise
         if is_launcher() or not isinstance(err, JobInterrupted):  # once per job, not rank
-            print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
+            print(f"torchgeo-dofa: error: {error_line(err)}", file=sys.stderr)
         return int(getattr(err, "exit_status", 2))
     return 0
 
@@ -1018,7 +1018,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
         return int(getattr(err, "exit_status", 1))
     except (InputError, BandError, CheckpointError, ValueError, OSError) as err:
-        print(f"torchgeo-dofa: error: {cli_hints(str(err))}", file=sys.stderr)
+        print(f"torchgeo-dofa: error: {cli_hints(error_line(err))}", file=sys.stderr)
         return 2
     if is_launcher():
         print(summary.line())
@@ -1219,6 +1219,27 @@ _KWARG_HINT = re.compile(
     r"\b(file_bands|bands|wavelengths|crs|nodata|offset|mean|std|weights)="
     r"(\[[^\]]*\]|<[^>]*>|[^\s,;)]*)"
 )
+
+
+def error_line(err: BaseException) -> str:
+    """An error's message, without the traceback PyTorch puts in one from a loader worker.
+
+    An error raised while a DataLoader worker reads a chip reaches the main process as the
+    same exception type with the text ``Caught InputError in DataLoader worker process 0.
+    Original Traceback ...``; its last line holds the original error and message.
+
+    Args:
+        err: the error.
+
+    Returns:
+        The message to print.
+    """
+    text = str(err)
+    lines = text.strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        last = lines[-1]  # "torchgeo_dofa.datasets.InputError: cannot read ..."
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def _offset_value(text: str) -> float | str:

@@ -59,6 +59,7 @@ from torchgeo_dofa.datasets import (
     find_raster_inputs,
     refuse_repeated_bands,
     stack_dofa_samples,
+    unreadable_input,
 )
 from torchgeo_dofa.runtime import decimated_read, gdal_cache_bytes, gdal_worker_init
 from torchgeo_dofa.spatial import WGS84, BBox, PointBuffer, Region, region_to_crs, region_window
@@ -704,12 +705,17 @@ def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
 
     Raises:
         ReflectanceError: naming the file whose valid values all lie in [0, 2].
+        InputError: naming a file whose pixels cannot be read (a damaged block).
     """
     from torchgeo_dofa.transforms import CheckReflectance, ReflectanceError
 
     paths = sorted({p for sources in dataset.index["sources"] for p, _ in sources})
     for path in paths:
-        data = torch.from_numpy(decimated_read(path, max_side).astype(np.float32))
+        try:
+            pixels = decimated_read(path, max_side)
+        except rasterio.errors.RasterioError as err:
+            raise unreadable_input(path, err) from err
+        data = torch.from_numpy(pixels.astype(np.float32))
         with rasterio.open(path) as src:
             nodata = dataset.nodata if dataset.nodata is not None else src.nodata
         valid = (data != 0).all(dim=0) if dataset.zero_is_nodata else None

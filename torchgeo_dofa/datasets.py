@@ -1381,25 +1381,10 @@ class Sentinel2Base(RasterDataset):
         for path, pairs in by_path.items():
             handle = self._open(path)
             indexes = [b for _, b in pairs]
-            array_or_none = (
-                _direct_read(handle, indexes, bounds, res, height, width)
-                if self.direct_reads
-                else None
-            )
-            if array_or_none is not None:
-                array = array_or_none
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    array, _ = rasterio.merge.merge(
-                        [handle],
-                        bounds=bounds,
-                        res=res,
-                        indexes=indexes,
-                        resampling=self.resampling,
-                        nodata=np.nan,
-                        dtype="float64",
-                    )
+            try:
+                array = self._read_file(handle, indexes, bounds, res, height, width)
+            except rasterio.errors.RasterioError as err:
+                raise unreadable_input(path, err) from err
             if not self.cache:
                 self._close(path)
             array = array[:, :height, :width].astype(np.float32, copy=False)
@@ -1413,6 +1398,34 @@ class Sentinel2Base(RasterDataset):
             valid = ~(np.isnan(data) | (data <= NODATA_FLOOR)).any(axis=0)
         data[:, ~valid] = self.fill_value
         return data, valid
+
+    def _read_file(
+        self,
+        handle: DatasetReader | WarpedVRT,
+        indexes: list[int],
+        bounds: tuple[float, float, float, float],
+        res: tuple[float, float],
+        height: int,
+        width: int,
+    ) -> npt.NDArray[np.floating[Any]]:
+        """Read ``indexes`` of one file onto the chip grid (NaN where masked or outside)."""
+        array = (
+            _direct_read(handle, indexes, bounds, res, height, width) if self.direct_reads else None
+        )
+        if array is not None:
+            return array
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merged, _ = rasterio.merge.merge(
+                [handle],
+                bounds=bounds,
+                res=res,
+                indexes=indexes,
+                resampling=self.resampling,
+                nodata=np.nan,
+                dtype="float64",
+            )
+        return merged
 
     def _primary_nodata(self, info: _FileInfo) -> float | None:
         """The no-data value GDAL masks while reading (and resampling) a file."""
@@ -2191,6 +2204,28 @@ def refuse_repeated_bands(bands: Sequence[str]) -> None:
 
 class InputError(ValueError):
     """A bad raster input (missing path, no raster, unreadable file, mixed CRS)."""
+
+
+def unreadable_input(path: str | os.PathLike[str], err: BaseException) -> InputError:
+    """The error for a raster whose pixels cannot be read (a damaged block, a cut download).
+
+    rasterio's own text (``Read failed. See previous exception for details.``) names neither
+    the file nor GDAL's reason: both are given, with the fix.
+
+    Args:
+        path: the file.
+        err: rasterio's error.
+
+    Returns:
+        An :class:`InputError` to raise (``from err``).
+    """
+    reasons = [str(e).strip() for e in (err.__cause__, err) if e is not None and str(e).strip()]
+    reason = next((r for r in reasons if "See previous exception" not in r), "read failed")
+    return InputError(
+        f"cannot read the pixels of {path}: {reason.splitlines()[0]}: the file is damaged "
+        "(a corrupt block or a cut download?); download or export it again, or leave it out "
+        "of the inputs"
+    )
 
 
 #: File names of the tiles of one large Earth Engine export.
