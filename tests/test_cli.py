@@ -779,7 +779,7 @@ def test_predict_config_refusals_are_one_line_and_write_nothing(
     for path, match, checkpoint in (
         (SCENE, "is one of the job's inputs", base_checkpoint),  # embed refuses that too
         (out, "is a folder", broken),
-        (broken / "g.tif", f"cannot write in {broken}", broken),  # a folder that cannot be made
+        (broken / "g.tif", f"cannot use output folder {broken}", broken),  # cannot be made
         (out / "p.parquet", "is also another writer's output", broken),  # the table's path
     ):
         bad = _predict_config(out, checkpoint)

@@ -210,6 +210,27 @@ def test_a_writer_names_the_prediction_keys_it_lacks(tmp_path: Path) -> None:
         writer.write_on_batch_end(None, None, prediction, None, None, 0, 0)  # type: ignore[arg-type]
 
 
+def test_a_writer_of_what_the_model_does_not_output_is_refused_at_setup(tmp_path: Path) -> None:
+    """``output: grid`` with a PooledWriter failed after the first chip with a KeyError
+    advising preprocess=True; now refused at setup, naming the model's output."""
+    import pytest
+
+    from torchgeo_dofa.datamodules import DOFAPredictDataModule
+    from torchgeo_dofa.writers import GridWriter, PooledWriter
+
+    dm = DOFAPredictDataModule(SCENE, preprocess=True, batch_size=2)
+    out = tmp_path / "out"
+    for output, writer in (
+        ("grid", PooledWriter(out / "p.parquet")),
+        ("pooled", GridWriter(out / "g.tif")),
+    ):
+        module = DOFAEmbedder(weights=None, seed=0, output=output)  # type: ignore[arg-type]
+        kind = "pooled" if output == "grid" else "grid"
+        with pytest.raises(ValueError, match=f"writes {kind} embeddings but the model's output"):
+            _cpu_trainer([writer]).predict(module, datamodule=dm, return_predictions=False)
+        assert not out.exists()
+
+
 class _CrashAfterBatch(pl.Callback):
     """Stop the job after its first batch's parts are written (listed after the writer)."""
 

@@ -50,6 +50,45 @@ from torchgeo_dofa.writers import PooledWriter, identity_differences, parts_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def test_an_output_folder_that_cannot_be_made_or_locked_is_one_line_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    """A full disk left the folders and an empty lock file behind with a bare errno; a path
+    through a file or a read-only folder gave the same bare errno."""
+
+    from torchgeo_dofa.cli import main
+    from torchgeo_dofa.writers import OutputPathError
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(OutputPathError, match=r"Not a directory \(a part of the path is a file"):
+        OutputLock(afile / "sub").acquire()
+    scene = ROOT / "demo" / "data" / "ftw_s2_l2a_33N.tif"
+    assert main(["embed", str(scene), "-o", str(afile / "sub"), "--weights", "none"]) == 2
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode:
+        pytest.skip("cannot mount a tmpfs here (not root or not permitted)")
+    try:
+        with open(disk / "fill", "wb") as fill, contextlib.suppress(OSError):
+            while True:  # every block of the file system
+                fill.write(bytes(1 << 16))
+                fill.flush()
+        with pytest.raises(OutputPathError, match=r"No space left on device \(free some space"):
+            OutputLock(disk / "o2" / "deep").acquire()
+        assert sorted(p.name for p in disk.iterdir()) == ["fill"]
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        (disk / "fill").stat()
+        with pytest.raises(OutputPathError, match=r"Read-only file system \(the file system"):
+            OutputLock(disk / "o3").acquire()
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
 # --- manifest ------------------------------------------------------------------------------------
 
 

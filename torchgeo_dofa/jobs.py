@@ -53,6 +53,7 @@ from .datasets import unique_region_names
 from .spatial import WGS84, PointBuffer
 from .weights import resolve_weights, sha256_file
 from .writers import (
+    OutputPathError,
     atomic_write,
     describe_change,
     embed_manifest_listing,
@@ -711,10 +712,14 @@ class OutputLock:
 
         Raises:
             JobLockedError: if another job (process or open lock) holds it.
+            OutputPathError: if the folder or its lock file cannot be made (a full disk, a
+                read-only file system, a file in the path), naming the folder and the fix;
+                nothing made is left behind.
         """
         if not is_launcher():
             return
         created: list[Path] = []
+        fd: int | None = None
         try:
             for attempt in itertools.count(1):
                 created = [d for d in (self.folder, *self.folder.parents) if not d.exists()]
@@ -729,19 +734,41 @@ class OutputLock:
                     # between our mkdir and our lock: make it again (a few times at most)
                     if attempt == 10:
                         raise
-            try:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
-            except BaseException:
+            assert fd is not None  # the loop breaks with it
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException as err:  # refused, or a folder only partly made: leave none of it
+            if fd is not None:  # held: ours to remove (as release(remove=True) does)
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
                 os.close(fd)
-                raise
-        except BaseException:  # refused, or a folder only partly made: leave none of it
             _remove_empty(_MadeFolder.identify(created))
+            if isinstance(err, OSError):
+                raise OutputPathError(self._cannot_use(err)) from None
             raise
         self._fd = fd
         self._made, self._found = made, found
         OutputLock._held.add(self.folder.resolve())
         OutputLock._holders.add(self)
+
+    def _cannot_use(self, err: OSError) -> str:
+        """One line for an OS error making the folder or its lock file, with the fix."""
+        import errno
+
+        fixes = {
+            errno.ENOSPC: "free some space there",
+            errno.EDQUOT: "free some space there (disk quota)",
+            errno.EROFS: "the file system is read-only",
+            errno.EACCES: "you may not write there",
+            errno.EPERM: "you may not write there",
+            errno.ENOTDIR: "a part of the path is a file, not a folder",
+            errno.EEXIST: "a part of the path is a file, not a folder",
+        }
+        why = fixes.get(err.errno or 0, "")
+        return (
+            f"cannot use output folder {self.shown}: {err.strerror or err}"
+            f"{f' ({why})' if why else ''}; {self.fix}"
+        )
 
     def _lock_file(self) -> int:
         """Open and ``flock`` the lock file; the locked descriptor."""

@@ -506,7 +506,19 @@ class _PartsWriter(BasePredictionWriter):
         ``output_tags()`` (bands, wavelengths, sources), then those given to the writer.
         The parts folder (and the output's folder) is made with the first part, so a job
         refused or failed before any chip was embedded leaves nothing behind.
+
+        Raises:
+            ValueError: when the module's ``output`` (``grid`` / ``pooled``) does not give
+                what this writer writes.
         """
+        output = getattr(pl_module, "output", None)  # DOFAEmbedder's: grid, pooled, both
+        kind = self.needs[0] if self.needs else None
+        if isinstance(output, str) and kind is not None and output not in (kind, "both"):
+            raise ValueError(
+                f"{type(self).__name__} writes {kind} embeddings but the model's output is "
+                f"{output!r}: set the model's output to 'both' (or {kind!r}; "
+                "model.init_args.output in a config), or remove the writer"
+            )
         dm = getattr(trainer, "datamodule", None)
         output_tags = getattr(dm, "output_tags", None)
         given = self.metadata
