@@ -149,3 +149,23 @@ def test_openmp_defaults_are_not_applied_once_torch_is_loaded() -> None:
 
     env: dict[str, str] = {}
     assert apply_openmp_defaults(env) == {} and env == {}
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path) -> None:
+    """Ctrl-C in the first seconds (torch, Lightning and TorchGeo loading, before the job's
+    handlers exist) printed a KeyboardInterrupt traceback and died by the signal."""
+    import signal
+    import time
+    from pathlib import Path
+
+    scene = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
+    cmd = [sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(scene), "-o",
+           str(tmp_path / "out"), "--weights", "none"]  # fmt: skip
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # the libraries take several seconds to load
+    job.send_signal(signal.SIGINT)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("torchgeo-dofa: error: interrupted"), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()

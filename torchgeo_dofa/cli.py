@@ -969,8 +969,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 2 for bad input (one-line error, no traceback).
+        The exit status: 0 on success, 2 for bad input (one-line error, no traceback), 130
+        for Ctrl-C where no job handler runs yet (while the libraries load) or after a
+        second Ctrl-C.
     """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(
+            "torchgeo-dofa: error: interrupted (Ctrl-C); chips already written are kept: rerun "
+            "the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in ("fit", "validate", "test", "predict"):
         return _run_lightning_cli(None if argv is None else args_list)
