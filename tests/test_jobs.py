@@ -46,7 +46,7 @@ from torchgeo_dofa.jobs import (
     unique_region_names,
 )
 from torchgeo_dofa.spatial import PointBuffer, read_points
-from torchgeo_dofa.writers import PooledWriter, identity_differences, parts_dir
+from torchgeo_dofa.writers import OutputPathError, PooledWriter, identity_differences, parts_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,6 @@ def test_an_output_folder_that_cannot_be_made_or_locked_is_one_line_and_leaves_n
     through a file or a read-only folder gave the same bare errno."""
 
     from torchgeo_dofa.cli import main
-    from torchgeo_dofa.writers import OutputPathError
 
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -473,7 +472,7 @@ def test_lock_removes_only_the_empty_folders_it_created(tmp_path: Path) -> None:
         lock.release(remove=True)
     assert not (tmp_path / "w1" / "R").exists() and (tmp_path / "w2" / "R").is_dir()
     # a folder that can be made only partly (a name longer than NAME_MAX): nothing is left
-    with pytest.raises(OSError, match="too long"):
+    with pytest.raises(OutputPathError, match="File name too long; use another -o"):
         OutputLock(tmp_path / "p1" / "p2" / ("n" * 300) / "out").acquire()
     assert not (tmp_path / "p1").exists()
 
