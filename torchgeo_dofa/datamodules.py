@@ -299,6 +299,7 @@ class DOFAPredictDataModule(GeoDataModule):
         nodata: float | None = None,
         crs: str | int | None = None,
         res: float | None = None,
+        offset: float | str | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         **kwargs: Any,
@@ -338,11 +339,13 @@ class DOFAPredictDataModule(GeoDataModule):
             nodata: no-data value of the inputs (default: the files'); as ``--nodata``.
             crs: CRS to read the inputs in (e.g. ``"EPSG:32633"``; default: theirs).
             res: resolution in CRS units (default: the finest of the selected bands).
+            offset: radiometric offset added to the digital numbers (``0``, ``-1000``), or
+                ``"auto"`` / None for the dataset's rule; as ``--offset``.
             mean: with ``preprocess``, one normalisation mean per band on DOFA's 0..255 scale,
                 for bands without DOFA statistics (another sensor's); as ``--mean``.
             std: with ``preprocess``, one standard deviation per band on that scale; as
                 ``--std``.
-            **kwargs: further dataset arguments (e.g. ``offset``). The dataset arguments above
+            **kwargs: further dataset arguments (e.g. ``time_series``). The dataset arguments above
                 are named parameters so that a LightningCLI config (jsonargparse) accepts them.
 
         Raises:
@@ -363,6 +366,7 @@ class DOFAPredictDataModule(GeoDataModule):
             "nodata": nodata,
             "crs": crs,
             "res": res,
+            "offset": offset,
         }
         kwargs |= {k: v for k, v in named.items() if v is not None}
         super().__init__(
