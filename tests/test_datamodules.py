@@ -316,3 +316,22 @@ def json_sources(identity: dict[str, str]) -> list[list[object]]:
     import json
 
     return json.loads(identity["sources"])
+
+
+def test_a_config_takes_every_reading_and_normalisation_setting() -> None:
+    """LightningCLI (jsonargparse) passes nothing through ``**kwargs``: every setting the
+    embed command has must be a named parameter to be set from a config."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(DOFAPredictDataModule, "data")
+    cfg = parser.parse_args(
+        ["--data.paths", "scene.tif", "--data.offset", "0", "--data.crs", "EPSG:32633",
+         "--data.mean", "[80, 85]", "--data.std", "[40, 45]", "--data.bands", "[red, nir]",
+         "--data.wavelengths", "[0.665, 0.865]", "--data.nodata", "0", "--data.preprocess",
+         "true"]
+    )  # fmt: skip
+    dm = parser.instantiate_classes(cfg).data
+    assert dm.kwargs["offset"] == 0 and dm.kwargs["crs"] == "EPSG:32633"
+    assert dm.kwargs["bands"] == ["red", "nir"] and dm.kwargs["nodata"] == 0
+    assert (dm.band_mean, dm.band_std) == ([80.0, 85.0], [40.0, 45.0])
