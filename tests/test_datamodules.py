@@ -335,3 +335,6 @@ def test_a_config_takes_every_reading_and_normalisation_setting() -> None:
     assert dm.kwargs["offset"] == 0 and dm.kwargs["crs"] == "EPSG:32633"
     assert dm.kwargs["bands"] == ["red", "nir"] and dm.kwargs["nodata"] == 0
     assert (dm.band_mean, dm.band_std) == ([80.0, 85.0], [40.0, 45.0])
+    # the statistics follow bands=: without it, their order would be the default bands'
+    with pytest.raises(ValueError, match=r"give bands=\[\.\.\.\] too"):
+        DOFAPredictDataModule("scene.tif", mean=[80, 85], std=[40, 45])

@@ -246,6 +246,22 @@ def test_manifest_compares_reading_as_read_not_as_spelled(tmp_path: Path, scene:
         assert not again.check_or_write(out)  # resumed
 
 
+def test_statistics_given_on_a_resume_of_a_job_recorded_without_them_are_refused(
+    tmp_path: Path, scene: Path
+) -> None:
+    """A job recorded before mean/std existed used DOFA's statistics: a resume giving its own
+    was taken as the same job (a setting on one side only is not compared), mixing two
+    normalisations in one output."""
+    assert identity_differences({"x": "1"}, {"x": "1", "mean": "[10.0]"}) == ["mean"]
+    assert identity_differences({"x": "1"}, {"x": "1", "mean": "None", "std": "None"}) == []
+    out = tmp_path / "out"
+    with OutputLock(out):
+        _manifest([scene], data=_reading()).check_or_write(out)  # before mean/std existed
+        assert not _manifest([scene], data=_reading(mean="None")).check_or_write(out)
+        with pytest.raises(JobMismatchError, match=r"mean.*None.*\[10\.0"):
+            _manifest([scene], data=_reading(mean="[10.0, 10.0]")).check_or_write(out)
+
+
 def test_manifest_refuses_another_jobs_output_even_with_overwrite(
     tmp_path: Path, scene: Path
 ) -> None:

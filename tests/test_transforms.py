@@ -470,6 +470,32 @@ def test_presets() -> None:
         DOFAPreprocess.from_preset("landsat")
 
 
+def test_given_statistics_are_checked_against_dofas_scale() -> None:
+    """Statistics for another sensor's bands are on DOFA's 0..255 scale; those of raw
+    reflectance (0..10000) or of reflectance scaled to 0..1 are refused, naming the factor."""
+    x = raw((2, 16, 16))
+    out = NormalizeReflectance(["a", "b"], mean=[80, 90], std=[40, 50])(
+        {"image": torch.from_numpy(x)}
+    )
+    expected = (np.clip(x, 0, 10000) / 10000 * 255 - np.array([80, 90])[:, None, None]) / np.array(
+        [40, 50]
+    )[:, None, None]
+    assert_close(out["image"], expected)
+    cases: list[tuple[list[float], list[float], str]] = [
+        ([4000, 4500], [40, 50], "multiply them by 0.0255"),
+        ([0.3, 0.35], [0.1, 0.2], "multiply them by 255"),
+        ([-8, 90], [40, 50], "negative mean"),
+        ([80, 90], [40, 0], "std > 0"),
+        ([80, float("nan")], [40, 50], "finite"),
+        ([80], [40], "1 means and 1 stds for 2 bands"),
+    ]
+    for mean, std, message in cases:
+        with pytest.raises(BandError, match=message):
+            NormalizeReflectance(["a", "b"], mean=mean, std=std)
+    with pytest.raises(BandError, match="give both"):
+        DOFAPreprocess(["a", "b"], wavelengths=[0.5, 0.6], mean=[80, 90])
+
+
 def test_bad_image_rank() -> None:
     with pytest.raises(ValueError, match=r"\(C, H, W\) or \(B, C, H, W\)"):
         CheckReflectance()({"image": torch.zeros(8, 8)})

@@ -397,7 +397,8 @@ def norm_stats(
     Raises:
         BandError: naming every band without statistics when none are given, or what is
             wrong with the given ones (only one of the two, count, non-finite, std <= 0,
-            values beyond the 0..255 scale).
+            a negative mean, values beyond the 0..255 scale or all <= 1, as on a 0..1
+            scale).
     """
     if mean is not None or std is not None:
         return _given_stats(bands, mean, std)
@@ -440,6 +441,16 @@ def _given_stats(
         raise BandError(
             f"statistics mean={means}, std={stds} exceed DOFA's 0..255 scale: they look "
             "computed on raw reflectance (0..10000); multiply them by 0.0255 (255 / 10000)"
+        )
+    if max(means + stds) <= 1.0:
+        raise BandError(
+            f"statistics mean={means}, std={stds} are all <= 1: they look computed on "
+            "reflectance scaled to 0..1, not on DOFA's 0..255 scale; multiply them by 255"
+        )
+    if min(means) < 0:
+        raise BandError(
+            f"statistics mean={means} hold a negative mean: reflectance clipped to 0..10000 "
+            "cannot have one; give the means on DOFA's 0..255 scale"
         )
     return means, stds
 

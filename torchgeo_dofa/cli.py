@@ -151,6 +151,9 @@ def option_problem(
     seed: int | None = None,
     chip_size: int = CHIP,
     devices: int | str = 1,
+    bands: Sequence[str] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> str | None:
     """The first problem among ``embed``'s arguments that needs no raster read, or None.
 
@@ -172,6 +175,9 @@ def option_problem(
         seed: seed of random weights (with ``weights=None`` only).
         chip_size: chip side in pixels (a multiple of 16).
         devices: a count (``2``), ``auto``, or GPU indices (``"0,1"``).
+        bands: the bands asked for, or None.
+        mean: normalisation means (need ``bands``: they follow its order).
+        std: normalisation standard deviations.
 
     Returns:
         One line naming the problem and the fix, or None.
@@ -212,6 +218,18 @@ def option_problem(
     if points is not None and not Path(points).is_file():
         what = "is a folder" if Path(points).is_dir() else "does not exist"
         return f"points file {str(points)!r} {what}: give a CSV or GeoJSON file"
+    if mean is not None or std is not None:
+        from .bands import BandError, norm_stats
+
+        if bands is None:
+            return (
+                "--mean and --std follow the order of --bands: give --bands too (the "
+                "statistics of which band is which)"
+            )
+        try:
+            norm_stats(bands, mean, std)
+        except BandError as err:
+            return cli_hints(str(err))
     return None
 
 
@@ -429,6 +447,9 @@ def embed(
         seed=seed,
         chip_size=chip_size,
         devices=devices,
+        bands=bands,
+        mean=mean,
+        std=std,
     )
     if problem is not None:
         raise InputError(problem)
@@ -1004,6 +1025,9 @@ def _main(argv: Sequence[str] | None) -> int:
             seed=args.seed,
             chip_size=args.chip_size,
             devices=args.devices,
+            bands=args.bands,
+            mean=args.mean,
+            std=args.std,
         )
         if problem is not None:
             print(f"torchgeo-dofa: error: {problem}", file=sys.stderr)

@@ -349,7 +349,8 @@ class DOFAPredictDataModule(GeoDataModule):
                 are named parameters so that a LightningCLI config (jsonargparse) accepts them.
 
         Raises:
-            ValueError: if both ``points`` and ``roi`` are given, or sizes are invalid.
+            ValueError: if both ``points`` and ``roi`` are given, sizes are invalid, or
+                ``mean`` / ``std`` are given without ``bands``.
         """
         if points is not None and roi is not None:
             raise ValueError("give either points= or roi=, not both")
@@ -393,6 +394,11 @@ class DOFAPredictDataModule(GeoDataModule):
         # batch normalisation, which this module's ``aug`` skips)
         self.band_mean = None if mean is None else [float(v) for v in mean]
         self.band_std = None if std is None else [float(v) for v in std]
+        if (mean is not None or std is not None) and bands is None:
+            raise ValueError(
+                "mean= and std= follow the order of bands=: give bands=[...] too (the "
+                "default bands' order is not the files' order)"
+            )
         self.chip_size = patch_size
         #: chips left out of the last loader because the trainer's writers had them.
         self.skipped = 0

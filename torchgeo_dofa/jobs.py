@@ -60,6 +60,7 @@ from .writers import (
     identity_differences,
     parts_dir,
     stale_temps,
+    stored_setting,
 )
 
 __all__ = [
@@ -524,7 +525,7 @@ def _first_data_difference(
             name = key.removeprefix("data.")  # an embed option's name: --nodata
             if len(before | now) > 1:
                 name += f" of {region}"
-            return f"data:{name}", old[key], new[key]
+            return f"data:{name}", stored_setting(old, key), new[key]
     return None
 
 

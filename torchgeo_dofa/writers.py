@@ -721,7 +721,8 @@ class _PartsWriter(BasePredictionWriter):
         for key in identity_differences(stored, self._job)[:1]:
             raise PartsMismatchError(
                 f"{self.parts} holds the chips of another job "
-                f"({describe_change(key, stored[key], self._job[key], 80)}): delete it (and "
+                f"({describe_change(key, stored_setting(stored, key), self._job[key], 80)}): "
+                "delete it (and "
                 "the .parts folders of the job's other outputs beside it) to start afresh, "
                 "or write to another path"
             )
@@ -850,12 +851,14 @@ def identity_differences(stored: Mapping[str, str], now: Mapping[str, str]) -> l
     """The settings in which a job's identity differs from a stored one, in ``now``'s order.
 
     A setting recorded on one side only (another package version) is no evidence of another
-    job and is not compared. Dataset arguments as given (``data.nodata``, ``data.crs`` ...)
-    whose effect the reading identity records as read (``nodata``, ``crs``, ``band_indexes``
-    ...; :meth:`~torchgeo_dofa.datasets.Sentinel2Base.reading_identity`) are compared only
-    when one side lacks that record (an identity written before it existed): then the
-    spelling is all there is to compare, and ``nodata=0`` for a file declaring 0 is refused
-    as the earlier version refused it, rather than a changed nodata being taken as the same.
+    job and is not compared, except those of :data:`IDENTITY_DEFAULTS`, which an identity
+    without them had at their default. Dataset arguments as given (``data.nodata``,
+    ``data.crs`` ...) whose effect the reading identity records as read (``nodata``,
+    ``crs``, ``band_indexes`` ...;
+    :meth:`~torchgeo_dofa.datasets.Sentinel2Base.reading_identity`) are compared only when
+    one side lacks that record (an identity written before it existed): then the spelling is
+    all there is to compare, and ``nodata=0`` for a file declaring 0 is refused as the
+    earlier version refused it, rather than a changed nodata being taken as the same.
 
     Args:
         stored: the identity recorded beside the parts (or in a manifest).
@@ -868,11 +871,32 @@ def identity_differences(stored: Mapping[str, str], now: Mapping[str, str]) -> l
 
     as_read = "band_indexes" in stored and "band_indexes" in now
     covered = {f"data.{k}" for k in Sentinel2Base.reading_arguments} if as_read else set()
+    # settings added later with a default every earlier job had: missing means that default
+    stored = {**{k: v for k, v in IDENTITY_DEFAULTS.items() if k in now}, **stored}
     return [
         key
         for key, value in now.items()
         if key in stored and key not in covered and stored[key] != value
     ]
+
+
+def stored_setting(stored: Mapping[str, str], key: str) -> str:
+    """A setting of a stored identity, or its :data:`IDENTITY_DEFAULTS` value if absent.
+
+    Args:
+        stored: the identity recorded earlier.
+        key: a key :func:`identity_differences` returned.
+
+    Returns:
+        The stored value.
+    """
+    return stored.get(key, IDENTITY_DEFAULTS.get(key, "absent"))
+
+
+#: Identity settings added after jobs were first recorded, with the value every job recorded
+#: without them had (DOFA's own statistics: ``mean`` / ``std`` of
+#: :class:`~torchgeo_dofa.datamodules.DOFAPredictDataModule` were not settable before).
+IDENTITY_DEFAULTS: dict[str, str] = {"mean": "None", "std": "None"}
 
 
 def embed_manifest_listing(folder: Path, name: str, skip: str = "") -> Path | None:
