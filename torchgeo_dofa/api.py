@@ -542,7 +542,9 @@ class _Prepared:
     meta: dict[str, Any]
 
 
-def _normalisation_meta(mean: Tensor | None = None, std: Tensor | None = None) -> dict[str, Any]:
+def _normalisation_meta(
+    mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "check": "input whose valid values all lie in [0, 2] is rejected (raw 0..10000 expected)",
         "clip": [0.0, 10000.0],
@@ -617,9 +619,7 @@ def _prepare(
         "input_size_hw": [height, width],
         "model_input_hw": [224, 224],
         "preprocessing": {
-            "normalization": _normalisation_meta(
-                *(stack[2].mean, stack[2].std) if mean is not None else ()
-            ),
+            "normalization": _normalisation_meta(mean, std),
             "size": _size_meta(height, width, input_prep),
             "fill_value": fill_value,
             "nodata": nodata,

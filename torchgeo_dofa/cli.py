@@ -346,7 +346,7 @@ def embed(
         file_bands: names of the bands of files without band descriptions, in file order
             (a second date as ``B4_1``...).
         wavelengths: centre wavelengths (um), one per band, for bands that are not
-            Sentinel-2's (or other ones than Sentinel-2's).
+            Sentinel-2's (their statistics: ``mean``, ``std``).
         nodata: no-data value overriding the files' own.
         crs: CRS to read the inputs in (default: the first file's); also reads a folder of
             files in several CRSs as one region.

@@ -559,16 +559,8 @@ class Sentinel2Base(RasterDataset):
                 raise ValueError(f"{first.path} has no CRS: pass crs=")
             epsg = first.crs.to_epsg()
             crs = CRS.from_epsg(epsg) if epsg else CRS.from_user_input(first.crs.to_wkt())
-        try:
-            dst_crs = CRS.from_user_input(crs)
-        except CRSError as err:
-            raise ValueError(
-                f"unknown CRS {crs!r} ({err}): give an EPSG code such as EPSG:32633, a PROJ "
-                "string or WKT"
-            ) from None
+        dst_crs = canonical_crs(crs)
         epsg = dst_crs.to_epsg()
-        if epsg:  # one CRS however spelled (a PROJ string of UTM 33N is EPSG:32633): the index,
-            dst_crs = CRS.from_epsg(epsg)  # the chips, the outputs and a resumed job agree
         self._dst_rio_crs = RIO_CRS.from_epsg(epsg) if epsg else RIO_CRS.from_wkt(dst_crs.to_wkt())
         grids = {
             path: self._grid(infos[path], self._dst_rio_crs)
@@ -752,10 +744,7 @@ class Sentinel2Base(RasterDataset):
             if re.match(regex, name) is None:
                 continue
             try:
-                with warnings.catch_warnings():  # refused below, with the fix
-                    warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-                    src = rasterio.open(path)
-                with src:
+                with _open_quietly(path) as src:
                     if _names_embedding_bands(src.descriptions):
                         continue  # this package's output, e.g. written inside the input folder
                     problem = georeference_problem(src)
@@ -2361,10 +2350,7 @@ def _read_header(path: str) -> _Header:
         InputError: if the file cannot be read or is not georeferenced.
     """
     try:
-        with warnings.catch_warnings():  # refused below, with the fix
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            src = rasterio.open(path)
-        with src:
+        with _open_quietly(path) as src:
             grid = _names_embedding_bands(src.descriptions)
             problem = None if grid else georeference_problem(src)
             if problem:
@@ -2441,6 +2427,43 @@ def _collisions(names: Sequence[str]) -> list[int]:
     return [i for i, n in enumerate(folded) if folded.count(n) > 1]
 
 
+def canonical_crs(crs: Any) -> CRS:
+    """A CRS however spelled, as one value: the EPSG code where it has one.
+
+    A PROJ string of UTM 33N is EPSG:32633, so the index, the chips, the outputs and a
+    resumed job agree on it.
+
+    Args:
+        crs: an EPSG code (``"EPSG:32633"``, 32633), a PROJ string, WKT or CRS object.
+
+    Returns:
+        The pyproj CRS.
+
+    Raises:
+        InputError: for a CRS pyproj does not know (a ``ValueError``), with the spellings to
+            use.
+    """
+    try:
+        parsed = CRS.from_user_input(crs)
+    except CRSError as err:
+        raise InputError(
+            f"unknown CRS {crs!r} ({err}): give an EPSG code such as EPSG:32633, a PROJ "
+            "string or WKT"
+        ) from None
+    epsg = parsed.to_epsg()
+    return CRS.from_epsg(epsg) if epsg else parsed
+
+
+def _open_quietly(path: str) -> DatasetReader:
+    """Open a raster for its header, without rasterio's ``NotGeoreferencedWarning``.
+
+    The caller refuses such a file with the fix (:func:`georeference_problem`).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        return rasterio.open(path)
+
+
 def _north_up(t: Affine) -> bool:
     """Whether a geotransform is north-up and unrotated.
 
@@ -2501,13 +2524,7 @@ def _one_crs(
     crss = {p: h.crs for p, h in headers.items()}
     bounds = [h.bounds for h in headers.values()]
     if crs is not None:
-        try:
-            target = RIO_CRS.from_user_input(crs)
-        except rasterio.errors.CRSError as err:
-            raise InputError(
-                f"unknown CRS {crs!r} ({err}): give an EPSG code such as EPSG:32633, a PROJ "
-                "string or WKT"
-            ) from None
+        target = RIO_CRS.from_wkt(canonical_crs(crs).to_wkt())
         bounds = [
             b if c is None else transform_bounds(RIO_CRS.from_wkt(c), target, *b)
             for c, b in zip(crss.values(), bounds, strict=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import itertools
 import json
@@ -754,8 +755,6 @@ class OutputLock:
 
     def _cannot_use(self, err: OSError) -> str:
         """One line for an OS error making the folder or its lock file, with the fix."""
-        import errno
-
         fixes = {
             errno.ENOSPC: "free some space there",
             errno.EDQUOT: "free some space there (disk quota)",

@@ -649,12 +649,7 @@ class _PartsWriter(BasePredictionWriter):
             self._lock = lock
         elif folder not in OutputLock._held:  # else an embed job holds it for its whole run
             lock = OutputLock(folder, fix="write to another path")
-            try:
-                lock.acquire()
-            except OSError as err:
-                raise OutputPathError(
-                    f"cannot write in {self.path.parent}: {err.strerror or err}"
-                ) from None
+            lock.acquire()  # OutputPathError for a folder that cannot be made or locked
             self._folder_locks[folder] = (lock, 1)
             self._lock = lock
 
@@ -871,12 +866,12 @@ def identity_differences(stored: Mapping[str, str], now: Mapping[str, str]) -> l
 
     as_read = "band_indexes" in stored and "band_indexes" in now
     covered = {f"data.{k}" for k in Sentinel2Base.reading_arguments} if as_read else set()
-    # settings added later with a default every earlier job had: missing means that default
-    stored = {**{k: v for k, v in IDENTITY_DEFAULTS.items() if k in now}, **stored}
     return [
         key
         for key, value in now.items()
-        if key in stored and key not in covered and stored[key] != value
+        if (key in stored or key in IDENTITY_DEFAULTS)
+        and key not in covered
+        and stored_setting(stored, key) != value
     ]
 
 
