@@ -24,6 +24,7 @@ import torch
 from rasterio.windows import Window, from_bounds
 
 from tests.precision import assert_as_exact_as_torchgeo, cosine_error, torchgeo_bf16_error
+from tests.tmpfs import tmpfs
 from torchgeo_dofa import load_dofa
 from torchgeo_dofa.cli import embed, main
 from torchgeo_dofa.transforms import DOFAPreprocess
@@ -1009,18 +1010,27 @@ def test_multidate_stack_without_descriptions_embeds_one_date(
     assert (tmp_path / "d2.parquet").is_file()  # --output both: the sibling table
 
 
-def test_13_band_stack_without_descriptions(tmp_path, base_checkpoint) -> None:
+def _write_one_chip_scene(
+    path: Path, data: np.ndarray, descriptions: tuple[str, ...] | None = None
+) -> Path:
+    """Write ``data`` (C, 224, 224) as a one-chip UTM 33N GeoTIFF at 10 m."""
     from rasterio.transform import from_origin
 
+    with rasterio.open(
+        path, "w", driver="GTiff", width=224, height=224, count=data.shape[0],
+        dtype=data.dtype, crs="EPSG:32633", transform=from_origin(500000, 5000000, 10, 10),
+    ) as dst:  # fmt: skip
+        dst.write(data)
+        if descriptions is not None:
+            dst.descriptions = descriptions
+    return path
+
+
+def test_13_band_stack_without_descriptions(tmp_path, base_checkpoint) -> None:
     names = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
     rng = np.random.default_rng(0)
     data = rng.integers(300, 4000, (13, 224, 224), dtype=np.uint16)
-    path = tmp_path / "l1c_stack.tif"
-    with rasterio.open(
-        path, "w", driver="GTiff", width=224, height=224, count=13, dtype="uint16",
-        crs="EPSG:32633", transform=from_origin(500000, 5000000, 10, 10),
-    ) as dst:  # fmt: skip
-        dst.write(data)
+    path = _write_one_chip_scene(tmp_path / "l1c_stack.tif", data)
     out = tmp_path / "out.tif"
     code = main(
         ["embed", str(path), "--file-bands", *names, "-o", str(out), "--output", "grid",
@@ -1049,17 +1059,9 @@ def test_another_sensors_bands_with_their_statistics_and_an_offset(
     """Bands that are not Sentinel-2's embed with their wavelengths and statistics
     (--wavelengths, --mean, --std on DOFA's 0..255 scale); --offset is added to the digital
     numbers first. Checked against a numpy normalisation and the encoder."""
-    from rasterio.transform import from_origin
-
     rng = np.random.default_rng(1)
     data = rng.integers(1200, 5000, (4, 224, 224), dtype=np.uint16)
-    path = tmp_path / "planet.tif"
-    with rasterio.open(
-        path, "w", driver="GTiff", width=224, height=224, count=4, dtype="uint16",
-        crs="EPSG:32633", transform=from_origin(500000, 5000000, 10, 10),
-    ) as dst:  # fmt: skip
-        dst.write(data)
-        dst.descriptions = ("red", "green", "blue", "nir")
+    path = _write_one_chip_scene(tmp_path / "planet.tif", data, ("red", "green", "blue", "nir"))
     waves, mean, std = [0.665, 0.565, 0.49, 0.865], [80.0, 85.0, 90.0, 70.0], [40, 45, 50, 35]
     common = [
         "embed", str(path), "--weights", str(base_checkpoint), "--no-progress",
@@ -1500,6 +1502,14 @@ def test_embedder_takes_the_cli_spelling_of_random_weights() -> None:
         assert torch.equal(x, y)
 
 
+def _wait_for_a_part(job: subprocess.Popen[Any], parts: Path, timeout: float = 240) -> None:
+    """Wait until the job has written a grid part into ``parts`` (or has ended)."""
+    deadline = time.monotonic() + timeout
+    while not list(parts.glob("*.npy")) and job.poll() is None:
+        assert time.monotonic() < deadline, "the job wrote no chip in time"
+        time.sleep(0.05)
+
+
 def test_kill_9_during_prediction_then_rerun_equals_uninterrupted(
     tmp_path, reference_run, base_checkpoint
 ) -> None:
@@ -1510,10 +1520,7 @@ def test_kill_9_during_prediction_then_rerun_equals_uninterrupted(
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = out / "ftw_s2_l2a_33N_grid.tif.parts"
     try:
-        deadline = time.monotonic() + 240
-        while not list(parts.glob("*.npy")) and job.poll() is None:
-            assert time.monotonic() < deadline, "the job wrote no chip in time"
-            time.sleep(0.05)
+        _wait_for_a_part(job, parts)
         job.kill()  # SIGKILL: no handler runs
         job.wait(timeout=60)
     finally:
@@ -1546,10 +1553,7 @@ def test_sigterm_to_the_process_group_stops_after_the_batch(tmp_path, base_check
     )
     parts = out / "ftw_s2_l2a_33N_grid.tif.parts"
     try:
-        deadline = time.monotonic() + 240
-        while not list(parts.glob("*.npy")) and job.poll() is None:
-            assert time.monotonic() < deadline, "the job wrote no chip in time"
-            time.sleep(0.05)
+        _wait_for_a_part(job, parts)
         os.killpg(job.pid, signal.SIGTERM)
         _, err = job.communicate(timeout=120)
     finally:
@@ -1564,14 +1568,7 @@ def test_sigterm_to_the_process_group_stops_after_the_batch(tmp_path, base_check
 def test_write_error_starts_its_own_line_after_the_progress_bar(tmp_path: Path) -> None:
     """A full disk with the progress bar on: the bar (stdout) is closed before the one-line
     error (stderr), which used to be glued to the bar's last refresh."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True
-    )
-    if mounted.returncode:
-        pytest.skip("cannot mount a tmpfs here (not root or not permitted)")
-    try:
+    with tmpfs(tmp_path / "disk", "4m") as disk:
         cmd = [
             sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(SCENE), "-o",
             str(disk / "out"), "--weights", "none", "--device", "cpu", "--precision", "32",
@@ -1579,8 +1576,6 @@ def test_write_error_starts_its_own_line_after_the_progress_bar(tmp_path: Path) 
         proc = subprocess.run(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300
         )
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
     assert proc.returncode == 1, proc.stdout[-3000:]
     lines = proc.stdout.replace("\r", "\n").splitlines()
     errors = [i for i, line in enumerate(lines) if "torchgeo-dofa: error:" in line]

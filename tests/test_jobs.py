@@ -27,6 +27,7 @@ from rasterio.crs import CRS
 from shapely.geometry import Point
 from torch.utils.data import DataLoader
 
+from tests.tmpfs import tmpfs
 from torchgeo_dofa.jobs import (
     LOCK_NAME,
     MANIFEST_NAME,
@@ -56,7 +57,6 @@ def test_an_output_folder_that_cannot_be_made_or_locked_is_one_line_and_leaves_n
 ) -> None:
     """A full disk left the folders and an empty lock file behind with a bare errno; a path
     through a file or a read-only folder gave the same bare errno."""
-
     from torchgeo_dofa.cli import main
 
     afile = tmp_path / "afile"
@@ -65,14 +65,7 @@ def test_an_output_folder_that_cannot_be_made_or_locked_is_one_line_and_leaves_n
         OutputLock(afile / "sub").acquire()
     scene = ROOT / "demo" / "data" / "ftw_s2_l2a_33N.tif"
     assert main(["embed", str(scene), "-o", str(afile / "sub"), "--weights", "none"]) == 2
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True
-    )
-    if mounted.returncode:
-        pytest.skip("cannot mount a tmpfs here (not root or not permitted)")
-    try:
+    with tmpfs(tmp_path / "disk", "1m") as disk:
         with open(disk / "fill", "wb") as fill, contextlib.suppress(OSError):
             while True:  # every block of the file system
                 fill.write(bytes(1 << 16))
@@ -84,8 +77,6 @@ def test_an_output_folder_that_cannot_be_made_or_locked_is_one_line_and_leaves_n
         (disk / "fill").stat()
         with pytest.raises(OutputPathError, match=r"Read-only file system \(the file system"):
             OutputLock(disk / "o3").acquire()
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 # --- manifest ------------------------------------------------------------------------------------

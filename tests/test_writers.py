@@ -232,12 +232,12 @@ import errno  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import signal  # noqa: E402
-import subprocess  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
+from tests.tmpfs import tmpfs  # noqa: E402
 from torchgeo_dofa.writers import OutputWriteError, atomic_write, stale_temps  # noqa: E402
 
 BIG_DEPTH = 32
@@ -270,23 +270,9 @@ def _assert_same_grid(a: Path, b: Path) -> None:
     assert a.read_bytes() == b.read_bytes()
 
 
-def _tmpfs(path: Path, size: str) -> bool:
-    """Mount a small tmpfs at ``path`` (root only); False where mounting is not permitted."""
-    path.mkdir(parents=True)
-    if os.geteuid() != 0:
-        return False
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
-    )
-    return done.returncode == 0
-
-
 def test_disk_full_during_assembly_keeps_parts_and_rerun_finishes(tmp_path: Path, capfd) -> None:
     """A real full filesystem (tmpfs): no final file, parts kept, rerun = uninterrupted bytes."""
-    disk = tmp_path / "disk"
-    if not _tmpfs(disk, "2m"):
-        pytest.skip("cannot mount a tmpfs here (not root or not permitted)")
-    try:
+    with tmpfs(tmp_path / "disk", "2m") as disk:
         geom = _geometry()
         writer = GridWriter(disk / "g.tif", geom, metadata={"variant": "base"})
         _write(writer, _big_chips(geom))
@@ -311,8 +297,6 @@ def test_disk_full_during_assembly_keeps_parts_and_rerun_finishes(tmp_path: Path
         GridWriter(disk / "g.tif", geom, metadata={"variant": "base"}).finalize()
         assert not writer.parts.exists()
         _assert_same_grid(_reference_grid(tmp_path), disk / "g.tif")
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 @contextlib.contextmanager
