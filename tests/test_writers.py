@@ -9,6 +9,7 @@ from typing import Any
 import geopandas as gpd
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 import torch
@@ -165,7 +166,12 @@ def test_pooled_geoparquet(tmp_path: Path) -> None:
     writer = PooledWriter(out, UTM, metadata={"variant": "base", "weights": "random"}, source="s")
     writer.parts.mkdir(parents=True)
     # TorchGeo bounds: xmin, xmax, xres, ymin, ymax, yres, tmin, tmax, tres
-    t0, t1 = 1_654_000_000.0, 1_655_000_000.0
+    # a day as TorchGeo bounds it: its first and its last microsecond
+    day_start, day_end = (
+        pd.Timestamp("2022-06-11", tz="UTC"),
+        pd.Timestamp("2022-06-11T23:59:59.999999", tz="UTC"),
+    )
+    t0, t1 = day_start.timestamp(), day_end.timestamp()
     bounds = torch.tensor(
         [
             [500_000, 502_240, 10, 4_000_000, 4_002_240, 10, t0, t1, 1],
@@ -184,7 +190,8 @@ def test_pooled_geoparquet(tmp_path: Path) -> None:
     assert frame.geometry.iloc[0].bounds == (502_240, 4_002_240, 504_480, 4_004_480)  # north first
     np.testing.assert_allclose(np.stack(frame.embedding.to_numpy())[1], pooled[0].numpy())
     assert frame.variant.iloc[0] == "base" and frame.weights.iloc[0] == "random"
-    assert frame.time_start.iloc[0].timestamp() == t0
+    assert frame.time_start.iloc[0] == day_start
+    assert frame.time_end.iloc[0] == day_end  # was 23:59:59.999998976 (float rounding)
 
 
 def test_pooled_parts_keep_every_float32_bit_and_older_list_parts_still_read(
@@ -234,8 +241,6 @@ import resource  # noqa: E402
 import signal  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
-
-import pandas as pd  # noqa: E402
 
 from tests.tmpfs import tmpfs  # noqa: E402
 from torchgeo_dofa.writers import OutputWriteError, atomic_write, stale_temps  # noqa: E402
@@ -647,3 +652,85 @@ def test_describe_change_keeps_the_first_difference_in_view() -> None:
     assert cut == f"bands was ...{'x' * 20}A', now ...{'x' * 20}B'"
     head = describe_change("bands", "A" + "x" * 99, "B" + "x" * 99, limit=40)
     assert head == f"bands was 'A{'x' * 35}..., now 'B{'x' * 35}..."
+
+
+class _DeletePart(pl.Callback):
+    """Stands for a user or a cleanup deleting a part file while the job runs: removes
+    ``name`` from ``writer``'s parts folder just before the writers assemble."""
+
+    def __init__(self, writer: GridWriter | PooledWriter, name: str) -> None:
+        self.writer, self.name = writer, name
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.writer.flush()
+        (self.writer.parts / self.name).unlink()
+
+
+def test_a_part_deleted_while_the_job_runs_fails_assembly_and_the_rerun_fills_it(
+    tmp_path: Path,
+) -> None:
+    """A deleted part made a hole (NaN cells, a no_data row) in a file written with exit
+    status 0, and the rerun found the job done. Now every chip of the sampler must have its
+    part, or its empty part for a chip without any valid pixel, before anything is
+    assembled; the rerun computes exactly the missing chips and writes the files of an
+    undisturbed run."""
+    from torchgeo_dofa.datamodules import DOFAPredictDataModule
+    from torchgeo_dofa.embedder import DOFAEmbedder
+    from torchgeo_dofa.writers import OutputWriteError
+
+    scene = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
+    crop = tmp_path / "crop.tif"  # two chips side by side, the right one all nodata (0)
+    with rasterio.open(scene) as src:
+        pixels = src.read(window=rasterio.windows.Window(0, 0, 448, 224))
+        pixels[:, :, 224:] = 0
+        profile = src.profile | {"width": 448, "height": 224}
+        with rasterio.open(crop, "w", **profile) as dst:
+            dst.write(pixels)
+            dst.descriptions = src.descriptions
+        left, top = src.bounds.left, src.bounds.top
+    module = DOFAEmbedder(weights=None, seed=0, output="both")
+
+    def run(out: Path, deleting: tuple[str, str] | None = None, table: bool = True) -> GridWriter:
+        grid, pooled = GridWriter(out / "g.tif"), PooledWriter(out / "p.parquet")
+        callbacks: list[pl.Callback] = [pooled, grid] if table else [grid]  # table first
+        if deleting is not None:
+            which, name = deleting
+            callbacks.insert(0, _DeletePart(grid if which == "grid" else pooled, name))
+        trainer = pl.Trainer(
+            accelerator="cpu", callbacks=callbacks, logger=False, enable_progress_bar=False,
+            enable_model_summary=False,
+        )  # fmt: skip
+        dm = DOFAPredictDataModule(crop, preprocess=True, batch_size=2)
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+        return grid
+
+    reference = run(tmp_path / "ref")
+    assert (reference.written, reference.empty) == (1, 1)
+    out = tmp_path / "job"
+    grid_parts, table_parts = parts_dir(out / "g.tif"), parts_dir(out / "p.parquet")
+    # run 1: the left chip's pooled part goes missing: the table refuses, nothing assembled
+    key = PooledWriter.chip_key([left, left + 2240.0, 0.0, top - 2240.0, top])
+    with pytest.raises(OutputWriteError, match=rf"1 chip\(s\) of p.parquet have no part .*{key}"):
+        run(out, ("pooled", f"{key}.json"))
+    assert not (out / "p.parquet").exists() and not (out / "g.tif").exists()
+    assert sorted(p.name for p in table_parts.glob("*.json")) == []
+    assert sorted(p.name for p in grid_parts.iterdir() if p.name != "job-identity") == [
+        "r0_c0.npy",
+        "r0_c14.empty",
+    ]
+    # run 2 computes that chip again; now the grid's empty part of the nodata chip goes
+    with pytest.raises(OutputWriteError, match=r"1 chip\(s\) of g.tif have no part .*r0_c14\)"):
+        run(out, ("grid", "r0_c14.empty"))
+    assert (out / "p.parquet").exists() and not (out / "g.tif").exists()
+    # run 3 (the grid alone: the table is done): only the nodata chip again, then the grid
+    grid = run(out, table=False)
+    assert (grid.written, grid.empty) == (0, 1)
+    with rasterio.open(out / "g.tif") as a, rasterio.open(tmp_path / "ref" / "g.tif") as b:
+        values = a.read()
+        np.testing.assert_array_equal(values, b.read())
+        assert np.isnan(values[:, :, 14:]).all() and not np.isnan(values[:, :, :14]).any()
+    got = gpd.read_parquet(out / "p.parquet")
+    want = gpd.read_parquet(tmp_path / "ref" / "p.parquet")
+    assert got.chip_id.tolist() == want.chip_id.tolist() and got.no_data.tolist() == [False, True]
+    np.testing.assert_array_equal(np.stack(got.embedding), np.stack(want.embedding))
+    assert not grid_parts.exists() and not table_parts.exists()

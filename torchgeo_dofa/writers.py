@@ -379,6 +379,9 @@ class _PartsWriter(BasePredictionWriter):
     """
 
     suffix = ".npy"
+    #: Suffix of the (empty) part a chip without any valid pixel leaves: the chip is done
+    #: and NaN in the outputs (so assembly can tell it from a chip whose part is missing).
+    empty_suffix = ".empty"
     #: Keys of a prediction this writer reads (see :meth:`write_on_batch_end`).
     needs: tuple[str, ...] = ()
     #: Threads writing part files (file I/O and compression release the GIL).
@@ -391,8 +394,13 @@ class _PartsWriter(BasePredictionWriter):
         self.path = Path(path)
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.written = 0
-        #: chips of this run without any valid pixel (no part written: NaN in the outputs)
+        #: chips of this run without any valid pixel (an empty part: NaN in the outputs)
         self.empty = 0
+        #: the key of every chip of the job (from the datamodule's sampler at setup), which
+        #: assembly checks each has a part; None: not known, not checked
+        self.chip_keys: list[str] | None = None
+        #: whether the trainer sends every chip (no ``limit_predict_batches``): set at setup
+        self._whole_job = False
         self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[Future[None]] = deque()
         self._done: set[str] = set()
@@ -424,9 +432,13 @@ class _PartsWriter(BasePredictionWriter):
         state["_lock"] = state["_claimed"] = None
         return state
 
-    def _write_chips(self, prediction: Mapping[str, Any], chips: Sequence[int]) -> None:
+    def _write_chips(
+        self, prediction: Mapping[str, Any], chips: Sequence[int], empty: Sequence[int]
+    ) -> None:
         for i in chips:
             self.write_chip(prediction, i)
+        for i in empty:  # no content to lose: a marker lost in a crash only means a recompute
+            (self.parts / f"{self.part_key(prediction, i)}{self.empty_suffix}").touch()
 
     def flush(self) -> None:
         """Wait for every part file being written; raise the first error among them.
@@ -493,11 +505,40 @@ class _PartsWriter(BasePredictionWriter):
         return parts_dir(self.path)
 
     def done_keys(self) -> set[str]:
-        """Keys of chips whose part file exists (for resuming)."""
+        """Keys of chips whose part file (or empty-chip part) exists (for resuming)."""
         self.flush()
         if not self.parts.is_dir():
             return set()
-        return {p.name.removesuffix(self.suffix) for p in self.parts.glob(f"*{self.suffix}")}
+        return {
+            p.name.removesuffix(suffix)
+            for suffix in (self.suffix, self.empty_suffix)
+            for p in self.parts.glob(f"*{suffix}")
+        }
+
+    def check_every_chip_has_a_part(self) -> None:
+        """Before assembly: every chip of the job (:attr:`chip_keys`) must have its part.
+
+        A part can go missing only from outside (a part file deleted while the job ran, a
+        cleanup of the parts folder); assembling without it would leave a hole of NaN (a
+        row flagged ``no_data``) in a file written with exit status 0. Not checked when the
+        job's chips are unknown or the trainer was told to send only some of them
+        (``limit_predict_batches``).
+
+        Raises:
+            OutputWriteError: naming how many chips lack a part (the first three) and the
+                fix: rerun the same command, which computes exactly those chips.
+        """
+        if self.chip_keys is None or not self._whole_job:
+            return
+        present = self.done_keys()
+        missing = [k for k in dict.fromkeys(self.chip_keys) if k not in present]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise OutputWriteError(
+                f"{len(missing)} chip(s) of {self.path.name} have no part in {self.parts} "
+                f"({', '.join(missing[:3])}{more}): removed while the job ran? Nothing was "
+                "assembled; rerun the same command to compute those chips and finish"
+            )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Gather the outputs' tags and what the parts depend on; write nothing yet.
@@ -554,6 +595,8 @@ class _PartsWriter(BasePredictionWriter):
             self._job["chips_crc32"] = _text_digest(repr([_chip_bounds(c) for c in sampler]))
         self._identity_written = self._parts_made = False
         self.metadata.update(given)
+        limit = getattr(trainer, "limit_predict_batches", 1.0)
+        self._whole_job = isinstance(limit, float) and limit >= 1.0
         self._done = set()
         self._assembled = self._failed = False
         self._claim_output(inputs)
@@ -747,6 +790,10 @@ class _PartsWriter(BasePredictionWriter):
         """Whether an earlier run already wrote this chip."""
         raise NotImplementedError
 
+    def part_key(self, prediction: Mapping[str, Any], i: int) -> str:  # pragma: no cover
+        """Part-file key of chip ``i`` of a prediction."""
+        raise NotImplementedError
+
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Wait for every rank, then assemble the final file on rank 0."""
         self.flush()
@@ -782,21 +829,19 @@ class _PartsWriter(BasePredictionWriter):
             )
         while self._pending and self._pending[0].done():  # surface a failed write early
             self._pending.popleft().result()
-        empty = prediction.get("empty")
-        chips = [
-            i
-            for i in range(len(prediction["grid" if "grid" in prediction else "pooled"]))
-            if empty is None or not bool(empty[i])
-        ]
-        self.empty += len(prediction["grid" if "grid" in prediction else "pooled"]) - len(chips)
-        if not chips:
+        flags = prediction.get("empty")
+        n = len(prediction["grid" if "grid" in prediction else "pooled"])
+        empty = [i for i in range(n) if flags is not None and bool(flags[i])]
+        chips = [i for i in range(n) if i not in empty]
+        self.empty += len(empty)
+        if not n:
             return
         self._make_parts()
         if trainer is not None:
             self._write_identity(trainer)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.write_threads, thread_name_prefix="dofa-parts")
-        self._pending.append(self._pool.submit(self._write_chips, prediction, chips))
+        self._pending.append(self._pool.submit(self._write_chips, prediction, chips, empty))
         self.written += len(chips)
         while len(self._pending) > self.max_pending_batches:
             self._pending.popleft().result()
@@ -1005,6 +1050,8 @@ class GridWriter(_PartsWriter):
                 "grid_shape": f"{geom.height} x {geom.width}",
             },
         )
+        sampler = getattr(dm, "predict_sampler", None)
+        self.chip_keys = None if sampler is None else [self.key_for_chip(c) for c in sampler]
         self._done = self.done_keys()
 
     def is_done(self, chip: Sequence[slice]) -> bool:
@@ -1016,9 +1063,16 @@ class GridWriter(_PartsWriter):
         Returns:
             True when its part file exists.
         """
+        return self.key_for_chip(chip) in self._done
+
+    def key_for_chip(self, chip: Sequence[slice]) -> str:
+        """Part-file key of a sampler's chip ``(x, y, ...)`` (slices in map units)."""
         cell = self.geometry.cell
-        key = self.chip_key([cell, 0.0, float(chip[0].start), 0.0, -cell, float(chip[1].stop)])
-        return key in self._done
+        return self.chip_key([cell, 0.0, float(chip[0].start), 0.0, -cell, float(chip[1].stop)])
+
+    def part_key(self, prediction: Mapping[str, Any], i: int) -> str:
+        """Part-file key of chip ``i`` of a prediction (from its ``grid_transform``)."""
+        return self.chip_key(prediction["grid_transform"][i].double().cpu().numpy())
 
     @staticmethod
     def key_for(geometry: GridGeometry, grid_transform: Sequence[float]) -> str:
@@ -1033,7 +1087,7 @@ class GridWriter(_PartsWriter):
     def write_chip(self, prediction: Mapping[str, Any], i: int) -> None:
         """Save chip ``i``'s grid as a part file keyed by its top-left cell."""
         grid = prediction["grid"][i].float().cpu().numpy()
-        key = self.chip_key(prediction["grid_transform"][i].double().cpu().numpy())
+        key = self.part_key(prediction, i)
 
         def save(path: Path) -> None:
             with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a name
@@ -1065,6 +1119,7 @@ class GridWriter(_PartsWriter):
             RuntimeError: if there is no part and the embedding width is unknown.
         """
         self.flush()
+        self.check_every_chip_has_a_part()
         geom = self.geometry
         chips = list(self._chips())
         sizes = _read_parts([p for _, _, p in chips], lambda f: np.load(f, mmap_mode="r").shape)
@@ -1213,7 +1268,7 @@ class PooledWriter(_PartsWriter):
         super().__init__(path, metadata)
         self.crs = crs
         self.source = source
-        self.chip_keys = list(chip_keys) if chip_keys is not None else None
+        self.chip_keys = self._given_keys = list(chip_keys) if chip_keys is not None else None
         if properties is not None:
             if self.chip_keys is None or len(properties) != len(self.chip_keys):
                 raise ValueError(
@@ -1254,8 +1309,10 @@ class PooledWriter(_PartsWriter):
         if not self.source:
             self.source = str(getattr(dm, "region_name", ""))
         sampler = getattr(dm, "predict_sampler", None)
+        self.chip_keys = self._given_keys
         if self.chip_keys is None and sampler is not None:
-            # every chip of the job gets a row, chips without any valid pixel flagged no_data
+            # every chip of the job gets a row, chips without any valid pixel flagged no_data;
+            # taken again at every setup (a writer reused for another scene takes its chips)
             self.chip_keys = [self.key_for_chip(c) for c in sampler]
         self.check_parts_identity(trainer, {"crs": self.crs.to_wkt(), "source": self.source})
         self._done = self.done_keys()
@@ -1277,6 +1334,10 @@ class PooledWriter(_PartsWriter):
         """Part-file key of a chip: its footprint to 10 significant digits (mm in UTM)."""
         xmin, xmax, _, ymin, ymax = (float(v) for v in list(bounds)[:5])
         return "_".join(f"{v:.10g}".replace("-", "m") for v in (xmin, ymin, xmax, ymax))
+
+    def part_key(self, prediction: Mapping[str, Any], i: int) -> str:
+        """Part-file key of chip ``i`` of a prediction (from its ``bounds``)."""
+        return self.chip_key(prediction["bounds"][i].double().cpu().numpy())
 
     def write_chip(self, prediction: Mapping[str, Any], i: int) -> None:
         """Save chip ``i``'s row as a small JSON part keyed by its footprint.
@@ -1344,6 +1405,7 @@ class PooledWriter(_PartsWriter):
             RuntimeError: if no chip was written and ``chip_keys`` was not given.
         """
         self.flush()
+        self.check_every_chip_has_a_part()
         import geopandas as gpd
         import pyarrow.parquet as pq
         from shapely.geometry import box
@@ -1479,10 +1541,15 @@ def _read_parts[T](paths: Sequence[Path], read: Callable[[Path], T]) -> dict[Pat
     )
 
 
-def _ts(value: float) -> float | None:
+def _ts(value: float) -> int | None:
+    """Nanoseconds of a time bound in seconds, to the microsecond (None: open-ended).
+
+    TorchGeo's bounds end a day at 23:59:59.999999; seconds since 1970 as a float64 carry
+    that to ~0.2 us, so the value is rounded to the microsecond (else ``...59.999998976``).
+    """
     if not math.isfinite(value) or abs(value) > 9.2e9:  # TorchGeo's open-ended time bounds
         return None
-    return value * 1e9
+    return round(value * 1e6) * 1000
 
 
 def _assemble_window(
