@@ -289,13 +289,13 @@ def test_full_mode_changes_encoder(tmp_path: Path) -> None:
         mode="full",
         interpolate_pos_embed=True,
         layer_decay=0.75,
-        lr=1e-3,
-        patience=None,
+        lr=1e-3,  # and the default patience: no validation, so no val_loss to follow
     )
     before = encoder_state(task)
     recorder = Recorder()
     trainer = make_trainer(tmp_path, 1, [recorder], limit_train_batches=1, limit_val_batches=0)
-    trainer.fit(task, dm)
+    with pytest.warns(RuntimeWarning, match="val_loss which is not available"):
+        trainer.fit(task, dm)  # failed after the epoch (MisconfigurationException)
     changed = changed_keys(before, encoder_state(task))
     assert any(k.startswith("backbone.blocks.0.") for k in changed)
     assert any(k.startswith("backbone.blocks.11.") for k in changed)

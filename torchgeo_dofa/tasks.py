@@ -313,6 +313,11 @@ class _DOFATask(BaseTask):
     def configure_optimizers(self) -> OptimizerLRScheduler:
         """AdamW over :meth:`parameter_groups`; ReduceLROnPlateau on ``val_loss`` if ``patience``.
 
+        Without validation (no ``val_dataloader``, ``limit_val_batches=0``) there is no
+        ``val_loss`` to follow: the rate stays constant and Lightning warns once (``...
+        conditioned on metric val_loss which is not available ...``) instead of failing at
+        the end of the first epoch, after it was spent.
+
         Returns:
             The optimizer, and the scheduler when ``patience`` is not None.
         """
@@ -323,7 +328,7 @@ class _DOFATask(BaseTask):
         scheduler = ReduceLROnPlateau(optimizer, patience=patience)
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor},
+            "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor, "strict": False},
         }
 
     # -- steps -------------------------------------------------------------------------------
