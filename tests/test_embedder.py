@@ -171,15 +171,18 @@ def test_a_batch_that_was_not_normalised_is_refused_before_anything_is_written(
 
 def test_a_grid_writer_reused_on_another_scene_takes_that_scenes_grid(tmp_path: Path) -> None:
     """A GridWriter without a given geometry derives it again at every setup (it kept the
-    first scene's, so the second scene's grid was written at the first scene's place)."""
+    first scene's, so the second scene's grid was written at the first scene's place); a
+    PooledWriter takes the scene's chips again (it kept the first scene's: its one row was
+    that chip, flagged no_data, and the second scene's chip was left out)."""
+    import geopandas as gpd
     import rasterio
     from rasterio.windows import Window
 
     from torchgeo_dofa.datamodules import DOFAPredictDataModule
-    from torchgeo_dofa.writers import GridWriter
+    from torchgeo_dofa.writers import GridWriter, PooledWriter
 
-    module = DOFAEmbedder(weights=None, seed=0, output="grid")
-    writer = GridWriter(tmp_path / "g.tif")
+    module = DOFAEmbedder(weights=None, seed=0, output="both")
+    writer, table = GridWriter(tmp_path / "g.tif"), PooledWriter(tmp_path / "p.parquet")
     for i, (row, col) in enumerate([(0, 0), (224, 448)]):  # two one-chip crops of the scene
         crop = tmp_path / f"crop{i}.tif"
         with rasterio.open(SCENE) as src:
@@ -193,10 +196,13 @@ def test_a_grid_writer_reused_on_another_scene_takes_that_scenes_grid(tmp_path: 
                 dst.write(src.read(window=window))
                 dst.descriptions = src.descriptions
         dm = DOFAPredictDataModule(crop, preprocess=True, batch_size=1)
-        _cpu_trainer([writer]).predict(module, datamodule=dm, return_predictions=False)
+        _cpu_trainer([writer, table]).predict(module, datamodule=dm, return_predictions=False)
         with rasterio.open(tmp_path / "g.tif") as grid, rasterio.open(crop) as scene:
             assert grid.crs == scene.crs and (grid.width, grid.height) == (14, 14)
             assert grid.transform == scene.transform @ scene.transform.scale(16)
+            rows = gpd.read_parquet(tmp_path / "p.parquet")
+            assert rows.geometry.iloc[0].bounds == tuple(scene.bounds)
+            assert rows.no_data.tolist() == [False]
 
 
 def test_a_writer_names_the_prediction_keys_it_lacks(tmp_path: Path) -> None:
