@@ -401,12 +401,13 @@ def test_lock_second_job_fails_at_once_and_kill_9_leaves_no_stale_lock(tmp_path:
 
 _HOLD_AND_FORK = """
 import os, sys, time
-from torchgeo_dofa.jobs import OutputLock
+from torchgeo_dofa.locks import OutputLock  # light: no torch
 OutputLock(sys.argv[1]).acquire()
 if os.fork() == 0:  # a child that outlives its parent, as a DataLoader worker does
+    # said by the child: its fork handlers have run (the parent's word raced them under load)
+    print("locked", flush=True)
     time.sleep(30)
     os._exit(0)
-print("locked", flush=True)
 time.sleep(60)
 """
 
@@ -552,7 +553,7 @@ def test_a_ddp_worker_dies_with_its_launcher_only_during_the_job() -> None:
     gone.wait()
     script = f"""
 import ctypes, os
-from torchgeo_dofa.jobs import LAUNCHER_PID_VARIABLE, die_with_launcher
+from torchgeo_dofa.locks import LAUNCHER_PID_VARIABLE, die_with_launcher
 libc = ctypes.CDLL(None, use_errno=True)
 def asked():
     sig = ctypes.c_int(-1)
@@ -580,7 +581,7 @@ def test_lock_file_removed_by_its_holder_lets_in_one_job_at_a_time(tmp_path: Pat
     script = """
 import os, sys, time
 from pathlib import Path
-from torchgeo_dofa.jobs import JobLockedError, OutputLock
+from torchgeo_dofa.locks import JobLockedError, OutputLock
 out, inside = Path(sys.argv[1]), Path(sys.argv[1]) / "inside"
 end, entered = time.monotonic() + 1.5, 0
 while time.monotonic() < end:

@@ -11,9 +11,12 @@ import pytest
 import torchgeo_dofa
 
 
-def test_import_loads_no_heavy_module() -> None:
+def test_import_loads_no_heavy_module(tmp_path) -> None:
+    """Neither importing the package nor taking an output folder's lock loads the libraries
+    (a lock-taking child process of the tests, a script checking a folder, start at once)."""
     code = (
-        "import sys, torchgeo_dofa; "
+        "import sys, torchgeo_dofa; from torchgeo_dofa.locks import OutputLock; "
+        f"OutputLock({str(tmp_path / 'out')!r}).acquire(); "
         "print(sorted(m for m in ('torch', 'torchgeo', 'lightning', 'rasterio', 'geopandas') "
         "if m in sys.modules))"
     )

@@ -10,7 +10,8 @@ An embed job writes into an output folder. To never mix two jobs' results there:
   setting that differs; ``overwrite=True`` deletes the previous job's outputs first.
 * :class:`OutputLock` holds an exclusive ``flock`` on ``<folder>/.torchgeo-dofa.lock`` for the
   job's lifetime: a second job on the same folder fails at once (:class:`JobLockedError`); the
-  kernel drops the lock when the process dies, even on ``kill -9``.
+  kernel drops the lock when the process dies, even on ``kill -9`` (defined, with
+  :func:`is_launcher`, in :mod:`torchgeo_dofa.locks`, which loads no PyTorch; re-exported).
 * :func:`unique_region_names` gives every region a distinct, order-independent output name.
 * :class:`StopOnSignal` turns SIGINT / SIGTERM into a stop after the current batch's parts are
   written (:class:`JobInterrupted`); a rerun resumes from the parts.
@@ -24,17 +25,12 @@ DDP launcher starts, and the other ranks ``torchrun`` or SLURM's ``srun`` start.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
-import fcntl
-import itertools
 import json
 import math
 import os
 import shutil
 import signal
-import sys
 import threading
 import uuid
 import warnings
@@ -42,7 +38,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
@@ -51,10 +47,16 @@ from shapely.geometry import Point, box
 from shapely.geometry.base import BaseGeometry
 
 from .datasets import unique_region_names
+from .locks import (
+    LOCK_NAME,
+    JobError,
+    JobLockedError,
+    OutputLock,
+    is_launcher,
+)
 from .spatial import WGS84, PointBuffer
 from .weights import resolve_weights, sha256_file
 from .writers import (
-    OutputPathError,
     atomic_write,
     describe_change,
     embed_manifest_listing,
@@ -89,29 +91,16 @@ __all__ = [
 ]
 
 MANIFEST_NAME = ".torchgeo-dofa-job.json"
-LOCK_NAME = ".torchgeo-dofa.lock"
 #: Manifest format version, bumped when its fields change meaning.
 MANIFEST_FORMAT = 1
 #: Above this many chips the job prints its size and a time estimate before starting.
 LARGE_JOB_CHIPS = 5000
 
 
-class JobError(Exception):
-    """Base of the embed job's own errors; ``exit_status`` is the CLI's exit status."""
-
-    exit_status: int = 1
-
-
 class JobMismatchError(JobError, ValueError):
     """The output folder holds another job's results (a setting differs): exit status 2."""
 
     exit_status = 2
-
-
-class JobLockedError(JobError, RuntimeError):
-    """Another torchgeo-dofa job holds the output folder's lock: exit status 75 (EX_TEMPFAIL)."""
-
-    exit_status = 75
 
 
 class PointsOutsideError(JobError, ValueError):
@@ -141,97 +130,6 @@ class JobInterrupted(JobError):
         )
         self.signum = signum
         self.exit_status = 128 + signum
-
-
-def is_launcher() -> bool:
-    """Whether this process launched the job: global rank 0 of a DDP job, or its only process.
-
-    Read from the variables the launchers set, before the process group exists (the lock
-    and the manifest come first), where Lightning's cluster environments read them:
-    ``LOCAL_RANK`` / ``NODE_RANK`` (Lightning's own DDP launcher, ``torchrun``), ``RANK``
-    where Lightning detects ``torchrun`` (``TorchElasticEnvironment.detect()``:
-    ``TORCHELASTIC_RUN_ID`` set; the first process of a second node has ``LOCAL_RANK``
-    0) and ``SLURM_PROCID`` where it detects SLURM's ``srun``
-    (``SLURMEnvironment.detect()``): ``srun`` starts every rank itself, and each ran as a
-    launcher before (rank 1 was refused as "in use by another job" and rank 0 waited).
-
-    Returns:
-        False when one of those ranks is set and not ``0``.
-    """
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-
-    ranks = [os.environ.get(name, "0") for name in ("LOCAL_RANK", "NODE_RANK")]
-    if TorchElasticEnvironment.detect():
-        ranks.append(os.environ.get("RANK", "0"))
-    with warnings.catch_warnings():  # its "srun is available but not used": Lightning's own
-        warnings.simplefilter("ignore")  # Trainer warns once; not once per call here
-        srun = SLURMEnvironment.detect()
-    if srun:
-        ranks.append(os.environ.get("SLURM_PROCID", "0"))
-    return all(rank.strip() in ("", "0") for rank in ranks)
-
-
-#: Environment variable holding the launching process's pid, for its DDP workers.
-LAUNCHER_PID_VARIABLE = "TORCHGEO_DOFA_LAUNCHER_PID"
-
-
-def mark_launcher() -> None:
-    """In the launching process: record its pid for the DDP workers it will start.
-
-    Called when a writer is made (before ``Trainer.predict`` starts the workers, which
-    inherit the environment); see :func:`die_with_launcher`. A no-op in a worker.
-    """
-    if is_launcher():
-        os.environ[LAUNCHER_PID_VARIABLE] = str(os.getpid())
-
-
-def die_with_launcher(enable: bool = True) -> None:
-    """In a DDP worker Lightning started on this machine: die when the launching process dies.
-
-    Asks Linux (``prctl(PR_SET_PDEATHSIG, SIGKILL)``) to kill this process the moment its
-    parent, the launcher, ends. Without it, a launcher killed with ``kill -9`` left its
-    workers embedding and writing parts for ~10 s, until a collective call timed out, into a
-    folder whose lock had died with the launcher: a rerun started meanwhile (``--overwrite``
-    included) could have found their parts. Parts are written atomically, so a worker killed
-    this way leaves at most a temporary file, which the next run removes. Called at the
-    writers' setup, and with ``enable=False`` at their teardown (the request would otherwise
-    outlive the job: a user's script that goes on after ``predict`` in its workers). If the
-    launcher recorded by :func:`mark_launcher` is no longer running when this is called, the
-    worker exits at once (status 1). A no-op in the launcher (``LOCAL_RANK`` unset or ``0``)
-    and off Linux.
-
-    Args:
-        enable: False to withdraw the request.
-    """
-    if os.environ.get("LOCAL_RANK", "0") == "0" or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = ctypes.c_int(1)  # <linux/prctl.h>
-    zero = ctypes.c_ulong(0)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if not enable:
-        libc.prctl(pr_set_pdeathsig, zero, zero, zero, zero)
-        return
-    parent = os.getppid()
-    if libc.prctl(pr_set_pdeathsig, ctypes.c_ulong(signal.SIGKILL), zero, zero, zero) != 0:
-        return  # not allowed here (a seccomp profile): the collective timeout still ends it
-    launcher = os.environ.get(LAUNCHER_PID_VARIABLE, "")
-    if os.getppid() != parent or (
-        launcher.isdigit() and int(launcher) != parent and not _running(int(launcher))
-    ):
-        os._exit(1)  # the launcher died before the request (or while it was made)
-
-
-def _running(pid: int) -> bool:
-    """Whether a process ``pid`` exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -649,269 +547,6 @@ def region_identity(
         region["buffer_m"] = float(buffer_m) if buffer_m is not None else None
         region["skip_outside"] = bool(skip_outside)
     return region
-
-
-class OutputLock:
-    """Exclusive, non-blocking lock on an output folder for the duration of a job.
-
-    ``flock`` on ``<folder>/.torchgeo-dofa.lock`` (the file stays after a job; only the lock
-    matters): the kernel releases it when the process exits in any way (``kill -9``
-    included), so there is never a stale lock. The lock file records the holder's pid for
-    the error message. A lock is held only on the file the path names when it is taken (the
-    usual ``flock`` protocol: after locking, the open file must still be the one at the
-    path, else it is opened again), so a job that removes its lock file
-    (``release(remove=True)``, a job refused before writing) cannot let two others in. In a
-    DDP worker started by Lightning (:func:`is_launcher` is False) it does nothing.
-
-    Taking the lock creates the folder (and missing parents) when needed; those folders are
-    recorded, and ``release(remove=True)`` removes them again, deepest first, where they are
-    left empty, so a job refused before writing anything leaves no trace. A folder that still
-    holds another lock's new folder of the same process (a grid and a table in two new
-    folders under one new parent) goes when that lock is released too, and a failed
-    acquisition (a name too long, a read-only parent) removes what it made.
-
-    Example:
-        >>> with OutputLock("out/"):  # doctest: +SKIP
-        ...     manifest.check_or_write("out/", overwrite=False)
-        ...     trainer.predict(...)
-    """
-
-    _held: ClassVar[set[Path]] = set()
-    #: Locks this process holds (for :func:`_forget_locks_in_child`).
-    _holders: ClassVar[set[OutputLock]] = set()
-    #: Folders released locks created and could not remove yet (not empty then).
-    _unremoved: ClassVar[list[_MadeFolder]] = []
-
-    def __init__(self, folder: str | os.PathLike[str], fix: str = "use another -o") -> None:
-        """Create the lock (not yet acquired).
-
-        Args:
-            folder: the output folder (created on acquisition if needed).
-            fix: what the refusal tells the user to do besides waiting.
-        """
-        #: the folder as given (for messages) and absolute (fixed at creation: a later
-        #: change of the working directory does not move the lock)
-        self.shown = Path(folder)
-        self.folder = self.shown.absolute()
-        self.fix = fix
-        self._fd: int | None = None
-        self._made: list[_MadeFolder] = []
-        #: the folder's entries when the lock was taken (but the lock file)
-        self._found: frozenset[str] = frozenset()
-
-    @property
-    def created(self) -> list[Path]:
-        """Folders that acquiring created (absolute, deepest first)."""
-        return [made.path for made in self._made]
-
-    @property
-    def path(self) -> Path:
-        """The lock file."""
-        return self.folder / LOCK_NAME
-
-    def acquire(self) -> None:
-        """Take the lock.
-
-        Raises:
-            JobLockedError: if another job (process or open lock) holds it.
-            OutputPathError: if the folder or its lock file cannot be made (a full disk, a
-                read-only file system, a file in the path), naming the folder and the fix;
-                nothing made is left behind.
-        """
-        if not is_launcher():
-            return
-        created: list[Path] = []
-        fd: int | None = None
-        try:
-            for attempt in itertools.count(1):
-                created = [d for d in (self.folder, *self.folder.parents) if not d.exists()]
-                self.folder.mkdir(parents=True, exist_ok=True)
-                made = _MadeFolder.identify(created)
-                try:
-                    found = frozenset(os.listdir(self.folder)) - {LOCK_NAME}
-                    fd = self._lock_file()
-                    break
-                except FileNotFoundError:
-                    # another job refused or done removed the empty folder it had made,
-                    # between our mkdir and our lock: make it again (a few times at most)
-                    if attempt == 10:
-                        raise
-            assert fd is not None  # the loop breaks with it
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        except BaseException as err:  # refused, or a folder only partly made: leave none of it
-            if fd is not None:  # held: ours to remove (as release(remove=True) does)
-                with contextlib.suppress(OSError):
-                    self.path.unlink()
-                os.close(fd)
-            _remove_empty(_MadeFolder.identify(created))
-            if isinstance(err, OSError):
-                raise OutputPathError(self._cannot_use(err)) from None
-            raise
-        self._fd = fd
-        self._made, self._found = made, found
-        OutputLock._held.add(self.folder.resolve())
-        OutputLock._holders.add(self)
-
-    def _cannot_use(self, err: OSError) -> str:
-        """One line for an OS error making the folder or its lock file, with the fix."""
-        fixes = {
-            errno.ENOSPC: "free some space there",
-            errno.EDQUOT: "free some space there (disk quota)",
-            errno.EROFS: "the file system is read-only",
-            errno.EACCES: "you may not write there",
-            errno.EPERM: "you may not write there",
-            errno.ENOTDIR: "a part of the path is a file, not a folder",
-            errno.EEXIST: "a part of the path is a file, not a folder",
-        }
-        why = fixes.get(err.errno or 0, "")
-        return (
-            f"cannot use output folder {self.shown}: {err.strerror or err}"
-            f"{f' ({why})' if why else ''}; {self.fix}"
-        )
-
-    def _lock_file(self) -> int:
-        """Open and ``flock`` the lock file; the locked descriptor."""
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if _same_file(fd, self.path):
-                    return fd
-            except BlockingIOError:
-                pid = os.read(fd, 64).decode(errors="replace").strip()
-                os.close(fd)
-                holder = f"pid {pid}" if pid else "starting now"  # the pid follows the lock
-                raise JobLockedError(
-                    f"output folder {self.shown} is in use by another torchgeo-dofa job "
-                    f"({holder}); wait for it or {self.fix}"
-                ) from None
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)  # the file was removed (or replaced) while we locked it: again
-
-    def unchanged(self) -> bool:
-        """Whether the folder holds nothing but what it held when the lock was taken.
-
-        The lock file aside: a job whose lock finds this at the end wrote nothing there, and
-        may release with ``remove=True``. False when the folder cannot be listed.
-        """
-        try:
-            return frozenset(os.listdir(self.folder)) - {LOCK_NAME} <= self._found
-        except OSError:
-            return False
-
-    def release(self, remove: bool = False) -> None:
-        """Release the lock (idempotent).
-
-        Args:
-            remove: also delete the lock file, while still holding the lock (for a job that
-                leaves nothing else behind; a job waiting on the old file takes a new one),
-                then the folders that acquiring created, deepest first, while empty.
-        """
-        if self._fd is None:
-            return
-        OutputLock._held.discard(self.folder.resolve())
-        OutputLock._holders.discard(self)
-        try:
-            if remove:
-                self.path.unlink(missing_ok=True)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self._fd)
-            self._fd = None
-        if remove:  # only while empty: another job may have written there
-            # a folder this lock made may still hold another lock's folder of the same job
-            # (a grid and a table in two new folders under one new parent): retried as the
-            # other locks let go, while one of them is inside it
-            # (one pass, deepest first: a parent comes after the folders inside it)
-            pending = OutputLock._unremoved + self._made
-            left = _remove_empty(sorted(pending, key=lambda made: -len(made.path.parts)))
-            held = [lock.folder for lock in OutputLock._holders]
-            OutputLock._unremoved = [m for m in left if any(m.path in h.parents for h in held)]
-        self._made = []
-
-    def __enter__(self) -> Self:
-        """Acquire the lock."""
-        self.acquire()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Release the lock."""
-        self.release()
-
-
-def _forget_locks_in_child() -> None:
-    """In a forked child (a DataLoader worker): close the inherited lock files.
-
-    ``flock`` belongs to the open file, which a fork shares: a worker keeping it would hold
-    the lock after its job was killed (``kill -9`` leaves the workers running a moment), and
-    the rerun would be refused as locked. The child never held the lock itself.
-    """
-    for lock in OutputLock._holders:
-        if lock._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(lock._fd)
-            lock._fd = None
-    OutputLock._holders.clear()
-    OutputLock._held.clear()
-    OutputLock._unremoved = []
-
-
-@dataclass(frozen=True)
-class _MadeFolder:
-    """A folder a lock created: its absolute path and identity (device, inode)."""
-
-    path: Path
-    ident: tuple[int, int]
-
-    @classmethod
-    def identify(cls, paths: Iterable[Path]) -> list[_MadeFolder]:
-        """Those of ``paths`` that exist now, with their identities."""
-        made = []
-        for path in paths:
-            with contextlib.suppress(OSError):
-                st = path.stat()
-                made.append(cls(path, (st.st_dev, st.st_ino)))
-        return made
-
-
-def _remove_empty(folders: Iterable[_MadeFolder]) -> list[_MadeFolder]:
-    """Remove each folder, in the order given, if it is still the one made and empty.
-
-    Returns:
-        those still there (not empty).
-    """
-    left = []
-    for made in folders:
-        try:
-            st = made.path.stat()
-            if (st.st_dev, st.st_ino) == made.ident:  # not a folder made again since
-                made.path.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError:
-            left.append(made)
-    return left
-
-
-os.register_at_fork(after_in_child=_forget_locks_in_child)
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    """Whether the open file ``fd`` is the file at ``path`` now (not removed or replaced)."""
-    try:
-        now = path.stat()
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
 
 
 _SignalHandler = Callable[[int, FrameType | None], Any] | int | None

@@ -38,7 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from errno import ENOSPC
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import numpy as np
@@ -50,8 +50,7 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-if TYPE_CHECKING:
-    from .jobs import OutputLock
+from .locks import OutputLock, OutputPathError, die_with_launcher, is_launcher, mark_launcher
 
 __all__ = [
     "GridGeometry",
@@ -77,14 +76,6 @@ PARTS_IDENTITY = "job-identity"
 
 class PartsMismatchError(ValueError):
     """The parts folder of an output holds chips of another job (other weights, bands ...)."""
-
-
-class OutputPathError(ValueError):
-    """A writer's output path cannot be this job's.
-
-    A folder, an input, another writer's output, an ``embed`` job's result, or a path in a
-    folder that cannot be written.
-    """
 
 
 def parts_dir(path: Path) -> Path:
@@ -131,7 +122,7 @@ def stale_temps(path: Path) -> list[Path]:
 
     Only this output's temporaries (``.<name>.<hex>.tmp`` beside it) and any temporary inside
     its parts folder are listed. Delete them only while holding the output folder's lock
-    (:class:`torchgeo_dofa.jobs.OutputLock`): a running job's temporaries look the same.
+    (:class:`torchgeo_dofa.locks.OutputLock`): a running job's temporaries look the same.
 
     Args:
         path: a final output path.
@@ -413,8 +404,6 @@ class _PartsWriter(BasePredictionWriter):
         #: (see :meth:`_claim_output`)
         self._lock: OutputLock | None = None
         self._claimed: Path | None = None
-        from .jobs import mark_launcher
-
         mark_launcher()  # for the DDP workers Trainer.predict may start
         made = _PartsWriter._locking_when_made
         if made is not None:  # see lock_outputs_when_made
@@ -616,7 +605,7 @@ class _PartsWriter(BasePredictionWriter):
         job's input files, another writer's output or a result of a ``torchgeo-dofa embed``
         job (listed by the job manifest in its folder: replacing it would leave that job
         "done" with another job's file). The launching process then takes the
-        output folder's lock (:class:`~torchgeo_dofa.jobs.OutputLock`, the one
+        output folder's lock (:class:`~torchgeo_dofa.locks.OutputLock`, the one
         ``torchgeo-dofa embed`` takes; an embed job already holds it), so two jobs writing
         the same outputs at once fail at once instead of mixing their chips; holding it, the
         temporary files of an assembly that was killed are removed.
@@ -629,8 +618,6 @@ class _PartsWriter(BasePredictionWriter):
                 embed job's result, or a folder that cannot be made or written.
             JobLockedError: when another job holds the folder's lock (exit status 75).
         """
-        from .jobs import OutputLock, die_with_launcher, is_launcher
-
         path, resolved = self.path, self.path.resolve()
         self._refuse_folder_path()
         if str(resolved) in inputs:
@@ -681,8 +668,6 @@ class _PartsWriter(BasePredictionWriter):
             OutputPathError: for a folder that cannot be made or written.
             JobLockedError: when another job holds the folder's lock (exit status 75).
         """
-        from .jobs import OutputLock, is_launcher
-
         if self._lock is not None or not is_launcher():
             return
         folder = self.path.parent.resolve()
@@ -703,8 +688,6 @@ class _PartsWriter(BasePredictionWriter):
         created, when the job added nothing else there (refused or failed before its first
         part), as ``torchgeo-dofa embed`` does.
         """
-        from .jobs import die_with_launcher, is_launcher
-
         if self._claimed is not None:
             self._claimed_paths.discard(self._claimed)
             self._claimed = None
