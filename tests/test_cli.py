@@ -1353,14 +1353,26 @@ def test_a_second_concurrent_job_on_the_folder_fails_at_once(tmp_path, base_chec
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(SCENE), "-o", str(out),
            "--no-progress", "--output", "pooled"]  # fmt: skip
-    with OutputLock(out):  # another job holds the folder (this process, via the real lock)
-        # the lock is checked first: before the inputs are read or the weights loaded
-        (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
-        corrupt = [*cmd, "--weights", str(tmp_path / "corrupt.pth")]
-        second = subprocess.run(corrupt, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 75, second.stderr[-2000:]
-    last = second.stderr.strip().splitlines()[-1]
-    assert "is in use by another torchgeo-dofa job" in last and f"pid {os.getpid()}" in last
+    (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+    corrupt = [*cmd[3:], "--weights", str(tmp_path / "corrupt.pth")]
+    second = (  # the command as a process would run it, telling whether PyTorch was loaded
+        "import sys; from torchgeo_dofa.cli import main; code = main(sys.argv[1:]); "
+        "print(code, 'torch' in sys.modules)"
+    )
+    for folder in (out, out / "x.parquet"):  # -o a folder, or a file in it
+        argv = [a if a != str(out) else str(folder) for a in corrupt]
+        with OutputLock(out):  # another job holds the folder (this process, the real lock)
+            # the lock is checked first: before the inputs are read, the weights loaded or
+            # even the libraries (it took ~10 s to say so)
+            proc = subprocess.run(
+                [sys.executable, "-c", second, *argv], capture_output=True, text=True, timeout=300
+            )
+        assert proc.stdout.split() == ["75", "False"], proc.stdout + proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last == (
+            f"torchgeo-dofa: error: output folder {out} is in use by another torchgeo-dofa job "
+            f"(pid {os.getpid()}); wait for it or use another -o"
+        )
     assert not (out / "ftw_s2_l2a_33N_pooled.parquet").exists()
     # once the other job is gone the same command runs
     done = subprocess.run(

@@ -269,6 +269,20 @@ def _stac_inputs(
         raise InputError(f"--stac {stac}: {err}") from None
 
 
+def output_folder(output_dir: str | os.PathLike[str]) -> Path:
+    """The folder an embed job's ``-o`` writes into (and locks).
+
+    Args:
+        output_dir: ``-o``: a folder, or a file name ending in ``.tif``, ``.tiff`` or
+            ``.parquet`` (the file's folder).
+
+    Returns:
+        The folder.
+    """
+    out = Path(output_dir)
+    return out.parent if out.suffix.lower() in (".tif", ".tiff", ".parquet") else out
+
+
 def embed(
     inputs: Sequence[str | Path] | str | Path,
     output_dir: str | Path,
@@ -502,9 +516,8 @@ def embed(
     }
     # a folder holds one job; an output named by the user (-o NAME.tif) is a job of its own
     out = Path(output_dir)
-    file_mode = out.suffix.lower() in (".tif", ".tiff", ".parquet")
-    folder = out.parent if file_mode else out
-    manifest_name = f".{out.name}{MANIFEST_NAME}" if file_mode else MANIFEST_NAME
+    folder = output_folder(out)
+    manifest_name = MANIFEST_NAME if folder == out else f".{out.name}{MANIFEST_NAME}"
     # the lock first, so a second job on the folder fails before loading anything; a job
     # refused during validation leaves no folder behind
     lock = OutputLock(folder)
@@ -1032,6 +1045,13 @@ def _main(argv: Sequence[str] | None) -> int:
         if problem is not None:
             print(f"torchgeo-dofa: error: {problem}", file=sys.stderr)
             return 2
+        from .locks import JobLockedError, OutputLock
+
+        try:  # a second job on the folder is answered at once, not after the libraries load
+            OutputLock(output_folder(args.output_dir)).check_free()
+        except JobLockedError as err:
+            print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
+            return err.exit_status
     if args.command == "preview":  # numpy, rasterio and Pillow only
         from .preview import render_preview
 

@@ -278,6 +278,38 @@ class OutputLock:
             f"{f' ({why})' if why else ''}; {self.fix}"
         )
 
+    def check_free(self) -> None:
+        """Refuse now if another job holds the lock; take nothing, make nothing.
+
+        A look before the real :meth:`acquire` (which checks again), for a command line that
+        can answer a second job at once instead of after loading its libraries. A folder or
+        lock file that does not exist, or cannot be opened, is free as far as this can tell.
+
+        Raises:
+            JobLockedError: as :meth:`acquire` does.
+        """
+        if not is_launcher():
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails while a job holds it
+        except BlockingIOError:
+            raise self._held_by_another(fd) from None
+        finally:
+            os.close(fd)  # (and with it the shared lock, if taken)
+
+    def _held_by_another(self, fd: int) -> JobLockedError:
+        """The refusal, naming the holder's pid as its lock file ``fd`` records it."""
+        pid = os.read(fd, 64).decode(errors="replace").strip()
+        holder = f"pid {pid}" if pid else "starting now"  # the pid follows the lock
+        return JobLockedError(
+            f"output folder {self.shown} is in use by another torchgeo-dofa job "
+            f"({holder}); wait for it or {self.fix}"
+        )
+
     def _lock_file(self) -> int:
         """Open and ``flock`` the lock file; the locked descriptor."""
         while True:
@@ -287,13 +319,9 @@ class OutputLock:
                 if _same_file(fd, self.path):
                     return fd
             except BlockingIOError:
-                pid = os.read(fd, 64).decode(errors="replace").strip()
+                refusal = self._held_by_another(fd)
                 os.close(fd)
-                holder = f"pid {pid}" if pid else "starting now"  # the pid follows the lock
-                raise JobLockedError(
-                    f"output folder {self.shown} is in use by another torchgeo-dofa job "
-                    f"({holder}); wait for it or {self.fix}"
-                ) from None
+                raise refusal from None
             except BaseException:
                 os.close(fd)
                 raise
