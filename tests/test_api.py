@@ -319,6 +319,7 @@ def test_local_temporal_selects_scene_by_date(tmp_path, chip_a, weights, tensor_
     )  # fmt: skip
     assert emb.meta["backend"] == "local"  # "auto" with paths
     assert emb.meta["temporal"] == ["2022-06-01", "2022-07-01"]
+    assert emb.meta["source"] == [str(folder / "S2_20220614.tif")]  # not the 2021 file too
     _close(emb.data, tensor_a.pooled.data)
     with pytest.raises(LookupError, match="no scene of the local data overlaps"):
         get_embedding(

@@ -761,9 +761,13 @@ def _prepare_local(
         transform=raw["transform"],
         sensor=sensor,
     )
+    # the files the chip was read from: those overlapping it in space and time, as
+    # TorchGeo's RasterDataset.__getitem__ selects them (not every file of the folder)
+    read = ds.index.iloc[ds.index.index.overlaps(pd.Interval(ts.start, ts.stop))]
+    read = read.cx[xs.start : xs.stop, ys.start : ys.stop]
     prepared.meta.update(
         {
-            "source": sorted({str(p) for p in ds.index.filepath}),
+            "source": sorted({str(p) for p in read.filepath}),
             "dataset": type(ds).__name__,
             "crs": _crs_name(crs),
             "transform": [float(v) for v in raw["transform"][:6]],
