@@ -690,7 +690,9 @@ def test_a_part_deleted_while_the_job_runs_fails_assembly_and_the_rerun_fills_it
         left, top = src.bounds.left, src.bounds.top
     module = DOFAEmbedder(weights=None, seed=0, output="both")
 
-    def run(out: Path, deleting: tuple[str, str] | None = None, table: bool = True) -> GridWriter:
+    def run(
+        out: Path, deleting: tuple[str, str] | None = None, table: bool = True, **limits: int
+    ) -> GridWriter:
         grid, pooled = GridWriter(out / "g.tif"), PooledWriter(out / "p.parquet")
         callbacks: list[pl.Callback] = [pooled, grid] if table else [grid]  # table first
         if deleting is not None:
@@ -698,7 +700,7 @@ def test_a_part_deleted_while_the_job_runs_fails_assembly_and_the_rerun_fills_it
             callbacks.insert(0, _DeletePart(grid if which == "grid" else pooled, name))
         trainer = pl.Trainer(
             accelerator="cpu", callbacks=callbacks, logger=False, enable_progress_bar=False,
-            enable_model_summary=False,
+            enable_model_summary=False, **limits,
         )  # fmt: skip
         dm = DOFAPredictDataModule(crop, preprocess=True, batch_size=2)
         trainer.predict(module, datamodule=dm, return_predictions=False)
@@ -709,9 +711,10 @@ def test_a_part_deleted_while_the_job_runs_fails_assembly_and_the_rerun_fills_it
     out = tmp_path / "job"
     grid_parts, table_parts = parts_dir(out / "g.tif"), parts_dir(out / "p.parquet")
     # run 1: the left chip's pooled part goes missing: the table refuses, nothing assembled
+    # (also with a batch limit above the job's one batch: Lightning runs them all)
     key = PooledWriter.chip_key([left, left + 2240.0, 0.0, top - 2240.0, top])
     with pytest.raises(OutputWriteError, match=rf"1 chip\(s\) of p.parquet have no part .*{key}"):
-        run(out, ("pooled", f"{key}.json"))
+        run(out, ("pooled", f"{key}.json"), limit_predict_batches=100)
     assert not (out / "p.parquet").exists() and not (out / "g.tif").exists()
     assert sorted(p.name for p in table_parts.glob("*.json")) == []
     assert sorted(p.name for p in grid_parts.iterdir() if p.name != "job-identity") == [
@@ -734,3 +737,16 @@ def test_a_part_deleted_while_the_job_runs_fails_assembly_and_the_rerun_fills_it
     assert got.chip_id.tolist() == want.chip_id.tolist() and got.no_data.tolist() == [False, True]
     np.testing.assert_array_equal(np.stack(got.embedding), np.stack(want.embedding))
     assert not grid_parts.exists() and not table_parts.exists()
+
+
+def test_a_full_disk_when_marking_an_empty_chip_is_a_write_error(tmp_path: Path) -> None:
+    """The empty part of a chip without valid pixels fails on a full disk as a part does
+    (OutputWriteError: exit status 1, 'could not write'), not as a bare OSError (exit
+    status 2, the status of bad input)."""
+    geom = _geometry()
+    with tmpfs(tmp_path / "disk", "1m", inodes=4) as disk:  # root, the parts folder, 2 files
+        writer = GridWriter(disk / "g.tif", geom)
+        _write(writer, [_chip(geom, 0, 0)])  # one part (written through a temporary name)
+        (writer.parts / "filler").touch()  # the last inode
+        with pytest.raises(OutputWriteError, match=r"could not write .*r0_c7.empty: No space"):
+            _write(writer, [_chip(geom, 0, 7)], empty=[True])

@@ -390,7 +390,8 @@ class _PartsWriter(BasePredictionWriter):
         #: the key of every chip of the job (from the datamodule's sampler at setup), which
         #: assembly checks each has a part; None: not known, not checked
         self.chip_keys: list[str] | None = None
-        #: whether the trainer sends every chip (no ``limit_predict_batches``): set at setup
+        #: whether the trainer sent every chip (no ``limit_predict_batches`` cut the job
+        #: short): set before assembly
         self._whole_job = False
         self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[Future[None]] = deque()
@@ -427,7 +428,13 @@ class _PartsWriter(BasePredictionWriter):
         for i in chips:
             self.write_chip(prediction, i)
         for i in empty:  # no content to lose: a marker lost in a crash only means a recompute
-            (self.parts / f"{self.part_key(prediction, i)}{self.empty_suffix}").touch()
+            path = self.parts / f"{self.part_key(prediction, i)}{self.empty_suffix}"
+            try:
+                path.touch()
+            except OSError as err:  # as a part's write failure: a full disk is not bad input
+                raise OutputWriteError(
+                    f"could not write {path}: {_describe(err, self.parts)}", _errno_in(err)
+                ) from err
 
     def flush(self) -> None:
         """Wait for every part file being written; raise the first error among them.
@@ -483,6 +490,7 @@ class _PartsWriter(BasePredictionWriter):
                 and trainer.limit_predict_batches != 0
                 and sum(trainer.num_predict_batches) == 0  # ... the loop skipped: nothing left
             ):
+                self._whole_job = _sends_every_batch(trainer)
                 self.finalize()
                 self._assembled = True
         finally:
@@ -584,8 +592,6 @@ class _PartsWriter(BasePredictionWriter):
             self._job["chips_crc32"] = _text_digest(repr([_chip_bounds(c) for c in sampler]))
         self._identity_written = self._parts_made = False
         self.metadata.update(given)
-        limit = getattr(trainer, "limit_predict_batches", 1.0)
-        self._whole_job = isinstance(limit, float) and limit >= 1.0
         self._done = set()
         self._assembled = self._failed = False
         self._claim_output(inputs)
@@ -781,6 +787,7 @@ class _PartsWriter(BasePredictionWriter):
         """Wait for every rank, then assemble the final file on rank 0."""
         self.flush()
         trainer.strategy.barrier("torchgeo_dofa_writer")
+        self._whole_job = _sends_every_batch(trainer)
         if trainer.is_global_zero:
             self.finalize()
         trainer.strategy.barrier("torchgeo_dofa_writer_done")
@@ -1442,6 +1449,24 @@ class PooledWriter(_PartsWriter):
         self.path.parent.mkdir(parents=True, exist_ok=True)  # no part made it (all chips empty)
         atomic_write(self.path, frame.to_parquet, verify=verify, durable=True, hint=self._hint())
         shutil.rmtree(self.parts, ignore_errors=True)
+
+
+def _sends_every_batch(trainer: pl.Trainer) -> bool:
+    """Whether ``limit_predict_batches`` left every batch of the prediction loaders in.
+
+    A fraction of 1.0 (the default), or a count at least each loader's length (``100`` for
+    a 6-batch job: Lightning then runs all 6).
+    """
+    limit = getattr(trainer, "limit_predict_batches", 1.0)
+    if isinstance(limit, float):
+        return limit >= 1.0
+    loaders = trainer.predict_dataloaders
+    loaders = list(loaders) if isinstance(loaders, list | tuple) else [loaders]
+    try:
+        counts = zip(trainer.num_predict_batches, loaders, strict=True)
+        return all(n >= len(loader) for n, loader in counts)
+    except (TypeError, ValueError):  # a loader without a length, another layout: unknown
+        return False
 
 
 def _pooled_part(row: dict[str, Any]) -> dict[str, Any]:
