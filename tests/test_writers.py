@@ -493,7 +493,7 @@ class _Replay(pl.LightningModule):
         return self.predictions[batch_idx]
 
 
-def _predict(writer: GridWriter, predictions: list[dict[str, torch.Tensor]]) -> None:
+def _predict(writer: GridWriter | PooledWriter, predictions: list[dict[str, torch.Tensor]]) -> None:
     trainer = pl.Trainer(
         accelerator="cpu",
         callbacks=[writer],
@@ -640,6 +640,37 @@ def test_an_unreadable_part_is_named_removed_and_recomputed_by_the_rerun(tmp_pat
     assert not (pooled.parts / "garbled.json").exists()
 
 
+def test_damaged_parts_of_every_output_are_removed_when_the_job_resumes(tmp_path: Path) -> None:
+    """Parts damaged while no job ran (a kill -9, then a disk error) are found when the job
+    resumes, in every output, and their chips computed in that run: assembly found them one
+    output at a time, so a grid and a table each took a failing rerun."""
+    geom = _geometry()
+    chips = [_chip(geom, r, c, value=r + c) for r, c in [(0, 0), (0, 7)]]
+    reference = GridWriter(tmp_path / "ref.tif", geom)
+    _write(reference, chips)
+    reference.finalize()
+    grid = GridWriter(tmp_path / "g.tif", geom)
+    _write(grid, chips)  # an earlier run, killed before assembly
+    part = grid.parts / "r0_c7.npy"
+    part.write_bytes(part.read_bytes()[:100])
+    bounds = torch.tensor([[500_000, 502_240, 10, 4_000_000, 4_002_240, 10, 0, 0, 1]])
+    rows = {"pooled": torch.ones(1, 4), "bounds": bounds.double()}
+    table = PooledWriter(tmp_path / "p.parquet", UTM)
+    _write_pooled(table, rows)
+    [row] = table.parts.glob("*.json")
+    row.write_text(row.read_text()[:20])
+    resumed = GridWriter(tmp_path / "g.tif", geom)
+    with pytest.warns(UserWarning, match=r"r0_c7.npy was unreadable .*: this run computes"):
+        _predict(resumed, [{"grid": g[None], "grid_transform": t[None]} for g, t in chips])
+    with rasterio.open(tmp_path / "g.tif") as a, rasterio.open(tmp_path / "ref.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+    with pytest.warns(UserWarning, match=rf"{row.name} was unreadable .*: this run computes"):
+        _predict(PooledWriter(tmp_path / "p.parquet", UTM), [rows])
+    np.testing.assert_array_equal(
+        np.stack(gpd.read_parquet(tmp_path / "p.parquet").embedding), np.ones((1, 4))
+    )
+
+
 def test_describe_change_keeps_the_first_difference_in_view() -> None:
     from torchgeo_dofa.writers import describe_change
 
@@ -691,7 +722,7 @@ def test_a_part_deleted_while_the_job_runs_fails_assembly_and_the_rerun_fills_it
     module = DOFAEmbedder(weights=None, seed=0, output="both")
 
     def run(
-        out: Path, deleting: tuple[str, str] | None = None, table: bool = True, **limits: int
+        out: Path, deleting: tuple[str, str] | None = None, table: bool = True, **limits: Any
     ) -> GridWriter:
         grid, pooled = GridWriter(out / "g.tif"), PooledWriter(out / "p.parquet")
         callbacks: list[pl.Callback] = [pooled, grid] if table else [grid]  # table first

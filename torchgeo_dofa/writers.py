@@ -783,6 +783,23 @@ class _PartsWriter(BasePredictionWriter):
         """Part-file key of chip ``i`` of a prediction."""
         raise NotImplementedError
 
+    @staticmethod
+    def read_part(path: Path) -> Any:  # pragma: no cover - abstract
+        """Read one part file (raising for a damaged one, see :func:`_read_parts`)."""
+        raise NotImplementedError
+
+    def _resume_keys(self) -> set[str]:
+        """The chips an earlier run wrote, once every part it left has been read.
+
+        A damaged part (a disk error, a power cut before it reached the disk) is removed
+        with a warning, so this run computes its chip again: all outputs of a job are
+        repaired by one rerun (assembly found them one output at a time). Every process of
+        a DDP job reads them and so agrees on what is left to do; the launcher warns.
+        """
+        paths = sorted(self.parts.glob(f"*{self.suffix}")) if self.parts.is_dir() else []
+        _read_parts(paths, self.read_part, warn=is_launcher())
+        return self.done_keys()
+
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Wait for every rank, then assemble the final file on rank 0."""
         self.flush()
@@ -1042,7 +1059,7 @@ class GridWriter(_PartsWriter):
         )
         sampler = getattr(dm, "predict_sampler", None)
         self.chip_keys = None if sampler is None else [self.key_for_chip(c) for c in sampler]
-        self._done = self.done_keys()
+        self._done = self._resume_keys()
 
     def is_done(self, chip: Sequence[slice]) -> bool:
         """Whether an earlier run already wrote this chip (``(x, y, ...)`` slices).
@@ -1073,6 +1090,11 @@ class GridWriter(_PartsWriter):
     def chip_key(self, grid_transform: Sequence[float]) -> str:
         """Part-file key of a chip: its top-left cell."""
         return self.key_for(self.geometry, grid_transform)
+
+    @staticmethod
+    def read_part(path: Path) -> tuple[int, ...]:
+        """A grid part's shape ``(D, h, w)``, from its header (the data is mapped, not read)."""
+        return tuple(np.load(path, mmap_mode="r").shape)
 
     def write_chip(self, prediction: Mapping[str, Any], i: int) -> None:
         """Save chip ``i``'s grid as a part file keyed by its top-left cell."""
@@ -1112,7 +1134,7 @@ class GridWriter(_PartsWriter):
         self.check_every_chip_has_a_part()
         geom = self.geometry
         chips = list(self._chips())
-        sizes = _read_parts([p for _, _, p in chips], lambda f: np.load(f, mmap_mode="r").shape)
+        sizes = _read_parts([p for _, _, p in chips], self.read_part)
         if chips:
             depth = int(next(iter(sizes.values()))[0])
         elif "embed_dim" in self.metadata:
@@ -1305,7 +1327,7 @@ class PooledWriter(_PartsWriter):
             # taken again at every setup (a writer reused for another scene takes its chips)
             self.chip_keys = [self.key_for_chip(c) for c in sampler]
         self.check_parts_identity(trainer, {"crs": self.crs.to_wkt(), "source": self.source})
-        self._done = self.done_keys()
+        self._done = self._resume_keys()
 
     def is_done(self, chip: Sequence[slice]) -> bool:
         """Whether an earlier run already wrote this chip (``(x, y, ...)`` slices).
@@ -1324,6 +1346,11 @@ class PooledWriter(_PartsWriter):
         """Part-file key of a chip: its footprint to 10 significant digits (mm in UTM)."""
         xmin, xmax, _, ymin, ymax = (float(v) for v in list(bounds)[:5])
         return "_".join(f"{v:.10g}".replace("-", "m") for v in (xmin, ymin, xmax, ymax))
+
+    @staticmethod
+    def read_part(path: Path) -> dict[str, Any]:
+        """A pooled part's row, its embedding as float32."""
+        return _pooled_part(json.loads(path.read_text()))
 
     def part_key(self, prediction: Mapping[str, Any], i: int) -> str:
         """Part-file key of chip ``i`` of a prediction (from its ``bounds``)."""
@@ -1352,10 +1379,7 @@ class PooledWriter(_PartsWriter):
 
     def _rows(self) -> list[dict[str, Any]]:
         """The table's rows (see the class docstring), before properties are joined."""
-        read = _read_parts(
-            sorted(self.parts.glob(f"*{self.suffix}")),
-            lambda f: _pooled_part(json.loads(f.read_text())),
-        )
+        read = _read_parts(sorted(self.parts.glob(f"*{self.suffix}")), self.read_part)
         parts = {p.name.removesuffix(self.suffix): row for p, row in read.items()}
         if self.chip_keys is None:
             rows = [r | {"empty": False} for r in parts.values()]
@@ -1510,25 +1534,29 @@ def _native_stderr_kept_on_success() -> Iterator[None]:
                     os.write(fd, text)
 
 
-def _read_parts[T](paths: Sequence[Path], read: Callable[[Path], T]) -> dict[Path, T]:
-    """Read part files; every unreadable one is removed, so the rerun computes its chip again.
+def _read_parts[T](
+    paths: Sequence[Path], read: Callable[[Path], T], warn: bool | None = None
+) -> dict[Path, T]:
+    """Read part files; every unreadable one is removed, so its chip is computed again.
 
     Parts are written through a temporary name, so a killed job leaves none half-written; a
     truncated or garbled part comes from outside (a disk error, a power cut before the data
-    reached the disk, an edit). All parts are read before the error, so one rerun repairs
-    them all.
+    reached the disk, an edit). All parts are read before the error, so one run finds them
+    all.
 
     Args:
         paths: the part files.
         read: reads one (raising ``OSError``, ``EOFError``, ``ValueError``, ``KeyError`` or
             ``TypeError`` for a damaged one).
+        warn: None (at assembly): raise; True / False (when a run resumes, which computes
+            the removed parts' chips itself): warn / stay silent (a DDP worker).
 
     Returns:
-        Each path's value.
+        Each readable path's value.
 
     Raises:
         OutputWriteError: naming the damaged parts (the first three), the cause and the fix
-            (rerun the same command), after removing them.
+            (rerun the same command), after removing them; only with ``warn=None``.
     """
     values: dict[Path, T] = {}
     bad: list[tuple[Path, BaseException]] = []
@@ -1543,10 +1571,14 @@ def _read_parts[T](paths: Sequence[Path], read: Callable[[Path], T]) -> dict[Pat
         path.unlink(missing_ok=True)
     first, cause = bad[0]
     more = f" and {len(bad) - 1} more ({', '.join(p.name for p, _ in bad[1:4])}...)"
-    raise OutputWriteError(
-        f"part {first}{more if len(bad) > 1 else ''} was unreadable ({cause}) and is removed: "
-        "rerun the same command to compute those chips again and finish"
-    )
+    what = f"part {first}{more if len(bad) > 1 else ''} was unreadable ({cause}) and is removed"
+    if warn is None:
+        raise OutputWriteError(
+            f"{what}: rerun the same command to compute those chips again and finish"
+        )
+    if warn:
+        warnings.warn(f"{what}: this run computes those chips again", UserWarning, stacklevel=3)
+    return values
 
 
 def _ts(value: float) -> int | None:
