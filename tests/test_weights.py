@@ -154,6 +154,23 @@ def test_corrupt_or_truncated_file(tmp_path, base_checkpoint, legacy, keep) -> N
     assert "executable" not in message and "weights_only" not in message
 
 
+def test_a_byte_changed_inside_the_tensor_data_is_corrupt(tmp_path) -> None:
+    """torch.load does not check the zip's CRC-32s: a byte flipped in the data (a disk or
+    transfer error) loaded as other weights without a word."""
+    path = tmp_path / "DOFA_ViT_base_e100.pth"
+    state = {"x": torch.arange(4096.0)}
+    torch.save(state, path)
+    data = bytearray(path.read_bytes())
+    at = data.find(state["x"][1000:1004].numpy().tobytes())  # inside the tensor's bytes
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["x"], state["x"])  # silently
+    with pytest.raises(CheckpointError, match=r"not a readable PyTorch checkpoint") as info:
+        read_state_dict(path)
+    assert "data/0 fails its CRC-32 check" in str(info.value)
+    assert "download again" in str(info.value)
+
+
 def test_garbage_file_is_corrupt(tmp_path) -> None:
     path = tmp_path / "noise.pth"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
