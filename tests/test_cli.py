@@ -1345,6 +1345,13 @@ def test_an_all_zero_raster_beside_a_good_one_writes_both(tmp_path, base_checkpo
     rows = gpd.read_parquet(out / "empty_scene_pooled.parquet")
     assert len(rows) == 6 and rows.no_data.all()
     assert not gpd.read_parquet(out / "ftw_s2_l2a_33N_pooled.parquet").no_data.any()
+    # the warning names only the outputs the job writes (it spoke of a table with --output grid)
+    for output, said in (
+        ("grid", r"the rasters\): NaN in the grid$"),
+        ("pooled", r"the rasters\): rows flagged no_data in the pooled table$"),
+    ):
+        with pytest.warns(UserWarning, match=said):
+            embed([empty], tmp_path / output, weights=None, output=output, progress=False)
 
 
 def test_a_second_concurrent_job_on_the_folder_fails_at_once(tmp_path, base_checkpoint) -> None:

@@ -643,9 +643,18 @@ def embed(
                 summary.empty += empty
                 summary.skipped += dm.skipped
         if summary.empty and is_launcher():
+            kinds = {kind for paths in out_paths for kind in paths}
+            where = [
+                text
+                for kind, text in (
+                    ("grid", "NaN in the grid"),
+                    ("pooled", "rows flagged no_data in the pooled table"),
+                )
+                if kind in kinds
+            ]
             warnings.warn(
                 f"{summary.empty} chip(s) held no valid pixel (no data, fill values or outside "
-                "the rasters): NaN in the grid, rows flagged no_data in the pooled table",
+                f"the rasters): {', '.join(where)}",
                 UserWarning,
                 stacklevel=2,
             )
