@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 from pathlib import Path
 
 import kornia.augmentation as K
@@ -499,6 +500,14 @@ def test_given_statistics_are_checked_against_dofas_scale() -> None:
 def test_bad_image_rank() -> None:
     with pytest.raises(ValueError, match=r"\(C, H, W\) or \(B, C, H, W\)"):
         CheckReflectance()({"image": torch.zeros(8, 8)})
+
+
+@pytest.mark.parametrize("shape", [(4, 0, 50), (2, 4, 50, 0)])
+def test_an_image_without_pixels_is_named(shape: tuple[int, ...]) -> None:
+    """Torch's 'amin(): Expected reduction dim ...' IndexError before (a stranger's find)."""
+    preprocess = DOFAPreprocess(["B4", "B3", "B2", "B8"])
+    with pytest.raises(ValueError, match=rf"has no pixels \(shape {re.escape(str(shape))}\)"):
+        preprocess({"image": torch.zeros(shape)})
 
 
 # ----------------------------------------------------------------------------- composition

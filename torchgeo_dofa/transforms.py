@@ -188,6 +188,11 @@ def _image(sample: Sample, step: str) -> Tensor:
         raise ValueError(
             f"{step}: sample['image'] must be (C, H, W) or (B, C, H, W), got {tuple(image.shape)}"
         )
+    if 0 in image.shape[-2:]:
+        raise ValueError(
+            f"{step}: sample['image'] has no pixels (shape {tuple(image.shape)}): a chip read "
+            "outside the raster, or a window of zero height or width"
+        )
     image = as_float32(image, f"{step}: sample['image']")
     sample["image"] = image
     return image
