@@ -374,7 +374,7 @@ def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
     ranks = _srun(cmd, ntasks=3)
     assert [status for status, _, _ in ranks] == [0, 0, 0], ranks
     (_, stdout, stderr), *others = ranks
-    assert "embedded 1 chips" in stdout, stdout
+    assert "embedded 1 chips, 1 without valid pixels in " in stdout, stdout
     assert "1 chip(s) held no valid pixel" in stderr, stderr
     assert not any("embedded" in out for _, out, _ in others)  # one summary per job
     frame = gpd.read_parquet(out / "two_pooled.parquet")
@@ -1336,6 +1336,7 @@ def test_an_all_zero_raster_beside_a_good_one_writes_both(tmp_path, base_checkpo
             [empty, SCENE], out, weights=str(base_checkpoint), output="both", progress=False
         )
     assert summary.chips == 6 and summary.empty == 6  # the empty scene: 6 chips, no pixel
+    assert summary.line().startswith("embedded 6 chips, 6 without valid pixels in ")
     with (
         rasterio.open(out / "empty_scene_grid.tif") as e,
         rasterio.open(out / "ftw_s2_l2a_33N_grid.tif") as g,

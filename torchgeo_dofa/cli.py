@@ -65,9 +65,10 @@ class EmbedSummary:
         """One-line summary for the terminal."""
         rate = self.chips / self.seconds if self.seconds > 0 else 0.0
         resumed = f" ({self.skipped} already done)" if self.skipped else ""
+        empty = f", {self.empty} without valid pixels" if self.empty else ""
         paths = ", ".join(str(p) for p in self.outputs) or "none"
         return (
-            f"embedded {self.chips} chips{resumed} in {self.seconds:.1f} s "
+            f"embedded {self.chips} chips{empty}{resumed} in {self.seconds:.1f} s "
             f"({rate:.2f} chips/s) -> {paths}"
         )
 
