@@ -761,7 +761,7 @@ def _prepare_local(
         transform=raw["transform"],
         sensor=sensor,
     )
-    # the files the chip was read from: those overlapping it in space and time, as
+    # the scenes overlapping the chip in space and time (their first files), as
     # TorchGeo's RasterDataset.__getitem__ selects them (not every file of the folder)
     read = ds.index.iloc[ds.index.index.overlaps(pd.Interval(ts.start, ts.stop))]
     read = read.cx[xs.start : xs.stop, ys.start : ys.stop]

@@ -47,12 +47,16 @@ from shapely.geometry import Point, box
 from shapely.geometry.base import BaseGeometry
 
 from .datasets import unique_region_names
-from .locks import (
+from .locks import (  # defined there (no PyTorch needed); importable from here as before
+    LAUNCHER_PID_VARIABLE,
     LOCK_NAME,
     JobError,
     JobLockedError,
     OutputLock,
+    OutputPathError,
+    die_with_launcher,
     is_launcher,
+    mark_launcher,
 )
 from .spatial import WGS84, PointBuffer
 from .weights import resolve_weights, sha256_file
@@ -68,6 +72,7 @@ from .writers import (
 
 __all__ = [
     "LARGE_JOB_CHIPS",
+    "LAUNCHER_PID_VARIABLE",
     "LOCK_NAME",
     "MANIFEST_NAME",
     "InputFile",
@@ -77,13 +82,16 @@ __all__ = [
     "JobManifest",
     "JobMismatchError",
     "OutputLock",
+    "OutputPathError",
     "PointsOutsideError",
     "StopOnSignal",
     "check_points",
     "data_identity",
+    "die_with_launcher",
     "estimate_seconds",
     "is_launcher",
     "job_size_warning",
+    "mark_launcher",
     "points_outside_warning",
     "region_identity",
     "unique_region_names",

@@ -18,6 +18,7 @@ import itertools
 import os
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -184,6 +185,9 @@ class OutputLock:
         ...     trainer.predict(...)
     """
 
+    #: How long :meth:`acquire` retries a lock held by someone else before refusing: a job
+    #: holds it for its whole run, a :meth:`check_free` look for microseconds.
+    settle_seconds: ClassVar[float] = 0.2
     _held: ClassVar[set[Path]] = set()
     #: Locks this process holds (for :func:`_forget_locks_in_child`).
     _holders: ClassVar[set[OutputLock]] = set()
@@ -279,11 +283,14 @@ class OutputLock:
         )
 
     def check_free(self) -> None:
-        """Refuse now if another job holds the lock; take nothing, make nothing.
+        """Refuse now if another job holds the lock; make nothing, keep nothing.
 
         A look before the real :meth:`acquire` (which checks again), for a command line that
-        can answer a second job at once instead of after loading its libraries. A folder or
-        lock file that does not exist, or cannot be opened, is free as far as this can tell.
+        can answer a second job at once instead of after loading its libraries. The look is
+        a shared ``flock`` held for an instant; :meth:`acquire` retries for
+        :attr:`settle_seconds` before refusing, so a look never turns a starting job away.
+        A folder or lock file that does not exist, or cannot be opened, is free as far as
+        this can tell.
 
         Raises:
             JobLockedError: as :meth:`acquire` does.
@@ -312,6 +319,7 @@ class OutputLock:
 
     def _lock_file(self) -> int:
         """Open and ``flock`` the lock file; the locked descriptor."""
+        deadline = time.monotonic() + self.settle_seconds
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -319,6 +327,10 @@ class OutputLock:
                 if _same_file(fd, self.path):
                     return fd
             except BlockingIOError:
+                if time.monotonic() < deadline:  # a check_free look lasts microseconds
+                    os.close(fd)
+                    time.sleep(0.002)
+                    continue
                 refusal = self._held_by_another(fd)
                 os.close(fd)
                 raise refusal from None

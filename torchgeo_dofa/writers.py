@@ -794,10 +794,11 @@ class _PartsWriter(BasePredictionWriter):
         A damaged part (a disk error, a power cut before it reached the disk) is removed
         with a warning, so this run computes its chip again: all outputs of a job are
         repaired by one rerun (assembly found them one output at a time). Every process of
-        a DDP job reads them and so agrees on what is left to do; the launcher warns.
+        a DDP job reads them and so agrees on what is left to do; each warns of those it
+        removed (the first to read a part removes it, whichever rank that is).
         """
         paths = sorted(self.parts.glob(f"*{self.suffix}")) if self.parts.is_dir() else []
-        _read_parts(paths, self.read_part, warn=is_launcher())
+        _read_parts(paths, self.read_part, warn=True)
         return self.done_keys()
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
