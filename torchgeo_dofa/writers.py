@@ -427,14 +427,9 @@ class _PartsWriter(BasePredictionWriter):
     ) -> None:
         for i in chips:
             self.write_chip(prediction, i)
-        for i in empty:  # no content to lose: a marker lost in a crash only means a recompute
+        for i in empty:  # written as a part is: a failure (a full disk) is OutputWriteError
             path = self.parts / f"{self.part_key(prediction, i)}{self.empty_suffix}"
-            try:
-                path.touch()
-            except OSError as err:  # as a part's write failure: a full disk is not bad input
-                raise OutputWriteError(
-                    f"could not write {path}: {_describe(err, self.parts)}", _errno_in(err)
-                ) from err
+            atomic_write(path, lambda tmp: tmp.touch())
 
     def flush(self) -> None:
         """Wait for every part file being written; raise the first error among them.
