@@ -14,6 +14,7 @@ to float32 rounding.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from torchgeo_dofa.transforms import (
     CheckReflectance,
     DOFAPreprocess,
     NormalizeReflectance,
+    ReflectanceWarning,
     ResizeTo,
     TileTo,
     as_float32,
@@ -110,6 +112,21 @@ def test_as_float32_masked_array_is_missing_data() -> None:
     expected = np.where(data.mask, np.nan, BASE).astype(np.float32)
     np.testing.assert_array_equal(out.numpy(), expected)
     assert bool(out.isnan().any())
+
+
+@pytest.mark.parametrize("dtype", ALL_INPUTS)
+def test_as_float32_warns_for_8_bit_integers_only(dtype: np.dtype | torch.dtype) -> None:
+    narrow = str(dtype).removeprefix("torch.") in {"uint8", "int8"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        as_float32(cast(dtype), "input_chw")
+    messages = [str(w.message) for w in caught if issubclass(w.category, ReflectanceWarning)]
+    if narrow:
+        assert len(messages) == 1
+        assert messages[0].startswith(f"input_chw has dtype {str(dtype).removeprefix('torch.')}")
+        assert "cannot hold raw surface reflectance (0..10000" in messages[0]
+    else:
+        assert messages == []
 
 
 @pytest.mark.parametrize(
@@ -257,7 +274,7 @@ def test_batch_function_any_dtype_equals_float32_cast() -> None:
 RASTER_DTYPES = ["uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"]
 
 
-def _write_raster(path: Path, data: np.ndarray) -> Path:
+def _write_raster(path: Path, data: np.ndarray, descriptions: tuple[str, ...] = BANDS) -> Path:
     profile = {
         "driver": "GTiff",
         "width": data.shape[2],
@@ -267,11 +284,46 @@ def _write_raster(path: Path, data: np.ndarray) -> Path:
         "crs": "EPSG:32633",
         "transform": from_origin(500000.0, 4000000.0, 10.0, 10.0),
     }
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
-        dst.descriptions = BANDS
+        if descriptions:
+            dst.descriptions = descriptions
     return path
+
+
+@pytest.mark.parametrize("dtype", RASTER_DTYPES)
+def test_dataset_warns_once_for_8_bit_rasters(tmp_path: Path, dtype: str) -> None:
+    path = _write_raster(tmp_path / "in" / f"tci_{dtype}.tif", BASE.astype(dtype))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Sentinel2SR(path.parent, offset=0)
+    messages = [str(w.message) for w in caught if issubclass(w.category, ReflectanceWarning)]
+    if dtype in {"uint8", "int8"}:
+        assert messages == [
+            f"tci_{dtype}.tif has dtype {dtype}, which cannot hold raw surface reflectance "
+            "(0..10000, e.g. Sentinel-2 L2A's uint16): an 8-bit raster is a display product "
+            "(a true-colour TCI image, a stretched export), and its values embed as near-black "
+            "reflectance. Give the reflectance bands, or rescale the data to reflectance x 10000"
+        ]
+    else:
+        assert messages == []
+
+
+def test_dataset_warns_only_for_the_8_bit_bands_it_reads(tmp_path: Path) -> None:
+    """Per-band files: a uint8 band left out of ``bands`` is no reason to warn."""
+    scene = tmp_path / "scene"
+    for band, dtype in [("B04", "uint16"), ("B03", "uint16"), ("B02", "uint16"), ("B08", "uint8")]:
+        data = BASE[:1].astype(dtype)
+        _write_raster(scene / f"T33UUP_20230615T100559_{band}_10m.tif", data, ())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Sentinel2SR(scene, bands=["B4", "B3", "B2"], offset=0)
+        assert not [w for w in caught if issubclass(w.category, ReflectanceWarning)]
+        Sentinel2SR(scene, offset=0)
+    messages = [str(w.message) for w in caught if issubclass(w.category, ReflectanceWarning)]
+    assert len(messages) == 1
+    assert messages[0].startswith("T33UUP_20230615T100559_B08_10m.tif has dtype uint8")
 
 
 @pytest.mark.parametrize("dtype", RASTER_DTYPES)

@@ -132,7 +132,12 @@ from torchgeo_dofa.bands import (
     stac_asset_band,
 )
 from torchgeo_dofa.runtime import gdal_env
-from torchgeo_dofa.transforms import CONVENTIONAL_FILLS, NODATA_FLOOR
+from torchgeo_dofa.transforms import (
+    CONVENTIONAL_FILLS,
+    NODATA_FLOOR,
+    ReflectanceWarning,
+    narrow_dtype_problem,
+)
 
 __all__ = [
     "EE_TILE_PATTERN",
@@ -296,6 +301,7 @@ class _FileInfo:
     transform: Affine
     nodata: float | None
     descriptions: tuple[str | None, ...]
+    dtypes: tuple[str, ...] = ()
 
     @property
     def res(self) -> float:
@@ -612,9 +618,27 @@ class Sentinel2Base(RasterDataset):
                 UserWarning,
                 stacklevel=3,
             )
+        self._warn_narrow_dtypes(scenes, infos)
         index = pd.IntervalIndex.from_tuples(datetimes, closed="both", name="datetime")
         self.index = GeoDataFrame(rows, index=index, geometry=geometries, crs=dst_crs)
         self._infos = infos
+
+    def _warn_narrow_dtypes(self, scenes: list[_Scene], infos: dict[str, _FileInfo]) -> None:
+        """Warn once for the selected bands stored in 8-bit integers (not reflectance)."""
+        narrow: dict[str, str] = {}
+        for scene in scenes:
+            for path, band in scene.selected:
+                dtypes = infos[path].dtypes
+                dtype = dtypes[band - 1] if 0 < band <= len(dtypes) else ""
+                if narrow_dtype_problem(dtype):
+                    narrow.setdefault(path, dtype)
+        if not narrow:
+            return
+        names = [os.path.basename(p) for p in narrow]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        what = shown if len(names) == 1 else f"{len(names)} files ({shown})"
+        problem = narrow_dtype_problem(next(iter(narrow.values())), what)
+        warnings.warn(str(problem), ReflectanceWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ properties
 
@@ -759,6 +783,7 @@ class Sentinel2Base(RasterDataset):
                         transform=src.transform,
                         nodata=src.nodata,
                         descriptions=tuple(src.descriptions),
+                        dtypes=tuple(src.dtypes),
                     )
             except rasterio.errors.RasterioIOError:
                 continue

@@ -54,6 +54,7 @@ Notes:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -75,16 +76,19 @@ from torchgeo_dofa.bands import (
 __all__ = [
     "CONVENTIONAL_FILLS",
     "INPUT_PREPS",
+    "NARROW_DTYPES",
     "NODATA_FLOOR",
     "AttachWavelengths",
     "CheckReflectance",
     "DOFAPreprocess",
     "NormalizeReflectance",
     "ReflectanceError",
+    "ReflectanceWarning",
     "ResizeTo",
     "TileTo",
     "as_float32",
     "grid_affine",
+    "narrow_dtype_problem",
     "nodata_mask",
     "pad_to_square",
     "preprocess_array",
@@ -121,6 +125,39 @@ class ReflectanceError(ValueError):
     """Raised when the input is not raw surface reflectance on the 0..10000 scale."""
 
 
+class ReflectanceWarning(UserWarning):
+    """Warned when the input's dtype cannot hold raw surface reflectance (0..10000)."""
+
+
+#: Integer dtypes too narrow for raw reflectance: an 8-bit band holds 0..255 (or -128..127),
+#: i.e. reflectance below 0.0256 on DOFA's reflectance x 10000 scale, darker than almost any
+#: land surface. Such rasters are display products (Sentinel-2's true-colour ``TCI`` image,
+#: a stretched RGB export, a quantised quick-look), not the reflectance DOFA was trained on.
+NARROW_DTYPES: frozenset[str] = frozenset({"uint8", "int8"})
+
+
+def narrow_dtype_problem(dtype: Any, name: str = "image") -> str | None:
+    """Describe why ``dtype`` cannot hold raw reflectance, or return None when it can.
+
+    Args:
+        dtype: a numpy or torch dtype, or a dtype name as rasterio gives it (``"uint8"``).
+        name: what to call the input in the message.
+
+    Returns:
+        The message of a :class:`ReflectanceWarning` for an 8-bit integer dtype
+        (:data:`NARROW_DTYPES`), else None.
+    """
+    text = str(dtype).removeprefix("torch.")
+    if text not in NARROW_DTYPES:
+        return None
+    return (
+        f"{name} has dtype {text}, which cannot hold raw surface reflectance (0..10000, "
+        "e.g. Sentinel-2 L2A's uint16): an 8-bit raster is a display product (a true-colour "
+        "TCI image, a stretched export), and its values embed as near-black reflectance. "
+        "Give the reflectance bands, or rescale the data to reflectance x 10000"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +180,9 @@ def as_float32(array: Any, name: str = "image") -> Tensor:
     Returns:
         A float32 tensor of the same shape.
 
+    Warns:
+        ReflectanceWarning: for an 8-bit integer dtype (see :func:`narrow_dtype_problem`).
+
     Raises:
         TypeError: for boolean, complex or non-numeric data (the message names the dtype).
     """
@@ -152,6 +192,7 @@ def as_float32(array: Any, name: str = "image") -> Tensor:
                 f"{name} must hold real numbers (raw reflectance), got dtype {array.dtype}; "
                 "cast it to a numeric dtype first"
             )
+        _warn_narrow(array.dtype, name)
         return array if array.dtype == torch.float32 else array.to(torch.float32)
     masked = array if isinstance(array, np.ma.MaskedArray) else None
     try:
@@ -165,10 +206,17 @@ def as_float32(array: Any, name: str = "image") -> Tensor:
             f"{name} must hold real numbers (raw reflectance), got numpy dtype {data.dtype}; "
             "cast it to a numeric dtype first"
         )
+    _warn_narrow(data.dtype.newbyteorder("="), name)
     out = data.astype(np.float32, copy=False)  # also makes a big-endian array native
     if masked is not None and np.ma.getmask(masked) is not np.ma.nomask:
         out = np.where(np.ma.getmaskarray(masked), np.float32(np.nan), out)
     return torch.from_numpy(np.ascontiguousarray(out))
+
+
+def _warn_narrow(dtype: Any, name: str) -> None:
+    problem = narrow_dtype_problem(dtype, name)
+    if problem:
+        warnings.warn(problem, ReflectanceWarning, stacklevel=3)
 
 
 def _image(sample: Sample, step: str) -> Tensor:
