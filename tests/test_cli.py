@@ -1192,8 +1192,24 @@ def test_output_file_names_and_seeded_random_weights(tmp_path, capsys) -> None:
         main(["embed", str(SCENE), "-o", str(tmp_path / "d.parquet"), "--output", "grid", *common])
         == 2
     )
-    assert "use -o" in capsys.readouterr().err
+    assert f"use -o {tmp_path / 'd.tif'} or a folder" in capsys.readouterr().err
     assert not (tmp_path / "c.tif").exists() and not (tmp_path / "d.parquet").exists()
+    # the file named is written as named (.geoparquet, .TIF), its sibling beside it
+    named = tmp_path / "named"
+    grid_only = ["--output", "grid", *common]
+    assert main(["embed", str(SCENE), "-o", str(named / "e.GeoParquet"), *grid_only]) == 2
+    assert f"use -o {named / 'e.tif'} or a folder" in capsys.readouterr().err
+    args = ["--seed", "7", *common]
+    pooled = ["--output", "pooled", *args]
+    assert main(["embed", str(SCENE), "-o", str(named / "e.geoparquet"), *pooled]) == 0
+    assert main(["embed", str(SCENE), "-o", str(named / "f.TIF"), *args]) == 0
+    visible = sorted(p.name for p in named.iterdir() if not p.name.startswith("."))
+    assert visible == ["e.geoparquet", "f.TIF", "f.parquet"]
+    np.testing.assert_array_equal(
+        np.stack(gpd.read_parquet(named / "e.geoparquet").embedding), np.stack(fa.embedding)
+    )
+    with rasterio.open(named / "f.TIF") as src:
+        assert src.count == 768 and src.crs == "EPSG:32633"
 
 
 def test_local_backend_equals_embed_on_a_point(tmp_path, base_checkpoint) -> None:

@@ -73,6 +73,12 @@ class EmbedSummary:
         )
 
 
+#: ``-o`` names ending in these (any letter case) name the GeoTIFF grid / GeoParquet table
+#: itself rather than a folder.
+GRID_SUFFIXES: tuple[str, ...] = (".tif", ".tiff")
+TABLE_SUFFIXES: tuple[str, ...] = (".parquet", ".geoparquet")
+
+
 def _output_paths(
     output_dir: Path, regions: Sequence[RasterInput], output: str, points: bool
 ) -> list[dict[str, Path]]:
@@ -84,22 +90,25 @@ def _output_paths(
         kinds = ["grid", "pooled"]
     inputs = {Path(p).resolve() for r in regions for p in r.paths}
     suffix = output_dir.suffix.lower()
-    if suffix in (".tif", ".tiff", ".parquet"):
+    if suffix in GRID_SUFFIXES + TABLE_SUFFIXES:
         if len(regions) != 1:
             raise InputError(
                 f"-o {output_dir} names one file but the job has {len(regions)} regions "
                 f"({', '.join(r.name for r in regions)}): give a folder with -o DIR"
             )
-        wanted = "pooled" if suffix == ".parquet" else "grid"
+        wanted = "pooled" if suffix in TABLE_SUFFIXES else "grid"
+        sibling = {"grid": ".tif", "pooled": ".parquet"}
         if wanted not in kinds:
             raise InputError(
                 f"-o {output_dir} is a {'GeoParquet' if wanted == 'pooled' else 'GeoTIFF'} "
                 f"name but the job writes {' and '.join(kinds)} output: use "
-                f"-o {output_dir.with_suffix('.parquet' if wanted == 'grid' else '.tif')} "
-                "or a folder"
+                f"-o {output_dir.with_suffix(sibling[kinds[0]])} or a folder"
             )
-        ext = {"grid": ".tif" if suffix != ".tiff" else ".tiff", "pooled": ".parquet"}
-        return _not_inputs([{k: output_dir.with_suffix(ext[k]) for k in kinds}], inputs)
+        # the file named is written as named (letter case included), its sibling beside it
+        named = {
+            k: output_dir if k == wanted else output_dir.with_suffix(sibling[k]) for k in kinds
+        }
+        return _not_inputs([named], inputs)
     if output_dir.is_file():
         raise InputError(f"-o {output_dir} is an existing file: give a folder or a .tif name")
     ext = {"grid": "_grid.tif", "pooled": "_pooled.parquet"}
@@ -274,14 +283,14 @@ def output_folder(output_dir: str | os.PathLike[str]) -> Path:
     """The folder an embed job's ``-o`` writes into (and locks).
 
     Args:
-        output_dir: ``-o``: a folder, or a file name ending in ``.tif``, ``.tiff`` or
-            ``.parquet`` (the file's folder).
+        output_dir: ``-o``: a folder, or a file name ending in one of
+            :data:`GRID_SUFFIXES` or :data:`TABLE_SUFFIXES` (the file's folder).
 
     Returns:
         The folder.
     """
     out = Path(output_dir)
-    return out.parent if out.suffix.lower() in (".tif", ".tiff", ".parquet") else out
+    return out.parent if out.suffix.lower() in GRID_SUFFIXES + TABLE_SUFFIXES else out
 
 
 def embed(
@@ -333,7 +342,8 @@ def embed(
     Every region is opened and checked (files, bands, scale, chips) and the model loaded
     before any output is written. ``output_dir`` is a folder (``<name>_grid.tif`` and/or
     ``<name>_pooled.parquet`` per region) or, for one region, a file name ``NAME.tif`` /
-    ``NAME.parquet`` (with its sibling ``NAME.parquet`` / ``NAME.tif`` for ``both``). Running
+    ``NAME.parquet`` (also ``.tiff``, ``.geoparquet``, any letter case; written as named, with
+    its sibling ``NAME.parquet`` / ``NAME.tif`` for ``both``). Running
     the same job again skips chips already written.
 
     Args:
@@ -697,7 +707,8 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         metavar="OUT",
         help="folder for the outputs, or with one region a file name NAME.tif / "
-        "NAME.parquet (--output both writes NAME.tif and NAME.parquet)",
+        "NAME.parquet (also .tiff, .geoparquet, any case; --output both writes the "
+        "file named and its sibling NAME.tif or NAME.parquet)",
     )
     e.add_argument(
         "--variant",
