@@ -1069,6 +1069,18 @@ def test_another_sensors_bands_with_their_statistics_and_an_offset(
         "--wavelengths", *map(str, waves),
     ]  # fmt: skip
     capsys.readouterr()
+    # without wavelengths: refused with the CLI's option only (no Python example)
+    no_waves = common[: common.index("--wavelengths")]
+    assert main([*no_waves, "-o", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        "torchgeo-dofa: error: cannot infer wavelengths for band(s) ['red', 'green', 'blue', "
+        "'nir']: only Sentinel-2 bands"
+    )
+    assert err.endswith(
+        "are known; pass --wavelengths ... (um, one per band of --bands red green blue nir)"
+    )
+    assert "(" not in err.split("are known;")[1].split("(um")[0]  # no DOFAPreprocess(...)
     # without statistics: refused, naming the options (not Python keywords)
     assert main([*common, "-o", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err

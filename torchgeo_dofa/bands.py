@@ -244,7 +244,8 @@ def check_unique_bands(bands: Sequence[str], what: str = "bands") -> None:
         )
 
 
-_HOW_TO_PASS = (
+#: How to pass wavelengths to the transforms and the API; a dataset's error gives its own.
+WAVELENGTH_HINT = (
     "pass explicit wavelengths in micrometres, one per channel, e.g. "
     "DOFAPreprocess(bands=[...], wavelengths=[0.665, 0.56, 0.49]) or "
     "get_embedding(..., sensor=SensorSpec(bands=[...], wavelengths=[...]))"
@@ -275,7 +276,7 @@ def infer_wavelengths(bands: Sequence[str]) -> list[float]:
         raise BandError(
             f"cannot infer wavelengths for band(s) {unknown}: only Sentinel-2 bands "
             f"{list(SENTINEL2_BANDS)} (or their B0x spelling) and the presets' "
-            f"{[b for b in _ALL_BANDS if b not in SENTINEL2_BANDS]} are known; {_HOW_TO_PASS}"
+            f"{[b for b in _ALL_BANDS if b not in SENTINEL2_BANDS]} are known; {WAVELENGTH_HINT}"
         )
     return [band.wavelength for band in found if band is not None]
 
@@ -334,7 +335,7 @@ def resolve_wavelengths(
     """
     if wavelengths is None:
         if bands is None:
-            raise BandError(f"neither band names nor wavelengths were given; {_HOW_TO_PASS}")
+            raise BandError(f"neither band names nor wavelengths were given; {WAVELENGTH_HINT}")
         values: Sequence[float] | Tensor = infer_wavelengths(bands)
     else:
         values = wavelengths

@@ -123,6 +123,7 @@ from torchgeo_dofa.bands import (
     SENTINEL2_BANDS,
     STAC_ANCILLARY_ASSETS,
     STAC_ASSET_BANDS,
+    WAVELENGTH_HINT,
     BandError,
     canonical_band,
     check_unique_bands,
@@ -553,9 +554,10 @@ class Sentinel2Base(RasterDataset):
                 num_channels=len(self.bands),
             )
         except BandError as err:
+            # the dataset's own hint replaces the transforms' one (a CLI user sees options)
+            problem = str(err).removesuffix(f"; {WAVELENGTH_HINT}")
             raise BandError(
-                f"{err}; for {self.__class__.__name__}, pass wavelengths=[...] (um, one per "
-                f"band of bands={list(self.bands)})"
+                f"{problem}; pass wavelengths=[...] (um, one per band of bands={list(self.bands)})"
             ) from err
 
         # CRS and grid
