@@ -18,6 +18,7 @@ from typing import Any
 import geopandas as gpd
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 import torch
@@ -1354,7 +1355,7 @@ def test_points_outside_every_raster_are_listed_first_or_skipped(tmp_path, capsy
 def test_an_all_zero_raster_beside_a_good_one_writes_both(tmp_path, base_checkpoint) -> None:
     with rasterio.open(SCENE) as src:
         profile, shape = src.profile, (src.count, src.height, src.width)
-    empty = tmp_path / "empty_scene.tif"
+    empty = tmp_path / "empty_20230615.tif"  # dated: its chips have a time span
     with rasterio.open(empty, "w", **profile) as dst:
         dst.write(np.zeros(shape, dtype=profile["dtype"]))
         dst.descriptions = ("B04", "B03", "B02", "B08")
@@ -1366,14 +1367,18 @@ def test_an_all_zero_raster_beside_a_good_one_writes_both(tmp_path, base_checkpo
     assert summary.chips == 6 and summary.empty == 6  # the empty scene: 6 chips, no pixel
     assert summary.line().startswith("embedded 6 chips, 6 without valid pixels in ")
     with (
-        rasterio.open(out / "empty_scene_grid.tif") as e,
+        rasterio.open(out / "empty_20230615_grid.tif") as e,
         rasterio.open(out / "ftw_s2_l2a_33N_grid.tif") as g,
     ):
         assert e.count == g.count == 768 and e.shape == g.shape
         assert np.isnan(e.read(1)).all() and np.isfinite(g.read(1)).any()
-    rows = gpd.read_parquet(out / "empty_scene_pooled.parquet")
+    rows = gpd.read_parquet(out / "empty_20230615_pooled.parquet")
     assert len(rows) == 6 and rows.no_data.all()
-    assert not gpd.read_parquet(out / "ftw_s2_l2a_33N_pooled.parquet").no_data.any()
+    full = gpd.read_parquet(out / "ftw_s2_l2a_33N_pooled.parquet")
+    assert not full.no_data.any()
+    # an empty chip's row has the chip's time span, as a chip with data has (it was NaT)
+    assert set(rows.time_start) == {pd.Timestamp("2023-06-15T00:00:00", tz="UTC")}
+    assert set(rows.time_end) == {pd.Timestamp("2023-06-15T23:59:59.999999", tz="UTC")}
     # the warning names only the outputs the job writes (it spoke of a table with --output grid)
     for output, said in (
         ("grid", r"the rasters\): NaN in the grid$"),

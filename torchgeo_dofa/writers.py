@@ -1225,7 +1225,9 @@ class PooledWriter(_PartsWriter):
     """Write pooled embeddings as a GeoParquet table, one row per chip.
 
     Columns: ``geometry`` (chip footprint in the region's CRS), ``chip_id``, ``source``,
-    ``time_start``/``time_end`` (UTC), ``embedding`` (list of float32), ``variant``,
+    ``time_start``/``time_end`` (UTC: the chip's time span as the sampler queried it; NaT
+    where open-ended, e.g. a file name without a date), ``embedding`` (list of float32),
+    ``variant``,
     ``weights``, ``pooled_norm``, ``no_data`` (True for a chip without any valid pixel: NaN
     embedding; not named ``empty``, which pandas reserves); with ``properties`` (points),
     also ``point_index`` and every input property.
@@ -1277,6 +1279,8 @@ class PooledWriter(_PartsWriter):
         self.crs = crs
         self.source = source
         self.chip_keys = self._given_keys = list(chip_keys) if chip_keys is not None else None
+        #: chip key -> (start, stop) seconds, for the rows of chips without valid pixels
+        self._chip_times: dict[str, tuple[float, float]] = {}
         if properties is not None:
             if self.chip_keys is None or len(properties) != len(self.chip_keys):
                 raise ValueError(
@@ -1317,11 +1321,14 @@ class PooledWriter(_PartsWriter):
         if not self.source:
             self.source = str(getattr(dm, "region_name", ""))
         sampler = getattr(dm, "predict_sampler", None)
+        # every chip of the job gets a row, chips without any valid pixel flagged no_data
+        # (with the chip's time span, as the dataset gives a chip's ``bounds``); taken again
+        # at every setup (a writer reused for another scene takes its chips)
+        chips = list(sampler) if sampler is not None else []
+        self._chip_times = {self.key_for_chip(c): _time_span(c) for c in chips}
         self.chip_keys = self._given_keys
         if self.chip_keys is None and sampler is not None:
-            # every chip of the job gets a row, chips without any valid pixel flagged no_data;
-            # taken again at every setup (a writer reused for another scene takes its chips)
-            self.chip_keys = [self.key_for_chip(c) for c in sampler]
+            self.chip_keys = list(self._chip_times)
         self.check_parts_identity(trainer, {"crs": self.crs.to_wkt(), "source": self.source})
         self._done = self._resume_keys()
 
@@ -1388,15 +1395,17 @@ class PooledWriter(_PartsWriter):
                     "no_data (NaN embeddings)",
                     stacklevel=3,
                 )
-            empty = {
-                "time": [math.nan, math.nan],
-                "embedding": [math.nan] * depth,
-                "empty": True,
-            }
+            empty = {"embedding": [math.nan] * depth, "empty": True}
+            no_time = [math.nan, math.nan]
             rows = [
                 parts[k] | {"empty": False}
                 if k in parts
-                else {"chip_id": k, "bounds": list(self.bounds_of_key(k))} | empty
+                else {
+                    "chip_id": k,
+                    "bounds": list(self.bounds_of_key(k)),
+                    "time": list(self._chip_times.get(k, no_time)),
+                }
+                | empty
                 for k in self.chip_keys
             ]
         if self.properties is None:
@@ -1575,6 +1584,18 @@ def _read_parts[T](
     if warn:
         warnings.warn(f"{what}: this run computes those chips again", UserWarning, stacklevel=3)
     return values
+
+
+def _time_span(chip: Sequence[Any]) -> tuple[float, float]:
+    """A sampler chip's time span in seconds since 1970, as the dataset's ``bounds`` hold it.
+
+    Args:
+        chip: a GeoSampler's ``(x, y, t)`` slices; without a ``t`` slice the span is NaN.
+    """
+    t = chip[2] if len(chip) > 2 else None
+    if not isinstance(t, slice) or t.start is None or t.stop is None:
+        return math.nan, math.nan
+    return pd.Timestamp(t.start).timestamp(), pd.Timestamp(t.stop).timestamp()
 
 
 def _ts(value: float) -> int | None:
