@@ -499,6 +499,26 @@ def test_dates_select_scenes_by_time() -> None:
     torch.testing.assert_close(stacked["image"][1], new["image"])
 
 
+def test_chip_sources_are_the_files_its_pixels_came_from() -> None:
+    """Every band file of the scenes that gave pixels; not a scene the mosaic left unread."""
+    ds = Sentinel2SR(DATA / "esa", bands=["B4", "B8"], offset=0)
+    x, y, t = ds.bounds
+    xs = slice(x.start + 30, x.start + 190)
+    ys = slice(y.stop - 190, y.stop - 30)
+    per_date = {
+        date: sorted(str(DATA / "esa" / f"T31UFQ_{date}_{band}_10m.tif") for band in ("B04", "B08"))
+        for date in fx.ESA_DATES
+    }
+    sample, files = ds.read_chip_with_sources((xs, ys, t))
+    assert files == per_date[fx.ESA_DATES[0]]  # the 2021 scene filled every pixel
+    torch.testing.assert_close(sample["image"], ds.read_chip((xs, ys, t))["image"])
+    june = slice(pd.Timestamp("2022-06-01"), pd.Timestamp("2022-06-30"))
+    assert ds.read_chip_with_sources((xs, ys, june))[1] == per_date[fx.ESA_DATES[1]]
+    series = Sentinel2SR(DATA / "esa", bands=["B4", "B8"], offset=0, time_series=True)
+    every = sorted(f for files in per_date.values() for f in files)
+    assert series.read_chip_with_sources((xs, ys, t))[1] == every
+
+
 def test_bounds_and_time_queries_follow_the_index() -> None:
     """Bounds and time-overlap rows are cached per index: a new index or res shows at once."""
     from torchgeo.datasets import GeoDataset

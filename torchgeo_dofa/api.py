@@ -51,7 +51,9 @@ Outputs: ``Embedding.data`` is a numpy array, (D,) for pooled and (D, h, w) for 
 whose 16 x 16 patch held no valid pixel (no data, or the mirrored padding of a non-square
 input) are NaN, as in the embed job's GeoTIFFs. ``Embedding.meta`` records the model,
 variant, weights, pooled convention, bands, wavelengths, preprocessing and input size, and for
-georeferenced backends the CRS and the affine of the grid cells (``grid_transform``).
+georeferenced backends the CRS and the affine of the grid cells (``grid_transform``); the
+local backend's ``meta["source"]`` lists the files the chip's pixels came from (see
+:meth:`~torchgeo_dofa.datasets.Sentinel2Base.read_chip_with_sources`).
 """
 
 from __future__ import annotations
@@ -744,7 +746,7 @@ def _prepare_local(
     else:
         ts = temporal.time_slice()
     try:
-        raw = ds.read_chip((xs, ys, ts))
+        raw, files = ds.read_chip_with_sources((xs, ys, ts))
     except IndexError as err:
         when = f" between {temporal.start} and {temporal.end}" if temporal else ""
         raise LookupError(
@@ -761,13 +763,9 @@ def _prepare_local(
         transform=raw["transform"],
         sensor=sensor,
     )
-    # the scenes overlapping the chip in space and time (their first files), as
-    # TorchGeo's RasterDataset.__getitem__ selects them (not every file of the folder)
-    read = ds.index.iloc[ds.index.index.overlaps(pd.Interval(ts.start, ts.stop))]
-    read = read.cx[xs.start : xs.stop, ys.start : ys.stop]
     prepared.meta.update(
         {
-            "source": sorted({str(p) for p in read.filepath}),
+            "source": files,  # the files the chip's pixels came from
             "dataset": type(ds).__name__,
             "crs": _crs_name(crs),
             "transform": [float(v) for v in raw["transform"][:6]],

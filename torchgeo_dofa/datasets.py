@@ -1246,6 +1246,26 @@ class Sentinel2Base(RasterDataset):
         Raises:
             IndexError: if the chip does not intersect any scene.
         """
+        return self.read_chip_with_sources(index)[0]
+
+    def read_chip_with_sources(self, index: GeoSlice) -> tuple[Sample, list[str]]:
+        """Read a chip without applying ``transforms``, with the files its pixels came from.
+
+        Scenes overlapping the chip are mosaicked in index order, each filling only the pixels
+        earlier ones left without data, and reading stops once every pixel is filled; the files
+        listed are those of the scenes that gave the chip at least one pixel (every band's file
+        of a scene stored one file per band), or of every scene read when none did (a chip
+        without valid pixels). With ``time_series``, every overlapping scene's.
+
+        Args:
+            index: a TorchGeo GeoSlice.
+
+        Returns:
+            The raw sample dict and the sorted file paths.
+
+        Raises:
+            IndexError: if the chip does not intersect any scene.
+        """
         x, y, t = self._disambiguate_slice(index)
         rows = self._time_rows(t)
         # the rows whose footprint box meets the chip (GeoPandas' ``.cx`` on boxes), on arrays
@@ -1270,19 +1290,26 @@ class Sentinel2Base(RasterDataset):
             layers = [self._read_scene(sources, offsets, *grid) for sources, offsets in scenes]
             image_np = np.stack([d for d, _ in layers])
             valid_np = np.stack([v for _, v in layers])
+            used = [sources for sources, _ in scenes]
         else:
             image_np = np.full((len(self.bands), height, width), self.fill_value, dtype=np.float32)
             valid_np = np.zeros((height, width), dtype=bool)
+            read, used = [], []
             for sources, offsets in scenes:  # the first scene with a valid pixel wins
                 data, valid = self._read_scene(sources, offsets, *grid)
+                read.append(sources)
                 take = valid & ~valid_np
+                if take.any():
+                    used.append(sources)
                 np.copyto(image_np, data, where=take)
                 valid_np |= take
                 if valid_np.all():
                     break
+            used = used or read
+        files = sorted({path for sources in used for path, _ in sources})
 
         transform = Affine(xres, 0.0, float(x.start), 0.0, -yres, float(y.stop))
-        return {
+        sample = {
             "image": torch.from_numpy(image_np.astype(np.float32, copy=False)),
             "wavelengths": self.wavelengths.clone(),
             "valid": torch.from_numpy(valid_np),
@@ -1302,6 +1329,7 @@ class Sentinel2Base(RasterDataset):
             ),
             "transform": torch.tensor(list(transform), dtype=torch.float64),
         }
+        return sample, files
 
     #: (state, cache) of :meth:`_index_cache`; None until first used.
     _per_index: tuple[tuple[Any, ...], dict[str, Any]] | None = None
