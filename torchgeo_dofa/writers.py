@@ -1325,10 +1325,11 @@ class PooledWriter(_PartsWriter):
         # (with the chip's time span, as the dataset gives a chip's ``bounds``); taken again
         # at every setup (a writer reused for another scene takes its chips)
         chips = list(sampler) if sampler is not None else []
-        self._chip_times = {self.key_for_chip(c): _time_span(c) for c in chips}
+        keys = [self.key_for_chip(c) for c in chips]  # one per chip, repeats kept
+        self._chip_times = {k: _time_span(c) for k, c in zip(keys, chips, strict=True)}
         self.chip_keys = self._given_keys
         if self.chip_keys is None and sampler is not None:
-            self.chip_keys = list(self._chip_times)
+            self.chip_keys = keys
         self.check_parts_identity(trainer, {"crs": self.crs.to_wkt(), "source": self.source})
         self._done = self._resume_keys()
 
