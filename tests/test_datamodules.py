@@ -37,7 +37,9 @@ def batches(dm: DOFAPredictDataModule) -> list[dict[str, torch.Tensor]]:
 
 
 def test_grid_mode_covers_the_raster() -> None:
-    dm = DOFAPredictDataModule(DATA / "multiband", patch_size=32, stride=24, batch_size=4)
+    dm = DOFAPredictDataModule(
+        DATA / "multiband", patch_size=32, stride=24, batch_size=4, preprocess=False
+    )
     assert dm.mode == "grid"
     out = batches(dm)
     ds = dm.predict_dataset
@@ -51,7 +53,7 @@ def test_grid_mode_covers_the_raster() -> None:
 
 
 def test_default_patch_is_224_and_reaches_past_small_rasters() -> None:
-    dm = DOFAPredictDataModule(DATA / "multiband")
+    dm = DOFAPredictDataModule(DATA / "multiband", preprocess=False)
     (batch,) = batches(dm)
     assert batch["image"].shape == (1, 9, 224, 224)
     assert int(batch["valid"].sum()) == 96 * 128  # the raster; the rest is padding
@@ -59,7 +61,7 @@ def test_default_patch_is_224_and_reaches_past_small_rasters() -> None:
 
 
 def test_only_predict_stage() -> None:
-    dm = DOFAPredictDataModule(DATA / "multiband")
+    dm = DOFAPredictDataModule(DATA / "multiband", preprocess=False)
     with pytest.raises(MisconfigurationException, match="prediction"):
         dm.setup("fit")
     with pytest.raises(ValueError, match="not both"):
@@ -73,6 +75,7 @@ def test_grid_with_time_range_and_dataset_kwargs() -> None:
         time=("2022-06-01", "2022-06-30"),
         bands=["B4", "B8"],
         offset=0,
+        preprocess=False,
     )
     out = batches(dm)
     assert sum(b["image"].shape[0] for b in out) == 4
@@ -93,7 +96,7 @@ def test_points_give_centred_chips_in_order() -> None:
         PointBuffer(*lonlat(*targets[0]), buffer_m=160),
         PointBuffer(*lonlat(*targets[1]), buffer_m=100),
     ]
-    dm = DOFAPredictDataModule(DATA / "multiband", points=points)
+    dm = DOFAPredictDataModule(DATA / "multiband", points=points, preprocess=False)
     assert dm.mode == "points"
     out = batches(dm)
     assert [tuple(b["image"].shape[-2:]) for b in out] == [(32, 32), (20, 20)]
@@ -110,7 +113,7 @@ def test_points_of_different_sizes_need_a_resize_or_batch_size_one() -> None:
         PointBuffer(*lonlat(x0 + 400, y1 - 300), buffer_m=160),
         PointBuffer(*lonlat(x0 + 900, y1 - 500), buffer_m=100),
     ]
-    dm = DOFAPredictDataModule(DATA / "multiband", points=points, batch_size=2)
+    dm = DOFAPredictDataModule(DATA / "multiband", points=points, batch_size=2, preprocess=False)
     with pytest.raises(ValueError, match="differ in size"):
         batches(dm)
 
@@ -127,7 +130,10 @@ def test_points_of_different_sizes_need_a_resize_or_batch_size_one() -> None:
 def test_points_on_an_earth_engine_grid_in_degrees() -> None:
     lon, lat = 4.5 + 100 * fx.EE_RES, 51.0 - 16 * fx.EE_RES
     dm = DOFAPredictDataModule(
-        DATA / "ee", dataset_class=EarthEngineS2, points=[PointBuffer(lon, lat, 50)]
+        DATA / "ee",
+        dataset_class=EarthEngineS2,
+        points=[PointBuffer(lon, lat, 50)],
+        preprocess=False,
     )
     (batch,) = batches(dm)
     geod = Geod(ellps="WGS84")
@@ -160,7 +166,7 @@ def _bbox_of(xmin: float, ymin: float, xmax: float, ymax: float) -> BBox:
 
 def test_bbox_roi_restricts_the_grid() -> None:
     bbox = _bbox_of(620200, 5701300, 620700, 5701800)
-    dm = DOFAPredictDataModule(DATA / "multiband", roi=bbox, patch_size=16)
+    dm = DOFAPredictDataModule(DATA / "multiband", roi=bbox, patch_size=16, preprocess=False)
     assert dm.mode == "roi"
     out = batches(dm)
     ds = dm.predict_dataset
@@ -180,7 +186,7 @@ def test_bbox_roi_restricts_the_grid() -> None:
 
 def test_whole_roi_is_one_chip() -> None:
     bbox = _bbox_of(620200, 5701300, 620700, 5701800)
-    dm = DOFAPredictDataModule(DATA / "multiband", roi=bbox, roi_sampling="whole")
+    dm = DOFAPredictDataModule(DATA / "multiband", roi=bbox, roi_sampling="whole", preprocess=False)
     (batch,) = batches(dm)
     b = batch["bounds"][0].tolist()
     xmin, ymin, xmax, ymax = region_to_crs(bbox, "EPSG:32631").bounds
@@ -192,7 +198,7 @@ def test_whole_roi_is_one_chip() -> None:
 def test_polygon_roi_in_the_dataset_crs() -> None:
     triangle = shapely.Polygon([(620050, 5701950), (620900, 5701950), (620050, 5701100)])
     dm = DOFAPredictDataModule(
-        DATA / "multiband", roi=triangle, roi_crs="EPSG:32631", patch_size=16
+        DATA / "multiband", roi=triangle, roi_crs="EPSG:32631", patch_size=16, preprocess=False
     )
     out = batches(dm)
     assert out
@@ -246,7 +252,7 @@ def test_trainer_predict_uses_raw_batches() -> None:
         PointBuffer(*lonlat(620400, 5701700), 100),
         PointBuffer(*lonlat(620800, 5701300), 100),
     ]
-    dm = DOFAPredictDataModule(DATA / "multiband", points=points, batch_size=2)
+    dm = DOFAPredictDataModule(DATA / "multiband", points=points, batch_size=2, preprocess=False)
     trainer = pl.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
     )

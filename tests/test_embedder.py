@@ -169,6 +169,40 @@ def test_a_batch_that_was_not_normalised_is_refused_before_anything_is_written(
         )
 
 
+def test_the_data_modules_defaults_serve_the_embedder_normalised_chips(tmp_path: Path) -> None:
+    """``DOFAPredictDataModule(paths)`` and ``DOFAEmbedder()`` work together as they come (the
+    data module normalised nothing by default: the embedder refused its raw chips); adding
+    on-device preprocessing to that is refused as normalising twice, with nothing written."""
+    import pytest
+
+    from torchgeo_dofa.datamodules import DOFAPredictDataModule
+    from torchgeo_dofa.writers import PooledWriter
+
+    module = DOFAEmbedder(weights=None, seed=0, output="pooled")
+    results = []
+    for kwargs in ({}, {"preprocess": True}):
+        dm = DOFAPredictDataModule(SCENE, batch_size=2, **kwargs)  # type: ignore[arg-type]
+        trainer = pl.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, limit_predict_batches=1
+        )
+        out: Any = trainer.predict(module, datamodule=dm)
+        results.append(out[0]["pooled"])
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    dataset = Sentinel2SR(SCENE)
+    module.preprocess = DOFAPreprocess(dataset.bands, dataset.wavelengths)
+    folder = tmp_path / "out"
+    trainer = _cpu_trainer([PooledWriter(folder / "p.parquet")])
+    with pytest.raises(ValueError, match="the chips would be normalised twice.*preprocess=False"):
+        trainer.predict(module, datamodule=DOFAPredictDataModule(SCENE), return_predictions=False)
+    assert not folder.exists()
+    raw = DOFAPredictDataModule(SCENE, batch_size=2, preprocess=False)  # on the device: fine
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, limit_predict_batches=1
+    )
+    out = trainer.predict(module, datamodule=raw)
+    torch.testing.assert_close(out[0]["pooled"], results[0], rtol=1e-5, atol=1e-5)
+
+
 def test_a_grid_writer_reused_on_another_scene_takes_that_scenes_grid(tmp_path: Path) -> None:
     """A GridWriter without a given geometry derives it again at every setup (it kept the
     first scene's, so the second scene's grid was written at the first scene's place); a

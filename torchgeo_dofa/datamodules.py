@@ -267,7 +267,6 @@ class DOFAPredictDataModule(GeoDataModule):
     Example:
         >>> dm = DOFAPredictDataModule(  # doctest: +SKIP
         ...     "scenes/",
-        ...     preprocess=True,  # DOFA's normalisation for the bands read
         ...     file_bands=["B4", "B3", "B2", "B8", "B4_1", "B3_1", "B2_1", "B8_1"],
         ...     bands=["B4", "B3", "B2", "B8"],
         ... )
@@ -290,7 +289,7 @@ class DOFAPredictDataModule(GeoDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         transforms: Callable[[Sample], Sample] | None = None,
-        preprocess: bool = False,
+        preprocess: bool = True,
         input_prep: Literal["resize", "tile"] = "resize",
         check_scale: bool = True,
         bands: Sequence[str] | None = None,
@@ -326,7 +325,10 @@ class DOFAPredictDataModule(GeoDataModule):
             transforms: per-sample transforms given to the dataset (e.g. ``DOFAPreprocess``).
             preprocess: when ``transforms`` is None, give the dataset DOFA's standard
                 :class:`~torchgeo_dofa.transforms.DOFAPreprocess` for its own bands and
-                wavelengths (so a YAML config need not repeat the band list).
+                wavelengths (so a YAML config need not repeat the band list): the chips are
+                ready for :class:`~torchgeo_dofa.embedder.DOFAEmbedder`. False serves raw
+                reflectance (for ``DOFAEmbedder.preprocess`` on the device, or your own
+                model).
             input_prep: ``"resize"`` or ``"tile"``, for that automatic stack.
             check_scale: reject rasters whose values all lie in [0, 2] (already scaled to
                 reflectance) at setup, before any chip is computed.

@@ -92,6 +92,28 @@ class DOFAEmbedder(pl.LightningModule):
         #: loader's CPU workers. None (default): the dataset's transforms did it.
         self.preprocess: nn.Module | None = None
 
+    def on_predict_start(self) -> None:
+        """Refuse a job that would normalise its chips twice, before the first batch.
+
+        Raises:
+            ValueError: when :attr:`preprocess` normalises (holds a
+                :class:`~torchgeo_dofa.transforms.NormalizeReflectance`) and so do the
+                transforms of the data module's predict dataset (``preprocess=True``, the
+                data module's default, or ``transforms=DOFAPreprocess(...)``).
+        """
+        if not _normalises(self.preprocess):
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dataset = getattr(datamodule, "predict_dataset", None)
+        if _normalises(getattr(dataset, "transforms", None)):
+            raise ValueError(
+                "DOFAEmbedder.preprocess and the data module's dataset transforms both "
+                "normalise with DOFA's statistics: the chips would be normalised twice. For "
+                "preprocessing on the device, give the data module preprocess=False (or move "
+                "its dataset's transforms to DOFAEmbedder.preprocess); else set "
+                "DOFAEmbedder.preprocess = None"
+            )
+
     @property
     def metadata(self) -> dict[str, str]:
         """What every output records about the model that produced it."""
@@ -222,6 +244,15 @@ def _cell_valid(valid: Tensor, patch: int) -> Tensor:
     shape = v.shape
     pooled = F.max_pool2d(v.reshape(-1, 1, *shape[-2:]), patch, ceil_mode=True)
     return (pooled.reshape(*shape[:-2], *pooled.shape[-2:]) > 0).to(torch.bool)
+
+
+def _normalises(transforms: Any) -> bool:
+    """Whether a transform module applies DOFA's normalisation (anywhere inside it)."""
+    from .transforms import NormalizeReflectance
+
+    return isinstance(transforms, nn.Module) and any(
+        isinstance(m, NormalizeReflectance) for m in transforms.modules()
+    )
 
 
 def batch_kind(batch: dict[str, Any]) -> str:
