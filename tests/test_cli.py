@@ -1379,6 +1379,19 @@ def test_an_all_zero_raster_beside_a_good_one_writes_both(tmp_path, base_checkpo
     # an empty chip's row has the chip's time span, as a chip with data has (it was NaT)
     assert set(rows.time_start) == {pd.Timestamp("2023-06-15T00:00:00", tz="UTC")}
     assert set(rows.time_end) == {pd.Timestamp("2023-06-15T23:59:59.999999", tz="UTC")}
+    # a point's chip too (its sampler's chips have no time slice: the dataset's span is read)
+    with rasterio.open(SCENE) as src:
+        lon, lat = _scene_lonlat(src.bounds.left + 1500, src.bounds.bottom + 1500)
+    (tmp_path / "p.csv").write_text(f"lon,lat\n{lon},{lat}\n")
+    with pytest.warns(UserWarning, match="held a valid pixel"):
+        embed(
+            [empty], tmp_path / "pts", weights=None, output="pooled", points=tmp_path / "p.csv",
+            buffer_m=1120, progress=False,
+        )  # fmt: skip
+    point = gpd.read_parquet(tmp_path / "pts" / "empty_20230615_pooled.parquet")
+    assert point.no_data.tolist() == [True] and point.point_index.tolist() == [0]
+    assert point.time_start.tolist() == [pd.Timestamp("2023-06-15T00:00:00", tz="UTC")]
+    assert point.time_end.tolist() == [pd.Timestamp("2023-06-15T23:59:59.999999", tz="UTC")]
     # the warning names only the outputs the job writes (it spoke of a table with --output grid)
     for output, said in (
         ("grid", r"the rasters\): NaN in the grid$"),

@@ -1326,7 +1326,12 @@ class PooledWriter(_PartsWriter):
         # at every setup (a writer reused for another scene takes its chips)
         chips = list(sampler) if sampler is not None else []
         keys = [self.key_for_chip(c) for c in chips]  # one per chip, repeats kept
-        self._chip_times = {k: _time_span(c) for k, c in zip(keys, chips, strict=True)}
+        # a chip without a time slice (a point's) is read over the dataset's whole time
+        # span, as TorchGeo's GeoDataset fills a missing slice from its bounds
+        dataset = getattr(dm, "predict_dataset", None)
+        bounds = getattr(dataset, "bounds", None)
+        whole = bounds[2] if isinstance(bounds, tuple) and len(bounds) > 2 else None
+        self._chip_times = {k: _time_span(c, whole) for k, c in zip(keys, chips, strict=True)}
         self.chip_keys = self._given_keys
         if self.chip_keys is None and sampler is not None:
             self.chip_keys = keys
@@ -1587,13 +1592,15 @@ def _read_parts[T](
     return values
 
 
-def _time_span(chip: Sequence[Any]) -> tuple[float, float]:
+def _time_span(chip: Sequence[Any], whole: slice | None = None) -> tuple[float, float]:
     """A sampler chip's time span in seconds since 1970, as the dataset's ``bounds`` hold it.
 
     Args:
-        chip: a GeoSampler's ``(x, y, t)`` slices; without a ``t`` slice the span is NaN.
+        chip: a GeoSampler's ``(x, y)`` or ``(x, y, t)`` slices.
+        whole: the time slice of a chip without one (the dataset's time bounds); the span
+            is NaN where neither is known.
     """
-    t = chip[2] if len(chip) > 2 else None
+    t = chip[2] if len(chip) > 2 else whole
     if not isinstance(t, slice) or t.start is None or t.stop is None:
         return math.nan, math.nan
     return pd.Timestamp(t.start).timestamp(), pd.Timestamp(t.stop).timestamp()
