@@ -366,18 +366,22 @@ def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
     with rasterio.open(SCENE) as src:
         transform = src.window_transform(Window(0, 0, 448, 224))
         data = src.read(window=Window(0, 0, 448, 224))
+    data = np.clip(data // 40, 1, 255).astype(np.uint8)  # 8-bit: a warning every rank sees
     data[:, :, :224] = 0  # the left chip holds no valid pixel
     scene = _write_scene_variant(
-        tmp_path / "two.tif", data, width=448, height=224, transform=transform
+        tmp_path / "two.tif", data, width=448, height=224, transform=transform, dtype="uint8"
     )
     out = tmp_path / "out"
     cmd = _ddp_embed_command(scene, out, base_checkpoint, "both", devices=3)
     ranks = _srun(cmd, ntasks=3)
     assert [status for status, _, _ in ranks] == [0, 0, 0], ranks
     (_, stdout, stderr), *others = ranks
-    assert "embedded 1 chips, 1 without valid pixels in " in stdout, stdout
+    assert "embedded 1 chip, 1 without valid pixels in " in stdout, stdout
     assert "1 chip(s) held no valid pixel" in stderr, stderr
     assert not any("embedded" in out for _, out, _ in others)  # one summary per job
+    # the inputs' warnings once per job (each rank checked the inputs and warned before)
+    assert stderr.count("torchgeo-dofa: warning: two.tif has dtype uint8") == 1, stderr
+    assert not any("warning" in err.lower() for _, _, err in others), others
     frame = gpd.read_parquet(out / "two_pooled.parquet")
     assert sorted(frame.no_data) == [False, True]
     with rasterio.open(out / "two_grid.tif") as grid:

@@ -68,7 +68,8 @@ class EmbedSummary:
         empty = f", {self.empty} without valid pixels" if self.empty else ""
         paths = ", ".join(str(p) for p in self.outputs) or "none"
         return (
-            f"embedded {self.chips} chips{empty}{resumed} in {self.seconds:.1f} s "
+            f"embedded {self.chips} chip{'' if self.chips == 1 else 's'}{empty}{resumed} in "
+            f"{self.seconds:.1f} s "
             f"({rate:.2f} chips/s) -> {paths}"
         )
 
@@ -498,6 +499,12 @@ def embed(
             raise InputError(str(err)) from None
     if stac is not None:
         inputs += _stac_inputs(stac, collection, bbox, datetime, bands, max_cloud, composite)
+    # every DDP rank checks the same inputs: their warnings are shown once, by the launcher
+    # (until the data modules are set up; a writer's warnings later are each rank's own)
+    checking = contextlib.ExitStack()
+    if not is_launcher():
+        checking.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
     regions = find_raster_inputs(inputs, crs)
     point_sets: list[list[int] | None] = [None] * len(regions)
     if point_list is not None:  # each point to the regions holding it; none left out silently
@@ -555,6 +562,7 @@ def embed(
             )
             dm.setup("predict")
             modules.append(dm)
+        checking.close()
         module = DOFAEmbedder(
             variant=variant,
             weights=weights,

@@ -2646,7 +2646,11 @@ def _direct_read(
     if all(f == [MaskFlags.all_valid] for f in flags):  # no nodata, no mask: a plain read
         block[...] = handle.read(indexes, window=window)
         return out
-    data = handle.read(indexes, window=window, masked=True)
+    with warnings.catch_warnings():
+        # a 4-band 8-bit GeoTIFF is RGBA to GDAL: the masks follow the declared nodata, as
+        # this read wants (rasterio says so with a warning on every chip)
+        warnings.simplefilter("ignore", rasterio.errors.NodataShadowWarning)
+        data = handle.read(indexes, window=window, masked=True)
     block[...] = np.ma.getdata(data)
     block[np.ma.getmaskarray(data)] = np.nan
     return out
