@@ -658,17 +658,21 @@ def _as_chw(array: Any, name: str = "input_chw") -> Tensor:
 
 
 def _prepare_tensor(
-    input_chw: Any, sensor: SensorSpec | None, input_prep: str, nodata: float | None
+    input_chw: Any,
+    sensor: SensorSpec | None,
+    input_prep: str,
+    nodata: float | None,
+    name: str = "input_chw",
 ) -> _Prepared:
     if sensor is None:
         raise ModelError(
             "backend='tensor' needs sensor=SensorSpec(bands=[...]) naming the channels of "
             "input_chw, so DOFA's normalisation and wavelengths can be applied"
         )
-    image = _as_chw(input_chw)
+    image = _as_chw(input_chw, name)
     if image.shape[0] != len(sensor.bands):
         raise ModelError(
-            f"input_chw has C={image.shape[0]} channels but sensor.bands names "
+            f"{name} has C={image.shape[0]} channels but sensor.bands names "
             f"{len(sensor.bands)} bands {list(sensor.bands)}: give one band name per channel"
         )
     prepared = _prepare(
@@ -1199,10 +1203,12 @@ def get_embeddings_batch_from_inputs(
         )
     prepared = []
     for i, chw in enumerate(input_chws):
+        name = f"input_chws[{i}]"  # in its warnings (an 8-bit dtype) and errors
         try:
-            prepared.append(_prepare_tensor(chw, sensor, cfg.input_prep, nodata))
+            prepared.append(_prepare_tensor(chw, sensor, cfg.input_prep, nodata, name))
         except (ModelError, BandError) as err:
-            raise type(err)(f"input_chws[{i}]: {err}") from err
+            text = str(err)
+            raise type(err)(text if text.startswith(name) else f"{name}: {text}") from err
         prepared[-1].meta["index"] = i
     if not prepared:
         return []

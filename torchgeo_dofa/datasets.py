@@ -639,7 +639,7 @@ class Sentinel2Base(RasterDataset):
         names = [os.path.basename(p) for p in narrow]
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         what = shown if len(names) == 1 else f"{len(names)} files ({shown})"
-        problem = narrow_dtype_problem(next(iter(narrow.values())), what)
+        problem = narrow_dtype_problem(next(iter(narrow.values())), what, len(names) > 1)
         warnings.warn(str(problem), ReflectanceWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ properties

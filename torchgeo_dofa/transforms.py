@@ -136,12 +136,13 @@ class ReflectanceWarning(UserWarning):
 NARROW_DTYPES: frozenset[str] = frozenset({"uint8", "int8"})
 
 
-def narrow_dtype_problem(dtype: Any, name: str = "image") -> str | None:
+def narrow_dtype_problem(dtype: Any, name: str = "image", plural: bool = False) -> str | None:
     """Describe why ``dtype`` cannot hold raw reflectance, or return None when it can.
 
     Args:
         dtype: a numpy or torch dtype, or a dtype name as rasterio gives it (``"uint8"``).
         name: what to call the input in the message.
+        plural: ``name`` names several inputs (``"2 files (a.tif, b.tif)"``).
 
     Returns:
         The message of a :class:`ReflectanceWarning` for an 8-bit integer dtype
@@ -150,6 +151,14 @@ def narrow_dtype_problem(dtype: Any, name: str = "image") -> str | None:
     text = str(dtype).removeprefix("torch.")
     if text not in NARROW_DTYPES:
         return None
+    if plural:
+        return (
+            f"{name} have dtype {text}, which cannot hold raw surface reflectance (0..10000, "
+            "e.g. Sentinel-2 L2A's uint16): 8-bit rasters are display products (true-colour "
+            "TCI images, stretched exports), and their values embed as near-black reflectance "
+            "wherever chips are read from them. Give the reflectance bands, or rescale the "
+            "data to reflectance x 10000"
+        )
     return (
         f"{name} has dtype {text}, which cannot hold raw surface reflectance (0..10000, "
         "e.g. Sentinel-2 L2A's uint16): an 8-bit raster is a display product (a true-colour "
