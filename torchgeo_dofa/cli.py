@@ -119,7 +119,7 @@ def _output_paths(
 
 
 def _not_inputs(paths: list[dict[str, Path]], inputs: set[Path]) -> list[dict[str, Path]]:
-    """Refuse an output that is one of the inputs (it would be replaced, or deleted)."""
+    """Refuse an output that is an input (it would be replaced) or an existing folder."""
     from .datasets import InputError
 
     for per_region in paths:
@@ -128,6 +128,11 @@ def _not_inputs(paths: list[dict[str, Path]], inputs: set[Path]) -> list[dict[st
                 raise InputError(
                     f"output {path} is one of the inputs: give another -o (a folder or a new "
                     "file name)"
+                )
+            if path.is_dir():
+                raise InputError(
+                    f"output {path} is an existing folder, not a file: move it away or give "
+                    "another -o (a folder for the outputs is named without .tif / .parquet)"
                 )
     return paths
 
