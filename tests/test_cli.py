@@ -1074,6 +1074,14 @@ def test_another_sensors_bands_with_their_statistics_and_an_offset(
         "--wavelengths", *map(str, waves),
     ]  # fmt: skip
     capsys.readouterr()
+    # without --bands: the names found, in file order, and the Sentinel-2 reading of them
+    assert main([*common[: common.index("--bands")], "-o", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "torchgeo-dofa: error: no Sentinel-2 band is present in every scene (found ['red', "
+        "'green', 'blue', 'nir']): pass --bands ... (and --wavelengths ... for non-Sentinel-2 "
+        "bands); if they are Sentinel-2's bands, named as Earth Search's assets, name them "
+        "so: --file-bands B4 B3 B2 B8 (in file order)"
+    )
     # without wavelengths: refused with the CLI's option only (no Python example)
     no_waves = common[: common.index("--wavelengths")]
     assert main([*no_waves, "-o", str(tmp_path / "none")]) == 2

@@ -926,9 +926,17 @@ class Sentinel2Base(RasterDataset):
                         stacklevel=3,
                     )
             if not chosen:
+                found = [n for n in scenes[0].names if n in common]  # in file order
+                hint = ""
+                asset = [stac_asset_band(n) for n in found]
+                if found and scenes[0].layout == "multiband" and all(asset):
+                    hint = (
+                        f"; if they are Sentinel-2's bands, named as Earth Search's assets, "
+                        f"name them so: file_bands={asset} (in file order)"
+                    )
                 raise BandError(
-                    f"no Sentinel-2 band is present in every scene (found {sorted(common)}): "
-                    "pass bands=[...] (and wavelengths=[...] for non-Sentinel-2 bands)"
+                    f"no Sentinel-2 band is present in every scene (found {found}): pass "
+                    f"bands=[...] (and wavelengths=[...] for non-Sentinel-2 bands){hint}"
                 )
         else:
             if not bands:
