@@ -1237,8 +1237,11 @@ def test_output_file_names_and_seeded_random_weights(tmp_path, capsys) -> None:
     pooled = ["--output", "pooled", *args]
     assert main(["embed", str(SCENE), "-o", str(named / "e.geoparquet"), *pooled]) == 0
     assert main(["embed", str(SCENE), "-o", str(named / "f.TIF"), *args]) == 0
+    # a trailing slash makes a folder of any name
+    assert main(["embed", str(SCENE), "-o", f"{named / 'g.tif'}/", *pooled]) == 0
+    assert (named / "g.tif" / "ftw_s2_l2a_33N_pooled.parquet").is_file()
     visible = sorted(p.name for p in named.iterdir() if not p.name.startswith("."))
-    assert visible == ["e.geoparquet", "f.TIF", "f.parquet"]
+    assert visible == ["e.geoparquet", "f.TIF", "f.parquet", "g.tif"]
     np.testing.assert_array_equal(
         np.stack(gpd.read_parquet(named / "e.geoparquet").embedding), np.stack(fa.embedding)
     )

@@ -80,18 +80,29 @@ GRID_SUFFIXES: tuple[str, ...] = (".tif", ".tiff")
 TABLE_SUFFIXES: tuple[str, ...] = (".parquet", ".geoparquet")
 
 
+def _names_file(output_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``-o`` names the output file itself (``x.tif``; ``x.tif/`` is a folder)."""
+    text = os.fspath(output_dir)
+    if text.endswith(("/", os.sep)):
+        return False
+    return Path(text).suffix.lower() in GRID_SUFFIXES + TABLE_SUFFIXES
+
+
 def _output_paths(
-    output_dir: Path, regions: Sequence[RasterInput], output: str, points: bool
+    output_dir: str | Path, regions: Sequence[RasterInput], output: str, points: bool
 ) -> list[dict[str, Path]]:
     """Per region, the grid / pooled files to write (``-o DIR`` or ``-o NAME.tif``)."""
     from .datasets import InputError
+
+    names_file = _names_file(output_dir)
+    output_dir = Path(output_dir)
 
     kinds = ["pooled"] if points or output == "pooled" else ["grid"]
     if output == "both" and not points:
         kinds = ["grid", "pooled"]
     inputs = {Path(p).resolve() for r in regions for p in r.paths}
     suffix = output_dir.suffix.lower()
-    if suffix in GRID_SUFFIXES + TABLE_SUFFIXES:
+    if names_file:
         if len(regions) != 1:
             raise InputError(
                 f"-o {output_dir} names one file but the job has {len(regions)} regions "
@@ -290,13 +301,14 @@ def output_folder(output_dir: str | os.PathLike[str]) -> Path:
 
     Args:
         output_dir: ``-o``: a folder, or a file name ending in one of
-            :data:`GRID_SUFFIXES` or :data:`TABLE_SUFFIXES` (the file's folder).
+            :data:`GRID_SUFFIXES` or :data:`TABLE_SUFFIXES` (the file's folder); with a
+            trailing ``/`` always a folder.
 
     Returns:
         The folder.
     """
     out = Path(output_dir)
-    return out.parent if out.suffix.lower() in GRID_SUFFIXES + TABLE_SUFFIXES else out
+    return out.parent if _names_file(output_dir) else out
 
 
 def embed(
@@ -526,7 +538,7 @@ def embed(
                 f"none of the {len(point_list)} points lies inside an input raster: nothing "
                 "to embed (check the coordinates: lon, lat in degrees, EPSG:4326)"
             )
-    out_paths = _output_paths(Path(output_dir), regions, output, point_list is not None)
+    out_paths = _output_paths(output_dir, regions, output, point_list is not None)
     dataset_kwargs: dict[str, Any] = {
         "bands": bands,
         "file_bands": file_bands,
@@ -539,7 +551,7 @@ def embed(
     }
     # a folder holds one job; an output named by the user (-o NAME.tif) is a job of its own
     out = Path(output_dir)
-    folder = output_folder(out)
+    folder = output_folder(output_dir)
     manifest_name = MANIFEST_NAME if folder == out else f".{out.name}{MANIFEST_NAME}"
     # the lock first, so a second job on the folder fails before loading anything; a job
     # refused during validation leaves no folder behind
