@@ -791,6 +791,12 @@ def test_predict_config_refusals_are_one_line_and_write_nothing(
         bad = _predict_config(out, checkpoint)
         bad["trainer"]["callbacks"][0]["init_args"]["path"] = str(path)
         assert match in refused("bad", bad)
+    copy = shutil.copy(SCENE, tmp_path / "copy.tif")  # an output hard-linked to the input
+    os.link(copy, tmp_path / "link.tif")
+    bad = _predict_config(out, base_checkpoint)
+    bad["data"]["init_args"]["paths"] = str(copy)
+    bad["trainer"]["callbacks"][0]["init_args"]["path"] = str(tmp_path / "link.tif")
+    assert "is one of the job's inputs" in refused("bad", bad)
     assert SCENE.stat().st_size > 1_000_000  # the scene is intact
     assert not (SCENE.parent / ".torchgeo-dofa.lock").exists()  # and its folder untouched
     # an embed job's result: replacing it would leave that job "done" with this job's file
@@ -1237,6 +1243,12 @@ def test_output_file_names_and_seeded_random_weights(tmp_path, capsys) -> None:
     pooled = ["--output", "pooled", *args]
     assert main(["embed", str(SCENE), "-o", str(named / "e.geoparquet"), *pooled]) == 0
     assert main(["embed", str(SCENE), "-o", str(named / "f.TIF"), *args]) == 0
+    # an output that is a hard link to the input is the input
+    scene = shutil.copy(SCENE, tmp_path / "scene.tif")
+    os.link(scene, named / "hard.tif")
+    assert main(["embed", str(scene), "-o", str(named / "hard.tif"), *args]) == 2
+    assert f"output {named / 'hard.tif'} is one of the inputs" in capsys.readouterr().err
+    (named / "hard.tif").unlink()
     # a trailing slash makes a folder of any name
     assert main(["embed", str(SCENE), "-o", f"{named / 'g.tif'}/", *pooled]) == 0
     assert (named / "g.tif" / "ftw_s2_l2a_33N_pooled.parquet").is_file()

@@ -132,10 +132,11 @@ def _output_paths(
 def _not_inputs(paths: list[dict[str, Path]], inputs: set[Path]) -> list[dict[str, Path]]:
     """Refuse an output that is an input (it would be replaced) or an existing folder."""
     from .datasets import InputError
+    from .writers import is_input_file
 
     for per_region in paths:
         for path in per_region.values():
-            if path.resolve() in inputs:
+            if is_input_file(path, inputs):  # a symlink or a hard link to one too
                 raise InputError(
                     f"output {path} is one of the inputs: give another -o (a folder or a new "
                     "file name)"

@@ -621,7 +621,7 @@ class _PartsWriter(BasePredictionWriter):
         """
         path, resolved = self.path, self.path.resolve()
         self._refuse_folder_path()
-        if str(resolved) in inputs:
+        if is_input_file(path, inputs):
             raise OutputPathError(
                 f"output {path} is one of the job's inputs: write to another path"
             )
@@ -940,6 +940,31 @@ def stored_setting(stored: Mapping[str, str], key: str) -> str:
 #: without them had (DOFA's own statistics: ``mean`` / ``std`` of
 #: :class:`~torchgeo_dofa.datamodules.DOFAPredictDataModule` were not settable before).
 IDENTITY_DEFAULTS: dict[str, str] = {"mean": "None", "std": "None"}
+
+
+def is_input_file(path: Path, inputs: Collection[str | os.PathLike[str]]) -> bool:
+    """Whether ``path`` is one of the inputs: the same path resolved, or the same file.
+
+    Args:
+        path: an output path.
+        inputs: the job's input files.
+
+    Returns:
+        True for an input's path (through any symlink) or a hard link to an input.
+    """
+    if str(path.resolve()) in {str(Path(i).resolve()) for i in inputs}:
+        return True
+    if not path.is_file():
+        return False
+    here = path.stat()
+    for item in inputs:
+        try:
+            there = os.stat(item)
+        except OSError:
+            continue
+        if (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino):
+            return True
+    return False
 
 
 def embed_manifest_listing(folder: Path, name: str, skip: str = "") -> Path | None:
