@@ -1200,6 +1200,20 @@ def test_cli_hints_keep_python_examples_as_python() -> None:
     )
 
 
+def test_a_rank_refused_while_checking_keeps_the_warning_filters(tmp_path, monkeypatch) -> None:
+    """A DDP rank (not the launcher) silences the input checks' warnings, which the launcher
+    shows; a job refused during the checks left that filter in place for the process."""
+    from torchgeo_dofa.cli import embed
+    from torchgeo_dofa.datasets import InputError
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    other = shutil.copy(SCENE, tmp_path / "other.tif")
+    before = list(warnings.filters)
+    with pytest.raises(InputError, match="names one file but the job has 2 regions"):
+        embed([SCENE, other], tmp_path / "x.tif", weights=None, seed=1, progress=False)
+    assert warnings.filters == before
+
+
 def test_output_file_names_and_seeded_random_weights(tmp_path, capsys) -> None:
     common = [*_one_chip_bbox(SCENE), "--weights", "none", "--no-progress"]
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"

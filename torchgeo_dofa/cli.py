@@ -523,41 +523,46 @@ def embed(
     if not is_launcher():
         checking.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
-    regions = find_raster_inputs(inputs, crs)
-    point_sets: list[list[int] | None] = [None] * len(regions)
-    if point_list is not None:  # each point to the regions holding it; none left out silently
-        inside, outside = check_points(
-            point_list, {r.name: _footprint(r) for r in regions}, skip_outside
-        )
-        if outside:
-            warnings.warn(points_outside_warning(point_list, outside), UserWarning, stacklevel=2)
-        point_sets = [inside[r.name] for r in regions]
-        regions = [r for r, s in zip(regions, point_sets, strict=True) if s]
-        point_sets = [s for s in point_sets if s]
-        if not regions:
-            raise InputError(
-                f"none of the {len(point_list)} points lies inside an input raster: nothing "
-                "to embed (check the coordinates: lon, lat in degrees, EPSG:4326)"
+    try:  # the window closes on every path (a rank's filter must not outlive the checks)
+        regions = find_raster_inputs(inputs, crs)
+        point_sets: list[list[int] | None] = [None] * len(regions)
+        if point_list is not None:  # each point to the regions holding it, none left out
+            inside, outside = check_points(
+                point_list, {r.name: _footprint(r) for r in regions}, skip_outside
             )
-    out_paths = _output_paths(output_dir, regions, output, point_list is not None)
-    dataset_kwargs: dict[str, Any] = {
-        "bands": bands,
-        "file_bands": file_bands,
-        "wavelengths": wavelengths,
-        "nodata": nodata,
-        "crs": crs,
-        "offset": offset,
-        "mean": mean,
-        "std": std,
-    }
-    # a folder holds one job; an output named by the user (-o NAME.tif) is a job of its own
-    out = Path(output_dir)
-    folder = output_folder(output_dir)
-    manifest_name = MANIFEST_NAME if folder == out else f".{out.name}{MANIFEST_NAME}"
-    # the lock first, so a second job on the folder fails before loading anything; a job
-    # refused during validation leaves no folder behind
-    lock = OutputLock(folder)
-    lock.acquire()
+            if outside:
+                message = points_outside_warning(point_list, outside)
+                warnings.warn(message, UserWarning, stacklevel=2)
+            point_sets = [inside[r.name] for r in regions]
+            regions = [r for r, s in zip(regions, point_sets, strict=True) if s]
+            point_sets = [s for s in point_sets if s]
+            if not regions:
+                raise InputError(
+                    f"none of the {len(point_list)} points lies inside an input raster: nothing "
+                    "to embed (check the coordinates: lon, lat in degrees, EPSG:4326)"
+                )
+        out_paths = _output_paths(output_dir, regions, output, point_list is not None)
+        dataset_kwargs: dict[str, Any] = {
+            "bands": bands,
+            "file_bands": file_bands,
+            "wavelengths": wavelengths,
+            "nodata": nodata,
+            "crs": crs,
+            "offset": offset,
+            "mean": mean,
+            "std": std,
+        }
+        # a folder holds one job; an output named by the user (-o NAME.tif) is a job of its own
+        out = Path(output_dir)
+        folder = output_folder(output_dir)
+        manifest_name = MANIFEST_NAME if folder == out else f".{out.name}{MANIFEST_NAME}"
+        # the lock first, so a second job on the folder fails before loading anything; a job
+        # refused during validation leaves no folder behind
+        lock = OutputLock(folder)
+        lock.acquire()
+    except BaseException:
+        checking.close()
+        raise
     started = fresh = failed = False
     try:
         modules = []
@@ -699,6 +704,7 @@ def embed(
         failed = True
         raise
     finally:
+        checking.close()  # (closed already unless the job failed while checking)
         # a job refused before its manifest, or a new one that failed before its first part
         # (a Trainer or loader setting refused), leaves nothing: a corrected rerun is a new job
         written = [q for p in out_paths for w in p.values() for q in (w, parts_dir(w))]
