@@ -1240,12 +1240,16 @@ def test_output_file_names_and_seeded_random_weights(tmp_path, capsys) -> None:
     assert f"use -o {tmp_path / 'd.tif'} or a folder" in capsys.readouterr().err
     assert not (tmp_path / "c.tif").exists() and not (tmp_path / "d.parquet").exists()
     # an existing folder named as the file, or as its sibling: refused in one line
-    for name, folder in (("dd.tif", "dd.tif"), ("ee.tif", "ee.parquet")):
+    for name, folder, fix in (
+        ("dd.tif", "dd.tif", f"-o {tmp_path / 'dd.tif'}/ writes into it"),
+        ("ee.tif", "ee.parquet", "move it away"),
+    ):
         (tmp_path / folder).mkdir()
         for extra in ([], ["--overwrite"]):
             assert main(["embed", str(SCENE), "-o", str(tmp_path / name), *common, *extra]) == 2
             err = capsys.readouterr().err
-            assert f"output {tmp_path / folder} is an existing folder, not a file" in err, err
+            said = f"output {tmp_path / folder} is an existing folder, not a file: {fix}, or give"
+            assert said in err, err
             assert err.count("\n") == 1
         assert (tmp_path / folder).is_dir() and not list((tmp_path / folder).iterdir())
     # the file named is written as named (.geoparquet, .TIF), its sibling beside it

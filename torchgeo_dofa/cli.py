@@ -120,7 +120,7 @@ def _output_paths(
         named = {
             k: output_dir if k == wanted else output_dir.with_suffix(sibling[k]) for k in kinds
         }
-        return _not_inputs([named], inputs)
+        return _not_inputs([named], inputs, given=output_dir)
     if output_dir.is_file():
         raise InputError(f"-o {output_dir} is an existing file: give a folder or a .tif name")
     ext = {"grid": "_grid.tif", "pooled": "_pooled.parquet"}
@@ -129,22 +129,28 @@ def _output_paths(
     )
 
 
-def _not_inputs(paths: list[dict[str, Path]], inputs: set[Path]) -> list[dict[str, Path]]:
+def _not_inputs(
+    paths: list[dict[str, Path]], inputs: set[Path], given: Path | None = None
+) -> list[dict[str, Path]]:
     """Refuse an output that is an input (it would be replaced) or an existing folder."""
     from .datasets import InputError
-    from .writers import is_input_file
+    from .writers import file_ids, is_input_file
 
+    resolved = {str(i) for i in inputs}
+    outputs = [path for per_region in paths for path in per_region.values()]
+    # hard links: the inputs' inode numbers, needed only where an output exists already
+    ids = file_ids(resolved) if any(p.is_file() for p in outputs) else set()
     for per_region in paths:
         for path in per_region.values():
-            if is_input_file(path, inputs):  # a symlink or a hard link to one too
+            if is_input_file(path, resolved, ids):  # a symlink or a hard link to one too
                 raise InputError(
                     f"output {path} is one of the inputs: give another -o (a folder or a new "
                     "file name)"
                 )
             if path.is_dir():
+                into = f"-o {path}/ writes into it" if path == given else "move it away"
                 raise InputError(
-                    f"output {path} is an existing folder, not a file: move it away or give "
-                    "another -o (a folder for the outputs is named without .tif / .parquet)"
+                    f"output {path} is an existing folder, not a file: {into}, or give another -o"
                 )
     return paths
 

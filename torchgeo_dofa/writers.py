@@ -33,7 +33,7 @@ import uuid
 import warnings
 import zlib
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from errno import ENOSPC
@@ -621,7 +621,7 @@ class _PartsWriter(BasePredictionWriter):
         """
         path, resolved = self.path, self.path.resolve()
         self._refuse_folder_path()
-        if is_input_file(path, inputs):
+        if is_input_file(path, set(inputs)):
             raise OutputPathError(
                 f"output {path} is one of the job's inputs: write to another path"
             )
@@ -942,29 +942,38 @@ def stored_setting(stored: Mapping[str, str], key: str) -> str:
 IDENTITY_DEFAULTS: dict[str, str] = {"mean": "None", "std": "None"}
 
 
-def is_input_file(path: Path, inputs: Collection[str | os.PathLike[str]]) -> bool:
+def file_ids(paths: Iterable[str | os.PathLike[str]]) -> set[tuple[int, int]]:
+    """``(st_dev, st_ino)`` of each readable path: what identifies a file across hard links."""
+    ids = set()
+    for item in paths:
+        try:
+            st = os.stat(item)
+        except OSError:
+            continue
+        ids.add((st.st_dev, st.st_ino))
+    return ids
+
+
+def is_input_file(
+    path: Path, inputs: Collection[str], ids: set[tuple[int, int]] | None = None
+) -> bool:
     """Whether ``path`` is one of the inputs: the same path resolved, or the same file.
 
     Args:
         path: an output path.
-        inputs: the job's input files.
+        inputs: the job's input files, resolved, as strings.
+        ids: their :func:`file_ids`, when already known (else taken here if needed: only
+            for an output that exists).
 
     Returns:
         True for an input's path (through any symlink) or a hard link to an input.
     """
-    if str(path.resolve()) in {str(Path(i).resolve()) for i in inputs}:
+    if str(path.resolve()) in inputs:
         return True
     if not path.is_file():
         return False
-    here = path.stat()
-    for item in inputs:
-        try:
-            there = os.stat(item)
-        except OSError:
-            continue
-        if (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino):
-            return True
-    return False
+    st = path.stat()
+    return (st.st_dev, st.st_ino) in (file_ids(inputs) if ids is None else ids)
 
 
 def embed_manifest_listing(folder: Path, name: str, skip: str = "") -> Path | None:
