@@ -195,6 +195,10 @@ def test_the_data_modules_defaults_serve_the_embedder_normalised_chips(tmp_path:
     with pytest.raises(ValueError, match="the chips would be normalised twice.*preprocess=False"):
         trainer.predict(module, datamodule=DOFAPredictDataModule(SCENE), return_predictions=False)
     assert not folder.exists()
+    dm = DOFAPredictDataModule(SCENE)  # its loader given on its own: the same refusal
+    dm.setup("predict")
+    with pytest.raises(ValueError, match="the chips would be normalised twice"):
+        _cpu_trainer().predict(module, dataloaders=dm.predict_dataloader())
     raw = DOFAPredictDataModule(SCENE, batch_size=2, preprocess=False)  # on the device: fine
     trainer = pl.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, limit_predict_batches=1

@@ -98,14 +98,19 @@ class DOFAEmbedder(pl.LightningModule):
         Raises:
             ValueError: when :attr:`preprocess` normalises (holds a
                 :class:`~torchgeo_dofa.transforms.NormalizeReflectance`) and so do the
-                transforms of the data module's predict dataset (``preprocess=True``, the
-                data module's default, or ``transforms=DOFAPreprocess(...)``).
+                transforms (a module) of the data module's predict dataset
+                (``preprocess=True``, the data module's default, or
+                ``transforms=DOFAPreprocess(...)``) or of a prediction loader's dataset.
         """
         if not _normalises(self.preprocess):
             return
         datamodule = getattr(self.trainer, "datamodule", None)
-        dataset = getattr(datamodule, "predict_dataset", None)
-        if _normalises(getattr(dataset, "transforms", None)):
+        datasets = [getattr(datamodule, "predict_dataset", None)]
+        loaders = self.trainer.predict_dataloaders  # also given as dataloaders=[...]
+        for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
+            dataset = getattr(loader, "dataset", None)
+            datasets += [dataset, *getattr(dataset, "datasets", [])]  # and a ConcatDataset's
+        if any(_normalises(getattr(d, "transforms", None)) for d in datasets):
             raise ValueError(
                 "DOFAEmbedder.preprocess and the data module's dataset transforms both "
                 "normalise with DOFA's statistics: the chips would be normalised twice. For "
