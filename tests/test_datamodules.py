@@ -14,7 +14,7 @@ from torchgeo.datamodules.utils import MisconfigurationException
 from torchgeo.samplers import GriddedPatchSampler
 
 from tests.test_datasets import DATA, LAYOUTS, SceneSpec, check_sample, fx
-from torchgeo_dofa.bands import DOFA_S2_BANDS
+from torchgeo_dofa.bands import DOFA_S2_BANDS, BandError
 from torchgeo_dofa.datamodules import DOFAPredictDataModule, RegionSampler, read_roi
 from torchgeo_dofa.datasets import EarthEngineS2, Sentinel2SR
 from torchgeo_dofa.spatial import BBox, PointBuffer, region_to_crs
@@ -344,3 +344,19 @@ def test_a_config_takes_every_reading_and_normalisation_setting() -> None:
     # the statistics follow bands=: without it, their order would be the default bands'
     with pytest.raises(ValueError, match=r"give bands=\[\.\.\.\] too"):
         DOFAPredictDataModule("scene.tif", mean=[80, 85], std=[40, 45])
+
+
+def test_the_default_normalisation_names_its_way_out() -> None:
+    """``preprocess`` defaults to DOFA's stack (it defaulted to raw chips): its refusals then
+    say ``preprocess=False`` serves raw chips; given explicitly, they do not."""
+    with pytest.raises(ValueError, match=r"embedding map; or give preprocess=False for raw chips$"):
+        DOFAPredictDataModule(DATA / "multiband", patch_size=32, stride=24)
+    with pytest.raises(ValueError, match=r"whole cells of the embedding map$"):
+        DOFAPredictDataModule(DATA / "multiband", patch_size=32, stride=24, preprocess=True)
+    # bands without DOFA statistics (B8A has none) and no mean= / std=
+    dm = DOFAPredictDataModule(DATA / "multiband", bands=["B8A", "B4"])
+    with pytest.raises(BandError, match=r"; or give preprocess=False for raw chips$"):
+        dm.setup("predict")
+    raw = DOFAPredictDataModule(DATA / "multiband", bands=["B8A", "B4"], preprocess=False)
+    raw.setup("predict")
+    assert raw.predict_dataset is not None and raw.predict_dataset.transforms is None

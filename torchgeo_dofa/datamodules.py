@@ -52,6 +52,7 @@ from torchgeo.datamodules.utils import MisconfigurationException
 from torchgeo.datasets.utils import GeoSlice, Path, Sample
 from torchgeo.samplers import GeoSampler
 
+from torchgeo_dofa.bands import BandError
 from torchgeo_dofa.datasets import (
     RasterInput,
     Sentinel2Base,
@@ -289,7 +290,7 @@ class DOFAPredictDataModule(GeoDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         transforms: Callable[[Sample], Sample] | None = None,
-        preprocess: bool = True,
+        preprocess: bool | None = None,
         input_prep: Literal["resize", "tile"] = "resize",
         check_scale: bool = True,
         bands: Sequence[str] | None = None,
@@ -328,7 +329,9 @@ class DOFAPredictDataModule(GeoDataModule):
                 wavelengths (so a YAML config need not repeat the band list): the chips are
                 ready for :class:`~torchgeo_dofa.embedder.DOFAEmbedder`. False serves raw
                 reflectance (for ``DOFAEmbedder.preprocess`` on the device, or your own
-                model).
+                model). None (the default) is True, and the errors of that stack (a stride
+                off the output cells, bands without DOFA statistics) then name
+                ``preprocess=False`` as a way out (earlier versions defaulted to False).
             input_prep: ``"resize"`` or ``"tile"``, for that automatic stack.
             check_scale: reject rasters whose values all lie in [0, 2] (already scaled to
                 reflectance) at setup, before any chip is computed.
@@ -389,7 +392,10 @@ class DOFAPredictDataModule(GeoDataModule):
         self.time = time
         self.collate_fn = stack_dofa_samples
         self.aug = _passthrough
-        self.preprocess = preprocess and transforms is None
+        #: ``preprocess`` left to its default: the stack's errors offer preprocess=False
+        self._default_preprocess = preprocess is None and transforms is None
+        self.preprocess = (preprocess is None or preprocess) and transforms is None
+        raw = "; or give preprocess=False for raw chips" if self._default_preprocess else ""
         self.input_prep = input_prep
         self.check_scale = check_scale
         # (not ``self.mean`` / ``self.std``: TorchGeo's data modules use those for their own
@@ -412,7 +418,7 @@ class DOFAPredictDataModule(GeoDataModule):
                 raise ValueError(
                     f"stride {step} px is not a multiple of the output cell ({cell:g} px for "
                     f"{patch_size}-px chips with input_prep={input_prep!r}): chips would not "
-                    "land on whole cells of the embedding map"
+                    f"land on whole cells of the embedding map{raw}"
                 )
 
     @property
@@ -474,7 +480,9 @@ class DOFAPredictDataModule(GeoDataModule):
             InputError: for a missing input, an input without raster, a file that cannot be
                 read, or a region mixing CRSs (as ``torchgeo-dofa embed`` says it).
             ValueError: if the ROI or points miss the rasters.
-            BandError: for a band set holding two dates of one band.
+            BandError: for a band set holding two dates of one band, or, with
+                ``preprocess``, bands without DOFA normalisation statistics and no
+                ``mean`` / ``std``.
             ReflectanceError: if the rasters look already scaled to [0, 1].
         """
         if stage != "predict":
@@ -491,14 +499,19 @@ class DOFAPredictDataModule(GeoDataModule):
         if self.preprocess:
             from torchgeo_dofa.transforms import DOFAPreprocess
 
-            dataset.transforms = DOFAPreprocess(
-                dataset.bands,
-                dataset.wavelengths,
-                input_prep=self.input_prep,
-                nodata=self.kwargs.get("nodata"),
-                mean=self.band_mean,
-                std=self.band_std,
-            )
+            try:
+                dataset.transforms = DOFAPreprocess(
+                    dataset.bands,
+                    dataset.wavelengths,
+                    input_prep=self.input_prep,
+                    nodata=self.kwargs.get("nodata"),
+                    mean=self.band_mean,
+                    std=self.band_std,
+                )
+            except BandError as err:
+                if not self._default_preprocess:
+                    raise
+                raise BandError(f"{err}; or give preprocess=False for raw chips") from err
         if self.check_scale:
             check_raw_reflectance(dataset)
         self.predict_sampler = self._make_sampler(dataset)
