@@ -305,6 +305,14 @@ def test_local_equals_tensor_on_same_window(chip_a, weights, tensor_a, pipeline)
     assert emb.meta["grid_transform"] == pytest.approx(list(pipeline.transform)[:6])
 
 
+def test_local_band_errors_say_where_the_datasets_arguments_go(tmp_path, chip_a) -> None:
+    raw, _, profile, bounds = chip_a
+    path = _write(tmp_path / "rgbn.tif", raw, profile, ("red", "green", "blue", "nir"))
+    with pytest.raises(BandError, match=r"file_bands=\['B4', 'B3', 'B2', 'B8'\].*"
+                       r"go to a dataset given as paths=Sentinel2SR\(\.\.\.\)\)$"):  # fmt: skip
+        get_embedding("dofa", spatial=_centre_point(bounds), paths=path, weights=None)
+
+
 def test_local_temporal_selects_scene_by_date(tmp_path, chip_a, weights, tensor_a) -> None:
     raw, names, profile, bounds = chip_a
     folder = tmp_path / "dated"

@@ -359,4 +359,4 @@ def test_the_default_normalisation_names_its_way_out() -> None:
         dm.setup("predict")
     raw = DOFAPredictDataModule(DATA / "multiband", bands=["B8A", "B4"], preprocess=False)
     raw.setup("predict")
-    assert raw.predict_dataset is not None and raw.predict_dataset.transforms is None
+    assert isinstance(raw.predict_dataset, Sentinel2SR) and raw.predict_dataset.transforms is None

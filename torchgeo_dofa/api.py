@@ -706,6 +706,8 @@ def open_local(paths: PathsLike, sensor: SensorSpec | None = None) -> Sentinel2B
 
     Raises:
         ModelError: if a path does not exist or holds no raster.
+        BandError: if the files' bands cannot be named or selected (the message names the
+            dataset's arguments that fix it).
     """
     if isinstance(paths, Sentinel2Base):
         return paths
@@ -721,7 +723,13 @@ def open_local(paths: PathsLike, sensor: SensorSpec | None = None) -> Sentinel2B
             kwargs["wavelengths"] = list(sensor.wavelengths)
     files = [p for r in regions for p in r.paths]
     cls = EarthEngineS2 if all(r.earth_engine for r in regions) else Sentinel2SR
-    dataset = cls(paths=files, **kwargs)
+    try:
+        dataset = cls(paths=files, **kwargs)
+    except BandError as err:  # its hints name the dataset's arguments: say where they go
+        raise BandError(
+            f"{err} (the dataset's arguments, e.g. file_bands=, go to a dataset given as "
+            f"paths={cls.__name__}(...))"
+        ) from err
     refuse_repeated_bands(dataset.bands)
     return dataset
 
