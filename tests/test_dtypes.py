@@ -23,9 +23,11 @@ import pytest
 import rasterio
 import torch
 from rasterio.transform import from_origin
+from torchgeo.samplers import GriddedPatchSampler
 
 from torchgeo_dofa.api import SensorSpec, get_embedding, get_embeddings_batch_from_inputs
 from torchgeo_dofa.bands import norm_stats
+from torchgeo_dofa.datamodules import check_raw_reflectance
 from torchgeo_dofa.datasets import Sentinel2SR
 from torchgeo_dofa.model import build_encoder
 from torchgeo_dofa.transforms import (
@@ -313,6 +315,33 @@ def test_dataset_warns_once_for_8_bit_rasters(tmp_path: Path, dtype: str) -> Non
         ]
     else:
         assert messages == []
+
+
+def test_a_4_band_8_bit_file_reads_without_rasterio_warnings(tmp_path: Path) -> None:
+    """GDAL takes a 4-band uint8 GeoTIFF with a nodata value for RGBA: rasterio's
+    NodataShadowWarning came with every chip read (the masks follow the declared nodata, as
+    the read wants)."""
+    data = np.repeat(np.repeat(BASE.astype("uint8"), 8, axis=1), 8, axis=2)  # 320 x 448
+    data[:, :, :100] = 0
+    path = tmp_path / "s.tif"
+    profile = {"driver": "GTiff", "width": 448, "height": 320, "count": 4, "dtype": "uint8"}
+    tiles = {"tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
+    with rasterio.open(
+        path, "w", **profile, **tiles, crs="EPSG:32633",
+        transform=from_origin(5e5, 4e6, 10, 10), nodata=0,
+    ) as dst:  # fmt: skip
+        dst.write(data)
+        dst.descriptions = BANDS
+    with rasterio.open(path) as src:  # what GDAL makes of it
+        assert src.colorinterp[3] == rasterio.enums.ColorInterp.alpha
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = Sentinel2SR(path, offset=0)
+        chips = [ds.read_chip(c) for c in GriddedPatchSampler(ds, size=224)]
+        check_raw_reflectance(ds)  # the data module's scale check reads every file
+        valid = ds.read_chip(ds.bounds)["valid"]
+    assert not [w for w in caught if issubclass(w.category, rasterio.errors.NodataShadowWarning)]
+    assert len(chips) == 4 and not valid[:, :100].any() and valid[:, 100:].all()
 
 
 def test_dataset_warns_only_for_the_8_bit_bands_it_reads(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "STAC_ASSET_BANDS",
     "STAC_ITEM_ASSETS",
     "STATS_SCALE_MAX",
+    "WAVELENGTH_HINT",
     "Band",
     "BandError",
     "BandSet",

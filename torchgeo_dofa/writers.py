@@ -1259,8 +1259,9 @@ class PooledWriter(_PartsWriter):
     """Write pooled embeddings as a GeoParquet table, one row per chip.
 
     Columns: ``geometry`` (chip footprint in the region's CRS), ``chip_id``, ``source``,
-    ``time_start``/``time_end`` (UTC: the chip's time span as the sampler queried it; NaT
-    where open-ended, e.g. a file name without a date), ``embedding`` (list of float32),
+    ``time_start``/``time_end`` (UTC: the chip's time span as the sampler queried it, for a
+    point's chip the dataset's whole span; NaT where open-ended, e.g. a file name without a
+    date), ``embedding`` (list of float32),
     ``variant``,
     ``weights``, ``pooled_norm``, ``no_data`` (True for a chip without any valid pixel: NaN
     embedding; not named ``empty``, which pandas reserves); with ``properties`` (points),
@@ -1631,8 +1632,10 @@ def _time_span(chip: Sequence[Any], whole: slice | None = None) -> tuple[float, 
 
     Args:
         chip: a GeoSampler's ``(x, y)`` or ``(x, y, t)`` slices.
-        whole: the time slice of a chip without one (the dataset's time bounds); the span
-            is NaN where neither is known.
+        whole: the time slice of a chip without one (the dataset's time bounds).
+
+    Returns:
+        ``(start, stop)`` in seconds; NaN where neither slice is known.
     """
     t = chip[2] if len(chip) > 2 else whole
     if not isinstance(t, slice) or t.start is None or t.stop is None:
