@@ -140,18 +140,16 @@ def _not_inputs(
     outputs = [path for per_region in paths for path in per_region.values()]
     # hard links: the inputs' inode numbers, needed only where an output exists already
     ids = file_ids(resolved) if any(p.is_file() for p in outputs) else set()
-    for per_region in paths:
-        for path in per_region.values():
-            if is_input_file(path, resolved, ids):  # a symlink or a hard link to one too
-                raise InputError(
-                    f"output {path} is one of the inputs: give another -o (a folder or a new "
-                    "file name)"
-                )
-            if path.is_dir():
-                into = f"-o {path}/ writes into it" if path == given else "move it away"
-                raise InputError(
-                    f"output {path} is an existing folder, not a file: {into}, or give another -o"
-                )
+    for path in outputs:
+        if is_input_file(path, resolved, ids):  # a symlink or a hard link to one too
+            raise InputError(
+                f"output {path} is one of the inputs: give another -o (a folder or a new file name)"
+            )
+        if path.is_dir():
+            into = f"-o {path}/ writes into it" if path == given else "move it away"
+            raise InputError(
+                f"output {path} is an existing folder, not a file: {into}, or give another -o"
+            )
     return paths
 
 

@@ -151,19 +151,17 @@ def narrow_dtype_problem(dtype: Any, name: str = "image", plural: bool = False) 
     text = str(dtype).removeprefix("torch.")
     if text not in NARROW_DTYPES:
         return None
-    if plural:
-        return (
-            f"{name} have dtype {text}, which cannot hold raw surface reflectance (0..10000, "
-            "e.g. Sentinel-2 L2A's uint16): 8-bit rasters are display products (true-colour "
-            "TCI images, stretched exports), and their values embed as near-black reflectance "
-            "wherever chips are read from them. Give the reflectance bands, or rescale the "
-            "data to reflectance x 10000"
-        )
+    what = (
+        "8-bit rasters are display products (true-colour TCI images, stretched exports), and "
+        "their values embed as near-black reflectance wherever chips are read from them"
+        if plural
+        else "an 8-bit raster is a display product (a true-colour TCI image, a stretched "
+        "export), and its values embed as near-black reflectance"
+    )
     return (
-        f"{name} has dtype {text}, which cannot hold raw surface reflectance (0..10000, "
-        "e.g. Sentinel-2 L2A's uint16): an 8-bit raster is a display product (a true-colour "
-        "TCI image, a stretched export), and its values embed as near-black reflectance. "
-        "Give the reflectance bands, or rescale the data to reflectance x 10000"
+        f"{name} {'have' if plural else 'has'} dtype {text}, which cannot hold raw surface "
+        f"reflectance (0..10000, e.g. Sentinel-2 L2A's uint16): {what}. Give the reflectance "
+        "bands, or rescale the data to reflectance x 10000"
     )
 
 

@@ -1261,9 +1261,8 @@ class PooledWriter(_PartsWriter):
     Columns: ``geometry`` (chip footprint in the region's CRS), ``chip_id``, ``source``,
     ``time_start``/``time_end`` (UTC: the chip's time span as the sampler queried it, for a
     point's chip the dataset's whole span; NaT where open-ended, e.g. a file name without a
-    date), ``embedding`` (list of float32),
-    ``variant``,
-    ``weights``, ``pooled_norm``, ``no_data`` (True for a chip without any valid pixel: NaN
+    date), ``embedding`` (list of float32), ``variant``, ``weights``, ``pooled_norm``,
+    ``no_data`` (True for a chip without any valid pixel: NaN
     embedding; not named ``empty``, which pandas reserves); with ``properties`` (points),
     also ``point_index`` and every input property.
     The table's CRS is the region's.
