@@ -28,6 +28,7 @@ from tests.precision import assert_as_exact_as_torchgeo, cosine_error, torchgeo_
 from tests.tmpfs import tmpfs
 from torchgeo_dofa import load_dofa
 from torchgeo_dofa.cli import embed, main
+from torchgeo_dofa.datasets import InputError
 from torchgeo_dofa.transforms import DOFAPreprocess
 
 SCENE = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
@@ -1270,13 +1271,36 @@ def test_output_file_names_and_seeded_random_weights(tmp_path, capsys) -> None:
     # a trailing slash makes a folder of any name
     assert main(["embed", str(SCENE), "-o", f"{named / 'g.tif'}/", *pooled]) == 0
     assert (named / "g.tif" / "ftw_s2_l2a_33N_pooled.parquet").is_file()
+    assert main(["embed", str(SCENE), "-o", f"{named / 'h.tif'}/.", *pooled]) == 0
+    assert (named / "h.tif" / "ftw_s2_l2a_33N_pooled.parquet").is_file()
+    # a folder made by an earlier job keeps its name, whatever it ends in
+    (named / "old.png").mkdir()
+    assert main(["embed", str(SCENE), "-o", str(named / "old.png"), *pooled]) == 0
+    assert (named / "old.png" / "ftw_s2_l2a_33N_pooled.parquet").is_file()
     visible = sorted(p.name for p in named.iterdir() if not p.name.startswith("."))
-    assert visible == ["e.geoparquet", "f.TIF", "f.parquet", "g.tif"]
+    assert visible == ["e.geoparquet", "f.TIF", "f.parquet", "g.tif", "h.tif", "old.png"]
     np.testing.assert_array_equal(
         np.stack(gpd.read_parquet(named / "e.geoparquet").embedding), np.stack(fa.embedding)
     )
     with rasterio.open(named / "f.TIF") as src:
         assert src.count == 768 and src.crs == "EPSG:32633"
+
+
+@pytest.mark.parametrize("name", ["emb.npy", "map.PNG", "chips.csv", "x.gpkg"])
+def test_an_output_name_of_another_format_is_refused_before_anything(tmp_path, capsys, name):
+    out = tmp_path / name
+    assert main(["embed", str(SCENE), "-o", str(out), "--weights", "none", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    suffix = out.suffix.lower()
+    assert err == (
+        f"torchgeo-dofa: error: -o {out}: the job writes GeoTIFF grids (.tif, .tiff) and "
+        f"GeoParquet tables (.parquet, .geoparquet), not {suffix} files: name one of those, "
+        f"or a folder (-o {out}/ makes a folder of this name)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InputError, match=f"not {suffix} files"):  # the Python door too
+        embed(SCENE, out, weights=None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_local_backend_equals_embed_on_a_point(tmp_path, base_checkpoint) -> None:

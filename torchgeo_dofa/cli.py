@@ -80,12 +80,42 @@ GRID_SUFFIXES: tuple[str, ...] = (".tif", ".tiff")
 TABLE_SUFFIXES: tuple[str, ...] = (".parquet", ".geoparquet")
 
 
+#: ``-o`` names ending in these are taken for files of a format the job does not write (an
+#: image, an array, a vector or text table) and refused, unless such a folder already exists.
+OTHER_FILE_SUFFIXES: tuple[str, ...] = (
+    ".png", ".jpg", ".jpeg", ".jp2", ".vrt", ".nc", ".h5", ".hdf5", ".npy", ".npz", ".pt",
+    ".pth", ".pkl", ".csv", ".txt", ".json", ".geojson", ".gpkg", ".shp", ".fgb", ".feather",
+)  # fmt: skip
+
+
 def _names_file(output_dir: str | os.PathLike[str]) -> bool:
-    """Whether ``-o`` names the output file itself (``x.tif``; ``x.tif/`` is a folder)."""
+    """Whether ``-o`` names the output file itself (``x.tif``; ``x.tif/``, ``x.tif/.`` are folders).
+
+    Raises:
+        InputError: for a name of another file format (:data:`OTHER_FILE_SUFFIXES`) that is
+            not an existing folder.
+    """
     text = os.fspath(output_dir)
-    if text.endswith(("/", os.sep)):
-        return False
+    if text.endswith(("/", os.sep)) or os.path.basename(text) in (".", ".."):
+        return False  # pathlib would drop the trailing "/" or "/."
+    problem = _other_format_problem(text)
+    if problem is not None:
+        from .datasets import InputError
+
+        raise InputError(problem)
     return Path(text).suffix.lower() in GRID_SUFFIXES + TABLE_SUFFIXES
+
+
+def _other_format_problem(text: str) -> str | None:
+    """The refusal of ``-o x.png`` (a format the job does not write), or None."""
+    suffix = Path(text).suffix.lower()
+    if text.endswith(("/", os.sep)) or suffix not in OTHER_FILE_SUFFIXES or Path(text).is_dir():
+        return None
+    return (
+        f"-o {text}: the job writes GeoTIFF grids (.tif, .tiff) and GeoParquet tables "
+        f"(.parquet, .geoparquet), not {suffix} files: name one of those, or a folder "
+        f"(-o {text}/ makes a folder of this name)"
+    )
 
 
 def _output_paths(
@@ -223,6 +253,8 @@ def option_problem(
         return "no input: give GeoTIFF/JP2 files or folders, or --stac URL"
     if output_dir is not None and not str(output_dir).strip():
         return "-o is an empty string: give an output folder, or a NAME.tif / NAME.parquet"
+    if output_dir is not None and (other := _other_format_problem(os.fspath(output_dir))):
+        return other
     if stac is not None and (bbox is None or datetime is None):
         return (
             "--stac needs --bbox MINLON MINLAT MAXLON MAXLAT and --datetime "
@@ -311,6 +343,9 @@ def output_folder(output_dir: str | os.PathLike[str]) -> Path:
 
     Returns:
         The folder.
+
+    Raises:
+        InputError: for a file name of a format the job does not write (``x.png``).
     """
     out = Path(output_dir)
     return out.parent if _names_file(output_dir) else out
