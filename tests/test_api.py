@@ -305,6 +305,32 @@ def test_local_equals_tensor_on_same_window(chip_a, weights, tensor_a, pipeline)
     assert emb.meta["grid_transform"] == pytest.approx(list(pipeline.transform)[:6])
 
 
+def test_local_reads_through_a_subclass_read_chip(tmp_path, chip_a, weights, tensor_a) -> None:
+    from torchgeo_dofa.datasets import Sentinel2SR
+
+    class Mirrored(Sentinel2SR):
+        """A user's own reading: the chip mirrored left to right."""
+
+        def read_chip(self, index):
+            sample = super().read_chip(index)
+            sample["image"], sample["valid"] = sample["image"].flip(-1), sample["valid"].flip(-1)
+            return sample
+
+    raw, names, profile, bounds = chip_a
+    path = _write(tmp_path / "chip.tif", raw, profile, names)
+    emb = get_embedding(
+        "dofa", spatial=_centre_point(bounds), paths=Mirrored(paths=path), weights=weights,
+        device="cpu",
+    )  # fmt: skip
+    mirrored = get_embedding(
+        "dofa", input_chw=raw[:, :, ::-1].copy(), sensor=SensorSpec(bands=tuple(names)),
+        backend="tensor", weights=weights, device="cpu",
+    )  # fmt: skip
+    _close(emb.data, mirrored.data)
+    assert not np.allclose(emb.data, tensor_a.pooled.data, atol=1e-3)  # the override was used
+    assert emb.meta["source"] == [str(path)]
+
+
 def test_local_band_errors_say_where_the_datasets_arguments_go(tmp_path, chip_a) -> None:
     raw, _, profile, bounds = chip_a
     path = _write(tmp_path / "rgbn.tif", raw, profile, ("red", "green", "blue", "nir"))

@@ -53,7 +53,9 @@ input) are NaN, as in the embed job's GeoTIFFs. ``Embedding.meta`` records the m
 variant, weights, pooled convention, bands, wavelengths, preprocessing and input size, and for
 georeferenced backends the CRS and the affine of the grid cells (``grid_transform``); the
 local backend's ``meta["source"]`` lists the files the chip's pixels came from (see
-:meth:`~torchgeo_dofa.datasets.Sentinel2Base.read_chip_with_sources`).
+:meth:`~torchgeo_dofa.datasets.Sentinel2Base.read_chip_with_sources`). A dataset subclass that
+overrides ``read_chip`` is read through it; ``meta["source"]`` then lists every file of the
+scenes the chip meets (:meth:`~torchgeo_dofa.datasets.Sentinel2Base.scene_files`).
 """
 
 from __future__ import annotations
@@ -758,7 +760,10 @@ def _prepare_local(
     else:
         ts = temporal.time_slice()
     try:
-        raw, files = ds.read_chip_with_sources((xs, ys, ts))
+        if type(ds).read_chip is Sentinel2Base.read_chip:
+            raw, files = ds.read_chip_with_sources((xs, ys, ts))
+        else:  # a subclass's own reading (a cloud mask, say) is what the chip is
+            raw, files = ds.read_chip((xs, ys, ts)), ds.scene_files((xs, ys, ts))
     except IndexError as err:
         when = f" between {temporal.start} and {temporal.end}" if temporal else ""
         raise LookupError(

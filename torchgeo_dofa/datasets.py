@@ -1274,19 +1274,7 @@ class Sentinel2Base(RasterDataset):
         Raises:
             IndexError: if the chip does not intersect any scene.
         """
-        x, y, t = self._disambiguate_slice(index)
-        rows = self._time_rows(t)
-        # the rows whose footprint box meets the chip (GeoPandas' ``.cx`` on boxes), on arrays
-        # kept per index instead of copying the GeoDataFrame for every chip
-        boxes, sources_of, offsets_of = self._query_arrays()
-        b = boxes[rows]
-        hit = (
-            (b[:, 0] <= x.stop) & (b[:, 2] >= x.start) & (b[:, 1] <= y.stop) & (b[:, 3] >= y.start)
-        )
-        rows = rows[hit]
-        if not len(rows):
-            raise IndexError(f"index: {index} not found in dataset with bounds: {self.bounds}")
-        scenes = [(sources_of[i], offsets_of[i]) for i in rows]
+        x, y, t, scenes = self._overlapping_scenes(index)
         xres, yres = float(x.step), float(y.step)
         width = max(1, round((x.stop - x.start) / xres))
         height = max(1, round((y.stop - y.start) / yres))
@@ -1338,6 +1326,42 @@ class Sentinel2Base(RasterDataset):
             "transform": torch.tensor(list(transform), dtype=torch.float64),
         }
         return sample, files
+
+    def scene_files(self, index: GeoSlice) -> list[str]:
+        """Every file of the scenes whose footprint meets a chip, without reading pixels.
+
+        A superset of the files :meth:`read_chip_with_sources` names (the mosaic may stop
+        before the last scene, and a scene may give no valid pixel).
+
+        Args:
+            index: a TorchGeo GeoSlice.
+
+        Returns:
+            The sorted file paths.
+
+        Raises:
+            IndexError: if the chip does not intersect any scene.
+        """
+        scenes = self._overlapping_scenes(index)[3]
+        return sorted({path for sources, _ in scenes for path, _ in sources})
+
+    def _overlapping_scenes(
+        self, index: GeoSlice
+    ) -> tuple[slice, slice, slice, list[tuple[Any, Any]]]:
+        """The chip's x, y, t slices and the (sources, offsets) of the scenes it meets."""
+        x, y, t = self._disambiguate_slice(index)
+        rows = self._time_rows(t)
+        # the rows whose footprint box meets the chip (GeoPandas' ``.cx`` on boxes), on arrays
+        # kept per index instead of copying the GeoDataFrame for every chip
+        boxes, sources_of, offsets_of = self._query_arrays()
+        b = boxes[rows]
+        hit = (
+            (b[:, 0] <= x.stop) & (b[:, 2] >= x.start) & (b[:, 1] <= y.stop) & (b[:, 3] >= y.start)
+        )
+        rows = rows[hit]
+        if not len(rows):
+            raise IndexError(f"index: {index} not found in dataset with bounds: {self.bounds}")
+        return x, y, t, [(sources_of[i], offsets_of[i]) for i in rows]
 
     #: (state, cache) of :meth:`_index_cache`; None until first used.
     _per_index: tuple[tuple[Any, ...], dict[str, Any]] | None = None
