@@ -519,8 +519,9 @@ def test_preview_refuses_what_it_cannot_draw(
             assert src.count == 768  # untouched
 
 
-def test_cli_shows_the_packages_warnings_on_one_line() -> None:
+def test_cli_shows_the_packages_warnings_on_one_line(tmp_path) -> None:
     import torchgeo_dofa.cli as cli
+    from torchgeo_dofa.datasets import Sentinel2SR
 
     inside = cli.__file__
     with cli._one_line_warnings():
@@ -529,6 +530,23 @@ def test_cli_shows_the_packages_warnings_on_one_line() -> None:
     assert ours == "torchgeo-dofa: warning: 2 chip(s) held no valid pixel\n"
     assert theirs.startswith("/x/lightning/y.py:3:") and "other" in theirs  # the usual form
     assert warnings.formatwarning("m", UserWarning, inside, 9).startswith(f"{inside}:9:")
+    # a real warning issued while the command runs (outside it, it names the caller's line)
+    with rasterio.open(SCENE) as src:
+        profile = src.profile | {"dtype": "uint8", "nodata": None}
+    with rasterio.open(tmp_path / "u8.tif", "w", **profile) as dst:
+        dst.write(np.ones((profile["count"], profile["height"], profile["width"]), "uint8"))
+    for one_line in (True, False):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with cli._one_line_warnings() if one_line else contextlib.nullcontext():
+                Sentinel2SR(tmp_path / "u8.tif", bands=["B4", "B3", "B2", "B8"], offset=0)
+                [w] = caught
+                shown = warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+        said = "u8.tif has dtype uint8, which cannot hold raw surface reflectance"
+        if one_line:
+            assert shown.startswith(f"torchgeo-dofa: warning: {said}"), shown
+        else:
+            assert shown.startswith(f"{__file__}:") and said in shown, shown
 
 
 def test_option_values_are_case_insensitive_where_the_library_is(tmp_path) -> None:
@@ -1438,10 +1456,13 @@ def test_an_all_zero_raster_beside_a_good_one_writes_both(tmp_path, base_checkpo
         dst.write(np.zeros(shape, dtype=profile["dtype"]))
         dst.descriptions = ("B04", "B03", "B02", "B08")
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="held a valid pixel"):
+    with pytest.warns(UserWarning, match="held a valid pixel") as caught:
         summary = embed(
             [empty, SCENE], out, weights=str(base_checkpoint), output="both", progress=False
         )
+    # the job's own warnings point at the caller's line, not inside the package
+    ours = [w for w in caught if "held" in str(w.message) and "valid pixel" in str(w.message)]
+    assert ours and {w.filename for w in ours} == {__file__}
     assert summary.chips == 6 and summary.empty == 6  # the empty scene: 6 chips, no pixel
     assert summary.line().startswith("embedded 6 chips, 6 without valid pixels in ")
     with (

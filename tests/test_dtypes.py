@@ -123,6 +123,8 @@ def test_as_float32_warns_for_8_bit_integers_only(dtype: np.dtype | torch.dtype)
         warnings.simplefilter("always")
         as_float32(cast(dtype), "input_chw")
     messages = [str(w.message) for w in caught if issubclass(w.category, ReflectanceWarning)]
+    # shown at the caller's line (this test), not at a line inside the package
+    assert {w.filename for w in caught} <= {__file__}
     if narrow:
         assert len(messages) == 1
         assert messages[0].startswith(f"input_chw has dtype {str(dtype).removeprefix('torch.')}")
@@ -268,8 +270,9 @@ def test_batch_function_any_dtype_equals_float32_cast() -> None:
             "dofa", input_chws=[cast(d) for d in dtypes], sensor=SENSOR, weights=None
         )
     # the 8-bit input is named by its place in the list
-    said = [str(w.message) for w in caught if issubclass(w.category, ReflectanceWarning)]
-    assert len(said) == 1 and said[0].startswith("input_chws[4] has dtype uint8, "), said
+    said = [w for w in caught if issubclass(w.category, ReflectanceWarning)]
+    assert len(said) == 1 and str(said[0].message).startswith("input_chws[4] has dtype uint8, ")
+    assert said[0].filename == __file__  # the caller's line (it was a line in the API)
     ref = np.asarray(out[0].data)
     for dtype, emb in zip(dtypes[1:], out[1:], strict=True):
         np.testing.assert_allclose(emb.data, ref, rtol=1e-5, atol=1e-5, err_msg=str(dtype))
@@ -306,6 +309,7 @@ def test_dataset_warns_once_for_8_bit_rasters(tmp_path: Path, dtype: str) -> Non
         warnings.simplefilter("always")
         Sentinel2SR(path.parent, offset=0)
     messages = [str(w.message) for w in caught if issubclass(w.category, ReflectanceWarning)]
+    assert {w.filename for w in caught} <= {__file__}  # the caller's line
     if dtype in {"uint8", "int8"}:
         assert messages == [
             f"tci_{dtype}.tif has dtype {dtype}, which cannot hold raw surface reflectance "

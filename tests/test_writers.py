@@ -411,8 +411,9 @@ def test_empty_region_gives_all_nan_grid_with_warning(tmp_path: Path) -> None:
     geom = _geometry()
     writer = GridWriter(tmp_path / "e.tif", geom, metadata={"embed_dim": "4"})
     writer.parts.mkdir(parents=True)
-    with pytest.warns(UserWarning, match="no chip of e.tif held a valid pixel"):
+    with pytest.warns(UserWarning, match="no chip of e.tif held a valid pixel") as caught:
         writer.finalize()
+    assert [w.filename for w in caught] == [__file__]  # the caller's line, not the writer's
     with rasterio.open(tmp_path / "e.tif") as src:
         assert (src.count, src.height, src.width) == (4, geom.height, geom.width)
         assert np.isnan(src.read()).all()

@@ -66,7 +66,6 @@ import math
 import os
 import shutil
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -82,6 +81,7 @@ from affine import Affine
 from pyproj import CRS
 from torch import Tensor
 
+from ._warnings import warn
 from .bands import DOFA_S2_BANDS, BandError, check_unique_bands
 from .datamodules import RegionSampler
 from .datasets import (
@@ -999,18 +999,17 @@ def _embed(
     return embeddings
 
 
-def _warn_empty(empty: Sequence[Embedding], total: int, stacklevel: int = 4) -> None:
+def _warn_empty(empty: Sequence[Embedding], total: int) -> None:
     """One warning for the embeddings of a call whose input held no valid pixel."""
     if not empty:
         return
     sources = sorted({str(e.meta.get("source")) for e in empty})
     shown = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
-    warnings.warn(
+    warn(
         f"{len(empty)} of {total} input(s) hold no valid pixel (every pixel NaN, "
         "a nodata / fill value, or at or below -1000): their embeddings are NaN and "
         f"meta['empty'] is True (inputs: {shown})",
         UserWarning,
-        stacklevel=stacklevel,
     )
 
 
@@ -1578,7 +1577,7 @@ def export_batch(
     elif existing is not None:
         summary.rows = len(existing)
     shutil.rmtree(parts, ignore_errors=True)
-    _warn_empty(all_empty, n_embedded, stacklevel=3)
+    _warn_empty(all_empty, n_embedded)
     return summary
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import _warnings
+from ._warnings import warn
 from .runtime import DEVICE_NAMES, PRECISION_NAMES
 
 if TYPE_CHECKING:  # the heavy modules load when a job runs, not for --help or a usage error
@@ -571,7 +573,7 @@ def embed(
             )
             if outside:
                 message = points_outside_warning(point_list, outside)
-                warnings.warn(message, UserWarning, stacklevel=2)
+                warn(message, UserWarning)
             point_sets = [inside[r.name] for r in regions]
             regions = [r for r, s in zip(regions, point_sets, strict=True) if s]
             point_sets = [s for s in point_sets if s]
@@ -733,11 +735,10 @@ def embed(
                 )
                 if kind in kinds
             ]
-            warnings.warn(
+            warn(
                 f"{summary.empty} chip(s) held no valid pixel (no data, fill values or outside "
                 f"the rasters): {', '.join(where)}",
                 UserWarning,
-                stacklevel=2,
             )
     except BaseException:
         failed = True
@@ -1238,7 +1239,8 @@ def _one_line_warnings() -> Iterator[None]:
 
     warnings.formatwarning = one_line
     try:
-        yield
+        with _warnings.attributed_to_package():
+            yield
     finally:
         warnings.formatwarning = default
 

@@ -118,6 +118,7 @@ from torchgeo.datasets import (
 from torchgeo.datasets.errors import DatasetNotFoundError
 from torchgeo.datasets.utils import GeoSlice, Path, Sample, disambiguate_timestamp
 
+from torchgeo_dofa._warnings import warn
 from torchgeo_dofa.bands import (
     DOFA_S2_BANDS,
     SENTINEL2_BANDS,
@@ -610,7 +611,7 @@ class Sentinel2Base(RasterDataset):
             shown = ", ".join(os.path.basename(k) for k in self._assumed_offsets[:3])
             more = len(self._assumed_offsets) - 3
             tail = f" and {more} more" if more > 0 else ""
-            warnings.warn(
+            warn(
                 f"{len(self._assumed_offsets)} scene(s) named like Earth Search items dated on "
                 f"or after {OFFSET_START.isoformat()} ({shown}{tail}) "
                 "have no STAC item JSON beside their files: assuming their pixels still carry "
@@ -618,7 +619,6 @@ class Sentinel2Base(RasterDataset):
                 "it from many items (earthsearch:boa_offset_applied): keep the item JSON beside "
                 "the files to decide per item, or pass offset=0 if it was removed",
                 UserWarning,
-                stacklevel=3,
             )
         self._warn_narrow_dtypes(scenes, infos)
         index = pd.IntervalIndex.from_tuples(datetimes, closed="both", name="datetime")
@@ -640,7 +640,7 @@ class Sentinel2Base(RasterDataset):
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         what = shown if len(names) == 1 else f"{len(names)} files ({shown})"
         problem = narrow_dtype_problem(next(iter(narrow.values())), what, len(names) > 1)
-        warnings.warn(str(problem), ReflectanceWarning, stacklevel=3)
+        warn(str(problem), ReflectanceWarning)
 
     # ------------------------------------------------------------------ properties
 
@@ -856,11 +856,10 @@ class Sentinel2Base(RasterDataset):
             check_unique_bands(list(file_bands), "file_bands=")
             names = [_canonical_name(b) for b in file_bands]
             if described and names != from_descriptions:
-                warnings.warn(
+                warn(
                     f"{info.path}: file_bands={names} replace the file's band descriptions "
                     f"{from_descriptions}",
                     UserWarning,
-                    stacklevel=4,
                 )
         elif described:
             names = from_descriptions
@@ -917,13 +916,12 @@ class Sentinel2Base(RasterDataset):
                 if unnormalisable and len(unnormalisable) < len(chosen):
                     # DOFA has no statistics for them: the default must stay embeddable
                     chosen = [b for b in chosen if b not in unnormalisable]
-                    warnings.warn(
+                    warn(
                         f"{self.__class__.__name__}: band(s) {unnormalisable} left out of the "
                         f"default bands {chosen}: DOFA has no normalisation statistics for "
                         "them; name them in bands=[...] to read them anyway (and give their "
                         "statistics, mean=[...] and std=[...], to embed them)",
                         UserWarning,
-                        stacklevel=3,
                     )
             if not chosen:
                 found = [n for n in scenes[0].names if n in common]  # in file order
@@ -1684,12 +1682,11 @@ class EarthEngineS2(Sentinel2Base):
             return 0.0, f"Earth Engine {self.collection} (harmonized)"
         acquired = self._scene_date(scene)
         if acquired is None:
-            warnings.warn(
+            warn(
                 f"{scene.key}: no date in the file name, cannot tell whether {self.collection} "
                 "values carry the +1000 offset of baseline 04.00; assuming they do not "
                 "(pass offset=-1000 if they do)",
                 UserWarning,
-                stacklevel=3,
             )
             return 0.0, f"Earth Engine {self.collection}, undated (assumed none)"
         value = BASELINE_OFFSET if acquired >= OFFSET_START else 0.0
@@ -2390,12 +2387,11 @@ def find_raster_inputs(
                     "give the folder of the scenes"
                 )
             if grids:
-                warnings.warn(
+                warn(
                     f"input folder {str(path)!r}: skipped {len(grids)} embedding grid(s) "
                     f"written by torchgeo-dofa ({', '.join(grids[:3])}"
                     f"{', ...' if len(grids) > 3 else ''})",
                     UserWarning,
-                    stacklevel=2,
                 )
             ee = all(EE_TILE_PATTERN.match(os.path.basename(p)) for p in rasters)
             regions[str(path.resolve())] = (rasters, ee, path)

@@ -33,7 +33,6 @@ import shutil
 import signal
 import threading
 import uuid
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from pyproj import CRS, Transformer
 from shapely.geometry import Point, box
 from shapely.geometry.base import BaseGeometry
 
+from ._warnings import warn
 from .datasets import unique_region_names
 from .locks import (  # defined there (no PyTorch needed); importable from here as before
     LAUNCHER_PID_VARIABLE,
@@ -376,12 +376,11 @@ class JobManifest:
                 )
             if diff is None:
                 if previous.data is None:
-                    warnings.warn(
+                    warn(
                         f"output folder {folder} holds the results of an older torchgeo-dofa "
                         "job, whose manifest does not record how pixels were read: if it was "
                         "run with --nodata or --crs, rerun with --overwrite",
                         UserWarning,
-                        stacklevel=2,
                     )
                 for name in self.outputs:
                     _clean_resumed(folder / name)

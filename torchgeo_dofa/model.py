@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from torch.func import functional_call
 from torchgeo.models import DOFA
 from torchgeo.models.dofa import position_embedding
 
+from ._warnings import warn
 from .bands import validate_wavelengths
 
 __all__ = [
@@ -587,11 +587,10 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
 
 @functools.cache
 def _warn_slow_cpu_bf16() -> None:
-    warnings.warn(
+    warn(
         "bf16 autocast on a CPU without fast bf16 kernels (no AVX-512/AMX): bf16 is emulated "
         "here and runs several times slower than fp32; use fp32, or set "
-        "encoder.cpu_bf16_fallback = True to run fp32 whenever bf16 is asked for",
-        stacklevel=3,
+        "encoder.cpu_bf16_fallback = True to run fp32 whenever bf16 is asked for"
     )
 
 

@@ -54,7 +54,6 @@ Notes:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -64,6 +63,7 @@ import torch.nn.functional as F
 from affine import Affine
 from torch import Tensor, nn
 
+from torchgeo_dofa._warnings import warn
 from torchgeo_dofa.bands import (
     PRESETS,
     BandError,
@@ -223,7 +223,7 @@ def as_float32(array: Any, name: str = "image") -> Tensor:
 def _warn_narrow(dtype: Any, name: str) -> None:
     problem = narrow_dtype_problem(dtype, name)
     if problem:
-        warnings.warn(problem, ReflectanceWarning, stacklevel=3)
+        warn(problem, ReflectanceWarning)
 
 
 def _image(sample: Sample, step: str) -> Tensor:

@@ -30,7 +30,6 @@ import shutil
 import sys
 import tempfile
 import uuid
-import warnings
 import zlib
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -50,6 +49,7 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+from . import _warnings
 from .locks import OutputLock, OutputPathError, die_with_launcher, is_launcher, mark_launcher
 
 __all__ = [
@@ -1169,9 +1169,8 @@ class GridWriter(_PartsWriter):
             depth = int(next(iter(sizes.values()))[0])
         elif "embed_dim" in self.metadata:
             depth = int(self.metadata["embed_dim"])
-            warnings.warn(
-                f"no chip of {self.path.name} held a valid pixel: writing an all-NaN grid",
-                stacklevel=2,
+            _warnings.warn(
+                f"no chip of {self.path.name} held a valid pixel: writing an all-NaN grid"
             )
         else:
             raise RuntimeError(f"no chip was written for {self.path}: nothing to assemble")
@@ -1430,10 +1429,9 @@ class PooledWriter(_PartsWriter):
             depth = next((len(r["embedding"]) for r in parts.values()), None)
             if depth is None:
                 depth = int(self.metadata.get("embed_dim", 0))
-                warnings.warn(
+                _warnings.warn(
                     f"no chip of {self.path.name} held a valid pixel: its rows are flagged "
-                    "no_data (NaN embeddings)",
-                    stacklevel=3,
+                    "no_data (NaN embeddings)"
                 )
             empty = {"embedding": [math.nan] * depth, "empty": True}
             no_time = [math.nan, math.nan]
@@ -1622,7 +1620,7 @@ def _read_parts[T](
             f"{what}: rerun the same command to compute those chips again and finish"
         )
     if warn:
-        warnings.warn(f"{what}: this run computes those chips again", UserWarning, stacklevel=3)
+        _warnings.warn(f"{what}: this run computes those chips again", UserWarning)
     return values
 
 
