@@ -314,3 +314,67 @@ def test_a_resume_with_other_preprocessing_on_the_device_is_refused(tmp_path: Pa
     assert sorted(p.name for p in parts_dir(out).iterdir()) == parts and not out.exists()
     run("resize", crash=False)  # the same preprocessing resumes and finishes
     assert out.exists() and not parts_dir(out).exists()
+
+
+def test_a_batch_holding_nan_or_infinity_is_refused_with_the_count() -> None:
+    """One unfilled NaN made the chip's every output NaN, written as a valid embedding."""
+    import pytest
+
+    from torchgeo_dofa.embedder import NotNormalisedError
+
+    module = DOFAEmbedder(weights=None, seed=0)
+    for bad in (float("nan"), float("inf")):
+        image = torch.zeros(2, 4, 224, 224)
+        image[1, :, 3, 3] = bad
+        batch = {"image": image, "wavelengths": torch.tensor([0.49, 0.56, 0.665, 0.842])}
+        with pytest.raises(NotNormalisedError) as refused:
+            module.predict_step(batch, 0)
+        assert str(refused.value).startswith(
+            "the batch's image holds 4 NaN or infinite value(s): no-data pixels must be filled "
+            "before the model (DOFAPreprocess / CheckReflectance fill them and mark them in "
+            "'valid'); give the data module preprocess=True"
+        )
+
+
+def test_on_device_preprocessing_for_another_band_order_is_refused(tmp_path: Path) -> None:
+    """The scene stores B4, B3, B2, B8, the data module serves B2, B3, B4, B8 (its bands):
+    a DOFAPreprocess spelled in the file's order would normalise B2's data as B4's."""
+    import pytest
+
+    from torchgeo_dofa.bands import BandError
+    from torchgeo_dofa.datamodules import DOFAPredictDataModule
+    from torchgeo_dofa.writers import PooledWriter
+
+    dm = DOFAPredictDataModule(SCENE, preprocess=False, batch_size=2)
+    module = DOFAEmbedder(weights=None, seed=0, output="pooled")
+    module.preprocess = DOFAPreprocess(bands=["B04", "B03", "B02", "B08"])
+    out = tmp_path / "out"
+    trainer = _cpu_trainer([PooledWriter(out / "p.parquet")])
+    with pytest.raises(BandError, match=r"wavelengths \[0.49, 0.56, 0.665, 0.842\] um .* "):
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+    assert not out.exists()
+
+
+def test_a_writer_under_a_model_that_is_not_an_embedder_says_so(tmp_path: Path) -> None:
+    """A fine-tuning task's predictions (class scores) under a PooledWriter failed with
+    torch's "Tensor.__contains__ only supports Tensor or scalar"."""
+    import pytest
+
+    from torchgeo_dofa.datamodules import DOFAPredictDataModule
+    from torchgeo_dofa.writers import PooledWriter
+
+    class Scores(pl.LightningModule):
+        def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return batch["image"].mean(dim=(1, 2, 3))
+
+    dm = DOFAPredictDataModule(SCENE, batch_size=2)
+    out = tmp_path / "out"
+    trainer = _cpu_trainer([PooledWriter(out / "p.parquet")])
+    with pytest.raises(TypeError) as refused:
+        trainer.predict(Scores(), datamodule=dm, return_predictions=False)
+    assert str(refused.value).startswith(
+        "PooledWriter writes the embeddings DOFAEmbedder.predict_step returns (a dict holding "
+        "['pooled', 'bounds'], ...), but Scores.predict_step returned a Tensor: predict "
+        "with DOFAEmbedder"
+    )
+    assert not out.exists()

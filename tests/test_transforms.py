@@ -212,6 +212,34 @@ def test_batch_matches_single_samples() -> None:
         torch.testing.assert_close(batch["wavelengths"][i], single["wavelengths"])
 
 
+def test_a_sample_whose_wavelengths_name_other_bands_is_refused() -> None:
+    """A dataset's sample says which band each channel is: a transform configured for
+    another order would name and normalise channel 0 (B2's data) as B4."""
+    x = torch.from_numpy(raw((4, 32, 32), seed=3))
+    dataset_order = torch.tensor([0.49, 0.56, 0.665, 0.842])  # B2, B3, B4, B8
+    with pytest.raises(BandError) as refused:
+        DOFAPreprocess(bands=["B04", "B03", "B02", "B08"])(
+            {"image": x.clone(), "wavelengths": dataset_order.clone()}
+        )
+    assert str(refused.value) == (
+        "the sample's channels have wavelengths [0.49, 0.56, 0.665, 0.842] um (from its "
+        "dataset, in channel order), but this transform was configured for [0.665, 0.56, "
+        "0.49, 0.842] (bands=['B4', 'B3', 'B2', 'B8']): the channels would be taken for "
+        "other bands and normalised with their statistics. Give the dataset's own order, e.g. "
+        "DOFAPreprocess(bands=dataset.bands), or select bands on the dataset (bands=[...])"
+    )
+    # a batch (B, C) too, and explicit wavelengths
+    batch = {"image": x[None].repeat(2, 1, 1, 1), "wavelengths": dataset_order.repeat(2, 1)}
+    with pytest.raises(BandError, match=r"configured for \[0.5, 0.6, 0.7, 0.8\] \(wavelengths\)"):
+        AttachWavelengths(wavelengths=[0.5, 0.6, 0.7, 0.8])(dict(batch))
+    # the same bands: accepted, within the spread of one band's centre between sources
+    same = DOFAPreprocess(bands=["B2", "B3", "B4", "B8"])
+    out = same({"image": x.clone(), "wavelengths": dataset_order + 0.015})
+    torch.testing.assert_close(out["wavelengths"], dataset_order)
+    torch.testing.assert_close(out["image"], same({"image": x.clone()})["image"])
+    same(dict(batch))
+
+
 def test_explicit_wavelengths_win() -> None:
     out = AttachWavelengths(bands=["X", "Y"], wavelengths=[0.5, 0.6])(
         {"image": torch.zeros(2, 4, 4)}

@@ -7,6 +7,7 @@ it, as Lightning intends. It is configurable from YAML through ``LightningCLI``.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Literal
 
@@ -291,14 +292,23 @@ def check_normalised(image: Tensor, fix: str = _EMBEDDER_FIX) -> None:
 
     Raises:
         NotNormalisedError: naming the dtype or the largest value (above
-            :data:`NORMALISED_LIMIT`), and the fix.
+            :data:`NORMALISED_LIMIT`), and the fix; or the count of NaN / infinite values
+            (one would make the chip's every output NaN, and a training step's weights).
     """
     if not image.is_floating_point():
         raise NotNormalisedError(
             f"the batch's image is {image.dtype}, not normalised: DOFA takes reflectance "
             f"normalised with DOFA's statistics; {fix}"
         )
-    peak = float(image.detach().abs().nan_to_num(0.0).amax()) if image.numel() else 0.0
+    # one reduction (one device sync): NaN propagates through amax, infinity exceeds the limit
+    peak = float(image.detach().abs().amax()) if image.numel() else 0.0
+    if not math.isfinite(peak):
+        bad = int((~torch.isfinite(image.detach())).sum())
+        raise NotNormalisedError(
+            f"the batch's image holds {bad} NaN or infinite value(s): no-data pixels must be "
+            "filled before the model (DOFAPreprocess / CheckReflectance fill them and mark "
+            f"them in 'valid'); {fix}"
+        )
     if peak > NORMALISED_LIMIT:
         raise NotNormalisedError(
             f"the batch's image holds values up to {peak:g}, raw reflectance rather than "

@@ -78,6 +78,7 @@ __all__ = [
     "INPUT_PREPS",
     "NARROW_DTYPES",
     "NODATA_FLOOR",
+    "WAVELENGTH_TOLERANCE",
     "AttachWavelengths",
     "CheckReflectance",
     "DOFAPreprocess",
@@ -455,6 +456,13 @@ def _check_size(size: int, patch_size: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+#: Largest difference (um) between a sample's own wavelengths and a transform's that still
+#: counts as the same band: above the spread of one band's centre between sources (B12 is
+#: 2.2024 um on Sentinel-2A, 2.1857 on 2B, 2.19 in DOFA's table), below the closest pair of
+#: distinct Sentinel-2 bands (B8 0.842 / B8A 0.865 um).
+WAVELENGTH_TOLERANCE = 0.02
+
+
 class AttachWavelengths(nn.Module):
     """Write the wavelength vector (um) DOFA's patch embedding needs into the sample.
 
@@ -496,7 +504,10 @@ class AttachWavelengths(nn.Module):
             The same dict with ``wavelengths`` set.
 
         Raises:
-            BandError: if the channel count differs from the number of wavelengths.
+            BandError: if the channel count differs from the number of wavelengths, or if
+                the sample already carries ``wavelengths`` (from a dataset, in its channel
+                order) that differ from these by more than :data:`WAVELENGTH_TOLERANCE`:
+                the channels would be named, and normalised, as other bands.
         """
         image = _image(sample, "AttachWavelengths")
         channels = image.shape[-3]
@@ -508,10 +519,29 @@ class AttachWavelengths(nn.Module):
                 f"wavelengths={self.wavelengths.tolist()}): give exactly one per channel"
             )
         wl = self.wavelengths.to(image.device)
+        given = sample.get("wavelengths")
+        if isinstance(given, Tensor) and given.shape[-1:] == (count,):
+            self._check_same_order(given, wl)
         if image.ndim == 4:
             wl = wl.expand(image.shape[0], count).contiguous()
         sample["wavelengths"] = wl
         return sample
+
+    def _check_same_order(self, given: Tensor, wavelengths: Tensor) -> None:
+        """Refuse a sample whose own wavelengths name its channels otherwise."""
+        given = given.detach().to(wavelengths.device, torch.float32)
+        if bool(((given - wavelengths).abs() <= WAVELENGTH_TOLERANCE).all()):
+            return
+        row = [round(float(v), 4) for v in (given if given.ndim == 1 else given[0])]
+        ours = [round(float(v), 4) for v in wavelengths]
+        named = f"bands={list(self.bands)}" if self.bands else "wavelengths"
+        raise BandError(
+            f"the sample's channels have wavelengths {row} um (from its dataset, in channel "
+            f"order), but this transform was configured for {ours} ({named}): the channels "
+            "would be taken for other bands and normalised with their statistics. Give the "
+            "dataset's own order, e.g. DOFAPreprocess(bands=dataset.bands), or select bands "
+            "on the dataset (bands=[...])"
+        )
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"bands={self.bands}, wavelengths={[round(v, 4) for v in self.wavelengths.tolist()]}"

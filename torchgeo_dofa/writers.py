@@ -819,9 +819,20 @@ class _PartsWriter(BasePredictionWriter):
         """Save every non-empty chip of a batch as its own part file (in the background).
 
         Raises:
+            TypeError: when the prediction is not a dict (the model is not an embedder,
+                e.g. a fine-tuning task, whose predictions are class scores).
             KeyError: when the prediction lacks a key this writer needs (:attr:`needs`),
                 naming it and where it comes from, before anything of the batch is written.
         """
+        if not isinstance(prediction, Mapping):
+            raise TypeError(
+                f"{type(self).__name__} writes the embeddings DOFAEmbedder.predict_step returns "
+                f"(a dict holding {list(self.needs)}, ...), but "
+                f"{type(pl_module).__name__}.predict_step returned a "
+                f"{type(prediction).__name__}: predict with DOFAEmbedder (a fine-tuned task's "
+                "encoder: DOFAEmbedder(weights='task.ckpt')), or write the task's "
+                "predictions with a writer of your own"
+            )
         missing = [k for k in self.needs if k not in prediction]
         if missing:
             raise KeyError(
