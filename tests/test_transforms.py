@@ -22,6 +22,7 @@ from torchgeo.datasets.utils import stack_samples
 from torchgeo_dofa.bands import BandError
 from torchgeo_dofa.transforms import (
     AttachWavelengths,
+    AugmentWithValid,
     CheckReflectance,
     DOFAPreprocess,
     NormalizeReflectance,
@@ -562,13 +563,49 @@ def test_composes_with_kornia_augmentation_sequential() -> None:
     out = pipe({"image": torch.from_numpy(x.copy()), "transform": torch.tensor(list(UTM))})
     assert_close(out["image"][1], ref_pipeline(x[1, :, :, ::-1].copy(), bands), atol=2e-4)
     assert out["wavelengths"].shape == (2, 3)
-    # preprocess, then augment: our extra keys pass through kornia untouched
+    # preprocess, then augment: our extra keys pass through kornia untouched, `valid` too,
+    # which then no longer describes the pixels (what AugmentWithValid is for)
     pre = DOFAPreprocess(bands)({"image": torch.from_numpy(x.copy())})
     keys = {k: v.clone() for k, v in pre.items()}
     post = aug(pre)
     torch.testing.assert_close(post["image"], keys["image"].flip(-1))
     for key in ("wavelengths", "valid", "empty"):
         torch.testing.assert_close(post[key], keys[key])
+
+
+@pytest.mark.parametrize("keepdim", [True, False])
+def test_augment_with_valid_moves_the_mask_with_the_pixels(keepdim: bool) -> None:
+    x = raw((3, 64, 96), seed=9)
+    x[:, :, :30] = 0  # no data on the left
+    label = torch.arange(64 * 96).reshape(1, 64, 96).float()  # a segmentation target
+    sample = CheckReflectance()({"image": torch.from_numpy(x.copy())})  # raw, with `valid`
+    sample["mask"] = label.clone()
+    flip = K.AugmentationSequential(K.RandomHorizontalFlip(p=1.0), data_keys=None, keepdim=keepdim)
+    out = AugmentWithValid(flip)(dict(sample))
+    lead = () if keepdim else (1,)  # kornia batches a single sample without keepdim
+    assert out["valid"].dtype == torch.bool and out["valid"].shape == (*lead, 64, 96)
+    expected = torch.ones(64, 96, dtype=torch.bool)
+    expected[:, -30:] = False  # the no-data columns are now on the right
+    torch.testing.assert_close(out["valid"].reshape(64, 96), expected)
+    torch.testing.assert_close(out["image"].reshape(3, 64, 96), sample["image"].flip(-1))
+    torch.testing.assert_close(out["mask"].reshape(1, 64, 96), label.flip(-1))
+    assert "mask_valid" not in out and out["empty"].reshape(()).item() is False
+
+
+def test_augment_with_valid_marks_padding_invalid_and_recomputes_empty() -> None:
+    x = torch.from_numpy(raw((2, 3, 64, 64), seed=10))
+    batch = CheckReflectance()({"image": x.clone()})
+    batch["valid"][1] = False  # an empty chip stays empty
+    batch["empty"] = ~batch["valid"].flatten(1).any(1)
+    rotate = K.AugmentationSequential(K.RandomRotation(degrees=(45.0, 45.0), p=1.0), data_keys=None)
+    out = AugmentWithValid(rotate)(batch)
+    assert out["valid"].shape == (2, 64, 64)
+    corners = out["valid"][0, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert not corners.any() and out["valid"][0, 28:36, 28:36].all()  # padding vs centre
+    assert out["empty"].tolist() == [False, True]
+    # a sample without `valid`: every pixel was valid, the padding is not
+    out = AugmentWithValid(rotate)({"image": x.clone()})
+    assert out["valid"][:, 28:36, 28:36].all() and not out["valid"][:, 0, 0].any()
 
 
 def test_stack_samples_after_transform() -> None:

@@ -41,11 +41,12 @@ tile_offsets   (N,2) / (B,N,2) long         TileTo ((row, col) pixel offsets)
 
 Notes:
     - Labels (``mask``, ``label``, ...) and ``bounds`` are never touched: the size steps only
-      reshape ``image`` and ``valid``. Run geometric augmentations (kornia) before the stack or
-      accept that ``valid`` / ``grid_transform`` describe the un-augmented geometry; kornia's
-      ``AugmentationSequential(data_keys=None)`` passes ``wavelengths``, ``valid``, ``empty``,
-      ``transform``, ``grid_transform`` and ``tile_offsets`` through unchanged (it adds a batch
-      axis to a single (C,H,W) image unless ``keepdim=True``).
+      reshape ``image`` and ``valid``. kornia's ``AugmentationSequential(data_keys=None)``
+      passes ``wavelengths``, ``valid``, ``empty``, ``transform``, ``grid_transform`` and
+      ``tile_offsets`` through unchanged (it adds a batch axis to a single (C,H,W) image
+      unless ``keepdim=True``): wrap a geometric augmentation in :class:`AugmentWithValid`
+      so that ``valid`` (and ``empty``) follow the pixels; ``transform`` and
+      ``grid_transform`` keep describing the un-augmented geometry.
     - A non-square input is always padded, never stretched, whatever its aspect ratio (rs-embed
       falls back to a plain stretch from an aspect ratio of 2 on; this package follows DOFA's
       documented contract instead).
@@ -80,6 +81,7 @@ __all__ = [
     "NODATA_FLOOR",
     "WAVELENGTH_TOLERANCE",
     "AttachWavelengths",
+    "AugmentWithValid",
     "CheckReflectance",
     "DOFAPreprocess",
     "NormalizeReflectance",
@@ -1019,6 +1021,68 @@ class DOFAPreprocess(nn.Sequential):
                 "placeholder) with ResizeTo/TileTo"
             )
         return cls(bands=preset.bands, wavelengths=preset.wavelengths, **kwargs)
+
+
+class AugmentWithValid(nn.Module):
+    """Run a kornia augmentation with the sample's ``valid`` mask carried as a mask.
+
+    kornia's ``AugmentationSequential(data_keys=None)`` transforms the keys it knows
+    (``image``, ``mask``, ...) and passes the others through unchanged, ``valid`` among them:
+    after a flip, rotation or crop, ``valid`` would still mark the un-augmented pixels, so a
+    segmentation loss would skip real pixels and train on filled ones. Here ``valid`` travels
+    through the augmentation as an extra mask (``mask_valid``, kornia's nearest-neighbour mask
+    resampling), pixels the augmentation brings in (the padding of a rotation or a shift) are
+    invalid, and ``empty`` is recomputed from the result. Other extra keys (``wavelengths``,
+    ``transform``, ...) pass through as kornia passes them.
+
+    Reads ``image``, ``valid`` (optional), and whatever the augmentation transforms; writes
+    them back, ``valid`` as bool (H,W) / (B,H,W) (with a leading axis of 1 where kornia adds
+    one to a single (C,H,W) image without ``keepdim=True``).
+    """
+
+    #: The key ``valid`` travels under (kornia treats ``mask_*`` keys as masks).
+    carrier = "mask_valid"
+
+    def __init__(self, augmentation: nn.Module) -> None:
+        """Wrap an augmentation.
+
+        Args:
+            augmentation: a kornia ``AugmentationSequential(..., data_keys=None)`` (any module
+                taking and returning a sample dict that resamples ``mask_*`` keys as masks).
+        """
+        super().__init__()
+        self.augmentation = augmentation
+
+    def forward(self, sample: Sample) -> Sample:
+        """Augment the sample and its ``valid`` mask together.
+
+        Args:
+            sample: dict with ``image`` (C,H,W) or (B,C,H,W) and optionally ``valid``.
+
+        Returns:
+            The augmented dict.
+
+        Raises:
+            KeyError: if the sample already holds a ``mask_valid`` key.
+        """
+        if self.carrier in sample:
+            raise KeyError(f"the sample already holds {self.carrier!r}, used to carry 'valid'")
+        image = _image(sample, "AugmentWithValid")
+        valid = _optional_tensor(sample, "valid")
+        if valid is None:
+            valid = torch.ones(image.shape[:-3] + image.shape[-2:], dtype=torch.bool)
+        sample = dict(sample)
+        sample.pop("valid", None)
+        sample[self.carrier] = valid.to(image.device, torch.float32).unsqueeze(-3)
+        out = self.augmentation(sample)
+        carried = out.pop(self.carrier)
+        out["valid"] = carried.squeeze(-3) > 0.5
+        if "empty" in out:
+            out["empty"] = ~out["valid"].flatten(-2).any(-1)
+        return out
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"carries 'valid' as {self.carrier!r}"
 
 
 def preprocess_array(
