@@ -434,3 +434,36 @@ def test_unreachable_hub_fails_in_seconds_with_the_good_message(unreachable_hub)
 def test_unreachable_hub_uses_the_cache(unreachable_hub) -> None:
     assert unreachable_hub["cached"] == "ok official:DOFA_ViT_base_e100.pth"
     assert unreachable_hub["cached_s"] < 8, unreachable_hub
+
+
+def test_a_fine_tuned_task_checkpoint_gives_its_encoder(tmp_path) -> None:
+    """Fine-tune, then embed with the result: the task's Lightning checkpoint was refused as
+    "does not fit DOFA base ... unexpected 'encoder.backbone.blocks.0...'"."""
+    import lightning.pytorch as pl
+
+    from torchgeo_dofa.embedder import DOFAEmbedder
+    from torchgeo_dofa.synthetic import SpectralDataModule
+    from torchgeo_dofa.tasks import DOFAClassificationTask
+
+    pl.seed_everything(0)
+    task = DOFAClassificationTask(
+        num_classes=4, weights=None, mode="full", interpolate_pos_embed=True, patience=None
+    )
+    start = {k: v.clone() for k, v in task.encoder.state_dict().items()}
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(task, SpectralDataModule(batch_size=4, size=32, num_samples=8))
+    path = tmp_path / "task.ckpt"
+    trainer.save_checkpoint(path)
+    tuned = task.encoder.state_dict()
+    assert any(not torch.equal(start[k], tuned[k]) for k in start)  # the step changed it
+    x = torch.randn(2, 9, 224, 224, generator=torch.Generator().manual_seed(1))
+    task.encoder.eval()
+    with torch.inference_mode():
+        expected = task.encoder(x, S2_WAVELENGTHS)
+        loaded = load_dofa("base", weights=path)(x, S2_WAVELENGTHS)
+    torch.testing.assert_close(loaded.pooled, expected.pooled, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.grid, expected.grid, rtol=0, atol=0)
+    assert DOFAEmbedder(weights=str(path)).metadata["weights"] == "file:task.ckpt"

@@ -417,8 +417,10 @@ def _code_globals(path: Path) -> list[str] | None:
 def read_state_dict(path: Path, check_crc: bool = True) -> dict[str, Tensor]:
     """Read a checkpoint safely and return a flat state dict.
 
-    Accepts a raw state dict, one wrapped in ``model`` or ``state_dict``, and ``module.``
-    prefixed keys (from DataParallel / DDP).
+    Accepts a raw state dict, one wrapped in ``model`` or ``state_dict``, ``module.``
+    prefixed keys (from DataParallel / DDP), and the Lightning checkpoint of a fine-tuning
+    task of :mod:`torchgeo_dofa.tasks`, of which the encoder's weights are taken
+    (``encoder.backbone.*`` and ``encoder.norm.*``; the task's head is left out).
 
     Args:
         path: checkpoint file.
@@ -472,7 +474,18 @@ def read_state_dict(path: Path, check_crc: bool = True) -> dict[str, Tensor]:
     state = {str(k): v for k, v in obj.items()}
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith(TASK_ENCODER_PREFIX) for k in state):  # a fine-tuned task's encoder
+        state = {
+            k.removeprefix("encoder.").removeprefix("backbone."): v
+            for k, v in state.items()
+            if k.startswith("encoder.")
+        }
     return state
+
+
+#: Keys of a :mod:`torchgeo_dofa.tasks` checkpoint's encoder (TorchGeo's DOFA under the
+#: task's ``encoder.backbone``; the trained final norm is ``encoder.norm``).
+TASK_ENCODER_PREFIX = "encoder.backbone."
 
 
 def _failed_crc(path: Path) -> str | None:
