@@ -767,8 +767,15 @@ def test_a_region_mixing_crss_is_read_in_the_crs_given(tmp_path: Path) -> None:
     folder.mkdir()
     _write_tif(folder / "a.tif", data, Affine(10, 0, 500000, 0, -10, 5600000), "EPSG:32631")
     _write_tif(folder / "b.tif", data, Affine(10, 0, 300000, 0, -10, 5600000), "EPSG:32632")
-    with pytest.raises(InputError, match="mixed CRS.*crs=EPSG"):
+    for name in ("c.tif", "d.tif"):
+        _write_tif(folder / name, data, Affine(10, 0, 500000, 0, -10, 5600000), "EPSG:32631")
+    with pytest.raises(InputError) as refused:
         find_raster_inputs([folder])
+    # grouped per CRS, a few names each (it listed every file: 24 for two BigEarthNet patches)
+    assert str(refused.value).startswith(
+        "mixed CRS in region 'mixed' (EPSG:32631: 3 files (a.tif, c.tif, ...); EPSG:32632: 1 "
+        "file (b.tif)): read them in one CRS, crs=EPSG:<code>"
+    )
     (region,) = find_raster_inputs([folder], crs="EPSG:32631")
     assert RIO_CRS.from_wkt(region.crs) == RIO_CRS.from_epsg(32631)
     assert region.bounds is not None

@@ -2614,9 +2614,14 @@ def _one_crs(
         ]
         crss = dict.fromkeys(crss, target.to_wkt())
     if len(set(crss.values())) > 1:
-        listing = ", ".join(
-            f"{os.path.basename(k)}: {RIO_CRS.from_wkt(v).to_string() if v else None}"
-            for k, v in crss.items()
+        groups: dict[str | None, list[str]] = {}
+        for path, wkt in crss.items():
+            groups.setdefault(wkt, []).append(os.path.basename(path))
+        listing = "; ".join(  # per CRS: how many files, the first two named
+            f"{RIO_CRS.from_wkt(wkt).to_string() if wkt else 'no CRS'}: {len(files)} file"
+            f"{'s' if len(files) > 1 else ''} ({', '.join(files[:2])}"
+            f"{', ...' if len(files) > 2 else ''})"
+            for wkt, files in groups.items()
         )
         raise InputError(
             f"mixed CRS in region {name!r} ({listing}): read them in one CRS, "
