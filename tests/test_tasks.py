@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.cli import LightningCLI
 from rasterio.transform import from_origin
@@ -221,6 +222,18 @@ def test_fixed_wavelengths_and_their_errors(small_task: DOFAClassificationTask) 
     assert wavelengths_for_bands(["B10", "B04", "B8A"]) == [1.375, 0.665, 0.865]
 
 
+def test_a_batch_holding_nan_is_refused_before_it_poisons_the_weights(
+    small_task: DOFAClassificationTask,
+) -> None:
+    """One NaN pixel (no-data left unfilled) made the loss NaN, and after one AdamW step
+    every weight of the model."""
+    ds = SpectralChips(num_classes=3, bands=DOFA_S2_BANDS, size=32, num_samples=2)
+    image = torch.stack([ds[0]["image"], ds[1]["image"]])
+    image[0, :, 3, 3] = float("nan")
+    with pytest.raises(NotNormalisedError, match=r"holds 9 NaN or infinite value\(s\)"):
+        small_task(image, ds.wavelengths)
+
+
 class BandlessChips(SpectralChips):
     """EuroSAT-like: samples without ``wavelengths`` (TorchGeo's datasets never add them)."""
 
@@ -304,6 +317,89 @@ def test_full_mode_changes_encoder(tmp_path: Path) -> None:
     assert "backbone.pos_embed" not in changed  # fixed sin/cos table
     assert not any(k.startswith("backbone.fc_norm.") for k in changed)  # unused, frozen
     assert recorder.encoder_training == [True]
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "multilabel"])
+def test_linear_probe_batch_of_one_chip(tmp_path: Path, kind: Any) -> None:
+    """head_norm's BatchNorm1d cannot train on 1 chip: a named error before the head runs,
+    not torch's 'Expected more than 1 value per channel'; evaluation takes batches of 1."""
+    seed_everything(0)
+    task_kind: Any = "multilabel" if kind == "multilabel" else "classification"
+    dm = SpectralDataModule(
+        batch_size=1, task=task_kind, num_classes=4, size=32, num_samples=8, bands=RGBN
+    )
+    probe = DOFAClassificationTask(
+        num_classes=4, task=kind, weights=None, interpolate_pos_embed=True, patience=None
+    )
+    trainer = make_trainer(tmp_path, 1, [], limit_train_batches=2, limit_val_batches=0)
+    with pytest.raises(
+        ValueError,
+        match=r"training batch of 1 chip: the head's head_norm \(an affine-free BatchNorm1d.*"
+        r"batch_size >= 2 and drop_last=True in the DataLoader.*or head_norm=False",
+    ):
+        trainer.fit(probe, dm)
+    trainer = make_trainer(tmp_path, 1, [], limit_val_batches=2, limit_predict_batches=2)
+    trainer.validate(probe, dm, verbose=False)
+    assert "val_loss" in trainer.callback_metrics
+    predictions: Any = trainer.predict(probe, dm)
+    assert [p.shape for p in predictions] == [(1, 4), (1, 4)]
+    plain = DOFAClassificationTask(
+        num_classes=4,
+        task=kind,
+        weights=None,
+        interpolate_pos_embed=True,
+        head_norm=False,
+        patience=None,
+    )
+    recorder = Recorder()
+    make_trainer(tmp_path, 1, [recorder], limit_train_batches=2, limit_val_batches=0).fit(plain, dm)
+    assert len(recorder.losses) == 2
+
+
+def test_probe_checkpoint_loads_for_full_fine_tuning(tmp_path: Path) -> None:
+    """head_norm=None is on for a probe, off for full: loading a probe's checkpoint with
+    mode='full' names head_norm instead of a state-dict error; head_norm=True keeps its head."""
+    seed_everything(0)
+    dm = SpectralDataModule(batch_size=4, num_classes=3, size=32, num_samples=8, bands=RGBN)
+    probe = DOFAClassificationTask(
+        num_classes=3, weights=None, interpolate_pos_embed=True, patience=None
+    )
+    trainer = make_trainer(tmp_path, 1, [], limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(probe, dm)
+    path = tmp_path / "probe.ckpt"
+    trainer.save_checkpoint(path)
+    saved = {k: v.clone() for k, v in probe.head.state_dict().items()}
+    assert "0.running_mean" in saved and "1.weight" in saved
+    with pytest.raises(
+        ValueError,
+        match=r"head_norm's BatchNorm1d.*plain linear layer \(head_norm=None with "
+        r"mode='full'\).*load_from_checkpoint\(path, mode='full', head_norm=True\)",
+    ):
+        DOFAClassificationTask.load_from_checkpoint(path, mode="full")
+    full = DOFAClassificationTask.load_from_checkpoint(path, mode="full", head_norm=True)
+    assert not full.frozen and full.hparams["head_norm"] is True
+    assert all(p.requires_grad for p in full.encoder.backbone.blocks.parameters())
+    loaded = full.head.state_dict()
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in saved.items())
+    # strict=False: the probe's encoder with a new plain head (Lightning warns of the keys)
+    with pytest.warns(UserWarning, match="not in the checkpoint"):
+        fresh = DOFAClassificationTask.load_from_checkpoint(path, mode="full", strict=False)
+    assert isinstance(fresh.head, torch.nn.Linear)
+    # the reverse: a full fine-tuning checkpoint (plain head) loaded as a linear probe
+    trainer = make_trainer(tmp_path, 1, [], limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(fresh, dm)
+    full_path = tmp_path / "full.ckpt"
+    trainer.save_checkpoint(full_path)
+    with pytest.raises(
+        ValueError, match=r"load_from_checkpoint\(path, mode='linear-probe', head_norm=False\)"
+    ):
+        DOFAClassificationTask.load_from_checkpoint(full_path, mode="linear-probe")
+    reprobe = DOFAClassificationTask.load_from_checkpoint(
+        full_path, mode="linear-probe", head_norm=False
+    )
+    assert reprobe.frozen and isinstance(reprobe.head, torch.nn.Linear)
+    assert torch.equal(reprobe.head.weight, fresh.head.weight)
 
 
 def test_layer_decay_param_groups() -> None:
@@ -465,6 +561,90 @@ def test_segmentation_options() -> None:
     assert decoder(maps, (48, 80)).shape == (2, 5, 48, 80)
     with pytest.raises(ValueError, match="four|4"):
         decoder(maps[:3], (48, 80))
+
+
+@pytest.mark.parametrize("ignore_index", [None, 255])
+def test_segmentation_ignores_invalid_pixels(ignore_index: int | None) -> None:
+    """Pixels whose valid is False are left out of the loss and the metrics whatever
+    ignore_index is: the loss is cross-entropy over the valid (and not ignored) pixels only."""
+    torch.manual_seed(0)
+    seg = DOFASegmentationTask(
+        num_classes=3,
+        weights=None,
+        interpolate_pos_embed=True,
+        decoder_channels=64,
+        ignore_index=ignore_index,
+        patience=None,
+    ).eval()
+    image = torch.randn(2, 4, 32, 32)
+    wl = torch.tensor(wavelengths_for_bands(RGBN))
+    with torch.no_grad():
+        logits = seg(image, wl)
+    pred = logits.argmax(1)
+    mask = torch.randint(0, 3, (2, 32, 32))
+    valid = torch.ones(2, 32, 32, dtype=torch.bool)
+    valid[:, :, :16] = False  # half the pixels are no-data
+    mask[~valid] = pred[~valid]  # counted as correct where they are not left out
+    kept = valid.clone()
+    if ignore_index is not None:
+        mask[:, :4, 16:] = ignore_index
+        kept[:, :4, :] = False
+    batch = {"image": image, "wavelengths": wl.expand(2, 4), "mask": mask, "valid": valid}
+    target = seg._target(batch)
+    assert torch.equal(target[kept], mask[kept])  # real classes untouched
+    with torch.no_grad():
+        loss = seg.training_step(batch, 0)  # in eval mode: no dropout, the logits above
+    expected = F.cross_entropy(logits.permute(0, 2, 3, 1)[kept], mask[kept])
+    unmasked = F.cross_entropy(logits, mask, ignore_index=-100 if ignore_index is None else 255)
+    assert not torch.isclose(expected, unmasked)
+    assert torch.isclose(loss, expected, rtol=1e-5, atol=1e-6)
+    accuracy = float(seg.train_metrics.compute()["train_OverallAccuracy"])
+    assert accuracy == pytest.approx(float((pred[kept] == mask[kept]).float().mean()))
+    assert accuracy < float((pred[mask != 255] == mask[mask != 255]).float().mean())
+    # a batch without a counted pixel (a chip of the scene's margin): loss 0, no gradient
+    # (it was 0 / 0 = NaN, which then reached val_loss and the learning-rate schedule)
+    batch["valid"] = torch.zeros_like(valid)
+    seg.train()
+    loss = seg.training_step(batch, 1)
+    loss.backward()
+    assert loss.item() == 0.0
+    grads = [p.grad for p in seg.parameters() if p.grad is not None]
+    assert grads and all(bool((g == 0).all()) for g in grads)
+
+
+def test_segmentation_batch_norm_decoder_batch_of_one_chip(tmp_path: Path) -> None:
+    """decoder_norm='batch' cannot train on 1 chip (the PPM's 1x1 bin): a named error;
+    the default GroupNorm trains on it and evaluation takes it."""
+    seed_everything(0)
+    dm = SpectralDataModule(
+        batch_size=1, task="segmentation", num_classes=3, size=32, num_samples=4, bands=RGBN
+    )
+
+    def make(norm: Any) -> DOFASegmentationTask:
+        return DOFASegmentationTask(
+            num_classes=3,
+            weights=None,
+            interpolate_pos_embed=True,
+            decoder_channels=64,
+            decoder_norm=norm,
+            patience=None,
+        )
+
+    batch_norm = make("batch")
+    trainer = make_trainer(tmp_path, 1, [], limit_train_batches=1, limit_val_batches=0)
+    with pytest.raises(
+        ValueError,
+        match=r"training batch of 1 chip: decoder_norm='batch'.*batch_size >= 2 and "
+        r"drop_last=True.*or decoder_norm='group'",
+    ):
+        trainer.fit(batch_norm, dm)
+    trainer = make_trainer(tmp_path, 1, [], limit_val_batches=1)
+    trainer.validate(batch_norm, dm, verbose=False)
+    assert "val_loss" in trainer.callback_metrics
+    recorder = Recorder()
+    group = make("group")
+    make_trainer(tmp_path, 1, [recorder], limit_train_batches=1, limit_val_batches=0).fit(group, dm)
+    assert len(recorder.losses) == 1
 
 
 def test_tasks_refuse_raw_reflectance_and_mismatched_masks(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import IO, Any, Literal, Self
 
@@ -97,6 +98,23 @@ _NORMALISE_FIX = (
     "transforms (torchgeo_dofa.transforms.NormalizeReflectance, or DOFAPreprocess for "
     "classification chips); a TorchGeo data module's own normalisation is not DOFA's"
 )
+
+#: Target value of pixels left out of the segmentation loss and metrics when ``ignore_index``
+#: is None: ``valid`` False pixels get it (torch's own default; never a class index >= 0).
+_IGNORE_INDEX = -100
+
+#: Whether the :meth:`_DOFATask.load_from_checkpoint` in progress loads strictly.
+_STRICT_LOAD: ContextVar[bool] = ContextVar("_STRICT_LOAD", default=True)
+
+
+def _batch_of_one(norm: str, fix: str) -> str:
+    """The message for a training batch of one chip through a BatchNorm that needs two."""
+    return (
+        f"a training batch of 1 chip: {norm} needs at least 2 chips per training batch "
+        "(with 1, torch fails with 'Expected more than 1 value per channel'): use "
+        "batch_size >= 2 and drop_last=True in the DataLoader (a last batch of 1 comes from "
+        f"k * batch_size + 1 training chips), or {fix}"
+    )
 
 
 def wavelengths_for_bands(bands: Sequence[str]) -> list[float]:
@@ -423,16 +441,24 @@ class _DOFATask(BaseTask):
 
         Returns:
             The task, in eval mode.
+
+        Raises:
+            ValueError: where the checkpoint's layout does not fit these hyperparameters in a
+                way :meth:`on_load_checkpoint` can name (``head_norm``).
         """
         kwargs.setdefault("weights", None)
-        task = super().load_from_checkpoint(
-            checkpoint_path,
-            map_location=map_location,
-            hparams_file=hparams_file,
-            strict=strict,
-            weights_only=weights_only,
-            **kwargs,
-        )
+        token = _STRICT_LOAD.set(strict is not False)
+        try:
+            task = super().load_from_checkpoint(
+                checkpoint_path,
+                map_location=map_location,
+                hparams_file=hparams_file,
+                strict=strict,
+                weights_only=weights_only,
+                **kwargs,
+            )
+        finally:
+            _STRICT_LOAD.reset(token)
         task.eval()
         return task
 
@@ -448,9 +474,16 @@ class DOFAClassificationTask(_DOFATask):
     * ``linear-probe`` (GEO-Bench protocol): the encoder is frozen (``requires_grad=False``)
       and kept in eval mode throughout training; only the head trains. With ``head_norm``
       (the default here) the head is MAE's linear-probe head: a ``BatchNorm1d`` without affine
-      parameters, then a linear layer.
+      parameters, then a linear layer. That BatchNorm needs at least 2 chips per training
+      batch: a training batch of 1 raises a ``ValueError`` naming the fixes (evaluation and
+      prediction take any batch size).
     * ``full``: everything trains; ``layer_decay`` scales block ``i``'s learning rate by
       ``layer_decay ** (depth - i)`` and the patch embedding's by ``layer_decay ** (depth + 1)``.
+
+    Loading a linear probe's checkpoint for full fine-tuning needs its head layout:
+    ``load_from_checkpoint(path, mode="full", head_norm=True)`` (``head_norm=None`` is off in
+    ``full`` mode); a checkpoint whose head layout differs from the task's raises a
+    ``ValueError`` naming ``head_norm`` instead of a state-dict error.
 
     Metrics (``train_`` / ``val_`` / ``test_`` prefixes): multiclass ``OverallAccuracy``,
     ``AverageAccuracy``, ``AverageF1Score``; multilabel ``OverallAccuracy``,
@@ -490,7 +523,8 @@ class DOFAClassificationTask(_DOFATask):
             pooled_norm: the pooled embedding's LayerNorm convention (``"trained"`` or
                 ``"plain"``, see :class:`torchgeo_dofa.DOFAEncoder`).
             head_norm: put an affine-free ``BatchNorm1d`` before the linear head (MAE's
-                linear-probe head); None: on for ``linear-probe``, off for ``full``.
+                linear-probe head; training batches need at least 2 chips); None: on for
+                ``linear-probe``, off for ``full``.
             layer_decay: layer-wise learning-rate decay factor in (0, 1] (``full`` mode), or
                 None for one learning rate.
             lr: learning rate (AdamW).
@@ -524,6 +558,59 @@ class DOFAClassificationTask(_DOFATask):
             nn.Sequential(nn.BatchNorm1d(dim, eps=1e-6, momentum=None, affine=False), linear)
             if use_norm
             else linear
+        )
+
+    def _head_batch_norm(self) -> nn.BatchNorm1d | None:
+        """The head's ``BatchNorm1d`` (``head_norm``), or None for a plain linear head."""
+        head = self.head
+        if isinstance(head, nn.Sequential) and isinstance(head[0], nn.BatchNorm1d):
+            return head[0]
+        return None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check, before its state dict loads, that the checkpoint's head fits this task's.
+
+        ``head_norm=None`` resolves by mode (on for ``linear-probe``, off for ``full``), so a
+        probe's checkpoint loaded with ``mode="full"`` would otherwise fail in
+        ``load_state_dict`` with missing ``head.weight`` and unexpected ``head.0.running_mean``.
+        Skipped for ``load_from_checkpoint(..., strict=False)``, which keeps the new head.
+
+        Args:
+            checkpoint: the loaded Lightning checkpoint.
+
+        Raises:
+            ValueError: where the checkpoint's head has ``head_norm``'s BatchNorm and this
+                task's has not, or the reverse, with the ``head_norm`` value that fits.
+        """
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, Mapping) or not (_STRICT_LOAD.get() and self.strict_loading):
+            return
+        head_keys = [k for k in state if isinstance(k, str) and k.startswith("head.")]
+        if not head_keys:
+            return
+        saved_norm = any(k.startswith("head.0.") for k in head_keys)
+        task_norm = self._head_batch_norm() is not None
+        if saved_norm == task_norm:
+            return
+        mode = self.hparams["mode"]
+        setting = f"head_norm={self.hparams['head_norm']!r} with mode={mode!r}"
+        if saved_norm:
+            raise ValueError(
+                "the checkpoint's head has head_norm's BatchNorm1d (a linear probe's head: "
+                "head_norm=None is on for mode='linear-probe', off for mode='full') but this "
+                f"task's head is a plain linear layer ({setting}): load it with "
+                f"load_from_checkpoint(path, mode={mode!r}, head_norm=True) to keep the "
+                "probe's head (and its trained weights), or strict=False to start a new head "
+                "without head_norm"
+            )
+        raise ValueError(
+            "the checkpoint's head is a plain linear layer (no head_norm: head_norm=None is "
+            "off for mode='full', on for mode='linear-probe') but this task's head has "
+            f"head_norm's BatchNorm1d ({setting}): load it with "
+            f"load_from_checkpoint(path, mode={mode!r}, head_norm=False) to keep the "
+            "checkpoint's head (and its trained weights), or strict=False to start a new head "
+            "with head_norm"
         )
 
     def configure_losses(self) -> None:
@@ -586,8 +673,18 @@ class DOFAClassificationTask(_DOFATask):
         Raises:
             NotNormalisedError: for an integer image or values beyond
                 :data:`~torchgeo_dofa.embedder.NORMALISED_LIMIT` (raw reflectance).
+            ValueError: for a batch of 1 chip in training with ``head_norm``'s BatchNorm.
         """
-        logits: Tensor = self.head(self.embed(image, wavelengths))
+        embedding = self.embed(image, wavelengths)  # input errors first
+        norm = self._head_batch_norm()
+        if norm is not None and norm.training and embedding.shape[0] == 1:
+            raise ValueError(
+                _batch_of_one(
+                    "the head's head_norm (an affine-free BatchNorm1d, as MAE's linear probe)",
+                    "head_norm=False",
+                )
+            )
+        logits: Tensor = self.head(embedding)
         return logits
 
     def _loss_and_logits(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
@@ -746,9 +843,12 @@ class DOFASegmentationTask(_DOFATask):
     the last of ``block_indices``, the final norm) are frozen in both modes.
 
     Loss: cross-entropy, ignoring ``ignore_index``; where the batch has a ``valid`` (B, H, W)
-    mask (:class:`torchgeo_dofa.datasets.Sentinel2SR` samples) and ``ignore_index`` is set,
-    invalid pixels are ignored too. Metrics: ``OverallAccuracy`` (pixels), ``AverageAccuracy``
-    and ``AverageJaccardIndex`` (mIoU).
+    mask (:class:`torchgeo_dofa.datasets.Sentinel2SR` samples), pixels whose ``valid`` is
+    False are left out of the loss and the metrics too, whatever ``ignore_index`` is (with
+    ``ignore_index=None`` they get the internal target -100, which no class index can be).
+    Metrics: ``OverallAccuracy`` (pixels), ``AverageAccuracy`` and ``AverageJaccardIndex``
+    (mIoU). ``decoder_norm="batch"`` needs at least 2 chips per training batch (a batch of 1
+    raises a ``ValueError`` naming the fixes); the default GroupNorm takes any batch size.
     """
 
     def __init__(
@@ -783,7 +883,8 @@ class DOFASegmentationTask(_DOFATask):
             decoder_channels: UPerNet width.
             decoder_norm: the decoder's normalisation, ``"group"`` (GroupNorm) or ``"batch"``
                 (BatchNorm, mmsegmentation's choice); see :class:`UPerNetDecoder`.
-            ignore_index: mask value left out of loss and metrics, or None.
+            ignore_index: mask value left out of loss and metrics, or None. Pixels whose
+                ``valid`` is False are left out either way.
             wavelengths: fixed wavelengths (um) for batches without ``wavelengths``.
             bands: Sentinel-2 band names to infer those wavelengths from.
             interpolate_pos_embed: accept inputs other than 224 x 224 (multiples of 16).
@@ -827,17 +928,25 @@ class DOFASegmentationTask(_DOFATask):
             norm=self.hparams["decoder_norm"],
         )
 
-    def configure_losses(self) -> None:
-        """Cross-entropy with the optional ``ignore_index``."""
+    @property
+    def _ignore_target(self) -> int:
+        """Target value the loss and metrics ignore: ``ignore_index``, or -100 if None."""
         ignore = self.hparams["ignore_index"]
+        return _IGNORE_INDEX if ignore is None else int(ignore)
+
+    def configure_losses(self) -> None:
+        """Cross-entropy ignoring ``ignore_index`` (and ``valid`` False pixels, see ``_target``).
+
+        The criterion sums over pixels; the step divides by the count of pixels it counted.
+        """
         self.criterion: nn.Module = nn.CrossEntropyLoss(
-            ignore_index=-100 if ignore is None else ignore
+            ignore_index=self._ignore_target, reduction="sum"
         )
 
     def configure_metrics(self) -> None:
-        """Build the train / val / test metric collections."""
+        """Build the train / val / test metric collections (ignoring what the loss ignores)."""
         k = self.hparams["num_classes"]
-        ignore = self.hparams["ignore_index"]
+        ignore = self._ignore_target
         metrics = MetricCollection(
             {
                 "OverallAccuracy": MulticlassAccuracy(k, average="micro", ignore_index=ignore),
@@ -884,12 +993,27 @@ class DOFASegmentationTask(_DOFATask):
         Raises:
             NotNormalisedError: for an integer image or values beyond
                 :data:`~torchgeo_dofa.embedder.NORMALISED_LIMIT` (raw reflectance).
+            ValueError: for a batch of 1 chip in training with ``decoder_norm="batch"``.
         """
+        maps = self.features(image, wavelengths)  # input errors first
+        if (
+            self.hparams["decoder_norm"] == "batch"
+            and self.decoder.training
+            and image.shape[0] == 1
+        ):
+            raise ValueError(
+                _batch_of_one(
+                    "decoder_norm='batch' (BatchNorm2d; the pyramid pooling's 1x1 bin has one "
+                    "value per channel and chip)",
+                    "decoder_norm='group' (the default)",
+                )
+            )
         h, w = image.shape[-2:]
-        logits: Tensor = self.decoder(self.features(image, wavelengths), (h, w))
+        logits: Tensor = self.decoder(maps, (h, w))
         return logits
 
     def _target(self, batch: Mapping[str, Any]) -> Tensor:
+        """The batch's mask as class indices, ``valid`` False pixels set to the ignored value."""
         mask: Tensor = batch["mask"]
         if mask.ndim == 4:
             mask = mask.squeeze(1)
@@ -905,17 +1029,20 @@ class DOFASegmentationTask(_DOFATask):
                 "interpolate_pos_embed=True)"
             )
         mask = mask.long()
-        ignore = self.hparams["ignore_index"]
         valid = batch.get("valid")
-        if ignore is not None and isinstance(valid, Tensor):
-            valid = valid.reshape(mask.shape).to(torch.bool)
-            mask = mask.masked_fill(~valid, ignore)
+        if isinstance(valid, Tensor):
+            valid = valid.reshape(mask.shape).to(device=mask.device, dtype=torch.bool)
+            mask = mask.masked_fill(~valid, self._ignore_target)
         return mask
 
     def _loss_and_logits(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         logits = self(batch["image"], self._batch_wavelengths(batch))
         target = self._target(batch)
-        return self.criterion(logits, target), logits, target
+        # the mean over counted pixels; a batch without any (all no-data or ignored) gives
+        # 0 with zero gradients, not the NaN of 0 / 0, which would poison val_loss and the
+        # learning-rate schedule (and no device sync: the count is clamped, not tested)
+        counted = (target != self._ignore_target).sum().clamp(min=1)
+        return self.criterion(logits, target) / counted, logits, target
 
     def _metric_inputs(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         return logits.argmax(dim=1), target
