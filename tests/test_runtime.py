@@ -312,3 +312,31 @@ def test_gdal_scan_cache_is_two_block_rows_and_never_above_gdals_default(tmp_pat
     assert gdal_scan_cache_bytes(wide, memory_bytes=2 * 2**30) == 2 * 2**30 // 20
     small = _sparse_tif(tmp_path / "small.tif", 500, 400, 3, "uint16", 256)
     assert gdal_scan_cache_bytes(small, memory_bytes=64 * 2**30) == GDAL_SCAN_MIN_BYTES
+
+
+_FAILING_WITH_A_WORKER = """
+import lightning.pytorch as pl
+from torchgeo_dofa.datamodules import DOFAPredictDataModule
+from torchgeo_dofa.embedder import DOFAEmbedder
+from torchgeo_dofa.transforms import DOFAPreprocess
+
+# the scene's channels are B2, B3, B4, B8: a transform in the file's order is refused at the
+# first chip, which a loader worker reads
+prep = DOFAPreprocess(bands=["B4", "B3", "B2", "B8"])
+dm = DOFAPredictDataModule({scene!r}, num_workers=1, batch_size=2, transforms=prep)
+trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+trainer.predict(DOFAEmbedder(weights=None), datamodule=dm)
+"""
+
+
+def test_a_job_failing_while_its_loader_worker_lives_exits() -> None:
+    """Workers ignored every SIGTERM (for the process group's, which the main process
+    handles), so Python's exit, which terminates daemonic children and waits for them, hung
+    forever after an error raised in the worker (the CLI too, after its one-line error)."""
+    scene = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
+    script = _FAILING_WITH_A_WORKER.format(scene=str(scene))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "BandError: the sample's channels have wavelengths [0.49" in proc.stderr

@@ -30,6 +30,7 @@ import functools
 import math
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -584,12 +585,7 @@ def decimated_read(path: str | os.PathLike[str], max_side: int) -> Any:
 
 
 def _enter_gdal_env(cache_bytes: int, worker_id: int) -> None:
-    # SIGTERM sent to the whole process group (scancel, a SLURM time limit, systemd) is the
-    # main process's to handle: it stops the job after the batch and ends the workers (which
-    # otherwise died first, and the loader raised "worker killed by signal" with a
-    # traceback). PyTorch's workers already ignore SIGINT; an orphaned worker still exits
-    # when it sees its parent gone.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _sigterm_from_parent_only()
     env = gdal_env(cache_bytes)
     env.__enter__()  # for the worker's lifetime
     _WORKER_ENVS.append(env)
@@ -598,14 +594,43 @@ def _enter_gdal_env(cache_bytes: int, worker_id: int) -> None:
 _WORKER_ENVS: list[Any] = []
 
 
+def _sigterm_from_parent_only() -> None:
+    """In a DataLoader worker: end on the parent's SIGTERM, ignore everyone else's.
+
+    SIGTERM sent to every process of a job (``scancel``, a SLURM time limit, systemd,
+    ``kill -TERM -PGID``) is the main process's to handle: it stops the job after the batch
+    and ends the workers, which otherwise died first, and the loader raised "worker killed by
+    signal" with a traceback. But the parent's own SIGTERM (the loader's shutdown, and
+    multiprocessing's at interpreter exit, which terminates daemonic children and waits for
+    them) must end the worker: ignoring every SIGTERM made a job that failed while its
+    workers were alive hang at exit forever. The sender is told apart with
+    ``sigwaitinfo``'s ``si_pid`` (SIGTERM is blocked and taken by a waiting thread); where
+    ``sigwaitinfo`` is missing (macOS, Windows), SIGTERM is ignored as before. PyTorch's
+    workers already ignore SIGINT; an orphaned worker exits when it sees its parent gone.
+    """
+    if not hasattr(signal, "sigwaitinfo"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_the_parents() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(128 + signal.SIGTERM)  # as a shell reports death by SIGTERM
+
+    threading.Thread(target=wait_for_the_parents, name="sigterm-from-parent", daemon=True).start()
+
+
 def gdal_worker_init(cache_bytes: int) -> Callable[[int], None]:
     """A DataLoader ``worker_init_fn`` that sets GDAL's cache in each worker.
 
     Forked workers inherit the parent's cache size, spawned ones (macOS, Windows) do not;
-    with this every worker has ``cache_bytes`` whatever the start method. Workers also ignore
-    SIGTERM, as PyTorch's ignore SIGINT: a signal sent to the whole process group is the main
-    process's to act on (:class:`~torchgeo_dofa.jobs.StopOnSignal` stops after the batch and
-    the loader ends its workers).
+    with this every worker has ``cache_bytes`` whatever the start method. Workers also
+    ignore SIGTERM from any process but their parent, as PyTorch's ignore SIGINT: a signal
+    sent to the whole process group is the main process's to act on
+    (:class:`~torchgeo_dofa.jobs.StopOnSignal` stops after the batch and the loader ends its
+    workers), while the parent's own SIGTERM (a loader's shutdown, Python's exit) ends them.
 
     Args:
         cache_bytes: cache size in bytes per worker (see :func:`gdal_cache_bytes` with
