@@ -241,6 +241,22 @@ def test_a_sample_whose_wavelengths_name_other_bands_is_refused() -> None:
     same(dict(batch))
 
 
+def test_wavelengths_contradicting_sentinel2_names_are_refused() -> None:
+    """Statistics are looked up by name, wavelengths used as given: a dataset's wavelengths
+    copied beside names in the file's order normalised B2's channel as B4."""
+    with pytest.raises(BandError) as refused:
+        DOFAPreprocess(bands=["B4", "B3", "B2", "B8"], wavelengths=[0.49, 0.56, 0.665, 0.842])
+    assert str(refused.value).startswith(
+        "wavelengths contradict the Sentinel-2 band names beside them (B4 is 0.665 um, not "
+        "0.49; B2 is 0.49 um, not 0.665): a channel would be normalised as one band"
+    )
+    with pytest.raises(BandError, match="B08A is 0.865 um, not 0.842"):
+        AttachWavelengths(bands=["B08A"], wavelengths=[0.842])
+    # within one band's spread between sources, other spellings, date copies, other sensors
+    AttachWavelengths(bands=["B12", "b02", "B4_1"], wavelengths=[2.2024, 0.4924, 0.665])
+    AttachWavelengths(bands=["R", "G", "B"], wavelengths=[0.655, 0.56, 0.48])
+
+
 def test_explicit_wavelengths_win() -> None:
     out = AttachWavelengths(bands=["X", "Y"], wavelengths=[0.5, 0.6])(
         {"image": torch.zeros(2, 4, 4)}

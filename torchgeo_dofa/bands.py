@@ -344,12 +344,42 @@ def resolve_wavelengths(
             raise BandError(
                 f"{len(bands)} band names but {len(values)} wavelengths: give one per band"
             )
+        if bands is not None:
+            _check_names_fit(bands, values)
     validate_wavelengths(values, num_channels)
     import torch
 
     if _is_tensor(values):
         return values.detach().to(dtype=torch.float32).flatten().clone()
     return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
+#: Largest difference (um) between two wavelengths that still name the same band: above the
+#: spread of one band's centre between sources (B12 is 2.2024 um on Sentinel-2A, 2.1857 on
+#: 2B, 2.19 in DOFA's table), below the closest pair of distinct Sentinel-2 bands (B8 0.842 /
+#: B8A 0.865 um).
+WAVELENGTH_TOLERANCE = 0.02
+
+
+def _check_names_fit(bands: Sequence[str], wavelengths: Sequence[float] | Tensor) -> None:
+    """Refuse explicit wavelengths that contradict Sentinel-2 band names given beside them.
+
+    Normalisation statistics are looked up by name, wavelengths by value: a name and a
+    wavelength of two different bands would normalise a channel as one band and embed it as
+    another.
+    """
+    wrong = []
+    for name, value in zip(bands, [float(v) for v in wavelengths], strict=True):
+        band = SENTINEL2_BANDS.get(date_copy_base(canonical_band(str(name))))
+        if band is not None and abs(band.wavelength - value) > WAVELENGTH_TOLERANCE:
+            wrong.append(f"{name} is {band.wavelength} um, not {value:g}")
+    if wrong:
+        raise BandError(
+            f"wavelengths contradict the Sentinel-2 band names beside them ({'; '.join(wrong)}): "
+            "a channel would be normalised as one band and embedded as another; give the "
+            "names and wavelengths of the channels in their order (or the names alone: their "
+            "wavelengths are inferred)"
+        )
 
 
 def _is_tensor(value: Any) -> TypeGuard[Tensor]:

@@ -67,6 +67,7 @@ from torch import Tensor, nn
 from torchgeo_dofa._warnings import warn
 from torchgeo_dofa.bands import (
     PRESETS,
+    WAVELENGTH_TOLERANCE,
     BandError,
     canonical_band,
     check_unique_bands,
@@ -456,13 +457,6 @@ def _check_size(size: int, patch_size: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # steps
 # ----------------------------------------------------------------------------------------------
-
-
-#: Largest difference (um) between a sample's own wavelengths and a transform's that still
-#: counts as the same band: above the spread of one band's centre between sources (B12 is
-#: 2.2024 um on Sentinel-2A, 2.1857 on 2B, 2.19 in DOFA's table), below the closest pair of
-#: distinct Sentinel-2 bands (B8 0.842 / B8A 0.865 um).
-WAVELENGTH_TOLERANCE = 0.02
 
 
 class AttachWavelengths(nn.Module):
