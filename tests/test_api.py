@@ -331,6 +331,25 @@ def test_local_reads_through_a_subclass_read_chip(tmp_path, chip_a, weights, ten
     assert emb.meta["source"] == [str(path)]
 
 
+def test_local_mixed_crs_says_where_crs_goes(tmp_path) -> None:
+    from rasterio.transform import from_origin
+
+    data = np.full((4, 8, 8), 1500, dtype=np.uint16)
+    for name, crs in (("a.tif", "EPSG:32631"), ("b.tif", "EPSG:32632")):
+        with rasterio.open(
+            tmp_path / name, "w", driver="GTiff", width=8, height=8, count=4, dtype="uint16",
+            crs=crs, transform=from_origin(500000, 5600000, 10, 10),
+        ) as dst:  # fmt: skip
+            dst.write(data)
+            dst.descriptions = ("B4", "B3", "B2", "B8")
+    with pytest.raises(ModelError) as refused:
+        get_embedding("dofa", spatial=PointBuffer(3.0, 50.5, 100), paths=tmp_path, weights=None)
+    assert str(refused.value).startswith("local input: mixed CRS in region")
+    assert str(refused.value).endswith(
+        "(crs= goes to a dataset given as paths=Sentinel2SR(..., crs=...))"
+    )
+
+
 def test_local_band_errors_say_where_the_datasets_arguments_go(tmp_path, chip_a) -> None:
     raw, _, profile, bounds = chip_a
     path = _write(tmp_path / "rgbn.tif", raw, profile, ("red", "green", "blue", "nir"))

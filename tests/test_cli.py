@@ -1304,7 +1304,9 @@ def test_output_file_names_and_seeded_random_weights(tmp_path, capsys) -> None:
         assert src.count == 768 and src.crs == "EPSG:32633"
 
 
-@pytest.mark.parametrize("name", ["emb.npy", "map.PNG", "chips.csv", "x.gpkg"])
+@pytest.mark.parametrize(
+    "name", ["emb.npy", "map.PNG", "chips.csv", "x.gpkg", "x.geotiff", "emb.zarr", "p.pq"]
+)
 def test_an_output_name_of_another_format_is_refused_before_anything(tmp_path, capsys, name):
     out = tmp_path / name
     assert main(["embed", str(SCENE), "-o", str(out), "--weights", "none", "--no-progress"]) == 2

@@ -717,7 +717,10 @@ def open_local(paths: PathsLike, sensor: SensorSpec | None = None) -> Sentinel2B
     try:
         regions = find_raster_inputs(items)
     except InputError as err:
-        raise ModelError(f"local input: {err}") from None
+        where = ""
+        if "crs=EPSG" in str(err):  # the dataset's argument, not get_embedding's
+            where = " (crs= goes to a dataset given as paths=Sentinel2SR(..., crs=...))"
+        raise ModelError(f"local input: {err}{where}") from None
     kwargs: dict[str, Any] = {}
     if sensor is not None:
         kwargs["bands"] = list(sensor.bands)

@@ -85,8 +85,10 @@ TABLE_SUFFIXES: tuple[str, ...] = (".parquet", ".geoparquet")
 #: ``-o`` names ending in these are taken for files of a format the job does not write (an
 #: image, an array, a vector or text table) and refused, unless such a folder already exists.
 OTHER_FILE_SUFFIXES: tuple[str, ...] = (
-    ".png", ".jpg", ".jpeg", ".jp2", ".vrt", ".nc", ".h5", ".hdf5", ".npy", ".npz", ".pt",
-    ".pth", ".pkl", ".csv", ".txt", ".json", ".geojson", ".gpkg", ".shp", ".fgb", ".feather",
+    ".png", ".jpg", ".jpeg", ".jp2", ".webp", ".gif", ".bmp", ".vrt", ".nc", ".h5", ".hdf5",
+    ".zarr", ".npy", ".npz", ".pt", ".pth", ".pkl", ".csv", ".txt", ".json", ".yaml", ".yml",
+    ".xml", ".html", ".geojson", ".gpkg", ".shp", ".fgb", ".kml", ".kmz", ".feather", ".pq",
+    ".geotiff", ".gtiff", ".cog", ".zip", ".gz", ".tar",
 )  # fmt: skip
 
 

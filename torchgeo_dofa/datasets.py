@@ -1995,11 +1995,11 @@ class DOFAUnionDataset(_DOFAComposition, UnionDataset):
                 if sorted(first[0]) == sorted(second[0])
                 else "different bands"
             )
+            ours, theirs = ([round(float(w), 4) for w in b[1]] for b in (first, second))
             raise BandError(
-                f"datasets combined with `|` read {how}: {list(first[0])} "
-                f"(wavelengths {first[1].tolist()}) and {list(second[0])} (wavelengths "
-                f"{second[1].tolist()}). Merging them would put one band's pixels into "
-                f"another's channel: open both with bands={list(first[0])}"
+                f"datasets combined with `|` read {how}: {list(first[0])} (wavelengths "
+                f"{ours}) and {list(second[0])} (wavelengths {theirs}). Merging them would put "
+                f"one band's pixels into another's channel: open both with bands={list(first[0])}"
             )
         super().__init__(dataset1, dataset2, collate_fn, transforms)
         self.bands: tuple[str, ...] = first[0]
