@@ -1323,6 +1323,29 @@ def test_an_output_name_of_another_format_is_refused_before_anything(tmp_path, c
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_warning_made_an_error_by_w_error_is_one_line(tmp_path, capsys) -> None:
+    """``python -W error`` turned the 8-bit warning into an exception with a traceback."""
+    from torchgeo_dofa.transforms import ReflectanceWarning
+
+    with rasterio.open(SCENE) as src:
+        profile = src.profile | {"dtype": "uint8", "nodata": None}
+    scene = tmp_path / "u8.tif"
+    with rasterio.open(scene, "w", **profile) as dst:
+        dst.write(np.ones((profile["count"], profile["height"], profile["width"]), "uint8"))
+        dst.descriptions = ("B04", "B03", "B02", "B08")
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReflectanceWarning)
+        assert main(["embed", str(scene), "-o", str(out), "--weights", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchgeo-dofa: error: u8.tif has dtype uint8, which cannot hold")
+    assert (
+        err.endswith("(ReflectanceWarning, an error under the -W / PYTHONWARNINGS filters)\n")
+        and err.count("\n") == 1
+    )
+    assert not out.exists()
+
+
 def test_local_backend_equals_embed_on_a_point(tmp_path, base_checkpoint) -> None:
     from torchgeo_dofa import OutputSpec, PointBuffer, get_embedding
 

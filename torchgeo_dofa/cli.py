@@ -1173,6 +1173,13 @@ def _main(argv: Sequence[str] | None) -> int:
     except (InputError, BandError, CheckpointError, ValueError, OSError) as err:
         print(f"torchgeo-dofa: error: {cli_hints(error_line(err))}", file=sys.stderr)
         return 2
+    except Warning as err:  # python -W error / PYTHONWARNINGS=error made a warning an error
+        print(
+            f"torchgeo-dofa: error: {error_line(err)} ({type(err).__name__}, an error under "
+            "the -W / PYTHONWARNINGS filters)",
+            file=sys.stderr,
+        )
+        return 2
     if is_launcher():
         print(summary.line())
     return 0
