@@ -27,7 +27,7 @@ from rasterio.windows import Window, from_bounds
 from tests.precision import assert_as_exact_as_torchgeo, cosine_error, torchgeo_bf16_error
 from tests.tmpfs import tmpfs
 from torchgeo_dofa import load_dofa
-from torchgeo_dofa.cli import embed, main
+from torchgeo_dofa.cli import embed, main, option_problem, output_folder
 from torchgeo_dofa.datasets import InputError
 from torchgeo_dofa.transforms import DOFAPreprocess
 
@@ -1321,6 +1321,9 @@ def test_an_output_name_of_another_format_is_refused_before_anything(tmp_path, c
     with pytest.raises(InputError, match=f"not {suffix} files"):  # the Python door too
         embed(SCENE, out, weights=None)
     assert list(tmp_path.iterdir()) == []
+    for folder in (f"{out}/", f"{out}/."):  # folders of that name, as the job takes them
+        assert option_problem([str(SCENE)], output_dir=folder) is None
+        assert output_folder(folder) == out
 
 
 def test_a_warning_made_an_error_by_w_error_is_one_line(tmp_path, capsys) -> None:

@@ -133,6 +133,15 @@ def test_as_float32_warns_for_8_bit_integers_only(dtype: np.dtype | torch.dtype)
         assert messages == []
 
 
+def test_a_transforms_warning_points_at_the_callers_line() -> None:
+    """Called through nn.Module.__call__, the warning pointed into torch/nn/modules."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DOFAPreprocess(["B4", "B3", "B2"])({"image": torch.full((3, 8, 8), 90, dtype=torch.uint8)})
+    said = [w for w in caught if issubclass(w.category, ReflectanceWarning)]
+    assert len(said) == 1 and said[0].filename == __file__
+
+
 @pytest.mark.parametrize(
     "value", [BASE > 50, BASE.astype(np.complex64), np.array([["a"]]), torch.ones(2, 2, 2).bool()]
 )

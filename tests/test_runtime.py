@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -340,3 +341,38 @@ def test_a_job_failing_while_its_loader_worker_lives_exits() -> None:
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "BandError: the sample's channels have wavelengths [0.49" in proc.stderr
+
+
+def _worker_waiting_for_sigterm(ready: Any) -> None:
+    """A stand-in for a DataLoader worker: the worker_init_fn's signal set-up, then idle."""
+    import time
+
+    runtime._sigterm_from_parent_only()
+    ready.set()
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_a_worker_ignores_others_sigterm_and_ends_on_its_parents(method: str) -> None:
+    """The process group's SIGTERM (scancel, kill -TERM -PGID) is the main process's to act
+    on; the parent's (the loader's shutdown, Python's exit) ends the worker, also under
+    forkserver, where getppid() is the fork server and the worker ignored its parent."""
+    import multiprocessing
+    import time
+
+    context: Any = multiprocessing.get_context(method)
+    ready = context.Event()
+    worker = context.Process(target=_worker_waiting_for_sigterm, args=(ready,), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(120) and worker.pid is not None  # spawn imports the libraries
+        time.sleep(0.5)  # the waiting thread is in sigwaitinfo
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # someone else's
+        worker.join(2)
+        assert worker.is_alive()
+        worker.terminate()  # the parent's: at once (fork), or after the grace (threads run)
+        worker.join(runtime.SIGTERM_GRACE_S + 10)
+        assert not worker.is_alive() and worker.exitcode == 143
+    finally:
+        if worker.is_alive():
+            worker.kill()

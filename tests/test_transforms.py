@@ -247,14 +247,21 @@ def test_wavelengths_contradicting_sentinel2_names_are_refused() -> None:
     with pytest.raises(BandError) as refused:
         DOFAPreprocess(bands=["B4", "B3", "B2", "B8"], wavelengths=[0.49, 0.56, 0.665, 0.842])
     assert str(refused.value).startswith(
-        "wavelengths contradict the Sentinel-2 band names beside them (B4 is 0.665 um, not "
-        "0.49; B2 is 0.49 um, not 0.665): a channel would be normalised as one band"
+        "wavelengths contradict the band names DOFA's statistics are looked up by (B4 is "
+        "0.665 um, not 0.49; B2 is 0.49 um, not 0.665): a channel would be normalised as one band"
     )
-    with pytest.raises(BandError, match="B08A is 0.865 um, not 0.842"):
-        AttachWavelengths(bands=["B08A"], wavelengths=[0.842])
+    with pytest.raises(BandError, match="R is 0.665 um, not 0.49"):  # the rgb preset's names
+        DOFAPreprocess(bands=["R", "G", "B"], wavelengths=[0.49, 0.56, 0.665])
+    # nanometres keep their own hint
+    with pytest.raises(BandError, match="look like nanometres"):
+        DOFAPreprocess(bands=["B4", "B3", "B2"], wavelengths=[665, 560, 490])
     # within one band's spread between sources, other spellings, date copies, other sensors
-    AttachWavelengths(bands=["B12", "b02", "B4_1"], wavelengths=[2.2024, 0.4924, 0.665])
-    AttachWavelengths(bands=["R", "G", "B"], wavelengths=[0.655, 0.56, 0.48])
+    DOFAPreprocess(bands=["B12", "b02", "B4_1"], wavelengths=[2.2024, 0.4924, 0.665])
+    DOFAPreprocess(bands=["R", "G", "B"], wavelengths=[0.655, 0.56, 0.48])
+    # names are labels only where the statistics are given (HLS L30's B05 is NIR, 0.865 um)
+    hls, at = ["B02", "B03", "B04", "B05"], [0.48, 0.56, 0.655, 0.865]
+    DOFAPreprocess(hls, at, mean=[80.0, 80.0, 80.0, 80.0], std=[20.0, 20.0, 20.0, 20.0])
+    AttachWavelengths(hls, at)  # no statistics involved
 
 
 def test_explicit_wavelengths_win() -> None:

@@ -17,8 +17,16 @@ from collections.abc import Iterator
 #: Frames in files under this folder are skipped when attributing a warning.
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
-#: Frameworks whose frames sit between a user's call and this package's callbacks.
-FRAMEWORKS = ("lightning", "pytorch_lightning", "lightning_fabric")
+#: Modules whose frames sit between a user's call and this package's code: Lightning's loops
+#: (calling writers and tasks), ``nn.Module.__call__`` (calling transforms and models),
+#: TorchGeo's datasets and samplers (calling ours in compositions).
+FRAMEWORKS = (
+    "lightning",
+    "pytorch_lightning",
+    "lightning_fabric",
+    "torch.nn.modules",
+    "torchgeo",
+)
 
 
 #: Set by :func:`attributed_to_package` (the CLI): warnings keep the package's own line.
@@ -41,7 +49,11 @@ def attributed_to_package() -> Iterator[None]:
 
 
 def skipped_prefixes() -> tuple[str, ...]:
-    """This package's folder, and those of the loaded :data:`FRAMEWORKS`."""
+    """This package's folder, and those of the loaded :data:`FRAMEWORKS`.
+
+    PyTorch's DataLoader is not skipped: a chip read in a worker has no user frame, so its
+    warnings point at PyTorch's fetch loop rather than at nothing.
+    """
     prefixes = [PACKAGE_DIR]
     for name in FRAMEWORKS:
         path = getattr(sys.modules.get(name), "__file__", None)
@@ -51,7 +63,7 @@ def skipped_prefixes() -> tuple[str, ...]:
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
-    """Issue ``message`` from the first frame outside ``torchgeo_dofa`` and Lightning.
+    """Issue ``message`` from the first frame outside ``torchgeo_dofa`` and :data:`FRAMEWORKS`.
 
     Uses Python 3.12's ``warnings.warn(..., skip_file_prefixes=...)``: the location shown,
     and the module ``-W`` / ``filterwarnings`` match against, is the caller's (a user's

@@ -28,10 +28,12 @@ __all__ = [
     "STAC_ITEM_ASSETS",
     "STATS_SCALE_MAX",
     "WAVELENGTH_HINT",
+    "WAVELENGTH_TOLERANCE",
     "Band",
     "BandError",
     "BandSet",
     "canonical_band",
+    "check_names_fit",
     "check_unique_bands",
     "date_copy_base",
     "infer_wavelengths",
@@ -344,8 +346,6 @@ def resolve_wavelengths(
             raise BandError(
                 f"{len(bands)} band names but {len(values)} wavelengths: give one per band"
             )
-        if bands is not None:
-            _check_names_fit(bands, values)
     validate_wavelengths(values, num_channels)
     import torch
 
@@ -361,24 +361,35 @@ def resolve_wavelengths(
 WAVELENGTH_TOLERANCE = 0.02
 
 
-def _check_names_fit(bands: Sequence[str], wavelengths: Sequence[float] | Tensor) -> None:
-    """Refuse explicit wavelengths that contradict Sentinel-2 band names given beside them.
+def check_names_fit(bands: Sequence[str], wavelengths: Sequence[float] | Tensor) -> None:
+    """Refuse wavelengths that contradict the band names DOFA's statistics are taken by.
 
-    Normalisation statistics are looked up by name, wavelengths by value: a name and a
-    wavelength of two different bands would normalise a channel as one band and embed it as
-    another.
+    Where statistics are looked up by name (:func:`norm_stats` without ``mean``/``std``),
+    a name and a wavelength of two different bands would normalise a channel as one band and
+    embed it as another. Names without statistics (another sensor's) are not checked; nor
+    is anything when statistics are given, as names are then labels only.
+
+    Args:
+        bands: band names in channel order.
+        wavelengths: their wavelengths (um), already validated.
+
+    Raises:
+        BandError: naming each band whose wavelength is more than
+            :data:`WAVELENGTH_TOLERANCE` from its name's.
     """
     wrong = []
     for name, value in zip(bands, [float(v) for v in wavelengths], strict=True):
-        band = SENTINEL2_BANDS.get(date_copy_base(canonical_band(str(name))))
-        if band is not None and abs(band.wavelength - value) > WAVELENGTH_TOLERANCE:
+        band = _lookup(str(name)) or _lookup(date_copy_base(str(name)))
+        if band is None or band.mean is None:
+            continue
+        if abs(band.wavelength - value) > WAVELENGTH_TOLERANCE:
             wrong.append(f"{name} is {band.wavelength} um, not {value:g}")
     if wrong:
         raise BandError(
-            f"wavelengths contradict the Sentinel-2 band names beside them ({'; '.join(wrong)}): "
-            "a channel would be normalised as one band and embedded as another; give the "
-            "names and wavelengths of the channels in their order (or the names alone: their "
-            "wavelengths are inferred)"
+            f"wavelengths contradict the band names DOFA's statistics are looked up by "
+            f"({'; '.join(wrong)}): a channel would be normalised as one band and embedded as "
+            "another; give the names and wavelengths of the channels in their order (or the "
+            "names alone: their wavelengths are inferred), or the bands' own mean=/std="
         )
 
 

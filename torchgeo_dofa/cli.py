@@ -113,7 +113,12 @@ def _names_file(output_dir: str | os.PathLike[str]) -> bool:
 def _other_format_problem(text: str) -> str | None:
     """The refusal of ``-o x.png`` (a format the job does not write), or None."""
     suffix = Path(text).suffix.lower()
-    if text.endswith(("/", os.sep)) or suffix not in OTHER_FILE_SUFFIXES or Path(text).is_dir():
+    if (
+        text.endswith(("/", os.sep))
+        or os.path.basename(text) in (".", "..")
+        or suffix not in OTHER_FILE_SUFFIXES
+        or Path(text).is_dir()
+    ):
         return None
     return (
         f"-o {text}: the job writes GeoTIFF grids (.tif, .tiff) and GeoParquet tables "
@@ -1232,7 +1237,10 @@ def _one_line_warnings() -> Iterator[None]:
     Python's format adds the file, line and source line that issued the warning, noise on a
     terminal; warnings from other libraries keep it.
     """
-    package = str(Path(__file__).resolve().parent)
+    here = Path(__file__).parent
+    package = tuple(  # as imported, and behind links
+        str(folder) + os.sep for folder in (here.absolute(), here.resolve())
+    )
     default = warnings.formatwarning
 
     def one_line(

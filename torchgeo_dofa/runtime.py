@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import multiprocessing
 import os
 import signal
 import threading
@@ -594,8 +595,13 @@ def _enter_gdal_env(cache_bytes: int, worker_id: int) -> None:
 _WORKER_ENVS: list[Any] = []
 
 
+#: Seconds a worker that cannot tell SIGTERM's sender keeps serving after one (see
+#: :func:`_sigterm_from_parent_only`): time for the main process to finish its batch.
+SIGTERM_GRACE_S = 20.0
+
+
 def _sigterm_from_parent_only() -> None:
-    """In a DataLoader worker: end on the parent's SIGTERM, ignore everyone else's.
+    """In a DataLoader worker: end on the parent's SIGTERM, leave everyone else's to it.
 
     SIGTERM sent to every process of a job (``scancel``, a SLURM time limit, systemd,
     ``kill -TERM -PGID``) is the main process's to handle: it stops the job after the batch
@@ -603,23 +609,43 @@ def _sigterm_from_parent_only() -> None:
     signal" with a traceback. But the parent's own SIGTERM (the loader's shutdown, and
     multiprocessing's at interpreter exit, which terminates daemonic children and waits for
     them) must end the worker: ignoring every SIGTERM made a job that failed while its
-    workers were alive hang at exit forever. The sender is told apart with
-    ``sigwaitinfo``'s ``si_pid`` (SIGTERM is blocked and taken by a waiting thread); where
-    ``sigwaitinfo`` is missing (macOS, Windows), SIGTERM is ignored as before. PyTorch's
-    workers already ignore SIGINT; an orphaned worker exits when it sees its parent gone.
+    workers were alive hang at exit forever.
+
+    A worker with one thread (Linux's default fork start) tells the sender apart exactly:
+    SIGTERM is blocked and taken by a thread in ``sigwaitinfo``, which ends the worker when
+    ``si_pid`` is the process that made it. A signal is delivered to any thread not blocking
+    it, so where threads already run (libraries imported by a spawned or forkserver worker
+    start thread pools) or ``sigwaitinfo`` is missing (macOS, Windows), any SIGTERM ends the
+    worker :data:`SIGTERM_GRACE_S` seconds later instead. PyTorch's workers already ignore
+    SIGINT; an orphaned worker exits when it sees its parent gone.
     """
-    if not hasattr(signal, "sigwaitinfo"):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo") and _thread_count() == 1:
+        made_by = multiprocessing.parent_process()  # under forkserver, not getppid()
+        parent = made_by.pid if made_by is not None and made_by.pid else os.getppid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+        def wait_for_the_parents() -> None:
+            while True:
+                if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                    os._exit(128 + signal.SIGTERM)  # as a shell reports death by SIGTERM
+
+        threading.Thread(target=wait_for_the_parents, name="sigterm", daemon=True).start()
         return
-    parent = os.getppid()
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
-    def wait_for_the_parents() -> None:
-        while True:
-            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
-                os._exit(128 + signal.SIGTERM)  # as a shell reports death by SIGTERM
+    def end_after_a_grace(signum: int, frame: Any) -> None:
+        timer = threading.Timer(SIGTERM_GRACE_S, os._exit, (128 + signal.SIGTERM,))
+        timer.daemon = True
+        timer.start()
 
-    threading.Thread(target=wait_for_the_parents, name="sigterm-from-parent", daemon=True).start()
+    signal.signal(signal.SIGTERM, end_after_a_grace)
+
+
+def _thread_count() -> int:
+    """The process's native threads (Linux's /proc), or 0 where that cannot be read."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
 
 
 def gdal_worker_init(cache_bytes: int) -> Callable[[int], None]:

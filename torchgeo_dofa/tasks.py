@@ -996,10 +996,10 @@ class DOFASegmentationTask(_DOFATask):
             ValueError: for a batch of 1 chip in training with ``decoder_norm="batch"``.
         """
         maps = self.features(image, wavelengths)  # input errors first
-        if (
-            self.hparams["decoder_norm"] == "batch"
-            and self.decoder.training
+        if (  # BatchNorm2d proper: SyncBatchNorm (sync_batchnorm=True) pools every rank's
+            self.decoder.training
             and image.shape[0] == 1
+            and any(type(m) is nn.BatchNorm2d for m in self.decoder.modules())
         ):
             raise ValueError(
                 _batch_of_one(

@@ -70,6 +70,7 @@ from torchgeo_dofa.bands import (
     WAVELENGTH_TOLERANCE,
     BandError,
     canonical_band,
+    check_names_fit,
     check_unique_bands,
     norm_stats,
     resolve_wavelengths,
@@ -968,8 +969,9 @@ class DOFAPreprocess(nn.Sequential):
         Raises:
             ValueError: for an unknown ``input_prep``.
             BandError: for unknown bands without wavelengths, a wavelength count that differs
-                from the band count, bands without DOFA statistics and none given, or given
-                statistics that do not fit.
+                from the band count, bands without DOFA statistics and none given, given
+                statistics that do not fit, or wavelengths contradicting the names the
+                statistics are looked up by (:func:`~torchgeo_dofa.bands.check_names_fit`).
         """
         if input_prep not in INPUT_PREPS:
             raise ValueError(
@@ -978,6 +980,8 @@ class DOFAPreprocess(nn.Sequential):
         attach = AttachWavelengths(bands, wavelengths)
         check = CheckReflectance(nodata=nodata, fill_value=fill_value)
         normalize = NormalizeReflectance(bands, mean, std)
+        if mean is None and wavelengths is not None:  # statistics by name: names must fit
+            check_names_fit(bands, attach.wavelengths)
         size_step: nn.Module = (
             ResizeTo(size, patch_size) if input_prep == "resize" else TileTo(size, patch_size)
         )
@@ -1061,11 +1065,13 @@ class AugmentWithValid(nn.Module):
         """
         if self.carrier in sample:
             raise KeyError(f"the sample already holds {self.carrier!r}, used to carry 'valid'")
-        image = _image(sample, "AugmentWithValid")
+        sample = dict(sample)
+        image = sample["image"]  # its dtype is the augmentation's business: no cast here
+        if not isinstance(image, Tensor):
+            image = sample["image"] = torch.as_tensor(np.ascontiguousarray(image))
         valid = _optional_tensor(sample, "valid")
         if valid is None:
             valid = torch.ones(image.shape[:-3] + image.shape[-2:], dtype=torch.bool)
-        sample = dict(sample)
         sample.pop("valid", None)
         sample[self.carrier] = valid.to(image.device, torch.float32).unsqueeze(-3)
         out = self.augmentation(sample)
