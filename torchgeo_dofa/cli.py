@@ -100,8 +100,8 @@ def _names_file(output_dir: str | os.PathLike[str]) -> bool:
             not an existing folder.
     """
     text = os.fspath(output_dir)
-    if text.endswith(("/", os.sep)) or os.path.basename(text) in (".", ".."):
-        return False  # pathlib would drop the trailing "/" or "/."
+    if _spelled_as_folder(text):
+        return False
     problem = _other_format_problem(text)
     if problem is not None:
         from .datasets import InputError
@@ -110,15 +110,15 @@ def _names_file(output_dir: str | os.PathLike[str]) -> bool:
     return Path(text).suffix.lower() in GRID_SUFFIXES + TABLE_SUFFIXES
 
 
+def _spelled_as_folder(text: str) -> bool:
+    """Whether ``-o`` ends in ``/``, ``/.`` or ``/..`` (pathlib would drop those)."""
+    return text.endswith(("/", os.sep)) or os.path.basename(text) in (".", "..")
+
+
 def _other_format_problem(text: str) -> str | None:
     """The refusal of ``-o x.png`` (a format the job does not write), or None."""
     suffix = Path(text).suffix.lower()
-    if (
-        text.endswith(("/", os.sep))
-        or os.path.basename(text) in (".", "..")
-        or suffix not in OTHER_FILE_SUFFIXES
-        or Path(text).is_dir()
-    ):
+    if _spelled_as_folder(text) or suffix not in OTHER_FILE_SUFFIXES or Path(text).is_dir():
         return None
     return (
         f"-o {text}: the job writes GeoTIFF grids (.tif, .tiff) and GeoParquet tables "
@@ -1237,10 +1237,8 @@ def _one_line_warnings() -> Iterator[None]:
     Python's format adds the file, line and source line that issued the warning, noise on a
     terminal; warnings from other libraries keep it.
     """
-    here = Path(__file__).parent
-    package = tuple(  # as imported, and behind links
-        str(folder) + os.sep for folder in (here.absolute(), here.resolve())
-    )
+    here = _warnings.PACKAGE_DIR  # as imported, and behind links
+    package = (here, os.path.realpath(here) + os.sep)
     default = warnings.formatwarning
 
     def one_line(

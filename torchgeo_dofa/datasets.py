@@ -1300,7 +1300,7 @@ class Sentinel2Base(RasterDataset):
                 if valid_np.all():
                     break
             used = used or read
-        files = sorted({path for sources in used for path, _ in sources})
+        files = _files_of(used)
 
         transform = Affine(xres, 0.0, float(x.start), 0.0, -yres, float(y.stop))
         sample = {
@@ -1340,8 +1340,7 @@ class Sentinel2Base(RasterDataset):
         Raises:
             IndexError: if the chip does not intersect any scene.
         """
-        scenes = self._overlapping_scenes(index)[3]
-        return sorted({path for sources, _ in scenes for path, _ in sources})
+        return _files_of(sources for sources, _ in self._overlapping_scenes(index)[3])
 
     def _overlapping_scenes(
         self, index: GeoSlice
@@ -2594,6 +2593,11 @@ def _corner_bounds(t: Affine, width: int, height: int) -> tuple[float, float, fl
 def _names_embedding_bands(descriptions: Sequence[str | None]) -> bool:
     """Whether band descriptions are an embedding grid's (``dofa_0000`` ..., GridWriter's)."""
     return bool(descriptions) and descriptions[0] == "dofa_0000"
+
+
+def _files_of(scenes: Iterable[Sequence[tuple[str, int]]]) -> list[str]:
+    """The sorted files of scenes given as their ``(path, band)`` sources."""
+    return sorted({path for sources in scenes for path, _ in sources})
 
 
 def _one_crs(
