@@ -15,7 +15,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -610,6 +610,54 @@ def test_segmentation_ignores_invalid_pixels(ignore_index: int | None) -> None:
     assert loss.item() == 0.0
     grads = [p.grad for p in seg.parameters() if p.grad is not None]
     assert grads and all(bool((g == 0).all()) for g in grads)
+
+
+def test_segmentation_val_loss_is_the_mean_over_the_epochs_counted_pixels(
+    tmp_path: Path,
+) -> None:
+    """val_loss / test_loss weigh each batch by its counted pixels: a margin batch with 16
+    valid pixels (or none) does not count like a full one (with Lightning's batch_size
+    weighting a batch without a valid pixel logged 0 and pulled the epoch's mean down)."""
+    torch.manual_seed(0)
+    seg = DOFASegmentationTask(
+        num_classes=3, weights=None, interpolate_pos_embed=True, decoder_channels=64,
+        patience=None,
+    )  # fmt: skip
+    wl = torch.tensor(wavelengths_for_bands(RGBN))
+    batches = []
+    for kept in (32, 4, 0):  # a full batch, a margin batch, a batch of no-data only
+        valid = torch.zeros(2, 32, 32, dtype=torch.bool)
+        valid[:, :kept, :kept] = True
+        batches.append(
+            {
+                "image": torch.randn(2, 4, 32, 32),
+                "wavelengths": wl.expand(2, 4),
+                "mask": torch.randint(0, 3, (2, 32, 32)),
+                "valid": valid,
+            }
+        )
+    seg.eval()
+    with torch.no_grad():
+        logits = torch.cat([seg(b["image"], wl) for b in batches])
+    valid = torch.cat([b["valid"] for b in batches])
+    mask = torch.cat([b["mask"] for b in batches])
+    expected = F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], mask[valid]).item()
+    per_batch = [
+        F.cross_entropy(g.permute(0, 2, 3, 1)[b["valid"]], b["mask"][b["valid"]]).item()
+        for g, b in zip(logits.split(2), batches[:2], strict=False)
+    ]
+    chip_weighted = (2 * per_batch[0] + 2 * per_batch[1] + 2 * 0.0) / 6
+    assert abs(expected - chip_weighted) > 0.1  # the two weightings tell apart
+    loader = DataLoader[Any](cast(Any, batches), batch_size=None)
+    trainer = make_trainer(tmp_path, 1, [])
+    got = trainer.validate(seg, loader, verbose=False)[0]
+    assert got["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert trainer.test(seg, loader, verbose=False)[0]["test_loss"] == pytest.approx(
+        expected, rel=1e-5
+    )
+    # a validation epoch without a counted pixel has no loss: NaN, not a perfect 0
+    empty = DataLoader[Any](cast(Any, batches[2:]), batch_size=None)
+    assert math.isnan(trainer.validate(seg, empty, verbose=False)[0]["val_loss"])
 
 
 def test_segmentation_batch_norm_decoder_batch_of_one_chip(tmp_path: Path) -> None:

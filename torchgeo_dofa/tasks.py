@@ -63,6 +63,7 @@ __all__ = [
     "DOFASegmentationTask",
     "DecoderNorm",
     "Mode",
+    "PixelMeanLoss",
     "UPerNetDecoder",
     "layer_id",
     "wavelengths_for_bands",
@@ -358,8 +359,12 @@ class _DOFATask(BaseTask):
     def _step(self, batch: Mapping[str, Any], split: str, metrics: MetricCollection) -> Tensor:
         loss, logits, target = self._loss_and_logits(batch)
         metrics.update(*self._metric_inputs(logits, target))
-        self.log(f"{split}_loss", loss, batch_size=logits.shape[0])
+        self._log_loss(split, loss, logits, target)
         return loss
+
+    def _log_loss(self, split: str, loss: Tensor, logits: Tensor, target: Tensor) -> None:
+        """Log ``{split}_loss``; its epoch value is the mean over batches weighted by chips."""
+        self.log(f"{split}_loss", loss, batch_size=logits.shape[0])
 
     def _metric_inputs(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         return logits, target
@@ -732,6 +737,45 @@ def _conv_norm_act(cin: int, cout: int, kernel: int, norm: str) -> nn.Sequential
     )
 
 
+class PixelMeanLoss(Metric):
+    """The mean of a per-pixel loss over every pixel counted in an epoch.
+
+    Each batch adds ``loss * pixels`` and ``pixels`` (summed across processes under DDP);
+    :meth:`compute` divides. Unlike Lightning's ``batch_size`` weighting (one int per batch)
+    a batch weighs by the pixels its loss was averaged over, so a margin chip with few valid
+    pixels (or none: loss 0, weight 0) does not pull the mean towards 0. No device sync per
+    step. An epoch without any counted pixel gives NaN.
+    """
+
+    full_state_update = False
+    total: Tensor
+    pixels: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        """Start at zero.
+
+        Args:
+            **kwargs: passed on to :class:`torchmetrics.Metric`.
+        """
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("pixels", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, loss: Tensor, pixels: Tensor) -> None:
+        """Add one batch.
+
+        Args:
+            loss: the batch's mean loss over its counted pixels (scalar).
+            pixels: how many pixels that mean is over (scalar, may be 0).
+        """
+        self.total += loss.detach().float() * pixels
+        self.pixels += pixels
+
+    def compute(self) -> Tensor:
+        """The pixel-weighted mean loss (NaN where no pixel was counted)."""
+        return self.total / self.pixels
+
+
 class UPerNetDecoder(nn.Module):
     """A compact UPerNet for ViT features (the BEiT / MAE ViT-UPerNet recipe, slimmed).
 
@@ -957,6 +1001,19 @@ class DOFASegmentationTask(_DOFATask):
             }
         )
         self._set_metrics(metrics)
+        # val_loss / test_loss are means over the pixels counted in the whole epoch: a batch
+        # weighs by its counted pixels (Lightning's batch_size weighting is one int per batch,
+        # and would let a margin chip's loss of 0 pull the mean down like a full chip's)
+        self.val_loss_mean = PixelMeanLoss()
+        self.test_loss_mean = PixelMeanLoss()
+
+    def _log_loss(self, split: str, loss: Tensor, logits: Tensor, target: Tensor) -> None:
+        if split == "train":
+            super()._log_loss(split, loss, logits, target)
+            return
+        mean = self.val_loss_mean if split == "val" else self.test_loss_mean
+        mean.update(loss, (target != self._ignore_target).sum())
+        self.log(f"{split}_loss", mean, on_step=False, on_epoch=True)
 
     def features(
         self, image: Tensor, wavelengths: Tensor | Sequence[float] | None = None
