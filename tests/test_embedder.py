@@ -378,3 +378,35 @@ def test_a_writer_under_a_model_that_is_not_an_embedder_says_so(tmp_path: Path) 
         "with DOFAEmbedder"
     )
     assert not out.exists()
+
+
+def test_a_writer_under_a_fine_tuning_task_is_refused_before_any_batch(tmp_path: Path) -> None:
+    """A task's predict (class scores) under an embedding writer is a TypeError at setup,
+    before the first batch is read and computed."""
+    import pytest
+
+    from torchgeo_dofa.datamodules import DOFAPredictDataModule
+    from torchgeo_dofa.tasks import DOFAClassificationTask
+    from torchgeo_dofa.writers import GridWriter, PooledWriter
+
+    class CountBatches(pl.Callback):
+        batches = 0
+
+        def on_predict_batch_start(self, *args: Any) -> None:
+            CountBatches.batches += 1
+
+    task = DOFAClassificationTask(num_classes=3, weights=None, bands=["B4", "B3", "B2", "B8"])
+    dm = DOFAPredictDataModule(SCENE, batch_size=2)
+    out = tmp_path / "out"
+    for writer in (PooledWriter(out / "p.parquet"), GridWriter(out / "g.tif")):
+        trainer = _cpu_trainer([writer, CountBatches()])
+        with pytest.raises(TypeError) as refused:
+            trainer.predict(task, datamodule=dm, return_predictions=False)
+        assert str(refused.value) == (
+            f"{type(writer).__name__} writes embeddings, but DOFAClassificationTask is a "
+            "fine-tuning task, whose predict_step returns class scores: predict with "
+            "DOFAEmbedder (its fine-tuned encoder: DOFAEmbedder(weights='task.ckpt')), or "
+            "write the task's predictions with a writer of your own"
+        )
+    assert CountBatches.batches == 0
+    assert not out.exists()

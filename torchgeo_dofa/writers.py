@@ -541,9 +541,20 @@ class _PartsWriter(BasePredictionWriter):
         refused or failed before any chip was embedded leaves nothing behind.
 
         Raises:
+            TypeError: when the module is a TorchGeo fine-tuning task (this package's
+                ``DOFAClassificationTask`` / ``DOFASegmentationTask`` too), whose predictions
+                are class scores, not embeddings: refused before any batch is computed.
             ValueError: when the module's ``output`` (``grid`` / ``pooled``) does not give
                 what this writer writes.
         """
+        tasks = sys.modules.get("torchgeo.tasks")  # not imported: the module is not a task
+        if tasks is not None and isinstance(pl_module, tasks.BaseTask):
+            raise TypeError(
+                f"{type(self).__name__} writes embeddings, but {type(pl_module).__name__} is "
+                "a fine-tuning task, whose predict_step returns class scores: predict with "
+                "DOFAEmbedder (its fine-tuned encoder: DOFAEmbedder(weights='task.ckpt')), or "
+                "write the task's predictions with a writer of your own"
+            )
         output = getattr(pl_module, "output", None)  # DOFAEmbedder's: grid, pooled, both
         kind = self.needs[0] if self.needs else None
         if isinstance(output, str) and kind is not None and output not in (kind, "both"):
