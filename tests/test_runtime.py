@@ -343,11 +343,16 @@ def test_a_job_failing_while_its_loader_worker_lives_exits() -> None:
     assert "BandError: the sample's channels have wavelengths [0.49" in proc.stderr
 
 
+#: The grace of a worker that cannot tell SIGTERM's sender apart, in the test below (the
+#: default, runtime.SIGTERM_GRACE_S = 20 s, would make the test wait that long twice).
+_TEST_GRACE_S = 5.0
+
+
 def _worker_waiting_for_sigterm(ready: Any) -> None:
     """A stand-in for a DataLoader worker: the worker_init_fn's signal set-up, then idle."""
     import time
 
-    runtime._sigterm_from_parent_only()
+    runtime._sigterm_from_parent_only(grace_s=_TEST_GRACE_S)
     ready.set()
     time.sleep(60)
 
@@ -371,7 +376,7 @@ def test_a_worker_ignores_others_sigterm_and_ends_on_its_parents(method: str) ->
         worker.join(2)
         assert worker.is_alive()
         worker.terminate()  # the parent's: at once (fork), or after the grace (threads run)
-        worker.join(runtime.SIGTERM_GRACE_S + 10)
+        worker.join(_TEST_GRACE_S + 10)
         assert not worker.is_alive() and worker.exitcode == 143
     finally:
         if worker.is_alive():

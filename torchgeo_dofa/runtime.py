@@ -600,7 +600,7 @@ _WORKER_ENVS: list[Any] = []
 SIGTERM_GRACE_S = 20.0
 
 
-def _sigterm_from_parent_only() -> None:
+def _sigterm_from_parent_only(grace_s: float | None = None) -> None:
     """In a DataLoader worker: end on the parent's SIGTERM, leave everyone else's to it.
 
     SIGTERM sent to every process of a job (``scancel``, a SLURM time limit, systemd,
@@ -618,7 +618,11 @@ def _sigterm_from_parent_only() -> None:
     start thread pools) or ``sigwaitinfo`` is missing (macOS, Windows), any SIGTERM ends the
     worker :data:`SIGTERM_GRACE_S` seconds later instead. PyTorch's workers already ignore
     SIGINT; an orphaned worker exits when it sees its parent gone.
+
+    Args:
+        grace_s: seconds of that grace; None for :data:`SIGTERM_GRACE_S`.
     """
+    grace = SIGTERM_GRACE_S if grace_s is None else grace_s
     if hasattr(signal, "sigwaitinfo") and _thread_count() == 1:
         made_by = multiprocessing.parent_process()  # under forkserver, not getppid()
         parent = made_by.pid if made_by is not None and made_by.pid else os.getppid()
@@ -633,7 +637,7 @@ def _sigterm_from_parent_only() -> None:
         return
 
     def end_after_a_grace(signum: int, frame: Any) -> None:
-        timer = threading.Timer(SIGTERM_GRACE_S, os._exit, (128 + signal.SIGTERM,))
+        timer = threading.Timer(grace, os._exit, (128 + signal.SIGTERM,))
         timer.daemon = True
         timer.start()
 
