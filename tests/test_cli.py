@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import rasterio
 import torch
+from rasterio.transform import Affine
 from rasterio.windows import Window, from_bounds
 
 from tests.precision import assert_as_exact_as_torchgeo, cosine_error, torchgeo_bf16_error
@@ -94,6 +95,44 @@ def test_cell_vectors_equal_encoder_grid(reference_run: Path, base_checkpoint) -
         cells = emb.read(window=((row, row + 14), (col, col + 14)))
     # cells inside this chip and no other chip (no overlap at stride 224)
     np.testing.assert_allclose(cells, grid, rtol=1e-4, atol=1e-4)
+
+
+def test_oblong_pixels_give_oblong_cells(tmp_path: Path, base_checkpoint) -> None:
+    """A 10 x 20 m raster (and any non-square pixels, e.g. degrees in EPSG:4326): 160 x 320 m
+    cells placed on the chips' pixels (the job failed after its first batch, with parts left,
+    on "chip grid cell size 160.0 x 320.0 differs from the output's 160.0")."""
+    with rasterio.open(SCENE) as src:
+        profile, names, t = src.profile, list(src.descriptions), src.transform
+        data = src.read(window=((0, 300), (0, 300)))
+    oblong = tmp_path / "oblong.tif"
+    transform = Affine(10.0, 0.0, t.c, 0.0, -20.0, t.f)
+    with rasterio.open(
+        oblong, "w", **(profile | {"width": 300, "height": 300, "transform": transform})
+    ) as dst:
+        dst.write(data)
+        dst.descriptions = names
+    out = tmp_path / "out"
+    args = ["embed", str(oblong), "-o", str(out), "--weights", str(base_checkpoint)]
+    assert main([*args, "--no-progress", "--precision", "32"]) == 0
+    with rasterio.open(oblong) as src, rasterio.open(out / "oblong_grid.tif") as emb:
+        assert emb.crs == src.crs and emb.res == (160.0, 320.0)
+        assert (emb.width, emb.height) == (19, 19)  # ceil(300 / 16) both ways
+        assert (emb.bounds.left, emb.bounds.bottom) == (src.bounds.left, src.bounds.bottom)
+        # the chip at the lower-left corner: 224 x 224 pixels = 2240 x 4480 m
+        left, bottom = src.bounds.left, src.bounds.bottom
+        window = from_bounds(left, bottom, left + 2240, bottom + 4480, src.transform)
+        raw = src.read(window=window, boundless=True, fill_value=0).astype(np.float32)
+        row, col = emb.index(left + 80, bottom + 4480 - 160)  # its top-left cell's centre
+        cells = emb.read(window=((row, row + 14), (col, col + 14)))
+    sample = DOFAPreprocess(bands=names)({"image": torch.from_numpy(raw)})
+    enc = load_dofa("base", weights=base_checkpoint)
+    with torch.inference_mode():
+        grid = enc(sample["image"][None], sample["wavelengths"]).grid[0].numpy()
+    np.testing.assert_allclose(cells, grid, rtol=1e-4, atol=1e-4)
+    frame = gpd.read_parquet(out / "oblong_pooled.parquet")
+    widths = frame.geometry.bounds.maxx - frame.geometry.bounds.minx
+    heights = frame.geometry.bounds.maxy - frame.geometry.bounds.miny
+    assert set(widths) == {2240.0} and set(heights) == {4480.0}
 
 
 def test_pooled_table(reference_run: Path, base_checkpoint) -> None:

@@ -556,7 +556,7 @@ class DOFAPredictDataModule(GeoDataModule):
         if sampler is None:
             raise RuntimeError("call setup('predict') before grid_geometry()")
         crs = RioCRS.from_user_input(dataset.crs.to_wkt())
-        res = float(dataset.res[0])
+        res = (float(dataset.res[0]), float(dataset.res[1]))  # (x, y): pixels may be oblong
         if isinstance(sampler, ChipGridSampler):
             return GridGeometry.for_region(crs, sampler.region_bounds, res, self.cell_px)
         if self.mode == "points":

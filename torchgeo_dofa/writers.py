@@ -261,9 +261,11 @@ class GridGeometry:
         crs: the region's CRS.
         xmin: left edge (map units).
         ymin: bottom edge (map units).
-        cell: cell size in map units (16 x the input resolution for 224-pixel chips).
+        cell: cell width in map units (16 x the input's x resolution for 224-pixel chips).
         width: cells across.
         height: cells down.
+        cell_y: cell height in map units where pixels are not square (16 x the y
+            resolution); None for square cells (``cell``). See :attr:`cell_height`.
     """
 
     crs: CRS
@@ -272,38 +274,55 @@ class GridGeometry:
     cell: float
     width: int
     height: int
+    cell_y: float | None = None
+
+    @property
+    def cell_height(self) -> float:
+        """Cell height in map units (``cell`` for square cells)."""
+        return self.cell if self.cell_y is None else self.cell_y
 
     @classmethod
     def for_region(
-        cls, crs: CRS, bounds: Sequence[float], res: float, patch_px: float = 16.0
+        cls,
+        crs: CRS,
+        bounds: Sequence[float],
+        res: float | Sequence[float],
+        patch_px: float = 16.0,
     ) -> GridGeometry:
         """Grid covering ``bounds`` (xmin, ymin, xmax, ymax) at ``patch_px`` input pixels a cell.
 
         Args:
             crs: region CRS.
             bounds: (xmin, ymin, xmax, ymax) in map units.
-            res: input pixel size in map units.
+            res: input pixel size in map units, or (x, y) sizes (TorchGeo's ``res``) for
+                pixels that are not square (a 10 x 20 m raster gives 160 x 320 m cells).
             patch_px: input pixels per cell side (16 when chips are not rescaled).
 
         Returns:
             The geometry.
         """
         xmin, ymin, xmax, ymax = (float(b) for b in bounds)
-        cell = res * patch_px
+        xres, yres = np.broadcast_to(np.asarray(res, dtype=float), (2,))
+        cell, cell_y = float(xres) * patch_px, float(yres) * patch_px
         width = max(1, math.ceil((xmax - xmin) / cell - 1e-6))
-        height = max(1, math.ceil((ymax - ymin) / cell - 1e-6))
-        return cls(crs, xmin, ymin, cell, width, height)
+        height = max(1, math.ceil((ymax - ymin) / cell_y - 1e-6))
+        square = math.isclose(cell, cell_y, rel_tol=1e-9)
+        return cls(crs, xmin, ymin, cell, width, height, None if square else cell_y)
 
     @classmethod
     def for_chips(
-        cls, crs: CRS, chips: Sequence[tuple[slice, ...]], res: float, patch_px: float = 16.0
+        cls,
+        crs: CRS,
+        chips: Sequence[tuple[slice, ...]],
+        res: float | Sequence[float],
+        patch_px: float = 16.0,
     ) -> GridGeometry:
         """Grid covering the union of a sampler's chips (e.g. TorchGeo's gridded samplers).
 
         Args:
             crs: the chips' CRS.
             chips: ``(x, y, ...)`` slices in map units.
-            res: input pixel size in map units.
+            res: input pixel size in map units, or (x, y) sizes.
             patch_px: input pixels per cell side.
 
         Returns:
@@ -323,9 +342,8 @@ class GridGeometry:
     @property
     def transform(self) -> Affine:
         """The output raster's affine transform (north-up)."""
-        return Affine(
-            self.cell, 0.0, self.xmin, 0.0, -self.cell, self.ymin + self.height * self.cell
-        )
+        cell_y = self.cell_height
+        return Affine(self.cell, 0.0, self.xmin, 0.0, -cell_y, self.ymin + self.height * cell_y)
 
     def place(self, grid_transform: Sequence[float]) -> tuple[int, int]:
         """Row and column of a chip grid's top-left cell in this grid.
@@ -340,15 +358,16 @@ class GridGeometry:
             ValueError: if the chip grid is not aligned with this grid.
         """
         a, _, c, _, e, f = (float(v) for v in list(grid_transform)[:6])
+        cell_y = self.cell_height
         if not math.isclose(a, self.cell, rel_tol=1e-3) or not math.isclose(
-            -e, self.cell, rel_tol=1e-3
+            -e, cell_y, rel_tol=1e-3
         ):
             raise ValueError(
-                f"chip grid cell size {a} x {-e} differs from the output's {self.cell}: all "
-                "chips of a region must have the same size in pixels"
+                f"chip grid cell size {a} x {-e} differs from the output's {self.cell} x "
+                f"{cell_y}: all chips of a region must have the same size in pixels"
             )
         col = (c - self.xmin) / self.cell
-        row = (self.ymin + self.height * self.cell - f) / self.cell
+        row = (self.ymin + self.height * cell_y - f) / cell_y
         if abs(col - round(col)) > 0.05 or abs(row - round(row)) > 0.05:
             raise ValueError(
                 f"chip at ({c}, {f}) does not fall on whole output cells: use a sampler stride "
@@ -1098,7 +1117,7 @@ class GridWriter(_PartsWriter):
                 crs = CRS.from_user_input(dataset.crs.to_wkt())
                 patch_px = float(getattr(dm, "patch_size", 224)) / 224 * 16
                 self._geometry = GridGeometry.for_chips(
-                    crs, list(sampler), float(dataset.res[0]), patch_px
+                    crs, list(sampler), tuple(float(r) for r in dataset.res), patch_px
                 )
         geom = self.geometry
         self.check_parts_identity(
@@ -1126,8 +1145,8 @@ class GridWriter(_PartsWriter):
 
     def key_for_chip(self, chip: Sequence[slice]) -> str:
         """Part-file key of a sampler's chip ``(x, y, ...)`` (slices in map units)."""
-        cell = self.geometry.cell
-        return self.chip_key([cell, 0.0, float(chip[0].start), 0.0, -cell, float(chip[1].stop)])
+        cell, cell_y = self.geometry.cell, self.geometry.cell_height
+        return self.chip_key([cell, 0.0, float(chip[0].start), 0.0, -cell_y, float(chip[1].stop)])
 
     def part_key(self, prediction: Mapping[str, Any], i: int) -> str:
         """Part-file key of chip ``i`` of a prediction (from its ``grid_transform``)."""
