@@ -566,7 +566,18 @@ def test_missing_asset_is_one_line(scenes, tmp_path) -> None:
     with pytest.raises(stac.StacError) as info:
         stac.composite_to_geotiff([item], SYN_ROI, BANDS, tmp_path / "x.tif")
     assert "no asset for band B8" in _one_line(info.value) and "'nir'" in str(info.value)
+    assert str(info.value).endswith(
+        "choose bands the collection provides, e.g. bands=['B4', 'B3', 'B2']"
+    )
     assert not (tmp_path / "x.tif").exists()
+
+    no_scl = scenes["syn_items"]["syn_b0300"].clone()
+    no_scl.assets.pop("scl")
+    with pytest.raises(stac.StacError) as info:
+        stac.composite_to_geotiff([no_scl], SYN_ROI, BANDS, tmp_path / "x.tif")
+    text = _one_line(info.value)
+    assert text.startswith("item syn_b0300 has no asset for the SCL scene classification")
+    assert "mask_scl=()" in text and "choose bands" not in text
 
     gone = scenes["syn_items"]["syn_b0300"].clone()
     gone.assets["red"].href = str(tmp_path / "does-not-exist.tif")
@@ -574,6 +585,41 @@ def test_missing_asset_is_one_line(scenes, tmp_path) -> None:
         stac.composite_to_geotiff([gone], SYN_ROI, BANDS, tmp_path / "y.tif")
     assert "cannot read assets of item syn_b0300" in _one_line(info.value)
     assert not list(tmp_path.glob("*.tif"))
+
+
+def test_missing_band_hint_names_bands_in_python_and_the_cli(
+    scenes, tmp_path, monkeypatch, capsys
+) -> None:
+    """The items have no B5: the hint is ``bands=`` from Python, ``--bands`` from the CLI."""
+    from torchgeo_dofa.cli import main
+
+    monkeypatch.setenv("TORCHGEO_DOFA_STAC_CACHE", str(tmp_path / "cache"))
+    hint = "choose bands the collection provides, e.g. "
+    with pytest.raises(stac.StacError) as info:  # DOFA's 9 bands by default
+        stac.materialise(scenes["bbox"], WINDOW, scenes["items_file"], max_cloud=50)
+    text = _one_line(info.value)
+    assert "has no asset for band B5" in text and "--bands" not in text
+    assert text.endswith(hint + "bands=['B4', 'B3', 'B2', 'B8']")
+    with pytest.raises(stac.StacError) as info:
+        get_embedding(
+            "dofa", spatial=BBox(*scenes["bbox"]), stac_url=scenes["items_file"], weights=None,
+            temporal=TemporalSpec.range("2021-06-01", "2023-01-01"),
+            sensor=SensorSpec(bands=("B4", "B5", "B8"), cloudy_pct=50),
+        )  # fmt: skip
+    assert _one_line(info.value).endswith(
+        hint + "bands=['B4', 'B8'] (get_embedding takes them as sensor=SensorSpec(bands=[...]))"
+    )
+    bbox = [str(v) for v in scenes["bbox"]]
+    out = tmp_path / "out"
+    code = main(
+        ["embed", "--stac", str(scenes["items_file"]), "--collection", COLLECTION, "--bbox",
+         *bbox, "--datetime", WINDOW, "--max-cloud", "50", "--weights", "none", "--no-progress",
+         "-o", str(out)]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "has no asset for band B5" in err
+    assert err.endswith(hint + "--bands B4 B3 B2 B8\n") and "bands=" not in err
+    assert not list((tmp_path / "cache").glob("*.tif"))
 
 
 def test_unreachable_api_is_one_line(scenes, tmp_path) -> None:

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import shapely
 import shapely.geometry
-import shapely.ops
 
 from .bands import canonical_band
 from .spatial import Region, utm_epsg, utm_region_grid

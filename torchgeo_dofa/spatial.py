@@ -25,10 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyproj
 import shapely
-import shapely.ops
 from pyproj import CRS
 from shapely.geometry.base import BaseGeometry
 
@@ -40,6 +40,7 @@ __all__ = [
     "read_points",
     "region_to_crs",
     "region_window",
+    "transform_geometry",
     "utm_epsg",
     "utm_region_grid",
 ]
@@ -114,7 +115,7 @@ class PointBuffer:
         b = self.buffer_m
         square = shapely.segmentize(shapely.box(-b, -b, b, b), max_segment_length=b / 8)
         to_target = pyproj.Transformer.from_crs(local, CRS.from_user_input(crs), always_xy=True)
-        return shapely.ops.transform(to_target.transform, square)
+        return transform_geometry(square, to_target)
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,28 @@ def _metres_per_unit(crs: CRS) -> float | None:
     return float(axis.unit_conversion_factor)
 
 
+def transform_geometry(geometry: BaseGeometry, transformer: pyproj.Transformer) -> BaseGeometry:
+    """Apply a pyproj transformer to every vertex of a geometry (shapely 2's vectorised way).
+
+    Replaces ``shapely.ops.transform(transformer.transform, geometry)``, deprecated in shapely
+    2.1: the coordinates go through ``transformer`` as one (N, 2) array (x, y; a Z coordinate
+    is dropped), so no ``DeprecationWarning`` is issued and the vertices are the same.
+
+    Args:
+        geometry: any shapely geometry.
+        transformer: a ``pyproj.Transformer`` built with ``always_xy=True``.
+
+    Returns:
+        The transformed geometry (2D), same type and vertex count.
+    """
+
+    def apply(xy: np.ndarray) -> np.ndarray:
+        x, y = transformer.transform(xy[:, 0], xy[:, 1])
+        return np.column_stack([x, y])
+
+    return shapely.transform(geometry, apply)
+
+
 def _reproject(geometry: BaseGeometry, src: CRS, dst: CRS) -> BaseGeometry:
     """Reproject a geometry, densifying its edges first so curved edges are followed."""
     if src == dst:
@@ -263,7 +286,7 @@ def _reproject(geometry: BaseGeometry, src: CRS, dst: CRS) -> BaseGeometry:
     if span > 0:
         geometry = shapely.segmentize(geometry, max_segment_length=span / 32)
     transformer = pyproj.Transformer.from_crs(src, dst, always_xy=True)
-    return shapely.ops.transform(transformer.transform, geometry)
+    return transform_geometry(geometry, transformer)
 
 
 #: Coordinate column pairs of a points CSV, in order of preference (matched case-insensitively).
@@ -513,5 +536,5 @@ def utm_region_grid(region: Region, resolution: float, crs: str | int | None = N
         ),
         width=width,
         height=height,
-        footprint_4326=shapely.ops.transform(to_wgs84.transform, footprint),
+        footprint_4326=transform_geometry(footprint, to_wgs84),
     )

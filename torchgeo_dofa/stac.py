@@ -68,10 +68,9 @@ import numpy.typing as npt
 import rasterio
 import shapely
 import shapely.geometry
-import shapely.ops
 from affine import Affine
 
-from .bands import DOFA_S2_BANDS, STAC_ITEM_ASSETS, BandError, canonical_band
+from .bands import DOFA_S2_BANDS, SENTINEL2_BANDS, STAC_ITEM_ASSETS, BandError, canonical_band
 from .spatial import BBox, PointBuffer, Region, utm_region_grid
 from .writers import atomic_write
 
@@ -458,28 +457,52 @@ def item_offset(item: Any) -> tuple[float, str]:
     return value, f"acquisition date {acquired.isoformat()} (no baseline property)"
 
 
-def asset_key(item: Any, band: str) -> str:
+def _item_bands(item: Any) -> set[str]:
+    """The Sentinel-2 bands (canonical names, not the SCL) an item has an asset for."""
+    return {STAC_ITEM_ASSETS[k] for k in item.assets if STAC_ITEM_ASSETS.get(k, "SCL") != "SCL"}
+
+
+def asset_key(item: Any, band: str, bands: Sequence[str] | None = None) -> str:
     """The asset of an item holding a band (``B4`` -> ``red`` or ``B04``; ``SCL`` -> ``scl``).
 
     Args:
         item: a ``pystac.Item``.
         band: a Sentinel-2 band name (either spelling) or ``SCL``.
+        bands: all the bands requested with it, so that the error can suggest those of them
+            the item provides (default: suggest every band it provides).
 
     Returns:
         The asset key.
 
     Raises:
-        StacError: if no asset of the item maps to the band (names the assets it has).
+        StacError: if no asset of the item maps to the band: names the assets it has and the
+            ``bands=[...]`` it could serve (the CLI shows that as ``--bands ...``); for the
+            SCL, says to use an L2A collection or ``mask_scl=()``.
     """
     wanted = "SCL" if band.strip().upper() == "SCL" else canonical_band(band)
     keys = [k for k in item.assets if STAC_ITEM_ASSETS.get(k) == wanted]
-    if not keys:
-        known = sorted(k for k, v in STAC_ITEM_ASSETS.items() if v == wanted)
+    if keys:
+        return keys[0]
+    known = sorted(k for k, v in STAC_ITEM_ASSETS.items() if v == wanted)
+    assets = f"(looked for {known}; it has {sorted(item.assets)})"
+    if wanted == "SCL":
         raise StacError(
-            f"item {item.id} has no asset for band {band} (looked for {known}; it has "
-            f"{sorted(item.assets)}): choose bands the collection provides"
+            f"item {item.id} has no asset for the SCL scene classification used for cloud "
+            f"masking {assets}: use a Sentinel-2 L2A collection, whose items carry it (from "
+            "Python, mask_scl=() composites without cloud masking)"
         )
-    return keys[0]
+    has = _item_bands(item)
+    asked = [canonical_band(b) for b in bands] if bands is not None else []
+    usable = [b for b in asked if b in has] or [b for b in SENTINEL2_BANDS if b in has]
+    if not usable:
+        raise StacError(
+            f"item {item.id} has no asset for band {band} {assets}, nor for any other "
+            "Sentinel-2 band: check the collection (a Sentinel-2 L2A one, e.g. sentinel-2-l2a)"
+        )
+    raise StacError(
+        f"item {item.id} has no asset for band {band} {assets}: choose bands the collection "
+        f"provides, e.g. bands={usable}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -648,7 +671,7 @@ def masked_reflectance(
     Raises:
         StacError: a band or the SCL has no asset, or an asset cannot be read.
     """
-    keys = [asset_key(item, b) for b in bands]
+    keys = [asset_key(item, b, bands) for b in bands]
     if mask_scl:
         keys.append(asset_key(item, "SCL"))
     raw = _load_item(item, keys, grid)
@@ -690,7 +713,6 @@ def _esa_name(band: str) -> str:
 def _check_bands(bands: Sequence[str]) -> list[str]:
     if isinstance(bands, str) or not bands:
         raise StacError(f"bands must be a non-empty list of Sentinel-2 band names, got {bands!r}")
-    from .bands import SENTINEL2_BANDS
 
     names = [canonical_band(b) for b in bands]
     unknown = [b for b, n in zip(bands, names, strict=True) if n not in SENTINEL2_BANDS]
@@ -756,7 +778,7 @@ def composite_to_geotiff(
     grid = stac_grid(region, resolution, crs)
     for item in items:  # every asset named before anything is read
         for band in names:
-            asset_key(item, band)
+            asset_key(item, band, names)
         if mask_scl:
             asset_key(item, "SCL")
     layers: list[_Layer] = []
