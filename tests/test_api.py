@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +21,7 @@ import rasterio
 import shapely.geometry
 from rasterio.windows import from_bounds
 
-from torchgeo_dofa import api, gee
+from torchgeo_dofa import api, gee, stac
 from torchgeo_dofa.api import (
     ExportModelRequest,
     ModelError,
@@ -34,8 +35,9 @@ from torchgeo_dofa.api import (
 )
 from torchgeo_dofa.bands import BandError, infer_wavelengths, norm_stats
 from torchgeo_dofa.cli import embed
+from torchgeo_dofa.datasets import Sentinel2SR
 from torchgeo_dofa.gee import GEEUnavailableError, build_gee_request, decode_pixels, utm_epsg
-from torchgeo_dofa.spatial import BBox, PointBuffer
+from torchgeo_dofa.spatial import BBox, PointBuffer, region_to_crs, utm_region_grid
 from torchgeo_dofa.transforms import ReflectanceError
 
 SCENE = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
@@ -382,6 +384,154 @@ def test_local_temporal_selects_scene_by_date(tmp_path, chip_a, weights, tensor_
     far = PointBuffer(lon=0.0, lat=0.0, buffer_m=500)
     with pytest.raises(LookupError, match="no scene"):
         get_embedding("dofa", spatial=far, paths=folder, weights=weights, device="cpu")
+    # without temporal=, both dates meet the chip: refused (it was one image of both dates'
+    # pixels, the first file's where valid)
+    with pytest.raises(ModelError) as mixed:
+        get_embedding("dofa", spatial=point, paths=folder, weights=weights, device="cpu")
+    assert str(mixed.value) == (
+        "local input: S2_20211015.tif (acquired 2021-10-15) and S2_20220614.tif (acquired "
+        "2022-06-14) overlap: a chip would mix the two dates' pixels, and DOFA embeds one "
+        "acquisition at a time (2 dates among the inputs). Choose the dates with "
+        "temporal=TemporalSpec.range('2021-10-15', '2021-10-16'), or give the files as "
+        "separate inputs (one output each)"
+    )
+
+
+# ------------------------------------------------------------------------------ size, coverage
+
+
+def _scene_lonlat(x: float, y: float) -> tuple[float, float]:
+    to_wgs84 = pyproj.Transformer.from_crs("EPSG:32633", "EPSG:4326", always_xy=True)
+    lon, lat = to_wgs84.transform(x, y)
+    return float(lon), float(lat)
+
+
+class _NeverRead(Sentinel2SR):
+    """The demo scene, failing if a chip is ever read (a refusal must come before the read)."""
+
+    def read_chip(self, index):
+        raise AssertionError(f"read {index}")
+
+
+def test_region_too_large_is_refused_before_reading(monkeypatch, tmp_path) -> None:
+    """The reported case: a 50 km buffer on a 5.8 x 3.8 km raster read 10000 x 10000 px."""
+    monkeypatch.delenv("TORCHGEO_DOFA_MAX_PIXELS", raising=False)
+    monkeypatch.delenv("RS_EMBED_DOFA_MAX_PIXELS", raising=False)
+    assert api.max_pixels() == api.DEFAULT_MAX_PIXELS == 4096 * 4096
+    huge = PointBuffer(lon=13.1394, lat=48.2926, buffer_m=50000)
+    with pytest.raises(ModelError) as refused:
+        get_embedding("dofa", paths=_NeverRead(paths=SCENE), spatial=huge, weights=None)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"{huge!r} covers 10000 x 10000 px (100 Mpx, about 1.5 GiB as ")
+    for part in (
+        "on the data's 10 m grid",
+        "16.8 Mpx",
+        "TORCHGEO_DOFA_MAX_PIXELS",
+        "a smaller buffer_m (about 20480 m or less)",
+        "torchgeo-dofa embed FILES --bbox",
+    ):
+        assert part in message
+    # the buffer it names fits; boxes, batches, export and the limit's knob are refused alike
+    monkeypatch.setenv("TORCHGEO_DOFA_MAX_PIXELS", str(224 * 224))
+    with rasterio.open(SCENE) as src:
+        b = src.bounds
+    box = BBox(*_scene_lonlat(b.left + 100, b.bottom + 100), *_scene_lonlat(b.right, b.top))
+    with pytest.raises(ModelError, match=r"^BBox\(.* covers \d+ x \d+ px .*a smaller BBox"):
+        get_embedding("dofa", paths=_NeverRead(paths=SCENE), spatial=box, weights=None)
+    centre = _scene_lonlat((b.left + b.right) / 2, (b.bottom + b.top) / 2)
+    with pytest.raises(ModelError, match=r"covers 226 x 226 px .*\(about 1120 m or less\)"):
+        get_embeddings_batch(
+            "dofa", spatials=[PointBuffer(*centre, 1130)], paths=_NeverRead(paths=SCENE),
+            weights=None,
+        )  # fmt: skip
+    with pytest.raises(ModelError, match="covers 226 x 226 px"):
+        export_batch(
+            spatials=[PointBuffer(*centre, 1130)], models=["dofa"], weights=None,
+            paths=_NeverRead(paths=SCENE), out_path=tmp_path / "e.parquet",
+        )  # fmt: skip
+    # stac: refused before the search (the API below does not exist; it is never asked)
+    url = "http://127.0.0.1:9/no-stac-api"
+    with pytest.raises(
+        ModelError,
+        match=r"covers 226 x 226 px \(0\.0511 Mpx, about 2 MiB as float32 for 9 band\(s\)\) "
+        r"on the 10 m grid of EPSG:32633, more than the 0\.0502 Mpx .*"
+        r"torchgeo-dofa embed --stac URL --bbox",
+    ):
+        get_embedding(
+            "dofa", spatial=PointBuffer(*centre, 1130), stac_url=url, weights=None,
+            temporal=TemporalSpec.range("2022-06-01", "2022-07-01"),
+        )  # fmt: skip
+    monkeypatch.setenv("TORCHGEO_DOFA_MAX_PIXELS", "0")
+    with pytest.raises(ModelError, match="TORCHGEO_DOFA_MAX_PIXELS .* positive integer"):
+        api.max_pixels()
+
+
+def test_low_valid_fraction_warns(tmp_path, chip_a, weights) -> None:
+    """A region mostly outside the raster: one warning naming the fraction, per call."""
+    with rasterio.open(SCENE) as src:
+        b = src.bounds
+    corner = PointBuffer(*_scene_lonlat(b.left, b.bottom), 1120)  # 1/4 of it on the raster
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        emb = get_embedding("dofa", spatial=corner, paths=SCENE, weights=weights, device="cpu")
+    assert emb.meta["valid_fraction"] == pytest.approx(0.25, abs=0.01)
+    said = [w for w in caught if "valid pixels" in str(w.message)]
+    assert len(said) == 1 and said[0].filename == __file__
+    text = str(said[0].message)
+    assert text.startswith(
+        f"1 of 1 input(s) have less than 50% valid pixels ({corner!r}: valid_fraction 0.2"
+    )
+    assert "mostly describes fill" in text
+    # arrays: the sparse one is named, the empty one gets its own warning, not this one
+    raw, names, _, _ = chip_a
+    sparse, empty = raw.astype(np.float32), np.zeros_like(raw)
+    sparse[:, : raw.shape[1] * 3 // 4] = np.nan  # 25 % valid
+    quarter_gone = raw.astype(np.float32)
+    quarter_gone[:, : raw.shape[1] // 4] = np.nan  # 75 % valid: no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        embs = get_embeddings_batch_from_inputs(
+            "dofa", input_chws=[quarter_gone, sparse, empty], sensor=SensorSpec(bands=tuple(names)),
+            weights=weights, device="cpu",
+        )  # fmt: skip
+    assert [e.meta["valid_fraction"] for e in embs] == [0.75, 0.25, 0.0]
+    messages = [str(w.message) for w in caught if "valid pixels" in str(w.message)]
+    assert messages == [
+        "1 of 3 input(s) have less than 50% valid pixels (input_chws[1]: valid_fraction 0.25): "
+        "the rest lies outside the rasters, is no data or masked, so the embedding mostly "
+        "describes fill; move or shrink the region onto the data (meta['valid_fraction'] "
+        "gives the fraction)"
+    ]
+    assert sum("no valid pixel" in str(w.message) for w in caught) == 1
+    # export warns once, at the end
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_batch(
+            spatials=[corner], models=["dofa"], weights=weights, paths=[SCENE], device="cpu",
+            out_path=tmp_path / "e.parquet",
+        )  # fmt: skip
+    assert sum("less than 50% valid pixels" in str(w.message) for w in caught) == 1
+
+
+def test_geometry_conversions_issue_no_deprecation_warning(monkeypatch) -> None:
+    """shapely.ops.transform is deprecated in shapely 2.1: no region conversion may use it."""
+    monkeypatch.setenv("TORCHGEO_DOFA_MAX_PIXELS", "1")  # refuse at once, after the conversion
+    box = BBox(14.93, 48.30, 15.00, 48.33)
+    point = PointBuffer(14.95, 48.31, 500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert box.to_geometry("EPSG:32633").is_valid
+        assert point.to_geometry().is_valid and point.extent("EPSG:4326")[2] > 0
+        utm = region_to_crs(shapely.geometry.box(14.93, 48.30, 15.0, 48.33), "EPSG:32633")
+        assert utm.bounds == pytest.approx(box.to_geometry("EPSG:32633").bounds)
+        assert utm_region_grid(box, 10.0).footprint_4326.contains(
+            shapely.geometry.Point(14.95, 48.31)
+        )
+        assert stac.stac_grid(point).width == 100
+        assert build_gee_request(box, "2022-01-01", "2022-02-01", bands=["B4"]).width > 0
+        with pytest.raises(ModelError, match="covers"):  # the local backend's BBox window
+            get_embedding("dofa", spatial=box, paths=_NeverRead(paths=SCENE), weights=None)
 
 
 # ------------------------------------------------------------------------------ gee backend
@@ -658,6 +808,9 @@ S4 = SensorSpec(bands=("B4", "B3", "B2", "B8"))
             "cannot infer wavelengths",
         ),
         (dict(variant="huge"), ValueError, "unknown DOFA variant 'huge'"),
+        (dict(variant=""), ValueError, "unknown DOFA variant ''"),
+        (dict(variant="  "), ValueError, "unknown DOFA variant '  '"),
+        (dict(model_config={"variant": ""}), ValueError, "unknown DOFA variant ''"),
         (dict(output="cube"), ModelError, "unknown output mode 'cube'"),
         (dict(backend="s3"), ModelError, "unknown backend 's3'"),
         (dict(sensor=None), ModelError, "needs sensor=SensorSpec"),
@@ -688,3 +841,23 @@ def test_provider_errors(weights) -> None:
         get_embedding("dofa", spatial=PointBuffer(1, 1, 10), paths="/no/such/dir")
     with pytest.raises(ModelError, match="list of"):
         get_embeddings_batch_from_inputs("dofa", input_chws=RAW, sensor=S4)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("empty", ["", " "])
+def test_empty_names_are_not_defaults(empty, tmp_path) -> None:
+    """An empty variant or collection is an error, never silently the default."""
+    with pytest.raises(ValueError, match=f"unknown DOFA variant '{empty}'"):
+        get_embeddings_batch_from_inputs(
+            "dofa", input_chws=[RAW], sensor=S4, variant=empty, weights=None
+        )
+    with pytest.raises(ValueError, match=f"unknown DOFA variant '{empty}'"):
+        get_embeddings_batch(
+            "dofa", spatials=[PointBuffer(1, 1, 10)], paths=[SCENE], variant=empty, weights=None
+        )
+    with pytest.raises(ValueError, match=f"unknown DOFA variant '{empty}'"):
+        ExportModelRequest.configure("dofa", variant=empty)
+    with pytest.raises(ModelError, match=f"collection='{empty}' is empty: name a STAC"):
+        get_embedding(
+            "dofa", spatial=PointBuffer(14.95, 48.31, 500), stac_url=tmp_path / "items.json",
+            collection=empty, temporal=TemporalSpec.year(2022), weights=None,
+        )  # fmt: skip

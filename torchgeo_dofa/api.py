@@ -44,7 +44,17 @@ Backends:
 
 Knobs (rs-embed's ``RS_EMBED_DOFA_*`` names work too): ``TORCHGEO_DOFA_BATCH_SIZE`` (images
 per forward pass; default 8 on CPU, 64 on CUDA), ``TORCHGEO_DOFA_FETCH_WORKERS`` (parallel
-Earth Engine fetches for many ROIs; default 8). Local files are read one ROI after another.
+Earth Engine fetches for many ROIs; default 8), ``TORCHGEO_DOFA_MAX_PIXELS`` (see below).
+Local files are read one ROI after another.
+
+Size and coverage: one region is read as one chip, so a region whose chip would exceed
+:func:`max_pixels` pixels per band (default :data:`DEFAULT_MAX_PIXELS`, 4096 x 4096: a 41 km
+square at 10 m, about 0.6 GB as float32 for 9 bands) is refused with a :class:`ModelError`
+before anything is read or searched (``local`` and ``stac``; ``gee`` has Earth Engine's own,
+smaller limit); embed larger areas with the ``torchgeo-dofa embed`` job, which tiles them
+into 224 px chips. An embedding whose input has valid pixels but fewer than
+:data:`LOW_VALID_FRACTION` (50 %) of them (``meta["valid_fraction"]``; the rest is outside the
+rasters, no data or masked) gets one warning per call: it mostly describes fill.
 
 Outputs: ``Embedding.data`` is a numpy array, (D,) for pooled and (D, h, w) for grid output:
 14 x 14 with ``input_prep="resize"``, ``ceil(H/16) x ceil(W/16)`` with ``"tile"``. Grid cells
@@ -76,6 +86,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import rasterio
+import shapely
 import torch
 from affine import Affine
 from pyproj import CRS
@@ -83,7 +94,7 @@ from torch import Tensor
 
 from ._warnings import warn
 from .bands import DOFA_S2_BANDS, BandError, check_unique_bands
-from .datamodules import RegionSampler
+from .datamodules import RegionSampler, refuse_mixed_acquisitions
 from .datasets import (
     EarthEngineS2,
     InputError,
@@ -120,6 +131,7 @@ __all__ = [
     "get_embeddings_batch",
     "get_embeddings_batch_from_inputs",
     "infer_batch_size",
+    "max_pixels",
     "open_local",
 ]
 
@@ -133,6 +145,14 @@ MODEL_NAMES: tuple[str, ...] = ("dofa",)
 DEFAULT_FETCH_WORKERS = 8
 DEFAULT_BATCH_CPU = 8
 DEFAULT_BATCH_CUDA = 64
+
+#: Pixels per band one region may read (``TORCHGEO_DOFA_MAX_PIXELS`` overrides): 4096 x 4096,
+#: a 41 km square at 10 m; its chip is about 0.6 GB as float32 for 9 bands.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+#: An embedding whose input has fewer valid pixels than this fraction (but some) is warned
+#: about: it mostly describes fill (outside the rasters, no data, masked).
+LOW_VALID_FRACTION = 0.5
 
 PathsLike = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Sentinel2Base
 
@@ -401,6 +421,18 @@ def fetch_workers() -> int:
     return _positive_int_setting("FETCH_WORKERS", DEFAULT_FETCH_WORKERS)
 
 
+def max_pixels() -> int:
+    """Pixels per band one region may read (``TORCHGEO_DOFA_MAX_PIXELS``, 4096 x 4096).
+
+    Returns:
+        The limit, in pixels (width x height of the region's chip).
+
+    Raises:
+        ModelError: if the variable is set but not a positive integer.
+    """
+    return _positive_int_setting("MAX_PIXELS", DEFAULT_MAX_PIXELS)
+
+
 def infer_batch_size(device: str | torch.device) -> int:
     """Images per forward pass (``TORCHGEO_DOFA_BATCH_SIZE``; 8 on CPU, 64 on CUDA).
 
@@ -501,7 +533,9 @@ def _config(
                 f"variant={variant!r} conflicts with model_config variant "
                 f"{settings['variant']!r}: give it once"
             )
-    variant_name = canonical_variant(str(settings.get("variant", variant or "base")))
+    variant_name = canonical_variant(
+        str(settings.get("variant", "base" if variant is None else variant))
+    )
     norm = str(settings.get("pooled_norm", pooled_norm))
     if norm not in ("trained", "plain"):
         raise ModelError(
@@ -744,6 +778,63 @@ def _crs_name(crs: CRS) -> str:
     return f"EPSG:{epsg}" if epsg else crs.to_wkt()
 
 
+def _region_label(spatial: Region) -> str:
+    """A short name for a region in messages (a long geometry's WKT is not shown)."""
+    if isinstance(spatial, PointBuffer | BBox):
+        return repr(spatial)
+    return f"the {spatial.geom_type} region"
+
+
+def _check_read_size(
+    spatial: Region, width: int, height: int, bands: int, grid: str, cli: str
+) -> None:
+    """Refuse a region whose chip exceeds :func:`max_pixels` per band, before reading it.
+
+    Args:
+        spatial: the region (named in the message; a PointBuffer gets the buffer that fits).
+        width: chip width, pixels.
+        height: chip height, pixels.
+        bands: bands to read (for the memory estimate).
+        grid: the grid the pixels are counted on (``"the data's 10 m grid"``).
+        cli: the ``torchgeo-dofa embed`` command that tiles the area instead.
+
+    Raises:
+        ModelError: naming the chip size, its memory, the limit and the fixes.
+    """
+    limit = max_pixels()
+    pixels = width * height
+    if pixels <= limit:
+        return
+    if isinstance(spatial, PointBuffer):
+        fits = math.floor(spatial.buffer_m * math.sqrt(limit / pixels) + 1e-6)
+        smaller = f"a smaller buffer_m (about {fits} m or less)"
+    else:
+        smaller = "a smaller BBox or geometry"
+    size = pixels * bands * 4
+    memory = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+    raise ModelError(
+        f"{_region_label(spatial)} covers {width} x {height} px ({pixels / 1e6:.3g} Mpx, about "
+        f"{memory} as float32 for {bands} band(s)) on {grid}, more than the "
+        f"{limit / 1e6:.3g} Mpx get_embedding reads for one region (TORCHGEO_DOFA_MAX_PIXELS, "
+        f"default 4096 x 4096): use {smaller}, or embed the area with the CLI's embed job, "
+        f"which tiles it into 224 px chips ({cli})"
+    )
+
+
+def _grid_name(crs: CRS, res: tuple[float, float]) -> str:
+    axis = crs.axis_info[0] if crs.axis_info else None
+    unit = "" if axis is None else " m" if axis.unit_name == "metre" else f" {axis.unit_name}"
+    xres, yres = res
+    size = f"{xres:g}{unit}" if xres == yres else f"{xres:g} x {yres:g}{unit}"
+    return f"the data's {size} grid"
+
+
+def _one_day_spec(day: str) -> str:
+    """The ``temporal=`` that selects the scenes of one day."""
+    after = (date.fromisoformat(day) + timedelta(days=1)).isoformat()
+    return f"temporal=TemporalSpec.range('{day}', '{after}')"
+
+
 def _prepare_local(
     ds: Sentinel2Base,
     spatial: Region,
@@ -758,10 +849,26 @@ def _prepare_local(
     bounds = ds.index.total_bounds
     # the chip the embed job's data module reads for this region (RegionSampler)
     xs, ys = RegionSampler(ds, [spatial], check_footprint=False).chips[0]
+    xres, yres = ds.res
+    _check_read_size(
+        spatial,
+        max(1, round((xs.stop - xs.start) / xres)),
+        max(1, round((ys.stop - ys.start) / yres)),
+        len(ds.bands),
+        _grid_name(crs, (float(xres), float(yres))),
+        "torchgeo-dofa embed FILES --bbox MINLON MINLAT MAXLON MAXLAT -o OUT/",
+    )
     if temporal is None:
         ts = slice(ds.index.index.left.min(), ds.index.index.right.max())
     else:
         ts = temporal.time_slice()
+    # scenes of two dates overlapping in the chip would be merged into one image
+    try:
+        refuse_mixed_acquisitions(
+            ds, ts, box=shapely.box(xs.start, ys.start, xs.stop, ys.stop), fix=_one_day_spec
+        )
+    except InputError as err:
+        raise ModelError(f"local input: {err}") from None
     try:
         if type(ds).read_chip is Sentinel2Base.read_chip:
             raw, files = ds.read_chip_with_sources((xs, ys, ts))
@@ -876,7 +983,12 @@ def _stac_source(
         )
     from .stac import DEFAULT_COLLECTION as STAC_COLLECTION
 
-    return _StacSource(stac_url, collection or STAC_COLLECTION)
+    if collection is not None and not str(collection).strip():
+        raise ModelError(
+            f"collection={collection!r} is empty: name a STAC collection id (e.g. "
+            f"collection={STAC_COLLECTION!r}) or leave it out for that default"
+        )
+    return _StacSource(stac_url, STAC_COLLECTION if collection is None else str(collection))
 
 
 def _prepare_stac(
@@ -898,16 +1010,32 @@ def _prepare_stac(
         )
     eff = sensor or SensorSpec()
     last = date.fromisoformat(temporal.end) - timedelta(days=1)  # STAC ends are inclusive
-    path = stac.materialise(
+    grid = stac.stac_grid(spatial, float(eff.scale_m))  # checked before the search
+    _check_read_size(
         spatial,
-        (temporal.start, last.isoformat()),
-        source.url,
-        collection=source.collection,
-        bands=eff.bands,
-        max_cloud=eff.cloudy_pct,
-        composite=eff.composite,
-        resolution=float(eff.scale_m),
+        grid.width,
+        grid.height,
+        len(eff.bands),
+        f"the {float(eff.scale_m):g} m grid of {grid.crs}",
+        "torchgeo-dofa embed --stac URL --bbox MINLON MINLAT MAXLON MAXLAT --datetime A/B -o OUT/",
     )
+    try:
+        path = stac.materialise(
+            spatial,
+            (temporal.start, last.isoformat()),
+            source.url,
+            collection=source.collection,
+            bands=eff.bands,
+            max_cloud=eff.cloudy_pct,
+            composite=eff.composite,
+            resolution=float(eff.scale_m),
+        )
+    except stac.StacError as err:
+        if "bands=" not in str(err):
+            raise
+        raise stac.StacError(  # the hint names materialise's argument: say where it goes here
+            f"{err} (get_embedding takes them as sensor=SensorSpec(bands=[...]))"
+        ) from err
     ds = open_local(path, SensorSpec(bands=eff.bands, wavelengths=eff.wavelengths))
     prepared = _prepare_local(ds, spatial, None, input_prep, eff.fill_value, eff)
     with rasterio.open(path) as src:
@@ -941,12 +1069,13 @@ _INFER_LOCK = threading.Lock()
 
 
 def _embed(
-    prepared: Sequence[_Prepared], cfg: _Config, backend: str, *, warn_empty: bool = True
+    prepared: Sequence[_Prepared], cfg: _Config, backend: str, *, warn_coverage: bool = True
 ) -> list[Embedding]:
     """Batched inference through ``DOFAEmbedder.predict_step`` (the embed job's step).
 
-    Inputs without any valid pixel get NaN embeddings (``meta["empty"]``); ``warn_empty``
-    issues one warning for all of them (callers that embed in chunks warn once themselves).
+    Inputs without any valid pixel get NaN embeddings (``meta["empty"]``); ``warn_coverage``
+    issues one warning for all of them and one for those with a low valid fraction
+    (:func:`_warn_coverage`; callers that embed in chunks warn once themselves).
     """
     module = _module(cfg.variant, cfg.weights, cfg.device)
     batch_size = infer_batch_size(cfg.device)
@@ -997,9 +1126,44 @@ def _embed(
         if item.meta.get("empty"):
             array = np.full_like(array, np.nan)  # no valid pixel: nothing to describe
         embeddings.append(Embedding(array, meta))
-    if warn_empty:
-        _warn_empty([e for e in embeddings if e.meta.get("empty")], len(embeddings))
+    if warn_coverage:
+        _warn_coverage(embeddings, len(embeddings))
     return embeddings
+
+
+def _is_sparse(embedding: Embedding) -> bool:
+    """Some valid pixels, but fewer than :data:`LOW_VALID_FRACTION` of the input."""
+    fraction = float(embedding.meta.get("valid_fraction", 1.0))
+    return not embedding.meta.get("empty") and fraction < LOW_VALID_FRACTION
+
+
+def _input_label(embedding: Embedding) -> str:
+    meta = embedding.meta
+    if "index" in meta:
+        return f"input_chws[{meta['index']}]"
+    spatial = meta.get("spatial")
+    if spatial is not None and meta.get("backend") != "tensor":
+        return spatial if len(spatial) <= 100 else spatial[:97] + "..."
+    return str(meta.get("source"))
+
+
+def _warn_coverage(embeddings: Sequence[Embedding], total: int) -> None:
+    """The warnings of a call: inputs without a valid pixel, and inputs mostly of fill."""
+    _warn_empty([e for e in embeddings if e.meta.get("empty")], total)
+    sparse = [e for e in embeddings if _is_sparse(e)]
+    if not sparse:
+        return
+    shown = ", ".join(
+        f"{_input_label(e)}: valid_fraction {float(e.meta['valid_fraction']):.4g}"
+        for e in sparse[:3]
+    ) + (f" and {len(sparse) - 3} more" if len(sparse) > 3 else "")
+    warn(
+        f"{len(sparse)} of {total} input(s) have less than {LOW_VALID_FRACTION:.0%} valid "
+        f"pixels ({shown}): the rest lies outside the rasters, is no data or masked, so the "
+        "embedding mostly describes fill; move or shrink the region onto the data "
+        "(meta['valid_fraction'] gives the fraction)",
+        UserWarning,
+    )
 
 
 def _warn_empty(empty: Sequence[Embedding], total: int) -> None:
@@ -1121,11 +1285,14 @@ def get_embedding(
         collection: ``stac``: the collection id (default ``sentinel-2-l2a``).
 
     Returns:
-        The :class:`Embedding`.
+        The :class:`Embedding`. Warns (``UserWarning``) when its input held no valid pixel,
+        or valid pixels but fewer than :data:`LOW_VALID_FRACTION` of them.
 
     Raises:
-        ModelError: unknown model / variant / output mode / backend, wrong ``input_chw`` rank,
-            channel count different from ``sensor.bands``, missing inputs.
+        ModelError: unknown model / variant (``""`` included) / output mode / backend, wrong
+            ``input_chw`` rank, channel count different from ``sensor.bands``, missing inputs,
+            a region whose chip exceeds :func:`max_pixels` (``local``, ``stac``; refused
+            before reading).
         BandError: wavelengths that cannot be inferred (or bands without DOFA statistics).
         ReflectanceError: input already scaled to [0, 1] (valid values all within [0, 2]).
         LookupError: no data for the region and dates.
@@ -1464,7 +1631,7 @@ def export_batch(
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = out.with_name(out.name + ".parts")
     summary = ExportSummary(out)
-    all_empty: list[Embedding] = []
+    all_warned: list[Embedding] = []  # empty or mostly fill: one warning each at the end
     n_embedded = 0
     existing = gpd.read_parquet(out) if out.exists() else None
     done: set[str] = set(existing["row_key"]) if existing is not None else set()
@@ -1524,8 +1691,8 @@ def export_batch(
                     summary.failed[f"{ids[i]}/{req.name}:{cfg.variant}"] = str(result)
             if not prepared:
                 continue
-            embeddings = _embed(prepared, cfg, which, warn_empty=False)
-            all_empty += [e for e in embeddings if e.meta.get("empty")]
+            embeddings = _embed(prepared, cfg, which, warn_coverage=False)
+            all_warned += [e for e in embeddings if e.meta.get("empty") or _is_sparse(e)]
             n_embedded += len(embeddings)
             for i, emb in zip(kept, embeddings, strict=True):
                 spatial = spatial_list[i]
@@ -1580,7 +1747,7 @@ def export_batch(
     elif existing is not None:
         summary.rows = len(existing)
     shutil.rmtree(parts, ignore_errors=True)
-    _warn_empty(all_empty, n_embedded)
+    _warn_coverage(all_warned, n_embedded)
     return summary
 
 
