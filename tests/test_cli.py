@@ -26,9 +26,11 @@ from rasterio.transform import Affine
 from rasterio.windows import Window, from_bounds
 
 from tests.precision import assert_as_exact_as_torchgeo, cosine_error, torchgeo_bf16_error
+from tests.scenes import dated_copies
 from tests.tmpfs import tmpfs
 from torchgeo_dofa import load_dofa
 from torchgeo_dofa.cli import embed, main, option_problem, output_folder
+from torchgeo_dofa.datamodules import DOFAPredictDataModule
 from torchgeo_dofa.datasets import InputError
 from torchgeo_dofa.transforms import DOFAPreprocess
 
@@ -133,6 +135,78 @@ def test_oblong_pixels_give_oblong_cells(tmp_path: Path, base_checkpoint) -> Non
     widths = frame.geometry.bounds.maxx - frame.geometry.bounds.minx
     heights = frame.geometry.bounds.maxy - frame.geometry.bounds.miny
     assert set(widths) == {2240.0} and set(heights) == {4480.0}
+
+
+def test_a_time_series_of_one_place_is_refused_and_datetime_picks_a_date(
+    tmp_path: Path, capsys, base_checkpoint
+) -> None:
+    """Two dates of one place in a folder were merged into one image per chip (the first
+    file's pixels, gaps filled from the other), and --datetime was ignored without --stac."""
+    series = tmp_path / "series"
+    dated_copies(series, [("T33UVP_20210101.tif", 0.0, 0), ("T33UVP_20230601.tif", 0.0, 300)])
+    common = ["--weights", str(base_checkpoint), "--no-progress", "--output", "pooled"]
+    assert main(["embed", str(series), "-o", str(tmp_path / "mixed"), *common]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "torchgeo-dofa: error: T33UVP_20210101.tif (acquired 2021-01-01) and "
+        "T33UVP_20230601.tif (acquired 2023-06-01) overlap: a chip would mix the two dates' "
+        "pixels, and DOFA embeds one acquisition at a time (2 dates among the inputs). Choose "
+        "the dates with --datetime 2021-01-01/2021-01-01, or give the files as separate "
+        "inputs (one output each)\n"
+    )
+    assert not (tmp_path / "mixed").exists()
+    # --datetime reads the scenes of those dates: the same rows as that file alone
+    picked, alone = tmp_path / "picked", tmp_path / "alone"
+    when = ["--datetime", "2023-06-01/2023-06-01"]
+    assert main(["embed", str(series), "-o", str(picked), *common, *when]) == 0
+    assert main(["embed", str(series / "T33UVP_20230601.tif"), "-o", str(alone), *common]) == 0
+    got = gpd.read_parquet(picked / "series_pooled.parquet")
+    ref = gpd.read_parquet(alone / "T33UVP_20230601_pooled.parquet")
+    assert list(got.chip_id) == list(ref.chip_id) and len(got) == 4
+    np.testing.assert_array_equal(np.stack(got.embedding), np.stack(ref.embedding))
+    assert set(got.time_start.astype(str)) == {"2023-06-01 00:00:00+00:00"}
+    # dates holding no scene, and a malformed range: one line each, nothing written
+    empty = ["--datetime", "2022-01-01/2022-12-31"]
+    capsys.readouterr()
+    assert main(["embed", str(series), "-o", str(tmp_path / "none"), *common, *empty]) == 2
+    assert capsys.readouterr().err == (
+        "torchgeo-dofa: error: no scene of the inputs is acquired within 2022-01-01/2022-12-31 "
+        "(they are dated 2021-01-01, 2023-06-01): choose dates that hold scenes\n"
+    )
+    bad = ["--datetime", "June"]
+    assert main(["embed", str(series), "-o", str(tmp_path / "bad"), *common, *bad]) == 2
+    assert "time 'June': bad datetime 'June'" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists() and not (tmp_path / "bad").exists()
+    # from Python, the hint is the data module's time=
+    dm = DOFAPredictDataModule(series)
+    with pytest.raises(InputError, match=r"time=\('2021-01-01', '2021-01-01 23:59:59'\)"):
+        dm.setup("predict")
+    dm = DOFAPredictDataModule(series, time="2021-01-01/2021-01-01")
+    dm.setup("predict")
+    assert dm.predict_dataset is not None and len(dm.predict_sampler or []) == 4
+
+
+def test_each_pooled_row_records_the_dates_of_the_scenes_it_reads(
+    tmp_path: Path, base_checkpoint
+) -> None:
+    """Side by side scenes of two dates: a chip's time_start / time_end were the region's
+    whole span (2021-01-01 .. 2023-06-01 on every row)."""
+    folder = tmp_path / "dated"
+    dated_copies(folder, [("a_20210101.tif", 0.0, 0), ("b_20230601.tif", 2560.0, 0)])
+    out = tmp_path / "out"
+    args = ["embed", str(folder), "-o", str(out), "--weights", str(base_checkpoint)]
+    assert main([*args, "--no-progress", "--output", "pooled"]) == 0
+    frame = gpd.read_parquet(out / "dated_pooled.parquet")
+    days = {
+        (round(g.bounds[0] - frame.total_bounds[0]), str(a.date()), str(b.date()))
+        for g, a, b in zip(frame.geometry, frame.time_start, frame.time_end, strict=True)
+    }
+    # chips 2240 m wide from the west edge; scene b starts 2560 m east
+    assert days == {
+        (0, "2021-01-01", "2021-01-01"),  # in a only
+        (2240, "2021-01-01", "2023-06-01"),  # across both
+        (4480, "2023-06-01", "2023-06-01"),  # in b only
+    }
 
 
 def test_pooled_table(reference_run: Path, base_checkpoint) -> None:

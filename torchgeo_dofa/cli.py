@@ -238,7 +238,8 @@ def option_problem(
         output_dir: the ``-o`` folder or file name (not empty).
         stac: STAC URL or file (inputs may then be empty; needs ``bbox`` and ``datetime``).
         bbox: the STAC search area.
-        datetime: the STAC search dates.
+        datetime: the STAC search dates; without ``stac``, the dates of the local scenes
+            to read (``"A/B"``, inclusive; the data module's ``time``).
         output: ``grid``, ``pooled`` or ``both``.
         points: points file (pooled output only).
         weights: ``None`` for random weights, else a checkpoint (``~`` expanded) or
@@ -629,6 +630,7 @@ def embed(
                 num_workers=num_workers,
                 input_prep=input_prep,  # type: ignore[arg-type]
                 preprocess=True,
+                time=datetime if stac is None else None,  # a STAC composite is one date
                 **{k: v for k, v in dataset_kwargs.items() if v is not None},
             )
             dm.setup("predict")
@@ -927,7 +929,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--collection", default="sentinel-2-l2a", help="STAC collection id")
     e.add_argument(
-        "--datetime", default=None, metavar="A/B", help="STAC dates, e.g. 2023-06-01/2023-08-31"
+        "--datetime",
+        default=None,
+        metavar="A/B",
+        help="dates, e.g. 2023-06-01/2023-08-31 (inclusive): the STAC search's, or which local "
+        "scenes to read (their dates from STAC item JSON or file names)",
     )
     e.add_argument("--max-cloud", type=float, default=30.0, help="eo:cloud_cover limit, %%")
     e.add_argument(
@@ -1382,6 +1388,8 @@ def _close_progress_bar(trainer: pl.Trainer) -> None:
     sys.stdout.flush()
 
 
+#: ``time=('2021-01-01', '2021-01-01 23:59:59')`` (a data module's dates) as ``--datetime``.
+_TIME_HINT = re.compile(r"\btime=\('(\d{4}-\d{2}-\d{2})[^']*', '(\d{4}-\d{2}-\d{2})[^']*'\)")
 _KWARG_HINT = re.compile(
     r"\b(file_bands|bands|wavelengths|crs|nodata|offset|mean|std|weights)="
     r"(\[[^\]]*\]|<[^>]*>|[^\s,;)]*)"
@@ -1460,6 +1468,7 @@ def cli_hints(message: str) -> str:
         flag = "--" + match[1].replace("_", "-")
         return f"{flag} {value}" if value else flag
 
+    message = _TIME_HINT.sub(lambda m: f"--datetime {m[1]}/{m[2]}", message)
     return _KWARG_HINT.sub(option, message)
 
 

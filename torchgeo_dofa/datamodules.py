@@ -33,7 +33,7 @@ import os
 import pathlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import numpy as np
@@ -54,6 +54,7 @@ from torchgeo.samplers import GeoSampler
 
 from torchgeo_dofa.bands import BandError
 from torchgeo_dofa.datasets import (
+    InputError,
     RasterInput,
     Sentinel2Base,
     Sentinel2SR,
@@ -75,16 +76,145 @@ __all__ = [
     "read_roi",
 ]
 
-TimeRange = tuple[datetime | str, datetime | str]
+#: ``(start, stop)`` (naive UTC, inclusive) or STAC-style ``"2021-06-01/2021-06-30"``.
+TimeRange = tuple[datetime | str, datetime | str] | str
 
 
 def _time_slice(time: TimeRange | None) -> slice | None:
+    """A time range as a slice of naive UTC timestamps.
+
+    ``(start, stop)`` or a STAC-style ``"A/B"`` (ISO dates, ends inclusive: a date ends at its
+    last microsecond; ``..`` an open end).
+    """
     if time is None:
         return None
+    if isinstance(time, str):
+        from torchgeo_dofa.stac import StacError, _interval
+
+        try:
+            first, last, _ = _interval(time)
+        except StacError as err:
+            raise ValueError(f"time {time!r}: {err}") from err
+        naive = [
+            None if t is None else t.astimezone(UTC).replace(tzinfo=None) for t in (first, last)
+        ]
+        start = pd.Timestamp.min if naive[0] is None else pd.Timestamp(naive[0])
+        stop = pd.Timestamp.max if naive[1] is None else pd.Timestamp(naive[1])
+        return slice(start, stop)
     start, stop = (pd.Timestamp(t) for t in time)
     if stop < start:
         raise ValueError(f"time range ends before it starts: {time}")
     return slice(start, stop)
+
+
+def scenes_within(dataset: Sentinel2Base, time: TimeRange | slice | None) -> Any:
+    """The dataset's index rows (one per scene) whose acquisition span meets ``time``.
+
+    Args:
+        dataset: the dataset.
+        time: ``(start, stop)`` (inclusive), a slice of timestamps, or None for every scene.
+
+    Returns:
+        A GeoDataFrame: a subset of ``dataset.index`` (IntervalIndex of acquisition spans).
+    """
+    tslice = time if isinstance(time, slice) or time is None else _time_slice(time)
+    index = dataset.index
+    if tslice is None:
+        return index
+    wanted = pd.Interval(pd.Timestamp(tslice.start), pd.Timestamp(tslice.stop), closed="both")
+    return index[index.index.overlaps(wanted)]
+
+
+def _dated_scenes(dataset: Sentinel2Base, time: TimeRange | None) -> Any:
+    """:func:`scenes_within`, refusing a time range that holds no scene."""
+    scenes = scenes_within(dataset, time)
+    if scenes.empty:
+        dates = sorted({span.left.date().isoformat() for span in dataset.index.index})
+        shown = ", ".join(dates[:5]) + (f" and {len(dates) - 5} more" if len(dates) > 5 else "")
+        within = time if isinstance(time, str) else f"{time[0]} .. {time[1]}"  # type: ignore[index]
+        raise ValueError(
+            f"no scene of the inputs is acquired within {within} (they are dated {shown}): "
+            "choose dates that hold scenes"
+        )
+    return scenes
+
+
+def chip_time(scenes: Any, box: BaseGeometry, default: slice) -> slice:
+    """A chip's time slice: the span of the scenes it reads (``default`` if it reads none).
+
+    Args:
+        scenes: index rows (as :func:`scenes_within` gives), in the chip's CRS.
+        box: the chip's footprint.
+        default: the slice to use where no scene's area meets the chip.
+
+    Returns:
+        ``slice(earliest start, latest end)`` of the scenes whose area meets the chip, so a
+        TorchGeo query reads the same scenes as with ``default`` and a chip's recorded time
+        is its own, not its region's.
+    """
+    hits = scenes.iloc[scenes.sindex.query(box, predicate="intersects")]
+    hits = hits[~hits.geometry.touches(box)]
+    if hits.empty:
+        return default
+    return slice(hits.index.left.min(), hits.index.right.max())
+
+
+def refuse_mixed_acquisitions(
+    dataset: Sentinel2Base,
+    time: TimeRange | slice | None,
+    *,
+    box: BaseGeometry | None = None,
+    fix: Callable[[str], str] | None = None,
+) -> None:
+    """Refuse scenes acquired at different times that overlap: a chip would mix them.
+
+    TorchGeo merges every scene a chip meets (the first file's valid pixels, gaps filled from
+    the next), which is a mosaic for tiles of one acquisition but, for a time series of one
+    place, one embedding of several dates' pixels. Scenes without a date (spanning all time)
+    and spans that overlap in time are not compared.
+
+    Args:
+        dataset: the dataset (``time_series=True`` datasets stack dates and are not checked).
+        time: the ``(start, stop)`` the job reads (or a slice), or None.
+        box: only the scenes meeting this footprint (one chip's), in the dataset's CRS.
+        fix: the hint choosing one date, from its ISO day (default: the data module's
+            ``time=('DAY', 'DAY 23:59:59')``).
+
+    Raises:
+        InputError: naming two of the scenes, their dates and the fixes (``time=``, or
+            the files as separate inputs).
+    """
+    if getattr(dataset, "time_series", False):
+        return
+    scenes = scenes_within(dataset, time)
+    if box is not None:
+        scenes = scenes.iloc[scenes.sindex.query(box, predicate="intersects")]
+    mint, maxt = pd.Timestamp(dataset.mint), pd.Timestamp(dataset.maxt)
+    dated = scenes[(scenes.index.left > mint) | (scenes.index.right < maxt)]
+    spans = sorted(set(dated.index), key=lambda span: (span.left, span.right))
+    if len(spans) < 2:
+        return
+    areas = {span: dated[dated.index == span] for span in spans}
+    for i, early in enumerate(spans):
+        for late in spans[i + 1 :]:
+            if late.left <= early.right:  # overlapping in time: one acquisition's parts
+                continue
+            a, b = areas[early], areas[late]
+            overlap = a.geometry.union_all().intersection(b.geometry.union_all()).area
+            pixel = abs(float(dataset.res[0]) * float(dataset.res[1]))
+            if overlap <= pixel:
+                continue
+            first = os.path.basename(str(a.iloc[0]["filepath"]))
+            second = os.path.basename(str(b.iloc[0]["filepath"]))
+            day = early.left.date().isoformat()
+            hint = fix(day) if fix is not None else f"time=('{day}', '{day} 23:59:59')"
+            raise InputError(
+                f"{first} (acquired {day}) and {second} (acquired "
+                f"{late.left.date().isoformat()}) overlap: a chip would mix the two dates' "
+                f"pixels, and DOFA embeds one acquisition at a time ({len(spans)} dates among "
+                f"the inputs). Choose the dates with {hint}, or give the files as separate "
+                "inputs (one output each)"
+            )
 
 
 class RegionSampler(GeoSampler):
@@ -108,7 +238,7 @@ class RegionSampler(GeoSampler):
             dataset: the dataset to sample (its CRS, resolution and grid origin are used).
             regions: the regions.
             region_crs: CRS of shapely geometries among ``regions``.
-            time: optional ``(start, stop)`` of the scenes to read.
+            time: optional ``(start, stop)`` or ``"A/B"`` of the scenes to read.
             check_footprint: raise for regions whose chip misses every raster.
 
         Raises:
@@ -117,9 +247,13 @@ class RegionSampler(GeoSampler):
         if not regions:
             raise ValueError("no regions given")
         x, y, _ = dataset.bounds
-        footprint = dataset.index.geometry.union_all()
+        scenes = _dated_scenes(dataset, time)
+        footprint = scenes.geometry.union_all()
         self.time = _time_slice(time)
+        everything = self.time or slice(scenes.index.left.min(), scenes.index.right.max())
         self.chips: list[tuple[slice, slice]] = []
+        #: each chip's time: the span of the scenes it reads
+        self.times: list[slice] = []
         outside: list[str] = []
         for number, region in enumerate(regions):
             xs, ys = region_window(
@@ -129,6 +263,7 @@ class RegionSampler(GeoSampler):
             if check_footprint and not footprint.intersects(box):
                 outside.append(f"#{number} {region}")
             self.chips.append((xs, ys))
+            self.times.append(chip_time(scenes, box, everything))
         if outside:
             raise ValueError(
                 f"{len(outside)} region(s) fall outside every raster of the dataset "
@@ -140,10 +275,10 @@ class RegionSampler(GeoSampler):
         """Yield the chips.
 
         Yields:
-            ``(x, y)`` or ``(x, y, t)`` slices.
+            ``(x, y, t)`` slices; ``t`` spans the scenes the chip reads.
         """
-        for xs, ys in self.chips:
-            yield (xs, ys) if self.time is None else (xs, ys, self.time)
+        for (xs, ys), ts in zip(self.chips, self.times, strict=True):
+            yield xs, ys, ts
 
 
 class ChipGridSampler(GeoSampler):
@@ -181,7 +316,7 @@ class ChipGridSampler(GeoSampler):
             size: chip side in pixels.
             stride: distance between chips in pixels (default ``size``).
             roi: region of interest in the dataset's CRS (default: the whole dataset).
-            time: optional ``(start, stop)`` of the scenes to read.
+            time: optional ``(start, stop)`` or ``"A/B"`` of the scenes to read.
 
         Raises:
             ValueError: if the region of interest does not overlap the rasters.
@@ -189,8 +324,9 @@ class ChipGridSampler(GeoSampler):
         if size < 1 or (stride is not None and stride < 1):
             raise ValueError(f"chip size and stride must be >= 1 pixel, got {size}, {stride}")
         xres, yres = (float(r) for r in dataset.res)
-        x0, y0, x1, y1 = (float(v) for v in dataset.index.total_bounds)
-        footprint = dataset.index.geometry.union_all()
+        scenes = _dated_scenes(dataset, time)
+        x0, y0, x1, y1 = (float(v) for v in scenes.total_bounds)
+        footprint = scenes.geometry.union_all()
         if roi is not None:
             if not roi.intersects(footprint):
                 raise ValueError(
@@ -208,18 +344,15 @@ class ChipGridSampler(GeoSampler):
         step = stride or size
         cols = max(1, math.ceil((xmax - xmin - size * xres) / (step * xres) - 1e-9) + 1)
         rows = max(1, math.ceil((ymax - ymin - size * yres) / (step * yres) - 1e-9) + 1)
-        tslice = _time_slice(time) or slice(
-            dataset.index.index.left.min(), dataset.index.index.right.max()
-        )
+        tslice = _time_slice(time) or slice(scenes.index.left.min(), scenes.index.right.max())
         self.chips: list[tuple[slice, slice, slice]] = []
         for i in range(rows):
             for j in range(cols):
                 cx, cy = xmin + j * step * xres, ymin + i * step * yres
                 box = shapely.box(cx, cy, cx + size * xres, cy + size * yres)
                 if box.intersects(footprint) and not box.touches(footprint):
-                    self.chips.append(
-                        (slice(cx, cx + size * xres), slice(cy, cy + size * yres), tslice)
-                    )
+                    xs, ys = slice(cx, cx + size * xres), slice(cy, cy + size * yres)
+                    self.chips.append((xs, ys, chip_time(scenes, box, tslice)))
 
     def __iter__(self) -> Iterator[GeoSlice]:
         """Yield the chips.
@@ -320,7 +453,7 @@ class DOFAPredictDataModule(GeoDataModule):
             stride: distance between grid chips in pixels (default ``patch_size``); with
                 ``preprocess``, a multiple of the output cell (:attr:`cell_px`) so chips land
                 on whole cells of the embedding map.
-            time: optional ``(start, stop)`` limiting the scenes read.
+            time: optional ``(start, stop)`` or ``"A/B"`` limiting the scenes read.
             batch_size: chips per batch.
             num_workers: DataLoader workers.
             transforms: per-sample transforms given to the dataset (e.g. ``DOFAPreprocess``).
@@ -478,7 +611,8 @@ class DOFAPredictDataModule(GeoDataModule):
         Raises:
             MisconfigurationException: for any other stage.
             InputError: for a missing input, an input without raster, a file that cannot be
-                read, or a region mixing CRSs (as ``torchgeo-dofa embed`` says it).
+                read, a region mixing CRSs (as ``torchgeo-dofa embed`` says it), or scenes
+                of different dates that overlap (:func:`refuse_mixed_acquisitions`).
             ValueError: if the ROI or points miss the rasters.
             BandError: for a band set holding two dates of one band, or, with
                 ``preprocess``, bands without DOFA normalisation statistics and no
@@ -496,6 +630,7 @@ class DOFAPredictDataModule(GeoDataModule):
         dataset = self.dataset_class(**self.kwargs)
         assert isinstance(dataset, Sentinel2Base)
         refuse_repeated_bands(dataset.bands)
+        refuse_mixed_acquisitions(dataset, self.time)
         if self.preprocess:
             from torchgeo_dofa.transforms import DOFAPreprocess
 
@@ -793,7 +928,7 @@ def read_roi(
         source: an open dataset, or paths to open with ``dataset_class(paths, **kwargs)``.
         roi: PointBuffer, BBox (EPSG:4326) or shapely geometry.
         roi_crs: CRS of a shapely geometry.
-        time: optional ``(start, stop)`` limiting the scenes read.
+        time: optional ``(start, stop)`` or ``"A/B"`` limiting the scenes read.
         dataset_class: dataset class used when ``source`` is paths.
         **kwargs: dataset arguments used when ``source`` is paths.
 
