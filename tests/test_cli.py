@@ -217,6 +217,18 @@ def test_pooled_table(reference_run: Path, base_checkpoint) -> None:
     assert set(frame.columns) >= {"geometry", "embedding", "variant", "weights", "time_start"}
     assert frame.geometry.iloc[0].area == pytest.approx(2240.0**2)
     assert len(frame.embedding.iloc[0]) == 768
+    # valid_fraction: the share of each chip's pixels inside the raster and not no data
+    # (the top row reaches past the scene's 379 rows), from rasterio's own mask
+    assert frame.valid_fraction.dtype == np.float32
+    with rasterio.open(SCENE) as src:
+        for chip, got in zip(frame.geometry, frame.valid_fraction, strict=True):
+            window = from_bounds(*chip.bounds, src.transform)
+            masks = src.read_masks(window=window, boundless=True)
+            assert masks.shape[1:] == (224, 224)
+            assert got == pytest.approx(float((masks > 0).all(axis=0).mean()), abs=1e-6)
+    # 578 x 379 px: the top row's chips hold 155 of 224 rows, the last column 130 of 224 columns
+    expected = [155 / 224, 155 / 224, 155 * 130 / 224**2, 1.0, 1.0, 130 / 224]
+    np.testing.assert_allclose(frame.valid_fraction, expected, rtol=1e-6)
 
 
 class CrashAfterBatch(pl.Callback):

@@ -808,7 +808,7 @@ def test_preprocess_array_numpy_and_tensor() -> None:
     b = preprocess_array(torch.from_numpy(x), ["B4", "B3", "B2"])
     torch.testing.assert_close(a["image"], b["image"])
     assert_close(a["image"], ref_pipeline(x, ["B4", "B3", "B2"]), atol=2e-4)
-    assert set(a) == {"image", "wavelengths", "valid", "empty"}
+    assert set(a) == {"image", "wavelengths", "valid", "empty", "valid_fraction"}
     ints = preprocess_array(np.clip(x, 0, 10000).astype(np.uint16), ["B4", "B3", "B2"])
     assert ints["image"].dtype == torch.float32
 

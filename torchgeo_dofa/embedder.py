@@ -205,7 +205,7 @@ class DOFAEmbedder(pl.LightningModule):
             del out["grid"]
         elif self.output == "grid":
             del out["pooled"]
-        for key in ("bounds", "transform", "grid_transform", "empty"):
+        for key in _PASSED_ON:
             if key in batch:
                 out[key] = batch[key].cpu()
         return out
@@ -238,10 +238,14 @@ class DOFAEmbedder(pl.LightningModule):
             if key in part:
                 full[keep.cpu()] = part[key]
             out[key] = full
-        for name in ("bounds", "transform", "grid_transform", "empty"):
+        for name in _PASSED_ON:
             if name in batch:
                 out[name] = batch[name].cpu()
         return out
+
+
+#: Batch keys a prediction passes on to the writers (placing chips, flagging empty ones).
+_PASSED_ON = ("bounds", "transform", "grid_transform", "empty", "valid_fraction")
 
 
 def _cell_valid(valid: Tensor, patch: int) -> Tensor:

@@ -562,8 +562,9 @@ class CheckReflectance(nn.Module):
     its ``empty`` flag is set.
 
     Reads ``image``, ``valid`` (optional); writes ``image`` (float32, see :func:`as_float32`),
-    ``valid`` (bool (H,W) / (B,H,W)) and ``empty`` (bool () / (B,), always set so batches
-    collate).
+    ``valid`` (bool (H,W) / (B,H,W)), ``empty`` (bool () / (B,), always set so batches
+    collate) and ``valid_fraction`` (float32 () / (B,): the share of the chip's pixels that
+    are valid, before any resizing; the pooled table's ``valid_fraction`` column).
     """
 
     def __init__(self, nodata: float | None = None, fill_value: float = 0.0) -> None:
@@ -587,7 +588,8 @@ class CheckReflectance(nn.Module):
             sample: dict with ``image`` (C,H,W) or (B,C,H,W) and optionally ``valid``.
 
         Returns:
-            The same dict with ``image`` filled and ``valid`` and ``empty`` set.
+            The same dict with ``image`` filled and ``valid``, ``empty`` and
+            ``valid_fraction`` set.
 
         Raises:
             ReflectanceError: if a sample's valid values all lie within [0, 2], or are all
@@ -646,10 +648,23 @@ class CheckReflectance(nn.Module):
         sample["image"] = image
         sample["valid"] = valid
         sample["empty"] = empty
+        sample["valid_fraction"] = valid_fraction(valid)
         return sample
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"nodata={self.nodata}, fill_value={self.fill_value}"
+
+
+def valid_fraction(valid: Tensor) -> Tensor:
+    """The share of valid pixels per chip.
+
+    Args:
+        valid: bool (H, W) or (..., H, W).
+
+    Returns:
+        float32 () or (...,), in [0, 1].
+    """
+    return valid.flatten(-2).to(torch.float32).mean(dim=-1)
 
 
 class NormalizeReflectance(nn.Module):
@@ -1079,6 +1094,8 @@ class AugmentWithValid(nn.Module):
         out["valid"] = carried.squeeze(-3) > 0.5
         if "empty" in out:
             out["empty"] = ~out["valid"].flatten(-2).any(-1)
+        if "valid_fraction" in out:
+            out["valid_fraction"] = valid_fraction(out["valid"])
         return out
 
     def extra_repr(self) -> str:  # noqa: D102
@@ -1114,8 +1131,9 @@ def preprocess_array(
         std: per-band standard deviations on the same scale.
 
     Returns:
-        The sample dict: ``image``, ``wavelengths``, ``valid``, ``empty`` (+ ``tile_offsets``
-        for tiling, ``transform``/``grid_transform`` when ``transform`` was given).
+        The sample dict: ``image``, ``wavelengths``, ``valid``, ``empty``, ``valid_fraction``
+        (+ ``tile_offsets`` for tiling, ``transform``/``grid_transform`` when ``transform``
+        was given).
 
     Raises:
         TypeError: for boolean, complex or non-numeric data.

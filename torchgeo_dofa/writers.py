@@ -1299,11 +1299,14 @@ class PooledWriter(_PartsWriter):
     """Write pooled embeddings as a GeoParquet table, one row per chip.
 
     Columns: ``geometry`` (chip footprint in the region's CRS), ``chip_id``, ``source``,
-    ``time_start``/``time_end`` (UTC: the chip's time span as the sampler queried it, for a
-    point's chip the dataset's whole span; NaT where open-ended, e.g. a file name without a
-    date), ``embedding`` (list of float32), ``variant``, ``weights``, ``pooled_norm``,
-    ``no_data`` (True for a chip without any valid pixel: NaN
-    embedding; not named ``empty``, which pandas reserves); with ``properties`` (points),
+    ``time_start``/``time_end`` (UTC: the chip's time span as the sampler queried it: the
+    acquisition span of the scenes it reads with this package's samplers; NaT where
+    open-ended, e.g. a file name without a date), ``embedding`` (list of float32),
+    ``variant``, ``weights``, ``pooled_norm``, ``no_data`` (True for a chip without any valid
+    pixel: NaN embedding; not named ``empty``, which pandas reserves), ``valid_fraction``
+    (float32, the share of the chip's pixels that are valid, from the batch's
+    ``valid_fraction``; NaN where the batch has none): the pooled vector averages every
+    patch, so a chip mostly outside the rasters describes mostly fill; with ``properties`` (points),
     also ``point_index`` and every input property.
     The table's CRS is the region's.
 
@@ -1451,12 +1454,15 @@ class PooledWriter(_PartsWriter):
         b = prediction["bounds"][i].double().cpu().numpy()
         key = self.chip_key(b)
         embedding = prediction["pooled"][i].float().cpu().numpy().astype("<f4", copy=False)
-        row = {
+        row: dict[str, Any] = {
             "chip_id": key,
             "bounds": [float(b[0]), float(b[3]), float(b[1]), float(b[4])],
             "time": [float(b[6]), float(b[7])] if len(b) >= 8 else [math.nan, math.nan],
             "embedding_f32": base64.b64encode(embedding.tobytes()).decode("ascii"),
         }
+        fraction = prediction.get("valid_fraction")
+        if fraction is not None:  # a time series' chip: the mean over its dates
+            row["valid_fraction"] = float(fraction[i].float().mean())
         text = json.dumps(row)
         atomic_write(self.parts / f"{key}.json", lambda p: Path(p).write_text(text))
 
@@ -1474,7 +1480,7 @@ class PooledWriter(_PartsWriter):
                     f"no chip of {self.path.name} held a valid pixel: its rows are flagged "
                     "no_data (NaN embeddings)"
                 )
-            empty = {"embedding": [math.nan] * depth, "empty": True}
+            empty = {"embedding": [math.nan] * depth, "empty": True, "valid_fraction": 0.0}
             no_time = [math.nan, math.nan]
             rows = [
                 parts[k] | {"empty": False}
@@ -1522,6 +1528,9 @@ class PooledWriter(_PartsWriter):
             "weights": [meta.get("weights", "")] * len(rows),
             "pooled_norm": [meta.get("pooled_norm", "")] * len(rows),
             "no_data": np.array([bool(r["empty"]) for r in rows], dtype=bool),
+            "valid_fraction": np.array(
+                [r.get("valid_fraction", math.nan) for r in rows], dtype=np.float32
+            ),
         }
         frame = gpd.GeoDataFrame(columns, geometry=[box(*r["bounds"]) for r in rows], crs=self.crs)
         if self.properties is not None:
