@@ -209,6 +209,37 @@ def test_each_pooled_row_records_the_dates_of_the_scenes_it_reads(
     }
 
 
+def test_a_huge_mostly_empty_grid_is_refused_before_anything(
+    tmp_path: Path, capsys, base_checkpoint
+) -> None:
+    """Rasters far apart in one folder: the grid spanned the gap (two BigEarthNet patches
+    in --crs EPSG:32634 wrote 644 MB for 2 chips, 74 GB uncompressed, with no word)."""
+    with rasterio.open(SCENE) as src:
+        profile, names, t = src.profile, list(src.descriptions), src.transform
+        data = src.read(window=((0, 64), (0, 64)))
+    folder = tmp_path / "far"
+    folder.mkdir()
+    for name, east, south in (("a.tif", 0.0, 0.0), ("b.tif", 1_000_000.0, 1_500_000.0)):
+        transform = Affine(10.0, 0.0, t.c + east, 0.0, -10.0, t.f - south)
+        with rasterio.open(
+            folder / name, "w", **(profile | {"width": 64, "height": 64, "transform": transform})
+        ) as dst:
+            dst.write(data)
+            dst.descriptions = names
+    common = ["--weights", str(base_checkpoint), "--no-progress"]
+    assert main(["embed", str(folder), "-o", str(tmp_path / "out"), *common]) == 2
+    assert capsys.readouterr().err == (
+        "torchgeo-dofa: error: the grid of far would be 6254 x 9379 cells x 768 bands "
+        "(167.8 GiB uncompressed) for 2 chip(s) covering 0.00067 % of it: its rasters lie far "
+        "apart. Give them as separate inputs (a grid each), narrow it with --bbox, or write "
+        "--output pooled\n"
+    )
+    assert not (tmp_path / "out").exists()
+    pooled = ["--output", "pooled", "--precision", "32"]
+    assert main(["embed", str(folder), "-o", str(tmp_path / "out"), *common, *pooled]) == 0
+    assert len(gpd.read_parquet(tmp_path / "out" / "far_pooled.parquet")) == 2
+
+
 def test_pooled_table(reference_run: Path, base_checkpoint) -> None:
     frame = gpd.read_parquet(reference_run / "ftw_s2_l2a_33N_pooled.parquet")
     assert len(frame) == 6  # 2 rows x 3 columns of 224-px chips

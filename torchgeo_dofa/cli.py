@@ -198,6 +198,25 @@ def _footprint(region: RasterInput) -> tuple[str, tuple[float, float, float, flo
     return region.crs or "EPSG:4326", region.bounds
 
 
+def _refuse_a_sparse_grid(name: str, dm: Any, variant: str) -> None:
+    """Refuse, before anything is written, a grid GeoTIFF that would be huge and mostly empty.
+
+    Raises:
+        InputError: see :func:`torchgeo_dofa.jobs.sparse_grid_problem`.
+    """
+    from .datasets import InputError
+    from .jobs import sparse_grid_problem
+    from .model import VARIANTS, canonical_variant
+
+    geometry = dm.grid_geometry()
+    chip_cells = (dm.patch_size / dm.cell_px) ** 2
+    chips = len(dm.predict_sampler or [])
+    depth = VARIANTS[canonical_variant(variant)].embed_dim
+    problem = sparse_grid_problem(name, geometry.width, geometry.height, depth, chips, chip_cells)
+    if problem:
+        raise InputError(problem)
+
+
 def default_chips_per_second(precision: str, accelerator: str) -> float:
     """A rough throughput for the job-size estimate, chips/s (DOFA base, measured here).
 
@@ -635,6 +654,8 @@ def embed(
             )
             dm.setup("predict")
             modules.append(dm)
+            if "grid" in out_paths[len(modules) - 1]:
+                _refuse_a_sparse_grid(region.name, dm, variant)
         checking.close()
         module = DOFAEmbedder(
             variant=variant,

@@ -75,6 +75,8 @@ __all__ = [
     "LAUNCHER_PID_VARIABLE",
     "LOCK_NAME",
     "MANIFEST_NAME",
+    "SPARSE_GRID_BYTES",
+    "SPARSE_GRID_COVER",
     "InputFile",
     "JobError",
     "JobInterrupted",
@@ -94,6 +96,7 @@ __all__ = [
     "mark_launcher",
     "points_outside_warning",
     "region_identity",
+    "sparse_grid_problem",
     "unique_region_names",
     "weights_identity",
 ]
@@ -103,6 +106,11 @@ MANIFEST_NAME = ".torchgeo-dofa-job.json"
 MANIFEST_FORMAT = 1
 #: Above this many chips the job prints its size and a time estimate before starting.
 LARGE_JOB_CHIPS = 5000
+#: A grid GeoTIFF above this size uncompressed (2 GiB) whose chips cover less than
+#: :data:`SPARSE_GRID_COVER` of it is refused (:func:`sparse_grid_problem`).
+SPARSE_GRID_BYTES = 2 << 30
+#: The share of a large grid's cells its chips must cover (10 %).
+SPARSE_GRID_COVER = 0.1
 
 
 class JobMismatchError(JobError, ValueError):
@@ -828,6 +836,40 @@ def job_size_warning(
         f"{chips} chips to compute, about {_duration(estimate_seconds(chips, chips_per_second))}"
         f" at {chips_per_second:.3g} chips/s: narrow it with --bbox or a larger --stride, or "
         "stop with Ctrl-C (the job resumes)"
+    )
+
+
+def sparse_grid_problem(
+    name: str, width: int, height: int, depth: int, chips: int, chip_cells: float
+) -> str | None:
+    """Why a region's grid GeoTIFF would be a huge, mostly empty file, or None.
+
+    Rasters far apart in one region (a folder of scenes from several places, brought into
+    one CRS with ``--crs``) make a grid spanning the gap: two BigEarthNet patches 1800 km apart
+    gave 2127 x 11321 cells x 768 bands (74 GB uncompressed) for 2 chips.
+
+    Args:
+        name: the region's name.
+        width: grid cells across.
+        height: grid cells down.
+        depth: bands (the encoder's width D).
+        chips: chips of the region.
+        chip_cells: grid cells one chip covers (196 for 224-px chips).
+
+    Returns:
+        The one-line reason and fix when the grid exceeds :data:`SPARSE_GRID_BYTES`
+        uncompressed and its chips cover less than :data:`SPARSE_GRID_COVER` of it.
+    """
+    cells = width * height
+    size = cells * depth * 4
+    cover = min(1.0, chips * chip_cells / max(cells, 1))
+    if size <= SPARSE_GRID_BYTES or cover >= SPARSE_GRID_COVER:
+        return None
+    return (
+        f"the grid of {name} would be {width} x {height} cells x {depth} bands "
+        f"({size / 2**30:.1f} GiB uncompressed) for {chips} chip(s) covering "
+        f"{cover * 100:.2g} % of it: its rasters lie far apart. Give them as separate inputs "
+        "(a grid each), narrow it with --bbox, or write --output pooled"
     )
 
 
