@@ -1037,3 +1037,26 @@ def test_direct_reads_keep_nan_and_masked_pixels(tmp_path: Path) -> None:
         slow = ds.read_chip(chip)
         torch.testing.assert_close(fast["image"], slow["image"], rtol=0, atol=0)
         torch.testing.assert_close(fast["valid"], slow["valid"], rtol=0, atol=0)
+
+
+def test_a_folder_of_other_raster_formats_names_them(tmp_path: Path) -> None:
+    """A VRT (or a zipped SAFE) was TorchGeo's "Dataset not found ... cannot be automatically
+    downloaded" from the dataset and "holds no GeoTIFF or JPEG2000 file" from the CLI."""
+    from torchgeo.datasets.errors import DatasetNotFoundError
+
+    from torchgeo_dofa.datasets import InputError, NoRasterFoundError, find_raster_inputs
+
+    vrt = tmp_path / "mosaic.vrt"
+    vrt.write_text("<VRTDataset rasterXSize='1' rasterYSize='1'></VRTDataset>")
+    with pytest.raises(NoRasterFoundError) as found:
+        Sentinel2SR(vrt)
+    assert isinstance(found.value, DatasetNotFoundError)  # what TorchGeo users catch
+    assert str(found.value) == (
+        f"Sentinel2SR found no raster in paths={vrt!r} (reads .tif, .tiff, .jp2; found "
+        "mosaic.vrt: a GDAL VRT is not read: convert it (gdal_translate mosaic.vrt "
+        "mosaic.tif) or give the files it lists)"
+    )
+    (tmp_path / "S2A_MSIL2A_20230601.zip").write_bytes(b"PK")
+    with pytest.raises(InputError, match=r"holds no GeoTIFF or JPEG2000 file \(reads .tif, "
+                       r".tiff, .jp2; found .* and 1 more: "):  # fmt: skip
+        find_raster_inputs([tmp_path])

@@ -150,6 +150,7 @@ __all__ = [
     "EarthEngineS2",
     "InputError",
     "MixedBandSetError",
+    "NoRasterFoundError",
     "ProductMetadata",
     "RasterInput",
     "Sentinel2Base",
@@ -509,7 +510,9 @@ class Sentinel2Base(RasterDataset):
                 mosaicking them.
 
         Raises:
-            DatasetNotFoundError: if no readable raster is found.
+            DatasetNotFoundError: if no readable raster is found
+                (:class:`NoRasterFoundError` where no file has a raster extension, naming
+                other formats found, e.g. a ``.vrt``, and how to convert them).
             BandError: if band names cannot be determined or selected, or wavelengths
                 cannot be inferred.
             ValueError: for a ``crs`` pyproj does not know, files without a CRS and no
@@ -541,7 +544,10 @@ class Sentinel2Base(RasterDataset):
 
         infos = self._scan()
         if not infos:
-            raise DatasetNotFoundError(self)
+            raise NoRasterFoundError(
+                f"{type(self).__name__} found no raster in paths={self.paths!r}"
+                f"{_other_formats_hint(self.paths, self.extensions)}"
+            )
         scenes = self._group(infos, bands, file_bands)
         if not scenes:
             raise DatasetNotFoundError(self)
@@ -2278,6 +2284,49 @@ class InputError(ValueError):
     """A bad raster input (missing path, no raster, unreadable file, mixed CRS)."""
 
 
+class NoRasterFoundError(DatasetNotFoundError):
+    """A dataset's paths hold no file it reads (TorchGeo's DatasetNotFoundError, named)."""
+
+    def __init__(self, message: str) -> None:
+        """Keep the message (TorchGeo's own says "cannot be automatically downloaded").
+
+        Args:
+            message: what was looked for where, and what was found instead.
+        """
+        FileNotFoundError.__init__(self, message)
+
+
+#: Raster formats GDAL reads that the datasets do not, and how to get a GeoTIFF from them.
+_OTHER_FORMATS = {
+    ".vrt": "a GDAL VRT is not read: convert it (gdal_translate {name} {stem}.tif) or give "
+    "the files it lists",
+    ".img": "convert it to GeoTIFF (gdal_translate {name} {stem}.tif)",
+    ".nc": "convert it to GeoTIFF (gdal_translate {name} {stem}.tif)",
+    ".hdf": "convert it to GeoTIFF (gdal_translate {name} {stem}.tif)",
+    ".safe": "give the SAFE folder itself (its IMG_DATA JPEG2000 files are read)",
+    ".zip": "unzip it first",
+}
+
+
+def _other_formats_hint(
+    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], extensions: Sequence[str]
+) -> str:
+    """`` (extensions ...; found x.vrt: how to convert it)`` for a message about no raster."""
+    items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    found: list[pathlib.Path] = []
+    for item in items:
+        path = pathlib.Path(item)
+        files = path.rglob("*") if path.is_dir() else [path]
+        found += [p for p in files if p.suffix.lower() in _OTHER_FORMATS]
+    hint = f" (reads {', '.join(extensions)}"
+    if found:
+        first = found[0]
+        how = _OTHER_FORMATS[first.suffix.lower()].format(name=first.name, stem=first.stem)
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        hint += f"; found {first.name}{more}: {how}"
+    return hint + ")"
+
+
 def unreadable_input(path: str | os.PathLike[str], err: BaseException) -> InputError:
     """The error for a raster whose pixels cannot be read (a damaged block, a cut download).
 
@@ -2374,7 +2423,10 @@ def find_raster_inputs(
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         rasters = [str(p) for p in files if p.suffix.lower() in Sentinel2Base.extensions]
         if not rasters:
-            raise InputError(f"input {str(path)!r} holds no GeoTIFF or JPEG2000 file")
+            raise InputError(
+                f"input {str(path)!r} holds no GeoTIFF or JPEG2000 file"
+                f"{_other_formats_hint(path, Sentinel2Base.extensions)}"
+            )
         headers |= {p: _read_header(p) for p in rasters if p not in headers}
         match = EE_TILE_PATTERN.match(path.name)
         if path.is_dir():  # skip this package's outputs (e.g. -o inside the input folder)
