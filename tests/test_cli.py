@@ -186,6 +186,51 @@ def test_a_time_series_of_one_place_is_refused_and_datetime_picks_a_date(
     assert dm.predict_dataset is not None and len(dm.predict_sampler or []) == 4
 
 
+def test_one_days_tiles_mosaic_an_undated_file_among_dated_ones_is_refused(
+    tmp_path: Path, capsys, base_checkpoint
+) -> None:
+    """Tiles of one pass (times seconds apart) overlap and mosaic, as TorchGeo's; a file
+    without a date overlapping a dated one is refused (a time range cannot leave it out: it
+    was merged into the chosen date's chips, the row's time NaT); a rerun over other dates
+    is another job (it resumed, keeping the first dates' rows)."""
+    tiles = tmp_path / "tiles"
+    dated_copies(
+        tiles, [("S2A_20230601T102021_a.tif", 0.0, 0), ("S2A_20230601T102031_b.tif", 1000.0, 7)]
+    )
+    common = ["--weights", str(base_checkpoint), "--no-progress", "--output", "pooled"]
+    assert main(["embed", str(tiles), "-o", str(tmp_path / "mosaic"), *common]) == 0
+    frame = gpd.read_parquet(tmp_path / "mosaic" / "tiles_pooled.parquet")
+    assert {str(t.date()) for t in frame.time_start} == {"2023-06-01"}
+    mixed = tmp_path / "mixed"
+    dated_copies(mixed, [("scene_20230601.tif", 0.0, 0), ("plain.tif", 0.0, 300)])
+    for when in ([], ["--datetime", "2023-06-01/2023-06-01"]):
+        capsys.readouterr()
+        assert main(["embed", str(mixed), "-o", str(tmp_path / "m"), *common, *when]) == 2
+        assert capsys.readouterr().err.endswith(
+            "error: plain.tif has no date (no STAC item JSON beside it, no date in its name) "
+            "and overlaps scene_20230601.tif (acquired 2023-06-01): a chip would mix them. "
+            "Give the files as separate inputs (one output each), or name the file with its "
+            "date (e.g. scene_YYYYMMDD.tif)\n"
+        )
+    series = tmp_path / "series"
+    dated_copies(series, [("T_20210101.tif", 0.0, 0), ("T_20230601.tif", 0.0, 300)])
+    out = ["-o", str(tmp_path / "job")]
+    assert main(["embed", str(series), *out, *common, "--datetime", "2021-01-01/2021-12-31"]) == 0
+    capsys.readouterr()
+    assert main(["embed", str(series), *out, *common, "--datetime", "2023-01-01/.."]) == 2
+    assert (
+        'region was {"datetime": "2021-01-01/2021-12-31"}, now {"datetime": "2023-01-01/.."}'
+        in (capsys.readouterr().err)
+    )
+    # aware datetimes are converted to the index's naive UTC (was a TypeError)
+    from datetime import UTC, datetime
+
+    aware = (datetime(2023, 6, 1, tzinfo=UTC), datetime(2023, 6, 2, tzinfo=UTC))
+    dm = DOFAPredictDataModule(series, time=aware)
+    dm.setup("predict")
+    assert len(dm.predict_sampler or []) == 4
+
+
 def test_each_pooled_row_records_the_dates_of_the_scenes_it_reads(
     tmp_path: Path, base_checkpoint
 ) -> None:

@@ -1056,6 +1056,9 @@ def test_a_folder_of_other_raster_formats_names_them(tmp_path: Path) -> None:
         "mosaic.vrt: a GDAL VRT is not read: convert it (gdal_translate mosaic.vrt "
         "mosaic.tif) or give the files it lists)"
     )
+    with pytest.raises(NoRasterFoundError) as missing:  # a path that does not exist
+        Sentinel2SR(tmp_path / "none.vrt")
+    assert str(missing.value).endswith("(reads .tif, .tiff, .jp2)")
     (tmp_path / "S2A_MSIL2A_20230601.zip").write_bytes(b"PK")
     with pytest.raises(InputError, match=r"holds no GeoTIFF or JPEG2000 file \(reads .tif, "
                        r".tiff, .jp2; found .* and 1 more: "):  # fmt: skip

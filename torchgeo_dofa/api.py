@@ -384,7 +384,7 @@ class ExportModelRequest:
                 f"unknown DOFA setting(s) {unknown}: choose among {sorted(_MODEL_KEYS)}"
             )
         if "variant" in model_kwargs:
-            canonical_variant(str(model_kwargs["variant"]))
+            _variant(str(model_kwargs["variant"]))
         return cls(name=name, sensor=sensor, model_config=dict(model_kwargs) or None)
 
 
@@ -511,6 +511,14 @@ class _Config:
     device: str
 
 
+def _variant(name: str) -> str:
+    """:func:`~torchgeo_dofa.model.canonical_variant`, its error a :class:`ModelError`."""
+    try:
+        return canonical_variant(name)
+    except ValueError as err:
+        raise ModelError(str(err)) from None
+
+
 def _config(
     model: str,
     *,
@@ -528,14 +536,12 @@ def _config(
     if unknown:
         raise ModelError(f"unknown model_config key(s) {unknown}: choose among {_MODEL_KEYS}")
     if variant is not None and "variant" in settings:
-        if canonical_variant(variant) != canonical_variant(str(settings["variant"])):
+        if _variant(variant) != _variant(str(settings["variant"])):
             raise ModelError(
                 f"variant={variant!r} conflicts with model_config variant "
                 f"{settings['variant']!r}: give it once"
             )
-    variant_name = canonical_variant(
-        str(settings.get("variant", "base" if variant is None else variant))
-    )
+    variant_name = _variant(str(settings.get("variant", "base" if variant is None else variant)))
     norm = str(settings.get("pooled_norm", pooled_norm))
     if norm not in ("trained", "plain"):
         raise ModelError(
@@ -811,7 +817,13 @@ def _check_read_size(
     else:
         smaller = "a smaller BBox or geometry"
     size = pixels * bands * 4
-    memory = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+    memory = (
+        f"{size / 2**30:.1f} GiB"
+        if size >= 2**30
+        else f"{size / 2**20:.0f} MiB"
+        if size >= 2**20
+        else f"{size / 2**10:.0f} KiB"
+    )
     raise ModelError(
         f"{_region_label(spatial)} covers {width} x {height} px ({pixels / 1e6:.3g} Mpx, about "
         f"{memory} as float32 for {bands} band(s)) on {grid}, more than the "

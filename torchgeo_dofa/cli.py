@@ -681,7 +681,7 @@ def embed(
             precision=choice.lightning,
             output=output,
             outputs=[p.name for paths in out_paths for p in paths.values()],
-            region=region_identity(bbox, points, buffer_m, skip_outside),
+            region=region_identity(bbox, points, buffer_m, skip_outside, datetime),
             data={
                 r.name: data_identity(dm.job_identity())
                 for r, dm in zip(regions, modules, strict=True)

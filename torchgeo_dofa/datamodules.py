@@ -101,10 +101,15 @@ def _time_slice(time: TimeRange | None) -> slice | None:
         start = pd.Timestamp.min if naive[0] is None else pd.Timestamp(naive[0])
         stop = pd.Timestamp.max if naive[1] is None else pd.Timestamp(naive[1])
         return slice(start, stop)
-    start, stop = (pd.Timestamp(t) for t in time)
+    start, stop = (_naive_utc(pd.Timestamp(t)) for t in time)
     if stop < start:
         raise ValueError(f"time range ends before it starts: {time}")
     return slice(start, stop)
+
+
+def _naive_utc(stamp: pd.Timestamp) -> pd.Timestamp:
+    """A timestamp as the index keeps them: naive UTC (an aware one converted)."""
+    return stamp if stamp.tzinfo is None else stamp.tz_convert("UTC").tz_localize(None)
 
 
 def scenes_within(dataset: Sentinel2Base, time: TimeRange | slice | None) -> Any:
@@ -170,8 +175,10 @@ def refuse_mixed_acquisitions(
 
     TorchGeo merges every scene a chip meets (the first file's valid pixels, gaps filled from
     the next), which is a mosaic for tiles of one acquisition but, for a time series of one
-    place, one embedding of several dates' pixels. Scenes without a date (spanning all time)
-    and spans that overlap in time are not compared.
+    place, one embedding of several dates' pixels. Scenes of one UTC day (a pass's tiles,
+    seconds apart) or whose spans overlap in time are one acquisition. A scene without a date
+    (no STAC item, no date in its name: it spans all time, so a time range cannot leave it
+    out) overlapping a dated one is refused too; undated scenes among themselves are not.
 
     Args:
         dataset: the dataset (``time_series=True`` datasets stack dates and are not checked).
@@ -190,31 +197,48 @@ def refuse_mixed_acquisitions(
     if box is not None:
         scenes = scenes.iloc[scenes.sindex.query(box, predicate="intersects")]
     mint, maxt = pd.Timestamp(dataset.mint), pd.Timestamp(dataset.maxt)
-    dated = scenes[(scenes.index.left > mint) | (scenes.index.right < maxt)]
-    spans = sorted(set(dated.index), key=lambda span: (span.left, span.right))
-    if len(spans) < 2:
-        return
-    areas = {span: dated[dated.index == span] for span in spans}
-    for i, early in enumerate(spans):
-        for late in spans[i + 1 :]:
-            if late.left <= early.right:  # overlapping in time: one acquisition's parts
+    undated_rows = (scenes.index.left <= mint) & (scenes.index.right >= maxt)
+    dated, undated = scenes[~undated_rows], scenes[undated_rows]
+    pixel = abs(float(dataset.res[0]) * float(dataset.res[1]))
+
+    def overlap(a: Any, b: Any) -> bool:
+        return bool(a.geometry.union_all().intersection(b.geometry.union_all()).area > pixel)
+
+    def name(rows: Any) -> str:
+        return os.path.basename(str(rows.iloc[0]["filepath"]))
+
+    # one acquisition: the tiles of one UTC day (a pass's tiles differ by seconds), or spans
+    # that overlap in time (a product over several days)
+    days = sorted({span.left.date() for span in dated.index})
+    by_day = {day: dated[[span.left.date() == day for span in dated.index]] for day in days}
+    for i, early in enumerate(days):
+        for late in days[i + 1 :]:
+            a, b = by_day[early], by_day[late]
+            if a.index.right.max() >= b.index.left.min() or not overlap(a, b):
                 continue
-            a, b = areas[early], areas[late]
-            overlap = a.geometry.union_all().intersection(b.geometry.union_all()).area
-            pixel = abs(float(dataset.res[0]) * float(dataset.res[1]))
-            if overlap <= pixel:
-                continue
-            first = os.path.basename(str(a.iloc[0]["filepath"]))
-            second = os.path.basename(str(b.iloc[0]["filepath"]))
-            day = early.left.date().isoformat()
-            hint = fix(day) if fix is not None else f"time=('{day}', '{day} 23:59:59')"
+            hint = fix(early.isoformat()) if fix is not None else _time_hint(early.isoformat())
             raise InputError(
-                f"{first} (acquired {day}) and {second} (acquired "
-                f"{late.left.date().isoformat()}) overlap: a chip would mix the two dates' "
-                f"pixels, and DOFA embeds one acquisition at a time ({len(spans)} dates among "
-                f"the inputs). Choose the dates with {hint}, or give the files as separate "
-                "inputs (one output each)"
+                f"{name(a)} (acquired {early.isoformat()}) and {name(b)} (acquired "
+                f"{late.isoformat()}) overlap: a chip would mix the two dates' pixels, and DOFA "
+                f"embeds one acquisition at a time ({len(days)} dates among the inputs). "
+                f"Choose the dates with {hint}, or give the files as separate inputs (one "
+                "output each)"
             )
+    for k in range(len(undated)):
+        alone = undated.iloc[k : k + 1]
+        for day in days:
+            if overlap(alone, by_day[day]):
+                raise InputError(
+                    f"{name(alone)} has no date (no STAC item JSON beside it, no date in its "
+                    f"name) and overlaps {name(by_day[day])} (acquired {day.isoformat()}): a "
+                    "chip would mix them. Give the files as separate inputs (one output "
+                    "each), or name the file with its date (e.g. scene_YYYYMMDD.tif)"
+                )
+
+
+def _time_hint(day: str) -> str:
+    """The data module's ``time=`` for the scenes of one day."""
+    return f"time=('{day}', '{day} 23:59:59')"
 
 
 class RegionSampler(GeoSampler):

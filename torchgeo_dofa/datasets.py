@@ -2317,7 +2317,7 @@ def _other_formats_hint(
     for item in items:
         path = pathlib.Path(item)
         files = path.rglob("*") if path.is_dir() else [path]
-        found += [p for p in files if p.suffix.lower() in _OTHER_FORMATS]
+        found += [p for p in files if p.suffix.lower() in _OTHER_FORMATS and p.exists()]
     hint = f" (reads {', '.join(extensions)}"
     if found:
         first = found[0]

@@ -541,18 +541,20 @@ def region_identity(
     points: str | os.PathLike[str] | None = None,
     buffer_m: float | None = None,
     skip_outside: bool = False,
+    datetime: str | None = None,
 ) -> dict[str, Any]:
-    """The manifest's ``region`` field for the CLI's area options.
+    """The manifest's ``region`` field for the CLI's area and time options.
 
     Args:
         bbox: ``--bbox`` (minlon, minlat, maxlon, maxlat), or None.
         points: ``--points`` file, or None (identified by the sha256 of its content).
         buffer_m: ``--buffer-m`` (recorded with points only).
         skip_outside: ``--skip-outside`` (recorded with points only).
+        datetime: ``--datetime`` as given, or None (a job over other dates is another job).
 
     Returns:
         ``{}`` for whole rasters, ``{"bbox": [...]}``, and/or ``{"points_sha256": ...,
-        "buffer_m": ..., "skip_outside": ...}``.
+        "buffer_m": ..., "skip_outside": ...}``, and ``{"datetime": ...}``.
     """
     region: dict[str, Any] = {}
     if bbox is not None:
@@ -561,6 +563,8 @@ def region_identity(
         region["points_sha256"] = sha256_file(Path(points))
         region["buffer_m"] = float(buffer_m) if buffer_m is not None else None
         region["skip_outside"] = bool(skip_outside)
+    if datetime is not None:
+        region["datetime"] = str(datetime).strip()
     return region
 
 
