@@ -73,7 +73,11 @@ __all__ = [
     "DOFAPredictDataModule",
     "RegionSampler",
     "RoiArray",
+    "TimeRange",
+    "chip_time",
     "read_roi",
+    "refuse_mixed_acquisitions",
+    "scenes_within",
 ]
 
 #: ``(start, stop)`` (naive UTC, inclusive) or STAC-style ``"2021-06-01/2021-06-30"``.
