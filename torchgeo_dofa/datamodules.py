@@ -33,7 +33,7 @@ import os
 import pathlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 import numpy as np
@@ -99,11 +99,8 @@ def _time_slice(time: TimeRange | None) -> slice | None:
             first, last, _ = _interval(time)
         except StacError as err:
             raise ValueError(f"time {time!r}: {err}") from err
-        naive = [
-            None if t is None else t.astimezone(UTC).replace(tzinfo=None) for t in (first, last)
-        ]
-        start = pd.Timestamp.min if naive[0] is None else pd.Timestamp(naive[0])
-        stop = pd.Timestamp.max if naive[1] is None else pd.Timestamp(naive[1])
+        start = pd.Timestamp.min if first is None else _naive_utc(pd.Timestamp(first))
+        stop = pd.Timestamp.max if last is None else _naive_utc(pd.Timestamp(last))
         return slice(start, stop)
     start, stop = (_naive_utc(pd.Timestamp(t)) for t in time)
     if stop < start:
