@@ -613,7 +613,8 @@ class CheckReflectance(nn.Module):
                     "collate_fn (Sentinel2SR's own `&` and `|` use them)"
                 )
             valid = valid & given.to(torch.bool)
-        empty = ~valid.flatten(-2).any(dim=-1)
+        fraction = valid_fraction(valid)
+        empty = fraction == 0  # no valid pixel
         dims = (-3, -2, -1)
         if image.numel() and bool(valid.all()):  # the common case: nothing to fill or mask
             vmin, vmax = image.amin(dim=dims), image.amax(dim=dims)
@@ -648,7 +649,7 @@ class CheckReflectance(nn.Module):
         sample["image"] = image
         sample["valid"] = valid
         sample["empty"] = empty
-        sample["valid_fraction"] = valid_fraction(valid)
+        sample["valid_fraction"] = fraction
         return sample
 
     def extra_repr(self) -> str:  # noqa: D102
@@ -1092,10 +1093,11 @@ class AugmentWithValid(nn.Module):
         out = self.augmentation(sample)
         carried = out.pop(self.carrier)
         out["valid"] = carried.squeeze(-3) > 0.5
+        fraction = valid_fraction(out["valid"])
         if "empty" in out:
-            out["empty"] = ~out["valid"].flatten(-2).any(-1)
+            out["empty"] = fraction == 0
         if "valid_fraction" in out:
-            out["valid_fraction"] = valid_fraction(out["valid"])
+            out["valid_fraction"] = fraction
         return out
 
     def extra_repr(self) -> str:  # noqa: D102
