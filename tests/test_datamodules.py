@@ -308,7 +308,7 @@ def test_job_identity_names_what_the_chips_depend_on(tmp_path) -> None:
     assert identity(crs="EPSG:3857")["crs"] == "EPSG:3857"
     assert identity(bands=["B4", "B3", "B2"])["band_indexes"] == "[(1, 2, 3)]"
     assert base["band_indexes"] == "[(3, 2, 1, 4)]"  # the file stores B4, B3, B2, B8
-    assert identity(time_series=True)["data.time_series"] == "True"  # as given
+    assert identity(resampling="bilinear")["data.resampling"] == "'bilinear'"  # as given
     assert identity(stride=112)["stride"] == "112" and base["stride"] == "224"
     other = identity(dataset_class=EarthEngineS2)  # another offset rule: another job
     assert base["dataset_class"] == "torchgeo_dofa.datasets.Sentinel2SR"

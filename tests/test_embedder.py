@@ -410,3 +410,31 @@ def test_a_writer_under_a_fine_tuning_task_is_refused_before_any_batch(tmp_path:
         )
     assert CountBatches.batches == 0
     assert not out.exists()
+
+
+def test_a_time_series_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """``time_series=True`` stacks a chip's dates (B, T, C, H, W): the data module refuses it
+    at construction and the embedder refuses such a batch naming the fix, instead of failing
+    deep in the encoder ("got 16 wavelengths for 4 channels") or reading the dates as tiles."""
+    import pytest
+
+    from tests.scenes import dated_copies
+    from torchgeo_dofa.datamodules import DOFAPredictDataModule
+    from torchgeo_dofa.writers import PooledWriter
+
+    folder = tmp_path / "series"
+    dated_copies(folder, [("T33UVP_20210101.tif", 0, 0), ("T33UVP_20230601.tif", 0, 100)])
+    with pytest.raises(ValueError, match=r"one acquisition per chip.*time=\(start, stop\)"):
+        DOFAPredictDataModule(folder, time_series=True)
+    series = Sentinel2SR(folder, time_series=True)
+    series.transforms = DOFAPreprocess(series.bands)
+    chips = list(GriddedPatchSampler(series, size=224))[:2]
+    loader = DataLoader(series, sampler=chips, batch_size=2, collate_fn=stack_dofa_samples)
+    out = tmp_path / "out"
+    trainer = _cpu_trainer([PooledWriter(out / "p.parquet", crs=series.crs)])
+    module = DOFAEmbedder(weights=None, seed=0, output="pooled")
+    with pytest.raises(
+        ValueError, match=r"\(2, 2, 4, 224, 224\) batch without tile_offsets.*--datetime"
+    ):
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+    assert not out.exists()

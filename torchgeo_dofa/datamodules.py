@@ -508,12 +508,14 @@ class DOFAPredictDataModule(GeoDataModule):
                 for bands without DOFA statistics (another sensor's); as ``--mean``.
             std: with ``preprocess``, one standard deviation per band on that scale; as
                 ``--std``.
-            **kwargs: further dataset arguments (e.g. ``time_series``). The dataset arguments above
-                are named parameters so that a LightningCLI config (jsonargparse) accepts them.
+            **kwargs: further dataset arguments (e.g. ``resampling``). The dataset arguments
+                above are named parameters so that a LightningCLI config (jsonargparse) accepts
+                them.
 
         Raises:
-            ValueError: if both ``points`` and ``roi`` are given, sizes are invalid, or
-                ``mean`` / ``std`` are given without ``bands``.
+            ValueError: if both ``points`` and ``roi`` are given, sizes are invalid,
+                ``mean`` / ``std`` are given without ``bands``, or ``time_series=True`` (one
+                acquisition per chip: embed each date as its own job with ``time``).
         """
         if points is not None and roi is not None:
             raise ValueError("give either points= or roi=, not both")
@@ -523,6 +525,13 @@ class DOFAPredictDataModule(GeoDataModule):
             raise ValueError(f"roi_sampling must be 'grid' or 'whole', got {roi_sampling!r}")
         if input_prep not in INPUT_PREPS:
             raise ValueError(f"input_prep must be one of {list(INPUT_PREPS)}, got {input_prep!r}")
+        if kwargs.get("time_series"):
+            raise ValueError(
+                "time_series=True stacks every date of a chip into one (T, C, H, W) sample, "
+                "but DOFA embeds one acquisition per chip: embed each date as its own job, "
+                "with time=(start, stop) or time='A/B' (CLI: --datetime A/B) and its own "
+                "output path"
+            )
         named = {
             "bands": bands,
             "file_bands": file_bands,

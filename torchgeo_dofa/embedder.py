@@ -166,7 +166,17 @@ class DOFAEmbedder(pl.LightningModule):
             NotNormalisedError: when the image is an integer tensor or holds values beyond
                 :data:`NORMALISED_LIMIT` (raw reflectance: the data module was given neither
                 ``preprocess=True`` nor ``DOFAPreprocess`` transforms).
+            ValueError: for a (B, T, C, H, W) batch that is not tiles (no ``tile_offsets``):
+                a time series (``time_series=True``), where DOFA embeds one acquisition per
+                chip.
         """
+        if batch["image"].ndim == 5 and "tile_offsets" not in batch:
+            raise ValueError(
+                f"got a {tuple(batch['image'].shape)} batch without tile_offsets: a time "
+                "series (time_series=True) stacks the dates of each chip, but DOFA embeds one "
+                "acquisition per chip; embed each date as its own job (the data module's "
+                "time=(start, stop), CLI --datetime A/B)"
+            )
         if self.preprocess is not None:  # on a copy: the caller's dict keeps its raw image
             batch = self.preprocess(dict(batch))
         return self._predict(batch, batch_idx)
