@@ -280,6 +280,20 @@ def test_a_huge_mostly_empty_grid_is_refused_before_anything(
         "--output pooled\n"
     )
     assert not (tmp_path / "out").exists()
+    # predict --config: the grid writer refuses it at setup, before any chip is computed
+    import yaml
+
+    cfg = _predict_config(tmp_path / "out", base_checkpoint)
+    cfg["data"]["init_args"]["paths"] = str(folder)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 2
+    assert capsys.readouterr().err.endswith(
+        "the grid of g.tif would be 6254 x 9379 cells x 768 bands (167.8 GiB uncompressed) for "
+        "2 chip(s) covering 0.00067 % of it: its rasters lie far apart. Embed them with a data "
+        "module each (a grid each), narrow it with roi=, or write pooled embeddings only "
+        "(PooledWriter, model output 'pooled')\n"
+    )
+    assert not (tmp_path / "out").exists()
     pooled = ["--output", "pooled", "--precision", "32"]
     assert main(["embed", str(folder), "-o", str(tmp_path / "out"), *common, *pooled]) == 0
     assert len(gpd.read_parquet(tmp_path / "out" / "far_pooled.parquet")) == 2

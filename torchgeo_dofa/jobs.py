@@ -844,7 +844,14 @@ def job_size_warning(
 
 
 def sparse_grid_problem(
-    name: str, width: int, height: int, depth: int, chips: int, chip_cells: float
+    name: str,
+    width: int,
+    height: int,
+    depth: int,
+    chips: int,
+    chip_cells: float,
+    fix: str = "Give them as separate inputs (a grid each), narrow it with --bbox, or write "
+    "--output pooled",
 ) -> str | None:
     """Why a region's grid GeoTIFF would be a huge, mostly empty file, or None.
 
@@ -859,6 +866,7 @@ def sparse_grid_problem(
         depth: bands (the encoder's width D).
         chips: chips of the region.
         chip_cells: grid cells one chip covers (196 for 224-px chips).
+        fix: what to do instead, in the words of the door used (default: the CLI's options).
 
     Returns:
         The one-line reason and fix when the grid exceeds :data:`SPARSE_GRID_BYTES`
@@ -872,8 +880,7 @@ def sparse_grid_problem(
     return (
         f"the grid of {name} would be {width} x {height} cells x {depth} bands "
         f"({size / 2**30:.1f} GiB uncompressed) for {chips} chip(s) covering "
-        f"{cover * 100:.2g} % of it: its rasters lie far apart. Give them as separate inputs "
-        "(a grid each), narrow it with --bbox, or write --output pooled"
+        f"{cover * 100:.2g} % of it: its rasters lie far apart. {fix}"
     )
 
 

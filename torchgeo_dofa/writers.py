@@ -1098,6 +1098,12 @@ class GridWriter(_PartsWriter):
 
         A derived geometry is derived again at every setup, so a writer reused for another
         datamodule (another scene) places its chips on that scene's grid.
+
+        Raises:
+            ValueError: for a grid above :data:`~torchgeo_dofa.jobs.SPARSE_GRID_BYTES`
+                uncompressed that its chips cover less than
+                :data:`~torchgeo_dofa.jobs.SPARSE_GRID_COVER` of (rasters far apart in one
+                data module), and as :meth:`_PartsWriter.setup`.
         """
         super().setup(trainer, pl_module, stage)
         dm = getattr(trainer, "datamodule", None)
@@ -1120,6 +1126,7 @@ class GridWriter(_PartsWriter):
                     crs, list(sampler), tuple(float(r) for r in dataset.res), patch_px
                 )
         geom = self.geometry
+        self._refuse_a_sparse_grid(getattr(dm, "predict_sampler", None), pl_module)
         self.check_parts_identity(
             trainer,
             {
@@ -1131,6 +1138,36 @@ class GridWriter(_PartsWriter):
         sampler = getattr(dm, "predict_sampler", None)
         self.chip_keys = None if sampler is None else [self.key_for_chip(c) for c in sampler]
         self._done = self._resume_keys()
+
+    def _refuse_a_sparse_grid(self, sampler: Any, pl_module: pl.LightningModule) -> None:
+        """Refuse a huge grid its chips barely cover, before any chip is computed.
+
+        Raises:
+            ValueError: see :func:`torchgeo_dofa.jobs.sparse_grid_problem` (rasters far
+                apart in one data module).
+        """
+        from .jobs import sparse_grid_problem
+
+        depth = getattr(getattr(pl_module, "encoder", None), "embed_dim", None)
+        if sampler is None or not isinstance(depth, int):
+            return
+        geom = self.geometry
+        cells = [
+            (c[0].stop - c[0].start) / geom.cell * (c[1].stop - c[1].start) / geom.cell_height
+            for c in sampler
+        ]
+        problem = sparse_grid_problem(
+            self.path.name,
+            geom.width,
+            geom.height,
+            depth,
+            len(cells),
+            sum(cells) / max(len(cells), 1),
+            fix="Embed them with a data module each (a grid each), narrow it with roi=, or "
+            "write pooled embeddings only (PooledWriter, model output 'pooled')",
+        )
+        if problem:
+            raise ValueError(problem)
 
     def is_done(self, chip: Sequence[slice]) -> bool:
         """Whether an earlier run already wrote this chip (``(x, y, ...)`` slices).
