@@ -417,6 +417,22 @@ def test_composite_equals_numpy(scenes, server, tmp_path, rule) -> None:
     assert json.loads(tags["STAC_ITEM_OFFSETS"]) == [0.0, 0.0, -1000.0]
     assert tags["STAC_COMPOSITE"].startswith(rule)
     assert json.loads(tags["STAC_SCL_MASK"]) == [0, 1, 3, 8, 9, 10]
+    # a region larger than the memory budget: composited in windows (3 dates x 5 assets x
+    # 8 bytes x 40 x 40 px), the same pixels and tags as in one piece
+    windows = stac._composite_windows(grid, 3 * 5 * 8, 3 * 5 * 8 * 40 * 40)
+    assert len(windows) >= 9 and windows[1] == (0, 40, 40, 40)
+    pieces = stac.composite_to_geotiff(
+        items,
+        scenes["bbox"],
+        BANDS,
+        tmp_path / "w.tif",
+        composite=rule,
+        window_bytes=3 * 5 * 8 * 40 * 40,
+    )
+    with rasterio.open(pieces) as src:
+        np.testing.assert_array_equal(src.read(), got)
+        assert src.tags() == tags
+        assert tuple(src.transform)[:6] == grid.transform
 
 
 def test_materialised_file_reads_as_local_input(scenes, server, tmp_path) -> None:
