@@ -360,3 +360,36 @@ def test_the_default_normalisation_names_its_way_out() -> None:
     raw = DOFAPredictDataModule(DATA / "multiband", bands=["B8A", "B4"], preprocess=False)
     raw.setup("predict")
     assert isinstance(raw.predict_dataset, Sentinel2SR) and raw.predict_dataset.transforms is None
+
+
+def test_chip_times_are_each_chips_own_scenes_span(tmp_path) -> None:
+    """One spatial-index query for a whole grid gives each box the span of the scenes whose
+    area it meets (not the ones it only touches at an edge), the default where none."""
+    import pandas as pd
+
+    from tests.scenes import dated_copies
+    from torchgeo_dofa.datamodules import chip_time, chip_times, scenes_within
+
+    folder = tmp_path / "tiles"  # west tile on Jan 1, east tile (2560 m on) on Jan 3
+    dated_copies(folder, [("T33UVP_20210101.tif", 0, 0), ("T33UVP_20210103.tif", 2560, 0)])
+    ds = Sentinel2SR(folder)
+    scenes = scenes_within(ds, None)
+    (x0, y0, x1, _), (west, east) = ds.index.total_bounds, sorted(ds.index.index)
+    mid, default = x0 + 2560, slice(pd.Timestamp("1999-01-01"), pd.Timestamp("1999-01-02"))
+    boxes = [
+        shapely.box(x0 + 10, y0 + 10, x0 + 100, y0 + 100),  # west tile only
+        shapely.box(mid + 10, y0 + 10, mid + 100, y0 + 100),  # east tile only
+        shapely.box(mid - 50, y0 + 10, mid + 50, y0 + 100),  # both
+        shapely.box(x0 - 100, y0 + 10, x0, y0 + 100),  # touches the west edge only
+        shapely.box(x1 + 10, y0 + 10, x1 + 100, y0 + 100),  # outside
+    ]
+    expected = [
+        slice(west.left, west.right),
+        slice(east.left, east.right),
+        slice(west.left, east.right),
+        default,
+        default,
+    ]
+    assert chip_times(scenes, boxes, default) == expected
+    assert [chip_time(scenes, b, default) for b in boxes] == expected
+    assert chip_times(scenes, [], default) == []

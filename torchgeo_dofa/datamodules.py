@@ -75,6 +75,7 @@ __all__ = [
     "RoiArray",
     "TimeRange",
     "chip_time",
+    "chip_times",
     "read_roi",
     "refuse_mixed_acquisitions",
     "scenes_within",
@@ -158,11 +159,33 @@ def chip_time(scenes: Any, box: BaseGeometry, default: slice) -> slice:
         TorchGeo query reads the same scenes as with ``default`` and a chip's recorded time
         is its own, not its region's.
     """
-    hits = scenes.iloc[scenes.sindex.query(box, predicate="intersects")]
-    hits = hits[~hits.geometry.touches(box)]
-    if hits.empty:
-        return default
-    return slice(hits.index.left.min(), hits.index.right.max())
+    return chip_times(scenes, [box], default)[0]
+
+
+def chip_times(scenes: Any, boxes: Sequence[BaseGeometry], default: slice) -> list[slice]:
+    """:func:`chip_time` of many chips, in one spatial-index query (a sampler's whole grid).
+
+    Args:
+        scenes: index rows (as :func:`scenes_within` gives), in the chips' CRS.
+        boxes: the chips' footprints.
+        default: the slice of a chip no scene's area meets.
+
+    Returns:
+        One slice per box, in order.
+    """
+    if not len(boxes):
+        return []
+    geoms = np.asarray(boxes, dtype=object)
+    chip, scene = scenes.sindex.query(geoms, predicate="intersects")
+    inside = ~shapely.touches(geoms[chip], scenes.geometry.array[scene])  # not edge-only
+    chip, scene = chip[inside], scene[inside]
+    spans = scenes.index
+    starts = pd.Series(spans.left[scene]).groupby(chip).min()
+    stops = pd.Series(spans.right[scene]).groupby(chip).max()
+    times = [default] * len(boxes)
+    for i, start, stop in zip(starts.index, starts, stops, strict=True):
+        times[int(i)] = slice(start, stop)
+    return times
 
 
 def refuse_mixed_acquisitions(
@@ -280,6 +303,7 @@ class RegionSampler(GeoSampler):
         #: each chip's time: the span of the scenes it reads
         self.times: list[slice] = []
         outside: list[str] = []
+        boxes = []
         for number, region in enumerate(regions):
             xs, ys = region_window(
                 region, dataset.crs, dataset.res, (float(x.start), float(y.stop)), region_crs
@@ -288,7 +312,8 @@ class RegionSampler(GeoSampler):
             if check_footprint and not footprint.intersects(box):
                 outside.append(f"#{number} {region}")
             self.chips.append((xs, ys))
-            self.times.append(chip_time(scenes, box, everything))
+            boxes.append(box)
+        self.times = chip_times(scenes, boxes, everything)
         if outside:
             raise ValueError(
                 f"{len(outside)} region(s) fall outside every raster of the dataset "
@@ -370,14 +395,16 @@ class ChipGridSampler(GeoSampler):
         cols = max(1, math.ceil((xmax - xmin - size * xres) / (step * xres) - 1e-9) + 1)
         rows = max(1, math.ceil((ymax - ymin - size * yres) / (step * yres) - 1e-9) + 1)
         tslice = _time_slice(time) or slice(scenes.index.left.min(), scenes.index.right.max())
-        self.chips: list[tuple[slice, slice, slice]] = []
-        for i in range(rows):
-            for j in range(cols):
-                cx, cy = xmin + j * step * xres, ymin + i * step * yres
-                box = shapely.box(cx, cy, cx + size * xres, cy + size * yres)
-                if box.intersects(footprint) and not box.touches(footprint):
-                    xs, ys = slice(cx, cx + size * xres), slice(cy, cy + size * yres)
-                    self.chips.append((xs, ys, chip_time(scenes, box, tslice)))
+        i, j = (a.ravel() for a in np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"))
+        cx, cy = xmin + j * step * xres, ymin + i * step * yres
+        boxes = shapely.box(cx, cy, cx + size * xres, cy + size * yres)
+        shapely.prepare(footprint)
+        keep = shapely.intersects(boxes, footprint) & ~shapely.touches(boxes, footprint)
+        times = chip_times(scenes, list(boxes[keep]), tslice)
+        self.chips: list[tuple[slice, slice, slice]] = [
+            (slice(x, x + size * xres), slice(y, y + size * yres), t)
+            for x, y, t in zip(cx[keep].tolist(), cy[keep].tolist(), times, strict=True)
+        ]
 
     def __iter__(self) -> Iterator[GeoSlice]:
         """Yield the chips.
