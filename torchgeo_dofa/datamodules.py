@@ -395,16 +395,24 @@ class ChipGridSampler(GeoSampler):
         cols = max(1, math.ceil((xmax - xmin - size * xres) / (step * xres) - 1e-9) + 1)
         rows = max(1, math.ceil((ymax - ymin - size * yres) / (step * yres) - 1e-9) + 1)
         tslice = _time_slice(time) or slice(scenes.index.left.min(), scenes.index.right.max())
-        i, j = (a.ravel() for a in np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"))
-        cx, cy = xmin + j * step * xres, ymin + i * step * yres
-        boxes = shapely.box(cx, cy, cx + size * xres, cy + size * yres)
         shapely.prepare(footprint)
-        keep = shapely.intersects(boxes, footprint) & ~shapely.touches(boxes, footprint)
-        times = chip_times(scenes, list(boxes[keep]), tslice)
-        self.chips: list[tuple[slice, slice, slice]] = [
-            (slice(x, x + size * xres), slice(y, y + size * yres), t)
-            for x, y, t in zip(cx[keep].tolist(), cy[keep].tolist(), times, strict=True)
-        ]
+        self.chips: list[tuple[slice, slice, slice]] = []
+        block = max(1, 100_000 // cols)  # rows of candidate boxes tested at once
+        for first in range(0, rows, block):
+            i, j = (
+                a.ravel()
+                for a in np.meshgrid(
+                    np.arange(first, min(rows, first + block)), np.arange(cols), indexing="ij"
+                )
+            )
+            cx, cy = xmin + j * step * xres, ymin + i * step * yres
+            boxes = shapely.box(cx, cy, cx + size * xres, cy + size * yres)
+            keep = shapely.intersects(boxes, footprint) & ~shapely.touches(boxes, footprint)
+            times = chip_times(scenes, list(boxes[keep]), tslice)
+            self.chips += [
+                (slice(x, x + size * xres), slice(y, y + size * yres), t)
+                for x, y, t in zip(cx[keep].tolist(), cy[keep].tolist(), times, strict=True)
+            ]
 
     def __iter__(self) -> Iterator[GeoSlice]:
         """Yield the chips.
