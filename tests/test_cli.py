@@ -1178,6 +1178,47 @@ def test_fit_through_the_console_script(tmp_path, monkeypatch) -> None:
     assert main([*args, "--trainer.enable_progress_bar=false"]) == 0
 
 
+def test_a_damaged_or_foreign_ckpt_path_is_one_line_before_anything_runs(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """``--ckpt_path`` went to Lightning's ``torch.load`` unchecked: a changed byte validated
+    as other weights (exit 0, another val_loss), a truncated file gave a traceback, and a
+    classification checkpoint under the segmentation config became a classification task
+    (LightningCLI takes the class from the checkpoint) failing with KeyError: 'label'."""
+    import zipfile
+
+    monkeypatch.chdir(tmp_path)  # the example configs log to ./logs
+    configs = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs"
+    small = ["--data.init_args.num_samples=8", "--data.init_args.batch_size=4"]
+    quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    fit = ["fit", "--config", str(configs / "finetune_classification.yaml"), *small, *quiet]
+    assert main([*fit, "--trainer.max_epochs=1"]) == 0
+    (saved,) = tmp_path.glob("logs/*/version_0/checkpoints/*.ckpt")
+    data = bytearray(saved.read_bytes())
+    with zipfile.ZipFile(saved) as archive:
+        entry = max(archive.infolist(), key=lambda i: i.file_size)  # a tensor's bytes
+    data[entry.header_offset + 30 + len(entry.filename) + entry.file_size // 2] ^= 0xFF
+    (tmp_path / "flip.ckpt").write_bytes(data)
+    (tmp_path / "half.ckpt").write_bytes(saved.read_bytes()[: len(data) // 2])
+    capsys.readouterr()
+    validate = ["validate", "--config", str(configs / "finetune_classification.yaml"), *small]
+    assert main([*validate, *quiet, "--ckpt_path", "flip.ckpt"]) == 2
+    assert capsys.readouterr().err == (
+        f"torchgeo-dofa: error: flip.ckpt is not a readable PyTorch checkpoint (corrupt copy or "
+        f"disk error?): its entry {entry.filename} fails its CRC-32 check (bytes changed after "
+        "it was saved); copy or save it again\n"
+    )
+    assert main([*validate, *quiet, "--ckpt_path", "half.ckpt"]) == 2
+    assert "half.ckpt is not a readable PyTorch checkpoint (truncated" in capsys.readouterr().err
+    segment = ["validate", "--config", str(configs / "finetune_segmentation.yaml"), *small]
+    assert main([*segment, *quiet, "--ckpt_path", str(saved)]) == 2
+    assert capsys.readouterr().err.endswith(
+        "is a checkpoint of DOFAClassificationTask, but the config's model is "
+        "DOFASegmentationTask: give a checkpoint of that task, or set model.class_path to "
+        "torchgeo_dofa.tasks.DOFAClassificationTask\n"
+    )
+
+
 class _KeepBatch(pl.Callback):
     """Keeps the preprocessed input of the first prediction batch."""
 

@@ -467,3 +467,56 @@ def test_a_fine_tuned_task_checkpoint_gives_its_encoder(tmp_path) -> None:
     torch.testing.assert_close(loaded.pooled, expected.pooled, rtol=0, atol=0)
     torch.testing.assert_close(loaded.grid, expected.grid, rtol=0, atol=0)
     assert DOFAEmbedder(weights=str(path)).metadata["weights"] == "file:task.ckpt"
+
+
+def test_a_task_checkpoint_with_changed_bytes_is_refused_by_every_loader(tmp_path) -> None:
+    """A byte changed in a fine-tuned task's checkpoint loaded silently as other weights
+    through ``load_from_checkpoint`` and ``Trainer.validate(ckpt_path=...)`` (torch.load does
+    not check the zip's CRC-32s): the task records a CRC-32 of its weights and checks it."""
+    import zipfile
+
+    import lightning.pytorch as pl
+
+    from torchgeo_dofa.synthetic import SpectralDataModule
+    from torchgeo_dofa.tasks import DOFAClassificationTask
+    from torchgeo_dofa.weights import (
+        STATE_DIGEST_KEY,
+        CheckpointError,
+        state_dict_digest,
+        verify_checkpoint_file,
+    )
+
+    task = DOFAClassificationTask(num_classes=4, weights=None, interpolate_pos_embed=True)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    data = SpectralDataModule(batch_size=4, size=32, num_samples=8)
+    trainer.validate(task, data)
+    good = tmp_path / "task.ckpt"
+    trainer.save_checkpoint(good)
+    saved = torch.load(good, weights_only=True)
+    assert saved[STATE_DIGEST_KEY] == state_dict_digest(task.state_dict())
+    raw = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as archive:
+        entry = max(archive.infolist(), key=lambda i: i.file_size)  # a tensor's bytes
+    raw[entry.header_offset + 30 + len(entry.filename) + entry.file_size // 2] ^= 0xFF
+    flipped = tmp_path / "flipped.ckpt"
+    flipped.write_bytes(raw)
+    message = r"weights fail their CRC-32 check \(saved [0-9a-f]{8}, now [0-9a-f]{8}\)"
+    with pytest.raises(CheckpointError, match=message):
+        DOFAClassificationTask.load_from_checkpoint(flipped)
+    with pytest.raises(CheckpointError, match=message):
+        trainer.validate(task, data, ckpt_path=flipped)
+    with pytest.raises(CheckpointError, match=f"entry {entry.filename} fails its CRC-32"):
+        verify_checkpoint_file(flipped)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="truncated copy or download"):
+        verify_checkpoint_file(truncated)
+    verify_checkpoint_file(good)  # intact: passes, and loads
+    assert isinstance(DOFAClassificationTask.load_from_checkpoint(good), DOFAClassificationTask)
+    # a checkpoint saved before the digest existed loads as before
+    del saved[STATE_DIGEST_KEY]
+    torch.save(saved, tmp_path / "older.ckpt")
+    DOFAClassificationTask.load_from_checkpoint(tmp_path / "older.ckpt")

@@ -1003,6 +1003,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     from lightning.pytorch.cli import LightningCLI
 
     from .jobs import StopOnSignal
+    from .weights import CheckpointError, verify_checkpoint_file
     from .writers import lock_outputs_when_made
 
     trainers: list[pl.Trainer] = []
@@ -1013,6 +1014,37 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     stop = StopOnSignal()
 
     class _CLI(LightningCLI):
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            """Parse; check a ``ckpt_path`` file before Lightning's ``torch.load`` reads it."""
+            super().parse_arguments(parser, args)
+            sub = self.config.get("subcommand")
+            section = self.config.get(sub) if sub else None
+            ckpt = section.get("ckpt_path") if section is not None else None
+            self._configured_model = None
+            if section is not None and ckpt and Path(ckpt).is_file():
+                verify_checkpoint_file(ckpt)
+                self._configured_model = section.get("model", {}).get("class_path")
+
+        def before_instantiate_classes(self) -> None:
+            """Refuse a ``ckpt_path`` of another task class than the config's model.
+
+            LightningCLI replaces the config's model with the class recorded in the
+            checkpoint's hyperparameters, so a classification checkpoint under a segmentation
+            config built a classification task and failed on the first batch.
+            """
+            sub = self.config.get("subcommand")
+            configured = getattr(self, "_configured_model", None)
+            if not sub or not configured:
+                return
+            used = self.config[sub].get("model", {}).get("class_path")
+            if used and used != configured:
+                ckpt = self.config[sub].get("ckpt_path")
+                raise CheckpointError(
+                    f"{ckpt} is a checkpoint of {used.rsplit('.', 1)[-1]}, but the config's "
+                    f"model is {configured.rsplit('.', 1)[-1]}: give a checkpoint of that "
+                    f"task, or set model.class_path to {used}"
+                )
+
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
             trainer = super().instantiate_trainer(**kwargs)
             trainers.append(trainer)  # to clean up after a failure (LightningCLI raises in init)

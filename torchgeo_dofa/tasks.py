@@ -53,7 +53,7 @@ from torchmetrics.classification import (
 from .bands import BandError, canonical_band, infer_wavelengths, resolve_wavelengths
 from .embedder import check_normalised
 from .model import DOFAEncoder, canonical_variant
-from .weights import load_dofa
+from .weights import STATE_DIGEST_KEY, CheckpointError, load_dofa, state_dict_digest
 
 __all__ = [
     "DEFAULT_BLOCK_INDICES",
@@ -226,6 +226,43 @@ class _DOFATask(BaseTask):
             self.encoder.requires_grad_(False)
         # load_dofa returns an eval-mode encoder; Lightning keeps modules' modes at fit start
         self.encoder.train(not self.frozen)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record a CRC-32 of the checkpoint's ``state_dict`` (checked when it loads).
+
+        Args:
+            checkpoint: the Lightning checkpoint being saved.
+        """
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict")
+        if isinstance(state, Mapping):
+            checkpoint[STATE_DIGEST_KEY] = state_dict_digest(state)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose weights changed after it was saved.
+
+        ``torch.load`` does not check a file's CRC-32s, so a byte changed on disk or in a copy
+        loaded silently as other weights (through ``ckpt_path`` and ``load_from_checkpoint``
+        alike); checkpoints saved by this package carry :func:`~torchgeo_dofa.weights.
+        state_dict_digest` of their weights, compared here (about 0.1 s for DOFA base).
+        Checkpoints without it (older ones) load as before.
+
+        Args:
+            checkpoint: the loaded Lightning checkpoint.
+
+        Raises:
+            CheckpointError: when the weights' CRC-32 differs from the one saved.
+        """
+        super().on_load_checkpoint(checkpoint)
+        saved, state = checkpoint.get(STATE_DIGEST_KEY), checkpoint.get("state_dict")
+        if isinstance(saved, str) and isinstance(state, Mapping):
+            now = state_dict_digest(state)
+            if now != saved:
+                raise CheckpointError(
+                    f"the checkpoint's weights fail their CRC-32 check (saved {saved}, now "
+                    f"{now}): its bytes changed after it was saved (disk or copy error); copy "
+                    "or save it again"
+                )
 
     @property
     def frozen(self) -> bool:

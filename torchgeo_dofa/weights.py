@@ -27,6 +27,7 @@ import math
 import os
 import pickletools
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "HUB_PROBE_TIMEOUT_S",
     "IGNORED_KEYS",
     "PRETRAINED",
+    "STATE_DIGEST_KEY",
     "CheckpointError",
     "PretrainedConfig",
     "WeightsResolution",
@@ -55,6 +57,8 @@ __all__ = [
     "read_state_dict",
     "resolve_weights",
     "sha256_file",
+    "state_dict_digest",
+    "verify_checkpoint_file",
 ]
 
 DEFAULT_HF_REPO_ID = "earthflow/DOFA"
@@ -486,6 +490,66 @@ def read_state_dict(path: Path, check_crc: bool = True) -> dict[str, Tensor]:
 #: Keys of a :mod:`torchgeo_dofa.tasks` checkpoint's encoder (TorchGeo's DOFA under the
 #: task's ``encoder.backbone``; the trained final norm is ``encoder.norm``).
 TASK_ENCODER_PREFIX = "encoder.backbone."
+
+
+#: Key of a fine-tuning task's Lightning checkpoint holding :func:`state_dict_digest` of its
+#: ``state_dict`` (written by the task's ``on_save_checkpoint``, checked on load).
+STATE_DIGEST_KEY = "torchgeo_dofa_state_crc32"
+
+
+def state_dict_digest(state: Mapping[str, Any]) -> str:
+    """CRC-32 of a state dict's names, shapes, dtypes and tensor bytes, as 8 hex digits.
+
+    About 0.1 s for DOFA base (344 MB of float32) on a CPU. Non-tensor entries count by name.
+
+    Args:
+        state: the state dict.
+
+    Returns:
+        The digest.
+    """
+    crc = 0
+    for name, value in state.items():
+        if not isinstance(value, Tensor):
+            crc = zlib.crc32(repr(name).encode(), crc)
+            continue
+        crc = zlib.crc32(repr((name, tuple(value.shape), str(value.dtype))).encode(), crc)
+        data = value.detach().cpu().contiguous().reshape(-1)
+        if data.numel():
+            crc = zlib.crc32(memoryview(data.view(torch.uint8).numpy()), crc)
+    return f"{crc:08x}"
+
+
+def verify_checkpoint_file(path: str | os.PathLike[str]) -> None:
+    """Refuse a damaged checkpoint file before a library loads it without looking.
+
+    ``torch.load`` (and so Lightning's ``ckpt_path`` and ``load_from_checkpoint``) reads a
+    zip checkpoint without its CRC-32s: a changed byte loads silently as other weights. Checks
+    a zip checkpoint's entries against their CRC-32 (``zipfile``'s ``testzip``, about 0.5 s
+    for 445 MB) and refuses a file that starts as a zip but is not a whole one (a truncated
+    copy); a legacy (non-zip) ``torch.save`` file has no CRC and passes.
+
+    Args:
+        path: the checkpoint file.
+
+    Raises:
+        CheckpointError: naming the file, the damage and the fix.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        zip_start = f.read(4) == b"PK\x03\x04"
+    if zip_start and not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated copy or download?): its "
+            "zip directory is missing; copy or save it again"
+        )
+    damaged = _failed_crc(path)
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (corrupt copy or disk error?): its "
+            f"entry {damaged} fails its CRC-32 check (bytes changed after it was saved); copy "
+            "or save it again"
+        )
 
 
 def _failed_crc(path: Path) -> str | None:
