@@ -1503,6 +1503,18 @@ def test_output_file_names_and_seeded_random_weights(tmp_path, capsys) -> None:
     fa, fb = gpd.read_parquet(a), gpd.read_parquet(b)
     np.testing.assert_array_equal(np.stack(fa.embedding), np.stack(fb.embedding))
     assert set(fa.weights) == {"random (seed 7)"}
+    # unseeded random weights differ on every run: a rerun says so and how to resume
+    unseeded = ["embed", str(SCENE), "-o", str(tmp_path / "u"), "--output", "pooled", *common]
+    assert main(unseeded) == 0
+    capsys.readouterr()
+    assert main(unseeded) == 2
+    assert capsys.readouterr().err == (
+        f"torchgeo-dofa: error: output folder {tmp_path / 'u'} holds another job's results: "
+        "they come from random weights without a seed (--weights none without --seed), drawn "
+        "anew on every run, so they cannot be resumed (give --seed N to make a rerun "
+        "resumable); rerun with --overwrite to replace them, or choose another -o\n"
+    )
+    shutil.rmtree(tmp_path / "u")
     # a file name for two regions, or of the wrong kind, is a one-line error
     assert (
         main(["embed", str(SCENE), str(SCENE.parent), "-o", str(tmp_path / "c.tif"), *common]) == 2
