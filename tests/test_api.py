@@ -816,6 +816,14 @@ S4 = SensorSpec(bands=("B4", "B3", "B2", "B8"))
         (dict(sensor=None), ModelError, "needs sensor=SensorSpec"),
         (dict(input_prep="crop"), ModelError, "unknown input_prep 'crop'"),
         (dict(model_config={"variant": "large"}, variant="base"), ModelError, "conflicts"),
+        (dict(weights=""), ModelError, "weights='' is empty: give 'official', a checkpoint"),
+        (dict(model_config={"weights": " "}), ModelError, "weights='' is empty"),
+        (dict(device="cuda:99"), ModelError, r"device 'cuda:99': PyTorch sees .*CUDA GPU"),
+        (
+            dict(input_chw=None, backend="local", paths=[], spatial=PointBuffer(1, 1, 10)),
+            ModelError,
+            "needs paths=.*got an empty list",
+        ),
     ],
 )
 def test_errors(kwargs, error, message, weights) -> None:

@@ -450,9 +450,18 @@ def _resolve_device(device: str | torch.device | None) -> str:
     if device is None or str(device) == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return str(torch.device(device))
+        resolved = torch.device(device)
     except RuntimeError as err:
         raise ModelError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'") from err
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index is not None and resolved.index >= count):
+            seen = "no CUDA GPU" if count == 0 else f"{count} CUDA GPU(s) (cuda:0..{count - 1})"
+            raise ModelError(
+                f"device {device!r}: PyTorch sees {seen} here: use device='auto' (CUDA when "
+                "available, else the CPU), 'cpu' or an existing GPU"
+            )
+    return str(resolved)
 
 
 _CACHE: dict[tuple[str, str, str], DOFAEmbedder] = {}
@@ -554,9 +563,14 @@ def _config(
         output = OutputSpec(output)  # type: ignore[arg-type]
     elif not isinstance(output, OutputSpec):
         raise ModelError(f"output must be OutputSpec.pooled() or OutputSpec.grid(), got {output}")
+    chosen = settings.get("weights", weights)
+    if chosen is not None and not str(chosen).strip():
+        raise ModelError(
+            "weights='' is empty: give 'official', a checkpoint path, or None for random weights"
+        )
     return _Config(
         variant=variant_name,
-        weights=settings.get("weights", weights),
+        weights=chosen,
         pooled_norm=norm,  # type: ignore[arg-type]
         input_prep=prep,
         output=output,
@@ -1212,9 +1226,11 @@ def _fetch_many(
 ) -> list[_Prepared]:
     """Fetch and preprocess ROIs: Earth Engine in parallel, local files one after another."""
     if backend == "local":
-        if paths is None and dataset is None:
+        empty = isinstance(paths, list | tuple) and not paths
+        if (paths is None or empty) and dataset is None:
             raise ModelError(
-                "backend='local' needs paths=... (GeoTIFF/JP2 files, folders, or a dataset)"
+                f"backend='local' needs paths=... (GeoTIFF/JP2 files, folders, or a dataset)"
+                f"{', got an empty list' if empty else ''}"
             )
         ds = dataset if dataset is not None else open_local(paths, sensor)  # type: ignore[arg-type]
         fill = sensor.fill_value if sensor is not None else 0.0
