@@ -715,12 +715,15 @@ def test_api_takes_one_input_as_a_string(tmp_path) -> None:
         ("grid", "p.tif", "give an image file name ending in .png"),  # not a GeoTIFF
         ("copy", "e_grid.tif", "give an image file name"),  # never the embedding itself
         ("copy", "x.png.", "give an image file name"),
+        ("pooled", "p.png", "is a pooled table (one vector per chip, no map to draw)"),
     ],
 )
 def test_preview_refuses_what_it_cannot_draw(
     tmp_path, capsys, reference_run, make, output, message
 ) -> None:
     source = SCENE if make == "scene" else reference_run / "ftw_s2_l2a_33N_grid.tif"
+    if make == "pooled":
+        source = reference_run / "ftw_s2_l2a_33N_pooled.parquet"
     if make == "copy":
         source = Path(shutil.copy(source, tmp_path / "e_grid.tif"))
     before = sorted(tmp_path.iterdir())
@@ -842,11 +845,23 @@ def test_preview_without_a_readable_input_draws_the_pca_panel_alone(
     with rasterio.open(grid, "r+") as dst:
         dst.update_tags(sources=json.dumps([str(corrupt)]))
     out = tmp_path / "p.png"
-    assert main(["preview", str(grid), "-o", str(out)]) == 0
+    # ... and says why (it used to say only "wrote ..."; one line on the console)
+    shown = "the preview shows the embedding's PCA colours only"
+    with pytest.warns(UserWarning, match=f"its input {corrupt} cannot be read .*: {shown}"):
+        assert main(["preview", str(grid), "-o", str(out)]) == 0
     from PIL import Image
 
     img = np.asarray(Image.open(out))
     assert img.shape[:2] == (24 * 8, 37 * 8)  # the PCA panel only
+    corrupt.unlink()
+    with pytest.warns(UserWarning, match=f"its input {corrupt} is not found .*: {shown}"):
+        assert main(["preview", str(grid), "-o", str(out)]) == 0
+    # a grid without any valid cell: a black picture, with a warning saying so
+    with rasterio.open(grid, "r+") as dst:
+        dst.write(np.full((dst.count, dst.height, dst.width), np.nan, np.float32))
+        dst.update_tags(sources=json.dumps([str(SCENE)]))
+    with pytest.warns(UserWarning, match=r"every cell of .* is no data .* PCA panel is black"):
+        assert main(["preview", str(grid), "-o", str(out)]) == 0
 
 
 def test_tile_mode_matches_resize_on_224_chips(tmp_path, reference_run, base_checkpoint) -> None:

@@ -1215,7 +1215,8 @@ def _main(argv: Sequence[str] | None) -> int:
         from .preview import render_preview
 
         try:
-            out = render_preview(args.embedding, args.output)
+            with _one_line_warnings():
+                out = render_preview(args.embedding, args.output)
         except (ValueError, OSError) as err:
             print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
             return 2

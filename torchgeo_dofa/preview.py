@@ -104,8 +104,9 @@ def rgb_of_raster(
 def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int = 8) -> Path:
     """Write a PNG: the input's RGB (left) beside the embedding's PCA colours (right).
 
-    The input is found through the ``source`` tag the grid writer stores; when it is missing
-    or unreadable, only the PCA panel is drawn.
+    The input is found through the ``sources`` tag the grid writer stores; when it is missing
+    or unreadable, only the PCA panel is drawn, with a ``UserWarning`` saying why (and one
+    for a grid without any valid cell, whose PCA panel is black).
 
     Args:
         embedding_tif: a grid embedding GeoTIFF written by
@@ -119,8 +120,9 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
     Raises:
         ValueError: (checked before anything is read or written) if ``out_png`` is not a
             PNG, JPEG or WebP file name or is the embedding itself; if ``embedding_tif``
-            cannot be read as a raster or is not a grid embedding (its bands are not named
-            ``dofa_0000``, ``dofa_0001`` ..., as the grid writer names them).
+            is a pooled table, cannot be read as a raster or is not a grid embedding (its
+            bands are not named ``dofa_0000``, ``dofa_0001`` ..., as the grid writer names
+            them).
     """
     out = Path(out_png)
     if not str(out_png).strip() or out.suffix.lower() not in PREVIEW_FORMATS:
@@ -134,6 +136,10 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
     if Path(embedding_tif).resolve() == out.resolve():
         raise ValueError(f"-o {out} is the embedding itself: give another file name")
     hint = "give a *_grid.tif written by torchgeo-dofa embed --output grid or both"
+    if Path(embedding_tif).suffix.lower() in (".parquet", ".geoparquet"):
+        raise ValueError(
+            f"{embedding_tif} is a pooled table (one vector per chip, no map to draw): {hint}"
+        )
     try:
         with warnings.catch_warnings():  # a plain image: refused below, no warning first
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
@@ -150,17 +156,33 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
         tags = src.tags()
         bounds = tuple(src.bounds)
     h, w = emb.shape[1:]
+    if not np.isfinite(emb).any():
+        warnings.warn(
+            f"every cell of {embedding_tif} is no data (NaN: no valid input pixel), so its "
+            "PCA panel is black",
+            UserWarning,
+            stacklevel=2,
+        )
     panels = [
         Image.fromarray(pca_rgb(emb)).resize((w * cell_px, h * cell_px), Image.Resampling.NEAREST)
     ]
     sources = json.loads(tags["sources"]) if "sources" in tags else []
-    if sources and Path(sources[0]).is_file():
+    problem = None if sources else "the grid does not name its input (no sources tag)"
+    if sources and not Path(sources[0]).is_file():
+        problem = f"its input {sources[0]} is not found (moved or deleted?)"
+    elif sources:
         try:
             rgb = rgb_of_raster(sources[0], h * cell_px, w * cell_px, bounds)
-        except rasterio.errors.RasterioIOError:
-            pass  # unreadable input (moved, corrupt): the PCA panel alone, as documented
+        except rasterio.errors.RasterioIOError as err:
+            problem = f"its input {sources[0]} cannot be read ({err})"
         else:
             panels.insert(0, Image.fromarray(rgb))
+    if problem is not None:
+        warnings.warn(
+            f"{problem}: the preview shows the embedding's PCA colours only",
+            UserWarning,
+            stacklevel=2,
+        )
     gap = 8
     canvas = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), h * cell_px))
     x = 0
