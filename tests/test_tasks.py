@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
@@ -443,7 +444,8 @@ def test_layer_decay_param_groups() -> None:
     assert sorted(g["lr"] for g in optimizer.param_groups) == sorted(g["lr"] for g in groups)
     assert len({round(g["lr"], 12) for g in groups}) == depth + 2
 
-    probe = DOFAClassificationTask(num_classes=3, weights=None, layer_decay=decay, patience=3)
+    with pytest.warns(UserWarning, match="layer_decay=0.75 is ignored with mode='linear-probe'"):
+        probe = DOFAClassificationTask(num_classes=3, weights=None, layer_decay=decay, patience=3)
     params = [p for g in probe.parameter_groups() for p in g["params"]]
     assert {id(p) for p in params} == {id(p) for p in probe.head.parameters()}
     config: Any = probe.configure_optimizers()
@@ -706,7 +708,11 @@ def test_tasks_refuse_raw_reflectance_and_mismatched_masks(
     seg = DOFASegmentationTask(
         num_classes=3, weights=None, interpolate_pos_embed=True, ignore_index=255, patience=None
     )
-    labelled = {"image": raw, "wavelengths": wl, "label": torch.tensor([0, 1])}
+    labelled = {  # the 9 bands small_task was given: other wavelengths are refused first
+        "image": torch.full((2, 9, 32, 32), 3000.0),
+        "wavelengths": torch.tensor(wavelengths_for_bands(DOFA_S2_BANDS)),
+        "label": torch.tensor([0, 1]),
+    }
     for run in (
         lambda: small_task(raw, wl),
         lambda: small_task.training_step(labelled, 0),
@@ -728,6 +734,200 @@ def test_tasks_refuse_raw_reflectance_and_mismatched_masks(
         seg.training_step(batch, 0)
     batch["mask"] = torch.zeros(2, 1, 32, 32, dtype=torch.long)  # (B, 1, H, W) as TorchGeo's
     assert seg.training_step(batch, 0).ndim == 0
+
+
+# ------------------------------------------------------------------------------------------
+# batches that do not fit the task: one ValueError naming the problem and the fix
+# ------------------------------------------------------------------------------------------
+
+
+def chips(task: Any, num_classes: int, bands: list[str] = RGBN, n: int = 4) -> dict[str, Any]:
+    """A collated batch of ``n`` synthetic chips (image, wavelengths, label or mask)."""
+    ds = SpectralChips(task=task, num_classes=num_classes, bands=bands, size=32, num_samples=n)
+    return cast(dict[str, Any], stack_samples([ds[i] for i in range(n)]))
+
+
+def small_segmentation(**kwargs: Any) -> DOFASegmentationTask:
+    kwargs = {"interpolate_pos_embed": True, "decoder_channels": 32, "patience": None, **kwargs}
+    return DOFASegmentationTask(num_classes=3, weights=None, **kwargs)
+
+
+def test_tasks_name_a_batch_without_their_target(tmp_path: Path) -> None:
+    """Classification on segmentation data raised KeyError 'label', segmentation on
+    classification data KeyError 'mask' (also what a config of one kind with a checkpoint of
+    the other gives through LightningCLI's --ckpt_path)."""
+    seg_data = SpectralDataModule(
+        batch_size=2, task="segmentation", num_classes=3, size=32, num_samples=4, bands=RGBN
+    )
+    classifier = DOFAClassificationTask(
+        num_classes=3, weights=None, interpolate_pos_embed=True, patience=None
+    )
+    trainer = make_trainer(tmp_path, 1, [], limit_train_batches=1, limit_val_batches=0)
+    with pytest.raises(
+        ValueError,
+        match=r"^DOFAClassificationTask needs a 'label' per sample; the batch has image, mask, "
+        r"wavelengths: segmentation data needs DOFASegmentationTask$",
+    ):
+        trainer.fit(classifier, seg_data)
+    class_data = SpectralDataModule(batch_size=2, num_classes=3, size=32, num_samples=4, bands=RGBN)
+    trainer = make_trainer(tmp_path, 1, [], limit_val_batches=1)
+    with pytest.raises(
+        ValueError,
+        match=r"^DOFASegmentationTask needs a 'mask' per sample; the batch has image, label, "
+        r"wavelengths: classification data needs DOFAClassificationTask$",
+    ):
+        trainer.validate(small_segmentation(), class_data, verbose=False)
+    unlabelled = chips("classification", 3)
+    del unlabelled["label"]
+    with pytest.raises(
+        ValueError, match=r"the batch has image, wavelengths: add each chip's class index"
+    ):
+        classifier.training_step(unlabelled, 0)
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "multilabel"])
+def test_classification_refuses_labels_of_the_other_task_kind(tmp_path: Path, kind: Any) -> None:
+    """task='multilabel' on class indices raised 'Target size ... must be the same as input
+    size', task='multiclass' on 0/1 vectors 'Expected input batch_size (4) to match target
+    batch_size (16)'."""
+    other: Any = "classification" if kind == "multilabel" else "multilabel"
+    dm = SpectralDataModule(
+        batch_size=4, task=other, num_classes=4, size=32, num_samples=8, bands=RGBN
+    )
+    task = DOFAClassificationTask(
+        num_classes=4, task=kind, weights=None, interpolate_pos_embed=True, patience=None
+    )
+    expected = {
+        "multiclass": r"^task='multiclass' needs 'label' as one class index per chip, shape "
+        r"\(4,\), but the batch's is \(4, 4\): a 0/1 vector per chip is multilabel data: use "
+        r"task='multilabel'$",
+        "multilabel": r"^task='multilabel' needs 'label' as a 0/1 vector per chip, shape "
+        r"\(4, 4\) \(num_classes=4\), but the batch's is \(4,\): one class index per chip is "
+        r"multiclass data: use task='multiclass'$",
+    }[kind]
+    five = chips("multilabel", 5)  # 0/1 vectors of another class count
+    with pytest.raises(ValueError, match=r"\(4, 5\): .*num_classes=5$"):
+        task.training_step(five, 0)
+    if kind == "multiclass":  # (B, 1) class indices are fine, as before
+        column = chips("classification", 4)
+        column["label"] = column["label"][:, None]
+        assert task.training_step(column, 0).ndim == 0
+    trainer = make_trainer(tmp_path, 1, [], limit_train_batches=1, limit_val_batches=0)
+    with pytest.raises(ValueError, match=expected):
+        trainer.fit(task, dm)
+
+
+def test_labels_outside_the_classes_are_named() -> None:
+    """Labels 0..5 with num_classes=4 raised 'IndexError: Target 4 is out of bounds'."""
+    classifier = DOFAClassificationTask(
+        num_classes=4, weights=None, interpolate_pos_embed=True, patience=None
+    )
+    batch = chips("classification", 6, n=6)
+    batch["label"] = torch.tensor([0, 5, 1, 4, 2, 5])
+    with pytest.raises(
+        ValueError,
+        match=r"^the batch's labels hold 4, 5, outside the classes 0..3 \(num_classes=4\): set "
+        r"num_classes=6 if they are classes, or remap the labels to class indices 0..3 "
+        r"\(DOFAClassificationTask has no ignore_index",
+    ):
+        classifier.training_step(batch, 0)
+    batch["label"] = torch.tensor([0, -1, 1, 2, 3, 3])  # negative: no num_classes to suggest
+    with pytest.raises(ValueError, match=r"labels hold -1, outside .*: remap the labels"):
+        classifier.validation_step(batch, 0)
+    multilabel = DOFAClassificationTask(
+        num_classes=4, task="multilabel", weights=None, interpolate_pos_embed=True
+    )
+    counts = chips("multilabel", 4)
+    counts["label"][0, 1] = 2
+    with pytest.raises(ValueError, match=r"needs 'label' as 0/1 per class, but the batch's "):
+        multilabel.training_step(counts, 0)
+    seg = small_segmentation()
+    masks = chips("segmentation", 5)  # classes 0..4 for a 3-class task
+    with pytest.raises(
+        ValueError,
+        match=r"^the batch's mask holds 3, 4, outside the classes 0..2 \(num_classes=3\): if "
+        r"some mark no-data pixels, map those to one value and set ignore_index to it .*; if "
+        r"they are classes, set num_classes=5$",
+    ):
+        seg.training_step(masks, 0)
+    nodata = small_segmentation(ignore_index=255)
+    masks = chips("segmentation", 3)
+    masks["mask"][:, :4] = 255  # ignore_index: allowed
+    assert nodata.training_step(masks, 0).ndim == 0
+    masks["mask"][:, -2:] = 7
+    with pytest.raises(
+        ValueError,
+        match=r"mask holds 7, outside the classes 0..2 \(num_classes=3, ignore_index=255\): if "
+        r"some mark no-data pixels, map those to ignore_index=255 \(or set ignore_index=7\)",
+    ):
+        nodata.training_step(masks, 0)
+    masks["valid"] = torch.ones(4, 32, 32, dtype=torch.bool)
+    masks["valid"][:, -2:] = False  # values under valid=False are left out, whatever they are
+    assert nodata.training_step(masks, 0).ndim == 0
+
+
+def test_task_bands_must_match_the_batch_wavelengths(tmp_path: Path) -> None:
+    """Bands given to the task were silently replaced by the batch's wavelengths: 3 bands
+    fitted on 13-band chips trained without a word and the checkpoint recorded 3 bands."""
+    task = DOFAClassificationTask(
+        num_classes=4,
+        bands=["B4", "B3", "B2"],
+        weights=None,
+        interpolate_pos_embed=True,
+        patience=None,
+    )
+    dm = SpectralDataModule(batch_size=4, num_classes=4, size=32, num_samples=8)  # 13 bands
+    trainer = make_trainer(tmp_path, 1, [], limit_train_batches=1, limit_val_batches=0)
+    with pytest.raises(
+        ValueError,
+        match=r"^the batch carries 13 wavelengths \(0.443, 0.49, .* \(13 values\) um\) but the "
+        r"task was given bands=\['B4', 'B3', 'B2'\] \(0.665, 0.56, 0.49 um\), which serve "
+        r"batches without 'wavelengths'.*drop the task's bands= / wavelengths= \(the batch's "
+        r"wavelengths suffice\), or make them match the batch's channels, in order$",
+    ):
+        trainer.fit(task, dm)
+    # the same count in another order is as wrong (prediction and segmentation too)
+    bgrn = DOFAClassificationTask(
+        num_classes=4, wavelengths=[0.49, 0.56, 0.665, 0.842], weights=None
+    )
+    batch = chips("classification", 4)
+    match = (
+        r"the batch carries 4 wavelengths \(0.665, 0.56, 0.49, 0.842 um\) but the task was "
+        r"given wavelengths=\[0.49, 0.56, 0.665, 0.842\]"
+    )
+    with pytest.raises(ValueError, match=match):
+        bgrn.predict_step(batch, 0)
+    seg = small_segmentation(bands=["B2", "B3", "B4", "B8"])
+    with pytest.raises(ValueError, match=r"but the task was given bands=\['B2', 'B3', 'B4'"):
+        seg.training_step(chips("segmentation", 3), 0)
+    # bands that match the batch's (any spelling) train as before
+    same = DOFAClassificationTask(
+        num_classes=4,
+        bands=["B04", "B03", "B02", "B08"],
+        weights=None,
+        interpolate_pos_embed=True,
+        patience=None,
+    )
+    recorder = Recorder()
+    dm = SpectralDataModule(batch_size=4, num_classes=4, size=32, num_samples=8, bands=RGBN)
+    make_trainer(tmp_path, 1, [recorder], limit_train_batches=1, limit_val_batches=0).fit(same, dm)
+    assert len(recorder.losses) == 1
+
+
+def test_layer_decay_needs_full_mode() -> None:
+    """layer_decay with mode='linear-probe' was accepted and silently ignored."""
+    match = (
+        r"^layer_decay=0.75 is ignored with mode='linear-probe': layer decay applies only to "
+        r"mode='full'.*drop layer_decay, or use mode='full'"
+    )
+    with pytest.warns(UserWarning, match=match):
+        DOFAClassificationTask(num_classes=3, weights=None, layer_decay=0.75)
+    with pytest.warns(UserWarning, match=match):
+        DOFASegmentationTask(num_classes=3, weights=None, layer_decay=0.75)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DOFAClassificationTask(num_classes=3, weights=None, mode="full", layer_decay=0.75)
+    assert not [w for w in caught if "layer_decay" in str(w.message)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -817,6 +1017,33 @@ def test_segmentation_trains_on_raster_dataset_batches(
     assert last < 0.92 * first, losses
     assert metric(trainer, "val_OverallAccuracy") > 0.5  # chance: 0.33
     print(f"raster segmentation: loss {first:.3f} -> {last:.3f}")
+
+
+def test_segmentation_mask_nodata_needs_ignore_index(tmp_path: Path) -> None:
+    """A mask raster whose nodata is 255, with ignore_index=None, raised 'IndexError: Target
+    255 is out of bounds': its declared nodata is not turned into ignored pixels."""
+    write_rasters(tmp_path)
+    with rasterio.open(tmp_path / "mask.tif", "r+") as dst:
+        mask = dst.read(1)
+        mask[np.arange(len(mask)) % 32 < 4] = 255  # no-data rows in every chip, image valid
+        dst.write(mask, 1)
+        dst.nodata = 255
+    dataset = IntersectionDataset(TinyS2(tmp_path), TinyMask(tmp_path))
+    sampler = GriddedPatchSampler(dataset, size=32, stride=32)
+    loader = DataLoader(dataset, batch_size=4, sampler=sampler, collate_fn=stack_samples)
+    trainer = make_trainer(tmp_path, 1, [], limit_train_batches=1, limit_val_batches=0)
+    with pytest.raises(
+        ValueError,
+        match=r"^the batch's mask holds 255, outside the classes 0..2 \(num_classes=3\): if 255 "
+        r"marks no-data pixels, set ignore_index=255 \(pixels equal to ignore_index are left "
+        r"out of the loss and metrics; a mask raster's nodata value is not ignored by itself\); "
+        r"if they are classes, set num_classes=256$",
+    ):
+        trainer.fit(small_segmentation(), loader)
+    recorder = Recorder()
+    trainer = make_trainer(tmp_path, 1, [recorder], limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(small_segmentation(ignore_index=255), loader)
+    assert len(recorder.losses) == 1 and math.isfinite(recorder.losses[0])
 
 
 # ------------------------------------------------------------------------------------------

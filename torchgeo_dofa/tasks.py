@@ -17,7 +17,11 @@ Wavelengths: a batch is a dict with ``image`` (B, C, H, W), ``label`` (classific
 without ``wavelengths`` (TorchGeo's own datasets never add them) use, in order: the task's
 ``wavelengths`` or ``bands`` hyperparameter, then the datamodule's ``wavelengths`` or ``bands``
 attribute, its ``bands`` dataset argument, or its datasets' ``bands``. So one task trains on 4,
-9 or 13 bands alike. Inputs other than 224 x 224 need ``interpolate_pos_embed=True``.
+9 or 13 bands alike. A batch whose ``wavelengths`` contradict the task's ``bands`` /
+``wavelengths`` is refused (``ValueError``), as are batches without the task's target, labels
+of the other ``task`` kind and class indices outside ``0 .. num_classes - 1`` (other than
+``ignore_index``), each naming the fix. Inputs other than 224 x 224 need
+``interpolate_pos_embed=True``.
 
 Checkpoints hold every weight, so :meth:`~DOFAClassificationTask.load_from_checkpoint` rebuilds
 the encoder without its original weights (``weights=None`` unless you pass one) and loads the
@@ -50,7 +54,14 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from .bands import BandError, canonical_band, infer_wavelengths, resolve_wavelengths
+from . import _warnings
+from .bands import (
+    WAVELENGTH_TOLERANCE,
+    BandError,
+    canonical_band,
+    infer_wavelengths,
+    resolve_wavelengths,
+)
 from .embedder import check_normalised
 from .model import DOFAEncoder, canonical_variant
 from .weights import STATE_DIGEST_KEY, CheckpointError, load_dofa, state_dict_digest
@@ -116,6 +127,22 @@ def _batch_of_one(norm: str, fix: str) -> str:
         "batch_size >= 2 and drop_last=True in the DataLoader (a last batch of 1 comes from "
         f"k * batch_size + 1 training chips), or {fix}"
     )
+
+
+def _values(values: Sequence[float], limit: int = 8) -> str:
+    """``values`` for a message: ``4, 5`` or, beyond ``limit``, the first ones and the count."""
+    shown = ", ".join(f"{v:g}" for v in values[:limit])
+    return shown if len(values) <= limit else f"{shown}, ... ({len(values)} values)"
+
+
+def _missing_target(task: str, key: str, batch: Mapping[str, Any], other: str, fix: str) -> str:
+    """The message for a batch without the task's target ``key`` (``label`` or ``mask``)."""
+    keys = ", ".join(sorted(str(k) for k in batch)) or "no keys"
+    if other == "mask" and "mask" in batch:
+        fix = "segmentation data needs DOFASegmentationTask"
+    elif other == "label" and "label" in batch:
+        fix = "classification data needs DOFAClassificationTask"
+    return f"{task} needs a '{key}' per sample; the batch has {keys}: {fix}"
 
 
 def wavelengths_for_bands(bands: Sequence[str]) -> list[float]:
@@ -198,6 +225,15 @@ class _DOFATask(BaseTask):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
         if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
             raise ValueError(f"layer_decay must be in (0, 1] or None, got {layer_decay}")
+        if layer_decay is not None and mode != "full":
+            # a warning, not an error: a full fine-tuning checkpoint (its hyperparameters hold
+            # layer_decay) loads as a probe with load_from_checkpoint(path, mode=...)
+            _warnings.warn(
+                f"layer_decay={layer_decay} is ignored with mode={mode!r}: layer decay applies "
+                "only to mode='full' (it scales the encoder blocks' learning rates, and a "
+                f"{mode} keeps the encoder frozen); drop layer_decay, or use mode='full' to "
+                "fine-tune the encoder"
+            )
         if wavelengths is not None and bands is not None and len(wavelengths) != len(bands):
             raise BandError(
                 f"{len(bands)} bands but {len(wavelengths)} wavelengths: give one per band"
@@ -324,10 +360,46 @@ class _DOFATask(BaseTask):
             wavelengths = torch.tensor([float(v) for v in wavelengths])
         return wavelengths.to(image.device)
 
-    @staticmethod
-    def _batch_wavelengths(batch: Mapping[str, Any]) -> Tensor | None:
+    def _batch_wavelengths(self, batch: Mapping[str, Any]) -> Tensor | None:
+        """The batch's ``wavelengths``, refused where they contradict the task's own.
+
+        The task's ``bands`` / ``wavelengths`` serve batches without ``wavelengths``; a batch
+        carrying others would silently win, and the model (and its checkpoint's
+        hyperparameters) would not be what was configured.
+
+        Raises:
+            ValueError: when the task was given ``bands`` / ``wavelengths`` and the batch
+                carries another count of wavelengths, or values more than
+                :data:`~torchgeo_dofa.bands.WAVELENGTH_TOLERANCE` from them.
+        """
         waves = batch.get("wavelengths")
-        return waves if isinstance(waves, Tensor) else None
+        if not isinstance(waves, Tensor):
+            return None
+        fixed = self._fixed_wavelengths
+        if fixed is None or waves.ndim == 0:
+            return waves
+        # the count is a shape check; the values cost one read of a (B, C) tensor
+        differs = waves.shape[-1:] != fixed.shape or bool(
+            ((waves.float() - fixed.to(waves.device)).abs() > WAVELENGTH_TOLERANCE).any()
+        )
+        if differs:
+            hp = self.hparams
+            given = (
+                f"bands={list(hp['bands'])}"
+                if hp["wavelengths"] is None
+                else f"wavelengths={list(hp['wavelengths'])}"
+            )
+            rows = waves.detach().reshape(-1, waves.shape[-1]).cpu().unique(dim=0)
+            batch_waves = "; ".join(_values(row.tolist()) for row in rows)
+            raise ValueError(
+                f"the batch carries {waves.shape[-1]} wavelengths ({batch_waves} um) but the "
+                f"task was given {given} ({_values(fixed.tolist())} um), which serve batches "
+                "without 'wavelengths': the batch's would silently replace them (and the "
+                "checkpoint would record the task's); drop the task's bands= / wavelengths= "
+                "(the batch's wavelengths suffice), or make them match the batch's channels, "
+                "in order"
+            )
+        return waves
 
     # -- optimisation ------------------------------------------------------------------------
 
@@ -415,6 +487,11 @@ class _DOFATask(BaseTask):
 
         Returns:
             The loss.
+
+        Raises:
+            ValueError: for a batch without the task's target (``label`` / ``mask``), a
+                target whose shape or values do not fit ``task`` / ``num_classes``, or
+                ``wavelengths`` other than the task's ``bands`` / ``wavelengths``.
         """
         return self._step(batch, "train", self.train_metrics)
 
@@ -424,6 +501,9 @@ class _DOFATask(BaseTask):
         Args:
             batch: the batch dict.
             batch_idx: index of the batch.
+
+        Raises:
+            ValueError: as :meth:`training_step`.
         """
         self._step(batch, "val", self.val_metrics)
 
@@ -433,6 +513,9 @@ class _DOFATask(BaseTask):
         Args:
             batch: the batch dict.
             batch_idx: index of the batch.
+
+        Raises:
+            ValueError: as :meth:`training_step`.
         """
         self._step(batch, "test", self.test_metrics)
 
@@ -559,7 +642,8 @@ class DOFAClassificationTask(_DOFATask):
             mode: ``"linear-probe"`` (frozen encoder) or ``"full"`` fine-tuning.
             task: ``"multiclass"`` (cross-entropy; ``label`` (B,) class indices) or
                 ``"multilabel"`` (binary cross-entropy; ``label`` (B, num_classes) 0/1).
-            wavelengths: fixed wavelengths (um) for batches without ``wavelengths``.
+            wavelengths: fixed wavelengths (um) for batches without ``wavelengths``; a batch
+                carrying other wavelengths is refused.
             bands: Sentinel-2 band names to infer those wavelengths from.
             interpolate_pos_embed: accept inputs other than 224 x 224 (multiples of 16).
             pooled_norm: the pooled embedding's LayerNorm convention (``"trained"`` or
@@ -568,7 +652,8 @@ class DOFAClassificationTask(_DOFATask):
                 linear-probe head; training batches need at least 2 chips); None: on for
                 ``linear-probe``, off for ``full``.
             layer_decay: layer-wise learning-rate decay factor in (0, 1] (``full`` mode), or
-                None for one learning rate.
+                None for one learning rate; with ``linear-probe`` it is ignored, with a
+                warning.
             lr: learning rate (AdamW).
             weight_decay: AdamW weight decay (not applied to biases, norms and tokens).
             patience: ReduceLROnPlateau patience on ``val_loss``; None for a constant rate.
@@ -729,14 +814,86 @@ class DOFAClassificationTask(_DOFATask):
         logits: Tensor = self.head(embedding)
         return logits
 
+    def _target(self, batch: Mapping[str, Any]) -> Tensor:
+        """The batch's ``label``, checked against ``task`` and ``num_classes``.
+
+        Shapes are checked for free; the values cost one read of the (small) label tensor,
+        before the forward pass (torch's own errors for these are an ``IndexError`` on the
+        CPU and a device-side assert on a GPU).
+
+        Raises:
+            ValueError: for a batch without ``label``, a label shape of the other ``task``
+                (or another count of classes), or values outside the classes.
+        """
+        if "label" not in batch:
+            raise ValueError(
+                _missing_target(
+                    "DOFAClassificationTask",
+                    "label",
+                    batch,
+                    "mask",
+                    "add each chip's class index (task='multiclass') or 0/1 vector per class "
+                    "(task='multilabel') to the samples as 'label'",
+                )
+            )
+        label: Tensor = torch.as_tensor(batch["label"])
+        chips, k, kind = batch["image"].shape[0], self.hparams["num_classes"], self.hparams["task"]
+        shape = tuple(label.shape)
+        if kind == "multiclass":
+            if label.ndim == 2 and shape[1] == 1:
+                label = label.reshape(-1)
+            if shape[:1] != (chips,) or label.ndim != 1:
+                multilabel = label.ndim == 2 and shape[0] == chips
+                fix = (
+                    "a 0/1 vector per chip is multilabel data: use task='multilabel'"
+                    + (f" with num_classes={shape[1]}" if shape[1] != k else "")
+                    if multilabel
+                    else "give one class index per chip"
+                )
+                raise ValueError(
+                    f"task='multiclass' needs 'label' as one class index per chip, shape "
+                    f"({chips},), but the batch's is {shape}: {fix}"
+                )
+        elif shape != (chips, k):
+            fix = (
+                "one class index per chip is multiclass data: use task='multiclass'"
+                if label.ndim == 1 or shape == (chips, 1)
+                else f"set num_classes={shape[1]}"
+                if label.ndim == 2 and shape[0] == chips
+                else "give a 0/1 vector of num_classes values per chip"
+            )
+            raise ValueError(
+                f"task='multilabel' needs 'label' as a 0/1 vector per chip, shape ({chips}, "
+                f"{k}) (num_classes={k}), but the batch's is {shape}: {fix}"
+            )
+        target = label.long()
+        if target.numel():
+            low, high = torch.stack([target.min(), target.max()]).tolist()
+            top = k - 1 if kind == "multiclass" else 1
+            if low < 0 or high > top:
+                bad = _values(target[(target < 0) | (target > top)].unique().tolist())
+                if kind == "multilabel":
+                    raise ValueError(
+                        f"task='multilabel' needs 'label' as 0/1 per class, but the batch's "
+                        f"labels hold {bad}: mark each class a chip shows with 1 and every "
+                        "other with 0 (class indices per chip are multiclass data: use "
+                        "task='multiclass')"
+                    )
+                fix = f"set num_classes={high + 1} if they are classes, or " if low >= 0 else ""
+                raise ValueError(
+                    f"the batch's labels hold {bad}, outside the classes 0..{k - 1} "
+                    f"(num_classes={k}): {fix}remap the labels to class indices 0..{k - 1} "
+                    "(DOFAClassificationTask has no ignore_index: leave chips without a class "
+                    "out of the dataset)"
+                )
+        return target
+
     def _loss_and_logits(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        target = self._target(batch)  # before the forward pass: a bad label costs none
         logits = self(batch["image"], self._batch_wavelengths(batch))
-        target: Tensor = batch["label"]
         if self.hparams["task"] == "multiclass":
-            target = target.long().reshape(-1)
             loss = self.criterion(logits, target)
         else:
-            target = target.long()
             loss = self.criterion(logits, target.float())
         return loss, logits, target
 
@@ -749,6 +906,9 @@ class DOFAClassificationTask(_DOFATask):
 
         Returns:
             (B, num_classes) probabilities.
+
+        Raises:
+            ValueError: for ``wavelengths`` other than the task's ``bands`` / ``wavelengths``.
         """
         logits = self(batch["image"], self._batch_wavelengths(batch))
         if self.hparams["task"] == "multiclass":
@@ -965,11 +1125,14 @@ class DOFASegmentationTask(_DOFATask):
             decoder_norm: the decoder's normalisation, ``"group"`` (GroupNorm) or ``"batch"``
                 (BatchNorm, mmsegmentation's choice); see :class:`UPerNetDecoder`.
             ignore_index: mask value left out of loss and metrics, or None. Pixels whose
-                ``valid`` is False are left out either way.
-            wavelengths: fixed wavelengths (um) for batches without ``wavelengths``.
+                ``valid`` is False are left out either way. A mask raster's nodata value is
+                not ignored by itself: give it here.
+            wavelengths: fixed wavelengths (um) for batches without ``wavelengths``; a batch
+                carrying other wavelengths is refused.
             bands: Sentinel-2 band names to infer those wavelengths from.
             interpolate_pos_embed: accept inputs other than 224 x 224 (multiples of 16).
-            layer_decay: layer-wise learning-rate decay factor (``full`` mode), or None.
+            layer_decay: layer-wise learning-rate decay factor (``full`` mode), or None; with
+                ``linear-probe`` it is ignored, with a warning.
             lr: learning rate (AdamW).
             weight_decay: AdamW weight decay (not applied to biases, norms and tokens).
             patience: ReduceLROnPlateau patience on ``val_loss``; None for a constant rate.
@@ -1107,10 +1270,40 @@ class DOFASegmentationTask(_DOFATask):
         return logits
 
     def _target(self, batch: Mapping[str, Any]) -> Tensor:
-        """The batch's mask as class indices, ``valid`` False pixels set to the ignored value."""
+        """The batch's mask as class indices, ``valid`` False pixels set to the ignored value.
+
+        Shapes are checked for free; the values cost one reduction over the mask, before
+        the forward pass (torch's own error for them is an ``IndexError`` on the CPU and a
+        device-side assert on a GPU).
+
+        Raises:
+            ValueError: for a batch without ``mask``, a mask that is not one class index per
+                pixel of the image, or values outside the classes other than ``ignore_index``
+                (in pixels whose ``valid`` is not False).
+        """
+        if "mask" not in batch:
+            raise ValueError(
+                _missing_target(
+                    "DOFASegmentationTask",
+                    "mask",
+                    batch,
+                    "label",
+                    "add each chip's (H, W) class map to the samples as 'mask' (for rasters: "
+                    "an IntersectionDataset of the image dataset and a mask RasterDataset "
+                    "with is_image=False)",
+                )
+            )
         mask: Tensor = batch["mask"]
-        if mask.ndim == 4:
+        if mask.ndim == 4 and mask.shape[1] == 1:
             mask = mask.squeeze(1)
+        chips = batch["image"].shape[0]
+        if mask.ndim != 3 or mask.shape[0] != chips:
+            raise ValueError(
+                f"the batch's mask is {tuple(mask.shape)} but a segmentation target is one "
+                f"class index per pixel, ({chips}, H, W) or ({chips}, 1, H, W) for "
+                f"{chips} chips: give each chip's mask as a single band of class indices "
+                "(not one band per class)"
+            )
         image_size = tuple(batch["image"].shape[-2:])
         if tuple(mask.shape[-2:]) != image_size:
             raise ValueError(
@@ -1127,11 +1320,41 @@ class DOFASegmentationTask(_DOFATask):
         if isinstance(valid, Tensor):
             valid = valid.reshape(mask.shape).to(device=mask.device, dtype=torch.bool)
             mask = mask.masked_fill(~valid, self._ignore_target)
+        k, ignore = self.hparams["num_classes"], self._ignore_target
+        outside = ((mask < 0) | (mask >= k)) & (mask != ignore)
+        if bool(outside.any()):
+            values = mask[outside].unique().tolist()
+            bad = _values(values)
+            given = self.hparams["ignore_index"]
+            fixes = []
+            if given is None and len(values) == 1:
+                fixes.append(
+                    f"if {bad} marks no-data pixels, set ignore_index={bad} (pixels equal to "
+                    "ignore_index are left out of the loss and metrics; a mask raster's "
+                    "nodata value is not ignored by itself)"
+                )
+            elif given is None:
+                fixes.append(
+                    "if some mark no-data pixels, map those to one value and set ignore_index "
+                    "to it (pixels equal to ignore_index are left out of the loss and metrics)"
+                )
+            else:
+                fixes.append(
+                    f"if some mark no-data pixels, map those to ignore_index={given}"
+                    + (f" (or set ignore_index={bad})" if len(values) == 1 else "")
+                )
+            if min(values) >= 0:
+                fixes.append(f"if they are classes, set num_classes={max(values) + 1}")
+            setting = f"num_classes={k}" + (f", ignore_index={given}" if given is not None else "")
+            raise ValueError(
+                f"the batch's mask holds {bad}, outside the classes 0..{k - 1} ({setting}): "
+                + "; ".join(fixes)
+            )
         return mask
 
     def _loss_and_logits(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        target = self._target(batch)  # before the forward pass: a bad mask costs none
         logits = self(batch["image"], self._batch_wavelengths(batch))
-        target = self._target(batch)
         # the mean over counted pixels; a batch without any (all no-data or ignored) gives
         # 0 with zero gradients, not the NaN of 0 / 0, which would poison val_loss and the
         # learning-rate schedule (and no device sync: the count is clamped, not tested)
@@ -1150,5 +1373,8 @@ class DOFASegmentationTask(_DOFATask):
 
         Returns:
             (B, num_classes, H, W) softmax probabilities.
+
+        Raises:
+            ValueError: for ``wavelengths`` other than the task's ``bands`` / ``wavelengths``.
         """
         return self(batch["image"], self._batch_wavelengths(batch)).softmax(dim=1)
