@@ -817,12 +817,23 @@ S4 = SensorSpec(bands=("B4", "B3", "B2", "B8"))
         (dict(input_prep="crop"), ModelError, "unknown input_prep 'crop'"),
         (dict(model_config={"variant": "large"}, variant="base"), ModelError, "conflicts"),
         (dict(weights=""), ModelError, "weights='' is empty: give 'official', a checkpoint"),
-        (dict(model_config={"weights": " "}), ModelError, "weights='' is empty"),
+        (dict(model_config={"weights": " "}), ModelError, "weights=' ' is empty"),
         (dict(device="cuda:99"), ModelError, r"device 'cuda:99': PyTorch sees .*CUDA GPU"),
+        (dict(device="CUDA:99"), ModelError, r"device 'CUDA:99': PyTorch sees .*CUDA GPU"),
         (
             dict(input_chw=None, backend="local", paths=[], spatial=PointBuffer(1, 1, 10)),
             ModelError,
             "needs paths=.*got an empty list",
+        ),
+        (
+            dict(input_chw=None, backend="local", paths="", spatial=PointBuffer(1, 1, 10)),
+            ModelError,
+            "needs paths=.*got '': name the files or folders",
+        ),
+        (
+            dict(input_chw=None, backend="local", paths=[" "], spatial=PointBuffer(1, 1, 10)),
+            ModelError,
+            "got ' ': name the files or folders",
         ),
     ],
 )

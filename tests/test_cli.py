@@ -847,14 +847,15 @@ def test_preview_without_a_readable_input_draws_the_pca_panel_alone(
     out = tmp_path / "p.png"
     # ... and says why (it used to say only "wrote ..."; one line on the console)
     shown = "the preview shows the embedding's PCA colours only"
-    with pytest.warns(UserWarning, match=f"its input {corrupt} cannot be read .*: {shown}"):
+    said = f"the input of {grid}, {corrupt}, cannot be read .*: {shown}"
+    with pytest.warns(UserWarning, match=said):
         assert main(["preview", str(grid), "-o", str(out)]) == 0
     from PIL import Image
 
     img = np.asarray(Image.open(out))
     assert img.shape[:2] == (24 * 8, 37 * 8)  # the PCA panel only
     corrupt.unlink()
-    with pytest.warns(UserWarning, match=f"its input {corrupt} is not found .*: {shown}"):
+    with pytest.warns(UserWarning, match=f"the input of {grid}, {corrupt}, is not found .*"):
         assert main(["preview", str(grid), "-o", str(out)]) == 0
     # a grid without any valid cell: a black picture, with a warning saying so
     with rasterio.open(grid, "r+") as dst:
@@ -1232,6 +1233,15 @@ def test_a_damaged_or_foreign_ckpt_path_is_one_line_before_anything_runs(
         "DOFASegmentationTask: give a checkpoint of that task, or set model.class_path to "
         "torchgeo_dofa.tasks.DOFAClassificationTask\n"
     )
+    # the embedder takes a task checkpoint's encoder as weights, not as --ckpt_path
+    embed_cfg = ["predict", "--config", str(configs / "predict_grid.yaml"), *quiet]
+    assert main([*embed_cfg, "--ckpt_path", str(saved)]) == 2
+    assert capsys.readouterr().err.endswith(
+        "is a checkpoint of DOFAClassificationTask, but the config's model is DOFAEmbedder, "
+        "which takes a fine-tuned task's encoder as its weights, not as --ckpt_path: give "
+        f"--model.init_args.weights {saved} instead\n"
+    )
+    assert not (tmp_path / "outputs").exists()
 
 
 class _KeepBatch(pl.Callback):
@@ -1526,9 +1536,11 @@ def test_output_file_names_and_seeded_random_weights(tmp_path, capsys) -> None:
     assert capsys.readouterr().err == (
         f"torchgeo-dofa: error: output folder {tmp_path / 'u'} holds another job's results: "
         "they come from random weights without a seed (--weights none without --seed), drawn "
-        "anew on every run, so they cannot be resumed (give --seed N to make a rerun "
-        "resumable); rerun with --overwrite to replace them, or choose another -o\n"
+        "anew on every run, so they cannot be resumed (a job started with --seed N can be); "
+        "rerun with --overwrite to replace them, or choose another -o\n"
     )
+    assert main([*unseeded, "--seed", "1"]) == 2  # a seed now: still not that job's results
+    assert "they come from random weights without a seed" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "u")
     # a file name for two regions, or of the wrong kind, is a one-line error
     assert (

@@ -447,12 +447,17 @@ def infer_batch_size(device: str | torch.device) -> int:
 
 
 def _resolve_device(device: str | torch.device | None) -> str:
-    if device is None or str(device) == "auto":
+    if device is None or str(device).strip().lower() == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        resolved = torch.device(device)
+    try:  # case-insensitive, as the CLI's --device
+        resolved = torch.device(str(device).strip().lower())
     except RuntimeError as err:
         raise ModelError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'") from err
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(
+            f"device {device!r}: PyTorch has no usable MPS (Apple GPU) here: use "
+            "device='auto' or 'cpu'"
+        )
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (resolved.index is not None and resolved.index >= count):
@@ -566,7 +571,8 @@ def _config(
     chosen = settings.get("weights", weights)
     if chosen is not None and not str(chosen).strip():
         raise ModelError(
-            "weights='' is empty: give 'official', a checkpoint path, or None for random weights"
+            f"weights={str(chosen)!r} is empty: give 'official', a checkpoint path, or None "
+            "for random weights"
         )
     return _Config(
         variant=variant_name,
@@ -1226,11 +1232,19 @@ def _fetch_many(
 ) -> list[_Prepared]:
     """Fetch and preprocess ROIs: Earth Engine in parallel, local files one after another."""
     if backend == "local":
-        empty = isinstance(paths, list | tuple) and not paths
-        if (paths is None or empty) and dataset is None:
+        items = [paths] if isinstance(paths, str | os.PathLike) else paths
+        if isinstance(items, list | tuple) and dataset is None:
+            blank = [p for p in items if isinstance(p, str | os.PathLike) and not str(p).strip()]
+            if blank or not items:
+                got = "an empty list" if not items else f"{str(blank[0])!r}"
+                raise ModelError(
+                    "backend='local' needs paths=... (GeoTIFF/JP2 files, folders, or a "
+                    f"dataset), got {got}: name the files or folders (an empty name is not "
+                    "the current folder)"
+                )
+        if paths is None and dataset is None:
             raise ModelError(
-                f"backend='local' needs paths=... (GeoTIFF/JP2 files, folders, or a dataset)"
-                f"{', got an empty list' if empty else ''}"
+                "backend='local' needs paths=... (GeoTIFF/JP2 files, folders, or a dataset)"
             )
         ds = dataset if dataset is not None else open_local(paths, sensor)  # type: ignore[arg-type]
         fill = sensor.fill_value if sensor is not None else 0.0

@@ -1039,6 +1039,13 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             used = self.config[sub].get("model", {}).get("class_path")
             if used and used != configured:
                 ckpt = self.config[sub].get("ckpt_path")
+                if _is_embedder(configured):
+                    raise CheckpointError(
+                        f"{ckpt} is a checkpoint of {used.rsplit('.', 1)[-1]}, but the "
+                        f"config's model is {configured.rsplit('.', 1)[-1]}, which takes a "
+                        "fine-tuned task's encoder as its weights, not as --ckpt_path: give "
+                        f"--model.init_args.weights {ckpt} instead"
+                    )
                 raise CheckpointError(
                     f"{ckpt} is a checkpoint of {used.rsplit('.', 1)[-1]}, but the config's "
                     f"model is {configured.rsplit('.', 1)[-1]}: give a checkpoint of that "
@@ -1077,6 +1084,20 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                         close()
             trainers.clear()
             _free_the_job()
+
+
+def _is_embedder(class_path: str) -> bool:
+    """Whether a config's ``model.class_path`` is :class:`DOFAEmbedder` or a subclass."""
+    import importlib
+
+    from .embedder import DOFAEmbedder
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, DOFAEmbedder)
 
 
 def _free_the_job() -> None:

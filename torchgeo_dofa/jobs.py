@@ -471,12 +471,11 @@ def _difference(name: str, before: Any, now: Any) -> str:
     """One clause naming a difference between the stored and the new manifest."""
     if name.startswith("data:"):  # a reading setting: its values are already text
         return describe_change(name.removeprefix("data:"), before, now, verbatim=True)
-    unseeded = "random:unseeded:"
-    if name == "weights" and str(before).startswith(unseeded) and str(now).startswith(unseeded):
+    if name == "weights" and str(before).startswith("random:unseeded:"):
         return (
             "they come from random weights without a seed (--weights none without --seed), "
-            "drawn anew on every run, so they cannot be resumed (give --seed N to make a "
-            "rerun resumable)"
+            "drawn anew on every run, so they cannot be resumed (a job started with --seed N "
+            "can be)"
         )
     if name != "inputs":
         return describe_change(name, before, now)

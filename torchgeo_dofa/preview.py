@@ -167,14 +167,14 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
         Image.fromarray(pca_rgb(emb)).resize((w * cell_px, h * cell_px), Image.Resampling.NEAREST)
     ]
     sources = json.loads(tags["sources"]) if "sources" in tags else []
-    problem = None if sources else "the grid does not name its input (no sources tag)"
+    problem = None if sources else f"{embedding_tif} does not name its input (no sources tag)"
     if sources and not Path(sources[0]).is_file():
-        problem = f"its input {sources[0]} is not found (moved or deleted?)"
+        problem = f"the input of {embedding_tif}, {sources[0]}, is not found (moved or deleted?)"
     elif sources:
         try:
             rgb = rgb_of_raster(sources[0], h * cell_px, w * cell_px, bounds)
         except rasterio.errors.RasterioIOError as err:
-            problem = f"its input {sources[0]} cannot be read ({err})"
+            problem = f"the input of {embedding_tif}, {sources[0]}, cannot be read ({err})"
         else:
             panels.insert(0, Image.fromarray(rgb))
     if problem is not None:

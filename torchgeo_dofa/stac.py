@@ -771,8 +771,11 @@ def composite_to_geotiff(
     ``nanmedian`` over the valid dates; of an even count, the mean of the middle two) or
     ``mosaic`` (the first valid date, items sorted by acquisition time). Pixels without a valid
     date are NaN (the declared no data). A region whose date stack exceeds ``window_bytes`` is
-    read and composited in square windows of the grid (the same pixels: nearest-neighbour
-    reads of one grid), so memory holds one window's dates plus the float32 result. The file
+    read and composited in square windows of the grid, so memory holds one window's dates plus
+    the float32 result: the same pixels for items in the grid's CRS; an item in another CRS
+    (a neighbouring UTM zone) is warped by GDAL's approximate transformer, whose
+    nearest-neighbour pick near pixel boundaries depends on the extent read, so a few of its
+    pixels can differ with the window size. The file
     is written atomically (temporary name, then rename) and only after every item was read.
 
     Args:

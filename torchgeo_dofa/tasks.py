@@ -287,7 +287,9 @@ class _DOFATask(BaseTask):
             checkpoint: the loaded Lightning checkpoint.
 
         Raises:
-            CheckpointError: when the weights' CRC-32 differs from the one saved.
+            CheckpointError: when the weights' CRC-32 differs from the one saved (a damaged
+                file, or a ``state_dict`` edited after saving: deleting the checkpoint's
+                :data:`~torchgeo_dofa.weights.STATE_DIGEST_KEY` entry loads it unchecked).
         """
         super().on_load_checkpoint(checkpoint)
         saved, state = checkpoint.get(STATE_DIGEST_KEY), checkpoint.get("state_dict")
@@ -296,8 +298,9 @@ class _DOFATask(BaseTask):
             if now != saved:
                 raise CheckpointError(
                     f"the checkpoint's weights fail their CRC-32 check (saved {saved}, now "
-                    f"{now}): its bytes changed after it was saved (disk or copy error); copy "
-                    "or save it again"
+                    f"{now}): its bytes changed after it was saved (a disk or copy error: "
+                    "copy or save it again), or its state_dict was edited after saving (then "
+                    f"delete its {STATE_DIGEST_KEY!r} entry before loading)"
                 )
 
     @property
