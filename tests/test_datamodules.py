@@ -393,3 +393,16 @@ def test_chip_times_are_each_chips_own_scenes_span(tmp_path) -> None:
     assert chip_times(scenes, boxes, default) == expected
     assert [chip_time(scenes, b, default) for b in boxes] == expected
     assert chip_times(scenes, [], default) == []
+
+
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_input_name_is_refused_not_read_as_the_working_folder(empty, tmp_path) -> None:
+    """``Path("")`` is the working folder: the regions of an empty name were its rasters, then
+    the dataset said "found no raster in paths=''"; every door's shared lookup refuses it."""
+    from torchgeo_dofa.datasets import InputError, find_raster_inputs
+
+    with pytest.raises(InputError, match=f"an input is '{empty}', an empty name: give GeoTIFF"):
+        find_raster_inputs([empty])
+    dm = DOFAPredictDataModule(paths=empty)
+    with pytest.raises(InputError, match="an empty name is not the current folder"):
+        dm.setup("predict")

@@ -2411,12 +2411,17 @@ def find_raster_inputs(
         The regions, in input order.
 
     Raises:
-        InputError: for a missing path, an input without raster, an unreadable or
-            non-georeferenced file, or a region mixing CRSs without ``crs``.
+        InputError: for an empty name, a missing path, an input without raster, an
+            unreadable or non-georeferenced file, or a region mixing CRSs without ``crs``.
     """
     regions: dict[str, tuple[list[str], bool, pathlib.Path]] = {}
     headers: dict[str, _Header] = {}  # every file is opened once
     for raw in inputs:
+        if not str(raw).strip():  # pathlib.Path("") is the working folder
+            raise InputError(
+                f"an input is {str(raw)!r}, an empty name: give GeoTIFF/JP2 files or folders "
+                "(an empty name is not the current folder)"
+            )
         path = pathlib.Path(raw)
         if not path.exists():
             raise InputError(f"input {str(path)!r} does not exist")
