@@ -866,6 +866,52 @@ def test_labels_outside_the_classes_are_named() -> None:
     assert nodata.training_step(masks, 0).ndim == 0
 
 
+def test_labels_and_masks_that_are_not_whole_numbers_are_refused() -> None:
+    """A cast truncated them: soft multilabel targets 0.7 trained as 0, a multiclass 1.5 as
+    class 1, a bilinearly resampled mask's 1.5 as class 1, and a NaN became an arbitrary
+    integer (refused as a class -9.2e18)."""
+    multilabel = DOFAClassificationTask(
+        num_classes=4, task="multilabel", weights=None, interpolate_pos_embed=True
+    )
+    soft = chips("multilabel", 4)
+    soft["label"] = soft["label"].float()
+    assert multilabel.training_step(soft, 0).ndim == 0  # 0.0 / 1.0 as floats: fine
+    soft["label"][0, 1] = 0.7
+    with pytest.raises(
+        ValueError,
+        match=r"^the batch's labels hold 0\.7, not whole numbers: DOFAClassificationTask takes "
+        r"class indices .* not soft labels or probabilities .* round or threshold them",
+    ):
+        multilabel.training_step(soft, 0)
+    multiclass = DOFAClassificationTask(
+        num_classes=4, weights=None, interpolate_pos_embed=True, patience=None
+    )
+    batch = chips("classification", 4)
+    batch["label"] = torch.tensor([0.0, 1.5, 2.0, float("nan")])
+    with pytest.raises(ValueError, match=r"^the batch's labels hold 1\.5, nan, not whole"):
+        multiclass.validation_step(batch, 0)
+    seg = small_segmentation()
+    masks = chips("segmentation", 3)
+    masks["mask"] = masks["mask"].float()
+    assert seg.training_step(masks, 0).ndim == 0
+    masks["mask"][:, :2] = 1.5
+    masks["mask"][:, -1] = float("nan")
+    with pytest.raises(
+        ValueError,
+        match=r"^the batch's mask holds 1\.5, nan, not whole numbers: .* resample mask rasters "
+        r"with nearest neighbour",
+    ):
+        seg.training_step(masks, 0)
+    masks["valid"] = torch.ones(4, 32, 32, dtype=torch.bool)
+    masks["valid"][:, :2] = False
+    masks["valid"][:, -1] = False  # no-data pixels: whatever they hold is left out
+    loss = seg.training_step(masks, 0)
+    assert torch.isfinite(loss)
+    counted = masks["mask"][masks["valid"]]
+    assert seg._target(masks)[~masks["valid"]].eq(seg._ignore_target).all()
+    assert torch.equal(seg._target(masks)[masks["valid"]], counted.long())
+
+
 def test_task_bands_must_match_the_batch_wavelengths(tmp_path: Path) -> None:
     """Bands given to the task were silently replaced by the batch's wavelengths: 3 bands
     fitted on 13-band chips trained without a word and the checkpoint recorded 3 bands."""

@@ -145,6 +145,36 @@ def _missing_target(task: str, key: str, batch: Mapping[str, Any], other: str, f
     return f"{task} needs a '{key}' per sample; the batch has {keys}: {fix}"
 
 
+def _class_indices(values: Tensor, what: str, fix: str, keep: Tensor | None = None) -> Tensor:
+    """``values`` as int64 class indices, refusing floating values that are not whole numbers.
+
+    A cast alone truncates: a soft label 0.7 would train as 0, a mask resampled bilinearly
+    (class 1.5 between classes 1 and 2) as class 1, and NaN would become an arbitrary integer.
+
+    Args:
+        values: labels or mask, any dtype.
+        what: how the message names them, with the verb (``"labels hold"``, ``"mask holds"``).
+        fix: the message's advice.
+        keep: where ``values`` must be whole numbers (True); elsewhere (no-data pixels about
+            to be ignored) any value, NaN included, is accepted and becomes 0.
+
+    Raises:
+        ValueError: naming the values that are not whole numbers (NaN, infinities, fractions).
+    """
+    if not values.is_floating_point():
+        return values.long()
+    checked = values if keep is None else values[keep]
+    wrong = ~torch.isfinite(checked) | (checked != checked.round())
+    if bool(wrong.any()):
+        nan = checked.isnan()
+        listed = checked[wrong & ~nan].unique().tolist()  # unique() keeps every NaN apart
+        bad = _values(listed + ([float("nan")] if bool(nan.any()) else []))
+        raise ValueError(f"the batch's {what} {bad}, not whole numbers: {fix}")
+    if keep is not None:
+        values = values.masked_fill(~keep, 0)
+    return values.long()
+
+
 def wavelengths_for_bands(bands: Sequence[str]) -> list[float]:
     """Centre wavelengths (um) for Sentinel-2 band names, including B10 (1.375 um).
 
@@ -869,7 +899,14 @@ class DOFAClassificationTask(_DOFATask):
                 f"task='multilabel' needs 'label' as a 0/1 vector per chip, shape ({chips}, "
                 f"{k}) (num_classes={k}), but the batch's is {shape}: {fix}"
             )
-        target = label.long()
+        target = _class_indices(
+            label,
+            "labels hold",
+            "DOFAClassificationTask takes class indices (task='multiclass') or 0/1 per class "
+            "(task='multilabel'), not soft labels or probabilities (a cast would truncate "
+            "0.7 to 0): round or threshold them (for example label >= 0.5) in the dataset's "
+            "transforms",
+        )
         if target.numel():
             low, high = torch.stack([target.min(), target.max()]).tolist()
             top = k - 1 if kind == "multiclass" else 1
@@ -1318,10 +1355,19 @@ class DOFASegmentationTask(_DOFATask):
                 "size to train on (224 px, or any multiple of 16 with "
                 "interpolate_pos_embed=True)"
             )
-        mask = mask.long()
         valid = batch.get("valid")
         if isinstance(valid, Tensor):
             valid = valid.reshape(mask.shape).to(device=mask.device, dtype=torch.bool)
+        mask = _class_indices(
+            mask,
+            "mask holds",
+            "a segmentation mask is one whole class index per pixel (a cast would truncate "
+            "1.5 to class 1): resample mask rasters with nearest neighbour, never bilinear "
+            "or averaging (TorchGeo reads is_image=False datasets with nearest), and map a "
+            "NaN no-data to ignore_index or mark those pixels False in 'valid'",
+            keep=valid if isinstance(valid, Tensor) else None,
+        )
+        if isinstance(valid, Tensor):
             mask = mask.masked_fill(~valid, self._ignore_target)
         k, ignore = self.hparams["num_classes"], self._ignore_target
         outside = ((mask < 0) | (mask >= k)) & (mask != ignore)
