@@ -611,6 +611,50 @@ def test_offset_never_applies_to_nodata() -> None:
     check_sample(sample["image"], sample["valid"], sample["bounds"], [scene])
 
 
+def test_offset_declared_by_the_file_itself(tmp_path: Path) -> None:
+    """A file's own GDAL scale / offset (value x 0.0001 - 0.1) or ESA BOA_ADD_OFFSET item
+    was ignored: a file not named like ESA's kept its +1000 (offset_source 'none')."""
+    rng = np.random.default_rng(3)
+    refl = rng.integers(1, 5000, (2, 16, 16)).astype(np.uint16)  # reflectance x 10000
+    t = Affine(10, 0, 500000, 0, -10, 5600000)
+    base = Sentinel2SR(_write_tif(tmp_path / "base.tif", refl, t, "EPSG:32631"))
+    expected = chip(base, 0, 0, 16, 16)["image"]
+
+    def written(name: str, scales: Any = None, offsets: Any = None, tags: Any = None) -> Path:
+        path = _write_tif(tmp_path / f"{name}.tif", refl + 1000, t, "EPSG:32631")
+        with rasterio.open(path, "r+") as dst:
+            if scales is not None:
+                dst.scales, dst.offsets = scales, offsets
+            for bidx, items in (tags or {}).items():
+                dst.update_tags(bidx, **items) if bidx else dst.update_tags(**items)
+        return path
+
+    cases = {
+        "gdal": ((1e-4, 1e-4), (-0.1, -0.1), None, "GDAL scale 0.0001 / offset -0.1 of"),
+        "gdal_dn": ((1.0, 1.0), (-1000.0, -1000.0), None, "GDAL scale 1 / offset -1000 of"),
+        "tagged": (None, None, {0: {"BOA_ADD_OFFSET": "-1000"}}, "-1000 (BOA_ADD_OFFSET) in"),
+        "band_tags": (None, None, {1: {"boa_add_offset": "-1000"}, 2: {"BOA_ADD_OFFSET": "-1000"}},
+                      "(BOA_ADD_OFFSET)"),
+    }  # fmt: skip
+    for name, (scales, offsets, tags, how) in cases.items():
+        ds = Sentinel2SR(written(name, scales, offsets, tags))
+        assert ds.index["offset"].iloc[0] == (-1000.0, -1000.0), name
+        assert how in ds.index["offset_source"].iloc[0], name
+        torch.testing.assert_close(chip(ds, 0, 0, 16, 16)["image"], expected)
+    undeclared = Sentinel2SR(written("undeclared"))  # the product name / date rules, as before
+    assert undeclared.index["offset"].iloc[0] == (0.0, 0.0)
+    # what an offset cannot mend, and what cannot be told, is refused naming the fix
+    landsat = written("landsat", (2.75e-5, 2.75e-5), (-0.2, -0.2))
+    with pytest.raises(ValueError, match=r"declares GDAL scale 2\.75e-05 and offset -0\.2 for "
+                       r"band 1 .* convert the file to reflectance x 10000"):  # fmt: skip
+        Sentinel2SR(landsat)
+    assert Sentinel2SR(landsat, offset=0).index["offset_source"].iloc[0] == "explicit"
+    half = written("half", None, None, {1: {"BOA_ADD_OFFSET": "-1000"}})
+    with pytest.raises(ValueError, match=r"declare an offset for some bands \(B4: -1000\) but "
+                       r"not for B8: pass offset="):  # fmt: skip
+        Sentinel2SR(half)
+
+
 # ----------------------------------------------------------------------------- nodata and edges
 
 
@@ -725,6 +769,20 @@ def test_south_up_and_rotated_rasters_are_placed_on_the_map(tmp_path: Path) -> N
     flipped = Sentinel2SR(_write_tif(tmp_path / "south.tif", data[:, ::-1], south, "EPSG:32631"))
     assert flipped.bounds[:2] == plain.bounds[:2]
     torch.testing.assert_close(chip(flipped, 0, 0, 40, 40), chip(plain, 0, 0, 40, 40))
+    # mirrored east-west, and rotated by 180 degrees: GDAL's suggested grid kept the negative
+    # pixel width, and every pixel was read as no-data (an all-NaN grid, exit 0)
+    mirrored_t = Affine(-10, 0, 500000 + 400, 0, -10, 5600000)  # column 0 is the eastern edge
+    turned_t = Affine(-10, 0, 500000 + 400, 0, 10, 5600000 - 400)  # column 0 east, row 0 south
+    assert turned_t.almost_equals(Affine.translation(500000 + 400, 5600000 - 400) @ (
+        Affine.rotation(180) @ Affine.scale(10, -10)))  # fmt: skip
+    for name, t, pixels in [
+        ("mirrored", mirrored_t, data[:, :, ::-1]),
+        ("turned", turned_t, data[:, ::-1, ::-1]),
+    ]:
+        other = Sentinel2SR(_write_tif(tmp_path / f"{name}.tif", pixels.copy(), t, "EPSG:32631"))
+        assert other.bounds[:2] == plain.bounds[:2], name
+        assert other.res == plain.res, name
+        torch.testing.assert_close(chip(other, 0, 0, 40, 40), chip(plain, 0, 0, 40, 40))
 
     rotated_t = north @ Affine.rotation(10)
     rotated = Sentinel2SR(_write_tif(tmp_path / "rotated.tif", data, rotated_t, "EPSG:32631"))

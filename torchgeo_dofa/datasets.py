@@ -37,7 +37,8 @@ Radiometric offset (processing baseline 04.00, from 2022-01-25): ESA's L2A produ
 (L1C: ``RADIO_ADD_OFFSET``). The datasets add the offset to the digital numbers, so the model
 always sees reflectance x 10000. ``offset="auto"`` (the default) looks, in order, for the
 product metadata (``MTD_MSIL2A.xml`` / ``MTD_MSIL1C.xml`` in the file's folder or up to four
-folders above it, or ``<file stem>_MTD.xml`` beside it), then a processing baseline in an ESA
+folders above it, or ``<file stem>_MTD.xml`` beside it), then the file's own GDAL scale /
+offset or ``BOA_ADD_OFFSET`` metadata item, then a processing baseline in an ESA
 product name (``_N0400_``), then the acquisition date of an ESA-named file (on or after
 2022-01-25: -1000); files named otherwise are taken as already corrected (offset 0). Earth
 Engine's harmonized collections already removed the offset (0). A number applies to every
@@ -173,6 +174,9 @@ OFFSET_START = date(2022, 1, 25)
 #: The offset ESA declares for baseline 04.00 and later.
 BASELINE_OFFSET = -1000.0
 
+#: GDAL scale of reflectance stored as reflectance x 10000 (ESA's ``QUANTIFICATION_VALUE``).
+REFLECTANCE_SCALE = 1e-4
+
 _DATE_FORMATS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^\d{8}T\d{6}$"), "%Y%m%dT%H%M%S"),
     (re.compile(r"^\d{8}$"), "%Y%m%d"),
@@ -305,10 +309,59 @@ class _FileInfo:
     nodata: float | None
     descriptions: tuple[str | None, ...]
     dtypes: tuple[str, ...] = ()
+    #: GDAL's per-band scale and offset (``value x scale + offset``; 1 and 0 when undeclared)
+    scales: tuple[float, ...] = ()
+    offsets: tuple[float, ...] = ()
+    #: per band, a ``BOA_ADD_OFFSET`` / ``RADIO_ADD_OFFSET`` metadata item of the band or,
+    #: failing that, of the file (ESA's names; GDAL's SENTINEL2 driver and sen2cor tools)
+    offset_tags: tuple[str | None, ...] = ()
 
     @property
     def res(self) -> float:
         return abs(self.transform.a)
+
+    def declared_offset(self, band: int) -> tuple[float, str] | None:
+        """The offset (digital numbers) the file itself declares for a band, or None.
+
+        GDAL's scale and offset say ``reflectance = value x scale + offset``; with
+        Sentinel-2's scale 0.0001, offset -0.1 is -1000 in digital numbers (and a scale of 1
+        gives the offset as it is). Failing those, an ESA ``BOA_ADD_OFFSET`` /
+        ``RADIO_ADD_OFFSET`` metadata item.
+
+        Args:
+            band: 1-based band index.
+
+        Returns:
+            ``(offset, how the file says it)``, or None when the file declares nothing.
+
+        Raises:
+            ValueError: for a declared scale other than 0.0001 or 1: the values are not
+                reflectance x 10000, which an offset alone cannot mend.
+        """
+        scale = self.scales[band - 1] if self.scales else 1.0
+        offset = self.offsets[band - 1] if self.offsets else 0.0
+        if (scale, offset) != (1.0, 0.0):
+            if math.isclose(scale, REFLECTANCE_SCALE, rel_tol=1e-6):
+                value = round(offset / REFLECTANCE_SCALE, 6)
+            elif scale == 1.0:
+                value = offset
+            else:
+                raise ValueError(
+                    f"{self.path} declares GDAL scale {scale:g} and offset {offset:g} for band "
+                    f"{band} (value x scale + offset): reflectance x 10000 is scale "
+                    f"{REFLECTANCE_SCALE:g} (or 1), and this package removes an offset but "
+                    "does not rescale: convert the file to reflectance x 10000 (e.g. "
+                    "gdal_translate -unscale -ot Float32, then multiply by 10000), or pass "
+                    "offset= to read its values as they are"
+                )
+            return value + 0.0, f"GDAL scale {scale:g} / offset {offset:g} of {self.path}"
+        tag = self.offset_tags[band - 1] if self.offset_tags else None
+        if tag is not None:
+            try:
+                return float(tag), f"{tag} (BOA_ADD_OFFSET) in the metadata of {self.path}"
+            except ValueError:
+                return None
+        return None
 
 
 @dataclass(frozen=True)
@@ -598,6 +651,7 @@ class Sentinel2Base(RasterDataset):
         geometries = []
         datetimes = []
         self._assumed_offsets: list[str] = []
+        self._infos = infos  # the offset rule reads the files' declared offsets
         for scene in scenes:
             scene.span = self._scene_span(scene)
             self._resolve_offset(scene, infos)
@@ -792,6 +846,9 @@ class Sentinel2Base(RasterDataset):
                         nodata=src.nodata,
                         descriptions=tuple(src.descriptions),
                         dtypes=tuple(src.dtypes),
+                        scales=tuple(src.scales),
+                        offsets=tuple(src.offsets),
+                        offset_tags=_offset_tags(src),
                     )
             except rasterio.errors.RasterioIOError:
                 continue
@@ -968,15 +1025,21 @@ class Sentinel2Base(RasterDataset):
     def _grid(self, info: _FileInfo, dst_crs: RIO_CRS) -> tuple[Affine, int, int]:
         """Pixel grid of a file in the dataset CRS (its own grid when no warp is needed).
 
-        A rotated or south-up file gets the north-up grid GDAL suggests for warping it (as
-        ``gdalwarp`` would choose), in its own CRS or the dataset's.
+        A rotated, mirrored or south-up file gets the north-up grid GDAL suggests for warping
+        it (as ``gdalwarp`` would choose), in its own CRS or the dataset's. GDAL keeps the
+        sign of a negative pixel width (a file mirrored east-west, or rotated by 180 degrees)
+        in its suggestion; that grid is turned east-up here over the same bounds.
         """
         if not _north_up(info.transform):
             with (
                 rasterio.open(info.path) as src,
                 WarpedVRT(src, src_crs=info.crs or dst_crs, crs=dst_crs) as vrt,
             ):
-                return vrt.transform, vrt.width, vrt.height
+                t, width, height = vrt.transform, vrt.width, vrt.height
+            if t.b == 0 and t.d == 0 and not _north_up(t):
+                west, _, _, north = _corner_bounds(t, width, height)
+                t = Affine(abs(t.a), 0.0, west, 0.0, -abs(t.e), north)
+            return t, width, height
         if info.crs is None or info.crs == dst_crs:
             return info.transform, info.width, info.height
         west, south, east, north = array_bounds(info.height, info.width, info.transform)
@@ -1043,12 +1106,41 @@ class Sentinel2Base(RasterDataset):
         value, source = self._auto_offset(scene)
         if isinstance(value, ProductMetadata):
             scene.offsets = [value.offset_for(b) for b in self.bands]
+        elif isinstance(value, list):
+            scene.offsets = value
         else:
             scene.offsets = [value] * n
         scene.offset_source = source
 
-    def _auto_offset(self, scene: _Scene) -> tuple[float | ProductMetadata, str]:
-        """Offset of one scene from metadata, product name or date (``offset="auto"``)."""
+    def _declared_offsets(self, scene: _Scene) -> tuple[list[float], str] | None:
+        """Offsets the scene's files declare themselves (GDAL scale / offset, ESA tags).
+
+        Returns:
+            One offset per selected channel and where it was read, or None when no file
+            declares any.
+
+        Raises:
+            ValueError: when some of the scene's channels declare an offset and others do not
+                (which rule holds for those is unknowable), or for a scale other than
+                reflectance x 10000's (:meth:`_FileInfo.declared_offset`).
+        """
+        declared = [self._infos[path].declared_offset(band) for path, band in scene.selected]
+        if all(d is None for d in declared):
+            return None
+        if any(d is None for d in declared):
+            silent = [b for b, d in zip(self.bands, declared, strict=True) if d is None]
+            said = [f"{b}: {d[0]:g}" for b, d in zip(self.bands, declared, strict=True) if d]
+            raise ValueError(
+                f"{scene.key}: the files declare an offset for some bands ({', '.join(said)}) "
+                f"but not for {', '.join(silent)}: pass offset= for the scene's "
+                "digital numbers, e.g. -1000 for Sentinel-2 processing baseline 04.00 or later"
+            )
+        offsets = [d[0] for d in declared if d is not None]
+        how = sorted({d[1] for d in declared if d is not None})
+        return offsets, how[0] if len(how) == 1 else f"{how[0]} (and {len(how) - 1} more)"
+
+    def _auto_offset(self, scene: _Scene) -> tuple[float | list[float] | ProductMetadata, str]:
+        """Offset of one scene from metadata, the files, product name or date (``"auto"``)."""
         if scene.stac is not None:
             from_item = _stac_offset(scene.stac)
             if from_item is not None:
@@ -1056,6 +1148,9 @@ class Sentinel2Base(RasterDataset):
         metadata = self._find_metadata(scene)
         if metadata is not None:
             return metadata, f"metadata {metadata.path}"
+        declared = self._declared_offsets(scene)
+        if declared is not None:
+            return declared
         baseline = self._baseline_from_names(scene)
         if baseline is not None:
             value = BASELINE_OFFSET if baseline >= 400 else 0.0
@@ -1681,8 +1776,15 @@ class EarthEngineS2(Sentinel2Base):
         self.collection = collection
         super().__init__(paths, crs, res, bands, transforms, **kwargs)
 
-    def _auto_offset(self, scene: _Scene) -> tuple[float | ProductMetadata, str]:
-        """Earth Engine: 0 for harmonized collections, by date for the others."""
+    def _auto_offset(self, scene: _Scene) -> tuple[float | list[float] | ProductMetadata, str]:
+        """Earth Engine: the files' own declared offsets, else by collection and date.
+
+        Exports declare none (as of 2026); harmonized collections give 0, the others follow
+        the date.
+        """
+        declared = self._declared_offsets(scene)
+        if declared is not None:
+            return declared
         if self.collection not in self.unharmonized:
             return 0.0, f"Earth Engine {self.collection} (harmonized)"
         acquired = self._scene_date(scene)
@@ -2591,6 +2693,20 @@ def canonical_crs(crs: Any) -> CRS:
         ) from None
     epsg = parsed.to_epsg()
     return CRS.from_epsg(epsg) if epsg else parsed
+
+
+def _offset_tags(src: DatasetReader) -> tuple[str | None, ...]:
+    """Per band, its ``BOA_ADD_OFFSET`` / ``RADIO_ADD_OFFSET`` item, else the file's, else None.
+
+    Metadata item names are matched case-insensitively (GDAL keeps them as written).
+    """
+
+    def find(tags: dict[str, str]) -> str | None:
+        upper = {k.upper(): v for k, v in tags.items()}
+        return upper.get("BOA_ADD_OFFSET", upper.get("RADIO_ADD_OFFSET"))
+
+    own = find(src.tags())
+    return tuple(find(src.tags(b)) or own for b in range(1, src.count + 1))
 
 
 def _open_quietly(path: str) -> DatasetReader:
