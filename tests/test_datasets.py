@@ -757,6 +757,45 @@ def _write_tif(path: Path, data: np.ndarray, transform: Affine, crs: str | None)
     return path
 
 
+def _described_tif(path: Path, descriptions: Sequence[str], x0: float = 500000) -> Path:
+    data = np.full((len(descriptions), 16, 16), 1500, dtype=np.uint16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(
+        path, "w", driver="GTiff", width=16, height=16, count=len(descriptions),
+        dtype="uint16", crs="EPSG:32631", transform=Affine(10, 0, x0, 0, -10, 5600000),
+    ) as dst:  # fmt: skip
+        dst.write(data)
+        dst.descriptions = tuple(descriptions)
+    return path
+
+
+def test_bands_left_out_of_the_default_choice_are_named(tmp_path: Path) -> None:
+    """A band without description in a described file, or a band one tile of a mosaic
+    lacks, was dropped for the whole dataset without a word; descriptions like 'B4 (Red)'
+    were refused with advice (bands=) that could not work, never naming file_bands=."""
+    one = _described_tif(tmp_path / "one" / "gap.tif", ["B4", "", "B2", "B8"])
+    with pytest.warns(UserWarning, match=r"gap.tif has no description for band2, so it is left "
+                      r"out .* file_bands=\[\.\.\.\] to read it"):  # fmt: skip
+        assert Sentinel2SR(one).bands == ("B2", "B4", "B8")
+    (tmp_path / "tiles").mkdir()
+    _described_tif(tmp_path / "tiles" / "a.tif", ["B4", "B3", "B2", "B8"])
+    _described_tif(tmp_path / "tiles" / "b.tif", ["B4", "B3", "B2"], x0=500160)
+    with pytest.warns(UserWarning, match=r"band\(s\) \['B8'\] left out of the default bands, "
+                      r"as not every scene has them \(B8 is not in .*b.tif\)"):  # fmt: skip
+        assert Sentinel2SR(tmp_path / "tiles").bands == ("B2", "B3", "B4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning
+        assert Sentinel2SR(tmp_path / "tiles", bands=["B4", "B3"]).bands == ("B4", "B3")
+    odd = _described_tif(tmp_path / "odd.tif", ["B4 (Red)", "B3 (Green)"])
+    with pytest.raises(BandError, match=r"name every band in file order with file_bands="):
+        Sentinel2SR(odd)
+    with pytest.raises(BandError, match=r"not found in .*odd.tif .* \(file_bands=\[\.\.\.\] "
+                       r"renames a file's bands"):  # fmt: skip
+        Sentinel2SR(odd, bands=["B4", "B3"])
+    with pytest.warns(UserWarning, match=r"file_bands=\['B4', 'B3'\] replace the file's band"):
+        assert Sentinel2SR(odd, file_bands=["B4", "B3"]).bands == ("B3", "B4")
+
+
 def test_south_up_and_rotated_rasters_are_placed_on_the_map(tmp_path: Path) -> None:
     """Files whose geotransform is not north-up are read through GDAL's warper: a south-up
     copy gives the north-up file's pixels, a rotated one the pixels an inverse-affine lookup

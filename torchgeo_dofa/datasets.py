@@ -965,6 +965,41 @@ class Sentinel2Base(RasterDataset):
             item_names=(stem, os.path.basename(_scene_folder(info.path))),
         )
 
+    def _warn_left_out_bands(self, scenes: list[_Scene], common: set[str]) -> None:
+        """Warn of bands the default choice leaves out without the user seeing why.
+
+        The default bands are those every scene has: a Sentinel-2 band missing from some
+        scenes only (one tile of a mosaic without B8), or a band of a described file whose
+        own description is empty (read as ``band2``: its name is unknown), is dropped for
+        the whole dataset.
+        """
+        cls = self.__class__.__name__
+        lacking = {
+            b: [s.key for s in scenes if b not in s.names]
+            for b in SENTINEL2_BANDS
+            if b not in common and any(b in s.names for s in scenes)
+        }
+        if lacking:
+            where = "; ".join(
+                f"{b} is not in {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
+                for b, keys in lacking.items()
+            )
+            warn(
+                f"{cls}: band(s) {list(lacking)} left out of the default bands, as not every "
+                f"scene has them ({where}): the bands read are those all scenes share; embed "
+                "the scenes apart, or pass bands=[...] and paths= of the scenes that have them",
+                UserWarning,
+            )
+        for scene in scenes:
+            unnamed = [n for n in scene.names if re.fullmatch(r"band\d+", n)]
+            if scene.layout == "multiband" and unnamed and len(unnamed) < len(scene.names):
+                warn(
+                    f"{cls}: {scene.key} has no description for {', '.join(unnamed)}, so it is "
+                    "left out (its band is unknown): name every band of the file in file order "
+                    "with file_bands=[...] to read it",
+                    UserWarning,
+                )
+
     def _select(self, scenes: list[_Scene], bands: Sequence[str] | None) -> tuple[str, ...]:
         """Choose the output bands and each scene's (file, band index) per channel."""
         if bands is None:
@@ -975,6 +1010,8 @@ class Sentinel2Base(RasterDataset):
                 chosen = list(self.default_bands)
             else:
                 chosen = [b for b in SENTINEL2_BANDS if b in common]
+                if chosen:
+                    self._warn_left_out_bands(scenes, common)
                 unnormalisable = [b for b in chosen if SENTINEL2_BANDS[b].mean is None]
                 if unnormalisable and len(unnormalisable) < len(chosen):
                     # DOFA has no statistics for them: the default must stay embeddable
@@ -988,13 +1025,20 @@ class Sentinel2Base(RasterDataset):
                     )
             if not chosen:
                 found = [n for n in scenes[0].names if n in common]  # in file order
-                hint = ""
                 asset = [stac_asset_band(n) for n in found]
                 if found and scenes[0].layout == "multiband" and all(asset):
                     hint = (
                         f"; if they are Sentinel-2's bands, named as Earth Search's assets, "
                         f"name them so: file_bands={asset} (in file order)"
                     )
+                elif scenes[0].layout == "multiband":
+                    hint = (
+                        "; if they are Sentinel-2's bands named otherwise (descriptions such "
+                        "as 'B4 (Red)' or 'B04_10m'), name every band in file order with "
+                        "file_bands=[...] in Sentinel-2's names (B2 ... B12, B8A)"
+                    )
+                else:
+                    hint = ""
                 raise BandError(
                     f"no Sentinel-2 band is present in every scene (found {found}): pass "
                     f"bands=[...] (and wavelengths=[...] for non-Sentinel-2 bands){hint}"
@@ -1018,6 +1062,11 @@ class Sentinel2Base(RasterDataset):
                 raise BandError(
                     f"band(s) {missing} not found in {scene.key} (it has {scene.names}); "
                     "choose bands= among those, or check the band descriptions"
+                    + (
+                        " (file_bands=[...] renames a file's bands, all of them in file order)"
+                        if scene.layout == "multiband" and not scene.named_by_bands
+                        else ""
+                    )
                 )
             scene.selected = [lookup.get(b) or folded[b.casefold()] for b in chosen]
         return tuple(chosen)
