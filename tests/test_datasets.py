@@ -25,6 +25,7 @@ import rasterio
 import torch
 from pyproj import CRS
 from rasterio.crs import CRS as RIO_CRS
+from rasterio.enums import ColorInterp
 from rasterio.transform import Affine, from_origin
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchgeo.datasets import stack_samples
@@ -632,9 +633,9 @@ def test_offset_declared_by_the_file_itself(tmp_path: Path) -> None:
     cases = {
         "gdal": ((1e-4, 1e-4), (-0.1, -0.1), None, "GDAL scale 0.0001 / offset -0.1 of"),
         "gdal_dn": ((1.0, 1.0), (-1000.0, -1000.0), None, "GDAL scale 1 / offset -1000 of"),
-        "tagged": (None, None, {0: {"BOA_ADD_OFFSET": "-1000"}}, "-1000 (BOA_ADD_OFFSET) in"),
+        "tagged": (None, None, {0: {"BOA_ADD_OFFSET": "-1000"}}, "BOA_ADD_OFFSET -1000 in the"),
         "band_tags": (None, None, {1: {"boa_add_offset": "-1000"}, 2: {"BOA_ADD_OFFSET": "-1000"}},
-                      "(BOA_ADD_OFFSET)"),
+                      "BOA_ADD_OFFSET -1000 in"),
     }  # fmt: skip
     for name, (scales, offsets, tags, how) in cases.items():
         ds = Sentinel2SR(written(name, scales, offsets, tags))
@@ -643,6 +644,24 @@ def test_offset_declared_by_the_file_itself(tmp_path: Path) -> None:
         torch.testing.assert_close(chip(ds, 0, 0, 16, 16)["image"], expected)
     undeclared = Sentinel2SR(written("undeclared"))  # the product name / date rules, as before
     assert undeclared.index["offset"].iloc[0] == (0.0, 0.0)
+    # offset 0 beside a scale is GDAL's default, not a declaration: an ESA name's rule holds
+    esa = "S2A_MSIL2A_20230601T103631_N0509_R008_T31UFQ_20230601T150152"
+    named = written(esa, (1e-4, 1e-4), (0.0, 0.0), {0: {"BOA_ADD_OFFSET": ""}})
+    assert Sentinel2SR(named).index["offset"].iloc[0] == (-1000.0, -1000.0)
+    assert "N0509" in Sentinel2SR(named).index["offset_source"].iloc[0]
+    torch.testing.assert_close(chip(Sentinel2SR(named), 0, 0, 16, 16)["image"], expected)
+    for name, scales, offsets, tags, message in [
+        ("uneven", (1e-4, 1e-4), (-0.1, 0.0), None, r"some bands \(B4: -1000\) but not for B8"),
+        ("nan", None, None, {0: {"BOA_ADD_OFFSET": "nan"}}, r"an offset of nan for band 1"),
+        ("up", None, None, {0: {"BOA_ADD_OFFSET": "1000"}}, r"an offset of 1000 for band 1"),
+        ("units", None, None, {1: {"BOA_ADD_OFFSET": "-0.1"}, 2: {"BOA_ADD_OFFSET": "-0.1"}},
+         r"BOA_ADD_OFFSET -0.1 in the metadata of .* gives an offset of -0.1 for band 1, which "
+         r"cannot be one of reflectance x 10000"),
+        ("word", None, None, {0: {"BOA_ADD_OFFSET": "abc"}}, r"of band 1 is 'abc', not a number"),
+        ("gdal_up", (1.0, 1.0), (1000.0, 1000.0), None, r"offset 1000 of .* an offset of 1000"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=message + r".*pass offset= .*every scene"):
+            Sentinel2SR(written(name, scales, offsets, tags))
     # what an offset cannot mend, and what cannot be told, is refused naming the fix
     landsat = written("landsat", (2.75e-5, 2.75e-5), (-0.2, -0.2))
     with pytest.raises(ValueError, match=r"declares GDAL scale 2\.75e-05 and offset -0\.2 for "
@@ -651,7 +670,7 @@ def test_offset_declared_by_the_file_itself(tmp_path: Path) -> None:
     assert Sentinel2SR(landsat, offset=0).index["offset_source"].iloc[0] == "explicit"
     half = written("half", None, None, {1: {"BOA_ADD_OFFSET": "-1000"}})
     with pytest.raises(ValueError, match=r"declare an offset for some bands \(B4: -1000\) but "
-                       r"not for B8: pass offset="):  # fmt: skip
+                       r"not for B8: fix the files' metadata, or pass offset="):  # fmt: skip
         Sentinel2SR(half)
 
 
@@ -774,14 +793,30 @@ def test_bands_left_out_of_the_default_choice_are_named(tmp_path: Path) -> None:
     lacks, was dropped for the whole dataset without a word; descriptions like 'B4 (Red)'
     were refused with advice (bands=) that could not work, never naming file_bands=."""
     one = _described_tif(tmp_path / "one" / "gap.tif", ["B4", "", "B2", "B8"])
-    with pytest.warns(UserWarning, match=r"gap.tif has no description for band2, so it is left "
-                      r"out .* file_bands=\[\.\.\.\] to read it"):  # fmt: skip
+    with pytest.warns(UserWarning, match=r"gap.tif: band\(s\) 'band2' left out, as their "
+                      r"descriptions are empty or not band names: .* file_bands="):  # fmt: skip
         assert Sentinel2SR(one).bands == ("B2", "B4", "B8")
+    words = _described_tif(tmp_path / "words" / "green.tif", ["B4", "B3 (Green)", "B2"])
+    with pytest.warns(UserWarning, match=r"green.tif: band\(s\) 'B3 \(Green\)' left out"):
+        assert Sentinel2SR(words).bands == ("B2", "B4")
+    alpha = _described_tif(tmp_path / "alpha" / "warped.tif", ["B4", "B3", "B2", ""])
+    with rasterio.open(alpha, "r+") as dst:  # gdalwarp -dstalpha: not a spectral band
+        dst.colorinterp = [ColorInterp.gray] * 3 + [ColorInterp.alpha]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Sentinel2SR(alpha).bands == ("B2", "B3", "B4")
+    for i in range(3):  # several such files: one warning, not one each
+        _described_tif(tmp_path / "many" / f"t{i}.tif", ["B4", "", "B2"], x0=500000 + 160 * i)
+    with pytest.warns(UserWarning) as caught:
+        Sentinel2SR(tmp_path / "many")
+    assert [str(w.message).count("left out") for w in caught] == [1]
+    assert "t0.tif (and 2 more file(s)): band(s) 'band2' left out" in str(caught[0].message)
     (tmp_path / "tiles").mkdir()
-    _described_tif(tmp_path / "tiles" / "a.tif", ["B4", "B3", "B2", "B8"])
+    _described_tif(tmp_path / "tiles" / "a.tif", ["B4", "B3", "B2", "B8", "B11", "B12"])
     _described_tif(tmp_path / "tiles" / "b.tif", ["B4", "B3", "B2"], x0=500160)
-    with pytest.warns(UserWarning, match=r"band\(s\) \['B8'\] left out of the default bands, "
-                      r"as not every scene has them \(B8 is not in .*b.tif\)"):  # fmt: skip
+    with pytest.warns(UserWarning, match=r"band\(s\) \['B8', 'B11', 'B12'\] left out of the "
+                      r"default bands, as not every scene has them \(.*b.tif lacks B8, B11, "
+                      r"B12\)"):  # fmt: skip
         assert Sentinel2SR(tmp_path / "tiles").bands == ("B2", "B3", "B4")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # asked for: no warning

@@ -879,7 +879,8 @@ def test_labels_and_masks_that_are_not_whole_numbers_are_refused() -> None:
     soft["label"][0, 1] = 0.7
     with pytest.raises(
         ValueError,
-        match=r"^the batch's labels hold 0\.7, not whole numbers: DOFAClassificationTask takes "
+        match=r"^the batch's labels hold 0\.7, not whole numbers in int64's range: "
+        r"DOFAClassificationTask takes "
         r"class indices .* not soft labels or probabilities .* round or threshold them",
     ):
         multilabel.training_step(soft, 0)
@@ -890,6 +891,9 @@ def test_labels_and_masks_that_are_not_whole_numbers_are_refused() -> None:
     batch["label"] = torch.tensor([0.0, 1.5, 2.0, float("nan")])
     with pytest.raises(ValueError, match=r"^the batch's labels hold 1\.5, nan, not whole"):
         multiclass.validation_step(batch, 0)
+    batch["label"] = torch.tensor([0.0, 1.0, 2.0, 1e20])  # the cast made it -9.2e18
+    with pytest.raises(ValueError, match=r"^the batch's labels hold 1e\+20, not whole numbers in"):
+        multiclass.validation_step(batch, 0)
     seg = small_segmentation()
     masks = chips("segmentation", 3)
     masks["mask"] = masks["mask"].float()
@@ -898,9 +902,13 @@ def test_labels_and_masks_that_are_not_whole_numbers_are_refused() -> None:
     masks["mask"][:, -1] = float("nan")
     with pytest.raises(
         ValueError,
-        match=r"^the batch's mask holds 1\.5, nan, not whole numbers: .* resample mask rasters "
+        match=r"^the batch's mask holds 1\.5, nan, not whole numbers in .* resample mask rasters "
         r"with nearest neighbour",
     ):
+        seg.training_step(masks, 0)
+    masks["valid"] = torch.ones(4, 16, 16, dtype=torch.bool)  # another shape: RuntimeError
+    with pytest.raises(ValueError, match=r"^the batch's valid is \(4, 16, 16\) but its mask is "
+                       r"\(4, 32, 32\): 'valid' is one bool per mask pixel"):  # fmt: skip
         seg.training_step(masks, 0)
     masks["valid"] = torch.ones(4, 32, 32, dtype=torch.bool)
     masks["valid"][:, :2] = False
@@ -910,6 +918,19 @@ def test_labels_and_masks_that_are_not_whole_numbers_are_refused() -> None:
     counted = masks["mask"][masks["valid"]]
     assert seg._target(masks)[~masks["valid"]].eq(seg._ignore_target).all()
     assert torch.equal(seg._target(masks)[masks["valid"]], counted.long())
+    listed = chips("segmentation", 3)
+    listed["mask"] = listed["mask"].tolist()  # as labels, a list is taken (was AttributeError)
+    assert seg.training_step(listed, 0).ndim == 0
+    # TorchGeo's mask datasets cast a float raster's NaN to int64 themselves
+    cast = chips("segmentation", 3)
+    cast["mask"][:, :3] = torch.tensor(float("nan")).long()
+    with pytest.raises(
+        ValueError,
+        match=r"^the batch's mask holds -9\.22337e\+18, outside the classes 0..2 "
+        r"\(num_classes=3\): -9223372036854775808 is what NaN becomes when cast to an integer "
+        r".* set ignore_index to it$",
+    ):
+        seg.training_step(cast, 0)
 
 
 def test_task_bands_must_match_the_batch_wavelengths(tmp_path: Path) -> None:

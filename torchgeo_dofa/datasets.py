@@ -101,7 +101,7 @@ from geopandas import GeoDataFrame
 from pyproj import CRS
 from pyproj.exceptions import CRSError
 from rasterio.crs import CRS as RIO_CRS
-from rasterio.enums import MaskFlags, Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.io import DatasetReader
 from rasterio.transform import Affine, array_bounds
 from rasterio.vrt import WarpedVRT
@@ -170,6 +170,9 @@ __all__ = [
 
 #: First acquisition date processed with baseline 04.00 (reflectance stored with +1000).
 OFFSET_START = date(2022, 1, 25)
+
+#: A Sentinel-2 band name inside a longer description (``B3 (Green)``, ``B04_10m``).
+_S2_TOKEN = re.compile(r"(?<![A-Za-z0-9])B0?(?:1[0-2]|[1-9]|8A)(?![0-9A-Za-z])", re.IGNORECASE)
 
 #: The offset ESA declares for baseline 04.00 and later.
 BASELINE_OFFSET = -1000.0
@@ -315,6 +318,8 @@ class _FileInfo:
     #: per band, a ``BOA_ADD_OFFSET`` / ``RADIO_ADD_OFFSET`` metadata item of the band or,
     #: failing that, of the file (ESA's names; GDAL's SENTINEL2 driver and sen2cor tools)
     offset_tags: tuple[str | None, ...] = ()
+    #: per band, whether GDAL calls it an alpha band (``gdalwarp -dstalpha``): not spectral
+    alpha: tuple[bool, ...] = ()
 
     @property
     def res(self) -> float:
@@ -335,33 +340,65 @@ class _FileInfo:
             ``(offset, how the file says it)``, or None when the file declares nothing.
 
         Raises:
-            ValueError: for a declared scale other than 0.0001 or 1: the values are not
-                reflectance x 10000, which an offset alone cannot mend.
+            ValueError: for a declared scale other than 0.0001 or 1 (the values are not
+                reflectance x 10000, which an offset alone cannot mend), a metadata item that
+                is not a number, or an offset that cannot be one of reflectance x 10000
+                (:func:`_plausible_offset`). An offset of 0 beside a scale is GDAL's default
+                and declares nothing.
         """
         scale = self.scales[band - 1] if self.scales else 1.0
         offset = self.offsets[band - 1] if self.offsets else 0.0
-        if (scale, offset) != (1.0, 0.0):
-            if math.isclose(scale, REFLECTANCE_SCALE, rel_tol=1e-6):
-                value = round(offset / REFLECTANCE_SCALE, 6)
-            elif scale == 1.0:
-                value = offset
-            else:
-                raise ValueError(
-                    f"{self.path} declares GDAL scale {scale:g} and offset {offset:g} for band "
-                    f"{band} (value x scale + offset): reflectance x 10000 is scale "
-                    f"{REFLECTANCE_SCALE:g} (or 1), and this package removes an offset but "
-                    "does not rescale: convert the file to reflectance x 10000 (e.g. "
-                    "gdal_translate -unscale -ot Float32, then multiply by 10000), or pass "
-                    "offset= to read its values as they are"
-                )
-            return value + 0.0, f"GDAL scale {scale:g} / offset {offset:g} of {self.path}"
+        unit = math.isclose(scale, REFLECTANCE_SCALE, rel_tol=1e-6)
+        if not unit and scale != 1.0:
+            raise ValueError(
+                f"{self.path} declares GDAL scale {scale:g} and offset {offset:g} for band "
+                f"{band} (value x scale + offset): reflectance x 10000 is scale "
+                f"{REFLECTANCE_SCALE:g} (or 1), and this package removes an offset but does "
+                "not rescale: convert the file to reflectance x 10000 (e.g. gdal_translate "
+                f"-unscale -ot Float32, then multiply by 10000), or {_OFFSET_FIX}"
+            )
+        if offset != 0.0:  # 0 is GDAL's default beside a scale: it says nothing
+            how = f"GDAL scale {scale:g} / offset {offset:g} of {self.path}"
+            value = round(offset / REFLECTANCE_SCALE, 6) if unit else offset
+            return _plausible_offset(value, how, band), how
         tag = self.offset_tags[band - 1] if self.offset_tags else None
-        if tag is not None:
+        if tag is not None and tag.strip():
+            how = f"BOA_ADD_OFFSET {tag} in the metadata of {self.path}"
             try:
-                return float(tag), f"{tag} (BOA_ADD_OFFSET) in the metadata of {self.path}"
+                value = float(tag)
             except ValueError:
-                return None
+                raise ValueError(
+                    f"{self.path}: the metadata item BOA_ADD_OFFSET / RADIO_ADD_OFFSET of band "
+                    f"{band} is {tag!r}, not a number: fix the item, or {_OFFSET_FIX}"
+                ) from None
+            return _plausible_offset(value, how, band), how
         return None
+
+
+#: The way out of a file's unusable offset metadata (for messages).
+_OFFSET_FIX = (
+    "pass offset= to read the values as they are (it applies to every scene of the "
+    "dataset: embed this scene apart if the others differ)"
+)
+
+
+def _plausible_offset(value: float, how: str, band: int) -> float:
+    """``value`` if it can be an offset of reflectance x 10000 (whole, -10000 .. 0).
+
+    ESA declares -1000 (processing baseline 04.00 on); anything else finite, whole and not
+    positive is taken as declared. A fraction is an offset in reflectance units (-0.1), a
+    positive or huge one a mistake, NaN or infinity would poison every pixel.
+
+    Raises:
+        ValueError: naming the declaration and the fix.
+    """
+    if math.isfinite(value) and value == round(value) and -10000 <= value <= 0:
+        return value + 0.0
+    raise ValueError(
+        f"{how} gives an offset of {value:g} for band {band}, which cannot be one of "
+        "reflectance x 10000 (a whole number from -10000 to 0; ESA declares -1000 from "
+        f"processing baseline 04.00 on): fix the metadata, or {_OFFSET_FIX}"
+    )
 
 
 @dataclass(frozen=True)
@@ -602,6 +639,7 @@ class Sentinel2Base(RasterDataset):
                 f"{_other_formats_hint(self.paths, self.extensions)}"
             )
         scenes = self._group(infos, bands, file_bands)
+        self._infos = infos  # band choice and offset rules read the files' headers
         if not scenes:
             raise DatasetNotFoundError(self)
         self.bands: tuple[str, ...] = self._select(scenes, bands)
@@ -651,7 +689,6 @@ class Sentinel2Base(RasterDataset):
         geometries = []
         datetimes = []
         self._assumed_offsets: list[str] = []
-        self._infos = infos  # the offset rule reads the files' declared offsets
         for scene in scenes:
             scene.span = self._scene_span(scene)
             self._resolve_offset(scene, infos)
@@ -849,6 +886,7 @@ class Sentinel2Base(RasterDataset):
                         scales=tuple(src.scales),
                         offsets=tuple(src.offsets),
                         offset_tags=_offset_tags(src),
+                        alpha=tuple(c == ColorInterp.alpha for c in src.colorinterp),
                     )
             except rasterio.errors.RasterioIOError:
                 continue
@@ -966,39 +1004,56 @@ class Sentinel2Base(RasterDataset):
         )
 
     def _warn_left_out_bands(self, scenes: list[_Scene], common: set[str]) -> None:
-        """Warn of bands the default choice leaves out without the user seeing why.
+        """Warn, once each, of bands the default choice leaves out without the user seeing why.
 
         The default bands are those every scene has: a Sentinel-2 band missing from some
-        scenes only (one tile of a mosaic without B8), or a band of a described file whose
-        own description is empty (read as ``band2``: its name is unknown), is dropped for
-        the whole dataset.
+        scenes only (one tile of a mosaic without B8) is dropped for the whole dataset, and
+        so is a band of a described file whose description is empty (read as ``band2``) or
+        names a Sentinel-2 band in words the package does not read (``B3 (Green)``). GDAL
+        alpha bands are not spectral and go without a word.
         """
         cls = self.__class__.__name__
-        lacking = {
-            b: [s.key for s in scenes if b not in s.names]
-            for b in SENTINEL2_BANDS
-            if b not in common and any(b in s.names for s in scenes)
-        }
+        lacking: dict[str, list[str]] = {}  # scene -> the bands others have and it lacks
+        for b in SENTINEL2_BANDS:
+            if b not in common and any(b in s.names for s in scenes):
+                for scene in scenes:
+                    if b not in scene.names:
+                        lacking.setdefault(scene.key, []).append(b)
         if lacking:
-            where = "; ".join(
-                f"{b} is not in {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
-                for b, keys in lacking.items()
+            keys = list(lacking)
+            where = f"{keys[0]} lacks {', '.join(lacking[keys[0]])}" + (
+                f", and {len(keys) - 1} more scene(s) lack some" if len(keys) > 1 else ""
+            )
+            left = sorted(
+                {b for bs in lacking.values() for b in bs}, key=list(SENTINEL2_BANDS).index
             )
             warn(
-                f"{cls}: band(s) {list(lacking)} left out of the default bands, as not every "
-                f"scene has them ({where}): the bands read are those all scenes share; embed "
-                "the scenes apart, or pass bands=[...] and paths= of the scenes that have them",
+                f"{cls}: band(s) {left} left out of the default bands, as not every scene has "
+                f"them ({where}): the bands read are those all scenes share; embed the scenes "
+                "apart, or pass bands=[...] and the paths of the scenes that have them",
                 UserWarning,
             )
+        unread: dict[str, list[str]] = {}  # file -> its bands of unknown or unread names
         for scene in scenes:
-            unnamed = [n for n in scene.names if re.fullmatch(r"band\d+", n)]
-            if scene.layout == "multiband" and unnamed and len(unnamed) < len(scene.names):
-                warn(
-                    f"{cls}: {scene.key} has no description for {', '.join(unnamed)}, so it is "
-                    "left out (its band is unknown): name every band of the file in file order "
-                    "with file_bands=[...] to read it",
-                    UserWarning,
-                )
+            if scene.layout != "multiband" or scene.named_by_bands:
+                continue
+            alpha = self._infos[scene.key].alpha
+            for i, name in enumerate(scene.names):
+                untitled = re.fullmatch(r"band\d+", name) is not None
+                if (untitled and not (i < len(alpha) and alpha[i])) or (
+                    name not in SENTINEL2_BANDS and _S2_TOKEN.search(name)
+                ):
+                    unread.setdefault(scene.key, []).append(name)
+        if unread:
+            keys = list(unread)
+            shown = ", ".join(repr(n) for n in unread[keys[0]])
+            more = f" (and {len(keys) - 1} more file(s))" if len(keys) > 1 else ""
+            warn(
+                f"{cls}: {keys[0]}{more}: band(s) {shown} left out, as their descriptions are "
+                "empty or not band names: name every band of the file in file order with "
+                "file_bands=[...] to read them",
+                UserWarning,
+            )
 
     def _select(self, scenes: list[_Scene], bands: Sequence[str] | None) -> tuple[str, ...]:
         """Choose the output bands and each scene's (file, band index) per channel."""
@@ -1181,8 +1236,8 @@ class Sentinel2Base(RasterDataset):
             said = [f"{b}: {d[0]:g}" for b, d in zip(self.bands, declared, strict=True) if d]
             raise ValueError(
                 f"{scene.key}: the files declare an offset for some bands ({', '.join(said)}) "
-                f"but not for {', '.join(silent)}: pass offset= for the scene's "
-                "digital numbers, e.g. -1000 for Sentinel-2 processing baseline 04.00 or later"
+                f"but not for {', '.join(silent)}: fix the files' metadata, or {_OFFSET_FIX} "
+                "(-1000 for Sentinel-2 processing baseline 04.00 or later)"
             )
         offsets = [d[0] for d in declared if d is not None]
         how = sorted({d[1] for d in declared if d is not None})

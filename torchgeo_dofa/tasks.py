@@ -111,6 +111,9 @@ _NORMALISE_FIX = (
     "classification chips); a TorchGeo data module's own normalisation is not DOFA's"
 )
 
+#: What NaN becomes when a float mask is cast to int64 (as TorchGeo's mask datasets do).
+_NAN_AS_INT64 = -(2**63)
+
 #: Target value of pixels left out of the segmentation loss and metrics when ``ignore_index``
 #: is None: ``valid`` False pixels get it (torch's own default; never a class index >= 0).
 _IGNORE_INDEX = -100
@@ -164,12 +167,13 @@ def _class_indices(values: Tensor, what: str, fix: str, keep: Tensor | None = No
     if not values.is_floating_point():
         return values.long()
     checked = values if keep is None else values[keep]
-    wrong = ~torch.isfinite(checked) | (checked != checked.round())
+    # beyond 2**62 a cast to int64 overflows (1e20 became -9.2e18)
+    wrong = ~torch.isfinite(checked) | (checked != checked.round()) | (checked.abs() > 2**62)
     if bool(wrong.any()):
         nan = checked.isnan()
         listed = checked[wrong & ~nan].unique().tolist()  # unique() keeps every NaN apart
         bad = _values(listed + ([float("nan")] if bool(nan.any()) else []))
-        raise ValueError(f"the batch's {what} {bad}, not whole numbers: {fix}")
+        raise ValueError(f"the batch's {what} {bad}, not whole numbers in int64's range: {fix}")
     if keep is not None:
         values = values.masked_fill(~keep, 0)
     return values.long()
@@ -1333,7 +1337,7 @@ class DOFASegmentationTask(_DOFATask):
                     "with is_image=False)",
                 )
             )
-        mask: Tensor = batch["mask"]
+        mask = torch.as_tensor(batch["mask"])
         if mask.ndim == 4 and mask.shape[1] == 1:
             mask = mask.squeeze(1)
         chips = batch["image"].shape[0]
@@ -1357,6 +1361,12 @@ class DOFASegmentationTask(_DOFATask):
             )
         valid = batch.get("valid")
         if isinstance(valid, Tensor):
+            if valid.numel() != mask.numel():
+                raise ValueError(
+                    f"the batch's valid is {tuple(valid.shape)} but its mask is "
+                    f"{tuple(mask.shape)}: 'valid' is one bool per mask pixel, True where the "
+                    "pixel holds data (a transform changed one of them alone?)"
+                )
             valid = valid.reshape(mask.shape).to(device=mask.device, dtype=torch.bool)
         mask = _class_indices(
             mask,
@@ -1376,7 +1386,17 @@ class DOFASegmentationTask(_DOFATask):
             bad = _values(values)
             given = self.hparams["ignore_index"]
             fixes = []
-            if given is None and len(values) == 1:
+            if values[0] == _NAN_AS_INT64:
+                fixes.append(
+                    f"{_NAN_AS_INT64} is what NaN becomes when cast to an integer (TorchGeo "
+                    "reads is_image=False datasets as int64): write the mask raster as "
+                    "integers with a nodata value (e.g. 255) and set ignore_index to it"
+                )
+                values = values[1:]
+                bad = _values(values) if values else bad
+            if not values:
+                pass
+            elif given is None and len(values) == 1:
                 fixes.append(
                     f"if {bad} marks no-data pixels, set ignore_index={bad} (pixels equal to "
                     "ignore_index are left out of the loss and metrics; a mask raster's "
@@ -1392,12 +1412,12 @@ class DOFASegmentationTask(_DOFATask):
                     f"if some mark no-data pixels, map those to ignore_index={given}"
                     + (f" (or set ignore_index={bad})" if len(values) == 1 else "")
                 )
-            if min(values) >= 0:
+            if values and min(values) >= 0:
                 fixes.append(f"if they are classes, set num_classes={max(values) + 1}")
             setting = f"num_classes={k}" + (f", ignore_index={given}" if given is not None else "")
             raise ValueError(
-                f"the batch's mask holds {bad}, outside the classes 0..{k - 1} ({setting}): "
-                + "; ".join(fixes)
+                f"the batch's mask holds {_values(mask[outside].unique().tolist())}, outside "
+                f"the classes 0..{k - 1} ({setting}): " + "; ".join(fixes)
             )
         return mask
 
