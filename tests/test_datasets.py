@@ -805,6 +805,10 @@ def test_bands_left_out_of_the_default_choice_are_named(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert Sentinel2SR(alpha).bands == ("B2", "B3", "B4")
+    stack = _described_tif(tmp_path / "ee" / "stack.tif", ["B4", "B2", "B4_1", "B2_1", "QA60"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Earth Engine's second date and QA band: no warning
+        assert Sentinel2SR(stack).bands == ("B2", "B4")
     for i in range(3):  # several such files: one warning, not one each
         _described_tif(tmp_path / "many" / f"t{i}.tif", ["B4", "", "B2"], x0=500000 + 160 * i)
     with pytest.warns(UserWarning) as caught:

@@ -1041,7 +1041,9 @@ class Sentinel2Base(RasterDataset):
             for i, name in enumerate(scene.names):
                 untitled = re.fullmatch(r"band\d+", name) is not None
                 if (untitled and not (i < len(alpha) and alpha[i])) or (
-                    name not in SENTINEL2_BANDS and _S2_TOKEN.search(name)
+                    name not in SENTINEL2_BANDS
+                    and split_date_copy(name)[1] is None  # B4_1: another date, skipped
+                    and _S2_TOKEN.search(name)
                 ):
                     unread.setdefault(scene.key, []).append(name)
         if unread:
