@@ -746,6 +746,9 @@ def test_cli_shows_the_packages_warnings_on_one_line(tmp_path) -> None:
         ours = warnings.formatwarning("2 chip(s) held no valid pixel", UserWarning, inside, 9)
         theirs = warnings.formatwarning("other", UserWarning, "/x/lightning/y.py", 3)
     assert ours == "torchgeo-dofa: warning: 2 chip(s) held no valid pixel\n"
+    with cli._one_line_warnings():  # Python keywords become the options (as in errors)
+        hint = warnings.formatwarning("name them with file_bands=[...]", UserWarning, inside, 9)
+    assert hint == "torchgeo-dofa: warning: name them with --file-bands ...\n"
     assert theirs.startswith("/x/lightning/y.py:3:") and "other" in theirs  # the usual form
     assert warnings.formatwarning("m", UserWarning, inside, 9).startswith(f"{inside}:9:")
     # a real warning issued while the command runs (outside it, it names the caller's line)

@@ -921,12 +921,23 @@ def test_labels_and_masks_that_are_not_whole_numbers_are_refused() -> None:
     listed = chips("segmentation", 3)
     listed["mask"] = listed["mask"].tolist()  # as labels, a list is taken (was AttributeError)
     assert seg.training_step(listed, 0).ndim == 0
+    listed["mask"] = list(torch.tensor(listed["mask"]))  # a list of per-chip tensors
+    listed["valid"] = np.ones((4, 32, 32), dtype=bool)  # an array: was silently ignored
+    listed["valid"][:, :16] = False
+    target = seg._target(listed)
+    assert int((target == seg._ignore_target).sum()) == 4 * 32 * 16
+    wide = small_segmentation()  # a uint32 nodata is named as the integer it is
+    big = chips("segmentation", 3)
+    big["mask"][:, :2] = 4294967295
+    with pytest.raises(ValueError, match=r"holds 4294967295, outside .* set ignore_index="
+                       r"4294967295 \(pixels equal"):  # fmt: skip
+        wide.training_step(big, 0)
     # TorchGeo's mask datasets cast a float raster's NaN to int64 themselves
     cast = chips("segmentation", 3)
     cast["mask"][:, :3] = torch.tensor(float("nan")).long()
     with pytest.raises(
         ValueError,
-        match=r"^the batch's mask holds -9\.22337e\+18, outside the classes 0..2 "
+        match=r"^the batch's mask holds -9223372036854775808, outside the classes 0..2 "
         r"\(num_classes=3\): -9223372036854775808 is what NaN becomes when cast to an integer "
         r".* set ignore_index to it$",
     ):

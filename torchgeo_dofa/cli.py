@@ -1330,7 +1330,7 @@ def _one_line_warnings() -> Iterator[None]:
         line: str | None = None,
     ) -> str:
         if filename.startswith(package):
-            return f"torchgeo-dofa: warning: {message}\n"
+            return f"torchgeo-dofa: warning: {cli_hints(str(message))}\n"
         return default(message, category, filename, lineno, line)
 
     warnings.formatwarning = one_line

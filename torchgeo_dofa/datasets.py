@@ -172,7 +172,7 @@ __all__ = [
 OFFSET_START = date(2022, 1, 25)
 
 #: A Sentinel-2 band name inside a longer description (``B3 (Green)``, ``B04_10m``).
-_S2_TOKEN = re.compile(r"(?<![A-Za-z0-9])B0?(?:1[0-2]|[1-9]|8A)(?![0-9A-Za-z])", re.IGNORECASE)
+_S2_TOKEN = re.compile(r"^\s*B0?(?:1[0-2]|[1-9]|8A)(?![0-9A-Za-z])", re.IGNORECASE)
 
 #: The offset ESA declares for baseline 04.00 and later.
 BASELINE_OFFSET = -1000.0
@@ -349,9 +349,9 @@ class _FileInfo:
         scale = self.scales[band - 1] if self.scales else 1.0
         offset = self.offsets[band - 1] if self.offsets else 0.0
         unit = math.isclose(scale, REFLECTANCE_SCALE, rel_tol=1e-6)
-        if not unit and scale != 1.0:
+        if not unit and not math.isclose(scale, 1.0, rel_tol=1e-6):
             raise ValueError(
-                f"{self.path} declares GDAL scale {scale:g} and offset {offset:g} for band "
+                f"{self.path} declares GDAL scale {scale:.10g} and offset {offset:.10g} for band "
                 f"{band} (value x scale + offset): reflectance x 10000 is scale "
                 f"{REFLECTANCE_SCALE:g} (or 1), and this package removes an offset but does "
                 "not rescale: convert the file to reflectance x 10000 (e.g. gdal_translate "
@@ -359,7 +359,7 @@ class _FileInfo:
             )
         if offset != 0.0:  # 0 is GDAL's default beside a scale: it says nothing
             how = f"GDAL scale {scale:g} / offset {offset:g} of {self.path}"
-            value = round(offset / REFLECTANCE_SCALE, 6) if unit else offset
+            value = offset / scale  # in digital numbers
             return _plausible_offset(value, how, band), how
         tag = self.offset_tags[band - 1] if self.offset_tags else None
         if tag is not None and tag.strip():
@@ -385,17 +385,19 @@ _OFFSET_FIX = (
 def _plausible_offset(value: float, how: str, band: int) -> float:
     """``value`` if it can be an offset of reflectance x 10000 (whole, -10000 .. 0).
 
-    ESA declares -1000 (processing baseline 04.00 on); anything else finite, whole and not
-    positive is taken as declared. A fraction is an offset in reflectance units (-0.1), a
-    positive or huge one a mistake, NaN or infinity would poison every pixel.
+    ESA declares -1000 (processing baseline 04.00 on); anything else finite, whole (within
+    0.001, for offsets stored as float32) and not positive is taken as declared. A fraction
+    is an offset in reflectance units (-0.1), a positive or huge one a mistake, NaN or
+    infinity would poison every pixel.
 
     Raises:
         ValueError: naming the declaration and the fix.
     """
-    if math.isfinite(value) and value == round(value) and -10000 <= value <= 0:
-        return value + 0.0
+    # a float32 offset of -0.1 with scale 0.0001 is -1000.000015 digital numbers
+    if math.isfinite(value) and abs(value - round(value)) < 1e-3 and -10000 <= value <= 0:
+        return round(value) + 0.0
     raise ValueError(
-        f"{how} gives an offset of {value:g} for band {band}, which cannot be one of "
+        f"{how} gives an offset of {value:.10g} for band {band}, which cannot be one of "
         "reflectance x 10000 (a whole number from -10000 to 0; ESA declares -1000 from "
         f"processing baseline 04.00 on): fix the metadata, or {_OFFSET_FIX}"
     )
@@ -1048,12 +1050,12 @@ class Sentinel2Base(RasterDataset):
                     unread.setdefault(scene.key, []).append(name)
         if unread:
             keys = list(unread)
-            shown = ", ".join(repr(n) for n in unread[keys[0]])
-            more = f" (and {len(keys) - 1} more file(s))" if len(keys) > 1 else ""
+            shown = "; ".join(
+                f"{key}: band(s) {', '.join(repr(n) for n in unread[key])}" for key in keys[:3]
+            ) + (f"; and {len(keys) - 3} more file(s)" if len(keys) > 3 else "")
             warn(
-                f"{cls}: {keys[0]}{more}: band(s) {shown} left out, as their descriptions are "
-                "empty or not band names: name every band of the file in file order with "
-                "file_bands=[...] to read them",
+                f"{cls}: {shown} left out, as their descriptions are empty or not band names: "
+                "name every band of the file in file order with file_bands=[...] to read them",
                 UserWarning,
             )
 

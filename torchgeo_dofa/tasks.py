@@ -111,6 +111,9 @@ _NORMALISE_FIX = (
     "classification chips); a TorchGeo data module's own normalisation is not DOFA's"
 )
 
+#: Class counts beyond this are not suggested as a fix (a nodata 65535 is no class).
+_MAX_CLASSES = 2**16
+
 #: What NaN becomes when a float mask is cast to int64 (as TorchGeo's mask datasets do).
 _NAN_AS_INT64 = -(2**63)
 
@@ -134,7 +137,7 @@ def _batch_of_one(norm: str, fix: str) -> str:
 
 def _values(values: Sequence[float], limit: int = 8) -> str:
     """``values`` for a message: ``4, 5`` or, beyond ``limit``, the first ones and the count."""
-    shown = ", ".join(f"{v:g}" for v in values[:limit])
+    shown = ", ".join(str(v) if isinstance(v, int) else f"{v:g}" for v in values[:limit])
     return shown if len(values) <= limit else f"{shown}, ... ({len(values)} values)"
 
 
@@ -146,6 +149,13 @@ def _missing_target(task: str, key: str, batch: Mapping[str, Any], other: str, f
     elif other == "label" and "label" in batch:
         fix = "classification data needs DOFAClassificationTask"
     return f"{task} needs a '{key}' per sample; the batch has {keys}: {fix}"
+
+
+def _tensor(values: Any) -> Tensor:
+    """A batch entry as a tensor: tensors, arrays, nested lists, or a list of per-chip tensors."""
+    if isinstance(values, (list, tuple)) and values and all(isinstance(v, Tensor) for v in values):
+        return torch.stack(list(values))
+    return torch.as_tensor(values)
 
 
 def _class_indices(values: Tensor, what: str, fix: str, keep: Tensor | None = None) -> Tensor:
@@ -873,7 +883,7 @@ class DOFAClassificationTask(_DOFATask):
                     "(task='multilabel') to the samples as 'label'",
                 )
             )
-        label: Tensor = torch.as_tensor(batch["label"])
+        label = _tensor(batch["label"])
         chips, k, kind = batch["image"].shape[0], self.hparams["num_classes"], self.hparams["task"]
         shape = tuple(label.shape)
         if kind == "multiclass":
@@ -923,7 +933,8 @@ class DOFAClassificationTask(_DOFATask):
                         "other with 0 (class indices per chip are multiclass data: use "
                         "task='multiclass')"
                     )
-                fix = f"set num_classes={high + 1} if they are classes, or " if low >= 0 else ""
+                plausible = 0 <= low and high < _MAX_CLASSES
+                fix = f"set num_classes={high + 1} if they are classes, or " if plausible else ""
                 raise ValueError(
                     f"the batch's labels hold {bad}, outside the classes 0..{k - 1} "
                     f"(num_classes={k}): {fix}remap the labels to class indices 0..{k - 1} "
@@ -1337,7 +1348,7 @@ class DOFASegmentationTask(_DOFATask):
                     "with is_image=False)",
                 )
             )
-        mask = torch.as_tensor(batch["mask"])
+        mask = _tensor(batch["mask"])
         if mask.ndim == 4 and mask.shape[1] == 1:
             mask = mask.squeeze(1)
         chips = batch["image"].shape[0]
@@ -1360,7 +1371,8 @@ class DOFASegmentationTask(_DOFATask):
                 "interpolate_pos_embed=True)"
             )
         valid = batch.get("valid")
-        if isinstance(valid, Tensor):
+        if valid is not None:
+            valid = _tensor(valid)
             if valid.numel() != mask.numel():
                 raise ValueError(
                     f"the batch's valid is {tuple(valid.shape)} but its mask is "
@@ -1375,9 +1387,9 @@ class DOFASegmentationTask(_DOFATask):
             "1.5 to class 1): resample mask rasters with nearest neighbour, never bilinear "
             "or averaging (TorchGeo reads is_image=False datasets with nearest), and map a "
             "NaN no-data to ignore_index or mark those pixels False in 'valid'",
-            keep=valid if isinstance(valid, Tensor) else None,
+            keep=valid,
         )
-        if isinstance(valid, Tensor):
+        if valid is not None:
             mask = mask.masked_fill(~valid, self._ignore_target)
         k, ignore = self.hparams["num_classes"], self._ignore_target
         outside = ((mask < 0) | (mask >= k)) & (mask != ignore)
@@ -1412,7 +1424,7 @@ class DOFASegmentationTask(_DOFATask):
                     f"if some mark no-data pixels, map those to ignore_index={given}"
                     + (f" (or set ignore_index={bad})" if len(values) == 1 else "")
                 )
-            if values and min(values) >= 0:
+            if values and min(values) >= 0 and max(values) < _MAX_CLASSES:
                 fixes.append(f"if they are classes, set num_classes={max(values) + 1}")
             setting = f"num_classes={k}" + (f", ignore_index={given}" if given is not None else "")
             raise ValueError(
