@@ -1394,32 +1394,29 @@ class DOFASegmentationTask(_DOFATask):
         k, ignore = self.hparams["num_classes"], self._ignore_target
         outside = ((mask < 0) | (mask >= k)) & (mask != ignore)
         if bool(outside.any()):
-            values = mask[outside].unique().tolist()
-            bad = _values(values)
+            found = mask[outside].unique().tolist()
             given = self.hparams["ignore_index"]
             fixes = []
-            if values[0] == _NAN_AS_INT64:
+            values = [v for v in found if v != _NAN_AS_INT64]
+            if len(values) < len(found):
                 fixes.append(
                     f"{_NAN_AS_INT64} is what NaN becomes when cast to an integer (TorchGeo "
                     "reads is_image=False datasets as int64): write the mask raster as "
                     "integers with a nodata value (e.g. 255) and set ignore_index to it"
                 )
-                values = values[1:]
-                bad = _values(values) if values else bad
-            if not values:
-                pass
-            elif given is None and len(values) == 1:
+            bad = _values(values)
+            if values and given is None and len(values) == 1:
                 fixes.append(
                     f"if {bad} marks no-data pixels, set ignore_index={bad} (pixels equal to "
                     "ignore_index are left out of the loss and metrics; a mask raster's "
                     "nodata value is not ignored by itself)"
                 )
-            elif given is None:
+            elif values and given is None:
                 fixes.append(
                     "if some mark no-data pixels, map those to one value and set ignore_index "
                     "to it (pixels equal to ignore_index are left out of the loss and metrics)"
                 )
-            else:
+            elif values:
                 fixes.append(
                     f"if some mark no-data pixels, map those to ignore_index={given}"
                     + (f" (or set ignore_index={bad})" if len(values) == 1 else "")
@@ -1428,8 +1425,8 @@ class DOFASegmentationTask(_DOFATask):
                 fixes.append(f"if they are classes, set num_classes={max(values) + 1}")
             setting = f"num_classes={k}" + (f", ignore_index={given}" if given is not None else "")
             raise ValueError(
-                f"the batch's mask holds {_values(mask[outside].unique().tolist())}, outside "
-                f"the classes 0..{k - 1} ({setting}): " + "; ".join(fixes)
+                f"the batch's mask holds {_values(found)}, outside the classes 0..{k - 1} "
+                f"({setting}): " + "; ".join(fixes)
             )
         return mask
 
