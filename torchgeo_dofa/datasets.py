@@ -171,9 +171,6 @@ __all__ = [
 #: First acquisition date processed with baseline 04.00 (reflectance stored with +1000).
 OFFSET_START = date(2022, 1, 25)
 
-#: A Sentinel-2 band name inside a longer description (``B3 (Green)``, ``B04_10m``).
-_S2_TOKEN = re.compile(r"^\s*B0?(?:1[0-2]|[1-9]|8A)(?![0-9A-Za-z])", re.IGNORECASE)
-
 #: The offset ESA declares for baseline 04.00 and later.
 BASELINE_OFFSET = -1000.0
 
@@ -1045,7 +1042,7 @@ class Sentinel2Base(RasterDataset):
                 if (untitled and not (i < len(alpha) and alpha[i])) or (
                     name not in SENTINEL2_BANDS
                     and split_date_copy(name)[1] is None  # B4_1: another date, skipped
-                    and _S2_TOKEN.search(name)
+                    and _starts_with_a_band(name)
                 ):
                     unread.setdefault(scene.key, []).append(name)
         if unread:
@@ -2801,6 +2798,12 @@ def canonical_crs(crs: Any) -> CRS:
         ) from None
     epsg = parsed.to_epsg()
     return CRS.from_epsg(epsg) if epsg else parsed
+
+
+def _starts_with_a_band(description: str) -> bool:
+    """Whether a description's first word is a Sentinel-2 band (``B3 (Green)``, ``B04_10m``)."""
+    first = re.match(r"\s*([0-9A-Za-z]+)", description)
+    return first is not None and canonical_band(first[1]) in SENTINEL2_BANDS
 
 
 def _offset_tags(src: DatasetReader) -> tuple[str | None, ...]:
