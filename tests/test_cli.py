@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import rasterio
 import torch
+from pyproj import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window, from_bounds
 
@@ -1325,19 +1326,45 @@ def test_multidate_stack_without_descriptions_embeds_one_date(
 
 
 def _write_one_chip_scene(
-    path: Path, data: np.ndarray, descriptions: tuple[str, ...] | None = None
+    path: Path,
+    data: np.ndarray,
+    descriptions: tuple[str, ...] | None = None,
+    crs: str = "EPSG:32633",
 ) -> Path:
-    """Write ``data`` (C, 224, 224) as a one-chip UTM 33N GeoTIFF at 10 m."""
+    """Write ``data`` (C, 224, 224) as a one-chip GeoTIFF at 10 m (UTM 33N unless ``crs``)."""
     from rasterio.transform import from_origin
 
     with rasterio.open(
         path, "w", driver="GTiff", width=224, height=224, count=data.shape[0],
-        dtype=data.dtype, crs="EPSG:32633", transform=from_origin(500000, 5000000, 10, 10),
+        dtype=data.dtype, crs=crs, transform=from_origin(500000, 5000000, 10, 10),
     ) as dst:  # fmt: skip
         dst.write(data)
         if descriptions is not None:
             dst.descriptions = descriptions
     return path
+
+
+def test_a_crs_without_an_epsg_code_is_written_as_it_is(tmp_path, capsys) -> None:
+    """A transverse Mercator on GRS80 with no datum was written out as EPSG:25833 (ETRS89 /
+    UTM 33N, the closest code at 70 % confidence): the outputs relabelled the file's datum."""
+    tmerc = "+proj=tmerc +lat_0=0 +lon_0=15 +k=0.9996 +x_0=500000 +y_0=0 +ellps=GRS80 +units=m"
+    data = np.full((4, 224, 224), 1500, dtype=np.uint16)
+    scene = _write_one_chip_scene(tmp_path / "s.tif", data, ("B2", "B3", "B4", "B8"), tmerc)
+    out = tmp_path / "e.tif"
+    assert main(["embed", str(scene), "-o", str(out), "--weights", "none", "--no-progress"]) == 0
+    want = CRS.from_user_input(tmerc)
+    with rasterio.open(out) as grid:
+        assert CRS.from_user_input(grid.crs.to_wkt()).equals(want)
+    assert gpd.read_parquet(out.with_suffix(".parquet")).crs.equals(want)
+    # a CRS with an equivalent code keeps its code, however spelled (the same job resumes)
+    utm = CRS.from_epsg(32633).to_wkt("WKT1_ESRI")
+    esri = _write_one_chip_scene(tmp_path / "esri.tif", data, ("B2", "B3", "B4", "B8"), utm)
+    common = ["-o", str(tmp_path / "u.tif"), "--weights", "none", "--seed", "0", "--no-progress"]
+    assert main(["embed", str(esri), *common]) == 0
+    with rasterio.open(tmp_path / "u.tif") as grid:
+        assert grid.crs.to_epsg(confidence_threshold=100) == 32633
+    assert main(["embed", str(esri), *common, "--crs", "EPSG:32633"]) == 0
+    assert "(1 already done)" in capsys.readouterr().out.splitlines()[-1]
 
 
 def test_13_band_stack_without_descriptions(tmp_path, base_checkpoint) -> None:

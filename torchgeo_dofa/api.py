@@ -107,7 +107,7 @@ from .datasets import (
 from .embedder import DOFAEmbedder
 from .gee import DEFAULT_COLLECTION, GEEUnavailableError, build_gee_request, fetch_gee_pixels
 from .model import PooledNorm, canonical_variant
-from .spatial import BBox, PointBuffer, Region
+from .spatial import BBox, PointBuffer, Region, exact_epsg
 from .stac import StacUnavailableError
 from .transforms import INPUT_PREPS, DOFAPreprocess, as_float32, nodata_mask
 from .weights import env_setting
@@ -800,7 +800,7 @@ def open_local(paths: PathsLike, sensor: SensorSpec | None = None) -> Sentinel2B
 
 
 def _crs_name(crs: CRS) -> str:
-    epsg = crs.to_epsg()
+    epsg = exact_epsg(crs)
     return f"EPSG:{epsg}" if epsg else crs.to_wkt()
 
 

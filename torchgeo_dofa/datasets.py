@@ -135,6 +135,7 @@ from torchgeo_dofa.bands import (
     stac_asset_band,
 )
 from torchgeo_dofa.runtime import gdal_env
+from torchgeo_dofa.spatial import exact_epsg
 from torchgeo_dofa.transforms import (
     CONVENTIONAL_FILLS,
     NODATA_FLOOR,
@@ -662,10 +663,9 @@ class Sentinel2Base(RasterDataset):
         if crs is None:
             if first.crs is None:
                 raise ValueError(f"{first.path} has no CRS: pass crs=")
-            epsg = first.crs.to_epsg()
-            crs = CRS.from_epsg(epsg) if epsg else CRS.from_user_input(first.crs.to_wkt())
+            crs = first.crs.to_wkt()
         dst_crs = canonical_crs(crs)
-        epsg = dst_crs.to_epsg()
+        epsg = exact_epsg(dst_crs)
         self._dst_rio_crs = RIO_CRS.from_epsg(epsg) if epsg else RIO_CRS.from_wkt(dst_crs.to_wkt())
         grids = {
             path: self._grid(infos[path], self._dst_rio_crs)
@@ -824,7 +824,7 @@ class Sentinel2Base(RasterDataset):
             return
         self.index.to_crs(new_crs, inplace=True)
         self._per_index = None  # new footprints (to_crs's new geometry array says so as well)
-        epsg = new_crs.to_epsg()
+        epsg = exact_epsg(new_crs)
         self._dst_rio_crs = RIO_CRS.from_epsg(epsg) if epsg else RIO_CRS.from_wkt(new_crs.to_wkt())
         self._close()
 
@@ -2796,7 +2796,7 @@ def canonical_crs(crs: Any) -> CRS:
             f"unknown CRS {crs!r} ({err}): give an EPSG code such as EPSG:32633, a PROJ "
             "string or WKT"
         ) from None
-    epsg = parsed.to_epsg()
+    epsg = exact_epsg(parsed)
     return CRS.from_epsg(epsg) if epsg else parsed
 
 

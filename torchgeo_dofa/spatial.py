@@ -37,6 +37,7 @@ __all__ = [
     "PointBuffer",
     "Region",
     "RegionGrid",
+    "exact_epsg",
     "read_points",
     "region_to_crs",
     "region_window",
@@ -456,6 +457,29 @@ def _read_points_vector(
     return coords, props, where
 
 
+def exact_epsg(crs: object) -> int | None:
+    """The EPSG code of a CRS only where the code's definition is the same CRS.
+
+    ``to_epsg()`` alone answers with the closest code at 70 % confidence: a transverse
+    Mercator on GRS80 with an unknown datum comes back as EPSG:25833 (ETRS89 / UTM 33N), and
+    writing that code would relabel the file's datum. The code is kept only where PROJ finds
+    its definition equivalent to the CRS (names, WKT flavour and axis order aside), so an
+    ESRI or GDAL WKT of UTM 33N still gives 32633.
+
+    Args:
+        crs: anything ``pyproj.CRS.from_user_input`` takes (a rasterio CRS, WKT, a PROJ
+            string, ``"EPSG:32633"``).
+
+    Returns:
+        The EPSG code, or None where the CRS has no equivalent one.
+    """
+    parsed = CRS.from_user_input(crs)
+    epsg = parsed.to_epsg()
+    if epsg is None or not CRS.from_epsg(epsg).equals(parsed, ignore_axis_order=True):
+        return None
+    return int(epsg)
+
+
 def utm_epsg(lon: float, lat: float) -> int:
     """EPSG code of the WGS 84 UTM zone holding a point (no Norway/Svalbard exceptions).
 
@@ -515,7 +539,7 @@ def utm_region_grid(region: Region, resolution: float, crs: str | int | None = N
         centre = region.centroid
         lon, lat = float(centre.x), float(centre.y)
     target = CRS.from_user_input(crs if crs is not None else utm_epsg(lon, lat))
-    epsg = target.to_epsg()
+    epsg = exact_epsg(target)
     xs, ys = region_window(region, target, (resolution, resolution), (0.0, 0.0))
     width = max(1, round((xs.stop - xs.start) / resolution))
     height = max(1, round((ys.stop - ys.start) / resolution))
