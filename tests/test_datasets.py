@@ -830,6 +830,12 @@ def test_bands_left_out_of_the_default_choice_are_named(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # asked for: no warning
         assert Sentinel2SR(tmp_path / "tiles", bands=["B4", "B3"]).bands == ("B4", "B3")
+    # a tile describing B3 in words has B3: one warning (its description), not also "lacks B3"
+    _described_tif(tmp_path / "worded" / "a.tif", ["B4", "B3", "B2"])
+    _described_tif(tmp_path / "worded" / "b.tif", ["B4", "B3 (Green)", "B2"], x0=500160)
+    with pytest.warns(UserWarning) as caught:
+        assert Sentinel2SR(tmp_path / "worded").bands == ("B2", "B4")
+    assert len(caught) == 1 and "b.tif: band(s) 'B3 (Green)' left out" in str(caught[0].message)
     odd = _described_tif(tmp_path / "odd.tif", ["B4 (Red)", "B3 (Green)"])
     with pytest.raises(BandError, match=r"name every band in file order with file_bands="):
         Sentinel2SR(odd)

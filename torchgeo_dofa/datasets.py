@@ -1012,11 +1012,26 @@ class Sentinel2Base(RasterDataset):
         alpha bands are not spectral and go without a word.
         """
         cls = self.__class__.__name__
+        unread: dict[str, list[str]] = {}  # file -> its bands of unknown or unread names
+        for scene in scenes:
+            if scene.layout != "multiband" or scene.named_by_bands:
+                continue
+            alpha = self._infos[scene.key].alpha
+            for i, name in enumerate(scene.names):
+                untitled = re.fullmatch(r"band\d+", name) is not None
+                if (untitled and not (i < len(alpha) and alpha[i])) or (
+                    name not in SENTINEL2_BANDS
+                    and split_date_copy(name)[1] is None  # B4_1: another date, skipped
+                    and _leading_band(name) is not None
+                ):
+                    unread.setdefault(scene.key, []).append(name)
         lacking: dict[str, list[str]] = {}  # scene -> the bands others have and it lacks
         for b in SENTINEL2_BANDS:
             if b not in common and any(b in s.names for s in scenes):
                 for scene in scenes:
-                    if b not in scene.names:
+                    # a tile describing B3 as 'B3 (Green)' has it: the second warning says so
+                    worded = {_leading_band(n) for n in unread.get(scene.key, [])}
+                    if b not in scene.names and b not in worded:
                         lacking.setdefault(scene.key, []).append(b)
         if lacking:
             keys = list(lacking)
@@ -1032,19 +1047,6 @@ class Sentinel2Base(RasterDataset):
                 "apart, or pass bands=[...] and the paths of the scenes that have them",
                 UserWarning,
             )
-        unread: dict[str, list[str]] = {}  # file -> its bands of unknown or unread names
-        for scene in scenes:
-            if scene.layout != "multiband" or scene.named_by_bands:
-                continue
-            alpha = self._infos[scene.key].alpha
-            for i, name in enumerate(scene.names):
-                untitled = re.fullmatch(r"band\d+", name) is not None
-                if (untitled and not (i < len(alpha) and alpha[i])) or (
-                    name not in SENTINEL2_BANDS
-                    and split_date_copy(name)[1] is None  # B4_1: another date, skipped
-                    and _starts_with_a_band(name)
-                ):
-                    unread.setdefault(scene.key, []).append(name)
         if unread:
             keys = list(unread)
             shown = "; ".join(
@@ -2800,10 +2802,12 @@ def canonical_crs(crs: Any) -> CRS:
     return CRS.from_epsg(epsg) if epsg else parsed
 
 
-def _starts_with_a_band(description: str) -> bool:
-    """Whether a description's first word is a Sentinel-2 band (``B3 (Green)``, ``B04_10m``)."""
+def _leading_band(description: str) -> str | None:
+    """The Sentinel-2 band a description's first word names (``B3 (Green)``: ``B3``;
+    ``B04_10m``: ``B4``), else None."""
     first = re.match(r"\s*([0-9A-Za-z]+)", description)
-    return first is not None and canonical_band(first[1]) in SENTINEL2_BANDS
+    band = canonical_band(first[1]) if first is not None else None
+    return band if band in SENTINEL2_BANDS else None
 
 
 def _offset_tags(src: DatasetReader) -> tuple[str | None, ...]:
