@@ -107,6 +107,7 @@ from .datasets import (
 from .embedder import DOFAEmbedder
 from .gee import DEFAULT_COLLECTION, GEEUnavailableError, build_gee_request, fetch_gee_pixels
 from .model import PooledNorm, canonical_variant
+from .runtime import resolve_accelerator
 from .spatial import BBox, PointBuffer, Region, exact_epsg
 from .stac import StacUnavailableError
 from .transforms import INPUT_PREPS, DOFAPreprocess, as_float32, nodata_mask
@@ -448,7 +449,7 @@ def infer_batch_size(device: str | torch.device) -> int:
 
 def _resolve_device(device: str | torch.device | None) -> str:
     if device is None or str(device).strip().lower() == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_accelerator("auto")  # the CLI's --device auto: CUDA, MPS, else the CPU
     try:  # case-insensitive, as the CLI's --device
         resolved = torch.device(str(device).strip().lower())
     except RuntimeError as err:
@@ -463,8 +464,8 @@ def _resolve_device(device: str | torch.device | None) -> str:
         if count == 0 or (resolved.index is not None and resolved.index >= count):
             seen = "no CUDA GPU" if count == 0 else f"{count} CUDA GPU(s) (cuda:0..{count - 1})"
             raise ModelError(
-                f"device {device!r}: PyTorch sees {seen} here: use device='auto' (CUDA when "
-                "available, else the CPU), 'cpu' or an existing GPU"
+                f"device {device!r}: PyTorch sees {seen} here: use device='auto' (the GPU "
+                "PyTorch finds, else the CPU), 'cpu' or an existing GPU"
             )
     return str(resolved)
 
@@ -1309,7 +1310,8 @@ def get_embedding(
             dataset's default bands; required for ``tensor``.
         output: ``OutputSpec.pooled()`` (default) or ``OutputSpec.grid()``.
         backend: ``"auto"``, ``"tensor"``, ``"local"`` or ``"gee"`` (see the module docs).
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
+        device: ``"auto"`` (CUDA, else Apple's MPS, else the CPU, as the CLI's
+            ``--device auto``), ``"cpu"``, ``"cuda[:N]"``, ``"mps"``.
         input_chw: raw (C, H, W) surface reflectance 0..10000 (``tensor``); NaN and
             ``nodata`` pixels are missing data.
         variant: ``"base"`` (default) / ``"large"`` (or ``"b"`` / ``"l"``).
