@@ -14,6 +14,7 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape
 
 import geopandas as gpd
 import lightning.pytorch as pl
@@ -828,6 +829,40 @@ def test_mixed_crs_region_is_an_error(tmp_path, capsys) -> None:
     assert "mixed CRS" in capsys.readouterr().err
 
 
+def test_one_crs_spelled_twice_is_one_region_and_a_local_crs_is_one_line(tmp_path, capsys) -> None:
+    """Files whose CRS is the same but written differently (an ESRI WKT in a .aux.xml) were
+    refused as 'mixed CRS (EPSG:32633 ...; EPSG:32633 ...)'; a local (engineering) CRS with
+    --bbox or --crs ended in a PROJ / GDAL traceback."""
+    folder = tmp_path / "spelled"
+    folder.mkdir()
+    data = np.full((4, 224, 224), 1500, dtype=np.uint16)
+    a = _write_one_chip_scene(folder / "a.tif", data, ("B2", "B3", "B4", "B8"))
+    b = shutil.copy(a, folder / "b.tif")
+    with rasterio.open(b, "r+") as dst:
+        dst.transform = Affine(10, 0, 502240, 0, -10, 5000000)  # the tile east of a
+    esri = CRS.from_epsg(32633).to_wkt("WKT1_ESRI")
+    Path(f"{b}.aux.xml").write_text(f"<PAMDataset><SRS>{escape(esri)}</SRS></PAMDataset>")
+    with rasterio.open(b) as src:
+        assert src.crs.to_wkt() != rasterio.open(a).crs.to_wkt()  # two spellings indeed
+    out = tmp_path / "two.tif"
+    assert main(["embed", str(folder), "-o", str(out), "--weights", "none", "--no-progress"]) == 0
+    with rasterio.open(out) as grid:
+        assert grid.crs.to_epsg() == 32633 and grid.width == 28  # both tiles, one region
+    local = _write_one_chip_scene(
+        tmp_path / "local.tif", data, ("B2", "B3", "B4", "B8"), 'LOCAL_CS["site",UNIT["metre",1]]'
+    )
+    for extra, flag in (
+        (["--bbox", "13.6", "48.2", "13.7", "48.3"], "bbox"),
+        (["--crs", "EPSG:32633"], "crs"),
+    ):
+        capsys.readouterr()
+        assert main(["embed", str(local), "-o", str(tmp_path / flag), *extra]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / flag).exists(), err
+        assert "cannot transform coordinates from" in err and "Engineering CRS 'site'" in err
+        assert "a local CRS is not tied to the Earth" in err and "gdal_edit.py -a_srs" in err
+
+
 def test_preview_png(tmp_path, reference_run) -> None:
     out = tmp_path / "p.png"
     assert main(["preview", str(reference_run / "ftw_s2_l2a_33N_grid.tif"), "-o", str(out)]) == 0
@@ -1351,11 +1386,20 @@ def test_a_crs_without_an_epsg_code_is_written_as_it_is(tmp_path, capsys) -> Non
     data = np.full((4, 224, 224), 1500, dtype=np.uint16)
     scene = _write_one_chip_scene(tmp_path / "s.tif", data, ("B2", "B3", "B4", "B8"), tmerc)
     out = tmp_path / "e.tif"
-    assert main(["embed", str(scene), "-o", str(out), "--weights", "none", "--no-progress"]) == 0
+    job = ["embed", str(scene), "-o", str(out), "--weights", "none", "--seed", "0", "--no-progress"]
+    assert main(job) == 0
     want = CRS.from_user_input(tmerc)
     with rasterio.open(out) as grid:
         assert CRS.from_user_input(grid.crs.to_wkt()).equals(want)
     assert gpd.read_parquet(out.with_suffix(".parquet")).crs.equals(want)
+    # the job manifest recorded EPSG:25833 too: a rerun in ETRS89 was taken as the same job
+    capsys.readouterr()
+    assert main([*job, "--crs", "EPSG:25833"]) == 2
+    err = capsys.readouterr().err
+    utm = "+proj=utm +zone=33 +ellps=GRS80 +units=m +no_defs"  # the file's CRS, by its PROJ name
+    assert f"another job's results: crs was {utm}, now EPSG:25833;" in err
+    assert main([*job, "--crs", tmerc]) == 0  # the file's own CRS, spelled otherwise: resumed
+    assert "(1 already done)" in capsys.readouterr().out.splitlines()[-1]
     # a CRS with an equivalent code keeps its code, however spelled (the same job resumes)
     utm = CRS.from_epsg(32633).to_wkt("WKT1_ESRI")
     esri = _write_one_chip_scene(tmp_path / "esri.tif", data, ("B2", "B3", "B4", "B8"), utm)

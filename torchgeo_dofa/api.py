@@ -108,7 +108,7 @@ from .embedder import DOFAEmbedder
 from .gee import DEFAULT_COLLECTION, GEEUnavailableError, build_gee_request, fetch_gee_pixels
 from .model import PooledNorm, canonical_variant
 from .runtime import resolve_accelerator
-from .spatial import BBox, PointBuffer, Region, exact_epsg
+from .spatial import BBox, PointBuffer, Region, crs_label, crs_name
 from .stac import StacUnavailableError
 from .transforms import INPUT_PREPS, DOFAPreprocess, as_float32, nodata_mask
 from .weights import env_setting
@@ -800,11 +800,6 @@ def open_local(paths: PathsLike, sensor: SensorSpec | None = None) -> Sentinel2B
     return dataset
 
 
-def _crs_name(crs: CRS) -> str:
-    epsg = exact_epsg(crs)
-    return f"EPSG:{epsg}" if epsg else crs.to_wkt()
-
-
 def _region_label(spatial: Region) -> str:
     """A short name for a region in messages (a long geometry's WKT is not shown)."""
     if isinstance(spatial, PointBuffer | BBox):
@@ -911,7 +906,7 @@ def _prepare_local(
         when = f" between {temporal.start} and {temporal.end}" if temporal else ""
         raise LookupError(
             f"no scene of the local data overlaps {spatial}{when} (data bounds "
-            f"{[round(float(b), 3) for b in bounds]} in {_crs_name(crs)})"
+            f"{[round(float(b), 3) for b in bounds]} in {crs_label(crs)})"
         ) from err
     prepared = _prepare(
         raw["image"],
@@ -927,7 +922,7 @@ def _prepare_local(
         {
             "source": files,  # the files the chip's pixels came from
             "dataset": type(ds).__name__,
-            "crs": _crs_name(crs),
+            "crs": crs_name(crs),
             "transform": [float(v) for v in raw["transform"][:6]],
             "bounds": [float(xs.start), float(ys.start), float(xs.stop), float(ys.stop)],
             "temporal": None if temporal is None else [temporal.start, temporal.end],

@@ -64,7 +64,16 @@ from torchgeo_dofa.datasets import (
     unreadable_input,
 )
 from torchgeo_dofa.runtime import decimated_read, gdal_cache_bytes, gdal_worker_init
-from torchgeo_dofa.spatial import WGS84, BBox, PointBuffer, Region, region_to_crs, region_window
+from torchgeo_dofa.spatial import (
+    WGS84,
+    BBox,
+    PointBuffer,
+    Region,
+    crs_label,
+    region_to_crs,
+    region_window,
+    transformer,
+)
 from torchgeo_dofa.transforms import INPUT_PREPS
 from torchgeo_dofa.writers import GridGeometry
 
@@ -317,7 +326,7 @@ class RegionSampler(GeoSampler):
         if outside:
             raise ValueError(
                 f"{len(outside)} region(s) fall outside every raster of the dataset "
-                f"(CRS {dataset.crs.to_string()}): {', '.join(outside)}"
+                f"(CRS {crs_label(dataset.crs)}): {', '.join(outside)}"
             )
         self._length = len(self.chips)
 
@@ -381,7 +390,7 @@ class ChipGridSampler(GeoSampler):
             if not roi.intersects(footprint):
                 raise ValueError(
                     f"the region of interest {roi.bounds} does not overlap the rasters "
-                    f"(CRS {dataset.crs.to_string()}, bounds {(x0, y0, x1, y1)})"
+                    f"(CRS {crs_label(dataset.crs)}, bounds {(x0, y0, x1, y1)})"
                 )
             footprint = footprint.intersection(roi)
         bx0, by0, bx1, by1 = (float(v) for v in footprint.bounds)
@@ -736,15 +745,13 @@ class DOFAPredictDataModule(GeoDataModule):
         except ValueError as err:
             if roi is None:
                 raise
-            from pyproj import Transformer
-
             x0, y0, x1, y1 = (float(v) for v in dataset.index.total_bounds)
-            to_wgs84 = Transformer.from_crs(dataset.crs, WGS84, always_xy=True)
+            to_wgs84 = transformer(dataset.crs, WGS84)
             lon0, lat0, lon1, lat1 = to_wgs84.transform_bounds(x0, y0, x1, y1)
             raise ValueError(
                 f"the region of interest {self.roi} does not overlap the rasters, which cover "
                 f"lon {lon0:.5f}..{lon1:.5f}, lat {lat0:.5f}..{lat1:.5f} (EPSG:4326; "
-                f"{dataset.crs.to_string()} bounds {[round(v, 1) for v in (x0, y0, x1, y1)]})"
+                f"{crs_label(dataset.crs)} bounds {[round(v, 1) for v in (x0, y0, x1, y1)]})"
             ) from err
 
     def grid_geometry(self) -> GridGeometry:

@@ -135,7 +135,13 @@ from torchgeo_dofa.bands import (
     stac_asset_band,
 )
 from torchgeo_dofa.runtime import gdal_env
-from torchgeo_dofa.spatial import exact_epsg
+from torchgeo_dofa.spatial import (
+    crs_label,
+    crs_name,
+    exact_epsg,
+    same_crs,
+    transformer,
+)
 from torchgeo_dofa.transforms import (
     CONVENTIONAL_FILLS,
     NODATA_FLOOR,
@@ -780,7 +786,7 @@ class Sentinel2Base(RasterDataset):
             {(self._needs_vrt(i), tuple(sorted(self._extra_nodata(i)))) for i in infos}
         )
         return {
-            "crs": self._dst_rio_crs.to_string(),  # as warped to: EPSG:32633 however given
+            "crs": crs_name(self._dst_rio_crs),  # as warped to: EPSG:32633 however given
             "bands_read": ", ".join(self.bands),
             "res": repr(tuple(self._res)),
             "resampling": self.resampling.name,
@@ -1137,6 +1143,8 @@ class Sentinel2Base(RasterDataset):
         sign of a negative pixel width (a file mirrored east-west, or rotated by 180 degrees)
         in its suggestion; that grid is turned east-up here over the same bounds.
         """
+        if info.crs is not None and info.crs != dst_crs:
+            transformer(info.crs.to_wkt(), dst_crs.to_wkt())  # a local CRS: one sentence
         if not _north_up(info.transform):
             with (
                 rasterio.open(info.path) as src,
@@ -1798,7 +1806,7 @@ class Sentinel2Base(RasterDataset):
             A short description.
         """
         return (
-            f"{self.__class__.__name__}(bands={list(self.bands)}, crs={self.crs.to_string()}, "
+            f"{self.__class__.__name__}(bands={list(self.bands)}, crs={crs_label(self.crs)}, "
             f"res={self.res}, scenes={len(self)})"
         )
 
@@ -2803,8 +2811,10 @@ def canonical_crs(crs: Any) -> CRS:
 
 
 def _leading_band(description: str) -> str | None:
-    """The Sentinel-2 band a description's first word names (``B3 (Green)``: ``B3``;
-    ``B04_10m``: ``B4``), else None."""
+    """The Sentinel-2 band a description's first word names, else None.
+
+    ``B3 (Green)`` gives ``B3``, ``B04_10m`` ``B4``, ``SR_B4`` None.
+    """
     first = re.match(r"\s*([0-9A-Za-z]+)", description)
     band = canonical_band(first[1]) if first is not None else None
     return band if band in SENTINEL2_BANDS else None
@@ -2901,16 +2911,19 @@ def _one_crs(
     if crs is not None:
         target = RIO_CRS.from_wkt(canonical_crs(crs).to_wkt())
         bounds = [
-            b if c is None else transform_bounds(RIO_CRS.from_wkt(c), target, *b)
+            b
+            if c is None or same_crs(c, target.to_wkt())
+            else _transform_bounds(RIO_CRS.from_wkt(c), target, b)
             for c, b in zip(crss.values(), bounds, strict=True)
         ]
         crss = dict.fromkeys(crss, target.to_wkt())
-    if len(set(crss.values())) > 1:
-        groups: dict[str | None, list[str]] = {}
-        for path, wkt in crss.items():
-            groups.setdefault(wkt, []).append(os.path.basename(path))
+    groups: dict[str | None, list[str]] = {}  # one CRS however spelled (ESRI or GDAL WKT)
+    for path, wkt in crss.items():
+        key = next((k for k in groups if same_crs(k, wkt)), wkt)
+        groups.setdefault(key, []).append(os.path.basename(path))
+    if len(groups) > 1:
         listing = "; ".join(  # per CRS: how many files, the first two named
-            f"{RIO_CRS.from_wkt(wkt).to_string() if wkt else 'no CRS'}: {len(files)} file"
+            f"{crs_label(wkt) if wkt else 'no CRS'}: {len(files)} file"
             f"{'s' if len(files) > 1 else ''} ({', '.join(files[:2])}"
             f"{', ...' if len(files) > 2 else ''})"
             for wkt, files in groups.items()
@@ -2927,6 +2940,19 @@ def _one_crs(
         max(b[3] for b in bounds),
     )
     return next(iter(crss.values())), union
+
+
+def _transform_bounds(
+    src: RIO_CRS, dst: RIO_CRS, bounds: tuple[float, float, float, float]
+) -> tuple[float, float, float, float]:
+    """Bounds in another CRS (rasterio's ``transform_bounds``), failing in one sentence.
+
+    Raises:
+        CRSTransformError: as :func:`~torchgeo_dofa.spatial.transformer` (a local CRS).
+    """
+    transformer(src.to_wkt(), dst.to_wkt())  # a local CRS: one sentence, not GDAL's dump
+    west, south, east, north = transform_bounds(src, dst, *bounds)
+    return west, south, east, north
 
 
 def _direct_read(

@@ -41,7 +41,7 @@ from typing import Any, Self
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
-from pyproj import CRS, Transformer
+from pyproj import CRS
 from shapely.geometry import Point, box
 from shapely.geometry.base import BaseGeometry
 
@@ -58,7 +58,7 @@ from .locks import (  # defined there (no PyTorch needed); importable from here 
     is_launcher,
     mark_launcher,
 )
-from .spatial import WGS84, PointBuffer
+from .spatial import WGS84, PointBuffer, transformer
 from .weights import resolve_weights, sha256_file
 from .writers import (
     atomic_write,
@@ -765,7 +765,7 @@ def check_points(
     for name, (crs, footprint) in footprints.items():
         geom = footprint if isinstance(footprint, BaseGeometry) else box(*footprint)
         target = CRS.from_user_input(crs)
-        to_crs = Transformer.from_crs(WGS84, target, always_xy=True)
+        to_crs = transformer(WGS84, target)
         xs, ys = to_crs.transform([p.lon for p in points], [p.lat for p in points])
         hits = [
             i

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +35,19 @@ from shapely.geometry.base import BaseGeometry
 
 __all__ = [
     "BBox",
+    "CRSTransformError",
     "PointBuffer",
     "Region",
     "RegionGrid",
+    "crs_label",
+    "crs_name",
     "exact_epsg",
     "read_points",
     "region_to_crs",
     "region_window",
+    "same_crs",
     "transform_geometry",
+    "transformer",
     "utm_epsg",
     "utm_region_grid",
 ]
@@ -92,7 +98,7 @@ class PointBuffer:
             ``(cx, cy, width, height)`` in the target CRS's units.
         """
         target = CRS.from_user_input(crs)
-        to_target = pyproj.Transformer.from_crs(WGS84, target, always_xy=True)
+        to_target = transformer(WGS84, target)
         cx, cy = to_target.transform(self.lon, self.lat)
         unit = _metres_per_unit(target)
         if unit is not None:
@@ -115,7 +121,7 @@ class PointBuffer:
         )
         b = self.buffer_m
         square = shapely.segmentize(shapely.box(-b, -b, b, b), max_segment_length=b / 8)
-        to_target = pyproj.Transformer.from_crs(local, CRS.from_user_input(crs), always_xy=True)
+        to_target = transformer(local, crs)
         return transform_geometry(square, to_target)
 
 
@@ -286,8 +292,7 @@ def _reproject(geometry: BaseGeometry, src: CRS, dst: CRS) -> BaseGeometry:
     span = max(xmax - xmin, ymax - ymin)
     if span > 0:
         geometry = shapely.segmentize(geometry, max_segment_length=span / 32)
-    transformer = pyproj.Transformer.from_crs(src, dst, always_xy=True)
-    return transform_geometry(geometry, transformer)
+    return transform_geometry(geometry, transformer(src, dst))
 
 
 #: Coordinate column pairs of a points CSV, in order of preference (matched case-insensitively).
@@ -480,6 +485,113 @@ def exact_epsg(crs: object) -> int | None:
     return int(epsg)
 
 
+def crs_name(crs: object) -> str:
+    """A CRS as text that names no other CRS: ``EPSG:<code>`` (:func:`exact_epsg`), else WKT.
+
+    rasterio's and pyproj's ``to_string()`` answer with the nearest EPSG code, which
+    relabels a CRS without one (a transverse Mercator on GRS80 with no datum reads
+    ``EPSG:25833``): this is what job identities and output metadata record instead.
+
+    Args:
+        crs: anything ``pyproj.CRS.from_user_input`` takes.
+
+    Returns:
+        ``"EPSG:32633"``, or the CRS's WKT.
+    """
+    parsed = CRS.from_user_input(crs)
+    epsg = exact_epsg(parsed)
+    return f"EPSG:{epsg}" if epsg else parsed.to_wkt()
+
+
+def crs_label(crs: object) -> str:
+    """A short name of a CRS for messages.
+
+    Args:
+        crs: anything ``pyproj.CRS.from_user_input`` takes.
+
+    Returns:
+        ``EPSG:<code>`` where exact (:func:`exact_epsg`), else its PROJ string, else (a
+        local CRS has none) its kind and name, ``Engineering CRS 'arbitrary'``.
+    """
+    parsed = CRS.from_user_input(crs)
+    epsg = exact_epsg(parsed)
+    if epsg:
+        return f"EPSG:{epsg}"
+    with warnings.catch_warnings():  # PROJ strings drop details (datum names): only a label
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            proj = None if parsed.is_engineering else parsed.to_proj4()
+        except pyproj.exceptions.CRSError:
+            proj = None
+    return proj.replace(" +type=crs", "") if proj else f"{parsed.type_name} {parsed.name!r}"
+
+
+def same_crs(a: object, b: object) -> bool:
+    """Whether two CRSs, however spelled (EPSG code, PROJ string, any WKT), are the same.
+
+    Args:
+        a: anything ``pyproj.CRS.from_user_input`` takes (or None: no CRS).
+        b: the same.
+
+    Returns:
+        True for equal text, or two CRSs PROJ finds equivalent (axis order aside); False
+        where either cannot be parsed.
+    """
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    try:
+        return bool(CRS.from_user_input(a).equals(CRS.from_user_input(b), ignore_axis_order=True))
+    except pyproj.exceptions.CRSError:
+        return False
+
+
+class CRSTransformError(ValueError):
+    """Coordinates cannot be transformed between two CRSs (e.g. a local CRS and EPSG:4326)."""
+
+
+def transformer(src: object, dst: object) -> pyproj.Transformer:
+    """``pyproj.Transformer.from_crs(src, dst, always_xy=True)``, failing in one sentence.
+
+    Args:
+        src: the source CRS (anything ``pyproj.CRS.from_user_input`` takes).
+        dst: the target CRS.
+
+    Returns:
+        The transformer (x, y order: longitude first for geographic CRSs).
+
+    Raises:
+        CRSTransformError: where PROJ finds no transformation (a local / engineering CRS has
+            none to longitude / latitude or to another CRS), naming both CRSs and the fixes.
+    """
+    source, target = CRS.from_user_input(src), CRS.from_user_input(dst)
+    try:
+        return pyproj.Transformer.from_crs(source, target, always_xy=True)
+    except pyproj.exceptions.ProjError as err:
+        raise CRSTransformError(crs_transform_problem(source, target, err)) from None
+
+
+def crs_transform_problem(src: object, dst: object, err: BaseException) -> str:
+    """The message of :class:`CRSTransformError` (also for GDAL's own failures to warp).
+
+    Args:
+        src: the source CRS.
+        dst: the target CRS.
+        err: PROJ's or GDAL's error.
+
+    Returns:
+        One sentence naming both CRSs, why, and the fixes.
+    """
+    local = any(CRS.from_user_input(c).is_engineering for c in (src, dst))
+    why = "a local CRS is not tied to the Earth" if local else str(err).splitlines()[0]
+    return (
+        f"cannot transform coordinates from {crs_label(src)} to {crs_label(dst)} ({why}): give "
+        "the files their real CRS (gdal_edit.py -a_srs EPSG:<code>), or embed them whole in "
+        "their own CRS (no bbox, points or crs=)"
+    )
+
+
 def utm_epsg(lon: float, lat: float) -> int:
     """EPSG code of the WGS 84 UTM zone holding a point (no Norway/Svalbard exceptions).
 
@@ -539,7 +651,6 @@ def utm_region_grid(region: Region, resolution: float, crs: str | int | None = N
         centre = region.centroid
         lon, lat = float(centre.x), float(centre.y)
     target = CRS.from_user_input(crs if crs is not None else utm_epsg(lon, lat))
-    epsg = exact_epsg(target)
     xs, ys = region_window(region, target, (resolution, resolution), (0.0, 0.0))
     width = max(1, round((xs.stop - xs.start) / resolution))
     height = max(1, round((ys.stop - ys.start) / resolution))
@@ -547,9 +658,9 @@ def utm_region_grid(region: Region, resolution: float, crs: str | int | None = N
         shapely.box(xs.start, ys.start, xs.stop, ys.stop),
         max_segment_length=max(width, height) * resolution / 8,
     )
-    to_wgs84 = pyproj.Transformer.from_crs(target, WGS84, always_xy=True)
+    to_wgs84 = transformer(target, WGS84)
     return RegionGrid(
-        crs=f"EPSG:{epsg}" if epsg else target.to_wkt(),
+        crs=crs_name(target),
         transform=(
             float(resolution),
             0.0,

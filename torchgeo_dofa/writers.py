@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
+import pyproj
 import rasterio
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -51,6 +52,7 @@ from rasterio.windows import Window
 
 from . import _warnings
 from .locks import OutputLock, OutputPathError, die_with_launcher, is_launcher, mark_launcher
+from .spatial import crs_label, same_crs
 
 __all__ = [
     "GridGeometry",
@@ -960,8 +962,26 @@ def identity_differences(stored: Mapping[str, str], now: Mapping[str, str]) -> l
         for key, value in now.items()
         if (key in stored or key in IDENTITY_DEFAULTS)
         and key not in covered
-        and stored_setting(stored, key) != value
+        and not _same_setting(key, stored_setting(stored, key), value)
     ]
+
+
+#: Identity settings that hold a CRS: compared as CRSs, not as text (an ESRI and a GDAL WKT,
+#: or a PROJ string and the WKT a file declares, are one CRS).
+_CRS_SETTINGS = frozenset({"crs", "grid_crs", "data.crs"})
+
+
+def _crs_text(value: Any) -> Any:
+    try:
+        return crs_label(value) if isinstance(value, str) and value not in ("", "None") else value
+    except pyproj.exceptions.CRSError:
+        return value
+
+
+def _same_setting(key: str, stored: str, now: str) -> bool:
+    if key in _CRS_SETTINGS and stored not in ("", "None") and now not in ("", "None"):
+        return same_crs(stored, now)
+    return stored == now
 
 
 def stored_setting(stored: Mapping[str, str], key: str) -> str:
@@ -1843,6 +1863,8 @@ def describe_change(
     ``limit``, so the first difference stays in view. Used by the job manifest's and the
     parts identity's refusals.
     """
+    if name.split(" of ")[0] in _CRS_SETTINGS:  # a CRS by its short name, not its WKT
+        before, now = (_crs_text(v) for v in (before, now))
     texts = [
         str(v) if verbatim else json.dumps(v) if not isinstance(v, str) else repr(v)
         for v in (before, now)
