@@ -35,7 +35,7 @@ from torchgeo_dofa.api import (
 )
 from torchgeo_dofa.bands import BandError, infer_wavelengths, norm_stats
 from torchgeo_dofa.cli import embed
-from torchgeo_dofa.datasets import Sentinel2SR
+from torchgeo_dofa.datasets import InputError, Sentinel2SR
 from torchgeo_dofa.gee import GEEUnavailableError, build_gee_request, decode_pixels, utm_epsg
 from torchgeo_dofa.spatial import BBox, PointBuffer, region_to_crs, utm_region_grid
 from torchgeo_dofa.transforms import ReflectanceError
@@ -350,6 +350,22 @@ def test_local_mixed_crs_says_where_crs_goes(tmp_path) -> None:
     assert str(refused.value).endswith(
         "(crs= goes to a dataset given as paths=Sentinel2SR(..., crs=...))"
     )
+
+
+def test_local_file_without_crs_says_where_crs_goes(tmp_path) -> None:
+    """A file without CRS raised a plain ValueError 'pass crs=', an argument get_embedding
+    does not have."""
+    from rasterio.transform import from_origin
+
+    with rasterio.open(
+        tmp_path / "a.tif", "w", driver="GTiff", width=8, height=8, count=4, dtype="uint16",
+        transform=from_origin(500000, 5600000, 10, 10),
+    ) as dst:  # fmt: skip
+        dst.write(np.full((4, 8, 8), 1500, dtype=np.uint16))
+        dst.descriptions = ("B4", "B3", "B2", "B8")
+    with pytest.raises(InputError, match=r"a.tif has no CRS: pass crs= .*\(gdal_edit.py -a_srs "
+                       r".*go to a dataset given as paths=Sentinel2SR\(\.\.\.\)\)$"):  # fmt: skip
+        get_embedding("dofa", spatial=PointBuffer(3.0, 50.5, 100), paths=tmp_path, weights=None)
 
 
 def test_local_band_errors_say_where_the_datasets_arguments_go(tmp_path, chip_a) -> None:

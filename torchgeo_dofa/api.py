@@ -74,6 +74,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -791,10 +792,13 @@ def open_local(paths: PathsLike, sensor: SensorSpec | None = None) -> Sentinel2B
     cls = EarthEngineS2 if all(r.earth_engine for r in regions) else Sentinel2SR
     try:
         dataset = cls(paths=files, **kwargs)
-    except BandError as err:  # its hints name the dataset's arguments: say where they go
-        raise BandError(
-            f"{err} (the dataset's arguments, e.g. file_bands=, go to a dataset given as "
-            f"paths={cls.__name__}(...))"
+    except (BandError, InputError) as err:
+        if not re.search(r"\b(file_bands|crs|nodata|bands|wavelengths)=", str(err)):
+            raise
+        # its hints name the dataset's arguments, which get_embedding lacks: say where they go
+        raise type(err)(
+            f"{err} (the dataset's arguments, e.g. file_bands= or crs=, go to a dataset given "
+            f"as paths={cls.__name__}(...))"
         ) from err
     refuse_repeated_bands(dataset.bands)
     return dataset

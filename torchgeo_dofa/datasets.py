@@ -668,7 +668,11 @@ class Sentinel2Base(RasterDataset):
         first = infos[scenes[0].selected[0][0]]
         if crs is None:
             if first.crs is None:
-                raise ValueError(f"{first.path} has no CRS: pass crs=")
+                raise InputError(
+                    f"{first.path} has no CRS: pass crs= (the CRS of its geotransform, e.g. "
+                    "crs='EPSG:32633'), or give the file its CRS (gdal_edit.py -a_srs "
+                    "EPSG:<code>)"
+                )
             crs = first.crs.to_wkt()
         dst_crs = canonical_crs(crs)
         epsg = exact_epsg(dst_crs)
