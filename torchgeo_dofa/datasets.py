@@ -76,6 +76,7 @@ batches from one band set at a time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -136,6 +137,7 @@ from torchgeo_dofa.bands import (
 )
 from torchgeo_dofa.runtime import gdal_env
 from torchgeo_dofa.spatial import (
+    CRSTransformError,
     crs_label,
     crs_name,
     exact_epsg,
@@ -1148,7 +1150,7 @@ class Sentinel2Base(RasterDataset):
         in its suggestion; that grid is turned east-up here over the same bounds.
         """
         if info.crs is not None and info.crs != dst_crs:
-            transformer(info.crs.to_wkt(), dst_crs.to_wkt())  # a local CRS: one sentence
+            _check_transformable(info.crs.to_wkt(), dst_crs.to_wkt())
         if not _north_up(info.transform):
             with (
                 rasterio.open(info.path) as src,
@@ -2946,6 +2948,29 @@ def _one_crs(
     return next(iter(crss.values())), union
 
 
+def _check_transformable(src_wkt: str, dst_wkt: str) -> None:
+    """Refuse, in one sentence, CRSs PROJ cannot transform between (a local CRS).
+
+    GDAL would fail on them later with a PROJJSON dump. Answered once per pair (~10 ms
+    each: a folder of tiles in one CRS asks once).
+
+    Raises:
+        CRSTransformError: as :func:`~torchgeo_dofa.spatial.transformer`.
+    """
+    problem = _transform_problem(src_wkt, dst_wkt)
+    if problem is not None:
+        raise CRSTransformError(problem)
+
+
+@functools.lru_cache(maxsize=256)
+def _transform_problem(src_wkt: str, dst_wkt: str) -> str | None:
+    try:
+        transformer(src_wkt, dst_wkt)
+    except CRSTransformError as err:
+        return str(err)
+    return None
+
+
 def _transform_bounds(
     src: RIO_CRS, dst: RIO_CRS, bounds: tuple[float, float, float, float]
 ) -> tuple[float, float, float, float]:
@@ -2954,7 +2979,7 @@ def _transform_bounds(
     Raises:
         CRSTransformError: as :func:`~torchgeo_dofa.spatial.transformer` (a local CRS).
     """
-    transformer(src.to_wkt(), dst.to_wkt())  # a local CRS: one sentence, not GDAL's dump
+    _check_transformable(src.to_wkt(), dst.to_wkt())
     west, south, east, north = transform_bounds(src, dst, *bounds)
     return west, south, east, north
 
