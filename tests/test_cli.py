@@ -854,6 +854,7 @@ def test_one_crs_spelled_twice_is_one_region_and_a_local_crs_is_one_line(tmp_pat
     for extra, flag in (
         (["--bbox", "13.6", "48.2", "13.7", "48.3"], "bbox"),
         (["--crs", "EPSG:32633"], "crs"),
+        (["--crs", 'LOCAL_CS["other",UNIT["metre",1]]'], "other"),  # PROJ: identity, relabelled
     ):
         capsys.readouterr()
         assert main(["embed", str(local), "-o", str(tmp_path / flag), *extra]) == 2
@@ -861,6 +862,15 @@ def test_one_crs_spelled_twice_is_one_region_and_a_local_crs_is_one_line(tmp_pat
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / flag).exists(), err
         assert "cannot transform coordinates from" in err and "Engineering CRS 'site'" in err
         assert "a local CRS is not tied to the Earth" in err and "gdal_edit.py -a_srs" in err
+    # a CRS needing a datum grid PROJ lacks: GDAL's pending error was a traceback at the scan
+    grid = shutil.copy(a, tmp_path / "grid.tif")
+    srs = "+proj=utm +zone=33 +ellps=WGS84 +units=m +nadgrids=nonexistent.gsb"
+    Path(f"{grid}.aux.xml").write_text(f"<PAMDataset><SRS>{srs}</SRS></PAMDataset>")
+    capsys.readouterr()
+    assert main(["embed", str(grid), "-o", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"torchgeo-dofa: error: cannot read the header of {grid}: GDAL says ")
+    assert "projsync" in err and not (tmp_path / "g").exists()
 
 
 def test_preview_png(tmp_path, reference_run) -> None:

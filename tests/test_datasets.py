@@ -50,6 +50,7 @@ from torchgeo_dofa.datasets import (
     read_product_metadata,
     stack_dofa_samples,
 )
+from torchgeo_dofa.spatial import crs_label, crs_name, exact_epsg, same_crs
 from torchgeo_dofa.transforms import DOFAPreprocess
 
 DATA = Path(__file__).resolve().parent / "data" / "sentinel2"
@@ -844,6 +845,22 @@ def test_bands_left_out_of_the_default_choice_are_named(tmp_path: Path) -> None:
         Sentinel2SR(odd, bands=["B4", "B3"])
     with pytest.warns(UserWarning, match=r"file_bands=\['B4', 'B3'\] replace the file's band"):
         assert Sentinel2SR(odd, file_bands=["B4", "B3"]).bands == ("B3", "B4")
+
+
+def test_crs_names_and_comparisons() -> None:
+    """CRS text that names no other CRS; CRSs compared as CRSs, local ones also by name."""
+    tmerc = "+proj=tmerc +lon_0=15 +k=0.9996 +x_0=500000 +ellps=GRS80 +units=m"
+    assert exact_epsg(tmerc) is None and CRS.from_user_input(tmerc).to_epsg() == 25833
+    assert crs_label(tmerc) == "+proj=utm +zone=33 +ellps=GRS80 +units=m +no_defs"
+    assert crs_name(CRS.from_epsg(32633).to_wkt("WKT1_ESRI")) == "EPSG:32633"
+    assert crs_label("EPSG:32633+5773") == "EPSG:32633+5773"  # not UTM 33N's PROJ string
+    site, other = (f'LOCAL_CS["{n}",UNIT["metre",1]]' for n in ("site", "other"))
+    assert crs_label(site) == "Engineering CRS 'site'"
+    assert same_crs(CRS.from_epsg(32633).to_wkt("WKT1_ESRI"), "EPSG:32633")
+    assert same_crs("EPSG:4326", "OGC:CRS84") and same_crs(None, None)
+    assert not same_crs(tmerc, "EPSG:25833") and not same_crs("EPSG:32633", None)
+    assert not same_crs(site, other) and not same_crs(CRS(site), CRS(other))
+    assert not same_crs("garbage", "garbage ") and same_crs(site, CRS(site))
 
 
 def test_south_up_and_rotated_rasters_are_placed_on_the_map(tmp_path: Path) -> None:

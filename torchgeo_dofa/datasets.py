@@ -101,6 +101,7 @@ import torch
 from geopandas import GeoDataFrame
 from pyproj import CRS
 from pyproj.exceptions import CRSError
+from rasterio._err import CPLE_BaseError  # GDAL's errors (no public name in rasterio 1.4)
 from rasterio.crs import CRS as RIO_CRS
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.io import DatasetReader
@@ -901,6 +902,13 @@ class Sentinel2Base(RasterDataset):
                     )
             except rasterio.errors.RasterioIOError:
                 continue
+            except CPLE_BaseError as err:  # GDAL's error left pending at open (rasterio's own)
+                raise InputError(
+                    f"cannot read the header of {path}: GDAL says "
+                    f"{str(err).strip().splitlines()[0]}: where it names PROJ, the file's CRS "
+                    "needs a datum grid or definition PROJ lacks: install the grid (projsync), "
+                    "or give the file a CRS PROJ knows (gdal_edit.py -a_srs EPSG:<code>)"
+                ) from None
         return infos
 
     def _group(

@@ -517,6 +517,9 @@ def crs_label(crs: object) -> str:
     epsg = exact_epsg(parsed)
     if epsg:
         return f"EPSG:{epsg}"
+    parts = [exact_epsg(sub) for sub in parsed.sub_crs_list] if parsed.is_compound else []
+    if parts and all(parts):  # EPSG:32633+5773 (UTM 33N + EGM96 height)
+        return "EPSG:" + "+".join(str(p) for p in parts)
     with warnings.catch_warnings():  # PROJ strings drop details (datum names): only a label
         warnings.simplefilter("ignore", UserWarning)
         try:
@@ -534,17 +537,20 @@ def same_crs(a: object, b: object) -> bool:
         b: the same.
 
     Returns:
-        True for equal text, or two CRSs PROJ finds equivalent (axis order aside); False
-        where either cannot be parsed.
+        True for equal text, two Nones, or two CRSs PROJ finds equivalent (axis order
+        aside; local CRSs also by name); False where either cannot be parsed.
     """
-    if a == b:
+    if isinstance(a, str) and a == b:
         return True
     if a is None or b is None:
-        return False
-    try:
-        return bool(CRS.from_user_input(a).equals(CRS.from_user_input(b), ignore_axis_order=True))
+        return a is None and b is None  # two files without CRS are alike
+    try:  # (not CRS objects' ==: pyproj's ignores names)
+        first, second = CRS.from_user_input(a), CRS.from_user_input(b)
     except pyproj.exceptions.CRSError:
         return False
+    if (first.is_engineering or second.is_engineering) and first.name != second.name:
+        return False  # local CRSs are told apart by name alone (PROJ's equals ignores names)
+    return bool(first.equals(second, ignore_axis_order=True))
 
 
 class CRSTransformError(ValueError):
@@ -566,19 +572,22 @@ def transformer(src: object, dst: object) -> pyproj.Transformer:
             none to longitude / latitude or to another CRS), naming both CRSs and the fixes.
     """
     source, target = CRS.from_user_input(src), CRS.from_user_input(dst)
+    if (source.is_engineering or target.is_engineering) and not same_crs(source, target):
+        # PROJ links two local CRSs by the identity: they need not be the same place
+        raise CRSTransformError(crs_transform_problem(source, target, None))
     try:
         return pyproj.Transformer.from_crs(source, target, always_xy=True)
     except pyproj.exceptions.ProjError as err:
         raise CRSTransformError(crs_transform_problem(source, target, err)) from None
 
 
-def crs_transform_problem(src: object, dst: object, err: BaseException) -> str:
+def crs_transform_problem(src: object, dst: object, err: BaseException | None) -> str:
     """The message of :class:`CRSTransformError` (also for GDAL's own failures to warp).
 
     Args:
         src: the source CRS.
         dst: the target CRS.
-        err: PROJ's or GDAL's error.
+        err: PROJ's or GDAL's error (None for two local CRSs PROJ would link by identity).
 
     Returns:
         One sentence naming both CRSs, why, and the fixes.

@@ -972,8 +972,10 @@ _CRS_SETTINGS = frozenset({"crs", "grid_crs", "data.crs"})
 
 
 def _crs_text(value: Any) -> Any:
+    if value in ("", "None", None):
+        return "none"
     try:
-        return crs_label(value) if isinstance(value, str) and value not in ("", "None") else value
+        return crs_label(value) if isinstance(value, str) else value
     except pyproj.exceptions.CRSError:
         return value
 
