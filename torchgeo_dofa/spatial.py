@@ -574,15 +574,15 @@ def transformer(src: object, dst: object) -> pyproj.Transformer:
     source, target = CRS.from_user_input(src), CRS.from_user_input(dst)
     if (source.is_engineering or target.is_engineering) and not same_crs(source, target):
         # PROJ links two local CRSs by the identity: they need not be the same place
-        raise CRSTransformError(crs_transform_problem(source, target, None))
+        raise CRSTransformError(_crs_transform_problem(source, target, None))
     try:
         return pyproj.Transformer.from_crs(source, target, always_xy=True)
     except pyproj.exceptions.ProjError as err:
-        raise CRSTransformError(crs_transform_problem(source, target, err)) from None
+        raise CRSTransformError(_crs_transform_problem(source, target, err)) from None
 
 
-def crs_transform_problem(src: object, dst: object, err: BaseException | None) -> str:
-    """The message of :class:`CRSTransformError` (also for GDAL's own failures to warp).
+def _crs_transform_problem(src: object, dst: object, err: BaseException | None) -> str:
+    """The message of :class:`CRSTransformError`.
 
     Args:
         src: the source CRS.
