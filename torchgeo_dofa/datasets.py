@@ -1045,13 +1045,13 @@ class Sentinel2Base(RasterDataset):
                     and _leading_band(name) is not None
                 ):
                     unread.setdefault(scene.key, []).append(name)
+        # a tile describing B3 as 'B3 (Green)' has it: the second warning says so
+        worded = {key: {_leading_band(n) for n in names} for key, names in unread.items()}
         lacking: dict[str, list[str]] = {}  # scene -> the bands others have and it lacks
         for b in SENTINEL2_BANDS:
             if b not in common and any(b in s.names for s in scenes):
                 for scene in scenes:
-                    # a tile describing B3 as 'B3 (Green)' has it: the second warning says so
-                    worded = {_leading_band(n) for n in unread.get(scene.key, [])}
-                    if b not in scene.names and b not in worded:
+                    if b not in scene.names and b not in worded.get(scene.key, set()):
                         lacking.setdefault(scene.key, []).append(b)
         if lacking:
             keys = list(lacking)

@@ -1404,25 +1404,27 @@ class DOFASegmentationTask(_DOFATask):
                     "reads is_image=False datasets as int64): write the mask raster as "
                     "integers with a nodata value (e.g. 255) and set ignore_index to it"
                 )
-            bad = _values(values)
-            if values and given is None and len(values) == 1:
-                fixes.append(
-                    f"if {bad} marks no-data pixels, set ignore_index={bad} (pixels equal to "
-                    "ignore_index are left out of the loss and metrics; a mask raster's "
-                    "nodata value is not ignored by itself)"
-                )
-            elif values and given is None:
-                fixes.append(
-                    "if some mark no-data pixels, map those to one value and set ignore_index "
-                    "to it (pixels equal to ignore_index are left out of the loss and metrics)"
-                )
-            elif values:
-                fixes.append(
-                    f"if some mark no-data pixels, map those to ignore_index={given}"
-                    + (f" (or set ignore_index={bad})" if len(values) == 1 else "")
-                )
-            if values and min(values) >= 0 and max(values) < _MAX_CLASSES:
-                fixes.append(f"if they are classes, set num_classes={max(values) + 1}")
+            if values:  # besides the NaN cast
+                bad = _values(values)
+                if given is None and len(values) == 1:
+                    fixes.append(
+                        f"if {bad} marks no-data pixels, set ignore_index={bad} (pixels equal "
+                        "to ignore_index are left out of the loss and metrics; a mask raster's "
+                        "nodata value is not ignored by itself)"
+                    )
+                elif given is None:
+                    fixes.append(
+                        "if some mark no-data pixels, map those to one value and set "
+                        "ignore_index to it (pixels equal to ignore_index are left out of the "
+                        "loss and metrics)"
+                    )
+                else:
+                    fixes.append(
+                        f"if some mark no-data pixels, map those to ignore_index={given}"
+                        + (f" (or set ignore_index={bad})" if len(values) == 1 else "")
+                    )
+                if min(values) >= 0 and max(values) < _MAX_CLASSES:
+                    fixes.append(f"if they are classes, set num_classes={max(values) + 1}")
             setting = f"num_classes={k}" + (f", ignore_index={given}" if given is not None else "")
             raise ValueError(
                 f"the batch's mask holds {_values(found)}, outside the classes 0..{k - 1} "

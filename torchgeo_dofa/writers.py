@@ -981,9 +981,7 @@ def _crs_text(value: Any) -> Any:
 
 
 def _same_setting(key: str, stored: str, now: str) -> bool:
-    if key in _CRS_SETTINGS and stored not in ("", "None") and now not in ("", "None"):
-        return same_crs(stored, now)
-    return stored == now
+    return same_crs(stored, now) if key in _CRS_SETTINGS else stored == now
 
 
 def stored_setting(stored: Mapping[str, str], key: str) -> str:
