@@ -37,7 +37,13 @@ from torchgeo_dofa.bands import BandError, infer_wavelengths, norm_stats
 from torchgeo_dofa.cli import embed
 from torchgeo_dofa.datasets import InputError, Sentinel2SR
 from torchgeo_dofa.gee import GEEUnavailableError, build_gee_request, decode_pixels, utm_epsg
-from torchgeo_dofa.spatial import BBox, PointBuffer, region_to_crs, utm_region_grid
+from torchgeo_dofa.spatial import (
+    BBox,
+    CRSTransformError,
+    PointBuffer,
+    region_to_crs,
+    utm_region_grid,
+)
 from torchgeo_dofa.transforms import ReflectanceError
 
 SCENE = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
@@ -896,3 +902,44 @@ def test_empty_names_are_not_defaults(empty, tmp_path) -> None:
             "dofa", spatial=PointBuffer(14.95, 48.31, 500), stac_url=tmp_path / "items.json",
             collection=empty, temporal=TemporalSpec.year(2022), weights=None,
         )  # fmt: skip
+
+
+def test_local_file_in_a_local_crs_is_refused_in_the_apis_terms(tmp_path) -> None:
+    """A file in a local (engineering) CRS gave the command line's fixes ("no bbox, points or
+    crs="), which get_embedding has no use for: its region is always longitude / latitude."""
+    from rasterio.transform import from_origin
+
+    wkt = 'LOCAL_CS["site",UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]'
+    with rasterio.open(
+        tmp_path / "a.tif", "w", driver="GTiff", width=8, height=8, count=4, dtype="uint16",
+        crs=wkt, transform=from_origin(500000, 5600000, 10, 10),
+    ) as dst:  # fmt: skip
+        dst.write(np.full((4, 8, 8), 1500, dtype=np.uint16))
+        dst.descriptions = ("B4", "B3", "B2", "B8")
+    with pytest.raises(CRSTransformError) as refused:
+        get_embedding("dofa", spatial=PointBuffer(3.0, 50.5, 100), paths=tmp_path, weights=None)
+    assert str(refused.value) == (
+        "cannot place PointBuffer(lon=3.0, lat=50.5, buffer_m=100) (longitude / latitude) on "
+        "files in Engineering CRS 'site' (a local CRS is not tied to the Earth): give the files "
+        "their real CRS (gdal_edit.py -a_srs EPSG:<code>), or embed them whole in their own CRS "
+        "with torchgeo-dofa embed FILES -o OUT/"
+    )
+    assert refused.value.reason == "a local CRS is not tied to the Earth"
+
+
+def test_local_band_warnings_say_where_the_datasets_arguments_go(tmp_path, chip_a) -> None:
+    """A band left out of the default choice was named with its fix, file_bands=[...], an
+    argument get_embedding does not have; the errors said where it goes, the warnings not."""
+    raw, names, profile, bounds = chip_a
+    path = _write(tmp_path / "gap.tif", raw, profile, [*names[:-1], ""])
+    with pytest.warns(UserWarning) as caught:
+        emb = get_embedding("dofa", spatial=_centre_point(bounds), paths=path, weights=None)
+    told = [str(w.message) for w in caught if "left out" in str(w.message)]
+    assert len(told) == 1
+    assert told[0].startswith(f"Sentinel2SR: {path}: band(s) 'band{len(names)}' left out")
+    assert told[0].endswith(
+        "file_bands=[...] to read them (the dataset's arguments, e.g. file_bands= or crs=, "
+        "go to a dataset given as paths=Sentinel2SR(...))"
+    )
+    assert caught[0].filename == __file__  # the user's line, not the package's
+    assert emb.meta["bands"] == ["B2", "B3", "B4"]  # B04 B03 B02 read; B8 (band4) not

@@ -77,6 +77,7 @@ import os
 import re
 import shutil
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -109,7 +110,7 @@ from .embedder import DOFAEmbedder
 from .gee import DEFAULT_COLLECTION, GEEUnavailableError, build_gee_request, fetch_gee_pixels
 from .model import PooledNorm, canonical_variant
 from .runtime import resolve_accelerator
-from .spatial import BBox, PointBuffer, Region, crs_label, crs_name
+from .spatial import BBox, CRSTransformError, PointBuffer, Region, crs_label, crs_name
 from .stac import StacUnavailableError
 from .transforms import INPUT_PREPS, DOFAPreprocess, as_float32, nodata_mask
 from .weights import env_setting
@@ -790,18 +791,37 @@ def open_local(paths: PathsLike, sensor: SensorSpec | None = None) -> Sentinel2B
             kwargs["wavelengths"] = list(sensor.wavelengths)
     files = [p for r in regions for p in r.paths]
     cls = EarthEngineS2 if all(r.earth_engine for r in regions) else Sentinel2SR
+    caught: list[warnings.WarningMessage] = []
     try:
-        dataset = cls(paths=files, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            dataset = cls(paths=files, **kwargs)
     except (BandError, InputError) as err:
-        if not re.search(r"\b(file_bands|crs|nodata|bands|wavelengths)=", str(err)):
+        told = _where_dataset_arguments_go(str(err), cls)
+        if told == str(err):
             raise
-        # its hints name the dataset's arguments, which get_embedding lacks: say where they go
-        raise type(err)(
-            f"{err} (the dataset's arguments, e.g. file_bands= or crs=, go to a dataset given "
-            f"as paths={cls.__name__}(...))"
-        ) from err
+        raise type(err)(told) from err
+    finally:  # the band-choice warnings' hints name the dataset's arguments too
+        for caught_warning in caught:
+            warn(
+                _where_dataset_arguments_go(str(caught_warning.message), cls),
+                caught_warning.category,
+            )
     refuse_repeated_bands(dataset.bands)
     return dataset
+
+
+def _where_dataset_arguments_go(message: str, cls: type[Sentinel2Base]) -> str:
+    """A dataset's error or warning, saying where the arguments its hints name go.
+
+    Its hints name the dataset's arguments (``file_bands=``, ``bands=``, ``crs=`` ...),
+    which :func:`get_embedding` lacks: they go to a dataset given as ``paths=``.
+    """
+    if not re.search(r"\b(file_bands|crs|nodata|bands|wavelengths|mean|std)=", message):
+        return message
+    return (
+        f"{message} (the dataset's arguments, e.g. file_bands= or crs=, go to a dataset given "
+        f"as paths={cls.__name__}(...))"
+    )
 
 
 def _region_label(spatial: Region) -> str:
@@ -880,7 +900,16 @@ def _prepare_local(
     crs = CRS.from_user_input(ds.crs)
     bounds = ds.index.total_bounds
     # the chip the embed job's data module reads for this region (RegionSampler)
-    xs, ys = RegionSampler(ds, [spatial], check_footprint=False).chips[0]
+    try:
+        xs, ys = RegionSampler(ds, [spatial], check_footprint=False).chips[0]
+    except CRSTransformError as err:  # its fixes are the command line's (no bbox= ...)
+        raise CRSTransformError(
+            f"cannot place {_region_label(spatial)} (longitude / latitude) on files in "
+            f"{crs_label(crs)} ({err.reason or err}): give the files their real CRS "
+            "(gdal_edit.py -a_srs EPSG:<code>), or embed them whole in their own CRS with "
+            "torchgeo-dofa embed FILES -o OUT/",
+            reason=err.reason,
+        ) from None
     xres, yres = ds.res
     _check_read_size(
         spatial,
@@ -1339,6 +1368,8 @@ def get_embedding(
         BandError: wavelengths that cannot be inferred (or bands without DOFA statistics).
         ReflectanceError: input already scaled to [0, 1] (valid values all within [0, 2]).
         LookupError: no data for the region and dates.
+        CRSTransformError: ``local`` files whose CRS cannot be tied to longitude / latitude
+            (a local / engineering CRS), naming the fixes.
         GEEUnavailableError: Earth Engine client missing, not authenticated or unreachable.
         StacUnavailableError: STAC extra missing, API or catalog unreachable (``stac``).
         StacError: an item lacks a band's asset or an asset cannot be read (``stac``).

@@ -554,7 +554,17 @@ def same_crs(a: object, b: object) -> bool:
 
 
 class CRSTransformError(ValueError):
-    """Coordinates cannot be transformed between two CRSs (e.g. a local CRS and EPSG:4326)."""
+    """Coordinates cannot be transformed between two CRSs (e.g. a local CRS and EPSG:4326).
+
+    Attributes:
+        reason: why, in a few words (``"a local CRS is not tied to the Earth"``, or PROJ's
+            message); empty where unknown.
+    """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        """Create the error: ``message`` is what is shown, ``reason`` its cause alone."""
+        super().__init__(message)
+        self.reason = reason
 
 
 def transformer(src: object, dst: object) -> pyproj.Transformer:
@@ -574,30 +584,31 @@ def transformer(src: object, dst: object) -> pyproj.Transformer:
     source, target = CRS.from_user_input(src), CRS.from_user_input(dst)
     if (source.is_engineering or target.is_engineering) and not same_crs(source, target):
         # PROJ links two local CRSs by the identity: they need not be the same place
-        raise CRSTransformError(_crs_transform_problem(source, target, None))
+        raise _crs_transform_error(source, target, None)
     try:
         return pyproj.Transformer.from_crs(source, target, always_xy=True)
     except pyproj.exceptions.ProjError as err:
-        raise CRSTransformError(_crs_transform_problem(source, target, err)) from None
+        raise _crs_transform_error(source, target, err) from None
 
 
-def _crs_transform_problem(src: object, dst: object, err: BaseException | None) -> str:
-    """The message of :class:`CRSTransformError`.
+def _crs_transform_error(src: CRS, dst: CRS, err: BaseException | None) -> CRSTransformError:
+    """The :class:`CRSTransformError` of a pair of CRSs.
 
     Args:
         src: the source CRS.
         dst: the target CRS.
-        err: PROJ's or GDAL's error (None for two local CRSs PROJ would link by identity).
+        err: PROJ's error (None for two local CRSs PROJ would link by identity).
 
     Returns:
-        One sentence naming both CRSs, why, and the fixes.
+        The error: one sentence naming both CRSs, why, and the command line's fixes.
     """
-    local = any(CRS.from_user_input(c).is_engineering for c in (src, dst))
+    local = src.is_engineering or dst.is_engineering
     why = "a local CRS is not tied to the Earth" if local else str(err).splitlines()[0]
-    return (
+    return CRSTransformError(
         f"cannot transform coordinates from {crs_label(src)} to {crs_label(dst)} ({why}): give "
         "the files their real CRS (gdal_edit.py -a_srs EPSG:<code>), or embed them whole in "
-        "their own CRS (no bbox, points or crs=)"
+        "their own CRS (no bbox, points or crs=)",
+        reason=why,
     )
 
 
