@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -142,6 +143,29 @@ def model_flops(
     fixed = counts[0] - per_image
     per_image += attention_flops(cfg.grid_size**2 + 1, cfg.embed_dim, cfg.depth)
     return per_image, fixed
+
+
+#: The CLI's summary line (``cli.EmbedSummary.line``): "embedded 1 chip in 1.4 s (...)",
+#: "embedded 256 chips, 3 without valid pixels (10 already done) in 12.0 s (...)".
+_JOB_LINE = re.compile(r"embedded \d+ chips?\b[^\n]*? in ([\d.]+) s \(")
+
+
+def cli_job_seconds(output: str) -> float:
+    """The job's own time in seconds, from the ``torchgeo-dofa embed`` summary line.
+
+    Args:
+        output: the CLI's stdout and stderr.
+
+    Returns:
+        The seconds the line reports (Python's imports are not in them).
+
+    Raises:
+        ValueError: if ``output`` holds no summary line (its end is quoted).
+    """
+    said = _JOB_LINE.search(output)
+    if said is None:
+        raise ValueError(f"no 'embedded N chips in X s' line in the CLI output:\n{output[-3000:]}")
+    return float(said.group(1))
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -54,6 +53,7 @@ import torch.nn.functional as F
 from benchmarks.bench_utils import (
     DEMO_WAVELENGTHS,
     Machine,
+    cli_job_seconds,
     machine,
     matmul_peak,
     model_flops,
@@ -678,8 +678,7 @@ def cli_rows(s: Settings, report: Report, tmp: Path) -> None:
                     raise RuntimeError(
                         f"CLI embed failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
                     )
-                said = re.search(r"embedded \d+ chips.* in ([\d.]+) s", proc.stdout + proc.stderr)
-                jobs[n] = min(jobs[n], float(said.group(1)) if said else math.inf)
+                jobs[n] = min(jobs[n], cli_job_seconds(proc.stdout + proc.stderr))
         marginal = (times[big] - times[1]) / (big - 1)
         job_marginal = (jobs[big] - jobs[1]) / (big - 1)
         # TorchGeo's best fp32 batch size in this run: the target's ratio is not flattered
