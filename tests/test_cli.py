@@ -33,7 +33,8 @@ from tests.tmpfs import tmpfs
 from torchgeo_dofa import load_dofa
 from torchgeo_dofa.cli import embed, main, option_problem, output_folder
 from torchgeo_dofa.datamodules import DOFAPredictDataModule
-from torchgeo_dofa.datasets import InputError
+from torchgeo_dofa.datasets import InputError, Sentinel2SR
+from torchgeo_dofa.spatial import CRSTransformError
 from torchgeo_dofa.transforms import DOFAPreprocess
 
 SCENE = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
@@ -862,15 +863,37 @@ def test_one_crs_spelled_twice_is_one_region_and_a_local_crs_is_one_line(tmp_pat
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / flag).exists(), err
         assert "cannot transform coordinates from" in err and "Engineering CRS 'site'" in err
         assert "a local CRS is not tied to the Earth" in err and "gdal_edit.py -a_srs" in err
-    # a CRS needing a datum grid PROJ lacks: GDAL's pending error was a traceback at the scan
-    grid = shutil.copy(a, tmp_path / "grid.tif")
-    srs = "+proj=utm +zone=33 +ellps=WGS84 +units=m +nadgrids=nonexistent.gsb"
-    Path(f"{grid}.aux.xml").write_text(f"<PAMDataset><SRS>{srs}</SRS></PAMDataset>")
-    capsys.readouterr()
-    assert main(["embed", str(grid), "-o", str(tmp_path / "g")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"torchgeo-dofa: error: cannot read the header of {grid}: GDAL says ")
-    assert "projsync" in err and not (tmp_path / "g").exists()
+
+
+def test_a_crs_needing_a_datum_grid_proj_lacks_is_one_line_before_gdal_meets_it(
+    tmp_path, capfd
+) -> None:
+    """A CRS tied to WGS 84 only through a grid file PROJ lacks: in a file's .aux.xml it was a
+    traceback at the scan; given as --crs to a file without CRS the job ran (exit 0) with
+    dozens of GDAL 'ERROR 1: PROJ' lines, a grid GeoTIFF labelled with the bare datum's code
+    (EPSG:23033) and a table in the CRS with the grid; given to a UTM file, those lines came
+    before the one-line error."""
+    data = np.full((4, 224, 224), 1500, dtype=np.uint16)
+    bands = ("B2", "B3", "B4", "B8")
+    utm = _write_one_chip_scene(tmp_path / "utm.tif", data, bands)
+    bare = _write_one_chip_scene(tmp_path / "bare.tif", data, bands, crs=None)
+    aux = shutil.copy(utm, tmp_path / "aux.tif")
+    srs = "+proj=utm +zone=33 +ellps=intl +units=m +nadgrids=nonexistent.gsb"
+    Path(f"{aux}.aux.xml").write_text(f"<PAMDataset><SRS>{srs}</SRS></PAMDataset>")
+    for i, (path, extra) in enumerate(
+        ((aux, []), (aux, ["--crs", "EPSG:32633"]), (bare, ["--crs", srs]), (utm, ["--crs", srs]))
+    ):
+        capfd.readouterr()
+        assert main(["embed", str(path), "-o", str(tmp_path / f"o{i}"), *extra]) == 2
+        err = capfd.readouterr().err  # the file descriptor: GDAL prints there, not via Python
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / f"o{i}").exists(), err
+        assert "needs the datum grid nonexistent.gsb, which PROJ lacks" in err
+        assert "projsync --file nonexistent.gsb" in err and "gdal_edit.py -a_srs" in err
+    # the Python dataset, before it reads anything
+    with pytest.raises(CRSTransformError, match="datum grid nonexistent.gsb") as caught:
+        Sentinel2SR(bare, crs=srs)
+    assert caught.value.reason == "it needs the datum grid nonexistent.gsb, which PROJ lacks"
+    assert "ERROR" not in capfd.readouterr().err
 
 
 def test_preview_png(tmp_path, reference_run) -> None:
@@ -1374,9 +1397,10 @@ def _write_one_chip_scene(
     path: Path,
     data: np.ndarray,
     descriptions: tuple[str, ...] | None = None,
-    crs: str = "EPSG:32633",
+    crs: str | None = "EPSG:32633",
 ) -> Path:
-    """Write ``data`` (C, 224, 224) as a one-chip GeoTIFF at 10 m (UTM 33N unless ``crs``)."""
+    """Write ``data`` (C, 224, 224) as a one-chip GeoTIFF at 10 m (UTM 33N unless ``crs``;
+    None: no CRS)."""
     from rasterio.transform import from_origin
 
     with rasterio.open(

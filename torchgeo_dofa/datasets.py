@@ -142,6 +142,7 @@ from torchgeo_dofa.spatial import (
     crs_label,
     crs_name,
     exact_epsg,
+    require_datum_grids,
     same_crs,
     transformer,
 )
@@ -678,6 +679,7 @@ class Sentinel2Base(RasterDataset):
                 )
             crs = first.crs.to_wkt()
         dst_crs = canonical_crs(crs)
+        require_datum_grids(dst_crs)  # before GDAL meets it (its PROJ errors, a relabelled grid)
         epsg = exact_epsg(dst_crs)
         self._dst_rio_crs = RIO_CRS.from_epsg(epsg) if epsg else RIO_CRS.from_wkt(dst_crs.to_wkt())
         grids = {
@@ -2922,8 +2924,12 @@ def _one_crs(
     """
     crss = {p: h.crs for p, h in headers.items()}
     bounds = [h.bounds for h in headers.values()]
+    for wkt in {c for c in crss.values() if c is not None}:
+        require_datum_grids(wkt)  # before GDAL meets it: it prints PROJ errors on its own
     if crs is not None:
-        target = RIO_CRS.from_wkt(canonical_crs(crs).to_wkt())
+        wanted = canonical_crs(crs)
+        require_datum_grids(wanted)  # before GDAL meets it: it prints PROJ errors on its own
+        target = RIO_CRS.from_wkt(wanted.to_wkt())
         bounds = [
             b
             if c is None or same_crs(c, target.to_wkt())
@@ -2973,6 +2979,8 @@ def _check_transformable(src_wkt: str, dst_wkt: str) -> None:
 @functools.lru_cache(maxsize=256)
 def _transform_problem(src_wkt: str, dst_wkt: str) -> str | None:
     try:
+        require_datum_grids(src_wkt)  # else GDAL prints its PROJ errors before failing
+        require_datum_grids(dst_wkt)
         transformer(src_wkt, dst_wkt)
     except CRSTransformError as err:
         return str(err)

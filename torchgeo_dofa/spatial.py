@@ -18,6 +18,7 @@ their sites.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -31,6 +32,7 @@ import pandas as pd
 import pyproj
 import shapely
 from pyproj import CRS
+from pyproj.transformer import TransformerGroup
 from shapely.geometry.base import BaseGeometry
 
 __all__ = [
@@ -597,19 +599,87 @@ def _crs_transform_error(src: CRS, dst: CRS, err: BaseException | None) -> CRSTr
     Args:
         src: the source CRS.
         dst: the target CRS.
-        err: PROJ's error (None for two local CRSs PROJ would link by identity).
+        err: PROJ's error (None for two local CRSs PROJ would link by identity, or for a
+            pair whose every transformation needs a datum grid PROJ lacks).
 
     Returns:
         The error: one sentence naming both CRSs, why, and the command line's fixes.
     """
-    local = src.is_engineering or dst.is_engineering
-    why = "a local CRS is not tied to the Earth" if local else str(err).splitlines()[0]
+    fix = (
+        "give the files their real CRS (gdal_edit.py -a_srs EPSG:<code>), or embed them whole "
+        "in their own CRS (no bbox or points, and crs= only to name theirs)"
+    )
+    if src.is_engineering or dst.is_engineering:
+        why = "a local CRS is not tied to the Earth"
+    elif grids := missing_grids(src, dst):
+        why = f"it needs the datum grid {', '.join(grids)}, which PROJ lacks"
+        fix = (
+            f"install it (projsync --file {grids[0]}, or PROJ_NETWORK=ON to fetch grids when "
+            "used), or give the files a CRS PROJ can use (gdal_edit.py -a_srs EPSG:<code>)"
+        )
+    else:
+        why = str(err).splitlines()[0]
     return CRSTransformError(
-        f"cannot transform coordinates from {crs_label(src)} to {crs_label(dst)} ({why}): give "
-        "the files their real CRS (gdal_edit.py -a_srs EPSG:<code>), or embed them whole in "
-        "their own CRS (no bbox, points or crs=)",
+        f"cannot transform coordinates from {crs_label(src)} to {crs_label(dst)} ({why}): {fix}",
         reason=why,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _missing_grids(src_wkt: str, dst_wkt: str) -> tuple[str, ...]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pyproj warns that the best one is unavailable
+        group = TransformerGroup(src_wkt, dst_wkt, always_xy=True)
+    if group.transformers:
+        return ()
+    names = {
+        grid.short_name or grid.full_name
+        for operation in group.unavailable_operations
+        for grid in operation.grids
+        if not grid.available
+    }
+    return tuple(sorted(names))
+
+
+def missing_grids(src: object, dst: object) -> list[str]:
+    """The datum grids PROJ lacks where every transformation from ``src`` to ``dst`` needs one.
+
+    A CRS such as ``+proj=utm +zone=33 +ellps=intl +nadgrids=ntv2.gsb`` is tied to WGS 84
+    only through its grid file: without it PROJ has no transformation, GDAL prints
+    ``ERROR 1: PROJ: hgridshift: could not find required grid(s)`` and a GeoTIFF written in
+    it loses the grid (GDAL labels it with the bare datum's EPSG code).
+
+    Args:
+        src: the source CRS (anything ``pyproj.CRS.from_user_input`` takes).
+        dst: the target CRS.
+
+    Returns:
+        The grids' file names, sorted; empty where PROJ can run a transformation (or none
+        needs a grid). Answered once per pair of CRSs.
+    """
+    source, target = CRS.from_user_input(src), CRS.from_user_input(dst)
+    if source.is_engineering or target.is_engineering:
+        return []
+    return list(_missing_grids(source.to_wkt(), target.to_wkt()))
+
+
+def require_datum_grids(crs: object) -> None:
+    """Refuse a CRS that PROJ cannot tie to longitude / latitude for want of a datum grid.
+
+    Checked before a job reads or writes anything: without the grid, GDAL fails on every
+    transformation with ``ERROR 1: PROJ ...`` lines and the grid GeoTIFF would be labelled
+    with another CRS than the table.
+
+    Args:
+        crs: the CRS (anything ``pyproj.CRS.from_user_input`` takes).
+
+    Raises:
+        CRSTransformError: naming the missing grid and the fixes (``projsync``, or another
+            CRS).
+    """
+    source = CRS.from_user_input(crs)
+    if missing_grids(source, WGS84):
+        raise _crs_transform_error(source, WGS84, None)
 
 
 def utm_epsg(lon: float, lat: float) -> int:
