@@ -925,6 +925,14 @@ def test_local_file_in_a_local_crs_is_refused_in_the_apis_terms(tmp_path) -> Non
         "with torchgeo-dofa embed FILES -o OUT/"
     )
     assert refused.value.reason == "a local CRS is not tied to the Earth"
+    # export_batch refuses the same way and leaves no folder (it made out/deep/x.parquet.parts)
+    out = tmp_path / "out" / "deep" / "x.parquet"
+    with pytest.raises(CRSTransformError, match="cannot place PointBuffer"):
+        export_batch(
+            spatials=[PointBuffer(3.0, 50.5, 100)], backend="local", paths=tmp_path / "a.tif",
+            out_path=out, models=[ExportModelRequest.configure("dofa", weights=None)],
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 def test_local_band_warnings_say_where_the_datasets_arguments_go(tmp_path, chip_a) -> None:
@@ -943,3 +951,20 @@ def test_local_band_warnings_say_where_the_datasets_arguments_go(tmp_path, chip_
     )
     assert caught[0].filename == __file__  # the user's line, not the package's
     assert emb.meta["bands"] == ["B2", "B3", "B4"]  # B04 B03 B02 read; B8 (band4) not
+    # warnings turned into errors: the hint was lost (the dataset's own warning escaped)
+    with warnings.catch_warnings(), pytest.raises(UserWarning) as raised:
+        warnings.simplefilter("error")
+        get_embedding("dofa", spatial=_centre_point(bounds), paths=path, weights=None)
+    assert str(raised.value) == told[0]
+    # bands= is get_embedding's sensor=SensorSpec(bands=...), not the dataset's (it said so)
+    folder = tmp_path / "lack"
+    folder.mkdir()
+    _write(folder / "a_20220601.tif", raw, profile, names)
+    _write(folder / "b_20220601.tif", raw[:3], {**profile, "count": 3}, names[:3])
+    with pytest.warns(UserWarning, match="left out of the default bands") as caught:
+        get_embedding("dofa", spatial=_centre_point(bounds), paths=folder, weights=None)
+    told = [str(w.message) for w in caught if "left out" in str(w.message)]
+    assert told[0].endswith(
+        "pass bands=[...] and the paths of the scenes that have them (bands= and wavelengths= "
+        "go to sensor=SensorSpec(bands=[...], wavelengths=[...]))"
+    )

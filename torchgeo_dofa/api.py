@@ -70,6 +70,7 @@ scenes the chip meets (:meth:`~torchgeo_dofa.datasets.Sentinel2Base.scene_files`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -78,7 +79,7 @@ import re
 import shutil
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -794,6 +795,7 @@ def open_local(paths: PathsLike, sensor: SensorSpec | None = None) -> Sentinel2B
     caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # recorded, then shown through the user's filters
             dataset = cls(paths=files, **kwargs)
     except (BandError, InputError) as err:
         told = _where_dataset_arguments_go(str(err), cls)
@@ -814,14 +816,20 @@ def _where_dataset_arguments_go(message: str, cls: type[Sentinel2Base]) -> str:
     """A dataset's error or warning, saying where the arguments its hints name go.
 
     Its hints name the dataset's arguments (``file_bands=``, ``bands=``, ``crs=`` ...),
-    which :func:`get_embedding` lacks: they go to a dataset given as ``paths=``.
+    which :func:`get_embedding` lacks: ``bands=`` and ``wavelengths=`` are its
+    ``sensor=SensorSpec(...)``; the others go to a dataset given as ``paths=``.
     """
-    if not re.search(r"\b(file_bands|crs|nodata|bands|wavelengths|mean|std)=", message):
-        return message
-    return (
-        f"{message} (the dataset's arguments, e.g. file_bands= or crs=, go to a dataset given "
-        f"as paths={cls.__name__}(...))"
-    )
+    where = []
+    if re.search(r"\b(bands|wavelengths)=", message):  # not file_bands= (no word boundary)
+        where.append(
+            "bands= and wavelengths= go to sensor=SensorSpec(bands=[...], wavelengths=[...])"
+        )
+    if re.search(r"\b(file_bands|crs|nodata|mean|std)=", message):
+        where.append(
+            "the dataset's arguments, e.g. file_bands= or crs=, go to a dataset given as "
+            f"paths={cls.__name__}(...)"
+        )
+    return f"{message} ({'; '.join(where)})" if where else message
 
 
 def _region_label(spatial: Region) -> str:
@@ -1702,127 +1710,148 @@ def export_batch(
         jobs.append((req, cfg, eff_sensor, config_id))
 
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     parts = out.with_name(out.name + ".parts")
-    summary = ExportSummary(out)
-    all_warned: list[Embedding] = []  # empty or mostly fill: one warning each at the end
-    n_embedded = 0
-    existing = gpd.read_parquet(out) if out.exists() else None
-    done: set[str] = set(existing["row_key"]) if existing is not None else set()
-    parts.mkdir(exist_ok=True)
-    done |= {p.stem for p in parts.glob("*.npz")}
-    dataset = (
-        open_local(paths, sensor) if which == "local" and paths is not None else None
-    )  # shared when no request overrides the sensor
+    with _folders_removed_if_left_empty(out.parent, parts):  # a refusal leaves nothing
+        out.parent.mkdir(parents=True, exist_ok=True)  # an unwritable place fails first
+        summary = ExportSummary(out)
+        all_warned: list[Embedding] = []  # empty or mostly fill: one warning each at the end
+        n_embedded = 0
+        existing = gpd.read_parquet(out) if out.exists() else None
+        done: set[str] = set(existing["row_key"]) if existing is not None else set()
+        parts.mkdir(parents=True, exist_ok=True)
+        done |= {p.stem for p in parts.glob("*.npz")}
+        dataset = (
+            open_local(paths, sensor) if which == "local" and paths is not None else None
+        )  # shared when no request overrides the sensor
 
-    for req, cfg, eff_sensor, config_id in jobs:
-        keys = [
-            _digest(item_id, _spatial_key(spatial), config_id)
-            for item_id, spatial in zip(ids, spatial_list, strict=True)
-        ]
-        todo = [i for i, k in enumerate(keys) if k not in done]
-        summary.skipped += len(keys) - len(todo)
-        ds = dataset if req.sensor is None else None
-        if which == "local" and ds is None:
-            ds = open_local(paths, eff_sensor)  # type: ignore[arg-type]
-        workers = fetch_workers() if which == "gee" else 1
-        for chunk in _chunks(todo, max(1, chunk_size)):
+        for req, cfg, eff_sensor, config_id in jobs:
+            keys = [
+                _digest(item_id, _spatial_key(spatial), config_id)
+                for item_id, spatial in zip(ids, spatial_list, strict=True)
+            ]
+            todo = [i for i, k in enumerate(keys) if k not in done]
+            summary.skipped += len(keys) - len(todo)
+            ds = dataset if req.sensor is None else None
+            if which == "local" and ds is None:
+                ds = open_local(paths, eff_sensor)  # type: ignore[arg-type]
+            workers = fetch_workers() if which == "gee" else 1
+            for chunk in _chunks(todo, max(1, chunk_size)):
 
-            def fetch(
-                i: int,
-                c: _Config = cfg,
-                sn: SensorSpec | None = eff_sensor,
-                d: Sentinel2Base | None = ds,
-            ) -> Any:
-                try:
-                    got = _fetch_many(
-                        [spatial_list[i]],
-                        temporal,
-                        sn,
-                        c,
-                        which,
-                        paths,
-                        project,
-                        d,
-                        stac_source=stac_source,
-                    )
-                    return got[0]
-                except (GEEUnavailableError, StacUnavailableError):
-                    raise
-                except (LookupError, RuntimeError, ValueError) as err:
-                    if not continue_on_error:
+                def fetch(
+                    i: int,
+                    c: _Config = cfg,
+                    sn: SensorSpec | None = eff_sensor,
+                    d: Sentinel2Base | None = ds,
+                ) -> Any:
+                    try:
+                        got = _fetch_many(
+                            [spatial_list[i]],
+                            temporal,
+                            sn,
+                            c,
+                            which,
+                            paths,
+                            project,
+                            d,
+                            stac_source=stac_source,
+                        )
+                        return got[0]
+                    except (GEEUnavailableError, StacUnavailableError):
                         raise
-                    return err
+                    except (LookupError, RuntimeError, ValueError) as err:
+                        if not continue_on_error:
+                            raise
+                        return err
 
-            fetched = _parallel(fetch, list(chunk), workers)
-            prepared: list[_Prepared] = []
-            kept: list[int] = []
-            for i, result in zip(chunk, fetched, strict=True):
-                if isinstance(result, _Prepared):
-                    prepared.append(result)
-                    kept.append(i)
-                else:
-                    summary.failed[f"{ids[i]}/{req.name}:{cfg.variant}"] = str(result)
-            if not prepared:
-                continue
-            embeddings = _embed(prepared, cfg, which, warn_coverage=False)
-            all_warned += [e for e in embeddings if e.meta.get("empty") or _is_sparse(e)]
-            n_embedded += len(embeddings)
-            for i, emb in zip(kept, embeddings, strict=True):
-                spatial = spatial_list[i]
-                row = {
-                    "row_key": keys[i],
-                    "item_id": ids[i],
-                    "model": req.name,
-                    "variant": emb.meta["variant"],
-                    "weights": emb.meta["weights"],
-                    "pooled_norm": emb.meta["pooled_norm"],
-                    "input_prep": emb.meta["input_prep"],
-                    "backend": which,
-                    "output": cfg.output.mode,
-                    "config_id": config_id,
-                    "bands": json.dumps(emb.meta["bands"]),
-                    "wavelengths_um": json.dumps(emb.meta["wavelengths_um"]),
-                    "time_start": None if temporal is None else temporal.start,
-                    "time_end": None if temporal is None else temporal.end,
-                    "buffer_m": spatial.buffer_m if isinstance(spatial, PointBuffer) else math.nan,
-                    "chip_bounds": json.dumps(emb.meta.get("bounds")),
-                    "chip_crs": emb.meta.get("crs", ""),
-                    "geometry_wkb": shapely.to_wkb(_spatial_geometry(spatial)),
-                }
-                atomic_write(
-                    parts / f"{keys[i]}.npz",
-                    lambda p, e=emb, r=row: _save_part(p, e.data, r),  # type: ignore[misc]
+                fetched = _parallel(fetch, list(chunk), workers)
+                prepared: list[_Prepared] = []
+                kept: list[int] = []
+                for i, result in zip(chunk, fetched, strict=True):
+                    if isinstance(result, _Prepared):
+                        prepared.append(result)
+                        kept.append(i)
+                    else:
+                        summary.failed[f"{ids[i]}/{req.name}:{cfg.variant}"] = str(result)
+                if not prepared:
+                    continue
+                embeddings = _embed(prepared, cfg, which, warn_coverage=False)
+                all_warned += [e for e in embeddings if e.meta.get("empty") or _is_sparse(e)]
+                n_embedded += len(embeddings)
+                for i, emb in zip(kept, embeddings, strict=True):
+                    spatial = spatial_list[i]
+                    row = {
+                        "row_key": keys[i],
+                        "item_id": ids[i],
+                        "model": req.name,
+                        "variant": emb.meta["variant"],
+                        "weights": emb.meta["weights"],
+                        "pooled_norm": emb.meta["pooled_norm"],
+                        "input_prep": emb.meta["input_prep"],
+                        "backend": which,
+                        "output": cfg.output.mode,
+                        "config_id": config_id,
+                        "bands": json.dumps(emb.meta["bands"]),
+                        "wavelengths_um": json.dumps(emb.meta["wavelengths_um"]),
+                        "time_start": None if temporal is None else temporal.start,
+                        "time_end": None if temporal is None else temporal.end,
+                        "buffer_m": spatial.buffer_m
+                        if isinstance(spatial, PointBuffer)
+                        else math.nan,
+                        "chip_bounds": json.dumps(emb.meta.get("bounds")),
+                        "chip_crs": emb.meta.get("crs", ""),
+                        "geometry_wkb": shapely.to_wkb(_spatial_geometry(spatial)),
+                    }
+                    atomic_write(
+                        parts / f"{keys[i]}.npz",
+                        lambda p, e=emb, r=row: _save_part(p, e.data, r),  # type: ignore[misc]
+                    )
+                    done.add(keys[i])
+                    summary.computed += 1
+
+        rows = [_load_part(p) for p in sorted(parts.glob("*.npz"))]
+        frames = []
+        if existing is not None:
+            existing = existing[~existing["row_key"].isin({r["row_key"] for r in rows})]
+            frames.append(existing)
+        if rows:
+            frames.append(
+                gpd.GeoDataFrame(
+                    [{k: v for k, v in r.items() if k != "geometry_wkb"} for r in rows],
+                    geometry=[shapely.from_wkb(r["geometry_wkb"]) for r in rows],
+                    crs="EPSG:4326",
                 )
-                done.add(keys[i])
-                summary.computed += 1
-
-    rows = [_load_part(p) for p in sorted(parts.glob("*.npz"))]
-    frames = []
-    if existing is not None:
-        existing = existing[~existing["row_key"].isin({r["row_key"] for r in rows})]
-        frames.append(existing)
-    if rows:
-        frames.append(
-            gpd.GeoDataFrame(
-                [{k: v for k, v in r.items() if k != "geometry_wkb"} for r in rows],
-                geometry=[shapely.from_wkb(r["geometry_wkb"]) for r in rows],
-                crs="EPSG:4326",
             )
-        )
-    if rows:
-        frame = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs="EPSG:4326")
-        order = {k: n for n, k in enumerate(ids)}
-        frame["_order"] = frame["item_id"].map(order).fillna(len(order))
-        frame = frame.sort_values(["_order", "config_id"], kind="stable")
-        frame = frame.drop(columns="_order").reset_index(drop=True)
-        atomic_write(out, frame.to_parquet)
-        summary.rows = len(frame)
-    elif existing is not None:
-        summary.rows = len(existing)
-    shutil.rmtree(parts, ignore_errors=True)
-    _warn_coverage(all_warned, n_embedded)
-    return summary
+        if rows:
+            frame = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs="EPSG:4326")
+            order = {k: n for n, k in enumerate(ids)}
+            frame["_order"] = frame["item_id"].map(order).fillna(len(order))
+            frame = frame.sort_values(["_order", "config_id"], kind="stable")
+            frame = frame.drop(columns="_order").reset_index(drop=True)
+            atomic_write(out, frame.to_parquet)
+            summary.rows = len(frame)
+        elif existing is not None:
+            summary.rows = len(existing)
+        shutil.rmtree(parts, ignore_errors=True)
+        _warn_coverage(all_warned, n_embedded)
+        return summary
+
+
+@contextlib.contextmanager
+def _folders_removed_if_left_empty(*folders: Path) -> Iterator[None]:
+    """Run the block; if it raises, remove the folders it made that are still empty.
+
+    ``folders`` and those of their parents that did not exist: a refused export leaves no
+    empty output folders behind, and parts already written stay (``rmdir`` removes empty
+    folders only) for a rerun to resume.
+    """
+    made = [d for folder in folders for d in (*reversed(folder.parents), folder) if not d.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(set(made), key=lambda d: len(d.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _save_part(path: Path, data: np.ndarray, row: dict[str, Any]) -> None:

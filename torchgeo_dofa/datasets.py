@@ -2924,8 +2924,8 @@ def _one_crs(
     """
     crss = {p: h.crs for p, h in headers.items()}
     bounds = [h.bounds for h in headers.values()]
-    for wkt in {c for c in crss.values() if c is not None}:
-        require_datum_grids(wkt)  # before GDAL meets it: it prints PROJ errors on its own
+    for own in {c for c in crss.values() if c is not None}:
+        require_datum_grids(own)  # before GDAL meets it: it prints PROJ errors on its own
     if crs is not None:
         wanted = canonical_crs(crs)
         require_datum_grids(wanted)  # before GDAL meets it: it prints PROJ errors on its own
