@@ -865,6 +865,31 @@ def test_one_crs_spelled_twice_is_one_region_and_a_local_crs_is_one_line(tmp_pat
         assert "a local CRS is not tied to the Earth" in err and "gdal_edit.py -a_srs" in err
 
 
+def test_a_folder_mixing_a_local_crs_names_the_local_files_and_fixes_that_work(
+    tmp_path, capsys
+) -> None:
+    """A folder of a UTM tile and a local-CRS tile was told to read them in one CRS with
+    --crs EPSG:<code>, which a local CRS cannot be read in; doing so was refused without
+    naming the file."""
+    data = np.full((4, 224, 224), 1500, dtype=np.uint16)
+    bands = ("B2", "B3", "B4", "B8")
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    _write_one_chip_scene(folder / "utm.tif", data, bands)
+    _write_one_chip_scene(folder / "site.tif", data, bands, 'LOCAL_CS["site",UNIT["metre",1]]')
+    for extra, said in (
+        ([], "files in a local CRS (site.tif) cannot be read in another CRS: pass them as "
+             "separate inputs, or give them their real CRS (gdal_edit.py -a_srs EPSG:<code>)"),
+        (["--crs", "EPSG:32633"], "error: site.tif: cannot transform coordinates from "
+                                  "Engineering CRS 'site' to EPSG:32633"),
+    ):  # fmt: skip
+        capsys.readouterr()
+        assert main(["embed", str(folder), "-o", str(tmp_path / "o"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
+        assert "--crs EPSG:<code>" not in err and not (tmp_path / "o").exists()
+
+
 def test_a_crs_needing_a_datum_grid_proj_lacks_is_one_line_before_gdal_meets_it(
     tmp_path, capfd
 ) -> None:

@@ -2930,12 +2930,19 @@ def _one_crs(
         wanted = canonical_crs(crs)
         require_datum_grids(wanted)  # before GDAL meets it: it prints PROJ errors on its own
         target = RIO_CRS.from_wkt(wanted.to_wkt())
-        bounds = [
-            b
-            if c is None or same_crs(c, target.to_wkt())
-            else _transform_bounds(RIO_CRS.from_wkt(c), target, b)
-            for c, b in zip(crss.values(), bounds, strict=True)
-        ]
+        try:
+            bounds = [
+                b
+                if c is None or same_crs(c, target.to_wkt())
+                else _transform_bounds(RIO_CRS.from_wkt(c), target, b)
+                for c, b in zip(crss.values(), bounds, strict=True)
+            ]
+        except CRSTransformError as err:  # name the files, as the mixed-CRS refusal does
+            files = [os.path.basename(p) for p, c in crss.items() if c and _is_local(c)]
+            if not files:
+                raise
+            shown = ", ".join(files[:2]) + (", ..." if len(files) > 2 else "")
+            raise CRSTransformError(f"{shown}: {err}", reason=err.reason) from None
         crss = dict.fromkeys(crss, target.to_wkt())
     groups: dict[str | None, list[str]] = {}  # one CRS however spelled (ESRI or GDAL WKT)
     for path, wkt in crss.items():
@@ -2948,6 +2955,14 @@ def _one_crs(
             f"{', ...' if len(files) > 2 else ''})"
             for wkt, files in groups.items()
         )
+        local = [f for wkt, files in groups.items() if wkt and _is_local(wkt) for f in files]
+        if local:  # no CRS to read them in: a local CRS is not tied to the Earth
+            raise InputError(
+                f"mixed CRS in region {name!r} ({listing}): files in a local CRS "
+                f"({', '.join(local[:2])}{', ...' if len(local) > 2 else ''}) cannot be read "
+                "in another CRS: pass them as separate inputs, or give them their real CRS "
+                "(gdal_edit.py -a_srs EPSG:<code>)"
+            )
         raise InputError(
             f"mixed CRS in region {name!r} ({listing}): read them in one CRS, "
             "crs=EPSG:<code>, or reproject them (gdalwarp -t_srs), or pass them as separate "
@@ -2960,6 +2975,12 @@ def _one_crs(
         max(b[3] for b in bounds),
     )
     return next(iter(crss.values())), union
+
+
+@functools.lru_cache(maxsize=256)
+def _is_local(wkt: str) -> bool:
+    """Whether a CRS (WKT) is a local / engineering one, not tied to the Earth."""
+    return bool(CRS.from_user_input(wkt).is_engineering)
 
 
 def _check_transformable(src_wkt: str, dst_wkt: str) -> None:
