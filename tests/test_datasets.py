@@ -1227,3 +1227,16 @@ def test_a_folder_of_other_raster_formats_names_them(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"holds no GeoTIFF or JPEG2000 file \(reads .tif, "
                        r".tiff, .jp2; found .* and 1 more: "):  # fmt: skip
         find_raster_inputs([tmp_path])
+
+
+def test_scenes_sharing_no_band_name_are_each_named_with_their_bands(tmp_path) -> None:
+    """Two scenes with no Sentinel-2 band name in common were refused as 'found []', naming
+    neither file nor what each holds."""
+    _described_tif(tmp_path / "a_20220601.tif", ["B4 (Red)", "B3 (Green)"])
+    _described_tif(tmp_path / "b_20220601.tif", ["B4", "B3", ""])
+    with pytest.raises(BandError) as refused:
+        Sentinel2SR(tmp_path)
+    assert (
+        "no Sentinel-2 band is present in every scene (shared: []; a_20220601.tif has "
+        "['B4 (Red)', 'B3 (Green)']; b_20220601.tif has ['B4', 'B3', 'band3']): pass bands="
+    ) in str(refused.value)

@@ -1119,8 +1119,16 @@ class Sentinel2Base(RasterDataset):
                     )
                 else:
                     hint = ""
+                if len(scenes) > 1:  # say what each has: "found []" named no file
+                    each = "; ".join(
+                        f"{os.path.basename(scene.key)} has {list(scene.names)}"
+                        for scene in scenes[:3]
+                    )
+                    found_in = f"shared: {found}; {each}{'; ...' if len(scenes) > 3 else ''}"
+                else:
+                    found_in = f"found {found}"
                 raise BandError(
-                    f"no Sentinel-2 band is present in every scene (found {found}): pass "
+                    f"no Sentinel-2 band is present in every scene ({found_in}): pass "
                     f"bands=[...] (and wavelengths=[...] for non-Sentinel-2 bands){hint}"
                 )
         else:
