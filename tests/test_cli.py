@@ -880,8 +880,9 @@ def test_a_folder_mixing_a_local_crs_names_the_local_files_and_fixes_that_work(
     for extra, said in (
         ([], "files in a local CRS (site.tif) cannot be read in another CRS: pass them as "
              "separate inputs, or give them their real CRS (gdal_edit.py -a_srs EPSG:<code>)"),
-        (["--crs", "EPSG:32633"], "error: site.tif: cannot transform coordinates from "
-                                  "Engineering CRS 'site' to EPSG:32633"),
+        (["--crs", "EPSG:32633"], "error: site.tif: in a local CRS, cannot be read in "
+                                  "EPSG:32633 (a local CRS is not tied to the Earth): pass the "
+                                  "local files as separate inputs without --crs"),
     ):  # fmt: skip
         capsys.readouterr()
         assert main(["embed", str(folder), "-o", str(tmp_path / "o"), *extra]) == 2
@@ -905,15 +906,25 @@ def test_a_crs_needing_a_datum_grid_proj_lacks_is_one_line_before_gdal_meets_it(
     aux = shutil.copy(utm, tmp_path / "aux.tif")
     srs = "+proj=utm +zone=33 +ellps=intl +units=m +nadgrids=nonexistent.gsb"
     Path(f"{aux}.aux.xml").write_text(f"<PAMDataset><SRS>{srs}</SRS></PAMDataset>")
-    for i, (path, extra) in enumerate(
-        ((aux, []), (aux, ["--crs", "EPSG:32633"]), (bare, ["--crs", srs]), (utm, ["--crs", srs]))
+    own = "or give the files a CRS PROJ can use (gdal_edit.py -a_srs EPSG:<code>)"
+    for i, (path, extra, fix) in enumerate(
+        (
+            (aux, [], own),  # the file's CRS is what to change
+            (aux, ["--crs", "EPSG:32633"], own),
+            (bare, ["--crs", srs], "or pass another --crs"),  # the setting is what to change
+            (utm, ["--crs", srs], "or pass another --crs"),
+        )
     ):
         capfd.readouterr()
         assert main(["embed", str(path), "-o", str(tmp_path / f"o{i}"), *extra]) == 2
         err = capfd.readouterr().err  # the file descriptor: GDAL prints there, not via Python
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / f"o{i}").exists(), err
         assert "needs the datum grid nonexistent.gsb, which PROJ lacks" in err
-        assert "projsync --file nonexistent.gsb" in err and "gdal_edit.py -a_srs" in err
+        assert "projsync --file nonexistent.gsb" in err and err.rstrip().endswith(fix), err
+    # an old grid name is asked for by the name PROJ's CDN (and so projsync) knows
+    conus = "+proj=utm +zone=17 +ellps=clrk66 +nadgrids=conus +units=m"
+    assert main(["embed", str(bare), "-o", str(tmp_path / "c"), "--crs", conus]) == 2
+    assert "projsync --file us_noaa_conus.tif" in capfd.readouterr().err
     # the Python dataset, before it reads anything
     with pytest.raises(CRSTransformError, match="datum grid nonexistent.gsb") as caught:
         Sentinel2SR(bare, crs=srs)

@@ -1627,7 +1627,9 @@ def export_batch(
     (the point of a :class:`PointBuffer`, the box of a :class:`BBox`, or the geometry given);
     ``chip_bounds`` / ``chip_crs`` give the pixels actually read.
 
-    Resumable: each finished row is saved at once under ``<out_path>.parts/`` and the final
+    Resumable: the rows of each finished round (``chunk_size`` regions: a region that fails
+    without ``continue_on_error`` stops its round before any of it is saved; ``chunk_size=1``
+    saves every row as it is done) are saved under ``<out_path>.parts/`` and the final
     file is written atomically (temporary name, then rename), then the parts are removed. A
     rerun (same regions and settings) skips rows already in the parts or in an existing final
     file, and rewrites the file with old and new rows.

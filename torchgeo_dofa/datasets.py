@@ -670,6 +670,7 @@ class Sentinel2Base(RasterDataset):
 
         # CRS and grid
         first = infos[scenes[0].selected[0][0]]
+        setting = "" if crs is None else "crs="  # the user's, or the files' own
         if crs is None:
             if first.crs is None:
                 raise InputError(
@@ -679,7 +680,7 @@ class Sentinel2Base(RasterDataset):
                 )
             crs = first.crs.to_wkt()
         dst_crs = canonical_crs(crs)
-        require_datum_grids(dst_crs)  # before GDAL meets it (its PROJ errors, a relabelled grid)
+        require_datum_grids(dst_crs, setting)  # before GDAL meets it (its PROJ errors)
         epsg = exact_epsg(dst_crs)
         self._dst_rio_crs = RIO_CRS.from_epsg(epsg) if epsg else RIO_CRS.from_wkt(dst_crs.to_wkt())
         grids = {
@@ -2936,7 +2937,7 @@ def _one_crs(
         require_datum_grids(own)  # before GDAL meets it: it prints PROJ errors on its own
     if crs is not None:
         wanted = canonical_crs(crs)
-        require_datum_grids(wanted)  # before GDAL meets it: it prints PROJ errors on its own
+        require_datum_grids(wanted, "crs=")  # before GDAL meets it: it prints PROJ errors
         target = RIO_CRS.from_wkt(wanted.to_wkt())
         try:
             bounds = [
@@ -2950,7 +2951,14 @@ def _one_crs(
             if not files:
                 raise
             shown = ", ".join(files[:2]) + (", ..." if len(files) > 2 else "")
-            raise CRSTransformError(f"{shown}: {err}", reason=err.reason) from None
+            if len(files) == len(crss):  # all local: embedding them whole works
+                raise CRSTransformError(f"{shown}: {err}", reason=err.reason) from None
+            raise CRSTransformError(  # with others: embedding the folder whole is mixed CRS
+                f"{shown}: in a local CRS, cannot be read in {crs_label(wanted)} ({err.reason}):"
+                " pass the local files as separate inputs without crs=, or give them their "
+                "real CRS (gdal_edit.py -a_srs EPSG:<code>)",
+                reason=err.reason,
+            ) from None
         crss = dict.fromkeys(crss, target.to_wkt())
     groups: dict[str | None, list[str]] = {}  # one CRS however spelled (ESRI or GDAL WKT)
     for path, wkt in crss.items():
@@ -3002,17 +3010,18 @@ def _check_transformable(src_wkt: str, dst_wkt: str) -> None:
     """
     problem = _transform_problem(src_wkt, dst_wkt)
     if problem is not None:
-        raise CRSTransformError(problem)
+        raise CRSTransformError(*problem)
 
 
 @functools.lru_cache(maxsize=256)
-def _transform_problem(src_wkt: str, dst_wkt: str) -> str | None:
+def _transform_problem(src_wkt: str, dst_wkt: str) -> tuple[str, str] | None:
+    """The message and reason of :func:`_check_transformable`'s refusal, or None."""
     try:
         require_datum_grids(src_wkt)  # else GDAL prints its PROJ errors before failing
         require_datum_grids(dst_wkt)
         transformer(src_wkt, dst_wkt)
     except CRSTransformError as err:
-        return str(err)
+        return str(err), err.reason
     return None
 
 

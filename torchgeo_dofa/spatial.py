@@ -614,8 +614,8 @@ def _crs_transform_error(src: CRS, dst: CRS, err: BaseException | None) -> CRSTr
     elif grids := missing_grids(src, dst):
         why = f"it needs the datum grid {', '.join(grids)}, which PROJ lacks"
         fix = (
-            f"install it (projsync --file {grids[0]}, or PROJ_NETWORK=ON to fetch grids when "
-            "used), or give the files a CRS PROJ can use (gdal_edit.py -a_srs EPSG:<code>)"
+            f"{_install_grid(grids[0])}, or give the files a CRS PROJ can use "
+            "(gdal_edit.py -a_srs EPSG:<code>)"
         )
     else:
         why = str(err).splitlines()[0]
@@ -625,6 +625,11 @@ def _crs_transform_error(src: CRS, dst: CRS, err: BaseException | None) -> CRSTr
     )
 
 
+def _install_grid(grid: str) -> str:
+    """How to get a datum grid PROJ lacks (its CDN file name, as :func:`missing_grids` gives)."""
+    return f"install it (projsync --file {grid}, or PROJ_NETWORK=ON to fetch grids when used)"
+
+
 @functools.lru_cache(maxsize=256)
 def _missing_grids(src_wkt: str, dst_wkt: str) -> tuple[str, ...]:
     with warnings.catch_warnings():
@@ -632,8 +637,8 @@ def _missing_grids(src_wkt: str, dst_wkt: str) -> tuple[str, ...]:
         group = TransformerGroup(src_wkt, dst_wkt, always_xy=True)
     if group.transformers:
         return ()
-    names = {
-        grid.short_name or grid.full_name
+    names = {  # the name on PROJ's CDN (us_noaa_conus.tif), which projsync matches
+        os.path.basename(grid.url) or grid.short_name or grid.full_name
         for operation in group.unavailable_operations
         for grid in operation.grids
         if not grid.available
@@ -654,8 +659,10 @@ def missing_grids(src: object, dst: object) -> list[str]:
         dst: the target CRS.
 
     Returns:
-        The grids' file names, sorted; empty where PROJ can run a transformation (or none
-        needs a grid). Answered once per pair of CRSs.
+        The grids' file names as PROJ's CDN serves them (``+nadgrids=conus`` is
+        ``us_noaa_conus.tif``; the name given where PROJ knows no other), sorted; empty
+        where PROJ can run a transformation (or none needs a grid). Answered once per pair
+        of CRSs.
     """
     source, target = CRS.from_user_input(src), CRS.from_user_input(dst)
     if source.is_engineering or target.is_engineering:
@@ -663,7 +670,7 @@ def missing_grids(src: object, dst: object) -> list[str]:
     return list(_missing_grids(source.to_wkt(), target.to_wkt()))
 
 
-def require_datum_grids(crs: object) -> None:
+def require_datum_grids(crs: object, setting: str = "") -> None:
     """Refuse a CRS that PROJ cannot tie to longitude / latitude for want of a datum grid.
 
     Checked before a job reads or writes anything: without the grid, GDAL fails on every
@@ -672,14 +679,24 @@ def require_datum_grids(crs: object) -> None:
 
     Args:
         crs: the CRS (anything ``pyproj.CRS.from_user_input`` takes).
+        setting: the argument that named it (``"crs="``) where the user gave it, not a file:
+            the fix is then another value for it, not another CRS for the files.
 
     Raises:
         CRSTransformError: naming the missing grid and the fixes (``projsync``, or another
             CRS).
     """
     source = CRS.from_user_input(crs)
-    if missing_grids(source, WGS84):
+    if not (grids := missing_grids(source, WGS84)):
+        return
+    if not setting:
         raise _crs_transform_error(source, WGS84, None)
+    why = f"it needs the datum grid {', '.join(grids)}, which PROJ lacks"
+    raise CRSTransformError(
+        f"{setting} {crs_label(source)} cannot be tied to longitude / latitude ({why}): "
+        f"{_install_grid(grids[0])}, or pass another {setting}",
+        reason=why,
+    )
 
 
 def utm_epsg(lon: float, lat: float) -> int:
