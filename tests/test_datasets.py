@@ -1240,3 +1240,28 @@ def test_scenes_sharing_no_band_name_are_each_named_with_their_bands(tmp_path) -
         "no Sentinel-2 band is present in every scene (shared: []; a_20220601.tif has "
         "['B4 (Red)', 'B3 (Green)']; b_20220601.tif has ['B4', 'B3', 'band3']): pass bands="
     ) in str(refused.value)
+
+
+def test_files_wholly_outside_their_crss_area_of_use_are_warned_of(tmp_path) -> None:
+    """UTM coordinates labelled British National Grid (a file without CRS given the wrong
+    crs=) read without a word, and the outputs were placed ~5000 km north of Britain."""
+    utm = _write_tif(tmp_path / "utm.tif", np.full((2, 16, 16), 1500, np.uint16),
+                     from_origin(360000, 5350000, 10, 10), "EPSG:32633")  # fmt: skip
+    (tmp_path / "bare").mkdir()
+    bare = _write_tif(tmp_path / "bare" / "x.tif", np.full((2, 16, 16), 1500, np.uint16),
+                      from_origin(360000, 5350000, 10, 10), None)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Sentinel2SR(utm)  # inside UTM 33N's area (12..18 E): no warning
+        Sentinel2SR(bare, crs="EPSG:32633")
+    said = (
+        r"the files' bounds \[360000, 5349840, 360160, 5350000\] lie wholly outside the area "
+        r"where EPSG:27700 is used \(lon -9.01..2.01, lat 49.75..61.01\): the outputs will "
+        r"carry these coordinates in it; if that is not where the scene lies, check crs= "
+    )
+    with pytest.warns(UserWarning, match=said):
+        Sentinel2SR(bare, crs="EPSG:27700")
+    with rasterio.open(utm, "r+") as dst:
+        dst.crs = RIO_CRS.from_epsg(27700)
+    with pytest.warns(UserWarning, match="check the files' georeferencing"):
+        Sentinel2SR(utm)

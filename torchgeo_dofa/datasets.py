@@ -142,6 +142,7 @@ from torchgeo_dofa.spatial import (
     crs_label,
     crs_name,
     exact_epsg,
+    outside_area_of_use,
     require_datum_grids,
     same_crs,
     transformer,
@@ -736,6 +737,28 @@ class Sentinel2Base(RasterDataset):
         index = pd.IntervalIndex.from_tuples(datetimes, closed="both", name="datetime")
         self.index = GeoDataFrame(rows, index=index, geometry=geometries, crs=dst_crs)
         self._infos = infos
+        self._warn_outside_area_of_use(dst_crs, setting)
+
+    def _warn_outside_area_of_use(self, crs: CRS, setting: str) -> None:
+        """Warn where the files lie wholly outside the area where their CRS is used."""
+        x0, y0, x1, y1 = (float(v) for v in self.index.total_bounds)
+        bounds = (x0, y0, x1, y1)
+        area = outside_area_of_use(crs, bounds)
+        if area is None:
+            return
+        west, south, east, north = area
+        check = (
+            "check crs= (it names the CRS of files without one, or the CRS they are read in)"
+            if setting
+            else "check the files' georeferencing (gdalinfo)"
+        )
+        warn(
+            f"{self.__class__.__name__}: the files' bounds {[round(v) for v in bounds]} lie "
+            f"wholly outside the area where {crs_label(crs)} is used (lon {west:g}..{east:g}, "
+            f"lat {south:g}..{north:g}): the outputs will carry these coordinates in it; if "
+            f"that is not where the scene lies, {check}",
+            UserWarning,
+        )
 
     def _warn_narrow_dtypes(self, scenes: list[_Scene], infos: dict[str, _FileInfo]) -> None:
         """Warn once for the selected bands stored in 8-bit integers (not reflectance)."""

@@ -699,6 +699,43 @@ def require_datum_grids(crs: object, setting: str = "") -> None:
     )
 
 
+def outside_area_of_use(
+    crs: object, bounds: tuple[float, float, float, float]
+) -> tuple[float, float, float, float] | None:
+    """The CRS's area of use, where ``bounds`` lie wholly outside it; else None.
+
+    Coordinates far from where a CRS is defined (a file without CRS given the wrong
+    ``crs=``: UTM northings labelled British National Grid) read without error but place
+    the outputs in the wrong spot. Only no overlap at all counts: a tile reaching past its
+    UTM zone's edge, as Sentinel-2 tiles do, is not outside.
+
+    Args:
+        crs: the CRS (anything ``pyproj.CRS.from_user_input`` takes).
+        bounds: ``(xmin, ymin, xmax, ymax)`` in ``crs``.
+
+    Returns:
+        ``(west, south, east, north)`` of the area of use in degrees (EPSG's), or None where
+        ``bounds`` meet it, or the CRS has no area of use (a PROJ string, a local CRS) or it
+        cannot be projected into the CRS.
+    """
+    source = CRS.from_user_input(crs)
+    area = source.area_of_use or next((c.area_of_use for c in source.sub_crs_list), None)
+    if area is None or area.west > area.east or source.is_engineering:  # antimeridian: skip
+        return None
+    try:
+        x0, y0, x1, y1 = transformer(WGS84, source).transform_bounds(
+            area.west, area.south, area.east, area.north, densify_pts=21
+        )
+    except (CRSTransformError, pyproj.exceptions.ProjError):
+        return None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        return None
+    xmin, ymin, xmax, ymax = bounds
+    if xmin <= x1 and xmax >= x0 and ymin <= y1 and ymax >= y0:
+        return None
+    return area.west, area.south, area.east, area.north
+
+
 def utm_epsg(lon: float, lat: float) -> int:
     """EPSG code of the WGS 84 UTM zone holding a point (no Norway/Svalbard exceptions).
 
