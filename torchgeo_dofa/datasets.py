@@ -2973,7 +2973,7 @@ def _one_crs(
             files = [os.path.basename(p) for p, c in crss.items() if c and _is_local(c)]
             if not files:
                 raise
-            shown = ", ".join(files[:2]) + (", ..." if len(files) > 2 else "")
+            shown = _first_two(files)
             if len(files) == len(crss):  # all local: embedding them whole works
                 raise CRSTransformError(f"{shown}: {err}", reason=err.reason) from None
             raise CRSTransformError(  # with others: embedding the folder whole is mixed CRS
@@ -2990,17 +2990,15 @@ def _one_crs(
     if len(groups) > 1:
         listing = "; ".join(  # per CRS: how many files, the first two named
             f"{crs_label(wkt) if wkt else 'no CRS'}: {len(files)} file"
-            f"{'s' if len(files) > 1 else ''} ({', '.join(files[:2])}"
-            f"{', ...' if len(files) > 2 else ''})"
+            f"{'s' if len(files) > 1 else ''} ({_first_two(files)})"
             for wkt, files in groups.items()
         )
         local = [f for wkt, files in groups.items() if wkt and _is_local(wkt) for f in files]
         if local:  # no CRS to read them in: a local CRS is not tied to the Earth
             raise InputError(
                 f"mixed CRS in region {name!r} ({listing}): files in a local CRS "
-                f"({', '.join(local[:2])}{', ...' if len(local) > 2 else ''}) cannot be read "
-                "in another CRS: pass them as separate inputs, or give them their real CRS "
-                "(gdal_edit.py -a_srs EPSG:<code>)"
+                f"({_first_two(local)}) cannot be read in another CRS: pass them as separate "
+                "inputs, or give them their real CRS (gdal_edit.py -a_srs EPSG:<code>)"
             )
         raise InputError(
             f"mixed CRS in region {name!r} ({listing}): read them in one CRS, "
@@ -3014,6 +3012,11 @@ def _one_crs(
         max(b[3] for b in bounds),
     )
     return next(iter(crss.values())), union
+
+
+def _first_two(names: Sequence[str]) -> str:
+    """``"a.tif, b.tif, ..."``: the first two names, and an ellipsis where there are more."""
+    return ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
 
 
 @functools.lru_cache(maxsize=256)

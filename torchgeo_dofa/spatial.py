@@ -689,13 +689,13 @@ def require_datum_grids(crs: object, setting: str = "") -> None:
     source = CRS.from_user_input(crs)
     if not (grids := missing_grids(source, WGS84)):
         return
+    err = _crs_transform_error(source, WGS84, None)  # its reason names the grids
     if not setting:
-        raise _crs_transform_error(source, WGS84, None)
-    why = f"it needs the datum grid {', '.join(grids)}, which PROJ lacks"
+        raise err
     raise CRSTransformError(
-        f"{setting} {crs_label(source)} cannot be tied to longitude / latitude ({why}): "
+        f"{setting} {crs_label(source)} cannot be tied to longitude / latitude ({err.reason}): "
         f"{_install_grid(grids[0])}, or pass another {setting}",
-        reason=why,
+        reason=err.reason,
     )
 
 
