@@ -82,4 +82,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from torchgeo_dofa.__main__ import run_as_command
+
+    sys.exit(run_as_command(main))  # as the torchgeo-dofa command exits (no ~1 s teardown)

@@ -1,4 +1,4 @@
-"""The benchmark's reading of the CLI's output, on the lines the CLI really prints."""
+"""The benchmark's reading of the CLI's output (on the lines the CLI really prints), verdicts."""
 
 from __future__ import annotations
 
@@ -28,3 +28,23 @@ def test_cli_job_seconds_reads_the_summary_line(summary: EmbedSummary, seconds: 
 def test_cli_job_seconds_without_a_summary_line_names_it() -> None:
     with pytest.raises(ValueError, match=r"(?s)no 'embedded N chips in X s' line.*Traceback"):
         cli_job_seconds("Traceback (most recent call last):\n...")
+
+
+@pytest.mark.parametrize(("one_chip_s", "verdict"), [(5.9, "NOT MET"), (4.2, "MET")])
+def test_start_up_target_is_judged_on_the_fastest_one_chip_run(
+    one_chip_s: float, verdict: str
+) -> None:
+    from benchmarks.bench_utils import Machine
+    from benchmarks.run import Report, targets
+
+    machine = Machine("cpu", {}, 2, 2, "torch", "torchgeo", True, (0.0, 0.0, 0.0))
+    report = Report(machine, peaks={"bf16": (1000.0, "1024^2")})
+    report.checks |= {
+        "cli_one_chip_fp32_s": 7.5,
+        "cli_one_chip_bf16_s": one_chip_s,
+        "library_imports_s": 3.8,
+    }
+    (line,) = [t for t in targets(report) if "start-up" in t]
+    assert line.startswith(f"{verdict}: start-up: a one-chip `torchgeo-dofa embed` within 5 s")
+    assert f": {one_chip_s:.1f} s (best of the CLI runs)" in line
+    assert line.endswith("rasterio alone takes 3.8 s")

@@ -389,7 +389,7 @@ def test_ddp_two_cpu_processes_write_every_chip_once(
 ) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [
-        sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(SCENE), "-o", str(tmp_path),
+        sys.executable, "-m", "torchgeo_dofa", "embed", str(SCENE), "-o", str(tmp_path),
         "--weights", str(base_checkpoint), "--output", "both", "--batch-size", "2",
         "--strategy", "ddp", "--devices", "2", "--device", "cpu", "--no-progress",
     ]  # fmt: skip
@@ -425,7 +425,7 @@ def test_sigterm_to_a_ddp_config_run_stops_every_process(tmp_path, base_checkpoi
     cmd = [
         sys.executable,
         "-m",
-        "torchgeo_dofa.cli",
+        "torchgeo_dofa",
         "predict",
         "--config",
         str(tmp_path / "cfg.yaml"),
@@ -457,7 +457,7 @@ def _ddp_embed_command(
 ) -> list[str]:
     """``torchgeo-dofa embed`` with DDP on CPU processes, one chip per batch, no workers."""
     return [
-        sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(scene), "-o", str(out),
+        sys.executable, "-m", "torchgeo_dofa", "embed", str(scene), "-o", str(out),
         "--weights", str(checkpoint), "--output", output, "--strategy", "ddp",
         "--devices", str(devices), "--device", "cpu", "--num-workers", "0",
         "--batch-size", "1", "--precision", "32", "--no-progress",
@@ -1203,7 +1203,7 @@ def test_predict_config_locks_its_outputs_and_cleans_up_after_failures(
     out = tmp_path / "out"
     cfg = _predict_config(out, base_checkpoint)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "torchgeo_dofa.cli", "predict", "--config"]
+    cmd = [sys.executable, "-m", "torchgeo_dofa", "predict", "--config"]
     # the second job's checkpoint is broken: refused as locked, it never loaded it (the
     # writers are made before the model, and take the lock then)
     broken = tmp_path / "broken.pth"
@@ -1971,7 +1971,7 @@ def test_a_second_concurrent_job_on_the_folder_fails_at_once(tmp_path, base_chec
     from torchgeo_dofa.jobs import OutputLock
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(SCENE), "-o", str(out),
+    cmd = [sys.executable, "-m", "torchgeo_dofa", "embed", str(SCENE), "-o", str(out),
            "--no-progress", "--output", "pooled"]  # fmt: skip
     (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
     corrupt = [*cmd[3:], "--weights", str(tmp_path / "corrupt.pth")]
@@ -2146,7 +2146,7 @@ def test_kill_9_during_prediction_then_rerun_equals_uninterrupted(
     tmp_path, reference_run, base_checkpoint
 ) -> None:
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(SCENE), "-o", str(out),
+    cmd = [sys.executable, "-m", "torchgeo_dofa", "embed", str(SCENE), "-o", str(out),
            "--weights", str(base_checkpoint), "--output", "both", "--batch-size", "1",
            "--num-workers", "0", "--no-progress"]  # fmt: skip
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -2177,7 +2177,7 @@ def test_sigterm_to_the_process_group_stops_after_the_batch(tmp_path, base_check
     """``scancel`` / systemd send SIGTERM to every process of the job: the loader worker
     used to die first and the job ended with a traceback and exit 1."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(SCENE), "-o", str(out),
+    cmd = [sys.executable, "-m", "torchgeo_dofa", "embed", str(SCENE), "-o", str(out),
            "--weights", str(base_checkpoint), "--output", "grid", "--batch-size", "1",
            "--num-workers", "1", "--no-progress"]  # fmt: skip
     job = subprocess.Popen(
@@ -2202,7 +2202,7 @@ def test_write_error_starts_its_own_line_after_the_progress_bar(tmp_path: Path) 
     error (stderr), which used to be glued to the bar's last refresh."""
     with tmpfs(tmp_path / "disk", "4m") as disk:
         cmd = [
-            sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(SCENE), "-o",
+            sys.executable, "-m", "torchgeo_dofa", "embed", str(SCENE), "-o",
             str(disk / "out"), "--weights", "none", "--device", "cpu", "--precision", "32",
         ]  # fmt: skip
         proc = subprocess.run(

@@ -167,7 +167,7 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path) -> None:
     from pathlib import Path
 
     scene = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
-    cmd = [sys.executable, "-m", "torchgeo_dofa.cli", "embed", str(scene), "-o",
+    cmd = [sys.executable, "-m", "torchgeo_dofa", "embed", str(scene), "-o",
            str(tmp_path / "out"), "--weights", "none"]  # fmt: skip
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)  # the libraries take several seconds to load
@@ -177,3 +177,47 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path) -> None:
     assert err.strip().splitlines()[-1].startswith("torchgeo-dofa: error: interrupted"), err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+#: A command run as ``python -m``: a Ctrl-C interrupts code run through ``PyRun_*`` inside it
+#: (as it can while torch loads), the command handles it and returns 130; ``atexit`` handlers.
+_COMMAND = """\
+import atexit, ctypes, sys
+from torchgeo_dofa.__main__ import run_as_command
+if "--earlier-handler" in sys.argv:
+    atexit.register(print, "earlier handler")
+def command():
+    atexit.register(print, "handler")
+    ctypes.pythonapi.PyRun_SimpleString(b"raise KeyboardInterrupt")
+    print("summary")  # stdout is a pipe: block-buffered, flushed at exit
+    return 130
+sys.exit(run_as_command(command))
+"""
+
+
+def _run_command(tmp_path, *args: str, fast_exit: str | None = None) -> tuple[int, str]:
+    import os
+
+    (tmp_path / "interrupted_command.py").write_text(_COMMAND)
+    env = {k: v for k, v in os.environ.items() if k != "TORCHGEO_DOFA_FAST_EXIT"}
+    if fast_exit is not None:
+        env["TORCHGEO_DOFA_FAST_EXIT"] = fast_exit
+    proc = subprocess.run(
+        [sys.executable, "-m", "interrupted_command", *args],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    return proc.returncode, proc.stdout
+
+
+def test_a_command_exits_with_the_status_it_returned(tmp_path) -> None:
+    """``python -m torchgeo_dofa`` returned 130 after a Ctrl-C while the libraries loaded, and
+    the process died by SIGINT now and then instead (Python does so after ``python -m`` when a
+    KeyboardInterrupt left nested ``PyRun_*`` code); the exit skips the interpreter teardown
+    (~1.1 s) and still runs the exit handlers and flushes stdout."""
+    assert _run_command(tmp_path) == (130, "summary\nhandler\n")
+    # an exit handler registered before the command (a coverage tool's) keeps Python's exit
+    status, out = _run_command(tmp_path, "--earlier-handler")
+    assert out == "summary\nhandler\nearlier handler\n"
+    # as does TORCHGEO_DOFA_FAST_EXIT=0: the SIGINT death this is about
+    assert _run_command(tmp_path, fast_exit="0") == (-2, "summary\nhandler\n")
+    assert status == -2

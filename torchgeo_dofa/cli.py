@@ -1556,5 +1556,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m torchgeo_dofa.cli: as the torchgeo-dofa command
+    from torchgeo_dofa.__main__ import main as command
+
+    sys.exit(command())
