@@ -2194,7 +2194,49 @@ def test_sigterm_to_the_process_group_stops_after_the_batch(tmp_path, base_check
     assert job.returncode == 143, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert "stopped by SIGTERM" in err
+    # acknowledged at once, by the job alone (its loader worker got the SIGTERM as well)
+    assert err.count("torchgeo-dofa: SIGTERM: stopping once the batch or output") == 1, err
     assert not (out / "ftw_s2_l2a_33N_grid.tif").exists() and list(parts.glob("*.npy"))
+
+
+def _embed_into_a_closed_pipe(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Run the command with stdout a pipe whose reader is gone (``| head`` that exited)."""
+    read, write = os.pipe()
+    os.close(read)
+    cmd = [sys.executable, "-m", "torchgeo_dofa", "embed", str(SCENE), "-o", str(out),
+           "--weights", "none", "--seed", "0", *extra]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    try:
+        return subprocess.run(
+            cmd, stdout=write, stderr=subprocess.PIPE, text=True, env=env, timeout=300
+        )
+    finally:
+        os.close(write)
+
+
+def test_a_closed_stdout_is_one_line_and_a_finished_job_exits_0(tmp_path: Path) -> None:
+    """``embed ... | true``: the summary's BrokenPipeError was a traceback and exit 1 (120
+    with buffered stdout) after a job that had finished; with the progress bar, the first
+    refresh failed the job as "[Errno 32] Broken pipe", exit 2 (bad input)."""
+    done = _embed_into_a_closed_pipe(tmp_path / "done", "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1].startswith(
+        "torchgeo-dofa: warning: could not write to stdout (broken pipe), so this line was not "
+        "printed there: embedded 6 chips in "
+    ), done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+    with rasterio.open(tmp_path / "done" / "ftw_s2_l2a_33N_grid.tif") as grid:
+        assert grid.count == 768 and np.isfinite(grid.read(1)).all()
+    assert len(gpd.read_parquet(tmp_path / "done" / "ftw_s2_l2a_33N_pooled.parquet")) == 6
+    # the progress bar writes to stdout: the job stops, saying why and how to resume
+    bar = _embed_into_a_closed_pipe(tmp_path / "bar")
+    assert bar.returncode == 1, bar.stderr[-3000:]
+    assert bar.stderr.splitlines()[-1] == (
+        "torchgeo-dofa: error: stdout was closed (broken pipe) while the command ran (the "
+        "progress bar writes there); chips already written are kept: rerun the same command "
+        "to resume, with stdout open or with --no-progress"
+    )
+    assert "Traceback" not in bar.stderr and "Exception ignored" not in bar.stderr
 
 
 def test_write_error_starts_its_own_line_after_the_progress_bar(tmp_path: Path) -> None:

@@ -768,6 +768,28 @@ def test_signal_callback_alone_installs_and_restores(tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+@pytest.mark.parametrize(
+    ("signum", "said"),
+    [
+        (signal.SIGINT, "Ctrl-C: stopping once the batch or output in progress is written; "
+         "Ctrl-C again stops at once"),
+        (signal.SIGTERM, "SIGTERM: stopping once the batch or output in progress is written; "
+         "a second SIGTERM stops at once"),
+    ],
+)  # fmt: skip
+def test_the_first_signal_is_acknowledged_in_one_line(capfd, signum: int, said: str) -> None:
+    """A Ctrl-C while a job's last output was assembled (seconds for a large grid) went
+    unanswered until the job ended: it looked ignored."""
+    with StopOnSignal("prog") as stop:
+        os.kill(os.getpid(), signum)
+        assert stop.received == signum
+    assert capfd.readouterr().err == f"prog: {said}\n"
+    with StopOnSignal() as stop:  # the library's default: silent
+        os.kill(os.getpid(), signum)
+        assert stop.received == signum
+    assert capfd.readouterr().err == ""
+
+
 def test_signal_callback_must_follow_the_writers(tmp_path: Path) -> None:
     stop = StopOnSignal()
     trainer = pl.Trainer(

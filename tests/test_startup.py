@@ -182,11 +182,16 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path) -> None:
 #: A command run as ``python -m``: a Ctrl-C interrupts code run through ``PyRun_*`` inside it
 #: (as it can while torch loads), the command handles it and returns 130; ``atexit`` handlers.
 _COMMAND = """\
-import atexit, ctypes, sys
+import atexit, ctypes, os, signal, sys
 from torchgeo_dofa.__main__ import run_as_command
 if "--earlier-handler" in sys.argv:
     atexit.register(print, "earlier handler")
 def command():
+    if "--ctrl-c-at-exit" in sys.argv:  # run last of the command's handlers
+        atexit.register(os.kill, os.getpid(), signal.SIGINT)
+        atexit.register(print, "handler")
+        print("summary")
+        return 0
     atexit.register(print, "handler")
     ctypes.pythonapi.PyRun_SimpleString(b"raise KeyboardInterrupt")
     print("summary")  # stdout is a pipe: block-buffered, flushed at exit
@@ -195,18 +200,22 @@ sys.exit(run_as_command(command))
 """
 
 
-def _run_command(tmp_path, *args: str, fast_exit: str | None = None) -> tuple[int, str]:
+def _run_command(tmp_path, *args: str, fast_exit: str | None = None) -> tuple[int, str, str]:
     import os
 
     (tmp_path / "interrupted_command.py").write_text(_COMMAND)
-    env = {k: v for k, v in os.environ.items() if k != "TORCHGEO_DOFA_FAST_EXIT"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TORCHGEO_DOFA_FAST_EXIT", "PYTHONUNBUFFERED")
+    }
     if fast_exit is not None:
         env["TORCHGEO_DOFA_FAST_EXIT"] = fast_exit
     proc = subprocess.run(
         [sys.executable, "-m", "interrupted_command", *args],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
     )  # fmt: skip
-    return proc.returncode, proc.stdout
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def test_a_command_exits_with_the_status_it_returned(tmp_path) -> None:
@@ -214,10 +223,18 @@ def test_a_command_exits_with_the_status_it_returned(tmp_path) -> None:
     the process died by SIGINT now and then instead (Python does so after ``python -m`` when a
     KeyboardInterrupt left nested ``PyRun_*`` code); the exit skips the interpreter teardown
     (~1.1 s) and still runs the exit handlers and flushes stdout."""
-    assert _run_command(tmp_path) == (130, "summary\nhandler\n")
+    assert _run_command(tmp_path)[:2] == (130, "summary\nhandler\n")
     # an exit handler registered before the command (a coverage tool's) keeps Python's exit
-    status, out = _run_command(tmp_path, "--earlier-handler")
+    status, out, _ = _run_command(tmp_path, "--earlier-handler")
     assert out == "summary\nhandler\nearlier handler\n"
-    # as does TORCHGEO_DOFA_FAST_EXIT=0: the SIGINT death this is about
-    assert _run_command(tmp_path, fast_exit="0") == (-2, "summary\nhandler\n")
     assert status == -2
+    # as does TORCHGEO_DOFA_FAST_EXIT=0: the SIGINT death this is about
+    assert _run_command(tmp_path, fast_exit="0")[:2] == (-2, "summary\nhandler\n")
+
+
+def test_ctrl_c_after_the_command_returned_is_ignored(tmp_path) -> None:
+    """A Ctrl-C in the instant after the summary interrupted the exit handlers: a
+    KeyboardInterrupt traceback after a successful job (a stranger's finding)."""
+    assert _run_command(tmp_path, "--ctrl-c-at-exit") == (0, "summary\nhandler\n", "")
+    status, _, err = _run_command(tmp_path, "--ctrl-c-at-exit", fast_exit="0")
+    assert "KeyboardInterrupt" in err or status == -2  # what Python's own exit does

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 from collections.abc import Callable, MutableMapping, Sequence
 
@@ -31,6 +32,15 @@ OPENMP_DEFAULTS: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
 FAST_EXIT_VARIABLE = "TORCHGEO_DOFA_FAST_EXIT"
 
 _exit_status: list[int] = []  # the command's status, once it has returned one
+_fast_exit_armed: list[bool] = []  # non-empty once run_as_command will end the process
+
+
+def process_ends_after_command() -> bool:
+    """Whether this process ends (without teardown) once its command returns.
+
+    Then a job need not free its memory for a next one (``gc.collect()``, 0.3 s).
+    """
+    return bool(_fast_exit_armed)
 
 
 def run_as_command(command: Callable[[], int]) -> int:
@@ -52,6 +62,10 @@ def run_as_command(command: Callable[[], int]) -> int:
     code run through ``PyRun_*`` inside it (as happens while the libraries load): exit 130
     came out as "killed by SIGINT" now and then.
 
+    Once the command has returned, Ctrl-C is ignored until the process ends: a Ctrl-C in
+    those milliseconds interrupted the exit handlers (a KeyboardInterrupt traceback after
+    a successful job, the handlers after it skipped).
+
     Python's own exit is kept where the command raises (a traceback, ``SystemExit`` from a
     usage error), under ``python -i``, where ``atexit`` handlers were registered before the
     command started (a coverage tool's, which must still run), and with
@@ -64,9 +78,16 @@ def run_as_command(command: Callable[[], int]) -> int:
         The status ``command`` returned (the process then exits with it when Python exits).
     """
     earlier = getattr(atexit, "_ncallbacks", lambda: 0)()  # CPython; elsewhere assume none
-    if os.environ.get(FAST_EXIT_VARIABLE) != "0" and not sys.flags.inspect and not earlier:
+    fast = os.environ.get(FAST_EXIT_VARIABLE) != "0" and not sys.flags.inspect and not earlier
+    if fast:
         atexit.register(_exit_without_teardown)
-    status = command()
+        _fast_exit_armed.append(True)
+    try:
+        status = command()
+        if fast:  # the command is done: a Ctrl-C now would only break the exit handlers
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except KeyboardInterrupt:  # in the instant between the command's return and the above
+        status = 130
     _exit_status.append(status)
     return status
 

@@ -688,7 +688,8 @@ def embed(
             },
         )
         started = True
-        with StopOnSignal() as stop, quiet_lightning():
+        announce = "torchgeo-dofa" if is_launcher() else None  # one line a job, not a rank
+        with StopOnSignal(announce) as stop, quiet_lightning():
             given = [f"--{k}" for k in ("nodata", "crs") if dataset_kwargs[k] is not None]
             fresh = manifest.check_or_write(
                 folder, overwrite=overwrite, name=manifest_name, given=given
@@ -1002,7 +1003,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
 
-    from .jobs import StopOnSignal
+    from .jobs import StopOnSignal, is_launcher
     from .weights import CheckpointError, verify_checkpoint_file
     from .writers import lock_outputs_when_made
 
@@ -1011,7 +1012,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     # 130 / 143), as in embed; Lightning alone let SIGTERM run to the end. Installed before
     # the trainer runs, so Lightning's own SIGTERM handler, which forwards the signal to the
     # DDP workers it started, composes with it and still runs
-    stop = StopOnSignal()
+    stop = StopOnSignal("torchgeo-dofa" if is_launcher() else None)
 
     class _CLI(LightningCLI):
         def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -1106,9 +1107,14 @@ def _free_the_job() -> None:
     The trainer, the module and the data module refer to each other, so only Python's
     cyclic collector frees them, and it runs by object count, not by memory: four demo
     embed jobs in a row held 1.7, 2.1, 2.5 and 2.9 GB (about 400 MB more each, DOFA base),
-    1.7-2.0 GB with this collection after each (0.3-0.35 s).
+    1.7-2.0 GB with this collection after each (0.3-0.35 s). Skipped where the process
+    ends with its command (the ``torchgeo-dofa`` command: see
+    :func:`torchgeo_dofa.__main__.run_as_command`).
     """
-    gc.collect()
+    from .__main__ import process_ends_after_command
+
+    if not process_ends_after_command():
+        gc.collect()
 
 
 def _run_lightning_cli(args: Sequence[str] | None) -> int:
@@ -1196,6 +1202,56 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        _stdout_to_devnull()
+        print(
+            "torchgeo-dofa: error: stdout was closed (broken pipe) while the command ran (the "
+            "progress bar writes there); chips already written are kept: rerun the same "
+            "command to resume, with stdout open or with --no-progress",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe or socket whose reading end is gone (``| head`` exited)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no stdout, no fileno, no poll
+        return False
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null: what is still buffered for it cannot fail Python's exit."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _print_result(line: str) -> None:
+    """Print a finished command's result line on stdout.
+
+    The command's work is done and verified by then: stdout being closed (``| head -c 10``,
+    a reader that quit) or unwritable (a full disk) is warned of on stderr, not a failure
+    (it was a ``BrokenPipeError`` traceback with exit 1, or exit 120 from Python's exit).
+    """
+    try:
+        print(line, flush=True)
+    except OSError as err:
+        _stdout_to_devnull()
+        reason = "broken pipe" if isinstance(err, BrokenPipeError) else error_line(err)
+        print(
+            f"torchgeo-dofa: warning: could not write to stdout ({reason}), so this line was "
+            f"not printed there: {line}",
+            file=sys.stderr,
+        )
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -1241,7 +1297,7 @@ def _main(argv: Sequence[str] | None) -> int:
         except (ValueError, OSError) as err:
             print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
             return 2
-        print(f"wrote {out}")
+        _print_result(f"wrote {out}")
         return 0
     from .bands import BandError
     from .datasets import InputError
@@ -1257,6 +1313,8 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
         return int(getattr(err, "exit_status", 1))
     except (InputError, BandError, CheckpointError, ValueError, OSError) as err:
+        if isinstance(err, BrokenPipeError) and _stdout_closed():
+            raise  # not the input: stdout's reader is gone (see main)
         print(f"torchgeo-dofa: error: {cli_hints(error_line(err))}", file=sys.stderr)
         return 2
     except Warning as err:  # python -W error / PYTHONWARNINGS=error made a warning an error
@@ -1267,7 +1325,7 @@ def _main(argv: Sequence[str] | None) -> int:
         )
         return 2
     if is_launcher():
-        print(summary.line())
+        _print_result(summary.line())
     return 0
 
 

@@ -25,6 +25,7 @@ DDP launcher starts, and the other ranks ``torchrun`` or SLURM's ``srun`` start.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -598,13 +599,23 @@ class StopOnSignal(Callback):
 
     Attributes:
         received: the first signal received, or None.
+        announce: the program name to acknowledge the first signal with on stderr (one
+            line, e.g. ``torchgeo-dofa: Ctrl-C: stopping once the batch or output in
+            progress is written; Ctrl-C again stops at once``), or None for silence. The
+            command line sets it (launcher process only): a job's last output can take
+            seconds to assemble, and a silent Ctrl-C looked ignored.
     """
 
     signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
-        """Create the callback (no handler installed yet)."""
+    def __init__(self, announce: str | None = None) -> None:
+        """Create the callback (no handler installed yet).
+
+        Args:
+            announce: see the class attribute.
+        """
         self.received: int | None = None
+        self.announce = announce
         self._previous: dict[int, _SignalHandler] = {}
         self._context = False
 
@@ -634,6 +645,8 @@ class StopOnSignal(Callback):
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
+            if self.announce:
+                self._acknowledge(signum)
             return
         # a second signal: stop now, as without this callback (the handlers are put back
         # again when the job ends, see restore)
@@ -646,6 +659,20 @@ class StopOnSignal(Callback):
         else:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
+
+    def _acknowledge(self, signum: int) -> None:
+        """Say on stderr that the signal was received and what happens next."""
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        again = "Ctrl-C again" if signum == signal.SIGINT else f"a second {name}"
+        line = (
+            f"{self.announce}: {name}: stopping once the batch or output in progress is "
+            f"written; {again} stops at once\n"
+        )
+        # os.write, not print: a handler runs between two bytecodes of the main thread,
+        # which may be inside a write to sys.stderr's buffer (a reentrant write raises);
+        # on a terminal, the progress bar's line is left first
+        with contextlib.suppress(OSError):
+            os.write(2, (("\n" if os.isatty(2) else "") + line).encode())
 
     def raise_if_received(self) -> None:
         """Raise :class:`JobInterrupted` if a signal was received.
