@@ -2199,44 +2199,95 @@ def test_sigterm_to_the_process_group_stops_after_the_batch(tmp_path, base_check
     assert not (out / "ftw_s2_l2a_33N_grid.tif").exists() and list(parts.glob("*.npy"))
 
 
-def _embed_into_a_closed_pipe(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    """Run the command with stdout a pipe whose reader is gone (``| head`` that exited)."""
-    read, write = os.pipe()
-    os.close(read)
+def _embed_with_stdout(out: Path, stdout: Any, *extra: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torchgeo_dofa", "embed", str(SCENE), "-o", str(out),
            "--weights", "none", "--seed", "0", *extra]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    try:
-        return subprocess.run(
-            cmd, stdout=write, stderr=subprocess.PIPE, text=True, env=env, timeout=300
-        )
-    finally:
-        os.close(write)
+    return subprocess.run(
+        cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, env=env, timeout=300
+    )
+
+
+def _closed_pipe() -> int:
+    """The writing end of a pipe whose reader is gone (``| head`` that exited)."""
+    read, write = os.pipe()
+    os.close(read)
+    return write
 
 
 def test_a_closed_stdout_is_one_line_and_a_finished_job_exits_0(tmp_path: Path) -> None:
     """``embed ... | true``: the summary's BrokenPipeError was a traceback and exit 1 (120
     with buffered stdout) after a job that had finished; with the progress bar, the first
     refresh failed the job as "[Errno 32] Broken pipe", exit 2 (bad input)."""
-    done = _embed_into_a_closed_pipe(tmp_path / "done", "--no-progress")
+    pipe = _closed_pipe()
+    try:
+        done = _embed_with_stdout(tmp_path / "done", pipe, "--no-progress")
+        bar = _embed_with_stdout(tmp_path / "bar", pipe)  # the progress bar writes to stdout
+    finally:
+        os.close(pipe)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.splitlines()[-1].startswith(
-        "torchgeo-dofa: warning: could not write to stdout (broken pipe), so this line was not "
-        "printed there: embedded 6 chips in "
+        "torchgeo-dofa: warning: could not write to stdout (broken pipe: its reader is gone), "
+        "so this line was not printed there: embedded 6 chips in "
     ), done.stderr
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
     with rasterio.open(tmp_path / "done" / "ftw_s2_l2a_33N_grid.tif") as grid:
         assert grid.count == 768 and np.isfinite(grid.read(1)).all()
     assert len(gpd.read_parquet(tmp_path / "done" / "ftw_s2_l2a_33N_pooled.parquet")) == 6
-    # the progress bar writes to stdout: the job stops, saying why and how to resume
-    bar = _embed_into_a_closed_pipe(tmp_path / "bar")
+    # the job stops, saying why and how to resume
     assert bar.returncode == 1, bar.stderr[-3000:]
     assert bar.stderr.splitlines()[-1] == (
-        "torchgeo-dofa: error: stdout was closed (broken pipe) while the command ran (the "
-        "progress bar writes there); chips already written are kept: rerun the same command "
-        "to resume, with stdout open or with --no-progress"
+        "torchgeo-dofa: error: could not write to stdout (broken pipe: its reader is gone) "
+        "while the command ran (the progress bar writes there): rerun it with stdout open or "
+        "without the progress bar (embed --no-progress; --trainer.enable_progress_bar false "
+        "with --config); an embed or predict job resumes where it stopped"
     )
     assert "Traceback" not in bar.stderr and "Exception ignored" not in bar.stderr
+
+
+def test_a_result_line_neither_stdout_nor_stderr_takes_is_dropped_quietly(monkeypatch) -> None:
+    """``embed ... 2>&1 | head -c 10`` after a finished job: the warning carrying the summary
+    failed on stderr too, and the finished job exited 1 (a stranger's finding)."""
+    from torchgeo_dofa.cli import _print_result
+
+    streams = []
+    for name in ("stdout", "stderr"):  # two pipes whose readers are gone
+        read, write = os.pipe()
+        os.close(read)
+        streams.append(open(write, "w"))  # closed below
+        monkeypatch.setattr(sys, name, streams[-1])
+    try:
+        _print_result("embedded 6 chips in 2.0 s")  # no exception: the job's result stands
+        for stream in streams:  # the exit's flush cannot fail on them
+            assert os.readlink(f"/proc/self/fd/{stream.fileno()}") == "/dev/null"
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_stdout_names_stdout(tmp_path: Path) -> None:
+    """``embed ... >/dev/full`` (stdout on a full disk): the progress bar's write failed the
+    job as "[Errno 28] No space left on device", exit 2, as if the input or output were at
+    fault; with stdout closed (``>&-``) the summary was lost without a word."""
+    with open("/dev/full", "w") as full:
+        bar = _embed_with_stdout(tmp_path / "bar", full)
+    assert bar.returncode == 1, bar.stderr[-3000:]
+    assert bar.stderr.splitlines()[-1].startswith(
+        "torchgeo-dofa: error: could not write to stdout ([Errno 28] No space left on "
+        "device) while the command ran (the progress bar writes there)"
+    ), bar.stderr
+    closed = subprocess.run(
+        [sys.executable, "-m", "torchgeo_dofa", "embed", str(SCENE), "-o", str(tmp_path / "c"),
+         "--weights", "none", "--no-progress"],
+        stderr=subprocess.PIPE, text=True, timeout=300, pass_fds=(), close_fds=True,
+        preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert closed.returncode == 0, closed.stderr[-3000:]
+    assert closed.stderr.splitlines()[-1].startswith(
+        "torchgeo-dofa: warning: could not write to stdout (it is closed), so this line was "
+        "not printed there: embedded 6 chips"
+    ), closed.stderr
 
 
 def test_write_error_starts_its_own_line_after_the_progress_bar(tmp_path: Path) -> None:

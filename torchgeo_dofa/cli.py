@@ -1189,8 +1189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 2 for bad input (one-line error, no traceback), 130
-        for Ctrl-C where no job handler runs yet (while the libraries load) or after a
+        The exit status: 0 on success (also when stdout can no longer take the summary
+        line: it goes to stderr), 2 for bad input (one-line error, no traceback), 1 when
+        stdout failed while the command ran (its reader gone, a full disk: the progress bar
+        writes there),
+        130 for Ctrl-C where no job handler runs yet (while the libraries load) or after a
         second Ctrl-C.
     """
     try:
@@ -1202,56 +1205,79 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except BrokenPipeError:
-        if not _stdout_closed():
+    except OSError as err:
+        if not _stdout_unwritable():
             raise
-        _stdout_to_devnull()
-        print(
-            "torchgeo-dofa: error: stdout was closed (broken pipe) while the command ran (the "
-            "progress bar writes there); chips already written are kept: rerun the same "
-            "command to resume, with stdout open or with --no-progress",
-            file=sys.stderr,
+        _to_devnull(sys.stdout)
+        _report(
+            f"torchgeo-dofa: error: could not write to stdout ({_stdout_reason(err)}) while "
+            "the command ran (the progress bar writes there): rerun it with stdout open or "
+            "without the progress bar (embed --no-progress; --trainer.enable_progress_bar "
+            "false with --config); an embed or predict job resumes where it stopped"
         )
         return 1
 
 
-def _stdout_closed() -> bool:
-    """Whether stdout is a pipe or socket whose reading end is gone (``| head`` exited)."""
-    import select
+def _stdout_unwritable() -> bool:
+    """Whether stdout fails to take what was written to it (a reader gone, a full disk).
 
+    A write that failed leaves its bytes in the stream's buffer, so flushing fails again.
+    """
     try:
-        poll = select.poll()
-        poll.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poll.poll(0))
-    except (AttributeError, OSError, ValueError):  # no stdout, no fileno, no poll
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except OSError:
+        return True
+    except ValueError:  # closed
         return False
+    return False
 
 
-def _stdout_to_devnull() -> None:
-    """Point stdout at /dev/null: what is still buffered for it cannot fail Python's exit."""
+def _stdout_reason(err: OSError) -> str:
+    return "broken pipe: its reader is gone" if isinstance(err, BrokenPipeError) else str(err)
+
+
+def _to_devnull(stream: Any) -> None:
+    """Point ``stream``'s file descriptor at /dev/null.
+
+    What it still buffers then cannot fail the process's exit (Python's flush of a broken
+    stdout at exit makes the exit status 120).
+    """
     with contextlib.suppress(AttributeError, OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, stream.fileno())
         os.close(devnull)
+
+
+def _report(line: str) -> None:
+    """Print ``line`` on stderr; where stderr cannot take it either, drop it quietly."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (AttributeError, OSError, ValueError):
+        _to_devnull(sys.stderr)
 
 
 def _print_result(line: str) -> None:
     """Print a finished command's result line on stdout.
 
     The command's work is done and verified by then: stdout being closed (``| head -c 10``,
-    a reader that quit) or unwritable (a full disk) is warned of on stderr, not a failure
-    (it was a ``BrokenPipeError`` traceback with exit 1, or exit 120 from Python's exit).
+    a reader that quit, ``>&-``) or unwritable (a full disk) is warned of on stderr, not a
+    failure (it was a ``BrokenPipeError`` traceback with exit 1, or exit 120 from Python's
+    exit); so is stderr failing as well.
     """
-    try:
-        print(line, flush=True)
-    except OSError as err:
-        _stdout_to_devnull()
-        reason = "broken pipe" if isinstance(err, BrokenPipeError) else error_line(err)
-        print(
-            f"torchgeo-dofa: warning: could not write to stdout ({reason}), so this line was "
-            f"not printed there: {line}",
-            file=sys.stderr,
-        )
+    if sys.stdout is None:  # started with file descriptor 1 closed
+        reason = "it is closed"
+    else:
+        try:
+            print(line, flush=True)
+            return
+        except OSError as err:
+            _to_devnull(sys.stdout)
+            reason = _stdout_reason(err)
+    _report(
+        f"torchgeo-dofa: warning: could not write to stdout ({reason}), so this line was "
+        f"not printed there: {line}"
+    )
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -1313,8 +1339,8 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
         return int(getattr(err, "exit_status", 1))
     except (InputError, BandError, CheckpointError, ValueError, OSError) as err:
-        if isinstance(err, BrokenPipeError) and _stdout_closed():
-            raise  # not the input: stdout's reader is gone (see main)
+        if isinstance(err, OSError) and _stdout_unwritable():
+            raise  # not the input: stdout failed (the progress bar's writes; see main)
         print(f"torchgeo-dofa: error: {cli_hints(error_line(err))}", file=sys.stderr)
         return 2
     except Warning as err:  # python -W error / PYTHONWARNINGS=error made a warning an error

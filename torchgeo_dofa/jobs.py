@@ -616,6 +616,7 @@ class StopOnSignal(Callback):
         """
         self.received: int | None = None
         self.announce = announce
+        self._pid = os.getpid()
         self._previous: dict[int, _SignalHandler] = {}
         self._context = False
 
@@ -624,6 +625,7 @@ class StopOnSignal(Callback):
         """Install the handlers (main thread only; elsewhere a no-op)."""
         if self._previous or threading.current_thread() is not threading.main_thread():
             return
+        self._pid = os.getpid()  # forked DataLoader workers inherit the handler, not the job
         for sig in self.signals:
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
@@ -645,8 +647,8 @@ class StopOnSignal(Callback):
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
-            if self.announce:
-                self._acknowledge(signum)
+            if self.announce and os.getpid() == self._pid:  # a terminal's Ctrl-C reaches
+                self._acknowledge(signum)  # the workers too: the job alone says it
             return
         # a second signal: stop now, as without this callback (the handlers are put back
         # again when the job ends, see restore)
