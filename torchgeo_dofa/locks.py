@@ -237,16 +237,20 @@ class OutputLock:
         try:
             for attempt in itertools.count(1):
                 created = [d for d in (self.folder, *self.folder.parents) if not d.exists()]
-                self.folder.mkdir(parents=True, exist_ok=True)
-                made = _MadeFolder.identify(created)
                 try:
+                    self.folder.mkdir(parents=True, exist_ok=True)
+                    made = _MadeFolder.identify(created)
                     found = frozenset(os.listdir(self.folder)) - {LOCK_NAME}
                     fd = self._lock_file()
                     break
-                except FileNotFoundError:
-                    # another job refused or done removed the empty folder it had made,
-                    # between our mkdir and our lock: make it again (a few times at most)
-                    if attempt == 10:
+                except (FileNotFoundError, FileExistsError) as err:
+                    # another job refused or done removed the empty folder it had made:
+                    # between our mkdir and our lock (not found), or between mkdir meeting
+                    # it and checking that it is a folder (exists, yet no file is there
+                    # now): make it again (a few times at most). A file in the path stays.
+                    name = err.filename or self.folder
+                    a_file = os.path.lexists(name) and not os.path.isdir(name)
+                    if attempt == 10 or (isinstance(err, FileExistsError) and a_file):
                         raise
             assert fd is not None  # the loop breaks with it
             os.ftruncate(fd, 0)
