@@ -688,8 +688,7 @@ def embed(
             },
         )
         started = True
-        announce = "torchgeo-dofa" if is_launcher() else None  # one line a job, not a rank
-        with StopOnSignal(announce) as stop, quiet_lightning():
+        with StopOnSignal(announce="torchgeo-dofa") as stop, quiet_lightning():
             given = [f"--{k}" for k in ("nodata", "crs") if dataset_kwargs[k] is not None]
             fresh = manifest.check_or_write(
                 folder, overwrite=overwrite, name=manifest_name, given=given
@@ -1003,7 +1002,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
 
-    from .jobs import StopOnSignal, is_launcher
+    from .jobs import StopOnSignal
     from .weights import CheckpointError, verify_checkpoint_file
     from .writers import lock_outputs_when_made
 
@@ -1012,7 +1011,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     # 130 / 143), as in embed; Lightning alone let SIGTERM run to the end. Installed before
     # the trainer runs, so Lightning's own SIGTERM handler, which forwards the signal to the
     # DDP workers it started, composes with it and still runs
-    stop = StopOnSignal("torchgeo-dofa" if is_launcher() else None)
+    stop = StopOnSignal(announce="torchgeo-dofa")
 
     class _CLI(LightningCLI):
         def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -1192,9 +1191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status: 0 on success (also when stdout can no longer take the summary
         line: it goes to stderr), 2 for bad input (one-line error, no traceback), 1 when
         stdout failed while the command ran (its reader gone, a full disk: the progress bar
-        writes there),
-        130 for Ctrl-C where no job handler runs yet (while the libraries load) or after a
-        second Ctrl-C.
+        writes there), 130 for Ctrl-C where no job handler runs yet (while the libraries
+        load) or after a second Ctrl-C.
     """
     try:
         return _main(argv)

@@ -601,9 +601,10 @@ class StopOnSignal(Callback):
         received: the first signal received, or None.
         announce: the program name to acknowledge the first signal with on stderr (one
             line, e.g. ``torchgeo-dofa: Ctrl-C: stopping once the batch or output in
-            progress is written; Ctrl-C again stops at once``), or None for silence. The
-            command line sets it (launcher process only): a job's last output can take
-            seconds to assemble, and a silent Ctrl-C looked ignored.
+            progress is written; Ctrl-C again stops at once``), or None for silence; said
+            by the process that installed the handler, and in a DDP job by the launcher
+            only. The command line sets it: a job's last output can take seconds to
+            assemble, and a silent Ctrl-C looked ignored.
     """
 
     signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
@@ -647,8 +648,10 @@ class StopOnSignal(Callback):
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
-            if self.announce and os.getpid() == self._pid:  # a terminal's Ctrl-C reaches
-                self._acknowledge(signum)  # the workers too: the job alone says it
+            # a terminal's Ctrl-C reaches the loader workers (forked with this handler) and
+            # every DDP rank too: the job's launching process alone says it
+            if self.announce and os.getpid() == self._pid and is_launcher():
+                self._acknowledge(signum)
             return
         # a second signal: stop now, as without this callback (the handlers are put back
         # again when the job ends, see restore)
