@@ -27,12 +27,15 @@ shapes, so regions large enough to show how the data path and the writers scale 
 region size can be run in seconds (the model's own memory does not depend on the region).
 
 The embedder is built before the job (so the "before" timing can use it) and handed to
-``embed`` in place of the one it would build; everything else is ``embed`` as users run it.
+``embed`` in place of the one it would build; everything else is ``embed`` as users run it,
+with Python's cyclic collector as the ``torchgeo-dofa`` command sets it (paused while the
+libraries load, their objects then frozen).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import sys
@@ -118,6 +121,7 @@ def main() -> None:
     from torchgeo_dofa.__main__ import apply_openmp_defaults
 
     apply_openmp_defaults()  # the torchgeo-dofa command's OpenMP settings, before torch loads
+    gc.disable()  # as the command loads its libraries (torchgeo_dofa.__main__.run_as_command)
     import lightning.pytorch as pl
     import rasterio
     import torch
@@ -125,6 +129,9 @@ def main() -> None:
     import torchgeo_dofa.cli as cli
     import torchgeo_dofa.embedder as embedder_module
     from torchgeo_dofa.embedder import DOFAEmbedder
+
+    gc.freeze()  # and then runs its job with their objects frozen (end_import_pause)
+    gc.enable()
 
     rss_start = _status_mb("VmRSS")
     module = DOFAEmbedder(variant=args.variant, weights=None, output="grid")

@@ -20,6 +20,7 @@ passive. Set ``OMP_WAIT_POLICY=ACTIVE`` (or any value) to choose otherwise; Pyth
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import signal
 import sys
@@ -33,6 +34,7 @@ FAST_EXIT_VARIABLE = "TORCHGEO_DOFA_FAST_EXIT"
 
 _exit_status: list[int] = []  # the command's status, once it has returned one
 _fast_exit_armed: list[bool] = []  # non-empty once run_as_command will end the process
+_collector_paused: list[bool] = []  # non-empty while run_as_command pauses the collector
 
 
 def process_ends_after_command() -> bool:
@@ -66,6 +68,17 @@ def run_as_command(command: Callable[[], int]) -> int:
     those milliseconds interrupted the exit handlers (a KeyboardInterrupt traceback after
     a successful job, the handlers after it skipped).
 
+    Python's cyclic garbage collector is paused while the command loads its libraries
+    (until it calls :func:`end_import_pause`), and what they made is then frozen
+    (``gc.freeze``), out of every later collection. The imports make ~530,000 objects that
+    live as long as the process; each collection of the oldest generation walked them all
+    (~0.12 s each: eight during a one-chip job's run, 0.95 s in all). Measured on a 2-core
+    Sapphire Rapids VM: importing torch, Lightning, TorchGeo, rasterio and this package's job
+    modules 3.9 s -> 3.0 s (three interleaved pairs); the job after them (``embedded N chips
+    in X s``) 1.6 -> 1.3 s for one chip and 4.6 -> 4.0 s for 64 chips (bf16). Freezing
+    before the DataLoader workers fork also keeps those objects' memory pages shared with
+    them (Python's documented use of ``gc.freeze``).
+
     Python's own exit is kept where the command raises (a traceback, ``SystemExit`` from a
     usage error), under ``python -i``, where ``atexit`` handlers were registered before the
     command started (a coverage tool's, which must still run), and with
@@ -82,14 +95,36 @@ def run_as_command(command: Callable[[], int]) -> int:
     if fast:
         atexit.register(_exit_without_teardown)
         _fast_exit_armed.append(True)
+    if gc.isenabled():  # until the command's libraries are loaded: see end_import_pause
+        gc.disable()
+        _collector_paused.append(True)
     try:
         status = command()
         if fast:  # the command is done: a Ctrl-C now would only break the exit handlers
             signal.signal(signal.SIGINT, signal.SIG_IGN)
     except KeyboardInterrupt:  # in the instant between the command's return and the above
         status = 130
+    finally:
+        if _collector_paused:  # a command that loaded no library (--help, a usage error)
+            _collector_paused.clear()
+            gc.enable()
     _exit_status.append(status)
     return status
+
+
+def end_import_pause() -> None:
+    """The command's libraries are loaded: freeze what they made and resume collecting.
+
+    Called by the command (:func:`torchgeo_dofa.cli.embed`, the LightningCLI subcommands)
+    once PyTorch, Lightning, TorchGeo and the job's modules are imported, before its job
+    makes any object worth collecting. Does nothing unless :func:`run_as_command` paused
+    Python's cyclic collector (a Python caller of the CLI functions keeps its collector as
+    it was: freezing would keep the garbage its own objects may hold until it ends).
+    """
+    if _collector_paused:
+        _collector_paused.clear()
+        gc.freeze()
+        gc.enable()
 
 
 def _exit_without_teardown() -> None:
@@ -150,4 +185,9 @@ def _command(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # python -m runs this file as __main__, a module apart from torchgeo_dofa.__main__, which
+    # the CLI asks about its process (process_ends_after_command, end_import_pause): run the
+    # command through that one, so both see the same state
+    from torchgeo_dofa.__main__ import main as _package_main
+
+    sys.exit(_package_main())

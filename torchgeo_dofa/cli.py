@@ -506,6 +506,7 @@ def embed(
     import lightning.pytorch as pl
     import torch
 
+    from .__main__ import end_import_pause
     from .datamodules import DOFAPredictDataModule
     from .datasets import InputError, find_raster_inputs
     from .embedder import OUTPUT_KINDS, DOFAEmbedder
@@ -535,6 +536,7 @@ def embed(
     from .spatial import BBox, read_points
     from .writers import GridWriter, PooledWriter, parts_dir
 
+    end_import_pause()
     start = time.perf_counter()  # the job, not the imports (a Python caller pays them once)
     variant = canonical_variant(variant)
     if output not in OUTPUT_KINDS:
@@ -1002,10 +1004,12 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
 
+    from .__main__ import end_import_pause
     from .jobs import StopOnSignal
     from .weights import CheckpointError, verify_checkpoint_file
     from .writers import lock_outputs_when_made
 
+    end_import_pause()
     trainers: list[pl.Trainer] = []
     # Ctrl-C / SIGTERM stop a prediction after the current batch's parts are written (exit
     # 130 / 143), as in embed; Lightning alone let SIGTERM run to the end. Installed before
