@@ -60,6 +60,37 @@ def _write(writer: GridWriter, chips: list[tuple[torch.Tensor, torch.Tensor]], e
     writer.flush()  # parts are written off the calling thread
 
 
+@pytest.mark.parametrize(
+    ("region_px", "window", "blocks"),
+    [
+        ((600, 400), 128, (32, 48)),  # 25 x 38 cells: blocks just covering the grid
+        ((600, 400), 16, (16, 16)),  # the window given
+        ((224, 224), 128, (16, 16)),  # one chip: 14 x 14 cells
+        ((3200, 224), 128, (16, 128)),  # 14 x 200 cells: the window across, 16 down
+    ],
+)
+def test_grid_blocks_fit_a_grid_smaller_than_the_window(
+    tmp_path: Path, region_px: tuple[int, int], window: int, blocks: tuple[int, int]
+) -> None:
+    """A one-chip grid (14 x 14 cells) was written in one 128 x 128-cell block per band: 50
+    MB of padding for DOFA base to compress and decode back (finalize 0.15 s, now 0.05)."""
+    width, height = region_px
+    geom = GridGeometry.for_region(
+        UTM, (500_000, 4_000_000, 500_000 + width * RES, 4_000_000 + height * RES), RES
+    )
+    out = tmp_path / "emb.tif"
+    writer = GridWriter(out, geom, window=window)
+    chip = _chip(geom, 0, 0, value=2.0)
+    _write(writer, [chip])
+    writer.finalize()
+    with rasterio.open(out) as src:
+        assert src.block_shapes[0] == blocks
+        assert (src.height, src.width) == (geom.height, geom.width)
+        data = src.read()
+    np.testing.assert_array_equal(data[:, :14, :14], chip[0].numpy())
+    assert np.isnan(data[:, 14:, :]).all() and np.isnan(data[:, :, 14:]).all()
+
+
 def test_grid_blending_nodata_and_georeferencing(tmp_path: Path) -> None:
     geom = _geometry()
     out = tmp_path / "emb.tif"
