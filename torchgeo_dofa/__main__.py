@@ -117,9 +117,12 @@ def end_import_pause() -> None:
 
     Called by the command (:func:`torchgeo_dofa.cli.embed`, the LightningCLI subcommands)
     once PyTorch, Lightning, TorchGeo and the job's modules are imported, before its job
-    makes any object worth collecting. Does nothing unless :func:`run_as_command` paused
-    Python's cyclic collector (a Python caller of the CLI functions keeps its collector as
-    it was: freezing would keep the garbage its own objects may hold until it ends).
+    makes any object worth collecting. The few cycles the imports left unreachable (18,498
+    objects in a stranger's count, ~10 MB of peak RSS) are frozen with the rest: collecting
+    them first would walk every object once more (~0.2 s). Does nothing unless
+    :func:`run_as_command` paused Python's cyclic collector (a Python caller of the CLI
+    functions keeps its collector as it was: freezing would keep the garbage its own objects
+    may hold until it ends).
     """
     if _collector_paused:
         _collector_paused.clear()
