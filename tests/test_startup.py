@@ -285,7 +285,7 @@ def test_the_command_freezes_what_its_libraries_made_before_the_job(tmp_path) ->
 
 
 def test_predict_config_freezes_what_its_libraries_made_before_the_job(
-    tmp_path, base_checkpoint
+    tmp_path, base_checkpoint, monkeypatch
 ) -> None:
     """``predict --config`` (LightningCLI) ends the collector's pause as ``embed`` does."""
     import gc
@@ -305,7 +305,8 @@ def test_predict_config_freezes_what_its_libraries_made_before_the_job(
             frozen.append(gc.get_freeze_count() - before)
 
     gc.callbacks.append(report)
-    try:  # in pytest's process atexit handlers exist: the fast exit stays off
+    monkeypatch.setenv("TORCHGEO_DOFA_FAST_EXIT", "0")  # pytest's process must not end here
+    try:
         assert (
             run_as_command(lambda: main(["predict", "--config", str(tmp_path / "cfg.yaml")])) == 0
         )
@@ -315,13 +316,14 @@ def test_predict_config_freezes_what_its_libraries_made_before_the_job(
     assert frozen and min(frozen) > 0  # collections ran during the job, all after the freeze
 
 
-def test_the_collector_is_left_as_it_was_outside_the_command() -> None:
+def test_the_collector_is_left_as_it_was_outside_the_command(monkeypatch) -> None:
     """A command that loads no library (``--help``) gets the collector back on; a Python
     caller's collector is neither paused nor frozen by the CLI's functions."""
     import gc
 
     from torchgeo_dofa.__main__ import end_import_pause, run_as_command
 
+    monkeypatch.setenv("TORCHGEO_DOFA_FAST_EXIT", "0")  # pytest's process must not end here
     states: list[bool] = []
 
     def command() -> int:
