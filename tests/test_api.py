@@ -21,6 +21,7 @@ import rasterio
 import shapely.geometry
 from rasterio.windows import from_bounds
 
+from tests.scenes import SCENE
 from torchgeo_dofa import api, gee, stac
 from torchgeo_dofa.api import (
     ExportModelRequest,
@@ -46,7 +47,6 @@ from torchgeo_dofa.spatial import (
 )
 from torchgeo_dofa.transforms import ReflectanceError
 
-SCENE = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
 CHIP_M = 2240.0  # 224 px at 10 m
 
 

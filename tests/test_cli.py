@@ -28,7 +28,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window, from_bounds
 
 from tests.precision import assert_as_exact_as_torchgeo, cosine_error, torchgeo_bf16_error
-from tests.scenes import dated_copies
+from tests.scenes import SCENE, dated_copies
 from tests.tmpfs import tmpfs
 from torchgeo_dofa import load_dofa
 from torchgeo_dofa.cli import embed, main, option_problem, output_folder
@@ -36,8 +36,6 @@ from torchgeo_dofa.datamodules import DOFAPredictDataModule
 from torchgeo_dofa.datasets import InputError, Sentinel2SR
 from torchgeo_dofa.spatial import CRSTransformError
 from torchgeo_dofa.transforms import DOFAPreprocess
-
-SCENE = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
 
 
 @pytest.fixture(scope="module")

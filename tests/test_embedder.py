@@ -11,11 +11,10 @@ import torch
 from torch.utils.data import DataLoader
 from torchgeo.samplers import GriddedPatchSampler
 
+from tests.scenes import SCENE
 from torchgeo_dofa.datasets import Sentinel2SR, stack_dofa_samples
 from torchgeo_dofa.embedder import DOFAEmbedder
 from torchgeo_dofa.transforms import DOFAPreprocess
-
-SCENE = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
 
 
 def _cpu_trainer(callbacks: list[pl.Callback] | None = None) -> pl.Trainer:

@@ -164,10 +164,10 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path) -> None:
     handlers exist) printed a KeyboardInterrupt traceback and died by the signal."""
     import signal
     import time
-    from pathlib import Path
 
-    scene = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
-    cmd = [sys.executable, "-m", "torchgeo_dofa", "embed", str(scene), "-o",
+    from tests.scenes import SCENE
+
+    cmd = [sys.executable, "-m", "torchgeo_dofa", "embed", str(SCENE), "-o",
            str(tmp_path / "out"), "--weights", "none"]  # fmt: skip
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)  # the libraries take several seconds to load
@@ -262,16 +262,14 @@ def test_the_command_freezes_what_its_libraries_made_before_the_job(tmp_path) ->
     load, freezes their objects, then collects as usual; under ``python -m`` the CLI saw
     another copy of ``torchgeo_dofa.__main__`` (and freed the finished job with a full
     collection, 0.2-0.3 s, although the process was ending)."""
-    from pathlib import Path
-
+    from tests.scenes import SCENE
     from tests.test_cli import _one_chip_bbox
 
     (tmp_path / "collections.py").write_text(_COLLECTIONS)
-    scene = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, str(tmp_path / "collections.py"), "embed", str(scene), "-o", str(out),
-         *_one_chip_bbox(scene), "--weights", "none", "--no-progress",
+        [sys.executable, str(tmp_path / "collections.py"), "embed", str(SCENE), "-o", str(out),
+         *_one_chip_bbox(SCENE), "--weights", "none", "--no-progress",
          "--output", "grid"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
