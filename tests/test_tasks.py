@@ -11,7 +11,10 @@ up 10x, so that tokens carry the input, as a trained encoder's do; that also exe
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
 import sys
 import time
 import warnings
@@ -1206,3 +1209,72 @@ def test_example_segmentation_config_parses() -> None:
     # embedding, so the example trains it (a linear probe stays at chance: README, Fine-tuning)
     assert cli.model.hparams["weights"] is None and cli.model.hparams["mode"] == "full"
     assert all(p.requires_grad for p in cli.model.encoder.backbone.patch_embed.parameters())
+
+
+class SignalAfterTrainBatch(Callback):
+    """Send this process a real signal after training batch ``batch`` (as ``kill`` would)."""
+
+    def __init__(self, signum: int, batch: int = 0) -> None:
+        self.signum, self.batch = signum, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.batch + 1:
+            os.kill(os.getpid(), self.signum)
+
+
+def _fit_command(tmp_path: Path, *extra: str) -> list[str]:
+    """``torchgeo-dofa fit`` with the example classification config, small and fast."""
+    return [
+        sys.executable, "-m", "torchgeo_dofa", "fit",
+        "--config", str(CONFIGS / "finetune_classification.yaml"),
+        "--data.init_args.num_samples", "8", "--data.init_args.batch_size", "2",
+        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_stops_fit_after_the_batch_and_saves_a_checkpoint_to_resume(
+    tmp_path: Path, signum: int
+) -> None:
+    """A first Ctrl-C during ``fit`` was acknowledged, then training ran to its last epoch
+    (exit 0); Lightning alone ended ``fit`` on SIGTERM with exit status 0 and nothing saved."""
+    import subprocess
+
+    callback = json.dumps(
+        [{"class_path": f"{__name__}.SignalAfterTrainBatch", "init_args": {"signum": signum}}]
+    )
+    cmd = _fit_command(tmp_path, f"--trainer.callbacks+={callback}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 128 + signum, proc.stderr[-3000:]
+    folder = tmp_path / "logs" / "dofa-linear-probe-synthetic" / "version_0" / "checkpoints"
+    saved = folder / "interrupted.ckpt"
+    name = signal.Signals(signum).name
+    errors = [line for line in proc.stderr.splitlines() if "torchgeo-dofa: error" in line]
+    assert errors == [
+        f"torchgeo-dofa: error: stopped by {name}: training stopped in epoch 0 after step 1, "
+        f"its state saved in {saved}: resume with the same command and --ckpt_path {saved}"
+    ], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    if signum == signal.SIGINT:
+        assert "torchgeo-dofa: Ctrl-C: stopping after the training batch in progress" in (
+            proc.stderr
+        )
+    state = torch.load(saved, map_location="cpu", weights_only=False)
+    assert (state["epoch"], state["global_step"]) == (0, 1)  # right after the first step
+    assert sorted(p.name for p in folder.iterdir()) == ["interrupted.ckpt"]  # no epoch ended
+    if signum == signal.SIGTERM:
+        return
+    # the command it names resumes: training goes on from that step to the epoch's end
+    proc = subprocess.run(
+        [*_fit_command(tmp_path), "--ckpt_path", str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in proc.stderr
+    resumed = tmp_path / "logs" / "dofa-linear-probe-synthetic" / "version_1"
+    last = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (0, 4)  # the epoch's 4 batches

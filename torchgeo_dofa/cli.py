@@ -1003,16 +1003,19 @@ def _lowercase(value: str) -> str:
 def _lightning_cli(args: Sequence[str] | None) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.trainer.states import TrainerFn
 
     from .__main__ import end_import_pause
-    from .jobs import StopOnSignal
+    from .jobs import JobInterrupted, StopOnSignal
     from .weights import CheckpointError, verify_checkpoint_file
     from .writers import lock_outputs_when_made
 
     end_import_pause()
     trainers: list[pl.Trainer] = []
     # Ctrl-C / SIGTERM stop a prediction after the current batch's parts are written (exit
-    # 130 / 143), as in embed; Lightning alone let SIGTERM run to the end. Installed before
+    # 130 / 143), as in embed; Lightning alone let SIGTERM run to the end. fit / validate /
+    # test stop after the batch in progress (fit saves its state first), also 130 / 143:
+    # Lightning alone ended fit on SIGTERM with exit status 0. Installed before
     # the trainer runs, so Lightning's own SIGTERM handler, which forwards the signal to the
     # DDP workers it started, composes with it and still runs
     stop = StopOnSignal(announce="torchgeo-dofa")
@@ -1073,9 +1076,22 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 args=None if args is None else list(args),
                 save_config_kwargs={"overwrite": True},
             )
-        except BaseException:
+        except BaseException as err:
             for trainer in trainers:  # the error line starts a line of its own
                 _close_progress_bar(trainer)
+            # a second Ctrl-C (Lightning exits 1) or Lightning's own stop on SIGTERM (exit
+            # 0) ended the run: it is the job's interruption
+            if stop.received is not None and isinstance(err, SystemExit | KeyboardInterrupt):
+                if stop.interrupted is not None:  # Lightning's stop; the state was saved
+                    raise stop.interrupted from None
+                fitting = any(t.state.fn == TrainerFn.FITTING for t in trainers)
+                raise JobInterrupted(
+                    stop.received,
+                    "training stopped, nothing saved at the stop: resume with the same "
+                    "command and --ckpt_path of the last checkpoint saved"
+                    if fitting
+                    else None,
+                ) from None
             raise
         finally:
             # close cached raster handles now, not during interpreter shutdown (where a failed

@@ -42,6 +42,8 @@ from typing import Any, Self
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from pyproj import CRS
 from shapely.geometry import Point, box
 from shapely.geometry.base import BaseGeometry
@@ -134,17 +136,17 @@ class JobInterrupted(JobError):
         exit_status: ``128 + signum`` (130 for SIGINT, 143 for SIGTERM), the shell convention.
     """
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, what: str | None = None) -> None:
         """Create the exception.
 
         Args:
             signum: the signal that stopped the job.
+            what: what was kept and how to go on (default: an embed job's "the chips
+                written so far are kept; rerun the same command to resume").
         """
         name = signal.Signals(signum).name
-        super().__init__(
-            f"stopped by {name}: the chips written so far are kept; rerun the same command "
-            "to resume"
-        )
+        kept = what or "the chips written so far are kept; rerun the same command to resume"
+        super().__init__(f"stopped by {name}: {kept}")
         self.signum = signum
         self.exit_status = 128 + signum
 
@@ -579,7 +581,7 @@ _SignalHandler = Callable[[int, FrameType | None], Any] | int | None
 
 
 class StopOnSignal(Callback):
-    """Stop an embed job cleanly on SIGINT / SIGTERM, after the current batch is written.
+    """Stop a job cleanly on SIGINT / SIGTERM: an embed job after the current batch is written.
 
     The handler only records the signal. The job stops at the next batch boundary: after a
     batch, once every prediction writer has written its parts (this callback must come
@@ -596,6 +598,18 @@ class StopOnSignal(Callback):
     Use it as a context manager around the whole job (several regions, several trainers)
     and pass it to every trainer; or pass it to a trainer alone, and it installs its handlers
     for that ``predict`` only. Previous handlers are restored when it exits.
+
+    Training, validation and testing (``torchgeo-dofa fit / validate / test``, where it is
+    used as a context manager) stop the same way at the end of the batch in progress, after
+    its optimizer step: ``fit`` first saves the training state as ``interrupted.ckpt`` in
+    the checkpoint folder (the first ``ModelCheckpoint``'s, else ``<log dir>/checkpoints``),
+    and the :class:`JobInterrupted` raised names it for ``--ckpt_path``. Lightning alone
+    ended ``fit`` on SIGTERM with exit status 0 and nothing saved, and this callback used
+    to swallow a first Ctrl-C there (training went on to its last epoch). With several
+    processes (DDP) training keeps Lightning's handling: SIGTERM stops at a batch end, a
+    Ctrl-C at once (Lightning's graceful shutdown), exit status 143 / 130 from the command,
+    nothing saved at the stop (a checkpoint save waits for every rank, and ranks may stop at
+    different batches).
 
     Attributes:
         received: the first signal received, or None.
@@ -620,6 +634,13 @@ class StopOnSignal(Callback):
         self._pid = os.getpid()
         self._previous: dict[int, _SignalHandler] = {}
         self._context = False
+        #: a trainer is fitting (set at setup): the acknowledgement says what is saved
+        self._fitting = False
+        #: training or evaluation with several processes (set at setup): signals get
+        #: Lightning's own handling (see :meth:`_handle`)
+        self._lightnings = False
+        #: how a signal ended training or evaluation (with the checkpoint saved), or None
+        self.interrupted: JobInterrupted | None = None
 
     # installation ---------------------------------------------------------------------
     def install(self) -> None:
@@ -646,6 +667,16 @@ class StopOnSignal(Callback):
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._lightnings:
+            # DDP training: ranks must stop at the same batch, which only Lightning can
+            # arrange without a collective call of its own crossing Lightning's (its SIGTERM
+            # handler broadcasts): SIGTERM is left to Lightning's handler (composed with
+            # this one; it stops at a batch end, exit 143 from the command), a Ctrl-C raises
+            # KeyboardInterrupt at once (Lightning's graceful shutdown; exit 130)
+            self.received = self.received or signum
+            if signum == signal.SIGINT and os.getpid() == self._pid:  # not in loader workers
+                raise KeyboardInterrupt
+            return
         if self.received is None:
             self.received = signum
             # a terminal's Ctrl-C reaches the loader workers (forked with this handler) and
@@ -669,10 +700,12 @@ class StopOnSignal(Callback):
         """Say on stderr that the signal was received and what happens next."""
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         again = "Ctrl-C again" if signum == signal.SIGINT else f"a second {name}"
-        line = (
-            f"{self.announce}: {name}: stopping once the batch or output in progress is "
-            f"written; {again} stops at once\n"
+        what = (
+            "after the training batch in progress, saving a checkpoint to resume from"
+            if self._fitting
+            else "once the batch or output in progress is written"
         )
+        line = f"{self.announce}: {name}: stopping {what}; {again} stops at once\n"
         # os.write, not print: a handler runs between two bytecodes of the main thread,
         # which may be inside a write to sys.stderr's buffer (a reentrant write raises);
         # on a terminal, the progress bar's line is left first
@@ -711,6 +744,8 @@ class StopOnSignal(Callback):
         Raises:
             RuntimeError: if a ``BasePredictionWriter`` comes after it in the callbacks.
         """
+        self._fitting = stage == "fit"
+        self._lightnings = stage != "predict" and trainer.world_size > 1
         callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
         me = callbacks.index(self)
         late = [
@@ -751,6 +786,74 @@ class StopOnSignal(Callback):
         """Stop after the writers saved this batch if a signal arrived meanwhile."""
         self.raise_if_received()
 
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """After the batch's optimizer step: save the training state and stop if signalled."""
+        self._stop_training(trainer)
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Stop validating (also within ``fit``: the state is saved first) if signalled."""
+        self._stop_training(trainer)
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Stop testing if signalled."""
+        self._stop_training(trainer)
+
+    def _stop_training(self, trainer: pl.Trainer) -> None:
+        """Stop training / evaluation at this batch end if a signal arrived (one process).
+
+        Only where the handlers are installed (used as a context manager), so a trainer that
+        merely carries this callback keeps Lightning's own handling; and only in a
+        one-process run (see :meth:`_handle` for several).
+
+        Raises:
+            JobInterrupted: naming the saved checkpoint, if any.
+        """
+        if self._previous and self.received is not None and trainer.world_size == 1:
+            raise self._interruption(trainer)
+
+    def _interruption(self, trainer: pl.Trainer) -> JobInterrupted:
+        """Save a fitting trainer's state; the :class:`JobInterrupted` that says so.
+
+        Sets :attr:`interrupted` (read by the command line once Lightning has ended the run).
+        """
+        signum = self.received if self.received is not None else signal.SIGTERM
+        if trainer.state.fn != TrainerFn.FITTING:
+            what = f"{trainer.state.fn.value} did not finish" if trainer.state.fn else None
+            self.interrupted = JobInterrupted(signum, what)
+            return self.interrupted
+        path = interrupted_checkpoint_path(trainer)
+        trainer.save_checkpoint(path)  # one process (see _stop_training)
+        self.interrupted = JobInterrupted(
+            signum,
+            f"training stopped in epoch {trainer.current_epoch} after step "
+            f"{trainer.global_step}, its state saved in {path}: resume with the same command "
+            f"and --ckpt_path {path}",
+        )
+        return self.interrupted
+
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Restore the handlers (when not used as a context manager)."""
         if not self._context:
@@ -759,9 +862,38 @@ class StopOnSignal(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        """Restore the handlers (when not used as a context manager)."""
+        """Save ``fit``'s state if Lightning's stop on SIGTERM ended a signalled run.
+
+        See :meth:`_stop_training`. Also restore the handlers (when not used as a context
+        manager).
+        """
+        if (
+            self._previous
+            and self.received is not None
+            and self.interrupted is None
+            and isinstance(exception, SIGTERMException)
+            and trainer.world_size == 1  # ranks may stop at different batches: no barrier
+        ):
+            self._interruption(trainer)  # a SIGTERM just after this callback's last check
         if not self._context:
             self.restore()
+
+
+def interrupted_checkpoint_path(trainer: pl.Trainer) -> Path:
+    """Where an interrupted ``fit`` saves its training state (see :class:`StopOnSignal`).
+
+    Args:
+        trainer: the fitting trainer (after setup, when the checkpoint folder is resolved).
+
+    Returns:
+        ``interrupted.ckpt`` in the first ``ModelCheckpoint``'s folder, else in
+        ``<log dir>/checkpoints`` (Lightning's default checkpoint folder).
+    """
+    callback = trainer.checkpoint_callback
+    folder = getattr(callback, "dirpath", None)
+    if not folder:
+        folder = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
+    return Path(folder) / "interrupted.ckpt"
 
 
 def _composes(handler: Any) -> bool:
