@@ -130,6 +130,27 @@ def test_base_file_for_large_is_an_error(base_checkpoint) -> None:
         load_dofa("large", weights=base_checkpoint)
 
 
+def test_an_encoders_own_state_dict_loads_and_a_foreign_one_is_not_called_a_variant(
+    tmp_path, base_checkpoint, x, reference
+) -> None:
+    """``torch.save(encoder.state_dict(), f)`` of a loaded encoder is accepted as weights
+    (it was refused as "missing blocks.*, unexpected backbone.* (is it the other
+    variant?)"); a state dict of other keys is not blamed on the variant."""
+    encoder = load_dofa("base", weights=base_checkpoint)
+    saved = tmp_path / "encoder.pth"
+    torch.save(encoder.state_dict(), saved)
+    with torch.inference_mode():
+        pooled = load_dofa("base", weights=saved)(x, S2_WAVELENGTHS).pooled
+    torch.testing.assert_close(pooled, reference, rtol=0, atol=0)
+    backbone_only = tmp_path / "backbone.pth"
+    torch.save(encoder.backbone.state_dict(), backbone_only)  # no trained final norm
+    with pytest.raises(
+        CheckpointError, match=r"missing key\(s\) \['norm.bias', 'norm.weight'\]"
+    ) as e:
+        load_dofa("base", weights=backbone_only)
+    assert "other variant" not in str(e.value) and "official file's keys" in str(e.value)
+
+
 def _small_state() -> dict[str, torch.Tensor]:
     return {"x": torch.arange(6.0).reshape(2, 3)}
 

@@ -422,9 +422,11 @@ def read_state_dict(path: Path, check_crc: bool = True) -> dict[str, Tensor]:
     """Read a checkpoint safely and return a flat state dict.
 
     Accepts a raw state dict, one wrapped in ``model`` or ``state_dict``, ``module.``
-    prefixed keys (from DataParallel / DDP), and the Lightning checkpoint of a fine-tuning
+    prefixed keys (from DataParallel / DDP), the Lightning checkpoint of a fine-tuning
     task of :mod:`torchgeo_dofa.tasks`, of which the encoder's weights are taken
-    (``encoder.backbone.*`` and ``encoder.norm.*``; the task's head is left out).
+    (``encoder.backbone.*`` and ``encoder.norm.*``; the task's head is left out), and a
+    :class:`~torchgeo_dofa.model.DOFAEncoder`'s own ``state_dict()`` (``backbone.*``,
+    ``norm.*``).
 
     Args:
         path: checkpoint file.
@@ -484,6 +486,8 @@ def read_state_dict(path: Path, check_crc: bool = True) -> dict[str, Tensor]:
             for k, v in state.items()
             if k.startswith("encoder.")
         }
+    elif any(k.startswith("backbone.") for k in state):  # a DOFAEncoder's own state_dict()
+        state = {k.removeprefix("backbone."): v for k, v in state.items()}
     return state
 
 
@@ -632,11 +636,15 @@ def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], orig
             f"unexpected key(s) {sorted(unexpected)[:10]}{' ...' if len(unexpected) > 10 else ''}"
         )
     if problems:
+        hint = (
+            "is it the other variant?"
+            if mismatched
+            else "a DOFA state dict has the official file's keys (patch_embed.*, blocks.N.*, "
+            "norm.*), a DOFAEncoder's state_dict() the same under backbone.* beside norm.*"
+        )
         raise CheckpointError(
             f"{origin} does not fit DOFA {encoder.variant} (embed dim {encoder.embed_dim}, "
-            f"{encoder.config.depth} blocks): "
-            + "; ".join(problems)
-            + " (is it the other variant?)"
+            f"{encoder.config.depth} blocks): " + "; ".join(problems) + f" ({hint})"
         )
     # judged as the model will hold them: a float64 value beyond float32's range becomes inf
     as_loaded = {
