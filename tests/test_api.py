@@ -842,6 +842,12 @@ S4 = SensorSpec(bands=("B4", "B3", "B2", "B8"))
         (dict(model_config={"weights": " "}), ModelError, "weights=' ' is empty"),
         (dict(device="cuda:99"), ModelError, r"device 'cuda:99': PyTorch sees .*CUDA GPU"),
         (dict(device="CUDA:99"), ModelError, r"device 'CUDA:99': PyTorch sees .*CUDA GPU"),
+        (  # pixels and files: paths= was ignored without a word
+            dict(backend="auto", paths="exports/", spatial=PointBuffer(1, 1, 10)),
+            ModelError,
+            r"paths= is read by backend='local' only, but pixels were given \(input_chw\)",
+        ),
+        (dict(paths="exports/"), ModelError, "paths= is read by backend='local' only"),
         (
             dict(input_chw=None, backend="local", paths=[], spatial=PointBuffer(1, 1, 10)),
             ModelError,

@@ -595,7 +595,13 @@ def _backend(backend: str, input_given: bool, paths_given: bool) -> str:
     if name == "provider":
         return "gee"
     if name == "auto":
-        return "tensor" if input_given else "local" if paths_given else "gee"
+        name = "tensor" if input_given else "local" if paths_given else "gee"
+    if name == "tensor" and paths_given:  # they were ignored without a word
+        raise ModelError(
+            "paths= is read by backend='local' only, but pixels were given (input_chw): "
+            "embed either the pixels (leave out paths=) or a region of the files (leave out "
+            "input_chw and give spatial=)"
+        )
     return name
 
 
