@@ -122,7 +122,8 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
             PNG, JPEG or WebP file name or is the embedding itself; if ``embedding_tif``
             is a pooled table, cannot be read as a raster or is not a grid embedding (its
             bands are not named ``dofa_0000``, ``dofa_0001`` ..., as the grid writer names
-            them).
+            them); if its cells cannot be read (a truncated or corrupt file), after the
+            checks above.
     """
     out = Path(out_png)
     if not str(out_png).strip() or out.suffix.lower() not in PREVIEW_FORMATS:
@@ -149,10 +150,17 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
     with src:
         if src.descriptions != tuple(f"dofa_{i:04d}" for i in range(src.count)):
             raise ValueError(
-                f"{embedding_tif} is not a grid embedding (its bands are not named dofa_0000 "
-                f"...): {hint}"
+                f"{embedding_tif} is not a grid embedding, or a damaged one (its bands are not "
+                f"named dofa_0000 ...): {hint}"
             )
-        emb = src.read()
+        try:
+            emb = src.read()
+        except rasterio.errors.RasterioIOError as err:  # GDAL's text alone: "Read failed."
+            cause = f": {err.__cause__}" if err.__cause__ else ""
+            raise ValueError(
+                f"{embedding_tif} is damaged: its cells cannot be read (truncated or corrupt "
+                f"file?{cause}): run the embed job again to write it (--overwrite)"
+            ) from None
         tags = src.tags()
         bounds = tuple(src.bounds)
     h, w = emb.shape[1:]
