@@ -51,6 +51,7 @@ from torchgeo_dofa.tasks import (
     layer_id,
     wavelengths_for_bands,
 )
+from torchgeo_dofa.weights import CheckpointError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "torchgeo_dofa" / "configs"
 RGBN = ["B4", "B3", "B2", "B8"]
@@ -179,6 +180,32 @@ def test_checkpoint_reload_predicts_identically(probe: dict[str, Any]) -> None:
         got = loaded(batch["image"], batch["wavelengths"])
     assert torch.equal(got, expected)
     assert expected.argmax(1).eq(batch["label"]).float().mean() >= 0.75
+
+
+def test_a_python_load_of_the_wrong_checkpoint_names_the_fix(
+    probe: dict[str, Any], tmp_path: Path
+) -> None:
+    """They were Lightning's "blocked to prevent arbitrary code execution ... import the
+    module", torch's raw size mismatch and "PytorchStreamReader failed"."""
+    path = probe["path"]
+    with pytest.raises(
+        CheckpointError,
+        match=r"is a checkpoint of DOFAClassificationTask, not of DOFASegmentationTask: load "
+        r"it with DOFAClassificationTask.load_from_checkpoint",
+    ):
+        DOFASegmentationTask.load_from_checkpoint(path)
+    with pytest.raises(
+        CheckpointError,
+        match=r"with num_classes changed \(size mismatch for head.*torch.Size\(\[4, 768\]\).*"
+        r"fine-tune a new task from its encoder: DOFAClassificationTask\(\.\.\., weights=",
+    ):
+        DOFAClassificationTask.load_from_checkpoint(path, num_classes=10)
+    half = tmp_path / "half.ckpt"
+    half.write_bytes(path.read_bytes()[:1_000_000])
+    with pytest.raises(
+        CheckpointError, match=r"half.ckpt is not a readable PyTorch checkpoint \(truncated"
+    ):
+        DOFAClassificationTask.load_from_checkpoint(half)
 
 
 # ------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ stored state: reloading never downloads anything.
 from __future__ import annotations
 
 import os
+import re
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
@@ -64,7 +65,13 @@ from .bands import (
 )
 from .embedder import check_normalised
 from .model import DOFAEncoder, canonical_variant
-from .weights import STATE_DIGEST_KEY, CheckpointError, load_dofa, state_dict_digest
+from .weights import (
+    STATE_DIGEST_KEY,
+    CheckpointError,
+    load_dofa,
+    state_dict_digest,
+    verify_checkpoint_file,
+)
 
 __all__ = [
     "DEFAULT_BLOCK_INDICES",
@@ -617,7 +624,13 @@ class _DOFATask(BaseTask):
         Raises:
             ValueError: where the checkpoint's layout does not fit these hyperparameters in a
                 way :meth:`on_load_checkpoint` can name (``head_norm``).
+            CheckpointError: (raised before anything is built) if the file is damaged
+                (truncated, a byte changed); if it is another task's checkpoint; if a
+                hyperparameter given (``num_classes``, ...) does not fit its weights.
         """
+        if isinstance(checkpoint_path, str | os.PathLike) and Path(checkpoint_path).is_file():
+            verify_checkpoint_file(checkpoint_path)  # torch.load reads a damaged zip silently
+        overrides = sorted(kwargs)
         kwargs.setdefault("weights", None)
         token = _STRICT_LOAD.set(strict is not False)
         try:
@@ -629,10 +642,43 @@ class _DOFATask(BaseTask):
                 weights_only=weights_only,
                 **kwargs,
             )
+        except ValueError as err:  # Lightning's: the checkpoint names another task class
+            other = re.search(r"The class '([\w.]+)' requested by the checkpoint", str(err))
+            if other is None:
+                raise
+            raise _other_task(cls, checkpoint_path, other.group(1).rsplit(".", 1)[-1]) from None
+        except RuntimeError as err:  # torch's: a hyperparameter given changed a shape, or ...
+            unexpected = re.search(r"Unexpected key\(s\) in state_dict: (.*)", str(err))
+            if unexpected is not None:  # ... the other task's weights (saved from Python)
+                for name, prefix in (
+                    ("DOFAClassificationTask", '"head.'),
+                    ("DOFASegmentationTask", '"decoder.'),
+                ):
+                    if name != cls.__name__ and prefix in unexpected.group(1):
+                        raise _other_task(cls, checkpoint_path, name) from None
+            if "size mismatch" not in str(err) or not overrides:
+                raise
+            detail = next((t.strip() for t in str(err).splitlines() if "size mismatch" in t), "")
+            raise CheckpointError(
+                f"{checkpoint_path} does not fit {cls.__name__} with {', '.join(overrides)} "
+                f"changed ({detail}): "
+                f"a checkpoint restores the task it saved; for another number of classes, "
+                f"fine-tune a new task from its encoder: {cls.__name__}(..., "
+                f"weights={str(checkpoint_path)!r})"
+            ) from None
         finally:
             _STRICT_LOAD.reset(token)
         task.eval()
         return task
+
+
+def _other_task(cls: type, path: object, name: str) -> CheckpointError:
+    """The error for a checkpoint of task ``name`` loaded as ``cls``."""
+    return CheckpointError(
+        f"{path} is a checkpoint of {name}, not of {cls.__name__}: load it with "
+        f"{name}.load_from_checkpoint(...), or fine-tune a {cls.__name__} from its encoder "
+        f"with {cls.__name__}(..., weights={str(path)!r})"
+    )
 
 
 class DOFAClassificationTask(_DOFATask):
