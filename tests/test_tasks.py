@@ -1293,15 +1293,23 @@ def test_a_signal_stops_fit_after_the_batch_and_saves_a_checkpoint_to_resume(
     assert sorted(p.name for p in folder.iterdir()) == ["interrupted.ckpt"]  # no epoch ended
     if signum == signal.SIGTERM:
         return
-    # the command it names resumes: training goes on from that step to the epoch's end
+    # the command it names resumes: training goes on from that step to the epoch's end; a
+    # setting changed on the command line is the checkpoint's again, which is said (it was
+    # replaced without a word)
     proc = subprocess.run(
-        [*_fit_command(tmp_path), "--ckpt_path", str(saved)],
+        [*_fit_command(tmp_path), "--model.init_args.lr", "0.01", "--ckpt_path", str(saved)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Restored all states from the checkpoint" in proc.stderr
+    assert (
+        f"torchgeo-dofa: warning: --ckpt_path {saved} restores the task it saved, so its "
+        "hyperparameters replace the config's: lr=0.001 (the config said 0.01); to start a new "
+        "run with other settings from its encoder's weights (the head starts anew), give "
+        f"--model.init_args.weights {saved} instead of --ckpt_path"
+    ) in proc.stderr, proc.stderr[-3000:]
     resumed = tmp_path / "logs" / "dofa-linear-probe-synthetic" / "version_1"
     last = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert (last["epoch"], last["global_step"]) == (0, 4)  # the epoch's 4 batches

@@ -1028,9 +1028,11 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             section = self.config.get(sub) if sub else None
             ckpt = section.get("ckpt_path") if section is not None else None
             self._configured_model = None
+            self._configured_args: dict[str, Any] = {}
             if section is not None and ckpt and Path(ckpt).is_file():
                 verify_checkpoint_file(ckpt)
                 self._configured_model = section.get("model", {}).get("class_path")
+                self._configured_args = _plain(section.get("model", {}).get("init_args"))
 
         def before_instantiate_classes(self) -> None:
             """Refuse a ``ckpt_path`` of another task class than the config's model.
@@ -1044,6 +1046,12 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             if not sub or not configured:
                 return
             used = self.config[sub].get("model", {}).get("class_path")
+            if used == configured:
+                _warn_replaced_by_checkpoint(
+                    self.config[sub].get("ckpt_path"),
+                    self._configured_args,
+                    _plain(self.config[sub].get("model", {}).get("init_args")),
+                )
             if used and used != configured:
                 ckpt = self.config[sub].get("ckpt_path")
                 if _is_embedder(configured):
@@ -1104,6 +1112,40 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                         close()
             trainers.clear()
             _free_the_job()
+
+
+def _plain(init_args: Any) -> dict[str, Any]:
+    """A config section's ``init_args`` as a plain dict (jsonargparse's Namespace or None)."""
+    if init_args is None:
+        return {}
+    as_dict = getattr(init_args, "as_dict", None)
+    return dict(as_dict() if callable(as_dict) else init_args)
+
+
+def _warn_replaced_by_checkpoint(
+    ckpt: Any, configured: dict[str, Any], used: dict[str, Any]
+) -> None:
+    """Say once on stderr which model settings a ``--ckpt_path``'s hyperparameters replaced.
+
+    LightningCLI puts the checkpoint's hyperparameters over the config's model (the task the
+    checkpoint saved is the one resumed), so a ``--model.init_args.num_classes 6`` given with
+    a 4-class checkpoint became 4 without a word, and the run then failed on its labels.
+    """
+    changed = [
+        f"{key}={used[key]!r} (the config said {value!r})"
+        for key, value in configured.items()
+        if key in used and used[key] != value
+    ]
+    from .locks import is_launcher
+
+    if changed and is_launcher():  # once per job, not per DDP rank
+        print(
+            f"torchgeo-dofa: warning: --ckpt_path {ckpt} restores the task it saved, so its "
+            f"hyperparameters replace the config's: {', '.join(changed)}; to start a new run "
+            "with other settings from its encoder's weights (the head starts anew), give "
+            f"--model.init_args.weights {ckpt} instead of --ckpt_path",
+            file=sys.stderr,
+        )
 
 
 def _is_embedder(class_path: str) -> bool:
