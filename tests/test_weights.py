@@ -529,11 +529,16 @@ def test_a_task_checkpoint_with_changed_bytes_is_refused_by_every_loader(tmp_pat
         f"state_dict was edited after saving \\(then delete its '{STATE_DIGEST_KEY}' entry"
     )
     with pytest.raises(CheckpointError, match=message):
-        DOFAClassificationTask.load_from_checkpoint(flipped)
-    with pytest.raises(CheckpointError, match=message):
         trainer.validate(task, data, ckpt_path=flipped)
     with pytest.raises(CheckpointError, match=f"entry {entry.filename} fails its CRC-32"):
         verify_checkpoint_file(flipped)
+    with pytest.raises(CheckpointError, match=f"entry {entry.filename} fails its CRC-32"):
+        DOFAClassificationTask.load_from_checkpoint(flipped)  # the file is checked first
+    edited = dict(saved, state_dict=dict(saved["state_dict"]))
+    edited["state_dict"]["head.1.bias"] = edited["state_dict"]["head.1.bias"] + 1.0
+    torch.save(edited, tmp_path / "edited.ckpt")  # a whole zip: only the digest tells
+    with pytest.raises(CheckpointError, match=message):
+        DOFAClassificationTask.load_from_checkpoint(tmp_path / "edited.ckpt")
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CheckpointError, match="truncated copy or download"):
