@@ -1336,6 +1336,12 @@ def test_a_damaged_or_foreign_ckpt_path_is_one_line_before_anything_runs(
     )
     assert main([*validate, *quiet, "--ckpt_path", "half.ckpt"]) == 2
     assert "half.ckpt is not a readable PyTorch checkpoint (truncated" in capsys.readouterr().err
+    torch.save({"w": torch.ones(4)}, tmp_path / "weights.pth")  # no Lightning checkpoint
+    assert main([*validate, *quiet, "--ckpt_path", "weights.pth"]) == 2  # KeyError before
+    assert capsys.readouterr().err.startswith(
+        "torchgeo-dofa: error: weights.pth is not a Lightning checkpoint (no "
+        "'pytorch-lightning_version' in it"
+    )
     segment = ["validate", "--config", str(configs / "finetune_segmentation.yaml"), *small]
     assert main([*segment, *quiet, "--ckpt_path", str(saved)]) == 2
     assert capsys.readouterr().err.endswith(

@@ -200,6 +200,12 @@ def test_a_python_load_of_the_wrong_checkpoint_names_the_fix(
         r"fine-tune a new task from its encoder: DOFAClassificationTask\(\.\.\., weights=",
     ):
         DOFAClassificationTask.load_from_checkpoint(path, num_classes=10)
+    with pytest.raises(  # it said "for another number of classes"
+        CheckpointError,
+        match=r"with variant changed \(size mismatch .*: a checkpoint restores the task it "
+        r"saved: load it without variant, or fine-tune a new task from its encoder",
+    ):
+        DOFAClassificationTask.load_from_checkpoint(path, variant="large")
     half = tmp_path / "half.ckpt"
     half.write_bytes(path.read_bytes()[:1_000_000])
     with pytest.raises(

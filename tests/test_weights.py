@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -488,6 +489,65 @@ def test_a_fine_tuned_task_checkpoint_gives_its_encoder(tmp_path) -> None:
     torch.testing.assert_close(loaded.pooled, expected.pooled, rtol=0, atol=0)
     torch.testing.assert_close(loaded.grid, expected.grid, rtol=0, atol=0)
     assert DOFAEmbedder(weights=str(path)).metadata["weights"] == "file:task.ckpt"
+
+
+def _zip_directory_byte_flipped(data: bytes) -> bytes:
+    """``data`` (a zip) with one byte of its last directory entry's file name changed."""
+    import io
+    import zipfile
+
+    end = data.rindex(b"PK\x05\x06")  # the end-of-directory record: where the directory is
+    start = int.from_bytes(data[end + 16 : end + 20], "little")
+    last = data.rindex(b"PK\x01\x02", start, end)  # the last entry's header, name at +46
+    flipped = bytearray(data)
+    flipped[last + 46 + 3] ^= 0xFF
+    assert zipfile.is_zipfile(io.BytesIO(bytes(flipped)))  # still looks whole
+    return bytes(flipped)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (lambda good: b"", "the file is empty (0 bytes; a copy or save that did not finish?)"),
+        (
+            lambda good: b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\n",
+            "is not a PyTorch checkpoint but a Git LFS pointer (a text file naming it): fetch "
+            "the file itself (git lfs pull)",
+        ),
+        (
+            lambda good: b"<!DOCTYPE html><html>404 Not Found</html>",
+            "is not a PyTorch checkpoint (it starts with '<!DOCTYPE html><html>404', not a zip "
+            "archive or a pickle",
+        ),
+        (lambda good: good[: len(good) // 2], "its zip directory is missing"),
+        (_zip_directory_byte_flipped, "its zip directory cannot be read ("),
+        (None, "is not a Lightning checkpoint (no 'pytorch-lightning_version' in it: a plain "),
+    ],
+    ids=["empty", "git-lfs-pointer", "web-page", "truncated", "directory-byte", "state-dict"],
+)
+def test_a_file_that_is_no_lightning_checkpoint_is_named_before_torch_loads_it(
+    tmp_path, content, message
+) -> None:
+    """Such files failed deep inside torch / Lightning: EOFError (empty), KeyError: 101 (text),
+    UnicodeDecodeError (a byte of the zip's directory), KeyError: 'pytorch-lightning_version'
+    (a plain state dict as ``ckpt_path``)."""
+    from torchgeo_dofa.tasks import DOFAClassificationTask
+    from torchgeo_dofa.weights import verify_checkpoint_file
+
+    good = tmp_path / "good.ckpt"  # the layout of a Lightning checkpoint, small
+    torch.save({"state_dict": {"w": torch.ones(64)}, "pytorch-lightning_version": "2.5"}, good)
+    verify_checkpoint_file(good, lightning=True)
+    bad = tmp_path / "bad.ckpt"
+    if content is None:
+        torch.save({"w": torch.ones(64)}, bad)
+        verify_checkpoint_file(bad)  # as weights it is fine
+    else:
+        bad.write_bytes(content(good.read_bytes()))
+    with pytest.raises(CheckpointError, match=re.escape(message)) as err:
+        verify_checkpoint_file(bad, lightning=True)
+    assert str(err.value).startswith(f"{bad} is not a ")
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        DOFAClassificationTask.load_from_checkpoint(bad)
 
 
 def test_a_task_checkpoint_with_changed_bytes_is_refused_by_every_loader(tmp_path) -> None:

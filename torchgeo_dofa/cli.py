@@ -1030,7 +1030,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             self._configured_model = None
             self._configured_args: dict[str, Any] = {}
             if section is not None and ckpt and Path(ckpt).is_file():
-                verify_checkpoint_file(ckpt)
+                verify_checkpoint_file(ckpt, lightning=True)
                 self._configured_model = section.get("model", {}).get("class_path")
                 self._configured_args = _plain(section.get("model", {}).get("init_args"))
 

@@ -629,7 +629,8 @@ class _DOFATask(BaseTask):
                 hyperparameter given (``num_classes``, ...) does not fit its weights.
         """
         if isinstance(checkpoint_path, str | os.PathLike) and Path(checkpoint_path).is_file():
-            verify_checkpoint_file(checkpoint_path)  # torch.load reads a damaged zip silently
+            # torch.load reads a damaged zip silently, and fails deep inside on a non-checkpoint
+            verify_checkpoint_file(checkpoint_path, lightning=True)
         overrides = sorted(kwargs)
         kwargs.setdefault("weights", None)
         token = _STRICT_LOAD.set(strict is not False)
@@ -662,9 +663,15 @@ class _DOFATask(BaseTask):
             raise CheckpointError(
                 f"{checkpoint_path} does not fit {cls.__name__} with {', '.join(overrides)} "
                 f"changed ({detail}): "
-                f"a checkpoint restores the task it saved; for another number of classes, "
-                f"fine-tune a new task from its encoder: {cls.__name__}(..., "
-                f"weights={str(checkpoint_path)!r})"
+                "a checkpoint restores the task it saved: "
+                + (
+                    "for another number of classes, fine-tune a new task from its encoder: "
+                    f"{cls.__name__}(..., weights={str(checkpoint_path)!r})"
+                    if overrides == ["num_classes"]
+                    else f"load it without {', '.join(overrides)}, or fine-tune a new task "
+                    f"from its encoder: {cls.__name__}(..., weights="
+                    f"{str(checkpoint_path)!r}) (of the variant it was trained as)"
+                )
             ) from None
         finally:
             _STRICT_LOAD.reset(token)

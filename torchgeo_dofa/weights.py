@@ -524,49 +524,106 @@ def state_dict_digest(state: Mapping[str, Any]) -> str:
     return f"{crc:08x}"
 
 
-def verify_checkpoint_file(path: str | os.PathLike[str]) -> None:
+def verify_checkpoint_file(path: str | os.PathLike[str], lightning: bool = False) -> None:
     """Refuse a damaged checkpoint file before a library loads it without looking.
 
     ``torch.load`` (and so Lightning's ``ckpt_path`` and ``load_from_checkpoint``) reads a
-    zip checkpoint without its CRC-32s: a changed byte loads silently as other weights. Checks
-    a zip checkpoint's entries against their CRC-32 (``zipfile``'s ``testzip``, about 0.5 s
-    for 445 MB) and refuses a file that starts as a zip but is not a whole one (a truncated
-    copy); a legacy (non-zip) ``torch.save`` file has no CRC and passes.
+    zip checkpoint without its CRC-32s: a changed byte loads silently as other weights, and a
+    file that is not a checkpoint at all failed deep inside it (``EOFError`` for an empty
+    file, ``KeyError: 101`` for a text file, ``UnicodeDecodeError`` for a damaged zip
+    directory). Refuses an empty file, a file that is neither a zip nor a pickle (a Git LFS
+    pointer, an HTML error page), a zip that is not a whole one (a truncated copy) or whose
+    directory or entries fail to read, and an entry failing its CRC-32 (``zipfile``'s
+    ``testzip``, about 0.5 s for 445 MB); a legacy (non-zip) ``torch.save`` file has no CRC
+    and passes.
 
     Args:
         path: the checkpoint file.
+        lightning: also require a Lightning checkpoint (its ``pytorch-lightning_version``
+            entry, looked for in the zip's pickle without loading the tensors): a plain
+            state dict given as ``ckpt_path`` failed with ``KeyError:
+            'pytorch-lightning_version'``.
 
     Raises:
         CheckpointError: naming the file, the damage and the fix.
     """
     path = Path(path)
     with open(path, "rb") as f:
-        zip_start = f.read(4) == b"PK\x03\x04"
-    if zip_start and not zipfile.is_zipfile(path):
+        head = f.read(64)
+    if not head:
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint: the file is empty (0 bytes; a copy "
+            "or save that did not finish?); copy or save it again"
+        )
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint but a Git LFS pointer (a text file naming "
+            "it): fetch the file itself (git lfs pull) or download it again"
+        )
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # a zip, or a legacy pickle
+        shown = head[:24].decode("ascii", "replace").splitlines()[0]
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (it starts with {shown!r}, not a zip archive "
+            "or a pickle: a text or web page saved under its name?); give the file written "
+            "by torch.save / Lightning"
+        )
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated copy or download?): its "
             "zip directory is missing; copy or save it again"
         )
-    damaged = _failed_crc(path)
+    try:
+        damaged = _failed_crc(path, strict=True)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (corrupt copy or disk error?): its "
+            f"zip directory cannot be read ({type(err).__name__}: {err}); copy or save it again"
+        ) from None
     if damaged is not None:
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (corrupt copy or disk error?): its "
             f"entry {damaged} fails its CRC-32 check (bytes changed after it was saved); copy "
             "or save it again"
         )
+    if lightning and zipfile.is_zipfile(path) and not _names_lightning_version(path):
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint (no 'pytorch-lightning_version' in it: a "
+            "plain state dict or model weights?): give the file a Lightning Trainer saved "
+            "(ModelCheckpoint, trainer.save_checkpoint), or start a task from these weights "
+            "with weights= (--model.init_args.weights on the command line)"
+        )
 
 
-def _failed_crc(path: Path) -> str | None:
+def _names_lightning_version(path: Path) -> bool:
+    """Whether a zip checkpoint's pickle holds the ``pytorch-lightning_version`` key.
+
+    Reads the archive's ``data.pkl`` only (the object graph with the tensors as references,
+    a few hundred kB for a task), not the tensor data.
+    """
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+        return any(b"pytorch-lightning_version" in archive.read(n) for n in pickles[:1])
+
+
+def _failed_crc(path: Path, strict: bool = False) -> str | None:
     """The first entry of a zip checkpoint whose data fails its CRC-32, or None.
 
     None too for a file that is not a zip (a legacy ``torch.save``), which has no CRC.
+
+    Args:
+        path: the file.
+        strict: raise where the zip's directory or an entry's header cannot be read (a
+            changed byte there: ``BadZipFile``, ``UnicodeDecodeError`` for a damaged name);
+            else give the reason in brackets in place of an entry name.
     """
     if not zipfile.is_zipfile(path):
         return None
     try:
         with zipfile.ZipFile(path) as archive:
             return archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        if strict:
+            raise
         return f"({err})"
 
 
