@@ -1319,3 +1319,69 @@ def test_a_signal_stops_fit_after_the_batch_and_saves_a_checkpoint_to_resume(
     resumed = tmp_path / "logs" / "dofa-linear-probe-synthetic" / "version_1"
     last = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert (last["epoch"], last["global_step"]) == (0, 4)  # the epoch's 4 batches
+
+
+class SignalAt(Callback):
+    """Send this process a real signal in ``setup`` or at the first validation batch."""
+
+    def __init__(self, signum: int, where: str) -> None:
+        self.signum, self.where = signum, where
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if self.where == "setup":
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if self.where == "validation" and not trainer.sanity_checking and batch_idx == 0:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_a_signal_before_training_or_during_its_validation_stops_fit_where_it_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A Ctrl-C before training began ended in the embed job's "chips already written are
+    kept" (or, once the handler ran, stopped after one training step); one during the
+    validation in ``fit`` saved a state whose resume never ran that validation (no val
+    metrics for the epoch, ModelCheckpoint without its epoch checkpoint)."""
+    from torchgeo_dofa.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    base = _fit_command(tmp_path)[3:]  # without python -m torchgeo_dofa
+
+    def fit(where: str, *extra: str) -> tuple[int, str]:
+        callback = [
+            {"class_path": f"{__name__}.SignalAt", "init_args": {"signum": 2, "where": where}}
+        ]
+        code = main([*base, f"--trainer.callbacks+={json.dumps(callback)}", *extra])
+        return code, capfd.readouterr().err  # the acknowledgement is an os.write to fd 2
+
+    logs = tmp_path / "logs" / "dofa-linear-probe-synthetic"
+    code, err = fit("setup")
+    assert code == 130, err[-3000:]
+    assert "torchgeo-dofa: Ctrl-C: stopping before training begins (nothing to save yet)" in err
+    assert err.endswith(
+        "torchgeo-dofa: error: stopped by SIGINT: fit stopped before it began, nothing saved: "
+        "rerun the same command\n"
+    ), err[-3000:]
+    assert not list(logs.glob("*/checkpoints/*"))
+
+    code, err = fit("validation", "--trainer.max_epochs", "2")
+    assert code == 130, err[-3000:]
+    assert "torchgeo-dofa: Ctrl-C: stopping once the validation in progress ends, saving" in err
+    folder = logs / "version_1" / "checkpoints"
+    saved = folder / "interrupted.ckpt"
+    assert f"training stopped at the end of epoch 0 after step 4, its state saved in {saved}" in err
+    # the validation ran to its end: its metric and the epoch's checkpoints are there
+    names = sorted(p.name for p in folder.iterdir())
+    assert names[1:] == ["interrupted.ckpt", "last.ckpt"] and names[0].startswith("epoch=0-")
+    assert "val_OverallAccuracy" in (logs / "version_1" / "metrics.csv").read_text()
+    state = torch.load(saved, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4
+    # resumed, the next epoch runs (and not epoch 0's validation or batches again)
+    code, err = fit("none", "--trainer.max_epochs", "2", "--ckpt_path", str(saved))
+    assert code == 0, err[-3000:]
+    last = torch.load(
+        logs / "version_2" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert (last["epoch"], last["global_step"]) == (1, 8)
+    assert not list(folder.glob(".*partial"))  # the save's staging file is gone

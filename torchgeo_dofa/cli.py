@@ -1019,6 +1019,9 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     # the trainer runs, so Lightning's own SIGTERM handler, which forwards the signal to the
     # DDP workers it started, composes with it and still runs
     stop = StopOnSignal(announce="torchgeo-dofa")
+    command = list(sys.argv[1:] if args is None else args)[:1]
+    if command and command[0] != "predict":
+        stop.stage = command[0]  # the acknowledgement of a signal before the trainer exists
 
     class _CLI(LightningCLI):
         def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -1093,13 +1096,16 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 if stop.interrupted is not None:  # Lightning's stop; the state was saved
                     raise stop.interrupted from None
                 fitting = any(t.state.fn == TrainerFn.FITTING for t in trainers)
-                raise JobInterrupted(
-                    stop.received,
-                    "training stopped, nothing saved at the stop: resume with the same "
-                    "command and --ckpt_path of the last checkpoint saved"
-                    if fitting
-                    else None,
-                ) from None
+                if fitting:
+                    what: str | None = (
+                        "training stopped, nothing saved at the stop: resume with the same "
+                        "command and --ckpt_path of the last checkpoint saved"
+                    )
+                elif stop.stage is not None:  # before the trainer ran, or validate / test
+                    what = "nothing saved at the stop: rerun the same command"
+                else:  # a prediction: its writers' parts are kept
+                    what = None
+                raise JobInterrupted(stop.received, what) from None
             raise
         finally:
             # close cached raster handles now, not during interpreter shutdown (where a failed
@@ -1259,11 +1265,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:
-        print(
-            "torchgeo-dofa: error: interrupted (Ctrl-C); chips already written are kept: rerun "
-            "the same command to resume",
-            file=sys.stderr,
+        command = list(sys.argv[1:] if argv is None else argv)[:1]
+        kept = (
+            "nothing saved at the stop: rerun the same command"
+            + (
+                " (with --ckpt_path of the last checkpoint saved, if any)"
+                if command == ["fit"]
+                else ""
+            )
+            if command and command[0] in ("fit", "validate", "test")
+            else "chips already written are kept: rerun the same command to resume"
         )
+        print(f"torchgeo-dofa: error: interrupted (Ctrl-C); {kept}", file=sys.stderr)
         return 130
     except OSError as err:
         if not _stdout_unwritable():

@@ -602,8 +602,13 @@ class StopOnSignal(Callback):
     Training, validation and testing (``torchgeo-dofa fit / validate / test``, where it is
     used as a context manager) stop the same way at the end of the batch in progress, after
     its optimizer step: ``fit`` first saves the training state as ``interrupted.ckpt`` in
-    the checkpoint folder (the first ``ModelCheckpoint``'s, else ``<log dir>/checkpoints``),
-    and the :class:`JobInterrupted` raised names it for ``--ckpt_path``. Lightning alone
+    the checkpoint folder (the first ``ModelCheckpoint``'s, else ``<log dir>/checkpoints``;
+    written under a hidden name and renamed, so never partial), and the
+    :class:`JobInterrupted` raised names it for ``--ckpt_path``. A signal during ``fit``'s
+    validation lets it finish: training stops at the next training batch end, or at the
+    epoch's end after its ``ModelCheckpoint`` saves (a state saved inside the validation
+    resumed without the rest of it). A signal before the trainer starts stops it at setup
+    (or in the sanity check), nothing saved. Lightning alone
     ended ``fit`` on SIGTERM with exit status 0 and nothing saved, and this callback used
     to swallow a first Ctrl-C there (training went on to its last epoch). With several
     processes (DDP) training keeps Lightning's handling: SIGTERM stops at a batch end, a
@@ -634,13 +639,19 @@ class StopOnSignal(Callback):
         self._pid = os.getpid()
         self._previous: dict[int, _SignalHandler] = {}
         self._context = False
-        #: a trainer is fitting (set at setup): the acknowledgement says what is saved
-        self._fitting = False
+        #: the LightningCLI subcommand (``fit``, ``validate``, ``test``; set by the command
+        #: line before the trainer exists, and at setup) or None (a prediction): the
+        #: acknowledgement says what happens
+        self.stage: str | None = None
+        #: the trainer being run (set at setup): the acknowledgement says where it stops
+        self._trainer: pl.Trainer | None = None
         #: training or evaluation with several processes (set at setup): signals get
         #: Lightning's own handling (see :meth:`_handle`)
         self._lightnings = False
         #: how a signal ended training or evaluation (with the checkpoint saved), or None
         self.interrupted: JobInterrupted | None = None
+        #: a signal during ``fit``'s validation ended training at the epoch's end
+        self._epoch_end_stop = False
 
     # installation ---------------------------------------------------------------------
     def install(self) -> None:
@@ -700,11 +711,17 @@ class StopOnSignal(Callback):
         """Say on stderr that the signal was received and what happens next."""
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         again = "Ctrl-C again" if signum == signal.SIGINT else f"a second {name}"
-        what = (
-            "after the training batch in progress, saving a checkpoint to resume from"
-            if self._fitting
-            else "once the batch or output in progress is written"
-        )
+        trainer = self._trainer
+        if self.stage in ("validate", "test"):
+            what = "after the batch in progress"
+        elif self.stage != "fit":
+            what = "once the batch or output in progress is written"
+        elif trainer is None or trainer.sanity_checking:
+            what = "before training begins (nothing to save yet)"
+        elif trainer.validating:
+            what = "once the validation in progress ends, saving a checkpoint to resume from"
+        else:
+            what = "after the training batch in progress, saving a checkpoint to resume from"
         line = f"{self.announce}: {name}: stopping {what}; {again} stops at once\n"
         # os.write, not print: a handler runs between two bytecodes of the main thread,
         # which may be inside a write to sys.stderr's buffer (a reentrant write raises);
@@ -744,8 +761,10 @@ class StopOnSignal(Callback):
         Raises:
             RuntimeError: if a ``BasePredictionWriter`` comes after it in the callbacks.
         """
-        self._fitting = stage == "fit"
+        stage = str(getattr(stage, "value", stage))  # Lightning passes TrainerFn.FITTING
         self._lightnings = stage != "predict" and trainer.world_size > 1
+        if stage != "predict":
+            self.stage, self._trainer = stage, trainer
         callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
         me = callbacks.index(self)
         late = [
@@ -756,6 +775,21 @@ class StopOnSignal(Callback):
                 f"StopOnSignal must come after the prediction writers in Trainer(callbacks=...) "
                 f"so that a batch is written before the job stops; {late} come after it"
             )
+        if (
+            stage != "predict"
+            and self._previous
+            and self.received is not None
+            and not self._lightnings
+        ):
+            raise self._not_begun(stage)
+
+    def _not_begun(self, stage: str) -> JobInterrupted:
+        """The :class:`JobInterrupted` of a signal received before ``stage`` began."""
+        self.interrupted = JobInterrupted(
+            self.received or signal.SIGTERM,
+            f"{stage} stopped before it began, nothing saved: rerun the same command",
+        )
+        return self.interrupted
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Install the handlers (unless used as a context manager); stop if already signalled."""
@@ -806,8 +840,38 @@ class StopOnSignal(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Stop validating (also within ``fit``: the state is saved first) if signalled."""
-        self._stop_training(trainer)
+        """Stop validating if signalled; within ``fit``, let the validation finish.
+
+        A ``fit`` stopped inside its validation saved a state whose resume skipped the rest
+        of that validation (its metrics, the ``ModelCheckpoint`` it drives): ``fit`` stops
+        at the training batch or epoch end that follows instead (see
+        :meth:`on_train_epoch_end`), or at once, with nothing to save, in the sanity check
+        before training.
+        """
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._stop_training(trainer)
+        elif trainer.sanity_checking and self._previous and self.received is not None:
+            if trainer.world_size == 1:
+                raise self._not_begun("fit")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the epoch's validation, if signalled: end training after this epoch.
+
+        ``trainer.should_stop``, so the ``ModelCheckpoint`` saves of the epoch (they come
+        after this callback) still run; :meth:`on_train_end` then saves and stops.
+        """
+        if self._previous and self.received is not None and trainer.world_size == 1:
+            trainer.should_stop = True
+            self._epoch_end_stop = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save the training state and stop, where :meth:`on_train_epoch_end` ended training.
+
+        Raises:
+            JobInterrupted: naming the saved checkpoint.
+        """
+        if self._epoch_end_stop:
+            raise self._interruption(trainer, f"at the end of epoch {trainer.current_epoch - 1}")
 
     def on_test_batch_end(
         self,
@@ -834,10 +898,15 @@ class StopOnSignal(Callback):
         if self._previous and self.received is not None and trainer.world_size == 1:
             raise self._interruption(trainer)
 
-    def _interruption(self, trainer: pl.Trainer) -> JobInterrupted:
+    def _interruption(self, trainer: pl.Trainer, where: str | None = None) -> JobInterrupted:
         """Save a fitting trainer's state; the :class:`JobInterrupted` that says so.
 
         Sets :attr:`interrupted` (read by the command line once Lightning has ended the run).
+
+        Args:
+            trainer: the trainer.
+            where: where training stopped, for the message (default: in the current epoch
+                after the current step).
         """
         signum = self.received if self.received is not None else signal.SIGTERM
         if trainer.state.fn != TrainerFn.FITTING:
@@ -845,10 +914,10 @@ class StopOnSignal(Callback):
             self.interrupted = JobInterrupted(signum, what)
             return self.interrupted
         path = interrupted_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)  # one process (see _stop_training)
+        _save_checkpoint_whole(trainer, path)  # one process (see _stop_training)
         self.interrupted = JobInterrupted(
             signum,
-            f"training stopped in epoch {trainer.current_epoch} after step "
+            f"training stopped {where or f'in epoch {trainer.current_epoch}'} after step "
             f"{trainer.global_step}, its state saved in {path}: resume with the same command "
             f"and --ckpt_path {path}",
         )
@@ -877,6 +946,26 @@ class StopOnSignal(Callback):
             self._interruption(trainer)  # a SIGTERM just after this callback's last check
         if not self._context:
             self.restore()
+
+
+def _save_checkpoint_whole(trainer: pl.Trainer, path: Path) -> None:
+    """``trainer.save_checkpoint(path)`` that never leaves a partial file at ``path``.
+
+    Lightning writes the file through fsspec, which stages it in the temporary folder and
+    then moves it: across file systems (``$TMPDIR`` on another disk, as on many clusters)
+    the move is a copy, and a kill during it left a truncated ``interrupted.ckpt``. The
+    checkpoint is saved under a hidden name beside ``path``, flushed to disk and renamed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        trainer.save_checkpoint(partial)
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
 
 
 def interrupted_checkpoint_path(trainer: pl.Trainer) -> Path:
