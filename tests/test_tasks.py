@@ -1385,3 +1385,42 @@ def test_a_signal_before_training_or_during_its_validation_stops_fit_where_it_re
     )
     assert (last["epoch"], last["global_step"]) == (1, 8)
     assert not list(folder.glob(".*partial"))  # the save's staging file is gone
+
+
+def test_the_interrupted_checkpoint_is_renamed_into_place_and_a_killed_save_is_cleared(
+    tmp_path: Path,
+) -> None:
+    """Lightning stages a checkpoint in $TMPDIR and moves it: across disks a kill during that
+    copy left a partial ``interrupted.ckpt``. It is saved under a hidden name and renamed; a
+    killed save's hidden file is removed by the next save, a running one's kept."""
+    from torchgeo_dofa.jobs import _save_checkpoint_whole
+
+    model = torch.nn.Linear(2, 1)
+
+    class Tiny(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = model
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(Tiny(), DataLoader(cast(Any, torch.ones(2, 2))))
+    path = tmp_path / "checkpoints" / "interrupted.ckpt"
+    path.parent.mkdir()
+    killed = path.parent / ".interrupted.ckpt.999999999.partial"  # no such process
+    running = path.parent / f".interrupted.ckpt.{os.getppid()}.partial"
+    killed.write_bytes(b"PK\x03\x04 half")
+    running.write_bytes(b"PK\x03\x04 in progress")
+    _save_checkpoint_whole(trainer, path)
+    assert sorted(p.name for p in path.parent.iterdir()) == [running.name, path.name]
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 1
+    torch.testing.assert_close(state["state_dict"]["layer.weight"], model.weight.detach())

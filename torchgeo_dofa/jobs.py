@@ -57,6 +57,7 @@ from .locks import (  # defined there (no PyTorch needed); importable from here 
     JobLockedError,
     OutputLock,
     OutputPathError,
+    _running,
     die_with_launcher,
     is_launcher,
     mark_launcher,
@@ -957,6 +958,11 @@ def _save_checkpoint_whole(trainer: pl.Trainer, path: Path) -> None:
     checkpoint is saved under a hidden name beside ``path``, flushed to disk and renamed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.partial"):  # a killed save's, not a live one
+        pid = stale.name.removeprefix(f".{path.name}.").removesuffix(".partial")
+        if pid.isdigit() and not _running(int(pid)):
+            with contextlib.suppress(OSError):
+                stale.unlink()
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         trainer.save_checkpoint(partial)
