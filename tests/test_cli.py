@@ -1134,6 +1134,12 @@ def test_predict_config_refusals_are_one_line_and_write_nothing(
     # a ValueError of this package's, wrapped by jsonargparse, is one line too
     assert "unknown DOFA variant 'huge'" in refused("cfg", cfg, "--model.init_args.variant=huge")
     assert "stride 100 px is not a multiple" in refused("cfg", cfg, "--data.init_args.stride=100")
+    # no writer among the callbacks: it computed every chip and exited 0, writing nothing
+    assert refused("cfg", cfg, "--trainer.callbacks=[]").endswith(
+        "predict would write nothing: the config's trainer.callbacks has no prediction writer; "
+        "add torchgeo_dofa.writers.GridWriter or PooledWriter there, as "
+        "torchgeo_dofa/configs/predict_grid.yaml does\n"
+    )
     # inputs are checked as embed checks them, not TorchGeo's "Dataset not found" traceback
     missing = refused("cfg", cfg, f"--data.init_args.paths={tmp_path / 'nope.tif'}")
     assert f"input '{tmp_path / 'nope.tif'}' does not exist" in missing
@@ -1348,6 +1354,17 @@ def test_a_damaged_or_foreign_ckpt_path_is_one_line_before_anything_runs(
         "is a checkpoint of DOFAClassificationTask, but the config's model is "
         "DOFASegmentationTask: give a checkpoint of that task, or set model.class_path to "
         "torchgeo_dofa.tasks.DOFAClassificationTask\n"
+    )
+    # a fine-tuned task's predict had no writer: every batch computed, exit 0, nothing written
+    task_predict = ["predict", "--config", str(configs / "finetune_classification.yaml")]
+    assert main([*task_predict, *small, *quiet, "--ckpt_path", str(saved)]) == 2
+    assert capsys.readouterr().err.endswith(
+        "predict would write nothing: DOFAClassificationTask's predictions (class "
+        "probabilities) have no writer in the command line, and the config's "
+        "trainer.callbacks has no prediction writer; get them in Python (Trainer().predict("
+        f"DOFAClassificationTask.load_from_checkpoint({str(saved)!r}), datamodule=...) "
+        "returns them per batch), or embed with the fine-tuned encoder: predict --config "
+        f"torchgeo_dofa/configs/predict_grid.yaml --model.init_args.weights {saved}\n"
     )
     # the embedder takes a task checkpoint's encoder as weights, not as --ckpt_path
     embed_cfg = ["predict", "--config", str(configs / "predict_grid.yaml"), *quiet]

@@ -1073,6 +1073,8 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
             trainer = super().instantiate_trainer(**kwargs)
             trainers.append(trainer)  # to clean up after a failure (LightningCLI raises in init)
+            if self.subcommand == "predict":
+                _check_predictions_written(trainer, self.model, self.config["predict"])
             trainer.callbacks.append(stop)  # type: ignore[attr-defined]
             return trainer
 
@@ -1118,6 +1120,40 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                         close()
             trainers.clear()
             _free_the_job()
+
+
+def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
+    """Refuse a ``predict`` whose trainer has no prediction writer (before anything runs).
+
+    ``Trainer.predict`` returns its results to the caller, which LightningCLI drops: a
+    ``predict --config`` without a ``BasePredictionWriter`` in ``trainer.callbacks`` (a
+    fine-tuning config, or a callbacks list given without the writer) computed every batch
+    and exited 0 having written nothing.
+
+    Raises:
+        ValueError: naming the writers to add, or, for a fine-tuned task, how to get its
+            predictions.
+    """
+    from lightning.pytorch.callbacks import BasePredictionWriter
+
+    if any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+        return
+    name = type(model).__name__
+    if _is_embedder(f"{type(model).__module__}.{type(model).__qualname__}"):
+        raise ValueError(
+            "predict would write nothing: the config's trainer.callbacks has no prediction "
+            "writer; add torchgeo_dofa.writers.GridWriter or PooledWriter there, as "
+            "torchgeo_dofa/configs/predict_grid.yaml does"
+        )
+    ckpt = section.get("ckpt_path") or "TASK.ckpt"
+    raise ValueError(
+        f"predict would write nothing: {name}'s predictions (class probabilities) have no "
+        "writer in the command line, and the config's trainer.callbacks has no prediction "
+        f"writer; get them in Python (Trainer().predict({name}.load_from_checkpoint("
+        f"{str(ckpt)!r}), datamodule=...) returns them per batch), or embed with the "
+        "fine-tuned encoder: predict --config torchgeo_dofa/configs/predict_grid.yaml "
+        f"--model.init_args.weights {ckpt}"
+    )
 
 
 def _plain(init_args: Any) -> dict[str, Any]:
