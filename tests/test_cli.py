@@ -1138,7 +1138,7 @@ def test_predict_config_refusals_are_one_line_and_write_nothing(
     assert refused("cfg", cfg, "--trainer.callbacks=[]").endswith(
         "predict would write nothing: the config's trainer.callbacks has no prediction writer; "
         "add torchgeo_dofa.writers.GridWriter or PooledWriter there, as "
-        "torchgeo_dofa/configs/predict_grid.yaml does\n"
+        f"{Path(__file__).resolve().parents[1] / 'torchgeo_dofa/configs/predict_grid.yaml'} does\n"
     )
     # inputs are checked as embed checks them, not TorchGeo's "Dataset not found" traceback
     missing = refused("cfg", cfg, f"--data.init_args.paths={tmp_path / 'nope.tif'}")
@@ -1342,6 +1342,15 @@ def test_a_damaged_or_foreign_ckpt_path_is_one_line_before_anything_runs(
     )
     assert main([*validate, *quiet, "--ckpt_path", "half.ckpt"]) == 2
     assert "half.ckpt is not a readable PyTorch checkpoint (truncated" in capsys.readouterr().err
+    versions = sorted(tmp_path.glob("logs/*/version_*"))
+    for path, what in (("nope.ckpt", "does not exist"), ("logs", "is a folder")):
+        assert main([*validate, *quiet, "--ckpt_path", path]) == 2  # tracebacks, exit 1, before
+        assert capsys.readouterr().err == (
+            f"torchgeo-dofa: error: --ckpt_path {path} {what}: give a checkpoint file (a fit's "
+            "are in logs/<name>/version_<n>/checkpoints/), or 'last' / 'best' for those of this "
+            "run's trainer\n"
+        )
+    assert sorted(tmp_path.glob("logs/*/version_*")) == versions  # no run folder made
     torch.save({"w": torch.ones(4)}, tmp_path / "weights.pth")  # no Lightning checkpoint
     assert main([*validate, *quiet, "--ckpt_path", "weights.pth"]) == 2  # KeyError before
     assert capsys.readouterr().err.startswith(
@@ -1364,7 +1373,8 @@ def test_a_damaged_or_foreign_ckpt_path_is_one_line_before_anything_runs(
         "trainer.callbacks has no prediction writer; get them in Python (Trainer().predict("
         f"DOFAClassificationTask.load_from_checkpoint({str(saved)!r}), datamodule=...) "
         "returns them per batch), or embed with the fine-tuned encoder: predict --config "
-        f"torchgeo_dofa/configs/predict_grid.yaml --model.init_args.weights {saved}\n"
+        f"{configs / 'predict_grid.yaml'} --data.init_args.paths YOUR_RASTERS "
+        f"--model.init_args.weights {saved}\n"
     )
     # the embedder takes a task checkpoint's encoder as weights, not as --ckpt_path
     embed_cfg = ["predict", "--config", str(configs / "predict_grid.yaml"), *quiet]

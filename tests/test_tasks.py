@@ -1385,6 +1385,13 @@ def test_a_signal_before_training_or_during_its_validation_stops_fit_where_it_re
     )
     assert (last["epoch"], last["global_step"]) == (1, 8)
     assert not list(folder.glob(".*partial"))  # the save's staging file is gone
+    # in the last epoch's validation there is nothing left to stop: it finishes, exit 0 (130
+    # and "resume with ..." before, a resume that did nothing)
+    code, err = fit("validation")
+    assert code == 0, err[-3000:]
+    assert "the stop came in the last epoch's validation: training finished, nothing to " in err
+    assert not (logs / "version_3" / "checkpoints" / "interrupted.ckpt").exists()
+    assert (logs / "version_3" / "checkpoints" / "last.ckpt").exists()
 
 
 def test_the_interrupted_checkpoint_is_renamed_into_place_and_a_killed_save_is_cleared(

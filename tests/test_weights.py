@@ -550,6 +550,35 @@ def test_a_file_that_is_no_lightning_checkpoint_is_named_before_torch_loads_it(
         DOFAClassificationTask.load_from_checkpoint(bad)
 
 
+def test_every_byte_changed_in_a_zip_directory_is_refused_or_loads(tmp_path) -> None:
+    """A changed byte in the last 200 of a checkpoint (its zip directory and end records)
+    either loads as before or is one CheckpointError: 101 of them passed the file check and
+    then failed in torch.load ("PytorchStreamReader ... internal miniz error"), 10 more
+    raised BadZipFile / NotImplementedError from the check itself."""
+    from torchgeo_dofa.weights import verify_checkpoint_file
+
+    good = tmp_path / "good.ckpt"
+    layers = {f"layer{i}.weight": torch.full((8, 8), float(i)) for i in range(20)}
+    torch.save({"state_dict": layers, "pytorch-lightning_version": "2.5"}, good)
+    data = good.read_bytes()
+    bad = tmp_path / "bad.ckpt"
+    refused = 0
+    for back in range(1, 201):
+        changed = bytearray(data)
+        changed[len(data) - back] ^= 0x01
+        bad.write_bytes(changed)
+        try:
+            verify_checkpoint_file(bad, lightning=True)
+        except CheckpointError as err:
+            assert str(err).startswith(f"{bad} is not a readable PyTorch checkpoint"), err
+            refused += 1
+            continue
+        loaded = torch.load(bad, weights_only=True)  # passed: it must load, and as saved
+        for name, value in layers.items():
+            torch.testing.assert_close(loaded["state_dict"][name], value)
+    assert refused > 100  # most of them are refused (145 when written)
+
+
 def test_a_task_checkpoint_with_changed_bytes_is_refused_by_every_loader(tmp_path) -> None:
     """A byte changed in a fine-tuned task's checkpoint loaded silently as other weights
     through ``load_from_checkpoint`` and ``Trainer.validate(ckpt_path=...)`` (torch.load does

@@ -1032,6 +1032,13 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             ckpt = section.get("ckpt_path") if section is not None else None
             self._configured_model = None
             self._configured_args: dict[str, Any] = {}
+            if section is not None and ckpt and _a_local_path(ckpt) and not Path(ckpt).is_file():
+                raise CheckpointError(
+                    f"--ckpt_path {ckpt} "
+                    + ("is a folder" if Path(ckpt).is_dir() else "does not exist")
+                    + ": give a checkpoint file (a fit's are in logs/<name>/version_<n>/"
+                    "checkpoints/), or 'last' / 'best' for those of this run's trainer"
+                )
             if section is not None and ckpt and Path(ckpt).is_file():
                 verify_checkpoint_file(ckpt, lightning=True)
                 self._configured_model = section.get("model", {}).get("class_path")
@@ -1101,7 +1108,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 if fitting:
                     what: str | None = (
                         "training stopped, nothing saved at the stop: resume with the same "
-                        "command and --ckpt_path of the last checkpoint saved"
+                        "command and --ckpt_path of the last checkpoint saved, if any"
                     )
                 elif stop.stage is not None:  # before the trainer ran, or validate / test
                     what = "nothing saved at the stop: rerun the same command"
@@ -1122,6 +1129,20 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             _free_the_job()
 
 
+def _a_local_path(ckpt: Any) -> bool:
+    """Whether a ``ckpt_path`` names a local file.
+
+    Not Lightning's ``last`` / ``best`` / ``hpc`` / ``registry`` keywords, nor an fsspec URL
+    such as ``s3://...``.
+    """
+    text = str(ckpt)
+    return (
+        text not in ("last", "best", "hpc", "registry")
+        and not text.startswith("registry:")
+        and "://" not in text
+    )
+
+
 def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
     """Refuse a ``predict`` whose trainer has no prediction writer (before anything runs).
 
@@ -1139,11 +1160,12 @@ def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
     if any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
         return
     name = type(model).__name__
+    grid_config = Path(__file__).resolve().parent / "configs" / "predict_grid.yaml"
     if _is_embedder(f"{type(model).__module__}.{type(model).__qualname__}"):
         raise ValueError(
             "predict would write nothing: the config's trainer.callbacks has no prediction "
             "writer; add torchgeo_dofa.writers.GridWriter or PooledWriter there, as "
-            "torchgeo_dofa/configs/predict_grid.yaml does"
+            f"{grid_config} does"
         )
     ckpt = section.get("ckpt_path") or "TASK.ckpt"
     raise ValueError(
@@ -1151,8 +1173,8 @@ def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
         "writer in the command line, and the config's trainer.callbacks has no prediction "
         f"writer; get them in Python (Trainer().predict({name}.load_from_checkpoint("
         f"{str(ckpt)!r}), datamodule=...) returns them per batch), or embed with the "
-        "fine-tuned encoder: predict --config torchgeo_dofa/configs/predict_grid.yaml "
-        f"--model.init_args.weights {ckpt}"
+        f"fine-tuned encoder: predict --config {grid_config} --data.init_args.paths "
+        f"YOUR_RASTERS --model.init_args.weights {ckpt}"
     )
 
 

@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -861,9 +862,18 @@ class StopOnSignal(Callback):
         ``trainer.should_stop``, so the ``ModelCheckpoint`` saves of the epoch (they come
         after this callback) still run; :meth:`on_train_end` then saves and stops.
         """
-        if self._previous and self.received is not None and trainer.world_size == 1:
-            trainer.should_stop = True
-            self._epoch_end_stop = True
+        if not (self._previous and self.received is not None and trainer.world_size == 1):
+            return
+        if _last_epoch(trainer):  # training ends here anyway: it finishes, exit status 0
+            if self.announce and is_launcher():
+                print(
+                    f"{self.announce}: the stop came in the last epoch's validation: training "
+                    "finished, nothing to resume",
+                    file=sys.stderr,
+                )
+            return
+        trainer.should_stop = True
+        self._epoch_end_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Save the training state and stop, where :meth:`on_train_epoch_end` ended training.
@@ -947,6 +957,15 @@ class StopOnSignal(Callback):
             self._interruption(trainer)  # a SIGTERM just after this callback's last check
         if not self._context:
             self.restore()
+
+
+def _last_epoch(trainer: pl.Trainer) -> bool:
+    """Whether ``fit`` ends after the epoch in progress (its ``max_epochs`` / ``max_steps``)."""
+    loop = trainer.fit_loop
+    if loop.max_epochs is not None and loop.max_epochs != -1:
+        if trainer.current_epoch + 1 >= loop.max_epochs:
+            return True
+    return loop.max_steps != -1 and trainer.global_step >= loop.max_steps
 
 
 def _save_checkpoint_whole(trainer: pl.Trainer, path: Path) -> None:
