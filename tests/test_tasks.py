@@ -1431,3 +1431,20 @@ def test_the_interrupted_checkpoint_is_renamed_into_place_and_a_killed_save_is_c
     state = torch.load(path, map_location="cpu", weights_only=False)
     assert state["global_step"] == 1
     torch.testing.assert_close(state["state_dict"]["layer.weight"], model.weight.detach())
+    # a remote checkpoint folder (an fsspec URL) is Lightning's to write: Path("s3://b/c")
+    # would have made a local folder s3:/b/c
+    import fsspec
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from torchgeo_dofa.jobs import interrupted_checkpoint_path
+
+    trainer = Trainer(
+        max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", callbacks=[ModelCheckpoint(dirpath="memory://ckpts/")],
+    )  # fmt: skip
+    trainer.fit(Tiny(), DataLoader(cast(Any, torch.ones(2, 2))))
+    remote = interrupted_checkpoint_path(trainer)
+    assert remote == "memory://ckpts/interrupted.ckpt"
+    _save_checkpoint_whole(trainer, remote)
+    assert fsspec.filesystem("memory").exists("/ckpts/interrupted.ckpt")
+    assert not Path("memory:").exists()

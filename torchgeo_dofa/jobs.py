@@ -968,14 +968,18 @@ def _last_epoch(trainer: pl.Trainer) -> bool:
     return loop.max_steps != -1 and trainer.global_step >= loop.max_steps
 
 
-def _save_checkpoint_whole(trainer: pl.Trainer, path: Path) -> None:
+def _save_checkpoint_whole(trainer: pl.Trainer, path: Path | str) -> None:
     """``trainer.save_checkpoint(path)`` that never leaves a partial file at ``path``.
 
     Lightning writes the file through fsspec, which stages it in the temporary folder and
     then moves it: across file systems (``$TMPDIR`` on another disk, as on many clusters)
     the move is a copy, and a kill during it left a truncated ``interrupted.ckpt``. The
     checkpoint is saved under a hidden name beside ``path``, flushed to disk and renamed.
+    A remote ``path`` (an fsspec URL, ``s3://...``) is Lightning's to write, as it is.
     """
+    if isinstance(path, str):
+        trainer.save_checkpoint(path)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.partial"):  # a killed save's, not a live one
         pid = stale.name.removeprefix(f".{path.name}.").removesuffix(".partial")
@@ -993,7 +997,7 @@ def _save_checkpoint_whole(trainer: pl.Trainer, path: Path) -> None:
             partial.unlink()
 
 
-def interrupted_checkpoint_path(trainer: pl.Trainer) -> Path:
+def interrupted_checkpoint_path(trainer: pl.Trainer) -> Path | str:
     """Where an interrupted ``fit`` saves its training state (see :class:`StopOnSignal`).
 
     Args:
@@ -1001,12 +1005,15 @@ def interrupted_checkpoint_path(trainer: pl.Trainer) -> Path:
 
     Returns:
         ``interrupted.ckpt`` in the first ``ModelCheckpoint``'s folder, else in
-        ``<log dir>/checkpoints`` (Lightning's default checkpoint folder).
+        ``<log dir>/checkpoints`` (Lightning's default checkpoint folder): a path, or a URL
+        string where that folder is remote (``s3://...``; ``Path`` would drop a slash).
     """
     callback = trainer.checkpoint_callback
     folder = getattr(callback, "dirpath", None)
     if not folder:
         folder = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
+    if "://" in str(folder):
+        return f"{str(folder).rstrip('/')}/interrupted.ckpt"
     return Path(folder) / "interrupted.ckpt"
 
 
