@@ -567,14 +567,15 @@ def verify_checkpoint_file(path: str | os.PathLike[str], lightning: bool = False
             "or a pickle: a text or web page saved under its name?); give the file written "
             "by torch.save / Lightning"
         )
-    if head.startswith(b"PK\x03\x04") and not _is_zip(path):
+    zipped = _is_zip(path)
+    if head.startswith(b"PK\x03\x04") and not zipped:
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated copy or download?): its "
             "zip directory is missing; copy or save it again"
         )
     try:
         damaged = _failed_crc(path, strict=True)
-        if damaged is None and _is_zip(path):
+        if damaged is None and zipped:
             # the directory as torch.load reads it (miniz, not zipfile: a changed byte there
             # can pass one and fail the other); the entries' data are not read again
             torch._C.PyTorchFileReader(str(path)).get_all_records()
@@ -591,7 +592,7 @@ def verify_checkpoint_file(path: str | os.PathLike[str], lightning: bool = False
             f"entry {damaged} fails its CRC-32 check (bytes changed after it was saved); copy "
             "or save it again"
         )
-    if lightning and _is_zip(path) and not _names_lightning_version(path):
+    if lightning and zipped and not _names_lightning_version(path):
         raise CheckpointError(
             f"{path} is not a Lightning checkpoint (no 'pytorch-lightning_version' in it: a "
             "plain state dict or model weights?): give the file a Lightning Trainer saved "
@@ -618,9 +619,7 @@ def _names_lightning_version(path: Path) -> bool:
     Reads the archive's ``data.pkl`` only (the object graph with the tensors as references,
     a few hundred kB for a task), not the tensor data.
     """
-    with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-        return any(b"pytorch-lightning_version" in archive.read(n) for n in pickles[:1])
+    return any(b"pytorch-lightning_version" in data for data in _pickle_streams(path))
 
 
 def _failed_crc(path: Path, strict: bool = False) -> str | None:
