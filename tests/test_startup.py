@@ -174,7 +174,10 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path) -> None:
     job.send_signal(signal.SIGINT)
     _, err = job.communicate(timeout=120)
     assert job.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith("torchgeo-dofa: error: interrupted"), err
+    assert err.strip().splitlines()[-1] == (
+        "torchgeo-dofa: error: interrupted (Ctrl-C); the chips written so far are kept; "
+        "rerun the same command to resume"
+    ), err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
@@ -333,3 +336,32 @@ def test_the_collector_is_left_as_it_was_outside_the_command(monkeypatch) -> Non
     frozen = gc.get_freeze_count()
     end_import_pause()
     assert gc.get_freeze_count() == frozen and gc.isenabled()
+
+
+@pytest.mark.parametrize(
+    ("command", "began", "advice"),
+    [
+        ("embed", True, "the chips written so far are kept; rerun the same command to resume"),
+        ("predict", True, "the chips written so far are kept; rerun the same command to resume"),
+        (
+            "fit",
+            True,
+            "nothing saved at the stop: rerun the same command with --ckpt_path of the last "
+            "checkpoint saved, if any",
+        ),
+        ("fit", False, "fit stopped before it began, nothing saved: rerun the same command"),
+        ("test", True, "nothing saved at the stop: rerun the same command"),
+        ("preview", True, "nothing saved at the stop: rerun the same command"),
+        (None, True, "nothing saved at the stop: rerun the same command"),
+    ],
+)
+def test_a_stop_is_advised_alike_wherever_it_is_reported(
+    command: str | None, began: bool, advice: str
+) -> None:
+    """One wording per command for the job's handler, Lightning's shutdown and a Ctrl-C while
+    the libraries load (three wordings before; "chips kept" for a ``preview``); only an
+    embed or predict job keeps chips, only ``fit`` has a checkpoint to resume from. It lives
+    in :mod:`torchgeo_dofa.locks`, which loads no PyTorch (test above)."""
+    from torchgeo_dofa.locks import stop_advice
+
+    assert stop_advice(command, began=began) == advice

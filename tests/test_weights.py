@@ -614,11 +614,11 @@ def test_a_task_checkpoint_with_changed_bytes_is_refused_by_every_loader(tmp_pat
     flipped = tmp_path / "flipped.ckpt"
     flipped.write_bytes(raw)
     message = (
-        r"weights fail their CRC-32 check \(saved [0-9a-f]{8}, now [0-9a-f]{8}\): .* or its "
+        r" fail their CRC-32 check \(saved [0-9a-f]{8}, now [0-9a-f]{8}\): .* or its "
         f"state_dict was edited after saving \\(then delete its '{STATE_DIGEST_KEY}' entry"
     )
-    with pytest.raises(CheckpointError, match=message):
-        trainer.validate(task, data, ckpt_path=flipped)
+    with pytest.raises(CheckpointError, match=f"^the weights of {flipped}{message}"):
+        trainer.validate(task, data, ckpt_path=flipped)  # the file is named
     with pytest.raises(CheckpointError, match=f"entry {entry.filename} fails its CRC-32"):
         verify_checkpoint_file(flipped)
     with pytest.raises(CheckpointError, match=f"entry {entry.filename} fails its CRC-32"):
@@ -626,14 +626,17 @@ def test_a_task_checkpoint_with_changed_bytes_is_refused_by_every_loader(tmp_pat
     edited = dict(saved, state_dict=dict(saved["state_dict"]))
     edited["state_dict"]["head.1.bias"] = edited["state_dict"]["head.1.bias"] + 1.0
     torch.save(edited, tmp_path / "edited.ckpt")  # a whole zip: only the digest tells
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(CheckpointError, match=f"^the weights of {tmp_path / 'edited.ckpt'}"):
         DOFAClassificationTask.load_from_checkpoint(tmp_path / "edited.ckpt")
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CheckpointError, match="truncated copy or download"):
         verify_checkpoint_file(truncated)
     verify_checkpoint_file(good)  # intact: passes, and loads
-    assert isinstance(DOFAClassificationTask.load_from_checkpoint(good), DOFAClassificationTask)
+    loaded = DOFAClassificationTask.load_from_checkpoint(good)
+    assert isinstance(loaded, DOFAClassificationTask)
+    with pytest.raises(CheckpointError, match=f"^the checkpoint's weights{message}"):
+        loaded.on_load_checkpoint(edited)  # no file known: none named
     # a checkpoint saved before the digest existed loads as before
     del saved[STATE_DIGEST_KEY]
     torch.save(saved, tmp_path / "older.ckpt")

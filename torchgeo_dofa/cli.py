@@ -1006,7 +1006,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     from lightning.pytorch.trainer.states import TrainerFn
 
     from .__main__ import end_import_pause
-    from .jobs import JobInterrupted, StopOnSignal
+    from .jobs import JobInterrupted, StopOnSignal, stop_advice
     from .weights import CheckpointError, verify_checkpoint_file
     from .writers import lock_outputs_when_made
 
@@ -1105,16 +1105,9 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 if stop.interrupted is not None:  # Lightning's stop; the state was saved
                     raise stop.interrupted from None
                 fitting = any(t.state.fn == TrainerFn.FITTING for t in trainers)
-                if fitting:
-                    what: str | None = (
-                        "training stopped, nothing saved at the stop: resume with the same "
-                        "command and --ckpt_path of the last checkpoint saved, if any"
-                    )
-                elif stop.stage is not None:  # before the trainer ran, or validate / test
-                    what = "nothing saved at the stop: rerun the same command"
-                else:  # a prediction: its writers' parts are kept
-                    what = None
-                raise JobInterrupted(stop.received, what) from None
+                # a prediction's writers keep their parts; fit / validate / test save nothing
+                stopped = "fit" if fitting else stop.stage or "predict"
+                raise JobInterrupted(stop.received, stop_advice(stopped)) from None
             raise
         finally:
             # close cached raster handles now, not during interpreter shutdown (where a failed
@@ -1323,18 +1316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:
-        command = list(sys.argv[1:] if argv is None else argv)[:1]
-        kept = (
-            "nothing saved at the stop: rerun the same command"
-            + (
-                " (with --ckpt_path of the last checkpoint saved, if any)"
-                if command == ["fit"]
-                else ""
-            )
-            if command and command[0] in ("fit", "validate", "test")
-            else "chips already written are kept: rerun the same command to resume"
-        )
-        print(f"torchgeo-dofa: error: interrupted (Ctrl-C); {kept}", file=sys.stderr)
+        from .locks import stop_advice  # free of PyTorch: the libraries may not be loaded
+
+        command = next(iter(sys.argv[1:] if argv is None else argv), None)
+        advice = stop_advice(command)
+        print(f"torchgeo-dofa: error: interrupted (Ctrl-C); {advice}", file=sys.stderr)
         return 130
     except OSError as err:
         if not _stdout_unwritable():

@@ -62,6 +62,7 @@ from .locks import (  # defined there (no PyTorch needed); importable from here 
     die_with_launcher,
     is_launcher,
     mark_launcher,
+    stop_advice,
 )
 from .spatial import WGS84, PointBuffer, transformer
 from .weights import resolve_weights, sha256_file
@@ -102,6 +103,7 @@ __all__ = [
     "points_outside_warning",
     "region_identity",
     "sparse_grid_problem",
+    "stop_advice",
     "unique_region_names",
     "weights_identity",
 ]
@@ -143,12 +145,11 @@ class JobInterrupted(JobError):
 
         Args:
             signum: the signal that stopped the job.
-            what: what was kept and how to go on (default: an embed job's "the chips
-                written so far are kept; rerun the same command to resume").
+            what: what was kept and how to go on (default: an embed job's,
+                :func:`stop_advice` ``("embed")``).
         """
         name = signal.Signals(signum).name
-        kept = what or "the chips written so far are kept; rerun the same command to resume"
-        super().__init__(f"stopped by {name}: {kept}")
+        super().__init__(f"stopped by {name}: {what or stop_advice('embed')}")
         self.signum = signum
         self.exit_status = 128 + signum
 
@@ -789,7 +790,7 @@ class StopOnSignal(Callback):
         """The :class:`JobInterrupted` of a signal received before ``stage`` began."""
         self.interrupted = JobInterrupted(
             self.received or signal.SIGTERM,
-            f"{stage} stopped before it began, nothing saved: rerun the same command",
+            stop_advice(stage, began=False),
         )
         return self.interrupted
 

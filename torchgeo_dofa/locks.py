@@ -6,7 +6,9 @@ kernel drops the lock when the process dies, even on ``kill -9``. Only the launc
 takes it (:func:`is_launcher`). Kept apart from :mod:`torchgeo_dofa.jobs` and free of
 PyTorch and Lightning, so taking or checking a lock loads nothing heavy (about 0.1 s, not
 the ~10 s of the libraries): a script can see whether a folder is in use, and the job's
-refusals come as early as the lock is taken. :mod:`torchgeo_dofa.jobs` re-exports all of it.
+refusals come as early as the lock is taken. :func:`stop_advice` words a stopped job's
+error line, also for a Ctrl-C while the libraries load. :mod:`torchgeo_dofa.jobs`
+re-exports all of it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "die_with_launcher",
     "is_launcher",
     "mark_launcher",
+    "stop_advice",
 ]
 
 LOCK_NAME = ".torchgeo-dofa.lock"
@@ -48,6 +51,33 @@ class JobError(Exception):
     """Base of the embed job's own errors; ``exit_status`` is the CLI's exit status."""
 
     exit_status: int = 1
+
+
+def stop_advice(command: str | None, began: bool = True) -> str:
+    """What a command stopped by a signal (or Ctrl-C) kept, and how to go on.
+
+    One wording for every place a stop is reported (the job's own handler, Lightning's
+    shutdown after a second Ctrl-C, a Ctrl-C while the libraries load).
+
+    Args:
+        command: the subcommand stopped: ``"embed"`` or ``"predict"`` (their writers keep
+            every chip written), ``"fit"``, ``"validate"``, ``"test"``, another or None.
+        began: False when the stop came before the command's trainer began.
+
+    Returns:
+        The advice, e.g. ``"the chips written so far are kept; rerun the same command to
+        resume"``.
+    """
+    if command in ("embed", "predict"):
+        return "the chips written so far are kept; rerun the same command to resume"
+    if not began and command is not None:
+        return f"{command} stopped before it began, nothing saved: rerun the same command"
+    if command == "fit":
+        return (
+            "nothing saved at the stop: rerun the same command with --ckpt_path of the last "
+            "checkpoint saved, if any"
+        )
+    return "nothing saved at the stop: rerun the same command"
 
 
 class JobLockedError(JobError, RuntimeError):

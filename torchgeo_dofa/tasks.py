@@ -130,6 +130,8 @@ _IGNORE_INDEX = -100
 
 #: Whether the :meth:`_DOFATask.load_from_checkpoint` in progress loads strictly.
 _STRICT_LOAD: ContextVar[bool] = ContextVar("_STRICT_LOAD", default=True)
+#: The file the :meth:`_DOFATask.load_from_checkpoint` in progress reads, for its errors.
+_LOADING_FILE: ContextVar[str | None] = ContextVar("_LOADING_FILE", default=None)
 
 
 def _batch_of_one(norm: str, fix: str) -> str:
@@ -347,8 +349,10 @@ class _DOFATask(BaseTask):
         if isinstance(saved, str) and isinstance(state, Mapping):
             now = state_dict_digest(state)
             if now != saved:
+                path = _LOADING_FILE.get() or getattr(self._trainer, "ckpt_path", None)
                 raise CheckpointError(
-                    f"the checkpoint's weights fail their CRC-32 check (saved {saved}, now "
+                    (f"the weights of {path}" if path else "the checkpoint's weights")
+                    + f" fail their CRC-32 check (saved {saved}, now "
                     f"{now}): its bytes changed after it was saved (a disk or copy error: "
                     "copy or save it again), or its state_dict was edited after saving (then "
                     f"delete its {STATE_DIGEST_KEY!r} entry before loading)"
@@ -634,6 +638,9 @@ class _DOFATask(BaseTask):
         overrides = sorted(kwargs)
         kwargs.setdefault("weights", None)
         token = _STRICT_LOAD.set(strict is not False)
+        loading = _LOADING_FILE.set(
+            str(checkpoint_path) if isinstance(checkpoint_path, str | os.PathLike) else None
+        )
         try:
             task = super().load_from_checkpoint(
                 checkpoint_path,
@@ -675,6 +682,7 @@ class _DOFATask(BaseTask):
             ) from None
         finally:
             _STRICT_LOAD.reset(token)
+            _LOADING_FILE.reset(loading)
         task.eval()
         return task
 
