@@ -1290,6 +1290,7 @@ def test_a_signal_stops_fit_after_the_batch_and_saves_a_checkpoint_to_resume(
         f"its state saved in {saved}: resume with the same command and --ckpt_path {saved}"
     ], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+    assert "weights_only" not in proc.stderr  # Lightning's note on an unset choice
     if signum == signal.SIGINT:
         assert "torchgeo-dofa: Ctrl-C: stopping after the training batch in progress" in (
             proc.stderr

@@ -978,8 +978,10 @@ def _save_checkpoint_whole(trainer: pl.Trainer, path: Path | str) -> None:
     checkpoint is saved under a hidden name beside ``path``, flushed to disk and renamed.
     A remote ``path`` (an fsspec URL, ``s3://...``) is Lightning's to write, as it is.
     """
+    # the whole training state, as ModelCheckpoint saves it (weights_only=None logged
+    # "`weights_only` was not set, defaulting to `False`." at every stop)
     if isinstance(path, str):
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.partial"):  # a killed save's, not a live one
@@ -989,7 +991,7 @@ def _save_checkpoint_whole(trainer: pl.Trainer, path: Path | str) -> None:
                 stale.unlink()
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        trainer.save_checkpoint(partial)
+        trainer.save_checkpoint(partial, weights_only=False)
         with open(partial, "rb") as f:
             os.fsync(f.fileno())
         os.replace(partial, path)
