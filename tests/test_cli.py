@@ -944,6 +944,30 @@ def test_preview_png(tmp_path, reference_run) -> None:
     assert img[:, : 37 * 8].std() > 5 and img[:, -37 * 8 :].std() > 5
 
 
+def test_a_preview_that_cannot_be_written_keeps_the_previous_one(
+    tmp_path, reference_run, capsys
+) -> None:
+    """Pillow removes its partial file on an Exception only: a Ctrl-C (or a kill) while it
+    wrote left a truncated PNG in place of the previous preview. The preview is written
+    under a hidden name and renamed; here a full disk fails the write (the previous
+    preview, drawn smaller, was truncated by the write and then removed by Pillow)."""
+    from tests.tmpfs import tmpfs
+    from torchgeo_dofa.preview import render_preview
+
+    grid = str(reference_run / "ftw_s2_l2a_33N_grid.tif")
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        out = disk / "p.png"
+        render_preview(grid, out, cell_px=1)
+        before = out.read_bytes()
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(b"\0" * (free - 4096))  # room for 4 KiB, not a PNG
+        capsys.readouterr()
+        assert main(["preview", grid, "-o", str(out)]) != 0
+        assert "No space left on device" in capsys.readouterr().err
+        assert out.read_bytes() == before  # the previous preview, whole
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "p.png"]  # no temporary
+
+
 def test_preview_without_a_readable_input_draws_the_pca_panel_alone(
     tmp_path, reference_run
 ) -> None:
@@ -2075,7 +2099,14 @@ def test_a_second_ctrl_c_stops_at_once_with_the_interrupted_error(tmp_path) -> N
                   callbacks=[CtrlCTwice()])  # fmt: skip
     finally:
         log.removeHandler(lines)
-    assert info.value.exit_status == 130 and "rerun the same command" in str(info.value)
+    assert info.value.exit_status == 130
+    # random weights without a seed: a rerun cannot resume (it said "rerun the same command
+    # to resume", and the rerun was refused)
+    assert str(info.value) == (
+        "stopped by SIGINT: the chips written so far cannot be resumed (random weights "
+        "without a seed are drawn anew on every run): rerun with --overwrite, or with --seed "
+        "N to make a job resumable"
+    )
     assert signal.getsignal(signal.SIGINT) is before
     assert not (out / "ftw_s2_l2a_33N_pooled.parquet").exists()
     # Lightning's reason stays visible; its start-up lines do not

@@ -338,11 +338,19 @@ def test_the_collector_is_left_as_it_was_outside_the_command(monkeypatch) -> Non
     assert gc.get_freeze_count() == frozen and gc.isenabled()
 
 
+_UNSEEDED = (
+    "the chips written so far cannot be resumed (random weights without a seed are drawn anew "
+    "on every run): rerun with --overwrite, or with --seed N to make a job resumable"
+)
+
+
 @pytest.mark.parametrize(
     ("command", "began", "advice"),
     [
         ("embed", True, "the chips written so far are kept; rerun the same command to resume"),
-        ("predict", True, "the chips written so far are kept; rerun the same command to resume"),
+        ("predict", False, "the chips written so far are kept; rerun the same command to resume"),
+        ("embed", None, _UNSEEDED),
+        ("predict", None, _UNSEEDED),
         (
             "fit",
             True,
@@ -351,17 +359,27 @@ def test_the_collector_is_left_as_it_was_outside_the_command(monkeypatch) -> Non
         ),
         ("fit", False, "fit stopped before it began, nothing saved: rerun the same command"),
         ("test", True, "nothing saved at the stop: rerun the same command"),
-        ("preview", True, "nothing saved at the stop: rerun the same command"),
-        (None, True, "nothing saved at the stop: rerun the same command"),
+        (
+            "validate",
+            False,
+            "validate stopped before it began, nothing saved: rerun the same command",
+        ),
+        ("preview", False, "nothing saved at the stop: rerun the same command"),
+        (None, False, "nothing saved at the stop: rerun the same command"),
     ],
 )
 def test_a_stop_is_advised_alike_wherever_it_is_reported(
-    command: str | None, began: bool, advice: str
+    command: str | None, began: bool | None, advice: str
 ) -> None:
     """One wording per command for the job's handler, Lightning's shutdown and a Ctrl-C while
     the libraries load (three wordings before; "chips kept" for a ``preview``); only an
-    embed or predict job keeps chips, only ``fit`` has a checkpoint to resume from. It lives
-    in :mod:`torchgeo_dofa.locks`, which loads no PyTorch (test above)."""
+    embed or predict job keeps chips, only ``fit`` has a checkpoint to resume from, and a
+    job with random weights drawn without a seed (``began`` None here) cannot be resumed
+    (it said "rerun the same command to resume", which refused). It lives in
+    :mod:`torchgeo_dofa.locks`, which loads no PyTorch (test above)."""
     from torchgeo_dofa.locks import stop_advice
 
-    assert stop_advice(command, began=began) == advice
+    if began is None:
+        assert stop_advice(command, resumable=False) == advice
+    else:
+        assert stop_advice(command, began=began) == advice

@@ -1393,6 +1393,18 @@ def test_a_signal_before_training_or_during_its_validation_stops_fit_where_it_re
     assert "the stop came in the last epoch's validation: training finished, nothing to " in err
     assert not (logs / "version_3" / "checkpoints" / "interrupted.ckpt").exists()
     assert (logs / "version_3" / "checkpoints" / "last.ckpt").exists()
+    # validate stopped in its run says what to do (it said only "validate did not finish")
+    assert base[0] == "fit"
+    callback = [
+        {"class_path": f"{__name__}.SignalAt", "init_args": {"signum": 2, "where": "validation"}}
+    ]
+    code = main(["validate", *base[1:], f"--trainer.callbacks+={json.dumps(callback)}"])
+    err = capfd.readouterr().err
+    assert code == 130, err[-3000:]
+    assert err.endswith(
+        "torchgeo-dofa: error: stopped by SIGINT: validate did not finish; nothing saved at the "
+        "stop: rerun the same command\n"
+    ), err[-3000:]
 
 
 def test_the_interrupted_checkpoint_is_renamed_into_place_and_a_killed_save_is_cleared(

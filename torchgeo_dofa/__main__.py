@@ -182,8 +182,12 @@ def _command(argv: Sequence[str] | None = None) -> int:
     apply_openmp_defaults()
     if sys.argv and os.path.basename(sys.argv[0]) == "__main__.py":
         sys.argv[0] = "torchgeo-dofa"  # LightningCLI's usage lines name the program by it
-    from .cli import main as cli_main
+    try:
+        from .cli import main as cli_main
+    except KeyboardInterrupt:  # before cli.main's own handler exists (exit 130, no word)
+        from .locks import report_ctrl_c
 
+        return report_ctrl_c(argv)
     return cli_main(argv)
 
 

@@ -752,7 +752,7 @@ def embed(
                     # a second Ctrl-C: Lightning exits (1); it is the job's interruption
                     received = stop.received
                     if received is not None and isinstance(err, SystemExit | KeyboardInterrupt):
-                        raise JobInterrupted(received) from None
+                        raise JobInterrupted(received, stop.advice) from None
                     raise
                 summary.chips += done - empty
                 summary.empty += empty
@@ -1106,8 +1106,12 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                     raise stop.interrupted from None
                 fitting = any(t.state.fn == TrainerFn.FITTING for t in trainers)
                 # a prediction's writers keep their parts; fit / validate / test save nothing
+                # (a fit stopped before training has no checkpoint of its own to resume)
                 stopped = "fit" if fitting else stop.stage or "predict"
-                raise JobInterrupted(stop.received, stop_advice(stopped)) from None
+                advice = stop_advice(
+                    stopped, began=fitting or stopped != "fit", resumable=stop.resumable
+                )
+                raise JobInterrupted(stop.received, advice) from None
             raise
         finally:
             # close cached raster handles now, not during interpreter shutdown (where a failed
@@ -1316,12 +1320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:
-        from .locks import stop_advice  # free of PyTorch: the libraries may not be loaded
+        from .locks import report_ctrl_c  # free of PyTorch: the libraries may not be loaded
 
-        command = next(iter(sys.argv[1:] if argv is None else argv), None)
-        advice = stop_advice(command)
-        print(f"torchgeo-dofa: error: interrupted (Ctrl-C); {advice}", file=sys.stderr)
-        return 130
+        return report_ctrl_c(argv)
     except OSError as err:
         if not _stdout_unwritable():
             raise

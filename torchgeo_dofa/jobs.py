@@ -655,6 +655,14 @@ class StopOnSignal(Callback):
         self.interrupted: JobInterrupted | None = None
         #: a signal during ``fit``'s validation ended training at the epoch's end
         self._epoch_end_stop = False
+        #: whether a rerun resumes a stopped prediction (False for random weights drawn
+        #: without a seed; set at the prediction's start)
+        self.resumable = True
+
+    @property
+    def advice(self) -> str:
+        """What a stopped prediction kept and how to go on (:func:`stop_advice`)."""
+        return stop_advice("predict", resumable=self.resumable)
 
     # installation ---------------------------------------------------------------------
     def install(self) -> None:
@@ -739,7 +747,7 @@ class StopOnSignal(Callback):
             JobInterrupted: carrying the signal.
         """
         if self.received is not None:
-            raise JobInterrupted(self.received)
+            raise JobInterrupted(self.received, self.advice)
 
     def __enter__(self) -> Self:
         """Install the handlers for the whole job."""
@@ -796,6 +804,9 @@ class StopOnSignal(Callback):
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Install the handlers (unless used as a context manager); stop if already signalled."""
+        # random weights without a seed (DOFAEncoder.weights_id "random") differ per run
+        encoder = getattr(pl_module, "encoder", None)
+        self.resumable = getattr(encoder, "weights_id", None) != "random"
         if not self._context:
             self.install()
         self.raise_if_received()
@@ -922,7 +933,8 @@ class StopOnSignal(Callback):
         """
         signum = self.received if self.received is not None else signal.SIGTERM
         if trainer.state.fn != TrainerFn.FITTING:
-            what = f"{trainer.state.fn.value} did not finish" if trainer.state.fn else None
+            stage = str(trainer.state.fn.value) if trainer.state.fn else None
+            what = f"{stage} did not finish; {stop_advice(stage)}" if stage else None
             self.interrupted = JobInterrupted(signum, what)
             return self.interrupted
         path = interrupted_checkpoint_path(trainer)

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +38,7 @@ __all__ = [
     "die_with_launcher",
     "is_launcher",
     "mark_launcher",
+    "report_ctrl_c",
     "stop_advice",
 ]
 
@@ -53,7 +54,7 @@ class JobError(Exception):
     exit_status: int = 1
 
 
-def stop_advice(command: str | None, began: bool = True) -> str:
+def stop_advice(command: str | None, began: bool = True, resumable: bool = True) -> str:
     """What a command stopped by a signal (or Ctrl-C) kept, and how to go on.
 
     One wording for every place a stop is reported (the job's own handler, Lightning's
@@ -62,15 +63,24 @@ def stop_advice(command: str | None, began: bool = True) -> str:
     Args:
         command: the subcommand stopped: ``"embed"`` or ``"predict"`` (their writers keep
             every chip written), ``"fit"``, ``"validate"``, ``"test"``, another or None.
-        began: False when the stop came before the command's trainer began.
+        began: False when the stop came before the command's trainer began (``fit`` has
+            then no checkpoint of this run to resume from).
+        resumable: False for an embed or predict job with random weights drawn without a
+            seed: a rerun draws other weights, so it cannot resume the chips written.
 
     Returns:
         The advice, e.g. ``"the chips written so far are kept; rerun the same command to
         resume"``.
     """
     if command in ("embed", "predict"):
+        if not resumable:
+            return (
+                "the chips written so far cannot be resumed (random weights without a seed "
+                "are drawn anew on every run): rerun with --overwrite, or with --seed N to "
+                "make a job resumable"
+            )
         return "the chips written so far are kept; rerun the same command to resume"
-    if not began and command is not None:
+    if not began and command in ("fit", "validate", "test"):
         return f"{command} stopped before it began, nothing saved: rerun the same command"
     if command == "fit":
         return (
@@ -78,6 +88,25 @@ def stop_advice(command: str | None, began: bool = True) -> str:
             "checkpoint saved, if any"
         )
     return "nothing saved at the stop: rerun the same command"
+
+
+def report_ctrl_c(argv: Sequence[str] | None) -> int:
+    """Say on stderr that Ctrl-C stopped the command before its job's handlers existed.
+
+    For a Ctrl-C while the libraries load (or a second one): one line, no traceback.
+
+    Args:
+        argv: the command line's arguments (default: ``sys.argv[1:]``); the first names
+            the subcommand.
+
+    Returns:
+        130, the shell's status for SIGINT.
+    """
+    command = next(iter(sys.argv[1:] if argv is None else argv), None)
+    advice = stop_advice(command, began=False)
+    with contextlib.suppress(OSError):  # stderr gone: the status still says it
+        print(f"torchgeo-dofa: error: interrupted (Ctrl-C); {advice}", file=sys.stderr)
+    return 130
 
 
 class JobLockedError(JobError, RuntimeError):

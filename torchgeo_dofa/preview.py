@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import uuid
 import warnings
 from pathlib import Path
 
@@ -198,5 +200,12 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
         canvas.paste(panel, (x, 0))
         x += panel.width + gap
     out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
+    # through a hidden name, renamed: a Ctrl-C or error while Pillow writes leaves the
+    # previous file (Pillow removes its partial file on an Exception only)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        canvas.save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
