@@ -62,6 +62,7 @@ from .locks import (  # defined there (no PyTorch needed); importable from here 
     die_with_launcher,
     is_launcher,
     mark_launcher,
+    report_ctrl_c,
     stop_advice,
 )
 from .spatial import WGS84, PointBuffer, transformer
@@ -102,6 +103,7 @@ __all__ = [
     "mark_launcher",
     "points_outside_warning",
     "region_identity",
+    "report_ctrl_c",
     "sparse_grid_problem",
     "stop_advice",
     "unique_region_names",
