@@ -936,7 +936,8 @@ class StopOnSignal(Callback):
         signum = self.received if self.received is not None else signal.SIGTERM
         if trainer.state.fn != TrainerFn.FITTING:
             stage = str(trainer.state.fn.value) if trainer.state.fn else None
-            what = f"{stage} did not finish; {stop_advice(stage)}" if stage else None
+            advice = stop_advice(stage, resumable=self.resumable)  # a prediction's too
+            what = f"{stage} did not finish; {advice}" if stage else None
             self.interrupted = JobInterrupted(signum, what)
             return self.interrupted
         path = interrupted_checkpoint_path(trainer)
