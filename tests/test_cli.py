@@ -1392,13 +1392,30 @@ def test_a_damaged_or_foreign_ckpt_path_is_one_line_before_anything_runs(
     task_predict = ["predict", "--config", str(configs / "finetune_classification.yaml")]
     assert main([*task_predict, *small, *quiet, "--ckpt_path", str(saved)]) == 2
     assert capsys.readouterr().err.endswith(
-        "predict would write nothing: DOFAClassificationTask's predictions (class "
-        "probabilities) have no writer in the command line, and the config's "
-        "trainer.callbacks has no prediction writer; get them in Python (Trainer().predict("
-        f"DOFAClassificationTask.load_from_checkpoint({str(saved)!r}), datamodule=...) "
-        "returns them per batch), or embed with the fine-tuned encoder: predict --config "
-        f"{configs / 'predict_grid.yaml'} --data.init_args.paths YOUR_RASTERS "
-        f"--model.init_args.weights {saved}\n"
+        "predict would write nothing: the config's trainer.callbacks has no prediction writer; "
+        "DOFAClassificationTask's class probabilities are written by "
+        "torchgeo_dofa.writers.ClassificationWriter over a DOFAPredictDataModule: predict "
+        f"--config {configs / 'predict_classification.yaml'} --ckpt_path {saved} "
+        "--data.init_args.paths YOUR_RASTERS\n"
+    )
+    # ... which that config does: a row per chip of the demo scene, its class and probabilities
+    table = tmp_path / "outputs" / "classes.parquet"
+    by_chip = [
+        "predict", "--config", str(configs / "predict_classification.yaml"), *quiet,
+        "--data.init_args.paths", str(SCENE), "--trainer.callbacks.init_args.path", str(table),
+    ]  # fmt: skip
+    assert main([*by_chip, "--ckpt_path", str(saved)]) == 0
+    frame = gpd.read_parquet(table)
+    assert len(frame) == 6 and frame.attrs["weights"] == str(saved)
+    assert frame["class"].between(0, 3).all()  # the config's 4 classes
+    np.testing.assert_allclose(np.stack(frame.probabilities).sum(axis=1), 1.0, rtol=1e-5)
+    table.unlink()
+    assert main(by_chip) == 2  # without the fine-tuned weights: an untrained head's classes
+    assert capsys.readouterr().err.endswith(
+        "torchgeo-dofa: error: predict with DOFAClassificationTask needs its fine-tuned "
+        "weights: give --ckpt_path TASK.ckpt (a fit's are in logs/<name>/version_<n>/"
+        f"checkpoints/), as in predict --config {configs / 'predict_classification.yaml'} "
+        "--ckpt_path TASK.ckpt\n"
     )
     # the embedder takes a task checkpoint's encoder as weights, not as --ckpt_path
     embed_cfg = ["predict", "--config", str(configs / "predict_grid.yaml"), *quiet]
@@ -1408,7 +1425,7 @@ def test_a_damaged_or_foreign_ckpt_path_is_one_line_before_anything_runs(
         "which takes a fine-tuned task's encoder as its weights, not as --ckpt_path: give "
         f"--model.init_args.weights {saved} instead\n"
     )
-    assert not (tmp_path / "outputs").exists()
+    assert not table.exists()
 
 
 class _KeepBatch(pl.Callback):

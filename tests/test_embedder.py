@@ -403,9 +403,10 @@ def test_a_writer_under_a_fine_tuning_task_is_refused_before_any_batch(tmp_path:
             trainer.predict(task, datamodule=dm, return_predictions=False)
         assert str(refused.value) == (
             f"{type(writer).__name__} writes embeddings, but DOFAClassificationTask is a "
-            "fine-tuning task, whose predict_step returns class scores: predict with "
-            "DOFAEmbedder (its fine-tuned encoder: DOFAEmbedder(weights='task.ckpt')), or "
-            "write the task's predictions with a writer of your own"
+            "fine-tuning task, whose predict_step returns class scores: write them with "
+            "SegmentationWriter (a segmentation task) or ClassificationWriter (a "
+            "classification task), or predict embeddings with DOFAEmbedder (its "
+            "fine-tuned encoder: DOFAEmbedder(weights='task.ckpt'))"
         )
     assert CountBatches.batches == 0
     assert not out.exists()

@@ -601,6 +601,20 @@ def test_segmentation_options() -> None:
         decoder(maps[:3], (48, 80))
 
 
+@pytest.mark.parametrize("channels", [2, 16, 32, 48, 256])
+def test_a_group_norm_decoder_of_any_width_decodes_a_single_chip(channels: int) -> None:
+    """GroupNorm groups hold at least 2 channels: with 32 channels in 32 groups the pooling
+    module's 1 x 1 map left one value per group, and a batch of 1 (a one-chip prediction)
+    failed with torch's "Expected more than 1 value per channel", even in evaluation."""
+    decoder = UPerNetDecoder(16, 3, channels=channels).eval()
+    norms = [m for m in decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_channels // m.num_groups >= 2 for m in norms)
+    assert max(m.num_groups for m in norms) == min(32, channels // 2)
+    with torch.no_grad():
+        logits = decoder([torch.randn(1, 16, 14, 14) for _ in range(4)], (224, 224))
+    assert logits.shape == (1, 3, 224, 224) and torch.isfinite(logits).all()
+
+
 @pytest.mark.parametrize("ignore_index", [None, 255])
 def test_segmentation_ignores_invalid_pixels(ignore_index: int | None) -> None:
     """Pixels whose valid is False are left out of the loss and the metrics whatever

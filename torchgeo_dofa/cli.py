@@ -1141,37 +1141,47 @@ def _a_local_path(ckpt: Any) -> bool:
 
 
 def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
-    """Refuse a ``predict`` whose trainer has no prediction writer (before anything runs).
+    """Refuse a ``predict`` that would write nothing, or a task's without its weights.
 
     ``Trainer.predict`` returns its results to the caller, which LightningCLI drops: a
     ``predict --config`` without a ``BasePredictionWriter`` in ``trainer.callbacks`` (a
     fine-tuning config, or a callbacks list given without the writer) computed every batch
-    and exited 0 having written nothing.
+    and exited 0 having written nothing. A fine-tuning task predicting without
+    ``--ckpt_path`` would map with an untrained head.
 
     Raises:
-        ValueError: naming the writers to add, or, for a fine-tuned task, how to get its
-            predictions.
+        ValueError: naming the writers to add and the config that has them, or the missing
+            ``--ckpt_path``.
     """
     from lightning.pytorch.callbacks import BasePredictionWriter
 
+    configs = Path(__file__).resolve().parent / "configs"
+    name = type(model).__name__
+    embedder = _is_embedder(f"{type(model).__module__}.{type(model).__qualname__}")
+    ckpt = section.get("ckpt_path")
+    task_config = configs / (
+        "predict_segmentation.yaml" if "Segmentation" in name else "predict_classification.yaml"
+    )
+    if not embedder and not ckpt:
+        raise ValueError(
+            f"predict with {name} needs its fine-tuned weights: give --ckpt_path TASK.ckpt "
+            "(a fit's are in logs/<name>/version_<n>/checkpoints/), as in "
+            f"predict --config {task_config} --ckpt_path TASK.ckpt"
+        )
     if any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
         return
-    name = type(model).__name__
-    grid_config = Path(__file__).resolve().parent / "configs" / "predict_grid.yaml"
-    if _is_embedder(f"{type(model).__module__}.{type(model).__qualname__}"):
+    if embedder:
         raise ValueError(
             "predict would write nothing: the config's trainer.callbacks has no prediction "
             "writer; add torchgeo_dofa.writers.GridWriter or PooledWriter there, as "
-            f"{grid_config} does"
+            f"{configs / 'predict_grid.yaml'} does"
         )
-    ckpt = section.get("ckpt_path") or "TASK.ckpt"
+    writer = "SegmentationWriter" if "Segmentation" in name else "ClassificationWriter"
     raise ValueError(
-        f"predict would write nothing: {name}'s predictions (class probabilities) have no "
-        "writer in the command line, and the config's trainer.callbacks has no prediction "
-        f"writer; get them in Python (Trainer().predict({name}.load_from_checkpoint("
-        f"{str(ckpt)!r}), datamodule=...) returns them per batch), or embed with the "
-        f"fine-tuned encoder: predict --config {grid_config} --data.init_args.paths "
-        f"YOUR_RASTERS --model.init_args.weights {ckpt}"
+        f"predict would write nothing: the config's trainer.callbacks has no prediction "
+        f"writer; {name}'s class probabilities are written by "
+        f"torchgeo_dofa.writers.{writer} over a DOFAPredictDataModule: predict --config "
+        f"{task_config} --ckpt_path {ckpt} --data.init_args.paths YOUR_RASTERS"
     )
 
 

@@ -1038,7 +1038,10 @@ DecoderNorm = Literal["group", "batch"]
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels)
-    groups = max(g for g in range(1, 33) if channels % g == 0)
+    # up to 32 groups of at least 2 channels: the pooling module's 1 x 1 maps leave a group
+    # of one channel a single value at batch size 1, which torch's group_norm refuses
+    # ("Expected more than 1 value per channel") even in evaluation
+    groups = max(g for g in range(1, 33) if channels % g == 0 and channels // g >= 2)
     return nn.GroupNorm(groups, channels)
 
 
@@ -1101,8 +1104,9 @@ class UPerNetDecoder(nn.Module):
     upsampled to 1/4 and fused (3x3 conv), and a 1x1 conv gives the class logits, upsampled
     bilinearly to the requested size.
 
-    Normalisation: GroupNorm by default (up to 32 groups). It behaves the same in training
-    and evaluation and at any batch size, which suits short runs with small batches;
+    Normalisation: GroupNorm by default (up to 32 groups of at least 2 channels). It behaves
+    the same in training and evaluation and at any batch size, which suits short runs with
+    small batches;
     ``norm="batch"`` gives mmsegmentation's BatchNorm, whose running statistics need many
     steps to settle.
     """
@@ -1237,7 +1241,7 @@ class DOFASegmentationTask(_DOFATask):
             block_indices: four encoder blocks (0-based, negative counts from the end) whose
                 patch maps feed the decoder, shallow to deep; None: the variant's default
                 (:data:`DEFAULT_BLOCK_INDICES`).
-            decoder_channels: UPerNet width.
+            decoder_channels: UPerNet width (at least 2).
             decoder_norm: the decoder's normalisation, ``"group"`` (GroupNorm) or ``"batch"``
                 (BatchNorm, mmsegmentation's choice); see :class:`UPerNetDecoder`.
             ignore_index: mask value left out of loss and metrics, or None. Pixels whose
@@ -1267,8 +1271,8 @@ class DOFASegmentationTask(_DOFATask):
                 f"{name}, got {block_indices}"
             )
         self.block_indices: tuple[int, ...] = tuple(i % depth for i in indices)
-        if decoder_channels < 1:
-            raise ValueError(f"decoder_channels must be positive, got {decoder_channels}")
+        if decoder_channels < 2:
+            raise ValueError(f"decoder_channels must be at least 2, got {decoder_channels}")
         if decoder_norm not in ("group", "batch"):
             raise ValueError(f"unknown decoder_norm {decoder_norm!r}: choose 'group' or 'batch'")
         super().__init__()

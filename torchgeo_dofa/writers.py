@@ -37,7 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from errno import ENOSPC
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -49,18 +49,21 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window
+from torch import Tensor
 
 from . import _warnings
 from .locks import OutputLock, OutputPathError, die_with_launcher, is_launcher, mark_launcher
 from .spatial import crs_label, same_crs
 
 __all__ = [
+    "ClassificationWriter",
     "GridGeometry",
     "GridWriter",
     "OutputPathError",
     "OutputWriteError",
     "PartsMismatchError",
     "PooledWriter",
+    "SegmentationWriter",
     "atomic_write",
     "embed_manifest_listing",
     "fsync_dir",
@@ -400,6 +403,10 @@ class _PartsWriter(BasePredictionWriter):
     write_threads = 2
     #: Batches that may wait to be written before the next batch waits for the oldest.
     max_pending_batches = 4
+    #: Metadata key holding the number of values per chip for an output without any part
+    #: (every chip empty): :class:`~torchgeo_dofa.embedder.DOFAEmbedder` records its
+    #: ``embed_dim``.
+    depth_tag = "embed_dim"
 
     def __init__(self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None) -> None:
         super().__init__(write_interval="batch")
@@ -506,6 +513,7 @@ class _PartsWriter(BasePredictionWriter):
                 and trainer.limit_predict_batches != 0
                 and sum(trainer.num_predict_batches) == 0  # ... the loop skipped: nothing left
             ):
+                self._check_weights(trainer, pl_module)  # on_predict_start did not run
                 self._whole_job = _sends_every_batch(trainer)
                 self.finalize()
                 self._assembled = True
@@ -568,26 +576,11 @@ class _PartsWriter(BasePredictionWriter):
             ValueError: when the module's ``output`` (``grid`` / ``pooled``) does not give
                 what this writer writes.
         """
-        tasks = sys.modules.get("torchgeo.tasks")  # not imported: the module is not a task
-        if tasks is not None and isinstance(pl_module, tasks.BaseTask):
-            raise TypeError(
-                f"{type(self).__name__} writes embeddings, but {type(pl_module).__name__} is "
-                "a fine-tuning task, whose predict_step returns class scores: predict with "
-                "DOFAEmbedder (its fine-tuned encoder: DOFAEmbedder(weights='task.ckpt')), or "
-                "write the task's predictions with a writer of your own"
-            )
-        output = getattr(pl_module, "output", None)  # DOFAEmbedder's: grid, pooled, both
-        kind = self.needs[0] if self.needs else None
-        if isinstance(output, str) and kind is not None and output not in (kind, "both"):
-            raise ValueError(
-                f"{type(self).__name__} writes {kind} embeddings but the model's output is "
-                f"{output!r}: set the model's output to 'both' (or {kind!r}; "
-                "model.init_args.output in a config), or remove the writer"
-            )
+        self._check_module(pl_module)
         dm = getattr(trainer, "datamodule", None)
         output_tags = getattr(dm, "output_tags", None)
         given = self.metadata
-        self.metadata = dict(getattr(pl_module, "metadata", {}))
+        self.metadata = self._module_tags(trainer, pl_module)
         if callable(output_tags):
             self.metadata.update(output_tags())
         # what the parts depend on: the model's tags and its weights by content (not the
@@ -599,7 +592,8 @@ class _PartsWriter(BasePredictionWriter):
             inputs = sorted(str(Path(p).resolve()) for p in json.loads(self._job["sources"]))
             self._job["sources"] = json.dumps(inputs)
         self._job["precision"] = str(trainer.precision)
-        self._job["weights_crc32"] = module_digest(pl_module)
+        # the weights' CRC-32 (weights_crc32) is taken once they are final, after a
+        # checkpoint's restore: on_predict_start (see there), before the first batch
         prep = getattr(pl_module, "preprocess", None)  # preprocessing on the device
         if prep is not None:
             waves = getattr(prep, "wavelengths", None)
@@ -622,6 +616,36 @@ class _PartsWriter(BasePredictionWriter):
         self._done = set()
         self._assembled = self._failed = False
         self._claim_output(inputs)
+
+    def _check_module(self, pl_module: pl.LightningModule) -> None:
+        """Refuse a module whose predictions this writer does not write (at setup).
+
+        Raises:
+            TypeError: for a TorchGeo fine-tuning task (class scores, not embeddings).
+            ValueError: when the module's ``output`` (``grid`` / ``pooled``) does not give
+                what this writer writes.
+        """
+        tasks = sys.modules.get("torchgeo.tasks")  # not imported: the module is not a task
+        if tasks is not None and isinstance(pl_module, tasks.BaseTask):
+            raise TypeError(
+                f"{type(self).__name__} writes embeddings, but {type(pl_module).__name__} is "
+                "a fine-tuning task, whose predict_step returns class scores: write them with "
+                "SegmentationWriter (a segmentation task) or ClassificationWriter (a "
+                "classification task), or predict embeddings with DOFAEmbedder (its "
+                "fine-tuned encoder: DOFAEmbedder(weights='task.ckpt'))"
+            )
+        output = getattr(pl_module, "output", None)  # DOFAEmbedder's: grid, pooled, both
+        kind = self.needs[0] if self.needs else None
+        if isinstance(output, str) and kind is not None and output not in (kind, "both"):
+            raise ValueError(
+                f"{type(self).__name__} writes {kind} embeddings but the model's output is "
+                f"{output!r}: set the model's output to 'both' (or {kind!r}; "
+                "model.init_args.output in a config), or remove the writer"
+            )
+
+    def _module_tags(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The output's tags from the model: its ``metadata`` (variant, weights ...)."""
+        return dict(getattr(pl_module, "metadata", {}))
 
     #: Output folders locked by this process's writers: the lock and how many writers use it
     #: (a job's grid and table usually share a folder; the last one done releases it).
@@ -828,6 +852,32 @@ class _PartsWriter(BasePredictionWriter):
         _read_parts(paths, self.read_part, warn=True)
         return self.done_keys()
 
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the parts on disk against the weights, now final (before the first batch).
+
+        ``Trainer.predict(ckpt_path=...)`` (``predict --ckpt_path``) loads the checkpoint's
+        weights after the callbacks' setup: a CRC-32 taken there was of the weights the
+        module was built with, so a rerun with another checkpoint took the first one's parts
+        as its own and mixed both in one map, and the rerun of the same checkpoint into a
+        module built with unseeded random weights was refused. Setup checks every other
+        setting; the weights are checked here, after the restore.
+
+        Raises:
+            PartsMismatchError: when the parts on disk are of other weights.
+        """
+        self._check_weights(trainer, pl_module)
+
+    def _check_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record the weights' CRC-32 in the job's identity and check the parts against it."""
+        if not self._job:  # never set up
+            return
+        self._job["weights_crc32"] = module_digest(pl_module)
+        self._weights_restored(trainer)
+        self.check_parts_identity(trainer, {})
+
+    def _weights_restored(self, trainer: pl.Trainer) -> None:
+        """Update the tags once a checkpoint's weights were loaded (nothing here)."""
+
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Wait for every rank, then assemble the final file on rank 0."""
         self.flush()
@@ -862,8 +912,8 @@ class _PartsWriter(BasePredictionWriter):
                 f"(a dict holding {list(self.needs)}, ...), but "
                 f"{type(pl_module).__name__}.predict_step returned a "
                 f"{type(prediction).__name__}: predict with DOFAEmbedder (a fine-tuned task's "
-                "encoder: DOFAEmbedder(weights='task.ckpt')), or write the task's "
-                "predictions with a writer of your own"
+                "encoder: DOFAEmbedder(weights='task.ckpt')), or write a fine-tuning "
+                "task's predictions with SegmentationWriter or ClassificationWriter"
             )
         missing = [k for k in self.needs if k not in prediction]
         if missing:
@@ -1130,22 +1180,7 @@ class GridWriter(_PartsWriter):
         dm = getattr(trainer, "datamodule", None)
         self._geometry = self._given_geometry
         if self._geometry is None:
-            grid_geometry = getattr(dm, "grid_geometry", None)
-            if callable(grid_geometry):
-                self._geometry = grid_geometry()
-            else:
-                dataset = getattr(dm, "predict_dataset", None)
-                sampler = getattr(dm, "predict_sampler", None)
-                if dataset is None or sampler is None:
-                    raise RuntimeError(
-                        "GridWriter(geometry=None) needs a datamodule with predict_dataset "
-                        "and predict_sampler (e.g. DOFAPredictDataModule)"
-                    )
-                crs = CRS.from_user_input(dataset.crs.to_wkt())
-                patch_px = float(getattr(dm, "patch_size", 224)) / 224 * 16
-                self._geometry = GridGeometry.for_chips(
-                    crs, list(sampler), tuple(float(r) for r in dataset.res), patch_px
-                )
+            self._geometry = self._derived_geometry(dm)
         geom = self.geometry
         self._refuse_a_sparse_grid(getattr(dm, "predict_sampler", None), pl_module)
         self.check_parts_identity(
@@ -1160,6 +1195,36 @@ class GridWriter(_PartsWriter):
         self.chip_keys = None if sampler is None else [self.key_for_chip(c) for c in sampler]
         self._done = self._resume_keys()
 
+    def _derived_geometry(self, dm: Any) -> GridGeometry:
+        """The embedding map's grid from a data module (``GridWriter(geometry=None)``).
+
+        Its ``grid_geometry()`` where it has one (:class:`DOFAPredictDataModule`), else the
+        chips of its ``predict_sampler`` at 16 input pixels a cell (for 224-px chips).
+
+        Raises:
+            RuntimeError: for a data module without ``predict_dataset`` / ``predict_sampler``.
+        """
+        grid_geometry = getattr(dm, "grid_geometry", None)
+        if callable(grid_geometry):
+            return cast(GridGeometry, grid_geometry())
+        dataset = getattr(dm, "predict_dataset", None)
+        sampler = getattr(dm, "predict_sampler", None)
+        if dataset is None or sampler is None:
+            raise RuntimeError(
+                "GridWriter(geometry=None) needs a datamodule with predict_dataset "
+                "and predict_sampler (e.g. DOFAPredictDataModule)"
+            )
+        crs = CRS.from_user_input(dataset.crs.to_wkt())
+        patch_px = float(getattr(dm, "patch_size", 224)) / 224 * 16
+        return GridGeometry.for_chips(
+            crs, list(sampler), tuple(float(r) for r in dataset.res), patch_px
+        )
+
+    def _bands_of(self, pl_module: pl.LightningModule) -> int | None:
+        """Bands of the map before assembly (the embedding width), None where unknown."""
+        depth = getattr(getattr(pl_module, "encoder", None), "embed_dim", None)
+        return depth if isinstance(depth, int) else None
+
     def _refuse_a_sparse_grid(self, sampler: Any, pl_module: pl.LightningModule) -> None:
         """Refuse a huge grid its chips barely cover, before any chip is computed.
 
@@ -1169,7 +1234,7 @@ class GridWriter(_PartsWriter):
         """
         from .jobs import sparse_grid_problem
 
-        depth = getattr(getattr(pl_module, "encoder", None), "embed_dim", None)
+        depth = self._bands_of(pl_module)
         if sampler is None or not isinstance(depth, int):
             return
         geom = self.geometry
@@ -1241,6 +1306,24 @@ class GridWriter(_PartsWriter):
             r, c = p.stem.split("_")
             yield int(r[1:]), int(c[1:]), p
 
+    def _layout(self, depth: int) -> tuple[int, str, float, tuple[str, ...]]:
+        """The GeoTIFF's band count, data type, nodata and band descriptions.
+
+        Args:
+            depth: values per cell in the parts (the embedding width).
+
+        Returns:
+            ``depth`` float32 bands ``dofa_0000`` ... with NaN as nodata.
+        """
+        return depth, "float32", float("nan"), tuple(f"dofa_{w:04d}" for w in range(depth))
+
+    def _window_values(self, window: np.ndarray) -> np.ndarray:
+        """What is written for an assembled (depth, h, w) float32 window: itself here."""
+        return window
+
+    def _decorate(self, dst: Any, depth: int) -> None:
+        """Add to the GeoTIFF being written (open in rasterio) what its bands need: nothing."""
+
     def finalize(self) -> None:
         """Assemble the chip parts into the final GeoTIFF, window by window, verified.
 
@@ -1266,8 +1349,8 @@ class GridWriter(_PartsWriter):
         sizes = _read_parts([p for _, _, p in chips], self.read_part)
         if chips:
             depth = int(next(iter(sizes.values()))[0])
-        elif "embed_dim" in self.metadata:
-            depth = int(self.metadata["embed_dim"])
+        elif self.depth_tag in self.metadata:
+            depth = int(self.metadata[self.depth_tag])
             _warnings.warn(
                 f"no chip of {self.path.name} held a valid pixel: writing an all-NaN grid"
             )
@@ -1279,21 +1362,22 @@ class GridWriter(_PartsWriter):
         block_h, block_w = (
             min(self.window, -(-side // 16) * 16) for side in (geom.height, geom.width)
         )
+        count, dtype, nodata, descriptions = self._layout(depth)
         profile = {
             "driver": "GTiff",
-            "dtype": "float32",
-            "count": depth,
+            "dtype": dtype,
+            "count": count,
             "width": geom.width,
             "height": geom.height,
             "crs": geom.crs,
             "transform": geom.transform,
-            "nodata": float("nan"),
+            "nodata": nodata,
             "tiled": True,
             "blockxsize": block_w,
             "blockysize": block_h,
             "compress": "zstd",
             "zstd_level": 1,
-            "predictor": 3,
+            "predictor": 3 if dtype == "float32" else 2,
             "interleave": "band",
             "BIGTIFF": "IF_SAFER",
             # no NUM_THREADS: with 64-cell blocks GDAL's threaded compression (ALL_CPUS) wrote
@@ -1302,7 +1386,6 @@ class GridWriter(_PartsWriter):
             # CPU): the assembly thread already overlaps the single-threaded compression
         }
         tags = {k: _tag(v) for k, v in self.metadata.items()}
-        descriptions = tuple(f"dofa_{w:04d}" for w in range(depth))
         wins = list(_windows(geom.height, geom.width, block_h, block_w))  # the file's blocks
         digests: list[bytes] = []
 
@@ -1312,12 +1395,13 @@ class GridWriter(_PartsWriter):
                 for w, name in enumerate(descriptions):
                     dst.set_band_description(w + 1, name)
                 dst.update_tags(**tags)
+                self._decorate(dst, depth)
                 # the next window is assembled (numpy) while GDAL compresses this one; both
                 # release the GIL, so assembly mostly overlaps the write
                 with ThreadPoolExecutor(1, thread_name_prefix="assemble") as pool:
                     ahead = pool.submit(_assemble_window, wins[0], chips, sizes, depth)
                     for i, win in enumerate(wins):
-                        out32 = ahead.result()
+                        out32 = self._window_values(ahead.result())
                         if i + 1 < len(wins):
                             nxt = wins[i + 1]
                             ahead = pool.submit(_assemble_window, nxt, chips, sizes, depth)
@@ -1328,7 +1412,7 @@ class GridWriter(_PartsWriter):
         def verify(tmp: Path) -> None:
             with rasterio.open(tmp) as src:
                 got = (src.count, src.height, src.width, src.dtypes[0], src.crs, src.transform)
-                want = (depth, geom.height, geom.width, "float32", geom.crs, geom.transform)
+                want = (count, geom.height, geom.width, dtype, geom.crs, geom.transform)
                 if got != want:
                     raise ValueError(
                         f"read back (count, height, width, dtype, crs, transform) "
@@ -1541,7 +1625,7 @@ class PooledWriter(_PartsWriter):
         else:
             depth = next((len(r["embedding"]) for r in parts.values()), None)
             if depth is None:
-                depth = int(self.metadata.get("embed_dim", 0))
+                depth = int(self.metadata.get(self.depth_tag, 0))
                 _warnings.warn(
                     f"no chip of {self.path.name} held a valid pixel: its rows are flagged "
                     "no_data (NaN embeddings)"
@@ -1562,6 +1646,26 @@ class PooledWriter(_PartsWriter):
         if self.properties is None:
             rows.sort(key=lambda r: (-r["bounds"][3], r["bounds"][0]))
         return rows
+
+    #: The table's column of per-chip vectors (checked value by value when read back).
+    vector_column = "embedding"
+
+    def _columns(self, rows: list[dict[str, Any]], meta: Mapping[str, str]) -> dict[str, Any]:
+        """The table's columns but ``geometry``, from :meth:`_rows` and the metadata tags."""
+        return {
+            "chip_id": [r["chip_id"] for r in rows],
+            "source": [self.source] * len(rows),
+            "time_start": pd.to_datetime([_ts(r["time"][0]) for r in rows], utc=True),
+            "time_end": pd.to_datetime([_ts(r["time"][1]) for r in rows], utc=True),
+            "embedding": [np.asarray(r["embedding"], np.float32) for r in rows],
+            "variant": [meta.get("variant", "")] * len(rows),
+            "weights": [meta.get("weights", "")] * len(rows),
+            "pooled_norm": [meta.get("pooled_norm", "")] * len(rows),
+            "no_data": np.array([bool(r["empty"]) for r in rows], dtype=bool),
+            "valid_fraction": np.array(
+                [r.get("valid_fraction", math.nan) for r in rows], dtype=np.float32
+            ),
+        }
 
     def finalize(self) -> None:
         """Assemble the rows into the final GeoParquet, verified (see the class docstring).
@@ -1584,20 +1688,7 @@ class PooledWriter(_PartsWriter):
         if not rows and self.chip_keys is None:
             raise RuntimeError(f"no chip was written for {self.path}: nothing to assemble")
         meta = {k: _tag(v) for k, v in self.metadata.items()}
-        columns: dict[str, Any] = {
-            "chip_id": [r["chip_id"] for r in rows],
-            "source": [self.source] * len(rows),
-            "time_start": pd.to_datetime([_ts(r["time"][0]) for r in rows], utc=True),
-            "time_end": pd.to_datetime([_ts(r["time"][1]) for r in rows], utc=True),
-            "embedding": [np.asarray(r["embedding"], np.float32) for r in rows],
-            "variant": [meta.get("variant", "")] * len(rows),
-            "weights": [meta.get("weights", "")] * len(rows),
-            "pooled_norm": [meta.get("pooled_norm", "")] * len(rows),
-            "no_data": np.array([bool(r["empty"]) for r in rows], dtype=bool),
-            "valid_fraction": np.array(
-                [r.get("valid_fraction", math.nan) for r in rows], dtype=np.float32
-            ),
-        }
+        columns = self._columns(rows, meta)
         frame = gpd.GeoDataFrame(columns, geometry=[box(*r["bounds"]) for r in rows], crs=self.crs)
         if self.properties is not None:
             props = self.properties.rename(
@@ -1614,7 +1705,8 @@ class PooledWriter(_PartsWriter):
             )
             frame = frame.sort_values("point_index", kind="stable").reset_index(drop=True)
         frame.attrs.update(meta)
-        expected = np.concatenate([*frame.embedding.to_numpy(), np.empty(0, np.float32)])
+        vectors = frame[self.vector_column].to_numpy()
+        expected = np.concatenate([*vectors, np.empty(0, np.float32)])
 
         def verify(tmp: Path) -> None:
             table = pq.read_table(tmp)
@@ -1624,14 +1716,417 @@ class PooledWriter(_PartsWriter):
             if missing:
                 raise ValueError(f"read back without the columns {missing}")
             values = (
-                table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                table.column(self.vector_column)
+                .combine_chunks()
+                .flatten()
+                .to_numpy(zero_copy_only=False)
             )
             if _digest(np.asarray(values, np.float32)) != _digest(expected):
-                raise ValueError("read back other embedding values than written")
+                raise ValueError(f"read back other {self.vector_column} values than written")
 
         self.path.parent.mkdir(parents=True, exist_ok=True)  # no part made it (all chips empty)
         atomic_write(self.path, frame.to_parquet, verify=verify, durable=True, hint=self._hint())
         shutil.rmtree(self.parts, ignore_errors=True)
+
+
+#: Fine-tuning tasks whose ``predict_step`` returns per-pixel class probabilities
+#: (B, K, H, W), by module and class name (looked up among the imported modules only).
+SEGMENTATION_TASKS = (
+    ("torchgeo_dofa.tasks", "DOFASegmentationTask"),
+    ("torchgeo.tasks", "SemanticSegmentationTask"),
+    ("torchgeo.tasks", "SemanticSegmentation"),
+)
+#: Fine-tuning tasks whose ``predict_step`` returns per-chip class probabilities (B, K).
+CLASSIFICATION_TASKS = (
+    ("torchgeo_dofa.tasks", "DOFAClassificationTask"),
+    ("torchgeo.tasks", "ClassificationTask"),
+    ("torchgeo.tasks", "MultiLabelClassificationTask"),
+    ("torchgeo.tasks", "Classification"),
+)
+
+
+def _is_one_of(module: Any, kinds: Sequence[tuple[str, str]]) -> bool:
+    """Whether ``module`` is an instance of one of the (module, class) names imported."""
+    for where, name in kinds:
+        cls = getattr(sys.modules.get(where), name, None)
+        if isinstance(cls, type) and isinstance(module, cls):
+            return True
+    return False
+
+
+class _TaskWriter(_PartsWriter):
+    """What both task writers share: which modules they take, their tags, the scores."""
+
+    #: the tasks this writer takes (:data:`SEGMENTATION_TASKS` / :data:`CLASSIFICATION_TASKS`)
+    tasks: tuple[tuple[str, str], ...] = ()
+    #: what this writer's task predicts, for messages
+    kind = ""
+    #: dimensions of the task's prediction: (B, K, H, W) or (B, K)
+    score_dims = 0
+    depth_tag = "num_classes"
+    class_names: list[str] | None
+
+    def _check_names(self, class_names: Sequence[str] | None) -> None:
+        if class_names is not None and (
+            len(set(class_names)) != len(class_names) or not all(class_names)
+        ):
+            raise ValueError(f"class_names must be distinct and non-empty, got {class_names}")
+        self.class_names = None if class_names is None else [str(n) for n in class_names]
+
+    def _check_module(self, pl_module: pl.LightningModule) -> None:
+        """Refuse a module that is not this writer's kind of task (before any batch).
+
+        Raises:
+            TypeError: for an embedder or another kind of task, naming the writer to use.
+            ValueError: for ``class_names`` that do not number the task's classes.
+        """
+        name = type(pl_module).__name__
+        if not _is_one_of(pl_module, self.tasks):
+            other = "ClassificationWriter" if self.score_dims == 4 else "SegmentationWriter"
+            use = (
+                f"{other} writes that task's predictions"
+                if _is_one_of(pl_module, SEGMENTATION_TASKS + CLASSIFICATION_TASKS)
+                else "GridWriter or PooledWriter write embeddings"
+            )
+            raise TypeError(
+                f"{type(self).__name__} writes the class probabilities of a {self.kind} task "
+                f"({', '.join(n for _, n in self.tasks[:1])}), but {name} is not one: {use}"
+            )
+        k = int(pl_module.hparams["num_classes"])
+        if self.class_names is not None and len(self.class_names) != k:
+            raise ValueError(
+                f"{len(self.class_names)} class_names for the {k} classes of {name}: give one "
+                "name per class, in class-index order"
+            )
+
+    def _module_tags(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The task's class, variant, classes and checkpoint (``weights``)."""
+        hp = pl_module.hparams
+        tags: dict[str, Any] = {"task": type(pl_module).__name__}
+        for key in ("variant", "mode", "num_classes"):
+            if key in hp:
+                tags[key] = hp[key]
+        if "task" in hp:  # multiclass / multilabel / binary
+            tags["task_type"] = hp["task"]
+        if self.class_names is not None:
+            tags["class_names"] = json.dumps(self.class_names)
+        # where the encoder started; the checkpoint file once the trainer loads one
+        # (_weights_restored); the job's identity follows the weights themselves
+        tags["weights"] = str(hp.get("weights", ""))
+        return tags
+
+    def _weights_restored(self, trainer: pl.Trainer) -> None:
+        """Record the checkpoint the trainer loaded as ``weights``."""
+        if trainer.ckpt_path:
+            self.metadata["weights"] = str(trainer.ckpt_path)
+
+    def _scores(self, pl_module: pl.LightningModule, prediction: Any, batch: Any) -> Tensor:
+        """The batch's probabilities, checked: a float tensor of :attr:`score_dims` dims.
+
+        Raises:
+            TypeError: for another prediction (a module whose ``predict_step`` was changed).
+            KeyError: for a batch without what places its chips.
+        """
+        if (
+            not isinstance(prediction, Tensor)
+            or prediction.ndim != self.score_dims
+            or not prediction.is_floating_point()
+        ):
+            shape = "(B, K, H, W)" if self.score_dims == 4 else "(B, K)"
+            got = (
+                f"a {tuple(prediction.shape)} tensor"
+                if isinstance(prediction, Tensor)
+                else f"a {type(prediction).__name__}"
+            )
+            raise TypeError(
+                f"{type(self).__name__} writes the {shape} class probabilities a {self.kind} "
+                f"task's predict_step returns, but {type(pl_module).__name__}.predict_step "
+                f"returned {got}"
+            )
+        missing = [k for k in self.needs[1:] if not isinstance(batch, Mapping) or k not in batch]
+        if missing:
+            raise KeyError(
+                f"{type(self).__name__} places each chip by the batch's {missing}, which "
+                "DOFAPredictDataModule's batches carry (preprocess=True, the default, for "
+                f"'grid_transform'): predict the task over a DOFAPredictDataModule"
+            )
+        return prediction.detach().float()
+
+
+class SegmentationWriter(_TaskWriter, GridWriter):
+    """Write a segmentation task's predictions as one georeferenced GeoTIFF map.
+
+    For :class:`~torchgeo_dofa.tasks.DOFASegmentationTask` (or TorchGeo's
+    ``SemanticSegmentationTask``) predicting over a
+    :class:`~torchgeo_dofa.datamodules.DOFAPredictDataModule` with ``input_prep="resize"``
+    (the default). The task's ``predict_step`` gives (B, K, H, W) class probabilities over
+    each model input (the chip resized to 224 x 224); each chip is placed by the batch's
+    ``grid_transform`` (16 map pixels a patch cell), so a map pixel is ``patch_size / 224``
+    input pixels (the input's own pixels for the default 224-px chips). Where chips overlap
+    (a stride below the chip size) the probabilities are averaged. Pixels whose ``valid`` is
+    False (no-data, outside the rasters) and chips flagged ``empty`` take no class.
+
+    ``output="classes"`` (default): one band ``class``, the index of the most probable class
+    (uint8, nodata 255; uint16 with nodata 65535 above 255 classes), with a colour table
+    QGIS shows as a paletted raster. ``output="probabilities"``: K float32 bands named for
+    the classes (``class_names``, else ``class_0`` ...), NaN where no class. Tags: ``task``,
+    ``variant``, ``num_classes``, ``class_names``, ``weights`` (the checkpoint the trainer
+    loaded), ``bands``, ``wavelengths``, ``sources``.
+
+    Resumable, locked, verified and atomic as :class:`GridWriter` (parts under
+    ``<path>.parts/``, one per chip).
+    """
+
+    tasks = SEGMENTATION_TASKS
+    kind = "segmentation"
+    score_dims = 4
+    #: map pixels per side of one grid_transform cell (DOFA's patch size)
+    patch = 16
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        output: str = "classes",
+        class_names: Sequence[str] | None = None,
+        geometry: GridGeometry | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        window: int = 512,
+    ) -> None:
+        """Create a segmentation writer.
+
+        Args:
+            path: output GeoTIFF.
+            output: ``"classes"`` (a class map) or ``"probabilities"`` (a band per class).
+            class_names: a name per class, in class-index order (band names and the
+                ``class_names`` tag), or None.
+            geometry: the map's pixel grid; None derives it at setup from the data module
+                (its :meth:`~torchgeo_dofa.datamodules.DOFAPredictDataModule.grid_geometry`
+                at 16 map pixels a cell).
+            metadata: further tags stored in the GeoTIFF.
+            window: map pixels per side of the assembly window and of the GeoTIFF's blocks
+                (a multiple of 16).
+
+        Raises:
+            ValueError: for another ``output``, repeated or empty class names, or a bad
+                ``window``.
+        """
+        if output not in ("classes", "probabilities"):
+            raise ValueError(f"output must be 'classes' or 'probabilities', got {output!r}")
+        self._check_names(class_names)
+        self.output = output
+        GridWriter.__init__(self, path, geometry=geometry, metadata=metadata, window=window)
+
+    def _derived_geometry(self, dm: Any) -> GridGeometry:
+        """The data module's embedding grid, each cell cut into 16 x 16 map pixels."""
+        coarse = super()._derived_geometry(dm)
+        p = self.patch
+        return GridGeometry(
+            coarse.crs,
+            coarse.xmin,
+            coarse.ymin,
+            coarse.cell / p,
+            coarse.width * p,
+            coarse.height * p,
+            None if coarse.cell_y is None else coarse.cell_y / p,
+        )
+
+    def _bands_of(self, pl_module: pl.LightningModule) -> int | None:
+        """The task's number of classes (the parts' values per pixel)."""
+        return int(pl_module.hparams["num_classes"])
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """As :meth:`GridWriter.setup`, refusing tiled input first.
+
+        Raises:
+            ValueError: for a data module with ``input_prep="tile"`` (a chip cut into
+                tiles, which a segmentation task does not take), and as
+                :meth:`GridWriter.setup`.
+            TypeError: for a module that is not a segmentation task.
+        """
+        if getattr(getattr(trainer, "datamodule", None), "input_prep", "resize") == "tile":
+            raise ValueError(
+                "SegmentationWriter maps a segmentation task's predictions over chips resized "
+                "to the model input, but the data module cuts them into tiles "
+                "(input_prep='tile'): use input_prep='resize' (the default) with 224-px "
+                "chips (patch_size=224) to keep the input's pixels"
+            )
+        super().setup(trainer, pl_module, stage)
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        """Save each chip's (K, H, W) probabilities, no-data pixels NaN, as its part.
+
+        Raises:
+            TypeError: for a prediction that is not (B, K, H, W) probabilities.
+            KeyError: for a batch without ``grid_transform`` (see :class:`SegmentationWriter`).
+        """
+        probs = self._scores(pl_module, prediction, batch)
+        valid = batch.get("valid")
+        if isinstance(valid, Tensor) and valid.shape == (probs.shape[0], *probs.shape[-2:]):
+            probs = probs.masked_fill(~valid.to(probs.device, torch.bool)[:, None], math.nan)
+        cells = batch["grid_transform"].detach().to("cpu", torch.float64).clone()
+        cells[:, [0, 1, 3, 4]] /= self.patch  # a patch cell's affine -> a map pixel's
+        placed: dict[str, Any] = {"grid": probs.cpu(), "grid_transform": cells}
+        if "empty" in batch:
+            placed["empty"] = batch["empty"].cpu()
+        GridWriter.write_on_batch_end(
+            self, trainer, pl_module, placed, batch_indices, batch, batch_idx, dataloader_idx
+        )
+
+    def _layout(self, depth: int) -> tuple[int, str, float, tuple[str, ...]]:
+        """A class band (uint8 / uint16) or a float32 probability band per class."""
+        if self.output == "classes":
+            small = depth <= 255
+            return 1, "uint8" if small else "uint16", 255 if small else 65535, ("class",)
+        names = self.class_names or [f"class_{k}" for k in range(depth)]
+        return depth, "float32", float("nan"), tuple(names)
+
+    def _window_values(self, window: np.ndarray) -> np.ndarray:
+        """The most probable class per pixel (nodata where no class), or the probabilities."""
+        if self.output != "classes":
+            return window
+        _, dtype, nodata, _ = self._layout(window.shape[0])
+        scored = np.isfinite(window).all(axis=0)
+        classes = np.nan_to_num(window, nan=-1.0).argmax(axis=0).astype(dtype)
+        classes[~scored] = nodata
+        return classes[None]
+
+    def _decorate(self, dst: Any, depth: int) -> None:
+        """Give a class map a colour table (QGIS opens it as a paletted raster)."""
+        if self.output == "classes" and depth <= 255:
+            dst.write_colormap(1, class_colours(depth))
+
+
+def class_colours(n: int) -> dict[int, tuple[int, int, int, int]]:
+    """A distinct RGBA colour per class index ``0 .. n - 1`` (matplotlib's ``tab20``, cycled).
+
+    Args:
+        n: number of classes.
+
+    Returns:
+        ``{index: (r, g, b, 255)}``, as ``rasterio``'s ``write_colormap`` takes it.
+    """
+    from matplotlib import colormaps
+
+    table = colormaps["tab20"]
+    return {
+        k: (*(round(255 * v) for v in table(k % 20)[:3]), 255)  # type: ignore[misc]
+        for k in range(n)
+    }
+
+
+class ClassificationWriter(_TaskWriter, PooledWriter):
+    """Write a classification task's predictions as a GeoParquet table, one row per chip.
+
+    For :class:`~torchgeo_dofa.tasks.DOFAClassificationTask` (or TorchGeo's classification
+    tasks) predicting over a :class:`~torchgeo_dofa.datamodules.DOFAPredictDataModule`: each
+    chip's footprint (``geometry``, the region's CRS), ``chip_id``, ``source``,
+    ``time_start`` / ``time_end``, ``probabilities`` (float32, one per class), then for a
+    multiclass task ``class`` (int16, the most probable class; -1 for a chip without any
+    valid pixel) and ``class_name`` (with ``class_names``), for a multilabel task ``labels``
+    (the classes whose probability is at least ``threshold``); ``variant``, ``weights`` (the
+    checkpoint the trainer loaded), ``no_data`` and ``valid_fraction`` as
+    :class:`PooledWriter` writes them. Rows and resuming as :class:`PooledWriter`.
+    """
+
+    tasks = CLASSIFICATION_TASKS
+    kind = "classification"
+    score_dims = 2
+    vector_column = "probabilities"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        class_names: Sequence[str] | None = None,
+        threshold: float = 0.5,
+        crs: CRS | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        source: str = "",
+        chip_keys: Sequence[str] | None = None,
+        properties: pd.DataFrame | None = None,
+    ) -> None:
+        """Create a classification writer.
+
+        Args:
+            path: output ``.parquet`` file.
+            class_names: a name per class, in class-index order, or None.
+            threshold: a multilabel task's probability from which a class is in ``labels``.
+            crs: as :class:`PooledWriter`.
+            metadata: as :class:`PooledWriter`.
+            source: as :class:`PooledWriter`.
+            chip_keys: as :class:`PooledWriter`.
+            properties: as :class:`PooledWriter`.
+
+        Raises:
+            ValueError: for repeated or empty class names, a threshold outside (0, 1), and
+                as :class:`PooledWriter`.
+        """
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        self._check_names(class_names)
+        self.threshold = float(threshold)
+        PooledWriter.__init__(
+            self, path, crs, metadata, source=source, chip_keys=chip_keys, properties=properties
+        )
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        """Save each chip's probabilities, keyed by its footprint, as its part.
+
+        Raises:
+            TypeError: for a prediction that is not (B, K) probabilities.
+            KeyError: for a batch without ``bounds``.
+        """
+        probs = self._scores(pl_module, prediction, batch)
+        placed: dict[str, Any] = {"pooled": probs.cpu(), "bounds": batch["bounds"].cpu()}
+        for key in ("empty", "valid_fraction"):
+            if key in batch:
+                placed[key] = batch[key].cpu()
+        PooledWriter.write_on_batch_end(
+            self, trainer, pl_module, placed, batch_indices, batch, batch_idx, dataloader_idx
+        )
+
+    def _columns(self, rows: list[dict[str, Any]], meta: Mapping[str, str]) -> dict[str, Any]:
+        """:class:`PooledWriter`'s columns, ``probabilities`` for ``embedding``, the class."""
+        base = super()._columns(rows, meta)
+        probs = base.pop("embedding")
+        del base["pooled_norm"]
+        columns = {k: v for k, v in base.items() if k not in ("variant", "weights")}
+        columns["probabilities"] = probs
+        empty = base["no_data"]
+        if meta.get("task_type") in ("multilabel", "binary"):
+            no_label = np.array([], np.int16)
+            columns["labels"] = [
+                no_label if e else np.flatnonzero(p >= self.threshold).astype(np.int16)
+                for p, e in zip(probs, empty, strict=True)
+            ]
+        else:
+            best = np.array(
+                [-1 if e else int(np.argmax(p)) for p, e in zip(probs, empty, strict=True)],
+                np.int16,
+            )
+            columns["class"] = best
+            if self.class_names is not None:
+                columns["class_name"] = [
+                    self.class_names[b] if b >= 0 else None for b in best.tolist()
+                ]
+        return columns | {k: base[k] for k in ("variant", "weights", "no_data", "valid_fraction")}
 
 
 def _sends_every_batch(trainer: pl.Trainer) -> bool:

@@ -1,0 +1,300 @@
+"""Task writers: a fine-tuned task's predictions as a GeoTIFF map or a GeoParquet table.
+
+Real Lightning prediction of a random DOFA base task over the bundled demo scene (6 chips),
+checked against the task's own ``predict_step`` on each chip, computed here chip by chip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import rasterio
+import torch
+from torchgeo.datasets import stack_samples
+
+from tests.scenes import SCENE
+from torchgeo_dofa.datamodules import DOFAPredictDataModule
+from torchgeo_dofa.embedder import DOFAEmbedder
+from torchgeo_dofa.tasks import DOFAClassificationTask, DOFASegmentationTask
+from torchgeo_dofa.writers import (
+    ClassificationWriter,
+    PartsMismatchError,
+    SegmentationWriter,
+    parts_dir,
+)
+
+
+def _trainer(callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def _segmentation(seed: int = 0) -> DOFASegmentationTask:
+    torch.manual_seed(seed)
+    return DOFASegmentationTask(num_classes=3, weights=None, decoder_channels=32).eval()
+
+
+@pytest.fixture(scope="module")
+def segmentation() -> DOFASegmentationTask:
+    return _segmentation()
+
+
+@pytest.fixture(scope="module")
+def classification() -> DOFAClassificationTask:
+    torch.manual_seed(0)
+    return DOFAClassificationTask(num_classes=4, weights=None).eval()
+
+
+def _chips(task: pl.LightningModule) -> list[tuple[Any, dict[str, torch.Tensor], torch.Tensor]]:
+    """Every chip of the demo scene's job, its preprocessed sample and the task's prediction
+    for it alone (an independent computation: no writer, no Trainer)."""
+    dm = DOFAPredictDataModule(SCENE)
+    dm.setup("predict")
+    assert dm.predict_dataset is not None and dm.predict_sampler is not None
+    out = []
+    task.eval()  # as Trainer.predict runs it (which leaves it in training mode after)
+    with torch.inference_mode():
+        for chip in dm.predict_sampler:
+            sample = dm.predict_dataset[chip]
+            batch = stack_samples([sample])
+            out.append((chip, sample, task.predict_step(batch, 0)[0]))
+    return out
+
+
+def test_a_segmentation_map_holds_each_pixels_class_where_it_lies(
+    tmp_path: Path, segmentation: DOFASegmentationTask
+) -> None:
+    """Class map and probabilities: the scene's pixel grid, the task's values chip by chip,
+    no class where no pixel was read, a colour table, band names and tags."""
+    names = ["water", "crop", "forest"]
+    classes, probs = tmp_path / "out" / "classes.tif", tmp_path / "out" / "probs.tif"
+    writers = [
+        SegmentationWriter(classes, class_names=names),
+        SegmentationWriter(probs, output="probabilities", class_names=names),
+    ]
+    dm = DOFAPredictDataModule(SCENE, batch_size=4)
+    _trainer(list(writers)).predict(segmentation, datamodule=dm, return_predictions=False)
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == [".torchgeo-dofa.lock", "classes.tif", "probs.tif"]  # no parts left
+
+    with rasterio.open(SCENE) as src:
+        scene_transform, scene_crs, (height, width) = src.transform, src.crs, src.shape
+    with rasterio.open(probs) as p, rasterio.open(classes) as c:
+        # the map's pixels are the scene's: same size, on the same grid, covering it
+        assert p.crs == scene_crs == c.crs
+        assert p.transform == c.transform
+        t = p.transform
+        assert (t.a, t.e) == (scene_transform.a, scene_transform.e)
+        col0 = (scene_transform.c - t.c) / t.a
+        row0 = (scene_transform.f - t.f) / t.e
+        assert col0 == round(col0) and row0 == round(row0)
+        col0, row0 = round(col0), round(row0)
+        assert 0 <= row0 and row0 + height <= p.height and 0 <= col0 and col0 + width <= p.width
+        assert p.descriptions == tuple(names) and c.descriptions == ("class",)
+        assert p.dtypes == ("float32",) * 3 and p.nodata is not None and np.isnan(p.nodata)
+        assert (c.dtypes, c.nodata) == (("uint8",), 255)
+        assert c.colormap(1)[0] != c.colormap(1)[1] != c.colormap(1)[2]
+        tags = c.tags()
+        assert tags["task"] == "DOFASegmentationTask" and tags["num_classes"] == "3"
+        assert tags["class_names"] == '["water", "crop", "forest"]'
+        assert tags["sources"] == f'["{SCENE}"]'
+        got_p, got_c = p.read(), c.read(1)
+        map_top, map_left = t.f, t.c
+
+    # every pixel outside the scene has no class
+    inside = np.zeros(got_c.shape, bool)
+    inside[row0 : row0 + height, col0 : col0 + width] = True
+    assert (got_c[~inside] == 255).all() and np.isnan(got_p[:, ~inside]).all()
+    # each chip's pixels are the task's own prediction for that chip, no-data pixels NaN
+    for chip, sample, expected in _chips(segmentation):
+        r = round((map_top - chip[1].stop) / 10.0)  # may lie above or left of the map
+        col = round((chip[0].start - map_left) / 10.0)
+        rows = slice(max(r, 0), min(r + 224, got_c.shape[0]))
+        cols = slice(max(col, 0), min(col + 224, got_c.shape[1]))
+        in_chip = (slice(rows.start - r, rows.stop - r), slice(cols.start - col, cols.stop - col))
+        want = expected[:, in_chip[0], in_chip[1]].numpy().copy()
+        want[:, ~sample["valid"][in_chip].numpy()] = np.nan
+        assert want.shape[1] * want.shape[2] > 100 * 100
+        np.testing.assert_allclose(got_p[:, rows, cols], want, rtol=1e-5, atol=1e-6)
+    # the class map is the most probable class of those probabilities (the same float32
+    # values: batch 1 here and batch 4 in the job may round a near tie the other way)
+    scored = np.isfinite(got_p).all(axis=0)
+    np.testing.assert_array_equal(got_c, np.where(scored, got_p.argmax(axis=0), 255))
+    assert len(np.unique(got_c[inside])) > 1  # more than one class (else the test proves less)
+
+
+def test_a_classification_table_holds_each_chips_probabilities_and_class(
+    tmp_path: Path, classification: DOFAClassificationTask
+) -> None:
+    """One row per chip: its footprint in the scene's CRS, the task's probabilities for it
+    (computed chip by chip here), the most probable class and its name."""
+    names = ["a", "b", "c", "d"]
+    path = tmp_path / "chips.parquet"
+    dm = DOFAPredictDataModule(SCENE, batch_size=4)
+    writer = ClassificationWriter(path, class_names=names)
+    _trainer([writer]).predict(classification, datamodule=dm, return_predictions=False)
+    table = gpd.read_parquet(path)
+    chips = _chips(classification)
+    assert len(table) == len(chips) == 6
+    with rasterio.open(SCENE) as src:
+        assert table.crs == src.crs
+    assert list(table.columns[:3]) == ["chip_id", "source", "time_start"]
+    assert {"probabilities", "class", "class_name", "no_data", "geometry"} <= set(table.columns)
+    assert "embedding" not in table.columns
+    by_box = {tuple(round(v, 3) for v in g.bounds): i for i, g in enumerate(table.geometry)}
+    for chip, _, expected in chips:
+        row = table.iloc[by_box[(chip[0].start, chip[1].start, chip[0].stop, chip[1].stop)]]
+        np.testing.assert_allclose(row["probabilities"], expected.numpy(), rtol=1e-5, atol=1e-6)
+        assert row["class"] == int(expected.argmax()) and row["class_name"] == names[row["class"]]
+        assert not row["no_data"]
+    assert table["class"].dtype == np.int16
+
+
+def test_an_interrupted_map_resumes_to_the_same_file_and_refuses_another_tasks_parts(
+    tmp_path: Path, segmentation: DOFASegmentationTask
+) -> None:
+    """A stop after the first batch keeps its chips; the rerun computes the rest and gives
+    the uninterrupted map. Parts of another task (other weights) are refused, not mixed."""
+    whole, resumed = tmp_path / "whole.tif", tmp_path / "resumed.tif"
+    dm = DOFAPredictDataModule(SCENE, batch_size=2)
+    _trainer([SegmentationWriter(whole)]).predict(segmentation, datamodule=dm)
+
+    class FailAfterFirstBatch(pl.Callback):
+        def on_predict_batch_end(self, *args: Any) -> None:
+            raise RuntimeError("the job died")
+
+    dm = DOFAPredictDataModule(SCENE, batch_size=2)
+    with pytest.raises(RuntimeError, match="the job died"):
+        trainer = _trainer([SegmentationWriter(resumed), FailAfterFirstBatch()])
+        trainer.predict(segmentation, datamodule=dm)
+    assert not resumed.exists() and len(list(parts_dir(resumed).glob("*.npy"))) == 2
+    with pytest.raises(PartsMismatchError, match="holds the chips of another job"):
+        dm = DOFAPredictDataModule(SCENE, batch_size=2)
+        _trainer([SegmentationWriter(resumed)]).predict(_segmentation(seed=1), datamodule=dm)
+    dm = DOFAPredictDataModule(SCENE, batch_size=2)
+    _trainer([SegmentationWriter(resumed)]).predict(segmentation, datamodule=dm)
+    with rasterio.open(whole) as a, rasterio.open(resumed) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+        assert a.profile == b.profile
+    assert not parts_dir(resumed).exists()
+
+
+def test_a_task_writer_refuses_what_it_cannot_write_before_any_batch(
+    tmp_path: Path, segmentation: DOFASegmentationTask, classification: DOFAClassificationTask
+) -> None:
+    """The wrong kind of model, class names that do not number the classes and tiled input:
+    one error naming the fix, before a batch is computed, nothing written."""
+
+    class CountBatches(pl.Callback):
+        batches = 0
+
+        def on_predict_batch_start(self, *args: Any) -> None:
+            CountBatches.batches += 1
+
+    out = tmp_path / "out"
+    cases: list[tuple[pl.Callback, pl.LightningModule, type[Exception], str, dict[str, Any]]] = [
+        (
+            SegmentationWriter(out / "m.tif"),
+            classification,
+            TypeError,
+            "SegmentationWriter writes the class probabilities of a segmentation task "
+            "(DOFASegmentationTask), but DOFAClassificationTask is not one: "
+            "ClassificationWriter writes that task's predictions",
+            {},
+        ),
+        (
+            ClassificationWriter(out / "t.parquet"),
+            segmentation,
+            TypeError,
+            "ClassificationWriter writes the class probabilities of a classification task "
+            "(DOFAClassificationTask), but DOFASegmentationTask is not one: "
+            "SegmentationWriter writes that task's predictions",
+            {},
+        ),
+        (
+            SegmentationWriter(out / "m.tif"),
+            DOFAEmbedder(weights=None),
+            TypeError,
+            "SegmentationWriter writes the class probabilities of a segmentation task "
+            "(DOFASegmentationTask), but DOFAEmbedder is not one: GridWriter or PooledWriter "
+            "write embeddings",
+            {},
+        ),
+        (
+            SegmentationWriter(out / "m.tif", class_names=["a", "b"]),
+            segmentation,
+            ValueError,
+            "2 class_names for the 3 classes of DOFASegmentationTask: give one name per "
+            "class, in class-index order",
+            {},
+        ),
+        (
+            SegmentationWriter(out / "m.tif"),
+            segmentation,
+            ValueError,
+            "SegmentationWriter maps a segmentation task's predictions over chips resized to "
+            "the model input, but the data module cuts them into tiles (input_prep='tile')",
+            {"input_prep": "tile"},
+        ),
+    ]
+    for writer, module, error, message, data in cases:
+        dm = DOFAPredictDataModule(SCENE, batch_size=2, **data)
+        with pytest.raises(error) as refused:
+            _trainer([writer, CountBatches()]).predict(module, datamodule=dm)
+        assert str(refused.value).startswith(message), str(refused.value)
+    assert CountBatches.batches == 0
+    assert not out.exists()
+    with pytest.raises(ValueError, match="output must be 'classes' or 'probabilities'"):
+        SegmentationWriter(out / "m.tif", output="logits")
+    with pytest.raises(ValueError, match="class_names must be distinct"):
+        ClassificationWriter(out / "t.parquet", class_names=["a", "a"])
+
+
+def _save(task: pl.LightningModule, path: Path) -> Path:
+    trainer = _trainer([])
+    trainer.strategy.connect(task)
+    trainer.save_checkpoint(path, weights_only=True)
+    return path
+
+
+def test_the_checkpoint_a_trainer_loads_is_the_jobs_weights(
+    tmp_path: Path, segmentation: DOFASegmentationTask
+) -> None:
+    """``Trainer.predict(ckpt_path=...)`` loads the weights after the writers' setup: the
+    job's identity took the weights the module was built with, so another checkpoint's rerun
+    mixed its chips into the first one's map. Now the parts of checkpoint A are refused
+    under checkpoint B, the rerun under A finishes the map A alone gives, tagged with A."""
+    a = _save(segmentation, tmp_path / "a.ckpt")
+    b = _save(_segmentation(seed=1), tmp_path / "b.ckpt")
+    out, direct = tmp_path / "map.tif", tmp_path / "direct.tif"
+
+    class FailAfterFirstBatch(pl.Callback):
+        def on_predict_batch_end(self, *args: Any) -> None:
+            raise RuntimeError("the job died")
+
+    def run(ckpt: Path, *callbacks: pl.Callback) -> None:
+        dm = DOFAPredictDataModule(SCENE, batch_size=2)
+        trainer = _trainer([SegmentationWriter(out), *callbacks])
+        trainer.predict(_segmentation(seed=2), datamodule=dm, ckpt_path=ckpt)
+
+    with pytest.raises(RuntimeError, match="the job died"):
+        run(a, FailAfterFirstBatch())
+    with pytest.raises(PartsMismatchError, match="weights_crc32"):
+        run(b)
+    run(a)
+    dm = DOFAPredictDataModule(SCENE, batch_size=2)
+    _trainer([SegmentationWriter(direct)]).predict(segmentation, datamodule=dm)
+    with rasterio.open(out) as got, rasterio.open(direct) as want:
+        np.testing.assert_array_equal(got.read(), want.read())
+        assert got.tags()["weights"] == str(a)
