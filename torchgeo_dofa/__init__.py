@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .model import DOFAEncoder, DOFAOutput, build_encoder
     from .transforms import DOFAPreprocess
     from .weights import CheckpointError, load_dofa
-    from .writers import GridWriter, PooledWriter
+    from .writers import ClassificationWriter, GridWriter, PooledWriter, SegmentationWriter
 
 #: Public name -> the submodule defining it.
 _LAZY: dict[str, str] = {
@@ -61,7 +61,9 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("DOFAEncoder", "DOFAOutput", "build_encoder"), "model"),
     "DOFAPreprocess": "transforms",
     **dict.fromkeys(("CheckpointError", "load_dofa"), "weights"),
-    **dict.fromkeys(("GridWriter", "PooledWriter"), "writers"),
+    **dict.fromkeys(
+        ("ClassificationWriter", "GridWriter", "PooledWriter", "SegmentationWriter"), "writers"
+    ),
 }
 
 __all__ = [
@@ -71,6 +73,7 @@ __all__ = [
     "BBox",
     "BandError",
     "CheckpointError",
+    "ClassificationWriter",
     "DOFAEmbedder",
     "DOFAEncoder",
     "DOFAOutput",
@@ -84,6 +87,7 @@ __all__ = [
     "OutputSpec",
     "PointBuffer",
     "PooledWriter",
+    "SegmentationWriter",
     "SensorSpec",
     "Sentinel2SR",
     "TemporalSpec",
