@@ -20,6 +20,7 @@ from torchgeo.datasets import stack_samples
 from tests.scenes import SCENE
 from torchgeo_dofa.datamodules import DOFAPredictDataModule
 from torchgeo_dofa.embedder import DOFAEmbedder
+from torchgeo_dofa.spatial import BBox, PointBuffer
 from torchgeo_dofa.tasks import DOFAClassificationTask, DOFASegmentationTask
 from torchgeo_dofa.writers import (
     ClassificationWriter,
@@ -243,9 +244,43 @@ def test_a_task_writer_refuses_what_it_cannot_write_before_any_batch(
             SegmentationWriter(out / "m.tif"),
             segmentation,
             ValueError,
-            "SegmentationWriter maps a segmentation task's predictions over chips resized to "
-            "the model input, but the data module cuts them into tiles (input_prep='tile')",
+            "SegmentationWriter writes a segmentation task's predictions over chips resized "
+            "to the model input, but the data module cuts them into tiles (input_prep='tile')",
             {"input_prep": "tile"},
+        ),
+        (
+            ClassificationWriter(out / "t.parquet"),
+            classification,
+            ValueError,
+            "ClassificationWriter writes a classification task's predictions over chips "
+            "resized to the model input, but the data module cuts them into tiles",
+            {"input_prep": "tile", "patch_size": 448},
+        ),
+        (
+            SegmentationWriter(out / "m.tif"),
+            segmentation,
+            ValueError,
+            "SegmentationWriter writes a segmentation task's predictions, which take chips "
+            "normalised as in training, but the data module serves raw reflectance "
+            "(preprocess=False): give it preprocess=True (the default)",
+            {"preprocess": False},
+        ),
+        (
+            SegmentationWriter(out / "m.tif"),
+            segmentation,
+            ValueError,
+            "SegmentationWriter maps pixels of chips cut on the rasters' grid, but the data "
+            "module makes one chip of each extent (points), resampled off that grid",
+            {"points": [PointBuffer(13.14, 48.29, 500.0)]},
+        ),
+        (
+            SegmentationWriter(out / "m.tif"),
+            segmentation,
+            ValueError,
+            "SegmentationWriter maps pixels of chips cut on the rasters' grid, but the data "
+            "module makes one chip of each extent (roi_sampling='whole'), resampled off that "
+            "grid: map the region with roi=... and roi_sampling='grid' (the default)",
+            {"roi": BBox(13.13, 48.285, 13.15, 48.30), "roi_sampling": "whole"},
         ),
     ]
     for writer, module, error, message, data in cases:
@@ -259,6 +294,8 @@ def test_a_task_writer_refuses_what_it_cannot_write_before_any_batch(
         SegmentationWriter(out / "m.tif", output="logits")
     with pytest.raises(ValueError, match="class_names must be distinct"):
         ClassificationWriter(out / "t.parquet", class_names=["a", "a"])
+    with pytest.raises(TypeError, match="class_names must be a list of names, one per class"):
+        SegmentationWriter(out / "m.tif", class_names="abc")
 
 
 def _save(task: pl.LightningModule, path: Path) -> Path:
@@ -298,3 +335,32 @@ def test_the_checkpoint_a_trainer_loads_is_the_jobs_weights(
     with rasterio.open(out) as got, rasterio.open(direct) as want:
         np.testing.assert_array_equal(got.read(), want.read())
         assert got.tags()["weights"] == str(a)
+
+
+def test_a_stopped_prediction_from_a_checkpoint_is_advised_to_resume(
+    tmp_path: Path, segmentation: DOFASegmentationTask
+) -> None:
+    """A task built on a random encoder (the predict configs' ``weights: null``) whose
+    weights the trainer restores from ``ckpt_path`` resumes: a Ctrl-C said "cannot be resumed
+    (random weights without a seed ...): rerun with --overwrite, or with --seed N", options
+    ``predict`` does not have. Without a checkpoint it still says so."""
+    import os
+    import signal
+
+    from torchgeo_dofa.jobs import JobInterrupted, StopOnSignal
+
+    ckpt = _save(segmentation, tmp_path / "a.ckpt")
+
+    class CtrlC(pl.Callback):
+        def on_predict_batch_start(self, *args: Any) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def stopped(name: str, **kwargs: Any) -> str:
+        dm = DOFAPredictDataModule(SCENE, batch_size=2)
+        with StopOnSignal() as stop, pytest.raises(JobInterrupted) as info:
+            trainer = _trainer([SegmentationWriter(tmp_path / name), stop, CtrlC()])
+            trainer.predict(_segmentation(seed=2), datamodule=dm, **kwargs)
+        return str(info.value)
+
+    assert stopped("a.tif", ckpt_path=ckpt).endswith("rerun the same command to resume")
+    assert "cannot be resumed" in stopped("b.tif")

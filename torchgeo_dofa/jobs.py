@@ -806,9 +806,11 @@ class StopOnSignal(Callback):
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Install the handlers (unless used as a context manager); stop if already signalled."""
-        # random weights without a seed (DOFAEncoder.weights_id "random") differ per run
+        # random weights without a seed (DOFAEncoder.weights_id "random") differ per run,
+        # unless a checkpoint's replaced them (a task's predict --ckpt_path: restored by now)
         encoder = getattr(pl_module, "encoder", None)
-        self.resumable = getattr(encoder, "weights_id", None) != "random"
+        unseeded = getattr(encoder, "weights_id", None) == "random"
+        self.resumable = not unseeded or bool(trainer.ckpt_path)
         if not self._context:
             self.install()
         self.raise_if_received()

@@ -1767,11 +1767,47 @@ class _TaskWriter(_PartsWriter):
     class_names: list[str] | None
 
     def _check_names(self, class_names: Sequence[str] | None) -> None:
+        if isinstance(class_names, str | bytes):
+            raise TypeError(
+                f"class_names must be a list of names, one per class, got the string "
+                f"{class_names!r}"
+            )
         if class_names is not None and (
             len(set(class_names)) != len(class_names) or not all(class_names)
         ):
             raise ValueError(f"class_names must be distinct and non-empty, got {class_names}")
         self.class_names = None if class_names is None else [str(n) for n in class_names]
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse chips the task cannot take or this writer cannot place, then set up.
+
+        Raises:
+            ValueError: for a data module serving raw reflectance (``preprocess=False``
+                without ``transforms``), tiles (``input_prep="tile"``), or, for a map,
+                points or whole-region chips (:meth:`_refuse_sampling`); and as the
+                writer's base class.
+        """
+        dm = getattr(trainer, "datamodule", None)
+        name = type(self).__name__
+        if getattr(dm, "input_prep", "resize") == "tile":
+            raise ValueError(
+                f"{name} writes a {self.kind} task's predictions over chips resized to the "
+                "model input, but the data module cuts them into tiles (input_prep='tile'): "
+                "use input_prep='resize' (the default) with 224-px chips (patch_size=224) to "
+                "keep the input's pixels"
+            )
+        kwargs = getattr(dm, "kwargs", {})
+        if getattr(dm, "preprocess", True) is False and kwargs.get("transforms") is None:
+            raise ValueError(
+                f"{name} writes a {self.kind} task's predictions, which take chips normalised "
+                "as in training, but the data module serves raw reflectance "
+                "(preprocess=False): give it preprocess=True (the default)"
+            )
+        self._refuse_sampling(dm)
+        super().setup(trainer, pl_module, stage)
+
+    def _refuse_sampling(self, dm: Any) -> None:
+        """Refuse a data module's sampling this writer cannot place (nothing here)."""
 
     def _check_module(self, pl_module: pl.LightningModule) -> None:
         """Refuse a module that is not this writer's kind of task (before any batch).
@@ -1810,6 +1846,9 @@ class _TaskWriter(_PartsWriter):
             tags["task_type"] = hp["task"]
         if self.class_names is not None:
             tags["class_names"] = json.dumps(self.class_names)
+        threshold = getattr(self, "threshold", None)
+        if threshold is not None and hp.get("task") in ("multilabel", "binary"):
+            tags["threshold"] = threshold  # the labels' probability cut
         # where the encoder started; the checkpoint file once the trainer loads one
         # (_weights_restored); the job's identity follows the weights themselves
         tags["weights"] = str(hp.get("weights", ""))
@@ -1934,23 +1973,24 @@ class SegmentationWriter(_TaskWriter, GridWriter):
         """The task's number of classes (the parts' values per pixel)."""
         return int(pl_module.hparams["num_classes"])
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """As :meth:`GridWriter.setup`, refusing tiled input first.
+    def _refuse_sampling(self, dm: Any) -> None:
+        """Refuse points and whole-region chips: a map needs chips on the rasters' grid.
 
         Raises:
-            ValueError: for a data module with ``input_prep="tile"`` (a chip cut into
-                tiles, which a segmentation task does not take), and as
-                :meth:`GridWriter.setup`.
-            TypeError: for a module that is not a segmentation task.
+            ValueError: for ``points`` or ``roi_sampling="whole"`` (one chip resampled from
+                each point's or region's extent, off the rasters' pixel grid).
         """
-        if getattr(getattr(trainer, "datamodule", None), "input_prep", "resize") == "tile":
+        if getattr(dm, "mode", None) == "points" or (
+            getattr(dm, "roi", None) is not None and getattr(dm, "roi_sampling", None) == "whole"
+        ):
+            what = "points" if getattr(dm, "mode", None) == "points" else "roi_sampling='whole'"
             raise ValueError(
-                "SegmentationWriter maps a segmentation task's predictions over chips resized "
-                "to the model input, but the data module cuts them into tiles "
-                "(input_prep='tile'): use input_prep='resize' (the default) with 224-px "
-                "chips (patch_size=224) to keep the input's pixels"
+                f"SegmentationWriter maps pixels of chips cut on the rasters' grid, but the "
+                f"data module makes one chip of each extent ({what}), resampled off that "
+                "grid: map the region with roi=... and roi_sampling='grid' (the default), or "
+                "classify each extent as a whole with a classification task and "
+                "ClassificationWriter"
             )
-        super().setup(trainer, pl_module, stage)
 
     def write_on_batch_end(
         self,
@@ -2001,8 +2041,8 @@ class SegmentationWriter(_TaskWriter, GridWriter):
 
     def _decorate(self, dst: Any, depth: int) -> None:
         """Give a class map a colour table (QGIS opens it as a paletted raster)."""
-        if self.output == "classes" and depth <= 255:
-            dst.write_colormap(1, class_colours(depth))
+        if self.output == "classes" and depth <= 255:  # nodata (255) transparent
+            dst.write_colormap(1, class_colours(depth) | {255: (0, 0, 0, 0)})
 
 
 def class_colours(n: int) -> dict[int, tuple[int, int, int, int]]:
@@ -2032,7 +2072,8 @@ class ClassificationWriter(_TaskWriter, PooledWriter):
     ``time_start`` / ``time_end``, ``probabilities`` (float32, one per class), then for a
     multiclass task ``class`` (int16, the most probable class; -1 for a chip without any
     valid pixel) and ``class_name`` (with ``class_names``), for a multilabel task ``labels``
-    (the classes whose probability is at least ``threshold``); ``variant``, ``weights`` (the
+    (the classes whose probability is at least ``threshold``, recorded as the ``threshold``
+    tag) and ``label_names`` (with ``class_names``); ``variant``, ``weights`` (the
     checkpoint the trainer loaded), ``no_data`` and ``valid_fraction`` as
     :class:`PooledWriter` writes them. Rows and resuming as :class:`PooledWriter`.
     """
@@ -2116,6 +2157,9 @@ class ClassificationWriter(_TaskWriter, PooledWriter):
                 no_label if e else np.flatnonzero(p >= self.threshold).astype(np.int16)
                 for p, e in zip(probs, empty, strict=True)
             ]
+            if self.class_names is not None:
+                names = self.class_names
+                columns["label_names"] = [[names[i] for i in row] for row in columns["labels"]]
         else:
             best = np.array(
                 [-1 if e else int(np.argmax(p)) for p, e in zip(probs, empty, strict=True)],
