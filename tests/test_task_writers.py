@@ -105,7 +105,8 @@ def test_a_segmentation_map_holds_each_pixels_class_where_it_lies(
         assert p.descriptions == tuple(names) and c.descriptions == ("class",)
         assert p.dtypes == ("float32",) * 3 and p.nodata is not None and np.isnan(p.nodata)
         assert (c.dtypes, c.nodata) == (("uint8",), 255)
-        assert c.colormap(1)[0] != c.colormap(1)[1] != c.colormap(1)[2]
+        colours = c.colormap(1)
+        assert len({colours[k] for k in range(3)}) == 3 and colours[255][3] == 0  # nodata clear
         tags = c.tags()
         assert tags["task"] == "DOFASegmentationTask" and tags["num_classes"] == "3"
         assert tags["class_names"] == '["water", "crop", "forest"]'
@@ -160,6 +161,33 @@ def test_a_classification_table_holds_each_chips_probabilities_and_class(
         assert row["class"] == int(expected.argmax()) and row["class_name"] == names[row["class"]]
         assert not row["no_data"]
     assert table["class"].dtype == np.int16
+
+
+def test_a_multilabel_table_holds_each_chips_labels_at_the_threshold(tmp_path: Path) -> None:
+    """A multilabel task's rows: the classes at or above ``threshold`` (as ``labels`` and
+    ``label_names``), the threshold recorded in the file, no single ``class``."""
+    torch.manual_seed(0)
+    task = DOFAClassificationTask(num_classes=3, task="multilabel", weights=None).eval()
+    path = tmp_path / "labels.parquet"
+    dm = DOFAPredictDataModule(SCENE, batch_size=6)
+    writer = ClassificationWriter(path, class_names=["a", "b", "c"], threshold=0.5)
+    _trainer([writer]).predict(task, datamodule=dm, return_predictions=False)
+    table = gpd.read_parquet(path)
+    assert "class" not in table.columns and table.attrs["threshold"] == "0.5"
+    for _, _, expected in _chips(task):
+        assert ((expected > 0) & (expected < 1)).all()  # sigmoid probabilities
+    seen: set[int] = set()
+    cut = 0  # chips where the threshold left a class out
+    for probs, labels, names in zip(
+        table.probabilities, table.labels, table.label_names, strict=True
+    ):
+        want = np.flatnonzero(np.asarray(probs) >= 0.5)
+        np.testing.assert_array_equal(labels, want)
+        assert list(names) == [["a", "b", "c"][i] for i in want]
+        seen.update(want.tolist())
+        cut += len(want) < 3
+    assert seen and cut  # some labels given, some left out: the threshold was applied
+    assert len(table) == 6
 
 
 def test_an_interrupted_map_resumes_to_the_same_file_and_refuses_another_tasks_parts(
