@@ -1859,6 +1859,35 @@ class _TaskWriter(_PartsWriter):
         if trainer.ckpt_path:
             self.metadata["weights"] = str(trainer.ckpt_path)
 
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        """Save each chip's probabilities as its part, placed by the batch (see the class).
+
+        Chips the batch flags ``empty`` (no valid pixel) get an empty part: no class.
+
+        Raises:
+            TypeError: for a prediction that is not the task's probabilities.
+            KeyError: for a batch without what places its chips.
+        """
+        placed = self._placed(self._scores(pl_module, prediction, batch), batch)
+        if "empty" in batch:
+            placed["empty"] = batch["empty"].cpu()
+        super().write_on_batch_end(
+            trainer, pl_module, placed, batch_indices, batch, batch_idx, dataloader_idx
+        )
+
+    def _placed(self, probs: Tensor, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The prediction dict the embedding writer reads (:attr:`needs`), from the scores."""
+        raise NotImplementedError
+
     def _scores(self, pl_module: pl.LightningModule, prediction: Any, batch: Any) -> Tensor:
         """The batch's probabilities, checked: a float tensor of :attr:`score_dims` dims.
 
@@ -1992,34 +2021,14 @@ class SegmentationWriter(_TaskWriter, GridWriter):
                 "ClassificationWriter"
             )
 
-    def write_on_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        prediction: Any,
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        """Save each chip's (K, H, W) probabilities, no-data pixels NaN, as its part.
-
-        Raises:
-            TypeError: for a prediction that is not (B, K, H, W) probabilities.
-            KeyError: for a batch without ``grid_transform`` (see :class:`SegmentationWriter`).
-        """
-        probs = self._scores(pl_module, prediction, batch)
+    def _placed(self, probs: Tensor, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Each chip's (K, H, W) probabilities, no-data pixels NaN, with its pixels' affine."""
         valid = batch.get("valid")
         if isinstance(valid, Tensor) and valid.shape == (probs.shape[0], *probs.shape[-2:]):
             probs = probs.masked_fill(~valid.to(probs.device, torch.bool)[:, None], math.nan)
         cells = batch["grid_transform"].detach().to("cpu", torch.float64).clone()
         cells[:, [0, 1, 3, 4]] /= self.patch  # a patch cell's affine -> a map pixel's
-        placed: dict[str, Any] = {"grid": probs.cpu(), "grid_transform": cells}
-        if "empty" in batch:
-            placed["empty"] = batch["empty"].cpu()
-        GridWriter.write_on_batch_end(
-            self, trainer, pl_module, placed, batch_indices, batch, batch_idx, dataloader_idx
-        )
+        return {"grid": probs.cpu(), "grid_transform": cells}
 
     def _layout(self, depth: int) -> tuple[int, str, float, tuple[str, ...]]:
         """A class band (uint8 / uint16) or a float32 probability band per class."""
@@ -2118,30 +2127,12 @@ class ClassificationWriter(_TaskWriter, PooledWriter):
             self, path, crs, metadata, source=source, chip_keys=chip_keys, properties=properties
         )
 
-    def write_on_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        prediction: Any,
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        """Save each chip's probabilities, keyed by its footprint, as its part.
-
-        Raises:
-            TypeError: for a prediction that is not (B, K) probabilities.
-            KeyError: for a batch without ``bounds``.
-        """
-        probs = self._scores(pl_module, prediction, batch)
+    def _placed(self, probs: Tensor, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Each chip's (K,) probabilities with its footprint and valid fraction."""
         placed: dict[str, Any] = {"pooled": probs.cpu(), "bounds": batch["bounds"].cpu()}
-        for key in ("empty", "valid_fraction"):
-            if key in batch:
-                placed[key] = batch[key].cpu()
-        PooledWriter.write_on_batch_end(
-            self, trainer, pl_module, placed, batch_indices, batch, batch_idx, dataloader_idx
-        )
+        if "valid_fraction" in batch:
+            placed["valid_fraction"] = batch["valid_fraction"].cpu()
+        return placed
 
     def _columns(self, rows: list[dict[str, Any]], meta: Mapping[str, str]) -> dict[str, Any]:
         """:class:`PooledWriter`'s columns, ``probabilities`` for ``embedding``, the class."""
