@@ -16,6 +16,7 @@ import pytest
 import rasterio
 import torch
 from torchgeo.datasets import stack_samples
+from torchgeo.tasks import Classification
 
 from tests.scenes import SCENE
 from torchgeo_dofa.datamodules import DOFAPredictDataModule
@@ -258,6 +259,16 @@ def test_a_task_writer_refuses_what_it_cannot_write_before_any_batch(
             "SegmentationWriter writes the class probabilities of a segmentation task "
             "(DOFASegmentationTask), but DOFAEmbedder is not one: GridWriter or PooledWriter "
             "write embeddings",
+            {},
+        ),
+        (
+            ClassificationWriter(out / "t.parquet"),
+            Classification(model="resnet18", in_channels=4, num_classes=3),
+            TypeError,
+            "ClassificationWriter writes the class probabilities of a classification task "
+            "(DOFAClassificationTask), but Classification is not one: the task writers take "
+            "this package's DOFASegmentationTask and DOFAClassificationTask; write another "
+            "task's predictions with a writer of your own",
             {},
         ),
         (

@@ -1731,18 +1731,11 @@ class PooledWriter(_PartsWriter):
 
 #: Fine-tuning tasks whose ``predict_step`` returns per-pixel class probabilities
 #: (B, K, H, W), by module and class name (looked up among the imported modules only).
-SEGMENTATION_TASKS = (
-    ("torchgeo_dofa.tasks", "DOFASegmentationTask"),
-    ("torchgeo.tasks", "SemanticSegmentationTask"),
-    ("torchgeo.tasks", "SemanticSegmentation"),
-)
+#: TorchGeo's own tasks are not among them: its segmentation task returns a dict since
+#: TorchGeo 0.9, and its binary / multilabel tasks count ``num_labels``, not classes.
+SEGMENTATION_TASKS = (("torchgeo_dofa.tasks", "DOFASegmentationTask"),)
 #: Fine-tuning tasks whose ``predict_step`` returns per-chip class probabilities (B, K).
-CLASSIFICATION_TASKS = (
-    ("torchgeo_dofa.tasks", "DOFAClassificationTask"),
-    ("torchgeo.tasks", "ClassificationTask"),
-    ("torchgeo.tasks", "MultiLabelClassificationTask"),
-    ("torchgeo.tasks", "Classification"),
-)
+CLASSIFICATION_TASKS = (("torchgeo_dofa.tasks", "DOFAClassificationTask"),)
 
 
 def _is_one_of(module: Any, kinds: Sequence[tuple[str, str]]) -> bool:
@@ -1819,11 +1812,17 @@ class _TaskWriter(_PartsWriter):
         name = type(pl_module).__name__
         if not _is_one_of(pl_module, self.tasks):
             other = "ClassificationWriter" if self.score_dims == 4 else "SegmentationWriter"
-            use = (
-                f"{other} writes that task's predictions"
-                if _is_one_of(pl_module, SEGMENTATION_TASKS + CLASSIFICATION_TASKS)
-                else "GridWriter or PooledWriter write embeddings"
-            )
+            tasks = sys.modules.get("torchgeo.tasks")
+            if _is_one_of(pl_module, SEGMENTATION_TASKS + CLASSIFICATION_TASKS):
+                use = f"{other} writes that task's predictions"
+            elif tasks is not None and isinstance(pl_module, tasks.BaseTask):
+                use = (
+                    "the task writers take this package's DOFASegmentationTask and "
+                    "DOFAClassificationTask; write another task's predictions with a writer "
+                    "of your own"
+                )
+            else:
+                use = "GridWriter or PooledWriter write embeddings"
             raise TypeError(
                 f"{type(self).__name__} writes the class probabilities of a {self.kind} task "
                 f"({', '.join(n for _, n in self.tasks[:1])}), but {name} is not one: {use}"
@@ -1842,12 +1841,12 @@ class _TaskWriter(_PartsWriter):
         for key in ("variant", "mode", "num_classes"):
             if key in hp:
                 tags[key] = hp[key]
-        if "task" in hp:  # multiclass / multilabel / binary
+        if "task" in hp:  # multiclass / multilabel
             tags["task_type"] = hp["task"]
         if self.class_names is not None:
             tags["class_names"] = json.dumps(self.class_names)
         threshold = getattr(self, "threshold", None)
-        if threshold is not None and hp.get("task") in ("multilabel", "binary"):
+        if threshold is not None and hp.get("task") == "multilabel":
             tags["threshold"] = threshold  # the labels' probability cut
         # where the encoder started; the checkpoint file once the trainer loads one
         # (_weights_restored); the job's identity follows the weights themselves
@@ -1924,8 +1923,7 @@ class _TaskWriter(_PartsWriter):
 class SegmentationWriter(_TaskWriter, GridWriter):
     """Write a segmentation task's predictions as one georeferenced GeoTIFF map.
 
-    For :class:`~torchgeo_dofa.tasks.DOFASegmentationTask` (or TorchGeo's
-    ``SemanticSegmentationTask``) predicting over a
+    For :class:`~torchgeo_dofa.tasks.DOFASegmentationTask` predicting over a
     :class:`~torchgeo_dofa.datamodules.DOFAPredictDataModule` with ``input_prep="resize"``
     (the default). The task's ``predict_step`` gives (B, K, H, W) class probabilities over
     each model input (the chip resized to 224 x 224); each chip is placed by the batch's
@@ -2075,8 +2073,8 @@ def class_colours(n: int) -> dict[int, tuple[int, int, int, int]]:
 class ClassificationWriter(_TaskWriter, PooledWriter):
     """Write a classification task's predictions as a GeoParquet table, one row per chip.
 
-    For :class:`~torchgeo_dofa.tasks.DOFAClassificationTask` (or TorchGeo's classification
-    tasks) predicting over a :class:`~torchgeo_dofa.datamodules.DOFAPredictDataModule`: each
+    For :class:`~torchgeo_dofa.tasks.DOFAClassificationTask` predicting over a
+    :class:`~torchgeo_dofa.datamodules.DOFAPredictDataModule`: each
     chip's footprint (``geometry``, the region's CRS), ``chip_id``, ``source``,
     ``time_start`` / ``time_end``, ``probabilities`` (float32, one per class), then for a
     multiclass task ``class`` (int16, the most probable class; -1 for a chip without any
@@ -2142,7 +2140,7 @@ class ClassificationWriter(_TaskWriter, PooledWriter):
         columns = {k: v for k, v in base.items() if k not in ("variant", "weights")}
         columns["probabilities"] = probs
         empty = base["no_data"]
-        if meta.get("task_type") in ("multilabel", "binary"):
+        if meta.get("task_type") == "multilabel":
             no_label = np.array([], np.int16)
             columns["labels"] = [
                 no_label if e else np.flatnonzero(p >= self.threshold).astype(np.int16)
