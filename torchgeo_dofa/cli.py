@@ -1159,8 +1159,9 @@ def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
     name = type(model).__name__
     embedder = _is_embedder(f"{type(model).__module__}.{type(model).__qualname__}")
     ckpt = section.get("ckpt_path")
+    segmentation = "Segmentation" in name  # else a classification task
     task_config = configs / (
-        "predict_segmentation.yaml" if "Segmentation" in name else "predict_classification.yaml"
+        "predict_segmentation.yaml" if segmentation else "predict_classification.yaml"
     )
     if not embedder and not ckpt:
         raise ValueError(
@@ -1176,7 +1177,7 @@ def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
             "writer; add torchgeo_dofa.writers.GridWriter or PooledWriter there, as "
             f"{configs / 'predict_grid.yaml'} does"
         )
-    writer = "SegmentationWriter" if "Segmentation" in name else "ClassificationWriter"
+    writer = "SegmentationWriter" if segmentation else "ClassificationWriter"
     raise ValueError(
         f"predict would write nothing: the config's trainer.callbacks has no prediction "
         f"writer; {name}'s class probabilities are written by "

@@ -1729,29 +1729,30 @@ class PooledWriter(_PartsWriter):
         shutil.rmtree(self.parts, ignore_errors=True)
 
 
-#: Fine-tuning tasks whose ``predict_step`` returns per-pixel class probabilities
-#: (B, K, H, W), by module and class name (looked up among the imported modules only).
-#: TorchGeo's own tasks are not among them: its segmentation task returns a dict since
-#: TorchGeo 0.9, and its binary / multilabel tasks count ``num_labels``, not classes.
-SEGMENTATION_TASKS = (("torchgeo_dofa.tasks", "DOFASegmentationTask"),)
-#: Fine-tuning tasks whose ``predict_step`` returns per-chip class probabilities (B, K).
-CLASSIFICATION_TASKS = (("torchgeo_dofa.tasks", "DOFAClassificationTask"),)
+#: The writer of each ``torchgeo_dofa.tasks`` class's predictions.
+TASK_WRITERS = {
+    "DOFASegmentationTask": "SegmentationWriter",
+    "DOFAClassificationTask": "ClassificationWriter",
+}
 
 
-def _is_one_of(module: Any, kinds: Sequence[tuple[str, str]]) -> bool:
-    """Whether ``module`` is an instance of one of the (module, class) names imported."""
-    for where, name in kinds:
-        cls = getattr(sys.modules.get(where), name, None)
-        if isinstance(cls, type) and isinstance(module, cls):
-            return True
-    return False
+def _is_dofa_task(module: Any, name: str) -> bool:
+    """Whether ``module`` is the ``torchgeo_dofa.tasks`` class ``name`` (once imported).
+
+    Looked up among the imported modules: a writer under an embedder does not import the
+    tasks (and TorchGeo's with them).
+    """
+    cls = getattr(sys.modules.get("torchgeo_dofa.tasks"), name, None)
+    return isinstance(cls, type) and isinstance(module, cls)
 
 
 class _TaskWriter(_PartsWriter):
     """What both task writers share: which modules they take, their tags, the scores."""
 
-    #: the tasks this writer takes (:data:`SEGMENTATION_TASKS` / :data:`CLASSIFICATION_TASKS`)
-    tasks: tuple[tuple[str, str], ...] = ()
+    #: the task this writer takes, a ``torchgeo_dofa.tasks`` class name; TorchGeo's own
+    #: tasks are not taken: its segmentation task returns a dict since TorchGeo 0.9, and its
+    #: binary / multilabel tasks count ``num_labels``, not classes
+    task_class = ""
     #: what this writer's task predicts, for messages
     kind = ""
     #: dimensions of the task's prediction: (B, K, H, W) or (B, K)
@@ -1810,11 +1811,11 @@ class _TaskWriter(_PartsWriter):
             ValueError: for ``class_names`` that do not number the task's classes.
         """
         name = type(pl_module).__name__
-        if not _is_one_of(pl_module, self.tasks):
-            other = "ClassificationWriter" if self.score_dims == 4 else "SegmentationWriter"
+        if not _is_dofa_task(pl_module, self.task_class):
             tasks = sys.modules.get("torchgeo.tasks")
-            if _is_one_of(pl_module, SEGMENTATION_TASKS + CLASSIFICATION_TASKS):
-                use = f"{other} writes that task's predictions"
+            writer = next((w for t, w in TASK_WRITERS.items() if _is_dofa_task(pl_module, t)), "")
+            if writer:
+                use = f"{writer} writes that task's predictions"
             elif tasks is not None and isinstance(pl_module, tasks.BaseTask):
                 use = (
                     "the task writers take this package's DOFASegmentationTask and "
@@ -1825,7 +1826,7 @@ class _TaskWriter(_PartsWriter):
                 use = "GridWriter or PooledWriter write embeddings"
             raise TypeError(
                 f"{type(self).__name__} writes the class probabilities of a {self.kind} task "
-                f"({', '.join(n for _, n in self.tasks[:1])}), but {name} is not one: {use}"
+                f"({self.task_class}), but {name} is not one: {use}"
             )
         k = int(pl_module.hparams["num_classes"])
         if self.class_names is not None and len(self.class_names) != k:
@@ -1943,7 +1944,7 @@ class SegmentationWriter(_TaskWriter, GridWriter):
     ``<path>.parts/``, one per chip).
     """
 
-    tasks = SEGMENTATION_TASKS
+    task_class = "DOFASegmentationTask"
     kind = "segmentation"
     score_dims = 4
     #: map pixels per side of one grid_transform cell (DOFA's patch size)
@@ -2085,7 +2086,7 @@ class ClassificationWriter(_TaskWriter, PooledWriter):
     :class:`PooledWriter` writes them. Rows and resuming as :class:`PooledWriter`.
     """
 
-    tasks = CLASSIFICATION_TASKS
+    task_class = "DOFAClassificationTask"
     kind = "classification"
     score_dims = 2
     vector_column = "probabilities"
