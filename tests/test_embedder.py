@@ -12,20 +12,10 @@ from torch.utils.data import DataLoader
 from torchgeo.samplers import GriddedPatchSampler
 
 from tests.scenes import SCENE
+from tests.trainers import cpu_trainer
 from torchgeo_dofa.datasets import Sentinel2SR, stack_dofa_samples
 from torchgeo_dofa.embedder import DOFAEmbedder
 from torchgeo_dofa.transforms import DOFAPreprocess
-
-
-def _cpu_trainer(callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
-    """A quiet CPU trainer."""
-    return pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
 
 
 def _predict(module: DOFAEmbedder, dataset: Sentinel2SR) -> tuple[list[Any], list[torch.Tensor]]:
@@ -34,7 +24,7 @@ def _predict(module: DOFAEmbedder, dataset: Sentinel2SR) -> tuple[list[Any], lis
     loader = DataLoader(dataset, sampler=chips, batch_size=3, collate_fn=stack_dofa_samples)
     seen: list[torch.Tensor] = []
     hook = module.encoder.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
-    trainer = _cpu_trainer()
+    trainer = cpu_trainer()
     try:
         out = trainer.predict(module, dataloaders=loader)
     finally:
@@ -109,7 +99,7 @@ def test_device_preprocessing_also_runs_with_the_data_module() -> None:
             dataset = dm._dataset()
             assert isinstance(dataset.transforms, DOFAPreprocess)
             module.preprocess, dataset.transforms = dataset.transforms, None
-        trainer = _cpu_trainer()
+        trainer = cpu_trainer()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out: Any = trainer.predict(module, datamodule=dm)
@@ -151,7 +141,7 @@ def test_a_batch_that_was_not_normalised_is_refused_before_anything_is_written(
     dm = DOFAPredictDataModule(SCENE, preprocess=False, batch_size=2)
     out = tmp_path / "out"
     writers: list[pl.Callback] = [GridWriter(out / "g.tif"), PooledWriter(out / "p.parquet")]
-    trainer = _cpu_trainer(writers)
+    trainer = cpu_trainer(writers)
     with pytest.raises(
         NotNormalisedError, match=r"values up to \d+, raw reflectance .* preprocess=True"
     ):
@@ -190,14 +180,14 @@ def test_the_data_modules_defaults_serve_the_embedder_normalised_chips(tmp_path:
     dataset = Sentinel2SR(SCENE)
     module.preprocess = DOFAPreprocess(dataset.bands, dataset.wavelengths)
     folder = tmp_path / "out"
-    trainer = _cpu_trainer([PooledWriter(folder / "p.parquet")])
+    trainer = cpu_trainer([PooledWriter(folder / "p.parquet")])
     with pytest.raises(ValueError, match="the chips would be normalised twice.*preprocess=False"):
         trainer.predict(module, datamodule=DOFAPredictDataModule(SCENE), return_predictions=False)
     assert not folder.exists()
     dm = DOFAPredictDataModule(SCENE)  # its loader given on its own: the same refusal
     dm.setup("predict")
     with pytest.raises(ValueError, match="the chips would be normalised twice"):
-        _cpu_trainer().predict(module, dataloaders=dm.predict_dataloader())
+        cpu_trainer().predict(module, dataloaders=dm.predict_dataloader())
     raw = DOFAPredictDataModule(SCENE, batch_size=2, preprocess=False)  # on the device: fine
     trainer = pl.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, limit_predict_batches=1
@@ -233,7 +223,7 @@ def test_a_grid_writer_reused_on_another_scene_takes_that_scenes_grid(tmp_path: 
                 dst.write(src.read(window=window))
                 dst.descriptions = src.descriptions
         dm = DOFAPredictDataModule(crop, preprocess=True, batch_size=1)
-        _cpu_trainer([writer, table]).predict(module, datamodule=dm, return_predictions=False)
+        cpu_trainer([writer, table]).predict(module, datamodule=dm, return_predictions=False)
         with rasterio.open(tmp_path / "g.tif") as grid, rasterio.open(crop) as scene:
             assert grid.crs == scene.crs and (grid.width, grid.height) == (14, 14)
             assert grid.transform == scene.transform @ scene.transform.scale(16)
@@ -270,7 +260,7 @@ def test_a_writer_of_what_the_model_does_not_output_is_refused_at_setup(tmp_path
         module = DOFAEmbedder(weights=None, seed=0, output=output)  # type: ignore[arg-type]
         kind = "pooled" if output == "grid" else "grid"
         with pytest.raises(ValueError, match=f"writes {kind} embeddings but the model's output"):
-            _cpu_trainer([writer]).predict(module, datamodule=dm, return_predictions=False)
+            cpu_trainer([writer]).predict(module, datamodule=dm, return_predictions=False)
         assert not out.exists()
 
 
@@ -301,7 +291,7 @@ def test_a_resume_with_other_preprocessing_on_the_device_is_refused(tmp_path: Pa
         )
         dataset.transforms = None  # raw chips: the model preprocesses them
         callbacks: list[pl.Callback] = [PooledWriter(out), *([_CrashAfterBatch()] if crash else [])]
-        _cpu_trainer(callbacks).predict(module, datamodule=dm, return_predictions=False)
+        cpu_trainer(callbacks).predict(module, datamodule=dm, return_predictions=False)
 
     with pytest.raises(RuntimeError, match="simulated crash"):
         run("resize", crash=True)
@@ -348,7 +338,7 @@ def test_on_device_preprocessing_for_another_band_order_is_refused(tmp_path: Pat
     module = DOFAEmbedder(weights=None, seed=0, output="pooled")
     module.preprocess = DOFAPreprocess(bands=["B04", "B03", "B02", "B08"])
     out = tmp_path / "out"
-    trainer = _cpu_trainer([PooledWriter(out / "p.parquet")])
+    trainer = cpu_trainer([PooledWriter(out / "p.parquet")])
     with pytest.raises(BandError, match=r"wavelengths \[0.49, 0.56, 0.665, 0.842\] um .* "):
         trainer.predict(module, datamodule=dm, return_predictions=False)
     assert not out.exists()
@@ -368,7 +358,7 @@ def test_a_writer_under_a_model_that_is_not_an_embedder_says_so(tmp_path: Path) 
 
     dm = DOFAPredictDataModule(SCENE, batch_size=2)
     out = tmp_path / "out"
-    trainer = _cpu_trainer([PooledWriter(out / "p.parquet")])
+    trainer = cpu_trainer([PooledWriter(out / "p.parquet")])
     with pytest.raises(TypeError) as refused:
         trainer.predict(Scores(), datamodule=dm, return_predictions=False)
     assert str(refused.value).startswith(
@@ -398,7 +388,7 @@ def test_a_writer_under_a_fine_tuning_task_is_refused_before_any_batch(tmp_path:
     dm = DOFAPredictDataModule(SCENE, batch_size=2)
     out = tmp_path / "out"
     for writer in (PooledWriter(out / "p.parquet"), GridWriter(out / "g.tif")):
-        trainer = _cpu_trainer([writer, CountBatches()])
+        trainer = cpu_trainer([writer, CountBatches()])
         with pytest.raises(TypeError) as refused:
             trainer.predict(task, datamodule=dm, return_predictions=False)
         assert str(refused.value) == (
@@ -431,7 +421,7 @@ def test_a_time_series_is_refused_before_anything_is_written(tmp_path: Path) -> 
     chips = list(GriddedPatchSampler(series, size=224))[:2]
     loader = DataLoader(series, sampler=chips, batch_size=2, collate_fn=stack_dofa_samples)
     out = tmp_path / "out"
-    trainer = _cpu_trainer([PooledWriter(out / "p.parquet", crs=series.crs)])
+    trainer = cpu_trainer([PooledWriter(out / "p.parquet", crs=series.crs)])
     module = DOFAEmbedder(weights=None, seed=0, output="pooled")
     with pytest.raises(
         ValueError, match=r"\(2, 2, 4, 224, 224\) batch without tile_offsets.*--datetime"

@@ -19,6 +19,7 @@ from torchgeo.datasets import stack_samples
 from torchgeo.tasks import Classification
 
 from tests.scenes import SCENE
+from tests.trainers import cpu_trainer
 from torchgeo_dofa.datamodules import DOFAPredictDataModule
 from torchgeo_dofa.embedder import DOFAEmbedder
 from torchgeo_dofa.spatial import BBox, PointBuffer
@@ -29,17 +30,6 @@ from torchgeo_dofa.writers import (
     SegmentationWriter,
     parts_dir,
 )
-
-
-def _trainer(callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        **kwargs,
-    )
 
 
 def _segmentation(seed: int = 0) -> DOFASegmentationTask:
@@ -86,7 +76,7 @@ def test_a_segmentation_map_holds_each_pixels_class_where_it_lies(
         SegmentationWriter(probs, output="probabilities", class_names=names),
     ]
     dm = DOFAPredictDataModule(SCENE, batch_size=4)
-    _trainer(list(writers)).predict(segmentation, datamodule=dm, return_predictions=False)
+    cpu_trainer(list(writers)).predict(segmentation, datamodule=dm, return_predictions=False)
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == [".torchgeo-dofa.lock", "classes.tif", "probs.tif"]  # no parts left
 
@@ -146,7 +136,7 @@ def test_a_classification_table_holds_each_chips_probabilities_and_class(
     path = tmp_path / "chips.parquet"
     dm = DOFAPredictDataModule(SCENE, batch_size=4)
     writer = ClassificationWriter(path, class_names=names)
-    _trainer([writer]).predict(classification, datamodule=dm, return_predictions=False)
+    cpu_trainer([writer]).predict(classification, datamodule=dm, return_predictions=False)
     table = gpd.read_parquet(path)
     chips = _chips(classification)
     assert len(table) == len(chips) == 6
@@ -172,7 +162,7 @@ def test_a_multilabel_table_holds_each_chips_labels_at_the_threshold(tmp_path: P
     path = tmp_path / "labels.parquet"
     dm = DOFAPredictDataModule(SCENE, batch_size=6)
     writer = ClassificationWriter(path, class_names=["a", "b", "c"], threshold=0.5)
-    _trainer([writer]).predict(task, datamodule=dm, return_predictions=False)
+    cpu_trainer([writer]).predict(task, datamodule=dm, return_predictions=False)
     table = gpd.read_parquet(path)
     assert "class" not in table.columns and table.attrs["threshold"] == "0.5"
     for _, _, expected in _chips(task):
@@ -198,7 +188,7 @@ def test_an_interrupted_map_resumes_to_the_same_file_and_refuses_another_tasks_p
     the uninterrupted map. Parts of another task (other weights) are refused, not mixed."""
     whole, resumed = tmp_path / "whole.tif", tmp_path / "resumed.tif"
     dm = DOFAPredictDataModule(SCENE, batch_size=2)
-    _trainer([SegmentationWriter(whole)]).predict(segmentation, datamodule=dm)
+    cpu_trainer([SegmentationWriter(whole)]).predict(segmentation, datamodule=dm)
 
     class FailAfterFirstBatch(pl.Callback):
         def on_predict_batch_end(self, *args: Any) -> None:
@@ -206,14 +196,14 @@ def test_an_interrupted_map_resumes_to_the_same_file_and_refuses_another_tasks_p
 
     dm = DOFAPredictDataModule(SCENE, batch_size=2)
     with pytest.raises(RuntimeError, match="the job died"):
-        trainer = _trainer([SegmentationWriter(resumed), FailAfterFirstBatch()])
+        trainer = cpu_trainer([SegmentationWriter(resumed), FailAfterFirstBatch()])
         trainer.predict(segmentation, datamodule=dm)
     assert not resumed.exists() and len(list(parts_dir(resumed).glob("*.npy"))) == 2
     with pytest.raises(PartsMismatchError, match="holds the chips of another job"):
         dm = DOFAPredictDataModule(SCENE, batch_size=2)
-        _trainer([SegmentationWriter(resumed)]).predict(_segmentation(seed=1), datamodule=dm)
+        cpu_trainer([SegmentationWriter(resumed)]).predict(_segmentation(seed=1), datamodule=dm)
     dm = DOFAPredictDataModule(SCENE, batch_size=2)
-    _trainer([SegmentationWriter(resumed)]).predict(segmentation, datamodule=dm)
+    cpu_trainer([SegmentationWriter(resumed)]).predict(segmentation, datamodule=dm)
     with rasterio.open(whole) as a, rasterio.open(resumed) as b:
         np.testing.assert_array_equal(a.read(), b.read())
         assert a.profile == b.profile
@@ -325,7 +315,7 @@ def test_a_task_writer_refuses_what_it_cannot_write_before_any_batch(
     for writer, module, error, message, data in cases:
         dm = DOFAPredictDataModule(SCENE, batch_size=2, **data)
         with pytest.raises(error) as refused:
-            _trainer([writer, CountBatches()]).predict(module, datamodule=dm)
+            cpu_trainer([writer, CountBatches()]).predict(module, datamodule=dm)
         assert str(refused.value).startswith(message), str(refused.value)
     assert CountBatches.batches == 0
     assert not out.exists()
@@ -338,7 +328,7 @@ def test_a_task_writer_refuses_what_it_cannot_write_before_any_batch(
 
 
 def _save(task: pl.LightningModule, path: Path) -> Path:
-    trainer = _trainer([])
+    trainer = cpu_trainer([])
     trainer.strategy.connect(task)
     trainer.save_checkpoint(path, weights_only=True)
     return path
@@ -361,7 +351,7 @@ def test_the_checkpoint_a_trainer_loads_is_the_jobs_weights(
 
     def run(ckpt: Path, *callbacks: pl.Callback) -> None:
         dm = DOFAPredictDataModule(SCENE, batch_size=2)
-        trainer = _trainer([SegmentationWriter(out), *callbacks])
+        trainer = cpu_trainer([SegmentationWriter(out), *callbacks])
         trainer.predict(_segmentation(seed=2), datamodule=dm, ckpt_path=ckpt)
 
     with pytest.raises(RuntimeError, match="the job died"):
@@ -370,7 +360,7 @@ def test_the_checkpoint_a_trainer_loads_is_the_jobs_weights(
         run(b)
     run(a)
     dm = DOFAPredictDataModule(SCENE, batch_size=2)
-    _trainer([SegmentationWriter(direct)]).predict(segmentation, datamodule=dm)
+    cpu_trainer([SegmentationWriter(direct)]).predict(segmentation, datamodule=dm)
     with rasterio.open(out) as got, rasterio.open(direct) as want:
         np.testing.assert_array_equal(got.read(), want.read())
         assert got.tags()["weights"] == str(a)
@@ -397,7 +387,7 @@ def test_a_stopped_prediction_from_a_checkpoint_is_advised_to_resume(
     def stopped(name: str, **kwargs: Any) -> str:
         dm = DOFAPredictDataModule(SCENE, batch_size=2)
         with StopOnSignal() as stop, pytest.raises(JobInterrupted) as info:
-            trainer = _trainer([SegmentationWriter(tmp_path / name), stop, CtrlC()])
+            trainer = cpu_trainer([SegmentationWriter(tmp_path / name), stop, CtrlC()])
             trainer.predict(_segmentation(seed=2), datamodule=dm, **kwargs)
         return str(info.value)
 

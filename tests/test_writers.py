@@ -17,6 +17,7 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.trainers import cpu_trainer
 from torchgeo_dofa.writers import GridGeometry, GridWriter, PooledWriter, parts_dir
 
 UTM = CRS.from_epsg(32631)
@@ -526,13 +527,7 @@ class _Replay(pl.LightningModule):
 
 
 def _predict(writer: GridWriter | PooledWriter, predictions: list[dict[str, torch.Tensor]]) -> None:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        callbacks=[writer],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = cpu_trainer([writer])
     loader: DataLoader[tuple[torch.Tensor, ...]] = DataLoader(
         TensorDataset(torch.arange(len(predictions)))
     )
