@@ -1182,25 +1182,59 @@ def test_direct_window_reads_equal_merge_reads(name: str, monkeypatch) -> None:
         assert calls["direct"] > 0
 
 
-def test_direct_reads_keep_nan_and_masked_pixels(tmp_path: Path) -> None:
-    path = tmp_path / "float.tif"
-    data = np.arange(2 * 40 * 50, dtype=np.float32).reshape(2, 40, 50) + 100
-    data[0, 5, 7] = np.nan
-    data[:, 10:12, 20:22] = -9
+@pytest.mark.parametrize(
+    ("dtype", "nodata", "mask"),
+    [
+        ("float32", -9, False),  # a masked read (float nodata)
+        ("uint16", 0, False),  # integer nodata: found on the plain read
+        ("int16", -9, False),
+        ("uint16", 7000, False),  # nodata inside the data's range
+        ("uint16", None, True),  # an internal mask: a masked read
+    ],
+)
+def test_direct_reads_keep_nan_and_masked_pixels(
+    tmp_path: Path, dtype: str, nodata: float | None, mask: bool
+) -> None:
+    path = tmp_path / f"{dtype}.tif"
+    data = (np.arange(2 * 40 * 50).reshape(2, 40, 50) % 9000 + 100).astype(dtype)
+    if dtype == "float32":
+        data[0, 5, 7] = np.nan
+    hole = np.zeros((40, 50), dtype=bool)
+    hole[10:12, 20:22] = True
+    hole[30, :] = True
+    if nodata is not None:
+        data[:, hole] = nodata
+        data[1, 3, 4] = nodata  # one band's no data makes the pixel invalid
     profile = dict(
-        driver="GTiff", width=50, height=40, count=2, dtype="float32", nodata=-9,
+        driver="GTiff", width=50, height=40, count=2, dtype=dtype, nodata=nodata,
         crs="EPSG:32631", transform=from_origin(500000, 4000400, 10, 10),
     )  # fmt: skip
-    with rasterio.open(path, "w", **profile) as dst:
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
+        if mask:
+            dst.write_mask(np.where(hole, 0, 255).astype("uint8"))
+    expected = ~hole & ~np.isnan(data.astype(np.float64)).any(axis=0)
+    if nodata is not None:
+        expected &= (data != nodata).all(axis=0)
     ds = Sentinel2SR(path, bands=["B4", "B8"])
-    for chip in GridGeoSampler(ds, size=17, stride=9):
+    chips = list(GridGeoSampler(ds, size=17, stride=9))
+    seen = 0
+    for chip in chips:
         ds.direct_reads = True
         fast = ds.read_chip(chip)
         ds.direct_reads = False
         slow = ds.read_chip(chip)
         torch.testing.assert_close(fast["image"], slow["image"], rtol=0, atol=0)
         torch.testing.assert_close(fast["valid"], slow["valid"], rtol=0, atol=0)
+        # the chip's pixels inside the raster: valid exactly where the file has data
+        t = fast["transform"].numpy()
+        col, row = round((t[2] - 500000) / 10), round((4000400 - t[5]) / 10)
+        r0, c0 = max(0, -row), max(0, -col)
+        r1, c1 = min(17, 40 - row), min(17, 50 - col)
+        valid = fast["valid"].numpy()[r0:r1, c0:c1]
+        np.testing.assert_array_equal(valid, expected[row + r0 : row + r1, col + c0 : col + c1])
+        seen += int((~valid).sum())
+    assert seen > 0
 
 
 def test_a_folder_of_other_raster_formats_names_them(tmp_path: Path) -> None:
