@@ -327,6 +327,41 @@ def test_a_task_writer_refuses_what_it_cannot_write_before_any_batch(
         SegmentationWriter(out / "m.tif", class_names="abc")
 
 
+def test_a_batch_without_what_places_its_chips_is_named(
+    tmp_path: Path, segmentation: DOFASegmentationTask, classification: DOFAClassificationTask
+) -> None:
+    """A data module whose batches lose the key a writer places chips by: the error names
+    that key (and the data module option behind it, only where there is one); no file."""
+
+    class Dropping(DOFAPredictDataModule):
+        drop = ""
+
+        def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            batch = super().on_after_batch_transfer(batch, dataloader_idx)
+            return {k: v for k, v in batch.items() if k != self.drop}
+
+    cases: list[tuple[pl.Callback, pl.LightningModule, str, str]] = [
+        (ClassificationWriter(tmp_path / "t.parquet"), classification, "bounds", ""),
+        (
+            SegmentationWriter(tmp_path / "m.tif"),
+            segmentation,
+            "grid_transform",
+            " (preprocess=True, the default, for 'grid_transform')",
+        ),
+    ]
+    for writer, task, key, option in cases:
+        dm = Dropping(SCENE, batch_size=4)
+        dm.drop = key
+        with pytest.raises(KeyError) as missing:
+            cpu_trainer([writer]).predict(task, datamodule=dm, return_predictions=False)
+        assert missing.value.args[0] == (
+            f"{type(writer).__name__} places each chip by the batch's ['{key}'], which "
+            f"DOFAPredictDataModule's batches carry{option}: predict the task over a "
+            "DOFAPredictDataModule"
+        )
+    assert not (tmp_path / "t.parquet").exists() and not (tmp_path / "m.tif").exists()
+
+
 def _save(task: pl.LightningModule, path: Path) -> Path:
     trainer = cpu_trainer([])
     trainer.strategy.connect(task)

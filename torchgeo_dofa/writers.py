@@ -1913,10 +1913,15 @@ class _TaskWriter(_PartsWriter):
             )
         missing = [k for k in self.needs[1:] if not isinstance(batch, Mapping) or k not in batch]
         if missing:
+            grid = (
+                " (preprocess=True, the default, for 'grid_transform')"
+                if "grid_transform" in missing
+                else ""
+            )
             raise KeyError(
                 f"{type(self).__name__} places each chip by the batch's {missing}, which "
-                "DOFAPredictDataModule's batches carry (preprocess=True, the default, for "
-                f"'grid_transform'): predict the task over a DOFAPredictDataModule"
+                f"DOFAPredictDataModule's batches carry{grid}: predict the task over a "
+                "DOFAPredictDataModule"
             )
         return prediction.detach().float()
 
