@@ -1190,6 +1190,8 @@ def test_direct_window_reads_equal_merge_reads(name: str, monkeypatch) -> None:
         ("int16", -9, False),
         ("uint16", 7000, False),  # nodata inside the data's range
         ("uint16", None, True),  # an internal mask: a masked read
+        ("uint16", 1.5, False),  # GDAL masks int(1.5) = 1: a masked read
+        ("int64", 2**53 + 1, False),  # float64 cannot hold it: a masked read
     ],
 )
 def test_direct_reads_keep_nan_and_masked_pixels(
@@ -1202,9 +1204,11 @@ def test_direct_reads_keep_nan_and_masked_pixels(
     hole = np.zeros((40, 50), dtype=bool)
     hole[10:12, 20:22] = True
     hole[30, :] = True
+    # the value GDAL masks: the nodata as a double (the GeoTIFF tag), cast to the band type
+    masked = None if nodata is None else np.array(float(nodata)).astype(dtype)
     if nodata is not None:
         data[:, hole] = nodata
-        data[1, 3, 4] = nodata  # one band's no data makes the pixel invalid
+        data[1, 3, 4] = masked  # one band's no data makes the pixel invalid
     profile = dict(
         driver="GTiff", width=50, height=40, count=2, dtype=dtype, nodata=nodata,
         crs="EPSG:32631", transform=from_origin(500000, 4000400, 10, 10),
@@ -1213,9 +1217,11 @@ def test_direct_reads_keep_nan_and_masked_pixels(
         dst.write(data)
         if mask:
             dst.write_mask(np.where(hole, 0, 255).astype("uint8"))
-    expected = ~hole & ~np.isnan(data.astype(np.float64)).any(axis=0)
-    if nodata is not None:
-        expected &= (data != nodata).all(axis=0)
+    expected = ~np.isnan(data.astype(np.float64)).any(axis=0)
+    if mask:
+        expected &= ~hole
+    if masked is not None:
+        expected &= (data != masked).all(axis=0)
     ds = Sentinel2SR(path, bands=["B4", "B8"])
     chips = list(GridGeoSampler(ds, size=17, stride=9))
     seen = 0

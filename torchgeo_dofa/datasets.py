@@ -3080,12 +3080,17 @@ def _transform_bounds(
 _BAND_MASKS: weakref.WeakKeyDictionary[DatasetReader, tuple[str, ...]] = weakref.WeakKeyDictionary()
 
 
+#: Band types whose every value and whole-number nodata float64 holds exactly
+_SMALL_INTEGER_DTYPES = frozenset({"uint8", "int8", "uint16", "int16", "uint32", "int32"})
+
+
 def _band_masks(handle: DatasetReader) -> tuple[str, ...]:
     """How GDAL masks each band of an open file, cached per file handle.
 
-    ``"none"``: every pixel valid; ``"nodata"``: an integer band masked by its nodata value
-    alone (the pixels equal to it); ``"gdal"``: anything else (a float nodata, an internal
-    mask, an alpha band), left to a masked read.
+    ``"none"``: every pixel valid; ``"nodata"``: an integer band of at most 32 bits masked
+    by a whole-number nodata value alone (the pixels equal to it); ``"gdal"``: anything else
+    (a float band, a fractional nodata, which GDAL truncates to the band's type, a 64-bit or
+    complex band, an internal mask, an alpha band), left to GDAL's masked read.
     """
     masks = _BAND_MASKS.get(handle)
     if masks is None:
@@ -3094,8 +3099,9 @@ def _band_masks(handle: DatasetReader) -> tuple[str, ...]:
             if flags == [MaskFlags.all_valid]
             else "nodata"
             if flags == [MaskFlags.nodata]
+            and dtype in _SMALL_INTEGER_DTYPES
             and nodata is not None
-            and np.issubdtype(np.dtype(dtype), np.integer)
+            and float(nodata).is_integer()
             else "gdal"
             for flags, nodata, dtype in zip(
                 handle.mask_flag_enums, handle.nodatavals, handle.dtypes, strict=True
