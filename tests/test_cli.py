@@ -1425,7 +1425,27 @@ def test_a_damaged_or_foreign_ckpt_path_is_one_line_before_anything_runs(
         "which takes a fine-tuned task's encoder as its weights, not as --ckpt_path: give "
         f"--model.init_args.weights {saved} instead\n"
     )
-    assert not table.exists()
+    # the segmentation map's config with this classification checkpoint: its own config named
+    map_cfg = ["predict", "--config", str(configs / "predict_segmentation.yaml"), *quiet]
+    own = (
+        f"predict --config {configs / 'predict_classification.yaml'} --ckpt_path {saved} "
+        "--data.init_args.paths YOUR_RASTERS\n"
+    )
+    assert main([*map_cfg, "--ckpt_path", str(saved)]) == 2
+    assert capsys.readouterr().err.endswith(
+        "is a checkpoint of DOFAClassificationTask, but the config's model is "
+        f"DOFASegmentationTask: give a checkpoint of that task, or predict it with its own "
+        f"config: {own}"
+    )
+    # ... and with the task's class changed there, the map writer refused at once (a traceback)
+    task = ["--model.class_path", "torchgeo_dofa.tasks.DOFAClassificationTask"]
+    assert main([*map_cfg, *task, "--ckpt_path", str(saved)]) == 2
+    assert capsys.readouterr().err.endswith(
+        "SegmentationWriter writes the class probabilities of a segmentation task "
+        "(DOFASegmentationTask), but DOFAClassificationTask is not one: ClassificationWriter "
+        f"writes that task's predictions; the config for DOFAClassificationTask: {own}"
+    )
+    assert not table.exists() and not (tmp_path / "outputs" / "predict_classes.tif").exists()
 
 
 class _KeepBatch(pl.Callback):

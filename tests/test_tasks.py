@@ -1256,6 +1256,13 @@ def test_example_segmentation_config_parses() -> None:
     # embedding, so the example trains it (a linear probe stays at chance: README, Fine-tuning)
     assert cli.model.hparams["weights"] is None and cli.model.hparams["mode"] == "full"
     assert all(p.requires_grad for p in cli.model.encoder.backbone.patch_embed.parameters())
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    # the README predicts a map from this run's last.ckpt
+    saving = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert saving and all(c.save_last for c in saving)
+    assert saving[0].monitor == "val_AverageJaccardIndex"
+    assert "val_AverageJaccardIndex" in cli.model.val_metrics.keys()
 
 
 class SignalAfterTrainBatch(Callback):

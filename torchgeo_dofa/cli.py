@@ -1071,10 +1071,19 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                         "fine-tuned task's encoder as its weights, not as --ckpt_path: give "
                         f"--model.init_args.weights {ckpt} instead"
                     )
+                task = used.rsplit(".", 1)[-1]
+                fix = f"set model.class_path to {used}"
+                if sub == "predict" and task in _TASK_PREDICT_CONFIGS:
+                    # the config's writer is the other task's: its own config has the right one
+                    config = Path(__file__).resolve().parent / "configs"
+                    fix = (
+                        f"predict it with its own config: predict --config "
+                        f"{config / _TASK_PREDICT_CONFIGS[task]} --ckpt_path {ckpt} "
+                        "--data.init_args.paths YOUR_RASTERS"
+                    )
                 raise CheckpointError(
-                    f"{ckpt} is a checkpoint of {used.rsplit('.', 1)[-1]}, but the config's "
-                    f"model is {configured.rsplit('.', 1)[-1]}: give a checkpoint of that "
-                    f"task, or set model.class_path to {used}"
+                    f"{ckpt} is a checkpoint of {task}, but the config's model is "
+                    f"{configured.rsplit('.', 1)[-1]}: give a checkpoint of that task, or {fix}"
                 )
 
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
@@ -1140,6 +1149,13 @@ def _a_local_path(ckpt: Any) -> bool:
     )
 
 
+#: The shipped ``predict`` config of each of this package's tasks
+_TASK_PREDICT_CONFIGS = {
+    "DOFASegmentationTask": "predict_segmentation.yaml",
+    "DOFAClassificationTask": "predict_classification.yaml",
+}
+
+
 def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
     """Refuse a ``predict`` that would write nothing, or a task's without its weights.
 
@@ -1160,16 +1176,29 @@ def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
     embedder = _is_embedder(f"{type(model).__module__}.{type(model).__qualname__}")
     ckpt = section.get("ckpt_path")
     segmentation = "Segmentation" in name  # else a classification task
-    task_config = configs / (
-        "predict_segmentation.yaml" if segmentation else "predict_classification.yaml"
-    )
+    task = "DOFASegmentationTask" if segmentation else "DOFAClassificationTask"
+    task_config = configs / _TASK_PREDICT_CONFIGS[task]
     if not embedder and not ckpt:
         raise ValueError(
             f"predict with {name} needs its fine-tuned weights: give --ckpt_path TASK.ckpt "
             "(a fit's are in logs/<name>/version_<n>/checkpoints/), as in "
             f"predict --config {task_config} --ckpt_path TASK.ckpt"
         )
-    if any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+    writers = [c for c in trainer.callbacks if isinstance(c, BasePredictionWriter)]
+    for writer in writers:  # a writer of another kind of model: said before the model loads
+        check = getattr(writer, "_check_module", None)
+        if not callable(check):
+            continue
+        try:
+            check(model)
+        except TypeError as err:
+            config = configs / "predict_grid.yaml" if embedder else task_config
+            raise ValueError(
+                f"{err}; the config for {name}: predict --config {config}"
+                + (f" --ckpt_path {ckpt}" if ckpt else "")
+                + " --data.init_args.paths YOUR_RASTERS"
+            ) from err
+    if writers:
         return
     if embedder:
         raise ValueError(
