@@ -1259,7 +1259,8 @@ def test_example_segmentation_config_parses() -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     # the README predicts a map from this run's last.ckpt
-    saving = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    callbacks: list[Callback] = cli.trainer.callbacks  # type: ignore[attr-defined]
+    saving = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
     assert saving and all(c.save_last for c in saving)
     assert saving[0].monitor == "val_AverageJaccardIndex"
     assert "val_AverageJaccardIndex" in cli.model.val_metrics.keys()

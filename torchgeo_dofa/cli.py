@@ -1171,6 +1171,8 @@ def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
     """
     from lightning.pytorch.callbacks import BasePredictionWriter
 
+    from torchgeo_dofa.writers import TASK_WRITERS
+
     configs = Path(__file__).resolve().parent / "configs"
     name = type(model).__name__
     embedder = _is_embedder(f"{type(model).__module__}.{type(model).__qualname__}")
@@ -1206,12 +1208,11 @@ def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
             "writer; add torchgeo_dofa.writers.GridWriter or PooledWriter there, as "
             f"{configs / 'predict_grid.yaml'} does"
         )
-    writer = "SegmentationWriter" if segmentation else "ClassificationWriter"
     raise ValueError(
         f"predict would write nothing: the config's trainer.callbacks has no prediction "
         f"writer; {name}'s class probabilities are written by "
-        f"torchgeo_dofa.writers.{writer} over a DOFAPredictDataModule: predict --config "
-        f"{task_config} --ckpt_path {ckpt} --data.init_args.paths YOUR_RASTERS"
+        f"torchgeo_dofa.writers.{TASK_WRITERS[task]} over a DOFAPredictDataModule: predict "
+        f"--config {task_config} --ckpt_path {ckpt} --data.init_args.paths YOUR_RASTERS"
     )
 
 
