@@ -1011,9 +1011,17 @@ def test_task_bands_must_match_the_batch_wavelengths(tmp_path: Path) -> None:
         match=r"^the batch carries 13 wavelengths \(0.443, 0.49, .* \(13 values\) um\) but the "
         r"task was given bands=\['B4', 'B3', 'B2'\] \(0.665, 0.56, 0.49 um\), which serve "
         r"batches without 'wavelengths'.*drop the task's bands= / wavelengths= \(the batch's "
-        r"wavelengths suffice\), or make them match the batch's channels, in order$",
+        r"wavelengths suffice\), or make them match the batch's channels, in order. A "
+        r"checkpoint brings them back \(predict --ckpt_path too, whatever the config says\): "
+        r"DOFAClassificationTask.load_from_checkpoint\(path, bands=None\) in Python drops them$",
     ):
         trainer.fit(task, dm)
+    # ... as the message says, a checkpoint of it loaded without its bands takes the batch's
+    trainer.strategy.connect(task)
+    trainer.save_checkpoint(tmp_path / "bands.ckpt", weights_only=True)
+    loaded = DOFAClassificationTask.load_from_checkpoint(tmp_path / "bands.ckpt", bands=None)
+    batch = next(iter(dm.train_dataloader()))
+    assert loaded.eval().predict_step(batch, 0).shape == (4, 4)
     # the same count in another order is as wrong (prediction and segmentation too)
     bgrn = DOFAClassificationTask(
         num_classes=4, wavelengths=[0.49, 0.56, 0.665, 0.842], weights=None

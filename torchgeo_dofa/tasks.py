@@ -455,7 +455,9 @@ class _DOFATask(BaseTask):
                 "without 'wavelengths': the batch's would silently replace them (and the "
                 "checkpoint would record the task's); drop the task's bands= / wavelengths= "
                 "(the batch's wavelengths suffice), or make them match the batch's channels, "
-                "in order"
+                f"in order. A checkpoint brings them back (predict --ckpt_path too, whatever "
+                f"the config says): {type(self).__name__}.load_from_checkpoint(path, "
+                f"{given.split('=')[0]}=None) in Python drops them"
             )
         return waves
 
