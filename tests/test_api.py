@@ -19,6 +19,7 @@ import pyproj
 import pytest
 import rasterio
 import shapely.geometry
+import torch
 from rasterio.windows import from_bounds
 
 from tests.scenes import SCENE
@@ -769,6 +770,45 @@ def test_export_is_resumable_and_atomic(tmp_path, chip_a, weights, tensor_a) -> 
     assert list(frame.embedding_shape.iloc[0]) == [768]
     _close(np.asarray(frame.embedding.iloc[0]), tensor_a.pooled.data)
     assert not np.allclose(frame.embedding.iloc[1], frame.embedding.iloc[0])
+
+
+def test_random_weights_are_the_same_model_in_every_process(tmp_path, chip_a) -> None:
+    """weights=None drew a new model in every process: an export_batch rerun resumed rows of
+    another model (the same chip's embeddings differed by up to 4.8 within one file)."""
+    from torchgeo_dofa.embedder import DOFAEmbedder
+
+    raw, names, _, bounds = chip_a
+    sensor = SensorSpec(bands=tuple(names))
+    kwargs: dict[str, Any] = dict(input_chw=raw, sensor=sensor, backend="tensor", device="cpu")
+    first = get_embedding("dofa", weights=None, **kwargs)
+    api.clear_model_cache()  # as a new process starts: the model is built again
+    torch.manual_seed(1234)  # whatever the global RNG holds
+    second = get_embedding("dofa", weights=None, **kwargs)
+    assert first.meta["weights"] == second.meta["weights"] == "random (seed 0)"
+    np.testing.assert_array_equal(np.asarray(first.data), np.asarray(second.data))
+    # the CLI's --weights none --seed 0 is that model
+    cli_model = DOFAEmbedder(weights=None, seed=0).encoder.state_dict()
+    api_model = api._module("base", None, "cpu").encoder.state_dict()
+    assert all(torch.equal(cli_model[k], api_model[k].cpu()) for k in cli_model)
+    # an export interrupted after its first row resumes with the same model
+    out = tmp_path / "random.parquet"
+    p_a = _centre_point(bounds)
+    p_b = _centre_point((bounds[0] - CHIP_M, *bounds[1:3], bounds[3]))
+    model = ExportModelRequest.configure("dofa", weights=None)
+    common: dict[str, Any] = dict(models=[model], paths=[SCENE], device="cpu", chunk_size=1)
+    export_batch(spatials=[p_a], names=["a"], out_path=out, **common)
+    api.clear_model_cache()
+    resumed = export_batch(spatials=[p_a, p_b], names=["a", "b"], out_path=out, **common)
+    assert (resumed.computed, resumed.skipped) == (1, 1)
+    api.clear_model_cache()
+    whole = export_batch(
+        spatials=[p_a, p_b], names=["a", "b"], out_path=tmp_path / "whole.parquet", **common
+    )
+    assert whole.computed == 2
+    got, want = gpd.read_parquet(out), gpd.read_parquet(tmp_path / "whole.parquet")
+    for i in range(2):
+        np.testing.assert_array_equal(got.embedding.iloc[i], want.embedding.iloc[i])
+    assert set(got.weights) == {"random (seed 0)"}
 
 
 # ------------------------------------------------------------------------------ knobs, errors

@@ -476,10 +476,16 @@ def _resolve_device(device: str | torch.device | None) -> str:
 _CACHE: dict[tuple[str, str, str], DOFAEmbedder] = {}
 _CACHE_LOCK = threading.RLock()
 
+#: Seed of the API's random model (``weights=None``): every process builds the same one, so
+#: embeddings repeat and an interrupted :func:`export_batch` resumes with the model that wrote
+#: its first rows (unseeded, each process drew another model and a rerun mixed them). The
+#: CLI's ``--weights none --seed N`` gives the same model for the same N.
+RANDOM_WEIGHTS_SEED = 0
+
 
 def _weights_key(weights: str | os.PathLike[str] | None) -> str:
     if weights is None:
-        return "random"
+        return f"random|seed {RANDOM_WEIGHTS_SEED}"
     if str(weights) == "official":
         suffixes = ("BASE_WEIGHTS", "LARGE_WEIGHTS", "WEIGHTS_DIR", "HF_REPO_ID", "HF_REVISION")
         return "official|" + "|".join(str(env_setting(s)) for s in suffixes)
@@ -493,7 +499,8 @@ def _module(variant: str, weights: str | os.PathLike[str] | None, device: str) -
         module = _CACHE.get(key)
         if module is None:
             weights_arg = None if weights is None else str(weights)
-            module = DOFAEmbedder(variant=variant, weights=weights_arg, output="both")
+            seed = RANDOM_WEIGHTS_SEED if weights is None else None
+            module = DOFAEmbedder(variant=variant, weights=weights_arg, output="both", seed=seed)
             module.to(device)
             module.eval()
             _CACHE[key] = module
