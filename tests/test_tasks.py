@@ -1182,6 +1182,51 @@ def test_segmentation_mask_nodata_needs_ignore_index(tmp_path: Path) -> None:
     assert len(recorder.losses) == 1 and math.isfinite(recorder.losses[0])
 
 
+def test_the_readme_raster_labels_example_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's "Your own rasters and labels" block, run as written but smaller (random
+    weights, 4 chips, 1 epoch) on the demo scene and labels generated from its NDVI."""
+    from tests.scenes import SCENE
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("**Your own rasters and labels**", 1)[1]
+    code = block.split("```python\n", 1)[1].split("```", 1)[0]
+    for old, new in {
+        'weights="official"': "weights=None, decoder_channels=32",
+        "length=256": "length=4",
+        "batch_size=8": "batch_size=2",
+        "pl.Trainer(max_epochs=10)": "pl.Trainer(max_epochs=1, logger=False, "
+        "enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=2)",
+    }.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    (tmp_path / "scenes").mkdir()
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "scenes" / SCENE.name).write_bytes(SCENE.read_bytes())
+    with rasterio.open(SCENE) as src:
+        profile, raw = src.profile, src.read().astype(np.float64)
+        order = [d.upper().replace("B0", "B") for d in src.descriptions]
+    red, nir = raw[order.index("B4")], raw[order.index("B8")]
+    ndvi = (nir - red) / np.maximum(nir + red, 1)
+    labels = np.digitize(ndvi, [0.3, 0.6]).astype(np.uint8)  # classes 0, 1, 2
+    labels[(raw == 0).all(axis=0)] = 255
+    profile.update(count=1, dtype="uint8", nodata=255)
+    with rasterio.open(tmp_path / "labels" / "labels.tif", "w", **profile) as dst:
+        dst.write(labels[None])
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    task = namespace["task"]
+    assert task.trainer.state.finished and task.trainer.current_epoch == 1
+    assert math.isfinite(float(task.trainer.callback_metrics["val_loss"]))
+    batch = next(iter(namespace["val"]))
+    assert batch["image"].shape == (2, 4, 224, 224) and batch["mask"].shape == (2, 224, 224)
+    assert batch["wavelengths"].shape == (2, 4)
+    assert set(batch["mask"].unique().tolist()) <= {0, 1, 2, 255}
+    assert float(batch["image"].abs().max()) < 50  # normalised, not raw reflectance
+
+
 # ------------------------------------------------------------------------------------------
 # LightningCLI
 # ------------------------------------------------------------------------------------------
