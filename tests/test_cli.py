@@ -1172,15 +1172,20 @@ def test_predict_config_refusals_are_one_line_and_write_nothing(
     assert "cannot read" in refused("cfg", cfg, f"--data.init_args.paths={garbage}")
     # output paths that cannot be the job's, refused before any chip is computed; all but
     # the input's path before the model loads (the broken checkpoint is never read)
+    (tmp_path / "folder.tif").mkdir()
     for path, match, checkpoint in (
         (SCENE, "is one of the job's inputs", base_checkpoint),  # embed refuses that too
-        (out, "is a folder", broken),
+        (tmp_path / "folder.tif", "is a folder", broken),
+        (out, "GridWriter writes a GeoTIFF file, but", broken),  # not a GeoTIFF's name
+        (out / "p.parquet", "GridWriter writes a GeoTIFF file, but", broken),  # the table's
         (broken / "g.tif", f"cannot use output folder {broken}", broken),  # cannot be made
-        (out / "p.parquet", "is also another writer's output", broken),  # the table's path
     ):
         bad = _predict_config(out, checkpoint)
         bad["trainer"]["callbacks"][0]["init_args"]["path"] = str(path)
         assert match in refused("bad", bad)
+    bad = _predict_config(out, broken)  # two writers of one file
+    bad["trainer"]["callbacks"].append(bad["trainer"]["callbacks"][0])
+    assert "is also another writer's output" in refused("bad", bad)
     copy = shutil.copy(SCENE, tmp_path / "copy.tif")  # an output hard-linked to the input
     os.link(copy, tmp_path / "link.tif")
     bad = _predict_config(out, base_checkpoint)

@@ -92,6 +92,32 @@ def test_grid_blocks_fit_a_grid_smaller_than_the_window(
     assert np.isnan(data[:, 14:, :]).all() and np.isnan(data[:, :, 14:]).all()
 
 
+def test_a_writer_refuses_a_file_name_of_another_format(tmp_path: Path) -> None:
+    """SegmentationWriter("map.png") wrote a GeoTIFF named map.png and
+    ClassificationWriter("c.csv") Parquet named c.csv: nothing opened them as named."""
+    from torchgeo_dofa.writers import ClassificationWriter, SegmentationWriter
+
+    for writer, name, fix in [
+        (GridWriter, "map.png", "map.tif or map.tiff"),
+        (SegmentationWriter, "classes.npy", "classes.tif or classes.tiff"),
+        (SegmentationWriter, "classes", "classes.tif or classes.tiff"),
+        (PooledWriter, "rows.csv", "rows.parquet or rows.geoparquet"),
+        (ClassificationWriter, "rows.tif", "rows.parquet or rows.geoparquet"),
+    ]:
+        kind = "GeoTIFF" if issubclass(writer, GridWriter) else "GeoParquet"
+        suffix = Path(name).suffix or "no suffix"
+        with pytest.raises(ValueError) as refused:
+            writer(tmp_path / name)
+        assert str(refused.value) == (
+            f"{writer.__name__} writes a {kind} file, but {tmp_path / name} ends in {suffix}: "
+            f"name it {fix}"
+        )
+    assert not any(tmp_path.iterdir())
+    for ok in ("a.TIF", "b.tiff"):
+        assert GridWriter(tmp_path / ok).path.name == ok
+    assert PooledWriter(tmp_path / "c.GeoParquet").path.name == "c.GeoParquet"
+
+
 def test_grid_blending_nodata_and_georeferencing(tmp_path: Path) -> None:
     geom = _geometry()
     out = tmp_path / "emb.tif"

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _warnings
 from ._warnings import warn
-from .runtime import DEVICE_NAMES, PRECISION_NAMES
+from .runtime import DEVICE_NAMES, GRID_SUFFIXES, PRECISION_NAMES, TABLE_SUFFIXES
 
 if TYPE_CHECKING:  # the heavy modules load when a job runs, not for --help or a usage error
     import lightning.pytorch as pl
@@ -74,12 +74,6 @@ class EmbedSummary:
             f"{self.seconds:.1f} s "
             f"({rate:.2f} chips/s) -> {paths}"
         )
-
-
-#: ``-o`` names ending in these (any letter case) name the GeoTIFF grid / GeoParquet table
-#: itself rather than a folder.
-GRID_SUFFIXES: tuple[str, ...] = (".tif", ".tiff")
-TABLE_SUFFIXES: tuple[str, ...] = (".parquet", ".geoparquet")
 
 
 #: ``-o`` names ending in these are taken for files of a format the job does not write (an

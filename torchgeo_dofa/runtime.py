@@ -76,6 +76,10 @@ PRECISION_NAMES: dict[str, Precision] = {
 }
 #: Lightning accelerator names :func:`resolve_accelerator` accepts (case-insensitive).
 DEVICE_NAMES: tuple[str, ...] = ("auto", "cpu", "gpu", "cuda", "mps")
+#: Output file name endings (any letter case) of the GeoTIFF grids / maps and the GeoParquet
+#: tables: what ``embed -o NAME`` takes for a file and what the prediction writers accept.
+GRID_SUFFIXES: tuple[str, ...] = (".tif", ".tiff")
+TABLE_SUFFIXES: tuple[str, ...] = (".parquet", ".geoparquet")
 
 _MIB = 2**20
 #: Smallest GDAL block cache the embed job uses (bytes): a few rows of 1024 x 1024 blocks.

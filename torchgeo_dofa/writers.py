@@ -53,6 +53,7 @@ from torch import Tensor
 
 from . import _warnings
 from .locks import OutputLock, OutputPathError, die_with_launcher, is_launcher, mark_launcher
+from .runtime import GRID_SUFFIXES, TABLE_SUFFIXES
 from .spatial import crs_label, same_crs
 
 __all__ = [
@@ -408,9 +409,21 @@ class _PartsWriter(BasePredictionWriter):
     #: ``embed_dim``.
     depth_tag = "embed_dim"
 
+    #: The output file's format and the name endings it takes (any letter case): those of
+    #: ``torchgeo-dofa embed -o`` (:data:`torchgeo_dofa.runtime.GRID_SUFFIXES` / ``TABLE_``).
+    file_format = ""
+    file_suffixes: tuple[str, ...] = ()
+
     def __init__(self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None) -> None:
         super().__init__(write_interval="batch")
         self.path = Path(path)
+        if self.file_suffixes and self.path.suffix.lower() not in self.file_suffixes:
+            # a GeoTIFF written under map.png, or Parquet under table.csv, opened as neither
+            raise ValueError(
+                f"{type(self).__name__} writes a {self.file_format} file, but {path} ends in "
+                f"{self.path.suffix or 'no suffix'}: name it "
+                + " or ".join(f"{self.path.stem}{s}" for s in self.file_suffixes)
+            )
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.written = 0
         #: chips of this run without any valid pixel (an empty part: NaN in the outputs)
@@ -1127,6 +1140,7 @@ class GridWriter(_PartsWriter):
     """
 
     needs = ("grid", "grid_transform")
+    file_format, file_suffixes = "GeoTIFF", GRID_SUFFIXES
 
     def __init__(
         self,
@@ -1150,6 +1164,10 @@ class GridWriter(_PartsWriter):
                 128 (a 50 MB float32 window for base's 768 bands): GDAL's cost per block
                 dominates small blocks; a 224 x 224-cell grid was written in 2.8 s with 64,
                 0.7 s with 128 (``benchmarks/run.py`` machine, zstd, one thread).
+
+        Raises:
+            ValueError: for a ``path`` not ending in ``.tif`` / ``.tiff``, or a ``window``
+                that is not a positive multiple of 16.
         """
         super().__init__(path, metadata)
         if window <= 0 or window % 16:
@@ -1472,6 +1490,7 @@ class PooledWriter(_PartsWriter):
 
     suffix = ".json"
     needs = ("pooled", "bounds")
+    file_format, file_suffixes = "GeoParquet", TABLE_SUFFIXES
 
     def __init__(
         self,
@@ -1499,8 +1518,9 @@ class PooledWriter(_PartsWriter):
                 stored as ``input_<name>``.
 
         Raises:
-            ValueError: if ``properties`` is given without ``chip_keys``, with another
-                number of rows, or without a unique integer ``point_index``.
+            ValueError: for a ``path`` not ending in ``.parquet`` / ``.geoparquet``; if
+                ``properties`` is given without ``chip_keys``, with another number of rows,
+                or without a unique integer ``point_index``.
         """
         super().__init__(path, metadata)
         self.crs = crs
