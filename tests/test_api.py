@@ -786,6 +786,11 @@ def test_random_weights_are_the_same_model_in_every_process(tmp_path, chip_a) ->
     second = get_embedding("dofa", weights=None, **kwargs)
     assert first.meta["weights"] == second.meta["weights"] == "random (seed 0)"
     np.testing.assert_array_equal(np.asarray(first.data), np.asarray(second.data))
+    for spelling in ("none", "Random", "null"):  # the CLI's and a config's spellings
+        api.clear_model_cache()
+        spelt = get_embedding("dofa", weights=spelling, **kwargs)
+        assert spelt.meta["weights"] == "random (seed 0)"
+        np.testing.assert_array_equal(np.asarray(spelt.data), np.asarray(first.data))
     # the CLI's --weights none --seed 0 is that model
     cli_model = DOFAEmbedder(weights=None, seed=0).encoder.state_dict()
     api_model = api._module("base", None, "cpu").encoder.state_dict()

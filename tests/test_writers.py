@@ -97,25 +97,27 @@ def test_a_writer_refuses_a_file_name_of_another_format(tmp_path: Path) -> None:
     ClassificationWriter("c.csv") Parquet named c.csv: nothing opened them as named."""
     from torchgeo_dofa.writers import ClassificationWriter, SegmentationWriter
 
-    for writer, name, fix in [
-        (GridWriter, "map.png", "map.tif or map.tiff"),
-        (SegmentationWriter, "classes.npy", "classes.tif or classes.tiff"),
-        (SegmentationWriter, "classes", "classes.tif or classes.tiff"),
-        (PooledWriter, "rows.csv", "rows.parquet or rows.geoparquet"),
-        (ClassificationWriter, "rows.tif", "rows.parquet or rows.geoparquet"),
+    for writer, name, fixes in [
+        (GridWriter, "map.png", ("map.tif", "map.tiff")),
+        (SegmentationWriter, "classes.npy", ("classes.tif", "classes.tiff")),
+        (SegmentationWriter, "classes", ("classes.tif", "classes.tiff")),
+        (PooledWriter, "rows.csv", ("rows.parquet", "rows.geoparquet")),
+        (ClassificationWriter, "rows.tif", ("rows.parquet", "rows.geoparquet")),
     ]:
         kind = "GeoTIFF" if issubclass(writer, GridWriter) else "GeoParquet"
         suffix = Path(name).suffix or "no suffix"
         with pytest.raises(ValueError) as refused:
-            writer(tmp_path / name)
+            writer(tmp_path / "out" / name)
+        fix = " or ".join(repr(str(tmp_path / "out" / f)) for f in fixes)  # in its folder
         assert str(refused.value) == (
-            f"{writer.__name__} writes a {kind} file, but {tmp_path / name} ends in {suffix}: "
-            f"name it {fix}"
+            f"{writer.__name__} writes a {kind} file, but {str(tmp_path / 'out' / name)!r} "
+            f"ends in {suffix}: name it {fix}"
         )
     assert not any(tmp_path.iterdir())
     for ok in ("a.TIF", "b.tiff"):
         assert GridWriter(tmp_path / ok).path.name == ok
     assert PooledWriter(tmp_path / "c.GeoParquet").path.name == "c.GeoParquet"
+    assert GridWriter("~/g.tif").path == Path.home() / "g.tif"  # as a shell would expand it
 
 
 def test_grid_blending_nodata_and_georeferencing(tmp_path: Path) -> None:

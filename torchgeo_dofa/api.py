@@ -585,6 +585,8 @@ def _config(
             f"weights={str(chosen)!r} is empty: give 'official', a checkpoint path, or None "
             "for random weights"
         )
+    if isinstance(chosen, str) and chosen.strip().lower() in ("none", "random", "null"):
+        chosen = None  # the CLI's / a config's spelling: the same seeded random model
     return _Config(
         variant=variant_name,
         weights=chosen,

@@ -416,13 +416,13 @@ class _PartsWriter(BasePredictionWriter):
 
     def __init__(self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None) -> None:
         super().__init__(write_interval="batch")
-        self.path = Path(path)
+        self.path = Path(path).expanduser()  # "~/out.tif" in a config: no shell expands it
         if self.file_suffixes and self.path.suffix.lower() not in self.file_suffixes:
             # a GeoTIFF written under map.png, or Parquet under table.csv, opened as neither
             raise ValueError(
-                f"{type(self).__name__} writes a {self.file_format} file, but {path} ends in "
-                f"{self.path.suffix or 'no suffix'}: name it "
-                + " or ".join(f"{self.path.stem}{s}" for s in self.file_suffixes)
+                f"{type(self).__name__} writes a {self.file_format} file, but "
+                f"{str(self.path)!r} ends in {self.path.suffix or 'no suffix'}: name it "
+                + " or ".join(repr(str(self.path.with_suffix(s))) for s in self.file_suffixes)
             )
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.written = 0
