@@ -113,6 +113,8 @@ def test_a_writer_refuses_a_file_name_of_another_format(tmp_path: Path) -> None:
             f"{writer.__name__} writes a {kind} file, but {str(tmp_path / 'out' / name)!r} "
             f"ends in {suffix}: name it {fix}"
         )
+    with pytest.raises(ValueError, match=r"but '\.' ends in no suffix: name it 'output\.tif'"):
+        GridWriter(".")  # the working folder: a file in it
     assert not any(tmp_path.iterdir())
     for ok in ("a.TIF", "b.tiff"):
         assert GridWriter(tmp_path / ok).path.name == ok

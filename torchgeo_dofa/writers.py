@@ -419,10 +419,15 @@ class _PartsWriter(BasePredictionWriter):
         self.path = Path(path).expanduser()  # "~/out.tif" in a config: no shell expands it
         if self.file_suffixes and self.path.suffix.lower() not in self.file_suffixes:
             # a GeoTIFF written under map.png, or Parquet under table.csv, opened as neither
+            folder = self.path.name in ("", ".", "..")  # a folder's name: a file in it
+            names = [
+                self.path / f"output{s}" if folder else self.path.with_suffix(s)
+                for s in self.file_suffixes
+            ]
             raise ValueError(
                 f"{type(self).__name__} writes a {self.file_format} file, but "
                 f"{str(self.path)!r} ends in {self.path.suffix or 'no suffix'}: name it "
-                + " or ".join(repr(str(self.path.with_suffix(s))) for s in self.file_suffixes)
+                + " or ".join(repr(str(n)) for n in names)
             )
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.written = 0
