@@ -114,7 +114,7 @@ from .runtime import resolve_accelerator
 from .spatial import BBox, CRSTransformError, PointBuffer, Region, crs_label, crs_name
 from .stac import StacUnavailableError
 from .transforms import INPUT_PREPS, DOFAPreprocess, as_float32, nodata_mask
-from .weights import env_setting
+from .weights import env_setting, names_random_weights
 from .writers import atomic_write
 
 __all__ = [
@@ -585,7 +585,7 @@ def _config(
             f"weights={str(chosen)!r} is empty: give 'official', a checkpoint path, or None "
             "for random weights"
         )
-    if isinstance(chosen, str) and chosen.strip().lower() in ("none", "random", "null"):
+    if names_random_weights(chosen):
         chosen = None  # the CLI's / a config's spelling: the same seeded random model
     return _Config(
         variant=variant_name,

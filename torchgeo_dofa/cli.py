@@ -1171,8 +1171,7 @@ def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
     name = type(model).__name__
     embedder = _is_embedder(f"{type(model).__module__}.{type(model).__qualname__}")
     ckpt = section.get("ckpt_path")
-    segmentation = "Segmentation" in name  # else a classification task
-    task = "DOFASegmentationTask" if segmentation else "DOFAClassificationTask"
+    task = "DOFASegmentationTask" if "Segmentation" in name else "DOFAClassificationTask"
     task_config = configs / _TASK_PREDICT_CONFIGS[task]
     if not embedder and not ckpt:
         raise ValueError(

@@ -1732,8 +1732,11 @@ class Sentinel2Base(RasterDataset):
             extra = self._extra_nodata(self._infos[path])
             if extra:
                 array[np.isin(array, np.asarray(extra, dtype=np.float32))] = np.nan
-            in_order = all(channel == k for k, (channel, _) in enumerate(pairs))
-            if len(by_path) == 1 and in_order and array.shape == shape:
+            if (
+                len(by_path) == 1
+                and array.shape == shape
+                and all(channel == k for k, (channel, _) in enumerate(pairs))
+            ):
                 data = array  # every channel from this one file, in order (a fresh array)
                 break
             if data is None:

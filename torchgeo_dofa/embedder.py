@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .model import DOFAEncoder, PooledNorm
 from .transforms import stitch_tiles
-from .weights import load_dofa
+from .weights import load_dofa, names_random_weights
 
 __all__ = ["OUTPUT_KINDS", "DOFAEmbedder", "NotNormalisedError", "check_normalised"]
 
@@ -70,7 +70,7 @@ class DOFAEmbedder(pl.LightningModule):
             raise ValueError(f"unknown output {output!r}: choose one of {list(OUTPUT_KINDS)}")
         if input_prep not in ("resize", "tile"):
             raise ValueError(f"unknown input_prep {input_prep!r}: choose 'resize' or 'tile'")
-        if isinstance(weights, str) and weights.strip().lower() in ("none", "random", "null"):
+        if names_random_weights(weights):
             weights = None  # the CLI's spelling, also from a YAML config
         if seed is not None and weights is not None:
             raise ValueError("seed= applies to random weights only: pass weights=None")

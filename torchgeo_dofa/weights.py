@@ -44,6 +44,7 @@ __all__ = [
     "HUB_PROBE_TIMEOUT_S",
     "IGNORED_KEYS",
     "PRETRAINED",
+    "RANDOM_WEIGHTS_NAMES",
     "STATE_DIGEST_KEY",
     "CheckpointError",
     "PretrainedConfig",
@@ -54,6 +55,7 @@ __all__ = [
     "load_checkpoint",
     "load_dofa",
     "load_state_dict_into",
+    "names_random_weights",
     "read_state_dict",
     "resolve_weights",
     "sha256_file",
@@ -102,6 +104,16 @@ PRETRAINED: dict[str, PretrainedConfig] = {
         "ea9910bc026268ca36c30b76fd1169aeaca9ea51af5eaff840a20f150ea03d49",
     ),
 }
+
+
+#: Strings that mean random weights (any letter case): the CLI's ``--weights none`` and a
+#: config's spellings, as :class:`~torchgeo_dofa.embedder.DOFAEmbedder` and the API take them.
+RANDOM_WEIGHTS_NAMES = ("none", "random", "null")
+
+
+def names_random_weights(weights: object) -> bool:
+    """Whether ``weights`` is a string naming random weights (:data:`RANDOM_WEIGHTS_NAMES`)."""
+    return isinstance(weights, str) and weights.strip().lower() in RANDOM_WEIGHTS_NAMES
 
 
 def env_setting(suffix: str) -> str | None:
