@@ -1070,10 +1070,8 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 if sub == "predict" and task in _TASK_PREDICT_CONFIGS:
                     # the config's writer is the other task's: its own config has the right one
                     config = Path(__file__).resolve().parent / "configs"
-                    fix = (
-                        f"predict it with its own config: predict --config "
-                        f"{config / _TASK_PREDICT_CONFIGS[task]} --ckpt_path {ckpt} "
-                        "--data.init_args.paths YOUR_RASTERS"
+                    fix = "predict it with its own config: " + _predict_command(
+                        config / _TASK_PREDICT_CONFIGS[task], ckpt
                     )
                 raise CheckpointError(
                     f"{ckpt} is a checkpoint of {task}, but the config's model is "
@@ -1143,6 +1141,15 @@ def _a_local_path(ckpt: Any) -> bool:
     )
 
 
+def _predict_command(config: Path, ckpt: Any) -> str:
+    """The ``predict`` command line a message advises: that config, checkpoint, your rasters."""
+    return (
+        f"predict --config {config}"
+        + (f" --ckpt_path {ckpt}" if ckpt else "")
+        + " --data.init_args.paths YOUR_RASTERS"
+    )
+
+
 #: The shipped ``predict`` config of each of this package's tasks
 _TASK_PREDICT_CONFIGS = {
     "DOFASegmentationTask": "predict_segmentation.yaml",
@@ -1189,9 +1196,7 @@ def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
         except TypeError as err:
             config = configs / "predict_grid.yaml" if embedder else task_config
             raise ValueError(
-                f"{err}; the config for {name}: predict --config {config}"
-                + (f" --ckpt_path {ckpt}" if ckpt else "")
-                + " --data.init_args.paths YOUR_RASTERS"
+                f"{err}; the config for {name}: {_predict_command(config, ckpt)}"
             ) from err
     if writers:
         return
@@ -1204,8 +1209,8 @@ def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
     raise ValueError(
         f"predict would write nothing: the config's trainer.callbacks has no prediction "
         f"writer; {name}'s class probabilities are written by "
-        f"torchgeo_dofa.writers.{TASK_WRITERS[task]} over a DOFAPredictDataModule: predict "
-        f"--config {task_config} --ckpt_path {ckpt} --data.init_args.paths YOUR_RASTERS"
+        f"torchgeo_dofa.writers.{TASK_WRITERS[task]} over a DOFAPredictDataModule: "
+        + _predict_command(task_config, ckpt)
     )
 
 
