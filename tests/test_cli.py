@@ -26,6 +26,7 @@ import torch
 from pyproj import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window, from_bounds
+from torchgeo.datasets import stack_samples
 
 from tests.precision import assert_as_exact_as_torchgeo, cosine_error, torchgeo_bf16_error
 from tests.scenes import SCENE, dated_copies
@@ -35,6 +36,7 @@ from torchgeo_dofa.cli import embed, main, option_problem, output_folder
 from torchgeo_dofa.datamodules import DOFAPredictDataModule
 from torchgeo_dofa.datasets import InputError, Sentinel2SR
 from torchgeo_dofa.spatial import CRSTransformError
+from torchgeo_dofa.tasks import DOFAClassificationTask
 from torchgeo_dofa.transforms import DOFAPreprocess
 
 
@@ -1451,6 +1453,66 @@ def test_a_damaged_or_foreign_ckpt_path_is_one_line_before_anything_runs(
         f"writes that task's predictions; the config for DOFAClassificationTask: {own}"
     )
     assert not table.exists() and not (tmp_path / "outputs" / "predict_classes.tif").exists()
+
+
+@pytest.mark.parametrize("origin", ["file", "official"])
+def test_a_task_checkpoint_predicts_where_its_original_weights_are_not(
+    tmp_path, monkeypatch, capsys, base_checkpoint, origin
+) -> None:
+    """``predict --ckpt_path`` built the task from its hyperparameters' ``weights`` (the
+    encoder it was fine-tuned from) before the checkpoint replaced them: on a machine without
+    that file (or without the official weights, offline) the job failed ("weights file ...
+    does not exist"), and the warning listed the weights as a setting the checkpoint replaced.
+    """
+    monkeypatch.chdir(tmp_path)  # the example configs log to ./logs
+    configs = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs"
+    quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    encoder = tmp_path / "w" / "DOFA_ViT_base_e100.pth"
+    encoder.parent.mkdir()
+    shutil.copy(base_checkpoint, encoder)
+    fit = [
+        "fit", "--config", str(configs / "finetune_classification.yaml"), *quiet,
+        "--data.init_args.num_samples=8", "--data.init_args.batch_size=4",
+        "--trainer.max_epochs=1", "--model.init_args.weights", str(encoder),
+    ]  # fmt: skip
+    assert main(fit) == 0
+    (saved,) = tmp_path.glob("logs/*/version_0/checkpoints/epoch=*.ckpt")
+    if origin == "official":  # fine-tuned from the official weights, absent here
+        ckpt = torch.load(saved, weights_only=True)
+        ckpt["hyper_parameters"]["weights"] = "official"
+        torch.save(ckpt, saved)
+        monkeypatch.setenv("TORCHGEO_DOFA_BASE_WEIGHTS", str(tmp_path / "absent.pth"))
+    encoder.unlink()
+    capsys.readouterr()
+    table = tmp_path / "classes.parquet"
+    predict = [
+        "predict", "--config", str(configs / "predict_classification.yaml"), *quiet,
+        "--data.init_args.paths", str(SCENE), "--trainer.callbacks.init_args.path", str(table),
+        "--ckpt_path", str(saved),
+    ]  # fmt: skip
+    assert main(predict) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "num_classes=4 (the config said 2)" in err and "weights=" not in err
+    # the same probabilities as the task loaded in Python and predicted chip by chip
+    task = DOFAClassificationTask.load_from_checkpoint(saved)
+    assert task.encoder.weights_id == f"file:{saved.name}"
+    frame = gpd.read_parquet(table)
+    assert len(frame) == 6 and frame.attrs["weights"] == str(saved)
+    dm = DOFAPredictDataModule(SCENE)
+    dm.setup("predict")
+    assert dm.predict_dataset is not None and dm.predict_sampler is not None
+    chips: list[Any] = list(dm.predict_sampler)  # (x, y, t) slices
+    with torch.inference_mode():
+        want = {
+            (chip[0].start, chip[1].start, chip[0].stop, chip[1].stop): task.predict_step(
+                stack_samples([dm.predict_dataset[chip]]), 0
+            )[0].numpy()
+            for chip in chips
+        }
+    got = dict(zip(map(tuple, frame.geometry.bounds.to_numpy()), frame.probabilities, strict=True))
+    assert sorted(got) == sorted(want)
+    for bounds, probabilities in got.items():
+        np.testing.assert_allclose(probabilities, want[bounds], atol=1e-5)  # batch of 4 vs 1
 
 
 class _KeepBatch(pl.Callback):

@@ -1026,6 +1026,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             ckpt = section.get("ckpt_path") if section is not None else None
             self._configured_model = None
             self._configured_args: dict[str, Any] = {}
+            self._restoring: str | None = None
             if section is not None and ckpt and _a_local_path(ckpt) and not Path(ckpt).is_file():
                 raise CheckpointError(
                     f"--ckpt_path {ckpt} "
@@ -1035,6 +1036,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 )
             if section is not None and ckpt and Path(ckpt).is_file():
                 verify_checkpoint_file(ckpt, lightning=True)
+                self._restoring = ckpt
                 self._configured_model = section.get("model", {}).get("class_path")
                 self._configured_args = _plain(section.get("model", {}).get("init_args"))
 
@@ -1077,6 +1079,23 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                     f"{ckpt} is a checkpoint of {task}, but the config's model is "
                     f"{configured.rsplit('.', 1)[-1]}: give a checkpoint of that task, or {fix}"
                 )
+
+        def instantiate_classes(self) -> None:
+            """Build a task whose ``--ckpt_path`` fills it without reading its ``weights``.
+
+            The checkpoint's hyperparameters name the encoder the task was fine-tuned from
+            (``official``, a file path): reading it again only to overwrite it failed where
+            that file is not (another machine, no network) and cost the random
+            initialisation or the official file's read and hash.
+            """
+            ckpt = getattr(self, "_restoring", None)
+            if ckpt is None:
+                super().instantiate_classes()
+                return
+            from .tasks import restoring_from
+
+            with restoring_from(ckpt):
+                super().instantiate_classes()
 
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
             trainer = super().instantiate_trainer(**kwargs)
@@ -1234,7 +1253,8 @@ def _warn_replaced_by_checkpoint(
     changed = [
         f"{key}={used[key]!r} (the config said {value!r})"
         for key, value in configured.items()
-        if key in used and used[key] != value
+        # the checkpoint's own weights replace the encoder's, which are not read
+        if key in used and used[key] != value and key != "weights"
     ]
     from .locks import is_launcher
 

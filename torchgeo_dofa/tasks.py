@@ -33,7 +33,8 @@ from __future__ import annotations
 import os
 import re
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from pathlib import Path
 from typing import IO, Any, Literal, Self
@@ -70,6 +71,7 @@ from .weights import (
     CheckpointError,
     load_dofa,
     state_dict_digest,
+    unfilled_encoder,
     verify_checkpoint_file,
 )
 
@@ -84,6 +86,7 @@ __all__ = [
     "PixelMeanLoss",
     "UPerNetDecoder",
     "layer_id",
+    "restoring_from",
     "wavelengths_for_bands",
 ]
 
@@ -132,6 +135,32 @@ _IGNORE_INDEX = -100
 _STRICT_LOAD: ContextVar[bool] = ContextVar("_STRICT_LOAD", default=True)
 #: The file the :meth:`_DOFATask.load_from_checkpoint` in progress reads, for its errors.
 _LOADING_FILE: ContextVar[str | None] = ContextVar("_LOADING_FILE", default=None)
+#: The checkpoint whose state dict fills the task being built (``load_from_checkpoint``, or
+#: LightningCLI's ``--ckpt_path``): the encoder is then built unfilled
+#: (:func:`~torchgeo_dofa.weights.unfilled_encoder`) instead of from its ``weights``, which
+#: the checkpoint replaces (a fine-tuning run's original file need not exist where it loads).
+_RESTORING: ContextVar[str | None] = ContextVar("_RESTORING", default=None)
+
+
+@contextmanager
+def restoring_from(checkpoint: str | os.PathLike[str]) -> Iterator[None]:
+    """Build the tasks made inside for ``checkpoint``'s state dict to fill them.
+
+    A task made inside builds its encoder without reading its ``weights`` (``"official"``
+    downloaded or read from the cache, a file that may not exist on this machine) and without
+    the random initialisation: the checkpoint's strict load fills every tensor. The task's
+    hyperparameters keep their values. Used by :meth:`_DOFATask.load_from_checkpoint` and by
+    the ``torchgeo-dofa`` command for ``--ckpt_path``; the checkpoint must then be loaded
+    strictly into the task before it is used.
+
+    Args:
+        checkpoint: the checkpoint file (its name becomes the encoder's ``weights_id``).
+    """
+    token = _RESTORING.set(os.fspath(checkpoint))
+    try:
+        yield
+    finally:
+        _RESTORING.reset(token)
 
 
 def _batch_of_one(norm: str, fix: str) -> str:
@@ -296,12 +325,21 @@ class _DOFATask(BaseTask):
         """Build ``self.encoder`` from the hyperparameters and resolve fixed wavelengths."""
         hp = self.hparams
         weights = hp["weights"]
-        self.encoder = load_dofa(
-            hp["variant"],
-            weights=os.fspath(weights) if weights is not None else None,
-            pooled_norm=hp.get("pooled_norm", "trained"),
-            interpolate_pos_embed=hp["interpolate_pos_embed"],
-        )
+        restoring = _RESTORING.get()
+        if restoring is not None:  # a checkpoint's state dict fills it (restoring_from)
+            self.encoder = unfilled_encoder(
+                hp["variant"],
+                pooled_norm=hp.get("pooled_norm", "trained"),
+                interpolate_pos_embed=hp["interpolate_pos_embed"],
+            )
+            self.encoder.weights_id = f"file:{Path(restoring).name}"
+        else:
+            self.encoder = load_dofa(
+                hp["variant"],
+                weights=os.fspath(weights) if weights is not None else None,
+                pooled_norm=hp.get("pooled_norm", "trained"),
+                interpolate_pos_embed=hp["interpolate_pos_embed"],
+            )
         self._fixed_wavelengths: Tensor | None = None
         if hp["wavelengths"] is not None:
             self._fixed_wavelengths = resolve_wavelengths(hp["bands"], hp["wavelengths"])
@@ -613,8 +651,11 @@ class _DOFATask(BaseTask):
     ) -> Self:
         """Load a task from a Lightning checkpoint, without fetching the original weights.
 
-        The checkpoint holds the whole state dict, so the encoder is built with
-        ``weights=None`` (unless ``weights`` is passed) and then filled from the checkpoint.
+        The checkpoint holds the whole state dict, so the encoder is built unfilled (no
+        random initialisation, no read of the original weights; :func:`restoring_from`) and
+        filled by the checkpoint's strict load; ``hparams["weights"]`` is None. Passing
+        ``weights`` builds the encoder from those first; ``strict=False`` builds it with a
+        random initialisation (``weights=None``), which the checkpoint's keys then replace.
 
         Args:
             checkpoint_path: path or file object of the checkpoint.
@@ -638,20 +679,30 @@ class _DOFATask(BaseTask):
             # torch.load reads a damaged zip silently, and fails deep inside on a non-checkpoint
             verify_checkpoint_file(checkpoint_path, lightning=True)
         overrides = sorted(kwargs)
+        # the checkpoint's strict load fills the encoder: neither the original weights nor a
+        # random initialisation first (a non-strict load keeps what the checkpoint lacks)
+        restore = (
+            restoring_from(
+                checkpoint_path if isinstance(checkpoint_path, str | os.PathLike) else "checkpoint"
+            )
+            if strict is not False and "weights" not in kwargs
+            else nullcontext()
+        )
         kwargs.setdefault("weights", None)
         token = _STRICT_LOAD.set(strict is not False)
         loading = _LOADING_FILE.set(
             str(checkpoint_path) if isinstance(checkpoint_path, str | os.PathLike) else None
         )
         try:
-            task = super().load_from_checkpoint(
-                checkpoint_path,
-                map_location=map_location,
-                hparams_file=hparams_file,
-                strict=strict,
-                weights_only=weights_only,
-                **kwargs,
-            )
+            with restore:
+                task = super().load_from_checkpoint(
+                    checkpoint_path,
+                    map_location=map_location,
+                    hparams_file=hparams_file,
+                    strict=strict,
+                    weights_only=weights_only,
+                    **kwargs,
+                )
         except ValueError as err:  # Lightning's: the checkpoint names another task class
             other = re.search(r"The class '([\w.]+)' requested by the checkpoint", str(err))
             if other is None:

@@ -60,6 +60,7 @@ __all__ = [
     "resolve_weights",
     "sha256_file",
     "state_dict_digest",
+    "unfilled_encoder",
     "verify_checkpoint_file",
 ]
 
@@ -677,6 +678,41 @@ def _all_finite(tensor: Tensor) -> bool:
 OPTIONAL_KEYS: tuple[str, ...] = ("backbone.fc_norm.weight", "backbone.fc_norm.bias")
 
 
+def unfilled_encoder(
+    variant: str = "base", pooled_norm: PooledNorm = "trained", interpolate_pos_embed: bool = False
+) -> DOFAEncoder:
+    """Build an encoder for a state dict to fill, without the random initialisation.
+
+    The random initialisation a checkpoint overwrites costs about 1 s for base and 2-4 s for
+    large on 2 CPU cores (``torch.nn.init`` draws every weight; a task's
+    ``load_from_checkpoint`` took 1.5 / 3.9 s with it, 0.9 / 2.3 s without, on the 2-core AMD
+    machine of the README's performance section). Here the tensors are
+    allocated on the CPU but not initialised (``Module.to_empty``), except the keys a
+    checkpoint may lack (:data:`OPTIONAL_KEYS`, TorchGeo's unused ``fc_norm``), which get their
+    usual initialisation. Every other tensor holds arbitrary memory until a strict
+    ``load_state_dict`` (:func:`load_state_dict_into`, a Lightning checkpoint's restore)
+    fills it: never use the encoder before.
+
+    Args:
+        variant: ``base``/``b`` or ``large``/``l``.
+        pooled_norm: default pooled convention.
+        interpolate_pos_embed: allow input sizes other than 224 (see :class:`DOFAEncoder`).
+
+    Returns:
+        The encoder, in training mode as built, with ``weights_id`` ``"unfilled"``.
+
+    Raises:
+        ValueError: for an unknown variant.
+    """
+    with torch.device("meta"):
+        encoder = build_encoder(variant, pooled_norm, interpolate_pos_embed)
+    encoder.to_empty(device="cpu")
+    for name in {k.rpartition(".")[0] for k in OPTIONAL_KEYS}:
+        encoder.get_submodule(name).reset_parameters()  # type: ignore[operator]
+    encoder.weights_id = "unfilled"
+    return encoder
+
+
 def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], origin: str) -> None:
     """Load an official-layout state dict into an encoder, strictly.
 
@@ -807,13 +843,7 @@ def load_dofa(
         encoder = build_encoder(variant, pooled_norm, interpolate_pos_embed)
     else:
         resolution = resolve_weights(variant, weights)
-        # built without the random initialisation the checkpoint would overwrite (1.5 s for
-        # base, 2.2 s for large on 2 cores); what a checkpoint may lack gets its usual init
-        with torch.device("meta"):
-            encoder = build_encoder(variant, pooled_norm, interpolate_pos_embed)
-        encoder.to_empty(device="cpu")
-        for name in {k.rpartition(".")[0] for k in OPTIONAL_KEYS}:
-            encoder.get_submodule(name).reset_parameters()  # type: ignore[operator]
+        encoder = unfilled_encoder(variant, pooled_norm, interpolate_pos_embed)
         load_checkpoint(encoder, resolution)
     encoder.eval()
     if device is not None:
