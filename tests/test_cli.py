@@ -1496,7 +1496,12 @@ def test_a_task_checkpoint_predicts_where_its_original_weights_are_not(
     # the same probabilities as the task loaded in Python and predicted chip by chip
     task = DOFAClassificationTask.load_from_checkpoint(saved)
     assert task.encoder.weights_id == f"file:{saved.name}"
-    frame = gpd.read_parquet(table)
+    _assert_the_tasks_table(gpd.read_parquet(table), task, saved)
+
+
+def _assert_the_tasks_table(frame: Any, task: DOFAClassificationTask, saved: Path) -> None:
+    """``frame`` (``predict_classification.yaml`` over the demo scene, ``--ckpt_path saved``)
+    holds ``task``'s probabilities of each chip, computed here chip by chip."""
     assert len(frame) == 6 and frame.attrs["weights"] == str(saved)
     dm = DOFAPredictDataModule(SCENE)
     dm.setup("predict")
@@ -1513,6 +1518,44 @@ def test_a_task_checkpoint_predicts_where_its_original_weights_are_not(
     assert sorted(got) == sorted(want)
     for bounds, probabilities in got.items():
         np.testing.assert_allclose(probabilities, want[bounds], atol=1e-5)  # batch of 4 vs 1
+
+
+SCENE_WAVELENGTHS = [0.49, 0.56, 0.665, 0.842]
+
+
+def test_a_checkpoint_of_a_task_built_in_python_predicts_from_the_command(
+    tmp_path, monkeypatch, capsys, base_checkpoint
+) -> None:
+    """A checkpoint of a task built in Python failed under ``predict --ckpt_path`` ("Parsing
+    of ckpt_path hyperparameters failed": no ``_class_path``, Lightning #20801), and one built
+    with ``weights=Path(...)`` or NumPy wavelengths failed every loader, Python's too
+    ("Weights only load failed": torch >= 2.6 reads hyperparameters with ``weights_only``)."""
+    monkeypatch.chdir(tmp_path)
+    task = DOFAClassificationTask(
+        num_classes=np.int64(3),
+        weights=Path(base_checkpoint),
+        wavelengths=np.array(SCENE_WAVELENGTHS),  # the demo scene's B02, B03, B04, B08
+        head_norm=False,
+    )
+    torch.nn.init.normal_(task.head.weight)  # a head whose classes differ from chip to chip
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(task)
+    saved = tmp_path / "notebook.ckpt"
+    trainer.save_checkpoint(saved)
+    hparams = torch.load(saved, weights_only=True)["hyper_parameters"]
+    assert hparams["weights"] == str(base_checkpoint) and hparams["num_classes"] == 3
+    assert hparams["wavelengths"] == SCENE_WAVELENGTHS
+    loaded = DOFAClassificationTask.load_from_checkpoint(saved)
+    assert "_class_path" not in loaded.hparams
+    configs = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs"
+    table = tmp_path / "classes.parquet"
+    predict = [
+        "predict", "--config", str(configs / "predict_classification.yaml"),
+        "--trainer.enable_progress_bar=false", "--data.init_args.paths", str(SCENE),
+        "--trainer.callbacks.init_args.path", str(table), "--ckpt_path", str(saved),
+    ]  # fmt: skip
+    assert main(predict) == 0, capsys.readouterr().err
+    _assert_the_tasks_table(gpd.read_parquet(table), loaded, saved)
 
 
 class _KeepBatch(pl.Callback):

@@ -39,6 +39,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import IO, Any, Literal, Self
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
@@ -140,6 +141,38 @@ _LOADING_FILE: ContextVar[str | None] = ContextVar("_LOADING_FILE", default=None
 #: (:func:`~torchgeo_dofa.weights.unfilled_encoder`) instead of from its ``weights``, which
 #: the checkpoint replaces (a fine-tuning run's original file need not exist where it loads).
 _RESTORING: ContextVar[str | None] = ContextVar("_RESTORING", default=None)
+
+
+def _plain_value(value: Any) -> Any:
+    """``value`` as plain Python.
+
+    A path becomes a ``str``, a NumPy / torch number or array a number or (nested) list;
+    lists, tuples and dicts are converted element by element.
+    """
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Tensor | np.ndarray | np.generic):
+        return value.tolist()
+    if isinstance(value, list | tuple):
+        return type(value)(_plain_value(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain_value(v) for k, v in value.items()}
+    return value
+
+
+def _plain_hyperparameters(module: Any) -> None:
+    """Make a task's saved hyperparameters plain Python values, in place.
+
+    A checkpoint's hyperparameters are read by ``torch.load(weights_only=True)`` (Lightning's
+    ``load_from_checkpoint`` and LightningCLI's ``--ckpt_path``, torch >= 2.6), which refuses
+    a ``pathlib.Path`` or a NumPy value: a task built with ``weights=Path(...)`` or NumPy
+    ``wavelengths`` saved checkpoints that no loader could read ("Weights only load failed").
+    """
+    for hparams in (module.hparams, getattr(module, "_hparams_initial", None)):
+        if hparams is None:
+            continue
+        for key, value in list(hparams.items()):
+            hparams[key] = _plain_value(value)
 
 
 @contextmanager
@@ -323,6 +356,7 @@ class _DOFATask(BaseTask):
 
     def _build_encoder(self) -> None:
         """Build ``self.encoder`` from the hyperparameters and resolve fixed wavelengths."""
+        _plain_hyperparameters(self)
         hp = self.hparams
         weights = hp["weights"]
         restoring = _RESTORING.get()
@@ -355,7 +389,14 @@ class _DOFATask(BaseTask):
         self.encoder.train(not self.frozen)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record a CRC-32 of the checkpoint's ``state_dict`` (checked when it loads).
+        """Record a CRC-32 of the ``state_dict`` (checked on load) and the task's class.
+
+        LightningCLI's ``--ckpt_path`` reads the class from the hyperparameters'
+        ``_class_path``, which LightningCLI records for the models it builds: a checkpoint
+        of a task built in Python (``Trainer.fit`` in a notebook, ``trainer.save_checkpoint``)
+        had none, and ``torchgeo-dofa predict --ckpt_path`` failed with "Parsing of ckpt_path
+        hyperparameters failed" (Lightning-AI/pytorch-lightning#20801). It is recorded here
+        when missing; ``load_from_checkpoint`` does not pass it to ``__init__``.
 
         Args:
             checkpoint: the Lightning checkpoint being saved.
@@ -364,6 +405,10 @@ class _DOFATask(BaseTask):
         state = checkpoint.get("state_dict")
         if isinstance(state, Mapping):
             checkpoint[STATE_DIGEST_KEY] = state_dict_digest(state)
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(hparams, dict) and "_class_path" not in hparams:
+            cls = type(self)
+            hparams["_class_path"] = f"{cls.__module__}.{cls.__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose weights changed after it was saved.
