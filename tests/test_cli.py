@@ -1531,12 +1531,14 @@ def test_a_checkpoint_of_a_task_built_in_python_predicts_from_the_command(
     with ``weights=Path(...)`` or NumPy wavelengths failed every loader, Python's too
     ("Weights only load failed": torch >= 2.6 reads hyperparameters with ``weights_only``)."""
     monkeypatch.chdir(tmp_path)
-    task = DOFAClassificationTask(
-        num_classes=np.int64(3),
-        weights=Path(base_checkpoint),
-        wavelengths=np.array(SCENE_WAVELENGTHS),  # the demo scene's B02, B03, B04, B08
-        head_norm=False,
-    )
+    # what Python code passes, beside the annotated str / int / list[float]
+    given: dict[str, Any] = {
+        "num_classes": np.int64(3),
+        "weights": Path(base_checkpoint),
+        "wavelengths": np.array(SCENE_WAVELENGTHS),  # the demo scene's B02, B03, B04, B08
+    }
+    task = DOFAClassificationTask(**given, head_norm=False)
+    assert isinstance(task.head, torch.nn.Linear)
     torch.nn.init.normal_(task.head.weight)  # a head whose classes differ from chip to chip
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.strategy.connect(task)
