@@ -1462,7 +1462,8 @@ def test_a_task_checkpoint_predicts_where_its_original_weights_are_not(
     """``predict --ckpt_path`` built the task from its hyperparameters' ``weights`` (the
     encoder it was fine-tuned from) before the checkpoint replaced them: on a machine without
     that file (or without the official weights, offline) the job failed ("weights file ...
-    does not exist"), and the warning listed the weights as a setting the checkpoint replaced.
+    does not exist"), and the warning listed the weights, and settings the config never gave,
+    as settings the checkpoint replaced.
     """
     monkeypatch.chdir(tmp_path)  # the example configs log to ./logs
     configs = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs"
@@ -1492,7 +1493,9 @@ def test_a_task_checkpoint_predicts_where_its_original_weights_are_not(
     ]  # fmt: skip
     assert main(predict) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
-    assert "num_classes=4 (the config said 2)" in err and "weights=" not in err
+    # the one setting the config gave that the checkpoint replaced (not the weights, nor the
+    # class defaults jsonargparse filled in: weight_decay, patience, interpolate_pos_embed)
+    assert "hyperparameters replace the config's: num_classes=4 (the config said 2); to" in err
     # the same probabilities as the task loaded in Python and predicted chip by chip
     task = DOFAClassificationTask.load_from_checkpoint(saved)
     assert task.encoder.weights_id == f"file:{saved.name}"

@@ -1057,6 +1057,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                     self.config[sub].get("ckpt_path"),
                     self._configured_args,
                     _plain(self.config[sub].get("model", {}).get("init_args")),
+                    configured,
                 )
             if used and used != configured:
                 ckpt = self.config[sub].get("ckpt_path")
@@ -1242,19 +1243,25 @@ def _plain(init_args: Any) -> dict[str, Any]:
 
 
 def _warn_replaced_by_checkpoint(
-    ckpt: Any, configured: dict[str, Any], used: dict[str, Any]
+    ckpt: Any, configured: dict[str, Any], used: dict[str, Any], class_path: str
 ) -> None:
     """Say once on stderr which model settings a ``--ckpt_path``'s hyperparameters replaced.
 
     LightningCLI puts the checkpoint's hyperparameters over the config's model (the task the
     checkpoint saved is the one resumed), so a ``--model.init_args.num_classes 6`` given with
     a 4-class checkpoint became 4 without a word, and the run then failed on its labels.
+    Settings left at the class's defaults are not named (jsonargparse fills them in, so a
+    predict config naming two settings was said to have set five), nor ``weights`` (the
+    checkpoint holds the encoder: :func:`torchgeo_dofa.tasks.restoring_from`).
     """
+    defaults = _init_defaults(class_path)
     changed = [
         f"{key}={used[key]!r} (the config said {value!r})"
         for key, value in configured.items()
-        # the checkpoint's own weights replace the encoder's, which are not read
-        if key in used and used[key] != value and key != "weights"
+        if key in used
+        and used[key] != value
+        and key != "weights"
+        and not (key in defaults and defaults[key] == value)
     ]
     from .locks import is_launcher
 
@@ -1266,6 +1273,20 @@ def _warn_replaced_by_checkpoint(
             f"--model.init_args.weights {ckpt} instead of --ckpt_path",
             file=sys.stderr,
         )
+
+
+def _init_defaults(class_path: str) -> dict[str, Any]:
+    """The default values of a config's ``model.class_path``'s ``__init__`` (none if unknown)."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        parameters = inspect.signature(cls.__init__).parameters.values()
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def _is_embedder(class_path: str) -> bool:
