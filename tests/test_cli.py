@@ -36,8 +36,9 @@ from torchgeo_dofa.cli import embed, main, option_problem, output_folder
 from torchgeo_dofa.datamodules import DOFAPredictDataModule
 from torchgeo_dofa.datasets import InputError, Sentinel2SR
 from torchgeo_dofa.spatial import CRSTransformError
-from torchgeo_dofa.tasks import DOFAClassificationTask
+from torchgeo_dofa.tasks import DOFAClassificationTask, restoring_from
 from torchgeo_dofa.transforms import DOFAPreprocess
+from torchgeo_dofa.writers import ClassificationWriter
 
 
 @pytest.fixture(scope="module")
@@ -1500,6 +1501,56 @@ def test_a_task_checkpoint_predicts_where_its_original_weights_are_not(
     task = DOFAClassificationTask.load_from_checkpoint(saved)
     assert task.encoder.weights_id == f"file:{saved.name}"
     _assert_the_tasks_table(gpd.read_parquet(table), task, saved)
+    if origin == "file":  # a file named as Lightning's keyword is not what it loads for it
+        Path("last").symlink_to(saved)
+        table.unlink()
+        assert main([*predict[:-1], "last"]) == 2  # no last checkpoint of this run: ...
+        assert capsys.readouterr().err.endswith(f"weights file '{encoder}' does not exist\n")
+        assert not table.exists()  # ... the task's own weights, absent here: nothing written
+
+
+class HeadOnlyTask(DOFAClassificationTask):
+    """Lightning's way to keep a frozen encoder out of checkpoints: ``strict_loading = False``
+    and a state dict of the head alone (the encoder comes from ``weights``)."""
+
+    def __init__(self, num_classes: int, weights: str | None = None) -> None:
+        super().__init__(num_classes=num_classes, weights=weights, head_norm=False)
+        self.strict_loading = False
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        state = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in state.items() if not k.startswith("encoder.")}
+
+
+def test_a_checkpoint_without_the_encoder_takes_it_from_weights(tmp_path, base_checkpoint) -> None:
+    """A task keeping its encoder out of its checkpoints, loaded from one (Python's
+    ``load_from_checkpoint``, or built for ``--ckpt_path`` as the command builds it), ran the
+    encoder built unfilled for the checkpoint: NaN probabilities, class 0, exit 0."""
+    task = HeadOnlyTask(num_classes=3, weights=str(base_checkpoint))
+    assert isinstance(task.head, torch.nn.Linear)
+    torch.nn.init.normal_(task.head.weight)  # a head whose classes differ from chip to chip
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(task)
+    saved = tmp_path / "head.ckpt"
+    trainer.save_checkpoint(saved)
+    state = torch.load(saved, weights_only=True)["state_dict"]
+    assert state and not any(k.startswith("encoder.") for k in state)
+    # the command's build for --ckpt_path, then Lightning's restore of the head
+    with restoring_from(saved):
+        built = HeadOnlyTask(num_classes=3, weights=str(base_checkpoint))
+    table = tmp_path / "classes.parquet"
+    trainer = pl.Trainer(
+        callbacks=[ClassificationWriter(table, metadata={"weights": str(saved)})],
+        logger=False,
+        enable_progress_bar=False,
+    )
+    dm = DOFAPredictDataModule(SCENE, batch_size=4)
+    trainer.predict(built, datamodule=dm, ckpt_path=saved, return_predictions=False)
+    _assert_the_tasks_table(gpd.read_parquet(table), task.eval(), saved)
+    # Python's load: the same probabilities as the task saved
+    loaded = HeadOnlyTask.load_from_checkpoint(saved)
+    _assert_the_tasks_table(gpd.read_parquet(table), loaded, saved)
+    assert loaded.encoder.weights_id == f"file:{Path(base_checkpoint).name}"
 
 
 def _assert_the_tasks_table(frame: Any, task: DOFAClassificationTask, saved: Path) -> None:

@@ -1036,7 +1036,8 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 )
             if section is not None and ckpt and Path(ckpt).is_file():
                 verify_checkpoint_file(ckpt, lightning=True)
-                self._restoring = ckpt
+                # a file named 'last' / 'best' is not what Lightning loads for that keyword
+                self._restoring = ckpt if _a_local_path(ckpt) else None
                 self._configured_model = section.get("model", {}).get("class_path")
                 self._configured_args = _plain(section.get("model", {}).get("init_args"))
 

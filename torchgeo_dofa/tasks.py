@@ -30,6 +30,7 @@ stored state: reloading never downloads anything.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from abc import abstractmethod
@@ -181,13 +182,17 @@ def restoring_from(checkpoint: str | os.PathLike[str]) -> Iterator[None]:
 
     A task made inside builds its encoder without reading its ``weights`` (``"official"``
     downloaded or read from the cache, a file that may not exist on this machine) and without
-    the random initialisation: the checkpoint's strict load fills every tensor. The task's
+    the random initialisation: the checkpoint's load fills every tensor. The task's
     hyperparameters keep their values. Used by :meth:`_DOFATask.load_from_checkpoint` and by
-    the ``torchgeo-dofa`` command for ``--ckpt_path``; the checkpoint must then be loaded
-    strictly into the task before it is used.
+    the ``torchgeo-dofa`` command for ``--ckpt_path``. Where no state dict holding the whole
+    encoder is loaded into the task (a checkpoint without it, loaded with Lightning's
+    ``strict_loading = False``), the task's first forward pass fills the encoder from its
+    ``weights`` as it would have been built (calling ``task.encoder`` directly before that
+    uses the unfilled one).
 
     Args:
-        checkpoint: the checkpoint file (its name becomes the encoder's ``weights_id``).
+        checkpoint: the checkpoint file (its name becomes the encoder's ``weights_id``; ""
+            for a file object).
     """
     token = _RESTORING.set(os.fspath(checkpoint))
     try:
@@ -366,8 +371,11 @@ class _DOFATask(BaseTask):
                 pooled_norm=hp.get("pooled_norm", "trained"),
                 interpolate_pos_embed=hp["interpolate_pos_embed"],
             )
-            self.encoder.weights_id = f"file:{Path(restoring).name}"
+            # "" for a file object (load_from_checkpoint)
+            self.encoder.weights_id = f"file:{Path(restoring).name}" if restoring else "checkpoint"
+            self._encoder_keys_to_fill = set(self.encoder.state_dict())
         else:
+            self._encoder_keys_to_fill = set()
             self.encoder = load_dofa(
                 hp["variant"],
                 weights=os.fspath(weights) if weights is not None else None,
@@ -388,6 +396,52 @@ class _DOFATask(BaseTask):
         # load_dofa returns an eval-mode encoder; Lightning keeps modules' modes at fit start
         self.encoder.train(not self.frozen)
 
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """``nn.Module.load_state_dict``; notes which keys of an unfilled encoder it filled.
+
+        Args:
+            state_dict: the task's state dict (``encoder.*``, ``head.*`` / ``decoder.*``).
+            strict: as ``nn.Module.load_state_dict``.
+            assign: as ``nn.Module.load_state_dict``.
+
+        Returns:
+            The missing and unexpected keys, as ``nn.Module.load_state_dict``.
+        """
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if getattr(self, "_encoder_keys_to_fill", None):
+            given = {k.removeprefix("encoder.") for k in state_dict if k.startswith("encoder.")}
+            self._encoder_keys_to_fill -= given
+        return result
+
+    def _fill_unfilled_encoder(self) -> None:
+        """Fill what no checkpoint filled of an encoder built unfilled, from ``weights``.
+
+        A task built inside :func:`restoring_from` whose checkpoint left the encoder (or some
+        of it) out (a task with Lightning's ``strict_loading = False`` saving only its head,
+        or no checkpoint loaded after all) gets those tensors from the encoder it would have
+        been built with: its ``weights`` (None: a random one), never the unfilled memory.
+        """
+        missing = getattr(self, "_encoder_keys_to_fill", None)
+        if not missing:
+            return
+        hp = self.hparams
+        weights = hp["weights"]
+        source = load_dofa(
+            hp["variant"],
+            weights=os.fspath(weights) if weights is not None else None,
+            pooled_norm=hp.get("pooled_norm", "trained"),
+            interpolate_pos_embed=hp["interpolate_pos_embed"],
+        )
+        whole = missing == set(self.encoder.state_dict())
+        state = {k: v for k, v in source.state_dict().items() if k in missing}
+        with torch.inference_mode(False), torch.no_grad():
+            self.encoder.load_state_dict(state, strict=False)
+        if whole:
+            self.encoder.weights_id = source.weights_id
+        self._encoder_keys_to_fill = set()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record a CRC-32 of the ``state_dict`` (checked on load) and the task's class.
 
@@ -406,7 +460,9 @@ class _DOFATask(BaseTask):
         if isinstance(state, Mapping):
             checkpoint[STATE_DIGEST_KEY] = state_dict_digest(state)
         hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
-        if isinstance(hparams, dict) and "_class_path" not in hparams:
+        # Lightning passes a class taking **kwargs every hyperparameter, _class_path too
+        takes_any = inspect.getfullargspec(type(self).__init__).varkw is not None
+        if isinstance(hparams, dict) and "_class_path" not in hparams and not takes_any:
             cls = type(self)
             hparams["_class_path"] = f"{cls.__module__}.{cls.__qualname__}"
 
@@ -698,9 +754,10 @@ class _DOFATask(BaseTask):
 
         The checkpoint holds the whole state dict, so the encoder is built unfilled (no
         random initialisation, no read of the original weights; :func:`restoring_from`) and
-        filled by the checkpoint's strict load; ``hparams["weights"]`` is None. Passing
-        ``weights`` builds the encoder from those first; ``strict=False`` builds it with a
-        random initialisation (``weights=None``), which the checkpoint's keys then replace.
+        filled by the checkpoint; ``hparams["weights"]`` is then None. Encoder tensors the
+        checkpoint lacks (a task saving its head alone, with ``strict_loading = False`` or
+        ``strict=False``) come from the weights in its hyperparameters, which ``weights``
+        keeps. Passing ``weights`` builds the encoder from those first, as ``__init__`` does.
 
         Args:
             checkpoint_path: path or file object of the checkpoint.
@@ -724,16 +781,16 @@ class _DOFATask(BaseTask):
             # torch.load reads a damaged zip silently, and fails deep inside on a non-checkpoint
             verify_checkpoint_file(checkpoint_path, lightning=True)
         overrides = sorted(kwargs)
-        # the checkpoint's strict load fills the encoder: neither the original weights nor a
-        # random initialisation first (a non-strict load keeps what the checkpoint lacks)
+        # the checkpoint fills the encoder: neither the original weights nor a random
+        # initialisation first; what it lacks comes from the original weights after
+        restoring = "weights" not in kwargs
         restore = (
             restoring_from(
-                checkpoint_path if isinstance(checkpoint_path, str | os.PathLike) else "checkpoint"
+                checkpoint_path if isinstance(checkpoint_path, str | os.PathLike) else ""
             )
-            if strict is not False and "weights" not in kwargs
+            if restoring
             else nullcontext()
         )
-        kwargs.setdefault("weights", None)
         token = _STRICT_LOAD.set(strict is not False)
         loading = _LOADING_FILE.set(
             str(checkpoint_path) if isinstance(checkpoint_path, str | os.PathLike) else None
@@ -781,6 +838,12 @@ class _DOFATask(BaseTask):
         finally:
             _STRICT_LOAD.reset(token)
             _LOADING_FILE.reset(loading)
+        if restoring and task._encoder_keys_to_fill:
+            task._fill_unfilled_encoder()  # from the checkpoint's weights hyperparameter
+        elif restoring:  # built from the checkpoint alone: not from its original weights
+            for hparams in (task.hparams, getattr(task, "_hparams_initial", None)):
+                if hparams is not None:
+                    hparams["weights"] = None
         task.eval()
         return task
 
@@ -989,6 +1052,7 @@ class DOFAClassificationTask(_DOFATask):
         """
         check_normalised(image, _NORMALISE_FIX)
         waves = self._wavelengths(image, wavelengths)
+        self._fill_unfilled_encoder()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             return self.encoder(image, waves).pooled
 
@@ -1451,6 +1515,7 @@ class DOFASegmentationTask(_DOFATask):
         """
         check_normalised(image, _NORMALISE_FIX)
         waves = self._wavelengths(image, wavelengths)
+        self._fill_unfilled_encoder()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             _, maps = self.encoder.forward_tokens(image, waves, self.block_indices)
         return maps
