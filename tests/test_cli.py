@@ -1509,6 +1509,17 @@ def test_a_task_checkpoint_predicts_where_its_original_weights_are_not(
         assert not table.exists()  # ... the task's own weights, absent here: nothing written
 
 
+def _save_from_python(task: DOFAClassificationTask, path: Path) -> Path:
+    """Give ``task`` a head whose classes differ from chip to chip and save its checkpoint as
+    Python code does (``trainer.save_checkpoint``)."""
+    assert isinstance(task.head, torch.nn.Linear)
+    torch.nn.init.normal_(task.head.weight)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(task)
+    trainer.save_checkpoint(path)
+    return path
+
+
 class HeadOnlyTask(DOFAClassificationTask):
     """Lightning's way to keep a frozen encoder out of checkpoints: ``strict_loading = False``
     and a state dict of the head alone (the encoder comes from ``weights``)."""
@@ -1527,12 +1538,7 @@ def test_a_checkpoint_without_the_encoder_takes_it_from_weights(tmp_path, base_c
     ``load_from_checkpoint``, or built for ``--ckpt_path`` as the command builds it), ran the
     encoder built unfilled for the checkpoint: NaN probabilities, class 0, exit 0."""
     task = HeadOnlyTask(num_classes=3, weights=str(base_checkpoint))
-    assert isinstance(task.head, torch.nn.Linear)
-    torch.nn.init.normal_(task.head.weight)  # a head whose classes differ from chip to chip
-    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.strategy.connect(task)
-    saved = tmp_path / "head.ckpt"
-    trainer.save_checkpoint(saved)
+    saved = _save_from_python(task, tmp_path / "head.ckpt")
     state = torch.load(saved, weights_only=True)["state_dict"]
     assert state and not any(k.startswith("encoder.") for k in state)
     # the command's build for --ckpt_path, then Lightning's restore of the head
@@ -1592,12 +1598,7 @@ def test_a_checkpoint_of_a_task_built_in_python_predicts_from_the_command(
         "wavelengths": np.array(SCENE_WAVELENGTHS),  # the demo scene's B02, B03, B04, B08
     }
     task = DOFAClassificationTask(**given, head_norm=False)
-    assert isinstance(task.head, torch.nn.Linear)
-    torch.nn.init.normal_(task.head.weight)  # a head whose classes differ from chip to chip
-    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.strategy.connect(task)
-    saved = tmp_path / "notebook.ckpt"
-    trainer.save_checkpoint(saved)
+    saved = _save_from_python(task, tmp_path / "notebook.ckpt")
     hparams = torch.load(saved, weights_only=True)["hyper_parameters"]
     assert hparams["weights"] == str(base_checkpoint) and hparams["num_classes"] == 3
     assert hparams["wavelengths"] == SCENE_WAVELENGTHS
