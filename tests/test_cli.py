@@ -1557,6 +1557,11 @@ def test_a_checkpoint_without_the_encoder_takes_it_from_weights(tmp_path, base_c
     loaded = HeadOnlyTask.load_from_checkpoint(saved)
     _assert_the_tasks_table(gpd.read_parquet(table), loaded, saved)
     assert loaded.encoder.weights_id == f"file:{Path(base_checkpoint).name}"
+    assert loaded.hparams["weights"] == str(base_checkpoint)  # for its next checkpoint
+    # a random encoder left out of the checkpoint cannot come back: said, not silent
+    _save_from_python(HeadOnlyTask(num_classes=3), saved)
+    with pytest.warns(UserWarning, match="lacks 172 of the encoder's tensors and the task's "):
+        HeadOnlyTask.load_from_checkpoint(saved)
 
 
 def _assert_the_tasks_table(frame: Any, task: DOFAClassificationTask, saved: Path) -> None:

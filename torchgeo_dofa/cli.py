@@ -1041,6 +1041,38 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 self._configured_model = section.get("model", {}).get("class_path")
                 self._configured_args = _plain(section.get("model", {}).get("init_args"))
 
+        def _parse_ckpt_path(self) -> None:
+            """LightningCLI's, also for a checkpoint of a model built in Python.
+
+            LightningCLI reads the model's class from the checkpoint's hyperparameters'
+            ``_class_path``, which it records only for the models it builds itself: a
+            checkpoint of a task trained in Python (``Trainer.fit`` in a notebook,
+            ``trainer.save_checkpoint``) failed with "Parsing of ckpt_path hyperparameters
+            failed" (Lightning-AI/pytorch-lightning#20801). Such a checkpoint takes the
+            config's ``model.class_path``.
+            """
+            sub = self.config.get("subcommand")
+            ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+            if not ckpt_path or not Path(ckpt_path).is_file():
+                return
+            import torch
+
+            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+            hparams = ckpt.get("hyper_parameters", {})
+            hparams.pop("_instantiator", None)
+            if not hparams:
+                return
+            class_path = hparams.pop("_class_path", None)
+            if class_path is None:
+                class_path = (self.config[sub].get("model") or {}).get("class_path")
+            if class_path is not None:
+                hparams = {"class_path": class_path, "dict_kwargs": hparams}
+            try:
+                self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+            except SystemExit:
+                sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+                raise
+
         def before_instantiate_classes(self) -> None:
             """Refuse a ``ckpt_path`` of another task class than the config's model.
 

@@ -30,7 +30,6 @@ stored state: reloading never downloads anything.
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 from abc import abstractmethod
@@ -428,6 +427,13 @@ class _DOFATask(BaseTask):
             return
         hp = self.hparams
         weights = hp["weights"]
+        if weights is None:
+            _warnings.warn(
+                f"the checkpoint lacks {len(missing)} of the encoder's tensors and the task's "
+                "weights are None: they are drawn at random, not the ones it was trained "
+                "with; save checkpoints with the whole encoder (no strict_loading=False), or "
+                "build the task on weights a file holds"
+            )
         source = load_dofa(
             hp["variant"],
             weights=os.fspath(weights) if weights is not None else None,
@@ -443,14 +449,7 @@ class _DOFATask(BaseTask):
         self._encoder_keys_to_fill = set()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record a CRC-32 of the ``state_dict`` (checked on load) and the task's class.
-
-        LightningCLI's ``--ckpt_path`` reads the class from the hyperparameters'
-        ``_class_path``, which LightningCLI records for the models it builds: a checkpoint
-        of a task built in Python (``Trainer.fit`` in a notebook, ``trainer.save_checkpoint``)
-        had none, and ``torchgeo-dofa predict --ckpt_path`` failed with "Parsing of ckpt_path
-        hyperparameters failed" (Lightning-AI/pytorch-lightning#20801). It is recorded here
-        when missing; ``load_from_checkpoint`` does not pass it to ``__init__``.
+        """Record a CRC-32 of the checkpoint's ``state_dict`` (checked when it loads).
 
         Args:
             checkpoint: the Lightning checkpoint being saved.
@@ -459,12 +458,6 @@ class _DOFATask(BaseTask):
         state = checkpoint.get("state_dict")
         if isinstance(state, Mapping):
             checkpoint[STATE_DIGEST_KEY] = state_dict_digest(state)
-        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
-        # Lightning passes a class taking **kwargs every hyperparameter, _class_path too
-        takes_any = inspect.getfullargspec(type(self).__init__).varkw is not None
-        if isinstance(hparams, dict) and "_class_path" not in hparams and not takes_any:
-            cls = type(self)
-            hparams["_class_path"] = f"{cls.__module__}.{cls.__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose weights changed after it was saved.
@@ -754,10 +747,11 @@ class _DOFATask(BaseTask):
 
         The checkpoint holds the whole state dict, so the encoder is built unfilled (no
         random initialisation, no read of the original weights; :func:`restoring_from`) and
-        filled by the checkpoint; ``hparams["weights"]`` is then None. Encoder tensors the
-        checkpoint lacks (a task saving its head alone, with ``strict_loading = False`` or
-        ``strict=False``) come from the weights in its hyperparameters, which ``weights``
-        keeps. Passing ``weights`` builds the encoder from those first, as ``__init__`` does.
+        filled by the checkpoint; ``hparams["weights"]`` keeps the weights the task was
+        fine-tuned from. Encoder tensors the checkpoint lacks (a task saving its head alone,
+        with ``strict_loading = False`` or ``strict=False``) come from those weights (a
+        random draw, with a warning, where they are None). Passing ``weights`` builds the
+        encoder from those first, as ``__init__`` does.
 
         Args:
             checkpoint_path: path or file object of the checkpoint.
@@ -838,12 +832,8 @@ class _DOFATask(BaseTask):
         finally:
             _STRICT_LOAD.reset(token)
             _LOADING_FILE.reset(loading)
-        if restoring and task._encoder_keys_to_fill:
-            task._fill_unfilled_encoder()  # from the checkpoint's weights hyperparameter
-        elif restoring:  # built from the checkpoint alone: not from its original weights
-            for hparams in (task.hparams, getattr(task, "_hparams_initial", None)):
-                if hparams is not None:
-                    hparams["weights"] = None
+        if restoring:
+            task._fill_unfilled_encoder()  # what the checkpoint lacked, from its weights
         task.eval()
         return task
 
