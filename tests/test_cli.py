@@ -36,7 +36,7 @@ from torchgeo_dofa.cli import embed, main, option_problem, output_folder
 from torchgeo_dofa.datamodules import DOFAPredictDataModule
 from torchgeo_dofa.datasets import InputError, Sentinel2SR
 from torchgeo_dofa.spatial import CRSTransformError
-from torchgeo_dofa.tasks import DOFAClassificationTask, restoring_from
+from torchgeo_dofa.tasks import DOFAClassificationTask, DOFASegmentationTask, restoring_from
 from torchgeo_dofa.transforms import DOFAPreprocess
 from torchgeo_dofa.writers import ClassificationWriter
 
@@ -1618,6 +1618,20 @@ def test_a_checkpoint_of_a_task_built_in_python_predicts_from_the_command(
     ]  # fmt: skip
     assert main(predict) == 0, capsys.readouterr().err
     _assert_the_tasks_table(gpd.read_parquet(table), loaded, saved)
+    # a segmentation task's, under the classification config: named, as for the command's own
+    segmentation = DOFASegmentationTask(num_classes=3, weights=str(base_checkpoint))
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(segmentation)
+    trainer.save_checkpoint(saved)
+    table.unlink()
+    assert main(predict) == 2
+    assert capsys.readouterr().err.endswith(
+        f"torchgeo-dofa: error: {saved} is a checkpoint of DOFASegmentationTask, but the "
+        "config's model is DOFAClassificationTask: give a checkpoint of that task, or predict "
+        f"it with its own config: predict --config {configs / 'predict_segmentation.yaml'} "
+        f"--ckpt_path {saved} --data.init_args.paths YOUR_RASTERS\n"
+    )
+    assert not table.exists()
 
 
 class _KeepBatch(pl.Callback):

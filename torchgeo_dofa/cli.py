@@ -1064,7 +1064,10 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 return
             class_path = hparams.pop("_class_path", None)
             if class_path is None:
-                class_path = (self.config[sub].get("model") or {}).get("class_path")
+                class_path = _python_checkpoints_task(
+                    ckpt.get("state_dict") or {},
+                    (self.config[sub].get("model") or {}).get("class_path"),
+                )
             if class_path is not None:
                 hparams = {"class_path": class_path, "dict_kwargs": hparams}
             try:
@@ -1306,6 +1309,25 @@ def _warn_replaced_by_checkpoint(
             f"--model.init_args.weights {ckpt} instead of --ckpt_path",
             file=sys.stderr,
         )
+
+
+def _python_checkpoints_task(state: dict[str, Any], configured: str | None) -> str | None:
+    """The task class of a checkpoint without ``_class_path`` (a task trained in Python).
+
+    The config's ``model.class_path``, unless it is one of this package's tasks and the state
+    dict is the other task's (``decoder.*`` for segmentation, ``head.*`` for classification):
+    then the other task, which the config's model then refuses by name.
+    """
+    tasks = {
+        "decoder.": "torchgeo_dofa.tasks.DOFASegmentationTask",
+        "head.": "torchgeo_dofa.tasks.DOFAClassificationTask",
+    }
+    if configured not in tasks.values():
+        return configured
+    for prefix, task in tasks.items():
+        if any(isinstance(k, str) and k.startswith(prefix) for k in state):
+            return task
+    return configured
 
 
 def _init_defaults(class_path: str) -> dict[str, Any]:
