@@ -1330,32 +1330,36 @@ def _python_checkpoints_task(state: dict[str, Any], configured: str | None) -> s
     return configured
 
 
-def _init_defaults(class_path: str) -> dict[str, Any]:
-    """The default values of a config's ``model.class_path``'s ``__init__`` (none if unknown)."""
+def _config_class(class_path: str) -> type | None:
+    """The class a config's ``class_path`` names, or None where it names none."""
     import importlib
-    import inspect
 
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
-        parameters = inspect.signature(cls.__init__).parameters.values()
-    except (ImportError, AttributeError, ValueError, TypeError):
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return cls if isinstance(cls, type) else None
+
+
+def _init_defaults(class_path: str) -> dict[str, Any]:
+    """The default values of a config's ``model.class_path``'s ``__init__`` (none if unknown)."""
+    import inspect
+
+    cls = _config_class(class_path)
+    try:
+        parameters = inspect.signature(cls).parameters.values() if cls else ()
+    except (ValueError, TypeError):
         return {}
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def _is_embedder(class_path: str) -> bool:
     """Whether a config's ``model.class_path`` is :class:`DOFAEmbedder` or a subclass."""
-    import importlib
-
     from .embedder import DOFAEmbedder
 
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return False
-    return isinstance(cls, type) and issubclass(cls, DOFAEmbedder)
+    cls = _config_class(class_path)
+    return cls is not None and issubclass(cls, DOFAEmbedder)
 
 
 def _free_the_job() -> None:

@@ -362,7 +362,6 @@ class _DOFATask(BaseTask):
         """Build ``self.encoder`` from the hyperparameters and resolve fixed wavelengths."""
         _plain_hyperparameters(self)
         hp = self.hparams
-        weights = hp["weights"]
         restoring = _RESTORING.get()
         if restoring is not None:  # a checkpoint's state dict fills it (restoring_from)
             self.encoder = unfilled_encoder(
@@ -375,12 +374,7 @@ class _DOFATask(BaseTask):
             self._encoder_keys_to_fill = set(self.encoder.state_dict())
         else:
             self._encoder_keys_to_fill = set()
-            self.encoder = load_dofa(
-                hp["variant"],
-                weights=os.fspath(weights) if weights is not None else None,
-                pooled_norm=hp.get("pooled_norm", "trained"),
-                interpolate_pos_embed=hp["interpolate_pos_embed"],
-            )
+            self.encoder = self._encoder_as_configured()
         self._fixed_wavelengths: Tensor | None = None
         if hp["wavelengths"] is not None:
             self._fixed_wavelengths = resolve_wavelengths(hp["bands"], hp["wavelengths"])
@@ -394,6 +388,17 @@ class _DOFATask(BaseTask):
             self.encoder.requires_grad_(False)
         # load_dofa returns an eval-mode encoder; Lightning keeps modules' modes at fit start
         self.encoder.train(not self.frozen)
+
+    def _encoder_as_configured(self) -> DOFAEncoder:
+        """The encoder the hyperparameters describe, its ``weights`` loaded (``load_dofa``)."""
+        hp = self.hparams
+        weights = hp["weights"]
+        return load_dofa(
+            hp["variant"],
+            weights=os.fspath(weights) if weights is not None else None,
+            pooled_norm=hp.get("pooled_norm", "trained"),
+            interpolate_pos_embed=hp["interpolate_pos_embed"],
+        )
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
@@ -425,21 +430,14 @@ class _DOFATask(BaseTask):
         missing = getattr(self, "_encoder_keys_to_fill", None)
         if not missing:
             return
-        hp = self.hparams
-        weights = hp["weights"]
-        if weights is None:
+        if self.hparams["weights"] is None:
             _warnings.warn(
                 f"the checkpoint lacks {len(missing)} of the encoder's tensors and the task's "
                 "weights are None: they are drawn at random, not the ones it was trained "
                 "with; save checkpoints with the whole encoder (no strict_loading=False), or "
                 "build the task on weights a file holds"
             )
-        source = load_dofa(
-            hp["variant"],
-            weights=os.fspath(weights) if weights is not None else None,
-            pooled_norm=hp.get("pooled_norm", "trained"),
-            interpolate_pos_embed=hp["interpolate_pos_embed"],
-        )
+        source = self._encoder_as_configured()
         whole = missing == set(self.encoder.state_dict())
         state = {k: v for k, v in source.state_dict().items() if k in missing}
         with torch.inference_mode(False), torch.no_grad():
