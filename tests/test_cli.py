@@ -1634,6 +1634,48 @@ def test_a_checkpoint_of_a_task_built_in_python_predicts_from_the_command(
     assert not table.exists()
 
 
+def test_a_ckpt_path_keyword_naming_no_checkpoint_is_refused(
+    tmp_path, monkeypatch, capsys, base_checkpoint
+) -> None:
+    """Lightning's ``--ckpt_path last`` found no last checkpoint in a new ``predict`` and only
+    warned, so the task's untrained head wrote a table (exit 0); ``best`` (a fit's in the same
+    process) and ``hpc`` ended in Lightning's ``ValueError`` traceback. Where the trainer's
+    ``ModelCheckpoint`` folder has a last checkpoint, ``last`` predicts with it."""
+    monkeypatch.chdir(tmp_path)
+    configs = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs"
+    table = tmp_path / "classes.parquet"
+    predict = [
+        "predict", "--config", str(configs / "predict_classification.yaml"),
+        "--trainer.enable_progress_bar=false", "--data.init_args.paths", str(SCENE),
+        "--trainer.callbacks.init_args.path", str(table),
+        "--model.init_args.weights", str(base_checkpoint), "--model.init_args.num_classes", "3",
+        "--model.init_args.head_norm", "false",
+    ]  # fmt: skip
+    for keyword, reason in [
+        ("last", "the trainer's ModelCheckpoint folder has no last checkpoint, so the predict "
+         "would use the task's untrained head"),
+        ("best", "'best' is the best checkpoint of a fit run earlier in the same process, and "
+         "a predict command runs none"),
+        ("hpc", "'hpc' is a SLURM requeue checkpoint, and none was found"),
+    ]:  # fmt: skip
+        assert main([*predict, "--ckpt_path", keyword]) == 2
+        assert capsys.readouterr().err.endswith(
+            f"torchgeo-dofa: error: --ckpt_path {keyword} names no checkpoint here ({reason}): "
+            "give the checkpoint file instead (a fit's are in logs/<name>/version_<n>/"
+            "checkpoints/, e.g. last.ckpt)\n"
+        )
+        assert not table.exists()
+    # the folder of the trainer's ModelCheckpoint holds a last checkpoint: Lightning loads it
+    task = DOFAClassificationTask(num_classes=3, weights=str(base_checkpoint), head_norm=False)
+    saved = _save_from_python(task, tmp_path / "checkpoints" / "last.ckpt")
+    keep = [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.dirpath", str(saved.parent), "--trainer.callbacks.save_last", "true",
+    ]  # fmt: skip
+    assert main([*predict, *keep, "--ckpt_path", "last"]) == 0, capsys.readouterr().err
+    _assert_the_tasks_table(gpd.read_parquet(table), task, saved)
+
+
 class _KeepBatch(pl.Callback):
     """Keeps the preprocessed input of the first prediction batch."""
 

@@ -1137,6 +1137,8 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
             trainer = super().instantiate_trainer(**kwargs)
             trainers.append(trainer)  # to clean up after a failure (LightningCLI raises in init)
+            if self.subcommand:
+                _check_ckpt_keyword(trainer, self.subcommand, self.config[self.subcommand])
             if self.subcommand == "predict":
                 _check_predictions_written(trainer, self.model, self.config["predict"])
             trainer.callbacks.append(stop)  # type: ignore[attr-defined]
@@ -1194,6 +1196,60 @@ def _a_local_path(ckpt: Any) -> bool:
         text not in ("last", "best", "hpc", "registry")
         and not text.startswith("registry:")
         and "://" not in text
+    )
+
+
+def _check_ckpt_keyword(trainer: Any, subcommand: str, section: Any) -> None:
+    """Refuse a ``--ckpt_path`` keyword (``last``, ``best``, ``hpc``) that names no checkpoint.
+
+    Lightning resolves the keyword from the trainer's own callbacks when the subcommand runs:
+    ``best`` is the best checkpoint of a fit in the same process (a new command has none) and
+    raised a ``ValueError`` traceback; ``last`` found no last checkpoint of this trainer's
+    ``ModelCheckpoint`` and only warned, so ``predict --ckpt_path last`` mapped with the
+    task's untrained head and ``validate`` / ``test`` scored it. Here the keyword is resolved
+    with Lightning's own resolution before the trainer runs; ``fit --ckpt_path last`` with no
+    last checkpoint still starts anew (Lightning's "set it and forget it" before a first fit).
+
+    Raises:
+        CheckpointError: the keyword names no checkpoint, with the file to give instead.
+    """
+    ckpt = section.get("ckpt_path") if section is not None else None
+    if ckpt not in ("last", "best", "hpc"):
+        return
+    import warnings
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from .weights import CheckpointError
+
+    fn = {
+        "fit": TrainerFn.FITTING,
+        "validate": TrainerFn.VALIDATING,
+        "test": TrainerFn.TESTING,
+        "predict": TrainerFn.PREDICTING,
+    }.get(subcommand)
+    connector = getattr(trainer, "_checkpoint_connector", None)
+    parse = getattr(connector, "_parse_ckpt_path", None)
+    if fn is None or not callable(parse) or (ckpt == "last" and fn == TrainerFn.FITTING):
+        return  # another Lightning decides alone; a first fit may be given "last"
+    try:
+        with warnings.catch_warnings():  # Lightning's warning that "last" found nothing
+            warnings.simplefilter("ignore")
+            found = parse(fn, ckpt, model_provided=True, model_connected=False)
+    except ValueError:
+        found = None
+    if found is not None:
+        return
+    reason = {
+        "best": f"'best' is the best checkpoint of a fit run earlier in the same process, and a "
+        f"{subcommand} command runs none",
+        "hpc": "'hpc' is a SLURM requeue checkpoint, and none was found",
+        "last": "the trainer's ModelCheckpoint folder has no last checkpoint, so the "
+        f"{subcommand} would use the task's untrained head",
+    }[ckpt]
+    raise CheckpointError(
+        f"--ckpt_path {ckpt} names no checkpoint here ({reason}): give the checkpoint file "
+        "instead (a fit's are in logs/<name>/version_<n>/checkpoints/, e.g. last.ckpt)"
     )
 
 
