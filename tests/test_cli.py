@@ -1618,6 +1618,19 @@ def test_a_checkpoint_of_a_task_built_in_python_predicts_from_the_command(
     ]  # fmt: skip
     assert main(predict) == 0, capsys.readouterr().err
     _assert_the_tasks_table(gpd.read_parquet(table), loaded, saved)
+    # a diverged fine-tuning's (NaN weights): refused at its load, one line, nothing written
+    table.unlink()
+    with torch.no_grad():
+        task.head.bias[1] = float("nan")
+    _save_from_python(task, saved)
+    assert main(predict) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith(
+        f"torchgeo-dofa: error: the checkpoint {saved} holds non-finite weights (NaN or "
+        "infinity) in 1 tensor(s): head.bias (1 of 3 values); every output of the model would "
+        "be NaN"
+    )
+    assert not table.exists()
     # a segmentation task's, under the classification config: named, as for the command's own
     segmentation = DOFASegmentationTask(num_classes=3, weights=str(base_checkpoint))
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)

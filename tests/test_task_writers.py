@@ -15,17 +15,20 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torchgeo.datasets import stack_samples
 from torchgeo.tasks import Classification
 
 from tests.scenes import SCENE
 from tests.trainers import cpu_trainer
 from torchgeo_dofa.datamodules import DOFAPredictDataModule
-from torchgeo_dofa.embedder import DOFAEmbedder
+from torchgeo_dofa.embedder import DOFAEmbedder, NonFiniteOutputError
 from torchgeo_dofa.spatial import BBox, PointBuffer
 from torchgeo_dofa.tasks import DOFAClassificationTask, DOFASegmentationTask
+from torchgeo_dofa.weights import CheckpointError
 from torchgeo_dofa.writers import (
     ClassificationWriter,
+    GridWriter,
     PartsMismatchError,
     SegmentationWriter,
     parts_dir,
@@ -428,3 +431,61 @@ def test_a_stopped_prediction_from_a_checkpoint_is_advised_to_resume(
 
     assert stopped("a.tif", ckpt_path=ckpt).endswith("rerun the same command to resume")
     assert "cannot be resumed" in stopped("b.tif")
+
+
+def test_a_diverged_tasks_checkpoint_is_refused_before_a_batch(
+    tmp_path: Path, classification: DOFAClassificationTask
+) -> None:
+    """A fine-tuning whose loss became NaN saves NaN weights: predicted, every class was
+    ``argmax`` of NaN, 0, written as if the model had chosen it. Its load now names the
+    tensors, from Python and through ``Trainer.predict(ckpt_path=...)``, before any part."""
+    torch.manual_seed(0)
+    task = DOFAClassificationTask(num_classes=4, weights=None)
+    with torch.no_grad():
+        task.head[1].weight[1, :5] = float("nan")  # (BatchNorm1d, Linear): as training left it
+    diverged = _save(task, tmp_path / "diverged.ckpt")
+    message = (
+        f"the checkpoint {diverged} holds non-finite weights (NaN or infinity) in 1 tensor(s): "
+        "head.1.weight (5 of 3072 values)"
+    )
+    with pytest.raises(CheckpointError, match="non-finite") as info:
+        DOFAClassificationTask.load_from_checkpoint(diverged)
+    assert str(info.value).startswith(message)
+    path = tmp_path / "chips.parquet"
+    trainer = cpu_trainer([ClassificationWriter(path)])
+    with pytest.raises(CheckpointError) as info:
+        trainer.predict(classification, datamodule=DOFAPredictDataModule(SCENE), ckpt_path=diverged)
+    assert "head.1.weight (5 of 3072 values)" in str(info.value)
+    assert not path.exists() and not parts_dir(path).exists()
+
+
+def test_a_prediction_that_overflows_is_refused_not_written(tmp_path: Path) -> None:
+    """fp16 (``16-mixed``) overflows at 65504: logits beyond it became NaN probabilities,
+    written as class 0 in a table and as no-data in a map. Finite weights and input, so only
+    the outputs can tell; the batch is refused before its parts are written."""
+    torch.manual_seed(0)
+    task = DOFAClassificationTask(num_classes=2, weights=None, head_norm=False).eval()
+    assert isinstance(task.head, torch.nn.Linear)
+    with torch.no_grad():
+        task.head.weight.fill_(0.0)
+        task.head.bias.copy_(torch.tensor([1e5, 0.0]))  # finite in fp32, inf in fp16
+    path = tmp_path / "chips.parquet"
+    dm = DOFAPredictDataModule(SCENE, batch_size=2)
+    cpu_trainer([ClassificationWriter(path)]).predict(task, datamodule=dm)  # fp32: fine
+    assert (gpd.read_parquet(path)["class"] == 0).all()
+    path.unlink()
+    # 16-mixed as on a GPU (Lightning's precision="16-mixed" turns into bf16 on a CPU)
+    fp16 = [MixedPrecision("16-mixed", "cpu")]
+    trainer = cpu_trainer([ClassificationWriter(path)], plugins=fp16)
+    with pytest.raises(NonFiniteOutputError, match="2 of the 2 chip") as info:
+        trainer.predict(task, datamodule=dm)
+    assert "fp16: run in bf16-mixed or 32-true precision" in str(info.value)
+    assert not path.exists() and not list(parts_dir(path).glob("*.npz"))
+    # an embedder: the same for its pooled vectors and grids
+    embedder = DOFAEmbedder(weights=None)
+    with torch.no_grad():
+        embedder.encoder.backbone.blocks[-1].mlp.fc2.bias.fill_(1e5)  # an fp16 matmul's
+    grid = tmp_path / "grid.tif"
+    with pytest.raises(NonFiniteOutputError, match="DOFAEmbedder gave NaN or infinite"):
+        cpu_trainer([GridWriter(grid)], plugins=fp16).predict(embedder, datamodule=dm)
+    assert not grid.exists()

@@ -169,6 +169,8 @@ class DOFAEmbedder(pl.LightningModule):
             ValueError: for a (B, T, C, H, W) batch that is not tiles (no ``tile_offsets``):
                 a time series (``time_series=True``), where DOFA embeds one acquisition per
                 chip.
+            NonFiniteOutputError: when the encoder gives NaN / infinity for the batch
+                (:func:`check_finite_output`).
         """
         if batch["image"].ndim == 5 and "tile_offsets" not in batch:
             raise ValueError(
@@ -189,6 +191,8 @@ class DOFAEmbedder(pl.LightningModule):
         image, wavelengths = batch["image"], batch["wavelengths"]
         check_normalised(image)
         pooled, grid = self(image, wavelengths)
+        for values in (pooled, grid):
+            check_finite_output(values, type(self).__name__)
         patch = self.encoder.config.patch_size
         valid = batch.get("valid")
         if image.ndim == 5:
@@ -289,6 +293,39 @@ NORMALISED_LIMIT = 1000.0
 
 class NotNormalisedError(ValueError):
     """A batch reached the encoder without DOFA's normalisation (e.g. raw reflectance)."""
+
+
+class NonFiniteOutputError(ValueError):
+    """A model gave NaN or infinite values for a batch it was given finite input for."""
+
+
+def check_finite_output(values: Tensor, model: str) -> None:
+    """Refuse a prediction holding NaN or infinity before a writer can store it.
+
+    Finite, normalised input (:func:`check_normalised`) through finite weights (checked at
+    load: :func:`torchgeo_dofa.weights.load_state_dict_into`, a task's ``load_state_dict``)
+    gives finite outputs, unless the arithmetic overflowed (fp16, ``16-mixed``: its largest
+    value is 65504) or the module was changed after loading. Written, such outputs were
+    indistinguishable from no-data (NaN cells, an empty class map) or read as class 0 (the
+    ``argmax`` of NaN probabilities).
+
+    Args:
+        values: the batch's outputs, (B, ...), before no-data is masked.
+        model: the model's name, for the message.
+
+    Raises:
+        NonFiniteOutputError: naming how many chips of the batch hold NaN / infinity, and
+            the fixes.
+    """
+    if values.numel() == 0 or math.isfinite(float(values.detach().sum(dtype=torch.float64))):
+        return
+    bad = int((~torch.isfinite(values.detach())).flatten(1).any(dim=1).sum())
+    raise NonFiniteOutputError(
+        f"{model} gave NaN or infinite values for {bad} of the {values.shape[0]} chip(s) of a "
+        "batch whose input is finite: the arithmetic overflowed (fp16: run in bf16-mixed or "
+        "32-true precision) or the model's weights were changed to non-finite values after "
+        "they were loaded; nothing of that batch was written"
+    )
 
 
 _EMBEDDER_FIX = (

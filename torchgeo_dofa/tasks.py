@@ -65,11 +65,12 @@ from .bands import (
     infer_wavelengths,
     resolve_wavelengths,
 )
-from .embedder import check_normalised
+from .embedder import check_finite_output, check_normalised
 from .model import DOFAEncoder, canonical_variant
 from .weights import (
     STATE_DIGEST_KEY,
     CheckpointError,
+    check_finite_state,
     load_dofa,
     state_dict_digest,
     unfilled_encoder,
@@ -372,6 +373,7 @@ class _DOFATask(BaseTask):
             # "" for a file object (load_from_checkpoint)
             self.encoder.weights_id = f"file:{Path(restoring).name}" if restoring else "checkpoint"
             self._encoder_keys_to_fill = set(self.encoder.state_dict())
+            self._restored_from = restoring
         else:
             self._encoder_keys_to_fill = set()
             self.encoder = self._encoder_as_configured()
@@ -412,7 +414,13 @@ class _DOFATask(BaseTask):
 
         Returns:
             The missing and unexpected keys, as ``nn.Module.load_state_dict``.
+
+        Raises:
+            CheckpointError: for tensors holding NaN / infinity (a fine-tuning whose loss
+                diverged), before any is loaded: every prediction would be NaN.
         """
+        origin = getattr(self, "_restored_from", None)
+        check_finite_state(state_dict, f"the checkpoint {origin}" if origin else "the state dict")
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         if getattr(self, "_encoder_keys_to_fill", None):
             given = {k.removeprefix("encoder.") for k in state_dict if k.startswith("encoder.")}
@@ -1175,8 +1183,11 @@ class DOFAClassificationTask(_DOFATask):
 
         Raises:
             ValueError: for ``wavelengths`` other than the task's ``bands`` / ``wavelengths``.
+            NonFiniteOutputError: for NaN / infinite logits
+                (:func:`~torchgeo_dofa.embedder.check_finite_output`).
         """
         logits = self(batch["image"], self._batch_wavelengths(batch))
+        check_finite_output(logits, type(self).__name__)
         if self.hparams["task"] == "multiclass":
             return logits.softmax(dim=1)
         return logits.sigmoid()
@@ -1672,5 +1683,9 @@ class DOFASegmentationTask(_DOFATask):
 
         Raises:
             ValueError: for ``wavelengths`` other than the task's ``bands`` / ``wavelengths``.
+            NonFiniteOutputError: for NaN / infinite logits
+                (:func:`~torchgeo_dofa.embedder.check_finite_output`).
         """
-        return self(batch["image"], self._batch_wavelengths(batch)).softmax(dim=1)
+        logits = self(batch["image"], self._batch_wavelengths(batch))
+        check_finite_output(logits, type(self).__name__)
+        return logits.softmax(dim=1)

@@ -773,20 +773,42 @@ def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], orig
         k: v.to(target[k].dtype) if v.is_floating_point() and v.dtype != target[k].dtype else v
         for k, v in mapped.items()
     }
+    check_finite_state(
+        {k.removeprefix("backbone."): v for k, v in as_loaded.items()},
+        origin,
+        f" (NaN or infinity, or beyond the range of the model's "
+        f"{_dtype_name(next(iter(target.values())).dtype)})",
+    )
+    encoder.load_state_dict(as_loaded, strict=False)  # already in the model's dtypes
+
+
+def check_finite_state(state: Mapping[str, Any], origin: str, what: str = "") -> None:
+    """Refuse a state dict whose floating-point tensors hold NaN or infinity.
+
+    Such weights make every output of the model NaN (a fine-tuning whose loss diverged saves
+    them at its next checkpoint): refused when loaded, before anything is computed or written.
+
+    Args:
+        state: the state dict (non-tensor and integer entries are not checked).
+        origin: a name for the source, used in the message.
+        what: what counts as non-finite, for the message (default: NaN or infinity).
+
+    Raises:
+        CheckpointError: naming up to five of the tensors and how many values each holds.
+    """
     bad = [
-        f"{k.removeprefix('backbone.')} ({int((~torch.isfinite(v)).sum())} of {v.numel()} values)"
-        for k, v in as_loaded.items()
-        if v.is_floating_point() and not _all_finite(v)
+        f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()} values)"
+        for k, v in state.items()
+        if isinstance(v, Tensor) and v.is_floating_point() and not _all_finite(v)
     ]
     if bad:
         raise CheckpointError(
-            f"{origin} holds non-finite weights (NaN or infinity, or beyond the range of the "
-            f"model's {_dtype_name(next(iter(target.values())).dtype)}) in {len(bad)} tensor(s): "
-            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; every output of the model "
-            "would be NaN: the file is corrupt or comes from a diverged training run, use "
-            "another checkpoint"
+            f"{origin} holds non-finite weights{what or ' (NaN or infinity)'} in {len(bad)} "
+            f"tensor(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; every output of "
+            "the model would be NaN: the file is corrupt or comes from a diverged training "
+            "run, use another checkpoint (an earlier epoch's, or train with a lower learning "
+            "rate)"
         )
-    encoder.load_state_dict(as_loaded, strict=False)  # already in the model's dtypes
 
 
 def load_checkpoint(encoder: DOFAEncoder, resolution: WeightsResolution) -> None:
