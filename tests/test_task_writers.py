@@ -442,7 +442,8 @@ def test_a_diverged_tasks_checkpoint_is_refused_before_a_batch(
     torch.manual_seed(0)
     task = DOFAClassificationTask(num_classes=4, weights=None)
     with torch.no_grad():
-        task.head[1].weight[1, :5] = float("nan")  # (BatchNorm1d, Linear): as training left it
+        # head (BatchNorm1d, Linear): as a diverged training leaves it
+        task.get_parameter("head.1.weight")[1, :5] = float("nan")
     diverged = _save(task, tmp_path / "diverged.ckpt")
     message = (
         f"the checkpoint {diverged} holds non-finite weights (NaN or infinity) in 1 tensor(s): "
@@ -484,7 +485,7 @@ def test_a_prediction_that_overflows_is_refused_not_written(tmp_path: Path) -> N
     # an embedder: the same for its pooled vectors and grids
     embedder = DOFAEmbedder(weights=None)
     with torch.no_grad():
-        embedder.encoder.backbone.blocks[-1].mlp.fc2.bias.fill_(1e5)  # an fp16 matmul's
+        embedder.encoder.get_parameter("backbone.blocks.11.mlp.fc2.bias").fill_(1e5)  # fp16 matmul
     grid = tmp_path / "grid.tif"
     with pytest.raises(NonFiniteOutputError, match="DOFAEmbedder gave NaN or infinite"):
         cpu_trainer([GridWriter(grid)], plugins=fp16).predict(embedder, datamodule=dm)

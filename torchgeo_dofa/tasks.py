@@ -143,6 +143,11 @@ _LOADING_FILE: ContextVar[str | None] = ContextVar("_LOADING_FILE", default=None
 #: the checkpoint replaces (a fine-tuning run's original file need not exist where it loads).
 _RESTORING: ContextVar[str | None] = ContextVar("_RESTORING", default=None)
 
+#: Seed of the random encoder tensors a checkpoint without them gets where the task's
+#: ``weights`` are None (:meth:`_DOFATask._fill_unfilled_encoder`): one seed, so every DDP
+#: rank and every rerun draws the same encoder (as ``DOFAEmbedder(seed=...)`` does).
+_RANDOM_FILL_SEED = 0
+
 
 def _plain_value(value: Any) -> Any:
     """``value`` as plain Python.
@@ -441,11 +446,17 @@ class _DOFATask(BaseTask):
         if self.hparams["weights"] is None:
             _warnings.warn(
                 f"the checkpoint lacks {len(missing)} of the encoder's tensors and the task's "
-                "weights are None: they are drawn at random, not the ones it was trained "
-                "with; save checkpoints with the whole encoder (no strict_loading=False), or "
-                "build the task on weights a file holds"
+                f"weights are None: they are drawn at random (seed {_RANDOM_FILL_SEED}), not "
+                "the ones it was trained with; save checkpoints with the whole encoder (no "
+                "strict_loading=False), or build the task on weights a file holds"
             )
-        source = self._encoder_as_configured()
+            # the same draw in every process (DDP ranks, reruns); the global RNG untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_RANDOM_FILL_SEED)
+                source = self._encoder_as_configured()
+            source.weights_id = f"random (seed {_RANDOM_FILL_SEED})"
+        else:
+            source = self._encoder_as_configured()
         whole = missing == set(self.encoder.state_dict())
         state = {k: v for k, v in source.state_dict().items() if k in missing}
         with torch.inference_mode(False), torch.no_grad():
