@@ -1656,13 +1656,14 @@ def test_a_checkpoint_of_a_task_built_in_python_predicts_from_the_command(
     assert not table.exists()
 
 
-def test_a_ckpt_path_keyword_naming_no_checkpoint_is_refused(
+def test_a_ckpt_path_keyword_is_checked_as_the_file_it_names(
     tmp_path, monkeypatch, capsys, base_checkpoint
 ) -> None:
     """Lightning's ``--ckpt_path last`` found no last checkpoint in a new ``predict`` and only
     warned, so the task's untrained head wrote a table (exit 0); ``best`` (a fit's in the same
-    process) and ``hpc`` ended in Lightning's ``ValueError`` traceback. Where the trainer's
-    ``ModelCheckpoint`` folder has a last checkpoint, ``last`` predicts with it."""
+    process) and ``hpc`` ended in Lightning's ``ValueError`` traceback. A file ``last`` did
+    find skipped the checks of a file given by name: a truncated one, another task's or one
+    saved with other settings ended in tracebacks. Where it matches, it predicts."""
     monkeypatch.chdir(tmp_path)
     configs = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs"
     table = tmp_path / "classes.parquet"
@@ -1673,11 +1674,13 @@ def test_a_ckpt_path_keyword_naming_no_checkpoint_is_refused(
         "--model.init_args.weights", str(base_checkpoint), "--model.init_args.num_classes", "3",
         "--model.init_args.head_norm", "false",
     ]  # fmt: skip
+    # Lightning's own ModelCheckpoint (the predict configs name none) looks in ./checkpoints
+    folder = tmp_path / "checkpoints"
     for keyword, reason in [
-        ("last", "the trainer's ModelCheckpoint folder has no last checkpoint, so the predict "
-         "would use the task's untrained head"),
+        ("last", f"no last checkpoint in {folder}, where the trainer's ModelCheckpoint looks, "
+         "so the predict would use the task's untrained head"),
         ("best", "'best' is the best checkpoint of a fit run earlier in the same process, and "
-         "a predict command runs none"),
+         "this command has run none"),
         ("hpc", "'hpc' is a SLURM requeue checkpoint, and none was found"),
     ]:  # fmt: skip
         assert main([*predict, "--ckpt_path", keyword]) == 2
@@ -1687,15 +1690,42 @@ def test_a_ckpt_path_keyword_naming_no_checkpoint_is_refused(
             "checkpoints/, e.g. last.ckpt)\n"
         )
         assert not table.exists()
-    # the folder of the trainer's ModelCheckpoint holds a last checkpoint: Lightning loads it
+    last = folder / "last.ckpt"
+    # found, but saved with other settings: refused as LightningCLI would not build it
+    _save_from_python(
+        DOFAClassificationTask(num_classes=4, weights=str(base_checkpoint), head_norm=False), last
+    )
+    assert main([*predict, "--ckpt_path", "last"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"torchgeo-dofa: --ckpt_path last is {last}\ntorchgeo-dofa: error: --ckpt_path last is "
+        f"{last}, saved by a task with other settings than the config's: num_classes=4 (the "
+        f"config: 3); give it by name (--ckpt_path {last}), which builds the task it saved, or "
+        "give the config those settings\n"
+    )
+    # another task's, and a truncated one: as when given by name
+    segmentation = DOFASegmentationTask(num_classes=3, weights=str(base_checkpoint))
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(segmentation)
+    trainer.save_checkpoint(last)
+    assert main([*predict, "--ckpt_path", "last"]) == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith(
+        f"torchgeo-dofa: error: {last} is a checkpoint of DOFASegmentationTask, but the "
+        "config's model is DOFAClassificationTask"
+    )
+    last.write_bytes(last.read_bytes()[: 2**20])
+    assert main([*predict, "--ckpt_path", "last"]) == 2
+    assert "is not a readable PyTorch checkpoint" in capsys.readouterr().err.splitlines()[-1]
+    assert not table.exists()
+    # a matching one in the folder of the trainer's ModelCheckpoint: Lightning loads it
     task = DOFAClassificationTask(num_classes=3, weights=str(base_checkpoint), head_norm=False)
-    saved = _save_from_python(task, tmp_path / "checkpoints" / "last.ckpt")
+    _save_from_python(task, last)
     keep = [
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        "--trainer.callbacks.dirpath", str(saved.parent), "--trainer.callbacks.save_last", "true",
+        "--trainer.callbacks.dirpath", str(folder), "--trainer.callbacks.save_last", "true",
     ]  # fmt: skip
     assert main([*predict, *keep, "--ckpt_path", "last"]) == 0, capsys.readouterr().err
-    _assert_the_tasks_table(gpd.read_parquet(table), task, saved)
+    _assert_the_tasks_table(gpd.read_parquet(table), task, last)
 
 
 class _KeepBatch(pl.Callback):

@@ -25,7 +25,7 @@ from torchgeo_dofa.datamodules import DOFAPredictDataModule
 from torchgeo_dofa.embedder import DOFAEmbedder, NonFiniteOutputError
 from torchgeo_dofa.spatial import BBox, PointBuffer
 from torchgeo_dofa.tasks import DOFAClassificationTask, DOFASegmentationTask
-from torchgeo_dofa.weights import CheckpointError
+from torchgeo_dofa.weights import STATE_DIGEST_KEY, CheckpointError
 from torchgeo_dofa.writers import (
     ClassificationWriter,
     GridWriter,
@@ -436,9 +436,10 @@ def test_a_stopped_prediction_from_a_checkpoint_is_advised_to_resume(
 def test_a_diverged_tasks_checkpoint_is_refused_before_a_batch(
     tmp_path: Path, classification: DOFAClassificationTask
 ) -> None:
-    """A fine-tuning whose loss became NaN saves NaN weights: predicted, every class was
-    ``argmax`` of NaN, 0, written as if the model had chosen it. Its load now names the
-    tensors, from Python and through ``Trainer.predict(ckpt_path=...)``, before any part."""
+    """A fine-tuning whose loss became NaN saves NaN weights: predicted, a table failed with a
+    misleading write error ("read back other probabilities values than written") and a map
+    wrote the NaN pixels as no-data. Its load now names the file and the tensors, from Python
+    and through ``Trainer.predict(ckpt_path=...)``, before any part."""
     torch.manual_seed(0)
     task = DOFAClassificationTask(num_classes=4, weights=None)
     with torch.no_grad():
@@ -456,8 +457,23 @@ def test_a_diverged_tasks_checkpoint_is_refused_before_a_batch(
     trainer = cpu_trainer([ClassificationWriter(path)])
     with pytest.raises(CheckpointError) as info:
         trainer.predict(classification, datamodule=DOFAPredictDataModule(SCENE), ckpt_path=diverged)
-    assert "head.1.weight (5 of 3072 values)" in str(info.value)
+    assert str(info.value).startswith(message)
     assert not path.exists() and not parts_dir(path).exists()
+    # judged as the task holds them: a float64 1e300 would load as infinity; a key the task
+    # has not (ignored by a load with strict=False) is not judged
+    ckpt = torch.load(_save(classification, diverged), weights_only=True)
+    del ckpt[STATE_DIGEST_KEY]  # edited after saving
+    ckpt["state_dict"]["extra.unused"] = torch.full((2,), float("nan"))
+    torch.save(ckpt, diverged)
+    DOFAClassificationTask.load_from_checkpoint(diverged, strict=False)
+    ckpt["state_dict"]["head.1.bias"] = torch.tensor([1e300, 0.0, 0.0, 0.0], dtype=torch.float64)
+    torch.save(ckpt, diverged)
+    with pytest.raises(CheckpointError) as info:
+        DOFAClassificationTask.load_from_checkpoint(diverged, strict=False)
+    assert str(info.value).startswith(
+        f"the checkpoint {diverged} holds non-finite weights (NaN or infinity, or beyond the "
+        "range of the task's float32) in 1 tensor(s): head.1.bias (1 of 4 values)"
+    )
 
 
 def test_a_prediction_that_overflows_is_refused_not_written(tmp_path: Path) -> None:

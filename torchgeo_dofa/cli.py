@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import logging
 import math
 import os
@@ -1096,26 +1097,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                     configured,
                 )
             if used and used != configured:
-                ckpt = self.config[sub].get("ckpt_path")
-                if _is_embedder(configured):
-                    raise CheckpointError(
-                        f"{ckpt} is a checkpoint of {used.rsplit('.', 1)[-1]}, but the "
-                        f"config's model is {configured.rsplit('.', 1)[-1]}, which takes a "
-                        "fine-tuned task's encoder as its weights, not as --ckpt_path: give "
-                        f"--model.init_args.weights {ckpt} instead"
-                    )
-                task = used.rsplit(".", 1)[-1]
-                fix = f"set model.class_path to {used}"
-                if sub == "predict" and task in _TASK_PREDICT_CONFIGS:
-                    # the config's writer is the other task's: its own config has the right one
-                    config = Path(__file__).resolve().parent / "configs"
-                    fix = "predict it with its own config: " + _predict_command(
-                        config / _TASK_PREDICT_CONFIGS[task], ckpt
-                    )
-                raise CheckpointError(
-                    f"{ckpt} is a checkpoint of {task}, but the config's model is "
-                    f"{configured.rsplit('.', 1)[-1]}: give a checkpoint of that task, or {fix}"
-                )
+                _refuse_other_task(self.config[sub].get("ckpt_path"), used, configured, sub)
 
         def instantiate_classes(self) -> None:
             """Build a task whose ``--ckpt_path`` fills it without reading its ``weights``.
@@ -1138,7 +1120,9 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             trainer = super().instantiate_trainer(**kwargs)
             trainers.append(trainer)  # to clean up after a failure (LightningCLI raises in init)
             if self.subcommand:
-                _check_ckpt_keyword(trainer, self.subcommand, self.config[self.subcommand])
+                _check_ckpt_keyword(
+                    trainer, self.model, self.subcommand, self.config[self.subcommand]
+                )
             if self.subcommand == "predict":
                 _check_predictions_written(trainer, self.model, self.config["predict"])
             trainer.callbacks.append(stop)  # type: ignore[attr-defined]
@@ -1199,19 +1183,25 @@ def _a_local_path(ckpt: Any) -> bool:
     )
 
 
-def _check_ckpt_keyword(trainer: Any, subcommand: str, section: Any) -> None:
-    """Refuse a ``--ckpt_path`` keyword (``last``, ``best``, ``hpc``) that names no checkpoint.
+def _check_ckpt_keyword(trainer: Any, model: Any, subcommand: str, section: Any) -> None:
+    """Check a ``--ckpt_path`` keyword (``last``, ``best``, ``hpc``) as a file name is checked.
 
     Lightning resolves the keyword from the trainer's own callbacks when the subcommand runs:
     ``best`` is the best checkpoint of a fit in the same process (a new command has none) and
-    raised a ``ValueError`` traceback; ``last`` found no last checkpoint of this trainer's
-    ``ModelCheckpoint`` and only warned, so ``predict --ckpt_path last`` mapped with the
-    task's untrained head and ``validate`` / ``test`` scored it. Here the keyword is resolved
-    with Lightning's own resolution before the trainer runs; ``fit --ckpt_path last`` with no
-    last checkpoint still starts anew (Lightning's "set it and forget it" before a first fit).
+    raised a ``ValueError`` traceback; ``last`` found no last checkpoint in the folder of the
+    trainer's ``ModelCheckpoint`` and only warned, so ``predict --ckpt_path last`` mapped
+    with the task's untrained head and ``validate`` / ``test`` scored it. Where it found one,
+    the file skipped what a checkpoint given by name gets (its check for damage, its class,
+    its settings replacing the config's), so a truncated file or another task's settings
+    ended in a traceback. Here the keyword is resolved with Lightning's own resolution before
+    the trainer runs and the file it names is said on stderr and checked; ``fit --ckpt_path
+    last`` with no last checkpoint still starts anew (Lightning's "set it and forget it").
 
     Raises:
-        CheckpointError: the keyword names no checkpoint, with the file to give instead.
+        CheckpointError: the keyword names no checkpoint (saying where ``last`` looked), the
+            file it names is damaged or not a Lightning checkpoint, is another task's, or
+            was saved with other model settings than the config's (give it by name: its
+            settings then replace the config's).
     """
     ckpt = section.get("ckpt_path") if section is not None else None
     if ckpt not in ("last", "best", "hpc"):
@@ -1220,7 +1210,8 @@ def _check_ckpt_keyword(trainer: Any, subcommand: str, section: Any) -> None:
 
     from lightning.pytorch.trainer.states import TrainerFn
 
-    from .weights import CheckpointError
+    from .locks import is_launcher
+    from .weights import CheckpointError, verify_checkpoint_file
 
     fn = {
         "fit": TrainerFn.FITTING,
@@ -1230,27 +1221,89 @@ def _check_ckpt_keyword(trainer: Any, subcommand: str, section: Any) -> None:
     }.get(subcommand)
     connector = getattr(trainer, "_checkpoint_connector", None)
     parse = getattr(connector, "_parse_ckpt_path", None)
-    if fn is None or not callable(parse) or (ckpt == "last" and fn == TrainerFn.FITTING):
-        return  # another Lightning decides alone; a first fit may be given "last"
+    if fn is None or not callable(parse):
+        return  # another Lightning decides alone
     try:
         with warnings.catch_warnings():  # Lightning's warning that "last" found nothing
             warnings.simplefilter("ignore")
             found = parse(fn, ckpt, model_provided=True, model_connected=False)
     except ValueError:
         found = None
-    if found is not None:
-        return
-    reason = {
-        "best": f"'best' is the best checkpoint of a fit run earlier in the same process, and a "
-        f"{subcommand} command runs none",
-        "hpc": "'hpc' is a SLURM requeue checkpoint, and none was found",
-        "last": "the trainer's ModelCheckpoint folder has no last checkpoint, so the "
-        f"{subcommand} would use the task's untrained head",
-    }[ckpt]
-    raise CheckpointError(
-        f"--ckpt_path {ckpt} names no checkpoint here ({reason}): give the checkpoint file "
-        "instead (a fit's are in logs/<name>/version_<n>/checkpoints/, e.g. last.ckpt)"
+    if found is None and ckpt == "last" and fn == TrainerFn.FITTING:
+        return  # a first fit may be given "last"
+    if found is None:
+        folders = ", ".join(_last_checkpoint_folders(trainer))
+        looked = (
+            f"no last checkpoint in {folders}, where the trainer's ModelCheckpoint looks"
+            if folders
+            else "the trainer has no ModelCheckpoint folder to look in"
+        )
+        reason = {
+            "best": "'best' is the best checkpoint of a fit run earlier in the same process, "
+            "and this command has run none",
+            "hpc": "'hpc' is a SLURM requeue checkpoint, and none was found",
+            "last": f"{looked}, so the {subcommand} would use the task's untrained head",
+        }[ckpt]
+        raise CheckpointError(
+            f"--ckpt_path {ckpt} names no checkpoint here ({reason}): give the checkpoint file "
+            "instead (a fit's are in logs/<name>/version_<n>/checkpoints/, e.g. last.ckpt)"
+        )
+    if is_launcher():
+        print(f"torchgeo-dofa: --ckpt_path {ckpt} is {found}", file=sys.stderr)
+    if not _a_local_path(found) or not Path(found).is_file():
+        return  # a remote checkpoint: Lightning's to read
+    verify_checkpoint_file(found, lightning=True)
+    import torch
+
+    saved = torch.load(found, weights_only=True, map_location="cpu", mmap=True)
+    hparams = dict(saved.get("hyper_parameters") or {})
+    hparams.pop("_instantiator", None)
+    configured = f"{type(model).__module__}.{type(model).__qualname__}"
+    used = hparams.pop("_class_path", None) or _python_checkpoints_task(
+        saved.get("state_dict") or {}, configured
     )
+    if used and used != configured:
+        _refuse_other_task(found, used, configured, subcommand)
+    current = _plain(getattr(model, "hparams", None))
+    differ = [
+        f"{key}={hparams[key]!r} (the config: {current[key]!r})"
+        for key in sorted(set(hparams) & set(current))
+        if key != "weights" and _setting(hparams[key]) != _setting(current[key])
+    ]
+    if differ:
+        raise CheckpointError(
+            f"--ckpt_path {ckpt} is {found}, saved by a task with other settings than the "
+            f"config's: {', '.join(differ)}; give it by name (--ckpt_path {found}), which "
+            "builds the task it saved, or give the config those settings"
+        )
+
+
+def _last_checkpoint_folders(trainer: Any) -> list[str]:
+    """The folders where ``--ckpt_path last`` looks: each ``ModelCheckpoint``'s of ``trainer``.
+
+    A callback without ``dirpath`` writes under the logger's next ``version_<n>`` (a new
+    run's, empty) or ``default_root_dir/checkpoints`` without a logger, as Lightning resolves
+    it at set-up (its private resolution; a callback it cannot resolve is left out).
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    folders = []
+    for callback in getattr(trainer, "checkpoint_callbacks", []):
+        if not isinstance(callback, ModelCheckpoint):
+            continue
+        folder = callback.dirpath
+        resolve = getattr(callback, "_ModelCheckpoint__resolve_ckpt_dir", None)
+        if folder is None and callable(resolve):
+            with contextlib.suppress(Exception):
+                folder = resolve(trainer)
+        if folder is not None:
+            folders.append(str(folder))
+    return folders
+
+
+def _setting(value: Any) -> str:
+    """A model setting as compared across a checkpoint and a config (tuples as lists)."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _predict_command(config: Path, ckpt: Any) -> str:
@@ -1267,6 +1320,36 @@ _TASK_PREDICT_CONFIGS = {
     "DOFASegmentationTask": "predict_segmentation.yaml",
     "DOFAClassificationTask": "predict_classification.yaml",
 }
+
+
+def _refuse_other_task(ckpt: Any, used: str, configured: str, subcommand: str) -> None:
+    """Refuse checkpoint ``ckpt`` of task class ``used`` under a config's ``configured`` model.
+
+    Raises:
+        CheckpointError: naming both classes and the fix (the embedder's weights, the class
+            path, or the task's own predict config).
+    """
+    from .weights import CheckpointError
+
+    if _is_embedder(configured):
+        raise CheckpointError(
+            f"{ckpt} is a checkpoint of {used.rsplit('.', 1)[-1]}, but the "
+            f"config's model is {configured.rsplit('.', 1)[-1]}, which takes a "
+            "fine-tuned task's encoder as its weights, not as --ckpt_path: give "
+            f"--model.init_args.weights {ckpt} instead"
+        )
+    task = used.rsplit(".", 1)[-1]
+    fix = f"set model.class_path to {used}"
+    if subcommand == "predict" and task in _TASK_PREDICT_CONFIGS:
+        # the config's writer is the other task's: its own config has the right one
+        config = Path(__file__).resolve().parent / "configs"
+        fix = "predict it with its own config: " + _predict_command(
+            config / _TASK_PREDICT_CONFIGS[task], ckpt
+        )
+    raise CheckpointError(
+        f"{ckpt} is a checkpoint of {task}, but the config's model is "
+        f"{configured.rsplit('.', 1)[-1]}: give a checkpoint of that task, or {fix}"
+    )
 
 
 def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:

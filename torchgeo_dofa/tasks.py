@@ -424,8 +424,32 @@ class _DOFATask(BaseTask):
             CheckpointError: for tensors holding NaN / infinity (a fine-tuning whose loss
                 diverged), before any is loaded: every prediction would be NaN.
         """
-        origin = getattr(self, "_restored_from", None)
-        check_finite_state(state_dict, f"the checkpoint {origin}" if origin else "the state dict")
+        trainer = getattr(self, "_trainer", None)  # Lightning's restore: the file it reads
+        origin = getattr(trainer, "ckpt_path", None) or getattr(self, "_restored_from", None)
+        own = self.state_dict()
+        # judged as the task will hold them (a float64 1e300 loads as infinity); keys the
+        # task has not are refused or ignored by the load itself, so not judged here
+        as_held = {
+            k: v.to(own[k].dtype)
+            if isinstance(v, Tensor) and v.is_floating_point() and v.dtype != own[k].dtype
+            else v
+            for k, v in state_dict.items()
+            if k in own
+        }
+        cast = sorted(
+            {
+                str(v.dtype).removeprefix("torch.")
+                for k, v in as_held.items()
+                if v is not state_dict[k]
+            }
+        )
+        check_finite_state(
+            as_held,
+            f"the checkpoint {origin}" if origin else "the state dict",
+            f" (NaN or infinity, or beyond the range of the task's {' / '.join(cast)})"
+            if cast
+            else "",
+        )
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         if getattr(self, "_encoder_keys_to_fill", None):
             given = {k.removeprefix("encoder.") for k in state_dict if k.startswith("encoder.")}
