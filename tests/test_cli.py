@@ -1662,8 +1662,8 @@ def test_a_ckpt_path_keyword_is_checked_as_the_file_it_names(
     """Lightning's ``--ckpt_path last`` found no last checkpoint in a new ``predict`` and only
     warned, so the task's untrained head wrote a table (exit 0); ``best`` (a fit's in the same
     process) and ``hpc`` ended in Lightning's ``ValueError`` traceback. A file ``last`` did
-    find skipped the checks of a file given by name: a truncated one, another task's or one
-    saved with other settings ended in tracebacks. Where it matches, it predicts."""
+    find was not taken as a file given by name: a truncated one, another task's or one saved
+    with other settings ended in tracebacks. Now it is, and predicts."""
     monkeypatch.chdir(tmp_path)
     configs = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs"
     table = tmp_path / "classes.parquet"
@@ -1691,17 +1691,16 @@ def test_a_ckpt_path_keyword_is_checked_as_the_file_it_names(
         )
         assert not table.exists()
     last = folder / "last.ckpt"
-    # found, but saved with other settings: refused as LightningCLI would not build it
-    _save_from_python(
-        DOFAClassificationTask(num_classes=4, weights=str(base_checkpoint), head_norm=False), last
-    )
-    assert main([*predict, "--ckpt_path", "last"]) == 2
-    assert capsys.readouterr().err.endswith(
-        f"torchgeo-dofa: --ckpt_path last is {last}\ntorchgeo-dofa: error: --ckpt_path last is "
-        f"{last}, saved by a task with other settings than the config's: num_classes=4 (the "
-        f"config: 3); give it by name (--ckpt_path {last}), which builds the task it saved, or "
-        "give the config those settings\n"
-    )
+    # found, saved with other settings: they replace the config's, as for a file given by
+    # name (the config's num_classes=3 built a head the 4-class checkpoint failed to fill)
+    four = DOFAClassificationTask(num_classes=4, weights=str(base_checkpoint), head_norm=False)
+    _save_from_python(four, last)
+    assert main([*predict, "--ckpt_path", "last"]) == 0
+    err = capsys.readouterr().err
+    assert f"torchgeo-dofa: --ckpt_path last is {last}\n" in err
+    assert "hyperparameters replace the config's: num_classes=4 (the config said 3); to" in err
+    _assert_the_tasks_table(gpd.read_parquet(table), four, last)
+    table.unlink()
     # another task's, and a truncated one: as when given by name
     segmentation = DOFASegmentationTask(num_classes=3, weights=str(base_checkpoint))
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)

@@ -466,6 +466,16 @@ def test_a_diverged_tasks_checkpoint_is_refused_before_a_batch(
     ckpt["state_dict"]["extra.unused"] = torch.full((2,), float("nan"))
     torch.save(ckpt, diverged)
     DOFAClassificationTask.load_from_checkpoint(diverged, strict=False)
+    # ... which a strict restore refuses in one line naming the file, not torch's report
+    with pytest.raises(CheckpointError) as info:
+        cpu_trainer([ClassificationWriter(path)]).predict(
+            classification, datamodule=DOFAPredictDataModule(SCENE), ckpt_path=diverged
+        )
+    assert str(info.value).startswith(
+        f"the checkpoint {diverged} does not fit DOFAClassificationTask as configured: "
+        'Unexpected key(s) in state_dict: "extra.unused". (a checkpoint of other task settings'
+    )
+    assert "\n" not in str(info.value) and not path.exists()
     ckpt["state_dict"]["head.1.bias"] = torch.tensor([1e300, 0.0, 0.0, 0.0], dtype=torch.float64)
     torch.save(ckpt, diverged)
     with pytest.raises(CheckpointError) as info:

@@ -1120,9 +1120,14 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             trainer = super().instantiate_trainer(**kwargs)
             trainers.append(trainer)  # to clean up after a failure (LightningCLI raises in init)
             if self.subcommand:
-                _check_ckpt_keyword(
+                rebuilt = _check_ckpt_keyword(
                     trainer, self.model, self.subcommand, self.config[self.subcommand]
                 )
+                if rebuilt is not None:  # LightningCLI runs the subcommand on self.model
+                    self.model = rebuilt
+                    with contextlib.suppress(Exception):  # the model built first: freed
+                        self.config_init[self.subcommand]["model"] = rebuilt
+                    self._add_configure_optimizers_method_to_model(self.subcommand)
             if self.subcommand == "predict":
                 _check_predictions_written(trainer, self.model, self.config["predict"])
             trainer.callbacks.append(stop)  # type: ignore[attr-defined]
@@ -1183,8 +1188,8 @@ def _a_local_path(ckpt: Any) -> bool:
     )
 
 
-def _check_ckpt_keyword(trainer: Any, model: Any, subcommand: str, section: Any) -> None:
-    """Check a ``--ckpt_path`` keyword (``last``, ``best``, ``hpc``) as a file name is checked.
+def _check_ckpt_keyword(trainer: Any, model: Any, subcommand: str, section: Any) -> Any | None:
+    """Take a ``--ckpt_path`` keyword (``last``, ``best``, ``hpc``) as the file it names.
 
     Lightning resolves the keyword from the trainer's own callbacks when the subcommand runs:
     ``best`` is the best checkpoint of a fit in the same process (a new command has none) and
@@ -1194,18 +1199,21 @@ def _check_ckpt_keyword(trainer: Any, model: Any, subcommand: str, section: Any)
     the file skipped what a checkpoint given by name gets (its check for damage, its class,
     its settings replacing the config's), so a truncated file or another task's settings
     ended in a traceback. Here the keyword is resolved with Lightning's own resolution before
-    the trainer runs and the file it names is said on stderr and checked; ``fit --ckpt_path
-    last`` with no last checkpoint still starts anew (Lightning's "set it and forget it").
+    the trainer runs, and the file it names is said on stderr and taken as a file given by
+    name is: checked, and the task rebuilt from its settings where they differ from the
+    config's (said as for a named file), for that file to fill. ``fit --ckpt_path last``
+    with no last checkpoint still starts anew (Lightning's "set it and forget it").
+
+    Returns:
+        The task rebuilt from the checkpoint's settings, or None where ``model`` stays.
 
     Raises:
-        CheckpointError: the keyword names no checkpoint (saying where ``last`` looked), the
-            file it names is damaged or not a Lightning checkpoint, is another task's, or
-            was saved with other model settings than the config's (give it by name: its
-            settings then replace the config's).
+        CheckpointError: the keyword names no checkpoint (saying where ``last`` looked), or
+            the file it names is damaged, not a Lightning checkpoint, or another task's.
     """
     ckpt = section.get("ckpt_path") if section is not None else None
     if ckpt not in ("last", "best", "hpc"):
-        return
+        return None
     import warnings
 
     from lightning.pytorch.trainer.states import TrainerFn
@@ -1222,7 +1230,7 @@ def _check_ckpt_keyword(trainer: Any, model: Any, subcommand: str, section: Any)
     connector = getattr(trainer, "_checkpoint_connector", None)
     parse = getattr(connector, "_parse_ckpt_path", None)
     if fn is None or not callable(parse):
-        return  # another Lightning decides alone
+        return None  # another Lightning decides alone
     try:
         with warnings.catch_warnings():  # Lightning's warning that "last" found nothing
             warnings.simplefilter("ignore")
@@ -1230,7 +1238,7 @@ def _check_ckpt_keyword(trainer: Any, model: Any, subcommand: str, section: Any)
     except ValueError:
         found = None
     if found is None and ckpt == "last" and fn == TrainerFn.FITTING:
-        return  # a first fit may be given "last"
+        return None  # a first fit may be given "last"
     if found is None:
         folders = ", ".join(_last_checkpoint_folders(trainer))
         looked = (
@@ -1251,7 +1259,7 @@ def _check_ckpt_keyword(trainer: Any, model: Any, subcommand: str, section: Any)
     if is_launcher():
         print(f"torchgeo-dofa: --ckpt_path {ckpt} is {found}", file=sys.stderr)
     if not _a_local_path(found) or not Path(found).is_file():
-        return  # a remote checkpoint: Lightning's to read
+        return None  # a remote checkpoint: Lightning's to read
     verify_checkpoint_file(found, lightning=True)
     import torch
 
@@ -1264,18 +1272,33 @@ def _check_ckpt_keyword(trainer: Any, model: Any, subcommand: str, section: Any)
     )
     if used and used != configured:
         _refuse_other_task(found, used, configured, subcommand)
+    if not hparams:
+        return None
     current = _plain(getattr(model, "hparams", None))
-    differ = [
-        f"{key}={hparams[key]!r} (the config: {current[key]!r})"
-        for key in sorted(set(hparams) & set(current))
-        if key != "weights" and _setting(hparams[key]) != _setting(current[key])
-    ]
-    if differ:
-        raise CheckpointError(
-            f"--ckpt_path {ckpt} is {found}, saved by a task with other settings than the "
-            f"config's: {', '.join(differ)}; give it by name (--ckpt_path {found}), which "
-            "builds the task it saved, or give the config those settings"
-        )
+    if all(key in current and _setting(current[key]) == _setting(v) for key, v in hparams.items()):
+        return None
+    # the settings it was saved with, as LightningCLI takes a file given by name
+    _warn_replaced_by_checkpoint(
+        found,
+        _plain((section.get("model") or {}).get("init_args")),
+        hparams,
+        configured,
+    )
+    from .tasks import restoring_from
+
+    cls = type(model)
+    with restoring_from(found):
+        return cls(**_accepted(cls, hparams))
+
+
+def _accepted(cls: type, settings: dict[str, Any]) -> dict[str, Any]:
+    """The ``settings`` ``cls.__init__`` takes (all of them where it takes ``**kwargs``)."""
+    import inspect
+
+    parameters = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return settings
+    return {k: v for k, v in settings.items() if k in parameters}
 
 
 def _last_checkpoint_folders(trainer: Any) -> list[str]:

@@ -206,6 +206,11 @@ def restoring_from(checkpoint: str | os.PathLike[str]) -> Iterator[None]:
         _RESTORING.reset(token)
 
 
+def _clipped(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters (a list of 172 key names is not one line's worth)."""
+    return text if len(text) <= limit else text[: limit - 5] + " ...."
+
+
 def _batch_of_one(norm: str, fix: str) -> str:
     """The message for a training batch of one chip through a BatchNorm that needs two."""
     return (
@@ -422,7 +427,8 @@ class _DOFATask(BaseTask):
 
         Raises:
             CheckpointError: for tensors holding NaN / infinity (a fine-tuning whose loss
-                diverged), before any is loaded: every prediction would be NaN.
+                diverged), before any is loaded: every prediction would be NaN; for keys or
+                shapes that do not fit the task (torch's report, one line, naming the source).
         """
         trainer = getattr(self, "_trainer", None)  # Lightning's restore: the file it reads
         origin = getattr(trainer, "ckpt_path", None) or getattr(self, "_restored_from", None)
@@ -443,14 +449,29 @@ class _DOFATask(BaseTask):
                 if v is not state_dict[k]
             }
         )
+        source = f"the checkpoint {origin}" if origin else "the state dict"
         check_finite_state(
             as_held,
-            f"the checkpoint {origin}" if origin else "the state dict",
+            source,
             f" (NaN or infinity, or beyond the range of the task's {' / '.join(cast)})"
             if cast
             else "",
         )
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        try:
+            result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as err:  # torch's multi-line report of keys and shapes
+            # load_from_checkpoint names the fix itself (another task, a changed setting)
+            if "Error(s) in loading state_dict" not in str(err) or _LOADING_FILE.get():
+                raise
+            problems = [
+                _clipped(line.strip()) for line in str(err).splitlines()[1:] if line.strip()
+            ]
+            raise CheckpointError(
+                f"{source} does not fit {type(self).__name__} as configured: "
+                + " ".join(problems)
+                + " (a checkpoint of other task settings, e.g. num_classes, or of another "
+                "package version; a state dict with other keys loads with strict=False)"
+            ) from err
         if getattr(self, "_encoder_keys_to_fill", None):
             given = {k.removeprefix("encoder.") for k in state_dict if k.startswith("encoder.")}
             self._encoder_keys_to_fill -= given
