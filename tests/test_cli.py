@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import rasterio
 import torch
+import yaml
 from pyproj import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window, from_bounds
@@ -1701,6 +1702,9 @@ def test_a_ckpt_path_keyword_is_checked_as_the_file_it_names(
     assert "hyperparameters replace the config's: num_classes=4 (the config said 3); to" in err
     _assert_the_tasks_table(gpd.read_parquet(table), four, last)
     table.unlink()
+    # ... and the config the run saves says so (it said the config's num_classes=3)
+    saved_config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved_config["model"]["init_args"]["num_classes"] == 4
     # another task's, and a truncated one: as when given by name
     segmentation = DOFASegmentationTask(num_classes=3, weights=str(base_checkpoint))
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)

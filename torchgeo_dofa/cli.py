@@ -1128,10 +1128,32 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                     with contextlib.suppress(Exception):  # the model built first: freed
                         self.config_init[self.subcommand]["model"] = rebuilt
                     self._add_configure_optimizers_method_to_model(self.subcommand)
+                    self._record_model_settings(trainer, rebuilt)
             if self.subcommand == "predict":
                 _check_predictions_written(trainer, self.model, self.config["predict"])
             trainer.callbacks.append(stop)  # type: ignore[attr-defined]
             return trainer
+
+        def _record_model_settings(self, trainer: pl.Trainer, model: Any) -> None:
+            """Put ``model``'s settings in the config the run saves (``config.yaml``).
+
+            As LightningCLI does for a ``--ckpt_path`` file given by name, whose settings
+            replace the config's before the config is saved.
+            """
+            from lightning.pytorch.cli import SaveConfigCallback
+
+            sub = self.subcommand
+            model_config = {
+                "class_path": f"{type(model).__module__}.{type(model).__qualname__}",
+                "init_args": _accepted(type(model), _plain(model.hparams)),
+            }
+            try:
+                self.config = self.parser.parse_object({sub: {"model": model_config}}, self.config)
+            except (SystemExit, Exception):  # the saved config keeps the config's settings
+                return
+            for callback in trainer.callbacks:  # type: ignore[attr-defined]
+                if isinstance(callback, SaveConfigCallback):
+                    callback.config = self.config[sub]
 
     # the writers take their folders' locks when made, before the model loads
     with stop, lock_outputs_when_made():
