@@ -1056,19 +1056,11 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             ckpt_path = self.config[sub].get("ckpt_path") if sub else None
             if not ckpt_path or not Path(ckpt_path).is_file():
                 return
-            import torch
-
-            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-            hparams = ckpt.get("hyper_parameters", {})
-            hparams.pop("_instantiator", None)
-            if not hparams:
+            class_path, hparams = _saved_task(
+                ckpt_path, (self.config[sub].get("model") or {}).get("class_path")
+            )
+            if hparams is None:
                 return
-            class_path = hparams.pop("_class_path", None)
-            if class_path is None:
-                class_path = _python_checkpoints_task(
-                    ckpt.get("state_dict") or {},
-                    (self.config[sub].get("model") or {}).get("class_path"),
-                )
             if class_path is not None:
                 hparams = {"class_path": class_path, "dict_kwargs": hparams}
             try:
@@ -1243,16 +1235,11 @@ def _check_ckpt_keyword(trainer: Any, model: Any, subcommand: str, section: Any)
     from .locks import is_launcher
     from .weights import CheckpointError, verify_checkpoint_file
 
-    fn = {
-        "fit": TrainerFn.FITTING,
-        "validate": TrainerFn.VALIDATING,
-        "test": TrainerFn.TESTING,
-        "predict": TrainerFn.PREDICTING,
-    }.get(subcommand)
     connector = getattr(trainer, "_checkpoint_connector", None)
     parse = getattr(connector, "_parse_ckpt_path", None)
-    if fn is None or not callable(parse):
+    if subcommand not in {f.value for f in TrainerFn} or not callable(parse):
         return None  # another Lightning decides alone
+    fn = TrainerFn(subcommand)  # "fit", "validate", "test", "predict"
     try:
         with warnings.catch_warnings():  # Lightning's warning that "last" found nothing
             warnings.simplefilter("ignore")
@@ -1283,15 +1270,8 @@ def _check_ckpt_keyword(trainer: Any, model: Any, subcommand: str, section: Any)
     if not _a_local_path(found) or not Path(found).is_file():
         return None  # a remote checkpoint: Lightning's to read
     verify_checkpoint_file(found, lightning=True)
-    import torch
-
-    saved = torch.load(found, weights_only=True, map_location="cpu", mmap=True)
-    hparams = dict(saved.get("hyper_parameters") or {})
-    hparams.pop("_instantiator", None)
     configured = f"{type(model).__module__}.{type(model).__qualname__}"
-    used = hparams.pop("_class_path", None) or _python_checkpoints_task(
-        saved.get("state_dict") or {}, configured
-    )
+    used, hparams = _saved_task(found, configured)
     if used and used != configured:
         _refuse_other_task(found, used, configured, subcommand)
     if not hparams:
@@ -1493,6 +1473,33 @@ def _warn_replaced_by_checkpoint(
             f"--model.init_args.weights {ckpt} instead of --ckpt_path",
             file=sys.stderr,
         )
+
+
+def _saved_task(path: str | os.PathLike[str], configured: str | None) -> tuple[Any, Any]:
+    """The task class a Lightning checkpoint file saved, and its settings.
+
+    Args:
+        path: the checkpoint (its tensors are not read where it is a zip: ``mmap``).
+        configured: the config's ``model.class_path``, for a checkpoint without
+            ``_class_path`` (:func:`_python_checkpoints_task`).
+
+    Returns:
+        ``(class_path, settings)``: the class its hyperparameters' ``_class_path`` records
+        (else told by its state dict; None where neither tells), and its hyperparameters
+        without LightningCLI's private keys (None where it saved none).
+    """
+    import zipfile
+
+    import torch
+
+    ckpt = torch.load(path, weights_only=True, map_location="cpu", mmap=zipfile.is_zipfile(path))
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    hparams.pop("_instantiator", None)
+    saved = bool(hparams)
+    class_path = hparams.pop("_class_path", None) or _python_checkpoints_task(
+        ckpt.get("state_dict") or {}, configured
+    )
+    return class_path, hparams if saved else None
 
 
 def _python_checkpoints_task(state: dict[str, Any], configured: str | None) -> str | None:

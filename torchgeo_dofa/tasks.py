@@ -71,6 +71,7 @@ from .weights import (
     STATE_DIGEST_KEY,
     CheckpointError,
     check_finite_state,
+    held_as,
     load_dofa,
     state_dict_digest,
     unfilled_encoder,
@@ -432,16 +433,9 @@ class _DOFATask(BaseTask):
         """
         trainer = getattr(self, "_trainer", None)  # Lightning's restore: the file it reads
         origin = getattr(trainer, "ckpt_path", None) or getattr(self, "_restored_from", None)
-        own = self.state_dict()
         # judged as the task will hold them (a float64 1e300 loads as infinity); keys the
         # task has not are refused or ignored by the load itself, so not judged here
-        as_held = {
-            k: v.to(own[k].dtype)
-            if isinstance(v, Tensor) and v.is_floating_point() and v.dtype != own[k].dtype
-            else v
-            for k, v in state_dict.items()
-            if k in own
-        }
+        as_held = held_as(state_dict, self.state_dict())
         cast = sorted(
             {
                 str(v.dtype).removeprefix("torch.")

@@ -768,11 +768,7 @@ def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], orig
             f"{origin} does not fit DOFA {encoder.variant} (embed dim {encoder.embed_dim}, "
             f"{encoder.config.depth} blocks): " + "; ".join(problems) + f" ({hint})"
         )
-    # judged as the model will hold them: a float64 value beyond float32's range becomes inf
-    as_loaded = {
-        k: v.to(target[k].dtype) if v.is_floating_point() and v.dtype != target[k].dtype else v
-        for k, v in mapped.items()
-    }
+    as_loaded = held_as(mapped, target)
     check_finite_state(
         {k.removeprefix("backbone."): v for k, v in as_loaded.items()},
         origin,
@@ -780,6 +776,30 @@ def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], orig
         f"{_dtype_name(next(iter(target.values())).dtype)})",
     )
     encoder.load_state_dict(as_loaded, strict=False)  # already in the model's dtypes
+
+
+def held_as(state: Mapping[str, Any], target: Mapping[str, Tensor]) -> dict[str, Any]:
+    """``state``'s entries for ``target``'s keys, as ``target`` will hold them.
+
+    Floating-point tensors are cast to their ``target`` tensor's dtype, so that a check of
+    them judges what loads: a float64 value beyond float32's range becomes infinity. Other
+    entries are passed as they are; keys ``target`` has not are left out (a strict load
+    refuses them, a lax one ignores them).
+
+    Args:
+        state: the state dict to load.
+        target: the module's own state dict (``module.state_dict()``).
+
+    Returns:
+        The entries as held; an entry needing no cast is the same object as in ``state``.
+    """
+    return {
+        k: v.to(target[k].dtype)
+        if isinstance(v, Tensor) and v.is_floating_point() and v.dtype != target[k].dtype
+        else v
+        for k, v in state.items()
+        if k in target
+    }
 
 
 def check_finite_state(state: Mapping[str, Any], origin: str, what: str = "") -> None:
