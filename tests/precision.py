@@ -36,13 +36,20 @@ def bf16_error(fn: Callable[[], Tensor], device: str = "cpu") -> float:
 
 
 def torchgeo_bf16_error(
-    state: Mapping[str, Tensor], image: Tensor, wavelengths: Sequence[float]
+    state: Mapping[str, Tensor],
+    image: Tensor,
+    wavelengths: Sequence[float],
+    device: str = "cpu",
 ) -> float:
-    """bf16 error of TorchGeo's DOFA base ``forward_features`` with ``state`` on ``image``."""
+    """bf16 error of TorchGeo's DOFA base ``forward_features`` with ``state`` on ``image``.
+
+    Run on ``device`` ("cpu" or "cuda"): the image and the model are moved there.
+    """
     model = dofa_base_patch16_224()
     model.load_state_dict(dict(state), strict=False)
-    model.eval()
-    return bf16_error(lambda: model.forward_features(image, list(wavelengths)))
+    model.eval().to(device)
+    image = image.to(device)
+    return bf16_error(lambda: model.forward_features(image, list(wavelengths)), device=device)
 
 
 def assert_as_exact_as_torchgeo(ours: float, torchgeo: float) -> None:
