@@ -330,8 +330,9 @@ def default_num_workers(
     one where there are two cores. Why more than on a CPU: at ~3 ms a chip a worker reads
     ~300 chips/s, while DOFA base in bf16 on a data-centre GPU runs thousands of images/s;
     why a cap: each worker holds ``prefetch_factor`` (2) batches ahead, ~0.4 GB at batch 128
-    of 9-band chips. A judgement from those figures, not a GPU measurement (none was
-    available): ``benchmarks/gpu.py`` prints the end-to-end rate with this default.
+    of 9-band chips. Measured on one H200 with 16 cores (``benchmarks/gpu.py``, README
+    "GPU"): 14 workers did not beat 8 in seven of eight configurations; the end-to-end rate
+    stayed at 760-1,310 chips/s either way, set elsewhere on the CPU side.
 
     Args:
         cpus: usable CPU cores (default: this process's CPU affinity).
