@@ -393,6 +393,40 @@ def test_linear_probe_batch_of_one_chip(tmp_path: Path, kind: Any) -> None:
     assert len(recorder.losses) == 2
 
 
+def test_resuming_from_a_diverged_optimizer_state_is_refused_before_a_step(
+    tmp_path: Path, probe: dict[str, Any]
+) -> None:
+    """NaN in a checkpoint's optimizer state only (its weights finite): a resumed fine-tuning
+    restored it and AdamW turned the weights NaN at the first step, silently. Now ``fit``
+    refuses the file before training, naming the tensors; predicting from it still works (the
+    optimizer state is not used there)."""
+    ckpt = torch.load(probe["path"], map_location="cpu", weights_only=False)
+    per_param = ckpt["optimizer_states"][0]["state"]
+    param = sorted(per_param)[0]
+    per_param[param]["exp_avg"].view(-1)[:2] = float("nan")
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    size = per_param[param]["exp_avg"].numel()
+    task = DOFAClassificationTask(
+        num_classes=4, weights=None, interpolate_pos_embed=True, lr=1e-3, patience=None
+    )
+    recorder = Recorder()
+    with pytest.raises(CheckpointError) as info:
+        make_trainer(tmp_path, 5, [recorder]).fit(task, probe["dm"], ckpt_path=bad)
+    assert str(info.value) == (
+        f"the checkpoint {bad} holds non-finite optimizer state (NaN or infinity) in 1 "
+        f"tensor(s): optimizer 0 parameter {param} exp_avg (2 of {size} values); resuming "
+        "from it would turn the weights NaN at the first step: resume from an earlier "
+        "checkpoint, or start a new fine-tuning from its weights (without ckpt_path)"
+    )
+    assert recorder.losses == []
+    # the file's weights are finite: a prediction from it equals the probe's own
+    trainer = make_trainer(tmp_path, 1, [])
+    predicted = cast(list[torch.Tensor], trainer.predict(task, probe["dm"], ckpt_path=bad))
+    expected = cast(list[torch.Tensor], probe["trainer"].predict(probe["task"], probe["dm"]))
+    torch.testing.assert_close(torch.cat(predicted), torch.cat(expected))
+
+
 def test_probe_checkpoint_loads_for_full_fine_tuning(tmp_path: Path) -> None:
     """head_norm=None is on for a probe, off for full: loading a probe's checkpoint with
     mode='full' names head_norm instead of a state-dict error; head_norm=True keeps its head."""

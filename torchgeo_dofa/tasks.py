@@ -42,6 +42,7 @@ from typing import IO, Any, Literal, Self
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from torch.optim import AdamW
@@ -70,6 +71,7 @@ from .model import DOFAEncoder, canonical_variant
 from .weights import (
     STATE_DIGEST_KEY,
     CheckpointError,
+    check_finite_optimizer_states,
     check_finite_state,
     held_as,
     load_dofa,
@@ -530,14 +532,22 @@ class _DOFATask(BaseTask):
         Raises:
             CheckpointError: when the weights' CRC-32 differs from the one saved (a damaged
                 file, or a ``state_dict`` edited after saving: deleting the checkpoint's
-                :data:`~torchgeo_dofa.weights.STATE_DIGEST_KEY` entry loads it unchecked).
+                :data:`~torchgeo_dofa.weights.STATE_DIGEST_KEY` entry loads it unchecked);
+                when a fine-tuning resumes (``fit``) from a checkpoint whose optimizer state
+                holds NaN / infinity (:func:`~torchgeo_dofa.weights.
+                check_finite_optimizer_states`).
         """
         super().on_load_checkpoint(checkpoint)
+        path = _LOADING_FILE.get() or getattr(self._trainer, "ckpt_path", None)
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            check_finite_optimizer_states(
+                checkpoint, f"the checkpoint {path}" if path else "the checkpoint"
+            )
         saved, state = checkpoint.get(STATE_DIGEST_KEY), checkpoint.get("state_dict")
         if isinstance(saved, str) and isinstance(state, Mapping):
             now = state_dict_digest(state)
             if now != saved:
-                path = _LOADING_FILE.get() or getattr(self._trainer, "ckpt_path", None)
                 raise CheckpointError(
                     (f"the weights of {path}" if path else "the checkpoint's weights")
                     + f" fail their CRC-32 check (saved {saved}, now "

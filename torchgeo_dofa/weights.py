@@ -816,11 +816,7 @@ def check_finite_state(state: Mapping[str, Any], origin: str, what: str = "") ->
     Raises:
         CheckpointError: naming up to five of the tensors and how many values each holds.
     """
-    bad = [
-        f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()} values)"
-        for k, v in state.items()
-        if isinstance(v, Tensor) and v.is_floating_point() and not _all_finite(v)
-    ]
+    bad = non_finite_tensors(state)
     if bad:
         raise CheckpointError(
             f"{origin} holds non-finite weights{what or ' (NaN or infinity)'} in {len(bad)} "
@@ -828,6 +824,55 @@ def check_finite_state(state: Mapping[str, Any], origin: str, what: str = "") ->
             "the model would be NaN: the file is corrupt or comes from a diverged training "
             "run, use another checkpoint (an earlier epoch's, or train with a lower learning "
             "rate)"
+        )
+
+
+def non_finite_tensors(state: Mapping[str, Any]) -> list[str]:
+    """The floating-point tensors of ``state`` holding NaN or infinity.
+
+    Args:
+        state: name -> value (non-tensor and integer entries are skipped).
+
+    Returns:
+        ``"name (N of M values)"`` for each such tensor, in ``state``'s order.
+    """
+    return [
+        f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()} values)"
+        for k, v in state.items()
+        if isinstance(v, Tensor) and v.is_floating_point() and not _all_finite(v)
+    ]
+
+
+def check_finite_optimizer_states(checkpoint: Mapping[str, Any], origin: str) -> None:
+    """Refuse a Lightning checkpoint whose optimizer state holds NaN or infinity.
+
+    A fine-tuning resumed from it (``fit(ckpt_path=...)``) would restore that state and turn
+    the weights NaN at its first step (Adam's ``exp_avg`` / ``exp_avg_sq`` enter every
+    update); the weights themselves may still be finite, so :func:`check_finite_state` does
+    not see it. Prediction and evaluation do not use the optimizer state.
+
+    Args:
+        checkpoint: the loaded checkpoint (its ``optimizer_states``: a list of
+            ``torch.optim.Optimizer.state_dict()``; absent in a ``weights_only`` save).
+        origin: a name for the source, used in the message.
+
+    Raises:
+        CheckpointError: naming up to five tensors as ``optimizer I parameter P KEY``.
+    """
+    named: dict[str, Any] = {}
+    states = checkpoint.get("optimizer_states")
+    for i, optimizer in enumerate(states if isinstance(states, list) else []):
+        per_param = optimizer.get("state") if isinstance(optimizer, Mapping) else None
+        for param, entry in (per_param or {}).items():
+            if isinstance(entry, Mapping):
+                named |= {f"optimizer {i} parameter {param} {k}": v for k, v in entry.items()}
+    bad = non_finite_tensors(named)
+    if bad:
+        raise CheckpointError(
+            f"{origin} holds non-finite optimizer state (NaN or infinity) in {len(bad)} "
+            f"tensor(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; resuming from "
+            "it would turn the weights NaN at the first step: resume from an earlier "
+            "checkpoint, or start a new fine-tuning from its weights (without ckpt_path)"
         )
 
 
