@@ -18,7 +18,8 @@ starting new measurements after ``--budget-s`` seconds, default 200) prints one 
   The target, end to end >= 80 % of encoder-only at the best batch, is judged on the
   sustained rate. "waiting for batches" is the share of the loop between one batch's end and
   the next one's start (the loader and the transfer), the rest being ``predict_step`` and
-  the writers' batch-end hooks: where the loop's time goes. The clock synchronises the GPU
+  the writers' batch-end hooks (the log adds how long those waited for the writers' threads,
+  their ``waited_s``): where the loop's time goes. The clock synchronises the GPU
   at each batch's start and end (``predict_step`` already waits for its outputs).
 
 Without a GPU it prints ``not run: no GPU`` and exits 0; ``--smoke-cpu`` runs the same code
@@ -128,7 +129,7 @@ class _Clock(pl.Callback):
     def __init__(self) -> None:
         self.start = self.first = self.end = self._mark = math.nan
         self.chips = self.first_chips = 0
-        self.waiting = self.stepping = 0.0
+        self.waiting = self.stepping = self.writers = 0.0
 
     def _now(self) -> float:
         if torch.cuda.is_available():
@@ -155,6 +156,8 @@ class _Clock(pl.Callback):
 
     def on_predict_epoch_end(self, trainer: Any, module: Any) -> None:
         self.end = self._now()
+        # the writers' own count: the loop waited for their part-writing threads
+        self.writers = sum(float(getattr(cb, "waited_s", 0.0)) for cb in trainer.callbacks)
 
     def rates(self) -> tuple[float, float]:
         """(sustained, after the first batch) chips/s; NaN where not measurable."""
@@ -206,7 +209,8 @@ def end_to_end(
             f"e2e {variant} {prec} batch {b} workers {w}: {clock.chips} chips in "
             f"{clock.end - clock.start:.2f} s, sustained {out[(prec, b, w)][0]:.1f} chips/s, "
             f"after the first batch {out[(prec, b, w)][1]:.1f}; waiting for batches "
-            f"{clock.waiting:.2f} s, in steps (predict_step + writers) {clock.stepping:.2f} s"
+            f"{clock.waiting:.2f} s, in steps (predict_step + writers) {clock.stepping:.2f} s, "
+            f"of which waiting for the writers' threads {clock.writers:.2f} s"
         )
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -400,6 +401,39 @@ def test_file_size_limit_during_assembly_keeps_parts_and_rerun_finishes(tmp_path
     GridWriter(out, geom, metadata={"variant": "base"}).finalize()
     _assert_same_grid(_reference_grid(tmp_path), out)
     assert not writer.parts.exists()
+
+
+def test_a_writer_slower_than_the_loop_says_how_long_it_held_it(tmp_path: Path) -> None:
+    """``waited_s``: the seconds the loop's thread waited for the part-writing threads once
+    they fell ``max_pending_batches`` behind (the benchmark's way to tell a writer-bound job);
+    nothing while they keep up."""
+
+    class SlowParts(PooledWriter):
+        write_threads = 1
+        max_pending_batches = 1
+
+        def write_chip(self, prediction: Any, i: int) -> None:
+            time.sleep(0.05)
+            super().write_chip(prediction, i)
+
+    def batch(k: int) -> dict[str, torch.Tensor]:
+        x = 500_000 + 2240 * k
+        bounds = torch.tensor([[x, x + 2240, 10, 4e6, 4_002_240, 10, 0, 1, 1]], dtype=torch.float64)
+        return {"pooled": torch.rand(1, 8), "bounds": bounds}
+
+    slow = SlowParts(tmp_path / "slow.parquet", UTM, metadata={"variant": "base"})
+    slow.parts.mkdir(parents=True)
+    start = time.perf_counter()
+    for k in range(4):  # each part takes >= 0.05 s, the loop none: it waits for 3 of them
+        slow.write_on_batch_end(None, None, batch(k), None, None, k, 0)  # type: ignore[arg-type]
+    loop = time.perf_counter() - start
+    assert 0.09 <= slow.waited_s <= loop, (slow.waited_s, loop)
+    slow.flush()
+    assert len(list(slow.parts.glob("*.json"))) == 4
+    quick = PooledWriter(tmp_path / "quick.parquet", UTM, metadata={"variant": "base"})
+    quick.parts.mkdir(parents=True)
+    quick.write_on_batch_end(None, None, batch(0), None, None, 0, 0)  # type: ignore[arg-type]
+    assert quick.waited_s == 0.0
 
 
 def test_pooled_write_failure_keeps_parts(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 import zlib
 from collections import deque
@@ -433,6 +434,10 @@ class _PartsWriter(BasePredictionWriter):
         self.written = 0
         #: chips of this run without any valid pixel (an empty part: NaN in the outputs)
         self.empty = 0
+        #: seconds the trainer's loop waited for this writer's part-writing threads, which
+        #: had fallen :attr:`max_pending_batches` batches behind (a writer slower than the
+        #: model and the loader); the last batches' wait at the end of the job not counted
+        self.waited_s = 0.0
         #: the key of every chip of the job (from the datamodule's sampler at setup), which
         #: assembly checks each has a part; None: not known, not checked
         self.chip_keys: list[str] | None = None
@@ -958,7 +963,9 @@ class _PartsWriter(BasePredictionWriter):
         self._pending.append(self._pool.submit(self._write_chips, prediction, chips, empty))
         self.written += len(chips)
         while len(self._pending) > self.max_pending_batches:
+            start = time.perf_counter()
             self._pending.popleft().result()
+            self.waited_s += time.perf_counter() - start
 
     def write_chip(self, prediction: Mapping[str, Any], i: int) -> None:  # pragma: no cover
         """Save chip ``i`` of a prediction as a part file."""
