@@ -415,10 +415,23 @@ def test_resuming_from_a_diverged_optimizer_state_is_refused_before_a_step(
         make_trainer(tmp_path, 5, [recorder]).fit(task, probe["dm"], ckpt_path=bad)
     assert str(info.value) == (
         f"the checkpoint {bad} holds non-finite optimizer state (NaN or infinity) in 1 "
-        f"tensor(s): optimizer 0 parameter {param} exp_avg (2 of {size} values); resuming "
-        "from it would turn the weights NaN at the first step: resume from an earlier "
-        "checkpoint, or start a new fine-tuning from its weights (without ckpt_path)"
+        f"entry: optimizer 0 parameter #{param} exp_avg (2 of {size} values); resuming from "
+        "it would make the updates of those parameters NaN (the weights NaN at the first "
+        "step) or zero (no longer learning): resume from an earlier checkpoint, or start a "
+        "new fine-tuning from its weights (without ckpt_path)"
     )
+    # an infinite exp_avg_sq (those values stop learning) and a NaN learning rate (a Python
+    # float of the param group, not a tensor) are the same kind
+    per_param[param]["exp_avg"].view(-1)[:2] = 0.0
+    per_param[param]["exp_avg_sq"].view(-1)[:1] = float("inf")
+    ckpt["optimizer_states"][0]["param_groups"][0]["lr"] = float("nan")
+    torch.save(ckpt, bad)
+    with pytest.raises(CheckpointError, match="in 2 entries: ") as info:
+        make_trainer(tmp_path, 5, [recorder]).fit(task, probe["dm"], ckpt_path=bad)
+    assert (
+        f"optimizer 0 parameter #{param} exp_avg_sq (1 of {size} values), optimizer 0 param "
+        "group 0 lr (1 of 1 values); "
+    ) in str(info.value)
     assert recorder.losses == []
     # the file's weights are finite: a prediction from it equals the probe's own
     trainer = make_trainer(tmp_path, 1, [])

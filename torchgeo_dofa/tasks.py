@@ -518,7 +518,7 @@ class _DOFATask(BaseTask):
             checkpoint[STATE_DIGEST_KEY] = state_dict_digest(state)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose weights changed after it was saved.
+        """Refuse changed weights, or (to resume a fine-tuning) a non-finite optimizer state.
 
         ``torch.load`` does not check a file's CRC-32s, so a byte changed on disk or in a copy
         loaded silently as other weights (through ``ckpt_path`` and ``load_from_checkpoint``
@@ -539,11 +539,6 @@ class _DOFATask(BaseTask):
         """
         super().on_load_checkpoint(checkpoint)
         path = _LOADING_FILE.get() or getattr(self._trainer, "ckpt_path", None)
-        trainer = self._trainer
-        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
-            check_finite_optimizer_states(
-                checkpoint, f"the checkpoint {path}" if path else "the checkpoint"
-            )
         saved, state = checkpoint.get(STATE_DIGEST_KEY), checkpoint.get("state_dict")
         if isinstance(saved, str) and isinstance(state, Mapping):
             now = state_dict_digest(state)
@@ -555,6 +550,11 @@ class _DOFATask(BaseTask):
                     "copy or save it again), or its state_dict was edited after saving (then "
                     f"delete its {STATE_DIGEST_KEY!r} entry before loading)"
                 )
+        trainer = self._trainer  # the weights' damage first, then the optimizer's state
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            check_finite_optimizer_states(
+                checkpoint, f"the checkpoint {path}" if path else "the checkpoint"
+            )
 
     @property
     def frozen(self) -> bool:

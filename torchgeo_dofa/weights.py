@@ -846,10 +846,12 @@ def non_finite_tensors(state: Mapping[str, Any]) -> list[str]:
 def check_finite_optimizer_states(checkpoint: Mapping[str, Any], origin: str) -> None:
     """Refuse a Lightning checkpoint whose optimizer state holds NaN or infinity.
 
-    A fine-tuning resumed from it (``fit(ckpt_path=...)``) would restore that state and turn
-    the weights NaN at its first step (Adam's ``exp_avg`` / ``exp_avg_sq`` enter every
-    update); the weights themselves may still be finite, so :func:`check_finite_state` does
-    not see it. Prediction and evaluation do not use the optimizer state.
+    A fine-tuning resumed from it (``fit(ckpt_path=...)``) would restore that state: NaN in
+    Adam's ``exp_avg`` / ``exp_avg_sq`` or its ``step``, or a NaN learning rate, makes the
+    updates NaN and the weights NaN at the first step; an infinite ``exp_avg_sq`` makes
+    those values' updates 0 (they stop learning). The weights themselves may be finite, so
+    :func:`check_finite_state` does not see it. Prediction and evaluation do not use the
+    optimizer state.
 
     Args:
         checkpoint: the loaded checkpoint (its ``optimizer_states``: a list of
@@ -857,22 +859,35 @@ def check_finite_optimizer_states(checkpoint: Mapping[str, Any], origin: str) ->
         origin: a name for the source, used in the message.
 
     Raises:
-        CheckpointError: naming up to five tensors as ``optimizer I parameter P KEY``.
+        CheckpointError: naming up to five entries: ``optimizer I parameter #P KEY``
+            (``P``: the parameter's index in that optimizer's parameter list, as the state
+            dict keys it) or ``optimizer I param group G KEY`` (a float setting such as
+            ``lr``).
     """
     named: dict[str, Any] = {}
     states = checkpoint.get("optimizer_states")
     for i, optimizer in enumerate(states if isinstance(states, list) else []):
-        per_param = optimizer.get("state") if isinstance(optimizer, Mapping) else None
-        for param, entry in (per_param or {}).items():
+        if not isinstance(optimizer, Mapping):
+            continue
+        for param, entry in (optimizer.get("state") or {}).items():
             if isinstance(entry, Mapping):
-                named |= {f"optimizer {i} parameter {param} {k}": v for k, v in entry.items()}
+                named |= {f"optimizer {i} parameter #{param} {k}": v for k, v in entry.items()}
+        for g, group in enumerate(optimizer.get("param_groups") or []):
+            if isinstance(group, Mapping):
+                for k, v in group.items():  # lr, eps, betas, weight_decay...
+                    for j, x in enumerate(v if isinstance(v, tuple | list) else [v]):
+                        if isinstance(x, float) and not math.isfinite(x):
+                            at = f"[{j}]" if isinstance(v, tuple | list) else ""
+                            named[f"optimizer {i} param group {g} {k}{at}"] = torch.tensor(x)
     bad = non_finite_tensors(named)
     if bad:
         raise CheckpointError(
             f"{origin} holds non-finite optimizer state (NaN or infinity) in {len(bad)} "
-            f"tensor(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; resuming from "
-            "it would turn the weights NaN at the first step: resume from an earlier "
-            "checkpoint, or start a new fine-tuning from its weights (without ckpt_path)"
+            f"entr{'y' if len(bad) == 1 else 'ies'}: {', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}; resuming from it would make the updates of "
+            "those parameters NaN (the weights NaN at the first step) or zero (no longer "
+            "learning): resume from an earlier checkpoint, or start a new fine-tuning from "
+            "its weights (without ckpt_path)"
         )
 
 
