@@ -10,17 +10,18 @@ starting new measurements after ``--budget-s`` seconds, default 200) prints one 
 - end to end: ``torchgeo_dofa.cli.embed`` (random weights, pooled output, the GPU) on a
   generated GeoTIFF of ``--chips`` chips (the demo scene mirror-tiled), with
   :mod:`torchgeo_dofa.runtime`'s default loader workers (``--workers 8,14`` tries others):
-  **sustained** chips/s, all chips over the predict loop from its start to its end (the GPU
-  synchronised), which counts the pipeline's fill (each worker reads a whole batch before
-  its first arrives) and so is a lower bound of the steady rate; beside it the rate after
-  the first batch, an upper bound (batches read ahead while the first was awaited are
-  counted as if read in the timed span: with 8 workers and batch 256, all of 1,024 chips).
+  **sustained** chips/s, all chips over the trainer's setup (before the loader's workers
+  start) to the last batch's end (the GPU synchronised; the writers' assembly after it left
+  out), a lower bound of the steady rate since it holds the job's start and the pipeline's
+  fill; beside it the rate after the first batch, an upper bound (batches read ahead while
+  the first was awaited count as if read in that span: 8 workers hold 16 batches ahead).
   The target, end to end >= 80 % of encoder-only at the best batch, is judged on the
-  sustained rate. "waiting for batches" is the share of the loop between one batch's end and
-  the next one's start (the loader and the transfer), the rest being ``predict_step`` and
-  the writers' batch-end hooks (the log adds how long those waited for the writers' threads,
-  their ``waited_s``): where the loop's time goes. The clock synchronises the GPU
-  at each batch's start and end (``predict_step`` already waits for its outputs).
+  sustained rate. "waiting for batches" is the share of that span between the loop's start
+  or a batch's end and the next batch's start (the loader and the transfer); the log adds
+  the time in steps (``predict_step`` and the writers' batch-end hooks) and how long those
+  waited for the writers' threads (their ``waited_s``): where the loop's time goes. The
+  clock synchronises the GPU at each batch's start and end (``predict_step`` already waits
+  for its outputs). A failed configuration (e.g. out of memory) is logged and left out.
 
 Without a GPU it prints ``not run: no GPU`` and exits 0; ``--smoke-cpu`` runs the same code
 on the CPU with tiny settings (base only, batch 2, 9 chips) to check that it works.
@@ -44,7 +45,7 @@ import lightning.pytorch as pl
 import torch
 
 from benchmarks.bench_utils import DEMO_WAVELENGTHS, write_scene
-from torchgeo_dofa.model import build_encoder
+from torchgeo_dofa.model import build_encoder, canonical_variant
 from torchgeo_dofa.runtime import default_num_workers
 
 BATCHES = (32, 64, 128, 256)
@@ -120,10 +121,14 @@ def encoder_only(
 class _Clock(pl.Callback):
     """Times of the predict loop (the GPU synchronised at each mark).
 
-    ``waiting``: from the loop's start or a batch's end to the next batch's start (the
-    loader's next batch and its transfer to the device); ``stepping``: from a batch's start to
-    its end (``predict_step`` and the writers' ``write_on_batch_end``, which run before this
-    callback's end hook in ``embed``'s trainer).
+    ``start``: the trainer's setup, before the loader's workers start (Lightning forks them
+    before the ``on_predict_start`` hooks, where the writers take the weights' checksum, so
+    they read ahead of any later mark); ``end``: the last batch's end, before the writers
+    assemble their outputs. ``waiting``: from the loop's start or a batch's end to the next
+    batch's start (the loader's next batch and its transfer to the device); ``stepping``: from
+    a batch's start to its end (``predict_step`` and the writers' ``write_on_batch_end``, which
+    run before this callback's end hook in ``embed``'s trainer); ``writers``: the part of
+    ``stepping`` the writers waited for their part-writing threads (their ``waited_s``).
     """
 
     def __init__(self) -> None:
@@ -136,8 +141,11 @@ class _Clock(pl.Callback):
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.start = self._now()
+
     def on_predict_epoch_start(self, trainer: Any, module: Any) -> None:
-        self.start = self._mark = self._now()
+        self._mark = self._now()
 
     def on_predict_batch_start(self, trainer: Any, module: Any, batch: Any, *a: Any) -> None:
         now = self._now()
@@ -149,26 +157,31 @@ class _Clock(pl.Callback):
     ) -> None:
         now = self._now()
         self.stepping += now - self._mark
-        self._mark = now
+        self._mark = self.end = now
         self.chips += int(batch["image"].shape[0])
         if self.first != self.first:
             self.first, self.first_chips = now, self.chips
 
     def on_predict_epoch_end(self, trainer: Any, module: Any) -> None:
-        self.end = self._now()
-        # the writers' own count: the loop waited for their part-writing threads
         self.writers = sum(float(getattr(cb, "waited_s", 0.0)) for cb in trainer.callbacks)
 
     def rates(self) -> tuple[float, float]:
-        """(sustained, after the first batch) chips/s; NaN where not measurable."""
+        """(sustained, after the first batch) chips/s; NaN where not measurable.
+
+        Sustained: every chip over setup -> last batch's end, a lower bound of the steady
+        rate (it holds the job's start); after the first batch: the later chips over the first
+        batch's end -> the last's, an upper bound (batches read ahead while the first was
+        awaited count as if read in that span). NaN for a job of one batch.
+        """
         loop = self.end - self.start
         sustained = self.chips / loop if loop > 0 else math.nan
         span = self.end - self.first
-        after = (self.chips - self.first_chips) / span if span > 0 else math.nan
+        later = self.chips - self.first_chips
+        after = later / span if later > 0 and span > 0 else math.nan
         return sustained, after
 
     def waiting_share(self) -> float:
-        """Share of the loop spent waiting for the next batch (see the class docstring)."""
+        """Share of setup -> last batch's end spent waiting for batches (class docstring)."""
         loop = self.end - self.start
         return self.waiting / loop if loop > 0 else math.nan
 
@@ -191,23 +204,30 @@ def end_to_end(
             log(f"e2e {variant} {prec} batch {b} workers {w}: skipped (time budget)")
             continue
         clock = _Clock()
-        cli.embed(
-            [scene],
-            tmp / f"e2e_{variant}_{prec}_{b}_{w}",
-            variant=variant,
-            output="pooled",
-            weights=None,
-            batch_size=b,
-            num_workers=w,
-            device=device,
-            precision="bf16" if prec == "bf16" else "32",
-            progress=False,
-            callbacks=[clock],
-        )
+        try:
+            cli.embed(
+                [scene],
+                tmp / f"e2e_{variant}_{prec}_{b}_{w}",
+                variant=variant,
+                output="pooled",
+                weights=None,
+                batch_size=b,
+                num_workers=w,
+                device=device,
+                precision="bf16" if prec == "bf16" else "32",
+                progress=False,
+                callbacks=[clock],
+            )
+        except Exception as err:  # e.g. out of memory: the other rows still print
+            log(f"e2e {variant} {prec} batch {b} workers {w}: failed: {type(err).__name__}: {err}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
         out[(prec, b, w)] = (*clock.rates(), clock.waiting_share())
         log(
             f"e2e {variant} {prec} batch {b} workers {w}: {clock.chips} chips in "
-            f"{clock.end - clock.start:.2f} s, sustained {out[(prec, b, w)][0]:.1f} chips/s, "
+            f"{clock.end - clock.start:.2f} s (setup to last batch), "
+            f"sustained {out[(prec, b, w)][0]:.1f} chips/s, "
             f"after the first batch {out[(prec, b, w)][1]:.1f}; waiting for batches "
             f"{clock.waiting:.2f} s, in steps (predict_step + writers) {clock.stepping:.2f} s, "
             f"of which waiting for the writers' threads {clock.writers:.2f} s"
@@ -215,21 +235,48 @@ def end_to_end(
     return out
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
+def _values(parser: argparse.ArgumentParser, name: str, text: str, least: int) -> tuple[int, ...]:
+    """Distinct integers >= ``least`` from a comma-separated option, else a usage error."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        parser.error(f"--{name} takes comma-separated integers, got {text!r}")
+    if any(v < least for v in values) or len(set(values)) != len(values):
+        parser.error(f"--{name} takes distinct integers >= {least}, got {text!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke-cpu", action="store_true", help="tiny run on the CPU")
     parser.add_argument("--variants", default="base,large")
-    parser.add_argument("--precisions", default="bf16,fp32")
+    parser.add_argument("--precisions", default="bf16,fp32", help="bf16 and / or fp32")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--chips", type=int, default=1600, help="chips of the e2e scene")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (>= 1)")
+    parser.add_argument(
+        "--chips",
+        type=int,
+        default=1600,
+        help="chips of the e2e scene, rounded to a square of at least 2 x 2",
+    )
     parser.add_argument("--workers", default="", help="loader workers, e.g. 8,14 (runtime's)")
     parser.add_argument("--budget-s", type=float, default=200.0)
     args = parser.parse_args(argv)
+    precisions = tuple(v.strip() for v in args.precisions.split(","))
+    if not precisions or len(set(precisions)) != len(precisions):
+        parser.error(f"--precisions takes distinct values of bf16, fp32, got {args.precisions!r}")
+    if any(p not in ("bf16", "fp32") for p in precisions):
+        parser.error(f"--precisions takes bf16 and / or fp32, got {args.precisions!r}")
+    variants = tuple(v.strip() for v in args.variants.split(","))
+    for variant in variants:
+        try:
+            canonical_variant(variant)
+        except ValueError as err:
+            parser.error(f"--variants: {err}")
+    given_batches = _values(parser, "batches", args.batches, 1)
+    given_workers = _values(parser, "workers", args.workers, 0)
+    if args.reps < 1:
+        parser.error(f"--reps takes an integer >= 1, got {args.reps}")
 
     if not torch.cuda.is_available() and not args.smoke_cpu:
         print("not run: no GPU (torch.cuda.is_available() is False); --smoke-cpu checks the code")
@@ -237,17 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     smoke = args.smoke_cpu
     device = torch.device("cpu" if smoke else "cuda")
     default_workers = default_num_workers(accelerator=device.type)  # embed's default there
-    workers = _ints(args.workers) or (default_workers,)
-    variants = ("base",) if smoke else tuple(v.strip() for v in args.variants.split(","))
-    precisions = tuple(v.strip() for v in args.precisions.split(","))
-    batches = (2,) if smoke else _ints(args.batches)
+    workers = given_workers or (default_workers,)
+    variants = ("base",) if smoke else variants
+    batches = (2,) if smoke else given_batches
     chips = 8 if smoke else args.chips
     reps = 1 if smoke else args.reps
     side = max(2, round(math.sqrt(chips)))  # the scene is side x side chips
     start = time.perf_counter()
     deadline = start + args.budget_s
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 matmuls mean fp32
         name = torch.cuda.get_device_name()
     else:
         name = "CPU (smoke run)"
