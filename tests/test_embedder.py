@@ -84,6 +84,26 @@ def test_empty_chips_are_not_sent_through_the_encoder() -> None:
     assert masked["empty"].tolist() == [False, True, False]
 
 
+def test_each_output_kind_returns_only_its_output_with_the_same_values() -> None:
+    """A pooled job copies no grid from the device (and a grid job no pooled vector)."""
+    dataset = Sentinel2SR(SCENE, transforms=DOFAPreprocess(["B2", "B3", "B4", "B8"]))
+    chips = list(GriddedPatchSampler(dataset, size=224))[:3]
+    batch = stack_dofa_samples([dataset[c] for c in chips])
+    batch["valid"][1, :20, :40] = False  # a corner of chip 1 is nodata: grid cells NaN
+    outs = {}
+    for kind in ("both", "pooled", "grid"):
+        module = DOFAEmbedder(weights=None, seed=0, output=kind).eval()
+        with torch.inference_mode():
+            outs[kind] = module.predict_step(dict(batch), 0)
+    assert "grid" not in outs["pooled"] and "pooled" not in outs["grid"]
+    grid = outs["grid"]["grid"][1]  # 16-px cells: NaN where no pixel is valid
+    assert torch.isnan(grid[:, 0, :2]).all() and not torch.isnan(grid[:, 1, 2]).any()
+    for kind in ("pooled", "grid"):
+        assert outs[kind][kind].dtype == torch.float32 and outs[kind][kind].device.type == "cpu"
+        torch.testing.assert_close(outs[kind][kind], outs["both"][kind], equal_nan=True)
+        assert outs[kind]["bounds"].shape == (3, *outs["both"]["bounds"].shape[1:])
+
+
 def test_device_preprocessing_also_runs_with_the_data_module() -> None:
     """The model's preprocessing runs with TorchGeo's data module too, without Lightning's
     warning about both defining ``on_after_batch_transfer`` (it used to print on every job)."""

@@ -158,7 +158,9 @@ class DOFAEmbedder(pl.LightningModule):
             batch_idx: index of the batch.
 
         Returns:
-            ``pooled``, ``grid`` (float32, on CPU) and the passed-through metadata keys.
+            ``pooled`` and / or ``grid`` as :attr:`output` asks (float32, on CPU; only
+            those are checked and copied from the device) and the passed-through metadata
+            keys.
             Chips flagged ``empty`` (no valid pixel) are not sent through the encoder: their
             ``pooled`` and ``grid`` are NaN.
 
@@ -191,7 +193,10 @@ class DOFAEmbedder(pl.LightningModule):
         image, wavelengths = batch["image"], batch["wavelengths"]
         check_normalised(image)
         pooled, grid = self(image, wavelengths)
-        for values in (pooled, grid):
+        # only what the writers take is checked and copied to the host (a grid is 0.6-0.8
+        # MB a chip in float32: per chip, the largest device-to-host copy of a pooled job)
+        kept = {"pooled": (pooled,), "grid": (grid,)}.get(self.output, (pooled, grid))
+        for values in kept:
             check_finite_output(values, type(self).__name__)
         patch = self.encoder.config.patch_size
         valid = batch.get("valid")
@@ -211,14 +216,14 @@ class DOFAEmbedder(pl.LightningModule):
                     )[0]
                     grids[-1] = torch.where(mask > 0, g, torch.nan)
             grid, pooled = torch.stack(grids), torch.stack(pools)
-        elif valid is not None:
+        elif valid is not None and self.output != "pooled":
             cells = _cell_valid(valid, patch)[:, None]
             grid = torch.where(cells, grid, torch.nan)
-        out: dict[str, Tensor] = {"pooled": pooled.float().cpu(), "grid": grid.float().cpu()}
-        if self.output == "pooled":
-            del out["grid"]
-        elif self.output == "grid":
-            del out["pooled"]
+        out: dict[str, Tensor] = {}
+        if self.output != "grid":
+            out["pooled"] = pooled.float().cpu()
+        if self.output != "pooled":
+            out["grid"] = grid.float().cpu()
         for key in _PASSED_ON:
             if key in batch:
                 out[key] = batch[key].cpu()
