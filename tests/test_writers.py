@@ -280,8 +280,9 @@ def test_pooled_parts_keep_every_float32_bit_and_older_list_parts_still_read(
     pooled = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
     pooled[0, :5] = torch.tensor(special)
     _write_pooled(writer, {"pooled": pooled[:1], "bounds": bounds[:1]})
-    (part,) = writer.parts.glob("*.json")
-    assert "embedding_f32" in json.loads(part.read_text())
+    (part,) = writer.parts.glob("*.jsonl")  # one part for the batch, a JSON line a chip
+    (line,) = part.read_text().splitlines()
+    assert "embedding_f32" in json.loads(line)
     legacy = {
         "chip_id": "legacy",
         "bounds": [502_240.0, 4_000_000.0, 504_480.0, 4_002_240.0],
@@ -412,9 +413,9 @@ def test_a_writer_slower_than_the_loop_says_how_long_it_held_it(tmp_path: Path) 
         write_threads = 1
         max_pending_batches = 1
 
-        def write_chip(self, prediction: Any, i: int) -> None:
+        def _write_chips(self, prediction: Any, chips: Any, empty: Any) -> None:
             time.sleep(0.05)
-            super().write_chip(prediction, i)
+            super()._write_chips(prediction, chips, empty)
 
     def batch(k: int) -> dict[str, torch.Tensor]:
         x = 500_000 + 2240 * k
@@ -429,7 +430,7 @@ def test_a_writer_slower_than_the_loop_says_how_long_it_held_it(tmp_path: Path) 
     loop = time.perf_counter() - start
     assert 0.09 <= slow.waited_s <= loop, (slow.waited_s, loop)
     slow.flush()
-    assert len(list(slow.parts.glob("*.json"))) == 4
+    assert len(list(slow.parts.glob("*.jsonl"))) == 4  # a part per batch
     quick = PooledWriter(tmp_path / "quick.parquet", UTM, metadata={"variant": "base"})
     quick.parts.mkdir(parents=True)
     quick.write_on_batch_end(None, None, batch(0), None, None, 0, 0)  # type: ignore[arg-type]
@@ -448,10 +449,13 @@ def test_pooled_write_failure_keeps_parts(tmp_path: Path) -> None:
         dtype=torch.float64,
     )
     _write_pooled(writer, {"pooled": torch.rand(40, 768), "bounds": bounds})
+    (part,) = writer.parts.glob("*.jsonl")  # the batch's part: 40 rows
+    before = part.read_bytes()
+    assert before.count(b"\n") == 40
     with _file_size_limit(16 * 1024), pytest.raises(OutputWriteError) as info:  # table ~130 KB
         PooledWriter(out, UTM, metadata={"variant": "base"}).finalize()
     assert str(info.value).startswith(f"could not write {out}: ")
-    assert not out.exists() and len(list(writer.parts.glob("*.json"))) == 40
+    assert not out.exists() and part.read_bytes() == before
     writer.finalize()
     assert len(gpd.read_parquet(out)) == 40 and not writer.parts.exists()
 
@@ -748,7 +752,7 @@ def test_damaged_parts_of_every_output_are_removed_when_the_job_resumes(tmp_path
     rows = {"pooled": torch.ones(1, 4), "bounds": bounds.double()}
     table = PooledWriter(tmp_path / "p.parquet", UTM)
     _write_pooled(table, rows)
-    [row] = table.parts.glob("*.json")
+    [row] = table.parts.glob("*.jsonl")
     row.write_text(row.read_text()[:20])
     resumed = GridWriter(tmp_path / "g.tif", geom)
     with pytest.warns(UserWarning, match=r"r0_c7.npy was unreadable .*: this run computes"):
@@ -778,14 +782,16 @@ def test_describe_change_keeps_the_first_difference_in_view() -> None:
 
 class _DeletePart(pl.Callback):
     """Stands for a user or a cleanup deleting a part file while the job runs: removes
-    ``name`` from ``writer``'s parts folder just before the writers assemble."""
+    the part matching the pattern ``name`` from ``writer``'s parts folder just before the
+    writers assemble."""
 
     def __init__(self, writer: GridWriter | PooledWriter, name: str) -> None:
         self.writer, self.name = writer, name
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.writer.flush()
-        (self.writer.parts / self.name).unlink()
+        (part,) = self.writer.parts.glob(self.name)
+        part.unlink()
 
 
 def test_a_part_deleted_while_the_job_runs_fails_assembly_and_the_rerun_fills_it(
@@ -832,13 +838,14 @@ def test_a_part_deleted_while_the_job_runs_fails_assembly_and_the_rerun_fills_it
     assert (reference.written, reference.empty) == (1, 1)
     out = tmp_path / "job"
     grid_parts, table_parts = parts_dir(out / "g.tif"), parts_dir(out / "p.parquet")
-    # run 1: the left chip's pooled part goes missing: the table refuses, nothing assembled
-    # (also with a batch limit above the job's one batch: Lightning runs them all)
+    # run 1: the table's part of the batch (the left chip's row, the right one's no-data mark)
+    # goes missing: the table refuses, nothing assembled (also with a batch limit above the
+    # job's one batch: Lightning runs them all)
     key = PooledWriter.chip_key([left, left + 2240.0, 0.0, top - 2240.0, top])
-    with pytest.raises(OutputWriteError, match=rf"1 chip\(s\) of p.parquet have no part .*{key}"):
-        run(out, ("pooled", f"{key}.json"), limit_predict_batches=100)
+    with pytest.raises(OutputWriteError, match=rf"2 chip\(s\) of p.parquet have no part .*{key}"):
+        run(out, ("pooled", "*.jsonl"), limit_predict_batches=100)
     assert not (out / "p.parquet").exists() and not (out / "g.tif").exists()
-    assert sorted(p.name for p in table_parts.glob("*.json")) == []
+    assert sorted(p.name for p in table_parts.glob("*.json*")) == []
     assert sorted(p.name for p in grid_parts.iterdir() if p.name != "job-identity") == [
         "r0_c0.npy",
         "r0_c14.empty",
