@@ -23,6 +23,12 @@ starting new measurements after ``--budget-s`` seconds, default 200) prints one 
   clock synchronises the GPU at each batch's start and end (``predict_step`` already waits
   for its outputs). A failed configuration (e.g. out of memory) is logged and left out.
 
+``--loader`` adds a table: ``embed``'s prediction loader alone (made as the trainer makes
+it, with the chips' preprocessing moved to the GPU as ``embed`` moves it, pinned memory),
+iterated once with no model step and no writer, chips/s over the whole pass (its workers'
+start included) and after the first batch; and again with each batch copied to the GPU and
+preprocessed there. Beside the end-to-end rows it tells a loader-bound job from the rest.
+
 Without a GPU it prints ``not run: no GPU`` and exits 0; ``--smoke-cpu`` runs the same code
 on the CPU with tiny settings (base only, batch 2, 9 chips) to check that it works.
 """
@@ -235,6 +241,98 @@ def end_to_end(
     return out
 
 
+class _Probed(Exception):
+    """Ends a loader probe's job after its measurement (nothing is predicted)."""
+
+
+class _LoaderProbe(pl.Callback):
+    """Times ``embed``'s prediction loader without the model (see :func:`loader_only`).
+
+    At the trainer's setup (the data module set up, the chips' transforms already moved to
+    the model's on-device ``preprocess`` on a GPU, no loader made yet) it makes the loader
+    as the trainer would (pinned memory on a GPU), iterates it once and raises
+    :class:`_Probed`. ``transfer``: each batch is also copied to the model's device
+    (``non_blocking``) and preprocessed there, as ``predict_step`` would.
+    """
+
+    def __init__(self, transfer: bool) -> None:
+        self.transfer = transfer
+        self.rates = (math.nan, math.nan)
+        self.chips = 0
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        device = pl_module.device if self.transfer else None
+        prep = getattr(pl_module, "preprocess", None)
+        start = time.perf_counter()
+        first = math.nan
+        chips = first_chips = 0
+        with torch.inference_mode():
+            for batch in trainer.datamodule.predict_dataloader():
+                if device is not None:
+                    batch = {
+                        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                        for k, v in batch.items()
+                    }
+                    if prep is not None:
+                        batch = prep(batch)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                chips += int(batch["image"].shape[0])
+                if first != first:
+                    first, first_chips = time.perf_counter(), chips
+        end = time.perf_counter()
+        self.chips = chips
+        later = chips - first_chips
+        self.rates = (
+            chips / (end - start),
+            later / (end - first) if later > 0 and end > first else math.nan,
+        )
+        raise _Probed
+
+
+def loader_only(
+    scene: Path, configs: list[tuple[int, int]], device: str, tmp: Path, deadline: float
+) -> dict[tuple[int, int, bool], tuple[float, float, int]]:
+    """(whole pass, after the first batch) chips/s of ``embed``'s loader, and the chips
+    read, per (batch, workers, with the transfer + on-device preprocessing); no model
+    step, no writer, nothing written under ``tmp``."""
+    from torchgeo_dofa import cli
+
+    out: dict[tuple[int, int, bool], tuple[float, float, int]] = {}
+    for b, w in configs:
+        for transfer in (False, True):
+            if time.perf_counter() > deadline:
+                log(f"loader batch {b} workers {w}: skipped (time budget)")
+                continue
+            probe = _LoaderProbe(transfer)
+            try:
+                cli.embed(
+                    [scene],
+                    tmp / f"loader_{b}_{w}_{transfer}",
+                    variant="base",
+                    output="pooled",
+                    weights=None,
+                    batch_size=b,
+                    num_workers=w,
+                    device=device,
+                    precision="bf16" if device == "gpu" else "32",
+                    progress=False,
+                    callbacks=[probe],
+                )
+            except _Probed:
+                pass
+            except Exception as err:
+                log(f"loader batch {b} workers {w}: failed: {type(err).__name__}: {err}")
+                continue
+            out[(b, w, transfer)] = (*probe.rates, probe.chips)
+            log(
+                f"loader batch {b} workers {w}{' + transfer + preprocess' if transfer else ''}: "
+                f"{probe.rates[0]:.1f} chips/s over the pass, {probe.rates[1]:.1f} after the "
+                "first batch"
+            )
+    return out
+
+
 def _values(parser: argparse.ArgumentParser, name: str, text: str, least: int) -> tuple[int, ...]:
     """Distinct integers >= ``least`` from a comma-separated option, else a usage error."""
     try:
@@ -261,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", default="", help="loader workers, e.g. 8,14 (runtime's)")
     parser.add_argument("--budget-s", type=float, default=200.0)
+    parser.add_argument(
+        "--loader",
+        action="store_true",
+        help="also time embed's loader alone, and with the transfer + on-device preprocessing",
+    )
     args = parser.parse_args(argv)
     precisions = tuple(v.strip() for v in args.precisions.split(","))  # never empty
     if any(p not in ("bf16", "fp32") for p in precisions) or len(set(precisions)) < len(precisions):
@@ -311,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         scene = write_scene(tmp / "scene.tif", (side, side), (224, 224))
         configs = [(p, b, w) for p in precisions for b in batches for w in workers]
+        loader: dict[tuple[int, int, bool], tuple[float, float, int]] = {}
+        if args.loader:
+            log(f"loader only ({side**2} chips)")
+            pairs = [(b, w) for b in batches for w in workers]
+            loader = loader_only(scene, pairs, "cpu" if smoke else "gpu", tmp, deadline)
         verdicts = []
         for variant in variants:
             log(f"{variant}: encoder only")
@@ -342,6 +450,24 @@ def main(argv: list[str] | None = None) -> int:
                     + f": {variant} {prec} end to end >= 80% of encoder-only at the best batch: "
                     f"{best_ratio:.0%}"
                 )
+    if args.loader:
+        nan2 = (math.nan, math.nan, 0)
+        lines += [
+            "",
+            "Loader only (`embed`'s prediction loader, no model, no writer; chips/s over the "
+            "whole pass, from its workers' start / after the first batch):",
+            "",
+            "| batch | workers | loader | after 1st | + transfer + preprocess | after 1st |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {b} | {w} | {loader.get((b, w, False), nan2)[0]:.1f} | "
+                f"{loader.get((b, w, False), nan2)[1]:.1f} | "
+                f"{loader.get((b, w, True), nan2)[0]:.1f} | "
+                f"{loader.get((b, w, True), nan2)[1]:.1f} |"
+                for b in batches
+                for w in workers
+            ),
+        ]
     lines += ["", "Targets:", *(f"- {v}" for v in verdicts)]
     lines.append(f"\ntotal {time.perf_counter() - start:.0f} s")
     print("\n".join(lines))

@@ -48,3 +48,19 @@ def test_start_up_target_is_judged_on_the_fastest_one_chip_run(
     assert line.startswith(f"{verdict}: start-up: a one-chip `torchgeo-dofa embed` within 5 s")
     assert f": {one_chip_s:.1f} s (best of the CLI runs)" in line
     assert line.endswith("rasterio alone (as the command does, collector paused) takes 3.8 s")
+
+
+def test_gpu_benchmarks_loader_probe_reads_every_chip_and_writes_nothing(tmp_path: Path) -> None:
+    """``benchmarks/gpu.py --loader`` times embed's own loader: every chip of the job once,
+    with and without the transfer, the job stopped before any output is written."""
+    import math
+
+    from benchmarks.gpu import loader_only
+    from tests.scenes import SCENE
+
+    got = loader_only(SCENE, [(4, 0)], "cpu", tmp_path, math.inf)
+    assert set(got) == {(4, 0, False), (4, 0, True)}
+    for whole, after, chips in got.values():
+        assert chips == 6  # the bundled scene's 3 x 2 chips of 224 px
+        assert 0 < whole < math.inf and 0 < after < math.inf
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -331,9 +331,11 @@ def default_num_workers(
     ~300 chips/s, while DOFA base in bf16 on a data-centre GPU runs thousands of images/s;
     why a cap: each worker holds ``prefetch_factor`` (2) batches ahead, ~0.4 GB at batch 128
     of 9-band chips. Measured on one H200 with 16 cores (``benchmarks/gpu.py``, README
-    "GPU"): 14 workers did not beat 8 (of 7 configurations, 1 gained, 1 tied, 5 lost); the
-    end-to-end rate stayed at 757-1,313 chips/s either way (large fp32 aside, GPU-bound), set
-    elsewhere on the CPU side.
+    "GPU"): 14 workers did not beat 8 (of 7 configurations, 1 gained, 1 tied, 5 lost; in
+    two later runs, of 6 pairs, 2 gained, 4 lost); the end-to-end rate stayed at 757-1,330
+    chips/s either way (large fp32 aside, GPU-bound), held by the loader's start and pace
+    (a worker's ~3.5 ms a chip) and, until the table's parts became one file a batch, the
+    pooled writer.
 
     Args:
         cpus: usable CPU cores (default: this process's CPU affinity).
