@@ -41,6 +41,12 @@ from torchgeo_dofa.tasks import DOFAClassificationTask, DOFASegmentationTask, re
 from torchgeo_dofa.transforms import DOFAPreprocess
 from torchgeo_dofa.writers import ClassificationWriter
 
+#: Tolerance between two fp32 runs of the same job by different paths (``embed`` and
+#: ``predict --config``, or ``get_embedding``). 1e-6 on a CPU; on a GPU ``embed`` normalises
+#: and resizes the chips there (``predict --config`` in the loader, on the CPU) and the
+#: kernels differ: up to 4.4e-6 measured on an H200 (grid cells of the bundled scene).
+SAME_JOB_ATOL = 1e-5 if torch.cuda.is_available() else 1e-6
+
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, base_checkpoint) -> Path:
@@ -619,7 +625,11 @@ def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
         (["--stride", "100"], "not a multiple of the output cell (16 px"),
         (["--chip-size", "448", "--stride", "16"], "output cell (32 px for 448-px chips"),
         (["--chip-size", "100"], "--chip-size must be a multiple of 16"),
-        (["--device", "gpu"], "asked for a GPU, but PyTorch sees none"),
+        pytest.param(
+            ["--device", "gpu"],
+            "asked for a GPU, but PyTorch sees none",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"),
+        ),
         (["--bbox", "0", "0", "0.1", "0.1"], "does not overlap the rasters, which cover lon 13.1"),
         (["--file-bands", "B4", "B3", "B2"], "has 4 bands but --file-bands names 3"),
         (["--devices", "0"], "--devices must be >= 1"),
@@ -1056,7 +1066,9 @@ def test_predict_config_writes_the_same_files_as_embed(tmp_path, reference_run, 
         )
         assert got.tags() == ref.tags()
         assert json.loads(got.tags()["bands"]) == ["B2", "B3", "B4", "B8"]
-        np.testing.assert_allclose(got.read(), ref.read(), rtol=0, atol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(
+            got.read(), ref.read(), rtol=0, atol=SAME_JOB_ATOL, equal_nan=True
+        )
     frame = gpd.read_parquet(tmp_path / "p.parquet")
     ref_frame = gpd.read_parquet(reference_run / "ftw_s2_l2a_33N_pooled.parquet")
     assert list(frame.columns) == list(ref_frame.columns)
@@ -1064,7 +1076,7 @@ def test_predict_config_writes_the_same_files_as_embed(tmp_path, reference_run, 
     assert frame.geometry.equals(ref_frame.geometry) and frame.crs == ref_frame.crs
     assert (frame.source == ref_frame.source).all()
     np.testing.assert_allclose(
-        np.stack(frame.embedding), np.stack(ref_frame.embedding), rtol=0, atol=1e-6
+        np.stack(frame.embedding), np.stack(ref_frame.embedding), rtol=0, atol=SAME_JOB_ATOL
     )
     assert frame.attrs == ref_frame.attrs
 
@@ -1125,7 +1137,9 @@ def test_predict_config_resumed_with_every_chip_written_assembles(
         rasterio.open(reference_run / "ftw_s2_l2a_33N_grid.tif") as ref,
     ):
         assert (got.transform, got.shape, got.count) == (ref.transform, ref.shape, ref.count)
-        np.testing.assert_allclose(got.read(), ref.read(), rtol=0, atol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(
+            got.read(), ref.read(), rtol=0, atol=SAME_JOB_ATOL, equal_nan=True
+        )
     assert len(gpd.read_parquet(tmp_path / "p.parquet")) == 6
 
 
@@ -2189,7 +2203,7 @@ def test_local_backend_equals_embed_on_a_point(tmp_path, base_checkpoint) -> Non
         paths=SCENE,
         weights=str(base_checkpoint),
     )
-    np.testing.assert_allclose(emb.data, row, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(emb.data, row, rtol=0, atol=SAME_JOB_ATOL)
 
 
 def test_rerun_with_another_setting_is_refused_until_overwrite(tmp_path, capsys, base_checkpoint):
