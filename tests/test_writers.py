@@ -780,6 +780,105 @@ def test_describe_change_keeps_the_first_difference_in_view() -> None:
     assert head == f"bands was 'A{'x' * 35}..., now 'B{'x' * 35}..."
 
 
+def _two_chips_one_empty(tmp_path: Path) -> tuple[Path, tuple[float, float]]:
+    """The bundled scene's first two chips side by side, the right one all nodata (0):
+    the GeoTIFF's path and its top-left corner."""
+    scene = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
+    crop = tmp_path / "crop.tif"
+    with rasterio.open(scene) as src:
+        pixels = src.read(window=rasterio.windows.Window(0, 0, 448, 224))
+        pixels[:, :, 224:] = 0
+        profile = src.profile | {"width": 448, "height": 224}
+        with rasterio.open(crop, "w", **profile) as dst:
+            dst.write(pixels)
+            dst.descriptions = src.descriptions
+        return crop, (src.bounds.left, src.bounds.top)
+
+
+def _damage_table_part(part: Path, damage: str) -> None:
+    """Damage a table's batch part (a row, then a no_data line) as a disk or a hand might."""
+    import json
+
+    lines = part.read_text().splitlines()
+    if damage == "emptied":
+        part.write_text("")
+    elif damage == "line lost":
+        part.write_text(lines[0] + "\n")
+    else:  # "field lost": valid JSON, a row without its time span
+        row = json.loads(lines[0])
+        del row["time"]
+        part.write_text("\n".join([json.dumps(row), *lines[1:]]) + "\n")
+
+
+class _BeforeAssembly(pl.Callback):
+    """Runs ``action`` at the epoch's end, once the writers' parts are on disk, before the
+    writers assemble (put first)."""
+
+    def __init__(self, action: Any) -> None:
+        self.action = action
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, PooledWriter | GridWriter):
+                callback.flush()
+        self.action()
+
+
+@pytest.mark.parametrize("damage", ["emptied", "line lost", "field lost"])
+def test_a_damaged_table_part_is_computed_again_on_resume_and_named_at_assembly(
+    tmp_path: Path, damage: str
+) -> None:
+    """A table's batch part damaged between runs is removed with a warning when the job
+    resumes (its identity checked first, which used to fail on it) and its chips computed
+    again: the table equals an undisturbed run's. Damaged while the job runs, the assembly
+    stops naming it, where a part that lost a line used to give a no_data row and exit 0."""
+    from torchgeo_dofa.datamodules import DOFAPredictDataModule
+    from torchgeo_dofa.embedder import DOFAEmbedder
+
+    crop, _ = _two_chips_one_empty(tmp_path)
+    module = DOFAEmbedder(weights=None, seed=0, output="pooled")
+
+    def run(out: Path, before_assembly: Any = None) -> PooledWriter:
+        writer = PooledWriter(out)
+        first = [_BeforeAssembly(before_assembly)] if before_assembly else []
+        trainer = pl.Trainer(
+            accelerator="cpu", callbacks=[*first, writer], logger=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        dm = DOFAPredictDataModule(crop, preprocess=True, batch_size=2)
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+        return writer
+
+    want = gpd.read_parquet(run(tmp_path / "ref.parquet").path)
+    out = tmp_path / "p.parquet"
+
+    def crash() -> None:
+        raise RuntimeError("killed before assembly")
+
+    with pytest.raises(RuntimeError, match="killed before assembly"):
+        run(out, crash)
+    (part,) = parts_dir(out).glob("*.jsonl")  # the one batch: a row and a no_data line
+    assert (parts_dir(out) / "job-identity").is_file()
+    _damage_table_part(part, damage)
+    with pytest.warns(UserWarning, match=rf"{part.name} was unreadable .*: this run computes"):
+        resumed = run(out)
+    assert (resumed.written, resumed.empty) == (1, 1)  # both chips computed again
+    got = gpd.read_parquet(out)
+    assert got.chip_id.tolist() == want.chip_id.tolist() and got.no_data.tolist() == [False, True]
+    np.testing.assert_array_equal(np.stack(got.embedding), np.stack(want.embedding))
+
+    during = tmp_path / "during.parquet"
+
+    def damage_it() -> None:
+        resumed_parts = list(parts_dir(during).glob("*.jsonl"))
+        assert len(resumed_parts) == 1
+        _damage_table_part(resumed_parts[0], damage)
+
+    with pytest.raises(OutputWriteError, match=r"\.jsonl was unreadable .*rerun the same command"):
+        run(during, damage_it)
+    assert not during.exists()
+
+
 class _DeletePart(pl.Callback):
     """Stands for a user or a cleanup deleting a part file while the job runs: removes
     the part matching the pattern ``name`` from ``writer``'s parts folder just before the
@@ -806,16 +905,7 @@ def test_a_part_deleted_while_the_job_runs_fails_assembly_and_the_rerun_fills_it
     from torchgeo_dofa.embedder import DOFAEmbedder
     from torchgeo_dofa.writers import OutputWriteError
 
-    scene = Path(__file__).resolve().parents[1] / "demo" / "data" / "ftw_s2_l2a_33N.tif"
-    crop = tmp_path / "crop.tif"  # two chips side by side, the right one all nodata (0)
-    with rasterio.open(scene) as src:
-        pixels = src.read(window=rasterio.windows.Window(0, 0, 448, 224))
-        pixels[:, :, 224:] = 0
-        profile = src.profile | {"width": 448, "height": 224}
-        with rasterio.open(crop, "w", **profile) as dst:
-            dst.write(pixels)
-            dst.descriptions = src.descriptions
-        left, top = src.bounds.left, src.bounds.top
+    crop, (left, top) = _two_chips_one_empty(tmp_path)
     module = DOFAEmbedder(weights=None, seed=0, output="both")
 
     def run(

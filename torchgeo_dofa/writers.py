@@ -1631,25 +1631,41 @@ class PooledWriter(_PartsWriter):
     def read_batch_part(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         """A batch part's rows (embeddings as float32) and the keys of its no-data chips.
 
+        The part must hold exactly the chips its name records (:meth:`_write_chips`: their
+        count and the CRC-32 of their keys, in order): a part that lost or gained lines is
+        damaged, not a smaller batch. Blank lines are ignored.
+
         Raises:
-            ValueError: for a part without any line, or a line that is not a row.
-            KeyError: for a row without ``chip_id`` or embedding.
+            ValueError: for a name this writer does not give, lines that are not the chips
+                the name records, a line that is not a row, embeddings of two lengths.
+            KeyError / TypeError: for a row without, or with a malformed, ``chip_id``,
+                ``bounds``, ``time`` or embedding (:func:`_pooled_part`).
         """
+        named = _BATCH_PART.fullmatch(path.name)
+        if named is None:
+            raise ValueError("not a batch part's name (<first key>_n<chips>_<CRC-32>.jsonl)")
         rows: list[dict[str, Any]] = []
         empty: list[str] = []
+        keys: list[str] = []
         for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
             entry = json.loads(line)
-            if not isinstance(entry, dict):
-                raise ValueError(f"a line holds {type(entry).__name__}, not a row")
-            key = entry["chip_id"]
-            if entry.get("no_data"):
-                empty.append(key)
+            if not isinstance(entry, dict) or not isinstance(entry.get("chip_id"), str):
+                raise ValueError("a line is not a row with a chip_id")
+            keys.append(entry["chip_id"])
+            if entry.get("no_data") is True:
+                empty.append(keys[-1])
             else:
                 rows.append(_pooled_part(entry))
-                if "embedding" not in rows[-1]:
-                    raise KeyError(f"no embedding for {key}")
-        if not rows and not empty:
-            raise ValueError("no row")
+        if len(keys) != int(named["n"]) or _keys_crc(keys) != int(named["crc"], 16):
+            raise ValueError(
+                f"holds {len(keys)} chip(s), not the {named['n']} its name records"
+                if len(keys) != int(named["n"])
+                else "holds other chips than its name records"
+            )
+        if len({len(r["embedding"]) for r in rows}) > 1:
+            raise ValueError("holds embeddings of different lengths")
         return rows, empty
 
     def _batch_parts(self) -> list[Path]:
@@ -1665,13 +1681,22 @@ class PooledWriter(_PartsWriter):
         return super()._resume_keys()
 
     def done_keys(self) -> set[str]:
-        """Keys of the chips in a part on disk: batch parts and per-chip ones."""
+        """Keys of the chips in a readable part on disk: batch parts and per-chip ones.
+
+        A batch part not read yet (another process's, or before :meth:`_resume_keys`) is
+        read here; an unreadable one counts no chip and is left in place, for the resume
+        (which removes it, warning) or the assembly (which stops, naming it) to report.
+        """
         keys = super().done_keys()  # waits for the writes under way first
-        unread = [p for p in self._batch_parts() if p.name not in self._batch_keys]
-        for path, (rows, empty) in _read_parts(unread, self.read_batch_part).items():
-            self._batch_keys[path.name] = [r["chip_id"] for r in rows] + empty
-        for path in self._batch_parts():
-            keys.update(self._batch_keys[path.name])
+        for path in self._batch_parts():  # listed once: another rank may add parts meanwhile
+            known = self._batch_keys.get(path.name)
+            if known is None:
+                try:
+                    rows, empty = self.read_batch_part(path)
+                except (OSError, EOFError, ValueError, KeyError, TypeError):
+                    continue
+                known = self._batch_keys[path.name] = [r["chip_id"] for r in rows] + empty
+            keys.update(known)
         return keys
 
     def part_key(self, prediction: Mapping[str, Any], i: int) -> str:
@@ -1718,8 +1743,7 @@ class PooledWriter(_PartsWriter):
         for i in empty:
             keys.append(self.chip_key(bounds[i]))
             lines.append(json.dumps({"chip_id": keys[-1], "no_data": True}))
-        digest = zlib.crc32("\n".join(keys).encode())
-        name = f"{keys[0]}_n{len(keys)}_{digest:08x}{self.batch_suffix}"
+        name = f"{keys[0]}_n{len(keys)}_{_keys_crc(keys):08x}{self.batch_suffix}"
         text = "\n".join(lines) + "\n"
         atomic_write(self.parts / name, lambda p: Path(p).write_text(text))
         self._batch_keys[name] = keys
@@ -1789,12 +1813,12 @@ class PooledWriter(_PartsWriter):
             RuntimeError: if no chip was written and ``chip_keys`` was not given.
         """
         self.flush()
+        rows = self._rows()  # first: a damaged part is named as such, not as a missing chip
         self.check_every_chip_has_a_part()
         import geopandas as gpd
         import pyarrow.parquet as pq
         from shapely.geometry import box
 
-        rows = self._rows()
         if not rows and self.chip_keys is None:
             raise RuntimeError(f"no chip was written for {self.path}: nothing to assemble")
         meta = {k: _tag(v) for k, v in self.metadata.items()}
@@ -2296,11 +2320,35 @@ def _sends_every_batch(trainer: pl.Trainer) -> bool:
         return False
 
 
+#: A :class:`PooledWriter` batch part's name: first chip key, chip count, CRC-32 of the keys.
+_BATCH_PART = re.compile(r".+_n(?P<n>[1-9][0-9]*)_(?P<crc>[0-9a-f]{8})\.jsonl")
+
+
+def _keys_crc(keys: Sequence[str]) -> int:
+    """CRC-32 of a batch part's chip keys, in order (recorded in the part's name)."""
+    return zlib.crc32("\n".join(keys).encode())
+
+
 def _pooled_part(row: dict[str, Any]) -> dict[str, Any]:
-    """A pooled part as read: ``embedding`` as float32 (from ``embedding_f32`` or a list)."""
+    """A pooled part as read: ``embedding`` as float32 (from ``embedding_f32`` or a list).
+
+    Raises:
+        KeyError: for a row without ``chip_id``, ``bounds``, ``time`` or an embedding.
+        TypeError / ValueError: for one of them malformed (``bounds`` not 4 numbers,
+            ``time`` not 2, an empty embedding, base64 that is not).
+    """
     encoded = row.pop("embedding_f32", None)
     if encoded is not None:
         row["embedding"] = np.frombuffer(base64.b64decode(encoded), "<f4").astype(np.float32)
+    if not isinstance(row["chip_id"], str):
+        raise TypeError("chip_id is not a string")
+    for name, size in (("bounds", 4), ("time", 2)):
+        values = row[name]
+        if not isinstance(values, list) or len(values) != size:
+            raise ValueError(f"{name} is not {size} numbers")
+        row[name] = [float(v) for v in values]  # TypeError for a non-number
+    if not len(row["embedding"]):
+        raise ValueError("the embedding is empty")
     return row
 
 
