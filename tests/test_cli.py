@@ -1398,6 +1398,15 @@ def test_a_damaged_or_foreign_ckpt_path_is_one_line_before_anything_runs(
             "run's trainer\n"
         )
     assert sorted(tmp_path.glob("logs/*/version_*")) == versions  # no run folder made
+    # a resume refused after LightningCLI saved its config.yaml (the checkpoint's optimizer
+    # state diverged: checked as it is restored) left a version folder holding only that
+    ckpt = torch.load(saved, map_location="cpu", weights_only=False)
+    state = ckpt["optimizer_states"][0]["state"]
+    state[sorted(state)[0]]["exp_avg"].view(-1)[:1] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    assert main([*fit, "--trainer.max_epochs=2", "--ckpt_path", "nan.ckpt"]) == 2
+    assert "holds non-finite optimizer state" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.glob("logs/*/version_*")) == ["version_0"]
     torch.save({"w": torch.ones(4)}, tmp_path / "weights.pth")  # no Lightning checkpoint
     assert main([*validate, *quiet, "--ckpt_path", "weights.pth"]) == 2  # KeyError before
     assert capsys.readouterr().err.startswith(

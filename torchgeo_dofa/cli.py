@@ -1007,6 +1007,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
 
     end_import_pause()
     trainers: list[pl.Trainer] = []
+    run_folders: list[_RunFolder] = []  # where each trainer's config.yaml goes, before the run
     # Ctrl-C / SIGTERM stop a prediction after the current batch's parts are written (exit
     # 130 / 143), as in embed; Lightning alone let SIGTERM run to the end. fit / validate /
     # test stop after the batch in progress (fit saves its state first), also 130 / 143:
@@ -1111,6 +1112,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
             trainer = super().instantiate_trainer(**kwargs)
             trainers.append(trainer)  # to clean up after a failure (LightningCLI raises in init)
+            run_folders.append(_RunFolder.before(trainer))
             if self.subcommand:
                 rebuilt = _check_ckpt_keyword(
                     trainer, self.model, self.subcommand, self.config[self.subcommand]
@@ -1161,6 +1163,8 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
         except BaseException as err:
             for trainer in trainers:  # the error line starts a line of its own
                 _close_progress_bar(trainer)
+            for folder in run_folders:  # a run refused before it wrote anything leaves nothing
+                folder.remove_if_only_its_config()
             # a second Ctrl-C (Lightning exits 1) or Lightning's own stop on SIGTERM (exit
             # 0) ended the run: it is the job's interruption
             if stop.received is not None and isinstance(err, SystemExit | KeyboardInterrupt):
@@ -1185,7 +1189,56 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                     if callable(close):
                         close()
             trainers.clear()
+            run_folders.clear()
             _free_the_job()
+
+
+@dataclass(frozen=True)
+class _RunFolder:
+    """A LightningCLI run's log folder as it was before the run.
+
+    ``folder``: ``trainer.log_dir`` (e.g. ``logs/<name>/version_3``); ``had_config``:
+    whether it held a ``config.yaml``; ``existed``: which of it and its parents existed.
+    LightningCLI saves the run's ``config.yaml`` there at the trainer's setup, before a
+    checkpoint is restored and checked: a fit refused then (a diverged optimizer state, a
+    checkpoint of another task) left a ``version_N`` folder holding only that file, to be
+    taken for a run.
+    """
+
+    folder: Path | None
+    had_config: bool = False
+    existed: frozenset[Path] = frozenset()
+
+    @classmethod
+    def before(cls, trainer: pl.Trainer) -> _RunFolder:
+        """The trainer's log folder now (before its run); no folder where it has none."""
+        try:
+            log_dir = trainer.log_dir
+        except Exception:  # a logger without a local folder
+            return cls(None)
+        if not log_dir:
+            return cls(None)
+        folder = Path(log_dir).resolve()
+        existed = frozenset(p for p in (folder, *folder.parents) if p.is_dir())
+        return cls(folder, (folder / "config.yaml").exists(), existed)
+
+    def remove_if_only_its_config(self) -> None:
+        """After a failed run: remove the run's ``config.yaml`` and the folders made for it.
+
+        Only where the run's folder holds nothing else (no checkpoint, no metric) and held
+        no ``config.yaml`` before; folders that existed before the run are kept.
+        """
+        folder = self.folder
+        if folder is None or self.had_config or not folder.is_dir():
+            return
+        with contextlib.suppress(OSError):
+            if [p.name for p in folder.iterdir()] != ["config.yaml"]:
+                return
+            (folder / "config.yaml").unlink()
+            for made in (folder, *folder.parents):
+                if made in self.existed:
+                    break
+                made.rmdir()  # OSError (not empty: another run's) ends it
 
 
 def _a_local_path(ckpt: Any) -> bool:
