@@ -1583,3 +1583,15 @@ def test_the_interrupted_checkpoint_is_renamed_into_place_and_a_killed_save_is_c
     _save_checkpoint_whole(trainer, remote)
     assert fsspec.filesystem("memory").exists("/ckpts/interrupted.ckpt")
     assert not Path("memory:").exists()
+
+
+@pytest.mark.parametrize("spelling", ["none", "Random", "null"])
+def test_the_commands_spelling_of_random_weights_builds_a_random_encoder(spelling: str) -> None:
+    """``--model.init_args.weights none`` in a fine-tuning config was taken for a file named
+    'none' ("weights file 'none' does not exist"), while the embedder's took it as random."""
+    for task in (
+        DOFAClassificationTask(num_classes=2, weights=spelling, patience=None),
+        DOFASegmentationTask(num_classes=2, weights=spelling, patience=None),
+    ):
+        task.configure_models()
+        assert task.encoder.weights_id.startswith("random")

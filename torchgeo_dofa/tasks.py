@@ -75,6 +75,7 @@ from .weights import (
     check_finite_state,
     held_as,
     load_dofa,
+    names_random_weights,
     state_dict_digest,
     unfilled_encoder,
     verify_checkpoint_file,
@@ -405,9 +406,14 @@ class _DOFATask(BaseTask):
         self.encoder.train(not self.frozen)
 
     def _encoder_as_configured(self) -> DOFAEncoder:
-        """The encoder the hyperparameters describe, its ``weights`` loaded (``load_dofa``)."""
+        """The encoder the hyperparameters describe, its ``weights`` loaded (``load_dofa``).
+
+        ``weights`` spelled as the command spells random weights (``none``, ``random``,
+        ``null``; :data:`torchgeo_dofa.weights.RANDOM_WEIGHTS_NAMES`) is None, as for
+        :class:`~torchgeo_dofa.embedder.DOFAEmbedder`, not a file of that name.
+        """
         hp = self.hparams
-        weights = hp["weights"]
+        weights = None if names_random_weights(hp["weights"]) else hp["weights"]
         return load_dofa(
             hp["variant"],
             weights=os.fspath(weights) if weights is not None else None,
@@ -963,7 +969,8 @@ class DOFAClassificationTask(_DOFATask):
             num_classes: number of classes (multiclass) or labels (multilabel).
             variant: ``base`` or ``large``.
             weights: as :func:`torchgeo_dofa.load_dofa`: ``"official"``, a checkpoint path or
-                None for a random encoder.
+                None (or ``"none"`` / ``"random"``, the command's spelling) for a random
+                encoder.
             mode: ``"linear-probe"`` (frozen encoder) or ``"full"`` fine-tuning.
             task: ``"multiclass"`` (cross-entropy; ``label`` (B,) class indices) or
                 ``"multilabel"`` (binary cross-entropy; ``label`` (B, num_classes) 0/1).
@@ -1457,7 +1464,8 @@ class DOFASegmentationTask(_DOFATask):
             num_classes: number of classes.
             variant: ``base`` or ``large``.
             weights: as :func:`torchgeo_dofa.load_dofa`: ``"official"``, a checkpoint path or
-                None for a random encoder.
+                None (or ``"none"`` / ``"random"``, the command's spelling) for a random
+                encoder.
             mode: ``"linear-probe"`` (frozen encoder, trainable decoder) or ``"full"``.
             block_indices: four encoder blocks (0-based, negative counts from the end) whose
                 patch maps feed the decoder, shallow to deep; None: the variant's default
