@@ -124,6 +124,34 @@ def encoder_only(
     return out
 
 
+def _embed(
+    scene: Path,
+    out: Path,
+    variant: str,
+    prec: str,
+    batch: int,
+    workers: int,
+    device: str,
+    callback: pl.Callback,
+) -> None:
+    """``cli.embed`` as the benchmark runs it: random weights, pooled output, no bar."""
+    from torchgeo_dofa import cli
+
+    cli.embed(
+        [scene],
+        out,
+        variant=variant,
+        output="pooled",
+        weights=None,
+        batch_size=batch,
+        num_workers=workers,
+        device=device,
+        precision="bf16" if prec == "bf16" else "32",
+        progress=False,
+        callbacks=[callback],
+    )
+
+
 class _Clock(pl.Callback):
     """Times of the predict loop (the GPU synchronised at each mark).
 
@@ -202,8 +230,6 @@ def end_to_end(
 ) -> dict[tuple[str, int, int], tuple[float, float, float]]:
     """(sustained chips/s, after-first-batch chips/s, share of the loop waiting for batches)
     of ``cli.embed`` per (precision, batch, workers)."""
-    from torchgeo_dofa import cli
-
     out: dict[tuple[str, int, int], tuple[float, float, float]] = {}
     for prec, b, w in configs:
         if time.perf_counter() > deadline:
@@ -211,19 +237,7 @@ def end_to_end(
             continue
         clock = _Clock()
         try:
-            cli.embed(
-                [scene],
-                tmp / f"e2e_{variant}_{prec}_{b}_{w}",
-                variant=variant,
-                output="pooled",
-                weights=None,
-                batch_size=b,
-                num_workers=w,
-                device=device,
-                precision="bf16" if prec == "bf16" else "32",
-                progress=False,
-                callbacks=[clock],
-            )
+            _embed(scene, tmp / f"e2e_{variant}_{prec}_{b}_{w}", variant, prec, b, w, device, clock)
         except Exception as err:  # e.g. out of memory: the other rows still print
             log(f"e2e {variant} {prec} batch {b} workers {w}: failed: {type(err).__name__}: {err}")
             if torch.cuda.is_available():
@@ -296,8 +310,6 @@ def loader_only(
     """(whole pass, after the first batch) chips/s of ``embed``'s loader, and the chips
     read, per (batch, workers, with the transfer + on-device preprocessing); no model
     step, no writer, nothing written under ``tmp``."""
-    from torchgeo_dofa import cli
-
     out: dict[tuple[int, int, bool], tuple[float, float, int]] = {}
     for b, w in configs:
         for transfer in (False, True):
@@ -306,19 +318,8 @@ def loader_only(
                 continue
             probe = _LoaderProbe(transfer)
             try:
-                cli.embed(
-                    [scene],
-                    tmp / f"loader_{b}_{w}_{transfer}",
-                    variant="base",
-                    output="pooled",
-                    weights=None,
-                    batch_size=b,
-                    num_workers=w,
-                    device=device,
-                    precision="bf16" if device == "gpu" else "32",
-                    progress=False,
-                    callbacks=[probe],
-                )
+                prec = "bf16" if device == "gpu" else "fp32"
+                _embed(scene, tmp / f"loader_{b}_{w}_{transfer}", "base", prec, b, w, device, probe)
             except _Probed:
                 pass
             except Exception as err:
