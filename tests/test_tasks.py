@@ -1595,3 +1595,35 @@ def test_the_commands_spelling_of_random_weights_builds_a_random_encoder(spellin
     ):
         task.configure_models()
         assert task.encoder.weights_id.startswith("random")
+
+
+def test_an_epoch_without_a_labelled_pixel_logs_nan_metrics_not_zero(tmp_path: Path) -> None:
+    """Every pixel of an epoch ignored (ignore_index or no-data): torchmetrics' 0.0 was logged
+    as train_OverallAccuracy, read as a model that gets every pixel wrong. Now NaN; an epoch
+    with labelled pixels logs the metrics as before."""
+    wl = torch.tensor([0.665, 0.56, 0.49, 0.842])
+    image = (torch.full((4, 4, 32, 32), 3000.0) / 10000 * 255 - 100) / 60
+    image = image + 0.1 * torch.randn(4, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def loader(mask: torch.Tensor) -> DataLoader[Any]:
+        samples = [
+            {"image": image[i], "wavelengths": wl, "mask": mask[i]} for i in range(len(mask))
+        ]
+        return DataLoader(samples, batch_size=2, collate_fn=stack_samples)  # type: ignore[arg-type]
+
+    ignored = torch.full((4, 32, 32), 255, dtype=torch.long)
+    labelled = ignored.clone()
+    labelled[:, :8] = 1  # a strip of class 1 in every chip
+    for mask, expect_nan in ((ignored, True), (labelled, False)):
+        seed_everything(0)
+        task = small_segmentation(ignore_index=255)
+        trainer = make_trainer(tmp_path, 1, [], limit_val_batches=0)
+        trainer.fit(task, train_dataloaders=loader(mask))
+        logged = trainer.logged_metrics
+        names = ("train_OverallAccuracy", "train_AverageAccuracy", "train_AverageJaccardIndex")
+        assert all(n in logged for n in names), sorted(logged)
+        values = [float(logged[n]) for n in names]
+        if expect_nan:
+            assert all(math.isnan(v) for v in values), values
+        else:
+            assert all(0.0 <= v <= 1.0 for v in values), values

@@ -30,6 +30,7 @@ stored state: reloading never downloads anything.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from abc import abstractmethod
@@ -732,8 +733,31 @@ class _DOFATask(BaseTask):
     def _step(self, batch: Mapping[str, Any], split: str, metrics: MetricCollection) -> Tensor:
         loss, logits, target = self._loss_and_logits(batch)
         metrics.update(*self._metric_inputs(logits, target))
+        counts: dict[str, Tensor | int] = self.__dict__.setdefault("_scored", {})
+        counts[split] = counts.get(split, 0) + self._scored_targets(target)  # no sync per step
         self._log_loss(split, loss, logits, target)
         return loss
+
+    def _scored_targets(self, target: Tensor) -> Tensor | int:
+        """How many targets of a batch the metrics score: every chip's label here."""
+        return int(target.shape[0])
+
+    def _log_metrics(self, split: str, metrics: MetricCollection) -> None:
+        """Log a split's epoch metrics and reset them.
+
+        An epoch whose metrics scored no target (every pixel ignored or no-data) logs NaN:
+        torchmetrics gives 0.0 there (``train_OverallAccuracy`` 0.0 read as a model that
+        gets everything wrong). The count is summed over DDP processes first.
+        """
+        values = metrics.compute()
+        scored = self.__dict__.setdefault("_scored", {}).pop(split, 0)
+        total = self.trainer.strategy.reduce(
+            torch.as_tensor(scored, device=self.device, dtype=torch.float64), reduce_op="sum"
+        )
+        if float(total) == 0:
+            values = {k: torch.tensor(math.nan) for k in values}
+        self.log_dict(values)
+        metrics.reset()
 
     def _log_loss(self, split: str, loss: Tensor, logits: Tensor, target: Tensor) -> None:
         """Log ``{split}_loss``; its epoch value is the mean over batches weighted by chips."""
@@ -784,19 +808,16 @@ class _DOFATask(BaseTask):
         self._step(batch, "test", self.test_metrics)
 
     def on_train_epoch_end(self) -> None:
-        """Log the train metrics."""
-        self.log_dict(self.train_metrics.compute())
-        self.train_metrics.reset()
+        """Log the train metrics (NaN for an epoch without a scored target)."""
+        self._log_metrics("train", self.train_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        """Log the validation metrics."""
-        self.log_dict(self.val_metrics.compute())
-        self.val_metrics.reset()
+        """Log the validation metrics (NaN for an epoch without a scored target)."""
+        self._log_metrics("val", self.val_metrics)
 
     def on_test_epoch_end(self) -> None:
-        """Log the test metrics."""
-        self.log_dict(self.test_metrics.compute())
-        self.test_metrics.reset()
+        """Log the test metrics (NaN for an epoch without a scored target)."""
+        self._log_metrics("test", self.test_metrics)
 
     def _set_metrics(self, metrics: MetricCollection) -> None:
         self.train_metrics = metrics.clone(prefix="train_")
@@ -1618,6 +1639,10 @@ class DOFASegmentationTask(_DOFATask):
         h, w = image.shape[-2:]
         logits: Tensor = self.decoder(maps, (h, w))
         return logits
+
+    def _scored_targets(self, target: Tensor) -> Tensor | int:
+        """How many pixels of a batch the metrics score: those not ignored (a tensor)."""
+        return (target != self._ignore_target).sum()
 
     def _target(self, batch: Mapping[str, Any]) -> Tensor:
         """The batch's mask as class indices, ``valid`` False pixels set to the ignored value.
