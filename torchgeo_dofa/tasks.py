@@ -752,7 +752,7 @@ class _DOFATask(BaseTask):
         values = metrics.compute()
         scored = self.__dict__.setdefault("_scored", {}).pop(split, 0)
         total = self.trainer.strategy.reduce(
-            torch.as_tensor(scored, device=self.device, dtype=torch.float64), reduce_op="sum"
+            torch.as_tensor(scored, device=self.device, dtype=torch.long), reduce_op="sum"
         )
         if float(total) == 0:
             values = {k: torch.tensor(math.nan) for k in values}
