@@ -733,8 +733,8 @@ class _DOFATask(BaseTask):
     def _step(self, batch: Mapping[str, Any], split: str, metrics: MetricCollection) -> Tensor:
         loss, logits, target = self._loss_and_logits(batch)
         metrics.update(*self._metric_inputs(logits, target))
-        counts: dict[str, Tensor | int] = self.__dict__.setdefault("_scored", {})
-        counts[split] = counts.get(split, 0) + self._scored_targets(target)  # no sync per step
+        scored = self._scored_targets(target)  # no sync per step
+        self._scored[split] = self._scored.get(split, 0) + scored
         self._log_loss(split, loss, logits, target)
         return loss
 
@@ -750,7 +750,7 @@ class _DOFATask(BaseTask):
         gets everything wrong). The count is summed over DDP processes first.
         """
         values = metrics.compute()
-        scored = self.__dict__.setdefault("_scored", {}).pop(split, 0)
+        scored = self._scored.pop(split, 0)
         total = self.trainer.strategy.reduce(
             torch.as_tensor(scored, device=self.device, dtype=torch.long), reduce_op="sum"
         )
@@ -820,6 +820,8 @@ class _DOFATask(BaseTask):
         self._log_metrics("test", self.test_metrics)
 
     def _set_metrics(self, metrics: MetricCollection) -> None:
+        #: per split, the targets the metrics scored this epoch (see :meth:`_log_metrics`)
+        self._scored: dict[str, Tensor | int] = {}
         self.train_metrics = metrics.clone(prefix="train_")
         self.val_metrics = metrics.clone(prefix="val_")
         self.test_metrics = metrics.clone(prefix="test_")
