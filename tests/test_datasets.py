@@ -351,6 +351,68 @@ def test_dofa_collate_and_workers() -> None:
     torch.testing.assert_close(chip(clone, 3, 5, 8, 8)["image"], chip(ds, 3, 5, 8, 8)["image"])
 
 
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_a_batch_read_equals_its_chips_read_one_by_one(name: str) -> None:
+    """``__getitems__`` (what a DataLoader calls with a batch's chips) gives ``ds[chip]``'s
+    samples, for chips inside the raster and reaching past it, with the transforms applied."""
+    ds = LAYOUTS[name].make()
+    ds.transforms = lambda sample: {**sample, "image": sample["image"] * 2}
+    patch = LAYOUTS[name].patch
+    chips = list(GridGeoSampler(ds, size=patch + 3, stride=max(1, patch // 2 + 1)))
+    assert len(chips) > 1
+    batch = ds.__getitems__(chips)
+    assert ds._held_cache is None  # checked again at the next read
+    assert len(batch) == len(chips)
+    for chip_slice, got in zip(chips, batch, strict=True):
+        want = ds[chip_slice]
+        assert set(got) == set(want)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(got["image"], 2 * ds.read_chip(chip_slice)["image"])
+
+
+def test_a_batch_read_sees_an_index_changed_between_batches_and_fails_cleanly() -> None:
+    ds = Sentinel2SR(DATA / "esa", bands=["B4", "B8"], offset=0)
+    both = ds.index
+    x, y, _ = ds.bounds
+    window = (slice(x.start + 30.0, x.start + 190.0), slice(y.stop - 190.0, y.stop - 30.0))
+    first = ds.__getitems__([window])[0]  # both dates: the 2021 scene wins
+    ds.index = both.iloc[1:]  # only the 2022 scene is left
+    later = ds.__getitems__([window])[0]
+    torch.testing.assert_close(later["image"], ds[window]["image"])
+    assert not torch.equal(first["image"], later["image"])
+    outside = (slice(x.stop + 1000.0, x.stop + 1160.0), window[1])
+    with pytest.raises(IndexError, match="not found in dataset"):
+        ds.__getitems__([window, outside])
+    assert ds._held_cache is None
+    ds.index = both  # after the failed batch, the next one sees the index as it is now
+    torch.testing.assert_close(ds.__getitems__([window])[0]["image"], first["image"])
+
+
+def test_a_worker_stacks_its_batch_into_shared_memory() -> None:
+    """In a DataLoader worker, ``stack_dofa_samples`` stacks straight into shared memory, as
+    PyTorch's ``default_collate`` does, so the batch is not copied again to be passed."""
+
+    def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = stack_dofa_samples(samples)
+        shared = [batch[k].is_shared() for k in sorted(batch)]
+        return {**batch, "shared_in_worker": torch.tensor(shared)}
+
+    ds = LAYOUTS["multiband"].make()
+    sampler = GriddedPatchSampler(ds, size=8)
+    loader = DataLoader(ds, sampler=sampler, batch_size=3, collate_fn=collate, num_workers=1)
+    batches = list(loader)
+    assert batches and all(bool(b["shared_in_worker"].all()) for b in batches)
+    # in the main process: ordinary memory, the same values as TorchGeo's stack_samples
+    samples = [ds[c] for c in list(sampler)[:3]]
+    ours, theirs = stack_dofa_samples(samples), stack_samples(samples)
+    assert not ours["image"].is_shared() and set(ours) == set(theirs)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(TypeError):  # values other than tensors are refused, as TorchGeo does
+        stack_dofa_samples([{"image": samples[0]["image"], "name": "a"}])  # type: ignore[dict-item]
+
+
 def test_sample_holds_only_tensors_and_wavelengths() -> None:
     ds = LAYOUTS["multiband"].make()
     sample = chip(ds, 0, 0, 10, 12)
