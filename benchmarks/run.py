@@ -575,44 +575,101 @@ def read_rows(s: Settings, report: Report, tmp: Path) -> None:
             )
         )
     worker_rows(report, inputs["GeoTIFF (4-band, tiled deflate)"], inside)
+    codec_rows(report, inputs["GeoTIFF (4-band, tiled deflate)"][0], inside, tmp)
 
 
 def worker_rows(report: Report, paths: list[Path], inside: Callable[[Any], list[Any]]) -> None:
     """A loader worker's CPU time per chip: read, then the embed job's DOFAPreprocess.
 
-    One torch thread (as in a DataLoader worker), the GDAL cache the job sizes, every chip
-    of the gridded sampler, best of two passes; the reference is the raw read alone.
+    As a DataLoader worker does it (:func:`_worker_pass`), best of two passes. The reference
+    is the raw read (and collation) alone, what a worker does where the job preprocesses on
+    a GPU.
     """
-    import rasterio
-
     from torchgeo_dofa.datasets import Sentinel2SR
-    from torchgeo_dofa.runtime import gdal_cache_bytes
     from torchgeo_dofa.transforms import DOFAPreprocess
 
     ds = Sentinel2SR(paths=paths)
     chips = inside(ds)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     best = {"read": math.inf, "read + preprocess": math.inf}
-    try:
-        with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(paths)):
-            for _ in range(2):
-                for what in best:
-                    ds.transforms = (
-                        DOFAPreprocess(ds.bands, ds.wavelengths) if "pre" in what else None
-                    )
-                    t = time.perf_counter()
-                    for c in chips:
-                        ds[c]
-                    best[what] = min(best[what], (time.perf_counter() - t) / len(chips))
-    finally:
-        torch.set_num_threads(threads)
-        ds.close()
+    for _ in range(2):
+        for what in best:
+            ds.transforms = DOFAPreprocess(ds.bands, ds.wavelengths) if "pre" in what else None
+            best[what] = min(best[what], _worker_pass(ds, chips, paths))
     report.rows.append(
         Row("read", "GeoTIFF, loader worker's work: read + DOFAPreprocess", "-", 1,
             best["read + preprocess"] * 1e3, "ms/chip", "raw read alone ms/chip",
-            best["read"] * 1e3, note=f"{len(chips)} chips, 1 torch thread, best of 2")
+            best["read"] * 1e3,
+            note=f"{len(chips)} chips, batches of {WORKER_BATCH}, 1 torch thread, best of 2")
     )  # fmt: skip
+
+
+def codec_rows(report: Report, path: Path, inside: Callable[[Any], list[Any]], tmp: Path) -> None:
+    """A loader worker's raw read per chip by the GeoTIFF's compression (no preprocessing).
+
+    ``path`` (the read rows' 4-band uint16 GeoTIFF, 256-pixel blocks) is written again
+    uncompressed and with ZSTD and LZW (GDAL's defaults: level and no predictor), and each is
+    read as :func:`worker_rows` reads (:func:`_worker_pass`, best of two passes); the
+    reference is the uncompressed file. Where a GPU embeds faster than the loader workers
+    read, this is what the input's compression costs (README "GPU").
+    """
+    import rasterio
+
+    from torchgeo_dofa.datasets import Sentinel2SR
+
+    with rasterio.open(path) as src:
+        data, profile, descriptions = src.read(), src.profile, src.descriptions
+    files = {"deflate": path}
+    for codec in ("none", "zstd", "lzw"):
+        files[codec] = tmp / f"codec_{codec}.tif"
+        with rasterio.open(files[codec], "w", **{**profile, "compress": codec}) as dst:
+            dst.write(data)
+            dst.descriptions = descriptions
+    times = {}
+    for codec, file in files.items():
+        ds = Sentinel2SR(paths=[file])
+        chips = inside(ds)
+        times[codec] = min(_worker_pass(ds, chips, [file]) for _ in range(2))
+    for codec in ("deflate", "zstd", "lzw"):
+        size = files[codec].stat().st_size / files["none"].stat().st_size
+        report.rows.append(
+            Row("read", f"GeoTIFF {codec}, loader worker's raw read", "-", 1,
+                times[codec] * 1e3, "ms/chip", "uncompressed GeoTIFF ms/chip",
+                times["none"] * 1e3, note=f"{len(chips)} chips; file {size:.0%} of uncompressed")
+        )  # fmt: skip
+
+
+#: Chips a batch in :func:`_worker_pass`: the CPU's default batch size for bf16 (runtime).
+WORKER_BATCH = 32
+
+
+def _worker_pass(ds: Any, chips: list[Any], paths: list[Path]) -> float:
+    """Seconds a chip for one pass over ``chips`` as a DataLoader worker reads them.
+
+    Batches of :data:`WORKER_BATCH` chips, each fetched the way PyTorch's fetcher does (the
+    dataset's ``__getitems__`` where it has one, else a chip at a time) and collated with
+    ``stack_dofa_samples``; one torch thread, the GDAL cache the job sizes; the dataset's
+    files are opened afresh (closing drops their cached blocks: each pass decodes them once,
+    as a job does) and closed at the end.
+    """
+    import rasterio
+
+    from torchgeo_dofa.datasets import stack_dofa_samples
+    from torchgeo_dofa.runtime import gdal_cache_bytes
+
+    batches = [chips[i : i + WORKER_BATCH] for i in range(0, len(chips), WORKER_BATCH)]
+    fetch = getattr(ds, "__getitems__", None) or (lambda batch: [ds[c] for c in batch])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ds.close()
+    try:
+        with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(paths)):
+            t = time.perf_counter()
+            for batch in batches:
+                stack_dofa_samples(fetch(batch))
+            return (time.perf_counter() - t) / len(chips)
+    finally:
+        torch.set_num_threads(threads)
+        ds.close()
 
 
 #: What the embed command cannot start without (timed in a fresh ``python -c``), imported as

@@ -64,3 +64,32 @@ def test_gpu_benchmarks_loader_probe_reads_every_chip_and_writes_nothing(tmp_pat
         assert chips == 6  # the bundled scene's 3 x 2 chips of 224 px
         assert 0 < whole < math.inf and 0 < after < math.inf
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_read_rows_time_the_loader_workers_reads_by_compression(tmp_path: Path) -> None:
+    """``benchmarks/run.py --sections read``: the per-chip rows, the loader worker's rows
+    (read as a worker reads a batch) and one row per GeoTIFF compression against the
+    uncompressed file, each over every chip inside the scene."""
+    import dataclasses
+    import math
+
+    from benchmarks.bench_utils import machine
+    from benchmarks.run import QUICK, Report, read_rows
+
+    report = Report(machine())
+    read_rows(dataclasses.replace(QUICK, read_px=448, old_cache_chips=1), report, tmp_path)
+    rows = {row.what: row for row in report.rows}
+    codecs = [f"GeoTIFF {c}, loader worker's raw read" for c in ("deflate", "zstd", "lzw")]
+    assert set(codecs) <= set(rows)
+    assert "GeoTIFF, loader worker's work: read + DOFAPreprocess" in rows
+    uncompressed = {rows[w].ref for w in codecs}
+    assert len(uncompressed) == 1  # one reference for the three
+    for row in report.rows:
+        assert row.unit == "ms/chip" and 0 < row.value < math.inf and 0 < row.ref < math.inf
+    worker = rows["GeoTIFF, loader worker's work: read + DOFAPreprocess"]
+    chips = int(worker.note.split(" chips")[0])
+    assert chips > 0  # the chips wholly inside the scene, the same for every compression
+    for what in codecs:
+        assert rows[what].note.startswith(f"{chips} chips;")
+    sizes = [float(rows[w].note.split("file ")[1].split("%")[0]) for w in codecs]
+    assert all(0 < size < 100 for size in sizes)  # each compresses the demo's reflectance
