@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -361,7 +361,7 @@ def test_a_batch_read_equals_its_chips_read_one_by_one(name: str) -> None:
     chips = list(GridGeoSampler(ds, size=patch + 3, stride=max(1, patch // 2 + 1)))
     assert len(chips) > 1
     batch = ds.__getitems__(chips)
-    assert ds._held_cache is None  # checked again at the next read
+    assert not ds._held_caches  # checked again at the next read
     assert len(batch) == len(chips)
     for chip_slice, got in zip(chips, batch, strict=True):
         want = ds[chip_slice]
@@ -384,9 +384,71 @@ def test_a_batch_read_sees_an_index_changed_between_batches_and_fails_cleanly() 
     outside = (slice(x.stop + 1000.0, x.stop + 1160.0), window[1])
     with pytest.raises(IndexError, match="not found in dataset"):
         ds.__getitems__([window, outside])
-    assert ds._held_cache is None
+    assert not ds._held_caches
     ds.index = both  # after the failed batch, the next one sees the index as it is now
     torch.testing.assert_close(ds.__getitems__([window])[0]["image"], first["image"])
+
+
+def test_a_subclass_overriding_getitem_keeps_its_samples_in_a_dataloader() -> None:
+    """A DataLoader reads batches through ``__getitems__``: a subclass that overrides
+    ``__getitem__`` (TorchGeo's way to add a label) must still get its own samples."""
+
+    class Labelled(Sentinel2SR):
+        def __getitem__(self, index: Any) -> dict[str, torch.Tensor]:
+            sample = super().__getitem__(index)
+            sample["label"] = sample["image"][0].mean().round().long()
+            return sample
+
+    ds = Labelled(DATA / "multiband")
+    sampler = GriddedPatchSampler(ds, size=8)
+    batch = next(iter(DataLoader(ds, sampler=sampler, batch_size=4, collate_fn=stack_dofa_samples)))
+    want = [ds[c] for c in list(sampler)[:4]]
+    torch.testing.assert_close(batch["label"], torch.stack([w["label"] for w in want]))
+    torch.testing.assert_close(batch["image"], torch.stack([w["image"] for w in want]))
+
+
+def test_batches_read_in_overlapping_threads_leave_the_index_checked() -> None:
+    """Batch A starts, batch B starts in another thread, A ends, then B ends: afterwards no
+    batch holds the index cache, and a new index is seen (found by review: one shared slot
+    kept A's cache held for good)."""
+    import threading
+
+    ds = Sentinel2SR(DATA / "esa", bands=["B4", "B8"], offset=0)
+    both = ds.index
+    x, y, _ = ds.bounds
+    window = (slice(x.start + 30.0, x.start + 190.0), slice(y.stop - 190.0, y.stop - 30.0))
+    b_inside, a_done = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def transform(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if threading.current_thread().name == "A" and not b_inside.is_set():
+            threading.Thread(target=read, name="B").start()
+            assert b_inside.wait(10)
+        elif threading.current_thread().name == "B" and not b_inside.is_set():
+            b_inside.set()
+            assert a_done.wait(10)
+        return sample
+
+    def read() -> None:
+        try:
+            ds.__getitems__([window, window])
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    ds.transforms = transform
+    a = threading.Thread(target=read, name="A")
+    a.start()
+    a.join(10)
+    a_done.set()
+    b = next(t for t in threading.enumerate() if t.name == "B")
+    b.join(10)
+    assert not errors and not a.is_alive() and not b.is_alive()
+    assert not ds._held_caches
+    ds.transforms = None
+    first = ds.__getitems__([window])[0]
+    ds.index = both.iloc[1:]  # only the 2022 scene: the next batch must read it
+    later = ds.__getitems__([window])[0]
+    assert not torch.equal(first["image"], later["image"])
 
 
 def test_a_worker_stacks_its_batch_into_shared_memory() -> None:
@@ -409,6 +471,20 @@ def test_a_worker_stacks_its_batch_into_shared_memory() -> None:
     assert not ours["image"].is_shared() and set(ours) == set(theirs)
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0, equal_nan=True)
+    # mixed dtypes are promoted as torch.stack (and TorchGeo) promotes them, in a worker too
+    mixed = [
+        {"x": torch.ones(2, dtype=torch.float32)},
+        {"x": torch.full((2,), 0.1, dtype=torch.float64)},
+    ]
+    stacked = list(
+        DataLoader(cast(Any, mixed), batch_size=2, collate_fn=stack_dofa_samples, num_workers=1)
+    )
+    assert stacked[0]["x"].dtype == torch.float64
+    torch.testing.assert_close(stacked[0]["x"], stack_samples(mixed)["x"])
+    sparse = [{"x": torch.eye(2).to_sparse()}, {"x": torch.eye(2).to_sparse()}]
+    torch.testing.assert_close(
+        stack_dofa_samples(sparse)["x"].to_dense(), torch.eye(2).expand(2, 2, 2)
+    )
     with pytest.raises(TypeError):  # values other than tensors are refused, as TorchGeo does
         stack_dofa_samples([{"image": samples[0]["image"], "name": "a"}])  # type: ignore[dict-item]
 
