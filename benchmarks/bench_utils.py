@@ -186,14 +186,22 @@ pixel to pixel in homogeneous fields; the value range and no-data pixels are kep
 """
 
 
-def write_scene(path: Path, tiles: tuple[int, int], crop: tuple[int, int] | None = None) -> Path:
+def write_scene(
+    path: Path,
+    tiles: tuple[int, int],
+    crop: tuple[int, int] | None = None,
+    compress: str = "deflate",
+) -> Path:
     """Write a larger synthetic scene by mirror-tiling the demo scene (see :func:`_demo_tiled`).
 
-    Georeferencing, band descriptions, nodata and the GeoTIFF layout (tiled, deflate) are kept.
+    Georeferencing, band descriptions, nodata and the GeoTIFF layout (tiled, 256-pixel
+    blocks) are kept; ``compress`` is GDAL's codec (``deflate``, ``zstd``, ``lzw``, ...;
+    ``none``: uncompressed), without a predictor.
     """
     import rasterio
 
     big, profile, descriptions = _demo_tiled(tiles, crop)
+    profile["compress"] = compress
     with rasterio.open(DEMO_SCENE) as src:
         tags = src.tags()
     path.parent.mkdir(parents=True, exist_ok=True)

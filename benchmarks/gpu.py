@@ -28,6 +28,9 @@ it, with the chips' preprocessing moved to the GPU as ``embed`` moves it, pinned
 iterated once with no model step and no writer, chips/s over the whole pass (its workers'
 start included) and after the first batch; and again with each batch copied to the GPU and
 preprocessed there. Beside the end-to-end rows it tells a loader-bound job from the rest.
+``--compress zstd`` (or ``lzw``, ``none``; default ``deflate``) writes the scene with
+another codec: where the loader bounds the job, decoding the input is most of a worker's
+time (``benchmarks/run.py --sections read``, codec rows).
 
 Without a GPU it prints ``not run: no GPU`` and exits 0; ``--smoke-cpu`` runs the same code
 on the CPU with tiny settings (base only, batch 2, 9 chips) to check that it works.
@@ -359,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
         help="chips of the e2e scene, rounded to a square of at least 2 x 2",
     )
     parser.add_argument("--workers", default="", help="loader workers, e.g. 8,14 (runtime's)")
+    parser.add_argument(
+        "--compress",
+        default="deflate",
+        choices=("deflate", "zstd", "lzw", "none"),
+        help="the e2e scene's GeoTIFF compression (no predictor); the loader decodes it",
+    )
     parser.add_argument("--budget-s", type=float, default=200.0)
     parser.add_argument(
         "--loader",
@@ -404,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- device: {name}; torch {torch.__version__}; {os.cpu_count()} CPUs, "
         f"default {default_workers} loader worker(s); 4 bands, random weights; end to end: "
-        f"{side**2} chips (sustained: all chips over the loop; after 1st: an upper bound)",
+        f"{side**2} chips of a tiled {args.compress} GeoTIFF (sustained: all chips over the "
+        "loop; after 1st: an upper bound)",
         "",
         "| variant | prec | batch | encoder img/s | TorchGeo img/s | ours/TorchGeo | "
         "workers | e2e sustained chips/s | after 1st batch | waiting for batches | "
@@ -413,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     with tempfile.TemporaryDirectory(prefix="dofa-gpu-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        scene = write_scene(tmp / "scene.tif", (side, side), (224, 224))
+        scene = write_scene(tmp / "scene.tif", (side, side), (224, 224), args.compress)
         configs = [(p, b, w) for p in precisions for b in batches for w in workers]
         loader: dict[tuple[int, int, bool], tuple[float, float, int]] = {}
         if args.loader:

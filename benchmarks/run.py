@@ -575,7 +575,7 @@ def read_rows(s: Settings, report: Report, tmp: Path) -> None:
             )
         )
     worker_rows(report, inputs["GeoTIFF (4-band, tiled deflate)"], inside)
-    codec_rows(report, inputs["GeoTIFF (4-band, tiled deflate)"][0], inside, tmp)
+    codec_rows(report, inputs["GeoTIFF (4-band, tiled deflate)"][0], tiles, inside, tmp)
 
 
 def worker_rows(report: Report, paths: list[Path], inside: Callable[[Any], list[Any]]) -> None:
@@ -603,27 +603,27 @@ def worker_rows(report: Report, paths: list[Path], inside: Callable[[Any], list[
     )  # fmt: skip
 
 
-def codec_rows(report: Report, path: Path, inside: Callable[[Any], list[Any]], tmp: Path) -> None:
+def codec_rows(
+    report: Report,
+    path: Path,
+    tiles: tuple[int, int],
+    inside: Callable[[Any], list[Any]],
+    tmp: Path,
+) -> None:
     """A loader worker's raw read per chip by the GeoTIFF's compression (no preprocessing).
 
-    ``path`` (the read rows' 4-band uint16 GeoTIFF, 256-pixel blocks) is written again
-    uncompressed and with ZSTD and LZW (GDAL's defaults: level and no predictor), and each is
+    ``path`` (the read rows' 4-band uint16 deflate GeoTIFF, the demo scene mirror-tiled
+    ``tiles`` times) is written again uncompressed and with ZSTD and LZW (``write_scene``:
+    GDAL's default levels, no predictor; the same pixels), and each is
     read as :func:`worker_rows` reads (:func:`_worker_pass`, best of two passes); the
     reference is the uncompressed file. Where a GPU embeds faster than the loader workers
     read, this is what the input's compression costs (README "GPU").
     """
-    import rasterio
-
     from torchgeo_dofa.datasets import Sentinel2SR
 
-    with rasterio.open(path) as src:
-        data, profile, descriptions = src.read(), src.profile, src.descriptions
     files = {"deflate": path}
     for codec in ("none", "zstd", "lzw"):
-        files[codec] = tmp / f"codec_{codec}.tif"
-        with rasterio.open(files[codec], "w", **{**profile, "compress": codec}) as dst:
-            dst.write(data)
-            dst.descriptions = descriptions
+        files[codec] = write_scene(tmp / f"codec_{codec}.tif", tiles, compress=codec)
     times = {}
     for codec, file in files.items():
         ds = Sentinel2SR(paths=[file])

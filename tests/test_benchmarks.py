@@ -93,3 +93,23 @@ def test_read_rows_time_the_loader_workers_reads_by_compression(tmp_path: Path) 
         assert rows[what].note.startswith(f"{chips} chips;")
     sizes = [float(rows[w].note.split("file ")[1].split("%")[0]) for w in codecs]
     assert all(0 < size < 100 for size in sizes)  # each compresses the demo's reflectance
+
+
+def test_benchmark_scenes_of_other_codecs_hold_the_same_pixels(tmp_path: Path) -> None:
+    """``write_scene(compress=...)`` (``gpu.py --compress``, the codec rows) changes only the
+    GeoTIFF's compression: the same pixels, georeferencing and band names."""
+    import numpy as np
+    import rasterio
+
+    from benchmarks.bench_utils import write_scene
+
+    deflate = write_scene(tmp_path / "deflate.tif", (1, 2), (224, 224))
+    for codec, tag in (("zstd", "ZSTD"), ("none", None)):
+        other = write_scene(tmp_path / f"{codec}.tif", (1, 2), (224, 224), codec)
+        with rasterio.open(deflate) as a, rasterio.open(other) as b:
+            assert a.compression is not None and a.compression.value == "DEFLATE"
+            assert (b.compression.value if b.compression else None) == tag
+            assert np.array_equal(a.read(), b.read())
+            assert (a.transform, a.crs, a.descriptions, a.nodata, a.block_shapes) == (
+                b.transform, b.crs, b.descriptions, b.nodata, b.block_shapes,
+            )  # fmt: skip
