@@ -731,6 +731,45 @@ def test_offset_read_from_product_metadata() -> None:
     assert float(a["image"].min()) > 0
 
 
+def test_a_safe_with_its_bands_converted_to_geotiff_in_place_reads_the_same(
+    tmp_path: Path,
+) -> None:
+    """README "GPU": JPEG2000 bands rewritten as tiled ZSTD GeoTIFFs of the same names inside
+    the ``.SAFE`` give the same bands, the offset from the product's metadata and pixels."""
+    import shutil
+
+    safe = shutil.copytree(DATA / "esa_safe", tmp_path / "esa_safe")
+    jp2s = sorted(safe.rglob("*.jp2"))
+    assert jp2s
+    for jp2 in jp2s:
+        with rasterio.open(jp2) as src:
+            profile, data = src.profile, src.read()
+        profile.update(driver="GTiff", compress="zstd", tiled=True, blockxsize=256, blockysize=256)
+        with rasterio.open(jp2.with_suffix(".tif"), "w", **profile) as dst:
+            dst.write(data)
+        jp2.unlink()
+    before, after = Sentinel2SR(DATA / "esa_safe"), Sentinel2SR(safe)
+    assert after.bands == before.bands and after.res == before.res
+    assert (
+        after.index["offset"].iloc[0]
+        == before.index["offset"].iloc[0]
+        == (-1000.0,) * len(before.bands)
+    )
+    assert (
+        after.index["offset_source"].iloc[0]
+        == f"metadata {safe / fx.SAFE_PRODUCT / 'MTD_MSIL2A.xml'}"
+    )
+    x, y, _ = before.bounds
+    for col, row in ((0, 0), (3, 5)):
+        window = (
+            slice(x.start + col * 10.0, x.start + (col + 16) * 10.0),
+            slice(y.stop - (row + 16) * 10.0, y.stop - row * 10.0),
+        )
+        a, b = before[window], after[window]
+        torch.testing.assert_close(b["image"], a["image"], rtol=0, atol=0)
+        assert torch.equal(b["valid"], a["valid"])
+
+
 def test_explicit_offset_and_earth_engine_offsets() -> None:
     ds = Sentinel2SR(DATA / "esa", offset=-500)
     assert set(ds.index["offset_source"]) == {"explicit"}
