@@ -451,18 +451,22 @@ def test_batches_read_in_overlapping_threads_leave_the_index_checked() -> None:
     assert not torch.equal(first["image"], later["image"])
 
 
+def _stack_saying_if_shared(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``stack_dofa_samples``, plus whether each stacked key is in shared memory (a module
+    function: a worker started by spawn or forkserver must unpickle it)."""
+    batch = stack_dofa_samples(samples)
+    shared = [batch[k].is_shared() for k in sorted(batch)]
+    return {**batch, "shared_in_worker": torch.tensor(shared)}
+
+
 def test_a_worker_stacks_its_batch_into_shared_memory() -> None:
     """In a DataLoader worker, ``stack_dofa_samples`` stacks straight into shared memory, as
     PyTorch's ``default_collate`` does, so the batch is not copied again to be passed."""
-
-    def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        batch = stack_dofa_samples(samples)
-        shared = [batch[k].is_shared() for k in sorted(batch)]
-        return {**batch, "shared_in_worker": torch.tensor(shared)}
-
     ds = LAYOUTS["multiband"].make()
     sampler = GriddedPatchSampler(ds, size=8)
-    loader = DataLoader(ds, sampler=sampler, batch_size=3, collate_fn=collate, num_workers=1)
+    loader = DataLoader(
+        ds, sampler=sampler, batch_size=3, collate_fn=_stack_saying_if_shared, num_workers=1
+    )
     batches = list(loader)
     assert batches and all(bool(b["shared_in_worker"].all()) for b in batches)
     # in the main process: ordinary memory, the same values as TorchGeo's stack_samples
