@@ -89,6 +89,7 @@ import warnings
 import weakref
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence, Sized
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any, ClassVar, Literal, NamedTuple, cast
@@ -1494,9 +1495,7 @@ class Sentinel2Base(RasterDataset):
         Raises:
             IndexError: if the chip does not intersect any scene.
         """
-        if self.gdal_cache_bytes is None:
-            return self._read_and_transform(index)
-        with gdal_env(self.gdal_cache_bytes):  # ~40 us a chip
+        with self._reading_env():
             return self._read_and_transform(index)
 
     def __getitems__(self, indices: Sequence[GeoSlice]) -> list[Sample]:
@@ -1526,15 +1525,19 @@ class Sentinel2Base(RasterDataset):
         outer = held.get(thread)
         held[thread] = self._index_cache()
         try:
-            if self.gdal_cache_bytes is None:
-                return [self._read_and_transform(i) for i in indices]
-            with gdal_env(self.gdal_cache_bytes):
+            with self._reading_env():
                 return [self._read_and_transform(i) for i in indices]
         finally:
             if outer is None:
                 del held[thread]
             else:  # a batch read inside another's (by a transform)
                 held[thread] = outer
+
+    def _reading_env(self) -> AbstractContextManager[Any]:
+        """GDAL's env around a read: ``gdal_cache_bytes`` set (~40 us), or nothing if None."""
+        if self.gdal_cache_bytes is None:
+            return nullcontext()
+        return cast(AbstractContextManager[Any], gdal_env(self.gdal_cache_bytes))
 
     def _read_and_transform(self, index: GeoSlice) -> Sample:
         sample = self.read_chip(index)
@@ -2412,15 +2415,10 @@ def _stack(batch: Sequence[Sample]) -> Sample:
 
 
 def _stack_values(values: list[Any]) -> Any:
-    first = values[0]
-    if (
-        isinstance(first, Tensor)
-        and first.layout == torch.strided
-        and not first.is_nested
-        and all(
-            isinstance(v, Tensor) and v.layout == torch.strided and v.dtype == first.dtype
-            for v in values
-        )
+    dtype = getattr(values[0], "dtype", None)
+    if all(
+        isinstance(v, Tensor) and v.layout == torch.strided and not v.is_nested and v.dtype == dtype
+        for v in values
     ):
         return default_collate(values)
     return torch.stack(values)
