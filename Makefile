@@ -25,8 +25,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# tests in parallel: one pytest-xdist worker per core as memory allows (tests/conftest.py);
+# PYTEST_WORKERS=0 runs them in this process
+PYTEST_WORKERS ?= auto
+
 pytest: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist worksteal
 
 test: lint typecheck pytest
 
