@@ -91,16 +91,27 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 XDIST_WORKER_MEMORY_BYTES = 10 * 2**30
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto``: a worker per CPU core this process may use, as memory allows (at least 1).
+def _usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto``: a worker per usable CPU core, one per 10 GiB of physical memory at most.
+
+    One worker would only add a worker process's start-up: 0 then runs the tests in this
+    process. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` set: pytest-xdist's own choice (None here).
     Measured on a 2-core, 23 GB machine: the suite in 1,456 s in one process, 889 s in two
     workers (``--dist worksteal``, as ``make test`` runs it).
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return max(1, min(cores or 1, memory // XDIST_WORKER_MEMORY_BYTES))
+    workers = min(_usable_cores(), memory // XDIST_WORKER_MEMORY_BYTES)
+    return workers if workers > 1 else 0
 
 
 #: Signals whose handling a job changes while it runs (:class:`torchgeo_dofa.jobs`).
@@ -113,6 +124,20 @@ def _signal_state() -> tuple[object, ...]:
     return (*handlers, frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, ())))
 
 
+def _put_back_signals(before: tuple[object, ...]) -> str:
+    """Put :func:`_signal_state` back as it was; say what had changed ("" when nothing)."""
+    after = _signal_state()
+    if after == before:
+        return ""
+    for sig, handler in zip(JOB_SIGNALS, before, strict=False):
+        signal.signal(sig, handler)  # type: ignore[arg-type]
+    signal.pthread_sigmask(signal.SIG_SETMASK, before[-1])  # type: ignore[arg-type]
+    names = [*(signal.Signals(sig).name for sig in JOB_SIGNALS), "blocked signals"]
+    return "; ".join(
+        f"{name}: {b} -> {a}" for name, b, a in zip(names, before, after, strict=True) if a != b
+    )
+
+
 @contextmanager
 def _signals_kept(phase: str) -> Iterator[None]:
     """Fail a test phase that leaves SIGINT / SIGTERM handled or blocked otherwise than it
@@ -121,27 +146,21 @@ def _signals_kept(phase: str) -> Iterator[None]:
     A handler left behind changes every later test of the process (and a command a later
     test starts inherits an ignored or blocked signal), so the outcome would depend on the
     order of the tests, which pytest-xdist's workers change. The package's jobs must leave the
-    process as they found it (:meth:`torchgeo_dofa.jobs.StopOnSignal.restore`).
+    process as they found it (:meth:`torchgeo_dofa.jobs.StopOnSignal.restore`). A phase that
+    failed anyway keeps its own error, with a note of what it left changed.
 
     Raises:
-        AssertionError: naming what changed, after the phase's own outcome.
+        pytest.fail.Exception: naming what changed.
     """
     before = _signal_state()
     try:
         yield
-    finally:
-        after = _signal_state()
-        if after != before:
-            for sig, handler in zip(JOB_SIGNALS, before, strict=False):
-                signal.signal(sig, handler)  # type: ignore[arg-type]
-            signal.pthread_sigmask(signal.SIG_SETMASK, before[-1])  # type: ignore[arg-type]
-    if after != before:
-        names = [*(signal.Signals(sig).name for sig in JOB_SIGNALS), "blocked signals"]
-        changes = [f"{n}: {b} -> {a}" for n, b, a in zip(names, before, after, strict=True)]
-        raise AssertionError(
-            f"the test's {phase} left signal handling changed: "
-            + "; ".join(c for c, b, a in zip(changes, before, after, strict=True) if a != b)
-        )
+    except BaseException as error:
+        if changed := _put_back_signals(before):
+            error.add_note(f"the test's {phase} also left signal handling changed: {changed}")
+        raise
+    if changed := _put_back_signals(before):
+        pytest.fail(f"the test's {phase} left signal handling changed: {changed}", pytrace=False)
 
 
 @pytest.hookimpl(wrapper=True)
