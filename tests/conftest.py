@@ -91,13 +91,6 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 XDIST_WORKER_MEMORY_BYTES = 10 * 2**30
 
 
-def _usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """``-n auto``: a worker per usable CPU core, one per 10 GiB of physical memory at most.
@@ -107,10 +100,12 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     Measured on a 2-core, 23 GB machine: the suite in 1,456 s in one process, 889 s in two
     workers (``--dist worksteal``, as ``make test`` runs it).
     """
+    from torchgeo_dofa.runtime import _usable_cpus  # the loader's count of usable cores
+
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    workers = min(_usable_cores(), memory // XDIST_WORKER_MEMORY_BYTES)
+    workers = min(_usable_cpus(), memory // XDIST_WORKER_MEMORY_BYTES)
     return workers if workers > 1 else 0
 
 
