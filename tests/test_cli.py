@@ -542,17 +542,47 @@ def _usable_memory() -> int:
     return _physical_memory() or 2**62
 
 
+def _rendezvous_port() -> int:
+    """A free TCP port for a process group's rendezvous (rank 0 listens on it), taken below the
+    kernel's ephemeral range: a port from ``bind(0)`` is released until rank 0 binds it seconds
+    later (library imports), and meanwhile the kernel may hand it to any connection on the
+    machine (another test's DDP job: rank 0 then failed with EADDRINUSE in a parallel run)."""
+    import random
+    import socket
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default; elsewhere bind(0) below is the fallback
+    for port in random.sample(range(20000, max(low, 20001)), k=min(50, max(low - 20000, 1))):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _ranks_report(ranks: list[tuple[int, str, str]]) -> str:
+    """Each rank's exit status and the last lines of its stderr that are not C++ frames."""
+    lines = []
+    for rank, (status, _, err) in enumerate(ranks):
+        said = [line for line in err.splitlines() if line.strip() and "frame #" not in line]
+        lines.append(f"rank {rank}: exit {status}: " + " | ".join(said[-3:]))
+    return "\n".join(lines)
+
+
 def _srun(cmd: list[str], ntasks: int, timeout: float = 300) -> list[tuple[int, str, str]]:
     """Run ``cmd`` as SLURM's ``srun --ntasks-per-node=N`` runs it on one node: N processes
     started at once, each told its rank in SLURM's variables (no srun here; Lightning's
     SLURMEnvironment reads these); as ``srun --kill-on-bad-exit=1`` does, a rank that fails
     ends the others (they would wait for it). Each rank's (exit status, stdout, stderr)."""
-    import socket
     import tempfile
 
-    with socket.socket() as free:  # a port for the process group's rendezvous
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = _rendezvous_port()
     with contextlib.ExitStack() as stack:
         procs, logs = [], []
         for rank in range(ntasks):
@@ -601,7 +631,7 @@ def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
     out = tmp_path / "out"
     cmd = _ddp_embed_command(scene, out, base_checkpoint, "both", devices=3)
     ranks = _srun(cmd, ntasks=3)
-    assert [status for status, _, _ in ranks] == [0, 0, 0], ranks
+    assert [status for status, _, _ in ranks] == [0, 0, 0], _ranks_report(ranks)
     (_, stdout, stderr), *others = ranks
     assert "embedded 1 chip, 1 without valid pixels in " in stdout, stdout
     assert "1 chip(s) held no valid pixel" in stderr, stderr
@@ -615,6 +645,51 @@ def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
         cells = np.isfinite(grid.read(1))
     assert cells.shape == (14, 28) and cells[:, 14:].all() and not cells[:, :14].any()
     assert not list(out.glob("*.parts"))
+
+
+def test_a_ddp_rendezvous_port_in_use_is_one_line_and_leaves_nothing(
+    tmp_path, monkeypatch, capsys, base_checkpoint
+) -> None:
+    """Another process holding the rendezvous port (``MASTER_PORT``: two DDP jobs on one node,
+    or a port picked free, released, and taken meanwhile) ended rank 0 in PyTorch's
+    ``DistNetworkError`` with its C++ stack trace, exit 1. Both commands now name the port and
+    the fix in one line (still exit 1: a fault, not bad input), and a new job leaves nothing
+    in its output folder. DDP of one CPU process, in this process."""
+    import socket
+
+    import yaml
+
+    cfg = _predict_config(tmp_path / "config", base_checkpoint)
+    cfg["trainer"] |= {"strategy": "ddp", "devices": 1, "accelerator": "cpu"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "embed"
+    embed = [
+        "embed", str(SCENE), "-o", str(out), "--weights", str(base_checkpoint),
+        "--strategy", "ddp", "--devices", "1", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    # the variables Lightning's DDP sets in this process: put back as they were after the test
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        expected = (
+            "torchgeo-dofa: error: the DDP job's processes could not connect: rank 0 cannot "
+            f"listen on the rendezvous port {port}, which another process on this machine "
+            "holds (another DDP job?); set MASTER_PORT to a free port (or end the other job) "
+            "and rerun the same command"
+        )
+        predict = ["predict", "--config", str(tmp_path / "cfg.yaml")]
+        for args, written in [(embed, out), (predict, tmp_path / "config")]:
+            assert main(args) == 1
+            err = capsys.readouterr().err
+            assert err.splitlines()[-1] == expected, err[-3000:]
+            assert "Traceback" not in err and "frame #" not in err, err[-3000:]
+            assert not written.exists() or not list(written.iterdir()), list(written.iterdir())
 
 
 @pytest.mark.parametrize(

@@ -518,6 +518,7 @@ def embed(
         job_size_warning,
         points_outside_warning,
         region_identity,
+        rendezvous_port_error,
         weights_identity,
     )
     from .model import canonical_variant
@@ -748,6 +749,9 @@ def embed(
                     received = stop.received
                     if received is not None and isinstance(err, SystemExit | KeyboardInterrupt):
                         raise JobInterrupted(received, stop.advice) from None
+                    port_taken = rendezvous_port_error(err)
+                    if port_taken is not None:
+                        raise port_taken from err
                     raise
                 summary.chips += done - empty
                 summary.empty += empty
@@ -1629,13 +1633,14 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
     unnormalised input, a corrupt checkpoint, unknown bands, values that are not raw
     reflectance, a missing or unreadable input, an output path that cannot be the job's)
     and any ``ValueError`` raised by its code (an unknown variant, a stride off the output
-    grid), also where jsonargparse wraps them; a failed output write exits 1 and another job
-    on the same output 75. Any other error keeps Lightning's traceback.
+    grid), also where jsonargparse wraps them; a failed output write exits 1, a DDP
+    rendezvous port held by another process 1 (:class:`~torchgeo_dofa.jobs.RendezvousPortError`)
+    and another job on the same output 75. Any other error keeps Lightning's traceback.
     """
     from .bands import BandError
     from .datasets import InputError
     from .embedder import NotNormalisedError
-    from .jobs import JobError, JobInterrupted, is_launcher
+    from .jobs import JobError, JobInterrupted, is_launcher, rendezvous_port_error
     from .transforms import ReflectanceError
     from .weights import CheckpointError
     from .writers import OutputPathError, OutputWriteError, PartsMismatchError
@@ -1658,6 +1663,10 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
     try:
         _lightning_cli(args)
     except Exception as raised:
+        port_taken = rendezvous_port_error(raised)
+        if port_taken is not None:
+            print(f"torchgeo-dofa: error: {port_taken}", file=sys.stderr)
+            return port_taken.exit_status
         # jsonargparse wraps an error of the model's or data module's __init__ in its own
         # ValueError ("Does not validate against any of the Union subtypes ..."): look for
         # ours along the chain of causes

@@ -93,6 +93,7 @@ __all__ = [
     "OutputLock",
     "OutputPathError",
     "PointsOutsideError",
+    "RendezvousPortError",
     "StopOnSignal",
     "check_points",
     "data_identity",
@@ -103,6 +104,7 @@ __all__ = [
     "mark_launcher",
     "points_outside_warning",
     "region_identity",
+    "rendezvous_port_error",
     "report_ctrl_c",
     "sparse_grid_problem",
     "stop_advice",
@@ -154,6 +156,49 @@ class JobInterrupted(JobError):
         super().__init__(f"stopped by {name}: {what or stop_advice('embed')}")
         self.signum = signum
         self.exit_status = 128 + signum
+
+
+class RendezvousPortError(JobError):
+    """A DDP job's process group could not start: its rendezvous port is taken (exit 1).
+
+    Rank 0 listens on the port (``MASTER_PORT``; Lightning picks a free one when it is unset,
+    or derives it from ``SLURM_JOB_ID`` under SLURM) and another process on the machine holds
+    it, another DDP job most often. Raised instead of PyTorch's ``DistNetworkError`` and its
+    C++ stack trace; nothing of the job was computed.
+    """
+
+
+def rendezvous_port_error(err: BaseException) -> RendezvousPortError | None:
+    """The job's one-line error for a process group whose rendezvous port is in use.
+
+    Args:
+        err: an exception raised while a trainer ran; its causes and contexts are searched
+            too (Lightning and jsonargparse may wrap it).
+
+    Returns:
+        A :class:`RendezvousPortError` naming the port and the fix (set ``MASTER_PORT`` to a
+        free port), or None when no ``torch.distributed.DistNetworkError`` with ``EADDRINUSE``
+        is among ``err`` and its causes.
+    """
+    import torch.distributed as dist
+
+    network_error = getattr(dist, "DistNetworkError", None)
+    seen: set[int] = set()
+    found: BaseException | None = err
+    while found is not None and id(found) not in seen:
+        seen.add(id(found))
+        if network_error is not None and isinstance(found, network_error):
+            text = str(found)
+            if "EADDRINUSE" in text:
+                port = text.partition("port: ")[2].partition(",")[0].strip() or "?"
+                return RendezvousPortError(
+                    f"the DDP job's processes could not connect: rank 0 cannot listen on the "
+                    f"rendezvous port {port}, which another process on this machine holds "
+                    "(another DDP job?); set MASTER_PORT to a free port (or end the other "
+                    "job) and rerun the same command"
+                )
+        found = found.__cause__ or found.__context__
+    return None
 
 
 @dataclass(frozen=True)
