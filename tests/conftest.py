@@ -43,9 +43,31 @@ def pytest_configure(config: pytest.Config) -> None:
     ``test_startup.py`` failed in such a run unless a notebook test (nbclient sets Python's
     handler back) had run before them in the same process: serially it had, in a
     pytest-xdist worker it need not.
+
+    Then, in a pytest-xdist worker, :func:`_share_cores`.
     """
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    _share_cores()
+
+
+def _share_cores() -> None:
+    """Give PyTorch's intra-op pool of each pytest-xdist worker its share of the cores.
+
+    Every worker's PyTorch (and every command a test starts) took a thread per usable core,
+    so two workers on 2 cores ran 4 busy threads (OpenMP's waiting threads spin): the suite
+    took 887-897 s in two workers, 595 s with one thread each (user 885 s + system 212 s of
+    CPU; ``pytest -n auto --dist worksteal``, 2-core AMD EPYC, 2026-12-05). A user's
+    ``OMP_NUM_THREADS`` is kept; one process (``-n 0``) keeps every core.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return
+    from torchgeo_dofa.runtime import _usable_cpus
+
+    threads = max(1, _usable_cpus() // workers)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for the commands the tests start
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -93,18 +115,21 @@ XDIST_WORKER_MEMORY_BYTES = 10 * 2**30
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
-    """``-n auto``: a worker per usable CPU core, one per 10 GiB of physical memory at most.
+    """``-n auto``: a worker per usable CPU core, one per 10 GiB of usable memory at most.
+
+    Usable memory: the RAM, or a container's cgroup limit or ``ulimit -v`` where lower
+    (:func:`torchgeo_dofa.runtime._physical_memory`, as the loader reads it).
 
     One worker would only add a worker process's start-up: 0 then runs the tests in this
     process. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` set: pytest-xdist's own choice (None here).
     Measured on a 2-core, 23 GB machine: the suite in 1,456 s in one process, 889 s in two
     workers (``--dist worksteal``, as ``make test`` runs it).
     """
-    from torchgeo_dofa.runtime import _usable_cpus  # the loader's count of usable cores
+    from torchgeo_dofa.runtime import _physical_memory, _usable_cpus
 
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = _physical_memory() or XDIST_WORKER_MEMORY_BYTES
     workers = min(_usable_cpus(), memory // XDIST_WORKER_MEMORY_BYTES)
     return workers if workers > 1 else 0
 
