@@ -647,17 +647,31 @@ def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
     assert not list(out.glob("*.parts"))
 
 
+def _rendezvous_port_error(port: int) -> str:
+    return (
+        "torchgeo-dofa: error: the DDP job's processes could not connect: rank 0 cannot "
+        f"listen on the rendezvous port {port}, which another process on this machine holds "
+        "(another DDP job?); set MASTER_PORT to a free port (or end the other job) and rerun "
+        "the same command"
+    )
+
+
+@pytest.mark.parametrize("libuv", ["1", "0"])
 def test_a_ddp_rendezvous_port_in_use_is_one_line_and_leaves_nothing(
-    tmp_path, monkeypatch, capsys, base_checkpoint
+    tmp_path, monkeypatch, capsys, base_checkpoint, libuv
 ) -> None:
     """Another process holding the rendezvous port (``MASTER_PORT``: two DDP jobs on one node,
     or a port picked free, released, and taken meanwhile) ended rank 0 in PyTorch's
     ``DistNetworkError`` with its C++ stack trace, exit 1. Both commands now name the port and
     the fix in one line (still exit 1: a fault, not bad input), and a new job leaves nothing
-    in its output folder. DDP of one CPU process, in this process."""
+    in its output folder. DDP of one CPU process, in this process; with PyTorch's libuv
+    TCPStore (its default) and the older one (``USE_LIBUV=0``, the default on Windows), whose
+    message differs ("Address already in use" and no port)."""
     import socket
 
     import yaml
+
+    monkeypatch.setenv("USE_LIBUV", libuv)
 
     cfg = _predict_config(tmp_path / "config", base_checkpoint)
     cfg["trainer"] |= {"strategy": "ddp", "devices": 1, "accelerator": "cpu"}
@@ -677,19 +691,63 @@ def test_a_ddp_rendezvous_port_in_use_is_one_line_and_leaves_nothing(
         port = holder.getsockname()[1]
         monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
         monkeypatch.setenv("MASTER_PORT", str(port))
-        expected = (
-            "torchgeo-dofa: error: the DDP job's processes could not connect: rank 0 cannot "
-            f"listen on the rendezvous port {port}, which another process on this machine "
-            "holds (another DDP job?); set MASTER_PORT to a free port (or end the other job) "
-            "and rerun the same command"
-        )
         predict = ["predict", "--config", str(tmp_path / "cfg.yaml")]
         for args, written in [(embed, out), (predict, tmp_path / "config")]:
             assert main(args) == 1
             err = capsys.readouterr().err
-            assert err.splitlines()[-1] == expected, err[-3000:]
+            assert err.splitlines()[-1] == _rendezvous_port_error(port), err[-3000:]
             assert "Traceback" not in err and "frame #" not in err, err[-3000:]
             assert not written.exists() or not list(written.iterdir()), list(written.iterdir())
+
+
+def _processes_naming(text: str) -> list[int]:
+    """The pids of the running processes whose command line holds ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _alive(int(entry.name)):
+            with contextlib.suppress(OSError):
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc (Linux)")
+def test_a_ddp_job_refused_at_the_rendezvous_ends_the_workers_it_started(
+    tmp_path, base_checkpoint
+) -> None:
+    """The worker Lightning started (rank 1) was left waiting at the rendezvous for up to 30
+    min after rank 0 exited, deaf to SIGTERM and Ctrl-C, and joined the next job on the port
+    (that job's rank 0 then failed with gloo's "Connection reset by peer"). Now the launcher
+    kills its workers when its job fails before the process group forms."""
+    import socket
+    import tempfile
+
+    scene = tmp_path / "scene.tif"
+    shutil.copy(SCENE, scene)
+    out = tmp_path / "out"
+    cmd = _ddp_embed_command(scene, out, base_checkpoint, "grid", devices=2)
+    with socket.socket() as holder, tempfile.TemporaryFile("w+") as stderr:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        # to a file, not a pipe: a worker left running would hold a pipe open
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            status = proc.wait(timeout=300)
+        finally:
+            proc.kill()
+            left = _processes_naming(str(out))
+            for pid in left:  # not to leave them running should the test fail
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        stderr.seek(0)
+        err = stderr.read()
+    assert status == 1, err[-3000:]
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert errors == [_rendezvous_port_error(port)], err[-3000:]
+    assert left == [], f"workers still running: {left}"
+    assert not out.exists() or not list(out.iterdir()), list(out.iterdir())
 
 
 @pytest.mark.parametrize(

@@ -98,6 +98,7 @@ __all__ = [
     "check_points",
     "data_identity",
     "die_with_launcher",
+    "end_workers_without_group",
     "estimate_seconds",
     "is_launcher",
     "job_size_warning",
@@ -189,8 +190,13 @@ def rendezvous_port_error(err: BaseException) -> RendezvousPortError | None:
         seen.add(id(found))
         if network_error is not None and isinstance(found, network_error):
             text = str(found)
-            if "EADDRINUSE" in text:
-                port = text.partition("port: ")[2].partition(",")[0].strip() or "?"
+            # libuv's TCPStore says "EADDRINUSE", the older one ("USE_LIBUV=0", Windows)
+            # "Address already in use" (as torch.distributed.elastic matches it)
+            if "EADDRINUSE" in text or "address already in use" in text.lower():
+                # Lightning has set MASTER_PORT by then; else the port libuv's message names
+                port = os.environ.get("MASTER_PORT") or (
+                    text.partition("port: ")[2].partition(",")[0].strip() or "?"
+                )
                 return RendezvousPortError(
                     f"the DDP job's processes could not connect: rank 0 cannot listen on the "
                     f"rendezvous port {port}, which another process on this machine holds "
@@ -199,6 +205,39 @@ def rendezvous_port_error(err: BaseException) -> RendezvousPortError | None:
                 )
         found = found.__cause__ or found.__context__
     return None
+
+
+def end_workers_without_group(trainer: pl.Trainer) -> None:
+    """In a launcher whose job failed before its process group formed: kill its DDP workers.
+
+    Lightning's launcher starts the other ranks first (``python -m torchgeo_dofa ...`` again)
+    and they wait for rank 0 at the rendezvous, for up to the process-group timeout (30 min),
+    deaf to SIGTERM and Ctrl-C (inside a C++ call); only a ``kill -9`` ended them, and a
+    leftover that later reached a new job on the same port broke it (rank 0 failed with
+    gloo's "Connection reset by peer"). Lightning kills them itself only after a Ctrl-C. A
+    no-op in a worker, where Lightning started none, and once the process group exists
+    (ranks that joined it end with rank 0: :func:`die_with_launcher`, Lightning's watcher).
+
+    Args:
+        trainer: the trainer whose ``fit`` / ``predict`` (...) raised.
+    """
+    import torch.distributed as dist
+
+    workers = getattr(trainer.strategy.launcher, "procs", None)  # _SubprocessScriptLauncher
+    if not isinstance(workers, list) or not workers:
+        return
+    if dist.is_available() and dist.is_initialized():
+        return
+    started = list(workers)
+    # emptied in place first: Lightning's watcher thread polls this list, and a worker it saw
+    # killed would make it kill this process too (before the job's error is reported)
+    workers.clear()
+    for proc in started:
+        with contextlib.suppress(OSError):
+            proc.kill()
+    for proc in started:
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=10)
 
 
 @dataclass(frozen=True)
@@ -1007,9 +1046,11 @@ class StopOnSignal(Callback):
     ) -> None:
         """Save ``fit``'s state if Lightning's stop on SIGTERM ended a signalled run.
 
-        See :meth:`_stop_training`. Also restore the handlers (when not used as a context
-        manager).
+        See :meth:`_stop_training`. In a DDP launcher whose process group never formed, kill
+        the workers it started (:func:`end_workers_without_group`). Also restore the handlers
+        (when not used as a context manager).
         """
+        end_workers_without_group(trainer)
         if (
             self._previous
             and self.received is not None
