@@ -117,8 +117,9 @@ XDIST_WORKER_MEMORY_BYTES = 10 * 2**30
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """``-n auto``: a worker per usable CPU core, one per 10 GiB of usable memory at most.
 
-    Usable memory: the RAM, or a container's cgroup limit or ``ulimit -v`` where lower
-    (:func:`torchgeo_dofa.runtime._physical_memory`, as the loader reads it).
+    Usable memory: the RAM, or a container's cgroup limit where lower
+    (:func:`torchgeo_dofa.runtime._physical_memory`; ``ulimit -v`` left out: it limits each
+    worker on its own).
 
     One worker would only add a worker process's start-up: 0 then runs the tests in this
     process. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` set: pytest-xdist's own choice (None here).
@@ -129,7 +130,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
 
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
-    memory = _physical_memory() or XDIST_WORKER_MEMORY_BYTES
+    memory = _physical_memory(address_space=False) or XDIST_WORKER_MEMORY_BYTES
     workers = min(_usable_cpus(), memory // XDIST_WORKER_MEMORY_BYTES)
     return workers if workers > 1 else 0
 

@@ -380,26 +380,32 @@ def loader_options(device: str = "auto", num_workers: int | None = None) -> dict
     return options
 
 
-def _physical_memory() -> int | None:
+def _physical_memory(address_space: bool = True) -> int | None:
     """Memory this process may use (bytes): the RAM, or less where a limit says so.
 
     The smallest of the physical RAM, the address-space limit (``ulimit -v``) and a cgroup's
     memory limit (containers: v2 ``memory.max``, v1 ``memory.limit_in_bytes``), as GDAL
     takes for its default cache of 5 %. None where none of them can be read.
+
+    Args:
+        address_space: False to leave ``ulimit -v`` out: it limits each process on its own
+            (and counts address space, not memory), so it is no share of the machine's
+            memory among processes (the test suite's worker count).
     """
     found: list[int] = []
     try:
         found.append(int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE")))
     except (AttributeError, OSError, ValueError):  # pragma: no cover - not POSIX
         pass
-    try:
-        import resource
+    if address_space:
+        try:
+            import resource
 
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-        if soft != resource.RLIM_INFINITY and soft > 0:
-            found.append(int(soft))
-    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
-        pass
+            soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+            if soft != resource.RLIM_INFINITY and soft > 0:
+                found.append(int(soft))
+        except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+            pass
     for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
             with open(limit) as f:
