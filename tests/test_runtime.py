@@ -134,6 +134,73 @@ def test_gdal_cache_holds_a_chip_row_of_blocks(tmp_path: Path) -> None:
     assert gdal_cache_bytes([], memory_bytes=ram) == runtime.GDAL_CACHE_DEFAULT_BYTES
 
 
+def _cgroup_tree(root: Path, limits: dict[str, str]) -> None:
+    """Write cgroup limit files (``{"slurm/job_42/memory.max": "17179869184"}``) under root."""
+    for relative, value in limits.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(value + "\n")
+
+
+@pytest.mark.parametrize(
+    ("membership", "limits", "expected"),
+    [
+        # cgroup v2, a SLURM job step: the job's --mem=16G sits two levels below the root
+        (
+            "0::/slurm/uid_1000/job_42/step_0\n",
+            {
+                "slurm/memory.max": "max",
+                "slurm/uid_1000/job_42/memory.max": str(16 * 2**30),
+                "slurm/uid_1000/job_42/step_0/memory.max": "max",
+            },
+            [16 * 2**30],
+        ),
+        # v2, a container (its namespace's root) with a limit, and a tighter one below
+        (
+            "0::/app\n",
+            {"memory.max": str(8 * 2**30), "app/memory.max": str(2 * 2**30)},
+            [2 * 2**30, 8 * 2**30],
+        ),
+        # cgroup v1 beside v2's empty line (a hybrid host: this VM's layout), no limit:
+        # v1 writes "no limit" as a huge number
+        (
+            "9:name=systemd:/\n4:memory:/process_api/e2ad\n0::/\n",
+            {
+                "memory/memory.limit_in_bytes": "9223372036854771712",
+                "memory/process_api/e2ad/memory.limit_in_bytes": "9223372036854771712",
+            },
+            [],
+        ),
+        # v1, the memory controller mounted with another, a limit on the process's group
+        (
+            "3:cpu,memory:/batch/job7\n",
+            {"memory/batch/job7/memory.limit_in_bytes": str(4 * 2**30)},
+            [4 * 2**30],
+        ),
+        # no /proc/self/cgroup to read: the root's files, as before
+        (None, {"memory.max": str(3 * 2**30)}, [3 * 2**30]),
+    ],
+)
+def test_cgroup_memory_limits_of_the_process_group_and_above(
+    tmp_path: Path, membership: str | None, limits: dict[str, str], expected: list[int]
+) -> None:
+    """The loader's and the suite's memory sizing read a nested cgroup's limit (a SLURM job's
+    ``--mem`` on a big node): only the hierarchy root's files were read, where a job's limit
+    never is, so the GDAL cache and worker counts were sized for the whole machine."""
+    root = tmp_path / "cgroup"
+    _cgroup_tree(root, limits)
+    cgroup_file = tmp_path / "self_cgroup"
+    if membership is not None:
+        cgroup_file.write_text(membership)
+    found = runtime._cgroup_memory_limits(root, cgroup_file)
+    assert sorted(found) == sorted(expected)
+
+
+def test_physical_memory_is_at_most_the_ram() -> None:
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    found = runtime._physical_memory(address_space=False)
+    assert found is not None and 0 < found <= ram
+
+
 def test_default_workers_leave_a_core_to_the_model() -> None:
     assert [default_num_workers(n) for n in (1, 2, 3, 8, 64)] == [0, 1, 2, 4, 4]
     assert default_num_workers(8, "mps") == 4  # shares the cores like a CPU job

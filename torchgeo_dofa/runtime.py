@@ -34,6 +34,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 # torch is imported inside the functions that need it: the CLI checks option values against
@@ -406,15 +407,62 @@ def _physical_memory(address_space: bool = True) -> int | None:
                 found.append(int(soft))
         except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
             pass
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(limit) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        if text.isdigit() and 0 < int(text) < 2**62:  # "max" or a huge number: no limit
-            found.append(int(text))
+    found += _cgroup_memory_limits()
     return min(found) if found else None
+
+
+def _cgroup_memory_limits(
+    root: str | os.PathLike[str] = "/sys/fs/cgroup",
+    membership: str | os.PathLike[str] = "/proc/self/cgroup",
+) -> list[int]:
+    """The memory limits (bytes) of this process's cgroup and of every cgroup above it.
+
+    A limit may sit on any level: a container's on the hierarchy's root as the container
+    sees it, a SLURM job's (``--mem``) or a systemd slice's on a nested cgroup
+    (``/slurm/uid_1000/job_42/step_0``), which the root's files do not show. The cgroup comes
+    from ``membership`` (``/proc/self/cgroup``): the v2 line (``0::/path``, limit file
+    ``memory.max``) and the v1 memory controller's (``N:memory:/path``, ``memory/<path>/
+    memory.limit_in_bytes``); without it, the root's files only. ``max`` or a huge number
+    (v1's "no limit") counts as none.
+
+    Args:
+        root: where the cgroup hierarchies are mounted.
+        membership: the file naming this process's cgroups.
+
+    Returns:
+        Every limit found, in no order; empty where none is set or nothing can be read.
+    """
+    root = Path(root)
+    paths: list[tuple[Path, str]] = []  # (the cgroup's folder, its limit file's name)
+    try:
+        lines = Path(membership).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        relative = path.strip().lstrip("/")
+        if controllers == "":
+            paths.append((root / relative, "memory.max"))
+        elif "memory" in controllers.split(","):
+            paths.append((root / "memory" / relative, "memory.limit_in_bytes"))
+    if not paths:
+        paths = [(root, "memory.max"), (root / "memory", "memory.limit_in_bytes")]
+    limits: list[int] = []
+    for folder, name in paths:
+        top = root / "memory" if name == "memory.limit_in_bytes" else root
+        for level in (folder, *folder.parents):
+            try:
+                text = (level / name).read_text().strip()
+            except OSError:
+                text = ""
+            if text.isdigit() and 0 < int(text) < 2**62:
+                limits.append(int(text))
+            if level == top or not level.is_relative_to(top):
+                break
+    return limits
 
 
 def gdal_cache_bytes(
