@@ -700,6 +700,60 @@ def test_a_ddp_rendezvous_port_in_use_is_one_line_and_leaves_nothing(
             assert not written.exists() or not list(written.iterdir()), list(written.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("port", "devices", "said"),
+    [
+        ("abc", "2", "MASTER_PORT='abc' is not a TCP port (an integer from 1 to 65535)"),
+        ("70000", "1", "MASTER_PORT='70000' is not a TCP port (an integer from 1 to 65535)"),
+        ("-5", "2", "MASTER_PORT='-5' is not a TCP port (an integer from 1 to 65535)"),
+        ("0", "2", "MASTER_PORT=0 (any free port) cannot bring a job's processes together"),
+    ],
+)
+def test_a_master_port_a_ddp_job_cannot_use_is_named_before_anything_runs(
+    tmp_path, monkeypatch, capsys, port, devices, said
+) -> None:
+    """Lightning's ``int('abc')`` / PyTorch's "port must have value from 0 to 65535" did not
+    name the variable, and ``0`` with two processes waited 30 min (rank 0 listened where the
+    other could not find it): refused first, nothing written. A job of one process without
+    DDP does not read ``MASTER_PORT``, so it is not checked there."""
+    monkeypatch.setenv("MASTER_PORT", port)
+    out = tmp_path / "out"
+    args = ["embed", str(SCENE), "-o", str(out), "--strategy", "ddp", "--devices", devices]
+    assert main([*args, "--device", "cpu", "--weights", "none", "--no-progress"]) == 2
+    fix = "set it to a free port, or unset it to let Lightning choose one"
+    err = capsys.readouterr().err
+    assert err.startswith(f"torchgeo-dofa: error: {said}") and err.endswith(f"{fix}\n"), err
+    assert not out.exists()
+    from torchgeo_dofa.cli import _ddp_port_problem
+
+    assert _ddp_port_problem("auto", "1") is None  # no DDP: MASTER_PORT is not read
+    assert (_ddp_port_problem("ddp", devices) or "").endswith(fix)
+
+
+def test_predict_config_names_a_master_port_that_is_no_port(
+    tmp_path, monkeypatch, capsys, base_checkpoint
+) -> None:
+    """``predict --config`` with DDP and ``MASTER_PORT=abc`` ended in Lightning's
+    ``ValueError: invalid literal for int()`` traceback; now one line naming MASTER_PORT."""
+    import yaml
+
+    cfg = _predict_config(tmp_path, base_checkpoint)
+    cfg["trainer"] |= {"strategy": "ddp", "devices": 1, "accelerator": "cpu"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    for name in ("MASTER_ADDR", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MASTER_PORT", "abc")
+    assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "torchgeo-dofa: error: MASTER_PORT='abc' is not a TCP port (an integer from 1 to "
+        "65535): set it to a free port, or unset it to let Lightning choose one"
+    ), err[-3000:]
+    assert "Traceback" not in err
+    assert not (tmp_path / "g.tif").exists() and not (tmp_path / "p.parquet").exists()
+
+
 def _processes_naming(text: str) -> list[int]:
     """The pids of the running processes whose command line holds ``text``."""
     found = []

@@ -326,6 +326,38 @@ _DEVICE_COUNT = re.compile(r"[+-]?[0-9]+")
 _GPU_INDICES = re.compile(r"\[?\s*[0-9]+\s*(?:,\s*[0-9]+\s*)*,?\s*\]?")
 
 
+def _ddp_port_problem(strategy: str, devices: int | str) -> str | None:
+    """A ``MASTER_PORT`` a DDP embed job cannot use (:func:`.locks.master_port_problem`).
+
+    Checked where the job runs several processes: ``--strategy`` names a DDP strategy, or a
+    launcher (SLURM's ``srun``, ``torchrun``) started this process as one of its ranks.
+
+    Args:
+        strategy: ``--strategy``.
+        devices: ``--devices``: a count, GPU indices or ``auto`` (taken as several).
+
+    Returns:
+        The one-line error, or None.
+    """
+    from .locks import _LAUNCHER_VARIABLES, master_port_problem
+
+    if "ddp" not in str(strategy).lower() and not any(
+        os.environ.get(name) for name in _LAUNCHER_VARIABLES
+    ):
+        return None
+    text = str(devices).strip()
+    if _DEVICE_COUNT.fullmatch(text):
+        processes = int(text)
+    elif _GPU_INDICES.fullmatch(text):
+        processes = len([index for index in text.strip("[] ").split(",") if index.strip()])
+    else:
+        processes = 2
+    ntasks = os.environ.get("SLURM_NTASKS", "")
+    if ntasks.isdigit():
+        processes = max(processes, int(ntasks))
+    return master_port_problem(processes)
+
+
 def _stac_inputs(
     stac: str,
     collection: str,
@@ -1641,6 +1673,7 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
     from .datasets import InputError
     from .embedder import NotNormalisedError
     from .jobs import JobError, JobInterrupted, is_launcher, rendezvous_port_error
+    from .locks import master_port_problem
     from .transforms import ReflectanceError
     from .weights import CheckpointError
     from .writers import OutputPathError, OutputWriteError, PartsMismatchError
@@ -1667,6 +1700,13 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
         if port_taken is not None:
             print(f"torchgeo-dofa: error: {port_taken}", file=sys.stderr)
             return port_taken.exit_status
+        # Lightning's int("abc") of MASTER_PORT, PyTorch's range check ("port must have ...")
+        bad_port = master_port_problem()
+        if bad_port is not None and isinstance(raised, ValueError):
+            said = str(raised)
+            if repr(os.environ.get("MASTER_PORT")) in said or "port" in said.lower():
+                print(f"torchgeo-dofa: error: {bad_port}", file=sys.stderr)
+                return 2
         # jsonargparse wraps an error of the model's or data module's __init__ in its own
         # ValueError ("Does not validate against any of the Union subtypes ..."): look for
         # ours along the chain of causes
@@ -1814,6 +1854,7 @@ def _main(argv: Sequence[str] | None) -> int:
             mean=args.mean,
             std=args.std,
         )
+        problem = problem or _ddp_port_problem(args.strategy, args.devices)
         if problem is not None:
             print(f"torchgeo-dofa: error: {problem}", file=sys.stderr)
             return 2

@@ -38,6 +38,7 @@ __all__ = [
     "die_with_launcher",
     "is_launcher",
     "mark_launcher",
+    "master_port_problem",
     "report_ctrl_c",
     "stop_advice",
 ]
@@ -46,6 +47,35 @@ LOCK_NAME = ".torchgeo-dofa.lock"
 #: Variables without which neither of Lightning's launcher detections used by
 #: :func:`is_launcher` can be True.
 _LAUNCHER_VARIABLES = ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS")
+
+
+def master_port_problem(processes: int = 1) -> str | None:
+    """What is wrong with ``MASTER_PORT`` for a job of several processes, if anything.
+
+    The processes of a DDP job meet on rank 0's port, ``MASTER_PORT`` where it is set.
+    Lightning read ``abc`` as ``int("abc")`` (its ``ValueError``, not naming the variable),
+    PyTorch refused ``70000`` ("port must have value from 0 to 65535"), and ``0`` (any free
+    port) let rank 0 listen where the others could not find it: they waited 30 min.
+
+    Args:
+        processes: the job's process count on this machine (``0`` is refused above 1).
+
+    Returns:
+        A one-line error naming ``MASTER_PORT`` and the fix, or None (unset, or a port).
+    """
+    value = os.environ.get("MASTER_PORT")
+    if value is None:
+        return None
+    fix = "set it to a free port, or unset it to let Lightning choose one"
+    text = value.strip()
+    if not text.isdigit() or int(text) > 65535:
+        return f"MASTER_PORT={value!r} is not a TCP port (an integer from 1 to 65535): {fix}"
+    if int(text) == 0 and processes > 1:
+        return (
+            "MASTER_PORT=0 (any free port) cannot bring a job's processes together: rank 0 "
+            f"would listen on a port the others cannot know; {fix}"
+        )
+    return None
 
 
 class JobError(Exception):
