@@ -384,9 +384,10 @@ def loader_options(device: str = "auto", num_workers: int | None = None) -> dict
 def _physical_memory(address_space: bool = True) -> int | None:
     """Memory this process may use (bytes): the RAM, or less where a limit says so.
 
-    The smallest of the physical RAM, the address-space limit (``ulimit -v``) and a cgroup's
-    memory limit (containers: v2 ``memory.max``, v1 ``memory.limit_in_bytes``), as GDAL
-    takes for its default cache of 5 %. None where none of them can be read.
+    The smallest of the physical RAM, the address-space limit (``ulimit -v``) and the memory
+    limits of this process's cgroup and of those above it (a container's, a SLURM job's:
+    :func:`_cgroup_memory_limits`), as GDAL takes for its default cache of 5 %. None where
+    none of them can be read.
 
     Args:
         address_space: False to leave ``ulimit -v`` out: it limits each process on its own
