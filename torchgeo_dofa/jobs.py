@@ -62,6 +62,7 @@ from .locks import (  # defined there (no PyTorch needed); importable from here 
     die_with_launcher,
     is_launcher,
     mark_launcher,
+    master_port_problem,
     report_ctrl_c,
     stop_advice,
 )
@@ -103,6 +104,7 @@ __all__ = [
     "is_launcher",
     "job_size_warning",
     "mark_launcher",
+    "master_port_problem",
     "points_outside_warning",
     "region_identity",
     "rendezvous_port_error",
