@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _warnings
+from ._errors import exception_chain
 from ._warnings import warn
 from .runtime import DEVICE_NAMES, GRID_SUFFIXES, PRECISION_NAMES, TABLE_SUFFIXES
 
@@ -1710,12 +1711,8 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
         # jsonargparse wraps an error of the model's or data module's __init__ in its own
         # ValueError ("Does not validate against any of the Union subtypes ..."): look for
         # ours along the chain of causes
-        err: BaseException | None = raised
-        seen: set[int] = set()
-        while err is not None and not bad_input(err) and id(err) not in seen:
-            seen.add(id(err))
-            err = err.__cause__ or err.__context__
-        if err is None or not bad_input(err):
+        err = next((e for e in exception_chain(raised) if bad_input(e)), None)
+        if err is None:
             raise
         if is_launcher() or not isinstance(err, JobInterrupted):  # once per job, not rank
             print(f"torchgeo-dofa: error: {error_line(err)}", file=sys.stderr)

@@ -49,6 +49,7 @@ from pyproj import CRS
 from shapely.geometry import Point, box
 from shapely.geometry.base import BaseGeometry
 
+from ._errors import exception_chain
 from ._warnings import warn
 from .datasets import unique_region_names
 from .locks import (  # defined there (no PyTorch needed); importable from here as before
@@ -186,10 +187,7 @@ def rendezvous_port_error(err: BaseException) -> RendezvousPortError | None:
     import torch.distributed as dist
 
     network_error = getattr(dist, "DistNetworkError", None)
-    seen: set[int] = set()
-    found: BaseException | None = err
-    while found is not None and id(found) not in seen:
-        seen.add(id(found))
+    for found in exception_chain(err):
         if network_error is not None and isinstance(found, network_error):
             text = str(found)
             # libuv's TCPStore says "EADDRINUSE", the older one ("USE_LIBUV=0", Windows)
@@ -205,7 +203,6 @@ def rendezvous_port_error(err: BaseException) -> RendezvousPortError | None:
                     "(another DDP job?); set MASTER_PORT to a free port (or end the other "
                     "job) and rerun the same command"
                 )
-        found = found.__cause__ or found.__context__
     return None
 
 

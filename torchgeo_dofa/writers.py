@@ -53,6 +53,7 @@ from rasterio.windows import Window
 from torch import Tensor
 
 from . import _warnings
+from ._errors import exception_chain
 from .locks import OutputLock, OutputPathError, die_with_launcher, is_launcher, mark_launcher
 from .runtime import GRID_SUFFIXES, TABLE_SUFFIXES
 from .spatial import crs_label, same_crs
@@ -214,13 +215,9 @@ def atomic_write(
 
 def _errno_in(err: BaseException) -> int | None:
     """The first OS error number in an exception's chain, if any."""
-    seen: set[int] = set()
-    cur: BaseException | None = err
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
+    for cur in exception_chain(err):
         if isinstance(cur, OSError) and cur.errno:
             return cur.errno
-        cur = cur.__cause__ or cur.__context__
     return None
 
 
@@ -232,10 +229,7 @@ def _describe(err: BaseException, folder: Path) -> str:
     full filesystem is detected by asking it for its free space.
     """
     messages: list[str] = []
-    seen: set[int] = set()
-    cur: BaseException | None = err
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
+    for cur in exception_chain(err):
         code = cur.errno if isinstance(cur, OSError) else None
         os_error = bool(code) and not isinstance(cur, OutputWriteError)
         text = os.strerror(code) if os_error and code else str(cur)
@@ -243,7 +237,6 @@ def _describe(err: BaseException, folder: Path) -> str:
         if text and "see previous exception" not in text.lower() and text not in messages:
             named = cur is not err or os_error
             messages.append(text if named else f"{type(cur).__name__}: {text}")
-        cur = cur.__cause__ or cur.__context__
     errno_ = _errno_in(err)
     line = "; ".join(reversed(messages)) or type(err).__name__
     if errno_ != ENOSPC:
