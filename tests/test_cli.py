@@ -656,9 +656,24 @@ def _rendezvous_port_error(port: int) -> str:
     )
 
 
+#: The variables Lightning's DDP sets in the process it runs in (``MASTER_PORT`` chosen
+#: free, ``MASTER_ADDR``, the ranks): a test that runs DDP in this process clears them first.
+_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK")
+
+
+@pytest.fixture
+def ddp_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """``monkeypatch`` with Lightning's DDP variables unset, each put back after the test
+    (``setenv`` first records a variable the test's DDP sets that was absent before)."""
+    for name in _DDP_ENV:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
 @pytest.mark.parametrize("libuv", ["1", "0"])
 def test_a_ddp_rendezvous_port_in_use_is_one_line_and_leaves_nothing(
-    tmp_path, monkeypatch, capsys, base_checkpoint, libuv
+    tmp_path, ddp_env, capsys, base_checkpoint, libuv
 ) -> None:
     """Another process holding the rendezvous port (``MASTER_PORT``: two DDP jobs on one node,
     or a port picked free, released, and taken meanwhile) ended rank 0 in PyTorch's
@@ -671,6 +686,7 @@ def test_a_ddp_rendezvous_port_in_use_is_one_line_and_leaves_nothing(
 
     import yaml
 
+    monkeypatch = ddp_env
     monkeypatch.setenv("USE_LIBUV", libuv)
 
     cfg = _predict_config(tmp_path / "config", base_checkpoint)
@@ -681,10 +697,6 @@ def test_a_ddp_rendezvous_port_in_use_is_one_line_and_leaves_nothing(
         "embed", str(SCENE), "-o", str(out), "--weights", str(base_checkpoint),
         "--strategy", "ddp", "--devices", "1", "--device", "cpu", "--no-progress",
     ]  # fmt: skip
-    # the variables Lightning's DDP sets in this process: put back as they were after the test
-    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK"):
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -731,7 +743,7 @@ def test_a_master_port_a_ddp_job_cannot_use_is_named_before_anything_runs(
 
 
 def test_predict_config_names_a_master_port_that_is_no_port(
-    tmp_path, monkeypatch, capsys, base_checkpoint
+    tmp_path, ddp_env, capsys, base_checkpoint
 ) -> None:
     """``predict --config`` with DDP and ``MASTER_PORT=abc`` ended in Lightning's
     ``ValueError: invalid literal for int()`` traceback; now one line naming MASTER_PORT."""
@@ -740,10 +752,7 @@ def test_predict_config_names_a_master_port_that_is_no_port(
     cfg = _predict_config(tmp_path, base_checkpoint)
     cfg["trainer"] |= {"strategy": "ddp", "devices": 1, "accelerator": "cpu"}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    for name in ("MASTER_ADDR", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK"):
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("MASTER_PORT", "abc")
+    ddp_env.setenv("MASTER_PORT", "abc")
     assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == (
