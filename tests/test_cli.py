@@ -713,33 +713,57 @@ def test_a_ddp_rendezvous_port_in_use_is_one_line_and_leaves_nothing(
 
 
 @pytest.mark.parametrize(
-    ("port", "devices", "said"),
+    ("port", "strategy", "devices", "said"),
     [
-        ("abc", "2", "MASTER_PORT='abc' is not a TCP port (an integer from 1 to 65535)"),
-        ("70000", "1", "MASTER_PORT='70000' is not a TCP port (an integer from 1 to 65535)"),
-        ("-5", "2", "MASTER_PORT='-5' is not a TCP port (an integer from 1 to 65535)"),
-        ("0", "2", "MASTER_PORT=0 (any free port) cannot bring a job's processes together"),
+        ("abc", "ddp", "2", "MASTER_PORT='abc' is not a TCP port (an integer from 1 to 65535)"),
+        ("70000", "ddp", "1", "MASTER_PORT='70000' is not a TCP port (an integer from 1 to 65535)"),
+        ("-5", "ddp_spawn", "2", "MASTER_PORT='-5' is not a TCP port (an integer from 1 to 65535)"),
+        ("0", "ddp", "2", "MASTER_PORT=0 (any free port) cannot bring a job's processes together"),
+        # Lightning's "auto" strategy is DDP for several devices; FSDP / DeepSpeed read it too
+        ("abc", "auto", "2", "MASTER_PORT='abc' is not a TCP port (an integer from 1 to 65535)"),
+        ("0", "auto", "0,1", "MASTER_PORT=0 (any free port) cannot bring a job's processes"),
+        ("abc", "fsdp", "1", "MASTER_PORT='abc' is not a TCP port (an integer from 1 to 65535)"),
+        ("abc", "deepspeed_stage_2", "2", "MASTER_PORT='abc' is not a TCP port (an integer"),
     ],
 )
 def test_a_master_port_a_ddp_job_cannot_use_is_named_before_anything_runs(
-    tmp_path, monkeypatch, capsys, port, devices, said
+    tmp_path, monkeypatch, capsys, port, strategy, devices, said
 ) -> None:
     """Lightning's ``int('abc')`` / PyTorch's "port must have value from 0 to 65535" did not
     name the variable, and ``0`` with two processes waited 30 min (rank 0 listened where the
-    other could not find it): refused first, nothing written. A job of one process without
-    DDP does not read ``MASTER_PORT``, so it is not checked there."""
+    other could not find it): refused first, nothing written. ``--devices 2`` without a
+    ``--strategy`` (Lightning's DDP) was not checked at first, nor FSDP / DeepSpeed."""
     monkeypatch.setenv("MASTER_PORT", port)
     out = tmp_path / "out"
-    args = ["embed", str(SCENE), "-o", str(out), "--strategy", "ddp", "--devices", devices]
-    assert main([*args, "--device", "cpu", "--weights", "none", "--no-progress"]) == 2
+    args = ["embed", str(SCENE), "-o", str(out), "--strategy", strategy, "--devices", devices]
+    device = "gpu" if "," in devices else "cpu"  # GPU indices: refused before any GPU is used
+    assert main([*args, "--device", device, "--weights", "none", "--no-progress"]) == 2
     fix = "set it to a free port, or unset it to let Lightning choose one"
     err = capsys.readouterr().err
     assert err.startswith(f"torchgeo-dofa: error: {said}") and err.endswith(f"{fix}\n"), err
     assert not out.exists()
-    from torchgeo_dofa.cli import _ddp_port_problem
 
-    assert _ddp_port_problem("auto", "1") is None  # no DDP: MASTER_PORT is not read
-    assert (_ddp_port_problem("ddp", devices) or "").endswith(fix)
+
+def test_a_master_port_is_checked_only_where_the_job_reads_it(monkeypatch) -> None:
+    """One process without a distributed strategy never reads ``MASTER_PORT``: a value there
+    refuses nothing. Where the process count needs PyTorch (``--devices auto`` on a GPU),
+    ``embed`` checks once it has counted the GPUs (the last case, here one CPU process)."""
+    from torchgeo_dofa.cli import _ddp_port_problem, embed
+
+    fix = "set it to a free port, or unset it to let Lightning choose one"
+    monkeypatch.setenv("MASTER_PORT", "0")
+    assert _ddp_port_problem("auto", "1", "cpu") is None
+    assert _ddp_port_problem("auto", "auto", "cpu") is None  # one CPU process
+    assert _ddp_port_problem("auto", "-1", "cuda") is None  # every GPU: counted later
+    assert _ddp_port_problem("ddp", "1", "cpu") is None  # 0 is a free port for one process
+    assert (_ddp_port_problem("auto", "2", "cpu") or "").endswith(fix)
+    assert (_ddp_port_problem("ddp", "auto", "cuda") or "").endswith(fix)  # taken as several
+    monkeypatch.setenv("MASTER_PORT", "x")
+    assert _ddp_port_problem("auto", "auto", "auto") is None
+    assert (_ddp_port_problem("ddp", "1", "cpu") or "").endswith(fix)
+    monkeypatch.setenv("MASTER_PORT", "0")
+    with pytest.raises(ValueError, match="MASTER_PORT=0 .* cannot bring"):  # Python's embed
+        embed([SCENE], "unused", device="cpu", devices=2, weights=None)
 
 
 def test_predict_config_names_a_master_port_that_is_no_port(
@@ -752,15 +776,23 @@ def test_predict_config_names_a_master_port_that_is_no_port(
     cfg = _predict_config(tmp_path, base_checkpoint)
     cfg["trainer"] |= {"strategy": "ddp", "devices": 1, "accelerator": "cpu"}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    ddp_env.setenv("MASTER_PORT", "abc")
-    assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 2
-    err = capsys.readouterr().err
-    assert err.splitlines()[-1] == (
-        "torchgeo-dofa: error: MASTER_PORT='abc' is not a TCP port (an integer from 1 to "
-        "65535): set it to a free port, or unset it to let Lightning choose one"
-    ), err[-3000:]
-    assert "Traceback" not in err
-    assert not (tmp_path / "g.tif").exists() and not (tmp_path / "p.parquet").exists()
+    fix = "set it to a free port, or unset it to let Lightning choose one"
+    for port, devices, said in [
+        ("abc", 1, "MASTER_PORT='abc' is not a TCP port (an integer from 1 to 65535)"),
+        # waited 30 min before: rank 1 could not find rank 0's port
+        ("0", 2, "MASTER_PORT=0 (any free port) cannot bring a job's processes together: "
+         "rank 0 would listen on a port the others cannot know"),
+    ]:  # fmt: skip
+        cfg["trainer"]["devices"] = devices
+        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        ddp_env.setenv("MASTER_PORT", port)
+        assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1] == f"torchgeo-dofa: error: {said}; {fix}".replace(
+            "65535); ", "65535): "
+        ), err[-3000:]
+        assert "Traceback" not in err
+        assert not (tmp_path / "g.tif").exists() and not (tmp_path / "p.parquet").exists()
 
 
 def _processes_naming(text: str) -> list[int]:

@@ -327,35 +327,51 @@ _DEVICE_COUNT = re.compile(r"[+-]?[0-9]+")
 _GPU_INDICES = re.compile(r"\[?\s*[0-9]+\s*(?:,\s*[0-9]+\s*)*,?\s*\]?")
 
 
-def _ddp_port_problem(strategy: str, devices: int | str) -> str | None:
-    """A ``MASTER_PORT`` a DDP embed job cannot use (:func:`.locks.master_port_problem`).
+#: Lightning strategy names (and their variants: ``ddp_spawn``, ``fsdp_cpu_offload``,
+#: ``deepspeed_stage_2``, ...) whose processes meet at ``MASTER_PORT``, also with one device.
+_DISTRIBUTED_STRATEGIES = ("ddp", "fsdp", "deepspeed")
 
-    Checked where the job runs several processes: ``--strategy`` names a DDP strategy, or a
-    launcher (SLURM's ``srun``, ``torchrun``) started this process as one of its ranks.
+
+def _ddp_port_problem(strategy: str, devices: int | str, accelerator: str) -> str | None:
+    """A ``MASTER_PORT`` a distributed embed job cannot use (:func:`.locks.master_port_problem`).
+
+    Checked where the job's processes meet at ``MASTER_PORT``: ``--strategy`` names a
+    distributed strategy (DDP, FSDP, DeepSpeed), ``--devices`` asks for several processes
+    (Lightning's ``auto`` strategy is DDP there), or a launcher (SLURM's ``srun``,
+    ``torchrun``) started this process as one of its ranks.
 
     Args:
         strategy: ``--strategy``.
-        devices: ``--devices``: a count, GPU indices or ``auto`` (taken as several).
+        devices: ``--devices``: a count, GPU indices, or ``auto`` / ``-1`` (every GPU; one
+            process on the CPU).
+        accelerator: ``--device`` (``cpu``, ``cuda``, ...; ``auto`` where not yet resolved).
 
     Returns:
-        The one-line error, or None.
+        The one-line error, or None (no problem, or not knowable before PyTorch counts the
+        GPUs: ``--devices auto`` on a GPU without a distributed strategy; the job checks
+        again once it knows its process count).
     """
     from .locks import _LAUNCHER_VARIABLES, master_port_problem
 
-    if "ddp" not in str(strategy).lower() and not any(
-        os.environ.get(name) for name in _LAUNCHER_VARIABLES
-    ):
-        return None
-    text = str(devices).strip()
-    if _DEVICE_COUNT.fullmatch(text):
+    named = any(name in str(strategy).lower() for name in _DISTRIBUTED_STRATEGIES)
+    ranked = any(os.environ.get(name) for name in _LAUNCHER_VARIABLES)
+    text = str(devices).strip().lower()
+    processes: int | None = None  # unknown: every GPU of the machine
+    if _DEVICE_COUNT.fullmatch(text) and int(text) >= 0:
         processes = int(text)
     elif _GPU_INDICES.fullmatch(text):
         processes = len([index for index in text.strip("[] ").split(",") if index.strip()])
-    else:
-        processes = 2
+    elif accelerator == "cpu":
+        processes = 1  # Lightning runs "auto" / -1 devices of the CPU as one process
     ntasks = os.environ.get("SLURM_NTASKS", "")
     if ntasks.isdigit():
-        processes = max(processes, int(ntasks))
+        processes = max(processes or 1, int(ntasks))
+    if processes is None and not (named or ranked):
+        return None
+    if processes is None:
+        processes = 2
+    if not (named or ranked or processes > 1):
+        return None
     return master_port_problem(processes)
 
 
@@ -606,6 +622,9 @@ def embed(
     if batch_size is None:
         batch_size = default_batch_size(device, choice.precision, variant)
     processes = _device_count(devices, accelerator)
+    port_problem = _ddp_port_problem(strategy, processes, accelerator)  # GPUs now counted
+    if port_problem is not None:
+        raise InputError(port_problem)
     if num_workers is None:
         num_workers = default_num_workers(accelerator=accelerator, processes=processes)
     point_list, properties = (None, None)
@@ -1149,6 +1168,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
             trainer = super().instantiate_trainer(**kwargs)
             trainers.append(trainer)  # to clean up after a failure (LightningCLI raises in init)
+            _check_master_port(trainer)
             run_folders.append(_RunFolder.before(trainer))
             if self.subcommand:
                 rebuilt = _check_ckpt_keyword(
@@ -1851,7 +1871,7 @@ def _main(argv: Sequence[str] | None) -> int:
             mean=args.mean,
             std=args.std,
         )
-        problem = problem or _ddp_port_problem(args.strategy, args.devices)
+        problem = problem or _ddp_port_problem(args.strategy, args.devices, args.device)
         if problem is not None:
             print(f"torchgeo-dofa: error: {problem}", file=sys.stderr)
             return 2
@@ -2063,6 +2083,26 @@ def _job_counts(trainer: pl.Trainer, dm: Any, empty_here: int) -> tuple[int, int
     total = torch.tensor([float(empty_here)], device=trainer.strategy.root_device)
     total = trainer.strategy.reduce(total, reduce_op="sum")
     return done, min(done, int(total.item()))
+
+
+def _check_master_port(trainer: pl.Trainer) -> None:
+    """Refuse a ``MASTER_PORT`` the trainer's processes cannot meet at, before it runs.
+
+    For a distributed strategy (DDP, FSDP, DeepSpeed: Lightning's ``ParallelStrategy``) of a
+    config's trainer, whose process count is only known once Lightning has resolved
+    ``devices`` and ``num_nodes``: see :func:`.locks.master_port_problem`.
+
+    Raises:
+        ValueError: naming ``MASTER_PORT`` and the fix (one line, exit 2).
+    """
+    from lightning.pytorch.strategies import ParallelStrategy
+
+    from .locks import master_port_problem
+
+    if isinstance(trainer.strategy, ParallelStrategy):
+        problem = master_port_problem(trainer.num_devices * trainer.num_nodes)
+        if problem is not None:
+            raise ValueError(problem)
 
 
 def _device_count(devices: int | str, accelerator: str) -> int:
