@@ -33,7 +33,7 @@ from tests.precision import assert_as_exact_as_torchgeo, cosine_error, torchgeo_
 from tests.scenes import SCENE, dated_copies
 from tests.tmpfs import tmpfs
 from torchgeo_dofa import load_dofa
-from torchgeo_dofa.cli import embed, main, option_problem, output_folder
+from torchgeo_dofa.cli import _rendezvous_problem, embed, main, option_problem, output_folder
 from torchgeo_dofa.datamodules import DOFAPredictDataModule
 from torchgeo_dofa.datasets import InputError, Sentinel2SR
 from torchgeo_dofa.spatial import CRSTransformError
@@ -744,23 +744,77 @@ def test_a_master_port_a_ddp_job_cannot_use_is_named_before_anything_runs(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("addr", "said"),
+    [
+        # PyTorch retried the name for 30 min, a warning every few seconds
+        ("nonexistent.invalid", "MASTER_ADDR='nonexistent.invalid' does not resolve to an"),
+        # TEST-NET-1 (RFC 5737), never an address of this machine: rank 0 waited 30 min
+        ("192.0.2.1", "MASTER_ADDR='192.0.2.1' is not an address of this machine"),
+        (" ", "MASTER_ADDR is empty"),
+    ],
+)
+def test_a_master_addr_the_processes_cannot_meet_at_is_named_before_anything_runs(
+    tmp_path, ddp_env, capsys, base_checkpoint, addr, said
+) -> None:
+    """Both hung with ``--devices 2`` after writing the manifest and the lock file (kill -9
+    left them): now one line naming ``MASTER_ADDR`` and the fix, exit 2, nothing written, in
+    ``embed`` and in ``predict --config`` (whose trainer is checked once built)."""
+    import yaml
+
+    ddp_env.setenv("MASTER_ADDR", addr)
+    out = tmp_path / "out"
+    embed = ["embed", str(SCENE), "-o", str(out), "--devices", "2", "--device", "cpu"]
+    cfg = _predict_config(tmp_path / "config", base_checkpoint)
+    cfg["trainer"] |= {"strategy": "ddp", "devices": 2, "accelerator": "cpu"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    predict = ["predict", "--config", str(tmp_path / "cfg.yaml")]
+    for args in ([*embed, "--weights", "none", "--no-progress"], predict):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith(f"torchgeo-dofa: error: {said}"), err[-3000:]
+        assert err.rstrip().endswith("or unset it") and "Traceback" not in err, err[-3000:]
+    assert not out.exists() and not (tmp_path / "config").exists()
+
+
+def test_a_master_addr_is_checked_where_it_can_be_known(ddp_env) -> None:
+    """The address must be this machine's only where Lightning starts every process here;
+    a rank of ``srun`` / ``torchrun`` may meet rank 0 on another node (only the name's
+    resolving is checked there). This machine's own names pass."""
+    import socket
+
+    from torchgeo_dofa.locks import master_addr_problem
+
+    assert master_addr_problem(here=True) is None  # unset: Lightning's 127.0.0.1
+    for own in ("127.0.0.1", "localhost", "::1", socket.gethostname()):
+        ddp_env.setenv("MASTER_ADDR", own)
+        if own == "::1" and not socket.has_ipv6:
+            continue
+        assert master_addr_problem(here=True) is None, own
+    ddp_env.setenv("MASTER_ADDR", "192.0.2.1")
+    assert master_addr_problem(here=False) is None  # rank 0 may be there
+    assert "is not an address of this machine" in (master_addr_problem(here=True) or "")
+    ddp_env.setenv("SLURM_NTASKS", "2")  # a rank of srun: the same address is accepted
+    assert _rendezvous_problem("ddp", "1", "cpu") is None
+    ddp_env.setenv("MASTER_ADDR", "nonexistent.invalid")
+    assert "does not resolve" in (_rendezvous_problem("ddp", "1", "cpu") or "")
+
+
 def test_a_master_port_is_checked_only_where_the_job_reads_it(monkeypatch) -> None:
     """One process without a distributed strategy never reads ``MASTER_PORT``: a value there
     refuses nothing. Where the process count needs PyTorch (``--devices auto`` on a GPU),
     ``embed`` checks once it has counted the GPUs (the last case, here one CPU process)."""
-    from torchgeo_dofa.cli import _ddp_port_problem, embed
-
     fix = "set it to a free port, or unset it to let Lightning choose one"
     monkeypatch.setenv("MASTER_PORT", "0")
-    assert _ddp_port_problem("auto", "1", "cpu") is None
-    assert _ddp_port_problem("auto", "auto", "cpu") is None  # one CPU process
-    assert _ddp_port_problem("auto", "-1", "cuda") is None  # every GPU: counted later
-    assert _ddp_port_problem("ddp", "1", "cpu") is None  # 0 is a free port for one process
-    assert (_ddp_port_problem("auto", "2", "cpu") or "").endswith(fix)
-    assert (_ddp_port_problem("ddp", "auto", "cuda") or "").endswith(fix)  # taken as several
+    assert _rendezvous_problem("auto", "1", "cpu") is None
+    assert _rendezvous_problem("auto", "auto", "cpu") is None  # one CPU process
+    assert _rendezvous_problem("auto", "-1", "cuda") is None  # every GPU: counted later
+    assert _rendezvous_problem("ddp", "1", "cpu") is None  # 0 is a free port for one process
+    assert (_rendezvous_problem("auto", "2", "cpu") or "").endswith(fix)
+    assert (_rendezvous_problem("ddp", "auto", "cuda") or "").endswith(fix)  # taken as several
     monkeypatch.setenv("MASTER_PORT", "x")
-    assert _ddp_port_problem("auto", "auto", "auto") is None
-    assert (_ddp_port_problem("ddp", "1", "cpu") or "").endswith(fix)
+    assert _rendezvous_problem("auto", "auto", "auto") is None
+    assert (_rendezvous_problem("ddp", "1", "cpu") or "").endswith(fix)
     monkeypatch.setenv("MASTER_PORT", "0")
     with pytest.raises(ValueError, match="MASTER_PORT=0 .* cannot bring"):  # Python's embed
         embed([SCENE], "unused", device="cpu", devices=2, weights=None)

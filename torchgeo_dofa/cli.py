@@ -332,8 +332,10 @@ _GPU_INDICES = re.compile(r"\[?\s*[0-9]+\s*(?:,\s*[0-9]+\s*)*,?\s*\]?")
 _DISTRIBUTED_STRATEGIES = ("ddp", "fsdp", "deepspeed")
 
 
-def _ddp_port_problem(strategy: str, devices: int | str, accelerator: str) -> str | None:
-    """A ``MASTER_PORT`` a distributed embed job cannot use (:func:`.locks.master_port_problem`).
+def _rendezvous_problem(strategy: str, devices: int | str, accelerator: str) -> str | None:
+    """A ``MASTER_PORT`` / ``MASTER_ADDR`` a distributed embed job cannot meet at.
+
+    See :func:`.locks.master_port_problem` and :func:`.locks.master_addr_problem`.
 
     Checked where the job's processes meet at ``MASTER_PORT``: ``--strategy`` names a
     distributed strategy (DDP, FSDP, DeepSpeed), ``--devices`` asks for several processes
@@ -351,7 +353,7 @@ def _ddp_port_problem(strategy: str, devices: int | str, accelerator: str) -> st
         GPUs: ``--devices auto`` on a GPU without a distributed strategy; the job checks
         again once it knows its process count).
     """
-    from .locks import _LAUNCHER_VARIABLES, master_port_problem
+    from .locks import _LAUNCHER_VARIABLES, master_addr_problem, master_port_problem
 
     named = any(name in str(strategy).lower() for name in _DISTRIBUTED_STRATEGIES)
     ranked = any(os.environ.get(name) for name in _LAUNCHER_VARIABLES)
@@ -372,7 +374,7 @@ def _ddp_port_problem(strategy: str, devices: int | str, accelerator: str) -> st
         processes = 2
     if not (named or ranked or processes > 1):
         return None
-    return master_port_problem(processes)
+    return master_port_problem(processes) or master_addr_problem(here=not ranked)
 
 
 def _stac_inputs(
@@ -622,7 +624,7 @@ def embed(
     if batch_size is None:
         batch_size = default_batch_size(device, choice.precision, variant)
     processes = _device_count(devices, accelerator)
-    port_problem = _ddp_port_problem(strategy, processes, accelerator)  # GPUs now counted
+    port_problem = _rendezvous_problem(strategy, processes, accelerator)  # GPUs now counted
     if port_problem is not None:
         raise InputError(port_problem)
     if num_workers is None:
@@ -1168,7 +1170,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
             trainer = super().instantiate_trainer(**kwargs)
             trainers.append(trainer)  # to clean up after a failure (LightningCLI raises in init)
-            _check_master_port(trainer)
+            _check_rendezvous(trainer)
             run_folders.append(_RunFolder.before(trainer))
             if self.subcommand:
                 rebuilt = _check_ckpt_keyword(
@@ -1871,7 +1873,7 @@ def _main(argv: Sequence[str] | None) -> int:
             mean=args.mean,
             std=args.std,
         )
-        problem = problem or _ddp_port_problem(args.strategy, args.devices, args.device)
+        problem = problem or _rendezvous_problem(args.strategy, args.devices, args.device)
         if problem is not None:
             print(f"torchgeo-dofa: error: {problem}", file=sys.stderr)
             return 2
@@ -2085,22 +2087,26 @@ def _job_counts(trainer: pl.Trainer, dm: Any, empty_here: int) -> tuple[int, int
     return done, min(done, int(total.item()))
 
 
-def _check_master_port(trainer: pl.Trainer) -> None:
-    """Refuse a ``MASTER_PORT`` the trainer's processes cannot meet at, before it runs.
+def _check_rendezvous(trainer: pl.Trainer) -> None:
+    """Refuse a ``MASTER_PORT`` / ``MASTER_ADDR`` the trainer's processes cannot meet at.
 
     For a distributed strategy (DDP, FSDP, DeepSpeed: Lightning's ``ParallelStrategy``) of a
     config's trainer, whose process count is only known once Lightning has resolved
-    ``devices`` and ``num_nodes``: see :func:`.locks.master_port_problem`.
+    ``devices`` and ``num_nodes``: see :func:`.locks.master_port_problem` and
+    :func:`.locks.master_addr_problem` (an address of this machine where Lightning starts
+    every process here: one node, no ``srun`` / ``torchrun``).
 
     Raises:
-        ValueError: naming ``MASTER_PORT`` and the fix (one line, exit 2).
+        ValueError: naming the variable and the fix (one line, exit 2), before the run.
     """
     from lightning.pytorch.strategies import ParallelStrategy
 
-    from .locks import master_port_problem
+    from .locks import _LAUNCHER_VARIABLES, master_addr_problem, master_port_problem
 
     if isinstance(trainer.strategy, ParallelStrategy):
+        ranked = any(os.environ.get(name) for name in _LAUNCHER_VARIABLES)
         problem = master_port_problem(trainer.num_devices * trainer.num_nodes)
+        problem = problem or master_addr_problem(here=not ranked and trainer.num_nodes == 1)
         if problem is not None:
             raise ValueError(problem)
 

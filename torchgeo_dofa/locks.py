@@ -19,6 +19,7 @@ import fcntl
 import itertools
 import os
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -38,6 +39,7 @@ __all__ = [
     "die_with_launcher",
     "is_launcher",
     "mark_launcher",
+    "master_addr_problem",
     "master_port_problem",
     "report_ctrl_c",
     "stop_advice",
@@ -76,6 +78,53 @@ def master_port_problem(processes: int = 1) -> str | None:
             f"would listen on a port the others cannot know; {fix}"
         )
     return None
+
+
+def master_addr_problem(here: bool) -> str | None:
+    """What is wrong with ``MASTER_ADDR`` for a job of several processes, if anything.
+
+    The processes of a job meet at ``MASTER_ADDR`` (Lightning's default ``127.0.0.1``), where
+    rank 0 listens. A name that does not resolve made PyTorch retry for the process-group
+    timeout (30 min), printing a warning every few seconds; an address not of this machine
+    made rank 0 wait the same 30 min, silently, for a connection to itself.
+
+    Args:
+        here: the job's processes are all on this machine, started by Lightning's launcher
+            (not ``srun`` / ``torchrun``, not several nodes), so ``MASTER_ADDR`` must be an
+            address of this machine. Where a launcher spread them, only its resolving is
+            checked (rank 0 may be another node; torchrun's store is its own).
+
+    Returns:
+        A one-line error naming ``MASTER_ADDR`` and the fix, or None (unset, or usable as
+        far as can be told without the other processes).
+    """
+    value = os.environ.get("MASTER_ADDR")
+    if value is None:
+        return None
+    fix = "set it to rank 0's host name or address (127.0.0.1 on one machine), or unset it"
+    host = value.strip()
+    if not host:
+        return f"MASTER_ADDR is empty: {fix}"
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        why = err.strerror if isinstance(err, socket.gaierror) else str(err)
+        return f"MASTER_ADDR={value!r} does not resolve to an address ({why}): {fix}"
+    if not here:
+        return None
+    for family, _, _, _, address in found:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((address[0], 0, *address[2:]))
+        except OSError as err:
+            if err.errno == errno.EADDRNOTAVAIL:
+                continue  # not an address of this machine
+        return None  # bound, or refused for another reason: not known to be elsewhere
+    return (
+        f"MASTER_ADDR={value!r} is not an address of this machine, where the job's "
+        "processes run and meet rank 0 (rank 0 would wait 30 min for itself there): set it "
+        "to this machine's host name or address (127.0.0.1), or unset it"
+    )
 
 
 class JobError(Exception):
