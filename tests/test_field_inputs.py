@@ -445,6 +445,55 @@ def test_intersection_with_labels_and_shared_bands(tmp_path: Path) -> None:
         Sentinel2SR(tmp_path / "a", bands=["B4", "B3"]) & series
 
 
+def test_labels_beyond_which_the_image_reaches_warn_unless_nodata_is_declared(
+    tmp_path: Path,
+) -> None:
+    """TorchGeo fills label pixels beyond a label file that declares no nodata with 0, so a
+    chip at the labels' edge trained its unlabelled half as class 0, silently. The
+    intersection now warns, naming the dataset and the fix; with the fix (``nodata = 255``
+    on the class, or in the file) the pixels beyond read 255 and nothing is said."""
+    _pair(tmp_path)
+    labels = np.random.default_rng(8).integers(1, 3, size=(N, N // 2)).astype(np.uint8)
+    write(tmp_path / "half" / "mask.tif", labels)  # the left half of the image, no nodata
+    write(tmp_path / "declared" / "mask.tif", labels, nodata=255)
+    write(tmp_path / "whole" / "mask.tif", np.ones((N, N), np.uint8))  # all of it
+
+    class Labels(RasterDataset):
+        is_image = False
+        filename_glob = "mask.tif"
+
+    class Declared(Labels):
+        nodata = 255
+
+    image = Sentinel2SR(tmp_path / "a", bands=["B4", "B3"])
+    with pytest.warns(UserWarning) as caught:
+        ds = image & Labels(str(tmp_path / "half"))
+    said = [str(w.message) for w in caught if "label file" in str(w.message)]
+    assert said == [
+        f"1 of the 1 label file(s) of Labels (first: {tmp_path / 'half' / 'mask.tif'}) declare "
+        "no nodata, and the images reach beyond the label files (50% of their area): "
+        "TorchGeo fills label pixels beyond a file with 0, so they would read (and train) as "
+        "class 0. Set `nodata = 255` (the unlabelled value) on Labels (TorchGeo's "
+        "RasterDataset.nodata) or in the files, and give the task ignore_index=255"
+    ], said
+    mask = whole(ds)["mask"].numpy().squeeze()
+    np.testing.assert_array_equal(mask[:, : N // 2], labels)
+    assert (mask[:, N // 2 :] == 0).all()  # the fault the warning names
+    with warnings.catch_warnings(record=True) as caught:  # the fixes, full labels: silent
+        warnings.simplefilter("always")
+        fixed = [
+            Sentinel2SR(tmp_path / "a", bands=["B4", "B3"]) & Declared(str(tmp_path / "half")),
+            Sentinel2SR(tmp_path / "a", bands=["B4", "B3"]) & Labels(str(tmp_path / "declared")),
+            Labels(str(tmp_path / "declared")) & Sentinel2SR(tmp_path / "a", bands=["B4", "B3"]),
+        ]
+        Sentinel2SR(tmp_path / "a", bands=["B4", "B3"]) & Labels(str(tmp_path / "whole"))
+    assert not [w for w in caught if "label file" in str(w.message)]
+    for ds in fixed:
+        mask = whole(ds)["mask"].numpy().squeeze()
+        np.testing.assert_array_equal(mask[:, : N // 2], labels)
+        assert (mask[:, N // 2 :] == 255).all()
+
+
 def test_union_checks_band_order_and_mosaics_first_valid(tmp_path: Path) -> None:
     rng = np.random.default_rng(9)
     a = rng.integers(300, 6000, size=(3, N, N)).astype(np.uint16)

@@ -174,6 +174,7 @@ __all__ = [
     "band_set_key",
     "concat_dofa_samples",
     "find_raster_inputs",
+    "label_fill_problem",
     "merge_dofa_samples",
     "read_product_metadata",
     "read_stac_item",
@@ -2224,6 +2225,54 @@ class _DOFAComposition:
         return DOFAUnionDataset(cast(GeoDataset, self), other)
 
 
+def label_fill_problem(dataset1: GeoDataset, dataset2: GeoDataset) -> str | None:
+    """Whether label pixels beyond a label file would read as class 0 in ``dataset1 & dataset2``.
+
+    TorchGeo's ``RasterDataset`` fills the pixels of a chip that no file covers with the
+    files' nodata, or with 0 where neither the files nor the dataset (its ``nodata``
+    attribute) declare one; a mask member (``is_image=False``) then reads class 0 there, and
+    a segmentation task trains on it. That happens wherever the other member's footprint
+    reaches beyond the label files' (chips at the labels' edge, gaps between label tiles).
+
+    Args:
+        dataset1: a member of the intersection (after TorchGeo has put both in one CRS).
+        dataset2: the other member.
+
+    Returns:
+        A one-line warning naming the label dataset, how many of its files declare no nodata
+        and the fix; None where no mask member leaves pixels to a fill of 0.
+    """
+    for label, other in ((dataset1, dataset2), (dataset2, dataset1)):
+        if not isinstance(label, RasterDataset) or label.is_image or label.nodata is not None:
+            continue
+        covered = shapely.union_all(label.index.geometry.to_numpy())
+        reach = shapely.union_all(other.index.geometry.to_numpy())
+        beyond = shapely.difference(reach, covered).area
+        if beyond <= abs(label.res[0] * label.res[1]):  # less than a pixel: edge rounding
+            continue
+        files = sorted({str(p) for p in label.index.get("filepath", [])})
+        undeclared = []
+        for path in files:
+            try:
+                with rasterio.open(path) as src:
+                    if src.nodata is None:
+                        undeclared.append(path)
+            except rasterio.RasterioIOError:  # TorchGeo's read will name an unreadable file
+                continue
+        if not undeclared:
+            continue
+        name = type(label).__name__
+        return (
+            f"{len(undeclared)} of the {len(files)} label file(s) of {name} (first: "
+            f"{undeclared[0]}) declare no nodata, and the images reach beyond the label files "
+            f"({beyond / reach.area:.0%} of their area): TorchGeo fills label pixels beyond a "
+            f"file with 0, so they would read (and train) as class 0. Set `nodata = 255` (the "
+            f"unlabelled value) on {name} (TorchGeo's RasterDataset.nodata) or in the files, "
+            "and give the task ignore_index=255"
+        )
+    return None
+
+
 class DOFAIntersectionDataset(_DOFAComposition, IntersectionDataset):
     """TorchGeo's ``&`` for DOFA datasets: bands of both members stacked, masks merged.
 
@@ -2281,6 +2330,9 @@ class DOFAIntersectionDataset(_DOFAComposition, IntersectionDataset):
         super().__init__(dataset1, dataset2, spatial_only, collate_fn, transforms)
         self.bands: tuple[str, ...] = bands
         self.wavelengths: Tensor = torch.cat([m[1] for m in images]) if images else torch.empty(0)
+        fill = label_fill_problem(dataset1, dataset2)
+        if fill is not None:
+            warn(fill, UserWarning)
 
 
 class DOFAUnionDataset(_DOFAComposition, UnionDataset):
