@@ -556,13 +556,13 @@ def _rendezvous_port() -> int:
         low = 32768  # Linux's default; elsewhere bind(0) below is the fallback
     for port in random.sample(range(20000, max(low, 20001)), k=min(50, max(low - 20000, 1))):
         with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
+            try:  # every address, as rank 0's store listens (a holder on any one refuses)
+                probe.bind(("", port))
             except OSError:
                 continue
             return port
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind(("", 0))
         return int(probe.getsockname()[1])
 
 
