@@ -471,10 +471,11 @@ def test_labels_beyond_which_the_image_reaches_warn_unless_nodata_is_declared(
     said = [str(w.message) for w in caught if "label file" in str(w.message)]
     assert said == [
         f"1 of the 1 label file(s) of Labels (first: {tmp_path / 'half' / 'mask.tif'}) declare "
-        "no nodata, and the images reach beyond the label files (50% of their area): "
-        "TorchGeo fills label pixels beyond a file with 0, so they would read (and train) as "
-        "class 0. Set `nodata = 255` (the unlabelled value) on Labels (TorchGeo's "
-        "RasterDataset.nodata) or in the files, and give the task ignore_index=255"
+        "no nodata, and the images reach beyond the label files (about 512 label pixels, 0.5 "
+        "of the images' area): TorchGeo fills label pixels beyond a file with 0, so they read "
+        "as class 0, and train as it where the image has data. Set `nodata = 255` (the "
+        "unlabelled value) on Labels (TorchGeo's RasterDataset.nodata) or in the files, and "
+        "give the task ignore_index=255"
     ], said
     mask = whole(ds)["mask"].numpy().squeeze()
     np.testing.assert_array_equal(mask[:, : N // 2], labels)
@@ -492,6 +493,73 @@ def test_labels_beyond_which_the_image_reaches_warn_unless_nodata_is_declared(
         mask = whole(ds)["mask"].numpy().squeeze()
         np.testing.assert_array_equal(mask[:, : N // 2], labels)
         assert (mask[:, N // 2 :] == 255).all()
+
+
+def test_label_fill_check_sees_a_column_but_not_a_reprojection_sliver(tmp_path: Path) -> None:
+    """Labels one column short of the image fill that column with 0 (warned, counted); labels
+    in EPSG:4326 covering the whole image are silent, though their index footprint (the
+    polygon of the 4 reprojected corners) misses a sliver of it (10 pixels' area for this
+    379 x 379 px image; it warned before the footprints were given half a pixel of slack)."""
+    from rasterio.warp import calculate_default_transform, reproject
+
+    side = 379
+    image_data = np.full((2, side, side), 1000, np.uint16)
+    write(tmp_path / "big" / "s2.tif", image_data, names=["B4", "B3"])
+    write(tmp_path / "short" / "mask.tif", np.ones((side, side - 1), np.uint8))
+    left, bottom, right, top = X0, Y0 - side * 10, X0 + side * 10, Y0
+    transform, width, height = calculate_default_transform(
+        CRS, "EPSG:4326", side, side, left, bottom, right, top
+    )
+    warped = np.zeros((1, height, width), np.uint8)
+    reproject(np.ones((1, side, side), np.uint8), warped, src_transform=from_origin(X0, Y0, 10, 10),
+              src_crs=CRS, dst_transform=transform, dst_crs="EPSG:4326")  # fmt: skip
+    (tmp_path / "geographic").mkdir()
+    profile = {"driver": "GTiff", "width": width, "height": height, "count": 1}
+    with rasterio.open(tmp_path / "geographic" / "mask.tif", "w", dtype="uint8",
+                       crs="EPSG:4326", transform=transform, **profile) as dst:  # fmt: skip
+        dst.write(warped)
+
+    class Labels(RasterDataset):
+        is_image = False
+        filename_glob = "mask.tif"
+
+    image = Sentinel2SR(tmp_path / "big")
+    with pytest.warns(UserWarning, match=r"about 379 label pixels, 0\.0026 of the images' area"):
+        image & Labels(str(tmp_path / "short"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Sentinel2SR(tmp_path / "big") & Labels(str(tmp_path / "geographic"))
+    assert not [w for w in caught if "label file" in str(w.message)], caught
+
+
+def test_label_compositions_and_disjoint_labels_name_the_fix(tmp_path: Path) -> None:
+    """A union of label datasets was refused as a dataset without bands (whose advice, `&`,
+    stacks the masks); labels off the image were TorchGeo's "Datasets have no spatial
+    intersection", naming neither dataset nor where they are."""
+    _pair(tmp_path)
+    write(tmp_path / "l1" / "mask.tif", np.ones((N, N), np.uint8), nodata=255)
+    write(tmp_path / "l2" / "mask.tif", np.ones((N, N), np.uint8), nodata=255)
+
+    class Labels(RasterDataset):
+        is_image = False
+        filename_glob = "mask.tif"
+
+    image = Sentinel2SR(tmp_path / "a", bands=["B4", "B3"])
+    union = Labels(str(tmp_path / "l1")) | Labels(str(tmp_path / "l2"))
+    with pytest.raises(BandError, match=r"UnionDataset of label datasets .* Labels\(\['a/'"):
+        image & union
+    path = tmp_path / "far" / "mask.tif"
+    write(path, np.ones((N, N), np.uint8), nodata=255)
+    with rasterio.open(path, "r+") as dst:  # 5 km east of the image
+        dst.transform = from_origin(X0 + 5000, Y0, 10, 10)
+    with pytest.raises(RuntimeError) as err:
+        Sentinel2SR(tmp_path / "a", bands=["B4", "B3"]) & Labels(str(tmp_path / "far"))
+    assert str(err.value) == (
+        "Sentinel2SR [600000, 3.99968e+06, 600320, 4e+06] and Labels [605000, 3.99968e+06, "
+        "605320, 4e+06] do not overlap (bounds as xmin, ymin, xmax, ymax in EPSG:32652): "
+        "check that both cover the same area, and that each file's CRS is the one its "
+        "coordinates are in (a UTM zone off by one moves it ~600 km)"
+    )
 
 
 def test_union_checks_band_order_and_mosaics_first_valid(tmp_path: Path) -> None:

@@ -2053,6 +2053,14 @@ def _member_bands(dataset: GeoDataset) -> tuple[tuple[str, ...], Tensor] | None:
         return tuple(str(b) for b in bands), wavelengths
     if not getattr(dataset, "is_image", True):
         return None
+    members = getattr(dataset, "datasets", None)
+    if members and all(not getattr(d, "is_image", True) for d in members):
+        raise BandError(
+            f"a {type(dataset).__name__} of label datasets cannot be stacked with `&` (TorchGeo "
+            "merges or stacks their masks, and fills one's gaps with the other's nodata): give "
+            "one label dataset all the label folders or files, e.g. Labels(['a/', 'b/']), "
+            "which TorchGeo mosaics"
+        )
     raise BandError(
         f"{type(dataset).__name__} carries no band names and wavelengths, so DOFA cannot "
         "tell what its channels are: combine Sentinel2SR / EarthEngineS2 datasets (or "
@@ -2225,6 +2233,30 @@ class _DOFAComposition:
         return DOFAUnionDataset(cast(GeoDataset, self), other)
 
 
+def _no_intersection(dataset1: GeoDataset, dataset2: GeoDataset) -> str:
+    """The error for ``dataset1 & dataset2`` without a common pixel: both extents, one CRS.
+
+    TorchGeo has put ``dataset2`` in ``dataset1``'s CRS by then (TorchGeo's own message named
+    neither dataset nor extent).
+    """
+    extents = []
+    for dataset in (dataset1, dataset2):
+        x0, y0, x1, y1 = dataset.index.total_bounds
+        extents.append(f"{type(dataset).__name__} [{x0:.6g}, {y0:.6g}, {x1:.6g}, {y1:.6g}]")
+    return (
+        f"{extents[0]} and {extents[1]} do not overlap (bounds as xmin, ymin, xmax, ymax in "
+        f"{crs_label(dataset1.crs)}): check that both cover the same area, and that each "
+        "file's CRS is the one its coordinates are in (a UTM zone off by one moves it ~600 km)"
+    )
+
+
+#: Label-file footprints are taken this many label pixels wider when checked for image area
+#: beyond them (:func:`label_fill_problem`): a reprojected file's index footprint is the
+#: polygon of its 4 corners, inside its curved edges by a sliver (4 pixels' area, well under
+#: a pixel wide, for a 4326 file covering a 379 x 578 px UTM scene).
+_FOOTPRINT_SLACK = 0.5
+
+
 def label_fill_problem(dataset1: GeoDataset, dataset2: GeoDataset) -> str | None:
     """Whether label pixels beyond a label file would read as class 0 in ``dataset1 & dataset2``.
 
@@ -2245,11 +2277,15 @@ def label_fill_problem(dataset1: GeoDataset, dataset2: GeoDataset) -> str | None
     for label, other in ((dataset1, dataset2), (dataset2, dataset1)):
         if not isinstance(label, RasterDataset) or label.is_image or label.nodata is not None:
             continue
+        pixel = abs(label.res[0] * label.res[1])
         covered = shapely.union_all(label.index.geometry.to_numpy())
         reach = shapely.union_all(other.index.geometry.to_numpy())
-        beyond = shapely.difference(reach, covered).area
-        if beyond <= abs(label.res[0] * label.res[1]):  # less than a pixel: edge rounding
+        # footprints of reprojected files are 4-corner polygons of their curved edges: the
+        # slivers between them (under a pixel wide) are no label file's edge
+        slack = covered.buffer(_FOOTPRINT_SLACK * abs(label.res[0]))
+        if shapely.difference(reach, slack).area < pixel:
             continue
+        beyond = shapely.difference(reach, covered)
         files = sorted({str(p) for p in label.index.get("filepath", [])})
         undeclared = []
         for path in files:
@@ -2262,13 +2298,15 @@ def label_fill_problem(dataset1: GeoDataset, dataset2: GeoDataset) -> str | None
         if not undeclared:
             continue
         name = type(label).__name__
+        share = beyond.area / reach.area
         return (
             f"{len(undeclared)} of the {len(files)} label file(s) of {name} (first: "
             f"{undeclared[0]}) declare no nodata, and the images reach beyond the label files "
-            f"({beyond / reach.area:.0%} of their area): TorchGeo fills label pixels beyond a "
-            f"file with 0, so they would read (and train) as class 0. Set `nodata = 255` (the "
-            f"unlabelled value) on {name} (TorchGeo's RasterDataset.nodata) or in the files, "
-            "and give the task ignore_index=255"
+            f"(about {beyond.area / pixel:,.0f} label pixels, {share:.2g} of the images' "
+            "area): TorchGeo fills label pixels beyond a file with 0, so they read as class "
+            "0, and train as it where the image has data. Set `nodata = 255` (the unlabelled "
+            f"value) on {name} (TorchGeo's RasterDataset.nodata) or in the files, and give "
+            "the task ignore_index=255"
         )
     return None
 
@@ -2327,7 +2365,12 @@ class DOFAIntersectionDataset(_DOFAComposition, IntersectionDataset):
                 "cannot stack a time-series dataset (time_series=True) with a single-date one "
                 "using `&`: give both the same time_series="
             )
-        super().__init__(dataset1, dataset2, spatial_only, collate_fn, transforms)
+        try:
+            super().__init__(dataset1, dataset2, spatial_only, collate_fn, transforms)
+        except RuntimeError as err:
+            if "no spatial intersection" not in str(err):
+                raise
+            raise RuntimeError(_no_intersection(dataset1, dataset2)) from None
         self.bands: tuple[str, ...] = bands
         self.wavelengths: Tensor = torch.cat([m[1] for m in images]) if images else torch.empty(0)
         fill = label_fill_problem(dataset1, dataset2)
