@@ -485,7 +485,6 @@ def test_labels_beyond_which_the_image_reaches_warn_unless_nodata_is_declared(
         fixed = [
             Sentinel2SR(tmp_path / "a", bands=["B4", "B3"]) & Declared(str(tmp_path / "half")),
             Sentinel2SR(tmp_path / "a", bands=["B4", "B3"]) & Labels(str(tmp_path / "declared")),
-            Labels(str(tmp_path / "declared")) & Sentinel2SR(tmp_path / "a", bands=["B4", "B3"]),
         ]
         Sentinel2SR(tmp_path / "a", bands=["B4", "B3"]) & Labels(str(tmp_path / "whole"))
     assert not [w for w in caught if "label file" in str(w.message)]
