@@ -717,7 +717,7 @@ def test_a_ddp_rendezvous_port_in_use_is_one_line_and_leaves_nothing(
     [
         ("abc", "ddp", "2", "MASTER_PORT='abc' is not a TCP port (an integer from 1 to 65535)"),
         ("70000", "ddp", "1", "MASTER_PORT='70000' is not a TCP port (an integer from 1 to 65535)"),
-        ("-5", "ddp_spawn", "2", "MASTER_PORT='-5' is not a TCP port (an integer from 1 to 65535)"),
+        ("-5", "ddp_find_unused_parameters_true", "2", "MASTER_PORT='-5' is not a TCP port"),
         ("0", "ddp", "2", "MASTER_PORT=0 (any free port) cannot bring a job's processes together"),
         # Lightning's "auto" strategy is DDP for several devices; FSDP / DeepSpeed read it too
         ("abc", "auto", "2", "MASTER_PORT='abc' is not a TCP port (an integer from 1 to 65535)"),
@@ -777,27 +777,102 @@ def test_a_master_addr_the_processes_cannot_meet_at_is_named_before_anything_run
     assert not out.exists() and not (tmp_path / "config").exists()
 
 
+def test_strategies_embed_cannot_run_are_one_line_and_write_nothing(tmp_path, capsys) -> None:
+    """``ddp_spawn`` / ``ddp_fork`` / ``ddp_notebook`` started their processes from the job's
+    own, after it had taken the output folder: each refused the outputs as another job's
+    (exit 1, a traceback); DeepSpeed without its package was Lightning's traceback."""
+    import importlib.util
+
+    out = tmp_path / "out"
+    args = ["embed", str(SCENE), "-o", str(out), "--device", "cpu", "--weights", "none"]
+    for strategy in ("ddp_spawn", "ddp_fork", "ddp_notebook"):
+        assert main([*args, "--strategy", strategy, "--devices", "2"]) == 2
+        assert capsys.readouterr().err == (
+            f"torchgeo-dofa: error: --strategy {strategy} is not supported by embed: Lightning "
+            "starts its processes from the job's own after the job has taken its output "
+            "folder, and each would refuse the outputs as another job's; use --strategy ddp "
+            "(its processes are commands of their own)\n"
+        )
+        assert not out.exists()
+    if importlib.util.find_spec("deepspeed") is None:
+        assert main([*args, "--strategy", "deepspeed", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith(
+            "torchgeo-dofa: error: --strategy deepspeed: To use the `DeepSpeedStrategy`, you "
+            "must have DeepSpeed installed"
+        ), err[-2000:]
+        assert not out.exists()
+
+
+def _can_listen(address: str) -> bool:
+    import socket
+
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+    except OSError:
+        return False
+    return True
+
+
 def test_a_master_addr_is_checked_where_it_can_be_known(ddp_env) -> None:
-    """The address must be this machine's only where Lightning starts every process here;
-    a rank of ``srun`` / ``torchrun`` may meet rank 0 on another node (only the name's
-    resolving is checked there). This machine's own names pass."""
+    """The address must be one rank 0 can listen on where rank 0 runs on this machine
+    (Lightning's launcher; srun's task 0); elsewhere (srun's other tasks, torchrun, whose
+    store is its own) only the name's resolving is checked. This machine's own names pass;
+    white space around a name (PyTorch keeps it), a link-local IPv6 address without its zone
+    and a multicast address hung, and are refused."""
     import socket
 
     from torchgeo_dofa.locks import master_addr_problem
 
     assert master_addr_problem(here=True) is None  # unset: Lightning's 127.0.0.1
     for own in ("127.0.0.1", "localhost", "::1", socket.gethostname()):
+        if own == "::1" and not _can_listen("::1"):
+            continue  # IPv6 off here
         ddp_env.setenv("MASTER_ADDR", own)
-        if own == "::1" and not socket.has_ipv6:
-            continue
         assert master_addr_problem(here=True) is None, own
+    for padded in ("127.0.0.1 ", " localhost", "127.0.0.1\n"):
+        ddp_env.setenv("MASTER_ADDR", padded)
+        assert master_addr_problem(here=False) == (
+            f"MASTER_ADDR={padded!r} has white space around the address, which PyTorch keeps "
+            f"(the name then does not resolve): set it to {padded.strip()!r}"
+        )
+    ddp_env.setenv("MASTER_ADDR", "224.0.0.1")
+    assert (master_addr_problem(here=True) or "").startswith(
+        "MASTER_ADDR='224.0.0.1' is a multicast or broadcast address, where rank 0 of the job "
+        "runs and the others meet it (it would wait 30 min for itself there): set it to"
+    )
+    if _can_listen("::1"):
+        ddp_env.setenv("MASTER_ADDR", "fe80::1")
+        said = master_addr_problem(here=True) or ""
+        assert said.startswith("MASTER_ADDR='fe80::1' is "), said
+        if "listen on" in said:  # an interface with a link-local address: EINVAL
+            assert "a link-local IPv6 address needs its zone, e.g. fe80::1%eth0" in said
     ddp_env.setenv("MASTER_ADDR", "192.0.2.1")
     assert master_addr_problem(here=False) is None  # rank 0 may be there
     assert "is not an address of this machine" in (master_addr_problem(here=True) or "")
-    ddp_env.setenv("SLURM_NTASKS", "2")  # a rank of srun: the same address is accepted
+    # srun: task 0 is rank 0, here; the others meet it wherever it is
+    ddp_env.setenv("SLURM_NTASKS", "2")
+    ddp_env.setenv("SLURM_PROCID", "0")
+    assert "is not an address of this machine" in (_rendezvous_problem("ddp", "1", "cpu") or "")
+    ddp_env.setenv("SLURM_PROCID", "1")
     assert _rendezvous_problem("ddp", "1", "cpu") is None
     ddp_env.setenv("MASTER_ADDR", "nonexistent.invalid")
     assert "does not resolve" in (_rendezvous_problem("ddp", "1", "cpu") or "")
+    # srun's single task without a distributed strategy: one process, nothing read
+    ddp_env.setenv("SLURM_NTASKS", "1")
+    ddp_env.setenv("SLURM_PROCID", "0")
+    assert _rendezvous_problem("auto", "1", "cpu") is None
+    ddp_env.delenv("SLURM_NTASKS")
+    # torchrun's ranks: its agent's store, on the address torchrun set
+    ddp_env.setenv("TORCHELASTIC_RUN_ID", "none")
+    ddp_env.setenv("WORLD_SIZE", "2")
+    ddp_env.setenv("MASTER_ADDR", "192.0.2.1")
+    assert _rendezvous_problem("auto", "1", "cpu") is None
+    ddp_env.setenv("WORLD_SIZE", "1")
+    ddp_env.setenv("MASTER_PORT", "abc")
+    assert _rendezvous_problem("auto", "1", "cpu") is None  # one rank: not read
 
 
 def test_a_master_port_is_checked_only_where_the_job_reads_it(monkeypatch) -> None:
@@ -815,6 +890,13 @@ def test_a_master_port_is_checked_only_where_the_job_reads_it(monkeypatch) -> No
     monkeypatch.setenv("MASTER_PORT", "x")
     assert _rendezvous_problem("auto", "auto", "auto") is None
     assert (_rendezvous_problem("ddp", "1", "cpu") or "").endswith(fix)
+    monkeypatch.setenv("MASTER_PORT", "\u00b2")  # a digit to str.isdigit, not to int(): crashed
+    assert (_rendezvous_problem("ddp", "1", "cpu") or "").startswith("MASTER_PORT='²' is not a")
+    for port in ("+29517", " 29517\n", "\uff12\uff19\uff15\uff11\uff17"):  # as int() reads
+        monkeypatch.setenv("MASTER_PORT", port)
+        assert _rendezvous_problem("ddp", "2", "cpu") is None, port
+    monkeypatch.setenv("MASTER_PORT", "0")
+    assert _rendezvous_problem("ddp", "0,1", "cpu") is None  # GPU indices on the CPU: embed's
     monkeypatch.setenv("MASTER_PORT", "0")
     with pytest.raises(ValueError, match="MASTER_PORT=0 .* cannot bring"):  # Python's embed
         embed([SCENE], "unused", device="cpu", devices=2, weights=None)

@@ -327,6 +327,27 @@ _DEVICE_COUNT = re.compile(r"[+-]?[0-9]+")
 _GPU_INDICES = re.compile(r"\[?\s*[0-9]+\s*(?:,\s*[0-9]+\s*)*,?\s*\]?")
 
 
+def _strategy_problem(strategy: str) -> str | None:
+    """A ``--strategy`` embed cannot run: one whose processes Lightning spawns or forks.
+
+    ``ddp_spawn`` / ``ddp_fork`` / ``ddp_notebook`` (and FSDP's ``*_spawn``) start the other
+    processes from this one after embed has taken the output folder's lock and written the
+    job's manifest, so each refused the outputs as another job's (exit 1, a traceback).
+
+    Returns:
+        The one-line error naming the fix (``--strategy ddp``), or None.
+    """
+    name = str(strategy).lower()
+    if any(kind in name for kind in ("spawn", "fork", "notebook")):
+        return (
+            f"--strategy {strategy} is not supported by embed: Lightning starts its processes "
+            "from the job's own after the job has taken its output folder, and each would "
+            "refuse the outputs as another job's; use --strategy ddp (its processes are "
+            "commands of their own)"
+        )
+    return None
+
+
 #: Lightning strategy names (and their variants: ``ddp_spawn``, ``fsdp_cpu_offload``,
 #: ``deepspeed_stage_2``, ...) whose processes meet at ``MASTER_PORT``, also with one device.
 _DISTRIBUTED_STRATEGIES = ("ddp", "fsdp", "deepspeed")
@@ -338,9 +359,9 @@ def _rendezvous_problem(strategy: str, devices: int | str, accelerator: str) -> 
     See :func:`.locks.master_port_problem` and :func:`.locks.master_addr_problem`.
 
     Checked where the job's processes meet at ``MASTER_PORT``: ``--strategy`` names a
-    distributed strategy (DDP, FSDP, DeepSpeed), ``--devices`` asks for several processes
-    (Lightning's ``auto`` strategy is DDP there), or a launcher (SLURM's ``srun``,
-    ``torchrun``) started this process as one of its ranks.
+    distributed strategy (DDP, FSDP, DeepSpeed), or the job runs several processes:
+    ``--devices`` asks for them (Lightning's ``auto`` strategy is DDP there), or a launcher
+    (SLURM's ``srun``, ``torchrun``) started several ranks.
 
     Args:
         strategy: ``--strategy``.
@@ -353,28 +374,29 @@ def _rendezvous_problem(strategy: str, devices: int | str, accelerator: str) -> 
         GPUs: ``--devices auto`` on a GPU without a distributed strategy; the job checks
         again once it knows its process count).
     """
-    from .locks import _LAUNCHER_VARIABLES, master_addr_problem, master_port_problem
+    from .locks import launched_ranks, master_addr_problem, master_port_problem, rendezvous_here
 
     named = any(name in str(strategy).lower() for name in _DISTRIBUTED_STRATEGIES)
-    ranked = any(os.environ.get(name) for name in _LAUNCHER_VARIABLES)
     text = str(devices).strip().lower()
     processes: int | None = None  # unknown: every GPU of the machine
     if _DEVICE_COUNT.fullmatch(text) and int(text) >= 0:
         processes = int(text)
     elif _GPU_INDICES.fullmatch(text):
+        if accelerator == "cpu":
+            return None  # no job: embed names that problem (GPU indices for the CPU)
         processes = len([index for index in text.strip("[] ").split(",") if index.strip()])
     elif accelerator == "cpu":
         processes = 1  # Lightning runs "auto" / -1 devices of the CPU as one process
-    ntasks = os.environ.get("SLURM_NTASKS", "")
-    if ntasks.isdigit():
-        processes = max(processes or 1, int(ntasks))
-    if processes is None and not (named or ranked):
-        return None
+    ranks = launched_ranks()  # srun's / torchrun's, each a process of the job
+    if ranks:
+        processes = max(processes or 1, ranks)
     if processes is None:
+        if not named:
+            return None
         processes = 2
-    if not (named or ranked or processes > 1):
-        return None
-    return master_port_problem(processes) or master_addr_problem(here=not ranked)
+    if not (named or processes > 1):
+        return None  # one process, no process group: neither variable is read
+    return master_port_problem(processes) or master_addr_problem(here=rendezvous_here())
 
 
 def _stac_inputs(
@@ -551,6 +573,7 @@ def embed(
     """
     import lightning.pytorch as pl
     import torch
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from .__main__ import end_import_pause
     from .datamodules import DOFAPredictDataModule
@@ -624,9 +647,12 @@ def embed(
     if batch_size is None:
         batch_size = default_batch_size(device, choice.precision, variant)
     processes = _device_count(devices, accelerator)
-    port_problem = _rendezvous_problem(strategy, processes, accelerator)  # GPUs now counted
-    if port_problem is not None:
-        raise InputError(port_problem)
+    # the GPUs are counted now: the rendezvous checked for --devices auto too
+    strategy_problem = _strategy_problem(strategy) or _rendezvous_problem(
+        strategy, processes, accelerator
+    )
+    if strategy_problem is not None:
+        raise InputError(strategy_problem)
     if num_workers is None:
         num_workers = default_num_workers(accelerator=accelerator, processes=processes)
     point_list, properties = (None, None)
@@ -777,16 +803,19 @@ def embed(
                 if not pending:
                     summary.skipped += len(dm.predict_sampler or [])
                     continue
-                trainer = pl.Trainer(
-                    accelerator=device,
-                    devices=devices,
-                    strategy=strategy,
-                    precision=choice.lightning,  # type: ignore[arg-type]
-                    callbacks=[*pending, stop, *callbacks],
-                    logger=False,
-                    enable_progress_bar=progress,
-                    enable_model_summary=False,
-                )
+                try:
+                    trainer = pl.Trainer(
+                        accelerator=device,
+                        devices=devices,
+                        strategy=strategy,
+                        precision=choice.lightning,  # type: ignore[arg-type]
+                        callbacks=[*pending, stop, *callbacks],
+                        logger=False,
+                        enable_progress_bar=progress,
+                        enable_model_summary=False,
+                    )
+                except MisconfigurationException as err:  # e.g. DeepSpeed not installed
+                    raise InputError(f"--strategy {strategy}: {err}") from None
                 if accelerator == "cuda":  # preprocess on the GPU after the transfer
                     dataset = dm._dataset()
                     if isinstance(dataset.transforms, torch.nn.Module):
@@ -1873,6 +1902,7 @@ def _main(argv: Sequence[str] | None) -> int:
             mean=args.mean,
             std=args.std,
         )
+        problem = problem or _strategy_problem(args.strategy)
         problem = problem or _rendezvous_problem(args.strategy, args.devices, args.device)
         if problem is not None:
             print(f"torchgeo-dofa: error: {problem}", file=sys.stderr)
@@ -2093,20 +2123,19 @@ def _check_rendezvous(trainer: pl.Trainer) -> None:
     For a distributed strategy (DDP, FSDP, DeepSpeed: Lightning's ``ParallelStrategy``) of a
     config's trainer, whose process count is only known once Lightning has resolved
     ``devices`` and ``num_nodes``: see :func:`.locks.master_port_problem` and
-    :func:`.locks.master_addr_problem` (an address of this machine where Lightning starts
-    every process here: one node, no ``srun`` / ``torchrun``).
+    :func:`.locks.master_addr_problem` (an address of this machine where rank 0 runs here:
+    :func:`.locks.rendezvous_here`).
 
     Raises:
         ValueError: naming the variable and the fix (one line, exit 2), before the run.
     """
     from lightning.pytorch.strategies import ParallelStrategy
 
-    from .locks import _LAUNCHER_VARIABLES, master_addr_problem, master_port_problem
+    from .locks import master_addr_problem, master_port_problem, rendezvous_here
 
     if isinstance(trainer.strategy, ParallelStrategy):
-        ranked = any(os.environ.get(name) for name in _LAUNCHER_VARIABLES)
         problem = master_port_problem(trainer.num_devices * trainer.num_nodes)
-        problem = problem or master_addr_problem(here=not ranked and trainer.num_nodes == 1)
+        problem = problem or master_addr_problem(here=rendezvous_here(trainer.num_nodes))
         if problem is not None:
             raise ValueError(problem)
 

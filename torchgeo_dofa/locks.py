@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import ipaddress
 import itertools
 import os
 import signal
@@ -38,9 +39,11 @@ __all__ = [
     "OutputPathError",
     "die_with_launcher",
     "is_launcher",
+    "launched_ranks",
     "mark_launcher",
     "master_addr_problem",
     "master_port_problem",
+    "rendezvous_here",
     "report_ctrl_c",
     "stop_advice",
 ]
@@ -69,10 +72,13 @@ def master_port_problem(processes: int = 1) -> str | None:
     if value is None:
         return None
     fix = "set it to a free port, or unset it to let Lightning choose one"
-    text = value.strip()
-    if not text.isdigit() or int(text) > 65535:
+    try:  # as Lightning reads it: int() takes spaces, a sign, any Unicode decimal digits
+        port = int(value)
+    except ValueError:  # "abc", "", "²" (a digit to str.isdigit, not to int)
+        port = -1
+    if not 0 <= port <= 65535:
         return f"MASTER_PORT={value!r} is not a TCP port (an integer from 1 to 65535): {fix}"
-    if int(text) == 0 and processes > 1:
+    if port == 0 and processes > 1:
         return (
             "MASTER_PORT=0 (any free port) cannot bring a job's processes together: rank 0 "
             f"would listen on a port the others cannot know; {fix}"
@@ -84,15 +90,16 @@ def master_addr_problem(here: bool) -> str | None:
     """What is wrong with ``MASTER_ADDR`` for a job of several processes, if anything.
 
     The processes of a job meet at ``MASTER_ADDR`` (Lightning's default ``127.0.0.1``), where
-    rank 0 listens. A name that does not resolve made PyTorch retry for the process-group
-    timeout (30 min), printing a warning every few seconds; an address not of this machine
-    made rank 0 wait the same 30 min, silently, for a connection to itself.
+    rank 0 listens. A name that does not resolve (also one with white space around it, which
+    PyTorch does not strip) made PyTorch retry for the process-group timeout (30 min),
+    printing a warning every few seconds; an address rank 0 cannot listen on (not this
+    machine's, a link-local IPv6 address without its zone, a multicast one) made it wait the
+    same 30 min, silently, for a connection to itself.
 
     Args:
-        here: the job's processes are all on this machine, started by Lightning's launcher
-            (not ``srun`` / ``torchrun``, not several nodes), so ``MASTER_ADDR`` must be an
-            address of this machine. Where a launcher spread them, only its resolving is
-            checked (rank 0 may be another node; torchrun's store is its own).
+        here: rank 0 runs in this process's machine and listens there
+            (:func:`rendezvous_here`), so ``MASTER_ADDR`` must be an address this machine can
+            listen on. Elsewhere only its resolving is checked.
 
     Returns:
         A one-line error naming ``MASTER_ADDR`` and the fix, or None (unset, or usable as
@@ -102,29 +109,83 @@ def master_addr_problem(here: bool) -> str | None:
     if value is None:
         return None
     fix = "set it to rank 0's host name or address (127.0.0.1 on one machine), or unset it"
-    host = value.strip()
-    if not host:
+    if not value.strip():
         return f"MASTER_ADDR is empty: {fix}"
+    if value != value.strip():
+        return (
+            f"MASTER_ADDR={value!r} has white space around the address, which PyTorch keeps "
+            f"(the name then does not resolve): set it to {value.strip()!r}"
+        )
     try:
-        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        found = socket.getaddrinfo(value, None, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as err:
         why = err.strerror if isinstance(err, socket.gaierror) else str(err)
         return f"MASTER_ADDR={value!r} does not resolve to an address ({why}): {fix}"
     if not here:
         return None
+    head = f"MASTER_ADDR={value!r} is not an address of this machine"
     for family, _, _, _, address in found:
+        ip = ipaddress.ip_address(str(address[0]).partition("%")[0])
+        if ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+            head = f"MASTER_ADDR={value!r} is a multicast or broadcast address"
+            continue
         try:
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.bind((address[0], 0, *address[2:]))
         except OSError as err:
-            if err.errno == errno.EADDRNOTAVAIL:
-                continue  # not an address of this machine
-        return None  # bound, or refused for another reason: not known to be elsewhere
+            if err.errno != errno.EADDRNOTAVAIL:  # e.g. EINVAL: fe80::1 without its zone
+                zone = ip.version == 6 and ip.is_link_local and "%" not in value
+                head = (
+                    f"MASTER_ADDR={value!r} is no address this machine can listen on "
+                    f"({err.strerror or err}"
+                    + (
+                        "; a link-local IPv6 address needs its zone, e.g. fe80::1%eth0"
+                        if zone
+                        else ""
+                    )
+                    + ")"
+                )
+            continue
+        return None
     return (
-        f"MASTER_ADDR={value!r} is not an address of this machine, where the job's "
-        "processes run and meet rank 0 (rank 0 would wait 30 min for itself there): set it "
-        "to this machine's host name or address (127.0.0.1), or unset it"
+        f"{head}, where rank 0 of the job runs and the others meet it (it would wait 30 min "
+        "for itself there): set it to this machine's host name or address (127.0.0.1), or "
+        "unset it"
     )
+
+
+def launched_ranks() -> int:
+    """The ranks a launcher started for the job, 0 where none did.
+
+    ``srun``'s ``SLURM_NTASKS``, ``torchrun``'s ``WORLD_SIZE`` (1 where unreadable); 0 for
+    Lightning's own launcher or a single process.
+    """
+    for launcher, count in (
+        ("SLURM_NTASKS", "SLURM_NTASKS"),
+        ("TORCHELASTIC_RUN_ID", "WORLD_SIZE"),
+    ):
+        if os.environ.get(launcher):
+            text = os.environ.get(count, "").strip()
+            return int(text) if text.isdecimal() else 1
+    return 0
+
+
+def rendezvous_here(num_nodes: int = 1) -> bool:
+    """Whether rank 0 of the job listens on this machine, so ``MASTER_ADDR`` must be its own.
+
+    Under ``torchrun`` the rendezvous store is its agent's, on ``MASTER_ADDR`` as torchrun set
+    it: not this process's to check. Under ``srun``, rank 0 is the task with
+    ``SLURM_PROCID`` 0 (Lightning's ``SLURMEnvironment``). Otherwise Lightning's launcher
+    starts rank 0 on node 0 (``NODE_RANK``), and every rank on this machine for one node.
+
+    Args:
+        num_nodes: the trainer's ``num_nodes``.
+    """
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return False
+    if os.environ.get("SLURM_NTASKS"):
+        return os.environ.get("SLURM_PROCID", "0").strip() == "0"
+    return num_nodes == 1 or os.environ.get("NODE_RANK", "0").strip() == "0"
 
 
 class JobError(Exception):
