@@ -804,6 +804,24 @@ def test_strategies_embed_cannot_run_are_one_line_and_write_nothing(tmp_path, ca
         assert not out.exists()
 
 
+def test_embed_refuses_a_node_rank_it_cannot_be(tmp_path, ddp_env, capsys) -> None:
+    """embed has no --num-nodes: with NODE_RANK=1 left from a multi-node script, two processes
+    waited for a node 0 that never came (no line said so), and one ran without its summary."""
+    ddp_env.setenv("NODE_RANK", "1")
+    out = tmp_path / "out"
+    args = ["embed", str(SCENE), "-o", str(out), "--device", "cpu", "--weights", "none"]
+    for devices in ("1", "2"):
+        assert main([*args, "--devices", devices]) == 2
+        assert capsys.readouterr().err == (
+            "torchgeo-dofa: error: NODE_RANK=1, but embed runs every process on this machine "
+            "(one node: it has no --num-nodes), so it would wait for a node 0 that never comes; "
+            "unset NODE_RANK (for several machines, start embed's ranks with srun or torchrun)\n"
+        )
+        assert not out.exists()
+    ddp_env.setenv("NODE_RANK", "0")
+    assert _rendezvous_problem("auto", "1", "cpu") is None
+
+
 def _can_listen(address: str) -> bool:
     import socket
 
@@ -838,17 +856,18 @@ def test_a_master_addr_is_checked_where_it_can_be_known(ddp_env) -> None:
             f"MASTER_ADDR={padded!r} has white space around the address, which PyTorch keeps "
             f"(the name then does not resolve): set it to {padded.strip()!r}"
         )
-    ddp_env.setenv("MASTER_ADDR", "224.0.0.1")
-    assert (master_addr_problem(here=True) or "").startswith(
-        "MASTER_ADDR='224.0.0.1' is a multicast or broadcast address, where rank 0 of the job "
-        "runs and the others meet it (it would wait 30 min for itself there): set it to"
-    )
-    if _can_listen("::1"):
+    fix = "set it to rank 0's host name or address (127.0.0.1 on one machine), or unset it"
+    for here in (True, False):  # no process can connect to these, from any machine
+        ddp_env.setenv("MASTER_ADDR", "224.0.0.1")
+        assert master_addr_problem(here=here) == (
+            "MASTER_ADDR='224.0.0.1' is a multicast or broadcast address, which no process can "
+            f"connect to: {fix}"
+        )
         ddp_env.setenv("MASTER_ADDR", "fe80::1")
-        said = master_addr_problem(here=True) or ""
-        assert said.startswith("MASTER_ADDR='fe80::1' is "), said
-        if "listen on" in said:  # an interface with a link-local address: EINVAL
-            assert "a link-local IPv6 address needs its zone, e.g. fe80::1%eth0" in said
+        assert master_addr_problem(here=here) == (
+            "MASTER_ADDR='fe80::1' is a link-local IPv6 address without its zone, which no "
+            f"process can connect to: add the zone (e.g. fe80::1%eth0), or {fix}"
+        )
     ddp_env.setenv("MASTER_ADDR", "192.0.2.1")
     assert master_addr_problem(here=False) is None  # rank 0 may be there
     assert "is not an address of this machine" in (master_addr_problem(here=True) or "")
@@ -860,6 +879,15 @@ def test_a_master_addr_is_checked_where_it_can_be_known(ddp_env) -> None:
     assert _rendezvous_problem("ddp", "1", "cpu") is None
     ddp_env.setenv("MASTER_ADDR", "nonexistent.invalid")
     assert "does not resolve" in (_rendezvous_problem("ddp", "1", "cpu") or "")
+    # an salloc shell (job named bash): Lightning launches the processes itself, as without
+    # SLURM, so one process reads nothing, and srun's task number is no rank
+    ddp_env.setenv("SLURM_JOB_NAME", "bash")
+    ddp_env.setenv("SLURM_NTASKS", "4")
+    ddp_env.setenv("MASTER_ADDR", "192.0.2.1")
+    assert _rendezvous_problem("auto", "1", "cpu") is None
+    assert "not an address of this machine" in (_rendezvous_problem("auto", "2", "cpu") or "")
+    ddp_env.delenv("SLURM_JOB_NAME")
+    ddp_env.setenv("MASTER_ADDR", "nonexistent.invalid")
     # srun's single task without a distributed strategy: one process, nothing read
     ddp_env.setenv("SLURM_NTASKS", "1")
     ddp_env.setenv("SLURM_PROCID", "0")

@@ -14,8 +14,9 @@ def exception_chain(err: BaseException | None) -> Iterator[BaseException]:
     """``err``, then each exception it was raised from or while handling, outermost first.
 
     Follows ``__cause__`` (``raise ... from``) where set, else ``__context__`` (raised while
-    handling), as :mod:`traceback` does; each exception is yielded once, so a chain that
-    loops back on itself ends.
+    handling), as :mod:`traceback` does, but also where ``raise ... from None`` hid the
+    context from a printed traceback (the error sought may be there); each exception is
+    yielded once, so a chain that loops back on itself ends.
 
     Args:
         err: the exception caught, or None (nothing is yielded).

@@ -376,6 +376,13 @@ def _rendezvous_problem(strategy: str, devices: int | str, accelerator: str) -> 
     """
     from .locks import launched_ranks, master_addr_problem, master_port_problem, rendezvous_here
 
+    node = os.environ.get("NODE_RANK", "").strip()
+    if node not in ("", "0") and not launched_ranks():
+        return (
+            f"NODE_RANK={node}, but embed runs every process on this machine (one node: it has "
+            "no --num-nodes), so it would wait for a node 0 that never comes; unset NODE_RANK "
+            "(for several machines, start embed's ranks with srun or torchrun)"
+        )
     named = any(name in str(strategy).lower() for name in _DISTRIBUTED_STRATEGIES)
     text = str(devices).strip().lower()
     processes: int | None = None  # unknown: every GPU of the machine

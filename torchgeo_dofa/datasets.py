@@ -2056,10 +2056,11 @@ def _member_bands(dataset: GeoDataset) -> tuple[tuple[str, ...], Tensor] | None:
     members = getattr(dataset, "datasets", None)
     if members and all(not getattr(d, "is_image", True) for d in members):
         raise BandError(
-            f"a {type(dataset).__name__} of label datasets cannot be stacked with `&` (TorchGeo "
-            "merges or stacks their masks, and fills one's gaps with the other's nodata): give "
-            "one label dataset all the label folders or files, e.g. Labels(['a/', 'b/']), "
-            "which TorchGeo mosaics"
+            f"label datasets combined with `{'|' if isinstance(dataset, UnionDataset) else '&'}`"
+            f" ({type(dataset).__name__}) cannot be a member of `&` (TorchGeo merges or stacks "
+            "their masks, and fills one's gaps with the other's nodata): give one label "
+            "dataset all the label folders or files, e.g. Labels(['a/', 'b/']), which TorchGeo "
+            "mosaics"
         )
     raise BandError(
         f"{type(dataset).__name__} carries no band names and wavelengths, so DOFA cannot "
@@ -2242,7 +2243,7 @@ def _no_intersection(dataset1: GeoDataset, dataset2: GeoDataset) -> str:
     extents = []
     for dataset in (dataset1, dataset2):
         x0, y0, x1, y1 = dataset.index.total_bounds
-        extents.append(f"{type(dataset).__name__} [{x0:.6g}, {y0:.6g}, {x1:.6g}, {y1:.6g}]")
+        extents.append(f"{type(dataset).__name__} [{x0:.10g}, {y0:.10g}, {x1:.10g}, {y1:.10g}]")
     return (
         f"{extents[0]} and {extents[1]} do not overlap (bounds as xmin, ymin, xmax, ymax in "
         f"{crs_label(dataset1.crs)}): check that both cover the same area, and that each "
@@ -2286,7 +2287,12 @@ def label_fill_problem(dataset1: GeoDataset, dataset2: GeoDataset) -> str | None
         if shapely.difference(reach, slack).area < pixel:
             continue
         beyond = shapely.difference(reach, covered)
-        files = sorted({str(p) for p in label.index.get("filepath", [])})
+        index = label.index
+        if "filepath" not in index:
+            continue
+        # the files the images meet: a far tile's nodata is no matter (and opening every file
+        # of a large label set cost ~2 ms each)
+        files = sorted({str(p) for p in index["filepath"][index.intersects(reach)]})
         undeclared = []
         for path in files:
             try:
@@ -2300,11 +2306,12 @@ def label_fill_problem(dataset1: GeoDataset, dataset2: GeoDataset) -> str | None
         name = type(label).__name__
         share = beyond.area / reach.area
         return (
-            f"{len(undeclared)} of the {len(files)} label file(s) of {name} (first: "
+            f"{len(undeclared)} of the {len(files)} label file(s) of {name} that the images "
+            f"meet (first: "
             f"{undeclared[0]}) declare no nodata, and the images reach beyond the label files "
-            f"(about {beyond.area / pixel:,.0f} label pixels, {share:.2g} of the images' "
-            "area): TorchGeo fills label pixels beyond a file with 0, so they read as class "
-            "0, and train as it where the image has data. Set `nodata = 255` (the unlabelled "
+            f"(about {beyond.area / pixel:,.0f} label pixels, {share * 100:.2g} % of the "
+            "images' area): TorchGeo fills label pixels beyond a file with 0, so they read as "
+            "class 0, and train as it where the image has data. Set `nodata = 255` (the unlabelled "
             f"value) on {name} (TorchGeo's RasterDataset.nodata) or in the files, and give "
             "the task ignore_index=255"
         )

@@ -86,6 +86,11 @@ def master_port_problem(processes: int = 1) -> str | None:
     return None
 
 
+#: IPv4 broadcast addresses that are one whatever the network: the limited broadcast and
+#: loopback's (a subnet's own broadcast address depends on its mask, unknown here).
+_BROADCAST = (ipaddress.ip_address("255.255.255.255"), ipaddress.ip_address("127.255.255.255"))
+
+
 def master_addr_problem(here: bool) -> str | None:
     """What is wrong with ``MASTER_ADDR`` for a job of several processes, if anything.
 
@@ -121,29 +126,29 @@ def master_addr_problem(here: bool) -> str | None:
     except (socket.gaierror, UnicodeError) as err:
         why = err.strerror if isinstance(err, socket.gaierror) else str(err)
         return f"MASTER_ADDR={value!r} does not resolve to an address ({why}): {fix}"
+    ips = [ipaddress.ip_address(str(found_[4][0]).partition("%")[0]) for found_ in found]
+    if all(ip.is_multicast or ip in _BROADCAST for ip in ips):  # from any machine
+        return (
+            f"MASTER_ADDR={value!r} is a multicast or broadcast address, which no process can "
+            f"connect to: {fix}"
+        )
+    if all(ip.version == 6 and ip.is_link_local for ip in ips) and "%" not in value:
+        return (
+            f"MASTER_ADDR={value!r} is a link-local IPv6 address without its zone, which no "
+            f"process can connect to: add the zone (e.g. {value}%eth0), or {fix}"
+        )
     if not here:
         return None
     head = f"MASTER_ADDR={value!r} is not an address of this machine"
     for family, _, _, _, address in found:
-        ip = ipaddress.ip_address(str(address[0]).partition("%")[0])
-        if ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
-            head = f"MASTER_ADDR={value!r} is a multicast or broadcast address"
-            continue
         try:
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.bind((address[0], 0, *address[2:]))
         except OSError as err:
-            if err.errno != errno.EADDRNOTAVAIL:  # e.g. EINVAL: fe80::1 without its zone
-                zone = ip.version == 6 and ip.is_link_local and "%" not in value
+            if err.errno != errno.EADDRNOTAVAIL:
                 head = (
                     f"MASTER_ADDR={value!r} is no address this machine can listen on "
-                    f"({err.strerror or err}"
-                    + (
-                        "; a link-local IPv6 address needs its zone, e.g. fe80::1%eth0"
-                        if zone
-                        else ""
-                    )
-                    + ")"
+                    f"({err.strerror or err})"
                 )
             continue
         return None
@@ -154,20 +159,31 @@ def master_addr_problem(here: bool) -> str | None:
     )
 
 
+def _srun_used() -> bool:
+    """Lightning's ``SLURMEnvironment.detect()``, without loading Lightning.
+
+    ``SLURM_NTASKS`` set, and the job not named ``bash`` / ``interactive`` (an ``salloc``
+    shell: Lightning then launches the processes itself, as without SLURM).
+    """
+    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in (
+        "bash",
+        "interactive",
+    )
+
+
 def launched_ranks() -> int:
     """The ranks a launcher started for the job, 0 where none did.
 
-    ``srun``'s ``SLURM_NTASKS``, ``torchrun``'s ``WORLD_SIZE`` (1 where unreadable); 0 for
-    Lightning's own launcher or a single process.
+    ``srun``'s ``SLURM_NTASKS`` (where Lightning detects ``srun``), ``torchrun``'s
+    ``WORLD_SIZE`` (1 where unreadable); 0 for Lightning's own launcher or a single process.
     """
-    for launcher, count in (
-        ("SLURM_NTASKS", "SLURM_NTASKS"),
-        ("TORCHELASTIC_RUN_ID", "WORLD_SIZE"),
-    ):
-        if os.environ.get(launcher):
-            text = os.environ.get(count, "").strip()
-            return int(text) if text.isdecimal() else 1
-    return 0
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        text = os.environ.get("WORLD_SIZE", "").strip()
+    elif _srun_used():
+        text = os.environ.get("SLURM_NTASKS", "").strip()
+    else:
+        return 0
+    return int(text) if text.isdecimal() else 1
 
 
 def rendezvous_here(num_nodes: int = 1) -> bool:
@@ -183,7 +199,7 @@ def rendezvous_here(num_nodes: int = 1) -> bool:
     """
     if os.environ.get("TORCHELASTIC_RUN_ID"):
         return False
-    if os.environ.get("SLURM_NTASKS"):
+    if _srun_used():
         return os.environ.get("SLURM_PROCID", "0").strip() == "0"
     return num_nodes == 1 or os.environ.get("NODE_RANK", "0").strip() == "0"
 
