@@ -575,17 +575,26 @@ def _ranks_report(ranks: list[tuple[int, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def _srun(cmd: list[str], ntasks: int, timeout: float = 300) -> list[tuple[int, str, str]]:
+def _srun(
+    cmd: list[str], ntasks: int, timeout: float = 300, rank_0_after: float = 0
+) -> list[tuple[int, str, str]]:
     """Run ``cmd`` as SLURM's ``srun --ntasks-per-node=N`` runs it on one node: N processes
     started at once, each told its rank in SLURM's variables (no srun here; Lightning's
     SLURMEnvironment reads these); as ``srun --kill-on-bad-exit=1`` does, a rank that fails
-    ends the others (they would wait for it). Each rank's (exit status, stdout, stderr)."""
+    ends the others (they would wait for it). Each rank's (exit status, stdout, stderr).
+    ``rank_0_after``: rank 0 starts last, that many seconds after the others (or once they
+    have all exited), as srun's tasks may start in any order."""
     import tempfile
 
     port = _rendezvous_port()
     with contextlib.ExitStack() as stack:
-        procs, logs = [], []
-        for rank in range(ntasks):
+        procs: list[subprocess.Popen[str]] = []
+        logs: list[tuple[Any, Any]] = []
+        for rank in [*range(1, ntasks), 0] if rank_0_after else range(ntasks):
+            if rank == 0 and rank_0_after:
+                until = time.monotonic() + rank_0_after
+                while time.monotonic() < until and any(p.poll() is None for p in procs):
+                    time.sleep(0.2)
             env = os.environ | {
                 "SLURM_NTASKS": str(ntasks), "SLURM_NTASKS_PER_NODE": str(ntasks),
                 "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_PROCID": str(rank),
@@ -595,6 +604,8 @@ def _srun(cmd: list[str], ntasks: int, timeout: float = 300) -> list[tuple[int, 
             out, err = (stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
             procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True))
             logs.append((out, err))
+        if rank_0_after:  # back in rank order
+            procs, logs = [procs[-1], *procs[:-1]], [logs[-1], *logs[:-1]]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and any(proc.poll() is None for proc in procs):
             if any(proc.poll() not in (None, 0) for proc in procs):
@@ -645,6 +656,34 @@ def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
         cells = np.isfinite(grid.read(1))
     assert cells.shape == (14, 28) and cells[:, 14:].all() and not cells[:, :14].any()
     assert not list(out.glob("*.parts"))
+
+
+@pytest.mark.skipif(
+    _usable_memory() < 8 * 2**30,
+    reason="two DDP processes with DOFA base need ~4 GB beside the test process",
+)
+def test_srun_ranks_overwrite_a_finished_job_whichever_starts_first(
+    tmp_path, base_checkpoint
+) -> None:
+    """``--overwrite`` on a finished folder under srun, rank 1 started first: it saw the old
+    outputs, skipped its trainer and exited 0, while rank 0 deleted them and waited for it
+    for the 30-min process-group timeout. Every rank now runs the overwriting job."""
+    with rasterio.open(SCENE) as src:
+        transform = src.window_transform(Window(0, 0, 448, 224))
+        data = src.read(window=Window(0, 0, 448, 224))
+    scene = _write_scene_variant(
+        tmp_path / "two.tif", data, width=448, height=224, transform=transform
+    )
+    out = tmp_path / "out"
+    first = ["embed", str(scene), "-o", str(out), "--weights", str(base_checkpoint)]
+    assert main([*first, "--output", "pooled", "--device", "cpu", "--no-progress"]) == 0
+    before = (out / "two_pooled.parquet").stat().st_mtime_ns
+    cmd = [*_ddp_embed_command(scene, out, base_checkpoint, "pooled", devices=2), "--overwrite"]
+    ranks = _srun(cmd, ntasks=2, timeout=240, rank_0_after=25)
+    assert [status for status, _, _ in ranks] == [0, 0], _ranks_report(ranks)
+    assert "embedded 2 chips in " in ranks[0][1], ranks[0][1]
+    assert (out / "two_pooled.parquet").stat().st_mtime_ns != before
+    assert len(gpd.read_parquet(out / "two_pooled.parquet")) == 2
 
 
 def _rendezvous_port_error(port: int) -> str:

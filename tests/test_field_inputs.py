@@ -466,9 +466,9 @@ def test_labels_beyond_which_the_image_reaches_warn_unless_nodata_is_declared(
         nodata = 255
 
     image = Sentinel2SR(tmp_path / "a", bands=["B4", "B3"])
-    with pytest.warns(UserWarning) as caught:
+    with pytest.warns(UserWarning) as warned:
         ds = image & Labels(str(tmp_path / "half"))
-    said = [str(w.message) for w in caught if "label file" in str(w.message)]
+    said = [str(w.message) for w in warned if "label file" in str(w.message)]
     assert said == [
         "1 of the 1 label file(s) of Labels that the images meet (first: "
         f"{tmp_path / 'half' / 'mask.tif'}) declare no nodata, and the images reach beyond the "

@@ -805,7 +805,10 @@ def embed(
                     writers.append(
                         PooledWriter(paths["pooled"], metadata=extra, source=region.name, **keys)
                     )
-                pending = [w for w in writers if not w.path.exists()]
+                # --overwrite: rank 0 has deleted every output of the job, or will (a rank of
+                # srun / torchrun may get here first, see the old files, skip the trainer and
+                # leave rank 0 waiting for it): all are pending, on every rank
+                pending = [w for w in writers if overwrite or not w.path.exists()]
                 summary.outputs += [w.path for w in writers]
                 if not pending:
                     summary.skipped += len(dm.predict_sampler or [])
