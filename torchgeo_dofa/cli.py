@@ -1735,7 +1735,6 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
     from .datasets import InputError
     from .embedder import NotNormalisedError
     from .jobs import JobError, JobInterrupted, is_launcher, rendezvous_port_error
-    from .locks import master_port_problem
     from .transforms import ReflectanceError
     from .weights import CheckpointError
     from .writers import OutputPathError, OutputWriteError, PartsMismatchError
@@ -1762,13 +1761,6 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
         if port_taken is not None:
             print(f"torchgeo-dofa: error: {port_taken}", file=sys.stderr)
             return port_taken.exit_status
-        # Lightning's int("abc") of MASTER_PORT, PyTorch's range check ("port must have ...")
-        bad_port = master_port_problem()
-        if bad_port is not None and isinstance(raised, ValueError):
-            said = str(raised)
-            if repr(os.environ.get("MASTER_PORT")) in said or "port" in said.lower():
-                print(f"torchgeo-dofa: error: {bad_port}", file=sys.stderr)
-                return 2
         # jsonargparse wraps an error of the model's or data module's __init__ in its own
         # ValueError ("Does not validate against any of the Union subtypes ..."): look for
         # ours along the chain of causes
