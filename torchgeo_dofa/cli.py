@@ -376,25 +376,19 @@ def _rendezvous_problem(strategy: str, devices: int | str, accelerator: str) -> 
     """
     from .locks import launched_ranks, master_addr_problem, master_port_problem, rendezvous_here
 
+    ranks = launched_ranks()  # srun's / torchrun's, each a process of the job
     node = os.environ.get("NODE_RANK", "").strip()
-    if node not in ("", "0") and not launched_ranks():
+    if node not in ("", "0") and not ranks:
         return (
             f"NODE_RANK={node}, but embed runs every process on this machine (one node: it has "
             "no --num-nodes), so it would wait for a node 0 that never comes; unset NODE_RANK "
             "(for several machines, start embed's ranks with srun or torchrun)"
         )
     named = any(name in str(strategy).lower() for name in _DISTRIBUTED_STRATEGIES)
-    text = str(devices).strip().lower()
-    processes: int | None = None  # unknown: every GPU of the machine
-    if _DEVICE_COUNT.fullmatch(text) and int(text) >= 0:
-        processes = int(text)
-    elif _GPU_INDICES.fullmatch(text):
-        if accelerator == "cpu":
-            return None  # no job: embed names that problem (GPU indices for the CPU)
-        processes = len([index for index in text.strip("[] ").split(",") if index.strip()])
-    elif accelerator == "cpu":
-        processes = 1  # Lightning runs "auto" / -1 devices of the CPU as one process
-    ranks = launched_ranks()  # srun's / torchrun's, each a process of the job
+    text = str(devices)
+    if accelerator == "cpu" and ("," in text or "[" in text):
+        return None  # no job: embed names that problem (GPU indices for the CPU)
+    processes = _known_device_count(devices, accelerator)  # None: every GPU, uncounted
     if ranks:
         processes = max(processes or 1, ranks)
     if processes is None:
@@ -2146,18 +2140,29 @@ def _device_count(devices: int | str, accelerator: str) -> int:
     """Processes the job runs on this machine.
 
     ``devices`` as Lightning reads it: a count; ``-1``, ``"-1"`` or ``"auto"`` for every GPU
-    (one process on a CPU); or GPU indices ``"0,1"``.
+    (one process on a CPU); or GPU indices ``"0,1"``. PyTorch counts the GPUs where needed.
+    """
+    known = _known_device_count(devices, accelerator)
+    if known is not None:
+        return known
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def _known_device_count(devices: int | str, accelerator: str) -> int | None:
+    """:func:`_device_count` where it is known without PyTorch: None for every GPU.
+
+    ``-1`` / ``auto`` devices are one process on the ``cpu`` / ``mps``, every GPU for
+    ``cuda`` and for an accelerator not resolved yet (``auto``, ``gpu``: the command line's
+    ``--device`` before the libraries load).
     """
     text = str(devices).strip().lower()
     if text in ("auto", "-1"):
-        if accelerator != "cuda":
-            return 1
-        import torch
-
-        return max(1, torch.cuda.device_count())
+        return 1 if accelerator in ("cpu", "mps") else None
     if "," in text or "[" in text:
         return max(1, len([d for d in text.strip("[]").split(",") if d.strip()]))
-    return max(1, int(text)) if text.isdigit() else 1
+    return max(1, int(text)) if _DEVICE_COUNT.fullmatch(text) else 1
 
 
 def _close_progress_bar(trainer: pl.Trainer) -> None:
