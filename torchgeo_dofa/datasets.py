@@ -2253,8 +2253,8 @@ def _no_intersection(dataset1: GeoDataset, dataset2: GeoDataset) -> str:
 
 #: Label-file footprints are taken this many label pixels wider when checked for image area
 #: beyond them (:func:`label_fill_problem`): a reprojected file's index footprint is the
-#: polygon of its 4 corners, inside its curved edges by a sliver (4 pixels' area, well under
-#: a pixel wide, for a 4326 file covering a 379 x 578 px UTM scene).
+#: polygon of its 4 corners, inside its curved edges by a sliver (4-10 pixels' area, well
+#: under a pixel wide, for a 4326 file covering a 379 x 578 / 379 x 379 px UTM scene).
 _FOOTPRINT_SLACK = 0.5
 
 
@@ -2278,8 +2278,11 @@ def label_fill_problem(dataset1: GeoDataset, dataset2: GeoDataset) -> str | None
     for label, other in ((dataset1, dataset2), (dataset2, dataset1)):
         if not isinstance(label, RasterDataset) or label.is_image or label.nodata is not None:
             continue
+        index = label.index
+        if "filepath" not in index:
+            continue
         pixel = abs(label.res[0] * label.res[1])
-        covered = shapely.union_all(label.index.geometry.to_numpy())
+        covered = shapely.union_all(index.geometry.to_numpy())
         reach = shapely.union_all(other.index.geometry.to_numpy())
         # footprints of reprojected files are 4-corner polygons of their curved edges: the
         # slivers between them (under a pixel wide) are no label file's edge
@@ -2287,9 +2290,6 @@ def label_fill_problem(dataset1: GeoDataset, dataset2: GeoDataset) -> str | None
         if shapely.difference(reach, slack).area < pixel:
             continue
         beyond = shapely.difference(reach, covered)
-        index = label.index
-        if "filepath" not in index:
-            continue
         # the files the images meet: a far tile's nodata is no matter (and opening every file
         # of a large label set cost ~2 ms each)
         files = sorted({str(p) for p in index["filepath"][index.intersects(reach)]})
@@ -2307,8 +2307,8 @@ def label_fill_problem(dataset1: GeoDataset, dataset2: GeoDataset) -> str | None
         share = beyond.area / reach.area
         return (
             f"{len(undeclared)} of the {len(files)} label file(s) of {name} that the images "
-            f"meet (first: "
-            f"{undeclared[0]}) declare no nodata, and the images reach beyond the label files "
+            f"meet (first: {undeclared[0]}) declare no nodata, and the images reach beyond the "
+            "label files "
             f"(about {beyond.area / pixel:,.0f} label pixels, {share * 100:.2g} % of the "
             "images' area): TorchGeo fills label pixels beyond a file with 0, so they read as "
             "class 0, and train as it where the image has data. Set `nodata = 255` (the unlabelled "
