@@ -819,7 +819,8 @@ def test_a_master_addr_the_processes_cannot_meet_at_is_named_before_anything_run
 def test_strategies_embed_cannot_run_are_one_line_and_write_nothing(tmp_path, capsys) -> None:
     """``ddp_spawn`` / ``ddp_fork`` / ``ddp_notebook`` started their processes from the job's
     own, after it had taken the output folder: each refused the outputs as another job's
-    (exit 1, a traceback); DeepSpeed without its package was Lightning's traceback."""
+    (exit 1, a traceback); DeepSpeed without its package was Lightning's traceback; FSDP on a
+    CPU and an unknown name were Lightning's line without the option it refused."""
     import importlib.util
 
     out = tmp_path / "out"
@@ -833,12 +834,19 @@ def test_strategies_embed_cannot_run_are_one_line_and_write_nothing(tmp_path, ca
             "(its processes are commands of their own)\n"
         )
         assert not out.exists()
+    # Lightning's refusals of the trainer's settings: the unknown name and FSDP on the CPU
+    # printed Lightning's text alone (no option named)
+    refused = {
+        "fsdp": "The strategy `fsdp` requires a GPU accelerator",
+        "nonsense": "You selected an invalid strategy name: `strategy='nonsense'`",
+    }
     if importlib.util.find_spec("deepspeed") is None:
-        assert main([*args, "--strategy", "deepspeed", "--no-progress"]) == 2
+        refused["deepspeed"] = "To use the `DeepSpeedStrategy`, you must have DeepSpeed installed"
+    for strategy, text in refused.items():
+        assert main([*args, "--strategy", strategy, "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert err.splitlines()[-1].startswith(
-            "torchgeo-dofa: error: --strategy deepspeed: To use the `DeepSpeedStrategy`, you "
-            "must have DeepSpeed installed"
+            f"torchgeo-dofa: error: --device cpu --devices 1 --strategy {strategy}: {text}"
         ), err[-2000:]
         assert not out.exists()
 
@@ -993,6 +1001,31 @@ def test_predict_config_names_a_master_port_that_is_no_port(
         err = capsys.readouterr().err
         assert err.splitlines()[-1] == f"torchgeo-dofa: error: {said}; {fix}".replace(
             "65535); ", "65535): "
+        ), err[-3000:]
+        assert "Traceback" not in err
+        assert not (tmp_path / "g.tif").exists() and not (tmp_path / "p.parquet").exists()
+
+
+def test_predict_config_names_trainer_settings_lightning_refuses(
+    tmp_path, capsys, base_checkpoint
+) -> None:
+    """``devices: -1`` on the CPU was Lightning's ``TypeError`` traceback (exit 1), an unknown
+    strategy Lightning's ``ValueError`` one: one line naming the trainer settings, exit 2."""
+    import yaml
+
+    cfg = _predict_config(tmp_path, base_checkpoint)
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"devices": -1}, "`devices` selected with `CPUAccelerator` should be an int > 0."),
+        ({"strategy": "nonsense"}, "You selected an invalid strategy name"),
+    ]
+    for settings, text in cases:
+        cfg["trainer"] |= {"accelerator": "cpu", "devices": 1, "strategy": "auto"} | settings
+        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith(
+            "torchgeo-dofa: error: the trainer settings (trainer: in the config, --trainer.* "
+            f"options): {text}"
         ), err[-3000:]
         assert "Traceback" not in err
         assert not (tmp_path / "g.tif").exists() and not (tmp_path / "p.parquet").exists()

@@ -574,7 +574,6 @@ def embed(
     """
     import lightning.pytorch as pl
     import torch
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from .__main__ import end_import_pause
     from .datamodules import DOFAPredictDataModule
@@ -818,8 +817,11 @@ def embed(
                         enable_progress_bar=progress,
                         enable_model_summary=False,
                     )
-                except MisconfigurationException as err:  # e.g. DeepSpeed not installed
-                    raise InputError(f"--strategy {strategy}: {err}") from None
+                except Exception as err:  # FSDP on a CPU, an unknown strategy, no DeepSpeed
+                    if not _trainer_settings_error(err):
+                        raise
+                    options = f"--device {device} --devices {devices} --strategy {strategy}"
+                    raise InputError(f"{options}: {err}") from None
                 if accelerator == "cuda":  # preprocess on the GPU after the transfer
                     dataset = dm._dataset()
                     if isinstance(dataset.transforms, torch.nn.Module):
@@ -1092,6 +1094,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     from lightning.pytorch.trainer.states import TrainerFn
 
     from .__main__ import end_import_pause
+    from .datasets import InputError
     from .jobs import JobInterrupted, StopOnSignal, stop_advice
     from .weights import CheckpointError, verify_checkpoint_file
     from .writers import lock_outputs_when_made
@@ -1201,7 +1204,14 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 super().instantiate_classes()
 
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-            trainer = super().instantiate_trainer(**kwargs)
+            try:
+                trainer = super().instantiate_trainer(**kwargs)
+            except Exception as err:  # devices: -1 on a CPU, FSDP on a CPU
+                if not _trainer_settings_error(err):
+                    raise
+                raise InputError(
+                    f"the trainer settings (trainer: in the config, --trainer.* options): {err}"
+                ) from None
             trainers.append(trainer)  # to clean up after a failure (LightningCLI raises in init)
             _check_rendezvous(trainer)
             run_folders.append(_RunFolder.before(trainer))
@@ -1767,17 +1777,38 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
     return 0
 
 
-def _raised_here(err: BaseException) -> bool:
-    """Whether ``err`` was raised by this package's code (the innermost frame is ours)."""
+def _raised_in(err: BaseException, folder: Path) -> bool:
+    """Whether the innermost frame of ``err``'s traceback is code under ``folder``."""
     tb = err.__traceback__
     if tb is None:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(folder)
+
+
+def _raised_here(err: BaseException) -> bool:
+    """Whether ``err`` was raised by this package's code (the innermost frame is ours)."""
+    return _raised_in(err, _PACKAGE_DIR)
 
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _trainer_settings_error(err: BaseException) -> bool:
+    """Whether ``err``, raised while a ``Trainer`` was built, is Lightning refusing its settings.
+
+    Lightning's ``MisconfigurationException`` (DeepSpeed not installed), or a ``ValueError`` /
+    ``TypeError`` raised in Lightning's own code (an unknown strategy name, FSDP on a CPU,
+    ``devices: -1`` on a CPU), not in a plugin or callback of the user's.
+    """
+    import lightning
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    if isinstance(err, MisconfigurationException):
+        return True
+    lightning_dir = Path(lightning.__file__).resolve().parent
+    return isinstance(err, ValueError | TypeError) and _raised_in(err, lightning_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
