@@ -27,6 +27,7 @@ import rasterio
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from rasterio.transform import from_origin
 from torch.utils.data import DataLoader
@@ -45,6 +46,7 @@ from torchgeo_dofa.synthetic import (
     normalise_reflectance,
 )
 from torchgeo_dofa.tasks import (
+    TRAINED_WAVELENGTHS_KEY,
     DOFAClassificationTask,
     DOFASegmentationTask,
     UPerNetDecoder,
@@ -55,6 +57,7 @@ from torchgeo_dofa.weights import CheckpointError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "torchgeo_dofa" / "configs"
 RGBN = ["B4", "B3", "B2", "B8"]
+S2 = list(DOFA_S2_BANDS)
 
 
 class Recorder(Callback):
@@ -212,6 +215,59 @@ def test_a_python_load_of_the_wrong_checkpoint_names_the_fix(
         CheckpointError, match=r"half.ckpt is not a readable PyTorch checkpoint \(truncated"
     ):
         DOFAClassificationTask.load_from_checkpoint(half)
+
+
+def test_a_checkpoint_records_its_bands_and_other_bands_predict_with_a_warning(
+    probe: dict[str, Any], tmp_path: Path
+) -> None:
+    """A task checkpoint recorded no bands: a 13-band probe predicted 4-band chips without a
+    word (DOFA's encoder takes any wavelengths; the head never saw those features)."""
+    saved = torch.load(probe["path"], map_location="cpu", weights_only=False)
+    expected = [round(v, 4) for v in wavelengths_for_bands(list(EUROSAT_BANDS))]
+    assert saved[TRAINED_WAVELENGTHS_KEY] == [expected]
+
+    def predict(bands: list[str], path: Path) -> list[warnings.WarningMessage]:
+        chips = SpectralChips(num_classes=4, bands=bands, size=32, num_samples=4)
+        loader = DataLoader(chips, batch_size=2, collate_fn=stack_samples)
+        task = DOFAClassificationTask(num_classes=4, weights=None, interpolate_pos_embed=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(tmp_path, 1, []).predict(task, loader, ckpt_path=path)
+        return [w for w in caught if "was trained on" in str(w.message)]
+
+    assert predict(list(EUROSAT_BANDS), probe["path"]) == []
+    (other,) = predict(RGBN, probe["path"])  # once, though both batches carry them
+    assert str(other.message).startswith(
+        "DOFAClassificationTask was trained on 13 bands at 0.443, 0.49, 0.56, 0.665, 0.705, "
+        "0.74, 0.783, 0.842, 0.945, 1.375, 1.61, 2.19, 0.865 um, and these chips carry 4 bands "
+        "at 0.665, 0.56, 0.49, 0.842 um: "
+    ), other.message
+    assert other.filename == __file__  # the caller's line, not the package's
+    del saved[TRAINED_WAVELENGTHS_KEY]  # a checkpoint of an earlier release: unchecked
+    older = tmp_path / "older.ckpt"
+    torch.save(saved, older)
+    assert predict(RGBN, older) == []
+
+
+def test_a_task_records_every_band_set_it_trained_on(tmp_path: Path) -> None:
+    """Batches of two sensors in one fit (datasets of 4 and 9 bands): both sets are recorded,
+    so neither predicts with a warning; a task never trained has nothing to compare with."""
+    sensors = [SpectralChips(num_classes=2, bands=b, size=32, num_samples=2) for b in (RGBN, S2)]
+    batches: Any = [stack_samples([chips[0], chips[1]]) for chips in sensors]
+    both = DataLoader(batches, batch_size=None)
+    task = DOFAClassificationTask(
+        num_classes=2, weights=None, interpolate_pos_embed=True, patience=None
+    )
+    trainer = make_trainer(tmp_path, 1, [], limit_val_batches=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.predict(task, DataLoader(batches[:1], batch_size=None))  # untrained: unchecked
+        trainer.fit(task, train_dataloaders=both)
+        trainer.predict(task, both)
+    assert not [w for w in caught if "was trained on" in str(w.message)]
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    recorded = torch.load(tmp_path / "two.ckpt", weights_only=False)[TRAINED_WAVELENGTHS_KEY]
+    assert sorted(map(len, recorded)) == [4, 9]
 
 
 # ------------------------------------------------------------------------------------------
@@ -1356,7 +1412,6 @@ def test_example_segmentation_config_parses() -> None:
     # embedding, so the example trains it (a linear probe stays at chance: README, Fine-tuning)
     assert cli.model.hparams["weights"] is None and cli.model.hparams["mode"] == "full"
     assert all(p.requires_grad for p in cli.model.encoder.backbone.patch_embed.parameters())
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     # the README predicts a map from this run's last.ckpt
     callbacks: list[Callback] = cli.trainer.callbacks  # type: ignore[attr-defined]
@@ -1569,7 +1624,6 @@ def test_the_interrupted_checkpoint_is_renamed_into_place_and_a_killed_save_is_c
     # a remote checkpoint folder (an fsspec URL) is Lightning's to write: Path("s3://b/c")
     # would have made a local folder s3:/b/c
     import fsspec
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from torchgeo_dofa.jobs import interrupted_checkpoint_path
 
@@ -1597,10 +1651,12 @@ def test_the_commands_spelling_of_random_weights_builds_a_random_encoder(spellin
         assert task.encoder.weights_id.startswith("random")
 
 
-def test_an_epoch_without_a_labelled_pixel_logs_nan_metrics_not_zero(tmp_path: Path) -> None:
+def test_an_epoch_without_a_labelled_pixel_is_named_not_scored_zero(tmp_path: Path) -> None:
     """Every pixel of an epoch ignored (ignore_index or no-data): torchmetrics' 0.0 was logged
-    as train_OverallAccuracy, read as a model that gets every pixel wrong. Now NaN; an epoch
-    with labelled pixels logs the metrics as before."""
+    as train_OverallAccuracy, read as a model that gets every pixel wrong, and a fit whose
+    batches had no labelled pixel trained to its last epoch on loss 0, learning nothing. Now
+    the first training epoch without one is an error (before its checkpoint is saved), and a
+    validation epoch without one logs NaN with a warning."""
     wl = torch.tensor([0.665, 0.56, 0.49, 0.842])
     image = (torch.full((4, 4, 32, 32), 3000.0) / 10000 * 255 - 100) / 60
     image = image + 0.1 * torch.randn(4, 4, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -1614,16 +1670,31 @@ def test_an_epoch_without_a_labelled_pixel_logs_nan_metrics_not_zero(tmp_path: P
     ignored = torch.full((4, 32, 32), 255, dtype=torch.long)
     labelled = ignored.clone()
     labelled[:, :8] = 1  # a strip of class 1 in every chip
-    for mask, expect_nan in ((ignored, True), (labelled, False)):
-        seed_everything(0)
-        task = small_segmentation(ignore_index=255)
-        trainer = make_trainer(tmp_path, 1, [], limit_val_batches=0)
-        trainer.fit(task, train_dataloaders=loader(mask))
-        logged = trainer.logged_metrics
-        names = ("train_OverallAccuracy", "train_AverageAccuracy", "train_AverageJaccardIndex")
-        assert all(n in logged for n in names), sorted(logged)
-        values = [float(logged[n]) for n in names]
-        if expect_nan:
-            assert all(math.isnan(v) for v in values), values
-        else:
-            assert all(0.0 <= v <= 1.0 for v in values), values
+    names = ("OverallAccuracy", "AverageAccuracy", "AverageJaccardIndex")
+
+    seed_everything(0)
+    trainer = make_trainer(tmp_path, 2, [])
+    with pytest.warns(UserWarning, match="the validation epoch had no labelled pixel") as caught:
+        trainer.fit(small_segmentation(ignore_index=255), loader(labelled), loader(ignored))
+    message = next(str(w.message) for w in caught if "validation epoch" in str(w.message))
+    assert (
+        "(every mask pixel was ignore_index=255 or had 'valid' False): its metrics and "
+        "val_loss are NaN; check that the label rasters cover the image chips" in message
+    )
+    logged = trainer.logged_metrics
+    assert all(math.isnan(float(logged[f"val_{n}"])) for n in names), dict(logged)
+    assert all(0.0 <= float(logged[f"train_{n}"]) <= 1.0 for n in names), dict(logged)
+
+    saved = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = Trainer(
+        accelerator="cpu", max_epochs=2, logger=False, callbacks=[saved],
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"^the first training epoch had no labelled pixel: every mask pixel was "
+        r"ignore_index=255 or had 'valid' False, so the loss was 0 and DOFASegmentationTask "
+        r"learned nothing from it; check that the label rasters cover",
+    ):
+        trainer.fit(small_segmentation(ignore_index=255), loader(ignored))
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())

@@ -86,6 +86,7 @@ __all__ = [
     "DEFAULT_BLOCK_INDICES",
     "EXTRA_WAVELENGTHS",
     "MODES",
+    "TRAINED_WAVELENGTHS_KEY",
     "DOFAClassificationTask",
     "DOFASegmentationTask",
     "DecoderNorm",
@@ -152,6 +153,18 @@ _RESTORING: ContextVar[str | None] = ContextVar("_RESTORING", default=None)
 #: ``weights`` are None (:meth:`_DOFATask._fill_unfilled_encoder`): one seed, so every DDP
 #: rank and every rerun draws the same encoder (as ``DOFAEmbedder(seed=...)`` does).
 _RANDOM_FILL_SEED = 0
+
+#: Checkpoint entry listing the wavelength sets (um; one list per set, in band order) of the
+#: batches a task was trained on, so a prediction on other bands is noticed
+#: (:meth:`_DOFATask.on_before_batch_transfer`). Checkpoints without it load unchecked.
+TRAINED_WAVELENGTHS_KEY = "torchgeo_dofa_trained_wavelengths"
+
+#: Distinct wavelength sets recorded per task at most; beyond it the record is dropped (a
+#: dataset whose every chip has its own bands: nothing to compare predictions with).
+_MAX_TRAINED_SETS = 64
+
+#: Words for the metric prefixes in messages.
+_SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
 
 
 def _plain_value(value: Any) -> Any:
@@ -280,6 +293,11 @@ def _class_indices(values: Tensor, what: str, fix: str, keep: Tensor | None = No
     return values.long()
 
 
+def _same_wavelengths(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two wavelength sets match band for band, within ``WAVELENGTH_TOLERANCE``."""
+    return len(a) == len(b) and all(abs(x - y) <= WAVELENGTH_TOLERANCE for x, y in zip(a, b))
+
+
 def wavelengths_for_bands(bands: Sequence[str]) -> list[float]:
     """Centre wavelengths (um) for Sentinel-2 band names, including B10 (1.375 um).
 
@@ -392,6 +410,9 @@ class _DOFATask(BaseTask):
         else:
             self._encoder_keys_to_fill = set()
             self.encoder = self._encoder_as_configured()
+        #: wavelength sets (um, rounded to 1e-4) of the training batches; None: too many
+        self._trained_wavelengths: set[tuple[float, ...]] | None = set()
+        self._warned_wavelengths: set[tuple[float, ...]] = set()
         self._fixed_wavelengths: Tensor | None = None
         if hp["wavelengths"] is not None:
             self._fixed_wavelengths = resolve_wavelengths(hp["bands"], hp["wavelengths"])
@@ -514,7 +535,10 @@ class _DOFATask(BaseTask):
         self._encoder_keys_to_fill = set()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record a CRC-32 of the checkpoint's ``state_dict`` (checked when it loads).
+        """Record the weights' CRC-32 and the wavelengths the task was trained on.
+
+        The CRC-32 of the checkpoint's ``state_dict`` is checked when it loads; the
+        wavelength sets (:data:`TRAINED_WAVELENGTHS_KEY`) when it predicts.
 
         Args:
             checkpoint: the Lightning checkpoint being saved.
@@ -523,9 +547,16 @@ class _DOFATask(BaseTask):
         state = checkpoint.get("state_dict")
         if isinstance(state, Mapping):
             checkpoint[STATE_DIGEST_KEY] = state_dict_digest(state)
+        if self._trained_wavelengths:
+            checkpoint[TRAINED_WAVELENGTHS_KEY] = [
+                list(waves) for waves in sorted(self._trained_wavelengths)
+            ]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse changed weights, or (to resume a fine-tuning) a non-finite optimizer state.
+
+        The wavelengths the task was trained on (:data:`TRAINED_WAVELENGTHS_KEY`) are
+        restored for :meth:`on_predict_batch_start`.
 
         ``torch.load`` does not check a file's CRC-32s, so a byte changed on disk or in a copy
         loaded silently as other weights (through ``ckpt_path`` and ``load_from_checkpoint``
@@ -545,6 +576,12 @@ class _DOFATask(BaseTask):
                 check_finite_optimizer_states`).
         """
         super().on_load_checkpoint(checkpoint)
+        trained = checkpoint.get(TRAINED_WAVELENGTHS_KEY)
+        self._trained_wavelengths = (
+            {tuple(float(v) for v in waves) for waves in trained}
+            if isinstance(trained, list)
+            else None  # an older checkpoint: its bands are unknown, predictions unchecked
+        )
         path = _LOADING_FILE.get() or getattr(self._trainer, "ckpt_path", None)
         saved, state = checkpoint.get(STATE_DIGEST_KEY), checkpoint.get("state_dict")
         if isinstance(saved, str) and isinstance(state, Mapping):
@@ -591,6 +628,68 @@ class _DOFATask(BaseTask):
         self.train()
 
     # -- wavelengths -------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        """Record a training batch's wavelength sets (saved as :data:`TRAINED_WAVELENGTHS_KEY`).
+
+        Args:
+            batch: the batch dict (``wavelengths`` (B, C) or (C,), um, when it carries them).
+            batch_idx: index of the batch.
+
+        Returns:
+            None (Lightning's -1 would skip the rest of the epoch).
+        """
+        if self._trained_wavelengths is not None and isinstance(batch, Mapping):
+            self._trained_wavelengths |= self._wavelength_sets(batch)
+            if len(self._trained_wavelengths) > _MAX_TRAINED_SETS:
+                self._trained_wavelengths = None
+        return None
+
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Warn, once per set, where a predicted batch's wavelengths are none it trained on.
+
+        DOFA's encoder takes any wavelengths, but the head learned the features of the
+        training bands, so predictions on others (another band count, order or sensor;
+        beyond :data:`~torchgeo_dofa.bands.WAVELENGTH_TOLERANCE`) were never validated. A task
+        restored from a checkpoint without :data:`TRAINED_WAVELENGTHS_KEY` (an earlier
+        release's), or never trained, is not checked.
+
+        Args:
+            batch: the batch dict.
+            batch_idx: index of the batch.
+            dataloader_idx: index of the DataLoader.
+        """
+        if not self._trained_wavelengths or not isinstance(batch, Mapping):
+            return
+        for waves in sorted(self._wavelength_sets(batch) - self._warned_wavelengths):
+            self._warned_wavelengths.add(waves)
+            if not any(_same_wavelengths(waves, t) for t in self._trained_wavelengths):
+                self._warn_untrained_wavelengths(waves)
+
+    def _wavelength_sets(self, batch: Mapping[str, Any]) -> set[tuple[float, ...]]:
+        """The distinct wavelength rows of a batch (its own, else the task's default)."""
+        waves = batch.get("wavelengths")
+        if not isinstance(waves, Tensor):
+            try:
+                waves = self._default_wavelengths()
+            except ValueError:  # the step raises it, naming the fix
+                return set()
+        if waves.ndim == 0:
+            return set()
+        rows = waves.detach().reshape(-1, waves.shape[-1]).cpu().double().unique(dim=0)
+        return {tuple(round(v, 4) for v in row) for row in rows.tolist()}
+
+    def _warn_untrained_wavelengths(self, waves: tuple[float, ...]) -> None:
+        trained = sorted(self._trained_wavelengths or ())
+        listed = "; ".join(f"{len(t)} bands at {_values(t, 13)} um" for t in trained[:3])
+        more = f" (and {len(trained) - 3} more sets)" if len(trained) > 3 else ""
+        _warnings.warn(
+            f"{type(self).__name__} was trained on {listed}{more}, and these chips carry "
+            f"{len(waves)} bands at {_values(waves, 13)} um: DOFA's encoder takes any "
+            "wavelengths, but the task's head learned the features of the training bands, so "
+            "these predictions were never validated; predict on the bands the task was trained "
+            "on, in that order, or fine-tune it on these"
+        )
 
     def _default_wavelengths(self) -> Tensor:
         if self._fixed_wavelengths is not None:
@@ -747,17 +846,65 @@ class _DOFATask(BaseTask):
 
         An epoch whose metrics scored no target (every pixel ignored or no-data) logs NaN:
         torchmetrics gives 0.0 there (``train_OverallAccuracy`` 0.0 read as a model that
-        gets everything wrong). The count is summed over DDP processes first.
+        gets everything wrong). The count is summed over DDP processes first. Such an epoch
+        is an error where it is a fit's first training epoch, else a warning
+        (:meth:`_no_labelled_pixel`).
+
+        Raises:
+            ValueError: where no pixel of a fit's first training epoch was labelled.
         """
         values = metrics.compute()
+        ran = split in self._scored  # a batch of this split ran in this process
         scored = self._scored.pop(split, 0)
-        total = self.trainer.strategy.reduce(
-            torch.as_tensor(scored, device=self.device, dtype=torch.long), reduce_op="sum"
-        )
-        if float(total) == 0:
+        counts = torch.stack(
+            [torch.as_tensor(scored, dtype=torch.long), torch.tensor(int(ran))]
+        ).to(self.device)
+        total, ran_anywhere = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        if total == 0:
             values = {k: torch.tensor(math.nan) for k in values}
+            if ran_anywhere:
+                self._no_labelled_pixel(split)
+        elif split == "train":
+            self._trained_on_labels = True
         self.log_dict(values)
         metrics.reset()
+
+    def on_fit_start(self) -> None:
+        """Note that this fit has not yet trained on a labelled pixel (see :meth:`_log_metrics`)."""
+        super().on_fit_start()
+        self._trained_on_labels = False
+
+    def _no_labelled_pixel(self, split: str) -> None:
+        """An epoch of ``split`` scored no target: raise for a fit's first, else warn.
+
+        Only segmentation can get there (every chip of a classification batch is scored):
+        every mask pixel was ``ignore_index`` or had ``valid`` False. Training on such batches
+        gives loss 0 and no gradient, so a fit whose first epoch had none learns nothing.
+
+        Raises:
+            ValueError: for the first training epoch of a fit (before its checkpoint is saved).
+        """
+        ignore = self.hparams.get("ignore_index")
+        causes = (
+            f"every mask pixel was ignore_index={ignore} or had 'valid' False"
+            if ignore is not None
+            else "every mask pixel had 'valid' False (no data in the image)"
+        )
+        checks = (
+            "check that the label rasters cover the image chips (pixels no label file covers "
+            "read the labels' nodata), that ignore_index is the labels' nodata and not a class, "
+            "and that the image has data where the labels are"
+        )
+        if split == "train" and not getattr(self, "_trained_on_labels", True):
+            raise ValueError(
+                f"the first training epoch had no labelled pixel: {causes}, so the loss was 0 "
+                f"and {type(self).__name__} learned nothing from it; {checks}"
+            )
+        if not self.trainer.sanity_checking:
+            _warnings.warn(
+                f"the {_SPLIT_NAMES[split]} epoch had no labelled pixel ({causes}): its "
+                f"metrics and {split}_loss are NaN; {checks}"
+            )
 
     def _log_loss(self, split: str, loss: Tensor, logits: Tensor, target: Tensor) -> None:
         """Log ``{split}_loss``; its epoch value is the mean over batches weighted by chips."""
