@@ -856,9 +856,8 @@ class _DOFATask(BaseTask):
         values = metrics.compute()
         ran = split in self._scored  # a batch of this split ran in this process
         scored = self._scored.pop(split, 0)
-        counts = torch.stack(
-            [torch.as_tensor(scored, dtype=torch.long), torch.tensor(int(ran))]
-        ).to(self.device)
+        # scored: a tensor on the task's device (segmentation) or an int; one sync per epoch
+        counts = torch.tensor([int(scored), int(ran)], device=self.device)
         total, ran_anywhere = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
         if total == 0:
             values = {k: torch.tensor(math.nan) for k in values}
