@@ -153,6 +153,38 @@ def test_normalize_step_accepts_integer_images() -> None:
     assert_close(out["image"], ref_normalize(x, ["B4", "B3", "B2"]))
 
 
+def test_normalize_alone_refuses_what_check_reflectance_refuses() -> None:
+    """NormalizeReflectance without CheckReflectance before it normalised a [0, 1] image to
+    an almost constant -mean/std, which passed every later check: a task trained on it."""
+    bands = ["B4", "B3", "B2"]
+    x = torch.from_numpy(raw((2, 3, 20, 20), lo=0, hi=9000))
+    with pytest.raises(
+        ReflectanceError,
+        match=r"^input looks already scaled: all valid values lie in \[0.000171, 0.8996\] "
+        r"within \[0, 2\] \(batch item\(s\) \[0, 1\]\)\..* \(NormalizeReflectance checks this "
+        r"itself "
+        r"where no CheckReflectance ran before it: chain CheckReflectance\(nodata=\.\.\.\)",
+    ):
+        NormalizeReflectance(bands)({"image": x / 10000})
+    with pytest.raises(ReflectanceError, match="every valid value is negative"):
+        NormalizeReflectance(bands)({"image": -x[0] / 10 - 1})  # above the -1000 floor
+    # a Sentinel2SR sample's 'valid' is no CheckReflectance: still judged, over its pixels
+    scaled = x[0] / 10000
+    scaled[:, :2] = 5000.0  # two rows of raw values, outside 'valid'
+    valid = torch.ones(20, 20, dtype=torch.bool)
+    valid[:2] = False
+    with pytest.raises(ReflectanceError, match="already scaled"):
+        NormalizeReflectance(bands)({"image": scaled, "valid": valid})
+    # raw reflectance, a chip of fill (0) alone, and values after CheckReflectance: as before
+    out = NormalizeReflectance(bands)({"image": x.clone()})["image"]
+    assert_close(out, ref_normalize(x.numpy(), bands))
+    zeros = NormalizeReflectance(bands)({"image": torch.zeros(3, 8, 8)})["image"]
+    assert_close(zeros[:, 0, 0], np.array([-STATS[b][0] / STATS[b][1] for b in bands]))
+    checked = CheckReflectance(nodata=1.0)({"image": torch.ones(3, 8, 8)})
+    assert bool(checked["empty"])  # every pixel the declared fill: not judged
+    NormalizeReflectance(bands)(checked)
+
+
 @pytest.mark.parametrize(
     ("h", "w"), [(100, 300), (300, 100), (150, 200), (101, 300), (1000, 1000), (224, 224)]
 )

@@ -615,37 +615,7 @@ class CheckReflectance(nn.Module):
             valid = valid & given.to(torch.bool)
         fraction = valid_fraction(valid)
         empty = fraction == 0  # no valid pixel
-        dims = (-3, -2, -1)
-        if image.numel() and bool(valid.all()):  # the common case: nothing to fill or mask
-            vmin, vmax = image.amin(dim=dims), image.amax(dim=dims)
-        else:
-            mask = valid.unsqueeze(-3)
-            image = torch.where(mask, image, image.new_tensor(self.fill_value))
-            vmin = torch.where(mask, image, image.new_tensor(math.inf)).amin(dim=dims)
-            vmax = torch.where(mask, image, image.new_tensor(-math.inf)).amax(dim=dims)
-        scaled = (vmin >= 0) & (vmax <= SCALED_MAX) & ~empty
-        if bool(scaled.any()):
-            lo = float(vmin[scaled].min()) if scaled.ndim else float(vmin)
-            hi = float(vmax[scaled].max()) if scaled.ndim else float(vmax)
-            raise ReflectanceError(
-                f"input looks already scaled: all valid values lie in [{lo:.4g}, {hi:.4g}] "
-                f"within [0, {SCALED_MAX:g}]{_where(scaled)}. The DOFA stack expects raw "
-                f"surface reflectance 0..{REFLECTANCE_MAX:.0f} (e.g. Sentinel-2 L2A digital "
-                "numbers), not values already scaled to [0, 1]: multiply by 10000 (or pass the "
-                "raw product). If these are fill pixels, pass nodata=<their value>."
-            )
-        negative = (vmax < 0) & ~empty
-        if bool(negative.any()):
-            lo = float(vmin[negative].min()) if negative.ndim else float(vmin)
-            hi = float(vmax[negative].max()) if negative.ndim else float(vmax)
-            raise ReflectanceError(
-                f"every valid value is negative (in [{lo:.4g}, {hi:.4g}]){_where(negative)}: "
-                f"that is not surface reflectance 0..{REFLECTANCE_MAX:.0f}, where even dark "
-                "water is positive in some band. Was the -1000 offset of processing baseline "
-                "04.00 applied to data already corrected (offset=0), or are these dB / "
-                f"log values? Values at or below {NODATA_FLOOR:g} count as no data; pass "
-                "nodata=<value> for another fill value."
-            )
+        image = check_reflectance_range(image, valid, empty, self.fill_value)
         sample["image"] = image
         sample["valid"] = valid
         sample["empty"] = empty
@@ -654,6 +624,61 @@ class CheckReflectance(nn.Module):
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"nodata={self.nodata}, fill_value={self.fill_value}"
+
+
+def check_reflectance_range(
+    image: Tensor, valid: Tensor, empty: Tensor, fill_value: float
+) -> Tensor:
+    """Refuse chips whose valid values are not raw surface reflectance; fill invalid pixels.
+
+    Per chip, over its valid pixels: values all within [0, :data:`SCALED_MAX`] (reflectance
+    already scaled to [0, 1]) or all negative are refused. Chips without a valid pixel
+    (``empty``) are not judged.
+
+    Args:
+        image: (C, H, W) or (B, C, H, W) float image.
+        valid: (H, W) / (B, H, W) bool, True where the pixel holds data.
+        empty: () / (B,) bool, True for a chip without a valid pixel.
+        fill_value: value written into invalid pixels (raw-reflectance scale).
+
+    Returns:
+        ``image``, its invalid pixels set to ``fill_value`` (a new tensor where any is).
+
+    Raises:
+        ReflectanceError: naming the range found and the fix.
+    """
+    dims = (-3, -2, -1)
+    if image.numel() and bool(valid.all()):  # the common case: nothing to fill or mask
+        vmin, vmax = image.amin(dim=dims), image.amax(dim=dims)
+    else:
+        mask = valid.unsqueeze(-3)
+        image = torch.where(mask, image, image.new_tensor(fill_value))
+        vmin = torch.where(mask, image, image.new_tensor(math.inf)).amin(dim=dims)
+        vmax = torch.where(mask, image, image.new_tensor(-math.inf)).amax(dim=dims)
+    scaled = (vmin >= 0) & (vmax <= SCALED_MAX) & ~empty
+    if bool(scaled.any()):
+        lo = float(vmin[scaled].min()) if scaled.ndim else float(vmin)
+        hi = float(vmax[scaled].max()) if scaled.ndim else float(vmax)
+        raise ReflectanceError(
+            f"input looks already scaled: all valid values lie in [{lo:.4g}, {hi:.4g}] "
+            f"within [0, {SCALED_MAX:g}]{_where(scaled)}. The DOFA stack expects raw "
+            f"surface reflectance 0..{REFLECTANCE_MAX:.0f} (e.g. Sentinel-2 L2A digital "
+            "numbers), not values already scaled to [0, 1]: multiply by 10000 (or pass the "
+            "raw product). If these are fill pixels, pass nodata=<their value>."
+        )
+    negative = (vmax < 0) & ~empty
+    if bool(negative.any()):
+        lo = float(vmin[negative].min()) if negative.ndim else float(vmin)
+        hi = float(vmax[negative].max()) if negative.ndim else float(vmax)
+        raise ReflectanceError(
+            f"every valid value is negative (in [{lo:.4g}, {hi:.4g}]){_where(negative)}: "
+            f"that is not surface reflectance 0..{REFLECTANCE_MAX:.0f}, where even dark "
+            "water is positive in some band. Was the -1000 offset of processing baseline "
+            "04.00 applied to data already corrected (offset=0), or are these dB / "
+            f"log values? Values at or below {NODATA_FLOOR:g} count as no data; pass "
+            "nodata=<value> for another fill value."
+        )
+    return image
 
 
 def valid_fraction(valid: Tensor) -> Tensor:
@@ -678,7 +703,13 @@ class NormalizeReflectance(nn.Module):
     hold ``fill_value`` and are normalised like any other pixel (with the default fill 0 they
     become ``-mean/std``, as in DOFA's reference pipeline); use ``valid`` to ignore them.
 
-    Reads and writes ``image`` (float32, see :func:`as_float32`).
+    Values that are not raw reflectance (already scaled to [0, 1], or all negative) are
+    refused here too where no :class:`CheckReflectance` ran before it (the sample has no
+    ``valid_fraction``), judged over the pixels its default no-data rule and any ``valid``
+    of the sample keep.
+
+    Reads ``image``, ``valid`` (optional), ``valid_fraction`` (optional); writes ``image``
+    (float32, see :func:`as_float32`).
     """
 
     mean: Tensor
@@ -720,6 +751,9 @@ class NormalizeReflectance(nn.Module):
 
         Raises:
             BandError: if the channel count differs from the number of bands.
+            ReflectanceError: where no :class:`CheckReflectance` ran before it (the sample
+                has no ``valid_fraction``), for values that are not raw reflectance, as
+                :class:`CheckReflectance` refuses them (all within [0, 2], or all negative).
         """
         image = _image(sample, "NormalizeReflectance")
         channels = image.shape[-3]
@@ -728,6 +762,8 @@ class NormalizeReflectance(nn.Module):
                 f"image has {channels} channels but NormalizeReflectance was built for "
                 f"{len(self.bands)} bands {list(self.bands)}: give one band name per channel"
             )
+        if "valid_fraction" not in sample:  # no CheckReflectance ran before it (it sets that)
+            self._check_raw(image, _optional_tensor(sample, "valid"))
         mean = self.mean.to(image.device, image.dtype)[:, None, None]
         std = self.std.to(image.device, image.dtype)[:, None, None]
         # one new tensor, then in place: the same operations in the same order as
@@ -735,6 +771,24 @@ class NormalizeReflectance(nn.Module):
         out = image.clamp(0.0, REFLECTANCE_MAX)
         sample["image"] = out.div_(REFLECTANCE_MAX).mul_(255.0).sub_(mean).div_(std)
         return sample
+
+    @staticmethod
+    def _check_raw(image: Tensor, given: Tensor | None) -> None:
+        """Refuse what :class:`CheckReflectance` refuses, with its default no-data rule.
+
+        A [0, 1] image normalised alone becomes almost constant (``-mean/std``) and passes
+        every later check of normalised values; the tasks then trained on it.
+        """
+        valid = ~nodata_mask(image, None, 0.0)
+        if given is not None and given.numel() == valid.numel():
+            valid &= given.reshape(valid.shape).to(device=valid.device, dtype=torch.bool)
+        try:
+            check_reflectance_range(image, valid, valid_fraction(valid) == 0, 0.0)
+        except ReflectanceError as err:
+            raise ReflectanceError(
+                f"{err} (NormalizeReflectance checks this itself where no CheckReflectance ran "
+                "before it: chain CheckReflectance(nodata=...) first to declare a fill value)"
+            ) from None
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"bands={self.bands}"
