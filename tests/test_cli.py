@@ -621,6 +621,12 @@ def _srun(
     return results
 
 
+def _first_two_chips() -> tuple[np.ndarray, Affine]:
+    """The bundled scene's first 448 x 224 px (two chips side by side) and their transform."""
+    with rasterio.open(SCENE) as src:
+        return src.read(window=Window(0, 0, 448, 224)), src.window_transform(Window(0, 0, 448, 224))
+
+
 @pytest.mark.skipif(
     _usable_memory() < 10 * 2**30,
     reason="three DDP processes with DOFA base need ~5 GB beside the test process",
@@ -631,9 +637,7 @@ def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
     are started as SLURM's srun starts a job's ranks (each on its own, at once): only rank 0
     takes the output folder's lock and writes the manifest (every rank took them before, so
     rank 1 was refused as "in use by another job" and rank 0 waited for it)."""
-    with rasterio.open(SCENE) as src:
-        transform = src.window_transform(Window(0, 0, 448, 224))
-        data = src.read(window=Window(0, 0, 448, 224))
+    data, transform = _first_two_chips()
     data = np.clip(data // 40, 1, 255).astype(np.uint8)  # 8-bit: a warning every rank sees
     data[:, :, :224] = 0  # the left chip holds no valid pixel
     scene = _write_scene_variant(
@@ -668,9 +672,7 @@ def test_srun_ranks_overwrite_a_finished_job_whichever_starts_first(
     """``--overwrite`` on a finished folder under srun, rank 1 started first: it saw the old
     outputs, skipped its trainer and exited 0, while rank 0 deleted them and waited for it
     for the 30-min process-group timeout. Every rank now runs the overwriting job."""
-    with rasterio.open(SCENE) as src:
-        transform = src.window_transform(Window(0, 0, 448, 224))
-        data = src.read(window=Window(0, 0, 448, 224))
+    data, transform = _first_two_chips()
     scene = _write_scene_variant(
         tmp_path / "two.tif", data, width=448, height=224, transform=transform
     )
