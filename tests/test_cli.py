@@ -29,6 +29,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window, from_bounds
 from torchgeo.datasets import stack_samples
 
+from tests.ddp import DDP_ENV, rendezvous_port, usable_memory
 from tests.precision import assert_as_exact_as_torchgeo, cosine_error, torchgeo_bf16_error
 from tests.scenes import SCENE, dated_copies
 from tests.tmpfs import tmpfs
@@ -536,36 +537,6 @@ def test_kill_9_of_a_ddp_launcher_ends_its_workers_at_once(tmp_path, base_checkp
                 os.kill(w, signal.SIGKILL)
 
 
-def _usable_memory() -> int:
-    from torchgeo_dofa.runtime import _physical_memory  # RAM, ulimit -v or a cgroup's limit
-
-    return _physical_memory() or 2**62
-
-
-def _rendezvous_port() -> int:
-    """A free TCP port for a process group's rendezvous (rank 0 listens on it), taken below the
-    kernel's ephemeral range: a port from ``bind(0)`` is released until rank 0 binds it seconds
-    later (library imports), and meanwhile the kernel may hand it to any connection on the
-    machine (another test's DDP job: rank 0 then failed with EADDRINUSE in a parallel run)."""
-    import random
-    import socket
-
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768  # Linux's default; elsewhere bind(0) below is the fallback
-    for port in random.sample(range(20000, max(low, 20001)), k=min(50, max(low - 20000, 1))):
-        with socket.socket() as probe:
-            try:  # every address, as rank 0's store listens (a holder on any one refuses)
-                probe.bind(("", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return int(probe.getsockname()[1])
-
-
 def _ranks_report(ranks: list[tuple[int, str, str]]) -> str:
     """Each rank's exit status and the last lines of its stderr that are not C++ frames."""
     lines = []
@@ -586,7 +557,7 @@ def _srun(
     have all exited), as srun's tasks may start in any order."""
     import tempfile
 
-    port = _rendezvous_port()
+    port = rendezvous_port()
     with contextlib.ExitStack() as stack:
         procs: list[subprocess.Popen[str]] = []
         logs: list[tuple[Any, Any]] = []
@@ -628,7 +599,7 @@ def _first_two_chips() -> tuple[np.ndarray, Affine]:
 
 
 @pytest.mark.skipif(
-    _usable_memory() < 10 * 2**30,
+    usable_memory() < 10 * 2**30,
     reason="three DDP processes with DOFA base need ~5 GB beside the test process",
 )
 def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
@@ -663,7 +634,7 @@ def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
 
 
 @pytest.mark.skipif(
-    _usable_memory() < 8 * 2**30,
+    usable_memory() < 8 * 2**30,
     reason="two DDP processes with DOFA base need ~4 GB beside the test process",
 )
 def test_srun_ranks_overwrite_a_finished_job_whichever_starts_first(
@@ -697,16 +668,11 @@ def _rendezvous_port_error(port: int) -> str:
     )
 
 
-#: The variables Lightning's DDP sets in the process it runs in (``MASTER_PORT`` chosen
-#: free, ``MASTER_ADDR``, the ranks): a test that runs DDP in this process clears them first.
-_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK")
-
-
 @pytest.fixture
 def ddp_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """``monkeypatch`` with Lightning's DDP variables unset, each put back after the test
     (``setenv`` first records a variable the test's DDP sets that was absent before)."""
-    for name in _DDP_ENV:
+    for name in DDP_ENV:
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
     return monkeypatch
