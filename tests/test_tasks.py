@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -36,6 +37,7 @@ from torchgeo.datasets import IntersectionDataset, RasterDataset, stack_samples
 from torchgeo.samplers import GriddedPatchSampler, RandomPatchSampler
 
 from tests.checkpoints import official_state_dict, random_encoder, write_checkpoint
+from tests.ddp import DDP_ENV, rendezvous_port, usable_memory
 from torchgeo_dofa.bands import DOFA_S2_BANDS, BandError
 from torchgeo_dofa.embedder import NotNormalisedError
 from torchgeo_dofa.synthetic import (
@@ -236,13 +238,36 @@ def test_a_checkpoint_records_its_bands_and_other_bands_predict_with_a_warning(
         return [w for w in caught if "was trained on" in str(w.message)]
 
     assert predict(list(EUROSAT_BANDS), probe["path"]) == []
+    # the same bands in another order: DOFA's output does not change (checked below), so no
+    # warning (a file read in its own band order by a dataset that sorts them warned)
+    assert predict(list(EUROSAT_BANDS)[::-1], probe["path"]) == []
+    chips = SpectralChips(num_classes=4, bands=list(EUROSAT_BANDS), size=32, num_samples=2)
+    batch = stack_samples([chips[0], chips[1]])
+    with torch.no_grad():
+        task = probe["task"].eval()
+        given = task(batch["image"], batch["wavelengths"])
+        flipped = task(batch["image"].flip(1), batch["wavelengths"].flip(1))
+    assert torch.allclose(given, flipped, atol=1e-5), (given - flipped).abs().max()
     (other,) = predict(RGBN, probe["path"])  # once, though both batches carry them
     assert str(other.message).startswith(
         "DOFAClassificationTask was trained on 13 bands at 0.443, 0.49, 0.56, 0.665, 0.705, "
         "0.74, 0.783, 0.842, 0.945, 1.375, 1.61, 2.19, 0.865 um, and these chips carry 4 bands "
         "at 0.665, 0.56, 0.49, 0.842 um: "
     ), other.message
+    assert "in that order" not in str(other.message)
     assert other.filename == __file__  # the caller's line, not the package's
+    # a checkpoint saved before any training batch records an empty list, not nothing: a
+    # fit resumed from it went on unrecorded (taken for an earlier release's)
+    untrained = tmp_path / "untrained.ckpt"
+    task = DOFAClassificationTask(num_classes=4, weights=None, interpolate_pos_embed=True)
+    trainer = make_trainer(tmp_path, 1, [])
+    trainer.strategy.connect(task)
+    trainer.save_checkpoint(untrained)
+    assert torch.load(untrained, weights_only=False)[TRAINED_WAVELENGTHS_KEY] == []
+    resumed = make_trainer(tmp_path, 1, [], limit_train_batches=1, limit_val_batches=0)
+    small = SpectralDataModule(batch_size=2, num_classes=4, size=32, num_samples=4)
+    resumed.fit(task, small, ckpt_path=untrained)
+    assert task._trained_wavelengths == {tuple(expected)}
     del saved[TRAINED_WAVELENGTHS_KEY]  # a checkpoint of an earlier release: unchecked
     older = tmp_path / "older.ckpt"
     torch.save(saved, older)
@@ -268,6 +293,58 @@ def test_a_task_records_every_band_set_it_trained_on(tmp_path: Path) -> None:
     trainer.save_checkpoint(tmp_path / "two.ckpt")
     recorded = torch.load(tmp_path / "two.ckpt", weights_only=False)[TRAINED_WAVELENGTHS_KEY]
     assert sorted(map(len, recorded)) == [4, 9]
+
+
+#: A 2-process DDP fit on the CPU whose ranks train on other bands (rank 0: 4 bands, rank 1:
+#: 9), saving the checkpoint named by argv[1]. Lightning's launcher runs it again as rank 1.
+_DDP_FIT = """
+import sys
+import torch
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader, Dataset
+from torchgeo.datasets import stack_samples
+from torchgeo_dofa.bands import DOFA_S2_BANDS
+from torchgeo_dofa.synthetic import SpectralChips
+from torchgeo_dofa.tasks import DOFAClassificationTask
+
+class PerRank(Dataset):
+    sets = [SpectralChips(num_classes=2, bands=b, size=32, num_samples=2)
+            for b in (["B4", "B3", "B2", "B8"], list(DOFA_S2_BANDS))]
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return self.sets[torch.distributed.get_rank()][i % 2]
+
+task = DOFAClassificationTask(num_classes=2, weights=None, interpolate_pos_embed=True,
+                              patience=None)
+trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, limit_val_batches=0)
+trainer.fit(task, DataLoader(PerRank(), batch_size=2, collate_fn=stack_samples))
+trainer.save_checkpoint(sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(
+    usable_memory() < 6 * 2**30,
+    reason="two DDP processes with DOFA base need ~3 GB beside the test process",
+)
+def test_ddp_ranks_training_on_other_bands_are_all_recorded(tmp_path: Path) -> None:
+    """Each process recorded its own batches' bands, and rank 0 saves the checkpoint: a set
+    only rank 1 trained on was missing, and predicting on it warned."""
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(_DDP_FIT)
+    env = {k: v for k, v in os.environ.items() if k not in DDP_ENV}
+    env |= {"MASTER_PORT": str(rendezvous_port()), "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ddp.ckpt")],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = torch.load(tmp_path / "ddp.ckpt", weights_only=False)[TRAINED_WAVELENGTHS_KEY]
+    assert sorted(map(len, saved)) == [4, 9], saved
 
 
 # ------------------------------------------------------------------------------------------
@@ -1698,3 +1775,36 @@ def test_an_epoch_without_a_labelled_pixel_is_named_not_scored_zero(tmp_path: Pa
     ):
         trainer.fit(small_segmentation(ignore_index=255), loader(ignored))
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+    # a fit resumed after a labelled epoch is no first epoch: an unlabelled one warns, as in
+    # the fit that was not interrupted (it raised: the resumed fit was taken for a new one)
+    seed_everything(0)
+    task = small_segmentation(ignore_index=255)
+    trainer = make_trainer(tmp_path, 1, [], limit_val_batches=0)
+    trainer.fit(task, loader(labelled))
+    trainer.save_checkpoint(tmp_path / "epoch0.ckpt")
+    trainer = make_trainer(tmp_path, 2, [], limit_val_batches=0)
+    with pytest.warns(UserWarning, match="the training epoch had no labelled pixel"):
+        trainer.fit(
+            small_segmentation(ignore_index=255),
+            loader(ignored),
+            ckpt_path=tmp_path / "epoch0.ckpt",
+        )
+    assert math.isnan(float(trainer.logged_metrics["train_OverallAccuracy"]))
+
+
+def test_a_fit_refused_at_its_first_batch_leaves_no_run_folder(tmp_path: Path) -> None:
+    """A fit refused at its first batch (here a batch of 1 chip for the probe's BatchNorm)
+    left logs/<name>/version_0 holding config.yaml and the logger's hparams.yaml, taken for
+    a run; the next run became version_1. Its warnings are one line each (they were Python's
+    form, located at runpy's line)."""
+    one_chip = ["--data.init_args.batch_size", "1", "--trainer.limit_val_batches", "0"]
+    done = subprocess.run(
+        _fit_command(tmp_path, *one_chip, "--model.init_args.layer_decay", "0.75"),
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "torchgeo-dofa: error: a training batch of 1 chip" in done.stderr
+    said = "torchgeo-dofa: warning: layer_decay=0.75 is ignored with mode='linear-probe'"
+    assert any(line.startswith(said) for line in done.stderr.splitlines()), done.stderr[-3000:]
+    assert not list(tmp_path.glob("logs/*/version_*")), list(tmp_path.rglob("*"))

@@ -1266,7 +1266,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             for trainer in trainers:  # the error line starts a line of its own
                 _close_progress_bar(trainer)
             for folder in run_folders:  # a run refused before it wrote anything leaves nothing
-                folder.remove_if_only_its_config()
+                folder.remove_if_only_its_settings()
             # a second Ctrl-C (Lightning exits 1) or Lightning's own stop on SIGTERM (exit
             # 0) ended the run: it is the job's interruption
             if stop.received is not None and isinstance(err, SystemExit | KeyboardInterrupt):
@@ -1304,7 +1304,8 @@ class _RunFolder:
     LightningCLI saves the run's ``config.yaml`` there at the trainer's setup, before a
     checkpoint is restored and checked: a fit refused then (a diverged optimizer state, a
     checkpoint of another task) left a ``version_N`` folder holding only that file, to be
-    taken for a run.
+    taken for a run; one refused at its first batch or epoch end, that file and the
+    logger's ``hparams.yaml``.
     """
 
     folder: Path | None
@@ -1324,19 +1325,23 @@ class _RunFolder:
         existed = frozenset(p for p in (folder, *folder.parents) if p.is_dir())
         return cls(folder, (folder / "config.yaml").exists(), existed)
 
-    def remove_if_only_its_config(self) -> None:
-        """After a failed run: remove the run's ``config.yaml`` and the folders made for it.
+    def remove_if_only_its_settings(self) -> None:
+        """After a failed run: remove the run's settings and the folders made for it.
 
-        Only where the run's folder holds nothing else (no checkpoint, no metric) and held
-        no ``config.yaml`` before; folders that existed before the run are kept.
+        Only where the run's folder holds nothing but its settings (LightningCLI's
+        ``config.yaml``; the logger's ``hparams.yaml``, written as training starts, before
+        the first batch: no checkpoint, no metric) and held no ``config.yaml`` before;
+        folders that existed before the run are kept.
         """
         folder = self.folder
         if folder is None or self.had_config or not folder.is_dir():
             return
         with contextlib.suppress(OSError):
-            if [p.name for p in folder.iterdir()] != ["config.yaml"]:
+            names = {p.name for p in folder.iterdir()}
+            if "config.yaml" not in names or not names <= {"config.yaml", "hparams.yaml"}:
                 return
-            (folder / "config.yaml").unlink()
+            for name in names:
+                (folder / name).unlink()
             for made in (folder, *folder.parents):
                 if made in self.existed:
                     break
@@ -1908,7 +1913,9 @@ def _print_result(line: str) -> None:
 def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in ("fit", "validate", "test", "predict"):
-        return _run_lightning_cli(None if argv is None else args_list)
+        # the config's options are --data.init_args.bands ..., not embed's --bands
+        with _one_line_warnings(hints=False):
+            return _run_lightning_cli(None if argv is None else args_list)
     parser = _parser()
     args = parser.parse_args(args_list)  # --help and usage errors before torch loads
     if args.command == "embed":  # so are the errors that need no raster read
@@ -2023,11 +2030,12 @@ def _embed_args(args: argparse.Namespace) -> EmbedSummary:
 
 
 @contextlib.contextmanager
-def _one_line_warnings() -> Iterator[None]:
+def _one_line_warnings(hints: bool = True) -> Iterator[None]:
     """Show this package's warnings as one line (``torchgeo-dofa: warning: ...``), no source.
 
     Python's format adds the file, line and source line that issued the warning, noise on a
-    terminal; warnings from other libraries keep it.
+    terminal; warnings from other libraries keep it. ``hints``: Python keyword hints
+    rewritten as embed's options (:func:`cli_hints`).
     """
     here = _warnings.PACKAGE_DIR  # as imported, and behind links
     package = (here, os.path.realpath(here) + os.sep)
@@ -2041,7 +2049,8 @@ def _one_line_warnings() -> Iterator[None]:
         line: str | None = None,
     ) -> str:
         if filename.startswith(package):
-            return f"torchgeo-dofa: warning: {cli_hints(str(message))}\n"
+            text = cli_hints(str(message)) if hints else str(message)
+            return f"torchgeo-dofa: warning: {text}\n"
         return default(message, category, filename, lineno, line)
 
     warnings.formatwarning = one_line

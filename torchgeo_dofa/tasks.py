@@ -86,6 +86,7 @@ __all__ = [
     "DEFAULT_BLOCK_INDICES",
     "EXTRA_WAVELENGTHS",
     "MODES",
+    "TRAINED_ON_LABELS_KEY",
     "TRAINED_WAVELENGTHS_KEY",
     "DOFAClassificationTask",
     "DOFASegmentationTask",
@@ -156,8 +157,12 @@ _RANDOM_FILL_SEED = 0
 
 #: Checkpoint entry listing the wavelength sets (um; one list per set, in band order) of the
 #: batches a task was trained on, so a prediction on other bands is noticed
-#: (:meth:`_DOFATask.on_before_batch_transfer`). Checkpoints without it load unchecked.
+#: (:meth:`_DOFATask.on_predict_batch_start`). Checkpoints without it load unchecked.
 TRAINED_WAVELENGTHS_KEY = "torchgeo_dofa_trained_wavelengths"
+
+#: Checkpoint entry: whether a training epoch of the task scored a labelled target, so a
+#: resumed fit is not taken for a first epoch (:meth:`_DOFATask._no_labelled_pixel`).
+TRAINED_ON_LABELS_KEY = "torchgeo_dofa_trained_on_labels"
 
 #: Distinct wavelength sets recorded per task at most; beyond it the record is dropped (a
 #: dataset whose every chip has its own bands: nothing to compare predictions with).
@@ -293,9 +298,16 @@ def _class_indices(values: Tensor, what: str, fix: str, keep: Tensor | None = No
     return values.long()
 
 
-def _same_wavelengths(a: Sequence[float], b: Sequence[float]) -> bool:
-    """Whether two wavelength sets match band for band, within ``WAVELENGTH_TOLERANCE``."""
-    return len(a) == len(b) and all(abs(x - y) <= WAVELENGTH_TOLERANCE for x, y in zip(a, b))
+def _same_bands(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two wavelength sets hold the same bands, in any order (``WAVELENGTH_TOLERANCE``).
+
+    The order does not matter to DOFA: each channel's patch-embedding weights are generated
+    from its own wavelength and the channels' projections are summed, so reordering the
+    channels with their wavelengths gives the same output (to float rounding).
+    """
+    return len(a) == len(b) and all(
+        abs(x - y) <= WAVELENGTH_TOLERANCE for x, y in zip(sorted(a), sorted(b))
+    )
 
 
 def wavelengths_for_bands(bands: Sequence[str]) -> list[float]:
@@ -413,6 +425,8 @@ class _DOFATask(BaseTask):
         #: wavelength sets (um, rounded to 1e-4) of the training batches; None: too many
         self._trained_wavelengths: set[tuple[float, ...]] | None = set()
         self._warned_wavelengths: set[tuple[float, ...]] = set()
+        #: whether a training epoch has scored a labelled target (kept in checkpoints)
+        self._trained_on_labels = False
         self._fixed_wavelengths: Tensor | None = None
         if hp["wavelengths"] is not None:
             self._fixed_wavelengths = resolve_wavelengths(hp["bands"], hp["wavelengths"])
@@ -547,10 +561,12 @@ class _DOFATask(BaseTask):
         state = checkpoint.get("state_dict")
         if isinstance(state, Mapping):
             checkpoint[STATE_DIGEST_KEY] = state_dict_digest(state)
-        if self._trained_wavelengths:
+        if self._trained_wavelengths is not None:  # None: too many sets, or unknown
             checkpoint[TRAINED_WAVELENGTHS_KEY] = [
                 list(waves) for waves in sorted(self._trained_wavelengths)
             ]
+        scored = getattr(self, "_scored", {}).get("train", 0)  # mid-epoch (an interruption)
+        checkpoint[TRAINED_ON_LABELS_KEY] = self._trained_on_labels or bool(scored > 0)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse changed weights, or (to resume a fine-tuning) a non-finite optimizer state.
@@ -582,6 +598,9 @@ class _DOFATask(BaseTask):
             if isinstance(trained, list)
             else None  # an older checkpoint: its bands are unknown, predictions unchecked
         )
+        self._warned_wavelengths = set()
+        # an older checkpoint: taken as trained on labels (its first epoch is long past)
+        self._trained_on_labels = bool(checkpoint.get(TRAINED_ON_LABELS_KEY, True))
         path = _LOADING_FILE.get() or getattr(self._trainer, "ckpt_path", None)
         saved, state = checkpoint.get(STATE_DIGEST_KEY), checkpoint.get("state_dict")
         if isinstance(saved, str) and isinstance(state, Mapping):
@@ -649,8 +668,9 @@ class _DOFATask(BaseTask):
         """Warn, once per set, where a predicted batch's wavelengths are none it trained on.
 
         DOFA's encoder takes any wavelengths, but the head learned the features of the
-        training bands, so predictions on others (another band count, order or sensor;
-        beyond :data:`~torchgeo_dofa.bands.WAVELENGTH_TOLERANCE`) were never validated. A task
+        training bands, so predictions on others (another band count or sensor, beyond
+        :data:`~torchgeo_dofa.bands.WAVELENGTH_TOLERANCE`; the order does not matter to DOFA,
+        see :func:`_same_bands`) were never validated. A task
         restored from a checkpoint without :data:`TRAINED_WAVELENGTHS_KEY` (an earlier
         release's), or never trained, is not checked.
 
@@ -663,7 +683,7 @@ class _DOFATask(BaseTask):
             return
         for waves in sorted(self._wavelength_sets(batch) - self._warned_wavelengths):
             self._warned_wavelengths.add(waves)
-            if not any(_same_wavelengths(waves, t) for t in self._trained_wavelengths):
+            if not any(_same_bands(waves, t) for t in self._trained_wavelengths):
                 self._warn_untrained_wavelengths(waves)
 
     def _wavelength_sets(self, batch: Mapping[str, Any]) -> set[tuple[float, ...]]:
@@ -688,7 +708,7 @@ class _DOFATask(BaseTask):
             f"{len(waves)} bands at {_values(waves, 13)} um: DOFA's encoder takes any "
             "wavelengths, but the task's head learned the features of the training bands, so "
             "these predictions were never validated; predict on the bands the task was trained "
-            "on, in that order, or fine-tune it on these"
+            "on, or fine-tune it on these"
         )
 
     def _default_wavelengths(self) -> Tensor:
@@ -847,11 +867,11 @@ class _DOFATask(BaseTask):
         An epoch whose metrics scored no target (every pixel ignored or no-data) logs NaN:
         torchmetrics gives 0.0 there (``train_OverallAccuracy`` 0.0 read as a model that
         gets everything wrong). The count is summed over DDP processes first. Such an epoch
-        is an error where it is a fit's first training epoch, else a warning
+        is an error where no training epoch of the task scored a target yet, else a warning
         (:meth:`_no_labelled_pixel`).
 
         Raises:
-            ValueError: where no pixel of a fit's first training epoch was labelled.
+            ValueError: where no pixel of the task's first training epoch was labelled.
         """
         values = metrics.compute()
         ran = split in self._scored  # a batch of this split ran in this process
@@ -868,20 +888,17 @@ class _DOFATask(BaseTask):
         self.log_dict(values)
         metrics.reset()
 
-    def on_fit_start(self) -> None:
-        """Note that this fit has not yet trained on a labelled pixel (see :meth:`_log_metrics`)."""
-        super().on_fit_start()
-        self._trained_on_labels = False
-
     def _no_labelled_pixel(self, split: str) -> None:
-        """An epoch of ``split`` scored no target: raise for a fit's first, else warn.
+        """An epoch of ``split`` scored no target: raise for the task's first, else warn.
 
         Only segmentation can get there (every chip of a classification batch is scored):
         every mask pixel was ``ignore_index`` or had ``valid`` False. Training on such batches
         gives loss 0 and no gradient, so a fit whose first epoch had none learns nothing.
 
         Raises:
-            ValueError: for the first training epoch of a fit (before its checkpoint is saved).
+            ValueError: for a training epoch where none before it scored a labelled target
+                (the task's first, across resumed fits: :data:`TRAINED_ON_LABELS_KEY`),
+                before its checkpoint is saved.
         """
         ignore = self.hparams.get("ignore_index")
         causes = (
@@ -894,7 +911,7 @@ class _DOFATask(BaseTask):
             "read the labels' nodata), that ignore_index is the labels' nodata and not a class, "
             "and that the image has data where the labels are"
         )
-        if split == "train" and not getattr(self, "_trained_on_labels", True):
+        if split == "train" and not self._trained_on_labels:
             raise ValueError(
                 f"the first training epoch had no labelled pixel: {causes}, so the loss was 0 "
                 f"and {type(self).__name__} learned nothing from it; {checks}"
@@ -954,8 +971,28 @@ class _DOFATask(BaseTask):
         self._step(batch, "test", self.test_metrics)
 
     def on_train_epoch_end(self) -> None:
-        """Log the train metrics (NaN for an epoch without a scored target)."""
+        """Log the train metrics (NaN for an epoch without a scored target).
+
+        Under DDP, the wavelength sets every process trained on are gathered first, so the
+        checkpoint rank 0 saves holds them all (:data:`TRAINED_WAVELENGTHS_KEY`).
+        """
+        self._gather_trained_wavelengths()
         self._log_metrics("train", self.train_metrics)
+
+    def _gather_trained_wavelengths(self) -> None:
+        """The union of every process's training wavelength sets, in every process."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        gathered: list[set[tuple[float, ...]] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, self._trained_wavelengths)
+        union: set[tuple[float, ...]] = set()
+        for sets in gathered:
+            if sets is None:  # a process had too many: the record is dropped everywhere
+                self._trained_wavelengths = None
+                return
+            union |= sets
+        self._trained_wavelengths = union if len(union) <= _MAX_TRAINED_SETS else None
 
     def on_validation_epoch_end(self) -> None:
         """Log the validation metrics (NaN for an epoch without a scored target)."""
