@@ -814,9 +814,19 @@ def test_strategies_embed_cannot_run_are_one_line_and_write_nothing(tmp_path, ca
         assert main([*args, "--strategy", strategy, "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert err.splitlines()[-1].startswith(
-            f"torchgeo-dofa: error: --device cpu --devices 1 --strategy {strategy}: {text}"
+            "torchgeo-dofa: error: Lightning refuses the job's trainer settings (device cpu, "
+            f"devices 1, strategy {strategy}, precision 32-true): {text}"
         ), err[-2000:]
         assert not out.exists()
+    # checked before --overwrite deletes a finished job's outputs (a typo deleted them, then
+    # failed), and where every chip is done (it was accepted: no trainer was built)
+    one_chip = [*args, "--bbox", "13.11", "48.28", "13.12", "48.29", "--no-progress"]
+    assert main(one_chip) == 0
+    made = sorted(p.name for p in out.iterdir())
+    for again in (["--overwrite"], []):
+        assert main([*one_chip, *again, "--strategy", "nonsense"]) == 2
+        assert "invalid strategy name" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == made
 
 
 def test_embed_refuses_a_node_rank_it_cannot_be(tmp_path, ddp_env, capsys) -> None:
@@ -997,6 +1007,53 @@ def test_predict_config_names_trainer_settings_lightning_refuses(
         ), err[-3000:]
         assert "Traceback" not in err
         assert not (tmp_path / "g.tif").exists() and not (tmp_path / "p.parquet").exists()
+    # a "true" half precision cast the chips' coordinates with the batch (359130 -> 358400):
+    # a misleading stride error or "chips have no part", parts and lock left behind
+    cfg["trainer"] |= {"devices": 1, "strategy": "auto", "precision": "bf16-true"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "torchgeo-dofa: error: precision 'bf16-true' casts every floating-point tensor of the "
+        "batch to bfloat16, the chips' coordinates too (easting, northing 359130, 5341184 "
+        "become 358400, 5341184): the outputs could not be placed; use a mixed precision "
+        "(bf16-mixed: the model computes in bf16, the batch keeps its values) or 32-true"
+    ), err[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]
+    cfg["trainer"] |= {"precision": "32-true", "limit_predict_batches": 0}  # was exit 0
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "torchgeo-dofa: error: predict would write nothing: limit_predict_batches is 0 (no "
+        "batch); drop --trainer.limit_predict_batches, or give a number of batches or a "
+        "fraction > 0"
+    )
+
+
+def test_only_lightnings_own_refusals_are_named_trainer_settings() -> None:
+    """A plugin of the user's whose method has another signature raised Python's TypeError
+    inside Lightning's frame: it was shown as "the trainer settings", without a traceback."""
+    import importlib.util
+
+    from lightning.pytorch.plugins.environments import LightningEnvironment
+
+    from torchgeo_dofa.cli import _trainer_settings_error
+
+    class OtherSignature(LightningEnvironment):
+        def set_world_size(self) -> None:  # type: ignore[override]
+            pass
+
+    def error_of(**settings: Any) -> BaseException:
+        with pytest.raises(Exception) as caught:
+            pl.Trainer(logger=False, enable_progress_bar=False, **settings)
+        return caught.value
+
+    assert _trainer_settings_error(error_of(accelerator="cpu", devices=-1))
+    assert _trainer_settings_error(error_of(strategy="nonsense"))
+    bug = error_of(accelerator="cpu", strategy="ddp", devices=1, plugins=[OtherSignature()])
+    assert isinstance(bug, TypeError) and not _trainer_settings_error(bug)
+    if importlib.util.find_spec("torch_xla") is None:  # a package missing: named, one line
+        assert _trainer_settings_error(error_of(strategy="xla"))
 
 
 def _processes_naming(text: str) -> list[int]:

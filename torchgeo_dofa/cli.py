@@ -653,6 +653,33 @@ def embed(
     )
     if strategy_problem is not None:
         raise InputError(strategy_problem)
+
+    def prediction_trainer(job_callbacks: list[Any]) -> pl.Trainer:
+        """The job's trainer; settings Lightning refuses are an ``InputError`` naming them."""
+        try:
+            with quiet_lightning():
+                return pl.Trainer(
+                    accelerator=device,
+                    devices=devices,
+                    strategy=strategy,
+                    precision=choice.lightning,  # type: ignore[arg-type]
+                    callbacks=[*job_callbacks, *callbacks],
+                    logger=False,
+                    enable_progress_bar=progress,
+                    enable_model_summary=False,
+                )
+        except Exception as err:  # FSDP on a CPU, an unknown strategy, no DeepSpeed
+            if not _trainer_settings_error(err):
+                raise
+            given = f"device {accelerator}, devices {devices}, strategy {strategy}, "
+            given += f"precision {choice.lightning}"
+            given += f", {len(callbacks)} callback(s) given" if callbacks else ""
+            raise InputError(
+                f"Lightning refuses the job's trainer settings ({given}): {err}"
+            ) from None
+
+    # before anything is written or deleted (--overwrite): a typo must cost no outputs
+    prediction_trainer([])
     if num_workers is None:
         num_workers = default_num_workers(accelerator=accelerator, processes=processes)
     point_list, properties = (None, None)
@@ -806,22 +833,7 @@ def embed(
                 if not pending:
                     summary.skipped += len(dm.predict_sampler or [])
                     continue
-                try:
-                    trainer = pl.Trainer(
-                        accelerator=device,
-                        devices=devices,
-                        strategy=strategy,
-                        precision=choice.lightning,  # type: ignore[arg-type]
-                        callbacks=[*pending, stop, *callbacks],
-                        logger=False,
-                        enable_progress_bar=progress,
-                        enable_model_summary=False,
-                    )
-                except Exception as err:  # FSDP on a CPU, an unknown strategy, no DeepSpeed
-                    if not _trainer_settings_error(err):
-                        raise
-                    options = f"--device {device} --devices {devices} --strategy {strategy}"
-                    raise InputError(f"{options}: {err}") from None
+                trainer = prediction_trainer([*pending, stop])
                 if accelerator == "cuda":  # preprocess on the GPU after the transfer
                     dataset = dm._dataset()
                     if isinstance(dataset.transforms, torch.nn.Module):
@@ -1543,8 +1555,8 @@ def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
     ``Trainer.predict`` returns its results to the caller, which LightningCLI drops: a
     ``predict --config`` without a ``BasePredictionWriter`` in ``trainer.callbacks`` (a
     fine-tuning config, or a callbacks list given without the writer) computed every batch
-    and exited 0 having written nothing. A fine-tuning task predicting without
-    ``--ckpt_path`` would map with an untrained head.
+    and exited 0 having written nothing; so did ``limit_predict_batches: 0`` (no batch). A
+    fine-tuning task predicting without ``--ckpt_path`` would map with an untrained head.
 
     Raises:
         ValueError: naming the writers to add and the config that has them, or the missing
@@ -1578,6 +1590,11 @@ def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
             raise ValueError(
                 f"{err}; the config for {name}: {_predict_command(config, ckpt)}"
             ) from err
+    if writers and trainer.limit_predict_batches == 0:  # Lightning skips the loop silently
+        raise ValueError(
+            "predict would write nothing: limit_predict_batches is 0 (no batch); drop "
+            "--trainer.limit_predict_batches, or give a number of batches or a fraction > 0"
+        )
     if writers:
         return
     if embedder:
@@ -1804,16 +1821,30 @@ def _trainer_settings_error(err: BaseException) -> bool:
     """Whether ``err``, raised while a ``Trainer`` was built, is Lightning refusing its settings.
 
     Lightning's ``MisconfigurationException`` (DeepSpeed not installed), or a ``ValueError`` /
-    ``TypeError`` raised in Lightning's own code (an unknown strategy name, FSDP on a CPU,
-    ``devices: -1`` on a CPU), not in a plugin or callback of the user's.
+    ``TypeError`` / ``ModuleNotFoundError`` that Lightning's own code raises with a ``raise``
+    statement (an unknown strategy name, FSDP on a CPU, ``devices: -1`` on a CPU,
+    ``accelerator: tpu`` without ``torch_xla``). Not an error of Python's own in a call
+    (``takes 1 positional argument but 2 were given``: a plugin of the user's with another
+    signature, or a strategy missing an argument), nor one raised in the user's code.
     """
+    import linecache
+
     import lightning
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     if isinstance(err, MisconfigurationException):
         return True
-    lightning_dir = Path(lightning.__file__).resolve().parent
-    return isinstance(err, ValueError | TypeError) and _raised_in(err, lightning_dir)
+    if not isinstance(err, ValueError | TypeError | ModuleNotFoundError):
+        return False
+    if not _raised_in(err, Path(lightning.__file__).resolve().parent):
+        return False
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+    return line.lstrip().startswith("raise ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -376,6 +376,39 @@ class GridGeometry:
         return round(row), round(col)
 
 
+def precision_coordinates_problem(trainer: pl.Trainer) -> str | None:
+    """Why the trainer's precision cannot carry the chips' coordinates to a writer, or None.
+
+    Lightning's "true" half precisions (``bf16-true``, ``16-true``: ``HalfPrecision``) cast
+    every floating-point tensor of the batch, the chips' ``bounds`` and ``transform`` too:
+    UTM easting 359130 becomes 358400 in bfloat16 and infinity in float16, so the writers
+    would place chips wrongly or not at all. Judged by what the trainer's precision plugin
+    does to a float64 and a float32 coordinate (any plugin, present or future).
+
+    Args:
+        trainer: the prediction trainer.
+
+    Returns:
+        The message (the precision, what it does to a coordinate, the fix), or None.
+    """
+    convert = getattr(getattr(trainer, "precision_plugin", None), "convert_input", None)
+    if convert is None:
+        return None
+    for dtype in (torch.float64, torch.float32):
+        probe = torch.tensor([359_130.0, 5_341_184.0], dtype=dtype)
+        got = convert({"bounds": probe})["bounds"]
+        if isinstance(got, torch.Tensor) and got.dtype != probe.dtype:
+            shown = ", ".join(f"{v:.9g}" for v in got.double().tolist())
+            return (
+                f"precision {trainer.precision!r} casts every floating-point tensor of the "
+                f"batch to {str(got.dtype).removeprefix('torch.')}, the chips' coordinates too "
+                f"(easting, northing 359130, 5341184 become {shown}): the outputs could not "
+                "be placed; use a mixed precision (bf16-mixed: the model computes in bf16, the "
+                "batch keeps its values) or 32-true"
+            )
+    return None
+
+
 class _PartsWriter(BasePredictionWriter):
     """Shared part-file bookkeeping for both writers.
 
@@ -590,9 +623,13 @@ class _PartsWriter(BasePredictionWriter):
                 ``DOFAClassificationTask`` / ``DOFASegmentationTask`` too), whose predictions
                 are class scores, not embeddings: refused before any batch is computed.
             ValueError: when the module's ``output`` (``grid`` / ``pooled``) does not give
-                what this writer writes.
+                what this writer writes; for a trainer precision that casts the batch's
+                coordinates (:func:`precision_coordinates_problem`).
         """
         self._check_module(pl_module)
+        problem = precision_coordinates_problem(trainer)
+        if problem is not None:
+            raise ValueError(problem)
         dm = getattr(trainer, "datamodule", None)
         output_tags = getattr(dm, "output_tags", None)
         given = self.metadata
