@@ -626,6 +626,13 @@ class CheckReflectance(nn.Module):
         return f"nodata={self.nodata}, fill_value={self.fill_value}"
 
 
+def _span(vmin: Tensor, vmax: Tensor, flags: Tensor) -> tuple[float, float]:
+    """The lowest minimum and highest maximum over the flagged chips (or the one chip)."""
+    if flags.ndim:
+        return float(vmin[flags].min()), float(vmax[flags].max())
+    return float(vmin), float(vmax)
+
+
 def check_reflectance_range(
     image: Tensor, valid: Tensor, empty: Tensor, fill_value: float
 ) -> Tensor:
@@ -657,8 +664,7 @@ def check_reflectance_range(
         vmax = torch.where(mask, image, image.new_tensor(-math.inf)).amax(dim=dims)
     scaled = (vmin >= 0) & (vmax <= SCALED_MAX) & ~empty
     if bool(scaled.any()):
-        lo = float(vmin[scaled].min()) if scaled.ndim else float(vmin)
-        hi = float(vmax[scaled].max()) if scaled.ndim else float(vmax)
+        lo, hi = _span(vmin, vmax, scaled)
         raise ReflectanceError(
             f"input looks already scaled: all valid values lie in [{lo:.4g}, {hi:.4g}] "
             f"within [0, {SCALED_MAX:g}]{_where(scaled)}. The DOFA stack expects raw "
@@ -668,8 +674,7 @@ def check_reflectance_range(
         )
     negative = (vmax < 0) & ~empty
     if bool(negative.any()):
-        lo = float(vmin[negative].min()) if negative.ndim else float(vmin)
-        hi = float(vmax[negative].max()) if negative.ndim else float(vmax)
+        lo, hi = _span(vmin, vmax, negative)
         raise ReflectanceError(
             f"every valid value is negative (in [{lo:.4g}, {hi:.4g}]){_where(negative)}: "
             f"that is not surface reflectance 0..{REFLECTANCE_MAX:.0f}, where even dark "
