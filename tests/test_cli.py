@@ -1182,9 +1182,12 @@ def test_a_new_job_failing_before_its_first_chip_leaves_nothing(tmp_path, capsys
     assert code != 0 and "invalid strategy name" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
     assert main(["embed", *common, "--seed", "2", "--no-progress"]) == 0
-    # a resumed job keeps its manifest and folder whatever happens
+    # a resumed job keeps its manifest and folder whatever happens; its settings are checked
+    # though nothing is left to do (it exited 0: no trainer was built)
+    made = sorted(p.name for p in out.iterdir())
     code = main(["embed", *common, "--seed", "2", "--strategy", "foo", "--no-progress"])
-    assert code == 0  # nothing left to do: no Trainer is made
+    assert code == 2 and "invalid strategy name" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == made
     assert (out / ".torchgeo-dofa-job.json").is_file()
 
 
