@@ -40,7 +40,7 @@ from torchgeo_dofa.datasets import InputError, Sentinel2SR
 from torchgeo_dofa.spatial import CRSTransformError
 from torchgeo_dofa.tasks import DOFAClassificationTask, DOFASegmentationTask, restoring_from
 from torchgeo_dofa.transforms import DOFAPreprocess
-from torchgeo_dofa.writers import ClassificationWriter
+from torchgeo_dofa.writers import ClassificationWriter, precision_coordinates_problem
 
 #: Tolerance between two fp32 runs of the same job by different paths (``embed`` and
 #: ``predict --config``, or ``get_embedding``). 1e-6 on a CPU; on a GPU ``embed`` normalises
@@ -1017,17 +1017,22 @@ def test_predict_config_names_trainer_settings_lightning_refuses(
         "torchgeo-dofa: error: precision 'bf16-true' casts every floating-point tensor of the "
         "batch to bfloat16, the chips' coordinates too (easting, northing 359130, 5341184 "
         "become 358400, 5341184): the outputs could not be placed; use a mixed precision "
-        "(bf16-mixed: the model computes in bf16, the batch keeps its values) or 32-true"
+        "(bf16-mixed: the model computes in bf16, the batch keeps its values), 32-true or "
+        "64-true"
     ), err[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]
     cfg["trainer"] |= {"precision": "32-true", "limit_predict_batches": 0}  # was exit 0
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "torchgeo-dofa: error: predict would write nothing: limit_predict_batches is 0 (no "
-        "batch); drop --trainer.limit_predict_batches, or give a number of batches or a "
-        "fraction > 0"
+        "torchgeo-dofa: error: predict would write nothing: trainer.limit_predict_batches is "
+        "0 (no batch); remove it (from the config, or --trainer.limit_predict_batches), or "
+        "give a number of batches or a fraction > 0"
     )
+    # a cast that keeps the coordinates is no problem (64-true was refused by the first fix)
+    for precision in ("64-true", "32-true", "bf16-mixed"):
+        trainer = pl.Trainer(accelerator="cpu", precision=precision, logger=False)
+        assert precision_coordinates_problem(trainer) is None
 
 
 def test_only_lightnings_own_refusals_are_named_trainer_settings() -> None:

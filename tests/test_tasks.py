@@ -27,7 +27,13 @@ import pytest
 import rasterio
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch import (
+    Callback,
+    LightningDataModule,
+    LightningModule,
+    Trainer,
+    seed_everything,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from rasterio.transform import from_origin
@@ -51,6 +57,7 @@ from torchgeo_dofa.tasks import (
     TRAINED_WAVELENGTHS_KEY,
     DOFAClassificationTask,
     DOFASegmentationTask,
+    NoLabelledPixelError,
     UPerNetDecoder,
     layer_id,
     wavelengths_for_bands,
@@ -1728,22 +1735,34 @@ def test_the_commands_spelling_of_random_weights_builds_a_random_encoder(spellin
         assert task.encoder.weights_id.startswith("random")
 
 
+def loader(mask: torch.Tensor) -> DataLoader[Any]:
+    """Normalised 4-band 32 x 32 chips (one spectrum plus noise) with the masks given."""
+    image = (torch.full((len(mask), 4, 32, 32), 3000.0) / 10000 * 255 - 100) / 60
+    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(0))
+    wl = torch.tensor([0.665, 0.56, 0.49, 0.842])
+    samples = [
+        {"image": image[i] + 0.1 * noise[i], "wavelengths": wl, "mask": mask[i]}
+        for i in range(len(mask))
+    ]
+    return DataLoader(samples, batch_size=2, collate_fn=stack_samples)  # type: ignore[arg-type]
+
+
+class UnlabelledChips(LightningDataModule):
+    """Segmentation chips whose every mask pixel is 255 (no label), for a CLI fit."""
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return loader(torch.full((4, 32, 32), 255, dtype=torch.long))
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        return self.train_dataloader()
+
+
 def test_an_epoch_without_a_labelled_pixel_is_named_not_scored_zero(tmp_path: Path) -> None:
     """Every pixel of an epoch ignored (ignore_index or no-data): torchmetrics' 0.0 was logged
     as train_OverallAccuracy, read as a model that gets every pixel wrong, and a fit whose
     batches had no labelled pixel trained to its last epoch on loss 0, learning nothing. Now
     the first training epoch without one is an error (before its checkpoint is saved), and a
     validation epoch without one logs NaN with a warning."""
-    wl = torch.tensor([0.665, 0.56, 0.49, 0.842])
-    image = (torch.full((4, 4, 32, 32), 3000.0) / 10000 * 255 - 100) / 60
-    image = image + 0.1 * torch.randn(4, 4, 32, 32, generator=torch.Generator().manual_seed(0))
-
-    def loader(mask: torch.Tensor) -> DataLoader[Any]:
-        samples = [
-            {"image": image[i], "wavelengths": wl, "mask": mask[i]} for i in range(len(mask))
-        ]
-        return DataLoader(samples, batch_size=2, collate_fn=stack_samples)  # type: ignore[arg-type]
-
     ignored = torch.full((4, 32, 32), 255, dtype=torch.long)
     labelled = ignored.clone()
     labelled[:, :8] = 1  # a strip of class 1 in every chip
@@ -1775,6 +1794,16 @@ def test_an_epoch_without_a_labelled_pixel_is_named_not_scored_zero(tmp_path: Pa
     ):
         trainer.fit(small_segmentation(ignore_index=255), loader(ignored))
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+    # a validation within the epoch ends with ModelCheckpoint's save, before the epoch's end:
+    # the batches so far are judged as it starts (a checkpoint was saved, then the error)
+    trainer = Trainer(
+        accelerator="cpu", max_epochs=2, logger=False, callbacks=[saved],
+        enable_progress_bar=False, enable_model_summary=False, val_check_interval=1,
+    )  # fmt: skip
+    with pytest.raises(NoLabelledPixelError, match="^the first training epoch had no"):
+        trainer.fit(small_segmentation(ignore_index=255), loader(ignored), loader(labelled))
+    assert trainer.global_step == 1  # refused at the first validation, after batch 1
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
 
     # a fit resumed after a labelled epoch is no first epoch: an unlabelled one warns, as in
     # the fit that was not interrupted (it raised: the resumed fit was taken for a new one)
@@ -1784,13 +1813,50 @@ def test_an_epoch_without_a_labelled_pixel_is_named_not_scored_zero(tmp_path: Pa
     trainer.fit(task, loader(labelled))
     trainer.save_checkpoint(tmp_path / "epoch0.ckpt")
     trainer = make_trainer(tmp_path, 2, [], limit_val_batches=0)
-    with pytest.warns(UserWarning, match="the training epoch had no labelled pixel"):
+    with pytest.warns(
+        UserWarning,
+        match=r"the training epoch had no labelled pixel \(.*\): its metrics are NaN and "
+        r"train_loss 0 \(no gradient\)",
+    ):
         trainer.fit(
             small_segmentation(ignore_index=255),
             loader(ignored),
             ckpt_path=tmp_path / "epoch0.ckpt",
         )
     assert math.isnan(float(trainer.logged_metrics["train_OverallAccuracy"]))
+    # the same checkpoint loaded to fine-tune anew on other data: a first epoch again
+    task = DOFASegmentationTask.load_from_checkpoint(tmp_path / "epoch0.ckpt")
+    trainer = make_trainer(tmp_path, 1, [], limit_val_batches=0)
+    with pytest.raises(NoLabelledPixelError, match="^the first training epoch had no"):
+        trainer.fit(task, loader(ignored))
+
+
+def test_a_cli_fit_without_labels_says_so_and_leaves_no_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first epoch's refusal through ``fit --config``: one line, exit 2, and the run
+    folder (config.yaml, hparams.yaml, metrics.csv of loss-0 rows) removed."""
+    import yaml
+
+    from torchgeo_dofa.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cfg = yaml.safe_load((CONFIGS / "finetune_segmentation.yaml").read_text())
+    cfg["model"]["init_args"] |= {"ignore_index": 255, "mode": "linear-probe"}
+    cfg["data"] = {"class_path": f"{__name__}.UnlabelledChips"}
+    cfg["trainer"] |= {"max_epochs": 1, "enable_progress_bar": False}
+    cfg["trainer"]["enable_model_summary"] = False
+    (tmp_path / "seg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(tmp_path / "seg.yaml")]) == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .startswith(
+            "torchgeo-dofa: error: the first training epoch had no labelled pixel: every mask "
+            "pixel was ignore_index=255 or had 'valid' False"
+        )
+    )
+    assert not list(tmp_path.glob("logs/*/version_*")), sorted(tmp_path.rglob("*"))
 
 
 def test_a_fit_refused_at_its_first_batch_leaves_no_run_folder(tmp_path: Path) -> None:

@@ -674,8 +674,10 @@ def embed(
             given = f"device {accelerator}, devices {devices}, strategy {strategy}, "
             given += f"precision {choice.lightning}"
             given += f", {len(callbacks)} callback(s) given" if callbacks else ""
+            named = [f"{k} is {v}" for k, v in _LIGHTNING_NAMES.items() if k in str(err)]
+            hint = f" (Lightning's {'; '.join(named)})" if named else ""
             raise InputError(
-                f"Lightning refuses the job's trainer settings ({given}): {err}"
+                f"Lightning refuses the job's trainer settings ({given}): {err}{hint}"
             ) from None
 
     # before anything is written or deleted (--overwrite): a typo must cost no outputs
@@ -1277,8 +1279,13 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
         except BaseException as err:
             for trainer in trainers:  # the error line starts a line of its own
                 _close_progress_bar(trainer)
-            for folder in run_folders:  # a run refused before it wrote anything leaves nothing
-                folder.remove_if_only_its_settings()
+            # a run refused before it wrote anything leaves nothing
+            tasks = sys.modules.get("torchgeo_dofa.tasks")  # not loaded: not raised
+            no_labels = tasks is not None and any(
+                isinstance(e, tasks.NoLabelledPixelError) for e in exception_chain(err)
+            )
+            for folder in run_folders:
+                folder.remove_if_only_its_settings(metrics_too=no_labels)
             # a second Ctrl-C (Lightning exits 1) or Lightning's own stop on SIGTERM (exit
             # 0) ended the run: it is the job's interruption
             if stop.received is not None and isinstance(err, SystemExit | KeyboardInterrupt):
@@ -1337,20 +1344,22 @@ class _RunFolder:
         existed = frozenset(p for p in (folder, *folder.parents) if p.is_dir())
         return cls(folder, (folder / "config.yaml").exists(), existed)
 
-    def remove_if_only_its_settings(self) -> None:
+    def remove_if_only_its_settings(self, metrics_too: bool = False) -> None:
         """After a failed run: remove the run's settings and the folders made for it.
 
         Only where the run's folder holds nothing but its settings (LightningCLI's
         ``config.yaml``; the logger's ``hparams.yaml``, written as training starts, before
         the first batch: no checkpoint, no metric) and held no ``config.yaml`` before;
-        folders that existed before the run are kept.
+        folders that existed before the run are kept. ``metrics_too``: its ``metrics.csv``
+        goes too (a first epoch refused for want of labels: loss 0 and NaN, nothing to keep).
         """
         folder = self.folder
         if folder is None or self.had_config or not folder.is_dir():
             return
+        removable = {"config.yaml", "hparams.yaml"} | ({"metrics.csv"} if metrics_too else set())
         with contextlib.suppress(OSError):
             names = {p.name for p in folder.iterdir()}
-            if "config.yaml" not in names or not names <= {"config.yaml", "hparams.yaml"}:
+            if "config.yaml" not in names or not names <= removable:
                 return
             for name in names:
                 (folder / name).unlink()
@@ -1592,8 +1601,9 @@ def _check_predictions_written(trainer: Any, model: Any, section: Any) -> None:
             ) from err
     if writers and trainer.limit_predict_batches == 0:  # Lightning skips the loop silently
         raise ValueError(
-            "predict would write nothing: limit_predict_batches is 0 (no batch); drop "
-            "--trainer.limit_predict_batches, or give a number of batches or a fraction > 0"
+            "predict would write nothing: trainer.limit_predict_batches is 0 (no batch); "
+            "remove it (from the config, or --trainer.limit_predict_batches), or give a "
+            "number of batches or a fraction > 0"
         )
     if writers:
         return
@@ -1815,6 +1825,13 @@ def _raised_here(err: BaseException) -> bool:
 
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+#: Lightning's names for embed's settings, told beside its messages.
+_LIGHTNING_NAMES = {
+    "accelerator": "--device (device= in Python)",
+    "enable_progress_bar": "--no-progress (progress= in Python)",
+}
 
 
 def _trainer_settings_error(err: BaseException) -> bool:

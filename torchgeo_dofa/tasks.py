@@ -92,6 +92,7 @@ __all__ = [
     "DOFASegmentationTask",
     "DecoderNorm",
     "Mode",
+    "NoLabelledPixelError",
     "PixelMeanLoss",
     "UPerNetDecoder",
     "layer_id",
@@ -296,6 +297,10 @@ def _class_indices(values: Tensor, what: str, fix: str, keep: Tensor | None = No
     if keep is not None:
         values = values.masked_fill(~keep, 0)
     return values.long()
+
+
+class NoLabelledPixelError(ValueError):
+    """A task's first training epoch had no labelled pixel: it would learn nothing."""
 
 
 def _same_bands(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -599,8 +604,12 @@ class _DOFATask(BaseTask):
             else None  # an older checkpoint: its bands are unknown, predictions unchecked
         )
         self._warned_wavelengths = set()
-        # an older checkpoint: taken as trained on labels (its first epoch is long past)
-        self._trained_on_labels = bool(checkpoint.get(TRAINED_ON_LABELS_KEY, True))
+        # a fit resumed from it goes on from its record (an older checkpoint: taken as
+        # trained on labels, its first epoch long past); a task loaded to be fine-tuned
+        # anew (load_from_checkpoint) starts a new record: its first epoch is checked
+        trainer = self._trainer
+        resuming = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        self._trained_on_labels = resuming and bool(checkpoint.get(TRAINED_ON_LABELS_KEY, True))
         path = _LOADING_FILE.get() or getattr(self._trainer, "ckpt_path", None)
         saved, state = checkpoint.get(STATE_DIGEST_KEY), checkpoint.get("state_dict")
         if isinstance(saved, str) and isinstance(state, Mapping):
@@ -896,9 +905,9 @@ class _DOFATask(BaseTask):
         gives loss 0 and no gradient, so a fit whose first epoch had none learns nothing.
 
         Raises:
-            ValueError: for a training epoch where none before it scored a labelled target
-                (the task's first, across resumed fits: :data:`TRAINED_ON_LABELS_KEY`),
-                before its checkpoint is saved.
+            NoLabelledPixelError: for a training epoch where none before it scored a
+                labelled target (the task's first, across resumed fits:
+                :data:`TRAINED_ON_LABELS_KEY`), before its checkpoint is saved.
         """
         ignore = self.hparams.get("ignore_index")
         causes = (
@@ -912,15 +921,43 @@ class _DOFATask(BaseTask):
             "and that the image has data where the labels are"
         )
         if split == "train" and not self._trained_on_labels:
-            raise ValueError(
+            raise NoLabelledPixelError(
                 f"the first training epoch had no labelled pixel: {causes}, so the loss was 0 "
                 f"and {type(self).__name__} learned nothing from it; {checks}"
             )
         if not self.trainer.sanity_checking:
-            _warnings.warn(
-                f"the {_SPLIT_NAMES[split]} epoch had no labelled pixel ({causes}): its "
-                f"metrics and {split}_loss are NaN; {checks}"
+            said = (
+                "its metrics are NaN and train_loss 0 (no gradient)"
+                if split == "train"
+                else f"its metrics and {split}_loss are NaN"
             )
+            _warnings.warn(
+                f"the {_SPLIT_NAMES[split]} epoch had no labelled pixel ({causes}): {said}; "
+                f"{checks}"
+            )
+
+    def on_validation_epoch_start(self) -> None:
+        """Refuse a first training epoch without a labelled pixel before its validation.
+
+        A validation within the epoch (``val_check_interval`` < 1) ends with
+        ``ModelCheckpoint``'s save, before the epoch's end: the training batches so far are
+        judged here, summed over DDP processes.
+
+        Raises:
+            NoLabelledPixelError: where the training batches of the task's first epoch so
+                far scored no labelled pixel.
+        """
+        super().on_validation_epoch_start()
+        trainer = self.trainer
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if self._trained_on_labels:
+            return
+        ran = "train" in self._scored
+        counts = torch.tensor([int(self._scored.get("train", 0)), int(ran)], device=self.device)
+        total, ran_anywhere = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        if ran_anywhere and total == 0:
+            self._no_labelled_pixel("train")
 
     def _log_loss(self, split: str, loss: Tensor, logits: Tensor, target: Tensor) -> None:
         """Log ``{split}_loss``; its epoch value is the mean over batches weighted by chips."""

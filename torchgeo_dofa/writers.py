@@ -383,7 +383,8 @@ def precision_coordinates_problem(trainer: pl.Trainer) -> str | None:
     every floating-point tensor of the batch, the chips' ``bounds`` and ``transform`` too:
     UTM easting 359130 becomes 358400 in bfloat16 and infinity in float16, so the writers
     would place chips wrongly or not at all. Judged by what the trainer's precision plugin
-    does to a float64 and a float32 coordinate (any plugin, present or future).
+    does to a float64 and a float32 coordinate (any plugin, present or future): a cast that
+    keeps the values (``64-true``) is no problem.
 
     Args:
         trainer: the prediction trainer.
@@ -394,17 +395,17 @@ def precision_coordinates_problem(trainer: pl.Trainer) -> str | None:
     convert = getattr(getattr(trainer, "precision_plugin", None), "convert_input", None)
     if convert is None:
         return None
-    for dtype in (torch.float64, torch.float32):
+    for dtype in (torch.float64, torch.float32):  # exact in both: a cast up loses nothing
         probe = torch.tensor([359_130.0, 5_341_184.0], dtype=dtype)
         got = convert({"bounds": probe})["bounds"]
-        if isinstance(got, torch.Tensor) and got.dtype != probe.dtype:
+        if isinstance(got, torch.Tensor) and not torch.equal(got.double(), probe.double()):
             shown = ", ".join(f"{v:.9g}" for v in got.double().tolist())
             return (
                 f"precision {trainer.precision!r} casts every floating-point tensor of the "
                 f"batch to {str(got.dtype).removeprefix('torch.')}, the chips' coordinates too "
                 f"(easting, northing 359130, 5341184 become {shown}): the outputs could not "
                 "be placed; use a mixed precision (bf16-mixed: the model computes in bf16, the "
-                "batch keeps its values) or 32-true"
+                "batch keeps its values), 32-true or 64-true"
             )
     return None
 
