@@ -1794,16 +1794,26 @@ def test_an_epoch_without_a_labelled_pixel_is_named_not_scored_zero(tmp_path: Pa
     ):
         trainer.fit(small_segmentation(ignore_index=255), loader(ignored))
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
-    # a validation within the epoch ends with ModelCheckpoint's save, before the epoch's end:
-    # the batches so far are judged as it starts (a checkpoint was saved, then the error)
-    trainer = Trainer(
-        accelerator="cpu", max_epochs=2, logger=False, callbacks=[saved],
-        enable_progress_bar=False, enable_model_summary=False, val_check_interval=1,
-    )  # fmt: skip
-    with pytest.raises(NoLabelledPixelError, match="^the first training epoch had no"):
-        trainer.fit(small_segmentation(ignore_index=255), loader(ignored), loader(labelled))
-    assert trainer.global_step == 1  # refused at the first validation, after batch 1
-    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+    # with validations inside the epoch (val_check_interval), ModelCheckpoint saves at each
+    # validation's end, the last one before the epoch's end hooks: the epoch is judged as
+    # that one starts (the checkpoint of step 2 was saved, then the error). One inside the
+    # epoch judges nothing: the labelled chips of sparse labels may come later (here the
+    # second batch has them), so the checkpoint of step 1 stays
+    for masks, every in ((ignored, 0.5), (torch.cat([ignored[:2], labelled[2:]]), 1)):
+        folder = tmp_path / f"ckpt{every}"
+        trainer = Trainer(
+            accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+            callbacks=[ModelCheckpoint(dirpath=folder, save_top_k=-1)],
+            enable_model_summary=False, val_check_interval=every, num_sanity_val_steps=0,
+        )  # fmt: skip
+        task = small_segmentation(ignore_index=255)
+        if every == 0.5:
+            with pytest.raises(NoLabelledPixelError, match="^the first training epoch had no"):
+                trainer.fit(task, loader(masks), loader(labelled))
+            assert [p.name for p in folder.iterdir()] == ["epoch=0-step=1.ckpt"]
+        else:
+            trainer.fit(task, loader(masks), loader(labelled))
+            assert task._trained_on_labels and trainer.global_step == 2
 
     # a fit resumed after a labelled epoch is no first epoch: an unlabelled one warns, as in
     # the fit that was not interrupted (it raised: the resumed fit was taken for a new one)

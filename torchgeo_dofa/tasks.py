@@ -939,19 +939,24 @@ class _DOFATask(BaseTask):
     def on_validation_epoch_start(self) -> None:
         """Refuse a first training epoch without a labelled pixel before its validation.
 
-        A validation within the epoch (``val_check_interval`` < 1) ends with
-        ``ModelCheckpoint``'s save, before the epoch's end: the training batches so far are
-        judged here, summed over DDP processes.
+        The validation at an epoch's end runs before the epoch's end hooks, and ends with
+        ``ModelCheckpoint``'s save: the epoch's training batches are judged here (summed over
+        DDP processes). A validation inside the epoch (``val_check_interval``) is not: the
+        labelled chips of sparse labels may all come later in the epoch.
 
         Raises:
-            NoLabelledPixelError: where the training batches of the task's first epoch so
-                far scored no labelled pixel.
+            NoLabelledPixelError: where every training batch of the task's first epoch has
+                run and none scored a labelled pixel.
         """
         super().on_validation_epoch_start()
         trainer = self.trainer
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        if self._trained_on_labels:
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        epoch_done = progress.is_last_batch or (
+            progress.current.ready >= trainer.num_training_batches
+        )
+        if self._trained_on_labels or not epoch_done:
             return
         ran = "train" in self._scored
         counts = torch.tensor([int(self._scored.get("train", 0)), int(ran)], device=self.device)
