@@ -1014,11 +1014,12 @@ def test_predict_config_names_trainer_settings_lightning_refuses(
     assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == (
-        "torchgeo-dofa: error: precision 'bf16-true' casts every floating-point tensor of the "
-        "batch to bfloat16, the chips' coordinates too (easting, northing 359130, 5341184 "
-        "become 358400, 5341184): the outputs could not be placed; use a mixed precision "
-        "(bf16-mixed: the model computes in bf16, the batch keeps its values), 32-true or "
-        "64-true"
+        "torchgeo-dofa: error: precision 'bf16-true' (HalfPrecision) casts every floating-point "
+        "tensor of the batch to bfloat16, the chips' coordinates too (easting, northing "
+        "359130.123456789, 5341184.98765432 become 358400, 5341184): the outputs could not be "
+        "placed exactly; use a precision that keeps the batch's values (bf16-mixed: the model "
+        "computes in bf16; 32-true; 64-true), without FSDP or DeepSpeed, whose precision "
+        "plugins cast the batch"
     ), err[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]
     cfg["trainer"] |= {"precision": "32-true", "limit_predict_batches": 0}  # was exit 0
@@ -1033,6 +1034,19 @@ def test_predict_config_names_trainer_settings_lightning_refuses(
     for precision in ("64-true", "32-true", "bf16-mixed"):
         trainer = pl.Trainer(accelerator="cpu", precision=precision, logger=False)
         assert precision_coordinates_problem(trainer) is None
+    # FSDP's plugins cast the batch to float32, which moves float64 coordinates (a probe of
+    # whole metres passed it); the trainer stands in: FSDP needs a GPU
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+
+    fsdp = SimpleNamespace(precision="32-true", precision_plugin=FSDPPrecision("32-true"))
+    said = precision_coordinates_problem(fsdp)  # type: ignore[arg-type]
+    assert said is not None and said.startswith(
+        "precision '32-true' (FSDPPrecision) casts every floating-point tensor of the batch to "
+        "float32, the chips' coordinates too (easting, northing 359130.123456789, "
+        "5341184.98765432 become 359130.125, 5341185)"
+    ), said
 
 
 def test_only_lightnings_own_refusals_are_named_trainer_settings() -> None:

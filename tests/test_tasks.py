@@ -54,6 +54,7 @@ from torchgeo_dofa.synthetic import (
     normalise_reflectance,
 )
 from torchgeo_dofa.tasks import (
+    TRAINED_ON_LABELS_KEY,
     TRAINED_WAVELENGTHS_KEY,
     DOFAClassificationTask,
     DOFASegmentationTask,
@@ -302,8 +303,10 @@ def test_a_task_records_every_band_set_it_trained_on(tmp_path: Path) -> None:
     assert sorted(map(len, recorded)) == [4, 9]
 
 
-#: A 2-process DDP fit on the CPU whose ranks train on other bands (rank 0: 4 bands, rank 1:
-#: 9), saving the checkpoint named by argv[1]. Lightning's launcher runs it again as rank 1.
+#: 2-process DDP fits on the CPU: a classification whose ranks train on other bands (rank 0:
+#: 4 bands, rank 1: 9), saving the checkpoint named by argv[1]; a segmentation whose labels
+#: are all in rank 1's chips, validating after its first batch (val_check_interval=0.5) and
+#: saving every checkpoint in the folder argv[2]. Lightning's launcher runs it as rank 1.
 _DDP_FIT = """
 import sys
 import torch
@@ -331,6 +334,30 @@ trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, lo
                   enable_model_summary=False, limit_val_batches=0)
 trainer.fit(task, DataLoader(PerRank(), batch_size=2, collate_fn=stack_samples))
 trainer.save_checkpoint(sys.argv[1])
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torchgeo_dofa.tasks import DOFASegmentationTask
+
+class LabelsOnRank1(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        mask = torch.full((32, 32), 255, dtype=torch.long)
+        if torch.distributed.get_rank() == 1:
+            mask[:8] = 1
+        image = torch.full((4, 32, 32), -0.4) + 0.1 * torch.randn(4, 32, 32)
+        return {"image": image, "wavelengths": torch.tensor([0.665, 0.56, 0.49, 0.842]),
+                "mask": mask}
+
+chips = DataLoader(LabelsOnRank1(), batch_size=2, collate_fn=stack_samples)
+task = DOFASegmentationTask(num_classes=3, weights=None, interpolate_pos_embed=True,
+                            decoder_channels=32, patience=None, ignore_index=255)
+trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+                  enable_progress_bar=False, enable_model_summary=False,
+                  val_check_interval=0.5, num_sanity_val_steps=0,
+                  callbacks=[ModelCheckpoint(dirpath=sys.argv[2], save_top_k=-1)])
+trainer.fit(task, chips, chips)
 """
 
 
@@ -338,20 +365,24 @@ trainer.save_checkpoint(sys.argv[1])
     usable_memory() < 6 * 2**30,
     reason="two DDP processes with DOFA base need ~3 GB beside the test process",
 )
-def test_ddp_ranks_training_on_other_bands_are_all_recorded(tmp_path: Path) -> None:
+def test_ddp_ranks_training_on_other_bands_or_labels_are_all_recorded(tmp_path: Path) -> None:
     """Each process recorded its own batches' bands, and rank 0 saves the checkpoint: a set
-    only rank 1 trained on was missing, and predicting on it warned."""
+    only rank 1 trained on was missing, and predicting on it warned. Likewise labels only in
+    rank 1's chips: the checkpoint of a validation inside the first epoch said none were
+    scored, so a fit resumed from it on unlabelled chips was refused as a first epoch."""
     script = tmp_path / "ddp_fit.py"
     script.write_text(_DDP_FIT)
     env = {k: v for k, v in os.environ.items() if k not in DDP_ENV}
     env |= {"MASTER_PORT": str(rendezvous_port()), "PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "ddp.ckpt")],
+        [sys.executable, str(script), str(tmp_path / "ddp.ckpt"), str(tmp_path / "seg")],
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     saved = torch.load(tmp_path / "ddp.ckpt", weights_only=False)[TRAINED_WAVELENGTHS_KEY]
     assert sorted(map(len, saved)) == [4, 9], saved
+    inner = torch.load(tmp_path / "seg" / "epoch=0-step=1.ckpt", weights_only=False)
+    assert inner[TRAINED_ON_LABELS_KEY] is True
 
 
 # ------------------------------------------------------------------------------------------
@@ -1858,15 +1889,26 @@ def test_a_cli_fit_without_labels_says_so_and_leaves_no_run_folder(
     cfg["trainer"]["enable_model_summary"] = False
     (tmp_path / "seg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["fit", "--config", str(tmp_path / "seg.yaml")]) == 2
-    assert (
-        capsys.readouterr()
-        .err.splitlines()[-1]
-        .startswith(
-            "torchgeo-dofa: error: the first training epoch had no labelled pixel: every mask "
-            "pixel was ignore_index=255 or had 'valid' False"
-        )
-    )
+    said = capsys.readouterr().err.splitlines()[-1]
+    assert said.startswith(
+        "torchgeo-dofa: error: the first training epoch had no labelled pixel: every mask "
+        "pixel was ignore_index=255 or had 'valid' False"
+    ), said
     assert not list(tmp_path.glob("logs/*/version_*")), sorted(tmp_path.rglob("*"))
+    # a run that saved a checkpoint (a validation inside the epoch; outside the run's folder)
+    # keeps its folder: its metrics.csv holds that validation's rows
+    cfg["trainer"] |= {"val_check_interval": 0.5}
+    cfg["trainer"]["callbacks"] = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "ckpts"), "save_last": True},
+        }
+    ]
+    (tmp_path / "seg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(tmp_path / "seg.yaml")]) == 2
+    assert (tmp_path / "ckpts" / "last.ckpt").is_file()
+    (kept,) = tmp_path.glob("logs/*/version_*")
+    assert "val_loss" in (kept / "metrics.csv").read_text()
 
 
 def test_a_fit_refused_at_its_first_batch_leaves_no_run_folder(tmp_path: Path) -> None:

@@ -1284,6 +1284,12 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             no_labels = tasks is not None and any(
                 isinstance(e, tasks.NoLabelledPixelError) for e in exception_chain(err)
             )
+            saved = any(  # a checkpoint kept outside the run's folder: its metrics stay too
+                getattr(c, "best_model_path", "") or getattr(c, "last_model_path", "")
+                for t in trainers
+                for c in t.checkpoint_callbacks
+            )
+            no_labels = no_labels and not saved
             for folder in run_folders:
                 folder.remove_if_only_its_settings(metrics_too=no_labels)
             # a second Ctrl-C (Lightning exits 1) or Lightning's own stop on SIGTERM (exit
@@ -1351,12 +1357,16 @@ class _RunFolder:
         ``config.yaml``; the logger's ``hparams.yaml``, written as training starts, before
         the first batch: no checkpoint, no metric) and held no ``config.yaml`` before;
         folders that existed before the run are kept. ``metrics_too``: its ``metrics.csv``
-        goes too (a first epoch refused for want of labels: loss 0 and NaN, nothing to keep).
+        goes too (a first epoch refused for want of labels, no checkpoint saved: loss 0 and
+        NaN, nothing to keep), where the run made the folder (an existing one keeps it).
         """
         folder = self.folder
         if folder is None or self.had_config or not folder.is_dir():
             return
-        removable = {"config.yaml", "hparams.yaml"} | ({"metrics.csv"} if metrics_too else set())
+        new_folder = folder not in self.existed
+        removable = {"config.yaml", "hparams.yaml"} | (
+            {"metrics.csv"} if metrics_too and new_folder else set()
+        )
         with contextlib.suppress(OSError):
             names = {p.name for p in folder.iterdir()}
             if "config.yaml" not in names or not names <= removable:

@@ -942,7 +942,8 @@ class _DOFATask(BaseTask):
         The validation at an epoch's end runs before the epoch's end hooks, and ends with
         ``ModelCheckpoint``'s save: the epoch's training batches are judged here (summed over
         DDP processes). A validation inside the epoch (``val_check_interval``) is not: the
-        labelled chips of sparse labels may all come later in the epoch.
+        labelled chips of sparse labels may all come later in the epoch; it records labels
+        scored so far (for the checkpoint saved at its end, in every process).
 
         Raises:
             NoLabelledPixelError: where every training batch of the task's first epoch has
@@ -952,16 +953,21 @@ class _DOFATask(BaseTask):
         trainer = self.trainer
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
+        if self._trained_on_labels:
+            return
+        # every process's count (a checkpoint saved at this validation's end is rank 0's,
+        # and its shard may hold none of the labels seen so far)
+        ran = "train" in self._scored
+        counts = torch.tensor([int(self._scored.get("train", 0)), int(ran)], device=self.device)
+        total, ran_anywhere = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        if total > 0:
+            self._trained_on_labels = True
+            return
         progress = trainer.fit_loop.epoch_loop.batch_progress
         epoch_done = progress.is_last_batch or (
             progress.current.ready >= trainer.num_training_batches
         )
-        if self._trained_on_labels or not epoch_done:
-            return
-        ran = "train" in self._scored
-        counts = torch.tensor([int(self._scored.get("train", 0)), int(ran)], device=self.device)
-        total, ran_anywhere = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
-        if ran_anywhere and total == 0:
+        if ran_anywhere and epoch_done:
             self._no_labelled_pixel("train")
 
     def _log_loss(self, split: str, loss: Tensor, logits: Tensor, target: Tensor) -> None:

@@ -382,7 +382,8 @@ def precision_coordinates_problem(trainer: pl.Trainer) -> str | None:
     Lightning's "true" half precisions (``bf16-true``, ``16-true``: ``HalfPrecision``) cast
     every floating-point tensor of the batch, the chips' ``bounds`` and ``transform`` too:
     UTM easting 359130 becomes 358400 in bfloat16 and infinity in float16, so the writers
-    would place chips wrongly or not at all. Judged by what the trainer's precision plugin
+    would place chips wrongly or not at all; FSDP's plugins cast the batch to float32, which
+    moves this package's float64 coordinates. Judged by what the trainer's precision plugin
     does to a float64 and a float32 coordinate (any plugin, present or future): a cast that
     keeps the values (``64-true``) is no problem.
 
@@ -395,17 +396,22 @@ def precision_coordinates_problem(trainer: pl.Trainer) -> str | None:
     convert = getattr(getattr(trainer, "precision_plugin", None), "convert_input", None)
     if convert is None:
         return None
-    for dtype in (torch.float64, torch.float32):  # exact in both: a cast up loses nothing
-        probe = torch.tensor([359_130.0, 5_341_184.0], dtype=dtype)
+    # this package's datasets give float64 bounds; TorchGeo's own give float32. A value no
+    # float32 holds: a cast to float32 (FSDP's plugins) moves it; a cast up loses nothing
+    for dtype in (torch.float64, torch.float32):
+        probe = torch.tensor([359_130.123456789, 5_341_184.987654321], dtype=dtype)
         got = convert({"bounds": probe})["bounds"]
         if isinstance(got, torch.Tensor) and not torch.equal(got.double(), probe.double()):
-            shown = ", ".join(f"{v:.9g}" for v in got.double().tolist())
+            given = ", ".join(f"{v:.15g}" for v in probe.double().tolist())
+            shown = ", ".join(f"{v:.15g}" for v in got.double().tolist())
             return (
-                f"precision {trainer.precision!r} casts every floating-point tensor of the "
-                f"batch to {str(got.dtype).removeprefix('torch.')}, the chips' coordinates too "
-                f"(easting, northing 359130, 5341184 become {shown}): the outputs could not "
-                "be placed; use a mixed precision (bf16-mixed: the model computes in bf16, the "
-                "batch keeps its values), 32-true or 64-true"
+                f"precision {trainer.precision!r} ({type(trainer.precision_plugin).__name__}) "
+                f"casts every floating-point tensor of the batch to "
+                f"{str(got.dtype).removeprefix('torch.')}, the chips' coordinates too "
+                f"(easting, northing {given} become {shown}): the outputs could not be "
+                "placed exactly; use a precision that keeps the batch's values (bf16-mixed: "
+                "the model computes in bf16; 32-true; 64-true), without FSDP or DeepSpeed, "
+                "whose precision plugins cast the batch"
             )
     return None
 
