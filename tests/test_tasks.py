@@ -304,13 +304,15 @@ def test_a_task_records_every_band_set_it_trained_on(tmp_path: Path) -> None:
 
 
 #: 2-process DDP fits on the CPU: a classification whose ranks train on other bands (rank 0:
-#: 4 bands, rank 1: 9), saving the checkpoint named by argv[1]; a segmentation whose labels
+#: 4 bands, rank 1: 9), validating after its first batch and saving every checkpoint in the
+#: folder argv[3], then the checkpoint named by argv[1]; a segmentation whose labels
 #: are all in rank 1's chips, validating after its first batch (val_check_interval=0.5) and
 #: saving every checkpoint in the folder argv[2]. Lightning's launcher runs it as rank 1.
 _DDP_FIT = """
 import sys
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 from torchgeo.datasets import stack_samples
 from torchgeo_dofa.bands import DOFA_S2_BANDS
@@ -322,20 +324,21 @@ class PerRank(Dataset):
             for b in (["B4", "B3", "B2", "B8"], list(DOFA_S2_BANDS))]
 
     def __len__(self):
-        return 4
+        return 8
 
     def __getitem__(self, i):
         return self.sets[torch.distributed.get_rank()][i % 2]
 
 task = DOFAClassificationTask(num_classes=2, weights=None, interpolate_pos_embed=True,
                               patience=None)
+chips = DataLoader(PerRank(), batch_size=2, collate_fn=stack_samples)
 trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
-                  enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False, limit_val_batches=0)
-trainer.fit(task, DataLoader(PerRank(), batch_size=2, collate_fn=stack_samples))
+                  enable_progress_bar=False, enable_model_summary=False,
+                  val_check_interval=0.5, limit_val_batches=1, num_sanity_val_steps=0,
+                  callbacks=[ModelCheckpoint(dirpath=sys.argv[3], save_top_k=-1)])
+trainer.fit(task, chips, chips)
 trainer.save_checkpoint(sys.argv[1])
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torchgeo_dofa.tasks import DOFASegmentationTask
 
 class LabelsOnRank1(Dataset):
@@ -375,12 +378,13 @@ def test_ddp_ranks_training_on_other_bands_or_labels_are_all_recorded(tmp_path: 
     env = {k: v for k, v in os.environ.items() if k not in DDP_ENV}
     env |= {"MASTER_PORT": str(rendezvous_port()), "PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "ddp.ckpt"), str(tmp_path / "seg")],
+        [sys.executable, str(script), *(str(tmp_path / n) for n in ("ddp.ckpt", "seg", "cls"))],
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    saved = torch.load(tmp_path / "ddp.ckpt", weights_only=False)[TRAINED_WAVELENGTHS_KEY]
-    assert sorted(map(len, saved)) == [4, 9], saved
+    for path in (tmp_path / "ddp.ckpt", tmp_path / "cls" / "epoch=0-step=1.ckpt"):
+        saved = torch.load(path, weights_only=False)[TRAINED_WAVELENGTHS_KEY]
+        assert sorted(map(len, saved)) == [4, 9], (path.name, saved)
     inner = torch.load(tmp_path / "seg" / "epoch=0-step=1.ckpt", weights_only=False)
     assert inner[TRAINED_ON_LABELS_KEY] is True
 

@@ -943,7 +943,8 @@ class _DOFATask(BaseTask):
         ``ModelCheckpoint``'s save: the epoch's training batches are judged here (summed over
         DDP processes). A validation inside the epoch (``val_check_interval``) is not: the
         labelled chips of sparse labels may all come later in the epoch; it records labels
-        scored so far (for the checkpoint saved at its end, in every process).
+        scored so far. Both gather every process's record (labels scored, band sets) for the
+        checkpoint saved at their end.
 
         Raises:
             NoLabelledPixelError: where every training batch of the task's first epoch has
@@ -953,6 +954,7 @@ class _DOFATask(BaseTask):
         trainer = self.trainer
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
+        self._gather_trained_wavelengths()  # for the checkpoint saved at its end
         if self._trained_on_labels:
             return
         # every process's count (a checkpoint saved at this validation's end is rank 0's,
