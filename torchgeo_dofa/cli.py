@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _warnings
@@ -1819,14 +1820,18 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
     return 0
 
 
+def _innermost(err: BaseException) -> TracebackType | None:
+    """The innermost entry of ``err``'s traceback (where it was raised), or None."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb
+
+
 def _raised_in(err: BaseException, folder: Path) -> bool:
     """Whether the innermost frame of ``err``'s traceback is code under ``folder``."""
-    tb = err.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(folder)
+    tb = _innermost(err)
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(folder)
 
 
 def _raised_here(err: BaseException) -> bool:
@@ -1863,12 +1868,8 @@ def _trainer_settings_error(err: BaseException) -> bool:
         return True
     if not isinstance(err, ValueError | TypeError | ModuleNotFoundError):
         return False
-    if not _raised_in(err, Path(lightning.__file__).resolve().parent):
-        return False
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
+    tb = _innermost(err)
+    if tb is None or not _raised_in(err, Path(lightning.__file__).resolve().parent):
         return False
     line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
     return line.lstrip().startswith("raise ")
