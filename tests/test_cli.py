@@ -1022,7 +1022,17 @@ def test_predict_config_names_trainer_settings_lightning_refuses(
         "plugins cast the batch"
     ), err[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]
-    cfg["trainer"] |= {"precision": "32-true", "limit_predict_batches": 0}  # was exit 0
+    # a fraction of no batch: Lightning's MisconfigurationException as the run starts was a
+    # traceback, exit 1
+    cfg["trainer"] |= {"precision": "32-true", "limit_predict_batches": 0.001}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(
+        "torchgeo-dofa: error: You requested to check 0.001 of the `predict_dataloader`"
+    ), err[-3000:]
+    assert not [p for p in tmp_path.iterdir() if p.suffix in (".tif", ".parquet", ".parts")]
+    cfg["trainer"] |= {"limit_predict_batches": 0}  # was exit 0
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (

@@ -1774,10 +1774,13 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
     unnormalised input, a corrupt checkpoint, unknown bands, values that are not raw
     reflectance, a missing or unreadable input, an output path that cannot be the job's)
     and any ``ValueError`` raised by its code (an unknown variant, a stride off the output
-    grid), also where jsonargparse wraps them; a failed output write exits 1, a DDP
+    grid), also where jsonargparse wraps them, and Lightning's ``MisconfigurationException``
+    (a setting it refuses as the run starts); a failed output write exits 1, a DDP
     rendezvous port held by another process 1 (:class:`~torchgeo_dofa.jobs.RendezvousPortError`)
     and another job on the same output 75. Any other error keeps Lightning's traceback.
     """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from .bands import BandError
     from .datasets import InputError
     from .embedder import NotNormalisedError
@@ -1799,7 +1802,13 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
     )
 
     def bad_input(err: BaseException) -> bool:
-        return isinstance(err, ours) or (isinstance(err, ValueError) and _raised_here(err))
+        return (
+            isinstance(err, ours)
+            or (isinstance(err, ValueError) and _raised_here(err))
+            # Lightning refusing the run's settings as it runs (a limit_predict_batches
+            # fraction of no batch): its message names the setting
+            or isinstance(err, MisconfigurationException)
+        )
 
     try:
         _lightning_cli(args)
