@@ -1290,9 +1290,8 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 for t in trainers
                 for c in t.checkpoint_callbacks
             )
-            no_labels = no_labels and not saved
             for folder in run_folders:
-                folder.remove_if_only_its_settings(metrics_too=no_labels)
+                folder.remove_if_only_its_settings(metrics_too=no_labels and not saved)
             # a second Ctrl-C (Lightning exits 1) or Lightning's own stop on SIGTERM (exit
             # 0) ended the run: it is the job's interruption
             if stop.received is not None and isinstance(err, SystemExit | KeyboardInterrupt):

@@ -610,7 +610,7 @@ class _DOFATask(BaseTask):
         trainer = self._trainer
         resuming = trainer is not None and trainer.state.fn == TrainerFn.FITTING
         self._trained_on_labels = resuming and bool(checkpoint.get(TRAINED_ON_LABELS_KEY, True))
-        path = _LOADING_FILE.get() or getattr(self._trainer, "ckpt_path", None)
+        path = _LOADING_FILE.get() or getattr(trainer, "ckpt_path", None)
         saved, state = checkpoint.get(STATE_DIGEST_KEY), checkpoint.get("state_dict")
         if isinstance(saved, str) and isinstance(state, Mapping):
             now = state_dict_digest(state)
@@ -622,8 +622,7 @@ class _DOFATask(BaseTask):
                     "copy or save it again), or its state_dict was edited after saving (then "
                     f"delete its {STATE_DIGEST_KEY!r} entry before loading)"
                 )
-        trainer = self._trainer  # the weights' damage first, then the optimizer's state
-        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+        if resuming:  # the weights' damage first, then the optimizer's state
             check_finite_optimizer_states(
                 checkpoint, f"the checkpoint {path}" if path else "the checkpoint"
             )
@@ -883,11 +882,8 @@ class _DOFATask(BaseTask):
             ValueError: where no pixel of the task's first training epoch was labelled.
         """
         values = metrics.compute()
-        ran = split in self._scored  # a batch of this split ran in this process
-        scored = self._scored.pop(split, 0)
-        # scored: a tensor on the task's device (segmentation) or an int; one sync per epoch
-        counts = torch.tensor([int(scored), int(ran)], device=self.device)
-        total, ran_anywhere = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        total, ran_anywhere = self._scored_everywhere(split)
+        self._scored.pop(split, None)
         if total == 0:
             values = {k: torch.tensor(math.nan) for k in values}
             if ran_anywhere:
@@ -896,6 +892,19 @@ class _DOFATask(BaseTask):
             self._trained_on_labels = True
         self.log_dict(values)
         metrics.reset()
+
+    def _scored_everywhere(self, split: str) -> tuple[int, int]:
+        """Targets of ``split`` scored so far this epoch, and processes that ran a batch of it.
+
+        Both summed over DDP processes (one reduce of two numbers: a collective, so every
+        process must call it; one device sync).
+        """
+        ran = split in self._scored  # a batch of this split ran in this process
+        # a tensor on the task's device (segmentation) or an int
+        scored = self._scored.get(split, 0)
+        counts = torch.tensor([int(scored), int(ran)], device=self.device)
+        total, ran_anywhere = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        return int(total), int(ran_anywhere)
 
     def _no_labelled_pixel(self, split: str) -> None:
         """An epoch of ``split`` scored no target: raise for the task's first, else warn.
@@ -959,9 +968,7 @@ class _DOFATask(BaseTask):
             return
         # every process's count (a checkpoint saved at this validation's end is rank 0's,
         # and its shard may hold none of the labels seen so far)
-        ran = "train" in self._scored
-        counts = torch.tensor([int(self._scored.get("train", 0)), int(ran)], device=self.device)
-        total, ran_anywhere = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        total, ran_anywhere = self._scored_everywhere("train")
         if total > 0:
             self._trained_on_labels = True
             return
