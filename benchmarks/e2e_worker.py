@@ -29,7 +29,8 @@ region size can be run in seconds (the model's own memory does not depend on the
 The embedder is built before the job (so the "before" timing can use it) and handed to
 ``embed`` in place of the one it would build; everything else is ``embed`` as users run it,
 with Python's cyclic collector as the ``torchgeo-dofa`` command sets it (paused while the
-libraries load, their objects then frozen).
+libraries load, their objects then frozen), and its OpenMP and allocator settings
+(``torchgeo_dofa.__main__``).
 """
 
 from __future__ import annotations
@@ -118,9 +119,10 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from torchgeo_dofa.__main__ import apply_openmp_defaults
+    from torchgeo_dofa.__main__ import apply_malloc_defaults, apply_openmp_defaults
 
     apply_openmp_defaults()  # the torchgeo-dofa command's OpenMP settings, before torch loads
+    apply_malloc_defaults()  # and its allocator's (TORCHGEO_DOFA_MALLOPT=0: glibc's own)
     gc.disable()  # as the command loads its libraries (torchgeo_dofa.__main__.run_as_command)
     import lightning.pytorch as pl
     import rasterio

@@ -60,6 +60,7 @@ from benchmarks.bench_utils import (
     timed,
     write_scene,
 )
+from torchgeo_dofa.__main__ import apply_malloc_defaults
 from torchgeo_dofa.model import DOFAEncoder, build_encoder
 
 CHANNELS = len(DEMO_WAVELENGTHS)
@@ -918,6 +919,14 @@ def table(report: Report, s: Settings) -> str:
         f"{p['bf16_end']:.1f}]"
     )
     c = report.checks
+    lines.append(
+        "- allocator (this process and the embed jobs, as the torchgeo-dofa command): "
+        + (
+            ", ".join(f"{k} {v >> 20} MiB" for k, v in c["malloc"].items())
+            if c.get("malloc")
+            else "left as it is (not glibc, or TORCHGEO_DOFA_MALLOPT=0 / the user's own)"
+        )
+    )
     if "base_gflop_per_image" in c:
         lines.append(
             f"- model FLOPs (base, 4 bands): {c['base_gflop_per_image']:.2f} GFLOP/image + "
@@ -976,7 +985,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_e2e:
         sections -= {"cli", "e2e", "read"}
     start = time.perf_counter()
-    report = Report(machine=machine())
+    # the command's allocator settings here too, so ours and TorchGeo's forward are timed
+    # as the embed job runs them (fewer page faults for both: TorchGeo's reference is not
+    # held back by glibc's defaults)
+    report = Report(machine=machine(), checks={"malloc": apply_malloc_defaults()})
     log("matmul peaks")
     first = measure_peaks(s)
     if "encoder" in sections:

@@ -38,9 +38,10 @@ def main() -> int:
         # only the local cache can serve the weights: fail fast instead of retrying
         os.environ["HF_HUB_OFFLINE"] = "1"
 
-    from torchgeo_dofa.__main__ import apply_openmp_defaults
+    from torchgeo_dofa.__main__ import apply_malloc_defaults, apply_openmp_defaults
 
     apply_openmp_defaults()  # as the torchgeo-dofa command does, before torch is loaded
+    apply_malloc_defaults()
     from torchgeo_dofa.cli import embed
     from torchgeo_dofa.preview import render_preview
     from torchgeo_dofa.weights import CheckpointError, resolve_weights

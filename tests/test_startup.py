@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 
@@ -383,3 +384,74 @@ def test_a_stop_is_advised_alike_wherever_it_is_reported(
         assert stop_advice(command, resumable=False) == advice
     else:
         assert stop_advice(command, began=began) == advice
+
+
+def _glibc() -> bool:
+    try:
+        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+_HEAP_PROBE = """
+import ctypes, json, os, sys
+import numpy as np
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd",
+        "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+if sys.argv[1] == "command":  # the torchgeo-dofa command, as its console script runs it
+    sys.argv = ["torchgeo-dofa", "--help"]
+    from torchgeo_dofa.__main__ import main
+    try:
+        main()
+    except SystemExit:
+        pass
+before = mallinfo2()
+block = np.ones(64 << 18, dtype=np.float32)  # 64 MiB, as a batch's activations
+held = mallinfo2()
+del block
+freed = mallinfo2()
+print(json.dumps({"mapped_held": held.hblkhd - before.hblkhd, "heap_after_free": freed.arena}))
+"""
+
+
+def _heap_probe(how: str, **env: str) -> dict[str, int]:
+    """Where glibc puts a 64 MiB block and what it keeps once it is freed, in a fresh process."""
+    import json
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "TORCHGEO_"))}
+    out = subprocess.run(
+        [sys.executable, "-c", _HEAP_PROBE, how],
+        capture_output=True, text=True, env={**clean, **env}, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's allocator settings only")
+def test_the_command_keeps_freed_tensors_in_the_heap() -> None:
+    """A batch-sized block is mapped and unmapped by glibc's defaults (each batch page-faults
+    its memory in again); the command keeps it in the heap, unless the user says otherwise."""
+    plain = _heap_probe("plain")
+    assert plain["mapped_held"] >= 64 << 20  # mmap'd: returned to the system when freed
+    tuned = _heap_probe("command")
+    assert tuned["mapped_held"] == 0 and tuned["heap_after_free"] >= 64 << 20
+    for env in ({"TORCHGEO_DOFA_MALLOPT": "0"}, {"MALLOC_MMAP_THRESHOLD_": "131072"}):
+        assert _heap_probe("command", **env)["mapped_held"] >= 64 << 20, env
+
+
+def test_malloc_defaults_leave_a_users_allocator_settings_alone() -> None:
+    from torchgeo_dofa.__main__ import apply_malloc_defaults
+
+    for env in (
+        {"MALLOC_TRIM_THRESHOLD_": "0"},
+        {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"},
+        {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
+        {"TORCHGEO_DOFA_MALLOPT": "0"},
+    ):
+        assert apply_malloc_defaults(env) == {}, env
