@@ -49,15 +49,20 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 #: Environment defaults the command line applies before PyTorch is loaded (see above).
 OPENMP_DEFAULTS: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
 
-#: glibc ``mallopt`` settings the command applies (see above): parameter number and value.
-#: ``M_TRIM_THRESHOLD`` (-1) and ``M_MMAP_THRESHOLD`` (-3) from glibc's ``<malloc.h>``; 1 GiB
-#: keeps every tensor of a DOFA large batch in the heap (``mallopt`` takes an ``int``).
-MALLOC_DEFAULTS: dict[str, tuple[int, int]] = {
-    "M_TRIM_THRESHOLD": (-1, 1 << 30),
-    "M_MMAP_THRESHOLD": (-3, 1 << 30),
-}
+#: glibc's ``mallopt`` parameter numbers (``<malloc.h>``).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
-#: The subcommands whose process gets :data:`MALLOC_DEFAULTS`: the prediction jobs, where
+#: The mmap thresholds :func:`apply_malloc_defaults` tries, in order: 1 GiB keeps every
+#: tensor of a DOFA large batch in the heap (``mallopt`` takes an ``int``); glibc releases
+#: that refuse a threshold above ``HEAP_MAX_SIZE / 2`` (32 MiB on 64-bit) get 32 MiB, the
+#: most glibc's own dynamic threshold reaches, fixed from the start.
+MALLOC_MMAP_THRESHOLDS = (1 << 30, 32 << 20)
+
+#: The trim threshold, set once an mmap threshold is: the heap's free top is returned to the
+#: system only beyond it.
+MALLOC_TRIM_THRESHOLD = 1 << 30
+
+#: The subcommands whose process gets :func:`apply_malloc_defaults`: the prediction jobs, where
 #: they were measured to pay. ``fit`` keeps glibc's defaults: the segmentation example
 #: (``configs/finetune_segmentation.yaml``, 2 epochs) peaked at 5.37 GB with them against 4.43
 #: GB without (its checkpoints' buffers stay in the heap), in the same time (39.0 vs 39.9 s).
@@ -66,14 +71,24 @@ MALLOC_COMMANDS = ("embed", "predict")
 #: Set to ``0`` to keep glibc's allocator as it is (:func:`apply_malloc_defaults`).
 MALLOPT_VARIABLE = "TORCHGEO_DOFA_MALLOPT"
 
-#: glibc's own environment variables for its allocator: where one is set the command leaves
-#: the allocator as the user set it.
+#: glibc's own environment variables for the settings :func:`apply_malloc_defaults` makes
+#: (set, even empty, they are the user's: glibc reads an empty one as 0), and their
+#: ``GLIBC_TUNABLES`` names.
 _MALLOC_ENVIRONMENT = (
     "MALLOC_MMAP_THRESHOLD_",
     "MALLOC_TRIM_THRESHOLD_",
     "MALLOC_TOP_PAD_",
     "MALLOC_MMAP_MAX_",
 )
+_MALLOC_TUNABLES = (
+    "glibc.malloc.mmap_threshold",
+    "glibc.malloc.trim_threshold",
+    "glibc.malloc.top_pad",
+    "glibc.malloc.mmap_max",
+)
+
+#: Allocators that replace glibc's through ``LD_PRELOAD`` (matched in the library's name).
+_PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc", "hoard", "scudo", "snmalloc")
 
 #: Set to ``0`` to leave the command's exit to Python (the interpreter's full teardown).
 FAST_EXIT_VARIABLE = "TORCHGEO_DOFA_FAST_EXIT"
@@ -208,46 +223,70 @@ def apply_openmp_defaults(environ: MutableMapping[str, str] | None = None) -> di
     return applied
 
 
-def apply_malloc_defaults(environ: Mapping[str, str] | None = None) -> dict[str, int]:
-    """Raise glibc's mmap and trim thresholds (:data:`MALLOC_DEFAULTS`) for this process.
+def apply_malloc_defaults(
+    environ: Mapping[str, str] | None = None,
+    *,
+    mallopt: Callable[[int, int], int] | None = None,
+) -> dict[str, int]:
+    """Raise glibc's mmap and trim thresholds for this process.
 
     Freed tensors then stay in the heap for the next batch instead of being unmapped and
     mapped (and zero-filled) again: see the module's docstring for why and what it measured.
-    Forked DataLoader workers inherit the setting. The ``torchgeo-dofa`` command applies it
-    to its own process for ``embed`` and ``predict`` (:data:`MALLOC_COMMANDS`); a Python
-    program may call it once, early (it changes how the whole process allocates: memory
-    freed stays reserved until the process ends, so the peak resident memory can be higher:
-    +5-9 % for a 256-chip ``embed``, +21 % for a fit, see :data:`MALLOC_COMMANDS`).
+    The mmap threshold is set first (:data:`MALLOC_MMAP_THRESHOLDS`, the first glibc takes),
+    then the trim threshold (:data:`MALLOC_TRIM_THRESHOLD`); where glibc takes no mmap
+    threshold nothing is set, since a trim threshold alone fixes the mmap threshold at 128
+    KiB, slower than glibc's defaults. DataLoader workers started by ``fork`` inherit the
+    setting (Linux's default start method before Python 3.14; a ``forkserver`` or ``spawn``
+    worker allocates with glibc's defaults, its batches are small). The ``torchgeo-dofa``
+    command applies it to its own process for ``embed`` and ``predict``
+    (:data:`MALLOC_COMMANDS`); a Python program may call it once, early (it changes how the
+    whole process allocates: memory freed stays reserved until the process ends, so the
+    peak resident memory can be higher: +5-9 % for a 256-chip ``embed``, +21 % for a fit,
+    see :data:`MALLOC_COMMANDS`).
 
     Args:
         environ: the environment to consult (default: ``os.environ``).
+        mallopt: glibc's ``mallopt`` (default: this process's, through ctypes); any callable
+            taking (parameter, value) and returning non-zero on success.
 
     Returns:
-        The settings applied, by name; empty where nothing was changed: not glibc (macOS,
-        musl), ``TORCHGEO_DOFA_MALLOPT=0``, or a setting of the user's own
-        (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``,
-        ``MALLOC_MMAP_MAX_``, a ``glibc.malloc`` entry in ``GLIBC_TUNABLES``, or an
-        allocator such as jemalloc, tcmalloc or mimalloc in ``LD_PRELOAD``).
+        The settings applied, by name (``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``); empty where
+        nothing was changed: not glibc (macOS, musl, Windows), ``TORCHGEO_DOFA_MALLOPT=0``, a
+        setting of the user's own (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
+        ``MALLOC_TOP_PAD_`` or ``MALLOC_MMAP_MAX_`` set, even empty; their
+        ``glibc.malloc.*`` entries in ``GLIBC_TUNABLES``), another allocator in
+        ``LD_PRELOAD`` (jemalloc, tcmalloc, mimalloc, Hoard, Scudo, snmalloc), or a glibc that
+        takes no mmap threshold.
     """
     env = os.environ if environ is None else environ
+    preload = env.get("LD_PRELOAD", "").lower()
     if (
-        any(env.get(k) for k in _MALLOC_ENVIRONMENT)
-        or "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
-        or "malloc" in env.get("LD_PRELOAD", "")  # jemalloc, tcmalloc, mimalloc
+        any(k in env for k in _MALLOC_ENVIRONMENT)
+        or any(t in env.get("GLIBC_TUNABLES", "") for t in _MALLOC_TUNABLES)
+        or any(name in preload for name in _PRELOADED_ALLOCATORS)
         or env.get(MALLOPT_VARIABLE) == "0"
     ):
         return {}
-    try:
-        glibc = bool(os.confstr("CS_GNU_LIBC_VERSION"))
-    except (ValueError, OSError, AttributeError):  # not glibc, or no confstr (Windows)
-        glibc = False
-    if not glibc:
-        return {}
-    mallopt = ctypes.CDLL(None).mallopt
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return {
-        name: value for name, (param, value) in MALLOC_DEFAULTS.items() if mallopt(param, value)
-    }
+    if mallopt is None:
+        try:
+            glibc = bool(os.confstr("CS_GNU_LIBC_VERSION"))
+        except (ValueError, OSError, AttributeError):  # not glibc, or no confstr (Windows)
+            glibc = False
+        if not glibc:
+            return {}
+        libc_mallopt = ctypes.CDLL(None).mallopt
+        libc_mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+        mallopt = libc_mallopt
+    applied: dict[str, int] = {}
+    for value in MALLOC_MMAP_THRESHOLDS:
+        if mallopt(M_MMAP_THRESHOLD, value):
+            applied["M_MMAP_THRESHOLD"] = value
+            break
+    else:
+        return applied  # glibc's dynamic threshold stays
+    if mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD):
+        applied["M_TRIM_THRESHOLD"] = MALLOC_TRIM_THRESHOLD
+    return applied
 
 
 def main(argv: Sequence[str] | None = None) -> int:
