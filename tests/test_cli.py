@@ -1083,6 +1083,9 @@ def test_only_lightnings_own_refusals_are_named_trainer_settings() -> None:
     assert isinstance(bug, TypeError) and not _trainer_settings_error(bug)
     if importlib.util.find_spec("torch_xla") is None:  # a package missing: named, one line
         assert _trainer_settings_error(error_of(strategy="xla"))
+    # a registered strategy that its name alone cannot build (needs a device): a setting
+    unbuilt = error_of(strategy="single_xla")
+    assert isinstance(unbuilt, TypeError) and _trainer_settings_error(unbuilt)
 
 
 def _processes_naming(text: str) -> list[int]:

@@ -1863,9 +1863,11 @@ def _trainer_settings_error(err: BaseException) -> bool:
     Lightning's ``MisconfigurationException`` (DeepSpeed not installed), or a ``ValueError`` /
     ``TypeError`` / ``ModuleNotFoundError`` that Lightning's own code raises with a ``raise``
     statement (an unknown strategy name, FSDP on a CPU, ``devices: -1`` on a CPU,
-    ``accelerator: tpu`` without ``torch_xla``). Not an error of Python's own in a call
-    (``takes 1 positional argument but 2 were given``: a plugin of the user's with another
-    signature, or a strategy missing an argument), nor one raised in the user's code.
+    ``accelerator: tpu`` without ``torch_xla``), or a ``TypeError`` of Lightning's strategy
+    registry building the strategy named by ``strategy`` from its registered parameters
+    (``single_xla`` needs a ``device``: no name alone builds it). Not another error of
+    Python's own in a call (``takes 1 positional argument but 2 were given``: a plugin of the
+    user's with another signature), nor one raised in the user's code.
     """
     import linecache
 
@@ -1879,7 +1881,12 @@ def _trainer_settings_error(err: BaseException) -> bool:
     tb = _innermost(err)
     if tb is None or not _raised_in(err, Path(lightning.__file__).resolve().parent):
         return False
-    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+    code = tb.tb_frame.f_code
+    if isinstance(err, TypeError) and code.co_name == "get":  # StrategyRegistry.get(name)
+        registry = Path(code.co_filename).resolve()
+        if registry.name == "registry.py" and registry.parent.name == "strategies":
+            return True
+    line = linecache.getline(code.co_filename, tb.tb_lineno)
     return line.lstrip().startswith("raise ")
 
 
