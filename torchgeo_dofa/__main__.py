@@ -23,7 +23,7 @@ batch of 32 are 39 MB in bf16, 77 MB in fp32). glibc's ``malloc`` serves blocks 
 mmap threshold (128 KiB, rising to at most 32 MiB as large blocks are freed) with a fresh
 ``mmap`` and returns them with ``munmap`` when freed, and trims the heap's free top above its
 trim threshold: every batch then maps, zero-fills (a page fault a 4 KiB page) and unmaps
-the same memory again. Measured on a 2-core Sapphire Rapids class VM (AMX), DOFA base, bf16,
+the same memory again. Measured on a 2-core Intel Xeon VM with AMX, DOFA base, bf16,
 batch 32, three timings of three batches each: the encoder alone 34.7-35.8 img/s with 0.7-0.9
 s of system time and 400,000-600,000 page faults per three batches, against 35.2-39.1 img/s,
 0.02-0.1 s and none after the first batches with both thresholds at 1 GiB; an embed job of
