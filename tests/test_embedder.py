@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch.utils.data import DataLoader
 from torchgeo.samplers import GriddedPatchSampler
@@ -448,3 +449,24 @@ def test_a_time_series_is_refused_before_anything_is_written(tmp_path: Path) -> 
     ):
         trainer.predict(module, dataloaders=loader, return_predictions=False)
     assert not out.exists()
+
+
+def test_finite_outputs_whose_sum_overflows_are_not_refused() -> None:
+    """The output check sums in float32 (a 25x cheaper pass than float64); a sum that overflows
+    from finite values (fp16 logits near 65504, float64 beyond float32's range) is told apart
+    by counting, and only NaN / infinity is refused, naming the chips that hold it."""
+    from torchgeo_dofa.embedder import NonFiniteOutputError, check_finite_output
+
+    for finite in (
+        torch.full((2, 4), 3e38),  # float32: the sum overflows
+        torch.full((2, 4), 6e4, dtype=torch.float16),
+        torch.full((2, 4), 1e300, dtype=torch.float64),  # beyond float32 itself
+        torch.full((2, 4), 3e38, dtype=torch.bfloat16),
+    ):
+        check_finite_output(finite, "m")
+    for bad, dtype in ((float("nan"), torch.float32), (float("inf"), torch.float16),
+                       (float("-inf"), torch.float64), (float("nan"), torch.bfloat16)):  # fmt: skip
+        values = torch.ones(3, 2, 5, dtype=dtype)
+        values[1, 1, 4] = bad
+        with pytest.raises(NonFiniteOutputError, match="for 1 of the 3 chip"):
+            check_finite_output(values, "m")

@@ -322,9 +322,14 @@ def check_finite_output(values: Tensor, model: str) -> None:
         NonFiniteOutputError: naming how many chips of the batch hold NaN / infinity, and
             the fixes.
     """
-    if values.numel() == 0 or math.isfinite(float(values.detach().sum(dtype=torch.float64))):
+    # a finite sum means every value is finite (NaN and infinity propagate): 0.4 ms for a
+    # (32, 768, 14, 14) grid summed in float32 against 10 ms in float64; a sum that
+    # overflowed from finite values is told apart by the exact count below
+    if values.numel() == 0 or math.isfinite(float(values.detach().sum(dtype=torch.float32))):
         return
     bad = int((~torch.isfinite(values.detach())).flatten(1).any(dim=1).sum())
+    if not bad:
+        return
     raise NonFiniteOutputError(
         f"{model} gave NaN or infinite values for {bad} of the {values.shape[0]} chip(s) of a "
         "batch whose input is finite: the arithmetic overflowed (fp16: run in bf16-mixed or "
