@@ -470,3 +470,10 @@ def test_finite_outputs_whose_sum_overflows_are_not_refused() -> None:
         values[1, 1, 4] = bad
         with pytest.raises(NonFiniteOutputError, match="for 1 of the 3 chip"):
             check_finite_output(values, "m")
+    # a value per chip, (B,), and a lone value, as the docstring's (B, ...) allows
+    check_finite_output(torch.full((3,), 3e38), "m")
+    check_finite_output(torch.tensor(3e38), "m")
+    with pytest.raises(NonFiniteOutputError, match="for 1 of the 3 chip"):
+        check_finite_output(torch.tensor([1.0, float("nan"), 2.0]), "m")
+    with pytest.raises(NonFiniteOutputError, match="for 1 of the 1 chip"):
+        check_finite_output(torch.tensor(float("inf")), "m")

@@ -474,6 +474,7 @@ def test_malloc_defaults_leave_a_users_allocator_settings_alone() -> None:
         {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"},
         {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
         {"LD_PRELOAD": "/opt/libTCMalloc_minimal.so"},
+        {"LD_PRELOAD": "/opt/intel/oneapi/tbb/lib/libtbbmalloc_proxy.so.2"},
         {"TORCHGEO_DOFA_MALLOPT": "0"},
     ):
         assert apply_malloc_defaults(env, mallopt=mallopt) == {}, env

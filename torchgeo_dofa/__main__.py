@@ -88,7 +88,17 @@ _MALLOC_TUNABLES = (
 )
 
 #: Allocators that replace glibc's through ``LD_PRELOAD`` (matched in the library's name).
-_PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc", "hoard", "scudo", "snmalloc")
+_PRELOADED_ALLOCATORS = (
+    "jemalloc",
+    "tcmalloc",
+    "mimalloc",
+    "hoard",
+    "scudo",
+    "snmalloc",
+    "tbbmalloc",
+    "rpmalloc",
+    "hardened_malloc",
+)
 
 #: Set to ``0`` to leave the command's exit to Python (the interpreter's full teardown).
 FAST_EXIT_VARIABLE = "TORCHGEO_DOFA_FAST_EXIT"
@@ -255,8 +265,8 @@ def apply_malloc_defaults(
         setting of the user's own (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
         ``MALLOC_TOP_PAD_`` or ``MALLOC_MMAP_MAX_`` set, even empty; their
         ``glibc.malloc.*`` entries in ``GLIBC_TUNABLES``), another allocator in
-        ``LD_PRELOAD`` (jemalloc, tcmalloc, mimalloc, Hoard, Scudo, snmalloc), or a glibc that
-        takes no mmap threshold.
+        ``LD_PRELOAD`` (jemalloc, tcmalloc, mimalloc, Hoard, Scudo, snmalloc, oneTBB's
+        tbbmalloc, rpmalloc, hardened_malloc), or a glibc that takes no mmap threshold.
     """
     env = os.environ if environ is None else environ
     preload = env.get("LD_PRELOAD", "").lower()

@@ -1865,9 +1865,11 @@ def _trainer_settings_error(err: BaseException) -> bool:
     statement (an unknown strategy name, FSDP on a CPU, ``devices: -1`` on a CPU,
     ``accelerator: tpu`` without ``torch_xla``), or a ``TypeError`` of Lightning's strategy
     registry building the strategy named by ``strategy`` from its registered parameters
-    (``single_xla`` needs a ``device``: no name alone builds it). Not another error of
-    Python's own in a call (``takes 1 positional argument but 2 were given``: a plugin of the
-    user's with another signature), nor one raised in the user's code.
+    (``single_xla`` needs a ``device``: no name alone builds it; a strategy the user
+    registered with parameters its class does not take is named the same way). Not another
+    error of Python's own in a call (``takes 1 positional argument but 2 were given``: a
+    plugin of the user's with another signature), nor one raised in the user's code (a
+    strategy's own ``__init__``).
     """
     import linecache
 

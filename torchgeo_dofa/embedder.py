@@ -327,11 +327,12 @@ def check_finite_output(values: Tensor, model: str) -> None:
     # overflowed from finite values is told apart by the exact count below
     if values.numel() == 0 or math.isfinite(float(values.detach().sum(dtype=torch.float32))):
         return
-    bad = int((~torch.isfinite(values.detach())).flatten(1).any(dim=1).sum())
+    chips = values.detach().reshape(values.shape[0] if values.ndim else 1, -1)  # (B,) too
+    bad = int((~torch.isfinite(chips)).any(dim=1).sum())
     if not bad:
         return
     raise NonFiniteOutputError(
-        f"{model} gave NaN or infinite values for {bad} of the {values.shape[0]} chip(s) of a "
+        f"{model} gave NaN or infinite values for {bad} of the {chips.shape[0]} chip(s) of a "
         "batch whose input is finite: the arithmetic overflowed (fp16: run in bf16-mixed or "
         "32-true precision) or the model's weights were changed to non-finite values after "
         "they were loaded; nothing of that batch was written"
