@@ -1881,12 +1881,14 @@ def _trainer_settings_error(err: BaseException) -> bool:
     if not isinstance(err, ValueError | TypeError | ModuleNotFoundError):
         return False
     tb = _innermost(err)
-    if tb is None or not _raised_in(err, Path(lightning.__file__).resolve().parent):
+    if tb is None:
         return False
     code = tb.tb_frame.f_code
+    where = Path(code.co_filename).resolve()
+    if not where.is_relative_to(Path(lightning.__file__).resolve().parent):
+        return False
     if isinstance(err, TypeError) and code.co_name == "get":  # StrategyRegistry.get(name)
-        registry = Path(code.co_filename).resolve()
-        if registry.name == "registry.py" and registry.parent.name == "strategies":
+        if where.name == "registry.py" and where.parent.name == "strategies":
             return True
     line = linecache.getline(code.co_filename, tb.tb_lineno)
     return line.lstrip().startswith("raise ")
