@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import torchgeo_dofa
+from torchgeo_dofa.__main__ import _is_glibc
 
 
 def test_import_loads_no_heavy_module(tmp_path) -> None:
@@ -387,13 +388,6 @@ def test_a_stop_is_advised_alike_wherever_it_is_reported(
         assert stop_advice(command, began=began) == advice
 
 
-def _glibc() -> bool:
-    try:
-        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
-    except (ValueError, OSError, AttributeError):
-        return False
-
-
 _HEAP_PROBE = """
 import ctypes, json, os, sys
 import numpy as np
@@ -439,7 +433,7 @@ def _heap_probe(*command: str, **env: str) -> dict[str, int]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.skipif(not _glibc(), reason="glibc's allocator settings only")
+@pytest.mark.skipif(not _is_glibc(), reason="glibc's allocator settings only")
 def test_the_command_keeps_freed_tensors_in_the_heap() -> None:
     """A batch-sized block is mapped and unmapped by glibc's defaults (each batch page-faults
     its memory in again); the prediction commands keep it in the heap, unless the user says

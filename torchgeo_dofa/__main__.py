@@ -233,6 +233,14 @@ def apply_openmp_defaults(environ: MutableMapping[str, str] | None = None) -> di
     return applied
 
 
+def _is_glibc() -> bool:
+    """Whether this process runs on glibc (not musl, macOS's libc or Windows)."""
+    try:
+        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError, AttributeError):  # not glibc, or no confstr (Windows)
+        return False
+
+
 def apply_malloc_defaults(
     environ: Mapping[str, str] | None = None,
     *,
@@ -278,11 +286,7 @@ def apply_malloc_defaults(
     ):
         return {}
     if mallopt is None:
-        try:
-            glibc = bool(os.confstr("CS_GNU_LIBC_VERSION"))
-        except (ValueError, OSError, AttributeError):  # not glibc, or no confstr (Windows)
-            glibc = False
-        if not glibc:
+        if not _is_glibc():
             return {}
         libc_mallopt = ctypes.CDLL(None).mallopt
         libc_mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
