@@ -1007,6 +1007,23 @@ def test_predict_config_names_trainer_settings_lightning_refuses(
         ), err[-3000:]
         assert "Traceback" not in err
         assert not (tmp_path / "g.tif").exists() and not (tmp_path / "p.parquet").exists()
+    # a GPU on a machine without one: Lightning says "No supported gpu backend found!" (gpu) or
+    # "`CUDAAccelerator` can not run on your system ..." (cuda), without the setting or the fix
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        for name in ("gpu", "cuda", "mps"):
+            cfg["trainer"] |= {"accelerator": name, "devices": 1, "strategy": "auto"}
+            (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+            assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 2
+            err = capsys.readouterr().err
+            assert err.splitlines()[-1] == (
+                "torchgeo-dofa: error: the trainer settings (trainer: in the config, "
+                f"--trainer.* options): --trainer.accelerator {name} asked for a GPU, but "
+                f"PyTorch sees none on this machine (torch {torch.__version__}, CUDA build: "
+                f"{torch.version.cuda or 'no'}): use --trainer.accelerator cpu or "
+                "--trainer.accelerator auto"
+            ), err[-3000:]
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]
+        cfg["trainer"]["accelerator"] = "cpu"
     # a "true" half precision cast the chips' coordinates with the batch (359130 -> 358400):
     # a misleading stride error or "chips have no part", parts and lock left behind
     cfg["trainer"] |= {"devices": 1, "strategy": "auto", "precision": "bf16-true"}

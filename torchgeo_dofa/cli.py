@@ -1224,8 +1224,10 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             except Exception as err:  # devices: -1 on a CPU, FSDP on a CPU
                 if not _trainer_settings_error(err):
                     raise
+                settings = {**self._get(self.config_init, "trainer", default={}), **kwargs}
                 raise InputError(
-                    f"the trainer settings (trainer: in the config, --trainer.* options): {err}"
+                    "the trainer settings (trainer: in the config, --trainer.* options): "
+                    + (_no_gpu_problem(settings.get("accelerator"), err) or str(err))
                 ) from None
             trainers.append(trainer)  # to clean up after a failure (LightningCLI raises in init)
             _check_rendezvous(trainer)
@@ -1855,6 +1857,32 @@ _LIGHTNING_NAMES = {
     "accelerator": "--device (device= in Python)",
     "enable_progress_bar": "--no-progress (progress= in Python)",
 }
+
+
+def _no_gpu_problem(accelerator: Any, err: BaseException) -> str | None:
+    """What is wrong with ``--trainer.accelerator`` naming a GPU PyTorch does not see here.
+
+    Lightning's ``err`` says only "No supported gpu backend found!" (``gpu``) or that its
+    accelerator class "can not run on your system" (``cuda``, ``mps``); this names the
+    setting, what PyTorch sees and the fix, as ``embed --device gpu`` does. None for any
+    other value or error.
+    """
+    from .runtime import resolve_accelerator
+
+    said = str(err)
+    if "No supported gpu backend" not in said and "can not run on your system" not in said:
+        return None
+    if not isinstance(accelerator, str) or accelerator.strip().lower() not in (
+        "gpu",
+        "cuda",
+        "mps",
+    ):
+        return None
+    try:
+        resolve_accelerator(accelerator, option="--trainer.accelerator")
+    except ValueError as problem:
+        return str(problem)
+    return None
 
 
 def _trainer_settings_error(err: BaseException) -> bool:

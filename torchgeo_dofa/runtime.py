@@ -117,18 +117,20 @@ class PrecisionChoice:
         return LIGHTNING_PRECISION[self.precision]
 
 
-def resolve_accelerator(device: str = "auto") -> Accelerator:
+def resolve_accelerator(device: str = "auto", *, option: str = "--device") -> Accelerator:
     """The kind of device a Lightning ``accelerator`` name runs on here.
 
     Args:
         device: ``auto``, ``cpu``, ``gpu``, ``cuda`` or ``mps`` (Lightning's names).
+        option: the setting that gave ``device``, named in the messages
+            (``--trainer.accelerator`` for a ``--config`` run).
 
     Returns:
         ``"cuda"``, ``"mps"`` or ``"cpu"``. ``auto`` takes CUDA, then MPS, then the CPU.
 
     Raises:
         ValueError: for an unknown name, or a GPU asked for on a machine without one (the
-            message says to use ``--device cpu``).
+            message says to use ``--device cpu``, or ``option``'s ``cpu``).
     """
     name = str(device).strip().lower()
     if name not in DEVICE_NAMES:
@@ -146,9 +148,9 @@ def resolve_accelerator(device: str = "auto") -> Accelerator:
     if name != "cuda" and mps:  # gpu, mps
         return "mps"
     raise ValueError(
-        f"--device {device} asked for a GPU, but PyTorch sees none on this machine "
+        f"{option} {device} asked for a GPU, but PyTorch sees none on this machine "
         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}): use "
-        "--device cpu or --device auto"
+        f"{option} cpu or {option} auto"
     )
 
 
