@@ -399,11 +399,15 @@ def test_local_temporal_selects_scene_by_date(tmp_path, chip_a, weights, tensor_
     assert emb.meta["temporal"] == ["2022-06-01", "2022-07-01"]
     assert emb.meta["source"] == [str(folder / "S2_20220614.tif")]  # not the 2021 file too
     _close(emb.data, tensor_a.pooled.data)
-    with pytest.raises(LookupError, match="no scene of the local data overlaps"):
+    with pytest.raises(LookupError) as none_then:
         get_embedding(
             "dofa", spatial=point, temporal=TemporalSpec.year(2020), paths=folder,
             weights=weights, device="cpu",
         )  # fmt: skip
+    assert str(none_then.value) == (
+        "no scene of the inputs is acquired within 2020-01-01 .. 2020-12-31 (they are dated "
+        "2021-10-15, 2022-06-14): choose dates that hold scenes"
+    )
     far = PointBuffer(lon=0.0, lat=0.0, buffer_m=500)
     with pytest.raises(LookupError, match="no scene"):
         get_embedding("dofa", spatial=far, paths=folder, weights=weights, device="cpu")

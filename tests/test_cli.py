@@ -25,6 +25,7 @@ import rasterio
 import torch
 import yaml
 from pyproj import CRS
+from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from rasterio.windows import Window, from_bounds
 from torchgeo.datasets import stack_samples
@@ -189,13 +190,36 @@ def test_a_time_series_of_one_place_is_refused_and_datetime_picks_a_date(
     assert main(["embed", str(series), "-o", str(tmp_path / "bad"), *common, *bad]) == 2
     assert "time 'June': bad datetime 'June'" in capsys.readouterr().err
     assert not (tmp_path / "none").exists() and not (tmp_path / "bad").exists()
+    # the scenes --datetime leaves out decide nothing: a 20 m date beside a 10 m one was read
+    # at 10 m (the folder's finest), and both were the outputs' sources
+    coarse = series / "T33UVP_20210101.tif"
+    with rasterio.open(coarse) as src:
+        profile, names = src.profile, src.descriptions
+        data = src.read(out_shape=(src.count, 128, 128), resampling=Resampling.nearest)
+    t = profile["transform"]
+    profile |= {"width": 128, "height": 128, "transform": Affine(20.0, 0, t.c, 0, -20.0, t.f)}
+    with rasterio.open(coarse, "w", **profile) as dst:
+        dst.write(data)
+        dst.descriptions = names
+    grid = ["--weights", str(base_checkpoint), "--no-progress", "--output", "grid"]
+    when = ["--datetime", "2021-01-01/2021-01-01"]
+    assert main(["embed", str(series), "-o", str(tmp_path / "g_picked"), *grid, *when]) == 0
+    assert main(["embed", str(coarse), "-o", str(tmp_path / "g_alone"), *grid]) == 0
+    with rasterio.open(tmp_path / "g_picked" / "series_grid.tif") as got_grid:
+        with rasterio.open(tmp_path / "g_alone" / "T33UVP_20210101_grid.tif") as alone_grid:
+            assert got_grid.res == alone_grid.res == (320.0, 320.0)
+            assert got_grid.transform == alone_grid.transform
+            assert json.loads(got_grid.tags()["sources"]) == [str(coarse)]
+            np.testing.assert_array_equal(got_grid.read(), alone_grid.read())
+    capsys.readouterr()
     # from Python, the hint is the data module's time=
     dm = DOFAPredictDataModule(series)
     with pytest.raises(InputError, match=r"time=\('2021-01-01', '2021-01-01 23:59:59'\)"):
         dm.setup("predict")
     dm = DOFAPredictDataModule(series, time="2021-01-01/2021-01-01")
-    dm.setup("predict")
-    assert dm.predict_dataset is not None and len(dm.predict_sampler or []) == 4
+    dm.setup("predict")  # that date alone: 128 x 128 px at 20 m, one chip
+    assert dm.predict_dataset is not None and dm.predict_dataset.res == (20.0, 20.0)
+    assert len(dm.predict_sampler or []) == 1
 
 
 def test_one_days_tiles_mosaic_an_undated_file_among_dated_ones_is_refused(

@@ -44,6 +44,7 @@ from torchgeo_dofa.datasets import (
     EarthEngineS2,
     InputError,
     MixedBandSetError,
+    NoSceneError,
     Sentinel2Base,
     Sentinel2SR,
     find_raster_inputs,
@@ -1486,3 +1487,41 @@ def test_files_wholly_outside_their_crss_area_of_use_are_warned_of(tmp_path) -> 
         dst.crs = RIO_CRS.from_epsg(27700)
     with pytest.warns(UserWarning, match="check the files' georeferencing"):
         Sentinel2SR(utm)
+
+
+def test_time_indexes_only_the_scenes_of_those_dates(tmp_path: Path) -> None:
+    """``time=`` leaves the other dates out of the index: they decide neither the sources nor
+    the default resolution (a 10 m date beside a 20 m one read the 20 m one at 10 m)."""
+    from tests.scenes import dated_copies
+
+    folder = tmp_path / "series"
+    dated_copies(folder, [("T33UVP_20210101.tif", 0.0, 0), ("T33UVP_20230601.tif", 0.0, 300)])
+    old = folder / "T33UVP_20210101.tif"
+    with rasterio.open(old) as src:
+        profile, names = src.profile, src.descriptions
+        data = src.read(out_shape=(src.count, 128, 128))
+    t = profile["transform"]
+    profile |= {"width": 128, "height": 128, "transform": Affine(20.0, 0, t.c, 0, -20.0, t.f)}
+    with rasterio.open(old, "w", **profile) as dst:
+        dst.write(data)
+        dst.descriptions = names
+    assert Sentinel2SR(folder).res == (10.0, 10.0)  # every date: the finest
+    for time in ("2021-01-01/2021-01-01", ("2020-12-31", "2021-01-01 12:00")):
+        ds = Sentinel2SR(folder, time=time)
+        assert ds.res == (20.0, 20.0) and list(ds.index["filepath"]) == [str(old)]
+        assert ds.index.index[0].left == pd.Timestamp("2021-01-01")
+    ds = Sentinel2SR(folder, time="2023-06-01/..")
+    assert ds.res == (10.0, 10.0) and len(ds) == 1
+    with pytest.raises(NoSceneError) as none:
+        Sentinel2SR(folder, time=("2022-01-01", "2022-12-31 23:59:59.999999"))
+    assert isinstance(none.value, ValueError) and isinstance(none.value, LookupError)
+    assert str(none.value) == (
+        "no scene of the inputs is acquired within 2022-01-01 .. 2022-12-31 (they are dated "
+        "2021-01-01, 2023-06-01): choose dates that hold scenes"
+    )
+    with pytest.raises(ValueError, match="time range ends before it starts"):
+        Sentinel2SR(folder, time=("2023-01-01", "2022-01-01"))
+    # a scene without a date spans all time: no range leaves it out
+    (folder / "T33UVP_20230601.tif").rename(folder / "undated.tif")
+    ds = Sentinel2SR(folder, time="2022-01-01/2022-12-31")
+    assert list(ds.index["filepath"]) == [str(folder / "undated.tif")]

@@ -769,7 +769,9 @@ def _prepare_tensor(
     return prepared
 
 
-def open_local(paths: PathsLike, sensor: SensorSpec | None = None) -> Sentinel2Base:
+def open_local(
+    paths: PathsLike, sensor: SensorSpec | None = None, temporal: TemporalSpec | None = None
+) -> Sentinel2Base:
     """Open local rasters as this package's dataset, as ``backend="local"`` does.
 
     Files and folders are found and grouped as the embed job does
@@ -781,12 +783,16 @@ def open_local(paths: PathsLike, sensor: SensorSpec | None = None) -> Sentinel2B
     Args:
         paths: a file, a folder, a list of them, or a dataset (returned as is).
         sensor: bands / wavelengths to read (None: the dataset's default bands).
+        temporal: the dates: only the scenes acquired within them are opened (the others
+            decide nothing, e.g. the default resolution), as ``embed --datetime`` does.
+            None: every scene. Ignored for a dataset given as ``paths``.
 
     Returns:
         The dataset.
 
     Raises:
         ModelError: if a path does not exist or holds no raster.
+        NoSceneError: (a ``LookupError``) if no scene is acquired within ``temporal``.
         BandError: if the files' bands cannot be named or selected (the message names the
             dataset's arguments that fix it).
     """
@@ -805,6 +811,9 @@ def open_local(paths: PathsLike, sensor: SensorSpec | None = None) -> Sentinel2B
         kwargs["bands"] = list(sensor.bands)
         if sensor.wavelengths is not None:
             kwargs["wavelengths"] = list(sensor.wavelengths)
+    if temporal is not None:
+        ts = temporal.time_slice()
+        kwargs["time"] = (ts.start, ts.stop)
     files = [p for r in regions for p in r.paths]
     cls = EarthEngineS2 if all(r.earth_engine for r in regions) else Sentinel2SR
     caught: list[warnings.WarningMessage] = []
@@ -1298,7 +1307,7 @@ def _fetch_many(
             raise ModelError(
                 "backend='local' needs paths=... (GeoTIFF/JP2 files, folders, or a dataset)"
             )
-        ds = dataset if dataset is not None else open_local(paths, sensor)  # type: ignore[arg-type]
+        ds = dataset if dataset is not None else open_local(paths, sensor, temporal)  # type: ignore[arg-type]
         fill = sensor.fill_value if sensor is not None else 0.0
         return [_prepare_local(ds, s, temporal, cfg.input_prep, fill, sensor) for s in spatials]
     if backend == "gee":
@@ -1738,7 +1747,7 @@ def export_batch(
         parts.mkdir(parents=True, exist_ok=True)
         done |= {p.stem for p in parts.glob("*.npz")}
         dataset = (
-            open_local(paths, sensor) if which == "local" and paths is not None else None
+            open_local(paths, sensor, temporal) if which == "local" and paths is not None else None
         )  # shared when no request overrides the sensor
 
         for req, cfg, eff_sensor, config_id in jobs:
@@ -1750,7 +1759,7 @@ def export_batch(
             summary.skipped += len(keys) - len(todo)
             ds = dataset if req.sensor is None else None
             if which == "local" and ds is None:
-                ds = open_local(paths, eff_sensor)  # type: ignore[arg-type]
+                ds = open_local(paths, eff_sensor, temporal)  # type: ignore[arg-type]
             workers = fetch_workers() if which == "gee" else 1
             for chunk in _chunks(todo, max(1, chunk_size)):
 

@@ -33,7 +33,6 @@ import os
 import pathlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Literal
 
 import numpy as np
@@ -58,9 +57,12 @@ from torchgeo_dofa.datasets import (
     RasterInput,
     Sentinel2Base,
     Sentinel2SR,
+    TimeRange,
     find_raster_inputs,
+    no_scene_within,
     refuse_repeated_bands,
     stack_dofa_samples,
+    time_slice,
     unreadable_input,
 )
 from torchgeo_dofa.runtime import decimated_read, gdal_cache_bytes, gdal_worker_init
@@ -90,37 +92,10 @@ __all__ = [
     "scenes_within",
 ]
 
-#: ``(start, stop)`` (naive UTC, inclusive) or STAC-style ``"2021-06-01/2021-06-30"``.
-TimeRange = tuple[datetime | str, datetime | str] | str
-
 
 def _time_slice(time: TimeRange | None) -> slice | None:
-    """A time range as a slice of naive UTC timestamps.
-
-    ``(start, stop)`` or a STAC-style ``"A/B"`` (ISO dates, ends inclusive: a date ends at its
-    last microsecond; ``..`` an open end).
-    """
-    if time is None:
-        return None
-    if isinstance(time, str):
-        from torchgeo_dofa.stac import StacError, _interval
-
-        try:
-            first, last, _ = _interval(time)
-        except StacError as err:
-            raise ValueError(f"time {time!r}: {err}") from err
-        start = pd.Timestamp.min if first is None else _naive_utc(pd.Timestamp(first))
-        stop = pd.Timestamp.max if last is None else _naive_utc(pd.Timestamp(last))
-        return slice(start, stop)
-    start, stop = (_naive_utc(pd.Timestamp(t)) for t in time)
-    if stop < start:
-        raise ValueError(f"time range ends before it starts: {time}")
-    return slice(start, stop)
-
-
-def _naive_utc(stamp: pd.Timestamp) -> pd.Timestamp:
-    """A timestamp as the index keeps them: naive UTC (an aware one converted)."""
-    return stamp if stamp.tzinfo is None else stamp.tz_convert("UTC").tz_localize(None)
+    """:func:`~torchgeo_dofa.datasets.time_slice`, None for None."""
+    return None if time is None else time_slice(time)
 
 
 def scenes_within(dataset: Sentinel2Base, time: TimeRange | slice | None) -> Any:
@@ -145,13 +120,8 @@ def _dated_scenes(dataset: Sentinel2Base, time: TimeRange | None) -> Any:
     """:func:`scenes_within`, refusing a time range that holds no scene."""
     scenes = scenes_within(dataset, time)
     if scenes.empty:
-        dates = sorted({span.left.date().isoformat() for span in dataset.index.index})
-        shown = ", ".join(dates[:5]) + (f" and {len(dates) - 5} more" if len(dates) > 5 else "")
-        within = time if isinstance(time, str) else f"{time[0]} .. {time[1]}"  # type: ignore[index]
-        raise ValueError(
-            f"no scene of the inputs is acquired within {within} (they are dated {shown}): "
-            "choose dates that hold scenes"
-        )
+        assert time is not None  # every scene is within no range
+        raise no_scene_within(time, dataset.index.index.left)
     return scenes
 
 
@@ -705,7 +675,10 @@ class DOFAPredictDataModule(GeoDataModule):
         if self.predict_dataset is not None and self.predict_sampler is not None:
             return
         self._raster_inputs()  # every input exists and holds rasters that open, in one CRS
-        dataset = self.dataset_class(**self.kwargs)
+        # the scenes outside the dates are left out of the index: they decide nothing (the
+        # default resolution, CRS and bands, the outputs' sources)
+        timed = {} if self.time is None else {"time": self.time}
+        dataset = self.dataset_class(**self.kwargs, **timed)
         assert isinstance(dataset, Sentinel2Base)
         refuse_repeated_bands(dataset.bands)
         refuse_mixed_acquisitions(dataset, self.time)

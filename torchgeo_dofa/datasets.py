@@ -92,6 +92,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Seq
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from datetime import time as time_of_day
 from typing import Any, ClassVar, Literal, NamedTuple, cast
 
 import numpy as np
@@ -166,6 +167,7 @@ __all__ = [
     "InputError",
     "MixedBandSetError",
     "NoRasterFoundError",
+    "NoSceneError",
     "ProductMetadata",
     "RasterInput",
     "Sentinel2Base",
@@ -176,10 +178,12 @@ __all__ = [
     "find_raster_inputs",
     "label_fill_problem",
     "merge_dofa_samples",
+    "no_scene_within",
     "read_product_metadata",
     "read_stac_item",
     "refuse_repeated_bands",
     "stack_dofa_samples",
+    "time_slice",
     "unique_region_names",
 ]
 
@@ -452,6 +456,85 @@ def _naive_utc(value: Any) -> datetime | None:
     return cast(datetime, stamp.to_pydatetime())
 
 
+#: ``(start, stop)`` (naive UTC, inclusive) or STAC-style ``"2021-06-01/2021-06-30"``.
+TimeRange = tuple[datetime | str, datetime | str] | str
+
+
+def time_slice(time: TimeRange) -> slice:
+    """A time range as a slice of naive UTC timestamps.
+
+    Args:
+        time: ``(start, stop)`` or a STAC-style ``"A/B"`` (ISO dates, ends inclusive: a date
+            ends at its last microsecond; ``..`` an open end). Aware times are converted to
+            UTC.
+
+    Returns:
+        ``slice(start, stop)`` of ``pandas.Timestamp`` (an open end: ``Timestamp.min`` /
+        ``Timestamp.max``).
+
+    Raises:
+        ValueError: for text that is no such range, or a range ending before it starts.
+    """
+    if isinstance(time, str):
+        from torchgeo_dofa.stac import StacError, _interval
+
+        try:
+            first, last, _ = _interval(time)
+        except StacError as err:
+            raise ValueError(f"time {time!r}: {err}") from err
+        start = pd.Timestamp.min if first is None else _utc_stamp(pd.Timestamp(first))
+        stop = pd.Timestamp.max if last is None else _utc_stamp(pd.Timestamp(last))
+        return slice(start, stop)
+    start, stop = (_utc_stamp(pd.Timestamp(t)) for t in time)
+    if stop < start:
+        raise ValueError(f"time range ends before it starts: {time}")
+    return slice(start, stop)
+
+
+def _utc_stamp(stamp: pd.Timestamp) -> pd.Timestamp:
+    """A timestamp as the index keeps them: naive UTC (an aware one converted)."""
+    return stamp if stamp.tzinfo is None else stamp.tz_convert("UTC").tz_localize(None)
+
+
+class NoSceneError(ValueError, LookupError):
+    """No scene of the inputs is acquired within the time range asked for.
+
+    A ``ValueError`` (a setting that selects nothing) and a ``LookupError`` (no data for the
+    dates, as :func:`torchgeo_dofa.api.get_embedding` reports it).
+    """
+
+
+def no_scene_within(time: TimeRange | slice, starts: Iterable[datetime]) -> NoSceneError:
+    """The error for a time range that holds none of the scenes (dated by ``starts``).
+
+    Args:
+        time: the range asked for (``"A/B"``, ``(start, stop)`` or a slice).
+        starts: the scenes' acquisition starts.
+
+    Returns:
+        The error, one line: the range, up to five of the scenes' dates and the fix.
+    """
+    dates = sorted({pd.Timestamp(t).date().isoformat() for t in starts})
+    shown = ", ".join(dates[:5]) + (f" and {len(dates) - 5} more" if len(dates) > 5 else "")
+    if isinstance(time, str):
+        within = time
+    else:
+        first, last = (time.start, time.stop) if isinstance(time, slice) else time
+        within = f"{_when(first)} .. {_when(last)}"
+    return NoSceneError(
+        f"no scene of the inputs is acquired within {within} (they are dated {shown}): "
+        "choose dates that hold scenes"
+    )
+
+
+def _when(value: datetime | str) -> str:
+    """A range's end as text: its date alone where it is a day's first or last instant."""
+    stamp = pd.Timestamp(value)
+    if stamp.time() in (time_of_day.min, time_of_day.max):
+        return stamp.date().isoformat()
+    return stamp.isoformat(sep=" ")
+
+
 def read_stac_item(path: Path) -> StacItemInfo | None:
     """Read the time and offset facts of a STAC item JSON (as saved beside downloaded assets).
 
@@ -581,6 +664,7 @@ class Sentinel2Base(RasterDataset):
         resampling: Resampling | str = "nearest",
         cache: bool = True,
         time_series: bool = False,
+        time: TimeRange | None = None,
     ) -> None:
         """Index the files.
 
@@ -612,6 +696,11 @@ class Sentinel2Base(RasterDataset):
             cache: keep file handles open between samples.
             time_series: stack overlapping scenes along a time dimension instead of
                 mosaicking them.
+            time: ``(start, stop)`` (inclusive) or a STAC-style ``"A/B"`` (``..`` an open
+                end): index only the scenes whose acquisition span meets it (a scene without
+                any date spans all time and stays), so the scenes left out decide nothing:
+                not the default CRS, resolution or bands, nor the ``sources``. None (the
+                default) indexes every scene; a sampler's ``time`` narrows the reads further.
 
         Raises:
             DatasetNotFoundError: if no readable raster is found
@@ -621,7 +710,8 @@ class Sentinel2Base(RasterDataset):
                 cannot be inferred.
             ValueError: for a ``crs`` pyproj does not know, files without a CRS and no
                 ``crs``, or a file that is not georeferenced (no geotransform and no CRS,
-                or ground control points only).
+                or ground control points only); for a ``time`` that cannot be read or holds
+                no scene (the message lists the scenes' dates).
         """
         self.paths = paths
         self.transforms = transforms
@@ -656,6 +746,8 @@ class Sentinel2Base(RasterDataset):
         self._infos = infos  # band choice and offset rules read the files' headers
         if not scenes:
             raise DatasetNotFoundError(self)
+        if time is not None:
+            scenes = self._scenes_within(scenes, time)
         self.bands: tuple[str, ...] = self._select(scenes, bands)
         self.all_bands = self.bands
         base_names = [date_copy_base(b) for b in self.bands]
@@ -1397,6 +1489,25 @@ class Sentinel2Base(RasterDataset):
         if mint == self.mint:
             return None
         return pd.Timestamp(mint).date()
+
+    def _scenes_within(self, scenes: list[_Scene], time: TimeRange) -> list[_Scene]:
+        """The scenes whose acquisition span meets ``time`` (see ``__init__``).
+
+        Raises:
+            ValueError: if ``time`` cannot be read.
+            NoSceneError: if no scene is acquired within it.
+        """
+        wanted = time_slice(time)
+        for scene in scenes:
+            scene.span = self._scene_span(scene)
+        spans = pd.IntervalIndex.from_tuples(
+            [cast(tuple[datetime, datetime], s.span) for s in scenes], closed="both"
+        )
+        meets = spans.overlaps(pd.Interval(wanted.start, wanted.stop, closed="both"))
+        kept = [scene for scene, ok in zip(scenes, meets, strict=True) if ok]
+        if not kept:
+            raise no_scene_within(time, [span.left for span in spans])
+        return kept
 
     def _scene_span(self, scene: _Scene) -> tuple[datetime, datetime]:
         """Acquisition time of a scene: STAC item JSON, else its name, else its folder's name.
