@@ -643,7 +643,7 @@ def test_ddp_with_fewer_chips_than_processes(tmp_path, base_checkpoint) -> None:
     ranks = _srun(cmd, ntasks=3)
     assert [status for status, _, _ in ranks] == [0, 0, 0], _ranks_report(ranks)
     (_, stdout, stderr), *others = ranks
-    assert "embedded 1 chip, 1 without valid pixels in " in stdout, stdout
+    assert "embedded 2 chips, 1 without valid pixels in " in stdout, stdout
     assert "1 chip(s) held no valid pixel" in stderr, stderr
     assert not any("embedded" in out for _, out, _ in others)  # one summary per job
     # the inputs' warnings once per job (each rank checked the inputs and warned before)
@@ -2899,8 +2899,10 @@ def test_an_all_zero_raster_beside_a_good_one_writes_both(tmp_path, base_checkpo
     # the job's own warnings point at the caller's line, not inside the package
     ours = [w for w in caught if "held" in str(w.message) and "valid pixel" in str(w.message)]
     assert ours and {w.filename for w in ours} == {__file__}
-    assert summary.chips == 6 and summary.empty == 6  # the empty scene: 6 chips, no pixel
-    assert summary.line().startswith("embedded 6 chips, 6 without valid pixels in ")
+    # the empty scene: 6 chips without a valid pixel, among the 12 of the job (the line said
+    # "embedded 6 chips, 6 without valid pixels": the 6 of the scene with data)
+    assert summary.chips == 12 and summary.empty == 6
+    assert summary.line().startswith("embedded 12 chips, 6 without valid pixels in ")
     with (
         rasterio.open(out / "empty_20230615_grid.tif") as e,
         rasterio.open(out / "ftw_s2_l2a_33N_grid.tif") as g,

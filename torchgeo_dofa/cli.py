@@ -53,8 +53,9 @@ class EmbedSummary:
     """What an embed job did.
 
     Attributes:
-        chips: chips embedded in this run (resumed chips excluded).
-        empty: chips of this run without any valid pixel (NaN outputs).
+        chips: chips embedded in this run (resumed chips excluded), the empty ones included
+            (the summary line's ``embedded N chips, M without valid pixels``: M of the N).
+        empty: chips of this run without any valid pixel (NaN outputs; among ``chips``).
         skipped: chips skipped because an earlier run had written them.
         seconds: wall time of the job.
         outputs: files written.
@@ -857,7 +858,7 @@ def embed(
                     if port_taken is not None:
                         raise port_taken from err
                     raise
-                summary.chips += done - empty
+                summary.chips += done
                 summary.empty += empty
                 summary.skipped += dm.skipped
         if summary.empty and is_launcher():
