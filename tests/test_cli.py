@@ -1547,6 +1547,62 @@ def test_a_preview_that_cannot_be_written_keeps_the_previous_one(
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "p.png"]  # no temporary
 
 
+def test_preview_draws_the_bands_the_grid_embedded(tmp_path, base_checkpoint) -> None:
+    """The input panel drew the first source's bands 1-3 (B4, B3, B2 where described): the
+    first date of a two-date stack whose second date was embedded, and a grey B02 for a
+    scene of per-band files. The same pixels in any layout now draw the same panel."""
+    from PIL import Image
+
+    with rasterio.open(SCENE) as src:
+        profile = src.profile | {"width": 224, "height": 224}
+        profile["transform"] = src.transform  # the crop's corner is the scene's
+        first = src.read(window=Window(0, 0, 224, 224))
+    second = first[[2, 1, 0, 3]] // 2 + 100  # another date: other pixels
+
+    def written(path: Path, data: np.ndarray, names: tuple[str, ...] | None) -> Path:
+        path.parent.mkdir(exist_ok=True)
+        with rasterio.open(path, "w", **(profile | {"count": len(data)})) as dst:
+            dst.write(data)
+            if names:
+                dst.descriptions = names
+        return path
+
+    stack = written(tmp_path / "in" / "stack.tif", np.concatenate([first, second]), None)
+    alone = written(tmp_path / "in" / "alone.tif", second, ("B04", "B03", "B02", "B08"))
+    whole = written(tmp_path / "in" / "whole.tif", first, ("B04", "B03", "B02", "B08"))
+    for band, values in zip(("B04", "B03", "B02", "B08"), first, strict=True):
+        written(tmp_path / "perband" / f"scene_{band}.tif", values[None], None)
+    common = ["--weights", str(base_checkpoint), "--no-progress", "--output", "grid"]
+    file_bands = ["--file-bands", "B4", "B3", "B2", "B8", "B4_1", "B3_1", "B2_1", "B8_1"]
+    jobs = {
+        "date2": [str(stack), *file_bands, "--bands", "B4_1", "B3_1", "B2_1", "B8_1"],
+        "date1": [str(stack), *file_bands, "--bands", "B4", "B3", "B2", "B8"],
+        "alone": [str(alone)],
+        "whole": [str(whole)],
+        "perband": [str(tmp_path / "perband")],
+    }
+    panels = {}
+    for name, args in jobs.items():
+        grid = tmp_path / "out" / f"{name}.tif"
+        assert main(["embed", *args, "-o", str(grid), *common]) == 0
+        assert main(["preview", str(grid), "-o", str(tmp_path / f"{name}.png")]) == 0
+        img = np.asarray(Image.open(tmp_path / f"{name}.png"))
+        assert img.shape == (14 * 8, 2 * 14 * 8 + 8, 3)
+        panels[name] = img[:, : 14 * 8]
+    np.testing.assert_array_equal(panels["date2"], panels["alone"])
+    np.testing.assert_array_equal(panels["date1"], panels["whole"])
+    np.testing.assert_array_equal(panels["perband"], panels["whole"])
+    # the second date is the first with red and blue swapped (and scaled: the stretch undoes it)
+    assert np.abs(panels["date1"].astype(int) - panels["date2"]).mean() > 3
+    assert np.abs(panels["date1"].astype(int) - panels["date2"][..., ::-1]).mean() < 1
+    assert panels["whole"].std(axis=2).mean() > 3  # colour, not grey
+    with rasterio.open(tmp_path / "out" / "perband.tif") as src:
+        tags = {k: json.loads(src.tags()[k]) for k in ("bands", "sources", "source_bands")}
+    assert [Path(p).name for p in tags["sources"]] == [f"scene_B0{b}.tif" for b in (2, 3, 4, 8)]
+    one_band_each = [[int(b == f"B{k}") for b in tags["bands"]] for k in (2, 3, 4, 8)]
+    assert tags["source_bands"] == one_band_each  # each file's band 1, where it is embedded
+
+
 def test_preview_without_a_readable_input_draws_the_pca_panel_alone(
     tmp_path, reference_run
 ) -> None:

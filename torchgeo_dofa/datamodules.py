@@ -752,18 +752,26 @@ class DOFAPredictDataModule(GeoDataModule):
         """What every output records about its inputs: bands, wavelengths, source files.
 
         Returns:
-            JSON-encoded ``bands``, ``wavelengths`` (um) and ``sources`` (absolute paths),
-            and the ``stac_*`` provenance tags of STAC composites among the sources.
+            JSON-encoded ``bands``, ``wavelengths`` (um), ``sources`` (absolute paths) and
+            ``source_bands`` (one list per source, in the order of ``sources``: the file's
+            band, counted from 1, read for each of ``bands``; 0 where that file does not give
+            it: what ``torchgeo-dofa preview`` draws from), and the ``stac_*`` provenance tags
+            of STAC composites among the sources.
 
         Raises:
             RuntimeError: before :meth:`setup`.
         """
         dataset = self._dataset()
-        sources = sorted({os.path.abspath(p) for s in dataset.index["sources"] for p, _ in s})
+        reads: dict[str, list[int]] = {}
+        for scene in dataset.index["sources"]:  # (path, file band) per band of the dataset
+            for i, (path, band) in enumerate(scene):
+                reads.setdefault(os.path.abspath(path), [0] * len(dataset.bands))[i] = int(band)
+        sources = sorted(reads)
         tags = {
             "bands": json.dumps(list(dataset.bands)),
             "wavelengths": json.dumps([round(float(w), 4) for w in dataset.wavelengths]),
             "sources": json.dumps(sources),
+            "source_bands": json.dumps([reads[p] for p in sources]),
         }
         for path in sources:  # a STAC composite's provenance (items, dates, rule) travels on
             with rasterio.open(path) as src:

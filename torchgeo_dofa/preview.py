@@ -12,12 +12,22 @@ import numpy as np
 import rasterio
 import rasterio.errors
 from PIL import Image
+from rasterio.crs import CRS
 from rasterio.enums import Resampling
+from rasterio.transform import from_bounds as transform_from_bounds
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import from_bounds
 
-from .bands import canonical_band
+from .bands import canonical_band, split_date_copy
 
-__all__ = ["PREVIEW_FORMATS", "pca_rgb", "render_preview", "rgb_of_raster"]
+__all__ = [
+    "PREVIEW_FORMATS",
+    "pca_rgb",
+    "render_preview",
+    "rgb_bands",
+    "rgb_of_raster",
+    "rgb_of_sources",
+]
 
 #: Image files the preview writes, by extension (Pillow writes others too, e.g. a TIFF, which
 #: a user could take for a GeoTIFF: it would have no georeferencing).
@@ -103,12 +113,116 @@ def rgb_of_raster(
     return rgb.reshape(height, width, 3)
 
 
+def rgb_bands(bands: list[str]) -> list[int]:
+    """Which of the embedded ``bands`` the input panel shows as red, green and blue.
+
+    Args:
+        bands: the grid's ``bands`` tag (``B4``, ``B4_1`` for Earth Engine's second date ...).
+
+    Returns:
+        Three positions in ``bands``: B4, B3 and B2 of the first date holding all three (in
+        the order of ``bands``: ``B4_1``, ``B3_1``, ``B2_1`` where only the second date was
+        embedded), else the first three bands (false colour; the first band as grey where
+        there are fewer than three).
+    """
+    split = [split_date_copy(b) for b in bands]
+    for _, suffix in split:
+        want = [(name, suffix) for name in ("B4", "B3", "B2")]
+        if all(w in split for w in want):
+            return [split.index(w) for w in want]
+    if len(bands) < 3:
+        return [0, 0, 0]
+    return [0, 1, 2]
+
+
+def rgb_of_sources(
+    sources: list[str],
+    source_bands: list[list[int]],
+    positions: list[int],
+    height: int,
+    width: int,
+    bounds: tuple[float, float, float, float],
+    crs: CRS | None,
+) -> np.ndarray:
+    """An RGB rendering of the bands a grid embedded, from the files its job read.
+
+    Each of the three bands is read from every source that holds it (``source_bands``, as
+    :meth:`~torchgeo_dofa.datamodules.DOFAPredictDataModule.output_tags` records them), the
+    first source's valid pixels first and the gaps filled from the next (TorchGeo's mosaic
+    order): per-band files, the tiles of a region, one date of a multi-date stack.
+
+    Args:
+        sources: the files (the grid's ``sources`` tag).
+        source_bands: per source, its band (from 1; 0: not there) for each embedded band.
+        positions: the embedded bands to show as red, green, blue (:func:`rgb_bands`).
+        height: output height in pixels.
+        width: output width in pixels.
+        bounds: (left, bottom, right, top) of the grid, in ``crs``.
+        crs: the grid's CRS (files in another CRS are warped to it); None: the files'.
+
+    Returns:
+        (height, width, 3) uint8 image, percentile-stretched; black where no source has a
+        valid pixel (no data, 0, or outside every file).
+
+    Raises:
+        rasterio.errors.RasterioIOError: if a source cannot be read.
+    """
+    data = np.full((3, height, width), np.nan)
+    for path, reads in zip(sources, source_bands, strict=True):
+        wanted = [(k, reads[p]) for k, p in enumerate(positions) if reads[p] > 0]
+        if not wanted:
+            continue
+        with rasterio.open(path) as src:
+            # warped onto the panel's pixels (the grid's bounds and CRS): a file in another
+            # CRS, or covering part of the grid, lands where it lies
+            with WarpedVRT(
+                src,
+                crs=crs or src.crs,
+                transform=transform_from_bounds(*bounds, width, height),
+                width=width,
+                height=height,
+                resampling=Resampling.average,
+            ) as view:
+                got = view.read([band for _, band in wanted]).astype(np.float64)
+                if src.nodata is not None:
+                    got[got == src.nodata] = np.nan
+        got[got == 0] = np.nan  # Sentinel-2's fill (and outside the file)
+        for (k, _), values in zip(wanted, got, strict=True):
+            gap = np.isnan(data[k])
+            data[k][gap] = values[gap]
+    flat = data.reshape(3, -1).T
+    ok = np.isfinite(flat).all(axis=1)
+    rgb = np.zeros_like(flat, dtype=np.uint8)
+    if ok.any():
+        rgb[ok] = _stretch(flat[ok])
+    return rgb.reshape(height, width, 3)
+
+
+def _source_bands(tags: dict[str, str], sources: list[str]) -> list[list[int]] | None:
+    """The grid's ``source_bands`` tag, where it matches ``sources`` and ``bands``."""
+    try:
+        reads = json.loads(tags["source_bands"])
+        count = len(json.loads(tags["bands"]))
+    except (KeyError, ValueError):  # a grid of an earlier release: no such tag
+        return None
+    shaped = isinstance(reads, list) and len(reads) == len(sources)
+    if not shaped or not all(
+        isinstance(r, list) and len(r) == count and all(isinstance(b, int) for b in r)
+        for r in reads
+    ):
+        return None
+    return reads
+
+
 def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int = 8) -> Path:
     """Write a PNG: the input's RGB (left) beside the embedding's PCA colours (right).
 
-    The input is found through the ``sources`` tag the grid writer stores; when it is missing
-    or unreadable, only the PCA panel is drawn, with a ``UserWarning`` saying why (and one
-    for a grid without any valid cell, whose PCA panel is black).
+    The input panel shows the bands the grid embedded (its ``bands`` tag: B4, B3, B2 of the
+    date embedded, else the first three), read from the files its ``sources`` and
+    ``source_bands`` tags name (:func:`rgb_of_sources`; a grid of an earlier release, without
+    ``source_bands``: the first source's B4, B3, B2 by description, else its bands 1-3). Where
+    a source is missing or unreadable, only the PCA panel is drawn, with a ``UserWarning``
+    saying why (and one for a grid without any valid cell, whose PCA panel is black).
 
     Args:
         embedding_tif: a grid embedding GeoTIFF written by
@@ -165,6 +279,7 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
             ) from None
         tags = src.tags()
         bounds = tuple(src.bounds)
+        grid_crs = src.crs
     h, w = emb.shape[1:]
     if not np.isfinite(emb).any():
         warnings.warn(
@@ -177,14 +292,33 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
         Image.fromarray(pca_rgb(emb)).resize((w * cell_px, h * cell_px), Image.Resampling.NEAREST)
     ]
     sources = json.loads(tags["sources"]) if "sources" in tags else []
+    reads = _source_bands(tags, sources)
+    positions = rgb_bands(json.loads(tags["bands"])) if reads is not None else []
+    if reads is not None:  # only the files holding a band drawn are read
+        keep = [i for i, r in enumerate(reads) if any(r[p] for p in positions)]
+        sources, reads = [sources[i] for i in keep], [reads[i] for i in keep]
+    else:
+        sources = sources[:1]
     problem = None if sources else f"{embedding_tif} does not name its input (no sources tag)"
-    if sources and not Path(sources[0]).is_file():
-        problem = f"the input of {embedding_tif}, {sources[0]}, is not found (moved or deleted?)"
-    elif sources:
+    for path in sources:
+        if not Path(path).is_file():
+            problem = f"the input of {embedding_tif}, {path}, is not found (moved or deleted?)"
+            break
         try:
-            rgb = rgb_of_raster(sources[0], h * cell_px, w * cell_px, bounds)
+            with rasterio.open(path):
+                pass
         except rasterio.errors.RasterioIOError as err:
-            problem = f"the input of {embedding_tif}, {sources[0]}, cannot be read ({err})"
+            problem = f"the input of {embedding_tif}, {path}, cannot be read ({err})"
+            break
+    if problem is None:
+        size = (h * cell_px, w * cell_px)
+        try:
+            if reads is None:
+                rgb = rgb_of_raster(sources[0], *size, bounds)
+            else:
+                rgb = rgb_of_sources(sources, reads, positions, *size, bounds, grid_crs)
+        except rasterio.errors.RasterioIOError as err:  # a damaged block
+            problem = f"the input of {embedding_tif} cannot be read ({err})"
         else:
             panels.insert(0, Image.fromarray(rgb))
     if problem is not None:
