@@ -44,6 +44,7 @@ from torchgeo_dofa.datasets import (
     EarthEngineS2,
     InputError,
     MixedBandSetError,
+    NoRasterFoundError,
     NoSceneError,
     Sentinel2Base,
     Sentinel2SR,
@@ -1525,3 +1526,30 @@ def test_time_indexes_only_the_scenes_of_those_dates(tmp_path: Path) -> None:
     (folder / "T33UVP_20230601.tif").rename(folder / "undated.tif")
     ds = Sentinel2SR(folder, time="2022-01-01/2022-12-31")
     assert list(ds.index["filepath"]) == [str(folder / "undated.tif")]
+
+
+def test_only_non_spectral_products_are_named_not_dataset_not_found(tmp_path: Path) -> None:
+    """A folder holding only an SCL (or a TCI-named file) said TorchGeo's "Dataset not found
+    ... cannot be automatically downloaded": the files were skipped by name, silently."""
+    profile = {
+        "driver": "GTiff",
+        "dtype": "uint8",
+        "width": 8,
+        "height": 8,
+        "crs": "EPSG:32633",
+        "transform": from_origin(300000, 5000000, 20, 20),
+    }
+    for name, count in (("T33UVP_20230601_SCL_20m.tif", 1), ("tci.tif", 3)):
+        with rasterio.open(tmp_path / name, "w", count=count, **profile) as dst:
+            dst.write(np.ones((count, 8, 8), np.uint8))
+    with pytest.raises(NoRasterFoundError) as found:
+        Sentinel2SR(tmp_path / "tci.tif")
+    assert str(found.value) == (
+        f"Sentinel2SR found only products that are not spectral bands in "
+        f"paths={tmp_path / 'tci.tif'!r}: tci.tif, skipped by name (ESA's SCL, AOT, WVP, TCI "
+        "..., Earth Search's scl, visual ... assets): give the scene's band files (B02 ... "
+        "B12, or Earth Search's blue, green ...); a file of reflectance named so is read once "
+        "renamed"
+    )
+    with pytest.raises(NoRasterFoundError, match=r": T33UVP_20230601_SCL_20m.tif, tci.tif, skip"):
+        Sentinel2SR(tmp_path)

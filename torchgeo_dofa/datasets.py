@@ -742,8 +742,20 @@ class Sentinel2Base(RasterDataset):
                 f"{type(self).__name__} found no raster in paths={self.paths!r}"
                 f"{_other_formats_hint(self.paths, self.extensions)}"
             )
+        #: files skipped by name as products that are not spectral bands (SCL, TCI ...)
+        self._skipped_products: list[str] = []
         scenes = self._group(infos, bands, file_bands)
         self._infos = infos  # band choice and offset rules read the files' headers
+        if not scenes and self._skipped_products:
+            names = [os.path.basename(p) for p in self._skipped_products]
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise NoRasterFoundError(
+                f"{type(self).__name__} found only products that are not spectral bands in "
+                f"paths={self.paths!r}: {shown}, skipped by name (ESA's SCL, AOT, WVP, TCI "
+                "..., Earth Search's scl, visual ... assets): give the scene's band files "
+                "(B02 ... B12, or Earth Search's blue, green ...); a file of reflectance named "
+                "so is read once renamed"
+            )
         if not scenes:
             raise DatasetNotFoundError(self)
         if time is not None:
@@ -1056,6 +1068,7 @@ class Sentinel2Base(RasterDataset):
                 per_band.setdefault((folder, prefix), {}).setdefault(band, []).append((res, path))
                 continue
             if band_re is not None and info.count <= 3 and ancillary_re.search(stem):
+                self._skipped_products.append(path)
                 continue  # SCL, AOT, visual / TCI (3-band true colour): not spectral bands
             scenes.append(self._multiband_scene(info, bands, file_bands))
         for (folder, prefix), by_band in per_band.items():
