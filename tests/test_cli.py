@@ -35,7 +35,14 @@ from tests.precision import assert_as_exact_as_torchgeo, cosine_error, torchgeo_
 from tests.scenes import SCENE, dated_copies
 from tests.tmpfs import tmpfs
 from torchgeo_dofa import load_dofa
-from torchgeo_dofa.cli import _rendezvous_problem, embed, main, option_problem, output_folder
+from torchgeo_dofa.cli import (
+    _rendezvous_problem,
+    config_hints,
+    embed,
+    main,
+    option_problem,
+    output_folder,
+)
 from torchgeo_dofa.datamodules import DOFAPredictDataModule
 from torchgeo_dofa.datasets import InputError, Sentinel2SR
 from torchgeo_dofa.spatial import CRSTransformError
@@ -1006,6 +1013,43 @@ def test_predict_config_names_a_master_port_that_is_no_port(
         ), err[-3000:]
         assert "Traceback" not in err
         assert not (tmp_path / "g.tif").exists() and not (tmp_path / "p.parquet").exists()
+
+
+def test_predict_config_hints_name_the_config_overrides(tmp_path, capsys, base_checkpoint) -> None:
+    """A ``predict --config`` error's hint said ``file_bands=[B1, ...]`` / ``weights=PATH``,
+    Python's names: it names the config's overrides, as ``embed``'s names its options."""
+    import yaml
+
+    bare = tmp_path / "bare.tif"
+    with rasterio.open(SCENE) as src:
+        profile, data = src.profile, src.read()
+    with rasterio.open(bare, "w", **profile) as dst:  # no band descriptions
+        dst.write(data)
+    cfg = _predict_config(tmp_path, base_checkpoint)
+    cfg["data"]["init_args"]["paths"] = str(bare)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"torchgeo-dofa: error: {bare} has 4 bands and no band descriptions, so its band names "
+        "are unknown: name all 4 bands in file order with --data.init_args.file_bands "
+        "'[B1, B2, B3, ...]' (a second date of a band as B4_1, a third as B4_2, as Earth Engine "
+        "does) and select the ones to embed with --data.init_args.bands '[...]'"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.tif", "cfg.yaml"]
+    said = "pass weights=PATH; or file_bands=[B1, B2] and "
+    said += "time=('2021-01-01', '2021-01-01 23:59:59')"
+    assert config_hints(said, data=True) == (
+        "pass --model.init_args.weights PATH; or --data.init_args.file_bands '[B1, B2]' and "
+        "--data.init_args.time 2021-01-01/2021-01-01"
+    )
+    assert config_hints(said, data=False) == (  # a fit's data module is the user's own
+        "pass --model.init_args.weights PATH; or file_bands=[B1, B2] and "
+        "time=('2021-01-01', '2021-01-01 23:59:59')"
+    )
+    example = "use DOFAPreprocess(bands=[B4]) or weights=PATH"  # Python code stays Python
+    assert config_hints(example, data=True) == (
+        "use DOFAPreprocess(bands=[B4]) or --model.init_args.weights PATH"
+    )
 
 
 def test_predict_config_names_trainer_settings_lightning_refuses(

@@ -1826,7 +1826,9 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
         if err is None:
             raise
         if is_launcher() or not isinstance(err, JobInterrupted):  # once per job, not rank
-            print(f"torchgeo-dofa: error: {error_line(err)}", file=sys.stderr)
+            given = list(sys.argv[1:] if args is None else args)
+            line = config_hints(error_line(err), data=given[:1] == ["predict"])
+            print(f"torchgeo-dofa: error: {line}", file=sys.stderr)
         return int(getattr(err, "exit_status", 2))
     return 0
 
@@ -2405,6 +2407,38 @@ def cli_hints(message: str) -> str:
         return f"{flag} {value}" if value else flag
 
     message = _TIME_HINT.sub(lambda m: f"--datetime {m[1]}/{m[2]}", message)
+    return _KWARG_HINT.sub(option, message)
+
+
+def config_hints(message: str, *, data: bool) -> str:
+    """Rewrite the Python keyword hints of an error as a LightningCLI run's overrides.
+
+    ``weights=PATH`` becomes ``--model.init_args.weights PATH`` (the tasks' and the
+    embedder's argument); with ``data`` (a ``predict`` run, whose data module is
+    :class:`~torchgeo_dofa.datamodules.DOFAPredictDataModule`) ``file_bands=[B1, B2]`` becomes
+    ``--data.init_args.file_bands '[B1, B2]'`` (and ``bands``, ``wavelengths``, ``crs``,
+    ``nodata``, ``offset``, ``mean``, ``std``, ``time``). Keywords inside a Python call shown
+    as an example stay as they are.
+
+    Args:
+        message: an error message from the datasets, transforms, data module or weights.
+        data: whether the data module takes the datasets' arguments.
+
+    Returns:
+        The message naming the overrides.
+    """
+
+    def option(match: re.Match[str]) -> str:
+        key, value = match[1], match[2]
+        if _inside_call(message, match.start()) or (key != "weights" and not data):
+            return match[0]
+        if key == "weights":
+            return f"--model.init_args.weights {value}"
+        quoted = f"'{value}'" if value.startswith("[") else value
+        return f"--data.init_args.{key} {quoted}"
+
+    if data:
+        message = _TIME_HINT.sub(lambda m: f"--data.init_args.time {m[1]}/{m[2]}", message)
     return _KWARG_HINT.sub(option, message)
 
 
