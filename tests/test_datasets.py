@@ -1553,3 +1553,28 @@ def test_only_non_spectral_products_are_named_not_dataset_not_found(tmp_path: Pa
     )
     with pytest.raises(NoRasterFoundError, match=r": T33UVP_20230601_SCL_20m.tif, tci.tif, skip"):
         Sentinel2SR(tmp_path)
+
+
+def test_file_bands_for_per_band_files_is_refused(tmp_path: Path) -> None:
+    """``file_bands=`` names a multi-band file's bands; for a folder of per-band files it was
+    ignored without a word (the user's names never applied)."""
+    profile = {
+        "driver": "GTiff",
+        "dtype": "uint16",
+        "count": 1,
+        "width": 8,
+        "height": 8,
+        "crs": "EPSG:32633",
+        "transform": from_origin(300000, 5000000, 10, 10),
+    }
+    for band in ("B02", "B03", "B04"):
+        with rasterio.open(tmp_path / f"scene_{band}.tif", "w", **profile) as dst:
+            dst.write(np.full((1, 8, 8), 900, np.uint16))
+    assert Sentinel2SR(tmp_path).bands == ("B2", "B3", "B4")
+    with pytest.raises(BandError) as refused:
+        Sentinel2SR(tmp_path, file_bands=["B4", "B3", "B2"], bands=["B4", "B3", "B2"])
+    assert str(refused.value) == (
+        "file_bands=['B4', 'B3', 'B2'] names the bands of multi-band files in file order, but "
+        "the inputs hold only single-band files named by their band (scene_B02.tif ...), which "
+        "name themselves: leave out file_bands= (bands= selects and orders the bands)"
+    )

@@ -758,6 +758,14 @@ class Sentinel2Base(RasterDataset):
             )
         if not scenes:
             raise DatasetNotFoundError(self)
+        if file_bands is not None and all(scene.layout == "per_band" for scene in scenes):
+            example = os.path.basename(scenes[0].sources[0][0])
+            raise BandError(
+                f"file_bands={list(file_bands)} names the bands of multi-band files in file "
+                f"order, but the inputs hold only single-band files named by their band "
+                f"({example} ...), which name themselves: leave out file_bands= (bands= "
+                "selects and orders the bands)"
+            )
         if time is not None:
             scenes = self._scenes_within(scenes, time)
         self.bands: tuple[str, ...] = self._select(scenes, bands)
