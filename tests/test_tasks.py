@@ -219,6 +219,17 @@ def test_a_python_load_of_the_wrong_checkpoint_names_the_fix(
         r"saved: load it without variant, or fine-tune a new task from its encoder",
     ):
         DOFAClassificationTask.load_from_checkpoint(path, variant="large")
+    # a head saved as integers loaded truncated, silently
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    key = next(k for k in saved["state_dict"] if k.startswith("head.") and "weight" in k)
+    saved["state_dict"][key] = saved["state_dict"][key].to(torch.int32)
+    del saved["torchgeo_dofa_state_crc32"]  # as the CRC's own message says for an edit
+    ints = tmp_path / "ints.ckpt"
+    torch.save(saved, ints)
+    with pytest.raises(
+        CheckpointError, match=rf"holds 1 entry that are not dense .*: {key} \(int32"
+    ):
+        DOFAClassificationTask.load_from_checkpoint(ints)
     half = tmp_path / "half.ckpt"
     half.write_bytes(path.read_bytes()[:1_000_000])
     with pytest.raises(

@@ -252,6 +252,30 @@ def test_non_finite_weights_are_an_error_naming_the_tensor(tmp_path, base_state,
     assert "1 tensor(s)" in message
 
 
+def test_weights_of_another_kind_are_an_error_naming_them(tmp_path, base_state) -> None:
+    """Integer weights loaded truncated (mostly 0), complex ones as their real part (torch's
+    warning only), a sparse one was torch's traceback: exit 0, or 1, never a clear refusal."""
+    cases = {
+        "int32": lambda v: (v * 100).to(torch.int32),
+        "complex64": lambda v: v.to(torch.complex64),
+        "sparse": lambda v: v.to_sparse(),
+    }
+    for kind, change in cases.items():
+        state = dict(base_state)
+        for key in ("norm.weight", "blocks.0.mlp.fc1.bias"):
+            state[key] = change(state[key])
+        path = write_checkpoint(tmp_path / f"{kind}.pth", state)
+        with pytest.raises(CheckpointError) as info:
+            load_dofa("base", weights=path)
+        shown = "sparse_coo tensor" if kind == "sparse" else kind
+        assert str(info.value) == (
+            f"{path} holds 2 entries that are not dense floating-point tensors where the "
+            f"model's weights are: blocks.0.mlp.fc1.bias ({shown}), norm.weight ({shown}); "
+            "loading would truncate them (integers), keep their real part (complex) or fail "
+            "(sparse): the file was changed after it was saved, use the original checkpoint"
+        ), kind
+
+
 def test_float64_values_beyond_float32_are_an_error(tmp_path, base_state) -> None:
     """Judged as the model holds them: 1e300 in a float64 file would load as infinity."""
     state = {k: v.double() for k, v in base_state.items()}

@@ -74,6 +74,7 @@ from .weights import (
     CheckpointError,
     check_finite_optimizer_states,
     check_finite_state,
+    check_tensor_kinds,
     held_as,
     load_dofa,
     names_random_weights,
@@ -476,7 +477,9 @@ class _DOFATask(BaseTask):
             The missing and unexpected keys, as ``nn.Module.load_state_dict``.
 
         Raises:
-            CheckpointError: for tensors holding NaN / infinity (a fine-tuning whose loss
+            CheckpointError: for entries that are not dense floating-point tensors where
+                the task's weights are (:func:`~torchgeo_dofa.weights.check_tensor_kinds`),
+                for tensors holding NaN / infinity (a fine-tuning whose loss
                 diverged), before any is loaded: every prediction would be NaN; for keys or
                 shapes that do not fit the task (torch's report, one line, naming the source).
         """
@@ -484,7 +487,10 @@ class _DOFATask(BaseTask):
         origin = getattr(trainer, "ckpt_path", None) or getattr(self, "_restored_from", None)
         # judged as the task will hold them (a float64 1e300 loads as infinity); keys the
         # task has not are refused or ignored by the load itself, so not judged here
-        as_held = held_as(state_dict, self.state_dict())
+        source = f"the checkpoint {origin}" if origin else "the state dict"
+        own = self.state_dict()
+        check_tensor_kinds(state_dict, own, source)
+        as_held = held_as(state_dict, own)
         cast = sorted(
             {
                 str(v.dtype).removeprefix("torch.")
@@ -492,7 +498,6 @@ class _DOFATask(BaseTask):
                 if v is not state_dict[k]
             }
         )
-        source = f"the checkpoint {origin}" if origin else "the state dict"
         check_finite_state(
             as_held,
             source,

@@ -726,8 +726,9 @@ def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], orig
         origin: a name for the source, used in error messages.
 
     Raises:
-        CheckpointError: naming missing, unexpected or mis-shaped keys and the variant, or the
-            tensors holding NaN / infinite values.
+        CheckpointError: naming missing, unexpected or mis-shaped keys and the variant, the
+            entries that are not dense floating-point tensors (:func:`check_tensor_kinds`),
+            or the tensors holding NaN / infinite values.
     """
     target = encoder.state_dict()
     mapped: dict[str, Tensor] = {}
@@ -768,6 +769,10 @@ def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], orig
             f"{origin} does not fit DOFA {encoder.variant} (embed dim {encoder.embed_dim}, "
             f"{encoder.config.depth} blocks): " + "; ".join(problems) + f" ({hint})"
         )
+    official = {k.removeprefix("backbone."): v for k, v in target.items()}  # the file's names
+    check_tensor_kinds(
+        {k.removeprefix("backbone."): v for k, v in mapped.items()}, official, origin
+    )
     as_loaded = held_as(mapped, target)
     check_finite_state(
         {k.removeprefix("backbone."): v for k, v in as_loaded.items()},
@@ -800,6 +805,42 @@ def held_as(state: Mapping[str, Any], target: Mapping[str, Tensor]) -> dict[str,
         for k, v in state.items()
         if k in target
     }
+
+
+def check_tensor_kinds(state: Mapping[str, Any], target: Mapping[str, Tensor], origin: str) -> None:
+    """Refuse entries a load would silently change: not dense tensors of the target's kind.
+
+    torch's ``load_state_dict`` copies an integer tensor into a float weight (truncated: most
+    weights become 0), a complex one as its real part (with a warning) and fails on a sparse
+    one with a traceback; a file holding such tensors is not a checkpoint as saved.
+
+    Args:
+        state: the state dict to load (keys ``target`` has not are left to the load).
+        target: the module's own state dict.
+        origin: a name for the source, used in the message.
+
+    Raises:
+        CheckpointError: naming up to five of the entries and what they hold.
+    """
+    wrong = []
+    for key, value in state.items():
+        if key not in target:
+            continue
+        want = target[key]
+        if not isinstance(value, Tensor):
+            wrong.append(f"{key} ({type(value).__name__}, not a tensor)")
+        elif value.layout != torch.strided:
+            wrong.append(f"{key} ({str(value.layout).removeprefix('torch.')} tensor)")
+        elif want.is_floating_point() and not value.is_floating_point():
+            wrong.append(f"{key} ({_dtype_name(value.dtype)})")
+    if wrong:
+        raise CheckpointError(
+            f"{origin} holds {len(wrong)} entr{'y' if len(wrong) == 1 else 'ies'} that are not "
+            f"dense floating-point tensors where the model's weights are: "
+            f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}; loading would "
+            "truncate them (integers), keep their real part (complex) or fail (sparse): the "
+            "file was changed after it was saved, use the original checkpoint"
+        )
 
 
 def check_finite_state(state: Mapping[str, Any], origin: str, what: str = "") -> None:
