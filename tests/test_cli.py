@@ -1276,6 +1276,9 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, args, message) -> None:
         ("--batch-size", "0", "must be at least 1, got 0"),
         ("--num-workers", "-1", "must be at least 0, got -1"),
         ("--batch-size", "eight", "not an integer: 'eight'"),
+        # any finite number was taken: 1000 (a slipped sign) raised every pixel by 2000
+        ("--offset", "1000", "1000 cannot be an offset of reflectance x 10000: a whole number "),
+        ("--offset", "-0.1", "-0.1 cannot be an offset of reflectance x 10000"),
     ],
 )
 def test_bad_option_value_is_a_usage_error(tmp_path, capsys, option, value, problem) -> None:

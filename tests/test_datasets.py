@@ -785,6 +785,16 @@ def test_explicit_offset_and_earth_engine_offsets() -> None:
     assert set(legacy.index["offset"].iloc[0]) == {-1000.0}  # dated 2022-06-14 in the prefix
     with pytest.raises(ValueError, match="offset"):
         Sentinel2SR(DATA / "esa", offset="yes")  # type: ignore[arg-type]
+    # the offsets a file could not declare were taken from the user: a slipped sign (+1000
+    # against -1000), 1e9 (every pixel clipped to 10000), -20000 (every pixel no data)
+    for bad in (1000, 1e9, -20000, -1000.5, float("nan")):
+        with pytest.raises(ValueError) as refused:
+            Sentinel2SR(DATA / "esa", offset=bad)
+        assert str(refused.value) == (
+            f"offset={bad:g} cannot be an offset of reflectance x 10000: a whole number from "
+            "-10000 to 0 is added to the digital numbers (-1000 removes the +1000 of "
+            "Sentinel-2's processing baseline 04.00; 0 reads the values as they are)"
+        )
 
 
 def test_offset_never_applies_to_nodata() -> None:

@@ -48,6 +48,7 @@ EMBED = ["embed", __file__, "-o", "out"]
         ([*EMBED, "--seed", "1"], 2, "stderr", "--seed applies to random weights only"),
         ([*EMBED, "--chip-size", "100"], 2, "stderr", "--chip-size must be a multiple of 16"),
         ([*EMBED, "--devices", "0"], 2, "stderr", "--devices must be >= 1"),
+        ([*EMBED, "--offset=1e9"], 2, "stderr", "1e+09 cannot be an offset of reflectance"),
         ([*EMBED, "--weights", "no.pth"], 2, "stderr", "weights file 'no.pth' does not exist"),
         ([*EMBED, "--points", "p.csv", "--output", "grid"], 2, "stderr", "--output pooled"),
         ([*EMBED, "--points", "p.csv"], 2, "stderr", "points file 'p.csv' does not exist"),

@@ -38,6 +38,7 @@ __all__ = [
     "date_copy_base",
     "infer_wavelengths",
     "norm_stats",
+    "offset_problem",
     "resolve_wavelengths",
     "split_date_copy",
     "stac_asset_band",
@@ -555,3 +556,28 @@ PRESETS: dict[str, BandSet] = {
         "plain RGB, with Sentinel-2 B4/B3/B2 wavelengths and statistics",
     ),
 }
+
+
+def offset_problem(value: float) -> str | None:
+    """What is wrong with ``value`` as a radiometric offset of reflectance x 10000, or None.
+
+    An offset is added to the digital numbers: a whole number from -10000 to 0 (ESA's -1000
+    removes the +1000 that processing baseline 04.00 adds; 0 reads the values as they are).
+    A positive one (the sign slipped), a fraction (an offset in reflectance units, -0.1) or
+    a huge one would shift every pixel out of the reflectance range without an error (1e9:
+    every pixel clipped to 10000; -20000: every pixel no data).
+
+    Args:
+        value: the offset given (digital numbers).
+
+    Returns:
+        The problem (``"1000 cannot be an offset ..."``), naming the accepted values, or None
+        for a plausible offset.
+    """
+    if math.isfinite(value) and value == round(value) and -10000 <= value <= 0:
+        return None
+    return (
+        f"{value:g} cannot be an offset of reflectance x 10000: a whole number from "
+        "-10000 to 0 is added to the digital numbers (-1000 removes the +1000 of Sentinel-2's "
+        "processing baseline 04.00; 0 reads the values as they are)"
+    )

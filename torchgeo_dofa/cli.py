@@ -11,7 +11,6 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from . import _warnings
 from ._errors import exception_chain
 from ._warnings import warn
+from .bands import offset_problem
 from .runtime import DEVICE_NAMES, GRID_SUFFIXES, PRECISION_NAMES, TABLE_SUFFIXES
 
 if TYPE_CHECKING:  # the heavy modules load when a job runs, not for --help or a usage error
@@ -2365,8 +2365,9 @@ def _offset_value(text: str) -> float | str:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a number or 'auto' (e.g. --offset 0 or --offset -1000)"
         ) from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"--offset must be finite, got {text!r}")
+    problem = offset_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 

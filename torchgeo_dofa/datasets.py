@@ -135,6 +135,7 @@ from torchgeo_dofa.bands import (
     canonical_band,
     check_unique_bands,
     date_copy_base,
+    offset_problem,
     resolve_wavelengths,
     split_date_copy,
     stac_asset_band,
@@ -729,6 +730,9 @@ class Sentinel2Base(RasterDataset):
         self.offset: float | Literal["auto"] = self.default_offset if offset is None else offset
         if self.offset != "auto" and not isinstance(self.offset, int | float):
             raise ValueError(f"offset must be a number or 'auto', got {self.offset!r}")
+        problem = None if self.offset == "auto" else offset_problem(float(self.offset))
+        if problem is not None:
+            raise ValueError(f"offset={problem}")
         self._resampling = (
             Resampling[resampling] if isinstance(resampling, str) else Resampling(resampling)
         )
