@@ -1588,3 +1588,17 @@ def test_file_bands_for_per_band_files_is_refused(tmp_path: Path) -> None:
         "the inputs hold only single-band files named by their band (scene_B02.tif ...), which "
         "name themselves: leave out file_bands= (bands= selects and orders the bands)"
     )
+
+
+@pytest.mark.parametrize(
+    ("crs", "kind"),
+    [("EPSG:4978", "geocentric (x, y, z from the Earth's centre)"), ("EPSG:5703", "vertical")],
+)
+def test_a_crs_that_is_not_a_maps_is_refused(crs: str, kind: str) -> None:
+    """EPSG:4978 (Earth-centred x, y, z) was accepted: a grid in it, every chip no data."""
+    with pytest.raises(InputError) as refused:
+        Sentinel2SR(DATA / "esa", crs=crs)
+    assert str(refused.value) == (
+        f"CRS {crs} is a {kind} CRS, not a map's: rasters are read and chipped in a projected "
+        "CRS (e.g. EPSG:32633, UTM 33N), a geographic one (EPSG:4326) or a file's local one"
+    )

@@ -28,7 +28,7 @@ from torchgeo.samplers import GriddedPatchSampler
 from torchgeo_dofa.api import SensorSpec, get_embedding, get_embeddings_batch_from_inputs
 from torchgeo_dofa.bands import norm_stats
 from torchgeo_dofa.datamodules import check_raw_reflectance
-from torchgeo_dofa.datasets import Sentinel2SR
+from torchgeo_dofa.datasets import InputError, Sentinel2SR
 from torchgeo_dofa.model import build_encoder
 from torchgeo_dofa.transforms import (
     AttachWavelengths,
@@ -309,6 +309,19 @@ def _write_raster(path: Path, data: np.ndarray, descriptions: tuple[str, ...] = 
         if descriptions:
             dst.descriptions = descriptions
     return path
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "complex128"])
+def test_dataset_refuses_complex_rasters(tmp_path: Path, dtype: str) -> None:
+    """A complex raster was embedded from its real part (numpy's warning, naming no file)."""
+    path = _write_raster(tmp_path / "in" / "slc.tif", BASE.astype(dtype))
+    with pytest.raises(InputError) as refused:
+        Sentinel2SR(path, bands=["B4", "B3", "B2"])
+    assert str(refused.value) == (
+        f"{path} stores band {BANDS.index('B4') + 1} as {dtype} (complex values, e.g. SAR's "
+        "single-look complex samples), which cannot be surface reflectance: give the bands as "
+        "real numbers (reflectance x 10000; for SAR, amplitude or backscatter)"
+    )
 
 
 @pytest.mark.parametrize("dtype", RASTER_DTYPES)

@@ -880,12 +880,24 @@ class Sentinel2Base(RasterDataset):
         )
 
     def _warn_narrow_dtypes(self, scenes: list[_Scene], infos: dict[str, _FileInfo]) -> None:
-        """Warn once for the selected bands stored in 8-bit integers (not reflectance)."""
+        """Warn once for the selected bands stored in 8-bit integers (not reflectance).
+
+        Raises:
+            InputError: for a selected band of a complex data type (numpy took its real part,
+                with a warning naming no file).
+        """
         narrow: dict[str, str] = {}
         for scene in scenes:
             for path, band in scene.selected:
                 dtypes = infos[path].dtypes
                 dtype = dtypes[band - 1] if 0 < band <= len(dtypes) else ""
+                if dtype.startswith("complex"):
+                    raise InputError(
+                        f"{path} stores band {band} as {dtype} (complex values, e.g. SAR's "
+                        "single-look complex samples), which cannot be surface reflectance: "
+                        "give the bands as real numbers (reflectance x 10000; for SAR, "
+                        "amplitude or backscatter)"
+                    )
                 if narrow_dtype_problem(dtype):
                     narrow.setdefault(path, dtype)
         if not narrow:
@@ -3178,7 +3190,8 @@ def canonical_crs(crs: Any) -> CRS:
 
     Raises:
         InputError: for a CRS pyproj does not know (a ``ValueError``), with the spellings to
-            use.
+            use; for one that is not a map's (geocentric x, y, z; vertical): chips are cut
+            on a plane (a local, engineering CRS is one).
     """
     try:
         parsed = CRS.from_user_input(crs)
@@ -3187,6 +3200,14 @@ def canonical_crs(crs: Any) -> CRS:
             f"unknown CRS {crs!r} ({err}): give an EPSG code such as EPSG:32633, a PROJ "
             "string or WKT"
         ) from None
+    if parsed.is_geocentric or parsed.is_vertical:
+        kind = "geocentric (x, y, z from the Earth's centre)" if parsed.is_geocentric else ""
+        raise InputError(
+            f"CRS {crs_label(parsed)} is a {kind or parsed.type_name.removesuffix(' CRS').lower()}"
+            " CRS, not a map's: "
+            "rasters are read and chipped in a projected CRS (e.g. EPSG:32633, UTM 33N), a "
+            "geographic one (EPSG:4326) or a file's local one"
+        )
     epsg = exact_epsg(parsed)
     return CRS.from_epsg(epsg) if epsg else parsed
 
