@@ -827,6 +827,18 @@ def test_segmentation_options() -> None:
     assert any(n.startswith("backbone.blocks.9.") for n in frozen)  # unused blocks
     assert not any(n.startswith("backbone.blocks.8.") for n in frozen)
     assert "norm.weight" in frozen
+    # the shipped config named base's blocks: switched to large, blocks 12-23 sat unused
+    with pytest.warns(UserWarning) as said:
+        large = DOFASegmentationTask(
+            num_classes=2, weights=None, variant="large", block_indices=[3, 5, 7, 11]
+        )
+    assert [str(w.message) for w in said if "block_indices" in str(w.message)] == [
+        "block_indices [3, 5, 7, 11] are DOFA base's default, but the encoder is DOFA large "
+        "(24 blocks): blocks 12-23 are not used (and frozen); large's default is "
+        "[7, 11, 15, 23] (leave block_indices out, or null in a config, to take it)"
+    ]
+    assert large.block_indices == (3, 5, 7, 11)  # as asked
+    del large
     decoder = UPerNetDecoder(16, 5, channels=8, norm="batch")
     maps = [torch.randn(2, 16, 3, 5) for _ in range(4)]
     assert decoder(maps, (48, 80)).shape == (2, 5, 48, 80)

@@ -1768,6 +1768,16 @@ class DOFASegmentationTask(_DOFATask):
                 f"{name}, got {block_indices}"
             )
         self.block_indices: tuple[int, ...] = tuple(i % depth for i in indices)
+        other = next((v for v, ix in DEFAULT_BLOCK_INDICES.items() if v != name), "")
+        if block_indices is not None and self.block_indices == DEFAULT_BLOCK_INDICES.get(other):
+            _warnings.warn(  # a base config switched to large: half of the encoder unused
+                f"block_indices {list(self.block_indices)} are DOFA {other}'s default, but the "
+                f"encoder is DOFA {name} ({depth} blocks): blocks {max(self.block_indices) + 1}"
+                f"-{depth - 1} are not used (and frozen); {name}'s default is "
+                f"{list(DEFAULT_BLOCK_INDICES[name])} (leave block_indices out, or null in a "
+                "config, to take it)",
+                UserWarning,
+            )
         if decoder_channels < 2:
             raise ValueError(f"decoder_channels must be at least 2, got {decoder_channels}")
         if decoder_norm not in ("group", "batch"):
