@@ -477,3 +477,26 @@ def test_finite_outputs_whose_sum_overflows_are_not_refused() -> None:
         check_finite_output(torch.tensor([1.0, float("nan"), 2.0]), "m")
     with pytest.raises(NonFiniteOutputError, match="for 1 of the 1 chip"):
         check_finite_output(torch.tensor(float("inf")), "m")
+
+
+def test_a_batch_scaled_again_after_normalising_warns() -> None:
+    """A TorchGeo data module's default aug divides by 255 after the samples' DOFA
+    normalisation: the model saw values within +-0.02, and nothing noticed."""
+    from torchgeo.datamodules import NonGeoDataModule
+    from torchgeo.datasets import EuroSAT
+
+    from torchgeo_dofa.embedder import check_normalised
+    from torchgeo_dofa.transforms import ReflectanceWarning
+
+    ds = Sentinel2SR(SCENE)
+    ds.transforms = DOFAPreprocess(ds.bands, ds.wavelengths)
+    batch = stack_dofa_samples([ds[next(iter(GriddedPatchSampler(ds, size=224)))]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_normalised(batch["image"])  # DOFA-normalised: quiet
+        check_normalised(torch.zeros(1, 4, 8, 8))  # all fill: quiet
+    aug = NonGeoDataModule(EuroSAT, batch_size=1).aug  # TorchGeo's default: Normalize(0, 255)
+    again = aug({"image": batch["image"].clone()})["image"]
+    assert float(again.abs().amax()) < 0.1
+    with pytest.warns(ReflectanceWarning, match=r"values within \+-0\.0\d+ only, .*divides by 255"):
+        check_normalised(again)

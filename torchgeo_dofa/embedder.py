@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _warnings
 from .model import DOFAEncoder, PooledNorm
-from .transforms import stitch_tiles
+from .transforms import ReflectanceWarning, stitch_tiles
 from .weights import load_dofa, names_random_weights
 
 __all__ = ["OUTPUT_KINDS", "DOFAEmbedder", "NotNormalisedError", "check_normalised"]
@@ -295,6 +296,12 @@ def batch_kind(batch: dict[str, Any]) -> str:
 #: reflectance reaches the thousands wherever there is land or cloud.
 NORMALISED_LIMIT = 1000.0
 
+#: Below this, every value of a batch is too close to 0 for DOFA-normalised reflectance, which
+#: is (x - mean) / std per band (DOFA's statistics on the 0..255 scale): a batch of real
+#: chips spans at least one standard deviation (+-1). TorchGeo's data modules divide by 255
+#: in their default ``aug`` (mean 0, std 255), which brings +-5 to +-0.02.
+SCALED_AGAIN_LIMIT = 0.1
+
 
 class NotNormalisedError(ValueError):
     """A batch reached the encoder without DOFA's normalisation (e.g. raw reflectance)."""
@@ -354,8 +361,13 @@ def check_normalised(image: Tensor, fix: str = _EMBEDDER_FIX) -> None:
 
     Raises:
         NotNormalisedError: naming the dtype or the largest value (above
-            :data:`NORMALISED_LIMIT`), and the fix; or the count of NaN / infinite values
-            (one would make the chip's every output NaN, and a training step's weights).
+            :data:`NORMALISED_LIMIT`: raw reflectance), and the fix; or the count of NaN /
+            infinite values (one would make the chip's every output NaN, and a training
+            step's weights).
+
+    Warns:
+        ReflectanceWarning: for a batch whose values all lie within
+            +-:data:`SCALED_AGAIN_LIMIT` (not all 0): scaled again after normalising.
     """
     if not image.is_floating_point():
         raise NotNormalisedError(
@@ -375,4 +387,14 @@ def check_normalised(image: Tensor, fix: str = _EMBEDDER_FIX) -> None:
         raise NotNormalisedError(
             f"the batch's image holds values up to {peak:g}, raw reflectance rather than "
             f"input normalised with DOFA's statistics: {fix}"
+        )
+    if 0 < peak < SCALED_AGAIN_LIMIT:  # a warning: one chip of one uniform surface could be
+        _warnings.warn(
+            f"the batch's image holds values within +-{peak:.3g} only, where reflectance "
+            "normalised with DOFA's statistics spreads over about +-1 to +-5 (a band's mean "
+            "+- its standard deviation is +-1): was it scaled again after normalising? A "
+            "TorchGeo GeoDataModule's default aug divides by 255: give the data module an aug "
+            "that keeps the batch (self.aug = lambda batch: batch in its __init__, after "
+            "super().__init__(), as torchgeo_dofa's data modules do)",
+            ReflectanceWarning,
         )
