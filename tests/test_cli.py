@@ -3388,3 +3388,24 @@ def test_write_error_starts_its_own_line_after_the_progress_bar(tmp_path: Path) 
     assert len(errors) == 1 and lines[errors[0]].startswith("torchgeo-dofa: error: could not")
     bars = [i for i, line in enumerate(lines) if "Predicting DataLoader" in line]
     assert bars and max(bars) < errors[0]  # the bar was closed before the error
+
+
+@pytest.mark.parametrize("value", ["abc", "2.5", ""])
+def test_a_hub_timeout_huggingface_hub_cannot_read_is_one_line(
+    value: str, monkeypatch, capsys, tmp_path
+) -> None:
+    """HF_HUB_ETAG_TIMEOUT=abc failed every job, --weights none too, with huggingface_hub's
+    int() traceback as it loaded (timm imports it), exit 1."""
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", value)
+    out = tmp_path / "out"
+    assert main(["embed", str(SCENE), "-o", str(out), "--weights", "none"]) == 2
+    assert capsys.readouterr().err == (
+        f"torchgeo-dofa: error: the environment's HF_HUB_DOWNLOAD_TIMEOUT={value!r} is not a "
+        "whole number of seconds, which huggingface_hub needs as it loads (it reads it with "
+        "int()): set it to e.g. HF_HUB_DOWNLOAD_TIMEOUT=10, or unset it\n"
+    )
+    assert not out.exists()
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", " 30 ")  # int() takes it: so does the hub
+    from torchgeo_dofa.cli import environment_problem
+
+    assert environment_problem(os.environ) is None

@@ -250,6 +250,14 @@ def test_user_precision_wins_and_bad_names_are_refused() -> None:
         mp.setenv("TORCHGEO_DOFA_PRECISION", "bf16")
         assert resolve_precision(None, "cpu").precision == "bf16"
         assert resolve_precision("32", "cpu").precision == "32"  # an explicit choice wins
+        # a bad value in the environment was reported as "unknown --precision 'foo'"
+        mp.setenv("TORCHGEO_DOFA_PRECISION", "foo")
+        with pytest.raises(ValueError) as bad:
+            resolve_precision(None, "cpu")
+        assert str(bad.value) == (
+            "the environment's TORCHGEO_DOFA_PRECISION='foo' is not a precision: set it to "
+            "auto, 32 or bf16, or unset it"
+        )
     with pytest.raises(ValueError, match="choose auto, 32 or bf16"):
         resolve_precision("fp16", "cpu")
 

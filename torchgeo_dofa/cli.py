@@ -16,7 +16,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -2019,8 +2019,42 @@ def _print_result(line: str) -> None:
     )
 
 
+#: Variables huggingface_hub reads with ``int()`` as it is imported (``constants.py``): any
+#: other value, even ``2.5`` or an empty string, fails every job with its traceback, also
+#: without a download (timm imports it).
+_HUB_INT_VARIABLES = ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")
+
+
+def environment_problem(environ: Mapping[str, str]) -> str | None:
+    """What is wrong with the environment for a job, before any library reads it, or None.
+
+    Args:
+        environ: the environment (``os.environ``).
+
+    Returns:
+        One line naming the variable, its value and the fix.
+    """
+    for name in _HUB_INT_VARIABLES:
+        value = environ.get(name)
+        if value is None:
+            continue
+        try:
+            int(value)
+        except ValueError:
+            return (
+                f"the environment's {name}={value!r} is not a whole number of seconds, which "
+                f"huggingface_hub needs as it loads (it reads it with int()): set it to e.g. "
+                f"{name}=10, or unset it"
+            )
+    return None
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    problem = environment_problem(os.environ)
+    if problem is not None and not {"-h", "--help"} & set(args_list):
+        print(f"torchgeo-dofa: error: {problem}", file=sys.stderr)
+        return 2
     if args_list and args_list[0] in ("fit", "validate", "test", "predict"):
         # the config's options are --data.init_args.bands ..., not embed's --bands
         with _one_line_warnings(hints=False):

@@ -238,12 +238,18 @@ def resolve_precision(precision: str | None, device: str = "auto") -> PrecisionC
         The choice and its reason.
 
     Raises:
-        ValueError: for an unknown precision name (listing the choices).
+        ValueError: for an unknown precision name, given or in ``TORCHGEO_DOFA_PRECISION``
+            (naming which, and listing the choices).
     """
     if precision is None or str(precision).lower() == "auto":
         setting = os.environ.get("TORCHGEO_DOFA_PRECISION", "").strip()
         if not setting or setting.lower() == "auto":
             return default_precision(device)
+        if setting.lower() not in PRECISION_NAMES:
+            raise ValueError(
+                f"the environment's TORCHGEO_DOFA_PRECISION={setting!r} is not a precision: "
+                "set it to auto, 32 or bf16, or unset it"
+            )
         choice = resolve_precision(setting, device)
         return PrecisionChoice(
             choice.precision, f"{choice.reason.split(':')[0]}: TORCHGEO_DOFA_PRECISION={setting}"
