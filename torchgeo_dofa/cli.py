@@ -242,6 +242,7 @@ def option_problem(
     bands: Sequence[str] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    stride: int | None = None,
 ) -> str | None:
     """The first problem among ``embed``'s arguments that needs no raster read, or None.
 
@@ -267,6 +268,7 @@ def option_problem(
         bands: the bands asked for, or None.
         mean: normalisation means (need ``bands``: they follow its order).
         std: normalisation standard deviations.
+        stride: distance between chips in pixels (None: the chip size).
 
     Returns:
         One line naming the problem and the fix, or None.
@@ -295,6 +297,8 @@ def option_problem(
         return f"--devices {text!r}: give a count (2), auto, or GPU indices (0,1)"
     if chip_size < 16 or chip_size % 16:
         return f"--chip-size must be a multiple of 16 pixels >= 16, got {chip_size}"
+    if stride is not None and stride < 1:
+        return f"--stride must be at least 1 pixel (default: the chip size), got {stride}"
     if points is not None and output == "grid":
         return "--points gives one pooled row per point: use --output pooled"
     if seed is not None and weights is not None:
@@ -636,6 +640,7 @@ def embed(
         bands=bands,
         mean=mean,
         std=std,
+        stride=stride,
     )
     if problem is not None:
         raise InputError(problem)
@@ -1034,7 +1039,9 @@ def _parser() -> argparse.ArgumentParser:
         "--stride", type=int, default=None, help="chip stride in pixels (default: chip size)"
     )
     e.add_argument("--points", default=None, help="CSV (lon,lat) or GeoJSON points")
-    e.add_argument("--buffer-m", type=float, default=2048.0, help="point buffer in metres")
+    e.add_argument(
+        "--buffer-m", type=float, default=None, help="point buffer in metres (default 2048)"
+    )
     e.add_argument(
         "--skip-outside",
         action="store_true",
@@ -2078,7 +2085,23 @@ def _main(argv: Sequence[str] | None) -> int:
             bands=args.bands,
             mean=args.mean,
             std=args.std,
+            stride=args.stride,
         )
+        if problem is None and args.points is None:  # options of point jobs, given alone
+            alone = [
+                option
+                for option, given in (
+                    ("--buffer-m", args.buffer_m is not None),
+                    ("--skip-outside", args.skip_outside),
+                )
+                if given
+            ]
+            if alone:
+                one = len(alone) == 1
+                problem = (
+                    f"{' and '.join(alone)} appl{'ies' if one else 'y'} to --points only: add "
+                    f"--points FILE, or leave {'it' if one else 'them'} out"
+                )
         problem = problem or _strategy_problem(args.strategy)
         problem = problem or _rendezvous_problem(args.strategy, args.devices, args.device)
         if problem is not None:
@@ -2159,7 +2182,7 @@ def _embed_args(args: argparse.Namespace) -> EmbedSummary:
         chip_size=args.chip_size,
         stride=args.stride,
         points=args.points,
-        buffer_m=args.buffer_m,
+        buffer_m=2048.0 if args.buffer_m is None else args.buffer_m,
         bbox=args.bbox,
         progress=not args.no_progress,
         overwrite=args.overwrite,
