@@ -527,7 +527,9 @@ class DOFAPredictDataModule(GeoDataModule):
                 them.
 
         Raises:
-            ValueError: if both ``points`` and ``roi`` are given, sizes are invalid,
+            ValueError: if both ``points`` and ``roi`` are given, sizes are invalid (with
+                ``preprocess``, a ``patch_size`` that is not a multiple of 16, as ``embed``'s
+                ``--chip-size``),
                 ``mean`` / ``std`` are given without ``bands``, or ``time_series=True`` (one
                 acquisition per chip: embed each date as its own job with ``time``).
         """
@@ -592,6 +594,13 @@ class DOFAPredictDataModule(GeoDataModule):
         #: chips left out of the last loader because the trainer's writers had them.
         self.skipped = 0
         self._regions: list[RasterInput] | None = None
+        if self.preprocess and patch_size % 16:  # as embed's --chip-size
+            lower, upper = max(16, patch_size // 16 * 16), -(-patch_size // 16) * 16
+            raise ValueError(
+                f"patch_size {patch_size} px is not a multiple of 16, DOFA's patch: a chip "
+                f"would not map to whole patches (grid cells of {patch_size / 14:.4g} px); "
+                f"use {lower} or {upper}{raw}"
+            )
         if self.preprocess and (self.mode == "grid" or roi_sampling == "grid"):
             cell = self.cell_px
             step = stride or patch_size
