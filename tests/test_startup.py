@@ -66,6 +66,8 @@ EMBED = ["embed", __file__, "-o", "out"]
         ([*EMBED, "--bands", "red", "--mean", "80"], 2, "stderr", "give both --mean"),
         ([*EMBED, "--bands", "x", "--mean", ".3", "--std", ".1"], 2, "stderr", "by 255"),
         ([*EMBED, "--bands", "x", "--mean", "-8", "--std", "9"], 2, "stderr", "negative mean"),
+        # it ran, and the batch was refused as "raw reflectance" after the model loaded
+        ([*EMBED, "--bands", "x", "--mean", "9", "--std", "1e-30"], 2, "stderr", "up to 2.46e+32"),
         ([*EMBED, "--bands", "x", "y", "--mean", "8", "--std", "9"], 2, "stderr", "1 means"),
         (["preview", __file__, "-o", "p"], 2, "stderr", "-o 'p': give an image file name"),
         (["preview", "", "-o", "p.png"], 2, "stderr", "the embedding is an empty string"),

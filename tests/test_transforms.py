@@ -865,3 +865,21 @@ def test_stack_pickles_for_dataloader_workers() -> None:
     torch.testing.assert_close(clone({"image": x.clone()})["image"], stack({"image": x})["image"])
     assert clone.bands == stack.bands and clone.input_prep == "tile"
     assert "nodata=-9999.0" in repr(clone)
+
+
+def test_statistics_that_would_exceed_the_models_input_range_are_refused() -> None:
+    """A std of 1e-30 ran, and its batch was refused only after the model loaded, as "raw
+    reflectance" (the wrong cause); the bound is the model's own input check."""
+    from torchgeo_dofa.bands import NORMALISED_LIMIT, BandError, norm_stats
+    from torchgeo_dofa.embedder import NORMALISED_LIMIT as model_limit
+
+    assert model_limit == NORMALISED_LIMIT
+    # 255 / std is the farthest a band reaches from mean 0: 0.255 is the smallest std taken
+    assert norm_stats(["x", "y"], [1e-9, 10.0], [0.2551, 5.0]) is not None
+    with pytest.raises(BandError) as refused:
+        norm_stats(["x", "y"], [10.0, 10.0], [5.0, 0.2])
+    assert str(refused.value) == (
+        "std 0.2 for band y would scale reflectance 0..10000 to values up to 1.22e+03, beyond "
+        "the +-1000 the model takes (normalised input spans about +-5): give the band's "
+        "standard deviation on DOFA's 0..255 scale (DOFA's Sentinel-2 ones are 43-78)"
+    )

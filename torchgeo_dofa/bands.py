@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # torch loads on first use: the preview and the CLI's checks 
 
 __all__ = [
     "DOFA_S2_BANDS",
+    "NORMALISED_LIMIT",
     "PRESETS",
     "SENTINEL1_PLACEHOLDER_UM",
     "SENTINEL2_BANDS",
@@ -416,6 +417,13 @@ def date_copy_base(name: str) -> str:
 #: it were computed on raw reflectance (0..10000) instead.
 STATS_SCALE_MAX = 255.0
 
+#: Largest magnitude a normalised input may hold: beyond it the model's input check
+#: (:func:`torchgeo_dofa.embedder.check_normalised`) takes a batch for raw reflectance. DOFA's
+#: Sentinel-2 statistics (:data:`SENTINEL2_BANDS`, on the 0..255 scale of reflectance / 10000
+#: x 255) turn reflectance 0..10000 into -1.88..4.66 and even a saturated 65535 into < 38; raw
+#: reflectance reaches the thousands wherever there is land or cloud.
+NORMALISED_LIMIT = 1000.0
+
 
 def norm_stats(
     bands: Sequence[str],
@@ -495,6 +503,16 @@ def _given_stats(
         raise BandError(
             f"statistics mean={means} hold a negative mean: reflectance clipped to 0..10000 "
             "cannot have one; give the means on DOFA's 0..255 scale"
+        )
+    # reflectance 0..10000 is 0..255 on this scale: its farthest value from the mean, in stds
+    reach = [max(m, STATS_SCALE_MAX - m) / s for m, s in zip(means, stds, strict=True)]
+    if max(reach) > NORMALISED_LIMIT:
+        i = reach.index(max(reach))
+        raise BandError(
+            f"std {stds[i]:g} for band {bands[i]} would scale reflectance 0..10000 to values "
+            f"up to {max(reach):.3g}, beyond the +-{NORMALISED_LIMIT:g} the model takes "
+            "(normalised input spans about +-5): give the band's standard deviation on DOFA's "
+            "0..255 scale (DOFA's Sentinel-2 ones are 43-78)"
         )
     return means, stds
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _warnings
+from . import _warnings, bands
 from .model import DOFAEncoder, PooledNorm
 from .transforms import ReflectanceWarning, stitch_tiles
 from .weights import load_dofa, names_random_weights
@@ -290,11 +290,9 @@ def batch_kind(batch: dict[str, Any]) -> str:
     return "tile" if batch["image"].ndim == 5 else "resize"
 
 
-#: Largest magnitude a normalised input may hold. DOFA's Sentinel-2 statistics
-#: (:data:`torchgeo_dofa.bands.SENTINEL2_BANDS`, on the 0..255 scale of reflectance / 10000 x
-#: 255) turn reflectance 0..10000 into -1.88..4.66 and even a saturated 65535 into < 38; raw
-#: reflectance reaches the thousands wherever there is land or cloud.
-NORMALISED_LIMIT = 1000.0
+#: Largest magnitude a normalised input may hold (:data:`torchgeo_dofa.bands.NORMALISED_LIMIT`,
+#: where given statistics are checked against it too).
+NORMALISED_LIMIT = bands.NORMALISED_LIMIT
 
 #: Below this, every value of a batch is too close to 0 for DOFA-normalised reflectance, which
 #: is (x - mean) / std per band (DOFA's statistics on the 0..255 scale): a batch of real
