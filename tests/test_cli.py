@@ -225,7 +225,7 @@ def test_a_time_series_of_one_place_is_refused_and_datetime_picks_a_date(
         dm.setup("predict")
     dm = DOFAPredictDataModule(series, time="2021-01-01/2021-01-01")
     dm.setup("predict")  # that date alone: 128 x 128 px at 20 m, one chip
-    assert dm.predict_dataset is not None and dm.predict_dataset.res == (20.0, 20.0)
+    assert isinstance(dm.predict_dataset, Sentinel2SR) and dm.predict_dataset.res == (20.0, 20.0)
     assert len(dm.predict_sampler or []) == 1
 
 
