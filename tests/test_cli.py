@@ -1588,8 +1588,11 @@ def test_a_preview_that_cannot_be_written_keeps_the_previous_one(
         free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
         (disk / "filler").write_bytes(b"\0" * (free - 4096))  # room for 4 KiB, not a PNG
         capsys.readouterr()
-        assert main(["preview", grid, "-o", str(out)]) != 0
-        assert "No space left on device" in capsys.readouterr().err
+        assert main(["preview", grid, "-o", str(out)]) == 1  # the disk, not the input (2)
+        assert capsys.readouterr().err == (  # it named the hidden temporary file
+            f"torchgeo-dofa: error: cannot write {out} (No space left on device): give -o a "
+            "file in a folder you can write to, with free space\n"
+        )
         assert out.read_bytes() == before  # the previous preview, whole
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "p.png"]  # no temporary
 

@@ -2115,11 +2115,14 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
             return err.exit_status
     if args.command == "preview":  # numpy, rasterio and Pillow only
-        from .preview import render_preview
+        from .preview import PreviewWriteError, render_preview
 
         try:
             with _one_line_warnings():
                 out = render_preview(args.embedding, args.output)
+        except PreviewWriteError as err:  # not the input: the disk (embed's write errors: 1)
+            print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
+            return 1
         except (ValueError, OSError) as err:
             print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
             return 2

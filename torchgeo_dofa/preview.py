@@ -22,6 +22,7 @@ from .bands import canonical_band, split_date_copy
 
 __all__ = [
     "PREVIEW_FORMATS",
+    "PreviewWriteError",
     "pca_rgb",
     "render_preview",
     "rgb_bands",
@@ -240,6 +241,7 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
             bands are not named ``dofa_0000``, ``dofa_0001`` ..., as the grid writer names
             them); if its cells cannot be read (a truncated or corrupt file), after the
             checks above.
+        PreviewWriteError: (an ``OSError``) if the image cannot be written, naming ``out_png``.
     """
     out = Path(out_png)
     if not str(out_png).strip() or out.suffix.lower() not in PREVIEW_FORMATS:
@@ -333,13 +335,25 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
     for panel in panels:
         canvas.paste(panel, (x, 0))
         x += panel.width + gap
-    out.parent.mkdir(parents=True, exist_ok=True)
     # through a hidden name, renamed: a Ctrl-C or error while Pillow writes leaves the
     # previous file (Pillow removes its partial file on an Exception only)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         canvas.save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
         os.replace(tmp, out)
+    except OSError as err:  # it named the hidden file: "Read-only file system: '.p.png.9f...'"
+        raise PreviewWriteError(
+            f"cannot write {out} ({err.strerror or err}): give -o a file in a folder you can "
+            "write to, with free space"
+        ) from err
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+class PreviewWriteError(OSError):
+    """The preview could not be written (a read-only or full disk, a folder that is a file).
+
+    The previous file of that name, if any, is kept.
+    """
