@@ -3412,3 +3412,19 @@ def test_a_hub_timeout_huggingface_hub_cannot_read_is_one_line(
     from torchgeo_dofa.cli import environment_problem
 
     assert environment_problem(os.environ) is None
+
+
+def test_negative_numbers_with_an_exponent_are_values() -> None:
+    """``--nodata -3.4028234663852886e+38`` (float rasters' usual no-data) was argparse's
+    "expected one argument": it took the value for an option."""
+    from torchgeo_dofa.cli import _parser
+
+    nodata = ["--nodata", "-3.4028234663852886e+38"]
+    bbox = ["--bbox", "-1e-1", "-.5", "-0.05", "-2E-1"]
+    args = _parser().parse_args(
+        ["embed", "in.tif", "-o", "out", *nodata, *bbox, "--offset", "-1e3"]
+    )
+    assert args.nodata == -3.4028234663852886e38 and args.offset == -1000.0
+    assert args.bbox == [-0.1, -0.5, -0.05, -0.2]
+    with pytest.raises(SystemExit):  # an option is still an option
+        _parser().parse_args(["embed", "in.tif", "-o", "out", "--nodata", "-e5"])

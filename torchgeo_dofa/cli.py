@@ -328,6 +328,9 @@ def option_problem(
     return None
 
 
+#: A negative number, exponents included (argparse's own matcher stops at ``-1.5``).
+_NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+
 #: ``--devices`` as a count (Lightning reads ``"2"`` as 2) and as GPU indices (``0,1``, ``[0]``).
 _DEVICE_COUNT = re.compile(r"[+-]?[0-9]+")
 _GPU_INDICES = re.compile(r"\[?\s*[0-9]+\s*(?:,\s*[0-9]+\s*)*,?\s*\]?")
@@ -911,6 +914,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Embed rasters with DOFA: a grid GeoTIFF and/or a pooled GeoParquet per "
         "region (an input file, folder, or the tiles of one Earth Engine export).",
     )
+    # argparse (3.12, 3.13) takes "-1e+38" for an option ("--nodata: expected one
+    # argument"): float rasters' usual no-data, -3.4028234663852886e+38, needs an exponent
+    e._negative_number_matcher = _NEGATIVE_NUMBER
     e.add_argument(
         "inputs", nargs="*", help="GeoTIFF/JP2 files or folders (none with --stac alone)"
     )
