@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -54,7 +56,17 @@ def test_grid_mode_covers_the_raster() -> None:
 
 def test_default_patch_is_224_and_reaches_past_small_rasters() -> None:
     dm = DOFAPredictDataModule(DATA / "multiband", preprocess=False)
-    (batch,) = batches(dm)
+    # get_embedding warned below 50 % valid pixels, embed said nothing of a chip mostly fill
+    with pytest.warns(UserWarning) as said:
+        (batch,) = batches(dm)
+    assert [str(w.message) for w in said if "region is" in str(w.message)] == [
+        "the region is 128 x 96 px, 24.5% of one 224-px chip: the rest of its chip is fill, so "
+        "its embedding mostly describes fill (the pooled table's valid_fraction gives the "
+        "share); a smaller chip size (a multiple of 16) or a larger region fits it better"
+    ]
+    with warnings.catch_warnings():  # a region as large as half a chip: quiet
+        warnings.simplefilter("error")
+        DOFAPredictDataModule(DATA / "multiband", patch_size=144, preprocess=False).setup("predict")
     assert batch["image"].shape == (1, 9, 224, 224)
     assert int(batch["valid"].sum()) == 96 * 128  # the raster; the rest is padding
     check_sample(batch["image"][0], batch["valid"][0], batch["bounds"][0], MULTIBAND)

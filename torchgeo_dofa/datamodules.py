@@ -51,6 +51,7 @@ from torchgeo.datamodules.utils import MisconfigurationException
 from torchgeo.datasets.utils import GeoSlice, Path, Sample
 from torchgeo.samplers import GeoSampler
 
+from torchgeo_dofa import _warnings
 from torchgeo_dofa.bands import BandError
 from torchgeo_dofa.datasets import (
     InputError,
@@ -720,6 +721,8 @@ class DOFAPredictDataModule(GeoDataModule):
         roi = None
         if self.roi is not None:
             roi = region_to_crs(self.roi, dataset.crs, self.roi_crs)
+        else:
+            self._warn_small_region(dataset)
         try:
             return ChipGridSampler(
                 dataset, self.chip_size, self.stride or self.chip_size, roi=roi, time=self.time
@@ -735,6 +738,23 @@ class DOFAPredictDataModule(GeoDataModule):
                 f"lon {lon0:.5f}..{lon1:.5f}, lat {lat0:.5f}..{lat1:.5f} (EPSG:4326; "
                 f"{crs_label(dataset.crs)} bounds {[round(v, 1) for v in (x0, y0, x1, y1)]})"
             ) from err
+
+    def _warn_small_region(self, dataset: Sentinel2Base) -> None:
+        """Warn where the whole region fills less than half of one chip.
+
+        Its one chip is then mostly fill (the pooled vector averages every patch), as
+        :func:`torchgeo_dofa.api.get_embedding` warns below ``LOW_VALID_FRACTION`` (50 %).
+        """
+        x0, y0, x1, y1 = (float(v) for v in dataset.index.total_bounds)
+        width, height = ((x1 - x0) / dataset.res[0], (y1 - y0) / dataset.res[1])
+        share = min(width, self.chip_size) * min(height, self.chip_size) / self.chip_size**2
+        if share < 0.5:
+            _warnings.warn(
+                f"the region is {width:.0f} x {height:.0f} px, {share:.1%} of one "
+                f"{self.chip_size}-px chip: the rest of its chip is fill, so its embedding "
+                "mostly describes fill (the pooled table's valid_fraction gives the share); "
+                "a smaller chip size (a multiple of 16) or a larger region fits it better"
+            )
 
     def grid_geometry(self) -> GridGeometry:
         """The embedding map's grid: the sampled region at :attr:`cell_px` pixels a cell.
