@@ -1602,3 +1602,24 @@ def test_a_crs_that_is_not_a_maps_is_refused(crs: str, kind: str) -> None:
         f"CRS {crs} is a {kind} CRS, not a map's: rasters are read and chipped in a projected "
         "CRS (e.g. EPSG:32633, UTM 33N), a geographic one (EPSG:4326) or a file's local one"
     )
+
+
+def test_a_label_raster_among_the_scenes_is_named_as_such(tmp_path: Path) -> None:
+    """A label raster beside the scenes was asked for its band names (file_bands=[B1, ...])."""
+    profile = {
+        "driver": "GTiff",
+        "dtype": "uint8",
+        "count": 1,
+        "width": 8,
+        "height": 8,
+        "crs": "EPSG:32633",
+        "transform": from_origin(300000, 5000000, 10, 10),
+    }
+    with rasterio.open(tmp_path / "labels.tif", "w", **profile) as dst:
+        dst.write(np.ones((1, 8, 8), np.uint8))
+    with pytest.raises(BandError) as refused:
+        Sentinel2SR(tmp_path)
+    assert str(refused.value).endswith(
+        "select the ones to embed with bands=[...]; if it is a label or mask raster (one uint8 "
+        "band), keep it out of the inputs"
+    )

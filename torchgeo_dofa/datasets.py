@@ -1163,11 +1163,19 @@ class Sentinel2Base(RasterDataset):
                 if bands is not None
                 else ""
             )
+            # a one-band 8-bit file among scenes is most often a label or mask raster
+            mask = info.count == 1 and tuple(info.dtypes[:1]) in (("uint8",), ("int8",))
             raise BandError(
                 f"{info.path} has {info.count} bands and no band descriptions, so its band "
                 f"names are unknown{given}: name all {info.count} bands in file order with "
                 f"file_bands=[{example}, ...] (a second date of a band as B4_1, a third as "
                 "B4_2, as Earth Engine does) and select the ones to embed with bands=[...]"
+                + (
+                    f"; if it is a label or mask raster (one {info.dtypes[0]} band), keep it "
+                    "out of the inputs"
+                    if mask
+                    else ""
+                )
             )
         stem = os.path.splitext(os.path.basename(info.path))[0]
         return _Scene(
