@@ -1604,6 +1604,14 @@ def test_a_crs_that_is_not_a_maps_is_refused(crs: str, kind: str) -> None:
     )
 
 
+@pytest.mark.parametrize("crs", ["EPSG:32633+5773", "EPSG:7415", "EPSG:9518"])
+def test_a_map_crs_with_a_height_is_read_as_its_map(crs: str) -> None:
+    """Compound CRSs (UTM 33N + EGM96 height, RD New + NAP, WGS 84 + EGM2008) are maps: the
+    first refusal of vertical CRSs took them for vertical ones."""
+    ds = Sentinel2SR(DATA / "esa", crs=crs)
+    assert len(ds) == len(Sentinel2SR(DATA / "esa")) and ds.res[0] > 0
+
+
 def test_a_label_raster_among_the_scenes_is_named_as_such(tmp_path: Path) -> None:
     """A label raster beside the scenes was asked for its band names (file_bands=[B1, ...])."""
     profile = {

@@ -3208,10 +3208,12 @@ def canonical_crs(crs: Any) -> CRS:
             f"unknown CRS {crs!r} ({err}): give an EPSG code such as EPSG:32633, a PROJ "
             "string or WKT"
         ) from None
-    if parsed.is_geocentric or parsed.is_vertical:
-        kind = "geocentric (x, y, z from the Earth's centre)" if parsed.is_geocentric else ""
+    # a compound CRS is its horizontal part (UTM 33N + EGM96 height reads as UTM 33N)
+    plane = parsed.sub_crs_list[0] if parsed.is_compound and parsed.sub_crs_list else parsed
+    if plane.is_geocentric or plane.is_vertical:
+        kind = "geocentric (x, y, z from the Earth's centre)" if plane.is_geocentric else ""
         raise InputError(
-            f"CRS {crs_label(parsed)} is a {kind or parsed.type_name.removesuffix(' CRS').lower()}"
+            f"CRS {crs_label(parsed)} is a {kind or plane.type_name.removesuffix(' CRS').lower()}"
             " CRS, not a map's: "
             "rasters are read and chipped in a projected CRS (e.g. EPSG:32633, UTM 33N), a "
             "geographic one (EPSG:4326) or a file's local one"
