@@ -3428,3 +3428,32 @@ def test_negative_numbers_with_an_exponent_are_values() -> None:
     assert args.bbox == [-0.1, -0.5, -0.05, -0.2]
     with pytest.raises(SystemExit):  # an option is still an option
         _parser().parse_args(["embed", "in.tif", "-o", "out", "--nodata", "-e5"])
+
+
+def test_file_bands_serve_the_regions_of_multiband_files(tmp_path, capsys, base_checkpoint) -> None:
+    """--file-bands applies to a job's every region: a region of per-band files beside a
+    stack that needs them was refused ("the inputs hold only single-band files")."""
+    with rasterio.open(SCENE) as src:
+        profile = src.profile | {"width": 64, "height": 64}
+        data = src.read(window=Window(0, 0, 64, 64))
+    with rasterio.open(tmp_path / "stack.tif", "w", **profile) as dst:  # no descriptions
+        dst.write(data)
+    (tmp_path / "perband").mkdir()
+    for band, values in zip(("B04", "B03", "B02", "B08"), data, strict=True):
+        one = profile | {"count": 1}
+        with rasterio.open(tmp_path / "perband" / f"scene_{band}.tif", "w", **one) as dst:
+            dst.write(values[None])
+    names = ["--file-bands", "B4", "B3", "B2", "B8", "--bands", "B4", "B3", "B2", "B8"]
+    common = ["--weights", str(base_checkpoint), "--no-progress", "--output", "grid"]
+    both = [str(tmp_path / "stack.tif"), str(tmp_path / "perband")]
+    assert (
+        main(["embed", *both, *names, *common, "--chip-size", "64", "-o", str(tmp_path / "o")]) == 0
+    )
+    with rasterio.open(tmp_path / "o" / "stack_grid.tif") as a:
+        with rasterio.open(tmp_path / "o" / "perband_grid.tif") as b:
+            np.testing.assert_array_equal(a.read(), b.read())  # the same pixels, named alike
+    capsys.readouterr()
+    alone = [str(tmp_path / "perband"), *names, *common, "-o", str(tmp_path / "p")]
+    assert main(["embed", *alone]) == 2  # no input takes them: still refused
+    assert "leave out --file-bands" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

@@ -586,7 +586,7 @@ def embed(
 
     from .__main__ import end_import_pause
     from .datamodules import DOFAPredictDataModule
-    from .datasets import InputError, find_raster_inputs
+    from .datasets import InputError, UnusedFileBandsError, find_raster_inputs
     from .embedder import OUTPUT_KINDS, DOFAEmbedder
     from .jobs import (
         MANIFEST_NAME,
@@ -751,28 +751,43 @@ def embed(
     started = fresh = failed = False
     try:
         modules = []
+        no_file_bands: list[UnusedFileBandsError] = []  # regions of per-band files only
         for region, subset in zip(regions, point_sets, strict=True):
             chosen = (
                 None if subset is None or point_list is None else [point_list[i] for i in subset]
             )
-            dm = DOFAPredictDataModule(
-                paths=list(region.paths),
-                dataset_class=region.dataset_class,
-                points=chosen,
-                roi=BBox(*bbox) if bbox is not None else None,
-                patch_size=chip_size,
-                stride=stride,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                input_prep=input_prep,  # type: ignore[arg-type]
-                preprocess=True,
-                time=datetime if stac is None else None,  # a STAC composite is one date
-                **{k: v for k, v in dataset_kwargs.items() if v is not None},
-            )
-            dm.setup("predict")
+            settings = {k: v for k, v in dataset_kwargs.items() if v is not None}
+
+            def region_module(
+                settings: dict[str, Any], region: Any = region, chosen: Any = chosen
+            ) -> Any:
+                dm = DOFAPredictDataModule(
+                    paths=list(region.paths),
+                    dataset_class=region.dataset_class,
+                    points=chosen,
+                    roi=BBox(*bbox) if bbox is not None else None,
+                    patch_size=chip_size,
+                    stride=stride,
+                    batch_size=batch_size,
+                    num_workers=num_workers,
+                    input_prep=input_prep,  # type: ignore[arg-type]
+                    preprocess=True,
+                    time=datetime if stac is None else None,  # a STAC composite is one date
+                    **settings,
+                )
+                dm.setup("predict")
+                return dm
+
+            try:
+                dm = region_module(settings)
+            except UnusedFileBandsError as err:  # the job's other regions may name theirs
+                no_file_bands.append(err)
+                dm = region_module({k: v for k, v in settings.items() if k != "file_bands"})
             modules.append(dm)
             if "grid" in out_paths[len(modules) - 1]:
                 _refuse_a_sparse_grid(region.name, dm, variant)
+        if no_file_bands and len(no_file_bands) == len(regions):  # no region reads them
+            raise no_file_bands[0]
         checking.close()
         module = DOFAEmbedder(
             variant=variant,

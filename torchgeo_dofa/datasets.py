@@ -174,6 +174,7 @@ __all__ = [
     "Sentinel2Base",
     "Sentinel2SR",
     "StacItemInfo",
+    "UnusedFileBandsError",
     "band_set_key",
     "concat_dofa_samples",
     "find_raster_inputs",
@@ -497,6 +498,14 @@ def _utc_stamp(stamp: pd.Timestamp) -> pd.Timestamp:
     return stamp if stamp.tzinfo is None else stamp.tz_convert("UTC").tz_localize(None)
 
 
+class UnusedFileBandsError(BandError):
+    """``file_bands=`` given for inputs of per-band files only, which name their bands.
+
+    The embed command, whose ``--file-bands`` applies to every region of a job, reads such a
+    region without it where another region's multi-band files take it.
+    """
+
+
 class NoSceneError(ValueError, LookupError):
     """No scene of the inputs is acquired within the time range asked for.
 
@@ -764,7 +773,7 @@ class Sentinel2Base(RasterDataset):
             raise DatasetNotFoundError(self)
         if file_bands is not None and all(scene.layout == "per_band" for scene in scenes):
             example = os.path.basename(scenes[0].sources[0][0])
-            raise BandError(
+            raise UnusedFileBandsError(
                 f"file_bands={list(file_bands)} names the bands of multi-band files in file "
                 f"order, but the inputs hold only single-band files named by their band "
                 f"({example} ...), which name themselves: leave out file_bands= (bands= "
