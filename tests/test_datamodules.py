@@ -365,15 +365,17 @@ def test_the_default_normalisation_names_its_way_out() -> None:
         DOFAPredictDataModule(DATA / "multiband", patch_size=32, stride=24)
     with pytest.raises(ValueError, match=r"whole cells of the embedding map$"):
         DOFAPredictDataModule(DATA / "multiband", patch_size=32, stride=24, preprocess=True)
-    # a chip off the 16-pixel patch grid, as embed's --chip-size (it ran: 7.14-px cells)
+    # a map of chips off the 16-pixel patch grid, as embed's --chip-size (it ran: 7.14-px
+    # cells); pooled chips of any size (BigEarthNet's 120 px) stay
+    dm = DOFAPredictDataModule(DATA / "multiband", patch_size=100, stride=100)
+    dm.setup("predict")
     with pytest.raises(ValueError) as off_grid:
-        DOFAPredictDataModule(DATA / "multiband", patch_size=100, stride=100)
+        dm.grid_geometry()
     assert str(off_grid.value) == (
-        "patch_size 100 px is not a multiple of 16, DOFA's patch: a chip would not map to "
-        "whole patches (grid cells of 7.143 px); use 96 or 112; or give preprocess=False for "
-        "raw chips"
+        "patch_size 100 px is not a multiple of 16, DOFA's patch: the embedding map's cells "
+        "would be 7.143 px, not whole patches; use 96 or 112 for a map (a pooled table or "
+        "class table takes any patch_size)"
     )
-    DOFAPredictDataModule(DATA / "multiband", patch_size=100, preprocess=False)  # raw: any size
     # bands without DOFA statistics (B8A has none) and no mean= / std=
     dm = DOFAPredictDataModule(DATA / "multiband", bands=["B8A", "B4"])
     with pytest.raises(BandError, match=r"; or give preprocess=False for raw chips$"):

@@ -528,9 +528,7 @@ class DOFAPredictDataModule(GeoDataModule):
                 them.
 
         Raises:
-            ValueError: if both ``points`` and ``roi`` are given, sizes are invalid (with
-                ``preprocess``, a ``patch_size`` that is not a multiple of 16, as ``embed``'s
-                ``--chip-size``),
+            ValueError: if both ``points`` and ``roi`` are given, sizes are invalid,
                 ``mean`` / ``std`` are given without ``bands``, or ``time_series=True`` (one
                 acquisition per chip: embed each date as its own job with ``time``).
         """
@@ -595,13 +593,6 @@ class DOFAPredictDataModule(GeoDataModule):
         #: chips left out of the last loader because the trainer's writers had them.
         self.skipped = 0
         self._regions: list[RasterInput] | None = None
-        if self.preprocess and patch_size % 16:  # as embed's --chip-size
-            lower, upper = max(16, patch_size // 16 * 16), -(-patch_size // 16) * 16
-            raise ValueError(
-                f"patch_size {patch_size} px is not a multiple of 16, DOFA's patch: a chip "
-                f"would not map to whole patches (grid cells of {patch_size / 14:.4g} px); "
-                f"use {lower} or {upper}{raw}"
-            )
         if self.preprocess and (self.mode == "grid" or roi_sampling == "grid"):
             cell = self.cell_px
             step = stride or patch_size
@@ -764,10 +755,20 @@ class DOFAPredictDataModule(GeoDataModule):
 
         Raises:
             RuntimeError: before :meth:`setup`, or for points (no map, one row per point).
+            ValueError: for resized chips whose ``patch_size`` is not a multiple of 16,
+                DOFA's patch, as ``embed``'s ``--chip-size`` (pooled outputs take any size).
         """
         dataset, sampler = self._dataset(), self.predict_sampler
         if sampler is None:
             raise RuntimeError("call setup('predict') before grid_geometry()")
+        size = self.chip_size
+        if self.input_prep == "resize" and size % 16:
+            lower, upper = max(16, size // 16 * 16), -(-size // 16) * 16
+            raise ValueError(
+                f"patch_size {size} px is not a multiple of 16, DOFA's patch: the embedding "
+                f"map's cells would be {size / 14:.4g} px, not whole patches; use {lower} or "
+                f"{upper} for a map (a pooled table or class table takes any patch_size)"
+            )
         crs = RioCRS.from_user_input(dataset.crs.to_wkt())
         res = (float(dataset.res[0]), float(dataset.res[1]))  # (x, y): pixels may be oblong
         if isinstance(sampler, ChipGridSampler):
