@@ -3408,6 +3408,11 @@ def test_a_hub_timeout_huggingface_hub_cannot_read_is_one_line(
         "int()): set it to e.g. HF_HUB_DOWNLOAD_TIMEOUT=10, or unset it\n"
     )
     assert not out.exists()
+    assert main(["fit", "--help"]) == 2  # LightningCLI's help loads the hub: its traceback
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as helped:  # embed's help, and preview, load no hub
+        main(["embed", "--help"])
+    assert helped.value.code == 0
     monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", " 30 ")  # int() takes it: so does the hub
     from torchgeo_dofa.cli import environment_problem
 

@@ -2079,10 +2079,13 @@ def environment_problem(environ: Mapping[str, str]) -> str | None:
 
 def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    problem = environment_problem(os.environ)
-    if problem is not None and not {"-h", "--help"} & set(args_list):
-        print(f"torchgeo-dofa: error: {problem}", file=sys.stderr)
-        return 2
+    # the commands that load huggingface_hub (LightningCLI's --help too; embed's does not)
+    loads_hub = args_list[:1] == ["embed"] and not {"-h", "--help"} & set(args_list)
+    if loads_hub or args_list[:1] in (["fit"], ["validate"], ["test"], ["predict"]):
+        problem = environment_problem(os.environ)
+        if problem is not None:
+            print(f"torchgeo-dofa: error: {problem}", file=sys.stderr)
+            return 2
     if args_list and args_list[0] in ("fit", "validate", "test", "predict"):
         # the config's options are --data.init_args.bands ..., not embed's --bands
         with _one_line_warnings(hints=False):
