@@ -499,4 +499,12 @@ def test_a_batch_scaled_again_after_normalising_warns() -> None:
     again = aug({"image": batch["image"].clone()})["image"]
     assert float(again.abs().amax()) < 0.1
     with pytest.warns(ReflectanceWarning, match=r"values within \+-0\.0\d+ only, .*divides by 255"):
+        check_normalised(again, scaled_again=True)  # as the tasks check their batches
+    with warnings.catch_warnings():  # the embed job normalises once: a uniform chip near
+        warnings.simplefilter("error")  # DOFA's means (bright) looks the same, no warning
         check_normalised(again)
+    from torchgeo_dofa.tasks import DOFAClassificationTask
+
+    task = DOFAClassificationTask(num_classes=2, weights=None, mode="linear-probe").eval()
+    with pytest.warns(ReflectanceWarning, match="divides by 255"), torch.no_grad():
+        task(again, batch["wavelengths"][0])

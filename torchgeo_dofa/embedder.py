@@ -350,12 +350,16 @@ _EMBEDDER_FIX = (
 )
 
 
-def check_normalised(image: Tensor, fix: str = _EMBEDDER_FIX) -> None:
+def check_normalised(image: Tensor, fix: str = _EMBEDDER_FIX, scaled_again: bool = False) -> None:
     """Refuse a batch that was not normalised (raw reflectance would embed as noise).
 
     Args:
         image: the batch's image.
         fix: how to normalise, for the message.
+        scaled_again: also warn for a batch scaled again after normalising (the tasks: a
+            TorchGeo data module of the user's own divides by 255). Not for the embed job,
+            whose data module normalises once: there one chip of a uniform surface near
+            DOFA's means (a bright one: the means are 0.45-0.5 reflectance) looks the same.
 
     Raises:
         NotNormalisedError: naming the dtype or the largest value (above
@@ -364,7 +368,7 @@ def check_normalised(image: Tensor, fix: str = _EMBEDDER_FIX) -> None:
             step's weights).
 
     Warns:
-        ReflectanceWarning: for a batch whose values all lie within
+        ReflectanceWarning: with ``scaled_again``, for a batch whose values all lie within
             +-:data:`SCALED_AGAIN_LIMIT` (not all 0): scaled again after normalising.
     """
     if not image.is_floating_point():
@@ -386,7 +390,7 @@ def check_normalised(image: Tensor, fix: str = _EMBEDDER_FIX) -> None:
             f"the batch's image holds values up to {peak:g}, raw reflectance rather than "
             f"input normalised with DOFA's statistics: {fix}"
         )
-    if 0 < peak < SCALED_AGAIN_LIMIT:  # a warning: one chip of one uniform surface could be
+    if scaled_again and 0 < peak < SCALED_AGAIN_LIMIT:  # a warning: a uniform chip could be
         _warnings.warn(
             f"the batch's image holds values within +-{peak:.3g} only, where reflectance "
             "normalised with DOFA's statistics spreads over about +-1 to +-5 (a band's mean "

@@ -1381,7 +1381,7 @@ class DOFAClassificationTask(_DOFATask):
             NotNormalisedError: for an integer image or values beyond
                 :data:`~torchgeo_dofa.embedder.NORMALISED_LIMIT` (raw reflectance).
         """
-        check_normalised(image, _NORMALISE_FIX)
+        check_normalised(image, _NORMALISE_FIX, scaled_again=True)
         waves = self._wavelengths(image, wavelengths)
         self._fill_unfilled_encoder()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
@@ -1858,7 +1858,7 @@ class DOFASegmentationTask(_DOFATask):
             NotNormalisedError: for an integer image or values beyond
                 :data:`~torchgeo_dofa.embedder.NORMALISED_LIMIT` (raw reflectance).
         """
-        check_normalised(image, _NORMALISE_FIX)
+        check_normalised(image, _NORMALISE_FIX, scaled_again=True)
         waves = self._wavelengths(image, wavelengths)
         self._fill_unfilled_encoder()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
