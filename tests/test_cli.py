@@ -1046,6 +1046,11 @@ def test_predict_config_hints_name_the_config_overrides(tmp_path, capsys, base_c
         "pass --model.init_args.weights PATH; or file_bands=[B1, B2] and "
         "time=('2021-01-01', '2021-01-01 23:59:59')"
     )
+    repr_list = "file_bands=['B2'] name ...: leave out file_bands= (bands= selects)"
+    assert config_hints(repr_list, data=True) == (  # it said '['B2']' and "bands  (selects"
+        "--data.init_args.file_bands '[B2]' name ...: leave out --data.init_args.file_bands "
+        "(--data.init_args.bands selects)"
+    )
     example = "use DOFAPreprocess(bands=[B4]) or weights=PATH"  # Python code stays Python
     assert config_hints(example, data=True) == (
         "use DOFAPreprocess(bands=[B4]) or --model.init_args.weights PATH"

@@ -2517,10 +2517,11 @@ def config_hints(message: str, *, data: bool) -> str:
         key, value = match[1], match[2]
         if _inside_call(message, match.start()) or (key != "weights" and not data):
             return match[0]
-        if key == "weights":
-            return f"--model.init_args.weights {value}"
-        quoted = f"'{value}'" if value.startswith("[") else value
-        return f"--data.init_args.{key} {quoted}"
+        flag = "--model.init_args.weights" if key == "weights" else f"--data.init_args.{key}"
+        value = value.replace("'", "").replace('"', "")  # a Python list's repr: ['B2']
+        if not value:  # "leave out file_bands="
+            return flag
+        return f"{flag} '{value}'" if value.startswith("[") else f"{flag} {value}"
 
     if data:
         message = _TIME_HINT.sub(lambda m: f"--data.init_args.time {m[1]}/{m[2]}", message)
