@@ -1658,6 +1658,28 @@ def test_preview_draws_the_bands_the_grid_embedded(tmp_path, base_checkpoint) ->
     assert tags["source_bands"] == one_band_each  # each file's band 1, where it is embedded
 
 
+def test_preview_of_an_earlier_grid_draws_its_input_in_the_grids_crs(
+    tmp_path, base_checkpoint
+) -> None:
+    """A grid without ``source_bands`` (an earlier release's) embedded with --crs other than
+    the file's drew a black input panel: its window was read in the file's own CRS."""
+    from PIL import Image
+
+    grid = tmp_path / "g.tif"
+    common = ["--weights", str(base_checkpoint), "--no-progress", "--output", "grid"]
+    assert main(["embed", str(SCENE), "-o", str(grid), "--crs", "EPSG:32634", *common]) == 0
+    panels = []
+    for tagged in (True, False):
+        if not tagged:
+            with rasterio.open(grid, "r+") as dst:
+                dst.update_tags(source_bands="")  # as written before the tag existed
+        assert main(["preview", str(grid), "-o", str(tmp_path / f"{tagged}.png")]) == 0
+        img = np.asarray(Image.open(tmp_path / f"{tagged}.png"))
+        panels.append(img[:, : (img.shape[1] - 8) // 2])
+    assert panels[1].std() > 20  # the scene, not black
+    np.testing.assert_array_equal(panels[0], panels[1])
+
+
 def test_preview_without_a_readable_input_draws_the_pca_panel_alone(
     tmp_path, reference_run
 ) -> None:

@@ -16,7 +16,6 @@ from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.transform import from_bounds as transform_from_bounds
 from rasterio.vrt import WarpedVRT
-from rasterio.windows import from_bounds
 
 from .bands import canonical_band, split_date_copy
 
@@ -72,6 +71,7 @@ def rgb_of_raster(
     height: int,
     width: int,
     bounds: tuple[float, float, float, float] | None = None,
+    crs: CRS | None = None,
 ) -> np.ndarray:
     """An RGB rendering of a reflectance raster (B4, B3, B2 by description, else bands 1-3).
 
@@ -79,39 +79,21 @@ def rgb_of_raster(
         path: the input raster.
         height: output height in pixels.
         width: output width in pixels.
-        bounds: (left, bottom, right, top) extent to render, in the raster's CRS (default:
-            the whole raster); outside the raster is black.
+        bounds: (left, bottom, right, top) extent to render, in ``crs`` (default: the whole
+            raster); outside the raster is black.
+        crs: the CRS of ``bounds`` (default: the raster's; another is warped to).
 
     Returns:
-        (height, width, 3) uint8 image, percentile-stretched.
+        (height, width, 3) uint8 image, percentile-stretched (:func:`rgb_of_sources`).
     """
-    # GDAL's default cache (5 % of the memory), not a one-row scan cache: this read is one
-    # call (window, average resampling), and a pixel-interleaved file read in one call under
-    # a smaller cache decodes every block once per band (6x slower measured)
     with rasterio.open(path) as src:
         names = [canonical_band(d) if d else "" for d in src.descriptions]
         if all(b in names for b in ("B4", "B3", "B2")):
             idx = [names.index(b) + 1 for b in ("B4", "B3", "B2")]
         else:
             idx = [1, 2, 3] if src.count >= 3 else [1, 1, 1]
-        window = from_bounds(*bounds, transform=src.transform) if bounds else None
-        data = src.read(
-            idx,
-            out_shape=(3, height, width),
-            window=window,
-            boundless=window is not None,
-            fill_value=0,
-            resampling=Resampling.average,
-        )
-        data = data.astype(np.float64)
-        if src.nodata is not None:
-            data[data == src.nodata] = np.nan
-    flat = data.reshape(3, -1).T
-    ok = np.isfinite(flat).all(axis=1) & (flat > 0).any(axis=1)
-    rgb = np.zeros_like(flat, dtype=np.uint8)
-    if ok.any():
-        rgb[ok] = _stretch(flat[ok])
-    return rgb.reshape(height, width, 3)
+        extent = bounds if bounds is not None else tuple(src.bounds)
+    return rgb_of_sources([str(path)], [idx], [0, 1, 2], height, width, extent, crs)
 
 
 def rgb_bands(bands: list[str]) -> list[int]:
@@ -315,8 +297,8 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
     if problem is None:
         size = (h * cell_px, w * cell_px)
         try:
-            if reads is None:
-                rgb = rgb_of_raster(sources[0], *size, bounds)
+            if reads is None:  # a grid of an earlier release: in the grid's CRS too
+                rgb = rgb_of_raster(sources[0], *size, bounds, grid_crs)
             else:
                 rgb = rgb_of_sources(sources, reads, positions, *size, bounds, grid_crs)
         except rasterio.errors.RasterioIOError as err:  # a damaged block
