@@ -776,6 +776,30 @@ def test_export_is_resumable_and_atomic(tmp_path, chip_a, weights, tensor_a) -> 
     assert not np.allclose(frame.embedding.iloc[1], frame.embedding.iloc[0])
 
 
+def test_export_of_dates_without_a_scene_fails_its_items(tmp_path, weights) -> None:
+    """Dates holding no scene failed each item (continue_on_error) when the dataset was
+    opened for every date; opened for the dates alone it raised once, for the whole call."""
+    from tests.scenes import dated_copies
+
+    dated_copies(tmp_path / "dated", [("T33UVP_20230601.tif", 0.0, 0)])
+    with rasterio.open(tmp_path / "dated" / "T33UVP_20230601.tif") as src:
+        point = _centre_point(tuple(src.bounds))
+    model = ExportModelRequest.configure("dofa", variant="b", weights=weights)
+    kwargs: dict[str, Any] = dict(
+        spatials=[point, point], names=["a", "b"], temporal=TemporalSpec.year(2020),
+        models=[model], out_path=tmp_path / "emb.parquet", paths=[tmp_path / "dated"],
+        device="cpu",
+    )  # fmt: skip
+    failed = export_batch(continue_on_error=True, **kwargs).failed
+    assert list(failed) == ["a/dofa:base", "b/dofa:base"]
+    assert set(failed.values()) == {
+        "no scene of the inputs is acquired within 2020-01-01 .. 2020-12-31 (they are dated "
+        "2023-06-01): choose dates that hold scenes"
+    }
+    with pytest.raises(LookupError, match="no scene of the inputs is acquired within 2020"):
+        export_batch(**kwargs)
+
+
 def test_random_weights_are_the_same_model_in_every_process(tmp_path, chip_a) -> None:
     """weights=None drew a new model in every process: an export_batch rerun resumed rows of
     another model (the same chip's embeddings differed by up to 4.8 within one file)."""

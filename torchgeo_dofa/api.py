@@ -101,6 +101,7 @@ from .datamodules import RegionSampler, refuse_mixed_acquisitions
 from .datasets import (
     EarthEngineS2,
     InputError,
+    NoSceneError,
     Sentinel2Base,
     Sentinel2SR,
     find_raster_inputs,
@@ -1746,9 +1747,10 @@ def export_batch(
         done: set[str] = set(existing["row_key"]) if existing is not None else set()
         parts.mkdir(parents=True, exist_ok=True)
         done |= {p.stem for p in parts.glob("*.npz")}
-        dataset = (
-            open_local(paths, sensor, temporal) if which == "local" and paths is not None else None
-        )  # shared when no request overrides the sensor
+        dataset = None  # shared when no request overrides the sensor
+        if which == "local" and paths is not None:
+            with contextlib.suppress(NoSceneError):  # each job's items fail with it below
+                dataset = open_local(paths, sensor, temporal)
 
         for req, cfg, eff_sensor, config_id in jobs:
             keys = [
@@ -1759,7 +1761,14 @@ def export_batch(
             summary.skipped += len(keys) - len(todo)
             ds = dataset if req.sensor is None else None
             if which == "local" and ds is None:
-                ds = open_local(paths, eff_sensor, temporal)  # type: ignore[arg-type]
+                try:
+                    ds = open_local(paths, eff_sensor, temporal)  # type: ignore[arg-type]
+                except NoSceneError as err:  # no scene in the dates: every item of the job
+                    if not continue_on_error:
+                        raise
+                    for i in todo:
+                        summary.failed[f"{ids[i]}/{req.name}:{cfg.variant}"] = str(err)
+                    continue
             workers = fetch_workers() if which == "gee" else 1
             for chunk in _chunks(todo, max(1, chunk_size)):
 
