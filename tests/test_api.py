@@ -798,6 +798,11 @@ def test_export_of_dates_without_a_scene_fails_its_items(tmp_path, weights) -> N
     }
     with pytest.raises(LookupError, match="no scene of the inputs is acquired within 2020"):
         export_batch(**kwargs)
+    # two requests of one model and variant (another sensor): their failures overwrote
+    rgb = SensorSpec(bands=("B4", "B3", "B2"))
+    kwargs["models"] = [model, ExportModelRequest.configure("dofa", sensor=rgb, weights=weights)]
+    failed = export_batch(continue_on_error=True, **kwargs).failed
+    assert list(failed) == [f"{n}/dofa:base#{j}" for j in (1, 2) for n in ("a", "b")]
 
 
 def test_random_weights_are_the_same_model_in_every_process(tmp_path, chip_a) -> None:

@@ -1680,6 +1680,34 @@ def test_preview_of_an_earlier_grid_draws_its_input_in_the_grids_crs(
     np.testing.assert_array_equal(panels[0], panels[1])
 
 
+def test_preview_of_damaged_tags_or_an_unwritable_path_is_one_line(
+    tmp_path, reference_run, capsys
+) -> None:
+    """A source_bands tag naming a band the file has not was an IndexError traceback, a
+    sources tag that is no JSON a bare "Expecting value"; -o under a file named the hidden
+    temporary file (the cleanup's error replaced the one reported)."""
+    from PIL import Image
+
+    grid = tmp_path / "grid.tif"
+    shutil.copy(reference_run / "ftw_s2_l2a_33N_grid.tif", grid)
+    out = tmp_path / "p.png"
+    with rasterio.open(grid, "r+") as dst:
+        dst.update_tags(source_bands="[[9, 9, 9, 9]]")
+    with pytest.warns(UserWarning, match=r"cannot be read \(band index 9 .*PCA colours only"):
+        assert main(["preview", str(grid), "-o", str(out)]) == 0
+    assert np.asarray(Image.open(out)).shape[:2] == (24 * 8, 37 * 8)  # the PCA panel only
+    with rasterio.open(grid, "r+") as dst:
+        dst.update_tags(sources="not json{")
+    with pytest.warns(UserWarning, match=r"does not name its input .*PCA colours only"):
+        assert main(["preview", str(grid), "-o", str(out)]) == 0
+    (tmp_path / "afile").write_text("")
+    capsys.readouterr()
+    assert main(["preview", str(grid), "-o", str(tmp_path / "afile" / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"torchgeo-dofa: error: cannot write {tmp_path / 'afile' / 'x.png'} (")
+    assert ".tmp" not in err
+
+
 def test_preview_without_a_readable_input_draws_the_pca_panel_alone(
     tmp_path, reference_run
 ) -> None:

@@ -59,8 +59,9 @@ def test_default_patch_is_224_and_reaches_past_small_rasters() -> None:
     # get_embedding warned below 50 % valid pixels, embed said nothing of a chip mostly fill
     with pytest.warns(UserWarning) as said:
         (batch,) = batches(dm)
-    assert [str(w.message) for w in said if "region is" in str(w.message)] == [
-        "the region is 128 x 96 px, 24.5% of one 224-px chip: the rest of its chip is fill, so "
+    assert [str(w.message) for w in said if "-px chip: the rest" in str(w.message)] == [
+        "the region multiband is 128 x 96 px, 24.5% of one 224-px chip: the rest of its chip "
+        "is fill, so "
         "its embedding mostly describes fill (the pooled table's valid_fraction gives the "
         "share); a smaller chip size (a multiple of 16) or a larger region fits it better"
     ]

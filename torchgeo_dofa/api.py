@@ -1585,7 +1585,9 @@ class ExportSummary:
         rows: rows in the file.
         computed: (item, model) pairs embedded in this run.
         skipped: pairs already present (from an earlier, possibly interrupted, run).
-        failed: ``{item_id/model: error}`` for pairs that failed (``continue_on_error``).
+        failed: ``{item_id/model:variant: error}`` for pairs that failed
+            (``continue_on_error``); requests of one model and variant are numbered in
+            ``models`` order (``a/dofa:base#2``).
     """
 
     path: Path
@@ -1752,7 +1754,10 @@ def export_batch(
             with contextlib.suppress(NoSceneError):  # each job's items fail with it below
                 dataset = open_local(paths, sensor, temporal)
 
-        for req, cfg, eff_sensor, config_id in jobs:
+        labels = [f"{req.name}:{cfg.variant}" for req, cfg, _, _ in jobs]
+        for j, (req, cfg, eff_sensor, config_id) in enumerate(jobs):
+            # two requests of one model and variant (other sensors, say) are told apart
+            label = labels[j] if labels.count(labels[j]) == 1 else f"{labels[j]}#{j + 1}"
             keys = [
                 _digest(item_id, _spatial_key(spatial), config_id)
                 for item_id, spatial in zip(ids, spatial_list, strict=True)
@@ -1767,7 +1772,7 @@ def export_batch(
                     if not continue_on_error:
                         raise
                     for i in todo:
-                        summary.failed[f"{ids[i]}/{req.name}:{cfg.variant}"] = str(err)
+                        summary.failed[f"{ids[i]}/{label}"] = str(err)
                     continue
             workers = fetch_workers() if which == "gee" else 1
             for chunk in _chunks(todo, max(1, chunk_size)):
@@ -1806,7 +1811,7 @@ def export_batch(
                         prepared.append(result)
                         kept.append(i)
                     else:
-                        summary.failed[f"{ids[i]}/{req.name}:{cfg.variant}"] = str(result)
+                        summary.failed[f"{ids[i]}/{label}"] = str(result)
                 if not prepared:
                     continue
                 embeddings = _embed(prepared, cfg, which, warn_coverage=False)

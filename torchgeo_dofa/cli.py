@@ -2518,7 +2518,8 @@ def config_hints(message: str, *, data: bool) -> str:
         if _inside_call(message, match.start()) or (key != "weights" and not data):
             return match[0]
         flag = "--model.init_args.weights" if key == "weights" else f"--data.init_args.{key}"
-        value = value.replace("'", "").replace('"', "")  # a Python list's repr: ['B2']
+        if value.startswith("["):  # a Python list's repr: ['B2']
+            value = value.replace("'", "").replace('"', "")
         if not value:  # "leave out file_bands="
             return flag
         return f"{flag} '{value}'" if value.startswith("[") else f"{flag} {value}"

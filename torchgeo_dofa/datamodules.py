@@ -741,8 +741,9 @@ class DOFAPredictDataModule(GeoDataModule):
         share = min(width, self.chip_size) * min(height, self.chip_size) / self.chip_size**2
         if share < 0.5:
             _warnings.warn(
-                f"the region is {width:.0f} x {height:.0f} px, {share:.1%} of one "
-                f"{self.chip_size}-px chip: the rest of its chip is fill, so its embedding "
+                f"the region {self.region_name} is {width:.0f} x {height:.0f} px, "
+                f"{share:.1%} of one {self.chip_size}-px chip: the rest of its chip is fill, "
+                "so its embedding "
                 "mostly describes fill (the pooled table's valid_fraction gives the share); "
                 "a smaller chip size (a multiple of 16) or a larger region fits it better"
             )

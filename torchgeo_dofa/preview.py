@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -275,7 +276,12 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
     panels = [
         Image.fromarray(pca_rgb(emb)).resize((w * cell_px, h * cell_px), Image.Resampling.NEAREST)
     ]
-    sources = json.loads(tags["sources"]) if "sources" in tags else []
+    try:
+        sources = json.loads(tags["sources"]) if "sources" in tags else []
+    except ValueError:
+        sources = None
+    if not isinstance(sources, list) or not all(isinstance(p, str) for p in sources):
+        sources = []  # damaged: drawn as a grid that names no input
     reads = _source_bands(tags, sources)
     positions = rgb_bands(json.loads(tags["bands"])) if reads is not None else []
     if reads is not None:  # only the files holding a band drawn are read
@@ -301,7 +307,8 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
                 rgb = rgb_of_raster(sources[0], *size, bounds, grid_crs)
             else:
                 rgb = rgb_of_sources(sources, reads, positions, *size, bounds, grid_crs)
-        except rasterio.errors.RasterioIOError as err:  # a damaged block
+        except (rasterio.errors.RasterioIOError, IndexError) as err:  # a damaged block; a
+            # source_bands tag naming a band the file has not (edited, or the file replaced)
             problem = f"the input of {embedding_tif} cannot be read ({err})"
         else:
             panels.insert(0, Image.fromarray(rgb))
@@ -330,7 +337,8 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
             "write to, with free space"
         ) from err
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # no folder to remove it from: the error above
+            tmp.unlink(missing_ok=True)
     return out
 
 
