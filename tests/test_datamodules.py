@@ -362,10 +362,20 @@ def test_a_config_takes_every_reading_and_normalisation_setting() -> None:
 def test_the_default_normalisation_names_its_way_out() -> None:
     """``preprocess`` defaults to DOFA's stack (it defaulted to raw chips): its refusals then
     say ``preprocess=False`` serves raw chips; given explicitly, they do not."""
-    with pytest.raises(ValueError, match=r"embedding map; or give preprocess=False for raw chips$"):
-        DOFAPredictDataModule(DATA / "multiband", patch_size=32, stride=24)
-    with pytest.raises(ValueError, match=r"whole cells of the embedding map$"):
-        DOFAPredictDataModule(DATA / "multiband", patch_size=32, stride=24, preprocess=True)
+    # a stride off the map's cells is refused for a map alone (a pooled table of such chips
+    # was refused at construction), raw chips included: they land on the same cells
+    for preprocess in (None, True, False):
+        dm = DOFAPredictDataModule(
+            DATA / "multiband", patch_size=32, stride=24, preprocess=preprocess
+        )
+        dm.setup("predict")  # pooled: fine
+        with pytest.raises(ValueError) as off_cells:
+            dm.grid_geometry()
+        assert str(off_cells.value) == (
+            "stride 24 px is not a multiple of the output cell (2.28571 px for 32-px chips with "
+            "input_prep='resize'): chips would not land on whole cells of the embedding map (a "
+            "pooled table or class table takes any stride)"
+        )
     # a map of chips off the 16-pixel patch grid, as embed's --chip-size (it ran: 7.14-px
     # cells); pooled chips of any size (BigEarthNet's 120 px) stay
     dm = DOFAPredictDataModule(DATA / "multiband", patch_size=100, stride=100)

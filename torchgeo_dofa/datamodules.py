@@ -577,7 +577,6 @@ class DOFAPredictDataModule(GeoDataModule):
         #: ``preprocess`` left to its default: the stack's errors offer preprocess=False
         self._default_preprocess = preprocess is None and transforms is None
         self.preprocess = (preprocess is None or preprocess) and transforms is None
-        raw = "; or give preprocess=False for raw chips" if self._default_preprocess else ""
         self.input_prep = input_prep
         self.check_scale = check_scale
         # (not ``self.mean`` / ``self.std``: TorchGeo's data modules use those for their own
@@ -593,15 +592,6 @@ class DOFAPredictDataModule(GeoDataModule):
         #: chips left out of the last loader because the trainer's writers had them.
         self.skipped = 0
         self._regions: list[RasterInput] | None = None
-        if self.preprocess and (self.mode == "grid" or roi_sampling == "grid"):
-            cell = self.cell_px
-            step = stride or patch_size
-            if abs(step / cell - round(step / cell)) > 1e-6:
-                raise ValueError(
-                    f"stride {step} px is not a multiple of the output cell ({cell:g} px for "
-                    f"{patch_size}-px chips with input_prep={input_prep!r}): chips would not "
-                    f"land on whole cells of the embedding map{raw}"
-                )
 
     @property
     def mode(self) -> Literal["grid", "roi", "points"]:
@@ -757,7 +747,8 @@ class DOFAPredictDataModule(GeoDataModule):
         Raises:
             RuntimeError: before :meth:`setup`, or for points (no map, one row per point).
             ValueError: for resized chips whose ``patch_size`` is not a multiple of 16,
-                DOFA's patch, as ``embed``'s ``--chip-size`` (pooled outputs take any size).
+                DOFA's patch, as ``embed``'s ``--chip-size``, or a ``stride`` that is not a
+                multiple of :attr:`cell_px` (pooled outputs take any of either).
         """
         dataset, sampler = self._dataset(), self.predict_sampler
         if sampler is None:
@@ -769,6 +760,15 @@ class DOFAPredictDataModule(GeoDataModule):
                 f"patch_size {size} px is not a multiple of 16, DOFA's patch: the embedding "
                 f"map's cells would be {size / 14:.4g} px, not whole patches; use {lower} or "
                 f"{upper} for a map (a pooled table or class table takes any patch_size)"
+            )
+        cell, step = self.cell_px, self.stride or size
+        gridded = self.mode == "grid" or self.roi_sampling == "grid"
+        if gridded and abs(step / cell - round(step / cell)) > 1e-6:
+            raise ValueError(
+                f"stride {step} px is not a multiple of the output cell ({cell:g} px for "
+                f"{size}-px chips with input_prep={self.input_prep!r}): chips would not land "
+                "on whole cells of the embedding map (a pooled table or class table takes any "
+                "stride)"
             )
         crs = RioCRS.from_user_input(dataset.crs.to_wkt())
         res = (float(dataset.res[0]), float(dataset.res[1]))  # (x, y): pixels may be oblong
