@@ -803,6 +803,14 @@ def test_export_of_dates_without_a_scene_fails_its_items(tmp_path, weights) -> N
     kwargs["models"] = [model, ExportModelRequest.configure("dofa", sensor=rgb, weights=weights)]
     failed = export_batch(continue_on_error=True, **kwargs).failed
     assert list(failed) == [f"{n}/dofa:base#{j}" for j in (1, 2) for n in ("a", "b")]
+    # a request asking for bands the files lack failed the whole call, the others' rows kept
+    # in .parts: its items fail, the other request's rows are written
+    kwargs["temporal"] = None
+    b9 = ExportModelRequest.configure("dofa", sensor=SensorSpec(bands=("B9",)), weights=weights)
+    kwargs["models"] = [model, b9]
+    summary = export_batch(continue_on_error=True, **kwargs)
+    assert summary.computed == 2 and list(summary.failed) == ["a/dofa:base#2", "b/dofa:base#2"]
+    assert all("B9" in reason for reason in summary.failed.values())
 
 
 def test_random_weights_are_the_same_model_in_every_process(tmp_path, chip_a) -> None:

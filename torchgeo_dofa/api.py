@@ -1768,7 +1768,8 @@ def export_batch(
             if which == "local" and ds is None:
                 try:
                     ds = open_local(paths, eff_sensor, temporal)  # type: ignore[arg-type]
-                except NoSceneError as err:  # no scene in the dates: every item of the job
+                except (NoSceneError, BandError) as err:  # no scene in the dates, or bands
+                    # the files lack (this request's sensor): every item of the request fails
                     if not continue_on_error:
                         raise
                     for i in todo:
