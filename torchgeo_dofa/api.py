@@ -1676,7 +1676,8 @@ def export_batch(
         input_prep: default input preparation.
         pooled_norm: default pooled convention.
         continue_on_error: record a failing region in ``failed`` and go on (the rerun retries
-            it) instead of raising.
+            it) instead of raising; dates holding no scene, or a request's bands the local
+            files lack, fail each of that request's regions.
         chunk_size: regions fetched and embedded per round (bounds memory).
         project: Earth Engine Cloud project.
         stac_url: ``stac``: STAC API URL, item collection JSON or static catalog.
