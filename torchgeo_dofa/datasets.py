@@ -453,9 +453,7 @@ def _naive_utc(value: Any) -> datetime | None:
         stamp = pd.Timestamp(value.strip())
     except ValueError:
         return None
-    if stamp.tzinfo is not None:
-        stamp = stamp.tz_convert("UTC").tz_localize(None)
-    return cast(datetime, stamp.to_pydatetime())
+    return cast(datetime, _utc_stamp(stamp).to_pydatetime())
 
 
 #: ``(start, stop)`` (naive UTC, inclusive) or STAC-style ``"2021-06-01/2021-06-30"``.
@@ -493,6 +491,12 @@ def time_slice(time: TimeRange) -> slice:
     return slice(start, stop)
 
 
+def _first_few(names: Sequence[str], limit: int = 3) -> str:
+    """``names`` for a message: the first ``limit`` joined, then ``and N more``."""
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
 def _utc_stamp(stamp: pd.Timestamp) -> pd.Timestamp:
     """A timestamp as the index keeps them: naive UTC (an aware one converted)."""
     return stamp if stamp.tzinfo is None else stamp.tz_convert("UTC").tz_localize(None)
@@ -524,8 +528,7 @@ def no_scene_within(time: TimeRange | slice, starts: Iterable[datetime]) -> NoSc
     Returns:
         The error, one line: the range, up to five of the scenes' dates and the fix.
     """
-    dates = sorted({pd.Timestamp(t).date().isoformat() for t in starts})
-    shown = ", ".join(dates[:5]) + (f" and {len(dates) - 5} more" if len(dates) > 5 else "")
+    shown = _first_few(sorted({pd.Timestamp(t).date().isoformat() for t in starts}), 5)
     if isinstance(time, str):
         within = time
     else:
@@ -760,8 +763,7 @@ class Sentinel2Base(RasterDataset):
         scenes = self._group(infos, bands, file_bands)
         self._infos = infos  # band choice and offset rules read the files' headers
         if not scenes and self._skipped_products:
-            names = [os.path.basename(p) for p in self._skipped_products]
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            shown = _first_few([os.path.basename(p) for p in self._skipped_products])
             raise NoRasterFoundError(
                 f"{type(self).__name__} found only products that are not spectral bands in "
                 f"paths={self.paths!r}: {shown}, skipped by name (ESA's SCL, AOT, WVP, TCI "
@@ -834,7 +836,8 @@ class Sentinel2Base(RasterDataset):
         datetimes = []
         self._assumed_offsets: list[str] = []
         for scene in scenes:
-            scene.span = self._scene_span(scene)
+            if scene.span is None:  # already dated where time= chose the scenes
+                scene.span = self._scene_span(scene)
             self._resolve_offset(scene, infos)
             boxes = [
                 shapely.box(*self._grid_bounds(grids[p])) for p in {p for p, _ in scene.selected}
@@ -849,12 +852,10 @@ class Sentinel2Base(RasterDataset):
             rows["offset"].append(tuple(scene.offsets))
             rows["offset_source"].append(scene.offset_source)
         if self._assumed_offsets:
-            shown = ", ".join(os.path.basename(k) for k in self._assumed_offsets[:3])
-            more = len(self._assumed_offsets) - 3
-            tail = f" and {more} more" if more > 0 else ""
+            shown = _first_few([os.path.basename(k) for k in self._assumed_offsets])
             warn(
                 f"{len(self._assumed_offsets)} scene(s) named like Earth Search items dated on "
-                f"or after {OFFSET_START.isoformat()} ({shown}{tail}) "
+                f"or after {OFFSET_START.isoformat()} ({shown}) "
                 "have no STAC item JSON beside their files: assuming their pixels still carry "
                 "the +1000 of processing baseline 04.00 (offset -1000). Earth Search v1 removed "
                 "it from many items (earthsearch:boa_offset_applied): keep the item JSON beside "
@@ -912,7 +913,7 @@ class Sentinel2Base(RasterDataset):
         if not narrow:
             return
         names = [os.path.basename(p) for p in narrow]
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        shown = _first_few(names)
         what = shown if len(names) == 1 else f"{len(names)} files ({shown})"
         problem = narrow_dtype_problem(next(iter(narrow.values())), what, len(names) > 1)
         warn(str(problem), ReflectanceWarning)
