@@ -328,6 +328,9 @@ def option_problem(
     return None
 
 
+#: The subcommands run by LightningCLI (``--config``), not by this module's own parser.
+_LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
 #: A negative number, exponents included (argparse's own matcher stops at ``-1.5``).
 _NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
 
@@ -612,7 +615,7 @@ def embed(
         resolve_accelerator,
         resolve_precision,
     )
-    from .spatial import BBox, read_points
+    from .spatial import BBox, PointBuffer, read_points
     from .writers import GridWriter, PooledWriter, parts_dir
 
     end_import_pause()
@@ -750,39 +753,40 @@ def embed(
         raise
     started = fresh = failed = False
     try:
+        settings = {k: v for k, v in dataset_kwargs.items() if v is not None}
+
+        def region_module(
+            region: RasterInput, chosen: list[PointBuffer] | None, settings: dict[str, Any]
+        ) -> DOFAPredictDataModule:
+            dm = DOFAPredictDataModule(
+                paths=list(region.paths),
+                dataset_class=region.dataset_class,
+                points=chosen,
+                roi=BBox(*bbox) if bbox is not None else None,
+                patch_size=chip_size,
+                stride=stride,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                input_prep=input_prep,  # type: ignore[arg-type]
+                preprocess=True,
+                time=datetime if stac is None else None,  # a STAC composite is one date
+                **settings,
+            )
+            dm.setup("predict")
+            return dm
+
         modules = []
         no_file_bands: list[UnusedFileBandsError] = []  # regions of per-band files only
         for region, subset in zip(regions, point_sets, strict=True):
             chosen = (
                 None if subset is None or point_list is None else [point_list[i] for i in subset]
             )
-            settings = {k: v for k, v in dataset_kwargs.items() if v is not None}
-
-            def region_module(
-                settings: dict[str, Any], region: Any = region, chosen: Any = chosen
-            ) -> Any:
-                dm = DOFAPredictDataModule(
-                    paths=list(region.paths),
-                    dataset_class=region.dataset_class,
-                    points=chosen,
-                    roi=BBox(*bbox) if bbox is not None else None,
-                    patch_size=chip_size,
-                    stride=stride,
-                    batch_size=batch_size,
-                    num_workers=num_workers,
-                    input_prep=input_prep,  # type: ignore[arg-type]
-                    preprocess=True,
-                    time=datetime if stac is None else None,  # a STAC composite is one date
-                    **settings,
-                )
-                dm.setup("predict")
-                return dm
-
             try:
-                dm = region_module(settings)
+                dm = region_module(region, chosen, settings)
             except UnusedFileBandsError as err:  # the job's other regions may name theirs
                 no_file_bands.append(err)
-                dm = region_module({k: v for k, v in settings.items() if k != "file_bands"})
+                without = {k: v for k, v in settings.items() if k != "file_bands"}
+                dm = region_module(region, chosen, without)
             modules.append(dm)
             if "grid" in out_paths[len(modules) - 1]:
                 _refuse_a_sparse_grid(region.name, dm, variant)
@@ -1107,7 +1111,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preview", help="PCA picture of a grid embedding beside the input")
     p.add_argument("embedding")
     p.add_argument("-o", "--output", required=True)
-    for name in ("fit", "validate", "test", "predict"):
+    for name in _LIGHTNING_COMMANDS:
         sub.add_parser(name, help=f"LightningCLI {name} (--config cfg.yaml)", add_help=False)
     return parser
 
@@ -2079,14 +2083,15 @@ def environment_problem(environ: Mapping[str, str]) -> str | None:
 
 def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    command = args_list[0] if args_list else ""
     # the commands that load huggingface_hub (LightningCLI's --help too; embed's does not)
-    loads_hub = args_list[:1] == ["embed"] and not {"-h", "--help"} & set(args_list)
-    if loads_hub or args_list[:1] in (["fit"], ["validate"], ["test"], ["predict"]):
+    embed_job = command == "embed" and not {"-h", "--help"} & set(args_list)
+    if embed_job or command in _LIGHTNING_COMMANDS:
         problem = environment_problem(os.environ)
         if problem is not None:
             print(f"torchgeo-dofa: error: {problem}", file=sys.stderr)
             return 2
-    if args_list and args_list[0] in ("fit", "validate", "test", "predict"):
+    if command in _LIGHTNING_COMMANDS:
         # the config's options are --data.init_args.bands ..., not embed's --bands
         with _one_line_warnings(hints=False):
             return _run_lightning_cli(None if argv is None else args_list)
