@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -362,31 +363,6 @@ def test_a_config_takes_every_reading_and_normalisation_setting() -> None:
 def test_the_default_normalisation_names_its_way_out() -> None:
     """``preprocess`` defaults to DOFA's stack (it defaulted to raw chips): its refusals then
     say ``preprocess=False`` serves raw chips; given explicitly, they do not."""
-    # a stride off the map's cells is refused for a map alone (a pooled table of such chips
-    # was refused at construction), raw chips included: they land on the same cells
-    for preprocess in (None, True, False):
-        dm = DOFAPredictDataModule(
-            DATA / "multiband", patch_size=32, stride=24, preprocess=preprocess
-        )
-        dm.setup("predict")  # pooled: fine
-        with pytest.raises(ValueError) as off_cells:
-            dm.grid_geometry()
-        assert str(off_cells.value) == (
-            "stride 24 px is not a multiple of the output cell (2.28571 px for 32-px chips with "
-            "input_prep='resize'): chips would not land on whole cells of the embedding map (a "
-            "pooled table or class table takes any stride)"
-        )
-    # a map of chips off the 16-pixel patch grid, as embed's --chip-size (it ran: 7.14-px
-    # cells); pooled chips of any size (BigEarthNet's 120 px) stay
-    dm = DOFAPredictDataModule(DATA / "multiband", patch_size=100, stride=100)
-    dm.setup("predict")
-    with pytest.raises(ValueError) as off_grid:
-        dm.grid_geometry()
-    assert str(off_grid.value) == (
-        "patch_size 100 px is not a multiple of 16, DOFA's patch: the embedding map's cells "
-        "would be 7.143 px, not whole patches; use 96 or 112 for a map (a pooled table or "
-        "class table takes any patch_size)"
-    )
     # bands without DOFA statistics (B8A has none) and no mean= / std=
     dm = DOFAPredictDataModule(DATA / "multiband", bands=["B8A", "B4"])
     with pytest.raises(BandError, match=r"; or give preprocess=False for raw chips$"):
@@ -394,6 +370,35 @@ def test_the_default_normalisation_names_its_way_out() -> None:
     raw = DOFAPredictDataModule(DATA / "multiband", bands=["B8A", "B4"], preprocess=False)
     raw.setup("predict")
     assert isinstance(raw.predict_dataset, Sentinel2SR) and raw.predict_dataset.transforms is None
+
+
+def test_a_map_refuses_chips_off_its_cells() -> None:
+    """Chip sizes and strides off the map's cells are refused where a map is drawn
+    (``grid_geometry``: GridWriter, SegmentationWriter), not for pooled or class tables."""
+
+    def map_refusal(**kwargs: Any) -> str:
+        """Set up (as a pooled job does: fine), then the refusal of the map's grid."""
+        dm = DOFAPredictDataModule(DATA / "multiband", **kwargs)
+        dm.setup("predict")
+        with pytest.raises(ValueError) as refused:
+            dm.grid_geometry()
+        return str(refused.value)
+
+    # a stride off the map's cells is refused for a map alone (a pooled table of such chips
+    # was refused at construction), raw chips included: they land on the same cells
+    for preprocess in (None, True, False):
+        assert map_refusal(patch_size=32, stride=24, preprocess=preprocess) == (
+            "stride 24 px is not a multiple of the output cell (2.28571 px for 32-px chips with "
+            "input_prep='resize'): chips would not land on whole cells of the embedding map (a "
+            "pooled table or class table takes any stride)"
+        )
+    # a map of chips off the 16-pixel patch grid, as embed's --chip-size (it ran: 7.14-px
+    # cells); pooled chips of any size (BigEarthNet's 120 px) stay
+    assert map_refusal(patch_size=100, stride=100) == (
+        "patch_size 100 px is not a multiple of 16, DOFA's patch: the embedding map's cells "
+        "would be 7.143 px, not whole patches; use 96 or 112 for a map (a pooled table or "
+        "class table takes any patch_size)"
+    )
 
 
 def test_chip_times_are_each_chips_own_scenes_span(tmp_path) -> None:
