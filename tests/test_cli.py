@@ -3488,6 +3488,9 @@ def test_negative_numbers_with_an_exponent_are_values() -> None:
     assert args.bbox == [-0.1, -0.5, -0.05, -0.2]
     with pytest.raises(SystemExit):  # an option is still an option
         _parser().parse_args(["embed", "in.tif", "-o", "out", "--nodata", "-e5"])
+    for text in ("-inf", "-Inf", "-INFINITY"):  # gdalinfo's "NoData Value=-inf"
+        args = _parser().parse_args(["embed", "in.tif", "-o", "out", "--nodata", text])
+        assert args.nodata == float("-inf")
 
 
 def test_file_bands_serve_the_regions_of_multiband_files(tmp_path, capsys, base_checkpoint) -> None:

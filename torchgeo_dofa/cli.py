@@ -331,8 +331,11 @@ def option_problem(
 #: The subcommands run by LightningCLI (``--config``), not by this module's own parser.
 _LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
-#: A negative number, exponents included (argparse's own matcher stops at ``-1.5``).
-_NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+#: A negative number, exponents and ``-inf`` included (argparse's own matcher stops at
+#: ``-1.5``; ``-inf`` is a float raster's no-data value as GDAL writes it).
+_NEGATIVE_NUMBER = re.compile(
+    r"^-(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|inf(?:inity)?)$", re.IGNORECASE
+)
 
 #: ``--devices`` as a count (Lightning reads ``"2"`` as 2) and as GPU indices (``0,1``, ``[0]``).
 _DEVICE_COUNT = re.compile(r"[+-]?[0-9]+")
