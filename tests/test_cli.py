@@ -3223,6 +3223,24 @@ def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
 
 
+def test_an_output_that_is_not_a_folder_is_named_for_what_it_is(tmp_path, capsys) -> None:
+    """``-o /dev/null`` said "File exists (a part of the path is a file, not a folder)"."""
+    (tmp_path / "notes").write_text("")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    cases = {
+        "/dev/null": "not a folder (a device or pipe)",
+        str(fifo): "not a folder (a device or pipe)",
+        str(tmp_path / "notes"): "an existing file",
+    }
+    for given, what in cases.items():
+        assert main(["embed", str(SCENE), "-o", given, "--weights", "none", "--no-progress"]) == 2
+        assert capsys.readouterr().err == (
+            f"torchgeo-dofa: error: -o {given} is {what}: give a folder or a .tif name\n"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "pipe"]
+
+
 def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path) -> None:
     """``embed scenes/ -o scenes/out``: the grid written there is not a scene of the rerun
     (it used to be taken as an input and the rerun refused), nor of a config run."""

@@ -158,8 +158,9 @@ def _output_paths(
             k: output_dir if k == wanted else output_dir.with_suffix(sibling[k]) for k in kinds
         }
         return _not_inputs([named], inputs, given=output_dir)
-    if output_dir.is_file():
-        raise InputError(f"-o {output_dir} is an existing file: give a folder or a .tif name")
+    if output_dir.exists() and not output_dir.is_dir():  # a file, a device (/dev/null), a FIFO
+        what = "an existing file" if output_dir.is_file() else "not a folder (a device or pipe)"
+        raise InputError(f"-o {output_dir} is {what}: give a folder or a .tif name")
     ext = {"grid": "_grid.tif", "pooled": "_pooled.parquet"}
     return _not_inputs(
         [{k: output_dir / f"{r.name}{ext[k]}" for k in kinds} for r in regions], inputs
