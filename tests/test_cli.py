@@ -3330,6 +3330,115 @@ def test_kill_9_during_prediction_then_rerun_equals_uninterrupted(
     assert not list(out.glob("*.parts")) and not list(out.glob(".*.tmp"))
 
 
+def test_a_loader_worker_without_shared_memory_is_one_line_naming_the_limit(
+    tmp_path, base_checkpoint
+) -> None:
+    """Under ``ulimit -f`` (or a full ``/dev/shm``) the loader worker cannot make the shared
+    memory segment of a batch: PyTorch's worker traceback and exit 1 ("unable to resize file
+    </torch_...> to the right size: File too large (27)"), in ``embed`` and ``predict
+    --config``. Now one line naming the limit and the fix; no output file is left."""
+    import resource
+
+    import yaml
+
+    def small_files() -> None:  # a batch's segment is ~1.3 MB a band: 1 MB is too small
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    out = tmp_path / "out"
+    cfg = _predict_config(tmp_path / "config", base_checkpoint)
+    cfg["data"]["init_args"]["num_workers"] = 1
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    embed = ["embed", str(SCENE), "-o", str(out), "--weights", str(base_checkpoint),
+             "--num-workers", "1", "--no-progress"]  # fmt: skip
+    said = (
+        "torchgeo-dofa: error: a DataLoader worker reading chips could not pass chips through "
+        "shared memory: the process's file-size limit (ulimit -f) is smaller than a batch's "
+        "segment; rerun with {option} 0 (chips read in the job's own process, no shared "
+        "memory), or raise it (ulimit -f unlimited)"
+    )
+    for args, option in (
+        (embed, "--num-workers"),
+        (["predict", "--config", str(tmp_path / "cfg.yaml")], "--data.init_args.num_workers"),
+    ):
+        cmd = [sys.executable, "-m", "torchgeo_dofa", *args]
+        run = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=small_files)
+        assert run.returncode == 1, run.stderr[-3000:]
+        assert run.stderr.splitlines()[-1] == said.format(option=option), run.stderr[-3000:]
+        assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert not list(tmp_path.rglob("*.tif")) and not list(tmp_path.rglob("*.parquet"))
+
+
+def test_a_full_dev_shm_is_one_line_naming_it(tmp_path, base_checkpoint) -> None:
+    """A container's small ``/dev/shm`` (here a 200 KB tmpfs in a mount namespace of the
+    job's own, root only): PyTorch's worker traceback, now the line naming it."""
+    import shlex
+    import shutil
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torchgeo_dofa", "embed", str(SCENE), "-o", str(out),
+           "--weights", str(base_checkpoint), "--num-workers", "1", "--no-progress"]  # fmt: skip
+    shell = f"mount -t tmpfs -o size=200k tmpfs /dev/shm && exec {shlex.join(cmd)}"
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a mount namespace needs root and unshare(1)")
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"])
+    if probe.returncode:
+        pytest.skip("cannot mount in a new mount namespace here")
+    run = subprocess.run(["unshare", "-m", "sh", "-c", shell], capture_output=True, text=True)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert run.stderr.splitlines()[-1] == (
+        "torchgeo-dofa: error: a DataLoader worker reading chips could not pass chips through "
+        "shared memory: /dev/shm is full or too small (a container's default is 64 MB); rerun "
+        "with --num-workers 0 (chips read in the job's own process, no shared memory), or give "
+        "it more (docker run --shm-size=2g, or free /dev/shm)"
+    ), run.stderr[-3000:]
+    assert not list(tmp_path.rglob("*.tif")) and not list(tmp_path.rglob("*.parquet"))
+
+
+@pytest.mark.parametrize(
+    ("torch_says", "cause"),
+    [
+        (
+            "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most "
+            "recent call last):\nRuntimeError: unable to allocate shared memory(shm) for file "
+            "</torch_31444_2788556858_0>: No space left on device (28)",
+            "could not pass chips through shared memory: /dev/shm is full or too small",
+        ),
+        (
+            "unable to open shared memory object </torch_1_2_0> in read-write mode: Too many "
+            "open files (24)",
+            "could not pass chips through shared memory: the open-file limit (ulimit -n)",
+        ),
+        (
+            "DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that "
+            "dataloader's workers are out of shared memory.",
+            "was killed by signal Bus error: /dev/shm is too small for a batch",
+        ),
+        (
+            "DataLoader worker (pid 4242) is killed by signal: Killed. ",
+            "was killed by signal Killed (the kernel's out-of-memory killer, most often)",
+        ),
+        ("DataLoader worker (pid(s) 4242) exited unexpectedly", "exited unexpectedly"),
+    ],
+)
+def test_each_loader_worker_failure_torch_reports_is_named(torch_says, cause) -> None:
+    """PyTorch's texts for the other shared-memory failures and worker deaths (a full
+    ``/dev/shm``: its tmpfs needs root to shrink, so the real failure is the test above),
+    wrapped as Lightning wraps them, map to their cause; other errors map to nothing."""
+    from torchgeo_dofa.jobs import loader_worker_error
+
+    try:
+        try:
+            raise RuntimeError(torch_says)
+        except RuntimeError as err:
+            raise ValueError("wrapped") from err
+    except ValueError as wrapped:
+        found = loader_worker_error(wrapped)
+    assert found is not None and cause in str(found), found
+    assert "rerun with num_workers=0" in str(found)
+    assert loader_worker_error(RuntimeError("CUDA out of memory")) is None
+    assert loader_worker_error(ValueError(torch_says)) is None  # PyTorch raises RuntimeError
+
+
 def test_sigterm_to_the_process_group_stops_after_the_batch(tmp_path, base_checkpoint) -> None:
     """``scancel`` / systemd send SIGTERM to every process of the job: the loader worker
     used to die first and the job ended with a traceback and exit 1."""

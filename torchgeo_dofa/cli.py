@@ -606,6 +606,7 @@ def embed(
         data_identity,
         is_launcher,
         job_size_warning,
+        loader_worker_error,
         points_outside_warning,
         region_identity,
         rendezvous_port_error,
@@ -885,9 +886,9 @@ def embed(
                     received = stop.received
                     if received is not None and isinstance(err, SystemExit | KeyboardInterrupt):
                         raise JobInterrupted(received, stop.advice) from None
-                    port_taken = rendezvous_port_error(err)
-                    if port_taken is not None:
-                        raise port_taken from err
+                    known = rendezvous_port_error(err) or loader_worker_error(err)
+                    if known is not None:
+                        raise known from err
                     raise
                 summary.chips += done
                 summary.empty += empty
@@ -1822,7 +1823,13 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
     from .bands import BandError
     from .datasets import InputError
     from .embedder import NotNormalisedError
-    from .jobs import JobError, JobInterrupted, is_launcher, rendezvous_port_error
+    from .jobs import (
+        JobError,
+        JobInterrupted,
+        is_launcher,
+        loader_worker_error,
+        rendezvous_port_error,
+    )
     from .transforms import ReflectanceError
     from .weights import CheckpointError
     from .writers import OutputPathError, OutputWriteError, PartsMismatchError
@@ -1851,10 +1858,12 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
     try:
         _lightning_cli(args)
     except Exception as raised:
-        port_taken = rendezvous_port_error(raised)
-        if port_taken is not None:
-            print(f"torchgeo-dofa: error: {port_taken}", file=sys.stderr)
-            return port_taken.exit_status
+        known = rendezvous_port_error(raised) or loader_worker_error(raised)
+        if known is not None:
+            given = list(sys.argv[1:] if args is None else args)
+            line = config_hints(str(known), data=given[:1] == ["predict"])
+            print(f"torchgeo-dofa: error: {line}", file=sys.stderr)
+            return known.exit_status
         # jsonargparse wraps an error of the model's or data module's __init__ in its own
         # ValueError ("Does not validate against any of the Union subtypes ..."): look for
         # ours along the chain of causes
@@ -2163,7 +2172,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     from .bands import BandError
     from .datasets import InputError
-    from .jobs import JobError, JobInterrupted, is_launcher
+    from .jobs import JobError, JobInterrupted, LoaderWorkerError, is_launcher
     from .weights import CheckpointError
     from .writers import OutputWriteError
 
@@ -2172,7 +2181,8 @@ def _main(argv: Sequence[str] | None) -> int:
             summary = _embed_args(args)
     except (JobError, OutputWriteError) as err:
         if is_launcher() or not isinstance(err, JobInterrupted):  # one line per job, not rank
-            print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
+            line = cli_hints(str(err)) if isinstance(err, LoaderWorkerError) else str(err)
+            print(f"torchgeo-dofa: error: {line}", file=sys.stderr)
         return int(getattr(err, "exit_status", 1))
     except (InputError, BandError, CheckpointError, ValueError, OSError) as err:
         if isinstance(err, OSError) and _stdout_unwritable():
@@ -2422,7 +2432,8 @@ def _close_progress_bar(trainer: pl.Trainer) -> None:
 #: ``time=('2021-01-01', '2021-01-01 23:59:59')`` (a data module's dates) as ``--datetime``.
 _TIME_HINT = re.compile(r"\btime=\('(\d{4}-\d{2}-\d{2})[^']*', '(\d{4}-\d{2}-\d{2})[^']*'\)")
 _KWARG_HINT = re.compile(
-    r"\b(file_bands|bands|wavelengths|crs|nodata|offset|mean|std|weights)="
+    r"\b(file_bands|bands|wavelengths|crs|nodata|offset|mean|std|weights|num_workers|"
+    r"batch_size)="
     r"(\[[^\]]*\]|<[^>]*>|[^\s,;)]*)"
 )
 

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -95,6 +97,7 @@ __all__ = [
     "JobLockedError",
     "JobManifest",
     "JobMismatchError",
+    "LoaderWorkerError",
     "OutputLock",
     "OutputPathError",
     "PointsOutsideError",
@@ -108,6 +111,7 @@ __all__ = [
     "is_launcher",
     "job_size_warning",
     "launched_ranks",
+    "loader_worker_error",
     "mark_launcher",
     "master_addr_problem",
     "master_port_problem",
@@ -209,6 +213,86 @@ def rendezvous_port_error(err: BaseException) -> RendezvousPortError | None:
                     "(another DDP job?); set MASTER_PORT to a free port (or end the other "
                     "job) and rerun the same command"
                 )
+    return None
+
+
+class LoaderWorkerError(JobError):
+    """A DataLoader worker could not hand its chips over, or died: exit status 1.
+
+    Workers pass each batch to the job through shared memory (files in ``/dev/shm``):
+    PyTorch's own error is a worker's traceback, or "exited unexpectedly" after its bus
+    error, and names neither the cause in the machine's limits nor the fix. Raised instead
+    of it by :func:`loader_worker_error`; nothing of the failed batch was written, and the
+    job's outputs are removed or kept for resuming as after any other failure.
+    """
+
+
+#: PyTorch's shared-memory failures (``unable to resize file <...>: File too large (27)``,
+#: ``unable to allocate shared memory(shm) for file <...>: No space left on device (28)``,
+#: ``unable to open shared memory object <...>: Too many open files (24)``): their errno.
+_SHM_FAILURE = re.compile(r"unable to [^\n]*(?:shared memory|file <[^>]*torch_)[^\n]*\((\d+)\)")
+#: What each errno of a shared-memory failure means, and what to change besides workers.
+_SHM_CAUSES = {
+    errno.EFBIG: (
+        "the process's file-size limit (ulimit -f) is smaller than a batch's segment",
+        "raise it (ulimit -f unlimited)",
+    ),
+    errno.ENOSPC: (
+        "/dev/shm is full or too small (a container's default is 64 MB)",
+        "give it more (docker run --shm-size=2g, or free /dev/shm)",
+    ),
+    errno.ENOMEM: ("the machine is out of memory", "use a smaller batch (batch_size=)"),
+    errno.EMFILE: (
+        "the open-file limit (ulimit -n) is reached",
+        "raise it (ulimit -n 65536)",
+    ),
+}
+
+
+def loader_worker_error(err: BaseException) -> LoaderWorkerError | None:
+    """The job's one-line error for a DataLoader worker's shared-memory failure or death.
+
+    Args:
+        err: an exception raised while a trainer ran; its causes and contexts are searched
+            too (Lightning and jsonargparse may wrap it).
+
+    Returns:
+        A :class:`LoaderWorkerError` naming the cause (the file-size limit, a full
+        ``/dev/shm``, memory, the open-file limit, a worker killed by a signal) and the fix
+        (``num_workers=0``, which reads chips in the job's own process without shared
+        memory, or the limit to raise), or None when the error is not one of those.
+    """
+    for found in exception_chain(err):
+        if not isinstance(found, RuntimeError):
+            continue
+        text = str(found)
+        failure = _SHM_FAILURE.search(text)
+        killed = re.search(r"DataLoader worker \(pid[^)]*\) is killed by signal: ([^.]+)", text)
+        if failure is not None:
+            code = int(failure[1])
+            cause, fix = _SHM_CAUSES.get(code, (os.strerror(code), "free the resource"))
+            what = f"could not pass chips through shared memory: {cause}"
+        elif killed is not None:
+            bus = "bus" in killed[1].lower()
+            what = f"was killed by signal {killed[1]}" + (
+                ": /dev/shm is too small for a batch (a container's default is 64 MB)"
+                if bus
+                else " (the kernel's out-of-memory killer, most often)"
+            )
+            fix = (
+                "give /dev/shm more (docker run --shm-size=2g)"
+                if bus
+                else "use a smaller batch (batch_size=)"
+            )
+        elif "DataLoader worker" in text and "exited unexpectedly" in text:
+            what = "exited unexpectedly (a bus error: /dev/shm too small, most often)"
+            fix = "give /dev/shm more (docker run --shm-size=2g)"
+        else:
+            continue
+        return LoaderWorkerError(
+            f"a DataLoader worker reading chips {what}; rerun with num_workers=0 (chips read "
+            f"in the job's own process, no shared memory), or {fix}"
+        )
     return None
 
 
