@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1447,6 +1448,27 @@ def test_unreadable_and_normalised_inputs(tmp_path, capsys) -> None:
     assert main(["embed", str(scaled), "-o", str(tmp_path / "o"), "--weights", "none"]) == 2
     assert "raw surface reflectance 0..10000" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # a bright outlier lets the file pass the job's check: a chip without it is refused as
+    # the job reads it, by a loader worker or not; the error named neither file nor chip
+    data[0, :40, :40] = 7.0  # large enough to be seen in the check's decimated read
+    outlier = _write_scene_variant(tmp_path / "outlier.tif", data, dtype="float32", nodata=None)
+    with rasterio.open(outlier) as src:
+        (left, bottom, right, top), res = src.bounds, src.res[0]
+    for workers in ("0", "1"):
+        args = ["embed", str(outlier), "-o", str(tmp_path / "o"), "--weights", "none"]
+        assert main([*args, "--num-workers", workers, "--no-progress"]) == 2
+        err = capsys.readouterr().err.splitlines()[-1]
+        found = re.fullmatch(
+            r"torchgeo-dofa: error: outlier\.tif, the chip x (\S+)\.\.(\S+), y (\S+)\.\.(\S+) "
+            r"\(EPSG:32633\): input looks already scaled: all valid values lie in .*",
+            err,
+        )
+        assert found is not None, err
+        x0, x1, y0, y1 = (float(v) for v in found.groups())
+        assert x1 - x0 == y1 - y0 == 224 * res  # a chip of the scene ...
+        assert left <= x0 and x1 <= right and bottom <= y0 and y1 <= top
+        assert x0 >= left + 40 * res or y1 <= top - 40 * res  # ... without the outlier
+        assert not (tmp_path / "o").exists()
 
 
 def test_mixed_crs_region_is_an_error(tmp_path, capsys) -> None:

@@ -154,6 +154,7 @@ from torchgeo_dofa.spatial import (
 from torchgeo_dofa.transforms import (
     CONVENTIONAL_FILLS,
     NODATA_FLOOR,
+    ReflectanceError,
     ReflectanceWarning,
     narrow_dtype_problem,
 )
@@ -1707,10 +1708,28 @@ class Sentinel2Base(RasterDataset):
         return cast(AbstractContextManager[Any], gdal_env(self.gdal_cache_bytes))
 
     def _read_and_transform(self, index: GeoSlice) -> Sample:
-        sample = self.read_chip(index)
-        if self.transforms is not None:
-            sample = self.transforms(sample)
-        return sample
+        files: list[str] = []
+        if type(self).read_chip is Sentinel2Base.read_chip:
+            sample, files = self.read_chip_with_sources(index)
+        else:  # a subclass's own read
+            sample = self.read_chip(index)
+        if self.transforms is None:
+            return sample
+        try:
+            return cast(Sample, self.transforms(sample))
+        except ReflectanceError as err:  # a chip refused alone, its file passed the job's check
+            raise ReflectanceError(f"{self._chip_named(files, sample)}: {err}") from None
+
+    def _chip_named(self, files: Sequence[str], sample: Sample) -> str:
+        """A chip for a message: its files and its bounds in the dataset's CRS."""
+        where = ""
+        bounds = sample.get("bounds")
+        if isinstance(bounds, Tensor) and bounds.numel() >= 6:
+            x0, x1, _, y0, y1, _ = (float(v) for v in bounds[:6])
+            crs = crs_label(self.crs)
+            where = f"the chip x {x0:.10g}..{x1:.10g}, y {y0:.10g}..{y1:.10g} ({crs})"
+        names = _first_few([os.path.basename(f) for f in files])
+        return ", ".join(part for part in (names, where) if part) or "a chip"
 
     def read_chip(self, index: GeoSlice) -> Sample:
         """Read a chip without applying ``transforms``.
