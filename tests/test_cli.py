@@ -1485,6 +1485,38 @@ def test_mixed_crs_region_is_an_error(tmp_path, capsys) -> None:
     assert "mixed CRS" in capsys.readouterr().err
 
 
+def test_files_with_and_without_a_vertical_datum_are_one_map(tmp_path, base_checkpoint) -> None:
+    """A folder of one file in EPSG:32633+5773 (UTM 33N + EGM96 height) and one in EPSG:32633
+    was refused as mixed CRS: the map is the same. Each file's chips embed as alone."""
+    from rasterio.crs import CRS as RioCRS
+
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    with rasterio.open(SCENE) as src:  # two chips a file: the region's chips are the files'
+        data, t = src.read(window=Window(0, 0, 448, 224)), src.transform
+    size = {"width": 448, "height": 224}
+    beside = Affine(t.a, t.b, t.c + 448 * t.a, t.d, t.e, t.f)  # the next scene east
+    compound = RioCRS.from_user_input("EPSG:32633+5773")
+    _write_scene_variant(folder / "a.tif", data, crs=compound, **size)
+    _write_scene_variant(folder / "b.tif", data[::-1], crs="EPSG:32633", transform=beside, **size)
+    common = ["--weights", str(base_checkpoint), "--precision", "32", "--no-progress"]
+    common += ["--output", "grid", "--num-workers", "0"]
+    assert main(["embed", str(folder), "-o", str(tmp_path / "both"), *common]) == 0
+    assert main(["embed", str(folder / "b.tif"), "-o", str(tmp_path / "b"), *common]) == 0
+    with (
+        rasterio.open(tmp_path / "both/scenes_grid.tif") as both,
+        rasterio.open(tmp_path / "b/b_grid.tif") as alone,
+    ):
+        assert both.crs.to_epsg() == 32633 or "32633" in both.crs.to_wkt()
+        window = from_bounds(*alone.bounds, transform=both.transform)
+        np.testing.assert_allclose(
+            both.read(window=window.round_offsets().round_lengths()),
+            alone.read(),
+            rtol=0,
+            atol=1e-5,
+        )
+
+
 def test_one_crs_spelled_twice_is_one_region_and_a_local_crs_is_one_line(tmp_path, capsys) -> None:
     """Files whose CRS is the same but written differently (an ESRI WKT in a .aux.xml) were
     refused as 'mixed CRS (EPSG:32633 ...; EPSG:32633 ...)'; a local (engineering) CRS with

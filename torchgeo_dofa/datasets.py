@@ -3380,6 +3380,11 @@ def _one_crs(
     for path, wkt in crss.items():
         key = next((k for k in groups if same_crs(k, wkt)), wkt)
         groups.setdefault(key, []).append(os.path.basename(path))
+    planes = {_horizontal(wkt) for wkt in groups if wkt is not None}
+    if crs is None and len(groups) > 1 and None not in groups and len(planes) == 1:
+        # one map CRS, some files with a vertical datum (EPSG:32633+5773 beside EPSG:32633):
+        # read all in the horizontal one, as crs= naming it does
+        return _one_crs(name, headers, planes.pop())
     if len(groups) > 1:
         listing = "; ".join(  # per CRS: how many files, the first two named
             f"{crs_label(wkt) if wkt else 'no CRS'}: {len(files)} file"
@@ -3405,6 +3410,14 @@ def _one_crs(
         max(b[3] for b in bounds),
     )
     return next(iter(crss.values())), union
+
+
+def _horizontal(wkt: str) -> str:
+    """A CRS's horizontal part (a compound CRS's first sub-CRS), as WKT, one spelling each."""
+    parsed = CRS.from_wkt(wkt)
+    plane = parsed.sub_crs_list[0] if parsed.is_compound and parsed.sub_crs_list else parsed
+    epsg = exact_epsg(plane)
+    return f"EPSG:{epsg}" if epsg else plane.to_wkt()
 
 
 def _first_two(names: Sequence[str]) -> str:
