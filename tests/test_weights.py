@@ -25,6 +25,7 @@ from torchgeo_dofa.weights import (
     read_state_dict,
     resolve_weights,
     sha256_file,
+    verify_checkpoint_file,
 )
 
 ENV_VARS = [
@@ -229,6 +230,40 @@ def test_bare_pickle_with_code_is_refused(tmp_path) -> None:
     path.write_bytes(pickle.dumps({"w": [1.0], "payload": _Payload()}, protocol=4))
     with pytest.raises(CheckpointError, match=r"refused: .*executable pickle.*builtins\.print"):
         read_state_dict(path)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_plain_python_pickle_is_named_as_one(tmp_path, protocol) -> None:
+    """``pickle.dump`` of weights was "not a readable PyTorch checkpoint (corrupt or
+    truncated download?) ... delete it and download again", after torch's two warning lines
+    about the pickle protocol; legacy ``torch.save`` files (their magic number first) load,
+    and one pickled at protocol 4 (which torch's safe reader cannot read) says so."""
+    import warnings
+
+    path = tmp_path / "weights.pkl"
+    path.write_bytes(pickle.dumps({"x": [0.0, 1.0, 2.0]}, protocol=protocol))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's protocol warning is not shown
+        with pytest.raises(CheckpointError) as info:
+            read_state_dict(path)
+    assert str(info.value) == (
+        f"{path} is a Python pickle (pickle.dump, joblib), not a checkpoint torch.save wrote: "
+        "save the weights with torch.save(model.state_dict(), path) and give that file"
+    )
+    with pytest.raises(CheckpointError, match="is a Python pickle"):  # a Lightning ckpt_path
+        verify_checkpoint_file(path, lightning=True)
+    legacy = tmp_path / "legacy.pth"
+    torch.save(_small_state(), legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_state_dict(legacy)["x"], _small_state()["x"])
+    torch.save(_small_state(), legacy, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError) as info:
+            read_state_dict(legacy)
+    assert "cannot read without running code (a legacy torch.save file with pickle " in str(
+        info.value
+    )
+    assert "corrupt" not in str(info.value)
 
 
 def test_checkpoint_with_arbitrary_objects_never_runs_code(tmp_path) -> None:

@@ -26,6 +26,7 @@ import io
 import math
 import os
 import pickletools
+import warnings
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -457,7 +458,9 @@ def read_state_dict(path: Path, check_crc: bool = True) -> dict[str, Tensor]:
             its CRC-32).
     """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle's protocol: refused below, by name
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         code = _code_globals(path)
         if code:
@@ -468,6 +471,17 @@ def read_state_dict(path: Path, check_crc: bool = True) -> dict[str, Tensor]:
                 "plain state dict of tensors, so this file is not one: get the checkpoint from "
                 "its official source (Hugging Face earthflow/DOFA) or save a plain state dict "
                 "(torch.save(model.state_dict(), path)) where it was trained"
+            ) from err
+        problem = _plain_pickle_problem(path)
+        if problem is not None:
+            raise CheckpointError(problem) from err
+        if "Unsupported operand" in str(err) and _is_legacy_torch_file(path):
+            # whole, but pickled as the safe reader cannot read
+            raise CheckpointError(
+                f"{path} is a checkpoint torch.load cannot read without running code (a "
+                "legacy torch.save file with pickle protocol 4 or 5, or pickle opcodes its "
+                "safe reader lacks); where you trust it, save it again in the default "
+                "format: torch.save(torch.load(path, weights_only=False), new_path)"
             ) from err
         # torch's text may advise disabling weights_only: quote only its first sentence
         detail = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else ""
@@ -537,6 +551,34 @@ def state_dict_digest(state: Mapping[str, Any]) -> str:
     return f"{crc:08x}"
 
 
+#: The start of the first pickle of a legacy (non-zip) ``torch.save`` file: its magic number
+#: ``0x1950a86a20f9469cfc6c`` as a pickled 10-byte long (``torch.serialization.MAGIC_NUMBER``).
+_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _is_legacy_torch_file(path: str | os.PathLike[str]) -> bool:
+    """Whether the file starts as a legacy (non-zip) ``torch.save`` file: its magic number."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+    return head.startswith(b"\x80") and _LEGACY_MAGIC in head[:24]
+
+
+def _plain_pickle_problem(path: str | os.PathLike[str]) -> str | None:
+    """The message for a Python pickle that ``torch.save`` did not write, else None.
+
+    A pickle starts with byte 0x80; a legacy ``torch.save`` file's first pickle is its magic
+    number (:data:`_LEGACY_MAGIC`, within its first 16 bytes at any pickle protocol).
+    """
+    with open(path, "rb") as f:
+        pickled = f.read(1) == b"\x80"
+    if not pickled or _is_legacy_torch_file(path):
+        return None
+    return (
+        f"{path} is a Python pickle (pickle.dump, joblib), not a checkpoint torch.save "
+        "wrote: save the weights with torch.save(model.state_dict(), path) and give that file"
+    )
+
+
 def verify_checkpoint_file(path: str | os.PathLike[str], lightning: bool = False) -> None:
     """Refuse a damaged checkpoint file before a library loads it without looking.
 
@@ -580,6 +622,9 @@ def verify_checkpoint_file(path: str | os.PathLike[str], lightning: bool = False
             "or a pickle: a text or web page saved under its name?); give the file written "
             "by torch.save / Lightning"
         )
+    problem = _plain_pickle_problem(path)
+    if problem is not None:
+        raise CheckpointError(problem)
     zipped = _is_zip(path)
     if head.startswith(b"PK\x03\x04") and not zipped:
         raise CheckpointError(
