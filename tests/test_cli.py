@@ -1517,6 +1517,25 @@ def test_files_with_and_without_a_vertical_datum_are_one_map(tmp_path, base_chec
         )
 
 
+def test_a_folder_region_is_named_in_warnings_as_its_outputs_are(tmp_path) -> None:
+    """The small-region warning named a folder of files by its files' stems joined with +
+    (``a+b``, every date of a time series too), while the outputs were ``scenes_*``."""
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    with rasterio.open(SCENE) as src:
+        data, t = src.read(window=Window(0, 0, 64, 64)), src.transform
+    for i, name in enumerate(("a.tif", "b.tif")):
+        shifted = Affine(t.a, t.b, t.c + 64 * i * t.a, t.d, t.e, t.f)
+        _write_scene_variant(folder / name, data, transform=shifted, width=64, height=64)
+    args = ["embed", str(folder), "-o", str(tmp_path / "o"), "--weights", "none"]
+    with pytest.warns(UserWarning, match=r"^the region scenes is 128 x 64 px, 16\.3% of one"):
+        assert main([*args, "--no-progress", "--num-workers", "0"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").glob("*_*")) == [
+        "scenes_grid.tif",
+        "scenes_pooled.parquet",
+    ]
+
+
 def test_one_crs_spelled_twice_is_one_region_and_a_local_crs_is_one_line(tmp_path, capsys) -> None:
     """Files whose CRS is the same but written differently (an ESRI WKT in a .aux.xml) were
     refused as 'mixed CRS (EPSG:32633 ...; EPSG:32633 ...)'; a local (engineering) CRS with

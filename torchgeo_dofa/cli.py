@@ -777,6 +777,9 @@ def embed(
                 time=datetime if stac is None else None,  # a STAC composite is one date
                 **settings,
             )
+            # the job's own grouping: messages name the region as its outputs are named
+            # (a folder's name, not its files' stems joined), and no header is read again
+            dm._regions = [region]
             dm.setup("predict")
             return dm
 
