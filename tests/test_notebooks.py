@@ -7,7 +7,9 @@ offline) and its temporary outputs under pytest's ``tmp_path`` (``TMPDIR``).
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import shutil
 import sys
 import time
@@ -74,6 +76,10 @@ def test_notebook_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' tempfile.mkdtemp outputs
     nb = read(name)
     nb.cells.append(nbformat.v4.new_code_cell(PROBE))
+    # what the run wrote, listed before the notebook's last step removes it
+    cleanup = next(i for i, c in enumerate(nb.cells) if c.get("id", "").endswith("-cleanup"))
+    listing = "print('wrote:', sorted(p.name for p in OUT.iterdir()))"
+    nb.cells.insert(cleanup, nbformat.v4.new_code_cell(listing))
     client = NotebookClient(
         nb,
         timeout=300,
@@ -86,6 +92,7 @@ def test_notebook_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         client.execute()  # raises CellExecutionError on the first failing cell
         print(f"{name}: executed in {time.perf_counter() - start:.1f} s")
         check_run(name, nb, tmp_path)
+        assert not list(tmp_path.glob("dofa_*")), "the notebook's clean-up left its outputs"
     finally:
         # the notebooks' outputs (a ~450 MB checkpoint) need not outlive the test
         for out in tmp_path.glob("dofa_*"):
@@ -106,8 +113,9 @@ def check_run(name: str, nb: Any, tmp_path: Path) -> None:
     assert "weights: random (weights=None)" in printed
     if name == "quickstart.ipynb":
         assert "embedded 15 chips" in printed
-        outputs = list(tmp_path.glob("dofa_quickstart_*/*"))
-        assert {p.suffix for p in outputs} >= {".tif", ".parquet", ".png"}
+        wrote = re.search(r"wrote: (\[.*\])", printed)
+        assert wrote is not None, printed[-2000:]
+        assert {Path(n).suffix for n in ast.literal_eval(wrote[1])} >= {".tif", ".parquet", ".png"}
     else:
         assert "reloaded == trained: True" in printed
-        assert list(tmp_path.glob("dofa_finetune_*/linear_probe.ckpt"))
+        assert "'linear_probe.ckpt'" in printed

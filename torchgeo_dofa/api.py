@@ -1370,7 +1370,8 @@ def get_embedding(
             (DOFA's 9 bands from ``COPERNICUS/S2_SR_HARMONIZED``); for ``local``: the
             dataset's default bands; required for ``tensor``.
         output: ``OutputSpec.pooled()`` (default) or ``OutputSpec.grid()``.
-        backend: ``"auto"``, ``"tensor"``, ``"local"`` or ``"gee"`` (see the module docs).
+        backend: ``"auto"``, ``"tensor"``, ``"local"``, ``"stac"`` (with ``stac_url=``) or
+            ``"gee"`` (``"provider"`` is rs-embed's name for it; see the module docs).
         device: ``"auto"`` (CUDA, else Apple's MPS, else the CPU, as the CLI's
             ``--device auto``), ``"cpu"``, ``"cuda[:N]"``, ``"mps"``.
         input_chw: raw (C, H, W) surface reflectance 0..10000 (``tensor``); NaN and
@@ -1531,7 +1532,8 @@ def get_embeddings_batch(
         temporal: date range (required for ``gee``; None = every date for ``local``).
         sensor: bands and fetch settings (see :func:`get_embedding`).
         output: pooled or grid.
-        backend: ``"auto"`` (``local`` with ``paths``, else ``gee``), ``"local"``, ``"gee"``.
+        backend: ``"auto"`` (``local`` with ``paths``, ``stac`` with ``stac_url``, else
+            ``gee``), ``"local"``, ``"stac"``, ``"gee"``.
         device: inference device.
         variant: ``base`` / ``large``.
         weights: ``"official"``, a path, or None.
@@ -1666,7 +1668,8 @@ def export_batch(
         temporal: date range (required for ``gee``).
         models: ``ExportModelRequest.configure("dofa", variant=...)`` entries (or ``"dofa"``).
         out_path: the ``.parquet`` file.
-        backend: ``"auto"`` (``local`` with ``paths``, else ``gee``), ``"local"``, ``"gee"``.
+        backend: ``"auto"`` (``local`` with ``paths``, ``stac`` with ``stac_url``, else
+            ``gee``), ``"local"``, ``"stac"``, ``"gee"``.
         sensor: default bands / fetch settings (a request's ``sensor`` wins).
         output: pooled (default) or grid.
         names: one id per region (default ``p00000``, ``p00001``...).

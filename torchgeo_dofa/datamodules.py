@@ -508,8 +508,9 @@ class DOFAPredictDataModule(GeoDataModule):
             input_prep: ``"resize"`` or ``"tile"``, for that automatic stack.
             check_scale: reject rasters whose values all lie in [0, 2] (already scaled to
                 reflectance) at setup, before any chip is computed.
-            bands: bands to read, in order (default: every band of the files); as
-                ``--bands``.
+            bands: bands to read, in order (default: DOFA's nine Sentinel-2 bands B4, B3,
+                B2, B5, B6, B7, B8, B11, B12 where the files hold them, else every band of
+                the files, as the dataset class reads them); as ``--bands``.
             file_bands: names of the bands of files without band descriptions, in file
                 order; as ``--file-bands``.
             wavelengths: centre wavelength (um) of each band, for bands that are not
