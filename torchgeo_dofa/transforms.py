@@ -903,7 +903,8 @@ class TileTo(_SizeStep):
     input), ``input_size`` (long (2,) / (B, 2), the input's (H, W) for :func:`stitch_tiles`),
     ``valid`` ((N,S,S) / (B,N,S,S), padding False) when present and ``grid_transform``
     (affine of the stitched 16-pixel grid, origin at the input origin) when ``transform`` is
-    present.
+    present. ``empty`` and ``valid_fraction`` stay those of the input (one per sample, not
+    per tile): the tiles are one input's model batch, pooled and stitched back into one.
     """
 
     def forward(self, sample: Sample) -> Sample:
