@@ -3400,8 +3400,9 @@ def _one_crs(
             )
         raise InputError(
             f"mixed CRS in region {name!r} ({listing}): read them in one CRS, "
-            "crs=EPSG:<code>, or reproject them (gdalwarp -t_srs), or pass them as separate "
-            "inputs"
+            "crs=EPSG:<code>, for one mosaic of neighbouring scenes, or reproject them "
+            "(gdalwarp -t_srs); scenes far apart (one map of both would be mostly empty) go "
+            "as separate inputs, one output each"
         )
     union = (
         min(b[0] for b in bounds),
