@@ -2133,20 +2133,54 @@ def test_points_csv_and_geojson(tmp_path, base_checkpoint) -> None:
     np.testing.assert_array_equal(np.stack(other.embedding), np.stack(frame.embedding))
 
 
-def test_bbox_restricts_the_region(tmp_path, base_checkpoint) -> None:
+def test_bbox_restricts_the_region(tmp_path, base_checkpoint, reference_run) -> None:
+    """A box's chips and grid cells are the whole scene's that meet it, with their values:
+    the chips were placed from the box's own south-west pixel, so a box's outputs could not
+    be checked against (or mosaicked with) the scene's, nor boxes side by side tiled."""
     with rasterio.open(SCENE) as src:
         b = src.bounds
-    lo0, la0 = _scene_lonlat(b.left + 100, b.bottom + 100)
-    lo1, la1 = _scene_lonlat(b.left + 2000, b.bottom + 2000)
-    code = main(
-        ["embed", str(SCENE), "-o", str(tmp_path), "--bbox", str(lo0), str(la0), str(lo1), str(la1),
-         "--weights", str(base_checkpoint), "--output", "both", "--no-progress"]
-    )  # fmt: skip
-    assert code == 0
-    assert len(gpd.read_parquet(tmp_path / "ftw_s2_l2a_33N_pooled.parquet")) == 1
-    with rasterio.open(tmp_path / "ftw_s2_l2a_33N_grid.tif") as emb:
-        assert emb.width <= 14 and emb.height <= 14
-        assert emb.bounds.left == pytest.approx(b.left + 100, abs=60)
+    ref_rows = gpd.read_parquet(reference_run / "ftw_s2_l2a_33N_pooled.parquet")
+    ref = ref_rows.set_index("chip_id")
+    boxes = {  # (scene-relative metres): one chip's corner; across four chips; inside a cell
+        "corner": (100, 100, 2000, 2000),
+        "across": (650, 1000, 3500, 3200),
+        "cell": (1873, 1887, 1900, 1900),
+    }
+    for name, (dx0, dy0, dx1, dy1) in boxes.items():
+        lo0, la0 = _scene_lonlat(b.left + dx0, b.bottom + dy0)
+        lo1, la1 = _scene_lonlat(b.left + dx1, b.bottom + dy1)
+        out = tmp_path / name
+        code = main(
+            ["embed", str(SCENE), "-o", str(out), "--bbox", str(lo0), str(la0), str(lo1),
+             str(la1), "--weights", str(base_checkpoint), "--output", "both", "--no-progress"]
+        )  # fmt: skip
+        assert code == 0
+        rows = gpd.read_parquet(out / "ftw_s2_l2a_33N_pooled.parquet")
+        assert set(rows.chip_id) <= set(ref.index), name
+        np.testing.assert_allclose(
+            np.stack(rows.embedding), np.stack(ref.loc[list(rows.chip_id)].embedding), atol=1e-5
+        )
+        with (
+            rasterio.open(out / "ftw_s2_l2a_33N_grid.tif") as emb,
+            rasterio.open(reference_run / "ftw_s2_l2a_33N_grid.tif") as whole,
+        ):
+            window = from_bounds(*emb.bounds, transform=whole.transform)
+            assert window.col_off == round(window.col_off) and window.row_off == round(
+                window.row_off
+            ), f"{name}: the box's cells are not the scene's"
+            assert (emb.width, emb.height) == (round(window.width), round(window.height))
+            cell = 16 * 10  # m; the box, snapped outward to whole cells of the scene's lattice
+            assert emb.bounds.left == b.left + dx0 // cell * cell, name
+            assert emb.bounds.right == b.left + -(-dx1 // cell) * cell, name
+            np.testing.assert_allclose(
+                emb.read(),
+                whole.read(window=window.round_offsets().round_lengths()),
+                atol=1e-5,
+                equal_nan=True,
+            )
+    assert len(gpd.read_parquet(tmp_path / "corner/ftw_s2_l2a_33N_pooled.parquet")) == 1
+    with rasterio.open(tmp_path / "cell/ftw_s2_l2a_33N_grid.tif") as emb:
+        assert (emb.width, emb.height) == (1, 1)
 
 
 def test_fit_through_the_console_script(tmp_path, monkeypatch) -> None:

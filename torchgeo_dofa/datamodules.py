@@ -312,21 +312,26 @@ class RegionSampler(GeoSampler):
 
 
 class ChipGridSampler(GeoSampler):
-    """Chips on one grid over a region, anchored at its lower-left pixel corner.
+    """Chips on one grid over the rasters, anchored at their lower-left pixel corner.
 
-    The region (the dataset's bounds, or a region of interest clipped to them) is first
-    snapped outward to the dataset's pixel grid, so chips read whole pixels and never
-    resample. Chips of ``size`` pixels are placed every ``stride`` pixels from the region's
-    lower-left corner; the last row and column reach past the region's top/right edge where
-    the sizes do not divide (those pixels are read as no data). Chips that do not touch the
-    rasters' footprint are skipped. Unlike TorchGeo's
+    Chips of ``size`` pixels are placed every ``stride`` pixels from the lower-left corner of
+    the rasters' bounds (of the scenes within ``time``), on the dataset's pixel grid, so chips
+    read whole pixels and never resample; the last row and column reach past the top/right
+    edge where the sizes do not divide (those pixels are read as no data). Chips that do not
+    touch the rasters' footprint are skipped. Unlike TorchGeo's
     :class:`~torchgeo.samplers.GriddedPatchSampler`, which centres its grid on the region, the
-    grid is anchored at the region's corner, so the embedding map's left and bottom edges are
-    the raster's and every chip falls on whole output cells whenever ``stride`` is a multiple
-    of the output cell.
+    grid is anchored at the corner, so the embedding map's left and bottom edges are the
+    raster's and every chip falls on whole output cells whenever ``stride`` is a multiple of
+    the output cell.
+
+    A region of interest keeps the same lattice: its chips are those of the whole rasters'
+    lattice that meet it, so a job over a box is a window of the job over the scene (the same
+    chips, the same values, grid cells on the same lattice) and boxes side by side tile.
 
     Attributes:
-        region_bounds: ``(xmin, ymin, xmax, ymax)`` of the snapped region, map units.
+        region_bounds: ``(xmin, ymin, xmax, ymax)`` of the region (the rasters' bounds, or
+            the region of interest clipped to them), snapped outward to whole output cells
+            of the lattice (``cell`` pixels), map units.
         chips: ``(x, y, t)`` slices, bottom row first, west to east.
     """
 
@@ -338,6 +343,7 @@ class ChipGridSampler(GeoSampler):
         *,
         roi: BaseGeometry | None = None,
         time: TimeRange | None = None,
+        cell: float = 1.0,
     ) -> None:
         """Compute every chip now.
 
@@ -347,6 +353,8 @@ class ChipGridSampler(GeoSampler):
             stride: distance between chips in pixels (default ``size``).
             roi: region of interest in the dataset's CRS (default: the whole dataset).
             time: optional ``(start, stop)`` or ``"A/B"`` of the scenes to read.
+            cell: pixels per cell of the embedding map (``size / 14`` for resized chips, 16
+                for tiles), to which :attr:`region_bounds` is snapped; 1 snaps to pixels.
 
         Raises:
             ValueError: if the region of interest does not overlap the rasters.
@@ -365,15 +373,24 @@ class ChipGridSampler(GeoSampler):
                 )
             footprint = footprint.intersection(roi)
         bx0, by0, bx1, by1 = (float(v) for v in footprint.bounds)
-        # snap outward to the pixel grid whose origin is the dataset's top-left corner
-        xmin = x0 + math.floor((bx0 - x0) / xres + 1e-6) * xres
-        xmax = x0 + math.ceil((bx1 - x0) / xres - 1e-6) * xres
-        ymax = y1 - math.floor((y1 - by1) / yres + 1e-6) * yres
-        ymin = y1 - math.ceil((y1 - by0) / yres - 1e-6) * yres
+        # the lattice's origin: the rasters' lower-left corner on the pixel grid whose origin
+        # is their top-left corner (whole pixels: y0 may not be, for bounds of mixed files)
+        oy = y1 - math.ceil((y1 - y0) / yres - 1e-6) * yres
+        # the region, snapped outward to whole cells of the lattice
+        cx_, cy_ = cell * xres, cell * yres
+        xmin = x0 + math.floor((bx0 - x0) / cx_ + 1e-6) * cx_
+        xmax = x0 + math.ceil((bx1 - x0) / cx_ - 1e-6) * cx_
+        ymin = oy + math.floor((by0 - oy) / cy_ + 1e-6) * cy_
+        ymax = oy + math.ceil((by1 - oy) / cy_ - 1e-6) * cy_
         self.region_bounds = (xmin, ymin, xmax, ymax)
         step = stride or size
-        cols = max(1, math.ceil((xmax - xmin - size * xres) / (step * xres) - 1e-9) + 1)
-        rows = max(1, math.ceil((ymax - ymin - size * yres) / (step * yres) - 1e-9) + 1)
+        sx, sy = step * xres, step * yres
+        # the lattice's chips that can meet the region: columns first..last, rows likewise
+        col0 = max(0, math.floor((bx0 - x0 - size * xres) / sx + 1e-9))
+        row0 = max(0, math.floor((by0 - oy - size * yres) / sy + 1e-9))
+        cols = max(1, math.ceil((bx1 - x0 - size * xres) / sx - 1e-9) + 1) - col0
+        rows = max(1, math.ceil((by1 - oy - size * yres) / sy - 1e-9) + 1) - row0
+        cols, rows = max(1, cols), max(1, rows)
         tslice = _time_slice(time) or slice(scenes.index.left.min(), scenes.index.right.max())
         shapely.prepare(footprint)
         self.chips: list[tuple[slice, slice, slice]] = []
@@ -385,7 +402,7 @@ class ChipGridSampler(GeoSampler):
                     np.arange(first, min(rows, first + block)), np.arange(cols), indexing="ij"
                 )
             )
-            cx, cy = xmin + j * step * xres, ymin + i * step * yres
+            cx, cy = x0 + (col0 + j) * sx, oy + (row0 + i) * sy
             boxes = shapely.box(cx, cy, cx + size * xres, cy + size * yres)
             keep = shapely.intersects(boxes, footprint) & ~shapely.touches(boxes, footprint)
             times = chip_times(scenes, list(boxes[keep]), tslice)
@@ -707,7 +724,12 @@ class DOFAPredictDataModule(GeoDataModule):
             self._warn_small_region(dataset)
         try:
             return ChipGridSampler(
-                dataset, self.chip_size, self.stride or self.chip_size, roi=roi, time=self.time
+                dataset,
+                self.chip_size,
+                self.stride or self.chip_size,
+                roi=roi,
+                time=self.time,
+                cell=self.cell_px,
             )
         except ValueError as err:
             if roi is None:
