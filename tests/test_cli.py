@@ -1485,6 +1485,44 @@ def test_mixed_crs_region_is_an_error(tmp_path, capsys) -> None:
     assert "mixed CRS" in capsys.readouterr().err
 
 
+def test_res_sets_the_pixel_size_of_a_folder_read_in_another_crs(tmp_path, capsys) -> None:
+    """``--crs`` on a folder of files in two UTM zones read every file at the pixel size
+    GDAL's warp of the first one gives (9.99 m for a 10 m file from the zone beside it: 159.85
+    m cells, fractional chip ids), and ``embed`` had no ``--res`` to say 10."""
+    from rasterio.warp import calculate_default_transform, reproject
+
+    folder = tmp_path / "zones"
+    folder.mkdir()
+    with rasterio.open(SCENE) as src:
+        data, t, crs = src.read(window=Window(0, 0, 224, 224)), src.transform, src.crs
+    # the first file (by name) in the zone west of the scene's, the second in the scene's own
+    bounds = rasterio.transform.array_bounds(224, 224, t)
+    moved, width, height = calculate_default_transform(crs, "EPSG:32632", 224, 224, *bounds)
+    warped = np.zeros((data.shape[0], height, width), data.dtype)
+    reproject(data, warped, src_transform=t, src_crs=crs, dst_transform=moved,
+              dst_crs="EPSG:32632", resampling=Resampling.nearest)  # fmt: skip
+    _write_scene_variant(folder / "a.tif", warped, crs="EPSG:32632", transform=moved,
+                         width=width, height=height)  # fmt: skip
+    east = Affine(t.a, t.b, t.c + 224 * t.a, t.d, t.e, t.f)
+    _write_scene_variant(folder / "b.tif", data, transform=east, width=224, height=224)
+    args = ["embed", str(folder), "--crs", str(crs), "--weights", "none", "--seed", "0"]
+    args += ["--no-progress", "--num-workers", "0", "--output", "grid"]
+    assert main([*args, "-o", str(tmp_path / "auto")]) == 0
+    assert main([*args, "-o", str(tmp_path / "ten"), "--res", "10"]) == 0
+    with rasterio.open(tmp_path / "auto/zones_grid.tif") as auto:
+        assert auto.res[0] != 160  # the warp's choice
+    with rasterio.open(tmp_path / "ten/zones_grid.tif") as ten:
+        assert ten.res == (160.0, 160.0) and ten.crs == crs
+    capsys.readouterr()
+    assert main([*args, "-o", str(tmp_path / "ten"), "--res", "20"]) == 2  # another job
+    assert "holds another job's results" in capsys.readouterr().err
+    from torchgeo_dofa.cli import _parser
+
+    for bad in ("0", "-10", "nan", "ten"):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(["embed", "x.tif", "-o", "o", "--res", bad])
+
+
 def test_files_with_and_without_a_vertical_datum_are_one_map(tmp_path, base_checkpoint) -> None:
     """A folder of one file in EPSG:32633+5773 (UTM 33N + EGM96 height) and one in EPSG:32633
     was refused as mixed CRS: the map is the same. Each file's chips embed as alone."""

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -485,6 +486,7 @@ def embed(
     wavelengths: Sequence[float] | None = None,
     nodata: float | None = None,
     crs: str | None = None,
+    res: float | None = None,
     offset: float | str | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -547,6 +549,9 @@ def embed(
         nodata: no-data value overriding the files' own.
         crs: CRS to read the inputs in (default: the first file's); also reads a folder of
             files in several CRSs as one region.
+        res: pixel size to read the inputs at, in the CRS's units (default: the finest band's
+            of the files; with ``crs``, what GDAL's warp of the first file gives, e.g.
+            9.9906 m for a 10 m file from a neighbouring UTM zone).
         offset: radiometric offset added to the digital numbers (``0``, ``-1000``), or
             ``"auto"`` / None for the datasets' rule (product metadata, name, date).
         mean: one normalisation mean per band on DOFA's 0..255 scale, for bands without DOFA
@@ -741,6 +746,7 @@ def embed(
             "wavelengths": wavelengths,
             "nodata": nodata,
             "crs": crs,
+            "res": res,
             "offset": offset,
             "mean": mean,
             "std": std,
@@ -1067,6 +1073,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--crs", default=None, help="CRS to read the inputs in (e.g. EPSG:32633; default: theirs)"
+    )
+    e.add_argument(
+        "--res",
+        type=_res_value,
+        default=None,
+        metavar="SIZE",
+        help="pixel size to read the inputs at, in the CRS's units (default: the finest "
+        "band's; with --crs, what GDAL's warp of the first file gives)",
     )
     e.add_argument(
         "--stride", type=int, default=None, help="chip stride in pixels (default: chip size)"
@@ -2225,6 +2239,7 @@ def _embed_args(args: argparse.Namespace) -> EmbedSummary:
         wavelengths=args.wavelengths,
         nodata=args.nodata,
         crs=args.crs,
+        res=args.res,
         offset=args.offset,
         mean=args.mean,
         std=args.std,
@@ -2460,6 +2475,20 @@ def error_line(err: BaseException) -> str:
         last = lines[-1]  # "torchgeo_dofa.datasets.InputError: cannot read ..."
         return last.split(": ", 1)[1] if ": " in last else last
     return text
+
+
+def _res_value(text: str) -> float:
+    """``--res``: a positive, finite pixel size."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a pixel size: give a positive number in the CRS's units "
+            "(e.g. --res 10 for 10 m pixels)"
+        )
+    return value
 
 
 def _offset_value(text: str) -> float | str:
