@@ -97,6 +97,10 @@ def test_grid_geotiff_georeferencing(reference_run: Path) -> None:
         assert emb.tags()["variant"] == "base"
         assert emb.tags()["weights"] == "file:DOFA_ViT_base_e100.pth"
         assert emb.nodata is not None and np.isnan(emb.nodata)
+        # the precision the numbers were computed in (the suite runs fp32), in both outputs
+        assert emb.tags()["precision"] == "32-true"
+    pooled = gpd.read_parquet(reference_run / "ftw_s2_l2a_33N_pooled.parquet")
+    assert pooled.attrs["precision"] == "32-true"
 
 
 def test_cell_vectors_equal_encoder_grid(reference_run: Path, base_checkpoint) -> None:
