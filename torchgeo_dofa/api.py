@@ -1652,7 +1652,10 @@ def export_batch(
     One row per (region, model request): ``item_id``, ``model``, ``variant``, ``weights``,
     ``pooled_norm``, ``input_prep``, ``backend``, ``output``, ``embedding`` (float32 list,
     a grid flattened in C order), ``embedding_shape``, ``bands``, ``wavelengths_um``,
-    ``time_start`` / ``time_end``, ``buffer_m``, ``config_id``, and ``geometry`` in EPSG:4326
+    ``time_start`` / ``time_end`` (the requested ``temporal`` as given, its end exclusive
+    as :class:`TemporalSpec`'s, as rs-embed's export records it: not the acquisition span
+    that ``torchgeo-dofa embed``'s tables hold under these names), ``buffer_m``,
+    ``config_id``, and ``geometry`` in EPSG:4326
     (the point of a :class:`PointBuffer`, the box of a :class:`BBox`, or the geometry given);
     ``chip_bounds`` / ``chip_crs`` give the pixels actually read.
 
