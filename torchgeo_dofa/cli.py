@@ -1016,7 +1016,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DEVICE",
         help="auto | cpu | gpu",
     )
-    e.add_argument("--devices", default="1", help="number of devices (with --strategy ddp)")
+    e.add_argument(
+        "--devices",
+        default="1",
+        help="devices to run on: a count (more than 1 with --strategy ddp), auto, or GPU "
+        "indices such as 0,1",
+    )
     e.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     e.add_argument(
         "--precision",
@@ -1100,6 +1105,8 @@ def _parser() -> argparse.ArgumentParser:
         nargs=4,
         default=None,
         metavar=("MINLON", "MINLAT", "MAXLON", "MAXLAT"),
+        help="embed only the chips meeting this box (degrees, EPSG:4326): the whole "
+        "scene's chips, so the outputs are a window of the scene's",
     )
     e.add_argument(
         "--stac",
