@@ -22,6 +22,7 @@ import shapely.geometry
 import torch
 from rasterio.windows import from_bounds
 
+from tests.checkpoints import write_checkpoint
 from tests.scenes import SCENE
 from torchgeo_dofa import api, gee, stac
 from torchgeo_dofa.api import (
@@ -774,6 +775,55 @@ def test_export_is_resumable_and_atomic(tmp_path, chip_a, weights, tensor_a) -> 
     assert list(frame.embedding_shape.iloc[0]) == [768]
     _close(np.asarray(frame.embedding.iloc[0]), tensor_a.pooled.data)
     assert not np.allclose(frame.embedding.iloc[1], frame.embedding.iloc[0])
+
+
+def test_an_export_refuses_rows_of_other_inputs_or_weights_and_a_second_export(
+    tmp_path, chip_a, base_state
+) -> None:
+    """A rerun into the same out_path with a file rewritten in place, or a checkpoint
+    replaced under the same name, skipped the rows already written (computed 1, skipped 2)
+    and mixed both jobs' rows in one table under one config_id; two exports into one file
+    at once deleted each other's parts. Refused now, naming what changed; a second export
+    into the folder is refused while the first runs."""
+    import shutil
+    import subprocess
+
+    from torchgeo_dofa.locks import JobLockedError
+
+    _, _, _, bounds = chip_a
+    points = [_centre_point(bounds), _centre_point((bounds[0] - CHIP_M, *bounds[1:3], bounds[3]))]
+    scene, ckpt = tmp_path / "scene.tif", tmp_path / "w.pth"
+    shutil.copy(SCENE, scene)
+    write_checkpoint(ckpt, base_state)
+    out = tmp_path / "out" / "emb.parquet"
+    kwargs: dict[str, Any] = dict(
+        models=["dofa"], out_path=out, paths=[scene], weights=str(ckpt), device="cpu"
+    )
+    assert export_batch(spatials=points[:1], **kwargs).computed == 1
+    assert sorted(p.name for p in out.parent.iterdir()) == ["emb.parquet"]  # no lock file left
+    other = {k: (v * 1.01 if v.is_floating_point() else v) for k, v in base_state.items()}
+    write_checkpoint(ckpt, other)  # other weights, the same file name
+    with pytest.raises(ModelError, match=r"holds rows of another export: the weights file w\.pth"):
+        export_batch(spatials=points, **kwargs)
+    write_checkpoint(ckpt, base_state)  # the weights back, the scene rewritten in place
+    with rasterio.open(scene, "r+") as dst:
+        dst.update_tags(note="edited")
+    with pytest.raises(ModelError, match=r"the local inputs differ \(scene\.tif: added, remov"):
+        export_batch(spatials=points, **kwargs)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["emb.parquet"]  # untouched
+    assert len(gpd.read_parquet(out)) == 1
+    holder = subprocess.Popen(  # another job holding the folder, as a running export does
+        [sys.executable, "-c", "import sys, time; from torchgeo_dofa.locks import OutputLock; "
+         f"OutputLock({str(out.parent)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(JobLockedError, match="is in use by another torchgeo-dofa job"):
+            export_batch(spatials=points, **{**kwargs, "out_path": out.with_name("b.parquet")})
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_export_of_dates_without_a_scene_fails_its_items(tmp_path, weights) -> None:

@@ -3588,6 +3588,37 @@ def test_each_loader_worker_failure_torch_reports_is_named(torch_says, cause) ->
     assert loader_worker_error(ValueError(torch_says)) is None  # PyTorch raises RuntimeError
 
 
+def test_a_finished_output_damaged_since_is_not_done(tmp_path, capsys) -> None:
+    """A rerun over outputs truncated or overwritten after the job finished said "0 chips (6
+    already done)" with exit 0, keeping the broken files. Now exit 1 naming the file and the
+    fix; after it, the same command computes that output again."""
+    out = tmp_path / "out"
+    args = ["embed", str(SCENE), "-o", str(out), "--weights", "none", "--seed", "1"]
+    args += ["--output", "both", "--no-progress", "--num-workers", "0"]
+    assert main(args) == 0
+    grid, table = out / "ftw_s2_l2a_33N_grid.tif", out / "ftw_s2_l2a_33N_pooled.parquet"
+    whole = grid.read_bytes()
+    for damaged, cut in ((grid, len(whole) // 2), (table, 100)):
+        original = damaged.read_bytes()
+        damaged.write_bytes(original[:cut])  # a copy cut short
+        capsys.readouterr()
+        assert main(args) == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(
+            f"torchgeo-dofa: error: {damaged} was finished by an earlier run of this job but "
+            "cannot be read now ("
+        ), err
+        assert err.endswith("delete it and rerun the same command (its chips are computed again)")
+        assert damaged.stat().st_size == cut  # left as found, for the user to look at
+        damaged.write_bytes(b"garbage")
+        assert main(args) == 1
+        damaged.unlink()
+        assert main(args) == 0  # computed again
+    with rasterio.open(grid) as got, rasterio.open(SCENE):
+        assert got.read().shape[0] == 768
+    assert grid.read_bytes() == whole  # the same seed, the same bytes
+
+
 def test_sigterm_to_the_process_group_stops_after_the_batch(tmp_path, base_checkpoint) -> None:
     """``scancel`` / systemd send SIGTERM to every process of the job: the loader worker
     used to die first and the job ended with a traceback and exit 1."""

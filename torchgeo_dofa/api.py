@@ -71,6 +71,7 @@ scenes the chip meets (:meth:`~torchgeo_dofa.datasets.Sentinel2Base.scene_files`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -79,12 +80,12 @@ import re
 import shutil
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -1747,14 +1748,19 @@ def export_batch(
 
     out = Path(out_path)
     parts = out.with_name(out.name + ".parts")
-    with _folders_removed_if_left_empty(out.parent, parts):  # a refusal leaves nothing
-        out.parent.mkdir(parents=True, exist_ok=True)  # an unwritable place fails first
+    identity = _export_identity(which, paths, [(cfg, cid) for _, cfg, _, cid in jobs])
+    with (
+        _folders_removed_if_left_empty(out.parent, parts),  # a refusal leaves nothing
+        _export_lock(out),  # a second export into the folder is refused at once
+    ):
         summary = ExportSummary(out)
         all_warned: list[Embedding] = []  # empty or mostly fill: one warning each at the end
         n_embedded = 0
         existing = gpd.read_parquet(out) if out.exists() else None
+        _check_export_identity(out, existing, parts, identity)
         done: set[str] = set(existing["row_key"]) if existing is not None else set()
         parts.mkdir(parents=True, exist_ok=True)
+        (parts / _EXPORT_IDENTITY).write_text(json.dumps(identity, sort_keys=True))
         done |= {p.stem for p in parts.glob("*.npz")}
         dataset = None  # shared when no request overrides the sensor
         if which == "local" and paths is not None:
@@ -1875,6 +1881,9 @@ def export_batch(
             frame["_order"] = frame["item_id"].map(order).fillna(len(order))
             frame = frame.sort_values(["_order", "config_id"], kind="stable")
             frame = frame.drop(columns="_order").reset_index(drop=True)
+            stored = {} if existing is None else _stored_identity(existing.attrs)
+            merged = {**identity, "weights": {**stored.get("weights", {}), **identity["weights"]}}
+            frame.attrs[_EXPORT_IDENTITY] = json.dumps(merged, sort_keys=True)
             atomic_write(out, frame.to_parquet)
             summary.rows = len(frame)
         elif existing is not None:
@@ -1882,6 +1891,120 @@ def export_batch(
         shutil.rmtree(parts, ignore_errors=True)
         _warn_coverage(all_warned, n_embedded)
         return summary
+
+
+#: Where an export records what its rows depend on beyond their keys: in its parts folder
+#: and in the final table's attributes (``gpd.read_parquet(out).attrs``).
+_EXPORT_IDENTITY = "export_identity"
+
+
+def _export_identity(
+    backend: str,
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Sentinel2Base | None,
+    configs: Sequence[tuple[_Config, str]],
+) -> dict[str, Any]:
+    """What an export's rows depend on beyond their keys (region, dates, settings).
+
+    The local rasters as files (resolved path, size, modification time: a file rewritten in
+    place is another input, as the embed job's manifest has it) and, per configuration
+    (``config_id``), the weights file's (a checkpoint replaced under the same name is
+    other weights); the row keys hold everything else.
+    """
+    from .jobs import InputFile
+
+    def described(path: Path) -> list[Any]:
+        return list(dataclasses.astuple(InputFile.of(path)))
+
+    files: list[list[Any]] = []
+    if backend == "local" and isinstance(paths, Sentinel2Base):  # a dataset: its files
+        read = {src for sources in paths.index["sources"] for src, _ in sources}
+        files = [described(Path(p)) for p in read if Path(p).exists()]
+    elif backend == "local" and paths is not None:
+        given = [paths] if isinstance(paths, str | os.PathLike) else list(cast(Any, paths))
+        for item in map(Path, given):
+            found = sorted(p for p in item.rglob("*") if p.is_file()) if item.is_dir() else [item]
+            suffixes = Sentinel2Base.extensions
+            files += [described(p) for p in found if p.suffix.lower() in suffixes and p.exists()]
+    weights = {
+        cid: described(Path(cfg.weights).expanduser())
+        for cfg, cid in configs
+        if cfg.weights is not None
+        and str(cfg.weights) != "official"
+        and Path(cfg.weights).expanduser().is_file()
+    }
+    return {"backend": backend, "inputs": sorted(files), "weights": weights}
+
+
+def _stored_identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity a table recorded (empty for a table of an earlier version)."""
+    try:
+        stored = json.loads(attrs.get(_EXPORT_IDENTITY, "{}"))
+    except (TypeError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _check_export_identity(
+    out: Path, existing: Any, parts: Path, identity: Mapping[str, Any]
+) -> None:
+    """Refuse to add rows to an export whose rows came from other inputs or weights.
+
+    Raises:
+        ModelError: naming what changed and the fix (another ``out_path``, or delete the
+            file and its parts to start afresh).
+    """
+    recorded: list[tuple[str, dict[str, Any]]] = []
+    if existing is not None:
+        recorded.append((str(out), _stored_identity(existing.attrs)))
+    marker = parts / _EXPORT_IDENTITY
+    if marker.is_file() and any(parts.glob("*.npz")):
+        try:
+            recorded.append((str(parts), json.loads(marker.read_text())))
+        except (OSError, ValueError):
+            recorded.append((str(parts), {"inputs": "unreadable"}))
+    for where, stored in recorded:
+        change = None
+        if "inputs" in stored and stored["inputs"] != identity["inputs"]:
+            before = (
+                {tuple(f) for f in stored["inputs"]}
+                if isinstance(stored["inputs"], list)
+                else set()
+            )
+            after = {tuple(f) for f in identity["inputs"]}
+            differ = sorted({f[0] for f in before ^ after})
+            shown = ", ".join(os.path.basename(str(f)) for f in differ[:3]) or "unreadable"
+            change = f"the local inputs differ ({shown}: added, removed or changed since)"
+        elif "backend" in stored and stored["backend"] != identity["backend"]:
+            change = f"backend was {stored['backend']!r}, now {identity['backend']!r}"
+        else:
+            for cid, now in identity["weights"].items():
+                was = stored.get("weights", {}).get(cid)
+                if was is not None and was != now:
+                    change = f"the weights file {os.path.basename(now[0])} changed since"
+                    break
+        if change is not None:
+            raise ModelError(
+                f"{where} holds rows of another export: {change}; rows of both would be "
+                f"mixed in one table. Give another out_path, or delete {out.name} and "
+                f"{parts.name} to start afresh"
+            )
+
+
+@contextlib.contextmanager
+def _export_lock(out: Path) -> Iterator[None]:
+    """Hold the output folder's lock (the embed job's) while an export writes there.
+
+    Raises:
+        JobLockedError: when another export or embed job holds it.
+    """
+    from .locks import OutputLock
+
+    lock = OutputLock(out.parent, fix="use another out_path folder")
+    lock.acquire()
+    try:
+        yield
+    finally:  # the lock file goes too (held while removed: a waiting job takes a new one)
+        lock.release(remove=True)
 
 
 @contextlib.contextmanager

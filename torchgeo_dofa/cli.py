@@ -27,7 +27,7 @@ from . import _warnings
 from ._errors import exception_chain
 from ._warnings import warn
 from .bands import offset_problem
-from .runtime import DEVICE_NAMES, GRID_SUFFIXES, PRECISION_NAMES, TABLE_SUFFIXES
+from .runtime import DEVICE_NAMES, GRID_SUFFIXES, MAX_CHIP_PX, PRECISION_NAMES, TABLE_SUFFIXES
 
 if TYPE_CHECKING:  # the heavy modules load when a job runs, not for --help or a usage error
     import lightning.pytorch as pl
@@ -299,6 +299,13 @@ def option_problem(
         return f"--devices {text!r}: give a count (2), auto, or GPU indices (0,1)"
     if chip_size < 16 or chip_size % 16:
         return f"--chip-size must be a multiple of 16 pixels >= 16, got {chip_size}"
+    if chip_size > MAX_CHIP_PX:  # a chip is read whole: 100000 px asked numpy for 149 GiB
+        gib = chip_size**2 * 4 / 2**30
+        return (
+            f"--chip-size {chip_size} reads {chip_size} x {chip_size} pixels a band at once "
+            f"({gib:.3g} GiB a band in float32) for one model input: at most {MAX_CHIP_PX} "
+            "(a chip is resized or tiled to 224 px; cover a large area with more chips)"
+        )
     if stride is not None and stride < 1:
         return f"--stride must be at least 1 pixel (default: the chip size), got {stride}"
     if points is not None and output == "grid":
@@ -626,7 +633,13 @@ def embed(
         resolve_precision,
     )
     from .spatial import BBox, PointBuffer, read_points
-    from .writers import GridWriter, PooledWriter, parts_dir
+    from .writers import (
+        GridWriter,
+        OutputWriteError,
+        PooledWriter,
+        finished_output_problem,
+        parts_dir,
+    )
 
     end_import_pause()
     start = time.perf_counter()  # the job, not the imports (a Python caller pays them once)
@@ -874,6 +887,14 @@ def embed(
                 # srun / torchrun may get here first, see the old files, skip the trainer and
                 # leave rank 0 waiting for it): all are pending, on every rank
                 pending = [w for w in writers if overwrite or not w.path.exists()]
+                for done_before in (w for w in writers if w not in pending):
+                    damage = finished_output_problem(done_before.path)
+                    if damage is not None:
+                        raise OutputWriteError(
+                            f"{done_before.path} was finished by an earlier run of this job "
+                            f"but cannot be read now ({damage}): delete it and rerun the "
+                            "same command (its chips are computed again)"
+                        )
                 summary.outputs += [w.path for w in writers]
                 if not pending:
                     summary.skipped += len(dm.predict_sampler or [])
@@ -2038,7 +2059,23 @@ def _stdout_unwritable() -> bool:
         return True
     except ValueError:  # closed
         return False
-    return False
+    return _stdout_reader_gone()
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (``| head -c 0``).
+
+    A write that raised ``BrokenPipeError`` may leave nothing in the buffer for
+    :func:`_stdout_unwritable`'s flush to fail on; a pipe without a reader polls as an error.
+    """
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no stdout, no fileno, no poll
+        return False
 
 
 def _stdout_reason(err: OSError) -> str:
@@ -2458,7 +2495,7 @@ def _close_progress_bar(trainer: pl.Trainer) -> None:
 _TIME_HINT = re.compile(r"\btime=\('(\d{4}-\d{2}-\d{2})[^']*', '(\d{4}-\d{2}-\d{2})[^']*'\)")
 _KWARG_HINT = re.compile(
     r"\b(file_bands|bands|wavelengths|crs|nodata|offset|mean|std|weights|num_workers|"
-    r"batch_size)="
+    r"batch_size|buffer_m)="
     r"(\[[^\]]*\]|<[^>]*>|[^\s,;)]*)"
 )
 

@@ -66,7 +66,12 @@ from torchgeo_dofa.datasets import (
     time_slice,
     unreadable_input,
 )
-from torchgeo_dofa.runtime import decimated_read, gdal_cache_bytes, gdal_worker_init
+from torchgeo_dofa.runtime import (
+    MAX_CHIP_PX,
+    decimated_read,
+    gdal_cache_bytes,
+    gdal_worker_init,
+)
 from torchgeo_dofa.spatial import (
     WGS84,
     BBox,
@@ -288,6 +293,15 @@ class RegionSampler(GeoSampler):
             xs, ys = region_window(
                 region, dataset.crs, dataset.res, (float(x.start), float(y.stop)), region_crs
             )
+            side = max((xs.stop - xs.start) / dataset.res[0], (ys.stop - ys.start) / dataset.res[1])
+            if side > MAX_CHIP_PX:  # read whole: a 200 km buffer asked numpy for 24 GiB
+                pixels = f"{dataset.res[0]:g} x {dataset.res[1]:g}"
+                raise ValueError(
+                    f"region #{number} {region} is {side:.0f} px a side at the data's {pixels} "
+                    f"pixels ({crs_label(dataset.crs)}), read as one chip: at most "
+                    f"{MAX_CHIP_PX} px (a smaller buffer (buffer_m=) or box; a large area "
+                    "is embedded as many chips, without points)"
+                )
             box = shapely.box(xs.start, ys.start, xs.stop, ys.stop)
             if check_footprint and not footprint.intersects(box):
                 outside.append(f"#{number} {region}")

@@ -77,6 +77,10 @@ PRECISION_NAMES: dict[str, Precision] = {
 }
 #: Lightning accelerator names :func:`resolve_accelerator` accepts (case-insensitive).
 DEVICE_NAMES: tuple[str, ...] = ("auto", "cpu", "gpu", "cuda", "mps")
+#: The largest chip side a job reads, in pixels: a chip is read whole, as one float32 array
+#: a band (4096 x 4096: 64 MiB a band), before it is resized or tiled to 224 px; as the
+#: API's ``TORCHGEO_DOFA_MAX_PIXELS`` default for one region.
+MAX_CHIP_PX = 4096
 #: Output file name endings (any letter case) of the GeoTIFF grids / maps and the GeoParquet
 #: tables: what ``embed -o NAME`` takes for a file and what the prediction writers accept.
 GRID_SUFFIXES: tuple[str, ...] = (".tif", ".tiff")

@@ -69,6 +69,7 @@ __all__ = [
     "SegmentationWriter",
     "atomic_write",
     "embed_manifest_listing",
+    "finished_output_problem",
     "fsync_dir",
     "identity_differences",
     "parts_dir",
@@ -161,6 +162,35 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def finished_output_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why an output an earlier run finished cannot be read now (damaged since), or None.
+
+    A rerun skips a job's finished outputs; a file truncated or overwritten after it was
+    written (a copy cut short, a disk error) was counted as done, with exit status 0. Checked
+    without reading it all: a GeoTIFF opens and gives its last pixel in every band (the last
+    blocks written; a cut file fails there), a GeoParquet table's footer (at the file's end)
+    reads and holds rows.
+
+    Args:
+        path: the output file.
+
+    Returns:
+        The reason (the library's first line), or None for a readable file.
+    """
+    try:
+        if Path(path).suffix.lower() in (".tif", ".tiff"):
+            with rasterio.open(path) as src:
+                src.read(window=Window(src.width - 1, src.height - 1, 1, 1))
+        else:
+            import pyarrow.parquet as pq
+
+            if pq.ParquetFile(path).metadata.num_rows < 1:
+                return "it holds no row"
+    except Exception as err:  # rasterio's, pyarrow's and the OS's errors alike
+        return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return None
 
 
 def atomic_write(
