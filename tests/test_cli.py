@@ -3588,6 +3588,35 @@ def test_each_loader_worker_failure_torch_reports_is_named(torch_says, cause) ->
     assert loader_worker_error(ValueError(torch_says)) is None  # PyTorch raises RuntimeError
 
 
+def test_a_chip_larger_than_one_read_allows_is_one_line(tmp_path, capsys) -> None:
+    """``--chip-size 100000`` and ``--points`` with ``--buffer-m 200000`` asked numpy for
+    149 GiB / 24 GiB (a traceback, exit 1): a chip is read whole. Now one line, exit 2."""
+    out = tmp_path / "out"
+    args = ["embed", str(SCENE), "-o", str(out), "--weights", "none", "--no-progress"]
+    assert main([*args, "--chip-size", "100000"]) == 2
+    assert capsys.readouterr().err == (
+        "torchgeo-dofa: error: --chip-size 100000 reads 100000 x 100000 pixels a band at once "
+        "(37.3 GiB a band in float32) for one model input: at most 4096 (a chip is resized or "
+        "tiled to 224 px; cover a large area with more chips)\n"
+    )
+    with pytest.warns(UserWarning, match="of one 4096-px chip"):  # the largest is taken
+        assert main([*args, "--chip-size", "4096", "--output", "pooled"]) == 0
+    points = tmp_path / "p.csv"
+    with rasterio.open(SCENE) as src:
+        lon, lat = _scene_lonlat(src.bounds.left + 1000, src.bounds.bottom + 1000)
+    points.write_text(f"lon,lat\n{lon},{lat}\n")
+    pooled = ["--points", str(points), "--output", "pooled", "-o", str(tmp_path / "pts")]
+    assert main([*args[:2], *args[4:], *pooled, "--buffer-m", "200000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("torchgeo-dofa: error: region #0 PointBuffer("), err
+    assert "is 40000 px a side at the data's 10 x 10 pixels (EPSG:32633), read as one chip: " in err
+    assert err.endswith(
+        "at most 4096 px (a smaller buffer (--buffer-m) or box; a large area is embedded as "
+        "many chips, without points)"
+    ), err
+    assert not (tmp_path / "pts").exists()
+
+
 def test_a_finished_output_damaged_since_is_not_done(tmp_path, capsys) -> None:
     """A rerun over outputs truncated or overwritten after the job finished said "0 chips (6
     already done)" with exit 0, keeping the broken files. Now exit 1 naming the file and the
@@ -3689,6 +3718,24 @@ def test_a_closed_stdout_is_one_line_and_a_finished_job_exits_0(tmp_path: Path) 
         "with --config); an embed or predict job resumes where it stopped"
     )
     assert "Traceback" not in bar.stderr and "Exception ignored" not in bar.stderr
+
+
+def test_a_stdout_whose_reader_leaves_during_the_job_is_named(tmp_path: Path) -> None:
+    """``embed ... | head -c 0`` with ``PYTHONUNBUFFERED=1``: the progress bar's failed write
+    left nothing in stdout's buffer to fail a flush, and the job ended as bad input ("[Errno
+    32] Broken pipe", exit 2), not as the stdout fault it is (exit 1)."""
+    cmd = [sys.executable, "-m", "torchgeo_dofa", "embed", str(SCENE), "-o", str(tmp_path),
+           "--weights", "none", "--seed", "0"]  # fmt: skip
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}  # a failed write then leaves no buffer
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert job.stdout is not None
+    job.stdout.close()  # the reader goes while the job runs, as head -c 0 does
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 1, err[-3000:]
+    assert err.splitlines()[-1].startswith(
+        "torchgeo-dofa: error: could not write to stdout (broken pipe: its reader is gone) "
+        "while the command ran"
+    ), err[-3000:]
 
 
 def test_a_result_line_neither_stdout_nor_stderr_takes_is_dropped_quietly(monkeypatch) -> None:
