@@ -1286,6 +1286,12 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, args, message) -> None:
         ("--batch-size", "0", "must be at least 1, got 0"),
         ("--num-workers", "-1", "must be at least 0, got -1"),
         ("--batch-size", "eight", "not an integer: 'eight'"),
+        # beyond a machine integer: itertools' "Stop argument for islice() ..." and torch's
+        # "Overflow when unpacking long long" once the job had started
+        ("--batch-size", "1" + "0" * 20, "must be at most 2147483647, got 1" + "0" * 20),
+        ("--seed", "1" + "0" * 20, "must be at most 9223372036854775807, got 1" + "0" * 20),
+        ("--seed", "-1", "must be at least 0, got -1"),
+        ("--res", "0", "'0' is not a pixel size: give a positive number"),
         # any finite number was taken: 1000 (a slipped sign) raised every pixel by 2000
         ("--offset", "1000", "1000 cannot be an offset of reflectance x 10000: a whole number "),
         ("--offset", "-0.1", "-0.1 cannot be an offset of reflectance x 10000"),
@@ -1299,6 +1305,34 @@ def test_bad_option_value_is_a_usage_error(tmp_path, capsys, option, value, prob
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert f"argument {option}: {problem}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_are_no_checkpoint_and_impossible_dates_are_named(tmp_path, capsys) -> None:
+    """A YAML config given as --weights said "corrupt or truncated download? ... delete it and
+    download again"; /dev/null "does not exist"; --datetime 2023-13-45/... "month must be in
+    1..12" without naming the option's value."""
+    config = tmp_path / "p.yaml"
+    config.write_text("model:\n  class_path: x\n")
+    args = ["embed", str(SCENE), "-o", str(tmp_path / "out"), "--no-progress"]
+    cases = {
+        ("--weights", str(config)): (
+            f"{config} is not a PyTorch checkpoint (it starts with 'model:', not a zip archive "
+            "or a pickle: a text, config or web page saved under its name?); give the file "
+            "written by torch.save / Lightning"
+        ),
+        ("--weights", "/dev/null"): (
+            "--weights '/dev/null' is not a file (a device or pipe): give a checkpoint"
+        ),
+        ("--datetime", "2023-13-45/2023-01-01"): (
+            "time '2023-13-45/2023-01-01': bad datetime '2023-13-45' (month must be in "
+            "1..12): use ISO dates, e.g. '2022-06-01/2022-08-31'"
+        ),
+    }
+    for (option, value), said in cases.items():
+        extra = [] if option == "--weights" else ["--weights", "none"]
+        assert main([*args, option, value, *extra]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"torchgeo-dofa: error: {said}"
     assert not (tmp_path / "out").exists()
 
 

@@ -315,8 +315,11 @@ def option_problem(
     if weights is not None and not str(weights).strip():
         return "--weights is an empty string: give official, none or a checkpoint file"
     if weights is not None and str(weights) != "official":
-        if not Path(weights).expanduser().exists():  # as resolve_weights reads it
+        found = Path(weights).expanduser()  # as resolve_weights reads it
+        if not found.exists():
             return f"weights file {str(weights)!r} does not exist"
+        if not found.is_file() and not found.is_dir():  # /dev/null, a pipe
+            return f"--weights {str(weights)!r} is not a file (a device or pipe): give a checkpoint"
     if points is not None and not str(points).strip():
         return "--points is an empty string: give a CSV or GeoJSON file"
     if points is not None and not Path(points).is_file():
@@ -1015,7 +1018,12 @@ def _parser() -> argparse.ArgumentParser:
         "(no effect with --chip-size 224)",
     )
     e.add_argument("--weights", default="official", help="official | none | PATH")
-    e.add_argument("--seed", type=int, default=None, help="seed for --weights none")
+    e.add_argument(
+        "--seed",
+        type=_count(0, 2**63 - 1),  # what torch.manual_seed takes (an int64)
+        default=None,
+        help="seed for --weights none",
+    )
     e.add_argument(
         "--batch-size",
         type=_count(1),
@@ -1166,8 +1174,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _count(least: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least ``least`` (argparse names the option)."""
+def _count(least: int, most: int = 2**31 - 1) -> Callable[[str], int]:
+    """An argparse type: an integer from ``least`` to ``most`` (argparse names the option)."""
 
     def count(value: str) -> int:
         try:
@@ -1176,6 +1184,8 @@ def _count(least: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
         if number < least:
             raise argparse.ArgumentTypeError(f"must be at least {least}, got {number}")
+        if number > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}, got {number}")
         return number
 
     return count

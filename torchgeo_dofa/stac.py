@@ -177,14 +177,15 @@ def _parse_time(text: str, end: bool) -> datetime | None:
     text = text.strip()
     if text in ("", ".."):
         return None
-    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-        day = datetime.fromisoformat(text).replace(tzinfo=UTC)
-        return day + timedelta(days=1) - timedelta(microseconds=1) if end else day
     try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            day = datetime.fromisoformat(text).replace(tzinfo=UTC)
+            return day + timedelta(days=1) - timedelta(microseconds=1) if end else day
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as err:
+    except ValueError as err:  # not ISO, or no such day ("2023-13-45": month must be in 1..12)
+        why = "" if "isoformat" in str(err) else f" ({err})"
         raise StacError(
-            f"bad datetime {text!r}: use ISO dates, e.g. '2022-06-01/2022-08-31'"
+            f"bad datetime {text!r}{why}: use ISO dates, e.g. '2022-06-01/2022-08-31'"
         ) from err
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 

@@ -174,8 +174,12 @@ def resolve_weights(
         path = Path(weights).expanduser()
         if path.is_dir():
             path = _official_file_in(path, cfg)
-        elif not path.is_file():
+        elif not path.exists():
             raise CheckpointError(f"weights file {str(path)!r} does not exist")
+        elif not path.is_file():
+            raise CheckpointError(
+                f"weights {str(path)!r} is not a file (a device or pipe): give a checkpoint"
+            )
         return WeightsResolution(path, "argument", None, f"file:{path.name}")
     env_name = f"{variant.upper()}_WEIGHTS"
     file_value = env_setting(env_name)
@@ -472,7 +476,7 @@ def read_state_dict(path: Path, check_crc: bool = True) -> dict[str, Tensor]:
                 "its official source (Hugging Face earthflow/DOFA) or save a plain state dict "
                 "(torch.save(model.state_dict(), path)) where it was trained"
             ) from err
-        problem = _plain_pickle_problem(path)
+        problem = _plain_pickle_problem(path) or _foreign_file_problem(path)
         if problem is not None:
             raise CheckpointError(problem) from err
         if "Unsupported operand" in str(err) and _is_legacy_torch_file(path):
@@ -556,6 +560,27 @@ def state_dict_digest(state: Mapping[str, Any]) -> str:
 _LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
 
 
+def _foreign_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """The message for a file that is neither a zip nor a pickle (text, YAML, HTML), or None.
+
+    Such a file is no checkpoint of any kind: "corrupt or truncated download" misleads when
+    it is a config given as weights, say.
+    """
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head or head.startswith((b"PK\x03\x04", b"\x80")):  # empty: said elsewhere
+        return None
+    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head) / len(head)
+    if printable < 0.9:  # binary: damaged, not another kind of file
+        return None
+    shown = head[:24].decode("ascii", "replace").splitlines()[0]
+    return (
+        f"{path} is not a PyTorch checkpoint (it starts with {shown!r}, not a zip archive "
+        "or a pickle: a text, config or web page saved under its name?); give the file "
+        "written by torch.save / Lightning"
+    )
+
+
 def _is_legacy_torch_file(path: str | os.PathLike[str]) -> bool:
     """Whether the file starts as a legacy (non-zip) ``torch.save`` file: its magic number."""
     with open(path, "rb") as f:
@@ -615,12 +640,14 @@ def verify_checkpoint_file(path: str | os.PathLike[str], lightning: bool = False
             f"{path} is not a PyTorch checkpoint but a Git LFS pointer (a text file naming "
             "it): fetch the file itself (git lfs pull) or download it again"
         )
-    if not head.startswith((b"PK\x03\x04", b"\x80")):  # a zip, or a legacy pickle
-        shown = head[:24].decode("ascii", "replace").splitlines()[0]
+    problem = _foreign_file_problem(path)
+    if problem is not None:
+        raise CheckpointError(problem)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # binary, neither a zip nor a pickle
         raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint (it starts with {shown!r}, not a zip archive "
-            "or a pickle: a text or web page saved under its name?); give the file written "
-            "by torch.save / Lightning"
+            f"{path} is not a PyTorch checkpoint (it is neither a zip archive nor a pickle: "
+            "damaged, or another kind of file); give the file written by torch.save / "
+            "Lightning"
         )
     problem = _plain_pickle_problem(path)
     if problem is not None:
