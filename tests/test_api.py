@@ -7,6 +7,7 @@ once per module (fixtures) and reused.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -824,6 +825,55 @@ def test_an_export_refuses_rows_of_other_inputs_or_weights_and_a_second_export(
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_export_out_path_that_cannot_be_its_table_is_refused(tmp_path, chip_a) -> None:
+    """``x.csv`` was written as GeoParquet under that name; a folder, /dev/null, or a GeoTIFF
+    given as out_path were geopandas' / pyarrow's raw errors."""
+    _, _, _, bounds = chip_a
+    kwargs: dict[str, Any] = dict(
+        spatials=[_centre_point(bounds)], models=["dofa"], paths=[SCENE], weights=None
+    )
+    (tmp_path / "folder.parquet").mkdir()
+    cases = {
+        tmp_path / "x.csv": "export_batch writes a GeoParquet table, not .csv files: name it "
+        "x.parquet",
+        tmp_path / "folder.parquet": "is a folder: give a .parquet file name",
+        tmp_path / "scene.parquet": "exists but is not a GeoParquet table an export can add "
+        "rows to (",
+    }
+    (tmp_path / "scene.parquet").write_bytes(SCENE.read_bytes())  # a GeoTIFF, misnamed
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for out, said in cases.items():
+        with pytest.raises(ModelError, match=re.escape(said)):
+            export_batch(out_path=out, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written or removed
+
+
+def test_a_damaged_export_part_is_computed_again(tmp_path, chip_a, weights) -> None:
+    """A part truncated after a kill -9 failed every rerun with BadZipFile."""
+    _, _, _, bounds = chip_a
+    points = [_centre_point(bounds), _centre_point((bounds[0] - CHIP_M, *bounds[1:3], bounds[3]))]
+    out = tmp_path / "emb.parquet"
+    kwargs: dict[str, Any] = dict(
+        models=["dofa"], out_path=out, paths=[SCENE], weights=weights, chunk_size=1
+    )
+    bad = PointBuffer(lon=0.0, lat=0.0, buffer_m=1120)
+    with pytest.raises(LookupError):  # stops after the first two rows, parts kept
+        export_batch(spatials=[*points, bad], **kwargs)
+    parts = sorted(out.with_name("emb.parquet.parts").glob("*.npz"))
+    assert len(parts) == 2
+    parts[0].write_bytes(parts[0].read_bytes()[:100])  # cut short
+    with pytest.warns(UserWarning, match=r"was unreadable \(.*\) and is removed: this run"):
+        resumed = export_batch(spatials=points, **kwargs)
+    assert (resumed.computed, resumed.skipped, resumed.rows) == (1, 1, 2)
+    fresh = export_batch(spatials=points, **{**kwargs, "out_path": tmp_path / "fresh.parquet"})
+    assert fresh.computed == 2
+    np.testing.assert_allclose(
+        np.stack(gpd.read_parquet(out).embedding),
+        np.stack(gpd.read_parquet(tmp_path / "fresh.parquet").embedding),
+        atol=1e-5,
+    )
 
 
 def test_export_of_dates_without_a_scene_fails_its_items(tmp_path, weights) -> None:

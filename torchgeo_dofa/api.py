@@ -112,7 +112,7 @@ from .datasets import (
 from .embedder import DOFAEmbedder
 from .gee import DEFAULT_COLLECTION, GEEUnavailableError, build_gee_request, fetch_gee_pixels
 from .model import PooledNorm, canonical_variant
-from .runtime import resolve_accelerator
+from .runtime import TABLE_SUFFIXES, resolve_accelerator
 from .spatial import BBox, CRSTransformError, PointBuffer, Region, crs_label, crs_name
 from .stac import StacUnavailableError
 from .transforms import INPUT_PREPS, DOFAPreprocess, as_float32, nodata_mask
@@ -1747,6 +1747,7 @@ def export_batch(
         jobs.append((req, cfg, eff_sensor, config_id))
 
     out = Path(out_path)
+    _check_export_path(out)
     parts = out.with_name(out.name + ".parts")
     identity = _export_identity(which, paths, [(cfg, cid) for _, cfg, _, cid in jobs])
     with (
@@ -1756,12 +1757,19 @@ def export_batch(
         summary = ExportSummary(out)
         all_warned: list[Embedding] = []  # empty or mostly fill: one warning each at the end
         n_embedded = 0
-        existing = gpd.read_parquet(out) if out.exists() else None
+        try:
+            existing = gpd.read_parquet(out) if out.exists() else None
+        except Exception as err:  # pyarrow's ArrowInvalid, geopandas' ValueError ...
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise ModelError(
+                f"out_path {out} exists but is not a GeoParquet table an export can add rows "
+                f"to ({why}): give another out_path, or delete it"
+            ) from None
         _check_export_identity(out, existing, parts, identity)
         done: set[str] = set(existing["row_key"]) if existing is not None else set()
         parts.mkdir(parents=True, exist_ok=True)
         (parts / _EXPORT_IDENTITY).write_text(json.dumps(identity, sort_keys=True))
-        done |= {p.stem for p in parts.glob("*.npz")}
+        done |= {p.stem for p in _readable_parts(parts)}
         dataset = None  # shared when no request overrides the sensor
         if which == "local" and paths is not None:
             with contextlib.suppress(NoSceneError):  # each job's items fail with it below
@@ -2034,6 +2042,47 @@ def _save_part(path: Path, data: np.ndarray, row: dict[str, Any]) -> None:
             geometry_wkb=np.frombuffer(row["geometry_wkb"], dtype=np.uint8),
             meta=np.array(json.dumps(meta)),
         )
+
+
+def _check_export_path(out: Path) -> None:
+    """Refuse an ``out_path`` that cannot be the export's table, before anything is read.
+
+    Raises:
+        ModelError: for a name without ``.parquet`` / ``.geoparquet`` (the file is GeoParquet
+            whatever its name: ``x.csv`` was written as one), a folder or a device.
+    """
+    if out.suffix.lower() not in TABLE_SUFFIXES:
+        given = f"{out.suffix} files" if out.suffix else "a name without a suffix"
+        raise ModelError(
+            f"out_path {out}: export_batch writes a GeoParquet table, not {given}: name it "
+            f"{out.stem or out.name}.parquet"
+        )
+    if out.exists() and not out.is_file():
+        what = "a folder" if out.is_dir() else "not a file (a device or pipe)"
+        raise ModelError(f"out_path {out} is {what}: give a .parquet file name")
+
+
+def _readable_parts(parts: Path) -> list[Path]:
+    """The parts of an interrupted export that load.
+
+    Each damaged one is removed, with a warning, so the rerun computes its row again (a
+    truncated part blocked every rerun with ``BadZipFile``).
+    """
+    good = []
+    for path in sorted(parts.glob("*.npz")):
+        try:
+            _load_part(path)
+        except Exception as err:  # numpy's, zipfile's and json's errors alike
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            warn(
+                f"part {path} was unreadable ({why}) and is removed: this run computes its "
+                "row again",
+                UserWarning,
+            )
+            path.unlink(missing_ok=True)
+            continue
+        good.append(path)
+    return good
 
 
 def _load_part(path: Path) -> dict[str, Any]:
