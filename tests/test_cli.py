@@ -2259,6 +2259,27 @@ def test_bbox_restricts_the_region(tmp_path, base_checkpoint, reference_run) -> 
         assert (emb.width, emb.height) == (1, 1)
 
 
+def test_fit_on_a_full_disk_is_one_line_and_leaves_no_cut_checkpoint(tmp_path, monkeypatch, capsys):
+    """Lightning's checkpoint save on a full disk: a traceback (exit 1) and a last.ckpt cut
+    short under its final name (184 of 445 MB), its temporary file left in /tmp."""
+    monkeypatch.chdir(tmp_path)
+    cfg = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs/finetune_classification.yaml"
+    with tmpfs(tmp_path / "full", "64m") as full:
+        args = ["fit", "--config", str(cfg), "--trainer.max_epochs=1",
+                "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                f"--trainer.logger.init_args.save_dir={full}"]  # fmt: skip
+        assert main(args) == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("torchgeo-dofa: error: the disk is full (No space left on device)")
+        assert err.endswith(
+            "free space there (or point the trainer's default_root_dir / the logger's "
+            "save_dir elsewhere) and rerun"
+        ), err
+        assert not [p for p in full.rglob("*.ckpt")], "a cut checkpoint was left"
+        assert ".ckpt (cut short: removed): free space" in err, err
+
+
 def test_fit_through_the_console_script(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # the example config logs to ./logs
     cfg = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs/finetune_classification.yaml"

@@ -1919,6 +1919,10 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
             line = config_hints(str(known), data=given[:1] == ["predict"])
             print(f"torchgeo-dofa: error: {line}", file=sys.stderr)
             return known.exit_status
+        full = disk_full_line(raised)
+        if full is not None:
+            print(f"torchgeo-dofa: error: {full}", file=sys.stderr)
+            return 1
         # jsonargparse wraps an error of the model's or data module's __init__ in its own
         # ValueError ("Does not validate against any of the Union subtypes ..."): look for
         # ours along the chain of causes
@@ -1931,6 +1935,53 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
             print(f"torchgeo-dofa: error: {line}", file=sys.stderr)
         return int(getattr(err, "exit_status", 2))
     return 0
+
+
+def disk_full_line(err: BaseException) -> str | None:
+    """The one line for a full disk (or quota) met by Lightning's own writes, else None.
+
+    Lightning saves a checkpoint to a temporary file and moves it into place; across file
+    systems the move is a copy, and a full disk left the copy cut short under the final
+    name (a ``last.ckpt`` of 184 of 445 MB) and the temporary file behind, with a
+    traceback. Both are removed here: a cut checkpoint is no checkpoint.
+
+    Args:
+        err: the exception a LightningCLI run raised (its causes are searched too).
+
+    Returns:
+        The message naming the file, what was removed and the fix, or None.
+    """
+    import errno
+    import tempfile
+
+    found = next(
+        (
+            e
+            for e in exception_chain(err)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        ),
+        None,
+    )
+    if found is None:
+        return None
+    source, target = found.filename, found.filename2
+    written = Path(target if target else source) if (target or source) else None
+    removed: list[str] = []
+    if target and source:  # a move: the copy under the final name is cut short
+        src, dst = Path(source), Path(target)
+        with contextlib.suppress(OSError):
+            if dst.is_file() and (not src.is_file() or dst.stat().st_size < src.stat().st_size):
+                dst.unlink()
+                removed.append(str(dst))
+        with contextlib.suppress(OSError):  # the temporary file a save moves into place
+            if src.is_file() and src.parent.resolve() == Path(tempfile.gettempdir()).resolve():
+                src.unlink()
+    what = f" writing {written}" if written is not None else ""
+    gone = " (cut short: removed)" if removed else ""
+    return (
+        f"the disk is full ({found.strerror or found}){what}{gone}: free space there (or "
+        "point the trainer's default_root_dir / the logger's save_dir elsewhere) and rerun"
+    )
 
 
 def _innermost(err: BaseException) -> TracebackType | None:
