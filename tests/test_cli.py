@@ -3672,6 +3672,17 @@ def test_a_chip_larger_than_one_read_allows_is_one_line(tmp_path, capsys) -> Non
     assert not (tmp_path / "pts").exists()
 
 
+def test_loader_workers_are_never_more_than_batches(tmp_path, capsys) -> None:
+    """``--num-workers 100`` for a job of one batch started 100 processes (13 s for a chip),
+    and the job's first line said 100."""
+    args = ["embed", str(SCENE), "-o", str(tmp_path / "o"), "--weights", "none", "--seed", "0"]
+    assert main([*args, "--num-workers", "100", "--batch-size", "8", "--no-progress"]) == 0
+    assert "batch size 8, 1 loader worker(s) (of 100: one per batch)\n" in capsys.readouterr().err
+    dm = DOFAPredictDataModule(SCENE, batch_size=4, num_workers=100)
+    dm.setup("predict")
+    assert dm.predict_dataloader().num_workers == 2  # 6 chips, batches of 4
+
+
 def test_a_finished_output_damaged_since_is_not_done(tmp_path, capsys) -> None:
     """A rerun over outputs truncated or overwritten after the job finished said "0 chips (6
     already done)" with exit 0, keeping the broken files. Now exit 1 naming the file and the

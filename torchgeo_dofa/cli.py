@@ -861,9 +861,16 @@ def embed(
             )
             if is_launcher():
                 count = f" x {processes}" if processes > 1 else ""
+                # a worker reads whole batches: the data modules start no more than that
+                batches = max(-(-len(dm.predict_sampler or []) // batch_size) for dm in modules)
+                workers = (
+                    f"{num_workers} loader worker(s)"
+                    if batches >= num_workers
+                    else f"{batches} loader worker(s) (of {num_workers}: one per batch)"
+                )
                 print(
                     f"torchgeo-dofa: device {accelerator}{count}, precision {choice.reason}; "
-                    f"batch size {batch_size}, {num_workers} loader worker(s)",
+                    f"batch size {batch_size}, {workers}",
                     file=sys.stderr,
                 )
             todo = sum(len(dm.predict_sampler or []) for dm in modules)

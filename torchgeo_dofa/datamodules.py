@@ -940,6 +940,8 @@ class DOFAPredictDataModule(GeoDataModule):
             sampler = _ChipList([chips[i % len(chips)] for i in range(world)])
         accelerator = getattr(trainer, "accelerator", None)
         workers = int(self.num_workers)
+        if sampler is not None:  # a worker reads whole batches: more would start idle
+            workers = min(workers, -(-len(sampler) // max(1, int(self.batch_size))))
         dataset = self._dataset()
         # workers set the sized cache once, at start (worker_init_fn); reading in the main
         # process (0 workers), every read sets it (a per-chip env is not needed in workers)
