@@ -1768,7 +1768,7 @@ def export_batch(
         _check_export_identity(out, existing, parts, identity)
         done: set[str] = set(existing["row_key"]) if existing is not None else set()
         parts.mkdir(parents=True, exist_ok=True)
-        (parts / _EXPORT_IDENTITY).write_text(json.dumps(identity, sort_keys=True))
+        marker = parts / _EXPORT_IDENTITY  # written with the first part: a refusal leaves none
         done |= {p.stem for p in _readable_parts(parts)}
         dataset = None  # shared when no request overrides the sensor
         if which == "local" and paths is not None:
@@ -1863,6 +1863,8 @@ def export_batch(
                         "chip_crs": emb.meta.get("crs", ""),
                         "geometry_wkb": shapely.to_wkb(_spatial_geometry(spatial)),
                     }
+                    if not marker.exists():
+                        atomic_write(marker, lambda p: p.write_text(json.dumps(identity)))
                     atomic_write(
                         parts / f"{keys[i]}.npz",
                         lambda p, e=emb, r=row: _save_part(p, e.data, r),  # type: ignore[misc]

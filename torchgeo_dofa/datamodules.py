@@ -264,6 +264,7 @@ class RegionSampler(GeoSampler):
         region_crs: CRS | str | int = WGS84,
         time: TimeRange | None = None,
         check_footprint: bool = True,
+        max_side: int | None = None,
     ) -> None:
         """Compute every chip now.
 
@@ -273,9 +274,11 @@ class RegionSampler(GeoSampler):
             region_crs: CRS of shapely geometries among ``regions``.
             time: optional ``(start, stop)`` or ``"A/B"`` of the scenes to read.
             check_footprint: raise for regions whose chip misses every raster.
+            max_side: the largest chip side in pixels (a chip is read whole), or None.
 
         Raises:
-            ValueError: naming every region whose chip misses all rasters.
+            ValueError: naming every region whose chip misses all rasters; for a region
+                whose chip is larger than ``max_side``.
         """
         if not regions:
             raise ValueError("no regions given")
@@ -294,12 +297,12 @@ class RegionSampler(GeoSampler):
                 region, dataset.crs, dataset.res, (float(x.start), float(y.stop)), region_crs
             )
             side = max((xs.stop - xs.start) / dataset.res[0], (ys.stop - ys.start) / dataset.res[1])
-            if side > MAX_CHIP_PX:  # read whole: a 200 km buffer asked numpy for 24 GiB
+            if max_side is not None and side > max_side:  # a 200 km buffer: 24 GiB
                 pixels = f"{dataset.res[0]:g} x {dataset.res[1]:g}"
                 raise ValueError(
                     f"region #{number} {region} is {side:.0f} px a side at the data's {pixels} "
                     f"pixels ({crs_label(dataset.crs)}), read as one chip: at most "
-                    f"{MAX_CHIP_PX} px (a smaller buffer (buffer_m=) or box; a large area "
+                    f"{max_side} px (a smaller buffer (buffer_m=) or box; a large area "
                     "is embedded as many chips, without points)"
                 )
             box = shapely.box(xs.start, ys.start, xs.stop, ys.stop)
@@ -728,9 +731,11 @@ class DOFAPredictDataModule(GeoDataModule):
 
     def _make_sampler(self, dataset: Sentinel2Base) -> GeoSampler:
         if self.points is not None:
-            return RegionSampler(dataset, self.points, time=self.time)
+            return RegionSampler(dataset, self.points, time=self.time, max_side=MAX_CHIP_PX)
         if self.roi is not None and self.roi_sampling == "whole":
-            return RegionSampler(dataset, [self.roi], region_crs=self.roi_crs, time=self.time)
+            return RegionSampler(
+                dataset, [self.roi], region_crs=self.roi_crs, time=self.time, max_side=MAX_CHIP_PX
+            )
         roi = None
         if self.roi is not None:
             roi = region_to_crs(self.roi, dataset.crs, self.roi_crs)
