@@ -2257,6 +2257,36 @@ def test_bbox_restricts_the_region(tmp_path, base_checkpoint, reference_run) -> 
     assert len(gpd.read_parquet(tmp_path / "corner/ftw_s2_l2a_33N_pooled.parquet")) == 1
     with rasterio.open(tmp_path / "cell/ftw_s2_l2a_33N_grid.tif") as emb:
         assert (emb.width, emb.height) == (1, 1)
+    # helper-91: overlapping chips (--stride 112) meeting a box were left out (1 of 4, cells
+    # off by up to 1.47), and a lon/lat box's corner cell, outside the box's rotated outline
+    # in UTM but inside its grid, was NaN
+    common = ["--weights", str(base_checkpoint), "--output", "both", "--no-progress"]
+    whole112 = tmp_path / "whole112"
+    assert main(["embed", str(SCENE), "-o", str(whole112), "--stride", "112", *common]) == 0
+    cases = {
+        "overlap": (whole112, ["--stride", "112", "--bbox", "13.11", "48.275", "13.13", "48.29"]),
+        "rotated": (
+            reference_run,
+            ["--bbox", "13.12435713157111", "48.29426017949499", "13.13073483776841",
+             "48.303202020698826"],
+        ),
+    }  # fmt: skip
+    for name, (whole_run, extra) in cases.items():
+        out = tmp_path / name
+        assert main(["embed", str(SCENE), "-o", str(out), *extra, *common]) == 0
+        rows = gpd.read_parquet(out / "ftw_s2_l2a_33N_pooled.parquet")
+        ref_rows = gpd.read_parquet(whole_run / "ftw_s2_l2a_33N_pooled.parquet")
+        assert set(rows.chip_id) <= set(ref_rows.chip_id), name
+        with (
+            rasterio.open(out / "ftw_s2_l2a_33N_grid.tif") as emb,
+            rasterio.open(whole_run / "ftw_s2_l2a_33N_grid.tif") as whole,
+        ):
+            window = from_bounds(*emb.bounds, transform=whole.transform)
+            expected = whole.read(window=window.round_offsets().round_lengths())
+            got = emb.read()
+        assert not np.isnan(got).any(), name  # the scene has data under every cell
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=name)
+    assert len(gpd.read_parquet(tmp_path / "overlap/ftw_s2_l2a_33N_pooled.parquet")) == 4
 
 
 def test_fit_on_a_full_disk_is_one_line_and_leaves_no_cut_checkpoint(tmp_path, monkeypatch, capsys):

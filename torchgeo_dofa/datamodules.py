@@ -382,18 +382,19 @@ class ChipGridSampler(GeoSampler):
         scenes = _dated_scenes(dataset, time)
         x0, y0, x1, y1 = (float(v) for v in scenes.total_bounds)
         footprint = scenes.geometry.union_all()
+        region = footprint
         if roi is not None:
             if not roi.intersects(footprint):
                 raise ValueError(
                     f"the region of interest {roi.bounds} does not overlap the rasters "
                     f"(CRS {crs_label(dataset.crs)}, bounds {(x0, y0, x1, y1)})"
                 )
-            footprint = footprint.intersection(roi)
-        bx0, by0, bx1, by1 = (float(v) for v in footprint.bounds)
+            region = footprint.intersection(roi)
+        bx0, by0, bx1, by1 = (float(v) for v in region.bounds)
         # the lattice's origin: the rasters' lower-left corner on the pixel grid whose origin
         # is their top-left corner (whole pixels: y0 may not be, for bounds of mixed files)
         oy = y1 - math.ceil((y1 - y0) / yres - 1e-6) * yres
-        # the region, snapped outward to whole cells of the lattice
+        # the region, snapped outward to whole cells of the lattice: the map's extent
         cx_, cy_ = cell * xres, cell * yres
         xmin = x0 + math.floor((bx0 - x0) / cx_ + 1e-6) * cx_
         xmax = x0 + math.ceil((bx1 - x0) / cx_ - 1e-6) * cx_
@@ -402,12 +403,16 @@ class ChipGridSampler(GeoSampler):
         self.region_bounds = (xmin, ymin, xmax, ymax)
         step = stride or size
         sx, sy = step * xres, step * yres
-        # the lattice's chips that can meet the region: columns first..last, rows likewise
-        col0 = max(0, math.floor((bx0 - x0 - size * xres) / sx + 1e-9))
-        row0 = max(0, math.floor((by0 - oy - size * yres) / sy + 1e-9))
-        cols = max(1, math.ceil((bx1 - x0 - size * xres) / sx - 1e-9) + 1) - col0
-        rows = max(1, math.ceil((by1 - oy - size * yres) / sy - 1e-9) + 1) - row0
-        cols, rows = max(1, cols), max(1, rows)
+        # the whole rasters' lattice: columns 0 .. n_cols - 1 (the last reaches past x1) ...
+        n_cols = max(1, math.ceil((x1 - x0 - size * xres) / sx - 1e-9) + 1)
+        n_rows = max(1, math.ceil((y1 - oy - size * yres) / sy - 1e-9) + 1)
+        # ... of which those meeting the map's extent: ending past xmin, starting before xmax
+        col0 = min(n_cols - 1, max(0, math.floor((xmin - x0 - size * xres) / sx + 1e-9) + 1))
+        row0 = min(n_rows - 1, max(0, math.floor((ymin - oy - size * yres) / sy + 1e-9) + 1))
+        cols = max(1, min(n_cols - 1, math.ceil((xmax - x0) / sx - 1e-9) - 1) - col0 + 1)
+        rows = max(1, min(n_rows - 1, math.ceil((ymax - oy) / sy - 1e-9) - 1) - row0 + 1)
+        if roi is not None:  # every chip holding a cell of the map (a lon/lat box's corners)
+            footprint = footprint.intersection(shapely.box(xmin, ymin, xmax, ymax))
         tslice = _time_slice(time) or slice(scenes.index.left.min(), scenes.index.right.max())
         shapely.prepare(footprint)
         self.chips: list[tuple[slice, slice, slice]] = []
