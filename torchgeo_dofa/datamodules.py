@@ -411,8 +411,8 @@ class ChipGridSampler(GeoSampler):
         row0 = min(n_rows - 1, max(0, math.floor((ymin - oy - size * yres) / sy + 1e-9) + 1))
         cols = max(1, min(n_cols - 1, math.ceil((xmax - x0) / sx - 1e-9) - 1) - col0 + 1)
         rows = max(1, min(n_rows - 1, math.ceil((ymax - oy) / sy - 1e-9) - 1) - row0 + 1)
-        if roi is not None:  # every chip holding a cell of the map (a lon/lat box's corners)
-            footprint = footprint.intersection(shapely.box(xmin, ymin, xmax, ymax))
+        if roi is not None:
+            footprint = region
         tslice = _time_slice(time) or slice(scenes.index.left.min(), scenes.index.right.max())
         shapely.prepare(footprint)
         self.chips: list[tuple[slice, slice, slice]] = []
@@ -744,6 +744,10 @@ class DOFAPredictDataModule(GeoDataModule):
         roi = None
         if self.roi is not None:
             roi = region_to_crs(self.roi, dataset.crs, self.roi_crs)
+            if isinstance(self.roi, BBox):  # a box is a rectangle in the rasters' CRS too
+                # (its lon/lat outline is turned there: cells in the corners of its map were
+                # left out, NaN, or averaged from fewer chips than the scene's map)
+                roi = shapely.box(*roi.bounds)
         else:
             self._warn_small_region(dataset)
         try:
