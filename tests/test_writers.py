@@ -969,3 +969,21 @@ def test_a_full_disk_when_marking_an_empty_chip_is_a_write_error(tmp_path: Path)
         (writer.parts / "filler").touch()  # the last inode
         with pytest.raises(OutputWriteError, match=r"could not write .*r0_c7.empty: No space"):
             _write(writer, [_chip(geom, 0, 7)], empty=[True])
+
+
+def test_bf16_parts_written_before_the_fp32_patch_embedding_are_another_job() -> None:
+    """A bf16 job interrupted under the release whose patch embedding ran in bf16, resumed
+    under this one, mixed both numerics in one output (pooled cosine to fp32 0.996-0.997 for
+    the old chips, 0.99999 for the new; helper-91): a mixed-precision identity records how it
+    computes the patch embedding, and one without that record (the old release's) differs.
+    fp32 jobs' numbers did not change: their identities carry no such record."""
+    from torchgeo_dofa.writers import identity_differences
+
+    old = {"precision": "bf16-mixed", "variant": "base"}
+    assert identity_differences(old, {**old, "patch_embedding": "fp32"}) == ["patch_embedding"]
+    assert (
+        identity_differences({**old, "patch_embedding": "fp32"}, {**old, "patch_embedding": "fp32"})
+        == []
+    )
+    fp32 = {"precision": "32-true", "variant": "base"}
+    assert identity_differences(fp32, dict(fp32)) == []
