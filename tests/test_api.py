@@ -843,6 +843,11 @@ def test_an_export_out_path_that_cannot_be_its_table_is_refused(tmp_path, chip_a
         "rows to (",
     }
     (tmp_path / "scene.parquet").write_bytes(SCENE.read_bytes())  # a GeoTIFF, misnamed
+    gpd.GeoDataFrame({"chip_id": ["a"]}, geometry=[shapely.geometry.Point(0, 0)]).to_parquet(
+        tmp_path / "embed_pooled.parquet"  # a table of another kind (KeyError: 'row_key')
+    )
+    cases[tmp_path / "embed_pooled.parquet"] = "is a GeoParquet table of another kind (no row_key"
+    cases[tmp_path] = "is a folder: give a .parquet file name"  # a folder without a suffix
     before = sorted(p.name for p in tmp_path.iterdir())
     for out, said in cases.items():
         with pytest.raises(ModelError, match=re.escape(said)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -1325,7 +1326,7 @@ def test_weights_that_are_no_checkpoint_and_impossible_dates_are_named(tmp_path,
             "--weights '/dev/null' is not a file (a device or pipe): give a checkpoint"
         ),
         ("--datetime", "2023-13-45/2023-01-01"): (
-            "time '2023-13-45/2023-01-01': bad datetime '2023-13-45' (month must be in "
+            "--datetime 2023-13-45/2023-01-01: bad datetime '2023-13-45' (month must be in "
             "1..12): use ISO dates, e.g. '2022-06-01/2022-08-31'"
         ),
     }
@@ -1559,6 +1560,17 @@ def test_res_sets_the_pixel_size_of_a_folder_read_in_another_crs(tmp_path, capsy
     for bad in ("0", "-10", "nan", "ten"):
         with pytest.raises(SystemExit):
             _parser().parse_args(["embed", "x.tif", "-o", "o", "--res", bad])
+    # sizes in the wrong units (degrees for metres, say): GEOS's bad_alloc traceback, numpy's
+    # "Maximum allowed size exceeded", or "embedded 0 chips" naming files never written
+    for res, said in (
+        ("0.0001", "make 2.4e+10 chips of 224 px, more than 1e+08: check --res (in the CRS's"),
+        ("1e-300", "make 1e+300 chips of 224 px, more than 1e+08: check --res"),
+        ("1e10", "are smaller than one pixel at a pixel size of 1e+10 x 1e+10 (EPSG:32633"),
+    ):
+        out = tmp_path / f"res{res}"
+        assert main([*args, "-o", str(out), "--res", res, "--crs", str(crs)]) == 2
+        assert said in capsys.readouterr().err, res
+        assert not out.exists()
 
 
 def test_files_with_and_without_a_vertical_datum_are_one_map(tmp_path, base_checkpoint) -> None:
@@ -3941,6 +3953,8 @@ def test_negative_numbers_with_an_exponent_are_values() -> None:
     for text in ("-inf", "-Inf", "-INFINITY"):  # gdalinfo's "NoData Value=-inf"
         args = _parser().parse_args(["embed", "in.tif", "-o", "out", "--nodata", text])
         assert args.nodata == float("-inf")
+    args = _parser().parse_args(["embed", "in.tif", "-o", "out", "--nodata", "-nan"])
+    assert math.isnan(args.nodata)
 
 
 def test_file_bands_serve_the_regions_of_multiband_files(tmp_path, capsys, base_checkpoint) -> None:

@@ -1765,6 +1765,11 @@ def export_batch(
                 f"out_path {out} exists but is not a GeoParquet table an export can add rows "
                 f"to ({why}): give another out_path, or delete it"
             ) from None
+        if existing is not None and "row_key" not in existing.columns:
+            raise ModelError(
+                f"out_path {out} is a GeoParquet table of another kind (no row_key column: "
+                "an embed job's pooled table?): give another out_path"
+            )
         _check_export_identity(out, existing, parts, identity)
         done: set[str] = set(existing["row_key"]) if existing is not None else set()
         parts.mkdir(parents=True, exist_ok=True)
@@ -2053,6 +2058,8 @@ def _check_export_path(out: Path) -> None:
         ModelError: for a name without ``.parquet`` / ``.geoparquet`` (the file is GeoParquet
             whatever its name: ``x.csv`` was written as one), a folder or a device.
     """
+    if out.is_dir():
+        raise ModelError(f"out_path {out} is a folder: give a .parquet file name")
     if out.suffix.lower() not in TABLE_SUFFIXES:
         given = f"{out.suffix} files" if out.suffix else "a name without a suffix"
         raise ModelError(

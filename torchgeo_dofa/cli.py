@@ -346,7 +346,7 @@ _LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 #: A negative number, exponents and ``-inf`` included (argparse's own matcher stops at
 #: ``-1.5``; ``-inf`` is a float raster's no-data value as GDAL writes it).
 _NEGATIVE_NUMBER = re.compile(
-    r"^-(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|inf(?:inity)?)$", re.IGNORECASE
+    r"^-(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|inf(?:inity)?|nan)$", re.IGNORECASE
 )
 
 #: ``--devices`` as a count (Lightning reads ``"2"`` as 2) and as GPU indices (``0,1``, ``[0]``).
@@ -1983,11 +1983,19 @@ def disk_full_line(err: BaseException) -> str | None:
         with contextlib.suppress(OSError):  # the temporary file a save moves into place
             if src.is_file() and src.parent.resolve() == Path(tempfile.gettempdir()).resolve():
                 src.unlink()
-    what = f" writing {written}" if written is not None else ""
     gone = " (cut short: removed)" if removed else ""
+    if written is None:  # no file named: Lightning stages checkpoints in the temporary folder
+        where = tempfile.gettempdir()
+        return (
+            f"the disk is full ({found.strerror or found}) while writing; checkpoints are "
+            f"saved to the temporary folder {where} first, then moved into place: free space "
+            "there or set TMPDIR to a folder with room (and free the output's disk, or point "
+            "the trainer's default_root_dir / the logger's save_dir elsewhere) and rerun"
+        )
     return (
-        f"the disk is full ({found.strerror or found}){what}{gone}: free space there (or "
-        "point the trainer's default_root_dir / the logger's save_dir elsewhere) and rerun"
+        f"the disk is full ({found.strerror or found}) writing {written}{gone}: free space "
+        "there (or point the trainer's default_root_dir / the logger's save_dir elsewhere) "
+        "and rerun"
     )
 
 
@@ -2561,9 +2569,11 @@ def _close_progress_bar(trainer: pl.Trainer) -> None:
 
 #: ``time=('2021-01-01', '2021-01-01 23:59:59')`` (a data module's dates) as ``--datetime``.
 _TIME_HINT = re.compile(r"\btime=\('(\d{4}-\d{2}-\d{2})[^']*', '(\d{4}-\d{2}-\d{2})[^']*'\)")
+#: ``time '2023-13-45/2023-12-01': bad datetime ...`` (the datasets' words) as ``--datetime``.
+_TIME_TEXT = re.compile(r"\btime '([^']*)'")
 _KWARG_HINT = re.compile(
     r"\b(file_bands|bands|wavelengths|crs|nodata|offset|mean|std|weights|num_workers|"
-    r"batch_size|buffer_m)="
+    r"batch_size|buffer_m|res)="
     r"(\[[^\]]*\]|<[^>]*>|[^\s,;)]*)"
 )
 
@@ -2656,6 +2666,7 @@ def cli_hints(message: str) -> str:
         return f"{flag} {value}" if value else flag
 
     message = _TIME_HINT.sub(lambda m: f"--datetime {m[1]}/{m[2]}", message)
+    message = _TIME_TEXT.sub(lambda m: f"--datetime {m[1]}", message)
     return _KWARG_HINT.sub(option, message)
 
 

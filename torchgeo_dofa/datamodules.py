@@ -328,6 +328,11 @@ class RegionSampler(GeoSampler):
             yield xs, ys, ts
 
 
+#: The most chips one region's grid may hold (a 10 m grid of 224-px chips that large spans
+#: 224,000 km a side): beyond it a resolution or stride was surely given in the wrong units.
+MAX_CHIPS = 100_000_000
+
+
 class ChipGridSampler(GeoSampler):
     """Chips on one grid over the rasters, anchored at their lower-left pixel corner.
 
@@ -406,6 +411,18 @@ class ChipGridSampler(GeoSampler):
         # the whole rasters' lattice: columns 0 .. n_cols - 1 (the last reaches past x1) ...
         n_cols = max(1, math.ceil((x1 - x0 - size * xres) / sx - 1e-9) + 1)
         n_rows = max(1, math.ceil((y1 - oy - size * yres) / sy - 1e-9) + 1)
+        pixels = f"a pixel size of {xres:g} x {yres:g} ({crs_label(dataset.crs)} units)"
+        if n_cols * n_rows > MAX_CHIPS:  # a tiny res= (0.0001 for 10 m files): GEOS's bad_alloc
+            count = float(min(n_cols * n_rows, 10**300))
+            raise ValueError(
+                f"the rasters at {pixels} make {count:.3g} chips of {size} px, more than "
+                f"{MAX_CHIPS:.0e}: check res= (in the CRS's units: metres for UTM) or cover less"
+            )
+        if x1 - x0 < xres / 2 or y1 - y0 < yres / 2:  # a huge res=: no whole pixel, no chip
+            raise ValueError(
+                f"the rasters ({x1 - x0:.6g} x {y1 - y0:.6g} CRS units) are smaller than one "
+                f"pixel at {pixels}: check res= (in the CRS's units: metres for UTM)"
+            )
         # ... of which those meeting the map's extent: ending past xmin, starting before xmax
         col0 = min(n_cols - 1, max(0, math.floor((xmin - x0 - size * xres) / sx + 1e-9) + 1))
         row0 = min(n_rows - 1, max(0, math.floor((ymin - oy - size * yres) / sy + 1e-9) + 1))
