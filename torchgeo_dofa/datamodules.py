@@ -80,6 +80,7 @@ from torchgeo_dofa.spatial import (
     crs_label,
     region_to_crs,
     region_window,
+    same_crs,
     transformer,
 )
 from torchgeo_dofa.transforms import INPUT_PREPS
@@ -722,10 +723,17 @@ class DOFAPredictDataModule(GeoDataModule):
             )
         if self.predict_dataset is not None and self.predict_sampler is not None:
             return
-        self._raster_inputs()  # every input exists and holds rasters that open, in one CRS
+        regions = self._raster_inputs()  # every input exists, holds rasters, in one CRS
         # the scenes outside the dates are left out of the index: they decide nothing (the
         # default resolution, CRS and bands, the outputs' sources)
-        timed = {} if self.time is None else {"time": self.time}
+        timed: dict[str, Any] = {} if self.time is None else {"time": self.time}
+        if self.kwargs.get("crs") is None and len(regions) == 1 and regions[0].crs:
+            # files differing only by a vertical datum are read in the region's horizontal
+            # CRS whichever file comes first (TorchGeo takes the first file's)
+            with rasterio.open(regions[0].paths[0]) as first:
+                own = first.crs
+            if own is not None and not same_crs(own.to_wkt(), regions[0].crs):
+                timed["crs"] = regions[0].crs
         dataset = self.dataset_class(**self.kwargs, **timed)
         assert isinstance(dataset, Sentinel2Base)
         refuse_repeated_bands(dataset.bands)
