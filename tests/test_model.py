@@ -214,7 +214,11 @@ def test_bf16_keeps_the_patch_embedding_whatever_the_weights(base_state) -> None
         kept = {k: v for k, v in state.items() if not k.startswith(("fc_norm", "head"))}
         load_state_dict_into(model, kept, name)  # strictly, as a checkpoint file loads
         model.eval()
-        error = bf16_error(lambda m=model: m(x, waves).pooled)
+
+        def pooled(m: DOFAEncoder = model) -> torch.Tensor:
+            return m(x, waves).pooled
+
+        error = bf16_error(pooled)
         assert 0 < error < 1e-3, f"{name}: bf16 pooled 1 - cos = {error:.2e}"
 
 
