@@ -2605,12 +2605,17 @@ def _res_value(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value <= 0:
+    if not math.isfinite(value) or not RES_RANGE[0] <= value <= RES_RANGE[1]:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a pixel size: give a positive number in the CRS's units "
-            "(e.g. --res 10 for 10 m pixels)"
+            f"{text!r} is not a pixel size: give a positive number from {RES_RANGE[0]:g} to "
+            f"{RES_RANGE[1]:g} in the CRS's units (e.g. --res 10 for 10 m pixels)"
         )
     return value
+
+
+#: ``--res`` bounds: beyond them the rasters' extent in pixels overflows a float (5e-324
+#: gave an OverflowError traceback, 1e308 "cannot convert float NaN to integer").
+RES_RANGE = (1e-12, 1e12)
 
 
 def _offset_value(text: str) -> float | str:

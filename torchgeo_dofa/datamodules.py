@@ -397,6 +397,14 @@ class ChipGridSampler(GeoSampler):
                 )
             region = footprint.intersection(roi)
         bx0, by0, bx1, by1 = (float(v) for v in region.bounds)
+        pixels = f"a pixel size of {xres:g} x {yres:g} ({crs_label(dataset.crs)} units)"
+        across = ((x1 - x0) / xres) * ((y1 - y0) / yres) / size**2  # chips, about
+        if not math.isfinite(across) or across > MAX_CHIPS:  # a res= in the wrong units
+            shown = f"{across:.3g}" if math.isfinite(across) else "countless"
+            raise ValueError(
+                f"the rasters at {pixels} make {shown} chips of {size} px, more than "
+                f"{MAX_CHIPS:.0e}: check res= (in the CRS's units: metres for UTM) or cover less"
+            )
         # the lattice's origin: the rasters' lower-left corner on the pixel grid whose origin
         # is their top-left corner (whole pixels: y0 may not be, for bounds of mixed files)
         oy = y1 - math.ceil((y1 - y0) / yres - 1e-6) * yres
@@ -412,13 +420,6 @@ class ChipGridSampler(GeoSampler):
         # the whole rasters' lattice: columns 0 .. n_cols - 1 (the last reaches past x1) ...
         n_cols = max(1, math.ceil((x1 - x0 - size * xres) / sx - 1e-9) + 1)
         n_rows = max(1, math.ceil((y1 - oy - size * yres) / sy - 1e-9) + 1)
-        pixels = f"a pixel size of {xres:g} x {yres:g} ({crs_label(dataset.crs)} units)"
-        if n_cols * n_rows > MAX_CHIPS:  # a tiny res= (0.0001 for 10 m files): GEOS's bad_alloc
-            count = float(min(n_cols * n_rows, 10**300))
-            raise ValueError(
-                f"the rasters at {pixels} make {count:.3g} chips of {size} px, more than "
-                f"{MAX_CHIPS:.0e}: check res= (in the CRS's units: metres for UTM) or cover less"
-            )
         if x1 - x0 < xres / 2 or y1 - y0 < yres / 2:  # a huge res=: no whole pixel, no chip
             raise ValueError(
                 f"the rasters ({x1 - x0:.6g} x {y1 - y0:.6g} CRS units) are smaller than one "
@@ -773,10 +774,8 @@ class DOFAPredictDataModule(GeoDataModule):
                 # (its lon/lat outline is turned there: cells in the corners of its map were
                 # left out, NaN, or averaged from fewer chips than the scene's map)
                 roi = shapely.box(*roi.bounds)
-        else:
-            self._warn_small_region(dataset)
         try:
-            return ChipGridSampler(
+            sampler = ChipGridSampler(
                 dataset,
                 self.chip_size,
                 self.stride or self.chip_size,
@@ -785,7 +784,7 @@ class DOFAPredictDataModule(GeoDataModule):
                 cell=self.cell_px,
             )
         except ValueError as err:
-            if roi is None:
+            if roi is None or "does not overlap" not in str(err):
                 raise
             x0, y0, x1, y1 = (float(v) for v in dataset.index.total_bounds)
             to_wgs84 = transformer(dataset.crs, WGS84)
@@ -795,6 +794,9 @@ class DOFAPredictDataModule(GeoDataModule):
                 f"lon {lon0:.5f}..{lon1:.5f}, lat {lat0:.5f}..{lat1:.5f} (EPSG:4326; "
                 f"{crs_label(dataset.crs)} bounds {[round(v, 1) for v in (x0, y0, x1, y1)]})"
             ) from err
+        if roi is None:  # after the sampler's own refusals (a res in the wrong units)
+            self._warn_small_region(dataset)
+        return sampler
 
     def _warn_small_region(self, dataset: Sentinel2Base) -> None:
         """Warn where the whole region fills less than half of one chip.
