@@ -201,7 +201,7 @@ def test_a_time_series_of_one_place_is_refused_and_datetime_picks_a_date(
     )
     bad = ["--datetime", "June"]
     assert main(["embed", str(series), "-o", str(tmp_path / "bad"), *common, *bad]) == 2
-    assert "time 'June': bad datetime 'June'" in capsys.readouterr().err
+    assert "--datetime June: bad datetime 'June'" in capsys.readouterr().err
     assert not (tmp_path / "none").exists() and not (tmp_path / "bad").exists()
     # the scenes --datetime leaves out decide nothing: a 20 m date beside a 10 m one was read
     # at 10 m (the folder's finest), and both were the outputs' sources
