@@ -2324,6 +2324,37 @@ def test_fit_on_a_full_disk_is_one_line_and_leaves_no_cut_checkpoint(tmp_path, m
         assert ".ckpt (cut short: removed): free space" in err, err
 
 
+def test_config_values_pytorch_or_torchgeo_refuse_are_one_line(
+    tmp_path, monkeypatch, capsys, base_checkpoint
+) -> None:
+    """``--model.init_args.lr -1`` (torch's "Invalid learning rate"), a data module's
+    ``batch_size 0`` (TorchGeo's MisconfigurationException; torch's DataLoader for predict):
+    tracebacks, exit 1. Now one line, exit 2, nothing written."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    configs = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs"
+    fit = ["fit", "--config", str(configs / "finetune_classification.yaml"),
+           "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"]  # fmt: skip
+    cases = [
+        ([*fit, "--model.init_args.lr", "-1"], "Invalid learning rate: -1.0"),
+        ([*fit, "--data.init_args.batch_size", "0"], "SpectralDataModule.batch_size has length 0"),
+    ]
+    cfg = _predict_config(tmp_path / "out", base_checkpoint)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    predict = ["predict", "--config", str(tmp_path / "cfg.yaml")]
+    cases.append(
+        ([*predict, "--data.init_args.batch_size", "0"], "batch_size should be a positive")
+    )
+    for args, said in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"torchgeo-dofa: error: {said}"), err[-3:]
+        assert not any(line.startswith("Traceback") for line in err)
+    # no output (the predict run's folder keeps LightningCLI's config.yaml and the lock file)
+    assert not list(tmp_path.rglob("*.tif")) and not list(tmp_path.rglob("*.parquet"))
+
+
 def test_fit_through_the_console_script(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # the example config logs to ./logs
     cfg = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs/finetune_classification.yaml"

@@ -1912,9 +1912,17 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
         return (
             isinstance(err, ours)
             or (isinstance(err, ValueError) and _raised_here(err))
+            # PyTorch's constructors refusing a config's value (--model.init_args.lr -1:
+            # "Invalid learning rate: -1.0"; --data.init_args.batch_size 0)
+            or (isinstance(err, ValueError) and _refused_by_torch_setting(err))
             # Lightning refusing the run's settings as it runs (a limit_predict_batches
             # fraction of no batch): its message names the setting
             or isinstance(err, MisconfigurationException)
+            # TorchGeo's own class of that name (a data module's batch_size 0)
+            or (
+                type(err).__module__.startswith("torchgeo.")
+                and type(err).__name__ == "MisconfigurationException"
+            )
         )
 
     try:
@@ -2011,6 +2019,21 @@ def _raised_in(err: BaseException, folder: Path) -> bool:
     """Whether the innermost frame of ``err``'s traceback is code under ``folder``."""
     tb = _innermost(err)
     return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(folder)
+
+
+def _refused_by_torch_setting(err: BaseException) -> bool:
+    """Whether a PyTorch optimizer's or DataLoader's constructor raised ``err`` (a setting).
+
+    Only their ``__init__``: an error while a DataLoader iterates (a dataset's bug) keeps
+    its traceback.
+    """
+    import torch
+
+    tb = _innermost(err)
+    if tb is None or tb.tb_frame.f_code.co_name != "__init__":
+        return False
+    root = Path(torch.__file__).resolve().parent
+    return _raised_in(err, root / "optim") or _raised_in(err, root / "utils" / "data")
 
 
 def _raised_here(err: BaseException) -> bool:
