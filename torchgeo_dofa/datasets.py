@@ -3238,7 +3238,7 @@ def canonical_crs(crs: Any) -> CRS:
             "string or WKT"
         ) from None
     # a compound CRS is its horizontal part (UTM 33N + EGM96 height reads as UTM 33N)
-    plane = parsed.sub_crs_list[0] if parsed.is_compound and parsed.sub_crs_list else parsed
+    plane = _plane(parsed)
     if plane.is_geocentric or plane.is_vertical:
         kind = "geocentric (x, y, z from the Earth's centre)" if plane.is_geocentric else ""
         raise InputError(
@@ -3413,12 +3413,14 @@ def _one_crs(
     return next(iter(crss.values())), union
 
 
+def _plane(parsed: CRS) -> CRS:
+    """A CRS's horizontal part: a compound CRS's first sub-CRS, else the CRS itself."""
+    return parsed.sub_crs_list[0] if parsed.is_compound and parsed.sub_crs_list else parsed
+
+
 def _horizontal(wkt: str) -> str:
-    """A CRS's horizontal part (a compound CRS's first sub-CRS), as WKT, one spelling each."""
-    parsed = CRS.from_wkt(wkt)
-    plane = parsed.sub_crs_list[0] if parsed.is_compound and parsed.sub_crs_list else parsed
-    epsg = exact_epsg(plane)
-    return f"EPSG:{epsg}" if epsg else plane.to_wkt()
+    """A CRS's horizontal part as :func:`~torchgeo_dofa.spatial.crs_name` spells it."""
+    return crs_name(_plane(CRS.from_wkt(wkt)))
 
 
 def _first_two(names: Sequence[str]) -> str:
