@@ -476,10 +476,11 @@ def read_state_dict(path: Path, check_crc: bool = True) -> dict[str, Tensor]:
                 "its official source (Hugging Face earthflow/DOFA) or save a plain state dict "
                 "(torch.save(model.state_dict(), path)) where it was trained"
             ) from err
-        problem = _plain_pickle_problem(path) or _foreign_file_problem(path)
+        head = _head(path)
+        problem = _plain_pickle_problem(path, head) or _foreign_file_problem(path, head)
         if problem is not None:
             raise CheckpointError(problem) from err
-        if "Unsupported operand" in str(err) and _is_legacy_torch_file(path):
+        if "Unsupported operand" in str(err) and _is_legacy_torch_file(head):
             # whole, but pickled as the safe reader cannot read
             raise CheckpointError(
                 f"{path} is a checkpoint torch.load cannot read without running code (a "
@@ -560,14 +561,22 @@ def state_dict_digest(state: Mapping[str, Any]) -> str:
 _LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
 
 
-def _foreign_file_problem(path: str | os.PathLike[str]) -> str | None:
+def _head(path: str | os.PathLike[str]) -> bytes:
+    """A file's first 64 bytes: what tells a checkpoint's kind."""
+    with open(path, "rb") as f:
+        return f.read(64)
+
+
+def _foreign_file_problem(path: str | os.PathLike[str], head: bytes) -> str | None:
     """The message for a file that is neither a zip nor a pickle (text, YAML, HTML), or None.
 
     Such a file is no checkpoint of any kind: "corrupt or truncated download" misleads when
     it is a config given as weights, say.
+
+    Args:
+        path: the file, for the message.
+        head: its first bytes (:func:`_head`).
     """
-    with open(path, "rb") as f:
-        head = f.read(64)
     if not head or head.startswith((b"PK\x03\x04", b"\x80")):  # empty: said elsewhere
         return None
     printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head) / len(head)
@@ -581,22 +590,22 @@ def _foreign_file_problem(path: str | os.PathLike[str]) -> str | None:
     )
 
 
-def _is_legacy_torch_file(path: str | os.PathLike[str]) -> bool:
-    """Whether the file starts as a legacy (non-zip) ``torch.save`` file: its magic number."""
-    with open(path, "rb") as f:
-        head = f.read(32)
+def _is_legacy_torch_file(head: bytes) -> bool:
+    """Whether a file's first bytes start a legacy (non-zip) ``torch.save`` file."""
     return head.startswith(b"\x80") and _LEGACY_MAGIC in head[:24]
 
 
-def _plain_pickle_problem(path: str | os.PathLike[str]) -> str | None:
+def _plain_pickle_problem(path: str | os.PathLike[str], head: bytes) -> str | None:
     """The message for a Python pickle that ``torch.save`` did not write, else None.
 
     A pickle starts with byte 0x80; a legacy ``torch.save`` file's first pickle is its magic
     number (:data:`_LEGACY_MAGIC`, within its first 16 bytes at any pickle protocol).
+
+    Args:
+        path: the file, for the message.
+        head: its first bytes (:func:`_head`).
     """
-    with open(path, "rb") as f:
-        pickled = f.read(1) == b"\x80"
-    if not pickled or _is_legacy_torch_file(path):
+    if not head.startswith(b"\x80") or _is_legacy_torch_file(head):
         return None
     return (
         f"{path} is a Python pickle (pickle.dump, joblib), not a checkpoint torch.save "
@@ -628,8 +637,7 @@ def verify_checkpoint_file(path: str | os.PathLike[str], lightning: bool = False
         CheckpointError: naming the file, the damage and the fix.
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(64)
+    head = _head(path)
     if not head:
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint: the file is empty (0 bytes; a copy "
@@ -640,7 +648,7 @@ def verify_checkpoint_file(path: str | os.PathLike[str], lightning: bool = False
             f"{path} is not a PyTorch checkpoint but a Git LFS pointer (a text file naming "
             "it): fetch the file itself (git lfs pull) or download it again"
         )
-    problem = _foreign_file_problem(path)
+    problem = _foreign_file_problem(path, head)
     if problem is not None:
         raise CheckpointError(problem)
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # binary, neither a zip nor a pickle
@@ -649,7 +657,7 @@ def verify_checkpoint_file(path: str | os.PathLike[str], lightning: bool = False
             "damaged, or another kind of file); give the file written by torch.save / "
             "Lightning"
         )
-    problem = _plain_pickle_problem(path)
+    problem = _plain_pickle_problem(path, head)
     if problem is not None:
         raise CheckpointError(problem)
     zipped = _is_zip(path)
