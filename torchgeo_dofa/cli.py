@@ -632,6 +632,7 @@ def embed(
         default_batch_size,
         default_num_workers,
         gdal_env,
+        loader_workers,
         resolve_accelerator,
         resolve_precision,
     )
@@ -861,12 +862,15 @@ def embed(
             )
             if is_launcher():
                 count = f" x {processes}" if processes > 1 else ""
-                # a worker reads whole batches: the data modules start no more than that
-                batches = max(-(-len(dm.predict_sampler or []) // batch_size) for dm in modules)
+                # the data modules start no more workers than they have batches
+                used = max(
+                    loader_workers(num_workers, len(dm.predict_sampler or []), batch_size)
+                    for dm in modules
+                )
                 workers = (
                     f"{num_workers} loader worker(s)"
-                    if batches >= num_workers
-                    else f"{batches} loader worker(s) (of {num_workers}: one per batch)"
+                    if used == num_workers
+                    else f"{used} loader worker(s) (of {num_workers}: one per batch)"
                 )
                 print(
                     f"torchgeo-dofa: device {accelerator}{count}, precision {choice.reason}; "

@@ -71,6 +71,7 @@ from torchgeo_dofa.runtime import (
     decimated_read,
     gdal_cache_bytes,
     gdal_worker_init,
+    loader_workers,
 )
 from torchgeo_dofa.spatial import (
     WGS84,
@@ -430,10 +431,8 @@ class ChipGridSampler(GeoSampler):
         row0 = min(n_rows - 1, max(0, math.floor((ymin - oy - size * yres) / sy + 1e-9) + 1))
         cols = max(1, min(n_cols - 1, math.ceil((xmax - x0) / sx - 1e-9) - 1) - col0 + 1)
         rows = max(1, min(n_rows - 1, math.ceil((ymax - oy) / sy - 1e-9) - 1) - row0 + 1)
-        if roi is not None:
-            footprint = region
         tslice = _time_slice(time) or slice(scenes.index.left.min(), scenes.index.right.max())
-        shapely.prepare(footprint)
+        shapely.prepare(region)
         self.chips: list[tuple[slice, slice, slice]] = []
         block = max(1, 100_000 // cols)  # rows of candidate boxes tested at once
         for first in range(0, rows, block):
@@ -445,7 +444,7 @@ class ChipGridSampler(GeoSampler):
             )
             cx, cy = x0 + (col0 + j) * sx, oy + (row0 + i) * sy
             boxes = shapely.box(cx, cy, cx + size * xres, cy + size * yres)
-            keep = shapely.intersects(boxes, footprint) & ~shapely.touches(boxes, footprint)
+            keep = shapely.intersects(boxes, region) & ~shapely.touches(boxes, region)
             times = chip_times(scenes, list(boxes[keep]), tslice)
             self.chips += [
                 (slice(x, x + size * xres), slice(y, y + size * yres), t)
@@ -981,8 +980,8 @@ class DOFAPredictDataModule(GeoDataModule):
             sampler = _ChipList([chips[i % len(chips)] for i in range(world)])
         accelerator = getattr(trainer, "accelerator", None)
         workers = int(self.num_workers)
-        if sampler is not None:  # a worker reads whole batches: more would start idle
-            workers = min(workers, -(-len(sampler) // max(1, int(self.batch_size))))
+        if sampler is not None:
+            workers = loader_workers(workers, len(sampler), int(self.batch_size))
         dataset = self._dataset()
         # workers set the sized cache once, at start (worker_init_fn); reading in the main
         # process (0 workers), every read sets it (a per-chip env is not needed in workers)

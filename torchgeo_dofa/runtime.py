@@ -59,6 +59,7 @@ __all__ = [
     "gdal_scan_env",
     "gdal_worker_init",
     "loader_options",
+    "loader_workers",
     "resolve_accelerator",
     "resolve_precision",
 ]
@@ -325,6 +326,23 @@ def _usable_cpus() -> int:
 
 #: Most loader workers a CUDA job starts by default (see :func:`default_num_workers`).
 CUDA_MAX_WORKERS = 8
+
+
+def loader_workers(asked: int, chips: int, batch_size: int) -> int:
+    """DataLoader workers worth starting: no more than the job has batches.
+
+    A worker reads whole batches, so one beyond the batches starts idle (``--num-workers
+    100`` for one batch started 100 processes: 13.5 s for one chip on 2 cores).
+
+    Args:
+        asked: the workers asked for.
+        chips: the chips to read.
+        batch_size: chips per batch.
+
+    Returns:
+        ``min(asked, ceil(chips / batch_size))``.
+    """
+    return min(asked, -(-chips // max(1, batch_size)))
 
 
 def default_num_workers(
