@@ -2066,9 +2066,10 @@ def _check_export_path(out: Path) -> None:
             f"out_path {out}: export_batch writes a GeoParquet table, not {given}: name it "
             f"{out.stem or out.name}.parquet"
         )
-    if out.exists() and not out.is_file():
-        what = "a folder" if out.is_dir() else "not a file (a device or pipe)"
-        raise ModelError(f"out_path {out} is {what}: give a .parquet file name")
+    if out.exists() and not out.is_file():  # a folder was refused above
+        raise ModelError(
+            f"out_path {out} is not a file (a device or pipe): give a .parquet file name"
+        )
 
 
 def _readable_parts(parts: Path) -> list[Path]:
