@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
@@ -3647,6 +3648,96 @@ def test_a_loader_worker_without_shared_memory_is_one_line_naming_the_limit(
     assert not list(tmp_path.rglob("*.tif")) and not list(tmp_path.rglob("*.parquet"))
 
 
+def test_a_low_open_file_limit_reads_chips_in_the_job_instead_of_hanging(
+    tmp_path, base_checkpoint
+) -> None:
+    """Under ``ulimit -n 24`` the loader worker could not hand its first batch over (its
+    queue's sending thread failed with "Too many open files" and dropped the batch) and the
+    job waited for it until a second SIGTERM; ``fit`` alike. Now chips are read in the job's
+    own process, with a warning naming the limit and the fix; the same grid as a run with a
+    worker. A soft limit below a higher hard one is raised to it (workers start)."""
+    import resource
+
+    def limit(soft: int, hard: int) -> Callable[[], None]:
+        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    def run(args: list[str], soft: int, hard: int) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "torchgeo_dofa", *args]
+        return subprocess.run(
+            cmd, capture_output=True, text=True, preexec_fn=limit(soft, hard), timeout=300,
+            cwd=tmp_path,
+        )  # fmt: skip
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 512:
+        pytest.skip(f"the hard open-file limit here is {hard}")
+    embed = ["embed", str(SCENE), "--weights", str(base_checkpoint), "--num-workers", "1",
+             "--no-progress"]  # fmt: skip
+    low = run([*embed, "-o", "low"], 24, 24)
+    assert low.returncode == 0, low.stderr[-3000:]
+    lines = low.stderr.splitlines()
+    assert lines[0].endswith("0 loader worker(s) (of 1: the open-file limit)"), lines[0]
+    assert (
+        "torchgeo-dofa: warning: the open-file limit (ulimit -n) is 24, below the 128 that "
+        "DataLoader workers need: chips are read in the job's own process, not in 1 worker(s); "
+        "raise it (ulimit -n 4096) to read them in workers"
+    ) in lines, lines
+    soft = run([*embed, "-o", "soft"], 24, 4096)  # soft limit only: raised, the worker runs
+    assert soft.returncode == 0, soft.stderr[-3000:]
+    assert soft.stderr.splitlines()[0].endswith(", 1 loader worker(s)"), soft.stderr[-3000:]
+    assert "open-file limit" not in soft.stderr
+    name = "ftw_s2_l2a_33N_grid.tif"
+    with rasterio.open(tmp_path / "low" / name) as a, rasterio.open(tmp_path / "soft" / name) as b:
+        assert a.transform == b.transform
+        np.testing.assert_allclose(a.read(), b.read(), rtol=0, atol=1e-5, equal_nan=True)
+    configs = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs"
+    fit = ["fit", "--config", str(configs / "finetune_classification.yaml"),
+           "--data.init_args.num_workers", "1", "--data.init_args.num_samples=8",
+           "--data.init_args.batch_size=4", "--trainer.max_epochs=1",
+           "--trainer.enable_progress_bar=false",
+           "--trainer.enable_model_summary=false"]  # fmt: skip
+    trained = run(fit, 24, 24)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "warning: the open-file limit (ulimit -n) is 24" in trained.stderr
+    assert list(tmp_path.glob("logs/*/version_0/checkpoints/last.ckpt"))
+
+
+def test_a_batch_a_loader_worker_cannot_send_raises_instead_of_hanging() -> None:
+    """A worker's queue sends in a thread of its own: a batch that fails to pickle there
+    (an open-file limit reached as its shared memory is passed, an object that cannot be
+    pickled) was printed and dropped, and the DataLoader waited for it forever. Through
+    :func:`~torchgeo_dofa.runtime.loader_context` it raises in the job, and the job's
+    error names the cause (the DataLoader's timeout only stops the old behaviour)."""
+    import threading
+
+    from torch.utils.data import DataLoader
+
+    from torchgeo_dofa.jobs import loader_worker_error
+    from torchgeo_dofa.runtime import BatchHandOverError, loader_context
+
+    class Locked(torch.utils.data.Dataset[Any]):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return {"image": torch.zeros(2), "lock": threading.Lock()}
+
+    loader = DataLoader(
+        Locked(), batch_size=1, num_workers=1, collate_fn=lambda batch: batch[0],
+        multiprocessing_context=loader_context("fork"), timeout=60,
+    )  # fmt: skip
+    with pytest.raises(BatchHandOverError, match="could not hand a batch over to the job: "
+                       "TypeError: cannot pickle '_thread.lock' object") as info:  # fmt: skip
+        next(iter(loader))
+    found = loader_worker_error(info.value)
+    assert found is not None and str(found) == (
+        "a DataLoader worker reading chips could not send its batch to the job (TypeError: "
+        "cannot pickle '_thread.lock' object); rerun with num_workers=0 (chips read in the "
+        "job's own process, no shared memory), or make every value of a sample a tensor or "
+        "a number"
+    )
+
+
 def test_a_full_dev_shm_is_one_line_naming_it(tmp_path, base_checkpoint) -> None:
     """A container's small ``/dev/shm`` (here a 200 KB tmpfs in a mount namespace of the
     job's own, root only): PyTorch's worker traceback, now the line naming it."""
@@ -3697,6 +3788,13 @@ def test_a_full_dev_shm_is_one_line_naming_it(tmp_path, base_checkpoint) -> None
             "was killed by signal Killed (the kernel's out-of-memory killer, most often)",
         ),
         ("DataLoader worker (pid(s) 4242) exited unexpectedly", "exited unexpectedly"),
+        (  # runtime.BatchHandOverError: the batch's shared memory could not be passed
+            "Caught BatchHandOverError in DataLoader worker process.\nOriginal Traceback (most "
+            "recent call last):\nOSError: [Errno 24] Too many open files\n\nDuring handling "
+            "...\ntorchgeo_dofa.runtime.BatchHandOverError: could not hand a batch over to the "
+            "job: OSError: [Errno 24] Too many open files",
+            "could not pass chips through shared memory: the open-file limit (ulimit -n)",
+        ),
     ],
 )
 def test_each_loader_worker_failure_torch_reports_is_named(torch_says, cause) -> None:

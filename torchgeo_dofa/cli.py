@@ -635,6 +635,7 @@ def embed(
         loader_workers,
         resolve_accelerator,
         resolve_precision,
+        workers_open_file_problem,
     )
     from .spatial import BBox, PointBuffer, read_points
     from .writers import (
@@ -867,10 +868,11 @@ def embed(
                     loader_workers(num_workers, len(dm.predict_sampler or []), batch_size)
                     for dm in modules
                 )
+                why = "the open-file limit" if workers_open_file_problem(num_workers) else ""
                 workers = (
                     f"{num_workers} loader worker(s)"
                     if used == num_workers
-                    else f"{used} loader worker(s) (of {num_workers}: one per batch)"
+                    else f"{used} loader worker(s) (of {num_workers}: {why or 'one per batch'})"
                 )
                 print(
                     f"torchgeo-dofa: device {accelerator}{count}, precision {choice.reason}; "
@@ -1334,6 +1336,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                     + (_no_gpu_problem(settings.get("accelerator"), err) or str(err))
                 ) from None
             trainers.append(trainer)  # to clean up after a failure (LightningCLI raises in init)
+            _workers_within_open_files(getattr(self, "datamodule", None))
             _check_rendezvous(trainer)
             run_folders.append(_RunFolder.before(trainer))
             if self.subcommand:
@@ -2404,6 +2407,22 @@ def _embed_args(args: argparse.Namespace) -> EmbedSummary:
         max_cloud=args.max_cloud,
         composite=args.composite,
     )
+
+
+def _workers_within_open_files(datamodule: Any) -> None:
+    """Set a data module's ``num_workers`` to 0, with a warning, under a low open-file limit.
+
+    See :func:`torchgeo_dofa.runtime.workers_open_file_problem`. For any data module of a
+    config (TorchGeo's build their loaders from ``num_workers``), whose workers would
+    otherwise fail or hang on their first batch.
+    """
+    from .runtime import workers_open_file_problem
+
+    workers = getattr(datamodule, "num_workers", None)
+    problem = workers_open_file_problem(workers) if isinstance(workers, int) else None
+    if problem is not None:
+        warn(problem)
+        datamodule.num_workers = 0
 
 
 @contextlib.contextmanager

@@ -71,7 +71,9 @@ from torchgeo_dofa.runtime import (
     decimated_read,
     gdal_cache_bytes,
     gdal_worker_init,
+    loader_context,
     loader_workers,
+    workers_open_file_problem,
 )
 from torchgeo_dofa.spatial import (
     WGS84,
@@ -980,8 +982,13 @@ class DOFAPredictDataModule(GeoDataModule):
             sampler = _ChipList([chips[i % len(chips)] for i in range(world)])
         accelerator = getattr(trainer, "accelerator", None)
         workers = int(self.num_workers)
+        problem = workers_open_file_problem(workers)
+        if problem is not None:
+            _warnings.warn(problem)
         if sampler is not None:
             workers = loader_workers(workers, len(sampler), int(self.batch_size))
+        elif problem is not None:
+            workers = 0
         dataset = self._dataset()
         # workers set the sized cache once, at start (worker_init_fn); reading in the main
         # process (0 workers), every read sets it (a per-chip env is not needed in workers)
@@ -995,6 +1002,8 @@ class DOFAPredictDataModule(GeoDataModule):
             persistent_workers=False,
             pin_memory=type(accelerator).__name__ == "CUDAAccelerator",
             worker_init_fn=gdal_worker_init(self.gdal_cache) if workers else None,
+            # a batch a worker cannot send raises instead of hanging the job
+            multiprocessing_context=loader_context() if workers else None,
         )
 
     @functools.cached_property

@@ -268,10 +268,19 @@ def loader_worker_error(err: BaseException) -> LoaderWorkerError | None:
         text = str(found)
         failure = _SHM_FAILURE.search(text)
         killed = re.search(r"DataLoader worker \(pid[^)]*\) is killed by signal: ([^.]+)", text)
-        if failure is not None:
-            code = int(failure[1])
-            cause, fix = _SHM_CAUSES.get(code, (os.strerror(code), "free the resource"))
+        # runtime.BatchHandOverError: the batch was read but could not be sent
+        # (its message's last line: the worker's traceback above it shows the raising line)
+        unsent = ([None, *re.finditer(r"could not hand a batch over to the job: ([^\n]*)", text)])[
+            -1
+        ]
+        code = re.search(r"\[Errno (\d+)\]", unsent[1]) if unsent is not None else None
+        if failure is not None or code is not None:
+            errno_ = int((failure or code)[1])  # type: ignore[index]
+            cause, fix = _SHM_CAUSES.get(errno_, (os.strerror(errno_), "free the resource"))
             what = f"could not pass chips through shared memory: {cause}"
+        elif unsent is not None:  # no errno: a sample that cannot be pickled, most often
+            what = f"could not send its batch to the job ({unsent[1]})"
+            fix = "make every value of a sample a tensor or a number"
         elif killed is not None:
             bus = "bus" in killed[1].lower()
             what = f"was killed by signal {killed[1]}" + (

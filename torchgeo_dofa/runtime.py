@@ -29,8 +29,11 @@ from __future__ import annotations
 import functools
 import math
 import multiprocessing
+import multiprocessing.context
+import multiprocessing.queues
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -46,7 +49,10 @@ __all__ = [
     "GDAL_CACHE_MAX_BYTES",
     "GDAL_CACHE_MIN_BYTES",
     "GDAL_SCAN_MIN_BYTES",
+    "MIN_OPEN_FILES_FOR_WORKERS",
+    "OPEN_FILES_WANTED",
     "PRECISION_NAMES",
+    "BatchHandOverError",
     "PrecisionChoice",
     "cpu_has_native_bf16",
     "decimated_read",
@@ -58,10 +64,14 @@ __all__ = [
     "gdal_scan_cache_bytes",
     "gdal_scan_env",
     "gdal_worker_init",
+    "loader_context",
     "loader_options",
     "loader_workers",
+    "open_file_limit",
+    "raise_open_file_limit",
     "resolve_accelerator",
     "resolve_precision",
+    "workers_open_file_problem",
 ]
 
 Precision = Literal["32", "bf16"]
@@ -331,8 +341,10 @@ CUDA_MAX_WORKERS = 8
 def loader_workers(asked: int, chips: int, batch_size: int) -> int:
     """DataLoader workers worth starting: no more than the job has batches.
 
-    A worker reads whole batches, so one beyond the batches starts idle (``--num-workers
-    100`` for one batch started 100 processes: 13.5 s for one chip on 2 cores).
+    None at all under an open-file limit too low for them (see
+    :func:`workers_open_file_problem`). A worker reads whole batches, so one beyond the
+    batches starts idle (``--num-workers 100`` for one batch started 100 processes: 13.5 s
+    for one chip on 2 cores).
 
     Args:
         asked: the workers asked for.
@@ -340,9 +352,162 @@ def loader_workers(asked: int, chips: int, batch_size: int) -> int:
         batch_size: chips per batch.
 
     Returns:
-        ``min(asked, ceil(chips / batch_size))``.
+        ``min(asked, ceil(chips / batch_size))``; 0 where the open-file limit is too low.
     """
+    if workers_open_file_problem(asked) is not None:
+        return 0
     return min(asked, -(-chips // max(1, batch_size)))
+
+
+#: The open-file limit (``ulimit -n``) below which a job starts no DataLoader workers. A
+#: worker hands each batch's tensors over as open files (PyTorch's ``file_descriptor``
+#: sharing, a socket and a descriptor per tensor while the batch is in flight), and
+#: TorchGeo keeps up to 128 rasters open in every process that reads them. Measured: one
+#: worker on the demo scene needed a limit of 40 (32 failed).
+MIN_OPEN_FILES_FOR_WORKERS = 128
+
+#: What :func:`raise_open_file_limit` raises a lower soft open-file limit to, at most.
+OPEN_FILES_WANTED = 65536
+
+
+def open_file_limit() -> int | None:
+    """The process's open-file limit (``ulimit -n``: the soft ``RLIMIT_NOFILE``).
+
+    Returns:
+        The limit; None where it is unlimited or cannot be read (not a POSIX system).
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def raise_open_file_limit() -> int | None:
+    """Raise the soft open-file limit to the hard one (at most :data:`OPEN_FILES_WANTED`).
+
+    As Go programs do at start (since Go 1.19): the soft limit is a default kept low for
+    programs using ``select(2)`` (256 on macOS, 1024 on most Linux systems), which neither
+    Python's event loops nor PyTorch's DataLoader use; a hard limit set on purpose (``ulimit
+    -n 24`` sets both) is kept. Called by the ``torchgeo-dofa`` command before its job.
+
+    Returns:
+        The soft limit now (None where unlimited or unknown).
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (OSError, ValueError):  # a kernel maximum below the hard limit: keep it
+            pass
+    return open_file_limit()
+
+
+def workers_open_file_problem(workers: int) -> str | None:
+    """Why ``workers`` DataLoader workers cannot start under this process's open-file limit.
+
+    Below :data:`MIN_OPEN_FILES_FOR_WORKERS` a worker could not hand its batches over: the
+    job failed, or (where the failure hit the sending thread) waited for its first batch
+    forever. The job reads its chips in its own process instead.
+
+    Args:
+        workers: the workers asked for.
+
+    Returns:
+        One line naming the limit, what is done and the fix; None where workers can start
+        (or none were asked for).
+    """
+    limit = open_file_limit()
+    if workers <= 0 or limit is None or limit >= MIN_OPEN_FILES_FOR_WORKERS:
+        return None
+    return (
+        f"the open-file limit (ulimit -n) is {limit}, below the {MIN_OPEN_FILES_FOR_WORKERS} "
+        f"that DataLoader workers need: chips are read in the job's own process, not in "
+        f"{workers} worker(s); raise it (ulimit -n 4096) to read them in workers"
+    )
+
+
+class BatchHandOverError(RuntimeError):
+    """A DataLoader worker read a batch but could not send it to the job's process.
+
+    Raised in the job's process (as PyTorch re-raises a worker's error), with the worker's
+    cause in its message: ``could not hand a batch over to the job: <cause>``. See
+    :func:`loader_context`.
+    """
+
+
+class _WorkerResultQueue(multiprocessing.queues.Queue[Any]):
+    """A ``multiprocessing`` queue whose failed sends reach the reader instead of stderr.
+
+    A queue sends in a background thread (its feeder): when pickling a batch fails there
+    (PyTorch passes each tensor's shared memory as a file descriptor, which takes a socket;
+    at the open-file limit that is ``OSError: [Errno 24] Too many open files``; an object
+    that cannot be pickled), the standard queue prints the traceback and drops the batch,
+    and a DataLoader then waits for that batch forever. Here the failure is sent instead,
+    as PyTorch sends a worker's exception, so the job raises :class:`BatchHandOverError`;
+    where even that cannot be sent the worker ends (exit status 1), which the DataLoader
+    reports within seconds ("exited unexpectedly").
+    """
+
+    def _on_queue_feeder_error(self, e: Exception, obj: object) -> None:
+        from torch._utils import ExceptionWrapper
+
+        sent = isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], int)
+        if sent and not isinstance(obj[1], ExceptionWrapper):  # type: ignore[index]
+            what = f"{type(e).__name__}: {e}"
+            try:
+                raise BatchHandOverError(f"could not hand a batch over to the job: {what}")
+            except BatchHandOverError:
+                wrapped = ExceptionWrapper(sys.exc_info(), where="in DataLoader worker process")
+            try:
+                self.put((obj[0], wrapped))  # type: ignore[index]
+                return
+            except Exception:
+                pass
+        super()._on_queue_feeder_error(e, obj)  # type: ignore[misc]  # the standard traceback
+        sys.stderr.flush()
+        os._exit(1)
+
+
+_LOADER_CONTEXTS: dict[str, type[Any]] = {}
+
+
+def _loader_context_class(base: type[Any]) -> type[Any]:
+    def queue(self: Any, maxsize: int = 0) -> _WorkerResultQueue:
+        return _WorkerResultQueue(maxsize, ctx=self.get_context())
+
+    name = f"HandOver{base.__name__}"
+    if name not in _LOADER_CONTEXTS:
+        _LOADER_CONTEXTS[name] = type(name, (base,), {"Queue": queue, "__module__": __name__})
+    return _LOADER_CONTEXTS[name]
+
+
+def loader_context(method: str | None = None) -> multiprocessing.context.BaseContext:
+    """The ``multiprocessing_context`` for a DataLoader whose workers cannot hang the job.
+
+    PyTorch's DataLoader makes its queues from this context; the queue of worker results is
+    a :class:`_WorkerResultQueue`, so a batch a worker cannot send (the open-file limit
+    reached as the batch's shared memory is passed, an unpicklable sample) raises
+    :class:`BatchHandOverError` in the job, where it hung forever (a job under ``ulimit -n
+    24`` waited for its first batch until killed). Everything else is the start method's
+    own context.
+
+    Args:
+        method: the start method (``fork``, ``spawn``, ``forkserver``); None for the
+            process's default (``multiprocessing.get_start_method()``).
+
+    Returns:
+        A context of the start method's own class, with its ``Queue`` replaced.
+    """
+    base = multiprocessing.get_context(method)
+    context: multiprocessing.context.BaseContext = _loader_context_class(type(base))()
+    return context
 
 
 def default_num_workers(
