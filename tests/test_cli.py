@@ -4115,3 +4115,54 @@ def test_file_bands_serve_the_regions_of_multiband_files(tmp_path, capsys, base_
     assert main(["embed", *alone]) == 2  # no input takes them: still refused
     assert "leave out --file-bands" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_every_file_bands_name_is_read_or_reported(tmp_path, capsys) -> None:
+    """A --file-bands name that is no band (``X``) was dropped without a word, its channel
+    read as nothing: it is refused before anything is written, naming the names known and
+    the fixes (from Python too); a known name the default bands leave out is warned of."""
+    from torchgeo_dofa.bands import BandError
+
+    with rasterio.open(SCENE) as src:
+        profile = src.profile | {"width": 64, "height": 64}
+        data = src.read(window=Window(0, 0, 64, 64))
+    stack = tmp_path / "stack.tif"
+    with rasterio.open(stack, "w", **profile) as dst:  # no band descriptions
+        dst.write(data)
+    common = ["--weights", "none", "--no-progress", "--output", "pooled", "--chip-size", "64"]
+    out = tmp_path / "out"
+    unknown = ["--file-bands", "B4", "B3", "B2", "X"]
+    assert main(["embed", str(stack), "-o", str(out), *unknown, *common]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "torchgeo-dofa: error: --file-bands B4 B3 B2 X names 'X', which is not a band name "
+        "this package knows, so that channel would be read as nothing. Known names: "
+        "Sentinel-2's B1 ... B12 and B8A"
+    )
+    assert "a band not to embed by its position (band4)" in err
+    assert "--bands ... and give its --wavelengths ..." in err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    # a band named as an asset is told its Sentinel-2 name
+    nir = ["--file-bands", "B4", "B3", "B2", "nir"]
+    assert main(["embed", str(stack), "-o", str(out), *nir, *common]) == 2
+    assert "names 'nir', which is not a band name this package knows (for 'nir', write B8)" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
+    # the data module and the dataset refuse it alike; selected (another sensor's band) it
+    # is read, and a bandN placeholder names a band not to read
+    with pytest.raises(BandError, match=r"^file_bands=\['B4', 'B3', 'B2', 'X'\] names 'X'"):
+        DOFAPredictDataModule(stack, file_bands=["B4", "B3", "B2", "X"]).setup("predict")
+    other = Sentinel2SR(stack, file_bands=["B4", "B3", "B2", "X"], bands=["B4", "X"],
+                        wavelengths=[0.665, 0.842])  # fmt: skip
+    assert other.bands == ("B4", "X")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Sentinel2SR(stack, file_bands=["B4", "B3", "B2", "band4"]).bands == (
+            "B2", "B3", "B4",
+        )  # fmt: skip
+    # a known name the default bands leave out: embedded, with a warning naming it
+    known = ["--file-bands", "B4", "B3", "B2", "QA60"]
+    said = r"file_bands= names QA60, which the default bands \['B2', 'B3', 'B4'\] leave out"
+    with pytest.warns(UserWarning, match=said):
+        assert main(["embed", str(stack), "-o", str(out), *known, *common]) == 0

@@ -38,6 +38,7 @@ __all__ = [
     "check_unique_bands",
     "date_copy_base",
     "infer_wavelengths",
+    "is_known_band",
     "norm_stats",
     "offset_problem",
     "resolve_wavelengths",
@@ -549,6 +550,22 @@ _ALL_BANDS: dict[str, Band] = {**SENTINEL2_BANDS, **_SAR_BANDS, **_RGB_BANDS}
 def _lookup(name: str) -> Band | None:
     canon = canonical_band(name)
     return _ALL_BANDS.get(canon) or _ALL_BANDS.get(canon.upper())
+
+
+def is_known_band(name: str) -> bool:
+    """Whether ``name`` is a band this package knows by name.
+
+    Sentinel-2's bands in either spelling (``B4``, ``B04``, ``B8A``), Earth Engine's copies
+    of them from a stack's later dates (``B4_1``), Sentinel-1's ``VV`` / ``VH`` and the
+    ``rgb`` preset's ``R``, ``G``, ``B``: the names whose wavelength the package infers.
+
+    Args:
+        name: a band name as a user or a file gives it.
+
+    Returns:
+        True for those names, False for any other (``X``, ``nir``, ``B13``).
+    """
+    return split_date_copy(name)[0] in SENTINEL2_BANDS or _lookup(name) is not None
 
 
 #: Presets. ``sentinel1``: VV/VH with DOFA v1's placeholder wavelength 3.75 um (a modality

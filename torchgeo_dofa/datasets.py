@@ -135,6 +135,7 @@ from torchgeo_dofa.bands import (
     canonical_band,
     check_unique_bands,
     date_copy_base,
+    is_known_band,
     offset_problem,
     resolve_wavelengths,
     split_date_copy,
@@ -213,6 +214,9 @@ _RES_DIR = re.compile(r"^R\d{2,3}m$")
 _EARTH_SEARCH_ID = re.compile(
     r"(?:^|_)(?P<id>S2[A-D]_\d{1,2}[A-Z]{3}_(?P<date>\d{8})_\d+_L(?:1C|2A))(?:_|$)"
 )
+#: A name for a band not to read, by its position (``band4``): what a band without a
+#: description is called, and what ``file_bands=`` may call one.
+_PLACEHOLDER = re.compile(r"band\d+", re.IGNORECASE)
 _ASSET_ALTERNATIVES = "|".join(sorted(STAC_ASSET_BANDS, key=len, reverse=True))
 _ANCILLARY_ALTERNATIVES = "|".join(sorted(STAC_ANCILLARY_ASSETS, key=len, reverse=True))
 
@@ -600,6 +604,7 @@ class _Scene:
     names: list[str]
     sources: list[tuple[str, int]]
     named_by_bands: bool = False
+    named_by_file_bands: bool = False
     date_hint: str = ""
     item_names: tuple[str, ...] = ()
     offsets: list[float] = field(default_factory=list)
@@ -700,7 +705,10 @@ class Sentinel2Base(RasterDataset):
             wavelengths: explicit centre wavelengths (um), one per selected band; required for
                 bands that are not Sentinel-2 (``VV``, ``B10``...).
             file_bands: names of the bands stored in files without band descriptions, in file
-                order; ``bands`` then selects among them.
+                order; ``bands`` then selects among them. A name the package does not know
+                (not a Sentinel-2 band, ``B4_1``, ``VV``, ``R`` ..., a product such as ``QA60``
+                or a ``bandN`` placeholder of a band not to read) must be selected by
+                ``bands``; a known one the default bands leave out is warned of.
             offset: additive radiometric offset (``"auto"``, see the module docs, or a
                 number such as -1000 applied to every file); None uses the class default.
             nodata: no-data value overriding the files' declared one (0 and NaN are always
@@ -720,7 +728,8 @@ class Sentinel2Base(RasterDataset):
             DatasetNotFoundError: if no readable raster is found
                 (:class:`NoRasterFoundError` where no file has a raster extension, naming
                 other formats found, e.g. a ``.vrt``, and how to convert them).
-            BandError: if band names cannot be determined or selected, or wavelengths
+            BandError: if band names cannot be determined or selected, ``file_bands`` names a
+                band the package does not know and ``bands`` does not select, or wavelengths
                 cannot be inferred.
             ValueError: for a ``crs`` pyproj does not know, files without a CRS and no
                 ``crs``, or a file that is not georeferenced (no geotransform and no CRS,
@@ -752,6 +761,9 @@ class Sentinel2Base(RasterDataset):
         self._handles: dict[tuple[str, str], tuple[DatasetReader, DatasetReader | WarpedVRT]] = {}
         self._handles_pid = os.getpid()
         self._metadata_cache: dict[str, ProductMetadata | None] = {}
+        self._check_file_band_names(file_bands, bands)
+        #: bands a warning of the default choice has named as left out (none twice)
+        self._left_out_told: set[str] = set()
 
         infos = self._scan()
         if not infos:
@@ -786,6 +798,8 @@ class Sentinel2Base(RasterDataset):
             scenes = self._scenes_within(scenes, time)
         self.bands: tuple[str, ...] = self._select(scenes, bands)
         self.all_bands = self.bands
+        if file_bands is not None and bands is None:
+            self._warn_unused_file_bands(file_bands, scenes)
         base_names = [date_copy_base(b) for b in self.bands]
         try:
             self.wavelengths: Tensor = resolve_wavelengths(
@@ -1195,8 +1209,89 @@ class Sentinel2Base(RasterDataset):
             names=names,
             sources=[(info.path, i + 1) for i in range(info.count)],
             named_by_bands=named_by_bands,
+            named_by_file_bands=file_bands is not None,
             date_hint=info.path,
             item_names=(stem, os.path.basename(_scene_folder(info.path))),
+        )
+
+    def _check_file_band_names(
+        self, file_bands: Sequence[str] | None, bands: Sequence[str] | None
+    ) -> None:
+        """Refuse ``file_bands=`` names that no band choice would read.
+
+        A name the package does not know is read only where ``bands=`` selects it (another
+        sensor's band, with its ``wavelengths=``): anywhere else its channel was dropped
+        without a word, a typo (``B88``, ``X``) as silently as a band left out on purpose.
+        Known are the names of :func:`~torchgeo_dofa.bands.is_known_band` (Sentinel-2's
+        bands, their later dates' copies ``B4_1``, ``VV``, ``VH``, ``R``, ``G``, ``B``), the
+        non-spectral products of :attr:`ancillary_regex` (``QA60``, ``SCL`` ...) and the
+        ``bandN`` placeholders of bands not to read.
+
+        Args:
+            file_bands: the names given for the bands of multi-band files, or None.
+            bands: the bands asked for, or None (the default choice).
+
+        Raises:
+            BandError: naming the unknown names, the names known and the fixes.
+        """
+        if file_bands is None:
+            return
+        chosen = {_canonical_name(str(b)).casefold() for b in bands or ()}
+        ancillary = re.compile(self.ancillary_regex, re.IGNORECASE)
+        unknown = [
+            (i, name)
+            for i, name in enumerate(str(b).strip() for b in file_bands)
+            if not is_known_band(name)
+            and not _PLACEHOLDER.fullmatch(name)
+            and ancillary.match(name) is None
+            and _canonical_name(name).casefold() not in chosen
+        ]
+        if not unknown:
+            return
+        names = ", ".join(repr(name) for _, name in unknown)
+        are = "is not a band name" if len(unknown) == 1 else "are not band names"
+        meant = [
+            f"for {name!r}, write {band}"
+            for _, name in unknown
+            if (band := stac_asset_band(name) or _leading_band(name)) is not None
+        ]
+        said = f" ({'; '.join(meant)})" if meant else ""
+        raise BandError(
+            f"file_bands={[str(b) for b in file_bands]} names {names}, which {are} this "
+            f"package knows{said}, so that channel would be read as nothing. Known names: "
+            "Sentinel-2's B1 ... B12 and B8A (B04 spelling too), a later date's B4_1, B4_2 "
+            "..., VV, VH, R, G, B, and non-spectral products such as QA60 or SCL. Name every "
+            "band of the file in file order with them (e.g. B8 for near infrared), a band "
+            f"not to embed by its position (band{unknown[0][0] + 1}), or select another "
+            "sensor's band with bands=[...] and give its wavelengths=[...]"
+        )
+
+    def _warn_unused_file_bands(self, file_bands: Sequence[str], scenes: list[_Scene]) -> None:
+        """Warn of the bands ``file_bands=`` names that the default choice leaves out.
+
+        Its other warnings name the bands some scenes lack and those without DOFA statistics;
+        this one names the rest (another date's ``B4_1``, ``B1`` beside DOFA's 9 bands,
+        ``QA60``), none twice. ``bandN`` placeholders are left out on purpose.
+        """
+        if not any(scene.named_by_file_bands for scene in scenes):
+            return  # per-band files only: file_bands= named nothing read
+        read = {b.casefold() for b in self.bands}
+        unused = [
+            name
+            for name in (_canonical_name(str(b)) for b in file_bands)
+            if name.casefold() not in read
+            and not _PLACEHOLDER.fullmatch(name)
+            and name not in self._left_out_told
+        ]
+        if not unused:
+            return
+        self._left_out_told.update(unused)
+        warn(
+            f"{self.__class__.__name__}: file_bands= names {', '.join(unused)}, which the "
+            f"default bands {list(self.bands)} leave out (DOFA's 9 bands where present, else "
+            "the Sentinel-2 bands every scene shares; another date's copies and other bands "
+            "only when asked for): name them in bands=[...] to read them",
+            UserWarning,
         )
 
     def _warn_left_out_bands(self, scenes: list[_Scene], common: set[str]) -> None:
@@ -1211,7 +1306,8 @@ class Sentinel2Base(RasterDataset):
         cls = self.__class__.__name__
         unread: dict[str, list[str]] = {}  # file -> its bands of unknown or unread names
         for scene in scenes:
-            if scene.layout != "multiband" or scene.named_by_bands:
+            # the names file_bands= gives were checked (an unknown one is refused)
+            if scene.layout != "multiband" or scene.named_by_bands or scene.named_by_file_bands:
                 continue
             alpha = self._infos[scene.key].alpha
             for i, name in enumerate(scene.names):
@@ -1238,6 +1334,7 @@ class Sentinel2Base(RasterDataset):
             left = sorted(
                 {b for bs in lacking.values() for b in bs}, key=list(SENTINEL2_BANDS).index
             )
+            self._left_out_told.update(left)
             warn(
                 f"{cls}: band(s) {left} left out of the default bands, as not every scene has "
                 f"them ({where}): the bands read are those all scenes share; embed the scenes "
@@ -1271,6 +1368,7 @@ class Sentinel2Base(RasterDataset):
                 if unnormalisable and len(unnormalisable) < len(chosen):
                     # DOFA has no statistics for them: the default must stay embeddable
                     chosen = [b for b in chosen if b not in unnormalisable]
+                    self._left_out_told.update(unnormalisable)
                     warn(
                         f"{self.__class__.__name__}: band(s) {unnormalisable} left out of the "
                         f"default bands {chosen}: DOFA has no normalisation statistics for "
