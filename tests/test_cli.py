@@ -253,15 +253,21 @@ def test_one_days_tiles_mosaic_an_undated_file_among_dated_ones_is_refused(
     assert {str(t.date()) for t in frame.time_start} == {"2023-06-01"}
     mixed = tmp_path / "mixed"
     dated_copies(mixed, [("scene_20230601.tif", 0.0, 0), ("plain.tif", 0.0, 300)])
-    for when in ([], ["--datetime", "2023-06-01/2023-06-01"]):
-        capsys.readouterr()
-        assert main(["embed", str(mixed), "-o", str(tmp_path / "m"), *common, *when]) == 2
-        assert capsys.readouterr().err.endswith(
-            "error: plain.tif has no date (no STAC item JSON beside it, no date in its name) "
-            "and overlaps scene_20230601.tif (acquired 2023-06-01): a chip would mix them. "
-            "Give the files as separate inputs (one output each), or name the file with its "
-            "date (e.g. scene_YYYYMMDD.tif)\n"
-        )
+    capsys.readouterr()
+    assert main(["embed", str(mixed), "-o", str(tmp_path / "m"), *common]) == 2
+    assert capsys.readouterr().err.endswith(
+        "error: plain.tif has no date (no STAC item JSON beside it, no date in its name) "
+        "and overlaps scene_20230601.tif (acquired 2023-06-01): a chip would mix them. "
+        "Give the files as separate inputs (one output each), or name the file with its "
+        "date (e.g. scene_YYYYMMDD.tif)\n"
+    )
+    # with --datetime, the file no date range can select is refused as such (see
+    # test_datetime_over_files_without_a_date_is_refused)
+    when = ["--datetime", "2023-06-01/2023-06-01"]
+    assert main(["embed", str(mixed), "-o", str(tmp_path / "m"), *common, *when]) == 2
+    assert f"--datetime 2023-06-01/2023-06-01 cannot apply to {mixed / 'plain.tif'}: " in (
+        capsys.readouterr().err
+    )
     series = tmp_path / "series"
     dated_copies(series, [("T_20210101.tif", 0.0, 0), ("T_20230601.tif", 0.0, 300)])
     out = ["-o", str(tmp_path / "job")]
@@ -279,6 +285,58 @@ def test_one_days_tiles_mosaic_an_undated_file_among_dated_ones_is_refused(
     dm = DOFAPredictDataModule(series, time=aware)
     dm.setup("predict")
     assert len(dm.predict_sampler or []) == 4
+
+
+def test_datetime_over_files_without_a_date_is_refused(tmp_path: Path, capsys) -> None:
+    """--datetime over a file dated nowhere (no date in its name, no STAC item JSON) embedded
+    it as if it were acquired within the dates (it spans all time, so no range leaves it
+    out), alone or beside the dated files of a folder: refused before anything is written,
+    naming the files (the first few and a count) of every region, where a date was looked
+    for and the fixes; from Python, the data module's time= likewise."""
+    folder = tmp_path / "scenes"
+    dated_copies(folder, [("plain.tif", 0.0, 0)])
+    plain = folder / "plain.tif"
+    common = ["--weights", "none", "--no-progress", "--output", "pooled"]
+    when = ["--datetime", "2023-01-01/2023-12-31"]
+    out = tmp_path / "out"
+    assert main(["embed", str(plain), "-o", str(out), *common, *when]) == 2
+    assert capsys.readouterr().err == (
+        f"torchgeo-dofa: error: --datetime 2023-01-01/2023-12-31 cannot apply to {plain}: no "
+        "acquisition date was found for it (no STAC item JSON beside it, no date in its file, "
+        "item or folder name), so the dates cannot leave it out and it would be embedded "
+        "whatever they are: leave out --datetime, give only dated files as inputs, or give it "
+        "its date (in the file name, e.g. scene_20230601.tif, or a STAC item JSON beside it)\n"
+    )
+    assert not out.exists()
+    # a folder mixing dated and undated files (side by side: no overlap to refuse), and
+    # undated files given as regions of their own: every undated file is named at once
+    mixed = tmp_path / "mixed"
+    names = ["a.tif", "b.tif", "c.tif", "d.tif"]
+    dated_copies(
+        mixed,
+        [("scene_20230601.tif", 0.0, 0)] + [(n, 2560.0 * (k + 1), 0) for k, n in enumerate(names)],
+    )
+    assert main(["embed", str(mixed), "-o", str(out), *common, *when]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"torchgeo-dofa: error: --datetime 2023-01-01/2023-12-31 cannot apply to 4 scenes "
+        f"({mixed / 'a.tif'}, {mixed / 'b.tif'}, {mixed / 'c.tif'} and 1 more): no acquisition "
+        "date was found for them (no STAC item JSON beside them, no date in their file, item "
+        "or folder names)"
+    )
+    assert len(err.splitlines()) == 1 and not out.exists()
+    regions = [str(mixed / "scene_20230601.tif"), str(plain), str(mixed / "a.tif")]
+    assert main(["embed", *regions, "-o", str(out), *common, *when]) == 2
+    assert f"cannot apply to 2 scenes ({plain}, {mixed / 'a.tif'}): " in capsys.readouterr().err
+    assert not out.exists()
+    # the dated file alone is read as before
+    dated = [str(mixed / "scene_20230601.tif"), "-o", str(out), "--chip-size", "128"]
+    assert main(["embed", *dated, *common, *when]) == 0
+    assert len(gpd.read_parquet(out / "scene_20230601_pooled.parquet")) == 4
+    dm = DOFAPredictDataModule(plain, time="2023-01-01/2023-12-31")
+    said = r"^time='2023-01-01/2023-12-31' cannot apply to .*plain\.tif: no acquisition date"
+    with pytest.raises(InputError, match=said + r" was found for it .* leave out time=, "):
+        dm.setup("predict")
 
 
 def test_each_pooled_row_records_the_dates_of_the_scenes_it_reads(

@@ -98,7 +98,7 @@ from torch import Tensor
 
 from ._warnings import warn
 from .bands import DOFA_S2_BANDS, BandError, check_unique_bands
-from .datamodules import RegionSampler, refuse_mixed_acquisitions
+from .datamodules import RegionSampler, refuse_mixed_acquisitions, refuse_undated_scenes
 from .datasets import (
     EarthEngineS2,
     InputError,
@@ -957,8 +957,15 @@ def _prepare_local(
         ts = slice(ds.index.index.left.min(), ds.index.index.right.max())
     else:
         ts = temporal.time_slice()
-    # scenes of two dates overlapping in the chip would be merged into one image
+    # scenes of two dates overlapping in the chip would be merged into one image, and one
+    # without a date would be read whatever temporal= says
     try:
+        if temporal is not None:
+            asked = f"temporal=TemporalSpec.range('{temporal.start}', '{temporal.end}')"
+            refuse_undated_scenes(
+                ds, ts, box=shapely.box(xs.start, ys.start, xs.stop, ys.stop), asked=asked,
+                option="temporal=",
+            )  # fmt: skip
         refuse_mixed_acquisitions(
             ds, ts, box=shapely.box(xs.start, ys.start, xs.stop, ys.stop), fix=_one_day_spec
         )
@@ -1365,7 +1372,8 @@ def get_embedding(
         spatial: the region (``local``/``gee``): a :class:`PointBuffer`, a :class:`BBox` or a
             shapely geometry in EPSG:4326; recorded only for ``tensor``.
         temporal: date range; required for ``gee``, optional for ``local`` (None: every
-            date), ignored for ``tensor``.
+            date; a local scene without a date meeting the region is refused, as no range
+            can select it), ignored for ``tensor``.
         sensor: bands (channel names for ``tensor``, bands to read for ``local``/``gee``),
             explicit wavelengths and fetch settings. Default for ``gee``: ``SensorSpec()``
             (DOFA's 9 bands from ``COPERNICUS/S2_SR_HARMONIZED``); for ``local``: the
@@ -1399,7 +1407,7 @@ def get_embedding(
         ModelError: unknown model / variant (``""`` included) / output mode / backend, wrong
             ``input_chw`` rank, channel count different from ``sensor.bands``, missing inputs,
             a region whose chip exceeds :func:`max_pixels` (``local``, ``stac``; refused
-            before reading).
+            before reading), ``temporal`` over a ``local`` scene without a date.
         BandError: wavelengths that cannot be inferred (or bands without DOFA statistics).
         ReflectanceError: input already scaled to [0, 1] (valid values all within [0, 2]).
         LookupError: no data for the region and dates.

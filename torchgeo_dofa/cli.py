@@ -608,7 +608,13 @@ def embed(
 
     from .__main__ import end_import_pause
     from .datamodules import DOFAPredictDataModule
-    from .datasets import InputError, UnusedFileBandsError, find_raster_inputs
+    from .datasets import (
+        InputError,
+        UndatedScenesError,
+        UnusedFileBandsError,
+        find_raster_inputs,
+        undated_scenes_problem,
+    )
     from .embedder import OUTPUT_KINDS, DOFAEmbedder
     from .jobs import (
         MANIFEST_NAME,
@@ -809,19 +815,27 @@ def embed(
 
         modules = []
         no_file_bands: list[UnusedFileBandsError] = []  # regions of per-band files only
-        for region, subset in zip(regions, point_sets, strict=True):
+        undated: list[str] = []  # files --datetime cannot select, of every region
+        for i, (region, subset) in enumerate(zip(regions, point_sets, strict=True)):
             chosen = (
                 None if subset is None or point_list is None else [point_list[i] for i in subset]
             )
             try:
-                dm = region_module(region, chosen, settings)
-            except UnusedFileBandsError as err:  # the job's other regions may name theirs
-                no_file_bands.append(err)
-                without = {k: v for k, v in settings.items() if k != "file_bands"}
-                dm = region_module(region, chosen, without)
+                try:
+                    dm = region_module(region, chosen, settings)
+                except UnusedFileBandsError as err:  # the job's other regions may name theirs
+                    no_file_bands.append(err)
+                    without = {k: v for k, v in settings.items() if k != "file_bands"}
+                    dm = region_module(region, chosen, without)
+            except UndatedScenesError as err:  # named once, with the other regions' ones
+                undated += err.files
+                continue
             modules.append(dm)
-            if "grid" in out_paths[len(modules) - 1]:
+            if "grid" in out_paths[i]:
                 _refuse_a_sparse_grid(region.name, dm, variant)
+        if undated:
+            asked = f"--datetime {datetime}"
+            raise InputError(undated_scenes_problem(undated, asked, "--datetime"))
         if no_file_bands and len(no_file_bands) == len(regions):  # no region reads them
             raise no_file_bands[0]
         checking.close()

@@ -59,11 +59,13 @@ from torchgeo_dofa.datasets import (
     Sentinel2Base,
     Sentinel2SR,
     TimeRange,
+    UndatedScenesError,
     find_raster_inputs,
     no_scene_within,
     refuse_repeated_bands,
     stack_dofa_samples,
     time_slice,
+    undated_scenes_problem,
     unreadable_input,
 )
 from torchgeo_dofa.runtime import (
@@ -99,6 +101,7 @@ __all__ = [
     "chip_times",
     "read_roi",
     "refuse_mixed_acquisitions",
+    "refuse_undated_scenes",
     "scenes_within",
 ]
 
@@ -247,6 +250,45 @@ def refuse_mixed_acquisitions(
                     "chip would mix them. Give the files as separate inputs (one output "
                     "each), or name the file with its date (e.g. scene_YYYYMMDD.tif)"
                 )
+
+
+def refuse_undated_scenes(
+    dataset: Sentinel2Base,
+    time: TimeRange | slice | None,
+    *,
+    box: BaseGeometry | None = None,
+    asked: str | None = None,
+    option: str = "time=",
+) -> None:
+    """Refuse a time range where scenes have no acquisition date: it cannot select them.
+
+    A scene dated nowhere (no STAC item JSON beside it, no date in its file, item or folder
+    name) spans all time, so the dataset's ``time=`` keeps it whatever the dates: it was
+    embedded as if it matched, alone or beside the dated scenes of the range.
+
+    Args:
+        dataset: the dataset, opened with ``time`` (the scenes of other dates left out).
+        time: the range asked for, or None (nothing to refuse).
+        box: only the scenes meeting this footprint (one chip's), in the dataset's CRS.
+        asked: the range as the caller names it in the message (default ``time=...``).
+        option: the option the message says to leave out.
+
+    Raises:
+        UndatedScenesError: naming the first few undated scenes' files, their count, where a
+            date was looked for and the fixes.
+    """
+    if time is None:
+        return
+    scenes = dataset.index
+    if box is not None:
+        scenes = scenes.iloc[scenes.sindex.query(box, predicate="intersects")]
+    mint, maxt = pd.Timestamp(dataset.mint), pd.Timestamp(dataset.maxt)
+    undated = scenes[(scenes.index.left <= mint) & (scenes.index.right >= maxt)]
+    if undated.empty:
+        return
+    files = [str(p) for p in undated["filepath"]]
+    problem = undated_scenes_problem(files, asked or f"time={time!r}", option)
+    raise UndatedScenesError(problem, files)
 
 
 def _time_hint(day: str) -> str:
@@ -552,7 +594,8 @@ class DOFAPredictDataModule(GeoDataModule):
             stride: distance between grid chips in pixels (default ``patch_size``); with
                 ``preprocess``, a multiple of the output cell (:attr:`cell_px`) so chips land
                 on whole cells of the embedding map.
-            time: optional ``(start, stop)`` or ``"A/B"`` limiting the scenes read.
+            time: optional ``(start, stop)`` or ``"A/B"`` limiting the scenes read (a
+                scene without a date, which no range can select, is refused at setup).
             batch_size: chips per batch.
             num_workers: DataLoader workers.
             transforms: per-sample transforms given to the dataset (e.g. ``DOFAPreprocess``).
@@ -710,8 +753,9 @@ class DOFAPredictDataModule(GeoDataModule):
         Raises:
             MisconfigurationException: for any other stage.
             InputError: for a missing input, an input without raster, a file that cannot be
-                read, a region mixing CRSs (as ``torchgeo-dofa embed`` says it), or scenes
-                of different dates that overlap (:func:`refuse_mixed_acquisitions`).
+                read, a region mixing CRSs (as ``torchgeo-dofa embed`` says it), scenes
+                of different dates that overlap (:func:`refuse_mixed_acquisitions`), or
+                ``time`` given for scenes without a date (:func:`refuse_undated_scenes`).
             ValueError: if the ROI or points miss the rasters.
             BandError: for a band set holding two dates of one band, or, with
                 ``preprocess``, bands without DOFA normalisation statistics and no
@@ -739,6 +783,7 @@ class DOFAPredictDataModule(GeoDataModule):
         dataset = self.dataset_class(**self.kwargs, **timed)
         assert isinstance(dataset, Sentinel2Base)
         refuse_repeated_bands(dataset.bands)
+        refuse_undated_scenes(dataset, self.time)
         refuse_mixed_acquisitions(dataset, self.time)
         if self.preprocess:
             from torchgeo_dofa.transforms import DOFAPreprocess

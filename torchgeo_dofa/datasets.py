@@ -176,6 +176,7 @@ __all__ = [
     "Sentinel2Base",
     "Sentinel2SR",
     "StacItemInfo",
+    "UndatedScenesError",
     "UnusedFileBandsError",
     "band_set_key",
     "concat_dofa_samples",
@@ -188,6 +189,7 @@ __all__ = [
     "refuse_repeated_bands",
     "stack_dofa_samples",
     "time_slice",
+    "undated_scenes_problem",
     "unique_region_names",
 ]
 
@@ -3027,6 +3029,53 @@ def refuse_repeated_bands(bands: Sequence[str]) -> None:
 
 class InputError(ValueError):
     """A bad raster input (missing path, no raster, unreadable file, mixed CRS)."""
+
+
+class UndatedScenesError(InputError):
+    """A time range asked for over scenes without an acquisition date, which it cannot select.
+
+    A scene dated nowhere spans all time in the index, so no range leaves it out: it was
+    embedded as if it matched. :attr:`files` names them, for a caller that words the refusal
+    in its own option (``--datetime``, ``temporal=``): :func:`undated_scenes_problem`.
+    """
+
+    def __init__(self, message: str, files: Sequence[str]) -> None:
+        """Keep the message and the files.
+
+        Args:
+            message: the refusal, one line.
+            files: the undated scenes' files (one per scene), in index order.
+        """
+        super().__init__(message)
+        self.files = list(files)
+
+
+def undated_scenes_problem(files: Sequence[str], asked: str, option: str) -> str:
+    """The refusal of a time range over scenes without an acquisition date.
+
+    Args:
+        files: the undated scenes' files (one per scene).
+        asked: the range as the caller gave it (``--datetime 2023-01-01/2023-12-31``).
+        option: the option to leave out (``--datetime``).
+
+    Returns:
+        One line naming the first few files and their count, where a date was looked for,
+        and the fixes.
+    """
+    one = len(files) == 1
+    subject = files[0] if one else f"{len(files)} scenes ({_first_few(files)})"
+    it, names, give = (
+        ("it", "its file, item or folder name", "it its")
+        if one
+        else ("them", "their file, item or folder names", "each its")
+    )
+    return (
+        f"{asked} cannot apply to {subject}: no acquisition date was found for {it} (no STAC "
+        f"item JSON beside {it}, no date in {names}), so the dates cannot leave {it} out and "
+        f"{it} would be embedded whatever they are: leave out {option}, give only dated files "
+        f"as inputs, or give {give} date (in the file name, e.g. scene_20230601.tif, or a "
+        "STAC item JSON beside it)"
+    )
 
 
 class NoRasterFoundError(DatasetNotFoundError):
