@@ -4224,3 +4224,65 @@ def test_every_file_bands_name_is_read_or_reported(tmp_path, capsys) -> None:
     said = r"file_bands= names QA60, which the default bands \['B2', 'B3', 'B4'\] leave out"
     with pytest.warns(UserWarning, match=said):
         assert main(["embed", str(stack), "-o", str(out), *known, *common]) == 0
+
+
+def test_names_too_long_for_the_file_system_are_one_line(tmp_path, capsys) -> None:
+    """A -o name longer than the file system takes (255 bytes), or an input whose outputs'
+    names in -o (or their parts folders, temporary files, a -o NAME.tif's manifest) would be,
+    failed with the bare "[Errno 36] File name too long" (a temporary file's only once the
+    job had embedded everything): one line naming the name, its length, the limit and the
+    fix, exit 2, before anything is written; a too long input name the same way."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    common = ["--weights", "none", "--no-progress", "--output", "pooled", "--chip-size", "64"]
+
+    def refused(*args: str) -> str:
+        assert main(["embed", *args, *common]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("torchgeo-dofa: error: ") and len(err.splitlines()) == 1, err
+        assert "Errno" not in err
+        assert {p.name for p in tmp_path.iterdir()} <= {"scene.tif", "named"}  # nothing written
+        return err
+
+    with rasterio.open(SCENE) as src:
+        profile = src.profile | {"width": 64, "height": 64}
+        data, names = src.read(window=Window(0, 0, 64, 64)), src.descriptions
+    scene = tmp_path / "scene.tif"
+    with rasterio.open(scene, "w", **profile) as dst:
+        dst.write(data)
+        dst.descriptions = names
+    # -o itself, or a folder on its way
+    long = "o" * (limit + 45)
+    said = (
+        f"the name '{'o' * 40}...{'o' * 16}' is {limit + 45} bytes, more than the {limit} its "
+        "file system takes for a file or folder name: give a shorter -o\n"
+    )
+    assert refused(str(scene), "-o", str(tmp_path / long)).endswith(said)
+    assert refused(str(scene), "-o", str(tmp_path / long / "out")).endswith(said)
+    # an input whose output fits, but not the output's temporary file (38 bytes longer)
+    stem = "i" * (limit - 40)
+    named = tmp_path / "named"
+    named.mkdir()
+    shutil.copy(scene, named / f"{stem}.tif")
+    err = refused(str(named / f"{stem}.tif"), "-o", str(tmp_path / "out"))
+    assert (
+        f"_pooled.parquet: its temporary file '.{'i' * 39}...arquet.<hex>.tmp' would be "
+        f"{limit - 40 + 15 + 38} bytes, more than the {limit} its file system takes for a file "
+        f"or folder name: the outputs in -o are named after their input, '{'i' * 40}..."
+    ) in err
+    assert err.endswith(
+        f"rename that input to at most {limit - 53} bytes, or give it alone with a shorter "
+        "-o NAME.tif\n"
+    )
+    shutil.rmtree(named)
+    # -o NAME.parquet: its manifest's temporary file is 62 bytes longer than the name
+    file = f"{'n' * (limit - 60)}.parquet"
+    err = refused(str(scene), "-o", str(tmp_path / file))
+    assert "the manifest's temporary file '..nnnnnn" in err
+    assert err.endswith(f"give a shorter -o name (at most {limit - 62} bytes)\n")
+    # an input named too long for any file to have it
+    err = refused(str(tmp_path / f"{long}.tif"), "-o", str(tmp_path / "out"))
+    assert f"the name '{'o' * 40}...{'o' * 12}.tif' is {limit + 49} bytes" in err
+    # the longest names that fit are written
+    fits = f"{'n' * (limit - 62 - 8)}.parquet"
+    assert main(["embed", str(scene), "-o", str(tmp_path / fits), *common]) == 0
+    assert (tmp_path / fits).is_file()

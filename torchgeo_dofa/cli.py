@@ -91,6 +91,84 @@ OTHER_FILE_SUFFIXES: tuple[str, ...] = (
 )  # fmt: skip
 
 
+#: A file or folder name's longest length (bytes) where the file system cannot say: Linux's
+#: ext4, XFS, Btrfs, tmpfs, macOS's APFS and Windows' NTFS (in UTF-16 units) all take 255.
+DEFAULT_NAME_MAX = 255
+
+
+def name_limit(folder: str | os.PathLike[str]) -> int | None:
+    """The longest file or folder name (bytes) the file system of ``folder`` takes.
+
+    The nearest existing folder of ``folder`` and its parents is asked
+    (``os.pathconf(..., "PC_NAME_MAX")``): the job makes the rest of the path there.
+
+    Args:
+        folder: a folder, existing or to be made.
+
+    Returns:
+        The limit; :data:`DEFAULT_NAME_MAX` where no folder of the path can tell (no
+        ``os.pathconf``, as on Windows), None where the file system sets none.
+    """
+    here = Path(os.path.abspath(folder))
+    for candidate in (here, *here.parents):
+        try:
+            limit = os.pathconf(candidate, "PC_NAME_MAX")
+        except (OSError, ValueError, AttributeError):  # not there (yet), no pathconf
+            continue
+        return None if limit < 0 else int(limit)
+    return DEFAULT_NAME_MAX
+
+
+def _shortened(name: str) -> str:
+    """A long name for a message: its start and end, enough to tell which it is."""
+    return name if len(name) <= 60 else f"{name[:40]}...{name[-16:]}"
+
+
+def long_name_in(path: str | os.PathLike[str]) -> tuple[str, int, int] | None:
+    """The first file or folder name of ``path`` longer than its file system takes.
+
+    The OS refuses such a path with the bare ``[Errno 36] File name too long``, at the first
+    ``stat`` or ``mkdir``.
+
+    Args:
+        path: a path as given (relative to the working folder, or absolute).
+
+    Returns:
+        ``(name, its length in bytes, the limit)``, or None where every name fits.
+    """
+    given = Path(path)
+    parent = Path(given.anchor) if given.anchor else Path(".")
+    for part in given.parts:
+        if part == given.anchor:
+            continue
+        size, limit = len(os.fsencode(part)), name_limit(parent)
+        if limit is not None and size > limit:
+            return part, size, limit
+        parent = parent / part
+    return None
+
+
+def _long_name_problem(what: str, path: str | os.PathLike[str], fix: str) -> str | None:
+    """The refusal of a path holding a name too long for its file system, or None.
+
+    Args:
+        what: the path as the command names it (``-o out``, ``input 'x.tif'``).
+        path: the path.
+        fix: what to do (``give a shorter -o``).
+
+    Returns:
+        One line naming the name, its length, the file system's limit and ``fix``.
+    """
+    found = long_name_in(path)
+    if found is None:
+        return None
+    name, size, limit = found
+    return (
+        f"{what}: the name {_shortened(name)!r} is {size} bytes, more than the {limit} its "
+        f"file system takes for a file or folder name: {fix}"
+    )
+
+
 def _names_file(output_dir: str | os.PathLike[str]) -> bool:
     """Whether ``-o`` names the output file itself (``x.tif``; ``x.tif/``, ``x.tif/.`` are folders).
 
@@ -158,14 +236,85 @@ def _output_paths(
         named = {
             k: output_dir if k == wanted else output_dir.with_suffix(sibling[k]) for k in kinds
         }
+        _refuse_long_output_names([named], regions, output_dir)
         return _not_inputs([named], inputs, given=output_dir)
     if output_dir.exists() and not output_dir.is_dir():  # a file, a device (/dev/null), a FIFO
         what = "an existing file" if output_dir.is_file() else "not a folder (a device or pipe)"
         raise InputError(f"-o {output_dir} is {what}: give a folder or a .tif name")
     ext = {"grid": "_grid.tif", "pooled": "_pooled.parquet"}
-    return _not_inputs(
-        [{k: output_dir / f"{r.name}{ext[k]}" for k in kinds} for r in regions], inputs
-    )
+    paths = [{k: output_dir / f"{r.name}{ext[k]}" for k in kinds} for r in regions]
+    _refuse_long_output_names(paths, regions, None)
+    return _not_inputs(paths, inputs)
+
+
+#: The random part of a temporary file's name (:func:`~torchgeo_dofa.writers.temp_path`).
+_TEMP_HEX = re.compile(r"\.[0-9a-f]{32}\.tmp$")
+
+
+def _refuse_long_output_names(
+    paths: list[dict[str, Path]], regions: Sequence[RasterInput], named: Path | None
+) -> None:
+    """Refuse outputs the job could not make: a name too long for the file system.
+
+    The OS refused them with the bare ``[Errno 36] File name too long``. Beside each output
+    the writers make its parts folder (``<name>.parts``) and its temporary file
+    (``.<name>.<32 hex digits>.tmp``, 38 bytes longer than the name); ``-o NAME.tif`` adds
+    the job's manifest ``.NAME.tif.torchgeo-dofa-job.json`` and that one's temporary file.
+    The ``-o`` folder's own names are checked with the options (:func:`option_problem`).
+
+    Args:
+        paths: per region, the output files (as :func:`_output_paths` names them).
+        regions: the regions, in that order (their names name the outputs in a folder).
+        named: ``-o NAME.tif`` (the file named), or None for a folder.
+
+    Raises:
+        InputError: naming the output, the name too long, its length, the file system's limit
+            and the fix: a shorter ``-o`` name, or a shorter input name (the outputs in a
+            folder are named after their input).
+    """
+    from .datasets import InputError
+    from .jobs import MANIFEST_NAME
+    from .writers import parts_dir, temp_path
+
+    for region, outputs in zip(regions, paths, strict=True):
+        base = named.name if named is not None else region.name  # the name to shorten
+        made: list[tuple[Path, str, Path]] = []  # (output, what, the path made for it)
+        for path in outputs.values():
+            made += [
+                (path, "its name", path),
+                (path, "its parts folder", parts_dir(path)),
+                (path, "its temporary file", temp_path(path)),
+            ]
+        if named is not None:
+            manifest = named.with_name(f".{named.name}{MANIFEST_NAME}")
+            made += [
+                (named, "its job manifest", manifest),
+                (named, "the manifest's temporary file", temp_path(manifest)),
+            ]
+        limit = name_limit(made[0][0].parent)  # every name is made in the outputs' folder
+        if limit is None:
+            continue
+        sizes = [len(os.fsencode(p.name)) for _, _, p in made]
+        too_long = [k for k, size in enumerate(sizes) if size > limit]
+        if not too_long:
+            continue
+        path, what, made_path = made[too_long[0]]
+        # the longest the name may be for every name made from it to fit
+        most = max(1, limit - (max(sizes) - len(os.fsencode(base))))
+        if named is not None:
+            fix = f"give a shorter -o name (at most {most} bytes)"
+        else:
+            fix = (
+                f"the outputs in -o are named after their input, {_shortened(base)!r} here: "
+                f"rename that input to at most {most} bytes, or give it alone with a shorter "
+                "-o NAME.tif"
+            )
+        shown = _shortened(_TEMP_HEX.sub(".<hex>.tmp", made_path.name))
+        raise InputError(
+            f"output {_shortened(str(path))}: {what} {shown!r} would be {sizes[too_long[0]]} "
+            f"bytes, more than the {limit} its file system takes for a file or folder name: "
+            f"{fix}"
+        )
 
 
 def _not_inputs(
@@ -249,9 +398,10 @@ def option_problem(
     """The first problem among ``embed``'s arguments that needs no raster read, or None.
 
     Checked by the command line before PyTorch loads and by :func:`embed`: an empty or missing
-    input, weights file, points file or output name, no input at all, options that do not go
-    together, a chip size off the model's 16-pixel patch grid, a device count below 1 or a
-    ``--devices`` value Lightning would not read.
+    input, weights file, points file or output name, one holding a name longer than its file
+    system takes (:func:`long_name_in`), no input at all, options that do not go together, a
+    chip size off the model's 16-pixel patch grid, a device count below 1 or a ``--devices``
+    value Lightning would not read.
 
     Args:
         inputs: input files or folders (each must exist).
@@ -278,12 +428,21 @@ def option_problem(
     for raw in inputs:
         if not str(raw).strip():  # Path("") is the working folder
             return "an input is an empty string: give GeoTIFF/JP2 files or folders"
+        shown = _shortened(str(raw))
+        if long := _long_name_problem(f"input {shown!r}", raw, "no such file can exist"):
+            return f"{long}: check the path"
         if not Path(raw).exists():
             return f"input {str(raw)!r} does not exist"
     if not inputs and stac is None:
         return "no input: give GeoTIFF/JP2 files or folders, or --stac URL"
     if output_dir is not None and not str(output_dir).strip():
         return "-o is an empty string: give an output folder, or a NAME.tif / NAME.parquet"
+    if output_dir is not None and (
+        long := _long_name_problem(
+            f"-o {_shortened(os.fspath(output_dir))}", output_dir, "give a shorter -o"
+        )
+    ):
+        return long
     if output_dir is not None and (other := _other_format_problem(os.fspath(output_dir))):
         return other
     if stac is not None and (bbox is None or datetime is None):
@@ -316,12 +475,21 @@ def option_problem(
         return "--weights is an empty string: give official, none or a checkpoint file"
     if weights is not None and str(weights) != "official":
         found = Path(weights).expanduser()  # as resolve_weights reads it
+        shown = _shortened(str(weights))
+        if long := _long_name_problem(f"--weights {shown}", found, "no such file can exist"):
+            return f"{long}: check the path"
         if not found.exists():
             return f"weights file {str(weights)!r} does not exist"
         if not found.is_file() and not found.is_dir():  # /dev/null, a pipe
             return f"--weights {str(weights)!r} is not a file (a device or pipe): give a checkpoint"
     if points is not None and not str(points).strip():
         return "--points is an empty string: give a CSV or GeoJSON file"
+    if points is not None and (
+        long := _long_name_problem(
+            f"--points {_shortened(str(points))}", points, "no such file can exist"
+        )
+    ):
+        return f"{long}: check the path"
     if points is not None and not Path(points).is_file():
         what = "is a folder" if Path(points).is_dir() else "does not exist"
         return f"points file {str(points)!r} {what}: give a CSV or GeoJSON file"
