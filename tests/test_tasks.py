@@ -1953,3 +1953,62 @@ def test_a_fit_refused_at_its_first_batch_leaves_no_run_folder(tmp_path: Path) -
     said = "torchgeo-dofa: warning: layer_decay=0.75 is ignored with mode='linear-probe'"
     assert any(line.startswith(said) for line in done.stderr.splitlines()), done.stderr[-3000:]
     assert not list(tmp_path.glob("logs/*/version_*")), list(tmp_path.rglob("*"))
+
+
+def test_a_fit_refused_by_its_settings_or_data_leaves_no_new_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The synthetic data module checked its settings at setup, after the logger made
+    logs/<name>/version_N: a refused run (exit 2) left it empty, taken for a run, the next
+    run's folder the one after. Now they are checked as it is built, before the trainer;
+    a refusal by a data module's setup (TorchGeo's dataset not found) removes the empty
+    folder its logger made; an earlier run's empty folder is kept."""
+    from torchgeo.datasets.errors import DatasetNotFoundError
+
+    from torchgeo_dofa.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "logs" / "dofa-linear-probe-synthetic"
+    (runs / "version_0").mkdir(parents=True)  # an earlier run's, empty: kept
+
+    def only_the_earlier_folder() -> None:
+        assert [p.name for p in runs.iterdir()] == ["version_0"], sorted(tmp_path.rglob("*"))
+        assert not list((runs / "version_0").iterdir())
+
+    fit = [
+        "fit", "--config", str(CONFIGS / "finetune_classification.yaml"),
+        "--data.init_args.num_samples", "8", "--data.init_args.batch_size", "2",
+        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+    ]  # fmt: skip
+    refused = [
+        (["--data.init_args.num_samples", "0"], "num_samples 0 (needs >= 1)"),
+        (["--data.init_args.size", "0"], "size 0 (needs >= 1 pixel)"),
+        (["--data.init_args.bands", "[]"], "bands [] (needs at least one band)"),
+        (
+            ["--data.init_args.task", "segmentation", "--data.init_args.cell_size", "0"],
+            "cell_size 0 (needs >= 1 pixel)",
+        ),
+        (["--data.init_args.num_classes", "1"], "num_classes 1 (needs >= 2)"),
+    ]
+    for args, said in refused:
+        assert main([*fit, *args]) == 2, args
+        only_the_earlier_folder()
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line == f"torchgeo-dofa: error: synthetic chips cannot be made with {said}", line
+    # refused by the optimizer (the folder held config.yaml), by the data loader
+    for args in (["--model.init_args.lr", "-1"], ["--data.init_args.batch_size", "0"]):
+        assert main([*fit, *args]) == 2, args
+        only_the_earlier_folder()
+    # a data module whose setup finds no dataset: the logger had made the run's folder
+    eurosat = {
+        "class_path": "torchgeo.datamodules.EuroSATDataModule",
+        "init_args": {"batch_size": 2},
+        "dict_kwargs": {"root": str(tmp_path / "no-eurosat")},
+    }
+    for args in ([], ["--trainer.logger.init_args.version", "0"]):  # an earlier run's: kept
+        with pytest.raises(DatasetNotFoundError):
+            main([*fit, "--data", json.dumps(eurosat), *args])
+        only_the_earlier_folder()
+    with pytest.raises(ValueError, match=r"^synthetic chips cannot be made with size 0 \("):
+        SpectralDataModule(size=0)  # as it is built, not at setup

@@ -1621,7 +1621,8 @@ class _RunFolder:
     checkpoint is restored and checked: a fit refused then (a diverged optimizer state, a
     checkpoint of another task) left a ``version_N`` folder holding only that file, to be
     taken for a run; one refused at its first batch or epoch end, that file and the
-    logger's ``hparams.yaml``.
+    logger's ``hparams.yaml``; one refused by its data module's setup (a dataset not found,
+    settings checked there), an empty folder: the logger makes it just before.
     """
 
     folder: Path | None
@@ -1646,10 +1647,12 @@ class _RunFolder:
 
         Only where the run's folder holds nothing but its settings (LightningCLI's
         ``config.yaml``; the logger's ``hparams.yaml``, written as training starts, before
-        the first batch: no checkpoint, no metric) and held no ``config.yaml`` before;
-        folders that existed before the run are kept. ``metrics_too``: its ``metrics.csv``
-        goes too (a first epoch refused for want of labels, no checkpoint saved: loss 0 and
-        NaN, nothing to keep), where the run made the folder (an existing one keeps it).
+        the first batch: no checkpoint, no metric) and held no ``config.yaml`` before, or
+        is empty and was made by this run (the logger made it before the data module's
+        setup refused the run); folders that existed before the run are kept.
+        ``metrics_too``: its ``metrics.csv`` goes too (a first epoch refused for want of
+        labels, no checkpoint saved: loss 0 and NaN, nothing to keep), where the run made
+        the folder (an existing one keeps it).
         """
         folder = self.folder
         if folder is None or self.had_config or not folder.is_dir():
@@ -1660,7 +1663,7 @@ class _RunFolder:
         )
         with contextlib.suppress(OSError):
             names = {p.name for p in folder.iterdir()}
-            if "config.yaml" not in names or not names <= removable:
+            if not ("config.yaml" in names or new_folder) or not names <= removable:
                 return
             for name in names:
                 (folder / name).unlink()

@@ -167,6 +167,50 @@ def normalise_reflectance(image: Tensor, bands: Sequence[str]) -> Tensor:
     return (scaled - mean.reshape(shape)) / std.reshape(shape)
 
 
+def _check_settings(
+    task: str,
+    num_classes: int,
+    bands: Sequence[str],
+    size: int,
+    num_samples: int,
+    cell_size: int,
+) -> None:
+    """Refuse settings :class:`SpectralChips` cannot generate chips for.
+
+    Shared by :class:`SpectralChips` and :class:`SpectralDataModule`, whose own check runs
+    when it is built: a ``fit --config`` run refused only at the data module's setup had
+    already made the logger's ``version_N`` folder.
+
+    Args:
+        task: ``classification``, ``multilabel`` or ``segmentation``.
+        num_classes: number of classes (at least 2).
+        bands: band names (at least one).
+        size: chip side in pixels (at least 1).
+        num_samples: number of training chips (at least 1).
+        cell_size: side of segmentation mask squares (at least 1).
+
+    Raises:
+        ValueError: for an unknown task, or any of the others out of range (all named).
+    """
+    if task not in ("classification", "multilabel", "segmentation"):
+        raise ValueError(
+            f"unknown task {task!r}: choose classification, multilabel or segmentation"
+        )
+    wrong = [
+        f"{name} {value!r} (needs {need})"
+        for name, value, bad, need in (
+            ("num_classes", num_classes, num_classes < 2, ">= 2"),
+            ("bands", list(bands), len(bands) < 1, "at least one band"),
+            ("size", size, size < 1, ">= 1 pixel"),
+            ("num_samples", num_samples, num_samples < 1, ">= 1"),
+            ("cell_size", cell_size, cell_size < 1, ">= 1 pixel"),
+        )
+        if bad
+    ]
+    if wrong:
+        raise ValueError("synthetic chips cannot be made with " + ", ".join(wrong))
+
+
 class SpectralChips(NonGeoDataset):
     """Synthetic chips whose classes differ by their reflectance spectrum.
 
@@ -212,12 +256,7 @@ class SpectralChips(NonGeoDataset):
         """
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: choose one of {list(SPLITS)}")
-        if task not in ("classification", "multilabel", "segmentation"):
-            raise ValueError(
-                f"unknown task {task!r}: choose classification, multilabel or segmentation"
-            )
-        if num_classes < 2 or size < 1 or num_samples < 1 or cell_size < 1:
-            raise ValueError("num_classes >= 2 and positive size, num_samples, cell_size needed")
+        _check_settings(task, num_classes, bands, size, num_samples, cell_size)
         self.split = split
         self.task = task
         self.num_classes = num_classes
@@ -322,8 +361,14 @@ class SpectralDataModule(NonGeoDataModule):
             brightness: per-chip brightness spread.
             cell_size: side of segmentation mask squares.
             seed: base random seed.
+
+        Raises:
+            ValueError: for an unknown task, fewer than 2 classes, no band, or a size,
+                num_samples or cell_size below 1 (here, not at setup: before a ``fit``
+                run's trainer makes its log folder).
         """
         chosen = tuple(bands) if bands is not None else EUROSAT_BANDS
+        _check_settings(task, num_classes, chosen, size, num_samples, cell_size)
         super().__init__(
             SpectralChips,
             batch_size,
