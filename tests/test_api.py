@@ -169,6 +169,46 @@ def test_meta_records_provenance(tensor_a) -> None:
     json.dumps(meta)  # plain, serialisable values
 
 
+def test_local_meta_records_the_acquisition_span(tmp_path, tensor_a) -> None:
+    """``meta`` had the requested ``temporal`` range only, not when the pixels were acquired.
+    Now ``acquisition_start`` / ``acquisition_end`` (ISO 8601 UTC) are the span of the
+    scenes the chip read, as the ``temporal`` selection dates them (a name's day, or its
+    second); None for an undated file and the tensor backend."""
+    from tests.scenes import dated_copies
+
+    folder = tmp_path / "dated"
+    dated_copies(
+        folder,
+        [
+            ("T33UVP_20220614.tif", 0.0, 0),
+            ("T33UVP_20211015T101559.tif", 0.0, 300),
+            ("undated.tif", 0.0, 0),
+        ],
+    )
+    with rasterio.open(folder / "undated.tif") as src:
+        point = _centre_point(tuple(src.bounds))
+    kwargs: dict[str, Any] = dict(spatial=point, weights=None, device="cpu")
+    day = get_embedding("dofa", paths=folder / "T33UVP_20220614.tif", **kwargs)  # that day
+    assert (day.meta["acquisition_start"], day.meta["acquisition_end"]) == (
+        "2022-06-14T00:00:00Z",
+        "2022-06-14T23:59:59.999999Z",
+    )
+    # two dated inputs, temporal picks one: the span of the scene read, to its second
+    timed = get_embedding(
+        "dofa", paths=[folder / "T33UVP_20211015T101559.tif", folder / "T33UVP_20220614.tif"],
+        temporal=TemporalSpec.range("2021-10-01", "2021-11-01"), **kwargs,
+    )  # fmt: skip
+    assert timed.meta["source"] == [str(folder / "T33UVP_20211015T101559.tif")]
+    assert (timed.meta["acquisition_start"], timed.meta["acquisition_end"]) == (
+        "2021-10-15T10:15:59Z",
+        "2021-10-15T10:15:59.999999Z",
+    )
+    undated = get_embedding("dofa", paths=folder / "undated.tif", **kwargs)
+    assert undated.meta["acquisition_start"] is None and undated.meta["acquisition_end"] is None
+    meta = tensor_a.pooled.meta
+    assert meta["acquisition_start"] is None and meta["acquisition_end"] is None
+
+
 def test_pooled_norm_conventions(chip_a, weights, tensor_a) -> None:
     """'trained' = checkpoint norm on the token mean (rs-embed); 'plain' = no affine."""
     import torch

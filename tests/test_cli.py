@@ -164,6 +164,58 @@ def test_oblong_pixels_give_oblong_cells(tmp_path: Path, base_checkpoint) -> Non
     assert set(widths) == {2240.0} and set(heights) == {4480.0}
 
 
+def test_outputs_record_the_inputs_acquisition_span(tmp_path: Path) -> None:
+    """The grid GeoTIFF had no acquisition date (the pooled table had its chips' times):
+    now ``acquisition_start`` / ``acquisition_end`` (ISO 8601 UTC) in both (the table's
+    metadata), for the scenes read (those --datetime selects), and GDAL's IMAGERY
+    ``ACQUISITIONDATETIME`` where the inputs date them to the second; an undated input gets
+    none of them."""
+    series, single = tmp_path / "series", tmp_path / "single"
+    dated_copies(series, [("T33UVP_20210101.tif", 0.0, 0), ("T33UVP_20230601.tif", 0.0, 300)])
+    dated_copies(single, [("T33UVP_20220614T101559.tif", 0.0, 0), ("undated.tif", 0.0, 0)])
+    out = tmp_path / "out"
+    common = ["--weights", "none", "--no-progress", "-o"]
+    when = ["--datetime", "2023-06-01/2023-06-01"]
+    assert main(["embed", str(series), *common, str(out / "series"), *when]) == 0
+    for name in ("T33UVP_20220614T101559", "undated"):
+        assert main(["embed", str(single / f"{name}.tif"), *common, str(out / name)]) == 0
+    day = ("2023-06-01T00:00:00Z", "2023-06-01T23:59:59.999999Z")  # not 2021's too
+    second = ("2022-06-14T10:15:59Z", "2022-06-14T10:15:59.999999Z")
+    for name, span, imagery in [
+        ("series", day, {}),  # a date without a time of day: no instant
+        ("T33UVP_20220614T101559", second, {"ACQUISITIONDATETIME": "2022-06-14 10:15:59"}),
+        ("undated", None, {}),
+    ]:
+        with rasterio.open(out / name / f"{name}_grid.tif") as src:
+            tags = src.tags()
+            got = tags.get("acquisition_start"), tags.get("acquisition_end")
+            assert got == (span or (None, None)), (name, tags)
+            assert src.tags(ns="IMAGERY") == imagery, name
+        table = gpd.read_parquet(out / name / f"{name}_pooled.parquet")
+        attrs = table.attrs
+        assert (attrs.get("acquisition_start"), attrs.get("acquisition_end")) == got, name
+        if span is None:
+            assert table.time_start.isna().all() and table.time_end.isna().all()
+        else:
+            assert {str(v) for v in table.time_start} == {
+                str(pd.Timestamp(span[0]).tz_convert("UTC"))
+            }
+    # not part of the job's identity (it follows from the inputs): parts written without it
+    # (an earlier release's) are this job's; the resumed job tags its outputs all the same
+    timed, resumed = single / "T33UVP_20220614T101559.tif", tmp_path / "resumed"
+    kwargs: dict[str, Any] = dict(weights=None, seed=0, batch_size=1, progress=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        embed([timed], resumed, callbacks=[CrashAfterBatch()], **kwargs)
+    for parts in resumed.glob("*.parts"):
+        identity = json.loads((parts / "job-identity").read_text())
+        assert "bands" in identity and not {"acquisition_start", "acquisition_end"} & {*identity}
+    summary = embed([timed], resumed, **kwargs)
+    assert (summary.skipped, summary.chips) == (1, 3)
+    with rasterio.open(resumed / f"{timed.stem}_grid.tif") as src:
+        assert (src.tags()["acquisition_start"], src.tags()["acquisition_end"]) == second
+    assert embed([timed], resumed, **kwargs).chips == 0  # finished: nothing redone
+
+
 def test_a_time_series_of_one_place_is_refused_and_datetime_picks_a_date(
     tmp_path: Path, capsys, base_checkpoint
 ) -> None:

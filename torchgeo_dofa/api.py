@@ -66,6 +66,10 @@ local backend's ``meta["source"]`` lists the files the chip's pixels came from (
 :meth:`~torchgeo_dofa.datasets.Sentinel2Base.read_chip_with_sources`). A dataset subclass that
 overrides ``read_chip`` is read through it; ``meta["source"]`` then lists every file of the
 scenes the chip meets (:meth:`~torchgeo_dofa.datasets.Sentinel2Base.scene_files`).
+``meta["acquisition_start"]`` / ``meta["acquisition_end"]``: the acquisition span (ISO 8601
+UTC) of those scenes, as ``temporal`` dates them
+(:func:`~torchgeo_dofa.datamodules.acquisition_span`); None where one has no date and for
+the other backends.
 """
 
 from __future__ import annotations
@@ -98,7 +102,13 @@ from torch import Tensor
 
 from ._warnings import warn
 from .bands import DOFA_S2_BANDS, BandError, check_unique_bands
-from .datamodules import RegionSampler, refuse_mixed_acquisitions, refuse_undated_scenes
+from .datamodules import (
+    RegionSampler,
+    acquisition_span,
+    refuse_mixed_acquisitions,
+    refuse_undated_scenes,
+    scenes_within,
+)
 from .datasets import (
     EarthEngineS2,
     InputError,
@@ -715,6 +725,9 @@ def _prepare(
         },
         "valid_fraction": round(fraction, 6),
         "empty": bool(out["empty"]),
+        # when the pixels were acquired (ISO 8601 UTC): the local backend's dated scenes set it
+        "acquisition_start": None,
+        "acquisition_end": None,
     }
     if "grid_transform" in out:
         meta["grid_transform"] = [float(v) for v in out["grid_transform"][:6]]
@@ -921,6 +934,24 @@ def _one_day_spec(day: str) -> str:
     return f"temporal=TemporalSpec.range('{day}', '{after}')"
 
 
+def _acquisition_of(ds: Sentinel2Base, ts: slice, files: Sequence[str]) -> tuple[str, str] | None:
+    """The acquisition span of the scenes within ``ts`` that gave a chip ``files``.
+
+    Args:
+        ds: the dataset read.
+        ts: the chip's time slice.
+        files: the files its pixels came from (``meta["source"]``).
+
+    Returns:
+        ``(start, end)`` ISO 8601 UTC (:func:`~torchgeo_dofa.datamodules.acquisition_span`),
+        or None where one of those scenes has no date, or none is found.
+    """
+    wanted = {os.path.abspath(f) for f in files}
+    scenes = scenes_within(ds, ts)
+    read = [any(os.path.abspath(p) in wanted for p, _ in s) for s in scenes["sources"]]
+    return acquisition_span(ds, scenes[read])
+
+
 def _prepare_local(
     ds: Sentinel2Base,
     spatial: Region,
@@ -992,9 +1023,12 @@ def _prepare_local(
         transform=raw["transform"],
         sensor=sensor,
     )
+    span = _acquisition_of(ds, ts, files)
     prepared.meta.update(
         {
             "source": files,  # the files the chip's pixels came from
+            "acquisition_start": None if span is None else span[0],
+            "acquisition_end": None if span is None else span[1],
             "dataset": type(ds).__name__,
             "crs": crs_name(crs),
             "transform": [float(v) for v in raw["transform"][:6]],

@@ -97,6 +97,7 @@ __all__ = [
     "RegionSampler",
     "RoiArray",
     "TimeRange",
+    "acquisition_span",
     "chip_time",
     "chip_times",
     "read_roi",
@@ -127,6 +128,40 @@ def scenes_within(dataset: Sentinel2Base, time: TimeRange | slice | None) -> Any
         return index
     wanted = pd.Interval(pd.Timestamp(tslice.start), pd.Timestamp(tslice.stop), closed="both")
     return index[index.index.overlaps(wanted)]
+
+
+def _iso_utc(value: Any) -> str:
+    """A time bound as ISO 8601 UTC text (``2017-09-14T09:30:29Z``); naive times are UTC."""
+    stamp = pd.Timestamp(value)
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    return stamp.isoformat().replace("+00:00", "Z")
+
+
+def acquisition_span(dataset: Sentinel2Base, scenes: Any = None) -> tuple[str, str] | None:
+    """When the scenes were acquired: the earliest start and latest end of their spans.
+
+    A scene's span is the one the ``time`` / ``--datetime`` selection uses: a STAC item's
+    ``datetime`` (its second) or ``start_datetime`` / ``end_datetime``, else a date in its
+    name (that day, or that second for ``YYYYMMDDTHHMMSS``). A scene without a date spans
+    all time, so the span of scenes that include one is unknown.
+
+    Args:
+        dataset: the dataset.
+        scenes: some of its index rows (default: all of them).
+
+    Returns:
+        ``(start, end)`` as ISO 8601 UTC text (the end inclusive, e.g.
+        ``2017-09-14T23:59:59.999999Z`` for a date-only name), or None where a scene has no
+        date or there is no scene.
+    """
+    rows = dataset.index if scenes is None else scenes
+    if not len(rows):
+        return None
+    spans = rows.index
+    mint, maxt = pd.Timestamp(dataset.mint), pd.Timestamp(dataset.maxt)
+    if bool(((spans.left <= mint) | (spans.right >= maxt)).any()):
+        return None
+    return _iso_utc(spans.left.min()), _iso_utc(spans.right.max())
 
 
 def _dated_scenes(dataset: Sentinel2Base, time: TimeRange | None) -> Any:
@@ -904,14 +939,16 @@ class DOFAPredictDataModule(GeoDataModule):
         return GridGeometry.for_chips(crs, chips, res, self.cell_px)
 
     def output_tags(self) -> dict[str, str]:
-        """What every output records about its inputs: bands, wavelengths, source files.
+        """What every output records about its inputs: bands, wavelengths, source files, dates.
 
         Returns:
             JSON-encoded ``bands``, ``wavelengths`` (um), ``sources`` (absolute paths) and
             ``source_bands`` (one list per source, in the order of ``sources``: the file's
             band, counted from 1, read for each of ``bands``; 0 where that file does not give
-            it: what ``torchgeo-dofa preview`` draws from), and the ``stac_*`` provenance tags
-            of STAC composites among the sources.
+            it: what ``torchgeo-dofa preview`` draws from), the ``stac_*`` provenance tags
+            of STAC composites among the sources, and ``acquisition_start`` /
+            ``acquisition_end`` (ISO 8601 UTC: :func:`acquisition_span` of the scenes read,
+            those within ``time``) where every one of them is dated (none otherwise).
 
         Raises:
             RuntimeError: before :meth:`setup`.
@@ -931,6 +968,9 @@ class DOFAPredictDataModule(GeoDataModule):
         for path in sources:  # a STAC composite's provenance (items, dates, rule) travels on
             with rasterio.open(path) as src:
                 tags |= {k.lower(): v for k, v in src.tags().items() if k.startswith("STAC_")}
+        span = acquisition_span(dataset)
+        if span is not None:
+            tags["acquisition_start"], tags["acquisition_end"] = span
         return tags
 
     def job_identity(self) -> dict[str, str]:

@@ -82,6 +82,18 @@ __all__ = [
 #: in neither part suffix).
 PARTS_IDENTITY = "job-identity"
 
+#: Output tags left out of a job's identity: the weights (identified by content, as
+#: ``weights_crc32``) and the inputs' acquisition span (it follows from the source files,
+#: which the identity names by path, size and modification time, and changes no chip's
+#: values: parts written before it was recorded are this job's).
+_NOT_IDENTITY = frozenset({"weights", "acquisition_start", "acquisition_end"})
+
+#: The longest acquisition span recorded as one instant, GDAL's ``ACQUISITIONDATETIME``
+#: (IMAGERY metadata domain) in a grid GeoTIFF: scenes dated to the second (a STAC
+#: ``datetime``, ``YYYYMMDDTHHMMSS`` in a name; the tiles of one pass, seconds apart). A
+#: date without a time of day spans its day and is not one (its time is not known).
+IMAGERY_INSTANT = pd.Timedelta(minutes=1)
+
 
 class PartsMismatchError(ValueError):
     """The parts folder of an output holds chips of another job (other weights, bands ...)."""
@@ -677,9 +689,10 @@ class _PartsWriter(BasePredictionWriter):
         # in the output, not only in the embed job's hidden manifest
         self.metadata["precision"] = str(trainer.precision)
         # what the parts depend on: the model's tags and its weights by content (not the
-        # file's name), the data module's settings (job_identity: sources by resolved path,
-        # size and mtime as the embed job's manifest identifies them), the chips
-        self._job = {k: str(v) for k, v in self.metadata.items() if k != "weights"}
+        # file's name; nor the acquisition span: see _NOT_IDENTITY), the data module's
+        # settings (job_identity: sources by resolved path, size and mtime as the embed
+        # job's manifest identifies them), the chips
+        self._job = {k: str(v) for k, v in self.metadata.items() if k not in _NOT_IDENTITY}
         inputs: list[str] = []
         if "sources" in self._job:
             inputs = sorted(str(Path(p).resolve()) for p in json.loads(self._job["sources"]))
@@ -1491,6 +1504,7 @@ class GridWriter(_PartsWriter):
             # CPU): the assembly thread already overlaps the single-threaded compression
         }
         tags = {k: _tag(v) for k, v in self.metadata.items()}
+        imagery = _imagery_tags(self.metadata)
         wins = list(_windows(geom.height, geom.width, block_h, block_w))  # the file's blocks
         digests: list[bytes] = []
 
@@ -1500,6 +1514,8 @@ class GridWriter(_PartsWriter):
                 for w, name in enumerate(descriptions):
                     dst.set_band_description(w + 1, name)
                 dst.update_tags(**tags)
+                if imagery:
+                    dst.update_tags(ns="IMAGERY", **imagery)
                 self._decorate(dst, depth)
                 # the next window is assembled (numpy) while GDAL compresses this one; both
                 # release the GIL, so assembly mostly overlaps the write
@@ -1523,8 +1539,10 @@ class GridWriter(_PartsWriter):
                         f"read back (count, height, width, dtype, crs, transform) "
                         f"{got}, wrote {want}"
                     )
-                if src.descriptions != descriptions or any(
-                    src.tags().get(k) != v for k, v in tags.items()
+                if (
+                    src.descriptions != descriptions
+                    or any(src.tags().get(k) != v for k, v in tags.items())
+                    or any(src.tags(ns="IMAGERY").get(k) != v for k, v in imagery.items())
                 ):
                     raise ValueError("read back other band descriptions or tags than written")
                 if len(wins) != len(digests):
@@ -2666,6 +2684,31 @@ def _digest(array: np.ndarray) -> bytes:
     if array.size:
         crc = zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"), crc)  # no copy
     return crc.to_bytes(4, "big")
+
+
+def _imagery_tags(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """GDAL's IMAGERY-domain tags for an output's ``acquisition_start`` / ``_end`` tags.
+
+    ``ACQUISITIONDATETIME`` (``YYYY-MM-DD HH:MM:SS``, UTC: GDAL's spelling) is the span's
+    start where the span is shorter than :data:`IMAGERY_INSTANT`; nothing otherwise (a
+    date-only span, no span, text that is not an ISO 8601 time).
+
+    Args:
+        metadata: the output's tags.
+
+    Returns:
+        The tags for ``update_tags(ns="IMAGERY", ...)``; empty where there are none.
+    """
+    start, end = metadata.get("acquisition_start"), metadata.get("acquisition_end")
+    if not start or not end:
+        return {}
+    try:
+        first, last = pd.Timestamp(str(start)), pd.Timestamp(str(end))
+        if first.tzinfo is None or last.tzinfo is None or last - first >= IMAGERY_INSTANT:
+            return {}
+    except (ValueError, TypeError):
+        return {}
+    return {"ACQUISITIONDATETIME": first.tz_convert("UTC").strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def _tag(value: Any) -> str:
