@@ -3758,6 +3758,42 @@ def test_a_loader_worker_without_shared_memory_is_one_line_naming_the_limit(
     assert not list(tmp_path.rglob("*.tif")) and not list(tmp_path.rglob("*.parquet"))
 
 
+def test_reflectance_scaled_up_is_refused_or_warned_of(tmp_path, base_checkpoint, capsys):
+    """The demo scene x 1e30 (every value clipped to 10000 by DOFA's normalisation: all
+    chips embed alike) ran with exit 0 and no word; x 10 (most values clipped) too. Now x
+    1e30 is one line, exit 2, before any output; x 10 embeds with a warning naming the
+    file's median; the scene itself gets neither."""
+    with rasterio.open(SCENE) as src:
+        profile, data, names = src.profile, src.read().astype(np.float32), src.descriptions
+    profile.update(dtype="float32", nodata=None)
+    for name, factor in (("x1e30", 1e30), ("x10", 10.0)):
+        with rasterio.open(tmp_path / f"{name}.tif", "w", **profile) as dst:
+            dst.write(data * factor)
+            dst.descriptions = names
+    weights = ["--weights", str(base_checkpoint), "--no-progress"]
+    assert main(["embed", str(tmp_path / "x1e30.tif"), "-o", str(tmp_path / "a"), *weights]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(
+        "torchgeo-dofa: error: x1e30.tif: every valid value exceeds 20000 (in [1.06e+32, "
+    ), err
+    assert "Was a scale applied twice" in err[-1] and len(err) == 1, err
+    assert not (tmp_path / "a").exists()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["embed", str(tmp_path / "x10.tif"), "-o", str(tmp_path / "b"), *weights]) == 0
+        warned = [str(w.message) for w in caught if "exceed" in str(w.message)]
+        caught.clear()
+        assert main(["embed", str(SCENE), "-o", str(tmp_path / "c"), *weights]) == 0
+        assert not [w for w in caught if "exceed" in str(w.message)]
+    assert len(warned) == 1 and warned[0].startswith(
+        "x10.tif: more than half of its valid values exceed 10000 (median "
+    ), warned
+    median = float(np.median(data[:, (data != 0).all(axis=0)] * 10))  # all pixels, not decimated
+    said = float(warned[0].split("(median ")[1].split(",")[0])
+    assert abs(said - median) < 0.05 * median, (said, median)  # a decimated read's median
+    assert (tmp_path / "b" / "x10_grid.tif").exists()
+
+
 def test_a_low_open_file_limit_reads_chips_in_the_job_instead_of_hanging(
     tmp_path, base_checkpoint
 ) -> None:

@@ -279,6 +279,13 @@ def test_check_reflectance_follows_the_same_rule() -> None:
     # all-negative input (offset applied twice, dB values) is an error, not a silent embedding
     with pytest.raises(ReflectanceError, match="every valid value is negative"):
         CheckReflectance()({"image": torch.full((3, 8, 8), -500.0)})
+    # all above twice the scale (x 1e30, scaled twice, radiance) is an error; values
+    # beyond 10000 but not all of them beyond 20000 (bright cloud) are reflectance, clipped
+    with pytest.raises(ReflectanceError, match=r"every valid value exceeds 20000 \(in \[2"):
+        CheckReflectance()({"image": torch.from_numpy(np.abs(x) * 1e30 + 2e4 + 1)})
+    bright = torch.full((3, 8, 8), 15000.0)
+    bright[2] = 20000.0  # the top of the rule: not above it
+    assert bool(CheckReflectance()({"image": bright})["valid"].all())
     # all below the floor / all fill: an empty chip, no error
     for value in (-5000.0, -9999.0, 0.0, 65535.0):
         out = CheckReflectance()({"image": torch.full((3, 8, 8), value)})

@@ -1124,11 +1124,15 @@ def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
         dataset: the dataset whose files to check.
         max_side: side of the decimated read, pixels.
 
+    Warns where more than half of a file's valid values exceed
+    :data:`~torchgeo_dofa.transforms.REFLECTANCE_MAX` (they embed as saturated).
+
     Raises:
-        ReflectanceError: naming the file whose valid values all lie in [0, 2].
+        ReflectanceError: naming the file whose valid values all lie in [0, 2], all exceed
+            :data:`~torchgeo_dofa.transforms.SATURATED_MIN` or are all negative.
         InputError: naming a file whose pixels cannot be read (a damaged block).
     """
-    from torchgeo_dofa.transforms import CheckReflectance, ReflectanceError
+    from torchgeo_dofa.transforms import REFLECTANCE_MAX, CheckReflectance, ReflectanceError
 
     paths = sorted({p for sources in dataset.index["sources"] for p, _ in sources})
     for path in paths:
@@ -1144,9 +1148,18 @@ def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
         if valid is not None:
             sample["valid"] = valid
         try:
-            CheckReflectance(nodata=nodata)(sample)
+            checked = CheckReflectance(nodata=nodata)(sample)
         except ReflectanceError as err:
             raise ReflectanceError(f"{os.path.basename(path)}: {err}") from None
+        values = checked["image"][:, checked["valid"]]  # (C, N) valid pixels
+        if values.numel() and float(values.median()) > REFLECTANCE_MAX:
+            _warnings.warn(
+                f"{os.path.basename(path)}: more than half of its valid values exceed "
+                f"{REFLECTANCE_MAX:.0f} (median {float(values.median()):.0f}, read "
+                f"decimated): DOFA clips reflectance at {REFLECTANCE_MAX:.0f}, so those pixels "
+                "embed as saturated. Is the file scaled (x 10, or x 10000 twice) or radiance? "
+                "(A scene of bright cloud or snow can do this.)"
+            )
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,13 @@ REFLECTANCE_MAX = 10000.0
 #: Input whose valid values all lie in [0, this] is taken to be already scaled (an error).
 SCALED_MAX = 2.0
 
+#: Input whose valid values all exceed this is not surface reflectance (an error): Level-2A
+#: reflectance above 1 (10000) is rare even for clouds and snow, which are dark in some band
+#: (snow and ice in the short-wave infrared, below 0.2), and DOFA's pipeline clips at
+#: :data:`REFLECTANCE_MAX`, so every pixel of such a chip would embed alike. Twice the top of
+#: the scale: the real Sentinel-2 test scenes peak at 7236.
+SATURATED_MIN = 2 * REFLECTANCE_MAX
+
 #: Values at or below this (on the reflectance x 10000 scale) are no data. Surface reflectance
 #: is not below -0.1: Sentinel-2 products from processing baseline 04.00 on store
 #: ``reflectance x 10000 + 1000`` in digital numbers 1..65535 (0 is no data), so after the
@@ -557,7 +564,8 @@ class CheckReflectance(nn.Module):
 
     Then, over valid pixels only and per sample, input whose values all lie within [0, 2] is
     rejected (the stack expects raw surface reflectance, not values already scaled to [0, 1]),
-    and so is input whose values are all negative (no surface is darker than 0 in every band:
+    and so is input whose values all exceed :data:`SATURATED_MIN` (scaled twice, radiance)
+    or are all negative (no surface is darker than 0 in every band:
     an offset applied twice, or dB values). A chip without any valid pixel is not an error:
     its ``empty`` flag is set.
 
@@ -592,8 +600,8 @@ class CheckReflectance(nn.Module):
             ``valid_fraction`` set.
 
         Raises:
-            ReflectanceError: if a sample's valid values all lie within [0, 2], or are all
-                negative.
+            ReflectanceError: if a sample's valid values all lie within [0, 2], all exceed
+                :data:`SATURATED_MIN`, or are all negative.
             ValueError: if an existing ``valid`` does not match the image's shape.
         """
         image = _image(sample, "CheckReflectance")
@@ -639,8 +647,8 @@ def check_reflectance_range(
     """Refuse chips whose valid values are not raw surface reflectance; fill invalid pixels.
 
     Per chip, over its valid pixels: values all within [0, :data:`SCALED_MAX`] (reflectance
-    already scaled to [0, 1]) or all negative are refused. Chips without a valid pixel
-    (``empty``) are not judged.
+    already scaled to [0, 1]), all above :data:`SATURATED_MIN` or all negative are refused.
+    Chips without a valid pixel (``empty``) are not judged.
 
     Args:
         image: (C, H, W) or (B, C, H, W) float image.
@@ -671,6 +679,17 @@ def check_reflectance_range(
             f"surface reflectance 0..{REFLECTANCE_MAX:.0f} (e.g. Sentinel-2 L2A digital "
             "numbers), not values already scaled to [0, 1]: multiply by 10000 (or pass the "
             "raw product). If these are fill pixels, pass nodata=<their value>."
+        )
+    bright = (vmin > SATURATED_MIN) & ~empty
+    if bool(bright.any()):
+        lo, hi = _span(vmin, vmax, bright)
+        raise ReflectanceError(
+            f"every valid value exceeds {SATURATED_MIN:.0f} (in [{lo:.4g}, {hi:.4g}])"
+            f"{_where(bright)}: that is not surface reflectance 0..{REFLECTANCE_MAX:.0f}, where "
+            "even clouds and snow are darker in some band, and DOFA clips at "
+            f"{REFLECTANCE_MAX:.0f}, so every pixel would embed alike. Was a scale applied "
+            "twice (x 10000 on values already x 10000), or are these radiances? If these are "
+            "fill pixels, pass nodata=<their value>."
         )
     negative = (vmax < 0) & ~empty
     if bool(negative.any()):
