@@ -230,6 +230,19 @@ def _run_command(tmp_path, *args: str, fast_exit: str | None = None) -> tuple[in
     return proc.returncode, proc.stdout, proc.stderr
 
 
+def test_importing_the_command_registers_no_exit_handler() -> None:
+    """``run_as_command``'s exit handler ends the process and must run last, so nothing may
+    register one before it: importing ``multiprocessing.util`` does (its cleanup of child
+    processes and temporary folders), and the open-file limit's code, first imported before
+    the command ran, would have made that cleanup never run."""
+    code = (
+        "import atexit, sys; n = atexit._ncallbacks(); import torchgeo_dofa.__main__; "
+        "print(atexit._ncallbacks() - n, 'multiprocessing.util' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "False"], out
+
+
 def test_a_command_exits_with_the_status_it_returned(tmp_path) -> None:
     """``python -m torchgeo_dofa`` returned 130 after a Ctrl-C while the libraries loaded, and
     the process died by SIGINT now and then instead (Python does so after ``python -m`` when a

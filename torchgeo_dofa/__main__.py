@@ -317,15 +317,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # this process is the command's: its allocator too, where it predicts
         if sys.argv[1:2] and sys.argv[1] in MALLOC_COMMANDS:
             apply_malloc_defaults()
-        from .runtime import raise_open_file_limit
-
-        raise_open_file_limit()  # a low soft ``ulimit -n`` up to the hard one, as Go does
         return run_as_command(_command)  # before the imports below register exit handlers
     return _command(argv)
 
 
 def _command(argv: Sequence[str] | None = None) -> int:
     apply_openmp_defaults()
+    if argv is None:  # this process is the command's (run_as_command's exit handler is in
+        # place: multiprocessing, imported here, registers its own after it, which runs first)
+        from .runtime import raise_open_file_limit
+
+        raise_open_file_limit()  # a low soft ``ulimit -n`` up to the hard one, as Go does
     if sys.argv and os.path.basename(sys.argv[0]) == "__main__.py":
         sys.argv[0] = "torchgeo-dofa"  # LightningCLI's usage lines name the program by it
     try:
