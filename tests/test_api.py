@@ -583,6 +583,39 @@ def test_low_valid_fraction_warns(tmp_path, chip_a, weights) -> None:
     assert sum("less than 50% valid pixels" in str(w.message) for w in caught) == 1
 
 
+def test_a_point_of_a_pixel_or_two_warns(tmp_path, weights) -> None:
+    """get_embedding(spatial=PointBuffer(lon, lat, buffer_m=5)) read a 1 x 1 px chip, all
+    valid, and stretched it over the model's input without a word: one warning per call."""
+    with rasterio.open(SCENE) as src:
+        b = src.bounds
+    lonlats = [_scene_lonlat(b.left + 1505 + 100 * i, b.bottom + 1505) for i in (0, 1)]
+    tiny = [PointBuffer(*lonlat, buffer_m=5) for lonlat in lonlats]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        emb = get_embedding("dofa", spatial=tiny[0], paths=SCENE, weights=weights, device="cpu")
+    assert emb.meta["input_size_hw"] == [1, 1] and emb.meta["valid_fraction"] == 1.0
+    said = [w for w in caught if "DOFA patch" in str(w.message)]
+    assert len(said) == 1 and said[0].filename == __file__
+    assert str(said[0].message) == (
+        f"1 of 1 input(s) are narrower than one 16-px DOFA patch ({tiny[0]!r}: 1 x 1 px; "
+        "height x width): each fills the model's 224-px input with those few pixels "
+        "(stretched, or repeated when tiled), so its embedding describes their values, not "
+        "the place around them; give a larger region (a PointBuffer's buffer_m= of 8 pixels "
+        "or more; meta['input_size_hw'] gives the size)"
+    )
+    whole = PointBuffer(*_scene_lonlat(b.left + 1505, b.bottom + 1505), 80)  # 16 px: quiet
+    points = [*tiny, whole]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_embeddings_batch("dofa", spatials=points, paths=SCENE, weights=weights, device="cpu")
+        export_batch(
+            spatials=points, models=["dofa"], weights=weights, paths=[SCENE], device="cpu",
+            out_path=tmp_path / "e.parquet",
+        )  # fmt: skip
+    told = [str(w.message) for w in caught if "DOFA patch" in str(w.message)]
+    assert len(told) == 2 and all(t.startswith("2 of 3 input(s) are narrower") for t in told)
+
+
 def test_geometry_conversions_issue_no_deprecation_warning(monkeypatch) -> None:
     """shapely.ops.transform is deprecated in shapely 2.1: no region conversion may use it."""
     monkeypatch.setenv("TORCHGEO_DOFA_MAX_PIXELS", "1")  # refuse at once, after the conversion

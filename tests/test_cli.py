@@ -2305,6 +2305,36 @@ def _scene_lonlat(x: float, y: float) -> tuple[float, float]:
     return float(lon), float(lat)
 
 
+def test_points_of_a_pixel_or_two_warn_once_for_the_job(tmp_path) -> None:
+    """``--points pts.geojson --buffer-m 5`` (1 x 1 px chips at 10 m) embedded without the
+    warning a region smaller than half a chip gets: one line for all its points, naming
+    the option that fixes it."""
+    import torchgeo_dofa.cli as cli
+
+    with rasterio.open(SCENE) as src:
+        b = src.bounds
+    pts = [_scene_lonlat(b.left + 1505 + 100 * i, b.bottom + 1505) for i in range(3)]
+    gj = gpd.GeoDataFrame(geometry=gpd.points_from_xy(*zip(*pts, strict=True)), crs=4326)
+    gj.to_file(tmp_path / "pts.geojson", driver="GeoJSON")
+    args = ["embed", str(SCENE), "--points", str(tmp_path / "pts.geojson"), "--buffer-m", "5",
+            "-o", str(tmp_path / "o"), "--weights", "none", "--no-progress"]  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(args) == 0
+    [said] = [w for w in caught if "point chips" in str(w.message)]
+    with cli._one_line_warnings():
+        shown = warnings.formatwarning(said.message, said.category, said.filename, said.lineno)
+    assert shown.startswith(
+        "torchgeo-dofa: warning: the region ftw_s2_l2a_33N: 3 of 3 point chips are 1 x 1 px "
+        "(0.002% of one 224-px chip, narrower than one 16-px DOFA patch): "
+    ), shown
+    assert shown.endswith(
+        "a larger buffer, --buffer-m 80 or more (8 pixels a side of the point; 1120 gives a "
+        "224-px chip), fits it better\n"
+    ), shown
+    assert len(gpd.read_parquet(tmp_path / "o" / "ftw_s2_l2a_33N_pooled.parquet")) == 3
+
+
 def test_points_csv_and_geojson(tmp_path, base_checkpoint) -> None:
     with rasterio.open(SCENE) as src:
         b = src.bounds

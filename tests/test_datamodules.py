@@ -141,6 +141,31 @@ def test_points_of_different_sizes_need_a_resize_or_batch_size_one() -> None:
     assert batch["image"].shape == (2, 9, 24, 24)
 
 
+def test_points_narrower_than_a_patch_warn_once_for_all_of_them() -> None:
+    """A buffer of about a pixel (buffer_m=5: 1 x 1 px at 10 m) was embedded without a word,
+    while a region smaller than half a chip warns: one warning counts every such point."""
+    x0, y1 = 620000.0, 5702000.0
+    points = [PointBuffer(*lonlat(x0 + 405 + 100 * i, y1 - 305), buffer_m=5) for i in range(3)]
+    points.append(PointBuffer(*lonlat(x0 + 605, y1 - 505), buffer_m=10))  # 2 x 2 px
+    patch = PointBuffer(*lonlat(x0 + 900, y1 - 500), buffer_m=80)  # 16 x 16 px: one patch
+    dm = DOFAPredictDataModule(DATA / "multiband", points=[*points, patch])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("predict")
+    assert [str(w.message) for w in caught if "point chips" in str(w.message)] == [
+        "the region multiband: 4 of 5 point chips are 1 x 1 to 2 x 2 px (at most 0.008% of "
+        "one 224-px chip, narrower than one 16-px DOFA patch): each fills the model's input "
+        "with those few pixels (stretched, or repeated when tiled), so its embedding "
+        "describes their values, not the place around the point; a larger buffer, "
+        "buffer_m=80 or more (8 pixels a side of the point; 1120 gives a 224-px chip), fits "
+        "it better"
+    ]
+    assert [tuple(b["image"].shape[-2:]) for b in dm.predict_dataloader()][-1] == (224, 224)
+    with warnings.catch_warnings():  # a chip of one patch or more: quiet
+        warnings.simplefilter("error")
+        DOFAPredictDataModule(DATA / "multiband", points=[patch]).setup("predict")
+
+
 def test_points_on_an_earth_engine_grid_in_degrees() -> None:
     lon, lat = 4.5 + 100 * fx.EE_RES, 51.0 - 16 * fx.EE_RES
     dm = DOFAPredictDataModule(

@@ -54,7 +54,10 @@ before anything is read or searched (``local`` and ``stac``; ``gee`` has Earth E
 smaller limit); embed larger areas with the ``torchgeo-dofa embed`` job, which tiles them
 into 224 px chips. An embedding whose input has valid pixels but fewer than
 :data:`LOW_VALID_FRACTION` (50 %) of them (``meta["valid_fraction"]``; the rest is outside the
-rasters, no data or masked) gets one warning per call: it mostly describes fill.
+rasters, no data or masked) gets one warning per call: it mostly describes fill. So does
+an input narrower than one 16-px DOFA patch (:data:`~torchgeo_dofa.datamodules.MIN_CHIP_PX`;
+a ``PointBuffer`` of ``buffer_m=5`` at 10 m is 1 x 1 px): its few pixels fill the model's
+whole input, so it describes their values, not a place.
 
 Outputs: ``Embedding.data`` is a numpy array, (D,) for pooled and (D, h, w) for grid output:
 14 x 14 with ``input_prep="resize"``, ``ceil(H/16) x ceil(W/16)`` with ``"tile"``. Grid cells
@@ -103,6 +106,7 @@ from torch import Tensor
 from ._warnings import warn
 from .bands import DOFA_S2_BANDS, BandError, check_unique_bands
 from .datamodules import (
+    MIN_CHIP_PX,
     RegionSampler,
     acquisition_span,
     refuse_mixed_acquisitions,
@@ -1273,6 +1277,12 @@ def _is_sparse(embedding: Embedding) -> bool:
     return not embedding.meta.get("empty") and fraction < LOW_VALID_FRACTION
 
 
+def _is_narrow(embedding: Embedding) -> bool:
+    """An input narrower than one DOFA patch (:data:`MIN_CHIP_PX`) on either side."""
+    height, width = embedding.meta.get("input_size_hw", (MIN_CHIP_PX, MIN_CHIP_PX))
+    return not embedding.meta.get("empty") and min(int(height), int(width)) < MIN_CHIP_PX
+
+
 def _input_label(embedding: Embedding) -> str:
     meta = embedding.meta
     if "index" in meta:
@@ -1284,8 +1294,9 @@ def _input_label(embedding: Embedding) -> str:
 
 
 def _warn_coverage(embeddings: Sequence[Embedding], total: int) -> None:
-    """The warnings of a call: inputs without a valid pixel, and inputs mostly of fill."""
+    """The warnings of a call: inputs without a valid pixel, mostly of fill, or tiny."""
     _warn_empty([e for e in embeddings if e.meta.get("empty")], total)
+    _warn_narrow([e for e in embeddings if _is_narrow(e)], total)
     sparse = [e for e in embeddings if _is_sparse(e)]
     if not sparse:
         return
@@ -1298,6 +1309,24 @@ def _warn_coverage(embeddings: Sequence[Embedding], total: int) -> None:
         f"pixels ({shown}): the rest lies outside the rasters, is no data or masked, so the "
         "embedding mostly describes fill; move or shrink the region onto the data "
         "(meta['valid_fraction'] gives the fraction)",
+        UserWarning,
+    )
+
+
+def _warn_narrow(narrow: Sequence[Embedding], total: int) -> None:
+    """One warning for the inputs of a call narrower than one DOFA patch (a few pixels)."""
+    if not narrow:
+        return
+    shown = ", ".join(
+        f"{_input_label(e)}: {' x '.join(str(v) for v in e.meta['input_size_hw'])} px"
+        for e in narrow[:3]
+    ) + (f" and {len(narrow) - 3} more" if len(narrow) > 3 else "")
+    warn(
+        f"{len(narrow)} of {total} input(s) are narrower than one {MIN_CHIP_PX}-px DOFA patch "
+        f"({shown}; height x width): each fills the model's 224-px input with those few "
+        "pixels (stretched, or repeated when tiled), so its embedding describes their "
+        "values, not the place around them; give a larger region (a PointBuffer's buffer_m= "
+        f"of {MIN_CHIP_PX // 2} pixels or more; meta['input_size_hw'] gives the size)",
         UserWarning,
     )
 
@@ -1435,7 +1464,8 @@ def get_embedding(
 
     Returns:
         The :class:`Embedding`. Warns (``UserWarning``) when its input held no valid pixel,
-        or valid pixels but fewer than :data:`LOW_VALID_FRACTION` of them.
+        valid pixels but fewer than :data:`LOW_VALID_FRACTION` of them, or is narrower than
+        one DOFA patch (a ``PointBuffer`` of a pixel or two).
 
     Raises:
         ModelError: unknown model / variant (``""`` included) / output mode / backend, wrong
@@ -1884,7 +1914,9 @@ def export_batch(
                 if not prepared:
                     continue
                 embeddings = _embed(prepared, cfg, which, warn_coverage=False)
-                all_warned += [e for e in embeddings if e.meta.get("empty") or _is_sparse(e)]
+                all_warned += [
+                    e for e in embeddings if e.meta.get("empty") or _is_sparse(e) or _is_narrow(e)
+                ]
                 n_embedded += len(embeddings)
                 for i, emb in zip(kept, embeddings, strict=True):
                     spatial = spatial_list[i]

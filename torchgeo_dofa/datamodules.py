@@ -82,6 +82,7 @@ from torchgeo_dofa.spatial import (
     BBox,
     PointBuffer,
     Region,
+    _metres_per_unit,
     crs_label,
     region_to_crs,
     region_window,
@@ -412,6 +413,13 @@ class RegionSampler(GeoSampler):
 #: The most chips one region's grid may hold (a 10 m grid of 224-px chips that large spans
 #: 224,000 km a side): beyond it a resolution or stride was surely given in the wrong units.
 MAX_CHIPS = 100_000_000
+
+#: DOFA's patch side in pixels: a point chip narrower than one patch fills the model's whole
+#: 224-px input with a few pixels (its embedding describes their values, not a place).
+MIN_CHIP_PX = 16
+
+#: The side of DOFA's input in pixels (a point chip of another size is resized or tiled to it).
+MODEL_INPUT_PX = 224
 
 
 class ChipGridSampler(GeoSampler):
@@ -843,7 +851,9 @@ class DOFAPredictDataModule(GeoDataModule):
 
     def _make_sampler(self, dataset: Sentinel2Base) -> GeoSampler:
         if self.points is not None:
-            return RegionSampler(dataset, self.points, time=self.time, max_side=MAX_CHIP_PX)
+            points = RegionSampler(dataset, self.points, time=self.time, max_side=MAX_CHIP_PX)
+            self._warn_small_point_chips(dataset, points)
+            return points
         if self.roi is not None and self.roi_sampling == "whole":
             return RegionSampler(
                 dataset, [self.roi], region_crs=self.roi_crs, time=self.time, max_side=MAX_CHIP_PX
@@ -896,6 +906,47 @@ class DOFAPredictDataModule(GeoDataModule):
                 "gives the share); a smaller chip size (a multiple of 16) or a larger region "
                 "fits it better"
             )
+
+    def _warn_small_point_chips(self, dataset: Sentinel2Base, sampler: RegionSampler) -> None:
+        """Warn, once for all the points, of point chips narrower than one DOFA patch.
+
+        Such a chip (a ``buffer_m`` of about a pixel: 1 x 1 px at 10 m for 5 m) is not fill,
+        as a region smaller than half a chip is (:meth:`_warn_small_region`), but a few pixels
+        stretched over the model's whole 224-px input (repeated with ``input_prep="tile"``):
+        its embedding describes those pixels' values, not the place around the point. One
+        warning counts them and gives their sizes, however many points there are.
+        """
+        xres, yres = (float(v) for v in dataset.res)
+        sizes = [
+            (round((xs.stop - xs.start) / xres), round((ys.stop - ys.start) / yres))
+            for xs, ys in sampler.chips
+        ]
+        small = [size for size in sizes if min(size) < MIN_CHIP_PX]
+        if not small:
+            return
+        low, high = min(small, key=lambda s: s[0] * s[1]), max(small, key=lambda s: s[0] * s[1])
+        share = high[0] * high[1] / MODEL_INPUT_PX**2
+        if low == high:
+            what = f"{low[0]} x {low[1]} px ({100 * share:.2g}% of"
+        else:
+            what = f"{low[0]} x {low[1]} to {high[0]} x {high[1]} px (at most {100 * share:.2g}% of"
+        metres = _metres_per_unit(CRS.from_user_input(dataset.crs.to_wkt()))
+        half = MIN_CHIP_PX // 2  # pixels of buffer on each side of the point
+        if metres is None:  # pixels in degrees: no buffer in metres to name
+            larger = f"a buffer_m= of {half} pixels or more"
+        else:
+            pixel = max(xres, yres) * metres
+            larger = (
+                f"buffer_m={half * pixel:g} or more ({half} pixels a side of the point; "
+                f"{MODEL_INPUT_PX // 2 * pixel:g} gives a {MODEL_INPUT_PX}-px chip)"
+            )
+        _warnings.warn(
+            f"the region {self.region_name}: {len(small)} of {len(sizes)} point chips are "
+            f"{what} one {MODEL_INPUT_PX}-px chip, narrower than one {MIN_CHIP_PX}-px DOFA "
+            "patch): each fills the model's input with those few pixels (stretched, or "
+            "repeated when tiled), so its embedding describes their values, not the place "
+            f"around the point; a larger buffer, {larger}, fits it better"
+        )
 
     def grid_geometry(self) -> GridGeometry:
         """The embedding map's grid: the sampled region at :attr:`cell_px` pixels a cell.
