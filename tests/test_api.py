@@ -48,7 +48,7 @@ from torchgeo_dofa.spatial import (
     region_to_crs,
     utm_region_grid,
 )
-from torchgeo_dofa.transforms import ReflectanceError
+from torchgeo_dofa.transforms import ReflectanceError, check_reflectance_range
 
 CHIP_M = 2240.0  # 224 px at 10 m
 
@@ -614,6 +614,47 @@ def test_a_point_of_a_pixel_or_two_warns(tmp_path, weights) -> None:
         )  # fmt: skip
     told = [str(w.message) for w in caught if "DOFA patch" in str(w.message)]
     assert len(told) == 2 and all(t.startswith("2 of 3 input(s) are narrower") for t in told)
+
+
+def test_a_fill_value_hint_names_what_declares_it_for_each_backend(tmp_path, chip_a) -> None:
+    """A local file of an undeclared fill value was told "pass nodata=<their value>", but
+    get_embedding's nodata= is input_chw's: the local backend ignored it and refused the
+    file again. The hint names what works for each backend, and what it names works."""
+    raw, names, profile, bounds = chip_a
+    ones = _write(tmp_path / "ones.tif", np.ones_like(raw), profile | {"nodata": None}, names)
+    point, cpu = _centre_point(bounds, 300), dict[str, Any](weights=None, device="cpu")
+    with pytest.raises(ReflectanceError) as refused:
+        get_embedding("dofa", spatial=point, paths=ones, nodata=1, **cpu)  # nodata= not read
+    assert str(refused.value).endswith(
+        "(or pass the raw product). If these are fill pixels, give paths=Sentinel2SR(FILES, "
+        "nodata=<their value>) or set the files' own nodata (gdal_edit.py -a_nodata <their "
+        "value> FILE; get_embedding's nodata= is input_chw's only)."
+    )
+    with pytest.warns(UserWarning, match="hold no valid pixel"):
+        told = get_embedding("dofa", spatial=point, paths=Sentinel2SR(ones, nodata=1), **cpu)
+    with rasterio.open(ones, "r+") as dst:
+        dst.nodata = 1  # as gdal_edit.py -a_nodata 1 does
+    with pytest.warns(UserWarning, match="hold no valid pixel"):
+        tagged = get_embedding("dofa", spatial=point, paths=ones, **cpu)
+    assert told.meta["empty"] and tagged.meta["empty"]  # not refused: no pixel holds data
+    # the tensor backend: get_embedding's own nodata= is the fix
+    sensor = SensorSpec(bands=tuple(names))
+    with pytest.raises(ReflectanceError, match=r"fill pixels, pass nodata=<their value>\.$"):
+        get_embedding("dofa", input_chw=np.ones_like(raw), sensor=sensor, **cpu)
+    with pytest.warns(UserWarning, match="hold no valid pixel"):
+        chw = get_embedding("dofa", input_chw=np.ones_like(raw), sensor=sensor, nodata=1, **cpu)
+    assert chw.meta["empty"]
+    # Earth Engine and STAC leave out the pixels they mask: no fill value is the user's to set
+    valid, judged = torch.ones(8, 8, dtype=torch.bool), torch.tensor(False)
+    for image in (torch.full((4, 8, 8), 0.5), torch.full((4, 8, 8), -5.0)):
+        with pytest.raises(ReflectanceError) as refused:
+            check_reflectance_range(image, valid, judged, 0.0)
+        for backend in ("gee", "stac"):
+            text = str(api._fill_value_hint(refused.value, backend))
+            assert "nodata=" not in text and text.endswith("."), text
+    assert str(api._fill_value_hint(refused.value, "gee")).endswith(
+        "Values at or below -1000 count as no data."
+    )
 
 
 def test_geometry_conversions_issue_no_deprecation_warning(monkeypatch) -> None:

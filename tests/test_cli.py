@@ -1596,7 +1596,9 @@ def test_unreadable_and_normalised_inputs(tmp_path, capsys) -> None:
         data = src.read().astype(np.float32) / 10000
     scaled = _write_scene_variant(tmp_path / "scaled.tif", data, dtype="float32", nodata=None)
     assert main(["embed", str(scaled), "-o", str(tmp_path / "o"), "--weights", "none"]) == 2
-    assert "raw surface reflectance 0..10000" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "raw surface reflectance 0..10000" in err
+    assert err.endswith("If these are fill pixels, pass --nodata <their value>.\n")  # not nodata=
     assert not (tmp_path / "o").exists()
     # a bright outlier lets the file pass the job's check: a chip without it is refused as
     # the job reads it, by a loader worker or not; the error named neither file nor chip

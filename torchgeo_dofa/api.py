@@ -129,7 +129,7 @@ from .model import PooledNorm, canonical_variant
 from .runtime import TABLE_SUFFIXES, resolve_accelerator
 from .spatial import BBox, CRSTransformError, PointBuffer, Region, crs_label, crs_name
 from .stac import StacUnavailableError
-from .transforms import INPUT_PREPS, DOFAPreprocess, as_float32, nodata_mask
+from .transforms import INPUT_PREPS, DOFAPreprocess, ReflectanceError, as_float32, nodata_mask
 from .weights import env_setting, names_random_weights
 from .writers import atomic_write
 
@@ -1352,6 +1352,56 @@ def _parallel[T, R](fn: Callable[[T], R], items: Sequence[T], workers: int) -> l
         return list(pool.map(fn, items))
 
 
+#: The fill-value hints of a :class:`~torchgeo_dofa.transforms.ReflectanceError`: the
+#: ``nodata=`` they name is the transforms' and the data module's, and get_embedding's for
+#: ``input_chw`` (the ``tensor`` backend) only.
+_NODATA_HINT = re.compile(r"pass nodata=<(?P<value>[^>]*)>")
+_FILL_SENTENCE = re.compile(r"If these are fill pixels, pass nodata=<[^>]*>\.")
+_FILL_CLAUSE = re.compile(r"; pass nodata=<[^>]*> for another fill value\.")
+
+
+def _fill_value_hint(
+    err: ReflectanceError, backend: str, dataset: type[Sentinel2Base] = Sentinel2SR
+) -> ReflectanceError:
+    """``err`` with its fill-value hint naming what declares a fill value for ``backend``.
+
+    get_embedding's ``nodata=`` is the no-data value of ``input_chw``: files read by the
+    ``local`` backend take theirs from the dataset (``paths=Sentinel2SR(..., nodata=...)``)
+    or from their own nodata tag, and the ``gee`` and ``stac`` backends leave out the pixels
+    they mask themselves (their nodata is nobody's to set). The ``tensor`` backend's hint is
+    right as it is.
+
+    Args:
+        err: the error of the DOFA stack
+            (:func:`~torchgeo_dofa.transforms.check_reflectance_range`).
+        backend: ``"tensor"``, ``"local"``, ``"gee"`` or ``"stac"``.
+        dataset: the local backend's dataset class, named in the hint.
+
+    Returns:
+        A new error with the hint rewritten, or ``err`` itself where nothing changes.
+    """
+    message = str(err)
+    if backend == "local":
+        told = _NODATA_HINT.sub(
+            lambda m: (
+                f"give paths={dataset.__name__}(FILES, nodata=<{m['value']}>) or set the "
+                f"files' own nodata (gdal_edit.py -a_nodata <{m['value']}> FILE; "
+                "get_embedding's nodata= is input_chw's only)"
+            ),
+            message,
+        )
+    elif backend in ("gee", "stac"):
+        told = _FILL_SENTENCE.sub(
+            f"The {backend} backend leaves out the pixels it masks itself: these are "
+            "pixels it served.",
+            message,
+        )
+        told = _FILL_CLAUSE.sub(".", told)
+    else:
+        return err
+    return err if told == message else ReflectanceError(told)
+
+
 def _fetch_many(
     spatials: Sequence[Region],
     temporal: TemporalSpec | None,
@@ -1381,21 +1431,32 @@ def _fetch_many(
             )
         ds = dataset if dataset is not None else open_local(paths, sensor, temporal)  # type: ignore[arg-type]
         fill = sensor.fill_value if sensor is not None else 0.0
-        return [_prepare_local(ds, s, temporal, cfg.input_prep, fill, sensor) for s in spatials]
+        try:
+            return [_prepare_local(ds, s, temporal, cfg.input_prep, fill, sensor) for s in spatials]
+        except ReflectanceError as err:
+            raise _fill_value_hint(err, backend, type(ds)) from None
     if backend == "gee":
         eff = sensor or SensorSpec()
         for s in spatials:
             if s is None:
                 raise ModelError("backend='gee' needs spatial=PointBuffer(...) or BBox(...)")
-        return _parallel(
-            lambda s: _prepare_gee(s, temporal, eff, cfg.input_prep, project),
-            list(spatials),
-            fetch_workers(),
-        )
+        try:
+            return _parallel(
+                lambda s: _prepare_gee(s, temporal, eff, cfg.input_prep, project),
+                list(spatials),
+                fetch_workers(),
+            )
+        except ReflectanceError as err:
+            raise _fill_value_hint(err, backend) from None
     if backend == "stac":
         if stac_source is None:
             raise ModelError("backend='stac' needs stac_url=...")
-        return [_prepare_stac(s, temporal, sensor, cfg.input_prep, stac_source) for s in spatials]
+        try:
+            return [
+                _prepare_stac(s, temporal, sensor, cfg.input_prep, stac_source) for s in spatials
+            ]
+        except ReflectanceError as err:
+            raise _fill_value_hint(err, backend) from None
     raise ModelError(
         "backend='tensor' takes pixels, not regions: pass input_chw=... to get_embedding or "
         "input_chws=[...] to get_embeddings_batch_from_inputs"
