@@ -1934,6 +1934,42 @@ def test_preview_draws_the_bands_the_grid_embedded(tmp_path, base_checkpoint) ->
     assert tags["source_bands"] == one_band_each  # each file's band 1, where it is embedded
 
 
+def test_preview_of_a_grid_whose_input_was_rewritten_warns(tmp_path) -> None:
+    """A grid whose input file was replaced after the job was drawn from the new file
+    without a word: the outputs record each source's size and modification time
+    (``source_stats``), and preview warns in one line where the file is not that one."""
+    with rasterio.open(SCENE) as src:
+        data = src.read(window=Window(0, 0, 224, 224))
+    scene = _write_scene_variant(tmp_path / "scene.tif", data, width=224, height=224)
+    out = tmp_path / "o"
+    args = ["embed", str(scene), "-o", str(out), "--weights", "none", "--no-progress"]
+    assert main([*args, "--output", "both"]) == 0
+    grid = out / "scene_grid.tif"
+    with rasterio.open(grid) as src:
+        recorded = json.loads(src.tags()["source_stats"])
+    stat = scene.stat()
+    assert recorded == [[stat.st_size, stat.st_mtime_ns]]
+    table = gpd.read_parquet(out / "scene_pooled.parquet")
+    assert json.loads(table.attrs["source_stats"]) == recorded
+    with warnings.catch_warnings():  # the file it was made from: quiet
+        warnings.simplefilter("error")
+        assert main(["preview", str(grid), "-o", str(tmp_path / "same.png")]) == 0
+    time.sleep(0.01)  # a new modification time, whatever the file system's clock step
+    _write_scene_variant(scene, data[:, ::-1], width=224, height=224)  # replaced: flipped
+    assert [scene.stat().st_size, scene.stat().st_mtime_ns] != recorded[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["preview", str(grid), "-o", str(tmp_path / "new.png")]) == 0
+    [said] = [str(w.message) for w in caught]
+    assert said.startswith(
+        f"the input of {grid}, {scene}, changed since the embedding was made (now "
+    ), said
+    assert said.endswith(
+        "its RGB panel shows the file as it is now, which may not be the pixels embedded "
+        "(embed it again to match)"
+    ), said
+
+
 def test_preview_of_an_earlier_grid_draws_its_input_in_the_grids_crs(
     tmp_path, base_checkpoint
 ) -> None:

@@ -996,7 +996,10 @@ class DOFAPredictDataModule(GeoDataModule):
             JSON-encoded ``bands``, ``wavelengths`` (um), ``sources`` (absolute paths) and
             ``source_bands`` (one list per source, in the order of ``sources``: the file's
             band, counted from 1, read for each of ``bands``; 0 where that file does not give
-            it: what ``torchgeo-dofa preview`` draws from), the ``stac_*`` provenance tags
+            it: what ``torchgeo-dofa preview`` draws from), ``source_stats`` (per source, in
+            that order, ``[size in bytes, modification time in ns]`` as the job read it, the
+            embed manifest's identity of a file; null for a path that is no local file:
+            ``preview`` warns of a source rewritten since), the ``stac_*`` provenance tags
             of STAC composites among the sources, and ``acquisition_start`` /
             ``acquisition_end`` (ISO 8601 UTC: :func:`acquisition_span` of the scenes read,
             those within ``time``) where every one of them is dated (none otherwise).
@@ -1015,6 +1018,7 @@ class DOFAPredictDataModule(GeoDataModule):
             "wavelengths": json.dumps([round(float(w), 4) for w in dataset.wavelengths]),
             "sources": json.dumps(sources),
             "source_bands": json.dumps([reads[p] for p in sources]),
+            "source_stats": json.dumps([_file_stats(p) for p in sources]),
         }
         for path in sources:  # a STAC composite's provenance (items, dates, rule) travels on
             with rasterio.open(path) as src:
@@ -1160,6 +1164,15 @@ class DOFAPredictDataModule(GeoDataModule):
         return gdal_cache_bytes(
             sources, chip_px=self.chip_size, processes=int(self.num_workers) + 1
         )
+
+
+def _file_stats(path: str) -> list[int] | None:
+    """``[size, mtime_ns]`` of a local file (the embed manifest's identity), else None."""
+    try:
+        stat = os.stat(path)
+    except OSError:  # a GDAL virtual path (/vsicurl/...), or a file gone since
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:

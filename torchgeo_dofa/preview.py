@@ -7,6 +7,7 @@ import json
 import os
 import uuid
 import warnings
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,46 @@ def _source_bands(tags: dict[str, str], sources: list[str]) -> list[list[int]] |
     return reads
 
 
+def _source_stats(tags: dict[str, str], sources: list[str]) -> list[list[int] | None]:
+    """The grid's ``source_stats`` tag (``[size, mtime_ns]`` per source), else Nones."""
+    unknown: list[list[int] | None] = [None] * len(sources)
+    try:
+        stats = json.loads(tags["source_stats"])
+    except (KeyError, ValueError):  # a grid of an earlier release: no such tag
+        return unknown
+    if not isinstance(stats, list) or len(stats) != len(sources):
+        return unknown
+    return [
+        s if isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s) else None
+        for s in stats
+    ]
+
+
+def _utc(mtime_ns: int) -> str:
+    """A modification time as ISO 8601 UTC, to the second."""
+    moment = datetime.fromtimestamp(mtime_ns / 1e9, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _rewritten(sources: list[str], stats: list[list[int] | None]) -> str | None:
+    """What differs of the first source whose size or mtime is not the recorded one."""
+    changed = []
+    for path, recorded in zip(sources, stats, strict=True):
+        if recorded is None:
+            continue
+        stat = os.stat(path)
+        if [stat.st_size, stat.st_mtime_ns] != recorded:
+            changed.append((path, recorded, stat))
+    if not changed:
+        return None
+    path, (size, mtime_ns), stat = changed[0]
+    more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+    return (
+        f"{path}{more}, changed since the embedding was made (now {stat.st_size} bytes, "
+        f"modified {_utc(stat.st_mtime_ns)}; it was {size} bytes, modified {_utc(mtime_ns)})"
+    )
+
+
 def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int = 8) -> Path:
     """Write a PNG: the input's RGB (left) beside the embedding's PCA colours (right).
 
@@ -206,7 +247,9 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
     ``source_bands`` tags name (:func:`rgb_of_sources`; a grid of an earlier release, without
     ``source_bands``: the first source's B4, B3, B2 by description, else its bands 1-3). Where
     a source is missing or unreadable, only the PCA panel is drawn, with a ``UserWarning``
-    saying why (and one for a grid without any valid cell, whose PCA panel is black).
+    saying why (and one for a grid without any valid cell, whose PCA panel is black); a
+    source whose size or modification time is not the one its ``source_stats`` tag recorded
+    (the file was rewritten after the job) is drawn with a ``UserWarning`` saying so.
 
     Args:
         embedding_tif: a grid embedding GeoTIFF written by
@@ -283,12 +326,14 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
     if not isinstance(sources, list) or not all(isinstance(p, str) for p in sources):
         sources = []  # damaged: drawn as a grid that names no input
     reads = _source_bands(tags, sources)
+    stats = _source_stats(tags, sources)
     positions = rgb_bands(json.loads(tags["bands"])) if reads is not None else []
     if reads is not None:  # only the files holding a band drawn are read
         keep = [i for i, r in enumerate(reads) if any(r[p] for p in positions)]
         sources, reads = [sources[i] for i in keep], [reads[i] for i in keep]
+        stats = [stats[i] for i in keep]
     else:
-        sources = sources[:1]
+        sources, stats = sources[:1], stats[:1]
     problem = None if sources else f"{embedding_tif} does not name its input (no sources tag)"
     for path in sources:
         if not Path(path).is_file():
@@ -300,6 +345,14 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
         except rasterio.errors.RasterioIOError as err:
             problem = f"the input of {embedding_tif}, {path}, cannot be read ({err})"
             break
+    rewritten = None if problem is not None else _rewritten(sources, stats)
+    if rewritten is not None:  # drawn as it is now, which may not be what was embedded
+        warnings.warn(
+            f"the input of {embedding_tif}, {rewritten}: its RGB panel shows the file as it "
+            "is now, which may not be the pixels embedded (embed it again to match)",
+            UserWarning,
+            stacklevel=2,
+        )
     if problem is None:
         size = (h * cell_px, w * cell_px)
         try:

@@ -83,10 +83,11 @@ __all__ = [
 PARTS_IDENTITY = "job-identity"
 
 #: Output tags left out of a job's identity: the weights (identified by content, as
-#: ``weights_crc32``) and the inputs' acquisition span (it follows from the source files,
-#: which the identity names by path, size and modification time, and changes no chip's
-#: values: parts written before it was recorded are this job's).
-_NOT_IDENTITY = frozenset({"weights", "acquisition_start", "acquisition_end"})
+#: ``weights_crc32``), the inputs' acquisition span and their sizes and modification times
+#: (``source_stats``, for ``preview``): both follow from the source files, which the
+#: identity names by path, size and modification time (its ``sources``), and change no
+#: chip's values: parts written before they were recorded are this job's.
+_NOT_IDENTITY = frozenset({"weights", "acquisition_start", "acquisition_end", "source_stats"})
 
 #: The longest acquisition span recorded as one instant, GDAL's ``ACQUISITIONDATETIME``
 #: (IMAGERY metadata domain) in a grid GeoTIFF: scenes dated to the second (a STAC
