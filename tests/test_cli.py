@@ -2185,8 +2185,8 @@ def test_predict_config_refusals_are_one_line_and_write_nothing(
     tmp_path, base_checkpoint, capsys
 ) -> None:
     """Bad input through ``predict --config`` ends as ``embed``'s does: one line naming the
-    fix, exit status 2, no traceback, and no output, part or empty .parts folder left (only
-    the output folder's lock file and LightningCLI's own config.yaml)."""
+    fix, exit status 2, no traceback, and no output, part or empty .parts folder left (nor
+    the output folder's lock file and LightningCLI's own config.yaml, which were)."""
     import yaml
 
     out = tmp_path / "out"
@@ -2207,7 +2207,7 @@ def test_predict_config_refusals_are_one_line_and_write_nothing(
     err = refused("raw", raw)
     assert "the batch's image holds values up to " in err
     assert "give the data module preprocess=True" in err
-    assert sorted(p.name for p in out.iterdir()) == [".torchgeo-dofa.lock", "config.yaml"]
+    assert not out.exists()  # the run made it: nothing of it is left
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
     assert str(broken) in refused("broken", _predict_config(out, broken))
@@ -2530,8 +2530,46 @@ def test_config_values_pytorch_or_torchgeo_refuse_are_one_line(
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith(f"torchgeo-dofa: error: {said}"), err[-3:]
         assert not any(line.startswith("Traceback") for line in err)
-    # no output (the predict run's folder keeps LightningCLI's config.yaml and the lock file)
+    # no output, nor the predict run's folder (it held LightningCLI's config.yaml and the lock)
     assert not list(tmp_path.rglob("*.tif")) and not list(tmp_path.rglob("*.parquet"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_predict_config_refused_late_leaves_nothing_it_made(
+    tmp_path, monkeypatch, base_checkpoint, capsys
+) -> None:
+    """``predict --config`` refused after LightningCLI saved its config.yaml (a batch_size
+    of 0, refused as the loader is made) left that file and the writers' lock file in the
+    output folder, which the run may have made: as embed, it leaves nothing it made, and
+    what was there before stays."""
+    import yaml
+
+    def refused(out: Path, where: Path | None = None) -> None:
+        cfg = _predict_config(out, base_checkpoint)
+        if where is not None:  # no default_root_dir: LightningCLI saves in the working folder
+            del cfg["trainer"]["default_root_dir"]
+            monkeypatch.chdir(where)
+        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        args = ["predict", "--config", str(tmp_path / "cfg.yaml")]
+        assert main([*args, "--data.init_args.batch_size", "0"]) == 2
+        assert "batch_size should be a positive" in capsys.readouterr().err
+
+    refused(tmp_path / "new" / "out")
+    assert not (tmp_path / "new").exists()  # made by the run, with its parent
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    refused(kept)
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    (kept / "config.yaml").write_text("an earlier run's\n")
+    refused(kept)  # (LightningCLI overwrites it: what was there before stays there)
+    assert sorted(p.name for p in kept.iterdir()) == ["config.yaml", "notes.txt"]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data.csv").write_text("x\n")
+    refused(tmp_path / "elsewhere", where=work)
+    assert sorted(p.name for p in work.iterdir()) == ["data.csv"]
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_fit_through_the_console_script(tmp_path, monkeypatch) -> None:

@@ -1616,18 +1616,23 @@ class _RunFolder:
     """A LightningCLI run's log folder as it was before the run.
 
     ``folder``: ``trainer.log_dir`` (e.g. ``logs/<name>/version_3``); ``had_config``:
-    whether it held a ``config.yaml``; ``existed``: which of it and its parents existed.
-    LightningCLI saves the run's ``config.yaml`` there at the trainer's setup, before a
-    checkpoint is restored and checked: a fit refused then (a diverged optimizer state, a
-    checkpoint of another task) left a ``version_N`` folder holding only that file, to be
-    taken for a run; one refused at its first batch or epoch end, that file and the
-    logger's ``hparams.yaml``; one refused by its data module's setup (a dataset not found,
-    settings checked there), an empty folder: the logger makes it just before.
+    whether it held a ``config.yaml``; ``existed``: which of it and its parents existed;
+    ``found``: what it held. LightningCLI saves the run's ``config.yaml`` there at the
+    trainer's setup, before a checkpoint is restored and checked: a fit refused then (a
+    diverged optimizer state, a checkpoint of another task) left a ``version_N`` folder
+    holding only that file, to be taken for a run; one refused at its first batch or epoch
+    end, that file and the logger's ``hparams.yaml``; one refused by its data module's setup
+    (a dataset not found, settings checked there), an empty folder: the logger makes it
+    just before. A prediction without a logger saves it in ``default_root_dir``, often its
+    output folder (or the working folder): a ``predict --config`` refused late (a
+    ``batch_size`` of 0, a writer's path refused at setup) left it there beside the
+    folder's lock file.
     """
 
     folder: Path | None
     had_config: bool = False
     existed: frozenset[Path] = frozenset()
+    found: frozenset[str] = frozenset()
 
     @classmethod
     def before(cls, trainer: pl.Trainer) -> _RunFolder:
@@ -1640,20 +1645,28 @@ class _RunFolder:
             return cls(None)
         folder = Path(log_dir).resolve()
         existed = frozenset(p for p in (folder, *folder.parents) if p.is_dir())
-        return cls(folder, (folder / "config.yaml").exists(), existed)
+        try:
+            found = frozenset(os.listdir(folder)) if folder in existed else frozenset()
+        except OSError:  # unreadable: nothing of it is known to be the run's
+            return cls(None)
+        return cls(folder, (folder / "config.yaml").exists(), existed, found)
 
     def remove_if_only_its_settings(self, metrics_too: bool = False) -> None:
         """After a failed run: remove the run's settings and the folders made for it.
 
-        Only where the run's folder holds nothing but its settings (LightningCLI's
+        Only where the run added nothing to its folder but its settings (LightningCLI's
         ``config.yaml``; the logger's ``hparams.yaml``, written as training starts, before
-        the first batch: no checkpoint, no metric) and held no ``config.yaml`` before, or
-        is empty and was made by this run (the logger made it before the data module's
-        setup refused the run); folders that existed before the run are kept.
+        the first batch: no checkpoint, no metric) and the folder held no ``config.yaml``
+        before, or is empty and was made by this run (the logger made it before the data
+        module's setup refused the run); what the folder held before the run and folders
+        that existed are kept, and an output folder's lock file is left to its lock
+        (:func:`~torchgeo_dofa.writers.lock_outputs_when_made` releases it after this).
         ``metrics_too``: its ``metrics.csv`` goes too (a first epoch refused for want of
         labels, no checkpoint saved: loss 0 and NaN, nothing to keep), where the run made
         the folder (an existing one keeps it).
         """
+        from .locks import LOCK_NAME
+
         folder = self.folder
         if folder is None or self.had_config or not folder.is_dir():
             return
@@ -1662,7 +1675,7 @@ class _RunFolder:
             {"metrics.csv"} if metrics_too and new_folder else set()
         )
         with contextlib.suppress(OSError):
-            names = {p.name for p in folder.iterdir()}
+            names = {p.name for p in folder.iterdir()} - self.found - {LOCK_NAME}
             if not ("config.yaml" in names or new_folder) or not names <= removable:
                 return
             for name in names:

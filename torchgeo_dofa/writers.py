@@ -852,15 +852,19 @@ class _PartsWriter(BasePredictionWriter):
 
         The last writer to let the lock go deletes the lock file, and the folders taking it
         created, when the job added nothing else there (refused or failed before its first
-        part), as ``torchgeo-dofa embed`` does.
+        part), as ``torchgeo-dofa embed`` does. A writer made inside
+        :func:`lock_outputs_when_made` keeps its share of the lock until that block ends:
+        ``predict --config`` removes the files its run made besides (LightningCLI's
+        ``config.yaml``, in the output folder where the trainer's folder is that one) first.
         """
         if self._claimed is not None:
             self._claimed_paths.discard(self._claimed)
             self._claimed = None
         if not is_launcher():
             die_with_launcher(enable=False)  # the job is over: its workers may go on
-        if self._lock is None:
-            return
+        made = _PartsWriter._locking_when_made
+        if self._lock is None or (made is not None and self in made):
+            return  # (released as the block ends: lock_outputs_when_made)
         folder = self._lock.folder.resolve()
         lock, users = self._folder_locks.pop(folder, (self._lock, 1))
         self._lock = None
@@ -1077,9 +1081,11 @@ def lock_outputs_when_made() -> Iterator[None]:
     is refused (:class:`~torchgeo_dofa.jobs.JobLockedError`, exit status 75) before the
     checkpoint loads, as ``embed`` refuses it, instead of after the model build (seconds
     to tens of seconds). An output path that is a folder or another writer's is refused
-    then too. Leaving the block releases the locks of the writers made inside that their
-    teardown did not release (a job that failed before its prediction started), removing
-    the lock file and the folders taking it created where nothing else was written.
+    then too. The writers made inside hold their locks until the block ends (their
+    teardown and ``on_exception`` give up their output paths only), so a run refused late
+    can first remove what else it made in the folder (LightningCLI's ``config.yaml``);
+    leaving the block then releases the locks, removing the lock file and the folders
+    taking it created where nothing else was written.
 
     Yields:
         Nothing; writers made outside the block take the lock at setup, as before.
