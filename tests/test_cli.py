@@ -3954,6 +3954,54 @@ def test_a_low_open_file_limit_reads_chips_in_the_job_instead_of_hanging(
     assert list(tmp_path.glob("logs/*/version_0/checkpoints/last.ckpt"))
 
 
+_LOCKED_BATCHES = """
+import threading
+
+from torch.utils.data import default_collate
+
+from torchgeo_dofa.synthetic import SpectralDataModule
+
+
+def with_a_lock(samples):
+    batch = default_collate(samples)
+    batch["lock"] = threading.Lock()  # cannot be pickled: the worker cannot send the batch
+    return batch
+
+
+class LockedBatches(SpectralDataModule):
+    def setup(self, stage):
+        super().setup(stage)
+        self.collate_fn = with_a_lock
+"""
+
+
+def test_fit_with_a_batch_its_worker_cannot_send_stops_instead_of_hanging(tmp_path) -> None:
+    """``fit`` on a TorchGeo-style data module (its loaders made without a
+    ``multiprocessing_context``) whose worker cannot send a batch (here a value that cannot
+    be pickled; under the open-file limit, the batch's shared memory) waited for it forever.
+    The CLI gives every loader of a config's data module the context that raises instead:
+    one line naming the cause and the fix, exit 1."""
+    (tmp_path / "lockedbatches.py").write_text(_LOCKED_BATCHES)
+    configs = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs"
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), repo])}
+    fit = [sys.executable, "-m", "torchgeo_dofa", "fit",
+           "--config", str(configs / "finetune_classification.yaml"),
+           "--data.class_path", "lockedbatches.LockedBatches",
+           "--data.init_args.num_workers", "1", "--data.init_args.num_samples=8",
+           "--data.init_args.batch_size=4", "--trainer.max_epochs=1",
+           "--trainer.enable_progress_bar=false",
+           "--trainer.enable_model_summary=false"]  # fmt: skip
+    run = subprocess.run(fit, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert run.stderr.splitlines()[-1] == (
+        "torchgeo-dofa: error: a DataLoader worker reading chips could not send its batch to "
+        "the job (TypeError: cannot pickle '_thread.lock' object); rerun with "
+        "--data.init_args.num_workers 0 (chips read in the job's own process, no shared "
+        "memory), or make every value of a sample a tensor or a number"
+    ), run.stderr[-3000:]
+
+
 def test_a_batch_a_loader_worker_cannot_send_raises_instead_of_hanging() -> None:
     """A worker's queue sends in a thread of its own: a batch that fails to pickle there
     (an open-file limit reached as its shared memory is passed, an object that cannot be

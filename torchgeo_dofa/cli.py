@@ -1519,6 +1519,9 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 ) from None
             trainers.append(trainer)  # to clean up after a failure (LightningCLI raises in init)
             _workers_within_open_files(getattr(self, "datamodule", None))
+            from .runtime import loaders_hand_over
+
+            loaders_hand_over(getattr(self, "datamodule", None))  # a batch not sent raises
             _check_rendezvous(trainer)
             run_folders.append(_RunFolder.before(trainer))
             if self.subcommand:
@@ -2919,6 +2922,11 @@ def cli_hints(message: str) -> str:
     return _KWARG_HINT.sub(option, message)
 
 
+#: The keywords every run's hints rewrite: the model's weights, and the loader settings
+#: Lightning / TorchGeo data modules share (``fit``'s included).
+_ANY_RUNS = ("weights", "num_workers", "batch_size")
+
+
 def config_hints(message: str, *, data: bool) -> str:
     """Rewrite the Python keyword hints of an error as a LightningCLI run's overrides.
 
@@ -2926,8 +2934,9 @@ def config_hints(message: str, *, data: bool) -> str:
     embedder's argument); with ``data`` (a ``predict`` run, whose data module is
     :class:`~torchgeo_dofa.datamodules.DOFAPredictDataModule`) ``file_bands=[B1, B2]`` becomes
     ``--data.init_args.file_bands '[B1, B2]'`` (and ``bands``, ``wavelengths``, ``crs``,
-    ``nodata``, ``offset``, ``mean``, ``std``, ``time``). Keywords inside a Python call shown
-    as an example stay as they are.
+    ``nodata``, ``offset``, ``mean``, ``std``, ``time``); ``num_workers`` and ``batch_size``,
+    which every Lightning / TorchGeo data module takes, whatever the run. Keywords inside a
+    Python call shown as an example stay as they are.
 
     Args:
         message: an error message from the datasets, transforms, data module or weights.
@@ -2939,7 +2948,7 @@ def config_hints(message: str, *, data: bool) -> str:
 
     def option(match: re.Match[str]) -> str:
         key, value = match[1], match[2]
-        if _inside_call(message, match.start()) or (key != "weights" and not data):
+        if _inside_call(message, match.start()) or (key not in _ANY_RUNS and not data):
             return match[0]
         flag = "--model.init_args.weights" if key == "weights" else f"--data.init_args.{key}"
         if value.startswith("["):  # a Python list's repr: ['B2']

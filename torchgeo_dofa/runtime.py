@@ -64,9 +64,11 @@ __all__ = [
     "gdal_scan_cache_bytes",
     "gdal_scan_env",
     "gdal_worker_init",
+    "handing_over",
     "loader_context",
     "loader_options",
     "loader_workers",
+    "loaders_hand_over",
     "open_file_limit",
     "raise_open_file_limit",
     "resolve_accelerator",
@@ -508,6 +510,79 @@ def loader_context(method: str | None = None) -> multiprocessing.context.BaseCon
     base = multiprocessing.get_context(method)
     context: multiprocessing.context.BaseContext = _loader_context_class(type(base))()
     return context
+
+
+def handing_over(loaders: Any) -> Any:
+    """Give every DataLoader with workers in ``loaders`` a :func:`loader_context`.
+
+    A loader's own start method is kept (``multiprocessing_context="spawn"`` gets the spawn
+    context's); a loader with another kind of context, or without workers, is left as it is.
+
+    Args:
+        loaders: a DataLoader, or a list, tuple or dict of them (what a Lightning data
+            module's ``*_dataloader`` hooks return); anything else is returned unchanged.
+
+    Returns:
+        ``loaders`` (the DataLoaders changed in place).
+    """
+    from torch.utils.data import DataLoader
+
+    if isinstance(loaders, DataLoader):
+        given = loaders.multiprocessing_context
+        if loaders.num_workers > 0 and not isinstance(given, tuple(_LOADER_CONTEXTS.values())):
+            if given is None or isinstance(given, multiprocessing.context.BaseContext):
+                method = None if given is None else given.get_start_method()
+                loaders.multiprocessing_context = loader_context(method)
+    elif isinstance(loaders, dict):
+        for value in loaders.values():
+            handing_over(value)
+    elif isinstance(loaders, list | tuple):
+        for value in loaders:
+            handing_over(value)
+    return loaders
+
+
+class _HandingOver:
+    """A data module's ``*_dataloader`` hook whose loaders get :func:`loader_context`.
+
+    Picklable (a data module is pickled to spawned processes): it holds the data module and
+    the hook's name, and calls the class's own hook.
+    """
+
+    def __init__(self, datamodule: Any, name: str) -> None:
+        self.datamodule, self.name = datamodule, name
+        #: the class's hook (Lightning's ``is_overridden`` looks at its code)
+        self.__wrapped__ = getattr(type(datamodule), name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        hook = getattr(type(self.datamodule), self.name)
+        return handing_over(hook(self.datamodule, *args, **kwargs))
+
+
+#: The Lightning data module hooks that make DataLoaders.
+LOADER_HOOKS = ("train_dataloader", "val_dataloader", "test_dataloader", "predict_dataloader")
+
+
+def loaders_hand_over(datamodule: Any) -> None:
+    """Make every loader of a Lightning data module raise where a batch cannot be sent.
+
+    Each ``*_dataloader`` hook the data module's class defines is wrapped on the instance
+    (:func:`handing_over`), so TorchGeo's data modules, which make their loaders without a
+    ``multiprocessing_context``, get :func:`loader_context` too: a ``fit`` whose worker
+    reached the open-file limit as it sent a batch waited for it forever. Hooks the class
+    leaves to Lightning's defaults stay unset (Lightning tells them apart).
+
+    Args:
+        datamodule: a ``LightningDataModule`` (None: nothing to do).
+    """
+    if datamodule is None:
+        return
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    for name in LOADER_HOOKS:
+        if name not in vars(datamodule) and is_overridden(name, datamodule, LightningDataModule):
+            setattr(datamodule, name, _HandingOver(datamodule, name))
 
 
 def default_num_workers(
