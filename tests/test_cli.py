@@ -3954,6 +3954,37 @@ def test_a_low_open_file_limit_reads_chips_in_the_job_instead_of_hanging(
     assert list(tmp_path.glob("logs/*/version_0/checkpoints/last.ckpt"))
 
 
+def test_a_folder_of_more_files_than_the_open_file_limit_allows_is_read(tmp_path) -> None:
+    """A dataset kept every file it read open: a folder of 150 files failed with "Too many
+    open files" (exit 2, blaming one input) under ``ulimit -n 127``, with or without loader
+    workers. Now at most ``cached_files_limit()`` files stay open (an eighth of the limit),
+    the least recently read closed first: 60 files embed under a limit of 48."""
+    import resource
+
+    from rasterio.windows import Window
+
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    with rasterio.open(SCENE) as src:
+        for k in range(60):
+            window = Window(32 * (k % 15), 32 * (k // 15), 32, 32)
+            profile = src.profile | {
+                "width": 32, "height": 32, "transform": src.window_transform(window)
+            }  # fmt: skip
+            with rasterio.open(folder / f"tile_{k:02d}.tif", "w", **profile) as dst:
+                dst.write(src.read(window=window))
+                dst.descriptions = src.descriptions
+    cmd = [sys.executable, "-m", "torchgeo_dofa", "embed", str(folder), "-o", str(tmp_path / "out"),
+           "--weights", "none", "--no-progress", "--chip-size", "32", "--output", "pooled",
+           "--num-workers", "0"]  # fmt: skip
+    run = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "embedded 60 chips" in run.stdout + run.stderr, run.stderr[-3000:]
+
+
 _LOCKED_BATCHES = """
 import threading
 

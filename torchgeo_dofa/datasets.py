@@ -141,7 +141,7 @@ from torchgeo_dofa.bands import (
     split_date_copy,
     stac_asset_band,
 )
-from torchgeo_dofa.runtime import gdal_env
+from torchgeo_dofa.runtime import gdal_env, open_file_limit
 from torchgeo_dofa.spatial import (
     CRSTransformError,
     crs_label,
@@ -192,6 +192,24 @@ __all__ = [
     "undated_scenes_problem",
     "unique_region_names",
 ]
+
+#: Files a dataset keeps open at most, the least recently read closed first (TorchGeo's own
+#: cache of warped files holds 128); an eighth of the open-file limit where that is lower
+#: (:func:`cached_files_limit`): a folder of 150 files held 150 open and failed with "Too
+#: many open files" under ``ulimit -n 127``, whatever the loader workers.
+MAX_CACHED_FILES = 128
+
+
+def cached_files_limit() -> int:
+    """How many files a dataset keeps open now (see :data:`MAX_CACHED_FILES`).
+
+    Returns:
+        ``min(MAX_CACHED_FILES, ulimit -n // 8)``, at least 1 (a file and its warped view
+        take two to three descriptors, and GDAL, PyTorch and the outputs need their own).
+    """
+    limit = open_file_limit()
+    return MAX_CACHED_FILES if limit is None else max(1, min(MAX_CACHED_FILES, limit // 8))
+
 
 #: First acquisition date processed with baseline 04.00 (reflectance stored with +1000).
 OFFSET_START = date(2022, 1, 25)
@@ -2151,13 +2169,24 @@ class Sentinel2Base(RasterDataset):
         return [v for v in values if v is not None and not math.isnan(v) and v != masked]
 
     def _open(self, path: str) -> DatasetReader | WarpedVRT:
-        """Open a file (as a VRT in the dataset CRS where needed); cached if ``cache``."""
+        """Open a file (as a VRT in the dataset CRS where needed); cached if ``cache``.
+
+        At most :func:`cached_files_limit` files stay open, the least recently read closed
+        first.
+        """
         if self._handles_pid != os.getpid():
             self._handles = {}
             self._handles_pid = os.getpid()
         key = (path, self._dst_rio_crs.to_wkt())
         if key in self._handles:
+            self._handles[key] = self._handles.pop(key)  # the most recently read: last
             return self._handles[key][1]
+        room = cached_files_limit() - 1
+        while len(self._handles) > room:  # close the least recently read (the first)
+            src, vrt = self._handles.pop(next(iter(self._handles)))
+            if vrt is not src:
+                vrt.close()
+            src.close()
         info = self._infos[path]
         src = rasterio.open(path)
         if not self._needs_vrt(info):
