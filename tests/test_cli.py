@@ -374,7 +374,9 @@ def test_datetime_over_files_without_a_date_is_refused(tmp_path: Path, capsys) -
         f"torchgeo-dofa: error: --datetime 2023-01-01/2023-12-31 cannot apply to 4 scenes "
         f"({mixed / 'a.tif'}, {mixed / 'b.tif'}, {mixed / 'c.tif'} and 1 more): no acquisition "
         "date was found for them (no STAC item JSON beside them, no date in their file, item "
-        "or folder names)"
+        "or folder names), so the dates cannot leave them out and they would be embedded "
+        "whatever they are: leave out --datetime, give only dated files as inputs, or give "
+        "each its date"
     )
     assert len(err.splitlines()) == 1 and not out.exists()
     regions = [str(mixed / "scene_20230601.tif"), str(plain), str(mixed / "a.tif")]

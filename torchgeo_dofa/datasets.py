@@ -3093,15 +3093,15 @@ def undated_scenes_problem(files: Sequence[str], asked: str, option: str) -> str
     """
     one = len(files) == 1
     subject = files[0] if one else f"{len(files)} scenes ({_first_few(files)})"
-    it, names, give = (
-        ("it", "its file, item or folder name", "it its")
+    it, they, names, give = (  # the object and subject pronouns
+        ("it", "it", "its file, item or folder name", "it its")
         if one
-        else ("them", "their file, item or folder names", "each its")
+        else ("them", "they", "their file, item or folder names", "each its")
     )
     return (
         f"{asked} cannot apply to {subject}: no acquisition date was found for {it} (no STAC "
         f"item JSON beside {it}, no date in {names}), so the dates cannot leave {it} out and "
-        f"{it} would be embedded whatever they are: leave out {option}, give only dated files "
+        f"{they} would be embedded whatever they are: leave out {option}, give only dated files "
         f"as inputs, or give {give} date (in the file name, e.g. scene_20230601.tif, or a "
         "STAC item JSON beside it)"
     )
