@@ -216,6 +216,38 @@ def test_outputs_record_the_inputs_acquisition_span(tmp_path: Path) -> None:
     assert embed([timed], resumed, **kwargs).chips == 0  # finished: nothing redone
 
 
+def test_acquisition_span_is_that_of_the_scenes_the_chips_read(tmp_path: Path) -> None:
+    """Two scenes side by side, a_20230601 (left) and b_20230715 (right): a --bbox or a point
+    inside a recorded acquisition_end 2023-07-15 (the whole index's span) while its rows said
+    2023-06-01; now the span of the scenes the job's chips read. The whole folder: both."""
+    folder = tmp_path / "scenes"
+    dated_copies(folder, [("a_20230601.tif", 0.0, 0), ("b_20230715.tif", 2560.0, 0)])
+    common = ["--weights", "none", "--no-progress", "-o"]
+    june = ("2023-06-01T00:00:00Z", "2023-06-01T23:59:59.999999Z")
+    with rasterio.open(folder / "a_20230601.tif") as src:
+        b = src.bounds
+    lon, lat = _scene_lonlat(b.left + 1280, b.bottom + 1280)
+    (tmp_path / "pts.csv").write_text(f"lon,lat\n{lon},{lat}\n")
+    box = _one_chip_bbox(folder / "a_20230601.tif")
+    points = ["--points", str(tmp_path / "pts.csv"), "--buffer-m", "500", "--output", "pooled"]
+    runs = [("box", box, june), ("point", points, june)]
+    runs.append(("whole", [], (june[0], "2023-07-15T23:59:59.999999Z")))
+    for name, args, span in runs:
+        out = tmp_path / name
+        assert main(["embed", str(folder), *common, str(out), *args]) == 0
+        grids = list(out.glob("*_grid.tif"))
+        for grid in grids:
+            with rasterio.open(grid) as src:
+                got = src.tags().get("acquisition_start"), src.tags().get("acquisition_end")
+                assert got == span, name
+        assert len(grids) == (name != "point")
+        (pooled,) = out.glob("*_pooled.parquet")
+        table = gpd.read_parquet(pooled)
+        assert (table.attrs.get("acquisition_start"), table.attrs.get("acquisition_end")) == span
+        assert str(table.time_start.min()) == str(pd.Timestamp(span[0]).tz_convert("UTC"))
+        assert str(table.time_end.max()) == str(pd.Timestamp(span[1]).tz_convert("UTC"))
+
+
 def test_a_time_series_of_one_place_is_refused_and_datetime_picks_a_date(
     tmp_path: Path, capsys, base_checkpoint
 ) -> None:

@@ -104,6 +104,7 @@ __all__ = [
     "read_roi",
     "refuse_mixed_acquisitions",
     "refuse_undated_scenes",
+    "scenes_read",
     "scenes_within",
 ]
 
@@ -163,6 +164,35 @@ def acquisition_span(dataset: Sentinel2Base, scenes: Any = None) -> tuple[str, s
     if bool(((spans.left <= mint) | (spans.right >= maxt)).any()):
         return None
     return _iso_utc(spans.left.min()), _iso_utc(spans.right.max())
+
+
+def scenes_read(dataset: Sentinel2Base, chips: Sequence[tuple[slice, slice, slice]]) -> Any:
+    """The index rows of the scenes some of ``chips`` read (as TorchGeo queries them).
+
+    A scene is read by a chip whose footprint meets its area (not only its edge, as
+    :func:`chip_times`) and whose time slice meets its span.
+
+    Args:
+        dataset: the dataset the chips are read from.
+        chips: ``(x, y, t)`` slices in the dataset's CRS (a sampler's).
+
+    Returns:
+        Those rows of ``dataset.index``, in index order.
+    """
+    index = dataset.index
+    if not len(chips) or not len(index):
+        return index.iloc[:0]
+    xy = np.array([(c[0].start, c[1].start, c[0].stop, c[1].stop) for c in chips], dtype=float)
+    boxes = shapely.box(xy[:, 0], xy[:, 1], xy[:, 2], xy[:, 3])
+    chip, scene = index.sindex.query(boxes, predicate="intersects")
+    inside = ~shapely.touches(boxes[chip], index.geometry.array[scene])  # not edge-only
+    chip, scene = chip[inside], scene[inside]
+    spans = index.index
+    low, high = pd.Timestamp(dataset.mint), pd.Timestamp(dataset.maxt)
+    starts = pd.DatetimeIndex([low if c[2].start is None else c[2].start for c in chips])
+    stops = pd.DatetimeIndex([high if c[2].stop is None else c[2].stop for c in chips])
+    meets = (spans.left[scene] <= stops[chip]) & (spans.right[scene] >= starts[chip])
+    return index.iloc[np.unique(scene[np.asarray(meets)])]
 
 
 def _dated_scenes(dataset: Sentinel2Base, time: TimeRange | None) -> Any:
@@ -1001,8 +1031,9 @@ class DOFAPredictDataModule(GeoDataModule):
             embed manifest's identity of a file; null for a path that is no local file:
             ``preview`` warns of a source rewritten since), the ``stac_*`` provenance tags
             of STAC composites among the sources, and ``acquisition_start`` /
-            ``acquisition_end`` (ISO 8601 UTC: :func:`acquisition_span` of the scenes read,
-            those within ``time``) where every one of them is dated (none otherwise).
+            ``acquisition_end`` (ISO 8601 UTC: :func:`acquisition_span` of the scenes the
+            predict sampler's chips read, :func:`scenes_read`) where every one of them is
+            dated (none otherwise).
 
         Raises:
             RuntimeError: before :meth:`setup`.
@@ -1023,7 +1054,8 @@ class DOFAPredictDataModule(GeoDataModule):
         for path in sources:  # a STAC composite's provenance (items, dates, rule) travels on
             with rasterio.open(path) as src:
                 tags |= {k.lower(): v for k, v in src.tags().items() if k.startswith("STAC_")}
-        span = acquisition_span(dataset)
+        chips: list[Any] = list(self.predict_sampler or [])
+        span = acquisition_span(dataset, scenes_read(dataset, chips))
         if span is not None:
             tags["acquisition_start"], tags["acquisition_end"] = span
         return tags
