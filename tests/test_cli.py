@@ -248,6 +248,36 @@ def test_acquisition_span_is_that_of_the_scenes_the_chips_read(tmp_path: Path) -
         assert str(table.time_end.max()) == str(pd.Timestamp(span[1]).tz_convert("UTC"))
 
 
+def test_a_name_of_two_dates_records_no_acquisition_span(tmp_path: Path) -> None:
+    """``togo_2019-02-06_2020-02-01.tif`` (a stack over a year) was recorded as acquired on
+    2019-02-06 alone (the first date of its name, which --datetime dates it by): now no
+    acquisition tags (nothing false), alone or beside a dated scene; --datetime still selects
+    it by that first date, and a name of one date keeps its tags."""
+    folder = tmp_path / "scenes"
+    ranged = "togo_2019-02-06_2020-02-01.tif"
+    dated_copies(folder, [(ranged, 0.0, 0), ("b_20230715.tif", 2560.0, 0)])
+    common = ["--weights", "none", "--no-progress", "--output", "pooled", "-o"]
+    july = ("2023-07-15T00:00:00Z", "2023-07-15T23:59:59.999999Z")
+    for name, args, span in [
+        ("alone", [str(folder / ranged)], None),
+        ("folder", [str(folder)], None),
+        ("first", [str(folder), "--datetime", "2019-02-06/2019-02-06"], None),
+        ("other", [str(folder), "--datetime", "2023-07-15/2023-07-15"], july),
+    ]:
+        out = tmp_path / name
+        assert main(["embed", *args, *common, str(out)]) == 0, name
+        (pooled,) = out.glob("*_pooled.parquet")
+        table = gpd.read_parquet(pooled)
+        got = table.attrs.get("acquisition_start"), table.attrs.get("acquisition_end")
+        assert got == (span or (None, None)), name
+        if name == "first":  # the filtering is unchanged: dated by the first date
+            assert {str(v.date()) for v in table.time_start} == {"2019-02-06"}
+    out = tmp_path / "grid"
+    assert main(["embed", str(folder / ranged), "--weights", "none", "-o", str(out)]) == 0
+    with rasterio.open(out / f"{Path(ranged).stem}_grid.tif") as src:
+        assert "acquisition_start" not in src.tags() and not src.tags(ns="IMAGERY")
+
+
 def test_a_time_series_of_one_place_is_refused_and_datetime_picks_a_date(
     tmp_path: Path, capsys, base_checkpoint
 ) -> None:

@@ -145,7 +145,10 @@ def acquisition_span(dataset: Sentinel2Base, scenes: Any = None) -> tuple[str, s
     A scene's span is the one the ``time`` / ``--datetime`` selection uses: a STAC item's
     ``datetime`` (its second) or ``start_datetime`` / ``end_datetime``, else a date in its
     name (that day, or that second for ``YYYYMMDDTHHMMSS``). A scene without a date spans
-    all time, so the span of scenes that include one is unknown.
+    all time, so the span of scenes that include one is unknown; so is that of a scene dated
+    by the first of several dates in its name (``Sentinel2Base.first_of_several_dates``: a
+    range such as ``..._2019-02-06_2020-02-01.tif``, which the time selection dates by
+    that first day).
 
     Args:
         dataset: the dataset.
@@ -159,6 +162,9 @@ def acquisition_span(dataset: Sentinel2Base, scenes: Any = None) -> tuple[str, s
     rows = dataset.index if scenes is None else scenes
     if not len(rows):
         return None
+    first_only: frozenset[str] = getattr(dataset, "first_of_several_dates", frozenset())
+    if any(str(path) in first_only for path in rows["filepath"]):
+        return None  # a name's first date is not its span (a range: 2019-02-06_2020-02-01)
     spans = rows.index
     mint, maxt = pd.Timestamp(dataset.mint), pd.Timestamp(dataset.maxt)
     if bool(((spans.left <= mint) | (spans.right >= maxt)).any()):

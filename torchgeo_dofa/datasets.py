@@ -225,6 +225,8 @@ _DATE_FORMATS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^\d{8}$"), "%Y%m%d"),
     (re.compile(r"^\d{4}-\d{2}-\d{2}$"), "%Y-%m-%d"),
 )
+#: A date in a name, as :attr:`Sentinel2Base.filename_regex` finds the first one.
+_DATE_TOKEN = re.compile(r"(?<![0-9])(\d{8}T\d{6}|\d{8}|\d{4}-\d{2}-\d{2})(?![0-9])")
 _ESA_NAME = re.compile(
     r"(?:^|_)(?:T\d{2}[A-Z]{3}_(?P<tdate>\d{8})T\d{6}|S2[A-D]_MSI(?:L1C|L2A)_(?P<pdate>\d{8})T\d{6})"
 )
@@ -870,9 +872,17 @@ class Sentinel2Base(RasterDataset):
         geometries = []
         datetimes = []
         self._assumed_offsets: list[str] = []
+        #: the index's ``filepath`` of scenes dated by the first of several dates in a name
+        #: (``..._2019-02-06_2020-02-01.tif``, a composite of a range, or a product name's
+        #: processing date): their span is that first day, which need not be when they were
+        #: acquired, so no acquisition span is recorded for them
+        self.first_of_several_dates: frozenset[str] = frozenset()
+        first_of_several: set[str] = set()
         for scene in scenes:
             if scene.span is None:  # already dated where time= chose the scenes
                 scene.span = self._scene_span(scene)
+            if self._dated_by_first_of_several(scene):
+                first_of_several.add(scene.selected[0][0])
             self._resolve_offset(scene, infos)
             boxes = [
                 shapely.box(*self._grid_bounds(grids[p])) for p in {p for p, _ in scene.selected}
@@ -898,6 +908,7 @@ class Sentinel2Base(RasterDataset):
                 UserWarning,
             )
         self._warn_narrow_dtypes(scenes, infos)
+        self.first_of_several_dates = frozenset(first_of_several)
         index = pd.IntervalIndex.from_tuples(datetimes, closed="both", name="datetime")
         self.index = GeoDataFrame(rows, index=index, geometry=geometries, crs=dst_crs)
         self._infos = infos
@@ -1703,6 +1714,26 @@ class Sentinel2Base(RasterDataset):
             if span != everything:
                 return span
         return everything
+
+    def _dated_by_first_of_several(self, scene: _Scene) -> bool:
+        """Whether the name dating a scene holds dates besides the one that dates it.
+
+        A scene dated by a STAC item, a name with one date, a name whose ``stop`` group
+        (:attr:`filename_regex`) reads a range, or an ESA product name (sensing and
+        processing times) is not.
+        """
+        if scene.stac is not None and scene.stac.start is not None:
+            return False
+        everything = (self.mint, self.maxt)
+        for name in (scene.date_hint, _scene_folder(scene.sources[0][0])):
+            if self._filepath_to_timestamp(name) == everything:
+                continue
+            base = os.path.basename(os.fspath(name))
+            match = re.match(self.filename_regex, base, re.VERBOSE)
+            if (match and match.groupdict().get("stop")) or _ESA_NAME.search(base):
+                return False
+            return len(_DATE_TOKEN.findall(base)) > 1
+        return False
 
     def _find_stac_item(self, scene: _Scene) -> StacItemInfo | None:
         """The STAC item JSON in the scene's folder that describes it, if any.
