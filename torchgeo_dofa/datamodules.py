@@ -1226,7 +1226,7 @@ def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
         dataset: the dataset whose files to check.
         max_side: side of the decimated read, pixels.
 
-    Warns where more than half of a file's valid values exceed
+    Warns where more than half of the valid values of any band of a file exceed
     :data:`~torchgeo_dofa.transforms.REFLECTANCE_MAX` (they embed as saturated).
 
     Raises:
@@ -1245,6 +1245,7 @@ def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
         data = torch.from_numpy(pixels.astype(np.float32))
         with rasterio.open(path) as src:
             nodata = dataset.nodata if dataset.nodata is not None else src.nodata
+            names = [d or f"band {i}" for i, d in enumerate(src.descriptions, start=1)]
         valid = (data != 0).all(dim=0) if dataset.zero_is_nodata else None
         sample: Sample = {"image": data}
         if valid is not None:
@@ -1254,13 +1255,18 @@ def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
         except ReflectanceError as err:
             raise ReflectanceError(f"{os.path.basename(path)}: {err}") from None
         values = checked["image"][:, checked["valid"]]  # (C, N) valid pixels
-        if values.numel() and float(values.median()) > REFLECTANCE_MAX:
+        if not values.numel():
+            continue
+        medians = values.median(dim=1).values.tolist()
+        high = [f"{n} {m:.0f}" for n, m in zip(names, medians, strict=True) if m > REFLECTANCE_MAX]
+        if high:
             _warnings.warn(
-                f"{os.path.basename(path)}: more than half of its valid values exceed "
-                f"{REFLECTANCE_MAX:.0f} (median {float(values.median()):.0f}, read "
-                f"decimated): DOFA clips reflectance at {REFLECTANCE_MAX:.0f}, so those pixels "
-                "embed as saturated. Is the file scaled (x 10, or x 10000 twice) or radiance? "
-                "(A scene of bright cloud or snow can do this.)"
+                f"{os.path.basename(path)}: more than half of the valid values of "
+                f"{len(high)} of its {len(names)} bands exceed {REFLECTANCE_MAX:.0f} (medians: "
+                f"{', '.join(high)}; read decimated): DOFA clips reflectance at "
+                f"{REFLECTANCE_MAX:.0f}, so those pixels embed as saturated. Is the file scaled "
+                "(x 10, or x 10000 twice) or radiance? (A scene of bright cloud or snow can do "
+                "this.)"
             )
 
 
