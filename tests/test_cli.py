@@ -4163,6 +4163,34 @@ def test_a_full_dev_shm_is_one_line_naming_it(tmp_path, base_checkpoint) -> None
     assert not list(tmp_path.rglob("*.tif")) and not list(tmp_path.rglob("*.parquet"))
 
 
+def test_a_batch_whose_shared_memory_cannot_be_received_is_named() -> None:
+    """A worker whose side of the descriptor passing failed (its open-file limit reached as
+    it accepted the job's connection) left the job a bare ``EOFError`` traceback from
+    ``multiprocessing.resource_sharer`` (half the runs over 150 files under ``ulimit -n
+    200``). Here the worker's listener is stopped before the job takes the descriptor, as a
+    real failure leaves it: one line naming the cause."""
+    from multiprocessing import resource_sharer
+
+    from torchgeo_dofa.jobs import loader_worker_error
+
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        shared = resource_sharer.DupFd(fd)
+        resource_sharer.stop()
+        with pytest.raises(OSError) as info:
+            shared.detach()
+    finally:
+        os.close(fd)
+    found = loader_worker_error(info.value)
+    assert found is not None and str(found) == (
+        "a DataLoader worker reading chips could not pass chips through shared memory: its end "
+        "closed before the job took a batch (the open-file limit (ulimit -n) is reached, most "
+        "often); rerun with num_workers=0 (chips read in the job's own process, no shared "
+        "memory), or raise it (ulimit -n 4096)"
+    )
+    assert loader_worker_error(OSError(24, "Too many open files")) is None  # not from there
+
+
 @pytest.mark.parametrize(
     ("torch_says", "cause"),
     [

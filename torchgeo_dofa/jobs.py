@@ -36,6 +36,7 @@ import shutil
 import signal
 import sys
 import threading
+import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -244,9 +245,21 @@ _SHM_CAUSES = {
     errno.ENOMEM: ("the machine is out of memory", "use a smaller batch (batch_size=)"),
     errno.EMFILE: (
         "the open-file limit (ulimit -n) is reached",
-        "raise it (ulimit -n 65536)",
+        "raise it (ulimit -n 4096)",
     ),
 }
+
+
+def _in_fd_passing(err: BaseException) -> bool:
+    """Whether ``err`` was raised receiving a tensor's shared memory from a worker.
+
+    PyTorch passes a batch's shared memory as file descriptors through
+    ``multiprocessing.resource_sharer``: where the worker's side failed (its open-file limit
+    reached as it accepted the job's connection) the job's side reads an end of file, or
+    finds the worker's listener gone.
+    """
+    files = {os.path.basename(frame.filename) for frame in traceback.extract_tb(err.__traceback__)}
+    return "resource_sharer.py" in files or "reductions.py" in files
 
 
 def loader_worker_error(err: BaseException) -> LoaderWorkerError | None:
@@ -263,6 +276,14 @@ def loader_worker_error(err: BaseException) -> LoaderWorkerError | None:
         memory, or the limit to raise), or None when the error is not one of those.
     """
     for found in exception_chain(err):
+        if isinstance(found, EOFError | OSError) and _in_fd_passing(found):
+            cause, fix = _SHM_CAUSES[errno.EMFILE]
+            return LoaderWorkerError(
+                "a DataLoader worker reading chips could not pass chips through shared memory: "
+                f"its end closed before the job took a batch ({cause}, most often); rerun "
+                f"with num_workers=0 (chips read in the job's own process, no shared memory), "
+                f"or {fix}"
+            )
         if not isinstance(found, RuntimeError):
             continue
         text = str(found)
@@ -270,16 +291,15 @@ def loader_worker_error(err: BaseException) -> LoaderWorkerError | None:
         killed = re.search(r"DataLoader worker \(pid[^)]*\) is killed by signal: ([^.]+)", text)
         # runtime.BatchHandOverError: the batch was read but could not be sent
         # (its message's last line: the worker's traceback above it shows the raising line)
-        unsent = ([None, *re.finditer(r"could not hand a batch over to the job: ([^\n]*)", text)])[
-            -1
-        ]
-        code = re.search(r"\[Errno (\d+)\]", unsent[1]) if unsent is not None else None
+        sent = re.findall(r"could not hand a batch over to the job: ([^\n]*)", text)
+        unsent = sent[-1] if sent else None
+        code = re.search(r"\[Errno (\d+)\]", unsent) if unsent is not None else None
         if failure is not None or code is not None:
             errno_ = int((failure or code)[1])  # type: ignore[index]
             cause, fix = _SHM_CAUSES.get(errno_, (os.strerror(errno_), "free the resource"))
             what = f"could not pass chips through shared memory: {cause}"
         elif unsent is not None:  # no errno: a sample that cannot be pickled, most often
-            what = f"could not send its batch to the job ({unsent[1]})"
+            what = f"could not send its batch to the job ({unsent})"
             fix = "make every value of a sample a tensor or a number"
         elif killed is not None:
             bus = "bus" in killed[1].lower()
