@@ -422,6 +422,14 @@ def test_datetime_over_files_without_a_date_is_refused(tmp_path: Path, capsys) -
         "its date (in the file name, e.g. scene_20230601.tif, or a STAC item JSON beside it)\n"
     )
     assert not out.exists()
+    # a range open at both ends leaves nothing out: nothing to refuse
+    for whole in ("/", "../.."):
+        assert (
+            main(["embed", str(plain), "-o", str(out / whole[0]), *common, "--datetime", whole])
+            == 0
+        )
+    capsys.readouterr()
+    shutil.rmtree(out)
     # a folder mixing dated and undated files (side by side: no overlap to refuse), and
     # undated files given as regions of their own: every undated file is named at once
     mixed = tmp_path / "mixed"

@@ -340,7 +340,8 @@ def refuse_undated_scenes(
 
     Args:
         dataset: the dataset, opened with ``time`` (the scenes of other dates left out).
-        time: the range asked for, or None (nothing to refuse).
+        time: the range asked for, or None (nothing to refuse; nor for a range open at
+            both ends, which leaves no scene out).
         box: only the scenes meeting this footprint (one chip's), in the dataset's CRS.
         asked: the range as the caller names it in the message (default ``time=...``).
         option: the option the message says to leave out.
@@ -351,6 +352,9 @@ def refuse_undated_scenes(
     """
     if time is None:
         return
+    window = time if isinstance(time, slice) else time_slice(time)
+    if window.start == pd.Timestamp.min and window.stop == pd.Timestamp.max:
+        return  # open at both ends (--datetime /, ../..): it leaves nothing out
     scenes = dataset.index
     if box is not None:
         scenes = scenes.iloc[scenes.sindex.query(box, predicate="intersects")]
