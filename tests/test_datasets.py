@@ -1631,3 +1631,24 @@ def test_a_label_raster_among_the_scenes_is_named_as_such(tmp_path: Path) -> Non
         "select the ones to embed with bands=[...]; if it is a label or mask raster (one uint8 "
         "band), keep it out of the inputs"
     )
+
+
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [
+        ({"bands": "B4B3B2B8"}, "bands='B4B3B2B8' is one string: give a list of band names, one "
+         "per channel (bands=['B4', 'B3', 'B2', 'B8'])"),
+        ({"file_bands": "B4, B3 B2 B8A"}, "file_bands='B4, B3 B2 B8A' is one string: give a "
+         "list of band names, one per channel (file_bands=['B4', 'B3', 'B2', 'B8A'])"),
+    ],
+)  # fmt: skip
+def test_band_names_given_as_one_string_are_refused_by_name(
+    given: dict[str, str], shown: str
+) -> None:
+    """``bands="B4B3B2B8"`` was read as the list of its characters (``'B', '4', ...``): the
+    error spoke of a repeated band B, or of '4' not being a band name."""
+    from tests.scenes import SCENE
+
+    with pytest.raises(BandError) as info:
+        Sentinel2SR(SCENE, **given)  # type: ignore[arg-type]
+    assert str(info.value) == shown

@@ -236,6 +236,8 @@ _RES_DIR = re.compile(r"^R\d{2,3}m$")
 _EARTH_SEARCH_ID = re.compile(
     r"(?:^|_)(?P<id>S2[A-D]_\d{1,2}[A-Z]{3}_(?P<date>\d{8})_\d+_L(?:1C|2A))(?:_|$)"
 )
+#: The band names written together in one string (``"B4B3B2B8"``, ``"B4, B3"``).
+_BAND_WORD = re.compile(r"B\d{1,2}A?(?:_\d+)?|[A-Za-z]+\d*(?:_\d+)?")
 #: A name for a band not to read, by its position (``band4``): what a band without a
 #: description is called, and what ``file_bands=`` may call one.
 _PLACEHOLDER = re.compile(r"band\d+", re.IGNORECASE)
@@ -783,6 +785,12 @@ class Sentinel2Base(RasterDataset):
         self._handles: dict[tuple[str, str], tuple[DatasetReader, DatasetReader | WarpedVRT]] = {}
         self._handles_pid = os.getpid()
         self._metadata_cache: dict[str, ProductMetadata | None] = {}
+        for what, value in (("bands", bands), ("file_bands", file_bands)):
+            if isinstance(value, str):  # read as a list of its characters: 'B', '4', ...
+                raise BandError(
+                    f"{what}={value!r} is one string: give a list of band names, one per "
+                    f"channel ({what}={_BAND_WORD.findall(value) or ['B4', 'B3']!r})"
+                )
         self._check_file_band_names(file_bands, bands)
         #: bands a warning of the default choice has named as left out (none twice)
         self._left_out_told: set[str] = set()
