@@ -4007,8 +4007,8 @@ def test_a_low_open_file_limit_reads_chips_in_the_job_instead_of_hanging(
     assert lines[0].endswith("0 loader worker(s) (of 1: the open-file limit)"), lines[0]
     assert (
         "torchgeo-dofa: warning: the open-file limit (ulimit -n) is 24, below the 128 that "
-        "DataLoader workers need: chips are read in the job's own process, not in 1 worker(s); "
-        "raise it (ulimit -n 4096) to read them in workers"
+        "DataLoader workers need: the data is read in the job's own process, not in 1 "
+        "worker(s); raise it (ulimit -n 4096) to read it in workers"
     ) in lines, lines
     soft = run([*embed, "-o", "soft"], 24, 4096)  # soft limit only: raised, the worker runs
     assert soft.returncode == 0, soft.stderr[-3000:]

@@ -430,8 +430,8 @@ def workers_open_file_problem(workers: int) -> str | None:
         return None
     return (
         f"the open-file limit (ulimit -n) is {limit}, below the {MIN_OPEN_FILES_FOR_WORKERS} "
-        f"that DataLoader workers need: chips are read in the job's own process, not in "
-        f"{workers} worker(s); raise it (ulimit -n 4096) to read them in workers"
+        f"that DataLoader workers need: the data is read in the job's own process, not in "
+        f"{workers} worker(s); raise it (ulimit -n 4096) to read it in workers"
     )
 
 
