@@ -1496,8 +1496,8 @@ def get_embedding(
         spatial: the region (``local``/``gee``): a :class:`PointBuffer`, a :class:`BBox` or a
             shapely geometry in EPSG:4326; recorded only for ``tensor``.
         temporal: date range; required for ``gee``, optional for ``local`` (None: every
-            date; a local scene without a date meeting the region is refused, as no range
-            can select it), ignored for ``tensor``.
+            date, undated scenes included; a range is refused where a local scene without a
+            date meets the region, as no range can select it), ignored for ``tensor``.
         sensor: bands (channel names for ``tensor``, bands to read for ``local``/``gee``),
             explicit wavelengths and fetch settings. Default for ``gee``: ``SensorSpec()``
             (DOFA's 9 bands from ``COPERNICUS/S2_SR_HARMONIZED``); for ``local``: the
