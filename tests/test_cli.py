@@ -4603,6 +4603,32 @@ def test_every_file_bands_name_is_read_or_reported(tmp_path, capsys) -> None:
         assert main(["embed", str(stack), "-o", str(out), *known, *common]) == 0
 
 
+def test_an_output_path_longer_than_the_system_takes_is_one_line(tmp_path, capsys) -> None:
+    """Every name fitting, but the path of the parts beyond PATH_MAX (4096 on Linux): the
+    bare ``[Errno 36] File name too long`` with the 4 KB path. Now one line, exit 2, nothing
+    made."""
+    import os
+
+    deep = tmp_path
+    while len(os.fsencode(str(deep))) < 3700:
+        deep = deep / ("a" * 200)
+    deep = deep / ("b" * (3899 - len(os.fsencode(str(deep)))))  # 3900 bytes
+    deep.mkdir(parents=True)
+    out = deep / ("d" * 150)  # fits (4051 bytes), but not its grid's parts
+    assert main(["embed", str(SCENE), "-o", str(out), "--weights", "none", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("torchgeo-dofa: error: output "), err[-300:]
+    assert main(["embed", str(SCENE), "-o", str(out / ("e" * 200)), "--weights", "none"]) == 2
+    too_long = capsys.readouterr().err.strip()  # the -o path itself
+    assert too_long.startswith("torchgeo-dofa: error: -o "), too_long[-300:]
+    assert "the system takes for a path: give a shorter -o" in too_long, too_long[-300:]
+    assert err.endswith(
+        "(the parts inside its parts folder), more than the 4095 the system takes for a path: "
+        "give a shorter -o (a folder nearer the root)"
+    ), err[-300:]
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
 def test_names_too_long_for_the_file_system_are_one_line(tmp_path, capsys) -> None:
     """A -o name longer than the file system takes (255 bytes), or an input whose outputs'
     names in -o (or their parts folders, temporary files, a -o NAME.tif's manifest) would be,

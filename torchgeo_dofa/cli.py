@@ -119,6 +119,32 @@ def name_limit(folder: str | os.PathLike[str]) -> int | None:
     return DEFAULT_NAME_MAX
 
 
+#: The longest name the writers give a file inside an output's parts folder, in bytes, and
+#: the separator before it: a part's temporary file, ``.r12345_c12345.npy.<32 hex>.tmp``.
+PART_NAME_BYTES = 64
+
+
+def path_limit(folder: str | os.PathLike[str]) -> int | None:
+    """The longest path (bytes, with its final NUL) the system takes under ``folder``.
+
+    ``os.pathconf(..., "PC_PATH_MAX")`` of the nearest existing folder (Linux: 4096).
+
+    Args:
+        folder: a folder, existing or to be made.
+
+    Returns:
+        The limit; None where no folder of the path can tell or the system sets none.
+    """
+    here = Path(os.path.abspath(folder))
+    for candidate in (here, *here.parents):
+        try:
+            limit = os.pathconf(candidate, "PC_PATH_MAX")
+        except (OSError, ValueError, AttributeError):  # not there (yet), no pathconf
+            continue
+        return None if limit < 0 else int(limit)
+    return None
+
+
 def _shortened(name: str) -> str:
     """A long name for a message: its start and end, enough to tell which it is."""
     return name if len(name) <= 60 else f"{name[:40]}...{name[-16:]}"
@@ -149,7 +175,7 @@ def long_name_in(path: str | os.PathLike[str]) -> tuple[str, int, int] | None:
 
 
 def _long_name_problem(what: str, path: str | os.PathLike[str], fix: str) -> str | None:
-    """The refusal of a path holding a name too long for its file system, or None.
+    """The refusal of a path too long, or holding a name too long, for its file system.
 
     Args:
         what: the path as the command names it (``-o out``, ``input 'x.tif'``).
@@ -159,6 +185,13 @@ def _long_name_problem(what: str, path: str | os.PathLike[str], fix: str) -> str
     Returns:
         One line naming the name, its length, the file system's limit and ``fix``.
     """
+    full = len(os.fsencode(os.path.abspath(path)))
+    most = path_limit(Path(os.path.abspath(path)).parent)
+    if most is not None and full >= most:
+        return (
+            f"{what}: its path is {full} bytes, more than the {most - 1} the system takes for "
+            f"a path: {fix}"
+        )
     found = long_name_in(path)
     if found is None:
         return None
@@ -291,6 +324,15 @@ def _refuse_long_output_names(
                 (named, "its job manifest", manifest),
                 (named, "the manifest's temporary file", temp_path(manifest)),
             ]
+        longest = max(len(os.fsencode(os.path.abspath(p))) for _, _, p in made)
+        most_path = path_limit(made[0][0].parent)
+        if most_path is not None and longest + PART_NAME_BYTES >= most_path:
+            raise InputError(
+                f"output {_shortened(str(made[0][0]))}: its files would have paths of up to "
+                f"{longest + PART_NAME_BYTES} bytes (the parts inside its parts folder), more "
+                f"than the {most_path - 1} the system takes for a path: give a shorter -o "
+                "(a folder nearer the root)"
+            )
         limit = name_limit(made[0][0].parent)  # every name is made in the outputs' folder
         if limit is None:
             continue
