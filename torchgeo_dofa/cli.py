@@ -109,14 +109,25 @@ def name_limit(folder: str | os.PathLike[str]) -> int | None:
         The limit; :data:`DEFAULT_NAME_MAX` where no folder of the path can tell (no
         ``os.pathconf``, as on Windows), None where the file system sets none.
     """
+    found, limit = _nearest_pathconf(folder, "PC_NAME_MAX")
+    return limit if found else DEFAULT_NAME_MAX
+
+
+def _nearest_pathconf(folder: str | os.PathLike[str], name: str) -> tuple[bool, int | None]:
+    """``os.pathconf(..., name)`` of ``folder`` or its nearest existing parent.
+
+    Returns:
+        ``(True, value)`` (None where the file system sets no limit), or ``(False, None)``
+        where no folder of the path can tell (no ``os.pathconf``, as on Windows).
+    """
     here = Path(os.path.abspath(folder))
     for candidate in (here, *here.parents):
         try:
-            limit = os.pathconf(candidate, "PC_NAME_MAX")
+            limit = os.pathconf(candidate, name)
         except (OSError, ValueError, AttributeError):  # not there (yet), no pathconf
             continue
-        return None if limit < 0 else int(limit)
-    return DEFAULT_NAME_MAX
+        return True, None if limit < 0 else int(limit)
+    return False, None
 
 
 #: The longest name the writers give a file inside an output's parts folder, in bytes, and
@@ -135,14 +146,7 @@ def path_limit(folder: str | os.PathLike[str]) -> int | None:
     Returns:
         The limit; None where no folder of the path can tell or the system sets none.
     """
-    here = Path(os.path.abspath(folder))
-    for candidate in (here, *here.parents):
-        try:
-            limit = os.pathconf(candidate, "PC_PATH_MAX")
-        except (OSError, ValueError, AttributeError):  # not there (yet), no pathconf
-            continue
-        return None if limit < 0 else int(limit)
-    return None
+    return _nearest_pathconf(folder, "PC_PATH_MAX")[1]
 
 
 def _shortened(name: str) -> str:
