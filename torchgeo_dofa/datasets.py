@@ -498,8 +498,8 @@ def time_slice(time: TimeRange) -> slice:
             UTC.
 
     Returns:
-        ``slice(start, stop)`` of ``pandas.Timestamp`` (an open end: ``Timestamp.min`` /
-        ``Timestamp.max``).
+        ``slice(start, stop)`` of ``pandas.Timestamp`` (an open end, or one beyond pandas'
+        years 1677-2262: ``Timestamp.min`` / ``Timestamp.max``).
 
     Raises:
         ValueError: for text that is no such range, or a range ending before it starts.
@@ -511,9 +511,7 @@ def time_slice(time: TimeRange) -> slice:
             first, last, _ = _interval(time)
         except StacError as err:
             raise ValueError(f"time {time!r}: {err}") from err
-        start = pd.Timestamp.min if first is None else _utc_stamp(pd.Timestamp(first))
-        stop = pd.Timestamp.max if last is None else _utc_stamp(pd.Timestamp(last))
-        return slice(start, stop)
+        return slice(_bounded_stamp(first), _bounded_stamp(last, end=True))
     start, stop = (_utc_stamp(pd.Timestamp(t)) for t in time)
     if stop < start:
         raise ValueError(f"time range ends before it starts: {time}")
@@ -524,6 +522,21 @@ def _first_few(names: Sequence[str], limit: int = 3) -> str:
     """``names`` for a message: the first ``limit`` joined, then ``and N more``."""
     more = len(names) - limit
     return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
+def _bounded_stamp(moment: datetime | None, end: bool = False) -> pd.Timestamp:
+    """A range's end as a naive UTC timestamp.
+
+    Open, or beyond pandas' years 1677-2262: the earliest / latest timestamp
+    (``0001-01-01/9999-12-31`` is every date).
+    """
+    if moment is None:
+        return pd.Timestamp.max if end else pd.Timestamp.min
+    if moment.year < pd.Timestamp.min.year + 1:
+        return pd.Timestamp.min
+    if moment.year > pd.Timestamp.max.year - 1:
+        return pd.Timestamp.max
+    return _utc_stamp(pd.Timestamp(moment))
 
 
 def _utc_stamp(stamp: pd.Timestamp) -> pd.Timestamp:

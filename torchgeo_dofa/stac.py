@@ -58,7 +58,7 @@ import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -180,7 +180,8 @@ def _parse_time(text: str, end: bool) -> datetime | None:
     try:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
             day = datetime.fromisoformat(text).replace(tzinfo=UTC)
-            return day + timedelta(days=1) - timedelta(microseconds=1) if end else day
+            # the day's last microsecond (9999-12-31 has no next day to count back from)
+            return day.replace(hour=23, minute=59, second=59, microsecond=999999) if end else day
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError as err:  # not ISO, or no such day ("2023-13-45": month must be in 1..12)
         why = "" if "isoformat" in str(err) else f" ({err})"
