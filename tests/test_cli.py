@@ -3973,6 +3973,20 @@ def test_reflectance_scaled_up_is_refused_or_warned_of(tmp_path, base_checkpoint
     said = float(warned[0].split("(medians: B08 ")[1].split(";")[0])
     assert abs(said - medians[3]) < 0.05 * medians[3], (said, medians)  # a decimated read
     assert (tmp_path / "b" / "x10_grid.tif").exists()
+    # only the bands read are judged: x 10 without its NIR, and an elevation band of 12000
+    # beside the scene's four (the dataset does not read it), warn of nothing
+    profile.update(count=5)
+    with rasterio.open(tmp_path / "elevation.tif", "w", **profile) as dst:
+        dst.write(np.concatenate([data, np.full_like(data[:1], 12000.0)]))
+        dst.descriptions = (*names, "elevation")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        visible = ["--bands", "B4", "B3", "B2"]
+        assert main(["embed", str(tmp_path / "x10.tif"), "-o", str(tmp_path / "d"), *weights,
+                     *visible]) == 0  # fmt: skip
+        assert main(["embed", str(tmp_path / "elevation.tif"), "-o", str(tmp_path / "e"),
+                     *weights]) == 0  # fmt: skip
+        assert not [w for w in caught if "exceed" in str(w.message)]
 
 
 def test_a_low_open_file_limit_reads_chips_in_the_job_instead_of_hanging(

@@ -1230,8 +1230,8 @@ def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
         dataset: the dataset whose files to check.
         max_side: side of the decimated read, pixels.
 
-    Warns where more than half of the valid values of any band of a file exceed
-    :data:`~torchgeo_dofa.transforms.REFLECTANCE_MAX` (they embed as saturated).
+    Warns where more than half of the valid values of any band of a file the dataset reads
+    exceed :data:`~torchgeo_dofa.transforms.REFLECTANCE_MAX` (they embed as saturated).
 
     Raises:
         ReflectanceError: naming the file whose valid values all lie in [0, 2], all exceed
@@ -1262,7 +1262,12 @@ def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
         if not values.numel():
             continue
         medians = values.median(dim=1).values.tolist()
-        high = [f"{n} {m:.0f}" for n, m in zip(names, medians, strict=True) if m > REFLECTANCE_MAX]
+        read = {b for sources in dataset.index["sources"] for p, b in sources if p == path}
+        high = [  # of the bands the dataset reads (not an elevation or QA band beside them)
+            f"{n} {m:.0f}"
+            for i, (n, m) in enumerate(zip(names, medians, strict=True), start=1)
+            if m > REFLECTANCE_MAX and i in read
+        ]
         if high:
             _warnings.warn(
                 f"{os.path.basename(path)}: more than half of the valid values of "
