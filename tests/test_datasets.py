@@ -1652,3 +1652,20 @@ def test_band_names_given_as_one_string_are_refused_by_name(
     with pytest.raises(BandError) as info:
         Sentinel2SR(SCENE, **given)  # type: ignore[arg-type]
     assert str(info.value) == shown
+
+
+def test_band_names_in_any_sequence_are_read_as_a_list() -> None:
+    """A numpy array of names failed with numpy's "truth value of an array ... is
+    ambiguous", a generator was spent by the first look (bands=[]), bytes were read as
+    integers ("[66, 52] name the same band more than once")."""
+    from tests.scenes import SCENE
+    from torchgeo_dofa.api import SensorSpec
+
+    names = ["B4", "B3", "B2"]
+    for given in (np.array(names), tuple(names), (b for b in names)):
+        assert Sentinel2SR(SCENE, bands=given).bands == tuple(names)  # type: ignore[arg-type]
+    assert SensorSpec(bands=np.array(names)).bands == tuple(names)  # type: ignore[arg-type]
+    with pytest.raises(
+        BandError, match=r"bands=b'B4B3' is one string: .* \(bands=\['B4', 'B3'\]\)"
+    ):
+        Sentinel2SR(SCENE, bands=b"B4B3")  # type: ignore[arg-type]

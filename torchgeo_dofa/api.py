@@ -119,6 +119,7 @@ from .datasets import (
     NoSceneError,
     Sentinel2Base,
     Sentinel2SR,
+    band_words,
     find_raster_inputs,
     refuse_repeated_bands,
     stack_dofa_samples,
@@ -338,9 +339,15 @@ class SensorSpec:
             ModelError: if bands is empty, a plain string, or names one band twice
                 (``B4`` and ``B04`` are one band).
         """
-        if isinstance(self.bands, str) or not self.bands:
+        if isinstance(self.bands, str | bytes):
+            raise ModelError(
+                f"SensorSpec.bands={self.bands!r} is one string: give a list of band names, "
+                f"one per channel (bands={band_words(self.bands) or ['B4', 'B3']!r})"
+            )
+        bands = tuple(str(b) for b in self.bands)  # a tuple, numpy array, generator ...
+        if not bands:
             raise ModelError(f"SensorSpec.bands must be a non-empty list of names: {self.bands}")
-        object.__setattr__(self, "bands", tuple(str(b) for b in self.bands))
+        object.__setattr__(self, "bands", bands)
         try:
             check_unique_bands(self.bands, "SensorSpec.bands")
         except BandError as err:

@@ -179,6 +179,8 @@ __all__ = [
     "UndatedScenesError",
     "UnusedFileBandsError",
     "band_set_key",
+    "band_words",
+    "cached_files_limit",
     "concat_dofa_samples",
     "find_raster_inputs",
     "label_fill_problem",
@@ -238,6 +240,22 @@ _EARTH_SEARCH_ID = re.compile(
 )
 #: The band names written together in one string (``"B4B3B2B8"``, ``"B4, B3"``).
 _BAND_WORD = re.compile(r"B\d{1,2}A?(?:_\d+)?|[A-Za-z]+\d*(?:_\d+)?")
+
+
+def band_words(text: str | bytes) -> list[str]:
+    """The band names in one string given for a list (``"B4B3B2B8"`` -> B4, B3, B2, B8).
+
+    Args:
+        text: the string (bytes are decoded as ASCII, unknown bytes replaced).
+
+    Returns:
+        The names found, in order (for a message's example of the list meant).
+    """
+    if isinstance(text, bytes):
+        text = text.decode("ascii", errors="replace")
+    return _BAND_WORD.findall(text)
+
+
 #: A name for a band not to read, by its position (``band4``): what a band without a
 #: description is called, and what ``file_bands=`` may call one.
 _PLACEHOLDER = re.compile(r"band\d+", re.IGNORECASE)
@@ -799,11 +817,15 @@ class Sentinel2Base(RasterDataset):
         self._handles_pid = os.getpid()
         self._metadata_cache: dict[str, ProductMetadata | None] = {}
         for what, value in (("bands", bands), ("file_bands", file_bands)):
-            if isinstance(value, str):  # read as a list of its characters: 'B', '4', ...
+            if isinstance(value, str | bytes):  # read as a list of its characters: 'B', '4'
                 raise BandError(
                     f"{what}={value!r} is one string: give a list of band names, one per "
-                    f"channel ({what}={_BAND_WORD.findall(value) or ['B4', 'B3']!r})"
+                    f"channel ({what}={band_words(value) or ['B4', 'B3']!r})"
                 )
+        # a tuple, numpy array or generator of names: a list (numpy's arrays have no truth
+        # value, and a generator would be spent by the first look)
+        bands = None if bands is None else [str(b) for b in bands]
+        file_bands = None if file_bands is None else [str(b) for b in file_bands]
         self._check_file_band_names(file_bands, bands)
         #: bands a warning of the default choice has named as left out (none twice)
         self._left_out_told: set[str] = set()
