@@ -258,8 +258,9 @@ def _in_fd_passing(err: BaseException) -> bool:
     reached as it accepted the job's connection) the job's side reads an end of file, or
     finds the worker's listener gone.
     """
-    files = {os.path.basename(frame.filename) for frame in traceback.extract_tb(err.__traceback__)}
-    return "resource_sharer.py" in files or "reductions.py" in files
+    ends = ("multiprocessing/resource_sharer.py", "torch/multiprocessing/reductions.py")
+    frames = traceback.extract_tb(err.__traceback__)
+    return any(Path(f.filename).as_posix().endswith(ends) for f in frames)
 
 
 def loader_worker_error(err: BaseException) -> LoaderWorkerError | None:
