@@ -4686,8 +4686,8 @@ def test_names_too_long_for_the_file_system_are_one_line(tmp_path, capsys) -> No
         f"or folder name: the outputs in -o are named after their input, '{'i' * 40}..."
     ) in err
     assert err.endswith(
-        f"rename that input to at most {limit - 53} bytes, or give it alone with a shorter "
-        "-o NAME.tif\n"
+        f"shorten that input's name (without its extension) to at most {limit - 53} bytes, or "
+        "give it alone with a shorter -o NAME.tif\n"
     )
     shutil.rmtree(named)
     # -o NAME.parquet: its manifest's temporary file is 62 bytes longer than the name

@@ -352,8 +352,8 @@ def _refuse_long_output_names(
         else:
             fix = (
                 f"the outputs in -o are named after their input, {_shortened(base)!r} here: "
-                f"rename that input to at most {most} bytes, or give it alone with a shorter "
-                "-o NAME.tif"
+                f"shorten that input's name (without its extension) to at most {most} bytes, "
+                "or give it alone with a shorter -o NAME.tif"
             )
         shown = _shortened(_TEMP_HEX.sub(".<hex>.tmp", made_path.name))
         raise InputError(

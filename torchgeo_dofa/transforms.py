@@ -113,7 +113,8 @@ SCALED_MAX = 2.0
 #: reflectance above 1 (10000) is rare even for clouds and snow, which are dark in some band
 #: (snow and ice in the short-wave infrared, below 0.2), and DOFA's pipeline clips at
 #: :data:`REFLECTANCE_MAX`, so every pixel of such a chip would embed alike. Twice the top of
-#: the scale: the real Sentinel-2 test scenes peak at 7236.
+#: the scale: the brightest real Sentinel-2 test scene, a cloudy Level-2A B02 at 60 m
+#: (T29UNU, 2022-10-05), peaks at 18018 after its -1000 offset (median 2580).
 SATURATED_MIN = 2 * REFLECTANCE_MAX
 
 #: Values at or below this (on the reflectance x 10000 scale) are no data. Surface reflectance
