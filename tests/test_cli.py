@@ -2443,6 +2443,25 @@ def test_points_of_a_pixel_or_two_warn_once_for_the_job(tmp_path) -> None:
     ), shown
     assert len(gpd.read_parquet(tmp_path / "o" / "ftw_s2_l2a_33N_pooled.parquet")) == 3
 
+    # read in degrees (--crs EPSG:4326): the buffer it names is in metres at the points (it
+    # said "a --buffer-m of 8 pixels"), and that buffer gives whole patches
+    def in_degrees(buffer_m: str, out: str) -> list[str]:
+        return [*args[:5], buffer_m, "--crs", "EPSG:4326", "-o", str(tmp_path / out), *args[-3:]]
+
+    degrees = in_degrees("5", "deg")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(degrees) == 0
+    [said] = [str(w.message) for w in caught if "point chips" in str(w.message)]
+    found = re.search(r"buffer_m=(\d+) or more \(8 pixels of about (\d+) m a side", said)
+    assert found is not None, said
+    assert int(found[1]) == 8 * int(found[2]) and 10 <= int(found[2]) <= 15, said
+    buffered = in_degrees(found[1], "deg2")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(buffered) == 0
+    assert not [w for w in caught if "point chips" in str(w.message)]
+
 
 def test_points_csv_and_geojson(tmp_path, base_checkpoint) -> None:
     with rasterio.open(SCENE) as src:

@@ -454,6 +454,10 @@ class RegionSampler(GeoSampler):
 #: 224,000 km a side): beyond it a resolution or stride was surely given in the wrong units.
 MAX_CHIPS = 100_000_000
 
+#: Metres along a meridian per degree of latitude (WGS84 mean, 111.32 km), for a buffer
+#: in metres around points read in a CRS of degrees.
+DEGREE_M = 111_320.0
+
 #: DOFA's patch side in pixels: a point chip narrower than one patch fills the model's whole
 #: 224-px input with a few pixels (its embedding describes their values, not a place).
 MIN_CHIP_PX = 16
@@ -970,14 +974,23 @@ class DOFAPredictDataModule(GeoDataModule):
             what = f"{low[0]} x {low[1]} px ({100 * share:.2g}% of"
         else:
             what = f"{low[0]} x {low[1]} to {high[0]} x {high[1]} px (at most {100 * share:.2g}% of"
-        metres = _metres_per_unit(CRS.from_user_input(dataset.crs.to_wkt()))
+        crs = CRS.from_user_input(dataset.crs.to_wkt())
+        metres = _metres_per_unit(crs)
         half = MIN_CHIP_PX // 2  # pixels of buffer on each side of the point
-        if metres is None:  # pixels in degrees: no buffer in metres to name
+        about = ""
+        if metres is not None:
+            pixel = max(xres, yres) * metres
+        elif crs.is_geographic:  # pixels in degrees: their size in metres at the points
+            lat = math.radians(sum(ys.start + ys.stop for _, ys in sampler.chips) / 2 / len(sizes))
+            pixel = max(xres * math.cos(lat), yres) * DEGREE_M
+            about = "about "
+        if metres is None and not crs.is_geographic:  # no buffer in metres to name
             larger = f"a buffer_m= of {half} pixels or more"
         else:
-            pixel = max(xres, yres) * metres
+            pixel = float(f"{pixel:.2g}")  # a round figure: 10 m, not 9.87 m
+            each = f" of {about}{pixel:g} m" if about else ""
             larger = (
-                f"buffer_m={half * pixel:g} or more ({half} pixels a side of the point; "
+                f"buffer_m={half * pixel:g} or more ({half} pixels{each} a side of the point; "
                 f"{MODEL_INPUT_PX // 2 * pixel:g} gives a {MODEL_INPUT_PX}-px chip)"
             )
         _warnings.warn(
