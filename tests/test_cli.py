@@ -2452,10 +2452,10 @@ def test_points_of_a_pixel_or_two_warn_once_for_the_job(tmp_path) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert main(degrees) == 0
-    [said] = [str(w.message) for w in caught if "point chips" in str(w.message)]
-    found = re.search(r"buffer_m=(\d+) or more \(8 pixels of about (\d+) m a side", said)
-    assert found is not None, said
-    assert int(found[1]) == 8 * int(found[2]) and 10 <= int(found[2]) <= 15, said
+    [told] = [str(w.message) for w in caught if "point chips" in str(w.message)]
+    found = re.search(r"buffer_m=(\d+) or more \(8 pixels of about (\d+) m a side", told)
+    assert found is not None, told
+    assert int(found[1]) == 8 * int(found[2]) and 10 <= int(found[2]) <= 15, told
     buffered = in_degrees(found[1], "deg2")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
