@@ -119,6 +119,7 @@ from .datasets import (
     NoSceneError,
     Sentinel2Base,
     Sentinel2SR,
+    _first_few,
     band_words,
     find_raster_inputs,
     refuse_repeated_bands,
@@ -1307,10 +1308,9 @@ def _warn_coverage(embeddings: Sequence[Embedding], total: int) -> None:
     sparse = [e for e in embeddings if _is_sparse(e)]
     if not sparse:
         return
-    shown = ", ".join(
-        f"{_input_label(e)}: valid_fraction {float(e.meta['valid_fraction']):.4g}"
-        for e in sparse[:3]
-    ) + (f" and {len(sparse) - 3} more" if len(sparse) > 3 else "")
+    shown = _first_few(
+        [f"{_input_label(e)}: valid_fraction {float(e.meta['valid_fraction']):.4g}" for e in sparse]
+    )
     warn(
         f"{len(sparse)} of {total} input(s) have less than {LOW_VALID_FRACTION:.0%} valid "
         f"pixels ({shown}): the rest lies outside the rasters, is no data or masked, so the "
@@ -1324,10 +1324,12 @@ def _warn_narrow(narrow: Sequence[Embedding], total: int) -> None:
     """One warning for the inputs of a call narrower than one DOFA patch (a few pixels)."""
     if not narrow:
         return
-    shown = ", ".join(
-        f"{_input_label(e)}: {' x '.join(str(v) for v in e.meta['input_size_hw'])} px"
-        for e in narrow[:3]
-    ) + (f" and {len(narrow) - 3} more" if len(narrow) > 3 else "")
+    shown = _first_few(
+        [
+            f"{_input_label(e)}: {' x '.join(str(v) for v in e.meta['input_size_hw'])} px"
+            for e in narrow
+        ]
+    )
     warn(
         f"{len(narrow)} of {total} input(s) are narrower than one {MIN_CHIP_PX}-px DOFA patch "
         f"({shown}; height x width): each fills the model's 224-px input with those few "
