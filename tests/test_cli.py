@@ -1694,6 +1694,72 @@ def test_unreadable_and_normalised_inputs(tmp_path, capsys) -> None:
         assert not (tmp_path / "o").exists()
 
 
+def test_a_chip_of_cloud_shadow_embeds_and_a_negative_file_is_refused(
+    tmp_path, base_checkpoint, capsys
+) -> None:
+    """A chip negative in every band (cloud shadow or dark water after baseline 04.00's -1000
+    offset: the real T29UNU tile has such patches) stopped the job as 'every valid value is
+    negative', and every rerun at it. A chip embeds as its values clipped to 0 (any negative
+    values, the same vector); a whole file that negative (dB values) is still refused, before
+    anything is written."""
+    window = Window(0, 0, 64, 64)
+    with rasterio.open(SCENE) as src:
+        data = src.read(window=window).astype(np.float32)
+        crop = {"width": 64, "height": 64, "transform": src.window_transform(window)}
+    rows = {}
+    for name, shadow in (
+        ("random", -np.random.default_rng(0).uniform(1, 999, (4, 16, 16))),
+        ("flat", np.full((4, 16, 16), -1.0)),
+    ):
+        scene = data.copy()
+        scene[:, 16:32, 32:48] = shadow  # the chip of row 1, column 2
+        path = _write_scene_variant(
+            tmp_path / f"{name}.tif", scene, dtype="float32", nodata=None, **crop
+        )
+        out = tmp_path / name
+        args = ["embed", str(path), "-o", str(out), "--weights", str(base_checkpoint)]
+        assert main([*args, "--chip-size", "16", "--output", "pooled", "--no-progress"]) == 0
+        table = gpd.read_parquet(out / f"{name}_pooled.parquet")
+        assert len(table) == 16 and bool((table["valid_fraction"] == 1.0).all())
+        t = crop["transform"]
+        x0, y1 = t.c + 32 * t.a, t.f + 16 * t.e
+        (hit,) = np.flatnonzero(
+            table.geometry.bounds.round(3).eq([x0, y1 - 160, x0 + 160, y1]).all(axis=1)
+        )
+        rows[name] = np.stack(table["embedding"].to_numpy())
+        assert np.isfinite(rows[name]).all()
+    # the shadow chip: one input whatever its negative values (both clip to 0), and the
+    # other chips of the two files alike, as their pixels are
+    np.testing.assert_array_equal(rows["random"], rows["flat"])
+    assert not np.allclose(rows["random"][hit], rows["random"][hit - 1])
+    capsys.readouterr()
+    decibels = -np.random.default_rng(1).uniform(3, 25, (4, 64, 64)).astype(np.float32)
+    path = _write_scene_variant(tmp_path / "db.tif", decibels, dtype="float32", nodata=None, **crop)
+    assert main(["embed", str(path), "-o", str(tmp_path / "db"), "--weights", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchgeo-dofa: error: db.tif: every valid value is negative (in ["), err
+    assert "or are these dB / log values?" in err and "--offset 0" in err, err
+    assert not (tmp_path / "db").exists()
+    # the file check judges what the chips are: with the offset the job adds (raw 1..999
+    # with --offset -1000), and the bands it reads (not a QA band beside them): it judged
+    # the stored values of every band, and a chip refused the job after some were written
+    dark = np.random.default_rng(2).integers(1, 1000, (4, 64, 64)).astype(np.uint16)
+    path = _write_scene_variant(tmp_path / "dark.tif", dark, **crop)
+    args = ["embed", str(path), "-o", str(tmp_path / "dark"), "--weights", "none"]
+    assert main([*args, "--offset", "-1000", "--chip-size", "16", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchgeo-dofa: error: dark.tif: every valid value is negative"), err
+    assert not (tmp_path / "dark").exists()
+    scaled = np.concatenate([data[:3] / 10000, np.full((1, 64, 64), 200.0)]).astype(np.float32)
+    path = _write_scene_variant(tmp_path / "qa.tif", scaled, dtype="float32", nodata=None, **crop)
+    args = ["embed", str(path), "-o", str(tmp_path / "qa"), "--weights", "none", "--chip-size"]
+    files = ["--file-bands", "B4", "B3", "B2", "QA", "--bands", "B4", "B3", "B2"]
+    assert main([*args, "16", *files, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchgeo-dofa: error: qa.tif: input looks already scaled"), err
+    assert not (tmp_path / "qa").exists()
+
+
 def test_mixed_crs_region_is_an_error(tmp_path, capsys) -> None:
     folder = tmp_path / "mixed"
     folder.mkdir()

@@ -53,7 +53,7 @@ from torchgeo_dofa.datasets import (
     stack_dofa_samples,
 )
 from torchgeo_dofa.spatial import crs_label, crs_name, exact_epsg, same_crs
-from torchgeo_dofa.transforms import DOFAPreprocess
+from torchgeo_dofa.transforms import CheckReflectance, DOFAPreprocess, ReflectanceError
 
 DATA = Path(__file__).resolve().parent / "data" / "sentinel2"
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sentinel2"
@@ -1328,6 +1328,32 @@ def test_real_stactools_jp2_with_boa_offset_and_undeclared_nodata() -> None:
     invalid = 1 - float(whole["valid"].float().mean())
     assert 0.3 < invalid < 0.5  # about 40 % no data, declared nowhere
     assert bool((whole["image"][:, ~whole["valid"]] == 0).all())
+
+
+def test_real_cloud_shadow_chip_is_reflectance_not_an_error() -> None:
+    """Ten by ten pixels of the real T29UNU tile (its scene classification: cloud shadow and
+    dark area) are negative in both B02 and B04 after the -1000 offset. The all-negative rule
+    refused such a chip ('every valid value is negative'; a --chip-size 16 job of the tile
+    stopped at a chip of two such pixels at the swath's edge): a chip is kept and
+    normalised as its values clipped to 0; a whole input that negative is still refused."""
+    folder = real("stactools_l2a_N0400")
+    ds = Sentinel2SR(folder)
+    left, top = 530520.0, 5794740.0  # column 509, row 1755 of the 60 m grid
+    sample = ds[left : left + 600, top - 600 : top]
+    with rasterio.open(folder / "T29UNU_20221005T115411_B02_60m.jp2") as src:
+        b02 = src.read(1, window=rasterio.windows.Window(509, 1755, 10, 10))
+    assert sample["image"].shape == (2, 10, 10) and bool(sample["valid"].all())
+    np.testing.assert_array_equal(sample["image"][0].numpy(), b02.astype(np.float64) - 1000)
+    assert float(sample["image"].max()) < 0
+    out = DOFAPreprocess(ds.bands)(dict(sample))
+    assert not bool(out["empty"]) and float(out["valid_fraction"]) == 1.0
+    # clipped to 0: -mean / std of DOFA's statistics (B2 126.640 / 67.425, B4 114.110 / 77.844)
+    for band, (mean, std) in zip(
+        out["image"], ((126.63977424, 67.42465279), (114.1099739, 77.84352553)), strict=True
+    ):
+        torch.testing.assert_close(band, torch.full_like(band, -mean / std))
+    with pytest.raises(ReflectanceError, match=r"^every valid value is negative \(in \[-"):
+        CheckReflectance(whole_input=True)({"image": sample["image"].clone()})
 
 
 def test_real_earth_engine_export_in_epsg4326() -> None:

@@ -276,9 +276,14 @@ def test_check_reflectance_follows_the_same_rule() -> None:
     assert not out["valid"][0, :4].any() and out["valid"][8, 8]
     np.testing.assert_array_equal(out["image"].numpy(), np.where(expected[None], x, 0))
 
-    # all-negative input (offset applied twice, dB values) is an error, not a silent embedding
-    with pytest.raises(ReflectanceError, match="every valid value is negative"):
-        CheckReflectance()({"image": torch.full((3, 8, 8), -500.0)})
+    # all-negative values: a chip of them is cloud shadow or dark water after the -1000
+    # offset (valid, kept); a whole input of them (an offset applied twice, dB values) is an
+    # error, not a silent embedding
+    shadow = CheckReflectance()({"image": torch.full((3, 8, 8), -500.0)})
+    assert bool(shadow["valid"].all()) and not bool(shadow["empty"])
+    assert bool((shadow["image"] == -500.0).all())
+    with pytest.raises(ReflectanceError, match=r"^every valid value is negative \(in \[-500, "):
+        CheckReflectance(whole_input=True)({"image": torch.full((3, 8, 8), -500.0)})
     # all above twice the scale (x 1e30, scaled twice, radiance) is an error; values
     # beyond 10000 but not all of them beyond 20000 (bright cloud) are reflectance, clipped
     with pytest.raises(ReflectanceError, match=r"every valid value exceeds 20000 \(in \[2"):
@@ -321,8 +326,12 @@ def test_tensor_path_empty_chips_are_nan_with_one_warning(weights: str) -> None:
             weights=weights, device="cpu",
         )  # fmt: skip
     assert grid.data.shape == (768, 14, 14) and np.isnan(grid.data).all()
-    with pytest.raises(ReflectanceError, match="negative"):
+    # input_chw is a whole input: refused, told to clip a crop of dark surface, and not
+    # told of offset=, which get_embedding does not take
+    with pytest.raises(ReflectanceError, match="every valid value is negative") as told:
         get_embedding("dofa", input_chw=-good / 10, sensor=sensor, weights=weights, device="cpu")
+    assert "If it is a small crop of dark surface, clip it at 0 first" in str(told.value)
+    assert "already corrected, or are these dB" in str(told.value), str(told.value)
 
 
 def test_int16_fill_cells_are_nan_in_tensor_path_and_embed_job(

@@ -696,8 +696,14 @@ def _prepare(
     valid: Tensor | None = None,
     transform: Tensor | None = None,
     sensor: SensorSpec | None = None,
+    whole_input: bool = False,
 ) -> _Prepared:
-    """Run the standard stack on one raw (C, H, W) image; record what was done."""
+    """Run the standard stack on one raw (C, H, W) image; record what was done.
+
+    ``whole_input``: the image is the caller's whole input (``input_chw``), not a region cut
+    from a scene, and is refused where its valid values are all negative
+    (:class:`~torchgeo_dofa.transforms.CheckReflectance`).
+    """
     height, width = int(image.shape[-2]), int(image.shape[-1])
     mean, std = (sensor.mean, sensor.std) if sensor is not None else (None, None)
     stack = DOFAPreprocess(
@@ -708,6 +714,7 @@ def _prepare(
         fill_value=fill_value,
         mean=mean,
         std=std,
+        whole_input=whole_input,
     )
     sample: dict[str, Tensor] = {"image": image}
     if valid is not None:
@@ -783,15 +790,20 @@ def _prepare_tensor(
             f"{name} has C={image.shape[0]} channels but sensor.bands names "
             f"{len(sensor.bands)} bands {list(sensor.bands)}: give one band name per channel"
         )
-    prepared = _prepare(
-        image,
-        sensor.bands,
-        sensor.wavelengths,
-        input_prep,
-        nodata=nodata,
-        fill_value=sensor.fill_value,
-        sensor=sensor,
-    )
+    try:
+        prepared = _prepare(
+            image,
+            sensor.bands,
+            sensor.wavelengths,
+            input_prep,
+            nodata=nodata,
+            fill_value=sensor.fill_value,
+            sensor=sensor,
+            whole_input=True,
+        )
+    except ReflectanceError as err:  # offset= is a dataset's argument, not get_embedding's
+        told = str(err).replace(" (offset=0)", "")
+        raise (err if told == str(err) else ReflectanceError(told)) from None
     prepared.meta["source"] = "input_chw"
     return prepared
 

@@ -1233,8 +1233,9 @@ def _file_stats(path: str) -> list[int] | None:
 def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
     """Reject rasters already scaled to reflectance in [0, 1], before any chip is computed.
 
-    Each file is read decimated (about ``max_side`` pixels a side) and checked with
-    :class:`~torchgeo_dofa.transforms.CheckReflectance`, the check every chip also passes.
+    Each file is read decimated (about ``max_side`` pixels a side), the bands the dataset
+    reads of it with the offset it adds, and checked with
+    :class:`~torchgeo_dofa.transforms.CheckReflectance` as a whole input.
     The read (:func:`~torchgeo_dofa.runtime.decimated_read`) goes one row of the file's
     blocks at a time under a cache of that row, so the check's memory does not grow with
     the file.
@@ -1247,44 +1248,56 @@ def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
     exceed :data:`~torchgeo_dofa.transforms.REFLECTANCE_MAX` (they embed as saturated).
 
     Raises:
-        ReflectanceError: naming the file whose valid values all lie in [0, 2], all exceed
-            :data:`~torchgeo_dofa.transforms.SATURATED_MIN` or are all negative.
+        ReflectanceError: naming the file whose valid values (of the bands the dataset reads,
+            with its offset added) all lie in [0, 2], all exceed
+            :data:`~torchgeo_dofa.transforms.SATURATED_MIN` or are all negative (a whole file,
+            unlike a chip: see :class:`~torchgeo_dofa.transforms.CheckReflectance`).
         InputError: naming a file whose pixels cannot be read (a damaged block).
     """
-    from torchgeo_dofa.transforms import REFLECTANCE_MAX, CheckReflectance, ReflectanceError
+    from torchgeo_dofa.transforms import (
+        REFLECTANCE_MAX,
+        CheckReflectance,
+        ReflectanceError,
+        nodata_mask,
+    )
 
-    paths = sorted({p for sources in dataset.index["sources"] for p, _ in sources})
-    for path in paths:
+    # the bands the dataset reads of each file (not an elevation or QA band beside them),
+    # with the offset it adds to each (-1000 for processing baseline 04.00 on)
+    offsets: dict[str, dict[int, float]] = {}
+    for sources, item_offsets in zip(
+        dataset.index["sources"], dataset.index["offset"], strict=True
+    ):
+        for (p, b), offset in zip(sources, item_offsets, strict=True):
+            offsets.setdefault(p, {})[b] = float(offset)
+    for path in sorted(offsets):
         try:
             pixels = decimated_read(path, max_side)
         except rasterio.errors.RasterioError as err:
             raise unreadable_input(path, err) from err
-        data = torch.from_numpy(pixels.astype(np.float32))
+        read = sorted(offsets[path])
+        raw = torch.from_numpy(pixels[[b - 1 for b in read]].astype(np.float32))
         with rasterio.open(path) as src:
             nodata = dataset.nodata if dataset.nodata is not None else src.nodata
-            names = [d or f"band {i}" for i, d in enumerate(src.descriptions, start=1)]
-        valid = (data != 0).all(dim=0) if dataset.zero_is_nodata else None
-        sample: Sample = {"image": data}
-        if valid is not None:
-            sample["valid"] = valid
+            names = [src.descriptions[b - 1] or f"band {b}" for b in read]
+            count = src.count
+        valid = ~nodata_mask(raw, nodata)  # as the dataset masks the file's pixels
+        if dataset.zero_is_nodata:
+            valid &= (raw != 0).all(dim=0)
+        shift = torch.tensor([offsets[path][b] for b in read], dtype=torch.float32)
+        sample: Sample = {"image": raw + shift[:, None, None], "valid": valid}
         try:
-            checked = CheckReflectance(nodata=nodata)(sample)
+            checked = CheckReflectance(nodata=dataset.nodata, whole_input=True)(sample)
         except ReflectanceError as err:
             raise ReflectanceError(f"{os.path.basename(path)}: {err}") from None
         values = checked["image"][:, checked["valid"]]  # (C, N) valid pixels
         if not values.numel():
             continue
         medians = values.median(dim=1).values.tolist()
-        read = {b for sources in dataset.index["sources"] for p, b in sources if p == path}
-        high = [  # of the bands the dataset reads (not an elevation or QA band beside them)
-            f"{n} {m:.0f}"
-            for i, (n, m) in enumerate(zip(names, medians, strict=True), start=1)
-            if m > REFLECTANCE_MAX and i in read
-        ]
+        high = [f"{n} {m:.0f}" for n, m in zip(names, medians, strict=True) if m > REFLECTANCE_MAX]
         if high:
             _warnings.warn(
                 f"{os.path.basename(path)}: more than half of the valid values of "
-                f"{len(high)} of its {len(names)} bands exceed {REFLECTANCE_MAX:.0f} (medians: "
+                f"{len(high)} of its {count} bands exceed {REFLECTANCE_MAX:.0f} (medians: "
                 f"{', '.join(high)}; read decimated): DOFA clips reflectance at "
                 f"{REFLECTANCE_MAX:.0f}, so those pixels embed as saturated. Is the file scaled "
                 "(x 10, or x 10000 twice) or radiance? (A scene of bright cloud or snow can do "

@@ -565,10 +565,15 @@ class CheckReflectance(nn.Module):
 
     Then, over valid pixels only and per sample, input whose values all lie within [0, 2] is
     rejected (the stack expects raw surface reflectance, not values already scaled to [0, 1]),
-    and so is input whose values all exceed :data:`SATURATED_MIN` (scaled twice, radiance)
-    or are all negative (no surface is darker than 0 in every band:
-    an offset applied twice, or dB values). A chip without any valid pixel is not an error:
-    its ``empty`` flag is set.
+    and so is input whose values all exceed :data:`SATURATED_MIN` (scaled twice, radiance).
+    With ``whole_input=True`` (each sample is a whole input: a file read decimated, an array
+    a user passes), input whose valid values are all negative is rejected too (an offset
+    applied twice, dB values). A chip cut from a scene is not judged so: cloud shadow and
+    dark water are negative in every visible band after baseline 04.00's -1000 offset (the
+    real Level-2A tile T29UNU of 2022-10-05 at 60 m has 9,820 valid pixels negative in both
+    B02 and B04, 80 % of them in its scene classification's cloud shadow, in patches of up
+    to 2,014 pixels), and the normalisation clips them to 0 like any dark pixel. A chip
+    without any valid pixel is not an error: its ``empty`` flag is set.
 
     Reads ``image``, ``valid`` (optional); writes ``image`` (float32, see :func:`as_float32`),
     ``valid`` (bool (H,W) / (B,H,W)), ``empty`` (bool () / (B,), always set so batches
@@ -576,7 +581,9 @@ class CheckReflectance(nn.Module):
     are valid, before any resizing; the pooled table's ``valid_fraction`` column).
     """
 
-    def __init__(self, nodata: float | None = None, fill_value: float = 0.0) -> None:
+    def __init__(
+        self, nodata: float | None = None, fill_value: float = 0.0, whole_input: bool = False
+    ) -> None:
         """Configure the missing-data handling.
 
         Args:
@@ -585,10 +592,13 @@ class CheckReflectance(nn.Module):
                 pixels equal to ``fill_value`` in every band are no data either way.
             fill_value: value (raw-reflectance scale) written into invalid pixels; 0 matches
                 DOFA's reference fetch, which fills missing data with 0.
+            whole_input: each sample is a whole input (a file, a user's array), not a chip
+                cut from one: valid values all negative are refused as well.
         """
         super().__init__()
         self.nodata = None if nodata is None else float(nodata)
         self.fill_value = float(fill_value)
+        self.whole_input = bool(whole_input)
 
     def forward(self, sample: Sample) -> Sample:
         """Fill invalid pixels, record ``valid`` / ``empty`` and check the value range.
@@ -601,8 +611,8 @@ class CheckReflectance(nn.Module):
             ``valid_fraction`` set.
 
         Raises:
-            ReflectanceError: if a sample's valid values all lie within [0, 2], all exceed
-                :data:`SATURATED_MIN`, or are all negative.
+            ReflectanceError: if a sample's valid values all lie within [0, 2] or all exceed
+                :data:`SATURATED_MIN`, or (``whole_input``) are all negative.
             ValueError: if an existing ``valid`` does not match the image's shape.
         """
         image = _image(sample, "CheckReflectance")
@@ -624,7 +634,9 @@ class CheckReflectance(nn.Module):
             valid = valid & given.to(torch.bool)
         fraction = valid_fraction(valid)
         empty = fraction == 0  # no valid pixel
-        image = check_reflectance_range(image, valid, empty, self.fill_value)
+        image = check_reflectance_range(
+            image, valid, empty, self.fill_value, whole_input=self.whole_input
+        )
         sample["image"] = image
         sample["valid"] = valid
         sample["empty"] = empty
@@ -632,7 +644,7 @@ class CheckReflectance(nn.Module):
         return sample
 
     def extra_repr(self) -> str:  # noqa: D102
-        return f"nodata={self.nodata}, fill_value={self.fill_value}"
+        return f"nodata={self.nodata}, fill_value={self.fill_value}, whole_input={self.whole_input}"
 
 
 def _span(vmin: Tensor, vmax: Tensor, flags: Tensor) -> tuple[float, float]:
@@ -643,19 +655,21 @@ def _span(vmin: Tensor, vmax: Tensor, flags: Tensor) -> tuple[float, float]:
 
 
 def check_reflectance_range(
-    image: Tensor, valid: Tensor, empty: Tensor, fill_value: float
+    image: Tensor, valid: Tensor, empty: Tensor, fill_value: float, whole_input: bool = False
 ) -> Tensor:
     """Refuse chips whose valid values are not raw surface reflectance; fill invalid pixels.
 
     Per chip, over its valid pixels: values all within [0, :data:`SCALED_MAX`] (reflectance
-    already scaled to [0, 1]), all above :data:`SATURATED_MIN` or all negative are refused.
-    Chips without a valid pixel (``empty``) are not judged.
+    already scaled to [0, 1]) or all above :data:`SATURATED_MIN` are refused, and with
+    ``whole_input`` values all negative (see :class:`CheckReflectance` for why a chip is not
+    judged so). Chips without a valid pixel (``empty``) are not judged.
 
     Args:
         image: (C, H, W) or (B, C, H, W) float image.
         valid: (H, W) / (B, H, W) bool, True where the pixel holds data.
         empty: () / (B,) bool, True for a chip without a valid pixel.
         fill_value: value written into invalid pixels (raw-reflectance scale).
+        whole_input: each sample is a whole input (a file, a user's array), not a chip.
 
     Returns:
         ``image``, its invalid pixels set to ``fill_value`` (a new tensor where any is).
@@ -693,15 +707,17 @@ def check_reflectance_range(
             "fill pixels, pass nodata=<their value>."
         )
     negative = (vmax < 0) & ~empty
-    if bool(negative.any()):
+    if whole_input and bool(negative.any()):
         lo, hi = _span(vmin, vmax, negative)
         raise ReflectanceError(
             f"every valid value is negative (in [{lo:.4g}, {hi:.4g}]){_where(negative)}: "
-            f"that is not surface reflectance 0..{REFLECTANCE_MAX:.0f}, where even dark "
-            "water is positive in some band. Was the -1000 offset of processing baseline "
-            "04.00 applied to data already corrected (offset=0), or are these dB / "
-            f"log values? Values at or below {NODATA_FLOOR:g} count as no data; pass "
-            "nodata=<value> for another fill value."
+            f"a whole input that is not surface reflectance 0..{REFLECTANCE_MAX:.0f} (a "
+            "patch of cloud shadow or dark water can be negative in every band after the "
+            "-1000 offset, a whole scene is not). Was the -1000 offset of processing "
+            "baseline 04.00 applied to data already corrected (offset=0), or are these dB / "
+            "log values? If it is a small crop of dark surface, clip it at 0 first: DOFA's "
+            f"normalisation does so anyway. Values at or below {NODATA_FLOOR:g} count as no "
+            "data; pass nodata=<value> for another fill value."
         )
     return image
 
@@ -728,10 +744,10 @@ class NormalizeReflectance(nn.Module):
     hold ``fill_value`` and are normalised like any other pixel (with the default fill 0 they
     become ``-mean/std``, as in DOFA's reference pipeline); use ``valid`` to ignore them.
 
-    Values that are not raw reflectance (already scaled to [0, 1], or all negative) are
-    refused here too where no :class:`CheckReflectance` ran before it (the sample has no
-    ``valid_fraction``), judged over the pixels its default no-data rule and any ``valid``
-    of the sample keep.
+    Values that are not raw reflectance (already scaled to [0, 1], or all above
+    :data:`SATURATED_MIN`) are refused here too where no :class:`CheckReflectance` ran
+    before it (the sample has no ``valid_fraction``), judged over the pixels its default
+    no-data rule and any ``valid`` of the sample keep.
 
     Reads ``image``, ``valid`` (optional), ``valid_fraction`` (optional); writes ``image``
     (float32, see :func:`as_float32`).
@@ -778,7 +794,8 @@ class NormalizeReflectance(nn.Module):
             BandError: if the channel count differs from the number of bands.
             ReflectanceError: where no :class:`CheckReflectance` ran before it (the sample
                 has no ``valid_fraction``), for values that are not raw reflectance, as
-                :class:`CheckReflectance` refuses them (all within [0, 2], or all negative).
+                :class:`CheckReflectance` refuses chips (all within [0, 2], or all above
+                :data:`SATURATED_MIN`).
         """
         image = _image(sample, "NormalizeReflectance")
         channels = image.shape[-3]
@@ -1046,6 +1063,7 @@ class DOFAPreprocess(nn.Sequential):
         patch_size: int = 16,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        whole_input: bool = False,
     ) -> None:
         """Build the stack; all configuration errors are raised here, not per sample.
 
@@ -1061,6 +1079,8 @@ class DOFAPreprocess(nn.Sequential):
             mean: per-band means (DOFA's 0..255 scale) for bands without DOFA statistics:
                 see :class:`NormalizeReflectance`.
             std: per-band standard deviations on the same scale.
+            whole_input: each sample is a whole input (a user's array), not a chip cut from
+                a scene: :class:`CheckReflectance` refuses valid values all negative too.
 
         Raises:
             ValueError: for an unknown ``input_prep``.
@@ -1074,7 +1094,7 @@ class DOFAPreprocess(nn.Sequential):
                 f"unknown input_prep {input_prep!r}; choose one of {list(INPUT_PREPS)}"
             )
         attach = AttachWavelengths(bands, wavelengths)
-        check = CheckReflectance(nodata=nodata, fill_value=fill_value)
+        check = CheckReflectance(nodata=nodata, fill_value=fill_value, whole_input=whole_input)
         normalize = NormalizeReflectance(bands, mean, std)
         if mean is None and wavelengths is not None:  # statistics by name: names must fit
             check_names_fit(bands, attach.wavelengths)
