@@ -623,8 +623,22 @@ def test_a_fill_value_hint_names_what_declares_it_for_each_backend(tmp_path, chi
     raw, names, profile, bounds = chip_a
     ones = _write(tmp_path / "ones.tif", np.ones_like(raw), profile | {"nodata": None}, names)
     point, cpu = _centre_point(bounds, 300), dict[str, Any](weights=None, device="cpu")
+    # nodata= with a backend that does not read it was ignored without a word: refused,
+    # naming what declares the files' fill value
+    with pytest.raises(ModelError) as ignored:
+        get_embedding("dofa", spatial=point, paths=ones, nodata=1, **cpu)
+    assert str(ignored.value) == (
+        "nodata= is the no-data value of input_chw (backend='tensor'); local files declare "
+        "theirs: give paths=Sentinel2SR(FILES, nodata=1) (or the dataset class of your "
+        "files), or set the files' own (gdal_edit.py -a_nodata 1 FILE)"
+    )
+    for backend in ("gee", "stac"):
+        with pytest.raises(ModelError, match=rf"^nodata= .* the {backend} backend .* nodata=$"):
+            get_embedding(
+                "dofa", spatial=point, backend=backend, stac_url=tmp_path, nodata=0, **cpu
+            )
     with pytest.raises(ReflectanceError) as refused:
-        get_embedding("dofa", spatial=point, paths=ones, nodata=1, **cpu)  # nodata= not read
+        get_embedding("dofa", spatial=point, paths=ones, **cpu)
     assert str(refused.value).endswith(
         "(or pass the raw product). If these are fill pixels, give paths=Sentinel2SR(FILES, "
         "nodata=<their value>) or set the files' own nodata (gdal_edit.py -a_nodata <their "
@@ -648,7 +662,7 @@ def test_a_fill_value_hint_names_what_declares_it_for_each_backend(tmp_path, chi
     valid, judged = torch.ones(8, 8, dtype=torch.bool), torch.tensor(False)
     for image in (torch.full((4, 8, 8), 0.5), torch.full((4, 8, 8), -5.0)):
         with pytest.raises(ReflectanceError) as refused:
-            check_reflectance_range(image, valid, judged, 0.0)
+            check_reflectance_range(image, valid, judged, 0.0, whole_input=True)
         for backend in ("gee", "stac"):
             text = str(api._fill_value_hint(refused.value, backend))
             assert "nodata=" not in text and text.endswith("."), text

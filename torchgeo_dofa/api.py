@@ -1381,6 +1381,25 @@ _FILL_SENTENCE = re.compile(r"If these are fill pixels, pass nodata=<[^>]*>\.")
 _FILL_CLAUSE = re.compile(r"; pass nodata=<[^>]*> for another fill value\.")
 
 
+#: Why get_embedding's ``nodata=`` (``input_chw``'s) is refused with another backend, and
+#: where that backend's no-data value is declared.
+_NODATA_ELSEWHERE: dict[str, str] = {
+    "local": (
+        "nodata= is the no-data value of input_chw (backend='tensor'); local files declare "
+        "theirs: give paths=Sentinel2SR(FILES, nodata={nodata}) (or the dataset class of your "
+        "files), or set the files' own (gdal_edit.py -a_nodata {nodata} FILE)"
+    ),
+    "gee": (
+        "nodata= is the no-data value of input_chw (backend='tensor'); the gee backend masks "
+        "the pixels Earth Engine marks missing itself: leave out nodata="
+    ),
+    "stac": (
+        "nodata= is the no-data value of input_chw (backend='tensor'); the stac backend takes "
+        "each asset's own no-data value and masks it itself: leave out nodata="
+    ),
+}
+
+
 def _fill_value_hint(
     err: ReflectanceError, backend: str, dataset: type[Sentinel2Base] = Sentinel2SR
 ) -> ReflectanceError:
@@ -1537,7 +1556,8 @@ def get_embedding(
             grids stitched; grid output keeps the input's detail).
         pooled_norm: ``"trained"`` (rs-embed's convention, default) or ``"plain"``.
         paths: local rasters for ``backend="local"`` (files, folders or a dataset).
-        nodata: no-data value of ``input_chw``.
+        nodata: no-data value of ``input_chw`` (``tensor`` only; refused with another
+            backend: local files declare theirs, ``gee`` and ``stac`` mask their own).
         model_config: rs-embed style settings (``{"variant": "large"}``), merged with the
             keyword arguments.
         project: Earth Engine Cloud project (``gee``).
@@ -1553,9 +1573,13 @@ def get_embedding(
         ModelError: unknown model / variant (``""`` included) / output mode / backend, wrong
             ``input_chw`` rank, channel count different from ``sensor.bands``, missing inputs,
             a region whose chip exceeds :func:`max_pixels` (``local``, ``stac``; refused
-            before reading), ``temporal`` over a ``local`` scene without a date.
+            before reading), ``temporal`` over a ``local`` scene without a date, ``nodata``
+            with a backend other than ``tensor``.
         BandError: wavelengths that cannot be inferred (or bands without DOFA statistics).
-        ReflectanceError: input already scaled to [0, 1] (valid values all within [0, 2]).
+        ReflectanceError: input already scaled to [0, 1] (valid values all within [0, 2]),
+            valid values all above :data:`~torchgeo_dofa.transforms.SATURATED_MIN`, or an
+            ``input_chw`` whose valid values are all negative (a region's chip is not judged
+            so: see :class:`~torchgeo_dofa.transforms.CheckReflectance`).
         LookupError: no data for the region and dates.
         CRSTransformError: ``local`` files whose CRS cannot be tied to longitude / latitude
             (a local / engineering CRS), naming the fixes.
@@ -1590,6 +1614,8 @@ def get_embedding(
             )
         if spatial is None:
             raise ModelError(f"backend={which!r} needs spatial=PointBuffer(...) or BBox(...)")
+        if nodata is not None:  # it was ignored without a word
+            raise ModelError(_NODATA_ELSEWHERE[which].format(nodata=nodata))
         prepared = _fetch_many(
             [spatial], temporal, sensor, cfg, which, paths, project, stac_source=stac_source
         )
