@@ -48,7 +48,7 @@ from torchgeo_dofa.spatial import (
     region_to_crs,
     utm_region_grid,
 )
-from torchgeo_dofa.transforms import ReflectanceError, check_reflectance_range
+from torchgeo_dofa.transforms import ReflectanceError, check_reflectance_range, preprocess_array
 
 CHIP_M = 2240.0  # 224 px at 10 m
 
@@ -669,6 +669,36 @@ def test_a_fill_value_hint_names_what_declares_it_for_each_backend(tmp_path, chi
     assert str(api._fill_value_hint(refused.value, "gee")).endswith(
         "Values at or below -1000 count as no data."
     )
+
+
+def test_a_whole_input_negative_in_every_band_is_refused_on_every_path(tmp_path, chip_a) -> None:
+    """Chips are not judged for values negative in every band (cloud shadow is), so the
+    paths that hold no file check embedded a whole file of dB values as black without a
+    word: get_embedding's local backend (its region's files are judged whole) and
+    preprocess_array (a user's array, whole unless told it is a chip)."""
+    raw, names, profile, bounds = chip_a
+    decibels = -np.random.default_rng(3).uniform(5, 25, raw.shape).astype(np.float32)
+    with pytest.raises(ReflectanceError, match=r"^every valid value is negative \(in \[-25"):
+        preprocess_array(decibels, list(names))
+    chip = preprocess_array(decibels, list(names), whole_input=False)  # as 0, like shadow
+    assert not bool(chip["empty"]) and float(chip["valid_fraction"]) == 1.0
+    path = _write(
+        tmp_path / "db.tif", decibels, profile | {"dtype": "float32", "nodata": None}, names
+    )
+    point, cpu = _centre_point(bounds, 300), dict[str, Any](weights=None, device="cpu")
+    with pytest.raises(ReflectanceError) as refused:
+        get_embedding("dofa", spatial=point, paths=path, **cpu)
+    assert str(refused.value).startswith("db.tif: every valid value is negative (in [-25")
+    assert "Are these dB / log values?" in str(refused.value) and "offset=0" not in str(
+        refused.value
+    )
+    # the same region of real reflectance with a patch of shadow (negative): embedded
+    shadow = raw.astype(np.float32)
+    shadow[:, 100:130, 100:130] = -50.0
+    path = _write(
+        tmp_path / "shadow.tif", shadow, profile | {"dtype": "float32", "nodata": None}, names
+    )
+    assert np.isfinite(get_embedding("dofa", spatial=point, paths=path, **cpu).data).all()
 
 
 def test_geometry_conversions_issue_no_deprecation_warning(monkeypatch) -> None:

@@ -1738,7 +1738,8 @@ def test_a_chip_of_cloud_shadow_embeds_and_a_negative_file_is_refused(
     assert main(["embed", str(path), "-o", str(tmp_path / "db"), "--weights", "none"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("torchgeo-dofa: error: db.tif: every valid value is negative (in ["), err
-    assert "or are these dB / log values?" in err and "--offset 0" in err, err
+    # no offset was added to it: asked of dB values only (--offset 0 would change nothing)
+    assert "Are these dB / log values?" in err and "--offset" not in err, err
     assert not (tmp_path / "db").exists()
     # the file check judges what the chips are: with the offset the job adds (raw 1..999
     # with --offset -1000), and the bands it reads (not a QA band beside them): it judged
@@ -1749,6 +1750,7 @@ def test_a_chip_of_cloud_shadow_embeds_and_a_negative_file_is_refused(
     assert main([*args, "--offset", "-1000", "--chip-size", "16", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("torchgeo-dofa: error: dark.tif: every valid value is negative"), err
+    assert "applied to data already corrected (--offset 0)" in err, err
     assert not (tmp_path / "dark").exists()
     scaled = np.concatenate([data[:3] / 10000, np.full((1, 64, 64), 200.0)]).astype(np.float32)
     path = _write_scene_variant(tmp_path / "qa.tif", scaled, dtype="float32", nodata=None, **crop)

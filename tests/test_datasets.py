@@ -38,6 +38,7 @@ from torchgeo.samplers import (
 )
 
 from torchgeo_dofa.bands import DOFA_S2_BANDS, SENTINEL2_BANDS, BandError
+from torchgeo_dofa.datamodules import check_raw_reflectance
 from torchgeo_dofa.datasets import (
     BandSetBatchSampler,
     DatasetCollection,
@@ -1354,6 +1355,82 @@ def test_real_cloud_shadow_chip_is_reflectance_not_an_error() -> None:
         torch.testing.assert_close(band, torch.full_like(band, -mean / std))
     with pytest.raises(ReflectanceError, match=r"^every valid value is negative \(in \[-"):
         CheckReflectance(whole_input=True)({"image": sample["image"].clone()})
+
+
+def _real_crop(folder: Path, out: Path, row: int, col: int, side: int) -> Path:
+    """A ``side`` x ``side`` crop of the real T29UNU tile's B02 and B04, one GeoTIFF per band
+    under ESA's names (their date gives the -1000 offset), as a folder."""
+    out.mkdir()
+    window = rasterio.windows.Window(col, row, side, side)
+    for band in ("B02", "B04"):
+        with rasterio.open(folder / f"T29UNU_20221005T115411_{band}_60m.jp2") as src:
+            data = src.read(window=window)
+            profile = {
+                "driver": "GTiff", "width": side, "height": side, "count": 1,
+                "dtype": data.dtype, "crs": src.crs, "transform": src.window_transform(window),
+            }  # fmt: skip
+        with rasterio.open(out / f"T29UNU_20221005T115411_{band}_60m.tif", "w", **profile) as dst:
+            dst.write(data)
+    return out
+
+
+def test_real_file_check_judges_a_scene_of_band_files_together(tmp_path: Path) -> None:
+    """The all-negative rule is a whole input's: one file per band (ESA's layout) was judged
+    alone, so a real crop whose B02 is negative everywhere (B04 positive in most pixels)
+    was refused. The scene's files are judged together: refused only where every band's
+    file is all negative (the real 10 x 10 cloud shadow), naming them."""
+    folder = real("stactools_l2a_N0400")
+    blue = Sentinel2SR(_real_crop(folder, tmp_path / "blue", 113, 415, 32))
+    assert blue.index["offset"].iloc[0] == (-1000.0, -1000.0)
+    image = blue[blue.bounds[0], blue.bounds[1]]["image"]
+    assert float(image[0].max()) < 0 < float(image[1].max())  # B02 negative everywhere
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_raw_reflectance(blue)
+    shadow = Sentinel2SR(_real_crop(folder, tmp_path / "shadow", 1755, 509, 10))
+    with pytest.raises(
+        ReflectanceError,
+        match=r"^T29UNU_20221005T115411_B02_60m\.tif, T29UNU_20221005T115411_B04_60m\.tif: "
+        r"every valid value is negative \(in \[-194, -41\]\): a whole input .* \(offset=0\)",
+    ):
+        check_raw_reflectance(shadow)
+
+
+def _write_s2(path: Path, data: np.ndarray) -> None:
+    """A 4-band (B4, B3, B2, B8) 10 m GeoTIFF in EPSG:32632."""
+    transform = Affine(10, 0, 600000, 0, -10, 5000000)
+    with rasterio.open(
+        path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=4,
+        dtype=data.dtype, crs="EPSG:32632", transform=transform,
+    ) as dst:  # fmt: skip
+        dst.write(data)
+        dst.descriptions = ("B4", "B3", "B2", "B8")
+
+
+def test_file_check_warns_of_an_offset_applied_twice_and_reads_the_stored_scale(
+    tmp_path: Path,
+) -> None:
+    """An offset applied to data already corrected leaves bright pixels positive: such a
+    file passed without a word (each chip is embedded, its dark pixels as 0). More than half
+    of its pixels negative in every band is warned of. A file of [0, 1] reflectance whose
+    name gives it the -1000 offset was told 'every valid value is negative' (dB values?):
+    it is judged as stored, 'already scaled'."""
+    name = "S2B_MSIL2A_20230105T101329_N0509_R022_T32TQM_20230105T121004.tif"
+    data = np.random.default_rng(0).integers(30, 900, (4, 64, 64)).astype(np.uint16)
+    data[:, :8] = 3000  # a bright row of fields: not all negative
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    _write_s2(twice / name, data)
+    ds = Sentinel2SR(twice)
+    assert ds.index["offset"].iloc[0] == (-1000.0,) * 4
+    with pytest.warns(UserWarning, match=r"^S2B_.*\.tif: 8[0-9]% of the valid pixels are "):
+        check_raw_reflectance(ds)
+    scaled = tmp_path / "scaled"
+    scaled.mkdir()
+    _write_s2(scaled / name, (data / 10000).astype(np.float32))
+    ds = Sentinel2SR(scaled)
+    with pytest.raises(ReflectanceError, match=r"^S2B_.*\.tif: input looks already scaled"):
+        check_raw_reflectance(ds)
 
 
 def test_real_earth_engine_export_in_epsg4326() -> None:

@@ -326,11 +326,15 @@ def test_tensor_path_empty_chips_are_nan_with_one_warning(weights: str) -> None:
             weights=weights, device="cpu",
         )  # fmt: skip
     assert grid.data.shape == (768, 14, 14) and np.isnan(grid.data).all()
-    # input_chw is a whole input: refused, told to clip a crop of dark surface, and not
-    # told of offset=, which get_embedding does not take
+    # input_chw is a whole input: refused, told what to do with a crop of dark surface (not
+    # to clip it at 0: a pixel 0 in every band is no data), and not told of offset=, which
+    # get_embedding does not take
     with pytest.raises(ReflectanceError, match="every valid value is negative") as told:
         get_embedding("dofa", input_chw=-good / 10, sensor=sensor, weights=weights, device="cpu")
-    assert "If it is a small crop of dark surface, clip it at 0 first" in str(told.value)
+    assert (
+        "If it is a crop of dark surface alone, embed it with the scene around it: a chip cut "
+        "from a scene is not judged so." in str(told.value)
+    )
     assert "already corrected, or are these dB" in str(told.value), str(told.value)
 
 

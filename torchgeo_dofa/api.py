@@ -109,6 +109,7 @@ from .datamodules import (
     MIN_CHIP_PX,
     RegionSampler,
     acquisition_span,
+    check_raw_reflectance,
     refuse_mixed_acquisitions,
     refuse_undated_scenes,
     scenes_within,
@@ -1037,6 +1038,7 @@ def _prepare_local(
             f"no scene of the local data overlaps {spatial}{when} (data bounds "
             f"{[round(float(b), 3) for b in bounds]} in {crs_label(crs)})"
         ) from err
+    check_raw_reflectance(ds, paths=files)  # the region's files, whole (a chip is not judged)
     prepared = _prepare(
         raw["image"],
         ds.bands,

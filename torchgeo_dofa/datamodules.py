@@ -1230,46 +1230,67 @@ def _file_stats(path: str) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
-    """Reject rasters already scaled to reflectance in [0, 1], before any chip is computed.
+def check_raw_reflectance(
+    dataset: Sentinel2Base, max_side: int = 256, paths: Iterable[str] | None = None
+) -> None:
+    """Reject rasters that are not raw surface reflectance, before any chip is computed.
 
     Each file is read decimated (about ``max_side`` pixels a side), the bands the dataset
-    reads of it with the offset it adds, and checked with
-    :class:`~torchgeo_dofa.transforms.CheckReflectance` as a whole input.
-    The read (:func:`~torchgeo_dofa.runtime.decimated_read`) goes one row of the file's
-    blocks at a time under a cache of that row, so the check's memory does not grow with
-    the file.
+    reads of it, and checked with :class:`~torchgeo_dofa.transforms.CheckReflectance`: its
+    stored values all in [0, 2] (already scaled) or all above
+    :data:`~torchgeo_dofa.transforms.SATURATED_MIN` are refused. Then, with the offset the
+    dataset adds, a scene is refused where every valid value of each of its files is
+    negative in every band (dB values, an offset applied twice): a chip of cloud shadow or
+    dark water can be, a whole scene is not, and a file of one band among a scene's (ESA's
+    layout) is judged with the scene's other files. The read
+    (:func:`~torchgeo_dofa.runtime.decimated_read`) goes one row of the file's blocks at a
+    time under a cache of that row, so the check's memory does not grow with the file.
+
+    Chips are not judged for negative values (see
+    :class:`~torchgeo_dofa.transforms.CheckReflectance`): a loader of your own over a
+    :class:`~torchgeo_dofa.datasets.Sentinel2Base` dataset calls this first, as
+    :class:`DOFAPredictDataModule` and ``get_embedding``'s ``local`` backend do.
 
     Args:
         dataset: the dataset whose files to check.
         max_side: side of the decimated read, pixels.
+        paths: only these of the dataset's files (a region's); None: every file.
 
     Warns where more than half of the valid values of any band of a file the dataset reads
-    exceed :data:`~torchgeo_dofa.transforms.REFLECTANCE_MAX` (they embed as saturated).
+    exceed :data:`~torchgeo_dofa.transforms.REFLECTANCE_MAX` (they embed as saturated), and
+    where more than half of a scene's valid pixels are negative in every band after the
+    offset (an offset applied twice leaves bright pixels positive).
 
     Raises:
-        ReflectanceError: naming the file whose valid values (of the bands the dataset reads,
-            with its offset added) all lie in [0, 2], all exceed
-            :data:`~torchgeo_dofa.transforms.SATURATED_MIN` or are all negative (a whole file,
-            unlike a chip: see :class:`~torchgeo_dofa.transforms.CheckReflectance`).
+        ReflectanceError: naming the file (or a scene's files) whose valid values all lie in
+            [0, 2], all exceed :data:`~torchgeo_dofa.transforms.SATURATED_MIN`, or, offset
+            added, are all negative in every band.
         InputError: naming a file whose pixels cannot be read (a damaged block).
     """
     from torchgeo_dofa.transforms import (
+        NODATA_FLOOR,
+        OFFSET_QUESTION,
         REFLECTANCE_MAX,
         CheckReflectance,
         ReflectanceError,
+        check_reflectance_range,
         nodata_mask,
     )
 
     # the bands the dataset reads of each file (not an elevation or QA band beside them),
     # with the offset it adds to each (-1000 for processing baseline 04.00 on)
     offsets: dict[str, dict[int, float]] = {}
+    scenes: set[tuple[str, ...]] = set()
     for sources, item_offsets in zip(
         dataset.index["sources"], dataset.index["offset"], strict=True
     ):
         for (p, b), offset in zip(sources, item_offsets, strict=True):
             offsets.setdefault(p, {})[b] = float(offset)
-    for path in sorted(offsets):
+        scenes.add(tuple(dict.fromkeys(p for p, _ in sources)))
+    wanted = set(offsets) if paths is None else set(offsets) & {str(p) for p in paths}
+    negative: dict[str, ReflectanceError] = {}  # files all negative, offset added
+    share: dict[str, float] = {}  # of their valid pixels negative in every band
+    for path in sorted(wanted):
         try:
             pixels = decimated_read(path, max_side)
         except rasterio.errors.RasterioError as err:
@@ -1283,17 +1304,26 @@ def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
         valid = ~nodata_mask(raw, nodata)  # as the dataset masks the file's pixels
         if dataset.zero_is_nodata:
             valid &= (raw != 0).all(dim=0)
-        shift = torch.tensor([offsets[path][b] for b in read], dtype=torch.float32)
-        sample: Sample = {"image": raw + shift[:, None, None], "valid": valid}
-        try:
-            checked = CheckReflectance(nodata=dataset.nodata, whole_input=True)(sample)
+        try:  # the stored values, as the rules of scale were written for
+            checked = CheckReflectance(nodata=nodata)({"image": raw, "valid": valid})
         except ReflectanceError as err:
             raise ReflectanceError(f"{os.path.basename(path)}: {err}") from None
-        values = checked["image"][:, checked["valid"]]  # (C, N) valid pixels
-        if not values.numel():
-            continue
-        medians = values.median(dim=1).values.tolist()
-        high = [f"{n} {m:.0f}" for n, m in zip(names, medians, strict=True) if m > REFLECTANCE_MAX]
+        valid = checked["valid"]
+        shift = torch.tensor([offsets[path][b] for b in read], dtype=torch.float32)
+        values = raw + shift[:, None, None]
+        valid &= (values > NODATA_FLOOR).all(dim=0)  # a 0 with -1000 added: no data
+        if bool(valid.any()):
+            share[path] = float((values < 0).all(dim=0)[valid].float().mean())
+        if bool(valid.any()) and bool((values[:, valid] < 0).all()):
+            try:  # its error, worded for a whole input
+                check_reflectance_range(values, valid, ~valid.any(), 0.0, whole_input=True)
+            except ReflectanceError as err:
+                told = str(err)
+                if not bool(shift.any()):  # no offset added: the question is of dB values
+                    told = told.replace(OFFSET_QUESTION, "Are these dB / log values?")
+                negative[path] = ReflectanceError(told)
+        medians = values[:, valid].median(dim=1).values.tolist() if bool(valid.any()) else []
+        high = [f"{n} {m:.0f}" for n, m in zip(names, medians, strict=False) if m > REFLECTANCE_MAX]
         if high:
             _warnings.warn(
                 f"{os.path.basename(path)}: more than half of the valid values of "
@@ -1302,6 +1332,19 @@ def check_raw_reflectance(dataset: Sentinel2Base, max_side: int = 256) -> None:
                 f"{REFLECTANCE_MAX:.0f}, so those pixels embed as saturated. Is the file scaled "
                 "(x 10, or x 10000 twice) or radiance? (A scene of bright cloud or snow can do "
                 "this.)"
+            )
+    for scene in sorted(scenes):
+        files = [p for p in scene if p in wanted]
+        label = ", ".join(os.path.basename(p) for p in files)
+        if files and all(p in negative for p in files):
+            raise ReflectanceError(f"{label}: {negative[files[0]]}")
+        if files and all(share.get(p, 0.0) > 0.5 for p in files):
+            low = min(share[p] for p in files)
+            _warnings.warn(
+                f"{label}: {low:.0%} of the valid pixels are negative in every band read "
+                "(offset added; read decimated): that is not surface reflectance, where only "
+                "shadow and dark water are (DOFA embeds them as 0). Was the -1000 offset of "
+                "processing baseline 04.00 applied to data already corrected (offset=0)?"
             )
 
 

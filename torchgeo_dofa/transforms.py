@@ -117,6 +117,14 @@ SCALED_MAX = 2.0
 #: (T29UNU, 2022-10-05), peaks at 18018 after its -1000 offset (median 2580).
 SATURATED_MIN = 2 * REFLECTANCE_MAX
 
+#: The question of an all-negative input's error (:func:`check_reflectance_range`); where
+#: no offset was added, :func:`~torchgeo_dofa.datamodules.check_raw_reflectance` asks only
+#: of dB / log values.
+OFFSET_QUESTION = (
+    "Was the -1000 offset of processing baseline 04.00 applied to data already corrected "
+    "(offset=0), or are these dB / log values?"
+)
+
 #: Values at or below this (on the reflectance x 10000 scale) are no data. Surface reflectance
 #: is not below -0.1: Sentinel-2 products from processing baseline 04.00 on store
 #: ``reflectance x 10000 + 1000`` in digital numbers 1..65535 (0 is no data), so after the
@@ -713,11 +721,10 @@ def check_reflectance_range(
             f"every valid value is negative (in [{lo:.4g}, {hi:.4g}]){_where(negative)}: "
             f"a whole input that is not surface reflectance 0..{REFLECTANCE_MAX:.0f} (a "
             "patch of cloud shadow or dark water can be negative in every band after the "
-            "-1000 offset, a whole scene is not). Was the -1000 offset of processing "
-            "baseline 04.00 applied to data already corrected (offset=0), or are these dB / "
-            "log values? If it is a small crop of dark surface, clip it at 0 first: DOFA's "
-            f"normalisation does so anyway. Values at or below {NODATA_FLOOR:g} count as no "
-            "data; pass nodata=<value> for another fill value."
+            f"-1000 offset, a whole scene is not). {OFFSET_QUESTION} If it is a crop of "
+            "dark surface alone, embed it with the scene around it: a chip cut from a scene "
+            f"is not judged so. Values at or below {NODATA_FLOOR:g} count as no data; pass "
+            "nodata=<value> for another fill value."
         )
     return image
 
@@ -1215,6 +1222,7 @@ def preprocess_array(
     size: int = 224,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    whole_input: bool = True,
 ) -> Sample:
     """Run the standard stack on one raw (C, H, W) array of surface reflectance.
 
@@ -1231,6 +1239,9 @@ def preprocess_array(
         size: model input side.
         mean: per-band means (DOFA's 0..255 scale) for bands without DOFA statistics.
         std: per-band standard deviations on the same scale.
+        whole_input: the array is a whole input (yours), not a chip cut from a scene:
+            valid values all negative are refused too (see :class:`CheckReflectance`);
+            False for a chip.
 
     Returns:
         The sample dict: ``image``, ``wavelengths``, ``valid``, ``empty``, ``valid_fraction``
@@ -1240,6 +1251,7 @@ def preprocess_array(
     Raises:
         TypeError: for boolean, complex or non-numeric data.
         ValueError: if the array is not (C, H, W).
+        ReflectanceError: as :class:`CheckReflectance` (``whole_input``) refuses it.
     """
     image = as_float32(array_chw, "array_chw")
     if image.ndim != 3:
@@ -1256,6 +1268,7 @@ def preprocess_array(
         size=size,
         mean=mean,
         std=std,
+        whole_input=whole_input,
     )
     out: Sample = stack(sample)
     return out
