@@ -765,36 +765,44 @@ def _ranks_report(ranks: list[tuple[int, str, str]]) -> str:
     return "\n".join(lines)
 
 
+#: What a DDP rank's PyTorch prints as its store client first tries to reach rank 0's store,
+#: with C++ debug logging on (:data:`_RENDEZVOUS_LOGGING`): the rank is at the rendezvous,
+#: past everything the job does before its trainer starts.
+_AT_THE_RENDEZVOUS = "The client socket will attempt to connect to an IPv"
+_RENDEZVOUS_LOGGING = {"TORCH_CPP_LOG_LEVEL": "INFO", "TORCH_DISTRIBUTED_DEBUG": "INFO"}
+
+
 def _srun(
-    cmd: list[str], ntasks: int, timeout: float = 300, rank_0_after: float = 0
+    cmd: list[str], ntasks: int, timeout: float = 300, rank_0_last: bool = False
 ) -> list[tuple[int, str, str]]:
     """Run ``cmd`` as SLURM's ``srun --ntasks-per-node=N`` runs it on one node: N processes
     started at once, each told its rank in SLURM's variables (no srun here; Lightning's
     SLURMEnvironment reads these); as ``srun --kill-on-bad-exit=1`` does, a rank that fails
     ends the others (they would wait for it). Each rank's (exit status, stdout, stderr).
-    ``rank_0_after``: rank 0 starts last, that many seconds after the others (or once they
-    have all exited), as srun's tasks may start in any order."""
+    ``rank_0_last``: rank 0 starts last, once every other rank has reached the rendezvous
+    (its store client says so: PyTorch's debug logging is on in those ranks) or exited, as
+    srun's tasks may start in any order."""
     import tempfile
 
     port = rendezvous_port()
     with contextlib.ExitStack() as stack:
         procs: list[subprocess.Popen[str]] = []
         logs: list[tuple[Any, Any]] = []
-        for rank in [*range(1, ntasks), 0] if rank_0_after else range(ntasks):
-            if rank == 0 and rank_0_after:
-                until = time.monotonic() + rank_0_after
-                while time.monotonic() < until and any(p.poll() is None for p in procs):
-                    time.sleep(0.2)
+        for rank in [*range(1, ntasks), 0] if rank_0_last else range(ntasks):
+            if rank == 0 and rank_0_last:
+                _wait_at_the_rendezvous(procs, [err for _, err in logs], timeout)
             env = os.environ | {
                 "SLURM_NTASKS": str(ntasks), "SLURM_NTASKS_PER_NODE": str(ntasks),
                 "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_PROCID": str(rank),
                 "SLURM_LOCALID": str(rank), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "embed",
                 "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": str(port),
             }  # fmt: skip
+            if rank_0_last and rank != 0:
+                env |= _RENDEZVOUS_LOGGING
             out, err = (stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
             procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True))
             logs.append((out, err))
-        if rank_0_after:  # back in rank order
+        if rank_0_last:  # back in rank order
             procs, logs = [procs[-1], *procs[:-1]], [logs[-1], *logs[:-1]]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and any(proc.poll() is None for proc in procs):
@@ -809,6 +817,28 @@ def _srun(
             out.seek(0), err.seek(0)
             results.append((status, out.read(), err.read()))
     return results
+
+
+def _wait_at_the_rendezvous(
+    procs: list[subprocess.Popen[str]], errs: list[Any], timeout: float
+) -> None:
+    """Wait until each of ``procs`` has exited or printed :data:`_AT_THE_RENDEZVOUS` to its
+    stderr file (read where the process writes: ``pread`` leaves the shared offset alone)."""
+    deadline = time.monotonic() + timeout
+    waiting = list(zip(procs, errs, strict=True))
+    while waiting:
+        waiting = [
+            (proc, err)
+            for proc, err in waiting
+            if proc.poll() is None
+            and _AT_THE_RENDEZVOUS.encode() not in os.pread(err.fileno(), 2**24, 0)
+        ]
+        if waiting and time.monotonic() > deadline:
+            for proc, _ in waiting:
+                proc.kill()
+            said = [os.pread(err.fileno(), 2**24, 0).decode()[-3000:] for _, err in waiting]
+            pytest.fail(f"a rank never reached the rendezvous: {said}")
+        time.sleep(0.2)
 
 
 def _first_two_chips() -> tuple[np.ndarray, Affine]:
@@ -871,7 +901,7 @@ def test_srun_ranks_overwrite_a_finished_job_whichever_starts_first(
     assert main([*first, "--output", "pooled", "--device", "cpu", "--no-progress"]) == 0
     before = (out / "two_pooled.parquet").stat().st_mtime_ns
     cmd = [*_ddp_embed_command(scene, out, base_checkpoint, "pooled", devices=2), "--overwrite"]
-    ranks = _srun(cmd, ntasks=2, timeout=240, rank_0_after=25)
+    ranks = _srun(cmd, ntasks=2, timeout=240, rank_0_last=True)
     assert [status for status, _, _ in ranks] == [0, 0], _ranks_report(ranks)
     assert "embedded 2 chips in " in ranks[0][1], ranks[0][1]
     assert (out / "two_pooled.parquet").stat().st_mtime_ns != before
