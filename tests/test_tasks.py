@@ -319,6 +319,8 @@ def test_a_task_records_every_band_set_it_trained_on(tmp_path: Path) -> None:
 #: folder argv[3], then the checkpoint named by argv[1]; a segmentation whose labels
 #: are all in rank 1's chips, validating after its first batch (val_check_interval=0.5) and
 #: saving every checkpoint in the folder argv[2]. Lightning's launcher runs it as rank 1.
+#: Each fit stops at that validation (max_steps=1): inside its 2-batch epoch, as a validation
+#: of a longer fit is, and the checkpoints the test reads are those it saves and the fit's end.
 _DDP_FIT = """
 import sys
 import torch
@@ -343,7 +345,7 @@ class PerRank(Dataset):
 task = DOFAClassificationTask(num_classes=2, weights=None, interpolate_pos_embed=True,
                               patience=None)
 chips = DataLoader(PerRank(), batch_size=2, collate_fn=stack_samples)
-trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False,
                   enable_progress_bar=False, enable_model_summary=False,
                   val_check_interval=0.5, limit_val_batches=1, num_sanity_val_steps=0,
                   callbacks=[ModelCheckpoint(dirpath=sys.argv[3], save_top_k=-1)])
@@ -367,7 +369,7 @@ class LabelsOnRank1(Dataset):
 chips = DataLoader(LabelsOnRank1(), batch_size=2, collate_fn=stack_samples)
 task = DOFASegmentationTask(num_classes=3, weights=None, interpolate_pos_embed=True,
                             decoder_channels=32, patience=None, ignore_index=255)
-trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False,
                   enable_progress_bar=False, enable_model_summary=False,
                   val_check_interval=0.5, num_sanity_val_steps=0,
                   callbacks=[ModelCheckpoint(dirpath=sys.argv[2], save_top_k=-1)])
