@@ -336,6 +336,11 @@ def test_tensor_path_empty_chips_are_nan_with_one_warning(weights: str) -> None:
         "from a scene is not judged so." in str(told.value)
     )
     assert "already corrected, or are these dB" in str(told.value), str(told.value)
+    # in a batch, the error names the input (it named none of the list's)
+    with pytest.raises(ReflectanceError, match=r"^input_chws\[1\]: every valid value is neg"):
+        embed_many(
+            "dofa", input_chws=[good, -good / 10], sensor=sensor, weights=weights, device="cpu"
+        )
 
 
 def test_int16_fill_cells_are_nan_in_tensor_path_and_embed_job(

@@ -1679,7 +1679,7 @@ def get_embeddings_batch_from_inputs(
         name = f"input_chws[{i}]"  # in its warnings (an 8-bit dtype) and errors
         try:
             prepared.append(_prepare_tensor(chw, sensor, cfg.input_prep, nodata, name))
-        except (ModelError, BandError) as err:
+        except (ModelError, BandError, ReflectanceError) as err:
             text = str(err)
             raise type(err)(text if text.startswith(name) else f"{name}: {text}") from err
         prepared[-1].meta["index"] = i
