@@ -659,8 +659,8 @@ def test_a_fill_value_hint_names_what_declares_it_for_each_backend(tmp_path, chi
         chw = get_embedding("dofa", input_chw=np.ones_like(raw), sensor=sensor, nodata=1, **cpu)
     assert chw.meta["empty"]
     # Earth Engine and STAC leave out the pixels they mask: no fill value is the user's to set
-    valid, judged = torch.ones(8, 8, dtype=torch.bool), torch.tensor(False)
-    for image in (torch.full((4, 8, 8), 0.5), torch.full((4, 8, 8), -5.0)):
+    valid, judged = torch.ones(64, 64, dtype=torch.bool), torch.tensor(False)
+    for image in (torch.full((4, 64, 64), 0.5), torch.full((4, 64, 64), -5.0)):
         with pytest.raises(ReflectanceError) as refused:
             check_reflectance_range(image, valid, judged, 0.0, whole_input=True)
         for backend in ("gee", "stac"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import os
 import pickle
 import re
 import warnings
@@ -1353,8 +1354,9 @@ def test_real_cloud_shadow_chip_is_reflectance_not_an_error() -> None:
         out["image"], ((126.63977424, 67.42465279), (114.1099739, 77.84352553)), strict=True
     ):
         torch.testing.assert_close(band, torch.full_like(band, -mean / std))
-    with pytest.raises(ReflectanceError, match=r"^every valid value is negative \(in \[-"):
-        CheckReflectance(whole_input=True)({"image": sample["image"].clone()})
+    # as a whole input too: 100 pixels may be a patch of shadow alone (a real one is)
+    kept = CheckReflectance(whole_input=True)({"image": sample["image"].clone()})
+    assert bool(kept["valid"].all())
 
 
 def _real_crop(folder: Path, out: Path, row: int, col: int, side: int) -> Path:
@@ -1377,23 +1379,85 @@ def _real_crop(folder: Path, out: Path, row: int, col: int, side: int) -> Path:
 def test_real_file_check_judges_a_scene_of_band_files_together(tmp_path: Path) -> None:
     """The all-negative rule is a whole input's: one file per band (ESA's layout) was judged
     alone, so a real crop whose B02 is negative everywhere (B04 positive in most pixels)
-    was refused. The scene's files are judged together: refused only where every band's
-    file is all negative (the real 10 x 10 cloud shadow), naming them."""
+    was refused; so were a real 10 x 10 patch of cloud shadow and a 20 x 20 patch at the
+    swath's edge of three valid pixels (a patch-based dataset's). A scene's files are judged
+    together, over at least 64 x 64 valid pixels: refused where every band's file is all
+    negative, naming them; warned of where more than half of its pixels are negative in
+    every band (each band's share alone overstated that)."""
     folder = real("stactools_l2a_N0400")
     blue = Sentinel2SR(_real_crop(folder, tmp_path / "blue", 113, 415, 32))
     assert blue.index["offset"].iloc[0] == (-1000.0, -1000.0)
     image = blue[blue.bounds[0], blue.bounds[1]]["image"]
     assert float(image[0].max()) < 0 < float(image[1].max())  # B02 negative everywhere
+    shadow = Sentinel2SR(_real_crop(folder, tmp_path / "shadow", 1755, 509, 10))
+    edge = Sentinel2SR(_real_crop(folder, tmp_path / "edge", 60, 1360, 20))
+    assert int(edge[edge.bounds[0], edge.bounds[1]]["valid"].sum()) == 3
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_raw_reflectance(blue)
-    shadow = Sentinel2SR(_real_crop(folder, tmp_path / "shadow", 1755, 509, 10))
+        for ds in (blue, shadow, edge):
+            check_raw_reflectance(ds)
+    # band files of stored values 1..999 (negative after the offset): as a scene, refused
+    with rasterio.open(folder / "T29UNU_20221005T115411_B02_60m.jp2") as src:
+        profile = {
+            "driver": "GTiff", "width": 64, "height": 64, "count": 1, "dtype": "uint16",
+            "crs": src.crs, "transform": src.transform,
+        }  # fmt: skip
+    rng = np.random.default_rng(0)
+    for name in ("dark", "halves", "most"):
+        scene = tmp_path / name
+        scene.mkdir()
+        for band, cut in (("B02", 38), ("B04", 26)):
+            data = rng.integers(1, 1000, (1, 64, 64)).astype(np.uint16)
+            if name == "halves":  # B02 negative left of column 38, B04 right of 26
+                data[..., cut:] = data[..., cut:] + 2000 if band == "B02" else data[..., cut:]
+                data[..., :cut] = data[..., :cut] + 2000 if band == "B04" else data[..., :cut]
+            if name == "most":
+                data[..., :16, :] += 2000  # a quarter of the rows bright
+            path = scene / f"T29UNU_20221005T115411_{band}_60m.tif"
+            with rasterio.open(path, "w", **profile) as dst:
+                dst.write(data)
     with pytest.raises(
         ReflectanceError,
         match=r"^T29UNU_20221005T115411_B02_60m\.tif, T29UNU_20221005T115411_B04_60m\.tif: "
-        r"every valid value is negative \(in \[-194, -41\]\): a whole input .* \(offset=0\)",
+        r"every valid value is negative \(in \[-999, -[0-9]\]\): a whole input .* \(offset=0\)",
     ):
-        check_raw_reflectance(shadow)
+        check_raw_reflectance(Sentinel2SR(tmp_path / "dark"))
+    with warnings.catch_warnings():  # 60 % of each band, 20 % of the pixels in both
+        warnings.simplefilter("error")
+        check_raw_reflectance(Sentinel2SR(tmp_path / "halves"))
+    with pytest.warns(
+        UserWarning,
+        match=r"^T29UNU_20221005T115411_B02_60m\.tif, T29UNU_20221005T115411_B04_60m\.tif: "
+        r"75% of the valid pixels are negative in every band read \(offset added; read "
+        r"decimated\), .* \(offset=0\)\?$",
+    ):
+        check_raw_reflectance(Sentinel2SR(tmp_path / "most"))
+
+
+def test_file_check_reads_a_file_once_until_it_changes(tmp_path: Path, monkeypatch) -> None:
+    """get_embedding's local backend checks its region's files for every region: a large
+    file without overviews was read whole again for each point (4 s each). A file is read
+    once while its size and modification time stay the same; rewritten, it is judged anew."""
+    import torchgeo_dofa.datamodules as datamodules
+
+    reads: list[str] = []
+    real_read = datamodules.decimated_read
+
+    def counted(path: str, max_side: int) -> Any:
+        reads.append(path)
+        return real_read(path, max_side)
+
+    monkeypatch.setattr(datamodules, "decimated_read", counted)
+    path = tmp_path / "scene.tif"
+    _write_s2(path, np.full((4, 64, 64), 1500, np.uint16))
+    for _ in range(3):
+        check_raw_reflectance(Sentinel2SR(path))
+    assert reads == [str(path)]
+    _write_s2(path, np.full((4, 64, 64), 1, np.float32) / 10000)  # now scaled to [0, 1]
+    os.utime(path, ns=(1, 1))  # a new modification time, whatever the clock's resolution
+    with pytest.raises(ReflectanceError, match="^scene.tif: input looks already scaled"):
+        check_raw_reflectance(Sentinel2SR(path))
+    assert len(reads) == 2
 
 
 def _write_s2(path: Path, data: np.ndarray) -> None:

@@ -283,7 +283,10 @@ def test_check_reflectance_follows_the_same_rule() -> None:
     assert bool(shadow["valid"].all()) and not bool(shadow["empty"])
     assert bool((shadow["image"] == -500.0).all())
     with pytest.raises(ReflectanceError, match=r"^every valid value is negative \(in \[-500, "):
-        CheckReflectance(whole_input=True)({"image": torch.full((3, 8, 8), -500.0)})
+        CheckReflectance(whole_input=True)({"image": torch.full((3, 64, 64), -500.0)})
+    # ... of at least 64 x 64 valid pixels: a smaller whole input may be a patch of shadow
+    small = CheckReflectance(whole_input=True)({"image": torch.full((3, 63, 64), -500.0)})
+    assert bool(small["valid"].all())
     # all above twice the scale (x 1e30, scaled twice, radiance) is an error; values
     # beyond 10000 but not all of them beyond 20000 (bright cloud) are reflectance, clipped
     with pytest.raises(ReflectanceError, match=r"every valid value exceeds 20000 \(in \[2"):

@@ -1230,6 +1230,83 @@ def _file_stats(path: str) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
+@dataclass(frozen=True)
+class _FileVerdict:
+    """What :func:`check_raw_reflectance` found in one file's decimated read."""
+
+    scale_error: str | None  # stored values all in [0, 2] / all above 20000
+    negative_error: str | None  # offset added, every valid value negative (enough pixels)
+    valid: npt.NDArray[np.bool_]  # (rows, cols) valid pixels of the read
+    negative: npt.NDArray[np.bool_]  # (rows, cols) of them negative in every band read
+    high: tuple[str, ...]  # "B08 33080": bands whose median exceeds 10000
+    count: int  # the file's bands
+    offset_added: bool
+
+
+@functools.lru_cache(maxsize=256)
+def _file_verdict(
+    path: str,
+    identity: tuple[int, ...] | None,
+    read: tuple[int, ...],
+    shifts: tuple[float, ...],
+    nodata: float | None,
+    declared: float | None,
+    zero_is_nodata: bool,
+    max_side: int,
+) -> _FileVerdict:
+    """Read and judge one file (cached: a file read again, unchanged, is not read again).
+
+    ``identity`` (size, mtime) is part of the key, so a file rewritten since is read anew;
+    ``nodata`` is the value the file's pixels are masked by, ``declared`` the one the
+    dataset was given (as a chip's :class:`~torchgeo_dofa.transforms.CheckReflectance`).
+    """
+    from torchgeo_dofa.transforms import (
+        NODATA_FLOOR,
+        OFFSET_QUESTION,
+        REFLECTANCE_MAX,
+        CheckReflectance,
+        ReflectanceError,
+        check_reflectance_range,
+        nodata_mask,
+    )
+
+    try:
+        pixels = decimated_read(path, max_side)
+    except rasterio.errors.RasterioError as err:
+        raise unreadable_input(path, err) from err
+    raw = torch.from_numpy(pixels[[b - 1 for b in read]].astype(np.float32))
+    with rasterio.open(path) as src:
+        names = [src.descriptions[b - 1] or f"band {b}" for b in read]
+        count = src.count
+    valid = ~nodata_mask(raw, nodata)  # as the dataset masks the file's pixels
+    if zero_is_nodata:
+        valid &= (raw != 0).all(dim=0)
+    try:  # the stored values, as the rules of scale were written for
+        valid = CheckReflectance(nodata=nodata)({"image": raw, "valid": valid})["valid"]
+    except ReflectanceError as err:
+        empty = np.zeros(tuple(raw.shape[1:]), dtype=bool)
+        return _FileVerdict(str(err), None, empty, empty, (), count, False)
+    shift = torch.tensor(shifts, dtype=torch.float32)
+    values = raw + shift[:, None, None]
+    valid &= (values > NODATA_FLOOR).all(dim=0)  # a 0 with -1000 added: no data
+    if declared is not None:
+        valid &= ~nodata_mask(values, declared)
+    negative = (values < 0).all(dim=0) & valid
+    told: str | None = None
+    if bool(valid.any()) and bool(negative[valid].all()):
+        try:  # its error, worded for a whole input (refused with enough pixels only)
+            check_reflectance_range(values, valid, ~valid.any(), 0.0, whole_input=True)
+        except ReflectanceError as err:
+            told = str(err)
+            if not bool(shift.any()):  # no offset added: the question is of dB values
+                told = told.replace(OFFSET_QUESTION, "Are these dB / log values?")
+    medians = values[:, valid].median(dim=1).values.tolist() if bool(valid.any()) else []
+    high = tuple(
+        f"{n} {m:.0f}" for n, m in zip(names, medians, strict=False) if m > REFLECTANCE_MAX
+    )
+    return _FileVerdict(None, told, valid.numpy(), negative.numpy(), high, count, bool(shift.any()))
+
+
 def check_raw_reflectance(
     dataset: Sentinel2Base, max_side: int = 256, paths: Iterable[str] | None = None
 ) -> None:
@@ -1240,11 +1317,13 @@ def check_raw_reflectance(
     stored values all in [0, 2] (already scaled) or all above
     :data:`~torchgeo_dofa.transforms.SATURATED_MIN` are refused. Then, with the offset the
     dataset adds, a scene is refused where every valid value of each of its files is
-    negative in every band (dB values, an offset applied twice): a chip of cloud shadow or
-    dark water can be, a whole scene is not, and a file of one band among a scene's (ESA's
-    layout) is judged with the scene's other files. The read
+    negative in every band (dB values, an offset applied twice) over at least
+    :data:`~torchgeo_dofa.transforms.WHOLE_INPUT_MIN_PIXELS` valid pixels of the read: a
+    patch of cloud shadow or dark water can be, a whole scene is not, and a file of one band
+    among a scene's (ESA's layout) is judged with the scene's other files. The read
     (:func:`~torchgeo_dofa.runtime.decimated_read`) goes one row of the file's blocks at a
-    time under a cache of that row, so the check's memory does not grow with the file.
+    time under a cache of that row, so the check's memory does not grow with the file; a
+    file read once is not read again while its size and modification time stay the same.
 
     Chips are not judged for negative values (see
     :class:`~torchgeo_dofa.transforms.CheckReflectance`): a loader of your own over a
@@ -1258,8 +1337,11 @@ def check_raw_reflectance(
 
     Warns where more than half of the valid values of any band of a file the dataset reads
     exceed :data:`~torchgeo_dofa.transforms.REFLECTANCE_MAX` (they embed as saturated), and
-    where more than half of a scene's valid pixels are negative in every band after the
-    offset (an offset applied twice leaves bright pixels positive).
+    where more than half of the valid pixels of a scene (of at least
+    :data:`~torchgeo_dofa.transforms.WHOLE_INPUT_MIN_PIXELS`) are negative in every band
+    read, offset added (an offset applied twice over a dark scene, dB values beside some
+    positive ones; over vegetation with a near-infrared band an offset applied twice leaves
+    that band positive, and no warning comes).
 
     Raises:
         ReflectanceError: naming the file (or a scene's files) whose valid values all lie in
@@ -1267,15 +1349,7 @@ def check_raw_reflectance(
             added, are all negative in every band.
         InputError: naming a file whose pixels cannot be read (a damaged block).
     """
-    from torchgeo_dofa.transforms import (
-        NODATA_FLOOR,
-        OFFSET_QUESTION,
-        REFLECTANCE_MAX,
-        CheckReflectance,
-        ReflectanceError,
-        check_reflectance_range,
-        nodata_mask,
-    )
+    from torchgeo_dofa.transforms import REFLECTANCE_MAX, WHOLE_INPUT_MIN_PIXELS, ReflectanceError
 
     # the bands the dataset reads of each file (not an elevation or QA band beside them),
     # with the offset it adds to each (-1000 for processing baseline 04.00 on)
@@ -1288,63 +1362,57 @@ def check_raw_reflectance(
             offsets.setdefault(p, {})[b] = float(offset)
         scenes.add(tuple(dict.fromkeys(p for p, _ in sources)))
     wanted = set(offsets) if paths is None else set(offsets) & {str(p) for p in paths}
-    negative: dict[str, ReflectanceError] = {}  # files all negative, offset added
-    share: dict[str, float] = {}  # of their valid pixels negative in every band
+    verdicts: dict[str, _FileVerdict] = {}
     for path in sorted(wanted):
-        try:
-            pixels = decimated_read(path, max_side)
-        except rasterio.errors.RasterioError as err:
-            raise unreadable_input(path, err) from err
-        read = sorted(offsets[path])
-        raw = torch.from_numpy(pixels[[b - 1 for b in read]].astype(np.float32))
+        read = tuple(sorted(offsets[path]))
         with rasterio.open(path) as src:
             nodata = dataset.nodata if dataset.nodata is not None else src.nodata
-            names = [src.descriptions[b - 1] or f"band {b}" for b in read]
-            count = src.count
-        valid = ~nodata_mask(raw, nodata)  # as the dataset masks the file's pixels
-        if dataset.zero_is_nodata:
-            valid &= (raw != 0).all(dim=0)
-        try:  # the stored values, as the rules of scale were written for
-            checked = CheckReflectance(nodata=nodata)({"image": raw, "valid": valid})
-        except ReflectanceError as err:
-            raise ReflectanceError(f"{os.path.basename(path)}: {err}") from None
-        valid = checked["valid"]
-        shift = torch.tensor([offsets[path][b] for b in read], dtype=torch.float32)
-        values = raw + shift[:, None, None]
-        valid &= (values > NODATA_FLOOR).all(dim=0)  # a 0 with -1000 added: no data
-        if bool(valid.any()):
-            share[path] = float((values < 0).all(dim=0)[valid].float().mean())
-        if bool(valid.any()) and bool((values[:, valid] < 0).all()):
-            try:  # its error, worded for a whole input
-                check_reflectance_range(values, valid, ~valid.any(), 0.0, whole_input=True)
-            except ReflectanceError as err:
-                told = str(err)
-                if not bool(shift.any()):  # no offset added: the question is of dB values
-                    told = told.replace(OFFSET_QUESTION, "Are these dB / log values?")
-                negative[path] = ReflectanceError(told)
-        medians = values[:, valid].median(dim=1).values.tolist() if bool(valid.any()) else []
-        high = [f"{n} {m:.0f}" for n, m in zip(names, medians, strict=False) if m > REFLECTANCE_MAX]
-        if high:
+        stats = _file_stats(path)
+        verdict = _file_verdict(
+            path,
+            None if stats is None else tuple(stats),
+            read,
+            tuple(offsets[path][b] for b in read),
+            None if nodata is None else float(nodata),
+            None if dataset.nodata is None else float(dataset.nodata),
+            dataset.zero_is_nodata,
+            max_side,
+        )
+        if verdict.scale_error is not None:
+            raise ReflectanceError(f"{os.path.basename(path)}: {verdict.scale_error}")
+        if verdict.high:
             _warnings.warn(
                 f"{os.path.basename(path)}: more than half of the valid values of "
-                f"{len(high)} of its {count} bands exceed {REFLECTANCE_MAX:.0f} (medians: "
-                f"{', '.join(high)}; read decimated): DOFA clips reflectance at "
-                f"{REFLECTANCE_MAX:.0f}, so those pixels embed as saturated. Is the file scaled "
-                "(x 10, or x 10000 twice) or radiance? (A scene of bright cloud or snow can do "
-                "this.)"
+                f"{len(verdict.high)} of its {verdict.count} bands exceed "
+                f"{REFLECTANCE_MAX:.0f} (medians: {', '.join(verdict.high)}; read "
+                f"decimated): DOFA clips reflectance at {REFLECTANCE_MAX:.0f}, so those "
+                "pixels embed as saturated. Is the file scaled (x 10, or x 10000 twice) or "
+                "radiance? (A scene of bright cloud or snow can do this.)"
             )
+        verdicts[path] = verdict
     for scene in sorted(scenes):
-        files = [p for p in scene if p in wanted]
-        label = ", ".join(os.path.basename(p) for p in files)
-        if files and all(p in negative for p in files):
-            raise ReflectanceError(f"{label}: {negative[files[0]]}")
-        if files and all(share.get(p, 0.0) > 0.5 for p in files):
-            low = min(share[p] for p in files)
+        files = [verdicts[p] for p in scene if p in verdicts]
+        label = ", ".join(os.path.basename(p) for p in scene if p in verdicts)
+        if files and all(v.negative_error is not None for v in files):
+            raise ReflectanceError(f"{label}: {files[0].negative_error}")
+        if not files or len({v.valid.shape for v in files}) != 1:
+            continue  # band files read at other sizes: no pixel-wise share
+        valid = np.logical_and.reduce([v.valid for v in files])
+        negative = np.logical_and.reduce([v.negative for v in files]) & valid
+        judged = int(valid.sum())
+        share = int(negative.sum()) / judged if judged else 0.0
+        if judged >= WHOLE_INPUT_MIN_PIXELS and share > 0.5:
+            question = (
+                "Was the -1000 offset of processing baseline 04.00 added to data already "
+                "corrected (offset=0)?"
+                if any(v.offset_added for v in files)
+                else "Are these dB / log values, or is a fill value undeclared (nodata=<value>)?"
+            )
             _warnings.warn(
-                f"{label}: {low:.0%} of the valid pixels are negative in every band read "
-                "(offset added; read decimated): that is not surface reflectance, where only "
-                "shadow and dark water are (DOFA embeds them as 0). Was the -1000 offset of "
-                "processing baseline 04.00 applied to data already corrected (offset=0)?"
+                f"{label}: {share:.0%} of the valid pixels are negative in every band read "
+                f"({'offset added; ' if any(v.offset_added for v in files) else ''}read "
+                "decimated), more than patches of cloud shadow or dark water make (DOFA "
+                f"embeds them as 0). {question}"
             )
 
 

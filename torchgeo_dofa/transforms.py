@@ -117,6 +117,13 @@ SCALED_MAX = 2.0
 #: (T29UNU, 2022-10-05), peaks at 18018 after its -1000 offset (median 2580).
 SATURATED_MIN = 2 * REFLECTANCE_MAX
 
+#: A whole input is judged for values negative in every band only with at least this many
+#: valid pixels (a 64 x 64 px area): patches of cloud shadow and dark water are negative in
+#: every band after baseline 04.00's -1000 offset, up to 2,014 connected pixels in the real
+#: T29UNU tile of 2022-10-05 at 60 m (B02 and B04), so a smaller file, a patch of a
+#: patch-based dataset or a piece of an export can be such a patch alone. Twice that.
+WHOLE_INPUT_MIN_PIXELS = 4096
+
 #: The question of an all-negative input's error (:func:`check_reflectance_range`); where
 #: no offset was added, :func:`~torchgeo_dofa.datamodules.check_raw_reflectance` asks only
 #: of dB / log values.
@@ -575,8 +582,9 @@ class CheckReflectance(nn.Module):
     rejected (the stack expects raw surface reflectance, not values already scaled to [0, 1]),
     and so is input whose values all exceed :data:`SATURATED_MIN` (scaled twice, radiance).
     With ``whole_input=True`` (each sample is a whole input: a file read decimated, an array
-    a user passes), input whose valid values are all negative is rejected too (an offset
-    applied twice, dB values). A chip cut from a scene is not judged so: cloud shadow and
+    a user passes), input of at least :data:`WHOLE_INPUT_MIN_PIXELS` valid pixels whose
+    valid values are all negative is rejected too (an offset applied twice, dB values). A
+    chip cut from a scene is not judged so: cloud shadow and
     dark water are negative in every visible band after baseline 04.00's -1000 offset (the
     real Level-2A tile T29UNU of 2022-10-05 at 60 m has 9,820 valid pixels negative in both
     B02 and B04, 80 % of them in its scene classification's cloud shadow, in patches of up
@@ -669,8 +677,9 @@ def check_reflectance_range(
 
     Per chip, over its valid pixels: values all within [0, :data:`SCALED_MAX`] (reflectance
     already scaled to [0, 1]) or all above :data:`SATURATED_MIN` are refused, and with
-    ``whole_input`` values all negative (see :class:`CheckReflectance` for why a chip is not
-    judged so). Chips without a valid pixel (``empty``) are not judged.
+    ``whole_input`` values all negative over at least :data:`WHOLE_INPUT_MIN_PIXELS` valid
+    pixels (see :class:`CheckReflectance` for why a chip is not judged so). Chips without a
+    valid pixel (``empty``) are not judged.
 
     Args:
         image: (C, H, W) or (B, C, H, W) float image.
@@ -715,6 +724,8 @@ def check_reflectance_range(
             "fill pixels, pass nodata=<their value>."
         )
     negative = (vmax < 0) & ~empty
+    if whole_input:  # enough pixels for a whole scene, not a patch of shadow
+        negative &= valid.flatten(-2).sum(dim=-1) >= WHOLE_INPUT_MIN_PIXELS
     if whole_input and bool(negative.any()):
         lo, hi = _span(vmin, vmax, negative)
         raise ReflectanceError(
