@@ -692,6 +692,14 @@ def test_a_whole_input_negative_in_every_band_is_refused_on_every_path(tmp_path,
     assert "Are these dB / log values?" in str(refused.value) and "offset=0" not in str(
         refused.value
     )
+    # an offset (from the file's ESA name) makes it negative: the hint names the dataset
+    # argument as the API takes it (get_embedding has no offset=)
+    esa = "S2B_MSIL2A_20230105T101329_N0509_R022_T33UWP_20230105T121004.tif"
+    dark = np.random.default_rng(4).integers(1, 1000, raw.shape).astype(np.uint16)
+    path = _write(tmp_path / esa, dark, profile | {"dtype": "uint16", "nodata": None}, names)
+    with pytest.raises(ReflectanceError) as refused:
+        get_embedding("dofa", spatial=point, paths=path, **cpu)
+    assert "data already corrected (paths=Sentinel2SR(FILES, offset=0))" in str(refused.value)
     # the same region of real reflectance with a patch of shadow (negative): embedded
     shadow = raw.astype(np.float32)
     shadow[:, 100:130, 100:130] = -50.0

@@ -1792,6 +1792,25 @@ def test_a_chip_of_cloud_shadow_embeds_and_a_negative_file_is_refused(
     assert not (tmp_path / "qa").exists()
 
 
+def test_each_runs_warnings_name_its_own_options() -> None:
+    """A predict --config run's warnings named Python's keywords ('(offset=0)',
+    'nodata=<value>') where its errors name its overrides; embed's name its options."""
+    from torchgeo_dofa import _warnings, cli
+
+    told = "a.tif: 75% ... already corrected (offset=0)? Or undeclared (nodata=<value>)?"
+    source = os.path.join(_warnings.PACKAGE_DIR, "datamodules.py")
+    shown = {}
+    for name, kwargs in (("embed", {}), ("predict", {"hints": False, "run": "predict"})):
+        with cli._one_line_warnings(**kwargs):  # type: ignore[arg-type]
+            shown[name] = warnings.formatwarning(told, UserWarning, source, 1)
+    assert shown == {
+        "embed": "torchgeo-dofa: warning: a.tif: 75% ... already corrected (--offset 0)? Or "
+        "undeclared (--nodata <value>)?\n",
+        "predict": "torchgeo-dofa: warning: a.tif: 75% ... already corrected "
+        "(--data.init_args.offset 0)? Or undeclared (--data.init_args.nodata <value>)?\n",
+    }
+
+
 def test_mixed_crs_region_is_an_error(tmp_path, capsys) -> None:
     folder = tmp_path / "mixed"
     folder.mkdir()

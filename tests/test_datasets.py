@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -1458,6 +1459,47 @@ def test_file_check_reads_a_file_once_until_it_changes(tmp_path: Path, monkeypat
     with pytest.raises(ReflectanceError, match="^scene.tif: input looks already scaled"):
         check_raw_reflectance(Sentinel2SR(path))
     assert len(reads) == 2
+    # replaced by a file of the same size and modification time (cp -p, rsync -a): anew
+    other = tmp_path / "other.tif"
+    _write_s2(other, np.full((4, 64, 64), 1500, np.float32))
+    shutil.copyfile(other, path)
+    os.utime(path, ns=(1, 1))
+    check_raw_reflectance(Sentinel2SR(path))
+    assert len(reads) == 3
+    # a NaN nodata (a new NaN object each time the file is opened; NaN != NaN) still hits
+    with rasterio.open(path, "r+") as dst:
+        dst.nodata = math.nan
+    for _ in range(2):
+        check_raw_reflectance(Sentinel2SR(path))
+    assert len(reads) == 4
+
+
+def test_file_check_counts_the_files_pixels_and_a_scenes_at_every_resolution(
+    tmp_path: Path,
+) -> None:
+    """The 64 x 64-pixel floor was counted in samples of the decimated read: a long strip
+    (40 x 8000 px, 250 samples) of dB values was never judged. And a scene's band files at
+    10 and 20 m are read at other sizes: its share of pixels negative in every band was not
+    computed, so an offset applied twice to it went without a warning."""
+    strip = tmp_path / "strip.tif"
+    _write_s2(strip, -np.random.default_rng(0).integers(100, 800, (4, 40, 8000)).astype(np.int16))
+    with pytest.raises(ReflectanceError, match=r"^strip\.tif: every valid value is negative"):
+        check_raw_reflectance(Sentinel2SR(strip))
+    scene = tmp_path / "scene"
+    scene.mkdir()
+    for band, side in (("B02", 128), ("B04", 64)):  # 10 m and 20 m over the same extent
+        data = np.random.default_rng(1).integers(1, 1000, (1, side, side)).astype(np.uint16)
+        data[:, : side // 4] += 2000  # a quarter of the rows bright
+        with rasterio.open(
+            scene / f"T32TQM_20230105T101329_{band}_{1280 // side}m.tif", "w", driver="GTiff",
+            width=side, height=side, count=1, dtype="uint16", crs="EPSG:32632",
+            transform=Affine(1280 / side, 0, 600000, 0, -1280 / side, 5000000),
+        ) as dst:  # fmt: skip
+            dst.write(data)
+    ds = Sentinel2SR(scene)
+    assert ds.index["offset"].iloc[0] == (-1000.0, -1000.0)
+    with pytest.warns(UserWarning, match=r"^T32TQM_.*_B02_10m\.tif, T32TQM_.*_B04_20m\.tif: 75% "):
+        check_raw_reflectance(ds)
 
 
 def _write_s2(path: Path, data: np.ndarray) -> None:

@@ -1038,7 +1038,11 @@ def _prepare_local(
             f"no scene of the local data overlaps {spatial}{when} (data bounds "
             f"{[round(float(b), 3) for b in bounds]} in {crs_label(crs)})"
         ) from err
-    check_raw_reflectance(ds, paths=files)  # the region's files, whole (a chip is not judged)
+    with warnings.catch_warnings(record=True) as caught:  # its hints, as the API's
+        warnings.simplefilter("always")
+        check_raw_reflectance(ds, paths=files)  # the region's files, whole (not a chip)
+    for found in caught:
+        warn(_dataset_hints(str(found.message), type(ds)), found.category)
     prepared = _prepare(
         raw["image"],
         ds.bands,
@@ -1402,6 +1406,17 @@ _NODATA_ELSEWHERE: dict[str, str] = {
 }
 
 
+def _dataset_hints(message: str, dataset: type[Sentinel2Base]) -> str:
+    """``message`` with its hints of a dataset's arguments named as the API takes them.
+
+    ``(offset=0)`` and ``(nodata=<value>)`` are the dataset's arguments, which get_embedding
+    does not take: they name ``paths=<dataset class>(FILES, ...)``.
+    """
+    name = dataset.__name__
+    message = message.replace("(offset=0)", f"(paths={name}(FILES, offset=0))")
+    return re.sub(r"\(nodata=<([^>]*)>\)", rf"(paths={name}(FILES, nodata=<\1>))", message)
+
+
 def _fill_value_hint(
     err: ReflectanceError, backend: str, dataset: type[Sentinel2Base] = Sentinel2SR
 ) -> ReflectanceError:
@@ -1424,6 +1439,7 @@ def _fill_value_hint(
     """
     message = str(err)
     if backend == "local":
+        message = _dataset_hints(message, dataset)
         told = _NODATA_HINT.sub(
             lambda m: (
                 f"give paths={dataset.__name__}(FILES, nodata=<{m['value']}>) or set the "

@@ -1230,6 +1230,20 @@ def _file_stats(path: str) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
+def _cache_key(value: float | None) -> float | None:
+    """``value`` as a cache key: ``float``, one NaN object for every NaN (NaN != NaN)."""
+    if value is None:
+        return None
+    return math.nan if math.isnan(float(value)) else float(value)
+
+
+def _on_grid(mask: npt.NDArray[np.bool_], grid: tuple[int, int]) -> npt.NDArray[np.bool_]:
+    """``mask`` (rows, cols) taken nearest at ``grid`` (rows, cols), no larger than it."""
+    rows = np.arange(grid[0]) * mask.shape[0] // grid[0]
+    cols = np.arange(grid[1]) * mask.shape[1] // grid[1]
+    return mask[np.ix_(rows, cols)]
+
+
 @dataclass(frozen=True)
 class _FileVerdict:
     """What :func:`check_raw_reflectance` found in one file's decimated read."""
@@ -1241,6 +1255,7 @@ class _FileVerdict:
     high: tuple[str, ...]  # "B08 33080": bands whose median exceeds 10000
     count: int  # the file's bands
     offset_added: bool
+    pixels: int  # width x height of the file (each sample of the read stands for a share)
 
 
 @functools.lru_cache(maxsize=256)
@@ -1256,7 +1271,8 @@ def _file_verdict(
 ) -> _FileVerdict:
     """Read and judge one file (cached: a file read again, unchanged, is not read again).
 
-    ``identity`` (size, mtime) is part of the key, so a file rewritten since is read anew;
+    ``identity`` (device, inode, size, modification and change times; ``path`` is the real
+    path) is part of the key, so a file rewritten or replaced since is read anew;
     ``nodata`` is the value the file's pixels are masked by, ``declared`` the one the
     dataset was given (as a chip's :class:`~torchgeo_dofa.transforms.CheckReflectance`).
     """
@@ -1277,7 +1293,8 @@ def _file_verdict(
     raw = torch.from_numpy(pixels[[b - 1 for b in read]].astype(np.float32))
     with rasterio.open(path) as src:
         names = [src.descriptions[b - 1] or f"band {b}" for b in read]
-        count = src.count
+        count, pixels = src.count, src.width * src.height
+    area = pixels / (raw.shape[-2] * raw.shape[-1])  # the file's pixels per sample read
     valid = ~nodata_mask(raw, nodata)  # as the dataset masks the file's pixels
     if zero_is_nodata:
         valid &= (raw != 0).all(dim=0)
@@ -1285,7 +1302,7 @@ def _file_verdict(
         valid = CheckReflectance(nodata=nodata)({"image": raw, "valid": valid})["valid"]
     except ReflectanceError as err:
         empty = np.zeros(tuple(raw.shape[1:]), dtype=bool)
-        return _FileVerdict(str(err), None, empty, empty, (), count, False)
+        return _FileVerdict(str(err), None, empty, empty, (), count, False, pixels)
     shift = torch.tensor(shifts, dtype=torch.float32)
     values = raw + shift[:, None, None]
     valid &= (values > NODATA_FLOOR).all(dim=0)  # a 0 with -1000 added: no data
@@ -1295,7 +1312,9 @@ def _file_verdict(
     told: str | None = None
     if bool(valid.any()) and bool(negative[valid].all()):
         try:  # its error, worded for a whole input (refused with enough pixels only)
-            check_reflectance_range(values, valid, ~valid.any(), 0.0, whole_input=True)
+            check_reflectance_range(
+                values, valid, ~valid.any(), 0.0, whole_input=True, pixel_area=area
+            )
         except ReflectanceError as err:
             told = str(err)
             if not bool(shift.any()):  # no offset added: the question is of dB values
@@ -1304,7 +1323,10 @@ def _file_verdict(
     high = tuple(
         f"{n} {m:.0f}" for n, m in zip(names, medians, strict=False) if m > REFLECTANCE_MAX
     )
-    return _FileVerdict(None, told, valid.numpy(), negative.numpy(), high, count, bool(shift.any()))
+    offset_added = bool(shift.any())
+    return _FileVerdict(
+        None, told, valid.numpy(), negative.numpy(), high, count, offset_added, pixels
+    )
 
 
 def check_raw_reflectance(
@@ -1367,14 +1389,20 @@ def check_raw_reflectance(
         read = tuple(sorted(offsets[path]))
         with rasterio.open(path) as src:
             nodata = dataset.nodata if dataset.nodata is not None else src.nodata
-        stats = _file_stats(path)
+        try:
+            st = os.stat(path)
+            identity: tuple[int, ...] | None = (
+                st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+            )  # fmt: skip
+        except OSError:  # a GDAL virtual path (/vsicurl/...)
+            identity = None
         verdict = _file_verdict(
-            path,
-            None if stats is None else tuple(stats),
+            os.path.realpath(path) if identity is not None else path,
+            identity,
             read,
             tuple(offsets[path][b] for b in read),
-            None if nodata is None else float(nodata),
-            None if dataset.nodata is None else float(dataset.nodata),
+            _cache_key(nodata),
+            _cache_key(dataset.nodata),
             dataset.zero_is_nodata,
             max_side,
         )
@@ -1395,13 +1423,17 @@ def check_raw_reflectance(
         label = ", ".join(os.path.basename(p) for p in scene if p in verdicts)
         if files and all(v.negative_error is not None for v in files):
             raise ReflectanceError(f"{label}: {files[0].negative_error}")
-        if not files or len({v.valid.shape for v in files}) != 1:
-            continue  # band files read at other sizes: no pixel-wise share
-        valid = np.logical_and.reduce([v.valid for v in files])
-        negative = np.logical_and.reduce([v.negative for v in files]) & valid
+        if not files:
+            continue
+        # band files of one scene at other resolutions (ESA's 10, 20, 60 m) read at other
+        # sizes: each mask taken at the smallest read's grid (they cover the same extent)
+        grid = (min(v.valid.shape[0] for v in files), min(v.valid.shape[1] for v in files))
+        valid = np.logical_and.reduce([_on_grid(v.valid, grid) for v in files])
+        negative = np.logical_and.reduce([_on_grid(v.negative, grid) for v in files]) & valid
         judged = int(valid.sum())
         share = int(negative.sum()) / judged if judged else 0.0
-        if judged >= WHOLE_INPUT_MIN_PIXELS and share > 0.5:
+        finest = max(v.pixels for v in files)  # counted in the finest file's pixels
+        if judged * finest / (grid[0] * grid[1]) >= WHOLE_INPUT_MIN_PIXELS and share > 0.5:
             question = (
                 "Was the -1000 offset of processing baseline 04.00 added to data already "
                 "corrected (offset=0)?"

@@ -671,7 +671,12 @@ def _span(vmin: Tensor, vmax: Tensor, flags: Tensor) -> tuple[float, float]:
 
 
 def check_reflectance_range(
-    image: Tensor, valid: Tensor, empty: Tensor, fill_value: float, whole_input: bool = False
+    image: Tensor,
+    valid: Tensor,
+    empty: Tensor,
+    fill_value: float,
+    whole_input: bool = False,
+    pixel_area: float = 1.0,
 ) -> Tensor:
     """Refuse chips whose valid values are not raw surface reflectance; fill invalid pixels.
 
@@ -687,6 +692,8 @@ def check_reflectance_range(
         empty: () / (B,) bool, True for a chip without a valid pixel.
         fill_value: value written into invalid pixels (raw-reflectance scale).
         whole_input: each sample is a whole input (a file, a user's array), not a chip.
+        pixel_area: the input's pixels each valid value stands for (a decimated read's
+            ``scale`` squared), in counting them against :data:`WHOLE_INPUT_MIN_PIXELS`.
 
     Returns:
         ``image``, its invalid pixels set to ``fill_value`` (a new tensor where any is).
@@ -725,7 +732,7 @@ def check_reflectance_range(
         )
     negative = (vmax < 0) & ~empty
     if whole_input:  # enough pixels for a whole scene, not a patch of shadow
-        negative &= valid.flatten(-2).sum(dim=-1) >= WHOLE_INPUT_MIN_PIXELS
+        negative &= valid.flatten(-2).sum(dim=-1) * pixel_area >= WHOLE_INPUT_MIN_PIXELS
     if whole_input and bool(negative.any()):
         lo, hi = _span(vmin, vmax, negative)
         raise ReflectanceError(
