@@ -1792,6 +1792,36 @@ def test_a_chip_of_cloud_shadow_embeds_and_a_negative_file_is_refused(
     assert not (tmp_path / "qa").exists()
 
 
+def test_a_bbox_job_checks_the_files_it_reads_not_a_far_one(tmp_path, capsys) -> None:
+    """A --bbox over one file of a folder was refused for a file of dB values 30 km away,
+    which the job never reads (and get_embedding embeds the same region)."""
+    from pyproj import Transformer
+
+    window = Window(0, 0, 64, 64)
+    with rasterio.open(SCENE) as src:
+        data = src.read(window=window).astype(np.float32)
+        t = src.window_transform(window)
+    folder = tmp_path / "far"
+    folder.mkdir()
+    _write_scene_variant(
+        folder / "good_2023-01-01.tif", data, dtype="float32", nodata=None, width=64,
+        height=64, transform=t,
+    )  # fmt: skip
+    decibels = -np.random.default_rng(5).uniform(3, 25, data.shape).astype(np.float32)
+    _write_scene_variant(
+        folder / "db_2023-01-01.tif", decibels, dtype="float32", nodata=None, width=64,
+        height=64, transform=Affine(t.a, 0, t.c + 30000, 0, t.e, t.f),
+    )  # fmt: skip
+    to_wgs84 = Transformer.from_crs(32633, 4326, always_xy=True)
+    (lon0, lon1), (lat1, lat0) = to_wgs84.transform([t.c + 100, t.c + 540], [t.f - 100, t.f - 540])
+    args = ["embed", str(folder), "-o", str(tmp_path / "o"), "--weights", "none"]
+    bbox = ["--bbox", *(f"{v:.6f}" for v in (lon0, lat0, lon1, lat1)), "--chip-size", "64"]
+    assert main([*args, *bbox, "--output", "pooled", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main([*args[:3], str(tmp_path / "all"), *args[4:], "--no-progress"]) == 2
+    assert "db_2023-01-01.tif: every valid value is negative" in capsys.readouterr().err
+
+
 def test_each_runs_warnings_name_its_own_options() -> None:
     """A predict --config run's warnings named Python's keywords ('(offset=0)',
     'nodata=<value>') where its errors name its overrides; embed's name its options."""
