@@ -56,7 +56,12 @@ from torchgeo_dofa.datasets import (
     stack_dofa_samples,
 )
 from torchgeo_dofa.spatial import crs_label, crs_name, exact_epsg, same_crs
-from torchgeo_dofa.transforms import CheckReflectance, DOFAPreprocess, ReflectanceError
+from torchgeo_dofa.transforms import (
+    CheckReflectance,
+    DOFAPreprocess,
+    ReflectanceError,
+    ReflectanceWarning,
+)
 
 DATA = Path(__file__).resolve().parent / "data" / "sentinel2"
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sentinel2"
@@ -1529,7 +1534,7 @@ def test_file_check_warns_of_an_offset_applied_twice_and_reads_the_stored_scale(
     _write_s2(twice / name, data)
     ds = Sentinel2SR(twice)
     assert ds.index["offset"].iloc[0] == (-1000.0,) * 4
-    with pytest.warns(UserWarning, match=r"^S2B_.*\.tif: 8[0-9]% of the valid pixels are "):
+    with pytest.warns(ReflectanceWarning, match=r"^S2B_.*\.tif: 8[0-9]% of the valid pixels are "):
         check_raw_reflectance(ds)
     scaled = tmp_path / "scaled"
     scaled.mkdir()

@@ -1356,7 +1356,8 @@ def check_raw_reflectance(
     among a scene's (ESA's layout) is judged with the scene's other files. The read
     (:func:`~torchgeo_dofa.runtime.decimated_read`) goes one row of the file's blocks at a
     time under a cache of that row, so the check's memory does not grow with the file; a
-    file read once is not read again while its size and modification time stay the same.
+    file's verdict is kept in the process and read again only once the file changes (its
+    real path, device, inode, size, modification or change time).
 
     Chips are not judged for negative values (see
     :class:`~torchgeo_dofa.transforms.CheckReflectance`): a loader of your own over a
@@ -1368,7 +1369,8 @@ def check_raw_reflectance(
         max_side: side of the decimated read, pixels.
         paths: only these of the dataset's files (a region's); None: every file.
 
-    Warns where more than half of the valid values of any band of a file the dataset reads
+    Warns (:class:`~torchgeo_dofa.transforms.ReflectanceWarning`) where more than half of
+    the valid values of any band of a file the dataset reads
     exceed :data:`~torchgeo_dofa.transforms.REFLECTANCE_MAX` (they embed as saturated), and
     where more than half of the valid pixels of a scene (of at least
     :data:`~torchgeo_dofa.transforms.WHOLE_INPUT_MIN_PIXELS`) are negative in every band
@@ -1382,7 +1384,12 @@ def check_raw_reflectance(
             added, are all negative in every band.
         InputError: naming a file whose pixels cannot be read (a damaged block).
     """
-    from torchgeo_dofa.transforms import REFLECTANCE_MAX, WHOLE_INPUT_MIN_PIXELS, ReflectanceError
+    from torchgeo_dofa.transforms import (
+        REFLECTANCE_MAX,
+        WHOLE_INPUT_MIN_PIXELS,
+        ReflectanceError,
+        ReflectanceWarning,
+    )
 
     # the bands the dataset reads of each file (not an elevation or QA band beside them),
     # with the offset it adds to each (-1000 for processing baseline 04.00 on)
@@ -1426,7 +1433,8 @@ def check_raw_reflectance(
                 f"{REFLECTANCE_MAX:.0f} (medians: {', '.join(verdict.high)}; read "
                 f"decimated): DOFA clips reflectance at {REFLECTANCE_MAX:.0f}, so those "
                 "pixels embed as saturated. Is the file scaled (x 10, or x 10000 twice) or "
-                "radiance? (A scene of bright cloud or snow can do this.)"
+                "radiance? (A scene of bright cloud or snow can do this.)",
+                ReflectanceWarning,
             )
         verdicts[path] = verdict
     for scene in sorted(scenes):
@@ -1455,7 +1463,8 @@ def check_raw_reflectance(
                 f"{label}: {share:.0%} of the valid pixels are negative in every band read "
                 f"({'offset added; ' if any(v.offset_added for v in files) else ''}read "
                 "decimated), more than patches of cloud shadow or dark water make (DOFA "
-                f"embeds them as 0). {question}"
+                f"clips them to reflectance 0). {question}",
+                ReflectanceWarning,
             )
 
 

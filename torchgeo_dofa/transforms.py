@@ -154,7 +154,12 @@ class ReflectanceError(ValueError):
 
 
 class ReflectanceWarning(UserWarning):
-    """Warned when the input's dtype cannot hold raw surface reflectance (0..10000)."""
+    """Warned when the input may not be raw surface reflectance (0..10000) but is embedded.
+
+    A dtype that cannot hold it (8-bit), a file more than half of whose values in a band
+    exceed 10000, a scene more than half of whose pixels are negative in every band
+    (:func:`~torchgeo_dofa.datamodules.check_raw_reflectance`).
+    """
 
 
 #: Integer dtypes too narrow for raw reflectance: an 8-bit band holds 0..255 (or -128..127),
