@@ -1266,7 +1266,7 @@ class _FileVerdict:
     high: tuple[str, ...]  # "B08 33080": bands whose median exceeds 10000
     count: int  # the file's bands
     offset_added: bool
-    pixels: int  # width x height of the file (each sample of the read stands for a share)
+    size: int  # width x height of the file, pixels (each sample of the read stands for a share)
 
 
 @functools.lru_cache(maxsize=256)
@@ -1304,8 +1304,8 @@ def _file_verdict(
     raw = torch.from_numpy(pixels[[b - 1 for b in read]].astype(np.float32))
     with rasterio.open(path) as src:
         names = [src.descriptions[b - 1] or f"band {b}" for b in read]
-        count, pixels = src.count, src.width * src.height
-    area = pixels / (raw.shape[-2] * raw.shape[-1])  # the file's pixels per sample read
+        count, size = src.count, src.width * src.height
+    area = size / (raw.shape[-2] * raw.shape[-1])  # the file's pixels per sample read
     valid = ~nodata_mask(raw, nodata)  # as the dataset masks the file's pixels
     if zero_is_nodata:
         valid &= (raw != 0).all(dim=0)
@@ -1313,7 +1313,7 @@ def _file_verdict(
         valid = CheckReflectance(nodata=nodata)({"image": raw, "valid": valid})["valid"]
     except ReflectanceError as err:
         empty = np.zeros(tuple(raw.shape[1:]), dtype=bool)
-        return _FileVerdict(str(err), None, empty, empty, (), count, False, pixels)
+        return _FileVerdict(str(err), None, empty, empty, (), count, False, size)
     shift = torch.tensor(shifts, dtype=torch.float32)
     values = raw + shift[:, None, None]
     valid &= (values > NODATA_FLOOR).all(dim=0)  # a 0 with -1000 added: no data
@@ -1336,7 +1336,7 @@ def _file_verdict(
     )
     offset_added = bool(shift.any())
     return _FileVerdict(
-        None, told, valid.numpy(), negative.numpy(), high, count, offset_added, pixels
+        None, told, valid.numpy(), negative.numpy(), high, count, offset_added, size
     )
 
 
@@ -1451,7 +1451,7 @@ def check_raw_reflectance(
         negative = np.logical_and.reduce([_on_grid(v.negative, grid) for v in files]) & valid
         judged = int(valid.sum())
         share = int(negative.sum()) / judged if judged else 0.0
-        finest = max(v.pixels for v in files)  # counted in the finest file's pixels
+        finest = max(v.size for v in files)  # counted in the finest file's pixels
         if judged * finest / (grid[0] * grid[1]) >= WHOLE_INPUT_MIN_PIXELS and share > 0.5:
             question = (
                 "Was the -1000 offset of processing baseline 04.00 added to data already "
