@@ -889,8 +889,13 @@ class DOFAPredictDataModule(GeoDataModule):
                     raise
                 raise BandError(f"{err}; or give preprocess=False for raw chips") from err
         self.predict_sampler = self._make_sampler(dataset)
-        if self.check_scale:  # the files the chips can read (a --bbox's, not a far file)
-            check_raw_reflectance(dataset, paths=_files_sampled(dataset, self.predict_sampler))
+        if self.check_scale:
+            files: set[str] | None = None  # every file
+            if self.roi is not None or self.points is not None:  # not a far one none reads
+                chips: list[Any] = list(self.predict_sampler)
+                read = scenes_read(dataset, chips)["sources"]
+                files = {path for sources in read for path, _ in sources}
+            check_raw_reflectance(dataset, paths=files)
         self.predict_dataset = dataset
 
     def _make_sampler(self, dataset: Sentinel2Base) -> GeoSampler:
@@ -1228,17 +1233,6 @@ def _file_stats(path: str) -> list[int] | None:
     except OSError:  # a GDAL virtual path (/vsicurl/...), or a file gone since
         return None
     return [stat.st_size, stat.st_mtime_ns]
-
-
-def _files_sampled(dataset: Sentinel2Base, sampler: GeoSampler) -> set[str] | None:
-    """The files of the scenes within the bounds of ``sampler``'s chips; None: every file."""
-    chips = getattr(sampler, "chips", None)
-    if not chips:
-        return None
-    x0, x1 = min(c[0].start for c in chips), max(c[0].stop for c in chips)
-    y0, y1 = min(c[1].start for c in chips), max(c[1].stop for c in chips)
-    rows = dataset.index[dataset.index.intersects(shapely.box(x0, y0, x1, y1))]
-    return {p for sources in rows["sources"] for p, _ in sources}
 
 
 def _cache_key(value: float | None) -> float | None:
