@@ -1399,8 +1399,8 @@ def check_raw_reflectance(
     verdicts: dict[str, _FileVerdict] = {}
     for path in sorted(wanted):
         read = tuple(sorted(offsets[path]))
-        with rasterio.open(path) as src:
-            nodata = dataset.nodata if dataset.nodata is not None else src.nodata
+        # the file's own nodata, as the dataset indexed it (not an open per file per call)
+        nodata = dataset.nodata if dataset.nodata is not None else dataset._infos[path].nodata
         try:
             st = os.stat(path)
             identity: tuple[int, ...] | None = (
