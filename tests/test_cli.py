@@ -1830,8 +1830,8 @@ def test_each_runs_warnings_name_its_own_options() -> None:
     told = "a.tif: 75% ... already corrected (offset=0)? Or undeclared (nodata=<value>)?"
     source = os.path.join(_warnings.PACKAGE_DIR, "datamodules.py")
     shown = {}
-    for name, kwargs in (("embed", {}), ("predict", {"hints": False, "run": "predict"})):
-        with cli._one_line_warnings(**kwargs):  # type: ignore[arg-type]
+    for name, run in (("embed", None), ("predict", "predict")):
+        with cli._one_line_warnings(run):
             shown[name] = warnings.formatwarning(told, UserWarning, source, 1)
     assert shown == {
         "embed": "torchgeo-dofa: warning: a.tif: 75% ... already corrected (--offset 0)? Or "

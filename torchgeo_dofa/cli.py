@@ -2520,7 +2520,7 @@ def _main(argv: Sequence[str] | None) -> int:
             return 2
     if command in _LIGHTNING_COMMANDS:
         # the config's options are --data.init_args.bands ..., not embed's --bands
-        with _one_line_warnings(hints=False, run=command):
+        with _one_line_warnings(run=command):
             return _run_lightning_cli(None if argv is None else args_list)
     parser = _parser()
     args = parser.parse_args(args_list)  # --help and usage errors before torch loads
@@ -2673,13 +2673,13 @@ def _workers_within_open_files(datamodule: Any) -> None:
 
 
 @contextlib.contextmanager
-def _one_line_warnings(hints: bool = True, run: str | None = None) -> Iterator[None]:
+def _one_line_warnings(run: str | None = None) -> Iterator[None]:
     """Show this package's warnings as one line (``torchgeo-dofa: warning: ...``), no source.
 
     Python's format adds the file, line and source line that issued the warning, noise on a
-    terminal; warnings from other libraries keep it. ``hints``: Python keyword hints
-    rewritten as embed's options (:func:`cli_hints`); ``run``: a LightningCLI run's
-    subcommand, whose hints are rewritten as its overrides (:func:`config_hints`).
+    terminal; warnings from other libraries keep it. Python keyword hints are rewritten as
+    embed's options (:func:`cli_hints`), or, for ``run`` (a LightningCLI run's subcommand),
+    as its overrides (:func:`config_hints`).
     """
     here = _warnings.PACKAGE_DIR  # as imported, and behind links
     package = (here, os.path.realpath(here) + os.sep)
@@ -2693,9 +2693,11 @@ def _one_line_warnings(hints: bool = True, run: str | None = None) -> Iterator[N
         line: str | None = None,
     ) -> str:
         if filename.startswith(package):
-            text = cli_hints(str(message)) if hints else str(message)
-            if run is not None:
-                text = config_hints(text, data=run == "predict")
+            text = (
+                cli_hints(str(message))
+                if run is None
+                else config_hints(str(message), data=run == "predict")
+            )
             return f"torchgeo-dofa: warning: {text}\n"
         return default(message, category, filename, lineno, line)
 
