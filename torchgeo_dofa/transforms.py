@@ -589,12 +589,12 @@ class CheckReflectance(nn.Module):
     With ``whole_input=True`` (each sample is a whole input: a file read decimated, an array
     a user passes), input of at least :data:`WHOLE_INPUT_MIN_PIXELS` valid pixels whose
     valid values are all negative is rejected too (an offset applied twice, dB values). A
-    chip cut from a scene is not judged so: cloud shadow and
-    dark water are negative in every visible band after baseline 04.00's -1000 offset (the
-    real Level-2A tile T29UNU of 2022-10-05 at 60 m has 9,820 valid pixels negative in both
-    B02 and B04, 80 % of them in its scene classification's cloud shadow, in patches of up
-    to 2,014 pixels), and the normalisation clips them to 0 like any dark pixel. A chip
-    without any valid pixel is not an error: its ``empty`` flag is set.
+    chip cut from a scene is not judged so: cloud shadow and dark water are negative in
+    every visible band after baseline 04.00's -1000 offset (the real Level-2A tile T29UNU of
+    2022-10-05 at 60 m has 9,820 valid pixels negative in both B02 and B04, 80 % of them in
+    its scene classification's cloud shadow, in patches of up to 2,014 pixels), and the
+    normalisation clips them to 0 like any dark pixel. A chip without any valid pixel is not
+    an error: its ``empty`` flag is set.
 
     Reads ``image``, ``valid`` (optional); writes ``image`` (float32, see :func:`as_float32`),
     ``valid`` (bool (H,W) / (B,H,W)), ``empty`` (bool () / (B,), always set so batches
