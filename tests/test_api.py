@@ -48,7 +48,12 @@ from torchgeo_dofa.spatial import (
     region_to_crs,
     utm_region_grid,
 )
-from torchgeo_dofa.transforms import ReflectanceError, check_reflectance_range, preprocess_array
+from torchgeo_dofa.transforms import (
+    ReflectanceError,
+    ReflectanceWarning,
+    check_reflectance_range,
+    preprocess_array,
+)
 
 CHIP_M = 2240.0  # 224 px at 10 m
 
@@ -614,6 +619,54 @@ def test_a_point_of_a_pixel_or_two_warns(tmp_path, weights) -> None:
         )  # fmt: skip
     told = [str(w.message) for w in caught if "DOFA patch" in str(w.message)]
     assert len(told) == 2 and all(t.startswith("2 of 3 input(s) are narrower") for t in told)
+
+
+def test_a_files_warning_comes_once_per_call_not_once_per_region(tmp_path) -> None:
+    """get_embeddings_batch and export_batch check a file once per region they read from it:
+    the file's warning (a band's median above 10000) came once per region, whatever the
+    warning filter, as the check's warnings were recorded and issued again, which reset
+    Python's once-per-location memory. Now once per call, pointing at the caller's line,
+    with the hints named as the API takes them; from threads as well."""
+    with rasterio.open(SCENE) as src:
+        profile, data, names, b = src.profile, src.read(), src.descriptions, src.bounds
+    profile.update(dtype="float32", nodata=None)
+    with rasterio.open(tmp_path / "x10.tif", "w", **profile) as dst:
+        dst.write(data.astype(np.float32) * 10)  # NIR's median above 10000
+        dst.descriptions = names
+    points = [
+        PointBuffer(*_scene_lonlat(b.left + 800 + 300 * i, b.bottom + 800), buffer_m=80)
+        for i in range(3)
+    ]
+    cpu = dict[str, Any](weights=None, device="cpu", paths=str(tmp_path / "x10.tif"))
+
+    def told(calls: Any) -> list[warnings.WarningMessage]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")  # Python's own: once per location
+            calls()
+        return [w for w in caught if "more than half of the valid values" in str(w.message)]
+
+    batch = told(lambda: get_embeddings_batch("dofa", spatials=points, **cpu))
+    exported = told(
+        lambda: export_batch(
+            spatials=points, models=["dofa"], out_path=tmp_path / "e.parquet", **cpu
+        )
+    )
+    for said in (batch, exported):
+        assert len(said) == 1, [str(w.message) for w in said]
+        assert said[0].filename == __file__ and said[0].category is ReflectanceWarning
+        assert str(said[0].message).startswith(
+            "x10.tif: more than half of the valid values of 1 of its 4 bands exceed 10000"
+        )
+    # each call is told (once): a second batch call is another call
+    assert len(told(lambda: get_embeddings_batch("dofa", spatials=points[:2], **cpu))) == 1
+    # a call in each of two threads: each told once, neither's filters touched by the other
+    from concurrent.futures import ThreadPoolExecutor
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda p: get_embedding("dofa", spatial=p, **cpu), points[:2]))
+    assert sum("more than half" in str(w.message) for w in caught) == 2
 
 
 def test_a_fill_value_hint_names_what_declares_it_for_each_backend(tmp_path, chip_a) -> None:

@@ -78,6 +78,7 @@ the other backends.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -86,7 +87,6 @@ import os
 import re
 import shutil
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -103,7 +103,7 @@ from affine import Affine
 from pyproj import CRS
 from torch import Tensor
 
-from ._warnings import warn
+from ._warnings import each_once_per_call, reworded, warn
 from .bands import DOFA_S2_BANDS, BandError, check_unique_bands
 from .datamodules import (
     MIN_CHIP_PX,
@@ -856,22 +856,14 @@ def open_local(
         kwargs["time"] = (ts.start, ts.stop)
     files = [p for r in regions for p in r.paths]
     cls = EarthEngineS2 if all(r.earth_engine for r in regions) else Sentinel2SR
-    caught: list[warnings.WarningMessage] = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")  # recorded, then shown through the user's filters
+    try:  # the band-choice warnings' hints name the dataset's arguments too
+        with reworded(lambda message: _where_dataset_arguments_go(message, cls)):
             dataset = cls(paths=files, **kwargs)
     except (BandError, InputError) as err:
         told = _where_dataset_arguments_go(str(err), cls)
         if told == str(err):
             raise
         raise type(err)(told) from err
-    finally:  # the band-choice warnings' hints name the dataset's arguments too
-        for caught_warning in caught:
-            warn(
-                _where_dataset_arguments_go(str(caught_warning.message), cls),
-                caught_warning.category,
-            )
     refuse_repeated_bands(dataset.bands)
     return dataset
 
@@ -1038,11 +1030,8 @@ def _prepare_local(
             f"no scene of the local data overlaps {spatial}{when} (data bounds "
             f"{[round(float(b), 3) for b in bounds]} in {crs_label(crs)})"
         ) from err
-    with warnings.catch_warnings(record=True) as caught:  # its hints, as the API's
-        warnings.simplefilter("always")
+    with reworded(lambda message: _dataset_hints(message, type(ds))):  # hints as the API's
         check_raw_reflectance(ds, paths=files)  # the region's files, whole (not a chip)
-    for found in caught:
-        warn(_dataset_hints(str(found.message), type(ds)), found.category)
     prepared = _prepare(
         raw["image"],
         ds.bands,
@@ -1376,7 +1365,10 @@ def _parallel[T, R](fn: Callable[[T], R], items: Sequence[T], workers: int) -> l
     if workers <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
     with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        return list(pool.map(fn, items))
+        # each item in its own copy of the caller's context (a context runs in one thread at
+        # a time): its warnings are said once per call, reworded as the caller's
+        contexts = [contextvars.copy_context() for _ in items]
+        return list(pool.map(lambda ctx, item: ctx.run(fn, item), contexts, items))
 
 
 #: The fill-value hints of a :class:`~torchgeo_dofa.transforms.ReflectanceError`: the
@@ -1526,6 +1518,7 @@ def _fetch_many(
 # ----------------------------------------------------------------------------------------------
 
 
+@each_once_per_call  # a file's warning once per call, not once per region
 def get_embedding(
     model: str,
     *,
@@ -1641,6 +1634,7 @@ def get_embedding(
     return _embed(prepared, cfg, which)[0]
 
 
+@each_once_per_call  # a file's warning once per call, not once per region
 def get_embeddings_batch_from_inputs(
     model: str,
     *,
@@ -1704,6 +1698,7 @@ def get_embeddings_batch_from_inputs(
     return _embed(prepared, cfg, "tensor")
 
 
+@each_once_per_call  # a file's warning once per call, not once per region
 def get_embeddings_batch(
     model: str,
     *,
@@ -1825,6 +1820,7 @@ def _chunks[T](items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
         yield items[start : start + size]
 
 
+@each_once_per_call  # a file's warning once per call, not once per region
 def export_batch(
     *,
     spatials: Sequence[Region],
