@@ -1440,6 +1440,61 @@ def test_real_file_check_judges_a_scene_of_band_files_together(tmp_path: Path) -
         check_raw_reflectance(Sentinel2SR(tmp_path / "most"))
 
 
+def test_files_or_scenes_alike_are_one_warning_naming_the_first_three(tmp_path: Path) -> None:
+    """A folder of scenes processed alike (an offset added twice to all, all scaled x 10)
+    gave one warning per file or scene, each with the same advice: now one per kind, naming
+    the first three and counting the rest; one file or scene keeps its own sentence."""
+    profile = {
+        "driver": "GTiff", "width": 64, "height": 64, "count": 1, "dtype": "uint16",
+        "crs": "EPSG:32629", "transform": rasterio.Affine(60, 0, 499980, 0, -60, 5900040),
+    }  # fmt: skip
+    rng = np.random.default_rng(0)
+
+    def scenes(folder: Path, days: range, low: int, high: int) -> Path:
+        for day in days:
+            for band in ("B02", "B04"):
+                name = f"T29UNU_202210{day:02d}T115411_{band}_60m.tif"
+                with rasterio.open(folder / name, "w", **profile) as dst:
+                    data = rng.integers(low, high, (1, 64, 64)).astype(np.uint16)
+                    data[..., :16, :] += 2000  # a quarter of the rows out of the range
+                    dst.write(data)
+        return folder
+
+    for kind in ("bright", "dark"):
+        (tmp_path / kind).mkdir()
+    scenes(tmp_path / "bright", range(1, 4), 14000, 16000)  # 3 scenes, 6 files
+    scenes(tmp_path / "dark", range(1, 6), 1, 1000)  # 5 scenes: 75 % negative, offset added
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_raw_reflectance(Sentinel2SR(tmp_path / "bright"))
+        check_raw_reflectance(Sentinel2SR(tmp_path / "dark"))
+    told = [str(w.message) for w in caught if w.category is ReflectanceWarning]
+    assert len(told) == 2, told
+    medians = re.findall(r"T29UNU_202210(\d\d)T115411_(B0[24])_60m\.tif: band 1 (\d+)", told[0])
+    assert told[0].startswith(
+        "6 files: more than half of the valid values of a band exceed 10000 in each (medians: "
+        "T29UNU_20221001T115411_B02_60m.tif: band 1 "
+    ), told[0]
+    assert [(day, band) for day, band, _ in medians] == [
+        ("01", "B02"),
+        ("01", "B04"),
+        ("02", "B02"),
+    ]
+    assert all(14000 <= int(m) <= 15000 for *_, m in medians), medians  # offset added
+    assert " and 3 more; read decimated): DOFA clips reflectance at 10000" in told[0]
+    assert told[0].endswith("Are the files scaled (x 10, or x 10000 twice) or radiance? (Scenes "
+                            "of bright cloud or snow can do this.)")  # fmt: skip
+    assert told[1] == (
+        "5 scenes: most of the valid pixels of each are negative in every band read "
+        "(T29UNU_20221001T115411_B02_60m.tif, T29UNU_20221001T115411_B04_60m.tif: 75%; "
+        "T29UNU_20221002T115411_B02_60m.tif, T29UNU_20221002T115411_B04_60m.tif: 75%; "
+        "T29UNU_20221003T115411_B02_60m.tif, T29UNU_20221003T115411_B04_60m.tif: 75% and 2 "
+        "more; offset added; read decimated), more than patches of cloud shadow or dark water "
+        "make (DOFA clips them to reflectance 0). Was the -1000 offset of processing baseline "
+        "04.00 added to data already corrected (offset=0)?"
+    ), told[1]
+
+
 def test_file_check_reads_a_file_once_until_it_changes(tmp_path: Path, monkeypatch) -> None:
     """get_embedding's local backend checks its region's files for every region: a large
     file without overviews was read whole again for each point (4 s each). A file is read

@@ -1420,17 +1420,29 @@ def check_raw_reflectance(
         )
         if verdict.scale_error is not None:
             raise ReflectanceError(f"{os.path.basename(path)}: {verdict.scale_error}")
-        if verdict.high:
-            _warnings.warn(
-                f"{os.path.basename(path)}: more than half of the valid values of "
-                f"{len(verdict.high)} of its {verdict.count} bands exceed "
-                f"{REFLECTANCE_MAX:.0f} (medians: {', '.join(verdict.high)}; read "
-                f"decimated): DOFA clips reflectance at {REFLECTANCE_MAX:.0f}, so those "
-                "pixels embed as saturated. Is the file scaled (x 10, or x 10000 twice) or "
-                "radiance? (A scene of bright cloud or snow can do this.)",
-                ReflectanceWarning,
-            )
         verdicts[path] = verdict
+    # one warning for all the files of a kind (a folder of 200 files scaled alike: one line)
+    high = [(os.path.basename(p), v) for p, v in verdicts.items() if v.high]
+    clips = f"DOFA clips reflectance at {REFLECTANCE_MAX:.0f}, so those pixels embed as saturated."
+    if len(high) == 1:
+        name, verdict = high[0]
+        _warnings.warn(
+            f"{name}: more than half of the valid values of {len(verdict.high)} of its "
+            f"{verdict.count} bands exceed {REFLECTANCE_MAX:.0f} (medians: "
+            f"{', '.join(verdict.high)}; read decimated): {clips} Is the file scaled (x 10, "
+            "or x 10000 twice) or radiance? (A scene of bright cloud or snow can do this.)",
+            ReflectanceWarning,
+        )
+    elif high:
+        each = [f"{name}: {', '.join(verdict.high)}" for name, verdict in high]
+        _warnings.warn(
+            f"{len(high)} files: more than half of the valid values of a band exceed "
+            f"{REFLECTANCE_MAX:.0f} in each (medians: {_listed(each, '; ')}; read "
+            f"decimated): {clips} Are the files scaled (x 10, or x 10000 twice) or "
+            "radiance? (Scenes of bright cloud or snow can do this.)",
+            ReflectanceWarning,
+        )
+    dark: dict[bool, list[tuple[str, float]]] = {}  # scenes mostly negative, by offset added
     for scene in sorted(scenes):
         files = [verdicts[p] for p in scene if p in verdicts]
         label = ", ".join(os.path.basename(p) for p in scene if p in verdicts)
@@ -1447,19 +1459,35 @@ def check_raw_reflectance(
         share = int(negative.sum()) / judged if judged else 0.0
         finest = max(v.size for v in files)  # counted in the finest file's pixels
         if judged * finest / (grid[0] * grid[1]) >= WHOLE_INPUT_MIN_PIXELS and share > 0.5:
-            question = (
-                "Was the -1000 offset of processing baseline 04.00 added to data already "
-                "corrected (offset=0)?"
-                if any(v.offset_added for v in files)
-                else "Are these dB / log values, or is a fill value undeclared (nodata=<value>)?"
+            dark.setdefault(any(v.offset_added for v in files), []).append((label, share))
+    for offset_added, told in sorted(dark.items()):
+        question = (
+            "Was the -1000 offset of processing baseline 04.00 added to data already "
+            "corrected (offset=0)?"
+            if offset_added
+            else "Are these dB / log values, or is a fill value undeclared (nodata=<value>)?"
+        )
+        how = f"({'offset added; ' if offset_added else ''}read decimated)"
+        if len(told) == 1:
+            label, share = told[0]
+            said = f"{label}: {share:.0%} of the valid pixels are negative in every band read {how}"
+        else:
+            each = [f"{label}: {share:.0%}" for label, share in told]
+            said = (
+                f"{len(told)} scenes: most of the valid pixels of each are negative in every "
+                f"band read ({_listed(each, '; ')}; {how[1:-1]})"
             )
-            _warnings.warn(
-                f"{label}: {share:.0%} of the valid pixels are negative in every band read "
-                f"({'offset added; ' if any(v.offset_added for v in files) else ''}read "
-                "decimated), more than patches of cloud shadow or dark water make (DOFA "
-                f"clips them to reflectance 0). {question}",
-                ReflectanceWarning,
-            )
+        _warnings.warn(
+            f"{said}, more than patches of cloud shadow or dark water make (DOFA clips them "
+            f"to reflectance 0). {question}",
+            ReflectanceWarning,
+        )
+
+
+def _listed(items: Sequence[str], separator: str = ", ", most: int = 3) -> str:
+    """``a; b; c and 4 more``: at most ``most`` of ``items`` written out."""
+    shown = separator.join(items[:most])
+    return shown if len(items) <= most else f"{shown} and {len(items) - most} more"
 
 
 @dataclass(frozen=True)
