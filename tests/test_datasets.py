@@ -1126,6 +1126,49 @@ def test_files_without_georeferencing_are_refused(tmp_path: Path) -> None:
     assert Sentinel2SR(nocrs, crs="EPSG:32631").bounds[0].start == 500000
 
 
+def test_per_band_files_given_as_files_are_one_region_per_scene(tmp_path: Path) -> None:
+    """``embed scene/*_B0?.tif`` made one region per band file: four single-band embeddings
+    of one scene, exit 0, while its folder (and the API, given the same files) read one
+    scene of four bands. Band files of one scene, ESA's R10m / R20m folders and an SCL file
+    among them included, are one region named for the scene; another scene's, a multi-band
+    file and Earth Engine export tiles stay as they were."""
+    profile = {
+        "driver": "GTiff", "width": 32, "height": 32, "count": 1, "dtype": "uint16",
+        "crs": "EPSG:32633", "transform": Affine(10, 0, 500000, 0, -10, 5600000),
+    }  # fmt: skip
+
+    def band_file(path: Path) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(np.full((1, 32, 32), 1500, dtype=np.uint16))
+        return str(path)
+
+    granule = tmp_path / "L2A_T33UXP" / "IMG_DATA"
+    scene = [
+        band_file(granule / "R10m" / f"T33UXP_20210601T100559_{b}_10m.tif")
+        for b in ("B02", "B03", "B04", "B08")
+    ]
+    scene.append(band_file(granule / "R20m" / "T33UXP_20210601T100559_B11_20m.tif"))
+    scene.append(band_file(granule / "R20m" / "T33UXP_20210601T100559_SCL_20m.tif"))
+    other = [band_file(tmp_path / "other" / f"T33UXP_20210611T100559_{b}.tif") for b in ("B02",)]
+    multi = _write_tif(tmp_path / "multi.tif", np.full((2, 8, 8), 1500, np.uint16),
+                       Affine(10, 0, 500000, 0, -10, 5600000), "EPSG:32633")  # fmt: skip
+    regions = find_raster_inputs([*scene, *other, multi])
+    assert [(r.name, r.paths) for r in regions] == [
+        ("T33UXP_20210601T100559", tuple(scene)),
+        ("T33UXP_20210611T100559", tuple(other)),
+        ("multi", (str(multi),)),
+    ]
+    (folder,) = find_raster_inputs([granule])
+    ds, given = folder.open(), regions[0].open()
+    assert list(given.bands) == list(ds.bands) == ["B2", "B3", "B4", "B8", "B11"]  # SCL skipped
+    assert given.index["sources"].tolist() == ds.index["sources"].tolist()
+    # an Earth Search item folder's files (``item/red.tif``): the item folder names the scene
+    item = [band_file(tmp_path / "S2B_33UXP_20210601_0_L2A" / f"{b}.tif") for b in ("red", "nir")]
+    (region,) = find_raster_inputs(item)
+    assert (region.name, region.paths) == ("S2B_33UXP_20210601_0_L2A", tuple(item))
+
+
 def test_a_region_mixing_crss_is_read_in_the_crs_given(tmp_path: Path) -> None:
     data = np.full((2, 8, 8), 1500, dtype=np.uint16)
     folder = tmp_path / "mixed"

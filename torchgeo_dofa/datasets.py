@@ -3295,9 +3295,11 @@ def find_raster_inputs(
 
     One region per input file or folder (its rasters, found recursively, read as one mosaic);
     the tiles of one Earth Engine export (``<prefix>-0000000000-0000000000.tif``) given as
-    files merge into one region. Region names are unique: where file names collide
-    (``a/scene.tif``, ``b/scene.tif``) the parent folders are prefixed (``a_scene``,
-    ``b_scene``).
+    files merge into one region, and so do the per-band files of one scene given as files
+    (``scene/*_B0?.tif``, ``R10m/*.jp2 R20m/*.jp2``: one region named for the scene, as its
+    folder would be read; see :func:`_band_file_scene`). Region names are unique: where file
+    names collide (``a/scene.tif``, ``b/scene.tif``) the parent folders are prefixed
+    (``a_scene``, ``b_scene``).
 
     Args:
         inputs: GeoTIFF / JPEG2000 files or folders.
@@ -3354,11 +3356,15 @@ def find_raster_inputs(
                 f"input {str(path)!r} is an embedding grid written by torchgeo-dofa, not a "
                 "scene with spectral bands: give the scene it was made from"
             )
+        scene = None if match else _band_file_scene(path, headers[str(path)].band_count)
         if match:
             key = str(path.resolve().with_name(match["prefix"]))
             regions.setdefault(key, ([], True, path.with_name(match["prefix"])))[0].append(
                 str(path)
             )
+        elif scene is not None:  # one band of a scene's files: the scene is the region
+            key = "bands of " + str(scene.resolve())  # not a folder input's key
+            regions.setdefault(key, ([], False, scene))[0].append(str(path))
         else:
             regions[str(path.resolve())] = ([str(path)], False, path)
     out = []
@@ -3377,6 +3383,30 @@ class _Header(NamedTuple):
     #: an embedding grid written by this package (band descriptions ``dofa_0000`` ...,
     #: see :class:`~torchgeo_dofa.writers.GridWriter`), which no scene has
     embedding_grid: bool
+    #: the file's band count
+    band_count: int
+
+
+def _band_file_scene(path: pathlib.Path, count: int) -> pathlib.Path | None:
+    """The scene a file of one band (or an ancillary product) belongs to, as a region's anchor.
+
+    ESA's and Earth Search's per-band files (``<scene>_B04_10m.jp2``, ``<item>/red.tif``)
+    name their band as :attr:`Sentinel2Base.band_file_regex` reads it; their scene is the
+    folder (ESA's ``R10m`` / ``R20m`` folders skipped) with the name's part before the band
+    (``<scene>``), or the folder alone where nothing comes before it. ESA's ancillary
+    products of the same naming (``<scene>_SCL_20m.jp2``) belong to the scene as well (the
+    dataset skips them). None for any other file: a region of its own.
+    """
+    stem = path.stem
+    band = re.search(Sentinel2Base.band_file_regex or "(?!)", stem, re.IGNORECASE)
+    ancillary = re.search(Sentinel2Base.ancillary_regex, stem, re.IGNORECASE)
+    if not ((band is not None and count == 1) or (ancillary is not None and count <= 3)):
+        return None
+    found = band if band is not None and count == 1 else ancillary
+    assert found is not None
+    prefix = stem[: found.start()].strip("_.-")
+    folder = pathlib.Path(_scene_folder(str(path)))
+    return folder / prefix if prefix else folder
 
 
 def _read_header(path: str) -> _Header:
@@ -3395,6 +3425,7 @@ def _read_header(path: str) -> _Header:
                 src.crs.to_wkt() if src.crs else None,
                 _corner_bounds(src.transform, src.width, src.height),
                 grid,
+                src.count,
             )
     except rasterio.errors.RasterioIOError as err:
         raise InputError(
