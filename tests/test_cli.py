@@ -2772,6 +2772,47 @@ def test_config_values_pytorch_or_torchgeo_refuse_are_one_line(
     assert not (tmp_path / "out").exists()
 
 
+def test_predict_never_saves_its_settings_over_a_config_it_did_not_save(
+    tmp_path, monkeypatch, base_checkpoint, capsys
+) -> None:
+    """``predict --config config.yaml`` in the config's own folder (a predict config has no
+    logger: LightningCLI saves the run's settings in the working folder) replaced the user's
+    file with the resolved config, comments gone, exit 0. A file this package did not save
+    is kept, with a warning; one it saved (an earlier run's, its first line says so) is
+    replaced by the next run's, which loads as a --config again."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _predict_config(tmp_path / "a", base_checkpoint)
+    del cfg["trainer"]["default_root_dir"]  # as the shipped configs: the working folder
+    mine = "# my notes\n" + yaml.safe_dump(cfg)
+    (tmp_path / "config.yaml").write_text(mine)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["predict", "--config", "config.yaml"]) == 0
+    assert (tmp_path / "config.yaml").read_text() == mine
+    assert (
+        f"{tmp_path / 'config.yaml'} is not a config this package saved (your own, or the "
+        "--config given?): kept as it is, and this run's settings are not saved; give "
+        "--trainer.default_root_dir FOLDER (or a logger) to keep them there"
+    ) in [str(w.message) for w in caught]
+    assert (tmp_path / "a" / "g.tif").is_file()
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(run)
+    for out in ("b", "c"):  # the second run replaces the first one's settings
+        table = str(tmp_path / out / "p.parquet")
+        assert main(["predict", "--config", "../config.yaml",
+                     f"--trainer.callbacks.init_args.path={table}"]) == 0  # fmt: skip
+        saved = (run / "config.yaml").read_text()
+        assert saved.startswith("# torchgeo-dofa: the settings of a predict run (")
+        assert yaml.safe_load(saved)["trainer"]["callbacks"][1]["init_args"]["path"] == table
+    capsys.readouterr()
+    (tmp_path / "c" / "p.parquet").unlink()
+    assert main(["predict", "--config", "config.yaml"]) == 0  # the saved one reruns the job
+    assert (tmp_path / "c" / "p.parquet").is_file()
+
+
 def test_a_predict_config_refused_late_leaves_nothing_it_made(
     tmp_path, monkeypatch, base_checkpoint, capsys
 ) -> None:

@@ -1437,16 +1437,30 @@ def _lowercase(value: str) -> str:
     return value.strip().lower()
 
 
+#: The first line of a ``config.yaml`` this package saved for a LightningCLI run: a later
+#: run in the folder may replace it, never a file without it (a user's own config).
+_CONFIG_MARK = "# torchgeo-dofa: the settings of a"
+
+
+def _saved_here(path: Path) -> bool:
+    """Whether ``path`` is a run's ``config.yaml`` this package saved (its first line)."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as file:
+            return file.readline().startswith(_CONFIG_MARK)
+    except OSError:
+        return False
+
+
 def _lightning_cli(args: Sequence[str] | None) -> None:
     import lightning.pytorch as pl
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     from lightning.pytorch.trainer.states import TrainerFn
 
     from .__main__ import end_import_pause
     from .datasets import InputError
     from .jobs import JobInterrupted, StopOnSignal, stop_advice
     from .weights import CheckpointError, verify_checkpoint_file
-    from .writers import lock_outputs_when_made
+    from .writers import atomic_write, lock_outputs_when_made
 
     end_import_pause()
     trainers: list[pl.Trainer] = []
@@ -1461,6 +1475,39 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     command = list(sys.argv[1:] if args is None else args)[:1]
     if command and command[0] != "predict":
         stop.stage = command[0]  # the acknowledgement of a signal before the trainer exists
+
+    class _SaveRunConfig(SaveConfigCallback):
+        """Save the run's settings as ``config.yaml`` in the trainer's folder.
+
+        Never over a file this package did not save there (a user's own ``config.yaml``,
+        the ``--config`` given: ``predict`` without a logger saves in the working folder).
+        """
+
+        _log_dir: str | None = None
+
+        def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+            # trainer.log_dir broadcasts: asked on every rank here, not in save_config, which
+            # runs on rank 0 alone (a collective call there would wait for the others forever)
+            self._log_dir = trainer.log_dir
+            super().setup(trainer, pl_module, stage)
+
+        def save_config(
+            self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
+        ) -> None:
+            folder = Path(self._log_dir or ".")
+            path = folder / self.config_filename
+            if path.exists() and not _saved_here(path):
+                warn(
+                    f"{path} is not a config this package saved (your own, or the --config "
+                    "given?): kept as it is, and this run's settings are not saved; give "
+                    "--trainer.default_root_dir FOLDER (or a logger) to keep them there"
+                )
+                return
+            name = getattr(stage, "value", stage)  # TrainerFn.PREDICTING: "predict"
+            text = f"{_CONFIG_MARK} {name} run (LightningCLI's config: rerun with --config)\n"
+            text += self.parser.dump(self.config, skip_none=False)
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: tmp.write_text(text))
 
     class _CLI(LightningCLI):
         def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -1615,7 +1662,8 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 subclass_mode_model=True,
                 subclass_mode_data=True,
                 args=None if args is None else list(args),
-                save_config_kwargs={"overwrite": True},
+                save_config_callback=_SaveRunConfig,
+                save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
             )
         except BaseException as err:
             for trainer in trainers:  # the error line starts a line of its own
