@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -59,6 +61,7 @@ from torchgeo_dofa.tasks import (
     DOFAClassificationTask,
     DOFASegmentationTask,
     NoLabelledPixelError,
+    NoTrainingBatchError,
     UPerNetDecoder,
     layer_id,
     wavelengths_for_bands,
@@ -445,6 +448,62 @@ def test_fixed_wavelengths_and_their_errors(small_task: DOFAClassificationTask) 
     with pytest.raises(ValueError, match="variant"):
         DOFAClassificationTask(num_classes=3, variant="huge", weights=None)
     assert wavelengths_for_bands(["B10", "B04", "B8A"]) == [1.375, 0.665, 0.865]
+
+
+class _ClaimsBatches(torch.utils.data.Sampler[int]):
+    """A sampler whose length promises chips it never yields (as a random geo sampler over
+    areas smaller than its chips does: its length counts areas, its draws find no room)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(())
+
+
+def test_a_fit_without_a_training_step_is_an_error_not_a_finished_fit(tmp_path: Path) -> None:
+    """A fit whose training loader gave no batch returned normally: nothing learnt, no
+    checkpoint. Now NoTrainingBatchError (a ValueError) at its end, whether the loader's
+    length says so (Lightning's "No training batches") or promises batches it never
+    yields; a fit asked for no training (max_epochs=0) is left alone."""
+    chips = SpectralChips(num_classes=3, bands=RGBN, size=32, num_samples=4)
+    task = DOFAClassificationTask(
+        num_classes=3, weights=None, interpolate_pos_embed=True, patience=None
+    )
+    empty = DataLoader(chips, batch_size=2, sampler=_ClaimsBatches())
+    none = DataLoader(chips, batch_size=8, drop_last=True)  # 4 chips: no whole batch
+    for loader in (empty, none):
+        with pytest.raises(NoTrainingBatchError, match="^fit ran no training step"):
+            make_trainer(tmp_path, 1, []).fit(task, loader)
+    make_trainer(tmp_path, 0, []).fit(task, none)  # asked for none: Lightning's own way
+
+
+@pytest.mark.parametrize(
+    ("task", "settings", "error"),
+    [
+        (DOFASegmentationTask, {"num_classes": 1}, "segmentation needs num_classes >= 2, got 1"),
+        (DOFAClassificationTask, {"num_classes": 1, "task": "multilabel"},
+         "multilabel needs num_classes >= 2 labels, got 1"),
+        (DOFAClassificationTask, {"weight_decay": -1.0}, "weight_decay must be >= 0, got -1.0"),
+        (DOFASegmentationTask, {"weight_decay": math.nan}, "weight_decay must be >= 0, got nan"),
+        (DOFAClassificationTask, {"lr": 0.0}, "lr must be a positive, finite learning rate"),
+        (DOFASegmentationTask, {"lr": -1e-3}, "lr must be a positive, finite learning rate"),
+        (DOFAClassificationTask, {"patience": -3}, "patience must be a number of epochs >= 0"),
+    ],
+)  # fmt: skip
+def test_settings_that_train_nothing_or_wrong_are_refused_when_the_task_is_made(
+    task: type[Any], settings: dict[str, Any], error: str
+) -> None:
+    """Accepted before: a segmentation of num_classes=1 failed later inside torchmetrics (a
+    traceback from the command); weight_decay=-1 reached AdamW's parameter groups (AdamW
+    checks only its default) and grew the weights; patience=-3 made ReduceLROnPlateau cut
+    the rate every epoch while the loss fell; lr=0 trained nothing. Refused as the task is
+    made, before any model is built; the same settings at their edges are accepted."""
+    base = {"num_classes": 3, "weights": None} | settings
+    with pytest.raises(ValueError, match="^" + re.escape(error)):
+        task(**base)
+    for edge in ({"weight_decay": 0.0}, {"patience": 0}, {"patience": None}, {"lr": 1e-8}):
+        task(num_classes=2, weights=None, **edge)  # no encoder built until configure_models
 
 
 def test_a_batch_holding_nan_is_refused_before_it_poisons_the_weights(
@@ -2002,6 +2061,15 @@ def test_a_fit_refused_by_its_settings_or_data_leaves_no_new_run_folder(
     for args in (["--model.init_args.lr", "-1"], ["--data.init_args.batch_size", "0"]):
         assert main([*fit, *args]) == 2, args
         only_the_earlier_folder()
+    # no training batch: 8 chips, batch_size 100 and drop_last (it ended with exit 0, a run
+    # folder of its settings alone and Lightning's "No training batches" line)
+    assert main([*fit, "--data.init_args.batch_size", "100"]) == 2
+    only_the_earlier_folder()
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(
+        "torchgeo-dofa: error: fit ran no training step: the training loader gave no batch "
+        "(its length says 0). A batch_size above the number of training chips with drop_last"
+    ), line
     # a data module whose setup finds no dataset: the logger had made the run's folder
     eurosat = {
         "class_path": "torchgeo.datamodules.EuroSATDataModule",

@@ -304,6 +304,10 @@ class NoLabelledPixelError(ValueError):
     """A task's first training epoch had no labelled pixel: it would learn nothing."""
 
 
+class NoTrainingBatchError(ValueError):
+    """A fit ended without a training step: its training loader gave no batch."""
+
+
 def _same_bands(a: Sequence[float], b: Sequence[float]) -> bool:
     """Whether two wavelength sets hold the same bands, in any order (``WAVELENGTH_TOLERANCE``).
 
@@ -381,6 +385,29 @@ class _DOFATask(BaseTask):
     test_metrics: MetricCollection
 
     # -- construction ------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_optimizer(lr: float, weight_decay: float, patience: int | None) -> None:
+        """Refuse optimiser settings that train nothing or train wrong.
+
+        Raises:
+            ValueError: for ``lr`` not positive and finite, ``weight_decay`` negative or not
+                finite (AdamW checks only its default, not each parameter group's: a
+                negative decay grew the weights), ``patience`` negative
+                (``ReduceLROnPlateau`` then cut the rate every epoch, the loss falling).
+        """
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a positive, finite learning rate, got {lr}")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(
+                f"weight_decay must be >= 0, got {weight_decay} (a negative decay makes the "
+                "weights grow): 0 for none"
+            )
+        if patience is not None and patience < 0:
+            raise ValueError(
+                f"patience must be a number of epochs >= 0, or None for a constant learning "
+                f"rate, got {patience}"
+            )
 
     @staticmethod
     def _check_common(
@@ -658,6 +685,47 @@ class _DOFATask(BaseTask):
         in eval mode (e.g. by :meth:`load_from_checkpoint`) would otherwise train in it.
         """
         self.train()
+
+    def on_fit_start(self) -> None:
+        """Count this fit's training batches from 0 (see :meth:`on_fit_end`)."""
+        self._fit_batches = 0
+
+    def on_fit_end(self) -> None:
+        """Refuse a fit that ran no training step where its limits allowed some.
+
+        A training loader without a batch (a ``batch_size`` above the number of training
+        chips with ``drop_last``; TorchGeo's ``RandomGeoSampler`` / ``RandomPatchSampler``
+        over areas smaller than about 1.4 chips a side, which keeps a chip's diagonal from
+        the edges and yields nothing while its length says otherwise) ended ``fit`` normally:
+        nothing learnt, no checkpoint, exit status 0. ``max_epochs=0``, ``max_steps=0`` or
+        ``limit_train_batches=0`` ask for no training and are left alone; a fit resumed from
+        a run that had already reached its limits warns that it trained nothing.
+
+        Raises:
+            NoTrainingBatchError: naming the loader's length and the likely causes.
+        """
+        trainer = self.trainer
+        if getattr(self, "_fit_batches", 1) or trainer.interrupted:
+            return
+        if 0 in (trainer.max_epochs, trainer.max_steps, trainer.limit_train_batches):
+            return  # asked for no training
+        if trainer.global_step > 0:  # restored from a checkpoint: its run had ended
+            _warnings.warn(
+                f"fit trained nothing: the run resumed had already reached its limits (epoch "
+                f"{trainer.current_epoch}, step {trainer.global_step}; max_epochs="
+                f"{trainer.max_epochs}, max_steps={trainer.max_steps}): raise max_epochs (or "
+                "max_steps) to train on"
+            )
+            return
+        batches = trainer.num_training_batches
+        raise NoTrainingBatchError(
+            f"fit ran no training step: the training loader gave no batch (its length says "
+            f"{batches:g}). A batch_size above the number of training chips with drop_last "
+            "gives none, and so does a random sampler over areas smaller than its chips "
+            "(TorchGeo's RandomGeoSampler / RandomPatchSampler need about 1.4 chip sizes a "
+            "side of labelled area): give more or larger data, a smaller batch_size or a "
+            "smaller chip size"
+        )
 
     # -- wavelengths -------------------------------------------------------------------------
 
@@ -1006,6 +1074,7 @@ class _DOFATask(BaseTask):
                 target whose shape or values do not fit ``task`` / ``num_classes``, or
                 ``wavelengths`` other than the task's ``bands`` / ``wavelengths``.
         """
+        self._fit_batches = getattr(self, "_fit_batches", 0) + 1
         return self._step(batch, "train", self.train_metrics)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -1260,15 +1329,21 @@ class DOFAClassificationTask(_DOFATask):
 
         Raises:
             ValueError: for an unknown mode or task, or a bad ``num_classes`` /
-                ``layer_decay``.
+                ``layer_decay`` / ``lr`` / ``weight_decay`` / ``patience``.
             BandError: for inconsistent ``bands`` / ``wavelengths``.
         """
         canonical_variant(variant)
         self._check_common(mode, num_classes, layer_decay, wavelengths, bands)
+        self._check_optimizer(lr, weight_decay, patience)
         if task not in ("multiclass", "multilabel"):
             raise ValueError(f"unknown task {task!r}: choose 'multiclass' or 'multilabel'")
         if task == "multiclass" and num_classes < 2:
             raise ValueError(f"multiclass needs num_classes >= 2, got {num_classes}")
+        if task == "multilabel" and num_classes < 2:  # torchmetrics' multilabel metrics
+            raise ValueError(
+                f"multilabel needs num_classes >= 2 labels, got {num_classes}: for one label "
+                "(present or not), use task='multiclass' with num_classes=2"
+            )
         super().__init__()
 
     def configure_models(self) -> None:
@@ -1755,11 +1830,18 @@ class DOFASegmentationTask(_DOFATask):
             patience: ReduceLROnPlateau patience on ``val_loss``; None for a constant rate.
 
         Raises:
-            ValueError: for an unknown mode, bad ``block_indices`` or other bad values.
+            ValueError: for an unknown mode, ``num_classes`` < 2, bad ``block_indices``,
+                ``lr``, ``weight_decay``, ``patience`` or other bad values.
             BandError: for inconsistent ``bands`` / ``wavelengths``.
         """
         name = canonical_variant(variant)
         self._check_common(mode, num_classes, layer_decay, wavelengths, bands)
+        self._check_optimizer(lr, weight_decay, patience)
+        if num_classes < 2:
+            raise ValueError(
+                f"segmentation needs num_classes >= 2, got {num_classes}: a mask of one class "
+                "against the rest (binary) is num_classes=2, class 0 the background"
+            )
         depth = 12 if name == "base" else 24
         indices = DEFAULT_BLOCK_INDICES[name] if block_indices is None else tuple(block_indices)
         if len(indices) != 4 or any(not -depth <= i < depth for i in indices):
