@@ -16,6 +16,7 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pyproj
 import pytest
 import rasterio
@@ -54,6 +55,7 @@ from torchgeo_dofa.transforms import (
     check_reflectance_range,
     preprocess_array,
 )
+from torchgeo_dofa.writers import utc_us
 
 CHIP_M = 2240.0  # 224 px at 10 m
 
@@ -651,6 +653,13 @@ def test_a_files_warning_comes_once_per_call_not_once_per_region(tmp_path) -> No
             spatials=points, models=["dofa"], out_path=tmp_path / "e.parquet", **cpu
         )
     )
+    import pyarrow.parquet
+
+    schema = pyarrow.parquet.read_schema(tmp_path / "e.parquet")  # not null-typed columns
+    assert schema.field("time_start").type == schema.field("time_end").type
+    assert schema.field("time_end").type == pyarrow.timestamp("us", tz="UTC")
+    given = utc_us(["2021-06-01", None])
+    assert given[0] == pd.Timestamp("2021-06-01", tz="UTC") and pd.isna(given[1])
     for said in (batch, exported):
         assert len(said) == 1, [str(w.message) for w in said]
         assert said[0].filename == __file__ and said[0].category is ReflectanceWarning

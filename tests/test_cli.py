@@ -200,6 +200,19 @@ def test_outputs_record_the_inputs_acquisition_span(tmp_path: Path) -> None:
             assert {str(v) for v in table.time_start} == {
                 str(pd.Timestamp(span[0]).tz_convert("UTC"))
             }
+    # one column type, dated or not (an undated table's was timestamp[s], a dated one's
+    # timestamp[ns]: tables of two jobs did not read as one pyarrow dataset)
+    import pyarrow.dataset
+    import pyarrow.parquet
+
+    tables = sorted(out.glob("*/*_pooled.parquet"))
+    for path in tables:
+        schema = pyarrow.parquet.read_schema(path)
+        for column in ("time_start", "time_end"):
+            assert schema.field(column).type == pyarrow.timestamp("us", tz="UTC"), path
+    assert pyarrow.dataset.dataset(tables).to_table().num_rows == sum(
+        len(gpd.read_parquet(p)) for p in tables
+    )
     # not part of the job's identity (it follows from the inputs): parts written without it
     # (an earlier release's) are this job's; the resumed job tags its outputs all the same
     timed, resumed = single / "T33UVP_20220614T101559.tif", tmp_path / "resumed"

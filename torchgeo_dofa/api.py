@@ -134,7 +134,7 @@ from .spatial import BBox, CRSTransformError, PointBuffer, Region, crs_label, cr
 from .stac import StacUnavailableError
 from .transforms import INPUT_PREPS, DOFAPreprocess, ReflectanceError, as_float32, nodata_mask
 from .weights import env_setting, names_random_weights
-from .writers import atomic_write
+from .writers import atomic_write, utc_us
 
 __all__ = [
     "BACKENDS",
@@ -1847,9 +1847,10 @@ def export_batch(
     One row per (region, model request): ``item_id``, ``model``, ``variant``, ``weights``,
     ``pooled_norm``, ``input_prep``, ``backend``, ``output``, ``embedding`` (float32 list,
     a grid flattened in C order), ``embedding_shape``, ``bands``, ``wavelengths_um``,
-    ``time_start`` / ``time_end`` (the requested ``temporal`` as given, its end exclusive
-    as :class:`TemporalSpec`'s, as rs-embed's export records it: not the acquisition span
-    that ``torchgeo-dofa embed``'s tables hold under these names), ``buffer_m``,
+    ``time_start`` / ``time_end`` (the requested ``temporal``'s dates at 00:00 UTC, its end
+    exclusive as :class:`TemporalSpec`'s, as rs-embed's export records it: not the
+    acquisition span that ``torchgeo-dofa embed``'s tables hold under these names; UTC
+    timestamps of microseconds, NaT without ``temporal``, as ``embed``'s), ``buffer_m``,
     ``config_id``, and ``geometry`` in EPSG:4326
     (the point of a :class:`PointBuffer`, the box of a :class:`BBox`, or the geometry given);
     ``chip_bounds`` / ``chip_crs`` give the pixels actually read.
@@ -2088,6 +2089,8 @@ def export_batch(
             )
         if rows:
             frame = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs="EPSG:4326")
+            for column in ("time_start", "time_end"):  # timestamps, temporal= given or not
+                frame[column] = utc_us(frame[column])
             order = {k: n for n, k in enumerate(ids)}
             frame["_order"] = frame["item_id"].map(order).fillna(len(order))
             frame = frame.sort_values(["_order", "config_id"], kind="stable")

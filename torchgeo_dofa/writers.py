@@ -1889,8 +1889,8 @@ class PooledWriter(_PartsWriter):
         return {
             "chip_id": [r["chip_id"] for r in rows],
             "source": [self.source] * len(rows),
-            "time_start": pd.to_datetime([_ts(r["time"][0]) for r in rows], utc=True),
-            "time_end": pd.to_datetime([_ts(r["time"][1]) for r in rows], utc=True),
+            "time_start": utc_us([_ts(r["time"][0]) for r in rows]),
+            "time_end": utc_us([_ts(r["time"][1]) for r in rows]),
             "embedding": [np.asarray(r["embedding"], np.float32) for r in rows],
             "variant": [meta.get("variant", "")] * len(rows),
             "weights": [meta.get("weights", "")] * len(rows),
@@ -2546,6 +2546,22 @@ def _time_span(chip: Sequence[Any], whole: slice | None = None) -> tuple[float, 
     if not isinstance(t, slice) or t.start is None or t.stop is None:
         return math.nan, math.nan
     return pd.Timestamp(t.start).timestamp(), pd.Timestamp(t.stop).timestamp()
+
+
+def utc_us(values: Any) -> pd.DatetimeIndex:
+    """Times as UTC timestamps of microseconds, whatever they are given as.
+
+    pandas infers a unit from the values (seconds for a column of None alone, nanoseconds
+    for integers), and a table's column type followed it: tables of two jobs (one undated)
+    did not read as one dataset. Microseconds hold every bound exactly (:func:`_ts`).
+
+    Args:
+        values: nanoseconds since 1970 (int), ISO 8601 strings, datetimes, or None (NaT).
+
+    Returns:
+        ``datetime64[us, UTC]`` values.
+    """
+    return pd.DatetimeIndex(pd.to_datetime(list(values), utc=True)).as_unit("us")
 
 
 def _ts(value: float) -> int | None:
