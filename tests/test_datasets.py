@@ -1121,6 +1121,11 @@ def test_files_without_georeferencing_are_refused(tmp_path: Path) -> None:
             Sentinel2SR(path, crs="EPSG:32631")
         with pytest.raises(InputError, match="nogeo.tif is not georeferenced"):
             find_raster_inputs([path])
+    # a CRS without geotransform: GDAL's identity transform put it at the CRS's origin
+    crs_only = _write_tif(tmp_path / "crs_only.tif", data, Affine.identity(), "EPSG:32631")
+    for refuse in (lambda: Sentinel2SR(crs_only), lambda: find_raster_inputs([crs_only])):
+        with pytest.raises((ValueError, InputError), match=r"crs_only.tif has a CRS but no geo"):
+            refuse()
     # a geotransform without CRS is placed by crs=
     nocrs = _write_tif(tmp_path / "nocrs.tif", data, Affine(10, 0, 500000, 0, -10, 5600000), None)
     assert Sentinel2SR(nocrs, crs="EPSG:32631").bounds[0].start == 500000

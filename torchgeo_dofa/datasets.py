@@ -3578,10 +3578,11 @@ def _north_up(t: Affine) -> bool:
 def georeference_problem(src: DatasetReader) -> str | None:
     """Why an open raster cannot be placed on a map, or None when it can.
 
-    A file without geotransform and CRS (GDAL then reports the identity transform) would
-    give chips and outputs in pixel units, upside down; one georeferenced only by ground
-    control points needs warping first. A file with a geotransform but no CRS is fine here
-    (the dataset's ``crs=`` names its CRS).
+    A file without geotransform (GDAL then reports the identity transform) would give chips
+    and outputs in pixel units, upside down: without a CRS, or with one (it was embedded at
+    the CRS's origin, 1 unit a pixel, with only a warning about the CRS's area of use); one
+    georeferenced only by ground control points or RPCs needs warping first. A file with a
+    geotransform but no CRS is fine here (the dataset's ``crs=`` names its CRS).
 
     Args:
         src: the open file.
@@ -3589,13 +3590,24 @@ def georeference_problem(src: DatasetReader) -> str | None:
     Returns:
         The problem and its fix, or None.
     """
-    if src.crs is not None or not src.transform.is_identity:
+    if not src.transform.is_identity:
         return None
     gcps, _ = src.gcps
     if gcps:
         return (
             f"{src.name} is georeferenced only by ground control points (no geotransform): "
             "warp it onto a map grid first (gdalwarp -t_srs EPSG:<code> in.tif out.tif)"
+        )
+    if src.rpcs is not None:
+        return (
+            f"{src.name} is georeferenced only by RPCs (no geotransform): orthorectify it "
+            "onto a map grid first (gdalwarp -rpc -t_srs EPSG:<code> in.tif out.tif)"
+        )
+    if src.crs is not None:
+        return (
+            f"{src.name} has a CRS but no geotransform (GDAL then puts pixel (0, 0) at the "
+            "CRS's origin, 1 unit a pixel): give it its place (gdal_edit.py -a_ullr <ulx> "
+            "<uly> <lrx> <lry> in.tif)"
         )
     return (
         f"{src.name} is not georeferenced (no geotransform and no CRS): embeddings are "
