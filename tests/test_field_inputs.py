@@ -473,6 +473,33 @@ def test_intersection_with_labels_and_shared_bands(tmp_path: Path) -> None:
         Sentinel2SR(tmp_path / "a", bands=["B4", "B3"]) & series
 
 
+def test_float_labels_of_fractions_are_refused_and_of_whole_values_read(tmp_path: Path) -> None:
+    """A float label raster of 0.7 and 1.5 trained as classes 0 and 1 without a word
+    (TorchGeo reads a mask as integers, truncating). ``image & labels`` now refuses it,
+    naming the file, a value and the fix; float labels of whole values read as before."""
+    _pair(tmp_path)
+    whole_ids = np.random.default_rng(8).integers(0, 3, size=(N, N)).astype(np.float32)
+    whole_ids[0, 0] = 0  # the first value read: 0.7 below
+    write(tmp_path / "whole" / "mask.tif", whole_ids)
+    write(tmp_path / "fractions" / "mask.tif", whole_ids + np.float32(0.7))
+
+    class Labels(RasterDataset):
+        is_image = False
+        filename_glob = "mask.tif"
+
+    image = Sentinel2SR(tmp_path / "a", bands=["B4", "B3"])
+    path = tmp_path / "fractions" / "mask.tif"
+    with pytest.raises(ValueError) as refused:
+        image & Labels(str(tmp_path / "fractions"))
+    assert str(refused.value).startswith(
+        f"label file {path} (Labels) holds values that are not whole class ids (0.7, ...): "
+        "TorchGeo reads a mask as integers, truncating them (0.7 -> class 0); store the class "
+        "ids as integers (gdal_translate -ot Byte"
+    ), str(refused.value)
+    mask = whole(image & Labels(str(tmp_path / "whole")))["mask"].numpy().squeeze()
+    np.testing.assert_array_equal(mask, whole_ids.astype(np.int64))
+
+
 def test_labels_beyond_which_the_image_reaches_warn_unless_nodata_is_declared(
     tmp_path: Path,
 ) -> None:

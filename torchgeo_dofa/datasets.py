@@ -2646,6 +2646,54 @@ def _no_intersection(dataset1: GeoDataset, dataset2: GeoDataset) -> str:
 _FOOTPRINT_SLACK = 0.5
 
 
+#: Files of a mask member whose values :func:`refuse_fractional_labels` samples at most.
+FRACTIONAL_LABEL_FILES = 8
+
+
+def refuse_fractional_labels(dataset1: GeoDataset, dataset2: GeoDataset) -> None:
+    """Refuse a mask member of ``dataset1 & dataset2`` whose float files hold fractions.
+
+    TorchGeo's ``RasterDataset`` reads a mask (``is_image=False``) as integers, truncating:
+    a float label file of 0.7 and 1.5 trains as classes 0 and 1, without a word (the tasks'
+    own check of whole class ids never sees the fractions). Float files of whole values
+    (1.0, 2.0) are fine. Each of the first :data:`FRACTIONAL_LABEL_FILES` float files is
+    read decimated (about 256 pixels a side, rasterio's overview or nearest sampling).
+
+    Raises:
+        ValueError: naming the file, a fractional value found and the fix.
+    """
+    for label in (dataset1, dataset2):
+        if not isinstance(label, RasterDataset) or label.is_image:
+            continue
+        if "filepath" not in label.index:
+            continue
+        checked = 0
+        for path in sorted({str(p) for p in label.index["filepath"]}):
+            if checked == FRACTIONAL_LABEL_FILES:
+                break
+            try:
+                with rasterio.open(path) as src:
+                    if not np.issubdtype(np.dtype(src.dtypes[0]), np.floating):
+                        continue
+                    checked += 1
+                    scale = max(1, max(src.width, src.height) // 256)
+                    shape = (src.count, max(1, src.height // scale), max(1, src.width // scale))
+                    values = src.read(out_shape=shape, masked=True).compressed()
+            except rasterio.RasterioIOError:  # TorchGeo's read will name an unreadable file
+                continue
+            values = values[np.isfinite(values)]
+            fractional = values[values != np.floor(values)]
+            if fractional.size:
+                raise ValueError(
+                    f"label file {path} ({type(label).__name__}) holds values that are not "
+                    f"whole class ids ({float(fractional[0]):g}, ...): TorchGeo reads a mask "
+                    f"as integers, truncating them ({float(fractional[0]):g} -> class "
+                    f"{int(np.trunc(fractional[0]))}); store the class ids as integers "
+                    "(gdal_translate -ot Byte in.tif out.tif, after rounding or classifying "
+                    "the values)"
+                )
+
+
 def label_fill_problem(dataset1: GeoDataset, dataset2: GeoDataset) -> str | None:
     """Whether label pixels beyond a label file would read as class 0 in ``dataset1 & dataset2``.
 
@@ -2768,6 +2816,7 @@ class DOFAIntersectionDataset(_DOFAComposition, IntersectionDataset):
             raise RuntimeError(_no_intersection(dataset1, dataset2)) from None
         self.bands: tuple[str, ...] = bands
         self.wavelengths: Tensor = torch.cat([m[1] for m in images]) if images else torch.empty(0)
+        refuse_fractional_labels(dataset1, dataset2)
         fill = label_fill_problem(dataset1, dataset2)
         if fill is not None:
             warn(fill, UserWarning)
