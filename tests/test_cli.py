@@ -2316,12 +2316,16 @@ def _predict_config(out: Path, checkpoint: Path) -> dict[str, Any]:
     return cfg
 
 
-def test_predict_config_writes_the_same_files_as_embed(tmp_path, reference_run, base_checkpoint):
+def test_predict_config_writes_the_same_files_as_embed(
+    tmp_path, reference_run, base_checkpoint, capsys
+):
     import yaml
 
     cfg = _predict_config(tmp_path, base_checkpoint)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 0
+    said = capsys.readouterr().err.splitlines()  # where it wrote (nothing was said)
+    assert said[-2:] == [f"torchgeo-dofa: wrote {tmp_path / n}" for n in ("g.tif", "p.parquet")]
     # the same grid GeoTIFF as `torchgeo-dofa embed` on the same scene and settings
     with (
         rasterio.open(tmp_path / "g.tif") as got,

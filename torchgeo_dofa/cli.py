@@ -1460,7 +1460,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     from .datasets import InputError
     from .jobs import JobInterrupted, StopOnSignal, stop_advice
     from .weights import CheckpointError, verify_checkpoint_file
-    from .writers import atomic_write, lock_outputs_when_made
+    from .writers import _PartsWriter, atomic_write, lock_outputs_when_made
 
     end_import_pause()
     trainers: list[pl.Trainer] = []
@@ -1694,6 +1694,14 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 )
                 raise JobInterrupted(stop.received, advice) from None
             raise
+        else:  # a prediction says where it wrote (it ended without a word), as embed does
+            for trainer in trainers:
+                if trainer.state.fn != TrainerFn.PREDICTING or not trainer.is_global_zero:
+                    continue
+                for callback in trainer.callbacks:  # type: ignore[attr-defined]
+                    written = getattr(callback, "path", None)
+                    if isinstance(callback, _PartsWriter) and written is not None:
+                        print(f"torchgeo-dofa: wrote {written}", file=sys.stderr)
         finally:
             # close cached raster handles now, not during interpreter shutdown (where a failed
             # job's open handles printed "Error in sys.excepthook" after the error line)
