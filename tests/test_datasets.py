@@ -1131,7 +1131,9 @@ def test_files_without_georeferencing_are_refused(tmp_path: Path) -> None:
     assert Sentinel2SR(nocrs, crs="EPSG:32631").bounds[0].start == 500000
 
 
-def test_per_band_files_given_as_files_are_one_region_per_scene(tmp_path: Path) -> None:
+def test_per_band_files_given_as_files_are_one_region_per_scene(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``embed scene/*_B0?.tif`` made one region per band file: four single-band embeddings
     of one scene, exit 0, while its folder (and the API, given the same files) read one
     scene of four bands. Band files of one scene, ESA's R10m / R20m folders and an SCL file
@@ -1164,6 +1166,18 @@ def test_per_band_files_given_as_files_are_one_region_per_scene(tmp_path: Path) 
         ("T33UXP_20210611T100559", tuple(other)),
         ("multi", (str(multi),)),
     ]
+    # one scene however its files are spelt (relative, absolute, through a link): it was
+    # split into scenes sharing no band
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to(granule / "R10m")
+    spellings = [
+        os.path.relpath(scene[0]),
+        scene[1],
+        str(tmp_path / "link" / os.path.basename(scene[2])),
+    ]
+    (spelt,) = find_raster_inputs(spellings)
+    assert spelt.name == "T33UXP_20210601T100559"
+    assert list(spelt.open().bands) == ["B2", "B3", "B4"]
     (folder,) = find_raster_inputs([granule])
     ds, given = folder.open(), regions[0].open()
     assert list(given.bands) == list(ds.bands) == ["B2", "B3", "B4", "B8", "B11"]  # SCL skipped

@@ -476,6 +476,15 @@ def test_a_fit_without_a_training_step_is_an_error_not_a_finished_fit(tmp_path: 
         with pytest.raises(NoTrainingBatchError, match="^fit ran no training step"):
             make_trainer(tmp_path, 1, []).fit(task, loader)
     make_trainer(tmp_path, 0, []).fit(task, none)  # asked for none: Lightning's own way
+    # resumed: into an empty loader, an error as well (it was taken for a finished run); a
+    # run that had reached its limits trains nothing, with a warning
+    trained = make_trainer(tmp_path, 1, [])
+    trained.fit(task, DataLoader(chips, batch_size=2))
+    trained.save_checkpoint(tmp_path / "epoch1.ckpt")
+    with pytest.raises(NoTrainingBatchError, match="^fit ran no training step"):
+        make_trainer(tmp_path, 2, []).fit(task, none, ckpt_path=tmp_path / "epoch1.ckpt")
+    with pytest.warns(UserWarning, match="^fit trained nothing: the run resumed had already"):
+        make_trainer(tmp_path, 1, []).fit(task, none, ckpt_path=tmp_path / "epoch1.ckpt")
 
 
 @pytest.mark.parametrize(
@@ -484,8 +493,10 @@ def test_a_fit_without_a_training_step_is_an_error_not_a_finished_fit(tmp_path: 
         (DOFASegmentationTask, {"num_classes": 1}, "segmentation needs num_classes >= 2, got 1"),
         (DOFAClassificationTask, {"num_classes": 1, "task": "multilabel"},
          "multilabel needs num_classes >= 2 labels, got 1"),
-        (DOFAClassificationTask, {"weight_decay": -1.0}, "weight_decay must be >= 0, got -1.0"),
-        (DOFASegmentationTask, {"weight_decay": math.nan}, "weight_decay must be >= 0, got nan"),
+        (DOFAClassificationTask, {"weight_decay": -1.0},
+         "weight_decay must be a finite number >= 0, got -1.0"),
+        (DOFASegmentationTask, {"weight_decay": math.nan},
+         "weight_decay must be a finite number >= 0, got nan"),
         (DOFAClassificationTask, {"lr": 0.0}, "lr must be a positive, finite learning rate"),
         (DOFASegmentationTask, {"lr": -1e-3}, "lr must be a positive, finite learning rate"),
         (DOFAClassificationTask, {"patience": -3}, "patience must be a number of epochs >= 0"),

@@ -1177,6 +1177,9 @@ class Sentinel2Base(RasterDataset):
         band_re = re.compile(self.band_file_regex, re.IGNORECASE) if self.band_file_regex else None
         ancillary_re = re.compile(self.ancillary_regex, re.IGNORECASE)
         per_band: dict[tuple[str, str], dict[str, list[tuple[float, str]]]] = {}
+        # a scene's folder as first spelt, by its real path: one scene whatever the spelling
+        # (sc/x_B02.tif beside /abs/sc/x_B04.tif, a link): it was split, its bands shared none
+        spelt: dict[tuple[str, str], str] = {}
         scenes: list[_Scene] = []
         for path, info in infos.items():
             stem = os.path.splitext(os.path.basename(path))[0]
@@ -1188,13 +1191,16 @@ class Sentinel2Base(RasterDataset):
                 band = stac_asset_band(token) or canonical_band(token)
                 res_token = match.group("resolution")
                 res = float(res_token) if res_token else info.res
-                per_band.setdefault((folder, prefix), {}).setdefault(band, []).append((res, path))
+                group = (_scene_folder(os.path.realpath(path)), prefix)
+                spelt.setdefault(group, folder)
+                per_band.setdefault(group, {}).setdefault(band, []).append((res, path))
                 continue
             if band_re is not None and info.count <= 3 and ancillary_re.search(stem):
                 self._skipped_products.append(path)
                 continue  # SCL, AOT, visual / TCI (3-band true colour): not spectral bands
             scenes.append(self._multiband_scene(info, bands, file_bands))
-        for (folder, prefix), by_band in per_band.items():
+        for group, by_band in per_band.items():
+            folder, prefix = spelt[group], group[1]
             names = [b for b in _s2_order(by_band)]
             sources = [(min(by_band[b])[1], 1) for b in names]
             # an item folder (``S2B_52SFA_20220126_0_L2A/B04.tif``, ``.../red.tif``) is
@@ -3345,10 +3351,10 @@ def find_raster_inputs(
     One region per input file or folder (its rasters, found recursively, read as one mosaic);
     the tiles of one Earth Engine export (``<prefix>-0000000000-0000000000.tif``) given as
     files merge into one region, and so do the per-band files of one scene given as files
-    (``scene/*_B0?.tif``, ``R10m/*.jp2 R20m/*.jp2``: one region named for the scene, as its
-    folder would be read; see :func:`_band_file_scene`). Region names are unique: where file
-    names collide (``a/scene.tif``, ``b/scene.tif``) the parent folders are prefixed
-    (``a_scene``, ``b_scene``).
+    (``scene/*_B0?.tif``, ``R10m/*.jp2 R20m/*.jp2``: one region named for the scene, read
+    as its folder is, however the paths are spelt; see :func:`_band_file_scene`). Region
+    names are unique: where file names collide (``a/scene.tif``, ``b/scene.tif``) the
+    parent folders are prefixed (``a_scene``, ``b_scene``).
 
     Args:
         inputs: GeoTIFF / JPEG2000 files or folders.
@@ -3412,7 +3418,9 @@ def find_raster_inputs(
                 str(path)
             )
         elif scene is not None:  # one band of a scene's files: the scene is the region
-            key = "bands of " + str(scene.resolve())  # not a folder input's key
+            # keyed by the real folder (not a folder input's key): one scene however spelt
+            real = _band_file_scene(pathlib.Path(os.path.realpath(path)), 1) or scene.resolve()
+            key = "bands of " + str(real)
             regions.setdefault(key, ([], False, scene))[0].append(str(path))
         else:
             regions[str(path.resolve())] = ([str(path)], False, path)

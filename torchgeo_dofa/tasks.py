@@ -400,8 +400,8 @@ class _DOFATask(BaseTask):
             raise ValueError(f"lr must be a positive, finite learning rate, got {lr}")
         if not (math.isfinite(weight_decay) and weight_decay >= 0):
             raise ValueError(
-                f"weight_decay must be >= 0, got {weight_decay} (a negative decay makes the "
-                "weights grow): 0 for none"
+                f"weight_decay must be a finite number >= 0, got {weight_decay} (a negative "
+                "decay makes the weights grow): 0 for none"
             )
         if patience is not None and patience < 0:
             raise ValueError(
@@ -694,9 +694,9 @@ class _DOFATask(BaseTask):
         """Refuse a fit that ran no training step where its limits allowed some.
 
         A training loader without a batch (a ``batch_size`` above the number of training
-        chips with ``drop_last``; TorchGeo's ``RandomGeoSampler`` / ``RandomPatchSampler``
-        over areas smaller than about 1.4 chips a side, which keeps a chip's diagonal from
-        the edges and yields nothing while its length says otherwise) ended ``fit`` normally:
+        chips with ``drop_last``; TorchGeo's ``RandomPatchSampler`` over areas smaller than
+        about 1.4 chips a side, which keeps half a chip's diagonal from the edges and yields
+        nothing while its length says otherwise) ended ``fit`` normally:
         nothing learnt, no checkpoint, exit status 0. ``max_epochs=0``, ``max_steps=0`` or
         ``limit_train_batches=0`` ask for no training and are left alone; a fit resumed from
         a run that had already reached its limits warns that it trained nothing.
@@ -709,7 +709,11 @@ class _DOFATask(BaseTask):
             return
         if 0 in (trainer.max_epochs, trainer.max_steps, trainer.limit_train_batches):
             return  # asked for no training
-        if trainer.global_step > 0:  # restored from a checkpoint: its run had ended
+        epochs, steps = trainer.max_epochs, trainer.max_steps
+        reached = (epochs is not None and 0 <= epochs <= trainer.current_epoch) or (
+            0 <= steps <= trainer.global_step
+        )
+        if trainer.global_step > 0 and reached:  # restored from a run that had ended
             _warnings.warn(
                 f"fit trained nothing: the run resumed had already reached its limits (epoch "
                 f"{trainer.current_epoch}, step {trainer.global_step}; max_epochs="
@@ -722,9 +726,9 @@ class _DOFATask(BaseTask):
             f"fit ran no training step: the training loader gave no batch (its length says "
             f"{batches:g}). A batch_size above the number of training chips with drop_last "
             "gives none, and so does a random sampler over areas smaller than its chips "
-            "(TorchGeo's RandomGeoSampler / RandomPatchSampler need about 1.4 chip sizes a "
-            "side of labelled area): give more or larger data, a smaller batch_size or a "
-            "smaller chip size"
+            "(TorchGeo's RandomPatchSampler keeps half a chip's diagonal from the edges: "
+            "about 1.4 chip sizes a side of labelled area): give more or larger data, a "
+            "smaller batch_size or a smaller chip size"
         )
 
     # -- wavelengths -------------------------------------------------------------------------
