@@ -2760,9 +2760,10 @@ def test_fit_on_a_full_disk_is_one_line_and_leaves_no_cut_checkpoint(tmp_path, m
 def test_config_values_pytorch_or_torchgeo_refuse_are_one_line(
     tmp_path, monkeypatch, capsys, base_checkpoint
 ) -> None:
-    """``--model.init_args.lr -1`` (torch's "Invalid learning rate"), a data module's
-    ``batch_size 0`` (TorchGeo's MisconfigurationException; torch's DataLoader for predict):
-    tracebacks, exit 1. Now one line, exit 2, nothing written."""
+    """``--model.init_args.lr -1`` (torch's "Invalid learning rate"; the task refuses it
+    itself now, as it is made), a data module's ``batch_size 0`` (TorchGeo's
+    MisconfigurationException; torch's DataLoader for predict): tracebacks, exit 1. Now one
+    line, exit 2, nothing written."""
     import yaml
 
     monkeypatch.chdir(tmp_path)
@@ -2770,7 +2771,7 @@ def test_config_values_pytorch_or_torchgeo_refuse_are_one_line(
     fit = ["fit", "--config", str(configs / "finetune_classification.yaml"),
            "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"]  # fmt: skip
     cases = [
-        ([*fit, "--model.init_args.lr", "-1"], "Invalid learning rate: -1.0"),
+        ([*fit, "--model.init_args.lr", "-1"], "lr must be a positive, finite learning"),
         ([*fit, "--data.init_args.batch_size", "0"], "SpectralDataModule.batch_size has length 0"),
     ]
     cfg = _predict_config(tmp_path / "out", base_checkpoint)
