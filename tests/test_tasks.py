@@ -486,6 +486,16 @@ def test_a_fit_without_a_training_step_is_an_error_not_a_finished_fit(tmp_path: 
     with pytest.warns(UserWarning, match="^fit trained nothing: the run resumed had already"):
         make_trainer(tmp_path, 1, []).fit(task, none, ckpt_path=tmp_path / "epoch1.ckpt")
 
+    class OwnStep(DOFAClassificationTask):  # a training step of its own: not counted, so
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # not judged
+            return self._step(batch, "train", self.train_metrics)
+
+    own = OwnStep(num_classes=3, weights=None, interpolate_pos_embed=True, patience=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, 1, [], limit_train_batches=1).fit(own, DataLoader(chips, 2))
+    assert not [w for w in caught if "trained nothing" in str(w.message)]
+
 
 @pytest.mark.parametrize(
     ("task", "settings", "error"),

@@ -699,12 +699,15 @@ class _DOFATask(BaseTask):
         nothing while its length says otherwise) ended ``fit`` normally:
         nothing learnt, no checkpoint, exit status 0. ``max_epochs=0``, ``max_steps=0`` or
         ``limit_train_batches=0`` ask for no training and are left alone; a fit resumed from
-        a run that had already reached its limits warns that it trained nothing.
+        a run that had already reached its limits warns that it trained nothing. A subclass
+        with a ``training_step`` of its own is not checked (its batches are not counted).
 
         Raises:
             NoTrainingBatchError: naming the loader's length and the likely causes.
         """
         trainer = self.trainer
+        if type(self).training_step is not _DOFATask.training_step:
+            return  # a subclass's own training step: its batches are not counted here
         if getattr(self, "_fit_batches", 1) or trainer.interrupted:
             return
         if 0 in (trainer.max_epochs, trainer.max_steps, trainer.limit_train_batches):
