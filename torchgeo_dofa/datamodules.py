@@ -60,6 +60,7 @@ from torchgeo_dofa.datasets import (
     Sentinel2SR,
     TimeRange,
     UndatedScenesError,
+    _first_few,
     find_raster_inputs,
     no_scene_within,
     refuse_repeated_bands,
@@ -1314,6 +1315,7 @@ def _file_verdict(
     if declared is not None:
         valid &= ~nodata_mask(values, declared)
     negative = (values < 0).all(dim=0) & valid
+    offset_added = bool(shift.any())
     told: str | None = None
     if bool(valid.any()) and bool(negative[valid].all()):
         try:  # its error, worded for a whole input (refused with enough pixels only)
@@ -1322,13 +1324,12 @@ def _file_verdict(
             )
         except ReflectanceError as err:
             told = str(err)
-            if not bool(shift.any()):  # no offset added: the question is of dB values
+            if not offset_added:  # no offset added: the question is of dB values
                 told = told.replace(OFFSET_QUESTION, "Are these dB / log values?")
     medians = values[:, valid].median(dim=1).values.tolist() if bool(valid.any()) else []
     high = tuple(
         f"{n} {m:.0f}" for n, m in zip(names, medians, strict=False) if m > REFLECTANCE_MAX
     )
-    offset_added = bool(shift.any())
     return _FileVerdict(
         None, told, valid.numpy(), negative.numpy(), high, count, offset_added, size
     )
@@ -1437,7 +1438,7 @@ def check_raw_reflectance(
         each = [f"{name}: {', '.join(verdict.high)}" for name, verdict in high]
         _warnings.warn(
             f"{len(high)} files: more than half of the valid values of a band exceed "
-            f"{REFLECTANCE_MAX:.0f} in each (medians: {_listed(each, '; ')}; read "
+            f"{REFLECTANCE_MAX:.0f} in each (medians: {_first_few(each, separator='; ')}; read "
             f"decimated): {clips} Are the files scaled (x 10, or x 10000 twice) or "
             "radiance? (Scenes of bright cloud or snow can do this.)",
             ReflectanceWarning,
@@ -1475,19 +1476,13 @@ def check_raw_reflectance(
             each = [f"{label}: {share:.0%}" for label, share in told]
             said = (
                 f"{len(told)} scenes: most of the valid pixels of each are negative in every "
-                f"band read ({_listed(each, '; ')}; {how[1:-1]})"
+                f"band read ({_first_few(each, separator='; ')}; {how[1:-1]})"
             )
         _warnings.warn(
             f"{said}, more than patches of cloud shadow or dark water make (DOFA clips them "
             f"to reflectance 0). {question}",
             ReflectanceWarning,
         )
-
-
-def _listed(items: Sequence[str], separator: str = ", ", most: int = 3) -> str:
-    """``a; b; c and 4 more``: at most ``most`` of ``items`` written out."""
-    shown = separator.join(items[:most])
-    return shown if len(items) <= most else f"{shown} and {len(items) - most} more"
 
 
 @dataclass(frozen=True)

@@ -536,10 +536,10 @@ def time_slice(time: TimeRange) -> slice:
     return slice(start, stop)
 
 
-def _first_few(names: Sequence[str], limit: int = 3) -> str:
-    """``names`` for a message: the first ``limit`` joined, then ``and N more``."""
+def _first_few(names: Sequence[str], limit: int = 3, separator: str = ", ") -> str:
+    """``names`` for a message: the first ``limit`` joined by ``separator``, then ``and N more``."""
     more = len(names) - limit
-    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
+    return separator.join(names[:limit]) + (f" and {more} more" if more > 0 else "")
 
 
 def _bounded_stamp(moment: datetime | None, end: bool = False) -> pd.Timestamp:
