@@ -62,9 +62,9 @@ def test_default_patch_is_224_and_reaches_past_small_rasters() -> None:
         (batch,) = batches(dm)
     assert [str(w.message) for w in said if "-px chip: the rest" in str(w.message)] == [
         "the region multiband is 128 x 96 px, 24.5% of one 224-px chip: the rest of its chip "
-        "is fill, so "
-        "its embedding mostly describes fill (the pooled table's valid_fraction gives the "
-        "share); a smaller chip size (a multiple of 16) or a larger region fits it better"
+        "is fill, so the model's output for it (an embedding, a segmentation) comes mostly "
+        "from fill (the pooled table's valid_fraction gives the share); a smaller chip size "
+        "(a multiple of 16) or a larger region fits it better"
     ]
     with warnings.catch_warnings():  # a region as large as half a chip: quiet
         warnings.simplefilter("error")

@@ -952,9 +952,9 @@ class DOFAPredictDataModule(GeoDataModule):
             _warnings.warn(
                 f"the region {self.region_name} is {width:.0f} x {height:.0f} px, "
                 f"{share:.1%} of one {self.chip_size}-px chip: the rest of its chip is fill, "
-                "so its embedding mostly describes fill (the pooled table's valid_fraction "
-                "gives the share); a smaller chip size (a multiple of 16) or a larger region "
-                "fits it better"
+                "so the model's output for it (an embedding, a segmentation) comes mostly from "
+                "fill (the pooled table's valid_fraction gives the share); a smaller chip size "
+                "(a multiple of 16) or a larger region fits it better"
             )
 
     def _warn_small_point_chips(self, dataset: Sentinel2Base, sampler: RegionSampler) -> None:
