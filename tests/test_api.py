@@ -1006,6 +1006,25 @@ def test_export_is_resumable_and_atomic(tmp_path, chip_a, weights, tensor_a) -> 
     assert not np.allclose(frame.embedding.iloc[1], frame.embedding.iloc[0])
 
 
+def test_export_rows_carry_the_share_of_pixels_holding_data(tmp_path, chip_a, weights) -> None:
+    """``embed``'s pooled table has ``valid_fraction``; the export's rows had no such column,
+    so rows mostly fill could not be told from the others. Chip A with its left quarter
+    no-data: 0.75 (168 of 224 columns), the same as ``get_embedding``'s meta."""
+    raw, names, profile, bounds = chip_a
+    raw = raw.copy()
+    raw[:, :, :56] = 0
+    crop = _write(tmp_path / "chip_a.tif", raw, profile | {"nodata": 0}, names)
+    point = _centre_point(bounds)
+    model = ExportModelRequest.configure("dofa", variant="base", weights=weights)
+    out = tmp_path / "emb.parquet"
+    export_batch(
+        spatials=[point], temporal=None, models=[model], out_path=out, paths=[crop], device="cpu"
+    )
+    frame = gpd.read_parquet(out)
+    assert frame.valid_fraction.tolist() == [0.75]
+    assert frame.valid_fraction.dtype == np.float64
+
+
 def test_an_export_refuses_rows_of_other_inputs_or_weights_and_a_second_export(
     tmp_path, chip_a, base_state
 ) -> None:

@@ -1853,7 +1853,9 @@ def export_batch(
     timestamps of microseconds, NaT without ``temporal``, as ``embed``'s), ``buffer_m``,
     ``config_id``, and ``geometry`` in EPSG:4326
     (the point of a :class:`PointBuffer`, the box of a :class:`BBox`, or the geometry given);
-    ``chip_bounds`` / ``chip_crs`` give the pixels actually read.
+    ``chip_bounds`` / ``chip_crs`` give the pixels actually read, ``valid_fraction`` the share
+    of them holding data (``meta["valid_fraction"]``; NaN in rows an earlier version wrote),
+    as ``embed``'s pooled table has it: filter the rows mostly fill on it.
 
     Resumable: the rows of each finished round (``chunk_size`` regions: a region that fails
     without ``continue_on_error`` stops its round before any of it is saved; ``chunk_size=1``
@@ -2063,6 +2065,7 @@ def export_batch(
                         else math.nan,
                         "chip_bounds": json.dumps(emb.meta.get("bounds")),
                         "chip_crs": emb.meta.get("crs", ""),
+                        "valid_fraction": float(emb.meta["valid_fraction"]),
                         "geometry_wkb": shapely.to_wkb(_spatial_geometry(spatial)),
                     }
                     if not marker.exists():
