@@ -241,6 +241,24 @@ def test_a_python_load_of_the_wrong_checkpoint_names_the_fix(
         DOFAClassificationTask.load_from_checkpoint(half)
 
 
+def test_a_trainer_given_the_other_task_s_checkpoint_names_it(
+    probe: dict[str, Any], tmp_path: Path
+) -> None:
+    """``Trainer(...).predict(segmentation_task, ckpt_path=classification.ckpt)`` said
+    "does not fit DOFASegmentationTask as configured: Missing key(s) in state_dict:
+    "decoder...." (torch's key lists); it names the checkpoint's task now, as
+    ``load_from_checkpoint`` does."""
+    chips = SpectralChips(num_classes=4, bands=list(EUROSAT_BANDS), size=32, num_samples=2)
+    loader = DataLoader(chips, batch_size=2, collate_fn=stack_samples)
+    task = DOFASegmentationTask(num_classes=4, weights=None)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^{re.escape(str(probe['path']))} is a checkpoint of DOFAClassificationTask, "
+        r"not of DOFASegmentationTask: load it with DOFAClassificationTask",
+    ):
+        make_trainer(tmp_path, 1, []).predict(task, loader, ckpt_path=probe["path"])
+
+
 def test_a_checkpoint_records_its_bands_and_other_bands_predict_with_a_warning(
     probe: dict[str, Any], tmp_path: Path
 ) -> None:

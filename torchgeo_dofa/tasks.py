@@ -543,6 +543,9 @@ class _DOFATask(BaseTask):
             # load_from_checkpoint names the fix itself (another task, a changed setting)
             if "Error(s) in loading state_dict" not in str(err) or _LOADING_FILE.get():
                 raise
+            other = _other_task_in(type(self), err)  # Trainer(...).predict(ckpt_path=...)
+            if other is not None:
+                raise _other_task(type(self), origin or "the state dict", other) from err
             problems = [
                 _clipped(line.strip()) for line in str(err).splitlines()[1:] if line.strip()
             ]
@@ -1226,14 +1229,9 @@ class _DOFATask(BaseTask):
                 raise
             raise _other_task(cls, checkpoint_path, other.group(1).rsplit(".", 1)[-1]) from None
         except RuntimeError as err:  # torch's: a hyperparameter given changed a shape, or ...
-            unexpected = re.search(r"Unexpected key\(s\) in state_dict: (.*)", str(err))
-            if unexpected is not None:  # ... the other task's weights (saved from Python)
-                for name, prefix in (
-                    ("DOFAClassificationTask", '"head.'),
-                    ("DOFASegmentationTask", '"decoder.'),
-                ):
-                    if name != cls.__name__ and prefix in unexpected.group(1):
-                        raise _other_task(cls, checkpoint_path, name) from None
+            saved_by = _other_task_in(cls, err)  # ... the other task's weights (from Python)
+            if saved_by is not None:
+                raise _other_task(cls, checkpoint_path, saved_by) from None
             if "size mismatch" not in str(err) or not overrides:
                 raise
             detail = next((t.strip() for t in str(err).splitlines() if "size mismatch" in t), "")
@@ -1257,6 +1255,23 @@ class _DOFATask(BaseTask):
             task._fill_unfilled_encoder()  # what the checkpoint lacked, from its weights
         task.eval()
         return task
+
+
+def _other_task_in(cls: type, err: RuntimeError) -> str | None:
+    """The other task whose weights torch's load report ``err`` shows as unexpected, or None.
+
+    A classification task's own tensors are ``head.*``, a segmentation task's ``decoder.*``.
+    """
+    unexpected = re.search(r"Unexpected key\(s\) in state_dict: (.*)", str(err))
+    if unexpected is None:
+        return None
+    for name, prefix in (
+        ("DOFAClassificationTask", '"head.'),
+        ("DOFASegmentationTask", '"decoder.'),
+    ):
+        if name != cls.__name__ and prefix in unexpected.group(1):
+            return name
+    return None
 
 
 def _other_task(cls: type, path: object, name: str) -> CheckpointError:
