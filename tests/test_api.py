@@ -38,7 +38,7 @@ from torchgeo_dofa.api import (
     get_embeddings_batch,
     get_embeddings_batch_from_inputs,
 )
-from torchgeo_dofa.bands import BandError, infer_wavelengths, norm_stats
+from torchgeo_dofa.bands import DOFA_S2_BANDS, BandError, infer_wavelengths, norm_stats
 from torchgeo_dofa.cli import embed
 from torchgeo_dofa.datasets import InputError, Sentinel2SR
 from torchgeo_dofa.gee import GEEUnavailableError, build_gee_request, decode_pixels, utm_epsg
@@ -420,7 +420,8 @@ def test_local_file_without_crs_says_where_crs_goes(tmp_path) -> None:
         dst.write(np.full((4, 8, 8), 1500, dtype=np.uint16))
         dst.descriptions = ("B4", "B3", "B2", "B8")
     with pytest.raises(InputError, match=r"a.tif has no CRS: pass crs= .*\(gdal_edit.py -a_srs "
-                       r".*go to a dataset given as paths=Sentinel2SR\(\.\.\.\)\)$"):  # fmt: skip
+                       r".*go to a dataset given as paths=Sentinel2SR\(\.\.\.\), and its "
+                       r"bands= with them\)$"):  # fmt: skip
         get_embedding("dofa", spatial=PointBuffer(3.0, 50.5, 100), paths=tmp_path, weights=None)
 
 
@@ -428,8 +429,54 @@ def test_local_band_errors_say_where_the_datasets_arguments_go(tmp_path, chip_a)
     raw, _, profile, bounds = chip_a
     path = _write(tmp_path / "rgbn.tif", raw, profile, ("red", "green", "blue", "nir"))
     with pytest.raises(BandError, match=r"file_bands=\['B4', 'B3', 'B2', 'B8'\].*"
-                       r"go to a dataset given as paths=Sentinel2SR\(\.\.\.\)\)$"):  # fmt: skip
+                       r"go to a dataset given as paths=Sentinel2SR\(\.\.\.\), and its bands= "
+                       r"with them\)$"):  # fmt: skip
         get_embedding("dofa", spatial=_centre_point(bounds), paths=path, weights=None)
+
+
+def test_a_sensor_choosing_bands_a_dataset_does_not_read_is_refused(tmp_path, chip_a) -> None:
+    """``paths=Sentinel2SR(file_bands=[...two dates...])`` with
+    ``sensor=SensorSpec(bands=(the second date's))`` (as the band errors' hint said: bands=
+    to sensor=) embedded the first date's bands, meta["bands"] saying so, no word. The
+    sensor's bands are the dataset's, or it is refused; the default sensor, a ``fill_value``
+    alone and the dataset's own bands (another spelling) pass."""
+    raw, names, profile, bounds = chip_a
+    two = np.concatenate([raw, raw // 2 + 100])
+    stack = _write(tmp_path / "two_dates.tif", two, profile | {"count": 8}, [""] * 8)
+    second = ("B2_1", "B3_1", "B4_1", "B8_1")
+    with pytest.warns(UserWarning, match="which the default bands"):  # the first date's
+        ds = Sentinel2SR(stack, file_bands=[*names, *second])
+    point = _centre_point(bounds)
+    cpu: dict[str, Any] = {"weights": None, "device": "cpu"}
+    with pytest.raises(ModelError) as refused:
+        get_embedding("dofa", spatial=point, paths=ds, sensor=SensorSpec(bands=second), **cpu)
+    assert str(refused.value) == (
+        "sensor=SensorSpec(...) gives bands ['B2_1', 'B3_1', 'B4_1', 'B8_1'], but the dataset "
+        "given as paths= reads the bands ['B2', 'B3', 'B4', 'B8'] (wavelengths [0.49, 0.56, "
+        "0.665, 0.842] um), the ones it was built with: build it with bands=[...] (and "
+        "wavelengths=[...]), e.g. Sentinel2SR(..., bands=['B2_1', 'B3_1', 'B4_1', 'B8_1']), or "
+        "leave bands, wavelengths, mean and std out of sensor="
+    )
+    with pytest.raises(ModelError, match=r"^sensor=SensorSpec\(...\) gives wavelengths \[0.5"):
+        get_embedding(
+            "dofa", spatial=point, paths=ds, **cpu,
+            sensor=SensorSpec(bands=ds.bands, wavelengths=(0.5,) * 4),
+        )  # fmt: skip
+    with pytest.raises(ModelError, match=r"^sensor=SensorSpec\(...\) gives bands \['B4', "):
+        get_embedding("dofa", spatial=point, paths=ds, sensor=SensorSpec(mean=(1.0,) * 4), **cpu)
+    with pytest.raises(ModelError, match=r"gives bands \['B4', 'B3', 'B2', 'B5'"):
+        export_batch(
+            spatials=[point], temporal=None, out_path=tmp_path / "e.parquet", paths=ds,
+            models=[ExportModelRequest.configure("dofa", weights=None)],
+            sensor=SensorSpec(bands=DOFA_S2_BANDS, wavelengths=(0.6,) * 9), device="cpu",
+        )  # fmt: skip
+    assert not (tmp_path / "e.parquet").exists()
+    # the second date, chosen where bands are chosen: the dataset's bands=
+    chosen = Sentinel2SR(stack, file_bands=[*names, *second], bands=list(second))
+    spelt = SensorSpec(bands=("b02_1", "B03_1", "B04_1", "b08_1"), fill_value=0.0)
+    for sensor in (None, SensorSpec(), SensorSpec(fill_value=0.0), spelt):
+        emb = get_embedding("dofa", spatial=point, paths=chosen, sensor=sensor, **cpu)
+        assert emb.meta["bands"] == list(second)
 
 
 def test_local_temporal_selects_scene_by_date(tmp_path, chip_a, weights, tensor_a) -> None:
@@ -1391,7 +1438,7 @@ def test_local_band_warnings_say_where_the_datasets_arguments_go(tmp_path, chip_
     assert told[0].startswith(f"Sentinel2SR: {path}: band(s) 'band{len(names)}' left out")
     assert told[0].endswith(
         "file_bands=[...] to read them (the dataset's arguments, e.g. file_bands= or crs=, "
-        "go to a dataset given as paths=Sentinel2SR(...))"
+        "go to a dataset given as paths=Sentinel2SR(...), and its bands= with them)"
     )
     assert caught[0].filename == __file__  # the user's line, not the package's
     assert emb.meta["bands"] == ["B2", "B3", "B4"]  # B04 B03 B02 read; B8 (band4) not

@@ -104,7 +104,7 @@ from pyproj import CRS
 from torch import Tensor
 
 from ._warnings import each_once_per_call, reworded, warn
-from .bands import DOFA_S2_BANDS, BandError, check_unique_bands
+from .bands import DOFA_S2_BANDS, BandError, check_unique_bands, same_band_names
 from .datamodules import (
     MIN_CHIP_PX,
     RegionSampler,
@@ -831,12 +831,15 @@ def open_local(
         The dataset.
 
     Raises:
-        ModelError: if a path does not exist or holds no raster.
+        ModelError: if a path does not exist or holds no raster; for a dataset given as
+            ``paths`` with a ``sensor`` choosing other bands (:func:`_refuse_sensor_unlike`).
         NoSceneError: (a ``LookupError``) if no scene is acquired within ``temporal``.
         BandError: if the files' bands cannot be named or selected (the message names the
             dataset's arguments that fix it).
     """
     if isinstance(paths, Sentinel2Base):
+        if sensor is not None:
+            _refuse_sensor_unlike(paths, sensor)
         return paths
     items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
     try:
@@ -868,6 +871,42 @@ def open_local(
     return dataset
 
 
+def _refuse_sensor_unlike(dataset: Sentinel2Base, sensor: SensorSpec) -> None:
+    """Refuse a ``sensor`` choosing bands that a dataset given as ``paths=`` does not read.
+
+    A dataset reads the bands it was built with, and ``sensor``'s were ignored: a
+    ``Sentinel2SR(file_bands=[B4, B3, B2, B8, B4_1, ...])`` with
+    ``sensor=SensorSpec(bands=("B4_1", ...))`` embedded the first date's bands, with no word.
+    A sensor chooses bands where they are not :class:`SensorSpec`'s default, or where it gives
+    ``wavelengths``, ``mean`` or ``std`` (one per band, in the order of its bands): then its
+    bands must be the dataset's, in the dataset's order (``B04`` and ``B4`` are one band), and
+    its wavelengths the dataset's (to 1e-4 um). Its other settings (``fill_value``) apply.
+
+    Raises:
+        ModelError: naming both band lists and the fix (the dataset's ``bands=``).
+    """
+    given = [k for k in ("wavelengths", "mean", "std") if getattr(sensor, k) is not None]
+    if sensor.bands == SensorSpec.bands and not given:
+        return
+    theirs = [str(b) for b in dataset.bands]
+    waves = [round(float(w), 4) for w in dataset.wavelengths]
+    same = same_band_names(sensor.bands, theirs)
+    if same and (sensor.wavelengths is None or [round(w, 4) for w in sensor.wavelengths] == waves):
+        return
+    what = (
+        f"bands {list(sensor.bands)}"
+        if not same
+        else f"wavelengths {list(sensor.wavelengths or ())} um"
+    )
+    raise ModelError(
+        f"sensor=SensorSpec(...) gives {what}, but the dataset given as paths= reads the bands "
+        f"{theirs} (wavelengths {waves} um), the ones it was built with: build it with "
+        f"bands=[...] (and wavelengths=[...]), e.g. "
+        f"{type(dataset).__name__}(..., bands={list(sensor.bands)}), or leave bands, "
+        "wavelengths, mean and std out of sensor="
+    )
+
+
 def _where_dataset_arguments_go(message: str, cls: type[Sentinel2Base]) -> str:
     """A dataset's error or warning, saying where the arguments its hints name go.
 
@@ -883,7 +922,7 @@ def _where_dataset_arguments_go(message: str, cls: type[Sentinel2Base]) -> str:
     if re.search(r"\b(file_bands|crs|nodata|mean|std)=", message):
         where.append(
             "the dataset's arguments, e.g. file_bands= or crs=, go to a dataset given as "
-            f"paths={cls.__name__}(...)"
+            f"paths={cls.__name__}(...), and its bands= with them"
         )
     return f"{message} ({'; '.join(where)})" if where else message
 

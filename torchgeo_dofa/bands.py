@@ -42,6 +42,7 @@ __all__ = [
     "norm_stats",
     "offset_problem",
     "resolve_wavelengths",
+    "same_band_names",
     "split_date_copy",
     "stac_asset_band",
     "validate_wavelengths",
@@ -221,6 +222,15 @@ def _band_key(name: str) -> str:
     if suffix is not None:
         return f"{band}_{suffix}"
     return band if band in SENTINEL2_BANDS else band.casefold()
+
+
+def same_band_names(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether two band lists name the same bands in the same order.
+
+    ``B04`` and ``b4`` are one band; ``B4_1`` (a later date's copy) is another; other names
+    compare case-insensitively.
+    """
+    return [_band_key(x) for x in a] == [_band_key(y) for y in b]
 
 
 def check_unique_bands(bands: Sequence[str], what: str = "bands") -> None:
