@@ -434,6 +434,27 @@ def test_local_band_errors_say_where_the_datasets_arguments_go(tmp_path, chip_a)
         get_embedding("dofa", spatial=_centre_point(bounds), paths=path, weights=None)
 
 
+def test_a_weights_file_replaced_under_its_name_is_loaded_again(
+    tmp_path, chip_a, base_state
+) -> None:
+    """The encoder cache was keyed by the file's name: a checkpoint copied over it (a fit's
+    last.ckpt, every epoch) was never read again, its old encoder served, and an export's
+    identity recorded the new file beside the old file's rows."""
+    raw, names, _, _ = chip_a
+    path = write_checkpoint(tmp_path / "w.pth", base_state)
+    kwargs: dict[str, Any] = dict(
+        input_chw=raw, sensor=SensorSpec(bands=tuple(names)), backend="tensor", device="cpu"
+    )
+    first = get_embedding("dofa", weights=str(path), **kwargs).data
+    other = dict(base_state)
+    other["norm.bias"] = base_state["norm.bias"] + 1.0  # the pooled vector shifts by 1
+    write_checkpoint(tmp_path / "new.pth", other).replace(path)
+    second = get_embedding("dofa", weights=str(path), **kwargs).data
+    np.testing.assert_allclose(second, first + 1.0, atol=1e-4)
+    # unchanged since: served from the cache (the same encoder object)
+    assert api._module("base", str(path), "cpu") is api._module("base", str(path), "cpu")
+
+
 def test_a_sensor_choosing_bands_a_dataset_does_not_read_is_refused(tmp_path, chip_a) -> None:
     """``paths=Sentinel2SR(file_bands=[...two dates...])`` with
     ``sensor=SensorSpec(bands=(the second date's))`` (as the band errors' hint said: bands=

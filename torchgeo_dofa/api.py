@@ -498,7 +498,9 @@ def _resolve_device(device: str | torch.device | None) -> str:
     return str(resolved)
 
 
-_CACHE: dict[tuple[str, str, str], DOFAEmbedder] = {}
+#: The cached embedders by (variant, weights, device), each with the signature of its
+#: weights file when it was loaded (:func:`_file_signature`).
+_CACHE: dict[tuple[str, str, str], tuple[tuple[int, ...] | None, DOFAEmbedder]] = {}
 _CACHE_LOCK = threading.RLock()
 
 #: Seed of the API's random model (``weights=None``): every process builds the same one, so
@@ -517,18 +519,41 @@ def _weights_key(weights: str | os.PathLike[str] | None) -> str:
     return "file|" + str(Path(weights).expanduser().resolve())
 
 
+def _file_signature(weights: str | os.PathLike[str] | None) -> tuple[int, ...] | None:
+    """A weights file's identity on disk: device, inode, size, modification time (ns).
+
+    None for random or official weights (official files are checked by their hash).
+    """
+    if weights is None or str(weights) == "official":
+        return None
+    try:
+        st = Path(weights).expanduser().stat()
+    except OSError:
+        return None  # loading it says what is wrong
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _module(variant: str, weights: str | os.PathLike[str] | None, device: str) -> DOFAEmbedder:
-    """The cached embedder for (variant, weights, device); loaded on first use."""
+    """The cached embedder for (variant, weights, device); loaded on first use.
+
+    A weights file replaced or rewritten under the same name since (Lightning's ``last.ckpt``
+    is, every epoch) is loaded again, replacing the cached encoder: the file's device, inode,
+    size and modification time are compared (the encoder of the old file was served before,
+    and an export credited its rows to the new file).
+    """
     key = (variant, _weights_key(weights), device)
+    signature = _file_signature(weights)
     with _CACHE_LOCK:
-        module = _CACHE.get(key)
-        if module is None:
-            weights_arg = None if weights is None else str(weights)
-            seed = RANDOM_WEIGHTS_SEED if weights is None else None
-            module = DOFAEmbedder(variant=variant, weights=weights_arg, output="both", seed=seed)
-            module.to(device)
-            module.eval()
-            _CACHE[key] = module
+        cached = _CACHE.get(key)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        _CACHE.pop(key, None)  # the old file's encoder is freed before the new one loads
+        weights_arg = None if weights is None else str(weights)
+        seed = RANDOM_WEIGHTS_SEED if weights is None else None
+        module = DOFAEmbedder(variant=variant, weights=weights_arg, output="both", seed=seed)
+        module.to(device)
+        module.eval()
+        _CACHE[key] = (signature, module)
         return module
 
 
