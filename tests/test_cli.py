@@ -2282,6 +2282,40 @@ def test_preview_without_a_readable_input_draws_the_pca_panel_alone(
         assert main(["preview", str(grid), "-o", str(out)]) == 0
 
 
+def test_a_preview_says_what_weights_drew_it(tmp_path, reference_run) -> None:
+    """The demo's preview of random weights (offline) showed their position-embedding stripes
+    like a result, and no PNG said what made it. A grid of random weights gets a red caption
+    strip under the panels; every PNG carries the grid's weights and its source."""
+    from PIL import Image
+
+    from torchgeo_dofa.preview import CAPTION_PX, CAPTION_RGB
+
+    grid = tmp_path / "grid.tif"
+    shutil.copy(reference_run / "ftw_s2_l2a_33N_grid.tif", grid)
+    with rasterio.open(grid) as src:
+        h, w, weights = src.height, src.width, src.tags()["weights"]
+    assert main(["preview", str(grid), "-o", str(tmp_path / "trained.png")]) == 0
+    with Image.open(tmp_path / "trained.png") as png:
+        trained = np.asarray(png)
+        assert png.info["weights"] == weights and weights.startswith("file:")
+        assert png.info["Source"] == str(grid)
+        assert png.info["Description"].startswith("left: the input's RGB bands; right: the ")
+    assert trained.shape == (h * 8, 2 * w * 8 + 8, 3)  # no caption
+    with rasterio.open(grid, "r+") as dst:
+        dst.update_tags(weights="random (seed 0)")
+    assert main(["preview", str(grid), "-o", str(tmp_path / "random.png")]) == 0
+    with Image.open(tmp_path / "random.png") as png:
+        drawn = np.asarray(png)
+        assert png.info["weights"] == "random (seed 0)"
+    assert drawn.shape == (h * 8 + CAPTION_PX, 2 * w * 8 + 8, 3)
+    np.testing.assert_array_equal(drawn[: h * 8], trained)  # the panels as they were
+    strip = drawn[h * 8 :].reshape(-1, 3)
+    red = (strip == CAPTION_RGB).all(axis=1).mean()
+    white = (strip.min(axis=1) > 180).any()  # the text's (anti-aliased) white
+    assert 0.5 < red < 1.0 and white
+    assert main(["preview", str(grid), "-o", str(tmp_path / "random.jpg")]) == 0  # no chunks
+
+
 def test_tile_mode_matches_resize_on_224_chips(tmp_path, reference_run, base_checkpoint) -> None:
     # a 224-px chip is one tile at offset 0, and resizing 224 -> 224 is the identity
     summary = embed(

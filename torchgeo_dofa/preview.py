@@ -9,11 +9,13 @@ import uuid
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
 import rasterio.errors
-from PIL import Image
+from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.transform import from_bounds as transform_from_bounds
@@ -30,6 +32,14 @@ __all__ = [
     "rgb_of_raster",
     "rgb_of_sources",
 ]
+
+#: Height (px) of the caption strip under a preview of a grid made with random weights
+#: (its ``weights`` tag ``random (seed N)``): its PCA panel shows the untrained model's
+#: position-embedding patterns, which could be taken for a result.
+CAPTION_PX = 14
+
+#: The caption strip's colour.
+CAPTION_RGB = (200, 0, 0)
 
 #: Image files the preview writes, by extension (Pillow writes others too, e.g. a TIFF, which
 #: a user could take for a GeoTIFF: it would have no georeferencing).
@@ -251,6 +261,11 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
     source whose size or modification time is not the one its ``source_stats`` tag recorded
     (the file was rewritten after the job) is drawn with a ``UserWarning`` saying so.
 
+    A grid made with random weights (its ``weights`` tag ``random (seed N)``, as ``make demo``
+    offline writes) gets a red caption strip under the panels saying so
+    (:data:`CAPTION_PX` high). A PNG carries the grid's provenance as text chunks:
+    ``Software``, ``Source`` (the grid), ``weights`` (its tag) and ``Description``.
+
     Args:
         embedding_tif: a grid embedding GeoTIFF written by
             :class:`~torchgeo_dofa.writers.GridWriter`.
@@ -372,17 +387,34 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
             stacklevel=2,
         )
     gap = 8
-    canvas = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), h * cell_px))
+    weights = tags.get("weights", "")
+    random_weights = weights.startswith("random")
+    caption = CAPTION_PX if random_weights else 0
+    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, h * cell_px + caption))
     x = 0
     for panel in panels:
         canvas.paste(panel, (x, 0))
         x += panel.width + gap
+    if random_weights:  # its PCA panel shows the random model's patterns, not the scene's
+        draw = ImageDraw.Draw(canvas)
+        draw.rectangle((0, h * cell_px, width, h * cell_px + caption), fill=CAPTION_RGB)
+        draw.text((4, h * cell_px + 2), f"{weights} weights: not a trained model", fill="white")
+    fmt = Image.registered_extensions()[out.suffix.lower()]
+    extra: dict[str, Any] = {}
+    if fmt == "PNG":  # what was drawn, as the grid's tags say (JPEG / WebP: no text chunks)
+        info = PngInfo()
+        info.add_text("Software", f"torchgeo-dofa {_version()}")
+        info.add_text("Source", str(embedding_tif))
+        info.add_text("weights", weights)
+        info.add_text("Description", _description(len(panels) == 2, tags))
+        extra["pnginfo"] = info
     # through a hidden name, renamed: a Ctrl-C or error while Pillow writes leaves the
     # previous file (Pillow removes its partial file on an Exception only)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        canvas.save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
+        canvas.save(tmp, format=fmt, **extra)
         os.replace(tmp, out)
     except OSError as err:  # it named the hidden file: "Read-only file system: '.p.png.9f...'"
         raise PreviewWriteError(
@@ -393,6 +425,21 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
         with contextlib.suppress(OSError):  # no folder to remove it from: the error above
             tmp.unlink(missing_ok=True)
     return out
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _description(with_input: bool, tags: dict[str, str]) -> str:
+    """The PNG's ``Description``: what each panel shows."""
+    pca = f"the first 3 principal components of the DOFA {tags.get('variant', '')} embedding"
+    pca = " ".join(pca.split())
+    if not with_input:
+        return f"{pca} (as RGB)"
+    return f"left: the input's RGB bands; right: {pca} (as RGB)"
 
 
 class PreviewWriteError(OSError):
