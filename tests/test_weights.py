@@ -194,6 +194,38 @@ def test_a_byte_changed_inside_the_tensor_data_is_corrupt(tmp_path) -> None:
     assert "download again" in str(info.value)
 
 
+def test_a_checked_file_is_checked_again_once_changed(tmp_path) -> None:
+    """A file's hash and CRC check are remembered for the process (a second job on the same
+    checkpoint read 445 MB twice more), but only while the file is as it was: a byte flipped
+    in place with its modification time put back (its change time moves) is found, as is
+    a file just written (within the file system's timestamp resolution: not remembered)."""
+    path = tmp_path / "w.pth"
+    state = {"x": torch.arange(4096.0)}
+    torch.save(state, path)
+    old = path.stat().st_mtime_ns - 10**10
+    os.utime(path, ns=(old, old))
+    os.utime(path, ns=(old, old))
+    first = sha256_file(path)
+    verify_checkpoint_file(path)
+    data = bytearray(path.read_bytes())
+    data[data.find(state["x"][1000:1004].numpy().tobytes())] ^= 0xFF
+    with open(path, "r+b") as f:  # in place: same inode, same size
+        f.write(bytes(data))
+    os.utime(path, ns=(old, old))
+    assert sha256_file(path) != first
+    with pytest.raises(CheckpointError, match=r"data/0 fails its CRC-32 check"):
+        verify_checkpoint_file(path)
+    fresh = tmp_path / "fresh.pth"  # modified just now: checked each time
+    torch.save(state, fresh)
+    verify_checkpoint_file(fresh)
+    data = bytearray(fresh.read_bytes())
+    data[data.find(state["x"][1000:1004].numpy().tobytes())] ^= 0xFF
+    with open(fresh, "r+b") as f:
+        f.write(bytes(data))
+    with pytest.raises(CheckpointError, match=r"data/0 fails its CRC-32 check"):
+        verify_checkpoint_file(fresh)
+
+
 def test_garbage_file_is_corrupt(tmp_path) -> None:
     path = tmp_path / "noise.pth"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
