@@ -324,6 +324,37 @@ def test_manifest_outputs_without_manifest_or_unreadable(tmp_path: Path, scene: 
     assert not (out / "scene_grid.tif").exists()
 
 
+def test_an_edited_or_damaged_manifest_of_the_wrong_kind_is_unreadable(
+    tmp_path: Path, scene: Path
+) -> None:
+    """``[]`` as the manifest was an AttributeError traceback; ``"outputs": "a.tif"`` (a string)
+    was taken as the outputs ``a``, ``.``, ``t``, ``i``, ``f``, which ``--overwrite`` deleted
+    (it met ``.``, the folder itself). Both are an unreadable manifest now, as a truncated one
+    is; --overwrite deletes this job's own outputs only."""
+    out = tmp_path / "out"
+    with OutputLock(out):
+        _manifest([scene]).check_or_write(out)
+    stored = json.loads((out / MANIFEST_NAME).read_text())
+    cases = {
+        "[]": "the manifest is a JSON list, not an object",
+        json.dumps(stored | {"outputs": "t"}): "manifest field 'outputs' holds 't', not a list of",
+        json.dumps(stored | {"chip_size": "224"}): "field 'chip_size' holds '224', not a whole",
+        json.dumps(stored | {"inputs": [1]}): "field 'inputs' holds [1], not a list of input",
+        json.dumps(stored | {"wavelengths": [True]}): "'wavelengths' holds [True], not a list",
+    }
+    bystander = out / "t"
+    bystander.write_text("mine")
+    for text, said in cases.items():
+        (out / MANIFEST_NAME).write_text(text)
+        with OutputLock(out), pytest.raises(JobMismatchError) as refused:
+            _manifest([scene]).check_or_write(out)
+        assert "is unreadable (" in str(refused.value) and said in str(refused.value)
+    (out / MANIFEST_NAME).write_text(json.dumps(stored | {"outputs": "t"}))
+    with OutputLock(out):
+        _manifest([scene]).check_or_write(out, overwrite=True)
+    assert bystander.read_text() == "mine"
+
+
 def test_manifest_resume_cleans_only_this_jobs_stale_temps(tmp_path: Path, scene: Path) -> None:
     out = tmp_path / "out"
     with OutputLock(out):

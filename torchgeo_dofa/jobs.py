@@ -388,6 +388,62 @@ class InputFile:
         return cls(str(p), stat.st_size, stat.st_mtime_ns)
 
 
+def _texts(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _input_files(value: Any) -> bool:
+    fields = {f.name for f in dataclasses.fields(InputFile)}
+    return isinstance(value, list) and all(
+        isinstance(v, dict) and set(v) == fields and isinstance(v["path"], str) for v in value
+    )
+
+
+#: What each field of a stored :class:`JobManifest` must hold (checked as it is read).
+_MANIFEST_KINDS: dict[str, Any] = {
+    "inputs": _input_files,
+    "file_bands": lambda v: v is None or _texts(v),
+    "bands": _texts,
+    "wavelengths": lambda v: isinstance(v, list) and all(_number(w) for w in v),
+    "variant": lambda v: isinstance(v, str),
+    "weights": lambda v: isinstance(v, str),
+    "pooled_norm": lambda v: isinstance(v, str),
+    "input_prep": lambda v: isinstance(v, str),
+    "chip_size": _count,
+    "stride": _count,
+    "precision": lambda v: isinstance(v, str),
+    "output": lambda v: isinstance(v, str),
+    "outputs": _texts,
+    "region": lambda v: isinstance(v, dict),
+    "data": lambda v: (
+        v is None or (isinstance(v, dict) and all(isinstance(d, dict) for d in v.values()))
+    ),
+    "version": lambda v: isinstance(v, str),
+    "format": _count,
+}
+_KIND_WORDS = {
+    "inputs": "a list of input files",
+    "file_bands": "a list of band names or null",
+    "bands": "a list of band names",
+    "wavelengths": "a list of numbers",
+    "chip_size": "a whole number",
+    "stride": "a whole number",
+    "outputs": "a list of file names",
+    "region": "an object",
+    "data": "an object of objects or null",
+    "format": "a whole number",
+} | {k: "a string" for k in ("variant", "weights", "pooled_norm", "input_prep", "precision",
+                              "output", "version")}  # fmt: skip
+
+
 @dataclass
 class JobManifest:
     """What defines an embed job's results; stored beside them as ``.torchgeo-dofa-job.json``.
@@ -476,12 +532,21 @@ class JobManifest:
             The manifest.
 
         Raises:
-            ValueError: if fields are missing or unknown.
+            ValueError: if it is not a JSON object, if fields are missing or unknown, or a
+                field's value is not of its kind (a list of names, a number ...): a manifest
+                edited or damaged (``[]`` failed with an ``AttributeError`` traceback, and
+                ``"outputs": "a.tif"`` was taken as the outputs ``a``, ``.``, ``t``, ``i``,
+                ``f``, which ``--overwrite`` then deleted).
         """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"the manifest is a JSON {type(data).__name__}, not an object")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown manifest fields {sorted(unknown)}")
+        for key, value in data.items():
+            if not _MANIFEST_KINDS[key](value):
+                raise ValueError(f"manifest field {key!r} holds {value!r}, not {_KIND_WORDS[key]}")
         return cls(**{k: v for k, v in data.items()})
 
     def first_difference(self, other: JobManifest) -> tuple[str, Any, Any] | None:

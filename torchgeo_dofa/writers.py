@@ -1232,7 +1232,7 @@ def embed_manifest_listing(folder: Path, name: str, skip: str = "") -> Path | No
             outputs = json.loads(manifest.read_text()).get("outputs", [])
         except (OSError, ValueError, AttributeError):
             return manifest
-        if name in outputs:
+        if not isinstance(outputs, list) or name in outputs:  # a string: damaged, or edited
             return manifest
     return None
 
