@@ -745,6 +745,52 @@ def test_offset_read_from_product_metadata() -> None:
     assert float(a["image"].min()) > 0
 
 
+def test_another_products_metadata_above_an_undated_file_is_not_used(tmp_path: Path) -> None:
+    """An MTD_MSIL2A.xml of a tile in Ireland four folders above an undated GeoTIFF in
+    another place shifted its values by -1000, silently (the date check needs a date). The
+    product's footprint must meet the file; where it does not, a warning names both."""
+    from rasterio.warp import transform_bounds
+
+    source = DATA / "multiband" / "S2_20220614_multiband.tif"
+    field = tmp_path / "mtd" / "a" / "b" / "c" / "my_field.tif"
+    field.parent.mkdir(parents=True)
+    shutil.copy(source, field)
+    with rasterio.open(field) as src:
+        w, s, e, n = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+
+    def mtd(lon0: float, lat0: float, lon1: float, lat1: float) -> None:
+        ring = [(lat0, lon0), (lat1, lon0), (lat1, lon1), (lat0, lon1), (lat0, lon0)]
+        footprint = (
+            "<Product_Footprint><Product_Footprint><Global_Footprint><EXT_POS_LIST>"
+            + " ".join(f"{lat} {lon}" for lat, lon in ring)
+            + "</EXT_POS_LIST></Global_Footprint></Product_Footprint></Product_Footprint>"
+            + "<PRODUCT_URI>S2A_MSIL2A_20221005T115411_N0400_R023_T29UNU.SAFE</PRODUCT_URI>"
+        )
+        text = fx._mtd_xml("2022-10-05T11:54:11.024Z", "04.00", -1000)
+        (tmp_path / "mtd" / "MTD_MSIL2A.xml").write_text(
+            text.replace("</Product_Info>", "</Product_Info>" + footprint, 1)
+        )
+
+    mtd(-8.0, 52.0, -6.5, 53.2)  # T29UNU, Ireland: not the file's place
+    with pytest.warns(UserWarning) as said:
+        ds = Sentinel2SR(field)
+    told = [str(w.message) for w in said if "metadata of another product" in str(w.message)]
+    assert told == [
+        f"Sentinel2SR: {tmp_path / 'mtd' / 'MTD_MSIL2A.xml'} is the metadata of another product "
+        f"(S2A_MSIL2A_20221005T115411_N0400_R023_T29UNU.SAFE): its footprint does not meet "
+        f"{field}, so its offsets are not used for it; give offset= (-1000 for Sentinel-2 "
+        "processing baseline 04.00 or later, 0 for corrected data) if the file needs one"
+    ]
+    assert ds.index["offset"].iloc[0] == Sentinel2SR(source).index["offset"].iloc[0]
+    assert ds.index["offset_source"].iloc[0].startswith("none (")
+    mtd(w - 0.5, s - 0.5, e + 0.5, n + 0.5)  # the file's own product: used
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = Sentinel2SR(field)
+    assert ds.index["offset"].iloc[0] == (-1000.0,) * len(ds.bands)
+    assert ds.index["offset_source"].iloc[0] == f"metadata {tmp_path / 'mtd' / 'MTD_MSIL2A.xml'}"
+
+
 def test_a_safe_with_its_bands_converted_to_geotiff_in_place_reads_the_same(
     tmp_path: Path,
 ) -> None:

@@ -34,15 +34,16 @@ With ``time_series=True`` the image is (T, C, H, W) and ``valid`` (T, H, W).
 
 Radiometric offset (processing baseline 04.00, from 2022-01-25): ESA's L2A products store
 ``reflectance x 10000 + 1000`` and declare ``BOA_ADD_OFFSET = -1000`` in ``MTD_MSIL2A.xml``
-(L1C: ``RADIO_ADD_OFFSET``). The datasets add the offset to the digital numbers, so the model
-always sees reflectance x 10000. ``offset="auto"`` (the default) looks, in order, for the
-product metadata (``MTD_MSIL2A.xml`` / ``MTD_MSIL1C.xml`` in the file's folder or up to four
-folders above it, or ``<file stem>_MTD.xml`` beside it), then the file's own GDAL scale /
-offset or ``BOA_ADD_OFFSET`` metadata item, then a processing baseline in an ESA
-product name (``_N0400_``), then the acquisition date of an ESA-named file (on or after
-2022-01-25: -1000); files named otherwise are taken as already corrected (offset 0). Earth
-Engine's harmonized collections already removed the offset (0). A number applies to every
-file. ``ds.index`` records each scene's ``offset`` and ``offset_source``.
+(L1C: ``RADIO_ADD_OFFSET``). The datasets add the offset to the digital numbers, so the
+model always sees reflectance x 10000. ``offset="auto"`` (the default) looks, in order, for
+the product metadata (``MTD_MSIL2A.xml`` / ``MTD_MSIL1C.xml`` in the file's folder or up to
+four folders above it, or ``<file stem>_MTD.xml`` beside it; of the scene's date, and with a
+product footprint meeting the file: another product's is skipped with a warning), then the
+file's own GDAL scale / offset or ``BOA_ADD_OFFSET`` metadata item, then a processing
+baseline in an ESA product name (``_N0400_``), then the acquisition date of an ESA-named
+file (on or after 2022-01-25: -1000); files named otherwise are taken as already corrected
+(offset 0). Earth Engine's harmonized collections already removed the offset (0). A number
+applies to every file. ``ds.index`` records each scene's ``offset`` and ``offset_source``.
 
 No-data: a pixel is invalid (``valid`` False, image set to the fill value 0) where any channel
 holds the file's declared nodata value or an explicit ``nodata=`` (when neither exists: the
@@ -305,12 +306,17 @@ class ProductMetadata:
         offsets: additive offset per band (canonical name), empty before baseline 04.00.
         baseline: processing baseline, e.g. ``"04.00"``, or None.
         sensing_date: acquisition date, or None.
+        footprint: the product's footprint (``Global_Footprint``'s ``EXT_POS_LIST``) as a
+            longitude / latitude polygon, or None where the file has none.
+        product: the product's name (``PRODUCT_URI``), or None.
     """
 
     path: str
     offsets: dict[str, float]
     baseline: str | None
     sensing_date: date | None
+    footprint: shapely.Polygon | None = None
+    product: str | None = None
 
     def offset_for(self, band: str) -> float:
         """Offset of one band (0 where the product declares none).
@@ -344,6 +350,8 @@ def read_product_metadata(path: Path) -> ProductMetadata:
     raw: dict[str, float] = {}
     baseline: str | None = None
     sensing: date | None = None
+    footprint: shapely.Polygon | None = None
+    product: str | None = None
     for element in root.iter():
         tag = element.tag.rsplit("}", 1)[-1]
         if tag == "Spectral_Information":
@@ -354,6 +362,10 @@ def read_product_metadata(path: Path) -> ProductMetadata:
             raw[element.get("band_id", str(len(raw)))] = float(element.text)
         elif tag == "PROCESSING_BASELINE" and element.text:
             baseline = element.text.strip()
+        elif tag == "PRODUCT_URI" and element.text and product is None:
+            product = element.text.strip()
+        elif tag == "EXT_POS_LIST" and element.text and footprint is None:
+            footprint = _footprint(element.text)
         elif tag in ("PRODUCT_START_TIME", "DATATAKE_SENSING_START") and element.text:
             if sensing is None:
                 try:
@@ -361,7 +373,19 @@ def read_product_metadata(path: Path) -> ProductMetadata:
                 except ValueError:
                     pass
     offsets = {canonical_band(band_ids.get(k, f"B{int(k) + 1}")): v for k, v in raw.items()}
-    return ProductMetadata(os.fspath(path), offsets, baseline, sensing)
+    return ProductMetadata(os.fspath(path), offsets, baseline, sensing, footprint, product)
+
+
+def _footprint(text: str) -> shapely.Polygon | None:
+    """ESA's ``EXT_POS_LIST`` (latitude longitude pairs) as a longitude / latitude polygon."""
+    try:
+        values = [float(v) for v in text.split()]
+    except ValueError:
+        return None
+    if len(values) < 6 or len(values) % 2:
+        return None
+    polygon = shapely.Polygon(list(zip(values[1::2], values[::2], strict=True)))
+    return polygon if polygon.is_valid and not polygon.is_empty else None
 
 
 @dataclass
@@ -816,6 +840,7 @@ class Sentinel2Base(RasterDataset):
         self._handles: dict[tuple[str, str], tuple[DatasetReader, DatasetReader | WarpedVRT]] = {}
         self._handles_pid = os.getpid()
         self._metadata_cache: dict[str, ProductMetadata | None] = {}
+        self._foreign_metadata: set[tuple[str, str]] = set()  # warned of (metadata, file)
         for what, value in (("bands", bands), ("file_bands", file_bands)):
             if isinstance(value, str | bytes):  # read as a list of its characters: 'B', '4'
                 raise BandError(
@@ -1715,8 +1740,42 @@ class Sentinel2Base(RasterDataset):
                 and abs((metadata.sensing_date - scene_date).days) > 1
             ):
                 continue  # metadata of another product in the same folder
+            if not self._within_footprint(first, metadata):
+                continue  # another product's (an undated file beside another tile's XML)
             return metadata
         return None
+
+    def _within_footprint(self, path: str, metadata: ProductMetadata) -> bool:
+        """Whether a file meets a product metadata's footprint (True where either is unknown).
+
+        Undated files skip the date check: an ``MTD_MSIL2A.xml`` of a tile in Ireland a few
+        folders above an Austrian field's GeoTIFF shifted its values by -1000, silently. The
+        file's bounds (in longitude / latitude, 0.01 degree of margin) must meet the
+        footprint; where they do not, the XML is not used, with a warning naming both.
+        """
+        info = self._infos.get(path)
+        if metadata.footprint is None or info is None or info.crs is None:
+            return True
+        try:
+            box = transform_bounds(
+                info.crs, "EPSG:4326", *array_bounds(info.height, info.width, info.transform)
+            )
+        except (CPLE_BaseError, ValueError):  # bounds no longitude / latitude can hold
+            return True
+        if shapely.box(*box).buffer(0.01).intersects(metadata.footprint):
+            return True
+        key = (metadata.path, path)
+        if key not in self._foreign_metadata:
+            self._foreign_metadata.add(key)
+            name = f" ({metadata.product})" if metadata.product else ""
+            warn(
+                f"{type(self).__name__}: {metadata.path} is the metadata of another product"
+                f"{name}: its footprint does not meet {path}, so its offsets are not used for "
+                "it; give offset= (-1000 for Sentinel-2 processing baseline 04.00 or later, "
+                "0 for corrected data) if the file needs one",
+                UserWarning,
+            )
+        return False
 
     def _scene_date(self, scene: _Scene) -> date | None:
         mint, _ = scene.span if scene.span is not None else self._scene_span(scene)
