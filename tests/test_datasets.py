@@ -1681,6 +1681,40 @@ def _write_s2(path: Path, data: np.ndarray) -> None:
         dst.descriptions = ("B4", "B3", "B2", "B8")
 
 
+def test_file_check_warns_of_8_bit_or_percent_values_in_a_wider_type(tmp_path: Path) -> None:
+    """A scene saved as percent (float32 0..75) or 8-bit values in uint16 (0..255) embedded
+    as near-black, silently, where a uint8 file of the same values warned of its dtype. Every
+    band's valid values within [0, 255]: warned, naming each band's maximum; one band above
+    (a dark scene's blue at 400) or a uint8 file (its dtype's own warning): not."""
+    rng = np.random.default_rng(0)
+    reflectance = rng.integers(100, 7500, (4, 80, 80))
+    files = {
+        "percent.tif": (reflectance / 100).astype(np.float32),
+        "bytes.tif": (reflectance * 255 // 7500).astype(np.uint16),
+    }
+    for name, data in files.items():
+        _write_s2(tmp_path / name, data)
+        with pytest.warns(ReflectanceWarning) as said:
+            check_raw_reflectance(Sentinel2SR(tmp_path / name))
+        maxima = ", ".join(f"{b} {float(d.max()):.4g}" for b, d in zip("B4 B3 B2 B8".split(), data))
+        assert [str(w.message) for w in said] == [
+            f"{name}: the valid values of every band stay at or below 255 (maxima: {maxima}; "
+            "read decimated): reflectance x 10000 that low (below 2.55 %) is darker than almost "
+            "any land, so they embed as near-black. Are they 8-bit (0..255) or percent (0..100) "
+            "values? Rescale them to reflectance x 10000. (A scene of dark water alone can do "
+            "this.)"
+        ]
+    dark = rng.integers(1, 250, (4, 80, 80)).astype(np.uint16)
+    dark[2, 40, 40] = 400  # one blue pixel above 255
+    _write_s2(tmp_path / "dark.tif", dark)
+    _write_s2(tmp_path / "eight.tif", dark.clip(0, 255).astype(np.uint8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_raw_reflectance(Sentinel2SR(tmp_path / "dark.tif"))
+        check_raw_reflectance(Sentinel2SR(tmp_path / "eight.tif"))
+    assert not [w for w in caught if "stay at or below" in str(w.message)]
+
+
 def test_file_check_warns_of_an_offset_applied_twice_and_reads_the_stored_scale(
     tmp_path: Path,
 ) -> None:

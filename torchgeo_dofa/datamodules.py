@@ -1259,9 +1259,17 @@ class _FileVerdict:
     valid: npt.NDArray[np.bool_]  # (rows, cols) valid pixels of the read
     negative: npt.NDArray[np.bool_]  # (rows, cols) of them negative in every band read
     high: tuple[str, ...]  # "B08 33080": bands whose median exceeds 10000
+    low: tuple[str, ...]  # "B04 75": every band's maximum, where none exceeds LOW_MAX
     count: int  # the file's bands
     offset_added: bool
     size: int  # width x height of the file, pixels (each sample of the read stands for a share)
+
+
+#: A file whose valid values all lie in [0, LOW_MAX] in every band (reflectance x 10000 of
+#: 2.55 % at most: darker than almost any land) holds 8-bit (0..255) or percent (0..100)
+#: values stored in a wider type, which embed as near-black: :func:`check_raw_reflectance`
+#: warns.
+LOW_MAX = 255.0
 
 
 @functools.lru_cache(maxsize=256)
@@ -1283,9 +1291,11 @@ def _file_verdict(
     dataset was given (as a chip's :class:`~torchgeo_dofa.transforms.CheckReflectance`).
     """
     from torchgeo_dofa.transforms import (
+        NARROW_DTYPES,
         NODATA_FLOOR,
         OFFSET_QUESTION,
         REFLECTANCE_MAX,
+        WHOLE_INPUT_MIN_PIXELS,
         CheckReflectance,
         ReflectanceError,
         check_reflectance_range,
@@ -1308,7 +1318,7 @@ def _file_verdict(
         valid = CheckReflectance(nodata=nodata)({"image": raw, "valid": valid})["valid"]
     except ReflectanceError as err:
         empty = np.zeros(tuple(raw.shape[1:]), dtype=bool)
-        return _FileVerdict(str(err), None, empty, empty, (), count, False, size)
+        return _FileVerdict(str(err), None, empty, empty, (), (), count, False, size)
     shift = torch.tensor(shifts, dtype=torch.float32)
     values = raw + shift[:, None, None]
     valid &= (values > NODATA_FLOOR).all(dim=0)  # a 0 with -1000 added: no data
@@ -1330,8 +1340,15 @@ def _file_verdict(
     high = tuple(
         f"{n} {m:.0f}" for n, m in zip(names, medians, strict=False) if m > REFLECTANCE_MAX
     )
+    low: tuple[str, ...] = ()
+    judged = int(valid.sum()) * area >= WHOLE_INPUT_MIN_PIXELS
+    if judged and str(pixels.dtype) not in NARROW_DTYPES:  # 8-bit: its dtype's own warning
+        maxima = values[:, valid].amax(dim=1).tolist()
+        # not negative values: dB values, or an offset added twice, have their own rules
+        if max(maxima) <= LOW_MAX and float(values[:, valid].amin()) >= 0:
+            low = tuple(f"{n} {m:.4g}" for n, m in zip(names, maxima, strict=True))
     return _FileVerdict(
-        None, told, valid.numpy(), negative.numpy(), high, count, offset_added, size
+        None, told, valid.numpy(), negative.numpy(), high, low, count, offset_added, size
     )
 
 
@@ -1366,7 +1383,11 @@ def check_raw_reflectance(
 
     Warns (:class:`~torchgeo_dofa.transforms.ReflectanceWarning`) where more than half of
     the valid values of any band of a file the dataset reads
-    exceed :data:`~torchgeo_dofa.transforms.REFLECTANCE_MAX` (they embed as saturated), and
+    exceed :data:`~torchgeo_dofa.transforms.REFLECTANCE_MAX` (they embed as saturated); where
+    every valid value of every band of a file (at least
+    :data:`~torchgeo_dofa.transforms.WHOLE_INPUT_MIN_PIXELS` of them), offset added, lies in
+    [0, :data:`LOW_MAX`] (8-bit or percent values in a wider type; an 8-bit file has its
+    dtype's own warning); and
     where more than half of the valid pixels of a scene (of at least
     :data:`~torchgeo_dofa.transforms.WHOLE_INPUT_MIN_PIXELS`) are negative in every band
     read, offset added (an offset applied twice over a dark scene, dB values beside some
@@ -1441,6 +1462,29 @@ def check_raw_reflectance(
             f"{REFLECTANCE_MAX:.0f} in each (medians: {_first_few(each, separator='; ')}; read "
             f"decimated): {clips} Are the files scaled (x 10, or x 10000 twice) or "
             "radiance? (Scenes of bright cloud or snow can do this.)",
+            ReflectanceWarning,
+        )
+    low = [(os.path.basename(p), v) for p, v in verdicts.items() if v.low]
+    dim = (
+        f"reflectance x 10000 that low (below {LOW_MAX / 100:.2f} %) is darker than almost any "
+        "land, so they embed as near-black"
+    )
+    if len(low) == 1:
+        name, verdict = low[0]
+        _warnings.warn(
+            f"{name}: the valid values of every band stay at or below {LOW_MAX:.0f} (maxima: "
+            f"{', '.join(verdict.low)}; read decimated): {dim}. Are they 8-bit (0..255) or "
+            "percent (0..100) values? Rescale them to reflectance x 10000. (A scene of dark "
+            "water alone can do this.)",
+            ReflectanceWarning,
+        )
+    elif low:
+        each = [f"{name}: {', '.join(verdict.low)}" for name, verdict in low]
+        _warnings.warn(
+            f"{len(low)} files: the valid values of every band of each stay at or below "
+            f"{LOW_MAX:.0f} (maxima: {_first_few(each, separator='; ')}; read decimated): "
+            f"{dim}. Are they 8-bit (0..255) or percent (0..100) values? Rescale them to "
+            "reflectance x 10000. (Scenes of dark water alone can do this.)",
             ReflectanceWarning,
         )
     dark: dict[bool, list[tuple[str, float]]] = {}  # scenes mostly negative, by offset added
