@@ -4067,6 +4067,36 @@ def test_an_output_that_is_not_a_folder_is_named_for_what_it_is(tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "pipe"]
 
 
+def test_names_that_are_not_utf8_are_refused_before_anything_is_computed(
+    tmp_path, base_checkpoint, capsys
+) -> None:
+    """An output folder named in Latin-1 failed after every chip was computed (its paths go
+    into the outputs' UTF-8 metadata), exit 1, and every rerun likewise; an input file so
+    named was Python's "'utf-8' codec can't encode character '\\udce8' ...: surrogates not
+    allowed", naming neither the file nor the fix. Both are one line, exit 2, nothing made."""
+    latin = os.fsdecode(b"caf\xe9")
+    common = ["--weights", str(base_checkpoint), "--no-progress"]
+    out = tmp_path / latin
+    assert main(["embed", str(SCENE), "-o", str(out), *common]) == 2
+    fix = "its name is not valid UTF-8 (a name in another encoding, e.g. Latin-1), which the"
+    assert capsys.readouterr().err == (
+        f"torchgeo-dofa: error: output folder '{tmp_path}/caf\\xe9': {fix} outputs' metadata "
+        "cannot record: rename it in UTF-8 (convmv -f latin1 -t utf8 --notest NAME), or choose "
+        "another name\n"
+    )
+    assert not out.exists()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(SCENE, folder / f"{latin}.tif")
+    assert main(["embed", str(folder), "-o", str(tmp_path / "o"), *common]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"torchgeo-dofa: error: input '{folder}/caf\\xe9.tif': {fix} outputs' metadata"
+    )
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(InputError, match=r"^input '.*/caf\\xe9\.tif': its name is not valid"):
+        Sentinel2SR(folder)  # a dataset of your own (predict --config) likewise
+
+
 def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path) -> None:
     """``embed scenes/ -o scenes/out``: the grid written there is not a scene of the rerun
     (it used to be taken as an input and the rerun refused), nor of a config run."""

@@ -142,6 +142,7 @@ from torchgeo_dofa.bands import (
     split_date_copy,
     stac_asset_band,
 )
+from torchgeo_dofa.locks import refuse_undecodable_name
 from torchgeo_dofa.runtime import gdal_env, open_file_limit
 from torchgeo_dofa.spatial import (
     CRSTransformError,
@@ -1159,6 +1160,7 @@ class Sentinel2Base(RasterDataset):
                 continue
             if re.match(regex, name) is None:
                 continue
+            refuse_undecodable_name(path, "input", InputError)  # its name goes in the outputs
             try:
                 with _open_quietly(path) as src:
                     if _names_embedding_bands(src.descriptions):
@@ -3445,6 +3447,8 @@ def find_raster_inputs(
                 f"input {str(path)!r} holds no GeoTIFF or JPEG2000 file"
                 f"{_other_formats_hint(path, Sentinel2Base.extensions)}"
             )
+        for raster in rasters:  # before any is opened: GDAL and the outputs need UTF-8
+            refuse_undecodable_name(raster, "input", InputError)
         headers |= {p: _read_header(p) for p in rasters if p not in headers}
         match = EE_TILE_PATTERN.match(path.name)
         if path.is_dir():  # skip this package's outputs (e.g. -o inside the input folder)

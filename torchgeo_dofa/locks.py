@@ -43,6 +43,7 @@ __all__ = [
     "mark_launcher",
     "master_addr_problem",
     "master_port_problem",
+    "refuse_undecodable_name",
     "rendezvous_here",
     "report_ctrl_c",
     "stop_advice",
@@ -271,6 +272,36 @@ class JobLockedError(JobError, RuntimeError):
     exit_status = 75
 
 
+def refuse_undecodable_name(
+    path: str | os.PathLike[str], what: str, error: type[Exception] = ValueError
+) -> None:
+    r"""Refuse a path whose name is not valid UTF-8 (bytes Python holds as surrogates).
+
+    The outputs' metadata (GeoTIFF tags, GeoParquet columns, the job manifest) hold paths
+    as UTF-8 text: an output folder named in Latin-1 (``caf\xe9/``) failed after every chip
+    was computed, and every rerun failed the same way; an input file so named failed with
+    Python's "surrogates not allowed" naming neither the file nor the fix.
+
+    Args:
+        path: the path.
+        what: what to call it in the message (``"output folder"``, ``"input"``).
+        error: the exception class to raise.
+
+    Raises:
+        error: naming the path (its undecodable bytes as ``\xNN``) and the fix.
+    """
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        raise error(
+            f"{what} '{shown}': its name is not valid UTF-8 (a name in another encoding, "
+            "e.g. Latin-1), which the outputs' metadata cannot record: rename it in UTF-8 "
+            "(convmv -f latin1 -t utf8 --notest NAME), or choose another name"
+        ) from None
+
+
 class OutputPathError(ValueError):
     """A writer's output path cannot be this job's.
 
@@ -443,10 +474,12 @@ class OutputLock:
             JobLockedError: if another job (process or open lock) holds it.
             OutputPathError: if the folder or its lock file cannot be made (a full disk, a
                 read-only file system, a file in the path), naming the folder and the fix;
-                nothing made is left behind.
+                nothing made is left behind; if the folder's name is not valid UTF-8
+                (:func:`refuse_undecodable_name`).
         """
         if not is_launcher():
             return
+        refuse_undecodable_name(self.folder, "output folder", OutputPathError)
         created: list[Path] = []
         fd: int | None = None
         try:

@@ -54,7 +54,14 @@ from torch import Tensor
 
 from . import _warnings
 from ._errors import exception_chain
-from .locks import OutputLock, OutputPathError, die_with_launcher, is_launcher, mark_launcher
+from .locks import (
+    OutputLock,
+    OutputPathError,
+    die_with_launcher,
+    is_launcher,
+    mark_launcher,
+    refuse_undecodable_name,
+)
 from .runtime import GRID_SUFFIXES, TABLE_SUFFIXES
 from .spatial import crs_label, same_crs
 
@@ -785,6 +792,7 @@ class _PartsWriter(BasePredictionWriter):
             JobLockedError: when another job holds the folder's lock (exit status 75).
         """
         path, resolved = self.path, self.path.resolve()
+        refuse_undecodable_name(resolved, "output", OutputPathError)
         self._refuse_folder_path()
         if is_input_file(path, set(inputs)):
             raise OutputPathError(
