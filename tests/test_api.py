@@ -1074,6 +1074,39 @@ def test_export_is_resumable_and_atomic(tmp_path, chip_a, weights, tensor_a) -> 
     assert not np.allclose(frame.embedding.iloc[1], frame.embedding.iloc[0])
 
 
+def test_an_export_rerun_naming_regions_by_ids_they_did_not_have_is_refused(
+    tmp_path, chip_a, weights
+) -> None:
+    """The default ids go by position: a rerun with the same points in another order (or a
+    new point first) added rows with the ids of the saved ones, p00000 twice at two places,
+    exit normally. Refused before anything is computed; names= given, any order resumes."""
+    _, _, _, bounds = chip_a
+    a = _centre_point(bounds)
+    b = _centre_point((bounds[0] - CHIP_M, *bounds[1:3], bounds[3]))
+    out = tmp_path / "emb.parquet"
+    model = ExportModelRequest.configure("dofa", variant="base", weights=weights)
+    kwargs: dict[str, Any] = dict(
+        temporal=None, models=[model], out_path=out, paths=[SCENE], device="cpu"
+    )
+    export_batch(spatials=[a, b], **kwargs)
+    before = out.read_bytes()
+    with pytest.raises(ModelError) as refused:
+        export_batch(spatials=[b, a], **kwargs)
+    assert str(refused.value) == (
+        f"{out} holds a row for item_id 'p00000' of another region than {b!r}: the default "
+        "ids go by position (p00000 is the first region), so the same regions in another "
+        "order, or others, rename them: give names= (one id per region), or write to another "
+        "out_path"
+    )
+    assert out.read_bytes() == before
+    named = tmp_path / "named.parquet"
+    export_batch(spatials=[a, b], names=["a", "b"], **(kwargs | {"out_path": named}))
+    again = export_batch(spatials=[b, a], names=["b", "a"], **(kwargs | {"out_path": named}))
+    assert (again.computed, again.skipped, again.rows) == (0, 2, 2)
+    with pytest.raises(ModelError, match="item_id 'a' of another region than .*: give each"):
+        export_batch(spatials=[b], names=["a"], **(kwargs | {"out_path": named}))
+
+
 def test_export_rows_carry_the_share_of_pixels_holding_data(tmp_path, chip_a, weights) -> None:
     """``embed``'s pooled table has ``valid_fraction``; the export's rows had no such column,
     so rows mostly fill could not be told from the others. Chip A with its left quarter

@@ -2035,7 +2035,9 @@ def export_batch(
         done: set[str] = set(existing["row_key"]) if existing is not None else set()
         parts.mkdir(parents=True, exist_ok=True)
         marker = parts / _EXPORT_IDENTITY  # written with the first part: a refusal leaves none
-        done |= {p.stem for p in _readable_parts(parts)}
+        readable = _readable_parts(parts)
+        done |= {p.stem for p in readable}
+        _refuse_renamed_regions(out, existing, readable, ids, spatial_list, jobs, names is None)
         dataset = None  # shared when no request overrides the sensor
         if which == "local" and paths is not None:
             with contextlib.suppress(NoSceneError):  # each job's items fail with it below
@@ -2336,6 +2338,53 @@ def _check_export_path(out: Path) -> None:
         raise ModelError(
             f"out_path {out} is not a file (a device or pipe): give a .parquet file name"
         )
+
+
+def _refuse_renamed_regions(
+    out: Path,
+    existing: Any,
+    parts: Sequence[Path],
+    ids: Sequence[str],
+    spatials: Sequence[Any],
+    jobs: Sequence[tuple[Any, _Config, Any, str]],
+    by_position: bool,
+) -> None:
+    """Refuse an export whose ``item_id`` names another region than the rows already saved.
+
+    Rows are keyed by (item_id, region, settings): a rerun naming a region by an id the
+    table holds for another region (the default ids ``p00000`` ... go by position, so the
+    same regions in another order do) added a second row under that id, with no word.
+
+    Raises:
+        ModelError: naming the id, both regions and the fix, before anything is computed.
+    """
+    stored: dict[tuple[str, str], str] = {}  # (item_id, config_id) -> row_key
+    if existing is not None and {"item_id", "config_id"} <= set(existing.columns):
+        for item, config, key in zip(
+            existing["item_id"], existing["config_id"], existing["row_key"], strict=True
+        ):
+            stored[(str(item), str(config))] = str(key)
+    for path in parts:
+        with np.load(path) as part:
+            meta = json.loads(str(part["meta"]))
+        stored[(str(meta.get("item_id")), str(meta.get("config_id")))] = path.stem
+    if not stored:
+        return
+    for *_, config_id in jobs:
+        for item, spatial in zip(ids, spatials, strict=True):
+            key = stored.get((item, config_id))
+            if key is not None and key != _digest(item, _spatial_key(spatial), config_id):
+                how = (
+                    "the default ids go by position (p00000 is the first region), so the "
+                    "same regions in another order, or others, rename them: give names= "
+                    "(one id per region)"
+                    if by_position
+                    else "give each region its own id in names="
+                )
+                raise ModelError(
+                    f"{out} holds a row for item_id {item!r} of another region than "
+                    f"{_region_label(spatial)}: {how}, or write to another out_path"
+                )
 
 
 def _readable_parts(parts: Path) -> list[Path]:
