@@ -2388,6 +2388,42 @@ def test_predict_config_writes_the_same_files_as_embed(
     assert frame.attrs == ref_frame.attrs
 
 
+def test_predict_config_points_are_rows_in_their_order_as_embed_writes_them(
+    tmp_path, base_checkpoint
+) -> None:
+    """``predict --config`` with the data module's ``points=`` wrote its rows north-west
+    first, without ``point_index`` (nor lon / lat), so rows could not be matched to the
+    points (two equal points: two rows alike). Its table is ``embed --points``'s now: rows in
+    the points' order, numbered, the same columns and values."""
+    import yaml
+
+    with rasterio.open(SCENE) as src:
+        b = src.bounds
+    south = _scene_lonlat(b.left + 1500, b.bottom + 1500)
+    north = _scene_lonlat(b.left + 4000, b.top - 1200)
+    pts = [south, north, south]
+    (tmp_path / "pts.csv").write_text("lon,lat\n" + "".join(f"{x},{y}\n" for x, y in pts))
+    common = ["--weights", str(base_checkpoint), "--no-progress", "--precision", "32"]
+    points = ["--points", str(tmp_path / "pts.csv"), "--buffer-m", "1120", "--output", "pooled"]
+    assert main(["embed", str(SCENE), *points, "-o", str(tmp_path / "e"), *common]) == 0
+    cfg = _predict_config(tmp_path, base_checkpoint)
+    cfg["data"]["init_args"]["points"] = [{"lon": x, "lat": y, "buffer_m": 1120} for x, y in pts]
+    cfg["model"]["init_args"]["output"] = "pooled"
+    cfg["trainer"]["callbacks"] = cfg["trainer"]["callbacks"][1:]  # the table alone
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 0
+    got = gpd.read_parquet(tmp_path / "p.parquet")
+    ref = gpd.read_parquet(tmp_path / "e" / "ftw_s2_l2a_33N_pooled.parquet")
+    assert list(got.columns) == list(ref.columns)
+    assert got.point_index.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(got[["lon", "lat"]].to_numpy(), np.array(pts))
+    assert got.chip_id.tolist() == ref.chip_id.tolist()
+    assert got.chip_id[0] == got.chip_id[2] != got.chip_id[1]
+    np.testing.assert_allclose(
+        np.stack(got.embedding), np.stack(ref.embedding), rtol=0, atol=SAME_JOB_ATOL
+    )
+
+
 def test_predict_config_resumed_with_every_chip_written_assembles(
     tmp_path, reference_run, base_checkpoint, capsys
 ) -> None:

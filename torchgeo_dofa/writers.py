@@ -1583,6 +1583,28 @@ class GridWriter(_PartsWriter):
         shutil.rmtree(self.parts, ignore_errors=True)
 
 
+def point_properties(points: Sequence[Any]) -> pd.DataFrame:
+    """The ``properties`` of a pooled table of a data module's ``points=``.
+
+    ``point_index`` (0, 1, ... in the given order) and, for each
+    :class:`~torchgeo_dofa.spatial.PointBuffer`, its ``lon`` / ``lat`` (NaN for a box or a
+    geometry), as ``embed --points`` writes them.
+
+    Args:
+        points: the regions, in order.
+
+    Returns:
+        One row per region.
+    """
+    return pd.DataFrame(
+        {
+            "point_index": np.arange(len(points), dtype=np.int64),
+            "lon": [float(getattr(p, "lon", math.nan)) for p in points],
+            "lat": [float(getattr(p, "lat", math.nan)) for p in points],
+        }
+    )
+
+
 class PooledWriter(_PartsWriter):
     """Write pooled embeddings as a GeoParquet table, one row per chip.
 
@@ -1669,7 +1691,7 @@ class PooledWriter(_PartsWriter):
                     "(as torchgeo_dofa.spatial.read_points returns)"
                 )
             properties = properties.reset_index(drop=True)
-        self.properties = properties
+        self.properties = self._given_properties = properties
 
     @staticmethod
     def key_for_chip(chip: Sequence[slice]) -> str:
@@ -1707,8 +1729,14 @@ class PooledWriter(_PartsWriter):
         whole = bounds[2] if isinstance(bounds, tuple) and len(bounds) > 2 else None
         self._chip_times = {k: _time_span(c, whole) for k, c in zip(keys, chips, strict=True)}
         self.chip_keys = self._given_keys
+        self.properties = self._given_properties
         if self.chip_keys is None and sampler is not None:
             self.chip_keys = keys
+            points = getattr(dm, "points", None) if getattr(dm, "mode", "") == "points" else None
+            if self.properties is None and points is not None and len(points) == len(keys):
+                # a data module's points= (predict --config): rows in the points' order,
+                # numbered as embed --points numbers them (they came north-west first)
+                self.properties = point_properties(points)
         self.check_parts_identity(trainer, {"crs": self.crs.to_wkt(), "source": self.source})
         self._done = self._resume_keys()
 
