@@ -2726,6 +2726,41 @@ def test_points_csv_and_geojson(tmp_path, base_checkpoint) -> None:
     np.testing.assert_array_equal(np.stack(other.embedding), np.stack(frame.embedding))
 
 
+def test_python_embed_arguments_the_command_line_cannot_give_are_checked(
+    tmp_path, base_checkpoint
+) -> None:
+    """In Python, ``wavelengths="0.665"`` was read as 5 wavelengths (its characters),
+    ``bbox=BBox(...)`` failed with a TypeError ("argument after * must be an iterable") and
+    ``stride=112.5`` placed chips off the pixel grid. One InputError each, before anything is
+    written; a BBox is taken as its corners."""
+    from torchgeo_dofa.spatial import BBox
+
+    with rasterio.open(SCENE) as src:
+        b = src.bounds
+    lo0, la0 = _scene_lonlat(b.left + 100, b.bottom + 100)
+    lo1, la1 = _scene_lonlat(b.left + 2000, b.bottom + 2000)
+    kwargs: dict[str, Any] = {"weights": str(base_checkpoint), "progress": False}
+    bad: dict[str, dict[str, Any]] = {
+        "wavelengths='0.665' is one string: give a list, one entry per band": {
+            "bands": ["B4"], "wavelengths": "0.665"},
+        "bands='B4' is one string: give a list, one entry per band": {"bands": "B4"},
+        "bbox=(1.0, 2.0): give (minlon, minlat, maxlon, maxlat) in degrees, or a torchgeo_dofa"
+        ".BBox": {"bbox": (1.0, 2.0)},
+        "stride=112.5: give a whole number of pixels": {"stride": 112.5},
+        "chip_size=True: give a whole number of pixels": {"chip_size": True},
+    }  # fmt: skip
+    for said, given in bad.items():
+        with pytest.raises(InputError) as refused:
+            embed([SCENE], tmp_path / "bad", **kwargs, **given)
+        assert str(refused.value) == said
+    assert not (tmp_path / "bad").exists()
+    box = BBox(lo0, la0, lo1, la1)
+    embed([SCENE], tmp_path / "a", bbox=box, output="pooled", **kwargs)
+    embed([SCENE], tmp_path / "b", bbox=(lo0, la0, lo1, la1), output="pooled", **kwargs)
+    a, c = (gpd.read_parquet(tmp_path / n / "ftw_s2_l2a_33N_pooled.parquet") for n in "ab")
+    assert len(a) == 1 and a.chip_id.tolist() == c.chip_id.tolist()
+
+
 def test_bbox_restricts_the_region(tmp_path, base_checkpoint, reference_run) -> None:
     """A box's chips and grid cells are the whole scene's that meet it, with their values:
     the chips were placed from the box's own south-west pixel, so a box's outputs could not

@@ -285,6 +285,10 @@ def test_wavelengths_contradicting_sentinel2_names_are_refused() -> None:
         "wavelengths contradict the band names DOFA's statistics are looked up by (B4 is "
         "0.665 um, not 0.49; B2 is 0.49 um, not 0.665): a channel would be normalised as one band"
     )
+    from torchgeo_dofa.cli import cli_hints
+
+    # the command's hint: it ended "or the bands' own --mean /std=" (mean=/std= half rewritten)
+    assert cli_hints(str(refused.value)).endswith("or the bands' own --mean and --std")
     with pytest.raises(BandError, match="R is 0.665 um, not 0.49"):  # the rgb preset's names
         DOFAPreprocess(bands=["R", "G", "B"], wavelengths=[0.49, 0.56, 0.665])
     # nanometres keep their own hint

@@ -402,7 +402,7 @@ def check_names_fit(bands: Sequence[str], wavelengths: Sequence[float] | Tensor)
             f"wavelengths contradict the band names DOFA's statistics are looked up by "
             f"({'; '.join(wrong)}): a channel would be normalised as one band and embedded as "
             "another; give the names and wavelengths of the channels in their order (or the "
-            "names alone: their wavelengths are inferred), or the bands' own mean=/std="
+            "names alone: their wavelengths are inferred), or the bands' own mean= and std="
         )
 
 

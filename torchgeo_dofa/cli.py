@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the heavy modules load when a job runs, not for --help or a
     import lightning.pytorch as pl
 
     from .datasets import InputError, RasterInput
+    from .spatial import BBox
 
 __all__ = ["EmbedSummary", "InputError", "embed", "main"]
 
@@ -423,6 +424,41 @@ def default_chips_per_second(precision: str, accelerator: str) -> float:
     return 7.9 if precision == "bf16" else 4.2
 
 
+def _python_argument_problem(
+    *,
+    bbox: Any,
+    chip_size: Any,
+    stride: Any,
+    **lists: Any,
+) -> str | None:
+    """The first argument of :func:`embed` given in a form the command line cannot give.
+
+    A string for a list, a box of other than 4 numbers, a fractional pixel count; or None.
+
+    ``wavelengths="0.665"`` was read as 5 values (its characters), ``bbox=`` of a ``BBox``
+    failed with a ``TypeError`` ("argument after * must be an iterable") and ``stride=112.5``
+    placed chips off the pixel grid.
+    """
+    for name, value in lists.items():
+        if isinstance(value, str | bytes):
+            return f"{name}={value!r} is one string: give a list, one entry per band"
+    if bbox is not None:
+        try:
+            corners = [float(v) for v in bbox]
+        except (TypeError, ValueError):
+            corners = []
+        if len(corners) != 4:
+            return (
+                f"bbox={bbox!r}: give (minlon, minlat, maxlon, maxlat) in degrees, or a "
+                "torchgeo_dofa.BBox"
+            )
+    for name, value in (("chip_size", chip_size), ("stride", stride)):
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if value is not None and (isinstance(value, bool) or not whole):
+            return f"{name}={value!r}: give a whole number of pixels"
+    return None
+
+
 def option_problem(
     inputs: Sequence[str | os.PathLike[str]],
     *,
@@ -718,7 +754,7 @@ def embed(
     stride: int | None = None,
     points: str | Path | None = None,
     buffer_m: float = 2048.0,
-    bbox: Sequence[float] | None = None,
+    bbox: Sequence[float] | BBox | None = None,
     progress: bool = True,
     metadata: dict[str, str] | None = None,
     overwrite: bool = False,
@@ -787,7 +823,8 @@ def embed(
         stride: chip stride in pixels (default ``chip_size``), a multiple of the cell.
         points: CSV (lon, lat) or GeoJSON of points; one chip per point (pooled only).
         buffer_m: half-side of each point's chip, metres.
-        bbox: ``(minlon, minlat, maxlon, maxlat)`` region of interest.
+        bbox: ``(minlon, minlat, maxlon, maxlat)`` region of interest, or a
+            :class:`~torchgeo_dofa.spatial.BBox`.
         progress: show Lightning's progress bar.
         metadata: extra tags stored in every output.
         overwrite: replace the outputs of a different earlier job in ``output_dir``
@@ -879,7 +916,18 @@ def embed(
     except ValueError as err:
         raise InputError(str(err).replace("unknown precision", "unknown --precision")) from None
     inputs = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
-    problem = option_problem(
+    if isinstance(bbox, BBox):  # the API's box: taken as its corners
+        bbox = (bbox.minlon, bbox.minlat, bbox.maxlon, bbox.maxlat)
+    problem = _python_argument_problem(
+        bands=bands,
+        file_bands=file_bands,
+        wavelengths=wavelengths,
+        mean=mean,
+        std=std,
+        bbox=bbox,
+        chip_size=chip_size,
+        stride=stride,
+    ) or option_problem(
         inputs,
         output_dir=output_dir,
         stac=stac,
