@@ -2748,6 +2748,8 @@ def test_python_embed_arguments_the_command_line_cannot_give_are_checked(
         ".BBox": {"bbox": (1.0, 2.0)},
         "stride=112.5: give a whole number of pixels": {"stride": 112.5},
         "chip_size=True: give a whole number of pixels": {"chip_size": True},
+        "bbox='1234': give (minlon, minlat, maxlon, maxlat) in degrees, or a torchgeo_dofa.BBox":
+            {"bbox": "1234"},
     }  # fmt: skip
     for said, given in bad.items():
         with pytest.raises(InputError) as refused:
@@ -2756,7 +2758,8 @@ def test_python_embed_arguments_the_command_line_cannot_give_are_checked(
     assert not (tmp_path / "bad").exists()
     box = BBox(lo0, la0, lo1, la1)
     embed([SCENE], tmp_path / "a", bbox=box, output="pooled", **kwargs)
-    embed([SCENE], tmp_path / "b", bbox=(lo0, la0, lo1, la1), output="pooled", **kwargs)
+    embed([SCENE], tmp_path / "b", bbox=(lo0, la0, lo1, la1), output="pooled", **kwargs,
+          chip_size=np.int64(224), stride=224.0)  # type: ignore[arg-type]  # fmt: skip
     a, c = (gpd.read_parquet(tmp_path / n / "ftw_s2_l2a_33N_pooled.parquet") for n in "ab")
     assert len(a) == 1 and a.chip_id.tolist() == c.chip_id.tolist()
 

@@ -33,7 +33,6 @@ if TYPE_CHECKING:  # the heavy modules load when a job runs, not for --help or a
     import lightning.pytorch as pl
 
     from .datasets import InputError, RasterInput
-    from .spatial import BBox
 
 __all__ = ["EmbedSummary", "InputError", "embed", "main"]
 
@@ -444,7 +443,7 @@ def _python_argument_problem(
             return f"{name}={value!r} is one string: give a list, one entry per band"
     if bbox is not None:
         try:
-            corners = [float(v) for v in bbox]
+            corners = [] if isinstance(bbox, str | bytes) else [float(v) for v in bbox]
         except (TypeError, ValueError):
             corners = []
         if len(corners) != 4:
@@ -453,8 +452,13 @@ def _python_argument_problem(
                 "torchgeo_dofa.BBox"
             )
     for name, value in (("chip_size", chip_size), ("stride", stride)):
-        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-        if value is not None and (isinstance(value, bool) or not whole):
+        if value is None:
+            continue
+        try:  # numpy's integers and floats too; a bool is not a pixel count
+            whole = not isinstance(value, bool) and float(value) == int(value)
+        except (TypeError, ValueError, OverflowError):
+            whole = False
+        if not whole:
             return f"{name}={value!r}: give a whole number of pixels"
     return None
 
@@ -754,7 +758,7 @@ def embed(
     stride: int | None = None,
     points: str | Path | None = None,
     buffer_m: float = 2048.0,
-    bbox: Sequence[float] | BBox | None = None,
+    bbox: Sequence[float] | Any | None = None,
     progress: bool = True,
     metadata: dict[str, str] | None = None,
     overwrite: bool = False,
@@ -824,7 +828,8 @@ def embed(
         points: CSV (lon, lat) or GeoJSON of points; one chip per point (pooled only).
         buffer_m: half-side of each point's chip, metres.
         bbox: ``(minlon, minlat, maxlon, maxlat)`` region of interest, or a
-            :class:`~torchgeo_dofa.spatial.BBox`.
+            :class:`~torchgeo_dofa.spatial.BBox` (typed ``Any`` beside the sequence so that
+            the signature's type hints resolve without importing the spatial module).
         progress: show Lightning's progress bar.
         metadata: extra tags stored in every output.
         overwrite: replace the outputs of a different earlier job in ``output_dir``
@@ -946,6 +951,8 @@ def embed(
     )
     if problem is not None:
         raise InputError(problem)
+    chip_size = int(chip_size)  # numpy's integers, 224.0: the manifest's JSON takes ints
+    stride = None if stride is None else int(stride)
     if _DEVICE_COUNT.fullmatch(str(devices).strip()):
         devices = int(str(devices).strip())
     elif accelerator != "cuda" and str(devices).strip().lower() != "auto":
