@@ -7,6 +7,7 @@ once per module (fixtures) and reused.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import warnings
@@ -435,7 +436,7 @@ def test_local_band_errors_say_where_the_datasets_arguments_go(tmp_path, chip_a)
 
 
 def test_a_weights_file_replaced_under_its_name_is_loaded_again(
-    tmp_path, chip_a, base_state
+    tmp_path, chip_a, base_state, monkeypatch
 ) -> None:
     """The encoder cache was keyed by the file's name: a checkpoint copied over it (a fit's
     last.ckpt, every epoch) was never read again, its old encoder served, and an export's
@@ -453,6 +454,26 @@ def test_a_weights_file_replaced_under_its_name_is_loaded_again(
     np.testing.assert_allclose(second, first + 1.0, atol=1e-4)
     # unchanged since: served from the cache (the same encoder object)
     assert api._module("base", str(path), "cpu") is api._module("base", str(path), "cpu")
+    # rewritten in place to the same size, its modification time put back (cp -p, an
+    # archive): its change time tells
+    old = path.stat()
+    other["norm.bias"] = base_state["norm.bias"] + 2.0
+    data = write_checkpoint(tmp_path / "3" / "new.pth", other).read_bytes()  # its archive name
+    assert len(data) == old.st_size
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    third = get_embedding("dofa", weights=str(path), **kwargs).data
+    np.testing.assert_allclose(third, first + 2.0, atol=1e-4)
+    # "official" read from TORCHGEO_DOFA_WEIGHTS_DIR: the file there replaced
+    folder = tmp_path / "official"
+    official = write_checkpoint(folder / "DOFA_ViT_base_e100.pth", base_state)
+    monkeypatch.setenv("TORCHGEO_DOFA_WEIGHTS_DIR", str(folder))
+    np.testing.assert_allclose(get_embedding("dofa", weights="official", **kwargs).data, first)
+    path.replace(official)
+    np.testing.assert_allclose(
+        get_embedding("dofa", weights="official", **kwargs).data, first + 2.0, atol=1e-4
+    )
 
 
 def test_a_sensor_choosing_bands_a_dataset_does_not_read_is_refused(tmp_path, chip_a) -> None:

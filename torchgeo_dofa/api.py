@@ -133,7 +133,7 @@ from .runtime import TABLE_SUFFIXES, resolve_accelerator
 from .spatial import BBox, CRSTransformError, PointBuffer, Region, crs_label, crs_name
 from .stac import StacUnavailableError
 from .transforms import INPUT_PREPS, DOFAPreprocess, ReflectanceError, as_float32, nodata_mask
-from .weights import env_setting, names_random_weights
+from .weights import env_setting, local_weights_file, names_random_weights
 from .writers import atomic_write, utc_us
 
 __all__ = [
@@ -519,18 +519,22 @@ def _weights_key(weights: str | os.PathLike[str] | None) -> str:
     return "file|" + str(Path(weights).expanduser().resolve())
 
 
-def _file_signature(weights: str | os.PathLike[str] | None) -> tuple[int, ...] | None:
-    """A weights file's identity on disk: device, inode, size, modification time (ns).
+def _file_signature(variant: str, weights: str | os.PathLike[str] | None) -> tuple[int, ...] | None:
+    """The identity on disk of the weights file an encoder is loaded from.
 
-    None for random or official weights (official files are checked by their hash).
+    Device, inode, size, modification and change times (ns) of the local file
+    (:func:`~torchgeo_dofa.weights.local_weights_file`: a path, the official file name in a
+    folder, ``TORCHGEO_DOFA_*_WEIGHTS`` / ``WEIGHTS_DIR`` for ``official``); None for random
+    weights and the Hugging Face cache's files (named by their content).
     """
-    if weights is None or str(weights) == "official":
+    path = local_weights_file(variant, weights)
+    if path is None:
         return None
     try:
-        st = Path(weights).expanduser().stat()
+        st = path.stat()
     except OSError:
         return None  # loading it says what is wrong
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _module(variant: str, weights: str | os.PathLike[str] | None, device: str) -> DOFAEmbedder:
@@ -538,11 +542,11 @@ def _module(variant: str, weights: str | os.PathLike[str] | None, device: str) -
 
     A weights file replaced or rewritten under the same name since (Lightning's ``last.ckpt``
     is, every epoch) is loaded again, replacing the cached encoder: the file's device, inode,
-    size and modification time are compared (the encoder of the old file was served before,
-    and an export credited its rows to the new file).
+    size, modification and change times are compared (:func:`_file_signature`; the encoder
+    of the old file was served before, and an export credited its rows to the new file).
     """
     key = (variant, _weights_key(weights), device)
-    signature = _file_signature(weights)
+    signature = _file_signature(variant, weights)
     with _CACHE_LOCK:
         cached = _CACHE.get(key)
         if cached is not None and cached[0] == signature:

@@ -56,6 +56,7 @@ __all__ = [
     "load_checkpoint",
     "load_dofa",
     "load_state_dict_into",
+    "local_weights_file",
     "names_random_weights",
     "read_state_dict",
     "resolve_weights",
@@ -200,6 +201,31 @@ def resolve_weights(
             )
         return WeightsResolution(path, "TORCHGEO_DOFA_WEIGHTS_DIR", None, f"file:{cfg.filename}")
     return download_official(variant)
+
+
+def local_weights_file(variant: str, weights: str | os.PathLike[str] | None) -> Path | None:
+    """The local file :func:`resolve_weights` would read, without downloading or checking.
+
+    Args:
+        variant: ``base``/``b`` or ``large``/``l``.
+        weights: ``"official"``, a checkpoint path or a folder holding the official file
+            name, or None (random weights).
+
+    Returns:
+        The file (which may not exist), or None for random weights and for official weights
+        from the Hugging Face cache (whose files are named by their content).
+    """
+    if weights is None:
+        return None
+    cfg = PRETRAINED[canonical_variant(variant)]
+    if str(weights) != "official":
+        path = Path(weights).expanduser()
+        return path / cfg.filename if path.is_dir() else path
+    file_value = env_setting(f"{canonical_variant(variant).upper()}_WEIGHTS")
+    if file_value:
+        return Path(file_value).expanduser()
+    dir_value = env_setting("WEIGHTS_DIR")
+    return Path(dir_value).expanduser() / cfg.filename if dir_value else None
 
 
 def _official_file_in(folder: Path, cfg: PretrainedConfig) -> Path:
