@@ -353,6 +353,23 @@ def test_an_edited_or_damaged_manifest_of_the_wrong_kind_is_unreadable(
     with OutputLock(out):
         _manifest([scene]).check_or_write(out, overwrite=True)
     assert bystander.read_text() == "mine"
+    # names no job writes ("." was the folder: "Is a directory"), or hidden: unreadable
+    for listed in (".", "t", ".torchgeo-dofa.lock"):
+        (out / MANIFEST_NAME).write_text(json.dumps(stored | {"outputs": [listed]}))
+        with OutputLock(out), pytest.raises(JobMismatchError, match="is unreadable .*GeoTIFF"):
+            _manifest([scene]).check_or_write(out)
+    # the job's own input listed as an output (an edited manifest): --overwrite deleted it
+    mine = out / "mine.tif"
+    mine.write_bytes(b"an input")
+    (out / MANIFEST_NAME).write_text(json.dumps(stored | {"outputs": ["mine.tif"]}))
+    with OutputLock(out), pytest.raises(JobMismatchError) as refused:
+        _manifest([mine]).check_or_write(out, overwrite=True)
+    assert str(refused.value) == (
+        f"the job manifest {out / MANIFEST_NAME} lists mine.tif, an input of this job, as an "
+        "output: it was edited or damaged; --overwrite deletes nothing: delete that manifest "
+        "(keep the input) and rerun, or choose another -o"
+    )
+    assert mine.read_bytes() == b"an input"
 
 
 def test_manifest_resume_cleans_only_this_jobs_stale_temps(tmp_path: Path, scene: Path) -> None:

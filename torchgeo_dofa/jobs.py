@@ -74,6 +74,7 @@ from .locks import (  # defined there (no PyTorch needed); importable from here 
     report_ctrl_c,
     stop_advice,
 )
+from .runtime import GRID_SUFFIXES, TABLE_SUFFIXES
 from .spatial import WGS84, PointBuffer, transformer
 from .weights import resolve_weights, sha256_file
 from .writers import (
@@ -409,6 +410,9 @@ def _input_files(value: Any) -> bool:
     )
 
 
+#: What an embed job writes: grids and tables (a manifest listing anything else was edited).
+_OUTPUT_SUFFIXES = frozenset((*GRID_SUFFIXES, *TABLE_SUFFIXES))
+
 #: What each field of a stored :class:`JobManifest` must hold (checked as it is read).
 _MANIFEST_KINDS: dict[str, Any] = {
     "inputs": _input_files,
@@ -518,6 +522,10 @@ class JobManifest:
         for out in self.outputs:
             if Path(out).is_absolute() or ".." in Path(out).parts or "/" in out:
                 raise ValueError(f"manifest outputs are file names in the folder, got {out!r}")
+            if out.startswith(".") or Path(out).suffix.lower() not in _OUTPUT_SUFFIXES:
+                raise ValueError(
+                    f"manifest outputs are GeoTIFF / GeoParquet file names, got {out!r}"
+                )
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as a JSON-ready dict (field order kept)."""
@@ -649,6 +657,14 @@ class JobManifest:
                 problem = f"its job manifest {path} is unreadable ({err})"
         if overwrite:
             old = previous.outputs if previous is not None else []
+            inputs = {i.path for i in self.inputs}  # resolved paths
+            listed = [n for n in old if str((folder / n).resolve()) in inputs]
+            if listed:  # an edited manifest: deleting the job's own input loses data
+                raise JobMismatchError(
+                    f"the job manifest {path} lists {', '.join(listed)}, an input of this "
+                    "job, as an output: it was edited or damaged; --overwrite deletes nothing: "
+                    "delete that manifest (keep the input) and rerun, or choose another -o"
+                )
             for name in sorted(set(old) | set(self.outputs)):
                 _remove_output(folder / name)
         elif previous is not None:
