@@ -1120,6 +1120,11 @@ def test_an_export_rerun_naming_regions_by_ids_they_did_not_have_is_refused(
         "out_path"
     )
     assert out.read_bytes() == before
+    # the same points of other number types (numpy's floats, an int buffer): resumed
+    same = PointBuffer(np.float64(a.lon), np.float64(a.lat), 1120)
+    assert same == a and repr(same) == repr(a)
+    resumed = export_batch(spatials=[same, b], **kwargs)
+    assert (resumed.computed, resumed.skipped) == (0, 2)
     named = tmp_path / "named.parquet"
     export_batch(spatials=[a, b], names=["a", "b"], **(kwargs | {"out_path": named}))
     again = export_batch(spatials=[b, a], names=["b", "a"], **(kwargs | {"out_path": named}))
@@ -1485,7 +1490,7 @@ def test_local_file_in_a_local_crs_is_refused_in_the_apis_terms(tmp_path) -> Non
     with pytest.raises(CRSTransformError) as refused:
         get_embedding("dofa", spatial=PointBuffer(3.0, 50.5, 100), paths=tmp_path, weights=None)
     assert str(refused.value) == (
-        "cannot place PointBuffer(lon=3.0, lat=50.5, buffer_m=100) (longitude / latitude) on "
+        "cannot place PointBuffer(lon=3.0, lat=50.5, buffer_m=100.0) (longitude / latitude) on "
         "files in Engineering CRS 'site' (a local CRS is not tied to the Earth): give the files "
         "their real CRS (gdal_edit.py -a_srs EPSG:<code>), or embed them whole in their own CRS "
         "with torchgeo-dofa embed FILES -o OUT/"

@@ -789,6 +789,14 @@ def test_another_products_metadata_above_an_undated_file_is_not_used(tmp_path: P
         ds = Sentinel2SR(field)
     assert ds.index["offset"].iloc[0] == (-1000.0,) * len(ds.bands)
     assert ds.index["offset_source"].iloc[0] == f"metadata {tmp_path / 'mtd' / 'MTD_MSIL2A.xml'}"
+    # a tile across the antimeridian (longitudes 179.4 ... -179.6): as a plain polygon it ran
+    # the other way round the globe and missed its own files; its footprint is not used
+    from torchgeo_dofa.datasets import _footprint
+
+    across = "-16.0 179.4 -16.0 -179.6 -17.0 -179.6 -17.0 179.4 -16.0 179.4"
+    assert _footprint(across) is None
+    inside = _footprint("-16.0 178.4 -16.0 179.4 -17.0 179.4 -17.0 178.4 -16.0 178.4")
+    assert inside is not None and inside.bounds == (178.4, -17.0, 179.4, -16.0)
 
 
 def test_a_safe_with_its_bands_converted_to_geotiff_in_place_reads_the_same(

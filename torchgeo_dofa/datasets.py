@@ -378,14 +378,22 @@ def read_product_metadata(path: Path) -> ProductMetadata:
 
 
 def _footprint(text: str) -> shapely.Polygon | None:
-    """ESA's ``EXT_POS_LIST`` (latitude longitude pairs) as a longitude / latitude polygon."""
+    """ESA's ``EXT_POS_LIST`` (latitude longitude pairs) as a longitude / latitude polygon.
+
+    None where it cannot be one: not numbers, fewer than 3 points, an invalid ring, or a
+    footprint across the antimeridian (its longitudes wrap from 180 to -180: as a plain
+    polygon it would run the other way round the globe and miss its own files).
+    """
     try:
         values = [float(v) for v in text.split()]
     except ValueError:
         return None
     if len(values) < 6 or len(values) % 2:
         return None
-    polygon = shapely.Polygon(list(zip(values[1::2], values[::2], strict=True)))
+    lons = values[1::2]
+    if max(lons) - min(lons) > 180:  # across the antimeridian (179.4 ... -179.6): unknown
+        return None
+    polygon = shapely.Polygon(list(zip(lons, values[::2], strict=True)))
     return polygon if polygon.is_valid and not polygon.is_empty else None
 
 

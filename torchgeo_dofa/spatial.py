@@ -23,9 +23,10 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -57,6 +58,23 @@ __all__ = [
 WGS84 = CRS.from_epsg(4326)
 
 
+def _as_floats(obj: Any, names: Sequence[str]) -> None:
+    """Set a frozen dataclass's fields ``names`` to Python floats.
+
+    Raises:
+        TypeError: naming a field that is not a real number (a string, a bool, None).
+    """
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool | str | bytes) or value is None:
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a number, got {value!r}") from None
+        object.__setattr__(obj, name, number)
+
+
 @dataclass(frozen=True)
 class PointBuffer:
     """A point with a buffer in metres: the square of side ``2 * buffer_m`` centred on it.
@@ -72,11 +90,16 @@ class PointBuffer:
     buffer_m: float
 
     def __post_init__(self) -> None:
-        """Validate the coordinates and the buffer.
+        """Store the numbers as Python floats; validate the coordinates and the buffer.
+
+        ``PointBuffer(13.16, 48.28, 1120)`` equals ``PointBuffer(13.16, 48.28, 1120.0)`` and
+        one made of numpy floats, and so does its text (an export keys its rows by it).
 
         Raises:
             ValueError: if a coordinate is out of range or the buffer is not positive.
+            TypeError: if a value is not a number.
         """
+        _as_floats(self, ("lon", "lat", "buffer_m"))
         if not (math.isfinite(self.lon) and -180.0 <= self.lon <= 180.0):
             raise ValueError(f"lon must be in [-180, 180] degrees, got {self.lon}")
         if not (math.isfinite(self.lat) and -90.0 <= self.lat <= 90.0):
@@ -144,12 +167,14 @@ class BBox:
     maxlat: float
 
     def __post_init__(self) -> None:
-        """Validate the box.
+        """Store the edges as Python floats (as :class:`PointBuffer`); validate the box.
 
         Raises:
             ValueError: if an edge is out of range or the box is empty (boxes crossing the
                 antimeridian are not supported: split them in two).
+            TypeError: if an edge is not a number.
         """
+        _as_floats(self, ("minlon", "minlat", "maxlon", "maxlat"))
         for name in ("minlon", "maxlon"):
             value = getattr(self, name)
             if not (math.isfinite(value) and -180.0 <= value <= 180.0):
