@@ -4169,6 +4169,20 @@ def test_names_that_are_not_utf8_are_refused_before_anything_is_computed(
     assert not (tmp_path / "o").exists()
     with pytest.raises(InputError, match=r"^input '.*/caf\\xe9\.tif': its name is not valid"):
         Sentinel2SR(folder)  # a dataset of your own (predict --config) likewise
+    # reached through a link of a UTF-8 name: the real path is what is read and recorded
+    from torchgeo_dofa.preview import render_preview
+
+    real = tmp_path / latin
+    real.mkdir()
+    shutil.copy(SCENE, real / "scene.tif")
+    (tmp_path / "link").symlink_to(real)
+    assert main(["embed", str(tmp_path / "link" / "scene.tif"), "-o", str(tmp_path / "o"),
+                 *common]) == 2  # fmt: skip
+    assert capsys.readouterr().err.startswith(
+        f"torchgeo-dofa: error: input '{tmp_path}/caf\\xe9/scene.tif': {fix}"
+    )
+    with pytest.raises(ValueError, match=r"^the embedding '.*caf\\xe9/g.tif': its name is not"):
+        render_preview(real / "g.tif", tmp_path / "p.png")
 
 
 def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path) -> None:

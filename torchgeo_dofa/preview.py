@@ -22,6 +22,7 @@ from rasterio.transform import from_bounds as transform_from_bounds
 from rasterio.vrt import WarpedVRT
 
 from .bands import canonical_band, split_date_copy
+from .locks import refuse_undecodable_name
 
 __all__ = [
     "PREVIEW_FORMATS",
@@ -277,7 +278,8 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
 
     Raises:
         ValueError: (checked before anything is read or written) if ``out_png`` is not a
-            PNG, JPEG or WebP file name or is the embedding itself; if ``embedding_tif``
+            PNG, JPEG or WebP file name or is the embedding itself; if either path is not
+            valid UTF-8; if ``embedding_tif``
             is a pooled table, cannot be read as a raster or is not a grid embedding (its
             bands are not named ``dofa_0000``, ``dofa_0001`` ..., as the grid writer names
             them); if its cells cannot be read (a truncated or corrupt file), after the
@@ -293,6 +295,8 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
         )
     if not str(embedding_tif).strip():
         raise ValueError("the embedding is an empty string: give a *_grid.tif")
+    for path, what in ((embedding_tif, "the embedding"), (out, "-o")):
+        refuse_undecodable_name(Path(path).resolve(), what)
     if Path(embedding_tif).resolve() == out.resolve():
         raise ValueError(f"-o {out} is the embedding itself: give another file name")
     hint = "give a *_grid.tif written by torchgeo-dofa embed --output grid or both"
