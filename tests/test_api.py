@@ -513,6 +513,17 @@ def test_a_sensor_choosing_bands_a_dataset_does_not_read_is_refused(tmp_path, ch
             sensor=SensorSpec(bands=DOFA_S2_BANDS, wavelengths=(0.6,) * 9), device="cpu",
         )  # fmt: skip
     assert not (tmp_path / "e.parquet").exists()
+    # a later request's sensor: refused before the first request is computed (it was
+    # computed, its parts left, then the run stopped)
+    with pytest.raises(ModelError, match=r"gives bands \['B02', 'B03', 'B04'\]"):
+        export_batch(
+            spatials=[point], temporal=None, out_path=tmp_path / "e.parquet", paths=ds,
+            models=[ExportModelRequest.configure("dofa", weights=None),
+                    ExportModelRequest("dofa", sensor=SensorSpec(bands=("B02", "B03", "B04")),
+                                       model_config={"weights": None})],
+            continue_on_error=True, device="cpu",
+        )  # fmt: skip
+    assert not list(tmp_path.glob("e.parquet*"))
     # the second date, chosen where bands are chosen: the dataset's bands=
     chosen = Sentinel2SR(stack, file_bands=[*names, *second], bands=list(second))
     spelt = SensorSpec(bands=("b02_1", "B03_1", "B04_1", "b08_1"), fill_value=0.0)

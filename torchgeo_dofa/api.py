@@ -2011,6 +2011,10 @@ def export_batch(
         )
         jobs.append((req, cfg, eff_sensor, config_id))
 
+    if which == "local" and isinstance(paths, Sentinel2Base):  # every request, before any
+        for _, _, eff_sensor, _ in jobs:  # is computed (a later one stopped the run midway)
+            if eff_sensor is not None:
+                _refuse_sensor_unlike(paths, eff_sensor)
     out = Path(out_path)
     _check_export_path(out)
     parts = out.with_name(out.name + ".parts")
