@@ -2314,6 +2314,13 @@ def test_a_preview_says_what_weights_drew_it(tmp_path, reference_run) -> None:
     white = (strip.min(axis=1) > 180).any()  # the text's (anti-aliased) white
     assert 0.5 < red < 1.0 and white
     assert main(["preview", str(grid), "-o", str(tmp_path / "random.jpg")]) == 0  # no chunks
+    # a narrow preview (1 px a cell) is widened to hold the whole caption (it was cut short)
+    from torchgeo_dofa.preview import render_preview
+
+    narrow = np.asarray(Image.open(render_preview(grid, tmp_path / "narrow.png", cell_px=1)))
+    assert narrow.shape[1] > 2 * w + 8 and narrow.shape[0] == h + CAPTION_PX
+    text = np.nonzero((narrow[h:].min(axis=-1) > 180).any(axis=0))[0]  # its white columns
+    assert text.max() < narrow.shape[1] - 2  # the text ends before the edge
 
 
 def test_tile_mode_matches_resize_on_224_chips(tmp_path, reference_run, base_checkpoint) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import uuid
 import warnings
@@ -394,7 +395,10 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
     weights = tags.get("weights", "")
     random_weights = weights.startswith("random")
     caption = CAPTION_PX if random_weights else 0
+    said = f"{weights} weights: not a trained model"
     width = sum(p.width for p in panels) + gap * (len(panels) - 1)
+    if random_weights:  # a narrow preview is widened for the whole caption
+        width = max(width, math.ceil(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(said)) + 8)
     canvas = Image.new("RGB", (width, h * cell_px + caption))
     x = 0
     for panel in panels:
@@ -403,7 +407,7 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
     if random_weights:  # its PCA panel shows the random model's patterns, not the scene's
         draw = ImageDraw.Draw(canvas)
         draw.rectangle((0, h * cell_px, width, h * cell_px + caption), fill=CAPTION_RGB)
-        draw.text((4, h * cell_px + 2), f"{weights} weights: not a trained model", fill="white")
+        draw.text((4, h * cell_px + 2), said, fill="white")
     fmt = Image.registered_extensions()[out.suffix.lower()]
     extra: dict[str, Any] = {}
     if fmt == "PNG":  # what was drawn, as the grid's tags say (JPEG / WebP: no text chunks)
