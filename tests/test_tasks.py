@@ -546,10 +546,12 @@ def test_settings_that_train_nothing_or_wrong_are_refused_when_the_task_is_made(
 
 
 @pytest.mark.parametrize("name", ["lr", "weight_decay", "patience"])
-def test_a_bool_is_not_taken_for_a_number_in_the_optimiser_settings(name: str) -> None:
-    """``lr=True`` (Python's bool is the int 1) was accepted and trained at a rate of 1."""
+@pytest.mark.parametrize("true", [True, np.True_, torch.tensor(True)], ids=["py", "np", "pt"])
+def test_a_bool_is_not_taken_for_a_number_in_the_optimiser_settings(name: str, true: Any) -> None:
+    """``lr=True`` (a bool is the number 1; numpy's and a bool tensor likewise) was accepted
+    and trained at a rate of 1."""
     with pytest.raises(TypeError, match=f"^{name} must be a number, got the bool True$"):
-        DOFAClassificationTask(num_classes=2, weights=None, **{name: True})  # type: ignore[arg-type]
+        DOFAClassificationTask(num_classes=2, weights=None, **{name: true})
 
 
 def test_a_batch_holding_nan_is_refused_before_it_poisons_the_weights(

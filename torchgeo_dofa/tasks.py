@@ -395,12 +395,14 @@ class _DOFATask(BaseTask):
                 finite (AdamW checks only its default, not each parameter group's: a
                 negative decay grew the weights), ``patience`` negative
                 (``ReduceLROnPlateau`` then cut the rate every epoch, the loss falling).
-            TypeError: for a ``bool`` given as any of them (Python's ``True`` is the number 1:
-                ``lr=True`` trained at a rate of 1).
+            TypeError: for a bool given as any of them (Python's, numpy's or a bool tensor:
+                ``True`` is the number 1, ``lr=True`` trained at a rate of 1).
         """
         for name, value in (("lr", lr), ("weight_decay", weight_decay), ("patience", patience)):
-            if isinstance(value, bool):
-                raise TypeError(f"{name} must be a number, got the bool {value}")
+            if isinstance(value, bool | np.bool_) or (
+                isinstance(value, Tensor) and value.dtype == torch.bool
+            ):
+                raise TypeError(f"{name} must be a number, got the bool {bool(value)}")
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a positive, finite learning rate, got {lr}")
         if not (math.isfinite(weight_decay) and weight_decay >= 0):
