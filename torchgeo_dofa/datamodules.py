@@ -1352,6 +1352,30 @@ def _file_verdict(
     )
 
 
+def _warn_of_files(
+    found: list[tuple[str, _FileVerdict]],
+    one: Callable[[str, _FileVerdict], str],
+    many: Callable[[int, str], str],
+    items: Callable[[_FileVerdict], tuple[str, ...]],
+) -> None:
+    """One :class:`~torchgeo_dofa.transforms.ReflectanceWarning` for all the files of a kind.
+
+    Args:
+        found: (file name, verdict) of each file of the kind.
+        one: the message for a single file.
+        many: the message for ``count`` files, given the first few listed
+            (``name: items; ...``, :func:`~torchgeo_dofa.datasets._first_few`).
+        items: what a verdict lists for its file (each band's median or maximum).
+    """
+    from torchgeo_dofa.transforms import ReflectanceWarning
+
+    if len(found) == 1:
+        _warnings.warn(one(*found[0]), ReflectanceWarning)
+    elif found:
+        each = [f"{name}: {', '.join(items(verdict))}" for name, verdict in found]
+        _warnings.warn(many(len(found), _first_few(each, separator="; ")), ReflectanceWarning)
+
+
 def check_raw_reflectance(
     dataset: Sentinel2Base, max_side: int = 256, paths: Iterable[str] | None = None
 ) -> None:
@@ -1444,49 +1468,43 @@ def check_raw_reflectance(
             raise ReflectanceError(f"{os.path.basename(path)}: {verdict.scale_error}")
         verdicts[path] = verdict
     # one warning for all the files of a kind (a folder of 200 files scaled alike: one line)
-    high = [(os.path.basename(p), v) for p, v in verdicts.items() if v.high]
     clips = f"DOFA clips reflectance at {REFLECTANCE_MAX:.0f}, so those pixels embed as saturated."
-    if len(high) == 1:
-        name, verdict = high[0]
-        _warnings.warn(
+    _warn_of_files(
+        [(os.path.basename(p), v) for p, v in verdicts.items() if v.high],
+        lambda name, verdict: (
             f"{name}: more than half of the valid values of {len(verdict.high)} of its "
             f"{verdict.count} bands exceed {REFLECTANCE_MAX:.0f} (medians: "
             f"{', '.join(verdict.high)}; read decimated): {clips} Is the file scaled (x 10, "
-            "or x 10000 twice) or radiance? (A scene of bright cloud or snow can do this.)",
-            ReflectanceWarning,
-        )
-    elif high:
-        each = [f"{name}: {', '.join(verdict.high)}" for name, verdict in high]
-        _warnings.warn(
-            f"{len(high)} files: more than half of the valid values of a band exceed "
-            f"{REFLECTANCE_MAX:.0f} in each (medians: {_first_few(each, separator='; ')}; read "
+            "or x 10000 twice) or radiance? (A scene of bright cloud or snow can do this.)"
+        ),
+        lambda count, listed: (
+            f"{count} files: more than half of the valid values of a band exceed "
+            f"{REFLECTANCE_MAX:.0f} in each (medians: {listed}; read "
             f"decimated): {clips} Are the files scaled (x 10, or x 10000 twice) or "
-            "radiance? (Scenes of bright cloud or snow can do this.)",
-            ReflectanceWarning,
-        )
-    low = [(os.path.basename(p), v) for p, v in verdicts.items() if v.low]
+            "radiance? (Scenes of bright cloud or snow can do this.)"
+        ),
+        lambda verdict: verdict.high,
+    )
     dim = (
         f"reflectance x 10000 that low (below {LOW_MAX / 100:.2f} %) is darker than almost any "
         "land, so they embed as near-black"
     )
-    if len(low) == 1:
-        name, verdict = low[0]
-        _warnings.warn(
+    _warn_of_files(
+        [(os.path.basename(p), v) for p, v in verdicts.items() if v.low],
+        lambda name, verdict: (
             f"{name}: the valid values of every band stay at or below {LOW_MAX:.0f} (maxima: "
             f"{', '.join(verdict.low)}; read decimated): {dim}. Are they 8-bit (0..255) or "
             "percent (0..100) values? Rescale them to reflectance x 10000. (A scene of dark "
-            "water alone can do this.)",
-            ReflectanceWarning,
-        )
-    elif low:
-        each = [f"{name}: {', '.join(verdict.low)}" for name, verdict in low]
-        _warnings.warn(
-            f"{len(low)} files: the valid values of every band of each stay at or below "
-            f"{LOW_MAX:.0f} (maxima: {_first_few(each, separator='; ')}; read decimated): "
+            "water alone can do this.)"
+        ),
+        lambda count, listed: (
+            f"{count} files: the valid values of every band of each stay at or below "
+            f"{LOW_MAX:.0f} (maxima: {listed}; read decimated): "
             f"{dim}. Are they 8-bit (0..255) or percent (0..100) values? Rescale them to "
-            "reflectance x 10000. (Scenes of dark water alone can do this.)",
-            ReflectanceWarning,
-        )
+            "reflectance x 10000. (Scenes of dark water alone can do this.)"
+        ),
+        lambda verdict: verdict.low,
+    )
     dark: dict[bool, list[tuple[str, float]]] = {}  # scenes mostly negative, by offset added
     for scene in sorted(scenes):
         files = [verdicts[p] for p in scene if p in verdicts]
