@@ -920,7 +920,11 @@ def _refuse_sensor_unlike(dataset: Sentinel2Base, sensor: SensorSpec) -> None:
     theirs = [str(b) for b in dataset.bands]
     waves = [round(float(w), 4) for w in dataset.wavelengths]
     same = same_band_names(sensor.bands, theirs)
-    if same and (sensor.wavelengths is None or [round(w, 4) for w in sensor.wavelengths] == waves):
+    close = sensor.wavelengths is None or (
+        len(sensor.wavelengths) == len(waves)
+        and all(abs(a - b) <= 1e-4 for a, b in zip(sensor.wavelengths, waves, strict=True))
+    )
+    if same and close:
         return
     what = (
         f"bands {list(sensor.bands)}"
