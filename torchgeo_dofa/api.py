@@ -133,7 +133,7 @@ from .runtime import TABLE_SUFFIXES, resolve_accelerator
 from .spatial import BBox, CRSTransformError, PointBuffer, Region, crs_label, crs_name
 from .stac import StacUnavailableError
 from .transforms import INPUT_PREPS, DOFAPreprocess, ReflectanceError, as_float32, nodata_mask
-from .weights import env_setting, local_weights_file, names_random_weights
+from .weights import env_setting, file_signature, local_weights_file, names_random_weights
 from .writers import atomic_write, utc_us
 
 __all__ = [
@@ -531,10 +531,9 @@ def _file_signature(variant: str, weights: str | os.PathLike[str] | None) -> tup
     if path is None:
         return None
     try:
-        st = path.stat()
+        return file_signature(path)
     except OSError:
         return None  # loading it says what is wrong
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _module(variant: str, weights: str | os.PathLike[str] | None, device: str) -> DOFAEmbedder:

@@ -52,6 +52,7 @@ __all__ = [
     "WeightsResolution",
     "download_official",
     "env_setting",
+    "file_signature",
     "hub_probe_timeout",
     "load_checkpoint",
     "load_dofa",
@@ -337,7 +338,7 @@ def download_official(variant: str) -> WeightsResolution:
     )
 
 
-#: What was learnt of a file, by (what, real path): the file's :func:`_file_signature` then
+#: What was learnt of a file, by (what, real path): the file's :func:`file_signature` then
 #: and the result (:func:`_known_of_file`).
 _FILE_FACTS: dict[tuple[str, str], tuple[tuple[int, ...], Any]] = {}
 
@@ -346,8 +347,15 @@ _FILE_FACTS: dict[tuple[str, str], tuple[tuple[int, ...], Any]] = {}
 _RACY_NS = 2_000_000_000
 
 
-def _file_signature(path: Path) -> tuple[int, ...]:
-    """A file's identity on disk: device, inode, size, modification and change times (ns)."""
+def file_signature(path: str | os.PathLike[str]) -> tuple[int, ...]:
+    """A file's identity on disk: device, inode, size, modification and change times (ns).
+
+    Two equal signatures are the same bytes but for a rewrite within the file system's
+    timestamp resolution (see :data:`_RACY_NS`).
+
+    Raises:
+        OSError: if the file cannot be stat'ed.
+    """
     st = os.stat(path)
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -363,14 +371,14 @@ def _known_of_file(what: str, path: Path, compute: Any) -> Any:
     remembered (``compute`` raising).
     """
     key = (what, os.path.realpath(path))
-    before = _file_signature(path)
+    before = file_signature(path)
     known = _FILE_FACTS.get(key)
     if known is not None and known[0] == before:
         return known[1]
     value = compute()
     import time
 
-    if _file_signature(path) == before and time.time_ns() - max(before[3:]) > _RACY_NS:
+    if file_signature(path) == before and time.time_ns() - max(before[3:]) > _RACY_NS:
         _FILE_FACTS[key] = (before, value)
     return value
 
