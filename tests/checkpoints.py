@@ -45,3 +45,13 @@ def write_checkpoint(path: Path, state: dict[str, Tensor]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
     return path
+
+
+def not_official(path: Path) -> str:
+    """The outputs' ``weights`` tag of a random checkpoint saved under the official name:
+    ``file:<name> (not the official file: sha256 <first 12 hex>)``, hashed here with
+    hashlib (independently of the package)."""
+    import hashlib
+
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return f"file:{Path(path).name} (not the official file: sha256 {digest[:12]})"

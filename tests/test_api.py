@@ -25,7 +25,7 @@ import shapely.geometry
 import torch
 from rasterio.windows import from_bounds
 
-from tests.checkpoints import write_checkpoint
+from tests.checkpoints import not_official, write_checkpoint
 from tests.scenes import SCENE
 from torchgeo_dofa import api, gee, stac
 from torchgeo_dofa.api import (
@@ -146,14 +146,14 @@ def tensor_a(chip_a, weights):
 # ------------------------------------------------------------------------------ tensor backend
 
 
-def test_tensor_pooled_equals_pipeline_pooled(tensor_a, pipeline) -> None:
+def test_tensor_pooled_equals_pipeline_pooled(tensor_a, pipeline, weights) -> None:
     assert len(pipeline.pooled) == 1
     row = pipeline.pooled.iloc[0]
     assert tensor_a.pooled.data.shape == (768,)
     assert tensor_a.pooled.data.dtype == np.float32
     _close(tensor_a.pooled.data, np.asarray(row.embedding))
     assert tensor_a.pooled.meta["pooled_norm"] == row.pooled_norm == "trained"
-    assert tensor_a.pooled.meta["weights"] == row.weights == "file:DOFA_ViT_base_e100.pth"
+    assert tensor_a.pooled.meta["weights"] == row.weights == not_official(Path(weights))
 
 
 def test_tensor_grid_equals_pipeline_grid_cells(tensor_a, pipeline) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.checkpoints import S2_WAVELENGTHS, write_checkpoint
+from tests.checkpoints import S2_WAVELENGTHS, not_official, write_checkpoint
 from torchgeo_dofa import CheckpointError, load_dofa
 from torchgeo_dofa.weights import (
     DEFAULT_HF_REPO_ID,
@@ -61,7 +61,7 @@ def test_official_layout_loads_and_records_identity(base_checkpoint) -> None:
     state = read_state_dict(base_checkpoint)
     assert len(state) == 173  # 168 encoder keys + 5 pre-training keys
     enc = load_dofa("base", weights=base_checkpoint)
-    assert enc.weights_id == "file:DOFA_ViT_base_e100.pth"
+    assert enc.weights_id == not_official(base_checkpoint)
     assert not enc.training
     torch.testing.assert_close(enc.norm.weight, state["norm.weight"])
 
@@ -363,13 +363,40 @@ def test_non_finite_in_ignored_pretraining_keys_is_harmless(tmp_path, base_state
     torch.testing.assert_close(_pooled(path, x), reference)
 
 
+def test_a_file_under_the_official_name_is_tagged_by_its_hash(
+    tmp_path, base_checkpoint, monkeypatch
+) -> None:
+    """``TORCHGEO_DOFA_WEIGHTS_DIR`` holding any file under the official name tagged every
+    output ``file:DOFA_ViT_base_e100.pth``, as the official file's copy would be. The file is
+    hashed: the official bytes (here: the official hash set to this file's) are
+    ``official:... (local copy, sha256 verified)``, others say they are not; a file of
+    another name is not hashed."""
+    import hashlib
+    from dataclasses import replace
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "DOFA_ViT_base_e100.pth").symlink_to(base_checkpoint)
+    monkeypatch.setenv("TORCHGEO_DOFA_WEIGHTS_DIR", str(folder))
+    digest = hashlib.sha256(Path(base_checkpoint).read_bytes()).hexdigest()
+    assert resolve_weights("base").identity == (
+        f"file:DOFA_ViT_base_e100.pth (not the official file: sha256 {digest[:12]})"
+    )
+    monkeypatch.setitem(PRETRAINED, "base", replace(PRETRAINED["base"], sha256=digest))
+    assert resolve_weights("base").identity == (
+        "official:DOFA_ViT_base_e100.pth (local copy, sha256 verified)"
+    )
+    (tmp_path / "mine.pth").symlink_to(base_checkpoint)
+    assert resolve_weights("base", tmp_path / "mine.pth").identity == "file:mine.pth"
+
+
 def test_folder_as_weights_is_looked_into(tmp_path, base_checkpoint, x, reference) -> None:
     folder = tmp_path / "weights"
     folder.mkdir()
     (folder / PRETRAINED["base"].filename).symlink_to(base_checkpoint)
     resolution = resolve_weights("base", folder)
     assert resolution.path == folder / "DOFA_ViT_base_e100.pth"
-    assert resolution.identity == "file:DOFA_ViT_base_e100.pth"
+    assert resolution.identity == not_official(base_checkpoint)
     torch.testing.assert_close(_pooled(folder, x), reference)
 
 

@@ -182,7 +182,7 @@ def resolve_weights(
             raise CheckpointError(
                 f"weights {str(path)!r} is not a file (a device or pipe): give a checkpoint"
             )
-        return WeightsResolution(path, "argument", None, f"file:{path.name}")
+        return WeightsResolution(path, "argument", None, _local_identity(path, cfg))
     env_name = f"{variant.upper()}_WEIGHTS"
     file_value = env_setting(env_name)
     if file_value:
@@ -192,7 +192,9 @@ def resolve_weights(
                 f"TORCHGEO_DOFA_{env_name} (or RS_EMBED_DOFA_{env_name}) points to "
                 f"{str(path)!r}, which is not a file"
             )
-        return WeightsResolution(path, f"TORCHGEO_DOFA_{env_name}", None, f"file:{path.name}")
+        return WeightsResolution(
+            path, f"TORCHGEO_DOFA_{env_name}", None, _local_identity(path, cfg)
+        )
     dir_value = env_setting("WEIGHTS_DIR")
     if dir_value:
         path = Path(dir_value).expanduser() / cfg.filename
@@ -200,8 +202,27 @@ def resolve_weights(
             raise CheckpointError(
                 f"TORCHGEO_DOFA_WEIGHTS_DIR is {dir_value!r} but {cfg.filename} is not in it"
             )
-        return WeightsResolution(path, "TORCHGEO_DOFA_WEIGHTS_DIR", None, f"file:{cfg.filename}")
+        return WeightsResolution(
+            path, "TORCHGEO_DOFA_WEIGHTS_DIR", None, _local_identity(path, cfg)
+        )
     return download_official(variant)
+
+
+def _local_identity(path: Path, cfg: PretrainedConfig) -> str:
+    """The outputs' ``weights`` tag for a local file.
+
+    ``file:<name>``; a file named as the official one (``DOFA_ViT_base_e100.pth``, the name
+    ``TORCHGEO_DOFA_WEIGHTS_DIR`` looks for) is hashed (0.3 s for base, remembered per
+    process): the official bytes are ``official:<name> (local copy, sha256 verified)``, any
+    other ``file:<name> (not the official file: sha256 <first 12 hex>)``. A random or
+    fine-tuned file placed under the official name was tagged as if it were the official one.
+    """
+    if path.name != cfg.filename:
+        return f"file:{path.name}"
+    digest = sha256_file(path)
+    if digest == cfg.sha256:
+        return f"official:{cfg.filename} (local copy, sha256 verified)"
+    return f"file:{path.name} (not the official file: sha256 {digest[:12]})"
 
 
 def local_weights_file(variant: str, weights: str | os.PathLike[str] | None) -> Path | None:
