@@ -1169,7 +1169,6 @@ class Sentinel2Base(RasterDataset):
             if re.match(regex, name) is None:
                 continue
             refuse_undecodable_name(path, "input", InputError)  # its name goes in the outputs
-            refuse_undecodable_name(os.path.realpath(path), "input", InputError)  # a link
             try:
                 with _open_quietly(path) as src:
                     if _names_embedding_bands(src.descriptions):
@@ -3458,7 +3457,6 @@ def find_raster_inputs(
             )
         for raster in rasters:  # before any is opened: GDAL and the outputs need UTF-8
             refuse_undecodable_name(raster, "input", InputError)
-            refuse_undecodable_name(os.path.realpath(raster), "input", InputError)  # a link
         headers |= {p: _read_header(p) for p in rasters if p not in headers}
         match = EE_TILE_PATTERN.match(path.name)
         if path.is_dir():  # skip this package's outputs (e.g. -o inside the input folder)

@@ -272,15 +272,26 @@ class JobLockedError(JobError, RuntimeError):
     exit_status = 75
 
 
+def _is_utf8(text: str) -> bool:
+    """Whether a path's text encodes as UTF-8 (its undecodable bytes are surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def refuse_undecodable_name(
     path: str | os.PathLike[str], what: str, error: type[Exception] = ValueError
 ) -> None:
-    r"""Refuse a path whose name is not valid UTF-8 (bytes Python holds as surrogates).
+    r"""Refuse a path whose name, as given or as its real path, is not valid UTF-8.
 
     The outputs' metadata (GeoTIFF tags, GeoParquet columns, the job manifest) hold paths
     as UTF-8 text: an output folder named in Latin-1 (``caf\xe9/``) failed after every chip
     was computed, and every rerun failed the same way; an input file so named failed with
-    Python's "surrogates not allowed" naming neither the file nor the fix.
+    Python's "surrogates not allowed" naming neither the file nor the fix. The real path
+    (links and ``..`` resolved, relative to the working folder) is what is read and
+    recorded, so a UTF-8 link to such a folder is refused too.
 
     Args:
         path: the path.
@@ -290,10 +301,9 @@ def refuse_undecodable_name(
     Raises:
         error: naming the path (its undecodable bytes as ``\xNN``) and the fix.
     """
-    text = os.fspath(path)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
+    for text in (os.fspath(path), os.path.realpath(path)):
+        if _is_utf8(text):
+            continue
         shown = os.fsencode(text).decode("utf-8", "backslashreplace")
         raise error(
             f"{what} '{shown}': its name is not valid UTF-8 (a name in another encoding, "

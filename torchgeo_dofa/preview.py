@@ -297,7 +297,7 @@ def render_preview(embedding_tif: str | Path, out_png: str | Path, cell_px: int 
     if not str(embedding_tif).strip():
         raise ValueError("the embedding is an empty string: give a *_grid.tif")
     for path, what in ((embedding_tif, "the embedding"), (out, "-o")):
-        refuse_undecodable_name(Path(path).resolve(), what)
+        refuse_undecodable_name(path, what)
     if Path(embedding_tif).resolve() == out.resolve():
         raise ValueError(f"-o {out} is the embedding itself: give another file name")
     hint = "give a *_grid.tif written by torchgeo-dofa embed --output grid or both"
