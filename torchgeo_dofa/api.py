@@ -2354,7 +2354,7 @@ def _check_export_path(out: Path) -> None:
 def _refuse_renamed_regions(
     out: Path,
     existing: Any,
-    parts: Sequence[Path],
+    parts: Mapping[Path, tuple[str, str]],
     ids: Sequence[str],
     spatials: Sequence[Any],
     jobs: Sequence[tuple[Any, _Config, Any, str]],
@@ -2375,10 +2375,8 @@ def _refuse_renamed_regions(
             existing["item_id"], existing["config_id"], existing["row_key"], strict=True
         ):
             stored[(str(item), str(config))] = str(key)
-    for path in parts:
-        with np.load(path) as part:
-            meta = json.loads(str(part["meta"]))
-        stored[(str(meta.get("item_id")), str(meta.get("config_id")))] = path.stem
+    for path, item_and_config in parts.items():  # as _readable_parts read them
+        stored[item_and_config] = path.stem
     if not stored:
         return
     for *_, config_id in jobs:
@@ -2398,16 +2396,16 @@ def _refuse_renamed_regions(
                 )
 
 
-def _readable_parts(parts: Path) -> list[Path]:
-    """The parts of an interrupted export that load.
+def _readable_parts(parts: Path) -> dict[Path, tuple[str, str]]:
+    """The parts of an interrupted export that load, each with its (item_id, config_id).
 
     Each damaged one is removed, with a warning, so the rerun computes its row again (a
     truncated part blocked every rerun with ``BadZipFile``).
     """
-    good = []
+    good: dict[Path, tuple[str, str]] = {}
     for path in sorted(parts.glob("*.npz")):
         try:
-            _load_part(path)
+            row = _load_part(path)
         except Exception as err:  # numpy's, zipfile's and json's errors alike
             why = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             warn(
@@ -2417,7 +2415,7 @@ def _readable_parts(parts: Path) -> list[Path]:
             )
             path.unlink(missing_ok=True)
             continue
-        good.append(path)
+        good[path] = (str(row.get("item_id")), str(row.get("config_id")))
     return good
 
 
