@@ -129,11 +129,11 @@ from .datasets import (
 from .embedder import DOFAEmbedder
 from .gee import DEFAULT_COLLECTION, GEEUnavailableError, build_gee_request, fetch_gee_pixels
 from .model import PooledNorm, canonical_variant
-from .runtime import TABLE_SUFFIXES, resolve_accelerator
+from .runtime import TABLE_SUFFIXES, file_signature, resolve_accelerator
 from .spatial import BBox, CRSTransformError, PointBuffer, Region, crs_label, crs_name
 from .stac import StacUnavailableError
 from .transforms import INPUT_PREPS, DOFAPreprocess, ReflectanceError, as_float32, nodata_mask
-from .weights import env_setting, file_signature, local_weights_file, names_random_weights
+from .weights import env_setting, local_weights_file, names_random_weights
 from .writers import atomic_write, utc_us
 
 __all__ = [

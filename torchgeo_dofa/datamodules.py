@@ -72,6 +72,7 @@ from torchgeo_dofa.datasets import (
 from torchgeo_dofa.runtime import (
     MAX_CHIP_PX,
     decimated_read,
+    file_signature,
     gdal_cache_bytes,
     gdal_worker_init,
     loader_context,
@@ -1448,10 +1449,7 @@ def check_raw_reflectance(
         # the file's own nodata, as the dataset indexed it (not an open per file per call)
         nodata = dataset.nodata if dataset.nodata is not None else dataset._infos[path].nodata
         try:
-            st = os.stat(path)
-            identity: tuple[int, ...] | None = (
-                st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-            )  # fmt: skip
+            identity: tuple[int, ...] | None = file_signature(path)
         except OSError:  # a GDAL virtual path (/vsicurl/...)
             identity = None
         verdict = _file_verdict(

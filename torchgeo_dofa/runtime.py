@@ -59,6 +59,7 @@ __all__ = [
     "default_batch_size",
     "default_num_workers",
     "default_precision",
+    "file_signature",
     "gdal_cache_bytes",
     "gdal_env",
     "gdal_scan_cache_bytes",
@@ -875,6 +876,20 @@ def gdal_scan_env(path: str | os.PathLike[str]) -> Any:
         rasterio.errors.RasterioIOError: if the file cannot be opened.
     """
     return gdal_env(gdal_scan_cache_bytes(path))
+
+
+def file_signature(path: str | os.PathLike[str]) -> tuple[int, ...]:
+    """A file's identity on disk: device, inode, size, modification and change times (ns).
+
+    Two equal signatures are the same bytes but for a rewrite within the file system's
+    timestamp resolution (the checkpoint facts of :mod:`torchgeo_dofa.weights` are not
+    remembered within 2 s of a write for that reason).
+
+    Raises:
+        OSError: if the file cannot be stat'ed.
+    """
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def decimated_read(path: str | os.PathLike[str], max_side: int) -> Any:

@@ -26,6 +26,7 @@ import io
 import math
 import os
 import pickletools
+import time
 import warnings
 import zipfile
 import zlib
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .model import DOFAEncoder, PooledNorm, build_encoder, canonical_variant
+from .runtime import file_signature
 
 __all__ = [
     "DEFAULT_HF_REPO_ID",
@@ -52,7 +54,6 @@ __all__ = [
     "WeightsResolution",
     "download_official",
     "env_setting",
-    "file_signature",
     "hub_probe_timeout",
     "load_checkpoint",
     "load_dofa",
@@ -368,19 +369,6 @@ _FILE_FACTS: dict[tuple[str, str], tuple[tuple[int, ...], Any]] = {}
 _RACY_NS = 2_000_000_000
 
 
-def file_signature(path: str | os.PathLike[str]) -> tuple[int, ...]:
-    """A file's identity on disk: device, inode, size, modification and change times (ns).
-
-    Two equal signatures are the same bytes but for a rewrite within the file system's
-    timestamp resolution (see :data:`_RACY_NS`).
-
-    Raises:
-        OSError: if the file cannot be stat'ed.
-    """
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 def _known_of_file(what: str, path: Path, compute: Any) -> Any:
     """``compute()``, remembered for ``path`` while the file stays as it was.
 
@@ -397,8 +385,6 @@ def _known_of_file(what: str, path: Path, compute: Any) -> Any:
     if known is not None and known[0] == before:
         return known[1]
     value = compute()
-    import time
-
     if file_signature(path) == before and time.time_ns() - max(before[3:]) > _RACY_NS:
         _FILE_FACTS[key] = (before, value)
     return value
