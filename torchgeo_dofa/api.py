@@ -917,11 +917,11 @@ def _refuse_sensor_unlike(dataset: Sentinel2Base, sensor: SensorSpec) -> None:
     if sensor.bands == SensorSpec.bands and not given:
         return
     theirs = [str(b) for b in dataset.bands]
-    waves = [round(float(w), 4) for w in dataset.wavelengths]
+    exact = [float(w) for w in dataset.wavelengths]
     same = same_band_names(sensor.bands, theirs)
     close = sensor.wavelengths is None or (
-        len(sensor.wavelengths) == len(waves)
-        and all(abs(a - b) <= 1e-4 for a, b in zip(sensor.wavelengths, waves, strict=True))
+        len(sensor.wavelengths) == len(exact)
+        and all(abs(a - b) <= 1e-4 for a, b in zip(sensor.wavelengths, exact, strict=True))
     )
     if same and close:
         return
@@ -932,7 +932,8 @@ def _refuse_sensor_unlike(dataset: Sentinel2Base, sensor: SensorSpec) -> None:
     )
     raise ModelError(
         f"sensor=SensorSpec(...) gives {what}, but the dataset given as paths= reads the bands "
-        f"{theirs} (wavelengths {waves} um), the ones it was built with: build it with "
+        f"{theirs} (wavelengths {[round(w, 4) for w in exact]} um), the ones it was built "
+        "with: build it with "
         f"bands=[...] (and wavelengths=[...]), e.g. "
         f"{type(dataset).__name__}(..., bands={list(sensor.bands)}), or leave bands, "
         "wavelengths, mean and std out of sensor="

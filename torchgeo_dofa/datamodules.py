@@ -1337,16 +1337,17 @@ def _file_verdict(
             told = str(err)
             if not offset_added:  # no offset added: the question is of dB values
                 told = told.replace(OFFSET_QUESTION, "Are these dB / log values?")
-    medians = values[:, valid].median(dim=1).values.tolist() if bool(valid.any()) else []
+    kept = values[:, valid]  # (bands, valid pixels of the read)
+    medians = kept.median(dim=1).values.tolist() if kept.shape[1] else []
     high = tuple(
         f"{n} {m:.0f}" for n, m in zip(names, medians, strict=False) if m > REFLECTANCE_MAX
     )
     low: tuple[str, ...] = ()
-    judged = int(valid.sum()) * area >= WHOLE_INPUT_MIN_PIXELS
+    judged = kept.shape[1] * area >= WHOLE_INPUT_MIN_PIXELS
     if judged and str(pixels.dtype) not in NARROW_DTYPES:  # 8-bit: its dtype's own warning
-        maxima = values[:, valid].amax(dim=1).tolist()
+        maxima = kept.amax(dim=1).tolist()
         # not negative values: dB values, or an offset added twice, have their own rules
-        if max(maxima) <= LOW_MAX and float(values[:, valid].amin()) >= 0:
+        if max(maxima) <= LOW_MAX and float(kept.amin()) >= 0:
             low = tuple(f"{n} {m:.4g}" for n, m in zip(names, maxima, strict=True))
     return _FileVerdict(
         None, told, valid.numpy(), negative.numpy(), high, low, count, offset_added, size
