@@ -413,41 +413,36 @@ def _input_files(value: Any) -> bool:
 #: What an embed job writes: grids and tables (a manifest listing anything else was edited).
 _OUTPUT_SUFFIXES = frozenset((*GRID_SUFFIXES, *TABLE_SUFFIXES))
 
-#: What each field of a stored :class:`JobManifest` must hold (checked as it is read).
-_MANIFEST_KINDS: dict[str, Any] = {
-    "inputs": _input_files,
-    "file_bands": lambda v: v is None or _texts(v),
-    "bands": _texts,
-    "wavelengths": lambda v: isinstance(v, list) and all(_number(w) for w in v),
-    "variant": lambda v: isinstance(v, str),
-    "weights": lambda v: isinstance(v, str),
-    "pooled_norm": lambda v: isinstance(v, str),
-    "input_prep": lambda v: isinstance(v, str),
-    "chip_size": _count,
-    "stride": _count,
-    "precision": lambda v: isinstance(v, str),
-    "output": lambda v: isinstance(v, str),
-    "outputs": _texts,
-    "region": lambda v: isinstance(v, dict),
-    "data": lambda v: (
-        v is None or (isinstance(v, dict) and all(isinstance(d, dict) for d in v.values()))
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+#: What each field of a stored :class:`JobManifest` must hold (checked as it is read), and
+#: how its message says it.
+_MANIFEST_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "inputs": (_input_files, "a list of input files"),
+    "file_bands": (lambda v: v is None or _texts(v), "a list of band names or null"),
+    "bands": (_texts, "a list of band names"),
+    "wavelengths": (
+        lambda v: isinstance(v, list) and all(_number(w) for w in v),
+        "a list of numbers",
     ),
-    "version": lambda v: isinstance(v, str),
-    "format": _count,
+    "chip_size": (_count, "a whole number"),
+    "stride": (_count, "a whole number"),
+    "outputs": (_texts, "a list of file names"),
+    "region": (lambda v: isinstance(v, dict), "an object"),
+    "data": (
+        lambda v: (
+            v is None or (isinstance(v, dict) and all(isinstance(d, dict) for d in v.values()))
+        ),
+        "an object of objects or null",
+    ),
+    "format": (_count, "a whole number"),
+} | {
+    k: (_text, "a string")
+    for k in ("variant", "weights", "pooled_norm", "input_prep", "precision", "output", "version")
 }
-_KIND_WORDS = {
-    "inputs": "a list of input files",
-    "file_bands": "a list of band names or null",
-    "bands": "a list of band names",
-    "wavelengths": "a list of numbers",
-    "chip_size": "a whole number",
-    "stride": "a whole number",
-    "outputs": "a list of file names",
-    "region": "an object",
-    "data": "an object of objects or null",
-    "format": "a whole number",
-} | {k: "a string" for k in ("variant", "weights", "pooled_norm", "input_prep", "precision",
-                              "output", "version")}  # fmt: skip
 
 
 @dataclass
@@ -555,8 +550,9 @@ class JobManifest:
         if unknown:
             raise ValueError(f"unknown manifest fields {sorted(unknown)}")
         for key, value in data.items():
-            if not _MANIFEST_KINDS[key](value):
-                raise ValueError(f"manifest field {key!r} holds {value!r}, not {_KIND_WORDS[key]}")
+            holds, kind = _MANIFEST_KINDS[key]
+            if not holds(value):
+                raise ValueError(f"manifest field {key!r} holds {value!r}, not {kind}")
         return cls(**{k: v for k, v in data.items()})
 
     def first_difference(self, other: JobManifest) -> tuple[str, Any, Any] | None:
