@@ -199,6 +199,14 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None]:
 
 
 @pytest.fixture(scope="session")
+def eurosat_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small EuroSAT look-alike in TorchGeo's layout (``tests/data/eurosat/data.py``)."""
+    from tests.data.eurosat.data import generate
+
+    return generate(tmp_path_factory.mktemp("eurosat"))
+
+
+@pytest.fixture(scope="session")
 def base_state() -> dict[str, torch.Tensor]:
     """Official-layout state dict of a random base model (seeded)."""
     return official_state_dict(random_encoder("base", seed=0), seed=0)

@@ -1,8 +1,10 @@
-"""DOFAPredictDataModule (grid / roi / points), RegionSampler, read_roi and spatial helpers."""
+"""DOFAPredictDataModule (grid / roi / points), RegionSampler, read_roi and spatial helpers;
+DOFAEuroSATDataModule."""
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -470,3 +472,62 @@ def test_an_empty_input_name_is_refused_not_read_as_the_working_folder(empty, tm
     dm = DOFAPredictDataModule(paths=empty)
     with pytest.raises(InputError, match="an empty name is not the current folder"):
         dm.setup("predict")
+
+
+# ------------------------------------------------------------------------------------------
+# EuroSAT with DOFA's preprocessing (TorchGeo's layout, generated: tests/data/eurosat/data.py)
+# ------------------------------------------------------------------------------------------
+
+#: DOFA's statistics on the 0..255 scale, in its 9-band order (shared/reference/dofa.md).
+DOFA_MEAN = [114.1099739, 114.81779093, 126.63977424, 84.33539309, 97.84789168, 103.94461911,
+             101.435633, 72.32804172, 56.66528851]  # fmt: skip
+DOFA_STD = [77.84352553, 69.96844919, 67.42465279, 64.57022983, 61.72545487, 61.34187099,
+            60.29744676, 47.88519516, 42.55886798]  # fmt: skip
+
+
+def test_dofa_eurosat_batches_are_the_files_bands_dofa_normalised(eurosat_root: Path) -> None:
+    """TorchGeo's EuroSATDataModule normalises with EuroSAT's own statistics (values of
+    +-3, as DOFA's), so nothing downstream could tell; this one's batches are the file's
+    B4 ... B12 normalised with DOFA's statistics and resized to 224, with wavelengths."""
+    from torchgeo_dofa.datamodules import EUROSAT_DOFA_BANDS, DOFAEuroSATDataModule
+
+    dm = DOFAEuroSATDataModule(root=eurosat_root, batch_size=2)
+    dm.setup("validate")
+    raw = next(iter(dm.val_dataloader()))
+    path = dm.val_dataset.samples[0][0]  # type: ignore[union-attr]
+    with rasterio.open(path) as src:  # TorchGeo's order B01 ... B12, B8A: B04 is band 4
+        file = src.read([4, 3, 2, 5, 6, 7, 8, 11, 12]).astype(np.float32)
+    np.testing.assert_array_equal(raw["image"][0].numpy(), file)
+    batch = dm.aug(dict(raw))
+    mean = torch.tensor(DOFA_MEAN)[:, None, None]
+    std = torch.tensor(DOFA_STD)[:, None, None]
+    want = ((torch.from_numpy(file).clamp(0, 10000) / 10000 * 255) - mean) / std
+    want = F.interpolate(want[None], size=224, mode="bilinear", align_corners=False)[0]
+    assert batch["image"].shape == (2, 9, 224, 224)
+    torch.testing.assert_close(batch["image"][0], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        batch["wavelengths"][0],
+        torch.tensor([0.665, 0.56, 0.49, 0.705, 0.74, 0.783, 0.842, 1.61, 2.19]),
+    )
+    assert batch["label"].tolist() == raw["label"].tolist() and bool(batch["valid"].all())
+    assert dm.bands == EUROSAT_DOFA_BANDS
+
+
+def test_dofa_eurosat_band_errors_name_the_fix(eurosat_root: Path) -> None:
+    from torchgeo.datasets import EuroSAT
+
+    from torchgeo_dofa.datamodules import DOFAEuroSAT100DataModule, DOFAEuroSATDataModule
+
+    with pytest.raises(BandError, match=r"EuroSAT has no band\(s\) \['B4'\]: .*'B04' not 'B4'"):
+        DOFAEuroSATDataModule(root=eurosat_root, bands=["B4", "B03"])
+    with pytest.raises(BandError, match=r"EuroSAT100 has no band\(s\) \[\]"):
+        DOFAEuroSAT100DataModule(root=eurosat_root, bands=[])
+    with pytest.raises(BandError, match=r"statistics for band\(s\) \['B01', 'B09', 'B10', 'B8A'\]"):
+        DOFAEuroSATDataModule(root=eurosat_root, bands=EuroSAT.all_band_names)
+    # all 13 with statistics of one's own (DOFA's 0..255 scale)
+    dm = DOFAEuroSAT100DataModule(
+        root=eurosat_root, bands=EuroSAT.all_band_names, mean=[100.0] * 13, std=[50.0] * 13
+    )
+    dm.setup("test")
+    batch = dm.aug(next(iter(dm.test_dataloader())))
+    assert batch["image"].shape[1:] == (13, 224, 224) and batch["wavelengths"].shape[-1] == 13

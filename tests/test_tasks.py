@@ -2130,3 +2130,102 @@ def test_a_fit_refused_by_its_settings_or_data_leaves_no_new_run_folder(
         only_the_earlier_folder()
     with pytest.raises(ValueError, match=r"^synthetic chips cannot be made with size 0 \("):
         SpectralDataModule(size=0)  # as it is built, not at setup
+
+
+# ------------------------------------------------------------------------------------------
+# EuroSAT: TorchGeo's data module normalises its own way; DOFAEuroSATDataModule as DOFA does
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_torchgeo_data_module_normalising_its_own_way_is_warned_of(
+    tmp_path: Path, eurosat_root: Path
+) -> None:
+    """TorchGeo's EuroSATDataModule (the config's comment suggested it) normalises every
+    batch with EuroSAT's statistics: values of +-3 as DOFA's, so a probe trained on inputs
+    the encoder never saw, unwarned. Now its set-up warns, naming what it does and the fix
+    (DOFAEuroSATDataModule does not: the next test)."""
+    from torchgeo.datamodules import EuroSATDataModule
+
+    from torchgeo_dofa.datamodules import EUROSAT_DOFA_BANDS
+    from torchgeo_dofa.transforms import ReflectanceWarning
+
+    task = DOFAClassificationTask(num_classes=3, weights=None)
+    torchgeo_dm = EuroSATDataModule(root=eurosat_root, batch_size=2, bands=EUROSAT_DOFA_BANDS)
+    trainer = make_trainer(tmp_path, 1, [], limit_val_batches=1)
+    said = (
+        r"EuroSATDataModule's batch augmentation \(aug\) subtracts mean \[947\.626, "
+        r"1042\.93, 1118\.24, 1199\.47, \.\.\. \(9 values\)\] and divides by std \[.*not "
+        r"DOFA's normalisation, so DOFAClassificationTask sees inputs .* "
+        r"datamodule\.aug = DOFAPreprocess\(bands\)"
+    )
+    with pytest.warns(ReflectanceWarning, match=said), pytest.raises(ValueError, match="64x64"):
+        trainer.validate(task, torchgeo_dm, verbose=False)  # warned before the first batch
+    # TorchGeo's default for data modules without statistics: divides by 255
+    bare = NonGeoDataModule(BandlessChips, 2, 0, bands=RGBN, size=32, num_samples=4)
+    with pytest.warns(ReflectanceWarning, match=r"\(aug\) divides every batch by 255: "):
+        make_trainer(tmp_path, 1, [], limit_val_batches=1).validate(
+            DOFAClassificationTask(num_classes=4, weights=None, interpolate_pos_embed=True),
+            bare,
+            verbose=False,
+        )
+
+
+@pytest.mark.usefixtures("cli_argv")
+def test_the_eurosat_config_trains_offline_with_its_overrides(
+    tmp_path: Path, eurosat_root: Path
+) -> None:
+    """``finetune_eurosat.yaml`` as the README runs it for a first try: EuroSAT100's data
+    module, random weights and a root that holds the data (no download); DOFA-normalised
+    224 x 224 batches with their wavelengths, no warning of the normalisation."""
+    from torchgeo_dofa.transforms import ReflectanceWarning
+
+    seen: list[dict[str, Any]] = []
+
+    class Seen(Callback):
+        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+            seen.append(args[1])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReflectanceWarning)
+        cli = LightningCLI(
+            run=False,
+            save_config_callback=None,
+            args=[
+                "--config", str(CONFIGS / "finetune_eurosat.yaml"),
+                "--model.init_args.weights", "null",
+                "--data.class_path", "torchgeo_dofa.datamodules.DOFAEuroSAT100DataModule",
+                "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+                "--data.dict_kwargs.root", str(eurosat_root),
+                "--data.dict_kwargs.download", "false",
+                "--trainer.fast_dev_run", "true", "--trainer.logger", "false",
+                "--trainer.default_root_dir", str(tmp_path),
+            ],
+        )  # fmt: skip
+        cli.trainer.callbacks.append(Seen())  # type: ignore[attr-defined]
+        cli.trainer.fit(cli.model, cli.datamodule)
+    assert len(seen) == 1 and seen[0]["image"].shape == (2, 9, 224, 224)
+    assert seen[0]["wavelengths"].shape == (2, 9) and seen[0]["label"].shape == (2,)
+    assert 0.5 < float(seen[0]["image"].abs().amax()) < 5  # DOFA-normalised reflectance
+    assert cli.model.hparams["num_classes"] == 10 and cli.model.hparams["mode"] == "linear-probe"
+    assert type(cli.datamodule).__name__ == "DOFAEuroSAT100DataModule"
+    assert cli.trainer.state.finished and "train_loss" in cli.trainer.callback_metrics
+
+
+def test_the_readme_eurosat_example_trains(eurosat_root: Path) -> None:
+    """The README's EuroSAT block, run as written but offline and smaller."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("**EuroSAT (the DOFA paper's classification benchmark)**", 1)[1]
+    code = block.split("```python\n", 1)[1].split("```", 1)[0]
+    for old, new in {
+        'root="data/eurosat", download=True, batch_size=64': (
+            f"root={str(eurosat_root)!r}, download=False, batch_size=2"
+        ),
+        'weights="official"': "weights=None",
+        "pl.Trainer(max_epochs=20)": "pl.Trainer(fast_dev_run=True, enable_progress_bar=False)",
+    }.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    task = namespace["task"]
+    assert task.trainer.state.finished and "train_loss" in task.trainer.callback_metrics

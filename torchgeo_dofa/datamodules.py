@@ -18,6 +18,10 @@ Chips are pixel-aligned with the dataset grid, so pixels are read, never resampl
 collated with :func:`~torchgeo_dofa.datasets.stack_dofa_samples`; no batch augmentation is
 applied (normalisation belongs to the dataset's ``transforms``).
 
+:class:`DOFAEuroSATDataModule` (and its EuroSAT100 / EuroSATSpatial kin) is TorchGeo's
+EuroSAT data module with DOFA's preprocessing in place of EuroSAT's own normalisation, for
+fine-tuning a classification task on the DOFA paper's benchmark.
+
 :func:`read_roi` reads one region as a raw (C, H, W) reflectance array with its affine
 transform, CRS, band names, wavelengths and validity mask (the local backend of an
 rs-embed-style ``get_embedding``).
@@ -33,7 +37,7 @@ import os
 import pathlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -46,8 +50,9 @@ from rasterio.crs import CRS as RioCRS
 from rasterio.transform import Affine
 from shapely.geometry.base import BaseGeometry
 from torch.utils.data import DataLoader
-from torchgeo.datamodules import GeoDataModule
+from torchgeo.datamodules import GeoDataModule, NonGeoDataModule
 from torchgeo.datamodules.utils import MisconfigurationException
+from torchgeo.datasets import EuroSAT, EuroSAT100, EuroSATSpatial
 from torchgeo.datasets.utils import GeoSlice, Path, Sample
 from torchgeo.samplers import GeoSampler
 
@@ -91,11 +96,15 @@ from torchgeo_dofa.spatial import (
     same_crs,
     transformer,
 )
-from torchgeo_dofa.transforms import INPUT_PREPS
+from torchgeo_dofa.transforms import INPUT_PREPS, DOFAPreprocess
 from torchgeo_dofa.writers import GridGeometry
 
 __all__ = [
+    "EUROSAT_DOFA_BANDS",
     "ChipGridSampler",
+    "DOFAEuroSAT100DataModule",
+    "DOFAEuroSATDataModule",
+    "DOFAEuroSATSpatialDataModule",
     "DOFAPredictDataModule",
     "RegionSampler",
     "RoiArray",
@@ -1612,3 +1621,111 @@ def read_roi(
         bands=tuple(dataset.bands),
         wavelengths=sample["wavelengths"].numpy(),
     )
+
+
+#: EuroSAT's bands that have DOFA normalisation statistics, in TorchGeo's spelling and DOFA's
+#: 9-band order (B4, B3, B2, B5, B6, B7, B8, B11, B12: the statistics of
+#: :data:`~torchgeo_dofa.bands.SENTINEL2_BANDS`, from DOFA's pre-training data). EuroSAT's
+#: other four, B01, B09, B10 and B8A, have none.
+EUROSAT_DOFA_BANDS: tuple[str, ...] = (
+    "B04",
+    "B03",
+    "B02",
+    "B05",
+    "B06",
+    "B07",
+    "B08",
+    "B11",
+    "B12",
+)
+
+
+class DOFAEuroSATDataModule(NonGeoDataModule):
+    """TorchGeo's EuroSAT data module with DOFA's preprocessing in place of its normalisation.
+
+    TorchGeo's :class:`~torchgeo.datamodules.EuroSATDataModule` normalises every batch with
+    EuroSAT's own per-band mean and standard deviation of the raw values (its ``aug``), where
+    DOFA's pretrained encoder was trained on reflectance / 10000 x 255 normalised with DOFA's
+    statistics: both give values of about +-3, so nothing downstream can tell them apart, and
+    a linear probe on TorchGeo's module learns from inputs the encoder never saw. Here ``aug``
+    (every split's) is :class:`~torchgeo_dofa.transforms.DOFAPreprocess` for the bands read:
+    each batch, on its device after the transfer, is checked as raw reflectance (x 10000;
+    EuroSAT holds Sentinel-2 Level-1C top-of-atmosphere reflectance x 10000), normalised with
+    DOFA's statistics, resized from EuroSAT's 64 x 64 pixels to ``size`` x ``size``
+    (bilinear, as DOFA's reference pipeline) and given DOFA's keys.
+
+    Batches: ``image`` (B, C, size, size) float32, ``label`` (B,) int64 class index (EuroSAT's
+    10 classes), ``wavelengths`` (B, C) um, ``valid`` (B, size, size) bool, ``empty`` (B,)
+    and ``valid_fraction`` (B,): train :class:`~torchgeo_dofa.tasks.DOFAClassificationTask`
+    with ``num_classes=10``; it reads the batch's wavelengths. The dataset is downloaded
+    with ``download=True`` (TorchGeo's download, from Hugging Face; EuroSAT100,
+    :class:`DOFAEuroSAT100DataModule`, is 100 of its images, for a first try).
+
+    Attributes:
+        eurosat_class: TorchGeo's dataset class read (class-level).
+        bands: the bands read, in channel order (TorchGeo's spelling).
+    """
+
+    eurosat_class: ClassVar[type[EuroSAT]] = EuroSAT
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        bands: Sequence[str] = EUROSAT_DOFA_BANDS,
+        size: int = 224,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Set the data module up; every configuration error is raised here.
+
+        Args:
+            batch_size: chips per batch.
+            num_workers: DataLoader worker processes.
+            bands: EuroSAT bands to read, in channel order (``B04`` spelling); by default the
+                nine with DOFA statistics, :data:`EUROSAT_DOFA_BANDS`.
+            size: the side the chips are resized to (224: DOFA's input; another size needs
+                the task's ``interpolate_pos_embed=True``).
+            mean: per-band means on DOFA's 0..255 scale (reflectance x 255), for bands
+                without DOFA statistics (B01, B09, B10, B8A): one per band of ``bands``, as
+                :class:`~torchgeo_dofa.transforms.NormalizeReflectance` takes them.
+            std: per-band standard deviations on the same scale, with ``mean``.
+            **kwargs: passed to the dataset class: ``root``, ``download``, ``checksum``
+                (``split`` and ``transforms`` are the data module's).
+
+        Raises:
+            BandError: for a band EuroSAT does not have (naming its bands), a band without
+                DOFA statistics when ``mean`` / ``std`` are not given, or given statistics
+                that do not fit (see :func:`~torchgeo_dofa.bands.norm_stats`).
+        """
+        bands = tuple(bands)
+        unknown = [b for b in bands if b not in EuroSAT.all_band_names]
+        if unknown or not bands:
+            raise BandError(
+                f"{self.eurosat_class.__name__} has no band(s) {unknown}: choose among "
+                f"{list(EuroSAT.all_band_names)} (TorchGeo's spelling, 'B04' not 'B4'); "
+                f"DOFA's statistics cover {list(EUROSAT_DOFA_BANDS)}"
+            )
+        preprocess = DOFAPreprocess(list(bands), size=size, mean=mean, std=std)
+        super().__init__(self.eurosat_class, batch_size, num_workers, bands=bands, **kwargs)
+        self.bands = bands
+        self.aug = preprocess
+
+
+class DOFAEuroSAT100DataModule(DOFAEuroSATDataModule):
+    """:class:`DOFAEuroSATDataModule` over EuroSAT100, 100 images to try a set-up on.
+
+    10 images a class (6 train, 2 val, 2 test): "not for benchmarking" (TorchGeo).
+    """
+
+    eurosat_class: ClassVar[type[EuroSAT]] = EuroSAT100
+
+
+class DOFAEuroSATSpatialDataModule(DOFAEuroSATDataModule):
+    """:class:`DOFAEuroSATDataModule` over EuroSATSpatial, EuroSAT split by longitude.
+
+    TorchGeo's ``EuroSATSpatial``: spatially disjoint train / val / test splits (60 / 20 / 20 %).
+    """
+
+    eurosat_class: ClassVar[type[EuroSAT]] = EuroSATSpatial

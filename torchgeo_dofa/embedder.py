@@ -21,7 +21,13 @@ from .model import DOFAEncoder, PooledNorm
 from .transforms import ReflectanceWarning, stitch_tiles
 from .weights import load_dofa, names_random_weights
 
-__all__ = ["OUTPUT_KINDS", "DOFAEmbedder", "NotNormalisedError", "check_normalised"]
+__all__ = [
+    "OUTPUT_KINDS",
+    "DOFAEmbedder",
+    "NotNormalisedError",
+    "check_normalised",
+    "warn_of_datamodule_normalisation",
+]
 
 OutputKind = Literal["pooled", "grid", "both"]
 OUTPUT_KINDS: tuple[str, ...] = ("pooled", "grid", "both")
@@ -93,6 +99,16 @@ class DOFAEmbedder(pl.LightningModule):
         #: chips: on a GPU the normalisation and resizing then run there instead of in the
         #: loader's CPU workers. None (default): the dataset's transforms did it.
         self.preprocess: nn.Module | None = None
+
+    def setup(self, stage: str) -> None:
+        """Warn where a TorchGeo data module normalises batches otherwise than DOFA.
+
+        See :func:`warn_of_datamodule_normalisation`.
+
+        Args:
+            stage: Lightning's stage (``predict``).
+        """
+        warn_of_datamodule_normalisation(self, stage)
 
     def on_predict_start(self) -> None:
         """Refuse a job that would normalise its chips twice, before the first batch.
@@ -283,6 +299,112 @@ def _normalises(transforms: Any) -> bool:
     return isinstance(transforms, nn.Module) and any(
         isinstance(m, NormalizeReflectance) for m in transforms.modules()
     )
+
+
+#: The data splits whose batch augmentation a Lightning stage runs: TorchGeo's
+#: ``BaseDataModule.on_after_batch_transfer`` applies ``{split}_aug``, else ``aug``.
+STAGE_SPLITS: dict[str, tuple[str, ...]] = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("predict",),
+}
+
+
+def foreign_normalisation(aug: Any) -> str | None:
+    """What a batch augmentation's kornia ``Normalize`` steps do, or None when it has none.
+
+    TorchGeo's data modules normalise each batch in their ``aug`` (a kornia
+    ``AugmentationSequential`` holding ``K.Normalize(mean, std)``): with their dataset's own
+    statistics of the raw values (EuroSAT, BigEarthNet, ...), or dividing by 255 where they
+    have none. Neither is DOFA's normalisation, and the first gives values of about +-3 as
+    DOFA's does, so no check of the batch can tell them apart. An identity ``Normalize``
+    (mean 0, std 1) is left out.
+
+    Args:
+        aug: a data module's batch augmentation (any callable).
+
+    Returns:
+        ``"divides every batch by 255"``, ``"subtracts mean [..] and divides by std [..]"``
+        (one phrase per ``Normalize``, joined by ``"; then "``), or None.
+    """
+    if not isinstance(aug, nn.Module):
+        return None
+    from kornia.augmentation import Normalize
+
+    found = []
+    for module in aug.modules():
+        if not isinstance(module, Normalize):
+            continue
+        mean = torch.as_tensor(module.flags["mean"], dtype=torch.float64).flatten()
+        std = torch.as_tensor(module.flags["std"], dtype=torch.float64).flatten()
+        if bool((mean == 0).all()):
+            if bool((std == 1).all()):
+                continue
+            if bool((std == std[0]).all()):
+                found.append(f"divides every batch by {float(std[0]):g}")
+                continue
+        found.append(
+            f"subtracts mean {_numbers(mean.tolist())} and divides by std {_numbers(std.tolist())}"
+        )
+    return "; then ".join(found) or None
+
+
+def _numbers(values: list[float], limit: int = 4) -> str:
+    """``[1.5, 2, ...]`` for a message: the first ``limit`` values and the count beyond."""
+    shown = ", ".join(f"{v:.6g}" for v in values[:limit])
+    more = f", ... ({len(values)} values)" if len(values) > limit else ""
+    return f"[{shown}{more}]"
+
+
+def warn_of_datamodule_normalisation(module: pl.LightningModule, stage: str) -> None:
+    """Warn where the trainer's TorchGeo data module normalises batches otherwise than DOFA.
+
+    Called from the models' ``setup`` (:class:`DOFAEmbedder`, the tasks of
+    :mod:`torchgeo_dofa.tasks`), once the trainer holds the data module and before any
+    batch: TorchGeo's :class:`~torchgeo.datamodules.EuroSATDataModule` and its kin normalise
+    every batch after the transfer with statistics of their own (see
+    :func:`foreign_normalisation`), so DOFA's pretrained encoder would see inputs it was
+    never trained on. A data module that is not TorchGeo's, or whose ``aug`` holds no
+    kornia ``Normalize`` (``DOFAPredictDataModule``, ``SpectralDataModule``,
+    :class:`~torchgeo_dofa.datamodules.DOFAEuroSATDataModule`, ``aug`` set to
+    ``DOFAPreprocess(...)`` or to ``lambda batch: batch``), is left alone.
+
+    Args:
+        module: the model being set up.
+        stage: Lightning's stage (``fit``, ``validate``, ``test`` or ``predict``).
+
+    Warns:
+        ReflectanceWarning: once per augmentation, naming the data module, the split, what
+            it does and the fix.
+    """
+    from torchgeo.datamodules.geo import BaseDataModule
+
+    trainer = module._trainer
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if not isinstance(datamodule, BaseDataModule):
+        return
+    seen: set[int] = set()
+    for split in STAGE_SPLITS.get(stage, ()):
+        name = f"{split}_aug"
+        aug = getattr(datamodule, name, None)
+        if aug is None:
+            name, aug = "aug", getattr(datamodule, "aug", None)
+        if id(aug) in seen or (does := foreign_normalisation(aug)) is None:
+            continue
+        seen.add(id(aug))
+        kind = type(datamodule).__name__
+        _warnings.warn(
+            f"{kind}'s batch augmentation ({name}) {does}: that is not DOFA's normalisation, "
+            f"so {type(module).__name__} sees inputs DOFA's encoder was never trained on "
+            "(DOFA takes reflectance / 10000 x 255 normalised with DOFA's per-band "
+            "statistics). Give the data module DOFA's preprocessing of raw reflectance, "
+            "on the device, after building it: datamodule.aug = DOFAPreprocess(bands) "
+            "(torchgeo_dofa.transforms; for EuroSAT, torchgeo_dofa.datamodules."
+            "DOFAEuroSATDataModule does this), or, where the samples are already "
+            "DOFA-normalised, datamodule.aug = lambda batch: batch",
+            ReflectanceWarning,
+        )
 
 
 def batch_kind(batch: dict[str, Any]) -> str:

@@ -67,7 +67,7 @@ from .bands import (
     infer_wavelengths,
     resolve_wavelengths,
 )
-from .embedder import check_finite_output, check_normalised
+from .embedder import check_finite_output, check_normalised, warn_of_datamodule_normalisation
 from .model import DOFAEncoder, canonical_variant
 from .weights import (
     STATE_DIGEST_KEY,
@@ -695,6 +695,17 @@ class _DOFATask(BaseTask):
         in eval mode (e.g. by :meth:`load_from_checkpoint`) would otherwise train in it.
         """
         self.train()
+
+    def setup(self, stage: str) -> None:
+        """Warn where a TorchGeo data module normalises batches otherwise than DOFA.
+
+        TorchGeo's ``EuroSATDataModule`` and its kin, before any batch: see
+        :func:`~torchgeo_dofa.embedder.warn_of_datamodule_normalisation`.
+
+        Args:
+            stage: Lightning's stage (``fit``, ``validate``, ``test`` or ``predict``).
+        """
+        warn_of_datamodule_normalisation(self, stage)
 
     def on_fit_start(self) -> None:
         """Count this fit's training batches from 0 (see :meth:`on_fit_end`)."""
