@@ -382,8 +382,8 @@ def warn_of_datamodule_normalisation(module: pl.LightningModule, stage: str) -> 
 
     trainer = module._trainer
     datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-    if not isinstance(datamodule, BaseDataModule):
-        return
+    if not isinstance(datamodule, BaseDataModule) or module.global_rank != 0:
+        return  # once for a DDP job: every process sets up the same data module
     seen: set[int] = set()
     for split in STAGE_SPLITS.get(stage, ()):
         name = f"{split}_aug"
