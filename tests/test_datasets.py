@@ -1281,6 +1281,17 @@ def test_mixed_wavelengths_in_a_batch_are_a_clear_error() -> None:
         stack_dofa_samples([a, chip(Sentinel2SR(DATA / "multiband"), 0, 0, 8, 4)])
     batch = stack_dofa_samples([a, a])
     assert batch["image"].shape == (2, 9, 8, 8) and batch["wavelengths"].shape == (2, 9)
+    # helper-113: a sample without 'valid' gave a batch whose one 'valid' row masked both
+    # chips (the embedder applied chip 0's no-data to chip 1); one without 'empty' an
+    # IndexError in predict_step
+    unmasked = {k: v for k, v in a.items() if k != "valid"}
+    for first, second, said in (
+        (a, unmasked, r"sample 1 lacks 'valid' \(sample 0 holds 'bounds', .*'valid'"),
+        (unmasked, a, r"sample 1 also holds 'valid' \("),
+        (a, dict(a, empty=torch.tensor(False)), r"sample 1 also holds 'empty' \("),
+    ):
+        with pytest.raises(ValueError, match=said):
+            stack_dofa_samples([first, second])
 
 
 def test_band_set_batch_sampler_over_geodatasets() -> None:

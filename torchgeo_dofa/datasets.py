@@ -2977,7 +2977,9 @@ def stack_dofa_samples(samples: Iterable[Sample]) -> Sample:
     Raises:
         MixedBandSetError: if samples carry different wavelength vectors (DOFA takes one
             per forward pass); the message says how to batch them.
-        ValueError: if images differ in size.
+        ValueError: if images differ in size, or samples hold different keys (a key only
+            some samples hold would be stacked with fewer rows than the batch has chips,
+            and its rows read as the first chips'; TorchGeo's ``stack_samples`` does so).
     """
     batch = list(samples)
     if not batch:
@@ -2999,6 +3001,22 @@ def stack_dofa_samples(samples: Iterable[Sample]) -> Sample:
                 "with torchgeo_dofa.datasets.BandSetBatchSampler (it groups samples by band "
                 "set), or use one band set per dataset and DataLoader (the same bands= for "
                 "every dataset)"
+            )
+    keys = set(batch[0])
+    for i, sample in enumerate(batch[1:], start=1):
+        if set(sample) != keys:
+            lacks, more = sorted(keys - set(sample)), sorted(set(sample) - keys)
+            differs = "; ".join(
+                f"{what} {', '.join(map(repr, names))}"
+                for what, names in (("lacks", lacks), ("also holds", more))
+                if names
+            )
+            raise ValueError(
+                f"samples in one batch hold different keys: sample {i} {differs} (sample 0 "
+                f"holds {', '.join(map(repr, sorted(keys)))}). Stacked, such a key would have "
+                "fewer rows than the batch has chips, and its rows would be taken for the "
+                "first chips' (a 'valid' mask applied to other chips): give every dataset of "
+                "the batch the same transforms, or batch its samples apart"
             )
     shapes = {tuple(s["image"].shape) for s in batch if isinstance(s.get("image"), Tensor)}
     if len(shapes) > 1:
