@@ -759,3 +759,25 @@ def test_a_task_checkpoint_with_changed_bytes_is_refused_by_every_loader(tmp_pat
     del saved[STATE_DIGEST_KEY]
     torch.save(saved, tmp_path / "older.ckpt")
     DOFAClassificationTask.load_from_checkpoint(tmp_path / "older.ckpt")
+
+
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_empty_weights_are_not_the_working_folder(
+    empty: str, base_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-113: ``DOFAEmbedder(weights="")`` and ``load_dofa(weights="")`` loaded the
+    official file name found in the working folder, without a word (``get_embedding`` and
+    the command line refused it). Now every loader refuses it; ``"."`` still names the
+    folder."""
+    from torchgeo_dofa.embedder import DOFAEmbedder
+    from torchgeo_dofa.tasks import DOFAClassificationTask
+
+    monkeypatch.chdir(base_checkpoint.parent)  # holds DOFA_ViT_base_e100.pth
+    said = rf"weights={empty!r} is empty: give 'official', a checkpoint file or a folder"
+    with pytest.raises(CheckpointError, match=said):
+        load_dofa("base", weights=empty)
+    with pytest.raises(CheckpointError, match=said):
+        DOFAEmbedder(weights=empty)
+    with pytest.raises(CheckpointError, match=said):
+        DOFAClassificationTask(num_classes=2, weights=empty)
+    assert load_dofa("base", weights=".").weights_id.startswith("file:DOFA_ViT_base_e100.pth")

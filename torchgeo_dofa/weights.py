@@ -169,10 +169,16 @@ def resolve_weights(
 
     Raises:
         CheckpointError: if a given path does not exist, a folder lacks the official file, or
-            the download fails.
+            the download fails; for an empty (or blank) string, which the file system reads
+            as the working folder (a YAML ``weights: ''`` or an unset variable expanded).
     """
     variant = canonical_variant(variant)
     cfg = PRETRAINED[variant]
+    if isinstance(weights, str) and not weights.strip():
+        raise CheckpointError(
+            f"weights={weights!r} is empty: give 'official', a checkpoint file or a folder "
+            f"holding {cfg.filename} ('.' for the working folder), or None for random weights"
+        )
     if str(weights) != "official":
         path = Path(weights).expanduser()
         if path.is_dir():
