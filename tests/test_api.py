@@ -1550,3 +1550,19 @@ def test_local_band_warnings_say_where_the_datasets_arguments_go(tmp_path, chip_
         "pass bands=[...] and the paths of the scenes that have them (bands= and wavelengths= "
         "go to sensor=SensorSpec(bands=[...], wavelengths=[...]))"
     )
+
+
+def test_sensor_spec_numbers_are_checked_as_it_is_made() -> None:
+    """helper-113: fill_value=NaN was taken and written into the missing pixels (the resize
+    spread it: a NotNormalisedError advising a data module's preprocess=True); a single
+    number or strings as wavelengths were Python's 'float object is not iterable' / 'could
+    not convert string to float'."""
+    for bad in (float("nan"), float("inf"), "zero", True):
+        with pytest.raises(ModelError, match=r"SensorSpec\.fill_value=.* is not a finite number"):
+            SensorSpec(bands=("B4", "B3"), fill_value=bad)  # type: ignore[arg-type]
+    for name, bad in (("wavelengths", 0.5), ("wavelengths", ("x", "y")), ("mean", "100")):
+        with pytest.raises(
+            ModelError, match=rf"SensorSpec\.{name}=.* is not a sequence of numbers: .*2 values"
+        ):
+            SensorSpec(bands=("B4", "B3"), **{name: bad})  # type: ignore[arg-type]
+    assert SensorSpec(bands=("B4",), fill_value=-1).fill_value == -1.0

@@ -890,3 +890,12 @@ def test_statistics_that_would_exceed_the_models_input_range_are_refused() -> No
         "the +-1000 the model takes (normalised input spans about +-5): give the band's "
         "standard deviation on DOFA's 0..255 scale (DOFA's Sentinel-2 ones are 43-78)"
     )
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), -float("inf")])
+def test_a_fill_value_that_is_not_finite_is_refused(fill: float) -> None:
+    """helper-113: ``DOFAPreprocess(fill_value=nan)`` wrote NaN into the missing pixels."""
+    with pytest.raises(ValueError, match=r"fill_value=.* is not a finite number"):
+        CheckReflectance(fill_value=fill)
+    with pytest.raises(ValueError, match=r"fill_value=.* is not a finite number"):
+        DOFAPreprocess(["B4", "B3", "B2"], fill_value=fill)

@@ -339,7 +339,9 @@ class SensorSpec:
 
         Raises:
             ModelError: if bands is empty, a plain string, or names one band twice
-                (``B4`` and ``B04`` are one band).
+                (``B4`` and ``B04`` are one band); if wavelengths, mean or std is not a
+                sequence of numbers; if fill_value is not a finite number (NaN written into
+                missing pixels would make every output of the chip NaN).
         """
         if isinstance(self.bands, str | bytes):
             raise ModelError(
@@ -356,8 +358,27 @@ class SensorSpec:
             raise ModelError(str(err)) from err
         for name in ("wavelengths", "mean", "std"):
             values = getattr(self, name)
-            if values is not None:
+            if values is None:
+                continue
+            try:
+                if isinstance(values, str | bytes):
+                    raise TypeError(values)
                 object.__setattr__(self, name, tuple(float(v) for v in values))
+            except (TypeError, ValueError):
+                raise ModelError(
+                    f"SensorSpec.{name}={values!r} is not a sequence of numbers: give one "
+                    f"number per band, in band order ({name}=[...], {len(bands)} values)"
+                ) from None
+        try:
+            fill = float(self.fill_value)
+        except (TypeError, ValueError):
+            fill = math.nan
+        if not math.isfinite(fill) or isinstance(self.fill_value, bool):
+            raise ModelError(
+                f"SensorSpec.fill_value={self.fill_value!r} is not a finite number: it is the "
+                "raw reflectance written into missing pixels (0, DOFA's reference fill)"
+            )
+        object.__setattr__(self, "fill_value", fill)
 
 
 @dataclass

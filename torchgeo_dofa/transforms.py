@@ -615,10 +615,19 @@ class CheckReflectance(nn.Module):
                 DOFA's reference fetch, which fills missing data with 0.
             whole_input: each sample is a whole input (a file, a user's array), not a chip
                 cut from one: valid values all negative are refused as well.
+
+        Raises:
+            ValueError: for a ``fill_value`` that is not a finite number (NaN written into
+                the missing pixels would reach the model, and the resize spreads it).
         """
         super().__init__()
         self.nodata = None if nodata is None else float(nodata)
         self.fill_value = float(fill_value)
+        if not math.isfinite(self.fill_value):
+            raise ValueError(
+                f"fill_value={fill_value!r} is not a finite number: it is the raw reflectance "
+                "written into missing pixels (0, DOFA's reference fill)"
+            )
         self.whole_input = bool(whole_input)
 
     def forward(self, sample: Sample) -> Sample:
