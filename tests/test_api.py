@@ -1560,9 +1560,53 @@ def test_sensor_spec_numbers_are_checked_as_it_is_made() -> None:
     for bad in (float("nan"), float("inf"), "zero", True):
         with pytest.raises(ModelError, match=r"SensorSpec\.fill_value=.* is not a finite number"):
             SensorSpec(bands=("B4", "B3"), fill_value=bad)  # type: ignore[arg-type]
-    for name, bad in (("wavelengths", 0.5), ("wavelengths", ("x", "y")), ("mean", "100")):
+    cases: list[tuple[str, object]] = [("wavelengths", 0.5), ("wavelengths", ("x", "y"))]
+    for name, values in [*cases, ("mean", "100")]:
         with pytest.raises(
             ModelError, match=rf"SensorSpec\.{name}=.* is not a sequence of numbers: .*2 values"
         ):
-            SensorSpec(bands=("B4", "B3"), **{name: bad})  # type: ignore[arg-type]
+            SensorSpec(bands=("B4", "B3"), **{name: values})  # type: ignore[arg-type]
     assert SensorSpec(bands=("B4",), fill_value=-1).fill_value == -1.0
+
+
+def test_call_arguments_of_the_wrong_kind_are_one_line_before_any_work(tmp_path) -> None:
+    """helper-113: each was Python's error from deep inside, or silently something else."""
+    point = PointBuffer(13.1397, 48.2922, 500)  # in the demo scene
+    kw: dict[str, Any] = {"paths": [SCENE], "weights": None}
+    for temporal in ("2023-06-01/2023-06-02", ("2023-06-01", "2023-06-02")):
+        with pytest.raises(ModelError, match=r"temporal=.* not a TemporalSpec: give temporal="):
+            get_embedding("dofa", spatial=point, temporal=temporal, **kw)  # type: ignore[arg-type]
+        with pytest.raises(ModelError, match=r"not a TemporalSpec"):
+            get_embeddings_batch("dofa", spatials=[point], temporal=temporal, **kw)  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match=r"spatials=PointBuffer\(.*\) is one region: give a list"):
+        get_embeddings_batch("dofa", spatials=point, **kw)  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match=r"spatials=5 is not a list of regions"):
+        get_embeddings_batch("dofa", spatials=5, **kw)  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match=r"model_config=\['variant'\] is a list, not a dict"):
+        get_embedding("dofa", spatial=point, model_config=["variant"], **kw)  # type: ignore[arg-type]
+    # a keyword given and model_config disagreeing: refused, as variant was; a keyword left
+    # at its default is model_config's to set
+    for keyword, config in (
+        ({"pooled_norm": "trained"}, {"pooled_norm": "plain"}),
+        ({"input_prep": "resize"}, {"input_prep": "tile"}),
+    ):
+        with pytest.raises(ModelError, match=r"conflicts with model_config .*: give it once"):
+            get_embedding("dofa", spatial=point, model_config=config, **kw, **keyword)
+    plain = get_embedding("dofa", spatial=point, model_config={"pooled_norm": "plain"}, **kw)
+    assert plain.meta["pooled_norm"] == "plain"
+    same = {"pooled_norm": "plain"}
+    assert get_embedding("dofa", spatial=point, model_config=same, pooled_norm="plain", **kw)
+    # export_batch
+    out = tmp_path / "e.parquet"
+    with pytest.raises(ModelError, match="spatials is empty: there is nothing to export"):
+        export_batch(spatials=[], models=["dofa"], out_path=out, **kw)
+    for size in (0, -1, 1.5, True):
+        with pytest.raises(ModelError, match=rf"chunk_size={size!r}: give a whole number"):
+            export_batch(spatials=[point], models=["dofa"], out_path=out, chunk_size=size, **kw)  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match=r"names must be unique: \['1'\] given more than once"):
+        export_batch(spatials=[point] * 3, models=["dofa"], out_path=out, names=[1, 2, "1"], **kw)  # type: ignore[list-item]
+    with pytest.raises(ModelError, match="models lists the same model twice"):
+        export_batch(spatials=[point], models=["dofa", "dofa"], out_path=out, **kw)
+    assert not out.exists()
+    summary = export_batch(spatials=[point], models="dofa", out_path=out, **kw)  # type: ignore[arg-type]
+    assert (summary.rows, summary.computed) == (1, 1) and out.is_file()

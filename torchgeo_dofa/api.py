@@ -441,6 +441,23 @@ class ExportModelRequest:
 _MODEL_KEYS = ("variant", "weights", "pooled_norm", "input_prep")
 
 
+class _Default(str):
+    """A keyword's default value, told apart from the same value given by the caller.
+
+    ``model_config`` settles a setting whose keyword was left at its default; the same
+    setting given both ways with different values is refused (``pooled_norm="trained"``
+    with ``model_config={"pooled_norm": "plain"}`` silently took ``plain``). It is the plain
+    string everywhere else (``help()`` shows ``'official'``).
+    """
+
+    __slots__ = ()
+
+
+_OFFICIAL = _Default("official")
+_TRAINED = _Default("trained")
+_RESIZE = _Default("resize")
+
+
 # ----------------------------------------------------------------------------------------------
 # knobs and the model cache
 # ----------------------------------------------------------------------------------------------
@@ -618,6 +635,40 @@ def _variant(name: str) -> str:
         raise ModelError(str(err)) from None
 
 
+def _region_list(spatials: Any, name: str = "spatials") -> list[Any]:
+    """``spatials`` as a list of regions.
+
+    Raises:
+        ModelError: for one region (a :class:`PointBuffer`, :class:`BBox` or geometry)
+            given where a list is asked, or a value that is not a sequence of them.
+    """
+    if isinstance(spatials, PointBuffer | BBox | shapely.Geometry | str | bytes):
+        raise ModelError(
+            f"{name}={spatials!r} is one region: give a list of them ({name}=[...]), or "
+            "call get_embedding(..., spatial=...) for one"
+        )
+    try:
+        return list(spatials)
+    except TypeError:
+        raise ModelError(
+            f"{name}={spatials!r} is not a list of regions: give [PointBuffer(...), BBox(...), ...]"
+        ) from None
+
+
+def _check_temporal(temporal: Any) -> None:
+    """Refuse a ``temporal`` that is not a :class:`TemporalSpec` (None is every date).
+
+    Raises:
+        ModelError: naming the type given and the two ways to make one.
+    """
+    if temporal is not None and not isinstance(temporal, TemporalSpec):
+        raise ModelError(
+            f"temporal={temporal!r} is a {type(temporal).__name__}, not a TemporalSpec: give "
+            "temporal=TemporalSpec.range('YYYY-MM-DD', 'YYYY-MM-DD') (end exclusive) or "
+            "TemporalSpec.year(YYYY)"
+        )
+
+
 def _config(
     model: str,
     *,
@@ -628,8 +679,23 @@ def _config(
     output: OutputSpec | str,
     device: str | torch.device | None,
     model_config: dict[str, Any] | None,
+    config_wins: bool = False,
 ) -> _Config:
+    """The model settings of a call: its keywords, and ``model_config`` over the defaults.
+
+    ``model_config`` sets what the keywords left at their defaults (every keyword with
+    ``config_wins``: an export request's own settings).
+
+    Raises:
+        ModelError: for an unknown model, setting or value; ``model_config`` not a dict;
+            a setting given as a keyword and in ``model_config`` with different values.
+    """
     _check_model(model)
+    if model_config is not None and not isinstance(model_config, Mapping):
+        raise ModelError(
+            f"model_config={model_config!r} is a {type(model_config).__name__}, not a dict: "
+            f"give model_config={{'variant': 'large'}} (keys among {list(_MODEL_KEYS)})"
+        )
     settings = dict(model_config or {})
     unknown = sorted(set(settings) - set(_MODEL_KEYS))
     if unknown:
@@ -640,6 +706,21 @@ def _config(
                 f"variant={variant!r} conflicts with model_config variant "
                 f"{settings['variant']!r}: give it once"
             )
+    for value in (weights, settings.get("weights")):
+        if value is not None and not str(value).strip():
+            raise ModelError(
+                f"weights={str(value)!r} is empty: give 'official', a checkpoint path, or None "
+                "for random weights"
+            )
+    given = {"weights": weights, "pooled_norm": pooled_norm, "input_prep": input_prep}
+    for key, value in given.items():
+        if key in settings and not isinstance(value, _Default) and not config_wins:
+            theirs = settings[key]
+            random = all(v is None or names_random_weights(v) for v in (value, theirs))
+            if not random and str(value) != str(theirs):
+                raise ModelError(
+                    f"{key}={value!r} conflicts with model_config {key} {theirs!r}: give it once"
+                )
     variant_name = _variant(str(settings.get("variant", "base" if variant is None else variant)))
     norm = str(settings.get("pooled_norm", pooled_norm))
     if norm not in ("trained", "plain"):
@@ -654,11 +735,6 @@ def _config(
     elif not isinstance(output, OutputSpec):
         raise ModelError(f"output must be OutputSpec.pooled() or OutputSpec.grid(), got {output}")
     chosen = settings.get("weights", weights)
-    if chosen is not None and not str(chosen).strip():
-        raise ModelError(
-            f"weights={str(chosen)!r} is empty: give 'official', a checkpoint path, or None "
-            "for random weights"
-        )
     if names_random_weights(chosen):
         chosen = None  # the CLI's / a config's spelling: the same seeded random model
     return _Config(
@@ -1623,9 +1699,9 @@ def get_embedding(
     device: str | torch.device | None = "auto",
     input_chw: np.ndarray | Tensor | None = None,
     variant: str | None = None,
-    weights: str | os.PathLike[str] | None = "official",
-    input_prep: str = "resize",
-    pooled_norm: str = "trained",
+    weights: str | os.PathLike[str] | None = _OFFICIAL,
+    input_prep: str = _RESIZE,
+    pooled_norm: str = _TRAINED,
     paths: PathsLike | None = None,
     nodata: float | None = None,
     model_config: dict[str, Any] | None = None,
@@ -1720,6 +1796,7 @@ def get_embedding(
             raise ModelError(f"backend={which!r} needs spatial=PointBuffer(...) or BBox(...)")
         if nodata is not None:  # it was ignored without a word
             raise ModelError(_NODATA_ELSEWHERE[which].format(nodata=nodata))
+        _check_temporal(temporal)
         prepared = _fetch_many(
             [spatial], temporal, sensor, cfg, which, paths, project, stac_source=stac_source
         )
@@ -1736,9 +1813,9 @@ def get_embeddings_batch_from_inputs(
     output: OutputSpec | str = OutputSpec.pooled(),  # noqa: B008
     device: str | torch.device | None = "auto",
     variant: str | None = None,
-    weights: str | os.PathLike[str] | None = "official",
-    input_prep: str = "resize",
-    pooled_norm: str = "trained",
+    weights: str | os.PathLike[str] | None = _OFFICIAL,
+    input_prep: str = _RESIZE,
+    pooled_norm: str = _TRAINED,
     nodata: float | None = None,
     model_config: dict[str, Any] | None = None,
 ) -> list[Embedding]:
@@ -1802,9 +1879,9 @@ def get_embeddings_batch(
     backend: str = "auto",
     device: str | torch.device | None = "auto",
     variant: str | None = None,
-    weights: str | os.PathLike[str] | None = "official",
-    input_prep: str = "resize",
-    pooled_norm: str = "trained",
+    weights: str | os.PathLike[str] | None = _OFFICIAL,
+    input_prep: str = _RESIZE,
+    pooled_norm: str = _TRAINED,
     paths: PathsLike | None = None,
     model_config: dict[str, Any] | None = None,
     project: str | None = None,
@@ -1849,7 +1926,8 @@ def get_embeddings_batch(
         backend = "stac"
     which = _backend(backend, False, paths is not None)
     stac_source = _stac_source(which, stac_url, collection)
-    spatial_list = list(spatials)
+    spatial_list = _region_list(spatials)
+    _check_temporal(temporal)
     if not spatial_list:
         return []
     prepared = _fetch_many(
@@ -1926,9 +2004,9 @@ def export_batch(
     names: Sequence[str] | None = None,
     paths: PathsLike | None = None,
     device: str | torch.device | None = "auto",
-    weights: str | os.PathLike[str] | None = "official",
-    input_prep: str = "resize",
-    pooled_norm: str = "trained",
+    weights: str | os.PathLike[str] | None = _OFFICIAL,
+    input_prep: str = _RESIZE,
+    pooled_norm: str = _TRAINED,
     continue_on_error: bool = False,
     chunk_size: int = 256,
     project: str | None = None,
@@ -1989,15 +2067,26 @@ def export_batch(
     import geopandas as gpd
     import shapely
 
-    spatial_list = list(spatials)
+    spatial_list = _region_list(spatials)
+    if not spatial_list:
+        raise ModelError(f"spatials is empty: there is nothing to export to {str(out_path)!r}")
+    _check_temporal(temporal)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ModelError(f"chunk_size={chunk_size!r}: give a whole number of regions >= 1")
     if names is None:
         ids = [f"p{i:05d}" for i in range(len(spatial_list))]
     else:
         ids = [str(n) for n in names]
         if len(ids) != len(spatial_list):
             raise ModelError(f"names has {len(ids)} entries for {len(spatial_list)} spatials")
-        if len(set(ids)) != len(ids):
-            raise ModelError("names must be unique")
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ModelError(
+                f"names must be unique: {repeated} given more than once (names are compared "
+                "as strings: 1 and '1' are one name)"
+            )
+    if isinstance(models, str | ExportModelRequest):
+        models = [models]  # one model (a plain string was read letter by letter)
     if not models:
         raise ModelError("models is empty: e.g. models=[ExportModelRequest.configure('dofa')]")
     requests = [m if isinstance(m, ExportModelRequest) else ExportModelRequest(m) for m in models]
@@ -2009,7 +2098,7 @@ def export_batch(
         raise ModelError("export_batch reads regions: use backend='local', 'gee' or 'stac'")
     if which in ("gee", "stac") and temporal is None:
         raise ModelError(f"backend={which!r} needs temporal=TemporalSpec.range(...)")
-    jobs = []
+    jobs: list[tuple[ExportModelRequest, _Config, SensorSpec | None, str]] = []
     for req in requests:
         conf = dict(req.model_config or {})
         cfg = _config(
@@ -2021,6 +2110,7 @@ def export_batch(
             output=output,
             device=device,
             model_config=conf,
+            config_wins=True,  # a request's settings over the call's, as its sensor
         )
         eff_sensor = req.sensor or sensor
         config_id = _digest(
@@ -2034,6 +2124,12 @@ def export_batch(
             None if temporal is None else [temporal.start, temporal.end],
             *([] if stac_source is None else [str(stac_source.url), stac_source.collection]),
         )
+        if any(config_id == job[3] for job in jobs):
+            raise ModelError(
+                f"models lists the same model twice ({req.name!r} with the same settings and "
+                "sensor): its rows would be computed once and the second counted as skipped; "
+                "list it once"
+            )
         jobs.append((req, cfg, eff_sensor, config_id))
 
     if which == "local" and isinstance(paths, Sentinel2Base):  # every request, before any
