@@ -1586,10 +1586,11 @@ def test_call_arguments_of_the_wrong_kind_are_one_line_before_any_work(tmp_path)
         get_embedding("dofa", spatial=point, model_config=["variant"], **kw)  # type: ignore[arg-type]
     # a keyword given and model_config disagreeing: refused, as variant was; a keyword left
     # at its default is model_config's to set
-    for keyword, config in (
+    conflicts: list[tuple[dict[str, Any], dict[str, Any]]] = [
         ({"pooled_norm": "trained"}, {"pooled_norm": "plain"}),
         ({"input_prep": "resize"}, {"input_prep": "tile"}),
-    ):
+    ]
+    for keyword, config in conflicts:
         with pytest.raises(ModelError, match=r"conflicts with model_config .*: give it once"):
             get_embedding("dofa", spatial=point, model_config=config, **kw, **keyword)
     plain = get_embedding("dofa", spatial=point, model_config={"pooled_norm": "plain"}, **kw)
@@ -1608,5 +1609,5 @@ def test_call_arguments_of_the_wrong_kind_are_one_line_before_any_work(tmp_path)
     with pytest.raises(ModelError, match="models lists the same model twice"):
         export_batch(spatials=[point], models=["dofa", "dofa"], out_path=out, **kw)
     assert not out.exists()
-    summary = export_batch(spatials=[point], models="dofa", out_path=out, **kw)  # type: ignore[arg-type]
+    summary = export_batch(spatials=[point], models="dofa", out_path=out, **kw)
     assert (summary.rows, summary.computed) == (1, 1) and out.is_file()

@@ -1996,7 +1996,7 @@ def export_batch(
     *,
     spatials: Sequence[Region],
     temporal: TemporalSpec | None = None,
-    models: Sequence[ExportModelRequest | str],
+    models: Sequence[ExportModelRequest | str] | ExportModelRequest | str,
     out_path: str | os.PathLike[str],
     backend: str = "auto",
     sensor: SensorSpec | None = None,
@@ -2038,7 +2038,8 @@ def export_batch(
     Args:
         spatials: the regions.
         temporal: date range (required for ``gee``).
-        models: ``ExportModelRequest.configure("dofa", variant=...)`` entries (or ``"dofa"``).
+        models: ``ExportModelRequest.configure("dofa", variant=...)`` entries (or ``"dofa"``),
+            or one of them.
         out_path: the ``.parquet`` file.
         backend: ``"auto"`` (``local`` with ``paths``, ``stac`` with ``stac_url``, else
             ``gee``), ``"local"``, ``"stac"``, ``"gee"``.
