@@ -2099,3 +2099,50 @@ def test_band_names_in_any_sequence_are_read_as_a_list() -> None:
         BandError, match=r"bands=b'B4B3' is one string: .* \(bands=\['B4', 'B3'\]\)"
     ):
         Sentinel2SR(SCENE, bands=b"B4B3")  # type: ignore[arg-type]
+
+
+def test_a_folders_linked_folders_are_read_and_a_missing_linked_raster_is_named(
+    tmp_path: Path,
+) -> None:
+    """helper-112: a tile in a folder linked into the input folder was left out of the job
+    without a word (``Path.rglob`` does not enter linked folders), and so was a ``.tif`` link
+    to a file git-annex had not fetched; the same link given alone is "does not exist"."""
+    import shutil
+
+    from torchgeo_dofa.datasets import InputError, find_raster_inputs
+
+    source = DATA / "nodesc" / "S2_20220614_nodesc.tif"
+    scenes, elsewhere = tmp_path / "scenes", tmp_path / "elsewhere"
+    scenes.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(source, scenes / "a.tif")
+    shutil.copy(source, elsewhere / "b.tif")
+    (scenes / "more").symlink_to(elsewhere)
+    (scenes / "again").symlink_to(elsewhere)  # the same folder twice: read once
+    (elsewhere / "loop").symlink_to(scenes)  # into the input folder itself
+    (region,) = find_raster_inputs([scenes])
+    assert [os.path.basename(p) for p in region.paths] == ["a.tif", "b.tif"], region.paths
+    (scenes / "c.tif").symlink_to("../.git/annex/objects/xx/c.tif")
+    said = r"holds '.*c\.tif', a link to '\.\./\.git/annex/objects/xx/c\.tif', which is not there"
+    with pytest.raises(InputError, match=said + r": fetch it \(git annex get"):
+        find_raster_inputs([scenes])
+
+
+def test_an_esa_file_name_of_a_day_that_does_not_exist_is_undated(tmp_path: Path) -> None:
+    """helper-112: ``T33UWP_20230229T100000_B04_10m.tif`` was "error: day is out of range for
+    month" (``predict --config``: a traceback), naming neither the file nor the cause; other
+    names of such a day (``scene_20230229.tif``) were read as undated. Now so is this one."""
+    import shutil
+
+    for bad in ("20230229", "20231345"):
+        folder = tmp_path / bad
+        folder.mkdir()
+        for band in ("B02", "B03", "B04"):
+            shutil.copy(
+                DATA / "esa" / f"T31UFQ_20211015T105031_{band}_10m.tif",
+                folder / f"T31UFQ_{bad}T105031_{band}_10m.tif",
+            )
+        ds = Sentinel2SR(folder)
+        assert sorted(ds.bands) == ["B2", "B3", "B4"]
+        sample = ds[next(iter(GriddedPatchSampler(ds, size=16, stride=16)))]
+        assert sample["image"].shape[0] == 3

@@ -1913,7 +1913,10 @@ class Sentinel2Base(RasterDataset):
             match = _ESA_NAME.search(name)
             if match:
                 text = match.group("tdate") or match.group("pdate")
-                return datetime.strptime(text, "%Y%m%d").date()
+                try:
+                    return datetime.strptime(text, "%Y%m%d").date()
+                except ValueError:  # no such day (20230229): undated, as other names are
+                    continue
         return None
 
     # ------------------------------------------------------------------ reading
@@ -3366,6 +3369,41 @@ def _other_formats_hint(
     return hint + ")"
 
 
+def _folder_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    """Every file under ``folder``, links to folders followed, sorted.
+
+    ``Path.rglob`` (Python 3.12) does not enter a linked folder, so a scene's tiles in a
+    folder linked in (``more -> /data/tiles``) were left out of the job without a word; a
+    folder linked twice, or into itself, is read once. A link to a raster that is not there
+    (a file git-annex or DVC has not fetched, a moved target, a link to itself) was skipped
+    silently too, where the same path given alone is "does not exist".
+
+    Raises:
+        InputError: naming a link with a raster's extension whose target is missing, and
+            the fix.
+    """
+    found: list[pathlib.Path] = []
+    seen: set[str] = set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs.clear()  # a folder linked twice, or a link into its own parent
+            continue
+        seen.add(real)
+        dirs.sort()
+        for name in names:
+            file = pathlib.Path(top, name)
+            if file.is_file():
+                found.append(file)
+            elif file.is_symlink() and file.suffix.lower() in Sentinel2Base.extensions:
+                raise InputError(
+                    f"input folder {str(folder)!r} holds {str(file)!r}, a link to "
+                    f"{os.readlink(file)!r}, which is not there: fetch it (git annex get, "
+                    "dvc pull) or remove the link"
+                )
+    return sorted(found)
+
+
 def unreadable_input(path: str | os.PathLike[str], err: BaseException) -> InputError:
     """The error for a raster whose pixels cannot be read (a damaged block, a cut download).
 
@@ -3453,7 +3491,9 @@ def find_raster_inputs(
 
     Raises:
         InputError: for an empty name, a missing path, an input without raster, an
-            unreadable or non-georeferenced file, or a region mixing CRSs without ``crs``.
+            unreadable or non-georeferenced file, a region mixing CRSs without ``crs``, or
+            a folder holding a link to a raster that is not there (see
+            :func:`_folder_files`).
     """
     regions: dict[str, tuple[list[str], bool, pathlib.Path]] = {}
     headers: dict[str, _Header] = {}  # every file is opened once
@@ -3466,7 +3506,7 @@ def find_raster_inputs(
         path = pathlib.Path(raw)
         if not path.exists():
             raise InputError(f"input {str(path)!r} does not exist")
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        files = _folder_files(path) if path.is_dir() else [path]
         rasters = [str(p) for p in files if p.suffix.lower() in Sentinel2Base.extensions]
         if not rasters:
             raise InputError(
