@@ -451,6 +451,21 @@ def test_materialised_file_reads_as_local_input(scenes, server, tmp_path) -> Non
     with rasterio.open(path) as src:
         assert src.tags()["STAC_SOURCE"] == server
         assert src.tags()["STAC_COLLECTION"] == COLLECTION
+    # helper-113: a request of other dates (or cloud limit) finding the same items reused
+    # the file, whose STAC_DATETIME / STAC_MAX_CLOUD (copied into embed's outputs) said the
+    # first request's
+    wider = stac.materialise(
+        BBox(*scenes["bbox"]), "2021-01-01/2022-12-31", server, bands=BANDS, max_cloud=50,
+        out_dir=tmp_path,
+    )  # fmt: skip
+    cloudier = stac.materialise(
+        BBox(*scenes["bbox"]), WINDOW, server, bands=BANDS, max_cloud=60, out_dir=tmp_path
+    )
+    assert len({path, wider, cloudier}) == 3
+    for file, when, cloud in ((wider, "2021-01-01/2022-12-31", "50"), (cloudier, WINDOW, "60")):
+        with rasterio.open(file) as src:
+            assert src.tags()["STAC_DATETIME"].startswith(when.split("/")[0]), src.tags()
+            assert src.tags()["STAC_MAX_CLOUD"] == cloud
 
 
 # ----------------------------------------------------------------------------------------------

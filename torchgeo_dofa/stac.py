@@ -997,6 +997,8 @@ def materialise(
                 sorted(int(c) for c in mask_scl),
                 str(offset),
                 [it.id for it in items],
+                text,  # the request's dates and cloud limit: the file's stac_* tags say them
+                max_cloud,
             ],
             default=str,
         ).encode()
