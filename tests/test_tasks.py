@@ -494,6 +494,17 @@ def test_a_fit_without_a_training_step_is_an_error_not_a_finished_fit(tmp_path: 
         with pytest.raises(NoTrainingBatchError, match="^fit ran no training step"):
             make_trainer(tmp_path, 1, []).fit(task, loader)
     make_trainer(tmp_path, 0, []).fit(task, none)  # asked for none: Lightning's own way
+    # helper-111: with validation after the empty epoch, ModelCheckpoint saved the untrained
+    # task as last.ckpt (NaN metrics), which predict then took; now refused before the file
+    ckpts = tmp_path / "untrained"
+    saving = ModelCheckpoint(dirpath=ckpts, save_last=True)
+    trainer = Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, callbacks=[saving],
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    with pytest.raises(NoTrainingBatchError, match="^fit ran no training step"):
+        trainer.fit(task, empty, DataLoader(chips, batch_size=2))
+    assert not list(ckpts.glob("*.ckpt")), list(ckpts.iterdir())
     # resumed: into an empty loader, an error as well (it was taken for a finished run); a
     # run that had reached its limits trains nothing, with a warning
     trained = make_trainer(tmp_path, 1, [])

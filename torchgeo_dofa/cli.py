@@ -1725,13 +1725,14 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 _close_progress_bar(trainer)
             # a run refused before it wrote anything leaves nothing
             tasks = sys.modules.get("torchgeo_dofa.tasks")  # not loaded: not raised
-            no_labels = tasks is not None and any(
-                isinstance(e, tasks.NoLabelledPixelError) for e in exception_chain(err)
-            )
+            refused = (tasks.NoLabelledPixelError, tasks.NoTrainingBatchError) if tasks else ()
+            no_labels = any(isinstance(e, refused) for e in exception_chain(err))
             saved = any(  # a checkpoint kept outside the run's folder: its metrics stay too
-                getattr(c, "best_model_path", "") or getattr(c, "last_model_path", "")
+                os.path.isfile(path)
                 for t in trainers
                 for c in t.checkpoint_callbacks
+                for path in (getattr(c, "best_model_path", ""), getattr(c, "last_model_path", ""))
+                if path
             )
             for folder in run_folders:
                 folder.remove_if_only_its_settings(metrics_too=no_labels and not saved)
@@ -1836,10 +1837,11 @@ class _RunFolder:
         )
         with contextlib.suppress(OSError):
             names = {p.name for p in folder.iterdir()} - self.found - {LOCK_NAME}
-            if not ("config.yaml" in names or new_folder) or not names <= removable:
+            empty = {n for n in names if (folder / n).is_dir() and not any((folder / n).iterdir())}
+            if not ("config.yaml" in names or new_folder) or not names - empty <= removable:
                 return
-            for name in names:
-                (folder / name).unlink()
+            for name in names:  # an empty folder the run made: ModelCheckpoint's, unused
+                (folder / name).rmdir() if name in empty else (folder / name).unlink()
             for made in (folder, *folder.parents):
                 if made in self.existed:
                     break

@@ -605,6 +605,8 @@ class _DOFATask(BaseTask):
             checkpoint: the Lightning checkpoint being saved.
         """
         super().on_save_checkpoint(checkpoint)
+        if self._trained_nothing():  # a callback's checkpoint of the untrained task
+            raise self._no_training_batch_error()
         state = checkpoint.get("state_dict")
         if isinstance(state, Mapping):
             checkpoint[STATE_DIGEST_KEY] = state_dict_digest(state)
@@ -727,12 +729,8 @@ class _DOFATask(BaseTask):
             NoTrainingBatchError: naming the loader's length and the likely causes.
         """
         trainer = self.trainer
-        if type(self).training_step is not _DOFATask.training_step:
-            return  # a subclass's own training step: its batches are not counted here
-        if getattr(self, "_fit_batches", 1) or trainer.interrupted:
+        if not self._no_step_where_steps_were_asked():
             return
-        if 0 in (trainer.max_epochs, trainer.max_steps, trainer.limit_train_batches):
-            return  # asked for no training
         epochs, steps = trainer.max_epochs, trainer.max_steps
         reached = (epochs is not None and 0 <= epochs <= trainer.current_epoch) or (
             0 <= steps <= trainer.global_step
@@ -745,8 +743,41 @@ class _DOFATask(BaseTask):
                 "max_steps) to train on"
             )
             return
-        batches = trainer.num_training_batches
-        raise NoTrainingBatchError(
+        raise self._no_training_batch_error()
+
+    def _no_step_where_steps_were_asked(self) -> bool:
+        """Whether this fit has run no training step though its limits allowed some.
+
+        Not where it was interrupted, nor for a subclass with its own ``training_step`` (its
+        batches are not counted).
+        """
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return False
+        if type(self).training_step is not _DOFATask.training_step:
+            return False  # a subclass's own training step: its batches are not counted here
+        if getattr(self, "_fit_batches", 1) or trainer.interrupted:
+            return False
+        return 0 not in (trainer.max_epochs, trainer.max_steps, trainer.limit_train_batches)
+
+    def _trained_nothing(self) -> bool:
+        """Whether a checkpoint saved now would hold a task never trained.
+
+        No training step in this fit, none before it (a fresh run: ``global_step`` 0), where
+        steps were asked. A ``ModelCheckpoint`` saved one at the validation after an epoch without a
+        batch (``last.ckpt``, untrained weights, NaN metrics), which ``predict`` then took;
+        its fit is refused instead (:meth:`on_fit_end`'s error), before the file is written.
+        """
+        trainer = self._trainer
+        return (
+            trainer is not None
+            and trainer.global_step == 0
+            and self._no_step_where_steps_were_asked()
+        )
+
+    def _no_training_batch_error(self) -> NoTrainingBatchError:
+        batches = self.trainer.num_training_batches
+        return NoTrainingBatchError(
             f"fit ran no training step: the training loader gave no batch (its length says "
             f"{batches:g}). A batch_size above the number of training chips with drop_last "
             "gives none, and so does a random sampler over areas smaller than its chips "
