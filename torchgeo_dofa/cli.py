@@ -1633,6 +1633,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                     self._configured_args,
                     _plain(self.config[sub].get("model", {}).get("init_args")),
                     configured,
+                    sub,
                 )
             if used and used != configured:
                 _refuse_other_task(self.config[sub].get("ckpt_path"), used, configured, sub)
@@ -1945,6 +1946,7 @@ def _check_ckpt_keyword(trainer: Any, model: Any, subcommand: str, section: Any)
         _plain((section.get("model") or {}).get("init_args")),
         hparams,
         configured,
+        subcommand,
     )
     from .tasks import restoring_from
 
@@ -2109,7 +2111,7 @@ def _plain(init_args: Any) -> dict[str, Any]:
 
 
 def _warn_replaced_by_checkpoint(
-    ckpt: Any, configured: dict[str, Any], used: dict[str, Any], class_path: str
+    ckpt: Any, configured: dict[str, Any], used: dict[str, Any], class_path: str, subcommand: str
 ) -> None:
     """Say once on stderr which model settings a ``--ckpt_path``'s hyperparameters replaced.
 
@@ -2118,7 +2120,10 @@ def _warn_replaced_by_checkpoint(
     a 4-class checkpoint became 4 without a word, and the run then failed on its labels.
     Settings left at the class's defaults are not named (jsonargparse fills them in, so a
     predict config naming two settings was said to have set five), nor ``weights`` (the
-    checkpoint holds the encoder: :func:`torchgeo_dofa.tasks.restoring_from`).
+    checkpoint holds the encoder: :func:`torchgeo_dofa.tasks.restoring_from`). Only ``fit``
+    is told how to start anew from the encoder instead: ``predict`` / ``validate`` / ``test``
+    use the task the checkpoint saved, its own head (the shipped predict configs'
+    ``num_classes`` is a placeholder that the checkpoint's replaces).
     """
     defaults = _init_defaults(class_path)
     changed = [
@@ -2132,11 +2137,15 @@ def _warn_replaced_by_checkpoint(
     from .locks import is_launcher
 
     if changed and is_launcher():  # once per job, not per DDP rank
+        advice = (
+            "; to start a new run with other settings from its encoder's weights (the head "
+            f"starts anew), give --model.init_args.weights {ckpt} instead of --ckpt_path"
+            if subcommand == "fit"
+            else ""
+        )
         print(
             f"torchgeo-dofa: warning: --ckpt_path {ckpt} restores the task it saved, so its "
-            f"hyperparameters replace the config's: {', '.join(changed)}; to start a new run "
-            "with other settings from its encoder's weights (the head starts anew), give "
-            f"--model.init_args.weights {ckpt} instead of --ckpt_path",
+            f"hyperparameters replace the config's: {', '.join(changed)}{advice}",
             file=sys.stderr,
         )
 
