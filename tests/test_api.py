@@ -796,9 +796,8 @@ def test_a_fill_value_hint_names_what_declares_it_for_each_backend(tmp_path, chi
     )
     for backend in ("gee", "stac"):
         with pytest.raises(ModelError, match=rf"^nodata= .* the {backend} backend .* nodata=$"):
-            get_embedding(
-                "dofa", spatial=point, backend=backend, stac_url=tmp_path, nodata=0, **cpu
-            )
+            source = {"stac_url": tmp_path} if backend == "stac" else {}
+            get_embedding("dofa", spatial=point, backend=backend, nodata=0, **source, **cpu)
     with pytest.raises(ReflectanceError) as refused:
         get_embedding("dofa", spatial=point, paths=ones, **cpu)
     assert str(refused.value).endswith(
@@ -1611,3 +1610,20 @@ def test_call_arguments_of_the_wrong_kind_are_one_line_before_any_work(tmp_path)
     assert not out.exists()
     summary = export_batch(spatials=[point], models="dofa", out_path=out, **kw)
     assert (summary.rows, summary.computed) == (1, 1) and out.is_file()
+
+
+def test_stac_arguments_beside_another_backend_and_year_specs_are_refused(tmp_path) -> None:
+    """helper-113: ``stac_url=`` / ``collection=`` beside ``paths=`` were dropped without a
+    word; ``TemporalSpec.year(True)`` was year 1, ``year(2022.7)`` 2022, and
+    ``TemporalSpec("year", ...)`` took any range."""
+    point = PointBuffer(13.1397, 48.2922, 500)
+    for extra in ({"stac_url": tmp_path / "items.json"}, {"collection": "sentinel-2-l2a"}):
+        with pytest.raises(ModelError, match=r"is read by backend='stac' only, but this call "
+                           r"reads backend='local' \(paths= given\): leave it out"):  # fmt: skip
+            get_embedding("dofa", spatial=point, paths=[SCENE], weights=None, **extra)
+    for bad in (True, 2022.7, "2022"):
+        with pytest.raises(ModelError, match=r"year must be a whole number in \[1, 9998\]"):
+            TemporalSpec.year(bad)  # type: ignore[arg-type]
+    assert TemporalSpec.year(np.int64(2022)) == TemporalSpec.year(2022)  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match=r"is not one calendar year: use TemporalSpec\.year"):
+        TemporalSpec("year", "2022-01-01", "2022-03-01")

@@ -225,6 +225,14 @@ class TemporalSpec:
         start, end = _iso(self.start), _iso(self.end)
         if start >= end:
             raise ModelError(f"TemporalSpec needs start < end, got {start} .. {end}")
+        first = date.fromisoformat(start)
+        if self.mode == "year" and (
+            (first.month, first.day) != (1, 1) or end != f"{first.year + 1:04d}-01-01"
+        ):
+            raise ModelError(
+                f"TemporalSpec('year', {start!r}, {end!r}) is not one calendar year: use "
+                f"TemporalSpec.year({first.year}) or TemporalSpec.range({start!r}, {end!r})"
+            )
         object.__setattr__(self, "start", start)
         object.__setattr__(self, "end", end)
 
@@ -251,9 +259,10 @@ class TemporalSpec:
         Returns:
             The spec (``year-01-01`` to ``year+1-01-01``).
         """
-        y = int(year)
-        if not 1 <= y <= 9998:
-            raise ModelError(f"year must be in [1, 9998], got {year}")
+        whole = isinstance(year, int | np.integer) and not isinstance(year, bool)
+        y = int(year) if whole else 0
+        if not whole or not 1 <= y <= 9998:
+            raise ModelError(f"year must be a whole number in [1, 9998], got {year!r}")
         return TemporalSpec("year", f"{y:04d}-01-01", f"{y + 1:04d}-01-01")
 
     def time_slice(self) -> slice:
@@ -1298,6 +1307,14 @@ def _stac_source(
     which: str, stac_url: str | os.PathLike[str] | None, collection: str | None
 ) -> _StacSource | None:
     if which != "stac":
+        if stac_url is not None or collection is not None:  # they were ignored without a word
+            given = "stac_url=" if stac_url is not None else "collection="
+            why = {"local": " (paths= given)", "tensor": " (input_chw= given)"}.get(which, "")
+            raise ModelError(
+                f"{given} is read by backend='stac' only, but this call reads backend="
+                f"{which!r}{why}: leave it out, or read the STAC source alone (stac_url= "
+                "without paths= or input_chw=)"
+            )
         return None
     if stac_url is None:
         raise ModelError(
