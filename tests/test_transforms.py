@@ -899,3 +899,12 @@ def test_a_fill_value_that_is_not_finite_is_refused(fill: float) -> None:
         CheckReflectance(fill_value=fill)
     with pytest.raises(ValueError, match=r"fill_value=.* is not a finite number"):
         DOFAPreprocess(["B4", "B3", "B2"], fill_value=fill)
+
+
+@pytest.mark.parametrize("bands", ["B4", "B4 B3 B2", b"B4"])
+def test_band_names_given_as_one_string_are_refused(bands: str) -> None:
+    """helper-113: ``DOFAPreprocess(bands="B4")`` read the bands 'B' (the rgb preset's blue)
+    and '4'; ``"RGB"`` would have been three bands without a word."""
+    for make in (DOFAPreprocess, NormalizeReflectance, AttachWavelengths):
+        with pytest.raises(BandError, match=r"bands=.* is one string: give a list of band"):
+            make(bands)

@@ -233,6 +233,24 @@ def same_band_names(a: Sequence[str], b: Sequence[str]) -> bool:
     return [_band_key(x) for x in a] == [_band_key(y) for y in b]
 
 
+def refuse_one_string(bands: object, what: str = "bands") -> None:
+    """Reject band names given as one string, which a list would split into letters.
+
+    ``DOFAPreprocess(bands="B4")`` read the bands ``B`` and ``4`` (``B``: the ``rgb``
+    preset's blue) and failed on ``4``; ``"RGB"`` would have been three bands.
+
+    Raises:
+        BandError: naming the string and the list meant.
+    """
+    if isinstance(bands, str | bytes):
+        text = bands.decode(errors="replace") if isinstance(bands, bytes) else bands
+        words = [w for w in re.split(r"[\s,;]+", text) if w] or ["B4", "B3"]
+        raise BandError(
+            f"{what}={bands!r} is one string: give a list of band names, one per channel "
+            f"({what}={words!r})"
+        )
+
+
 def check_unique_bands(bands: Sequence[str], what: str = "bands") -> None:
     """Reject a band list naming one band twice (after canonicalisation: ``B4`` == ``B04``).
 

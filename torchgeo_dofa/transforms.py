@@ -73,6 +73,7 @@ from torchgeo_dofa.bands import (
     check_names_fit,
     check_unique_bands,
     norm_stats,
+    refuse_one_string,
     resolve_wavelengths,
 )
 
@@ -513,6 +514,7 @@ class AttachWavelengths(nn.Module):
         """
         super().__init__()
         if bands is not None:
+            refuse_one_string(bands)
             check_unique_bands(list(bands), "bands")
         self.bands: tuple[str, ...] | None = (
             tuple(canonical_band(b) for b in bands) if bands is not None else None
@@ -814,6 +816,7 @@ class NormalizeReflectance(nn.Module):
                 band named twice, or what is wrong with the given statistics.
         """
         super().__init__()
+        refuse_one_string(bands)
         check_unique_bands(list(bands), "bands")
         self.bands: tuple[str, ...] = tuple(canonical_band(b) for b in bands)
         means, stds = norm_stats(list(bands), mean, std)
