@@ -508,3 +508,6 @@ def test_a_batch_scaled_again_after_normalising_warns() -> None:
     task = DOFAClassificationTask(num_classes=2, weights=None, mode="linear-probe").eval()
     with pytest.warns(ReflectanceWarning, match="divides by 255"), torch.no_grad():
         task(again, batch["wavelengths"][0])
+    with warnings.catch_warnings(), torch.no_grad():  # helper-111: it came with every batch
+        warnings.simplefilter("error")  # of a fit (its value differs from batch to batch)
+        task(again * 0.5, batch["wavelengths"][0])

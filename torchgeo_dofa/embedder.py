@@ -472,7 +472,7 @@ _EMBEDDER_FIX = (
 )
 
 
-def check_normalised(image: Tensor, fix: str = _EMBEDDER_FIX, scaled_again: bool = False) -> None:
+def check_normalised(image: Tensor, fix: str = _EMBEDDER_FIX, scaled_again: bool = False) -> bool:
     """Refuse a batch that was not normalised (raw reflectance would embed as noise).
 
     Args:
@@ -488,6 +488,9 @@ def check_normalised(image: Tensor, fix: str = _EMBEDDER_FIX, scaled_again: bool
             :data:`NORMALISED_LIMIT`: raw reflectance), and the fix; or the count of NaN /
             infinite values (one would make the chip's every output NaN, and a training
             step's weights).
+
+    Returns:
+        Whether it warned (the tasks warn once, not once per batch).
 
     Warns:
         ReflectanceWarning: with ``scaled_again``, for a batch whose values all lie within
@@ -512,13 +515,16 @@ def check_normalised(image: Tensor, fix: str = _EMBEDDER_FIX, scaled_again: bool
             f"the batch's image holds values up to {peak:g}, raw reflectance rather than "
             f"input normalised with DOFA's statistics: {fix}"
         )
-    if scaled_again and 0 < peak < SCALED_AGAIN_LIMIT:  # a warning: a uniform chip could be
-        _warnings.warn(
-            f"the batch's image holds values within +-{peak:.3g} only, where reflectance "
-            "normalised with DOFA's statistics spreads over about +-1 to +-5 (a band's mean "
-            "+- its standard deviation is +-1): was it scaled again after normalising? A "
-            "TorchGeo GeoDataModule's default aug divides by 255: give the data module an aug "
-            "that keeps the batch (self.aug = lambda batch: batch in its __init__, after "
-            "super().__init__(), as torchgeo_dofa's data modules do)",
-            ReflectanceWarning,
-        )
+    if not (scaled_again and 0 < peak < SCALED_AGAIN_LIMIT):
+        return False
+    # a warning, not an error: one chip of a uniform surface could be this flat
+    _warnings.warn(
+        f"the batch's image holds values within +-{peak:.3g} only, where reflectance "
+        "normalised with DOFA's statistics spreads over about +-1 to +-5 (a band's mean "
+        "+- its standard deviation is +-1): was it scaled again after normalising? A "
+        "TorchGeo GeoDataModule's default aug divides by 255: give the data module an aug "
+        "that keeps the batch (self.aug = lambda batch: batch in its __init__, after "
+        "super().__init__(), as torchgeo_dofa's data modules do)",
+        ReflectanceWarning,
+    )
+    return True

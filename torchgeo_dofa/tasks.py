@@ -851,6 +851,16 @@ class _DOFATask(BaseTask):
             "on, or fine-tune it on these"
         )
 
+    def _check_normalised(self, image: Tensor) -> None:
+        """Check a batch as :func:`~torchgeo_dofa.embedder.check_normalised` does.
+
+        Its warning of values scaled again comes once per task: it repeated with every
+        batch of a fit.
+        """
+        said = getattr(self, "_said_scaled_again", False)
+        if check_normalised(image, _NORMALISE_FIX, scaled_again=not said):
+            self._said_scaled_again = True
+
     def _default_wavelengths(self) -> Tensor:
         if self._fixed_wavelengths is not None:
             return self._fixed_wavelengths
@@ -1527,7 +1537,7 @@ class DOFAClassificationTask(_DOFATask):
             NotNormalisedError: for an integer image or values beyond
                 :data:`~torchgeo_dofa.embedder.NORMALISED_LIMIT` (raw reflectance).
         """
-        check_normalised(image, _NORMALISE_FIX, scaled_again=True)
+        self._check_normalised(image)
         waves = self._wavelengths(image, wavelengths)
         self._fill_unfilled_encoder()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
@@ -2011,7 +2021,7 @@ class DOFASegmentationTask(_DOFATask):
             NotNormalisedError: for an integer image or values beyond
                 :data:`~torchgeo_dofa.embedder.NORMALISED_LIMIT` (raw reflectance).
         """
-        check_normalised(image, _NORMALISE_FIX, scaled_again=True)
+        self._check_normalised(image)
         waves = self._wavelengths(image, wavelengths)
         self._fill_unfilled_encoder()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
