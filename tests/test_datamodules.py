@@ -416,9 +416,17 @@ def test_a_map_refuses_chips_off_its_cells() -> None:
     for preprocess in (None, True, False):
         assert map_refusal(patch_size=32, stride=24, preprocess=preprocess) == (
             "stride 24 px is not a multiple of the output cell (2.28571 px for 32-px chips with "
-            "input_prep='resize'): chips would not land on whole cells of the embedding map (a "
-            "pooled table or class table takes any stride)"
+            "input_prep='resize'): chips would not land on whole cells of the map (an embedding "
+            "grid, or a task's class map): give a stride of whole cells, e.g. 32 (the chip "
+            "size, the default) (a pooled table or class table takes any stride)"
         )
+    # helper-113: a map of points was a RuntimeError from deep in Lightning's setup
+    x0, y1 = 620000.0, 5702000.0  # top-left corner of the multiband fixture
+    point = PointBuffer(*lonlat(x0 + 403.0, y1 - 302.0), buffer_m=160)
+    points = DOFAPredictDataModule(DATA / "multiband", points=[point])
+    points.setup("predict")
+    with pytest.raises(ValueError, match=r"^points give one pooled row per point, not a map"):
+        points.grid_geometry()
     # a map of chips off the 16-pixel patch grid, as embed's --chip-size (it ran: 7.14-px
     # cells); pooled chips of any size (BigEarthNet's 120 px) stay
     assert map_refusal(patch_size=100, stride=100) == (

@@ -1046,15 +1046,20 @@ class DOFAPredictDataModule(GeoDataModule):
             raise ValueError(
                 f"stride {step} px is not a multiple of the output cell ({cell:g} px for "
                 f"{size}-px chips with input_prep={self.input_prep!r}): chips would not land "
-                "on whole cells of the embedding map (a pooled table or class table takes any "
-                "stride)"
+                "on whole cells of the map (an embedding grid, or a task's class map): give a "
+                f"stride of whole cells, e.g. {size} (the chip size, the default) (a pooled "
+                "table or class table takes any stride)"
             )
         crs = RioCRS.from_user_input(dataset.crs.to_wkt())
         res = (float(dataset.res[0]), float(dataset.res[1]))  # (x, y): pixels may be oblong
         if isinstance(sampler, ChipGridSampler):
             return GridGeometry.for_region(crs, sampler.region_bounds, res, self.cell_px)
         if self.mode == "points":
-            raise RuntimeError("points give one pooled row per point, not an embedding map")
+            raise ValueError(
+                "points give one pooled row per point, not a map: write them with "
+                "PooledWriter (or a task's ClassificationWriter), or give a region (roi= or "
+                "the whole rasters) for GridWriter / SegmentationWriter"
+            )
         chips: list[Any] = list(sampler)
         return GridGeometry.for_chips(crs, chips, res, self.cell_px)
 
