@@ -505,6 +505,18 @@ def test_a_fit_without_a_training_step_is_an_error_not_a_finished_fit(tmp_path: 
     with pytest.raises(NoTrainingBatchError, match="^fit ran no training step"):
         trainer.fit(task, empty, DataLoader(chips, batch_size=2))
     assert not list(ckpts.glob("*.ckpt")), list(ckpts.iterdir())
+
+    class SaveTheStart(Callback):  # helper-114: the starting weights, saved by the user
+        def on_train_start(self, trainer: Trainer, *args: Any) -> None:
+            trainer.save_checkpoint(tmp_path / "start.ckpt")
+
+    fresh = DOFAClassificationTask(
+        num_classes=3, weights=None, interpolate_pos_embed=True, patience=None
+    )
+    make_trainer(tmp_path, 1, [SaveTheStart()], limit_train_batches=1).fit(
+        fresh, DataLoader(chips, batch_size=2)
+    )
+    assert (tmp_path / "start.ckpt").is_file()
     # resumed: into an empty loader, an error as well (it was taken for a finished run); a
     # run that had reached its limits trains nothing, with a warning
     trained = make_trainer(tmp_path, 1, [])

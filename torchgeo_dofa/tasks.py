@@ -712,6 +712,20 @@ class _DOFATask(BaseTask):
     def on_fit_start(self) -> None:
         """Count this fit's training batches from 0 (see :meth:`on_fit_end`)."""
         self._fit_batches = 0
+        self._epoch_batches_over = False
+
+    def on_train_epoch_start(self) -> None:
+        """Mark a training epoch's batches as still to come (see :meth:`_trained_nothing`)."""
+        self._epoch_batches_over = False
+
+    def on_validation_start(self) -> None:
+        """Mark, in a fit, that the epoch's training batches so far are over.
+
+        A checkpoint saved from here on (``ModelCheckpoint`` at the validation's end) judges
+        them.
+        """
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            self._epoch_batches_over = not self.trainer.sanity_checking
 
     def on_fit_end(self) -> None:
         """Refuse a fit that ran no training step where its limits allowed some.
@@ -764,14 +778,17 @@ class _DOFATask(BaseTask):
         """Whether a checkpoint saved now would hold a task never trained.
 
         No training step in this fit, none before it (a fresh run: ``global_step`` 0), where
-        steps were asked. A ``ModelCheckpoint`` saved one at the validation after an epoch without a
-        batch (``last.ckpt``, untrained weights, NaN metrics), which ``predict`` then took;
-        its fit is refused instead (:meth:`on_fit_end`'s error), before the file is written.
+        steps were asked, and the epoch's batches over (at its validation or end: a save of
+        the starting weights in ``on_train_start`` is the user's). A ``ModelCheckpoint``
+        saved one at the validation after an epoch without a batch (``last.ckpt``, untrained
+        weights, NaN metrics), which ``predict`` then took; its fit is refused instead
+        (:meth:`on_fit_end`'s error), before the file is written.
         """
         trainer = self._trainer
         return (
             trainer is not None
             and trainer.global_step == 0
+            and getattr(self, "_epoch_batches_over", False)
             and self._no_step_where_steps_were_asked()
         )
 
@@ -1176,6 +1193,7 @@ class _DOFATask(BaseTask):
         Under DDP, the wavelength sets every process trained on are gathered first, so the
         checkpoint rank 0 saves holds them all (:data:`TRAINED_WAVELENGTHS_KEY`).
         """
+        self._epoch_batches_over = True  # before ModelCheckpoint's save (a monitoring callback)
         self._gather_trained_wavelengths()
         self._log_metrics("train", self.train_metrics)
 
