@@ -417,9 +417,11 @@ def test_a_map_refuses_chips_off_its_cells() -> None:
         assert map_refusal(patch_size=32, stride=24, preprocess=preprocess) == (
             "stride 24 px is not a multiple of the output cell (2.28571 px for 32-px chips with "
             "input_prep='resize'): chips would not land on whole cells of the map (an embedding "
-            "grid, or a task's class map): give a stride of whole cells, e.g. 32 (the chip "
-            "size, the default) (a pooled table or class table takes any stride)"
+            "grid, or a task's class map): give a stride of whole cells, e.g. 32 (a pooled "
+            "table or class table takes any stride)"
         )
+    # helper-114: tiles of 100-px chips (16-px cells) were advised the stride refused (100)
+    assert "e.g. 96 or 112 (a pooled" in map_refusal(patch_size=100, input_prep="tile")
     # helper-113: a map of points was a RuntimeError from deep in Lightning's setup
     x0, y1 = 620000.0, 5702000.0  # top-left corner of the multiband fixture
     point = PointBuffer(*lonlat(x0 + 403.0, y1 - 302.0), buffer_m=160)

@@ -2120,6 +2120,8 @@ def test_a_folders_linked_folders_are_read_and_a_missing_linked_raster_is_named(
     (scenes / "more").symlink_to(elsewhere)
     (scenes / "again").symlink_to(elsewhere)  # the same folder twice: read once
     (elsewhere / "loop").symlink_to(scenes)  # into the input folder itself
+    (scenes / "up").symlink_to("..")  # helper-114: it read the parent's other folders
+    shutil.copy(source, tmp_path / "outside.tif")
     (region,) = find_raster_inputs([scenes])
     assert [os.path.basename(p) for p in region.paths] == ["a.tif", "b.tif"], region.paths
     (scenes / "c.tif").symlink_to("../.git/annex/objects/xx/c.tif")

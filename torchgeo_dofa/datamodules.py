@@ -1043,12 +1043,19 @@ class DOFAPredictDataModule(GeoDataModule):
         cell, step = self.cell_px, self.stride or size
         gridded = self.mode == "grid" or self.roi_sampling == "grid"
         if gridded and abs(step / cell - round(step / cell)) > 1e-6:
+            # whole-pixel strides of whole cells near the one given (a cell may be fractional)
+            near = [
+                k * cell
+                for k in (math.floor(step / cell), math.ceil(step / cell))
+                if k >= 1 and abs(k * cell - round(k * cell)) < 1e-6
+            ]
+            fits = " or ".join(f"{round(v)}" for v in dict.fromkeys(near)) or f"{size}"
             raise ValueError(
                 f"stride {step} px is not a multiple of the output cell ({cell:g} px for "
                 f"{size}-px chips with input_prep={self.input_prep!r}): chips would not land "
                 "on whole cells of the map (an embedding grid, or a task's class map): give a "
-                f"stride of whole cells, e.g. {size} (the chip size, the default) (a pooled "
-                "table or class table takes any stride)"
+                f"stride of whole cells, e.g. {fits} (a pooled table or class table takes any "
+                "stride)"
             )
         crs = RioCRS.from_user_input(dataset.crs.to_wkt())
         res = (float(dataset.res[0]), float(dataset.res[1]))  # (x, y): pixels may be oblong

@@ -3376,7 +3376,8 @@ def _folder_files(folder: pathlib.Path) -> list[pathlib.Path]:
     folder linked in (``more -> /data/tiles``) were left out of the job without a word; a
     folder linked twice, or into itself, is read once. A link to a raster that is not there
     (a file git-annex or DVC has not fetched, a moved target, a link to itself) was skipped
-    silently too, where the same path given alone is "does not exist".
+    silently too, where the same path given alone is "does not exist". A link to a folder
+    that holds the input folder (``up -> ..``) is not entered: it would read its siblings.
 
     Raises:
         InputError: naming a link with a raster's extension whose target is missing, and
@@ -3384,13 +3385,19 @@ def _folder_files(folder: pathlib.Path) -> list[pathlib.Path]:
     """
     found: list[pathlib.Path] = []
     seen: set[str] = set()
+    root = os.path.realpath(folder)
     for top, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
         if real in seen:
-            dirs.clear()  # a folder linked twice, or a link into its own parent
+            dirs.clear()  # a folder linked twice, or a link back into the folder
             continue
         seen.add(real)
-        dirs.sort()
+        # a link to a folder holding the input folder (``up -> ..``) would read its siblings
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not (root + os.sep).startswith(os.path.realpath(os.path.join(top, d)) + os.sep)
+        )
         for name in names:
             file = pathlib.Path(top, name)
             if file.is_file():
