@@ -528,10 +528,18 @@ def test_dofa_eurosat_band_errors_name_the_fix(eurosat_root: Path) -> None:
 
     from torchgeo_dofa.datamodules import DOFAEuroSAT100DataModule, DOFAEuroSATDataModule
 
-    with pytest.raises(BandError, match=r"EuroSAT has no band\(s\) \['B4'\]: .*'B04' not 'B4'"):
-        DOFAEuroSATDataModule(root=eurosat_root, bands=["B4", "B03"])
-    with pytest.raises(BandError, match=r"EuroSAT100 has no band\(s\) \[\]"):
+    with pytest.raises(BandError, match=r"EuroSAT has no band\(s\) \['B99'\]: choose among"):
+        DOFAEuroSATDataModule(root=eurosat_root, bands=["B99", "B03"])
+    with pytest.raises(BandError, match=r"EuroSAT100 has no bands given \(bands=\[\]\)"):
         DOFAEuroSAT100DataModule(root=eurosat_root, bands=[])
+    # helper-114: the package's own spelling was refused, one string split into letters, and
+    # split= / transforms= failed at setup or were dropped
+    assert DOFAEuroSATDataModule(root=eurosat_root, bands=["B4", "B03"]).bands == ("B04", "B03")
+    with pytest.raises(BandError, match=r"bands='B04' is one string"):
+        DOFAEuroSATDataModule(root=eurosat_root, bands="B04")
+    for key in ("split", "transforms"):
+        with pytest.raises(ValueError, match=rf"^{key}= is the data module's own"):
+            DOFAEuroSATDataModule(root=eurosat_root, **{key: None})  # type: ignore[arg-type]
     with pytest.raises(BandError, match=r"statistics for band\(s\) \['B01', 'B09', 'B10', 'B8A'\]"):
         DOFAEuroSATDataModule(root=eurosat_root, bands=EuroSAT.all_band_names)
     # all 13 with statistics of one's own (DOFA's 0..255 scale)

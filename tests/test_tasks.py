@@ -2252,3 +2252,11 @@ def test_the_readme_eurosat_example_trains(eurosat_root: Path) -> None:
     exec(compile(code, "README.md", "exec"), namespace)
     task = namespace["task"]
     assert task.trainer.state.finished and "train_loss" in task.trainer.callback_metrics
+
+
+def test_task_bands_given_as_one_string_are_refused() -> None:
+    """helper-114: ``bands="RGB"`` was read as three bands without a word, ``"B4"`` as 'B'
+    and '4' ("cannot infer wavelengths for band(s) ['4']")."""
+    for bands in ("RGB", "B4"):
+        with pytest.raises(BandError, match=rf"bands='{bands}' is one string: give a list"):
+            DOFAClassificationTask(num_classes=2, weights=None, bands=bands)  # type: ignore[arg-type]

@@ -57,7 +57,7 @@ from torchgeo.datasets.utils import GeoSlice, Path, Sample
 from torchgeo.samplers import GeoSampler
 
 from torchgeo_dofa import _warnings
-from torchgeo_dofa.bands import BandError
+from torchgeo_dofa.bands import BandError, canonical_band, refuse_one_string
 from torchgeo_dofa.datasets import (
     InputError,
     RasterInput,
@@ -1695,29 +1695,42 @@ class DOFAEuroSATDataModule(NonGeoDataModule):
         Args:
             batch_size: chips per batch.
             num_workers: DataLoader worker processes.
-            bands: EuroSAT bands to read, in channel order (``B04`` spelling); by default the
-                nine with DOFA statistics, :data:`EUROSAT_DOFA_BANDS`.
+            bands: EuroSAT bands to read, in channel order (``B04`` or ``B4``: read as
+                TorchGeo spells them); by default the nine with DOFA statistics,
+                :data:`EUROSAT_DOFA_BANDS`.
             size: the side the chips are resized to (224: DOFA's input; another size needs
                 the task's ``interpolate_pos_embed=True``).
             mean: per-band means on DOFA's 0..255 scale (reflectance x 255), for bands
                 without DOFA statistics (B01, B09, B10, B8A): one per band of ``bands``, as
                 :class:`~torchgeo_dofa.transforms.NormalizeReflectance` takes them.
             std: per-band standard deviations on the same scale, with ``mean``.
-            **kwargs: passed to the dataset class: ``root``, ``download``, ``checksum``
-                (``split`` and ``transforms`` are the data module's).
+            **kwargs: passed to the dataset class: ``root``, ``download``, ``checksum``.
 
         Raises:
-            BandError: for a band EuroSAT does not have (naming its bands), a band without
-                DOFA statistics when ``mean`` / ``std`` are not given, or given statistics
-                that do not fit (see :func:`~torchgeo_dofa.bands.norm_stats`).
+            BandError: for bands given as one string or none, a band EuroSAT does not have
+                (naming its bands), a band without DOFA statistics when ``mean`` / ``std``
+                are not given, or given statistics that do not fit (see
+                :func:`~torchgeo_dofa.bands.norm_stats`).
+            ValueError: for ``split`` or ``transforms`` among ``kwargs`` (the data module
+                sets each split's dataset, and its ``aug`` preprocesses).
         """
-        bands = tuple(bands)
-        unknown = [b for b in bands if b not in EuroSAT.all_band_names]
+        refuse_one_string(bands)
+        for key in ("split", "transforms"):
+            if key in kwargs:
+                raise ValueError(
+                    f"{key}= is the data module's own ({type(self).__name__} makes each "
+                    "split's dataset, and preprocesses its batches in aug): leave it out"
+                )
+        spelt = {canonical_band(b): b for b in EuroSAT.all_band_names}  # B4 or B04: B04
+        given = tuple(str(b) for b in bands)
+        bands = tuple(spelt.get(canonical_band(b), b) for b in given)
+        unknown = [b for b in given if canonical_band(b) not in spelt]
         if unknown or not bands:
+            has = f"no band(s) {unknown}" if unknown else "no bands given (bands=[])"
             raise BandError(
-                f"{self.eurosat_class.__name__} has no band(s) {unknown}: choose among "
-                f"{list(EuroSAT.all_band_names)} (TorchGeo's spelling, 'B04' not 'B4'); "
-                f"DOFA's statistics cover {list(EUROSAT_DOFA_BANDS)}"
+                f"{self.eurosat_class.__name__} has {has}: choose among "
+                f"{list(EuroSAT.all_band_names)}; DOFA's statistics cover "
+                f"{list(EUROSAT_DOFA_BANDS)}"
             )
         preprocess = DOFAPreprocess(list(bands), size=size, mean=mean, std=std)
         super().__init__(self.eurosat_class, batch_size, num_workers, bands=bands, **kwargs)

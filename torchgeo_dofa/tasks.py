@@ -65,6 +65,7 @@ from .bands import (
     BandError,
     canonical_band,
     infer_wavelengths,
+    refuse_one_string,
     resolve_wavelengths,
 )
 from .embedder import check_finite_output, check_normalised, warn_of_datamodule_normalisation
@@ -426,6 +427,7 @@ class _DOFATask(BaseTask):
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {list(MODES)}")
+        refuse_one_string(bands)  # "RGB" was read as three bands, "B4" as 'B' and '4'
         if num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
         if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
