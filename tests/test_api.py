@@ -1621,9 +1621,35 @@ def test_stac_arguments_beside_another_backend_and_year_specs_are_refused(tmp_pa
         with pytest.raises(ModelError, match=r"is read by backend='stac' only, but this call "
                            r"reads backend='local' \(paths= given\): leave it out"):  # fmt: skip
             get_embedding("dofa", spatial=point, paths=[SCENE], weights=None, **extra)
-    for bad in (True, 2022.7, "2022"):
+    for bad in (True, 2022.7, "2022.5"):
         with pytest.raises(ModelError, match=r"year must be a whole number in \[1, 9998\]"):
             TemporalSpec.year(bad)  # type: ignore[arg-type]
     assert TemporalSpec.year(np.int64(2022)) == TemporalSpec.year(2022)  # type: ignore[arg-type]
     with pytest.raises(ModelError, match=r"is not one calendar year: use TemporalSpec\.year"):
         TemporalSpec("year", "2022-01-01", "2022-03-01")
+
+
+def test_neighbouring_kinds_of_the_checked_arguments(tmp_path) -> None:
+    """helper-114: the session's argument checks, attacked with their neighbours."""
+    for bad in (10**400, np.True_, "0"):
+        with pytest.raises(ModelError, match=r"fill_value=.* is not a finite number"):
+            SensorSpec(bands=("B4", "B3"), fill_value=bad)  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match=r"SensorSpec\.mean=.* is not a sequence of numbers"):
+        SensorSpec(bands=("B4", "B3"), mean=("1", "2"), std=(1.0, 2.0))  # type: ignore[arg-type]
+    from torchgeo_dofa.transforms import CheckReflectance
+
+    with pytest.raises(ValueError, match=r"fill_value=True is not a finite number"):
+        CheckReflectance(fill_value=True)
+    with pytest.raises(ModelError, match=r"not a TemporalSpec"):  # the tensor backend too
+        get_embedding("dofa", input_chw=RAW, sensor=S4, temporal="x", weights=None)  # type: ignore[arg-type]
+    assert TemporalSpec.year("2022") == TemporalSpec.year(2022)  # type: ignore[arg-type]
+    point = PointBuffer(13.1397, 48.2922, 500)
+    with pytest.raises(ModelError, match=r"^collection= names a STAC collection .*SensorSpec"):
+        get_embedding("dofa", spatial=point, backend="gee", collection="x", weights=None)
+    out, kw = tmp_path / "e.parquet", {"paths": [SCENE], "weights": None}
+    with pytest.raises(ModelError, match=r"spatials is a dict: give a list of regions"):
+        export_batch(spatials={"a": point}, models="dofa", out_path=out, **kw)  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match=r"models=b'dofa' is bytes"):
+        export_batch(spatials=[point], models=b"dofa", out_path=out, **kw)  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match=r"chunk_size=np\.int64\(0\): give a whole number"):
+        export_batch(spatials=[point], models="dofa", out_path=out, chunk_size=np.int64(0), **kw)  # type: ignore[arg-type]

@@ -254,12 +254,14 @@ class TemporalSpec:
         """One calendar year.
 
         Args:
-            year: e.g. 2022.
+            year: e.g. 2022 (or ``"2022"``).
 
         Returns:
             The spec (``year-01-01`` to ``year+1-01-01``).
         """
-        whole = isinstance(year, int | np.integer) and not isinstance(year, bool)
+        whole = (isinstance(year, int | np.integer) and not isinstance(year, bool)) or (
+            isinstance(year, str) and year.strip().isdigit()
+        )
         y = int(year) if whole else 0
         if not whole or not 1 <= y <= 9998:
             raise ModelError(f"year must be a whole number in [1, 9998], got {year!r}")
@@ -370,7 +372,9 @@ class SensorSpec:
             if values is None:
                 continue
             try:
-                if isinstance(values, str | bytes):
+                if isinstance(values, str | bytes) or any(
+                    isinstance(v, str | bytes | bool) for v in values
+                ):
                     raise TypeError(values)
                 object.__setattr__(self, name, tuple(float(v) for v in values))
             except (TypeError, ValueError):
@@ -378,11 +382,12 @@ class SensorSpec:
                     f"SensorSpec.{name}={values!r} is not a sequence of numbers: give one "
                     f"number per band, in band order ({name}=[...], {len(bands)} values)"
                 ) from None
+        number = isinstance(self.fill_value, int | float | np.number)
         try:
-            fill = float(self.fill_value)
-        except (TypeError, ValueError):
+            fill = float(self.fill_value) if number else math.nan
+        except OverflowError:  # an int beyond float's range
             fill = math.nan
-        if not math.isfinite(fill) or isinstance(self.fill_value, bool):
+        if not math.isfinite(fill) or isinstance(self.fill_value, bool | np.bool_):
             raise ModelError(
                 f"SensorSpec.fill_value={self.fill_value!r} is not a finite number: it is the "
                 "raw reflectance written into missing pixels (0, DOFA's reference fill)"
@@ -651,6 +656,10 @@ def _region_list(spatials: Any, name: str = "spatials") -> list[Any]:
         ModelError: for one region (a :class:`PointBuffer`, :class:`BBox` or geometry)
             given where a list is asked, or a value that is not a sequence of them.
     """
+    if isinstance(spatials, Mapping):
+        raise ModelError(
+            f"{name} is a dict: give a list of regions (and their ids as names=, for export_batch)"
+        )
     if isinstance(spatials, PointBuffer | BBox | shapely.Geometry | str | bytes):
         raise ModelError(
             f"{name}={spatials!r} is one region: give a list of them ({name}=[...]), or "
@@ -1307,6 +1316,11 @@ def _stac_source(
     which: str, stac_url: str | os.PathLike[str] | None, collection: str | None
 ) -> _StacSource | None:
     if which != "stac":
+        if collection is not None and stac_url is None and which == "gee":
+            raise ModelError(
+                "collection= names a STAC collection (backend='stac'): Earth Engine's is "
+                "sensor=SensorSpec(collection=...)"
+            )
         if stac_url is not None or collection is not None:  # they were ignored without a word
             given = "stac_url=" if stac_url is not None else "collection="
             why = {"local": " (paths= given)", "tensor": " (input_chw= given)"}.get(which, "")
@@ -1798,6 +1812,7 @@ def get_embedding(
         backend = "stac" if paths is None else backend
     which = _backend(backend, input_chw is not None, paths is not None)
     stac_source = _stac_source(which, stac_url, collection)
+    _check_temporal(temporal)  # (ignored by the tensor backend, but not of any type)
     if which == "tensor":
         if input_chw is None:
             raise ModelError("backend='tensor' needs input_chw=<(C, H, W) array>")
@@ -2089,7 +2104,8 @@ def export_batch(
     if not spatial_list:
         raise ModelError(f"spatials is empty: there is nothing to export to {str(out_path)!r}")
     _check_temporal(temporal)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    whole = isinstance(chunk_size, int | np.integer) and not isinstance(chunk_size, bool)
+    if not whole or chunk_size < 1:
         raise ModelError(f"chunk_size={chunk_size!r}: give a whole number of regions >= 1")
     if names is None:
         ids = [f"p{i:05d}" for i in range(len(spatial_list))]
@@ -2103,6 +2119,8 @@ def export_batch(
                 f"names must be unique: {repeated} given more than once (names are compared "
                 "as strings: 1 and '1' are one name)"
             )
+    if isinstance(models, bytes):
+        raise ModelError(f"models={models!r} is bytes: give 'dofa' or a list of models")
     if isinstance(models, str | ExportModelRequest):
         models = [models]  # one model (a plain string was read letter by letter)
     if not models:

@@ -624,8 +624,12 @@ class CheckReflectance(nn.Module):
         """
         super().__init__()
         self.nodata = None if nodata is None else float(nodata)
-        self.fill_value = float(fill_value)
-        if not math.isfinite(self.fill_value):
+        number = isinstance(fill_value, int | float | np.number)
+        try:
+            self.fill_value = float(fill_value) if number else math.nan
+        except OverflowError:
+            self.fill_value = math.nan
+        if not math.isfinite(self.fill_value) or isinstance(fill_value, bool | np.bool_):
             raise ValueError(
                 f"fill_value={fill_value!r} is not a finite number: it is the raw reflectance "
                 "written into missing pixels (0, DOFA's reference fill)"
