@@ -2183,6 +2183,15 @@ def test_a_torchgeo_data_module_normalising_its_own_way_is_warned_of(
     )
     with pytest.warns(ReflectanceWarning, match=said), pytest.raises(ValueError, match="64x64"):
         trainer.validate(task, torchgeo_dm, verbose=False)  # warned before the first batch
+    # kornia.enhance.Normalize likewise (helper-114: it went unnoticed)
+    import kornia
+
+    from torchgeo_dofa.embedder import foreign_normalisation
+
+    enhance = kornia.enhance.Normalize(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]))
+    assert foreign_normalisation(torch.nn.Sequential(enhance)) == (
+        "subtracts mean [1, 2] and divides by std [3, 4]"
+    )
     # TorchGeo's default for data modules without statistics: divides by 255
     bare = NonGeoDataModule(BandlessChips, 2, 0, bands=RGBN, size=32, num_samples=4)
     with pytest.warns(ReflectanceWarning, match=r"\(aug\) divides every batch by 255: "):

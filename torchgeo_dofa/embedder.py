@@ -315,7 +315,8 @@ def foreign_normalisation(aug: Any) -> str | None:
     """What a batch augmentation's kornia ``Normalize`` steps do, or None when it has none.
 
     TorchGeo's data modules normalise each batch in their ``aug`` (a kornia
-    ``AugmentationSequential`` holding ``K.Normalize(mean, std)``): with their dataset's own
+    ``AugmentationSequential`` holding ``K.Normalize(mean, std)``; ``kornia.enhance.Normalize``
+    likewise): with their dataset's own
     statistics of the raw values (EuroSAT, BigEarthNet, ...), or dividing by 255 where they
     have none. Neither is DOFA's normalisation, and the first gives values of about +-3 as
     DOFA's does, so no check of the batch can tell them apart. An identity ``Normalize``
@@ -331,13 +332,18 @@ def foreign_normalisation(aug: Any) -> str | None:
     if not isinstance(aug, nn.Module):
         return None
     from kornia.augmentation import Normalize
+    from kornia.enhance import Normalize as EnhanceNormalize
 
     found = []
     for module in aug.modules():
-        if not isinstance(module, Normalize):
+        if isinstance(module, Normalize):
+            settings = (module.flags["mean"], module.flags["std"])
+        elif isinstance(module, EnhanceNormalize):
+            settings = (module.mean, module.std)
+        else:
             continue
-        mean = torch.as_tensor(module.flags["mean"], dtype=torch.float64).flatten()
-        std = torch.as_tensor(module.flags["std"], dtype=torch.float64).flatten()
+        mean = torch.as_tensor(settings[0], dtype=torch.float64).flatten()
+        std = torch.as_tensor(settings[1], dtype=torch.float64).flatten()
         if bool((mean == 0).all()):
             if bool((std == 1).all()):
                 continue
