@@ -2122,6 +2122,7 @@ def test_a_folders_linked_folders_are_read_and_a_missing_linked_raster_is_named(
     (elsewhere / "loop").symlink_to(scenes)  # into the input folder itself
     (scenes / "up").symlink_to("..")  # helper-114: it read the parent's other folders
     shutil.copy(source, tmp_path / "outside.tif")
+    (scenes / "._a.tif").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # macOS AppleDouble
     (region,) = find_raster_inputs([scenes])
     assert [os.path.basename(p) for p in region.paths] == ["a.tif", "b.tif"], region.paths
     (scenes / "c.tif").symlink_to("../.git/annex/objects/xx/c.tif")

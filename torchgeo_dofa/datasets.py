@@ -3378,6 +3378,9 @@ def _folder_files(folder: pathlib.Path) -> list[pathlib.Path]:
     (a file git-annex or DVC has not fetched, a moved target, a link to itself) was skipped
     silently too, where the same path given alone is "does not exist". A link to a folder
     that holds the input folder (``up -> ..``) is not entered: it would read its siblings.
+    macOS's AppleDouble files (``._scene.tif``, left beside files copied from a Mac to
+    another file system) are not rasters and are skipped (GDAL's "not recognized as being in
+    a supported file format" stopped the job).
 
     Raises:
         InputError: naming a link with a raster's extension whose target is missing, and
@@ -3399,6 +3402,8 @@ def _folder_files(folder: pathlib.Path) -> list[pathlib.Path]:
             if not (root + os.sep).startswith(os.path.realpath(os.path.join(top, d)) + os.sep)
         )
         for name in names:
+            if name.startswith("._"):  # macOS AppleDouble metadata beside a copied file
+                continue
             file = pathlib.Path(top, name)
             if file.is_file():
                 found.append(file)
