@@ -1828,7 +1828,6 @@ def get_embedding(
             raise ModelError(f"backend={which!r} needs spatial=PointBuffer(...) or BBox(...)")
         if nodata is not None:  # it was ignored without a word
             raise ModelError(_NODATA_ELSEWHERE[which].format(nodata=nodata))
-        _check_temporal(temporal)
         prepared = _fetch_many(
             [spatial], temporal, sensor, cfg, which, paths, project, stac_source=stac_source
         )
