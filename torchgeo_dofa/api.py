@@ -132,7 +132,14 @@ from .model import PooledNorm, canonical_variant
 from .runtime import TABLE_SUFFIXES, file_signature, resolve_accelerator
 from .spatial import BBox, CRSTransformError, PointBuffer, Region, crs_label, crs_name
 from .stac import StacUnavailableError
-from .transforms import INPUT_PREPS, DOFAPreprocess, ReflectanceError, as_float32, nodata_mask
+from .transforms import (
+    INPUT_PREPS,
+    DOFAPreprocess,
+    ReflectanceError,
+    as_fill_value,
+    as_float32,
+    nodata_mask,
+)
 from .weights import env_setting, local_weights_file, names_random_weights
 from .writers import atomic_write, utc_us
 
@@ -382,17 +389,10 @@ class SensorSpec:
                     f"SensorSpec.{name}={values!r} is not a sequence of numbers: give one "
                     f"number per band, in band order ({name}=[...], {len(bands)} values)"
                 ) from None
-        number = isinstance(self.fill_value, int | float | np.number)
         try:
-            fill = float(self.fill_value) if number else math.nan
-        except OverflowError:  # an int beyond float's range
-            fill = math.nan
-        if not math.isfinite(fill) or isinstance(self.fill_value, bool | np.bool_):
-            raise ModelError(
-                f"SensorSpec.fill_value={self.fill_value!r} is not a finite number: it is the "
-                "raw reflectance written into missing pixels (0, DOFA's reference fill)"
-            )
-        object.__setattr__(self, "fill_value", fill)
+            object.__setattr__(self, "fill_value", as_fill_value(self.fill_value))
+        except ValueError as err:
+            raise ModelError(f"SensorSpec.{err}") from None
 
 
 @dataclass

@@ -92,6 +92,7 @@ __all__ = [
     "ReflectanceWarning",
     "ResizeTo",
     "TileTo",
+    "as_fill_value",
     "as_float32",
     "grid_affine",
     "narrow_dtype_problem",
@@ -574,6 +575,33 @@ class AttachWavelengths(nn.Module):
         return f"bands={self.bands}, wavelengths={[round(v, 4) for v in self.wavelengths.tolist()]}"
 
 
+def as_fill_value(value: object) -> float:
+    """A fill value (raw reflectance written into missing pixels) as a finite float.
+
+    Args:
+        value: a real number (Python's or numpy's; not a bool or a string).
+
+    Returns:
+        The value as a float.
+
+    Raises:
+        ValueError: ``fill_value=... is not a finite number``: NaN or infinity (written into
+            the missing pixels, it would reach the model, and the resize spreads it), an int
+            beyond float's range, a bool, a string or anything else.
+    """
+    number = isinstance(value, int | float | np.number) and not isinstance(value, bool | np.bool_)
+    try:
+        fill = float(value) if number else math.nan  # type: ignore[arg-type]
+    except OverflowError:  # an int beyond float's range
+        fill = math.nan
+    if not math.isfinite(fill):
+        raise ValueError(
+            f"fill_value={value!r} is not a finite number: it is the raw reflectance written "
+            "into missing pixels (0, DOFA's reference fill)"
+        )
+    return fill
+
+
 class CheckReflectance(nn.Module):
     """Mask missing data and enforce the raw-reflectance (0..10000) input contract.
 
@@ -624,16 +652,7 @@ class CheckReflectance(nn.Module):
         """
         super().__init__()
         self.nodata = None if nodata is None else float(nodata)
-        number = isinstance(fill_value, int | float | np.number)
-        try:
-            self.fill_value = float(fill_value) if number else math.nan
-        except OverflowError:
-            self.fill_value = math.nan
-        if not math.isfinite(self.fill_value) or isinstance(fill_value, bool | np.bool_):
-            raise ValueError(
-                f"fill_value={fill_value!r} is not a finite number: it is the raw reflectance "
-                "written into missing pixels (0, DOFA's reference fill)"
-            )
+        self.fill_value = as_fill_value(fill_value)
         self.whole_input = bool(whole_input)
 
     def forward(self, sample: Sample) -> Sample:
