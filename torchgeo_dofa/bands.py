@@ -233,21 +233,38 @@ def same_band_names(a: Sequence[str], b: Sequence[str]) -> bool:
     return [_band_key(x) for x in a] == [_band_key(y) for y in b]
 
 
+#: The band names written together in one string (``"B4B3B2B8"``, ``"B4, B3"``).
+_BAND_WORD = re.compile(r"B\d{1,2}A?(?:_\d+)?|[A-Za-z]+\d*(?:_\d+)?")
+
+
+def band_words(text: str | bytes) -> list[str]:
+    """The band names in one string given for a list (``"B4B3B2B8"`` -> B4, B3, B2, B8).
+
+    Args:
+        text: the string (bytes are decoded as ASCII, unknown bytes replaced).
+
+    Returns:
+        The names found, in order (for a message's example of the list meant).
+    """
+    if isinstance(text, bytes):
+        text = text.decode("ascii", errors="replace")
+    return _BAND_WORD.findall(text)
+
+
 def refuse_one_string(bands: object, what: str = "bands") -> None:
     """Reject band names given as one string, which a list would split into letters.
 
     ``DOFAPreprocess(bands="B4")`` read the bands ``B`` and ``4`` (``B``: the ``rgb``
-    preset's blue) and failed on ``4``; ``"RGB"`` would have been three bands.
+    preset's blue) and failed on ``4``; ``"RGB"`` would have been three bands. The
+    datasets' ``bands=`` / ``file_bands=``, the transforms and the tasks refuse it here.
 
     Raises:
-        BandError: naming the string and the list meant.
+        BandError: naming the string and the list meant (:func:`band_words`).
     """
     if isinstance(bands, str | bytes):
-        text = bands.decode(errors="replace") if isinstance(bands, bytes) else bands
-        words = [w for w in re.split(r"[\s,;]+", text) if w] or ["B4", "B3"]
         raise BandError(
             f"{what}={bands!r} is one string: give a list of band names, one per channel "
-            f"({what}={words!r})"
+            f"({what}={band_words(bands) or ['B4', 'B3']!r})"
         )
 
 

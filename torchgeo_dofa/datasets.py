@@ -133,11 +133,13 @@ from torchgeo_dofa.bands import (
     STAC_ASSET_BANDS,
     WAVELENGTH_HINT,
     BandError,
+    band_words,
     canonical_band,
     check_unique_bands,
     date_copy_base,
     is_known_band,
     offset_problem,
+    refuse_one_string,
     resolve_wavelengths,
     split_date_copy,
     stac_asset_band,
@@ -240,24 +242,6 @@ _RES_DIR = re.compile(r"^R\d{2,3}m$")
 _EARTH_SEARCH_ID = re.compile(
     r"(?:^|_)(?P<id>S2[A-D]_\d{1,2}[A-Z]{3}_(?P<date>\d{8})_\d+_L(?:1C|2A))(?:_|$)"
 )
-#: The band names written together in one string (``"B4B3B2B8"``, ``"B4, B3"``).
-_BAND_WORD = re.compile(r"B\d{1,2}A?(?:_\d+)?|[A-Za-z]+\d*(?:_\d+)?")
-
-
-def band_words(text: str | bytes) -> list[str]:
-    """The band names in one string given for a list (``"B4B3B2B8"`` -> B4, B3, B2, B8).
-
-    Args:
-        text: the string (bytes are decoded as ASCII, unknown bytes replaced).
-
-    Returns:
-        The names found, in order (for a message's example of the list meant).
-    """
-    if isinstance(text, bytes):
-        text = text.decode("ascii", errors="replace")
-    return _BAND_WORD.findall(text)
-
-
 #: A name for a band not to read, by its position (``band4``): what a band without a
 #: description is called, and what ``file_bands=`` may call one.
 _PLACEHOLDER = re.compile(r"band\d+", re.IGNORECASE)
@@ -851,11 +835,7 @@ class Sentinel2Base(RasterDataset):
         self._metadata_cache: dict[str, ProductMetadata | None] = {}
         self._foreign_metadata: set[tuple[str, str]] = set()  # warned of (metadata, file)
         for what, value in (("bands", bands), ("file_bands", file_bands)):
-            if isinstance(value, str | bytes):  # read as a list of its characters: 'B', '4'
-                raise BandError(
-                    f"{what}={value!r} is one string: give a list of band names, one per "
-                    f"channel ({what}={band_words(value) or ['B4', 'B3']!r})"
-                )
+            refuse_one_string(value, what)  # read as a list of its characters: 'B', '4'
         # a tuple, numpy array or generator of names: a list (numpy's arrays have no truth
         # value, and a generator would be spent by the first look)
         bands = None if bands is None else [str(b) for b in bands]
