@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -351,16 +352,16 @@ def foreign_normalisation(aug: Any) -> str | None:
                 found.append(f"divides every batch by {float(std[0]):g}")
                 continue
         found.append(
-            f"subtracts mean {_numbers(mean.tolist())} and divides by std {_numbers(std.tolist())}"
+            f"subtracts mean [{_values(mean.tolist(), 4)}] and divides by std "
+            f"[{_values(std.tolist(), 4)}]"
         )
     return "; then ".join(found) or None
 
 
-def _numbers(values: list[float], limit: int = 4) -> str:
-    """``[1.5, 2, ...]`` for a message: the first ``limit`` values and the count beyond."""
-    shown = ", ".join(f"{v:.6g}" for v in values[:limit])
-    more = f", ... ({len(values)} values)" if len(values) > limit else ""
-    return f"[{shown}{more}]"
+def _values(values: Sequence[float], limit: int = 8) -> str:
+    """``values`` for a message: ``4, 5`` or, beyond ``limit``, the first ones and the count."""
+    shown = ", ".join(str(v) if isinstance(v, int) else f"{v:g}" for v in values[:limit])
+    return shown if len(values) <= limit else f"{shown}, ... ({len(values)} values)"
 
 
 def warn_of_datamodule_normalisation(module: pl.LightningModule, stage: str) -> None:

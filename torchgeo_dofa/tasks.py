@@ -68,7 +68,12 @@ from .bands import (
     refuse_one_string,
     resolve_wavelengths,
 )
-from .embedder import check_finite_output, check_normalised, warn_of_datamodule_normalisation
+from .embedder import (
+    _values,
+    check_finite_output,
+    check_normalised,
+    warn_of_datamodule_normalisation,
+)
 from .model import DOFAEncoder, canonical_variant
 from .weights import (
     STATE_DIGEST_KEY,
@@ -245,12 +250,6 @@ def _batch_of_one(norm: str, fix: str) -> str:
         "batch_size >= 2 and drop_last=True in the DataLoader (a last batch of 1 comes from "
         f"k * batch_size + 1 training chips), or {fix}"
     )
-
-
-def _values(values: Sequence[float], limit: int = 8) -> str:
-    """``values`` for a message: ``4, 5`` or, beyond ``limit``, the first ones and the count."""
-    shown = ", ".join(str(v) if isinstance(v, int) else f"{v:g}" for v in values[:limit])
-    return shown if len(values) <= limit else f"{shown}, ... ({len(values)} values)"
 
 
 def _missing_target(task: str, key: str, batch: Mapping[str, Any], other: str, fix: str) -> str:
