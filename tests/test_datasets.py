@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+import rasterio.warp
 import torch
 from pyproj import CRS
 from rasterio.crs import CRS as RIO_CRS
@@ -1046,6 +1047,83 @@ def _described_tif(path: Path, descriptions: Sequence[str], x0: float = 500000) 
         dst.write(data)
         dst.descriptions = tuple(descriptions)
     return path
+
+
+def _alpha_tif(path: Path, descriptions: Sequence[str], x0: float = 500000) -> Path:
+    """A 64 x 64 uint16 file of 1500s whose last band is GDAL's alpha (``gdalwarp
+    -dstalpha`` writes one after any number of bands): its left 24 columns are transparent
+    (alpha 0) over bright, non-zero values (a cloud the alpha masks, a resampled edge), so
+    only the alpha band says they hold no data."""
+    count = len(descriptions) + 1
+    data = np.full((count, 64, 64), 1500, dtype=np.uint16)
+    data[:-1, :, :24] = 3000
+    data[-1] = 255
+    data[-1, :, :24] = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(
+        path, "w", driver="GTiff", width=64, height=64, count=count, dtype="uint16",
+        crs="EPSG:32631", transform=Affine(10, 0, x0, 0, -10, 5600000),
+    ) as dst:  # fmt: skip
+        dst.write(data)
+        dst.descriptions = (*descriptions, "")
+    with rasterio.open(path, "r+") as dst:  # GeoTIFF keeps an alpha set on an open file
+        dst.colorinterp = (
+            [ColorInterp.gray] + [ColorInterp.undefined] * (count - 2) + [ColorInterp.alpha]
+        )
+    return path
+
+
+class _ZeroIsData(Sentinel2SR):
+    zero_is_nodata = False
+
+
+@pytest.mark.parametrize(
+    ("how", "kwargs"),
+    [
+        ("on the file's grid (one windowed read)", {}),
+        ("at another resolution (rasterio.merge)", {"res": 20}),
+        ("warped to another CRS (a WarpedVRT)", {"crs": "EPSG:32632"}),
+    ],
+)
+@pytest.mark.parametrize("count", [5, 3])
+def test_an_alpha_band_masks_the_pixels_it_makes_transparent(
+    tmp_path: Path, how: str, kwargs: dict[str, Any], count: int
+) -> None:
+    """GDAL masks by an alpha band in 2- and 4-band files only: the transparent pixels of
+    a file of 5 bands + alpha (``gdalwarp -dstalpha`` of a Sentinel-2 stack) were read as
+    data (valid_fraction 1.0, the bright values embedded) on every read path, and warping
+    such a file without a nodata value stopped with rasterio's "The VRT already has an
+    alpha band". A 3 + alpha file is RGBA to GDAL: its mask came from GDAL already."""
+    names = ["B2", "B3", "B4", "B8", "B11"][:count]
+    path = _alpha_tif(tmp_path / "warped.tif", names)
+    for cls in (Sentinel2SR, _ZeroIsData):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a 64-px file: smaller than a chip
+            ds = cls(path, offset=0, **kwargs)
+        assert ds.bands == tuple(names), how
+        sample = ds.read_chip(ds.bounds)
+        valid, image = sample["valid"].numpy(), sample["image"].numpy()
+        height, width = image.shape[-2:]
+        valid = valid.reshape(height, width)
+        # an independent account: each sample pixel's centre, taken back to the file's
+        # columns (the transparent ones are 0-23), away from the edge a warp may move
+        (xres, yres), (x, y, _) = ds.res, ds.bounds
+        xs = float(x.start) + (np.arange(width) + 0.5) * xres
+        ys = float(y.stop) - (np.arange(height) + 0.5) * yres
+        grid_x, grid_y = np.meshgrid(xs, ys)
+        fx, fy = rasterio.warp.transform(
+            ds.crs.to_wkt(), "EPSG:32631", grid_x.ravel(), grid_y.ravel()
+        )
+        col = ((np.asarray(fx) - 500000) / 10).reshape(valid.shape)
+        row = ((5600000 - np.asarray(fy)) / 10).reshape(valid.shape)
+        opaque = (col >= 24) & (col < 64) & (row >= 0) & (row < 64)
+        # not the pixels a warp may move across an edge (transparent or the file's own)
+        clear = (np.abs(col - 24) > 1.5) & (np.abs(col - 64) > 1.5)
+        clear &= (np.abs(row) > 1.5) & (np.abs(row - 64) > 1.5)
+        assert opaque[clear].any() and (~opaque[clear]).any()
+        assert (valid[clear] == opaque[clear]).all(), (cls, how)
+        assert (image[:, ~valid] == 0).all()  # the fill value
+        assert (image[:, opaque & clear] == 1500).all(), (cls, how)
 
 
 def test_bands_left_out_of_the_default_choice_are_named(tmp_path: Path) -> None:

@@ -854,6 +854,14 @@ class Sentinel2Base(RasterDataset):
         self._skipped_products: list[str] = []
         scenes = self._group(infos, bands, file_bands)
         self._infos = infos  # band choice and offset rules read the files' headers
+        #: per multi-band file, its alpha band read as a mask (alpha 0: no data)
+        self._alpha_masks = {
+            s.key: i + 1
+            for s in scenes
+            if s.layout == "multiband"
+            for i, is_alpha in enumerate(infos[s.key].alpha)
+            if is_alpha and not is_known_band(s.names[i])
+        }
         if not scenes and self._skipped_products:
             shown = _first_few([os.path.basename(p) for p in self._skipped_products])
             raise NoRasterFoundError(
@@ -2209,13 +2217,26 @@ class Sentinel2Base(RasterDataset):
         for path, pairs in by_path.items():
             handle = self._open(path)
             indexes = [b for _, b in pairs]
+            alpha = self._alpha_masks.get(path)
+            if alpha in indexes:  # read as a band (named by bands=): not a mask here
+                alpha = None
             try:
-                array = self._read_file(handle, indexes, bounds, res, height, width)
+                array = self._read_file(
+                    handle,
+                    indexes if alpha is None else [*indexes, alpha],
+                    bounds,
+                    res,
+                    height,
+                    width,
+                )
             except rasterio.errors.RasterioError as err:
                 raise unreadable_input(path, err) from err
             if not self.cache:
                 self._close(path)
             array = array[:, :height, :width].astype(np.float32, copy=False)
+            if alpha is not None:  # transparent (alpha 0) or outside the file: no data
+                array, opacity = array[:-1], array[-1]
+                array[:, ~(opacity > 0)] = np.nan
             extra = self._extra_nodata(self._infos[path])
             if extra:
                 array[np.isin(array, np.asarray(extra, dtype=np.float32))] = np.nan
@@ -2327,7 +2348,11 @@ class Sentinel2Base(RasterDataset):
         transform, width, height = self._grid(info, self._dst_rio_crs)
         nodata = self._primary_nodata(info)
         kwargs: dict[str, Any] = (
-            {"add_alpha": True} if nodata is None else {"src_nodata": nodata, "nodata": nodata}
+            {"src_nodata": nodata, "nodata": nodata}
+            if nodata is not None
+            else {}
+            if _alpha_band(info) is not None  # rasterio warps the file's own alpha band
+            else {"add_alpha": True}
         )
         vrt = WarpedVRT(
             src,
@@ -3942,6 +3967,18 @@ def _transform_bounds(
     _check_transformable(src.to_wkt(), dst.to_wkt())
     west, south, east, north = transform_bounds(src, dst, *bounds)
     return west, south, east, north
+
+
+def _alpha_band(info: _FileInfo) -> int | None:
+    """The 1-based index of a file's alpha band (GDAL's colour interpretation), or None.
+
+    GDAL masks by an alpha band only in 2- and 4-band files (grey + alpha, RGBA) and only
+    where no nodata value is declared; ``gdalwarp -dstalpha`` writes one after any number of
+    bands. The dataset reads an alpha band that is not named as a band (by its description
+    or ``file_bands=``) beside the bands it reads and takes alpha 0 as no data
+    (``_read_scene``); rasterio's ``WarpedVRT`` warps it as the file's alpha.
+    """
+    return next((i + 1 for i, a in enumerate(info.alpha) if a), None)
 
 
 #: :func:`_band_masks` per open file (rasterio builds ``mask_flag_enums`` anew on every use)
