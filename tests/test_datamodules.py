@@ -84,6 +84,38 @@ def test_only_predict_stage() -> None:
         DOFAPredictDataModule(DATA / "multiband", points=[], roi=BBox(0, 0, 1, 1))
 
 
+def test_settings_are_checked_when_the_data_module_is_built() -> None:
+    """A misspelt dataset keyword (resampling misspelt), batch_size=0 or num_workers=-1
+    were taken without a word and failed at setup, after the model was built, as the
+    dataset's TypeError or the DataLoader's."""
+    with pytest.raises(
+        ValueError,
+        match=r"got 'resampeling' \(did you mean 'resampling'\?\): not an argument of "
+        r"DOFAPredictDataModule nor of its dataset class Sentinel2SR, which takes crs, res, bands",
+    ):
+        DOFAPredictDataModule(DATA / "multiband", resampeling="bilinear")
+    with pytest.raises(ValueError, match=r"got 'foo': not an argument"):
+        DOFAPredictDataModule(DATA / "multiband", foo=1)
+    for name, bad in (
+        ("batch_size", 0),
+        ("batch_size", 2.5),
+        ("batch_size", True),
+        ("num_workers", -1),
+    ):
+        with pytest.raises(ValueError, match=rf"{name} must be a whole number >= \d, got {bad!r}"):
+            DOFAPredictDataModule(DATA / "multiband", **{name: bad})  # type: ignore[arg-type]
+    # what the dataset class takes passes, numpy's integers included
+    dm = DOFAPredictDataModule(
+        DATA / "multiband",
+        resampling="bilinear",
+        cache=False,
+        batch_size=np.int64(2),  # type: ignore[arg-type]
+        preprocess=False,
+    )
+    dm.setup("predict")
+    assert dm.batch_size == 2 and dm.predict_dataset is not None
+
+
 def test_grid_with_time_range_and_dataset_kwargs() -> None:
     dm = DOFAPredictDataModule(
         DATA / "esa",
@@ -540,6 +572,11 @@ def test_dofa_eurosat_band_errors_name_the_fix(eurosat_root: Path) -> None:
     for key in ("split", "transforms"):
         with pytest.raises(ValueError, match=rf"^{key}= is the data module's own"):
             DOFAEuroSATDataModule(root=eurosat_root, **{key: None})  # type: ignore[arg-type]
+    # a misspelt keyword failed at setup as EuroSAT's TypeError; batch_size=0 at the loader
+    with pytest.raises(ValueError, match=r"got 'downlaod' \(did you mean 'download'\?\)"):
+        DOFAEuroSATDataModule(root=eurosat_root, downlaod=True)
+    with pytest.raises(ValueError, match=r"batch_size must be a whole number >= 1, got 0"):
+        DOFAEuroSATDataModule(root=eurosat_root, batch_size=0)
     with pytest.raises(BandError, match=r"statistics for band\(s\) \['B01', 'B09', 'B10', 'B8A'\]"):
         DOFAEuroSATDataModule(root=eurosat_root, bands=EuroSAT.all_band_names)
     # all 13 with statistics of one's own (DOFA's 0..255 scale)

@@ -30,9 +30,12 @@ rs-embed-style ``get_embedding``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
+import inspect
 import json
 import math
+import operator
 import os
 import pathlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -630,6 +633,54 @@ def _passthrough(batch: Sample) -> Sample:
 _DATASET_SETTINGS = ("bands", "file_bands", "wavelengths", "nodata", "offset", "crs", "res")
 
 
+def _check_whole(name: str, value: Any, minimum: int) -> None:
+    """Refuse a count that is not a whole number of at least ``minimum`` (numpy ints taken).
+
+    Raises:
+        ValueError: naming the argument, the value and the bound.
+    """
+    try:
+        whole = not isinstance(value, bool) and operator.index(value) >= minimum
+    except TypeError:
+        whole = False
+    if not whole:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+
+
+def _check_dataset_arguments(
+    owner: type, dataset_class: type, kwargs: dict[str, Any], own: Sequence[str]
+) -> None:
+    """Refuse keywords ``dataset_class`` does not take (all pass where it takes ``**kwargs``).
+
+    Args:
+        owner: the data module's class: keywords its TorchGeo base class takes (e.g.
+            ``GeoDataModule``'s ``length``, which a LightningCLI config passes) pass too.
+        dataset_class: the dataset class ``kwargs`` go to.
+        kwargs: the keywords the data module passes on.
+        own: the dataset's arguments the data module sets itself (not offered).
+
+    Raises:
+        ValueError: naming each unknown keyword, the nearest one the class takes and the
+            class's arguments.
+    """
+    parameters = inspect.signature(dataset_class).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    taken = [n for n in parameters if n not in own]
+    base = next(c for c in owner.__mro__ if c.__module__.startswith("torchgeo."))
+    unknown = sorted(set(kwargs) - set(taken) - set(inspect.signature(base).parameters))
+    if unknown:
+        near = {n: difflib.get_close_matches(n, taken, n=1) for n in unknown}
+        named = ", ".join(
+            f"{n!r}" + (f" (did you mean {m[0]!r}?)" if m else "") for n, m in near.items()
+        )
+        raise ValueError(
+            f"{owner.__name__} got {named}: not an argument of {owner.__name__} nor of its "
+            f"dataset class "
+            f"{dataset_class.__name__}, which takes {', '.join(taken)}"
+        )
+
+
 class DOFAPredictDataModule(GeoDataModule):
     """Prediction chips from Sentinel-2 rasters: grid, region of interest or points.
 
@@ -729,12 +780,19 @@ class DOFAPredictDataModule(GeoDataModule):
                 them.
 
         Raises:
-            ValueError: if both ``points`` and ``roi`` are given, sizes are invalid,
-                ``mean`` / ``std`` are given without ``bands``, or ``time_series=True`` (one
-                acquisition per chip: embed each date as its own job with ``time``).
+            ValueError: if both ``points`` and ``roi`` are given, sizes are invalid
+                (``batch_size`` below 1, ``num_workers`` below 0, not whole numbers),
+                ``mean`` / ``std`` are given without ``bands``, ``time_series=True`` (one
+                acquisition per chip: embed each date as its own job with ``time``), or a
+                keyword in ``kwargs`` is not an argument of ``dataset_class`` (named, with
+                the nearest argument it takes), so a misspelt setting fails here, not at
+                :meth:`setup`.
         """
         if points is not None and roi is not None:
             raise ValueError("give either points= or roi=, not both")
+        _check_whole("batch_size", batch_size, 1)
+        _check_whole("num_workers", num_workers, 0)
+        _check_dataset_arguments(type(self), dataset_class, kwargs, own=("paths", "transforms"))
         if patch_size < 1 or (stride is not None and stride < 1):
             raise ValueError(f"patch_size and stride must be >= 1, got {patch_size}, {stride}")
         if roi_sampling not in ("grid", "whole"):
@@ -1712,7 +1770,9 @@ class DOFAEuroSATDataModule(NonGeoDataModule):
                 are not given, or given statistics that do not fit (see
                 :func:`~torchgeo_dofa.bands.norm_stats`).
             ValueError: for ``split`` or ``transforms`` among ``kwargs`` (the data module
-                sets each split's dataset, and its ``aug`` preprocesses).
+                sets each split's dataset, and its ``aug`` preprocesses), another keyword
+                the dataset class does not take (named, with the nearest it takes), or
+                ``batch_size`` below 1 / ``num_workers`` below 0.
         """
         refuse_one_string(bands)
         for key in ("split", "transforms"):
@@ -1721,6 +1781,11 @@ class DOFAEuroSATDataModule(NonGeoDataModule):
                     f"{key}= is the data module's own ({type(self).__name__} makes each "
                     "split's dataset, and preprocesses its batches in aug): leave it out"
                 )
+        _check_whole("batch_size", batch_size, 1)
+        _check_whole("num_workers", num_workers, 0)
+        _check_dataset_arguments(
+            type(self), self.eurosat_class, kwargs, own=("split", "bands", "transforms")
+        )
         spelt = {canonical_band(b): b for b in EuroSAT.all_band_names}  # B4 or B04: B04
         given = tuple(str(b) for b in bands)
         bands = tuple(spelt.get(canonical_band(b), b) for b in given)
