@@ -2873,6 +2873,67 @@ def test_fit_on_a_full_disk_is_one_line_and_leaves_no_cut_checkpoint(tmp_path, m
         assert ".ckpt (cut short: removed): free space" in err, err
 
 
+_FAR_LABELS = """
+import lightning.pytorch as pl
+from torchgeo.datasets import RasterDataset
+
+from torchgeo_dofa import Sentinel2SR
+
+
+class Labels(RasterDataset):
+    is_image = False
+    nodata = 255
+
+
+class ImageAndLabels(pl.LightningDataModule):
+    def __init__(self, image: str, labels: str) -> None:
+        super().__init__()
+        self.image, self.labels = image, labels
+
+    def setup(self, stage: str) -> None:
+        self.data = Sentinel2SR(self.image) & Labels(self.labels)
+"""
+
+
+def test_labels_off_the_image_in_a_fit_config_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """helper-111: labels that do not overlap the image, found by ``image & labels`` in a
+    user's data module's ``setup`` under ``fit --config``, were Lightning's traceback and
+    exit 1 (the message named both extents). Now that message alone, exit 2, and no run
+    folder left."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "farlabels.py").write_text(_FAR_LABELS)
+    with rasterio.open(SCENE) as src:  # one label file 5 km east of the scene
+        east, top = src.bounds.right + 5000, src.bounds.top
+        profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 1, "dtype": "uint8",
+                   "crs": src.crs, "nodata": 255,
+                   "transform": Affine(10, 0, east, 0, -10, top)}  # fmt: skip
+    (tmp_path / "labels").mkdir()
+    with rasterio.open(tmp_path / "labels" / "far.tif", "w", **profile) as dst:
+        dst.write(np.ones((1, 64, 64), np.uint8))
+    config = {
+        "model": {"class_path": "torchgeo_dofa.tasks.DOFASegmentationTask",
+                  "init_args": {"num_classes": 3, "weights": None, "ignore_index": 255}},
+        "data": {"class_path": "farlabels.ImageAndLabels",
+                 "init_args": {"image": str(SCENE), "labels": str(tmp_path / "labels")}},
+        "trainer": {"max_epochs": 1, "enable_progress_bar": False,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": "logs"}}},
+    }  # fmt: skip
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", "fit.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not [line for line in err if line.startswith("Traceback")], err
+    assert re.fullmatch(
+        r"torchgeo-dofa: error: Sentinel2SR \[.*\] and Labels \[.*\] do not overlap \(bounds "
+        r"as xmin, ymin, xmax, ymax in EPSG:32633\): check that both cover the same area, .*",
+        err[-1],
+    ), err[-3:]
+    assert not list(tmp_path.glob("logs/*/version_*")), "the refused run left its folder"
+
+
 def test_config_values_pytorch_or_torchgeo_refuse_are_one_line(
     tmp_path, monkeypatch, capsys, base_checkpoint
 ) -> None:

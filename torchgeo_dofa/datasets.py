@@ -173,6 +173,7 @@ __all__ = [
     "EarthEngineS2",
     "InputError",
     "MixedBandSetError",
+    "NoOverlapError",
     "NoRasterFoundError",
     "NoSceneError",
     "ProductMetadata",
@@ -2872,7 +2873,9 @@ class DOFAIntersectionDataset(_DOFAComposition, IntersectionDataset):
             BandError: if the members share a band (it would appear twice), or an image
                 member has no band names.
             ValueError: if one member is a time series and the other is not.
-            RuntimeError: (TorchGeo) if the datasets do not intersect.
+            NoOverlapError: (a ``RuntimeError``, as TorchGeo's) if the datasets share no
+                pixel, naming both extents in one CRS; RuntimeError: (TorchGeo) if they share
+                no time (``spatial_only=True`` ignores it).
         """
         members = [_member_bands(d) for d in (dataset1, dataset2)]
         images = [m for m in members if m is not None]
@@ -2896,7 +2899,7 @@ class DOFAIntersectionDataset(_DOFAComposition, IntersectionDataset):
         except RuntimeError as err:
             if "no spatial intersection" not in str(err):
                 raise
-            raise RuntimeError(_no_intersection(dataset1, dataset2)) from None
+            raise NoOverlapError(_no_intersection(dataset1, dataset2)) from None
         self.bands: tuple[str, ...] = bands
         self.wavelengths: Tensor = torch.cat([m[1] for m in images]) if images else torch.empty(0)
         refuse_fractional_labels(dataset1, dataset2)
@@ -3282,6 +3285,15 @@ def refuse_repeated_bands(bands: Sequence[str]) -> None:
 
 class InputError(ValueError):
     """A bad raster input (missing path, no raster, unreadable file, mixed CRS)."""
+
+
+class NoOverlapError(InputError, RuntimeError):
+    """Datasets combined with ``&`` share no pixel: the message names both extents in one CRS.
+
+    A ``RuntimeError`` as TorchGeo's own "no spatial intersection" is, and an
+    :class:`InputError`, so the command line reports it in one line (exit 2) wherever it is
+    raised, a LightningCLI data module's ``setup`` included.
+    """
 
 
 class UndatedScenesError(InputError):
