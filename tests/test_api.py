@@ -476,6 +476,37 @@ def test_a_weights_file_replaced_under_its_name_is_loaded_again(
     )
 
 
+def test_sensor_fetch_settings_a_backend_ignores_are_warned_of(tmp_path, chip_a, weights) -> None:
+    """helper-113: ``SensorSpec(scale_m=20, composite="mosaic", ...)`` with the local or the
+    tensor backend (Earth Engine's and the stac backend's fetch settings) changed nothing,
+    without a word. Now a warning naming them and what the backend does instead; the
+    embedding is the one without them; the defaults say nothing."""
+    raw, names, profile, bounds = chip_a
+    crop = _write(tmp_path / "chip.tif", raw, profile, names)
+    point = _centre_point(bounds)
+    cpu: dict[str, Any] = {"weights": weights, "device": "cpu"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default fetch settings: not a word
+        plain = get_embedding(
+            "dofa", spatial=point, paths=crop, sensor=SensorSpec(bands=names), **cpu
+        )
+    sensor = SensorSpec(bands=names, scale_m=20, composite="mosaic", collection="X/Y")
+    with pytest.warns(UserWarning) as caught:
+        local = get_embedding("dofa", spatial=point, paths=crop, sensor=sensor, **cpu)
+    said = [str(w.message) for w in caught if "is not used here" in str(w.message)]
+    assert said == [
+        "SensorSpec(collection='X/Y', scale_m=20, composite='mosaic') is not used here: "
+        "backend='local' reads the files as they are, at their own pixel size and without "
+        "cloud filtering or compositing (another pixel size: paths=Sentinel2SR(FILES, "
+        "res=...)); scale_m, cloudy_pct and composite are the gee and stac backends' fetch "
+        "settings, collection Earth Engine's"
+    ]
+    assert torch.equal(torch.as_tensor(local.data), torch.as_tensor(plain.data))
+    with pytest.warns(UserWarning, match=r"^SensorSpec\(cloudy_pct=10\) is not used here: "
+                      r"backend='tensor' embeds input_chw's pixels as given"):  # fmt: skip
+        get_embedding("dofa", input_chw=raw, sensor=SensorSpec(bands=names, cloudy_pct=10), **cpu)
+
+
 def test_a_sensor_choosing_bands_a_dataset_does_not_read_is_refused(tmp_path, chip_a) -> None:
     """``paths=Sentinel2SR(file_bands=[...two dates...])`` with
     ``sensor=SensorSpec(bands=(the second date's))`` (as the band errors' hint said: bands=

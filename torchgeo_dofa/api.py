@@ -687,6 +687,50 @@ def _check_temporal(temporal: Any) -> None:
         )
 
 
+#: The SensorSpec fields only some backends use: Earth Engine's fetch settings, which the
+#: stac backend shares but for ``collection`` (its own is ``collection=``).
+_FETCH_FIELDS: dict[str, tuple[str, ...]] = {
+    "gee": (),
+    "stac": ("collection",),
+    "local": ("collection", "scale_m", "cloudy_pct", "composite"),
+    "tensor": ("collection", "scale_m", "cloudy_pct", "composite"),
+}
+
+
+def _warn_unused_sensor_fields(sensor: SensorSpec | None, backend: str) -> None:
+    """Warn of SensorSpec fetch settings, changed from their defaults, that ``backend`` ignores.
+
+    ``scale_m``, ``cloudy_pct`` and ``composite`` say how the gee and stac backends fetch and
+    composite; ``collection`` is Earth Engine's. The local backend reads files as they are
+    (at their own resolution, every scene mosaicked) and the tensor backend takes pixels: a
+    setting of theirs changed nothing, without a word.
+    """
+    if sensor is None:
+        return
+    default = SensorSpec()
+    unused = [
+        f"{name}={getattr(sensor, name)!r}"
+        for name in _FETCH_FIELDS.get(backend, ())
+        if getattr(sensor, name) != getattr(default, name)
+    ]
+    if not unused:
+        return
+    fix = {
+        "stac": "the stac backend searches collection= (get_embedding's own argument)",
+        "local": (
+            "backend='local' reads the files as they are, at their own pixel size and "
+            "without cloud filtering or compositing (another pixel size: "
+            "paths=Sentinel2SR(FILES, res=...))"
+        ),
+        "tensor": "backend='tensor' embeds input_chw's pixels as given",
+    }[backend]
+    warn(
+        f"SensorSpec({', '.join(unused)}) is not used here: {fix}; scale_m, cloudy_pct and "
+        "composite are the gee and stac backends' fetch settings, collection Earth Engine's",
+        UserWarning,
+    )
+
+
 def _config(
     model: str,
     *,
@@ -1813,6 +1857,7 @@ def get_embedding(
     which = _backend(backend, input_chw is not None, paths is not None)
     stac_source = _stac_source(which, stac_url, collection)
     _check_temporal(temporal)  # (ignored by the tensor backend, but not of any type)
+    _warn_unused_sensor_fields(sensor, which)
     if which == "tensor":
         if input_chw is None:
             raise ModelError("backend='tensor' needs input_chw=<(C, H, W) array>")
@@ -1886,6 +1931,7 @@ def get_embeddings_batch_from_inputs(
         raise ModelError(
             "input_chws must be a list of (C, H, W) arrays (for one array use get_embedding)"
         )
+    _warn_unused_sensor_fields(sensor, "tensor")
     prepared = []
     for i, chw in enumerate(input_chws):
         name = f"input_chws[{i}]"  # in its warnings (an 8-bit dtype) and errors
@@ -1960,6 +2006,7 @@ def get_embeddings_batch(
     stac_source = _stac_source(which, stac_url, collection)
     spatial_list = _region_list(spatials)
     _check_temporal(temporal)
+    _warn_unused_sensor_fields(sensor, which)
     if not spatial_list:
         return []
     prepared = _fetch_many(
@@ -2167,6 +2214,7 @@ def export_batch(
                 "list it once"
             )
         jobs.append((req, cfg, eff_sensor, config_id))
+        _warn_unused_sensor_fields(eff_sensor, which)
 
     if which == "local" and isinstance(paths, Sentinel2Base):  # every request, before any
         for _, _, eff_sensor, _ in jobs:  # is computed (a later one stopped the run midway)
