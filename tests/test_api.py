@@ -476,6 +476,40 @@ def test_a_weights_file_replaced_under_its_name_is_loaded_again(
     )
 
 
+def test_regions_and_devices_that_cannot_be_embedded_are_one_line(tmp_path, chip_a) -> None:
+    """helper-113: an empty polygon, a point or line geometry ("cannot convert float NaN
+    to integer", numpy's), a (lon, lat) tuple among regions, and device="meta" ("Tensor.item()
+    cannot be called on meta tensors", torch's) were other libraries' errors. Each is a
+    ModelError naming it and the region types or devices to use."""
+    raw, names, profile, bounds = chip_a
+    crop = _write(tmp_path / "chip.tif", raw, profile, names)
+    cpu: dict[str, Any] = {"weights": None, "device": "cpu", "paths": crop}
+    point = _centre_point(bounds)
+    for spatial, said in (
+        (shapely.Polygon(), r"spatial is an empty geometry \(POLYGON EMPTY\): give a polygon "
+         r"with an area, a BBox\(minlon, minlat, maxlon, maxlat\), or PointBuffer\(lon, lat, "
+         r"buffer_m\) for a point"),
+        (shapely.Point(point.lon, point.lat), r"spatial is a Point without area \(POINT \("),
+        (shapely.box(point.lon, point.lat, point.lon, point.lat + 0.01), "spatial is a Polygon without area"),
+    ):  # fmt: skip
+        with pytest.raises(ModelError, match=f"^{said}"):
+            get_embedding("dofa", spatial=spatial, **cpu)
+    with pytest.raises(ModelError, match=r"^spatials\[1\]=\(4.3, 50.8\) is a tuple, not a "
+                       r"region: give PointBuffer\(lon, lat, buffer_m\)"):  # fmt: skip
+        get_embeddings_batch("dofa", spatials=[point, (4.3, 50.8)], **cpu)
+    with pytest.raises(ModelError, match=r"^spatials\[0\] is a LineString without area"):
+        export_batch(
+            spatials=[shapely.LineString([(4.3, 50.8), (4.4, 50.9)])], models=["dofa"],
+            out_path=tmp_path / "t.parquet", backend="local", paths=crop, weights=None,
+            device="cpu",
+        )  # fmt: skip
+    assert not (tmp_path / "t.parquet").exists()
+    with pytest.raises(ModelError, match=r"^device 'meta' is not one embeddings are computed "
+                       r"on here: use 'auto', 'cpu' or 'cuda\[:N\]' \('meta' tensors hold no "
+                       r"values\)$"):  # fmt: skip
+        get_embedding("dofa", spatial=point, paths=crop, weights=None, device="meta")
+
+
 def test_sensor_fetch_settings_a_backend_ignores_are_warned_of(tmp_path, chip_a, weights) -> None:
     """helper-113: ``SensorSpec(scale_m=20, composite="mosaic", ...)`` with the local or the
     tensor backend (Earth Engine's and the stac backend's fetch settings) changed nothing,

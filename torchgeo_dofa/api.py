@@ -534,6 +534,12 @@ def _resolve_device(device: str | torch.device | None) -> str:
         resolved = torch.device(str(device).strip().lower())
     except RuntimeError as err:
         raise ModelError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'") from err
+    if resolved.type not in ("cpu", "cuda", "mps"):  # meta (no data), xpu, hpu ...
+        raise ModelError(
+            f"device {device!r} is not one embeddings are computed on here: use 'auto', 'cpu' "
+            "or 'cuda[:N]'"
+            + (" ('meta' tensors hold no values)" if resolved.type == "meta" else "")
+        )
     if resolved.type == "mps" and not torch.backends.mps.is_available():
         raise ModelError(
             f"device {device!r}: PyTorch has no usable MPS (Apple GPU) here: use "
@@ -666,11 +672,50 @@ def _region_list(spatials: Any, name: str = "spatials") -> list[Any]:
             "call get_embedding(..., spatial=...) for one"
         )
     try:
-        return list(spatials)
+        regions = list(spatials)
     except TypeError:
         raise ModelError(
             f"{name}={spatials!r} is not a list of regions: give [PointBuffer(...), BBox(...), ...]"
         ) from None
+    for i, region in enumerate(regions):
+        _check_region(region, f"{name}[{i}]")
+    return regions
+
+
+def _check_region(region: Any, name: str = "spatial") -> None:
+    """Refuse what is not a region: another type, or a geometry without area.
+
+    A shapely geometry is read by its area (a BBox of its bounds for the gee and stac
+    backends): an empty one, a point or a line, or one with coordinates that are not finite,
+    gave numpy's "cannot convert float NaN to integer" or a chip of no pixels.
+
+    Raises:
+        ModelError: naming the value, what is wrong with it and the region types.
+    """
+    if isinstance(region, PointBuffer | BBox):
+        return
+    if not isinstance(region, shapely.Geometry):
+        raise ModelError(
+            f"{name}={region!r} is a {type(region).__name__}, not a region: give "
+            "PointBuffer(lon, lat, buffer_m), BBox(minlon, minlat, maxlon, maxlat) or a "
+            "shapely polygon"
+        )
+    what = (
+        "an empty geometry"
+        if region.is_empty
+        else "a geometry with coordinates that are not finite numbers"
+        if not np.isfinite(region.bounds).all()
+        else f"a {region.geom_type} without area"
+        if region.area == 0
+        else None
+    )
+    if what is not None:
+        shown = region.wkt if len(region.wkt) <= 80 else region.wkt[:77] + "..."
+        raise ModelError(
+            f"{name} is {what} ({shown}): give a polygon with an area, a "
+            "BBox(minlon, minlat, maxlon, maxlat), or PointBuffer(lon, lat, buffer_m) for a "
+            "point"
+        )
 
 
 def _check_temporal(temporal: Any) -> None:
@@ -1871,6 +1916,7 @@ def get_embedding(
             )
         if spatial is None:
             raise ModelError(f"backend={which!r} needs spatial=PointBuffer(...) or BBox(...)")
+        _check_region(spatial)
         if nodata is not None:  # it was ignored without a word
             raise ModelError(_NODATA_ELSEWHERE[which].format(nodata=nodata))
         prepared = _fetch_many(
