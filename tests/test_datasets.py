@@ -1812,6 +1812,66 @@ def test_file_check_warns_of_8_bit_or_percent_values_in_a_wider_type(tmp_path: P
     assert not [w for w in caught if "stay at or below" in str(w.message)]
 
 
+def test_file_check_names_a_band_without_a_valid_value(tmp_path: Path) -> None:
+    """helper-112: one band of a file all 0 (a band exported empty) made every pixel no data
+    (a pixel is no data where any band is): the job wrote an all-NaN grid with a warning
+    that no chip held a valid pixel, never naming the band. The file check names it (and,
+    for a scene stored one file per band, the file), before any chip is read."""
+    rng = np.random.default_rng(0)
+    data = rng.integers(300, 4000, (4, 64, 64)).astype(np.uint16)
+    (tmp_path / "one").mkdir()
+    data[3] = 0  # B8
+    _write_s2(tmp_path / "one" / "a.tif", data)
+    ds = Sentinel2SR(tmp_path / "one")
+    with pytest.warns(ReflectanceWarning) as said:
+        check_raw_reflectance(ds)
+    assert [str(w.message) for w in said] == [
+        "a.tif: band(s) B8 hold no valid value (each is no data everywhere: 0, the nodata "
+        "value, NaN or at or below -1000; read decimated) where the file's other bands hold "
+        "data: a pixel is no data where any band is, so no pixel of it is embedded (NaN "
+        "embeddings, an all-NaN grid); leave the band out (bands=[...], --bands) or repair "
+        "the file"
+    ]
+    assert not ds.read_chip(ds.bounds)["valid"].any()  # what the warning says
+    assert (
+        Sentinel2SR(tmp_path / "one", bands=["B4", "B3", "B2"]).read_chip(ds.bounds)["valid"].all()
+    )
+    with warnings.catch_warnings():  # without that band, or a file of every band: quiet
+        warnings.simplefilter("error")
+        check_raw_reflectance(Sentinel2SR(tmp_path / "one", bands=["B4", "B3", "B2"]))
+    # several files: one warning; a file of no valid value at all is not this warning's
+    (tmp_path / "two").mkdir()
+    data[3] = 1500
+    for name, band in (("b.tif", 0), ("c.tif", 2)):
+        dead = data.copy()
+        dead[band] = 0
+        _write_s2(tmp_path / "two" / name, dead)
+    with pytest.warns(ReflectanceWarning, match=r"^2 files: a band of each holds no valid value "
+                      r"where the file's other bands hold data \(b.tif: B4; c.tif: B2; read "
+                      r"decimated\): a pixel is no data where any band is"):  # fmt: skip
+        check_raw_reflectance(Sentinel2SR(tmp_path / "two"))
+    # one file per band (ESA's layout): the band file without a valid value is named
+    esa = tmp_path / "esa"
+    esa.mkdir()
+    for k, band in enumerate(("B04", "B03", "B02", "B08")):
+        one = data[k : k + 1] * (band != "B08")
+        with rasterio.open(
+            esa / f"T32TQM_20230105T101329_{band}_10m.tif", "w", driver="GTiff", width=64,
+            height=64, count=1, dtype="uint16", crs="EPSG:32632",
+            transform=Affine(10, 0, 600000, 0, -10, 5000000),
+        ) as dst:  # fmt: skip
+            dst.write(one)
+    with pytest.warns(ReflectanceWarning) as said:
+        check_raw_reflectance(Sentinel2SR(esa, offset=0))
+    assert [str(w.message) for w in said] == [
+        "T32TQM_20230105T101329_B08_10m.tif: no valid value (each is no data everywhere: 0, "
+        "the nodata value, NaN or at or below -1000; read decimated) where the other band "
+        "files of its scene hold data: a pixel is no data where any band is, so no pixel of "
+        "it is embedded (NaN embeddings, an all-NaN grid); leave the band out (bands=[...], "
+        "--bands) or repair the file"
+    ]
+
+
 def test_file_check_warns_of_an_offset_applied_twice_and_reads_the_stored_scale(
     tmp_path: Path,
 ) -> None:

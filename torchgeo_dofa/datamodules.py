@@ -1343,7 +1343,15 @@ class _FileVerdict:
     count: int  # the file's bands
     offset_added: bool
     size: int  # width x height of the file, pixels (each sample of the read stands for a share)
+    #: bands read that hold no valid value where the others hold some: every pixel no data
+    dead: tuple[str, ...] = ()
 
+
+#: What a band without a valid value does to a file (a pixel is no data where any band is).
+_NO_PIXEL_LEFT = (
+    "a pixel is no data where any band is, so no pixel of it is embedded (NaN embeddings, "
+    "an all-NaN grid); leave the band out (bands=[...], --bands) or repair the file"
+)
 
 #: A file whose valid values all lie in [0, LOW_MAX] in every band (reflectance x 10000 of
 #: 2.55 % at most: darker than almost any land) holds 8-bit (0..255) or percent (0..100)
@@ -1406,6 +1414,7 @@ def _file_verdict(
         valid &= ~nodata_mask(values, declared)
     negative = (values < 0).all(dim=0) & valid
     offset_added = bool(shift.any())
+    dead = _dead_bands(raw, values, names, nodata, declared, zero_is_nodata)
     told: str | None = None
     if bool(valid.any()) and bool(negative[valid].all()):
         try:  # its error, worded for a whole input (refused with enough pixels only)
@@ -1429,8 +1438,39 @@ def _file_verdict(
         if max(maxima) <= LOW_MAX and float(kept.amin()) >= 0:
             low = tuple(f"{n} {m:.4g}" for n, m in zip(names, maxima, strict=True))
     return _FileVerdict(
-        None, told, valid.numpy(), negative.numpy(), high, low, count, offset_added, size
+        None, told, valid.numpy(), negative.numpy(), high, low, count, offset_added, size, dead
     )
+
+
+def _dead_bands(
+    raw: torch.Tensor,
+    values: torch.Tensor,
+    names: Sequence[str],
+    nodata: float | None,
+    declared: float | None,
+    zero_is_nodata: bool,
+) -> tuple[str, ...]:
+    """The bands of a read that hold no valid value while the other bands hold some.
+
+    A pixel is no data where any band is, so one such band (a band exported empty, all 0;
+    a band of another product's nodata) leaves the whole file without a valid pixel. Each
+    band is judged by the dataset's rules alone (``raw`` as stored, ``values`` offset
+    added), on the pixels the other bands hold.
+    """
+    from torchgeo_dofa.transforms import NODATA_FLOOR, nodata_mask
+
+    if raw.shape[0] < 2:
+        return ()
+    ok = ~torch.stack([nodata_mask(raw[b : b + 1], nodata) for b in range(raw.shape[0])])
+    ok &= values > NODATA_FLOOR
+    if zero_is_nodata:
+        ok &= raw != 0
+    if declared is not None:
+        ok &= ~torch.stack([nodata_mask(values[b : b + 1], declared) for b in range(raw.shape[0])])
+    held = ok.any(dim=(1, 2))
+    if bool(held.all()) or not bool(held.any()):
+        return ()
+    return tuple(n for n, h in zip(names, held.tolist(), strict=True) if not h)
 
 
 def _warn_of_files(
@@ -1583,6 +1623,34 @@ def check_raw_reflectance(
         ),
         lambda verdict: verdict.low,
     )
+    _warn_of_files(
+        [(os.path.basename(p), v) for p, v in verdicts.items() if v.dead],
+        lambda name, verdict: (
+            f"{name}: band(s) {', '.join(verdict.dead)} hold no valid value (each is no data "
+            "everywhere: 0, the nodata value, NaN or at or below -1000; read decimated) where "
+            f"the file's other bands hold data: {_NO_PIXEL_LEFT}"
+        ),
+        lambda count, listed: (
+            f"{count} files: a band of each holds no valid value where the file's other "
+            f"bands hold data ({listed}; read decimated): {_NO_PIXEL_LEFT}"
+        ),
+        lambda verdict: verdict.dead,
+    )
+    # a scene stored one file per band (ESA's layout): a band file of no valid value
+    blank = [
+        os.path.basename(p)
+        for scene in sorted(scenes)
+        if len(scene) > 1 and any(verdicts[p].valid.any() for p in scene if p in verdicts)
+        for p in scene
+        if p in verdicts and not verdicts[p].valid.any()
+    ]
+    if blank:
+        _warnings.warn(
+            f"{_first_few(blank)}: no valid value (each is no data everywhere: 0, the nodata "
+            "value, NaN or at or below -1000; read decimated) where the other band files of "
+            f"its scene hold data: {_NO_PIXEL_LEFT}",
+            ReflectanceWarning,
+        )
     dark: dict[bool, list[tuple[str, float]]] = {}  # scenes mostly negative, by offset added
     for scene in sorted(scenes):
         files = [verdicts[p] for p in scene if p in verdicts]
