@@ -1842,9 +1842,9 @@ def test_file_check_names_a_band_without_a_valid_value(tmp_path: Path) -> None:
     # several files: one warning; a file of no valid value at all is not this warning's
     (tmp_path / "two").mkdir()
     data[3] = 1500
-    for name, band in (("b.tif", 0), ("c.tif", 2)):
+    for name, index in (("b.tif", 0), ("c.tif", 2)):
         dead = data.copy()
-        dead[band] = 0
+        dead[index] = 0
         _write_s2(tmp_path / "two" / name, dead)
     with pytest.warns(ReflectanceWarning, match=r"^2 files: a band of each holds no valid value "
                       r"where the file's other bands hold data \(b.tif: B4; c.tif: B2; read "
