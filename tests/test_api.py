@@ -490,7 +490,8 @@ def test_regions_and_devices_that_cannot_be_embedded_are_one_line(tmp_path, chip
          r"with an area, a BBox\(minlon, minlat, maxlon, maxlat\), or PointBuffer\(lon, lat, "
          r"buffer_m\) for a point"),
         (shapely.Point(point.lon, point.lat), r"spatial is a Point without area \(POINT \("),
-        (shapely.box(point.lon, point.lat, point.lon, point.lat + 0.01), "spatial is a Polygon without area"),
+        (shapely.box(point.lon, point.lat, point.lon, point.lat + 0.01),
+         "spatial is a Polygon without area"),
     ):  # fmt: skip
         with pytest.raises(ModelError, match=f"^{said}"):
             get_embedding("dofa", spatial=spatial, **cpu)
