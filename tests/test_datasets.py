@@ -1049,20 +1049,22 @@ def _described_tif(path: Path, descriptions: Sequence[str], x0: float = 500000) 
     return path
 
 
-def _alpha_tif(path: Path, descriptions: Sequence[str], x0: float = 500000) -> Path:
+def _alpha_tif(
+    path: Path, descriptions: Sequence[str], nodata: float | None = None, opaque: int = 255
+) -> Path:
     """A 64 x 64 uint16 file of 1500s whose last band is GDAL's alpha (``gdalwarp
-    -dstalpha`` writes one after any number of bands): its left 24 columns are transparent
-    (alpha 0) over bright, non-zero values (a cloud the alpha masks, a resampled edge), so
-    only the alpha band says they hold no data."""
+    -dstalpha`` writes one after any number of bands, ``opaque`` 255, or 65535 for a uint16
+    warp): its left 24 columns are transparent (alpha 0) over bright, non-zero values (a
+    cloud the alpha masks, a resampled edge), so only the alpha band says they hold no data."""
     count = len(descriptions) + 1
     data = np.full((count, 64, 64), 1500, dtype=np.uint16)
     data[:-1, :, :24] = 3000
-    data[-1] = 255
+    data[-1] = opaque
     data[-1, :, :24] = 0
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(
         path, "w", driver="GTiff", width=64, height=64, count=count, dtype="uint16",
-        crs="EPSG:32631", transform=Affine(10, 0, x0, 0, -10, 5600000),
+        crs="EPSG:32631", transform=Affine(10, 0, 500000, 0, -10, 5600000), nodata=nodata,
     ) as dst:  # fmt: skip
         dst.write(data)
         dst.descriptions = (*descriptions, "")
@@ -1077,12 +1079,40 @@ class _ZeroIsData(Sentinel2SR):
     zero_is_nodata = False
 
 
+def _check_alpha_mask(ds: Sentinel2SR, cols: int = 64) -> None:
+    """The sample of ``ds``'s whole extent is valid exactly where the file (EPSG:32631,
+    origin 500000, 5600000, 10 m, 64 rows) is opaque, its values the opaque ones (1500).
+
+    An independent account: each sample pixel's centre, taken back to the file's columns
+    (the transparent ones are 0-23), away from the edges a warp or resampling may move."""
+    sample = ds.read_chip(ds.bounds)
+    image = sample["image"].numpy()
+    height, width = image.shape[-2:]
+    valid = sample["valid"].numpy().reshape(height, width)
+    (xres, yres), (x, y, _) = ds.res, ds.bounds
+    xs = float(x.start) + (np.arange(width) + 0.5) * xres
+    ys = float(y.stop) - (np.arange(height) + 0.5) * yres
+    grid_x, grid_y = np.meshgrid(xs, ys)
+    fx, fy = rasterio.warp.transform(ds.crs.to_wkt(), "EPSG:32631", grid_x.ravel(), grid_y.ravel())
+    col = ((np.asarray(fx) - 500000) / 10).reshape(valid.shape)
+    row = ((5600000 - np.asarray(fy)) / 10).reshape(valid.shape)
+    opaque = (col >= 24) & (col < cols) & (row >= 0) & (row < 64)
+    # not the pixels a warp or a resampling may move across an edge
+    clear = (np.abs(col - 24) > 1.5) & (np.abs(col - cols) > 1.5)
+    clear &= (np.abs(row) > 1.5) & (np.abs(row - 64) > 1.5)
+    assert opaque[clear].any() and (~opaque[clear]).any()
+    assert (valid[clear] == opaque[clear]).all()
+    assert (image[:, ~valid] == 0).all()  # the fill value
+    assert (image[:, valid] == 1500).all()  # nothing of the transparent pixels, blended or not
+
+
 @pytest.mark.parametrize(
     ("how", "kwargs"),
     [
         ("on the file's grid (one windowed read)", {}),
         ("at another resolution (rasterio.merge)", {"res": 20}),
         ("warped to another CRS (a WarpedVRT)", {"crs": "EPSG:32632"}),
+        ("resampled bilinear (a WarpedVRT)", {"res": 15, "resampling": "bilinear"}),
     ],
 )
 @pytest.mark.parametrize("count", [5, 3])
@@ -1093,37 +1123,42 @@ def test_an_alpha_band_masks_the_pixels_it_makes_transparent(
     a file of 5 bands + alpha (``gdalwarp -dstalpha`` of a Sentinel-2 stack) were read as
     data (valid_fraction 1.0, the bright values embedded) on every read path, and warping
     such a file without a nodata value stopped with rasterio's "The VRT already has an
-    alpha band". A 3 + alpha file is RGBA to GDAL: its mask came from GDAL already."""
+    alpha band". A 3 + alpha file is RGBA to GDAL: its mask came from GDAL already.
+    helper-115: a declared nodata equal to the alpha's opaque value (65535 in a uint16
+    warp) made every pixel no data, and a bilinear resampling blended the transparent
+    values into the pixels beside them."""
     names = ["B2", "B3", "B4", "B8", "B11"][:count]
-    path = _alpha_tif(tmp_path / "warped.tif", names)
-    for cls in (Sentinel2SR, _ZeroIsData):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # a 64-px file: smaller than a chip
-            ds = cls(path, offset=0, **kwargs)
-        assert ds.bands == tuple(names), how
-        sample = ds.read_chip(ds.bounds)
-        valid, image = sample["valid"].numpy(), sample["image"].numpy()
-        height, width = image.shape[-2:]
-        valid = valid.reshape(height, width)
-        # an independent account: each sample pixel's centre, taken back to the file's
-        # columns (the transparent ones are 0-23), away from the edge a warp may move
-        (xres, yres), (x, y, _) = ds.res, ds.bounds
-        xs = float(x.start) + (np.arange(width) + 0.5) * xres
-        ys = float(y.stop) - (np.arange(height) + 0.5) * yres
-        grid_x, grid_y = np.meshgrid(xs, ys)
-        fx, fy = rasterio.warp.transform(
-            ds.crs.to_wkt(), "EPSG:32631", grid_x.ravel(), grid_y.ravel()
-        )
-        col = ((np.asarray(fx) - 500000) / 10).reshape(valid.shape)
-        row = ((5600000 - np.asarray(fy)) / 10).reshape(valid.shape)
-        opaque = (col >= 24) & (col < 64) & (row >= 0) & (row < 64)
-        # not the pixels a warp may move across an edge (transparent or the file's own)
-        clear = (np.abs(col - 24) > 1.5) & (np.abs(col - 64) > 1.5)
-        clear &= (np.abs(row) > 1.5) & (np.abs(row - 64) > 1.5)
-        assert opaque[clear].any() and (~opaque[clear]).any()
-        assert (valid[clear] == opaque[clear]).all(), (cls, how)
-        assert (image[:, ~valid] == 0).all()  # the fill value
-        assert (image[:, opaque & clear] == 1500).all(), (cls, how)
+    files = [
+        (_alpha_tif(tmp_path / "plain.tif", names), (Sentinel2SR, _ZeroIsData)),
+        (_alpha_tif(tmp_path / "n0.tif", names, nodata=0), (Sentinel2SR, _ZeroIsData)),
+        (_alpha_tif(tmp_path / "n65535.tif", names, 65535, opaque=65535), (Sentinel2SR,)),
+    ]
+    for path, classes in files:
+        for cls in classes:
+            if cls is _ZeroIsData and path.name == "plain.tif" and "resampling" in kwargs:
+                continue  # 0 is data, and no nodata: GDAL's warp blends the edge with 0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # smaller than a chip
+                ds = cls(path, offset=0, **kwargs)
+            assert ds.bands == tuple(names), how
+            try:
+                _check_alpha_mask(ds)
+            except AssertionError as err:
+                raise AssertionError(f"{cls.__name__}, {path.name}, {how}") from err
+
+
+def test_band_files_with_an_alpha_band_are_band_files(tmp_path: Path) -> None:
+    """helper-115: ``gdalwarp -dstalpha`` of a scene's ``*_B04_10m.tif`` writes two bands,
+    the band and its alpha: such band files were refused as multi-band files without band
+    descriptions. They are band files, their alpha a mask."""
+    scene = tmp_path / "scene"
+    for band in ("B02", "B03", "B04", "B08"):
+        _alpha_tif(scene / f"T31UFQ_20220614T103629_{band}_10m.tif", [""])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ds = Sentinel2SR(scene, offset=0)
+    assert set(ds.bands) == {"B2", "B3", "B4", "B8"}
+    _check_alpha_mask(ds)
 
 
 def test_bands_left_out_of_the_default_choice_are_named(tmp_path: Path) -> None:

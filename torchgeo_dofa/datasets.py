@@ -113,7 +113,7 @@ from rasterio.io import DatasetReader
 from rasterio.transform import Affine, array_bounds
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
-from rasterio.windows import Window
+from rasterio.windows import Window, from_bounds
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, Sampler, default_collate
 from torchgeo.datasets import (
@@ -855,14 +855,20 @@ class Sentinel2Base(RasterDataset):
         self._skipped_products: list[str] = []
         scenes = self._group(infos, bands, file_bands)
         self._infos = infos  # band choice and offset rules read the files' headers
-        #: per multi-band file, its alpha band read as a mask (alpha 0: no data)
-        self._alpha_masks = {
-            s.key: i + 1
-            for s in scenes
-            if s.layout == "multiband"
-            for i, is_alpha in enumerate(infos[s.key].alpha)
-            if is_alpha and not is_known_band(s.names[i])
-        }
+        #: per file, its alpha bands read as masks (alpha 0: no data): those a multi-band
+        #: file's names do not make bands, every one of a band file's
+        self._alpha_masks: dict[str, tuple[int, ...]] = {}
+        for scene in scenes:
+            for path in dict.fromkeys(p for p, _ in scene.sources):
+                flags = infos[path].alpha
+                masks = tuple(
+                    i + 1
+                    for i, is_alpha in enumerate(flags)
+                    if is_alpha
+                    and (scene.layout == "per_band" or not is_known_band(scene.names[i]))
+                )
+                if masks:
+                    self._alpha_masks[path] = masks
         if not scenes and self._skipped_products:
             shown = _first_few([os.path.basename(p) for p in self._skipped_products])
             raise NoRasterFoundError(
@@ -1208,7 +1214,8 @@ class Sentinel2Base(RasterDataset):
         for path, info in infos.items():
             stem = os.path.splitext(os.path.basename(path))[0]
             match = band_re.search(stem) if band_re else None
-            if match is not None and info.count == 1:
+            # a band file: one band, and any alpha bands (gdalwarp -dstalpha of a B04.tif)
+            if match is not None and info.count - sum(info.alpha) == 1:
                 folder = _scene_folder(path)
                 prefix = stem[: match.start()]
                 token = match.group("band")
@@ -1226,7 +1233,7 @@ class Sentinel2Base(RasterDataset):
         for group, by_band in per_band.items():
             folder, prefix = spelt[group], group[1]
             names = [b for b in _s2_order(by_band)]
-            sources = [(min(by_band[b])[1], 1) for b in names]
+            sources = [_band_file_source(infos[min(by_band[b])[1]]) for b in names]
             # an item folder (``S2B_52SFA_20220126_0_L2A/B04.tif``, ``.../red.tif``) is
             # named by its folder; ``<scene>_B04.tif`` files by their common prefix
             key = os.path.join(folder, prefix) if prefix.strip("_.-") else folder
@@ -2218,26 +2225,22 @@ class Sentinel2Base(RasterDataset):
         for path, pairs in by_path.items():
             handle = self._open(path)
             indexes = [b for _, b in pairs]
-            alpha = self._alpha_masks.get(path)
-            if alpha in indexes:  # read as a band (named by bands=): not a mask here
-                alpha = None
+            # alpha bands read as masks (one named by bands= is read as a band instead)
+            alphas = [a for a in self._alpha_masks.get(path, ()) if a not in indexes]
             try:
-                array = self._read_file(
-                    handle,
-                    indexes if alpha is None else [*indexes, alpha],
-                    bounds,
-                    res,
-                    height,
-                    width,
+                array = self._read_file(handle, indexes, bounds, res, height, width)
+                clear = (
+                    self._transparent(handle, alphas, bounds, res, height, width)
+                    if alphas
+                    else None
                 )
             except rasterio.errors.RasterioError as err:
                 raise unreadable_input(path, err) from err
             if not self.cache:
                 self._close(path)
             array = array[:, :height, :width].astype(np.float32, copy=False)
-            if alpha is not None:  # transparent (alpha 0) or outside the file: no data
-                array, opacity = array[:-1], array[-1]
-                array[:, ~(opacity > 0)] = np.nan
+            if clear is not None:
+                array[:, clear] = np.nan
             extra = self._extra_nodata(self._infos[path])
             if extra:
                 array[np.isin(array, np.asarray(extra, dtype=np.float32))] = np.nan
@@ -2259,6 +2262,36 @@ class Sentinel2Base(RasterDataset):
         if not valid.all():
             data[:, ~valid] = self.fill_value
         return data, valid
+
+    def _transparent(
+        self,
+        handle: DatasetReader | WarpedVRT,
+        alphas: list[int],
+        bounds: tuple[float, float, float, float],
+        res: tuple[float, float],
+        height: int,
+        width: int,
+    ) -> npt.NDArray[np.bool_]:
+        """(H, W) pixels of the chip grid that a file's alpha band(s) make transparent (0).
+
+        A file read directly is read as stored, with nearest resampling (the only one
+        read so, :meth:`_needs_vrt`): the file's nodata is its bands', not the alpha band's
+        (65535, a uint16 alpha's opaque value, is a common nodata). Through a WarpedVRT the
+        warp's alpha is read: GDAL warps the file's alpha with its bands (rasterio gives the
+        VRT the file's alpha band), weighting the resampling by it.
+        """
+        if isinstance(handle, WarpedVRT):
+            opacity = self._read_file(handle, alphas, bounds, res, height, width)
+        else:
+            opacity = handle.read(
+                alphas,
+                window=from_bounds(*bounds, transform=handle.transform),
+                out_shape=(len(alphas), height, width),
+                boundless=True,
+                fill_value=0,  # beyond the file: no data either way
+                resampling=Resampling.nearest,
+            )
+        return np.asarray((opacity[:, :height, :width] == 0).any(axis=0))
 
     def _read_file(
         self,
@@ -2300,8 +2333,9 @@ class Sentinel2Base(RasterDataset):
         """Whether a file must be read through a WarpedVRT (warp, or no-data GDAL must know).
 
         Without warping, reading the file directly and masking no-data afterwards gives the
-        same pixels, except when a no-data value the file does not declare must be kept out
-        of a non-nearest resampling.
+        same pixels, except when a no-data value the file does not declare, or a file's alpha
+        band, must be kept out of a non-nearest resampling (GDAL's warp weights it by the
+        alpha).
         """
         if info.crs is not None and info.crs != self._dst_rio_crs:
             return True
@@ -2310,6 +2344,8 @@ class Sentinel2Base(RasterDataset):
         if self.nodata is not None and self.nodata != info.nodata:
             return True
         primary = self._primary_nodata(info)
+        if self.resampling != Resampling.nearest and info.path in self._alpha_masks:
+            return True  # GDAL's warp weights the resampling by the alpha band
         return self.resampling != Resampling.nearest and primary != info.nodata
 
     def _extra_nodata(self, info: _FileInfo) -> list[float]:
@@ -3979,6 +4015,11 @@ def _transform_bounds(
     _check_transformable(src.to_wkt(), dst.to_wkt())
     west, south, east, north = transform_bounds(src, dst, *bounds)
     return west, south, east, north
+
+
+def _band_file_source(info: _FileInfo) -> tuple[str, int]:
+    """A band file's (path, band index): its one band that is not an alpha band."""
+    return info.path, next(i + 1 for i, a in enumerate(info.alpha or (False,)) if not a)
 
 
 def _alpha_band(info: _FileInfo) -> int | None:
