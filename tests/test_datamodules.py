@@ -3,6 +3,7 @@ DOFAEuroSATDataModule."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,28 @@ def test_settings_are_checked_when_the_data_module_is_built() -> None:
     ):
         with pytest.raises(ValueError, match=rf"{name} must be a whole number >= \d, got {bad!r}"):
             DOFAPredictDataModule(DATA / "multiband", **{name: bad})  # type: ignore[arg-type]
+    # helper-115: a dataset class passing **kwargs on (EarthEngineS2) is checked by its
+    # parents' arguments; a partial is named; the base class's **kwargs is no argument
+    with pytest.raises(ValueError, match=r"class EarthEngineS2, which takes crs, res, bands"):
+        DOFAPredictDataModule(DATA / "multiband", dataset_class=EarthEngineS2, resampeling=1)
+    partial = functools.partial(Sentinel2SR, res=20)
+    with pytest.raises(ValueError, match=r"dataset class functools.partial\(<class"):
+        DOFAPredictDataModule(DATA / "multiband", dataset_class=partial, resampeling=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"got 'kwargs': not an argument"):
+        DOFAPredictDataModule(DATA / "multiband", kwargs={"res": 20})
+    cases: list[tuple[str, object]] = [("patch_size", "224"), ("stride", 112.5), ("patch_size", 0)]
+    for name, value in cases:
+        with pytest.raises(ValueError, match=rf"^{name} must be a whole number >= 1, got "):
+            DOFAPredictDataModule(DATA / "multiband", **{name: value})  # type: ignore[arg-type]
+
+    class OwnSetting(DOFAPredictDataModule):  # TorchGeo's way: its setup takes its own key
+        def setup(self, stage: str) -> None:
+            self.label_path = self.kwargs.pop("label_path", None)
+            super().setup(stage)
+
+    own = OwnSetting(DATA / "multiband", label_path="labels/", preprocess=False)
+    own.setup("predict")
+    assert own.label_path == "labels/"
     # what the dataset class takes passes, numpy's integers included
     dm = DOFAPredictDataModule(
         DATA / "multiband",

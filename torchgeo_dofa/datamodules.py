@@ -647,15 +647,43 @@ def _check_whole(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
 
 
+def _named_arguments(cls: Any) -> list[str] | None:
+    """The keyword arguments ``cls(...)`` takes by name, or None where it takes any.
+
+    A class whose ``__init__`` takes ``**kwargs`` passes them to its parent (TorchGeo's
+    way, e.g. :class:`~torchgeo_dofa.datasets.EarthEngineS2`): the parents' named
+    arguments are followed up the MRO, as jsonargparse does, until an ``__init__`` without
+    ``**kwargs``. None where that chain never ends (a class or callable that takes any).
+    """
+    named: list[str] = []
+    owners = [c for c in getattr(cls, "__mro__", ()) if "__init__" in vars(c)] or [cls]
+    for owner in owners:
+        try:
+            parameters = inspect.signature(owner).parameters
+        except (TypeError, ValueError):  # a builtin without a signature
+            return None
+        named += [
+            n
+            for n, p in parameters.items()
+            if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+            and n not in named
+        ]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return named
+    return None
+
+
 def _check_dataset_arguments(
-    owner: type, dataset_class: type, kwargs: dict[str, Any], own: Sequence[str]
+    owner: type, dataset_class: Any, kwargs: dict[str, Any], own: Sequence[str]
 ) -> None:
-    """Refuse keywords ``dataset_class`` does not take (all pass where it takes ``**kwargs``).
+    """Refuse keywords ``dataset_class`` does not take.
 
     Args:
         owner: the data module's class: keywords its TorchGeo base class takes (e.g.
             ``GeoDataModule``'s ``length``, which a LightningCLI config passes) pass too.
-        dataset_class: the dataset class ``kwargs`` go to.
+        dataset_class: the dataset class ``kwargs`` go to (its parents' arguments count
+            where it passes ``**kwargs`` on: :func:`_named_arguments`; any keyword passes
+            where it takes any).
         kwargs: the keywords the data module passes on.
         own: the dataset's arguments the data module sets itself (not offered).
 
@@ -663,21 +691,21 @@ def _check_dataset_arguments(
         ValueError: naming each unknown keyword, the nearest one the class takes and the
             class's arguments.
     """
-    parameters = inspect.signature(dataset_class).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+    named = _named_arguments(dataset_class)
+    if named is None:
         return
-    taken = [n for n in parameters if n not in own]
+    taken = [n for n in named if n not in own]
     base = next(c for c in owner.__mro__ if c.__module__.startswith("torchgeo."))
-    unknown = sorted(set(kwargs) - set(taken) - set(inspect.signature(base).parameters))
+    unknown = sorted(set(kwargs) - set(taken) - set(_named_arguments(base) or ()))
     if unknown:
         near = {n: difflib.get_close_matches(n, taken, n=1) for n in unknown}
-        named = ", ".join(
+        listed = ", ".join(
             f"{n!r}" + (f" (did you mean {m[0]!r}?)" if m else "") for n, m in near.items()
         )
+        name = getattr(dataset_class, "__name__", None) or repr(dataset_class)
         raise ValueError(
-            f"{owner.__name__} got {named}: not an argument of {owner.__name__} nor of its "
-            f"dataset class "
-            f"{dataset_class.__name__}, which takes {', '.join(taken)}"
+            f"{owner.__name__} got {listed}: not an argument of {owner.__name__} nor of its "
+            f"dataset class {name}, which takes {', '.join(taken)}"
         )
 
 
@@ -781,7 +809,8 @@ class DOFAPredictDataModule(GeoDataModule):
 
         Raises:
             ValueError: if both ``points`` and ``roi`` are given, sizes are invalid
-                (``batch_size`` below 1, ``num_workers`` below 0, not whole numbers),
+                (``batch_size``, ``patch_size`` or ``stride`` below 1, ``num_workers`` below
+                0, or any of them not a whole number),
                 ``mean`` / ``std`` are given without ``bands``, ``time_series=True`` (one
                 acquisition per chip: embed each date as its own job with ``time``), or a
                 keyword in ``kwargs`` is not an argument of ``dataset_class`` (named, with
@@ -792,9 +821,11 @@ class DOFAPredictDataModule(GeoDataModule):
             raise ValueError("give either points= or roi=, not both")
         _check_whole("batch_size", batch_size, 1)
         _check_whole("num_workers", num_workers, 0)
-        _check_dataset_arguments(type(self), dataset_class, kwargs, own=("paths", "transforms"))
-        if patch_size < 1 or (stride is not None and stride < 1):
-            raise ValueError(f"patch_size and stride must be >= 1, got {patch_size}, {stride}")
+        if type(self).setup is DOFAPredictDataModule.setup:  # a subclass's setup may take its own
+            _check_dataset_arguments(type(self), dataset_class, kwargs, own=("paths", "transforms"))
+        _check_whole("patch_size", patch_size, 1)
+        if stride is not None:
+            _check_whole("stride", stride, 1)
         if roi_sampling not in ("grid", "whole"):
             raise ValueError(f"roi_sampling must be 'grid' or 'whole', got {roi_sampling!r}")
         if input_prep not in INPUT_PREPS:
@@ -1851,9 +1882,10 @@ class DOFAEuroSATDataModule(NonGeoDataModule):
                 )
         _check_whole("batch_size", batch_size, 1)
         _check_whole("num_workers", num_workers, 0)
-        _check_dataset_arguments(
-            type(self), self.eurosat_class, kwargs, own=("split", "bands", "transforms")
-        )
+        if type(self).setup is NonGeoDataModule.setup:  # a subclass's setup may take its own
+            _check_dataset_arguments(
+                type(self), self.eurosat_class, kwargs, own=("split", "bands", "transforms")
+            )
         spelt = {canonical_band(b): b for b in EuroSAT.all_band_names}  # B4 or B04: B04
         given = tuple(str(b) for b in bands)
         bands = tuple(spelt.get(canonical_band(b), b) for b in given)
