@@ -855,8 +855,10 @@ class Sentinel2Base(RasterDataset):
         self._skipped_products: list[str] = []
         scenes = self._group(infos, bands, file_bands)
         self._infos = infos  # band choice and offset rules read the files' headers
-        #: per file, its alpha bands read as masks (alpha 0: no data): those a multi-band
-        #: file's names do not make bands, every one of a band file's
+        #: per file, its alpha bands read as masks (alpha 0: no data; :meth:`_transparent`):
+        #: those a multi-band file's names do not make bands, every one of a band file's.
+        #: GDAL masks by alpha itself only in 2- and 4-band files without a nodata value;
+        #: ``gdalwarp -dstalpha`` writes an alpha band after any number of bands.
         self._alpha_masks: dict[str, tuple[int, ...]] = {}
         for scene in scenes:
             for path in dict.fromkeys(p for p, _ in scene.sources):
@@ -2388,7 +2390,7 @@ class Sentinel2Base(RasterDataset):
             {"src_nodata": nodata, "nodata": nodata}
             if nodata is not None
             else {}
-            if _alpha_band(info) is not None  # rasterio warps the file's own alpha band
+            if any(info.alpha)  # rasterio gives the warp the file's own alpha band
             else {"add_alpha": True}
         )
         vrt = WarpedVRT(
@@ -4020,18 +4022,6 @@ def _transform_bounds(
 def _band_file_source(info: _FileInfo) -> tuple[str, int]:
     """A band file's (path, band index): its one band that is not an alpha band."""
     return info.path, next(i + 1 for i, a in enumerate(info.alpha or (False,)) if not a)
-
-
-def _alpha_band(info: _FileInfo) -> int | None:
-    """The 1-based index of a file's alpha band (GDAL's colour interpretation), or None.
-
-    GDAL masks by an alpha band only in 2- and 4-band files (grey + alpha, RGBA) and only
-    where no nodata value is declared; ``gdalwarp -dstalpha`` writes one after any number of
-    bands. The dataset reads an alpha band that is not named as a band (by its description
-    or ``file_bands=``) beside the bands it reads and takes alpha 0 as no data
-    (``_read_scene``); rasterio's ``WarpedVRT`` warps it as the file's alpha.
-    """
-    return next((i + 1 for i, a in enumerate(info.alpha) if a), None)
 
 
 #: :func:`_band_masks` per open file (rasterio builds ``mask_flag_enums`` anew on every use)
