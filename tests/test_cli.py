@@ -2955,7 +2955,7 @@ def test_config_values_pytorch_or_torchgeo_refuse_are_one_line(
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     predict = ["predict", "--config", str(tmp_path / "cfg.yaml")]
     cases.append(
-        ([*predict, "--data.init_args.batch_size", "0"], "batch_size should be a positive")
+        ([*predict, "--data.init_args.batch_size", "0"], "batch_size must be a whole number >= 1")
     )
     for args, said in cases:
         assert main(args) == 2, args
@@ -3011,10 +3011,11 @@ def test_predict_never_saves_its_settings_over_a_config_it_did_not_save(
 def test_a_predict_config_refused_late_leaves_nothing_it_made(
     tmp_path, monkeypatch, base_checkpoint, capsys
 ) -> None:
-    """``predict --config`` refused after LightningCLI saved its config.yaml (a batch_size
-    of 0, refused as the loader is made) left that file and the writers' lock file in the
-    output folder, which the run may have made: as embed, it leaves nothing it made, and
-    what was there before stays."""
+    """``predict --config`` refused after LightningCLI saved its config.yaml (Lightning
+    refusing a limit_predict_batches fraction of no batch as the loop starts; a batch_size
+    of 0 was refused so, as the loader was made, and is now refused as the data module is
+    built) left that file and the writers' lock file in the output folder, which the run
+    may have made: as embed, it leaves nothing it made, and what was there before stays."""
     import yaml
 
     def refused(out: Path, where: Path | None = None) -> None:
@@ -3024,8 +3025,9 @@ def test_a_predict_config_refused_late_leaves_nothing_it_made(
             monkeypatch.chdir(where)
         (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
         args = ["predict", "--config", str(tmp_path / "cfg.yaml")]
-        assert main([*args, "--data.init_args.batch_size", "0"]) == 2
-        assert "batch_size should be a positive" in capsys.readouterr().err
+        assert main([*args, "--trainer.limit_predict_batches", "0.001"]) == 2
+        err = capsys.readouterr().err
+        assert "`limit_predict_batches` argument. Try at least" in err, err
 
     refused(tmp_path / "new" / "out")
     assert not (tmp_path / "new").exists()  # made by the run, with its parent
