@@ -1147,6 +1147,55 @@ def test_an_alpha_band_masks_the_pixels_it_makes_transparent(
                 raise AssertionError(f"{cls.__name__}, {path.name}, {how}") from err
 
 
+@pytest.mark.parametrize("nodata", [None, 0, 255])
+def test_an_alpha_mask_takes_the_pixels_its_bands_take_at_any_resolution(
+    tmp_path: Path, nodata: float | None
+) -> None:
+    """helper-116: at another resolution the bands went through rasterio.merge and the
+    alpha through a boundless read of the whole chip, which sample other source pixels in
+    chips at the raster's edge: transparent values were embedded as data (64 of 128 valid
+    pixels) and opaque ones masked. The alpha is read as the bands are; a nodata of 0 or
+    of the opaque value (255) masks the alpha band too, and is told apart."""
+    data = np.full((6, 64, 64), 1500, np.uint16)
+    data[:5, :, 0::2] = 3000  # every other column transparent over bright values
+    data[5] = 255
+    data[5, :, 0::2] = 0
+    for name in ("stripes.tif", "plain.tif"):
+        with rasterio.open(
+            tmp_path / name, "w", driver="GTiff", width=64, height=64, count=6,
+            dtype="uint16", crs="EPSG:32631", transform=Affine(10, 0, 500000, 0, -10, 5600000),
+            nodata=nodata,
+        ) as dst:  # fmt: skip
+            dst.write(data)
+            dst.descriptions = ("B2", "B3", "B4", "B8", "B11", "")
+    with rasterio.open(tmp_path / "stripes.tif", "r+") as dst:  # plain.tif: no alpha
+        dst.colorinterp = [ColorInterp.gray] + [ColorInterp.undefined] * 4 + [ColorInterp.alpha]
+    for res in (10, 20, 30):
+        ds = Sentinel2SR(tmp_path / "stripes.tif", offset=0, res=res)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # plain.tif's untitled 6th band
+            plain = Sentinel2SR(tmp_path / "plain.tif", offset=0, res=res)
+        x, y, t = ds.bounds
+        for shift in (0, 5, 10, 15, 20, 30):  # chips starting `shift` m left of the raster
+            chip = (
+                slice(x.start - shift, x.start - shift + 16 * res, res),
+                slice(y.stop - 16 * res, y.stop, res),
+                t,
+            )
+            sample = ds.read_chip(chip)
+            image, valid = sample["image"].numpy(), sample["valid"].numpy().reshape(16, 16)
+            # valid exactly where the pixel read is an opaque one (1500), as the same read
+            # of the file without its alpha band shows (which source pixel each chip pixel
+            # takes is rasterio's merge's choice)
+            sampled = plain.read_chip(chip)["image"].numpy()[0]
+            assert (valid == (sampled == 1500)).all(), (res, shift)
+            assert (image[:, valid] == 1500).all(), (res, shift)
+            assert valid.any() or res == 20, (
+                res,
+                shift,
+            )  # at 20 m a chip can take transparent columns only
+
+
 def test_band_files_with_an_alpha_band_are_band_files(tmp_path: Path) -> None:
     """helper-115: ``gdalwarp -dstalpha`` of a scene's ``*_B04_10m.tif`` writes two bands,
     the band and its alpha: such band files were refused as multi-band files without band

@@ -113,7 +113,7 @@ from rasterio.io import DatasetReader
 from rasterio.transform import Affine, array_bounds
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
-from rasterio.windows import Window, from_bounds
+from rasterio.windows import Window
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, Sampler, default_collate
 from torchgeo.datasets import (
@@ -2232,7 +2232,7 @@ class Sentinel2Base(RasterDataset):
             try:
                 array = self._read_file(handle, indexes, bounds, res, height, width)
                 clear = (
-                    self._transparent(handle, alphas, bounds, res, height, width)
+                    self._transparent(handle, path, alphas, bounds, res, height, width)
                     if alphas
                     else None
                 )
@@ -2268,6 +2268,7 @@ class Sentinel2Base(RasterDataset):
     def _transparent(
         self,
         handle: DatasetReader | WarpedVRT,
+        path: str,
         alphas: list[int],
         bounds: tuple[float, float, float, float],
         res: tuple[float, float],
@@ -2276,24 +2277,21 @@ class Sentinel2Base(RasterDataset):
     ) -> npt.NDArray[np.bool_]:
         """(H, W) pixels of the chip grid that a file's alpha band(s) make transparent (0).
 
-        A file read directly is read as stored, with nearest resampling (the only one
-        read so, :meth:`_needs_vrt`): the file's nodata is its bands', not the alpha band's
-        (65535, a uint16 alpha's opaque value, is a common nodata). Through a WarpedVRT the
-        warp's alpha is read: GDAL warps the file's alpha with its bands (rasterio gives the
-        VRT the file's alpha band), weighting the resampling by it.
+        The alpha is read as the bands are (:meth:`_read_file`: the same source pixels, at
+        every resolution and at the raster's edges), so masked where it equals the value
+        the read masks the file by: where that is 0, a masked alpha is transparent (or
+        beyond the file); where it is another value (65535, a uint16 alpha's opaque value,
+        is a common nodata), a masked alpha is not transparent. Through a WarpedVRT (another
+        CRS, a non-nearest resampling: :meth:`_needs_vrt`) it is the warp's alpha: GDAL
+        warps the file's alpha with its bands, weighting the resampling by it.
         """
-        if isinstance(handle, WarpedVRT):
-            opacity = self._read_file(handle, alphas, bounds, res, height, width)
-        else:
-            opacity = handle.read(
-                alphas,
-                window=from_bounds(*bounds, transform=handle.transform),
-                out_shape=(len(alphas), height, width),
-                boundless=True,
-                fill_value=0,  # beyond the file: no data either way
-                resampling=Resampling.nearest,
-            )
-        return np.asarray((opacity[:, :height, :width] == 0).any(axis=0))
+        opacity = self._read_file(handle, alphas, bounds, res, height, width)
+        opacity = opacity[:, :height, :width]
+        transparent = (opacity == 0).any(axis=0)
+        info = self._infos[path]
+        if (self._primary_nodata(info) if self._needs_vrt(info) else info.nodata) == 0:
+            transparent |= np.isnan(opacity).any(axis=0)
+        return np.asarray(transparent)
 
     def _read_file(
         self,
