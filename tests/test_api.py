@@ -485,6 +485,7 @@ def test_regions_and_devices_that_cannot_be_embedded_are_one_line(tmp_path, chip
     crop = _write(tmp_path / "chip.tif", raw, profile, names)
     cpu: dict[str, Any] = {"weights": None, "device": "cpu", "paths": crop}
     point = _centre_point(bounds)
+    d = 0.005
     for spatial, said in (
         (shapely.Polygon(), r"spatial is an empty geometry \(POLYGON EMPTY\): give a polygon "
          r"with an area, a BBox\(minlon, minlat, maxlon, maxlat\), or PointBuffer\(lon, lat, "
@@ -492,6 +493,16 @@ def test_regions_and_devices_that_cannot_be_embedded_are_one_line(tmp_path, chip
         (shapely.Point(point.lon, point.lat), r"spatial is a Point without area \(POINT \("),
         (shapely.box(point.lon, point.lat, point.lon, point.lat + 0.01),
          "spatial is a Polygon without area"),
+        # helper-116: a NaN vertex (finite bounds), metres of a UTM zone, a bowtie
+        (shapely.Polygon([(13.14, 48.29), (float("nan"), 48.295), (13.145, 48.29)]),
+         "spatial is a geometry with coordinates that are not finite numbers"),
+        (shapely.box(360000, 5349000, 361000, 5350000),
+         r"spatial \(POLYGON \(\(361000 .*\) lies outside longitude -180..180 / latitude "
+         r"-90..90: a region's coordinates are longitude and latitude \(EPSG:4326\)"),
+        (shapely.Polygon([(point.lon - d, point.lat - d), (point.lon + d, point.lat + 2 * d),
+                          (point.lon + d, point.lat - d), (point.lon - d, point.lat + d)]),
+         r"spatial \(POLYGON .*\) is not a valid Polygon \(Self-intersection\[.*\]\): part "
+         r"of it would be read, or none; repair it \(shapely.make_valid\)"),
     ):  # fmt: skip
         with pytest.raises(ModelError, match=f"^{said}"):
             get_embedding("dofa", spatial=spatial, **cpu)

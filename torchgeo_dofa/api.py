@@ -686,8 +686,10 @@ def _check_region(region: Any, name: str = "spatial") -> None:
     """Refuse what is not a region: another type, or a geometry without area.
 
     A shapely geometry is read by its area (a BBox of its bounds for the gee and stac
-    backends): an empty one, a point or a line, or one with coordinates that are not finite,
-    gave numpy's "cannot convert float NaN to integer" or a chip of no pixels.
+    backends), in longitude and latitude: an empty one, a point or a line, one with
+    coordinates that are not finite, or beyond -180..180 / -90..90 (metres of a UTM zone)
+    gave numpy's "cannot convert float NaN to integer", an ``OverflowError`` or a chip of no
+    pixels, and an invalid one (a self-intersecting "bowtie") was read in part.
 
     Raises:
         ModelError: naming the value, what is wrong with it and the region types.
@@ -700,21 +702,38 @@ def _check_region(region: Any, name: str = "spatial") -> None:
             "PointBuffer(lon, lat, buffer_m), BBox(minlon, minlat, maxlon, maxlat) or a "
             "shapely polygon"
         )
+    shown = region.wkt if len(region.wkt) <= 80 else region.wkt[:77] + "..."
+    coords = shapely.get_coordinates(region)
+    finite = bool(np.isfinite(coords).all())
+    if finite and not region.is_empty:
+        x0, y0, x1, y1 = region.bounds
+        if x0 < -180 or x1 > 180 or y0 < -90 or y1 > 90:
+            raise ModelError(
+                f"{name} ({shown}) lies outside longitude -180..180 / latitude -90..90: a "
+                "region's coordinates are longitude and latitude (EPSG:4326); transform a "
+                "geometry in metres (a UTM zone) first (shapely.ops.transform with a pyproj "
+                "Transformer to EPSG:4326, always_xy=True)"
+            )
     what = (
         "an empty geometry"
         if region.is_empty
         else "a geometry with coordinates that are not finite numbers"
-        if not np.isfinite(region.bounds).all()
+        if not finite
         else f"a {region.geom_type} without area"
         if region.area == 0
         else None
     )
     if what is not None:
-        shown = region.wkt if len(region.wkt) <= 80 else region.wkt[:77] + "..."
         raise ModelError(
             f"{name} is {what} ({shown}): give a polygon with an area, a "
             "BBox(minlon, minlat, maxlon, maxlat), or PointBuffer(lon, lat, buffer_m) for a "
             "point"
+        )
+    if not region.is_valid:
+        raise ModelError(
+            f"{name} ({shown}) is not a valid {region.geom_type} "
+            f"({shapely.is_valid_reason(region)}): part of it would be read, or none; "
+            "repair it (shapely.make_valid) or give its parts as regions of their own"
         )
 
 
