@@ -1912,9 +1912,9 @@ def test_file_check_names_a_band_without_a_valid_value(tmp_path: Path) -> None:
     assert [str(w.message) for w in said] == [
         "a.tif: band(s) B8 hold no valid value (each is no data everywhere: 0, the nodata "
         "value, NaN or at or below -1000; read decimated) where the file's other bands hold "
-        "data: a pixel is no data where any band is, so no pixel of it is embedded (NaN "
-        "embeddings, an all-NaN grid); leave the band out (bands=[...], --bands) or repair "
-        "the file"
+        "data: a pixel is no data where any band is, so the file's pixels are no data "
+        "wherever the band has none (chips of this file alone embed as NaN); choose bands "
+        "without it, or repair or remove the file"
     ]
     assert not ds.read_chip(ds.bounds)["valid"].any()  # what the warning says
     assert (
@@ -1950,9 +1950,9 @@ def test_file_check_names_a_band_without_a_valid_value(tmp_path: Path) -> None:
     assert [str(w.message) for w in said] == [
         "T32TQM_20230105T101329_B08_10m.tif: no valid value (each is no data everywhere: 0, "
         "the nodata value, NaN or at or below -1000; read decimated) where the other band "
-        "files of its scene hold data: a pixel is no data where any band is, so no pixel of "
-        "it is embedded (NaN embeddings, an all-NaN grid); leave the band out (bands=[...], "
-        "--bands) or repair the file"
+        "files of its scene hold data: a pixel is no data where any band is, so the file's "
+        "pixels are no data wherever the band has none (chips of this file alone embed as "
+        "NaN); choose bands without it, or repair or remove the file"
     ]
 
 

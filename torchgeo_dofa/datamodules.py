@@ -1380,8 +1380,9 @@ class _FileVerdict:
 
 #: What a band without a valid value does to a file (a pixel is no data where any band is).
 _NO_PIXEL_LEFT = (
-    "a pixel is no data where any band is, so no pixel of it is embedded (NaN embeddings, "
-    "an all-NaN grid); leave the band out (bands=[...], --bands) or repair the file"
+    "a pixel is no data where any band is, so the file's pixels are no data wherever the "
+    "band has none (chips of this file alone embed as NaN); choose bands without it, or "
+    "repair or remove the file"
 )
 
 #: A file whose valid values all lie in [0, LOW_MAX] in every band (reflectance x 10000 of
