@@ -114,6 +114,8 @@ def test_settings_are_checked_when_the_data_module_is_built() -> None:
         DOFAPredictDataModule(DATA / "multiband", dataset_class=partial, resampeling=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"got 'kwargs': not an argument"):
         DOFAPredictDataModule(DATA / "multiband", kwargs={"res": 20})
+    with pytest.raises(ValueError, match=r"got 'batchsize' \(did you mean 'batch_size'\?\)"):
+        DOFAPredictDataModule(DATA / "multiband", batchsize=4)  # its own arguments too
     cases: list[tuple[str, object]] = [("patch_size", "224"), ("stride", 112.5), ("patch_size", 0)]
     for name, value in cases:
         with pytest.raises(ValueError, match=rf"^{name} must be a whole number >= 1, got "):

@@ -697,8 +697,9 @@ def _check_dataset_arguments(
     taken = [n for n in named if n not in own]
     base = next(c for c in owner.__mro__ if c.__module__.startswith("torchgeo."))
     unknown = sorted(set(kwargs) - set(taken) - set(_named_arguments(base) or ()))
-    if unknown:
-        near = {n: difflib.get_close_matches(n, taken, n=1) for n in unknown}
+    if unknown:  # the nearest among the data module's own arguments too (batchsize)
+        known = [*taken, *(n for n in _named_arguments(owner) or () if n not in own)]
+        near = {n: difflib.get_close_matches(n, known, n=1) for n in unknown}
         listed = ", ".join(
             f"{n!r}" + (f" (did you mean {m[0]!r}?)" if m else "") for n, m in near.items()
         )
