@@ -2892,6 +2892,11 @@ class ImageAndLabels(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.data = Sentinel2SR(self.image) & Labels(self.labels)
+
+
+class LabelsAndImage(ImageAndLabels):
+    def setup(self, stage: str) -> None:  # TorchGeo's own IntersectionDataset (its __and__)
+        self.data = Labels(self.labels) & Sentinel2SR(self.image)
 """
 
 
@@ -2932,6 +2937,13 @@ def test_labels_off_the_image_in_a_fit_config_are_one_line(
         err[-1],
     ), err[-3:]
     assert not list(tmp_path.glob("logs/*/version_*")), "the refused run left its folder"
+    # helper-116: TorchGeo's own `labels & image` refuses it without extents: one line too
+    config["data"]["class_path"] = "farlabels.LabelsAndImage"
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", "fit.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "torchgeo-dofa: error: Datasets have no spatial intersection", err[-3:]
+    assert not list(tmp_path.glob("logs/*/version_*"))
 
 
 def test_config_values_pytorch_or_torchgeo_refuse_are_one_line(

@@ -2294,6 +2294,9 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
             # Lightning refusing the run's settings as it runs (a limit_predict_batches
             # fraction of no batch): its message names the setting
             or isinstance(err, MisconfigurationException)
+            # TorchGeo's IntersectionDataset of datasets that share no place or time
+            # (labels & image in a data module's setup: TorchGeo's own __and__)
+            or _torchgeo_no_intersection(err)
             # TorchGeo's own class of that name (a data module's batch_size 0)
             or (
                 type(err).__module__.startswith("torchgeo.")
@@ -2410,6 +2413,22 @@ def _refused_by_torch_setting(err: BaseException) -> bool:
         return False
     root = Path(torch.__file__).resolve().parent
     return _raised_in(err, root / "optim") or _raised_in(err, root / "utils" / "data")
+
+
+def _torchgeo_no_intersection(err: BaseException) -> bool:
+    """Whether ``err`` is TorchGeo's "Datasets have no spatial / temporal intersection".
+
+    TorchGeo's ``IntersectionDataset`` raises it (``labels & image``, its own ``__and__``;
+    this package's ``image & labels`` raises :class:`~torchgeo_dofa.datasets.NoOverlapError`,
+    naming both extents): bad input, not a fault of the run.
+    """
+    import torchgeo
+
+    return (
+        type(err) is RuntimeError
+        and str(err).startswith("Datasets have no ")
+        and _raised_in(err, Path(torchgeo.__file__).resolve().parent / "datasets")
+    )
 
 
 def _raised_here(err: BaseException) -> bool:
