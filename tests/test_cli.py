@@ -2918,7 +2918,7 @@ def test_labels_off_the_image_in_a_fit_config_are_one_line(
     (tmp_path / "labels").mkdir()
     with rasterio.open(tmp_path / "labels" / "far.tif", "w", **profile) as dst:
         dst.write(np.ones((1, 64, 64), np.uint8))
-    config = {
+    config: dict[str, Any] = {
         "model": {"class_path": "torchgeo_dofa.tasks.DOFASegmentationTask",
                   "init_args": {"num_classes": 3, "weights": None, "ignore_index": 255}},
         "data": {"class_path": "farlabels.ImageAndLabels",
