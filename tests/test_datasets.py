@@ -1210,6 +1210,32 @@ def test_band_files_with_an_alpha_band_are_band_files(tmp_path: Path) -> None:
     _check_alpha_mask(ds)
 
 
+def test_inputs_naming_one_raster_twice_are_warned_of_and_alpha_band_files_are_one_scene(
+    tmp_path: Path,
+) -> None:
+    """note34 (helper-112): ``embed scenes/ scenes/a.tif`` embedded a.tif twice, into two
+    outputs, without a word. A raster in two inputs is warned of; the same folder given
+    twice is one region. Band files with an alpha band (``gdalwarp -dstalpha`` of each
+    ``*_B04_10m.tif``) given as files were a region each (one band): one scene's region."""
+    scene = tmp_path / "scene"
+    for band in ("B02", "B03", "B04", "B08"):
+        _alpha_tif(scene / f"T31UFQ_20220614T103629_{band}_10m.tif", [""])
+    files = sorted(scene.glob("*.tif"))
+    (region,) = find_raster_inputs(files)
+    assert sorted(region.paths) == [str(f) for f in files]
+    with pytest.warns(UserWarning) as said:
+        regions = find_raster_inputs([scene, files[0]])
+    assert len(regions) == 2
+    assert [str(w.message) for w in said] == [
+        f"{files[0]} (also in {str(scene)!r}): a raster in two of the inputs is embedded in "
+        "each (a folder and a file inside it are two regions, with outputs of their own); "
+        "give one of them"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(find_raster_inputs([scene, f"{scene}/"])) == 1
+
+
 def test_bands_left_out_of_the_default_choice_are_named(tmp_path: Path) -> None:
     """A band without description in a described file, or a band one tile of a mosaic
     lacks, was dropped for the whole dataset without a word; descriptions like 'B4 (Red)'

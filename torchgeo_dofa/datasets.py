@@ -3618,12 +3618,35 @@ def find_raster_inputs(
             regions.setdefault(key, ([], False, scene))[0].append(str(path))
         else:
             regions[str(path.resolve())] = ([str(path)], False, path)
+    _warn_of_rasters_given_twice(regions)
     out = []
     names = unique_region_names([anchor for _, _, anchor in regions.values()])
     for name, (paths, ee, _) in zip(names, regions.values(), strict=True):
         region_crs, bounds = _one_crs(name, {p: headers[p] for p in paths}, crs)
         out.append(RasterInput(name, tuple(paths), ee, region_crs, bounds))
     return out
+
+
+def _warn_of_rasters_given_twice(regions: dict[str, tuple[list[str], bool, pathlib.Path]]) -> None:
+    """Warn where one raster is in two regions (a folder and a file inside it, given both).
+
+    Each region is embedded on its own, so such a file's pixels are embedded twice, into
+    two outputs: most often ``embed scenes/ scenes/a.tif`` meant one of them.
+    """
+    seen: dict[str, pathlib.Path] = {}
+    twice: list[str] = []
+    for paths, _, anchor in regions.values():
+        for path in paths:
+            real = os.path.realpath(path)
+            if real in seen and seen[real] != anchor:
+                twice.append(f"{path} (also in {str(seen[real])!r})")
+            seen.setdefault(real, anchor)
+    if twice:
+        warn(
+            f"{_first_few(twice)}: a raster in two of the inputs is embedded in each (a folder "
+            "and a file inside it are two regions, with outputs of their own); give one of them",
+            UserWarning,
+        )
 
 
 class _Header(NamedTuple):
@@ -3634,7 +3657,7 @@ class _Header(NamedTuple):
     #: an embedding grid written by this package (band descriptions ``dofa_0000`` ...,
     #: see :class:`~torchgeo_dofa.writers.GridWriter`), which no scene has
     embedding_grid: bool
-    #: the file's band count
+    #: the file's band count, its alpha bands (GDAL's colour interpretation) left out
     band_count: int
 
 
@@ -3676,7 +3699,7 @@ def _read_header(path: str) -> _Header:
                 src.crs.to_wkt() if src.crs else None,
                 _corner_bounds(src.transform, src.width, src.height),
                 grid,
-                src.count,
+                src.count - sum(c == ColorInterp.alpha for c in src.colorinterp),
             )
     except rasterio.errors.RasterioIOError as err:
         raise InputError(
