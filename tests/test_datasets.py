@@ -1210,6 +1210,27 @@ def test_band_files_with_an_alpha_band_are_band_files(tmp_path: Path) -> None:
     _check_alpha_mask(ds)
 
 
+def test_an_undescribed_stack_with_an_alpha_band_is_named_without_it(tmp_path: Path) -> None:
+    """helper-115: an undescribed 5-band + alpha file (``gdalwarp -dstalpha`` of a stack
+    without band descriptions) took bands= of 6 names only, and the refusal never said
+    the sixth was GDAL's alpha band. bands= of the other 5 names them; the alpha masks."""
+    path = _alpha_tif(tmp_path / "stack.tif", [""] * 5)
+    with pytest.raises(BandError) as refused:
+        Sentinel2SR(path)
+    assert str(refused.value) == (
+        f"{path} has 6 bands and no band descriptions, so its band names are unknown: band 6 "
+        "is GDAL's alpha band, read as a mask: name the other 5 in file order with "
+        "bands=[...], or all 6 with file_bands=[B1, B2, B3, ...] giving the alpha its "
+        "placeholder band6 (all 6 named as bands read it as a band: GDAL takes a 4-band "
+        "8-bit file for RGBA)"
+    )
+    names = ["B2", "B3", "B4", "B8", "B11"]
+    for kwargs in ({"bands": names}, {"file_bands": [*names, "band6"], "bands": names}):
+        ds = Sentinel2SR(path, offset=0, **kwargs)  # type: ignore[arg-type]
+        assert ds.bands == tuple(names)
+        _check_alpha_mask(ds)
+
+
 def test_inputs_naming_one_raster_twice_are_warned_of_and_alpha_band_files_are_one_scene(
     tmp_path: Path,
 ) -> None:

@@ -1294,8 +1294,16 @@ class Sentinel2Base(RasterDataset):
             check_unique_bands(list(bands), "bands=")
             names = [_canonical_name(b) for b in bands]
             named_by_bands = True
+        elif bands is not None and any(info.alpha) and len(bands) == info.count - sum(info.alpha):
+            # the bands other than GDAL's alpha band(s), in order (gdalwarp -dstalpha of an
+            # undescribed stack); an alpha band keeps its placeholder and masks
+            check_unique_bands(list(bands), "bands=")
+            given_names = iter(_canonical_name(b) for b in bands)
+            names = [f"band{i + 1}" if a else next(given_names) for i, a in enumerate(info.alpha)]
+            named_by_bands = True
         else:
             example = ", ".join(f"B{i + 1}" for i in range(min(info.count, 3)))
+            alphas = [i + 1 for i, a in enumerate(info.alpha) if a]
             given = (
                 f" (bands= has {len(bands)} names, the file has {info.count} bands)"
                 if bands is not None
@@ -1303,11 +1311,20 @@ class Sentinel2Base(RasterDataset):
             )
             # a one-band 8-bit file among scenes is most often a label or mask raster
             mask = info.count == 1 and tuple(info.dtypes[:1]) in (("uint8",), ("int8",))
+            how = (
+                f"band {', '.join(map(str, alphas))} is GDAL's alpha band, read as a mask: "
+                f"name the other {info.count - len(alphas)} in file order with bands=[...], "
+                f"or all {info.count} with file_bands=[{example}, ...] giving the alpha its "
+                f"placeholder band{alphas[0]} (all {info.count} named as bands read it as a "
+                "band: GDAL takes a 4-band 8-bit file for RGBA)"
+                if alphas
+                else f"name all {info.count} bands in file order with file_bands=[{example}, "
+                "...] (a second date of a band as B4_1, a third as B4_2, as Earth Engine does) "
+                "and select the ones to embed with bands=[...]"
+            )
             raise BandError(
                 f"{info.path} has {info.count} bands and no band descriptions, so its band "
-                f"names are unknown{given}: name all {info.count} bands in file order with "
-                f"file_bands=[{example}, ...] (a second date of a band as B4_1, a third as "
-                "B4_2, as Earth Engine does) and select the ones to embed with bands=[...]"
+                f"names are unknown{given}: {how}"
                 + (
                     f"; if it is a label or mask raster (one {info.dtypes[0]} band), keep it "
                     "out of the inputs"
