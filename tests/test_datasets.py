@@ -1231,6 +1231,33 @@ def test_an_undescribed_stack_with_an_alpha_band_is_named_without_it(tmp_path: P
         _check_alpha_mask(ds)
 
 
+def test_pixels_that_are_not_square_are_warned_of(tmp_path: Path) -> None:
+    """note34 (helper-112): a file of 10 x 20 m pixels was read on its own grid without a
+    word: a 224 x 224-pixel chip covered 2240 x 4480 m, which DOFA (trained on square
+    pixels) saw squashed 2x. Warned, naming res= for square pixels; res= given, or pixels
+    square to 1 % (a warp's 9.99 x 10), say nothing."""
+    data = np.random.default_rng(0).integers(500, 3000, (4, 64, 64)).astype(np.uint16)
+    for name, yres in (("oblong.tif", 20.0), ("warped.tif", 10.05)):
+        with rasterio.open(
+            tmp_path / name, "w", driver="GTiff", width=64, height=64, count=4,
+            dtype="uint16", crs="EPSG:32631", transform=Affine(10, 0, 500000, 0, -yres, 5600000),
+        ) as dst:  # fmt: skip
+            dst.write(data)
+            dst.descriptions = ("B4", "B3", "B2", "B8")
+    with pytest.warns(UserWarning) as said:
+        ds = Sentinel2SR(tmp_path / "oblong.tif", offset=0)
+    assert ds.res == (10.0, 20.0)
+    assert [str(w.message) for w in said if "square" in str(w.message)] == [
+        "Sentinel2SR: the pixels are 10 x 20 (x by y, CRS units; oblong.tif ...), not square: "
+        "a chip of N x N pixels covers a ground area stretched by 2x, and DOFA, trained on "
+        "square pixels, sees the scene so; give res=10 to read square pixels"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Sentinel2SR(tmp_path / "oblong.tif", offset=0, res=10).res == (10.0, 10.0)
+        Sentinel2SR(tmp_path / "warped.tif", offset=0)
+
+
 def test_inputs_naming_one_raster_twice_are_warned_of_and_alpha_band_files_are_one_scene(
     tmp_path: Path,
 ) -> None:

@@ -933,6 +933,16 @@ class Sentinel2Base(RasterDataset):
         if res is None:
             finest = min((abs(t.a), abs(t.e)) for t, _, _ in grids.values())  # min by x, then y
             res = finest
+            if not math.isclose(finest[0], finest[1], rel_tol=0.01):
+                square = min(finest)
+                warn(
+                    f"{type(self).__name__}: the pixels are {finest[0]:g} x {finest[1]:g} (x by y, "
+                    f"CRS units; {os.path.basename(first.path)} ...), not square: a chip of N x N "
+                    "pixels covers a ground area stretched by "
+                    f"{max(finest) / square:.3g}x, and DOFA, trained on square pixels, sees "
+                    f"the scene so; give res={square:g} to read square pixels",
+                    UserWarning,
+                )
         if isinstance(res, int | float):
             res = (float(res), float(res))
         self._res = (float(res[0]), float(res[1]))
