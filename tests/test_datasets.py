@@ -1221,8 +1221,7 @@ def test_an_undescribed_stack_with_an_alpha_band_is_named_without_it(tmp_path: P
         f"{path} has 6 bands and no band descriptions, so its band names are unknown: band 6 "
         "is GDAL's alpha band, read as a mask: name the other 5 in file order with "
         "bands=[...], or all 6 with file_bands=[B1, B2, B3, ...] giving the alpha its "
-        "placeholder band6 (all 6 named as bands read it as a band: GDAL takes a 4-band "
-        "8-bit file for RGBA)"
+        "placeholder band6"
     )
     names = ["B2", "B3", "B4", "B8", "B11"]
     for kwargs in ({"bands": names}, {"file_bands": [*names, "band6"], "bands": names}):
@@ -1237,13 +1236,22 @@ def test_pixels_that_are_not_square_are_warned_of(tmp_path: Path) -> None:
     pixels) saw squashed 2x. Warned, naming res= for square pixels; res= given, or pixels
     square to 1 % (a warp's 9.99 x 10), say nothing."""
     data = np.random.default_rng(0).integers(500, 3000, (4, 64, 64)).astype(np.uint16)
-    for name, yres in (("oblong.tif", 20.0), ("warped.tif", 10.05)):
+    for name, xres, yres in (
+        ("oblong.tif", 10, 20.0),
+        ("warped.tif", 10, 10.05),
+        ("mixed/a20.tif", 20, 20),  # a square file beside an oblong one: the oblong named
+        ("mixed/b.tif", 10, 20),
+    ):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         with rasterio.open(
             tmp_path / name, "w", driver="GTiff", width=64, height=64, count=4,
-            dtype="uint16", crs="EPSG:32631", transform=Affine(10, 0, 500000, 0, -yres, 5600000),
+            dtype="uint16", crs="EPSG:32631", transform=Affine(xres, 0, 500000, 0, -yres, 5600000),
         ) as dst:  # fmt: skip
             dst.write(data)
             dst.descriptions = ("B4", "B3", "B2", "B8")
+    with pytest.warns(UserWarning, match=r"^Sentinel2SR: the pixels are 10 x 20 \(x by y, CRS "
+                      r"units; b.tif \.\.\.\), not square"):  # fmt: skip
+        Sentinel2SR(tmp_path / "mixed", offset=0)
     with pytest.warns(UserWarning) as said:
         ds = Sentinel2SR(tmp_path / "oblong.tif", offset=0)
     assert ds.res == (10.0, 20.0)
@@ -1276,8 +1284,8 @@ def test_inputs_naming_one_raster_twice_are_warned_of_and_alpha_band_files_are_o
     assert len(regions) == 2
     assert [str(w.message) for w in said] == [
         f"{files[0]} (also in {str(scene)!r}): a raster in two of the inputs is embedded in "
-        "each (a folder and a file inside it are two regions, with outputs of their own); "
-        "give one of them"
+        "each (each input is a region with outputs of its own: a folder and a file inside it, "
+        "or two paths to one file, embed it twice); give one of them"
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")

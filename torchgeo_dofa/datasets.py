@@ -935,9 +935,12 @@ class Sentinel2Base(RasterDataset):
             res = finest
             if not math.isclose(finest[0], finest[1], rel_tol=0.01):
                 square = min(finest)
+                oblong = next(  # the file whose pixels set the grid
+                    p for p, (t, _, _) in grids.items() if (abs(t.a), abs(t.e)) == finest
+                )
                 warn(
                     f"{type(self).__name__}: the pixels are {finest[0]:g} x {finest[1]:g} (x by y, "
-                    f"CRS units; {os.path.basename(first.path)} ...), not square: a chip of N x N "
+                    f"CRS units; {os.path.basename(oblong)} ...), not square: a chip of N x N "
                     "pixels covers a ground area stretched by "
                     f"{max(finest) / square:.3g}x, and DOFA, trained on square pixels, sees "
                     f"the scene so; give res={square:g} to read square pixels",
@@ -1325,8 +1328,13 @@ class Sentinel2Base(RasterDataset):
                 f"band {', '.join(map(str, alphas))} is GDAL's alpha band, read as a mask: "
                 f"name the other {info.count - len(alphas)} in file order with bands=[...], "
                 f"or all {info.count} with file_bands=[{example}, ...] giving the alpha its "
-                f"placeholder band{alphas[0]} (all {info.count} named as bands read it as a "
-                "band: GDAL takes a 4-band 8-bit file for RGBA)"
+                f"placeholder band{alphas[0]}"
+                + (
+                    f" (all {info.count} named as bands read it as a band: GDAL takes any "
+                    "4-band 8-bit file for RGBA, an RGB + near-infrared one too)"
+                    if info.count == 4 and tuple(info.dtypes) == ("uint8",) * 4
+                    else ""
+                )
                 if alphas
                 else f"name all {info.count} bands in file order with file_bands=[{example}, "
                 "...] (a second date of a band as B4_1, a third as B4_2, as Earth Engine does) "
@@ -3670,8 +3678,9 @@ def _warn_of_rasters_given_twice(regions: dict[str, tuple[list[str], bool, pathl
             seen.setdefault(real, anchor)
     if twice:
         warn(
-            f"{_first_few(twice)}: a raster in two of the inputs is embedded in each (a folder "
-            "and a file inside it are two regions, with outputs of their own); give one of them",
+            f"{_first_few(twice)}: a raster in two of the inputs is embedded in each (each "
+            "input is a region with outputs of its own: a folder and a file inside it, or two "
+            "paths to one file, embed it twice); give one of them",
             UserWarning,
         )
 
