@@ -2262,21 +2262,23 @@ class Sentinel2Base(RasterDataset):
         for path, pairs in by_path.items():
             handle = self._open(path)
             indexes = [b for _, b in pairs]
-            # alpha bands read as masks (one named by bands= is read as a band instead)
+            # alpha bands read as masks (one named by bands= is read as a band instead), by
+            # a read of their own on the same path: the same source pixels at any resolution
+            # and edge (one read of bands and alpha together gave other band values through
+            # a bilinear WarpedVRT: the alpha tests)
             alphas = [a for a in self._alpha_masks.get(path, ()) if a not in indexes]
             try:
                 array = self._read_file(handle, indexes, bounds, res, height, width)
-                clear = (
-                    self._transparent(handle, path, alphas, bounds, res, height, width)
-                    if alphas
-                    else None
+                opacity = (
+                    self._read_file(handle, alphas, bounds, res, height, width) if alphas else None
                 )
             except rasterio.errors.RasterioError as err:
                 raise unreadable_input(path, err) from err
             if not self.cache:
                 self._close(path)
             array = array[:, :height, :width].astype(np.float32, copy=False)
-            if clear is not None:
+            if opacity is not None:
+                clear = self._transparent(opacity[:, :height, :width], self._infos[path])
                 array[:, clear] = np.nan
             extra = self._extra_nodata(self._infos[path])
             if extra:
@@ -2301,30 +2303,24 @@ class Sentinel2Base(RasterDataset):
         return data, valid
 
     def _transparent(
-        self,
-        handle: DatasetReader | WarpedVRT,
-        path: str,
-        alphas: list[int],
-        bounds: tuple[float, float, float, float],
-        res: tuple[float, float],
-        height: int,
-        width: int,
+        self, opacity: npt.NDArray[np.floating[Any]], info: _FileInfo
     ) -> npt.NDArray[np.bool_]:
-        """(H, W) pixels of the chip grid that a file's alpha band(s) make transparent (0).
+        """(H, W) pixels that a file's alpha band(s), read as its bands are, make transparent.
 
-        The alpha is read as the bands are (:meth:`_read_file`: the same source pixels, at
-        every resolution and at the raster's edges), so masked where it equals the value
-        the read masks the file by: where that is 0, a masked alpha is transparent (or
-        beyond the file); where it is another value (65535, a uint16 alpha's opaque value,
-        is a common nodata), a masked alpha is not transparent. Through a WarpedVRT (another
-        CRS, a non-nearest resampling: :meth:`_needs_vrt`) it is the warp's alpha: GDAL
-        warps the file's alpha with its bands, weighting the resampling by it.
+        Alpha 0 is transparent. The read masks (NaN) the alpha where it equals the value
+        the file is masked by (:meth:`_masked_nodata`): where that is 0, a masked alpha is
+        transparent (or beyond the file); where it is another value (65535, a uint16
+        alpha's opaque value, is a common nodata), a masked alpha is not transparent.
+        Through a WarpedVRT (another CRS, a non-nearest resampling: :meth:`_needs_vrt`) it
+        is the warp's alpha: GDAL warps the file's alpha with its bands, weighting the
+        resampling by it.
+
+        Args:
+            opacity: (A, H, W) the alpha bands as read.
+            info: the file.
         """
-        opacity = self._read_file(handle, alphas, bounds, res, height, width)
-        opacity = opacity[:, :height, :width]
         transparent = (opacity == 0).any(axis=0)
-        info = self._infos[path]
-        if (self._primary_nodata(info) if self._needs_vrt(info) else info.nodata) == 0:
+        if self._masked_nodata(info) == 0:
             transparent |= np.isnan(opacity).any(axis=0)
         return np.asarray(transparent)
 
@@ -2383,9 +2379,13 @@ class Sentinel2Base(RasterDataset):
             return True  # GDAL's warp weights the resampling by the alpha band
         return self.resampling != Resampling.nearest and primary != info.nodata
 
+    def _masked_nodata(self, info: _FileInfo) -> float | None:
+        """The no-data value GDAL masks while reading a file (NaN in :meth:`_read_file`)."""
+        return self._primary_nodata(info) if self._needs_vrt(info) else info.nodata
+
     def _extra_nodata(self, info: _FileInfo) -> list[float]:
         """No-data values masked after reading (those GDAL did not mask already)."""
-        masked = self._primary_nodata(info) if self._needs_vrt(info) else info.nodata
+        masked = self._masked_nodata(info)
         values = {self._primary_nodata(info)}
         if self.zero_is_nodata:
             values.add(0.0)
