@@ -1420,7 +1420,6 @@ def _file_verdict(
         CheckReflectance,
         ReflectanceError,
         check_reflectance_range,
-        nodata_mask,
     )
 
     try:
@@ -1432,22 +1431,24 @@ def _file_verdict(
         names = [src.descriptions[b - 1] or f"band {b}" for b in read]
         count, size = src.count, src.width * src.height
     area = size / (raw.shape[-2] * raw.shape[-1])  # the file's pixels per sample read
-    valid = ~nodata_mask(raw, nodata)  # as the dataset masks the file's pixels
+    # per band, as the dataset masks the file's pixels (a pixel is valid where all bands are)
+    held = ~_band_nodata(raw, nodata)
     if zero_is_nodata:
-        valid &= (raw != 0).all(dim=0)
+        held &= raw != 0
     try:  # the stored values, as the rules of scale were written for
-        valid = CheckReflectance(nodata=nodata)({"image": raw, "valid": valid})["valid"]
+        valid = CheckReflectance(nodata=nodata)({"image": raw, "valid": held.all(dim=0)})["valid"]
     except ReflectanceError as err:
         empty = np.zeros(tuple(raw.shape[1:]), dtype=bool)
         return _FileVerdict(str(err), None, empty, empty, (), (), count, False, size)
     shift = torch.tensor(shifts, dtype=torch.float32)
     values = raw + shift[:, None, None]
-    valid &= (values > NODATA_FLOOR).all(dim=0)  # a 0 with -1000 added: no data
+    held &= values > NODATA_FLOOR  # a 0 with -1000 added: no data
     if declared is not None:
-        valid &= ~nodata_mask(values, declared)
+        held &= ~_band_nodata(values, declared)
+    valid &= held.all(dim=0)
     negative = (values < 0).all(dim=0) & valid
     offset_added = bool(shift.any())
-    dead = _dead_bands(raw, values, names, nodata, declared, zero_is_nodata)
+    dead = _dead_bands(held, names)
     told: str | None = None
     if bool(valid.any()) and bool(negative[valid].all()):
         try:  # its error, worded for a whole input (refused with enough pixels only)
@@ -1475,35 +1476,29 @@ def _file_verdict(
     )
 
 
-def _dead_bands(
-    raw: torch.Tensor,
-    values: torch.Tensor,
-    names: Sequence[str],
-    nodata: float | None,
-    declared: float | None,
-    zero_is_nodata: bool,
-) -> tuple[str, ...]:
+def _band_nodata(image: torch.Tensor, nodata: float | None) -> torch.Tensor:
+    """(C, H, W): :func:`~torchgeo_dofa.transforms.nodata_mask`'s rule per band, not per pixel."""
+    from torchgeo_dofa.transforms import nodata_mask
+
+    return torch.stack([nodata_mask(image[b : b + 1], nodata) for b in range(image.shape[0])])
+
+
+def _dead_bands(held: torch.Tensor, names: Sequence[str]) -> tuple[str, ...]:
     """The bands of a read that hold no valid value while the other bands hold some.
 
     A pixel is no data where any band is, so one such band (a band exported empty, all 0;
-    a band of another product's nodata) leaves the whole file without a valid pixel. Each
-    band is judged by the dataset's rules alone (``raw`` as stored, ``values`` offset
-    added), on the pixels the other bands hold.
-    """
-    from torchgeo_dofa.transforms import NODATA_FLOOR, nodata_mask
+    a band of another product's nodata) leaves the whole file without a valid pixel.
 
-    if raw.shape[0] < 2:
+    Args:
+        held: (C, H, W) where each band holds a valid value, by the dataset's rules.
+        names: the bands' names.
+    """
+    if held.shape[0] < 2:
         return ()
-    ok = ~torch.stack([nodata_mask(raw[b : b + 1], nodata) for b in range(raw.shape[0])])
-    ok &= values > NODATA_FLOOR
-    if zero_is_nodata:
-        ok &= raw != 0
-    if declared is not None:
-        ok &= ~torch.stack([nodata_mask(values[b : b + 1], declared) for b in range(raw.shape[0])])
-    held = ok.any(dim=(1, 2))
-    if bool(held.all()) or not bool(held.any()):
+    some = held.any(dim=(1, 2))
+    if bool(some.all()) or not bool(some.any()):
         return ()
-    return tuple(n for n, h in zip(names, held.tolist(), strict=True) if not h)
+    return tuple(n for n, h in zip(names, some.tolist(), strict=True) if not h)
 
 
 def _warn_of_files(
