@@ -702,14 +702,18 @@ def _check_region(region: Any, name: str = "spatial") -> None:
             "PointBuffer(lon, lat, buffer_m), BBox(minlon, minlat, maxlon, maxlat) or a "
             "shapely polygon"
         )
-    shown = region.wkt if len(region.wkt) <= 80 else region.wkt[:77] + "..."
+
+    def shown() -> str:  # for a message only: a large polygon's WKT is long to write
+        wkt = str(region.wkt)
+        return wkt if len(wkt) <= 80 else wkt[:77] + "..."
+
     coords = shapely.get_coordinates(region)
     finite = bool(np.isfinite(coords).all())
     if finite and not region.is_empty:
         x0, y0, x1, y1 = region.bounds
         if x0 < -180 or x1 > 180 or y0 < -90 or y1 > 90:
             raise ModelError(
-                f"{name} ({shown}) lies outside longitude -180..180 / latitude -90..90: a "
+                f"{name} ({shown()}) lies outside longitude -180..180 / latitude -90..90: a "
                 "region's coordinates are longitude and latitude (EPSG:4326); transform a "
                 "geometry in metres (a UTM zone) first (shapely.ops.transform with a pyproj "
                 "Transformer to EPSG:4326, always_xy=True)"
@@ -725,13 +729,13 @@ def _check_region(region: Any, name: str = "spatial") -> None:
     )
     if what is not None:
         raise ModelError(
-            f"{name} is {what} ({shown}): give a polygon with an area, a "
+            f"{name} is {what} ({shown()}): give a polygon with an area, a "
             "BBox(minlon, minlat, maxlon, maxlat), or PointBuffer(lon, lat, buffer_m) for a "
             "point"
         )
     if not region.is_valid:
         raise ModelError(
-            f"{name} ({shown}) is not a valid {region.geom_type} "
+            f"{name} ({shown()}) is not a valid {region.geom_type} "
             f"({shapely.is_valid_reason(region)}): part of it would be read, or none; "
             "repair it (shapely.make_valid) or give its parts as regions of their own"
         )
