@@ -654,6 +654,37 @@ def test_augment_with_valid_moves_the_mask_with_the_pixels(keepdim: bool) -> Non
     assert "mask_valid" not in out and out["empty"].reshape(()).item() is False
 
 
+@pytest.mark.parametrize("input_prep", ["resize", "tile"])
+def test_every_key_the_stack_writes_passes_kornia_and_augment_with_valid(input_prep: str) -> None:
+    """kornia's ``AugmentationSequential(data_keys=None)`` reads keys named ``input_*`` (and
+    ``image_*``, ``mask_*``, ...) as data: the tiles' ``input_size`` made it fail ("Expected
+    input of [torch.bfloat16, ...]. Got torch.int64"), plain or in ``AugmentWithValid``.
+    Every key the stack writes, in both modes, now passes through unchanged; the tiles flip."""
+    bands = ["B4", "B3", "B2"]
+    x = raw((3, 100, 300), seed=11)
+    x[:, :, :20] = 0  # no data on the left: `valid` is not all True
+    t = torch.tensor(list(UTM), dtype=torch.float64)
+    prep = DOFAPreprocess(bands, input_prep=input_prep)
+    sample = prep({"image": torch.from_numpy(x.copy()), "transform": t.clone()})
+    assert len(sample) >= 7, sorted(sample)  # image, wavelengths, valid, empty, ... (+ tiles')
+    flip = K.AugmentationSequential(
+        K.RandomHorizontalFlip(p=1.0), data_keys=None, keepdim=True
+    )  # fmt: skip
+    for augment in (flip, AugmentWithValid(flip)):
+        before = {k: v.clone() for k, v in sample.items()}
+        out = augment(dict(before))
+        assert sorted(out) == sorted(sample), type(augment).__name__
+        torch.testing.assert_close(out["image"], sample["image"].flip(-1))
+        for key in set(sample) - {"image", "valid", "valid_fraction"}:
+            torch.testing.assert_close(out[key], sample[key], msg=key)
+        # the input's own share (before the resize's padding), one per input, also for
+        # tiles (AugmentWithValid had made it one per tile): a flip keeps it
+        torch.testing.assert_close(out["valid_fraction"], sample["valid_fraction"])
+    # AugmentWithValid moved `valid` with the pixels, tile by tile
+    torch.testing.assert_close(out["valid"], sample["valid"].flip(-1))
+    assert sample["valid_fraction"].item() == pytest.approx(280 / 300)  # independent: 20 columns
+
+
 def test_augment_with_valid_marks_padding_invalid_and_recomputes_empty() -> None:
     x = torch.from_numpy(raw((2, 3, 64, 64), seed=10))
     batch = CheckReflectance()({"image": x.clone()})
@@ -665,6 +696,9 @@ def test_augment_with_valid_marks_padding_invalid_and_recomputes_empty() -> None
     corners = out["valid"][0, [0, 0, -1, -1], [0, -1, 0, -1]]
     assert not corners.any() and out["valid"][0, 28:36, 28:36].all()  # padding vs centre
     assert out["empty"].tolist() == [False, True]
+    # the share of valid pixels, scaled by what the rotation kept: chip 0 was all valid
+    assert out["valid_fraction"][0].item() == pytest.approx(out["valid"][0].float().mean().item())
+    assert out["valid_fraction"][1].item() == 0.0
     # a sample without `valid`: every pixel was valid, the padding is not
     out = AugmentWithValid(rotate)({"image": x.clone()})
     assert out["valid"][:, 28:36, 28:36].all() and not out["valid"][:, 0, 0].any()

@@ -1531,7 +1531,7 @@ def _prepare_stac(
 # inference
 # ----------------------------------------------------------------------------------------------
 
-_BATCH_KEYS = ("image", "wavelengths", "valid", "empty", "tile_offsets", "input_size")
+_BATCH_KEYS = ("image", "wavelengths", "valid", "empty", "tile_offsets", "tiled_size")
 _INFER_LOCK = threading.Lock()
 
 

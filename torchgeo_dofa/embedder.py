@@ -39,7 +39,7 @@ class DOFAEmbedder(pl.LightningModule):
 
     ``predict_step`` takes a batch from :mod:`torchgeo_dofa.datasets` after the
     :class:`~torchgeo_dofa.transforms.DOFAPreprocess` stack: ``image`` (B, C, 224, 224), or
-    (B, N, C, 224, 224) tiles with ``tile_offsets`` and ``input_size``; ``wavelengths`` (B, C)
+    (B, N, C, 224, 224) tiles with ``tile_offsets`` and ``tiled_size``; ``wavelengths`` (B, C)
     (always from the batch); optional ``valid``, ``empty``, ``bounds``, ``grid_transform``.
     It returns a dict of tensors: ``pooled`` (B, D), ``grid`` (B, D, h, w) with NaN in cells
     whose 16 x 16 patch held no valid pixel, and the batch's georeferencing keys passed
@@ -219,7 +219,7 @@ class DOFAEmbedder(pl.LightningModule):
         patch = self.encoder.config.patch_size
         valid = batch.get("valid")
         if image.ndim == 5:
-            sizes = batch["input_size"]
+            sizes = batch["tiled_size"]
             grids, pools = [], []
             for i in range(image.shape[0]):
                 h, w = (int(v) for v in sizes[i])
@@ -263,7 +263,7 @@ class DOFAEmbedder(pl.LightningModule):
         else:
             image, patch, d = batch["image"], self.encoder.config.patch_size, self.encoder.embed_dim
             if image.ndim == 5:
-                h, w = (int(v) for v in batch["input_size"][0])
+                h, w = (int(v) for v in batch["tiled_size"][0])
             else:
                 h, w = int(image.shape[-2]), int(image.shape[-1])
             every = {"pooled": (d,), "grid": (d, -(-h // patch), -(-w // patch))}

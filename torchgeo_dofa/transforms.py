@@ -1002,7 +1002,10 @@ class TileTo(_SizeStep):
 
     Reads ``image``, ``valid`` and ``transform`` (optional but ``image``); writes ``image``,
     ``tile_offsets`` (long (N, 2) / (B, N, 2), the (row, col) pixel offset of each tile in the
-    input), ``input_size`` (long (2,) / (B, 2), the input's (H, W) for :func:`stitch_tiles`),
+    input), ``tiled_size`` (long (2,) / (B, 2), the input's (H, W) for :func:`stitch_tiles`;
+    not ``input_size``: kornia's ``AugmentationSequential(data_keys=None)`` reads keys named
+    ``input_*``, ``image_*``, ``mask_*``, ``bbox_*``, ``keypoints_*``, ``label_*`` or ``class_*``
+    as data to augment, and failed on it),
     ``valid`` ((N,S,S) / (B,N,S,S), padding False) when present and ``grid_transform``
     (affine of the stitched 16-pixel grid, origin at the input origin) when ``transform`` is
     present. ``empty`` and ``valid_fraction`` stay those of the input (one per sample, not
@@ -1033,7 +1036,7 @@ class TileTo(_SizeStep):
             offsets = offsets.expand(image.shape[0], *offsets.shape).contiguous()
         sample["tile_offsets"] = offsets
         size = torch.tensor([height, width], dtype=torch.long, device=image.device)
-        sample["input_size"] = size if single else size.expand(image.shape[0], 2).contiguous()
+        sample["tiled_size"] = size if single else size.expand(image.shape[0], 2).contiguous()
         valid = _optional_tensor(sample, "valid")
         if valid is not None:
             v = valid.to(torch.bool)
@@ -1211,8 +1214,13 @@ class AugmentWithValid(nn.Module):
     segmentation loss would skip real pixels and train on filled ones. Here ``valid`` travels
     through the augmentation as an extra mask (``mask_valid``, kornia's nearest-neighbour mask
     resampling), pixels the augmentation brings in (the padding of a rotation or a shift) are
-    invalid, and ``empty`` is recomputed from the result. Other extra keys (``wavelengths``,
-    ``transform``, ...) pass through as kornia passes them.
+    invalid, and ``empty`` is recomputed from the result. ``valid_fraction`` (the share of the
+    input's own pixels that are valid, :class:`CheckReflectance`'s, before any resize or
+    padding) is scaled by the share of valid pixels the augmentation kept: a flip keeps it, a
+    rotation's padding lowers it. Both stay one per input, also for one input's tiles
+    (:class:`TileTo`: a single sample's (N, C, S, S), which kornia augments tile by tile).
+    Other extra keys (``wavelengths``, ``transform``, ``tile_offsets``, ...) pass through as
+    kornia passes them.
 
     Reads ``image``, ``valid`` (optional), and whatever the augmentation transforms; writes
     them back, ``valid`` as bool (H,W) / (B,H,W) (with a leading axis of 1 where kornia adds
@@ -1258,11 +1266,17 @@ class AugmentWithValid(nn.Module):
         out = self.augmentation(sample)
         carried = out.pop(self.carrier)
         out["valid"] = carried.squeeze(-3) > 0.5
-        fraction = valid_fraction(out["valid"])
-        if "empty" in out:
-            out["empty"] = fraction == 0
-        if "valid_fraction" in out:
-            out["valid_fraction"] = fraction
+        shares = _optional_tensor(out, "valid_fraction")
+        reference = shares if shares is not None else _optional_tensor(out, "empty")
+        if reference is not None:  # () for one input (its tiles too), (B,) for a batch
+            had = valid.flatten(reference.ndim).sum(-1, dtype=torch.float32)
+            kept = out["valid"].to(had.device).flatten(reference.ndim).sum(-1, dtype=torch.float32)
+            kept = kept.reshape(had.shape)
+            if "empty" in out:
+                out["empty"] = kept == 0
+            if shares is not None:
+                scale = torch.where(had > 0, kept / had.clamp(min=1), torch.zeros_like(had))
+                out["valid_fraction"] = (shares.to(scale) * scale).clamp(0.0, 1.0)
         return out
 
     def extra_repr(self) -> str:  # noqa: D102
