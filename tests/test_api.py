@@ -548,6 +548,22 @@ def test_sensor_fetch_settings_a_backend_ignores_are_warned_of(tmp_path, chip_a,
         "settings, collection Earth Engine's"
     ]
     assert torch.equal(torch.as_tensor(local.data), torch.as_tensor(plain.data))
+    # helper-118: a sensor leaving the bands at SensorSpec's default (DOFA's nine, what gee
+    # and stac fetch) asked the 4-band file for nine bands: "BandError band(s) ['B5', ...] not
+    # found", SensorSpec() and a fill_value alone too; now the file's own bands, as without it
+    assert len(names) == 4
+    unset = get_embedding("dofa", spatial=point, paths=crop, **cpu)
+    for default_bands in (SensorSpec(), SensorSpec(fill_value=0), SensorSpec(scale_m=20)):
+        with warnings.catch_warnings(record=True) as recorded:
+            warnings.simplefilter("always")
+            got = get_embedding("dofa", spatial=point, paths=crop, sensor=default_bands, **cpu)
+        assert len(got.meta["bands"]) == 4, default_bands  # the file's, not nine
+        assert got.meta["bands"] == unset.meta["bands"]
+        assert torch.equal(torch.as_tensor(got.data), torch.as_tensor(unset.data))
+        said = [str(w.message) for w in recorded]
+        assert [m for m in said if "is not used here" in m] == (
+            [] if default_bands.scale_m == 10 else [said[0]]
+        ), said
     with pytest.warns(UserWarning, match=r"^SensorSpec\(cloudy_pct=10\) is not used here: "
                       r"backend='tensor' embeds input_chw's pixels as given"):  # fmt: skip
         get_embedding("dofa", input_chw=raw, sensor=SensorSpec(bands=names, cloudy_pct=10), **cpu)
@@ -637,6 +653,18 @@ def test_local_temporal_selects_scene_by_date(tmp_path, chip_a, weights, tensor_
     far = PointBuffer(lon=0.0, lat=0.0, buffer_m=500)
     with pytest.raises(LookupError, match="no scene"):
         get_embedding("dofa", spatial=far, paths=folder, weights=weights, device="cpu")
+    # helper-118: the data's extent was said in the files' CRS alone (UTM metres), so a
+    # point given as (lat, lon) showed nothing wrong; now in longitude / latitude too
+    swapped = PointBuffer(lon=point.lat, lat=point.lon, buffer_m=500)
+    with pytest.raises(LookupError) as off:
+        get_embedding("dofa", spatial=swapped, paths=folder, weights=weights, device="cpu")
+    from rasterio.warp import transform_bounds
+
+    with rasterio.open(folder / "S2_20220614.tif") as src:
+        w, s, e, n = transform_bounds(src.crs, "EPSG:4326", *src.bounds, densify_pts=21)
+    assert str(off.value).endswith(
+        f"in EPSG:32633, lon {w:.4f} .. {e:.4f}, lat {s:.4f} .. {n:.4f})"
+    ), str(off.value)
     # without temporal=, both dates meet the chip: refused (it was one image of both dates'
     # pixels, the first file's where valid)
     with pytest.raises(ModelError) as mixed:

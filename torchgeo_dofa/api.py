@@ -96,6 +96,7 @@ from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
+import pyproj
 import rasterio
 import shapely
 import torch
@@ -130,7 +131,16 @@ from .embedder import DOFAEmbedder
 from .gee import DEFAULT_COLLECTION, GEEUnavailableError, build_gee_request, fetch_gee_pixels
 from .model import PooledNorm, canonical_variant
 from .runtime import TABLE_SUFFIXES, file_signature, resolve_accelerator
-from .spatial import BBox, CRSTransformError, PointBuffer, Region, crs_label, crs_name
+from .spatial import (
+    WGS84,
+    BBox,
+    CRSTransformError,
+    PointBuffer,
+    Region,
+    crs_label,
+    crs_name,
+    transformer,
+)
 from .stac import StacUnavailableError
 from .transforms import (
     INPUT_PREPS,
@@ -1077,7 +1087,8 @@ def open_local(
 
     Args:
         paths: a file, a folder, a list of them, or a dataset (returned as is).
-        sensor: bands / wavelengths to read (None: the dataset's default bands).
+        sensor: bands / wavelengths to read; None, or a sensor leaving bands, wavelengths,
+            mean and std at their defaults: the dataset's default bands.
         temporal: the dates: only the scenes acquired within them are opened (the others
             decide nothing, e.g. the default resolution), as ``embed --datetime`` does.
             None: every scene. Ignored for a dataset given as ``paths``.
@@ -1105,7 +1116,7 @@ def open_local(
             where = " (crs= goes to a dataset given as paths=Sentinel2SR(..., crs=...))"
         raise ModelError(f"local input: {err}{where}") from None
     kwargs: dict[str, Any] = {}
-    if sensor is not None:
+    if sensor is not None and _chooses_bands(sensor):
         kwargs["bands"] = list(sensor.bands)
         if sensor.wavelengths is not None:
             kwargs["wavelengths"] = list(sensor.wavelengths)
@@ -1126,6 +1137,19 @@ def open_local(
     return dataset
 
 
+def _chooses_bands(sensor: SensorSpec) -> bool:
+    """Whether ``sensor`` chooses the bands local files are read with.
+
+    It does where its bands are not :class:`SensorSpec`'s default (DOFA's nine Sentinel-2
+    bands, what the ``gee`` and ``stac`` backends fetch), or where it gives ``wavelengths``,
+    ``mean`` or ``std`` (one per band, in the order of its bands). Otherwise the files are
+    read with their dataset's default bands, as without ``sensor=``: ``SensorSpec(scale_m=20)``
+    or ``SensorSpec(fill_value=...)`` with a 4-band file had asked it for the nine bands.
+    """
+    given = any(getattr(sensor, k) is not None for k in ("wavelengths", "mean", "std"))
+    return given or sensor.bands != SensorSpec.bands
+
+
 def _refuse_sensor_unlike(dataset: Sentinel2Base, sensor: SensorSpec) -> None:
     """Refuse a ``sensor`` choosing bands that a dataset given as ``paths=`` does not read.
 
@@ -1140,8 +1164,7 @@ def _refuse_sensor_unlike(dataset: Sentinel2Base, sensor: SensorSpec) -> None:
     Raises:
         ModelError: naming both band lists and the fix (the dataset's ``bands=``).
     """
-    given = [k for k in ("wavelengths", "mean", "std") if getattr(sensor, k) is not None]
-    if sensor.bands == SensorSpec.bands and not given:
+    if not _chooses_bands(sensor):
         return
     theirs = [str(b) for b in dataset.bands]
     exact = [float(w) for w in dataset.wavelengths]
@@ -1268,6 +1291,26 @@ def _acquisition_of(ds: Sentinel2Base, ts: slice, files: Sequence[str]) -> tuple
     return acquisition_span(ds, scenes[read])
 
 
+def _lonlat_extent(bounds: Sequence[float], crs: CRS) -> str:
+    """Bounds in longitude / latitude for a message: ``", lon 13.1 .. 13.2, lat 48.3 .. 48.4"``.
+
+    A region given as (lat, lon) shows at once. "" where the CRS cannot be placed (a local
+    CRS) or already is longitude / latitude.
+    """
+    if crs.is_geographic:
+        return ""
+    try:
+        x0, y0, x1, y1 = (float(b) for b in bounds)
+        west, south, east, north = transformer(crs, WGS84).transform_bounds(
+            x0, y0, x1, y1, densify_pts=21
+        )
+    except (CRSTransformError, pyproj.exceptions.ProjError):
+        return ""
+    if not all(math.isfinite(v) for v in (west, south, east, north)):
+        return ""
+    return f", lon {west:.4f} .. {east:.4f}, lat {south:.4f} .. {north:.4f}"
+
+
 def _prepare_local(
     ds: Sentinel2Base,
     spatial: Region,
@@ -1327,7 +1370,8 @@ def _prepare_local(
         when = f" between {temporal.start} and {temporal.end}" if temporal else ""
         raise LookupError(
             f"no scene of the local data overlaps {spatial}{when} (data bounds "
-            f"{[round(float(b), 3) for b in bounds]} in {crs_label(crs)})"
+            f"{[round(float(b), 3) for b in bounds]} in {crs_label(crs)}"
+            f"{_lonlat_extent(bounds, crs)})"
         ) from err
     with reworded(lambda message: _dataset_hints(message, type(ds))):  # hints as the API's
         check_raw_reflectance(ds, paths=files)  # the region's files, whole (not a chip)
