@@ -969,6 +969,16 @@ def test_a_full_disk_when_marking_an_empty_chip_is_a_write_error(tmp_path: Path)
         (writer.parts / "filler").touch()  # the last inode
         with pytest.raises(OutputWriteError, match=r"could not write .*r0_c7.empty: No space"):
             _write(writer, [_chip(geom, 0, 7)], empty=[True])
+        # helper-119: a part's failure said nothing of the parts kept nor of the rerun (the
+        # assembly's did); a chip's values part (.npy) alike
+        for empty in ([True], [False]):
+            with pytest.raises(OutputWriteError) as info:
+                _write(writer, [_chip(geom, 0, 7)], empty=empty)
+            assert str(info.value).endswith(
+                f"; the chips already computed are kept in {writer.parts}: fix the cause (e.g. "
+                "free disk space) and rerun the same command to finish"
+            ), str(info.value)
+            assert str(info.value).count("rerun") == 1
 
 
 def test_bf16_parts_written_before_the_fp32_patch_embedding_are_another_job() -> None:

@@ -197,7 +197,8 @@ def finished_output_problem(path: str | os.PathLike[str]) -> str | None:
         path: the output file.
 
     Returns:
-        The reason (the library's first line), or None for a readable file.
+        The reason (the libraries' messages, the innermost first, at most 200 characters),
+        or None for a readable file.
     """
     try:
         if Path(path).suffix.lower() in (".tif", ".tiff"):
@@ -209,7 +210,9 @@ def finished_output_problem(path: str | os.PathLike[str]) -> str | None:
             if pq.ParquetFile(path).metadata.num_rows < 1:
                 return "it holds no row"
     except Exception as err:  # rasterio's, pyarrow's and the OS's errors alike
-        return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        # rasterio's "Read failed. See previous exception for details." names no cause: the
+        # libtiff / GDAL message it chains does
+        return _chain_message(err)[:200]
     return None
 
 
@@ -271,12 +274,11 @@ def _errno_in(err: BaseException) -> int | None:
     return None
 
 
-def _describe(err: BaseException, folder: Path) -> str:
-    """One line: the most specific message of an exception chain, plus a full-disk note.
+def _chain_message(err: BaseException) -> str:
+    """One line of an exception chain's messages, the innermost first.
 
-    rasterio reports a libtiff write failure as "Write failed. See previous exception" with
-    the libtiff message chained; the OS error itself (ENOSPC) is only printed by libtiff, so a
-    full filesystem is detected by asking it for its free space.
+    rasterio's "Read failed. / Write failed. See previous exception for details." is left out
+    for the libtiff / GDAL message it chains; an OS error is its ``strerror``.
     """
     messages: list[str] = []
     for cur in exception_chain(err):
@@ -287,8 +289,18 @@ def _describe(err: BaseException, folder: Path) -> str:
         if text and "see previous exception" not in text.lower() and text not in messages:
             named = cur is not err or os_error
             messages.append(text if named else f"{type(cur).__name__}: {text}")
+    return "; ".join(reversed(messages)) or type(err).__name__
+
+
+def _describe(err: BaseException, folder: Path) -> str:
+    """One line: the most specific message of an exception chain, plus a full-disk note.
+
+    rasterio reports a libtiff write failure as "Write failed. See previous exception" with
+    the libtiff message chained; the OS error itself (ENOSPC) is only printed by libtiff, so a
+    full filesystem is detected by asking it for its free space.
+    """
+    line = _chain_message(err)
     errno_ = _errno_in(err)
-    line = "; ".join(reversed(messages)) or type(err).__name__
     if errno_ != ENOSPC:
         try:
             stats = os.statvfs(folder)
@@ -559,11 +571,14 @@ class _PartsWriter(BasePredictionWriter):
     def _write_chips(
         self, prediction: Mapping[str, Any], chips: Sequence[int], empty: Sequence[int]
     ) -> None:
-        for i in chips:
-            self.write_chip(prediction, i)
-        for i in empty:  # written as a part is: a failure (a full disk) is OutputWriteError
-            path = self.parts / f"{self.part_key(prediction, i)}{self.empty_suffix}"
-            atomic_write(path, lambda tmp: tmp.touch())
+        try:
+            for i in chips:
+                self.write_chip(prediction, i)
+            for i in empty:  # written as a part is: a failure (a full disk) is OutputWriteError
+                path = self.parts / f"{self.part_key(prediction, i)}{self.empty_suffix}"
+                atomic_write(path, lambda tmp: tmp.touch())
+        except OutputWriteError as err:  # a part: say that the others are kept, and to rerun
+            raise OutputWriteError(f"{err}{self._hint()}", err.errno) from err
 
     def flush(self) -> None:
         """Wait for every part file being written; raise the first error among them.
