@@ -611,3 +611,39 @@ def test_dofa_eurosat_band_errors_name_the_fix(eurosat_root: Path) -> None:
     dm.setup("test")
     batch = dm.aug(next(iter(dm.test_dataloader())))
     assert batch["image"].shape[1:] == (13, 224, 224) and batch["wavelengths"].shape[-1] == 13
+
+
+def test_a_eurosat_download_that_fails_is_one_line_and_leaves_no_folder(tmp_path: Path) -> None:
+    """helper-119: offline, ``fit --config finetune_eurosat.yaml`` (random weights) ended in
+    TorchGeo's download traceback (``URLError: <urlopen error [Errno -2] Name or service not
+    known>``), exit 1, and left an empty ``data/eurosat/``. Now one error naming the dataset,
+    its folder, the address and the fixes; the folders the download made are removed. (A real
+    TorchGeo download, from an address that refuses connections: no network needed.)"""
+    from torchgeo.datasets import EuroSAT100
+
+    from torchgeo_dofa.datamodules import DatasetDownloadError, DOFAEuroSAT100DataModule
+
+    class Refused(EuroSAT100):
+        url = "http://127.0.0.1:9/eurosat/"  # the discard port: nothing listens
+
+    class RefusedModule(DOFAEuroSAT100DataModule):
+        eurosat_class = Refused
+
+    root = tmp_path / "data" / "eurosat"
+    dm = RefusedModule(root=root, download=True)
+    for step in (dm.prepare_data, functools.partial(dm.setup, "fit")):
+        with pytest.raises(DatasetDownloadError) as refused:
+            step()
+        message = str(refused.value)
+        assert message.startswith(f"could not download Refused into {root} (URLError: "), message
+        assert message.endswith(
+            f"): TorchGeo fetches it from {Refused.url}; run where that address is reachable, "
+            f"or put the dataset's files in {root} yourself and set download: false"
+        )
+        assert "\n" not in message
+        assert sorted(p.name for p in tmp_path.iterdir()) == []  # data/eurosat made, removed
+    # without download=True a missing dataset stays TorchGeo's own error (it says the fix)
+    from torchgeo.datasets import DatasetNotFoundError
+
+    with pytest.raises(DatasetNotFoundError):
+        RefusedModule(root=root).setup("fit")

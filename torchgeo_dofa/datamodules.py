@@ -29,6 +29,7 @@ rs-embed-style ``get_embedding``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -1879,7 +1880,7 @@ class DOFAEuroSATDataModule(NonGeoDataModule):
                 )
         _check_whole("batch_size", batch_size, 1)
         _check_whole("num_workers", num_workers, 0)
-        if type(self).setup is NonGeoDataModule.setup:  # a subclass's setup may take its own
+        if type(self).setup is DOFAEuroSATDataModule.setup:  # a subclass's may take its own
             _check_dataset_arguments(
                 type(self), self.eurosat_class, kwargs, own=("split", "bands", "transforms")
             )
@@ -1898,6 +1899,70 @@ class DOFAEuroSATDataModule(NonGeoDataModule):
         super().__init__(self.eurosat_class, batch_size, num_workers, bands=bands, **kwargs)
         self.bands = bands
         self.aug = preprocess
+
+    def prepare_data(self) -> None:
+        """Download the dataset where ``download=True`` (TorchGeo's ``prepare_data``).
+
+        Raises:
+            DatasetDownloadError: where the download fails (no network), in one line naming
+                the dataset, its folder, the address and the fixes.
+        """
+        with _download_errors(self.eurosat_class, self.kwargs):
+            super().prepare_data()
+
+    def setup(self, stage: str) -> None:
+        """Make the datasets of ``stage`` (TorchGeo's ``setup``).
+
+        It downloads them too where ``download=True`` and :meth:`prepare_data` has not run
+        (from Python).
+
+        Args:
+            stage: ``fit``, ``validate``, ``test`` or ``predict``.
+
+        Raises:
+            DatasetDownloadError: as :meth:`prepare_data`.
+        """
+        with _download_errors(self.eurosat_class, self.kwargs):
+            super().setup(stage)
+
+
+class DatasetDownloadError(InputError):
+    """A TorchGeo dataset's download failed (no network).
+
+    One line naming the dataset, its folder, the address it is fetched from and the fixes
+    (the command line: exit status 2).
+    """
+
+
+@contextlib.contextmanager
+def _download_errors(dataset_class: type, kwargs: dict[str, Any]) -> Iterator[None]:
+    """Turn a failed TorchGeo download into :class:`DatasetDownloadError`.
+
+    TorchGeo's ``download_url`` (torchvision's, urllib) fails offline with a traceback ending
+    in ``URLError: <urlopen error [Errno -2] Name or service not known>``, having made the
+    dataset's folder: the folders it made and left empty are removed.
+    """
+    root = pathlib.Path(kwargs.get("root", "data"))
+    made = []  # the folders the download may make (those missing now), deepest first
+    for folder in (root, *root.parents):
+        if folder.exists():
+            break
+        made.append(folder)
+    try:
+        yield
+    except OSError as err:  # URLError, ConnectionError, TimeoutError, http.client's ...
+        if not kwargs.get("download", False):
+            raise
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only an empty one
+        url = getattr(dataset_class, "url", "its address")
+        raise DatasetDownloadError(
+            f"could not download {dataset_class.__name__} into {root} ({type(err).__name__}: "
+            f"{' '.join(str(err).split())}): TorchGeo fetches it from {url}; run where that "
+            f"address is reachable, or put the dataset's files in {root} yourself and set "
+            "download: false"
+        ) from None
 
 
 class DOFAEuroSAT100DataModule(DOFAEuroSATDataModule):
