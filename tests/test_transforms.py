@@ -704,6 +704,31 @@ def test_augment_with_valid_marks_padding_invalid_and_recomputes_empty() -> None
     assert out["valid"][:, 28:36, 28:36].all() and not out["valid"][:, 0, 0].any()
 
 
+@pytest.mark.parametrize(
+    "augmentation",
+    [K.CenterCrop((64, 48)), K.Resize((128, 192)), K.RandomResizedCrop((64, 96), scale=(0.3, 0.3))],
+    ids=["crop", "resize", "resized-crop"],
+)
+def test_augment_with_valid_fraction_is_the_share_after_crops_and_resizes(augmentation) -> None:
+    """helper-120: the share of valid pixels was scaled by pixel counts, so a crop of valid
+    pixels only gave 0.25 and a resize of a half-valid chip 1.0. For a chip not resized
+    before (its valid_fraction is the share of its own pixels), the fraction after is the
+    share of valid pixels of the output, whatever the augmentation does to the size."""
+    x = raw((3, 64, 96), seed=12)
+    x[:, :, :30] = 0  # no data on the left: 66 of 96 columns valid
+    sample = CheckReflectance()({"image": torch.from_numpy(x.copy())})
+    assert sample["valid_fraction"].item() == pytest.approx(66 / 96)
+    torch.manual_seed(0)
+    aug = K.AugmentationSequential(augmentation, data_keys=None, keepdim=True)
+    out = AugmentWithValid(aug)(dict(sample))
+    assert out["valid_fraction"].shape == ()
+    assert out["valid_fraction"].item() == pytest.approx(out["valid"].float().mean().item())
+    # a fraction of shape (1,) (one sample, as collated by hand) keeps its shape
+    one = dict(sample, valid_fraction=sample["valid_fraction"].reshape(1))
+    torch.manual_seed(0)
+    assert AugmentWithValid(aug)(one)["valid_fraction"].shape == (1,)
+
+
 def test_stack_samples_after_transform() -> None:
     bands = ["B4", "B3", "B2"]
     t = torch.tensor(list(UTM), dtype=torch.float64)

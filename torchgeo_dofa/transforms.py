@@ -1216,8 +1216,9 @@ class AugmentWithValid(nn.Module):
     resampling), pixels the augmentation brings in (the padding of a rotation or a shift) are
     invalid, and ``empty`` is recomputed from the result. ``valid_fraction`` (the share of the
     input's own pixels that are valid, :class:`CheckReflectance`'s, before any resize or
-    padding) is scaled by the share of valid pixels the augmentation kept: a flip keeps it, a
-    rotation's padding lowers it. Both stay one per input, also for one input's tiles
+    padding) is scaled by the ratio of the shares of valid pixels after and before the
+    augmentation: a flip or a resize keeps it, a rotation's padding lowers it, a crop of valid
+    pixels only raises it (to 1 at most). Both stay one per input, also for one input's tiles
     (:class:`TileTo`: a single sample's (N, C, S, S), which kornia augments tile by tile).
     Other extra keys (``wavelengths``, ``transform``, ``tile_offsets``, ...) pass through as
     kornia passes them.
@@ -1269,13 +1270,15 @@ class AugmentWithValid(nn.Module):
         shares = _optional_tensor(out, "valid_fraction")
         reference = shares if shares is not None else _optional_tensor(out, "empty")
         if reference is not None:  # () for one input (its tiles too), (B,) for a batch
-            had = valid.flatten(reference.ndim).sum(-1, dtype=torch.float32)
-            kept = out["valid"].to(had.device).flatten(reference.ndim).sum(-1, dtype=torch.float32)
-            kept = kept.reshape(had.shape)
+            # each input's share of valid pixels before and after (a crop or resize changes
+            # the pixel count, not the share)
+            had = valid.reshape(*reference.shape, -1).to(torch.float32).mean(-1)
+            after = out["valid"].to(had.device).reshape(*reference.shape, -1)
+            kept = after.to(torch.float32).mean(-1)
             if "empty" in out:
                 out["empty"] = kept == 0
             if shares is not None:
-                scale = torch.where(had > 0, kept / had.clamp(min=1), torch.zeros_like(had))
+                scale = torch.where(had > 0, kept / had.clamp(min=1e-12), torch.zeros_like(had))
                 out["valid_fraction"] = (shares.to(scale) * scale).clamp(0.0, 1.0)
         return out
 
