@@ -6,6 +6,7 @@ once per module (fixtures) and reused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -564,6 +565,16 @@ def test_sensor_fetch_settings_a_backend_ignores_are_warned_of(tmp_path, chip_a,
         assert [m for m in said if "is not used here" in m] == (
             [] if default_bands.scale_m == 10 else [said[0]]
         ), said
+    # helper-120: ... but bands given, even the default's nine names, are read (they were
+    # dropped: the 4-band file embedded without a word), as embed --bands reads them
+    assert not SensorSpec(fill_value=1).bands_given
+    assert not dataclasses.replace(SensorSpec(), fill_value=1).bands_given
+    spelt = ("B04", "B03", "B02", "B05", "B06", "B07", "B08", "B11", "B12")
+    for nine in (DOFA_S2_BANDS, tuple(list(DOFA_S2_BANDS)), spelt):
+        with pytest.raises(
+            BandError, match=r"band\(s\) \['B5', 'B6', 'B7', 'B11', 'B12'\] not found"
+        ):
+            get_embedding("dofa", spatial=point, paths=crop, sensor=SensorSpec(bands=nine), **cpu)
     with pytest.warns(UserWarning, match=r"^SensorSpec\(cloudy_pct=10\) is not used here: "
                       r"backend='tensor' embeds input_chw's pixels as given"):  # fmt: skip
         get_embedding("dofa", input_chw=raw, sensor=SensorSpec(bands=names, cloudy_pct=10), **cpu)

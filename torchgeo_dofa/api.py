@@ -333,6 +333,13 @@ class OutputSpec:
         return OutputSpec("grid")
 
 
+#: :class:`SensorSpec`'s default bands, DOFA's nine Sentinel-2 bands (rs-embed's default), as
+#: an object of their own: a sensor whose bands are this very tuple was given none
+#: (:attr:`SensorSpec.bands_given`), one given ``bands=DOFA_S2_BANDS`` or a list of the same
+#: names chose them.
+_DEFAULT_BANDS: tuple[str, ...] = tuple(list(DOFA_S2_BANDS))
+
+
 @dataclass(frozen=True)
 class SensorSpec:
     """Input bands and fetch settings (rs-embed's defaults for DOFA).
@@ -353,7 +360,7 @@ class SensorSpec:
     """
 
     collection: str = DEFAULT_COLLECTION
-    bands: tuple[str, ...] = DOFA_S2_BANDS
+    bands: tuple[str, ...] = _DEFAULT_BANDS
     scale_m: float = 10
     cloudy_pct: float = 30
     composite: Literal["median", "mosaic"] = "median"
@@ -361,6 +368,16 @@ class SensorSpec:
     wavelengths: tuple[float, ...] | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+
+    @property
+    def bands_given(self) -> bool:
+        """Whether ``bands`` was given (False: left at the default, DOFA's nine bands).
+
+        Local files are read with their own bands unless a sensor gives bands (or
+        wavelengths, mean or std); given, even as the default's names, they are read. A
+        sensor that went through pickle counts as given.
+        """
+        return self.bands is not _DEFAULT_BANDS
 
     def __post_init__(self) -> None:
         """Store bands and wavelengths as tuples.
@@ -376,7 +393,10 @@ class SensorSpec:
                 f"SensorSpec.bands={self.bands!r} is one string: give a list of band names, "
                 f"one per channel (bands={band_words(self.bands) or ['B4', 'B3']!r})"
             )
-        bands = tuple(str(b) for b in self.bands)  # a tuple, numpy array, generator ...
+        if self.bands is _DEFAULT_BANDS:  # kept as that object (dataclasses.replace too)
+            bands = self.bands
+        else:
+            bands = tuple(str(b) for b in self.bands)  # a tuple, numpy array, generator ...
         if not bands:
             raise ModelError(f"SensorSpec.bands must be a non-empty list of names: {self.bands}")
         object.__setattr__(self, "bands", bands)
@@ -1140,14 +1160,14 @@ def open_local(
 def _chooses_bands(sensor: SensorSpec) -> bool:
     """Whether ``sensor`` chooses the bands local files are read with.
 
-    It does where its bands are not :class:`SensorSpec`'s default (DOFA's nine Sentinel-2
-    bands, what the ``gee`` and ``stac`` backends fetch), or where it gives ``wavelengths``,
-    ``mean`` or ``std`` (one per band, in the order of its bands). Otherwise the files are
+    It does where it was given bands (:attr:`SensorSpec.bands_given`, even DOFA's nine, the
+    default, what the ``gee`` and ``stac`` backends fetch), or ``wavelengths``, ``mean`` or
+    ``std`` (one per band, in the order of its bands). Otherwise the files are
     read with their dataset's default bands, as without ``sensor=``: ``SensorSpec(scale_m=20)``
     or ``SensorSpec(fill_value=...)`` with a 4-band file had asked it for the nine bands.
     """
     given = any(getattr(sensor, k) is not None for k in ("wavelengths", "mean", "std"))
-    return given or sensor.bands != SensorSpec.bands
+    return given or sensor.bands_given
 
 
 def _refuse_sensor_unlike(dataset: Sentinel2Base, sensor: SensorSpec) -> None:
@@ -1156,8 +1176,8 @@ def _refuse_sensor_unlike(dataset: Sentinel2Base, sensor: SensorSpec) -> None:
     A dataset reads the bands it was built with, and ``sensor``'s were ignored: a
     ``Sentinel2SR(file_bands=[B4, B3, B2, B8, B4_1, ...])`` with
     ``sensor=SensorSpec(bands=("B4_1", ...))`` embedded the first date's bands, with no word.
-    A sensor chooses bands where they are not :class:`SensorSpec`'s default, or where it gives
-    ``wavelengths``, ``mean`` or ``std`` (one per band, in the order of its bands): then its
+    A sensor chooses bands where it was given them, or ``wavelengths``, ``mean`` or ``std``
+    (one per band, in the order of its bands; :func:`_chooses_bands`): then its
     bands must be the dataset's, in the dataset's order (``B04`` and ``B4`` are one band), and
     its wavelengths the dataset's (to 1e-4 um). Its other settings (``fill_value``) apply.
 
