@@ -642,6 +642,16 @@ def test_a_eurosat_download_that_fails_is_one_line_and_leaves_no_folder(tmp_path
         )
         assert "\n" not in message
         assert sorted(p.name for p in tmp_path.iterdir()) == []  # data/eurosat made, removed
+    # helper-120: a root that cannot be made (a file in the way; read-only, full) is the
+    # folder's fault, not the network's: said so
+    (tmp_path / "afile").touch()
+    with pytest.raises(DatasetDownloadError) as in_the_way:
+        RefusedModule(root=tmp_path / "afile" / "eurosat", download=True).prepare_data()
+    assert str(in_the_way.value) == (
+        f"could not download Refused into {tmp_path / 'afile' / 'eurosat'} (Not a directory: "
+        f"{tmp_path / 'afile' / 'eurosat'}): give root a folder that can be written, with "
+        "space for the dataset"
+    )
     # without download=True a missing dataset stays TorchGeo's own error (it says the fix)
     from torchgeo.datasets import DatasetNotFoundError
 

@@ -33,12 +33,15 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import http.client
 import inspect
 import json
 import math
 import operator
 import os
 import pathlib
+import socket
+import urllib.error
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -1940,7 +1943,9 @@ def _download_errors(dataset_class: type, kwargs: dict[str, Any]) -> Iterator[No
 
     TorchGeo's ``download_url`` (torchvision's, urllib) fails offline with a traceback ending
     in ``URLError: <urlopen error [Errno -2] Name or service not known>``, having made the
-    dataset's folder: the folders it made and left empty are removed.
+    dataset's folder: the folders it made and left empty are removed. The network's failures
+    (urllib's, connection, time-out, name resolution, HTTP) name the address and the fixes; a
+    root that cannot be written (read-only, full, a file in the way) names the OS's reason.
     """
     root = pathlib.Path(kwargs.get("root", "data"))
     made = []  # the folders the download may make (those missing now), deepest first
@@ -1948,20 +1953,37 @@ def _download_errors(dataset_class: type, kwargs: dict[str, Any]) -> Iterator[No
         if folder.exists():
             break
         made.append(folder)
+    network = (
+        urllib.error.URLError,  # HTTPError too
+        ConnectionError,
+        TimeoutError,
+        socket.gaierror,
+        http.client.HTTPException,
+    )
     try:
         yield
-    except OSError as err:  # URLError, ConnectionError, TimeoutError, http.client's ...
+    except (OSError, http.client.HTTPException) as err:
         if not kwargs.get("download", False):
             raise
         for folder in made:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only an empty one
-        url = getattr(dataset_class, "url", "its address")
+        name = dataset_class.__name__
+        if isinstance(err, network):
+            url = getattr(dataset_class, "url", "its address")
+            raise DatasetDownloadError(
+                f"could not download {name} into {root} ({type(err).__name__}: "
+                f"{' '.join(str(err).split())}): TorchGeo fetches it from {url}; run where "
+                f"that address is reachable, or put the dataset's files in {root} yourself "
+                "and set download: false"
+            ) from None
+        # the folder's: read-only, full, a file in the way
+        code: int | None = getattr(err, "errno", None)
+        cause = os.strerror(code) if code else type(err).__name__
+        where = f": {err.filename}" if getattr(err, "filename", None) else ""
         raise DatasetDownloadError(
-            f"could not download {dataset_class.__name__} into {root} ({type(err).__name__}: "
-            f"{' '.join(str(err).split())}): TorchGeo fetches it from {url}; run where that "
-            f"address is reachable, or put the dataset's files in {root} yourself and set "
-            "download: false"
+            f"could not download {name} into {root} ({cause}{where}): give root a folder "
+            "that can be written, with space for the dataset"
         ) from None
 
 
