@@ -303,6 +303,7 @@ import errno  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import signal  # noqa: E402
+import subprocess  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
@@ -997,3 +998,47 @@ def test_bf16_parts_written_before_the_fp32_patch_embedding_are_another_job() ->
     )
     fp32 = {"precision": "32-true", "variant": "base"}
     assert identity_differences(fp32, dict(fp32)) == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_a_damaged_output_is_named_by_the_librarys_message_once(tmp_path: Path, damage) -> None:
+    """helper-119 / helper-120: the reason a finished output cannot be read was rasterio's
+    "Read failed. See previous exception for details." (naming nothing), then libtiff's
+    message twice over (rasterio's error repeats the GDAL error it chains), cut at 200
+    characters mid-word. Now each message of the chain once, innermost first."""
+    from torchgeo_dofa.writers import finished_output_problem
+
+    grid = _reference_grid(tmp_path)
+    assert finished_output_problem(grid) is None
+    data = grid.read_bytes()
+    grid.write_bytes(data[:2000] if damage == "truncated" else b"\0" * 64 + data[64:])
+    reason = finished_output_problem(grid)
+    assert reason is not None and "see previous exception" not in reason.lower(), reason
+    parts = [p.split(": ", 1)[-1] for p in reason.split("; ")]
+    assert len(parts) == len(set(parts)), reason  # no message twice
+    if damage == "truncated":
+        assert "TIFFReadEncodedTile() failed" in reason, reason
+    else:  # GDAL's message once (rasterio's error repeated it, cut at 200 characters)
+        assert reason == (
+            f"RasterioIOError: '{grid}' not recognized as being in a supported file format."
+        ), reason
+
+
+def test_a_read_only_parts_folder_is_the_write_error_not_the_clean_up(tmp_path: Path) -> None:
+    """helper-120: a parts folder on a read-only file system gave "[Errno 30] Read-only file
+    system: '.../.job-identity.<hex>.tmp'" (exit status 2): removing the temporary file,
+    which was never made, failed too (EROFS before ENOENT) and replaced the write's error.
+    Now the write's one line, naming the file, and the rerun hint; nothing else raised."""
+    geom = _geometry()
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        writer = GridWriter(disk / "g.tif", geom)
+        _write(writer, [_chip(geom, 0, 0)])
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        with pytest.raises(OutputWriteError) as info:
+            _write(writer, [_chip(geom, 0, 7)])
+        assert str(info.value).startswith(
+            f"could not write {writer.parts / 'r0_c7.npy'}: Read-only file system; the chips "
+            f"already computed are kept in {writer.parts}"
+        ), str(info.value)
+        with pytest.raises(OutputWriteError, match=r"could not write .*/x: Read-only file"):
+            atomic_write(disk / "x", lambda tmp: tmp.write_text("x"))

@@ -260,8 +260,9 @@ def atomic_write(
         raise OutputWriteError(
             f"could not write {path}: {_describe(err, path.parent)}{hint}", _errno_in(err)
         ) from err
-    finally:
-        tmp.unlink(missing_ok=True)
+    finally:  # not over the error above: a read-only folder refuses even this (EROFS)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     if durable:
         fsync_dir(path.parent)
 
@@ -281,12 +282,14 @@ def _chain_message(err: BaseException) -> str:
     for the libtiff / GDAL message it chains; an OS error is its ``strerror``.
     """
     messages: list[str] = []
+    seen: set[str] = set()  # the texts, before a type's name is put in front of one
     for cur in exception_chain(err):
         code = cur.errno if isinstance(cur, OSError) else None
         os_error = bool(code) and not isinstance(cur, OutputWriteError)
         text = os.strerror(code) if os_error and code else str(cur)
         text = " ".join(text.split())
-        if text and "see previous exception" not in text.lower() and text not in messages:
+        if text and "see previous exception" not in text.lower() and text not in seen:
+            seen.add(text)
             named = cur is not err or os_error
             messages.append(text if named else f"{type(cur).__name__}: {text}")
     return "; ".join(reversed(messages)) or type(err).__name__
@@ -301,7 +304,7 @@ def _describe(err: BaseException, folder: Path) -> str:
     """
     line = _chain_message(err)
     errno_ = _errno_in(err)
-    if errno_ != ENOSPC:
+    if errno_ is None:  # no OS error known (libtiff printed it): is the disk full?
         try:
             stats = os.statvfs(folder)
         except (OSError, AttributeError):  # pragma: no cover - no statvfs (Windows)
@@ -948,7 +951,9 @@ class _PartsWriter(BasePredictionWriter):
         self._identity_written = True
         if trainer.is_global_zero:
             text = json.dumps(self._job, indent=1)
-            atomic_write(self.parts / PARTS_IDENTITY, lambda tmp: tmp.write_text(text))
+            atomic_write(
+                self.parts / PARTS_IDENTITY, lambda tmp: tmp.write_text(text), hint=self._hint()
+            )
 
     def _make_parts(self) -> None:
         """Create the parts folder and its parents (every rank, before its first part)."""
