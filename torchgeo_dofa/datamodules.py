@@ -1907,8 +1907,9 @@ class DOFAEuroSATDataModule(NonGeoDataModule):
         """Download the dataset where ``download=True`` (TorchGeo's ``prepare_data``).
 
         Raises:
-            DatasetDownloadError: where the download fails (no network), in one line naming
-                the dataset, its folder, the address and the fixes.
+            DatasetDownloadError: where the download fails, in one line: the network's
+                failure naming the dataset, its folder, the address and the fixes, or the
+                folder's (read-only, full, a file in the way) naming the OS's reason.
         """
         with _download_errors(self.eurosat_class, self.kwargs):
             super().prepare_data()
@@ -1930,10 +1931,11 @@ class DOFAEuroSATDataModule(NonGeoDataModule):
 
 
 class DatasetDownloadError(InputError):
-    """A TorchGeo dataset's download failed (no network).
+    """A TorchGeo dataset's download failed: the network, or the folder it goes to.
 
-    One line naming the dataset, its folder, the address it is fetched from and the fixes
-    (the command line: exit status 2).
+    One line naming the dataset, its folder and the cause: for the network, the address it
+    is fetched from and the fixes; for the folder (read-only, full, a file in the way), the
+    OS's reason (the command line: exit status 2).
     """
 
 
