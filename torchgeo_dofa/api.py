@@ -132,14 +132,13 @@ from .gee import DEFAULT_COLLECTION, GEEUnavailableError, build_gee_request, fet
 from .model import PooledNorm, canonical_variant
 from .runtime import TABLE_SUFFIXES, file_signature, resolve_accelerator
 from .spatial import (
-    WGS84,
     BBox,
     CRSTransformError,
     PointBuffer,
     Region,
     crs_label,
     crs_name,
-    transformer,
+    lonlat_bounds,
 )
 from .stac import StacUnavailableError
 from .transforms import (
@@ -1320,10 +1319,7 @@ def _lonlat_extent(bounds: Sequence[float], crs: CRS) -> str:
     if crs.is_geographic:
         return ""
     try:
-        x0, y0, x1, y1 = (float(b) for b in bounds)
-        west, south, east, north = transformer(crs, WGS84).transform_bounds(
-            x0, y0, x1, y1, densify_pts=21
-        )
+        west, south, east, north = lonlat_bounds(bounds, crs)
     except (CRSTransformError, pyproj.exceptions.ProjError):
         return ""
     if not all(math.isfinite(v) for v in (west, south, east, north)):

@@ -98,10 +98,10 @@ from torchgeo_dofa.spatial import (
     Region,
     _metres_per_unit,
     crs_label,
+    lonlat_bounds,
     region_to_crs,
     region_window,
     same_crs,
-    transformer,
 )
 from torchgeo_dofa.transforms import INPUT_PREPS, DOFAPreprocess
 from torchgeo_dofa.writers import GridGeometry
@@ -1032,8 +1032,7 @@ class DOFAPredictDataModule(GeoDataModule):
             if roi is None or "does not overlap" not in str(err):
                 raise
             x0, y0, x1, y1 = (float(v) for v in dataset.index.total_bounds)
-            to_wgs84 = transformer(dataset.crs, WGS84)
-            lon0, lat0, lon1, lat1 = to_wgs84.transform_bounds(x0, y0, x1, y1)
+            lon0, lat0, lon1, lat1 = lonlat_bounds((x0, y0, x1, y1), dataset.crs)
             raise ValueError(
                 f"the region of interest {self.roi} does not overlap the rasters, which cover "
                 f"lon {lon0:.5f}..{lon1:.5f}, lat {lat0:.5f}..{lat1:.5f} (EPSG:4326; "

@@ -45,6 +45,7 @@ __all__ = [
     "crs_label",
     "crs_name",
     "exact_epsg",
+    "lonlat_bounds",
     "read_points",
     "region_to_crs",
     "region_window",
@@ -616,6 +617,26 @@ def transformer(src: object, dst: object) -> pyproj.Transformer:
         return pyproj.Transformer.from_crs(source, target, always_xy=True)
     except pyproj.exceptions.ProjError as err:
         raise _crs_transform_error(source, target, err) from None
+
+
+def lonlat_bounds(bounds: Sequence[float], crs: object) -> tuple[float, float, float, float]:
+    """Bounds in a CRS as (west, south, east, north) longitude / latitude (EPSG:4326).
+
+    PROJ's ``transform_bounds`` (21 points a side), for messages saying where data lies.
+
+    Args:
+        bounds: (xmin, ymin, xmax, ymax) in ``crs``.
+        crs: anything ``pyproj.CRS.from_user_input`` takes.
+
+    Returns:
+        The bounds in degrees (west > east across the antimeridian).
+
+    Raises:
+        CRSTransformError: as :func:`transformer` (a local CRS).
+    """
+    x0, y0, x1, y1 = (float(b) for b in bounds)
+    west, south, east, north = transformer(crs, WGS84).transform_bounds(x0, y0, x1, y1)
+    return west, south, east, north
 
 
 def _crs_transform_error(src: CRS, dst: CRS, err: BaseException | None) -> CRSTransformError:
