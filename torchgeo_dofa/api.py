@@ -150,7 +150,7 @@ from .transforms import (
     nodata_mask,
 )
 from .weights import env_setting, local_weights_file, names_random_weights
-from .writers import atomic_write, utc_us
+from .writers import atomic_write, folders_removed_if_left_empty, utc_us
 
 __all__ = [
     "BACKENDS",
@@ -2354,7 +2354,7 @@ def export_batch(
     parts = out.with_name(out.name + ".parts")
     identity = _export_identity(which, paths, [(cfg, cid) for _, cfg, _, cid in jobs])
     with (
-        _folders_removed_if_left_empty(out.parent, parts),  # a refusal leaves nothing
+        folders_removed_if_left_empty(out.parent, parts),  # a refusal leaves nothing
         _export_lock(out),  # a second export into the folder is refused at once
     ):
         summary = ExportSummary(out)
@@ -2630,24 +2630,6 @@ def _export_lock(out: Path) -> Iterator[None]:
         yield
     finally:  # the lock file goes too (held while removed: a waiting job takes a new one)
         lock.release(remove=True)
-
-
-@contextlib.contextmanager
-def _folders_removed_if_left_empty(*folders: Path) -> Iterator[None]:
-    """Run the block; if it raises, remove the folders it made that are still empty.
-
-    ``folders`` and those of their parents that did not exist: a refused export leaves no
-    empty output folders behind, and parts already written stay (``rmdir`` removes empty
-    folders only) for a rerun to resume.
-    """
-    made = [d for folder in folders for d in (*reversed(folder.parents), folder) if not d.exists()]
-    try:
-        yield
-    except BaseException:
-        for folder in sorted(set(made), key=lambda d: len(d.parts), reverse=True):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
 
 
 def _save_part(path: Path, data: np.ndarray, row: dict[str, Any]) -> None:

@@ -104,7 +104,7 @@ from torchgeo_dofa.spatial import (
     same_crs,
 )
 from torchgeo_dofa.transforms import INPUT_PREPS, DOFAPreprocess
-from torchgeo_dofa.writers import GridGeometry
+from torchgeo_dofa.writers import GridGeometry, folders_removed_if_left_empty
 
 __all__ = [
     "EUROSAT_DOFA_BANDS",
@@ -1938,54 +1938,52 @@ class DatasetDownloadError(InputError):
     """
 
 
+#: The network's failures of a TorchGeo download (urllib's, HTTPError among them; connection,
+#: time-out, name resolution, HTTP): :func:`_download_errors` names the address for them.
+_NETWORK_ERRORS = (
+    urllib.error.URLError,
+    ConnectionError,
+    TimeoutError,
+    socket.gaierror,
+    http.client.HTTPException,
+)
+
+
 @contextlib.contextmanager
 def _download_errors(dataset_class: type, kwargs: dict[str, Any]) -> Iterator[None]:
     """Turn a failed TorchGeo download into :class:`DatasetDownloadError`.
 
     TorchGeo's ``download_url`` (torchvision's, urllib) fails offline with a traceback ending
     in ``URLError: <urlopen error [Errno -2] Name or service not known>``, having made the
-    dataset's folder: the folders it made and left empty are removed. The network's failures
-    (urllib's, connection, time-out, name resolution, HTTP) name the address and the fixes; a
-    root that cannot be written (read-only, full, a file in the way) names the OS's reason.
+    dataset's folder: the folders it made and left empty are removed
+    (:func:`~torchgeo_dofa.writers.folders_removed_if_left_empty`). The network's failures
+    (:data:`_NETWORK_ERRORS`) name the address and the fixes; a root that cannot be written
+    (read-only, full, a file in the way) names the OS's reason.
     """
     root = pathlib.Path(kwargs.get("root", "data"))
-    made = []  # the folders the download may make (those missing now), deepest first
-    for folder in (root, *root.parents):
-        if folder.exists():
-            break
-        made.append(folder)
-    network = (
-        urllib.error.URLError,  # HTTPError too
-        ConnectionError,
-        TimeoutError,
-        socket.gaierror,
-        http.client.HTTPException,
-    )
-    try:
-        yield
-    except (OSError, http.client.HTTPException) as err:
-        if not kwargs.get("download", False):
-            raise
-        for folder in made:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only an empty one
-        name = dataset_class.__name__
-        if isinstance(err, network):
-            url = getattr(dataset_class, "url", "its address")
+    with folders_removed_if_left_empty(root):
+        try:
+            yield
+        except (OSError, http.client.HTTPException) as err:
+            if not kwargs.get("download", False):
+                raise
+            name = dataset_class.__name__
+            if isinstance(err, _NETWORK_ERRORS):
+                url = getattr(dataset_class, "url", "its address")
+                raise DatasetDownloadError(
+                    f"could not download {name} into {root} ({type(err).__name__}: "
+                    f"{' '.join(str(err).split())}): TorchGeo fetches it from {url}; run "
+                    f"where that address is reachable, or put the dataset's files in {root} "
+                    "yourself and set download: false"
+                ) from None
+            # the folder's: read-only, full, a file in the way
+            code: int | None = getattr(err, "errno", None)
+            cause = os.strerror(code) if code else type(err).__name__
+            where = f": {err.filename}" if getattr(err, "filename", None) else ""
             raise DatasetDownloadError(
-                f"could not download {name} into {root} ({type(err).__name__}: "
-                f"{' '.join(str(err).split())}): TorchGeo fetches it from {url}; run where "
-                f"that address is reachable, or put the dataset's files in {root} yourself "
-                "and set download: false"
+                f"could not download {name} into {root} ({cause}{where}): give root a "
+                "folder that can be written, with space for the dataset"
             ) from None
-        # the folder's: read-only, full, a file in the way
-        code: int | None = getattr(err, "errno", None)
-        cause = os.strerror(code) if code else type(err).__name__
-        where = f": {err.filename}" if getattr(err, "filename", None) else ""
-        raise DatasetDownloadError(
-            f"could not download {name} into {root} ({cause}{where}): give root a folder "
-            "that can be written, with space for the dataset"
-        ) from None
 
 
 class DOFAEuroSAT100DataModule(DOFAEuroSATDataModule):

@@ -77,6 +77,7 @@ __all__ = [
     "atomic_write",
     "embed_manifest_listing",
     "finished_output_problem",
+    "folders_removed_if_left_empty",
     "fsync_dir",
     "identity_differences",
     "parts_dir",
@@ -265,6 +266,31 @@ def atomic_write(
             tmp.unlink(missing_ok=True)
     if durable:
         fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def folders_removed_if_left_empty(*folders: Path) -> Iterator[None]:
+    """Run the block; if it raises, remove the folders it made that are still empty.
+
+    ``folders`` and those of their parents that did not exist before the block: a refused
+    export (:func:`~torchgeo_dofa.api.export_batch`) or a failed dataset download leaves no
+    empty folder behind, and what was written stays (``rmdir`` removes empty folders only),
+    e.g. parts for a rerun to resume.
+
+    Args:
+        folders: the folders the block may make.
+
+    Yields:
+        Nothing: the block runs.
+    """
+    made = [d for folder in folders for d in (*reversed(folder.parents), folder) if not d.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(set(made), key=lambda d: len(d.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _errno_in(err: BaseException) -> int | None:
