@@ -199,6 +199,15 @@ from torchgeo_dofa.__main__ import run_as_command
 if "--earlier-handler" in sys.argv:
     atexit.register(print, "earlier handler")
 def command():
+    if "--ctrl-c-while-loading" in sys.argv:  # no end_import_pause yet: libraries loading
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # Python code run during the load (a pybind11 callback)
+                sum(range(1000))
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt raised into the loading code")
+        print("summary")
+        return 0
     if "--ctrl-c-at-exit" in sys.argv:  # run last of the command's handlers
         atexit.register(os.kill, os.getpid(), signal.SIGINT)
         atexit.register(print, "handler")
@@ -263,6 +272,22 @@ def test_a_command_exits_with_the_status_it_returned(tmp_path) -> None:
     assert status == -2
     # as does TORCHGEO_DOFA_FAST_EXIT=0: the SIGINT death this is about
     assert _run_command(tmp_path, fast_exit="0")[:2] == (-2, "summary\nhandler\n")
+
+
+def test_ctrl_c_while_the_libraries_load_raises_nothing_into_them(tmp_path) -> None:
+    """A Ctrl-C while the libraries load raised ``KeyboardInterrupt`` wherever the main
+    thread was: inside torch's compiled code it ended the process with "terminate called
+    after throwing an instance of 'pybind11::error_already_set'" (SIGABRT), inside an
+    extension module's initialisation with an ``ImportError`` traceback. Now it ends the
+    process at once with the one line and 130, raising nothing (also under
+    ``TORCHGEO_DOFA_FAST_EXIT=0``)."""
+    line = (
+        "torchgeo-dofa: error: interrupted (Ctrl-C); nothing saved at the stop: rerun the "
+        "same command\n"
+    )
+    for fast_exit in (None, "0"):
+        status, out, err = _run_command(tmp_path, "--ctrl-c-while-loading", fast_exit=fast_exit)
+        assert (status, out, err) == (130, "", line)
 
 
 def test_ctrl_c_after_the_command_returned_is_ignored(tmp_path) -> None:
@@ -351,18 +376,27 @@ def test_the_collector_is_left_as_it_was_outside_the_command(monkeypatch) -> Non
     """A command that loads no library (``--help``) gets the collector back on; a Python
     caller's collector is neither paused nor frozen by the CLI's functions."""
     import gc
+    import signal
 
-    from torchgeo_dofa.__main__ import end_import_pause, run_as_command
+    from torchgeo_dofa.__main__ import _exit_on_ctrl_c, end_import_pause, run_as_command
 
     monkeypatch.setenv("TORCHGEO_DOFA_FAST_EXIT", "0")  # pytest's process must not end here
     states: list[bool] = []
 
     def command() -> int:
         states.append(gc.isenabled())
+        handlers.append(signal.getsignal(signal.SIGINT))
+        end_import_pause()
+        handlers.append(signal.getsignal(signal.SIGINT))
+        states.append(gc.isenabled())
         return 0
 
+    handlers: list[object] = []
     assert run_as_command(command) == 0
-    assert states == [False] and gc.isenabled()
+    assert states == [False, True] and gc.isenabled()
+    # Ctrl-C ends the process at once while the libraries load, then raises as usual
+    assert handlers == [_exit_on_ctrl_c, signal.default_int_handler]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     frozen = gc.get_freeze_count()
     end_import_pause()
     assert gc.get_freeze_count() == frozen and gc.isenabled()

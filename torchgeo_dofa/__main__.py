@@ -39,6 +39,7 @@ initial value): the encoder alone ran 22 img/s with only the trim threshold rais
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import gc
 import os
@@ -106,6 +107,7 @@ FAST_EXIT_VARIABLE = "TORCHGEO_DOFA_FAST_EXIT"
 _exit_status: list[int] = []  # the command's status, once it has returned one
 _fast_exit_armed: list[bool] = []  # non-empty once run_as_command will end the process
 _collector_paused: list[bool] = []  # non-empty while run_as_command pauses the collector
+_ctrl_c_exits: list[bool] = []  # non-empty while a Ctrl-C ends the command at once
 
 
 def process_ends_after_command() -> bool:
@@ -135,9 +137,12 @@ def run_as_command(command: Callable[[], int]) -> int:
     code run through ``PyRun_*`` inside it (as happens while the libraries load): exit 130
     came out as "killed by SIGINT" now and then.
 
-    Once the command has returned, Ctrl-C is ignored until the process ends: a Ctrl-C in
-    those milliseconds interrupted the exit handlers (a KeyboardInterrupt traceback after
-    a successful job, the handlers after it skipped).
+    While the command loads its libraries (until it calls :func:`end_import_pause`), a
+    Ctrl-C prints one line and ends the process at once with 130 (:func:`_exit_on_ctrl_c`),
+    without raising ``KeyboardInterrupt`` into the libraries' compiled code. Once the
+    command has returned, Ctrl-C is ignored until the process ends: a Ctrl-C in those
+    milliseconds interrupted the exit handlers (a KeyboardInterrupt traceback after a
+    successful job, the handlers after it skipped).
 
     Python's cyclic garbage collector is paused while the command loads its libraries
     (until it calls :func:`end_import_pause`), and what they made is then frozen
@@ -169,6 +174,9 @@ def run_as_command(command: Callable[[], int]) -> int:
     if gc.isenabled():  # until the command's libraries are loaded: see end_import_pause
         gc.disable()
         _collector_paused.append(True)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored
+        signal.signal(signal.SIGINT, _exit_on_ctrl_c)  # until end_import_pause
+        _ctrl_c_exits.append(True)
     try:
         status = command()
         if fast:  # the command is done: a Ctrl-C now would only break the exit handlers
@@ -179,12 +187,16 @@ def run_as_command(command: Callable[[], int]) -> int:
         if _collector_paused:  # a command that loaded no library (--help, a usage error)
             _collector_paused.clear()
             gc.enable()
+        _end_ctrl_c_exit()
     _exit_status.append(status)
     return status
 
 
 def end_import_pause() -> None:
-    """The command's libraries are loaded: freeze what they made and resume collecting.
+    """The command's libraries are loaded: freeze what they made, resume collecting.
+
+    Ctrl-C raises Python's ``KeyboardInterrupt`` again from here (the job's handlers take
+    it next; :func:`_exit_on_ctrl_c` ended the process while the libraries loaded).
 
     Called by the command (:func:`torchgeo_dofa.cli.embed`, the LightningCLI subcommands)
     once PyTorch, Lightning, TorchGeo and the job's modules are imported, before its job
@@ -195,10 +207,40 @@ def end_import_pause() -> None:
     functions keeps its collector as it was: freezing would keep the garbage its own objects
     may hold until it ends).
     """
+    _end_ctrl_c_exit()
     if _collector_paused:
         _collector_paused.clear()
         gc.freeze()
         gc.enable()
+
+
+def _exit_on_ctrl_c(signum: int, frame: object) -> None:
+    """SIGINT while the command's libraries load: say so in one line and end at once, 130.
+
+    Python's own handler raises ``KeyboardInterrupt`` wherever the main thread is, and while
+    torch, Lightning and TorchGeo load that is often inside their compiled code: a
+    ``pybind11`` callback then ended the process with ``terminate called after throwing an
+    instance of 'pybind11::error_already_set'`` (SIGABRT, exit -6), and an extension
+    module's initialisation (``matplotlib._image``) with an ``ImportError: initialization
+    failed`` traceback (exit 1). Seen on a 2-core AMD EPYC VM: the abort once in a run of the
+    test suite, the ``ImportError`` once in 24 Ctrl-Cs sent 0.2-2.4 s after the start. This
+    handler raises nothing: no job has begun, so nothing is left to clean up or flush but
+    stderr.
+    """
+    from .locks import report_ctrl_c  # free of PyTorch, imported in milliseconds
+
+    status = report_ctrl_c(None)
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    os._exit(status)
+
+
+def _end_ctrl_c_exit() -> None:
+    """Give SIGINT back to Python's handler (``KeyboardInterrupt``), for the job's own."""
+    if _ctrl_c_exits:
+        _ctrl_c_exits.clear()
+        if signal.getsignal(signal.SIGINT) is _exit_on_ctrl_c:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _exit_without_teardown() -> None:
