@@ -2110,6 +2110,28 @@ def test_a_preview_that_cannot_be_written_keeps_the_previous_one(
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "p.png"]  # no temporary
 
 
+def test_a_ctrl_c_while_the_preview_writes_is_pythons_own(
+    tmp_path, reference_run, monkeypatch
+) -> None:
+    """The command ends at once on a Ctrl-C while its libraries load (no temporary file can
+    exist yet); the preview's write must get Python's ``KeyboardInterrupt`` instead, which
+    removes the hidden temporary file."""
+    import torchgeo_dofa.preview
+    from torchgeo_dofa.__main__ import run_as_command
+
+    real, handlers = torchgeo_dofa.preview.render_preview, []
+
+    def render_preview(*args: Any, **kwargs: Any) -> Path:
+        handlers.append(signal.getsignal(signal.SIGINT))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torchgeo_dofa.preview, "render_preview", render_preview)
+    monkeypatch.setenv("TORCHGEO_DOFA_FAST_EXIT", "0")  # pytest's process must not end here
+    grid, out = reference_run / "ftw_s2_l2a_33N_grid.tif", tmp_path / "p.png"
+    assert run_as_command(lambda: main(["preview", str(grid), "-o", str(out)])) == 0
+    assert handlers == [signal.default_int_handler] and out.is_file()
+
+
 def test_preview_draws_the_bands_the_grid_embedded(tmp_path, base_checkpoint) -> None:
     """The input panel drew the first source's bands 1-3 (B4, B3, B2 where described): the
     first date of a two-date stack whose second date was embedded, and a grey B02 for a

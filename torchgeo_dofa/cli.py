@@ -2712,8 +2712,10 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"torchgeo-dofa: error: {err}", file=sys.stderr)
             return err.exit_status
     if args.command == "preview":  # numpy, rasterio and Pillow only
+        from .__main__ import end_import_pause
         from .preview import PreviewWriteError, render_preview
 
+        end_import_pause()  # a Ctrl-C from here removes the picture's hidden temporary file
         try:
             with _one_line_warnings():
                 out = render_preview(args.embedding, args.output)
