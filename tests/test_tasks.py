@@ -29,6 +29,7 @@ import pytest
 import rasterio
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning.pytorch import (
     Callback,
     LightningDataModule,
@@ -1675,6 +1676,32 @@ def test_example_classification_config_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("cli_argv")
+def test_last_ckpt_is_the_last_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example configs' ``save_last: true`` kept ``last.ckpt`` at the best epoch, not the
+    last: Lightning >= 2.6 writes it only when the monitored metric improves, so a resume from
+    it after a kill lost every epoch since (here the metric never moves: lr 1e-30)."""
+    from torchgeo_dofa.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the config logs to ./logs
+    args = [
+        "fit", "--config", str(CONFIGS / "finetune_classification.yaml"),
+        "--data.init_args.num_samples=8", "--data.init_args.batch_size=4",
+        "--trainer.max_epochs=2", "--model.init_args.lr=1e-30",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+    ]  # fmt: skip
+    assert main(args) == 0
+    (folder,) = tmp_path.glob("logs/*/version_0/checkpoints")
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    last = torch.load(folder / "last.ckpt", weights_only=False, map_location="cpu")
+    assert (last["epoch"], last["global_step"]) == (1, 4)
+    for name in ("finetune_classification", "finetune_eurosat", "finetune_segmentation"):
+        callbacks = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["trainer"]["callbacks"]
+        saving = [c["init_args"] for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
+        assert [c.get("filename") for c in saving] == [None, "last"], name
+        assert not any(c.get("save_last") for c in saving), name
+
+
+@pytest.mark.usefixtures("cli_argv")
 def test_example_segmentation_config_parses() -> None:
     config = CONFIGS / "finetune_segmentation.yaml"
     cli = LightningCLI(run=False, save_config_callback=None, args=["--config", str(config)])
@@ -1687,11 +1714,13 @@ def test_example_segmentation_config_parses() -> None:
     assert cli.model.hparams["weights"] is None and cli.model.hparams["mode"] == "full"
     assert all(p.requires_grad for p in cli.model.encoder.backbone.patch_embed.parameters())
 
-    # the README predicts a map from this run's last.ckpt
+    # the README predicts a map from this run's last.ckpt (see test_last_ckpt_is_the_last_epoch)
     callbacks: list[Callback] = cli.trainer.callbacks  # type: ignore[attr-defined]
     saving = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
-    assert saving and all(c.save_last for c in saving)
-    assert saving[0].monitor == "val_AverageJaccardIndex"
+    assert [(c.monitor, c.filename) for c in saving] == [
+        ("val_AverageJaccardIndex", None),
+        (None, "last"),
+    ]
     assert "val_AverageJaccardIndex" in cli.model.val_metrics.keys()
 
 
@@ -1774,13 +1803,18 @@ def test_a_signal_stops_fit_after_the_batch_and_saves_a_checkpoint_to_resume(
 
 
 class SignalAt(Callback):
-    """Send this process a real signal in ``setup`` or at the first validation batch."""
+    """Send this process a real signal in ``setup``, at the first validation batch or at
+    training's end (after the last epoch's checkpoints)."""
 
     def __init__(self, signum: int, where: str) -> None:
         self.signum, self.where = signum, where
 
     def setup(self, trainer, pl_module, stage) -> None:
         if self.where == "setup":
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.where == "train_end":
             os.kill(os.getpid(), self.signum)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
@@ -1800,9 +1834,9 @@ def test_a_signal_before_training_or_during_its_validation_stops_fit_where_it_re
     monkeypatch.chdir(tmp_path)
     base = _fit_command(tmp_path)[3:]  # without python -m torchgeo_dofa
 
-    def fit(where: str, *extra: str) -> tuple[int, str]:
+    def fit(where: str, *extra: str, signum: int = 2) -> tuple[int, str]:
         callback = [
-            {"class_path": f"{__name__}.SignalAt", "init_args": {"signum": 2, "where": where}}
+            {"class_path": f"{__name__}.SignalAt", "init_args": {"signum": signum, "where": where}}
         ]
         code = main([*base, f"--trainer.callbacks+={json.dumps(callback)}", *extra])
         return code, capfd.readouterr().err  # the acknowledgement is an os.write to fd 2
@@ -1839,11 +1873,27 @@ def test_a_signal_before_training_or_during_its_validation_stops_fit_where_it_re
     assert not list(folder.glob(".*partial"))  # the save's staging file is gone
     # in the last epoch's validation there is nothing left to stop: it finishes, exit 0 (130
     # and "resume with ..." before, a resume that did nothing)
-    code, err = fit("validation")
-    assert code == 0, err[-3000:]
-    assert "the stop came in the last epoch's validation: training finished, nothing to " in err
-    assert not (logs / "version_2" / "checkpoints" / "interrupted.ckpt").exists()
-    assert (logs / "version_2" / "checkpoints" / "last.ckpt").exists()
+    # SIGTERM too (Lightning's own stop after the epoch then raised: exit 143, and a state
+    # "in epoch 1" saved of a run with one epoch); a stop after the last epoch's checkpoints
+    # likewise (it promised a checkpoint, then exited 0 without a word)
+    finished = "the stop came after the last epoch had trained: training finished, nothing to "
+    for version, (where, signum) in enumerate(
+        [("validation", 2), ("validation", 15), ("train_end", 2), ("train_end", 15)], start=2
+    ):
+        code, err = fit(where, signum=signum)
+        assert code == 0, (where, signum, err[-3000:])
+        assert err.count(finished) == 1, (where, signum, err[-3000:])
+        if where == "validation":
+            name = "Ctrl-C" if signum == 2 else "SIGTERM"
+            assert f"torchgeo-dofa: {name}: the last epoch has trained, so training " in err
+        assert not (logs / f"version_{version}" / "checkpoints" / "interrupted.ckpt").exists()
+        last = logs / f"version_{version}" / "checkpoints" / "last.ckpt"
+        assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    # SIGTERM in an earlier epoch's validation: Lightning's stop after the epoch said "in
+    # epoch 1", where epoch 0 had ended
+    code, err = fit("validation", "--trainer.max_epochs", "2", signum=15)
+    assert code == 143, err[-3000:]
+    assert "training stopped at the end of epoch 0 after step 4, its state saved in " in err
     # validate stopped in its run says what to do (it said only "validate did not finish")
     assert base[0] == "fit"
     callback = [

@@ -1510,6 +1510,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     from lightning.pytorch.trainer.states import TrainerFn
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from .__main__ import end_import_pause
     from .datasets import InputError
@@ -1742,6 +1743,8 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             if stop.received is not None and isinstance(err, SystemExit | KeyboardInterrupt):
                 if stop.interrupted is not None:  # Lightning's stop; the state was saved
                     raise stop.interrupted from None
+                if stop.finished_anyway and isinstance(err, SIGTERMException):
+                    return  # Lightning's stop came once fit's last epoch had trained: done
                 fitting = any(t.state.fn == TrainerFn.FITTING for t in trainers)
                 # a prediction's writers keep their parts; fit / validate / test save nothing
                 # (a fit stopped before training has no checkpoint of its own to resume)

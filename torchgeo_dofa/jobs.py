@@ -939,6 +939,9 @@ class StopOnSignal(Callback):
         self.interrupted: JobInterrupted | None = None
         #: a signal during ``fit``'s validation ended training at the epoch's end
         self._epoch_end_stop = False
+        #: the signal came once ``fit``'s last epoch had trained: it finished, nothing to
+        #: resume (the command then exits 0, as without the signal)
+        self.finished_anyway = False
         #: whether a rerun resumes a stopped prediction (False for random weights drawn
         #: without a seed; set at the prediction's start)
         self.resumable = True
@@ -1013,11 +1016,18 @@ class StopOnSignal(Callback):
             what = "once the batch or output in progress is written"
         elif trainer is None or trainer.sanity_checking:
             what = "before training begins (nothing to save yet)"
+        elif _last_epoch_trained(trainer):
+            what = ""
         elif trainer.validating:
             what = "once the validation in progress ends, saving a checkpoint to resume from"
         else:
             what = "after the training batch in progress, saving a checkpoint to resume from"
-        line = f"{self.announce}: {name}: stopping {what}; {again} stops at once\n"
+        stopping = (
+            f"stopping {what}"
+            if what
+            else "the last epoch has trained, so training finishes (nothing to resume)"
+        )
+        line = f"{self.announce}: {name}: {stopping}; {again} stops at once\n"
         # os.write, not print: a handler runs between two bytecodes of the main thread,
         # which may be inside a write to sys.stderr's buffer (a reentrant write raises);
         # on a terminal, the progress bar's line is left first
@@ -1163,24 +1173,36 @@ class StopOnSignal(Callback):
         if not (self._previous and self.received is not None and trainer.world_size == 1):
             return
         if _last_epoch(trainer):  # training ends here anyway: it finishes, exit status 0
-            if self.announce and is_launcher():
-                print(
-                    f"{self.announce}: the stop came in the last epoch's validation: training "
-                    "finished, nothing to resume",
-                    file=sys.stderr,
-                )
+            self._finished_anyway()
             return
         trainer.should_stop = True
         self._epoch_end_stop = True
 
+    def _finished_anyway(self) -> None:
+        """A stop that came once the last epoch had trained: say so once (training finishes)."""
+        if self.finished_anyway:
+            return
+        self.finished_anyway = True
+        if self.announce and is_launcher():
+            print(
+                f"{self.announce}: the stop came after the last epoch had trained: training "
+                "finished, nothing to resume",
+                file=sys.stderr,
+            )
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Save the training state and stop, where :meth:`on_train_epoch_end` ended training.
+
+        A signal that came after that hook in the last epoch (the epoch's checkpoints being
+        saved) lets training finish: said once, as there.
 
         Raises:
             JobInterrupted: naming the saved checkpoint.
         """
         if self._epoch_end_stop:
             raise self._interruption(trainer, f"at the end of epoch {trainer.current_epoch - 1}")
+        if self._previous and self.received is not None and trainer.world_size == 1:
+            self._finished_anyway()
 
     def on_test_batch_end(
         self,
@@ -1256,9 +1278,39 @@ class StopOnSignal(Callback):
             and isinstance(exception, SIGTERMException)
             and trainer.world_size == 1  # ranks may stop at different batches: no barrier
         ):
-            self._interruption(trainer)  # a SIGTERM just after this callback's last check
+            # a SIGTERM just after this callback's last check: Lightning stops at the next
+            # batch or, once an epoch has ended (its checkpoints saved), before the next one
+            progress = trainer.fit_loop.epoch_progress.current
+            between = trainer.state.fn == TrainerFn.FITTING and progress.ready == progress.completed
+            if between and _training_done(trainer):
+                self._finished_anyway()  # the last epoch ended: nothing to resume
+            elif between or self._epoch_end_stop:
+                self._interruption(trainer, f"at the end of epoch {trainer.current_epoch - 1}")
+            else:
+                self._interruption(trainer)
         if not self._context:
             self.restore()
+
+
+def _training_done(trainer: pl.Trainer) -> bool:
+    """Whether ``fit`` has trained its ``max_epochs`` epochs (or ``max_steps`` steps)."""
+    loop = trainer.fit_loop
+    if loop.max_epochs is not None and loop.max_epochs != -1:
+        if loop.epoch_progress.current.completed >= loop.max_epochs:
+            return True
+    return loop.max_steps != -1 and trainer.global_step >= loop.max_steps
+
+
+def _last_epoch_trained(trainer: pl.Trainer) -> bool:
+    """Whether ``fit``'s last training batch is done (its validation or checkpoints remain)."""
+    if _training_done(trainer):
+        return True
+    batches = trainer.fit_loop.epoch_loop.batch_progress
+    return (  # the last batch fetched and done with (not the one in progress: it stops there)
+        _last_epoch(trainer)
+        and batches.is_last_batch
+        and batches.current.completed == batches.current.ready
+    )
 
 
 def _last_epoch(trainer: pl.Trainer) -> bool:
