@@ -199,9 +199,10 @@ from torchgeo_dofa.__main__ import run_as_command
 if "--earlier-handler" in sys.argv:
     atexit.register(print, "earlier handler")
 def command():
-    if "--ctrl-c-while-loading" in sys.argv:  # no end_import_pause yet: libraries loading
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
+    loading = {"--ctrl-c-while-loading": signal.SIGINT, "--sigterm-while-loading": signal.SIGTERM}
+    if sys.argv[1:2] and sys.argv[1] in loading:
+        try:  # no end_import_pause yet: the libraries load
+            os.kill(os.getpid(), loading[sys.argv[1]])
             for _ in range(100):  # Python code run during the load (a pybind11 callback)
                 sum(range(1000))
         except KeyboardInterrupt:
@@ -288,6 +289,10 @@ def test_ctrl_c_while_the_libraries_load_raises_nothing_into_them(tmp_path) -> N
     for fast_exit in (None, "0"):
         status, out, err = _run_command(tmp_path, "--ctrl-c-while-loading", fast_exit=fast_exit)
         assert (status, out, err) == (130, "", line)
+    # SIGTERM there ended the process silently (by the signal)
+    status, out, err = _run_command(tmp_path, "--sigterm-while-loading")
+    assert (status, out) == (143, "")
+    assert err == line.replace("interrupted (Ctrl-C);", "stopped by SIGTERM:")
 
 
 def test_ctrl_c_after_the_command_returned_is_ignored(tmp_path) -> None:
@@ -378,25 +383,31 @@ def test_the_collector_is_left_as_it_was_outside_the_command(monkeypatch) -> Non
     import gc
     import signal
 
-    from torchgeo_dofa.__main__ import _exit_on_ctrl_c, end_import_pause, run_as_command
+    from torchgeo_dofa.__main__ import _exit_on_signal, end_import_pause, run_as_command
 
     monkeypatch.setenv("TORCHGEO_DOFA_FAST_EXIT", "0")  # pytest's process must not end here
     states: list[bool] = []
 
     def command() -> int:
         states.append(gc.isenabled())
-        handlers.append(signal.getsignal(signal.SIGINT))
+        handlers.extend(signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM))
         end_import_pause()
-        handlers.append(signal.getsignal(signal.SIGINT))
+        handlers.extend(signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM))
         states.append(gc.isenabled())
         return 0
 
     handlers: list[object] = []
     assert run_as_command(command) == 0
     assert states == [False, True] and gc.isenabled()
-    # Ctrl-C ends the process at once while the libraries load, then raises as usual
-    assert handlers == [_exit_on_ctrl_c, signal.default_int_handler]
+    # Ctrl-C and SIGTERM end the process at once while the libraries load, then as usual
+    assert handlers == [
+        _exit_on_signal,
+        _exit_on_signal,
+        signal.default_int_handler,
+        signal.SIG_DFL,
+    ]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     frozen = gc.get_freeze_count()
     end_import_pause()
     assert gc.get_freeze_count() == frozen and gc.isenabled()

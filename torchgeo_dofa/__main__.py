@@ -46,6 +46,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from typing import Any
 
 #: Environment defaults the command line applies before PyTorch is loaded (see above).
 OPENMP_DEFAULTS: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -107,7 +108,9 @@ FAST_EXIT_VARIABLE = "TORCHGEO_DOFA_FAST_EXIT"
 _exit_status: list[int] = []  # the command's status, once it has returned one
 _fast_exit_armed: list[bool] = []  # non-empty once run_as_command will end the process
 _collector_paused: list[bool] = []  # non-empty while run_as_command pauses the collector
-_ctrl_c_exits: list[bool] = []  # non-empty while a Ctrl-C ends the command at once
+#: SIGINT / SIGTERM's handlers before the command's libraries began to load, by signal, while
+#: :func:`_exit_on_signal` handles them (see :func:`run_as_command`)
+_load_handlers: dict[int, Any] = {}
 
 
 def process_ends_after_command() -> bool:
@@ -138,7 +141,8 @@ def run_as_command(command: Callable[[], int]) -> int:
     came out as "killed by SIGINT" now and then.
 
     While the command loads its libraries (until it calls :func:`end_import_pause`), a
-    Ctrl-C prints one line and ends the process at once with 130 (:func:`_exit_on_ctrl_c`),
+    Ctrl-C prints one line and ends the process at once with 130 (:func:`_exit_on_signal`;
+    SIGTERM likewise, 143),
     without raising ``KeyboardInterrupt`` into the libraries' compiled code. Once the
     command has returned, Ctrl-C is ignored until the process ends: a Ctrl-C in those
     milliseconds interrupted the exit handlers (a KeyboardInterrupt traceback after a
@@ -174,9 +178,13 @@ def run_as_command(command: Callable[[], int]) -> int:
     if gc.isenabled():  # until the command's libraries are loaded: see end_import_pause
         gc.disable()
         _collector_paused.append(True)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored
-        signal.signal(signal.SIGINT, _exit_on_ctrl_c)  # until end_import_pause
-        _ctrl_c_exits.append(True)
+    for signum, usual in (
+        (signal.SIGINT, signal.default_int_handler),
+        (signal.SIGTERM, signal.SIG_DFL),
+    ):
+        if signal.getsignal(signum) is usual:  # not ignored, nor someone else's
+            _load_handlers[signum] = usual
+            signal.signal(signum, _exit_on_signal)  # until end_import_pause
     try:
         status = command()
         if fast:  # the command is done: a Ctrl-C now would only break the exit handlers
@@ -187,7 +195,7 @@ def run_as_command(command: Callable[[], int]) -> int:
         if _collector_paused:  # a command that loaded no library (--help, a usage error)
             _collector_paused.clear()
             gc.enable()
-        _end_ctrl_c_exit()
+        _end_signal_exit()
     _exit_status.append(status)
     return status
 
@@ -195,8 +203,9 @@ def run_as_command(command: Callable[[], int]) -> int:
 def end_import_pause() -> None:
     """The command's libraries are loaded: freeze what they made, resume collecting.
 
-    Ctrl-C raises Python's ``KeyboardInterrupt`` again from here (the job's handlers take
-    it next; :func:`_exit_on_ctrl_c` ended the process while the libraries loaded).
+    Ctrl-C raises Python's ``KeyboardInterrupt`` again from here, and SIGTERM terminates
+    (the job's handlers take them next; :func:`_exit_on_signal` ended the process while the
+    libraries loaded).
 
     Called by the command (:func:`torchgeo_dofa.cli.embed`, the LightningCLI subcommands)
     once PyTorch, Lightning, TorchGeo and the job's modules are imported, before its job
@@ -207,15 +216,15 @@ def end_import_pause() -> None:
     functions keeps its collector as it was: freezing would keep the garbage its own objects
     may hold until it ends).
     """
-    _end_ctrl_c_exit()
+    _end_signal_exit()
     if _collector_paused:
         _collector_paused.clear()
         gc.freeze()
         gc.enable()
 
 
-def _exit_on_ctrl_c(signum: int, frame: object) -> None:
-    """SIGINT while the command's libraries load: say so in one line and end at once, 130.
+def _exit_on_signal(signum: int, frame: object) -> None:
+    """SIGINT or SIGTERM while the command's libraries load: one line, end at once (130 / 143).
 
     Python's own handler raises ``KeyboardInterrupt`` wherever the main thread is, and while
     torch, Lightning and TorchGeo load that is often inside their compiled code: a
@@ -225,22 +234,29 @@ def _exit_on_ctrl_c(signum: int, frame: object) -> None:
     failed`` traceback (exit 1). Seen on a 2-core AMD EPYC VM: the abort once in a run of the
     test suite, the ``ImportError`` once in 24 Ctrl-Cs sent 0.2-2.4 s after the start. This
     handler raises nothing: no job has begun, so nothing is left to clean up or flush but
-    stderr.
+    stderr. SIGTERM ended the process silently there (by the signal, no line).
     """
-    from .locks import report_ctrl_c  # free of PyTorch, imported in milliseconds
+    from .locks import report_ctrl_c, stop_advice  # free of PyTorch, in milliseconds
 
-    status = report_ctrl_c(None)
+    if signum == signal.SIGINT:
+        status = report_ctrl_c(None)
+    else:
+        status = 128 + signum
+        advice = stop_advice(next(iter(sys.argv[1:]), None), began=False)
+        with contextlib.suppress(OSError):
+            name = signal.Signals(signum).name
+            print(f"torchgeo-dofa: error: stopped by {name}: {advice}", file=sys.stderr)
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
     os._exit(status)
 
 
-def _end_ctrl_c_exit() -> None:
-    """Give SIGINT back to Python's handler (``KeyboardInterrupt``), for the job's own."""
-    if _ctrl_c_exits:
-        _ctrl_c_exits.clear()
-        if signal.getsignal(signal.SIGINT) is _exit_on_ctrl_c:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+def _end_signal_exit() -> None:
+    """Give SIGINT / SIGTERM back their usual handlers (``KeyboardInterrupt``, termination)."""
+    for signum, usual in list(_load_handlers.items()):
+        del _load_handlers[signum]
+        if signal.getsignal(signum) is _exit_on_signal:
+            signal.signal(signum, usual)
 
 
 def _exit_without_teardown() -> None:
