@@ -2895,6 +2895,27 @@ def test_fit_on_a_full_disk_is_one_line_and_leaves_no_cut_checkpoint(tmp_path, m
         assert ".ckpt (cut short: removed): free space" in err, err
 
 
+def test_predict_on_a_full_disk_names_its_output_folder(tmp_path, base_checkpoint, capsys):
+    """helper-122: a predict config whose output folder could not be made on a full disk
+    said "checkpoints are saved to the temporary folder ... set TMPDIR" (fit's line for
+    Lightning's own checkpoint writes): the writers' line naming the folder was replaced."""
+    with tmpfs(tmp_path / "full", "1m") as full:
+        free = os.statvfs(full).f_bavail * os.statvfs(full).f_frsize
+        (full / "filler").write_bytes(b"\0" * free)
+        cfg = _predict_config(full / "out", base_checkpoint)
+        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 2
+        assert (
+            capsys.readouterr()
+            .err.splitlines()[-1]
+            .startswith(
+                f"torchgeo-dofa: error: cannot use output folder {full / 'out'}: No space left on "
+                "device (free some space there)"
+            )
+        )
+        assert sorted(p.name for p in full.iterdir()) == ["filler"]
+
+
 _FAR_LABELS = """
 import lightning.pytorch as pl
 from torchgeo.datasets import RasterDataset

@@ -2316,7 +2316,10 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
             line = config_hints(str(known), data=given[:1] == ["predict"])
             print(f"torchgeo-dofa: error: {line}", file=sys.stderr)
             return known.exit_status
-        full = disk_full_line(raised)
+        # the package's own error already names the full disk and its file or folder (the
+        # writers' folder or final write); the generic line is for Lightning's own writes
+        own = any(isinstance(e, ours) for e in exception_chain(raised))
+        full = None if own else disk_full_line(raised)
         if full is not None:
             print(f"torchgeo-dofa: error: {full}", file=sys.stderr)
             return 1
