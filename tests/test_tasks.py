@@ -1758,7 +1758,8 @@ def test_a_signal_stops_fit_after_the_batch_and_saves_a_checkpoint_to_resume(
     callback = json.dumps(
         [{"class_path": f"{__name__}.SignalAfterTrainBatch", "init_args": {"signum": signum}}]
     )
-    cmd = _fit_command(tmp_path, f"--trainer.callbacks+={callback}")
+    # trained in full, where the config says linear-probe (the class's default)
+    cmd = _fit_command(tmp_path, f"--trainer.callbacks+={callback}", "--model.init_args.mode=full")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 128 + signum, proc.stderr[-3000:]
     folder = tmp_path / "logs" / "dofa-linear-probe-synthetic" / "version_0" / "checkpoints"
@@ -1782,7 +1783,8 @@ def test_a_signal_stops_fit_after_the_batch_and_saves_a_checkpoint_to_resume(
         return
     # the command it names resumes: training goes on from that step to the epoch's end; a
     # setting changed on the command line is the checkpoint's again, which is said (it was
-    # replaced without a word)
+    # replaced without a word), as is the config's mode (helper-122: it went unsaid, the
+    # config's value being the class's default)
     proc = subprocess.run(
         [*_fit_command(tmp_path), "--model.init_args.lr", "0.01", "--ckpt_path", str(saved)],
         capture_output=True,
@@ -1793,7 +1795,8 @@ def test_a_signal_stops_fit_after_the_batch_and_saves_a_checkpoint_to_resume(
     assert "Restored all states from the checkpoint" in proc.stderr
     assert (
         f"torchgeo-dofa: warning: --ckpt_path {saved} restores the task it saved, so its "
-        "hyperparameters replace the config's: lr=0.001 (the config said 0.01); to start a new "
+        "hyperparameters replace the config's: mode='full' (the config said 'linear-probe'), "
+        "lr=0.001 (the config said 0.01); to start a new "
         "run with other settings from its encoder's weights (the head starts anew), give "
         f"--model.init_args.weights {saved} instead of --ckpt_path"
     ) in proc.stderr, proc.stderr[-3000:]

@@ -1635,6 +1635,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                     _plain(self.config[sub].get("model", {}).get("init_args")),
                     configured,
                     sub,
+                    given=_given_model_settings(sys.argv[1:] if args is None else args),
                 )
             if used and used != configured:
                 _refuse_other_task(self.config[sub].get("ckpt_path"), used, configured, sub)
@@ -1676,7 +1677,11 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             run_folders.append(_RunFolder.before(trainer))
             if self.subcommand:
                 rebuilt = _check_ckpt_keyword(
-                    trainer, self.model, self.subcommand, self.config[self.subcommand]
+                    trainer,
+                    self.model,
+                    self.subcommand,
+                    self.config[self.subcommand],
+                    given=_given_model_settings(sys.argv[1:] if args is None else args),
                 )
                 if rebuilt is not None:  # LightningCLI runs the subcommand on self.model
                     self.model = rebuilt
@@ -1866,7 +1871,9 @@ def _a_local_path(ckpt: Any) -> bool:
     )
 
 
-def _check_ckpt_keyword(trainer: Any, model: Any, subcommand: str, section: Any) -> Any | None:
+def _check_ckpt_keyword(
+    trainer: Any, model: Any, subcommand: str, section: Any, given: frozenset[str] = frozenset()
+) -> Any | None:
     """Take a ``--ckpt_path`` keyword (``last``, ``best``, ``hpc``) as the file it names.
 
     Lightning resolves the keyword from the trainer's own callbacks when the subcommand runs:
@@ -1950,6 +1957,7 @@ def _check_ckpt_keyword(trainer: Any, model: Any, subcommand: str, section: Any)
         hparams,
         configured,
         subcommand,
+        given=given,
     )
     from .tasks import restoring_from
 
@@ -2114,7 +2122,12 @@ def _plain(init_args: Any) -> dict[str, Any]:
 
 
 def _warn_replaced_by_checkpoint(
-    ckpt: Any, configured: dict[str, Any], used: dict[str, Any], class_path: str, subcommand: str
+    ckpt: Any,
+    configured: dict[str, Any],
+    used: dict[str, Any],
+    class_path: str,
+    subcommand: str,
+    given: frozenset[str] = frozenset(),
 ) -> None:
     """Say once on stderr which model settings a ``--ckpt_path``'s hyperparameters replaced.
 
@@ -2122,7 +2135,10 @@ def _warn_replaced_by_checkpoint(
     checkpoint saved is the one resumed), so a ``--model.init_args.num_classes 6`` given with
     a 4-class checkpoint became 4 without a word, and the run then failed on its labels.
     Settings left at the class's defaults are not named (jsonargparse fills them in, so a
-    predict config naming two settings was said to have set five), nor ``weights`` (the
+    predict config naming two settings was said to have set five) unless the command line
+    or its config files name them (``given``: a config's ``mode: linear-probe`` over a
+    checkpoint trained with ``mode: full`` went unsaid, as the class's default), nor
+    ``weights`` (the
     checkpoint holds the encoder: :func:`torchgeo_dofa.tasks.restoring_from`). Only ``fit``
     is told how to start anew from the encoder instead: ``predict`` / ``validate`` / ``test``
     use the task the checkpoint saved, its own head (the shipped predict configs'
@@ -2135,7 +2151,7 @@ def _warn_replaced_by_checkpoint(
         if key in used
         and used[key] != value
         and key != "weights"
-        and not (key in defaults and defaults[key] == value)
+        and not (key in defaults and defaults[key] == value and key not in given)
     ]
     from .locks import is_launcher
 
@@ -2151,6 +2167,43 @@ def _warn_replaced_by_checkpoint(
             f"hyperparameters replace the config's: {', '.join(changed)}{advice}",
             file=sys.stderr,
         )
+
+
+def _given_model_settings(args: Sequence[str]) -> frozenset[str]:
+    """The model settings a LightningCLI command line names itself.
+
+    ``--model.init_args.KEY`` / ``--model.KEY`` options (``=value`` or not) and the keys of
+    the ``model`` section (its ``init_args``) of every ``--config`` / ``-c`` file; a file that
+    cannot be read or parsed names none (LightningCLI reports it).
+
+    Args:
+        args: the command line after the program name.
+
+    Returns:
+        The settings' names.
+    """
+    import yaml
+
+    given: set[str] = set()
+    files: list[str] = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            files.append(args[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+        elif match := re.match(r"--model\.(?:init_args\.)?([A-Za-z_]\w*)(?:=|$)", arg):
+            given.add(match.group(1))
+    for name in files:
+        try:
+            config = yaml.safe_load(Path(name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        model = config.get("model") if isinstance(config, dict) else None
+        if isinstance(model, dict):
+            settings = model.get("init_args", model)
+            if isinstance(settings, dict):
+                given.update(k for k in settings if isinstance(k, str) and k != "class_path")
+    return frozenset(given)
 
 
 def _saved_task(path: str | os.PathLike[str], configured: str | None) -> tuple[Any, Any]:
