@@ -236,16 +236,9 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     handler raises nothing: no job has begun, so nothing is left to clean up or flush but
     stderr. SIGTERM ended the process silently there (by the signal, no line).
     """
-    from .locks import report_ctrl_c, stop_advice  # free of PyTorch, in milliseconds
+    from .locks import report_ctrl_c  # free of PyTorch, imported in milliseconds
 
-    if signum == signal.SIGINT:
-        status = report_ctrl_c(None)
-    else:
-        status = 128 + signum
-        advice = stop_advice(next(iter(sys.argv[1:]), None), began=False)
-        with contextlib.suppress(OSError):
-            name = signal.Signals(signum).name
-            print(f"torchgeo-dofa: error: stopped by {name}: {advice}", file=sys.stderr)
+    status = report_ctrl_c(None, signum)
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
     os._exit(status)

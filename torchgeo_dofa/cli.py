@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -1521,6 +1522,12 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     end_import_pause()
     trainers: list[pl.Trainer] = []
     run_folders: list[_RunFolder] = []  # where each trainer's config.yaml goes, before the run
+
+    @functools.cache
+    def given_settings() -> frozenset[str]:
+        """The model settings the command line names (read once, where a checkpoint asks)."""
+        return _given_model_settings(sys.argv[1:] if args is None else args)
+
     # Ctrl-C / SIGTERM stop a prediction after the current batch's parts are written (exit
     # 130 / 143), as in embed; Lightning alone let SIGTERM run to the end. fit / validate /
     # test stop after the batch in progress (fit saves its state first), also 130 / 143:
@@ -1635,7 +1642,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                     _plain(self.config[sub].get("model", {}).get("init_args")),
                     configured,
                     sub,
-                    given=_given_model_settings(sys.argv[1:] if args is None else args),
+                    given=given_settings(),
                 )
             if used and used != configured:
                 _refuse_other_task(self.config[sub].get("ckpt_path"), used, configured, sub)
@@ -1681,7 +1688,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                     self.model,
                     self.subcommand,
                     self.config[self.subcommand],
-                    given=_given_model_settings(sys.argv[1:] if args is None else args),
+                    given=given_settings(),
                 )
                 if rebuilt is not None:  # LightningCLI runs the subcommand on self.model
                     self.model = rebuilt

@@ -1011,23 +1011,22 @@ class StopOnSignal(Callback):
         again = "Ctrl-C again" if signum == signal.SIGINT else f"a second {name}"
         trainer = self._trainer
         if self.stage in ("validate", "test"):
-            what = "after the batch in progress"
+            what = "stopping after the batch in progress"
         elif self.stage != "fit":
-            what = "once the batch or output in progress is written"
+            what = "stopping once the batch or output in progress is written"
         elif trainer is None or trainer.sanity_checking:
-            what = "before training begins (nothing to save yet)"
+            what = "stopping before training begins (nothing to save yet)"
         elif _last_epoch_trained(trainer):
-            what = ""
+            what = "the last epoch has trained, so training finishes (nothing to resume)"
         elif trainer.validating:
-            what = "once the validation in progress ends, saving a checkpoint to resume from"
+            what = (
+                "stopping once the validation in progress ends, saving a checkpoint to resume from"
+            )
         else:
-            what = "after the training batch in progress, saving a checkpoint to resume from"
-        stopping = (
-            f"stopping {what}"
-            if what
-            else "the last epoch has trained, so training finishes (nothing to resume)"
-        )
-        line = f"{self.announce}: {name}: {stopping}; {again} stops at once\n"
+            what = (
+                "stopping after the training batch in progress, saving a checkpoint to resume from"
+            )
+        line = f"{self.announce}: {name}: {what}; {again} stops at once\n"
         # os.write, not print: a handler runs between two bytecodes of the main thread,
         # which may be inside a write to sys.stderr's buffer (a reentrant write raises);
         # on a terminal, the progress bar's line is left first
@@ -1294,11 +1293,7 @@ class StopOnSignal(Callback):
 
 def _training_done(trainer: pl.Trainer) -> bool:
     """Whether ``fit`` has trained its ``max_epochs`` epochs (or ``max_steps`` steps)."""
-    loop = trainer.fit_loop
-    if loop.max_epochs is not None and loop.max_epochs != -1:
-        if loop.epoch_progress.current.completed >= loop.max_epochs:
-            return True
-    return loop.max_steps != -1 and trainer.global_step >= loop.max_steps
+    return _limit_reached(trainer, trainer.current_epoch)
 
 
 def _last_epoch_trained(trainer: pl.Trainer) -> bool:
@@ -1315,10 +1310,17 @@ def _last_epoch_trained(trainer: pl.Trainer) -> bool:
 
 def _last_epoch(trainer: pl.Trainer) -> bool:
     """Whether ``fit`` ends after the epoch in progress (its ``max_epochs`` / ``max_steps``)."""
+    return _limit_reached(trainer, trainer.current_epoch + 1)
+
+
+def _limit_reached(trainer: pl.Trainer, epochs: int) -> bool:
+    """Whether ``epochs`` ended epochs reach ``max_epochs``, or the steps ``max_steps``.
+
+    ``trainer.current_epoch`` counts the epochs ended.
+    """
     loop = trainer.fit_loop
-    if loop.max_epochs is not None and loop.max_epochs != -1:
-        if trainer.current_epoch + 1 >= loop.max_epochs:
-            return True
+    if loop.max_epochs is not None and loop.max_epochs != -1 and epochs >= loop.max_epochs:
+        return True
     return loop.max_steps != -1 and trainer.global_step >= loop.max_steps
 
 

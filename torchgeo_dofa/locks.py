@@ -247,23 +247,29 @@ def stop_advice(command: str | None, began: bool = True, resumable: bool = True)
     return "nothing saved at the stop: rerun the same command"
 
 
-def report_ctrl_c(argv: Sequence[str] | None) -> int:
+def report_ctrl_c(argv: Sequence[str] | None, signum: int = signal.SIGINT) -> int:
     """Say on stderr that Ctrl-C stopped the command before its job's handlers existed.
 
-    For a Ctrl-C while the libraries load (or a second one): one line, no traceback.
+    For a Ctrl-C while the libraries load (or a second one): one line, no traceback. Also
+    for SIGTERM while the libraries load (``signum``): ``stopped by SIGTERM: ...``.
 
     Args:
         argv: the command line's arguments (default: ``sys.argv[1:]``); the first names
             the subcommand.
+        signum: the signal: SIGINT (Ctrl-C) or another.
 
     Returns:
-        130, the shell's status for SIGINT.
+        The shell's status for the signal: 130 for SIGINT, 143 for SIGTERM.
     """
     command = next(iter(sys.argv[1:] if argv is None else argv), None)
     advice = stop_advice(command, began=False)
+    if signum == signal.SIGINT:
+        line = f"interrupted (Ctrl-C); {advice}"
+    else:
+        line = f"stopped by {signal.Signals(signum).name}: {advice}"
     with contextlib.suppress(OSError):  # stderr gone: the status still says it
-        print(f"torchgeo-dofa: error: interrupted (Ctrl-C); {advice}", file=sys.stderr)
-    return 130
+        print(f"torchgeo-dofa: error: {line}", file=sys.stderr)
+    return 128 + signum
 
 
 class JobLockedError(JobError, RuntimeError):
