@@ -2949,7 +2949,8 @@ def test_labels_off_the_image_in_a_fit_config_are_one_line(
     """helper-111: labels that do not overlap the image, found by ``image & labels`` in a
     user's data module's ``setup`` under ``fit --config``, were Lightning's traceback and
     exit 1 (the message named both extents). Now that message alone, exit 2, and no run
-    folder left."""
+    folder left. A folder of
+    labels or images holding no raster likewise (TorchGeo's ``DatasetNotFoundError``)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "farlabels.py").write_text(_FAR_LABELS)
@@ -2986,6 +2987,31 @@ def test_labels_off_the_image_in_a_fit_config_are_one_line(
     assert main(["fit", "--config", "fit.yaml"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "torchgeo-dofa: error: Datasets have no spatial intersection", err[-3:]
+    assert not list(tmp_path.glob("logs/*/version_*"))
+    # helper-122: a label folder holding no raster was TorchGeo's DatasetNotFoundError in a
+    # traceback, exit 1: its message alone, naming the dataset's class, exit 2
+    (tmp_path / "empty").mkdir()
+    config["data"]["class_path"] = "farlabels.ImageAndLabels"
+    config["data"]["init_args"]["labels"] = str(tmp_path / "empty")
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", "fit.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not [line for line in err if line.startswith("Traceback")], err
+    assert err[-1] == (
+        f"torchgeo-dofa: error: Labels: Dataset not found in `paths={str(tmp_path / 'empty')!r}` "
+        "and cannot be automatically downloaded, either specify a different `paths` or "
+        "manually download the dataset."
+    ), err[-3:]
+    assert not list(tmp_path.glob("logs/*/version_*"))
+    # ... and an image folder holding none: the package's own NoRasterFoundError (one too)
+    config["data"]["init_args"]["image"] = str(tmp_path / "empty")
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", "fit.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"torchgeo-dofa: error: Sentinel2SR found no raster in paths={str(tmp_path / 'empty')!r}"
+        " (reads .tif, .tiff, .jp2)"
+    ), err[-3:]
     assert not list(tmp_path.glob("logs/*/version_*"))
 
 

@@ -2315,7 +2315,9 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
     reflectance, a missing or unreadable input, an output path that cannot be the job's)
     and any ``ValueError`` raised by its code (an unknown variant, a stride off the output
     grid), also where jsonargparse wraps them, and Lightning's ``MisconfigurationException``
-    (a setting it refuses as the run starts); a failed output write exits 1, a DDP
+    (a setting it refuses as the run starts), and TorchGeo's own ``DatasetNotFoundError`` /
+    ``DependencyNotFoundError`` (a data module's dataset finding no file, or missing a
+    package); a failed output write exits 1, a DDP
     rendezvous port held by another process 1 (:class:`~torchgeo_dofa.jobs.RendezvousPortError`)
     and another job on the same output 75. Any other error keeps Lightning's traceback.
     """
@@ -2360,6 +2362,9 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
             # TorchGeo's IntersectionDataset of datasets that share no place or time
             # (labels & image in a data module's setup: TorchGeo's own __and__)
             or _torchgeo_no_intersection(err)
+            # TorchGeo's dataset of a folder that holds none of its files, or needing a
+            # package that is not installed (a data module's setup)
+            or _torchgeo_setup_error(err) is not None
             # TorchGeo's own class of that name (a data module's batch_size 0)
             or (
                 type(err).__module__.startswith("torchgeo.")
@@ -2391,7 +2396,8 @@ def _run_lightning_cli(args: Sequence[str] | None) -> int:
             raise
         if is_launcher() or not isinstance(err, JobInterrupted):  # once per job, not rank
             given = list(sys.argv[1:] if args is None else args)
-            line = config_hints(error_line(err), data=given[:1] == ["predict"])
+            text = _torchgeo_setup_error(err) or error_line(err)
+            line = config_hints(text, data=given[:1] == ["predict"])
             print(f"torchgeo-dofa: error: {line}", file=sys.stderr)
         return int(getattr(err, "exit_status", 2))
     return 0
@@ -2495,6 +2501,32 @@ def _torchgeo_no_intersection(err: BaseException) -> bool:
         and str(err).startswith("Datasets have no ")
         and _raised_in(err, Path(torchgeo.__file__).resolve().parent / "datasets")
     )
+
+
+def _torchgeo_setup_error(err: BaseException) -> str | None:
+    """The line for TorchGeo's own "the data is not there" errors, else None.
+
+    TorchGeo's ``DatasetNotFoundError`` (a dataset whose ``root`` or ``paths`` holds none of
+    its files, e.g. a label folder mistyped in a data module's ``setup``; this package's
+    :class:`~torchgeo_dofa.datasets.NoRasterFoundError` is one) and
+    ``DependencyNotFoundError`` (a dataset needing a package that is not installed) are bad
+    input or set-up, not a fault of the run: their message names the fix, and
+    ``DatasetNotFoundError``'s gets the dataset's class in front (TorchGeo's says only
+    "Dataset not found in `paths='labels/'` ...", and a data module may read several).
+    """
+    from torch.utils.data import Dataset
+    from torchgeo.datasets.errors import DatasetNotFoundError, DependencyNotFoundError
+
+    if isinstance(err, DependencyNotFoundError):
+        return str(err)
+    if not isinstance(err, DatasetNotFoundError):
+        return None
+    if type(err).__module__.startswith(__package__ or "torchgeo_dofa"):
+        return str(err)  # NoRasterFoundError (a DatasetNotFoundError) names its dataset
+    tb = _innermost(err)  # TorchGeo raises DatasetNotFoundError(self) in the dataset's method
+    owner = tb.tb_frame.f_locals.get("self") if tb is not None else None
+    name = type(owner).__name__ if isinstance(owner, Dataset) else None
+    return f"{name}: {err}" if name else str(err)
 
 
 def _raised_here(err: BaseException) -> bool:
