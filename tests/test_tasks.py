@@ -48,6 +48,7 @@ from torchgeo.samplers import GriddedPatchSampler, RandomPatchSampler
 from tests.checkpoints import official_state_dict, random_encoder, write_checkpoint
 from tests.ddp import DDP_ENV, rendezvous_port, usable_memory
 from torchgeo_dofa.bands import DOFA_S2_BANDS, BandError
+from torchgeo_dofa.datasets import InputError
 from torchgeo_dofa.embedder import NotNormalisedError
 from torchgeo_dofa.synthetic import (
     EUROSAT_BANDS,
@@ -67,6 +68,7 @@ from torchgeo_dofa.tasks import (
     layer_id,
     wavelengths_for_bands,
 )
+from torchgeo_dofa.transforms import ReflectanceWarning
 from torchgeo_dofa.weights import CheckpointError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "torchgeo_dofa" / "configs"
@@ -1603,6 +1605,92 @@ def test_the_readme_raster_labels_example_trains(
     assert batch["wavelengths"].shape == (2, 4)
     assert set(batch["mask"].unique().tolist()) <= {0, 1, 2, 255}
     assert float(batch["image"].abs().max()) < 50  # normalised, not raw reflectance
+
+
+def _labelled_chips(root: Path, per_class: int) -> dict[str, list[np.ndarray]]:
+    """32-px 4-band chips of the demo scene in ``root/<class>/``: "cropland" where the mean
+    NDVI exceeds 0.5, "bare" below 0.3; the arrays written, by class."""
+    from tests.scenes import SCENE
+
+    with rasterio.open(SCENE) as src:
+        raw, profile, t = src.read(), src.profile, src.transform
+    red, nir = raw[0].astype(np.float64), raw[3].astype(np.float64)  # B04, B03, B02, B08
+    ndvi = (nir - red) / np.maximum(nir + red, 1)
+    written: dict[str, list[np.ndarray]] = {}
+    for name, wanted in (("cropland", lambda v: v > 0.5), ("bare", lambda v: v < 0.3)):
+        (root / name).mkdir(parents=True)
+        chips = written.setdefault(name, [])
+        for r in range(0, raw.shape[1] - 32, 32):
+            for c in range(0, raw.shape[2] - 32, 32):
+                if len(chips) < per_class and wanted(ndvi[r : r + 32, c : c + 32].mean()):
+                    chip = raw[:, r : r + 32, c : c + 32]
+                    transform = from_origin(t.c + 10 * c, t.f - 10 * r, 10, 10)
+                    profile.update(width=32, height=32, transform=transform)
+                    with rasterio.open(root / name / f"{len(chips)}.tif", "w", **profile) as dst:
+                        dst.write(chip)
+                    chips.append(chip)
+        assert len(chips) == per_class, name
+    return written
+
+
+def test_the_readme_labelled_chips_example_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's "Your own labelled chips" block (TorchGeo's NonGeoClassificationDataset
+    of a folder per class), run as written but smaller (random weights, 10 chips, 1 epoch):
+    every band read, labels by sorted folder name, chips normalised by DOFA's statistics (an
+    independent computation) and resized; and the refusals it promises."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("**Your own labelled chips**", 1)[1]
+    code = block.split("```python\n", 1)[1].split("```", 1)[0]
+    for old, new in {
+        'weights="official"': "weights=None",
+        '"batch_size": 16': '"batch_size": 4',
+        '"num_workers": 4': '"num_workers": 0',
+        "pl.Trainer(max_epochs=10)": "pl.Trainer(max_epochs=1, logger=False, "
+        "enable_checkpointing=False, enable_progress_bar=False)",
+    }.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    chips = _labelled_chips(tmp_path / "chips", per_class=5)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    task, data = namespace["task"], namespace["data"]
+    assert task.trainer.state.finished and task.trainer.global_step == 2  # 8 chips, 4 a batch
+    assert math.isfinite(float(task.trainer.callback_metrics["val_loss"]))
+    assert data.classes == ["bare", "cropland"]
+    first = data[0]  # bare/0.tif: class 0, DOFA's normalisation of its raw reflectance
+    assert first["label"] == 0 and first["image"].shape == (4, 224, 224)
+    torch.testing.assert_close(first["wavelengths"], torch.tensor([0.665, 0.56, 0.49, 0.842]))
+    # DOFA's statistics (../shared/reference/dofa.md, 0..255 scale) of B04, B03, B02, B08
+    mean = torch.tensor([114.1099739, 114.81779093, 126.63977424, 101.435633])[:, None, None]
+    std = torch.tensor([77.84352553, 69.96844919, 67.42465279, 60.29744676])[:, None, None]
+    raw = torch.from_numpy(chips["bare"][0].astype(np.float32))
+    expected = (raw.clamp(0, 10000) / 10000 * 255 - mean) / std
+    expected = F.interpolate(expected[None], size=224, mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(first["image"], expected, rtol=0, atol=1e-4)
+    assert data[len(data) - 1]["label"] == 1
+    assert bool(first["valid"].all())
+    # a declared nodata is missing data: those pixels are not valid (4 of 32 columns)
+    with rasterio.open(tmp_path / "chips/bare/0.tif", "r+") as dst:
+        profile, four = dst.profile, dst.read()
+        dst.write(np.where(np.arange(32) < 4, 0, four).astype(four.dtype))
+        dst.nodata = 0
+    valid = data[0]["valid"]
+    assert 0.85 < float(valid.float().mean()) < 0.9 and not bool(valid[:, :16].any())
+    # the refusals: a chip of 3 bands among 4-band ones; a file that is no raster; 8-bit
+    with rasterio.open(tmp_path / "chips/bare/0.tif", "w", **(profile | {"count": 3})) as dst:
+        dst.write(four[:3])
+    with pytest.raises(BandError, match="^image has 3 channels but 4 wavelengths/bands"):
+        data[0]
+    (tmp_path / "chips/bare/0.tif").write_text("not a raster")
+    with pytest.raises(InputError, match="^cannot read chip chips/bare/0.tif: "):
+        data[0]
+    with rasterio.open(tmp_path / "chips/bare/0.tif", "w", **(profile | {"dtype": "uint8"})) as dst:
+        dst.write((four // 40).astype(np.uint8))
+    with pytest.warns(ReflectanceWarning, match="^the chips of chips/bare have dtype uint8, "):
+        data[0]
 
 
 # ------------------------------------------------------------------------------------------

@@ -161,6 +161,7 @@ from torchgeo_dofa.transforms import (
     NODATA_FLOOR,
     ReflectanceError,
     ReflectanceWarning,
+    as_float32,
     narrow_dtype_problem,
 )
 
@@ -186,6 +187,7 @@ __all__ = [
     "band_set_key",
     "band_words",
     "cached_files_limit",
+    "chip_loader",
     "concat_dofa_samples",
     "find_raster_inputs",
     "label_fill_problem",
@@ -3044,6 +3046,48 @@ class DOFAUnionDataset(_DOFAComposition, UnionDataset):
 
 class MixedBandSetError(BandError):
     """Raised when one batch would mix samples with different wavelength vectors."""
+
+
+def chip_loader(path: Path) -> npt.NDArray[np.float32]:
+    """Read a chip file for TorchGeo's ``NonGeoClassificationDataset`` (its ``loader=``).
+
+    A folder of labelled chips, ``chips/<class>/*.tif``, is TorchGeo's
+    ``NonGeoClassificationDataset(root, transforms=DOFAPreprocess(bands), loader=chip_loader)``
+    (README: "Your own labelled chips"). TorchGeo's ``rasterio_loader`` reads every band too,
+    but casts to int32: an 8-bit chip (a display product, not reflectance) then passes
+    :class:`~torchgeo_dofa.transforms.CheckReflectance` as dark reflectance, and the pixels
+    a file declares nodata are read as values. Here the chip keeps what says so: a
+    :class:`~torchgeo_dofa.transforms.ReflectanceWarning` for an 8-bit chip (naming its
+    folder, so a folder warns once), and nodata pixels (the file's nodata value or mask)
+    become NaN, which ``CheckReflectance`` treats as missing (``valid`` False, filled).
+
+    Args:
+        path: a raster file rasterio reads (GeoTIFF, JPEG2000, ...).
+
+    Returns:
+        float32 (H, W, C) array, channels last as ``NonGeoClassificationDataset`` expects;
+        every band in the file's order; NaN where the file declares no data.
+
+    Raises:
+        InputError: when the file cannot be read (naming it and GDAL's reason).
+
+    Warns:
+        ReflectanceWarning: for an 8-bit integer chip (see
+            :func:`~torchgeo_dofa.transforms.narrow_dtype_problem`).
+    """
+    try:
+        with rasterio.open(path) as src:
+            with warnings.catch_warnings():  # a 4-band 8-bit file is RGBA to GDAL
+                warnings.simplefilter("ignore", rasterio.errors.NodataShadowWarning)
+                data = src.read(masked=True)
+    except (rasterio.errors.RasterioError, CPLE_BaseError, OSError) as err:
+        raise InputError(f"cannot read chip {path}: {err}") from err
+    folder = pathlib.Path(path).parent
+    problem = narrow_dtype_problem(data.dtype, f"the chips of {folder}", plural=True)
+    if problem is not None:
+        warn(problem, ReflectanceWarning)
+    chip = as_float32(data.astype(np.float32), name=str(path))  # masked pixels: NaN
+    return chip.numpy().transpose(1, 2, 0)
 
 
 def stack_dofa_samples(samples: Iterable[Sample]) -> Sample:
