@@ -843,6 +843,47 @@ def test_the_first_signal_is_acknowledged_in_one_line(capfd, signum: int, said: 
     assert capfd.readouterr().err == ""
 
 
+class _SignalAtAssembly(pl.Callback):
+    """Sends a signal once every batch is written, as the writers begin to assemble."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("final", [True, False])
+def test_a_signal_while_the_last_output_assembles_says_the_job_finishes_it(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], final: bool
+) -> None:
+    """helper-121: a signal while the job's last output was assembled (every chip computed)
+    was answered "stopping once the batch or output in progress is written", and the job
+    then wrote every output and exited 0. It says so now; an earlier region's assembly (not
+    ``final``: the job stops before the next region) keeps the stopping line."""
+    out = tmp_path / "p.parquet"
+    with StopOnSignal("prog") as stop:
+        stop.final = final
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            callbacks=[_SignalAtAssembly(signal.SIGTERM), PooledWriter(out, UTM31), stop],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.predict(
+            _Tiny(None, signal.SIGTERM), dataloaders=_loader(), return_predictions=False
+        )
+        assert stop.received == signal.SIGTERM
+    assert len(gpd.read_parquet(out)) == 12  # the output is whole
+    said = (
+        "every chip is computed, so the job finishes writing its outputs"
+        if final
+        else "stopping once the batch or output in progress is written"
+    )
+    assert capfd.readouterr().err == f"prog: SIGTERM: {said}; a second SIGTERM stops at once\n"
+
+
 def test_signal_callback_must_follow_the_writers(tmp_path: Path) -> None:
     stop = StopOnSignal()
     trainer = pl.Trainer(

@@ -1167,10 +1167,11 @@ def embed(
             size = job_size_warning(todo, default_chips_per_second(choice.precision, accelerator))
             if size and is_launcher():
                 print(f"torchgeo-dofa: {size}", file=sys.stderr)
-            for region, dm, paths, subset in zip(
-                regions, modules, out_paths, point_sets, strict=True
+            for index, (region, dm, paths, subset) in enumerate(
+                zip(regions, modules, out_paths, point_sets, strict=True)
             ):
                 stop.raise_if_received()
+                stop.final = index == len(regions) - 1  # no check after the last region's
                 writers: list[GridWriter | PooledWriter] = []
                 if "grid" in paths:
                     writers.append(GridWriter(paths["grid"], metadata=extra))

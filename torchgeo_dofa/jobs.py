@@ -867,6 +867,20 @@ def region_identity(
 _SignalHandler = Callable[[int, FrameType | None], Any] | int | None
 
 
+def _chips_all_computed(trainer: pl.Trainer | None) -> bool:
+    """Whether a prediction has computed and written every batch (its writers now assemble).
+
+    Also where its loop had no batch to run (an earlier run wrote every chip: the writers
+    assemble in their teardown); not before its data loader exists.
+    """
+    if trainer is None:
+        return False
+    totals = list(trainer.num_predict_batches)
+    if not totals or not all(math.isfinite(t) for t in totals):
+        return False
+    return trainer.predict_loop.batch_progress.total.completed >= sum(totals)
+
+
 class StopOnSignal(Callback):
     """Stop a job cleanly on SIGINT / SIGTERM: an embed job after the current batch is written.
 
@@ -911,6 +925,11 @@ class StopOnSignal(Callback):
             by the process that installed the handler, and in a DDP job by the launcher
             only. The command line sets it: a job's last output can take seconds to
             assemble, and a silent Ctrl-C looked ignored.
+        final: whether the prediction being run is the job's last (default True; ``embed``
+            sets it False for every region but its last). A signal once its chips are all
+            computed (its writers assembling) then stops nothing, as no check follows: the
+            job finishes its outputs, and the acknowledgement says "every chip is computed,
+            so the job finishes writing its outputs".
     """
 
     signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
@@ -945,6 +964,9 @@ class StopOnSignal(Callback):
         #: whether a rerun resumes a stopped prediction (False for random weights drawn
         #: without a seed; set at the prediction's start)
         self.resumable = True
+        self.final = True  # see the class's attributes
+        #: the prediction's trainer (set at setup)
+        self._predicting: pl.Trainer | None = None
 
     @property
     def advice(self) -> str:
@@ -1012,6 +1034,8 @@ class StopOnSignal(Callback):
         trainer = self._trainer
         if self.stage in ("validate", "test"):
             what = "stopping after the batch in progress"
+        elif self.stage != "fit" and self.final and _chips_all_computed(self._predicting):
+            what = "every chip is computed, so the job finishes writing its outputs"
         elif self.stage != "fit":
             what = "stopping once the batch or output in progress is written"
         elif trainer is None or trainer.sanity_checking:
@@ -1069,6 +1093,8 @@ class StopOnSignal(Callback):
         self._lightnings = stage != "predict" and trainer.world_size > 1
         if stage != "predict":
             self.stage, self._trainer = stage, trainer
+        else:
+            self._predicting = trainer
         callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
         me = callbacks.index(self)
         late = [
