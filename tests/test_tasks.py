@@ -39,6 +39,7 @@ from lightning.pytorch import (
 )
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from rasterio.enums import ColorInterp
 from rasterio.transform import from_origin
 from torch.utils.data import DataLoader
 from torchgeo.datamodules import NonGeoDataModule
@@ -1636,10 +1637,10 @@ def _labelled_chips(root: Path, per_class: int) -> dict[str, list[np.ndarray]]:
 def test_the_readme_labelled_chips_example_trains(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The README's "Your own labelled chips" block (TorchGeo's NonGeoClassificationDataset
-    of a folder per class), run as written but smaller (random weights, 10 chips, 1 epoch):
-    every band read, labels by sorted folder name, chips normalised by DOFA's statistics (an
-    independent computation) and resized; and the refusals it promises."""
+    """The README's "Your own labelled chips" block (ChipFolder: TorchGeo's
+    NonGeoClassificationDataset of a folder per class), run as written but smaller (random
+    weights, 10 chips, 1 epoch): every band read, labels by sorted folder name, chips
+    normalised by DOFA's statistics (an independent computation) and resized."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("**Your own labelled chips**", 1)[1]
     code = block.split("```python\n", 1)[1].split("```", 1)[0]
@@ -1653,13 +1654,15 @@ def test_the_readme_labelled_chips_example_trains(
         assert old in code, old
         code = code.replace(old, new)
     chips = _labelled_chips(tmp_path / "chips", per_class=5)
+    (tmp_path / "chips/.ipynb_checkpoints").mkdir()  # hidden: no class
+    (tmp_path / "chips/bare/._0.tif").write_bytes(b"\0" * 4096)  # macOS's: no chip
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, Any] = {}
     exec(compile(code, "README.md", "exec"), namespace)
     task, data = namespace["task"], namespace["data"]
     assert task.trainer.state.finished and task.trainer.global_step == 2  # 8 chips, 4 a batch
     assert math.isfinite(float(task.trainer.callback_metrics["val_loss"]))
-    assert data.classes == ["bare", "cropland"]
+    assert data.classes == ["bare", "cropland"] and len(data) == 10
     first = data[0]  # bare/0.tif: class 0, DOFA's normalisation of its raw reflectance
     assert first["label"] == 0 and first["image"].shape == (4, 224, 224)
     torch.testing.assert_close(first["wavelengths"], torch.tensor([0.665, 0.56, 0.49, 0.842]))
@@ -1670,27 +1673,79 @@ def test_the_readme_labelled_chips_example_trains(
     expected = (raw.clamp(0, 10000) / 10000 * 255 - mean) / std
     expected = F.interpolate(expected[None], size=224, mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(first["image"], expected, rtol=0, atol=1e-4)
-    assert data[len(data) - 1]["label"] == 1
-    assert bool(first["valid"].all())
-    # a declared nodata is missing data: those pixels are not valid (4 of 32 columns)
-    with rasterio.open(tmp_path / "chips/bare/0.tif", "r+") as dst:
-        profile, four = dst.profile, dst.read()
-        dst.write(np.where(np.arange(32) < 4, 0, four).astype(four.dtype))
-        dst.nodata = 0
+    assert data[len(data) - 1]["label"] == 1 and bool(first["valid"].all())
+
+
+def test_a_chip_folder_reads_what_its_files_say_and_names_the_file_it_refuses(
+    tmp_path: Path,
+) -> None:
+    """helper-123: TorchGeo's rasterio_loader read nodata as values, an alpha band as a
+    fifth band and ignored band descriptions (red and blue swapped), and the errors of a bad
+    chip did not name it; an 8-bit folder warned once per chip read."""
+    from torchgeo_dofa.datasets import ChipFolder
+    from torchgeo_dofa.transforms import ReflectanceError
+
+    chips = _labelled_chips(tmp_path / "chips", per_class=2)
+    bands = ["B04", "B03", "B02", "B08"]
+    data = ChipFolder(tmp_path / "chips", bands=bands)
+    path = tmp_path / "chips/bare/0.tif"
+    with rasterio.open(path) as src:
+        profile = src.profile
+    four = chips["bare"][0]
+    reference = data[0]["image"]
+
+    def write(array: np.ndarray, descriptions: tuple[str, ...] = (), **changes: Any) -> None:
+        with rasterio.open(path, "w", **(profile | {"count": len(array)} | changes)) as dst:
+            if len(array) == 5:  # the 5th band is an alpha band (said before the write)
+                dst.colorinterp = [ColorInterp.gray] * 4 + [ColorInterp.alpha]
+            dst.write(array.astype(changes.get("dtype", profile["dtype"])))
+            if descriptions:
+                dst.descriptions = descriptions
+
+    # a declared nodata, then an alpha band: missing pixels (4 of 32 columns), 4 bands
+    write(np.where(np.arange(32) < 4, 0, four), nodata=0)
     valid = data[0]["valid"]
     assert 0.85 < float(valid.float().mean()) < 0.9 and not bool(valid[:, :16].any())
-    # the refusals: a chip of 3 bands among 4-band ones; a file that is no raster; 8-bit
-    with rasterio.open(tmp_path / "chips/bare/0.tif", "w", **(profile | {"count": 3})) as dst:
-        dst.write(four[:3])
-    with pytest.raises(BandError, match="^image has 3 channels but 4 wavelengths/bands"):
+    alpha = np.where(np.arange(32) < 4, 0, 255)[None].repeat(32, 0)[None]
+    write(np.concatenate([four, alpha]), nodata=None)  # the alpha band masks instead
+    with rasterio.open(path) as src:
+        assert src.colorinterp[4].name == "alpha"
+    assert data[0]["image"].shape == (4, 224, 224)
+    assert 0.85 < float(data[0]["valid"].float().mean()) < 0.9
+    # described in another order: put into bands=' order (the same image as before)
+    write(four[[2, 1, 0, 3]], descriptions=("B02", "B03", "B04", "B08"))
+    torch.testing.assert_close(data[0]["image"], reference)
+    # the refusals, each naming the chip
+    write(four, descriptions=("B04", "B03", "B02", "B05"))
+    with pytest.raises(
+        BandError, match=f"^chip {re.escape(str(path))} holds the bands B4, B3, B2, B5 "
+    ):
         data[0]
-    (tmp_path / "chips/bare/0.tif").write_text("not a raster")
-    with pytest.raises(InputError, match="^cannot read chip chips/bare/0.tif: "):
+    write(four[:3])
+    with pytest.raises(
+        BandError, match=f"^chip {re.escape(str(path))} has 3 bands, but bands= names 4"
+    ):
         data[0]
-    with rasterio.open(tmp_path / "chips/bare/0.tif", "w", **(profile | {"dtype": "uint8"})) as dst:
-        dst.write((four // 40).astype(np.uint8))
-    with pytest.warns(ReflectanceWarning, match="^the chips of chips/bare have dtype uint8, "):
+    write(four / 10000, dtype="float32")
+    with pytest.raises(
+        ReflectanceError, match=f"^chip {re.escape(str(path))}: input looks already scaled"
+    ):
         data[0]
+    path.write_text("not a raster")
+    with pytest.raises(InputError, match=f"^cannot read chip {re.escape(str(path))}: "):
+        data[0]
+    # 8-bit chips: one warning for the folder, however many are read
+    for name in ("0.tif", "1.tif"):
+        path = tmp_path / "chips/bare" / name
+        write((four // 40), dtype="uint8")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            data[0], data[1]
+    said = [str(w.message) for w in seen if issubclass(w.category, ReflectanceWarning)]
+    assert len(said) == 1 and said[0].startswith(
+        f"the chips of {tmp_path / 'chips/bare'} have dtype uint8, which cannot hold raw"
+    ), said
 
 
 # ------------------------------------------------------------------------------------------

@@ -119,6 +119,7 @@ from torch.utils.data import ConcatDataset, Dataset, Sampler, default_collate
 from torchgeo.datasets import (
     GeoDataset,
     IntersectionDataset,
+    NonGeoClassificationDataset,
     RasterDataset,
     UnionDataset,
 )
@@ -159,15 +160,16 @@ from torchgeo_dofa.spatial import (
 from torchgeo_dofa.transforms import (
     CONVENTIONAL_FILLS,
     NODATA_FLOOR,
+    DOFAPreprocess,
     ReflectanceError,
     ReflectanceWarning,
-    as_float32,
     narrow_dtype_problem,
 )
 
 __all__ = [
     "EE_TILE_PATTERN",
     "BandSetBatchSampler",
+    "ChipFolder",
     "DOFAIntersectionDataset",
     "DOFAUnionDataset",
     "DatasetCollection",
@@ -3048,46 +3050,172 @@ class MixedBandSetError(BandError):
     """Raised when one batch would mix samples with different wavelength vectors."""
 
 
+#: Folders whose 8-bit chips were warned of in this process (:func:`chip_loader`)
+_NARROW_CHIP_FOLDERS: set[str] = set()
+
+
+def _read_chip(path: Path) -> tuple[npt.NDArray[np.float32], list[str | None], list[int]]:
+    """Read a chip: every band, its descriptions, its alpha bands.
+
+    Returns:
+        (C, H, W) float32, NaN where the file masks; the band descriptions; the indexes
+        (from 0) of the bands GDAL calls alpha (a 4-band 8-bit GeoTIFF's 4th by GDAL's
+        default, even where it is a spectral band).
+    """
+    try:
+        with rasterio.open(path) as src:
+            folder = str(pathlib.Path(path).parent)
+            narrow = narrow_dtype_problem(src.dtypes[0], f"the chips of {folder}", plural=True)
+            if narrow is not None and folder not in _NARROW_CHIP_FOLDERS:
+                _NARROW_CHIP_FOLDERS.add(folder)
+                warn(narrow, ReflectanceWarning)
+            chip = np.empty((src.count, src.height, src.width), dtype=np.float32)
+            every = list(range(1, src.count + 1))
+            _read_into(src, every, Window(0, 0, src.width, src.height), chip)
+            alpha = [i for i, c in enumerate(src.colorinterp) if c == ColorInterp.alpha]
+            return chip, list(src.descriptions), alpha
+    except (rasterio.errors.RasterioError, CPLE_BaseError, OSError) as err:
+        raise InputError(f"cannot read chip {path}: {err}") from err
+
+
 def chip_loader(path: Path) -> npt.NDArray[np.float32]:
     """Read a chip file for TorchGeo's ``NonGeoClassificationDataset`` (its ``loader=``).
 
-    A folder of labelled chips, ``chips/<class>/*.tif``, is TorchGeo's
-    ``NonGeoClassificationDataset(root, transforms=DOFAPreprocess(bands), loader=chip_loader)``
-    (README: "Your own labelled chips"). TorchGeo's ``rasterio_loader`` reads every band too,
-    but casts to int32: an 8-bit chip (a display product, not reflectance) then passes
-    :class:`~torchgeo_dofa.transforms.CheckReflectance` as dark reflectance, and the pixels
-    a file declares nodata are read as values. Here the chip keeps what says so: a
-    :class:`~torchgeo_dofa.transforms.ReflectanceWarning` for an 8-bit chip (naming its
-    folder, so a folder warns once), and nodata pixels (the file's nodata value or mask)
-    become NaN, which ``CheckReflectance`` treats as missing (``valid`` False, filled).
+    TorchGeo's ``rasterio_loader`` reads every band too, but casts to int32: an 8-bit chip
+    (a display product, not reflectance) then passes
+    :class:`~torchgeo_dofa.transforms.CheckReflectance` as dark reflectance, and the pixels a
+    file declares nodata (or its mask hides) are read as values. Here those pixels become
+    NaN, which ``CheckReflectance`` treats as missing (``valid`` False, filled), and an
+    8-bit chip warns (once per folder and process). Every band is read, an alpha band too:
+    :class:`ChipFolder`, which knows the bands, leaves it out.
 
     Args:
         path: a raster file rasterio reads (GeoTIFF, JPEG2000, ...).
 
     Returns:
         float32 (H, W, C) array, channels last as ``NonGeoClassificationDataset`` expects;
-        every band in the file's order; NaN where the file declares no data.
+        every band in the file's order; NaN where it declares no data.
 
     Raises:
         InputError: when the file cannot be read (naming it and GDAL's reason).
 
     Warns:
-        ReflectanceWarning: for an 8-bit integer chip (see
-            :func:`~torchgeo_dofa.transforms.narrow_dtype_problem`).
+        ReflectanceWarning: for 8-bit integer chips (see
+            :func:`~torchgeo_dofa.transforms.narrow_dtype_problem`), once per folder.
     """
-    try:
-        with rasterio.open(path) as src:
-            with warnings.catch_warnings():  # a 4-band 8-bit file is RGBA to GDAL
-                warnings.simplefilter("ignore", rasterio.errors.NodataShadowWarning)
-                data = src.read(masked=True)
-    except (rasterio.errors.RasterioError, CPLE_BaseError, OSError) as err:
-        raise InputError(f"cannot read chip {path}: {err}") from err
-    folder = pathlib.Path(path).parent
-    problem = narrow_dtype_problem(data.dtype, f"the chips of {folder}", plural=True)
-    if problem is not None:
-        warn(problem, ReflectanceWarning)
-    chip = as_float32(data.astype(np.float32), name=str(path))  # masked pixels: NaN
-    return chip.numpy().transpose(1, 2, 0)
+    return _read_chip(path)[0].transpose(1, 2, 0)
+
+
+class ChipFolder(NonGeoClassificationDataset):
+    """Labelled chips for classification: ``root/<class>/<chip>.tif``, one folder per class.
+
+    TorchGeo's ``NonGeoClassificationDataset`` (torchvision's ``ImageFolder`` layout: the
+    classes are the subfolders' names in sorted order, class ``i`` the ``i``-th) over
+    GeoTIFF / JPEG2000 chips of raw reflectance, read by :func:`chip_loader` (nodata, masks
+    and alpha as missing pixels) and prepared by ``transforms`` (default
+    :class:`~torchgeo_dofa.transforms.DOFAPreprocess` of ``bands``: wavelengths, the
+    raw-reflectance check, DOFA's normalisation, a resize to 224 x 224). Chips may differ in
+    size and come from any CRS (they are not placed on a map). Hidden files and folders
+    (``.name``: ``.ipynb_checkpoints``, macOS's ``._x.tif``) are left out.
+
+    Each chip is checked as it is read, and every error names its file: its band count
+    against ``bands`` (alpha left out), its band descriptions where they name known bands
+    (a chip described ``B02, B03, B04, B08`` is reordered into ``bands=["B04", "B03", "B02",
+    "B08"]``' order, where it would have swapped red and blue; other bands are an error), and
+    the transforms' checks (values already scaled).
+
+    Samples: ``image`` (C, 224, 224) float32, ``label`` () int64, and what the transforms
+    add (``wavelengths`` (C,) um; ``valid`` (224, 224), ``empty`` (), ``valid_fraction`` ()).
+
+    Attributes:
+        bands: the chips' band names, in channel order (canonical spelling).
+        classes: the class names, in the order of the labels (torchvision's).
+    """
+
+    #: file suffixes read as chips (lower case)
+    extensions: ClassVar[tuple[str, ...]] = (".tif", ".tiff", ".jp2")
+
+    def __init__(
+        self,
+        root: Path,
+        bands: Sequence[str],
+        wavelengths: Sequence[float] | None = None,
+        transforms: Callable[[Sample], Sample] | None = None,
+    ) -> None:
+        """Index the chips of ``root``.
+
+        Args:
+            root: the folder holding one subfolder of chips per class.
+            bands: the chips' bands in channel order (``B4`` or ``B04`` spelling, or any
+                names with ``wavelengths``).
+            wavelengths: one per band (um), for bands without a known wavelength.
+            transforms: applied to each sample (``image`` raw reflectance (C, H, W) with NaN
+                where missing, ``label``); default ``DOFAPreprocess(bands, wavelengths)``.
+
+        Raises:
+            BandError: for bands the preprocessing cannot take (see
+                :class:`~torchgeo_dofa.transforms.DOFAPreprocess`).
+            FileNotFoundError: torchvision's, for a root without class folders or a class
+                folder without chips.
+        """
+        refuse_one_string(bands)
+        self.bands = [_canonical_name(b) for b in bands]
+        if transforms is None:
+            transforms = DOFAPreprocess(self.bands, wavelengths)
+        super().__init__(
+            root, transforms=transforms, loader=chip_loader, is_valid_file=self._is_chip
+        )
+
+    @classmethod
+    def _is_chip(cls, path: str | os.PathLike[str]) -> bool:
+        name = os.path.basename(path)
+        return not name.startswith(".") and name.lower().endswith(cls.extensions)
+
+    def find_classes(self, directory: str | os.PathLike[str]) -> tuple[list[str], dict[str, int]]:
+        """The class folders of ``directory`` (hidden ones left out), sorted by name."""
+        classes, _ = super().find_classes(directory)
+        classes = [c for c in classes if not c.startswith(".")]
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    def __getitem__(self, index: int) -> Sample:
+        """The chip ``index`` (in ``self.samples``' order) and its label.
+
+        Raises:
+            BandError: for a chip whose band count or described bands differ from ``bands``.
+            InputError: for a file that cannot be read.
+            ReflectanceError: from the transforms (values that are not raw reflectance).
+        """
+        path, label = self.samples[index]
+        chip, descriptions, alpha = _read_chip(path)
+        if alpha and chip.shape[0] - len(alpha) == len(self.bands):
+            # an alpha band beside the bands: its zero pixels are missing (GDAL masks by
+            # alpha only in 2- and 4-band files); a band GDAL calls alpha that bands= counts
+            # (a 4-band 8-bit GeoTIFF's 4th, by GDAL's default) is kept as a band
+            for i in alpha:
+                chip[:, ~(chip[i] > 0)] = np.nan
+            kept = [i for i in range(chip.shape[0]) if i not in alpha]
+            chip, descriptions = chip[kept], [descriptions[i] for i in kept]
+        if chip.shape[0] != len(self.bands):
+            raise BandError(
+                f"chip {path} has {chip.shape[0]} bands, but bands= names {len(self.bands)} "
+                f"({', '.join(self.bands)}): give every chip the same bands, and bands= in "
+                "their order"
+            )
+        named = [_canonical_name(d) if d else "" for d in descriptions]
+        if all(is_known_band(n) for n in named) and named != self.bands:
+            if sorted(named) != sorted(self.bands):
+                raise BandError(
+                    f"chip {path} holds the bands {', '.join(named)} (its band descriptions), "
+                    f"not bands={self.bands}: give every chip the same bands"
+                )
+            chip = chip[[named.index(b) for b in self.bands]]  # into bands=' order
+        sample: Sample = {"image": torch.from_numpy(chip), "label": torch.tensor(label)}
+        if self.tg_transforms is not None:
+            try:
+                sample = self.tg_transforms(sample)
+            except (BandError, ReflectanceError) as err:
+                raise type(err)(f"chip {path}: {err}") from err
+        return sample
 
 
 def stack_dofa_samples(samples: Iterable[Sample]) -> Sample:
@@ -4201,11 +4329,18 @@ def _direct_read(
     if r0 >= r1 or c0 >= c1:
         return out
     window = Window(c0, r0, c1 - c0, r1 - r0)
-    block = out[:, r0 - row : r1 - row, c0 - col : c1 - col]
+    _read_into(handle, indexes, window, out[:, r0 - row : r1 - row, c0 - col : c1 - col])
+    return out
+
+
+def _read_into(
+    handle: DatasetReader, indexes: list[int], window: Window, block: npt.NDArray[np.float32]
+) -> None:
+    """Read ``window`` of the bands ``indexes`` into ``block``, NaN where the file masks."""
     masks = _band_masks(handle)
     if all(masks[i - 1] == "none" for i in indexes):  # no nodata, no mask: a plain read
         block[...] = handle.read(indexes, window=window)
-        return out
+        return
     if all(masks[i - 1] == "nodata" for i in indexes):
         # integer bands masked by their nodata value alone: GDAL's mask is the pixels equal
         # to it, found here on the plain read (a masked read costs ~3x the read itself)
@@ -4213,12 +4348,15 @@ def _direct_read(
         block[...] = raw
         for k, i in enumerate(indexes):
             np.copyto(block[k], np.nan, where=raw[k] == handle.nodatavals[i - 1])
-        return out
-    with warnings.catch_warnings():
-        # a 4-band 8-bit GeoTIFF is RGBA to GDAL: the masks follow the declared nodata, as
-        # this read wants (rasterio says so with a warning on every chip)
-        warnings.simplefilter("ignore", rasterio.errors.NodataShadowWarning)
+        return
+    # a 4-band 8-bit GeoTIFF is RGBA to GDAL: the masks follow the declared nodata, as this
+    # read wants (rasterio says so with a warning on every chip); silenced only there, as
+    # catch_warnings clears Python's record of the warnings shown once (they came again)
+    if handle.count == 4 and handle.colorinterp[3] == ColorInterp.alpha:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NodataShadowWarning)
+            data = handle.read(indexes, window=window, masked=True)
+    else:
         data = handle.read(indexes, window=window, masked=True)
     block[...] = np.ma.getdata(data)
     block[np.ma.getmaskarray(data)] = np.nan
-    return out
