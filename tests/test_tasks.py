@@ -1748,6 +1748,47 @@ def test_a_chip_folder_reads_what_its_files_say_and_names_the_file_it_refuses(
     ), said
 
 
+def test_empty_chips_are_left_out_of_a_classification_loss_and_metrics(tmp_path: Path) -> None:
+    """helper-123: a chip without a valid pixel (all nodata) was trained and scored as its
+    folder's class. It is left out of the loss and the metrics now (checked against the loss
+    and accuracy computed by hand over the other chips), with one warning; a first training
+    epoch of such chips only is refused, as segmentation's without a labelled pixel."""
+    from torch.utils.data import Subset
+
+    from torchgeo_dofa import stack_dofa_samples
+    from torchgeo_dofa.datasets import ChipFolder
+
+    _labelled_chips(tmp_path / "chips", per_class=2)
+    for name in ("bare/1.tif", "cropland/1.tif"):  # the demo scene's nodata is 0
+        with rasterio.open(tmp_path / "chips" / name, "r+") as dst:
+            assert dst.nodata == 0
+            dst.write(np.zeros((4, 32, 32), np.uint16))
+    data = ChipFolder(tmp_path / "chips", bands=["B04", "B03", "B02", "B08"])
+    batch = stack_dofa_samples([data[i] for i in range(4)])
+    assert batch["empty"].tolist() == [False, True, False, True]
+    task = DOFAClassificationTask(num_classes=2, weights=None, head_norm=False)
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = DataLoader(data, batch_size=4, collate_fn=stack_dofa_samples)
+    with pytest.warns(UserWarning, match="^chips without a valid pixel .* are left out of"):
+        trainer.validate(task, loader)
+    held = ~batch["empty"]
+    with torch.no_grad():
+        logits = task.eval()(batch["image"][held], batch["wavelengths"][held])
+    loss = F.cross_entropy(logits, batch["label"][held])
+    accuracy = (logits.argmax(1) == batch["label"][held]).float().mean()
+    metrics = trainer.callback_metrics
+    assert float(metrics["val_loss"]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(metrics["val_OverallAccuracy"]) == pytest.approx(float(accuracy))
+    empty_only = DataLoader(Subset(data, [1, 3]), batch_size=2, collate_fn=stack_dofa_samples)
+    with pytest.raises(
+        NoLabelledPixelError,
+        match="^the first training epoch had no chip with data: every chip was empty",
+    ):
+        Trainer(
+            max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
+        ).fit(task, empty_only)
+
+
 # ------------------------------------------------------------------------------------------
 # LightningCLI
 # ------------------------------------------------------------------------------------------
@@ -2291,8 +2332,6 @@ def test_a_fit_refused_by_its_settings_or_data_leaves_no_new_run_folder(
     run's folder the one after. Now they are checked as it is built, before the trainer;
     a refusal by a data module's setup (TorchGeo's dataset not found) removes the empty
     folder its logger made; an earlier run's empty folder is kept."""
-    from torchgeo.datasets.errors import DatasetNotFoundError
-
     from torchgeo_dofa.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -2344,8 +2383,9 @@ def test_a_fit_refused_by_its_settings_or_data_leaves_no_new_run_folder(
         "dict_kwargs": {"root": str(tmp_path / "no-eurosat")},
     }
     for args in ([], ["--trainer.logger.init_args.version", "0"]):  # an earlier run's: kept
-        with pytest.raises(DatasetNotFoundError):
-            main([*fit, "--data", json.dumps(eurosat), *args])
+        assert main([*fit, "--data", json.dumps(eurosat), *args]) == 2  # one line, not raised
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith("torchgeo-dofa: error: EuroSAT: Dataset not found in `root="), line
         only_the_earlier_folder()
     with pytest.raises(ValueError, match=r"^synthetic chips cannot be made with size 0 \("):
         SpectralDataModule(size=0)  # as it is built, not at setup

@@ -301,7 +301,10 @@ def _class_indices(values: Tensor, what: str, fix: str, keep: Tensor | None = No
 
 
 class NoLabelledPixelError(ValueError):
-    """A task's first training epoch had no labelled pixel: it would learn nothing."""
+    """A task's first training epoch scored nothing: it would learn nothing.
+
+    Segmentation: no labelled pixel; classification: no chip with data.
+    """
 
 
 class NoTrainingBatchError(ValueError):
@@ -1019,7 +1022,8 @@ class _DOFATask(BaseTask):
 
     def _step(self, batch: Mapping[str, Any], split: str, metrics: MetricCollection) -> Tensor:
         loss, logits, target = self._loss_and_logits(batch)
-        metrics.update(*self._metric_inputs(logits, target))
+        if target.shape[0]:  # a classification batch of empty chips only scores none
+            metrics.update(*self._metric_inputs(logits, target))
         scored = self._scored_targets(target)  # no sync per step
         self._scored[split] = self._scored.get(split, 0) + scored
         self._log_loss(split, loss, logits, target)
@@ -1066,18 +1070,8 @@ class _DOFATask(BaseTask):
         total, ran_anywhere = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
         return int(total), int(ran_anywhere)
 
-    def _no_labelled_pixel(self, split: str) -> None:
-        """An epoch of ``split`` scored no target: raise for the task's first, else warn.
-
-        Only segmentation can get there (every chip of a classification batch is scored):
-        every mask pixel was ``ignore_index`` or had ``valid`` False. Training on such batches
-        gives loss 0 and no gradient, so a fit whose first epoch had none learns nothing.
-
-        Raises:
-            NoLabelledPixelError: for a training epoch where none before it scored a
-                labelled target (the task's first, across resumed fits:
-                :data:`TRAINED_ON_LABELS_KEY`), before its checkpoint is saved.
-        """
+    def _nothing_scored(self) -> tuple[str, str, str]:
+        """What a task scores, why an epoch scored none, and what to check (for messages)."""
         ignore = self.hparams.get("ignore_index")
         causes = (
             f"every mask pixel was ignore_index={ignore} or had 'valid' False"
@@ -1089,9 +1083,24 @@ class _DOFATask(BaseTask):
             "read the labels' nodata), that ignore_index is the labels' nodata and not a class, "
             "and that the image has data where the labels are"
         )
+        return "labelled pixel", causes, checks
+
+    def _no_labelled_pixel(self, split: str) -> None:
+        """An epoch of ``split`` scored no target: raise for the task's first, else warn.
+
+        Segmentation: every mask pixel was ``ignore_index`` or had ``valid`` False;
+        classification: every chip was ``empty`` (no valid pixel). Training on such batches
+        gives loss 0 and no gradient, so a fit whose first epoch had none learns nothing.
+
+        Raises:
+            NoLabelledPixelError: for a training epoch where none before it scored a
+                labelled target (the task's first, across resumed fits:
+                :data:`TRAINED_ON_LABELS_KEY`), before its checkpoint is saved.
+        """
+        what, causes, checks = self._nothing_scored()
         if split == "train" and not self._trained_on_labels:
             raise NoLabelledPixelError(
-                f"the first training epoch had no labelled pixel: {causes}, so the loss was 0 "
+                f"the first training epoch had no {what}: {causes}, so the loss was 0 "
                 f"and {type(self).__name__} learned nothing from it; {checks}"
             )
         if not self.trainer.sanity_checking:
@@ -1101,8 +1110,7 @@ class _DOFATask(BaseTask):
                 else f"its metrics and {split}_loss are NaN"
             )
             _warnings.warn(
-                f"the {_SPLIT_NAMES[split]} epoch had no labelled pixel ({causes}): {said}; "
-                f"{checks}"
+                f"the {_SPLIT_NAMES[split]} epoch had no {what} ({causes}): {said}; {checks}"
             )
 
     def on_validation_epoch_start(self) -> None:
@@ -1673,13 +1681,38 @@ class DOFAClassificationTask(_DOFATask):
         return target
 
     def _loss_and_logits(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """Loss, logits and target of the batch's chips that hold data.
+
+        A chip flagged ``empty`` (no valid pixel: no data or fill values only, as
+        :class:`~torchgeo_dofa.transforms.CheckReflectance` flags it) is left out of the
+        loss and the metrics, with one warning: its image says nothing of its label. A
+        batch of such chips only gives loss 0 (no gradient) and scores nothing.
+        """
         target = self._target(batch)  # before the forward pass: a bad label costs none
         logits = self(batch["image"], self._batch_wavelengths(batch))
+        empty = batch.get("empty")
+        if isinstance(empty, Tensor) and empty.shape == target.shape[:1] and bool(empty.any()):
+            _warnings.warn(
+                "chips without a valid pixel (no data or fill values only: 'empty') are left "
+                "out of DOFAClassificationTask's loss and metrics: their image says nothing "
+                "of their label; leave them out of the dataset to silence this"
+            )
+            held = ~empty.to(torch.bool)
+            logits, target = logits[held], target[held]
+            if not logits.shape[0]:
+                return logits.sum() * 0.0, logits, target
         if self.hparams["task"] == "multiclass":
             loss = self.criterion(logits, target)
         else:
             loss = self.criterion(logits, target.float())
         return loss, logits, target
+
+    def _nothing_scored(self) -> tuple[str, str, str]:
+        return (
+            "chip with data",
+            "every chip was empty (no valid pixel: no data or fill values only)",
+            "check that the chips hold data where the file does not declare its nodata",
+        )
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         """Class probabilities (softmax) or label probabilities (sigmoid).
