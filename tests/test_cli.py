@@ -3460,6 +3460,48 @@ def test_a_checkpoint_of_a_task_built_in_python_predicts_from_the_command(
     assert not table.exists()
 
 
+def test_predict_of_chips_on_no_map_is_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    base_checkpoint: Path,
+) -> None:
+    """helper-123: ``predict --config`` with a data module of chips that have no place
+    (TorchGeo's EuroSATDataModule: no predict_dataset) ended in a RuntimeError traceback,
+    exit 1, naming PooledWriter (behind the configured ClassificationWriter) and no fix; the
+    segmentation map's GridWriter alike. Now one line naming the writer configured, the data
+    module and the fix, exit 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    configs = Path(__file__).resolve().parents[1] / "torchgeo_dofa/configs"
+    eurosat = ["--data", "torchgeo.datamodules.EuroSATDataModule",
+               "--data.dict_kwargs.root", str(tmp_path / "no-eurosat")]  # fmt: skip
+    segmentation = DOFASegmentationTask(num_classes=3, weights=str(base_checkpoint))
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(segmentation)
+    trainer.save_checkpoint(tmp_path / "seg.ckpt")
+    classification = DOFAClassificationTask(3, weights=str(base_checkpoint), head_norm=False)
+    for config, ckpt, writer, suffix in (
+        ("predict_classification.yaml", _save_from_python(classification, tmp_path / "cls.ckpt"),
+         "ClassificationWriter", ".parquet"),
+        ("predict_segmentation.yaml", tmp_path / "seg.ckpt", "SegmentationWriter", ".tif"),
+    ):  # fmt: skip
+        out = tmp_path / "out" / f"{writer}{suffix}"
+        given = ["predict", "--config", str(configs / config), "--ckpt_path", str(ckpt),
+                 "--trainer.callbacks.init_args.path", str(out), *eurosat]  # fmt: skip
+        assert main(given) == 2, writer
+        err = capsys.readouterr().err.strip().splitlines()
+        assert not [line for line in err if line.startswith("Traceback")], err
+        assert err[-1] == (
+            f"torchgeo-dofa: error: {writer} writes georeferenced outputs: it needs a data "
+            "module whose predict_dataset and predict_sampler place the chips on a map (a "
+            "TorchGeo GeoDataset and sampler, as DOFAPredictDataModule's), and "
+            "EuroSATDataModule has no predict_dataset; predict chips without a place in "
+            "Python instead (Trainer.predict(task, dataloaders=...) returns each batch's "
+            "predictions)"
+        ), err[-3:]
+        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
 def test_a_ckpt_path_keyword_is_checked_as_the_file_it_names(
     tmp_path, monkeypatch, capsys, base_checkpoint
 ) -> None:

@@ -1381,7 +1381,8 @@ class GridWriter(_PartsWriter):
         chips of its ``predict_sampler`` at 16 input pixels a cell (for 224-px chips).
 
         Raises:
-            RuntimeError: for a data module without ``predict_dataset`` / ``predict_sampler``.
+            ValueError: for a data module without ``predict_dataset`` / ``predict_sampler``
+                (:func:`_not_on_a_map`).
         """
         grid_geometry = getattr(dm, "grid_geometry", None)
         if callable(grid_geometry):
@@ -1389,10 +1390,7 @@ class GridWriter(_PartsWriter):
         dataset = getattr(dm, "predict_dataset", None)
         sampler = getattr(dm, "predict_sampler", None)
         if dataset is None or sampler is None:
-            raise RuntimeError(
-                "GridWriter(geometry=None) needs a datamodule with predict_dataset "
-                "and predict_sampler (e.g. DOFAPredictDataModule)"
-            )
+            raise _not_on_a_map(self, dm)
         crs = CRS.from_user_input(dataset.crs.to_wkt())
         patch_px = float(getattr(dm, "patch_size", 224)) / 224 * 16
         return GridGeometry.for_chips(
@@ -1757,7 +1755,7 @@ class PooledWriter(_PartsWriter):
         if self.crs is None:
             dataset = getattr(getattr(trainer, "datamodule", None), "predict_dataset", None)
             if dataset is None:
-                raise RuntimeError("PooledWriter(crs=None) needs a datamodule's predict_dataset")
+                raise _not_on_a_map(self, getattr(trainer, "datamodule", None))
             self.crs = CRS.from_user_input(dataset.crs.to_wkt())
         dm = getattr(trainer, "datamodule", None)
         if not self.source:
@@ -2738,6 +2736,31 @@ def module_digest(module: Any) -> str:
         if data.numel():
             crc = zlib.crc32(memoryview(data.view(torch.uint8).numpy()), crc)
     return f"{crc:08x}"
+
+
+def _not_on_a_map(writer: object, datamodule: object) -> ValueError:
+    """The error of a georeferenced writer run on chips that are not placed on a map.
+
+    The grid, table and map writers place every chip by the data module's ``predict_dataset``
+    (its CRS) and ``predict_sampler``; a data module of chips without either (TorchGeo's
+    ``EuroSATDataModule``, a :class:`~torchgeo_dofa.datasets.ChipFolder`, none at all) failed
+    with a ``RuntimeError`` traceback naming a writer class behind the one configured.
+
+    Args:
+        writer: the writer refusing.
+        datamodule: the trainer's data module, or None.
+
+    Returns:
+        The ``ValueError`` to raise (one line from the command line, exit status 2).
+    """
+    held = f"{type(datamodule).__name__} has no predict_dataset" if datamodule else "there is none"
+    return ValueError(
+        f"{type(writer).__name__} writes georeferenced outputs: it needs a data module whose "
+        "predict_dataset and predict_sampler place the chips on a map (a TorchGeo GeoDataset "
+        f"and sampler, as DOFAPredictDataModule's), and {held}; predict chips without a place "
+        "in Python instead (Trainer.predict(task, dataloaders=...) returns each batch's "
+        "predictions)"
+    )
 
 
 def _text_digest(text: str) -> str:
