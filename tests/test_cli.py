@@ -3003,6 +3003,27 @@ def test_labels_off_the_image_in_a_fit_config_are_one_line(
         "manually download the dataset."
     ), err[-3:]
     assert not list(tmp_path.glob("logs/*/version_*"))
+    # TorchGeo's DependencyNotFoundError (a package a dataset needs; pip's name, with -):
+    # its nine lines as one
+    (tmp_path / "needs.py").write_text(
+        "from farlabels import ImageAndLabels\n"
+        "from torchgeo.datasets.utils import lazy_import\n"
+        "class Needs(ImageAndLabels):\n"
+        "    def setup(self, stage: str) -> None:\n"
+        "        lazy_import('no_such_package_xyz')\n"
+    )
+    config["data"]["class_path"] = "needs.Needs"
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", "fit.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "torchgeo-dofa: error: no-such-package-xyz is not installed and is required to use this "
+        "feature. Either run: $ pip install no-such-package-xyz to install just this "
+        "dependency, or: $ pip install torchgeo[datasets,models] to install all optional "
+        "dependencies."
+    ), err[-3:]
+    assert not list(tmp_path.glob("logs/*/version_*"))
+    config["data"]["class_path"] = "farlabels.ImageAndLabels"
     # ... and an image folder holding none: the package's own NoRasterFoundError (one too)
     config["data"]["init_args"]["image"] = str(tmp_path / "empty")
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))

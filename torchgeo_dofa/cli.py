@@ -2518,8 +2518,8 @@ def _torchgeo_setup_error(err: BaseException) -> str | None:
     from torch.utils.data import Dataset
     from torchgeo.datasets.errors import DatasetNotFoundError, DependencyNotFoundError
 
-    if isinstance(err, DependencyNotFoundError):
-        return str(err)
+    if isinstance(err, DependencyNotFoundError):  # TorchGeo's text spans nine lines
+        return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
     if not isinstance(err, DatasetNotFoundError):
         return None
     if type(err).__module__.startswith(__package__ or "torchgeo_dofa"):
