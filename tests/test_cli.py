@@ -3023,6 +3023,28 @@ def test_labels_off_the_image_in_a_fit_config_are_one_line(
         "dependencies."
     ), err[-3:]
     assert not list(tmp_path.glob("logs/*/version_*"))
+    # a TorchGeo dataset's download=True where its address is unreachable (the discard
+    # port: nothing listens; offline it was the same URLError traceback, exit 1)
+    (tmp_path / "refused.py").write_text(
+        "from torchgeo.datamodules import NonGeoDataModule\n"
+        "from torchgeo.datasets import EuroSAT100\n"
+        "class Refused(EuroSAT100):\n"
+        "    url = 'http://127.0.0.1:9/eurosat/'\n"
+        "class RefusedModule(NonGeoDataModule):\n"
+        "    def __init__(self, root: str) -> None:\n"
+        "        super().__init__(Refused, batch_size=2, root=root, download=True)\n"
+    )
+    refused = {"class_path": "refused.RefusedModule", "init_args": {"root": "eurosat"}}
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config | {"data": refused}))
+    assert main(["fit", "--config", "fit.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(
+        r"torchgeo-dofa: error: Refused: could not download the dataset \(URLError: .*\): run "
+        r"where its address is reachable, or put the dataset's files in its root yourself and "
+        r"set download: false",
+        err[-1],
+    ), err[-3:]
+    assert not list(tmp_path.glob("logs/*/version_*"))
     config["data"]["class_path"] = "farlabels.ImageAndLabels"
     # ... and an image folder holding none: the package's own NoRasterFoundError (one too)
     config["data"]["init_args"]["image"] = str(tmp_path / "empty")

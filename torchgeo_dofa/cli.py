@@ -2510,24 +2510,54 @@ def _torchgeo_setup_error(err: BaseException) -> str | None:
     TorchGeo's ``DatasetNotFoundError`` (a dataset whose ``root`` or ``paths`` holds none of
     its files, e.g. a label folder mistyped in a data module's ``setup``; this package's
     :class:`~torchgeo_dofa.datasets.NoRasterFoundError` is one) and
-    ``DependencyNotFoundError`` (a dataset needing a package that is not installed) are bad
+    ``DependencyNotFoundError`` (a dataset needing a package that is not installed), and a
+    TorchGeo dataset's download failing for want of the network (``URLError``), are bad
     input or set-up, not a fault of the run: their message names the fix, and
     ``DatasetNotFoundError``'s gets the dataset's class in front (TorchGeo's says only
     "Dataset not found in `paths='labels/'` ...", and a data module may read several).
     """
+    import urllib.error
+
+    import torchgeo
     from torch.utils.data import Dataset
     from torchgeo.datasets.errors import DatasetNotFoundError, DependencyNotFoundError
 
     if isinstance(err, DependencyNotFoundError):  # TorchGeo's text spans nine lines
         return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    datasets: list[str] = []  # the datasets whose methods the error went through, outermost first
+    tb = err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, Dataset):
+            datasets.append(type(owner).__name__)
+        tb = tb.tb_next
+    if isinstance(err, urllib.error.URLError) and _passed_through(
+        err, Path(torchgeo.__file__).resolve().parent / "datasets"
+    ):
+        # a TorchGeo dataset's download=True without the network (its DatasetNotFoundError
+        # advises it where the files are missing)
+        who = f"{datasets[-1]}: " if datasets else ""
+        return (
+            f"{who}could not download the dataset ({type(err).__name__}: "
+            f"{getattr(err, 'reason', err)}): run where its address is reachable, or put the "
+            "dataset's files in its root yourself and set download: false"
+        )
     if not isinstance(err, DatasetNotFoundError):
         return None
     if type(err).__module__.startswith(__package__ or "torchgeo_dofa"):
         return str(err)  # NoRasterFoundError (a DatasetNotFoundError) names its dataset
-    tb = _innermost(err)  # TorchGeo raises DatasetNotFoundError(self) in the dataset's method
-    owner = tb.tb_frame.f_locals.get("self") if tb is not None else None
-    name = type(owner).__name__ if isinstance(owner, Dataset) else None
-    return f"{name}: {err}" if name else str(err)
+    # TorchGeo raises DatasetNotFoundError(self) in the dataset's own method
+    return f"{datasets[-1]}: {err}" if datasets else str(err)
+
+
+def _passed_through(err: BaseException, folder: Path) -> bool:
+    """Whether any frame of ``err``'s traceback is code under ``folder``."""
+    tb = err.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(folder):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _raised_here(err: BaseException) -> bool:
