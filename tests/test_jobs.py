@@ -881,7 +881,9 @@ def test_a_signal_while_the_last_output_assembles_says_the_job_finishes_it(
         if final
         else "stopping once the batch or output in progress is written"
     )
-    assert capfd.readouterr().err == f"prog: SIGTERM: {said}; a second SIGTERM stops at once\n"
+    # Lightning's own lines around it depend on its logging set-up (other tests change it)
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("prog:")]
+    assert lines == [f"prog: SIGTERM: {said}; a second SIGTERM stops at once"]
 
 
 def test_signal_callback_must_follow_the_writers(tmp_path: Path) -> None:
