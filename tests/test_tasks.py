@@ -1746,6 +1746,17 @@ def test_a_chip_folder_reads_what_its_files_say_and_names_the_file_it_refuses(
     assert len(said) == 1 and said[0].startswith(
         f"the chips of {tmp_path / 'chips/bare'} have dtype uint8, which cannot hold raw"
     ), said
+    # a JPEG2000 chip (lossless) is read as its GeoTIFF; a PNG is no chip
+    crop = tmp_path / "chips/cropland"
+    with rasterio.open(crop / "0.tif") as src:
+        jp2 = {"driver": "JP2OpenJPEG", "width": 32, "height": 32, "count": 4,
+               "dtype": "uint16", "crs": src.crs, "transform": src.transform}  # fmt: skip
+        with rasterio.open(crop / "2.jp2", "w", REVERSIBLE="YES", QUALITY=100, **jp2) as dst:
+            dst.write(src.read())
+    (crop / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    data = ChipFolder(tmp_path / "chips", bands=bands)
+    assert [Path(p).name for p, _ in data.samples[-3:]] == ["0.tif", "1.tif", "2.jp2"]
+    torch.testing.assert_close(data[len(data) - 1]["image"], data[len(data) - 3]["image"])
 
 
 def test_empty_chips_are_left_out_of_a_classification_loss_and_metrics(tmp_path: Path) -> None:
