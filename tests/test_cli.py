@@ -2971,38 +2971,35 @@ def test_labels_off_the_image_in_a_fit_config_are_one_line(
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                "init_args": {"save_dir": "logs"}}},
     }  # fmt: skip
-    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
-    assert main(["fit", "--config", "fit.yaml"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert not [line for line in err if line.startswith("Traceback")], err
+
+    def refusal(config: dict[str, Any]) -> str:
+        """The one line of a fit of ``config`` refused with exit 2, leaving no run folder."""
+        (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+        assert main(["fit", "--config", "fit.yaml"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert not [line for line in err if line.startswith("Traceback")], err
+        assert not list(tmp_path.glob("logs/*/version_*")), "the refused run left its folder"
+        return err[-1]
+
+    line = refusal(config)
     assert re.fullmatch(
         r"torchgeo-dofa: error: Sentinel2SR \[.*\] and Labels \[.*\] do not overlap \(bounds "
         r"as xmin, ymin, xmax, ymax in EPSG:32633\): check that both cover the same area, .*",
-        err[-1],
-    ), err[-3:]
-    assert not list(tmp_path.glob("logs/*/version_*")), "the refused run left its folder"
+        line,
+    ), line
     # helper-116: TorchGeo's own `labels & image` refuses it without extents: one line too
     config["data"]["class_path"] = "farlabels.LabelsAndImage"
-    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
-    assert main(["fit", "--config", "fit.yaml"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "torchgeo-dofa: error: Datasets have no spatial intersection", err[-3:]
-    assert not list(tmp_path.glob("logs/*/version_*"))
+    assert refusal(config) == "torchgeo-dofa: error: Datasets have no spatial intersection"
     # helper-122: a label folder holding no raster was TorchGeo's DatasetNotFoundError in a
     # traceback, exit 1: its message alone, naming the dataset's class, exit 2
     (tmp_path / "empty").mkdir()
     config["data"]["class_path"] = "farlabels.ImageAndLabels"
     config["data"]["init_args"]["labels"] = str(tmp_path / "empty")
-    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
-    assert main(["fit", "--config", "fit.yaml"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert not [line for line in err if line.startswith("Traceback")], err
-    assert err[-1] == (
+    assert refusal(config) == (
         f"torchgeo-dofa: error: Labels: Dataset not found in `paths={str(tmp_path / 'empty')!r}` "
         "and cannot be automatically downloaded, either specify a different `paths` or "
         "manually download the dataset."
-    ), err[-3:]
-    assert not list(tmp_path.glob("logs/*/version_*"))
+    )
     # TorchGeo's DependencyNotFoundError (a package a dataset needs; pip's name, with -):
     # its nine lines as one
     (tmp_path / "needs.py").write_text(
@@ -3012,17 +3009,13 @@ def test_labels_off_the_image_in_a_fit_config_are_one_line(
         "    def setup(self, stage: str) -> None:\n"
         "        lazy_import('no_such_package_xyz')\n"
     )
-    config["data"]["class_path"] = "needs.Needs"
-    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
-    assert main(["fit", "--config", "fit.yaml"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (
+    needs = {"class_path": "needs.Needs", "init_args": config["data"]["init_args"]}
+    assert refusal(config | {"data": needs}) == (
         "torchgeo-dofa: error: no-such-package-xyz is not installed and is required to use this "
         "feature. Either run: $ pip install no-such-package-xyz to install just this "
         "dependency, or: $ pip install torchgeo[datasets,models] to install all optional "
         "dependencies."
-    ), err[-3:]
-    assert not list(tmp_path.glob("logs/*/version_*"))
+    )
     # a TorchGeo dataset's download=True where its address is unreachable (the discard
     # port: nothing listens; offline it was the same URLError traceback, exit 1)
     (tmp_path / "refused.py").write_text(
@@ -3035,27 +3028,19 @@ def test_labels_off_the_image_in_a_fit_config_are_one_line(
         "        super().__init__(Refused, batch_size=2, root=root, download=True)\n"
     )
     refused = {"class_path": "refused.RefusedModule", "init_args": {"root": "eurosat"}}
-    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config | {"data": refused}))
-    assert main(["fit", "--config", "fit.yaml"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    line = refusal(config | {"data": refused})
     assert re.fullmatch(
         r"torchgeo-dofa: error: Refused: could not download the dataset \(URLError: .*\): run "
         r"where its address is reachable, or put the dataset's files in its root yourself and "
         r"set download: false",
-        err[-1],
-    ), err[-3:]
-    assert not list(tmp_path.glob("logs/*/version_*"))
-    config["data"]["class_path"] = "farlabels.ImageAndLabels"
+        line,
+    ), line
     # ... and an image folder holding none: the package's own NoRasterFoundError (one too)
     config["data"]["init_args"]["image"] = str(tmp_path / "empty")
-    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
-    assert main(["fit", "--config", "fit.yaml"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (
+    assert refusal(config) == (
         f"torchgeo-dofa: error: Sentinel2SR found no raster in paths={str(tmp_path / 'empty')!r}"
         " (reads .tif, .tiff, .jp2)"
-    ), err[-3:]
-    assert not list(tmp_path.glob("logs/*/version_*"))
+    )
 
 
 def test_config_values_pytorch_or_torchgeo_refuse_are_one_line(

@@ -1563,6 +1563,18 @@ def test_segmentation_mask_nodata_needs_ignore_index(tmp_path: Path) -> None:
     assert len(recorder.losses) == 1 and math.isfinite(recorder.losses[0])
 
 
+def _readme_block(heading: str, smaller: dict[str, str]) -> str:
+    """The README's first Python block after ``heading``, each key of ``smaller`` (which it
+    must hold) replaced by its value."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split(heading, 1)[1]
+    code = block.split("```python\n", 1)[1].split("```", 1)[0]
+    for old, new in smaller.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    return code
+
+
 def test_the_readme_raster_labels_example_trains(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1570,18 +1582,16 @@ def test_the_readme_raster_labels_example_trains(
     weights, 4 chips, 1 epoch) on the demo scene and labels generated from its NDVI."""
     from tests.scenes import SCENE
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = readme.split("**Your own rasters and labels**", 1)[1]
-    code = block.split("```python\n", 1)[1].split("```", 1)[0]
-    for old, new in {
-        'weights="official"': "weights=None, decoder_channels=32",
-        "length=256": "length=4",
-        "batch_size=8": "batch_size=2",
-        "pl.Trainer(max_epochs=10)": "pl.Trainer(max_epochs=1, logger=False, "
-        "enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=2)",
-    }.items():
-        assert old in code, old
-        code = code.replace(old, new)
+    code = _readme_block(
+        "**Your own rasters and labels**",
+        {
+            'weights="official"': "weights=None, decoder_channels=32",
+            "length=256": "length=4",
+            "batch_size=8": "batch_size=2",
+            "pl.Trainer(max_epochs=10)": "pl.Trainer(max_epochs=1, logger=False, "
+            "enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=2)",
+        },
+    )
     (tmp_path / "scenes").mkdir()
     (tmp_path / "labels").mkdir()
     (tmp_path / "scenes" / SCENE.name).write_bytes(SCENE.read_bytes())
@@ -1641,18 +1651,16 @@ def test_the_readme_labelled_chips_example_trains(
     NonGeoClassificationDataset of a folder per class), run as written but smaller (random
     weights, 10 chips, 1 epoch): every band read, labels by sorted folder name, chips
     normalised by DOFA's statistics (an independent computation) and resized."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = readme.split("**Your own labelled chips**", 1)[1]
-    code = block.split("```python\n", 1)[1].split("```", 1)[0]
-    for old, new in {
-        'weights="official"': "weights=None",
-        '"batch_size": 16': '"batch_size": 4',
-        '"num_workers": 4': '"num_workers": 0',
-        "pl.Trainer(max_epochs=10)": "pl.Trainer(max_epochs=1, logger=False, "
-        "enable_checkpointing=False, enable_progress_bar=False)",
-    }.items():
-        assert old in code, old
-        code = code.replace(old, new)
+    code = _readme_block(
+        "**Your own labelled chips**",
+        {
+            'weights="official"': "weights=None",
+            '"batch_size": 16': '"batch_size": 4',
+            '"num_workers": 4': '"num_workers": 0',
+            "pl.Trainer(max_epochs=10)": "pl.Trainer(max_epochs=1, logger=False, "
+            "enable_checkpointing=False, enable_progress_bar=False)",
+        },
+    )
     chips = _labelled_chips(tmp_path / "chips", per_class=5)
     (tmp_path / "chips/.ipynb_checkpoints").mkdir()  # hidden: no class
     (tmp_path / "chips/bare/._0.tif").write_bytes(b"\0" * 4096)  # macOS's: no chip
