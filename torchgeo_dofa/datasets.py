@@ -3111,8 +3111,9 @@ class ChipFolder(NonGeoClassificationDataset):
 
     TorchGeo's ``NonGeoClassificationDataset`` (torchvision's ``ImageFolder`` layout: the
     classes are the subfolders' names in sorted order, class ``i`` the ``i``-th) over
-    GeoTIFF / JPEG2000 chips of raw reflectance, read by :func:`chip_loader` (nodata, masks
-    and alpha as missing pixels) and prepared by ``transforms`` (default
+    GeoTIFF / JPEG2000 chips of raw reflectance, read as :func:`chip_loader` reads them
+    (nodata and masks as missing pixels; an alpha band beside ``bands`` masks them and is
+    left out) and prepared by ``transforms`` (default
     :class:`~torchgeo_dofa.transforms.DOFAPreprocess` of ``bands``: wavelengths, the
     raw-reflectance check, DOFA's normalisation, a resize to 224 x 224). Chips may differ in
     size and come from any CRS (they are not placed on a map). Hidden files and folders
