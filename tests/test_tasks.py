@@ -1786,10 +1786,20 @@ def test_empty_chips_are_left_out_of_a_classification_loss_and_metrics(tmp_path:
     batch = stack_dofa_samples([data[i] for i in range(4)])
     assert batch["empty"].tolist() == [False, True, False, True]
     task = DOFAClassificationTask(num_classes=2, weights=None, head_norm=False)
-    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    quiet: dict[str, Any] = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    trainer = Trainer(**quiet)
     loader = DataLoader(data, batch_size=4, collate_fn=stack_dofa_samples)
-    with pytest.warns(UserWarning, match="^chips without a valid pixel .* are left out of"):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         trainer.validate(task, loader)
+        trainer.validate(task, loader)
+    said = [str(w.message) for w in seen if "chips without a valid pixel" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("chips without a valid pixel"), said
     held = ~batch["empty"]
     with torch.no_grad():
         logits = task.eval()(batch["image"][held], batch["wavelengths"][held])
@@ -1798,14 +1808,37 @@ def test_empty_chips_are_left_out_of_a_classification_loss_and_metrics(tmp_path:
     metrics = trainer.callback_metrics
     assert float(metrics["val_loss"]) == pytest.approx(float(loss), rel=1e-5)
     assert float(metrics["val_OverallAccuracy"]) == pytest.approx(float(accuracy))
+    # head_norm's BatchNorm learns its statistics from the chips with data alone
+    probe = DOFAClassificationTask(num_classes=2, weights=None)  # linear probe, head_norm
+    three = DataLoader(Subset(data, [0, 1, 2]), batch_size=3, collate_fn=stack_dofa_samples)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(max_steps=1, **quiet).fit(probe, three)
+    norm = probe._head_batch_norm()
+    assert norm is not None and norm.running_mean is not None
+    with torch.no_grad():
+        pooled = probe.eval().embed(batch["image"][[0, 2]], batch["wavelengths"][[0, 2]])
+    # after one batch: its mean (a cumulative average, momentum None), or momentum x mean
+    expected = pooled.mean(0) * (1.0 if norm.momentum is None else norm.momentum)
+    torch.testing.assert_close(norm.running_mean, expected, rtol=1e-4, atol=1e-5)
+    # an epoch of empty chips only: refused first in training; NaN metrics in a validation
+    # (multilabel's average precision failed in torchmetrics' compute without a sample)
     empty_only = DataLoader(Subset(data, [1, 3]), batch_size=2, collate_fn=stack_dofa_samples)
-    with pytest.raises(
-        NoLabelledPixelError,
-        match="^the first training epoch had no chip with data: every chip was empty",
-    ):
-        Trainer(
-            max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False
-        ).fit(task, empty_only)
+    for kind in ("multiclass", "multilabel"):
+        task = DOFAClassificationTask(num_classes=2, weights=None, task=kind, head_norm=False)
+        loader = empty_only
+        if kind == "multilabel":  # 0/1 per class
+            multilabel = [s | {"label": F.one_hot(s["label"], 2)} for s in Subset(data, [1, 3])]
+            loader = DataLoader(multilabel, batch_size=2, collate_fn=stack_dofa_samples)  # type: ignore[arg-type]
+        with pytest.raises(
+            NoLabelledPixelError,
+            match="^the first training epoch had no chip with data: every chip was empty",
+        ):
+            Trainer(max_epochs=1, **quiet).fit(task, loader)
+        checked = Trainer(**quiet)
+        with pytest.warns(UserWarning, match="epoch had no chip with data"):
+            checked.validate(task, loader)
+        assert math.isnan(float(checked.callback_metrics["val_OverallAccuracy"]))
 
 
 # ------------------------------------------------------------------------------------------

@@ -1045,15 +1045,17 @@ class _DOFATask(BaseTask):
         Raises:
             ValueError: where no pixel of the task's first training epoch was labelled.
         """
-        values = metrics.compute()
         total, ran_anywhere = self._scored_everywhere(split)
         self._scored.pop(split, None)
-        if total == 0:
-            values = {k: torch.tensor(math.nan) for k in values}
+        values: dict[str, Any]
+        if total == 0:  # compute() of metrics never updated fails (average precision) or warns
+            values = {str(k): torch.tensor(math.nan) for k in metrics.keys(keep_base=False)}
             if ran_anywhere:
                 self._no_labelled_pixel(split)
-        elif split == "train":
-            self._trained_on_labels = True
+        else:
+            values = {str(k): v for k, v in metrics.compute().items()}
+            if split == "train":
+                self._trained_on_labels = True
         self.log_dict(values)
         metrics.reset()
 
@@ -1684,23 +1686,35 @@ class DOFAClassificationTask(_DOFATask):
         """Loss, logits and target of the batch's chips that hold data.
 
         A chip flagged ``empty`` (no valid pixel: no data or fill values only, as
-        :class:`~torchgeo_dofa.transforms.CheckReflectance` flags it) is left out of the
-        loss and the metrics, with one warning: its image says nothing of its label. A
-        batch of such chips only gives loss 0 (no gradient) and scores nothing.
+        :class:`~torchgeo_dofa.transforms.CheckReflectance` flags it) is left out before the
+        forward pass (so out of ``head_norm``'s batch statistics too), of the loss and of the
+        metrics, with one warning: its image says nothing of its label. A batch left without
+        a chip, or in training with one under ``head_norm`` (its BatchNorm needs two), gives
+        loss 0 (no gradient) and scores nothing.
         """
         target = self._target(batch)  # before the forward pass: a bad label costs none
-        logits = self(batch["image"], self._batch_wavelengths(batch))
+        image, waves = batch["image"], self._batch_wavelengths(batch)
         empty = batch.get("empty")
         if isinstance(empty, Tensor) and empty.shape == target.shape[:1] and bool(empty.any()):
-            _warnings.warn(
-                "chips without a valid pixel (no data or fill values only: 'empty') are left "
-                "out of DOFAClassificationTask's loss and metrics: their image says nothing "
-                "of their label; leave them out of the dataset to silence this"
-            )
+            if not getattr(self, "_warned_of_empty_chips", False):  # once per task
+                self._warned_of_empty_chips = True
+                _warnings.warn(
+                    "chips without a valid pixel (no data or fill values only: 'empty') are "
+                    "left out of DOFAClassificationTask's loss and metrics: their image says "
+                    "nothing of their label; leave them out of the dataset to silence this"
+                )
             held = ~empty.to(torch.bool)
-            logits, target = logits[held], target[held]
-            if not logits.shape[0]:
-                return logits.sum() * 0.0, logits, target
+            norm = self._head_batch_norm()
+            if int(held.sum()) == 1 and norm is not None and norm.training:
+                held[:] = False  # one chip cannot make batch statistics
+            image, target = image[held], target[held]
+            if isinstance(waves, Tensor) and waves.ndim == 2:  # (B, C): one row a chip
+                waves = waves[held]
+            if not image.shape[0]:
+                nothing = torch.zeros((), device=image.device, requires_grad=self.training)
+                k = self.hparams["num_classes"]
+                return nothing, image.new_zeros((0, k)), target
+        logits = self(image, waves)
         if self.hparams["task"] == "multiclass":
             loss = self.criterion(logits, target)
         else:
