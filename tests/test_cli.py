@@ -3528,6 +3528,36 @@ def test_predict_of_chips_on_no_map_is_one_line(
             "predictions)"
         ), err[-3:]
         assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    # a data module whose predict_dataset is no GeoDataset (a ChipFolder's kind): it was an
+    # AttributeError traceback ('... has no attribute crs'), or named no predict_dataset
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "chipsdm.py").write_text(
+        "import lightning.pytorch as pl\n"
+        "import torch\n"
+        "class Chips(torch.utils.data.Dataset):\n"
+        "    def __len__(self) -> int:\n"
+        "        return 2\n"
+        "    def __getitem__(self, i: int) -> dict:\n"
+        "        return {'image': torch.zeros(4, 224, 224)}\n"
+        "class ChipsModule(pl.LightningDataModule):\n"
+        "    def setup(self, stage: str) -> None:\n"
+        "        self.predict_dataset = Chips()\n"
+        "    def predict_dataloader(self):\n"
+        "        return torch.utils.data.DataLoader(self.predict_dataset, batch_size=2)\n"
+    )
+    out = tmp_path / "out" / "chips.parquet"
+    given = ["predict", "--config", str(configs / "predict_classification.yaml"), "--ckpt_path",
+             str(tmp_path / "cls.ckpt"), "--trainer.callbacks.init_args.path", str(out),
+             "--data", "chipsdm.ChipsModule"]  # fmt: skip
+    assert main(given) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1].startswith(
+            "torchgeo-dofa: error: ClassificationWriter writes georeferenced outputs: it needs a "
+        )
+        and "and ChipsModule's predict_dataset is a Chips, not a GeoDataset; " in err[-1]
+    ), err[-3:]
+    assert not out.exists()
 
 
 def test_a_ckpt_path_keyword_is_checked_as_the_file_it_names(

@@ -1691,7 +1691,7 @@ def test_a_chip_folder_reads_what_its_files_say_and_names_the_file_it_refuses(
     fifth band and ignored band descriptions (red and blue swapped), and the errors of a bad
     chip did not name it; an 8-bit folder warned once per chip read."""
     from torchgeo_dofa.datasets import ChipFolder
-    from torchgeo_dofa.transforms import ReflectanceError
+    from torchgeo_dofa.transforms import DOFAPreprocess, ReflectanceError
 
     chips = _labelled_chips(tmp_path / "chips", per_class=2)
     bands = ["B04", "B03", "B02", "B08"]
@@ -1742,18 +1742,42 @@ def test_a_chip_folder_reads_what_its_files_say_and_names_the_file_it_refuses(
     path.write_text("not a raster")
     with pytest.raises(InputError, match=f"^cannot read chip {re.escape(str(path))}: "):
         data[0]
-    # 8-bit chips: one warning for the folder, however many are read
+    # descriptions of some bands that contradict bands=
+    write(four, descriptions=("B02", "", "B04", "nir"))
+    with pytest.raises(
+        BandError,
+        match=f"^chip {re.escape(str(path))}'s band descriptions contradict bands=.*: band 1 is "
+        r"B2 \(bands= says B4\); band 3 is B4 \(bands= says B2\)",
+    ):
+        data[0]
+    # 8-bit chips: one warning for the root, as the dataset is made (not per chip read, nor
+    # per loader worker); a 4-band one is RGBA to GDAL: its 4th band's zeros mask nothing
     for name in ("0.tif", "1.tif"):
         path = tmp_path / "chips/bare" / name
-        write((four // 40), dtype="uint8")
+        nir_zero = np.where(np.arange(32) < 4, 0, four // 40)  # 4 zero columns in every band
+        nir_zero[:3] = four[:3] // 40 + 1
+        write(nir_zero, dtype="uint8", nodata=None)
+    with rasterio.open(path) as src:
+        assert src.colorinterp[3] == ColorInterp.alpha  # GDAL's default for 4 x uint8
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
+        data = ChipFolder(tmp_path / "chips", bands=bands)
         for _ in range(3):
             data[0], data[1]
     said = [str(w.message) for w in seen if issubclass(w.category, ReflectanceWarning)]
     assert len(said) == 1 and said[0].startswith(
-        f"the chips of {tmp_path / 'chips/bare'} have dtype uint8, which cannot hold raw"
+        f"the chips of {tmp_path / 'chips'} have dtype uint8, which cannot hold raw"
     ), said
+    assert bool(data[0]["valid"].all()), "the 4th band's zeros masked the chip"
+    # transforms for other bands; a class folder without chips
+    with pytest.raises(BandError, match=r"was given transforms preprocessing the bands"):
+        ChipFolder(tmp_path / "chips", bands=bands, transforms=DOFAPreprocess(bands[::-1]))
+    (tmp_path / "chips/water").mkdir()
+    (tmp_path / "chips/water/w.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(FileNotFoundError, match=r"water.*ChipFolder reads \.tif, \.tiff, \.jp2"):
+        ChipFolder(tmp_path / "chips", bands=bands)
+    (tmp_path / "chips/water/w.png").unlink()
+    (tmp_path / "chips/water").rmdir()
     # a JPEG2000 chip (lossless) is read as its GeoTIFF; a PNG is no chip
     crop = tmp_path / "chips/cropland"
     with rasterio.open(crop / "0.tif") as src:
@@ -1828,7 +1852,7 @@ def test_empty_chips_are_left_out_of_a_classification_loss_and_metrics(tmp_path:
         task = DOFAClassificationTask(num_classes=2, weights=None, task=kind, head_norm=False)
         loader = empty_only
         if kind == "multilabel":  # 0/1 per class
-            multilabel = [s | {"label": F.one_hot(s["label"], 2)} for s in Subset(data, [1, 3])]
+            multilabel = [data[i] | {"label": F.one_hot(data[i]["label"], 2)} for i in (1, 3)]
             loader = DataLoader(multilabel, batch_size=2, collate_fn=stack_dofa_samples)  # type: ignore[arg-type]
         with pytest.raises(
             NoLabelledPixelError,

@@ -90,7 +90,7 @@ import warnings
 import weakref
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence, Sized
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from datetime import time as time_of_day
@@ -142,6 +142,7 @@ from torchgeo_dofa.bands import (
     offset_problem,
     refuse_one_string,
     resolve_wavelengths,
+    same_band_names,
     split_date_copy,
     stac_asset_band,
 )
@@ -3054,26 +3055,47 @@ class MixedBandSetError(BandError):
 _NARROW_CHIP_FOLDERS: set[str] = set()
 
 
-def _read_chip(path: Path) -> tuple[npt.NDArray[np.float32], list[str | None], list[int]]:
-    """Read a chip: every band, its descriptions, its alpha bands.
+def _narrow_chips_warning(path: Path, dtype: str, folder: str) -> None:
+    """Warn of 8-bit chips once per ``folder`` and process."""
+    narrow = narrow_dtype_problem(dtype, f"the chips of {folder}", plural=True)
+    if narrow is not None and folder not in _NARROW_CHIP_FOLDERS:
+        _NARROW_CHIP_FOLDERS.add(folder)
+        warn(f"{narrow} (e.g. {path})", ReflectanceWarning)
 
-    Returns:
-        (C, H, W) float32, NaN where the file masks; the band descriptions; the indexes
-        (from 0) of the bands GDAL calls alpha (a 4-band 8-bit GeoTIFF's 4th by GDAL's
-        default, even where it is a spectral band).
+
+def _read_chip(
+    path: Path, bands: int | None = None, warn_narrow: bool = True
+) -> tuple[npt.NDArray[np.float32], list[str | None]]:
+    """Read a chip: its bands (C, H, W) float32, NaN where it has no data, and descriptions.
+
+    Args:
+        path: the chip file.
+        bands: how many bands the chip should have, or None: an alpha band beside that many
+            (GDAL's colour interpretation) masks them where it is 0 and is left out; one
+            that count includes is a band (a 4-band 8-bit GeoTIFF's 4th is alpha by GDAL's
+            default, even where it is near infrared): read plainly, masked by the declared
+            nodata alone, as GDAL would mask every band by its zeros.
+        warn_narrow: warn of an 8-bit chip (once per folder and process).
     """
     try:
         with rasterio.open(path) as src:
-            folder = str(pathlib.Path(path).parent)
-            narrow = narrow_dtype_problem(src.dtypes[0], f"the chips of {folder}", plural=True)
-            if narrow is not None and folder not in _NARROW_CHIP_FOLDERS:
-                _NARROW_CHIP_FOLDERS.add(folder)
-                warn(narrow, ReflectanceWarning)
-            chip = np.empty((src.count, src.height, src.width), dtype=np.float32)
-            every = list(range(1, src.count + 1))
-            _read_into(src, every, Window(0, 0, src.width, src.height), chip)
-            alpha = [i for i, c in enumerate(src.colorinterp) if c == ColorInterp.alpha]
-            return chip, list(src.descriptions), alpha
+            if warn_narrow:
+                _narrow_chips_warning(path, src.dtypes[0], str(pathlib.Path(path).parent))
+            alpha = [i for i, c in enumerate(src.colorinterp, 1) if c == ColorInterp.alpha]
+            descriptions = list(src.descriptions)
+            if alpha and bands is not None and src.count == bands:  # "alpha" is a band
+                chip = src.read().astype(np.float32)
+                for k, nodata in enumerate(src.nodatavals):
+                    if nodata is not None:
+                        chip[k][chip[k] == np.float32(nodata)] = np.nan
+                return chip, descriptions
+            kept = [i for i in range(1, src.count + 1) if i not in alpha or bands is None]
+            chip = np.empty((len(kept), src.height, src.width), dtype=np.float32)
+            _read_into(src, kept, Window(0, 0, src.width, src.height), chip)
+            if bands is not None:
+                for i in alpha:  # GDAL masks by alpha only in 2- and 4-band files: here always
+                    chip[:, ~(src.read(i) > 0)] = np.nan
+            return chip, [descriptions[i - 1] for i in kept]
     except (rasterio.errors.RasterioError, CPLE_BaseError, OSError) as err:
         raise InputError(f"cannot read chip {path}: {err}") from err
 
@@ -3142,30 +3164,65 @@ class ChipFolder(NonGeoClassificationDataset):
         bands: Sequence[str],
         wavelengths: Sequence[float] | None = None,
         transforms: Callable[[Sample], Sample] | None = None,
+        nodata: float | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         """Index the chips of ``root``.
 
         Args:
             root: the folder holding one subfolder of chips per class.
-            bands: the chips' bands in channel order (``B4`` or ``B04`` spelling, or any
-                names with ``wavelengths``).
+            bands: the chips' bands in channel order (``B4`` or ``B04`` spelling; other
+                names with ``wavelengths``, ``mean`` and ``std``).
             wavelengths: one per band (um), for bands without a known wavelength.
             transforms: applied to each sample (``image`` raw reflectance (C, H, W) with NaN
-                where missing, ``label``); default ``DOFAPreprocess(bands, wavelengths)``.
+                where missing, ``label``); default ``DOFAPreprocess(bands, wavelengths,
+                nodata=nodata, mean=mean, std=std)``. A ``DOFAPreprocess`` of other bands is
+                refused.
+            nodata: a value marking missing pixels in chips that do not declare it.
+            mean: per-band means (DOFA's 0..255 scale) for bands without DOFA statistics.
+            std: per-band standard deviations on the same scale.
 
         Raises:
             BandError: for bands the preprocessing cannot take (see
-                :class:`~torchgeo_dofa.transforms.DOFAPreprocess`).
-            FileNotFoundError: torchvision's, for a root without class folders or a class
-                folder without chips.
+                :class:`~torchgeo_dofa.transforms.DOFAPreprocess`), or ``transforms`` that
+                preprocess other bands.
+            FileNotFoundError: for a root without class folders, or a class folder without
+                chips (torchvision's, saying which files are read).
+
+        Warns:
+            ReflectanceWarning: where the first chip of a class is 8-bit (once per root).
         """
         refuse_one_string(bands)
         self.bands = [_canonical_name(b) for b in bands]
         if transforms is None:
-            transforms = DOFAPreprocess(self.bands, wavelengths)
-        super().__init__(
-            root, transforms=transforms, loader=chip_loader, is_valid_file=self._is_chip
-        )
+            transforms = DOFAPreprocess(self.bands, wavelengths, nodata=nodata, mean=mean, std=std)
+        elif isinstance(transforms, DOFAPreprocess) and not same_band_names(
+            list(transforms.bands), self.bands
+        ):
+            raise BandError(
+                f"ChipFolder(bands={self.bands}) was given transforms preprocessing the bands "
+                f"{list(transforms.bands)}: give both the chips' bands, in their order"
+            )
+        try:
+            super().__init__(
+                root, transforms=transforms, loader=chip_loader, is_valid_file=self._is_chip
+            )
+        except FileNotFoundError as err:
+            read = ", ".join(self.extensions)
+            raise FileNotFoundError(
+                f"{err} (ChipFolder reads {read} files, hidden ones left out)"
+            ) from err
+        # 8-bit chips: said once for the root, here (the loader workers would say it anew
+        # each epoch), judged by the first chip of each class
+        for path in {os.path.dirname(p): p for p, _ in self.samples}.values():
+            dtype = ""  # an unreadable chip is said when drawn
+            with suppress(rasterio.errors.RasterioError, CPLE_BaseError, OSError):
+                with rasterio.open(path) as src:
+                    dtype = src.dtypes[0]
+            if narrow_dtype_problem(dtype) is not None:
+                _narrow_chips_warning(path, dtype, str(root))
+                break
 
     @classmethod
     def _is_chip(cls, path: str | os.PathLike[str]) -> bool:
@@ -3187,15 +3244,7 @@ class ChipFolder(NonGeoClassificationDataset):
             ReflectanceError: from the transforms (values that are not raw reflectance).
         """
         path, label = self.samples[index]
-        chip, descriptions, alpha = _read_chip(path)
-        if alpha and chip.shape[0] - len(alpha) == len(self.bands):
-            # an alpha band beside the bands: its zero pixels are missing (GDAL masks by
-            # alpha only in 2- and 4-band files); a band GDAL calls alpha that bands= counts
-            # (a 4-band 8-bit GeoTIFF's 4th, by GDAL's default) is kept as a band
-            for i in alpha:
-                chip[:, ~(chip[i] > 0)] = np.nan
-            kept = [i for i in range(chip.shape[0]) if i not in alpha]
-            chip, descriptions = chip[kept], [descriptions[i] for i in kept]
+        chip, descriptions = _read_chip(path, len(self.bands), warn_narrow=False)
         if chip.shape[0] != len(self.bands):
             raise BandError(
                 f"chip {path} has {chip.shape[0]} bands, but bands= names {len(self.bands)} "
@@ -3210,6 +3259,17 @@ class ChipFolder(NonGeoClassificationDataset):
                     f"not bands={self.bands}: give every chip the same bands"
                 )
             chip = chip[[named.index(b) for b in self.bands]]  # into bands=' order
+        else:  # some described: those must be where bands= says
+            wrong = [
+                f"band {i + 1} is {n} (bands= says {b})"
+                for i, (n, b) in enumerate(zip(named, self.bands, strict=True))
+                if is_known_band(n) and n != b
+            ]
+            if wrong:
+                raise BandError(
+                    f"chip {path}'s band descriptions contradict bands={self.bands}: "
+                    f"{'; '.join(wrong)}: give bands= in the chips' order"
+                )
         sample: Sample = {"image": torch.from_numpy(chip), "label": torch.tensor(label)}
         if self.tg_transforms is not None:
             try:

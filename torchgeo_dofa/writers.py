@@ -1389,7 +1389,7 @@ class GridWriter(_PartsWriter):
             return cast(GridGeometry, grid_geometry())
         dataset = getattr(dm, "predict_dataset", None)
         sampler = getattr(dm, "predict_sampler", None)
-        if dataset is None or sampler is None:
+        if dataset is None or sampler is None or getattr(dataset, "crs", None) is None:
             raise _not_on_a_map(self, dm)
         crs = CRS.from_user_input(dataset.crs.to_wkt())
         patch_px = float(getattr(dm, "patch_size", 224)) / 224 * 16
@@ -1754,7 +1754,7 @@ class PooledWriter(_PartsWriter):
         super().setup(trainer, pl_module, stage)
         if self.crs is None:
             dataset = getattr(getattr(trainer, "datamodule", None), "predict_dataset", None)
-            if dataset is None:
+            if dataset is None or getattr(dataset, "crs", None) is None:
                 raise _not_on_a_map(self, getattr(trainer, "datamodule", None))
             self.crs = CRS.from_user_input(dataset.crs.to_wkt())
         dm = getattr(trainer, "datamodule", None)
@@ -2743,8 +2743,9 @@ def _not_on_a_map(writer: object, datamodule: object) -> ValueError:
 
     The grid, table and map writers place every chip by the data module's ``predict_dataset``
     (its CRS) and ``predict_sampler``; a data module of chips without either (TorchGeo's
-    ``EuroSATDataModule``, a :class:`~torchgeo_dofa.datasets.ChipFolder`, none at all) failed
-    with a ``RuntimeError`` traceback naming a writer class behind the one configured.
+    ``EuroSATDataModule``; a :class:`~torchgeo_dofa.datasets.ChipFolder` as its
+    ``predict_dataset``, which has no CRS; none at all) failed with a ``RuntimeError`` or
+    ``AttributeError`` traceback naming a writer class behind the one configured.
 
     Args:
         writer: the writer refusing.
@@ -2753,7 +2754,15 @@ def _not_on_a_map(writer: object, datamodule: object) -> ValueError:
     Returns:
         The ``ValueError`` to raise (one line from the command line, exit status 2).
     """
-    held = f"{type(datamodule).__name__} has no predict_dataset" if datamodule else "there is none"
+    dataset = getattr(datamodule, "predict_dataset", None)
+    name = type(datamodule).__name__
+    held = (
+        "there is none"
+        if datamodule is None
+        else f"{name} has no predict_dataset"
+        if dataset is None
+        else f"{name}'s predict_dataset is a {type(dataset).__name__}, not a GeoDataset"
+    )
     return ValueError(
         f"{type(writer).__name__} writes georeferenced outputs: it needs a data module whose "
         "predict_dataset and predict_sampler place the chips on a map (a TorchGeo GeoDataset "
