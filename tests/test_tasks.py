@@ -1734,6 +1734,15 @@ def test_a_chip_folder_reads_what_its_files_say_and_names_the_file_it_refuses(
         BandError, match=f"^chip {re.escape(str(path))} has 3 bands, but bands= names 4"
     ):
         data[0]
+    # ... and as the dataset is made, before any training, with how many more and which
+    with pytest.raises(BandError, match=f"^chip {re.escape(str(path))} has 3 bands, .*order$"):
+        ChipFolder(tmp_path / "chips", bands=bands)
+    other = tmp_path / "chips/cropland/1.tif"
+    other.write_text("not a raster")
+    more = f"their order \\(and 1 more of the 4 chips: {re.escape(str(other))}\\)$"
+    with pytest.raises(BandError, match=more):
+        ChipFolder(tmp_path / "chips", bands=bands)
+    other.write_bytes((tmp_path / "chips/cropland/0.tif").read_bytes())
     write(four / 10000, dtype="float32")
     with pytest.raises(
         ReflectanceError, match=f"^chip {re.escape(str(path))}: input looks already scaled"
@@ -1832,6 +1841,11 @@ def test_empty_chips_are_left_out_of_a_classification_loss_and_metrics(tmp_path:
     metrics = trainer.callback_metrics
     assert float(metrics["val_loss"]) == pytest.approx(float(loss), rel=1e-5)
     assert float(metrics["val_OverallAccuracy"]) == pytest.approx(float(accuracy))
+    # predictions: NaN rows for the empty chips (as DOFAEmbedder's NaN embeddings); they
+    # were confident probabilities of a class
+    (probabilities,) = cast(list[torch.Tensor], trainer.predict(task, loader))
+    assert bool(probabilities[~held].isnan().all())
+    torch.testing.assert_close(probabilities[held], logits.softmax(1), rtol=1e-4, atol=1e-6)
     # head_norm's BatchNorm learns its statistics from the chips with data alone
     probe = DOFAClassificationTask(num_classes=2, weights=None)  # linear probe, head_norm
     three = DataLoader(Subset(data, [0, 1, 2]), batch_size=3, collate_fn=stack_dofa_samples)

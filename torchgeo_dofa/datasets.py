@@ -90,7 +90,7 @@ import warnings
 import weakref
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence, Sized
-from contextlib import AbstractContextManager, nullcontext, suppress
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from datetime import time as time_of_day
@@ -3100,6 +3100,58 @@ def _read_chip(
         raise InputError(f"cannot read chip {path}: {err}") from err
 
 
+def _chip_header(path: Path, bands: int) -> tuple[int, list[str | None], str]:
+    """A chip's band count, band descriptions and dtype, its pixels unread.
+
+    The count and descriptions are those :func:`_read_chip` gives for ``bands`` bands (an
+    alpha band beside them left out).
+
+    Raises:
+        InputError: when the file cannot be opened.
+    """
+    try:
+        with rasterio.open(path) as src:
+            alpha = [i for i, c in enumerate(src.colorinterp, 1) if c == ColorInterp.alpha]
+            kept = [i for i in range(1, src.count + 1) if i not in alpha or src.count == bands]
+            return len(kept), [src.descriptions[i - 1] for i in kept], src.dtypes[0]
+    except (rasterio.errors.RasterioError, CPLE_BaseError, OSError) as err:
+        raise InputError(f"cannot read chip {path}: {err}") from err
+
+
+def _chip_order(
+    path: Path, count: int, descriptions: Sequence[str | None], bands: list[str]
+) -> list[int] | None:
+    """The indexes that put a chip's bands into ``bands``' order, or None where they are.
+
+    Raises:
+        BandError: for another band count, or band descriptions naming other bands.
+    """
+    if count != len(bands):
+        raise BandError(
+            f"chip {path} has {count} bands, but bands= names {len(bands)} "
+            f"({', '.join(bands)}): give every chip the same bands, and bands= in their order"
+        )
+    named = [_canonical_name(d) if d else "" for d in descriptions]
+    if all(is_known_band(n) for n in named) and named != bands:
+        if sorted(named) != sorted(bands):
+            raise BandError(
+                f"chip {path} holds the bands {', '.join(named)} (its band descriptions), "
+                f"not bands={bands}: give every chip the same bands"
+            )
+        return [named.index(b) for b in bands]
+    wrong = [  # some described: those must be where bands= says
+        f"band {i + 1} is {n} (bands= says {b})"
+        for i, (n, b) in enumerate(zip(named, bands, strict=True))
+        if is_known_band(n) and n != b
+    ]
+    if wrong:
+        raise BandError(
+            f"chip {path}'s band descriptions contradict bands={bands}: {'; '.join(wrong)}: "
+            "give bands= in the chips' order"
+        )
+    return None
+
+
 def chip_loader(path: Path) -> npt.NDArray[np.float32]:
     """Read a chip file for TorchGeo's ``NonGeoClassificationDataset`` (its ``loader=``).
 
@@ -3141,8 +3193,10 @@ class ChipFolder(NonGeoClassificationDataset):
     size and come from any CRS (they are not placed on a map). Hidden files and folders
     (``.name``: ``.ipynb_checkpoints``, macOS's ``._x.tif``) are left out.
 
-    Each chip is checked as it is read, and every error names its file: its band count
-    against ``bands`` (alpha left out), its band descriptions where they name known bands
+    Every chip's header is checked as the dataset is made (as TorchGeo's ``RasterDataset``
+    opens every file: about 1 ms a chip), and each chip again as it is read; every error
+    names its file: its band count against ``bands`` (alpha left out), its band descriptions
+    where they name known bands
     (a chip described ``B02, B03, B04, B08`` is reordered into ``bands=["B04", "B03", "B02",
     "B08"]``' order, where it would have swapped red and blue; other bands are an error), and
     the transforms' checks (values already scaled).
@@ -3185,8 +3239,10 @@ class ChipFolder(NonGeoClassificationDataset):
 
         Raises:
             BandError: for bands the preprocessing cannot take (see
-                :class:`~torchgeo_dofa.transforms.DOFAPreprocess`), or ``transforms`` that
-                preprocess other bands.
+                :class:`~torchgeo_dofa.transforms.DOFAPreprocess`), ``transforms`` that
+                preprocess other bands, or chips whose band count or band descriptions do
+                not fit ``bands`` (the first named, with how many more and which).
+            InputError: for a chip that cannot be opened.
             FileNotFoundError: for a root without class folders, or a class folder without
                 chips (torchvision's, saying which files are read).
 
@@ -3213,16 +3269,30 @@ class ChipFolder(NonGeoClassificationDataset):
             raise FileNotFoundError(
                 f"{err} (ChipFolder reads {read} files, hidden ones left out)"
             ) from err
-        # 8-bit chips: said once for the root, here (the loader workers would say it anew
-        # each epoch), judged by the first chip of each class
-        for path in {os.path.dirname(p): p for p, _ in self.samples}.values():
-            dtype = ""  # an unreadable chip is said when drawn
-            with suppress(rasterio.errors.RasterioError, CPLE_BaseError, OSError):
-                with rasterio.open(path) as src:
-                    dtype = src.dtypes[0]
-            if narrow_dtype_problem(dtype) is not None:
+        # every chip's header, before any training (TorchGeo's RasterDataset opens every file
+        # as it is made too): a bad chip met late in an epoch stopped the fit there
+        refused: list[tuple[str, InputError | BandError]] = []
+        narrow = False
+        for path, _ in self.samples:
+            try:
+                count, descriptions, dtype = _chip_header(path, len(self.bands))
+                _chip_order(path, count, descriptions, self.bands)
+            except (InputError, BandError) as err:
+                refused.append((path, err))
+                continue
+            if not narrow and narrow_dtype_problem(dtype) is not None:
+                narrow = True  # 8-bit chips: said once for the root (loader workers anew)
                 _narrow_chips_warning(path, dtype, str(root))
-                break
+        if refused:
+            first = refused[0][1]
+            others = [p for p, _ in refused[1:]]
+            more = (
+                f" (and {len(others)} more of the {len(self.samples)} chips: "
+                f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''})"
+                if others
+                else ""
+            )
+            raise type(first)(f"{first}{more}") from first
 
     @classmethod
     def _is_chip(cls, path: str | os.PathLike[str]) -> bool:
@@ -3245,31 +3315,9 @@ class ChipFolder(NonGeoClassificationDataset):
         """
         path, label = self.samples[index]
         chip, descriptions = _read_chip(path, len(self.bands), warn_narrow=False)
-        if chip.shape[0] != len(self.bands):
-            raise BandError(
-                f"chip {path} has {chip.shape[0]} bands, but bands= names {len(self.bands)} "
-                f"({', '.join(self.bands)}): give every chip the same bands, and bands= in "
-                "their order"
-            )
-        named = [_canonical_name(d) if d else "" for d in descriptions]
-        if all(is_known_band(n) for n in named) and named != self.bands:
-            if sorted(named) != sorted(self.bands):
-                raise BandError(
-                    f"chip {path} holds the bands {', '.join(named)} (its band descriptions), "
-                    f"not bands={self.bands}: give every chip the same bands"
-                )
-            chip = chip[[named.index(b) for b in self.bands]]  # into bands=' order
-        else:  # some described: those must be where bands= says
-            wrong = [
-                f"band {i + 1} is {n} (bands= says {b})"
-                for i, (n, b) in enumerate(zip(named, self.bands, strict=True))
-                if is_known_band(n) and n != b
-            ]
-            if wrong:
-                raise BandError(
-                    f"chip {path}'s band descriptions contradict bands={self.bands}: "
-                    f"{'; '.join(wrong)}: give bands= in the chips' order"
-                )
+        order = _chip_order(path, chip.shape[0], descriptions, self.bands)
+        if order is not None:  # the same bands described in another order
+            chip = chip[order]
         sample: Sample = {"image": torch.from_numpy(chip), "label": torch.tensor(label)}
         if self.tg_transforms is not None:
             try:

@@ -1736,18 +1736,35 @@ class DOFAClassificationTask(_DOFATask):
             batch_idx: index of the batch.
 
         Returns:
-            (B, num_classes) probabilities.
+            (B, num_classes) probabilities; NaN rows for chips flagged ``empty`` (no valid
+            pixel: their image says nothing of a class), as ``DOFAEmbedder`` gives NaN
+            embeddings for them; those chips are not computed.
 
         Raises:
             ValueError: for ``wavelengths`` other than the task's ``bands`` / ``wavelengths``.
             NonFiniteOutputError: for NaN / infinite logits
                 (:func:`~torchgeo_dofa.embedder.check_finite_output`).
         """
-        logits = self(batch["image"], self._batch_wavelengths(batch))
+        image, waves = batch["image"], self._batch_wavelengths(batch)
+        empty = batch.get("empty")
+        held: Tensor | None = None
+        if isinstance(empty, Tensor) and empty.shape == image.shape[:1] and bool(empty.any()):
+            held = ~empty.to(torch.bool)
+            image = image[held]
+            if isinstance(waves, Tensor) and waves.ndim == 2:  # (B, C): one row a chip
+                waves = waves[held]
+        k = self.hparams["num_classes"]
+        logits = self(image, waves) if image.shape[0] else image.new_zeros((0, k))
         check_finite_output(logits, type(self).__name__)
         if self.hparams["task"] == "multiclass":
-            return logits.softmax(dim=1)
-        return logits.sigmoid()
+            probabilities = logits.softmax(dim=1)
+        else:
+            probabilities = logits.sigmoid()
+        if held is None:
+            return probabilities
+        every = probabilities.new_full((held.shape[0], k), math.nan)
+        every[held] = probabilities
+        return every
 
 
 DecoderNorm = Literal["group", "batch"]
