@@ -1739,7 +1739,7 @@ def test_a_chip_folder_reads_what_its_files_say_and_names_the_file_it_refuses(
         ChipFolder(tmp_path / "chips", bands=bands)
     other = tmp_path / "chips/cropland/1.tif"
     other.write_text("not a raster")
-    more = f"their order \\(and 1 more of the 4 chips: {re.escape(str(other))}\\)$"
+    more = f"order \\(and 1 more of the 4 chips: {re.escape(str(other))} \\(cannot be read\\)\\)$"
     with pytest.raises(BandError, match=more):
         ChipFolder(tmp_path / "chips", bands=bands)
     other.write_bytes((tmp_path / "chips/cropland/0.tif").read_bytes())

@@ -3065,8 +3065,12 @@ def _narrow_chips_warning(path: Path, dtype: str, folder: str) -> None:
 
 def _read_chip(
     path: Path, bands: int | None = None, warn_narrow: bool = True
-) -> tuple[npt.NDArray[np.float32], list[str | None]]:
-    """Read a chip: its bands (C, H, W) float32, NaN where it has no data, and descriptions.
+) -> tuple[npt.NDArray[np.float32], list[str | None], list[int]]:
+    """Read a chip's bands, their descriptions and their numbers in the file.
+
+    Returns:
+        (C, H, W) float32, NaN where the chip has no data; the bands' descriptions; their
+        numbers in the file (from 1).
 
     Args:
         path: the chip file.
@@ -3083,28 +3087,29 @@ def _read_chip(
                 _narrow_chips_warning(path, src.dtypes[0], str(pathlib.Path(path).parent))
             alpha = [i for i, c in enumerate(src.colorinterp, 1) if c == ColorInterp.alpha]
             descriptions = list(src.descriptions)
+            every = list(range(1, src.count + 1))
             if alpha and bands is not None and src.count == bands:  # "alpha" is a band
                 chip = src.read().astype(np.float32)
                 for k, nodata in enumerate(src.nodatavals):
                     if nodata is not None:
                         chip[k][chip[k] == np.float32(nodata)] = np.nan
-                return chip, descriptions
-            kept = [i for i in range(1, src.count + 1) if i not in alpha or bands is None]
+                return chip, descriptions, every
+            kept = [i for i in every if i not in alpha or bands is None]
             chip = np.empty((len(kept), src.height, src.width), dtype=np.float32)
             _read_into(src, kept, Window(0, 0, src.width, src.height), chip)
             if bands is not None:
                 for i in alpha:  # GDAL masks by alpha only in 2- and 4-band files: here always
                     chip[:, ~(src.read(i) > 0)] = np.nan
-            return chip, [descriptions[i - 1] for i in kept]
+            return chip, [descriptions[i - 1] for i in kept], kept
     except (rasterio.errors.RasterioError, CPLE_BaseError, OSError) as err:
         raise InputError(f"cannot read chip {path}: {err}") from err
 
 
-def _chip_header(path: Path, bands: int) -> tuple[int, list[str | None], str]:
-    """A chip's band count, band descriptions and dtype, its pixels unread.
+def _chip_header(path: Path, bands: int) -> tuple[list[int], list[str | None], str]:
+    """A chip's band numbers (from 1), band descriptions and dtype, its pixels unread.
 
-    The count and descriptions are those :func:`_read_chip` gives for ``bands`` bands (an
-    alpha band beside them left out).
+    The bands are those :func:`_read_chip` gives for ``bands`` bands (an alpha band beside
+    them left out).
 
     Raises:
         InputError: when the file cannot be opened.
@@ -3113,19 +3118,26 @@ def _chip_header(path: Path, bands: int) -> tuple[int, list[str | None], str]:
         with rasterio.open(path) as src:
             alpha = [i for i, c in enumerate(src.colorinterp, 1) if c == ColorInterp.alpha]
             kept = [i for i in range(1, src.count + 1) if i not in alpha or src.count == bands]
-            return len(kept), [src.descriptions[i - 1] for i in kept], src.dtypes[0]
+            return kept, [src.descriptions[i - 1] for i in kept], src.dtypes[0]
     except (rasterio.errors.RasterioError, CPLE_BaseError, OSError) as err:
         raise InputError(f"cannot read chip {path}: {err}") from err
 
 
 def _chip_order(
-    path: Path, count: int, descriptions: Sequence[str | None], bands: list[str]
+    path: Path, numbers: Sequence[int], descriptions: Sequence[str | None], bands: list[str]
 ) -> list[int] | None:
     """The indexes that put a chip's bands into ``bands``' order, or None where they are.
+
+    Args:
+        path: the chip (for messages).
+        numbers: the numbers in the file (from 1) of the bands read.
+        descriptions: their descriptions.
+        bands: the dataset's bands.
 
     Raises:
         BandError: for another band count, or band descriptions naming other bands.
     """
+    count = len(numbers)
     if count != len(bands):
         raise BandError(
             f"chip {path} has {count} bands, but bands= names {len(bands)} "
@@ -3140,13 +3152,14 @@ def _chip_order(
             )
         return [named.index(b) for b in bands]
     wrong = [  # some described: those must be where bands= says
-        f"band {i + 1} is {n} (bands= says {b})"
-        for i, (n, b) in enumerate(zip(named, bands, strict=True))
+        f"band {number} is {n} (bands= says {b})"
+        for number, n, b in zip(numbers, named, bands, strict=True)
         if is_known_band(n) and n != b
     ]
     if wrong:
         raise BandError(
-            f"chip {path}'s band descriptions contradict bands={bands}: {'; '.join(wrong)}: "
+            f"chip {path}'s band descriptions contradict bands={bands}: {'; '.join(wrong)}"
+            f"{' (its alpha band left out)' if len(numbers) and numbers[-1] != count else ''}: "
             "give bands= in the chips' order"
         )
     return None
@@ -3273,26 +3286,34 @@ class ChipFolder(NonGeoClassificationDataset):
         # as it is made too): a bad chip met late in an epoch stopped the fit there
         refused: list[tuple[str, InputError | BandError]] = []
         narrow = False
-        for path, _ in self.samples:
-            try:
-                count, descriptions, dtype = _chip_header(path, len(self.bands))
-                _chip_order(path, count, descriptions, self.bands)
-            except (InputError, BandError) as err:
-                refused.append((path, err))
-                continue
-            if not narrow and narrow_dtype_problem(dtype) is not None:
-                narrow = True  # 8-bit chips: said once for the root (loader workers anew)
-                _narrow_chips_warning(path, dtype, str(root))
+        with warnings.catch_warnings():  # once per dataset: chips need no georeferencing
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            for path, _ in self.samples:
+                try:
+                    numbers, descriptions, dtype = _chip_header(path, len(self.bands))
+                    _chip_order(path, numbers, descriptions, self.bands)
+                except (InputError, BandError) as err:
+                    refused.append((path, err))
+                    continue
+                if not narrow and narrow_dtype_problem(dtype) is not None:
+                    narrow = True  # 8-bit chips: said once for the root (loader workers anew)
+                    _narrow_chips_warning(path, dtype, str(root))
         if refused:
-            first = refused[0][1]
-            others = [p for p, _ in refused[1:]]
+            # a BandError where any chip's bands do not fit (an InputError: none opened)
+            kind = BandError if any(isinstance(e, BandError) for _, e in refused) else InputError
+            first = next(e for _, e in refused if isinstance(e, kind))
+            others = [
+                f"{p} ({'cannot be read' if isinstance(e, InputError) else 'other bands'})"
+                for p, e in refused
+                if e is not first
+            ]
             more = (
                 f" (and {len(others)} more of the {len(self.samples)} chips: "
                 f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''})"
                 if others
                 else ""
             )
-            raise type(first)(f"{first}{more}") from first
+            raise kind(f"{first}{more}") from first
 
     @classmethod
     def _is_chip(cls, path: str | os.PathLike[str]) -> bool:
@@ -3314,8 +3335,8 @@ class ChipFolder(NonGeoClassificationDataset):
             ReflectanceError: from the transforms (values that are not raw reflectance).
         """
         path, label = self.samples[index]
-        chip, descriptions = _read_chip(path, len(self.bands), warn_narrow=False)
-        order = _chip_order(path, chip.shape[0], descriptions, self.bands)
+        chip, descriptions, numbers = _read_chip(path, len(self.bands), warn_narrow=False)
+        order = _chip_order(path, numbers, descriptions, self.bands)
         if order is not None:  # the same bands described in another order
             chip = chip[order]
         sample: Sample = {"image": torch.from_numpy(chip), "label": torch.tensor(label)}
