@@ -1684,6 +1684,48 @@ def test_the_readme_labelled_chips_example_trains(
     assert data[len(data) - 1]["label"] == 1 and bool(first["valid"].all())
 
 
+def test_the_chips_config_fine_tunes_on_a_chip_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``fit --config finetune_chips.yaml`` (DOFAChipFolderDataModule): the command line's way
+    to fine-tune on a folder of labelled chips (it had only Python's). The split is seeded and
+    disjoint, the batches are the dataset's DOFA-normalised chips (TorchGeo's default aug
+    would divide them by 255), and a root without chips is one line, exit 2."""
+    from torchgeo_dofa.cli import main
+    from torchgeo_dofa.datamodules import DOFAChipFolderDataModule
+
+    _labelled_chips(tmp_path / "chips", per_class=5)
+    monkeypatch.chdir(tmp_path)
+    bands = ["B04", "B03", "B02", "B08"]
+    dm = DOFAChipFolderDataModule("chips", bands=bands, batch_size=4)
+    dm.setup("fit")
+    assert dm.classes == ["bare", "cropland"] and dm.bands == ["B4", "B3", "B2", "B8"]
+    train, val = set(dm.train_dataset.indices), set(dm.val_dataset.indices)  # type: ignore[union-attr]
+    assert (len(train), len(val), train & val, dm.test_dataloader()) == (8, 2, set(), [])
+    again = DOFAChipFolderDataModule("chips", bands=bands)
+    again.setup("fit")
+    assert set(again.val_dataset.indices) == val  # type: ignore[union-attr]
+    batch = dm.aug(next(iter(dm.train_dataloader())))
+    assert batch["image"].shape == (4, 4, 224, 224) and batch["wavelengths"].shape == (4, 4)
+    assert float(batch["image"].abs().max()) > 0.5  # DOFA-normalised, not divided by 255
+    with pytest.raises(ValueError, match="leave no training chip"):
+        DOFAChipFolderDataModule("chips", bands=bands, val_split=0.5, test_split=0.5)
+    fit = ["fit", "--config", str(CONFIGS / "finetune_chips.yaml"),
+           "--model.init_args.weights", "null", "--data.init_args.batch_size", "4",
+           "--data.init_args.num_workers", "0", "--trainer.max_epochs", "1",
+           "--trainer.enable_progress_bar", "false",
+           "--trainer.enable_model_summary", "false"]  # fmt: skip
+    assert main(fit) == 0
+    run = tmp_path / "logs/dofa-linear-probe-chips/version_0"
+    assert (run / "checkpoints/last.ckpt").is_file()
+    assert "val_OverallAccuracy" in (run / "metrics.csv").read_text()
+    capsys.readouterr()
+    (tmp_path / "nochips").mkdir()
+    assert main([*fit, "--data.init_args.root", "nochips"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("torchgeo-dofa: error: ChipFolder: Couldn't find any class folder"), line
+
+
 def test_a_chip_folder_reads_what_its_files_say_and_names_the_file_it_refuses(
     tmp_path: Path,
 ) -> None:
@@ -1783,7 +1825,9 @@ def test_a_chip_folder_reads_what_its_files_say_and_names_the_file_it_refuses(
         ChipFolder(tmp_path / "chips", bands=bands, transforms=DOFAPreprocess(bands[::-1]))
     (tmp_path / "chips/water").mkdir()
     (tmp_path / "chips/water/w.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    with pytest.raises(FileNotFoundError, match=r"water.*ChipFolder reads \.tif, \.tiff, \.jp2"):
+    with pytest.raises(
+        FileNotFoundError, match=r"^ChipFolder: .*water.* \(it reads \.tif, \.tiff, \.jp2"
+    ):
         ChipFolder(tmp_path / "chips", bands=bands)
     (tmp_path / "chips/water/w.png").unlink()
     (tmp_path / "chips/water").rmdir()

@@ -66,6 +66,7 @@ from torchgeo.samplers import GeoSampler
 from torchgeo_dofa import _warnings
 from torchgeo_dofa.bands import BandError, canonical_band, refuse_one_string
 from torchgeo_dofa.datasets import (
+    ChipFolder,
     InputError,
     RasterInput,
     Sentinel2Base,
@@ -109,6 +110,7 @@ from torchgeo_dofa.writers import GridGeometry, folders_removed_if_left_empty
 __all__ = [
     "EUROSAT_DOFA_BANDS",
     "ChipGridSampler",
+    "DOFAChipFolderDataModule",
     "DOFAEuroSAT100DataModule",
     "DOFAEuroSATDataModule",
     "DOFAEuroSATSpatialDataModule",
@@ -2002,3 +2004,107 @@ class DOFAEuroSATSpatialDataModule(DOFAEuroSATDataModule):
     """
 
     eurosat_class: ClassVar[type[EuroSAT]] = EuroSATSpatial
+
+
+class DOFAChipFolderDataModule(NonGeoDataModule):
+    """Labelled chips of a :class:`~torchgeo_dofa.datasets.ChipFolder` for classification.
+
+    ``root/<class>/<chip>.tif``, one folder per class, split at random (seeded) into
+    training, validation and test chips: the data module of ``fit --config`` for a
+    :class:`~torchgeo_dofa.tasks.DOFAClassificationTask` on your own labelled chips
+    (``finetune_chips.yaml``). The chips are checked and DOFA-normalised by the dataset
+    (``DOFAPreprocess(bands)``); the batches are left as they are (TorchGeo's default
+    ``aug`` divides them by 255). TorchGeo drops a last partial training batch (``head_norm``
+    needs two chips a batch).
+
+    Attributes:
+        bands: the chips' bands (canonical spelling), which a task without ``bands`` reads.
+        classes: the class names, in the order of the labels (set at setup).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        bands: Sequence[str],
+        wavelengths: Sequence[float] | None = None,
+        nodata: float | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        val_split: float = 0.2,
+        test_split: float = 0.0,
+        seed: int = 0,
+        batch_size: int = 16,
+        num_workers: int = 0,
+    ) -> None:
+        """Record the settings (the chips are read at setup).
+
+        Args:
+            root: the folder holding one subfolder of chips per class.
+            bands: the chips' bands in channel order.
+            wavelengths: one per band (um), for bands without a known wavelength.
+            nodata: a value marking missing pixels in chips that declare none.
+            mean: per-band means (DOFA's 0..255 scale) for bands without DOFA statistics.
+            std: per-band standard deviations on the same scale.
+            val_split: the fraction of chips held out for validation (0 for none).
+            test_split: the fraction held out for testing (0 for none).
+            seed: the seed of the random split (the same split on every run).
+            batch_size: chips a batch.
+            num_workers: DataLoader worker processes.
+
+        Raises:
+            ValueError: for fractions outside [0, 1) or leaving no training chip, or a
+                ``batch_size`` / ``num_workers`` that is not a whole number (>= 1 / >= 0).
+        """
+        refuse_one_string(bands)
+        _check_whole("batch_size", batch_size, 1)
+        _check_whole("num_workers", num_workers, 0)
+        for name, value in (("val_split", val_split), ("test_split", test_split)):
+            if not (isinstance(value, int | float) and 0 <= value < 1):
+                raise ValueError(f"{name} must be a fraction from 0 to below 1, got {value!r}")
+        if val_split + test_split >= 1:
+            raise ValueError(
+                f"val_split {val_split} and test_split {test_split} leave no training chip: "
+                "their sum must be below 1"
+            )
+        super().__init__(
+            ChipFolder,
+            batch_size,
+            num_workers,
+            root=root,
+            bands=list(bands),
+            wavelengths=wavelengths,
+            nodata=nodata,
+            mean=mean,
+            std=std,
+        )
+        self.bands = [canonical_band(b) for b in bands]
+        self.classes: list[str] = []
+        self.splits = (1 - val_split - test_split, val_split, test_split)
+        self.seed = seed
+        self.aug = _passthrough  # the dataset's DOFAPreprocess has normalised the chips
+        self.collate_fn = stack_dofa_samples
+
+    def setup(self, stage: str) -> None:
+        """Read the chips' folder and split it (the same split for every stage).
+
+        Raises:
+            BandError: for chips whose bands do not fit ``bands`` (see
+                :class:`~torchgeo_dofa.datasets.ChipFolder`).
+            InputError: for a chip that cannot be opened.
+            NoRasterFoundError: for a root without class folders or chips.
+        """
+        dataset = ChipFolder(**self.kwargs)
+        self.classes = list(dataset.classes)
+        generator = torch.Generator().manual_seed(self.seed)
+        train, val, test = torch.utils.data.random_split(dataset, self.splits, generator)
+        self.train_dataset = train
+        self.val_dataset = val if len(val) else None
+        self.test_dataset = test if len(test) else None
+
+    def val_dataloader(self) -> Any:
+        """The validation chips' loader, or none (``val_split: 0``)."""
+        return [] if self.val_dataset is None else super().val_dataloader()
+
+    def test_dataloader(self) -> Any:
+        """The test chips' loader, or none (``test_split: 0``)."""
+        return [] if self.test_dataset is None else super().test_dataloader()

@@ -3256,8 +3256,9 @@ class ChipFolder(NonGeoClassificationDataset):
                 preprocess other bands, or chips whose band count or band descriptions do
                 not fit ``bands`` (the first named, with how many more and which).
             InputError: for a chip that cannot be opened.
-            FileNotFoundError: for a root without class folders, or a class folder without
-                chips (torchvision's, saying which files are read).
+            NoRasterFoundError: (TorchGeo's ``DatasetNotFoundError``, a
+                ``FileNotFoundError``) for a root without class folders, or a class folder
+                without chips (torchvision's message, and which files are read).
 
         Warns:
             ReflectanceWarning: where the first chip of a class is 8-bit (once per root).
@@ -3277,10 +3278,10 @@ class ChipFolder(NonGeoClassificationDataset):
             super().__init__(
                 root, transforms=transforms, loader=chip_loader, is_valid_file=self._is_chip
             )
-        except FileNotFoundError as err:
+        except FileNotFoundError as err:  # torchvision's: TorchGeo's kind, named
             read = ", ".join(self.extensions)
-            raise FileNotFoundError(
-                f"{err} (ChipFolder reads {read} files, hidden ones left out)"
+            raise NoRasterFoundError(
+                f"ChipFolder: {err} (it reads {read} files, hidden ones left out)"
             ) from err
         # every chip's header, before any training (TorchGeo's RasterDataset opens every file
         # as it is made too): a bad chip met late in an epoch stopped the fit there
