@@ -1701,7 +1701,7 @@ def test_the_chips_config_fine_tunes_on_a_chip_folder(
     dm.setup("fit")
     assert dm.classes == ["bare", "cropland"] and dm.bands == ["B4", "B3", "B2", "B8"]
     train, val = set(dm.train_dataset.indices), set(dm.val_dataset.indices)  # type: ignore[union-attr]
-    assert (len(train), len(val), train & val, dm.test_dataloader()) == (8, 2, set(), [])
+    assert (len(train), len(val), train & val, dm.test_dataset) == (8, 2, set(), None)
     again = DOFAChipFolderDataModule("chips", bands=bands)
     again.setup("fit")
     assert set(again.val_dataset.indices) == val  # type: ignore[union-attr]
@@ -1721,9 +1721,26 @@ def test_the_chips_config_fine_tunes_on_a_chip_folder(
     assert "val_OverallAccuracy" in (run / "metrics.csv").read_text()
     capsys.readouterr()
     (tmp_path / "nochips").mkdir()
-    assert main([*fit, "--data.init_args.root", "nochips"]) == 2
+    for args, said in (
+        (["--data.init_args.root", "nochips"], "ChipFolder: Couldn't find any class folder"),
+        # helper-126: fewer classes failed at the first batch with a label beyond them (maybe
+        # late in an epoch), more trained a head for classes no chip has
+        (["--model.init_args.num_classes", "3"], "the task has num_classes=3, but chips/ holds 2 "
+         "class folders (bare, cropland): set num_classes=2 (--model.init_args.num_classes 2)"),
+    ):  # fmt: skip
+        assert main([*fit, *args]) == 2, args
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith(f"torchgeo-dofa: error: {said}"), line
+    # test without test chips (test_split 0) ran nothing and exited 0
+    last = str(run / "checkpoints/last.ckpt")
+    test = ["test", *fit[1:3], "--model.init_args.weights", "null", "--ckpt_path", last,
+            "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    assert main(test) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("torchgeo-dofa: error: ChipFolder: Couldn't find any class folder"), line
+    assert line.startswith(
+        "torchgeo-dofa: error: DOFAChipFolderDataModule holds no chips to test: test_split is 0"
+    ), line
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]  # none left
 
 
 def test_a_chip_folder_reads_what_its_files_say_and_names_the_file_it_refuses(

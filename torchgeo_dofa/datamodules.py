@@ -2087,24 +2087,84 @@ class DOFAChipFolderDataModule(NonGeoDataModule):
     def setup(self, stage: str) -> None:
         """Read the chips' folder and split it (the same split for every stage).
 
+        The split is the same for the same chips, fractions and seed: another ``val_split``
+        or ``test_split`` draws other chips (a test set may then hold chips a checkpoint was
+        trained on).
+
         Raises:
             BandError: for chips whose bands do not fit ``bands`` (see
                 :class:`~torchgeo_dofa.datasets.ChipFolder`).
             InputError: for a chip that cannot be opened.
             NoRasterFoundError: for a root without class folders or chips.
+            ValueError: for a task (the trainer's module) whose ``num_classes`` is not the
+                number of class folders (``task: multiclass``), or fractions that leave no
+                training chip.
         """
         dataset = ChipFolder(**self.kwargs)
         self.classes = list(dataset.classes)
+        self._check_the_tasks_classes()
+        n = len(dataset)
+        held = [round(n * f) for f in self.splits[1:]]  # counts: torch warns of empty fractions
+        if n - sum(held) < 1:
+            raise ValueError(
+                f"val_split {self.splits[1]} and test_split {self.splits[2]} of the {n} chips "
+                f"of {self.kwargs['root']} leave no training chip: lower them"
+            )
         generator = torch.Generator().manual_seed(self.seed)
-        train, val, test = torch.utils.data.random_split(dataset, self.splits, generator)
+        train, val, test = torch.utils.data.random_split(dataset, [n - sum(held), *held], generator)
         self.train_dataset = train
         self.val_dataset = val if len(val) else None
         self.test_dataset = test if len(test) else None
 
+    def _check_the_tasks_classes(self) -> None:
+        """Refuse a multiclass task whose class count is not the number of class folders.
+
+        Fewer classes than folders failed at the first batch holding a label beyond them
+        (maybe late in an epoch); more trained a head for classes no chip has.
+        """
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        hparams = getattr(module, "hparams", {})
+        classes = hparams.get("num_classes") if hasattr(hparams, "get") else None
+        if classes is None or hparams.get("task", "multiclass") != "multiclass":
+            return
+        if int(classes) != len(self.classes):
+            raise ValueError(
+                f"the task has num_classes={classes}, but {self.kwargs['root']} holds "
+                f"{len(self.classes)} class folders ({_first_few(self.classes, 5)}): set "
+                f"num_classes={len(self.classes)} (--model.init_args.num_classes "
+                f"{len(self.classes)})"
+            )
+
     def val_dataloader(self) -> Any:
-        """The validation chips' loader, or none (``val_split: 0``)."""
-        return [] if self.val_dataset is None else super().val_dataloader()
+        """The validation chips' loader; none in ``fit`` with ``val_split: 0``.
+
+        Raises:
+            ValueError: for ``validate`` with ``val_split: 0`` (no validation chip).
+        """
+        if self.val_dataset is None:
+            return self._no_chips("validate", "val_split")
+        return super().val_dataloader()
 
     def test_dataloader(self) -> Any:
-        """The test chips' loader, or none (``test_split: 0``)."""
-        return [] if self.test_dataset is None else super().test_dataloader()
+        """The test chips' loader.
+
+        Raises:
+            ValueError: with ``test_split: 0`` (no test chip).
+        """
+        if self.test_dataset is None:
+            return self._no_chips("test", "test_split")
+        return super().test_dataloader()
+
+    def _no_chips(self, command: str, fraction: str) -> list[Any]:
+        """No loader where ``fit`` asks (it trains without), an error where ``command`` does."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        trainer = getattr(self, "trainer", None)
+        if getattr(getattr(trainer, "state", None), "fn", None) == TrainerFn.FITTING:
+            return []
+        raise ValueError(
+            f"{type(self).__name__} holds no chips to {command}: {fraction} is 0; a fit "
+            f"with {fraction} set (e.g. 0.2) holds them out: {command} its checkpoint with "
+            "the same fractions and seed (other fractions draw other chips)"
+        )
