@@ -3063,6 +3063,20 @@ def _narrow_chips_warning(path: Path, dtype: str, folder: str) -> None:
         warn(f"{narrow} (e.g. {path})", ReflectanceWarning)
 
 
+def _chip_bands(src: DatasetReader, bands: int | None) -> tuple[list[int], list[int]]:
+    """The numbers (from 1) of the bands a chip is read as, and of its alpha bands.
+
+    An alpha band (GDAL's colour interpretation) beside ``bands`` bands is left out; one that
+    ``bands`` counts (a 4-band 8-bit GeoTIFF's 4th is alpha by GDAL's default, even where it
+    is near infrared) is a band; ``bands`` None keeps every band.
+    """
+    alpha = [i for i, c in enumerate(src.colorinterp, 1) if c == ColorInterp.alpha]
+    every = list(range(1, src.count + 1))
+    if bands is None or src.count == bands:
+        return every, alpha
+    return [i for i in every if i not in alpha], alpha
+
+
 def _read_chip(
     path: Path, bands: int | None = None, warn_narrow: bool = True
 ) -> tuple[npt.NDArray[np.float32], list[str | None], list[int]]:
@@ -3074,33 +3088,30 @@ def _read_chip(
 
     Args:
         path: the chip file.
-        bands: how many bands the chip should have, or None: an alpha band beside that many
-            (GDAL's colour interpretation) masks them where it is 0 and is left out; one
-            that count includes is a band (a 4-band 8-bit GeoTIFF's 4th is alpha by GDAL's
-            default, even where it is near infrared): read plainly, masked by the declared
-            nodata alone, as GDAL would mask every band by its zeros.
+        bands: how many bands the chip should have, or None (every band): an alpha band
+            beside that many (:func:`_chip_bands`) masks them where it is 0 and is left out;
+            one that count includes is a band, read plainly, masked by the declared nodata
+            alone, as GDAL would mask every band by its zeros.
         warn_narrow: warn of an 8-bit chip (once per folder and process).
     """
     try:
         with rasterio.open(path) as src:
             if warn_narrow:
                 _narrow_chips_warning(path, src.dtypes[0], str(pathlib.Path(path).parent))
-            alpha = [i for i, c in enumerate(src.colorinterp, 1) if c == ColorInterp.alpha]
-            descriptions = list(src.descriptions)
-            every = list(range(1, src.count + 1))
+            kept, alpha = _chip_bands(src, bands)
+            descriptions = [src.descriptions[i - 1] for i in kept]
             if alpha and bands is not None and src.count == bands:  # "alpha" is a band
                 chip = src.read().astype(np.float32)
                 for k, nodata in enumerate(src.nodatavals):
                     if nodata is not None:
                         chip[k][chip[k] == np.float32(nodata)] = np.nan
-                return chip, descriptions, every
-            kept = [i for i in every if i not in alpha or bands is None]
+                return chip, descriptions, kept
             chip = np.empty((len(kept), src.height, src.width), dtype=np.float32)
             _read_into(src, kept, Window(0, 0, src.width, src.height), chip)
             if bands is not None:
                 for i in alpha:  # GDAL masks by alpha only in 2- and 4-band files: here always
                     chip[:, ~(src.read(i) > 0)] = np.nan
-            return chip, [descriptions[i - 1] for i in kept], kept
+            return chip, descriptions, kept
     except (rasterio.errors.RasterioError, CPLE_BaseError, OSError) as err:
         raise InputError(f"cannot read chip {path}: {err}") from err
 
@@ -3108,16 +3119,14 @@ def _read_chip(
 def _chip_header(path: Path, bands: int) -> tuple[list[int], list[str | None], str]:
     """A chip's band numbers (from 1), band descriptions and dtype, its pixels unread.
 
-    The bands are those :func:`_read_chip` gives for ``bands`` bands (an alpha band beside
-    them left out).
+    The bands are those :func:`_read_chip` gives for ``bands`` bands (:func:`_chip_bands`).
 
     Raises:
         InputError: when the file cannot be opened.
     """
     try:
         with rasterio.open(path) as src:
-            alpha = [i for i, c in enumerate(src.colorinterp, 1) if c == ColorInterp.alpha]
-            kept = [i for i in range(1, src.count + 1) if i not in alpha or src.count == bands]
+            kept, _ = _chip_bands(src, bands)
             return kept, [src.descriptions[i - 1] for i in kept], src.dtypes[0]
     except (rasterio.errors.RasterioError, CPLE_BaseError, OSError) as err:
         raise InputError(f"cannot read chip {path}: {err}") from err
@@ -3286,7 +3295,6 @@ class ChipFolder(NonGeoClassificationDataset):
         # every chip's header, before any training (TorchGeo's RasterDataset opens every file
         # as it is made too): a bad chip met late in an epoch stopped the fit there
         refused: list[tuple[str, InputError | BandError]] = []
-        narrow = False
         with warnings.catch_warnings():  # once per dataset: chips need no georeferencing
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             for path, _ in self.samples:
@@ -3296,9 +3304,8 @@ class ChipFolder(NonGeoClassificationDataset):
                 except (InputError, BandError) as err:
                     refused.append((path, err))
                     continue
-                if not narrow and narrow_dtype_problem(dtype) is not None:
-                    narrow = True  # 8-bit chips: said once for the root (loader workers anew)
-                    _narrow_chips_warning(path, dtype, str(root))
+                # 8-bit chips: said once for the root, here (loader workers would say it anew)
+                _narrow_chips_warning(path, dtype, str(root))
         if refused:
             # a BandError where any chip's bands do not fit (an InputError: none opened)
             kind = BandError if any(isinstance(e, BandError) for _, e in refused) else InputError

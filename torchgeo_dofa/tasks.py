@@ -1693,9 +1693,8 @@ class DOFAClassificationTask(_DOFATask):
         loss 0 (no gradient) and scores nothing.
         """
         target = self._target(batch)  # before the forward pass: a bad label costs none
-        image, waves = batch["image"], self._batch_wavelengths(batch)
-        empty = batch.get("empty")
-        if isinstance(empty, Tensor) and empty.shape == target.shape[:1] and bool(empty.any()):
+        held, image, waves = self._chips_with_data(batch)
+        if held is not None:
             if not getattr(self, "_warned_of_empty_chips", False):  # once per task
                 self._warned_of_empty_chips = True
                 _warnings.warn(
@@ -1703,13 +1702,10 @@ class DOFAClassificationTask(_DOFATask):
                     "left out of DOFAClassificationTask's loss and metrics: their image says "
                     "nothing of their label; leave them out of the dataset to silence this"
                 )
-            held = ~empty.to(torch.bool)
             norm = self._head_batch_norm()
-            if int(held.sum()) == 1 and norm is not None and norm.training:
-                held[:] = False  # one chip cannot make batch statistics
-            image, target = image[held], target[held]
-            if isinstance(waves, Tensor) and waves.ndim == 2:  # (B, C): one row a chip
-                waves = waves[held]
+            if image.shape[0] == 1 and norm is not None and norm.training:
+                held[:], image = False, image[:0]  # one chip cannot make batch statistics
+            target = target[held]
             if not image.shape[0]:
                 nothing = torch.zeros((), device=image.device, requires_grad=self.training)
                 k = self.hparams["num_classes"]
@@ -1720,6 +1716,22 @@ class DOFAClassificationTask(_DOFATask):
         else:
             loss = self.criterion(logits, target.float())
         return loss, logits, target
+
+    def _chips_with_data(self, batch: Mapping[str, Any]) -> tuple[Tensor | None, Tensor, Any]:
+        """The batch's chips not flagged ``empty``, for the forward pass.
+
+        Returns:
+            Which chips (a (B,) bool mask; None where none is empty), their images, and their
+            wavelengths (a (B, C) tensor cut to them; the task's own, or one row, kept).
+        """
+        image, waves = batch["image"], self._batch_wavelengths(batch)
+        empty = batch.get("empty")
+        if not (isinstance(empty, Tensor) and empty.shape == image.shape[:1] and bool(empty.any())):
+            return None, image, waves
+        held = ~empty.to(torch.bool)
+        if isinstance(waves, Tensor) and waves.ndim == 2:  # (B, C): one row a chip
+            waves = waves[held]
+        return held, image[held], waves
 
     def _nothing_scored(self) -> tuple[str, str, str]:
         return (
@@ -1745,14 +1757,7 @@ class DOFAClassificationTask(_DOFATask):
             NonFiniteOutputError: for NaN / infinite logits
                 (:func:`~torchgeo_dofa.embedder.check_finite_output`).
         """
-        image, waves = batch["image"], self._batch_wavelengths(batch)
-        empty = batch.get("empty")
-        held: Tensor | None = None
-        if isinstance(empty, Tensor) and empty.shape == image.shape[:1] and bool(empty.any()):
-            held = ~empty.to(torch.bool)
-            image = image[held]
-            if isinstance(waves, Tensor) and waves.ndim == 2:  # (B, C): one row a chip
-                waves = waves[held]
+        held, image, waves = self._chips_with_data(batch)
         k = self.hparams["num_classes"]
         logits = self(image, waves) if image.shape[0] else image.new_zeros((0, k))
         check_finite_output(logits, type(self).__name__)
