@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
 
 import torchgeo_dofa
 from torchgeo_dofa.__main__ import _is_glibc
+from torchgeo_dofa.jobs import MANIFEST_NAME
+from torchgeo_dofa.locks import LOCK_NAME
 
 
 def test_import_loads_no_heavy_module(tmp_path) -> None:
@@ -209,6 +213,29 @@ def command():
             print("KeyboardInterrupt raised into the loading code")
         print("summary")
         return 0
+    if "--sigterm-before-the-job" in sys.argv:  # libraries loaded, no job handler yet
+        from torchgeo_dofa.__main__ import end_import_pause
+        end_import_pause()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):
+                sum(range(1000))
+            print("summary")
+        finally:
+            print("released")
+        return 0
+    if "--two-sigterms-in-a-job" in sys.argv:  # a second SIGTERM during a job: at once
+        from torchgeo_dofa.__main__ import end_import_pause
+        from torchgeo_dofa.jobs import StopOnSignal
+        end_import_pause()
+        with StopOnSignal() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            print("first", stop.received == signal.SIGTERM, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):
+                sum(range(1000))
+            print("summary")
+        return 0
     if "--ctrl-c-at-exit" in sys.argv:  # run last of the command's handlers
         atexit.register(os.kill, os.getpid(), signal.SIGINT)
         atexit.register(print, "handler")
@@ -293,6 +320,41 @@ def test_ctrl_c_while_the_libraries_load_raises_nothing_into_them(tmp_path) -> N
     status, out, err = _run_command(tmp_path, "--sigterm-while-loading")
     assert (status, out) == (143, "")
     assert err == line.replace("interrupted (Ctrl-C);", "stopped by SIGTERM:")
+
+
+def test_sigterm_after_the_libraries_loaded_is_handled_as_ctrl_c_is(tmp_path) -> None:
+    """SIGTERM after the libraries loaded but before a job's handler took it (an ``embed``
+    checking its inputs and loading its weights) ended the process by the signal, with no
+    line, leaving the output folder and its lock file; a Ctrl-C there was one line, exit
+    130, nothing left. SIGTERM now unwinds the command as Ctrl-C does, exit 143; a second
+    SIGTERM during a job still ends the process at once (by the signal)."""
+    assert _run_command(tmp_path, "--sigterm-before-the-job") == (143, "released\n", "")
+    status, out, _ = _run_command(tmp_path, "--two-sigterms-in-a-job")
+    assert (status, out) == (-signal.SIGTERM, "first True\n")
+    # a real job: stopped (SIGSTOP) once it holds its folder's lock, before its handler,
+    # then sent SIGTERM
+    from tests.scenes import SCENE
+
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torchgeo_dofa", "embed", str(SCENE), "-o", str(out_dir),
+           "--weights", "none", "--no-progress"]  # fmt: skip
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = out_dir / LOCK_NAME
+    deadline = time.monotonic() + 120
+    while not lock.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    job.send_signal(signal.SIGSTOP)
+    assert not (out_dir / MANIFEST_NAME).exists()  # the job had not begun
+    job.send_signal(signal.SIGTERM)
+    job.send_signal(signal.SIGCONT)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "torchgeo-dofa: error: stopped by SIGTERM: the chips written so far are kept; "
+        "rerun the same command to resume"
+    ), err
+    assert "Traceback" not in err
+    assert not out_dir.exists()
 
 
 def test_ctrl_c_after_the_command_returned_is_ignored(tmp_path) -> None:
@@ -383,7 +445,12 @@ def test_the_collector_is_left_as_it_was_outside_the_command(monkeypatch) -> Non
     import gc
     import signal
 
-    from torchgeo_dofa.__main__ import _exit_on_signal, end_import_pause, run_as_command
+    from torchgeo_dofa.__main__ import (
+        _exit_on_signal,
+        end_import_pause,
+        run_as_command,
+        terminate_before_the_job,
+    )
 
     monkeypatch.setenv("TORCHGEO_DOFA_FAST_EXIT", "0")  # pytest's process must not end here
     states: list[bool] = []
@@ -399,12 +466,13 @@ def test_the_collector_is_left_as_it_was_outside_the_command(monkeypatch) -> Non
     handlers: list[object] = []
     assert run_as_command(command) == 0
     assert states == [False, True] and gc.isenabled()
-    # Ctrl-C and SIGTERM end the process at once while the libraries load, then as usual
+    # Ctrl-C and SIGTERM end the process at once while the libraries load; then Ctrl-C
+    # raises KeyboardInterrupt and SIGTERM Terminated (a KeyboardInterrupt) until it returns
     assert handlers == [
         _exit_on_signal,
         _exit_on_signal,
         signal.default_int_handler,
-        signal.SIG_DFL,
+        terminate_before_the_job,
     ]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

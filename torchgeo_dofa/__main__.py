@@ -111,6 +111,43 @@ _collector_paused: list[bool] = []  # non-empty while run_as_command pauses the 
 #: SIGINT / SIGTERM's handlers before the command's libraries began to load, by signal, while
 #: :func:`_exit_on_signal` handles them (see :func:`run_as_command`)
 _load_handlers: dict[int, Any] = {}
+#: SIGTERM's handler before the command began, while :func:`terminate_before_the_job` handles
+#: it (from :func:`end_import_pause` until the command returns; the job's own handler in between)
+_gap_handlers: dict[int, Any] = {}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the command after its libraries loaded, outside its job's handler.
+
+    Raised (by :func:`terminate_before_the_job`) where a Ctrl-C raises ``KeyboardInterrupt``,
+    and handled as it is: what the command holds is released on the way out (its output
+    folder's lock, a folder it made, a picture's hidden temporary file), and the command
+    reports one line, ``stopped by SIGTERM: ...``, exit status 143.
+
+    Attributes:
+        signum: the signal (``signal.SIGTERM``).
+    """
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def terminate_before_the_job(signum: int, frame: object) -> None:
+    """SIGTERM between the libraries' load and the job's handler: raise :class:`Terminated`.
+
+    Python's default for SIGTERM ends the process at once: in the second or so when an
+    ``embed`` or ``predict --config`` command checks its inputs and loads its weights (after
+    :func:`end_import_pause`, before :class:`~torchgeo_dofa.jobs.StopOnSignal` takes the
+    signal), that left the output folder's lock file and the folder behind, with no line and
+    the status of a process killed by a signal (a Ctrl-C there was one line, exit 130, nothing
+    left). The job's handler treats this one as Python's default: a second SIGTERM during a
+    job still ends the process at once.
+
+    Raises:
+        Terminated: always.
+    """
+    raise Terminated(signum)
 
 
 def process_ends_after_command() -> bool:
@@ -143,7 +180,9 @@ def run_as_command(command: Callable[[], int]) -> int:
     While the command loads its libraries (until it calls :func:`end_import_pause`), a
     Ctrl-C prints one line and ends the process at once with 130 (:func:`_exit_on_signal`;
     SIGTERM likewise, 143),
-    without raising ``KeyboardInterrupt`` into the libraries' compiled code. Once the
+    without raising ``KeyboardInterrupt`` into the libraries' compiled code. From then until
+    the command returns, SIGTERM raises :class:`Terminated` where no job's handler takes it
+    (:func:`terminate_before_the_job`), as Ctrl-C raises ``KeyboardInterrupt``. Once the
     command has returned, Ctrl-C is ignored until the process ends: a Ctrl-C in those
     milliseconds interrupted the exit handlers (a KeyboardInterrupt traceback after a
     successful job, the handlers after it skipped).
@@ -189,8 +228,8 @@ def run_as_command(command: Callable[[], int]) -> int:
         status = command()
         if fast:  # the command is done: a Ctrl-C now would only break the exit handlers
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except KeyboardInterrupt:  # in the instant between the command's return and the above
-        status = 130
+    except KeyboardInterrupt as err:  # in the instant between the command's return and above
+        status = 128 + getattr(err, "signum", signal.SIGINT)
     finally:
         if _collector_paused:  # a command that loaded no library (--help, a usage error)
             _collector_paused.clear()
@@ -203,9 +242,10 @@ def run_as_command(command: Callable[[], int]) -> int:
 def end_import_pause() -> None:
     """The command's libraries are loaded: freeze what they made, resume collecting.
 
-    Ctrl-C raises Python's ``KeyboardInterrupt`` again from here, and SIGTERM terminates
-    (the job's handlers take them next; :func:`_exit_on_signal` ended the process while the
-    libraries loaded).
+    Ctrl-C raises Python's ``KeyboardInterrupt`` again from here, and SIGTERM raises
+    :class:`Terminated` (:func:`terminate_before_the_job`) until the command returns (the
+    job's handlers take them while it runs; :func:`_exit_on_signal` ended the process while
+    the libraries loaded).
 
     Called by the command (:func:`torchgeo_dofa.cli.embed`, the LightningCLI subcommands)
     once PyTorch, Lightning, TorchGeo and the job's modules are imported, before its job
@@ -216,7 +256,7 @@ def end_import_pause() -> None:
     functions keeps its collector as it was: freezing would keep the garbage its own objects
     may hold until it ends).
     """
-    _end_signal_exit()
+    _end_signal_exit(job_begins=True)
     if _collector_paused:
         _collector_paused.clear()
         gc.freeze()
@@ -244,12 +284,27 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     os._exit(status)
 
 
-def _end_signal_exit() -> None:
-    """Give SIGINT / SIGTERM back their usual handlers (``KeyboardInterrupt``, termination)."""
+def _end_signal_exit(job_begins: bool = False) -> None:
+    """Give SIGINT / SIGTERM back their usual handlers (``KeyboardInterrupt``, termination).
+
+    Args:
+        job_begins: the libraries are loaded and the command goes on: SIGTERM raises
+            :class:`Terminated` (:func:`terminate_before_the_job`) until this is called
+            again without it, when the command has returned.
+    """
     for signum, usual in list(_load_handlers.items()):
         del _load_handlers[signum]
         if signal.getsignal(signum) is _exit_on_signal:
-            signal.signal(signum, usual)
+            if job_begins and signum == signal.SIGTERM:
+                _gap_handlers[signum] = usual
+                signal.signal(signum, terminate_before_the_job)
+            else:
+                signal.signal(signum, usual)
+    if not job_begins:
+        for signum, usual in list(_gap_handlers.items()):
+            del _gap_handlers[signum]
+            if signal.getsignal(signum) is terminate_before_the_job:
+                signal.signal(signum, usual)
 
 
 def _exit_without_teardown() -> None:

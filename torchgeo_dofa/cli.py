@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -2649,14 +2650,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         line: it goes to stderr), 2 for bad input (one-line error, no traceback), 1 when
         stdout failed while the command ran (its reader gone, a full disk: the progress bar
         writes there), 130 for Ctrl-C where no job handler runs yet (while the libraries
-        load) or after a second Ctrl-C.
+        load) or after a second Ctrl-C, 143 for SIGTERM where no job handler runs (the
+        command's process only: :func:`torchgeo_dofa.__main__.terminate_before_the_job`).
     """
     try:
         return _main(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM outside a job's handler (143)
         from .locks import report_ctrl_c  # free of PyTorch: the libraries may not be loaded
 
-        return report_ctrl_c(argv)
+        return report_ctrl_c(argv, getattr(err, "signum", signal.SIGINT))
     except OSError as err:
         if not _stdout_unwritable():
             raise

@@ -1019,7 +1019,7 @@ class StopOnSignal(Callback):
         # again when the job ends, see restore)
         previous = self._previous.get(signum)
         self._put_back()
-        if callable(previous) and not _composes(previous):
+        if callable(previous) and not _composes(previous) and not _before_the_job(previous):
             previous(signum, frame)
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -1403,6 +1403,16 @@ def interrupted_checkpoint_path(trainer: pl.Trainer) -> Path | str:
 
 def _composes(handler: Any) -> bool:
     return type(handler).__name__ == "_HandlersCompose"
+
+
+def _before_the_job(handler: Any) -> bool:
+    """Whether ``handler`` is the command's SIGTERM handler outside a job.
+
+    A second SIGTERM during a job treats it as Python's default: the process ends at once.
+    """
+    from .__main__ import terminate_before_the_job
+
+    return handler is terminate_before_the_job
 
 
 def check_points(
