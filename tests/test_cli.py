@@ -23,6 +23,7 @@ import geopandas as gpd
 import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import rasterio
 import torch
@@ -3965,10 +3966,16 @@ def test_output_file_names_and_seeded_random_weights(tmp_path, capsys) -> None:
         f"torchgeo-dofa: error: output folder {tmp_path / 'u'} holds another job's results: "
         "they come from random weights without a seed (--weights none without --seed), drawn "
         "anew on every run, so they cannot be resumed (a job started with --seed N can be); "
-        "rerun with --overwrite to replace them, or choose another -o\n"
+        f"rerun with --overwrite to replace them (it deletes {SCENE.stem}_pooled.parquet), or "
+        f"choose another -o to keep them (another folder; for one region, -o {tmp_path / 'u'}"
+        "/NAME.tif is a job of its own beside them)\n"
     )
     assert main([*unseeded, "--seed", "1"]) == 2  # a seed now: still not that job's results
     assert "they come from random weights without a seed" in capsys.readouterr().err
+    # the way to keep them (a file per job, a folder of per-file jobs): both kept
+    assert main([*unseeded[:3], str(tmp_path / "u" / "seeded.parquet"), *unseeded[4:]]) == 0
+    kept = sorted(p.name for p in (tmp_path / "u").iterdir() if not p.name.startswith("."))
+    assert kept == [f"{SCENE.stem}_pooled.parquet", "seeded.parquet"]
     shutil.rmtree(tmp_path / "u")
     # a file name for two regions, or of the wrong kind, is a one-line error
     assert (
@@ -4226,6 +4233,12 @@ def test_an_all_zero_raster_beside_a_good_one_writes_both(tmp_path, base_checkpo
         assert np.isnan(e.read(1)).all() and np.isfinite(g.read(1)).any()
     rows = gpd.read_parquet(out / "empty_20230615_pooled.parquet")
     assert len(rows) == 6 and rows.no_data.all()
+    # as the README says: NaN in geopandas; in the file, lists of 768 nulls (not NULL lists)
+    assert np.isnan(np.stack(rows.embedding.to_numpy())).all()
+    lists = pq.read_table(out / "empty_20230615_pooled.parquet").column("embedding")
+    lists = lists.combine_chunks()
+    assert lists.null_count == 0 and set(lists.value_lengths().to_pylist()) == {768}
+    assert lists.flatten().null_count == 6 * 768
     full = gpd.read_parquet(out / "ftw_s2_l2a_33N_pooled.parquet")
     assert not full.no_data.any()
     # an empty chip's row has the chip's time span, as a chip with data has (it was NaT)

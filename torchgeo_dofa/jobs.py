@@ -683,9 +683,12 @@ class JobManifest:
                 for name in self.outputs:
                     _clean_resumed(folder / name)
                 return False
+            deleted = ", ".join(previous.outputs) or "none listed"
             raise JobMismatchError(
                 f"output folder {folder} holds another job's results: {_difference(*diff)}; "
-                "rerun with --overwrite to replace them, or choose another -o"
+                f"rerun with --overwrite to replace them (it deletes {deleted}), or choose "
+                f"another -o to keep them (another folder; for one region, -o {folder}/NAME.tif "
+                "is a job of its own beside them)"
             )
         else:
             present = [
