@@ -348,6 +348,36 @@ def test_tile_grid_stitches_tiles(chip_a, weights, tensor_a) -> None:
         _close(pooled.data, module.encoder.pool(tokens)[0].numpy())
 
 
+def test_tiled_inputs_of_other_sizes_are_batched_apart(chip_a, weights) -> None:
+    """Two inputs tiled alike (2 tiles) but of other sizes (224 x 448, 224 x 400) went into
+    one batch, whose stitched grids torch.stack refused (a RuntimeError traceback, a
+    stranger's finding). Each now gets its own grid, as embedded alone."""
+    from torchgeo_dofa.datasets import stack_dofa_samples
+    from torchgeo_dofa.embedder import DOFAEmbedder
+    from torchgeo_dofa.transforms import DOFAPreprocess
+
+    _, names, _, _ = chip_a
+    raw_ab, _, _, _ = _scene_window(0.0, 0.0, w=2 * CHIP_M)
+    inputs = [raw_ab, raw_ab[:, :, :400]]
+    sensor = SensorSpec(bands=tuple(names))
+    kwargs: dict[str, Any] = {"sensor": sensor, "input_prep": "tile", "weights": weights}
+    grids = get_embeddings_batch_from_inputs(
+        "dofa", input_chws=inputs, output=OutputSpec.grid(), device="cpu", **kwargs
+    )
+    assert [g.data.shape for g in grids] == [(768, 14, 28), (768, 14, 25)]
+    for chw, batched in zip(inputs, grids, strict=True):
+        alone = get_embedding("dofa", input_chw=chw, output=OutputSpec.grid(), **kwargs)
+        np.testing.assert_array_equal(batched.data, alone.data)
+    # a data module's batch of such tiles: a ValueError naming the sizes, not torch's
+    prep = DOFAPreprocess(bands=names, input_prep="tile", whole_input=True)
+    batch = stack_dofa_samples(
+        prep({"image": torch.from_numpy(chw.astype(np.float32))}) for chw in inputs
+    )
+    module = DOFAEmbedder(weights=weights)
+    with pytest.raises(ValueError, match=r"tiled inputs of different sizes \(224x448, 224x400"):
+        module.predict_step(batch, 0)
+
+
 # ------------------------------------------------------------------------------ local backend
 
 

@@ -1609,12 +1609,15 @@ def _embed(
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, item in enumerate(prepared):
         s = item.sample
-        key = (tuple(s["image"].shape), tuple(s["wavelengths"].tolist()))
+        # tiles of inputs of one size only: the tile count alone gave one batch to inputs
+        # of other sizes, whose stitched grids could not be stacked
+        size = tuple(s["tiled_size"].tolist()) if "tiled_size" in s else None
+        key = (tuple(s["image"].shape), tuple(s["wavelengths"].tolist()), size)
         groups.setdefault(key, []).append(i)
     results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(prepared)
     with _INFER_LOCK, torch.inference_mode():
         module.encoder.pooled_norm = cfg.pooled_norm
-        for (shape, _), indices in groups.items():
+        for (shape, _, _), indices in groups.items():
             tiles = shape[0] if len(shape) == 4 else 1
             per_batch = max(1, batch_size // tiles)
             for start in range(0, len(indices), per_batch):

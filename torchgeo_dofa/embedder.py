@@ -188,7 +188,7 @@ class DOFAEmbedder(pl.LightningModule):
                 ``preprocess=True`` nor ``DOFAPreprocess`` transforms).
             ValueError: for a (B, T, C, H, W) batch that is not tiles (no ``tile_offsets``):
                 a time series (``time_series=True``), where DOFA embeds one acquisition per
-                chip.
+                chip; for tiles of inputs of different sizes (``tiled_size``) in one batch.
             NonFiniteOutputError: when the encoder gives NaN / infinity for the batch
                 (:func:`check_finite_output`).
         """
@@ -220,6 +220,13 @@ class DOFAEmbedder(pl.LightningModule):
         valid = batch.get("valid")
         if image.ndim == 5:
             sizes = batch["tiled_size"]
+            if len({tuple(int(v) for v in size) for size in sizes}) > 1:
+                raise ValueError(
+                    f"{type(self).__name__}: a batch of tiled inputs of different sizes "
+                    f"({', '.join(f'{int(h)}x{int(w)}' for h, w in sizes)} px), whose grids "
+                    "cannot be stacked: batch the inputs of one size together (batch_size=1 "
+                    "where sizes differ)"
+                )
             grids, pools = [], []
             for i in range(image.shape[0]):
                 h, w = (int(v) for v in sizes[i])
