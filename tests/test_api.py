@@ -24,6 +24,7 @@ import pytest
 import rasterio
 import shapely.geometry
 import torch
+from rasterio.transform import Affine
 from rasterio.windows import from_bounds
 
 from tests.checkpoints import not_official, write_checkpoint
@@ -393,6 +394,37 @@ def test_local_equals_tensor_on_same_window(chip_a, weights, tensor_a, pipeline)
     _close(emb.data, tensor_a.grid.data)
     # georeferenced like the embed job's GeoTIFF: 160 m cells from the chip's top-left corner
     assert emb.meta["grid_transform"] == pytest.approx(list(pipeline.transform)[:6])
+
+
+def test_local_paths_in_other_crss_are_refused_not_warped(tmp_path, chip_a, weights) -> None:
+    """paths=[a folder in UTM 34, one in UTM 35] was read as one dataset in the first's CRS:
+    the second warped 7 degrees out of its zone, the first's bounds moved 4 m, no word;
+    the parent folder of both was refused as mixed CRS (helper-128). Refused alike now,
+    naming each CRS's inputs; the fix it names (one CRS chosen) works."""
+    raw, names, profile, bounds = chip_a
+    (tmp_path / "a").mkdir()
+    a = _write(tmp_path / "a" / "zone33.tif", raw, profile, names)
+    far = profile | {"crs": "EPSG:32634", "transform": Affine(10, 0, 400000, 0, -10, 5360000)}
+    (tmp_path / "b").mkdir()
+    b = _write(tmp_path / "b" / "zone34.tif", raw, far, names)
+    point = _centre_point(bounds)
+    kwargs: dict[str, Any] = {"spatial": point, "weights": weights, "device": "cpu"}
+    with pytest.raises(ModelError) as info:
+        get_embedding("dofa", paths=[tmp_path / "a", tmp_path / "b"], **kwargs)
+    assert str(info.value).startswith(
+        "local input: the paths lie in 2 CRSs (EPSG:32633: a; EPSG:32634: b), and are read as "
+        "one dataset, in the first one's CRS (the others warped into it): call once per CRS"
+    ), info.value
+    assert "paths=Sentinel2SR([...], crs='EPSG:<code>')" in str(info.value)
+    with pytest.raises(ModelError, match=r"mixed CRS .* go in separate calls \(one paths= each\)"):
+        get_embedding("dofa", paths=tmp_path, **kwargs)  # the folder of both, as before
+    # the fixes it names: a call per CRS, or a mosaic read in one CRS (its chip grid starts
+    # at the mosaic's corner, here the warped file's: a's pixels shift by 0.45 px, read
+    # resampled, as the README says)
+    alone = get_embedding("dofa", paths=a, **kwargs)
+    assert alone.meta["crs"] == "EPSG:32633" and alone.meta["bounds"] == pytest.approx(bounds)
+    mosaic = get_embedding("dofa", paths=Sentinel2SR([a, b], crs="EPSG:32633"), **kwargs)
+    assert mosaic.meta["crs"] == "EPSG:32633" and np.isfinite(mosaic.data).all()
 
 
 def test_local_reads_through_a_subclass_read_chip(tmp_path, chip_a, weights, tensor_a) -> None:

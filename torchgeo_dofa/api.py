@@ -119,9 +119,11 @@ from .datasets import (
     EarthEngineS2,
     InputError,
     NoSceneError,
+    RasterInput,
     Sentinel2Base,
     Sentinel2SR,
     _first_few,
+    _horizontal,
     band_words,
     find_raster_inputs,
     refuse_repeated_bands,
@@ -139,6 +141,7 @@ from .spatial import (
     crs_label,
     crs_name,
     lonlat_bounds,
+    same_crs,
 )
 from .stac import StacUnavailableError
 from .transforms import (
@@ -1116,8 +1119,9 @@ def open_local(
         The dataset.
 
     Raises:
-        ModelError: if a path does not exist or holds no raster; for a dataset given as
-            ``paths`` with a ``sensor`` choosing other bands (:func:`_refuse_sensor_unlike`).
+        ModelError: if a path does not exist or holds no raster; for paths in other CRSs
+            (:func:`_refuse_inputs_in_other_crss`); for a dataset given as ``paths`` with a
+            ``sensor`` choosing other bands (:func:`_refuse_sensor_unlike`).
         NoSceneError: (a ``LookupError``) if no scene is acquired within ``temporal``.
         BandError: if the files' bands cannot be named or selected (the message names the
             dataset's arguments that fix it).
@@ -1133,7 +1137,11 @@ def open_local(
         where = ""
         if "crs=EPSG" in str(err):  # the dataset's argument, not get_embedding's
             where = " (crs= goes to a dataset given as paths=Sentinel2SR(..., crs=...))"
-        raise ModelError(f"local input: {err}{where}") from None
+        line = str(err).replace(  # the embed job's inputs: here, calls
+            "go as separate inputs, one output each", "go in separate calls (one paths= each)"
+        )
+        raise ModelError(f"local input: {line}{where}") from None
+    _refuse_inputs_in_other_crss(regions)
     kwargs: dict[str, Any] = {}
     if sensor is not None and _chooses_bands(sensor):
         kwargs["bands"] = list(sensor.bands)
@@ -1154,6 +1162,39 @@ def open_local(
         raise type(err)(told) from err
     refuse_repeated_bands(dataset.bands)
     return dataset
+
+
+def _refuse_inputs_in_other_crss(regions: Sequence[RasterInput]) -> None:
+    """Refuse local inputs lying in other CRSs (UTM zones): they are read as one dataset.
+
+    The local backend reads every path given as one dataset, which reads its files in the
+    first one's CRS (TorchGeo's ``RasterDataset``): ``paths=[zone_34_folder,
+    zone_35_folder]`` warped the second zone's scene into the first's (7 degrees of
+    longitude out of that zone: rotated ~6 degrees) and moved the first's reported bounds
+    by 4 m (the grid's origin taken from the other's warped corner), with no word, where
+    one folder holding both was refused as mixed CRS (helper-128). CRSs differing only in a
+    vertical datum (EPSG:32633+5773 beside EPSG:32633) are one CRS here, as in a folder.
+
+    Raises:
+        ModelError: listing each CRS's inputs, with the fixes (a call per CRS, or one CRS
+            chosen for a mosaic of neighbouring scenes).
+    """
+    groups: dict[str, list[str]] = {}
+    for region in regions:
+        if region.crs is None:
+            continue
+        plane = _horizontal(region.crs)
+        key = next((k for k in groups if same_crs(k, plane)), plane)
+        groups.setdefault(key, []).append(region.name)
+    if len(groups) < 2:
+        return
+    listing = "; ".join(f"{crs_label(k)}: {_first_few(v)}" for k, v in groups.items())
+    raise ModelError(
+        f"local input: the paths lie in {len(groups)} CRSs ({listing}), and are read as one "
+        "dataset, in the first one's CRS (the others warped into it): call once per CRS "
+        "(paths= the inputs of one), or, for a mosaic of neighbouring scenes, read them in "
+        "one CRS: paths=Sentinel2SR([...], crs='EPSG:<code>')"
+    )
 
 
 def _chooses_bands(sensor: SensorSpec) -> bool:
