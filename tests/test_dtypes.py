@@ -287,6 +287,42 @@ def test_batch_function_any_dtype_equals_float32_cast() -> None:
         np.testing.assert_allclose(emb.data, ref, rtol=1e-5, atol=1e-5, err_msg=str(dtype))
 
 
+def test_an_array_of_8_bit_or_percent_values_in_a_wider_type_is_warned_of() -> None:
+    """The same pixels warned of in a file ("the valid values of every band stay at or below
+    255") passed silently as an array (get_embedding(input_chw=...), preprocess_array,
+    DOFAPreprocess(whole_input=True)) and embedded near-black (a stranger's finding). A chip
+    cut from a scene is not judged so (dark water); an 8-bit array has its dtype's warning
+    only."""
+    raw = np.random.default_rng(1).integers(100, 6000, size=(4, 80, 80)).astype(np.float32)
+    said = "the valid values of every band stay at or below 255 (at most "
+
+    def warned(run: Any) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+        return [str(w.message) for w in caught if issubclass(w.category, ReflectanceWarning)]
+
+    def doors(array: np.ndarray) -> list[Any]:  # the API, preprocess_array, the stack
+        return [
+            lambda: get_embedding("dofa", input_chw=array, sensor=SENSOR, weights=None),
+            lambda: preprocess_array(array, BANDS),
+            lambda: DOFAPreprocess(BANDS, whole_input=True)({"image": torch.from_numpy(array)}),
+        ]
+
+    for low in (raw / 100, np.clip(raw / 30, 0, 255).astype(np.uint16)):
+        for run in doors(low):
+            (message,) = warned(run)
+            assert message.startswith(said) and "Are they 8-bit (0..255) or percent" in message
+    assert warned(lambda: preprocess_array(raw, BANDS)) == []  # raw reflectance
+    chip = torch.from_numpy(raw / 100)
+    assert warned(lambda: DOFAPreprocess(BANDS)({"image": chip})) == []  # a chip: dark water
+    small = raw[:, :60, :60] / 100  # 3600 valid pixels: too few to judge a whole input
+    assert warned(lambda: preprocess_array(small, BANDS)) == []
+    for run in doors(np.clip(raw / 30, 0, 255).astype(np.uint8)):
+        (message,) = warned(run)
+        assert "has dtype uint8" in message
+
+
 # ----------------------------------------------------------------------------- datasets
 
 

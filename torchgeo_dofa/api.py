@@ -87,6 +87,7 @@ import os
 import re
 import shutil
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -146,8 +147,12 @@ from .spatial import (
 from .stac import StacUnavailableError
 from .transforms import (
     INPUT_PREPS,
+    LOW_VALUES_WARNING,
+    NARROW_DTYPES,
     DOFAPreprocess,
     ReflectanceError,
+    ReflectanceWarning,
+    _dtype_name,
     as_fill_value,
     as_float32,
     nodata_mask,
@@ -1079,16 +1084,19 @@ def _prepare_tensor(
             f"{len(sensor.bands)} bands {list(sensor.bands)}: give one band name per channel"
         )
     try:
-        prepared = _prepare(
-            image,
-            sensor.bands,
-            sensor.wavelengths,
-            input_prep,
-            nodata=nodata,
-            fill_value=sensor.fill_value,
-            sensor=sensor,
-            whole_input=True,
-        )
+        with warnings.catch_warnings():
+            if _dtype_name(input_chw) in NARROW_DTYPES:  # warned of by _as_chw: not twice
+                warnings.filterwarnings("ignore", LOW_VALUES_WARNING, ReflectanceWarning)
+            prepared = _prepare(
+                image,
+                sensor.bands,
+                sensor.wavelengths,
+                input_prep,
+                nodata=nodata,
+                fill_value=sensor.fill_value,
+                sensor=sensor,
+                whole_input=True,
+            )
     except ReflectanceError as err:  # offset= is a dataset's argument, not get_embedding's
         told = str(err).replace(" (offset=0)", "")
         raise (err if told == str(err) else ReflectanceError(told)) from None

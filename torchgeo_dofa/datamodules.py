@@ -104,7 +104,7 @@ from torchgeo_dofa.spatial import (
     region_window,
     same_crs,
 )
-from torchgeo_dofa.transforms import INPUT_PREPS, DOFAPreprocess
+from torchgeo_dofa.transforms import INPUT_PREPS, LOW_MAX, DOFAPreprocess
 from torchgeo_dofa.writers import GridGeometry, folders_removed_if_left_empty
 
 __all__ = [
@@ -1390,12 +1390,6 @@ _NO_PIXEL_LEFT = (
     "band has none (chips of this file alone embed as NaN); choose bands without it, or "
     "repair or remove the file"
 )
-
-#: A file whose valid values all lie in [0, LOW_MAX] in every band (reflectance x 10000 of
-#: 2.55 % at most: darker than almost any land) holds 8-bit (0..255) or percent (0..100)
-#: values stored in a wider type, which embed as near-black: :func:`check_raw_reflectance`
-#: warns.
-LOW_MAX = 255.0
 
 
 @functools.lru_cache(maxsize=256)

@@ -55,8 +55,9 @@ Notes:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -164,6 +165,15 @@ class ReflectanceWarning(UserWarning):
     """
 
 
+#: A whole input (a file, an array of yours) whose valid values all lie in [0, LOW_MAX] in
+#: every band (reflectance x 10000 of 2.55 % at most: darker than almost any land) holds
+#: 8-bit (0..255) or percent (0..100) values stored in a wider type, which embed as
+#: near-black: warned of (:func:`check_reflectance_range`,
+#: :func:`~torchgeo_dofa.datamodules.check_raw_reflectance`).
+LOW_MAX = 255.0
+#: The start of :func:`check_reflectance_range`'s warning of such values.
+LOW_VALUES_WARNING = "the valid values of every band stay at or below"
+
 #: Integer dtypes too narrow for raw reflectance: an 8-bit band holds 0..255 (or -128..127),
 #: i.e. reflectance below 0.0256 on DOFA's reflectance x 10000 scale, darker than almost any
 #: land surface. Such rasters are display products (Sentinel-2's true-colour ``TCI`` image,
@@ -253,6 +263,11 @@ def as_float32(array: Any, name: str = "image") -> Tensor:
     if masked is not None and np.ma.getmask(masked) is not np.ma.nomask:
         out = np.where(np.ma.getmaskarray(masked), np.float32(np.nan), out)
     return torch.from_numpy(np.ascontiguousarray(out))
+
+
+def _dtype_name(array: Any) -> str:
+    """A numpy array's or tensor's dtype as numpy names it (``uint8``), else ``""``."""
+    return str(getattr(array, "dtype", "")).removeprefix("torch.")
 
 
 def _warn_narrow(dtype: Any, name: str) -> None:
@@ -670,7 +685,8 @@ class CheckReflectance(nn.Module):
                 :data:`SATURATED_MIN`, or (``whole_input``) are all negative.
             ValueError: if an existing ``valid`` does not match the image's shape.
         """
-        image = _image(sample, "CheckReflectance")
+        dtype = _dtype_name(sample.get("image"))
+        image = _image(sample, "CheckReflectance")  # an 8-bit dtype is warned of there
         valid = ~nodata_mask(image, self.nodata, self.fill_value)
         if "valid" in sample and sample["valid"] is not None:
             given = torch.as_tensor(sample["valid"], device=image.device)
@@ -690,7 +706,12 @@ class CheckReflectance(nn.Module):
         fraction = valid_fraction(valid)
         empty = fraction == 0  # no valid pixel
         image = check_reflectance_range(
-            image, valid, empty, self.fill_value, whole_input=self.whole_input
+            image,
+            valid,
+            empty,
+            self.fill_value,
+            whole_input=self.whole_input,
+            warn_low=dtype not in NARROW_DTYPES,
         )
         sample["image"] = image
         sample["valid"] = valid
@@ -716,6 +737,7 @@ def check_reflectance_range(
     fill_value: float,
     whole_input: bool = False,
     pixel_area: float = 1.0,
+    warn_low: bool = False,
 ) -> Tensor:
     """Refuse chips whose valid values are not raw surface reflectance; fill invalid pixels.
 
@@ -723,7 +745,10 @@ def check_reflectance_range(
     already scaled to [0, 1]) or all above :data:`SATURATED_MIN` are refused, and with
     ``whole_input`` values all negative over at least :data:`WHOLE_INPUT_MIN_PIXELS` valid
     pixels (see :class:`CheckReflectance` for why a chip is not judged so). Chips without a
-    valid pixel (``empty``) are not judged.
+    valid pixel (``empty``) are not judged. With ``whole_input`` and ``warn_low``, an input
+    of at least :data:`WHOLE_INPUT_MIN_PIXELS` valid pixels whose valid values all lie in
+    [0, :data:`LOW_MAX`] is warned of (8-bit or percent values in a wider type), as a file
+    is by :func:`~torchgeo_dofa.datamodules.check_raw_reflectance`.
 
     Args:
         image: (C, H, W) or (B, C, H, W) float image.
@@ -733,12 +758,18 @@ def check_reflectance_range(
         whole_input: each sample is a whole input (a file, a user's array), not a chip.
         pixel_area: the input's pixels each valid value stands for (a decimated read's
             ``scale`` squared), in counting them against :data:`WHOLE_INPUT_MIN_PIXELS`.
+        warn_low: warn of a whole input's values all in [0, :data:`LOW_MAX`] (False where
+            its 8-bit dtype was warned of already).
 
     Returns:
         ``image``, its invalid pixels set to ``fill_value`` (a new tensor where any is).
 
     Raises:
         ReflectanceError: naming the range found and the fix.
+
+    Warns:
+        ReflectanceWarning: (``whole_input`` and ``warn_low``) for values all in
+            [0, :data:`LOW_MAX`].
     """
     dims = (-3, -2, -1)
     if image.numel() and bool(valid.all()):  # the common case: nothing to fill or mask
@@ -783,6 +814,19 @@ def check_reflectance_range(
             f"is not judged so. Values at or below {NODATA_FLOOR:g} count as no data; pass "
             "nodata=<value> for another fill value."
         )
+    if whole_input and warn_low:
+        counted = valid.flatten(-2).sum(dim=-1) * pixel_area >= WHOLE_INPUT_MIN_PIXELS
+        low = (vmin >= 0) & (vmax <= LOW_MAX) & ~empty & counted
+        if bool(low.any()):
+            _, hi = _span(vmin, vmax, low)
+            warn(
+                f"{LOW_VALUES_WARNING} {LOW_MAX:.0f} (at most "
+                f"{hi:.4g}){_where(low)}: reflectance x 10000 that low (below "
+                f"{LOW_MAX / 100:.2f} %) is darker than almost any land, so they embed as "
+                "near-black. Are they 8-bit (0..255) or percent (0..100) values? Rescale "
+                "them to reflectance x 10000. (A scene of dark water alone can do this.)",
+                ReflectanceWarning,
+            )
     return image
 
 
@@ -1204,6 +1248,25 @@ class DOFAPreprocess(nn.Sequential):
             )
         return cls(bands=preset.bands, wavelengths=preset.wavelengths, **kwargs)
 
+    def forward(self, sample: Sample) -> Sample:
+        """Run the steps on ``sample`` in turn (``nn.Sequential``'s forward).
+
+        An 8-bit image is warned of once, for its dtype (by the first step): a whole input's
+        values, then all in [0, :data:`LOW_MAX`], are not warned of again.
+
+        Args:
+            sample: the sample dict (see the steps).
+
+        Returns:
+            The sample, preprocessed.
+        """
+        image = sample.get("image") if isinstance(sample, dict) else None
+        if _dtype_name(image) not in NARROW_DTYPES:
+            return cast(Sample, super().forward(sample))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", LOW_VALUES_WARNING, ReflectanceWarning)
+            return cast(Sample, super().forward(sample))
+
 
 class AugmentWithValid(nn.Module):
     """Run a kornia augmentation with the sample's ``valid`` mask carried as a mask.
@@ -1328,9 +1391,16 @@ def preprocess_array(
         ValueError: if the array is not (C, H, W).
         ReflectanceError: as :class:`CheckReflectance` (``whole_input``) refuses it.
     """
-    image = as_float32(array_chw, "array_chw")
+    image = as_float32(array_chw, "array_chw")  # an 8-bit dtype is warned of here
     if image.ndim != 3:
         raise ValueError(f"preprocess_array expects a (C, H, W) array, got {tuple(image.shape)}")
+    if _dtype_name(array_chw) in NARROW_DTYPES:  # not its values' warning too
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", LOW_VALUES_WARNING, ReflectanceWarning)
+            return preprocess_array(
+                image, bands, wavelengths, input_prep, nodata, fill_value, transform, size,
+                mean, std, whole_input,
+            )  # fmt: skip
     sample: Sample = {"image": image}
     if transform is not None:
         sample["transform"] = torch.tensor(list(transform), dtype=torch.float64)
