@@ -1807,6 +1807,32 @@ def test_stac_arguments_beside_another_backend_and_year_specs_are_refused(tmp_pa
         TemporalSpec("year", "2022-01-01", "2022-03-01")
 
 
+def test_arguments_a_backend_does_not_read_are_refused_or_recorded(tmp_path) -> None:
+    """helper-128: paths= beside backend='stac' / 'gee' was dropped without a word (read by
+    the local backend only); a datetime, even at midnight, was refused as "expected an ISO
+    date 'YYYY-MM-DD', got '2022-10-01T00:00:00'"; input_chw's temporal= went nowhere."""
+    point = PointBuffer(13.1397, 48.2922, 500)
+    june = TemporalSpec.range("2022-06-01", "2022-07-01")
+    for backend, extra in (("stac", {"stac_url": tmp_path / "items.json"}), ("gee", {})):
+        with pytest.raises(ModelError, match=rf"^paths= is read by backend='local' only, but "
+                           rf"backend='{backend}' fetches the pixels itself"):  # fmt: skip
+            get_embedding("dofa", spatial=point, paths=[SCENE], backend=backend, weights=None,
+                          temporal=june, **extra)  # fmt: skip
+    with pytest.raises(ModelError, match=r"^paths= is read by backend='local' only"):
+        get_embeddings_batch("dofa", spatials=[point], paths=SCENE, backend="gee", weights=None)
+    from datetime import UTC, datetime
+
+    midnight = TemporalSpec.range(datetime(2022, 10, 1), pd.Timestamp("2022-10-02", tz="UTC"))
+    assert midnight == TemporalSpec.range("2022-10-01", "2022-10-02")
+    with pytest.raises(ModelError, match=r"^TemporalSpec takes days .* got the time "
+                       r"2022-10-05T11:00:00\+00:00: pass its day, '2022-10-05'"):  # fmt: skip
+        TemporalSpec.range(datetime(2022, 10, 5, 11, tzinfo=UTC), "2022-10-06")
+    # pixels fetched elsewhere (rs-embed's input_chw): spatial and temporal label them
+    emb = get_embedding("dofa", input_chw=RAW, sensor=S4, spatial=point, temporal=midnight,
+                        weights=None)  # fmt: skip
+    assert emb.meta["temporal"] == ["2022-10-01", "2022-10-02"] and "spatial" in emb.meta
+
+
 def test_neighbouring_kinds_of_the_checked_arguments(tmp_path) -> None:
     """helper-114: the session's argument checks, attacked with their neighbours."""
     for bad in (10**400, np.True_, "0"):

@@ -91,7 +91,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -214,6 +214,14 @@ class ModelError(ValueError):
 
 
 def _iso(value: str | date) -> str:
+    if isinstance(value, datetime):  # pandas' Timestamp too: a day, or a refusal naming it
+        if (value.hour, value.minute, value.second, value.microsecond) == (0, 0, 0, 0):
+            return value.date().isoformat()
+        raise ModelError(
+            f"TemporalSpec takes days (whole dates, the end exclusive, as Earth Engine's "
+            f"filterDate), got the time {value.isoformat()}: pass its day, "
+            f"{value.date().isoformat()!r} (value.date())"
+        )
     if isinstance(value, date):
         return value.isoformat()
     try:
@@ -927,6 +935,12 @@ def _backend(backend: str, input_given: bool, paths_given: bool) -> str:
             "paths= is read by backend='local' only, but pixels were given (input_chw): "
             "embed either the pixels (leave out paths=) or a region of the files (leave out "
             "input_chw and give spatial=)"
+        )
+    if name in ("gee", "stac") and paths_given:  # dropped without a word
+        raise ModelError(
+            f"paths= is read by backend='local' only, but backend={name!r} fetches the "
+            "pixels itself: leave out paths=, or read the files with backend='local' (the "
+            "default where paths= is given)"
         )
     return name
 
@@ -2042,8 +2056,10 @@ def get_embedding(
         if input_chw is None:
             raise ModelError("backend='tensor' needs input_chw=<(C, H, W) array>")
         prepared = [_prepare_tensor(input_chw, sensor, cfg.input_prep, nodata)]
-        if spatial is not None:
+        if spatial is not None:  # labels for pixels fetched elsewhere, as rs-embed takes them
             prepared[0].meta["spatial"] = _spatial_key(spatial)
+        if temporal is not None:
+            prepared[0].meta["temporal"] = [temporal.start, temporal.end]
     else:
         if input_chw is not None:
             raise ModelError(
