@@ -834,6 +834,16 @@ def test_stitch_tiles_rejects_bad_offsets() -> None:
         stitch_tiles(torch.zeros(1, 2, 14, 14), [[8, 0]], 224, 224)
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
         stitch_tiles(torch.zeros(2, 2, 14, 14), [[0, 0]], 224, 224)
+    # the tiles of a 379 x 578 input given another size (H and W swapped, too small): a map
+    # of that size came back, 37 x 24 cells or 1 x 1, with no word (helper-128)
+    out = TileTo()({"image": torch.zeros(1, 379, 578)})
+    grids = torch.zeros(len(out["tile_offsets"]), 2, 14, 14)
+    assert out["tiled_size"].tolist() == [379, 578]
+    assert stitch_tiles(grids, out["tile_offsets"], 379, 578).shape == (2, 24, 37)
+    for h, w in ((578, 379), (10, 10), (379, 800)):
+        with pytest.raises(ValueError, match=rf"6 tile\(s\) of 224 x 224 px starting at rows "
+                           rf"0..224, columns 0..448 do not tile a {h} x {w} input"):  # fmt: skip
+            stitch_tiles(grids, out["tile_offsets"], h, w)
 
 
 # ----------------------------------------------------------------------------- georeferencing

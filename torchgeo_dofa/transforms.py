@@ -1123,7 +1123,9 @@ def stitch_tiles(
         georeferencing is ``grid_affine(transform, H, W, "tile")`` (``sample["grid_transform"]``).
 
     Raises:
-        ValueError: on inconsistent shapes or offsets that are not multiples of ``patch_size``.
+        ValueError: on inconsistent shapes, offsets that are not multiples of
+            ``patch_size``, or tiles that do not tile a ``height`` x ``width`` input (H and W
+            swapped, another input's size: a map of the wrong shape came back).
     """
     offs = torch.as_tensor(offsets, dtype=torch.long).to("cpu")
     if grids.ndim != 4:
@@ -1135,6 +1137,15 @@ def stitch_tiles(
     if bool((offs % patch_size != 0).any()) or bool((offs < 0).any()):
         raise ValueError(f"tile offsets must be non-negative multiples of patch_size={patch_size}")
     _, depth, gh, gw = grids.shape
+    if offs.shape[0]:  # the tiles must cover the input, each starting inside it
+        last_row, last_col = (int(v) for v in offs.max(dim=0).values)
+        tile_h, tile_w = gh * patch_size, gw * patch_size
+        if not (last_row < height <= last_row + tile_h and last_col < width <= last_col + tile_w):
+            raise ValueError(
+                f"{offs.shape[0]} tile(s) of {tile_h} x {tile_w} px starting at rows 0..{last_row}"
+                f", columns 0..{last_col} do not tile a {height} x {width} input: give the "
+                "height and width the tiles were cut from (sample['tiled_size'] is (H, W))"
+            )
     out_h, out_w = math.ceil(height / patch_size), math.ceil(width / patch_size)
     cells = (offs // patch_size).tolist()
     canvas_h = max([out_h] + [r + gh for r, _ in cells])
