@@ -1833,6 +1833,21 @@ def test_arguments_a_backend_does_not_read_are_refused_or_recorded(tmp_path) -> 
     assert emb.meta["temporal"] == ["2022-10-01", "2022-10-02"] and "spatial" in emb.meta
 
 
+def test_careless_spellings_get_their_fix(tmp_path) -> None:
+    """helper-128: an (H, W, C) array was "C=224 channels but sensor.bands names 4 bands",
+    naming no layout; output="Grid" was refused where variant="BASE" is taken; a wildcard in
+    paths= "does not exist", as if the files were missing."""
+    hwc = np.moveaxis(RAW, 0, -1)
+    fix = r"\(its last axis has 4: for an \(H, W, C\) array pass array\.transpose\(2, 0, 1\)\)"
+    with pytest.raises(ModelError, match=fix):
+        get_embedding("dofa", input_chw=hwc, sensor=S4, weights=None)
+    grid = get_embedding("dofa", input_chw=RAW, sensor=S4, output="Grid ", weights=None)
+    assert grid.meta["output"] == "grid" and grid.data.ndim == 3
+    point = PointBuffer(13.1397, 48.2922, 500)
+    with pytest.raises(ModelError, match=r"does not exist \(a wildcard pattern is not expanded"):
+        get_embedding("dofa", spatial=point, paths=str(SCENE.parent / "*.tif"), weights=None)
+
+
 def test_neighbouring_kinds_of_the_checked_arguments(tmp_path) -> None:
     """helper-114: the session's argument checks, attacked with their neighbours."""
     for bad in (10**400, np.True_, "0"):

@@ -905,8 +905,8 @@ def _config(
     prep = str(settings.get("input_prep", input_prep))
     if prep not in INPUT_PREPS:
         raise ModelError(f"unknown input_prep {prep!r}: choose one of {list(INPUT_PREPS)}")
-    if isinstance(output, str):
-        output = OutputSpec(output)  # type: ignore[arg-type]
+    if isinstance(output, str):  # any letter case, as variant=
+        output = OutputSpec(output.strip().lower())  # type: ignore[arg-type]
     elif not isinstance(output, OutputSpec):
         raise ModelError(f"output must be OutputSpec.pooled() or OutputSpec.grid(), got {output}")
     chosen = settings.get("weights", weights)
@@ -1093,9 +1093,16 @@ def _prepare_tensor(
         )
     image = _as_chw(input_chw, name)
     if image.shape[0] != len(sensor.bands):
+        layout = (
+            f" (its last axis has {len(sensor.bands)}: for an (H, W, C) array pass "
+            "array.transpose(2, 0, 1))"
+            if image.shape[-1] == len(sensor.bands)
+            else ""
+        )
         raise ModelError(
             f"{name} has C={image.shape[0]} channels but sensor.bands names "
-            f"{len(sensor.bands)} bands {list(sensor.bands)}: give one band name per channel"
+            f"{len(sensor.bands)} bands {list(sensor.bands)}{layout}: give one band name per "
+            "channel"
         )
     try:
         with warnings.catch_warnings():

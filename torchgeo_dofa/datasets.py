@@ -3915,7 +3915,16 @@ def find_raster_inputs(
             )
         path = pathlib.Path(raw)
         if not path.exists():
-            raise InputError(f"input {str(path)!r} does not exist")
+            wildcard = any(c in str(path) for c in "*?[")  # a shell expands them, Python not
+            raise InputError(
+                f"input {str(path)!r} does not exist"
+                + (
+                    " (a wildcard pattern is not expanded: give the folder, or the files, "
+                    "e.g. sorted(glob.glob(pattern)))"
+                    if wildcard
+                    else ""
+                )
+            )
         files = _folder_files(path) if path.is_dir() else [path]
         rasters = [str(p) for p in files if p.suffix.lower() in Sentinel2Base.extensions]
         if not rasters:
