@@ -3848,6 +3848,11 @@ def test_another_sensors_bands_with_their_statistics_and_an_offset(
     with rasterio.open(out / "planet_grid.tif") as emb:
         grid = emb.read()
         assert json.loads(emb.tags()["wavelengths"]) == waves
+        # how the values were made travels with the file (helper-127: only the hidden
+        # manifest said the offset, chip size and stride)
+        made = {k: emb.tags()[k] for k in ("source_offsets", "chip_size", "stride")}
+        assert made == {"source_offsets": "[[-1000.0, -1000.0, -1000.0, -1000.0]]",
+                        "chip_size": "224", "stride": "224"}  # fmt: skip
     raw = np.clip(data.astype(np.float64) - 1000, 0, 10000) / 10000 * 255
     x = (raw - np.array(mean)[:, None, None]) / np.array(std, dtype=np.float64)[:, None, None]
     encoder = load_dofa("base", weights=base_checkpoint)

@@ -1172,7 +1172,11 @@ class DOFAPredictDataModule(GeoDataModule):
             JSON-encoded ``bands``, ``wavelengths`` (um), ``sources`` (absolute paths) and
             ``source_bands`` (one list per source, in the order of ``sources``: the file's
             band, counted from 1, read for each of ``bands``; 0 where that file does not give
-            it: what ``torchgeo-dofa preview`` draws from), ``source_stats`` (per source, in
+            it: what ``torchgeo-dofa preview`` draws from), ``source_offsets`` (per source,
+            in that order, the offset added to each of ``bands`` as read: -1000 for a
+            Level-2A product of processing baseline 04.00 or later, 0 where not read),
+            ``chip_size`` and ``stride`` (px), ``nodata`` (the values read as no data),
+            ``source_stats`` (per source, in
             that order, ``[size in bytes, modification time in ns]`` as the job read it, the
             embed manifest's identity of a file; null for a path that is no local file:
             ``preview`` warns of a source rewritten since), the ``stac_*`` provenance tags
@@ -1186,16 +1190,24 @@ class DOFAPredictDataModule(GeoDataModule):
         """
         dataset = self._dataset()
         reads: dict[str, list[int]] = {}
-        for scene in dataset.index["sources"]:  # (path, file band) per band of the dataset
-            for i, (path, band) in enumerate(scene):
+        offsets: dict[str, list[float]] = {}
+        for scene, added in zip(dataset.index["sources"], dataset.index["offset"], strict=True):
+            for i, (path, band) in enumerate(scene):  # (path, file band) per dataset band
                 reads.setdefault(os.path.abspath(path), [0] * len(dataset.bands))[i] = int(band)
+                offsets.setdefault(os.path.abspath(path), [0.0] * len(dataset.bands))[i] = float(
+                    added[i]
+                )
         sources = sorted(reads)
         tags = {
             "bands": json.dumps(list(dataset.bands)),
             "wavelengths": json.dumps([round(float(w), 4) for w in dataset.wavelengths]),
             "sources": json.dumps(sources),
             "source_bands": json.dumps([reads[p] for p in sources]),
+            "source_offsets": json.dumps([offsets[p] for p in sources]),
             "source_stats": json.dumps([_file_stats(p) for p in sources]),
+            "chip_size": str(self.chip_size),
+            "stride": str(self.stride or self.chip_size),
+            "nodata": dataset.reading_identity()["nodata"],
         }
         for path in sources:  # a STAC composite's provenance (items, dates, rule) travels on
             with rasterio.open(path) as src:
