@@ -6,6 +6,7 @@ checked against the task's own ``predict_step`` on each chip, computed here chip
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,19 @@ def test_a_segmentation_map_holds_each_pixels_class_where_it_lies(
     scored = np.isfinite(got_p).all(axis=0)
     np.testing.assert_array_equal(got_c, np.where(scored, got_p.argmax(axis=0), 255))
     assert len(np.unique(got_c[inside])) > 1  # more than one class (else the test proves less)
+    # overviews (QGIS drew a 10 m map zoomed out by decoding every block: helper-127): the
+    # map is 592 px wide, halved to under 256; classes by mode, probabilities by average
+    with rasterio.open(classes) as c, rasterio.open(probs) as p:
+        assert c.overviews(1) == p.overviews(1) == [2, 4]
+    with rasterio.open(classes, overview_level=0) as c, rasterio.open(probs, overview_level=0) as p:
+        half_c, half_p = c.read(1), p.read()
+    h, w = half_c.shape
+    blocks = got_c[: 2 * h, : 2 * w].reshape(h, 2, w, 2)
+    assert (blocks == half_c[:, None, :, None]).any(axis=(1, 3)).all()  # a class of its block
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # blocks without data: NaN
+        mean = np.nanmean(got_p[:, : 2 * h, : 2 * w].reshape(3, h, 2, w, 2), axis=(2, 4))
+    np.testing.assert_allclose(half_p, mean, rtol=1e-5, atol=1e-6)
 
 
 def test_a_classification_table_holds_each_chips_probabilities_and_class(

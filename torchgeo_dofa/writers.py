@@ -48,6 +48,7 @@ import rasterio
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from rasterio.crs import CRS
+from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from rasterio.windows import Window
 from torch import Tensor
@@ -1501,6 +1502,13 @@ class GridWriter(_PartsWriter):
     def _decorate(self, dst: Any, depth: int) -> None:
         """Add to the GeoTIFF being written (open in rasterio) what its bands need: nothing."""
 
+    def _overviews(self, dst: Any) -> None:
+        """Add overviews to the GeoTIFF once its pixels are written: none for a grid.
+
+        A grid has a cell per 16 x 16 input pixels (a Sentinel-2 tile's: 687 x 687 cells),
+        small enough to draw whole; its D bands would make overviews cost seconds.
+        """
+
     def finalize(self) -> None:
         """Assemble the chip parts into the final GeoTIFF, window by window, verified.
 
@@ -1588,6 +1596,7 @@ class GridWriter(_PartsWriter):
                         digests.append(_digest(out32))
                         dst.write(out32, window=win)
                         del out32
+                self._overviews(dst)
 
         def verify(tmp: Path) -> None:
             with rasterio.open(tmp) as src:
@@ -2370,6 +2379,24 @@ class SegmentationWriter(_TaskWriter, GridWriter):
         """Give a class map a colour table (QGIS opens it as a paletted raster)."""
         if self.output == "classes" and depth <= 255:  # nodata (255) transparent
             dst.write_colormap(1, class_colours(depth) | {255: (0, 0, 0, 0)})
+
+    def _overviews(self, dst: Any) -> None:
+        """Internal overviews, halving down to under 256 px a side, for maps over 512 px.
+
+        A map has the input's pixels (a Sentinel-2 tile's: 10980 x 10980): without
+        overviews QGIS decodes every block to draw it zoomed out. Classes are reduced by
+        ``mode`` (the most frequent class; no data left out), probabilities by ``average``.
+        """
+        factors: list[int] = []
+        side, factor = max(dst.height, dst.width), 2
+        while side > 512 and side // factor >= 128:
+            factors.append(factor)
+            if side // factor < 256:
+                break
+            factor *= 2
+        if factors:
+            how = Resampling.mode if self.output == "classes" else Resampling.average
+            dst.build_overviews(factors, how)
 
 
 def class_colours(n: int) -> dict[int, tuple[int, int, int, int]]:
