@@ -3766,6 +3766,19 @@ def test_a_crs_without_an_epsg_code_is_written_as_it_is(tmp_path, capsys) -> Non
     assert "(1 already done)" in capsys.readouterr().out.splitlines()[-1]
 
 
+def test_a_resumed_jobs_counts_say_they_are_this_runs() -> None:
+    """helper-127: a resumed job said "embedded 61 chips, 21 without valid pixels (20 already
+    done)" and warned "21 chip(s) held no valid pixel" while its table held 30 no_data rows
+    (9 among the chips done before): the counts are this run's, and now say so."""
+    from torchgeo_dofa.cli import EmbedSummary
+
+    line = EmbedSummary(chips=61, empty=21, skipped=20, seconds=2.0).line()
+    assert line.startswith("embedded 61 more chips, 21 of them without valid pixels (20 "
+                           "already done) in 2.0 s")  # fmt: skip
+    fresh = EmbedSummary(chips=12, empty=6, seconds=2.0).line()
+    assert fresh.startswith("embedded 12 chips, 6 without valid pixels in 2.0 s")
+
+
 def test_13_band_stack_without_descriptions(tmp_path, base_checkpoint) -> None:
     names = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
     rng = np.random.default_rng(0)

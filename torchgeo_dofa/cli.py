@@ -73,11 +73,14 @@ class EmbedSummary:
     def line(self) -> str:
         """One-line summary for the terminal."""
         rate = self.chips / self.seconds if self.seconds > 0 else 0.0
+        # a resumed job's counts are this run's: the done chips' empty ones are not counted
         resumed = f" ({self.skipped} already done)" if self.skipped else ""
-        empty = f", {self.empty} without valid pixels" if self.empty else ""
+        of_them = " of them" if self.skipped else ""
+        empty = f", {self.empty}{of_them} without valid pixels" if self.empty else ""
+        more = " more" if self.skipped else ""
         paths = ", ".join(str(p) for p in self.outputs) or "none"
         return (
-            f"embedded {self.chips} chip{'' if self.chips == 1 else 's'}{empty}{resumed} in "
+            f"embedded {self.chips}{more} chip{'' if self.chips == 1 else 's'}{empty}{resumed} in "
             f"{self.seconds:.1f} s "
             f"({rate:.2f} chips/s) -> {paths}"
         )
@@ -1236,8 +1239,9 @@ def embed(
                 if kind in kinds
             ]
             warn(
-                f"{summary.empty} chip(s) held no valid pixel (no data, fill values or outside "
-                f"the rasters): {', '.join(where)}",
+                f"{summary.empty} chip(s) {'embedded in this run ' if summary.skipped else ''}"
+                "held no valid pixel (no data, fill values or outside the rasters): "
+                f"{', '.join(where)}",
                 UserWarning,
             )
     except BaseException:
