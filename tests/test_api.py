@@ -418,13 +418,14 @@ def test_local_paths_in_other_crss_are_refused_not_warped(tmp_path, chip_a, weig
     assert "paths=Sentinel2SR([...], crs='EPSG:<code>')" in str(info.value)
     with pytest.raises(ModelError, match=r"mixed CRS .* go in separate calls \(one paths= each\)"):
         get_embedding("dofa", paths=tmp_path, **kwargs)  # the folder of both, as before
-    # the fixes it names: a call per CRS, or a mosaic read in one CRS (its chip grid starts
-    # at the mosaic's corner, here the warped file's: a's pixels shift by 0.45 px, read
-    # resampled, as the README says)
+    # the fixes it names: a call per CRS, or a mosaic read in one CRS, whose chips lie on
+    # the pixels of its files in that CRS (they lay on the mosaic's corner, here the warped
+    # file's: a's pixels read shifted by 0.45 px, resampled)
     alone = get_embedding("dofa", paths=a, **kwargs)
     assert alone.meta["crs"] == "EPSG:32633" and alone.meta["bounds"] == pytest.approx(bounds)
     mosaic = get_embedding("dofa", paths=Sentinel2SR([a, b], crs="EPSG:32633"), **kwargs)
-    assert mosaic.meta["crs"] == "EPSG:32633" and np.isfinite(mosaic.data).all()
+    assert mosaic.meta["crs"] == "EPSG:32633" and mosaic.meta["bounds"] == alone.meta["bounds"]
+    np.testing.assert_array_equal(mosaic.data, alone.data)
 
 
 def test_local_reads_through_a_subclass_read_chip(tmp_path, chip_a, weights, tensor_a) -> None:

@@ -1898,6 +1898,10 @@ def test_res_sets_the_pixel_size_of_a_folder_read_in_another_crs(tmp_path, capsy
         assert auto.res[0] != 160  # the warp's choice
     with rasterio.open(tmp_path / "ten/zones_grid.tif") as ten:
         assert ten.res == (160.0, 160.0) and ten.crs == crs
+        # its cells lie on b.tif's pixels (read unwarped, not shifted by a fraction of a
+        # pixel to the corner the warped a.tif sets)
+        offsets = ((ten.transform.c - east.c) / 10, (ten.transform.f - east.f) / 10)
+        assert offsets == (round(offsets[0]), round(offsets[1])), offsets
     capsys.readouterr()
     assert main([*args, "-o", str(tmp_path / "ten"), "--res", "20"]) == 2  # another job
     assert "holds another job's results" in capsys.readouterr().err

@@ -392,6 +392,23 @@ def _time_hint(day: str) -> str:
     return f"time=('{day}', '{day} 23:59:59')"
 
 
+def _lattice_corner(dataset: Sentinel2Base, left: float, top: float) -> tuple[float, float]:
+    """The rasters' top-left corner ``(left, top)``, on the pixel grid of a mosaic's files.
+
+    Moved out by less than a pixel onto the grid of the files read in their own CRS where a
+    mosaic warps others (:meth:`~torchgeo_dofa.datasets.Sentinel2Base.native_lattice`).
+    """
+    lattice = dataset.native_lattice() if isinstance(dataset, Sentinel2Base) else None
+    if lattice is None:
+        return left, top
+    xres, yres = (float(r) for r in dataset.res)
+    x, y = lattice
+    return (
+        x + math.floor((left - x) / xres + 1e-6) * xres,
+        y + math.ceil((top - y) / yres - 1e-6) * yres,
+    )
+
+
 class RegionSampler(GeoSampler):
     """One chip per region (PointBuffer, BBox or geometry), in the given order.
 
@@ -425,6 +442,7 @@ class RegionSampler(GeoSampler):
         if not regions:
             raise ValueError("no regions given")
         x, y, _ = dataset.bounds
+        left, top = _lattice_corner(dataset, float(x.start), float(y.stop))
         scenes = _dated_scenes(dataset, time)
         footprint = scenes.geometry.union_all()
         self.time = _time_slice(time)
@@ -435,9 +453,7 @@ class RegionSampler(GeoSampler):
         outside: list[str] = []
         boxes = []
         for number, region in enumerate(regions):
-            xs, ys = region_window(
-                region, dataset.crs, dataset.res, (float(x.start), float(y.stop)), region_crs
-            )
+            xs, ys = region_window(region, dataset.crs, dataset.res, (left, top), region_crs)
             side = max((xs.stop - xs.start) / dataset.res[0], (ys.stop - ys.start) / dataset.res[1])
             if max_side is not None and side > max_side:  # a 200 km buffer: 24 GiB
                 pixels = f"{dataset.res[0]:g} x {dataset.res[1]:g}"
@@ -539,6 +555,7 @@ class ChipGridSampler(GeoSampler):
         xres, yres = (float(r) for r in dataset.res)
         scenes = _dated_scenes(dataset, time)
         x0, y0, x1, y1 = (float(v) for v in scenes.total_bounds)
+        x0, y1 = _lattice_corner(dataset, x0, y1)  # a mosaic: on its unwarped files' pixels
         footprint = scenes.geometry.union_all()
         region = footprint
         if roi is not None:

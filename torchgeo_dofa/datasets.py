@@ -1074,6 +1074,30 @@ class Sentinel2Base(RasterDataset):
         | {"resampling", "cache", "transforms"}
     )
 
+    def native_lattice(self) -> tuple[float, float] | None:
+        """A pixel corner ``(x, y)`` of the files read in their own CRS, where others are warped.
+
+        A mosaic of files in several CRSs read in one (``crs=``) places its chips from the
+        corner of all the files' bounds, which a warped file can set anywhere: the files
+        already in the dataset's CRS were then read shifted by a fraction of a pixel,
+        resampled (0.45 px in a test). The samplers put their lattice on this corner's pixel
+        grid instead (:class:`~torchgeo_dofa.datamodules.ChipGridSampler`,
+        :class:`~torchgeo_dofa.datamodules.RegionSampler`).
+
+        Returns:
+            The top-left corner of the first such file (by path), where some files are
+            warped and that file's pixels are the dataset's (its resolution, north-up);
+            None otherwise (every file in one CRS: their corner is on their grid already).
+        """
+        infos = [self._infos[p] for p in sorted(self._infos)]
+        native = [i for i in infos if i.crs is not None and same_crs(i.crs, self._dst_rio_crs)]
+        if not native or len(native) == len(infos):
+            return None
+        t = native[0].transform
+        if t.b or t.d or (abs(t.a), abs(t.e)) != tuple(float(r) for r in self.res):
+            return None
+        return float(t.c), float(t.f)
+
     def reading_identity(self) -> dict[str, str]:
         """How the files' pixels are read, as text.
 
