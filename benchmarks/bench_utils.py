@@ -146,8 +146,8 @@ def model_flops(
 
 
 #: The CLI's summary line (``cli.EmbedSummary.line``): "embedded 1 chip in 1.4 s (...)",
-#: "embedded 256 chips, 3 without valid pixels (10 already done) in 12.0 s (...)".
-_JOB_LINE = re.compile(r"embedded \d+ chips?\b[^\n]*? in ([\d.]+) s \(")
+#: "embedded 246 more chips, 3 of them without valid pixels (10 already done) in 12.0 s (...)".
+_JOB_LINE = re.compile(r"embedded \d+(?: more)? chips?\b[^\n]*? in ([\d.]+) s \(")
 
 
 def cli_job_seconds(output: str) -> float:
