@@ -1814,9 +1814,14 @@ def test_arguments_a_backend_does_not_read_are_refused_or_recorded(tmp_path) -> 
     date 'YYYY-MM-DD', got '2022-10-01T00:00:00'"; input_chw's temporal= went nowhere."""
     point = PointBuffer(13.1397, 48.2922, 500)
     june = TemporalSpec.range("2022-06-01", "2022-07-01")
-    for backend, extra in (("stac", {"stac_url": tmp_path / "items.json"}), ("gee", {})):
+    for backend, extra in (
+        ("stac", {"stac_url": tmp_path / "items.json"}),
+        ("gee", {}),
+        ("provider", {}),  # rs-embed's name for gee (helper-129)
+    ):
         with pytest.raises(ModelError, match=rf"^paths= is read by backend='local' only, but "
-                           rf"backend='{backend}' fetches the pixels itself"):  # fmt: skip
+                           rf"backend='{backend.replace('provider', 'gee')}' fetches the "
+                           r"pixels itself"):  # fmt: skip
             get_embedding("dofa", spatial=point, paths=[SCENE], backend=backend, weights=None,
                           temporal=june, **extra)  # fmt: skip
     with pytest.raises(ModelError, match=r"^paths= is read by backend='local' only"):

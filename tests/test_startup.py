@@ -222,6 +222,10 @@ def command():
                 sum(range(1000))
             print("summary")
         finally:
+            if "--twice" in sys.argv:  # a second SIGTERM while it unwinds
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(100):
+                    sum(range(1000))
             print("released")
         return 0
     if "--two-sigterms-in-a-job" in sys.argv:  # a second SIGTERM during a job: at once
@@ -329,6 +333,10 @@ def test_sigterm_after_the_libraries_loaded_is_handled_as_ctrl_c_is(tmp_path) ->
     130, nothing left. SIGTERM now unwinds the command as Ctrl-C does, exit 143; a second
     SIGTERM during a job still ends the process at once (by the signal)."""
     assert _run_command(tmp_path, "--sigterm-before-the-job") == (143, "released\n", "")
+    # a second one while the command unwinds: raised from its finally blocks (a traceback,
+    # exit 1: helper-129); now nothing more
+    twice = _run_command(tmp_path, "--sigterm-before-the-job", "--twice")
+    assert twice == (143, "released\n", "")
     status, out, _ = _run_command(tmp_path, "--two-sigterms-in-a-job")
     assert (status, out) == (-signal.SIGTERM, "first True\n")
     # a real job: stopped (SIGSTOP) once it holds its folder's lock, before its handler,

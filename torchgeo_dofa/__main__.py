@@ -114,6 +114,7 @@ _load_handlers: dict[int, Any] = {}
 #: SIGTERM's handler before the command began, while :func:`terminate_before_the_job` handles
 #: it (from :func:`end_import_pause` until the command returns; the job's own handler in between)
 _gap_handlers: dict[int, Any] = {}
+_terminating: list[int] = []  # non-empty once terminate_before_the_job has raised
 
 
 class Terminated(KeyboardInterrupt):
@@ -144,9 +145,15 @@ def terminate_before_the_job(signum: int, frame: object) -> None:
     left). The job's handler treats this one as Python's default: a second SIGTERM during a
     job still ends the process at once.
 
+    A SIGTERM while the command already unwinds from one does nothing (it raised from the
+    unwinding's ``finally`` blocks: a traceback, exit 1).
+
     Raises:
-        Terminated: always.
+        Terminated: the first time.
     """
+    if _terminating:
+        return
+    _terminating.append(signum)
     raise Terminated(signum)
 
 

@@ -926,8 +926,8 @@ def _backend(backend: str, input_given: bool, paths_given: bool) -> str:
     name = str(backend).strip().lower()
     if name not in BACKENDS:
         raise ModelError(f"unknown backend {backend!r}: choose one of {list(BACKENDS)}")
-    if name == "provider":
-        return "gee"
+    if name == "provider":  # rs-embed's name for Earth Engine: checked as "gee" below
+        name = "gee"
     if name == "auto":
         name = "tensor" if input_given else "local" if paths_given else "gee"
     if name == "tensor" and paths_given:  # they were ignored without a word
