@@ -321,6 +321,16 @@ def test_an_array_of_8_bit_or_percent_values_in_a_wider_type_is_warned_of() -> N
     for run in doors(np.clip(raw / 30, 0, 255).astype(np.uint8)):
         (message,) = warned(run)
         assert "has dtype uint8" in message
+    # Python's default: once per line of the caller's; the check's own filter cleared that
+    # record, so the dtype's warning came on every call (helper-129)
+    eight_bit = np.clip(raw / 30, 0, 255).astype(np.uint8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            get_embedding("dofa", input_chw=eight_bit, sensor=SENSOR, weights=None)
+        for _ in range(3):
+            DOFAPreprocess(BANDS, whole_input=True)({"image": torch.from_numpy(eight_bit)})
+    assert len([w for w in caught if issubclass(w.category, ReflectanceWarning)]) == 2
 
 
 # ----------------------------------------------------------------------------- datasets

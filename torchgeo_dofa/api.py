@@ -87,7 +87,6 @@ import os
 import re
 import shutil
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -147,14 +146,13 @@ from .spatial import (
 from .stac import StacUnavailableError
 from .transforms import (
     INPUT_PREPS,
-    LOW_VALUES_WARNING,
     NARROW_DTYPES,
     DOFAPreprocess,
     ReflectanceError,
-    ReflectanceWarning,
     _dtype_name,
     as_fill_value,
     as_float32,
+    eight_bit_input,
     nodata_mask,
 )
 from .weights import env_setting, local_weights_file, names_random_weights
@@ -1105,9 +1103,7 @@ def _prepare_tensor(
             "channel"
         )
     try:
-        with warnings.catch_warnings():
-            if _dtype_name(input_chw) in NARROW_DTYPES:  # warned of by _as_chw: not twice
-                warnings.filterwarnings("ignore", LOW_VALUES_WARNING, ReflectanceWarning)
+        with eight_bit_input(_dtype_name(input_chw) in NARROW_DTYPES):  # _as_chw warned
             prepared = _prepare(
                 image,
                 sensor.bands,

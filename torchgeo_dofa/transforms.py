@@ -54,9 +54,10 @@ Notes:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -263,6 +264,32 @@ def as_float32(array: Any, name: str = "image") -> Tensor:
     if masked is not None and np.ma.getmask(masked) is not np.ma.nomask:
         out = np.where(np.ma.getmaskarray(masked), np.float32(np.nan), out)
     return torch.from_numpy(np.ascontiguousarray(out))
+
+
+#: True while an input whose 8-bit dtype was warned of runs the stack (as a float copy):
+#: :class:`CheckReflectance` does not warn of its values too (a context variable, not a
+#: ``warnings.catch_warnings`` filter, which clears Python's once-per-place record of every
+#: warning, so that the dtype's warning came again on every call).
+_EIGHT_BIT_INPUT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "torchgeo_dofa_eight_bit_input", default=False
+)
+
+
+@contextlib.contextmanager
+def eight_bit_input(narrow: bool) -> Iterator[None]:
+    """Within: the input running the stack was 8-bit (``narrow``), its dtype warned of.
+
+    Args:
+        narrow: whether the input's dtype was 8-bit (:data:`NARROW_DTYPES`).
+
+    Yields:
+        Nothing.
+    """
+    token = _EIGHT_BIT_INPUT.set(narrow or _EIGHT_BIT_INPUT.get())
+    try:
+        yield
+    finally:
+        _EIGHT_BIT_INPUT.reset(token)
 
 
 def _dtype_name(array: Any) -> str:
@@ -711,7 +738,7 @@ class CheckReflectance(nn.Module):
             empty,
             self.fill_value,
             whole_input=self.whole_input,
-            warn_low=dtype not in NARROW_DTYPES,
+            warn_low=dtype not in NARROW_DTYPES and not _EIGHT_BIT_INPUT.get(),
         )
         sample["image"] = image
         sample["valid"] = valid
@@ -1272,10 +1299,7 @@ class DOFAPreprocess(nn.Sequential):
             The sample, preprocessed.
         """
         image = sample.get("image") if isinstance(sample, dict) else None
-        if _dtype_name(image) not in NARROW_DTYPES:
-            return cast(Sample, super().forward(sample))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", LOW_VALUES_WARNING, ReflectanceWarning)
+        with eight_bit_input(_dtype_name(image) in NARROW_DTYPES):
             return cast(Sample, super().forward(sample))
 
 
@@ -1405,13 +1429,6 @@ def preprocess_array(
     image = as_float32(array_chw, "array_chw")  # an 8-bit dtype is warned of here
     if image.ndim != 3:
         raise ValueError(f"preprocess_array expects a (C, H, W) array, got {tuple(image.shape)}")
-    if _dtype_name(array_chw) in NARROW_DTYPES:  # not its values' warning too
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", LOW_VALUES_WARNING, ReflectanceWarning)
-            return preprocess_array(
-                image, bands, wavelengths, input_prep, nodata, fill_value, transform, size,
-                mean, std, whole_input,
-            )  # fmt: skip
     sample: Sample = {"image": image}
     if transform is not None:
         sample["transform"] = torch.tensor(list(transform), dtype=torch.float64)
@@ -1426,5 +1443,6 @@ def preprocess_array(
         std=std,
         whole_input=whole_input,
     )
-    out: Sample = stack(sample)
+    with eight_bit_input(_dtype_name(array_chw) in NARROW_DTYPES):  # warned of above
+        out: Sample = stack(sample)
     return out
