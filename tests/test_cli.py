@@ -3870,6 +3870,10 @@ def test_another_sensors_bands_with_their_statistics_and_an_offset(
         made = {k: emb.tags()[k] for k in ("source_offsets", "chip_size", "stride")}
         assert made == {"source_offsets": "[[-1000.0, -1000.0, -1000.0, -1000.0]]",
                         "chip_size": "224", "stride": "224"}  # fmt: skip
+        # a file declaring no nodata: the conventional fills are no data (helper-129: the
+        # tag named one value of the four, and a class map's read "0.0" beside its own 255)
+        assert json.loads(emb.tags()["input_nodata"]) == [-32768.0, -9999.0, 0.0, 65535.0]
+        assert "nodata" not in emb.tags()
     raw = np.clip(data.astype(np.float64) - 1000, 0, 10000) / 10000 * 255
     x = (raw - np.array(mean)[:, None, None]) / np.array(std, dtype=np.float64)[:, None, None]
     encoder = load_dofa("base", weights=base_checkpoint)

@@ -1192,7 +1192,8 @@ class DOFAPredictDataModule(GeoDataModule):
             it: what ``torchgeo-dofa preview`` draws from), ``source_offsets`` (per source,
             in that order, the offset added to each of ``bands`` as read: -1000 for a
             Level-2A product of processing baseline 04.00 or later, 0 where not read),
-            ``chip_size`` and ``stride`` (px), ``nodata`` (the values read as no data),
+            ``chip_size`` and ``stride`` (px), ``input_nodata`` (the values read as no
+            data in the inputs besides NaN and values at or below -1000),
             ``source_stats`` (per source, in
             that order, ``[size in bytes, modification time in ns]`` as the job read it, the
             embed manifest's identity of a file; null for a path that is no local file:
@@ -1224,7 +1225,7 @@ class DOFAPredictDataModule(GeoDataModule):
             "source_stats": json.dumps([_file_stats(p) for p in sources]),
             "chip_size": str(self.chip_size),
             "stride": str(self.stride or self.chip_size),
-            "nodata": dataset.reading_identity()["nodata"],
+            "input_nodata": json.dumps(dataset.nodata_values()),
         }
         for path in sources:  # a STAC composite's provenance (items, dates, rule) travels on
             with rasterio.open(path) as src:

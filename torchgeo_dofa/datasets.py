@@ -1098,6 +1098,23 @@ class Sentinel2Base(RasterDataset):
             return None
         return float(t.c), float(t.f)
 
+    def nodata_values(self) -> list[float]:
+        """Every value read as no data in some file, besides NaN (sorted).
+
+        The no-data value each file declares or ``nodata=`` gives, 0 where
+        ``zero_is_nodata``, and the conventional fills (-32768, -9999, 65535) in files that
+        declare none; values at or below -1000 are no data too
+        (:class:`~torchgeo_dofa.transforms.CheckReflectance`).
+
+        Returns:
+            The values, as floats.
+        """
+        values: set[float] = set()
+        for info in self._infos.values():
+            primary = self._primary_nodata(info)
+            values |= {v for v in (primary, *self._extra_nodata(info)) if v is not None}
+        return sorted(v for v in values if not math.isnan(v))
+
     def reading_identity(self) -> dict[str, str]:
         """How the files' pixels are read, as text.
 
