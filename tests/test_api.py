@@ -1849,6 +1849,9 @@ def test_careless_spellings_get_their_fix(tmp_path) -> None:
         get_embedding("dofa", input_chw=hwc, sensor=S4, weights=None)
     grid = get_embedding("dofa", input_chw=RAW, sensor=S4, output="Grid ", weights=None)
     assert grid.meta["output"] == "grid" and grid.data.ndim == 3
+    assert OutputSpec("Pooled") == OutputSpec.pooled()  # type: ignore[arg-type] # the spec itself too (helper-129)
+    with pytest.raises(ModelError, match=r"^expected a date, got NaT"):
+        TemporalSpec.range(pd.NaT, "2022-10-02")
     point = PointBuffer(13.1397, 48.2922, 500)
     with pytest.raises(ModelError, match=r"does not exist \(a wildcard pattern is not expanded"):
         get_embedding("dofa", spatial=point, paths=str(SCENE.parent / "*.tif"), weights=None)

@@ -3994,7 +3994,7 @@ def test_output_file_names_and_seeded_random_weights(tmp_path, capsys) -> None:
         "anew on every run, so they cannot be resumed (a job started with --seed N can be); "
         f"rerun with --overwrite to replace them (it deletes {SCENE.stem}_pooled.parquet), or "
         f"choose another -o to keep them (another folder; for one region, -o {tmp_path / 'u'}"
-        "/NAME.tif is a job of its own beside them)\n"
+        "/NAME.parquet is a job of its own beside them)\n"  # the kind of file it writes
     )
     assert main([*unseeded, "--seed", "1"]) == 2  # a seed now: still not that job's results
     assert "they come from random weights without a seed" in capsys.readouterr().err

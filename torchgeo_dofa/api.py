@@ -213,6 +213,8 @@ class ModelError(ValueError):
 
 def _iso(value: str | date) -> str:
     if isinstance(value, datetime):  # pandas' Timestamp too: a day, or a refusal naming it
+        if value != value:  # pandas' NaT: no time at all
+            raise ModelError(f"expected a date, got {value!r} (no date)")
         if (value.hour, value.minute, value.second, value.microsecond) == (0, 0, 0, 0):
             return value.date().isoformat()
         raise ModelError(
@@ -324,6 +326,8 @@ class OutputSpec:
         Raises:
             ModelError: for an unknown mode.
         """
+        if isinstance(self.mode, str):  # any letter case, as variant=
+            object.__setattr__(self, "mode", self.mode.strip().lower())
         if self.mode not in ("pooled", "grid"):
             raise ModelError(f"unknown output mode {self.mode!r}: use 'pooled' or 'grid'")
 
@@ -903,8 +907,8 @@ def _config(
     prep = str(settings.get("input_prep", input_prep))
     if prep not in INPUT_PREPS:
         raise ModelError(f"unknown input_prep {prep!r}: choose one of {list(INPUT_PREPS)}")
-    if isinstance(output, str):  # any letter case, as variant=
-        output = OutputSpec(output.strip().lower())  # type: ignore[arg-type]
+    if isinstance(output, str):  # any letter case (OutputSpec's check), as variant=
+        output = OutputSpec(output)  # type: ignore[arg-type]
     elif not isinstance(output, OutputSpec):
         raise ModelError(f"output must be OutputSpec.pooled() or OutputSpec.grid(), got {output}")
     chosen = settings.get("weights", weights)

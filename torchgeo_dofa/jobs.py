@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -684,11 +685,13 @@ class JobManifest:
                     _clean_resumed(folder / name)
                 return False
             deleted = ", ".join(previous.outputs) or "none listed"
+            suffix = next((Path(n).suffix for n in self.outputs), ".tif")  # a file this job writes
+            named = shlex.quote(f"{folder}{os.sep}NAME{suffix}")
             raise JobMismatchError(
                 f"output folder {folder} holds another job's results: {_difference(*diff)}; "
                 f"rerun with --overwrite to replace them (it deletes {deleted}), or choose "
-                f"another -o to keep them (another folder; for one region, -o {folder}/NAME.tif "
-                "is a job of its own beside them)"
+                f"another -o to keep them (another folder; for one region, -o {named} is a "
+                "job of its own beside them)"
             )
         else:
             present = [
