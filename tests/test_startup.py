@@ -185,14 +185,20 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path) -> None:
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)  # the libraries take several seconds to load
     job.send_signal(signal.SIGINT)
+    _ends_in_one_line(job, 130, "interrupted (Ctrl-C);", tmp_path / "out")
+
+
+def _ends_in_one_line(job: subprocess.Popen[str], status: int, said: str, out: Any) -> None:
+    """The stopped command's status and last line (``said`` then the resume advice), no
+    traceback, and no output folder left."""
     _, err = job.communicate(timeout=120)
-    assert job.returncode == 130, err[-2000:]
+    assert job.returncode == status, err[-2000:]
     assert err.strip().splitlines()[-1] == (
-        "torchgeo-dofa: error: interrupted (Ctrl-C); the chips written so far are kept; "
+        f"torchgeo-dofa: error: {said} the chips written so far are kept; "
         "rerun the same command to resume"
     ), err
     assert "Traceback" not in err
-    assert not (tmp_path / "out").exists()
+    assert not out.exists()
 
 
 #: A command run as ``python -m``: a Ctrl-C interrupts code run through ``PyRun_*`` inside it
@@ -355,14 +361,7 @@ def test_sigterm_after_the_libraries_loaded_is_handled_as_ctrl_c_is(tmp_path) ->
     assert not (out_dir / MANIFEST_NAME).exists()  # the job had not begun
     job.send_signal(signal.SIGTERM)
     job.send_signal(signal.SIGCONT)
-    _, err = job.communicate(timeout=120)
-    assert job.returncode == 143, err[-2000:]
-    assert err.strip().splitlines()[-1] == (
-        "torchgeo-dofa: error: stopped by SIGTERM: the chips written so far are kept; "
-        "rerun the same command to resume"
-    ), err
-    assert "Traceback" not in err
-    assert not out_dir.exists()
+    _ends_in_one_line(job, 143, "stopped by SIGTERM:", out_dir)
 
 
 def test_ctrl_c_after_the_command_returned_is_ignored(tmp_path) -> None:
