@@ -312,6 +312,7 @@ def _end_signal_exit(job_begins: bool = False) -> None:
             del _gap_handlers[signum]
             if signal.getsignal(signum) is terminate_before_the_job:
                 signal.signal(signum, usual)
+        _terminating.clear()  # the command is over: a next one in this process starts afresh
 
 
 def _exit_without_teardown() -> None:

@@ -104,7 +104,7 @@ from torchgeo_dofa.spatial import (
     region_window,
     same_crs,
 )
-from torchgeo_dofa.transforms import INPUT_PREPS, LOW_MAX, DOFAPreprocess
+from torchgeo_dofa.transforms import INPUT_PREPS, LOW_MAX, LOW_VALUES_ADVICE, DOFAPreprocess
 from torchgeo_dofa.writers import GridGeometry, folders_removed_if_left_empty
 
 __all__ = [
@@ -1211,10 +1211,9 @@ class DOFAPredictDataModule(GeoDataModule):
         offsets: dict[str, list[float]] = {}
         for scene, added in zip(dataset.index["sources"], dataset.index["offset"], strict=True):
             for i, (path, band) in enumerate(scene):  # (path, file band) per dataset band
-                reads.setdefault(os.path.abspath(path), [0] * len(dataset.bands))[i] = int(band)
-                offsets.setdefault(os.path.abspath(path), [0.0] * len(dataset.bands))[i] = float(
-                    added[i]
-                )
+                source = os.path.abspath(path)
+                reads.setdefault(source, [0] * len(dataset.bands))[i] = int(band)
+                offsets.setdefault(source, [0.0] * len(dataset.bands))[i] = float(added[i])
         sources = sorted(reads)
         tags = {
             "bands": json.dumps(list(dataset.bands)),
@@ -1660,23 +1659,17 @@ def check_raw_reflectance(
         ),
         lambda verdict: verdict.high,
     )
-    dim = (
-        f"reflectance x 10000 that low (below {LOW_MAX / 100:.2f} %) is darker than almost any "
-        "land, so they embed as near-black"
-    )
     _warn_of_files(
         [(os.path.basename(p), v) for p, v in verdicts.items() if v.low],
         lambda name, verdict: (
             f"{name}: the valid values of every band stay at or below {LOW_MAX:.0f} (maxima: "
-            f"{', '.join(verdict.low)}; read decimated): {dim}. Are they 8-bit (0..255) or "
-            "percent (0..100) values? Rescale them to reflectance x 10000. (A scene of dark "
+            f"{', '.join(verdict.low)}; read decimated): {LOW_VALUES_ADVICE} (A scene of dark "
             "water alone can do this.)"
         ),
         lambda count, listed: (
             f"{count} files: the valid values of every band of each stay at or below "
-            f"{LOW_MAX:.0f} (maxima: {listed}; read decimated): "
-            f"{dim}. Are they 8-bit (0..255) or percent (0..100) values? Rescale them to "
-            "reflectance x 10000. (Scenes of dark water alone can do this.)"
+            f"{LOW_MAX:.0f} (maxima: {listed}; read decimated): {LOW_VALUES_ADVICE} (Scenes "
+            "of dark water alone can do this.)"
         ),
         lambda verdict: verdict.low,
     )

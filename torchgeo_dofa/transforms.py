@@ -172,8 +172,12 @@ class ReflectanceWarning(UserWarning):
 #: near-black: warned of (:func:`check_reflectance_range`,
 #: :func:`~torchgeo_dofa.datamodules.check_raw_reflectance`).
 LOW_MAX = 255.0
-#: The start of :func:`check_reflectance_range`'s warning of such values.
-LOW_VALUES_WARNING = "the valid values of every band stay at or below"
+#: What the warning of such values says of them (a file's and an array's alike).
+LOW_VALUES_ADVICE = (
+    f"reflectance x 10000 that low (below {LOW_MAX / 100:.2f} %) is darker than almost any "
+    "land, so they embed as near-black. Are they 8-bit (0..255) or percent (0..100) values? "
+    "Rescale them to reflectance x 10000."
+)
 
 #: Integer dtypes too narrow for raw reflectance: an 8-bit band holds 0..255 (or -128..127),
 #: i.e. reflectance below 0.0256 on DOFA's reflectance x 10000 scale, darker than almost any
@@ -847,11 +851,9 @@ def check_reflectance_range(
         if bool(low.any()):
             _, hi = _span(vmin, vmax, low)
             warn(
-                f"{LOW_VALUES_WARNING} {LOW_MAX:.0f} (at most "
-                f"{hi:.4g}){_where(low)}: reflectance x 10000 that low (below "
-                f"{LOW_MAX / 100:.2f} %) is darker than almost any land, so they embed as "
-                "near-black. Are they 8-bit (0..255) or percent (0..100) values? Rescale "
-                "them to reflectance x 10000. (A scene of dark water alone can do this.)",
+                f"the valid values of every band stay at or below {LOW_MAX:.0f} (at most "
+                f"{hi:.4g}){_where(low)}: {LOW_VALUES_ADVICE} (A scene of dark water alone "
+                "can do this.)",
                 ReflectanceWarning,
             )
     return image

@@ -2387,16 +2387,14 @@ class SegmentationWriter(_TaskWriter, GridWriter):
         overviews QGIS decodes every block to draw it zoomed out. Classes are reduced by
         ``mode`` (the most frequent class; no data left out), probabilities by ``average``.
         """
-        factors: list[int] = []
-        side, factor = max(dst.height, dst.width), 2
-        while side > 512 and side // factor >= 128:
-            factors.append(factor)
-            if side // factor < 256:
-                break
-            factor *= 2
-        if factors:
-            how = Resampling.mode if self.output == "classes" else Resampling.average
-            dst.build_overviews(factors, how)
+        side = max(dst.height, dst.width)
+        if side <= 512:
+            return
+        factors = [2]
+        while side // factors[-1] >= 256:
+            factors.append(factors[-1] * 2)
+        how = Resampling.mode if self.output == "classes" else Resampling.average
+        dst.build_overviews(factors, how)
 
 
 def class_colours(n: int) -> dict[int, tuple[int, int, int, int]]:
