@@ -5379,3 +5379,30 @@ def test_names_too_long_for_the_file_system_are_one_line(tmp_path, capsys) -> No
     fits = f"{'n' * (limit - 62 - 8)}.parquet"
     assert main(["embed", str(scene), "-o", str(tmp_path / fits), *common]) == 0
     assert (tmp_path / fits).is_file()
+
+
+def test_an_embed_in_a_python_process_frees_its_model_when_it_ends(
+    tmp_path, base_checkpoint
+) -> None:
+    """A notebook or script calling the command's ``main`` / ``embed`` job after job: each
+    job's weights are freed as it ends (its trainer, module and data module refer to each
+    other, so Python freed them only at a later cyclic collection: 400 MB more each job)."""
+    import gc
+
+    from torchgeo_dofa.model import DOFAEncoder
+
+    def encoders_holding_weights() -> set[int]:
+        return {
+            id(o)
+            for o in gc.get_objects()
+            if isinstance(o, DOFAEncoder) and any(p.device.type != "meta" for p in o.parameters())
+        }
+
+    before = encoders_holding_weights()
+    box = ["--bbox", "13.11", "48.275", "13.111", "48.276"]  # one chip
+    for i in range(2):
+        out = tmp_path / f"job{i}"
+        assert main(["embed", str(SCENE), "-o", str(out), *box, "--weights",
+                     str(base_checkpoint), "--no-progress"]) == 0  # fmt: skip
+        assert encoders_holding_weights() <= before, i
+        assert len(gpd.read_parquet(out / "ftw_s2_l2a_33N_pooled.parquet")) == 1
