@@ -1042,3 +1042,48 @@ def test_a_read_only_parts_folder_is_the_write_error_not_the_clean_up(tmp_path: 
         ), str(info.value)
         with pytest.raises(OutputWriteError, match=r"could not write .*/x: Read-only file"):
             atomic_write(disk / "x", lambda tmp: tmp.write_text("x"))
+
+
+def test_a_trainer_run_again_after_its_weights_changed_does_not_resume_the_first_run(
+    tmp_path: Path,
+) -> None:
+    """The grid and the table share one CRC-32 of the weights per run (the first writer's,
+    before the first batch), and a trainer's next run takes it again: weights changed in
+    place between two runs of the same trainer and writers (a notebook training the module,
+    even through ``.data``, which no version counter sees) do not resume the first run's
+    parts; with the weights put back, the rerun resumes and finishes."""
+    from torchgeo_dofa.datamodules import DOFAPredictDataModule
+    from torchgeo_dofa.embedder import DOFAEmbedder
+    from torchgeo_dofa.writers import PartsMismatchError
+
+    crop, _ = _two_chips_one_empty(tmp_path)
+    module = DOFAEmbedder(weights=None, seed=0, output="both")
+
+    class FailAfterTheBatch(pl.Callback):
+        armed = True
+
+        def on_predict_batch_end(self, *args: Any) -> None:
+            if self.armed:
+                raise RuntimeError("the job died")
+
+    fail = FailAfterTheBatch()
+    grid, pooled = GridWriter(tmp_path / "g.tif"), PooledWriter(tmp_path / "p.parquet")
+    trainer = cpu_trainer([pooled, grid, fail])
+
+    def run() -> None:
+        dm = DOFAPredictDataModule(crop, preprocess=True, batch_size=2)
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+
+    with pytest.raises(RuntimeError, match="the job died"):
+        run()
+    assert (parts_dir(tmp_path / "g.tif") / "r0_c0.npy").exists()
+    fail.armed = False
+    weight = module.encoder.norm.weight
+    version = weight._version
+    weight.data.mul_(2.0)
+    assert weight._version == version  # unseen by the version counter
+    with pytest.raises(PartsMismatchError, match="weights_crc32"):
+        run()
+    weight.data.div_(2.0)
+    run()  # resumed: the chip was done, the outputs assembled
+    assert (tmp_path / "g.tif").exists() and (tmp_path / "p.parquet").exists()
