@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from torchgeo_dofa.weights import (
     DEFAULT_HF_REPO_ID,
     DEFAULT_HF_REVISION,
     PRETRAINED,
+    non_finite_tensors,
     read_state_dict,
     resolve_weights,
     sha256_file,
@@ -204,9 +206,10 @@ def test_a_checked_file_is_checked_again_once_changed(tmp_path) -> None:
     torch.save(state, path)
     old = path.stat().st_mtime_ns - 10**10
     os.utime(path, ns=(old, old))
-    os.utime(path, ns=(old, old))
+    time.sleep(2.1)  # its change time: older than the 2 s within which nothing is remembered
     first = sha256_file(path)
     verify_checkpoint_file(path)
+    assert torch.equal(read_state_dict(path)["x"], state["x"])  # a load's own CRC check
     data = bytearray(path.read_bytes())
     data[data.find(state["x"][1000:1004].numpy().tobytes())] ^= 0xFF
     with open(path, "r+b") as f:  # in place: same inode, same size
@@ -215,6 +218,8 @@ def test_a_checked_file_is_checked_again_once_changed(tmp_path) -> None:
     assert sha256_file(path) != first
     with pytest.raises(CheckpointError, match=r"data/0 fails its CRC-32 check"):
         verify_checkpoint_file(path)
+    with pytest.raises(CheckpointError, match=r"data/0 fails its CRC-32 check"):
+        read_state_dict(path)
     fresh = tmp_path / "fresh.pth"  # modified just now: checked each time
     torch.save(state, fresh)
     verify_checkpoint_file(fresh)
@@ -354,6 +359,52 @@ def test_float64_values_beyond_float32_are_an_error(tmp_path, base_state) -> Non
     state["blocks.0.mlp.fc1.bias"][:3] = 1e30  # large, but a float32
     loaded = load_dofa("base", weights=write_checkpoint(path, state))
     assert float(loaded.state_dict()["backbone.blocks.0.mlp.fc1.bias"][0]) == pytest.approx(1e30)
+
+
+def test_finite_values_whose_sum_overflows_are_finite() -> None:
+    """The finiteness check sums each tensor first and looks at every value only where the
+    sum is not finite: finite values overflowing the sum are finite all the same, and NaN
+    or infinity is found in every floating dtype."""
+    big = {
+        "float32": torch.full((4,), 3e38),
+        "float16": torch.full((4,), 60000.0, dtype=torch.float16),
+        "bfloat16": torch.full((4,), 3e38, dtype=torch.bfloat16),
+        "float64": torch.full((4,), 1.7e308, dtype=torch.float64),
+    }
+    assert non_finite_tensors(big) == []
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        state = {k: torch.cat([v, torch.tensor([bad], dtype=v.dtype)]) for k, v in big.items()}
+        assert non_finite_tensors(state) == [f"{k} (1 of 5 values)" for k in big], bad
+    mixed = torch.tensor([float("inf"), -float("inf"), 1.0])  # sums to NaN: still named
+    assert non_finite_tensors({"w": mixed}) == ["w (2 of 3 values)"]
+
+
+def test_weights_sharing_memory_in_the_file_load_as_separate_weights(tmp_path, base_state) -> None:
+    """A load takes the file's tensors as the encoder's own (no copy), but two entries saved
+    as one tensor (torch.save keeps such sharing) or as views of one are still two weights:
+    fine-tuning one must not change the other."""
+    state = dict(base_state)
+    state["blocks.0.norm1.weight"] = state["norm.weight"]  # the same tensor under two keys
+    qkv, proj = state["blocks.1.attn.qkv.bias"], state["blocks.1.attn.proj.bias"]
+    both = torch.cat([qkv, proj])  # two views of one storage
+    state["blocks.1.attn.qkv.bias"], state["blocks.1.attn.proj.bias"] = both[:2304], both[2304:]
+    state["blocks.2.mlp.fc1.weight"] = state["blocks.2.mlp.fc1.weight"].t().contiguous().t()
+    path = write_checkpoint(tmp_path / "shared.pth", state)
+    encoder = load_dofa("base", weights=path)
+    params = dict(encoder.named_parameters())
+    norm, norm1 = params["norm.weight"], params["backbone.blocks.0.norm1.weight"]
+    torch.testing.assert_close(norm1, base_state["norm.weight"], rtol=0, atol=0)
+    with torch.no_grad():
+        norm.add_(1.0)  # a training step on one of them
+    torch.testing.assert_close(norm1, base_state["norm.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(norm, base_state["norm.weight"] + 1.0, rtol=0, atol=0)
+    for key, want in (("qkv.bias", qkv), ("proj.bias", proj)):
+        got = params[f"backbone.blocks.1.attn.{key}"]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert got.untyped_storage().nbytes() == got.nbytes, key  # not the whole of `both`
+    fc1 = params["backbone.blocks.2.mlp.fc1.weight"]
+    assert fc1.is_contiguous()
+    torch.testing.assert_close(fc1, base_state["blocks.2.mlp.fc1.weight"], rtol=0, atol=0)
 
 
 def test_non_finite_in_ignored_pretraining_keys_is_harmless(tmp_path, base_state, x, reference):

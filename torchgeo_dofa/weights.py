@@ -822,6 +822,8 @@ def _failed_crc(path: Path, strict: bool = False) -> str | None:
     """The first entry of a zip checkpoint whose data fails its CRC-32, or None.
 
     None too for a file that is not a zip (a legacy ``torch.save``), which has no CRC.
+    Remembered for the process while the file stays as it was (:func:`_known_of_file`): a
+    second job on the same checkpoint skips the 0.15-0.5 s read of base's 445 MB.
 
     Args:
         path: the file.
@@ -831,13 +833,18 @@ def _failed_crc(path: Path, strict: bool = False) -> str | None:
     """
     if not _is_zip(path):
         return None
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
-    except Exception as err:  # zipfile raises more than BadZipFile on a damaged directory
-        if strict:
-            raise
-        return f"({err})"
+
+    def compute() -> str | None:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return archive.testzip()
+        except Exception as err:  # zipfile raises more than BadZipFile on a damaged directory
+            if strict:
+                raise
+            return f"({err})"
+
+    result = _known_of_file(f"zip CRC-32 (strict={strict})", path, compute)
+    return None if result is None else str(result)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -847,11 +854,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _all_finite(tensor: Tensor) -> bool:
     """Whether every value of a floating-point tensor is finite.
 
-    One float64 sum first (NaN and infinity propagate into it; finite fp32 / bf16 / fp16
-    values cannot overflow it), then the exact element check only where the sum is not
-    finite: 0.2 s instead of 0.4 s for base's 86 M weights on 2 cores.
+    One sum first, in the tensor's own dtype (float32 for 16-bit ones): NaN and infinity
+    propagate into it, so a finite sum proves every value finite; a sum that is not finite
+    (a non-finite value, or finite values overflowing it) gets the exact element check.
+    For base's 86 M float32 weights on one thread of the 2-core AMD EPYC: 0.02 s, where a
+    float64 sum took 0.53 s and ``torch.isfinite(t).all()`` 0.61 s.
     """
-    if math.isfinite(float(tensor.sum(dtype=torch.float64))):
+    dtype = torch.float32 if tensor.element_size() < 4 else None
+    if math.isfinite(float(tensor.sum(dtype=dtype))):
         return True
     return bool(torch.isfinite(tensor).all())
 
@@ -896,7 +906,9 @@ def unfilled_encoder(
     return encoder
 
 
-def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], origin: str) -> None:
+def load_state_dict_into(
+    encoder: DOFAEncoder, state: Mapping[str, Tensor], origin: str, assign: bool = False
+) -> None:
     """Load an official-layout state dict into an encoder, strictly.
 
     ``norm.*`` goes to the encoder's trained final norm; ``mask_token`` and ``projector.*``
@@ -907,6 +919,13 @@ def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], orig
         encoder: the encoder to fill.
         state: the state dict (official key names, no ``backbone.`` prefix).
         origin: a name for the source, used in error messages.
+        assign: make ``state``'s tensors the encoder's own (``load_state_dict(assign=True)``)
+            instead of copying them into its tensors: the encoder then shares memory with
+            ``state``, so pass True only for a state dict nothing else holds (one just read
+            from a file, :func:`load_checkpoint`). Saves a copy of the weights (0.3 s and
+            445 MB of peak memory for base). A tensor that is a view of a larger storage,
+            not contiguous, or shares its memory with another entry is copied all the same,
+            so no two weights share memory.
 
     Raises:
         CheckpointError: naming missing, unexpected or mis-shaped keys and the variant, the
@@ -963,7 +982,28 @@ def load_state_dict_into(encoder: DOFAEncoder, state: Mapping[str, Tensor], orig
         f" (NaN or infinity, or beyond the range of the model's "
         f"{_dtype_name(next(iter(target.values())).dtype)})",
     )
-    encoder.load_state_dict(as_loaded, strict=False)  # already in the model's dtypes
+    if assign:
+        as_loaded = _owning(as_loaded)
+    encoder.load_state_dict(as_loaded, strict=False, assign=assign)  # in the model's dtypes
+
+
+def _owning(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with each tensor made the sole, contiguous user of its whole storage.
+
+    A tensor already so is kept as it is; one that is a view (a slice of a larger tensor,
+    saved with it), not contiguous, or in a storage another entry uses too is cloned.
+    """
+    seen: set[int] = set()
+    owned: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, Tensor):
+            storage = value.untyped_storage()
+            whole = value.is_contiguous() and storage.nbytes() == value.nbytes
+            if not whole or storage.data_ptr() in seen:
+                value = value.clone(memory_format=torch.contiguous_format)
+            seen.add(value.untyped_storage().data_ptr())
+        owned[key] = value
+    return owned
 
 
 def held_as(state: Mapping[str, Any], target: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -1134,7 +1174,7 @@ def load_checkpoint(encoder: DOFAEncoder, resolution: WeightsResolution) -> None
                 "official one; delete it and download again"
             )
     state = read_state_dict(resolution.path, check_crc=resolution.verify_sha256 is None)
-    load_state_dict_into(encoder, state, str(resolution.path))
+    load_state_dict_into(encoder, state, str(resolution.path), assign=True)  # read here
     encoder.weights_id = resolution.identity
 
 
