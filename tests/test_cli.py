@@ -1596,8 +1596,34 @@ def test_weights_path_with_a_tilde_is_read_as_the_loader_reads_it(tmp_path, monk
 def test_api_takes_one_input_as_a_string(tmp_path) -> None:
     from torchgeo_dofa.datasets import InputError
 
-    with pytest.raises(InputError, match="input 'no_such_scene.tif' does not exist"):
+    with pytest.raises(InputError, match="input 'no_such_scene.tif' does not exist$"):
         embed("no_such_scene.tif", tmp_path / "out", weights=None)  # not 'n', 'o', ...
+
+
+def test_a_wildcard_is_named_with_the_fix_for_each_door(tmp_path, capsys) -> None:
+    """``embed "dir/*.tif"`` (quoted: the shell left the pattern) said only "does not
+    exist"; a pattern in a config file's ``paths`` was given Python's advice alone. One text
+    from every door now, naming each one's way."""
+    from torchgeo_dofa.datasets import InputError
+
+    advice = (
+        " does not exist (a wildcard pattern is not expanded: on the command line leave it "
+        "unquoted for the shell to expand; in Python give sorted(glob.glob(pattern)), in a "
+        "config file a list of the files; or give the folder)"
+    )
+    pattern = str(SCENE.parent / "*.tif")
+    assert main(["embed", pattern, "-o", str(tmp_path / "out"), "--weights", "none"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"torchgeo-dofa: error: input {pattern!r}{advice}"
+    )
+    other = SCENE.parent / "ftw_s2_l2a_3?N.tif"
+    with pytest.raises(InputError) as info:  # Python
+        embed([other], tmp_path / "out", weights=None)
+    assert str(info.value) == f"input {str(other)!r}{advice}"
+    with pytest.raises(InputError) as info:  # a dataset's paths (predict --config)
+        DOFAPredictDataModule(pattern).setup("predict")
+    assert str(info.value) == f"input {pattern!r}{advice}"
+    assert not (tmp_path / "out").exists()
     assert not (tmp_path / "out").exists()
 
 

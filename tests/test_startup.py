@@ -189,13 +189,13 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path) -> None:
 
 
 def _ends_in_one_line(job: subprocess.Popen[str], status: int, said: str, out: Any) -> None:
-    """The stopped command's status and last line (``said`` then the resume advice), no
-    traceback, and no output folder left."""
+    """The stopped command's status and last line (``said`` then the advice of an embed
+    stopped before its first chip), no traceback, and no output folder left."""
     _, err = job.communicate(timeout=120)
     assert job.returncode == status, err[-2000:]
     assert err.strip().splitlines()[-1] == (
-        f"torchgeo-dofa: error: {said} the chips written so far are kept; "
-        "rerun the same command to resume"
+        f"torchgeo-dofa: error: {said} embed stopped before its first chip: rerun the same "
+        "command (chips an earlier run of the job wrote are kept)"
     ), err
     assert "Traceback" not in err
     assert not out.exists()
@@ -490,7 +490,7 @@ def test_the_collector_is_left_as_it_was_outside_the_command(monkeypatch) -> Non
 
 _UNSEEDED = (
     "the chips written so far cannot be resumed (random weights without a seed are drawn anew "
-    "on every run): rerun with --overwrite, or with --seed N to make a job resumable"
+    "on every run): "
 )
 
 
@@ -498,9 +498,24 @@ _UNSEEDED = (
     ("command", "began", "advice"),
     [
         ("embed", True, "the chips written so far are kept; rerun the same command to resume"),
-        ("predict", False, "the chips written so far are kept; rerun the same command to resume"),
-        ("embed", None, _UNSEEDED),
-        ("predict", None, _UNSEEDED),
+        ("predict", True, "the chips written so far are kept; rerun the same command to resume"),
+        (
+            "predict",
+            False,
+            "predict stopped before its first chip: rerun the same command (chips an earlier "
+            "run of the job wrote are kept)",
+        ),
+        (
+            "embed",
+            None,
+            f"{_UNSEEDED}rerun with --overwrite, or with --seed N to make a job resumable",
+        ),
+        (
+            "predict",
+            None,
+            f"{_UNSEEDED}delete the outputs' .parts folders to start afresh, or give the model "
+            "a seed (--model.init_args.seed N) to make a job resumable",
+        ),
         (
             "fit",
             True,
@@ -525,7 +540,9 @@ def test_a_stop_is_advised_alike_wherever_it_is_reported(
     the libraries load (three wordings before; "chips kept" for a ``preview``); only an
     embed or predict job keeps chips, only ``fit`` has a checkpoint to resume from, and a
     job with random weights drawn without a seed (``began`` None here) cannot be resumed
-    (it said "rerun the same command to resume", which refused). It lives in
+    (it said "rerun the same command to resume", which refused), fixed with the command's
+    own options (a predict was told embed's ``--overwrite`` / ``--seed``); a stop before
+    the first chip says so (it said "the chips written so far are kept"). It lives in
     :mod:`torchgeo_dofa.locks`, which loads no PyTorch (test above)."""
     from torchgeo_dofa.locks import stop_advice
 

@@ -524,7 +524,9 @@ def option_problem(
         if long := _long_name_problem(f"input {shown!r}", raw, "no such file can exist"):
             return f"{long}: check the path"
         if not Path(raw).exists():
-            return f"input {str(raw)!r} does not exist"
+            from .locks import missing_input_problem
+
+            return missing_input_problem(raw)
     if not inputs and stac is None:
         return "no input: give GeoTIFF/JP2 files or folders, or --stac URL"
     if output_dir is not None and not str(output_dir).strip():

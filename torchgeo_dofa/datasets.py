@@ -146,7 +146,7 @@ from torchgeo_dofa.bands import (
     split_date_copy,
     stac_asset_band,
 )
-from torchgeo_dofa.locks import refuse_undecodable_name
+from torchgeo_dofa.locks import missing_input_problem, refuse_undecodable_name
 from torchgeo_dofa.runtime import gdal_env, open_file_limit
 from torchgeo_dofa.spatial import (
     CRSTransformError,
@@ -3956,16 +3956,7 @@ def find_raster_inputs(
             )
         path = pathlib.Path(raw)
         if not path.exists():
-            wildcard = any(c in str(path) for c in "*?[")  # a shell expands them, Python not
-            raise InputError(
-                f"input {str(path)!r} does not exist"
-                + (
-                    " (a wildcard pattern is not expanded: give the folder, or the files, "
-                    "e.g. sorted(glob.glob(pattern)))"
-                    if wildcard
-                    else ""
-                )
-            )
+            raise InputError(missing_input_problem(path))
         files = _folder_files(path) if path.is_dir() else [path]
         rasters = [str(p) for p in files if p.suffix.lower() in Sentinel2Base.extensions]
         if not rasters:

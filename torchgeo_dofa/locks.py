@@ -43,6 +43,7 @@ __all__ = [
     "mark_launcher",
     "master_addr_problem",
     "master_port_problem",
+    "missing_input_problem",
     "refuse_undecodable_name",
     "rendezvous_here",
     "report_ctrl_c",
@@ -221,9 +222,12 @@ def stop_advice(command: str | None, began: bool = True, resumable: bool = True)
         command: the subcommand stopped: ``"embed"`` or ``"predict"`` (their writers keep
             every chip written), ``"fit"``, ``"validate"``, ``"test"``, another or None.
         began: False when the stop came before the command's trainer began (``fit`` has
-            then no checkpoint of this run to resume from).
+            then no checkpoint of this run to resume from; an embed or predict job has
+            written no chip in this run).
         resumable: False for an embed or predict job with random weights drawn without a
-            seed: a rerun draws other weights, so it cannot resume the chips written.
+            seed: a rerun draws other weights, so it cannot resume the chips written. The
+            fix is named with the command's own options (``embed``: ``--overwrite`` /
+            ``--seed``; ``predict``: the parts folders / the model's ``seed``).
 
     Returns:
         The advice, e.g. ``"the chips written so far are kept; rerun the same command to
@@ -231,10 +235,20 @@ def stop_advice(command: str | None, began: bool = True, resumable: bool = True)
     """
     if command in ("embed", "predict"):
         if not resumable:
+            fix = (
+                "rerun with --overwrite, or with --seed N"
+                if command == "embed"
+                else "delete the outputs' .parts folders to start afresh, or give the model "
+                "a seed (--model.init_args.seed N)"
+            )
             return (
                 "the chips written so far cannot be resumed (random weights without a seed "
-                "are drawn anew on every run): rerun with --overwrite, or with --seed N to "
-                "make a job resumable"
+                f"are drawn anew on every run): {fix} to make a job resumable"
+            )
+        if not began:
+            return (
+                f"{command} stopped before its first chip: rerun the same command (chips an "
+                "earlier run of the job wrote are kept)"
             )
         return "the chips written so far are kept; rerun the same command to resume"
     if not began and command in ("fit", "validate", "test"):
@@ -285,6 +299,30 @@ def _is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def missing_input_problem(path: str | os.PathLike[str]) -> str:
+    """The line naming an input that does not exist, and a wildcard pattern as such.
+
+    Nothing here expands a pattern (``*``, ``?``, ``[``), as TorchGeo's datasets do not; a
+    shell expands an unquoted one on the command line, and the advice names each door's way
+    (the command, Python, a LightningCLI config's ``paths``): the same text from all of them.
+
+    Args:
+        path: the input as given.
+
+    Returns:
+        ``input '<path>' does not exist``, with the wildcard advice where it holds one.
+    """
+    text = os.fspath(path)
+    line = f"input {text!r} does not exist"
+    if any(c in text for c in "*?["):
+        line += (
+            " (a wildcard pattern is not expanded: on the command line leave it unquoted for "
+            "the shell to expand; in Python give sorted(glob.glob(pattern)), in a config file "
+            "a list of the files; or give the folder)"
+        )
+    return line
 
 
 def refuse_undecodable_name(
