@@ -855,7 +855,9 @@ def embed(
         composite: ``median`` or ``mosaic`` (first valid date), with ``stac``.
         callbacks: extra Lightning callbacks (``lightning.pytorch.Callback``) for the
             prediction trainer (typed ``Any`` so that the signature's type hints resolve
-            without importing Lightning).
+            without importing Lightning). The job's model is its own: its weights are
+            released when the job ends (moved to the ``meta`` device), so a callback must
+            not keep ``pl_module`` to use it afterwards (``load_dofa`` gives an encoder).
 
     Returns:
         An :class:`EmbedSummary`.
