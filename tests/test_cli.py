@@ -5411,11 +5411,19 @@ def test_an_embed_in_a_python_process_frees_its_model_when_it_ends(
     tmp_path, base_checkpoint
 ) -> None:
     """A notebook or script calling the command's ``main`` / ``embed`` job after job: each
-    job's weights are freed as it ends (its trainer, module and data module refer to each
-    other, so Python freed them only at a later cyclic collection: 400 MB more each job)."""
+    job's model is freed as it ends (its trainer, module and data module refer to each
+    other, so Python freed them only at a later cyclic collection: 400 MB more each job);
+    a module a callback kept still works (emptying the job's tensors broke it, and the
+    end-to-end benchmark)."""
     import gc
 
     from torchgeo_dofa.model import DOFAEncoder
+
+    class Keep(pl.Callback):
+        module: Any = None
+
+        def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+            self.module = pl_module
 
     def encoders_holding_weights() -> set[int]:
         return {
@@ -5425,10 +5433,16 @@ def test_an_embed_in_a_python_process_frees_its_model_when_it_ends(
         }
 
     before = encoders_holding_weights()
-    box = ["--bbox", "13.11", "48.275", "13.111", "48.276"]  # one chip
+    box = [13.11, 48.275, 13.111, 48.276]  # one chip
+    keep = Keep()
+    embed(SCENE, tmp_path / "kept", weights=str(base_checkpoint), output="pooled", bbox=box,
+          progress=False, callbacks=[keep])  # fmt: skip
     for i in range(2):
         out = tmp_path / f"job{i}"
-        assert main(["embed", str(SCENE), "-o", str(out), *box, "--weights",
+        assert main(["embed", str(SCENE), "-o", str(out), "--bbox", *map(str, box), "--weights",
                      str(base_checkpoint), "--no-progress"]) == 0  # fmt: skip
-        assert encoders_holding_weights() <= before, i
+        assert encoders_holding_weights() - {id(keep.module.encoder)} <= before, i
         assert len(gpd.read_parquet(out / "ftw_s2_l2a_33N_pooled.parquet")) == 1
+    x = torch.randn(1, 4, 224, 224)
+    with torch.inference_mode():
+        assert keep.module.encoder(x, SCENE_WAVELENGTHS).pooled.isfinite().all()

@@ -289,8 +289,8 @@ def test_bf16_weight_copies_as_exact_as_torchgeo_bf16(encoder, torchgeo_dofa, ch
                 encoder.bf16_weights = True
     copy = encoder._block_copy
     assert copy is not None  # the copies were used ...
-    assert copy[1][0]["mlp.fc1.weight"].dtype == torch.bfloat16
-    assert copy[1][0]["norm1.weight"].dtype == torch.float32  # ... LayerNorm kept as autocast does
+    assert copy[2][0]["mlp.fc1.weight"].dtype == torch.bfloat16
+    assert copy[2][0]["norm1.weight"].dtype == torch.float32  # ... LayerNorm kept as autocast does
     assert next(encoder.backbone.blocks.parameters()).dtype == torch.float32  # module untouched
     ours_err, tg_err = _bf16_error(ours.pooled, ref), _bf16_error(tg, tg_ref)
     assert ours_err <= 2 * tg_err + 1e-4, (ours_err, tg_err)
@@ -326,3 +326,50 @@ def test_bf16_weight_copies_follow_weight_edits_and_skip_training(encoder, base_
     finally:
         with torch.no_grad():
             fc.copy_(base_state["blocks.0.mlp.fc1.weight"])
+
+
+def test_caches_follow_parameters_set_anew_at_the_old_ones_address(encoder, base_state) -> None:
+    """The patch weights and bf16 copies were cached by each parameter's address and version
+    counter: a parameter set anew at the same address and version (a load with assign=True
+    gives version 0, often where the freed tensors were; here a new parameter over the old
+    one's storage, its values changed through ``.data``) was served the old weights' entry."""
+    x = torch.randn(1, 4, 224, 224, generator=torch.Generator().manual_seed(6))
+    wl = S2_WAVELENGTHS[:4]
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def pooled(cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder.cache_patch_weights = encoder.bf16_weights = cached
+        try:
+            with torch.inference_mode():
+                fp32 = encoder(x, wl).pooled
+                with bf16:
+                    return fp32, encoder(x, wl).pooled
+        finally:
+            encoder.cache_patch_weights = encoder.bf16_weights = True
+
+    before = pooled(cached=True)  # fills both caches
+    modules = {
+        "patch_embed.fclayer.w1.weight": encoder.backbone.patch_embed.fclayer.w1,
+        "blocks.0.mlp.fc1.weight": encoder.backbone.blocks[0].mlp.fc1,
+    }
+    olds = {key: module.weight for key, module in modules.items()}
+    try:
+        for module in modules.values():
+            new = torch.nn.Parameter(module.weight.detach())  # its storage and version counter
+            assert (new.data_ptr(), new._version) == (
+                module.weight.data_ptr(),
+                module.weight._version,
+            )
+            new.data.mul_(1.5)
+            module.weight = new
+        got, want = pooled(cached=True), pooled(cached=False)
+        for g, w, b in zip(got, want, before, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)  # not the old weights' entries
+            assert (g.float() - b.float()).abs().max() > 1e-4
+    finally:
+        for key, module in modules.items():
+            module.weight = olds[key]
+            with torch.no_grad():
+                module.weight.copy_(base_state[key])  # the storage the new one changed
+    for g, b in zip(pooled(cached=True), before, strict=True):
+        torch.testing.assert_close(g, b, rtol=0, atol=0)

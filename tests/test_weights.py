@@ -407,6 +407,52 @@ def test_weights_sharing_memory_in_the_file_load_as_separate_weights(tmp_path, b
     torch.testing.assert_close(fc1, base_state["blocks.2.mlp.fc1.weight"], rtol=0, atol=0)
 
 
+def test_load_checkpoint_fills_the_encoders_own_parameters(base_checkpoint, base_state) -> None:
+    """``load_checkpoint`` into an encoder in use copies into its parameters: an optimizer
+    made before still trains it (taking the file's tensors as new parameters, as
+    ``load_dofa`` does for its fresh encoder, left the optimizer stepping the old ones)."""
+    from torchgeo_dofa.weights import load_checkpoint
+
+    encoder = load_dofa("base", weights=None)
+    params = list(encoder.parameters())
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    load_checkpoint(encoder, resolve_weights("base", base_checkpoint))
+    assert all(a is b for a, b in zip(encoder.parameters(), params, strict=True))
+    torch.testing.assert_close(encoder.norm.weight, base_state["norm.weight"], rtol=0, atol=0)
+    x = torch.randn(1, 4, 224, 224, generator=torch.Generator().manual_seed(7))
+    encoder(x, S2_WAVELENGTHS[:4]).pooled.square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(encoder.norm.weight, base_state["norm.weight"])  # trained
+
+
+def test_a_read_failing_once_is_not_remembered_as_a_damaged_file(
+    tmp_path, base_state, monkeypatch
+) -> None:
+    """The CRC check is remembered per unchanged file, but a read that failed (a flaky
+    network share: EIO) was remembered as a damaged entry: every later load in the process
+    said "delete it and download again" of a good file."""
+    import errno
+    import zipfile
+
+    from torchgeo_dofa import weights
+
+    monkeypatch.setattr(weights, "_RACY_NS", -(10**18))  # remember even a file just written
+    path = write_checkpoint(tmp_path / "w.pth", base_state)
+    real = zipfile.ZipFile.testzip
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    def flaky(self: zipfile.ZipFile) -> str | None:
+        if failures:
+            raise failures.pop()
+        return real(self)
+
+    monkeypatch.setattr(zipfile.ZipFile, "testzip", flaky)
+    with pytest.raises(CheckpointError, match=r"Input/output error"):
+        load_dofa("base", weights=path)
+    encoder = load_dofa("base", weights=path)  # read again, whole
+    torch.testing.assert_close(encoder.norm.weight, base_state["norm.weight"], rtol=0, atol=0)
+
+
 def test_non_finite_in_ignored_pretraining_keys_is_harmless(tmp_path, base_state, x, reference):
     """``projector.*`` is not loaded, so a NaN there does not reach any output."""
     state = {**base_state, "projector.bias": torch.full((16,), float("nan"))}

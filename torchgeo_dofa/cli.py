@@ -33,7 +33,6 @@ from .runtime import DEVICE_NAMES, GRID_SUFFIXES, MAX_CHIP_PX, PRECISION_NAMES, 
 
 if TYPE_CHECKING:  # the heavy modules load when a job runs, not for --help or a usage error
     import lightning.pytorch as pl
-    import torch
 
     from .datasets import InputError, RasterInput
 
@@ -738,6 +737,25 @@ def output_folder(output_dir: str | os.PathLike[str]) -> Path:
     return out.parent if _names_file(output_dir) else out
 
 
+def _freeing_the_job[**P, R](job: Callable[P, R]) -> Callable[P, R]:
+    """Run ``job``, then :func:`_free_the_job` once the job's frame is gone.
+
+    Its locals hold the model, so a collection from inside it (in its ``finally``) freed
+    only the previous job's: each in-process job ended holding its own model (~450 MB for
+    base) until the next one.
+    """
+
+    @functools.wraps(job)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return job(*args, **kwargs)
+        finally:
+            _free_the_job()
+
+    return run
+
+
+@_freeing_the_job
 def embed(
     inputs: Sequence[str | Path] | str | Path,
     output_dir: str | Path,
@@ -855,9 +873,7 @@ def embed(
         composite: ``median`` or ``mosaic`` (first valid date), with ``stac``.
         callbacks: extra Lightning callbacks (``lightning.pytorch.Callback``) for the
             prediction trainer (typed ``Any`` so that the signature's type hints resolve
-            without importing Lightning). The job's model is its own: its weights are
-            released when the job ends (moved to the ``meta`` device), so a callback must
-            not keep ``pl_module`` to use it afterwards (``load_dofa`` gives an encoder).
+            without importing Lightning).
 
     Returns:
         An :class:`EmbedSummary`.
@@ -1066,7 +1082,6 @@ def embed(
         checking.close()
         raise
     started = fresh = failed = False
-    module: DOFAEmbedder | None = None
     try:
         settings = {k: v for k, v in dataset_kwargs.items() if v is not None}
 
@@ -1150,7 +1165,7 @@ def embed(
             },
         )
         started = True
-        with StopOnSignal(announce="torchgeo-dofa") as stop, quiet_lightning():
+        with StopOnSignal(announce="torchgeo-dofa", command="embed") as stop, quiet_lightning():
             given = [f"--{k}" for k in ("nodata", "crs") if dataset_kwargs[k] is not None]
             fresh = manifest.check_or_write(
                 folder, overwrite=overwrite, name=manifest_name, given=given
@@ -1264,7 +1279,6 @@ def embed(
         # a failed job that changed nothing in the folder (refused by the manifest check:
         # another job's results, files it cannot tell apart) leaves no lock file there either
         lock.release(remove=unused or (failed and lock.unchanged()))
-        _free_the_job(module)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -2303,31 +2317,21 @@ def _is_embedder(class_path: str) -> bool:
     return cls is not None and issubclass(cls, DOFAEmbedder)
 
 
-def _free_the_job(module: torch.nn.Module | None = None) -> None:
-    """Free a finished job's model now, for callers running several in a process.
+def _free_the_job() -> None:
+    """Free a finished job's model and data now, for callers running several in a process.
 
     The trainer, the module and the data module refer to each other, so only Python's
     cyclic collector frees them, and it runs by object count, not by memory: four demo
-    embed jobs in a row held 1.7, 2.1, 2.5 and 2.9 GB (about 400 MB more each, DOFA base).
-
-    ``module``, a model the job made and nobody else holds (``embed``'s): its weights are
-    released at once (moved to PyTorch's ``meta`` device, which holds no data), and the
-    small rest is left to the collector's next run. Without one (a LightningCLI run, whose
-    optimizer states are in the cycle too): a full collection (0.3-0.35 s; 1 s and more in
-    a process holding many objects). Five in-process one-chip embed jobs in a row, base
-    (2-core AMD EPYC, one thread): resident memory 1.39 -> 2.24 GB with a full collection
-    after each (1.45 s a job), 1.0 -> 1.4-1.8 GB with the weights released (1.15-1.3 s a
-    job; glibc keeps freed pages for reuse: ``malloc_trim`` gave 0.96 GB back), 1.39 ->
-    3.08 GB with neither. Skipped where the process ends with its command (the
-    ``torchgeo-dofa`` command: see :func:`torchgeo_dofa.__main__.run_as_command`).
+    embed jobs in a row held 1.7, 2.1, 2.5 and 2.9 GB (about 400 MB more each, DOFA base),
+    1.7-2.0 GB with this collection after each (0.3-0.35 s). Not by emptying the module's
+    tensors: a callback given to ``embed`` may keep the module (``pl_module``) and use it
+    afterwards, as ``benchmarks/e2e_worker.py`` does. Skipped where the process ends with
+    its command (the ``torchgeo-dofa`` command: see
+    :func:`torchgeo_dofa.__main__.run_as_command`).
     """
     from .__main__ import process_ends_after_command
 
-    if process_ends_after_command():
-        return
-    if module is not None:
-        module.to_empty(device="meta")
-    else:
+    if not process_ends_after_command():
         gc.collect()
 
 

@@ -940,14 +940,17 @@ class StopOnSignal(Callback):
 
     signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, announce: str | None = None) -> None:
+    def __init__(self, announce: str | None = None, command: str = "predict") -> None:
         """Create the callback (no handler installed yet).
 
         Args:
             announce: see the class attribute.
+            command: the command a stopped prediction is advised for (:func:`stop_advice`:
+                ``embed`` and ``predict`` name their own options).
         """
         self.received: int | None = None
         self.announce = announce
+        self.command = command
         self._pid = os.getpid()
         self._previous: dict[int, _SignalHandler] = {}
         self._context = False
@@ -977,7 +980,7 @@ class StopOnSignal(Callback):
     @property
     def advice(self) -> str:
         """What a stopped prediction kept and how to go on (:func:`stop_advice`)."""
-        return stop_advice("predict", resumable=self.resumable)
+        return stop_advice(self.command, resumable=self.resumable)
 
     # installation ---------------------------------------------------------------------
     def install(self) -> None:

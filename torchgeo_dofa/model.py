@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -167,6 +168,27 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) 
     return torch.from_numpy(emb).float().unsqueeze(0)
 
 
+#: Weak references to the parameters a cached entry was made from (:func:`_still_these`).
+_ParamRefs = tuple["weakref.ref[Tensor]", ...]
+
+
+def _parameters_key(params: Sequence[Tensor]) -> tuple[tuple[int, int, int], ...]:
+    """Each parameter's object id, storage address and version counter: a cache's key.
+
+    An id or an address is reused once its tensor is freed (a ``load_state_dict(...,
+    assign=True)`` or a parameter set anew gives new tensors, at version 0, often where the
+    old ones were), so a match is confirmed with the entry's weak references
+    (:func:`_still_these`): the bf16 copies or patch weights of the old tensors served the
+    new ones before.
+    """
+    return tuple((id(p), p.data_ptr(), p._version) for p in params)
+
+
+def _still_these(refs: _ParamRefs, params: Sequence[Tensor]) -> bool:
+    """Whether ``refs`` (weak references) still point to exactly ``params``."""
+    return len(refs) == len(params) and all(r() is p for r, p in zip(refs, params, strict=True))
+
+
 class DOFAEncoder(nn.Module):
     """DOFA encoder returning pooled vectors and patch-token grids.
 
@@ -241,8 +263,12 @@ class DOFAEncoder(nn.Module):
         #: bytes a block parameter (170 MB for base, 600 MB for large). The
         #: wavelength-conditioned patch weights are still generated in fp32.
         self.bf16_weights: bool = True
-        self._patch_weights: OrderedDict[tuple[object, ...], tuple[Tensor, Tensor]] = OrderedDict()
-        self._block_copy: tuple[tuple[object, ...], list[dict[str, Tensor]]] | None = None
+        self._patch_weights: OrderedDict[
+            tuple[object, ...], tuple[_ParamRefs, tuple[Tensor, Tensor]]
+        ] = OrderedDict()
+        self._block_copy: tuple[tuple[object, ...], _ParamRefs, list[dict[str, Tensor]]] | None = (
+            None
+        )
 
     @property
     def embed_dim(self) -> int:
@@ -338,8 +364,13 @@ class DOFAEncoder(nn.Module):
         """
         blocks = self.backbone.blocks
         params = [dict(block.named_parameters()) for block in blocks]
-        key = tuple((p.data_ptr(), p._version) for d in params for p in d.values())
-        if self._block_copy is None or self._block_copy[0] != key:
+        flat = [p for d in params for p in d.values()]
+        key = _parameters_key(flat)
+        if (
+            self._block_copy is None
+            or self._block_copy[0] != key
+            or not _still_these(self._block_copy[1], flat)
+        ):
             self._block_copy = None  # free the old copy before making the new one
             copies: list[dict[str, Tensor]] = []
             with torch.inference_mode(False), torch.no_grad():
@@ -352,8 +383,8 @@ class DOFAEncoder(nn.Module):
                             use_bf16 = not keep and p.is_floating_point()
                             copy[full] = p.detach().to(torch.bfloat16) if use_bf16 else p
                     copies.append(copy)
-            self._block_copy = (key, copies)
-        return self._block_copy[1]
+            self._block_copy = (key, tuple(weakref.ref(p) for p in flat), copies)
+        return self._block_copy[2]
 
     def compile_blocks(self, **kwargs: Any) -> None:
         """Opt-in: compile every transformer block with ``torch.compile`` (in place).
@@ -416,8 +447,9 @@ class DOFAEncoder(nn.Module):
 
         Generated in the weights' dtype with autocast off (as fp32 as the model is), as
         ordinary tensors (not inference tensors), so the entry can serve later calls in and
-        out of ``torch.inference_mode``. The key holds the parameters' version counters and
-        storage, so loading or editing the weights invalidates it.
+        out of ``torch.inference_mode``. The key holds the parameters' identities, version
+        counters and storage (:func:`_parameters_key`), so loading or editing the weights
+        invalidates it (not an edit through ``.data``, which no version counter sees).
         """
         params = list(self.backbone.patch_embed.parameters())
         dtype = params[0].dtype
@@ -425,12 +457,12 @@ class DOFAEncoder(nn.Module):
             tuple(float(v) for v in waves.detach().float().cpu().tolist()),
             str(waves.device),
             dtype,
-            tuple((p.data_ptr(), p._version) for p in params),
+            _parameters_key(params),
         )
         hit = self._patch_weights.get(key)
-        if hit is not None:
+        if hit is not None and _still_these(hit[0], params):
             self._patch_weights.move_to_end(key)
-            return hit
+            return hit[1]
         with (
             torch.inference_mode(False),
             torch.no_grad(),
@@ -439,7 +471,7 @@ class DOFAEncoder(nn.Module):
             fresh = torch.tensor(key[0], device=waves.device, dtype=dtype)
             weight, bias = self.patch_embedding_weights(fresh)
             entry = (weight.contiguous(), bias.contiguous())
-        self._patch_weights[key] = entry
+        self._patch_weights[key] = (tuple(weakref.ref(p) for p in params), entry)
         while len(self._patch_weights) > PATCH_WEIGHT_CACHE_SIZE:
             self._patch_weights.popitem(last=False)
         return entry

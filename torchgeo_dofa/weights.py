@@ -835,15 +835,15 @@ def _failed_crc(path: Path, strict: bool = False) -> str | None:
         return None
 
     def compute() -> str | None:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                return archive.testzip()
-        except Exception as err:  # zipfile raises more than BadZipFile on a damaged directory
-            if strict:
-                raise
-            return f"({err})"
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
 
-    result = _known_of_file(f"zip CRC-32 (strict={strict})", path, compute)
+    try:  # an error (a damaged directory, or a read failing once) is not remembered
+        result = _known_of_file("zip CRC-32", path, compute)
+    except Exception as err:  # zipfile raises more than BadZipFile on a damaged directory
+        if strict:
+            raise
+        return f"({err})"
     return None if result is None else str(result)
 
 
@@ -921,11 +921,13 @@ def load_state_dict_into(
         origin: a name for the source, used in error messages.
         assign: make ``state``'s tensors the encoder's own (``load_state_dict(assign=True)``)
             instead of copying them into its tensors: the encoder then shares memory with
-            ``state``, so pass True only for a state dict nothing else holds (one just read
-            from a file, :func:`load_checkpoint`). Saves a copy of the weights (0.3 s and
-            445 MB of peak memory for base). A tensor that is a view of a larger storage,
-            not contiguous, or shares its memory with another entry is copied all the same,
-            so no two weights share memory.
+            ``state`` and has new parameter objects where ``state``'s tensors are (the CPU
+            for a file), so pass True only for a state dict nothing else holds (one just
+            read from a file) and an encoder nothing refers to yet (no optimizer, not moved
+            to a device: :func:`load_dofa`'s). Saves a copy of the weights (0.3 s and 445 MB
+            of peak memory for base). A tensor that is a view of a larger storage, not
+            contiguous, or shares its memory with another entry is copied all the same, so
+            no two weights share memory.
 
     Raises:
         CheckpointError: naming missing, unexpected or mis-shaped keys and the variant, the
@@ -1155,12 +1157,19 @@ def check_finite_optimizer_states(checkpoint: Mapping[str, Any], origin: str) ->
         )
 
 
-def load_checkpoint(encoder: DOFAEncoder, resolution: WeightsResolution) -> None:
+def load_checkpoint(
+    encoder: DOFAEncoder, resolution: WeightsResolution, assign: bool = False
+) -> None:
     """Verify (where an official digest applies) and load a resolved checkpoint.
 
     Args:
         encoder: the encoder to fill.
         resolution: from :func:`resolve_weights`.
+        assign: take the file's tensors as the encoder's parameters (new parameter objects,
+            on the CPU: see :func:`load_state_dict_into`) instead of copying into its own;
+            only for an encoder nothing else refers to yet (:func:`load_dofa`'s): an
+            optimizer made before would hold the replaced parameters, and an encoder
+            moved to a GPU would be back on the CPU.
 
     Raises:
         CheckpointError: on a digest mismatch or a state dict that does not fit.
@@ -1174,7 +1183,7 @@ def load_checkpoint(encoder: DOFAEncoder, resolution: WeightsResolution) -> None
                 "official one; delete it and download again"
             )
     state = read_state_dict(resolution.path, check_crc=resolution.verify_sha256 is None)
-    load_state_dict_into(encoder, state, str(resolution.path), assign=True)  # read here
+    load_state_dict_into(encoder, state, str(resolution.path), assign=assign)
     encoder.weights_id = resolution.identity
 
 
@@ -1210,7 +1219,7 @@ def load_dofa(
     else:
         resolution = resolve_weights(variant, weights)
         encoder = unfilled_encoder(variant, pooled_norm, interpolate_pos_embed)
-        load_checkpoint(encoder, resolution)
+        load_checkpoint(encoder, resolution, assign=True)  # nothing refers to it yet
     encoder.eval()
     if device is not None:
         encoder.to(device)
