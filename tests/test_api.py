@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -1881,3 +1882,23 @@ def test_neighbouring_kinds_of_the_checked_arguments(tmp_path) -> None:
         export_batch(spatials=[point], models=b"dofa", out_path=out, **kw)  # type: ignore[arg-type]
     with pytest.raises(ModelError, match=r"chunk_size=np\.int64\(0\): give a whole number"):
         export_batch(spatials=[point], models="dofa", out_path=out, chunk_size=np.int64(0), **kw)  # type: ignore[arg-type]
+
+
+def test_regions_in_metres_or_nan_are_refused_as_built_with_the_transform_advice() -> None:
+    """``BBox(359130, 5348550, ...)`` (a UTM zone's metres) said only "must be in [-180, 180]
+    degrees", where a polygon in metres is told to transform to EPSG:4326 first."""
+    advice = (
+        " (longitude / latitude in degrees, EPSG:4326: transform projected coordinates, e.g. "
+        "a UTM zone's metres, first)"
+    )
+    cases = [
+        (lambda: BBox(359130, 5348550, 360000, 5349000), "minlon", "[-180, 180]", "359130.0"),
+        (lambda: BBox(13.1, 5348550, 13.2, 5349000), "minlat", "[-90, 90]", "5348550.0"),
+        (lambda: BBox(math.nan, 48.2, 13.2, 48.3), "minlon", "[-180, 180]", "nan"),
+        (lambda: PointBuffer(359130, 5348550, 500), "lon", "[-180, 180]", "359130.0"),
+        (lambda: PointBuffer(13.1, -91, 500), "lat", "[-90, 90]", "-91.0"),
+    ]
+    for build, name, bounds, value in cases:
+        with pytest.raises(ValueError) as info:
+            build()
+        assert str(info.value) == f"{name} must be in {bounds} degrees, got {value}{advice}"

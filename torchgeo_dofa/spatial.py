@@ -76,6 +76,14 @@ def _as_floats(obj: Any, names: Sequence[str]) -> None:
         object.__setattr__(obj, name, number)
 
 
+#: The advice of a coordinate out of range: regions are in longitude / latitude (a UTM
+#: zone's metres, the usual mistake, are far beyond them).
+_DEGREES = (
+    " (longitude / latitude in degrees, EPSG:4326: transform projected coordinates, e.g. a "
+    "UTM zone's metres, first)"
+)
+
+
 @dataclass(frozen=True)
 class PointBuffer:
     """A point with a buffer in metres: the square of side ``2 * buffer_m`` centred on it.
@@ -102,9 +110,9 @@ class PointBuffer:
         """
         _as_floats(self, ("lon", "lat", "buffer_m"))
         if not (math.isfinite(self.lon) and -180.0 <= self.lon <= 180.0):
-            raise ValueError(f"lon must be in [-180, 180] degrees, got {self.lon}")
+            raise ValueError(f"lon must be in [-180, 180] degrees, got {self.lon}{_DEGREES}")
         if not (math.isfinite(self.lat) and -90.0 <= self.lat <= 90.0):
-            raise ValueError(f"lat must be in [-90, 90] degrees, got {self.lat}")
+            raise ValueError(f"lat must be in [-90, 90] degrees, got {self.lat}{_DEGREES}")
         if not (math.isfinite(self.buffer_m) and self.buffer_m > 0):
             raise ValueError(f"buffer_m must be a positive number of metres, got {self.buffer_m}")
 
@@ -179,11 +187,11 @@ class BBox:
         for name in ("minlon", "maxlon"):
             value = getattr(self, name)
             if not (math.isfinite(value) and -180.0 <= value <= 180.0):
-                raise ValueError(f"{name} must be in [-180, 180] degrees, got {value}")
+                raise ValueError(f"{name} must be in [-180, 180] degrees, got {value}{_DEGREES}")
         for name in ("minlat", "maxlat"):
             value = getattr(self, name)
             if not (math.isfinite(value) and -90.0 <= value <= 90.0):
-                raise ValueError(f"{name} must be in [-90, 90] degrees, got {value}")
+                raise ValueError(f"{name} must be in [-90, 90] degrees, got {value}{_DEGREES}")
         if not (self.minlon < self.maxlon and self.minlat < self.maxlat):
             raise ValueError(
                 f"empty BBox {self}: need minlon < maxlon and minlat < maxlat "
