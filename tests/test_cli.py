@@ -2418,7 +2418,10 @@ def test_predict_config_writes_the_same_files_as_embed(
 
     cfg = _predict_config(tmp_path, base_checkpoint)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    before = _encoders_holding_weights()
     assert main(["predict", "--config", str(tmp_path / "cfg.yaml")]) == 0
+    # the run's model is freed as it ends (a context variable of jsonargparse kept it)
+    assert _encoders_holding_weights() <= before
     said = capsys.readouterr().err.splitlines()  # where it wrote (nothing was said)
     assert said[-2:] == [f"torchgeo-dofa: wrote {tmp_path / n}" for n in ("g.tif", "p.parquet")]
     # the same grid GeoTIFF as `torchgeo-dofa embed` on the same scene and settings
@@ -5415,9 +5418,6 @@ def test_an_embed_in_a_python_process_frees_its_model_when_it_ends(
     other, so Python freed them only at a later cyclic collection: 400 MB more each job);
     a module a callback kept still works (emptying the job's tensors broke it, and the
     end-to-end benchmark)."""
-    import gc
-
-    from torchgeo_dofa.model import DOFAEncoder
 
     class Keep(pl.Callback):
         module: Any = None
@@ -5425,14 +5425,7 @@ def test_an_embed_in_a_python_process_frees_its_model_when_it_ends(
         def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
             self.module = pl_module
 
-    def encoders_holding_weights() -> set[int]:
-        return {
-            id(o)
-            for o in gc.get_objects()
-            if isinstance(o, DOFAEncoder) and any(p.device.type != "meta" for p in o.parameters())
-        }
-
-    before = encoders_holding_weights()
+    before = _encoders_holding_weights()
     box = [13.11, 48.275, 13.111, 48.276]  # one chip
     keep = Keep()
     embed(SCENE, tmp_path / "kept", weights=str(base_checkpoint), output="pooled", bbox=box,
@@ -5441,8 +5434,21 @@ def test_an_embed_in_a_python_process_frees_its_model_when_it_ends(
         out = tmp_path / f"job{i}"
         assert main(["embed", str(SCENE), "-o", str(out), "--bbox", *map(str, box), "--weights",
                      str(base_checkpoint), "--no-progress"]) == 0  # fmt: skip
-        assert encoders_holding_weights() - {id(keep.module.encoder)} <= before, i
+        assert _encoders_holding_weights() - {id(keep.module.encoder)} <= before, i
         assert len(gpd.read_parquet(out / "ftw_s2_l2a_33N_pooled.parquet")) == 1
     x = torch.randn(1, 4, 224, 224)
     with torch.inference_mode():
         assert keep.module.encoder(x, SCENE_WAVELENGTHS).pooled.isfinite().all()
+
+
+def _encoders_holding_weights() -> set[int]:
+    """The ids of the DOFA encoders alive in this process that hold weights."""
+    import gc
+
+    from torchgeo_dofa.model import DOFAEncoder
+
+    return {
+        id(o)
+        for o in gc.get_objects()
+        if isinstance(o, DOFAEncoder) and any(p.device.type != "meta" for p in o.parameters())
+    }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import functools
 import gc
 import json
@@ -1533,6 +1534,7 @@ def _saved_here(path: Path) -> bool:
         return False
 
 
+@_freeing_the_job
 def _lightning_cli(args: Sequence[str] | None) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -1751,7 +1753,11 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     # the writers take their folders' locks when made, before the model loads
     with stop, lock_outputs_when_made():
         try:
-            _CLI(
+            # in a copy of the context: jsonargparse leaves its parser in a context variable,
+            # and through LightningCLI's instantiators the run's model, so a run in a Python
+            # process kept its model (~450 MB for base) after it ended
+            contextvars.copy_context().run(
+                _CLI,
                 pl.LightningModule,
                 pl.LightningDataModule,
                 subclass_mode_model=True,
@@ -1811,7 +1817,6 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                         close()
             trainers.clear()
             run_folders.clear()
-            _free_the_job()
 
 
 @dataclass(frozen=True)
