@@ -1894,11 +1894,19 @@ def test_regions_in_metres_or_nan_are_refused_as_built_with_the_transform_advice
     cases = [
         (lambda: BBox(359130, 5348550, 360000, 5349000), "minlon", "[-180, 180]", "359130.0"),
         (lambda: BBox(13.1, 5348550, 13.2, 5349000), "minlat", "[-90, 90]", "5348550.0"),
-        (lambda: BBox(math.nan, 48.2, 13.2, 48.3), "minlon", "[-180, 180]", "nan"),
         (lambda: PointBuffer(359130, 5348550, 500), "lon", "[-180, 180]", "359130.0"),
-        (lambda: PointBuffer(13.1, -91, 500), "lat", "[-90, 90]", "-91.0"),
     ]
     for build, name, bounds, value in cases:
         with pytest.raises(ValueError) as info:
             build()
         assert str(info.value) == f"{name} must be in {bounds} degrees, got {value}{advice}"
+    # values no projected CRS suggests get no such advice (helper-132)
+    others = [
+        (lambda: BBox(math.nan, 48.2, 13.2, 48.3), "minlon", "[-180, 180]", "nan"),
+        (lambda: PointBuffer(190, 48.2, 500), "lon", "[-180, 180]", "190.0"),
+        (lambda: PointBuffer(13.1, -91, 500), "lat", "[-90, 90]", "-91.0"),
+    ]
+    for build, name, bounds, value in others:
+        with pytest.raises(ValueError) as info:
+            build()
+        assert str(info.value) == f"{name} must be in {bounds} degrees, got {value}"

@@ -373,3 +373,26 @@ def test_caches_follow_parameters_set_anew_at_the_old_ones_address(encoder, base
                 module.weight.copy_(base_state[key])  # the storage the new one changed
     for g, b in zip(pooled(cached=True), before, strict=True):
         torch.testing.assert_close(g, b, rtol=0, atol=0)
+
+
+def test_an_encoder_that_ran_pickles_and_saves_whole(encoder) -> None:
+    """The caches' entries hold weak references, which cannot be pickled: an encoder that
+    had run a forward (in fp32, or bf16 with its block copies) failed ``torch.save(encoder)``
+    and ``pickle.dumps`` with a TypeError (helper-132). Saved without them, loaded equal."""
+    import io
+    import pickle
+
+    x = torch.randn(1, 4, 224, 224, generator=torch.Generator().manual_seed(8))
+    wl = S2_WAVELENGTHS[:4]
+    with torch.inference_mode():
+        want = encoder(x, wl).pooled
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            encoder(x, wl)
+    assert encoder._patch_weights and encoder._block_copy is not None  # both caches filled
+    buffer = io.BytesIO()
+    torch.save(encoder, buffer)
+    buffer.seek(0)
+    for copy in (torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(encoder))):
+        with torch.inference_mode():
+            torch.testing.assert_close(copy(x, wl).pooled, want, rtol=0, atol=0)
+    assert encoder._patch_weights and encoder._block_copy is not None  # its own kept

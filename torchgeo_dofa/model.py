@@ -348,6 +348,17 @@ class DOFAEncoder(nn.Module):
             self._block_copy = None
         return super().train(mode)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The encoder's state for pickling (``torch.save(encoder)``, a spawned process).
+
+        Without the cached patch weights and bf16 block copies: their entries hold weak
+        references, which cannot be pickled, and are made again on first use.
+        """
+        state = super().__getstate__()
+        state["_patch_weights"] = OrderedDict()
+        state["_block_copy"] = None
+        return dict(state)
+
     def _apply(self, fn: Any, recurse: bool = True) -> Self:
         # .to() / .cuda() / .half() make new parameters: drop weights cached for the old ones
         self._patch_weights.clear()

@@ -76,12 +76,19 @@ def _as_floats(obj: Any, names: Sequence[str]) -> None:
         object.__setattr__(obj, name, number)
 
 
-#: The advice of a coordinate out of range: regions are in longitude / latitude (a UTM
-#: zone's metres, the usual mistake, are far beyond them).
-_DEGREES = (
-    " (longitude / latitude in degrees, EPSG:4326: transform projected coordinates, e.g. a "
-    "UTM zone's metres, first)"
-)
+def _out_of_range(name: str, bounds: str, value: float) -> str:
+    """The message of a coordinate out of its range in degrees.
+
+    A value far beyond any in degrees (beyond +-360) gets the advice for metres of a
+    projected CRS (a UTM zone's), the usual mistake; others (NaN, 190, 91) do not.
+    """
+    line = f"{name} must be in {bounds} degrees, got {value}"
+    if math.isfinite(value) and abs(value) > 360.0:
+        line += (
+            " (longitude / latitude in degrees, EPSG:4326: transform projected coordinates, "
+            "e.g. a UTM zone's metres, first)"
+        )
+    return line
 
 
 @dataclass(frozen=True)
@@ -110,9 +117,9 @@ class PointBuffer:
         """
         _as_floats(self, ("lon", "lat", "buffer_m"))
         if not (math.isfinite(self.lon) and -180.0 <= self.lon <= 180.0):
-            raise ValueError(f"lon must be in [-180, 180] degrees, got {self.lon}{_DEGREES}")
+            raise ValueError(_out_of_range("lon", "[-180, 180]", self.lon))
         if not (math.isfinite(self.lat) and -90.0 <= self.lat <= 90.0):
-            raise ValueError(f"lat must be in [-90, 90] degrees, got {self.lat}{_DEGREES}")
+            raise ValueError(_out_of_range("lat", "[-90, 90]", self.lat))
         if not (math.isfinite(self.buffer_m) and self.buffer_m > 0):
             raise ValueError(f"buffer_m must be a positive number of metres, got {self.buffer_m}")
 
@@ -187,11 +194,11 @@ class BBox:
         for name in ("minlon", "maxlon"):
             value = getattr(self, name)
             if not (math.isfinite(value) and -180.0 <= value <= 180.0):
-                raise ValueError(f"{name} must be in [-180, 180] degrees, got {value}{_DEGREES}")
+                raise ValueError(_out_of_range(name, "[-180, 180]", value))
         for name in ("minlat", "maxlat"):
             value = getattr(self, name)
             if not (math.isfinite(value) and -90.0 <= value <= 90.0):
-                raise ValueError(f"{name} must be in [-90, 90] degrees, got {value}{_DEGREES}")
+                raise ValueError(_out_of_range(name, "[-90, 90]", value))
         if not (self.minlon < self.maxlon and self.minlat < self.maxlat):
             raise ValueError(
                 f"empty BBox {self}: need minlon < maxlon and minlat < maxlat "
