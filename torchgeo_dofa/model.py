@@ -172,16 +172,15 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) 
 _ParamRefs = tuple["weakref.ref[Tensor]", ...]
 
 
-def _parameters_key(params: Sequence[Tensor]) -> tuple[tuple[int, int, int], ...]:
-    """Each parameter's object id, storage address and version counter: a cache's key.
+def _parameters_key(params: Sequence[Tensor]) -> tuple[tuple[int, int], ...]:
+    """Each parameter's storage address and version counter: a cache's key.
 
-    An id or an address is reused once its tensor is freed (a ``load_state_dict(...,
-    assign=True)`` or a parameter set anew gives new tensors, at version 0, often where the
-    old ones were), so a match is confirmed with the entry's weak references
-    (:func:`_still_these`): the bf16 copies or patch weights of the old tensors served the
-    new ones before.
+    An address is reused once its tensor is freed (a ``load_state_dict(..., assign=True)``
+    or a parameter set anew gives new tensors, at version 0, often where the old ones were),
+    so a match is confirmed with the entry's weak references (:func:`_still_these`): the
+    bf16 copies or patch weights of the old tensors served the new ones before.
     """
-    return tuple((id(p), p.data_ptr(), p._version) for p in params)
+    return tuple((p.data_ptr(), p._version) for p in params)
 
 
 def _still_these(refs: _ParamRefs, params: Sequence[Tensor]) -> bool:
@@ -458,9 +457,10 @@ class DOFAEncoder(nn.Module):
 
         Generated in the weights' dtype with autocast off (as fp32 as the model is), as
         ordinary tensors (not inference tensors), so the entry can serve later calls in and
-        out of ``torch.inference_mode``. The key holds the parameters' identities, version
-        counters and storage (:func:`_parameters_key`), so loading or editing the weights
-        invalidates it (not an edit through ``.data``, which no version counter sees).
+        out of ``torch.inference_mode``. The key holds the parameters' version counters and
+        storage (:func:`_parameters_key`), and the entry weak references to them, so loading
+        or editing the weights invalidates it (not an edit through ``.data``, which no
+        version counter sees).
         """
         params = list(self.backbone.patch_embed.parameters())
         dtype = params[0].dtype
