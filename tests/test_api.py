@@ -587,6 +587,33 @@ def test_regions_and_devices_that_cannot_be_embedded_are_one_line(tmp_path, chip
         get_embedding("dofa", spatial=point, paths=crop, weights=None, device="meta")
 
 
+def test_an_export_stopped_the_instant_it_took_its_lock_leaves_nothing(
+    tmp_path, monkeypatch
+) -> None:
+    """A Ctrl-C (or the command's SIGTERM) raised as the folder's lock was taken, before the
+    block that gives it back began, left the export's new folder and its lock file (the CI
+    failure of an ``embed``, test_jobs; an export took its lock the same way)."""
+    from torchgeo_dofa.locks import OutputLock
+
+    taken = OutputLock.acquire
+
+    def taken_then_interrupted(self: OutputLock) -> None:
+        taken(self)  # the real lock
+        raise KeyboardInterrupt  # where a signal's handler raises, the caller's next step
+
+    monkeypatch.setattr(OutputLock, "acquire", taken_then_interrupted)
+    with rasterio.open(SCENE) as src:
+        b = src.bounds
+    centre = _scene_lonlat((b.left + b.right) / 2, (b.bottom + b.top) / 2)
+    with pytest.raises(KeyboardInterrupt):
+        export_batch(
+            spatials=[PointBuffer(*centre, 500)], models=["dofa"], weights=None, paths=[SCENE],
+            device="cpu", out_path=tmp_path / "new" / "e.parquet",
+        )  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+    assert not OutputLock._held and not OutputLock._holders
+
+
 def test_sensor_fetch_settings_a_backend_ignores_are_warned_of(tmp_path, chip_a, weights) -> None:
     """helper-113: ``SensorSpec(scale_m=20, composite="mosaic", ...)`` with the local or the
     tensor backend (Earth Engine's and the stac backend's fetch settings) changed nothing,

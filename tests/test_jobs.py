@@ -522,6 +522,124 @@ def test_lock_in_one_process_is_exclusive_and_reacquirable(tmp_path: Path) -> No
         pass
 
 
+class _Stopped(KeyboardInterrupt):
+    """What the command's SIGTERM handler raises (``Terminated``), wherever the thread is."""
+
+
+def _open_under(root: Path) -> list[str]:
+    """The files under ``root`` this process holds open."""
+    opened = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # (the listing's own descriptor, closed by now)
+            opened.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return [name for name in opened if name.startswith(f"{root}{os.sep}")]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd")
+def test_a_signal_at_any_step_of_taking_or_giving_back_the_lock_leaves_it_whole_or_gone(
+    tmp_path: Path,
+) -> None:
+    """CI (stop 64): an ``embed`` sent SIGTERM the instant it took its folder's lock stopped
+    with its one line, exit 143, yet left the folder and its lock file (the handler raised
+    between opening the lock file and recording it: ``release`` had nothing to remove).
+    Here a real SIGTERM, whose handler raises as the command's does, is sent at each step
+    (each line Python runs, its own libraries' included) of taking the lock, then of giving
+    it back: the signal still stops it, and it leaves the lock whole or nothing at all (no
+    folder, no lock file, no open file, a new lock taken at once)."""
+    import itertools
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped
+
+    def signal_at(step: int, call: Any) -> bool:
+        """Run ``call()``, sending SIGTERM at its ``step``-th line; whether it was sent."""
+        seen = [0]
+
+        def trace(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line":
+                seen[0] += 1
+                if seen[0] == step:
+                    os.kill(os.getpid(), signal.SIGTERM)  # (its handler runs at once here)
+            return trace
+
+        tracing = sys.gettrace()
+        sys.settrace(trace)
+        try:
+            call()
+        finally:
+            sys.settrace(tracing)
+        return seen[0] >= step
+
+    def gone(root: Path) -> None:
+        assert not root.exists()
+        assert not OutputLock._held and not OutputLock._holders
+        with OutputLock(root / "out"):  # no open file holds it
+            pass
+        (root / "out" / LOCK_NAME).unlink()
+        (root / "out").rmdir()
+        root.rmdir()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        for step in itertools.count(1):  # taking it
+            lock = OutputLock(tmp_path / f"take{step}" / "out")
+            try:
+                sent = signal_at(step, lock.acquire)
+            except _Stopped:
+                assert not lock.held
+                gone(tmp_path / f"take{step}")
+                continue
+            assert lock.held and not sent  # every step of it taken: whole
+            lock.release(remove=True)
+            break
+        assert step > 20  # (a step is a line: folders made, file opened, locked, recorded)
+        for step in itertools.count(1):  # giving it back, with the folders it made
+            lock = OutputLock(tmp_path / f"give{step}" / "out")
+            lock.acquire()
+            with contextlib.suppress(_Stopped):
+                if not signal_at(step, lambda: lock.release(remove=True)):  # noqa: B023
+                    break
+                raise AssertionError("the signal sent while releasing did not stop it")
+            if lock.held:  # stopped before it began: whole, for the caller's next try
+                assert lock.path.is_file() and OutputLock._holders == {lock}
+                lock.release(remove=True)
+            gone(tmp_path / f"give{step}")
+        assert step > 10
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert _open_under(tmp_path) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("door", ["embed", "writer"])
+def test_a_stop_the_instant_the_lock_is_taken_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, door: str
+) -> None:
+    """The other half of the CI failure above: a signal's handler raising in the caller, as
+    ``acquire`` returns (an ``embed`` took its lock outside the block whose end gives it
+    back; a writer recorded its lock only after taking it). The real lock is taken, then the
+    caller's next step raises: nothing is left."""
+    taken = OutputLock.acquire
+
+    def taken_then_stopped(self: OutputLock) -> None:
+        taken(self)
+        raise _Stopped  # where the handler of a signal received meanwhile raises
+
+    monkeypatch.setattr(OutputLock, "acquire", taken_then_stopped)
+    out = tmp_path / "new" / "out"
+    if door == "embed":
+        from torchgeo_dofa.cli import embed
+
+        scene = ROOT / "demo" / "data" / "ftw_s2_l2a_33N.tif"
+        with pytest.raises(_Stopped):
+            embed([scene], out, weights=None, progress=False)
+    else:  # Lightning ends a KeyboardInterrupt with sys.exit(1), after the callbacks' hooks
+        with StopOnSignal() as stop, pytest.raises(SystemExit):
+            _predict(_Tiny(None, 0), PooledWriter(out / "p.parquet", CRS.from_epsg(32631)), stop)
+    assert list(tmp_path.iterdir()) == []
+    assert not OutputLock._held and not OutputLock._holders
+
+
 def test_lock_removes_only_the_empty_folders_it_created(tmp_path: Path) -> None:
     # a refused job leaves no trace: the folders taking the lock created go when left empty,
     # deepest first; a folder that existed, or that another job wrote into, stays

@@ -2700,8 +2700,8 @@ def _export_lock(out: Path) -> Iterator[None]:
     from .locks import OutputLock
 
     lock = OutputLock(out.parent, fix="use another out_path folder")
-    lock.acquire()
-    try:
+    try:  # (taken inside: a Ctrl-C the instant it is taken is given back here too)
+        lock.acquire()
         yield
     finally:  # the lock file goes too (held while removed: a waiting job takes a new one)
         lock.release(remove=True)

@@ -1075,15 +1075,16 @@ def embed(
         out = Path(output_dir)
         folder = output_folder(output_dir)
         manifest_name = MANIFEST_NAME if folder == out else f".{out.name}{MANIFEST_NAME}"
-        # the lock first, so a second job on the folder fails before loading anything; a job
-        # refused during validation leaves no folder behind
         lock = OutputLock(folder)
-        lock.acquire()
     except BaseException:
         checking.close()
         raise
     started = fresh = failed = False
     try:
+        # the lock first, so a second job on the folder fails before loading anything; a job
+        # refused during validation leaves no folder behind. Taken inside the block whose
+        # end gives it back: a Ctrl-C or SIGTERM the instant it is taken left it otherwise
+        lock.acquire()
         settings = {k: v for k, v in dataset_kwargs.items() if v is not None}
 
         def region_module(

@@ -74,6 +74,7 @@ from .locks import (  # defined there (no PyTorch needed); importable from here 
     refuse_undecodable_name,
     rendezvous_here,
     report_ctrl_c,
+    signals_deferred,
     stop_advice,
 )
 from .runtime import GRID_SUFFIXES, TABLE_SUFFIXES
@@ -127,6 +128,7 @@ __all__ = [
     "rendezvous_here",
     "rendezvous_port_error",
     "report_ctrl_c",
+    "signals_deferred",
     "sparse_grid_problem",
     "stop_advice",
     "unique_region_names",

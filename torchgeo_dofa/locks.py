@@ -22,13 +22,14 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 __all__ = [
     "LAUNCHER_PID_VARIABLE",
@@ -47,6 +48,7 @@ __all__ = [
     "refuse_undecodable_name",
     "rendezvous_here",
     "report_ctrl_c",
+    "signals_deferred",
     "stop_advice",
 ]
 
@@ -460,6 +462,51 @@ def _running(pid: int) -> bool:
     return True
 
 
+#: The signals :func:`signals_deferred` holds back.
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) and SIGTERM back for the block; their handlers run after it.
+
+    Python runs a signal's handler between two steps of the main thread, wherever it is: a
+    ``KeyboardInterrupt`` (or the command's :class:`~torchgeo_dofa.__main__.Terminated`)
+    raised between opening a lock file and recording it left the file, its folder and the
+    ``flock`` behind (the stopped command's rerun found a folder it had not made). Inside
+    this block the two signals are only recorded; on leaving it the previous handlers are
+    put back and each signal received is raised again (:func:`signal.raise_signal`), so its
+    handler runs once the block's work is whole. Blocking the signals in the thread
+    (``pthread_sigmask``) would not do: the kernel hands a process's signal to any thread
+    not blocking it (PyTorch's, GDAL's), and Python then runs the handler in the main thread
+    all the same.
+
+    In a thread other than the main thread (whose steps no handler interrupts), and for a
+    signal whose handler Python did not install (it could not be put back), nothing is held.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    previous: dict[int, Any] = {}
+    try:
+        for sig in DEFERRED_SIGNALS:
+            handler = signal.getsignal(sig)
+            if handler is not None:  # (None: installed outside Python, cannot be put back)
+                previous[sig] = handler
+                signal.signal(sig, record)
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):  # each once, in the order received
+            signal.raise_signal(signum)
+
+
 class OutputLock:
     """Exclusive, non-blocking lock on an output folder for the duration of a job.
 
@@ -507,6 +554,7 @@ class OutputLock:
         self.folder = self.shown.absolute()
         self.fix = fix
         self._fd: int | None = None
+        self._resolved = self.folder  # (resolved when taken)
         self._made: list[_MadeFolder] = []
         #: the folder's entries when the lock was taken (but the lock file)
         self._found: frozenset[str] = frozenset()
@@ -530,10 +578,25 @@ class OutputLock:
                 read-only file system, a file in the path), naming the folder and the fix;
                 nothing made is left behind; if the folder's name is not valid UTF-8
                 (:func:`refuse_undecodable_name`).
+            KeyboardInterrupt: (or whatever the handler of SIGINT / SIGTERM raises) for a
+                signal received while taking it: held back until the lock is whole
+                (:func:`signals_deferred`), then the lock is given back as
+                ``release(remove=True)`` does and the handler's exception raised. A caller
+                takes the lock inside the ``try`` whose ``finally`` releases it (release is
+                idempotent): a signal the instant ``acquire`` returns is raised in the caller.
         """
         if not is_launcher():
             return
         refuse_undecodable_name(self.folder, "output folder", OutputPathError)
+        try:
+            with signals_deferred():  # taken whole, or not at all (nothing left)
+                self._acquire()
+        except BaseException:  # a signal held back while taking it: give it back whole
+            self.release(remove=True)
+            raise
+
+    def _acquire(self) -> None:
+        """Take the lock, or leave nothing made (see :meth:`acquire`)."""
         created: list[Path] = []
         fd: int | None = None
         try:
@@ -557,6 +620,7 @@ class OutputLock:
             assert fd is not None  # the loop breaks with it
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
+            resolved = self.folder.resolve()
         except BaseException as err:  # refused, or a folder only partly made: leave none of it
             if fd is not None:  # held: ours to remove (as release(remove=True) does)
                 with contextlib.suppress(OSError):
@@ -568,8 +632,14 @@ class OutputLock:
             raise
         self._fd = fd
         self._made, self._found = made, found
-        OutputLock._held.add(self.folder.resolve())
+        self._resolved = resolved
+        OutputLock._held.add(resolved)
         OutputLock._holders.add(self)
+
+    @property
+    def held(self) -> bool:
+        """Whether this lock is taken (by :meth:`acquire`, not yet released)."""
+        return self._fd is not None
 
     def _cannot_use(self, err: OSError) -> str:
         """One line for an OS error making the folder or its lock file, with the fix."""
@@ -666,7 +736,13 @@ class OutputLock:
         """
         if self._fd is None:
             return
-        OutputLock._held.discard(self.folder.resolve())
+        with signals_deferred():  # given back whole: a Ctrl-C halfway left the lock file
+            self._release(remove)
+
+    def _release(self, remove: bool) -> None:
+        """Release the taken lock (see :meth:`release`)."""
+        assert self._fd is not None  # (release checks)
+        OutputLock._held.discard(self._resolved)
         OutputLock._holders.discard(self)
         try:
             if remove:

@@ -898,9 +898,17 @@ class _PartsWriter(BasePredictionWriter):
             self._lock = lock
         elif folder not in OutputLock._held:  # else an embed job holds it for its whole run
             lock = OutputLock(folder, fix="write to another path")
-            lock.acquire()  # OutputPathError for a folder that cannot be made or locked
+            # recorded first: a Ctrl-C the instant it is taken is given back by
+            # _release_output (on_exception) as the lock is
             self._folder_locks[folder] = (lock, 1)
             self._lock = lock
+            try:
+                lock.acquire()  # OutputPathError for a folder that cannot be made or locked
+            except BaseException:
+                if not lock.held:  # refused: not this job's to share or give back
+                    self._folder_locks.pop(folder, None)
+                    self._lock = None
+                raise
 
     def _release_output(self) -> None:
         """Give up this writer's output path and its share of the folder's lock (idempotent).
