@@ -4361,6 +4361,45 @@ def test_a_second_concurrent_job_on_the_folder_fails_at_once(tmp_path, base_chec
         assert noise not in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("wrote", [False, True], ids=["before-the-first-batch", "in-it"])
+def test_a_stop_says_whether_the_job_wrote_a_chip(tmp_path, wrote: bool) -> None:
+    """SIGTERM as the prediction starts, taken by the job's own handler: the job stopped
+    before its first batch and said "the chips written so far are kept" (none were, and it
+    left nothing). During the first batch: that batch is written, kept, and resumed."""
+    import signal
+
+    import lightning.pytorch as pl
+
+    from torchgeo_dofa.jobs import JobInterrupted
+
+    class Sigterm(pl.Callback):  # (after the job's own callbacks: its checks came first)
+        def on_predict_epoch_start(self, *args: Any) -> None:
+            if not wrote:  # the job checks next at the first batch's start
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        def on_predict_batch_start(self, *args: Any) -> None:
+            if wrote:  # the job checks next at this batch's end
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "out"
+    kwargs: dict[str, Any] = dict(weights=None, seed=0, output="pooled", progress=False)
+    with pytest.raises(JobInterrupted) as info:
+        embed([SCENE], out, batch_size=2, callbacks=[Sigterm()], **kwargs)
+    assert info.value.exit_status == 143
+    if not wrote:
+        assert str(info.value) == (
+            "stopped by SIGTERM: embed stopped before its first chip: rerun the same command "
+            "(chips an earlier run of the job wrote are kept)"
+        )
+        assert not out.exists()
+    else:
+        assert str(info.value) == (
+            "stopped by SIGTERM: the chips written so far are kept; rerun the same command "
+            "to resume"
+        )
+        assert embed([SCENE], out, **kwargs).skipped == 2  # the first batch's two chips
+
+
 def test_a_second_ctrl_c_stops_at_once_with_the_interrupted_error(tmp_path) -> None:
     """Ctrl-C twice: Lightning's own shutdown (it exits with 1 and ignores SIGINT after) ends
     as the job's interrupted error, exit status 130, and Ctrl-C works again afterwards."""
@@ -4395,15 +4434,13 @@ def test_a_second_ctrl_c_stops_at_once_with_the_interrupted_error(tmp_path) -> N
     finally:
         log.removeHandler(lines)
     assert info.value.exit_status == 130
-    # random weights without a seed: a rerun cannot resume (it said "rerun the same command
-    # to resume", and the rerun was refused)
+    # before its first chip: nothing of the job is left, whatever its weights (random ones
+    # without a seed: it said "the chips written so far cannot be resumed")
     assert str(info.value) == (
-        "stopped by SIGINT: the chips written so far cannot be resumed (random weights "
-        "without a seed are drawn anew on every run): rerun with --overwrite, or with --seed "
-        "N to make a job resumable"
+        "stopped by SIGINT: embed stopped before its first chip: rerun the same command"
     )
     assert signal.getsignal(signal.SIGINT) is before
-    assert not (out / "ftw_s2_l2a_33N_pooled.parquet").exists()
+    assert not out.exists()
     # Lightning's reason stays visible; its start-up lines do not
     assert any("Detected KeyboardInterrupt" in line for line in lines.lines), lines.lines
     assert not any("available:" in line or "Tip:" in line for line in lines.lines), lines.lines

@@ -552,6 +552,18 @@ def test_a_stop_is_advised_alike_wherever_it_is_reported(
         assert stop_advice(command, began=began) == advice
 
 
+def test_a_job_stopped_before_its_first_chip_is_a_plain_rerun_whatever_its_weights() -> None:
+    """An embed with random weights drawn without a seed, stopped before it wrote a chip, was
+    told that "the chips written so far cannot be resumed" (there were none, and it left
+    nothing: the same command runs it afresh)."""
+    from torchgeo_dofa.locks import stop_advice
+
+    for command in ("embed", "predict"):
+        assert stop_advice(command, began=False, resumable=False) == (
+            f"{command} stopped before its first chip: rerun the same command"
+        )
+
+
 _HEAP_PROBE = """
 import ctypes, json, os, sys
 import numpy as np

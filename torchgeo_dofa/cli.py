@@ -1794,9 +1794,8 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 # a prediction's writers keep their parts; fit / validate / test save nothing
                 # (a fit stopped before training has no checkpoint of its own to resume)
                 stopped = "fit" if fitting else stop.stage or "predict"
-                advice = stop_advice(
-                    stopped, began=fitting or stopped != "fit", resumable=stop.resumable
-                )
+                began = {"fit": fitting, "predict": stop.began}.get(stopped, True)
+                advice = stop_advice(stopped, began=began, resumable=stop.resumable)
                 raise JobInterrupted(stop.received, advice) from None
             raise
         else:  # a prediction says where it wrote (it ended without a word), as embed does

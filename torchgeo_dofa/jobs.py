@@ -940,6 +940,9 @@ class StopOnSignal(Callback):
             computed (its writers assembling) then stops nothing, as no check follows: the
             job finishes its outputs, and the acknowledgement says "every chip is computed,
             so the job finishes writing its outputs".
+        began: whether a prediction run with this callback wrote a batch (set at each
+            batch's end, after the writers): a stop before says ``embed stopped before its
+            first chip`` (:func:`stop_advice`), as nothing of the job is left then.
     """
 
     signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
@@ -978,13 +981,14 @@ class StopOnSignal(Callback):
         #: without a seed; set at the prediction's start)
         self.resumable = True
         self.final = True  # see the class's attributes
+        self.began = False  # see the class's attributes
         #: the prediction's trainer (set at setup)
         self._predicting: pl.Trainer | None = None
 
     @property
     def advice(self) -> str:
         """What a stopped prediction kept and how to go on (:func:`stop_advice`)."""
-        return stop_advice(self.command, resumable=self.resumable)
+        return stop_advice(self.command, began=self.began, resumable=self.resumable)
 
     # installation ---------------------------------------------------------------------
     def install(self) -> None:
@@ -1166,6 +1170,7 @@ class StopOnSignal(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         """Stop after the writers saved this batch if a signal arrived meanwhile."""
+        self.began = True  # (the writers, before this callback, have written it)
         self.raise_if_received()
 
     def on_train_batch_end(
@@ -1280,7 +1285,8 @@ class StopOnSignal(Callback):
         signum = self.received if self.received is not None else signal.SIGTERM
         if trainer.state.fn != TrainerFn.FITTING:
             stage = str(trainer.state.fn.value) if trainer.state.fn else None
-            advice = stop_advice(stage, resumable=self.resumable)  # a prediction's too
+            began = self.began or stage != "predict"  # (validate, test: stopped in them)
+            advice = stop_advice(stage, began=began, resumable=self.resumable)
             what = f"{stage} did not finish; {advice}" if stage else None
             self.interrupted = JobInterrupted(signum, what)
             return self.interrupted

@@ -224,8 +224,9 @@ def stop_advice(command: str | None, began: bool = True, resumable: bool = True)
         command: the subcommand stopped: ``"embed"`` or ``"predict"`` (their writers keep
             every chip written), ``"fit"``, ``"validate"``, ``"test"``, another or None.
         began: False when the stop came before the command's trainer began (``fit`` has
-            then no checkpoint of this run to resume from; an embed or predict job has
-            written no chip in this run).
+            then no checkpoint of this run to resume from), or before an embed or predict
+            job wrote its first chip in this run (it then left nothing of its own: whether
+            its weights are resumable does not matter).
         resumable: False for an embed or predict job with random weights drawn without a
             seed: a rerun draws other weights, so it cannot resume the chips written. The
             fix is named with the command's own options (``embed``: ``--overwrite`` /
@@ -236,6 +237,9 @@ def stop_advice(command: str | None, began: bool = True, resumable: bool = True)
         resume"``.
     """
     if command in ("embed", "predict"):
+        if not began:
+            earlier = " (chips an earlier run of the job wrote are kept)" if resumable else ""
+            return f"{command} stopped before its first chip: rerun the same command{earlier}"
         if not resumable:
             fix = (
                 "rerun with --overwrite, or with --seed N"
@@ -246,11 +250,6 @@ def stop_advice(command: str | None, began: bool = True, resumable: bool = True)
             return (
                 "the chips written so far cannot be resumed (random weights without a seed "
                 f"are drawn anew on every run): {fix} to make a job resumable"
-            )
-        if not began:
-            return (
-                f"{command} stopped before its first chip: rerun the same command (chips an "
-                "earlier run of the job wrote are kept)"
             )
         return "the chips written so far are kept; rerun the same command to resume"
     if not began and command in ("fit", "validate", "test"):
