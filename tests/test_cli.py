@@ -2411,6 +2411,40 @@ def _predict_config(out: Path, checkpoint: Path) -> dict[str, Any]:
     return cfg
 
 
+@pytest.mark.parametrize("seeded", [True, False], ids=["lightning-seeds", "unseeded"])
+def test_random_weights_lightning_seeded_are_resumed_and_named_so(tmp_path, capsys, seeded) -> None:
+    """``predict --config`` with ``weights: null`` and no seed of the model's own: LightningCLI
+    seeds before it builds the model (``seed_everything``, default true: seed 0), so every
+    run draws the same weights and a stopped run resumes; it was told that its chips "cannot
+    be resumed" and to delete them. With ``seed_everything: false`` that stays so."""
+    import yaml
+
+    cfg = _predict_config(tmp_path, tmp_path / "unused.pth")
+    cfg["model"]["init_args"]["weights"] = None
+    cfg["data"]["init_args"]["batch_size"] = 2
+    cfg["trainer"]["callbacks"].append({"class_path": f"{__name__}.SigtermAfterFirstBatch"})
+    if not seeded:
+        cfg["seed_everything"] = False
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["predict", "--config", str(config)]) == 143
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    if not seeded:
+        assert said.startswith(
+            "torchgeo-dofa: error: stopped by SIGTERM: the chips written so far cannot be resumed"
+        ), said
+        return
+    assert said == (
+        "torchgeo-dofa: error: stopped by SIGTERM: the chips written so far are kept; rerun "
+        "the same command to resume"
+    )
+    cfg["trainer"]["callbacks"].pop()  # the same job, not stopped: the same weights resume
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["predict", "--config", str(config)]) == 0, capsys.readouterr().err
+    with rasterio.open(tmp_path / "g.tif") as grid:
+        assert grid.tags()["weights"] == "random (seed_everything 0)"
+
+
 def test_predict_config_writes_the_same_files_as_embed(
     tmp_path, reference_run, base_checkpoint, capsys
 ):

@@ -1693,7 +1693,25 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
             with restoring_from(ckpt):
                 super().instantiate_classes()
 
+        def _name_seeded_random_weights(self) -> None:
+            """Name the model's random weights drawn after LightningCLI's seed, by that seed.
+
+            LightningCLI seeds the random generators before it builds the model unless the
+            config says ``seed_everything: false`` (``true``, the default, is the seed in
+            ``PL_GLOBAL_SEED`` or 0: Lightning-AI/pytorch-lightning#18846, Lightning >= 2.2),
+            so a model with ``weights: null`` and no seed of its own draws the same weights
+            on every run: its prediction resumes. Its encoder's ``weights_id`` was
+            ``"random"``, as for weights drawn without a seed, and a stopped run was told
+            that its chips "cannot be resumed" (:class:`~torchgeo_dofa.jobs.StopOnSignal`);
+            now ``"random (seed_everything N)"``, also in the outputs' ``weights`` tag.
+            """
+            seed = self._get(self.config, "seed_everything")  # an int once it seeded
+            encoder: Any = getattr(self.model, "encoder", None)
+            if type(seed) is int and getattr(encoder, "weights_id", None) == "random":
+                encoder.weights_id = f"random (seed_everything {seed})"
+
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+            self._name_seeded_random_weights()  # (the model is built by now)
             try:
                 trainer = super().instantiate_trainer(**kwargs)
             except Exception as err:  # devices: -1 on a CPU, FSDP on a CPU
