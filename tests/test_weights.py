@@ -430,7 +430,9 @@ def test_a_read_failing_once_is_not_remembered_as_a_damaged_file(
 ) -> None:
     """The CRC check is remembered per unchanged file, but a read that failed (a flaky
     network share: EIO) was remembered as a damaged entry: every later load in the process
-    said "delete it and download again" of a good file."""
+    said "delete it and download again" of a good file. The failed read itself said that
+    its entry "([Errno 5] Input/output error) fails its CRC-32 check (bytes changed after it
+    was saved); delete it and download again": now that the read failed, not the file."""
     import errno
     import zipfile
 
@@ -447,8 +449,18 @@ def test_a_read_failing_once_is_not_remembered_as_a_damaged_file(
         return real(self)
 
     monkeypatch.setattr(zipfile.ZipFile, "testzip", flaky)
-    with pytest.raises(CheckpointError, match=r"Input/output error"):
+    said = (
+        f"{path} could not be read (Input/output error: a disk or network file-system error "
+        "while reading it, not a sign that the file is damaged); check the disk or share and "
+        "run again"
+    )
+    with pytest.raises(CheckpointError) as info:
         load_dofa("base", weights=path)
+    assert str(info.value) == said
+    failures.append(OSError(errno.EIO, "Input/output error"))  # a Lightning checkpoint's check
+    with pytest.raises(CheckpointError) as info:
+        verify_checkpoint_file(path)
+    assert str(info.value) == said
     encoder = load_dofa("base", weights=path)  # read again, whole
     torch.testing.assert_close(encoder.norm.weight, base_state["norm.weight"], rtol=0, atol=0)
 

@@ -20,6 +20,7 @@ error naming the tensor.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import inspect
 import io
@@ -775,6 +776,8 @@ def _verify_checkpoint_file(path: Path, lightning: bool) -> None:
             # the directory as torch.load reads it (miniz, not zipfile: a changed byte there
             # can pass one and fail the other); the entries' data are not read again
             torch._C.PyTorchFileReader(str(path)).get_all_records()
+    except CheckpointError:  # a read failing (_read_failed)
+        raise
     except Exception as err:  # BadZipFile, UnicodeDecodeError, NotImplementedError, miniz's
         detail = (str(err).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(
@@ -840,11 +843,36 @@ def _failed_crc(path: Path, strict: bool = False) -> str | None:
 
     try:  # an error (a damaged directory, or a read failing once) is not remembered
         result = _known_of_file("zip CRC-32", path, compute)
+    except OSError as err:
+        if err.errno in _READ_FAILURES:  # the read failed, not the bytes
+            raise _read_failed(path, err) from err
+        if strict:  # (EINVAL: a changed byte in the directory seeking past the file's end)
+            raise
+        return f"({err})"
     except Exception as err:  # zipfile raises more than BadZipFile on a damaged directory
         if strict:
             raise
         return f"({err})"
     return None if result is None else str(result)
+
+
+#: ``errno`` values of a read that failed in the device or the network, not because of the
+#: file's bytes: a failing disk (EIO), a vanished device, an NFS / SMB share (stale handle,
+#: timeouts, a dropped connection).
+_READ_FAILURE_NAMES = (
+    "EIO ENXIO ENODEV ESTALE ETIMEDOUT ECONNRESET ECONNABORTED ENOTCONN EHOSTDOWN "
+    "EHOSTUNREACH ENETDOWN ENETUNREACH EREMOTEIO"
+).split()
+_READ_FAILURES = frozenset(getattr(errno, n) for n in _READ_FAILURE_NAMES if hasattr(errno, n))
+
+
+def _read_failed(path: Path, err: OSError) -> CheckpointError:
+    """The error of a checkpoint whose read failed (not its content: it may be whole)."""
+    return CheckpointError(
+        f"{path} could not be read ({err.strerror or err}: a disk or network file-system "
+        "error while reading it, not a sign that the file is damaged); check the disk or "
+        "share and run again"
+    )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
