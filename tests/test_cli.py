@@ -4535,7 +4535,7 @@ def test_an_output_that_is_not_a_folder_is_named_for_what_it_is(tmp_path, capsys
 
 
 def test_names_that_are_not_utf8_are_refused_before_anything_is_computed(
-    tmp_path, base_checkpoint, capsys
+    tmp_path, base_checkpoint, capsys, monkeypatch
 ) -> None:
     """An output folder named in Latin-1 failed after every chip was computed (its paths go
     into the outputs' UTF-8 metadata), exit 1, and every rerun likewise; an input file so
@@ -4552,6 +4552,14 @@ def test_names_that_are_not_utf8_are_refused_before_anything_is_computed(
         "another name\n"
     )
     assert not out.exists()
+    # named as given: a relative -o stays relative (it was made absolute; the README's
+    # example showed it as given)
+    monkeypatch.chdir(tmp_path)
+    assert main(["embed", str(SCENE), "-o", f"out/{latin}", *common]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"torchgeo-dofa: error: output folder 'out/caf\\xe9': {fix}"
+    )
+    assert not (tmp_path / "out").exists()
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(SCENE, folder / f"{latin}.tif")

@@ -586,6 +586,8 @@ class OutputLock:
         """
         if not is_launcher():
             return
+        # named as given (a relative -o stays relative), then whole (the working folder's)
+        refuse_undecodable_name(self.shown, "output folder", OutputPathError)
         refuse_undecodable_name(self.folder, "output folder", OutputPathError)
         try:
             with signals_deferred():  # taken whole, or not at all (nothing left)
