@@ -4434,6 +4434,66 @@ def test_a_stop_says_whether_the_job_wrote_a_chip(tmp_path, wrote: bool) -> None
         assert embed([SCENE], out, **kwargs).skipped == 2  # the first batch's two chips
 
 
+def test_a_signal_once_the_job_has_finished_says_its_outputs_are_written(
+    tmp_path, capsys, monkeypatch, base_checkpoint
+) -> None:
+    """SIGTERM in the instant after the job wrote its last output, before the command
+    returned (its lock released, its summary printed), said "stopped by SIGTERM: embed
+    stopped before its first chip: rerun the same command" of a job whose outputs were
+    complete. The command's SIGTERM handler there (``terminate_before_the_job``, installed
+    by the console script) is installed here by hand; the real signal is sent as the job
+    records that it has finished. (A ``predict --config`` records it inside its job's own
+    handler, which lets a finished prediction end as one: exit 0.)"""
+    import signal
+
+    import yaml
+
+    import torchgeo_dofa.__main__ as launcher
+    from torchgeo_dofa import locks
+
+    noted = locks.note_job_finished
+    recorded: list[str | None] = []
+
+    def finished_then_signalled(job: str | None) -> None:
+        noted(job)
+        recorded.append(job)
+        if job is not None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(locks, "note_job_finished", finished_then_signalled)
+    args = ["embed", str(SCENE), "-o", str(tmp_path), "--weights", str(base_checkpoint),
+            "--no-progress"]  # fmt: skip
+    config = tmp_path / "config" / "cfg.yaml"
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump(_predict_config(config.parent, base_checkpoint)))
+    previous = signal.signal(signal.SIGTERM, launcher.terminate_before_the_job)
+    try:
+        assert main(args) == 143
+        said = capsys.readouterr().err.splitlines()[-1]
+        assert main(["predict", "--config", str(config)]) == 0  # (its own handler took it)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        launcher._terminating.clear()  # (the command's end does so)
+    assert said == (
+        "torchgeo-dofa: SIGTERM once embed had finished: every output is written; nothing to rerun"
+    )
+    assert recorded == [None, "embed", None, "predict"]
+    assert len(gpd.read_parquet(tmp_path / "ftw_s2_l2a_33N_pooled.parquet")) == 6  # whole
+    assert len(gpd.read_parquet(config.parent / "p.parquet")) == 6
+    monkeypatch.setattr(locks, "note_job_finished", noted)
+    capsys.readouterr()
+    assert main(args) == 0  # and done: a rerun has nothing left to do
+    assert capsys.readouterr().out.startswith("embedded 0 more chips (6 already done)")
+    # as a predict --config's stop after its job's handler is gone would say
+    locks.note_job_finished("predict")
+    assert locks.report_ctrl_c(["predict"], signal.SIGINT) == 130
+    assert capsys.readouterr().err == (
+        "torchgeo-dofa: Ctrl-C once predict had finished: every output is written; nothing "
+        "to rerun\n"
+    )
+    locks.note_job_finished(None)
+
+
 def test_a_second_ctrl_c_stops_at_once_with_the_interrupted_error(tmp_path) -> None:
     """Ctrl-C twice: Lightning's own shutdown (it exits with 1 and ignores SIGINT after) ends
     as the job's interrupted error, exit status 130, and Ctrl-C works again afterwards."""

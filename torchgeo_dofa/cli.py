@@ -916,6 +916,7 @@ def embed(
         rendezvous_port_error,
         weights_identity,
     )
+    from .locks import note_job_finished
     from .model import canonical_variant
     from .runtime import (
         default_batch_size,
@@ -1251,6 +1252,7 @@ def embed(
                 summary.chips += done
                 summary.empty += empty
                 summary.skipped += dm.skipped
+        note_job_finished("embed")  # a signal from here on: said of a finished job
         if summary.empty and is_launcher():
             kinds = {kind for paths in out_paths for kind in paths}
             where = [
@@ -1545,6 +1547,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
     from .__main__ import end_import_pause
     from .datasets import InputError
     from .jobs import JobInterrupted, StopOnSignal, stop_advice
+    from .locks import note_job_finished
     from .weights import CheckpointError, verify_checkpoint_file
     from .writers import _PartsWriter, atomic_write, lock_outputs_when_made
 
@@ -1817,6 +1820,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 raise JobInterrupted(stop.received, advice) from None
             raise
         else:  # a prediction says where it wrote (it ended without a word), as embed does
+            note_job_finished(next(iter(sys.argv[1:] if args is None else args), "run"))
             for trainer in trainers:
                 if trainer.state.fn != TrainerFn.PREDICTING or not trainer.is_global_zero:
                     continue
@@ -2702,6 +2706,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         load) or after a second Ctrl-C, 143 for SIGTERM where no job handler runs (the
         command's process only: :func:`torchgeo_dofa.__main__.terminate_before_the_job`).
     """
+    from .locks import note_job_finished  # free of PyTorch
+
+    note_job_finished(None)  # (a command run before in this process)
     try:
         return _main(argv)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM outside a job's handler (143)

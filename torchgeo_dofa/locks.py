@@ -262,11 +262,28 @@ def stop_advice(command: str | None, began: bool = True, resumable: bool = True)
     return "nothing saved at the stop: rerun the same command"
 
 
+#: The command whose job has written every output, until the command returns (or None).
+_finished_job: list[str | None] = [None]
+
+
+def note_job_finished(command: str | None) -> None:
+    """Record that ``command``'s job has written every output (None: a command begins).
+
+    A Ctrl-C or SIGTERM in the instant between the job's end and the command's return (its
+    lock released, its summary printed) was reported as a stop before the job ("embed
+    stopped before its first chip: rerun the same command") of a job whose outputs were
+    complete; :func:`report_ctrl_c` now says that they are.
+    """
+    _finished_job[0] = command
+
+
 def report_ctrl_c(argv: Sequence[str] | None, signum: int = signal.SIGINT) -> int:
     """Say on stderr that Ctrl-C stopped the command before its job's handlers existed.
 
     For a Ctrl-C while the libraries load (or a second one): one line, no traceback. Also
-    for SIGTERM while the libraries load (``signum``): ``stopped by SIGTERM: ...``.
+    for SIGTERM while the libraries load (``signum``): ``stopped by SIGTERM: ...``. After
+    the job has written every output (:func:`note_job_finished`), the line says so instead
+    (``SIGTERM once embed had finished: every output is written; nothing to rerun``).
 
     Args:
         argv: the command line's arguments (default: ``sys.argv[1:]``); the first names
@@ -277,13 +294,16 @@ def report_ctrl_c(argv: Sequence[str] | None, signum: int = signal.SIGINT) -> in
         The shell's status for the signal: 130 for SIGINT, 143 for SIGTERM.
     """
     command = next(iter(sys.argv[1:] if argv is None else argv), None)
-    advice = stop_advice(command, began=False)
-    if signum == signal.SIGINT:
-        line = f"interrupted (Ctrl-C); {advice}"
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    finished = _finished_job[0]
+    if finished is not None:  # (no error: the job's outputs are complete)
+        line = f"{name} once {finished} had finished: every output is written; nothing to rerun"
+    elif signum == signal.SIGINT:
+        line = f"error: interrupted (Ctrl-C); {stop_advice(command, began=False)}"
     else:
-        line = f"stopped by {signal.Signals(signum).name}: {advice}"
+        line = f"error: stopped by {name}: {stop_advice(command, began=False)}"
     with contextlib.suppress(OSError):  # stderr gone: the status still says it
-        print(f"torchgeo-dofa: error: {line}", file=sys.stderr)
+        print(f"torchgeo-dofa: {line}", file=sys.stderr)
     return 128 + signum
 
 
