@@ -526,6 +526,105 @@ class _Stopped(KeyboardInterrupt):
     """What the command's SIGTERM handler raises (``Terminated``), wherever the thread is."""
 
 
+def _signal_at(step: int, call: Any, signum: int = signal.SIGTERM) -> bool:
+    """Run ``call()``, sending ``signum`` at the ``step``-th line Python runs in it (its
+    libraries' lines too); whether it was sent. The signal's handler runs at once there."""
+    seen = [0]
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            seen[0] += 1
+            if seen[0] == step:
+                os.kill(os.getpid(), signum)
+        return trace
+
+    tracing = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        call()
+    finally:
+        sys.settrace(tracing)
+    return seen[0] >= step
+
+
+def test_signals_held_back_are_each_raised_in_order_and_every_handler_is_put_back() -> None:
+    """helper-133: of a Ctrl-C and a SIGTERM held back, only the first was raised again (its
+    handler raised, and the SIGTERM was never raised); two Ctrl-Cs were raised as one; and a
+    Ctrl-C between putting back the two handlers left SIGTERM's the recorder for good (every
+    later SIGTERM swallowed)."""
+    import itertools
+
+    from torchgeo_dofa.locks import signals_deferred
+
+    called: list[int] = []
+
+    def count(signum: int, frame: object) -> None:
+        called.append(signum)
+
+    def interrupt(signum: int, frame: object) -> None:
+        called.append(signum)
+        raise KeyboardInterrupt
+
+    def stop(signum: int, frame: object) -> None:
+        called.append(signum)
+        raise _Stopped
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for sig in before:
+            signal.signal(sig, count)
+        with signals_deferred():
+            for sig in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
+                os.kill(os.getpid(), sig)
+            assert called == []  # held
+        assert called == [signal.SIGINT, signal.SIGINT, signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is count is signal.getsignal(signal.SIGTERM)
+        called.clear()
+        signal.signal(signal.SIGINT, interrupt)
+        signal.signal(signal.SIGTERM, stop)
+        with pytest.raises(_Stopped):  # the last one's
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert called == [signal.SIGINT, signal.SIGTERM]  # both handlers ran, in order
+        # a Ctrl-C at each step of the block and of its end: no signal is lost for good
+        for step in itertools.count(1):
+            called.clear()
+
+            def held() -> None:
+                with signals_deferred():
+                    pass
+
+            with contextlib.suppress(KeyboardInterrupt):
+                if not _signal_at(step, held, signal.SIGINT):
+                    break
+            assert called == [signal.SIGINT]
+            for sig in (signal.SIGTERM, signal.SIGINT):  # each reaches its own handler
+                with contextlib.suppress(KeyboardInterrupt):
+                    os.kill(os.getpid(), sig)
+            assert called == [signal.SIGINT, signal.SIGTERM, signal.SIGINT], step
+            assert signal.getsignal(signal.SIGINT) is interrupt
+            assert signal.getsignal(signal.SIGTERM) is stop
+        assert step > 10
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _handlers_put_back(handlers: dict[int, Any]) -> None:
+    """Check that each signal reaches its handler in ``handlers``, which is then in place.
+
+    A signal raised while :func:`~torchgeo_dofa.locks.signals_deferred` puts the handlers
+    back can leave another's its recorder, which hands the next such signal to the handler
+    it held back and puts that one back (nothing is lost); a signal sent here does so.
+    """
+    for sig, handler in handlers.items():
+        if signal.getsignal(sig) is not handler:
+            with contextlib.suppress(KeyboardInterrupt):  # (the handlers here raise)
+                os.kill(os.getpid(), sig)
+        assert signal.getsignal(sig) is handler
+
+
 def _open_under(root: Path) -> list[str]:
     """The files under ``root`` this process holds open."""
     opened = []
@@ -551,24 +650,7 @@ def test_a_signal_at_any_step_of_taking_or_giving_back_the_lock_leaves_it_whole_
     def stop(signum: int, frame: object) -> None:
         raise _Stopped
 
-    def signal_at(step: int, call: Any) -> bool:
-        """Run ``call()``, sending SIGTERM at its ``step``-th line; whether it was sent."""
-        seen = [0]
-
-        def trace(frame: Any, event: str, arg: Any) -> Any:
-            if event == "line":
-                seen[0] += 1
-                if seen[0] == step:
-                    os.kill(os.getpid(), signal.SIGTERM)  # (its handler runs at once here)
-            return trace
-
-        tracing = sys.gettrace()
-        sys.settrace(trace)
-        try:
-            call()
-        finally:
-            sys.settrace(tracing)
-        return seen[0] >= step
+    signal_at = _signal_at
 
     def gone(root: Path) -> None:
         assert not root.exists()
@@ -580,12 +662,17 @@ def test_a_signal_at_any_step_of_taking_or_giving_back_the_lock_leaves_it_whole_
         root.rmdir()
 
     previous = signal.signal(signal.SIGTERM, stop)
+    handlers: dict[int, Any] = {
+        signal.SIGINT: signal.getsignal(signal.SIGINT),
+        signal.SIGTERM: stop,
+    }
     try:
         for step in itertools.count(1):  # taking it
             lock = OutputLock(tmp_path / f"take{step}" / "out")
             try:
                 sent = signal_at(step, lock.acquire)
             except _Stopped:
+                _handlers_put_back(handlers)
                 assert not lock.held
                 gone(tmp_path / f"take{step}")
                 continue
@@ -600,6 +687,7 @@ def test_a_signal_at_any_step_of_taking_or_giving_back_the_lock_leaves_it_whole_
                 if not signal_at(step, lambda: lock.release(remove=True)):  # noqa: B023
                     break
                 raise AssertionError("the signal sent while releasing did not stop it")
+            _handlers_put_back(handlers)
             if lock.held:  # stopped before it began: whole, for the caller's next try
                 assert lock.path.is_file() and OutputLock._holders == {lock}
                 lock.release(remove=True)
@@ -611,33 +699,74 @@ def test_a_signal_at_any_step_of_taking_or_giving_back_the_lock_leaves_it_whole_
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("door", ["embed", "writer"])
+@pytest.mark.parametrize("door", ["embed", "embed, a second signal", "writer"])
 def test_a_stop_the_instant_the_lock_is_taken_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, door: str
 ) -> None:
     """The other half of the CI failure above: a signal's handler raising in the caller, as
     ``acquire`` returns (an ``embed`` took its lock outside the block whose end gives it
     back; a writer recorded its lock only after taking it). The real lock is taken, then the
-    caller's next step raises: nothing is left."""
+    caller's next step raises: nothing is left. helper-133: a second signal (a SIGTERM
+    after a Ctrl-C) while the embed unwound, before it gave its lock back, left the folder
+    and the lock file; it is held back until the folder is as it should be."""
+    import torchgeo_dofa.writers
+
     taken = OutputLock.acquire
+    stopped: list[bool] = []
 
     def taken_then_stopped(self: OutputLock) -> None:
         taken(self)
+        stopped.append(True)
         raise _Stopped  # where the handler of a signal received meanwhile raises
 
     monkeypatch.setattr(OutputLock, "acquire", taken_then_stopped)
+    if door == "embed, a second signal":  # sent as the unwinding embed names a parts folder
+        parts_dir = torchgeo_dofa.writers.parts_dir
+
+        def parts_dir_then_signalled(path: Path) -> Path:
+            if stopped and stopped.pop():
+                os.kill(os.getpid(), signal.SIGTERM)
+            return parts_dir(path)
+
+        def stopping(signum: int, frame: object) -> None:
+            raise _Stopped
+
+        monkeypatch.setattr(torchgeo_dofa.writers, "parts_dir", parts_dir_then_signalled)
+        previous = signal.signal(signal.SIGTERM, stopping)
     out = tmp_path / "new" / "out"
-    if door == "embed":
+    if door.startswith("embed"):
         from torchgeo_dofa.cli import embed
 
         scene = ROOT / "demo" / "data" / "ftw_s2_l2a_33N.tif"
-        with pytest.raises(_Stopped):
-            embed([scene], out, weights=None, progress=False)
+        try:
+            with pytest.raises(_Stopped):
+                embed([scene], out, weights=None, progress=False)
+        finally:
+            if door == "embed, a second signal":
+                signal.signal(signal.SIGTERM, previous)
+        assert stopped == ([] if door == "embed, a second signal" else [True])  # (all sent)
     else:  # Lightning ends a KeyboardInterrupt with sys.exit(1), after the callbacks' hooks
         with StopOnSignal() as stop, pytest.raises(SystemExit):
             _predict(_Tiny(None, 0), PooledWriter(out / "p.parquet", CRS.from_epsg(32631)), stop)
     assert list(tmp_path.iterdir()) == []
     assert not OutputLock._held and not OutputLock._holders
+
+
+def test_a_lock_whose_with_block_raised_leaves_nothing_it_made(tmp_path: Path) -> None:
+    """helper-133: ``with OutputLock(folder):`` kept the folders it made and its lock file
+    when the block raised before writing anything (the command line leaves none)."""
+    with pytest.raises(_Stopped):
+        with OutputLock(tmp_path / "a" / "b"):
+            raise _Stopped
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError):  # a block that wrote: all kept
+        with OutputLock(tmp_path / "c"):
+            (tmp_path / "c" / "x").write_text("x")
+            raise RuntimeError
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [LOCK_NAME, "x"]
+    with OutputLock(tmp_path / "d"):  # a block that ended: its lock file stays, as a job's
+        pass
+    assert [p.name for p in (tmp_path / "d").iterdir()] == [LOCK_NAME]
 
 
 def test_lock_removes_only_the_empty_folders_it_created(tmp_path: Path) -> None:

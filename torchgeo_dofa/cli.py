@@ -916,7 +916,7 @@ def embed(
         rendezvous_port_error,
         weights_identity,
     )
-    from .locks import note_job_finished
+    from .locks import note_job_finished, signals_deferred
     from .model import canonical_variant
     from .runtime import (
         default_batch_size,
@@ -1273,16 +1273,20 @@ def embed(
         failed = True
         raise
     finally:
-        checking.close()  # (closed already unless the job failed while checking)
-        # a job refused before its manifest, or a new one that failed before its first part
-        # (a Trainer or loader setting refused), leaves nothing: a corrected rerun is a new job
-        written = [q for p in out_paths for w in p.values() for q in (w, parts_dir(w))]
-        unused = not started or (fresh and failed and not any(q.exists() for q in written))
-        if unused and started:
-            (folder / manifest_name).unlink(missing_ok=True)
-        # a failed job that changed nothing in the folder (refused by the manifest check:
-        # another job's results, files it cannot tell apart) leaves no lock file there either
-        lock.release(remove=unused or (failed and lock.unchanged()))
+        # a second Ctrl-C or SIGTERM while the job unwinds from a first is held back until
+        # the folder is as it should be (it left the manifest or the lock file behind)
+        with signals_deferred():
+            checking.close()  # (closed already unless the job failed while checking)
+            # a job refused before its manifest, or a new one that failed before its first
+            # part (a Trainer or loader setting refused), leaves nothing: a corrected rerun
+            # is a new job
+            written = [q for p in out_paths for w in p.values() for q in (w, parts_dir(w))]
+            unused = not started or (fresh and failed and not any(q.exists() for q in written))
+            if unused and started:
+                (folder / manifest_name).unlink(missing_ok=True)
+            # a failed job that changed nothing in the folder (refused by the manifest check:
+            # another job's results, files it cannot tell apart) leaves no lock file there
+            lock.release(remove=unused or (failed and lock.unchanged()))
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -494,36 +494,62 @@ def signals_deferred() -> Iterator[None]:
     raised between opening a lock file and recording it left the file, its folder and the
     ``flock`` behind (the stopped command's rerun found a folder it had not made). Inside
     this block the two signals are only recorded; on leaving it the previous handlers are
-    put back and each signal received is raised again (:func:`signal.raise_signal`), so its
-    handler runs once the block's work is whole. Blocking the signals in the thread
+    put back and each signal received is raised again (:func:`signal.raise_signal`), every one
+    in the order received (two Ctrl-Cs stay two), so its handler runs once the block's work is
+    whole. Blocking the signals in the thread
     (``pthread_sigmask``) would not do: the kernel hands a process's signal to any thread
     not blocking it (PyTorch's, GDAL's), and Python then runs the handler in the main thread
     all the same.
 
     In a thread other than the main thread (whose steps no handler interrupts), and for a
     signal whose handler Python did not install (it could not be put back), nothing is held.
+    A handler installed from C behind Python's back (``signal.getsignal`` still names
+    Python's) is replaced by the one Python names when the block ends. A signal whose
+    handler, already put back, raises while the block ends can leave another signal's
+    handler the recorder: it then hands that signal, when it comes, to the handler it held
+    back and puts that one back, so no signal is lost.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
+    over: list[bool] = []  # non-empty once the block has ended
+    previous: dict[int, Any] = {}
 
     def record(signum: int, frame: object) -> None:
-        received.append(signum)
+        if not over:
+            received.append(signum)
+            return
+        # the block is over, yet this is still the handler (a signal raised out of putting
+        # the others back): put the one it held back in place, which takes this signal
+        signal.signal(signum, previous[signum])
+        signal.raise_signal(signum)
 
-    previous: dict[int, Any] = {}
-    try:
+    with contextlib.ExitStack() as leaving:
+        # each step of the way out runs even where one raises (a handler put back running):
+        # the block ends, every handler is put back, then each signal held is raised again
+        # (last in, first out: the steps run in the reverse of their order here)
+        leaving.callback(_raise_each, received)
         for sig in DEFERRED_SIGNALS:
             handler = signal.getsignal(sig)
             if handler is not None:  # (None: installed outside Python, cannot be put back)
                 previous[sig] = handler
+                leaving.callback(signal.signal, sig, handler)
                 signal.signal(sig, record)
+        leaving.callback(over.append, True)
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in dict.fromkeys(received):  # each once, in the order received
-            signal.raise_signal(signum)
+
+
+def _raise_each(signums: list[int]) -> None:
+    """Raise each signal in ``signums`` again, in order, each even where one's handler raised.
+
+    Every one is raised (two Ctrl-Cs are a Ctrl-C pressed twice; a SIGTERM after a Ctrl-C
+    still reaches its handler); where handlers raise, the last one's exception propagates,
+    the others as its context.
+    """
+    with contextlib.ExitStack() as raising:
+        for signum in reversed(signums):  # (last in, first out: raised in the order given)
+            raising.callback(signal.raise_signal, signum)
 
 
 class OutputLock:
@@ -794,8 +820,12 @@ class OutputLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Release the lock."""
-        self.release()
+        """Release the lock (removing what taking it made where the block raised).
+
+        Where the block raised and added nothing to the folder, as ``release(remove=True)``:
+        the lock file and the folders taking it made go too.
+        """
+        self.release(remove=exc is not None and self.unchanged())
 
 
 def _forget_locks_in_child() -> None:

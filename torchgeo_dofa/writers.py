@@ -63,6 +63,7 @@ from .locks import (
     is_launcher,
     mark_launcher,
     refuse_undecodable_name,
+    signals_deferred,
 )
 from .runtime import GRID_SUFFIXES, TABLE_SUFFIXES
 from .spatial import crs_label, same_crs
@@ -1164,8 +1165,9 @@ def lock_outputs_when_made() -> Iterator[None]:
         yield
     finally:
         _PartsWriter._locking_when_made = outer
-        for writer in reversed(made):
-            writer._release_output()
+        with signals_deferred():  # a second Ctrl-C here left the later writers' locks
+            for writer in reversed(made):
+                writer._release_output()
 
 
 def identity_differences(stored: Mapping[str, str], now: Mapping[str, str]) -> list[str]:
