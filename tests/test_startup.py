@@ -194,8 +194,7 @@ def _ends_in_one_line(job: subprocess.Popen[str], status: int, said: str, out: A
     _, err = job.communicate(timeout=120)
     assert job.returncode == status, err[-2000:]
     assert err.strip().splitlines()[-1] == (
-        f"torchgeo-dofa: error: {said} embed stopped before its first chip: rerun the same "
-        "command (chips an earlier run of the job wrote are kept)"
+        f"torchgeo-dofa: error: {said} embed stopped before its first chip: rerun the same command"
     ), err
     assert "Traceback" not in err
     assert not out.exists()
@@ -246,8 +245,9 @@ def command():
                 sum(range(1000))
             print("summary")
         return 0
-    if "--ctrl-c-at-exit" in sys.argv:  # run last of the command's handlers
-        atexit.register(os.kill, os.getpid(), signal.SIGINT)
+    if "--ctrl-c-at-exit" in sys.argv or "--sigterm-at-exit" in sys.argv:
+        sent = signal.SIGINT if "--ctrl-c-at-exit" in sys.argv else signal.SIGTERM
+        atexit.register(os.kill, os.getpid(), sent)  # run last of the command's handlers
         atexit.register(print, "handler")
         print("summary")
         return 0
@@ -366,10 +366,13 @@ def test_sigterm_after_the_libraries_loaded_is_handled_as_ctrl_c_is(tmp_path) ->
 
 def test_ctrl_c_after_the_command_returned_is_ignored(tmp_path) -> None:
     """A Ctrl-C in the instant after the summary interrupted the exit handlers: a
-    KeyboardInterrupt traceback after a successful job (a stranger's finding)."""
+    KeyboardInterrupt traceback after a successful job (a stranger's finding). SIGTERM too."""
     assert _run_command(tmp_path, "--ctrl-c-at-exit") == (0, "summary\nhandler\n", "")
     status, _, err = _run_command(tmp_path, "--ctrl-c-at-exit", fast_exit="0")
     assert "KeyboardInterrupt" in err or status == -2  # what Python's own exit does
+    # SIGTERM there ended a finished job by the signal (-15, the shell's 143) after its
+    # summary, without a word (helper-134)
+    assert _run_command(tmp_path, "--sigterm-at-exit") == (0, "summary\nhandler\n", "")
 
 
 #: ``python -m torchgeo_dofa ...`` as Python runs it (``runpy``, as ``-m`` does), reporting
@@ -499,12 +502,9 @@ _UNSEEDED = (
     [
         ("embed", True, "the chips written so far are kept; rerun the same command to resume"),
         ("predict", True, "the chips written so far are kept; rerun the same command to resume"),
-        (
-            "predict",
-            False,
-            "predict stopped before its first chip: rerun the same command (chips an earlier "
-            "run of the job wrote are kept)",
-        ),
+        # (it added "chips an earlier run of the job wrote are kept", which a run with
+        # --overwrite had deleted: helper-134)
+        ("predict", False, "predict stopped before its first chip: rerun the same command"),
         (
             "embed",
             None,

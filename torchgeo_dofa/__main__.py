@@ -190,9 +190,10 @@ def run_as_command(command: Callable[[], int]) -> int:
     without raising ``KeyboardInterrupt`` into the libraries' compiled code. From then until
     the command returns, SIGTERM raises :class:`Terminated` where no job's handler takes it
     (:func:`terminate_before_the_job`), as Ctrl-C raises ``KeyboardInterrupt``. Once the
-    command has returned, Ctrl-C is ignored until the process ends: a Ctrl-C in those
-    milliseconds interrupted the exit handlers (a KeyboardInterrupt traceback after a
-    successful job, the handlers after it skipped).
+    command has returned, Ctrl-C and SIGTERM are ignored until the process ends: a Ctrl-C in
+    those milliseconds interrupted the exit handlers (a KeyboardInterrupt traceback after a
+    successful job, the handlers after it skipped), a SIGTERM ended the finished job by the
+    signal, without a word (the shell's 143).
 
     Python's cyclic garbage collector is paused while the command loads its libraries
     (until it calls :func:`end_import_pause`), and what they made is then frozen
@@ -233,8 +234,10 @@ def run_as_command(command: Callable[[], int]) -> int:
             signal.signal(signum, _exit_on_signal)  # until end_import_pause
     try:
         status = command()
-        if fast:  # the command is done: a Ctrl-C now would only break the exit handlers
+        if fast:  # the command is done: a Ctrl-C now would only break the exit handlers,
+            # a SIGTERM end a finished job by the signal (143) after its summary
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except KeyboardInterrupt as err:  # in the instant between the command's return and above
         status = 128 + getattr(err, "signum", signal.SIGINT)
     finally:

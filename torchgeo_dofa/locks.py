@@ -237,9 +237,8 @@ def stop_advice(command: str | None, began: bool = True, resumable: bool = True)
         resume"``.
     """
     if command in ("embed", "predict"):
-        if not began:
-            earlier = " (chips an earlier run of the job wrote are kept)" if resumable else ""
-            return f"{command} stopped before its first chip: rerun the same command{earlier}"
+        if not began:  # (an earlier run's chips: kept, unless this run's --overwrite went)
+            return f"{command} stopped before its first chip: rerun the same command"
         if not resumable:
             fix = (
                 "rerun with --overwrite, or with --seed N"
