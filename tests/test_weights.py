@@ -450,9 +450,9 @@ def test_a_read_failing_once_is_not_remembered_as_a_damaged_file(
 
     monkeypatch.setattr(zipfile.ZipFile, "testzip", flaky)
     said = (
-        f"{path} could not be read (Input/output error: a disk or network file-system error "
-        "while reading it, not a sign that the file is damaged); check the disk or share and "
-        "run again"
+        f"{path} could not be read (Input/output error: the read itself failed, as on a "
+        "failing disk or network share, which says nothing of the file's content); check the "
+        "disk, share or permissions and run again"
     )
     with pytest.raises(CheckpointError) as info:
         load_dofa("base", weights=path)
@@ -463,6 +463,24 @@ def test_a_read_failing_once_is_not_remembered_as_a_damaged_file(
     assert str(info.value) == said
     encoder = load_dofa("base", weights=path)  # read again, whole
     torch.testing.assert_close(encoder.norm.weight, base_state["norm.weight"], rtol=0, atol=0)
+    # helper-134: the other reads of the file: its sha256 (the job's identity) was a bare
+    # "[Errno 5] Input/output error"; the look for a zip's end record took the failed read
+    # for "not a zip" (the CRC check skipped: a damaged file loaded; verify_checkpoint_file
+    # said "its zip directory is missing"). The file's reads of this module, failing:
+    from torchgeo_dofa.jobs import weights_identity
+
+    def failing_open(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(weights, "open", failing_open, raising=False)  # (before builtins')
+    for read in (
+        lambda: load_dofa("base", weights=path),
+        lambda: verify_checkpoint_file(path),
+        lambda: weights_identity(str(path), "base", None),
+    ):
+        with pytest.raises(CheckpointError) as info:
+            read()
+        assert str(info.value) == said
 
 
 def test_non_finite_in_ignored_pretraining_keys_is_harmless(tmp_path, base_state, x, reference):

@@ -79,7 +79,7 @@ from .locks import (  # defined there (no PyTorch needed); importable from here 
 )
 from .runtime import GRID_SUFFIXES, TABLE_SUFFIXES
 from .spatial import WGS84, PointBuffer, transformer
-from .weights import resolve_weights, sha256_file
+from .weights import checkpoint_sha256, resolve_weights, sha256_file
 from .writers import (
     atomic_write,
     describe_change,
@@ -839,7 +839,7 @@ def weights_identity(
         repo = resolution.source.removeprefix("hub:").split("@")[0]
         commit = resolution.path.parent.name  # <cache>/snapshots/<commit>/<file>
         return f"official:{repo}@{commit}/{resolution.path.name}"
-    return f"sha256:{sha256_file(resolution.path)}"
+    return f"sha256:{checkpoint_sha256(resolution.path)}"
 
 
 def region_identity(

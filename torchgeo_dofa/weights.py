@@ -20,6 +20,7 @@ error naming the tensor.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import inspect
@@ -31,7 +32,7 @@ import time
 import warnings
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ __all__ = [
     "CheckpointError",
     "PretrainedConfig",
     "WeightsResolution",
+    "checkpoint_sha256",
     "download_official",
     "env_setting",
     "hub_probe_timeout",
@@ -227,7 +229,7 @@ def _local_identity(path: Path, cfg: PretrainedConfig) -> str:
     """
     if path.name != cfg.filename:
         return f"file:{path.name}"
-    digest = sha256_file(path)
+    digest = checkpoint_sha256(path)
     if digest == cfg.sha256:
         return f"official:{cfg.filename} (local copy, sha256 verified)"
     return f"file:{path.name} (not the official file: sha256 {digest[:12]})"
@@ -558,6 +560,8 @@ def read_state_dict(path: Path, check_crc: bool = True) -> dict[str, Tensor]:
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        if isinstance(err, OSError) and _is_read_failure(err):  # (the file may be whole)
+            raise _read_failed(path, err) from err
         code = _code_globals(path)
         if code:
             shown = ", ".join(code[:5]) + (" ..." if len(code) > 5 else "")
@@ -654,8 +658,8 @@ _LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
 
 
 def _head(path: str | os.PathLike[str]) -> bytes:
-    """A file's first 64 bytes: what tells a checkpoint's kind."""
-    with open(path, "rb") as f:
+    """A file's first 64 bytes: what tells a checkpoint's kind (a failed read: raised)."""
+    with _reading(Path(path)), open(path, "rb") as f:
         return f.read(64)
 
 
@@ -804,8 +808,12 @@ def _is_zip(path: Path) -> bool:
     """``zipfile.is_zipfile``, True also where it raises on a damaged end record.
 
     (It raises ``BadZipFile`` "zipfiles that span multiple disks are not supported" for a
-    changed byte in the zip64 end record; the file is then a damaged zip.)
+    changed byte in the zip64 end record; the file is then a damaged zip.) A read that fails
+    raises (:func:`_read_failed`): ``zipfile`` returned False, and the CRC check was skipped.
     """
+    with _reading(path), open(path, "rb") as f:  # zipfile takes a failed read for "no zip"
+        f.seek(max(0, os.fstat(f.fileno()).st_size - (1 << 16) - 22))
+        f.read()  # the bytes of the end record it looks for (its comment: 64 KiB at most)
     try:
         return zipfile.is_zipfile(path)
     except zipfile.BadZipFile:
@@ -844,7 +852,7 @@ def _failed_crc(path: Path, strict: bool = False) -> str | None:
     try:  # an error (a damaged directory, or a read failing once) is not remembered
         result = _known_of_file("zip CRC-32", path, compute)
     except OSError as err:
-        if err.errno in _READ_FAILURES:  # the read failed, not the bytes
+        if _is_read_failure(err):  # the read failed, not the bytes
             raise _read_failed(path, err) from err
         if strict:  # (EINVAL: a changed byte in the directory seeking past the file's end)
             raise
@@ -856,22 +864,44 @@ def _failed_crc(path: Path, strict: bool = False) -> str | None:
     return None if result is None else str(result)
 
 
-#: ``errno`` values of a read that failed in the device or the network, not because of the
-#: file's bytes: a failing disk (EIO), a vanished device, an NFS / SMB share (stale handle,
-#: timeouts, a dropped connection).
-_READ_FAILURE_NAMES = (
-    "EIO ENXIO ENODEV ESTALE ETIMEDOUT ECONNRESET ECONNABORTED ENOTCONN EHOSTDOWN "
-    "EHOSTUNREACH ENETDOWN ENETUNREACH EREMOTEIO"
-).split()
-_READ_FAILURES = frozenset(getattr(errno, n) for n in _READ_FAILURE_NAMES if hasattr(errno, n))
+def _is_read_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a read of the file failing, not a sign of what the file holds.
+
+    An ``OSError`` with an ``errno`` (EIO of a failing disk, a network share's timeout or
+    stale handle, a permission taken away), but EINVAL: a changed byte in a zip's directory
+    makes ``zipfile`` seek before the file's start.
+    """
+    return isinstance(err, OSError) and err.errno is not None and err.errno != errno.EINVAL
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Raise a read of ``path`` that fails as :func:`_read_failed`'s error (others as they are)."""
+    try:
+        yield
+    except OSError as err:
+        if _is_read_failure(err):
+            raise _read_failed(path, err) from err
+        raise
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """:func:`sha256_file` of a checkpoint; a read that fails is a :class:`CheckpointError`.
+
+    Raises:
+        CheckpointError: naming the file and the failed read (``Input/output error``: a
+            failing disk or network share), not a damage of the file.
+    """
+    with _reading(path):
+        return sha256_file(path)
 
 
 def _read_failed(path: Path, err: OSError) -> CheckpointError:
     """The error of a checkpoint whose read failed (not its content: it may be whole)."""
     return CheckpointError(
-        f"{path} could not be read ({err.strerror or err}: a disk or network file-system "
-        "error while reading it, not a sign that the file is damaged); check the disk or "
-        "share and run again"
+        f"{path} could not be read ({err.strerror or err}: the read itself failed, as on a "
+        "failing disk or network share, which says nothing of the file's content); check the "
+        "disk, share or permissions and run again"
     )
 
 
@@ -1203,7 +1233,7 @@ def load_checkpoint(
         CheckpointError: on a digest mismatch or a state dict that does not fit.
     """
     if resolution.verify_sha256 is not None:
-        actual = sha256_file(resolution.path)
+        actual = checkpoint_sha256(resolution.path)
         if actual != resolution.verify_sha256:
             raise CheckpointError(
                 f"{resolution.path} has sha256 {actual}, expected {resolution.verify_sha256} "
