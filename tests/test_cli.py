@@ -4606,19 +4606,38 @@ def test_names_that_are_not_utf8_are_refused_before_anything_is_computed(
     assert main(["embed", str(SCENE), "-o", str(out), *common]) == 2
     fix = "its name is not valid UTF-8 (a name in another encoding, e.g. Latin-1), which the"
     assert capsys.readouterr().err == (
-        f"torchgeo-dofa: error: output folder '{tmp_path}/caf\\xe9': {fix} outputs' metadata "
+        f"torchgeo-dofa: error: -o '{tmp_path}/caf\\xe9': {fix} outputs' metadata "
         "cannot record: rename it in UTF-8 (convmv -f latin1 -t utf8 --notest NAME), or choose "
         "another name\n"
     )
     assert not out.exists()
-    # named as given: a relative -o stays relative (it was made absolute; the README's
-    # example showed it as given)
+    # named as given, before the libraries load: a relative -o stays relative (it was made
+    # absolute); a NAME.tif too (refused after the libraries loaded, named absolute, and a
+    # NAME.parquet by its sibling NAME.tif: helper-134); so does the Python API's embed
     monkeypatch.chdir(tmp_path)
-    assert main(["embed", str(SCENE), "-o", f"out/{latin}", *common]) == 2
-    assert capsys.readouterr().err.startswith(
-        f"torchgeo-dofa: error: output folder 'out/caf\\xe9': {fix}"
+    for given in (f"out/{latin}", f"{latin}.tif", f"{latin}.parquet"):
+        assert main(["embed", str(SCENE), "-o", given, *common]) == 2
+        shown = given.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        assert capsys.readouterr().err.startswith(f"torchgeo-dofa: error: -o '{shown}': {fix}")
+    with pytest.raises(InputError, match=r"^-o 'out/caf\\xe9': its name is not valid UTF-8"):
+        embed([SCENE], f"out/{latin}", weights=None)
+    from torchgeo_dofa.locks import OutputLock, OutputPathError
+
+    with pytest.raises(OutputPathError, match=r"^output folder 'out/caf\\xe9': its name"):
+        OutputLock(f"out/{latin}").acquire()  # a writer's folder, an export's
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # a working folder so named: the folder to rename is named (it said to rename "out")
+    (tmp_path / latin).mkdir()
+    monkeypatch.chdir(tmp_path / latin)
+    assert main(["embed", str(SCENE), "-o", "out", *common]) == 2
+    assert capsys.readouterr().err == (
+        f"torchgeo-dofa: error: -o 'out': its real path '{tmp_path}/caf\\xe9/out' goes through "
+        f"the folder 'caf\\xe9', whose name {fix.removeprefix('its name ')} outputs' metadata "
+        "cannot record: rename that folder in UTF-8 (convmv -f latin1 -t utf8 --notest NAME), "
+        "or choose a place outside it\n"
     )
-    assert not (tmp_path / "out").exists()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / latin).rmdir()
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(SCENE, folder / f"{latin}.tif")
@@ -4638,8 +4657,10 @@ def test_names_that_are_not_utf8_are_refused_before_anything_is_computed(
     (tmp_path / "link").symlink_to(real)
     assert main(["embed", str(tmp_path / "link" / "scene.tif"), "-o", str(tmp_path / "o"),
                  *common]) == 2  # fmt: skip
-    assert capsys.readouterr().err.startswith(
-        f"torchgeo-dofa: error: input '{tmp_path}/caf\\xe9/scene.tif': {fix}"
+    assert capsys.readouterr().err.startswith(  # (the folder to rename is named)
+        f"torchgeo-dofa: error: input '{tmp_path}/link/scene.tif': its real path "
+        f"'{tmp_path}/caf\\xe9/scene.tif' goes through the folder 'caf\\xe9', whose name is "
+        "not valid UTF-8"
     )
     with pytest.raises(ValueError, match=r"^the embedding '.*caf\\xe9/g.tif': its name is not"):
         render_preview(real / "g.tif", tmp_path / "p.png")

@@ -539,6 +539,13 @@ def option_problem(
         return long
     if output_dir is not None and (other := _other_format_problem(os.fspath(output_dir))):
         return other
+    if output_dir is not None:  # (a NAME.tif was refused once the libraries had loaded)
+        from .locks import refuse_undecodable_name
+
+        try:
+            refuse_undecodable_name(output_dir, "-o")
+        except ValueError as err:
+            return str(err)
     if stac is not None and (bbox is None or datetime is None):
         return (
             "--stac needs --bbox MINLON MINLAT MAXLON MAXLAT and --datetime "

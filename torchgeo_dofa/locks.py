@@ -365,15 +365,29 @@ def refuse_undecodable_name(
     Raises:
         error: naming the path (its undecodable bytes as ``\xNN``) and the fix.
     """
-    for text in (os.fspath(path), os.path.realpath(path)):
-        if _is_utf8(text):
-            continue
-        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+    given, real = os.fspath(path), os.path.realpath(path)
+    why = (
+        "is not valid UTF-8 (a name in another encoding, e.g. Latin-1), which the outputs' "
+        "metadata cannot record"
+    )
+    fix = "in UTF-8 (convmv -f latin1 -t utf8 --notest NAME)"
+    if not _is_utf8(given):
         raise error(
-            f"{what} '{shown}': its name is not valid UTF-8 (a name in another encoding, "
-            "e.g. Latin-1), which the outputs' metadata cannot record: rename it in UTF-8 "
-            "(convmv -f latin1 -t utf8 --notest NAME), or choose another name"
+            f"{what} '{_shown_name(given)}': its name {why}: rename it {fix}, or choose "
+            "another name"
         ) from None
+    if not _is_utf8(real):  # through the working folder, or a link
+        folder = next(part for part in Path(real).parts if not _is_utf8(part))
+        raise error(
+            f"{what} '{_shown_name(given)}': its real path '{_shown_name(real)}' goes "
+            f"through the folder '{_shown_name(folder)}', whose name {why}: rename that "
+            f"folder {fix}, or choose a place outside it"
+        ) from None
+
+
+def _shown_name(text: str) -> str:
+    r"""A path's text with its undecodable bytes as ``\xNN``."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 class OutputPathError(ValueError):
