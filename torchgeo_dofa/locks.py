@@ -509,10 +509,10 @@ def signals_deferred() -> Iterator[None]:
     this block the two signals are only recorded; on leaving it the previous handlers are
     put back and each signal received is raised again (:func:`signal.raise_signal`), every one
     in the order received (two Ctrl-Cs stay two), so its handler runs once the block's work is
-    whole. Blocking the signals in the thread
-    (``pthread_sigmask``) would not do: the kernel hands a process's signal to any thread
-    not blocking it (PyTorch's, GDAL's), and Python then runs the handler in the main thread
-    all the same.
+    whole. Blocking the signals in the thread (``pthread_sigmask``) would not do: the kernel
+    hands a process's signal to any thread not blocking it (PyTorch's, GDAL's), and Python
+    then runs the handler in the main thread all the same. Blocks may nest (the inner one
+    hands what it held to the outer one).
 
     In a thread other than the main thread (whose steps no handler interrupts), and for a
     signal whose handler Python did not install (it could not be put back), nothing is held.
