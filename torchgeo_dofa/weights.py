@@ -35,7 +35,7 @@ import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor
@@ -560,7 +560,7 @@ def read_state_dict(path: Path, check_crc: bool = True) -> dict[str, Tensor]:
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        if isinstance(err, OSError) and _is_read_failure(err):  # (the file may be whole)
+        if _is_read_failure(err):  # (the file may be whole)
             raise _read_failed(path, err) from err
         code = _code_globals(path)
         if code:
@@ -851,20 +851,16 @@ def _failed_crc(path: Path, strict: bool = False) -> str | None:
 
     try:  # an error (a damaged directory, or a read failing once) is not remembered
         result = _known_of_file("zip CRC-32", path, compute)
-    except OSError as err:
+    except Exception as err:  # zipfile raises more than BadZipFile on a damaged directory
         if _is_read_failure(err):  # the read failed, not the bytes
             raise _read_failed(path, err) from err
-        if strict:  # (EINVAL: a changed byte in the directory seeking past the file's end)
-            raise
-        return f"({err})"
-    except Exception as err:  # zipfile raises more than BadZipFile on a damaged directory
-        if strict:
+        if strict:  # (also EINVAL: a changed byte in the directory seeking before the start)
             raise
         return f"({err})"
     return None if result is None else str(result)
 
 
-def _is_read_failure(err: BaseException) -> bool:
+def _is_read_failure(err: BaseException) -> TypeGuard[OSError]:
     """Whether ``err`` is a read of the file failing, not a sign of what the file holds.
 
     An ``OSError`` with an ``errno`` (EIO of a failing disk, a network share's timeout or
