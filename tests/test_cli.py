@@ -4451,12 +4451,12 @@ def test_a_signal_once_the_job_has_finished_says_its_outputs_are_written(
     from torchgeo_dofa import locks
 
     noted = locks.note_job_finished
-    recorded: list[str | None] = []
+    recorded: list[bool] = []
 
-    def finished_then_signalled(job: str | None) -> None:
-        noted(job)
-        recorded.append(job)
-        if job is not None:
+    def finished_then_signalled(finished: bool = True) -> None:
+        noted(finished)
+        recorded.append(finished)
+        if finished:
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(locks, "note_job_finished", finished_then_signalled)
@@ -4476,7 +4476,7 @@ def test_a_signal_once_the_job_has_finished_says_its_outputs_are_written(
     assert said == (
         "torchgeo-dofa: SIGTERM once embed had finished: every output is written; nothing to rerun"
     )
-    assert recorded == [None, "embed", None, "predict"]
+    assert recorded == [False, True, False, True]  # each command's start, its job's end
     assert len(gpd.read_parquet(tmp_path / "ftw_s2_l2a_33N_pooled.parquet")) == 6  # whole
     assert len(gpd.read_parquet(config.parent / "p.parquet")) == 6
     monkeypatch.setattr(locks, "note_job_finished", noted)
@@ -4484,13 +4484,13 @@ def test_a_signal_once_the_job_has_finished_says_its_outputs_are_written(
     assert main(args) == 0  # and done: a rerun has nothing left to do
     assert capsys.readouterr().out.startswith("embedded 0 more chips (6 already done)")
     # as a predict --config's stop after its job's handler is gone would say
-    locks.note_job_finished("predict")
+    locks.note_job_finished()
     assert locks.report_ctrl_c(["predict"], signal.SIGINT) == 130
     assert capsys.readouterr().err == (
         "torchgeo-dofa: Ctrl-C once predict had finished: every output is written; nothing "
         "to rerun\n"
     )
-    locks.note_job_finished(None)
+    locks.note_job_finished(False)
 
 
 def test_a_second_ctrl_c_stops_at_once_with_the_interrupted_error(tmp_path) -> None:

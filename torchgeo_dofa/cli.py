@@ -1259,7 +1259,7 @@ def embed(
                 summary.chips += done
                 summary.empty += empty
                 summary.skipped += dm.skipped
-        note_job_finished("embed")  # a signal from here on: said of a finished job
+        note_job_finished()  # a signal from here on: said of a finished job
         if summary.empty and is_launcher():
             kinds = {kind for paths in out_paths for kind in paths}
             where = [
@@ -1831,7 +1831,7 @@ def _lightning_cli(args: Sequence[str] | None) -> None:
                 raise JobInterrupted(stop.received, advice) from None
             raise
         else:  # a prediction says where it wrote (it ended without a word), as embed does
-            note_job_finished(next(iter(sys.argv[1:] if args is None else args), "run"))
+            note_job_finished()
             for trainer in trainers:
                 if trainer.state.fn != TrainerFn.PREDICTING or not trainer.is_global_zero:
                     continue
@@ -2719,7 +2719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from .locks import note_job_finished  # free of PyTorch
 
-    note_job_finished(None)  # (a command run before in this process)
+    note_job_finished(False)  # (a command run before in this process)
     try:
         return _main(argv)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM outside a job's handler (143)

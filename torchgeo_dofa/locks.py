@@ -261,19 +261,19 @@ def stop_advice(command: str | None, began: bool = True, resumable: bool = True)
     return "nothing saved at the stop: rerun the same command"
 
 
-#: The command whose job has written every output, until the command returns (or None).
-_finished_job: list[str | None] = [None]
+#: Whether the command's job has written every output (until the next command begins).
+_finished_job: list[bool] = [False]
 
 
-def note_job_finished(command: str | None) -> None:
-    """Record that ``command``'s job has written every output (None: a command begins).
+def note_job_finished(finished: bool = True) -> None:
+    """Record that the command's job has written every output (False: a command begins).
 
     A Ctrl-C or SIGTERM in the instant between the job's end and the command's return (its
     lock released, its summary printed) was reported as a stop before the job ("embed
     stopped before its first chip: rerun the same command") of a job whose outputs were
     complete; :func:`report_ctrl_c` now says that they are.
     """
-    _finished_job[0] = command
+    _finished_job[0] = finished
 
 
 def report_ctrl_c(argv: Sequence[str] | None, signum: int = signal.SIGINT) -> int:
@@ -294,9 +294,8 @@ def report_ctrl_c(argv: Sequence[str] | None, signum: int = signal.SIGINT) -> in
     """
     command = next(iter(sys.argv[1:] if argv is None else argv), None)
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-    finished = _finished_job[0]
-    if finished is not None:  # (no error: the job's outputs are complete)
-        line = f"{name} once {finished} had finished: every output is written; nothing to rerun"
+    if _finished_job[0]:  # (no error: the job's outputs are complete)
+        line = f"{name} once {command} had finished: every output is written; nothing to rerun"
     elif signum == signal.SIGINT:
         line = f"error: interrupted (Ctrl-C); {stop_advice(command, began=False)}"
     else:
