@@ -526,6 +526,11 @@ class _Stopped(KeyboardInterrupt):
     """What the command's SIGTERM handler raises (``Terminated``), wherever the thread is."""
 
 
+def _raise_stopped(signum: int, frame: object) -> None:
+    """A signal handler raising as the command's SIGTERM handler does."""
+    raise _Stopped
+
+
 def _signal_at(step: int, call: Any, signum: int = signal.SIGTERM) -> bool:
     """Run ``call()``, sending ``signum`` at the ``step``-th line Python runs in it (its
     libraries' lines too); whether it was sent. The signal's handler runs at once there."""
@@ -647,11 +652,6 @@ def test_a_signal_at_any_step_of_taking_or_giving_back_the_lock_leaves_it_whole_
     folder, no lock file, no open file, a new lock taken at once)."""
     import itertools
 
-    def stop(signum: int, frame: object) -> None:
-        raise _Stopped
-
-    signal_at = _signal_at
-
     def gone(root: Path) -> None:
         assert not root.exists()
         assert not OutputLock._held and not OutputLock._holders
@@ -661,16 +661,16 @@ def test_a_signal_at_any_step_of_taking_or_giving_back_the_lock_leaves_it_whole_
         (root / "out").rmdir()
         root.rmdir()
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
     handlers: dict[int, Any] = {
         signal.SIGINT: signal.getsignal(signal.SIGINT),
-        signal.SIGTERM: stop,
+        signal.SIGTERM: _raise_stopped,
     }
     try:
         for step in itertools.count(1):  # taking it
             lock = OutputLock(tmp_path / f"take{step}" / "out")
             try:
-                sent = signal_at(step, lock.acquire)
+                sent = _signal_at(step, lock.acquire)
             except _Stopped:
                 _handlers_put_back(handlers)
                 assert not lock.held
@@ -684,7 +684,7 @@ def test_a_signal_at_any_step_of_taking_or_giving_back_the_lock_leaves_it_whole_
             lock = OutputLock(tmp_path / f"give{step}" / "out")
             lock.acquire()
             with contextlib.suppress(_Stopped):
-                if not signal_at(step, lambda: lock.release(remove=True)):  # noqa: B023
+                if not _signal_at(step, lambda: lock.release(remove=True)):  # noqa: B023
                     break
                 raise AssertionError("the signal sent while releasing did not stop it")
             _handlers_put_back(handlers)
@@ -728,11 +728,8 @@ def test_a_stop_the_instant_the_lock_is_taken_leaves_nothing(
                 os.kill(os.getpid(), signal.SIGTERM)
             return parts_dir(path)
 
-        def stopping(signum: int, frame: object) -> None:
-            raise _Stopped
-
         monkeypatch.setattr(torchgeo_dofa.writers, "parts_dir", parts_dir_then_signalled)
-        previous = signal.signal(signal.SIGTERM, stopping)
+        previous = signal.signal(signal.SIGTERM, _raise_stopped)
     out = tmp_path / "new" / "out"
     if door.startswith("embed"):
         from torchgeo_dofa.cli import embed
