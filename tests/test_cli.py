@@ -3781,6 +3781,32 @@ def test_multidate_stack_without_descriptions_embeds_one_date(
     assert (tmp_path / "d2.parquet").is_file()  # --output both: the sibling table
 
 
+def test_bands_of_two_dates_are_refused_before_anything_is_written(tmp_path, capsys) -> None:
+    """helper-135: ``--bands B4 B3 B2 B8_1`` (a forgotten ``_1``, or one too many) embedded
+    the first date's visible bands with the second date's near infrared, an image never
+    acquired, exit 0; only two dates of one band (``B4 B4_1``) were refused."""
+    out = tmp_path / "out"
+    named = ["--file-bands", "B4", "B3", "B2", "B8_1"]
+    common = ["--weights", "none", "--no-progress", "-o", str(out)]
+    assert main(["embed", str(SCENE), *named, "--bands", "B4", "B3", "B2", "B8_1", *common]) == 2
+    assert capsys.readouterr().err.endswith(
+        "torchgeo-dofa: error: --bands B4 B3 B2 B8_1 mix the dates of a multi-date stack (B4, "
+        "B3, B2 of the first date; B8_1 of date _1): DOFA embeds one date at a time, every "
+        "band from it (Earth Engine names a later date's copy of B4 as B4_1, B4_2, ...). "
+        "Select one date, e.g. --bands B4 B3 B2 B8 or --bands B4_1 B3_1 B2_1 B8_1\n"
+    )
+    assert not out.exists()
+    # two later dates, other bands beside them unchecked (they carry no date)
+    bands = ["B4_2", "B3_2", "VV", "B8_1"]
+    assert main(["embed", str(SCENE), "--file-bands", *bands, "--bands", *bands, *common]) == 2
+    assert capsys.readouterr().err.endswith(
+        "(B4_2, B3_2 of date _2; B8_1 of date _1): DOFA embeds one date at a time, every band "
+        "from it (Earth Engine names a later date's copy of B4 as B4_1, B4_2, ...). Select one "
+        "date, e.g. --bands B4_2 B3_2 VV B8_2 or --bands B4_1 B3_1 VV B8_1\n"
+    )
+    assert not out.exists()
+
+
 def _write_one_chip_scene(
     path: Path,
     data: np.ndarray,

@@ -3677,31 +3677,62 @@ class BandSetBatchSampler(Sampler[list[Any]]):
 
 
 def refuse_repeated_bands(bands: Sequence[str]) -> None:
-    """Refuse a band set holding two dates of one band (``B4`` and ``B4_1``) for DOFA.
+    """Refuse a band set holding more than one date of a multi-date stack, for DOFA.
 
-    The datasets read such sets (a time series of your own model); DOFA embeds one image, in
-    which two dates of a band would be two channels of one wavelength.
+    Two kinds: two dates of one band (``B4`` and ``B4_1``), and bands of different dates
+    (``B4, B3, B2`` of the first date with ``B8_1`` of the second: a forgotten suffix). The
+    datasets read such sets (a time series of your own model); DOFA embeds one image, in
+    which two dates of a band would be two channels of one wavelength, and bands of two dates
+    an image that was never acquired. Only Sentinel-2 names carry a date (Earth Engine's
+    ``_1``, ``_2`` suffixes, :func:`~torchgeo_dofa.bands.split_date_copy`); other bands
+    (``VV``, your own) are not checked.
 
     Args:
         bands: band names in channel order.
 
     Raises:
-        BandError: naming the repeated bands and how to select one date.
+        BandError: naming the repeated bands, or each date's bands, and how to select one
+            date.
     """
     seen: dict[str, list[str]] = {}
     for band, base in zip(bands, [date_copy_base(b) for b in bands], strict=True):
         seen.setdefault(base, []).append(band)
     repeated = {base: names for base, names in seen.items() if len(names) > 1}
-    if not repeated:
+    if repeated:
+        listing = "; ".join(f"{base}: {', '.join(names)}" for base, names in repeated.items())
+        first = [names[0] for names in seen.values()]
+        later = [names[1] if len(names) > 1 else names[0] for names in seen.values()]
+        raise BandError(
+            f"bands={list(bands)} repeat the wavelength of a band ({listing}): these are "
+            "several dates of one band (Earth Engine's B4, B4_1, ...), and DOFA embeds one "
+            f"date at a time. Select one date, e.g. bands=[{', '.join(first)}] or "
+            f"bands=[{', '.join(later)}]"
+        )
+    dates: dict[str | None, list[str]] = {}  # date suffix (None: the first date) -> bands
+    for band in bands:
+        base, suffix = split_date_copy(band)
+        if base in SENTINEL2_BANDS:
+            dates.setdefault(suffix, []).append(band)
+    if len(dates) < 2:
         return
-    listing = "; ".join(f"{base}: {', '.join(names)}" for base, names in repeated.items())
-    first = [names[0] for names in seen.values()]
-    later = [names[1] if len(names) > 1 else names[0] for names in seen.values()]
+    listing = "; ".join(
+        f"{', '.join(names)} of {'the first date' if suffix is None else f'date _{suffix}'}"
+        for suffix, names in dates.items()
+    )
+
+    def of_date(suffix: str | None) -> str:
+        """The bands, the Sentinel-2 ones all of the date ``suffix``."""
+        names = [
+            (base + (f"_{suffix}" if suffix else "")) if base in SENTINEL2_BANDS else band
+            for band, base in zip(bands, [date_copy_base(b) for b in bands], strict=True)
+        ]
+        return f"bands=[{', '.join(names)}]"
+
+    options = [of_date(suffix) for suffix in list(dates)[:2]]
     raise BandError(
-        f"bands={list(bands)} repeat the wavelength of a band ({listing}): these are "
-        "several dates of one band (Earth Engine's B4, B4_1, ...), and DOFA embeds one date "
-        f"at a time. Select one date, e.g. bands=[{', '.join(first)}] or "
-        f"bands=[{', '.join(later)}]"
+        f"bands={list(bands)} mix the dates of a multi-date stack ({listing}): DOFA embeds "
+        "one date at a time, every band from it (Earth Engine names a later date's copy of "
+        f"B4 as B4_1, B4_2, ...). Select one date, e.g. {options[0]} or {options[1]}"
     )
 
 
