@@ -1309,10 +1309,21 @@ def test_bands_left_out_of_the_default_choice_are_named(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert Sentinel2SR(alpha).bands == ("B2", "B3", "B4")
-    stack = _described_tif(tmp_path / "ee" / "stack.tif", ["B4", "B2", "B4_1", "B2_1", "QA60"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # Earth Engine's second date and QA band: no warning
+    stack = _described_tif(
+        tmp_path / "ee" / "stack.tif", ["B4", "B2", "B4_1", "B2_1", "QA60", "B4_2", "B2_2"]
+    )
+    # Earth Engine's later dates are named (helper-135: a monthly stack embedded its first
+    # month without a word), its QA band is not (no reflectance to embed)
+    with pytest.warns(UserWarning) as caught:
         assert Sentinel2SR(stack).bands == ("B2", "B4")
+    assert [str(w.message) for w in caught] == [
+        "Sentinel2SR: the files hold 2 later date(s) of their bands (B4_1 ... B2_2), which the "
+        "default bands ['B2', 'B4'], the first date's, leave out: DOFA embeds one date at a "
+        "time; select another by its band names, e.g. bands=[B2_1, B4_1]"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a date selected: nothing left out unsaid
+        assert Sentinel2SR(stack, bands=["B4_2", "B2_2"]).bands == ("B4_2", "B2_2")
     for i in range(3):  # several such files: one warning, not one each
         _described_tif(tmp_path / "many" / f"t{i}.tif", ["B4", "", "B2"], x0=500000 + 160 * i)
     with pytest.warns(UserWarning) as caught:

@@ -901,6 +901,8 @@ class Sentinel2Base(RasterDataset):
         self.all_bands = self.bands
         if file_bands is not None and bands is None:
             self._warn_unused_file_bands(file_bands, scenes)
+        elif bands is None:
+            self._warn_other_dates(scenes)
         base_names = [date_copy_base(b) for b in self.bands]
         try:
             self.wavelengths: Tensor = resolve_wavelengths(
@@ -1485,6 +1487,34 @@ class Sentinel2Base(RasterDataset):
             f"default bands {list(self.bands)} leave out (DOFA's 9 bands where present, else "
             "the Sentinel-2 bands every scene shares; another date's copies and other bands "
             "only when asked for): name them in bands=[...] to read them",
+            UserWarning,
+        )
+
+    def _warn_other_dates(self, scenes: list[_Scene]) -> None:
+        """Warn of the later dates of a described multi-date stack that the default leaves out.
+
+        An Earth Engine stack described ``B4 ... B12, B4_1 ... B12_1, ...`` embedded its first
+        date alone without a word (``file_bands=`` naming the same bands was warned of, by
+        :meth:`_warn_unused_file_bands`). Once, naming the dates and how to select one.
+        """
+        later = list(
+            dict.fromkeys(
+                name
+                for scene in scenes
+                for name in scene.names
+                if split_date_copy(name)[1] is not None and name not in self._left_out_told
+            )
+        )
+        if not later:
+            return
+        self._left_out_told.update(later)
+        dates = sorted({cast(str, split_date_copy(n)[1]) for n in later}, key=int)
+        example = [f"{b}_{dates[0]}" if b in SENTINEL2_BANDS else b for b in self.bands]
+        warn(
+            f"{self.__class__.__name__}: the files hold {len(dates)} later date(s) of their "
+            f"bands ({later[0]} ... {later[-1]}), which the default bands {list(self.bands)}, "
+            "the first date's, leave out: DOFA embeds one date at a time; select another by "
+            f"its band names, e.g. bands=[{', '.join(example)}]",
             UserWarning,
         )
 
