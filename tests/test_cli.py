@@ -3807,6 +3807,36 @@ def test_bands_of_two_dates_are_refused_before_anything_is_written(tmp_path, cap
     assert not out.exists()
 
 
+def test_list_options_take_comma_separated_values(tmp_path, capsys) -> None:
+    """helper-135: ``--bands B4,B3,B2`` was one band named ``B4,B3,B2`` ("not found"), and
+    ``--file-bands B4,B3,B2,B8`` a name refused with a hint to write ``B4``; GDAL and many
+    tools write lists so. Read as the same bands as ``B4 B3 B2``, ``B4, B3, B2`` too."""
+    common = ["--weights", "none", "--no-progress", "--output", "pooled", "--seed", "1"]
+    runs = {
+        "spaced": ["--bands", "B4", "B3", "B2"],
+        "commas": ["--file-bands", "B4, B3,", "B2", "B8", "--bands", "B4,B3,B2"],
+    }
+    tables = {}
+    for name, args in runs.items():
+        assert main(["embed", str(SCENE), *args, *common, "-o", str(tmp_path / name)]) == 0
+        tables[name] = gpd.read_parquet(tmp_path / name / "ftw_s2_l2a_33N_pooled.parquet")
+    assert tables["commas"].attrs["bands"] == tables["spaced"].attrs["bands"]
+    assert json.loads(tables["commas"].attrs["bands"]) == ["B4", "B3", "B2"]
+    np.testing.assert_array_equal(
+        np.stack(tables["commas"].embedding), np.stack(tables["spaced"].embedding)
+    )
+    capsys.readouterr()
+    for args, error in [
+        (["--wavelengths", "0.6,x"], "argument --wavelengths: invalid float value: 'x'"),
+        (["--bands", ","], "argument --bands: expected at least one value, not commas alone"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["embed", str(SCENE), *args, *common, "-o", str(tmp_path / "bad")])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(error)
+    assert not (tmp_path / "bad").exists()
+
+
 def _write_one_chip_scene(
     path: Path,
     data: np.ndarray,

@@ -1401,18 +1401,25 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--file-bands",
         nargs="+",
+        action=_ListOption,
         default=None,
         metavar="BAND",
         help="names of the bands of files without band descriptions, in file order; a "
         "second date as B4_1 (e.g. B4 B3 B2 B8 B4_1 B3_1 B2_1 B8_1)",
     )
     e.add_argument(
-        "--bands", nargs="+", default=None, metavar="BAND", help="bands to embed, in order"
+        "--bands",
+        nargs="+",
+        action=_ListOption,
+        default=None,
+        metavar="BAND",
+        help="bands to embed, in order (B4 B3 B2 or B4,B3,B2)",
     )
     e.add_argument(
         "--wavelengths",
         nargs="+",
-        type=float,
+        action=_ListOption,
+        convert=float,
         default=None,
         metavar="UM",
         help="centre wavelength (um) of each band, for bands that are not Sentinel-2's (their "
@@ -1421,7 +1428,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--mean",
         nargs="+",
-        type=float,
+        action=_ListOption,
+        convert=float,
         default=None,
         metavar="M",
         help="normalisation mean of each band on DOFA's 0..255 scale (reflectance / 10000 x "
@@ -1430,7 +1438,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--std",
         nargs="+",
-        type=float,
+        action=_ListOption,
+        convert=float,
         default=None,
         metavar="S",
         help="normalisation standard deviation of each band, same scale; with --mean",
@@ -1527,6 +1536,43 @@ def _count(least: int, most: int = 2**31 - 1) -> Callable[[str], int]:
         return number
 
     return count
+
+
+class _ListOption(argparse.Action):
+    """A list option's values, given apart or comma-separated (``B4 B3`` or ``B4,B3``).
+
+    ``--bands B4,B3,B2`` was one band named ``B4,B3,B2`` (refused as not found), and
+    ``--wavelengths 0.665,0.56`` an invalid float; GDAL's and many tools' lists are
+    comma-separated, so both spellings are read (``B4, B3`` too). Each item is converted by
+    ``convert``.
+    """
+
+    def __init__(
+        self, option_strings: Sequence[str], dest: str, convert: Callable[[str], Any] = str,
+        **kwargs: Any,
+    ) -> None:  # fmt: skip
+        self.convert = convert
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        parts = [part.strip() for value in values or () for part in str(value).split(",")]
+        items = [part for part in parts if part]  # "B4, B3, B2" too: its tokens end in ","
+        if not items:
+            raise argparse.ArgumentError(self, "expected at least one value, not commas alone")
+        converted = []
+        for item in items:
+            try:
+                converted.append(self.convert(item))
+            except ValueError:
+                name = getattr(self.convert, "__name__", "")
+                raise argparse.ArgumentError(self, f"invalid {name} value: {item!r}") from None
+        setattr(namespace, self.dest, converted)
 
 
 def _lowercase(value: str) -> str:
