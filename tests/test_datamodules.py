@@ -657,3 +657,36 @@ def test_a_eurosat_download_that_fails_is_one_line_and_leaves_no_folder(tmp_path
 
     with pytest.raises(DatasetNotFoundError):
         RefusedModule(root=root).setup("fit")
+
+
+def test_a_stride_beyond_the_chip_size_is_warned_of_and_the_configs_keep_chips_edge_to_edge() -> (
+    None
+):
+    """helper-136: the predict configs fixed ``stride: 224``; trained on 64-px chips, a user
+    gave ``patch_size: 64`` and 89% of the class map stayed no-data (a 224-px stride between
+    64-px chips), exit 0 without a word. The configs now leave the stride to the chip size,
+    and a stride beyond it is warned of."""
+    import yaml
+
+    from tests.scenes import SCENE
+
+    configs = Path(__file__).resolve().parents[1] / "torchgeo_dofa" / "configs"
+    with rasterio.open(SCENE) as src:  # 578 x 379 px
+        width, height = src.width, src.height
+    for name in ["predict_grid", "predict_classification", "predict_segmentation"]:
+        data = yaml.safe_load((configs / f"{name}.yaml").read_text())["data"]["init_args"]
+        data |= {"paths": str(SCENE), "patch_size": 64, "preprocess": False}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            dm = DOFAPredictDataModule(**data)
+        dm.setup("predict")
+        # chips edge to edge over the whole raster: TorchGeo's grid, its last chips at the edges
+        chips = sum(len(b["image"]) for b in dm.predict_dataloader())
+        assert chips == -(-width // 64) * -(-height // 64), name
+    with pytest.warns(UserWarning) as caught:
+        DOFAPredictDataModule(SCENE, patch_size=64, stride=224)
+    assert [str(w.message) for w in caught] == [
+        "the stride of 224 px is larger than the chip size of 64 px: 92% of the raster, "
+        "between the chips, is never read (a map keeps no-data there, a table has no rows "
+        "for it); give a stride of at most 64 px, or none (the chip size: chips edge to edge)"
+    ]

@@ -852,6 +852,15 @@ class DOFAPredictDataModule(GeoDataModule):
             _check_whole("stride", stride, 1)
         if roi_sampling not in ("grid", "whole"):
             raise ValueError(f"roi_sampling must be 'grid' or 'whole', got {roi_sampling!r}")
+        if stride is not None and stride > patch_size and points is None and roi_sampling == "grid":
+            # helper-136: the predict configs' stride 224 under patch_size 64 read 11% of a map
+            _warnings.warn(
+                f"the stride of {stride} px is larger than the chip size of {patch_size} px: "
+                f"{1 - (patch_size / stride) ** 2:.0%} of the raster, between the chips, is "
+                "never read (a map keeps no-data there, a table has no rows for it); give a "
+                f"stride of at most {patch_size} px, or none (the chip size: chips edge to edge)",
+                UserWarning,
+            )
         if input_prep not in INPUT_PREPS:
             raise ValueError(f"input_prep must be one of {list(INPUT_PREPS)}, got {input_prep!r}")
         if kwargs.get("time_series"):
