@@ -473,6 +473,37 @@ def test_intersection_with_labels_and_shared_bands(tmp_path: Path) -> None:
         Sentinel2SR(tmp_path / "a", bands=["B4", "B3"]) & series
 
 
+def test_polygon_labels_of_a_vector_dataset_pair_with_the_image(tmp_path: Path) -> None:
+    """helper-136: ``Sentinel2SR(...) & VectorDataset(...)`` (TorchGeo's polygon labels) was
+    refused as an image "without band names and wavelengths": a VectorDataset has no
+    ``is_image``. It is a label dataset: its rasterised polygons are the sample's mask."""
+    import geopandas as gpd
+    from shapely.geometry import box
+    from torchgeo.datasets import VectorDataset
+
+    _pair(tmp_path)
+    shapes = gpd.GeoDataFrame(
+        {"cls": [2, 1]},
+        geometry=[  # on pixel edges: rows 10-19 x columns 5-14, rows 0-3 x columns 20-31
+            box(X0 + 50, Y0 - 200, X0 + 150, Y0 - 100),
+            box(X0 + 200, Y0 - 40, X0 + 320, Y0),
+        ],
+        crs=CRS,
+    )
+    (tmp_path / "vec").mkdir()
+    shapes.to_file(tmp_path / "vec" / "fields.geojson")
+    labels = VectorDataset(tmp_path / "vec", crs=shapes.crs, res=10.0, label_name="cls")
+    ds = Sentinel2SR(tmp_path / "a", bands=["B4", "B3"]) & labels
+    sample = whole(ds)
+    expected = np.zeros((N, N), np.int64)
+    expected[10:20, 5:15] = 2
+    expected[0:4, 20:32] = 1
+    assert sample["image"].shape == (2, N, N)
+    np.testing.assert_array_equal(sample["mask"].numpy().squeeze(), expected)
+    with pytest.raises(BandError, match="mosaics image datasets of the same bands"):
+        Sentinel2SR(tmp_path / "a", bands=["B4", "B3"]) | labels
+
+
 def test_float_labels_of_fractions_are_refused_and_of_whole_values_read(tmp_path: Path) -> None:
     """A float label raster of 0.7 and 1.5 trained as classes 0 and 1 without a word
     (TorchGeo reads a mask as integers, truncating). ``image & labels`` now refuses it,

@@ -122,6 +122,7 @@ from torchgeo.datasets import (
     NonGeoClassificationDataset,
     RasterDataset,
     UnionDataset,
+    VectorDataset,
 )
 from torchgeo.datasets.errors import DatasetNotFoundError
 from torchgeo.datasets.utils import GeoSlice, Path, Sample, disambiguate_timestamp
@@ -2660,6 +2661,16 @@ def _s2_order(names: Iterable[str]) -> list[str]:
 # ---------------------------------------------------------------------- composition
 
 
+def _is_label_dataset(dataset: GeoDataset) -> bool:
+    """Whether ``dataset`` gives labels, not an image.
+
+    A ``RasterDataset`` with ``is_image=False``, or a TorchGeo ``VectorDataset`` (polygons
+    rasterised to a ``mask``, or boxes; it has no ``is_image``: helper-136 saw it refused as
+    an image without bands).
+    """
+    return isinstance(dataset, VectorDataset) or not getattr(dataset, "is_image", True)
+
+
 def _member_bands(dataset: GeoDataset) -> tuple[tuple[str, ...], Tensor] | None:
     """(bands, wavelengths) of a member that carries them, None for a label dataset.
 
@@ -2670,10 +2681,10 @@ def _member_bands(dataset: GeoDataset) -> tuple[tuple[str, ...], Tensor] | None:
     wavelengths = getattr(dataset, "wavelengths", None)
     if isinstance(wavelengths, Tensor) and bands is not None:
         return tuple(str(b) for b in bands), wavelengths
-    if not getattr(dataset, "is_image", True):
+    if _is_label_dataset(dataset):
         return None
     members = getattr(dataset, "datasets", None)
-    if members and all(not getattr(d, "is_image", True) for d in members):
+    if members and all(_is_label_dataset(d) for d in members):
         raise BandError(
             f"label datasets combined with `{'|' if isinstance(dataset, UnionDataset) else '&'}`"
             f" ({type(dataset).__name__}) cannot be a member of `&` (TorchGeo merges or stacks "
@@ -2685,7 +2696,7 @@ def _member_bands(dataset: GeoDataset) -> tuple[tuple[str, ...], Tensor] | None:
         f"{type(dataset).__name__} carries no band names and wavelengths, so DOFA cannot "
         "tell what its channels are: combine Sentinel2SR / EarthEngineS2 datasets (or "
         "DOFAIntersectionDataset / DOFAUnionDataset of them), or label datasets "
-        "(is_image=False) with `&`"
+        "(is_image=False, or TorchGeo's VectorDataset) with `&`"
     )
 
 
