@@ -3807,6 +3807,28 @@ def test_bands_of_two_dates_are_refused_before_anything_is_written(tmp_path, cap
     assert not out.exists()
 
 
+def test_a_sentinel2_product_asked_for_as_a_band_is_named_as_such(tmp_path, capsys) -> None:
+    """helper-135: ``--bands B4 B3 B2 SCL`` was told to pass ``--wavelengths`` for SCL (which
+    would embed class codes as reflectance), or that SCL was not found, where the file of a
+    folder holding it is left out on purpose."""
+    out = tmp_path / "out"
+    common = ["--weights", "none", "--no-progress", "-o", str(out)]
+    product = (
+        "is a Sentinel-2 product (scene classes, quality or cloud masks, aerosol or water "
+        "vapour, a true-colour preview), not reflectance, which DOFA embeds (it has no "
+        "wavelength for it): leave it out of --bands; to leave pixels out, give --nodata or a "
+        "mask or alpha band in the files\n"
+    )
+    named = ["--file-bands", "B4", "B3", "B2", "SCL", "--bands", "B4", "B3", "B2", "SCL"]
+    assert main(["embed", str(SCENE), *named, *common]) == 2
+    assert capsys.readouterr().err.endswith(f"torchgeo-dofa: error: SCL {product}")
+    assert main(["embed", str(SCENE), "--bands", "B4", "B3", "QA60", *common]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"band(s) ['QA60'] not found in {SCENE} (it has ['B4', 'B3', 'B2', 'B8']); QA60 {product}"
+    )
+    assert not out.exists()
+
+
 def test_list_options_take_comma_separated_values(tmp_path, capsys) -> None:
     """helper-135: ``--bands B4,B3,B2`` was one band named ``B4,B3,B2`` ("not found"), and
     ``--file-bands B4,B3,B2,B8`` a name refused with a hint to write ``B4``; GDAL and many

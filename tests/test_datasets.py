@@ -592,8 +592,14 @@ def test_earth_engine_suffixed_and_non_spectral_bands_are_selectable() -> None:
     sources = [(tile, fx.EE_DESCRIPTIONS.index("B4_1") + 1), (tile, 4)]
     check_sample(sample["image"], sample["valid"], sample["bounds"], [SceneSpec(sources)])
 
-    with pytest.raises(BandError, match=r"wavelengths=\["):
+    # a product is no spectral band: named so (it was told to give its wavelength), and
+    # read where the wavelengths are given (a model of your own)
+    with pytest.raises(BandError, match=r"^QA60 is a Sentinel-2 product .* leave it out of "):
         EarthEngineS2(DATA / "ee", bands=["QA60", "B4"])
+    assert EarthEngineS2(DATA / "ee", bands=["QA60", "B4"], wavelengths=[1, 0.665]).bands == (
+        "QA60",
+        "B4",
+    )
     # VV takes DOFA v1's Sentinel-1 placeholder wavelength, as the sentinel1 preset does
     sar = EarthEngineS2(DATA / "ee", bands=["VV", "B4"])
     torch.testing.assert_close(sar.wavelengths, torch.tensor([3.75, 0.665]))

@@ -912,6 +912,9 @@ class Sentinel2Base(RasterDataset):
                 num_channels=len(self.bands),
             )
         except BandError as err:
+            products = self._products(self.bands)
+            if wavelengths is None and products:  # no wavelength to give them: not spectral
+                raise BandError(self._products_problem(products)) from err
             # the dataset's own hint replaces the transforms' one (a CLI user sees options)
             problem = str(err).removesuffix(f"; {WAVELENGTH_HINT}")
             raise BandError(
@@ -1577,6 +1580,31 @@ class Sentinel2Base(RasterDataset):
                 UserWarning,
             )
 
+    def _products(self, names: Iterable[str]) -> list[str]:
+        """The names among ``names`` of Sentinel-2 products that are no reflectance band.
+
+        Those :attr:`ancillary_regex` matches: ``SCL``, ``QA60``, ``AOT``, ``WVP``, ``TCI``,
+        cloud and snow masks and probabilities.
+        """
+        ancillary = re.compile(self.ancillary_regex, re.IGNORECASE)
+        return [name for name in names if ancillary.search(name)]
+
+    def _products_problem(self, products: Sequence[str]) -> str:
+        """Why the products asked for as bands are refused, and the fix.
+
+        helper-135: ``SCL`` in ``bands=`` was told to give its wavelength, or not found, as
+        if a spectral band.
+        """
+        one = len(products) == 1
+        it, kind = ("it", "is a Sentinel-2 product") if one else ("them", "are Sentinel-2 products")
+        return (
+            f"{', '.join(products)} {kind} (scene classes, quality or cloud masks, aerosol or "
+            "water vapour, a true-colour preview), not reflectance, which DOFA embeds (it has "
+            f"no wavelength for {it}): "
+            f"leave {it} out of bands=; to leave pixels out, give nodata= or a mask or alpha "
+            "band in the files"
+        )
+
     def _select(self, scenes: list[_Scene], bands: Sequence[str] | None) -> tuple[str, ...]:
         """Choose the output bands and each scene's (file, band index) per channel."""
         if bands is None:
@@ -1645,13 +1673,18 @@ class Sentinel2Base(RasterDataset):
                 folded.setdefault(name.casefold(), source)
             missing = [b for b in chosen if b not in lookup and b.casefold() not in folded]
             if missing:
+                products = self._products(missing)
                 raise BandError(
                     f"band(s) {missing} not found in {scene.key} (it has {scene.names}); "
-                    "choose bands= among those, or check the band descriptions"
                     + (
-                        " (file_bands=[...] renames a file's bands, all of them in file order)"
-                        if scene.layout == "multiband" and not scene.named_by_bands
-                        else ""
+                        self._products_problem(products)
+                        if products
+                        else "choose bands= among those, or check the band descriptions"
+                        + (
+                            " (file_bands=[...] renames a file's bands, all of them in file order)"
+                            if scene.layout == "multiband" and not scene.named_by_bands
+                            else ""
+                        )
                     )
                 )
             scene.selected = [lookup.get(b) or folded[b.casefold()] for b in chosen]
