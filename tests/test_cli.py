@@ -3807,6 +3807,28 @@ def test_bands_of_two_dates_are_refused_before_anything_is_written(tmp_path, cap
     assert not out.exists()
 
 
+def test_a_region_failing_after_another_names_the_outputs_kept(tmp_path, capsys) -> None:
+    """helper-135: a job of two inputs whose second was refused while its chips were read
+    exited 2 with the first input's outputs in the folder and not a word of them."""
+    with rasterio.open(SCENE) as src:
+        data = src.read().astype(np.float32) / 10000  # already scaled, but for an outlier
+    data[0, :40, :40] = 7.0  # passes the job's check; a chip without it is refused as read
+    outlier = _write_scene_variant(tmp_path / "outlier.tif", data, dtype="float32", nodata=None)
+    out = tmp_path / "out"
+    args = [str(SCENE), str(outlier), "-o", str(out), "--weights", "none", "--no-progress"]
+    assert main(["embed", *args, "--output", "pooled"]) == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("torchgeo-dofa: error: outlier.tif, the chip "), line
+    assert line.endswith(
+        "(the outputs of the 1 region(s) before it are finished and kept: "
+        "ftw_s2_l2a_33N_pooled.parquet; a rerun of the same command skips them)"
+    ), line
+    assert (out / "ftw_s2_l2a_33N_pooled.parquet").is_file()
+    # the first region failing: nothing before it to name
+    assert main(["embed", str(outlier), "-o", str(tmp_path / "alone"), *args[4:]]) == 2
+    assert "region(s) before it" not in capsys.readouterr().err
+
+
 def test_a_sentinel2_product_asked_for_as_a_band_is_named_as_such(tmp_path, capsys) -> None:
     """helper-135: ``--bands B4 B3 B2 SCL`` was told to pass ``--wavelengths`` for SCL (which
     would embed class codes as reflectance), or that SCL was not found, where the file of a

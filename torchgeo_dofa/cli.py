@@ -1088,6 +1088,8 @@ def embed(
         checking.close()
         raise
     started = fresh = failed = False
+    finished: list[Path] = []  # the outputs of the regions the job has done, when one fails
+    finished_regions = 0
     try:
         # the lock first, so a second job on the folder fails before loading anything; a job
         # refused during validation leaves no folder behind. Taken inside the block whose
@@ -1205,6 +1207,8 @@ def embed(
             for index, (region, dm, paths, subset) in enumerate(
                 zip(regions, modules, out_paths, point_sets, strict=True)
             ):
+                finished = [p for done_paths in out_paths[:index] for p in done_paths.values()]
+                finished_regions = index
                 stop.raise_if_received()
                 stop.final = index == len(regions) - 1  # no check after the last region's
                 writers: list[GridWriter | PooledWriter] = []
@@ -1276,8 +1280,16 @@ def embed(
                 f"{', '.join(where)}",
                 UserWarning,
             )
-    except BaseException:
+    except BaseException as err:
         failed = True
+        if finished and isinstance(err, Exception) and not isinstance(err, JobInterrupted):
+            # helper-135: a job failing at its second region exited 2 with its first
+            # region's outputs in the folder and not a word of them
+            names = ", ".join(p.name for p in finished)
+            err.add_note(
+                f"the outputs of the {finished_regions} region(s) before it "
+                f"are finished and kept: {names}; a rerun of the same command skips them"
+            )
         raise
     finally:
         # a second Ctrl-C or SIGTERM while the job unwinds from a first is held back until
@@ -2983,7 +2995,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except (JobError, OutputWriteError) as err:
         if is_launcher() or not isinstance(err, JobInterrupted):  # one line per job, not rank
             line = cli_hints(str(err)) if isinstance(err, LoaderWorkerError) else str(err)
-            print(f"torchgeo-dofa: error: {line}", file=sys.stderr)
+            print(f"torchgeo-dofa: error: {_with_notes(line, err)}", file=sys.stderr)
         return int(getattr(err, "exit_status", 1))
     except (InputError, BandError, CheckpointError, ValueError, OSError) as err:
         if isinstance(err, OSError) and _stdout_unwritable():
@@ -3280,8 +3292,23 @@ def error_line(err: BaseException) -> str:
     lines = text.strip().splitlines()
     if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
         last = lines[-1]  # "torchgeo_dofa.datasets.InputError: cannot read ..."
-        return last.split(": ", 1)[1] if ": " in last else last
-    return text
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return _with_notes(text, err)
+
+
+def _with_notes(text: str, err: BaseException) -> str:
+    """``text`` followed by the error's notes (``add_note``), each in parentheses.
+
+    ``embed`` notes the outputs of the regions finished before a region that failed.
+
+    Args:
+        text: the error's message as shown.
+        err: the error.
+
+    Returns:
+        The line to print.
+    """
+    return text + "".join(f" ({note})" for note in getattr(err, "__notes__", ()))
 
 
 def _res_value(text: str) -> float:
