@@ -2470,3 +2470,45 @@ def test_an_esa_file_name_of_a_day_that_does_not_exist_is_undated(tmp_path: Path
         assert sorted(ds.bands) == ["B2", "B3", "B4"]
         sample = ds[next(iter(GriddedPatchSampler(ds, size=16, stride=16)))]
         assert sample["image"].shape[0] == 3
+
+
+def test_pixels_square_in_degrees_but_not_on_the_ground_are_warned_of(tmp_path: Path) -> None:
+    """helper-135: an Earth Engine export in EPSG:4326 at 48 N (8.983e-5 degree pixels, 10 m
+    north-south, 6.7 m east-west) was embedded in chips covering 1.5x more ground north-south
+    than east-west, without a word; near the equator the same pixels are square enough."""
+    deg = 8.983152841195214e-05  # Earth Engine's 10 m at the equator, in degrees
+    for name, lat, lon in [("north", 48.3, 14.5), ("equator", 3.0, 14.5)]:
+        path = tmp_path / name / "s2.tif"
+        path.parent.mkdir()
+        with rasterio.open(
+            path, "w", driver="GTiff", width=32, height=32, count=3, dtype="uint16",
+            crs="EPSG:4326", transform=Affine(deg, 0, lon, 0, -deg, lat),
+        ) as dst:  # fmt: skip
+            dst.write(np.full((3, 32, 32), 1500, np.uint16))
+            dst.descriptions = ("B4", "B3", "B2")
+        if name == "equator":
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                Sentinel2SR(path.parent)
+            continue
+        with pytest.warns(UserWarning) as caught:
+            Sentinel2SR(path.parent)
+        # an independent ground size: the geodesic length of one pixel's sides
+        from pyproj import Geod
+
+        geod = Geod(ellps="WGS84")
+        x_m = geod.inv(lon, lat, lon + deg, lat)[2]
+        y_m = geod.inv(lon, lat, lon, lat - deg)[2]
+        (message,) = [str(w.message) for w in caught]
+        found = re.fullmatch(
+            r"Sentinel2SR: the pixels are 8\.98315e-05 x 8\.98315e-05 degrees \(x by y\), about "
+            r"(\S+) x (\S+) m on the ground at latitude 48\.3: a chip of N x N pixels covers a "
+            r"ground area stretched by (\S+)x, and DOFA, trained on square pixels, sees the "
+            r"scene so; read it in a projected CRS, e.g\. crs='EPSG:32633' \(its UTM zone\) with "
+            r"res=10",
+            message,
+        )
+        assert found is not None, message
+        got_x, got_y, stretch = (float(v) for v in found.groups())
+        assert got_x == pytest.approx(x_m, rel=0.01) and got_y == pytest.approx(y_m, rel=0.01)
+        assert stretch == pytest.approx(y_m / x_m, rel=0.01)

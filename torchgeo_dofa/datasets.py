@@ -158,6 +158,7 @@ from torchgeo_dofa.spatial import (
     require_datum_grids,
     same_crs,
     transformer,
+    utm_epsg,
 )
 from torchgeo_dofa.transforms import (
     CONVENTIONAL_FILLS,
@@ -960,6 +961,8 @@ class Sentinel2Base(RasterDataset):
         if isinstance(res, int | float):
             res = (float(res), float(res))
         self._res = (float(res[0]), float(res[1]))
+        if dst_crs.is_geographic:
+            self._warn_of_stretched_degrees(list(grids.values()))
 
         rows: dict[str, list[Any]] = {
             "filepath": [],
@@ -1579,6 +1582,38 @@ class Sentinel2Base(RasterDataset):
                 "name every band of the file in file order with file_bands=[...] to read them",
                 UserWarning,
             )
+
+    #: Metres in a degree of latitude (WGS 84's meridian degree, 110.6 km at the equator to
+    #: 111.7 km at the poles: a mean) and of longitude at the equator (WGS 84's equatorial
+    #: radius x pi / 180); what a pixel of degrees measures on the ground, roughly.
+    METRES_PER_DEGREE = (111_320.0, 111_132.0)
+
+    def _warn_of_stretched_degrees(self, grids: list[tuple[Affine, int, int]]) -> None:
+        """Warn where pixels square in degrees are far from square on the ground.
+
+        An Earth Engine export in EPSG:4326 at 48 N has pixels of 8.983e-5 degrees a side:
+        about 6.7 m east-west by 10 m north-south, so a chip of N x N pixels covered 1.5x more
+        ground north-south, without a word (the warning of pixels not square in CRS units
+        did not see it; helper-135). Beyond a 10 % stretch, at the chips' mean latitude.
+        """
+        tops = [t.f for t, _, _ in grids] + [t.f + t.e * h for t, _, h in grids]
+        lefts = [t.c for t, _, _ in grids] + [t.c + t.a * w for t, w, _ in grids]
+        lat, lon = sum(tops) / len(tops), sum(lefts) / len(lefts)
+        per_lon, per_lat = self.METRES_PER_DEGREE
+        x_m = self._res[0] * per_lon * math.cos(math.radians(lat))
+        y_m = self._res[1] * per_lat
+        stretch = max(x_m, y_m) / max(min(x_m, y_m), 1e-9)
+        if stretch <= 1.1:
+            return
+        warn(
+            f"{type(self).__name__}: the pixels are {self._res[0]:g} x {self._res[1]:g} "
+            f"degrees (x by y), about {x_m:.3g} x {y_m:.3g} m on the ground at latitude "
+            f"{lat:.1f}: a chip of N x N pixels covers a ground area stretched by "
+            f"{stretch:.3g}x, and DOFA, trained on square pixels, sees the scene so; read it "
+            f"in a projected CRS, e.g. crs='EPSG:{utm_epsg(lon, lat)}' (its UTM zone) with "
+            f"res={round(max(x_m, y_m), 1):g}",
+            UserWarning,
+        )
 
     def _products(self, names: Iterable[str]) -> list[str]:
         """The names among ``names`` of Sentinel-2 products that are no reflectance band.
