@@ -1937,3 +1937,18 @@ def test_regions_in_metres_or_nan_are_refused_as_built_with_the_transform_advice
         with pytest.raises(ValueError) as info:
             build()
         assert str(info.value) == f"{name} must be in {bounds} degrees, got {value}"
+
+
+def test_an_array_of_bands_of_two_dates_is_refused_as_a_files_are() -> None:
+    """helper-137: ``SensorSpec(bands=("B4", "B3", "B2", "B8_1"))`` (or ``B4`` beside
+    ``B4_1``) embedded an array of two dates, where a file's bands so named are refused."""
+    from torchgeo_dofa.api import ModelError, SensorSpec, get_embedding
+
+    image = np.full((4, 32, 32), 1000, np.float32)
+    for bands, kind in [
+        (("B4", "B3", "B2", "B8_1"), "mix the dates"),
+        (("B4", "B4_1", "B2", "B8"), "repeat the wavelength"),
+    ]:
+        with pytest.raises(ModelError) as refused:
+            get_embedding("dofa", input_chw=image, sensor=SensorSpec(bands=bands), weights=None)
+        assert str(refused.value).startswith(f"SensorSpec: bands={list(bands)} {kind}")

@@ -3824,6 +3824,12 @@ def test_a_region_failing_after_another_names_the_outputs_kept(tmp_path, capsys)
         "ftw_s2_l2a_33N_pooled.parquet; a rerun of the same command skips them)"
     ), line
     assert (out / "ftw_s2_l2a_33N_pooled.parquet").is_file()
+    assert main(["embed", *args, "--output", "pooled", "--overwrite"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith("ftw_s2_l2a_33N_pooled.parquet; a rerun with --overwrite computes them again)")
+    )  # it said a rerun skips them (helper-137)
     # the first region failing: nothing before it to name
     assert main(["embed", str(outlier), "-o", str(tmp_path / "alone"), *args[4:]]) == 2
     assert "region(s) before it" not in capsys.readouterr().err
@@ -3844,6 +3850,10 @@ def test_a_sentinel2_product_asked_for_as_a_band_is_named_as_such(tmp_path, caps
     named = ["--file-bands", "B4", "B3", "B2", "SCL", "--bands", "B4", "B3", "B2", "SCL"]
     assert main(["embed", str(SCENE), *named, *common]) == 2
     assert capsys.readouterr().err.endswith(f"torchgeo-dofa: error: SCL {product}")
+    # a band of your own named like a product is not one (helper-137)
+    named = ["--file-bands", "B4", "B3", "B2", "LST_QA", "--bands", "B4", "B3", "B2", "LST_QA"]
+    assert main(["embed", str(SCENE), *named, *common]) == 2
+    assert "cannot infer wavelengths for band(s) ['LST_QA']" in capsys.readouterr().err
     assert main(["embed", str(SCENE), "--bands", "B4", "B3", "QA60", *common]) == 2
     assert capsys.readouterr().err.endswith(
         f"band(s) ['QA60'] not found in {SCENE} (it has ['B4', 'B3', 'B2', 'B8']); QA60 {product}"
@@ -3854,7 +3864,8 @@ def test_a_sentinel2_product_asked_for_as_a_band_is_named_as_such(tmp_path, caps
 def test_list_options_take_comma_separated_values(tmp_path, capsys) -> None:
     """helper-135: ``--bands B4,B3,B2`` was one band named ``B4,B3,B2`` ("not found"), and
     ``--file-bands B4,B3,B2,B8`` a name refused with a hint to write ``B4``; GDAL and many
-    tools write lists so. Read as the same bands as ``B4 B3 B2``, ``B4, B3, B2`` too."""
+    tools write lists so. Read as the same bands as ``B4 B3 B2``, ``B4, B3, B2`` too; numbers
+    are not split (a decimal comma)."""
     common = ["--weights", "none", "--no-progress", "--output", "pooled", "--seed", "1"]
     runs = {
         "spaced": ["--bands", "B4", "B3", "B2"],
@@ -3871,7 +3882,12 @@ def test_list_options_take_comma_separated_values(tmp_path, capsys) -> None:
     )
     capsys.readouterr()
     for args, error in [
-        (["--wavelengths", "0.6,x"], "argument --wavelengths: invalid float value: 'x'"),
+        (["--wavelengths", "0.6", "x"], "argument --wavelengths: invalid float value: 'x'"),
+        (  # a decimal comma, not two values (helper-137)
+            ["--wavelengths", "0,8"],
+            "argument --wavelengths: '0,8' holds a comma: separate the numbers with spaces and "
+            "write decimals with a point (0.8, not 0,8)",
+        ),
         (["--bands", ","], "argument --bands: expected at least one value, not commas alone"),
     ]:
         with pytest.raises(SystemExit) as exit_:

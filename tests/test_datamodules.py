@@ -688,5 +688,6 @@ def test_a_stride_beyond_the_chip_size_is_warned_of_and_the_configs_keep_chips_e
     assert [str(w.message) for w in caught] == [
         "the stride of 224 px is larger than the chip size of 64 px: 92% of the raster, "
         "between the chips, is never read (a map keeps no-data there, a table has no rows "
-        "for it); give a stride of at most 64 px, or none (the chip size: chips edge to edge)"
+        "for it); give a stride of at most 64 px (by default it is the chip size: chips edge "
+        "to edge)"
     ]

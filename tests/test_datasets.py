@@ -1323,9 +1323,9 @@ def test_bands_left_out_of_the_default_choice_are_named(tmp_path: Path) -> None:
     with pytest.warns(UserWarning) as caught:
         assert Sentinel2SR(stack).bands == ("B2", "B4")
     assert [str(w.message) for w in caught] == [
-        "Sentinel2SR: the files hold 2 later date(s) of their bands (B4_1 ... B2_2), which the "
+        "Sentinel2SR: stack.tif holds 2 later date(s) of its bands (B4_1 ... B2_2), which the "
         "default bands ['B2', 'B4'], the first date's, leave out: DOFA embeds one date at a "
-        "time; select another by its band names, e.g. bands=[B2_1, B4_1]"
+        "time; select another by its band names, e.g. bands=[B4_1, B2_1]"
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a date selected: nothing left out unsaid
@@ -2477,16 +2477,23 @@ def test_pixels_square_in_degrees_but_not_on_the_ground_are_warned_of(tmp_path: 
     north-south, 6.7 m east-west) was embedded in chips covering 1.5x more ground north-south
     than east-west, without a word; near the equator the same pixels are square enough."""
     deg = 8.983152841195214e-05  # Earth Engine's 10 m at the equator, in degrees
-    for name, lat, lon in [("north", 48.3, 14.5), ("equator", 3.0, 14.5)]:
+    # at 60 N, pixels twice as wide in degrees as high are square on the ground (as the
+    # Copernicus DEM spaces them): neither warning (the one of pixels not square in CRS units
+    # advised res= for square degrees, which the other then warned of; helper-137)
+    for name, lat, lon, wide in [
+        ("north", 48.3, 14.5, 1),
+        ("equator", 3.0, 14.5, 1),
+        ("sixty", 60.0, 14.5, 2),
+    ]:
         path = tmp_path / name / "s2.tif"
         path.parent.mkdir()
         with rasterio.open(
             path, "w", driver="GTiff", width=32, height=32, count=3, dtype="uint16",
-            crs="EPSG:4326", transform=Affine(deg, 0, lon, 0, -deg, lat),
+            crs="EPSG:4326", transform=Affine(wide * deg, 0, lon, 0, -deg, lat),
         ) as dst:  # fmt: skip
             dst.write(np.full((3, 32, 32), 1500, np.uint16))
             dst.descriptions = ("B4", "B3", "B2")
-        if name == "equator":
+        if name != "north":
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 Sentinel2SR(path.parent)
@@ -2504,8 +2511,8 @@ def test_pixels_square_in_degrees_but_not_on_the_ground_are_warned_of(tmp_path: 
             r"Sentinel2SR: the pixels are 8\.98315e-05 x 8\.98315e-05 degrees \(x by y\), about "
             r"(\S+) x (\S+) m on the ground at latitude 48\.3: a chip of N x N pixels covers a "
             r"ground area stretched by (\S+)x, and DOFA, trained on square pixels, sees the "
-            r"scene so; read it in a projected CRS, e.g\. crs='EPSG:32633' \(its UTM zone\) with "
-            r"res=10",
+            r"scene so; read it in a projected CRS, e\.g\. crs='EPSG:32633' \(its UTM zone\), at "
+            r"the source's resolution in metres \(res=10 for Sentinel-2's 10 m bands\)",
             message,
         )
         assert found is not None, message

@@ -1106,6 +1106,10 @@ def _prepare_tensor(
             f"{len(sensor.bands)} bands {list(sensor.bands)}{layout}: give one band name per "
             "channel"
         )
+    try:  # two dates of an Earth Engine stack, as a file's are (helper-137)
+        refuse_repeated_bands(sensor.bands)
+    except BandError as err:
+        raise ModelError(f"SensorSpec: {err}") from err
     try:
         with eight_bit_input(_dtype_name(input_chw) in NARROW_DTYPES):  # _as_chw warned
             prepared = _prepare(

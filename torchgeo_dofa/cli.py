@@ -1263,6 +1263,8 @@ def embed(
                 summary.chips += done
                 summary.empty += empty
                 summary.skipped += dm.skipped
+            finished = [p for done_paths in out_paths for p in done_paths.values()]
+            finished_regions = len(out_paths)
         note_job_finished()  # a signal from here on: said of a finished job
         if summary.empty and is_launcher():
             kinds = {kind for paths in out_paths for kind in paths}
@@ -1285,10 +1287,17 @@ def embed(
         if finished and isinstance(err, Exception) and not isinstance(err, JobInterrupted):
             # helper-135: a job failing at its second region exited 2 with its first
             # region's outputs in the folder and not a word of them
-            names = ", ".join(p.name for p in finished)
+            names = ", ".join(p.name for p in finished[:4]) + (
+                f" and {len(finished) - 4} more" if len(finished) > 4 else ""
+            )
+            rerun = (
+                "a rerun with --overwrite computes them again"
+                if overwrite
+                else "a rerun of the same command skips them"
+            )
             err.add_note(
-                f"the outputs of the {finished_regions} region(s) before it "
-                f"are finished and kept: {names}; a rerun of the same command skips them"
+                f"the outputs of the {finished_regions} region(s) before it are finished and "
+                f"kept: {names}; {rerun}"
             )
         raise
     finally:
@@ -1551,12 +1560,12 @@ def _count(least: int, most: int = 2**31 - 1) -> Callable[[str], int]:
 
 
 class _ListOption(argparse.Action):
-    """A list option's values, given apart or comma-separated (``B4 B3`` or ``B4,B3``).
+    """A list option's values, given apart or, for names, comma-separated (``B4,B3``).
 
-    ``--bands B4,B3,B2`` was one band named ``B4,B3,B2`` (refused as not found), and
-    ``--wavelengths 0.665,0.56`` an invalid float; GDAL's and many tools' lists are
-    comma-separated, so both spellings are read (``B4, B3`` too). Each item is converted by
-    ``convert``.
+    ``--bands B4,B3,B2`` was one band named ``B4,B3,B2`` (refused as not found); GDAL's and
+    many tools' lists are comma-separated, so band names are read either way (``B4, B3``
+    too). Numbers (``convert`` not ``str``) are not split: ``0,8`` may be a decimal comma,
+    which split would read as two values (helper-137), so a comma in one is refused.
     """
 
     def __init__(
@@ -1573,6 +1582,13 @@ class _ListOption(argparse.Action):
         values: str | Sequence[Any] | None,
         option_string: str | None = None,
     ) -> None:
+        if self.convert is not str:  # numbers: "0,8" may be a decimal comma, not two values
+            decimal = next((str(v) for v in values or () if "," in str(v)), None)
+            if decimal is not None:
+                raise argparse.ArgumentError(
+                    self, f"{decimal!r} holds a comma: separate the numbers with spaces and "
+                    "write decimals with a point (0.8, not 0,8)"
+                )  # fmt: skip
         parts = [part.strip() for value in values or () for part in str(value).split(",")]
         items = [part for part in parts if part]  # "B4, B3, B2" too: its tokens end in ","
         if not items:

@@ -858,7 +858,8 @@ class DOFAPredictDataModule(GeoDataModule):
                 f"the stride of {stride} px is larger than the chip size of {patch_size} px: "
                 f"{1 - (patch_size / stride) ** 2:.0%} of the raster, between the chips, is "
                 "never read (a map keeps no-data there, a table has no rows for it); give a "
-                f"stride of at most {patch_size} px, or none (the chip size: chips edge to edge)",
+                f"stride of at most {patch_size} px (by default it is the chip size: chips "
+                "edge to edge)",
                 UserWarning,
             )
         if input_prep not in INPUT_PREPS:

@@ -945,7 +945,8 @@ class Sentinel2Base(RasterDataset):
         if res is None:
             finest = min((abs(t.a), abs(t.e)) for t, _, _ in grids.values())  # min by x, then y
             res = finest
-            if not math.isclose(finest[0], finest[1], rel_tol=0.01):
+            # degrees: whether they are square on the ground is _warn_of_stretched_degrees's
+            if not dst_crs.is_geographic and not math.isclose(finest[0], finest[1], rel_tol=0.01):
                 square = min(finest)
                 oblong = next(  # the file whose pixels set the grid
                     p for p, (t, _, _) in grids.items() if (abs(t.a), abs(t.e)) == finest
@@ -1515,11 +1516,17 @@ class Sentinel2Base(RasterDataset):
         if not later:
             return
         self._left_out_told.update(later)
+        holding = [s.key for s in scenes if any(n in later for n in s.names)]
+        where = os.path.basename(holding[0]) + (
+            f" and {len(holding) - 1} more file(s)" if len(holding) > 1 else ""
+        )
         dates = sorted({cast(str, split_date_copy(n)[1]) for n in later}, key=int)
-        example = [f"{b}_{dates[0]}" if b in SENTINEL2_BANDS else b for b in self.bands]
+        example = [n for n in later if split_date_copy(n)[1] == dates[0]]  # the files' own
         warn(
-            f"{self.__class__.__name__}: the files hold {len(dates)} later date(s) of their "
-            f"bands ({later[0]} ... {later[-1]}), which the default bands {list(self.bands)}, "
+            f"{self.__class__.__name__}: {where} hold{'s' if len(holding) == 1 else ''} "
+            f"{len(dates)} later date(s) of "
+            f"{'its' if len(holding) == 1 else 'their'} bands ({later[0]} ... {later[-1]}), "
+            f"which the default bands {list(self.bands)}, "
             "the first date's, leave out: DOFA embeds one date at a time; select another by "
             f"its band names, e.g. bands=[{', '.join(example)}]",
             UserWarning,
@@ -1605,24 +1612,30 @@ class Sentinel2Base(RasterDataset):
         stretch = max(x_m, y_m) / max(min(x_m, y_m), 1e-9)
         if stretch <= 1.1:
             return
+        if lat >= 84:  # beyond UTM's zones
+            projected = "3413' (polar stereographic north)"
+        elif lat < -80:
+            projected = "3031' (Antarctic polar stereographic)"
+        else:
+            projected = f"{utm_epsg(lon, lat)}' (its UTM zone)"
         warn(
             f"{type(self).__name__}: the pixels are {self._res[0]:g} x {self._res[1]:g} "
             f"degrees (x by y), about {x_m:.3g} x {y_m:.3g} m on the ground at latitude "
             f"{lat:.1f}: a chip of N x N pixels covers a ground area stretched by "
             f"{stretch:.3g}x, and DOFA, trained on square pixels, sees the scene so; read it "
-            f"in a projected CRS, e.g. crs='EPSG:{utm_epsg(lon, lat)}' (its UTM zone) with "
-            f"res={round(max(x_m, y_m), 1):g}",
+            f"in a projected CRS, e.g. crs='EPSG:{projected}, at the source's resolution in "
+            "metres (res=10 for Sentinel-2's 10 m bands)",
             UserWarning,
         )
 
     def _products(self, names: Iterable[str]) -> list[str]:
         """The names among ``names`` of Sentinel-2 products that are no reflectance band.
 
-        Those :attr:`ancillary_regex` matches: ``SCL``, ``QA60``, ``AOT``, ``WVP``, ``TCI``,
-        cloud and snow masks and probabilities.
+        Whole names only (:data:`S2_PRODUCT_NAMES`: ``SCL``, ``QA60``, ``AOT``, ``WVP``,
+        ``TCI``, ``MSK_CLDPRB`` ...): a band of your own such as ``LST_QA`` is not one
+        (helper-137), though :attr:`ancillary_regex` skips such files by name.
         """
-        ancillary = re.compile(self.ancillary_regex, re.IGNORECASE)
-        return [name for name in names if ancillary.search(name)]
+        return [name for name in names if S2_PRODUCT_NAMES.fullmatch(name.strip())]
 
     def _products_problem(self, products: Sequence[str]) -> str:
         """Why the products asked for as bands are refused, and the fix.
@@ -2717,6 +2730,16 @@ class EarthEngineS2(Sentinel2Base):
             return 0.0, f"Earth Engine {self.collection}, undated (assumed none)"
         value = BASELINE_OFFSET if acquired >= OFFSET_START else 0.0
         return value, f"Earth Engine {self.collection} dated {acquired.isoformat()}"
+
+
+#: The Sentinel-2 L1C / L2A products that are no reflectance band, as ESA, Earth Engine and
+#: Earth Search name them (``SCL_20m``, ``MSK_CLDPRB``, ``QA60``): scene classification,
+#: aerosol optical thickness, water vapour, the true-colour preview, cloud / snow
+#: probabilities and masks, the quality bands.
+S2_PRODUCT_NAMES = re.compile(
+    r"(?:SCL|AOT|WVP|TCI|CLD|SNW|CLDPRB|SNWPRB|PVI|QA\d*|MSK_\w+)(?:_\d{2,3}m)?",
+    re.IGNORECASE,
+)
 
 
 def _s2_order(names: Iterable[str]) -> list[str]:
