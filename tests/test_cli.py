@@ -1899,7 +1899,8 @@ def test_mixed_crs_region_is_an_error(tmp_path, capsys) -> None:
 def test_res_sets_the_pixel_size_of_a_folder_read_in_another_crs(tmp_path, capsys) -> None:
     """``--crs`` on a folder of files in two UTM zones read every file at the pixel size
     GDAL's warp of the first one gives (9.99 m for a 10 m file from the zone beside it: 159.85
-    m cells, fractional chip ids), and ``embed`` had no ``--res`` to say 10."""
+    m cells, fractional chip ids), and ``embed`` had no ``--res`` to say 10. Then (helper-135)
+    the file already in the CRS set the pixel size only with ``--res``: it sets it alone."""
     from rasterio.warp import calculate_default_transform, reproject
 
     folder = tmp_path / "zones"
@@ -1920,14 +1921,13 @@ def test_res_sets_the_pixel_size_of_a_folder_read_in_another_crs(tmp_path, capsy
     args += ["--no-progress", "--num-workers", "0", "--output", "grid"]
     assert main([*args, "-o", str(tmp_path / "auto")]) == 0
     assert main([*args, "-o", str(tmp_path / "ten"), "--res", "10"]) == 0
-    with rasterio.open(tmp_path / "auto/zones_grid.tif") as auto:
-        assert auto.res[0] != 160  # the warp's choice
-    with rasterio.open(tmp_path / "ten/zones_grid.tif") as ten:
-        assert ten.res == (160.0, 160.0) and ten.crs == crs
-        # its cells lie on b.tif's pixels (read unwarped, not shifted by a fraction of a
-        # pixel to the corner the warped a.tif sets)
-        offsets = ((ten.transform.c - east.c) / 10, (ten.transform.f - east.f) / 10)
-        assert offsets == (round(offsets[0]), round(offsets[1])), offsets
+    for name in ("auto", "ten"):
+        with rasterio.open(tmp_path / name / "zones_grid.tif") as grid:
+            assert grid.res == (160.0, 160.0) and grid.crs == crs, name  # auto: b.tif's 10 m
+            # its cells lie on b.tif's pixels (read unwarped, not shifted by a fraction of a
+            # pixel to the corner the warped a.tif sets)
+            offsets = ((grid.transform.c - east.c) / 10, (grid.transform.f - east.f) / 10)
+            assert offsets == (round(offsets[0]), round(offsets[1])), (name, offsets)
     capsys.readouterr()
     assert main([*args, "-o", str(tmp_path / "ten"), "--res", "20"]) == 2  # another job
     assert "holds another job's results" in capsys.readouterr().err

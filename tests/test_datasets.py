@@ -1524,6 +1524,15 @@ def test_a_region_mixing_crss_is_read_in_the_crs_given(tmp_path: Path) -> None:
     assert region.bounds[0] == 500000 and region.bounds[2] > 500080  # b.tif lies east of a.tif
     ds = region.open(crs="EPSG:32631")
     assert ds.bounds[0].stop == pytest.approx(region.bounds[2], abs=20)
+    # the pixel size is that of the files already in the CRS, so they are read as they are:
+    # GDAL's grid for a warped file finer by rounding (9.99 m for this 10 m one in UTM 32
+    # at 200 km east, read in UTM 31) set it, and their chips fell off their own pixels
+    # (helper-135: cells of 159.85 m)
+    lattice = tmp_path / "lattice"
+    lattice.mkdir()
+    _write_tif(lattice / "a.tif", data, Affine(10, 0, 500000, 0, -10, 5600000), "EPSG:32631")
+    _write_tif(lattice / "b.tif", data, Affine(10, 0, 200000, 0, -10, 5600000), "EPSG:32632")
+    assert tuple(Sentinel2SR(lattice, crs="EPSG:32631").res) == (10.0, 10.0)
 
 
 # ----------------------------------------------------------------------------- batching

@@ -848,8 +848,8 @@ def embed(
         crs: CRS to read the inputs in (default: the first file's); also reads a folder of
             files in several CRSs as one region.
         res: pixel size to read the inputs at, in the CRS's units (default: the finest band's
-            of the files; with ``crs``, what GDAL's warp of the first file gives, e.g.
-            9.9906 m for a 10 m file from a neighbouring UTM zone).
+            of the files; with ``crs``, that of the files already in it, else what GDAL's
+            warp gives, e.g. 9.9909 m for a 10 m file from a neighbouring UTM zone).
         offset: radiometric offset added to the digital numbers (``0``, ``-1000``), or
             ``"auto"`` / None for the datasets' rule (product metadata, name, date).
         mean: one normalisation mean per band on DOFA's 0..255 scale, for bands without DOFA
@@ -1482,7 +1482,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SIZE",
         help="pixel size to read the inputs at, in the CRS's units (default: the finest "
-        "band's; with --crs, what GDAL's warp of the first file gives)",
+        "band's; with --crs, that of the files already in it, else what GDAL's warp gives)",
     )
     e.add_argument(
         "--stride", type=int, default=None, help="chip stride in pixels (default: chip size)"

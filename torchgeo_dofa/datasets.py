@@ -943,13 +943,21 @@ class Sentinel2Base(RasterDataset):
             for path in {p for p, _ in scene.selected}
         }
         if res is None:
-            finest = min((abs(t.a), abs(t.e)) for t, _, _ in grids.values())  # min by x, then y
+            # the files already in the CRS set it where there are some: a warped file's grid
+            # (GDAL's suggestion, 9.99 m for a 10 m file) put their pixels off their own
+            # lattice, where they are read as they are (helper-135)
+            own = {
+                p: g
+                for p, g in grids.items()
+                if infos[p].crs is not None and infos[p].crs == self._dst_rio_crs
+            } or grids
+            finest = min((abs(t.a), abs(t.e)) for t, _, _ in own.values())  # min by x, then y
             res = finest
             # degrees: whether they are square on the ground is _warn_of_stretched_degrees's
             if not dst_crs.is_geographic and not math.isclose(finest[0], finest[1], rel_tol=0.01):
                 square = min(finest)
                 oblong = next(  # the file whose pixels set the grid
-                    p for p, (t, _, _) in grids.items() if (abs(t.a), abs(t.e)) == finest
+                    p for p, (t, _, _) in own.items() if (abs(t.a), abs(t.e)) == finest
                 )
                 warn(
                     f"{type(self).__name__}: the pixels are {finest[0]:g} x {finest[1]:g} (x by y, "
