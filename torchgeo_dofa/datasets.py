@@ -256,6 +256,16 @@ _PLACEHOLDER = re.compile(r"band\d+", re.IGNORECASE)
 _ASSET_ALTERNATIVES = "|".join(sorted(STAC_ASSET_BANDS, key=len, reverse=True))
 _ANCILLARY_ALTERNATIVES = "|".join(sorted(STAC_ANCILLARY_ASSETS, key=len, reverse=True))
 
+#: ESA's names of the Sentinel-2 L1C / L2A products that are no reflectance band (scene
+#: classification, aerosol optical thickness, water vapour, the true-colour preview, cloud /
+#: snow probabilities, the quality bands): the files :attr:`Sentinel2Base.ancillary_regex`
+#: skips, and the band names :data:`S2_PRODUCT_NAMES` refuses, share them.
+_S2_PRODUCTS = r"SCL|AOT|WVP|TCI|CLD|SNW|CLDPRB|SNWPRB|PVI|QA\d*"
+
+#: The Sentinel-2 products that are no reflectance band, as whole band names (``SCL_20m``,
+#: ``MSK_CLDPRB``, ``QA60``), as ESA, Earth Engine and Earth Search name them.
+S2_PRODUCT_NAMES = re.compile(rf"(?:{_S2_PRODUCTS}|MSK_\w+)(?:_\d{{2,3}}m)?", re.IGNORECASE)
+
 
 def _canonical_name(name: str) -> str:
     """Canonical spelling of a band name, keeping an ``_N`` suffix (``B04_1`` -> ``B4_1``)."""
@@ -729,7 +739,9 @@ class Sentinel2Base(RasterDataset):
     #: Per-band products that are not spectral bands (skipped): ESA's SCL, AOT, WVP, TCI...
     #: and Earth Search's ``scl``, ``aot``, ``wvp``, ``visual``, ``thumbnail``... assets.
     ancillary_regex: ClassVar[str] = (
-        r"(?:^|[_.-])(?:SCL|AOT|WVP|TCI|CLD|SNW|CLDPRB|SNWPRB|PVI|QA\d*|MSK\w*|"
+        r"(?:^|[_.-])(?:"
+        + _S2_PRODUCTS
+        + r"|MSK\w*|"
         + _ANCILLARY_ALTERNATIVES
         + r")(?:-jp2)?(?:_\d{2,3}m)?$"
     )
@@ -2738,16 +2750,6 @@ class EarthEngineS2(Sentinel2Base):
             return 0.0, f"Earth Engine {self.collection}, undated (assumed none)"
         value = BASELINE_OFFSET if acquired >= OFFSET_START else 0.0
         return value, f"Earth Engine {self.collection} dated {acquired.isoformat()}"
-
-
-#: The Sentinel-2 L1C / L2A products that are no reflectance band, as ESA, Earth Engine and
-#: Earth Search name them (``SCL_20m``, ``MSK_CLDPRB``, ``QA60``): scene classification,
-#: aerosol optical thickness, water vapour, the true-colour preview, cloud / snow
-#: probabilities and masks, the quality bands.
-S2_PRODUCT_NAMES = re.compile(
-    r"(?:SCL|AOT|WVP|TCI|CLD|SNW|CLDPRB|SNWPRB|PVI|QA\d*|MSK_\w+)(?:_\d{2,3}m)?",
-    re.IGNORECASE,
-)
 
 
 def _s2_order(names: Iterable[str]) -> list[str]:
