@@ -3836,8 +3836,9 @@ def refuse_repeated_bands(bands: Sequence[str]) -> None:
         BandError: naming the repeated bands, or each date's bands, and how to select one
             date.
     """
+    split = [split_date_copy(b) for b in bands]  # (base band, date suffix) per band
     seen: dict[str, list[str]] = {}
-    for band, base in zip(bands, [date_copy_base(b) for b in bands], strict=True):
+    for band, (base, _) in zip(bands, split, strict=True):
         seen.setdefault(base, []).append(band)
     repeated = {base: names for base, names in seen.items() if len(names) > 1}
     if repeated:
@@ -3851,8 +3852,7 @@ def refuse_repeated_bands(bands: Sequence[str]) -> None:
             f"bands=[{', '.join(later)}]"
         )
     dates: dict[str | None, list[str]] = {}  # date suffix (None: the first date) -> bands
-    for band in bands:
-        base, suffix = split_date_copy(band)
+    for band, (base, suffix) in zip(bands, split, strict=True):
         if base in SENTINEL2_BANDS:
             dates.setdefault(suffix, []).append(band)
     if len(dates) < 2:
@@ -3866,7 +3866,7 @@ def refuse_repeated_bands(bands: Sequence[str]) -> None:
         """The bands, the Sentinel-2 ones all of the date ``suffix``."""
         names = [
             (base + (f"_{suffix}" if suffix else "")) if base in SENTINEL2_BANDS else band
-            for band, base in zip(bands, [date_copy_base(b) for b in bands], strict=True)
+            for band, (base, _) in zip(bands, split, strict=True)
         ]
         return f"bands=[{', '.join(names)}]"
 
