@@ -1088,8 +1088,7 @@ def embed(
         checking.close()
         raise
     started = fresh = failed = False
-    finished: list[Path] = []  # the outputs of the regions the job has done, when one fails
-    finished_regions = 0
+    finished_regions = 0  # the regions the job has done, whose outputs a failure names
     try:
         # the lock first, so a second job on the folder fails before loading anything; a job
         # refused during validation leaves no folder behind. Taken inside the block whose
@@ -1207,7 +1206,6 @@ def embed(
             for index, (region, dm, paths, subset) in enumerate(
                 zip(regions, modules, out_paths, point_sets, strict=True)
             ):
-                finished = [p for done_paths in out_paths[:index] for p in done_paths.values()]
                 finished_regions = index
                 stop.raise_if_received()
                 stop.final = index == len(regions) - 1  # no check after the last region's
@@ -1263,7 +1261,6 @@ def embed(
                 summary.chips += done
                 summary.empty += empty
                 summary.skipped += dm.skipped
-            finished = [p for done_paths in out_paths for p in done_paths.values()]
             finished_regions = len(out_paths)
         note_job_finished()  # a signal from here on: said of a finished job
         if summary.empty and is_launcher():
@@ -1284,6 +1281,7 @@ def embed(
             )
     except BaseException as err:
         failed = True
+        finished = [p for paths in out_paths[:finished_regions] for p in paths.values()]
         if finished and isinstance(err, Exception) and not isinstance(err, JobInterrupted):
             # helper-135: a job failing at its second region exited 2 with its first
             # region's outputs in the folder and not a word of them
